@@ -1,0 +1,221 @@
+#!/usr/bin/env node
+// The one binary: `pullbridge <command> [options]`.
+
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { parseArgs } from 'node:util';
+import { generateCertificates } from './certs/certs.js';
+import { SAMPLE_CONFIG_YAML, sampleAdmissionReview } from './defaults.js';
+import { createLogger } from './log.js';
+import { createMetricsRegistry } from './metrics.js';
+import { formatConfigErrors, parseConfig, type Config, type ConfigResult } from './rules/config.js';
+import { decideImage } from './rules/decide.js';
+import { readConfigFile } from './shell/configfile.js';
+import { listen, type RunningServer } from './shell/serve.js';
+import { createWebhookApp } from './webhook/server.js';
+
+const USAGE = `pullbridge — rewrite Pod images to a node-local registry proxy
+
+Usage:
+  pullbridge rewrite --config FILE [--namespace NS] [--json] IMAGE...
+  pullbridge validate --config FILE
+  pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
+  pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
+  pullbridge demo [--port N]       (what \`npm start\` runs: a local webhook on a sample config)
+`;
+
+class UsageError extends Error {}
+
+function requireOption(value: string | undefined, flag: string): string {
+  if (value === undefined || value === '') throw new UsageError(`${flag} is required`);
+  return value;
+}
+
+function parsePort(value: string | undefined, flag: string): number {
+  const port = Number(requireOption(value, flag));
+  if (!Number.isInteger(port) || port < 0 || port > 65535) throw new UsageError(`${flag} must be a port number (0-65535), got "${value}"`);
+  return port;
+}
+
+function loadConfigOrExit(path: string): Config {
+  const result: ConfigResult = readConfigFile(path);
+  if (!result.ok) {
+    process.stderr.write(`invalid config ${path}:\n${formatConfigErrors(result.errors)}\n`);
+    process.exit(1);
+  }
+  return result.config;
+}
+
+function cmdValidate(args: string[]): number {
+  const { values } = parseArgs({ args, options: { config: { type: 'string' } }, strict: true });
+  const path = requireOption(values.config, '--config');
+  const result = readConfigFile(path);
+  if (!result.ok) {
+    process.stderr.write(`${path}: ${result.errors.length} error(s)\n${formatConfigErrors(result.errors)}\n`);
+    return 1;
+  }
+  process.stdout.write(`${path}: valid, ${result.config.registries.length} registry rule(s)\n`);
+  return 0;
+}
+
+function cmdRewrite(args: string[]): number {
+  const { values, positionals } = parseArgs({
+    args,
+    options: { config: { type: 'string' }, namespace: { type: 'string' }, json: { type: 'boolean', default: false } },
+    allowPositionals: true,
+    strict: true,
+  });
+  const config = loadConfigOrExit(requireOption(values.config, '--config'));
+  if (positionals.length === 0) throw new UsageError('give at least one IMAGE');
+  const decisions = positionals.map((image) => decideImage(config, image, values.namespace));
+  if (values.json) {
+    process.stdout.write(`${JSON.stringify(decisions, null, 2)}\n`);
+  } else {
+    for (const d of decisions) {
+      const outcome = d.rewritten ?? '(unchanged)';
+      process.stdout.write(`${d.image} -> ${outcome}  [${d.reason}${d.rule ? `, rule ${d.rule}` : ''}${d.detail ? `: ${d.detail}` : ''}]\n`);
+    }
+  }
+  return 0;
+}
+
+function cmdCerts(args: string[]): number {
+  const { values } = parseArgs({
+    args,
+    options: { service: { type: 'string' }, namespace: { type: 'string' }, out: { type: 'string' }, ip: { type: 'string', multiple: true }, dns: { type: 'string', multiple: true }, days: { type: 'string' } },
+    strict: true,
+  });
+  const service = requireOption(values.service, '--service');
+  const namespace = requireOption(values.namespace, '--namespace');
+  const out = requireOption(values.out, '--out');
+  const days = values.days === undefined ? 365 : Number(values.days);
+  if (!Number.isInteger(days) || days < 1) throw new UsageError(`--days must be a positive whole number, got "${values.days}"`);
+  const bundle = generateCertificates({ service, namespace, extraNames: [...(values.ip ?? []), ...(values.dns ?? [])], validityDays: days });
+  mkdirSync(out, { recursive: true });
+  writeFileSync(join(out, 'ca.crt'), bundle.caCert);
+  writeFileSync(join(out, 'ca.key'), bundle.caKey, { mode: 0o600 });
+  writeFileSync(join(out, 'tls.crt'), bundle.cert);
+  writeFileSync(join(out, 'tls.key'), bundle.key, { mode: 0o600 });
+  process.stdout.write(`wrote ca.crt, ca.key, tls.crt, tls.key to ${out} (serving cert valid until ${bundle.notAfter.toISOString()})\n`);
+  return 0;
+}
+
+interface WebhookRun {
+  readonly running: RunningServer;
+  shutdown(): Promise<void>;
+}
+
+async function startWebhook(config: Config, host: string, port: number, tls?: { cert: string; key: string }): Promise<WebhookRun> {
+  const logger = createLogger({ name: 'pullbridge-webhook' });
+  let draining = false;
+  const app = createWebhookApp({
+    config: () => config,
+    logger,
+    audit: logger.child({ stream: 'audit' }),
+    metrics: createMetricsRegistry(),
+    ready: () => !draining,
+  });
+  const running = await listen(app, { host, port, ...(tls ? { tls } : {}) });
+  logger.info({ url: running.url, rules: config.registries.map((r) => r.name) }, 'webhook listening');
+  return {
+    running,
+    async shutdown() {
+      draining = true;
+      await running.close();
+      logger.info('webhook stopped');
+    },
+  };
+}
+
+function onTermination(stop: () => Promise<void>): void {
+  let stopping = false;
+  const handler = () => {
+    if (stopping) return;
+    stopping = true;
+    void stop().then(() => process.exit(0));
+  };
+  process.on('SIGTERM', handler);
+  process.on('SIGINT', handler);
+}
+
+async function cmdWebhook(args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' } },
+    strict: true,
+  });
+  const config = loadConfigOrExit(requireOption(values.config, '--config'));
+  const port = parsePort(values.port, '--port');
+  const certFile = values['tls-cert'];
+  const keyFile = values['tls-key'];
+  if ((certFile === undefined) !== (keyFile === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
+  const tls = certFile && keyFile ? { cert: readFileSync(certFile, 'utf8'), key: readFileSync(keyFile, 'utf8') } : undefined;
+  const run = await startWebhook(config, values.host, port, tls);
+  onTermination(() => run.shutdown());
+  return -1; // keeps running
+}
+
+async function cmdDemo(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' } }, strict: true });
+  const port = parsePort(values.port, '--port');
+  const parsed = parseConfig(SAMPLE_CONFIG_YAML);
+  if (!parsed.ok) throw new Error(`embedded config is invalid: ${formatConfigErrors(parsed.errors)}`);
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-demo-'));
+  const bundle = generateCertificates({ service: 'pullbridge-webhook', namespace: 'pullbridge', extraNames: ['127.0.0.1', 'localhost'] });
+  writeFileSync(join(dir, 'ca.crt'), bundle.caCert);
+  writeFileSync(join(dir, 'config.yaml'), SAMPLE_CONFIG_YAML);
+  writeFileSync(join(dir, 'review.json'), JSON.stringify(sampleAdmissionReview('default'), null, 2));
+  const run = await startWebhook(parsed.config, '127.0.0.1', port, { cert: bundle.cert, key: bundle.key });
+  const url = run.running.url;
+  process.stderr.write(`
+pullbridge demo — the admission webhook on ${url} with the sample config ${join(dir, 'config.yaml')}
+
+Send it an AdmissionReview (a Pod with corp, Docker Hub and quay.io images):
+  curl -s --cacert ${join(dir, 'ca.crt')} -H 'Content-Type: application/json' \\
+       --data @${join(dir, 'review.json')} ${url}/mutate | node -e "r=JSON.parse(require('fs').readFileSync(0));console.log(JSON.stringify(r,null,1));r.response.patch&&console.log(Buffer.from(r.response.patch,'base64').toString())"
+
+See one image's decision without a server:
+  npx pullbridge rewrite --config ${join(dir, 'config.yaml')} registry.corp.example:5000/team/app:1.2 nginx
+
+Health and metrics: ${url}/healthz ${url}/readyz ${url}/metrics   (audit records appear below)
+Ctrl-C stops it.
+`);
+  onTermination(() => run.shutdown());
+  return -1;
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...args] = argv;
+  try {
+    switch (command) {
+      case 'validate':
+        return cmdValidate(args);
+      case 'rewrite':
+        return cmdRewrite(args);
+      case 'certs':
+        return cmdCerts(args);
+      case 'webhook':
+        return await cmdWebhook(args);
+      case 'demo':
+        return await cmdDemo(args);
+      case undefined:
+      case 'help':
+      case '--help':
+      case '-h':
+        process.stdout.write(USAGE);
+        return command === undefined ? 2 : 0;
+      default:
+        throw new UsageError(`unknown command "${command}"`);
+    }
+  } catch (error) {
+    if (error instanceof UsageError || (error as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
+      process.stderr.write(`pullbridge: ${(error as Error).message}\n\n${USAGE}`);
+      return 2;
+    }
+    throw error;
+  }
+}
+
+const code = await main(process.argv.slice(2));
+if (code >= 0) process.exitCode = code;

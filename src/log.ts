@@ -1,0 +1,42 @@
+// Loggers. Every logger redacts credentials wherever they might appear in a record.
+
+import { pino, type DestinationStream, type Logger } from 'pino';
+
+export type { Logger };
+
+/** Record paths that may carry credentials; their values are replaced before anything is written. */
+export const REDACTED_PATHS: readonly string[] = [
+  'authorization',
+  'password',
+  'token',
+  '*.authorization',
+  '*.Authorization',
+  '*.proxy-authorization',
+  '*.cookie',
+  '*.password',
+  '*.token',
+  'headers.authorization',
+  'headers["proxy-authorization"]',
+  'req.headers.authorization',
+  'req.headers["proxy-authorization"]',
+];
+
+export interface LoggerOptions {
+  readonly level?: string;
+  readonly name?: string;
+  /** Where records go; stdout when absent (tests pass a stream to read them back). */
+  readonly destination?: DestinationStream;
+}
+
+export function createLogger(options: LoggerOptions = {}): Logger {
+  return pino(
+    {
+      level: options.level ?? process.env.PULLBRIDGE_LOG_LEVEL ?? 'info',
+      ...(options.name !== undefined ? { name: options.name } : {}),
+      redact: { paths: [...REDACTED_PATHS], censor: '[REDACTED]' },
+      timestamp: pino.stdTimeFunctions.isoTime,
+      base: undefined,
+    },
+    options.destination,
+  );
+}

@@ -1,0 +1,154 @@
+// Image references, following the grammar of distribution/reference (the parser that Docker,
+// containerd and kubelet share) including Docker's normalisation of familiar names.
+// Pure: strings in, data out.
+
+export interface ImageReference {
+  /** Registry host with optional port, as written (after Docker Hub normalisation). */
+  readonly domain: string;
+  /** Repository path below the registry, e.g. `library/nginx`. */
+  readonly path: string;
+  readonly tag?: string;
+  readonly digest?: string;
+}
+
+export type ParseResult =
+  | { readonly ok: true; readonly reference: ImageReference }
+  | { readonly ok: false; readonly error: string };
+
+export const DOCKER_HUB = 'docker.io';
+/** Host names that all mean Docker Hub; image refs may use any of them. */
+export const DOCKER_HUB_ALIASES: readonly string[] = ['docker.io', 'index.docker.io', 'registry-1.docker.io'];
+/** The longest repository name (domain + "/" + path) a reference may carry. */
+export const NAME_TOTAL_LENGTH_MAX = 255;
+
+const ALPHANUMERIC = '[a-z0-9]+';
+const SEPARATOR = '(?:[._]|__|[-]+)';
+const PATH_COMPONENT = `${ALPHANUMERIC}(?:${SEPARATOR}${ALPHANUMERIC})*`;
+const DOMAIN_COMPONENT = '(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])';
+const DOMAIN_NAME = `${DOMAIN_COMPONENT}(?:\\.${DOMAIN_COMPONENT})*`;
+const IPV6 = '\\[(?:[a-fA-F0-9:]+)\\]';
+const HOST = `(?:${DOMAIN_NAME}|${IPV6})`;
+const DOMAIN = `${HOST}(?::[0-9]+)?`;
+const TAG = '[\\w][\\w.-]{0,127}';
+const DIGEST = '[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}';
+
+const DOMAIN_RE = new RegExp(`^${DOMAIN}$`);
+const PATH_RE = new RegExp(`^${PATH_COMPONENT}(?:/${PATH_COMPONENT})*$`);
+const TAG_RE = new RegExp(`^${TAG}$`);
+const DIGEST_RE = new RegExp(`^${DIGEST}$`);
+const HEX64_RE = /^[a-f0-9]{64}$/;
+
+/** Hex lengths of the digest algorithms that registries and runtimes accept. */
+const DIGEST_HEX_LENGTH: Readonly<Record<string, number>> = { sha256: 64, sha384: 96, sha512: 128 };
+
+const fail = (error: string): ParseResult => ({ ok: false, error });
+
+/** Validates a digest string (`algorithm:hex`); returns the reason it is invalid, or null. */
+export function digestError(digest: string): string | null {
+  if (!DIGEST_RE.test(digest)) return `invalid digest format "${digest}"`;
+  const colon = digest.indexOf(':');
+  const algorithm = digest.slice(0, colon);
+  const hex = digest.slice(colon + 1);
+  const length = DIGEST_HEX_LENGTH[algorithm];
+  if (length === undefined) return `unsupported digest algorithm "${algorithm}"`;
+  if (hex.length !== length) return `invalid ${algorithm} digest length ${hex.length}, want ${length}`;
+  if (!/^[a-f0-9]+$/.test(hex)) return `digest hex must be lower case: "${digest}"`;
+  return null;
+}
+
+/** Whether the first path component of a name is a registry host rather than a repository component. */
+function looksLikeDomain(component: string): boolean {
+  return component.includes('.') || component.includes(':') || component === 'localhost' || component.toLowerCase() !== component;
+}
+
+/**
+ * Splits `name[:tag][@digest]` into its parts. The tag separator is the last `:` after the last `/`,
+ * so a registry port is never mistaken for a tag.
+ */
+function splitTagAndDigest(input: string): { name: string; tag?: string; digest?: string } {
+  let rest = input;
+  let digest: string | undefined;
+  const at = rest.indexOf('@');
+  if (at >= 0) {
+    digest = rest.slice(at + 1);
+    rest = rest.slice(0, at);
+  }
+  let tag: string | undefined;
+  const colon = rest.lastIndexOf(':');
+  if (colon > rest.lastIndexOf('/')) {
+    tag = rest.slice(colon + 1);
+    rest = rest.slice(0, colon);
+  }
+  return { name: rest, tag, digest };
+}
+
+/**
+ * Parses an image reference the way Docker and kubelet do (ParseNormalizedNamed): a first component
+ * with `.` or `:`, `localhost`, or upper case is a registry host; otherwise the registry is Docker Hub
+ * and single-component names get `library/`. `index.docker.io` becomes `docker.io`.
+ */
+export function parseReference(input: string): ParseResult {
+  if (typeof input !== 'string' || input.length === 0) return fail('empty image reference');
+  if (input !== input.trim() || /\s/.test(input)) return fail('image reference contains white space');
+  if (HEX64_RE.test(input)) return fail('invalid repository name: a 64-character hex string is reserved for image IDs');
+
+  const { name, tag, digest } = splitTagAndDigest(input);
+  if (name.length === 0) return fail('image reference has no repository name');
+
+  const slash = name.indexOf('/');
+  let domain: string;
+  let path: string;
+  if (slash === -1 || !looksLikeDomain(name.slice(0, slash))) {
+    domain = DOCKER_HUB;
+    path = name;
+  } else {
+    domain = name.slice(0, slash);
+    path = name.slice(slash + 1);
+  }
+  if (domain === 'index.docker.io') domain = DOCKER_HUB;
+  if (domain === DOCKER_HUB && !path.includes('/')) path = `library/${path}`;
+
+  if (!DOMAIN_RE.test(domain)) return fail(`invalid registry host "${domain}"`);
+  if (path.toLowerCase() !== path) return fail(`repository name "${path}" must be lower case`);
+  if (!PATH_RE.test(path)) return fail(`invalid repository name "${path}"`);
+  if (tag !== undefined && !TAG_RE.test(tag)) return fail(`invalid tag "${tag}"`);
+  if (digest !== undefined) {
+    const reason = digestError(digest);
+    if (reason) return fail(reason);
+  }
+  const fullName = `${domain}/${path}`;
+  if (fullName.length > NAME_TOTAL_LENGTH_MAX) {
+    return fail(`repository name is ${fullName.length} characters long, more than ${NAME_TOTAL_LENGTH_MAX}`);
+  }
+  const reference: ImageReference = {
+    domain,
+    path,
+    ...(tag !== undefined ? { tag } : {}),
+    ...(digest !== undefined ? { digest } : {}),
+  };
+  return { ok: true, reference };
+}
+
+/** The canonical string of a reference: `domain/path[:tag][@digest]`. */
+export function formatReference(ref: ImageReference): string {
+  return `${ref.domain}/${ref.path}${ref.tag !== undefined ? `:${ref.tag}` : ''}${ref.digest !== undefined ? `@${ref.digest}` : ''}`;
+}
+
+/** Whether a repository path (without domain) is valid by the grammar. */
+export function isValidRepositoryPath(path: string): boolean {
+  return PATH_RE.test(path);
+}
+
+/** Whether a tag is valid by the grammar. */
+export function isValidTag(tag: string): boolean {
+  return TAG_RE.test(tag);
+}
+
+/**
+ * Canonical form of a registry host for comparisons: lower case (DNS is case-insensitive) and every
+ * Docker Hub alias folded to `docker.io`.
+ */
+export function canonicalRegistryHost(host: string): string {
+  const lower = host.toLowerCase();
+  return DOCKER_HUB_ALIASES.includes(lower) ? DOCKER_HUB : lower;
+}

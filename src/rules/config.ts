@@ -1,0 +1,224 @@
+// The configuration (the ConfigMap's config.yaml): schema, validation with an error per offending
+// key, and compilation into the form the webhook and proxy use. Pure: text in, data out.
+
+import { parse as parseYaml, YAMLParseError } from 'yaml';
+import { z } from 'zod';
+import { canonicalRegistryHost } from '../reference/reference.js';
+import { compileFilter, type CompiledFilter } from './glob.js';
+
+const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
+// host[:port], with IPv6 in brackets, as a registry is written in an image reference.
+const REGISTRY_HOST = /^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(?::[0-9]{1,5})?$/;
+// Label keys: optional DNS-subdomain prefix and a name of up to 63 characters.
+const LABEL_KEY = /^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$/;
+
+const httpUrl = (what: string) =>
+  z.string().superRefine((value, ctx) => {
+    let url: URL;
+    try {
+      url = new URL(value);
+    } catch {
+      ctx.addIssue({ code: 'custom', message: `${what} must be an absolute http:// or https:// URL, got "${value}"` });
+      return;
+    }
+    if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+      ctx.addIssue({ code: 'custom', message: `${what} must use http or https, got "${url.protocol}"` });
+    }
+    if (url.username || url.password) {
+      ctx.addIssue({ code: 'custom', message: `${what} must not carry credentials; use the credentials keys` });
+    }
+    if ((url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
+      ctx.addIssue({ code: 'custom', message: `${what} must be scheme://host[:port] only, without path, query or fragment` });
+    }
+  });
+
+const globList = z.array(z.string().min(1, 'must not be empty')).default([]);
+const filterSchema = z.strictObject({ include: globList, exclude: globList });
+
+const credentialsSchema = z
+  .strictObject({
+    username: z.string().min(1).optional(),
+    usernameFile: z.string().min(1).optional(),
+    passwordFile: z.string().min(1).optional(),
+  })
+  .superRefine((value, ctx) => {
+    if (value.username !== undefined && value.usernameFile !== undefined) {
+      ctx.addIssue({ code: 'custom', path: ['usernameFile'], message: 'give username or usernameFile, not both' });
+    }
+    if ((value.username ?? value.usernameFile) === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['username'], message: 'username or usernameFile is required' });
+    }
+    if (value.passwordFile === undefined) {
+      ctx.addIssue({ code: 'custom', path: ['passwordFile'], message: 'passwordFile is required (passwords are never written in the config)' });
+    }
+  });
+
+const forwardProxySchema = z.strictObject({
+  url: httpUrl('forwardProxy.url'),
+  /** connect: HTTP CONNECT tunnel; forward: plain HTTP to the proxy, routed on the Host header. */
+  mode: z.enum(['connect', 'forward']).default('connect'),
+  headers: z.record(z.string().regex(/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/, 'must be an HTTP header name'), z.string()).default({}),
+  credentials: credentialsSchema.optional(),
+});
+
+const ruleSchema = z.strictObject({
+  name: z.string().regex(DNS_LABEL, 'must be a DNS label (lower-case letters, digits and "-")').max(63),
+  match: z.array(z.string().regex(REGISTRY_HOST, 'must be a registry host[:port] as written in image references')).min(1, 'needs at least one registry host'),
+  upstream: httpUrl('upstream'),
+  repositories: filterSchema.optional(),
+  namespaces: filterSchema.optional(),
+  auth: z.strictObject({ mode: z.enum(['broker', 'passthrough', 'anonymous']).default('broker') }).default({ mode: 'broker' }),
+  credentials: credentialsSchema.optional(),
+  tls: z
+    .strictObject({
+      caFile: z.string().min(1).optional(),
+      insecureSkipVerify: z.boolean().default(false),
+    })
+    .optional(),
+  forwardProxy: forwardProxySchema.optional(),
+});
+
+const configSchema = z.strictObject({
+  proxy: z
+    .strictObject({
+      host: z.string().regex(REGISTRY_HOST, 'must be a host name or address').refine((h) => !h.includes(':') || h.startsWith('['), 'must not include a port; use proxy.port').default('localhost'),
+      port: z.number().int().min(1).max(65535).default(30500),
+    })
+    .default({ host: 'localhost', port: 30500 }),
+  webhook: z
+    .strictObject({
+      pullSecretName: z.string().regex(DNS_SUBDOMAIN, 'must be a DNS subdomain').max(253).default('pullbridge-pull'),
+      optOutLabel: z.string().regex(LABEL_KEY, 'must be a label key').default('pullbridge.io/ignore'),
+      namespace: z.string().regex(DNS_LABEL, 'must be a DNS label').default('pullbridge'),
+      excludedNamespaces: z.array(z.string().regex(DNS_LABEL, 'must be a namespace name')).default([]),
+    })
+    .default({ pullSecretName: 'pullbridge-pull', optOutLabel: 'pullbridge.io/ignore', namespace: 'pullbridge', excludedNamespaces: [] }),
+  broker: z
+    .strictObject({
+      /** Files holding the keys for namespace credentials: the first signs, all verify (rotation). */
+      keyFiles: z.array(z.string().min(1)).min(1, 'needs at least one key file'),
+    })
+    .optional(),
+  registries: z.array(ruleSchema).default([]),
+});
+
+export type ConfigInput = z.input<typeof configSchema>;
+export type RawConfig = z.output<typeof configSchema>;
+export type RawRule = RawConfig['registries'][number];
+export type AuthMode = RawRule['auth']['mode'];
+
+export interface Rule extends RawRule {
+  /** Canonical hosts (lower case, Docker Hub aliases folded). */
+  readonly hosts: ReadonlySet<string>;
+  readonly repositoryFilter: CompiledFilter;
+  readonly namespaceFilter: CompiledFilter;
+}
+
+export interface Config {
+  readonly proxy: RawConfig['proxy'];
+  readonly webhook: RawConfig['webhook'];
+  readonly broker: RawConfig['broker'];
+  readonly registries: readonly Rule[];
+  /** `host:port` of the proxy as it is written into rewritten references. */
+  readonly proxyAuthority: string;
+}
+
+export interface ConfigError {
+  /** The offending key, e.g. `registries[1].upstream`. */
+  readonly key: string;
+  readonly message: string;
+}
+
+export type ConfigResult = { readonly ok: true; readonly config: Config } | { readonly ok: false; readonly errors: readonly ConfigError[] };
+
+/** Namespaces pullbridge never mutates, whatever the config says. */
+export const ALWAYS_EXCLUDED_NAMESPACES: readonly string[] = ['kube-system'];
+
+function formatKey(path: readonly PropertyKey[]): string {
+  let key = '';
+  for (const part of path) {
+    if (typeof part === 'number') key += `[${part}]`;
+    else key += key === '' ? String(part) : `.${String(part)}`;
+  }
+  return key === '' ? '(top level)' : key;
+}
+
+function schemaErrors(error: z.ZodError): ConfigError[] {
+  const errors: ConfigError[] = [];
+  for (const issue of error.issues) {
+    if (issue.code === 'unrecognized_keys') {
+      for (const unknown of issue.keys) errors.push({ key: formatKey([...issue.path, unknown]), message: 'unknown key' });
+    } else if (issue.code === 'invalid_type' && issue.input === undefined) {
+      errors.push({ key: formatKey(issue.path), message: `is required (${issue.expected})` });
+    } else {
+      errors.push({ key: formatKey(issue.path), message: issue.message });
+    }
+  }
+  return errors;
+}
+
+/** Checks that span several keys, which the schema cannot express. */
+function crossKeyErrors(raw: RawConfig): ConfigError[] {
+  const errors: ConfigError[] = [];
+  const proxyAuthority = canonicalRegistryHost(`${raw.proxy.host}:${raw.proxy.port}`);
+  const names = new Map<string, number>();
+  raw.registries.forEach((rule, index) => {
+    const seen = names.get(rule.name);
+    if (seen !== undefined) errors.push({ key: `registries[${index}].name`, message: `duplicate rule name "${rule.name}" (also registries[${seen}])` });
+    else names.set(rule.name, index);
+    rule.match.forEach((host, hostIndex) => {
+      if (canonicalRegistryHost(host) === proxyAuthority) {
+        errors.push({ key: `registries[${index}].match[${hostIndex}]`, message: `"${host}" is the proxy itself; rewriting it would loop` });
+      }
+    });
+    if (rule.forwardProxy?.mode === 'forward' && new URL(rule.upstream).protocol === 'https:') {
+      // A connectivity proxy that routes on Host takes plain HTTP and does TLS itself, or not at all.
+      errors.push({ key: `registries[${index}].forwardProxy.mode`, message: 'mode "forward" sends plain HTTP; use an http:// upstream, or mode "connect" for https' });
+    }
+  });
+  return errors;
+}
+
+export function compileConfig(raw: RawConfig): Config {
+  return {
+    proxy: raw.proxy,
+    webhook: raw.webhook,
+    broker: raw.broker,
+    proxyAuthority: `${raw.proxy.host}:${raw.proxy.port}`,
+    registries: raw.registries.map((rule) => ({
+      ...rule,
+      hosts: new Set(rule.match.map(canonicalRegistryHost)),
+      repositoryFilter: compileFilter(rule.repositories),
+      namespaceFilter: compileFilter(rule.namespaces),
+    })),
+  };
+}
+
+/** Validates an already-parsed document (e.g. from YAML) and compiles it. */
+export function validateConfig(document: unknown): ConfigResult {
+  const parsed = configSchema.safeParse(document ?? {});
+  if (!parsed.success) return { ok: false, errors: schemaErrors(parsed.error) };
+  const errors = crossKeyErrors(parsed.data);
+  if (errors.length > 0) return { ok: false, errors };
+  return { ok: true, config: compileConfig(parsed.data) };
+}
+
+/** Parses config.yaml text (YAML or JSON) and validates it. */
+export function parseConfig(text: string): ConfigResult {
+  let document: unknown;
+  try {
+    document = parseYaml(text, { prettyErrors: true, uniqueKeys: true, maxAliasCount: 100 });
+  } catch (error) {
+    const message = error instanceof YAMLParseError || error instanceof Error ? error.message : String(error);
+    return { ok: false, errors: [{ key: '(document)', message: `not valid YAML: ${message}` }] };
+  }
+  if (document !== null && document !== undefined && (typeof document !== 'object' || Array.isArray(document))) {
+    return { ok: false, errors: [{ key: '(document)', message: 'must be a mapping with proxy, webhook and registries keys' }] };
+  }
+  return validateConfig(document);
+}
+
+export function formatConfigErrors(errors: readonly ConfigError[]): string {
+  return errors.map((e) => `${e.key}: ${e.message}`).join('\n');
+}

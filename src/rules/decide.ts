@@ -1,0 +1,78 @@
+// The rewrite decision for one image: which rule (first match in file order) and the rewritten
+// reference. Pure: config and strings in, a decision out.
+
+import { canonicalRegistryHost, formatReference, parseReference, type ImageReference } from '../reference/reference.js';
+import type { Config, Rule } from './config.js';
+
+export type DecisionReason =
+  | 'rewritten'
+  | 'already-proxied'
+  | 'no-matching-rule'
+  | 'repository-not-included'
+  | 'repository-excluded'
+  | 'namespace-not-allowed'
+  | 'invalid-reference'
+  | 'rewritten-reference-invalid';
+
+export interface ImageDecision {
+  readonly image: string;
+  /** The new reference, or null when the image stays as it is. */
+  readonly rewritten: string | null;
+  /** The rule that rewrote the image (or that matched the host but refused it), else null. */
+  readonly rule: string | null;
+  readonly reason: DecisionReason;
+  /** Human-readable explanation, e.g. the parser's error. */
+  readonly detail?: string;
+}
+
+/** Rewrites a parsed reference onto the proxy: `<host>:<port>/<rule>/<path>[:tag][@digest]`. */
+export function proxiedReference(config: Config, rule: Pick<Rule, 'name'>, ref: ImageReference): ImageReference {
+  return { ...ref, domain: config.proxyAuthority, path: `${rule.name}/${ref.path}` };
+}
+
+/**
+ * Decides what happens to one image in a namespace. `namespace` undefined means "any namespace"
+ * (the CLI without --namespace): namespace filters are then not applied.
+ */
+export function decideImage(config: Config, image: string, namespace?: string): ImageDecision {
+  const parsed = parseReference(image);
+  if (!parsed.ok) return { image, rewritten: null, rule: null, reason: 'invalid-reference', detail: parsed.error };
+  const ref = parsed.reference;
+  const host = canonicalRegistryHost(ref.domain);
+  if (host === canonicalRegistryHost(config.proxyAuthority)) {
+    return { image, rewritten: null, rule: null, reason: 'already-proxied' };
+  }
+
+  // The first refusal by a rule whose host matched explains a miss better than "no rule".
+  let refusal: ImageDecision | undefined;
+  for (const rule of config.registries) {
+    if (!rule.hosts.has(host)) continue;
+    const repositoryRefusal = rule.repositoryFilter.refuse(ref.path);
+    if (repositoryRefusal !== null) {
+      refusal ??= {
+        image,
+        rewritten: null,
+        rule: rule.name,
+        reason: repositoryRefusal === 'excluded' ? 'repository-excluded' : 'repository-not-included',
+        detail: `repository "${ref.path}" is ${repositoryRefusal === 'excluded' ? 'excluded by' : 'not included in'} rule "${rule.name}"`,
+      };
+      continue;
+    }
+    if (namespace !== undefined && rule.namespaceFilter.refuse(namespace) !== null) {
+      refusal ??= { image, rewritten: null, rule: rule.name, reason: 'namespace-not-allowed', detail: `namespace "${namespace}" is not allowed by rule "${rule.name}"` };
+      continue;
+    }
+    const rewritten = formatReference(proxiedReference(config, rule, ref));
+    const check = parseReference(rewritten);
+    if (!check.ok) {
+      return { image, rewritten: null, rule: rule.name, reason: 'rewritten-reference-invalid', detail: check.error };
+    }
+    return { image, rewritten, rule: rule.name, reason: 'rewritten' };
+  }
+  return refusal ?? { image, rewritten: null, rule: null, reason: 'no-matching-rule' };
+}
+
+/** The rule a proxy path prefix names, if any. */
+export function ruleByName(config: Config, name: string): Rule | undefined {
+  return config.registries.find((rule) => rule.name === name);
+}

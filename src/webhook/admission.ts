@@ -1,0 +1,263 @@
+// AdmissionReview in, JSON patch and audit facts out. Pure: no I/O, no clock.
+
+import type { Operation } from 'fast-json-patch';
+import { z } from 'zod';
+import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
+import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
+
+export const ORIGINAL_IMAGES_ANNOTATION = 'pullbridge.io/original-images';
+export const REWRITTEN_LABEL = 'pullbridge.io/rewritten';
+export const ADMISSION_API_VERSION = 'admission.k8s.io/v1';
+
+const CONTAINER_FIELDS = ['initContainers', 'containers', 'ephemeralContainers'] as const;
+type ContainerField = (typeof CONTAINER_FIELDS)[number];
+
+// The envelope is checked strictly; the Pod only as far as we read it (the apiserver has already
+// decoded and defaulted it, and will validate whatever we return).
+const stringMap = z.record(z.string(), z.string());
+const containerSchema = z.looseObject({ name: z.string(), image: z.string().optional() });
+const podSchema = z.looseObject({
+  metadata: z
+    .looseObject({
+      name: z.string().optional(),
+      generateName: z.string().optional(),
+      namespace: z.string().optional(),
+      labels: stringMap.nullish(),
+      annotations: stringMap.nullish(),
+    })
+    .optional(),
+  spec: z.looseObject({
+    containers: z.array(containerSchema).nullish(),
+    initContainers: z.array(containerSchema).nullish(),
+    ephemeralContainers: z.array(containerSchema).nullish(),
+    imagePullSecrets: z.array(z.looseObject({ name: z.string().optional() })).nullish(),
+  }),
+});
+export type Pod = z.infer<typeof podSchema>;
+
+const groupVersionKind = z.looseObject({ group: z.string(), version: z.string(), kind: z.string() });
+const reviewSchema = z.looseObject({
+  apiVersion: z.literal(ADMISSION_API_VERSION, { message: `apiVersion must be "${ADMISSION_API_VERSION}"` }),
+  kind: z.literal('AdmissionReview', { message: 'kind must be "AdmissionReview"' }),
+  request: z.looseObject({
+    uid: z.string().min(1, 'must not be empty'),
+    kind: groupVersionKind,
+    resource: z.looseObject({ group: z.string(), version: z.string(), resource: z.string() }),
+    subResource: z.string().optional(),
+    operation: z.string(),
+    namespace: z.string().optional(),
+    name: z.string().optional(),
+    object: z.unknown().optional(),
+    oldObject: z.unknown().optional(),
+    dryRun: z.boolean().optional(),
+    userInfo: z.looseObject({ username: z.string().optional() }).optional(),
+  }, { message: 'request is required' }),
+});
+export type AdmissionRequest = z.infer<typeof reviewSchema>['request'];
+
+export type ReviewParse = { readonly ok: true; readonly request: AdmissionRequest } | { readonly ok: false; readonly error: string };
+
+/** Validates the AdmissionReview envelope; the error names the offending field. */
+export function parseAdmissionReview(body: unknown): ReviewParse {
+  if (body === null || typeof body !== 'object' || Array.isArray(body)) return { ok: false, error: 'body must be a JSON AdmissionReview object' };
+  const parsed = reviewSchema.safeParse(body);
+  if (parsed.success) return { ok: true, request: parsed.data.request };
+  const issue = parsed.error.issues[0];
+  const key = issue ? issue.path.map(String).join('.') : '';
+  return { ok: false, error: `invalid AdmissionReview: ${key ? `${key}: ` : ''}${issue?.message ?? 'malformed'}` };
+}
+
+export type ContainerReason = DecisionReason | 'pull-secret-missing-on-pod' | 'existing-ephemeral-container';
+
+export interface ContainerDecision {
+  /** `containers/app`, `initContainers/setup`, `ephemeralContainers/debugger`. */
+  readonly container: string;
+  readonly image: string | null;
+  readonly rewritten: string | null;
+  readonly rule: string | null;
+  readonly reason: ContainerReason;
+  readonly detail?: string;
+}
+
+export type SkipReason = 'not-a-pod' | 'operation-not-handled' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod';
+
+export interface AdmissionOutcome {
+  readonly decision: 'mutated' | 'unchanged' | 'skipped';
+  readonly skipReason?: SkipReason;
+  readonly detail?: string;
+  readonly containers: readonly ContainerDecision[];
+  readonly patch: readonly Operation[];
+  /** The pull secret the mutated Pod references and that must exist in its namespace, or null. */
+  readonly pullSecret: string | null;
+  /** Short messages for the user who created the Pod (AdmissionResponse warnings). */
+  readonly warnings: readonly string[];
+}
+
+export interface AdmissionContext {
+  /** Labels of the Pod's namespace, when the caller knows them. */
+  readonly namespaceLabels?: Readonly<Record<string, string>>;
+}
+
+/** JSON pointer escaping for a single path segment (RFC 6901). */
+export const pointerSegment = (segment: string): string => segment.replace(/~/g, '~0').replace(/\//g, '~1');
+
+const skipped = (skipReason: SkipReason, detail?: string): AdmissionOutcome => ({
+  decision: 'skipped',
+  skipReason,
+  ...(detail !== undefined ? { detail } : {}),
+  containers: [],
+  patch: [],
+  pullSecret: null,
+  warnings: [],
+});
+
+function isOptedOut(labels: Readonly<Record<string, string>> | null | undefined, key: string): boolean {
+  return labels?.[key] === 'true';
+}
+
+/** Adds or overwrites one key of a string map at `base`, creating the map when absent. */
+function setMapEntry(patch: Operation[], base: string, existing: Record<string, string> | null | undefined, key: string, value: string): void {
+  if (existing === undefined || existing === null) patch.push({ op: 'add', path: base, value: { [key]: value } });
+  else patch.push({ op: 'add', path: `${base}/${pointerSegment(key)}`, value });
+}
+
+function parseOriginalImages(value: string | undefined): Record<string, string> {
+  if (value === undefined) return {};
+  try {
+    const parsed: unknown = JSON.parse(value);
+    if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) {
+      return Object.fromEntries(Object.entries(parsed).filter((e): e is [string, string] => typeof e[1] === 'string'));
+    }
+  } catch {
+    // A hand-edited or foreign annotation is replaced rather than trusted.
+  }
+  return {};
+}
+
+/**
+ * The webhook's whole decision for one admission request: which images to rewrite, the JSON patch,
+ * the pull secret the namespace needs, and the facts the audit record carries.
+ */
+export function admitPod(config: Config, request: AdmissionRequest, context: AdmissionContext = {}): AdmissionOutcome {
+  const isPod = request.kind.kind === 'Pod' && request.kind.group === '' && request.resource.resource === 'pods';
+  if (!isPod) return skipped('not-a-pod', `${request.kind.kind} (${request.resource.resource}${request.subResource ? `/${request.subResource}` : ''})`);
+  const ephemeralUpdate = request.operation === 'UPDATE' && request.subResource === 'ephemeralcontainers';
+  if (!(request.operation === 'CREATE' && !request.subResource) && !ephemeralUpdate) {
+    return skipped('operation-not-handled', `${request.operation}${request.subResource ? ` ${request.subResource}` : ''}`);
+  }
+  const podParse = podSchema.safeParse(request.object);
+  if (!podParse.success) {
+    const issue = podParse.error.issues[0];
+    return skipped('malformed-pod', issue ? `${issue.path.map(String).join('.')}: ${issue.message}` : 'object is not a Pod');
+  }
+  const pod = podParse.data;
+  const namespace = request.namespace ?? pod.metadata?.namespace ?? 'default';
+  const webhook = config.webhook;
+  if (ALWAYS_EXCLUDED_NAMESPACES.includes(namespace) || namespace === webhook.namespace || webhook.excludedNamespaces.includes(namespace)) {
+    return skipped('namespace-excluded', namespace);
+  }
+  if (isOptedOut(context.namespaceLabels, webhook.optOutLabel)) return skipped('namespace-opted-out', `${webhook.optOutLabel}=true on namespace ${namespace}`);
+  if (isOptedOut(pod.metadata?.labels, webhook.optOutLabel)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
+
+  const pullSecretName = webhook.pullSecretName;
+  const podListsPullSecret = (pod.spec.imagePullSecrets ?? []).some((s) => s.name === pullSecretName);
+  const oldEphemeral = new Set<string>();
+  if (ephemeralUpdate) {
+    const old = podSchema.safeParse(request.oldObject);
+    for (const c of old.success ? (old.data.spec.ephemeralContainers ?? []) : []) oldEphemeral.add(c.name);
+  }
+
+  const containers: ContainerDecision[] = [];
+  const patch: Operation[] = [];
+  const warnings: string[] = [];
+  const originals: Record<string, string> = {};
+  let needsPullSecret = false;
+
+  // An ephemeral-container update may change nothing but new ephemeral containers: the apiserver
+  // ignores metadata changes there and forbids editing existing entries.
+  const fields: readonly ContainerField[] = ephemeralUpdate ? ['ephemeralContainers'] : CONTAINER_FIELDS;
+  for (const field of fields) {
+    (pod.spec[field] ?? []).forEach((container, index) => {
+      const id = `${field}/${container.name}`;
+      if (container.image === undefined) {
+        containers.push({ container: id, image: null, rewritten: null, rule: null, reason: 'invalid-reference', detail: 'no image' });
+        return;
+      }
+      if (ephemeralUpdate && oldEphemeral.has(container.name)) {
+        containers.push({ container: id, image: container.image, rewritten: null, rule: null, reason: 'existing-ephemeral-container' });
+        return;
+      }
+      const decision = decideImage(config, container.image, namespace);
+      const usesBroker = decision.rule !== null && ruleByName(config, decision.rule)?.auth.mode === 'broker';
+      if (decision.rewritten !== null && ephemeralUpdate && usesBroker && !podListsPullSecret) {
+        // The Pod's pull secrets cannot change after creation, so the node could not authenticate.
+        const detail = `pod does not list pull secret "${pullSecretName}" (created before pullbridge handled it)`;
+        containers.push({ container: id, image: container.image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
+        warnings.push(`pullbridge: ${id} image ${container.image} left unchanged: ${detail}`);
+        return;
+      }
+      containers.push({ container: id, ...decision });
+      if (decision.rewritten === null) {
+        if (decision.reason === 'invalid-reference' || decision.reason === 'rewritten-reference-invalid') {
+          warnings.push(`pullbridge: ${id} image ${container.image} left unchanged: ${decision.detail ?? decision.reason}`);
+        }
+        return;
+      }
+      patch.push({ op: 'replace', path: `/spec/${field}/${index}/image`, value: decision.rewritten });
+      originals[id] = container.image;
+      if (usesBroker) needsPullSecret = true;
+    });
+  }
+
+  if (patch.length === 0) {
+    return { decision: 'unchanged', containers, patch: [], pullSecret: null, warnings };
+  }
+
+  if (!ephemeralUpdate) {
+    if (needsPullSecret && !podListsPullSecret) {
+      if (pod.spec.imagePullSecrets === undefined || pod.spec.imagePullSecrets === null) {
+        patch.push({ op: 'add', path: '/spec/imagePullSecrets', value: [{ name: pullSecretName }] });
+      } else {
+        patch.push({ op: 'add', path: '/spec/imagePullSecrets/-', value: { name: pullSecretName } });
+      }
+    }
+    if (pod.metadata === undefined) patch.push({ op: 'add', path: '/metadata', value: {} });
+    const annotations = pod.metadata?.annotations;
+    const merged = { ...parseOriginalImages(annotations?.[ORIGINAL_IMAGES_ANNOTATION] ?? undefined), ...originals };
+    setMapEntry(patch, '/metadata/annotations', annotations, ORIGINAL_IMAGES_ANNOTATION, JSON.stringify(merged));
+    if (pod.metadata?.labels?.[REWRITTEN_LABEL] !== 'true') setMapEntry(patch, '/metadata/labels', pod.metadata?.labels, REWRITTEN_LABEL, 'true');
+  }
+
+  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, warnings };
+}
+
+export interface AdmissionResponseBody {
+  readonly apiVersion: typeof ADMISSION_API_VERSION;
+  readonly kind: 'AdmissionReview';
+  readonly response: {
+    readonly uid: string;
+    readonly allowed: boolean;
+    readonly patchType?: 'JSONPatch';
+    readonly patch?: string;
+    readonly warnings?: readonly string[];
+    readonly status?: { readonly code: number; readonly message: string };
+  };
+}
+
+export function admissionResponse(uid: string, outcome: Pick<AdmissionOutcome, 'patch' | 'warnings'>): AdmissionResponseBody {
+  return {
+    apiVersion: ADMISSION_API_VERSION,
+    kind: 'AdmissionReview',
+    response: {
+      uid,
+      allowed: true,
+      ...(outcome.patch.length > 0 ? { patchType: 'JSONPatch' as const, patch: Buffer.from(JSON.stringify(outcome.patch)).toString('base64') } : {}),
+      ...(outcome.warnings.length > 0 ? { warnings: outcome.warnings } : {}),
+    },
+  };
+}
+
+/** A denial, for the configured failure mode when a side effect (the pull secret) cannot be made. */
+export function admissionDenial(uid: string, code: number, message: string): AdmissionResponseBody {
+  return { apiVersion: ADMISSION_API_VERSION, kind: 'AdmissionReview', response: { uid, allowed: false, status: { code, message } } };
+}

@@ -1,0 +1,184 @@
+// The webhook's HTTP(S) shell: express routes around the pure admission decision, audit log, metrics.
+
+import express, { type NextFunction, type Request, type Response } from 'express';
+import { Counter, Histogram, type Registry } from 'prom-client';
+import type { Logger } from '../log.js';
+import type { Config } from '../rules/config.js';
+import { admissionDenial, admissionResponse, admitPod, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
+
+/** Kubernetes caps request bodies at 3 MiB; an AdmissionReview carries object and oldObject. */
+export const DEFAULT_BODY_LIMIT_BYTES = 7 * 1024 * 1024;
+
+export interface WebhookSideEffects {
+  /** Labels of a namespace, for namespace opt-out; undefined when unknown. */
+  namespaceLabels?(namespace: string): Promise<Readonly<Record<string, string>> | undefined>;
+  /** Makes sure the pull secret exists in the namespace (never called on dryRun). */
+  ensurePullSecret?(namespace: string, name: string): Promise<void>;
+}
+
+export interface WebhookAppOptions {
+  /** The config in force; called per request so that reloads take effect at once. */
+  readonly config: () => Config;
+  readonly logger: Logger;
+  /** Receives one record per admission decision. */
+  readonly audit: Logger;
+  readonly metrics: Registry;
+  readonly sideEffects?: WebhookSideEffects;
+  readonly bodyLimitBytes?: number;
+  /** Whether the server should report ready (false while draining or before config loads). */
+  readonly ready?: () => boolean;
+  /** What happens when the pull secret cannot be provisioned: deny the Pod, or admit it unchanged. */
+  readonly pullSecretFailure?: 'deny' | 'admit-unchanged';
+}
+
+interface WebhookMetrics {
+  admissions: Counter<'result'>;
+  rewrites: Counter<'rule'>;
+  duration: Histogram<'result'>;
+}
+
+function registerMetrics(registry: Registry): WebhookMetrics {
+  return {
+    admissions: new Counter({ name: 'pullbridge_admissions_total', help: 'Admission requests by result', labelNames: ['result'], registers: [registry] }),
+    rewrites: new Counter({ name: 'pullbridge_image_rewrites_total', help: 'Images rewritten, by rule', labelNames: ['rule'], registers: [registry] }),
+    duration: new Histogram({
+      name: 'pullbridge_admission_duration_seconds',
+      help: 'Time to answer an admission request',
+      labelNames: ['result'],
+      buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+      registers: [registry],
+    }),
+  };
+}
+
+function badRequest(res: Response, status: number, message: string): void {
+  res.status(status).json({ error: message });
+}
+
+/** The audit record of one decision: who asked, what was decided for each image, and why. */
+function auditRecord(request: AdmissionRequest, outcome: AdmissionOutcome, result: string, durationMs: number, error?: string): Record<string, unknown> {
+  const object = (request.object ?? {}) as { metadata?: { name?: string; generateName?: string } };
+  return {
+    audit: 'admission',
+    uid: request.uid,
+    namespace: request.namespace ?? null,
+    pod: request.name ?? object.metadata?.name ?? object.metadata?.generateName ?? null,
+    user: request.userInfo?.username ?? null,
+    operation: request.operation,
+    subResource: request.subResource ?? null,
+    dryRun: request.dryRun ?? false,
+    result,
+    ...(outcome.skipReason ? { skipReason: outcome.skipReason } : {}),
+    ...(outcome.detail ? { detail: outcome.detail } : {}),
+    images: outcome.containers,
+    pullSecret: outcome.pullSecret,
+    ...(error ? { error } : {}),
+    durationMs: Math.round(durationMs * 1000) / 1000,
+  };
+}
+
+export function createWebhookApp(options: WebhookAppOptions): express.Express {
+  const { logger, audit, metrics: registry } = options;
+  const metrics = registerMetrics(registry);
+  const app = express();
+  app.disable('x-powered-by');
+  app.set('etag', false);
+
+  app.get('/healthz', (_req, res) => {
+    res.type('text/plain').send('ok');
+  });
+  app.get('/readyz', (_req, res) => {
+    const ready = options.ready?.() ?? true;
+    res.status(ready ? 200 : 503).type('text/plain').send(ready ? 'ready' : 'not ready');
+  });
+  app.get('/metrics', async (_req, res) => {
+    res.type(registry.contentType).send(await registry.metrics());
+  });
+
+  app.post(
+    '/mutate',
+    (req, res, next) => {
+      if (!req.is('application/json')) {
+        badRequest(res, 415, 'Content-Type must be application/json (an admission.k8s.io/v1 AdmissionReview)');
+        return;
+      }
+      next();
+    },
+    express.json({ limit: options.bodyLimitBytes ?? DEFAULT_BODY_LIMIT_BYTES, strict: true }),
+    async (req, res) => {
+      const started = process.hrtime.bigint();
+      const elapsedMs = () => Number(process.hrtime.bigint() - started) / 1e6;
+      const parsed = parseAdmissionReview(req.body);
+      if (!parsed.ok) {
+        metrics.admissions.inc({ result: 'invalid' });
+        logger.warn({ error: parsed.error }, 'rejected malformed AdmissionReview');
+        badRequest(res, 400, parsed.error);
+        return;
+      }
+      const request = parsed.request;
+      let outcome: AdmissionOutcome;
+      let result: string;
+      let error: string | undefined;
+      let body;
+      try {
+        const config = options.config();
+        const namespace = request.namespace;
+        const namespaceLabels = namespace && options.sideEffects?.namespaceLabels ? await options.sideEffects.namespaceLabels(namespace) : undefined;
+        outcome = admitPod(config, request, namespaceLabels ? { namespaceLabels } : {});
+        result = outcome.decision;
+        body = admissionResponse(request.uid, outcome);
+        if (outcome.pullSecret !== null && namespace && !request.dryRun && options.sideEffects?.ensurePullSecret) {
+          try {
+            await options.sideEffects.ensurePullSecret(namespace, outcome.pullSecret);
+          } catch (cause) {
+            error = `could not provision pull secret "${outcome.pullSecret}" in namespace "${namespace}": ${cause instanceof Error ? cause.message : String(cause)}`;
+            if (options.pullSecretFailure === 'admit-unchanged') {
+              result = 'unchanged-after-error';
+              body = admissionResponse(request.uid, { patch: [], warnings: [`pullbridge: images left unchanged: ${error}`] });
+            } else {
+              result = 'denied';
+              body = admissionDenial(request.uid, 500, `pullbridge: ${error}`);
+            }
+          }
+        }
+      } catch (cause) {
+        // A bug must not block Pod creation cluster-wide: admit unchanged and say so loudly.
+        error = cause instanceof Error ? cause.message : String(cause);
+        logger.error({ err: cause, uid: request.uid }, 'admission decision failed; admitting unchanged');
+        outcome = { decision: 'unchanged', containers: [], patch: [], pullSecret: null, warnings: [] };
+        result = 'error';
+        body = admissionResponse(request.uid, outcome);
+      }
+      const durationMs = elapsedMs();
+      metrics.admissions.inc({ result });
+      metrics.duration.observe({ result }, durationMs / 1000);
+      if (result === 'mutated') {
+        for (const c of outcome.containers) if (c.rewritten !== null && c.rule !== null) metrics.rewrites.inc({ rule: c.rule });
+      }
+      audit.info(auditRecord(request, outcome, result, durationMs, error), 'admission');
+      res.json(body);
+    },
+  );
+
+  app.use((_req, res) => {
+    badRequest(res, 404, 'not found: POST /mutate, GET /healthz, /readyz, /metrics');
+  });
+
+  // body-parser errors carry a status and a type; anything else is our fault.
+  app.use((err: unknown, _req: Request, res: Response, _next: NextFunction) => {
+    const e = err as { status?: number; type?: string; message?: string; limit?: number };
+    if (e.type === 'entity.parse.failed') {
+      metrics.admissions.inc({ result: 'invalid' });
+      badRequest(res, 400, `body is not valid JSON: ${e.message ?? ''}`.trim());
+    } else if (e.type === 'entity.too.large') {
+      metrics.admissions.inc({ result: 'invalid' });
+      badRequest(res, 413, `body is larger than the limit of ${e.limit ?? options.bodyLimitBytes ?? DEFAULT_BODY_LIMIT_BYTES} bytes`);
+    } else if (typeof e.status === 'number' && e.status >= 400 && e.status < 500) {
+      badRequest(res, e.status, e.message ?? 'bad request');
+    } else {
+      logger.error({ err }, 'unhandled error');
+      badRequest(res, 500, 'internal error');
+    }
+  });
+  return app;
+}
