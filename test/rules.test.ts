@@ -1,0 +1,201 @@
+import assert from 'node:assert/strict';
+import { parseConfig } from '../src/rules/config.js';
+import { decideImage } from '../src/rules/decide.js';
+import { compileGlob } from '../src/rules/glob.js';
+import { SHA, configFrom, testConfig } from './support/config.js';
+
+function errorsOf(yaml: string): string[] {
+  const result = parseConfig(yaml);
+  assert.equal(result.ok, false, 'config was accepted');
+  return result.ok ? [] : result.errors.map((e) => `${e.key}: ${e.message}`);
+}
+
+describe('config validation', () => {
+  it('fills defaults for an empty document', () => {
+    const result = parseConfig('');
+    assert.ok(result.ok);
+    assert.equal(result.config.proxyAuthority, 'localhost:30500');
+    assert.equal(result.config.webhook.pullSecretName, 'pullbridge-pull');
+    assert.deepEqual(result.config.registries, []);
+  });
+
+  it('defaults a rule to broker auth', () => {
+    const config = configFrom('registries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1"}]');
+    assert.equal(config.registries[0]?.auth.mode, 'broker');
+  });
+
+  it('reports every error at once, each naming its key', () => {
+    const errors = errorsOf(`
+proxy: {port: 70000, host: "bad host"}
+webhook: {pullSecretName: "Not_Valid", surprise: true}
+registries:
+  - name: Corp
+    match: []
+    upstream: ftp://x
+  - name: ok
+    match: ["registry.example:5000/path"]
+    upstream: https://user:pw@127.0.0.1/v2
+    auth: {mode: open}
+  - name: ok
+    match: [a.example]
+    upstream: not a url
+`);
+    const expected = [
+      /^proxy\.port: /,
+      /^proxy\.host: /,
+      /^webhook\.pullSecretName: must be a DNS subdomain/,
+      /^webhook\.surprise: unknown key/,
+      /^registries\[0\]\.name: must be a DNS label/,
+      /^registries\[0\]\.match: needs at least one registry host/,
+      /^registries\[0\]\.upstream: upstream must use http or https/,
+      /^registries\[1\]\.match\[0\]: must be a registry host/,
+      /^registries\[1\]\.upstream: upstream must not carry credentials/,
+      /^registries\[1\]\.upstream: upstream must be scheme:\/\/host\[:port\] only/,
+      /^registries\[1\]\.auth\.mode: /,
+      /^registries\[2\]\.upstream: upstream must be an absolute/,
+    ];
+    for (const pattern of expected) assert.ok(errors.some((e) => pattern.test(e)), `no error matching ${pattern} in:\n${errors.join('\n')}`);
+  });
+
+  it('reports missing required keys', () => {
+    const errors = errorsOf('registries: [{name: a}]');
+    assert.ok(errors.includes('registries[0].match: is required (array)'), errors.join('\n'));
+    assert.ok(errors.includes('registries[0].upstream: is required (string)'), errors.join('\n'));
+  });
+
+  it('rejects duplicate rule names and a rule that matches the proxy itself', () => {
+    const errors = errorsOf(`
+registries:
+  - {name: a, match: [a.example], upstream: "https://127.0.0.1:1"}
+  - {name: a, match: ["localhost:30500"], upstream: "https://127.0.0.1:2"}
+`);
+    assert.ok(errors.some((e) => e.startsWith('registries[1].name: duplicate rule name "a"')), errors.join('\n'));
+    assert.ok(errors.some((e) => e.startsWith('registries[1].match[0]: "localhost:30500" is the proxy itself')), errors.join('\n'));
+  });
+
+  it('rejects a forward-mode connectivity proxy with an https upstream', () => {
+    const errors = errorsOf(`
+registries:
+  - name: a
+    match: [a.example]
+    upstream: https://127.0.0.1:1
+    forwardProxy: {url: "http://127.0.0.1:3128", mode: forward}
+`);
+    assert.ok(errors.some((e) => e.startsWith('registries[0].forwardProxy.mode:')), errors.join('\n'));
+  });
+
+  it('requires credentials from files, never inline passwords', () => {
+    const errors = errorsOf(`
+registries:
+  - name: a
+    match: [a.example]
+    upstream: https://127.0.0.1:1
+    credentials: {username: bob, password: hunter2}
+`);
+    assert.ok(errors.includes('registries[0].credentials.password: unknown key'), errors.join('\n'));
+    assert.ok(errors.some((e) => e.startsWith('registries[0].credentials.passwordFile:')), errors.join('\n'));
+  });
+
+  it('rejects YAML that does not parse, with the reason', () => {
+    const errors = errorsOf('registries: [unclosed');
+    assert.match(errors[0] ?? '', /^\(document\): not valid YAML/);
+    assert.match(errorsOf('- a\n- b')[0] ?? '', /^\(document\): must be a mapping/);
+    assert.match(errorsOf('a: 1\na: 2')[0] ?? '', /^\(document\): not valid YAML/);
+  });
+});
+
+describe('globs', () => {
+  const cases: Array<[string, string, boolean]> = [
+    ['team/*', 'team/app', true],
+    ['team/*', 'team/app/sub', false],
+    ['team/**', 'team/app/sub', true],
+    ['team/**', 'team', true],
+    ['team/**', 'teamx/app', false],
+    ['**', 'a/b/c', true],
+    ['app?', 'app1', true],
+    ['app?', 'app/', false],
+    ['a.b', 'aXb', false],
+    ['team-*', 'team-a', true],
+  ];
+  for (const [pattern, value, expected] of cases) {
+    it(`${pattern} ${expected ? 'matches' : 'does not match'} ${value}`, () => assert.equal(compileGlob(pattern)(value), expected));
+  }
+});
+
+describe('rewrite decision', () => {
+  const config = testConfig();
+
+  it('rewrites onto the proxy keeping tag and digest', () => {
+    const d = decideImage(config, `registry.corp.example:5000/team/app:1.2@${SHA}`, 'default');
+    assert.deepEqual(d, {
+      image: `registry.corp.example:5000/team/app:1.2@${SHA}`,
+      rewritten: `localhost:30500/corp/team/app:1.2@${SHA}`,
+      rule: 'corp',
+      reason: 'rewritten',
+    });
+  });
+
+  it('keeps a reference without tag untagged (the runtime applies latest)', () => {
+    assert.equal(decideImage(config, 'registry.corp.example:5000/team/app').rewritten, 'localhost:30500/corp/team/app');
+  });
+
+  it('matches hosts case-insensitively and through every listed alias', () => {
+    assert.equal(decideImage(config, 'registry-alias.corp.example:5000/x').rule, 'corp');
+    assert.equal(decideImage(config, 'Registry.Corp.Example:5000/x').rule, 'corp');
+  });
+
+  it('does not confuse a host with another port', () => {
+    assert.equal(decideImage(config, 'registry.corp.example/x').reason, 'no-matching-rule');
+    assert.equal(decideImage(config, 'registry.corp.example:5001/x').reason, 'no-matching-rule');
+  });
+
+  it('takes the first matching rule in file order, falling through filters', () => {
+    const d = decideImage(config, 'registry.corp.example:5000/legacy/tool:1');
+    assert.equal(d.rule, 'corp-legacy');
+    assert.equal(d.rewritten, 'localhost:30500/corp-legacy/legacy/tool:1');
+  });
+
+  it('covers every Docker Hub spelling and implicit library/', () => {
+    for (const image of ['nginx', 'nginx:1.27', 'library/nginx', 'docker.io/nginx', 'docker.io/library/nginx', 'index.docker.io/library/nginx', 'registry-1.docker.io/library/nginx']) {
+      const d = decideImage(config, image);
+      assert.equal(d.rule, 'hub', image);
+      assert.match(d.rewritten ?? '', /^localhost:30500\/hub\/library\/nginx(:1\.27)?$/, image);
+    }
+    assert.equal(decideImage(config, 'bitnami/redis:7').rewritten, 'localhost:30500/hub/bitnami/redis:7');
+  });
+
+  it('leaves images already on the proxy alone (idempotence)', () => {
+    const once = decideImage(config, 'registry.corp.example:5000/team/app:1').rewritten;
+    assert.ok(once);
+    assert.deepEqual(decideImage(config, once), { image: once, rewritten: null, rule: null, reason: 'already-proxied' });
+  });
+
+  it('explains a refusal by repository or namespace filter', () => {
+    const team = decideImage(config, 'team.example/apps/web:1', 'other');
+    assert.equal(team.reason, 'namespace-not-allowed');
+    assert.equal(team.rule, 'team');
+    assert.equal(decideImage(config, 'team.example/apps/web:1', 'team-a').rewritten, 'localhost:30500/team/apps/web:1');
+    assert.equal(decideImage(config, 'team.example/tools/x:1', 'team-a').reason, 'repository-not-included');
+    // Without a namespace (CLI), namespace filters do not apply.
+    assert.equal(decideImage(config, 'team.example/apps/web:1').reason, 'rewritten');
+    const excluded = configFrom('registries: [{name: c, match: [c.example], upstream: "http://127.0.0.1:1", repositories: {exclude: ["secret/*"]}}]');
+    assert.equal(decideImage(excluded, 'c.example/secret/x').reason, 'repository-excluded');
+  });
+
+  it('leaves an invalid reference unchanged with the parser error', () => {
+    const d = decideImage(config, 'registry.corp.example:5000/Team/App');
+    assert.equal(d.reason, 'invalid-reference');
+    assert.equal(d.rewritten, null);
+    assert.match(d.detail ?? '', /lower case/);
+  });
+
+  it('never produces a reference over the length limit', () => {
+    // 255 characters before rewriting: valid as written, too long with the proxy prefix.
+    const image = `team.example/apps/${'a'.repeat(255 - 'team.example/apps/'.length)}`;
+    assert.ok(decideImage(config, image).reason !== 'invalid-reference');
+    const d = decideImage(config, image);
+    assert.equal(d.reason, 'rewritten-reference-invalid');
+    assert.equal(d.rewritten, null);
+    assert.match(d.detail ?? '', /more than 255/);
+  });
+});
