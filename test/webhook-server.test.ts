@@ -1,0 +1,209 @@
+import assert from 'node:assert/strict';
+import request from 'supertest';
+import { generateCertificates, type CertificateBundle } from '../src/certs/certs.js';
+import { createMetricsRegistry } from '../src/metrics.js';
+import { listen, type RunningServer } from '../src/shell/serve.js';
+import { ORIGINAL_IMAGES_ANNOTATION } from '../src/webhook/admission.js';
+import { createWebhookApp, type WebhookAppOptions } from '../src/webhook/server.js';
+import { SHA, testConfig } from './support/config.js';
+import { memoryLogger } from './support/logs.js';
+import { applyPatch, decodePatch, podWith, reviewFor, type PodShape } from './support/review.js';
+
+describe('webhook server over HTTPS', () => {
+  let certs: CertificateBundle;
+  before(() => {
+    certs = generateCertificates({ service: 'pullbridge-webhook', namespace: 'pullbridge', extraNames: ['127.0.0.1'] });
+  });
+
+  async function start(overrides: Partial<WebhookAppOptions> = {}) {
+    const logs = memoryLogger();
+    const audit = memoryLogger();
+    const metrics = createMetricsRegistry(false);
+    const config = testConfig();
+    const app = createWebhookApp({ config: () => config, logger: logs.logger, audit: audit.logger, metrics, ...overrides });
+    const server: RunningServer = await listen(app, { host: '127.0.0.1', port: 0, tls: { cert: certs.cert, key: certs.key } });
+    const client = () => request(server.url);
+    return { server, client, logs, audit, metrics };
+  }
+
+  let running: Array<RunningServer> = [];
+  afterEach(async () => {
+    await Promise.all(running.map((s) => s.close(100)));
+    running = [];
+  });
+  async function started(overrides: Partial<WebhookAppOptions> = {}) {
+    const s = await start(overrides);
+    running.push(s.server);
+    return s;
+  }
+
+  const pod = () =>
+    podWith(
+      {
+        initContainers: [{ name: 'init', image: 'registry.corp.example:5000/team/init:1' }],
+        containers: [
+          { name: 'app', image: `registry.corp.example:5000/team/app:1.2@${SHA}` },
+          { name: 'side', image: 'quay.io/x/y:1' },
+        ],
+      },
+      { generateName: 'web-', namespace: 'shop', labels: { app: 'web' } },
+    );
+
+  it('serves only HTTPS with the generated certificate, and health endpoints', async () => {
+    const { client } = await started();
+    await client().get('/healthz').ca(certs.caCert).expect(200, 'ok');
+    await client().get('/readyz').ca(certs.caCert).expect(200, 'ready');
+    await assert.rejects(client().get('/healthz'), /self-signed|unable to verify|certificate/i);
+  });
+
+  it('answers an AdmissionReview with a patch that produces the rewritten Pod, and audits it', async () => {
+    const { client, audit, metrics } = await started();
+    const review = reviewFor(pod(), { namespace: 'shop', uid: 'uid-123' });
+    const res = await client().post('/mutate').ca(certs.caCert).set('Authorization', 'Bearer apiserver-secret-token').send(review).expect(200).expect('content-type', /json/);
+    assert.equal(res.body.apiVersion, 'admission.k8s.io/v1');
+    assert.equal(res.body.kind, 'AdmissionReview');
+    assert.equal(res.body.response.uid, 'uid-123');
+    assert.equal(res.body.response.allowed, true);
+    assert.equal(res.body.response.patchType, 'JSONPatch');
+    const patched = applyPatch(pod(), decodePatch(res.body.response.patch)) as unknown as PodShape;
+    assert.equal(patched.spec.initContainers?.[0]?.image, 'localhost:30500/corp/team/init:1');
+    assert.equal(patched.spec.containers[0]?.image, `localhost:30500/corp/team/app:1.2@${SHA}`);
+    assert.equal(patched.spec.containers[1]?.image, 'quay.io/x/y:1');
+    assert.deepEqual(patched.spec.imagePullSecrets, [{ name: 'pullbridge-pull' }]);
+    assert.ok(patched.metadata.annotations?.[ORIGINAL_IMAGES_ANNOTATION]);
+
+    assert.equal(audit.records.length, 1);
+    const record = audit.records[0] ?? {};
+    assert.equal(record.audit, 'admission');
+    assert.equal(record.uid, 'uid-123');
+    assert.equal(record.namespace, 'shop');
+    assert.equal(record.pod, 'web-');
+    assert.equal(record.user, 'jane@example.com');
+    assert.equal(record.operation, 'CREATE');
+    assert.equal(record.dryRun, false);
+    assert.equal(record.result, 'mutated');
+    assert.equal(record.pullSecret, 'pullbridge-pull');
+    assert.deepEqual(record.images, [
+      { container: 'initContainers/init', image: 'registry.corp.example:5000/team/init:1', rewritten: 'localhost:30500/corp/team/init:1', rule: 'corp', reason: 'rewritten' },
+      { container: 'containers/app', image: `registry.corp.example:5000/team/app:1.2@${SHA}`, rewritten: `localhost:30500/corp/team/app:1.2@${SHA}`, rule: 'corp', reason: 'rewritten' },
+      { container: 'containers/side', image: 'quay.io/x/y:1', rewritten: null, rule: null, reason: 'no-matching-rule' },
+    ]);
+    assert.equal(typeof record.durationMs, 'number');
+    assert.ok(!audit.raw.join('').includes('apiserver-secret-token'));
+
+    const text = await metrics.metrics();
+    assert.match(text, /pullbridge_admissions_total\{result="mutated"\} 1/);
+    assert.match(text, /pullbridge_image_rewrites_total\{rule="corp"\} 2/);
+    assert.match(text, /pullbridge_admission_duration_seconds_count\{result="mutated"\} 1/);
+  });
+
+  it('serves the metrics over HTTP', async () => {
+    const { client } = await started();
+    await client().post('/mutate').ca(certs.caCert).send(reviewFor(pod())).expect(200);
+    const res = await client().get('/metrics').ca(certs.caCert).expect(200);
+    assert.match(res.text, /pullbridge_admissions_total\{result="mutated"\} 1/);
+  });
+
+  it('answers without a patch when nothing changes', async () => {
+    const { client, audit } = await started();
+    const review = reviewFor(podWith({ containers: [{ name: 'a', image: 'quay.io/x/y:1' }] }));
+    const res = await client().post('/mutate').ca(certs.caCert).send(review).expect(200);
+    assert.deepEqual(res.body.response, { uid: 'f0b5c1a2-1111-4222-8333-444455556666', allowed: true });
+    assert.equal(audit.records[0]?.result, 'unchanged');
+  });
+
+  it('provisions the pull secret on a real admission, not on dryRun', async () => {
+    const ensured: string[] = [];
+    const { client, audit } = await started({ sideEffects: { ensurePullSecret: async (ns, name) => void ensured.push(`${ns}/${name}`) } });
+    const dry = await client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'shop', dryRun: true })).expect(200);
+    assert.ok(dry.body.response.patch, 'dry run still shows the mutation');
+    assert.deepEqual(ensured, []);
+    assert.equal(audit.records[0]?.dryRun, true);
+    await client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'shop' })).expect(200);
+    assert.deepEqual(ensured, ['shop/pullbridge-pull']);
+  });
+
+  it('follows the failure mode when the pull secret cannot be provisioned', async () => {
+    const failing = { ensurePullSecret: async () => Promise.reject(new Error('forbidden')) };
+    const deny = await started({ sideEffects: failing });
+    const denied = await deny.client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'shop' })).expect(200);
+    assert.equal(denied.body.response.allowed, false);
+    assert.match(denied.body.response.status.message, /could not provision pull secret "pullbridge-pull" in namespace "shop": forbidden/);
+    assert.equal(deny.audit.records[0]?.result, 'denied');
+
+    const admit = await started({ sideEffects: failing, pullSecretFailure: 'admit-unchanged' });
+    const admitted = await admit.client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'shop' })).expect(200);
+    assert.equal(admitted.body.response.allowed, true);
+    assert.equal(admitted.body.response.patch, undefined);
+    assert.match(admitted.body.response.warnings[0], /left unchanged/);
+    assert.equal(admit.audit.records[0]?.result, 'unchanged-after-error');
+  });
+
+  it('honours a namespace opt-out label it looks up', async () => {
+    const { client, audit } = await started({ sideEffects: { namespaceLabels: async (ns): Promise<Record<string, string>> => (ns === 'quiet' ? { 'pullbridge.io/ignore': 'true' } : {}) } });
+    const res = await client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'quiet' })).expect(200);
+    assert.equal(res.body.response.patch, undefined);
+    assert.equal(audit.records[0]?.skipReason, 'namespace-opted-out');
+  });
+
+  it('admits unchanged, and logs, when the decision itself throws', async () => {
+    const { client, audit, logs } = await started({
+      config: () => {
+        throw new Error('boom');
+      },
+    });
+    const res = await client().post('/mutate').ca(certs.caCert).send(reviewFor(pod())).expect(200);
+    assert.deepEqual(res.body.response, { uid: 'f0b5c1a2-1111-4222-8333-444455556666', allowed: true });
+    assert.equal(audit.records[0]?.result, 'error');
+    assert.ok(logs.records.some((r) => r.msg === 'admission decision failed; admitting unchanged'));
+  });
+
+  describe('bad input', () => {
+    const cases: Array<[string, (c: () => request.Agent) => request.Test, number, RegExp]> = [
+      ['malformed JSON', (c) => c().post('/mutate').ca(certs.caCert).set('Content-Type', 'application/json').send('{"apiVersion":'), 400, /body is not valid JSON/],
+      ['a JSON array', (c) => c().post('/mutate').ca(certs.caCert).send([1]), 400, /must be a JSON AdmissionReview object/],
+      ['a JSON string', (c) => c().post('/mutate').ca(certs.caCert).set('Content-Type', 'application/json').send('"x"'), 400, /not valid JSON|must be a JSON AdmissionReview/],
+      ['a non-JSON content type', (c) => c().post('/mutate').ca(certs.caCert).set('Content-Type', 'text/plain').send('hello'), 415, /application\/json/],
+      ['no body', (c) => c().post('/mutate').ca(certs.caCert), 415, /application\/json/],
+      ['a missing request', (c) => c().post('/mutate').ca(certs.caCert).send({ apiVersion: 'admission.k8s.io/v1', kind: 'AdmissionReview' }), 400, /request/],
+      ['the v1beta1 API', (c) => c().post('/mutate').ca(certs.caCert).send({ ...reviewFor({}), apiVersion: 'admission.k8s.io/v1beta1' }), 400, /apiVersion/],
+      ['a huge body', (c) => c().post('/mutate').ca(certs.caCert).set('Content-Type', 'application/json').send(JSON.stringify({ pad: 'x'.repeat(8 * 1024 * 1024) })), 413, /larger than the limit/],
+      ['an unknown path', (c) => c().get('/mutate').ca(certs.caCert), 404, /not found/],
+    ];
+    for (const [name, send, status, pattern] of cases) {
+      it(`answers ${name} with ${status} and a clear message, and stays up`, async () => {
+        const { client, metrics } = await started();
+        const res = await send(client as unknown as () => request.Agent).expect(status);
+        assert.match(res.body.error, pattern);
+        await client().get('/healthz').ca(certs.caCert).expect(200);
+        if (status === 400 || status === 413) assert.match(await metrics.metrics(), /pullbridge_admissions_total\{result="invalid"\} 1/);
+      });
+    }
+
+    it('admits a non-Pod object unchanged and audits why', async () => {
+      const { client, audit } = await started();
+      const res = await client().post('/mutate').ca(certs.caCert).send(reviewFor({ kind: 'ConfigMap' }, { kind: 'ConfigMap', resource: 'configmaps' })).expect(200);
+      assert.equal(res.body.response.allowed, true);
+      assert.equal(res.body.response.patch, undefined);
+      assert.equal(audit.records[0]?.skipReason, 'not-a-pod');
+    });
+
+    it('admits a Pod with invalid image references unchanged, with a warning and an audit record', async () => {
+      const { client, audit } = await started();
+      const review = reviewFor(podWith({ containers: [{ name: 'a', image: 'registry.corp.example:5000/UPPER/case' }, { name: 'b', image: '' }] }));
+      const res = await client().post('/mutate').ca(certs.caCert).send(review).expect(200);
+      assert.equal(res.body.response.patch, undefined);
+      assert.equal(res.body.response.warnings.length, 2);
+      const images = audit.records[0]?.images as Array<{ reason: string }>;
+      assert.deepEqual(images.map((i) => i.reason), ['invalid-reference', 'invalid-reference']);
+    });
+  });
+
+  it('reports not ready while draining', async () => {
+    let draining = false;
+    const { client } = await started({ ready: () => !draining });
+    await client().get('/readyz').ca(certs.caCert).expect(200);
+    draining = true;
+    await client().get('/readyz').ca(certs.caCert).expect(503);
+  });
+});
