@@ -144,13 +144,31 @@ function formatKey(path: readonly PropertyKey[]): string {
   return key === '' ? '(top level)' : key;
 }
 
-function schemaErrors(error: z.ZodError): ConfigError[] {
+function valueAt(document: unknown, path: readonly PropertyKey[]): unknown {
+  let value = document;
+  for (const part of path) {
+    if (value === null || typeof value !== 'object') return undefined;
+    value = (value as Record<PropertyKey, unknown>)[part];
+  }
+  return value;
+}
+
+function describeType(value: unknown): string {
+  if (value === null) return 'null';
+  if (Array.isArray(value)) return 'a list';
+  if (typeof value === 'object') return 'a mapping';
+  return `${typeof value} ${JSON.stringify(value)}`;
+}
+
+function schemaErrors(document: unknown, error: z.ZodError): ConfigError[] {
   const errors: ConfigError[] = [];
   for (const issue of error.issues) {
     if (issue.code === 'unrecognized_keys') {
       for (const unknown of issue.keys) errors.push({ key: formatKey([...issue.path, unknown]), message: 'unknown key' });
-    } else if (issue.code === 'invalid_type' && issue.input === undefined) {
-      errors.push({ key: formatKey(issue.path), message: `is required (${issue.expected})` });
+    } else if (issue.code === 'invalid_type') {
+      const actual = valueAt(document, issue.path);
+      const message = actual === undefined ? `is required (${issue.expected})` : `must be ${issue.expected}, got ${describeType(actual)}`;
+      errors.push({ key: formatKey(issue.path), message });
     } else {
       errors.push({ key: formatKey(issue.path), message: issue.message });
     }
@@ -158,21 +176,31 @@ function schemaErrors(error: z.ZodError): ConfigError[] {
   return errors;
 }
 
-/** Checks that span several keys, which the schema cannot express. */
-function crossKeyErrors(raw: RawConfig): ConfigError[] {
+const asRecord = (value: unknown): Record<string, unknown> => (value !== null && typeof value === 'object' && !Array.isArray(value) ? (value as Record<string, unknown>) : {});
+
+/**
+ * Checks that span several keys, which the schema cannot express. They read the document
+ * defensively, so that they are reported together with schema errors elsewhere.
+ */
+function crossKeyErrors(document: unknown): ConfigError[] {
   const errors: ConfigError[] = [];
-  const proxyAuthority = canonicalRegistryHost(`${raw.proxy.host}:${raw.proxy.port}`);
+  const proxy = asRecord(asRecord(document).proxy);
+  const proxyAuthority = canonicalRegistryHost(`${typeof proxy.host === 'string' ? proxy.host : 'localhost'}:${typeof proxy.port === 'number' ? proxy.port : 30500}`);
+  const registries = asRecord(document).registries;
   const names = new Map<string, number>();
-  raw.registries.forEach((rule, index) => {
-    const seen = names.get(rule.name);
-    if (seen !== undefined) errors.push({ key: `registries[${index}].name`, message: `duplicate rule name "${rule.name}" (also registries[${seen}])` });
-    else names.set(rule.name, index);
-    rule.match.forEach((host, hostIndex) => {
-      if (canonicalRegistryHost(host) === proxyAuthority) {
+  (Array.isArray(registries) ? registries : []).forEach((entry: unknown, index) => {
+    const rule = asRecord(entry);
+    if (typeof rule.name === 'string') {
+      const seen = names.get(rule.name);
+      if (seen !== undefined) errors.push({ key: `registries[${index}].name`, message: `duplicate rule name "${rule.name}" (also registries[${seen}])` });
+      else names.set(rule.name, index);
+    }
+    (Array.isArray(rule.match) ? rule.match : []).forEach((host: unknown, hostIndex) => {
+      if (typeof host === 'string' && canonicalRegistryHost(host) === proxyAuthority) {
         errors.push({ key: `registries[${index}].match[${hostIndex}]`, message: `"${host}" is the proxy itself; rewriting it would loop` });
       }
     });
-    if (rule.forwardProxy?.mode === 'forward' && new URL(rule.upstream).protocol === 'https:') {
+    if (asRecord(rule.forwardProxy).mode === 'forward' && typeof rule.upstream === 'string' && rule.upstream.startsWith('https:')) {
       // A connectivity proxy that routes on Host takes plain HTTP and does TLS itself, or not at all.
       errors.push({ key: `registries[${index}].forwardProxy.mode`, message: 'mode "forward" sends plain HTTP; use an http:// upstream, or mode "connect" for https' });
     }
@@ -197,10 +225,10 @@ export function compileConfig(raw: RawConfig): Config {
 
 /** Validates an already-parsed document (e.g. from YAML) and compiles it. */
 export function validateConfig(document: unknown): ConfigResult {
-  const parsed = configSchema.safeParse(document ?? {});
-  if (!parsed.success) return { ok: false, errors: schemaErrors(parsed.error) };
-  const errors = crossKeyErrors(parsed.data);
-  if (errors.length > 0) return { ok: false, errors };
+  const input = document ?? {};
+  const parsed = configSchema.safeParse(input);
+  const errors = [...(parsed.success ? [] : schemaErrors(input, parsed.error)), ...crossKeyErrors(input)];
+  if (!parsed.success || errors.length > 0) return { ok: false, errors };
   return { ok: true, config: compileConfig(parsed.data) };
 }
 

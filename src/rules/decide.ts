@@ -30,11 +30,32 @@ export function proxiedReference(config: Config, rule: Pick<Rule, 'name'>, ref: 
   return { ...ref, domain: config.proxyAuthority, path: `${rule.name}/${ref.path}` };
 }
 
+// Pods of one workload repeat the same images, so decisions are memoised per config object. The
+// decision is a pure function of (config, image, namespace), so this changes no result; the bound
+// keeps memory flat under a stream of unique images.
+const MEMO_LIMIT = 4096;
+const memo = new WeakMap<Config, Map<string, ImageDecision>>();
+
 /**
  * Decides what happens to one image in a namespace. `namespace` undefined means "any namespace"
  * (the CLI without --namespace): namespace filters are then not applied.
  */
 export function decideImage(config: Config, image: string, namespace?: string): ImageDecision {
+  let decisions = memo.get(config);
+  if (decisions === undefined) {
+    decisions = new Map();
+    memo.set(config, decisions);
+  }
+  const key = namespace === undefined ? `\u0000${image}` : `${namespace}\u0000${image}`;
+  const known = decisions.get(key);
+  if (known !== undefined) return known;
+  const decision = Object.freeze(computeDecision(config, image, namespace));
+  if (decisions.size >= MEMO_LIMIT) decisions.clear();
+  decisions.set(key, decision);
+  return decision;
+}
+
+function computeDecision(config: Config, image: string, namespace: string | undefined): ImageDecision {
   const parsed = parseReference(image);
   if (!parsed.ok) return { image, rewritten: null, rule: null, reason: 'invalid-reference', detail: parsed.error };
   const ref = parsed.reference;

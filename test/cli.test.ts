@@ -1,0 +1,156 @@
+import assert from 'node:assert/strict';
+import { X509Certificate } from 'node:crypto';
+import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import request from 'supertest';
+import { SHA, TEST_CONFIG_YAML } from './support/config.js';
+import { exitOf, runCli, startCli } from './support/cli.js';
+import { applyPatch, decodePatch, podWith, reviewFor, type PodShape } from './support/review.js';
+
+describe('pullbridge CLI', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-cli-'));
+  const configFile = join(dir, 'config.yaml');
+  writeFileSync(configFile, TEST_CONFIG_YAML);
+
+  describe('rewrite', () => {
+    it('prints one JSON array with a decision per image', () => {
+      const images = [`registry.corp.example:5000/team/app:1.2@${SHA}`, 'nginx', 'quay.io/a/b', 'Bad/Ref', 'localhost:30500/corp/team/app:1'];
+      const result = runCli(['rewrite', '--config', configFile, '--json', ...images]);
+      assert.equal(result.status, 0, result.stderr);
+      const decisions = JSON.parse(result.stdout) as Array<{ image: string; rewritten: string | null; rule: string | null; reason: string }>;
+      assert.equal(decisions.length, 5);
+      assert.deepEqual(decisions.map((d) => [d.image, d.rewritten, d.rule, d.reason]), [
+        [images[0], `localhost:30500/corp/team/app:1.2@${SHA}`, 'corp', 'rewritten'],
+        ['nginx', 'localhost:30500/hub/library/nginx', 'hub', 'rewritten'],
+        ['quay.io/a/b', null, null, 'no-matching-rule'],
+        ['Bad/Ref', null, null, 'invalid-reference'],
+        ['localhost:30500/corp/team/app:1', null, null, 'already-proxied'],
+      ]);
+    });
+
+    it('applies namespace filters with --namespace', () => {
+      const out = (ns: string) => (JSON.parse(runCli(['rewrite', '--config', configFile, '--namespace', ns, '--json', 'team.example/apps/x:1']).stdout) as Array<{ reason: string }>)[0]?.reason;
+      assert.equal(out('team-a'), 'rewritten');
+      assert.equal(out('other'), 'namespace-not-allowed');
+    });
+
+    it('prints a readable line per image without --json', () => {
+      const result = runCli(['rewrite', '--config', configFile, 'nginx:1', 'quay.io/a/b']);
+      assert.equal(result.status, 0);
+      assert.equal(result.stdout, 'nginx:1 -> localhost:30500/hub/library/nginx:1  [rewritten, rule hub]\nquay.io/a/b -> (unchanged)  [no-matching-rule]\n');
+    });
+
+    it('refuses to run without images or with an invalid config', () => {
+      assert.equal(runCli(['rewrite', '--config', configFile]).status, 2);
+      const bad = join(dir, 'bad.yaml');
+      writeFileSync(bad, 'registries: [{name: X}]');
+      const result = runCli(['rewrite', '--config', bad, 'nginx']);
+      assert.equal(result.status, 1);
+      assert.match(result.stderr, /registries\[0\]\.name/);
+    });
+  });
+
+  describe('validate', () => {
+    it('exits 0 for a valid config', () => {
+      const result = runCli(['validate', '--config', configFile]);
+      assert.equal(result.status, 0);
+      assert.match(result.stdout, /valid, 4 registry rule\(s\)/);
+    });
+
+    it('exits non-zero listing every error with its key', () => {
+      const bad = join(dir, 'invalid.yaml');
+      writeFileSync(bad, 'proxy: {port: "x"}\nregistries:\n  - name: ok\n    match: [a.example]\n    upstream: https://127.0.0.1\n    auth: {mode: sometimes}\n  - name: ok\n    match: [b.example]\n    upstream: https://127.0.0.1\n');
+      const result = runCli(['validate', '--config', bad]);
+      assert.equal(result.status, 1);
+      assert.match(result.stderr, /3 error\(s\)/);
+      assert.match(result.stderr, /^proxy\.port: must be number, got string "x"$/m);
+      assert.match(result.stderr, /^registries\[0\]\.auth\.mode: /m);
+      assert.match(result.stderr, /^registries\[1\]\.name: duplicate rule name "ok"/m);
+    });
+
+    it('says so when the file cannot be read', () => {
+      const result = runCli(['validate', '--config', join(dir, 'missing.yaml')]);
+      assert.equal(result.status, 1);
+      assert.match(result.stderr, /\(file\): cannot read .*ENOENT/);
+    });
+  });
+
+  it('rejects unknown commands and flags with usage', () => {
+    const unknown = runCli(['frobnicate']);
+    assert.equal(unknown.status, 2);
+    assert.match(unknown.stderr, /unknown command "frobnicate"/);
+    const flag = runCli(['validate', '--config', configFile, '--bogus']);
+    assert.equal(flag.status, 2);
+    assert.match(flag.stderr, /bogus/);
+  });
+
+  it('certs writes a CA and a serving certificate for the Service', () => {
+    const out = join(dir, 'certs');
+    const result = runCli(['certs', '--service', 'pullbridge-webhook', '--namespace', 'pullbridge', '--out', out, '--ip', '127.0.0.1']);
+    assert.equal(result.status, 0, result.stderr);
+    const ca = new X509Certificate(readFileSync(join(out, 'ca.crt')));
+    const leaf = new X509Certificate(readFileSync(join(out, 'tls.crt')));
+    assert.ok(ca.ca);
+    assert.ok(leaf.verify(ca.publicKey), 'serving cert is signed by the CA');
+    assert.ok(leaf.checkHost('pullbridge-webhook.pullbridge.svc'));
+    assert.ok(leaf.checkHost('pullbridge-webhook.pullbridge.svc.cluster.local'));
+    assert.ok(leaf.checkIP('127.0.0.1'));
+    assert.equal(leaf.checkHost('other.pullbridge.svc'), undefined);
+    assert.equal(statSync(join(out, 'tls.key')).mode & 0o777, 0o600);
+  });
+
+  it('webhook serves HTTPS from the given cert and stops cleanly on SIGTERM', async () => {
+    const out = join(dir, 'serving');
+    assert.equal(runCli(['certs', '--service', 'w', '--namespace', 'n', '--out', out, '--ip', '127.0.0.1']).status, 0);
+    const { child, output } = await startCli(
+      ['webhook', '--config', configFile, '--host', '127.0.0.1', '--port', '0', '--tls-cert', join(out, 'tls.crt'), '--tls-key', join(out, 'tls.key')],
+      /webhook listening/,
+    );
+    const url = /"url":"(https:\/\/127\.0\.0\.1:\d+)"/.exec(output())?.[1];
+    assert.ok(url, output());
+    const pod = podWith({ containers: [{ name: 'a', image: 'registry.corp.example:5000/t/a:1' }] });
+    const res = await request(url).post('/mutate').ca(readFileSync(join(out, 'ca.crt'))).send(reviewFor(pod)).expect(200);
+    const patched = applyPatch(pod, decodePatch(res.body.response.patch)) as unknown as PodShape;
+    assert.equal(patched.spec.containers[0]?.image, 'localhost:30500/corp/t/a:1');
+    child.kill('SIGTERM');
+    assert.equal(await exitOf(child), 0);
+    assert.match(output(), /"audit":"admission"/);
+    assert.match(output(), /webhook stopped/);
+  });
+
+  it('webhook without a cert serves plain HTTP (local use)', async () => {
+    const { child, output } = await startCli(['webhook', '--config', configFile, '--host', '127.0.0.1', '--port', '0'], /webhook listening/);
+    const url = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(output())?.[1];
+    assert.ok(url, output());
+    await request(url).get('/healthz').expect(200);
+    child.kill('SIGTERM');
+    assert.equal(await exitOf(child), 0);
+  });
+
+  it('demo (npm start) runs the webhook on the embedded config and its printed instructions work', async () => {
+    const { child, output } = await startCli(['demo', '--port', '0'], /Ctrl-C stops it/);
+    try {
+      const text = output();
+      const ca = /--cacert (\S+)/.exec(text)?.[1];
+      const data = /--data @(\S+)/.exec(text)?.[1];
+      const url = /(https:\/\/127\.0\.0\.1:\d+)\/mutate/.exec(text)?.[1];
+      assert.ok(ca && data && url, text);
+      const review = JSON.parse(readFileSync(data, 'utf8')) as { request: { object: PodShape } };
+      const res = await request(url).post('/mutate').ca(readFileSync(ca)).send(review).expect(200);
+      const patched = applyPatch(review.request.object, decodePatch(res.body.response.patch));
+      assert.deepEqual(patched.spec.containers.map((c) => c.image), [
+        'localhost:30500/corp/team/app:1.2',
+        'localhost:30500/hub/library/nginx:1.27',
+        'registry.corp.example:5000/legacy/tool:0.9',
+        'quay.io/prometheus/node-exporter:v1.8.2',
+      ]);
+      const configPath = /--config (\S+)/.exec(text)?.[1];
+      assert.ok(configPath);
+      assert.equal(runCli(['validate', '--config', configPath]).status, 0);
+    } finally {
+      child.kill('SIGTERM');
+      await exitOf(child);
+    }
+  });
+});
