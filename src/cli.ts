@@ -14,6 +14,10 @@ import { decideImage } from './rules/decide.js';
 import { readConfigFile } from './shell/configfile.js';
 import { listen, type RunningServer } from './shell/serve.js';
 import { createWebhookApp } from './webhook/server.js';
+import { dockerConfigJson } from './proxy/credentials.js';
+import { Prober } from './proxy/probe.js';
+import { createProxyHandler, createProxyRuntime, proxyConfigErrors } from './proxy/server.js';
+import { BrokerKeys } from './shell/secretfiles.js';
 
 const USAGE = `pullbridge — rewrite Pod images to a node-local registry proxy
 
@@ -21,6 +25,8 @@ Usage:
   pullbridge rewrite --config FILE [--namespace NS] [--json] IMAGE...
   pullbridge validate --config FILE
   pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
+  pullbridge proxy --config FILE --port N [--host ADDR] [--probe-interval SECONDS]
+  pullbridge pull-secret --config FILE --namespace NS
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
   pullbridge demo [--port N]       (what \`npm start\` runs: a local webhook on a sample config)
 `;
@@ -156,6 +162,66 @@ async function cmdWebhook(args: string[]): Promise<number> {
   return -1; // keeps running
 }
 
+function loadProxyConfigOrExit(path: string): Config {
+  const config = loadConfigOrExit(path);
+  const errors = proxyConfigErrors(config);
+  if (errors.length > 0) {
+    process.stderr.write(`invalid config ${path} for the proxy:\n${errors.join('\n')}\n`);
+    process.exit(1);
+  }
+  return config;
+}
+
+async function startProxy(config: Config, host: string, port: number, probeIntervalMs: number): Promise<{ running: RunningServer; shutdown(): Promise<void> }> {
+  const logger = createLogger({ name: 'pullbridge-proxy' });
+  const metrics = createMetricsRegistry();
+  const runtime = createProxyRuntime(config);
+  const prober = new Prober(() => runtime, metrics, probeIntervalMs);
+  let draining = false;
+  const handler = createProxyHandler({ runtime: () => runtime, logger, metrics, prober, ready: () => !draining });
+  const running = await listen(handler, { host, port });
+  prober.start();
+  logger.info({ url: running.url, rules: config.registries.map((r) => `${r.name} -> ${r.upstream}`) }, 'proxy listening');
+  return {
+    running,
+    async shutdown() {
+      draining = true;
+      prober.stop();
+      await running.close();
+      await runtime.close();
+      logger.info('proxy stopped');
+    },
+  };
+}
+
+async function cmdProxy(args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'probe-interval': { type: 'string', default: '30' } },
+    strict: true,
+  });
+  const config = loadProxyConfigOrExit(requireOption(values.config, '--config'));
+  const port = parsePort(values.port, '--port');
+  const interval = Number(values['probe-interval']);
+  if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
+  const run = await startProxy(config, values.host, port, interval * 1000);
+  onTermination(() => run.shutdown());
+  return -1;
+}
+
+function cmdPullSecret(args: string[]): number {
+  const { values } = parseArgs({ args, options: { config: { type: 'string' }, namespace: { type: 'string' } }, strict: true });
+  const config = loadConfigOrExit(requireOption(values.config, '--config'));
+  const namespace = requireOption(values.namespace, '--namespace');
+  if (!/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(namespace) || namespace.length > 63) throw new UsageError(`--namespace must be a namespace name, got "${namespace}"`);
+  if (!config.broker) {
+    process.stderr.write('the config has no broker.keyFiles: there is no namespace credential to provision\n');
+    return 1;
+  }
+  process.stdout.write(`${dockerConfigJson(config.proxyAuthority, namespace, new BrokerKeys(config.broker.keyFiles).signingKey())}\n`);
+  return 0;
+}
+
 async function cmdDemo(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' } }, strict: true });
   const port = parsePort(values.port, '--port');
@@ -197,6 +263,10 @@ export async function main(argv: string[]): Promise<number> {
         return cmdCerts(args);
       case 'webhook':
         return await cmdWebhook(args);
+      case 'proxy':
+        return await cmdProxy(args);
+      case 'pull-secret':
+        return cmdPullSecret(args);
       case 'demo':
         return await cmdDemo(args);
       case undefined:

@@ -1,0 +1,52 @@
+// Client credentials: the per-namespace broker credential the webhook provisions and the proxy
+// checks, Basic header parsing, and the dockerconfigjson payload. Pure: keys come in as bytes.
+
+import { createHmac, timingSafeEqual } from 'node:crypto';
+
+const TOKEN_PREFIX = 'pb1.';
+
+/** The password a namespace authenticates with: an HMAC of the namespace under the signing key. */
+export function namespaceToken(key: Uint8Array, namespace: string): string {
+  return TOKEN_PREFIX + createHmac('sha256', key).update(`pullbridge-namespace:${namespace}`).digest('base64url');
+}
+
+/**
+ * Whether `password` is the credential of `namespace` under any of the keys (the first key signs;
+ * the others are still accepted so that a key rotation never breaks Pods mid-flight).
+ */
+export function verifyNamespaceToken(keys: readonly Uint8Array[], namespace: string, password: string): boolean {
+  const given = Buffer.from(password);
+  let ok = false;
+  for (const key of keys) {
+    const expected = Buffer.from(namespaceToken(key, namespace));
+    // Compare every key, in constant time, so timing says nothing about which key or prefix matched.
+    if (expected.length === given.length && timingSafeEqual(expected, given)) ok = true;
+  }
+  return ok;
+}
+
+export interface BasicCredentials {
+  readonly username: string;
+  readonly password: string;
+}
+
+/** Parses `Authorization: Basic …`; null when absent or not Basic. */
+export function parseBasicAuthorization(header: string | undefined): BasicCredentials | null {
+  if (!header) return null;
+  const m = /^Basic\s+([A-Za-z0-9+/=]+)\s*$/i.exec(header);
+  if (!m) return null;
+  const decoded = Buffer.from(m[1] ?? '', 'base64').toString('utf8');
+  const colon = decoded.indexOf(':');
+  if (colon < 0) return null;
+  return { username: decoded.slice(0, colon), password: decoded.slice(colon + 1) };
+}
+
+export const basicAuthorization = (c: BasicCredentials): string => `Basic ${Buffer.from(`${c.username}:${c.password}`).toString('base64')}`;
+
+/** The `.dockerconfigjson` of the pull secret for a namespace, keyed by the proxy's host:port. */
+export function dockerConfigJson(proxyAuthority: string, namespace: string, key: Uint8Array): string {
+  const password = namespaceToken(key, namespace);
+  return JSON.stringify({
+    auths: { [proxyAuthority]: { username: namespace, password, auth: Buffer.from(`${namespace}:${password}`).toString('base64') } },
+  });
+}

@@ -1,0 +1,120 @@
+// Connection probing: each rule's upstream `/v2/` through its transport, auth included, on a timer.
+// Probes run beside pulls and never block them.
+
+import { Gauge, type Registry } from 'prom-client';
+import { UpstreamAuthError } from './authorizer.js';
+import type { ProxyRuntime } from './server.js';
+
+export interface UpstreamStatus {
+  readonly rule: string;
+  readonly upstream: string;
+  readonly via: string;
+  readonly reachable: boolean | null;
+  /** null: not checked (no credentials to check with, e.g. passthrough, or not probed yet). */
+  readonly authOk: boolean | null;
+  readonly latencyMs: number | null;
+  readonly lastError: string | null;
+  readonly lastSuccess: string | null;
+  readonly lastCheck: string | null;
+}
+
+export class Prober {
+  private readonly status = new Map<string, UpstreamStatus>();
+  private timer: NodeJS.Timeout | undefined;
+  private readonly up: Gauge<'rule'>;
+  private readonly authOk: Gauge<'rule'>;
+  private readonly latency: Gauge<'rule'>;
+
+  constructor(
+    private readonly runtime: () => ProxyRuntime | undefined,
+    registry: Registry,
+    private readonly intervalMs = 30_000,
+    private readonly timeoutMs = 10_000,
+  ) {
+    this.up = new Gauge({ name: 'pullbridge_upstream_up', help: '1 when the last probe reached the upstream', labelNames: ['rule'], registers: [registry] });
+    this.authOk = new Gauge({ name: 'pullbridge_upstream_auth_ok', help: '1 when the last probe authenticated (-1: not checkable)', labelNames: ['rule'], registers: [registry] });
+    this.latency = new Gauge({ name: 'pullbridge_upstream_probe_seconds', help: 'Duration of the last probe', labelNames: ['rule'], registers: [registry] });
+  }
+
+  start(): void {
+    void this.probeAll();
+    this.timer = setInterval(() => void this.probeAll(), this.intervalMs);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  statuses(): UpstreamStatus[] {
+    const runtime = this.runtime();
+    if (!runtime) return [];
+    return runtime.config.registries.map(
+      (rule) =>
+        this.status.get(rule.name) ?? {
+          rule: rule.name,
+          upstream: rule.upstream,
+          via: rule.forwardProxy ? `${rule.forwardProxy.mode} ${rule.forwardProxy.url}` : 'direct',
+          reachable: null,
+          authOk: null,
+          latencyMs: null,
+          lastError: null,
+          lastSuccess: null,
+          lastCheck: null,
+        },
+    );
+  }
+
+  async probeAll(): Promise<UpstreamStatus[]> {
+    const runtime = this.runtime();
+    if (!runtime) return [];
+    return Promise.all([...runtime.rules.values()].map((rr) => this.probe(rr)));
+  }
+
+  private async probe(rr: ProxyRuntime['rules'] extends ReadonlyMap<string, infer R> ? R : never): Promise<UpstreamStatus> {
+    const rule = rr.rule;
+    const started = performance.now();
+    const previous = this.status.get(rule.name);
+    let reachable = false;
+    let authOk: boolean | null = null;
+    let lastError: string | null = null;
+    try {
+      const credentials = rule.auth.mode === 'passthrough' ? undefined : rr.upstreamCredentials();
+      const res = await rr.client.fetch({ method: 'GET', path: '/v2/', headers: {}, scope: '', credentials, signal: AbortSignal.timeout(this.timeoutMs), followRedirects: false });
+      await res.body.dump();
+      reachable = true;
+      if (res.statusCode === 200) authOk = true;
+      else if (res.unauthorized) {
+        // Passthrough rules have no credentials of their own: a challenge is the expected answer.
+        authOk = rule.auth.mode === 'passthrough' ? null : false;
+        if (authOk === false) lastError = 'upstream rejected the configured credentials';
+      } else lastError = `upstream /v2/ answered ${res.statusCode}`;
+    } catch (error) {
+      if (error instanceof UpstreamAuthError) {
+        reachable = true;
+        authOk = false;
+      }
+      const code = (error as { code?: string }).code;
+      lastError = code ? `${code}: ${(error as Error).message}` : (error as Error).message;
+    }
+    const latencyMs = Math.round((performance.now() - started) * 10) / 10;
+    const now = new Date().toISOString();
+    const ok = reachable && authOk !== false && lastError === null;
+    const status: UpstreamStatus = {
+      rule: rule.name,
+      upstream: rule.upstream,
+      via: rule.forwardProxy ? `${rule.forwardProxy.mode} ${rule.forwardProxy.url}` : 'direct',
+      reachable,
+      authOk,
+      latencyMs,
+      lastError,
+      lastSuccess: ok ? now : (previous?.lastSuccess ?? null),
+      lastCheck: now,
+    };
+    this.status.set(rule.name, status);
+    this.up.set({ rule: rule.name }, reachable ? 1 : 0);
+    this.authOk.set({ rule: rule.name }, authOk === null ? -1 : authOk ? 1 : 0);
+    this.latency.set({ rule: rule.name }, latencyMs / 1000);
+    return status;
+  }
+}

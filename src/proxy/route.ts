@@ -1,0 +1,67 @@
+// Request path → what is asked for. Pure. Repository names contain slashes, so the kind is found
+// from the end: the last /manifests/, /blobs/ or /tags/list.
+
+import { digestError, isValidRepositoryPath, isValidTag } from '../reference/reference.js';
+import { registryError, type RegistryError } from './errors.js';
+
+export type Route =
+  | { readonly kind: 'base' }
+  | { readonly kind: 'manifest'; readonly rule: string; readonly name: string; readonly reference: string; readonly byDigest: boolean }
+  | { readonly kind: 'blob'; readonly rule: string; readonly name: string; readonly digest: string }
+  | { readonly kind: 'tags'; readonly rule: string; readonly name: string; readonly query: string };
+
+export type RouteResult = { readonly ok: true; readonly route: Route } | { readonly ok: false; readonly error: RegistryError };
+
+const bad = (status: number, code: Parameters<typeof registryError>[1], message: string): RouteResult => ({ ok: false, error: registryError(status, code, message) });
+
+/** Splits `rule/name…` into the rule (first segment) and the upstream repository name. */
+function splitRuleName(full: string): { rule: string; name: string } | null {
+  const slash = full.indexOf('/');
+  if (slash <= 0 || slash === full.length - 1) return null;
+  return { rule: full.slice(0, slash), name: full.slice(slash + 1) };
+}
+
+/**
+ * Parses a request target (`/v2/...` with optional query). Anything that is not a plain, valid
+ * distribution path is refused: absolute-form targets, percent-encoding (no valid name, tag or
+ * digest needs it; it is how traversal and encoded slashes are smuggled), dot segments.
+ */
+export function parseRoute(method: string, target: string): RouteResult {
+  if (method !== 'GET' && method !== 'HEAD') return bad(405, 'UNSUPPORTED', `method ${method} is not supported: this is a pull-only proxy`);
+  if (!target.startsWith('/')) return bad(400, 'NAME_INVALID', 'request target must be a path (this is not a forward proxy)');
+  const q = target.indexOf('?');
+  const path = q === -1 ? target : target.slice(0, q);
+  const query = q === -1 ? '' : target.slice(q + 1);
+  if (path.includes('%')) return bad(400, 'NAME_INVALID', 'percent-encoded characters are not allowed in registry paths');
+  if (path.includes('\\') || /\/\.\.?(\/|$)/.test(path) || path.includes('//')) return bad(400, 'NAME_INVALID', 'path contains empty or dot segments');
+  if (path === '/v2/' || path === '/v2') return { ok: true, route: { kind: 'base' } };
+  if (!path.startsWith('/v2/')) return bad(404, 'UNSUPPORTED', 'not a registry API path');
+  const rest = path.slice('/v2/'.length);
+
+  if (rest.endsWith('/tags/list')) {
+    const parts = splitRuleName(rest.slice(0, -'/tags/list'.length));
+    if (!parts || !isValidRepositoryPath(parts.name)) return bad(400, 'NAME_INVALID', 'invalid repository name');
+    return { ok: true, route: { kind: 'tags', ...parts, query } };
+  }
+  const manifests = rest.lastIndexOf('/manifests/');
+  const blobs = rest.lastIndexOf('/blobs/');
+  if (manifests === -1 && blobs === -1) return bad(404, 'UNSUPPORTED', 'unsupported registry endpoint');
+  const isManifest = manifests > blobs;
+  const cut = isManifest ? manifests : blobs;
+  const parts = splitRuleName(rest.slice(0, cut));
+  if (!parts || !isValidRepositoryPath(parts.name)) return bad(400, 'NAME_INVALID', 'invalid repository name');
+  const tail = rest.slice(cut + (isManifest ? '/manifests/' : '/blobs/').length);
+  if (isManifest) {
+    const byDigest = tail.includes(':');
+    if (byDigest) {
+      const reason = digestError(tail);
+      if (reason) return bad(400, 'DIGEST_INVALID', reason);
+    } else if (!isValidTag(tail)) {
+      return bad(400, 'TAG_INVALID', 'invalid tag');
+    }
+    return { ok: true, route: { kind: 'manifest', ...parts, reference: tail, byDigest } };
+  }
+  const reason = digestError(tail);
+  if (reason) return bad(400, 'DIGEST_INVALID', reason);
+  return { ok: true, route: { kind: 'blob', ...parts, digest: tail } };
+}

@@ -1,0 +1,520 @@
+// The registry proxy's HTTP shell: route, authenticate the client, fetch from the rule's upstream,
+// stream back. Node's http server directly: every byte path here is hot.
+
+import { createHash } from 'node:crypto';
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { Transform, pipeline, type Readable } from 'node:stream';
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+import type { Dispatcher } from 'undici';
+import type { Logger } from '../log.js';
+import type { Config, Rule } from '../rules/config.js';
+import { ruleByName } from '../rules/decide.js';
+import { BrokerKeys, SecretFile } from '../shell/secretfiles.js';
+import { UpstreamAuthError } from './authorizer.js';
+import { parseBasicAuthorization, verifyNamespaceToken, type BasicCredentials } from './credentials.js';
+import { registryError, registryErrorBody, type RegistryError } from './errors.js';
+import type { Prober } from './probe.js';
+import { parseRoute, type Route } from './route.js';
+import { createTransport, type TransportOptions } from './transport.js';
+import { UpstreamClient, headerValue, type UpstreamResponse } from './upstream.js';
+
+/** containerd refuses manifests over 4 MiB; nothing larger is a manifest. */
+export const MANIFEST_LIMIT_BYTES = 4 * 1024 * 1024;
+const ERROR_BODY_LIMIT = 64 * 1024;
+const DEFAULT_MANIFEST_ACCEPT = [
+  'application/vnd.oci.image.index.v1+json',
+  'application/vnd.docker.distribution.manifest.list.v2+json',
+  'application/vnd.oci.image.manifest.v1+json',
+  'application/vnd.docker.distribution.manifest.v2+json',
+].join(', ');
+const BLOB_HEADERS = ['content-type', 'content-length', 'content-range', 'accept-ranges', 'content-encoding', 'docker-content-digest', 'etag', 'last-modified'];
+const CHALLENGE = 'Basic realm="pullbridge"';
+
+/** The per-rule state that lives as long as a config: transport, auth, credentials. */
+export class RuleRuntime {
+  readonly client: UpstreamClient;
+  private readonly username: SecretFile | undefined;
+  private readonly password: SecretFile | undefined;
+
+  constructor(
+    readonly rule: Rule,
+    readonly dispatcher: Dispatcher,
+  ) {
+    this.client = new UpstreamClient(new URL(rule.upstream), dispatcher);
+    this.username = rule.credentials?.usernameFile ? new SecretFile(rule.credentials.usernameFile) : undefined;
+    this.password = rule.credentials?.passwordFile ? new SecretFile(rule.credentials.passwordFile) : undefined;
+  }
+
+  /** The rule's own upstream credentials (broker and anonymous modes), if configured. */
+  upstreamCredentials(): BasicCredentials | undefined {
+    if (!this.rule.credentials || !this.password) return undefined;
+    return { username: this.rule.credentials.username ?? this.username?.read() ?? '', password: this.password.read() };
+  }
+}
+
+export interface ProxyRuntime {
+  readonly config: Config;
+  readonly rules: ReadonlyMap<string, RuleRuntime>;
+  readonly brokerKeys: BrokerKeys | undefined;
+  close(): Promise<void>;
+}
+
+/** Problems that stop a config from being served by the proxy (beyond the schema's). */
+export function proxyConfigErrors(config: Config): string[] {
+  const errors: string[] = [];
+  config.registries.forEach((rule, i) => {
+    if (rule.auth.mode === 'broker' && !config.broker) errors.push(`registries[${i}].auth.mode: broker needs broker.keyFiles to check client credentials`);
+  });
+  return errors;
+}
+
+export function createProxyRuntime(config: Config, transport: TransportOptions = {}): ProxyRuntime {
+  const rules = new Map(config.registries.map((rule) => [rule.name, new RuleRuntime(rule, createTransport(rule, transport))]));
+  return {
+    config,
+    rules,
+    brokerKeys: config.broker ? new BrokerKeys(config.broker.keyFiles) : undefined,
+    async close() {
+      await Promise.all([...rules.values()].map((r) => r.dispatcher.close()));
+    },
+  };
+}
+
+export interface ProxyHandlerOptions {
+  readonly runtime: () => ProxyRuntime | undefined;
+  readonly logger: Logger;
+  readonly metrics: Registry;
+  readonly prober?: Prober;
+  readonly ready?: () => boolean;
+}
+
+interface ProxyMetrics {
+  requests: Counter<'rule' | 'kind' | 'status'>;
+  bytes: Counter<'rule' | 'kind'>;
+  upstreamSeconds: Histogram<'rule' | 'kind'>;
+  inflight: Gauge;
+}
+
+function registerMetrics(registry: Registry): ProxyMetrics {
+  return {
+    requests: new Counter({ name: 'pullbridge_proxy_requests_total', help: 'Proxy requests by rule, kind and status', labelNames: ['rule', 'kind', 'status'], registers: [registry] }),
+    bytes: new Counter({ name: 'pullbridge_proxy_response_bytes_total', help: 'Body bytes served, by rule and kind', labelNames: ['rule', 'kind'], registers: [registry] }),
+    upstreamSeconds: new Histogram({
+      name: 'pullbridge_upstream_response_seconds',
+      help: 'Time until the upstream answered (headers), by rule and kind',
+      labelNames: ['rule', 'kind'],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers: [registry],
+    }),
+    inflight: new Gauge({ name: 'pullbridge_proxy_inflight_streams', help: 'Responses being streamed now', registers: [registry] }),
+  };
+}
+
+/** What one request did, for the access log and metrics. */
+interface Exchange {
+  rule: string | null;
+  kind: string;
+  repository: string | null;
+  reference: string | null;
+  namespace: string | null;
+  error: string | null;
+  bytes: number;
+}
+
+type ClientAuth = { ok: true; namespace: string | null; credentials: BasicCredentials | undefined } | { ok: false; error: RegistryError; challenge: boolean };
+
+function sendError(res: ServerResponse, error: RegistryError, extraHeaders: Record<string, string> = {}): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  const body = registryErrorBody(error);
+  res.writeHead(error.status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body), ...extraHeaders });
+  res.end(res.req.method === 'HEAD' ? undefined : body);
+}
+
+async function readLimited(body: Readable, limit: number): Promise<Buffer | null> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of body) {
+    size += (chunk as Buffer).length;
+    if (size > limit) {
+      body.destroy();
+      return null;
+    }
+    chunks.push(chunk as Buffer);
+  }
+  return Buffer.concat(chunks);
+}
+
+/**
+ * Streams bytes while hashing them, holding back the last chunk until the digest is checked: a
+ * truncated or corrupted blob then ends in a failed connection, never in a complete response.
+ */
+function digestGuard(digest: string, onBytes: (n: number) => void): Transform {
+  const colon = digest.indexOf(':');
+  const hash = createHash(digest.slice(0, colon));
+  const expected = digest.slice(colon + 1);
+  let held: Buffer | undefined;
+  return new Transform({
+    transform(chunk: Buffer, _encoding, callback) {
+      hash.update(chunk);
+      const previous = held;
+      held = chunk;
+      if (previous) onBytes(previous.length);
+      callback(null, previous);
+    },
+    flush(callback) {
+      const actual = hash.digest('hex');
+      if (actual !== expected) {
+        callback(new Error(`upstream blob does not match ${digest} (got ${digest.slice(0, colon)}:${actual})`));
+        return;
+      }
+      if (held) onBytes(held.length);
+      callback(null, held);
+    },
+  });
+}
+
+export function createProxyHandler(options: ProxyHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
+  const { logger } = options;
+  const metrics = registerMetrics(options.metrics);
+
+  function authenticate(runtime: ProxyRuntime, rr: RuleRuntime, header: string | undefined): ClientAuth {
+    const mode = rr.rule.auth.mode;
+    if (mode === 'anonymous') return { ok: true, namespace: null, credentials: rr.upstreamCredentials() };
+    const basic = parseBasicAuthorization(header);
+    if (!basic) return { ok: false, error: registryError(401, 'UNAUTHORIZED', 'authentication required'), challenge: true };
+    if (mode === 'passthrough') return { ok: true, namespace: null, credentials: basic };
+    const keys = runtime.brokerKeys?.keys() ?? [];
+    if (!verifyNamespaceToken(keys, basic.username, basic.password)) {
+      return { ok: false, error: registryError(401, 'UNAUTHORIZED', 'invalid credentials: use the pull secret pullbridge provisions in your namespace'), challenge: true };
+    }
+    if (rr.rule.namespaceFilter.refuse(basic.username) !== null) {
+      return { ok: false, error: registryError(403, 'DENIED', `namespace "${basic.username}" may not pull through rule "${rr.rule.name}"`), challenge: false };
+    }
+    return { ok: true, namespace: basic.username, credentials: rr.upstreamCredentials() };
+  }
+
+  function baseRoute(runtime: ProxyRuntime, req: IncomingMessage, res: ServerResponse, exchange: Exchange): void {
+    const rules = [...runtime.rules.values()];
+    const needsAuth = rules.some((r) => r.rule.auth.mode !== 'anonymous');
+    const basic = parseBasicAuthorization(req.headers.authorization);
+    // containers/image pings /v2/ and uses only this challenge, so it must challenge here too.
+    if (needsAuth && !basic) {
+      sendError(res, registryError(401, 'UNAUTHORIZED', 'authentication required'), { 'www-authenticate': CHALLENGE });
+      return;
+    }
+    if (basic) {
+      const brokerOk = runtime.brokerKeys ? verifyNamespaceToken(runtime.brokerKeys.keys(), basic.username, basic.password) : false;
+      if (brokerOk) exchange.namespace = basic.username;
+      // Passthrough credentials can only be checked by their upstream, on a real request.
+      else if (!rules.some((r) => r.rule.auth.mode === 'passthrough')) {
+        sendError(res, registryError(401, 'UNAUTHORIZED', 'invalid credentials'), { 'www-authenticate': CHALLENGE });
+        return;
+      }
+    }
+    const body = '{}';
+    res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': body.length });
+    res.end(req.method === 'HEAD' ? undefined : body);
+  }
+
+  /** Passes an upstream error on in registry format, keeping its status and Retry-After. */
+  async function relayUpstreamError(up: UpstreamResponse, route: Route & { name: string }, res: ServerResponse): Promise<void> {
+    const text = (await readLimited(up.body, ERROR_BODY_LIMIT))?.toString('utf8') ?? '';
+    const retryAfter = headerValue(up.headers['retry-after']);
+    const extra: Record<string, string> = retryAfter ? { 'retry-after': retryAfter } : {};
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      parsed = undefined;
+    }
+    if (parsed && typeof parsed === 'object' && Array.isArray((parsed as { errors?: unknown }).errors)) {
+      res.writeHead(up.statusCode, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), ...extra });
+      res.end(res.req.method === 'HEAD' ? undefined : text);
+      return;
+    }
+    const code = up.statusCode === 404 ? (route.kind === 'blob' ? 'BLOB_UNKNOWN' : route.kind === 'manifest' ? 'MANIFEST_UNKNOWN' : 'NAME_UNKNOWN') : up.statusCode === 429 ? 'TOOMANYREQUESTS' : up.statusCode === 403 ? 'DENIED' : 'UNAVAILABLE';
+    sendError(res, registryError(up.statusCode, code, `upstream answered ${up.statusCode}`), extra);
+  }
+
+  function unauthorizedUpstream(rr: RuleRuntime, name: string): { error: RegistryError; headers: Record<string, string> } {
+    if (rr.rule.auth.mode === 'passthrough') {
+      return { error: registryError(401, 'UNAUTHORIZED', `the upstream registry rejected your credentials for ${name}`), headers: { 'www-authenticate': CHALLENGE } };
+    }
+    return { error: registryError(403, 'DENIED', `the upstream registry denied access to ${name}`), headers: {} };
+  }
+
+  async function manifest(rr: RuleRuntime, route: Extract<Route, { kind: 'manifest' }>, credentials: BasicCredentials | undefined, req: IncomingMessage, res: ServerResponse, signal: AbortSignal, exchange: Exchange): Promise<void> {
+    const path = `/v2/${route.name}/manifests/${route.reference}`;
+    const headers = { accept: req.headers.accept ?? DEFAULT_MANIFEST_ACCEPT };
+    const scope = `repository:${route.name}:pull`;
+    const started = performance.now();
+    if (req.method === 'HEAD') {
+      const head = await rr.client.fetch({ method: 'HEAD', path, headers, scope, credentials, signal, followRedirects: true });
+      metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
+      const digest = headerValue(head.headers['docker-content-digest']);
+      const length = headerValue(head.headers['content-length']);
+      await head.body.dump();
+      if (head.unauthorized) {
+        const u = unauthorizedUpstream(rr, route.name);
+        sendError(res, u.error, u.headers);
+        return;
+      }
+      if (head.statusCode === 200 && digest && length && Number(length) > 0 && (!route.byDigest || digest === route.reference)) {
+        res.writeHead(200, { 'content-type': headerValue(head.headers['content-type']) ?? 'application/octet-stream', 'content-length': length, 'docker-content-digest': digest });
+        res.end();
+        return;
+      }
+      if (head.statusCode !== 200 && head.statusCode !== 405) {
+        sendError(res, registryError(head.statusCode, head.statusCode === 404 ? 'MANIFEST_UNKNOWN' : head.statusCode === 429 ? 'TOOMANYREQUESTS' : 'UNAVAILABLE', `upstream answered ${head.statusCode}`));
+        return;
+      }
+      // Without a digest and a length from upstream, GET and compute them: clients trust both.
+    }
+    const up = await rr.client.fetch({ method: 'GET', path, headers, scope, credentials, signal, followRedirects: true });
+    metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
+    if (up.unauthorized) {
+      const u = unauthorizedUpstream(rr, route.name);
+      sendError(res, u.error, u.headers);
+      return;
+    }
+    if (up.statusCode !== 200) {
+      await relayUpstreamError(up, route, res);
+      return;
+    }
+    const body = await readLimited(up.body, MANIFEST_LIMIT_BYTES);
+    if (body === null) {
+      sendError(res, registryError(502, 'MANIFEST_INVALID', `upstream manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`));
+      return;
+    }
+    const algorithm = route.byDigest ? route.reference.slice(0, route.reference.indexOf(':')) : 'sha256';
+    const digest = `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
+    if (route.byDigest && digest !== route.reference) {
+      exchange.error = `manifest digest mismatch: got ${digest}`;
+      sendError(res, registryError(502, 'MANIFEST_INVALID', `upstream manifest does not match ${route.reference}`));
+      return;
+    }
+    exchange.bytes = req.method === 'HEAD' ? 0 : body.length;
+    res.writeHead(200, { 'content-type': headerValue(up.headers['content-type']) ?? 'application/octet-stream', 'content-length': body.length, 'docker-content-digest': digest });
+    res.end(req.method === 'HEAD' ? undefined : body);
+  }
+
+  async function blob(rr: RuleRuntime, route: Extract<Route, { kind: 'blob' }>, credentials: BasicCredentials | undefined, req: IncomingMessage, res: ServerResponse, signal: AbortSignal, exchange: Exchange): Promise<void> {
+    // identity: the bytes must hash to the digest; never let a hop compress or decompress them.
+    const headers: Record<string, string> = { 'accept-encoding': 'identity' };
+    if (req.headers.range) headers.range = req.headers.range;
+    const started = performance.now();
+    const method = req.method === 'HEAD' ? 'HEAD' : 'GET';
+    const up = await rr.client.fetch({ method, path: `/v2/${route.name}/blobs/${route.digest}`, headers, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: true });
+    metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'blob' }, (performance.now() - started) / 1000);
+    if (up.unauthorized) {
+      const u = unauthorizedUpstream(rr, route.name);
+      sendError(res, u.error, u.headers);
+      return;
+    }
+    if (up.statusCode !== 200 && up.statusCode !== 206) {
+      await relayUpstreamError(up, route, res);
+      return;
+    }
+    const out: Record<string, string> = {};
+    for (const name of BLOB_HEADERS) {
+      const value = headerValue(up.headers[name]);
+      if (value !== undefined) out[name] = value;
+    }
+    out['docker-content-digest'] = route.digest;
+    if (req.method === 'HEAD') {
+      // A HEAD turned into GET by a redirect: keep the headers, drop the body.
+      up.body.destroy();
+      res.writeHead(200, out);
+      res.end();
+      return;
+    }
+    res.writeHead(up.statusCode, out);
+    metrics.inflight.inc();
+    const count = (n: number) => {
+      exchange.bytes += n;
+    };
+    const stages: Array<NodeJS.ReadableStream | NodeJS.WritableStream | NodeJS.ReadWriteStream> = [up.body];
+    if (up.statusCode === 200) stages.push(digestGuard(route.digest, count));
+    else up.body.on('data', (chunk: Buffer) => count(chunk.length));
+    await new Promise<void>((resolve) => {
+      pipeline([...stages, res] as unknown as [NodeJS.ReadableStream, NodeJS.WritableStream], (error) => {
+        metrics.inflight.dec();
+        if (error) {
+          exchange.error = error.message;
+          // Never let a short or corrupt body look complete: cut the connection.
+          res.destroy();
+          up.body.destroy();
+        }
+        resolve();
+      });
+    });
+  }
+
+  async function tags(rr: RuleRuntime, route: Extract<Route, { kind: 'tags' }>, credentials: BasicCredentials | undefined, req: IncomingMessage, res: ServerResponse, signal: AbortSignal): Promise<void> {
+    const query = new URLSearchParams(route.query);
+    const forwarded = new URLSearchParams();
+    const n = query.get('n');
+    if (n !== null) {
+      if (!/^\d{1,6}$/.test(n)) {
+        sendError(res, registryError(400, 'PAGINATION_NUMBER_INVALID', 'n must be a non-negative integer'));
+        return;
+      }
+      forwarded.set('n', n);
+    }
+    const last = query.get('last');
+    if (last !== null) forwarded.set('last', last);
+    const search = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
+    const up = await rr.client.fetch({ method: 'GET', path: `/v2/${route.name}/tags/list${search}`, headers: { accept: 'application/json' }, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: false });
+    if (up.unauthorized) {
+      const u = unauthorizedUpstream(rr, route.name);
+      sendError(res, u.error, u.headers);
+      return;
+    }
+    if (up.statusCode !== 200) {
+      await relayUpstreamError(up, route, res);
+      return;
+    }
+    const raw = await readLimited(up.body, MANIFEST_LIMIT_BYTES);
+    let parsed: { name?: unknown; tags?: unknown };
+    try {
+      parsed = JSON.parse(raw?.toString('utf8') ?? '') as typeof parsed;
+    } catch {
+      sendError(res, registryError(502, 'UNAVAILABLE', 'upstream tag list is not valid JSON'));
+      return;
+    }
+    const body = JSON.stringify({ ...parsed, name: `${rr.rule.name}/${route.name}` });
+    const headers: Record<string, string | number> = { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(body) };
+    const link = headerValue(up.headers.link);
+    if (link) {
+      // Point the next page at the proxy's path; the upstream's may be absolute.
+      const m = /<([^>]*)>(.*)/.exec(link);
+      if (m) {
+        const next = new URL(m[1] ?? '', rr.rule.upstream);
+        const prefix = `/v2/${route.name}/tags/list`;
+        if (next.pathname === prefix) headers.link = `</v2/${rr.rule.name}/${route.name}/tags/list${next.search}>${m[2] ?? ''}`;
+      }
+    }
+    res.writeHead(200, headers);
+    res.end(req.method === 'HEAD' ? undefined : body);
+  }
+
+  async function serveRegistry(req: IncomingMessage, res: ServerResponse, exchange: Exchange): Promise<void> {
+    const runtime = options.runtime();
+    if (!runtime) {
+      sendError(res, registryError(503, 'UNAVAILABLE', 'configuration not loaded'));
+      return;
+    }
+    const routed = parseRoute(req.method ?? 'GET', req.url ?? '');
+    if (!routed.ok) {
+      exchange.error = routed.error.message;
+      sendError(res, routed.error, routed.error.status === 405 ? { allow: 'GET, HEAD' } : {});
+      return;
+    }
+    const route = routed.route;
+    exchange.kind = route.kind;
+    if (route.kind === 'base') {
+      baseRoute(runtime, req, res, exchange);
+      return;
+    }
+    exchange.repository = route.name;
+    exchange.reference = route.kind === 'manifest' ? route.reference : route.kind === 'blob' ? route.digest : null;
+    const rule = ruleByName(runtime.config, route.rule);
+    const rr = rule ? runtime.rules.get(rule.name) : undefined;
+    if (!rr) {
+      sendError(res, registryError(404, 'NAME_UNKNOWN', `no registry rule "${route.rule}" on this proxy`));
+      return;
+    }
+    exchange.rule = rr.rule.name;
+    const auth = authenticate(runtime, rr, req.headers.authorization);
+    if (!auth.ok) {
+      exchange.error = auth.error.message;
+      sendError(res, auth.error, auth.challenge ? { 'www-authenticate': CHALLENGE } : {});
+      return;
+    }
+    exchange.namespace = auth.namespace;
+    // The client going away aborts the upstream request and any stream in flight.
+    const abort = new AbortController();
+    const onClose = () => {
+      if (!res.writableFinished) abort.abort();
+    };
+    res.on('close', onClose);
+    try {
+      if (route.kind === 'manifest') await manifest(rr, route, auth.credentials, req, res, abort.signal, exchange);
+      else if (route.kind === 'blob') await blob(rr, route, auth.credentials, req, res, abort.signal, exchange);
+      else await tags(rr, route, auth.credentials, req, res, abort.signal);
+    } catch (error) {
+      if (abort.signal.aborted) {
+        exchange.error = 'client went away';
+        return;
+      }
+      exchange.error = (error as Error).message;
+      if (error instanceof UpstreamAuthError) {
+        if (error.kind === 'rejected') {
+          const u = unauthorizedUpstream(rr, route.name);
+          sendError(res, u.error, u.headers);
+        } else sendError(res, registryError(502, 'UNAVAILABLE', `upstream authentication failed: ${error.message}`));
+        return;
+      }
+      const code = (error as { code?: string }).code ?? '';
+      const timeout = code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT';
+      sendError(res, registryError(timeout ? 504 : 502, 'UNAVAILABLE', `upstream ${timeout ? 'timed out' : 'unreachable'}: ${code || (error as Error).message}`));
+    } finally {
+      res.off('close', onClose);
+    }
+  }
+
+  return (req, res) => {
+    const started = performance.now();
+    const url = req.url ?? '';
+    res.setHeader('docker-distribution-api-version', 'registry/2.0');
+    if (req.method === 'GET' && (url === '/healthz' || url === '/readyz' || url === '/metrics' || url === '/status')) {
+      void serveOps(url, res);
+      return;
+    }
+    const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0 };
+    res.on('close', () => {
+      const status = res.writableFinished ? res.statusCode : 0; // 0: connection cut before the end
+      metrics.requests.inc({ rule: exchange.rule ?? '', kind: exchange.kind, status: String(status) });
+      if (exchange.bytes > 0) metrics.bytes.inc({ rule: exchange.rule ?? '', kind: exchange.kind }, exchange.bytes);
+      logger.info(
+        {
+          access: 'pull',
+          method: req.method,
+          rule: exchange.rule,
+          kind: exchange.kind,
+          repository: exchange.repository,
+          reference: exchange.reference,
+          namespace: exchange.namespace,
+          status,
+          bytes: exchange.bytes,
+          durationMs: Math.round((performance.now() - started) * 1000) / 1000,
+          ...(exchange.error ? { error: exchange.error } : {}),
+        },
+        'request',
+      );
+    });
+    serveRegistry(req, res, exchange).catch((error: unknown) => {
+      logger.error({ err: error }, 'proxy request failed');
+      sendError(res, registryError(500, 'UNAVAILABLE', 'internal error'));
+    });
+  };
+
+  async function serveOps(url: string, res: ServerResponse): Promise<void> {
+    if (url === '/healthz') {
+      res.writeHead(200, { 'content-type': 'text/plain' }).end('ok');
+    } else if (url === '/readyz') {
+      const ready = (options.ready?.() ?? true) && options.runtime() !== undefined;
+      res.writeHead(ready ? 200 : 503, { 'content-type': 'text/plain' }).end(ready ? 'ready' : 'not ready');
+    } else if (url === '/metrics') {
+      const text = await options.metrics.metrics();
+      res.writeHead(200, { 'content-type': options.metrics.contentType }).end(text);
+    } else {
+      const runtime = options.runtime();
+      const body = JSON.stringify({ configLoaded: runtime !== undefined, rules: runtime?.config.registries.map((r) => r.name) ?? [], upstreams: options.prober?.statuses() ?? [] }, null, 2);
+      res.writeHead(200, { 'content-type': 'application/json; charset=utf-8' }).end(body);
+    }
+  }
+}

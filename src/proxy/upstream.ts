@@ -1,0 +1,98 @@
+// The upstream fetcher: one request to a rule's registry with auth retry, following storage
+// redirects itself through the same transport.
+
+import type { Dispatcher } from 'undici';
+import { Authorizer } from './authorizer.js';
+import { parseChallenges } from './challenge.js';
+import type { BasicCredentials } from './credentials.js';
+
+export type UpstreamResponse = Dispatcher.ResponseData & {
+  /** The URL that finally answered (after redirects). */
+  readonly url: string;
+  /** Set when the upstream still wants credentials after everything was tried. */
+  readonly unauthorized: boolean;
+};
+
+export interface UpstreamRequest {
+  readonly method: 'GET' | 'HEAD';
+  /** Path and query on the upstream, e.g. `/v2/team/app/manifests/1.2`. */
+  readonly path: string;
+  readonly headers: Readonly<Record<string, string>>;
+  /** `repository:<name>:pull`, the token scope. */
+  readonly scope: string;
+  readonly credentials: BasicCredentials | undefined;
+  readonly signal: AbortSignal;
+  /** Follow 3xx to storage (blobs); otherwise redirects are returned as they are. */
+  readonly followRedirects: boolean;
+}
+
+const REDIRECTS = new Set([301, 302, 303, 307, 308]);
+const MAX_REDIRECTS = 5;
+
+export class UpstreamClient {
+  readonly authorizer: Authorizer;
+
+  constructor(
+    readonly upstream: URL,
+    readonly dispatcher: Dispatcher,
+  ) {
+    this.authorizer = new Authorizer({ upstream, dispatcher });
+  }
+
+  async fetch(request: UpstreamRequest): Promise<UpstreamResponse> {
+    const authorization = await this.authorizer.headerFor(request.scope, request.credentials);
+    let res = await this.send(this.upstream.origin, request.path, request.method, request.headers, authorization, request.signal);
+    if (res.statusCode === 401) {
+      const challenges = parseChallenges(headerValue(res.headers['www-authenticate']));
+      await res.body.dump();
+      const retry = await this.authorizer.afterChallenge(challenges, request.scope, request.credentials, authorization);
+      if (retry === null) return { ...res, url: this.upstream.href, unauthorized: true };
+      res = await this.send(this.upstream.origin, request.path, request.method, request.headers, retry, request.signal);
+      if (res.statusCode === 401) return { ...res, url: this.upstream.href, unauthorized: true };
+    } else if (res.statusCode < 400) {
+      this.authorizer.noteAnonymous();
+    }
+    if (!request.followRedirects || !REDIRECTS.has(res.statusCode)) return { ...res, url: new URL(request.path, this.upstream).href, unauthorized: false };
+    return this.followRedirects(res, request);
+  }
+
+  /**
+   * Storage redirects: resolve relative Location, drop Authorization when the host changes, keep
+   * Range, and turn HEAD into GET (presigned URLs are signed for GET). Never cached.
+   */
+  private async followRedirects(first: Dispatcher.ResponseData, request: UpstreamRequest): Promise<UpstreamResponse> {
+    let res = first;
+    let current = new URL(request.path, this.upstream);
+    for (let hop = 0; hop < MAX_REDIRECTS && REDIRECTS.has(res.statusCode); hop++) {
+      const location = headerValue(res.headers.location);
+      await res.body.dump();
+      if (!location) throw new Error(`upstream redirect ${res.statusCode} without Location`);
+      const next = new URL(location, current);
+      if (next.protocol !== 'https:' && next.protocol !== 'http:') throw new Error(`upstream redirected to unsupported scheme ${next.protocol}`);
+      const headers = { ...request.headers };
+      const sameOrigin = next.origin === this.upstream.origin;
+      const authorization = sameOrigin ? await this.authorizer.headerFor(request.scope, request.credentials) : undefined;
+      res = await this.send(next.origin, `${next.pathname}${next.search}`, 'GET', headers, authorization, request.signal);
+      current = next;
+    }
+    if (REDIRECTS.has(res.statusCode)) {
+      await res.body.dump();
+      throw new Error(`upstream redirected more than ${MAX_REDIRECTS} times`);
+    }
+    return { ...res, url: current.href, unauthorized: false };
+  }
+
+  private send(origin: string, path: string, method: 'GET' | 'HEAD', headers: Readonly<Record<string, string>>, authorization: string | undefined, signal: AbortSignal): Promise<Dispatcher.ResponseData> {
+    return this.dispatcher.request({
+      origin,
+      path,
+      method,
+      headers: authorization ? { ...headers, authorization } : headers,
+      signal,
+    });
+  }
+}
+
+export function headerValue(value: string | string[] | undefined): string | undefined {
+  return Array.isArray(value) ? value[0] : value;
+}
