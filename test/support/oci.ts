@@ -1,0 +1,118 @@
+// Test images made from nothing: tar layers, config, manifests and an index written as an OCI
+// layout, ready for `skopeo copy oci:DIR:TAG docker://…`. No download involved.
+
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
+
+export interface Blob {
+  readonly mediaType: string;
+  readonly digest: string;
+  readonly size: number;
+  readonly data: Buffer;
+}
+
+export const sha256 = (data: Buffer): string => `sha256:${createHash('sha256').update(data).digest('hex')}`;
+
+const blob = (mediaType: string, data: Buffer): Blob => ({ mediaType, digest: sha256(data), size: data.length, data });
+
+/** A minimal ustar archive of regular files. */
+export function tarOf(files: Record<string, Buffer>): Buffer {
+  const parts: Buffer[] = [];
+  for (const [name, content] of Object.entries(files)) {
+    const header = Buffer.alloc(512);
+    header.write(name, 0, 100, 'utf8');
+    header.write('0000644\0', 100);
+    header.write('0000000\0', 108);
+    header.write('0000000\0', 116);
+    header.write(content.length.toString(8).padStart(11, '0') + '\0', 124);
+    header.write('00000000000\0', 136);
+    header.write('        ', 148);
+    header.write('0', 156);
+    header.write('ustar\0', 257);
+    header.write('00', 263);
+    let sum = 0;
+    for (const byte of header) sum += byte;
+    header.write(sum.toString(8).padStart(6, '0') + '\0 ', 148);
+    parts.push(header, content, Buffer.alloc((512 - (content.length % 512)) % 512));
+  }
+  parts.push(Buffer.alloc(1024));
+  return Buffer.concat(parts);
+}
+
+export interface TestImage {
+  readonly index: Blob;
+  readonly manifests: readonly Blob[];
+  readonly configs: readonly Blob[];
+  readonly layers: readonly Blob[];
+  /** Every blob by digest, for comparing what a client pulled. */
+  readonly blobs: ReadonlyMap<string, Blob>;
+}
+
+export interface ImageSpec {
+  readonly platforms?: ReadonlyArray<{ os: string; architecture: string }>;
+  /** Sizes of random (incompressible) files, one layer each, per platform. */
+  readonly layerSizes?: readonly number[];
+}
+
+/** Builds a multi-platform image: an OCI index over one manifest per platform, several layers each. */
+export function buildImage(spec: ImageSpec = {}): TestImage {
+  const platforms = spec.platforms ?? [
+    { os: 'linux', architecture: 'amd64' },
+    { os: 'linux', architecture: 'arm64' },
+  ];
+  const sizes = spec.layerSizes ?? [1024, 64 * 1024];
+  const manifests: Blob[] = [];
+  const configs: Blob[] = [];
+  const layers: Blob[] = [];
+  for (const platform of platforms) {
+    const tars = sizes.map((size, i) => tarOf({ [`file-${platform.architecture}-${i}`]: randomBytes(size) }));
+    const gz = tars.map((t) => blob('application/vnd.oci.image.layer.v1.tar+gzip', gzipSync(t, { level: 1 })));
+    const config = blob(
+      'application/vnd.oci.image.config.v1+json',
+      Buffer.from(JSON.stringify({ architecture: platform.architecture, os: platform.os, rootfs: { type: 'layers', diff_ids: tars.map(sha256) }, config: { Cmd: ['/file'] } })),
+    );
+    const manifest = blob(
+      'application/vnd.oci.image.manifest.v1+json',
+      Buffer.from(
+        JSON.stringify({
+          schemaVersion: 2,
+          mediaType: 'application/vnd.oci.image.manifest.v1+json',
+          config: { mediaType: config.mediaType, digest: config.digest, size: config.size },
+          layers: gz.map((l) => ({ mediaType: l.mediaType, digest: l.digest, size: l.size })),
+        }),
+      ),
+    );
+    manifests.push(manifest);
+    configs.push(config);
+    layers.push(...gz);
+  }
+  const index = blob(
+    'application/vnd.oci.image.index.v1+json',
+    Buffer.from(
+      JSON.stringify({
+        schemaVersion: 2,
+        mediaType: 'application/vnd.oci.image.index.v1+json',
+        manifests: manifests.map((m, i) => ({ mediaType: m.mediaType, digest: m.digest, size: m.size, platform: platforms[i] })),
+      }),
+    ),
+  );
+  const blobs = new Map<string, Blob>();
+  for (const b of [index, ...manifests, ...configs, ...layers]) blobs.set(b.digest, b);
+  return { index, manifests, configs, layers, blobs };
+}
+
+/** Writes the image as an OCI layout whose index names it `tag`. */
+export function writeOciLayout(dir: string, image: TestImage, tag: string): void {
+  mkdirSync(join(dir, 'blobs', 'sha256'), { recursive: true });
+  writeFileSync(join(dir, 'oci-layout'), JSON.stringify({ imageLayoutVersion: '1.0.0' }));
+  for (const b of image.blobs.values()) writeFileSync(join(dir, 'blobs', 'sha256', b.digest.slice('sha256:'.length)), b.data);
+  writeFileSync(
+    join(dir, 'index.json'),
+    JSON.stringify({
+      schemaVersion: 2,
+      manifests: [{ mediaType: image.index.mediaType, digest: image.index.digest, size: image.index.size, annotations: { 'org.opencontainers.image.ref.name': tag } }],
+    }),
+  );
+}

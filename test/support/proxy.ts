@@ -1,0 +1,66 @@
+// The proxy under test, in-process on loopback, with a broker key in a temp file.
+
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Registry } from 'prom-client';
+import { createMetricsRegistry } from '../../src/metrics.js';
+import { namespaceToken } from '../../src/proxy/credentials.js';
+import { Prober } from '../../src/proxy/probe.js';
+import { createProxyHandler, createProxyRuntime, type ProxyRuntime } from '../../src/proxy/server.js';
+import type { TransportOptions } from '../../src/proxy/transport.js';
+import { validateConfig, type ConfigInput } from '../../src/rules/config.js';
+import { listen, type RunningServer } from '../../src/shell/serve.js';
+import { memoryLogger } from './logs.js';
+
+export interface ProxyUnderTest {
+  readonly server: RunningServer;
+  /** `127.0.0.1:PORT`, as clients write it in references. */
+  readonly host: string;
+  readonly url: string;
+  readonly runtime: ProxyRuntime;
+  readonly prober: Prober;
+  readonly metrics: Registry;
+  readonly logs: ReturnType<typeof memoryLogger>;
+  readonly key: Buffer;
+  readonly keyFile: string;
+  /** `namespace:token`, the credential the webhook provisions for a namespace. */
+  credential(namespace: string): string;
+  /** `Basic …` header for a namespace. */
+  authorization(namespace: string): string;
+  close(): Promise<void>;
+}
+
+export async function startProxy(config: Omit<ConfigInput, 'broker'> & { broker?: ConfigInput['broker'] }, transport: TransportOptions = {}): Promise<ProxyUnderTest> {
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-proxy-'));
+  const key = Buffer.from(randomBytes(32).toString('hex'));
+  const keyFile = join(dir, 'broker.key');
+  writeFileSync(keyFile, `${key.toString()}\n`);
+  const result = validateConfig({ broker: { keyFiles: [keyFile] }, ...config });
+  if (!result.ok) throw new Error(result.errors.map((e) => `${e.key}: ${e.message}`).join('\n'));
+  const runtime = createProxyRuntime(result.config, transport);
+  const metrics = createMetricsRegistry(false);
+  const logs = memoryLogger();
+  const prober = new Prober(() => runtime, metrics, 3_600_000, 5_000);
+  const server = await listen(createProxyHandler({ runtime: () => runtime, logger: logs.logger, metrics, prober }), { host: '127.0.0.1', port: 0 });
+  const credential = (namespace: string) => `${namespace}:${namespaceToken(key, namespace)}`;
+  return {
+    server,
+    host: `127.0.0.1:${server.port}`,
+    url: server.url,
+    runtime,
+    prober,
+    metrics,
+    logs,
+    key,
+    keyFile,
+    credential,
+    authorization: (namespace) => `Basic ${Buffer.from(credential(namespace)).toString('base64')}`,
+    async close() {
+      prober.stop();
+      await server.close(100);
+      await runtime.close();
+    },
+  };
+}
