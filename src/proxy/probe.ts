@@ -78,8 +78,15 @@ export class Prober {
     let reachable = false;
     let authOk: boolean | null = null;
     let lastError: string | null = null;
+    let credentials;
+    let credentialError: string | null = null;
     try {
-      const credentials = rule.auth.mode === 'passthrough' ? undefined : rr.upstreamCredentials();
+      credentials = rule.auth.mode === 'passthrough' ? undefined : rr.upstreamCredentials();
+    } catch (error) {
+      // Unreadable credentials are an auth problem; reachability is still worth knowing.
+      credentialError = (error as Error).message;
+    }
+    try {
       const res = await rr.client.fetch({ method: 'GET', path: '/v2/', headers: {}, scope: '', credentials, signal: AbortSignal.timeout(this.timeoutMs), followRedirects: false });
       await res.body.dump();
       reachable = true;
@@ -96,6 +103,10 @@ export class Prober {
       }
       const code = (error as { code?: string }).code;
       lastError = code ? `${code}: ${(error as Error).message}` : (error as Error).message;
+    }
+    if (credentialError !== null) {
+      authOk = false;
+      lastError = credentialError;
     }
     const latencyMs = Math.round((performance.now() - started) * 10) / 10;
     const now = new Date().toISOString();

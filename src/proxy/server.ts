@@ -133,13 +133,19 @@ function sendError(res: ServerResponse, error: RegistryError, extraHeaders: Reco
   res.end(res.req.method === 'HEAD' ? undefined : body);
 }
 
+/** Drops a body we do not want, without waiting for it and without an unhandled error. */
+function discard(body: Readable): void {
+  body.on('error', () => undefined);
+  body.destroy();
+}
+
 async function readLimited(body: Readable, limit: number): Promise<Buffer | null> {
   const chunks: Buffer[] = [];
   let size = 0;
   for await (const chunk of body) {
     size += (chunk as Buffer).length;
     if (size > limit) {
-      body.destroy();
+      discard(body);
       return null;
     }
     chunks.push(chunk as Buffer);
@@ -180,7 +186,17 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
   const { logger } = options;
   const metrics = registerMetrics(options.metrics);
 
+  /** Client authentication; the proxy's own secrets failing to load is a 503, not the client's fault. */
   function authenticate(runtime: ProxyRuntime, rr: RuleRuntime, header: string | undefined): ClientAuth {
+    try {
+      return checkClient(runtime, rr, header);
+    } catch (error) {
+      logger.error({ rule: rr.rule.name, error: (error as Error).message }, 'cannot load credentials');
+      return { ok: false, error: registryError(503, 'UNAVAILABLE', `the proxy cannot load its credentials for rule "${rr.rule.name}"`), challenge: false };
+    }
+  }
+
+  function checkClient(runtime: ProxyRuntime, rr: RuleRuntime, header: string | undefined): ClientAuth {
     const mode = rr.rule.auth.mode;
     if (mode === 'anonymous') return { ok: true, namespace: null, credentials: rr.upstreamCredentials() };
     const basic = parseBasicAuthorization(header);
@@ -326,7 +342,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     out['docker-content-digest'] = route.digest;
     if (req.method === 'HEAD') {
       // A HEAD turned into GET by a redirect: keep the headers, drop the body.
-      up.body.destroy();
+      discard(up.body);
       res.writeHead(200, out);
       res.end();
       return;
@@ -346,7 +362,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
           exchange.error = error.message;
           // Never let a short or corrupt body look complete: cut the connection.
           res.destroy();
-          up.body.destroy();
+          discard(up.body);
         }
         resolve();
       });
