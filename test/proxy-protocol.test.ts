@@ -6,6 +6,7 @@ import http from 'node:http';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { rawRequest, type RawResponse } from './support/http.js';
 import { buildImage, sha256, type TestImage } from './support/oci.js';
 import { freePort } from './support/procs.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -14,27 +15,6 @@ import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/reg
 const [USER, PASSWORD] = Object.entries(DEFAULT_USERS)[0] as [string, string];
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
-
-export interface RawResponse {
-  status: number;
-  headers: http.IncomingHttpHeaders;
-  body: Buffer;
-}
-
-/** A request with the path exactly as given (fetch would normalise `..` away). */
-export function rawRequest(url: string, path: string, options: { method?: string; headers?: Record<string, string> } = {}): Promise<RawResponse> {
-  const u = new URL(url);
-  return new Promise((resolve, reject) => {
-    const req = http.request({ host: u.hostname, port: u.port, path, method: options.method ?? 'GET', headers: options.headers ?? {} }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));
-      res.on('error', reject);
-    });
-    req.on('error', reject);
-    req.end();
-  });
-}
 
 const errorCode = (r: RawResponse): string | undefined => (JSON.parse(r.body.toString()) as { errors: Array<{ code: string }> }).errors[0]?.code;
 

@@ -1,0 +1,270 @@
+// Faults a real registry cannot be made to produce on demand — storage redirects, a body cut or
+// corrupted mid-stream, a slow upstream, 429/5xx, absolute pagination links, HEAD without digest —
+// from a scripted upstream on loopback. Everything else is tested against docker-registry.
+
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import http from 'node:http';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { listen, type RunningServer } from '../src/shell/serve.js';
+import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+import { rawRequest } from './support/http.js';
+
+const BLOB = randomBytes(512 * 1024);
+const BLOB_DIGEST = `sha256:${createHash('sha256').update(BLOB).digest('hex')}`;
+const MANIFEST = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config: {}, layers: [] }));
+const MANIFEST_DIGEST = `sha256:${createHash('sha256').update(MANIFEST).digest('hex')}`;
+const UPSTREAM_AUTH = `Basic ${Buffer.from('robot:s3cret').toString('base64')}`;
+
+interface Seen {
+  path: string;
+  method: string;
+  authorization: string | undefined;
+  range: string | undefined;
+  closedEarly: boolean;
+}
+
+/** A scripted registry and a separate "object storage" origin it redirects blob reads to. */
+async function startScriptedUpstream(): Promise<{ registry: RunningServer; storage: RunningServer; seen: Seen[]; close(): Promise<void> }> {
+  const seen: Seen[] = [];
+  const record = (req: http.IncomingMessage, res: http.ServerResponse): Seen => {
+    const s: Seen = { path: req.url ?? '', method: req.method ?? '', authorization: req.headers.authorization, range: req.headers.range, closedEarly: false };
+    res.on('close', () => {
+      if (!res.writableFinished) s.closedEarly = true;
+    });
+    seen.push(s);
+    return s;
+  };
+  const serveBlob = (req: http.IncomingMessage, res: http.ServerResponse, data: Buffer) => {
+    const m = /^bytes=(\d+)-$/.exec(req.headers.range ?? '');
+    if (m) {
+      const start = Number(m[1]);
+      res.writeHead(206, { 'content-type': 'application/octet-stream', 'content-length': data.length - start, 'content-range': `bytes ${start}-${data.length - 1}/${data.length}` });
+      res.end(data.subarray(start));
+    } else {
+      res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': data.length });
+      res.end(data);
+    }
+  };
+  const storage = await listen(
+    (req, res) => {
+      record(req, res);
+      // Presigned for GET only, as object stores are.
+      if (req.method !== 'GET') return void res.writeHead(403).end();
+      serveBlob(req, res, BLOB);
+    },
+    { host: '127.0.0.1', port: 0 },
+  );
+  const registry = await listen(
+    (req, res) => {
+      record(req, res);
+      if (req.headers.authorization !== UPSTREAM_AUTH) {
+        res.writeHead(401, { 'www-authenticate': 'Basic realm="scripted"', 'content-type': 'application/json' }).end('{"errors":[{"code":"UNAUTHORIZED","message":"auth"}]}');
+        return;
+      }
+      const path = req.url ?? '';
+      if (path === '/v2/') return void res.writeHead(200).end('{}');
+      if (path.endsWith(`/redirect-absolute/blobs/${BLOB_DIGEST}`)) return void res.writeHead(307, { location: `${storage.url}/bucket/${BLOB_DIGEST}?X-Amz-Signature=abc` }).end();
+      if (path.endsWith(`/redirect-relative/blobs/${BLOB_DIGEST}`)) return void res.writeHead(302, { location: `/local-storage/${BLOB_DIGEST}` }).end();
+      if (path.startsWith('/local-storage/')) return void serveBlob(req, res, BLOB);
+      if (path.endsWith(`/truncated/blobs/${BLOB_DIGEST}`)) {
+        res.writeHead(200, { 'content-length': BLOB.length });
+        res.write(BLOB.subarray(0, BLOB.length / 2), () => res.destroy());
+        return;
+      }
+      if (path.endsWith(`/corrupt/blobs/${BLOB_DIGEST}`)) {
+        const bad = Buffer.from(BLOB);
+        bad[bad.length - 10] = (bad[bad.length - 10] ?? 0) ^ 0xff;
+        return void serveBlob(req, res, bad);
+      }
+      if (path.endsWith(`/chunked-corrupt/blobs/${BLOB_DIGEST}`)) {
+        res.writeHead(200, { 'content-type': 'application/octet-stream' });
+        res.write(BLOB.subarray(0, 1000));
+        res.end(randomBytes(1000));
+        return;
+      }
+      if (path.endsWith(`/slow/blobs/${BLOB_DIGEST}`)) {
+        res.writeHead(200, { 'content-length': BLOB.length * 100 });
+        const timer = setInterval(() => res.write(BLOB.subarray(0, 16 * 1024)), 20);
+        res.on('close', () => clearInterval(timer));
+        return;
+      }
+      if (path.endsWith('/ratelimited/manifests/1')) return void res.writeHead(429, { 'retry-after': '7', 'content-type': 'application/json' }).end('{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}');
+      if (path.endsWith('/broken/manifests/1')) return void res.writeHead(500, { 'content-type': 'text/plain' }).end('stack trace');
+      if (path.endsWith('/nodigest/manifests/1')) {
+        if (req.method === 'HEAD') return void res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json' }).end();
+        res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json' });
+        res.write(MANIFEST.subarray(0, 10));
+        return void res.end(MANIFEST.subarray(10));
+      }
+      if (path.endsWith(`/nodigest/manifests/${MANIFEST_DIGEST}`)) return void res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json' }).end(MANIFEST);
+      if (path.endsWith(`/liar/manifests/${MANIFEST_DIGEST}`)) return void res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json' }).end(Buffer.concat([MANIFEST, Buffer.from(' ')]));
+      if (path.startsWith('/v2/team/app/tags/list')) {
+        res.writeHead(200, { 'content-type': 'application/json', link: `<${registry.url}/v2/team/app/tags/list?last=b&n=2>; rel="next"` });
+        return void res.end(JSON.stringify({ name: 'team/app', tags: ['a', 'b'] }));
+      }
+      res.writeHead(404, { 'content-type': 'application/json' }).end('{"errors":[{"code":"NAME_UNKNOWN","message":"unknown"}]}');
+    },
+    { host: '127.0.0.1', port: 0 },
+  );
+  return {
+    registry,
+    storage,
+    seen,
+    async close() {
+      await registry.close(100);
+      await storage.close(100);
+    },
+  };
+}
+
+/** GET through the proxy as a puller does, reporting whether the body arrived complete. */
+function pull(url: string, path: string, headers: Record<string, string>): Promise<{ status: number; received: Buffer; complete: boolean; headers: http.IncomingHttpHeaders }> {
+  const u = new URL(url);
+  return new Promise((resolve, reject) => {
+    const req = http.get({ host: u.hostname, port: u.port, path, headers }, (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (c: Buffer) => chunks.push(c));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, received: Buffer.concat(chunks), complete: res.complete, headers: res.headers }));
+      res.on('error', () => resolve({ status: res.statusCode ?? 0, received: Buffer.concat(chunks), complete: false, headers: res.headers }));
+      res.on('aborted', () => undefined);
+    });
+    req.on('error', reject);
+  });
+}
+
+describe('proxy under upstream faults (scripted upstream)', function () {
+  this.timeout(60_000);
+  let upstream: Awaited<ReturnType<typeof startScriptedUpstream>>;
+  let proxy: ProxyUnderTest;
+  let auth: Record<string, string>;
+
+  before(async () => {
+    upstream = await startScriptedUpstream();
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-faults-'));
+    writeFileSync(join(dir, 'password'), 's3cret\n');
+    proxy = await startProxy({ registries: [{ name: 'corp', match: ['r.example'], upstream: upstream.registry.url, credentials: { username: 'robot', passwordFile: join(dir, 'password') } }] });
+    auth = { authorization: proxy.authorization('shop') };
+  });
+  after(async () => {
+    await proxy?.close();
+    await upstream?.close();
+  });
+  beforeEach(() => {
+    upstream.seen.length = 0;
+  });
+
+  describe('storage redirects', () => {
+    it('follows a redirect to another origin itself, dropping Authorization and keeping Range', async () => {
+      const full = await pull(proxy.url, `/v2/corp/redirect-absolute/blobs/${BLOB_DIGEST}`, auth);
+      assert.equal(full.status, 200);
+      assert.ok(full.complete && full.received.equals(BLOB));
+      const storageHit = upstream.seen.find((s) => s.path.startsWith('/bucket/'));
+      assert.ok(storageHit);
+      assert.equal(storageHit.authorization, undefined, 'credentials never go to the storage host');
+      assert.equal(storageHit.path, `/bucket/${BLOB_DIGEST}?X-Amz-Signature=abc`);
+
+      upstream.seen.length = 0;
+      const part = await pull(proxy.url, `/v2/corp/redirect-absolute/blobs/${BLOB_DIGEST}`, { ...auth, range: 'bytes=1000-' });
+      assert.equal(part.status, 206);
+      assert.ok(part.received.equals(BLOB.subarray(1000)));
+      assert.equal(upstream.seen.find((s) => s.path.startsWith('/bucket/'))?.range, 'bytes=1000-');
+    });
+
+    it('resolves a relative Location on the same origin, keeping the upstream credentials', async () => {
+      const res = await pull(proxy.url, `/v2/corp/redirect-relative/blobs/${BLOB_DIGEST}`, auth);
+      assert.equal(res.status, 200);
+      assert.ok(res.received.equals(BLOB));
+      assert.equal(upstream.seen.find((s) => s.path.startsWith('/local-storage/'))?.authorization, UPSTREAM_AUTH);
+    });
+
+    it('turns a HEAD on a redirected blob into a GET (presigned URLs refuse HEAD)', async () => {
+      const res = await rawRequest(proxy.url, `/v2/corp/redirect-absolute/blobs/${BLOB_DIGEST}`, { method: 'HEAD', headers: auth });
+      assert.equal(res.status, 200);
+      assert.equal(res.headers['content-length'], String(BLOB.length));
+      assert.equal(res.headers['docker-content-digest'], BLOB_DIGEST);
+      assert.deepEqual(upstream.seen.filter((s) => s.path.startsWith('/bucket/')).map((s) => s.method), ['GET']);
+    });
+  });
+
+  describe('bodies that must never look complete', () => {
+    it('cuts the client connection when the upstream dies mid-blob', async () => {
+      const res = await pull(proxy.url, `/v2/corp/truncated/blobs/${BLOB_DIGEST}`, auth);
+      assert.equal(res.complete, false);
+      assert.ok(res.received.length < BLOB.length);
+      assert.equal((await rawRequest(proxy.url, '/healthz')).status, 200);
+    });
+
+    it('cuts the connection before the last byte when a blob does not match its digest', async () => {
+      const res = await pull(proxy.url, `/v2/corp/corrupt/blobs/${BLOB_DIGEST}`, auth);
+      assert.equal(res.status, 200);
+      assert.equal(res.complete, false);
+      assert.ok(res.received.length < BLOB.length, 'the last chunk is held back until the digest is checked');
+      const record = proxy.logs.records.find((r) => r.repository === 'corrupt');
+      assert.match(String(record?.error), /does not match/);
+      assert.equal(record?.status, 0);
+    });
+
+    it('does the same for a chunked upstream body', async () => {
+      const res = await pull(proxy.url, `/v2/corp/chunked-corrupt/blobs/${BLOB_DIGEST}`, auth);
+      assert.equal(res.complete, false);
+    });
+
+    it('refuses a manifest whose bytes do not match the requested digest', async () => {
+      const res = await rawRequest(proxy.url, `/v2/corp/liar/manifests/${MANIFEST_DIGEST}`, { headers: auth });
+      assert.equal(res.status, 502);
+      assert.match(res.body.toString(), /MANIFEST_INVALID/);
+    });
+  });
+
+  it('computes length and digest for a manifest HEAD the upstream answers without them', async () => {
+    const res = await rawRequest(proxy.url, '/v2/corp/nodigest/manifests/1', { method: 'HEAD', headers: auth });
+    assert.equal(res.status, 200);
+    assert.equal(res.headers['content-length'], String(MANIFEST.length));
+    assert.equal(res.headers['docker-content-digest'], MANIFEST_DIGEST);
+  });
+
+  it('aborts the upstream request when the client goes away mid-stream', async () => {
+    const u = new URL(proxy.url);
+    await new Promise<void>((resolve, reject) => {
+      const req = http.get({ host: u.hostname, port: u.port, path: `/v2/corp/slow/blobs/${BLOB_DIGEST}`, headers: auth }, (res) => {
+        let got = 0;
+        res.on('data', (c: Buffer) => {
+          got += c.length;
+          if (got > 64 * 1024) {
+            req.destroy();
+            resolve();
+          }
+        });
+      });
+      req.on('error', () => undefined);
+      setTimeout(() => reject(new Error('no data from the slow upstream')), 10_000).unref();
+    });
+    const deadline = Date.now() + 5000;
+    while (!upstream.seen.find((s) => s.path.includes('/slow/'))?.closedEarly && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    assert.equal(upstream.seen.find((s) => s.path.includes('/slow/'))?.closedEarly, true, 'the upstream stream was closed');
+    const gauge = (await proxy.metrics.metrics()).match(/pullbridge_proxy_inflight_streams (\d+)/)?.[1];
+    assert.equal(gauge, '0');
+  });
+
+  it('passes 429 with Retry-After and upstream 5xx on as registry errors', async () => {
+    const limited = await rawRequest(proxy.url, '/v2/corp/ratelimited/manifests/1', { headers: auth });
+    assert.equal(limited.status, 429);
+    assert.equal(limited.headers['retry-after'], '7');
+    assert.match(limited.body.toString(), /TOOMANYREQUESTS/);
+    const broken = await rawRequest(proxy.url, '/v2/corp/broken/manifests/1', { headers: auth });
+    assert.equal(broken.status, 500);
+    assert.doesNotMatch(broken.body.toString(), /stack trace/);
+    assert.match(broken.body.toString(), /"errors"/);
+  });
+
+  it('rewrites an absolute upstream pagination Link to the proxy path', async () => {
+    const res = await rawRequest(proxy.url, '/v2/corp/team/app/tags/list?n=2', { headers: auth });
+    assert.equal(res.status, 200);
+    assert.deepEqual(JSON.parse(res.body.toString()), { name: 'corp/team/app', tags: ['a', 'b'] });
+    assert.equal(res.headers.link, '</v2/corp/team/app/tags/list?last=b&n=2>; rel="next"');
+    assert.ok(upstream.seen.some((s) => s.path === '/v2/team/app/tags/list?n=2'));
+  });
+});
