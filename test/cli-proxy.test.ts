@@ -1,0 +1,73 @@
+// `pullbridge proxy` and `pullbridge pull-secret` as a user runs them: the credential printed by
+// pull-secret is what containerd pulls with through the proxy process.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { exitOf, runCli, startCli } from './support/cli.js';
+import { startContainerd, type Containerd } from './support/containerd.js';
+import { buildImage, sha256 } from './support/oci.js';
+import { startRegistry, type RegistryHandle } from './support/registry.js';
+
+describe('pullbridge proxy and pull-secret commands', function () {
+  this.timeout(120_000);
+  let registry: RegistryHandle;
+  let containerd: Containerd;
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-cli-proxy-'));
+  const keyFile = join(dir, 'broker.key');
+  writeFileSync(keyFile, 'a-broker-key-of-at-least-16-bytes\n');
+
+  before(async () => {
+    [registry, containerd] = await Promise.all([startRegistry({ auth: 'none' }), startContainerd()]);
+  });
+  after(async () => {
+    await registry?.stop();
+    await containerd?.stop();
+  });
+
+  function config(proxyPort: number): string {
+    const file = join(dir, `config-${proxyPort}.yaml`);
+    writeFileSync(file, `proxy: {host: 127.0.0.1, port: ${proxyPort}}\nbroker: {keyFiles: [${keyFile}]}\nregistries:\n  - {name: corp, match: [registry.corp.example], upstream: "${registry.url}"}\n`);
+    return file;
+  }
+
+  it('pull-secret prints the dockerconfigjson keyed by the proxy host:port', () => {
+    const result = runCli(['pull-secret', '--config', config(30500), '--namespace', 'shop']);
+    assert.equal(result.status, 0, result.stderr);
+    const doc = JSON.parse(result.stdout) as { auths: Record<string, { username: string; password: string; auth: string }> };
+    assert.deepEqual(Object.keys(doc.auths), ['127.0.0.1:30500']);
+    assert.equal(doc.auths['127.0.0.1:30500']?.username, 'shop');
+    assert.equal(runCli(['pull-secret', '--config', config(30500), '--namespace', 'Bad_NS']).status, 2);
+  });
+
+  it('proxy refuses a broker rule without broker keys', () => {
+    const file = join(dir, 'nokeys.yaml');
+    writeFileSync(file, `registries:\n  - {name: corp, match: [r.example], upstream: "${registry.url}"}\n`);
+    const result = runCli(['proxy', '--config', file, '--port', '0', '--host', '127.0.0.1']);
+    assert.equal(result.status, 1);
+    assert.match(result.stderr, /registries\[0\]\.auth\.mode: broker needs broker\.keyFiles/);
+  });
+
+  it('serves containerd with the credential pull-secret printed, and stops on SIGTERM', async () => {
+    const image = buildImage();
+    await registry.push(image, 'team/app', '1.0');
+    const { child, output } = await startCli(['proxy', '--config', config(30500), '--port', '0', '--host', '127.0.0.1'], /proxy listening/);
+    const url = /"url":"http:\/\/(127\.0\.0\.1:\d+)"/.exec(output())?.[1];
+    assert.ok(url, output());
+    const port = Number(url.split(':')[1]);
+    // The secret a namespace gets is keyed by proxy.host:proxy.port; use the listening port here.
+    const secret = JSON.parse(runCli(['pull-secret', '--config', config(port), '--namespace', 'shop']).stdout) as { auths: Record<string, { username: string; password: string }> };
+    const entry = secret.auths[url];
+    assert.ok(entry);
+    await containerd.fetch(`${url}/corp/team/app:1.0`, { user: `${entry.username}:${entry.password}`, allPlatforms: true });
+    for (const [digest, blob] of image.blobs) assert.ok((await containerd.content(digest)).equals(blob.data), digest);
+    assert.equal(sha256(await containerd.content(image.index.digest)), image.index.digest);
+    const status = (await (await fetch(`http://${url}/status`)).json()) as { upstreams: Array<{ rule: string; reachable: boolean }> };
+    assert.equal(status.upstreams[0]?.rule, 'corp');
+    child.kill('SIGTERM');
+    assert.equal(await exitOf(child), 0);
+    assert.match(output(), /"access":"pull"/);
+    assert.doesNotMatch(output(), new RegExp(entry.password.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')));
+  });
+});
