@@ -5,19 +5,25 @@ import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { generateCertificates } from './certs/certs.js';
-import { SAMPLE_CONFIG_YAML, sampleAdmissionReview } from './defaults.js';
-import { createLogger } from './log.js';
-import { createMetricsRegistry } from './metrics.js';
 import { formatConfigErrors, parseConfig, type Config, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
 import { readConfigFile } from './shell/configfile.js';
-import { listen, type RunningServer } from './shell/serve.js';
-import { createWebhookApp } from './webhook/server.js';
-import { dockerConfigJson } from './proxy/credentials.js';
-import { Prober } from './proxy/probe.js';
-import { createProxyHandler, createProxyRuntime, proxyConfigErrors } from './proxy/server.js';
-import { BrokerKeys } from './shell/secretfiles.js';
+import type { RunningServer } from './shell/serve.js';
+
+// Each command loads only what it runs: the proxy DaemonSet runs on every node, and express,
+// node-forge and the webhook code would add tens of MB to each of its processes.
+const load = {
+  certs: () => import('./certs/certs.js'),
+  defaults: () => import('./defaults.js'),
+  log: () => import('./log.js'),
+  metrics: () => import('./metrics.js'),
+  serve: () => import('./shell/serve.js'),
+  webhook: () => import('./webhook/server.js'),
+  proxy: () => import('./proxy/server.js'),
+  probe: () => import('./proxy/probe.js'),
+  credentials: () => import('./proxy/credentials.js'),
+  secretfiles: () => import('./shell/secretfiles.js'),
+};
 
 const USAGE = `pullbridge — rewrite Pod images to a node-local registry proxy
 
@@ -86,7 +92,8 @@ function cmdRewrite(args: string[]): number {
   return 0;
 }
 
-function cmdCerts(args: string[]): number {
+async function cmdCerts(args: string[]): Promise<number> {
+  const { generateCertificates } = await load.certs();
   const { values } = parseArgs({
     args,
     options: { service: { type: 'string' }, namespace: { type: 'string' }, out: { type: 'string' }, ip: { type: 'string', multiple: true }, dns: { type: 'string', multiple: true }, days: { type: 'string' } },
@@ -113,6 +120,7 @@ interface WebhookRun {
 }
 
 async function startWebhook(config: Config, host: string, port: number, tls?: { cert: string; key: string }): Promise<WebhookRun> {
+  const [{ createLogger }, { createMetricsRegistry }, { listen }, { createWebhookApp }] = await Promise.all([load.log(), load.metrics(), load.serve(), load.webhook()]);
   const logger = createLogger({ name: 'pullbridge-webhook' });
   let draining = false;
   const app = createWebhookApp({
@@ -162,7 +170,8 @@ async function cmdWebhook(args: string[]): Promise<number> {
   return -1; // keeps running
 }
 
-function loadProxyConfigOrExit(path: string): Config {
+async function loadProxyConfigOrExit(path: string): Promise<Config> {
+  const { proxyConfigErrors } = await load.proxy();
   const config = loadConfigOrExit(path);
   const errors = proxyConfigErrors(config);
   if (errors.length > 0) {
@@ -173,6 +182,7 @@ function loadProxyConfigOrExit(path: string): Config {
 }
 
 async function startProxy(config: Config, host: string, port: number, probeIntervalMs: number): Promise<{ running: RunningServer; shutdown(): Promise<void> }> {
+  const [{ createLogger }, { createMetricsRegistry }, { listen }, { createProxyHandler, createProxyRuntime }, { Prober }] = await Promise.all([load.log(), load.metrics(), load.serve(), load.proxy(), load.probe()]);
   const logger = createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
   const runtime = createProxyRuntime(config);
@@ -200,7 +210,7 @@ async function cmdProxy(args: string[]): Promise<number> {
     options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'probe-interval': { type: 'string', default: '30' } },
     strict: true,
   });
-  const config = loadProxyConfigOrExit(requireOption(values.config, '--config'));
+  const config = await loadProxyConfigOrExit(requireOption(values.config, '--config'));
   const port = parsePort(values.port, '--port');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
@@ -209,7 +219,8 @@ async function cmdProxy(args: string[]): Promise<number> {
   return -1;
 }
 
-function cmdPullSecret(args: string[]): number {
+async function cmdPullSecret(args: string[]): Promise<number> {
+  const [{ dockerConfigJson }, { BrokerKeys }] = await Promise.all([load.credentials(), load.secretfiles()]);
   const { values } = parseArgs({ args, options: { config: { type: 'string' }, namespace: { type: 'string' } }, strict: true });
   const config = loadConfigOrExit(requireOption(values.config, '--config'));
   const namespace = requireOption(values.namespace, '--namespace');
@@ -225,6 +236,7 @@ function cmdPullSecret(args: string[]): number {
 async function cmdDemo(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' } }, strict: true });
   const port = parsePort(values.port, '--port');
+  const [{ SAMPLE_CONFIG_YAML, sampleAdmissionReview }, { generateCertificates }] = await Promise.all([load.defaults(), load.certs()]);
   const parsed = parseConfig(SAMPLE_CONFIG_YAML);
   if (!parsed.ok) throw new Error(`embedded config is invalid: ${formatConfigErrors(parsed.errors)}`);
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-demo-'));
@@ -260,13 +272,13 @@ export async function main(argv: string[]): Promise<number> {
       case 'rewrite':
         return cmdRewrite(args);
       case 'certs':
-        return cmdCerts(args);
+        return await cmdCerts(args);
       case 'webhook':
         return await cmdWebhook(args);
       case 'proxy':
         return await cmdProxy(args);
       case 'pull-secret':
-        return cmdPullSecret(args);
+        return await cmdPullSecret(args);
       case 'demo':
         return await cmdDemo(args);
       case undefined:
