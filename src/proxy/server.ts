@@ -255,6 +255,20 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     sendError(res, registryError(up.statusCode, code, `upstream answered ${up.statusCode}`), extra);
   }
 
+  /** Answers the client when the upstream refused or failed; true when it did. */
+  async function upstreamFailed(up: UpstreamResponse, rr: RuleRuntime, route: Route & { name: string }, res: ServerResponse, ok: readonly number[] = [200]): Promise<boolean> {
+    if (up.unauthorized) {
+      const u = unauthorizedUpstream(rr, route.name);
+      sendError(res, u.error, u.headers);
+      return true;
+    }
+    if (!ok.includes(up.statusCode)) {
+      await relayUpstreamError(up, route, res);
+      return true;
+    }
+    return false;
+  }
+
   function unauthorizedUpstream(rr: RuleRuntime, name: string): { error: RegistryError; headers: Record<string, string> } {
     if (rr.rule.auth.mode === 'passthrough') {
       return { error: registryError(401, 'UNAUTHORIZED', `the upstream registry rejected your credentials for ${name}`), headers: { 'www-authenticate': CHALLENGE } };
@@ -272,34 +286,19 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
       const digest = headerValue(head.headers['docker-content-digest']);
       const length = headerValue(head.headers['content-length']);
+      // 405: some registries refuse HEAD on manifests; fall through to a GET.
+      if (await upstreamFailed(head, rr, route, res, [200, 405])) return;
       await head.body.dump();
-      if (head.unauthorized) {
-        const u = unauthorizedUpstream(rr, route.name);
-        sendError(res, u.error, u.headers);
-        return;
-      }
       if (head.statusCode === 200 && digest && length && Number(length) > 0 && (!route.byDigest || digest === route.reference)) {
         res.writeHead(200, { 'content-type': headerValue(head.headers['content-type']) ?? 'application/octet-stream', 'content-length': length, 'docker-content-digest': digest });
         res.end();
-        return;
-      }
-      if (head.statusCode !== 200 && head.statusCode !== 405) {
-        sendError(res, registryError(head.statusCode, head.statusCode === 404 ? 'MANIFEST_UNKNOWN' : head.statusCode === 429 ? 'TOOMANYREQUESTS' : 'UNAVAILABLE', `upstream answered ${head.statusCode}`));
         return;
       }
       // Without a digest and a length from upstream, GET and compute them: clients trust both.
     }
     const up = await rr.client.fetch({ method: 'GET', path, headers, scope, credentials, signal, followRedirects: true });
     metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
-    if (up.unauthorized) {
-      const u = unauthorizedUpstream(rr, route.name);
-      sendError(res, u.error, u.headers);
-      return;
-    }
-    if (up.statusCode !== 200) {
-      await relayUpstreamError(up, route, res);
-      return;
-    }
+    if (await upstreamFailed(up, rr, route, res)) return;
     const body = await readLimited(up.body, MANIFEST_LIMIT_BYTES);
     if (body === null) {
       sendError(res, registryError(502, 'MANIFEST_INVALID', `upstream manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`));
@@ -325,15 +324,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const method = req.method === 'HEAD' ? 'HEAD' : 'GET';
     const up = await rr.client.fetch({ method, path: `/v2/${route.name}/blobs/${route.digest}`, headers, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: true });
     metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'blob' }, (performance.now() - started) / 1000);
-    if (up.unauthorized) {
-      const u = unauthorizedUpstream(rr, route.name);
-      sendError(res, u.error, u.headers);
-      return;
-    }
-    if (up.statusCode !== 200 && up.statusCode !== 206) {
-      await relayUpstreamError(up, route, res);
-      return;
-    }
+    if (await upstreamFailed(up, rr, route, res, [200, 206])) return;
     const out: Record<string, string> = {};
     for (const name of BLOB_HEADERS) {
       const value = headerValue(up.headers[name]);
@@ -384,15 +375,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     if (last !== null) forwarded.set('last', last);
     const search = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
     const up = await rr.client.fetch({ method: 'GET', path: `/v2/${route.name}/tags/list${search}`, headers: { accept: 'application/json' }, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: false });
-    if (up.unauthorized) {
-      const u = unauthorizedUpstream(rr, route.name);
-      sendError(res, u.error, u.headers);
-      return;
-    }
-    if (up.statusCode !== 200) {
-      await relayUpstreamError(up, route, res);
-      return;
-    }
+    if (await upstreamFailed(up, rr, route, res)) return;
     const raw = await readLimited(up.body, MANIFEST_LIMIT_BYTES);
     let parsed: { name?: unknown; tags?: unknown };
     try {
