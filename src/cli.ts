@@ -8,19 +8,15 @@ import { parseArgs } from 'node:util';
 import { formatConfigErrors, parseConfig, type Config, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
 import { readConfigFile } from './shell/configfile.js';
-import type { RunningServer } from './shell/serve.js';
 
 // Each command loads only what it runs: the proxy DaemonSet runs on every node, and express,
 // node-forge and the webhook code would add tens of MB to each of its processes.
 const load = {
   certs: () => import('./certs/certs.js'),
   defaults: () => import('./defaults.js'),
-  log: () => import('./log.js'),
-  metrics: () => import('./metrics.js'),
-  serve: () => import('./shell/serve.js'),
-  webhook: () => import('./webhook/server.js'),
+  webhookRun: () => import('./webhook/run.js'),
   proxy: () => import('./proxy/server.js'),
-  probe: () => import('./proxy/probe.js'),
+  proxyRun: () => import('./proxy/run.js'),
   credentials: () => import('./proxy/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
 };
@@ -31,6 +27,7 @@ Usage:
   pullbridge rewrite --config FILE [--namespace NS] [--json] IMAGE...
   pullbridge validate --config FILE
   pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
+                     [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
   pullbridge proxy --config FILE --port N [--host ADDR] [--probe-interval SECONDS]
   pullbridge pull-secret --config FILE --namespace NS
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
@@ -114,34 +111,6 @@ async function cmdCerts(args: string[]): Promise<number> {
   return 0;
 }
 
-interface WebhookRun {
-  readonly running: RunningServer;
-  shutdown(): Promise<void>;
-}
-
-async function startWebhook(config: Config, host: string, port: number, tls?: { cert: string; key: string }): Promise<WebhookRun> {
-  const [{ createLogger }, { createMetricsRegistry }, { listen }, { createWebhookApp }] = await Promise.all([load.log(), load.metrics(), load.serve(), load.webhook()]);
-  const logger = createLogger({ name: 'pullbridge-webhook' });
-  let draining = false;
-  const app = createWebhookApp({
-    config: () => config,
-    logger,
-    audit: logger.child({ stream: 'audit' }),
-    metrics: createMetricsRegistry(),
-    ready: () => !draining,
-  });
-  const running = await listen(app, { host, port, ...(tls ? { tls } : {}) });
-  logger.info({ url: running.url, rules: config.registries.map((r) => r.name) }, 'webhook listening');
-  return {
-    running,
-    async shutdown() {
-      draining = true;
-      await running.close();
-      logger.info('webhook stopped');
-    },
-  };
-}
-
 function onTermination(stop: () => Promise<void>): void {
   let stopping = false;
   const handler = () => {
@@ -156,16 +125,40 @@ function onTermination(stop: () => Promise<void>): void {
 async function cmdWebhook(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
-    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'tls-cert': { type: 'string' }, 'tls-key': { type: 'string' } },
+    options: {
+      config: { type: 'string' },
+      port: { type: 'string' },
+      host: { type: 'string', default: '0.0.0.0' },
+      'tls-cert': { type: 'string' },
+      'tls-key': { type: 'string' },
+      kubeconfig: { type: 'string' },
+      configmap: { type: 'string' },
+      'pull-secret-failure': { type: 'string', default: 'deny' },
+    },
     strict: true,
   });
-  const config = loadConfigOrExit(requireOption(values.config, '--config'));
+  const configPath = requireOption(values.config, '--config');
+  const config = loadConfigOrExit(configPath);
   const port = parsePort(values.port, '--port');
   const certFile = values['tls-cert'];
   const keyFile = values['tls-key'];
   if ((certFile === undefined) !== (keyFile === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
+  const failure = values['pull-secret-failure'];
+  if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
   const tls = certFile && keyFile ? { cert: readFileSync(certFile, 'utf8'), key: readFileSync(keyFile, 'utf8') } : undefined;
-  const run = await startWebhook(config, values.host, port, tls);
+  const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
+  const namespace = process.env.POD_NAMESPACE ?? config.webhook.namespace;
+  const { runWebhook } = await load.webhookRun();
+  const run = await runWebhook({
+    config,
+    configPath,
+    host: values.host,
+    port,
+    ...(tls ? { tls } : {}),
+    ...(kubeconfig ? { kubeconfig } : {}),
+    ...(values.configmap ? { configMap: { name: values.configmap, namespace } } : {}),
+    pullSecretFailure: failure,
+  });
   onTermination(() => run.shutdown());
   return -1; // keeps running
 }
@@ -181,29 +174,6 @@ async function loadProxyConfigOrExit(path: string): Promise<Config> {
   return config;
 }
 
-async function startProxy(config: Config, host: string, port: number, probeIntervalMs: number): Promise<{ running: RunningServer; shutdown(): Promise<void> }> {
-  const [{ createLogger }, { createMetricsRegistry }, { listen }, { createProxyHandler, createProxyRuntime }, { Prober }] = await Promise.all([load.log(), load.metrics(), load.serve(), load.proxy(), load.probe()]);
-  const logger = createLogger({ name: 'pullbridge-proxy' });
-  const metrics = createMetricsRegistry();
-  const runtime = createProxyRuntime(config);
-  const prober = new Prober(() => runtime, metrics, probeIntervalMs);
-  let draining = false;
-  const handler = createProxyHandler({ runtime: () => runtime, logger, metrics, prober, ready: () => !draining });
-  const running = await listen(handler, { host, port });
-  prober.start();
-  logger.info({ url: running.url, rules: config.registries.map((r) => `${r.name} -> ${r.upstream}`) }, 'proxy listening');
-  return {
-    running,
-    async shutdown() {
-      draining = true;
-      prober.stop();
-      await running.close();
-      await runtime.close();
-      logger.info('proxy stopped');
-    },
-  };
-}
-
 async function cmdProxy(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
@@ -214,7 +184,8 @@ async function cmdProxy(args: string[]): Promise<number> {
   const port = parsePort(values.port, '--port');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
-  const run = await startProxy(config, values.host, port, interval * 1000);
+  const { runProxy } = await load.proxyRun();
+  const run = await runProxy({ config, configPath: requireOption(values.config, '--config'), host: values.host, port, probeIntervalMs: interval * 1000 });
   onTermination(() => run.shutdown());
   return -1;
 }
@@ -244,7 +215,8 @@ async function cmdDemo(args: string[]): Promise<number> {
   writeFileSync(join(dir, 'ca.crt'), bundle.caCert);
   writeFileSync(join(dir, 'config.yaml'), SAMPLE_CONFIG_YAML);
   writeFileSync(join(dir, 'review.json'), JSON.stringify(sampleAdmissionReview('default'), null, 2));
-  const run = await startWebhook(parsed.config, '127.0.0.1', port, { cert: bundle.cert, key: bundle.key });
+  const { runWebhook } = await load.webhookRun();
+  const run = await runWebhook({ config: parsed.config, host: '127.0.0.1', port, tls: { cert: bundle.cert, key: bundle.key } });
   const url = run.running.url;
   process.stderr.write(`
 pullbridge demo — the admission webhook on ${url} with the sample config ${join(dir, 'config.yaml')}

@@ -1,0 +1,64 @@
+// The proxy process: server, prober, live config (a new runtime per config; the old one drains).
+
+import { createLogger } from '../log.js';
+import { createMetricsRegistry } from '../metrics.js';
+import type { Config } from '../rules/config.js';
+import { ConfigWatcher } from '../shell/configwatch.js';
+import { listen, type RunningServer } from '../shell/serve.js';
+import { Prober } from './probe.js';
+import { createProxyHandler, createProxyRuntime, proxyConfigErrors, type ProxyRuntime } from './server.js';
+
+export interface ProxyRunOptions {
+  readonly config: Config;
+  readonly configPath?: string;
+  readonly host: string;
+  readonly port: number;
+  readonly probeIntervalMs: number;
+}
+
+/** How long a replaced runtime keeps its connections for streams still in flight. */
+const DRAIN_MS = 10 * 60_000;
+
+export async function runProxy(options: ProxyRunOptions): Promise<{ running: RunningServer; watcher: ConfigWatcher | undefined; shutdown(): Promise<void> }> {
+  const logger = createLogger({ name: 'pullbridge-proxy' });
+  const metrics = createMetricsRegistry();
+  let runtime: ProxyRuntime = createProxyRuntime(options.config);
+  const retired = new Set<ProxyRuntime>();
+  const prober = new Prober(() => runtime, metrics, options.probeIntervalMs);
+  let draining = false;
+  const watcher = options.configPath
+    ? new ConfigWatcher({
+        path: options.configPath,
+        initial: options.config,
+        logger,
+        metrics,
+        extraErrors: proxyConfigErrors,
+        onApplied: (next) => {
+          const old = runtime;
+          runtime = createProxyRuntime(next);
+          retired.add(old);
+          // close() lets requests in flight finish; the timer bounds a stream that never ends.
+          const timer = setTimeout(() => void old.close().finally(() => retired.delete(old)), DRAIN_MS);
+          timer.unref();
+          void prober.probeAll();
+        },
+      })
+    : undefined;
+  watcher?.start();
+  const handler = createProxyHandler({ runtime: () => runtime, logger, metrics, prober, ready: () => !draining });
+  const running = await listen(handler, { host: options.host, port: options.port });
+  prober.start();
+  logger.info({ url: running.url, rules: options.config.registries.map((r) => `${r.name} -> ${r.upstream}`) }, 'proxy listening');
+  return {
+    running,
+    watcher,
+    async shutdown() {
+      draining = true;
+      watcher?.stop();
+      prober.stop();
+      await running.close();
+      await Promise.all([runtime, ...retired].map((r) => r.close()));
+      logger.info('proxy stopped');
+    },
+  };
+}

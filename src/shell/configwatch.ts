@@ -1,0 +1,88 @@
+// Live configuration from the mounted ConfigMap file. Polled rather than watched: kubelet updates a
+// ConfigMap volume by swapping a symlink, which file watchers miss, and polling a small file is
+// cheap. An invalid change is rejected loudly and the last good config stays in force.
+
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { Counter, Gauge, type Registry } from 'prom-client';
+import type { Logger } from '../log.js';
+import { formatConfigErrors, parseConfig, type Config, type ConfigError } from '../rules/config.js';
+
+export interface ConfigWatcherOptions {
+  readonly path: string;
+  readonly initial: Config;
+  readonly logger: Logger;
+  readonly metrics: Registry;
+  /** Extra checks a component needs (e.g. the proxy needs broker keys); messages name the key. */
+  readonly extraErrors?: (config: Config) => string[];
+  readonly onApplied?: (config: Config) => void;
+  readonly onRejected?: (message: string) => void;
+}
+
+export type ReloadOutcome = 'unchanged' | 'applied' | 'rejected';
+
+export class ConfigWatcher {
+  private config: Config;
+  private lastHash: string;
+  private timer: NodeJS.Timeout | undefined;
+  private readonly reloads: Counter<'result'>;
+  private readonly healthy: Gauge;
+
+  constructor(private readonly options: ConfigWatcherOptions) {
+    this.config = options.initial;
+    this.lastHash = this.hashOf(this.readText() ?? '');
+    this.reloads = new Counter({ name: 'pullbridge_config_reloads_total', help: 'Config changes seen, by result', labelNames: ['result'], registers: [options.metrics] });
+    this.healthy = new Gauge({ name: 'pullbridge_config_last_reload_ok', help: '1 when the last config change was applied, 0 when it was rejected', registers: [options.metrics] });
+    this.healthy.set(1);
+  }
+
+  current(): Config {
+    return this.config;
+  }
+
+  start(intervalMs = 2000): void {
+    this.timer = setInterval(() => this.check(), intervalMs);
+    this.timer.unref();
+  }
+
+  stop(): void {
+    if (this.timer) clearInterval(this.timer);
+  }
+
+  private hashOf(text: string): string {
+    return createHash('sha256').update(text).digest('hex');
+  }
+
+  private readText(): string | undefined {
+    try {
+      return readFileSync(this.options.path, 'utf8');
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Reads the file once; applies it when it changed and is valid. */
+  check(): ReloadOutcome {
+    const text = this.readText();
+    if (text === undefined) return 'unchanged'; // mid-swap or briefly missing: keep what runs
+    const hash = this.hashOf(text);
+    if (hash === this.lastHash) return 'unchanged';
+    this.lastHash = hash;
+    const result = parseConfig(text);
+    const errors: ConfigError[] = result.ok ? (this.options.extraErrors?.(result.config) ?? []).map((m) => ({ key: m.split(':')[0] ?? '', message: m.slice(m.indexOf(':') + 1).trim() })) : [...result.errors];
+    if (!result.ok || errors.length > 0) {
+      const message = `config change rejected, keeping the last good config:\n${formatConfigErrors(errors)}`;
+      this.reloads.inc({ result: 'rejected' });
+      this.healthy.set(0);
+      this.options.logger.error({ path: this.options.path, errors }, 'config change rejected; the last good config stays in force');
+      this.options.onRejected?.(message);
+      return 'rejected';
+    }
+    this.config = result.config;
+    this.reloads.inc({ result: 'applied' });
+    this.healthy.set(1);
+    this.options.logger.info({ path: this.options.path, rules: result.config.registries.map((r) => r.name) }, 'config change applied');
+    this.options.onApplied?.(result.config);
+    return 'applied';
+  }
+}

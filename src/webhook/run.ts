@@ -1,0 +1,105 @@
+// The webhook process: server, live config, and — with API access — pull secrets, namespace
+// opt-out and events. Everything here is wiring.
+
+import { createLogger } from '../log.js';
+import { createMetricsRegistry } from '../metrics.js';
+import type { Config } from '../rules/config.js';
+import { ConfigWatcher } from '../shell/configwatch.js';
+import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
+import { BrokerKeys } from '../shell/secretfiles.js';
+import { createWebhookApp, type WebhookSideEffects } from './server.js';
+
+export interface WebhookRunOptions {
+  readonly config: Config;
+  /** The mounted config file to watch for changes; none for a fixed config. */
+  readonly configPath?: string;
+  readonly host: string;
+  readonly port: number;
+  readonly tls?: TlsFiles;
+  /** Kubernetes access: a kubeconfig path, 'in-cluster', or undefined for none (local use). */
+  readonly kubeconfig?: string;
+  /** Where events about the config go: the ConfigMap and the webhook's own namespace. */
+  readonly configMap?: { name: string; namespace: string };
+  readonly pullSecretFailure?: 'deny' | 'admit-unchanged';
+  readonly reconcileIntervalMs?: number;
+}
+
+export interface WebhookProcess {
+  readonly running: RunningServer;
+  readonly watcher: ConfigWatcher | undefined;
+  shutdown(): Promise<void>;
+}
+
+export async function runWebhook(options: WebhookRunOptions): Promise<WebhookProcess> {
+  const logger = createLogger({ name: 'pullbridge-webhook' });
+  const metrics = createMetricsRegistry();
+  let draining = false;
+  let config = options.config;
+  const stops: Array<() => void> = [];
+
+  const k8s = options.kubeconfig !== undefined ? (await import('../k8s/client.js')).kubeClients(options.kubeconfig === 'in-cluster' ? undefined : options.kubeconfig) : undefined;
+  let onRejected: ((message: string) => void) | undefined;
+  const sideEffects: WebhookSideEffects = {};
+  if (k8s) {
+    const [{ PullSecretProvisioner }, { PullSecretReconciler }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
+      import('../k8s/pullsecret.js'),
+      import('../k8s/reconciler.js'),
+      import('../k8s/namespaces.js'),
+      import('../k8s/events.js'),
+    ]);
+    const labels = new NamespaceLabels(k8s.core, logger);
+    sideEffects.namespaceLabels = (ns) => labels.get(ns);
+    if (config.broker) {
+      const keys = new BrokerKeys(config.broker.keyFiles);
+      const signingKey = () => keys.signingKey();
+      const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey);
+      sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
+      const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger);
+      reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
+      stops.push(() => reconciler.stop());
+    } else if (config.registries.some((r) => r.auth.mode === 'broker')) {
+      logger.warn('broker rules but no broker.keyFiles: pull secrets are not provisioned');
+    }
+    const target = options.configMap;
+    if (target) onRejected = (message) => void recordWarning(k8s.core, logger, { kind: 'ConfigMap', ...target }, 'InvalidConfig', message, 'pullbridge-webhook');
+  } else {
+    logger.warn('no Kubernetes API access: pull secrets are not provisioned and namespace labels are not read');
+  }
+
+  const watcher = options.configPath
+    ? new ConfigWatcher({
+        path: options.configPath,
+        initial: config,
+        logger,
+        metrics,
+        onApplied: (next) => {
+          config = next;
+        },
+        ...(onRejected ? { onRejected } : {}),
+      })
+    : undefined;
+  watcher?.start();
+
+  const app = createWebhookApp({
+    config: () => config,
+    logger,
+    audit: logger.child({ stream: 'audit' }),
+    metrics,
+    sideEffects,
+    ready: () => !draining,
+    pullSecretFailure: options.pullSecretFailure ?? 'deny',
+  });
+  const running = await listen(app, { host: options.host, port: options.port, ...(options.tls ? { tls: options.tls } : {}) });
+  logger.info({ url: running.url, rules: config.registries.map((r) => r.name) }, 'webhook listening');
+  return {
+    running,
+    watcher,
+    async shutdown() {
+      draining = true;
+      watcher?.stop();
+      for (const stop of stops) stop();
+      await running.close();
+      logger.info('webhook stopped');
+    },
+  };
+}
