@@ -1,7 +1,8 @@
 // The webhook process: server, live config, and — with API access — pull secrets, namespace
 // opt-out and events. Everything here is wiring.
 
-import { createLogger } from '../log.js';
+import type { Registry } from 'prom-client';
+import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
 import type { Config } from '../rules/config.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
@@ -22,20 +23,26 @@ export interface WebhookRunOptions {
   readonly configMap?: { name: string; namespace: string };
   readonly pullSecretFailure?: 'deny' | 'admit-unchanged';
   readonly reconcileIntervalMs?: number;
+  /** Where logs and audit records go; stdout when absent. */
+  readonly logger?: Logger;
 }
 
 export interface WebhookProcess {
   readonly running: RunningServer;
   readonly watcher: ConfigWatcher | undefined;
+  /** Runs the pull secret reconciler once now (it also runs on its timer); undefined without API access. */
+  readonly reconcile: (() => Promise<unknown>) | undefined;
+  readonly metrics: Registry;
   shutdown(): Promise<void>;
 }
 
 export async function runWebhook(options: WebhookRunOptions): Promise<WebhookProcess> {
-  const logger = createLogger({ name: 'pullbridge-webhook' });
+  const logger = options.logger ?? createLogger({ name: 'pullbridge-webhook' });
   const metrics = createMetricsRegistry();
   let draining = false;
   let config = options.config;
   const stops: Array<() => void> = [];
+  let reconcile: (() => Promise<unknown>) | undefined;
 
   const k8s = options.kubeconfig !== undefined ? (await import('../k8s/client.js')).kubeClients(options.kubeconfig === 'in-cluster' ? undefined : options.kubeconfig) : undefined;
   let onRejected: ((message: string) => void) | undefined;
@@ -50,12 +57,22 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     const labels = new NamespaceLabels(k8s.core, logger);
     sideEffects.namespaceLabels = (ns) => labels.get(ns);
     if (config.broker) {
-      const keys = new BrokerKeys(config.broker.keyFiles);
-      const signingKey = () => keys.signingKey();
+      // Keys follow the live config, so that a rotation is a config change.
+      let keys = new BrokerKeys(config.broker.keyFiles);
+      let keyFiles = config.broker.keyFiles.join('\n');
+      const signingKey = () => {
+        const current = config.broker?.keyFiles ?? [];
+        if (current.join('\n') !== keyFiles) {
+          keys = new BrokerKeys(current);
+          keyFiles = current.join('\n');
+        }
+        return keys.signingKey();
+      };
       const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey);
       sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
       const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger);
       reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
+      reconcile = () => reconciler.reconcile();
       stops.push(() => reconciler.stop());
     } else if (config.registries.some((r) => r.auth.mode === 'broker')) {
       logger.warn('broker rules but no broker.keyFiles: pull secrets are not provisioned');
@@ -94,6 +111,8 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   return {
     running,
     watcher,
+    reconcile,
+    metrics,
     async shutdown() {
       draining = true;
       watcher?.stop();
