@@ -28,6 +28,7 @@ Usage:
   pullbridge validate --config FILE
   pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
                      [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
+                     [--tls-secret NAME --webhook-configuration NAME [--service NAME]]
   pullbridge proxy --config FILE --port N [--host ADDR] [--probe-interval SECONDS]
   pullbridge pull-secret --config FILE --namespace NS
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
@@ -134,6 +135,9 @@ async function cmdWebhook(args: string[]): Promise<number> {
       kubeconfig: { type: 'string' },
       configmap: { type: 'string' },
       'pull-secret-failure': { type: 'string', default: 'deny' },
+      'tls-secret': { type: 'string' },
+      'webhook-configuration': { type: 'string' },
+      service: { type: 'string', default: 'pullbridge-webhook' },
     },
     strict: true,
   });
@@ -148,13 +152,18 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const tls = certFile && keyFile ? { cert: readFileSync(certFile, 'utf8'), key: readFileSync(keyFile, 'utf8') } : undefined;
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
   const namespace = process.env.POD_NAMESPACE ?? config.webhook.namespace;
+  const tlsSecret = values['tls-secret'];
+  const webhookConfiguration = values['webhook-configuration'];
+  if (tlsSecret && tls) throw new UsageError('--tls-secret (certificate bootstrap) and --tls-cert/--tls-key exclude each other');
+  if (tlsSecret && !webhookConfiguration) throw new UsageError('--tls-secret needs --webhook-configuration, whose caBundle it maintains');
   const { runWebhook } = await load.webhookRun();
   const run = await runWebhook({
     config,
     configPath,
     host: values.host,
     port,
-    ...(tls ? { tls } : {}),
+    ...(tls && certFile && keyFile ? { tls, tlsFiles: { cert: certFile, key: keyFile } } : {}),
+    ...(tlsSecret && webhookConfiguration ? { tlsBootstrap: { secretName: tlsSecret, service: values.service, webhookConfiguration, namespace } } : {}),
     ...(kubeconfig ? { kubeconfig } : {}),
     ...(values.configmap ? { configMap: { name: values.configmap, namespace } } : {}),
     pullSecretFailure: failure,

@@ -1,11 +1,11 @@
 // Background upkeep of the managed pull secrets: refresh them after a broker key rotation, and
-// remove those whose namespace no longer needs one.
+// remove those whose namespace no longer needs one (after a grace period).
 
-import type { CoreV1Api } from '@kubernetes/client-node';
+import type { CoreV1Api, V1Secret } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
 import { REWRITTEN_LABEL } from '../webhook/admission.js';
-import { apiMessage } from './client.js';
+import { apiMessage, apiStatus } from './client.js';
 import { KEY_ID_ANNOTATION, MANAGED_BY, MANAGED_BY_LABEL, keyId, type PullSecretProvisioner } from './pullsecret.js';
 
 export interface ReconcileResult {
@@ -56,23 +56,36 @@ export class PullSecretReconciler {
     return pods.items.length > 0;
   }
 
+  private async readManaged(namespace: string, name: string): Promise<V1Secret | undefined> {
+    try {
+      const secret = await this.core.readNamespacedSecret({ namespace, name });
+      return secret.metadata?.labels?.[MANAGED_BY_LABEL] === MANAGED_BY ? secret : undefined;
+    } catch (error) {
+      if (apiStatus(error) === 404) return undefined;
+      throw error;
+    }
+  }
+
   async reconcile(): Promise<ReconcileResult> {
     const config = this.config();
     const currentKey = keyId(this.signingKey());
     const result: ReconcileResult = { refreshed: [], deleted: [], errors: [] };
-    const secrets = await this.core.listSecretForAllNamespaces({ labelSelector: `${MANAGED_BY_LABEL}=${MANAGED_BY}` });
-    for (const secret of secrets.items) {
-      const namespace = secret.metadata?.namespace ?? '';
-      const name = secret.metadata?.name ?? '';
+    // Secrets are read by name in each namespace rather than listed: RBAC can then limit the
+    // webhook to the one Secret name it manages instead of every Secret in the cluster.
+    const name = config.webhook.pullSecretName;
+    const namespaces = await this.core.listNamespace();
+    for (const ns of namespaces.items) {
+      const namespace = ns.metadata?.name ?? '';
       const id = `${namespace}/${name}`;
       try {
+        const secret = await this.readManaged(namespace, name);
+        if (!secret) continue;
         const created = secret.metadata?.creationTimestamp ? new Date(secret.metadata.creationTimestamp).getTime() : 0;
-        const stillNamed = name === config.webhook.pullSecretName;
-        if ((!stillNamed || !(await this.namespaceNeedsSecret(namespace, config))) && this.now() - created > this.graceMs) {
+        if (!(await this.namespaceNeedsSecret(namespace, config)) && this.now() - created > this.graceMs) {
           await this.core.deleteNamespacedSecret({ namespace, name });
           this.provisioner.forget(namespace, name);
           result.deleted.push(id);
-        } else if (stillNamed && secret.metadata?.annotations?.[KEY_ID_ANNOTATION] !== currentKey) {
+        } else if (secret.metadata?.annotations?.[KEY_ID_ANNOTATION] !== currentKey) {
           this.provisioner.forget(namespace, name);
           await this.provisioner.ensure(namespace, name);
           result.refreshed.push(id);

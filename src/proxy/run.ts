@@ -35,7 +35,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
         extraErrors: proxyConfigErrors,
         onApplied: (next) => {
           const old = runtime;
-          runtime = createProxyRuntime(next);
+          runtime = createProxyRuntime(next); // throws (and the watcher rejects) on e.g. a missing CA file
           retired.add(old);
           // close() lets requests in flight finish; the timer bounds a stream that never ends.
           const timer = setTimeout(() => void old.close().finally(() => retired.delete(old)), DRAIN_MS);

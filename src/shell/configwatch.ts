@@ -61,6 +61,14 @@ export class ConfigWatcher {
     }
   }
 
+  private reject(reason: string, fields: Record<string, unknown>): ReloadOutcome {
+    this.reloads.inc({ result: 'rejected' });
+    this.healthy.set(0);
+    this.options.logger.error({ path: this.options.path, ...fields }, 'config change rejected; the last good config stays in force');
+    this.options.onRejected?.(`config change rejected, keeping the last good config:${reason}`);
+    return 'rejected';
+  }
+
   /** Reads the file once; applies it when it changed and is valid. */
   check(): ReloadOutcome {
     const text = this.readText();
@@ -70,19 +78,17 @@ export class ConfigWatcher {
     this.lastHash = hash;
     const result = parseConfig(text);
     const errors: ConfigError[] = result.ok ? (this.options.extraErrors?.(result.config) ?? []).map((m) => ({ key: m.split(':')[0] ?? '', message: m.slice(m.indexOf(':') + 1).trim() })) : [...result.errors];
-    if (!result.ok || errors.length > 0) {
-      const message = `config change rejected, keeping the last good config:\n${formatConfigErrors(errors)}`;
-      this.reloads.inc({ result: 'rejected' });
-      this.healthy.set(0);
-      this.options.logger.error({ path: this.options.path, errors }, 'config change rejected; the last good config stays in force');
-      this.options.onRejected?.(message);
-      return 'rejected';
+    if (!result.ok || errors.length > 0) return this.reject(`\n${formatConfigErrors(errors)}`, { errors });
+    try {
+      this.options.onApplied?.(result.config);
+    } catch (error) {
+      // The component could not take the config up (e.g. a CA file that is not there yet).
+      return this.reject(` ${(error as Error).message}`, { error: (error as Error).message });
     }
     this.config = result.config;
     this.reloads.inc({ result: 'applied' });
     this.healthy.set(1);
     this.options.logger.info({ path: this.options.path, rules: result.config.registries.map((r) => r.name) }, 'config change applied');
-    this.options.onApplied?.(result.config);
     return 'applied';
   }
 }

@@ -1,7 +1,7 @@
 // Credentials and keys from files (Secret mounts). Re-read after a short time so that a rotated
 // Secret takes effect without a restart; never logged.
 
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 
 const REFRESH_MS = 10_000;
 
@@ -13,6 +13,11 @@ export class SecretFile {
     readonly path: string,
     private readonly now: () => number = Date.now,
   ) {}
+
+  /** Whether the file does not exist (as opposed to being unreadable). */
+  missing(): boolean {
+    return !existsSync(this.path);
+  }
 
   /** The file's content without a trailing newline; throws with the path (not the content) on error. */
   read(): string {
@@ -39,13 +44,25 @@ export class BrokerKeys {
     this.files = paths.map((p) => new SecretFile(p));
   }
 
-  /** All keys, signing key first. Throws when a key is unreadable or too short. */
+  /**
+   * All keys, signing key first. The signing key must exist; later files are optional (a Secret
+   * holds a previous key only during a rotation). Throws when a present key is too short.
+   */
   keys(): Uint8Array[] {
-    return this.files.map((f) => {
-      const key = Buffer.from(f.read(), 'utf8');
+    const keys: Uint8Array[] = [];
+    this.files.forEach((f, i) => {
+      let text: string;
+      try {
+        text = f.read();
+      } catch (error) {
+        if (i > 0 && f.missing()) return;
+        throw error;
+      }
+      const key = Buffer.from(text, 'utf8');
       if (key.length < MIN_BROKER_KEY_BYTES) throw new Error(`broker key ${f.path} is shorter than ${MIN_BROKER_KEY_BYTES} bytes`);
-      return key;
+      keys.push(key);
     });
+    return keys;
   }
 
   signingKey(): Uint8Array {

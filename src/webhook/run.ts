@@ -1,6 +1,8 @@
 // The webhook process: server, live config, and — with API access — pull secrets, namespace
 // opt-out and events. Everything here is wiring.
 
+import { readFileSync } from 'node:fs';
+import https from 'node:https';
 import type { Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
@@ -17,12 +19,17 @@ export interface WebhookRunOptions {
   readonly host: string;
   readonly port: number;
   readonly tls?: TlsFiles;
+  /** TLS files to re-read periodically (cert-manager rotates them in place). */
+  readonly tlsFiles?: { readonly cert: string; readonly key: string };
+  /** Without cert-manager: keep the serving certificate in this Secret and inject its CA. */
+  readonly tlsBootstrap?: { readonly secretName: string; readonly service: string; readonly webhookConfiguration: string; readonly namespace: string; readonly validityDays?: number };
   /** Kubernetes access: a kubeconfig path, 'in-cluster', or undefined for none (local use). */
   readonly kubeconfig?: string;
   /** Where events about the config go: the ConfigMap and the webhook's own namespace. */
   readonly configMap?: { name: string; namespace: string };
   readonly pullSecretFailure?: 'deny' | 'admit-unchanged';
   readonly reconcileIntervalMs?: number;
+  readonly tlsRefreshMs?: number;
   /** Where logs and audit records go; stdout when absent. */
   readonly logger?: Logger;
 }
@@ -83,6 +90,20 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     logger.warn('no Kubernetes API access: pull secrets are not provisioned and namespace labels are not read');
   }
 
+  let tls: TlsFiles | undefined = options.tls;
+  let refreshTls: (() => Promise<TlsFiles | undefined>) | undefined;
+  if (options.tlsBootstrap) {
+    if (!k8s) throw new Error('certificate bootstrap needs Kubernetes API access (in a cluster, or --kubeconfig)');
+    const { ensureServingCertificate } = await import('../k8s/certbootstrap.js');
+    const b = options.tlsBootstrap;
+    const bootstrap = () => ensureServingCertificate({ core: k8s.core, admission: k8s.admission, namespace: b.namespace, secretName: b.secretName, service: b.service, webhookConfiguration: b.webhookConfiguration, ...(b.validityDays ? { validityDays: b.validityDays } : {}) });
+    tls = await bootstrap();
+    refreshTls = bootstrap;
+  } else if (options.tlsFiles) {
+    const files = options.tlsFiles;
+    refreshTls = async () => ({ cert: readFileSync(files.cert, 'utf8'), key: readFileSync(files.key, 'utf8') });
+  }
+
   const watcher = options.configPath
     ? new ConfigWatcher({
         path: options.configPath,
@@ -106,7 +127,25 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     ready: () => !draining,
     pullSecretFailure: options.pullSecretFailure ?? 'deny',
   });
-  const running = await listen(app, { host: options.host, port: options.port, ...(options.tls ? { tls: options.tls } : {}) });
+  const running = await listen(app, { host: options.host, port: options.port, ...(tls ? { tls } : {}) });
+  if (refreshTls && running.server instanceof https.Server) {
+    // Certificates rotate under a running server: swap the context when they change.
+    const server = running.server;
+    let served = tls?.cert;
+    const timer = setInterval(() => {
+      refreshTls()
+        .then((next) => {
+          if (next && next.cert !== served) {
+            server.setSecureContext({ cert: next.cert, key: next.key });
+            served = next.cert.toString();
+            logger.info('serving certificate reloaded');
+          }
+        })
+        .catch((error: unknown) => logger.error({ error: (error as Error).message }, 'serving certificate refresh failed'));
+    }, options.tlsRefreshMs ?? 60 * 60_000);
+    timer.unref();
+    stops.push(() => clearInterval(timer));
+  }
   logger.info({ url: running.url, rules: config.registries.map((r) => r.name) }, 'webhook listening');
   return {
     running,

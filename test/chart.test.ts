@@ -1,0 +1,118 @@
+// The Helm chart: lint clean, and what `helm template` renders is accepted by a real apiserver
+// (server-side dry run, as `kubectl apply --dry-run=server` does), with a config the project accepts.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
+import { parseAllDocuments } from 'yaml';
+import { parseConfig } from '../src/rules/config.js';
+import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
+import { runAsync } from './support/procs.js';
+
+const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
+const VALUES = `
+registries:
+  - name: corp
+    match: [registry.corp.example:5000]
+    upstream: https://registry.corp.example:5000
+    credentials: {username: robot, password: s3cret}
+    caBundle: |
+      -----BEGIN CERTIFICATE-----
+      MIIBnotreal
+      -----END CERTIFICATE-----
+    namespaces: {exclude: ["sandbox-*"]}
+  - name: onprem
+    match: [onprem.example:443]
+    upstream: http://onprem.example:443
+    auth: {mode: passthrough}
+    forwardProxy: {url: "http://connectivity-proxy.kyma-system:20003", mode: forward, headers: {SAP-Connectivity-SCC-Location_ID: loc-1}}
+  - name: hub
+    match: [docker.io]
+    upstream: https://registry-1.docker.io
+    auth: {mode: anonymous}
+webhook:
+  excludedNamespaces: [monitoring]
+`;
+
+describe('Helm chart', function () {
+  this.timeout(120_000);
+  const helm = cachedBinary('helm');
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-chart-'));
+  const valuesFile = join(dir, 'values.yaml');
+  writeFileSync(valuesFile, VALUES);
+  let cp: ControlPlane;
+  let objects: KubernetesObjectApi;
+
+  before(async () => {
+    cp = await startControlPlane();
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    objects = KubernetesObjectApi.makeApiClient(kc);
+    await kc.makeApiClient(CoreV1Api).createNamespace({ body: { metadata: { name: 'pullbridge' } } });
+  });
+  after(async () => cp?.stop());
+
+  const render = async (...extra: string[]): Promise<KubernetesObject[]> => {
+    const out = await runAsync(helm, ['template', 'pullbridge', CHART, '-n', 'pullbridge', '--kube-version', KUBE_VERSION.slice(1), '-f', valuesFile, ...extra]);
+    return parseAllDocuments(out).map((d) => d.toJS() as KubernetesObject).filter((o) => o && o.kind);
+  };
+
+  it('lints clean with default and with full values', async () => {
+    const plain = await runAsync(helm, ['lint', CHART, '--strict']);
+    assert.match(plain, /1 chart\(s\) linted, 0 chart\(s\) failed/);
+    const full = await runAsync(helm, ['lint', CHART, '--strict', '-f', valuesFile]);
+    assert.match(full, /0 chart\(s\) failed/);
+  });
+
+  for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
+    it(`renders objects the apiserver accepts (proxy exposure ${exposure})`, async () => {
+      const rendered = await render('--set', `proxy.exposure=${exposure}`);
+      const kinds = rendered.map((o) => o.kind).sort();
+      for (const kind of ['ClusterRole', 'ConfigMap', 'DaemonSet', 'Deployment', 'MutatingWebhookConfiguration', 'PodDisruptionBudget', 'Secret']) assert.ok(kinds.includes(kind), `${kind} rendered`);
+      assert.equal(kinds.includes('Service') && rendered.some((o) => o.kind === 'Service' && (o as { spec?: { type?: string } }).spec?.type === 'NodePort'), exposure === 'nodePort');
+      for (const object of rendered) {
+        await objects.create(object, undefined, 'All').catch((error: { body?: unknown }) => {
+          throw new Error(`${object.kind}/${object.metadata?.name} rejected: ${JSON.stringify(error.body ?? error)}`);
+        });
+      }
+    });
+  }
+
+  it('renders a config.yaml that pullbridge validates, with credentials and CA as mounted files', async () => {
+    const configMap = (await render()).find((o) => o.kind === 'ConfigMap') as KubernetesObject & { data: Record<string, string> };
+    const result = parseConfig(configMap.data['config.yaml'] ?? '');
+    assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));
+    const corp = result.config.registries.find((r) => r.name === 'corp');
+    assert.equal(corp?.credentials?.passwordFile, '/etc/pullbridge/credentials/corp/password');
+    assert.equal(corp?.tls?.caFile, '/etc/pullbridge/config/ca-corp.crt');
+    assert.match(configMap.data['ca-corp.crt'] ?? '', /BEGIN CERTIFICATE/);
+    assert.equal(result.config.registries.find((r) => r.name === 'onprem')?.forwardProxy?.headers['SAP-Connectivity-SCC-Location_ID'], 'loc-1');
+  });
+
+  it('runs both workloads non-root with a read-only root filesystem, and the webhook as configured', async () => {
+    const rendered = await render();
+    for (const kind of ['Deployment', 'DaemonSet']) {
+      const workload = rendered.find((o) => o.kind === kind) as KubernetesObject & { spec: { template: { spec: { securityContext: { runAsNonRoot: boolean }; containers: Array<{ securityContext: { readOnlyRootFilesystem: boolean; allowPrivilegeEscalation: boolean } }> } } } };
+      assert.equal(workload.spec.template.spec.securityContext.runAsNonRoot, true, kind);
+      assert.equal(workload.spec.template.spec.containers[0]?.securityContext.readOnlyRootFilesystem, true, kind);
+      assert.equal(workload.spec.template.spec.containers[0]?.securityContext.allowPrivilegeEscalation, false, kind);
+    }
+    const hook = rendered.find((o) => o.kind === 'MutatingWebhookConfiguration') as KubernetesObject & { webhooks: Array<Record<string, unknown>> };
+    const w = hook.webhooks[0] ?? {};
+    assert.equal(w.sideEffects, 'NoneOnDryRun');
+    assert.equal(w.reinvocationPolicy, 'IfNeeded');
+    assert.deepEqual(w.admissionReviewVersions, ['v1']);
+    assert.equal(w.failurePolicy, 'Ignore');
+    assert.match(JSON.stringify(w.namespaceSelector), /"kube-system","pullbridge","monitoring"/);
+    const daemonset = JSON.stringify(rendered.find((o) => o.kind === 'DaemonSet'));
+    assert.match(daemonset, /"operator":"Exists"/, 'tolerates all taints');
+    assert.match(daemonset, /system-node-critical/);
+  });
+
+  it('refuses an unknown proxy exposure with a clear message', async () => {
+    await assert.rejects(render('--set', 'proxy.exposure=ingress'), /proxy\.exposure must be nodePort, hostPort or hostNetwork/);
+  });
+});
