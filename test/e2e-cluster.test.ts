@@ -9,7 +9,7 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, type V1MutatingWebhookConfiguration, type V1Pod } from '@kubernetes/client-node';
+import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, PatchStrategy, setHeaderOptions, type V1MutatingWebhookConfiguration, type V1Pod } from '@kubernetes/client-node';
 import { parse as parseYaml } from 'yaml';
 import { generateCertificates } from '../src/certs/certs.js';
 import { parseConfig } from '../src/rules/config.js';
@@ -103,6 +103,7 @@ ${extraRules}`;
       kubeconfig: cp.kubeconfig,
       configMap: { name: 'pullbridge-config', namespace: 'pullbridge' },
       reconcileIntervalMs: 3_600_000,
+      reconcileGraceMs: 0,
       logger: logs.logger,
     });
 
@@ -192,6 +193,50 @@ ${extraRules}`;
     assert.equal(secrets.items.length, 1);
   });
 
+  it('bootstraps its own serving certificate without cert-manager: Secret, caBundle, and the apiserver trusts it', async () => {
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const admission = kc.makeApiClient(AdmissionregistrationV1Api);
+    const shipped = parseYaml(readFileSync(WEBHOOK_YAML, 'utf8')) as V1MutatingWebhookConfiguration;
+    shipped.metadata = { name: 'pullbridge-bootstrap' };
+    for (const hook of shipped.webhooks ?? []) {
+      hook.clientConfig = { url: 'https://127.0.0.1:1/mutate' };
+      hook.objectSelector = { matchLabels: { 'bootstrap-test': 'yes' } };
+    }
+    await admission.createMutatingWebhookConfiguration({ body: shipped });
+    const bootLogs = memoryLogger();
+    const parsed = parseConfig(readFileSync(configPath, 'utf8'));
+    assert.ok(parsed.ok);
+    const tlsBootstrap = { secretName: 'bootstrap-tls', service: 'pullbridge-webhook', webhookConfiguration: 'pullbridge-bootstrap', namespace: 'pullbridge', extraNames: ['127.0.0.1'] };
+    const boot = await runWebhook({ config: parsed.config, host: '127.0.0.1', port: 0, kubeconfig: cp.kubeconfig, tlsBootstrap, logger: bootLogs.logger });
+    try {
+      const secret = await core.readNamespacedSecret({ namespace: 'pullbridge', name: 'bootstrap-tls' });
+      assert.equal(secret.type, 'kubernetes.io/tls');
+      const ca = secret.data?.['ca.crt'] ?? '';
+      const stored = await admission.readMutatingWebhookConfiguration({ name: 'pullbridge-bootstrap' });
+      assert.equal(stored.webhooks?.[0]?.clientConfig.caBundle, ca, 'caBundle injected');
+      // Point the configuration at this instance; the apiserver must trust the bootstrapped cert.
+      for (const hook of stored.webhooks ?? []) hook.clientConfig.url = `${boot.running.url}/mutate`;
+      await admission.replaceMutatingWebhookConfiguration({ name: 'pullbridge-bootstrap', body: stored });
+      await namespace('boot');
+      const deadline = Date.now() + 30_000;
+      let seen = false;
+      for (let i = 0; !seen && Date.now() < deadline; i++) {
+        await core.createNamespacedPod({ namespace: 'boot', body: pod(`b${i}`, { 'bootstrap-test': 'yes' }), dryRun: 'All' });
+        seen = bootLogs.records.some((r) => r.audit === 'admission' && r.namespace === 'boot');
+        if (!seen) await new Promise((r) => setTimeout(r, 250));
+      }
+      assert.ok(seen, 'the apiserver called the bootstrapped webhook over TLS');
+      // A second replica reuses the stored certificate rather than minting another.
+      const second = await runWebhook({ config: parsed.config, host: '127.0.0.1', port: 0, kubeconfig: cp.kubeconfig, tlsBootstrap, logger: memoryLogger().logger });
+      await second.shutdown();
+      const again = await core.readNamespacedSecret({ namespace: 'pullbridge', name: 'bootstrap-tls' });
+      assert.equal(again.data?.['tls.crt'], secret.data?.['tls.crt']);
+    } finally {
+      await boot.shutdown();
+    }
+  });
+
   it('rejects an invalid config change with a log, a metric and an Event, keeping the last good config', async () => {
     writeFileSync(configPath, 'registries:\n  - name: Not A Label\n');
     assert.equal(webhook.watcher?.check(), 'rejected');
@@ -223,6 +268,10 @@ ${extraRules}`;
     await webhook.reconcile?.();
     const after = (await secretOrNull('shop'))?.data?.['.dockerconfigjson'];
     assert.ok(before && after && before !== after, 'the secret now carries the new key\'s credential');
+    assert.ok(await secretOrNull('burst'), 'a namespace with rewritten Pods keeps its secret');
+    await core.patchNamespace({ name: 'burst', body: [{ op: 'add', path: '/metadata/labels/pullbridge.io~1ignore', value: 'true' }] }, setHeaderOptions('Content-Type', PatchStrategy.JsonPatch));
+    await webhook.reconcile?.();
+    assert.equal(await secretOrNull('burst'), null, 'an opted-out namespace no longer needs the secret');
     // Audit records for every admission, with the requesting user.
     assert.ok(logs.records.filter((r) => r.audit === 'admission' && r.user === 'admin').length >= 10);
   });

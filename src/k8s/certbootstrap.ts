@@ -4,6 +4,7 @@
 // Replicas race safely: the Secret create or update that loses (409) reads the winner's.
 
 import { X509Certificate } from 'node:crypto';
+import { isIP } from 'node:net';
 import type { AdmissionregistrationV1Api, CoreV1Api, V1Secret } from '@kubernetes/client-node';
 import { generateCertificates } from '../certs/certs.js';
 import { apiMessage, apiStatus } from './client.js';
@@ -22,17 +23,20 @@ export interface BootstrapOptions {
   readonly service: string;
   readonly webhookConfiguration: string;
   readonly validityDays?: number;
+  /** Extra SANs, e.g. a node address for a hostNetwork webhook reached by IP. */
+  readonly extraNames?: readonly string[];
   /** Renew when less than this remains. */
   readonly renewBeforeDays?: number;
   readonly now?: () => Date;
 }
 
 /** Whether a stored certificate serves the Service for at least `renewBeforeDays` more. Pure. */
-export function certificateUsable(pem: string, service: string, namespace: string, now: Date, renewBeforeDays: number): boolean {
+export function certificateUsable(pem: string, service: string, namespace: string, now: Date, renewBeforeDays: number, extraNames: readonly string[] = []): boolean {
   try {
     const cert = new X509Certificate(pem);
     const renewAt = new Date(cert.validTo).getTime() - renewBeforeDays * 86_400_000;
-    return now.getTime() < renewAt && now.getTime() > new Date(cert.validFrom).getTime() - 300_000 && cert.checkHost(`${service}.${namespace}.svc`) !== undefined;
+    const covers = (name: string) => (isIP(name) ? cert.checkIP(name) : cert.checkHost(name)) !== undefined;
+    return now.getTime() < renewAt && now.getTime() > new Date(cert.validFrom).getTime() - 300_000 && [`${service}.${namespace}.svc`, ...extraNames].every(covers);
   } catch {
     return false;
   }
@@ -73,11 +77,11 @@ export async function ensureServingCertificate(options: BootstrapOptions): Promi
   for (let attempt = 0; attempt < 3 && !serving; attempt++) {
     const existing = await readSecret(core, namespace, name);
     const current = fromSecret(existing);
-    if (current && certificateUsable(current.cert, options.service, namespace, now, renewBefore)) {
+    if (current && certificateUsable(current.cert, options.service, namespace, now, renewBefore, options.extraNames)) {
       serving = current;
       break;
     }
-    const fresh = generateCertificates({ service: options.service, namespace, validityDays: options.validityDays ?? 365, now });
+    const fresh = generateCertificates({ service: options.service, namespace, validityDays: options.validityDays ?? 365, now, ...(options.extraNames ? { extraNames: options.extraNames } : {}) });
     // The new CA first, then the previous one while it is valid: replicas still serving the old
     // certificate keep working until they pick up the new one.
     const caBundle = [fresh.caCert.trim(), ...validCas(current?.caCert ?? '', now).filter((pem) => pem !== fresh.caCert.trim())].join('\n') + '\n';

@@ -22,13 +22,15 @@ export interface WebhookRunOptions {
   /** TLS files to re-read periodically (cert-manager rotates them in place). */
   readonly tlsFiles?: { readonly cert: string; readonly key: string };
   /** Without cert-manager: keep the serving certificate in this Secret and inject its CA. */
-  readonly tlsBootstrap?: { readonly secretName: string; readonly service: string; readonly webhookConfiguration: string; readonly namespace: string; readonly validityDays?: number };
+  readonly tlsBootstrap?: { readonly secretName: string; readonly service: string; readonly webhookConfiguration: string; readonly namespace: string; readonly validityDays?: number; readonly extraNames?: readonly string[] };
   /** Kubernetes access: a kubeconfig path, 'in-cluster', or undefined for none (local use). */
   readonly kubeconfig?: string;
   /** Where events about the config go: the ConfigMap and the webhook's own namespace. */
   readonly configMap?: { name: string; namespace: string };
   readonly pullSecretFailure?: 'deny' | 'admit-unchanged';
   readonly reconcileIntervalMs?: number;
+  /** How long a new pull secret is kept even without Pods (default 10 minutes). */
+  readonly reconcileGraceMs?: number;
   readonly tlsRefreshMs?: number;
   /** Where logs and audit records go; stdout when absent. */
   readonly logger?: Logger;
@@ -77,7 +79,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       };
       const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey);
       sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
-      const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger);
+      const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, options.reconcileGraceMs !== undefined ? { graceMs: options.reconcileGraceMs } : {});
       reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
       reconcile = () => reconciler.reconcile();
       stops.push(() => reconciler.stop());
@@ -96,7 +98,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     if (!k8s) throw new Error('certificate bootstrap needs Kubernetes API access (in a cluster, or --kubeconfig)');
     const { ensureServingCertificate } = await import('../k8s/certbootstrap.js');
     const b = options.tlsBootstrap;
-    const bootstrap = () => ensureServingCertificate({ core: k8s.core, admission: k8s.admission, namespace: b.namespace, secretName: b.secretName, service: b.service, webhookConfiguration: b.webhookConfiguration, ...(b.validityDays ? { validityDays: b.validityDays } : {}) });
+    const bootstrap = () => ensureServingCertificate({ core: k8s.core, admission: k8s.admission, namespace: b.namespace, secretName: b.secretName, service: b.service, webhookConfiguration: b.webhookConfiguration, ...(b.validityDays ? { validityDays: b.validityDays } : {}), ...(b.extraNames ? { extraNames: b.extraNames } : {}) });
     tls = await bootstrap();
     refreshTls = bootstrap;
   } else if (options.tlsFiles) {

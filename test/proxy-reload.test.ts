@@ -1,0 +1,57 @@
+// The proxy takes config changes live: a new rule serves at once, an invalid change (or one it
+// cannot take up, like a missing CA file) is rejected and the running rules keep serving.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { runProxy } from '../src/proxy/run.js';
+import { parseConfig } from '../src/rules/config.js';
+import { buildImage } from './support/oci.js';
+import { startRegistry, type RegistryHandle } from './support/registry.js';
+
+describe('proxy live configuration', function () {
+  this.timeout(60_000);
+  let registry: RegistryHandle;
+  before(async () => {
+    registry = await startRegistry({ auth: 'none' });
+    await registry.push(buildImage(), 'team/app', '1.0');
+  });
+  after(async () => registry?.stop());
+
+  it('applies a valid change at once and keeps serving through invalid ones', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-reload-'));
+    const path = join(dir, 'config.yaml');
+    const rule = (name: string, extra = '') => `  - {name: ${name}, match: [${name}.example], upstream: "${registry.url}", auth: {mode: anonymous}${extra}}\n`;
+    writeFileSync(path, `registries:\n${rule('corp')}`);
+    const initial = parseConfig(`registries:\n${rule('corp')}`);
+    assert.ok(initial.ok);
+    const proxy = await runProxy({ config: initial.config, configPath: path, host: '127.0.0.1', port: 0, probeIntervalMs: 3_600_000 });
+    const status = async (ruleName: string) => (await fetch(`${proxy.running.url}/v2/${ruleName}/team/app/manifests/1.0`, { headers: { accept: 'application/vnd.oci.image.index.v1+json' } })).status;
+    try {
+      assert.equal(await status('corp'), 200);
+      assert.equal(await status('extra'), 404);
+
+      writeFileSync(path, `registries:\n${rule('corp')}${rule('extra')}`);
+      assert.equal(proxy.watcher?.check(), 'applied');
+      assert.equal(await status('extra'), 200);
+
+      writeFileSync(path, 'registries: [{name: broken}]\n');
+      assert.equal(proxy.watcher?.check(), 'rejected');
+      assert.equal(await status('extra'), 200, 'the last good config keeps serving');
+
+      writeFileSync(path, `registries:\n${rule('corp', ', tls: {caFile: /nonexistent/ca.crt}')}`);
+      assert.equal(proxy.watcher?.check(), 'rejected', 'a CA file that is not there is rejected, not a crash');
+      assert.equal(await status('extra'), 200);
+
+      writeFileSync(path, `registries:\n${rule('corp')}\nbroker: {keyFiles: []}\n`);
+      assert.equal(proxy.watcher?.check(), 'rejected');
+      const metrics = await (await fetch(`${proxy.running.url}/metrics`)).text();
+      assert.match(metrics, /pullbridge_config_reloads_total\{result="applied"\} 1/);
+      assert.match(metrics, /pullbridge_config_reloads_total\{result="rejected"\} 3/);
+      assert.match(metrics, /pullbridge_config_last_reload_ok 0/);
+    } finally {
+      await proxy.shutdown();
+    }
+  });
+});
