@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds kube-apiserver and helm from Go modules into a cache outside the repository, once per
-# version: the end-to-end tests run a real control plane and lint/render the chart with helm.
+# Builds kube-apiserver, kubectl and helm from Go modules into a cache outside the repository, once
+# per version: the end-to-end tests run a real control plane, drive certs-scripts/ with kubectl,
+# and lint/render the chart with helm.
 #
 #   scripts/build-control-plane.sh        # prints the two binaries' paths
 # Env: KUBE_VERSION (v1.31.4), HELM_VERSION (v3.16.4), PULLBRIDGE_CACHE (~/.cache/pullbridge)
@@ -11,9 +12,10 @@ HELM_VERSION=${HELM_VERSION:-v3.16.4}
 CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
 mkdir -p "$CACHE/bin"
 apiserver="$CACHE/bin/kube-apiserver-$KUBE_VERSION"
+kubectl="$CACHE/bin/kubectl-$KUBE_VERSION"
 helm="$CACHE/bin/helm-$HELM_VERSION"
 
-if [ ! -x "$apiserver" ]; then
+if [ ! -x "$apiserver" ] || [ ! -x "$kubectl" ]; then
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   cd "$work"
@@ -30,10 +32,13 @@ if [ ! -x "$apiserver" ]; then
   GOFLAGS=-mod=mod go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION"
   minor=$(echo "$KUBE_VERSION" | cut -d. -f2)
   # Stamp the version: unstamped, /version says v0.0.0 and kubeVersion checks fail.
-  go build -p 2 -o "$apiserver.tmp" \
-    -ldflags "-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor" \
-    k8s.io/kubernetes/cmd/kube-apiserver
-  mv "$apiserver.tmp" "$apiserver"
+  ldflags="-X k8s.io/component-base/version.gitVersion=$KUBE_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
+  for cmd in kube-apiserver kubectl; do
+    out="$CACHE/bin/$cmd-$KUBE_VERSION"
+    [ -x "$out" ] && continue
+    go build -p 2 -o "$out.tmp" -ldflags "$ldflags" "k8s.io/kubernetes/cmd/$cmd"
+    mv "$out.tmp" "$out"
+  done
   cd - >/dev/null
 fi
 
@@ -45,4 +50,5 @@ if [ ! -x "$helm" ]; then
 fi
 
 echo "$apiserver"
+echo "$kubectl"
 echo "$helm"

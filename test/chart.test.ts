@@ -6,7 +6,8 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
+import { X509Certificate } from 'node:crypto';
+import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments } from 'yaml';
 import { parseConfig } from '../src/rules/config.js';
 import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
@@ -112,7 +113,47 @@ describe('Helm chart', function () {
     assert.match(daemonset, /system-node-critical/);
   });
 
-  it('refuses an unknown proxy exposure with a clear message', async () => {
+  it('refuses an unknown proxy exposure or certificate mode with a clear message', async () => {
     await assert.rejects(render('--set', 'proxy.exposure=ingress'), /proxy\.exposure must be nodePort, hostPort or hostNetwork/);
+    await assert.rejects(render('--set', 'webhook.certificates.mode=manual'), /webhook\.certificates\.mode must be bootstrap, certManager or secret/);
+  });
+
+  it('mounts a provided certificate Secret in secret mode, and bootstraps by default', async () => {
+    const args = (objects: KubernetesObject[]) => JSON.stringify((objects.find((o) => o.kind === 'Deployment') as unknown as { spec: { template: { spec: { containers: Array<{ args: string[] }> } } } }).spec.template.spec.containers[0]?.args);
+    const bootstrap = args(await render());
+    assert.match(bootstrap, /--tls-secret=pullbridge-webhook-tls/);
+    assert.match(bootstrap, /--webhook-configuration=pullbridge/);
+    const secret = await render('--set', 'webhook.certificates.mode=secret');
+    assert.match(args(secret), /--tls-cert=\/etc\/pullbridge\/tls\/tls\.crt/);
+    for (const object of secret.filter((o) => o.kind === 'Deployment')) await objects.create(object, undefined, 'All');
+  });
+
+  it('certs-scripts/install-certs.sh stores a serving certificate and sets caBundle; a re-run keeps a valid one', async () => {
+    const kubectl = `${cachedBinary('kubectl')} --kubeconfig ${cp.kubeconfig}`;
+    const hook = (await render()).find((o) => o.kind === 'MutatingWebhookConfiguration') as KubernetesObject;
+    hook.metadata = { name: 'pullbridge-scripted' };
+    await objects.create(hook);
+    const script = fileURLToPath(new URL('../../certs-scripts/install-certs.sh', import.meta.url));
+    const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
+    const env = { KUBECTL: kubectl, PULLBRIDGE: `${process.execPath} ${cli}`, NAMESPACE: 'pullbridge', SECRET: 'scripted-tls', WEBHOOK: 'pullbridge-scripted', SERVICE: 'pullbridge-webhook' };
+    const first = await runAsync('bash', [script], { env });
+    assert.match(first, /new certificate for pullbridge-webhook\.pullbridge\.svc/);
+    assert.match(first, /caBundle set on 1 webhook/);
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const secret = await kc.makeApiClient(CoreV1Api).readNamespacedSecret({ namespace: 'pullbridge', name: 'scripted-tls' });
+    assert.equal(secret.type, 'kubernetes.io/tls');
+    const leaf = new X509Certificate(Buffer.from(secret.data?.['tls.crt'] ?? '', 'base64'));
+    const ca = new X509Certificate(Buffer.from(secret.data?.['ca.crt'] ?? '', 'base64'));
+    assert.ok(leaf.verify(ca.publicKey));
+    assert.ok(leaf.checkHost('pullbridge-webhook.pullbridge.svc'));
+    const stored = await kc.makeApiClient(AdmissionregistrationV1Api).readMutatingWebhookConfiguration({ name: 'pullbridge-scripted' });
+    assert.equal(stored.webhooks?.[0]?.clientConfig.caBundle, secret.data?.['ca.crt']);
+    const second = await runAsync('bash', [script], { env });
+    assert.match(second, /certificate valid for more than 30 days, kept/);
+  });
+
+  it('builds the image\'s code from src alone (tsconfig.build.json, as the Dockerfile does)', async () => {
+    await runAsync('npx', ['tsc', '-p', fileURLToPath(new URL('../../tsconfig.build.json', import.meta.url)), '--noEmit']);
   });
 });

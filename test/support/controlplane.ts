@@ -12,7 +12,7 @@ export const KUBE_VERSION = process.env.KUBE_VERSION ?? 'v1.31.4';
 export const HELM_VERSION = process.env.HELM_VERSION ?? 'v3.16.4';
 const CACHE = process.env.PULLBRIDGE_CACHE ?? join(homedir(), '.cache', 'pullbridge');
 
-export function cachedBinary(name: 'kube-apiserver' | 'helm'): string {
+export function cachedBinary(name: 'kube-apiserver' | 'kubectl' | 'helm'): string {
   const path = join(CACHE, 'bin', `${name}-${name === 'helm' ? HELM_VERSION : KUBE_VERSION}`);
   if (!existsSync(path)) throw new Error(`${path} is missing: run scripts/build-control-plane.sh (it builds kube-apiserver and helm from Go modules)`);
   return path;

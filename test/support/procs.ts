@@ -76,9 +76,9 @@ export function hasCommand(command: string): boolean {
 }
 
 /** Runs a command to completion without blocking this process (servers in it keep answering). */
-export function runAsync(command: string, args: string[], options: { timeoutMs?: number } = {}): Promise<string> {
+export function runAsync(command: string, args: string[], options: { timeoutMs?: number; env?: NodeJS.ProcessEnv } = {}): Promise<string> {
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...options.env } });
     let stdout = '';
     let stderr = '';
     child.stdout.on('data', (c: Buffer) => (stdout += c.toString()));
