@@ -145,7 +145,13 @@ describe('proxy under upstream faults (scripted upstream)', function () {
     upstream = await startScriptedUpstream();
     const dir = mkdtempSync(join(tmpdir(), 'pullbridge-faults-'));
     writeFileSync(join(dir, 'password'), 's3cret\n');
-    proxy = await startProxy({ registries: [{ name: 'corp', match: ['r.example'], upstream: upstream.registry.url, credentials: { username: 'robot', passwordFile: join(dir, 'password') } }] });
+    const credentials = { username: 'robot', passwordFile: join(dir, 'password') };
+    proxy = await startProxy({
+      registries: [
+        { name: 'corp', match: ['r.example'], upstream: upstream.registry.url, credentials },
+        { name: 'trusting', match: ['t.example'], upstream: upstream.registry.url, credentials, verifyBlobDigests: false },
+      ],
+    });
     auth = { authorization: proxy.authorization('shop') };
   });
   after(async () => {
@@ -205,6 +211,16 @@ describe('proxy under upstream faults (scripted upstream)', function () {
       const record = proxy.logs.records.find((r) => r.repository === 'corrupt');
       assert.match(String(record?.error), /does not match/);
       assert.equal(record?.status, 0);
+    });
+
+    it('serves a corrupted blob as it is only where a rule turned verification off (the runtime then rejects it)', async () => {
+      const res = await pull(proxy.url, `/v2/trusting/corrupt/blobs/${BLOB_DIGEST}`, auth);
+      assert.equal(res.complete, true);
+      assert.equal(res.received.length, BLOB.length);
+      assert.ok(!res.received.equals(BLOB));
+      // Truncation is still never complete: Content-Length is kept and the connection is cut.
+      const cut = await pull(proxy.url, `/v2/trusting/truncated/blobs/${BLOB_DIGEST}`, auth);
+      assert.equal(cut.complete, false);
     });
 
     it('does the same for a chunked upstream body', async () => {

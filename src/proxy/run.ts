@@ -6,6 +6,7 @@ import type { Config } from '../rules/config.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer } from '../shell/serve.js';
 import { Prober } from './probe.js';
+import { BODY_HIGH_WATER_MARK } from './upstream.js';
 import { createProxyHandler, createProxyRuntime, proxyConfigErrors, type ProxyRuntime } from './server.js';
 
 export interface ProxyRunOptions {
@@ -46,7 +47,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
     : undefined;
   watcher?.start();
   const handler = createProxyHandler({ runtime: () => runtime, logger, metrics, prober, ready: () => !draining });
-  const running = await listen(handler, { host: options.host, port: options.port });
+  const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK });
   prober.start();
   logger.info({ url: running.url, rules: options.config.registries.map((r) => `${r.name} -> ${r.upstream}`) }, 'proxy listening');
   return {

@@ -163,6 +163,8 @@ function digestGuard(digest: string, onBytes: (n: number) => void): Transform {
   const expected = digest.slice(colon + 1);
   let held: Buffer | undefined;
   return new Transform({
+    // Default 16 KiB marks would stall the pipe on every 64 KiB socket read.
+    highWaterMark: 256 * 1024,
     transform(chunk: Buffer, _encoding, callback) {
       hash.update(chunk);
       const previous = held;
@@ -344,7 +346,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       exchange.bytes += n;
     };
     const stages: Array<NodeJS.ReadableStream | NodeJS.WritableStream | NodeJS.ReadWriteStream> = [up.body];
-    if (up.statusCode === 200) stages.push(digestGuard(route.digest, count));
+    if (up.statusCode === 200 && rr.rule.verifyBlobDigests) stages.push(digestGuard(route.digest, count));
     else up.body.on('data', (chunk: Buffer) => count(chunk.length));
     await new Promise<void>((resolve) => {
       pipeline([...stages, res] as unknown as [NodeJS.ReadableStream, NodeJS.WritableStream], (error) => {

@@ -27,6 +27,8 @@ export interface UpstreamRequest {
 }
 
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
+/** Bytes read ahead of a slow client per stream: enough to keep the pipe full, small enough to stay flat. */
+export const BODY_HIGH_WATER_MARK = 256 * 1024;
 const MAX_REDIRECTS = 5;
 
 export class UpstreamClient {
@@ -89,6 +91,7 @@ export class UpstreamClient {
       method,
       headers: authorization ? { ...headers, authorization } : headers,
       signal,
+      highWaterMark: BODY_HIGH_WATER_MARK,
     });
   }
 }

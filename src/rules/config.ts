@@ -77,6 +77,12 @@ const ruleSchema = z.strictObject({
     })
     .optional(),
   forwardProxy: forwardProxySchema.optional(),
+  /**
+   * Hash every whole-blob response while streaming and cut the connection on a mismatch, so that a
+   * corrupted body is never served as complete. Costs CPU (see the proxy benchmark); runtimes
+   * verify digests themselves, so a trusted upstream may turn it off.
+   */
+  verifyBlobDigests: z.boolean().default(true),
 });
 
 const configSchema = z.strictObject({

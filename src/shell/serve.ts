@@ -15,6 +15,8 @@ export interface ListenOptions {
   readonly tls?: TlsFiles;
   /** Time idle keep-alive sockets stay open; longer than typical client pools avoids races. */
   readonly keepAliveTimeoutMs?: number;
+  /** Bytes a response may buffer before write() asks the producer to wait. */
+  readonly highWaterMark?: number;
 }
 
 export interface RunningServer {
@@ -26,9 +28,10 @@ export interface RunningServer {
 }
 
 export async function listen(handler: http.RequestListener, options: ListenOptions): Promise<RunningServer> {
+  const common = options.highWaterMark ? { highWaterMark: options.highWaterMark } : {};
   const server: http.Server = options.tls
-    ? https.createServer({ cert: options.tls.cert, key: options.tls.key, minVersion: 'TLSv1.2' }, handler)
-    : http.createServer(handler);
+    ? https.createServer({ ...common, cert: options.tls.cert, key: options.tls.key, minVersion: 'TLSv1.2' }, handler)
+    : http.createServer(common, handler);
   server.keepAliveTimeout = options.keepAliveTimeoutMs ?? 65_000;
   server.headersTimeout = 30_000;
   server.requestTimeout = 0;
