@@ -59,8 +59,8 @@ async function serve(variant: string, cert: string, key: string): Promise<void> 
   if (variant === 'pullbridge' || variant === 'lean') {
     // "lean" switches off the audit record and the process metrics, to show what they cost.
     const cfg = config();
-    // The production logger (with credential redaction), writing to /dev/null.
-    const sink = createLogger({ destination: pino.destination({ dest: '/dev/null', sync: false }) });
+    // The production logger as deployed: redacting, synchronous writes to stdout (here /dev/null).
+    const sink = createLogger();
     const audit = variant === 'lean' ? pino({ level: 'silent' }) : sink;
     app = createWebhookApp({ config: () => cfg, logger: sink, audit, metrics: createMetricsRegistry(variant !== 'lean') });
   } else {
@@ -138,7 +138,7 @@ async function measuredRound(server: { child: ChildProcess; port: number }, ca: 
 
 function startChild(variant: string, cert: string, key: string): Promise<{ child: ChildProcess; port: number }> {
   return new Promise((resolve, reject) => {
-    const child = fork(fileURLToPath(import.meta.url), ['serve', variant], { env: { ...process.env, BENCH_CERT: cert, BENCH_KEY: key } });
+    const child = fork(fileURLToPath(import.meta.url), ['serve', variant], { env: { ...process.env, BENCH_CERT: cert, BENCH_KEY: key }, stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
     child.once('message', (m) => resolve({ child, port: (m as { port: number }).port }));
     child.once('exit', (code) => reject(new Error(`${variant} server exited ${code}`)));
   });

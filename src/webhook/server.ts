@@ -153,7 +153,10 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
       metrics.admissions.inc({ result });
       metrics.duration.observe({ result }, durationMs / 1000);
       if (result === 'mutated') {
-        for (const c of outcome.containers) if (c.rewritten !== null && c.rule !== null) metrics.rewrites.inc({ rule: c.rule });
+        // One increment per rule: prom-client's per-call label handling is not free.
+        const perRule = new Map<string, number>();
+        for (const c of outcome.containers) if (c.rewritten !== null && c.rule !== null) perRule.set(c.rule, (perRule.get(c.rule) ?? 0) + 1);
+        for (const [rule, n] of perRule) metrics.rewrites.inc({ rule }, n);
       }
       audit.info(auditRecord(request, outcome, result, durationMs, error), 'admission');
       res.json(body);
