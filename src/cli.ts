@@ -32,7 +32,7 @@ Usage:
   pullbridge proxy --config FILE --port N [--host ADDR] [--probe-interval SECONDS]
   pullbridge pull-secret --config FILE --namespace NS
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
-  pullbridge demo [--port N]       (what \`npm start\` runs: a local webhook on a sample config)
+  pullbridge demo [--port N] [--proxy-port N]   (what \`npm start\` runs: webhook and proxy on a sample config)
 `;
 
 class UsageError extends Error {}
@@ -214,33 +214,59 @@ async function cmdPullSecret(args: string[]): Promise<number> {
 }
 
 async function cmdDemo(args: string[]): Promise<number> {
-  const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' } }, strict: true });
+  const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' }, 'proxy-port': { type: 'string', default: '30500' } }, strict: true });
   const port = parsePort(values.port, '--port');
-  const [{ SAMPLE_CONFIG_YAML, sampleAdmissionReview }, { generateCertificates }] = await Promise.all([load.defaults(), load.certs()]);
-  const parsed = parseConfig(SAMPLE_CONFIG_YAML);
-  if (!parsed.ok) throw new Error(`embedded config is invalid: ${formatConfigErrors(parsed.errors)}`);
+  const proxyPort = parsePort(values['proxy-port'], '--proxy-port');
+  const [{ SAMPLE_CONFIG_YAML, sampleAdmissionReview }, { generateCertificates }, { randomBytes }, { namespaceToken }] = await Promise.all([
+    load.defaults(),
+    load.certs(),
+    import('node:crypto'),
+    load.credentials(),
+  ]);
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-demo-'));
+  // The sample rules plus a fresh broker key, so that the proxy can check namespace credentials.
+  const keyFile = join(dir, 'broker.key');
+  writeFileSync(keyFile, randomBytes(32).toString('hex'), { mode: 0o600 });
+  const configText = `${SAMPLE_CONFIG_YAML}broker:\n  keyFiles: [${keyFile}]\n`;
+  const parsed = parseConfig(configText);
+  if (!parsed.ok) throw new Error(`embedded config is invalid: ${formatConfigErrors(parsed.errors)}`);
+  const configFile = join(dir, 'config.yaml');
+  writeFileSync(configFile, configText);
   const bundle = generateCertificates({ service: 'pullbridge-webhook', namespace: 'pullbridge', extraNames: ['127.0.0.1', 'localhost'] });
   writeFileSync(join(dir, 'ca.crt'), bundle.caCert);
-  writeFileSync(join(dir, 'config.yaml'), SAMPLE_CONFIG_YAML);
   writeFileSync(join(dir, 'review.json'), JSON.stringify(sampleAdmissionReview('default'), null, 2));
-  const { runWebhook } = await load.webhookRun();
-  const run = await runWebhook({ config: parsed.config, host: '127.0.0.1', port, tls: { cert: bundle.cert, key: bundle.key } });
-  const url = run.running.url;
+  const [{ runWebhook }, { runProxy }] = await Promise.all([load.webhookRun(), load.proxyRun()]);
+  const webhook = await runWebhook({ config: parsed.config, host: '127.0.0.1', port, tls: { cert: bundle.cert, key: bundle.key } });
+  // No probing in the demo: its sample upstreams are placeholders (and Docker Hub).
+  const proxy = await runProxy({ config: parsed.config, host: '127.0.0.1', port: proxyPort, probeIntervalMs: 0 });
+  const url = webhook.running.url;
+  const proxyUrl = proxy.running.url;
+  const proxyHost = proxyUrl.replace('http://', '');
+  const token = namespaceToken(Buffer.from(readFileSync(keyFile, 'utf8')), 'default');
   process.stderr.write(`
-pullbridge demo — the admission webhook on ${url} with the sample config ${join(dir, 'config.yaml')}
+pullbridge demo — the sample config ${configFile}
+  webhook: ${url}        registry proxy: ${proxyUrl}
 
-Send it an AdmissionReview (a Pod with corp, Docker Hub and quay.io images):
+Send the webhook an AdmissionReview (a Pod with corp, Docker Hub and quay.io images):
   curl -s --cacert ${join(dir, 'ca.crt')} -H 'Content-Type: application/json' \\
        --data @${join(dir, 'review.json')} ${url}/mutate | node -e "r=JSON.parse(require('fs').readFileSync(0));console.log(JSON.stringify(r,null,1));r.response.patch&&console.log(Buffer.from(r.response.patch,'base64').toString())"
 
 See one image's decision without a server:
-  npx pullbridge rewrite --config ${join(dir, 'config.yaml')} registry.corp.example:5000/team/app:1.2 nginx
+  npx pullbridge rewrite --config ${configFile} registry.corp.example:5000/team/app:1.2 nginx
 
-Health and metrics: ${url}/healthz ${url}/readyz ${url}/metrics   (audit records appear below)
-Ctrl-C stops it.
+Pull through the proxy as kubelet would (containerd), with the credential the webhook provisions
+for namespace "default" (npx pullbridge pull-secret --config ${configFile} --namespace default):
+  ctr content fetch --plain-http --user default:${token} ${proxyHost}/hub/library/busybox:latest
+  curl -s -u default:${token} ${proxyUrl}/v2/hub/library/busybox/tags/list
+(rule "hub" reaches Docker Hub; rule "corp" points at the placeholder registry.corp.example:5000 —
+ edit ${configFile}, the proxy picks changes up live.)
+
+Health and metrics: ${url}/healthz ${url}/metrics ${proxyUrl}/status ${proxyUrl}/metrics
+Audit and access records appear below. Ctrl-C stops it.
 `);
-  onTermination(() => run.shutdown());
+  onTermination(async () => {
+    await Promise.all([webhook.shutdown(), proxy.shutdown()]);
+  });
   return -1;
 }
 

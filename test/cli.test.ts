@@ -128,8 +128,8 @@ describe('pullbridge CLI', () => {
     assert.equal(await exitOf(child), 0);
   });
 
-  it('demo (npm start) runs the webhook on the embedded config and its printed instructions work', async () => {
-    const { child, output } = await startCli(['demo', '--port', '0'], /Ctrl-C stops it/);
+  it('demo (npm start) runs webhook and proxy on the embedded config and its printed instructions work', async () => {
+    const { child, output } = await startCli(['demo', '--port', '0', '--proxy-port', '0'], /Ctrl-C stops it/);
     try {
       const text = output();
       const ca = /--cacert (\S+)/.exec(text)?.[1];
@@ -148,6 +148,17 @@ describe('pullbridge CLI', () => {
       const configPath = /--config (\S+)/.exec(text)?.[1];
       assert.ok(configPath);
       assert.equal(runCli(['validate', '--config', configPath]).status, 0);
+      // The proxy runs too, and the printed namespace credential is what it accepts.
+      const proxyUrl = /registry proxy: (http:\/\/127\.0\.0\.1:\d+)/.exec(text)?.[1];
+      const user = /--user (default:\S+)/.exec(text)?.[1];
+      assert.ok(proxyUrl && user, text);
+      const base = await request(proxyUrl).get('/v2/').set('Authorization', `Basic ${Buffer.from(user).toString('base64')}`);
+      assert.equal(base.status, 200);
+      assert.equal((await request(proxyUrl).get('/v2/')).status, 401);
+      const status = JSON.parse((await request(proxyUrl).get('/status')).text) as { configLoaded: boolean; rules: string[] };
+      assert.deepEqual(status, { ...status, configLoaded: true, rules: ['corp', 'hub'] });
+      const secret = JSON.parse(runCli(['pull-secret', '--config', configPath, '--namespace', 'default']).stdout) as { auths: Record<string, { password: string }> };
+      assert.equal(`default:${secret.auths['localhost:30500']?.password}`, user, 'the printed credential is the provisioned one');
     } finally {
       child.kill('SIGTERM');
       await exitOf(child);

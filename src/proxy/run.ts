@@ -14,6 +14,7 @@ export interface ProxyRunOptions {
   readonly configPath?: string;
   readonly host: string;
   readonly port: number;
+  /** 0 disables probing. */
   readonly probeIntervalMs: number;
 }
 
@@ -41,14 +42,15 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
           // close() lets requests in flight finish; the timer bounds a stream that never ends.
           const timer = setTimeout(() => void old.close().finally(() => retired.delete(old)), DRAIN_MS);
           timer.unref();
-          void prober.probeAll();
+          if (options.probeIntervalMs > 0) void prober.probeAll();
         },
       })
     : undefined;
   watcher?.start();
   const handler = createProxyHandler({ runtime: () => runtime, logger, metrics, prober, ready: () => !draining });
   const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK });
-  prober.start();
+  // Interval 0: no probing (the demo's sample upstreams are placeholders).
+  if (options.probeIntervalMs > 0) prober.start();
   logger.info({ url: running.url, rules: options.config.registries.map((r) => `${r.name} -> ${r.upstream}`) }, 'proxy listening');
   return {
     running,
