@@ -131,7 +131,8 @@ function pull(url: string, path: string, headers: Record<string, string>): Promi
       res.on('error', () => resolve({ status: res.statusCode ?? 0, received: Buffer.concat(chunks), complete: false, headers: res.headers }));
       res.on('aborted', () => undefined);
     });
-    req.on('error', reject);
+    // A connection cut before the headers is as good as one cut mid-body: nothing looks complete.
+    req.on('error', (error: NodeJS.ErrnoException) => (error.code === 'ECONNRESET' ? resolve({ status: 0, received: Buffer.alloc(0), complete: false, headers: {} }) : reject(error)));
   });
 }
 

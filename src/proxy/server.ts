@@ -3,7 +3,7 @@
 
 import { createHash } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import { Transform, pipeline, type Readable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import type { Dispatcher } from 'undici';
 import type { Logger } from '../log.js';
@@ -15,6 +15,7 @@ import { parseBasicAuthorization, verifyNamespaceToken, type BasicCredentials } 
 import { registryError, registryErrorBody, type RegistryError } from './errors.js';
 import type { Prober } from './probe.js';
 import { parseRoute, type Route } from './route.js';
+import { streamBody } from './stream.js';
 import { createTransport, type TransportOptions } from './transport.js';
 import { UpstreamClient, headerValue, type UpstreamResponse } from './upstream.js';
 
@@ -151,37 +152,6 @@ async function readLimited(body: Readable, limit: number): Promise<Buffer | null
     chunks.push(chunk as Buffer);
   }
   return Buffer.concat(chunks);
-}
-
-/**
- * Streams bytes while hashing them, holding back the last chunk until the digest is checked: a
- * truncated or corrupted blob then ends in a failed connection, never in a complete response.
- */
-function digestGuard(digest: string, onBytes: (n: number) => void): Transform {
-  const colon = digest.indexOf(':');
-  const hash = createHash(digest.slice(0, colon));
-  const expected = digest.slice(colon + 1);
-  let held: Buffer | undefined;
-  return new Transform({
-    // Default 16 KiB marks would stall the pipe on every 64 KiB socket read.
-    highWaterMark: 256 * 1024,
-    transform(chunk: Buffer, _encoding, callback) {
-      hash.update(chunk);
-      const previous = held;
-      held = chunk;
-      if (previous) onBytes(previous.length);
-      callback(null, previous);
-    },
-    flush(callback) {
-      const actual = hash.digest('hex');
-      if (actual !== expected) {
-        callback(new Error(`upstream blob does not match ${digest} (got ${digest.slice(0, colon)}:${actual})`));
-        return;
-      }
-      if (held) onBytes(held.length);
-      callback(null, held);
-    },
-  });
 }
 
 export function createProxyHandler(options: ProxyHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
@@ -342,24 +312,19 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     }
     res.writeHead(up.statusCode, out);
     metrics.inflight.inc();
-    const count = (n: number) => {
-      exchange.bytes += n;
-    };
-    const stages: Array<NodeJS.ReadableStream | NodeJS.WritableStream | NodeJS.ReadWriteStream> = [up.body];
-    if (up.statusCode === 200 && rr.rule.verifyBlobDigests) stages.push(digestGuard(route.digest, count));
-    else up.body.on('data', (chunk: Buffer) => count(chunk.length));
-    await new Promise<void>((resolve) => {
-      pipeline([...stages, res] as unknown as [NodeJS.ReadableStream, NodeJS.WritableStream], (error) => {
-        metrics.inflight.dec();
-        if (error) {
-          exchange.error = error.message;
-          // Never let a short or corrupt body look complete: cut the connection.
-          res.destroy();
-          discard(up.body);
-        }
-        resolve();
-      });
+    const verify = up.statusCode === 200 && rr.rule.verifyBlobDigests;
+    const error = await streamBody(up.body, res, {
+      ...(verify ? { digest: route.digest } : {}),
+      onBytes: (n) => {
+        exchange.bytes += n;
+      },
     });
+    metrics.inflight.dec();
+    if (error) {
+      exchange.error = error.message;
+      // Never let a short or corrupt body look complete: cut the connection.
+      res.destroy();
+    }
   }
 
   async function tags(rr: RuleRuntime, route: Extract<Route, { kind: 'tags' }>, credentials: BasicCredentials | undefined, req: IncomingMessage, res: ServerResponse, signal: AbortSignal): Promise<void> {
