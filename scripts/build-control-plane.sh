@@ -7,6 +7,10 @@
 # Env: KUBE_VERSION (v1.31.4), HELM_VERSION (v3.16.4), PULLBRIDGE_CACHE (~/.cache/pullbridge)
 set -euo pipefail
 
+# Go may live outside a minimal PATH (CI runs with a trimmed environment).
+export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
+command -v go >/dev/null || { echo "go is required to build kube-apiserver, kubectl and helm" >&2; exit 1; }
+
 KUBE_VERSION=${KUBE_VERSION:-v1.31.4}
 HELM_VERSION=${HELM_VERSION:-v3.16.4}
 CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
