@@ -91,6 +91,7 @@ async function startScriptedUpstream(): Promise<{ registry: RunningServer; stora
         res.on('close', () => clearInterval(timer));
         return;
       }
+      if (path.endsWith('/silent/manifests/1')) return; // never answers
       if (path.endsWith('/ratelimited/manifests/1')) return void res.writeHead(429, { 'retry-after': '7', 'content-type': 'application/json' }).end('{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}');
       if (path.endsWith('/broken/manifests/1')) return void res.writeHead(500, { 'content-type': 'text/plain' }).end('stack trace');
       if (path.endsWith('/nodigest/manifests/1')) {
@@ -275,6 +276,23 @@ describe('proxy under upstream faults (scripted upstream)', function () {
     assert.equal(broken.status, 500);
     assert.doesNotMatch(broken.body.toString(), /stack trace/);
     assert.match(broken.body.toString(), /"errors"/);
+  });
+
+  it('answers 504 when the upstream sends no headers within the timeout, and stays healthy', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-timeout-'));
+    writeFileSync(join(dir, 'password'), 's3cret');
+    const impatient = await startProxy(
+      { registries: [{ name: 'corp', match: ['r.example'], upstream: upstream.registry.url, credentials: { username: 'robot', passwordFile: join(dir, 'password') } }] },
+      { timeouts: { connectMs: 1000, headersMs: 300, bodyIdleMs: 300 } },
+    );
+    try {
+      const res = await rawRequest(impatient.url, '/v2/corp/silent/manifests/1', { headers: { authorization: impatient.authorization('shop') } });
+      assert.equal(res.status, 504);
+      assert.match(res.body.toString(), /timed out/);
+      assert.equal((await rawRequest(impatient.url, '/healthz')).status, 200);
+    } finally {
+      await impatient.close();
+    }
   });
 
   it('rewrites an absolute upstream pagination Link to the proxy path', async () => {
