@@ -165,6 +165,52 @@ describe('proxy registry protocol against a real registry', function () {
     });
   });
 
+  describe('upstream Bearer tokens', () => {
+    let tokenUpstream: RegistryHandle;
+    let p: ProxyUnderTest;
+    before(async () => {
+      tokenUpstream = await startRegistry({ auth: 'token' });
+      await tokenUpstream.push(image, 'team/app', '1.0');
+      p = await startProxy({
+        registries: [
+          { name: 'tok', match: ['t.example'], upstream: tokenUpstream.url, credentials: { username: USER, passwordFile } },
+          { name: 'tokpass', match: ['tp.example'], upstream: tokenUpstream.url, auth: { mode: 'passthrough' } },
+        ],
+      });
+    });
+    after(async () => {
+      await p?.close();
+      await tokenUpstream?.stop();
+    });
+
+    it('refetches a token once when the registry stops accepting the cached one', async () => {
+      const issuer = tokenUpstream.issuer!;
+      const get = () => rawRequest(p.url, '/v2/tok/team/app/manifests/1.0', { headers: { authorization: p.authorization('shop'), accept: OCI_INDEX } });
+      // A token announced for 300 s that the registry refuses (expired beyond its leeway): as if revoked.
+      issuer.jwtLifetime = -3600;
+      const seen = issuer.requests.length;
+      const refused = await get();
+      assert.equal(refused.status, 403, 'one retry with a fresh token, then the refusal is reported');
+      assert.equal(issuer.requests.length, seen + 1);
+      issuer.jwtLifetime = undefined;
+      // The cached token is refused now: it is dropped, a new one fetched once, the pull served.
+      assert.equal((await get()).status, 200);
+      assert.equal(issuer.requests.length, seen + 2, 'exactly one more token');
+      assert.equal((await get()).status, 200);
+      assert.equal(issuer.requests.length, seen + 2, 'and that one is cached');
+    });
+
+    it('passthrough: fetches tokens with the client\'s credentials and keeps them apart per client', async () => {
+      const issuer = tokenUpstream.issuer!;
+      const as = (password: string) => rawRequest(p.url, '/v2/tokpass/team/app/manifests/1.0', { headers: { authorization: `Basic ${Buffer.from(`${USER}:${password}`).toString('base64')}`, accept: OCI_INDEX } });
+      assert.equal((await as(PASSWORD)).status, 200);
+      assert.equal(issuer.requests.at(-1)?.user, USER);
+      const wrong = await as('wrong');
+      assert.equal(wrong.status, 401, 'a wrong password is not served from the right one\'s cached token');
+      assert.equal(wrong.headers['www-authenticate'], 'Basic realm="pullbridge"');
+    });
+  });
+
   describe('hostile input on the wire', () => {
     const cases: Array<[string, string, string, number]> = [
       ['dot segments', 'GET', '/v2/corp/../../etc/passwd/manifests/1', 400],

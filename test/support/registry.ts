@@ -22,8 +22,10 @@ export interface TokenIssuer {
   readonly realm: string;
   /** Every token request seen: service, scope, and the Basic user (or null). */
   readonly requests: Array<{ service: string | null; scope: string | null; user: string | null }>;
-  /** Lifetime given to new tokens. */
+  /** Lifetime announced to clients (expires_in). */
   expiresIn: number;
+  /** Lifetime written into the JWT itself; shorter than expiresIn simulates a revoked token. */
+  jwtLifetime: number | undefined;
 }
 
 export interface RegistryHandle {
@@ -60,7 +62,7 @@ async function startTokenIssuer(signing: CertificateBundle, service: string, use
   const kid = libtrustKeyId(signing.caCert);
   const key = createPrivateKey(signing.caKey);
   const requests: TokenIssuer['requests'] = [];
-  const issuer: { expiresIn: number } = { expiresIn: 300 };
+  const issuer: { expiresIn: number; jwtLifetime: number | undefined } = { expiresIn: 300, jwtLifetime: undefined };
   const server = await listen(
     (req, res) => {
       const url = new URL(req.url ?? '/', 'http://127.0.0.1');
@@ -83,7 +85,7 @@ async function startTokenIssuer(signing: CertificateBundle, service: string, use
       }
       const now = Math.floor(Date.now() / 1000);
       const header = b64url(JSON.stringify({ alg: 'RS256', typ: 'JWT', kid }));
-      const claims = b64url(JSON.stringify({ iss: 'test-issuer', sub: user ?? '', aud: service, exp: now + issuer.expiresIn, nbf: now - 10, iat: now, jti: `${now}-${requests.length}`, access }));
+      const claims = b64url(JSON.stringify({ iss: 'test-issuer', sub: user ?? '', aud: service, exp: now + (issuer.jwtLifetime ?? issuer.expiresIn), nbf: now - 10, iat: now, jti: `${now}-${requests.length}`, access }));
       const signature = createSign('RSA-SHA256').update(`${header}.${claims}`).sign(key).toString('base64url');
       const token = `${header}.${claims}.${signature}`;
       res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token, access_token: token, expires_in: issuer.expiresIn }));
