@@ -1,11 +1,11 @@
 #!/usr/bin/env node
 // The one binary: `pullbridge <command> [options]`.
 
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { formatConfigErrors, parseConfig, type Config, type ConfigResult } from './rules/config.js';
+import { formatConfigErrors, isDnsLabel, parseConfig, type Config, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
 import { readConfigFile } from './shell/configfile.js';
 
@@ -149,12 +149,11 @@ async function cmdWebhook(args: string[]): Promise<number> {
   if ((certFile === undefined) !== (keyFile === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
   const failure = values['pull-secret-failure'];
   if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
-  const tls = certFile && keyFile ? { cert: readFileSync(certFile, 'utf8'), key: readFileSync(keyFile, 'utf8') } : undefined;
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
   const namespace = process.env.POD_NAMESPACE ?? config.webhook.namespace;
   const tlsSecret = values['tls-secret'];
   const webhookConfiguration = values['webhook-configuration'];
-  if (tlsSecret && tls) throw new UsageError('--tls-secret (certificate bootstrap) and --tls-cert/--tls-key exclude each other');
+  if (tlsSecret && certFile) throw new UsageError('--tls-secret (certificate bootstrap) and --tls-cert/--tls-key exclude each other');
   if (tlsSecret && !webhookConfiguration) throw new UsageError('--tls-secret needs --webhook-configuration, whose caBundle it maintains');
   const { runWebhook } = await load.webhookRun();
   const run = await runWebhook({
@@ -162,7 +161,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     configPath,
     host: values.host,
     port,
-    ...(tls && certFile && keyFile ? { tls, tlsFiles: { cert: certFile, key: keyFile } } : {}),
+    ...(certFile && keyFile ? { tlsFiles: { cert: certFile, key: keyFile } } : {}),
     ...(tlsSecret && webhookConfiguration ? { tlsBootstrap: { secretName: tlsSecret, service: values.service, webhookConfiguration, namespace } } : {}),
     ...(kubeconfig ? { kubeconfig } : {}),
     ...(values.configmap ? { configMap: { name: values.configmap, namespace } } : {}),
@@ -204,7 +203,7 @@ async function cmdPullSecret(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { config: { type: 'string' }, namespace: { type: 'string' } }, strict: true });
   const config = loadConfigOrExit(requireOption(values.config, '--config'));
   const namespace = requireOption(values.namespace, '--namespace');
-  if (!/^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/.test(namespace) || namespace.length > 63) throw new UsageError(`--namespace must be a namespace name, got "${namespace}"`);
+  if (!isDnsLabel(namespace)) throw new UsageError(`--namespace must be a namespace name, got "${namespace}"`);
   if (!config.broker) {
     process.stderr.write('the config has no broker.keyFiles: there is no namespace credential to provision\n');
     return 1;
@@ -226,7 +225,8 @@ async function cmdDemo(args: string[]): Promise<number> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-demo-'));
   // The sample rules plus a fresh broker key, so that the proxy can check namespace credentials.
   const keyFile = join(dir, 'broker.key');
-  writeFileSync(keyFile, randomBytes(32).toString('hex'), { mode: 0o600 });
+  const key = randomBytes(32).toString('hex');
+  writeFileSync(keyFile, key, { mode: 0o600 });
   const configText = `${SAMPLE_CONFIG_YAML}broker:\n  keyFiles: [${keyFile}]\n`;
   const parsed = parseConfig(configText);
   if (!parsed.ok) throw new Error(`embedded config is invalid: ${formatConfigErrors(parsed.errors)}`);
@@ -242,7 +242,7 @@ async function cmdDemo(args: string[]): Promise<number> {
   const url = webhook.running.url;
   const proxyUrl = proxy.running.url;
   const proxyHost = proxyUrl.replace('http://', '');
-  const token = namespaceToken(Buffer.from(readFileSync(keyFile, 'utf8')), 'default');
+  const token = namespaceToken(Buffer.from(key), 'default');
   process.stderr.write(`
 pullbridge demo — the sample config ${configFile}
   webhook: ${url}        registry proxy: ${proxyUrl}

@@ -8,7 +8,6 @@ import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import type { Dispatcher } from 'undici';
 import type { Logger } from '../log.js';
 import type { Config, Rule } from '../rules/config.js';
-import { ruleByName } from '../rules/decide.js';
 import { BrokerKeys, SecretFile } from '../shell/secretfiles.js';
 import { UpstreamAuthError } from './authorizer.js';
 import { parseBasicAuthorization, verifyNamespaceToken, type BasicCredentials } from './credentials.js';
@@ -387,8 +386,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     }
     exchange.repository = route.name;
     exchange.reference = route.kind === 'manifest' ? route.reference : route.kind === 'blob' ? route.digest : null;
-    const rule = ruleByName(runtime.config, route.rule);
-    const rr = rule ? runtime.rules.get(rule.name) : undefined;
+    const rr = runtime.rules.get(route.rule);
     if (!rr) {
       sendError(res, registryError(404, 'NAME_UNKNOWN', `no registry rule "${route.rule}" on this proxy`));
       return;

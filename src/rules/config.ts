@@ -7,6 +7,9 @@ import { canonicalRegistryHost } from '../reference/reference.js';
 import { compileFilter, type CompiledFilter } from './glob.js';
 
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+
+/** Whether a name is a DNS label (namespace and rule names). */
+export const isDnsLabel = (name: string): boolean => name.length <= 63 && DNS_LABEL.test(name);
 const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$/;
 // host[:port], with IPv6 in brackets, as a registry is written in an image reference.
 const REGISTRY_HOST = /^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(?::[0-9]{1,5})?$/;

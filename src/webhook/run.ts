@@ -19,7 +19,7 @@ export interface WebhookRunOptions {
   readonly host: string;
   readonly port: number;
   readonly tls?: TlsFiles;
-  /** TLS files to re-read periodically (cert-manager rotates them in place). */
+  /** TLS files to serve from and re-read periodically (cert-manager rotates them in place). */
   readonly tlsFiles?: { readonly cert: string; readonly key: string };
   /** Without cert-manager: keep the serving certificate in this Secret and inject its CA. */
   readonly tlsBootstrap?: { readonly secretName: string; readonly service: string; readonly webhookConfiguration: string; readonly namespace: string; readonly validityDays?: number; readonly extraNames?: readonly string[] };
@@ -104,6 +104,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   } else if (options.tlsFiles) {
     const files = options.tlsFiles;
     refreshTls = async () => ({ cert: readFileSync(files.cert, 'utf8'), key: readFileSync(files.key, 'utf8') });
+    tls = await refreshTls();
   }
 
   const watcher = options.configPath

@@ -3,7 +3,6 @@
 
 import { createHash, createPrivateKey, createSign, X509Certificate } from 'node:crypto';
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateCertificates, type CertificateBundle } from '../../src/certs/certs.js';
