@@ -87,7 +87,8 @@ interface RoundResult {
   readonly latenciesMs: number[];
 }
 
-async function drive(port: number, ca: string, body: string, seconds: number, connections: number): Promise<RoundResult> {
+/** `connections` keep-alive clients posting `body` for `seconds`; `correct` judges each answer (default: status 200). */
+export async function drive(port: number, ca: string, body: string, seconds: number, connections: number, correct: (status: number, body: string) => boolean = (status) => status === 200): Promise<RoundResult> {
   const agent = new https.Agent({ keepAlive: true, maxSockets: connections, ca });
   const deadline = performance.now() + seconds * 1000;
   const latenciesMs: number[] = [];
@@ -96,9 +97,11 @@ async function drive(port: number, ca: string, body: string, seconds: number, co
     new Promise<void>((resolve) => {
       const started = performance.now();
       const req = https.request({ host: '127.0.0.1', port, path: '/mutate', method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) } }, (res) => {
-        res.resume();
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (chunk: string) => (text += chunk));
         res.on('end', () => {
-          if (res.statusCode === 200) latenciesMs.push(performance.now() - started);
+          if (correct(res.statusCode ?? 0, text)) latenciesMs.push(performance.now() - started);
           else errors++;
           resolve();
         });

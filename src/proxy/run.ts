@@ -16,7 +16,11 @@ export interface ProxyRunOptions {
   readonly port: number;
   /** 0 disables probing. */
   readonly probeIntervalMs: number;
+  /** Open connections accepted at once (a node's kubelet and pods); more are closed on arrival. */
+  readonly maxConnections?: number;
 }
+
+export const DEFAULT_MAX_CONNECTIONS = 1024;
 
 /** How long a replaced runtime keeps its connections for streams still in flight. */
 const DRAIN_MS = 10 * 60_000;
@@ -48,7 +52,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
     : undefined;
   watcher?.start();
   const handler = createProxyHandler({ runtime: () => runtime, logger, metrics, prober, ready: () => !draining });
-  const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK });
+  const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS });
   // Interval 0: no probing (the demo's sample upstreams are placeholders).
   if (options.probeIntervalMs > 0) prober.start();
   logger.info({ url: running.url, rules: options.config.registries.map((r) => `${r.name} -> ${r.upstream}`) }, 'proxy listening');

@@ -17,6 +17,19 @@ export interface ListenOptions {
   readonly keepAliveTimeoutMs?: number;
   /** Bytes a response may buffer before write() asks the producer to wait. */
   readonly highWaterMark?: number;
+  /**
+   * A connection that has not sent a whole request head within this time is closed (slow or
+   * half-open clients); also bounds a TLS handshake. Default 30 s.
+   */
+  readonly headersTimeoutMs?: number;
+  /**
+   * A connection with no traffic either way for this long is closed: clients that connect and say
+   * nothing, peers that vanished (half-open), readers that stopped reading. Default 120 s, twice
+   * nginx's send_timeout; a streaming response that makes progress never hits it.
+   */
+  readonly idleTimeoutMs?: number;
+  /** Connections beyond this are closed as they arrive, so a flood cannot exhaust descriptors. */
+  readonly maxConnections?: number;
 }
 
 export interface RunningServer {
@@ -27,14 +40,30 @@ export interface RunningServer {
   close(graceMs?: number): Promise<void>;
 }
 
-export async function listen(handler: http.RequestListener, options: ListenOptions): Promise<RunningServer> {
-  const common = options.highWaterMark ? { highWaterMark: options.highWaterMark } : {};
+export async function listen(requestHandler: http.RequestListener, options: ListenOptions): Promise<RunningServer> {
+  const idleTimeout = options.idleTimeoutMs ?? 120_000;
+  // Node arms server.timeout for a connection's first request only; re-arm it for every request
+  // on a kept-alive connection too.
+  const handler: http.RequestListener = (req, res) => {
+    req.socket.setTimeout(idleTimeout);
+    requestHandler(req, res);
+  };
+  const headersTimeout = options.headersTimeoutMs ?? 30_000;
+  const common = {
+    ...(options.highWaterMark ? { highWaterMark: options.highWaterMark } : {}),
+    // How often Node sweeps for connections past headersTimeout: a fraction of it, so the
+    // timeout holds to within a few percent.
+    connectionsCheckingInterval: Math.max(100, Math.min(30_000, Math.floor(headersTimeout / 4))),
+  };
   const server: http.Server = options.tls
-    ? https.createServer({ ...common, cert: options.tls.cert, key: options.tls.key, minVersion: 'TLSv1.2' }, handler)
+    ? https.createServer({ ...common, cert: options.tls.cert, key: options.tls.key, minVersion: 'TLSv1.2', handshakeTimeout: headersTimeout }, handler)
     : http.createServer(common, handler);
   server.keepAliveTimeout = options.keepAliveTimeoutMs ?? 65_000;
-  server.headersTimeout = 30_000;
+  server.headersTimeout = headersTimeout;
+  // No whole-request deadline: a blob response may stream for many minutes.
   server.requestTimeout = 0;
+  server.timeout = idleTimeout;
+  if (options.maxConnections !== undefined) server.maxConnections = options.maxConnections;
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(options.port, options.host, () => {

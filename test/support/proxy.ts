@@ -11,7 +11,7 @@ import { Prober } from '../../src/proxy/probe.js';
 import { createProxyHandler, createProxyRuntime, type ProxyRuntime } from '../../src/proxy/server.js';
 import type { TransportOptions } from '../../src/proxy/transport.js';
 import { validateConfig, type ConfigInput } from '../../src/rules/config.js';
-import { listen, type RunningServer } from '../../src/shell/serve.js';
+import { listen, type ListenOptions, type RunningServer } from '../../src/shell/serve.js';
 import { memoryLogger } from './logs.js';
 
 export interface ProxyUnderTest {
@@ -32,7 +32,11 @@ export interface ProxyUnderTest {
   close(): Promise<void>;
 }
 
-export async function startProxy(config: Omit<ConfigInput, 'broker'> & { broker?: ConfigInput['broker'] }, transport: TransportOptions = {}): Promise<ProxyUnderTest> {
+export async function startProxy(
+  config: Omit<ConfigInput, 'broker'> & { broker?: ConfigInput['broker'] },
+  transport: TransportOptions = {},
+  server: Omit<ListenOptions, 'host' | 'port'> = {},
+): Promise<ProxyUnderTest> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-proxy-'));
   const key = Buffer.from(randomBytes(32).toString('hex'));
   const keyFile = join(dir, 'broker.key');
@@ -43,12 +47,12 @@ export async function startProxy(config: Omit<ConfigInput, 'broker'> & { broker?
   const metrics = createMetricsRegistry(false);
   const logs = memoryLogger();
   const prober = new Prober(() => runtime, metrics, 3_600_000, 5_000);
-  const server = await listen(createProxyHandler({ runtime: () => runtime, logger: logs.logger, metrics, prober }), { host: '127.0.0.1', port: 0 });
+  const running = await listen(createProxyHandler({ runtime: () => runtime, logger: logs.logger, metrics, prober }), { ...server, host: '127.0.0.1', port: 0 });
   const credential = (namespace: string) => `${namespace}:${namespaceToken(key, namespace)}`;
   return {
-    server,
-    host: `127.0.0.1:${server.port}`,
-    url: server.url,
+    server: running,
+    host: `127.0.0.1:${running.port}`,
+    url: running.url,
     runtime,
     prober,
     metrics,
@@ -59,7 +63,7 @@ export async function startProxy(config: Omit<ConfigInput, 'broker'> & { broker?
     authorization: (namespace) => `Basic ${Buffer.from(credential(namespace)).toString('base64')}`,
     async close() {
       prober.stop();
-      await server.close(100);
+      await running.close(100);
       await runtime.close();
     },
   };

@@ -35,8 +35,13 @@ export interface RegistryHandle {
   readonly tls: CertificateBundle | undefined;
   readonly caFile: string | undefined;
   readonly issuer: TokenIssuer | undefined;
+  /** The running docker-registry (replaced by restart()). */
   readonly process: Proc;
   readonly dir: string;
+  /** SIGKILL, as a crashed or OOM-killed registry: connections reset, nothing flushed. */
+  kill(): Promise<void>;
+  /** Starts the registry again on the same port and storage. */
+  restart(): Promise<void>;
   push(image: TestImage, repository: string, tag: string): Promise<void>;
   stop(): Promise<void>;
 }
@@ -126,13 +131,17 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     lines.push('auth:', '  token:', `    realm: ${issuer.realm}`, '    service: test-registry', '    issuer: test-issuer', `    rootcertbundle: ${join(dir, 'token-ca.crt')}`);
   }
   writeFileSync(join(dir, 'config.yml'), `${lines.join('\n')}\n`);
-  const proc = startProcess('docker-registry', ['serve', join(dir, 'config.yml')]);
-  try {
-    await waitForPort(port);
-  } catch (error) {
-    await proc.stop();
-    throw new Error(`${(error as Error).message}\n${proc.output()}`);
-  }
+  const serve = async (): Promise<Proc> => {
+    const started = startProcess('docker-registry', ['serve', join(dir, 'config.yml')]);
+    try {
+      await waitForPort(port);
+    } catch (error) {
+      await started.stop();
+      throw new Error(`${(error as Error).message}\n${started.output()}`);
+    }
+    return started;
+  };
+  let proc = await serve();
   const scheme = options.tls ? 'https' : 'http';
   const [firstUser, firstPassword] = Object.entries(users)[0] ?? ['', ''];
   return {
@@ -142,8 +151,20 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     tls,
     caFile,
     issuer,
-    process: proc,
+    get process() {
+      return proc;
+    },
     dir,
+    kill() {
+      return new Promise<void>((resolve) => {
+        if (proc.child.exitCode !== null || proc.child.signalCode !== null) return resolve();
+        proc.child.once('exit', () => resolve());
+        proc.child.kill('SIGKILL');
+      });
+    },
+    async restart() {
+      proc = await serve();
+    },
     async push(image, repository, tag) {
       const layout = mkdtempSync(join(tmpdir(), 'pullbridge-oci-'));
       writeOciLayout(layout, image, tag);

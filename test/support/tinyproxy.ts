@@ -12,9 +12,9 @@ export interface Tinyproxy {
   stop(): Promise<void>;
 }
 
-export async function startTinyproxy(options: { basicAuth?: { user: string; password: string } } = {}): Promise<Tinyproxy> {
+export async function startTinyproxy(options: { basicAuth?: { user: string; password: string }; port?: number } = {}): Promise<Tinyproxy> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-tinyproxy-'));
-  const port = await freePort();
+  const port = options.port ?? (await freePort());
   const lines = [
     `Port ${port}`,
     'Listen 127.0.0.1',
