@@ -211,6 +211,8 @@ describe('reliability: clients that are slow, silent or too many', function () {
     for (let i = 0; i < BLOB_MIB; i++) h.update(CHUNK);
     return `sha256:${h.digest('hex')}`;
   })();
+  const TRICKLE = randomBytes(64 * 1024);
+  const trickleDigest = `sha256:${createHash('sha256').update(TRICKLE).digest('hex')}`;
   let sent = 0;
   let upstream: Awaited<ReturnType<typeof listen>>;
   let proxy: ProxyUnderTest;
@@ -218,6 +220,23 @@ describe('reliability: clients that are slow, silent or too many', function () {
     upstream = await listen(
       (req, res) => {
         if (req.url === '/v2/') return void res.writeHead(200).end('{}');
+        if (req.url?.includes('/trickle/') || req.url?.includes('/stall/')) {
+          // 64 KiB in 4 KiB pieces every 20 ms; the "stall" variant stops halfway and never ends.
+          const piece = TRICKLE.subarray(0, 4096);
+          res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': TRICKLE.length });
+          let at = 0;
+          const timer = setInterval(() => {
+            if (req.url?.includes('/stall/') && at >= TRICKLE.length / 2) return;
+            res.write(TRICKLE.subarray(at, at + piece.length));
+            at += piece.length;
+            if (at >= TRICKLE.length) {
+              clearInterval(timer);
+              res.end();
+            }
+          }, 20);
+          res.on('close', () => clearInterval(timer));
+          return;
+        }
         res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': BLOB_MIB * CHUNK.length });
         let i = 0;
         const next = () => {
@@ -245,6 +264,21 @@ describe('reliability: clients that are slow, silent or too many', function () {
     assert.equal(r.digest, digest);
     // Kernel socket buffers on both legs plus the proxy's own high-water marks, not the 96 MiB blob.
     assert.ok(sentWhilePaused < 40 * 1024 * 1024, `upstream had sent ${sentWhilePaused} bytes while the client read 1 MiB`);
+  });
+
+  it('passes a trickling upstream on whole, and cuts one that stalls longer than the body idle timeout', async () => {
+    const patient = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: upstream.url, auth: { mode: 'anonymous' } }] }, { timeouts: { connectMs: 2000, headersMs: 2000, bodyIdleMs: 600 } });
+    try {
+      const trickled = await pullHashed(`${patient.url}/v2/corp/team/trickle/blobs/${trickleDigest}`);
+      assert.equal(trickled.status, 200);
+      assert.equal(trickled.digest, trickleDigest);
+      const stalled = await pullHashed(`${patient.url}/v2/corp/team/stall/blobs/${trickleDigest}`);
+      assert.equal(stalled.complete, false);
+      assert.ok(stalled.bytes < TRICKLE.length);
+      assert.equal((await fetch(`${patient.url}/healthz`)).status, 200);
+    } finally {
+      await patient.close();
+    }
   });
 
   it('closes silent and half-sent connections after the idle and header timeouts, serving others meanwhile', async () => {
