@@ -5,8 +5,7 @@
 // The test suite runs them short (test/reliability.test.ts); `npm run reliability` runs them long
 // and writes the figures to BENCHMARKS.md.
 
-import { randomBytes } from 'node:crypto';
-import { createHash } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
