@@ -122,6 +122,8 @@ export interface LoadRig {
   readonly dir: string;
   /** The broker key files as configured: [signing, previous]. */
   readonly keyFiles: readonly [string, string];
+  /** The key the rig wrote into keyFiles[0]. */
+  readonly signingKey: string;
   /** The Basic header the webhook would provision for `namespace`, signed with `key`. */
   authorization(namespace: string, key: string): string;
   /** The config file's text as the rig wrote it. */
@@ -144,7 +146,8 @@ export async function startLoadRig(options: LoadRigOptions): Promise<LoadRig> {
   await Promise.all(images.map((i) => registry.push(i.image, i.repository, i.tag)));
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-load-proxy-'));
   const keyFiles: [string, string] = [join(dir, 'key-0'), join(dir, 'key-1')];
-  writeFileSync(keyFiles[0], randomBytes(32).toString('hex'));
+  const signingKey = randomBytes(32).toString('hex');
+  writeFileSync(keyFiles[0], signingKey);
   const [user, password] = Object.entries(DEFAULT_USERS)[0] ?? ['', ''];
   writeFileSync(join(dir, 'password'), password);
   const port = await freePort();
@@ -176,6 +179,7 @@ export async function startLoadRig(options: LoadRigOptions): Promise<LoadRig> {
     configPath,
     dir,
     keyFiles,
+    signingKey,
     configText,
     authorization: (namespace, key) => `Basic ${Buffer.from(`${namespace}:${namespaceToken(Buffer.from(key), namespace)}`).toString('base64')}`,
     async stop() {

@@ -42,8 +42,7 @@ process.stdout.write(`webhook: ${webhook.admissions} admissions, ${webhook.error
 // Small and large layers, as real images mix them: 1 KiB to 64 MiB.
 const rig = await startLoadRig({ images: [[1024, 16 * 1024], [64 * 1024, 256 * 1024], [1024 * 1024, 4 * 1024 * 1024], [16 * 1024 * 1024], [64 * 1024 * 1024]] });
 try {
-  const key = (await import('node:fs')).readFileSync(rig.keyFiles[0], 'utf8');
-  const proxy = await runProxyLoad(rig, { clients, seconds, authorization: () => rig.authorization('load', key), abortEvery: 10 });
+  const proxy = await runProxyLoad(rig, { clients, seconds, authorization: () => rig.authorization('load', rig.signingKey), abortEvery: 10 });
   failed ||= proxy.errors > 0 || proxy.corrupt > 0;
   const proxyChart = writeChart('proxy-rss.svg', rssChartSvg(`pullbridge proxy RSS, ${clients} concurrent pullers, ${seconds} s`, [{ name: 'proxy', samples: proxy.rss }]));
   writeReportSection(

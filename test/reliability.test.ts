@@ -5,9 +5,11 @@
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { renameSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { runProxyLoad, runWebhookLoad, startLoadRig, type LoadRig } from '../bench/load.js';
 import { listen } from '../src/shell/serve.js';
 import { buildImage } from './support/oci.js';
@@ -55,7 +57,7 @@ describe('reliability under load (short run)', function () {
   before(async () => {
     // Small and large layers; manifests, configs and layers are all pulled and verified.
     rig = await startLoadRig({ images: [[1024, 64 * 1024], [256 * 1024, 1024 * 1024], [4 * 1024 * 1024]] });
-    key = (await import('node:fs')).readFileSync(rig.keyFiles[0], 'utf8');
+    key = rig.signingKey;
   });
   after(async () => rig?.stop());
 
@@ -157,7 +159,7 @@ describe('reliability: real parts failing and coming back', function () {
     const registry = await startRegistry({ auth: 'token' });
     await registry.push(buildImage(), 'team/a', '1');
     await registry.push(buildImage(), 'team/b', '1');
-    const dir = (await import('node:fs')).mkdtempSync(`${(await import('node:os')).tmpdir()}/pullbridge-tok-`);
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-tok-'));
     writeFileSync(`${dir}/password`, DEFAULT_USERS.puller);
     const proxy = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: registry.url, auth: { mode: 'anonymous' }, credentials: { username: USER, passwordFile: `${dir}/password` } }] });
     const issuer = registry.issuer!;
