@@ -6,7 +6,7 @@
 
 import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -66,6 +66,10 @@ function curl(url: string): Promise<{ bytes: number; seconds: number }> {
 
 async function startNginx(registryPort: number): Promise<{ port: number; proc: Proc }> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-nginx-'));
+  // nginx's worker drops to an unprivileged user when started as root; it must reach its temp files.
+  chmodSync(dir, 0o755);
+  mkdirSync(join(dir, 'proxy'));
+  chmodSync(join(dir, 'proxy'), 0o777);
   const port = await freePort();
   writeFileSync(
     join(dir, 'nginx.conf'),
@@ -80,6 +84,14 @@ http {
   upstream registry { server 127.0.0.1:${registryPort}; keepalive 32; }
   server {
     listen 127.0.0.1:${port};
+    # A plain reverse proxy: nginx's defaults (buffering on, 8 × one-page buffers, temp files up to 1 GiB).
+    location /v2/plain/ {
+      proxy_pass http://registry/v2/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_read_timeout 900;
+    }
     # Streaming, as a registry front must for large layers.
     location /v2/corp/ {
       proxy_pass http://registry/v2/;
@@ -153,6 +165,7 @@ export async function runProxyBench(sizeMb: number, concurrency: number, rounds:
     procs.push(nginx.proc, pullbridge.proc);
     const targets = [
       { name: 'direct from docker-registry', url: `http://127.0.0.1:${registry.port}/v2/bench/blob/blobs/${digest}` },
+      { name: 'nginx plain reverse proxy (defaults: buffering on, 8×4k, temp file)', url: `http://127.0.0.1:${nginx.port}/v2/plain/bench/blob/blobs/${digest}` },
       { name: 'nginx reverse proxy (proxy_buffering off)', url: `http://127.0.0.1:${nginx.port}/v2/corp/bench/blob/blobs/${digest}` },
       { name: 'nginx reverse proxy (buffering on, 16×64k, no temp file)', url: `http://127.0.0.1:${nginx.port}/v2/buffered/bench/blob/blobs/${digest}` },
       { name: 'pullbridge proxy (digest verified while streaming, the default)', url: `http://127.0.0.1:${pullbridge.port}/v2/corp/bench/blob/blobs/${digest}` },

@@ -5,6 +5,7 @@
 import { createHash } from 'node:crypto';
 import { isIP } from 'node:net';
 import type { Dispatcher } from 'undici';
+import { dispatchRequest } from './body.js';
 import { basicAuthorization, type BasicCredentials } from './credentials.js';
 import type { Challenge } from './challenge.js';
 
@@ -122,19 +123,11 @@ export class Authorizer {
     let statusCode: number;
     let text: string;
     try {
-      const res = await this.options.dispatcher.request({ origin: url.origin, path: `${url.pathname}${url.search}`, method: 'GET', headers });
+      const res = await dispatchRequest(this.options.dispatcher, { origin: url.origin, path: `${url.pathname}${url.search}`, method: 'GET', headers });
       statusCode = res.statusCode;
-      const chunks: Buffer[] = [];
-      let size = 0;
-      for await (const chunk of res.body) {
-        size += (chunk as Buffer).length;
-        if (size > TOKEN_BODY_LIMIT) {
-          res.body.destroy();
-          throw new UpstreamAuthError('token response too large', 'unavailable');
-        }
-        chunks.push(chunk as Buffer);
-      }
-      text = Buffer.concat(chunks).toString('utf8');
+      const body = await res.body.readAll(TOKEN_BODY_LIMIT);
+      if (body === null) throw new UpstreamAuthError('token response too large', 'unavailable');
+      text = body.toString('utf8');
     } catch (error) {
       if (error instanceof UpstreamAuthError) throw error;
       throw new UpstreamAuthError(`token endpoint ${url.origin} unreachable: ${(error as Error).message}`, 'unavailable');

@@ -1,12 +1,13 @@
 // The proxy process: server, prober, live config (a new runtime per config; the old one drains).
 
+import { setFlagsFromString } from 'node:v8';
 import { createLogger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
 import type { Config } from '../rules/config.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer } from '../shell/serve.js';
 import { Prober } from './probe.js';
-import { BODY_HIGH_WATER_MARK } from './upstream.js';
+import { BODY_HIGH_WATER_MARK } from './stream.js';
 import { createProxyHandler, createProxyRuntime, proxyConfigErrors, type ProxyRuntime } from './server.js';
 
 export interface ProxyRunOptions {
@@ -25,7 +26,18 @@ export const DEFAULT_MAX_CONNECTIONS = 1024;
 /** How long a replaced runtime keeps its connections for streams still in flight. */
 const DRAIN_MS = 10 * 60_000;
 
+/**
+ * Keeps undici's HTTP parser (llhttp, WebAssembly) on V8's baseline compiler. Optimising its one
+ * huge function at the first responses costs a transient ~35 MB, a third of the proxy's memory;
+ * a relay does not spend its time there (measured: same throughput, peak RSS 105 → 89 MiB).
+ * Set before the first upstream connection compiles the parser; NODE_OPTIONS cannot carry it.
+ */
+export function tuneRuntimeForRelay(): void {
+  setFlagsFromString('--liftoff-only');
+}
+
 export async function runProxy(options: ProxyRunOptions): Promise<{ running: RunningServer; watcher: ConfigWatcher | undefined; shutdown(): Promise<void> }> {
+  tuneRuntimeForRelay();
   const logger = createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
   let runtime: ProxyRuntime = createProxyRuntime(options.config);

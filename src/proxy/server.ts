@@ -3,7 +3,6 @@
 
 import { createHash } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
-import type { Readable } from 'node:stream';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import type { Dispatcher } from 'undici';
 import type { Logger } from '../log.js';
@@ -134,25 +133,6 @@ function sendError(res: ServerResponse, error: RegistryError, extraHeaders: Reco
 }
 
 /** Drops a body we do not want, without waiting for it and without an unhandled error. */
-function discard(body: Readable): void {
-  body.on('error', () => undefined);
-  body.destroy();
-}
-
-async function readLimited(body: Readable, limit: number): Promise<Buffer | null> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of body) {
-    size += (chunk as Buffer).length;
-    if (size > limit) {
-      discard(body);
-      return null;
-    }
-    chunks.push(chunk as Buffer);
-  }
-  return Buffer.concat(chunks);
-}
-
 export function createProxyHandler(options: ProxyHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
   const { logger } = options;
   const metrics = registerMetrics(options.metrics);
@@ -208,7 +188,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
 
   /** Passes an upstream error on in registry format, keeping its status and Retry-After. */
   async function relayUpstreamError(up: UpstreamResponse, route: Route & { name: string }, res: ServerResponse): Promise<void> {
-    const text = (await readLimited(up.body, ERROR_BODY_LIMIT))?.toString('utf8') ?? '';
+    const text = (await up.body.readAll(ERROR_BODY_LIMIT))?.toString('utf8') ?? '';
     const retryAfter = headerValue(up.headers['retry-after']);
     const extra: Record<string, string> = retryAfter ? { 'retry-after': retryAfter } : {};
     let parsed: unknown;
@@ -270,7 +250,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const up = await rr.client.fetch({ method: 'GET', path, headers, scope, credentials, signal, followRedirects: true });
     metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
     if (await upstreamFailed(up, rr, route, res)) return;
-    const body = await readLimited(up.body, MANIFEST_LIMIT_BYTES);
+    const body = await up.body.readAll(MANIFEST_LIMIT_BYTES);
     if (body === null) {
       sendError(res, registryError(502, 'MANIFEST_INVALID', `upstream manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`));
       return;
@@ -304,7 +284,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     out['docker-content-digest'] = route.digest;
     if (req.method === 'HEAD') {
       // A HEAD turned into GET by a redirect: keep the headers, drop the body.
-      discard(up.body);
+      up.body.destroy();
       res.writeHead(200, out);
       res.end();
       return;
@@ -312,8 +292,10 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     res.writeHead(up.statusCode, out);
     metrics.inflight.inc();
     const verify = up.statusCode === 200 && rr.rule.verifyBlobDigests;
+    const length = Number(out['content-length']);
     const error = await streamBody(up.body, res, {
       ...(verify ? { digest: route.digest } : {}),
+      ...(Number.isSafeInteger(length) && length >= 0 ? { length } : {}),
       onBytes: (n) => {
         exchange.bytes += n;
       },
@@ -342,7 +324,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const search = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
     const up = await rr.client.fetch({ method: 'GET', path: `/v2/${route.name}/tags/list${search}`, headers: { accept: 'application/json' }, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: false });
     if (await upstreamFailed(up, rr, route, res)) return;
-    const raw = await readLimited(up.body, MANIFEST_LIMIT_BYTES);
+    const raw = await up.body.readAll(MANIFEST_LIMIT_BYTES);
     let parsed: { name?: unknown; tags?: unknown };
     try {
       parsed = JSON.parse(raw?.toString('utf8') ?? '') as typeof parsed;

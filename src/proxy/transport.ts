@@ -1,11 +1,13 @@
 // How a rule's requests reach its upstream: directly, through an HTTP CONNECT proxy, or through a
 // forwarding (connectivity) proxy that takes plain HTTP and routes on the Host header. One undici
-// dispatcher per rule, pooling keep-alive connections per origin.
+// dispatcher per rule, pooling keep-alive connections per origin. Every request on it goes through
+// dispatchRequest (body.ts), which is what lets its sockets reuse their read buffers.
 
 import { readFileSync } from 'node:fs';
 import { Agent, ProxyAgent, type Dispatcher } from 'undici';
 import type { Rule } from '../rules/config.js';
 import { SecretFile } from '../shell/secretfiles.js';
+import { socketReadOptions } from './readbuffers.js';
 
 export interface TransportTimeouts {
   readonly connectMs: number;
@@ -38,7 +40,8 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Dis
     connections: 64,
   };
   const forward = rule.forwardProxy;
-  if (!forward) return new Agent({ ...common, connect: tls });
+  // Large reads into reused buffers for direct upstreams; through a forwarding proxy, Node's default.
+  if (!forward) return new Agent({ ...common, connect: { ...tls, onread: socketReadOptions() } });
 
   const headers: Record<string, string> = { ...forward.headers };
   if (forward.credentials) {

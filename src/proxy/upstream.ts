@@ -3,10 +3,11 @@
 
 import type { Dispatcher } from 'undici';
 import { Authorizer } from './authorizer.js';
+import { dispatchRequest, type UpstreamReply } from './body.js';
 import { parseChallenges } from './challenge.js';
 import type { BasicCredentials } from './credentials.js';
 
-export type UpstreamResponse = Dispatcher.ResponseData & {
+export type UpstreamResponse = UpstreamReply & {
   /** The URL that finally answered (after redirects). */
   readonly url: string;
   /** Set when the upstream still wants credentials after everything was tried. */
@@ -27,8 +28,6 @@ export interface UpstreamRequest {
 }
 
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
-/** Bytes read ahead of a slow client per stream: enough to keep the pipe full, small enough to stay flat. */
-export const BODY_HIGH_WATER_MARK = 256 * 1024;
 const MAX_REDIRECTS = 5;
 
 export class UpstreamClient {
@@ -62,7 +61,7 @@ export class UpstreamClient {
    * Storage redirects: resolve relative Location, drop Authorization when the host changes, keep
    * Range, and turn HEAD into GET (presigned URLs are signed for GET). Never cached.
    */
-  private async followRedirects(first: Dispatcher.ResponseData, request: UpstreamRequest): Promise<UpstreamResponse> {
+  private async followRedirects(first: UpstreamReply, request: UpstreamRequest): Promise<UpstreamResponse> {
     let res = first;
     let current = new URL(request.path, this.upstream);
     for (let hop = 0; hop < MAX_REDIRECTS && REDIRECTS.has(res.statusCode); hop++) {
@@ -84,15 +83,8 @@ export class UpstreamClient {
     return { ...res, url: current.href, unauthorized: false };
   }
 
-  private send(origin: string, path: string, method: 'GET' | 'HEAD', headers: Readonly<Record<string, string>>, authorization: string | undefined, signal: AbortSignal): Promise<Dispatcher.ResponseData> {
-    return this.dispatcher.request({
-      origin,
-      path,
-      method,
-      headers: authorization ? { ...headers, authorization } : headers,
-      signal,
-      highWaterMark: BODY_HIGH_WATER_MARK,
-    });
+  private send(origin: string, path: string, method: 'GET' | 'HEAD', headers: Readonly<Record<string, string>>, authorization: string | undefined, signal: AbortSignal): Promise<UpstreamReply> {
+    return dispatchRequest(this.dispatcher, { origin, path, method, headers: authorization ? { ...headers, authorization } : headers, signal });
   }
 }
 
