@@ -16,6 +16,7 @@ import { namespaceToken } from '../src/proxy/credentials.js';
 import { buildImage, type TestImage } from '../test/support/oci.js';
 import { freePort, startProcess, waitForPort, type Proc } from '../test/support/procs.js';
 import { DEFAULT_USERS, startRegistry, type RegistryHandle } from '../test/support/registry.js';
+import { PROXY_NODE_FLAGS } from './proxy.js';
 import { benchReview, drive, percentile } from './webhook.js';
 
 const CLI = fileURLToPath(new URL('../src/cli.js', import.meta.url));
@@ -156,11 +157,13 @@ export async function startLoadRig(options: LoadRigOptions): Promise<LoadRig> {
     `broker: {keyFiles: ["${keyFiles[0]}", "${keyFiles[1]}"]}`,
     'registries:',
     `  - {name: corp, match: ["corp.example"], upstream: "${registry.url}", credentials: {username: ${user}, passwordFile: "${join(dir, 'password')}"}}`,
+    // The same upstream without the proxy's digest check: the client's own hash is the only guard.
+    `  - {name: fast, match: ["fast.example"], upstream: "${registry.url}", credentials: {username: ${user}, passwordFile: "${join(dir, 'password')}"}, verifyBlobDigests: false}`,
     '',
   ].join('\n');
   const configPath = join(dir, 'config.yaml');
   writeFileSync(configPath, configText);
-  const proxy = startProcess(process.execPath, ['--max-semi-space-size=1', CLI, 'proxy', '--config', configPath, '--port', String(port), '--host', '127.0.0.1'], {
+  const proxy = startProcess(process.execPath, [...PROXY_NODE_FLAGS, CLI, 'proxy', '--config', configPath, '--port', String(port), '--host', '127.0.0.1'], {
     PULLBRIDGE_LOG_LEVEL: 'warn',
     MALLOC_ARENA_MAX: '2',
   });
@@ -255,7 +258,8 @@ const MANIFEST_ACCEPT = 'application/vnd.oci.image.index.v1+json, application/vn
 /**
  * `clients` pullers, each repeating for `seconds`: resolve a random image's tag to its index,
  * fetch a platform manifest by digest, then its config and every layer by digest, as containerd
- * does. Every body is hashed and compared with the digest it was asked for.
+ * does. Every body is hashed and compared with the digest it was asked for; half the pullers use
+ * a rule whose proxy does not verify blob digests, so a body corrupted in the proxy reaches them.
  */
 export async function runProxyLoad(rig: LoadRig, options: ProxyLoadOptions): Promise<ProxyLoadResult> {
   const stats = { requests: 0, verified: 0, errors: 0, corrupt: 0, aborted: 0, bytes: 0 };
@@ -291,7 +295,7 @@ export async function runProxyLoad(rig: LoadRig, options: ProxyLoadOptions): Pro
   const client = async (n: number, deadline: number) => {
     for (let i = n; performance.now() < deadline; i++) {
       const { repository, tag, image } = rig.images[i % rig.images.length]!;
-      const base = `/v2/corp/${repository}`;
+      const base = `/v2/${n % 2 === 0 ? 'corp' : 'fast'}/${repository}`;
       const index = await check(`${base}/manifests/${tag}`, image.index.digest, MANIFEST_ACCEPT);
       if (!index) continue;
       const manifest = image.manifests[i % image.manifests.length]!;

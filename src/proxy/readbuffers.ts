@@ -41,6 +41,9 @@ interface SocketReads {
   settled: number;
 }
 
+/** Reads into a reused buffer, and into a fresh one (first read of a socket, or nothing free). */
+export const readBufferStats = { reused: 0, fresh: 0 };
+
 const managed = new WeakMap<ArrayBufferLike, ReadBuffer>();
 const sockets = new WeakMap<Readable, SocketReads>();
 const pool: ReadBuffer[] = [];
@@ -75,19 +78,23 @@ function isFree(buffer: ReadBuffer): boolean {
   return reader.readableLength === 0 || buffer.read <= (sockets.get(reader)?.settled ?? 0);
 }
 
-function nextBuffer(size: number): Uint8Array {
+function nextBuffer(): Uint8Array {
   const socket = lastSocket;
   lastSocket = undefined;
-  // The first read of a socket: Node asks before there is any socket to key on.
-  if (!socket) return Buffer.allocUnsafeSlow(size);
-  for (const candidate of pool) {
-    if (isFree(candidate)) {
-      candidate.reader = socket;
-      candidate.pending = true;
-      return candidate.bytes;
+  if (socket) {
+    for (const candidate of pool) {
+      if (isFree(candidate)) {
+        candidate.reader = socket;
+        candidate.pending = true;
+        readBufferStats.reused++;
+        return candidate.bytes;
+      }
     }
   }
-  const bytes = Buffer.allocUnsafeSlow(size);
+  readBufferStats.fresh++;
+  const bytes = Buffer.allocUnsafeSlow(READ_BUFFER_BYTES);
+  // The first read of a socket: Node asks before there is any socket to key on.
+  if (!socket) return bytes;
   if (pool.length < POOLED_BUFFERS) {
     const buffer: ReadBuffer = { bytes, holds: 0, reader: socket, read: 0, pending: true };
     pool.push(buffer);
@@ -106,9 +113,9 @@ export interface SocketReadOptions {
  * pushed into the socket's readable side as Node does by default, so the HTTP client sees an
  * ordinary socket; returning push's verdict stops reading when its queue is full.
  */
-export function socketReadOptions(size: number = READ_BUFFER_BYTES): SocketReadOptions {
+export function socketReadOptions(): SocketReadOptions {
   return {
-    buffer: () => nextBuffer(size),
+    buffer: nextBuffer,
     callback(this: Readable, bytes: number, buffer: Uint8Array): boolean {
       let reads = sockets.get(this);
       if (!reads) {
