@@ -209,6 +209,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
   /** Answers the client when the upstream refused or failed; true when it did. */
   async function upstreamFailed(up: UpstreamResponse, rr: RuleRuntime, route: Route & { name: string }, res: ServerResponse, ok: readonly number[] = [200]): Promise<boolean> {
     if (up.unauthorized) {
+      void up.body.dump();
       const u = unauthorizedUpstream(rr, route.name);
       sendError(res, u.error, u.headers);
       return true;
