@@ -11,6 +11,7 @@ import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { writeRepeated } from '../test/support/http.js';
 import { freePort, startProcess, waitForPort, type Proc } from '../test/support/procs.js';
 import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
 
@@ -36,15 +37,7 @@ async function pushBlob(registry: RegistryHandle, repository: string, sizeMb: nu
       res.on('end', () => (res.statusCode === 201 ? resolve() : reject(new Error(`upload answered ${res.statusCode}`))));
     });
     req.on('error', reject);
-    let sent = 0;
-    const write = () => {
-      while (sent < sizeMb) {
-        sent++;
-        if (!req.write(CHUNK)) return void req.once('drain', write);
-      }
-      req.end();
-    };
-    write();
+    writeRepeated(req, CHUNK, sizeMb);
   });
   return digest;
 }

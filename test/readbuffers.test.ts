@@ -5,6 +5,7 @@ import net from 'node:net';
 import { Agent } from 'undici';
 import { dispatchRequest } from '../src/proxy/body.js';
 import { holdView, readBufferStats, socketReadOptions } from '../src/proxy/readbuffers.js';
+import { writeRepeated } from './support/http.js';
 
 // Every byte of a stream is known by its offset: a repeating random block of prime length.
 const BLOCK = randomBytes(1_000_003);
@@ -134,20 +135,12 @@ describe('socket read buffers', () => {
       server = http.createServer((req, res) => {
         if (req.url === '/big') {
           // More than loopback socket buffers absorb, so that a cut is seen by the sender.
-          const total = 256;
-          let sent = 0;
-          res.writeHead(200, { 'content-length': total * BODY.length });
+          const times = 256;
+          res.writeHead(200, { 'content-length': times * BODY.length });
           res.on('close', () => {
             if (!res.writableFinished) closedEarly++;
           });
-          const write = () => {
-            while (sent < total) {
-              sent++;
-              if (!res.write(BODY)) return void res.once('drain', write);
-            }
-            res.end();
-          };
-          write();
+          writeRepeated(res, BODY, times);
           return;
         }
         res.writeHead(200, { 'content-length': BODY.length });

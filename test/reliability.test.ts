@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runProxyLoad, runWebhookLoad, startLoadRig, type LoadRig } from '../bench/load.js';
 import { listen } from '../src/shell/serve.js';
+import { writeRepeated } from './support/http.js';
 import { buildImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
 import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
@@ -240,15 +241,7 @@ describe('reliability: clients that are slow, silent or too many', function () {
           return;
         }
         res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': BLOB_MIB * CHUNK.length });
-        let i = 0;
-        const next = () => {
-          while (i < BLOB_MIB) {
-            i++;
-            if (!res.write(CHUNK, () => (sent += CHUNK.length))) return void res.once('drain', next);
-          }
-          res.end();
-        };
-        next();
+        writeRepeated(res, CHUNK, BLOB_MIB, (bytes) => (sent += bytes));
       },
       { host: '127.0.0.1', port: 0 },
     );

@@ -60,10 +60,7 @@ export class UpstreamBody {
     else this.controller?.pause();
   }
 
-  pause(): void {
-    this.controller?.pause();
-  }
-
+  /** Lets a sink that returned false from `data` have more. */
   resume(): void {
     this.controller?.resume();
   }

@@ -1,3 +1,4 @@
+import type { Writable } from 'node:stream';
 import http from 'node:http';
 
 export interface RawResponse {
@@ -21,3 +22,20 @@ export function rawRequest(url: string, path: string, options: { method?: string
   });
 }
 
+
+/**
+ * Writes `chunk` `times` times, waiting for 'drain' when the stream asks, then ends it.
+ * `onFlushed` is called as each write leaves the stream's buffer.
+ */
+export function writeRepeated(out: Writable, chunk: Buffer, times: number, onFlushed?: (bytes: number) => void): void {
+  let written = 0;
+  const next = () => {
+    while (written < times) {
+      written++;
+      const more = onFlushed ? out.write(chunk, () => onFlushed(chunk.length)) : out.write(chunk);
+      if (!more) return void out.once('drain', next);
+    }
+    out.end();
+  };
+  next();
+}
