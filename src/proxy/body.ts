@@ -163,11 +163,8 @@ export function dispatchRequest(dispatcher: Dispatcher, options: DispatchOptions
     let responded = false;
     const onAbort = () => {
       const reason = (signal?.reason as Error | undefined) ?? new Error('aborted');
-      if (responded) body.destroy(reason);
-      else {
-        body.destroy(reason);
-        reject(reason);
-      }
+      body.destroy(reason);
+      if (!responded) reject(reason);
     };
     signal?.addEventListener('abort', onAbort, { once: true });
     const finished = () => signal?.removeEventListener('abort', onAbort);
