@@ -1,5 +1,5 @@
-// How upstream sockets are read: into a few fixed buffers per socket, reused, instead of the fresh
-// 64 KiB allocation Node makes for every read.
+// How upstream sockets are read: into buffers from one pool shared by all sockets, reused, instead
+// of the fresh 64 KiB allocation Node makes for every read.
 //
 // Why: a relay's cost on loopback is per read and per allocation. Larger reads into reused buffers
 // took a plain Node relay from ~800 MiB/s (64 KiB) to ~1050 (256 KiB), 1 and 16 streams alike, and

@@ -132,7 +132,6 @@ function sendError(res: ServerResponse, error: RegistryError, extraHeaders: Reco
   res.end(res.req.method === 'HEAD' ? undefined : body);
 }
 
-/** Drops a body we do not want, without waiting for it and without an unhandled error. */
 export function createProxyHandler(options: ProxyHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
   const { logger } = options;
   const metrics = registerMetrics(options.metrics);
