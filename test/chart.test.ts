@@ -61,6 +61,14 @@ describe('Helm chart', function () {
     return parseAllDocuments(out).map((d) => d.toJS() as KubernetesObject).filter((o) => o && o.kind);
   };
 
+  it('renders offline without --kube-version, as a released helm does (its Kubernetes version is stamped)', async () => {
+    // An unstamped helm says v1.20.0 here and fails the chart's `kubeVersion: >=1.25`.
+    const version = await runAsync(helm, ['version', '--template', '{{.Version}}']);
+    assert.match(version, /^v3\./);
+    const out = await runAsync(helm, ['template', 'pullbridge', CHART, '-n', 'pullbridge', '-f', valuesFile]);
+    assert.match(out, /kind: DaemonSet/);
+  });
+
   it('lints clean with default and with full values', async () => {
     const plain = await runAsync(helm, ['lint', CHART, '--strict']);
     assert.match(plain, /1 chart\(s\) linted, 0 chart\(s\) failed/);

@@ -16,13 +16,13 @@ import { parseConfig } from '../src/rules/config.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
 import { memoryLogger } from './support/logs.js';
+import { registerWebhook, WEBHOOK_YAML } from './support/cluster.js';
 import { startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
 import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
 
 const [USER, PASSWORD] = Object.entries(DEFAULT_USERS)[0] as [string, string];
-const WEBHOOK_YAML = fileURLToPath(new URL('../../webhook-config/mutating-webhook.yaml', import.meta.url));
 const CORP_IMAGE = 'registry.corp.example:5000/team/app:1.0';
 
 describe('end to end against a real kube-apiserver', function () {
@@ -84,7 +84,6 @@ ${extraRules}`;
     const kc = new KubeConfig();
     kc.loadFromFile(cp.kubeconfig);
     core = kc.makeApiClient(CoreV1Api);
-    const admission = kc.makeApiClient(AdmissionregistrationV1Api);
 
     // The proxy first: its port goes into the rewritten references and the pull secret.
     proxy = await startProxy({ broker: { keyFiles: [keyFile] }, registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: registry.url, credentials: { username: USER, passwordFile } }] });
@@ -108,19 +107,7 @@ ${extraRules}`;
     });
 
     // Register the shipped configuration, pointed at this webhook by URL.
-    const shipped = parseYaml(readFileSync(WEBHOOK_YAML, 'utf8')) as V1MutatingWebhookConfiguration;
-    for (const hook of shipped.webhooks ?? []) hook.clientConfig = { url: `${webhook.running.url}/mutate`, caBundle: Buffer.from(certs.caCert).toString('base64') };
-    await admission.createMutatingWebhookConfiguration({ body: shipped });
-
-    // The apiserver picks up new webhook configurations asynchronously: wait until one is in effect.
-    await namespace('warmup');
-    const deadline = Date.now() + 30_000;
-    for (;;) {
-      const dry = await core.createNamespacedPod({ namespace: 'warmup', body: pod('probe'), dryRun: 'All' });
-      if (dry.spec?.containers[0]?.image !== CORP_IMAGE) break;
-      if (Date.now() > deadline) throw new Error('the webhook configuration never took effect');
-      await new Promise((r) => setTimeout(r, 250));
-    }
+    await registerWebhook(kc, `${webhook.running.url}/mutate`, certs.caCert, CORP_IMAGE);
   });
 
   after(async () => {

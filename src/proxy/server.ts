@@ -120,7 +120,8 @@ interface Exchange {
   bytes: number;
 }
 
-type ClientAuth = { ok: true; namespace: string | null; credentials: BasicCredentials | undefined } | { ok: false; error: RegistryError; challenge: boolean };
+/** A refusal names the namespace when its credential was valid, so the access log says who was refused. */
+type ClientAuth = { ok: true; namespace: string | null; credentials: BasicCredentials | undefined } | { ok: false; error: RegistryError; challenge: boolean; namespace?: string };
 
 function sendError(res: ServerResponse, error: RegistryError, extraHeaders: Record<string, string> = {}): void {
   if (res.headersSent) {
@@ -157,7 +158,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       return { ok: false, error: registryError(401, 'UNAUTHORIZED', 'invalid credentials: use the pull secret pullbridge provisions in your namespace'), challenge: true };
     }
     if (rr.rule.namespaceFilter.refuse(basic.username) !== null) {
-      return { ok: false, error: registryError(403, 'DENIED', `namespace "${basic.username}" may not pull through rule "${rr.rule.name}"`), challenge: false };
+      return { ok: false, error: registryError(403, 'DENIED', `namespace "${basic.username}" may not pull through rule "${rr.rule.name}"`), challenge: false, namespace: basic.username };
     }
     return { ok: true, namespace: basic.username, credentials: rr.upstreamCredentials() };
   }
@@ -376,6 +377,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     exchange.rule = rr.rule.name;
     const auth = authenticate(runtime, rr, req.headers.authorization);
     if (!auth.ok) {
+      exchange.namespace = auth.namespace ?? null;
       exchange.error = auth.error.message;
       sendError(res, auth.error, auth.challenge ? { 'www-authenticate': CHALLENGE } : {});
       return;

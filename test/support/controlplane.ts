@@ -12,9 +12,10 @@ export const KUBE_VERSION = process.env.KUBE_VERSION ?? 'v1.31.4';
 export const HELM_VERSION = process.env.HELM_VERSION ?? 'v3.16.4';
 const CACHE = process.env.PULLBRIDGE_CACHE ?? join(homedir(), '.cache', 'pullbridge');
 
-export function cachedBinary(name: 'kube-apiserver' | 'kubectl' | 'helm'): string {
-  const path = join(CACHE, 'bin', `${name}-${name === 'helm' ? HELM_VERSION : KUBE_VERSION}`);
-  if (!existsSync(path)) throw new Error(`${path} is missing: run scripts/build-control-plane.sh (it builds kube-apiserver and helm from Go modules)`);
+export function cachedBinary(name: 'kube-apiserver' | 'kubectl' | 'kubelet' | 'helm'): string {
+  // helm is stamped with its Kubernetes version when built (see the script), and named so.
+  const path = join(CACHE, 'bin', name === 'helm' ? `helm-${HELM_VERSION}-stamped` : `${name}-${KUBE_VERSION}`);
+  if (!existsSync(path)) throw new Error(`${path} is missing: run scripts/build-control-plane.sh (it builds kube-apiserver, kubectl, kubelet and helm from Go modules)`);
   return path;
 }
 
@@ -22,6 +23,9 @@ export interface ControlPlane {
   readonly url: string;
   readonly kubeconfig: string;
   readonly token: string;
+  /** A kubelet's credential for the Node `127.0.0.1` (user `system:node:127.0.0.1`, group
+   * `system:nodes`): the Node authorizer and NodeRestriction limit it as in a cluster. */
+  readonly nodeToken: string;
   readonly caCert: string;
   stop(): Promise<void>;
 }
@@ -48,7 +52,8 @@ export async function startControlPlane(): Promise<ControlPlane> {
   writeFileSync(join(dir, 'sa.pub'), sa.publicKey);
   writeFileSync(join(dir, 'sa.key'), sa.privateKey);
   const token = randomBytes(24).toString('hex');
-  writeFileSync(join(dir, 'tokens.csv'), `${token},admin,admin-uid,"system:masters"\n`);
+  const nodeToken = randomBytes(24).toString('hex');
+  writeFileSync(join(dir, 'tokens.csv'), `${token},admin,admin-uid,"system:masters"\n${nodeToken},system:node:127.0.0.1,node-uid,"system:nodes"\n`);
   const apiserver = startProcess(apiserverBin, [
     `--etcd-servers=http://127.0.0.1:${etcdClient}`,
     '--bind-address=127.0.0.1',
@@ -62,7 +67,8 @@ export async function startControlPlane(): Promise<ControlPlane> {
     `--service-account-key-file=${join(dir, 'sa.pub')}`,
     `--service-account-signing-key-file=${join(dir, 'sa.key')}`,
     '--service-cluster-ip-range=10.0.0.0/24',
-    '--authorization-mode=RBAC',
+    '--authorization-mode=Node,RBAC',
+    '--enable-admission-plugins=NodeRestriction',
     '--allow-privileged=true',
     // No controller creates default service accounts here.
     '--disable-admission-plugins=ServiceAccount',
@@ -98,7 +104,7 @@ export async function startControlPlane(): Promise<ControlPlane> {
       'current-context': 'test',
     }),
   );
-  return { url, kubeconfig, token, caCert: serving.caCert, stop };
+  return { url, kubeconfig, token, nodeToken, caCert: serving.caCert, stop };
 }
 
 async function readyz(url: string, token: string, ca: string): Promise<boolean> {

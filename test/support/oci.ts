@@ -17,13 +17,18 @@ export const sha256 = (data: Buffer): string => `sha256:${createHash('sha256').u
 
 const blob = (mediaType: string, data: Buffer): Blob => ({ mediaType, digest: sha256(data), size: data.length, data });
 
+/** A file in a layer: its bytes, or its bytes and a permission mode (0o644 when not given). */
+export type LayerFile = Buffer | { readonly data: Buffer; readonly mode: number };
+
 /** A minimal ustar archive of regular files. */
-export function tarOf(files: Record<string, Buffer>): Buffer {
+export function tarOf(files: Record<string, LayerFile>): Buffer {
   const parts: Buffer[] = [];
-  for (const [name, content] of Object.entries(files)) {
+  for (const [name, file] of Object.entries(files)) {
+    const content = Buffer.isBuffer(file) ? file : file.data;
+    const mode = Buffer.isBuffer(file) ? 0o644 : file.mode;
     const header = Buffer.alloc(512);
     header.write(name, 0, 100, 'utf8');
-    header.write('0000644\0', 100);
+    header.write(`${mode.toString(8).padStart(7, '0')}\0`, 100);
     header.write('0000000\0', 108);
     header.write('0000000\0', 116);
     header.write(content.length.toString(8).padStart(11, '0') + '\0', 124);
@@ -103,8 +108,59 @@ export function buildImage(spec: ImageSpec = {}): TestImage {
   return { index, manifests, configs, layers, blobs };
 }
 
-/** Writes the image as an OCI layout whose index names it `tag`. */
-export function writeOciLayout(dir: string, image: TestImage, tag: string): void {
+export interface RunnableImageSpec {
+  /** Files of the one layer, by path without a leading slash. */
+  readonly files: Record<string, LayerFile>;
+  readonly entrypoint: readonly string[];
+  readonly cmd?: readonly string[];
+  readonly user?: string;
+}
+
+/** A single-platform (linux/amd64) image that a container runtime can run: one layer, a config with
+ * an entrypoint, a manifest, and an index over it. */
+export function buildRunnableImage(spec: RunnableImageSpec): TestImage {
+  const tar = tarOf(spec.files);
+  const layer = blob('application/vnd.oci.image.layer.v1.tar+gzip', gzipSync(tar, { level: 6 }));
+  const config = blob(
+    'application/vnd.oci.image.config.v1+json',
+    Buffer.from(
+      JSON.stringify({
+        architecture: 'amd64',
+        os: 'linux',
+        rootfs: { type: 'layers', diff_ids: [sha256(tar)] },
+        config: { Entrypoint: spec.entrypoint, ...(spec.cmd ? { Cmd: spec.cmd } : {}), ...(spec.user ? { User: spec.user } : {}) },
+      }),
+    ),
+  );
+  const manifest = blob(
+    'application/vnd.oci.image.manifest.v1+json',
+    Buffer.from(
+      JSON.stringify({
+        schemaVersion: 2,
+        mediaType: 'application/vnd.oci.image.manifest.v1+json',
+        config: { mediaType: config.mediaType, digest: config.digest, size: config.size },
+        layers: [{ mediaType: layer.mediaType, digest: layer.digest, size: layer.size }],
+      }),
+    ),
+  );
+  const index = blob(
+    'application/vnd.oci.image.index.v1+json',
+    Buffer.from(
+      JSON.stringify({
+        schemaVersion: 2,
+        mediaType: 'application/vnd.oci.image.index.v1+json',
+        manifests: [{ mediaType: manifest.mediaType, digest: manifest.digest, size: manifest.size, platform: { os: 'linux', architecture: 'amd64' } }],
+      }),
+    ),
+  );
+  const blobs = new Map<string, Blob>();
+  for (const b of [index, manifest, config, layer]) blobs.set(b.digest, b);
+  return { index, manifests: [manifest], configs: [config], layers: [layer], blobs };
+}
+
+/** Writes the image as an OCI layout whose index names it `tag` (and, for containerd's importer,
+ * `name`, a full reference). */
+export function writeOciLayout(dir: string, image: TestImage, tag: string, name?: string): void {
   mkdirSync(join(dir, 'blobs', 'sha256'), { recursive: true });
   writeFileSync(join(dir, 'oci-layout'), JSON.stringify({ imageLayoutVersion: '1.0.0' }));
   for (const b of image.blobs.values()) writeFileSync(join(dir, 'blobs', 'sha256', b.digest.slice('sha256:'.length)), b.data);
@@ -112,7 +168,7 @@ export function writeOciLayout(dir: string, image: TestImage, tag: string): void
     join(dir, 'index.json'),
     JSON.stringify({
       schemaVersion: 2,
-      manifests: [{ mediaType: image.index.mediaType, digest: image.index.digest, size: image.index.size, annotations: { 'org.opencontainers.image.ref.name': tag } }],
+      manifests: [{ mediaType: image.index.mediaType, digest: image.index.digest, size: image.index.size, annotations: { 'org.opencontainers.image.ref.name': tag, ...(name ? { 'io.containerd.image.name': name } : {}) } }],
     }),
   );
 }

@@ -1,0 +1,384 @@
+// A real Kubernetes node for tests: kubelet (built from Go modules), containerd with its CRI plugin,
+// and runc, joined to a control plane from ./controlplane.ts. Everything runs in a network and mount
+// namespace made for the node, so that ports, mounts and sysctls never touch this machine; the
+// node and this machine's loopback reach each other through relays over socket files
+// (./forward.ts). Teardown stops every process of the node, removes its mounts and cgroups, and
+// reports anything it found left behind. Facts behind each setting: shared/notes/real-node.md.
+//
+// Pods are scheduled by naming the node (`spec.nodeName: node.name`) with `hostNetwork: true`: the
+// node has no CNI plugin, so it stays NotReady for the pod network, and no scheduler runs.
+
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { cachedBinary, type ControlPlane } from './controlplane.js';
+import { buildRunnableImage, writeOciLayout, type TestImage } from './oci.js';
+import { freePort, run, runAsync, startProcess, type Proc } from './procs.js';
+
+const FORWARD = fileURLToPath(new URL('./forward.js', import.meta.url));
+const PAUSE_SOURCE = fileURLToPath(new URL('../../../test/support/pause.c', import.meta.url));
+/** The sandbox image, imported into containerd before kubelet starts; never pulled. */
+export const PAUSE_IMAGE = 'localhost/pullbridge-test/pause:1';
+
+/** kubelet "fixes" these at start (container_manager_linux.go, setupKernelTunables); each is
+ * shadowed inside the node's mount namespace by a file holding the value kubelet wants. */
+const KUBELET_SYSCTLS: Readonly<Record<string, string>> = {
+  'vm/overcommit_memory': '1',
+  'vm/panic_on_oom': '0',
+  'kernel/panic': '10',
+  'kernel/panic_on_oops': '1',
+  'kernel/keys/root_maxkeys': '1000000',
+  'kernel/keys/root_maxbytes': '25000000',
+};
+
+export interface RealNode {
+  /** The Node's name, and the address the apiserver reaches its kubelet on. */
+  readonly name: string;
+  readonly dir: string;
+  /** Makes a port of this machine's loopback reachable on the node's loopback at the same number
+   * (as `localhost:PORT`, where containerd pulls rewritten images from). */
+  reach(port: number): Promise<void>;
+  /** Runs a command inside the node's namespaces. */
+  exec(command: string, args: readonly string[]): Promise<string>;
+  /** Image references in the node's container runtime. */
+  images(): Promise<string[]>;
+  /** Removes images from the node's runtime, so that the next Pod pulls again. */
+  removeImages(references: readonly string[]): Promise<void>;
+  /** Everything kubelet and containerd said, for failure messages. */
+  logs(): string;
+  /** Stops the node and removes what it made; resolves with what was found left behind (empty when
+   * clean): processes in its namespace, mounts under its directory, cgroups, changed sysctls. */
+  stop(): Promise<string[]>;
+}
+
+export interface NodeOptions {
+  readonly controlPlane: ControlPlane;
+  /** A token the kubelet authenticates with; a Node identity (`system:node:<name>` in
+   * `system:nodes`) so that the Node authorizer and NodeRestriction apply as in a cluster. */
+  readonly token: string;
+}
+
+/** Builds the static program of the test images (pause and workload) once per directory. */
+function buildPauseBinary(dir: string): Buffer {
+  const out = join(dir, 'pause');
+  if (!existsSync(out)) run('gcc', ['-static', '-O2', '-o', out, PAUSE_SOURCE]);
+  return readFileSync(out);
+}
+
+/** A workload image: prints `message` (seen with `kubectl logs`), then waits for a signal. */
+export function buildWorkloadImage(dir: string, message: string): TestImage {
+  return buildRunnableImage({ files: { app: { data: buildPauseBinary(dir), mode: 0o755 } }, entrypoint: ['/app'], cmd: [message] });
+}
+
+function netnsOf(pid: number | string): string | null {
+  try {
+    return readlinkSync(`/proc/${pid}/ns/net`);
+  } catch {
+    return null;
+  }
+}
+
+/** PIDs of every process in a network namespace (the node's daemons, shims and containers). */
+function processesIn(netns: string, except: number): number[] {
+  const pids: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry) || Number(entry) === except) continue;
+    if (netnsOf(entry) === netns) pids.push(Number(entry));
+  }
+  return pids;
+}
+
+/** Cgroup hierarchies of this machine (cgroup v1 controllers, and the v2 tree where mounted). */
+function cgroupHierarchies(): string[] {
+  return readFileSync('/proc/self/mounts', 'utf8')
+    .split('\n')
+    .map((line) => line.split(' '))
+    .filter((fields) => fields[2] === 'cgroup' || fields[2] === 'cgroup2')
+    .map((fields) => fields[1] ?? '')
+    .filter((path) => path.startsWith('/sys/fs/cgroup'));
+}
+
+/** Removes a cgroup tree bottom-up (cgroup directories are removed with rmdir, never unlinked). */
+function removeCgroup(path: string): void {
+  if (!existsSync(path)) return;
+  for (const entry of readdirSync(path)) {
+    const child = join(path, entry);
+    if (statSync(child).isDirectory()) removeCgroup(child);
+  }
+  rmdirSync(path);
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+function readSysctls(): Record<string, string | null> {
+  const values: Record<string, string | null> = {};
+  for (const key of Object.keys(KUBELET_SYSCTLS)) {
+    try {
+      values[key] = readFileSync(`/proc/sys/${key}`, 'utf8').trim();
+    } catch {
+      values[key] = null;
+    }
+  }
+  return values;
+}
+
+export async function startNode(options: NodeOptions): Promise<RealNode> {
+  const kubeletBin = cachedBinary('kubelet');
+  const dir = mkdtempSync(join(tmpdir(), 'pb-node-'));
+  const id = `pb-node-${randomBytes(4).toString('hex')}`;
+  const name = '127.0.0.1';
+  const sysctlsBefore = readSysctls();
+  const procs: Proc[] = [];
+  const relays: Proc[] = [];
+
+  // The namespace holder. It must not inherit this process's stdout (a pipe would never close).
+  const holder = spawn('unshare', ['--net', '--mount', '--propagation', 'private', 'sleep', 'infinity'], { stdio: 'ignore' });
+  const holderPid = holder.pid;
+  if (holderPid === undefined) throw new Error('unshare did not start');
+  let netns: string | null = null;
+  for (let i = 0; i < 100 && (netns === null || netns === netnsOf(process.pid)); i++) {
+    await sleep(20);
+    netns = netnsOf(holderPid);
+  }
+  if (netns === null || netns === netnsOf(process.pid)) throw new Error('the node namespace was not created');
+  const nodeNetns = netns;
+  const inside = (command: string, args: readonly string[]) => ['-t', String(holderPid), '-n', '-m', command, ...args];
+  const exec = (command: string, args: readonly string[]) => runAsync('nsenter', inside(command, args), { timeoutMs: 60_000 });
+  const startInside = (command: string, args: readonly string[]) => {
+    const proc = startProcess('nsenter', inside(command, args));
+    procs.push(proc);
+    return proc;
+  };
+
+  const cgroups: string[] = [];
+  const stop = async (): Promise<string[]> => {
+    const leftovers: string[] = [];
+    // kubelet first, so that it does not restart what is stopped below; then the containers,
+    // shims and containerd, by namespace (container processes are children of shims, not of us).
+    for (const proc of [...procs].reverse()) await proc.stop();
+    for (let round = 0; round < 20; round++) {
+      const pids = processesIn(nodeNetns, holderPid);
+      if (pids.length === 0) break;
+      for (const pid of pids) {
+        try {
+          process.kill(pid, round < 5 ? 'SIGTERM' : 'SIGKILL');
+        } catch {
+          // gone already
+        }
+      }
+      await sleep(200);
+    }
+    const stray = processesIn(nodeNetns, holderPid);
+    if (stray.length > 0) leftovers.push(`processes still in the node's namespace: ${stray.join(', ')}`);
+    for (const relay of relays) await relay.stop();
+    // Mounts: every mount of the namespace under the node's directory or over /run, /var, /proc/sys.
+    try {
+      await exec('sh', ['-c', `grep -o ' ${dir}[^ ]*\\| /run \\| /var/[a-z]* \\| /proc/sys/[^ ]*' /proc/self/mounts | sort -r | while read m; do umount -l "$m"; done`]);
+    } catch {
+      // the namespace dies with its holder anyway
+    }
+    holder.kill('SIGKILL');
+    await sleep(100);
+    const hostMounts = readFileSync('/proc/self/mounts', 'utf8').split('\n').filter((line) => line.includes(dir));
+    if (hostMounts.length > 0) leftovers.push(`mounts on this machine under ${dir}: ${hostMounts.join('; ')}`);
+    for (const cgroup of cgroups) {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          removeCgroup(cgroup);
+          break;
+        } catch (error) {
+          if (attempt >= 20) {
+            leftovers.push(`cgroup ${cgroup}: ${(error as Error).message}`);
+            break;
+          }
+          await sleep(250);
+        }
+      }
+    }
+    const sysctlsAfter = readSysctls();
+    for (const [key, before] of Object.entries(sysctlsBefore)) if (sysctlsAfter[key] !== before) leftovers.push(`sysctl ${key} changed: ${before} -> ${sysctlsAfter[key]}`);
+    rmSync(dir, { recursive: true, force: true });
+    return leftovers;
+  };
+
+  try {
+    // Inside the namespace: loopback up; /run, /var/log, /var/lib are the node's own (kubelet and
+    // the shims write there whatever their flags say); kubelet's sysctls are shadowed.
+    const paths = { run: join(dir, 'run'), varlog: join(dir, 'var-log'), varlib: join(dir, 'var-lib'), sysctl: join(dir, 'sysctl') };
+    for (const path of Object.values(paths)) mkdirSync(path, { recursive: true });
+    const script = ['ip link set lo up', `mount --bind ${paths.run} /run`, `mount --bind ${paths.varlog} /var/log`, `mount --bind ${paths.varlib} /var/lib`];
+    for (const [key, value] of Object.entries(KUBELET_SYSCTLS)) {
+      if (sysctlsBefore[key] === null) continue;
+      const file = join(paths.sysctl, key.replaceAll('/', '.'));
+      writeFileSync(file, `${value}\n`);
+      script.push(`mount --bind ${file} /proc/sys/${key}`);
+    }
+    await exec('sh', ['-ec', script.join('\n')]);
+
+    // A cgroup root in every hierarchy (cgroup v1 here): kubelet's cgroupfs driver wants it everywhere.
+    for (const hierarchy of cgroupHierarchies()) {
+      const path = join(hierarchy, id);
+      mkdirSync(path);
+      cgroups.push(path);
+      if (hierarchy.endsWith('/cpuset')) {
+        for (const file of ['cpuset.cpus', 'cpuset.mems']) writeFileSync(join(path, file), readFileSync(join(hierarchy, file)));
+      }
+    }
+
+    // containerd with the CRI plugin.
+    const ctd = join(dir, 'containerd');
+    const socket = join(ctd, 'containerd.sock');
+    mkdirSync(join(dir, 'cni', 'net.d'), { recursive: true });
+    mkdirSync(ctd, { recursive: true });
+    const cri = 'plugins."io.containerd.grpc.v1.cri"';
+    writeFileSync(
+      join(ctd, 'config.toml'),
+      [
+        'version = 2',
+        `root = "${join(ctd, 'root')}"`,
+        `state = "${join(ctd, 'state')}"`,
+        'disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]',
+        '[grpc]',
+        `  address = "${socket}"`,
+        '[ttrpc]',
+        `  address = "${join(ctd, 'containerd.ttrpc.sock')}"`,
+        '[debug]',
+        '  address = ""',
+        '[metrics]',
+        '  address = ""',
+        '[plugins."io.containerd.internal.v1.opt"]',
+        `  path = "${join(ctd, 'opt')}"`,
+        `[${cri}]`,
+        `  sandbox_image = "${PAUSE_IMAGE}"`,
+        // No CAP_SYS_RESOURCE here: runc cannot lower oom_score_adj below 0 as kubelet asks.
+        '  restrict_oom_score_adj = true',
+        `[${cri}.containerd]`,
+        '  snapshotter = "overlayfs"',
+        '  default_runtime_name = "runc"',
+        `[${cri}.containerd.runtimes.runc]`,
+        '  runtime_type = "io.containerd.runc.v2"',
+        `[${cri}.containerd.runtimes.runc.options]`,
+        '  SystemdCgroup = false',
+        `[${cri}.cni]`,
+        '  bin_dir = "/usr/lib/cni"',
+        `  conf_dir = "${join(dir, 'cni', 'net.d')}"`,
+        '  max_conf_num = 1',
+      ].join('\n'),
+    );
+    const containerd = startInside('containerd', ['--config', join(ctd, 'config.toml')]);
+    const ctr = (...args: string[]) => runAsync('ctr', ['-a', socket, '-n', 'k8s.io', ...args], { timeoutMs: 60_000 });
+    for (let deadline = Date.now() + 30_000; ; ) {
+      try {
+        await ctr('version');
+        break;
+      } catch (error) {
+        if (containerd.child.exitCode !== null || Date.now() > deadline) throw new Error(`containerd did not start: ${(error as Error).message}\n${containerd.output()}`);
+        await sleep(200);
+      }
+    }
+
+    // The sandbox image, imported (never pulled).
+    const pause = buildRunnableImage({ files: { pause: { data: buildPauseBinary(dir), mode: 0o755 } }, entrypoint: ['/pause'] });
+    const layout = join(dir, 'pause-layout');
+    writeOciLayout(layout, pause, '1', PAUSE_IMAGE);
+    run('tar', ['-C', layout, '-cf', join(dir, 'pause.tar'), '.']);
+    await ctr('images', 'import', join(dir, 'pause.tar'));
+    const imported = await ctr('images', 'ls', '-q');
+    if (!imported.split('\n').includes(PAUSE_IMAGE)) throw new Error(`the pause image was not imported as ${PAUSE_IMAGE}: ${imported}`);
+
+    // The apiserver on the node's loopback; the kubelet's port on this machine's loopback.
+    const apiPort = Number(new URL(options.controlPlane.url).port);
+    const kubeletPort = await freePort();
+    const relay = async (hostSide: string[], nodeSide: string[]) => {
+      const host = startProcess(process.execPath, [FORWARD, ...hostSide]);
+      relays.push(host);
+      const node = startProcess('nsenter', inside(process.execPath, [FORWARD, ...nodeSide]));
+      relays.push(node);
+      for (const proc of [host, node]) {
+        for (let deadline = Date.now() + 10_000; !proc.output().includes('ready'); ) {
+          if (proc.child.exitCode !== null || Date.now() > deadline) throw new Error(`relay did not start: ${proc.output()}`);
+          await sleep(20);
+        }
+      }
+    };
+    const reach = async (port: number) => {
+      const sock = join(dir, `host-${port}.sock`);
+      await relay([`unix:${sock}=tcp:127.0.0.1:${port}`], [`tcp:127.0.0.1:${port}=unix:${sock}`]);
+    };
+    await reach(apiPort);
+    const kubeletSock = join(dir, 'kubelet.sock');
+    await relay([`tcp:127.0.0.1:${kubeletPort}=unix:${kubeletSock}`], [`unix:${kubeletSock}=tcp:127.0.0.1:${kubeletPort}`]);
+
+    // kubelet.
+    const kubeletDir = join(dir, 'kubelet');
+    mkdirSync(kubeletDir, { recursive: true });
+    writeFileSync(
+      join(kubeletDir, 'kubeconfig'),
+      JSON.stringify({
+        apiVersion: 'v1',
+        kind: 'Config',
+        clusters: [{ name: 'test', cluster: { server: options.controlPlane.url, 'certificate-authority-data': Buffer.from(options.controlPlane.caCert).toString('base64') } }],
+        users: [{ name: 'node', user: { token: options.token } }],
+        contexts: [{ name: 'test', context: { cluster: 'test', user: 'node' } }],
+        'current-context': 'test',
+      }),
+    );
+    writeFileSync(
+      join(kubeletDir, 'config.json'),
+      JSON.stringify({
+        apiVersion: 'kubelet.config.k8s.io/v1beta1',
+        kind: 'KubeletConfiguration',
+        address: '127.0.0.1',
+        port: kubeletPort,
+        readOnlyPort: 0,
+        healthzBindAddress: '127.0.0.1',
+        healthzPort: 0,
+        // The apiserver reaches the kubelet (logs) only through the node's own relay.
+        authentication: { anonymous: { enabled: true }, webhook: { enabled: false } },
+        authorization: { mode: 'AlwaysAllow' },
+        cgroupDriver: 'cgroupfs',
+        cgroupRoot: `/${id}`,
+        containerRuntimeEndpoint: `unix://${socket}`,
+        failSwapOn: false,
+        podLogsDir: join(dir, 'pod-logs'),
+        volumePluginDir: join(kubeletDir, 'volume-plugins'),
+        evictionHard: { 'memory.available': '1Mi', 'nodefs.available': '1%', 'imagefs.available': '1%', 'nodefs.inodesFree': '1%' },
+        // Test images are never garbage-collected under the test's feet.
+        imageGCHighThresholdPercent: 100,
+        imageGCLowThresholdPercent: 99,
+        syncFrequency: '5s',
+        fileCheckFrequency: '5s',
+        nodeStatusUpdateFrequency: '5s',
+      }),
+    );
+    startInside(kubeletBin, [
+      `--config=${join(kubeletDir, 'config.json')}`,
+      `--kubeconfig=${join(kubeletDir, 'kubeconfig')}`,
+      `--hostname-override=${name}`,
+      `--root-dir=${join(kubeletDir, 'root')}`,
+      `--cert-dir=${join(kubeletDir, 'pki')}`,
+    ]);
+
+    return {
+      name,
+      dir,
+      reach,
+      exec,
+      async images() {
+        return (await ctr('images', 'ls', '-q')).split('\n').filter(Boolean);
+      },
+      async removeImages(references) {
+        if (references.length > 0) await ctr('images', 'rm', ...references);
+      },
+      logs: () => procs.map((p) => p.output()).join('\n'),
+      stop,
+    };
+  } catch (error) {
+    const output = procs.map((p) => p.output().slice(-4000)).join('\n');
+    await stop();
+    throw new Error(`${(error as Error).message}\n${output}`);
+  }
+}
