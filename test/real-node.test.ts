@@ -5,10 +5,10 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { CoreV1Api, KubeConfig, type V1Pod } from '@kubernetes/client-node';
+import { CoreV1Api, KubeConfig, type V1Pod, type V1PodSpec } from '@kubernetes/client-node';
 import { generateCertificates } from '../src/certs/certs.js';
 import { desiredPullSecret } from '../src/k8s/pullsecret.js';
 import { parseConfig, type Config } from '../src/rules/config.js';
@@ -16,7 +16,7 @@ import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
 import { isRunning, registerWebhook, waitForPod, waitingState } from './support/cluster.js';
 import { cachedBinary, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { memoryLogger } from './support/logs.js';
-import { buildWorkloadImage, startNode, type RealNode } from './support/node.js';
+import { buildWorkloadImage, nodePod, startNode, type RealNode } from './support/node.js';
 import type { TestImage } from './support/oci.js';
 import { runAsync } from './support/procs.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -44,13 +44,10 @@ describe('a real node: kubelet pulls rewritten Pods through the proxy', function
   let proxied: string;
   const webhookLogs = memoryLogger();
 
-  const pod = (name: string, image: string, extra: Partial<V1Pod['spec']> = {}, labels: Record<string, string> = {}): V1Pod => ({
-    apiVersion: 'v1',
-    kind: 'Pod',
-    metadata: { name, labels },
-    // No scheduler and no pod network here: the Pod names the node and uses its network.
-    spec: { nodeName: node?.name, hostNetwork: true, terminationGracePeriodSeconds: 1, containers: [{ name: 'app', image, imagePullPolicy: 'Always' }], ...extra },
-  });
+  const pod = (name: string, image: string, spec: Partial<V1PodSpec> = {}, labels: Record<string, string> = {}): V1Pod => {
+    if (!node) throw new Error('the node is not running');
+    return nodePod(node, name, image, spec, labels);
+  };
   /** Proxy access-log records of pulls through the rule, from `since` on. */
   const pulls = (since: number) => proxy.logs.records.slice(since).filter((r) => r.access === 'pull' && r.rule === 'corp');
   const failure = (error: unknown) => new Error(`${(error as Error).message}\n--- node ---\n${node?.logs().slice(-6000) ?? ''}`);
@@ -101,6 +98,7 @@ describe('a real node: kubelet pulls rewritten Pods through the proxy', function
     await proxy?.close();
     await registry?.stop();
     await cp?.stop();
+    rmSync(dir, { recursive: true, force: true });
   });
 
   it('runs a Pod created with its original image: rewritten, pull secret provisioned, pulled by kubelet through the proxy, output in kubectl logs', async () => {

@@ -9,6 +9,7 @@
 // node has no CNI plugin, so it stays NotReady for the pod network, and no scheduler runs.
 
 import { spawn } from 'node:child_process';
+import type { V1Pod, V1PodSpec } from '@kubernetes/client-node';
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -59,6 +60,17 @@ export interface NodeOptions {
   /** A token the kubelet authenticates with; a Node identity (`system:node:<name>` in
    * `system:nodes`) so that the Node authorizer and NodeRestriction apply as in a cluster. */
   readonly token: string;
+}
+
+/** A Pod for this node: it names the node and uses the node's network (no scheduler, no CNI), and
+ * pulls on every start unless `spec` says otherwise. */
+export function nodePod(node: RealNode, name: string, image: string, spec: Partial<V1PodSpec> = {}, labels: Record<string, string> = {}): V1Pod {
+  return {
+    apiVersion: 'v1',
+    kind: 'Pod',
+    metadata: { name, labels },
+    spec: { nodeName: node.name, hostNetwork: true, terminationGracePeriodSeconds: 1, containers: [{ name: 'app', image, imagePullPolicy: 'Always' }], ...spec },
+  };
 }
 
 /** Builds the static program of the test images (pause and workload) once per directory. */
