@@ -26,8 +26,9 @@ interface Seen {
   closedEarly: boolean;
 }
 
-/** A scripted registry and a separate "object storage" origin it redirects blob reads to. */
-async function startScriptedUpstream(): Promise<{ registry: RunningServer; storage: RunningServer; seen: Seen[]; close(): Promise<void> }> {
+/** A scripted registry, a separate "object storage" origin it redirects blob reads to, and a
+ * "node-local service" that a hostile redirect points at (it must never be reached). */
+async function startScriptedUpstream(): Promise<{ registry: RunningServer; storage: RunningServer; nodeLocal: RunningServer; seen: Seen[]; close(): Promise<void> }> {
   const seen: Seen[] = [];
   const record = (req: http.IncomingMessage, res: http.ServerResponse): Seen => {
     const s: Seen = { path: req.url ?? '', method: req.method ?? '', authorization: req.headers.authorization, range: req.headers.range, closedEarly: false };
@@ -57,6 +58,13 @@ async function startScriptedUpstream(): Promise<{ registry: RunningServer; stora
     },
     { host: '127.0.0.1', port: 0 },
   );
+  const nodeLocal = await listen(
+    (req, res) => {
+      record(req, res);
+      res.writeHead(200, { 'content-type': 'application/octet-stream' }).end('node-local secret');
+    },
+    { host: '127.0.0.1', port: 0 },
+  );
   const registry = await listen(
     (req, res) => {
       record(req, res);
@@ -69,6 +77,14 @@ async function startScriptedUpstream(): Promise<{ registry: RunningServer; stora
       if (path.endsWith(`/redirect-absolute/blobs/${BLOB_DIGEST}`)) return void res.writeHead(307, { location: `${storage.url}/bucket/${BLOB_DIGEST}?X-Amz-Signature=abc` }).end();
       if (path.endsWith(`/redirect-relative/blobs/${BLOB_DIGEST}`)) return void res.writeHead(302, { location: `/local-storage/${BLOB_DIGEST}` }).end();
       if (path.startsWith('/local-storage/')) return void serveBlob(req, res, BLOB);
+      // Hostile answers: redirects into the node, and a part passed off as a whole blob.
+      if (path.endsWith(`/to-node/blobs/${BLOB_DIGEST}`)) return void res.writeHead(307, { location: `${nodeLocal.url}/latest/meta-data?blob=${BLOB_DIGEST}` }).end();
+      if (path.endsWith(`/to-named-node/blobs/${BLOB_DIGEST}`)) return void res.writeHead(307, { location: `http://storage.internal.test:${nodeLocal.port}/b/${BLOB_DIGEST}` }).end();
+      if (path.endsWith('/redirected/manifests/1')) return void res.writeHead(307, { location: `${storage.url}/bucket/manifest` }).end();
+      if (path.endsWith(`/partial/blobs/${BLOB_DIGEST}`)) {
+        res.writeHead(206, { 'content-type': 'application/octet-stream', 'content-length': 1000, 'content-range': `bytes 0-999/${BLOB.length}` });
+        return void res.end(BLOB.subarray(0, 1000));
+      }
       if (path.endsWith(`/truncated/blobs/${BLOB_DIGEST}`)) {
         res.writeHead(200, { 'content-length': BLOB.length });
         res.write(BLOB.subarray(0, BLOB.length / 2), () => res.destroy());
@@ -113,10 +129,12 @@ async function startScriptedUpstream(): Promise<{ registry: RunningServer; stora
   return {
     registry,
     storage,
+    nodeLocal,
     seen,
     async close() {
       await registry.close(100);
       await storage.close(100);
+      await nodeLocal.close(100);
     },
   };
 }
@@ -148,12 +166,19 @@ describe('proxy under upstream faults (scripted upstream)', function () {
     const dir = mkdtempSync(join(tmpdir(), 'pullbridge-faults-'));
     writeFileSync(join(dir, 'password'), 's3cret\n');
     const credentials = { username: 'robot', passwordFile: join(dir, 'password') };
-    proxy = await startProxy({
-      registries: [
-        { name: 'corp', match: ['r.example'], upstream: upstream.registry.url, credentials },
-        { name: 'trusting', match: ['t.example'], upstream: upstream.registry.url, credentials, verifyBlobDigests: false },
-      ],
-    });
+    // The scripted storage listens on loopback, which a rule must allow explicitly ("strict" does not).
+    const storage = { allow: ['127.0.0.1'] };
+    proxy = await startProxy(
+      {
+        registries: [
+          { name: 'corp', match: ['r.example'], upstream: upstream.registry.url, credentials, redirects: storage },
+          { name: 'trusting', match: ['t.example'], upstream: upstream.registry.url, credentials, verifyBlobDigests: false, redirects: storage },
+          { name: 'strict', match: ['s.example'], upstream: upstream.registry.url, credentials },
+        ],
+      },
+      // A name for the "storage" host that resolves to loopback, as a hostile DNS answer would.
+      { lookup: (hostname, _options, callback) => (hostname === 'storage.internal.test' ? callback(null, [{ address: '127.0.0.1', family: 4 }]) : callback(Object.assign(new Error(`no such host ${hostname}`), { code: 'ENOTFOUND' }), [])) },
+    );
     auth = { authorization: proxy.authorization('shop') };
   });
   after(async () => {
@@ -194,6 +219,39 @@ describe('proxy under upstream faults (scripted upstream)', function () {
       assert.equal(res.headers['content-length'], String(BLOB.length));
       assert.equal(res.headers['docker-content-digest'], BLOB_DIGEST);
       assert.deepEqual(upstream.seen.filter((s) => s.path.startsWith('/bucket/')).map((s) => s.method), ['GET']);
+    });
+  });
+
+  describe('hostile upstream answers', () => {
+    it('refuses a blob redirect to a loopback address the rule does not allow, and never contacts it', async () => {
+      const res = await rawRequest(proxy.url, `/v2/strict/to-node/blobs/${BLOB_DIGEST}`, { headers: auth });
+      assert.equal(res.status, 502);
+      assert.match(res.body.toString(), /redirect to 127\.0\.0\.1 refused: 127\.0\.0\.1 is a loopback/);
+      assert.deepEqual(upstream.seen.filter((s) => s.path.startsWith('/latest/')), [], 'the node-local service saw nothing');
+      assert.ok(!res.body.toString().includes('node-local secret'));
+    });
+
+    it('checks the address actually connected: a storage name that resolves to loopback is refused too', async () => {
+      const res = await rawRequest(proxy.url, `/v2/strict/to-named-node/blobs/${BLOB_DIGEST}`, { headers: auth });
+      assert.equal(res.status, 502);
+      assert.match(res.body.toString(), /redirect to storage\.internal\.test refused: 127\.0\.0\.1 is a loopback/);
+      assert.deepEqual(upstream.seen.filter((s) => s.path.startsWith('/b/')), [], 'no request was sent on that connection');
+    });
+
+    it('never follows a redirect for a manifest', async () => {
+      const res = await rawRequest(proxy.url, '/v2/corp/redirected/manifests/1', { headers: auth });
+      assert.equal(res.status, 502);
+      assert.match(res.body.toString(), /only blob reads may be redirected/);
+      assert.deepEqual(upstream.seen.filter((s) => s.path === '/bucket/manifest'), []);
+    });
+
+    it('answers 502 when the upstream passes off a 206 part for a whole-blob request; passes a 206 when Range was asked', async () => {
+      const whole = await pull(proxy.url, `/v2/corp/partial/blobs/${BLOB_DIGEST}`, auth);
+      assert.equal(whole.status, 502);
+      assert.ok(!whole.received.includes(BLOB.subarray(0, 64)), 'none of the part is served');
+      const ranged = await pull(proxy.url, `/v2/corp/partial/blobs/${BLOB_DIGEST}`, { ...auth, range: 'bytes=0-999' });
+      assert.equal(ranged.status, 206);
+      assert.ok(ranged.received.equals(BLOB.subarray(0, 1000)));
     });
   });
 

@@ -173,8 +173,9 @@ describe('proxy registry protocol against a real registry', function () {
       await tokenUpstream.push(image, 'team/app', '1.0');
       p = await startProxy({
         registries: [
-          { name: 'tok', match: ['t.example'], upstream: tokenUpstream.url, credentials: { username: USER, passwordFile } },
-          { name: 'tokpass', match: ['tp.example'], upstream: tokenUpstream.url, auth: { mode: 'passthrough' } },
+          // The token issuer listens on another port than the registry: trusted only when listed.
+          { name: 'tok', match: ['t.example'], upstream: tokenUpstream.url, credentials: { username: USER, passwordFile }, auth: { tokenRealms: [new URL(tokenUpstream.issuer!.realm).origin] } },
+          { name: 'tokpass', match: ['tp.example'], upstream: tokenUpstream.url, auth: { mode: 'passthrough', tokenRealms: [new URL(tokenUpstream.issuer!.realm).origin] } },
         ],
       });
     });

@@ -87,7 +87,7 @@ describe('pulling through the proxy with containerd and skopeo', function () {
     const image = buildImage();
     await upstream.push(image, 'team/app', '2.0');
     const pushRequests = upstream.issuer!.requests.length;
-    const p = await proxy({ registries: [{ name: 'corp', match: ['r.example'], upstream: upstream.url, tls: { caFile: upstream.caFile }, credentials: { ...credentialFiles() } }] });
+    const p = await proxy({ registries: [{ name: 'corp', match: ['r.example'], upstream: upstream.url, tls: { caFile: upstream.caFile }, credentials: { ...credentialFiles() }, auth: { tokenRealms: [new URL(upstream.issuer!.realm).origin] } }] });
     await containerd.fetch(`${p.host}/corp/team/app:2.0`, { user: p.credential('shop'), allPlatforms: true });
     await assertPulled(image);
     const pulls = upstream.issuer!.requests.slice(pushRequests);

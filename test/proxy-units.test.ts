@@ -79,11 +79,20 @@ describe('WWW-Authenticate parsing', () => {
 });
 
 describe('token realm trust boundary', () => {
-  const t = (u: string, r: string) => realmTrusted(new URL(u), new URL(r));
-  it('trusts the registry host and its registrable domain', () => {
-    assert.equal(t('https://registry-1.docker.io', 'https://auth.docker.io/token'), true);
-    assert.equal(t('https://127.0.0.1:5000', 'https://127.0.0.1:5001/token'), true);
+  const t = (u: string, r: string, listed: string[] = []) => realmTrusted(new URL(u), new URL(r), listed);
+  it('trusts the upstream origin exactly, and origins the rule lists', () => {
     assert.equal(t('https://registry.corp.example', 'https://registry.corp.example/auth'), true);
+    assert.equal(t('https://127.0.0.1:5000', 'https://127.0.0.1:5000/token'), true);
+    assert.equal(t('https://registry-1.docker.io', 'https://auth.docker.io/token', ['https://auth.docker.io']), true);
+  });
+  it('never guesses trust from a shared domain suffix or host', () => {
+    // Another port of the same host is another service; the last two labels are not an owner.
+    assert.equal(t('https://127.0.0.1:5000', 'https://127.0.0.1:5001/token'), false);
+    assert.equal(t('https://registry-1.docker.io', 'https://auth.docker.io/token'), false);
+    assert.equal(t('https://corp.azurecr.io', 'https://attacker.azurecr.io/oauth2/token'), false);
+    assert.equal(t('https://registry.corp.co.uk', 'https://evil.co.uk/token'), false);
+    assert.equal(t('https://registry.corp.example', 'https://registry.corp.example:8443/token'), false);
+    assert.equal(t('https://registry-1.docker.io', 'https://auth.docker.io:444/token', ['https://auth.docker.io']), false);
   });
   it('does not send credentials elsewhere or over a downgrade', () => {
     assert.equal(t('https://registry.corp.example', 'https://evil.example/token'), false);

@@ -1,9 +1,11 @@
 // Upstream authentication: Basic, and the Bearer token flow (challenge → token endpoint → retry),
 // with tokens cached per realm/service/scope/credential until shortly before they expire.
-// Credentials are only ever sent to the registry's own host or a realm on its trust boundary.
+// Credentials are only ever sent to the registry's own origin or a realm the rule lists.
+//
+// Repository names, and so token scopes, are chosen by clients: a token is cached only once the
+// upstream honoured it (a 2xx or 3xx), and the cache is an LRU bounded by entries and bytes.
 
 import { createHash } from 'node:crypto';
-import { isIP } from 'node:net';
 import type { Dispatcher } from 'undici';
 import { dispatchRequest } from './body.js';
 import { basicAuthorization, type BasicCredentials } from './credentials.js';
@@ -26,36 +28,89 @@ interface CachedToken {
 
 /** Tokens without expires_in live 60 s (the distribution default); refresh 10% or 5 s early. */
 const DEFAULT_TOKEN_SECONDS = 60;
-const TOKEN_CACHE_LIMIT = 10_000;
 const TOKEN_BODY_LIMIT = 1024 * 1024;
+/** Bounds of the token cache, and of tokens fetched but not yet honoured by the upstream. */
+export const TOKEN_CACHE_ENTRIES = 1000;
+export const TOKEN_CACHE_BYTES = 4 * 1024 * 1024;
+const PENDING_TOKENS = 64;
 
-/** Whether a token realm may receive the credentials meant for the registry at `upstream`. */
-export function realmTrusted(upstream: URL, realm: URL): boolean {
-  if (upstream.protocol === 'https:' && realm.protocol !== 'https:') return false;
-  const a = upstream.hostname.toLowerCase();
-  const b = realm.hostname.toLowerCase();
-  if (a === b) return true;
-  if (isIP(a.replace(/^\[|\]$/g, '')) || isIP(b.replace(/^\[|\]$/g, ''))) return false;
-  // Same registrable domain, approximated by the last two labels (auth.docker.io ~ registry-1.docker.io).
-  const parent = (h: string) => h.split('.').slice(-2).join('.');
-  return a.includes('.') && b.includes('.') && parent(a) === parent(b);
+/**
+ * Whether a token realm may receive the credentials meant for the registry at `upstream`: only the
+ * upstream's exact origin (scheme, host and port) or an origin the rule lists in
+ * `auth.tokenRealms`. Never guessed from domain names: the last two labels of `corp.azurecr.io`
+ * or `registry.corp.co.uk` name a shared suffix, not an owner.
+ */
+export function realmTrusted(upstream: URL, realm: URL, tokenRealms: readonly string[] = []): boolean {
+  return realm.origin === upstream.origin || tokenRealms.some((trusted) => new URL(trusted).origin === realm.origin);
 }
 
 export interface AuthorizerOptions {
   readonly upstream: URL;
   readonly dispatcher: Dispatcher;
+  /** Origins besides the upstream's own that may receive credentials as token realms. */
+  readonly tokenRealms?: readonly string[];
   readonly now?: () => number;
+}
+
+interface TokenEntry extends CachedToken {
+  readonly key: string;
+}
+
+/** A Map kept in use order, bounded by entries and by the bytes of keys and tokens. */
+class TokenCache {
+  private readonly entries = new Map<string, CachedToken>();
+  private bytes = 0;
+
+  get size(): number {
+    return this.entries.size;
+  }
+
+  get(key: string): CachedToken | undefined {
+    const entry = this.entries.get(key);
+    if (entry) {
+      this.entries.delete(key);
+      this.entries.set(key, entry);
+    }
+    return entry;
+  }
+
+  set(key: string, token: CachedToken): void {
+    this.delete(key);
+    const cost = key.length + token.token.length;
+    if (cost > TOKEN_CACHE_BYTES) return;
+    this.entries.set(key, token);
+    this.bytes += cost;
+    for (const [oldest, entry] of this.entries) {
+      if (this.entries.size <= TOKEN_CACHE_ENTRIES && this.bytes <= TOKEN_CACHE_BYTES) break;
+      this.entries.delete(oldest);
+      this.bytes -= oldest.length + entry.token.length;
+    }
+  }
+
+  delete(key: string): void {
+    const entry = this.entries.get(key);
+    if (!entry) return;
+    this.entries.delete(key);
+    this.bytes -= key.length + entry.token.length;
+  }
 }
 
 export class Authorizer {
   /** What the upstream asked for last time; lets later requests authenticate up front. */
   private scheme: 'unknown' | 'none' | 'basic' | 'bearer' = 'unknown';
   private bearer: { realm: string; service: string | undefined } | undefined;
-  private readonly tokens = new Map<string, CachedToken>();
+  private readonly tokens = new TokenCache();
+  /** Fetched tokens by the header that carries them, until the upstream honours one (confirm). */
+  private readonly pending = new Map<string, TokenEntry>();
   private readonly now: () => number;
 
   constructor(private readonly options: AuthorizerOptions) {
     this.now = options.now ?? Date.now;
+  }
+
+  /** Tokens kept for reuse (for /status and tests). */
+  get cachedTokens(): number {
+    return this.tokens.size;
   }
 
   /** The Authorization header to send up front for this scope, if the scheme is known. */
@@ -64,9 +119,27 @@ export class Authorizer {
     if (this.scheme === 'bearer' && this.bearer) {
       const cached = this.tokens.get(this.cacheKey(this.bearer.realm, this.bearer.service, scope, credentials));
       if (cached && cached.expiresAt > this.now()) return `Bearer ${cached.token}`;
-      return `Bearer ${await this.fetchToken(this.bearer.realm, this.bearer.service, scope, credentials)}`;
+      try {
+        return `Bearer ${await this.fetchToken(this.bearer.realm, this.bearer.service, scope, credentials)}`;
+      } catch (error) {
+        if (!(error instanceof UpstreamAuthError) || error.kind !== 'unavailable') throw error;
+        // The remembered realm is dead (moved, or the registry stopped using tokens): forget it
+        // and ask without credentials, so the upstream's next challenge says what it wants now.
+        this.scheme = 'unknown';
+        this.bearer = undefined;
+        return undefined;
+      }
     }
     return undefined;
+  }
+
+  /** The upstream honoured the request that carried `header`: keep its token for reuse. */
+  confirm(header: string | undefined): void {
+    if (!header) return;
+    const entry = this.pending.get(header);
+    if (!entry) return;
+    this.pending.delete(header);
+    this.tokens.set(entry.key, entry);
   }
 
   /**
@@ -84,6 +157,7 @@ export class Authorizer {
       const key = this.cacheKey(bearer.params.realm, service, wanted, credentials);
       const cached = this.tokens.get(key);
       if (cached && sent === `Bearer ${cached.token}`) this.tokens.delete(key);
+      if (sent) this.pending.delete(sent);
       const token = await this.fetchToken(bearer.params.realm, service, wanted, credentials);
       const header = `Bearer ${token}`;
       return header === sent ? null : header;
@@ -119,7 +193,7 @@ export class Authorizer {
     if (service) url.searchParams.set('service', service);
     if (scope) url.searchParams.set('scope', scope);
     const headers: Record<string, string> = { accept: 'application/json' };
-    if (credentials && realmTrusted(this.options.upstream, url)) headers.authorization = basicAuthorization(credentials);
+    if (credentials && realmTrusted(this.options.upstream, url, this.options.tokenRealms)) headers.authorization = basicAuthorization(credentials);
     let statusCode: number;
     let text: string;
     try {
@@ -144,8 +218,13 @@ export class Authorizer {
     if (!token) throw new UpstreamAuthError('token endpoint answered without a token', 'unavailable');
     const seconds = typeof body.expires_in === 'number' && body.expires_in > 0 ? body.expires_in : DEFAULT_TOKEN_SECONDS;
     const margin = Math.max(5, seconds * 0.1) * 1000;
-    if (this.tokens.size >= TOKEN_CACHE_LIMIT) this.tokens.clear();
-    this.tokens.set(this.cacheKey(realm, service, scope, credentials), { token, expiresAt: this.now() + seconds * 1000 - margin });
+    const header = `Bearer ${token}`;
+    this.pending.delete(header);
+    this.pending.set(header, { key: this.cacheKey(realm, service, scope, credentials), token, expiresAt: this.now() + seconds * 1000 - margin });
+    for (const oldest of this.pending.keys()) {
+      if (this.pending.size <= PENDING_TOKENS) break;
+      this.pending.delete(oldest);
+    }
     return token;
   }
 }

@@ -1,7 +1,7 @@
 // Request path → what is asked for. Pure. Repository names contain slashes, so the kind is found
 // from the end: the last /manifests/, /blobs/ or /tags/list.
 
-import { digestError, isValidRepositoryPath, isValidTag } from '../reference/reference.js';
+import { digestError, isValidRepositoryPath, isValidTag, NAME_TOTAL_LENGTH_MAX } from '../reference/reference.js';
 import { registryError, type RegistryError } from './errors.js';
 
 export type Route =
@@ -14,11 +14,16 @@ export type RouteResult = { readonly ok: true; readonly route: Route } | { reado
 
 const bad = (status: number, code: Parameters<typeof registryError>[1], message: string): RouteResult => ({ ok: false, error: registryError(status, code, message) });
 
-/** Splits `rule/name…` into the rule (first segment) and the upstream repository name. */
+/**
+ * Splits `rule/name…` into the rule (first segment) and the upstream repository name, if valid:
+ * the grammar's, and at most 255 characters as clients write it (`rule/name`), as distribution
+ * limits names. (Names reach token scopes and logs; unbounded ones are a memory lever.)
+ */
 function splitRuleName(full: string): { rule: string; name: string } | null {
   const slash = full.indexOf('/');
-  if (slash <= 0 || slash === full.length - 1) return null;
-  return { rule: full.slice(0, slash), name: full.slice(slash + 1) };
+  if (slash <= 0 || slash === full.length - 1 || full.length > NAME_TOTAL_LENGTH_MAX) return null;
+  const name = full.slice(slash + 1);
+  return isValidRepositoryPath(name) ? { rule: full.slice(0, slash), name } : null;
 }
 
 /**
@@ -40,7 +45,7 @@ export function parseRoute(method: string, target: string): RouteResult {
 
   if (rest.endsWith('/tags/list')) {
     const parts = splitRuleName(rest.slice(0, -'/tags/list'.length));
-    if (!parts || !isValidRepositoryPath(parts.name)) return bad(400, 'NAME_INVALID', 'invalid repository name');
+    if (!parts) return bad(400, 'NAME_INVALID', `invalid repository name (the grammar's, at most ${NAME_TOTAL_LENGTH_MAX} characters)`);
     return { ok: true, route: { kind: 'tags', ...parts, query } };
   }
   const manifests = rest.lastIndexOf('/manifests/');
@@ -49,7 +54,7 @@ export function parseRoute(method: string, target: string): RouteResult {
   const isManifest = manifests > blobs;
   const cut = isManifest ? manifests : blobs;
   const parts = splitRuleName(rest.slice(0, cut));
-  if (!parts || !isValidRepositoryPath(parts.name)) return bad(400, 'NAME_INVALID', 'invalid repository name');
+  if (!parts) return bad(400, 'NAME_INVALID', `invalid repository name (the grammar's, at most ${NAME_TOTAL_LENGTH_MAX} characters)`);
   const tail = rest.slice(cut + (isManifest ? '/manifests/' : '/blobs/').length);
   if (isManifest) {
     const byDigest = tail.includes(':');

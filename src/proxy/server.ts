@@ -14,7 +14,7 @@ import { registryError, registryErrorBody, type RegistryError } from './errors.j
 import type { Prober } from './probe.js';
 import { parseRoute, type Route } from './route.js';
 import { streamBody } from './stream.js';
-import { createTransport, type TransportOptions } from './transport.js';
+import { createTransport, type RuleTransport, type TransportOptions } from './transport.js';
 import { UpstreamClient, headerValue, type UpstreamResponse } from './upstream.js';
 
 /** containerd refuses manifests over 4 MiB; nothing larger is a manifest. */
@@ -37,9 +37,9 @@ export class RuleRuntime {
 
   constructor(
     readonly rule: Rule,
-    readonly dispatcher: Dispatcher,
+    readonly transport: RuleTransport,
   ) {
-    this.client = new UpstreamClient(new URL(rule.upstream), dispatcher);
+    this.client = new UpstreamClient(new URL(rule.upstream), transport, rule.auth.tokenRealms);
     this.username = rule.credentials?.usernameFile ? new SecretFile(rule.credentials.usernameFile) : undefined;
     this.password = rule.credentials?.passwordFile ? new SecretFile(rule.credentials.passwordFile) : undefined;
   }
@@ -74,7 +74,7 @@ export function createProxyRuntime(config: Config, transport: TransportOptions =
     rules,
     brokerKeys: config.broker ? new BrokerKeys(config.broker.keyFiles) : undefined,
     async close() {
-      await Promise.all([...rules.values()].map((r) => r.dispatcher.close()));
+      await Promise.all([...rules.values()].map((r) => r.transport.close()));
     },
   };
 }
@@ -208,6 +208,12 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
 
   /** Answers the client when the upstream refused or failed; true when it did. */
   async function upstreamFailed(up: UpstreamResponse, rr: RuleRuntime, route: Route & { name: string }, res: ServerResponse, ok: readonly number[] = [200]): Promise<boolean> {
+    if (up.statusCode >= 300 && up.statusCode < 400 && !ok.includes(up.statusCode)) {
+      // Only blob reads may be redirected (to storage, followed by the upstream client).
+      void up.body.dump();
+      sendError(res, registryError(502, 'UNAVAILABLE', `upstream answered a ${route.kind} request with a redirect (${up.statusCode}); only blob reads may be redirected`));
+      return true;
+    }
     if (up.unauthorized) {
       void up.body.dump();
       const u = unauthorizedUpstream(rr, route.name);
@@ -234,7 +240,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const scope = `repository:${route.name}:pull`;
     const started = performance.now();
     if (req.method === 'HEAD') {
-      const head = await rr.client.fetch({ method: 'HEAD', path, headers, scope, credentials, signal, followRedirects: true });
+      const head = await rr.client.fetch({ method: 'HEAD', path, headers, scope, credentials, signal, followRedirects: false });
       metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
       const digest = headerValue(head.headers['docker-content-digest']);
       const length = headerValue(head.headers['content-length']);
@@ -248,7 +254,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       }
       // Without a digest and a length from upstream, GET and compute them: clients trust both.
     }
-    const up = await rr.client.fetch({ method: 'GET', path, headers, scope, credentials, signal, followRedirects: true });
+    const up = await rr.client.fetch({ method: 'GET', path, headers, scope, credentials, signal, followRedirects: false });
     metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
     if (await upstreamFailed(up, rr, route, res)) return;
     const body = await up.body.readAll(MANIFEST_LIMIT_BYTES);
@@ -277,6 +283,13 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const up = await rr.client.fetch({ method, path: `/v2/${route.name}/blobs/${route.digest}`, headers, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: true });
     metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'blob' }, (performance.now() - started) / 1000);
     if (await upstreamFailed(up, rr, route, res, [200, 206])) return;
+    if (up.statusCode === 206 && !req.headers.range) {
+      // A part passed on as the whole blob would skip the digest check (it only covers a 200).
+      up.body.destroy();
+      exchange.error = 'upstream answered 206 to a request without Range';
+      sendError(res, registryError(502, 'UNAVAILABLE', `upstream answered a partial body (206) for ${route.digest} without a Range request`));
+      return;
+    }
     const out: Record<string, string> = {};
     for (const name of BLOB_HEADERS) {
       const value = headerValue(up.headers[name]);
@@ -383,6 +396,15 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       return;
     }
     exchange.namespace = auth.namespace;
+    // The rule's repository filter holds for every auth mode, here as in the webhook: a Pod can
+    // write any repository after the rule's prefix itself.
+    const repositoryRefusal = rr.rule.repositoryFilter.refuse(route.name);
+    if (repositoryRefusal !== null) {
+      const error = registryError(403, 'DENIED', `repository "${route.name}" is ${repositoryRefusal === 'excluded' ? 'excluded from' : 'not included in'} rule "${rr.rule.name}"`);
+      exchange.error = error.message;
+      sendError(res, error);
+      return;
+    }
     // The client going away aborts the upstream request and any stream in flight.
     const abort = new AbortController();
     const onClose = () => {

@@ -4,9 +4,11 @@
 // dispatchRequest (body.ts), which is what lets its sockets reuse their read buffers.
 
 import { readFileSync } from 'node:fs';
-import { Agent, ProxyAgent, type Dispatcher } from 'undici';
+import { isIP } from 'node:net';
+import { Agent, buildConnector, ProxyAgent, type Dispatcher } from 'undici';
 import type { Rule } from '../rules/config.js';
 import { SecretFile } from '../shell/secretfiles.js';
+import { parseCidrs, redirectAddressRefusal } from './addresses.js';
 import { socketReadOptions } from './readbuffers.js';
 
 export interface TransportTimeouts {
@@ -24,7 +26,22 @@ export interface TransportOptions {
   readonly lookup?: (hostname: string, options: object, callback: (err: NodeJS.ErrnoException | null, address: string | Array<{ address: string; family: number }>, family?: number) => void) => void;
 }
 
-export function createTransport(rule: Rule, options: TransportOptions = {}): Dispatcher {
+/** A redirect target the rule's address policy refuses (see addresses.ts). */
+export class RedirectRefused extends Error {}
+
+/** A rule's ways out: to its upstream, and to the storage its blob reads may be redirected to. */
+export interface RuleTransport {
+  readonly upstream: Dispatcher;
+  /** For redirect hops to another origin. Direct: every connection's peer address is checked
+   * against the rule's redirect policy once connected (so a name that resolves to a forbidden
+   * address is caught, whatever DNS said before). Through a forwarding proxy the proxy connects,
+   * so only literal addresses in the URL can be checked, by `refuseStorageHost`. */
+  readonly storage: Dispatcher;
+  refuseStorageHost(hostname: string): string | null;
+  close(): Promise<void>;
+}
+
+export function createTransport(rule: Rule, options: TransportOptions = {}): RuleTransport {
   const timeouts = options.timeouts ?? DEFAULT_TIMEOUTS;
   const ca = rule.tls?.caFile ? readFileSync(rule.tls.caFile, 'utf8') : undefined;
   const tls = {
@@ -39,9 +56,31 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Dis
     keepAliveTimeout: 30_000,
     connections: 64,
   };
+  const allowed = parseCidrs(rule.redirects.allow);
+  const refuseStorageHost = (hostname: string): string | null => {
+    const bare = hostname.replace(/^\[|\]$/g, '');
+    if (bare.toLowerCase() === 'localhost') return 'localhost is the node itself';
+    return isIP(bare) ? redirectAddressRefusal(bare, allowed) : null;
+  };
   const forward = rule.forwardProxy;
-  // Large reads into reused buffers for direct upstreams; through a forwarding proxy, Node's default.
-  if (!forward) return new Agent({ ...common, connect: { ...tls, onread: socketReadOptions() } });
+  if (!forward) {
+    // Large reads into reused buffers for direct upstreams; through a forwarding proxy, Node's default.
+    const upstream = new Agent({ ...common, connect: { ...tls, onread: socketReadOptions() } });
+    const connect = buildConnector({ ...tls, onread: socketReadOptions() });
+    const storage = new Agent({
+      ...common,
+      connect: (opts, callback) =>
+        connect(opts, (...result) => {
+          const [error, socket] = result;
+          if (error) return callback(error, null);
+          const refusal = redirectAddressRefusal(socket.remoteAddress ?? '', allowed);
+          if (refusal === null) return callback(null, socket);
+          socket.destroy();
+          callback(new RedirectRefused(`redirect to ${opts.hostname} refused: ${refusal}`), null);
+        }),
+    });
+    return { upstream, storage, refuseStorageHost, close: async () => void (await Promise.all([upstream.close(), storage.close()])) };
+  }
 
   const headers: Record<string, string> = { ...forward.headers };
   if (forward.credentials) {
@@ -49,7 +88,7 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Dis
     const password = new SecretFile(forward.credentials.passwordFile ?? '').read();
     headers['proxy-authorization'] = `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`;
   }
-  return new ProxyAgent({
+  const upstream = new ProxyAgent({
     ...common,
     uri: forward.url,
     headers,
@@ -58,4 +97,5 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Dis
     requestTls: tls,
     proxyTls: { timeout: timeouts.connectMs, ...(options.lookup ? { lookup: options.lookup } : {}) },
   });
+  return { upstream, storage: upstream, refuseStorageHost, close: () => upstream.close() };
 }

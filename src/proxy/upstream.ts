@@ -6,6 +6,7 @@ import { Authorizer } from './authorizer.js';
 import { dispatchRequest, type UpstreamReply } from './body.js';
 import { parseChallenges } from './challenge.js';
 import type { BasicCredentials } from './credentials.js';
+import { RedirectRefused, type RuleTransport } from './transport.js';
 
 export type UpstreamResponse = UpstreamReply & {
   /** The URL that finally answered (after redirects). */
@@ -23,7 +24,7 @@ export interface UpstreamRequest {
   readonly scope: string;
   readonly credentials: BasicCredentials | undefined;
   readonly signal: AbortSignal;
-  /** Follow 3xx to storage (blobs); otherwise redirects are returned as they are. */
+  /** Follow 3xx to storage (blobs only); otherwise redirects are returned as they are. */
   readonly followRedirects: boolean;
 }
 
@@ -35,31 +36,38 @@ export class UpstreamClient {
 
   constructor(
     readonly upstream: URL,
-    readonly dispatcher: Dispatcher,
+    readonly transport: RuleTransport,
+    /** Token realms trusted with the rule's credentials besides the upstream's own origin. */
+    tokenRealms: readonly string[] = [],
   ) {
-    this.authorizer = new Authorizer({ upstream, dispatcher });
+    this.authorizer = new Authorizer({ upstream, dispatcher: transport.upstream, tokenRealms });
   }
 
   async fetch(request: UpstreamRequest): Promise<UpstreamResponse> {
-    const authorization = await this.authorizer.headerFor(request.scope, request.credentials);
-    let res = await this.send(this.upstream.origin, request.path, request.method, request.headers, authorization, request.signal);
+    let authorization = await this.authorizer.headerFor(request.scope, request.credentials);
+    let res = await this.send(this.transport.upstream, this.upstream.origin, request.path, request.method, request.headers, authorization, request.signal);
     if (res.statusCode === 401) {
       const challenges = parseChallenges(headerValue(res.headers['www-authenticate']));
       await res.body.dump();
       const retry = await this.authorizer.afterChallenge(challenges, request.scope, request.credentials, authorization);
       if (retry === null) return { ...res, url: this.upstream.href, unauthorized: true };
-      res = await this.send(this.upstream.origin, request.path, request.method, request.headers, retry, request.signal);
+      authorization = retry;
+      res = await this.send(this.transport.upstream, this.upstream.origin, request.path, request.method, request.headers, retry, request.signal);
       if (res.statusCode === 401) return { ...res, url: this.upstream.href, unauthorized: true };
     } else if (res.statusCode < 400) {
       this.authorizer.noteAnonymous();
     }
+    // Only a token the upstream honoured is worth keeping (names are client-chosen; see authorizer.ts).
+    if (res.statusCode < 400) this.authorizer.confirm(authorization);
     if (!request.followRedirects || !REDIRECTS.has(res.statusCode)) return { ...res, url: new URL(request.path, this.upstream).href, unauthorized: false };
     return this.followRedirects(res, request);
   }
 
   /**
    * Storage redirects: resolve relative Location, drop Authorization when the host changes, keep
-   * Range, and turn HEAD into GET (presigned URLs are signed for GET). Never cached.
+   * Range, and turn HEAD into GET (presigned URLs are signed for GET). Another origin is reached
+   * through the storage dispatcher, which refuses loopback, link-local and private peers that the
+   * rule does not allow. Never cached.
    */
   private async followRedirects(first: UpstreamReply, request: UpstreamRequest): Promise<UpstreamResponse> {
     let res = first;
@@ -72,8 +80,11 @@ export class UpstreamClient {
       if (next.protocol !== 'https:' && next.protocol !== 'http:') throw new Error(`upstream redirected to unsupported scheme ${next.protocol}`);
       const headers = { ...request.headers };
       const sameOrigin = next.origin === this.upstream.origin;
+      const refusal = sameOrigin ? null : this.transport.refuseStorageHost(next.hostname);
+      if (refusal !== null) throw new RedirectRefused(`redirect to ${next.hostname} refused: ${refusal}`);
       const authorization = sameOrigin ? await this.authorizer.headerFor(request.scope, request.credentials) : undefined;
-      res = await this.send(next.origin, `${next.pathname}${next.search}`, 'GET', headers, authorization, request.signal);
+      const dispatcher = sameOrigin ? this.transport.upstream : this.transport.storage;
+      res = await this.send(dispatcher, next.origin, `${next.pathname}${next.search}`, 'GET', headers, authorization, request.signal);
       current = next;
     }
     if (REDIRECTS.has(res.statusCode)) {
@@ -83,8 +94,8 @@ export class UpstreamClient {
     return { ...res, url: current.href, unauthorized: false };
   }
 
-  private send(origin: string, path: string, method: 'GET' | 'HEAD', headers: Readonly<Record<string, string>>, authorization: string | undefined, signal: AbortSignal): Promise<UpstreamReply> {
-    return dispatchRequest(this.dispatcher, { origin, path, method, headers: authorization ? { ...headers, authorization } : headers, signal });
+  private send(dispatcher: Dispatcher, origin: string, path: string, method: 'GET' | 'HEAD', headers: Readonly<Record<string, string>>, authorization: string | undefined, signal: AbortSignal): Promise<UpstreamReply> {
+    return dispatchRequest(dispatcher, { origin, path, method, headers: authorization ? { ...headers, authorization } : headers, signal });
   }
 }
 

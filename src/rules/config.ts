@@ -2,6 +2,7 @@
 // key, and compilation into the form the webhook and proxy use. Pure: text in, data out.
 
 import { parse as parseYaml, YAMLParseError } from 'yaml';
+import { isIP } from 'node:net';
 import { z } from 'zod';
 import { canonicalRegistryHost } from '../reference/reference.js';
 import { compileFilter, type CompiledFilter } from './glob.js';
@@ -15,6 +16,15 @@ const DNS_SUBDOMAIN = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0
 const REGISTRY_HOST = /^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(?::[0-9]{1,5})?$/;
 // Label keys: optional DNS-subdomain prefix and a name of up to 63 characters.
 const LABEL_KEY = /^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$/;
+
+/** An address block, `10.0.0.0/8` or `fd00::/8`; a bare address is one host. */
+const cidr = z.string().refine((value) => {
+  const [address = '', prefix, ...rest] = value.split('/');
+  const family = isIP(address);
+  if (family === 0 || rest.length > 0) return false;
+  if (prefix === undefined) return true;
+  return /^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128);
+}, 'must be an IP address or a CIDR block such as 10.0.0.0/8');
 
 const httpUrl = (what: string) =>
   z.string().superRefine((value, ctx) => {
@@ -71,7 +81,16 @@ const ruleSchema = z.strictObject({
   upstream: httpUrl('upstream'),
   repositories: filterSchema.optional(),
   namespaces: filterSchema.optional(),
-  auth: z.strictObject({ mode: z.enum(['broker', 'passthrough', 'anonymous']).default('broker') }).default({ mode: 'broker' }),
+  auth: z
+    .strictObject({
+      mode: z.enum(['broker', 'passthrough', 'anonymous']).default('broker'),
+      /**
+       * Token realms (origins) besides the upstream's own scheme://host:port that may receive the
+       * rule's credentials, e.g. https://auth.docker.io for registry-1.docker.io. Never guessed.
+       */
+      tokenRealms: z.array(httpUrl('auth.tokenRealms')).default([]),
+    })
+    .default({ mode: 'broker', tokenRealms: [] }),
   credentials: credentialsSchema.optional(),
   tls: z
     .strictObject({
@@ -80,6 +99,12 @@ const ruleSchema = z.strictObject({
     })
     .optional(),
   forwardProxy: forwardProxySchema.optional(),
+  /**
+   * Storage redirects (blobs only) are refused when they lead to loopback, link-local or private
+   * addresses, checked on the address connected; these CIDRs are allowed as well (an on-prem
+   * object store on 10.0.0.0/8, say). The upstream's own origin is always allowed.
+   */
+  redirects: z.strictObject({ allow: z.array(cidr).default([]) }).default({ allow: [] }),
   /**
    * Hash every whole-blob response while streaming and cut the connection on a mismatch, so that a
    * corrupted body is never served as complete. Costs CPU (see the proxy benchmark); runtimes

@@ -1,0 +1,71 @@
+// Where a storage redirect may lead. An upstream (or whoever controls its answers) must not turn the
+// proxy into a way for Pods to read the node's own services, the cloud metadata endpoint or the
+// cluster's private network. Pure: address in, refusal out.
+
+import { BlockList, isIP } from 'node:net';
+
+/** The node itself, link-local (cloud metadata), unspecified, multicast and reserved. */
+const LOCAL: ReadonlyArray<readonly [string, number, 'ipv4' | 'ipv6']> = [
+  ['0.0.0.0', 8, 'ipv4'],
+  ['127.0.0.0', 8, 'ipv4'],
+  ['169.254.0.0', 16, 'ipv4'],
+  ['224.0.0.0', 4, 'ipv4'],
+  ['240.0.0.0', 4, 'ipv4'],
+  ['::', 128, 'ipv6'],
+  ['::1', 128, 'ipv6'],
+  ['fe80::', 10, 'ipv6'],
+  ['ff00::', 8, 'ipv6'],
+];
+
+/** Refused unless allowed: private and shared address space, where the cluster and on-prem live. */
+const PRIVATE: ReadonlyArray<readonly [string, number, 'ipv4' | 'ipv6']> = [
+  ['10.0.0.0', 8, 'ipv4'],
+  ['172.16.0.0', 12, 'ipv4'],
+  ['192.168.0.0', 16, 'ipv4'],
+  ['100.64.0.0', 10, 'ipv4'],
+  ['fc00::', 7, 'ipv6'],
+];
+
+function blockList(entries: ReadonlyArray<readonly [string, number, 'ipv4' | 'ipv6']>): BlockList {
+  const list = new BlockList();
+  for (const [network, prefix, type] of entries) list.addSubnet(network, prefix, type);
+  return list;
+}
+
+const local = blockList(LOCAL);
+const privateRanges = blockList(PRIVATE);
+
+/** `10.0.0.0/8`, `fd00::/8` or a bare address, as validated in the config. */
+export function parseCidrs(cidrs: readonly string[]): BlockList {
+  const list = new BlockList();
+  for (const cidr of cidrs) {
+    const [network = '', prefix] = cidr.split('/');
+    const type = isIP(network) === 6 ? 'ipv6' : 'ipv4';
+    list.addSubnet(network, prefix === undefined ? (type === 'ipv4' ? 32 : 128) : Number(prefix), type);
+  }
+  return list;
+}
+
+/** The address as the family it really is: `::ffff:127.0.0.1` is 127.0.0.1. */
+function normalise(address: string): { address: string; type: 'ipv4' | 'ipv6' } | null {
+  const bare = address.replace(/^\[|\]$/g, '');
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(bare);
+  if (mapped?.[1]) return { address: mapped[1], type: 'ipv4' };
+  const family = isIP(bare);
+  if (family === 0) return null;
+  return { address: bare, type: family === 4 ? 'ipv4' : 'ipv6' };
+}
+
+/**
+ * Why a redirect target on `address` is refused, or null when it may be used: loopback, link-local,
+ * reserved and private addresses are refused unless the rule's `redirects.allow` (`allowed`) lists
+ * them — an explicit decision of the platform team, e.g. for an on-prem object store.
+ */
+export function redirectAddressRefusal(address: string, allowed: BlockList): string | null {
+  const ip = normalise(address);
+  if (!ip) return `"${address}" is not an IP address`;
+  if (allowed.check(ip.address, ip.type)) return null;
+  if (local.check(ip.address, ip.type)) return `${ip.address} is a loopback, link-local or reserved address (not in redirects.allow)`;
+  if (privateRanges.check(ip.address, ip.type)) return `${ip.address} is a private address (not in redirects.allow)`;
+  return null;
+}

@@ -1,0 +1,214 @@
+// Tenant isolation and hostile neighbours at the proxy, against real registries: a rule's repository
+// filter holds for every auth mode; the rule's credentials go only to token realms it trusts;
+// client-chosen names cannot grow the proxy's memory. (Hostile upstream answers — redirects into
+// the node, partial bodies — are in proxy-faults.test.ts.)
+
+import assert from 'node:assert/strict';
+import { readFileSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { listen, type RunningServer } from '../src/shell/serve.js';
+import { startCli } from './support/cli.js';
+import { rawRequest, type RawResponse } from './support/http.js';
+import { buildImage, type TestImage } from './support/oci.js';
+import { freePort } from './support/procs.js';
+import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
+
+const [USER, PASSWORD] = Object.entries(DEFAULT_USERS)[0] as [string, string];
+const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
+const errorOf = (r: RawResponse): { code?: string; message?: string } => (JSON.parse(r.body.toString()) as { errors: Array<{ code: string; message: string }> }).errors[0] ?? {};
+
+describe('proxy isolation against real registries', function () {
+  this.timeout(120_000);
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-isolation-'));
+  const passwordFile = join(dir, 'password');
+  let basic: RegistryHandle;
+  let token: RegistryHandle;
+  let image: TestImage;
+  let proxy: ProxyUnderTest;
+
+  before(async () => {
+    writeFileSync(passwordFile, PASSWORD);
+    [basic, token] = await Promise.all([startRegistry({ auth: 'basic' }), startRegistry({ auth: 'token' })]);
+    image = buildImage();
+    await Promise.all([basic.push(image, 'team/app', '1'), basic.push(image, 'secret/db', '1'), basic.push(image, 'team/internal', '1'), token.push(image, 'team/app', '1')]);
+    const credentials = { username: USER, passwordFile };
+    proxy = await startProxy({
+      registries: [
+        { name: 'corp', match: ['corp.example'], upstream: basic.url, credentials, repositories: { include: ['team/*'], exclude: ['team/internal'] } },
+        { name: 'public', match: ['public.example'], upstream: basic.url, credentials, auth: { mode: 'anonymous' }, repositories: { include: ['team/app'] } },
+        // The token issuer listens on another port of the registry's host: not trusted unless listed.
+        { name: 'tok', match: ['tok.example'], upstream: token.url, credentials },
+        { name: 'toklisted', match: ['tl.example'], upstream: token.url, credentials, auth: { tokenRealms: [new URL(token.issuer!.realm).origin] } },
+      ],
+    });
+  });
+  after(async () => {
+    await proxy?.close();
+    await basic?.stop();
+    await token?.stop();
+  });
+
+  const get = (path: string, headers: Record<string, string> = {}) => rawRequest(proxy.url, path, { headers: { accept: OCI_INDEX, ...headers } });
+  const asShop = () => ({ authorization: proxy.authorization('shop') });
+
+  describe("a rule's repository filter, at the proxy", () => {
+    it('serves an included repository to a namespace credential', async () => {
+      assert.equal((await get('/v2/corp/team/app/manifests/1', asShop())).status, 200);
+    });
+
+    it('refuses a repository outside the include list with 403 DENIED, for manifests, blobs and tags alike', async () => {
+      for (const path of ['/v2/corp/secret/db/manifests/1', `/v2/corp/secret/db/blobs/${image.layers[0]?.digest}`, '/v2/corp/secret/db/tags/list']) {
+        const res = await get(path, asShop());
+        assert.equal(res.status, 403, path);
+        assert.equal(errorOf(res).code, 'DENIED');
+        assert.match(errorOf(res).message ?? '', /repository "secret\/db" is not included in rule "corp"/);
+      }
+    });
+
+    it('refuses an excluded repository even when the include list matches it', async () => {
+      const res = await get('/v2/corp/team/internal/manifests/1', asShop());
+      assert.equal(res.status, 403);
+      assert.match(errorOf(res).message ?? '', /excluded from rule "corp"/);
+    });
+
+    it('holds on an anonymous rule with credentials: only the listed repository, no credential needed for it', async () => {
+      assert.equal((await get('/v2/public/team/app/manifests/1')).status, 200);
+      const other = await get('/v2/public/secret/db/manifests/1');
+      assert.equal(other.status, 403);
+      assert.equal(errorOf(other).code, 'DENIED');
+    });
+
+    it('logs the refusal with the namespace and repository', () => {
+      const record = proxy.logs.records.find((r) => r.access === 'pull' && r.repository === 'secret/db' && r.rule === 'corp');
+      assert.equal(record?.status, 403);
+      assert.equal(record?.namespace, 'shop');
+    });
+  });
+
+  describe('token realms', () => {
+    it('never sends the rule credentials to a realm on another port of the upstream host', async () => {
+      const issuer = token.issuer!;
+      const seen = issuer.requests.length;
+      const res = await get('/v2/tok/team/app/manifests/1', asShop());
+      assert.equal(res.status, 403, 'an anonymous token is not enough for the registry');
+      const asked = issuer.requests.slice(seen);
+      assert.ok(asked.length > 0, 'the realm was asked for a token');
+      assert.deepEqual(asked.map((r) => r.user), asked.map(() => null), 'but never with the rule credentials');
+    });
+
+    it('sends them to a realm the rule lists in auth.tokenRealms', async () => {
+      const issuer = token.issuer!;
+      const seen = issuer.requests.length;
+      assert.equal((await get('/v2/toklisted/team/app/manifests/1', asShop())).status, 200);
+      assert.deepEqual(issuer.requests.slice(seen).map((r) => r.user), [USER]);
+    });
+
+    it('keeps only tokens the upstream honoured: unknown repositories leave nothing cached', async () => {
+      const authorizer = proxy.runtime.rules.get('toklisted')!.client.authorizer;
+      const before = authorizer.cachedTokens;
+      for (let i = 0; i < 20; i++) assert.equal((await get(`/v2/toklisted/nothing/here-${i}/manifests/1`, asShop())).status, 404);
+      assert.equal(authorizer.cachedTokens, before, 'no token cached for a name the upstream does not serve');
+      assert.equal((await get('/v2/toklisted/team/app/manifests/1', asShop())).status, 200);
+      assert.ok(authorizer.cachedTokens >= 1);
+    });
+  });
+
+  describe('client-chosen names', () => {
+    it('refuses a repository name over 255 characters with 400 NAME_INVALID, before any upstream request', async () => {
+      const issuer = token.issuer!;
+      const seen = issuer.requests.length;
+      const long = `team/${'a'.repeat(250)}`;
+      const res = await get(`/v2/toklisted/${long}/manifests/1`, asShop());
+      assert.equal(res.status, 400);
+      assert.equal(errorOf(res).code, 'NAME_INVALID');
+      assert.equal(issuer.requests.length, seen, 'no token was asked for');
+      // At the limit it is a name like any other (the upstream says it does not know it).
+      const atLimit = `team/${'a'.repeat(255 - 'toklisted/team/'.length)}`;
+      assert.equal((await get(`/v2/toklisted/${atLimit}/manifests/1`, asShop())).status, 404);
+    });
+  });
+});
+
+/** VmRSS of a process, in bytes, read from outside it. */
+function rssOf(pid: number): number {
+  const match = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return Number(match?.[1] ?? 0) * 1024;
+}
+
+describe('proxy memory under hostile names (the pullbridge proxy process)', function () {
+  this.timeout(180_000);
+
+  it('stays flat while a client sends thousands of requests with long unique names', async () => {
+    const registry = await startRegistry({ auth: 'token' });
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-names-'));
+    writeFileSync(join(dir, 'password'), PASSWORD);
+    writeFileSync(join(dir, 'broker.key'), 'k'.repeat(64));
+    const port = await freePort();
+    writeFileSync(
+      join(dir, 'config.json'),
+      JSON.stringify({
+        broker: { keyFiles: [join(dir, 'broker.key')] },
+        registries: [{ name: 'corp', match: ['corp.example'], upstream: registry.url, credentials: { username: USER, passwordFile: join(dir, 'password') }, auth: { tokenRealms: [new URL(registry.issuer!.realm).origin] } }],
+      }),
+    );
+    const proc = await startCli(['proxy', '--config', join(dir, 'config.json'), '--port', String(port), '--host', '127.0.0.1'], /listening/);
+    const pid = proc.child.pid ?? 0;
+    try {
+      const url = `http://127.0.0.1:${port}`;
+      const { namespaceToken } = await import('../src/proxy/credentials.js');
+      const authorization = `Basic ${Buffer.from(`shop:${namespaceToken(Buffer.from('k'.repeat(64)), 'shop')}`).toString('base64')}`;
+      const send = async (from: number, count: number, length: number) => {
+        for (let i = from; i < from + count; i += 8) {
+          await Promise.all(
+            Array.from({ length: 8 }, (_, j) => rawRequest(url, `/v2/corp/team/${`${i + j}-`.padEnd(length, 'x')}/manifests/1`, { headers: { authorization } })),
+          );
+        }
+      };
+      // Warm up (JIT, pools), then measure the growth over many more requests.
+      await send(0, 400, 240);
+      const baseline = rssOf(pid);
+      await send(400, 3000, 8000);
+      await send(3400, 1600, 240);
+      const grown = rssOf(pid) - baseline;
+      assert.ok(grown < 24 * 1024 * 1024, `RSS grew by ${(grown / 1048576).toFixed(1)} MiB over 4600 requests with unique names`);
+      assert.equal((await rawRequest(url, '/healthz')).status, 200);
+    } finally {
+      proc.child.kill('SIGTERM');
+      await registry.stop();
+    }
+  });
+});
+
+describe('a token realm that goes away (scripted registry: a real one cannot change its auth live)', function () {
+  this.timeout(60_000);
+
+  it('is forgotten and learned again when the registry stops asking for tokens', async () => {
+    let requireTokens = true;
+    const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config: {}, layers: [] }));
+    const tokens: RunningServer = await listen((_req, res) => void res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ token: 't0k', expires_in: 300 })), { host: '127.0.0.1', port: 0 });
+    const registry: RunningServer = await listen(
+      (req, res) => {
+        if (requireTokens && req.headers.authorization !== 'Bearer t0k') {
+          return void res.writeHead(401, { 'www-authenticate': `Bearer realm="${tokens.url}/token",service="scripted"` }).end();
+        }
+        if (req.url?.includes('/manifests/')) return void res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'content-length': manifest.length }).end(manifest);
+        res.writeHead(404).end();
+      },
+      { host: '127.0.0.1', port: 0 },
+    );
+    const proxy = await startProxy({ registries: [{ name: 'moving', match: ['moving.example'], upstream: registry.url, auth: { mode: 'anonymous' } }] });
+    try {
+      assert.equal((await rawRequest(proxy.url, '/v2/moving/team/a/manifests/1')).status, 200, 'served with a token');
+      // The registry drops token auth and its realm goes away.
+      await tokens.close(0);
+      requireTokens = false;
+      const after = await rawRequest(proxy.url, '/v2/moving/team/b/manifests/1');
+      assert.equal(after.status, 200, `a new scope is served without the dead realm: ${after.body.toString()}`);
+    } finally {
+      await proxy.close();
+      await registry.close(0);
+    }
+  });
+});
