@@ -29,7 +29,7 @@ Usage:
   pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
                      [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME]]
-  pullbridge proxy --config FILE --port N [--host ADDR] [--probe-interval SECONDS]
+  pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
   pullbridge pull-secret --config FILE --namespace NS
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
   pullbridge demo [--port N] [--proxy-port N]   (what \`npm start\` runs: webhook and proxy on a sample config)
@@ -185,15 +185,25 @@ async function loadProxyConfigOrExit(path: string): Promise<Config> {
 async function cmdProxy(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
-    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'probe-interval': { type: 'string', default: '30' } },
+    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'ops-port': { type: 'string' }, 'ops-host': { type: 'string' }, 'probe-interval': { type: 'string', default: '30' } },
     strict: true,
   });
   const config = await loadProxyConfigOrExit(requireOption(values.config, '--config'));
   const port = parsePort(values.port, '--port');
+  const opsPort = values['ops-port'] === undefined ? undefined : parsePort(values['ops-port'], '--ops-port');
+  if (opsPort !== undefined && opsPort === port) throw new UsageError('--ops-port must differ from --port');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
   const { runProxy } = await load.proxyRun();
-  const run = await runProxy({ config, configPath: requireOption(values.config, '--config'), host: values.host, port, probeIntervalMs: interval * 1000 });
+  const run = await runProxy({
+    config,
+    configPath: requireOption(values.config, '--config'),
+    host: values.host,
+    port,
+    ...(opsPort !== undefined ? { opsPort } : {}),
+    ...(values['ops-host'] !== undefined ? { opsHost: values['ops-host'] } : {}),
+    probeIntervalMs: interval * 1000,
+  });
   onTermination(() => run.shutdown());
   return -1;
 }

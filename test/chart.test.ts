@@ -121,6 +121,27 @@ describe('Helm chart', function () {
     assert.match(daemonset, /system-node-critical/);
   });
 
+  it('probes and scrapes the proxy on its operations port, which no exposure publishes (loopback with hostNetwork)', async () => {
+    type Container = { args: string[]; ports: Array<{ name: string; containerPort: number; hostPort?: number }>; readinessProbe: { httpGet: { port: string; host?: string } }; livenessProbe: { httpGet: { port: string; host?: string } } };
+    for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
+      const rendered = await render('--set', `proxy.exposure=${exposure}`);
+      const proxy = (rendered.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { spec: { containers: Container[] } } } }).spec.template.spec.containers[0];
+      assert.ok(proxy);
+      assert.ok(proxy.args.includes('--ops-port=9090'), exposure);
+      const ops = proxy.ports.find((p) => p.name === 'ops');
+      assert.equal(ops?.containerPort, 9090);
+      assert.equal(ops?.hostPort, undefined, 'never a hostPort');
+      for (const probe of [proxy.readinessProbe, proxy.livenessProbe]) {
+        assert.equal(probe.httpGet.port, 'ops');
+        // A hostNetwork Pod's IP is the node's address; the proxy listens on loopback there.
+        assert.equal(probe.httpGet.host, exposure === 'hostNetwork' ? '127.0.0.1' : undefined, exposure);
+      }
+      assert.equal(proxy.args.includes('--ops-host=127.0.0.1'), exposure === 'hostNetwork');
+      const services = rendered.filter((o) => o.kind === 'Service') as unknown as Array<{ spec: { ports: Array<{ targetPort: string }> } }>;
+      assert.ok(services.every((svc) => svc.spec.ports.every((p) => p.targetPort !== 'ops')), 'no Service publishes the operations port by default');
+    }
+  });
+
   it('refuses an unknown proxy exposure or certificate mode with a clear message', async () => {
     await assert.rejects(render('--set', 'proxy.exposure=ingress'), /proxy\.exposure must be nodePort, hostPort or hostNetwork/);
     await assert.rejects(render('--set', 'webhook.certificates.mode=manual'), /webhook\.certificates\.mode must be bootstrap, certManager or secret/);

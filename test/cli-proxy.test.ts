@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { exitOf, runCli, startCli } from './support/cli.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
 import { buildImage, sha256 } from './support/oci.js';
+import { freePort } from './support/procs.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 
 describe('pullbridge proxy and pull-secret commands', function () {
@@ -47,6 +48,39 @@ describe('pullbridge proxy and pull-secret commands', function () {
     const result = runCli(['proxy', '--config', file, '--port', '0', '--host', '127.0.0.1']);
     assert.equal(result.status, 1);
     assert.match(result.stderr, /registries\[0\]\.auth\.mode: broker needs broker\.keyFiles/);
+  });
+
+  it('with --ops-port, serves /metrics and /status only there: the registry port every Pod reaches does not disclose upstreams', async () => {
+    const [port, opsPort] = [await freePort(), await freePort()];
+    const { child, output } = await startCli(['proxy', '--config', config(port), '--port', String(port), '--host', '127.0.0.1', '--ops-port', String(opsPort)], /operations endpoints listening/);
+    try {
+      for (const path of ['/metrics', '/status']) {
+        const onRegistry = await fetch(`http://127.0.0.1:${port}${path}`);
+        assert.equal(onRegistry.status, 404, path);
+        assert.ok(!(await onRegistry.text()).includes(registry.url), 'no upstream URL on the registry port');
+        assert.equal((await fetch(`http://127.0.0.1:${opsPort}${path}`)).status, 200, path);
+      }
+      assert.match(await (await fetch(`http://127.0.0.1:${opsPort}/status`)).text(), /"corp"/);
+      // Health tells nothing about the config: both ports answer it, for probes.
+      for (const p of [port, opsPort]) assert.equal((await fetch(`http://127.0.0.1:${p}/readyz`)).status, 200);
+      assert.equal((await fetch(`http://127.0.0.1:${opsPort}/v2/`)).status, 404, 'no registry API on the operations port');
+      assert.ok(!output().includes('give the proxy an --ops-port'));
+    } finally {
+      child.kill('SIGTERM');
+      await exitOf(child);
+    }
+  });
+
+  it('without --ops-port keeps /metrics and /status on the registry port, and warns that every Pod can read them', async () => {
+    const { child, output } = await startCli(['proxy', '--config', config(30500), '--port', '0', '--host', '127.0.0.1'], /proxy listening/);
+    try {
+      const url = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(output())?.[1];
+      assert.equal((await fetch(`${url}/status`)).status, 200);
+      assert.match(output(), /give the proxy an --ops-port/);
+    } finally {
+      child.kill('SIGTERM');
+      await exitOf(child);
+    }
   });
 
   it('serves containerd with the credential pull-secret printed, and stops on SIGTERM', async () => {

@@ -8,7 +8,7 @@ import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer } from '../shell/serve.js';
 import { Prober } from './probe.js';
 import { BODY_HIGH_WATER_MARK } from './stream.js';
-import { createProxyHandler, createProxyRuntime, proxyConfigErrors, type ProxyRuntime } from './server.js';
+import { createOpsHandler, createProxyHandler, createProxyRuntime, proxyConfigErrors, type ProxyRuntime } from './server.js';
 
 export interface ProxyRunOptions {
   readonly config: Config;
@@ -17,6 +17,13 @@ export interface ProxyRunOptions {
   readonly port: number;
   /** 0 disables probing. */
   readonly probeIntervalMs: number;
+  /**
+   * A separate port for /healthz, /readyz, /metrics and /status, which the node exposure does not
+   * publish. Without it they are served on the registry port, where every Pod can read them.
+   */
+  readonly opsPort?: number;
+  /** Where the operations port listens; the registry port's host when not given. */
+  readonly opsHost?: string;
   /** Open connections accepted at once (a node's kubelet and pods); more are closed on arrival. */
   readonly maxConnections?: number;
 }
@@ -36,7 +43,7 @@ export function tuneRuntimeForRelay(): void {
   setFlagsFromString('--liftoff-only');
 }
 
-export async function runProxy(options: ProxyRunOptions): Promise<{ running: RunningServer; watcher: ConfigWatcher | undefined; shutdown(): Promise<void> }> {
+export async function runProxy(options: ProxyRunOptions): Promise<{ running: RunningServer; ops: RunningServer | undefined; watcher: ConfigWatcher | undefined; shutdown(): Promise<void> }> {
   tuneRuntimeForRelay();
   const logger = createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
@@ -63,19 +70,25 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
       })
     : undefined;
   watcher?.start();
-  const handler = createProxyHandler({ runtime: () => runtime, logger, metrics, prober, ready: () => !draining });
+  const opsOptions = { runtime: () => runtime, metrics, prober, ready: () => !draining };
+  const separateOps = options.opsPort !== undefined;
+  const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps });
   const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS });
+  const ops = separateOps ? await listen(createOpsHandler(opsOptions), { host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: 64 }) : undefined;
+  if (ops) logger.info({ url: ops.url }, 'operations endpoints listening');
+  else logger.warn('/metrics and /status are served on the registry port, which every Pod on the node can reach, and name the upstreams: give the proxy an --ops-port');
   // Interval 0: no probing (the demo's sample upstreams are placeholders).
   if (options.probeIntervalMs > 0) prober.start();
   logger.info({ url: running.url, rules: options.config.registries.map((r) => `${r.name} -> ${r.upstream}`) }, 'proxy listening');
   return {
     running,
+    ops,
     watcher,
     async shutdown() {
       draining = true;
       watcher?.stop();
       prober.stop();
-      await running.close();
+      await Promise.all([running.close(), ops?.close()]);
       await Promise.all([runtime, ...retired].map((r) => r.close()));
       logger.info('proxy stopped');
     },

@@ -79,12 +79,52 @@ export function createProxyRuntime(config: Config, transport: TransportOptions =
   };
 }
 
-export interface ProxyHandlerOptions {
+export interface OpsHandlerOptions {
   readonly runtime: () => ProxyRuntime | undefined;
-  readonly logger: Logger;
   readonly metrics: Registry;
   readonly prober?: Prober;
   readonly ready?: () => boolean;
+}
+
+export interface ProxyHandlerOptions extends OpsHandlerOptions {
+  readonly logger: Logger;
+  /**
+   * Also answer /metrics and /status on the registry port (when the proxy has no operations port).
+   * They name upstreams and forwarding proxies, and every Pod on the node can reach this port.
+   */
+  readonly opsOnRegistryPort?: boolean;
+}
+
+const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
+/** Health answers nothing about the configuration: always served, so probes work on either port. */
+const HEALTH_PATHS = new Set(['/healthz', '/readyz']);
+
+/** The operations endpoints: health, readiness, Prometheus metrics and the upstream status document. */
+export function createOpsHandler(options: OpsHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
+  return (req, res) => {
+    const url = req.url ?? '';
+    if (req.method !== 'GET' || !OPS_PATHS.has(url)) {
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: GET /healthz, /readyz, /metrics or /status');
+      return;
+    }
+    void serveOps(options, url, res);
+  };
+}
+
+async function serveOps(options: OpsHandlerOptions, url: string, res: ServerResponse): Promise<void> {
+  if (url === '/healthz') {
+    res.writeHead(200, { 'content-type': 'text/plain' }).end('ok');
+  } else if (url === '/readyz') {
+    const ready = (options.ready?.() ?? true) && options.runtime() !== undefined;
+    res.writeHead(ready ? 200 : 503, { 'content-type': 'text/plain' }).end(ready ? 'ready' : 'not ready');
+  } else if (url === '/metrics') {
+    const text = await options.metrics.metrics();
+    res.writeHead(200, { 'content-type': options.metrics.contentType }).end(text);
+  } else {
+    const runtime = options.runtime();
+    const body = JSON.stringify({ configLoaded: runtime !== undefined, rules: runtime?.config.registries.map((r) => r.name) ?? [], upstreams: options.prober?.statuses() ?? [] }, null, 2);
+    res.writeHead(200, { 'content-type': 'application/json; charset=utf-8' }).end(body);
+  }
 }
 
 interface ProxyMetrics {
@@ -136,6 +176,7 @@ function sendError(res: ServerResponse, error: RegistryError, extraHeaders: Reco
 export function createProxyHandler(options: ProxyHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
   const { logger } = options;
   const metrics = registerMetrics(options.metrics);
+  const opsOnRegistryPort = options.opsOnRegistryPort ?? true;
 
   /** Client authentication; the proxy's own secrets failing to load is a 503, not the client's fault. */
   function authenticate(runtime: ProxyRuntime, rr: RuleRuntime, header: string | undefined): ClientAuth {
@@ -440,8 +481,8 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const started = performance.now();
     const url = req.url ?? '';
     res.setHeader('docker-distribution-api-version', 'registry/2.0');
-    if (req.method === 'GET' && (url === '/healthz' || url === '/readyz' || url === '/metrics' || url === '/status')) {
-      void serveOps(url, res);
+    if (req.method === 'GET' && (HEALTH_PATHS.has(url) || (opsOnRegistryPort && OPS_PATHS.has(url)))) {
+      void serveOps(options, url, res);
       return;
     }
     const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0 };
@@ -471,20 +512,4 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       sendError(res, registryError(500, 'UNAVAILABLE', 'internal error'));
     });
   };
-
-  async function serveOps(url: string, res: ServerResponse): Promise<void> {
-    if (url === '/healthz') {
-      res.writeHead(200, { 'content-type': 'text/plain' }).end('ok');
-    } else if (url === '/readyz') {
-      const ready = (options.ready?.() ?? true) && options.runtime() !== undefined;
-      res.writeHead(ready ? 200 : 503, { 'content-type': 'text/plain' }).end(ready ? 'ready' : 'not ready');
-    } else if (url === '/metrics') {
-      const text = await options.metrics.metrics();
-      res.writeHead(200, { 'content-type': options.metrics.contentType }).end(text);
-    } else {
-      const runtime = options.runtime();
-      const body = JSON.stringify({ configLoaded: runtime !== undefined, rules: runtime?.config.registries.map((r) => r.name) ?? [], upstreams: options.prober?.statuses() ?? [] }, null, 2);
-      res.writeHead(200, { 'content-type': 'application/json; charset=utf-8' }).end(body);
-    }
-  }
 }
