@@ -245,7 +245,7 @@ describe('reliability: clients that are slow, silent or too many', function () {
       },
       { host: '127.0.0.1', port: 0 },
     );
-    proxy = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: upstream.url, auth: { mode: 'anonymous' } }] }, {}, { idleTimeoutMs: 1500, headersTimeoutMs: 1000, maxConnections: 100 });
+    proxy = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: upstream.url, auth: { mode: 'anonymous' } }] }, {}, { idleTimeoutMs: 1500, headersTimeoutMs: 1000, maxConnections: 100, maxConnectionsPerSource: 60 });
   });
   after(async () => {
     await proxy?.close();
@@ -293,9 +293,33 @@ describe('reliability: clients that are slow, silent or too many', function () {
     assert.ok(sockets.every((s) => s.destroyed));
   });
 
+  it('one source cannot hold every connection: beyond its own limit it is refused, other sources are served', async () => {
+    // Sources are loopback addresses here (127.0.0.2 and .3 are loopback too): two "Pods".
+    const hog = Array.from({ length: 80 }, () => {
+      const s = net.connect({ port: proxy.server.port, host: '127.0.0.1', localAddress: '127.0.0.2' });
+      s.on('error', () => undefined);
+      s.resume();
+      return s;
+    });
+    await sleep(500);
+    const refused = hog.filter((s) => s.destroyed).length;
+    assert.ok(refused >= 15, `only ${refused} of 80 connections from one source were refused with a per-source limit of 60`);
+    const neighbour = await new Promise<string>((resolve, reject) => {
+      const s = net.connect({ port: proxy.server.port, host: '127.0.0.1', localAddress: '127.0.0.3' }, () => s.write('GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'));
+      let text = '';
+      s.on('data', (c: Buffer) => (text += c.toString()));
+      s.on('end', () => resolve(text));
+      s.on('error', reject);
+    });
+    assert.match(neighbour, /^HTTP\/1\.1 200/, 'another source is still served');
+    for (const s of hog) s.destroy();
+    await sleep(200);
+  });
+
   it('refuses connections beyond its limit at once, and serves again when the flood is gone', async () => {
-    const flood = Array.from({ length: 130 }, () => {
-      const s = net.connect(proxy.server.port, '127.0.0.1');
+    const flood = Array.from({ length: 130 }, (_, i) => {
+      // Spread over sources, so that the global limit (not the per-source one) is what refuses.
+      const s = net.connect({ port: proxy.server.port, host: '127.0.0.1', localAddress: `127.0.1.${(i % 4) + 1}` });
       s.on('error', () => undefined);
       s.resume();
       return s;

@@ -26,9 +26,12 @@ export interface ProxyRunOptions {
   readonly opsHost?: string;
   /** Open connections accepted at once (a node's kubelet and pods); more are closed on arrival. */
   readonly maxConnections?: number;
+  /** Of those, what one source address may hold (the node's own runtime is one source too). */
+  readonly maxConnectionsPerSource?: number;
 }
 
 export const DEFAULT_MAX_CONNECTIONS = 1024;
+export const DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 256;
 
 /** How long a replaced runtime keeps its connections for streams still in flight. */
 const DRAIN_MS = 10 * 60_000;
@@ -73,7 +76,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
   const opsOptions = { runtime: () => runtime, metrics, prober, ready: () => !draining };
   const separateOps = options.opsPort !== undefined;
   const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps });
-  const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS });
+  const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerSource: options.maxConnectionsPerSource ?? DEFAULT_MAX_CONNECTIONS_PER_SOURCE });
   const ops = separateOps ? await listen(createOpsHandler(opsOptions), { host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: 64 }) : undefined;
   if (ops) logger.info({ url: ops.url }, 'operations endpoints listening');
   else logger.warn('/metrics and /status are served on the registry port, which every Pod on the node can reach, and name the upstreams: give the proxy an --ops-port');

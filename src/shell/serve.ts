@@ -2,7 +2,7 @@
 
 import http from 'node:http';
 import https from 'node:https';
-import type { AddressInfo } from 'node:net';
+import type { AddressInfo, Socket } from 'node:net';
 
 export interface TlsFiles {
   readonly cert: string | Buffer;
@@ -30,6 +30,9 @@ export interface ListenOptions {
   readonly idleTimeoutMs?: number;
   /** Connections beyond this are closed as they arrive, so a flood cannot exhaust descriptors. */
   readonly maxConnections?: number;
+  /** Open connections one source address may hold; more are closed as they arrive, so that one
+   * client (a Pod) cannot take the whole maxConnections from the others. */
+  readonly maxConnectionsPerSource?: number;
 }
 
 export interface RunningServer {
@@ -64,6 +67,7 @@ export async function listen(requestHandler: http.RequestListener, options: List
   server.requestTimeout = 0;
   server.timeout = idleTimeout;
   if (options.maxConnections !== undefined) server.maxConnections = options.maxConnections;
+  if (options.maxConnectionsPerSource !== undefined) limitPerSource(server, options.maxConnectionsPerSource);
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(options.port, options.host, () => {
@@ -89,4 +93,23 @@ export async function listen(requestHandler: http.RequestListener, options: List
       });
     },
   };
+}
+
+/** Closes a source's connections beyond `limit` on arrival; counts drop as connections close. */
+function limitPerSource(server: http.Server, limit: number): void {
+  const open = new Map<string, number>();
+  server.on('connection', (socket: Socket) => {
+    const source = socket.remoteAddress ?? '';
+    const count = (open.get(source) ?? 0) + 1;
+    if (count > limit) {
+      socket.destroy();
+      return;
+    }
+    open.set(source, count);
+    socket.once('close', () => {
+      const left = (open.get(source) ?? 1) - 1;
+      if (left > 0) open.set(source, left);
+      else open.delete(source);
+    });
+  });
 }
