@@ -181,6 +181,60 @@ describe('proxy memory under hostile names (the pullbridge proxy process)', func
   });
 });
 
+describe('proxy memory under many buffered manifests at once (the pullbridge proxy process)', function () {
+  this.timeout(180_000);
+
+  it('bounds the memory held by manifests being buffered: 60 requests for a 3.5 MiB manifest from a slow registry', async () => {
+    // A registry that takes about a second to send each manifest (docker-registry cannot be made
+    // slow), so that all 60 are held by the proxy at the same time.
+    const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config: {}, layers: [], annotations: { padding: 'p'.repeat(3.5 * 1024 * 1024) } }));
+    const chunk = 256 * 1024;
+    const slow: RunningServer = await listen(
+      (_req, res) => {
+        res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'content-length': manifest.length });
+        let sent = 0;
+        const timer = setInterval(() => {
+          res.write(manifest.subarray(sent, sent + chunk));
+          sent += chunk;
+          if (sent >= manifest.length) {
+            clearInterval(timer);
+            res.end();
+          }
+        }, 70);
+        res.on('close', () => clearInterval(timer));
+      },
+      { host: '127.0.0.1', port: 0 },
+    );
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-buffered-'));
+    const port = await freePort();
+    writeFileSync(join(dir, 'config.json'), JSON.stringify({ registries: [{ name: 'corp', match: ['corp.example'], upstream: slow.url, auth: { mode: 'anonymous' } }] }));
+    const proc = await startCli(['proxy', '--config', join(dir, 'config.json'), '--port', String(port), '--host', '127.0.0.1'], /listening/);
+    const pid = proc.child.pid ?? 0;
+    try {
+      const url = `http://127.0.0.1:${port}`;
+      assert.equal((await rawRequest(url, '/v2/corp/team/big/manifests/1')).status, 200, 'a manifest on its own is served');
+      const baseline = rssOf(pid);
+      let peak = baseline;
+      const sampler = setInterval(() => (peak = Math.max(peak, rssOf(pid))), 50);
+      // Three "Pods" (source addresses), twenty requests each, all at once.
+      const statuses = await Promise.all(
+        Array.from({ length: 60 }, (_, i) => rawRequest(url, '/v2/corp/team/big/manifests/1', { localAddress: `127.0.2.${(i % 3) + 1}` }).then((r) => r.status)),
+      );
+      clearInterval(sampler);
+      const grown = peak - baseline;
+      // 16 MiB per client: at most 4 of these per source at once; the others are told to come back.
+      const served = statuses.filter((s) => s === 200).length;
+      assert.ok(served >= 3 && served <= 12, `${served} served at once: ${statuses.join(',')}`);
+      assert.ok(statuses.every((s) => s === 200 || s === 429), statuses.join(','));
+      assert.ok(grown < 100 * 1024 * 1024, `peak RSS grew by ${(grown / 1048576).toFixed(1)} MiB with 60 manifests of 3.5 MiB asked at once`);
+      assert.equal((await rawRequest(url, '/v2/corp/team/big/manifests/1')).status, 200, 'served again afterwards');
+    } finally {
+      proc.child.kill('SIGTERM');
+      await slow.close(0);
+    }
+  });
+});
+
 describe('a token realm that goes away (scripted registry: a real one cannot change its auth live)', function () {
   this.timeout(60_000);
 

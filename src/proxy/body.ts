@@ -96,26 +96,35 @@ export class UpstreamBody {
   }
 
   /** The whole body, or null when it is larger than `limit` (the transfer is then cut). */
-  readAll(limit: number): Promise<Buffer | null> {
+  readAll(limit: number, expectedLength?: number): Promise<Buffer | null> {
     return new Promise((resolve, reject) => {
+      // With the length announced, one buffer of that size is filled in place: half the peak
+      // memory of collecting copies and concatenating them.
+      const whole = expectedLength !== undefined && expectedLength <= limit ? Buffer.allocUnsafe(expectedLength) : undefined;
       const chunks: Buffer[] = [];
+      let filled = 0; // bytes in `whole`; once a chunk does not fit, the rest goes to `chunks`
       let size = 0;
       let settled = false;
       this.attach({
         data: (chunk) => {
           if (settled) return true;
-          size += chunk.length;
-          if (size > limit) {
+          if (size + chunk.length > limit) {
             settled = true;
             this.destroy();
             resolve(null);
             return true;
           }
-          chunks.push(Buffer.from(chunk));
+          if (whole && chunks.length === 0 && filled + chunk.length <= whole.length) {
+            whole.set(chunk, filled);
+            filled += chunk.length;
+          } else chunks.push(Buffer.from(chunk));
+          size += chunk.length;
           return true;
         },
         end: () => {
-          if (!settled) resolve(Buffer.concat(chunks, size));
+          if (settled) return;
+          if (whole && filled === whole.length && chunks.length === 0) resolve(whole);
+          else resolve(Buffer.concat(whole ? [whole.subarray(0, filled), ...chunks] : chunks, size));
         },
         error: (error) => {
           if (!settled) reject(error);

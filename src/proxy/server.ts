@@ -9,6 +9,7 @@ import type { Logger } from '../log.js';
 import type { Config, Rule } from '../rules/config.js';
 import { BrokerKeys, SecretFile } from '../shell/secretfiles.js';
 import { UpstreamAuthError } from './authorizer.js';
+import { ByteBudget, type BudgetLimit, type Reservation } from './budget.js';
 import { parseBasicAuthorization, verifyNamespaceToken, type BasicCredentials } from './credentials.js';
 import { registryError, registryErrorBody, type RegistryError } from './errors.js';
 import type { Prober } from './probe.js';
@@ -28,6 +29,10 @@ const DEFAULT_MANIFEST_ACCEPT = [
 ].join(', ');
 const BLOB_HEADERS = ['content-type', 'content-length', 'content-range', 'accept-ranges', 'content-encoding', 'docker-content-digest', 'etag', 'last-modified'];
 const CHALLENGE = 'Basic realm="pullbridge"';
+/** Memory for buffered bodies (manifests, tag lists) until their clients have read them. */
+export const BUFFERED_BODY_BYTES = { total: 64 * 1024 * 1024, perClient: 16 * 1024 * 1024 };
+/** Reserved for a buffered body whose length the upstream did not announce, adjusted once read. */
+const UNKNOWN_LENGTH_RESERVE = 256 * 1024;
 
 /** The per-rule state that lives as long as a config: transport, auth, credentials. */
 export class RuleRuntime {
@@ -93,6 +98,8 @@ export interface ProxyHandlerOptions extends OpsHandlerOptions {
    * They name upstreams and forwarding proxies, and every Pod on the node can reach this port.
    */
   readonly opsOnRegistryPort?: boolean;
+  /** Bounds the memory that buffered bodies hold, per client address and in total. */
+  readonly bufferBudget?: ByteBudget;
 }
 
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
@@ -177,6 +184,41 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
   const { logger } = options;
   const metrics = registerMetrics(options.metrics);
   const opsOnRegistryPort = options.opsOnRegistryPort ?? true;
+  const budget = options.bufferBudget ?? new ByteBudget(BUFFERED_BODY_BYTES.total, BUFFERED_BODY_BYTES.perClient);
+
+  function overBudget(res: ServerResponse, limit: BudgetLimit): void {
+    const error =
+      limit === 'client'
+        ? registryError(429, 'TOOMANYREQUESTS', 'this client already holds too many buffered responses it has not read')
+        : registryError(503, 'UNAVAILABLE', 'the proxy holds too many buffered responses; try again shortly');
+    sendError(res, error, { 'retry-after': '1' });
+  }
+
+  /**
+   * Reads a body the proxy must hold whole (to check or rewrite it) within the memory budget: the
+   * bytes stay reserved until the response is closed, i.e. until the client has read them. Null
+   * when the client was answered instead (over budget).
+   */
+  async function readBuffered(up: UpstreamResponse, req: IncomingMessage, res: ServerResponse, limit: number): Promise<{ body: Buffer } | { tooLarge: true } | null> {
+    const declared = Number(headerValue(up.headers['content-length']));
+    const estimate = Number.isSafeInteger(declared) && declared >= 0 && declared <= limit ? declared : UNKNOWN_LENGTH_RESERVE;
+    const reserved = budget.reserve(req.socket.remoteAddress ?? '', estimate);
+    if (!reserved.ok) {
+      up.body.destroy();
+      overBudget(res, reserved.limit);
+      return null;
+    }
+    const reservation: Reservation = reserved.reservation;
+    res.once('close', () => reservation.release());
+    const body = await up.body.readAll(limit, estimate === declared ? declared : undefined);
+    if (body === null) return { tooLarge: true };
+    const refusal = reservation.resize(body.length);
+    if (refusal) {
+      overBudget(res, refusal);
+      return null;
+    }
+    return { body };
+  }
 
   /** Client authentication; the proxy's own secrets failing to load is a 503, not the client's fault. */
   function authenticate(runtime: ProxyRuntime, rr: RuleRuntime, header: string | undefined): ClientAuth {
@@ -298,11 +340,13 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const up = await rr.client.fetch({ method: 'GET', path, headers, scope, credentials, signal, followRedirects: false });
     metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
     if (await upstreamFailed(up, rr, route, res)) return;
-    const body = await up.body.readAll(MANIFEST_LIMIT_BYTES);
-    if (body === null) {
+    const read = await readBuffered(up, req, res, MANIFEST_LIMIT_BYTES);
+    if (read === null) return;
+    if ('tooLarge' in read) {
       sendError(res, registryError(502, 'MANIFEST_INVALID', `upstream manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`));
       return;
     }
+    const body = read.body;
     const algorithm = route.byDigest ? route.reference.slice(0, route.reference.indexOf(':')) : 'sha256';
     const digest = `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
     if (route.byDigest && digest !== route.reference) {
@@ -379,10 +423,11 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const search = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
     const up = await rr.client.fetch({ method: 'GET', path: `/v2/${route.name}/tags/list${search}`, headers: { accept: 'application/json' }, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: false });
     if (await upstreamFailed(up, rr, route, res)) return;
-    const raw = await up.body.readAll(MANIFEST_LIMIT_BYTES);
+    const read = await readBuffered(up, req, res, MANIFEST_LIMIT_BYTES);
+    if (read === null) return;
     let parsed: { name?: unknown; tags?: unknown };
     try {
-      parsed = JSON.parse(raw?.toString('utf8') ?? '') as typeof parsed;
+      parsed = JSON.parse('body' in read ? read.body.toString('utf8') : '') as typeof parsed;
     } catch {
       sendError(res, registryError(502, 'UNAVAILABLE', 'upstream tag list is not valid JSON'));
       return;

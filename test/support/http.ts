@@ -8,10 +8,11 @@ export interface RawResponse {
 }
 
 /** A request with the path exactly as given (fetch would normalise `..` away). */
-export function rawRequest(url: string, path: string, options: { method?: string; headers?: Record<string, string> } = {}): Promise<RawResponse> {
+export function rawRequest(url: string, path: string, options: { method?: string; headers?: Record<string, string>; localAddress?: string } = {}): Promise<RawResponse> {
   const u = new URL(url);
   return new Promise((resolve, reject) => {
-    const req = http.request({ host: u.hostname, port: u.port, path, method: options.method ?? 'GET', headers: options.headers ?? {} }, (res) => {
+    const source = options.localAddress ? { localAddress: options.localAddress, agent: false as const } : {};
+    const req = http.request({ host: u.hostname, port: u.port, path, method: options.method ?? 'GET', headers: options.headers ?? {}, ...source }, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
       res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks) }));

@@ -59,6 +59,8 @@ export interface ImageSpec {
   readonly platforms?: ReadonlyArray<{ os: string; architecture: string }>;
   /** Sizes of random (incompressible) files, one layer each, per platform. */
   readonly layerSizes?: readonly number[];
+  /** Annotations on every platform manifest (e.g. to make a large manifest). */
+  readonly annotations?: Readonly<Record<string, string>>;
 }
 
 /** Builds a multi-platform image: an OCI index over one manifest per platform, several layers each. */
@@ -86,6 +88,7 @@ export function buildImage(spec: ImageSpec = {}): TestImage {
           mediaType: 'application/vnd.oci.image.manifest.v1+json',
           config: { mediaType: config.mediaType, digest: config.digest, size: config.size },
           layers: gz.map((l) => ({ mediaType: l.mediaType, digest: l.digest, size: l.size })),
+          ...(spec.annotations ? { annotations: spec.annotations } : {}),
         }),
       ),
     );
