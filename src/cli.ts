@@ -29,9 +29,11 @@ Usage:
   pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
                      [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME]]
+                     [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
   pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
   pullbridge pull-secret --config FILE --namespace NS
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
+  pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]
   pullbridge demo [--port N] [--proxy-port N]   (what \`npm start\` runs: webhook and proxy on a sample config)
 `;
 
@@ -112,6 +114,23 @@ async function cmdCerts(args: string[]): Promise<number> {
   return 0;
 }
 
+async function cmdClientCert(args: string[]): Promise<number> {
+  const { generateClientCertificate } = await load.certs();
+  const { values } = parseArgs({ args, options: { name: { type: 'string' }, out: { type: 'string' }, dns: { type: 'string', multiple: true }, days: { type: 'string' } }, strict: true });
+  const name = requireOption(values.name, '--name');
+  const out = requireOption(values.out, '--out');
+  const days = values.days === undefined ? 365 : Number(values.days);
+  if (!Number.isInteger(days) || days < 1) throw new UsageError(`--days must be a positive whole number, got "${values.days}"`);
+  const bundle = generateClientCertificate({ commonName: name, dnsNames: values.dns ?? [], validityDays: days });
+  mkdirSync(out, { recursive: true });
+  writeFileSync(join(out, 'ca.crt'), bundle.caCert);
+  writeFileSync(join(out, 'ca.key'), bundle.caKey, { mode: 0o600 });
+  writeFileSync(join(out, 'client.crt'), bundle.cert);
+  writeFileSync(join(out, 'client.key'), bundle.key, { mode: 0o600 });
+  process.stdout.write(`wrote ca.crt, ca.key, client.crt, client.key to ${out} (client cert CN=${name}, valid until ${bundle.notAfter.toISOString()})\n`);
+  return 0;
+}
+
 function onTermination(stop: () => Promise<void>): void {
   let stopping = false;
   const handler = () => {
@@ -138,6 +157,9 @@ async function cmdWebhook(args: string[]): Promise<number> {
       'tls-secret': { type: 'string' },
       'webhook-configuration': { type: 'string' },
       service: { type: 'string', default: 'pullbridge-webhook' },
+      'client-ca': { type: 'string' },
+      'client-name': { type: 'string', multiple: true },
+      'metrics-port': { type: 'string' },
     },
     strict: true,
   });
@@ -155,6 +177,11 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const webhookConfiguration = values['webhook-configuration'];
   if (tlsSecret && certFile) throw new UsageError('--tls-secret (certificate bootstrap) and --tls-cert/--tls-key exclude each other');
   if (tlsSecret && !webhookConfiguration) throw new UsageError('--tls-secret needs --webhook-configuration, whose caBundle it maintains');
+  const clientCa = values['client-ca'];
+  const clientNames = values['client-name'];
+  if (clientCa && !certFile && !tlsSecret) throw new UsageError('--client-ca needs HTTPS: --tls-cert/--tls-key or --tls-secret');
+  if (clientNames && !clientCa) throw new UsageError('--client-name needs --client-ca');
+  const metricsPort = values['metrics-port'] === undefined ? undefined : parsePort(values['metrics-port'], '--metrics-port');
   const { runWebhook } = await load.webhookRun();
   const run = await runWebhook({
     config,
@@ -166,6 +193,8 @@ async function cmdWebhook(args: string[]): Promise<number> {
     ...(kubeconfig ? { kubeconfig } : {}),
     ...(values.configmap ? { configMap: { name: values.configmap, namespace } } : {}),
     pullSecretFailure: failure,
+    ...(clientCa ? { clientAuth: { caFile: clientCa, ...(clientNames ? { allowedNames: clientNames } : {}) } } : {}),
+    ...(metricsPort !== undefined ? { metricsPort } : {}),
   });
   onTermination(() => run.shutdown());
   return -1; // keeps running
@@ -290,6 +319,8 @@ export async function main(argv: string[]): Promise<number> {
         return cmdRewrite(args);
       case 'certs':
         return await cmdCerts(args);
+      case 'client-cert':
+        return await cmdClientCert(args);
       case 'webhook':
         return await cmdWebhook(args);
       case 'proxy':

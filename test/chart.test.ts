@@ -8,7 +8,8 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { X509Certificate } from 'node:crypto';
 import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
-import { parseAllDocuments } from 'yaml';
+import { parseAllDocuments, stringify as stringifyYaml } from 'yaml';
+import { generateClientCertificate } from '../src/certs/certs.js';
 import { parseConfig } from '../src/rules/config.js';
 import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { runAsync } from './support/procs.js';
@@ -82,6 +83,9 @@ describe('Helm chart', function () {
       const kinds = rendered.map((o) => o.kind).sort();
       for (const kind of ['ClusterRole', 'ConfigMap', 'DaemonSet', 'Deployment', 'MutatingWebhookConfiguration', 'PodDisruptionBudget', 'Secret']) assert.ok(kinds.includes(kind), `${kind} rendered`);
       assert.equal(kinds.includes('Service') && rendered.some((o) => o.kind === 'Service' && (o as { spec?: { type?: string } }).spec?.type === 'NodePort'), exposure === 'nodePort');
+      // hostNetwork Pods are not subject to NetworkPolicy: no proxy policy for that exposure.
+      const policies = rendered.filter((o) => o.kind === 'NetworkPolicy').map((o) => o.metadata?.name);
+      assert.deepEqual(policies, exposure === 'hostNetwork' ? ['pullbridge-webhook'] : ['pullbridge-webhook', 'pullbridge-proxy']);
       for (const object of rendered) {
         await objects.create(object, undefined, 'All').catch((error: { body?: unknown }) => {
           throw new Error(`${object.kind}/${object.metadata?.name} rejected: ${JSON.stringify(error.body ?? error)}`);
@@ -140,6 +144,107 @@ describe('Helm chart', function () {
       const services = rendered.filter((o) => o.kind === 'Service') as unknown as Array<{ spec: { ports: Array<{ targetPort: string }> } }>;
       assert.ok(services.every((svc) => svc.spec.ports.every((p) => p.targetPort !== 'ops')), 'no Service publishes the operations port by default');
     }
+  });
+
+  describe('NetworkPolicies', () => {
+    type Peer = Record<string, unknown>;
+    type Policy = KubernetesObject & { spec: { podSelector: { matchLabels: Record<string, string> }; policyTypes: string[]; ingress: Array<{ ports: Array<{ port: string | number; protocol: string }>; from: Peer[] }> } };
+    const policies = (objects: KubernetesObject[]) => new Map(objects.filter((o) => o.kind === 'NetworkPolicy').map((o) => [o.metadata?.name ?? '', o as Policy]));
+    const containerPorts = (objects: KubernetesObject[], kind: string) =>
+      ((objects.find((o) => o.kind === kind) as unknown as { spec: { template: { spec: { containers: Array<{ ports: Array<{ name: string; containerPort: number }> }> } } } }).spec.template.spec.containers[0]?.ports ?? []).map((p) => p.name);
+
+    it('by default: the webhook port from the apiserver sources, metrics from Prometheus, the proxy registry port from the node alone', async () => {
+      const rendered = await render();
+      const webhook = policies(rendered).get('pullbridge-webhook');
+      assert.ok(webhook);
+      assert.deepEqual(webhook.spec.podSelector.matchLabels, { 'app.kubernetes.io/name': 'pullbridge', 'app.kubernetes.io/instance': 'pullbridge', 'app.kubernetes.io/component': 'webhook' });
+      assert.deepEqual(webhook.spec.policyTypes, ['Ingress']);
+      assert.deepEqual(webhook.spec.ingress.map((r) => r.ports), [[{ protocol: 'TCP', port: 'https' }], [{ protocol: 'TCP', port: 'metrics' }]]);
+      assert.deepEqual(webhook.spec.ingress[0]?.from, [
+        { ipBlock: { cidr: '0.0.0.0/0' } },
+        { ipBlock: { cidr: '::/0' } },
+        { namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'kube-system' } } },
+      ]);
+      const prometheus = [{ namespaceSelector: {}, podSelector: { matchLabels: { 'app.kubernetes.io/name': 'prometheus' } } }];
+      assert.deepEqual(webhook.spec.ingress[1]?.from, prometheus);
+      // Named ports must be ports the Pods declare, or the rule opens nothing.
+      assert.deepEqual(containerPorts(rendered, 'Deployment'), ['https', 'metrics']);
+      const args = JSON.stringify(rendered.find((o) => o.kind === 'Deployment'));
+      assert.match(args, /--metrics-port=9090/);
+
+      const proxy = policies(rendered).get('pullbridge-proxy');
+      assert.ok(proxy);
+      assert.equal(proxy.spec.podSelector.matchLabels['app.kubernetes.io/component'], 'proxy');
+      // No rule names the registry port: only the node's own traffic (never blocked) reaches it.
+      assert.deepEqual(proxy.spec.ingress.map((r) => r.ports), [[{ protocol: 'TCP', port: 9090 }]]);
+      assert.deepEqual(proxy.spec.ingress[0]?.from, prometheus);
+    });
+
+    it('takes the sources from values, renders a closed policy for empty ones, and none when disabled; the apiserver accepts them', async () => {
+      const custom = join(dir, 'netpol.yaml');
+      writeFileSync(custom, `
+networkPolicy:
+  apiserverSources: [{ipBlock: {cidr: 192.0.2.0/28}}]
+  metricsSources: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: monitoring}}}]
+  proxyRegistrySources: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: ci}}}]
+proxy: {exposure: hostPort, opsPort: 9100}
+webhook: {metricsPort: 9191}
+`);
+      const rendered = await render('-f', custom);
+      const byName = policies(rendered);
+      assert.deepEqual(byName.get('pullbridge-webhook')?.spec.ingress[0]?.from, [{ ipBlock: { cidr: '192.0.2.0/28' } }]);
+      assert.deepEqual(byName.get('pullbridge-webhook')?.spec.ingress[1]?.from, [{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } } }]);
+      assert.deepEqual(byName.get('pullbridge-proxy')?.spec.ingress, [
+        { ports: [{ protocol: 'TCP', port: 'registry' }], from: [{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'ci' } } }] },
+        { ports: [{ protocol: 'TCP', port: 9100 }], from: [{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } } }] },
+      ]);
+      assert.match(JSON.stringify(rendered.find((o) => o.kind === 'Service' && o.metadata?.name === 'pullbridge-webhook')), /"port":9191,"targetPort":"metrics"/);
+      for (const object of rendered.filter((o) => o.kind === 'NetworkPolicy')) await objects.create(object, undefined, 'All');
+
+      const closed = policies(await render('--set', 'networkPolicy.apiserverSources=null', '--set', 'networkPolicy.metricsSources=null'));
+      assert.deepEqual(closed.get('pullbridge-webhook')?.spec.ingress, []);
+      assert.deepEqual(closed.get('pullbridge-proxy')?.spec.ingress, []);
+      for (const object of closed.values()) await objects.create(object, undefined, 'All');
+
+      assert.equal(policies(await render('--set', 'networkPolicy.enabled=false')).size, 0);
+      const lint = await runAsync(helm, ['lint', CHART, '--strict', '-f', valuesFile, '-f', custom]);
+      assert.match(lint, /0 chart\(s\) failed/);
+    });
+  });
+
+  describe('client certificates (webhook.clientAuth)', () => {
+    const deployment = (objects: KubernetesObject[]) =>
+      (objects.find((o) => o.kind === 'Deployment') as unknown as { spec: { template: { spec: { containers: Array<{ args: string[]; volumeMounts: Array<{ name: string; mountPath: string }> }>; volumes: Array<{ name: string; configMap?: { name: string } }> } } } }).spec.template.spec;
+
+    it('is off by default', async () => {
+      const rendered = await render();
+      assert.ok(!deployment(rendered).containers[0]?.args.some((a) => a.startsWith('--client-')));
+      assert.ok(!rendered.some((o) => o.metadata?.name === 'pullbridge-webhook-client-ca'));
+    });
+
+    it('with a CA bundle: a ConfigMap, mounted, --client-ca and --client-name per allowed name; the apiserver accepts them', async () => {
+      const ca = generateClientCertificate({ commonName: 'kube-apiserver-admission' }).caCert;
+      const custom = join(dir, 'clientauth.yaml');
+      writeFileSync(custom, stringifyYaml({ webhook: { clientAuth: { caBundle: ca, allowedNames: ['kube-apiserver-admission', 'apiserver.example'] } } }));
+      const rendered = await render('-f', custom);
+      const configMap = rendered.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-webhook-client-ca') as KubernetesObject & { data: Record<string, string> };
+      assert.equal(configMap.data['ca.crt']?.trim(), ca.replace(/\r\n/g, '\n').trim()); // node-forge writes CRLF
+      const spec = deployment(rendered);
+      const args = spec.containers[0]?.args ?? [];
+      assert.deepEqual(args.filter((a) => a.startsWith('--client-')), ['--client-ca=/etc/pullbridge/client-ca/ca.crt', '--client-name=kube-apiserver-admission', '--client-name=apiserver.example']);
+      assert.ok(spec.containers[0]?.volumeMounts.some((m) => m.name === 'client-ca' && m.mountPath === '/etc/pullbridge/client-ca'));
+      assert.deepEqual(spec.volumes.find((v) => v.name === 'client-ca')?.configMap, { name: 'pullbridge-webhook-client-ca' });
+      for (const object of rendered.filter((o) => o.kind === 'Deployment' || o.metadata?.name === 'pullbridge-webhook-client-ca')) await objects.create(object, undefined, 'All');
+      const lint = await runAsync(helm, ['lint', CHART, '--strict', '-f', valuesFile, '-f', custom]);
+      assert.match(lint, /0 chart\(s\) failed/);
+    });
+
+    it('with an existing ConfigMap: mounted, none rendered; allowed names without a CA are refused', async () => {
+      const rendered = await render('--set', 'webhook.clientAuth.existingConfigMap=apiserver-client-ca');
+      assert.deepEqual(deployment(rendered).volumes.find((v) => v.name === 'client-ca')?.configMap, { name: 'apiserver-client-ca' });
+      assert.ok(!rendered.some((o) => o.metadata?.name === 'pullbridge-webhook-client-ca'));
+      await assert.rejects(render('--set', 'webhook.clientAuth.allowedNames={kube-apiserver}'), /webhook\.clientAuth\.allowedNames needs webhook\.clientAuth\.caBundle or webhook\.clientAuth\.existingConfigMap/);
+    });
   });
 
   it('refuses an unknown proxy exposure or certificate mode with a clear message', async () => {

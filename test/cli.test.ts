@@ -119,6 +119,50 @@ describe('pullbridge CLI', () => {
     assert.match(output(), /webhook stopped/);
   });
 
+  it('client-cert writes a CA and a client certificate; webhook --client-ca accepts only that certificate on /mutate, --metrics-port serves /metrics', async () => {
+    const serving = join(dir, 'serving-clientca');
+    assert.equal(runCli(['certs', '--service', 'w', '--namespace', 'n', '--out', serving, '--ip', '127.0.0.1']).status, 0);
+    const clientDir = join(dir, 'apiserver-client');
+    const written = runCli(['client-cert', '--name', 'kube-apiserver-admission', '--out', clientDir]);
+    assert.equal(written.status, 0, written.stderr);
+    const clientCert = new X509Certificate(readFileSync(join(clientDir, 'client.crt')));
+    assert.ok(clientCert.verify(new X509Certificate(readFileSync(join(clientDir, 'ca.crt'))).publicKey));
+    assert.match(clientCert.subject, /CN=kube-apiserver-admission/);
+    assert.match(clientCert.keyUsage?.join(',') ?? '', /1\.3\.6\.1\.5\.5\.7\.3\.2/, 'extended key usage clientAuth');
+    assert.equal(statSync(join(clientDir, 'client.key')).mode & 0o777, 0o600);
+
+    const { child, output } = await startCli(
+      ['webhook', '--config', configFile, '--host', '127.0.0.1', '--port', '0', '--tls-cert', join(serving, 'tls.crt'), '--tls-key', join(serving, 'tls.key'),
+        '--client-ca', join(clientDir, 'ca.crt'), '--client-name', 'kube-apiserver-admission', '--metrics-port', '0'],
+      /webhook listening/,
+    );
+    try {
+      const url = /"url":"(https:\/\/127\.0\.0\.1:\d+)"/.exec(output())?.[1];
+      const metricsUrl = /"metricsUrl":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(output())?.[1];
+      assert.ok(url && metricsUrl, output());
+      const ca = readFileSync(join(serving, 'ca.crt'));
+      const review = reviewFor(podWith({ containers: [{ name: 'a', image: 'registry.corp.example:5000/t/a:1' }] }));
+      await request(url).post('/mutate').ca(ca).send(review).expect(401);
+      await request(url).post('/mutate').ca(ca).cert(readFileSync(join(clientDir, 'client.crt'))).key(readFileSync(join(clientDir, 'client.key'))).send(review).expect(200);
+      const metrics = await request(metricsUrl).get('/metrics').expect(200);
+      assert.match(metrics.text, /pullbridge_admissions_total\{result="refused"\} 1/);
+      await request(metricsUrl).post('/mutate').send(review).expect(404);
+      assert.match(output(), /"audit":"refused"/);
+    } finally {
+      child.kill('SIGTERM');
+      assert.equal(await exitOf(child), 0);
+    }
+  });
+
+  it('webhook refuses --client-ca without HTTPS, and --client-name without --client-ca', () => {
+    const plain = runCli(['webhook', '--config', configFile, '--port', '0', '--client-ca', configFile]);
+    assert.equal(plain.status, 2);
+    assert.match(plain.stderr, /--client-ca needs HTTPS/);
+    const names = runCli(['webhook', '--config', configFile, '--port', '0', '--client-name', 'x']);
+    assert.equal(names.status, 2);
+    assert.match(names.stderr, /--client-name needs --client-ca/);
+  });
+
   it('webhook without a cert serves plain HTTP (local use)', async () => {
     const { child, output } = await startCli(['webhook', '--config', configFile, '--host', '127.0.0.1', '--port', '0'], /webhook listening/);
     const url = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(output())?.[1];

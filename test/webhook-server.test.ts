@@ -1,9 +1,16 @@
 import assert from 'node:assert/strict';
+import { X509Certificate } from 'node:crypto';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { connect, type PeerCertificate } from 'node:tls';
 import request from 'supertest';
-import { generateCertificates, type CertificateBundle } from '../src/certs/certs.js';
+import { generateCertificates, generateClientCertificate, type CertificateBundle } from '../src/certs/certs.js';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { listen, type RunningServer } from '../src/shell/serve.js';
 import { ORIGINAL_IMAGES_ANNOTATION } from '../src/webhook/admission.js';
+import { decideCaller, dnsNamesOf } from '../src/webhook/clientauth.js';
+import { runWebhook } from '../src/webhook/run.js';
 import { createWebhookApp, type WebhookAppOptions } from '../src/webhook/server.js';
 import { SHA, testConfig } from './support/config.js';
 import { memoryLogger } from './support/logs.js';
@@ -15,13 +22,13 @@ describe('webhook server over HTTPS', () => {
     certs = generateCertificates({ service: 'pullbridge-webhook', namespace: 'pullbridge', extraNames: ['127.0.0.1'] });
   });
 
-  async function start(overrides: Partial<WebhookAppOptions> = {}) {
+  async function start(overrides: Partial<WebhookAppOptions> = {}, clientCa?: string) {
     const logs = memoryLogger();
     const audit = memoryLogger();
     const metrics = createMetricsRegistry(false);
     const config = testConfig();
     const app = createWebhookApp({ config: () => config, logger: logs.logger, audit: audit.logger, metrics, ...overrides });
-    const server: RunningServer = await listen(app, { host: '127.0.0.1', port: 0, tls: { cert: certs.cert, key: certs.key } });
+    const server: RunningServer = await listen(app, { host: '127.0.0.1', port: 0, tls: { cert: certs.cert, key: certs.key, ...(clientCa ? { clientCa } : {}) } });
     const client = () => request(server.url);
     return { server, client, logs, audit, metrics };
   }
@@ -31,8 +38,8 @@ describe('webhook server over HTTPS', () => {
     await Promise.all(running.map((s) => s.close(100)));
     running = [];
   });
-  async function started(overrides: Partial<WebhookAppOptions> = {}) {
-    const s = await start(overrides);
+  async function started(overrides: Partial<WebhookAppOptions> = {}, clientCa?: string) {
+    const s = await start(overrides, clientCa);
     running.push(s.server);
     return s;
   }
@@ -205,5 +212,106 @@ describe('webhook server over HTTPS', () => {
     await client().get('/readyz').ca(certs.caCert).expect(200);
     draining = true;
     await client().get('/readyz').ca(certs.caCert).expect(503);
+  });
+
+  describe('client certificates (--client-ca)', () => {
+    let apiserver: CertificateBundle;
+    let otherCa: CertificateBundle;
+    before(() => {
+      apiserver = generateClientCertificate({ commonName: 'kube-apiserver-admission' });
+      otherCa = generateClientCertificate({ commonName: 'kube-apiserver-admission' });
+    });
+    const signedBy = (ca: CertificateBundle, commonName: string, dnsNames: string[] = []) => generateClientCertificate({ commonName, dnsNames, ca: { cert: ca.caCert, key: ca.caKey } });
+
+    it('refuses /mutate without a certificate with 401 before reading the body, audits and counts it', async () => {
+      const ensured: string[] = [];
+      const { client, audit, metrics } = await started({ clientAuth: {}, sideEffects: { ensurePullSecret: async (ns) => void ensured.push(ns) } }, apiserver.caCert);
+      const res = await client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'shop' })).expect(401);
+      assert.match(res.body.error, /client certificate signed by the webhook's client CA is required \(no client certificate\)/);
+      assert.deepEqual(ensured, []);
+      assert.equal(audit.records.length, 1);
+      assert.deepEqual({ ...audit.records[0], time: undefined, level: undefined }, { time: undefined, level: undefined, audit: 'refused', method: 'POST', path: '/mutate', status: 401, reason: 'no client certificate', remoteAddress: '127.0.0.1', certificate: null, msg: 'request refused' });
+      assert.match(await metrics.metrics(), /pullbridge_admissions_total\{result="refused"\} 1/);
+      // Malformed input is refused the same way: nothing is parsed for an unauthenticated caller.
+      await client().post('/mutate').ca(certs.caCert).set('Content-Type', 'application/json').send('{"apiVersion":').expect(401);
+    });
+
+    it('refuses a certificate from another CA with 401, saying why', async () => {
+      const { client, audit } = await started({ clientAuth: {} }, apiserver.caCert);
+      await client().post('/mutate').ca(certs.caCert).cert(otherCa.cert).key(otherCa.key).send(reviewFor(pod())).expect(401);
+      assert.match(String(audit.records[0]?.reason), /not verified against the client CA: UNABLE_TO_VERIFY_LEAF_SIGNATURE/);
+      assert.deepEqual(audit.records[0]?.certificate, { commonName: 'kube-apiserver-admission', dnsNames: [] });
+    });
+
+    it('admits any certificate of the CA without allowed names, and only allowed CNs or DNS SANs with them (403 otherwise)', async () => {
+      const any = await started({ clientAuth: {} }, apiserver.caCert);
+      const res = await any.client().post('/mutate').ca(certs.caCert).cert(apiserver.cert).key(apiserver.key).send(reviewFor(pod(), { uid: 'u-1' })).expect(200);
+      assert.equal(res.body.response.uid, 'u-1');
+      assert.equal(any.audit.records[0]?.result, 'mutated');
+
+      const named = await started({ clientAuth: { allowedNames: ['kube-apiserver-admission', 'apiserver.example'] } }, apiserver.caCert);
+      await named.client().post('/mutate').ca(certs.caCert).cert(apiserver.cert).key(apiserver.key).send(reviewFor(pod())).expect(200);
+      const bySan = signedBy(apiserver, 'something-else', ['apiserver.example']);
+      await named.client().post('/mutate').ca(certs.caCert).cert(bySan.cert).key(bySan.key).send(reviewFor(pod())).expect(200);
+      const stranger = signedBy(apiserver, 'some-pod');
+      const refused = await named.client().post('/mutate').ca(certs.caCert).cert(stranger.cert).key(stranger.key).send(reviewFor(pod())).expect(403);
+      assert.match(refused.body.error, /client certificate names \[some-pod\] are not among the allowed names/);
+      assert.equal(named.audit.records.at(-1)?.status, 403);
+    });
+
+    it('keeps health and metrics reachable without a certificate (kubelet probes, Prometheus)', async () => {
+      const { client } = await started({ clientAuth: {} }, apiserver.caCert);
+      await client().get('/healthz').ca(certs.caCert).expect(200, 'ok');
+      await client().get('/readyz').ca(certs.caCert).expect(200);
+      await client().get('/metrics').ca(certs.caCert).expect(200);
+    });
+
+    it('refuses everything over plain HTTP when client certificates are required', async () => {
+      const config = testConfig();
+      const app = createWebhookApp({ config: () => config, logger: memoryLogger().logger, audit: memoryLogger().logger, metrics: createMetricsRegistry(false), clientAuth: {} });
+      const server = await listen(app, { host: '127.0.0.1', port: 0 });
+      running.push(server);
+      await request(server.url).post('/mutate').send(reviewFor(pod())).expect(401);
+    });
+
+    it('keeps verifying client certificates after the serving certificate and the client CA are rotated', async () => {
+      const dir = mkdtempSync(join(tmpdir(), 'pullbridge-clientca-'));
+      const files = { cert: join(dir, 'tls.crt'), key: join(dir, 'tls.key'), clientCa: join(dir, 'client-ca.crt') };
+      writeFileSync(files.cert, certs.cert);
+      writeFileSync(files.key, certs.key);
+      writeFileSync(files.clientCa, apiserver.caCert);
+      const webhook = await runWebhook({ config: testConfig(), host: '127.0.0.1', port: 0, tlsFiles: { cert: files.cert, key: files.key }, clientAuth: { caFile: files.clientCa }, tlsRefreshMs: 20, logger: memoryLogger().logger });
+      try {
+        const url = webhook.running.url;
+        await request(url).post('/mutate').ca(certs.caCert).cert(apiserver.cert).key(apiserver.key).send(reviewFor(pod())).expect(200);
+        const rotated = generateCertificates({ service: 'pullbridge-webhook', namespace: 'pullbridge', extraNames: ['127.0.0.1'] });
+        // The CA first: a refresh that sees the new serving certificate then reads the new CA too.
+        writeFileSync(files.clientCa, otherCa.caCert);
+        writeFileSync(files.key, rotated.key);
+        writeFileSync(files.cert, rotated.cert);
+        const servedCert = () =>
+          new Promise<PeerCertificate>((resolve, reject) => {
+            const socket = connect({ host: '127.0.0.1', port: webhook.running.port, rejectUnauthorized: false }, () => {
+              resolve(socket.getPeerCertificate());
+              socket.end();
+            });
+            socket.on('error', reject);
+          });
+        const rotatedSerial = new X509Certificate(rotated.cert).serialNumber;
+        while ((await servedCert()).serialNumber !== rotatedSerial) await new Promise((r) => setTimeout(r, 20));
+        await request(url).post('/mutate').ca(rotated.caCert).cert(otherCa.cert).key(otherCa.key).send(reviewFor(pod())).expect(200);
+        await request(url).post('/mutate').ca(rotated.caCert).cert(apiserver.cert).key(apiserver.key).send(reviewFor(pod())).expect(401);
+      } finally {
+        await webhook.shutdown();
+      }
+    });
+
+    it('decides from the certificate alone, and reads DNS SANs as Node reports them', () => {
+      assert.deepEqual(decideCaller({ presented: false, verified: false, dnsNames: [] }, undefined), { allowed: false, status: 401, reason: 'no client certificate' });
+      assert.deepEqual(decideCaller({ presented: true, verified: true, commonName: 'a', dnsNames: [] }, []), { allowed: true });
+      assert.equal(decideCaller({ presented: true, verified: false, verifyError: 'CERT_HAS_EXPIRED', commonName: 'a', dnsNames: [] }, ['a']).allowed, false);
+      assert.deepEqual(dnsNamesOf('DNS:a.example, IP Address:10.0.0.1, DNS:"b,c", URI:spiffe://x'), ['a.example', 'b,c']);
+      assert.deepEqual(dnsNamesOf(undefined), []);
+    });
   });
 });

@@ -1,4 +1,5 @@
-// A CA and a serving certificate for the webhook Service, built with node-forge. Keys come from
+// A CA and a serving certificate for the webhook Service, or a CA and a client certificate (what
+// the kube-apiserver presents to the webhook), built with node-forge. Keys come from
 // Node's native generator: node-forge's pure-JS RSA generation takes seconds per key.
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
@@ -39,51 +40,85 @@ export function serviceDnsNames(service: string, namespace: string): string[] {
   return [service, `${service}.${namespace}`, `${service}.${namespace}.svc`, `${service}.${namespace}.svc.cluster.local`];
 }
 
-export function generateCertificates(request: CertificateRequest): CertificateBundle {
-  const now = request.now ?? new Date();
-  const days = request.validityDays ?? 365;
-  const notBefore = new Date(now.getTime() - 5 * 60_000); // tolerate clock skew
-  const notAfter = new Date(now.getTime() + days * 86_400_000);
+interface Authority {
+  readonly cert: forge.pki.Certificate;
+  readonly key: forge.pki.rsa.PrivateKey;
+}
 
+function newAuthority(commonName: string, notBefore: Date, notAfter: Date): Authority & { readonly keyPem: string } {
   const ca = newKeyPair();
-  const caCert = forge.pki.createCertificate();
-  caCert.publicKey = ca.publicKey;
-  caCert.serialNumber = serialNumber();
-  caCert.validity.notBefore = notBefore;
-  caCert.validity.notAfter = new Date(now.getTime() + 2 * days * 86_400_000);
-  const caSubject = [{ name: 'commonName', value: `pullbridge-ca.${request.namespace}` }, { name: 'organizationName', value: 'pullbridge' }];
-  caCert.setSubject(caSubject);
-  caCert.setIssuer(caSubject);
-  caCert.setExtensions([
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = ca.publicKey;
+  cert.serialNumber = serialNumber();
+  cert.validity.notBefore = notBefore;
+  cert.validity.notAfter = notAfter;
+  const subject = [{ name: 'commonName', value: commonName }, { name: 'organizationName', value: 'pullbridge' }];
+  cert.setSubject(subject);
+  cert.setIssuer(subject);
+  cert.setExtensions([
     { name: 'basicConstraints', cA: true, critical: true },
     { name: 'keyUsage', keyCertSign: true, cRLSign: true, digitalSignature: true, critical: true },
     { name: 'subjectKeyIdentifier' },
   ]);
-  caCert.sign(ca.privateKey, forge.md.sha256.create());
+  cert.sign(ca.privateKey, forge.md.sha256.create());
+  return { cert, key: ca.privateKey, keyPem: ca.pem };
+}
 
-  const leaf = newKeyPair();
+/** A leaf certificate signed by `ca`, for a TLS server or a TLS client. */
+function issueLeaf(ca: Authority, leaf: { commonName: string; names: readonly string[]; usage: 'server' | 'client'; notBefore: Date; notAfter: Date }): { cert: string; key: string } {
+  const keys = newKeyPair();
   const cert = forge.pki.createCertificate();
-  cert.publicKey = leaf.publicKey;
+  cert.publicKey = keys.publicKey;
   cert.serialNumber = serialNumber();
-  cert.validity.notBefore = notBefore;
-  cert.validity.notAfter = notAfter;
-  const names = [...serviceDnsNames(request.service, request.namespace), ...(request.extraNames ?? [])];
-  cert.setSubject([{ name: 'commonName', value: `${request.service}.${request.namespace}.svc` }]);
-  cert.setIssuer(caCert.subject.attributes);
+  cert.validity.notBefore = leaf.notBefore;
+  cert.validity.notAfter = leaf.notAfter;
+  cert.setSubject([{ name: 'commonName', value: leaf.commonName }]);
+  cert.setIssuer(ca.cert.subject.attributes);
   cert.setExtensions([
     { name: 'basicConstraints', cA: false, critical: true },
     { name: 'keyUsage', digitalSignature: true, keyEncipherment: true, critical: true },
-    { name: 'extKeyUsage', serverAuth: true },
-    { name: 'subjectAltName', altNames: names.map((n) => (isIP(n) ? { type: 7, ip: n } : { type: 2, value: n })) },
-    { name: 'authorityKeyIdentifier', keyIdentifier: caCert.generateSubjectKeyIdentifier().getBytes() },
+    { name: 'extKeyUsage', ...(leaf.usage === 'server' ? { serverAuth: true } : { clientAuth: true }) },
+    ...(leaf.names.length > 0 ? [{ name: 'subjectAltName', altNames: leaf.names.map((n) => (isIP(n) ? { type: 7, ip: n } : { type: 2, value: n })) }] : []),
+    { name: 'authorityKeyIdentifier', keyIdentifier: ca.cert.generateSubjectKeyIdentifier().getBytes() },
   ]);
-  cert.sign(ca.privateKey, forge.md.sha256.create());
+  cert.sign(ca.key, forge.md.sha256.create());
+  return { cert: forge.pki.certificateToPem(cert), key: keys.pem };
+}
 
+function validity(now: Date | undefined, days: number): { notBefore: Date; notAfter: Date; caNotAfter: Date } {
+  const at = now ?? new Date();
   return {
-    caCert: forge.pki.certificateToPem(caCert),
-    caKey: ca.pem,
-    cert: forge.pki.certificateToPem(cert),
-    key: leaf.pem,
-    notAfter,
+    notBefore: new Date(at.getTime() - 5 * 60_000), // tolerate clock skew
+    notAfter: new Date(at.getTime() + days * 86_400_000),
+    caNotAfter: new Date(at.getTime() + 2 * days * 86_400_000),
   };
+}
+
+export function generateCertificates(request: CertificateRequest): CertificateBundle {
+  const { notBefore, notAfter, caNotAfter } = validity(request.now, request.validityDays ?? 365);
+  const ca = newAuthority(`pullbridge-ca.${request.namespace}`, notBefore, caNotAfter);
+  const names = [...serviceDnsNames(request.service, request.namespace), ...(request.extraNames ?? [])];
+  const leaf = issueLeaf(ca, { commonName: `${request.service}.${request.namespace}.svc`, names, usage: 'server', notBefore, notAfter });
+  return { caCert: forge.pki.certificateToPem(ca.cert), caKey: ca.keyPem, cert: leaf.cert, key: leaf.key, notAfter };
+}
+
+export interface ClientCertificateRequest {
+  /** The subject CN, which the webhook's `--client-name` checks (as it checks DNS SANs). */
+  readonly commonName: string;
+  readonly dnsNames?: readonly string[];
+  /** Sign with this CA (PEM); a new CA is made when absent. */
+  readonly ca?: { readonly cert: string; readonly key: string };
+  readonly validityDays?: number;
+  readonly now?: Date;
+}
+
+/** A client certificate (extended key usage clientAuth), e.g. for the kube-apiserver to present to
+ * the webhook, and the CA that signed it. */
+export function generateClientCertificate(request: ClientCertificateRequest): CertificateBundle {
+  const { notBefore, notAfter, caNotAfter } = validity(request.now, request.validityDays ?? 365);
+  const ca = request.ca
+    ? { cert: forge.pki.certificateFromPem(request.ca.cert), key: forge.pki.privateKeyFromPem(request.ca.key) as forge.pki.rsa.PrivateKey, keyPem: request.ca.key }
+    : newAuthority('pullbridge-client-ca', notBefore, caNotAfter);
+  const leaf = issueLeaf(ca, { commonName: request.commonName, names: request.dnsNames ?? [], usage: 'client', notBefore, notAfter });
+  return { caCert: forge.pki.certificateToPem(ca.cert), caKey: ca.keyPem, cert: leaf.cert, key: leaf.key, notAfter };
 }

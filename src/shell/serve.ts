@@ -7,6 +7,11 @@ import type { AddressInfo, Socket } from 'node:net';
 export interface TlsFiles {
   readonly cert: string | Buffer;
   readonly key: string | Buffer;
+  /**
+   * CA (PEM) whose client certificates the server asks for and verifies. The handshake completes
+   * without one (kubelet probes and Prometheus present none); routes decide from `socket.authorized`.
+   */
+  readonly clientCa?: string | Buffer;
 }
 
 export interface ListenOptions {
@@ -59,7 +64,17 @@ export async function listen(requestHandler: http.RequestListener, options: List
     connectionsCheckingInterval: Math.max(100, Math.min(30_000, Math.floor(headersTimeout / 4))),
   };
   const server: http.Server = options.tls
-    ? https.createServer({ ...common, cert: options.tls.cert, key: options.tls.key, minVersion: 'TLSv1.2', handshakeTimeout: headersTimeout }, handler)
+    ? https.createServer(
+        {
+          ...common,
+          cert: options.tls.cert,
+          key: options.tls.key,
+          minVersion: 'TLSv1.2',
+          handshakeTimeout: headersTimeout,
+          ...(options.tls.clientCa ? { ca: options.tls.clientCa, requestCert: true, rejectUnauthorized: false } : {}),
+        },
+        handler,
+      )
     : http.createServer(common, handler);
   server.keepAliveTimeout = options.keepAliveTimeoutMs ?? 65_000;
   server.headersTimeout = headersTimeout;

@@ -10,7 +10,7 @@ import type { Config } from '../rules/config.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
 import { BrokerKeys } from '../shell/secretfiles.js';
-import { createWebhookApp, type WebhookSideEffects } from './server.js';
+import { createMetricsHandler, createWebhookApp, type WebhookSideEffects } from './server.js';
 
 export interface WebhookRunOptions {
   readonly config: Config;
@@ -31,13 +31,24 @@ export interface WebhookRunOptions {
   readonly reconcileIntervalMs?: number;
   /** How long a new pull secret is kept even without Pods (default 10 minutes). */
   readonly reconcileGraceMs?: number;
+  /** How often the TLS files (serving certificate, client CA) are re-read; default 1 hour. */
   readonly tlsRefreshMs?: number;
+  /**
+   * Accept POST /mutate only from callers presenting a client certificate signed by the CA in
+   * `caFile` (the kube-apiserver, configured with an AdmissionConfiguration), and whose CN or a DNS
+   * SAN is in `allowedNames` when that is given.
+   */
+  readonly clientAuth?: { readonly caFile: string; readonly allowedNames?: readonly string[] };
+  /** Also serve GET /metrics over plain HTTP on this port (same host), for Prometheus. */
+  readonly metricsPort?: number;
   /** Where logs and audit records go; stdout when absent. */
   readonly logger?: Logger;
 }
 
 export interface WebhookProcess {
   readonly running: RunningServer;
+  /** The metrics listener, with `metricsPort`. */
+  readonly metricsServer: RunningServer | undefined;
   readonly watcher: ConfigWatcher | undefined;
   /** Runs the pull secret reconciler once now (it also runs on its timer); undefined without API access. */
   readonly reconcile: (() => Promise<unknown>) | undefined;
@@ -46,6 +57,7 @@ export interface WebhookProcess {
 }
 
 export async function runWebhook(options: WebhookRunOptions): Promise<WebhookProcess> {
+  if (options.clientAuth && !options.tls && !options.tlsFiles && !options.tlsBootstrap) throw new Error('client certificates need HTTPS: give a serving certificate (or certificate bootstrap)');
   const logger = options.logger ?? createLogger({ name: 'pullbridge-webhook' });
   const metrics = createMetricsRegistry();
   let draining = false;
@@ -107,6 +119,10 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     tls = await refreshTls();
   }
 
+  const clientAuth = options.clientAuth;
+  const readClientCa = clientAuth ? () => readFileSync(clientAuth.caFile, 'utf8') : undefined;
+  if (tls && readClientCa) tls = { ...tls, clientCa: readClientCa() };
+
   const watcher = options.configPath
     ? new ConfigWatcher({
         path: options.configPath,
@@ -129,29 +145,42 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     sideEffects,
     ready: () => !draining,
     pullSecretFailure: options.pullSecretFailure ?? 'deny',
+    ...(clientAuth ? { clientAuth: { ...(clientAuth.allowedNames ? { allowedNames: clientAuth.allowedNames } : {}) } } : {}),
   });
   const running = await listen(app, { host: options.host, port: options.port, ...(tls ? { tls } : {}) });
-  if (refreshTls && running.server instanceof https.Server) {
-    // Certificates rotate under a running server: swap the context when they change.
+  if ((refreshTls || readClientCa) && running.server instanceof https.Server) {
+    // Certificates rotate under a running server (and the client CA with them): swap the context
+    // when either changes. A new context replaces the old one whole, so it carries the client CA too.
     const server = running.server;
-    let served = tls?.cert;
+    let served = { cert: tls?.cert.toString(), clientCa: tls?.clientCa?.toString() };
     const timer = setInterval(() => {
-      refreshTls()
+      Promise.resolve(refreshTls ? refreshTls() : tls)
         .then((next) => {
-          if (next && next.cert !== served) {
-            server.setSecureContext({ cert: next.cert, key: next.key });
-            served = next.cert.toString();
-            logger.info('serving certificate reloaded');
-          }
+          if (!next) return;
+          const clientCa = readClientCa?.();
+          if (next.cert.toString() === served.cert && clientCa === served.clientCa) return;
+          server.setSecureContext({ cert: next.cert, key: next.key, ...(clientCa ? { ca: clientCa } : {}) });
+          served = { cert: next.cert.toString(), clientCa };
+          logger.info('serving certificate or client CA reloaded');
         })
         .catch((error: unknown) => logger.error({ error: (error as Error).message }, 'serving certificate refresh failed'));
     }, options.tlsRefreshMs ?? 60 * 60_000);
     timer.unref();
     stops.push(() => clearInterval(timer));
   }
-  logger.info({ url: running.url, rules: config.registries.map((r) => r.name) }, 'webhook listening');
+  const metricsServer =
+    options.metricsPort !== undefined
+      ? await listen(createMetricsHandler(metrics), { host: options.host, port: options.metricsPort }).catch(async (error: unknown) => {
+          for (const stop of stops) stop();
+          watcher?.stop();
+          await running.close();
+          throw error;
+        })
+      : undefined;
+  logger.info({ url: running.url, ...(metricsServer ? { metricsUrl: metricsServer.url } : {}), rules: config.registries.map((r) => r.name) }, 'webhook listening');
   return {
     running,
+    metricsServer,
     watcher,
     reconcile,
     metrics,
@@ -159,7 +188,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       draining = true;
       watcher?.stop();
       for (const stop of stops) stop();
-      await running.close();
+      await Promise.all([running.close(), metricsServer?.close()]);
       logger.info('webhook stopped');
     },
   };

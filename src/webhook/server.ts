@@ -1,9 +1,12 @@
 // The webhook's HTTP(S) shell: express routes around the pure admission decision, audit log, metrics.
 
+import type { RequestListener } from 'node:http';
+import { TLSSocket } from 'node:tls';
 import express, { type NextFunction, type Request, type Response } from 'express';
 import { Counter, Histogram, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
+import { decideCaller, dnsNamesOf, type PeerCertificate } from './clientauth.js';
 import { admissionDenial, admissionResponse, admitPod, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
 
 /** Kubernetes caps request bodies at 3 MiB; an AdmissionReview carries object and oldObject. */
@@ -29,6 +32,11 @@ export interface WebhookAppOptions {
   readonly ready?: () => boolean;
   /** What happens when the pull secret cannot be provisioned: deny the Pod, or admit it unchanged. */
   readonly pullSecretFailure?: 'deny' | 'admit-unchanged';
+  /**
+   * POST /mutate only from a caller whose client certificate the TLS layer verified against the
+   * client CA (see listen()), and whose CN or a DNS SAN is in `allowedNames` when that is given.
+   */
+  readonly clientAuth?: { readonly allowedNames?: readonly string[] };
 }
 
 interface WebhookMetrics {
@@ -77,6 +85,20 @@ function auditRecord(request: AdmissionRequest, outcome: AdmissionOutcome, resul
   };
 }
 
+/** What the TLS layer learnt about the caller's certificate; nothing over plain HTTP. */
+function peerCertificate(req: Request): PeerCertificate {
+  const socket = req.socket;
+  if (!(socket instanceof TLSSocket)) return { presented: false, verified: false, dnsNames: [] };
+  const cert = socket.getPeerCertificate();
+  if (!cert || Object.keys(cert).length === 0) return { presented: false, verified: false, dnsNames: [] };
+  // Node types the reason as an Error; at run time it may be OpenSSL's code as a string.
+  const error: unknown = socket.authorizationError;
+  const verifyError = typeof error === 'string' ? error : error instanceof Error ? error.message : undefined;
+  const cn: unknown = cert.subject?.CN;
+  const commonName = typeof cn === 'string' ? cn : Array.isArray(cn) && typeof cn[0] === 'string' ? cn[0] : undefined;
+  return { presented: true, verified: socket.authorized, ...(verifyError ? { verifyError } : {}), ...(commonName !== undefined ? { commonName } : {}), dnsNames: dnsNamesOf(cert.subjectaltname) };
+}
+
 export function createWebhookApp(options: WebhookAppOptions): express.Express {
   const { logger, audit, metrics: registry } = options;
   const metrics = registerMetrics(registry);
@@ -95,8 +117,32 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
     res.type(registry.contentType).send(await registry.metrics());
   });
 
+  const requireClientCertificate = (req: Request, res: Response, next: NextFunction) => {
+    const clientAuth = options.clientAuth;
+    if (!clientAuth) return next();
+    const peer = peerCertificate(req);
+    const decision = decideCaller(peer, clientAuth.allowedNames);
+    if (decision.allowed) return next();
+    // Refused before the body is read: a forged review never reaches the decision or its side effects.
+    metrics.admissions.inc({ result: 'refused' });
+    audit.warn(
+      {
+        audit: 'refused',
+        method: req.method,
+        path: req.path,
+        status: decision.status,
+        reason: decision.reason,
+        remoteAddress: req.socket.remoteAddress ?? null,
+        certificate: peer.presented ? { commonName: peer.commonName ?? null, dnsNames: peer.dnsNames } : null,
+      },
+      'request refused',
+    );
+    badRequest(res, decision.status, decision.status === 401 ? `a client certificate signed by the webhook's client CA is required (${decision.reason})` : decision.reason);
+  };
+
   app.post(
     '/mutate',
+    requireClientCertificate,
     (req, res, next) => {
       if (!req.is('application/json')) {
         badRequest(res, 415, 'Content-Type must be application/json (an admission.k8s.io/v1 AdmissionReview)');
@@ -184,4 +230,19 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
     }
   });
   return app;
+}
+
+/** GET /metrics alone, for a plain-HTTP port of its own: a NetworkPolicy can open that port to
+ * Prometheus without letting Prometheus reach POST /mutate. */
+export function createMetricsHandler(registry: Registry): RequestListener {
+  return (req, res) => {
+    if (req.method !== 'GET' || new URL(req.url ?? '/', 'http://metrics').pathname !== '/metrics') {
+      res.writeHead(404, { 'content-type': 'application/json' }).end(JSON.stringify({ error: 'not found: GET /metrics' }));
+      return;
+    }
+    registry.metrics().then(
+      (text) => res.writeHead(200, { 'content-type': registry.contentType }).end(text),
+      () => res.writeHead(500, { 'content-type': 'application/json' }).end(JSON.stringify({ error: 'internal error' })),
+    );
+  };
 }

@@ -30,7 +30,30 @@ export interface ControlPlane {
   stop(): Promise<void>;
 }
 
-export async function startControlPlane(): Promise<ControlPlane> {
+export interface ControlPlaneOptions {
+  /**
+   * Client certificates the apiserver presents when it calls admission webhooks, each for one
+   * webhook host as the apiserver names it: `host:port` of a URL webhook, `<service>.<namespace>.svc`
+   * of a Service webhook. Written into a WebhookAdmissionConfiguration's kubeconfig
+   * (`--admission-control-config-file`), as a cluster operator would.
+   */
+  readonly webhookClientCertificates?: ReadonlyArray<{ readonly host: string; readonly cert: string; readonly key: string }>;
+}
+
+/** The apiserver's AdmissionConfiguration: both webhook admission plugins read `kubeconfig`. */
+function admissionConfiguration(kubeconfig: string): string {
+  const plugin = (name: string) => ({ name, configuration: { apiVersion: 'apiserver.config.k8s.io/v1', kind: 'WebhookAdmissionConfiguration', kubeConfigFile: kubeconfig } });
+  return JSON.stringify({ apiVersion: 'apiserver.config.k8s.io/v1', kind: 'AdmissionConfiguration', plugins: [plugin('MutatingAdmissionWebhook'), plugin('ValidatingAdmissionWebhook')] });
+}
+
+/** The kubeconfig an AdmissionConfiguration points at: one user per webhook host (the apiserver
+ * looks users up by that name; clusters and contexts are not used). */
+function webhookKubeconfig(certificates: NonNullable<ControlPlaneOptions['webhookClientCertificates']>): string {
+  const users = certificates.map((c) => ({ name: c.host, user: { 'client-certificate-data': Buffer.from(c.cert).toString('base64'), 'client-key-data': Buffer.from(c.key).toString('base64') } }));
+  return JSON.stringify({ apiVersion: 'v1', kind: 'Config', users });
+}
+
+export async function startControlPlane(options: ControlPlaneOptions = {}): Promise<ControlPlane> {
   const apiserverBin = cachedBinary('kube-apiserver');
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-cp-'));
   const [etcdClient, etcdPeer, securePort] = await Promise.all([freePort(), freePort(), freePort()]);
@@ -54,6 +77,12 @@ export async function startControlPlane(): Promise<ControlPlane> {
   const token = randomBytes(24).toString('hex');
   const nodeToken = randomBytes(24).toString('hex');
   writeFileSync(join(dir, 'tokens.csv'), `${token},admin,admin-uid,"system:masters"\n${nodeToken},system:node:127.0.0.1,node-uid,"system:nodes"\n`);
+  const admissionFlags: string[] = [];
+  if (options.webhookClientCertificates) {
+    writeFileSync(join(dir, 'webhook-clients.kubeconfig'), webhookKubeconfig(options.webhookClientCertificates), { mode: 0o600 });
+    writeFileSync(join(dir, 'admission.json'), admissionConfiguration(join(dir, 'webhook-clients.kubeconfig')));
+    admissionFlags.push(`--admission-control-config-file=${join(dir, 'admission.json')}`);
+  }
   const apiserver = startProcess(apiserverBin, [
     `--etcd-servers=http://127.0.0.1:${etcdClient}`,
     '--bind-address=127.0.0.1',
@@ -72,6 +101,7 @@ export async function startControlPlane(): Promise<ControlPlane> {
     '--allow-privileged=true',
     // No controller creates default service accounts here.
     '--disable-admission-plugins=ServiceAccount',
+    ...admissionFlags,
   ]);
   const stop = async () => {
     await apiserver.stop();
