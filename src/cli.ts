@@ -15,7 +15,6 @@ const load = {
   certs: () => import('./certs/certs.js'),
   defaults: () => import('./defaults.js'),
   webhookRun: () => import('./webhook/run.js'),
-  proxy: () => import('./proxy/server.js'),
   proxyRun: () => import('./proxy/run.js'),
   credentials: () => import('./proxy/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
@@ -171,24 +170,13 @@ async function cmdWebhook(args: string[]): Promise<number> {
   return -1; // keeps running
 }
 
-async function loadProxyConfigOrExit(path: string): Promise<Config> {
-  const { proxyConfigErrors } = await load.proxy();
-  const config = loadConfigOrExit(path);
-  const errors = proxyConfigErrors(config);
-  if (errors.length > 0) {
-    process.stderr.write(`invalid config ${path} for the proxy:\n${errors.join('\n')}\n`);
-    process.exit(1);
-  }
-  return config;
-}
-
 async function cmdProxy(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
     options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'probe-interval': { type: 'string', default: '30' } },
     strict: true,
   });
-  const config = await loadProxyConfigOrExit(requireOption(values.config, '--config'));
+  const config = loadConfigOrExit(requireOption(values.config, '--config'));
   const port = parsePort(values.port, '--port');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
@@ -216,18 +204,18 @@ async function cmdDemo(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' }, 'proxy-port': { type: 'string', default: '30500' } }, strict: true });
   const port = parsePort(values.port, '--port');
   const proxyPort = parsePort(values['proxy-port'], '--proxy-port');
-  const [{ SAMPLE_CONFIG_YAML, sampleAdmissionReview }, { generateCertificates }, { randomBytes }, { namespaceToken }] = await Promise.all([
+  const [{ sampleConfigYaml, sampleAdmissionReview }, { generateCertificates }, { randomBytes }, { namespaceToken }] = await Promise.all([
     load.defaults(),
     load.certs(),
     import('node:crypto'),
     load.credentials(),
   ]);
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-demo-'));
-  // The sample rules plus a fresh broker key, so that the proxy can check namespace credentials.
+  // The sample rules with a fresh broker key, so that the proxy can check namespace credentials.
   const keyFile = join(dir, 'broker.key');
   const key = randomBytes(32).toString('hex');
   writeFileSync(keyFile, key, { mode: 0o600 });
-  const configText = `${SAMPLE_CONFIG_YAML}broker:\n  keyFiles: [${keyFile}]\n`;
+  const configText = sampleConfigYaml(keyFile);
   const parsed = parseConfig(configText);
   if (!parsed.ok) throw new Error(`embedded config is invalid: ${formatConfigErrors(parsed.errors)}`);
   const configFile = join(dir, 'config.yaml');

@@ -20,8 +20,19 @@ describe('config validation', () => {
   });
 
   it('defaults a rule to broker auth', () => {
-    const config = configFrom('registries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1"}]');
+    const config = configFrom('broker: {keyFiles: [/k]}\nregistries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1"}]');
     assert.equal(config.registries[0]?.auth.mode, 'broker');
+  });
+
+  it('requires broker.keyFiles for broker rules, written or defaulted', () => {
+    const errors = errorsOf(`
+registries:
+  - {name: a, match: [a.example], upstream: "https://127.0.0.1:1"}
+  - {name: b, match: [b.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}}
+  - {name: c, match: [c.example], upstream: "https://127.0.0.1:1", auth: {mode: broker}}
+`);
+    assert.deepEqual(errors, ['registries[0].auth.mode: broker needs broker.keyFiles to check client credentials', 'registries[2].auth.mode: broker needs broker.keyFiles to check client credentials']);
+    assert.ok(parseConfig('registries: [{name: b, match: [b.example], upstream: "https://127.0.0.1:1", auth: {mode: passthrough}}]').ok, 'no key needed without broker rules');
   });
 
   it('reports every error at once, each naming its key', () => {
@@ -178,7 +189,7 @@ describe('rewrite decision', () => {
     assert.equal(decideImage(config, 'team.example/tools/x:1', 'team-a').reason, 'repository-not-included');
     // Without a namespace (CLI), namespace filters do not apply.
     assert.equal(decideImage(config, 'team.example/apps/web:1').reason, 'rewritten');
-    const excluded = configFrom('registries: [{name: c, match: [c.example], upstream: "http://127.0.0.1:1", repositories: {exclude: ["secret/*"]}}]');
+    const excluded = configFrom('registries: [{name: c, match: [c.example], upstream: "http://127.0.0.1:1", auth: {mode: anonymous}, repositories: {exclude: ["secret/*"]}}]');
     assert.equal(decideImage(excluded, 'c.example/secret/x').reason, 'repository-excluded');
   });
 

@@ -8,7 +8,7 @@ import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer } from '../shell/serve.js';
 import { Prober } from './probe.js';
 import { BODY_HIGH_WATER_MARK } from './stream.js';
-import { createProxyHandler, createProxyRuntime, proxyConfigErrors, type ProxyRuntime } from './server.js';
+import { createProxyHandler, createProxyRuntime, type ProxyRuntime } from './server.js';
 
 export interface ProxyRunOptions {
   readonly config: Config;
@@ -50,7 +50,6 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
         initial: options.config,
         logger,
         metrics,
-        extraErrors: proxyConfigErrors,
         onApplied: (next) => {
           const old = runtime;
           runtime = createProxyRuntime(next); // throws (and the watcher rejects) on e.g. a missing CA file

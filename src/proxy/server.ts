@@ -58,15 +58,6 @@ export interface ProxyRuntime {
   close(): Promise<void>;
 }
 
-/** Problems that stop a config from being served by the proxy (beyond the schema's). */
-export function proxyConfigErrors(config: Config): string[] {
-  const errors: string[] = [];
-  config.registries.forEach((rule, i) => {
-    if (rule.auth.mode === 'broker' && !config.broker) errors.push(`registries[${i}].auth.mode: broker needs broker.keyFiles to check client credentials`);
-  });
-  return errors;
-}
-
 export function createProxyRuntime(config: Config, transport: TransportOptions = {}): ProxyRuntime {
   const rules = new Map(config.registries.map((rule) => [rule.name, new RuleRuntime(rule, createTransport(rule, transport))]));
   return {

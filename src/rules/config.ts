@@ -196,9 +196,15 @@ function crossKeyErrors(document: unknown): ConfigError[] {
   const proxy = asRecord(asRecord(document).proxy);
   const proxyAuthority = canonicalRegistryHost(`${typeof proxy.host === 'string' ? proxy.host : 'localhost'}:${typeof proxy.port === 'number' ? proxy.port : 30500}`);
   const registries = asRecord(document).registries;
+  const hasBroker = asRecord(document).broker !== undefined; // its own errors are the schema's
   const names = new Map<string, number>();
   (Array.isArray(registries) ? registries : []).forEach((entry: unknown, index) => {
     const rule = asRecord(entry);
+    const mode = asRecord(rule.auth).mode ?? 'broker';
+    if (mode === 'broker' && !hasBroker) {
+      // Without keys the proxy cannot check a namespace credential and the webhook cannot issue one.
+      errors.push({ key: `registries[${index}].auth.mode`, message: 'broker needs broker.keyFiles to check client credentials' });
+    }
     if (typeof rule.name === 'string') {
       const seen = names.get(rule.name);
       if (seen !== undefined) errors.push({ key: `registries[${index}].name`, message: `duplicate rule name "${rule.name}" (also registries[${seen}])` });

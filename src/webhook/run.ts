@@ -83,8 +83,6 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
       reconcile = () => reconciler.reconcile();
       stops.push(() => reconciler.stop());
-    } else if (config.registries.some((r) => r.auth.mode === 'broker')) {
-      logger.warn('broker rules but no broker.keyFiles: pull secrets are not provisioned');
     }
     const target = options.configMap;
     if (target) onRejected = (message) => void recordWarning(k8s.core, logger, { kind: 'ConfigMap', ...target }, 'InvalidConfig', message, 'pullbridge-webhook');
