@@ -78,6 +78,20 @@ describe('pullbridge CLI', () => {
       assert.match(result.stderr, /^registries\[0\]\.auth\.mode: broker needs broker\.keyFiles/m);
     });
 
+    it('names the key of a rule that would serve more than its auth mode can guard', () => {
+      const file = join(dir, 'open.yaml');
+      writeFileSync(file, `registries:
+  - {name: hub, match: [docker.io], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}}
+  - {name: open, match: [open.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, credentials: {username: robot, passwordFile: /p}}
+  - {name: pass, match: [pass.example], upstream: "https://127.0.0.1:5000", auth: {mode: passthrough}, namespaces: {include: [shop]}}
+`);
+      const result = runCli(['validate', '--config', file]);
+      assert.equal(result.status, 1, result.stdout);
+      assert.match(result.stderr, /2 error\(s\)/);
+      assert.match(result.stderr, /^registries\[1\]\.repositories\.include: an anonymous rule with credentials must list/m);
+      assert.match(result.stderr, /^registries\[2\]\.namespaces: auth mode "passthrough" does not identify/m);
+    });
+
     it('accepts every full config example in README.md', () => {
       // Full configs are the yaml blocks at the top level; indented ones inside lists are fragments.
       const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');

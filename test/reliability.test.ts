@@ -162,7 +162,7 @@ describe('reliability: real parts failing and coming back', function () {
     await registry.push(buildImage(), 'team/b', '1');
     const dir = mkdtempSync(join(tmpdir(), 'pullbridge-tok-'));
     writeFileSync(`${dir}/password`, DEFAULT_USERS.puller);
-    const proxy = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: registry.url, auth: { mode: 'anonymous' }, credentials: { username: USER, passwordFile: `${dir}/password` } }] });
+    const proxy = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: registry.url, auth: { mode: 'anonymous' }, repositories: { include: ['team/*'] }, credentials: { username: USER, passwordFile: `${dir}/password` } }] });
     const issuer = registry.issuer!;
     const accept = { accept: 'application/vnd.oci.image.index.v1+json' };
     try {

@@ -84,6 +84,30 @@ registries:
     assert.ok(errors.some((e) => e.startsWith('registries[1].match[0]: "localhost:30500" is the proxy itself')), errors.join('\n'));
   });
 
+  it('refuses an anonymous rule with credentials but no repositories.include (it would lend its credentials for every repository)', () => {
+    const rule = (extra: string) => `registries:\n  - {name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}, credentials: {username: robot, passwordFile: /p}${extra}}\n`;
+    const message = 'registries[0].repositories.include: an anonymous rule with credentials must list the repositories it serves; without a list, anyone who reaches the proxy pulls every repository of the upstream with these credentials';
+    assert.deepEqual(errorsOf(rule('')), [message]);
+    assert.deepEqual(errorsOf(rule(', repositories: {exclude: ["secret/**"]}')), [message]);
+    assert.deepEqual(errorsOf(rule(', repositories: {include: []}')), [message]);
+    assert.ok(parseConfig(rule(', repositories: {include: ["public/**"]}')).ok);
+    assert.ok(parseConfig('registries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}}]').ok, 'anonymous without credentials lends nothing');
+  });
+
+  it('refuses namespace filters on rules whose clients are not identified by namespace', () => {
+    const errors = errorsOf(`
+broker: {keyFiles: [/k]}
+registries:
+  - {name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}, namespaces: {include: ["shop-*"]}}
+  - {name: b, match: [b.example], upstream: "https://127.0.0.1:1", auth: {mode: passthrough}, namespaces: {exclude: ["sandbox"]}}
+  - {name: c, match: [c.example], upstream: "https://127.0.0.1:1", namespaces: {include: ["shop-*"]}}
+`);
+    assert.deepEqual(errors, [
+      'registries[0].namespaces: auth mode "anonymous" does not identify the client\'s namespace, so the proxy cannot enforce a namespace filter; use auth mode broker',
+      'registries[1].namespaces: auth mode "passthrough" does not identify the client\'s namespace, so the proxy cannot enforce a namespace filter; use auth mode broker',
+    ]);
+  });
+
   it('rejects a forward-mode connectivity proxy with an https upstream', () => {
     const errors = errorsOf(`
 registries:

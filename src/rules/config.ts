@@ -185,6 +185,7 @@ function schemaErrors(document: unknown, error: z.ZodError): ConfigError[] {
   return errors;
 }
 
+const hasPatterns = (value: unknown): boolean => Array.isArray(value) && value.length > 0;
 const asRecord = (value: unknown): Record<string, unknown> => (value !== null && typeof value === 'object' && !Array.isArray(value) ? (value as Record<string, unknown>) : {});
 
 /**
@@ -204,6 +205,15 @@ function crossKeyErrors(document: unknown): ConfigError[] {
     if (mode === 'broker' && !hasBroker) {
       // Without keys the proxy cannot check a namespace credential and the webhook cannot issue one.
       errors.push({ key: `registries[${index}].auth.mode`, message: 'broker needs broker.keyFiles to check client credentials' });
+    }
+    if (mode === 'anonymous' && rule.credentials !== undefined && !hasPatterns(asRecord(rule.repositories).include)) {
+      // Anonymous clients get the rule's credentials: only an explicit list bounds what they open up.
+      errors.push({ key: `registries[${index}].repositories.include`, message: 'an anonymous rule with credentials must list the repositories it serves; without a list, anyone who reaches the proxy pulls every repository of the upstream with these credentials' });
+    }
+    const namespaces = asRecord(rule.namespaces);
+    if ((mode === 'anonymous' || mode === 'passthrough') && (hasPatterns(namespaces.include) || hasPatterns(namespaces.exclude))) {
+      // Only a broker credential names a namespace; the webhook's filter alone is bypassed by writing the proxy reference.
+      errors.push({ key: `registries[${index}].namespaces`, message: `auth mode "${String(mode)}" does not identify the client's namespace, so the proxy cannot enforce a namespace filter; use auth mode broker` });
     }
     if (typeof rule.name === 'string') {
       const seen = names.get(rule.name);
