@@ -49,6 +49,44 @@ describe('pullbridge proxy and pull-secret commands', function () {
     assert.match(result.stderr, /registries\[0\]\.auth\.mode: broker needs broker\.keyFiles/);
   });
 
+  /** `proxy listening` has been seen: the URL it printed. */
+  const listeningUrl = (output: string): string => {
+    const url = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(output)?.[1];
+    assert.ok(url, output);
+    return url;
+  };
+  const accessRecords = (output: string) => output.split('\n').filter((line) => line.includes('"access":"pull"')).length;
+  const basic = (credential: string) => `Basic ${Buffer.from(credential).toString('base64')}`;
+
+  it('keeps serving broker pulls when a verify-only key file is empty, and warns once', async () => {
+    await registry.push(buildImage(), 'team/keys', '1.0');
+    const emptyKey = join(dir, 'empty-previous.key');
+    writeFileSync(emptyKey, '');
+    const file = join(dir, 'verify-only-empty.yaml');
+    writeFileSync(file, `proxy: {host: 127.0.0.1, port: 30500}\nbroker: {keyFiles: [${keyFile}, ${emptyKey}]}\nregistries:\n  - {name: corp, match: [registry.corp.example], upstream: "${registry.url}"}\n`);
+    const secret = runCli(['pull-secret', '--config', file, '--namespace', 'shop']);
+    assert.equal(secret.status, 0, secret.stderr);
+    const entry = (JSON.parse(secret.stdout) as { auths: Record<string, { username: string; password: string }> }).auths['127.0.0.1:30500'];
+    assert.ok(entry);
+    const proxy = await startCli(['proxy', '--config', file, '--port', '0', '--host', '127.0.0.1', '--probe-interval', '3600'], /proxy listening/);
+    try {
+      const url = listeningUrl(proxy.output());
+      for (let i = 1; i <= 3; i++) {
+        const res: Response = await fetch(`${url}/v2/corp/team/keys/manifests/1.0`, { headers: { authorization: basic(`${entry.username}:${entry.password}`), accept: 'application/vnd.oci.image.index.v1+json' } });
+        assert.equal(res.status, 200, await res.text());
+        await proxy.waitForOutput((output) => accessRecords(output) === i);
+      }
+      const warnings = proxy.output().split('\n').filter((line) => line.includes('"level":40'));
+      assert.equal(warnings.length, 1, `one warning for the state, not one per request:\n${warnings.join('\n')}`);
+      assert.match(warnings[0] ?? '', /broker key file skipped/);
+      assert.ok(warnings[0]?.includes(emptyKey), warnings[0]);
+      assert.match(await (await fetch(`${url}/metrics`)).text(), /^pullbridge_broker_keys_skipped 1$/m);
+    } finally {
+      proxy.child.kill('SIGTERM');
+      await exitOf(proxy.child);
+    }
+  });
+
   it('serves containerd with the credential pull-secret printed, and stops on SIGTERM', async () => {
     const image = buildImage();
     await registry.push(image, 'team/app', '1.0');

@@ -261,4 +261,22 @@ ${extraRules}`;
     // Audit records for every admission, with the requesting user.
     assert.ok(logs.records.filter((r) => r.audit === 'admission' && r.user === 'admin').length >= 10);
   });
+
+  it('keeps admitting and provisioning pull secrets when a verify-only key file is empty', async () => {
+    const emptyKey = join(dir, 'empty-previous.key');
+    writeFileSync(emptyKey, '');
+    writeFileSync(configPath, configYaml(proxy.server.port, [keyFile, emptyKey]));
+    assert.equal(webhook.watcher?.check(), 'applied');
+    await namespace('verify-only');
+    await core.createNamespacedPod({ namespace: 'verify-only', body: pod('web') });
+    assert.match((await core.readNamespacedPod({ namespace: 'verify-only', name: 'web' })).spec?.containers[0]?.image ?? '', /^127\.0\.0\.1:\d+\/corp\//);
+    const secret = await secretOrNull('verify-only');
+    assert.ok(secret, 'the pull secret was provisioned with the signing key');
+    const auths = (JSON.parse(Buffer.from(secret.data?.['.dockerconfigjson'] ?? '', 'base64').toString()) as { auths: Record<string, { username: string; password: string }> }).auths;
+    const entry = auths[`127.0.0.1:${proxy.server.port}`];
+    assert.ok(entry);
+    // The proxy (signing with the same key) accepts the credential.
+    const res = await fetch(`${proxy.url}/v2/corp/team/app/manifests/1.0`, { headers: { authorization: `Basic ${Buffer.from(`${entry.username}:${entry.password}`).toString('base64')}`, accept: 'application/vnd.oci.image.index.v1+json' } });
+    assert.equal(res.status, 200);
+  });
 });
