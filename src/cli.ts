@@ -5,9 +5,9 @@ import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { formatConfigErrors, isDnsLabel, parseConfig, type Config, type ConfigResult } from './rules/config.js';
+import { filesReadBy, formatConfigErrors, isDnsLabel, parseConfig, type Config, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
-import { readConfigFile } from './shell/configfile.js';
+import { readConfigFile, unloadableFiles } from './shell/configfile.js';
 
 // Each command loads only what it runs: the proxy DaemonSet runs on every node, and express,
 // node-forge and the webhook code would add tens of MB to each of its processes.
@@ -54,6 +54,15 @@ function loadConfigOrExit(path: string): Config {
     process.exit(1);
   }
   return result.config;
+}
+
+/** Loads the files the component reads for the config (keys, credentials, CA bundles), or exits. */
+function loadConfigFilesOrExit(path: string, config: Config, component: 'proxy' | 'webhook'): void {
+  const errors = unloadableFiles(filesReadBy(config, component));
+  if (errors.length > 0) {
+    process.stderr.write(`config ${path}: the ${component} cannot load the files it names:\n${formatConfigErrors(errors)}\n`);
+    process.exit(1);
+  }
 }
 
 function cmdValidate(args: string[]): number {
@@ -149,6 +158,8 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const failure = values['pull-secret-failure'];
   if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
+  // With API access it provisions pull secrets, signed with the broker key.
+  if (kubeconfig) loadConfigFilesOrExit(configPath, config, 'webhook');
   const namespace = process.env.POD_NAMESPACE ?? config.webhook.namespace;
   const tlsSecret = values['tls-secret'];
   const webhookConfiguration = values['webhook-configuration'];
@@ -176,12 +187,14 @@ async function cmdProxy(args: string[]): Promise<number> {
     options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'probe-interval': { type: 'string', default: '30' } },
     strict: true,
   });
-  const config = loadConfigOrExit(requireOption(values.config, '--config'));
+  const configPath = requireOption(values.config, '--config');
+  const config = loadConfigOrExit(configPath);
+  loadConfigFilesOrExit(configPath, config, 'proxy');
   const port = parsePort(values.port, '--port');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
   const { runProxy } = await load.proxyRun();
-  const run = await runProxy({ config, configPath: requireOption(values.config, '--config'), host: values.host, port, probeIntervalMs: interval * 1000 });
+  const run = await runProxy({ config, configPath, host: values.host, port, probeIntervalMs: interval * 1000 });
   onTermination(() => run.shutdown());
   return -1;
 }

@@ -279,4 +279,16 @@ ${extraRules}`;
     const res = await fetch(`${proxy.url}/v2/corp/team/app/manifests/1.0`, { headers: { authorization: `Basic ${Buffer.from(`${entry.username}:${entry.password}`).toString('base64')}`, accept: 'application/vnd.oci.image.index.v1+json' } });
     assert.equal(res.status, 200);
   });
+
+  it('rejects a config change whose signing key file is not there, and keeps provisioning with the last good one', async () => {
+    const rejectedBefore = /pullbridge_config_reloads_total\{result="rejected"\} (\d+)/.exec(await webhook.metrics.metrics())?.[1];
+    writeFileSync(configPath, configYaml(proxy.server.port, [join(dir, 'missing.key')]));
+    assert.equal(webhook.watcher?.check(), 'rejected');
+    assert.match(await webhook.metrics.metrics(), new RegExp(`pullbridge_config_reloads_total\\{result="rejected"\\} ${Number(rejectedBefore) + 1}`));
+    const rejection = logs.records.filter((r) => r.msg === 'config change rejected; the last good config stays in force').at(-1);
+    assert.match(JSON.stringify(rejection?.errors), /"key":"broker\.keyFiles\[0\]","message":"cannot read [^"]*missing\.key: ENOENT"/);
+    await namespace('after-missing-key');
+    await core.createNamespacedPod({ namespace: 'after-missing-key', body: pod('web') });
+    assert.ok(await secretOrNull('after-missing-key'), 'pull secrets are still signed with the last good key');
+  });
 });

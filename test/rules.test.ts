@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { parseConfig } from '../src/rules/config.js';
+import { filesReadBy, parseConfig } from '../src/rules/config.js';
 import { decideImage } from '../src/rules/decide.js';
 import { compileGlob } from '../src/rules/glob.js';
 import { SHA, configFrom, testConfig } from './support/config.js';
@@ -129,6 +129,29 @@ registries:
 `);
     assert.ok(errors.includes('registries[0].credentials.password: unknown key'), errors.join('\n'));
     assert.ok(errors.some((e) => e.startsWith('registries[0].credentials.passwordFile:')), errors.join('\n'));
+  });
+
+  it('lists the files each part reads for a config, named by their keys', () => {
+    const config = configFrom(`
+broker: {keyFiles: [/keys/0, /keys/1]}
+registries:
+  - name: a
+    match: [a.example]
+    upstream: https://127.0.0.1:1
+    credentials: {usernameFile: /a/user, passwordFile: /a/password}
+    tls: {caFile: /a/ca.crt}
+    forwardProxy: {url: "http://127.0.0.1:3128", credentials: {username: fwd, passwordFile: /fwd/password}}
+  - {name: b, match: [b.example], upstream: "https://127.0.0.1:1", auth: {mode: passthrough}}
+`);
+    const signingKey = { key: 'broker.keyFiles[0]', path: '/keys/0', holds: 'broker-key' };
+    assert.deepEqual(filesReadBy(config, 'webhook'), [signingKey]);
+    assert.deepEqual(filesReadBy(config, 'proxy'), [
+      signingKey,
+      { key: 'registries[0].credentials.usernameFile', path: '/a/user', holds: 'secret' },
+      { key: 'registries[0].credentials.passwordFile', path: '/a/password', holds: 'secret' },
+      { key: 'registries[0].forwardProxy.credentials.passwordFile', path: '/fwd/password', holds: 'secret' },
+      { key: 'registries[0].tls.caFile', path: '/a/ca.crt', holds: 'ca-certificates' },
+    ]);
   });
 
   it('rejects YAML that does not parse, with the reason', () => {

@@ -4,7 +4,8 @@ import { setFlagsFromString } from 'node:v8';
 import { Gauge, type Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
-import type { Config } from '../rules/config.js';
+import { filesReadBy, type Config } from '../rules/config.js';
+import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import type { SkippedBrokerKey } from '../shell/secretfiles.js';
 import { listen, type RunningServer } from '../shell/serve.js';
@@ -70,6 +71,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
         initial: options.config,
         logger,
         metrics,
+        loadErrors: (next) => unloadableFiles(filesReadBy(next, 'proxy')),
         onApplied: (next) => {
           const old = runtime;
           runtime = createProxyRuntime(next, {}, onVerifyKeys); // throws (and the watcher rejects) on e.g. a missing CA file

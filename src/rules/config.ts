@@ -248,6 +248,35 @@ export function compileConfig(raw: RawConfig): Config {
   };
 }
 
+/** A file a config names: the key that names it, its path, and what it must hold. */
+export interface ConfigFile {
+  readonly key: string;
+  readonly path: string;
+  readonly holds: 'broker-key' | 'secret' | 'ca-certificates';
+}
+
+/**
+ * The files a component reads for a config, to be loaded before it takes the config up: the proxy
+ * reads them all, the webhook (when it provisions pull secrets) only the signing key. Verify-only
+ * broker keys are not among them: they may be absent or bad without stopping anything.
+ */
+export function filesReadBy(config: Config, component: 'proxy' | 'webhook'): ConfigFile[] {
+  const files: ConfigFile[] = [];
+  const signingKey = config.broker?.keyFiles[0];
+  if (signingKey !== undefined) files.push({ key: 'broker.keyFiles[0]', path: signingKey, holds: 'broker-key' });
+  if (component === 'webhook') return files;
+  const credentialFiles = (key: string, credentials: RawRule['credentials']) => {
+    if (credentials?.usernameFile !== undefined) files.push({ key: `${key}.usernameFile`, path: credentials.usernameFile, holds: 'secret' });
+    if (credentials?.passwordFile !== undefined) files.push({ key: `${key}.passwordFile`, path: credentials.passwordFile, holds: 'secret' });
+  };
+  config.registries.forEach((rule, i) => {
+    credentialFiles(`registries[${i}].credentials`, rule.credentials);
+    credentialFiles(`registries[${i}].forwardProxy.credentials`, rule.forwardProxy?.credentials);
+    if (rule.tls?.caFile !== undefined) files.push({ key: `registries[${i}].tls.caFile`, path: rule.tls.caFile, holds: 'ca-certificates' });
+  });
+  return files;
+}
+
 /** Validates an already-parsed document (e.g. from YAML) and compiles it. */
 export function validateConfig(document: unknown): ConfigResult {
   const input = document ?? {};
