@@ -60,7 +60,7 @@ function loadConfigOrExit(path: string): Config {
 function loadConfigFilesOrExit(path: string, config: Config, component: 'proxy' | 'webhook'): void {
   const errors = unloadableFiles(filesReadBy(config, component));
   if (errors.length > 0) {
-    process.stderr.write(`config ${path}: the ${component} cannot load the files it names:\n${formatConfigErrors(errors)}\n`);
+    process.stderr.write(`cannot load what config ${path} names:\n${formatConfigErrors(errors)}\n`);
     process.exit(1);
   }
 }
@@ -202,13 +202,15 @@ async function cmdProxy(args: string[]): Promise<number> {
 async function cmdPullSecret(args: string[]): Promise<number> {
   const [{ dockerConfigJson }, { BrokerKeys }] = await Promise.all([load.credentials(), load.secretfiles()]);
   const { values } = parseArgs({ args, options: { config: { type: 'string' }, namespace: { type: 'string' } }, strict: true });
-  const config = loadConfigOrExit(requireOption(values.config, '--config'));
+  const configPath = requireOption(values.config, '--config');
+  const config = loadConfigOrExit(configPath);
   const namespace = requireOption(values.namespace, '--namespace');
   if (!isDnsLabel(namespace)) throw new UsageError(`--namespace must be a namespace name, got "${namespace}"`);
   if (!config.broker) {
     process.stderr.write('the config has no broker.keyFiles: there is no namespace credential to provision\n');
     return 1;
   }
+  loadConfigFilesOrExit(configPath, config, 'webhook'); // reads what the webhook signs with
   process.stdout.write(`${dockerConfigJson(config.proxyAuthority, namespace, new BrokerKeys(config.broker.keyFiles).signingKey())}\n`);
   return 0;
 }

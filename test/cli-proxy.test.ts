@@ -88,12 +88,15 @@ describe('pullbridge proxy and pull-secret commands', function () {
     }
   });
 
-  it('refuses to start when the signing key file is not there, naming the key', () => {
+  it('refuses to start (and pull-secret to print) when the signing key file is not there, naming the key', () => {
     const file = join(dir, 'missing-key.yaml');
     writeFileSync(file, `broker: {keyFiles: [${join(dir, 'no-such.key')}]}\nregistries:\n  - {name: corp, match: [r.example], upstream: "${registry.url}"}\n`);
     const result = runCli(['proxy', '--config', file, '--port', '0', '--host', '127.0.0.1']);
     assert.equal(result.status, 1, result.stdout + result.stderr);
     assert.match(result.stderr, /^broker\.keyFiles\[0\]: cannot read .*no-such\.key: ENOENT$/m);
+    const secret = runCli(['pull-secret', '--config', file, '--namespace', 'shop']);
+    assert.equal(secret.status, 1);
+    assert.match(secret.stderr, /^broker\.keyFiles\[0\]: cannot read .*no-such\.key: ENOENT$/m);
   });
 
   it('keeps the last good config when a new one names files it cannot load, and logs and counts each rejection', async () => {
