@@ -74,7 +74,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
         loadErrors: (next) => unloadableFiles(filesReadBy(next, 'proxy')),
         onApplied: (next) => {
           const old = runtime;
-          runtime = createProxyRuntime(next, {}, onVerifyKeys); // throws (and the watcher rejects) on e.g. a missing CA file
+          runtime = createProxyRuntime(next, {}, onVerifyKeys); // throws (and the watcher rejects) if a file changed since it loaded
           retired.add(old);
           // close() lets requests in flight finish; the timer bounds a stream that never ends.
           const timer = setTimeout(() => void old.close().finally(() => retired.delete(old)), DRAIN_MS);
