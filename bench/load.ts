@@ -74,8 +74,10 @@ export async function runWebhookLoad(seconds: number, connections: number): Prom
   const certs = generateCertificates({ service: 'load', namespace: 'load', extraNames: ['127.0.0.1'] });
   writeFileSync(join(dir, 'tls.crt'), certs.cert);
   writeFileSync(join(dir, 'tls.key'), certs.key);
+  writeFileSync(join(dir, 'broker.key'), randomBytes(32).toString('hex'));
   writeFileSync(
     join(dir, 'config.yaml'),
+    `broker: {keyFiles: [${join(dir, 'broker.key')}]}\n` +
     'registries:\n  - {name: corp, match: ["registry.corp.example:5000"], upstream: "https://127.0.0.1:5000"}\n  - {name: hub, match: [docker.io], upstream: "https://127.0.0.1:5001", auth: {mode: anonymous}}\n',
   );
   const port = await freePort();

@@ -18,7 +18,9 @@ import { listen } from '../src/shell/serve.js';
 import { admitPod, parseAdmissionReview } from '../src/webhook/admission.js';
 import { createWebhookApp } from '../src/webhook/server.js';
 
+// Without API access the webhook provisions no pull secrets, so it never reads the broker key.
 const CONFIG = `
+broker: {keyFiles: [/nonexistent/pullbridge/broker-key]}
 registries:
   - {name: corp, match: ["registry.corp.example:5000"], upstream: "https://127.0.0.1:5000"}
   - {name: hub, match: [docker.io], upstream: "https://127.0.0.1:5001", auth: {mode: anonymous}}

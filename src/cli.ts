@@ -5,9 +5,9 @@ import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { formatConfigErrors, isDnsLabel, parseConfig, type Config, type ConfigResult } from './rules/config.js';
+import { filesReadBy, formatConfigErrors, isDnsLabel, parseConfig, type Config, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
-import { readConfigFile } from './shell/configfile.js';
+import { readConfigFile, unloadableFiles } from './shell/configfile.js';
 
 // Each command loads only what it runs: the proxy DaemonSet runs on every node, and express,
 // node-forge and the webhook code would add tens of MB to each of its processes.
@@ -15,7 +15,6 @@ const load = {
   certs: () => import('./certs/certs.js'),
   defaults: () => import('./defaults.js'),
   webhookRun: () => import('./webhook/run.js'),
-  proxy: () => import('./proxy/server.js'),
   proxyRun: () => import('./proxy/run.js'),
   credentials: () => import('./proxy/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
@@ -57,6 +56,15 @@ function loadConfigOrExit(path: string): Config {
     process.exit(1);
   }
   return result.config;
+}
+
+/** Loads the files the component reads for the config (keys, credentials, CA bundles), or exits. */
+function loadConfigFilesOrExit(path: string, config: Config, component: 'proxy' | 'webhook'): void {
+  const errors = unloadableFiles(filesReadBy(config, component));
+  if (errors.length > 0) {
+    process.stderr.write(`cannot load what config ${path} names:\n${formatConfigErrors(errors)}\n`);
+    process.exit(1);
+  }
 }
 
 function cmdValidate(args: string[]): number {
@@ -172,6 +180,8 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const failure = values['pull-secret-failure'];
   if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
+  // With API access it provisions pull secrets, signed with the broker key.
+  if (kubeconfig) loadConfigFilesOrExit(configPath, config, 'webhook');
   const namespace = process.env.POD_NAMESPACE ?? config.webhook.namespace;
   const tlsSecret = values['tls-secret'];
   const webhookConfiguration = values['webhook-configuration'];
@@ -200,24 +210,15 @@ async function cmdWebhook(args: string[]): Promise<number> {
   return -1; // keeps running
 }
 
-async function loadProxyConfigOrExit(path: string): Promise<Config> {
-  const { proxyConfigErrors } = await load.proxy();
-  const config = loadConfigOrExit(path);
-  const errors = proxyConfigErrors(config);
-  if (errors.length > 0) {
-    process.stderr.write(`invalid config ${path} for the proxy:\n${errors.join('\n')}\n`);
-    process.exit(1);
-  }
-  return config;
-}
-
 async function cmdProxy(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
     options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'ops-port': { type: 'string' }, 'ops-host': { type: 'string' }, 'probe-interval': { type: 'string', default: '30' } },
     strict: true,
   });
-  const config = await loadProxyConfigOrExit(requireOption(values.config, '--config'));
+  const configPath = requireOption(values.config, '--config');
+  const config = loadConfigOrExit(configPath);
+  loadConfigFilesOrExit(configPath, config, 'proxy');
   const port = parsePort(values.port, '--port');
   const opsPort = values['ops-port'] === undefined ? undefined : parsePort(values['ops-port'], '--ops-port');
   if (opsPort !== undefined && opsPort === port) throw new UsageError('--ops-port must differ from --port');
@@ -226,7 +227,7 @@ async function cmdProxy(args: string[]): Promise<number> {
   const { runProxy } = await load.proxyRun();
   const run = await runProxy({
     config,
-    configPath: requireOption(values.config, '--config'),
+    configPath,
     host: values.host,
     port,
     ...(opsPort !== undefined ? { opsPort } : {}),
@@ -240,13 +241,15 @@ async function cmdProxy(args: string[]): Promise<number> {
 async function cmdPullSecret(args: string[]): Promise<number> {
   const [{ dockerConfigJson }, { BrokerKeys }] = await Promise.all([load.credentials(), load.secretfiles()]);
   const { values } = parseArgs({ args, options: { config: { type: 'string' }, namespace: { type: 'string' } }, strict: true });
-  const config = loadConfigOrExit(requireOption(values.config, '--config'));
+  const configPath = requireOption(values.config, '--config');
+  const config = loadConfigOrExit(configPath);
   const namespace = requireOption(values.namespace, '--namespace');
   if (!isDnsLabel(namespace)) throw new UsageError(`--namespace must be a namespace name, got "${namespace}"`);
   if (!config.broker) {
     process.stderr.write('the config has no broker.keyFiles: there is no namespace credential to provision\n');
     return 1;
   }
+  loadConfigFilesOrExit(configPath, config, 'webhook'); // reads what the webhook signs with
   process.stdout.write(`${dockerConfigJson(config.proxyAuthority, namespace, new BrokerKeys(config.broker.keyFiles).signingKey())}\n`);
   return 0;
 }
@@ -255,18 +258,18 @@ async function cmdDemo(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' }, 'proxy-port': { type: 'string', default: '30500' } }, strict: true });
   const port = parsePort(values.port, '--port');
   const proxyPort = parsePort(values['proxy-port'], '--proxy-port');
-  const [{ SAMPLE_CONFIG_YAML, sampleAdmissionReview }, { generateCertificates }, { randomBytes }, { namespaceToken }] = await Promise.all([
+  const [{ sampleConfigYaml, sampleAdmissionReview }, { generateCertificates }, { randomBytes }, { namespaceToken }] = await Promise.all([
     load.defaults(),
     load.certs(),
     import('node:crypto'),
     load.credentials(),
   ]);
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-demo-'));
-  // The sample rules plus a fresh broker key, so that the proxy can check namespace credentials.
+  // The sample rules with a fresh broker key, so that the proxy can check namespace credentials.
   const keyFile = join(dir, 'broker.key');
   const key = randomBytes(32).toString('hex');
   writeFileSync(keyFile, key, { mode: 0o600 });
-  const configText = `${SAMPLE_CONFIG_YAML}broker:\n  keyFiles: [${keyFile}]\n`;
+  const configText = sampleConfigYaml(keyFile);
   const parsed = parseConfig(configText);
   if (!parsed.ok) throw new Error(`embedded config is invalid: ${formatConfigErrors(parsed.errors)}`);
   const configFile = join(dir, 'config.yaml');

@@ -1,12 +1,15 @@
 // The embedded sample configuration that `npm start` runs on.
 
-export const SAMPLE_CONFIG_YAML = `# pullbridge sample configuration (the ConfigMap's config.yaml)
+/** The sample config.yaml, with the broker key (which signs and checks namespace credentials) in `brokerKeyFile`. */
+export const sampleConfigYaml = (brokerKeyFile: string): string => `# pullbridge sample configuration (the ConfigMap's config.yaml)
 proxy:
   host: localhost          # written into rewritten image references
   port: 30500              # the NodePort / hostPort of the proxy DaemonSet
 webhook:
   pullSecretName: pullbridge-pull
   namespace: pullbridge
+broker:
+  keyFiles: [${brokerKeyFile}]   # the first signs namespace credentials; all verify them
 registries:
   # First match in file order wins.
   - name: corp

@@ -2,9 +2,10 @@
 // pull-secret is what containerd pulls with through the proxy process.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, renameSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { namespaceToken } from '../src/proxy/credentials.js';
 import { exitOf, runCli, startCli } from './support/cli.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
 import { buildImage, sha256 } from './support/oci.js';
@@ -80,6 +81,99 @@ describe('pullbridge proxy and pull-secret commands', function () {
     } finally {
       child.kill('SIGTERM');
       await exitOf(child);
+    }
+  });
+
+  /** `proxy listening` has been seen: the URL it printed. */
+  const listeningUrl = (output: string): string => {
+    const url = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(output)?.[1];
+    assert.ok(url, output);
+    return url;
+  };
+  const accessRecords = (output: string) => output.split('\n').filter((line) => line.includes('"access":"pull"')).length;
+  const basic = (credential: string) => `Basic ${Buffer.from(credential).toString('base64')}`;
+
+  it('keeps serving broker pulls when a verify-only key file is empty, and warns once', async () => {
+    await registry.push(buildImage(), 'team/keys', '1.0');
+    const emptyKey = join(dir, 'empty-previous.key');
+    writeFileSync(emptyKey, '');
+    const file = join(dir, 'verify-only-empty.yaml');
+    writeFileSync(file, `proxy: {host: 127.0.0.1, port: 30500}\nbroker: {keyFiles: [${keyFile}, ${emptyKey}]}\nregistries:\n  - {name: corp, match: [registry.corp.example], upstream: "${registry.url}"}\n`);
+    const secret = runCli(['pull-secret', '--config', file, '--namespace', 'shop']);
+    assert.equal(secret.status, 0, secret.stderr);
+    const entry = (JSON.parse(secret.stdout) as { auths: Record<string, { username: string; password: string }> }).auths['127.0.0.1:30500'];
+    assert.ok(entry);
+    const proxy = await startCli(['proxy', '--config', file, '--port', '0', '--host', '127.0.0.1', '--probe-interval', '3600'], /proxy listening/);
+    try {
+      const url = listeningUrl(proxy.output());
+      for (let i = 1; i <= 3; i++) {
+        const res: Response = await fetch(`${url}/v2/corp/team/keys/manifests/1.0`, { headers: { authorization: basic(`${entry.username}:${entry.password}`), accept: 'application/vnd.oci.image.index.v1+json' } });
+        assert.equal(res.status, 200, await res.text());
+        await proxy.waitForOutput((output) => accessRecords(output) === i);
+      }
+      const warnings = proxy.output().split('\n').filter((line) => line.includes('"level":40') && line.includes('broker key'));
+      assert.equal(warnings.length, 1, `one warning for the state, not one per request:\n${warnings.join('\n')}`);
+      assert.match(warnings[0] ?? '', /broker key file skipped/);
+      assert.ok(warnings[0]?.includes(emptyKey), warnings[0]);
+      assert.match(await (await fetch(`${url}/metrics`)).text(), /^pullbridge_broker_keys_skipped 1$/m);
+    } finally {
+      proxy.child.kill('SIGTERM');
+      await exitOf(proxy.child);
+    }
+  });
+
+  it('refuses to start (and pull-secret to print) when the signing key file is not there, naming the key', () => {
+    const file = join(dir, 'missing-key.yaml');
+    writeFileSync(file, `broker: {keyFiles: [${join(dir, 'no-such.key')}]}\nregistries:\n  - {name: corp, match: [r.example], upstream: "${registry.url}"}\n`);
+    const result = runCli(['proxy', '--config', file, '--port', '0', '--host', '127.0.0.1']);
+    assert.equal(result.status, 1, result.stdout + result.stderr);
+    assert.match(result.stderr, /^broker\.keyFiles\[0\]: cannot read .*no-such\.key: ENOENT$/m);
+    const secret = runCli(['pull-secret', '--config', file, '--namespace', 'shop']);
+    assert.equal(secret.status, 1);
+    assert.match(secret.stderr, /^broker\.keyFiles\[0\]: cannot read .*no-such\.key: ENOENT$/m);
+  });
+
+  it('keeps the last good config when a new one names files it cannot load, and logs and counts each rejection', async () => {
+    await registry.push(buildImage(), 'team/reload', '1.0');
+    const passwordFile = join(dir, 'robot.password');
+    writeFileSync(passwordFile, 'not-needed-by-this-registry');
+    const notPem = join(dir, 'not-a-certificate.crt');
+    writeFileSync(notPem, 'this is no PEM certificate\n');
+    const file = join(dir, 'live.yaml');
+    const configText = (keyFiles: string, extra = '') => `proxy: {host: 127.0.0.1, port: 30500}\nbroker: {keyFiles: [${keyFiles}]}\nregistries:\n  - {name: corp, match: [registry.corp.example], upstream: "${registry.url}"${extra}}\n`;
+    // As kubelet updates a mounted ConfigMap: a new file swapped in, never a half-written one.
+    const replaceConfig = (text: string) => {
+      writeFileSync(`${file}.tmp`, text);
+      renameSync(`${file}.tmp`, file);
+    };
+    replaceConfig(configText(keyFile));
+    const proxy = await startCli(['proxy', '--config', file, '--port', '0', '--host', '127.0.0.1', '--probe-interval', '3600'], /proxy listening/);
+    const outcomes = (output: string) => output.split('\n').filter((line) => /config change (applied|rejected)/.test(line));
+    try {
+      const url = listeningUrl(proxy.output());
+      const credential = `shop:${namespaceToken(Buffer.from('a-broker-key-of-at-least-16-bytes'), 'shop')}`;
+      const pull = async () => (await fetch(`${url}/v2/corp/team/reload/manifests/1.0`, { headers: { authorization: basic(credential), accept: 'application/vnd.oci.image.index.v1+json' } })).status;
+      assert.equal(await pull(), 200);
+      const changes: Array<[string, RegExp]> = [
+        [configText(join(dir, 'missing-signing.key')), /"key":"broker\.keyFiles\[0\]","message":"cannot read [^"]*missing-signing\.key: ENOENT"/],
+        [configText(keyFile, `, credentials: {username: robot, passwordFile: ${join(dir, 'missing.password')}}`), /"key":"registries\[0\]\.credentials\.passwordFile","message":"cannot read [^"]*missing\.password: ENOENT"/],
+        [configText(keyFile, `, credentials: {username: robot, passwordFile: ${passwordFile}}, tls: {caFile: ${notPem}}`), /"key":"registries\[0\]\.tls\.caFile","message":"[^"]*no PEM certificate/],
+      ];
+      for (const [index, [text, named]] of changes.entries()) {
+        replaceConfig(text);
+        await proxy.waitForOutput((output) => outcomes(output).length === index + 1);
+        const outcome = outcomes(proxy.output())[index] ?? '';
+        assert.match(outcome, /config change rejected; the last good config stays in force/);
+        assert.match(outcome, named);
+        assert.equal(await pull(), 200, 'the last good config keeps serving');
+      }
+      const metrics = await (await fetch(`${url}/metrics`)).text();
+      assert.match(metrics, /^pullbridge_config_reloads_total\{result="rejected"\} 3$/m);
+      assert.match(metrics, /^pullbridge_config_last_reload_ok 0$/m);
+      assert.doesNotMatch(proxy.output(), /not-needed-by-this-registry/, 'file contents are never logged');
+    } finally {
+      proxy.child.kill('SIGTERM');
+      await exitOf(proxy.child);
     }
   });
 

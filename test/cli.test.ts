@@ -3,6 +3,7 @@ import { X509Certificate } from 'node:crypto';
 import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import request from 'supertest';
 import { SHA, TEST_CONFIG_YAML } from './support/config.js';
 import { exitOf, runCli, startCli } from './support/cli.js';
@@ -60,13 +61,48 @@ describe('pullbridge CLI', () => {
 
     it('exits non-zero listing every error with its key', () => {
       const bad = join(dir, 'invalid.yaml');
-      writeFileSync(bad, 'proxy: {port: "x"}\nregistries:\n  - name: ok\n    match: [a.example]\n    upstream: https://127.0.0.1\n    auth: {mode: sometimes}\n  - name: ok\n    match: [b.example]\n    upstream: https://127.0.0.1\n');
+      writeFileSync(bad, 'proxy: {port: "x"}\nbroker: {keyFiles: [/k]}\nregistries:\n  - name: ok\n    match: [a.example]\n    upstream: https://127.0.0.1\n    auth: {mode: sometimes}\n  - name: ok\n    match: [b.example]\n    upstream: https://127.0.0.1\n');
       const result = runCli(['validate', '--config', bad]);
       assert.equal(result.status, 1);
       assert.match(result.stderr, /3 error\(s\)/);
       assert.match(result.stderr, /^proxy\.port: must be number, got string "x"$/m);
       assert.match(result.stderr, /^registries\[0\]\.auth\.mode: /m);
       assert.match(result.stderr, /^registries\[1\]\.name: duplicate rule name "ok"/m);
+    });
+
+    it('rejects what the proxy and the webhook would refuse: broker rules without broker.keyFiles', () => {
+      const file = join(dir, 'nokeys.yaml');
+      writeFileSync(file, 'registries:\n  - {name: corp, match: [registry.corp.example], upstream: "https://127.0.0.1:5000"}\n');
+      const result = runCli(['validate', '--config', file]);
+      assert.equal(result.status, 1, result.stdout);
+      assert.match(result.stderr, /^registries\[0\]\.auth\.mode: broker needs broker\.keyFiles/m);
+    });
+
+    it('names the key of a rule that would serve more than its auth mode can guard', () => {
+      const file = join(dir, 'open.yaml');
+      writeFileSync(file, `registries:
+  - {name: hub, match: [docker.io], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}}
+  - {name: open, match: [open.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, credentials: {username: robot, passwordFile: /p}}
+  - {name: pass, match: [pass.example], upstream: "https://127.0.0.1:5000", auth: {mode: passthrough}, namespaces: {include: [shop]}}
+`);
+      const result = runCli(['validate', '--config', file]);
+      assert.equal(result.status, 1, result.stdout);
+      assert.match(result.stderr, /2 error\(s\)/);
+      assert.match(result.stderr, /^registries\[1\]\.repositories\.include: an anonymous rule with credentials must list/m);
+      assert.match(result.stderr, /^registries\[2\]\.namespaces: auth mode "passthrough" does not identify/m);
+    });
+
+    it('accepts every full config example in README.md', () => {
+      // Full configs are the yaml blocks at the top level; indented ones inside lists are fragments.
+      const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+      const examples = [...readme.matchAll(/^```yaml\n([\s\S]*?)^```$/gm)].map((m) => m[1] ?? '');
+      assert.ok(examples.length > 0, 'README.md has a config example');
+      examples.forEach((example, i) => {
+        const file = join(dir, `readme-${i}.yaml`);
+        writeFileSync(file, example);
+        const result = runCli(['validate', '--config', file]);
+        assert.equal(result.status, 0, `README config example ${i + 1}:\n${example}\n${result.stderr}`);
+      });
     });
 
     it('says so when the file cannot be read', () => {

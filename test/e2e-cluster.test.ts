@@ -261,4 +261,34 @@ ${extraRules}`;
     // Audit records for every admission, with the requesting user.
     assert.ok(logs.records.filter((r) => r.audit === 'admission' && r.user === 'admin').length >= 10);
   });
+
+  it('keeps admitting and provisioning pull secrets when a verify-only key file is empty', async () => {
+    const emptyKey = join(dir, 'empty-previous.key');
+    writeFileSync(emptyKey, '');
+    writeFileSync(configPath, configYaml(proxy.server.port, [keyFile, emptyKey]));
+    assert.equal(webhook.watcher?.check(), 'applied');
+    await namespace('verify-only');
+    await core.createNamespacedPod({ namespace: 'verify-only', body: pod('web') });
+    assert.match((await core.readNamespacedPod({ namespace: 'verify-only', name: 'web' })).spec?.containers[0]?.image ?? '', /^127\.0\.0\.1:\d+\/corp\//);
+    const secret = await secretOrNull('verify-only');
+    assert.ok(secret, 'the pull secret was provisioned with the signing key');
+    const auths = (JSON.parse(Buffer.from(secret.data?.['.dockerconfigjson'] ?? '', 'base64').toString()) as { auths: Record<string, { username: string; password: string }> }).auths;
+    const entry = auths[`127.0.0.1:${proxy.server.port}`];
+    assert.ok(entry);
+    // The proxy (signing with the same key) accepts the credential.
+    const res = await fetch(`${proxy.url}/v2/corp/team/app/manifests/1.0`, { headers: { authorization: `Basic ${Buffer.from(`${entry.username}:${entry.password}`).toString('base64')}`, accept: 'application/vnd.oci.image.index.v1+json' } });
+    assert.equal(res.status, 200);
+  });
+
+  it('rejects a config change whose signing key file is not there, and keeps provisioning with the last good one', async () => {
+    const rejectedBefore = /pullbridge_config_reloads_total\{result="rejected"\} (\d+)/.exec(await webhook.metrics.metrics())?.[1];
+    writeFileSync(configPath, configYaml(proxy.server.port, [join(dir, 'missing.key')]));
+    assert.equal(webhook.watcher?.check(), 'rejected');
+    assert.match(await webhook.metrics.metrics(), new RegExp(`pullbridge_config_reloads_total\\{result="rejected"\\} ${Number(rejectedBefore) + 1}`));
+    const rejection = logs.records.filter((r) => r.msg === 'config change rejected; the last good config stays in force').at(-1);
+    assert.match(JSON.stringify(rejection?.errors), /"key":"broker\.keyFiles\[0\]","message":"cannot read [^"]*missing\.key: ENOENT"/);
+    await namespace('after-missing-key');
+    await core.createNamespacedPod({ namespace: 'after-missing-key', body: pod('web') });
+    assert.ok(await secretOrNull('after-missing-key'), 'pull secrets are still signed with the last good key');
+  });
 });

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { parseConfig } from '../src/rules/config.js';
+import { filesReadBy, parseConfig } from '../src/rules/config.js';
 import { decideImage } from '../src/rules/decide.js';
 import { compileGlob } from '../src/rules/glob.js';
 import { SHA, configFrom, testConfig } from './support/config.js';
@@ -20,8 +20,19 @@ describe('config validation', () => {
   });
 
   it('defaults a rule to broker auth', () => {
-    const config = configFrom('registries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1"}]');
+    const config = configFrom('broker: {keyFiles: [/k]}\nregistries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1"}]');
     assert.equal(config.registries[0]?.auth.mode, 'broker');
+  });
+
+  it('requires broker.keyFiles for broker rules, written or defaulted', () => {
+    const errors = errorsOf(`
+registries:
+  - {name: a, match: [a.example], upstream: "https://127.0.0.1:1"}
+  - {name: b, match: [b.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}}
+  - {name: c, match: [c.example], upstream: "https://127.0.0.1:1", auth: {mode: broker}}
+`);
+    assert.deepEqual(errors, ['registries[0].auth.mode: broker needs broker.keyFiles to check client credentials', 'registries[2].auth.mode: broker needs broker.keyFiles to check client credentials']);
+    assert.ok(parseConfig('registries: [{name: b, match: [b.example], upstream: "https://127.0.0.1:1", auth: {mode: passthrough}}]').ok, 'no key needed without broker rules');
   });
 
   it('reports every error at once, each naming its key', () => {
@@ -73,6 +84,30 @@ registries:
     assert.ok(errors.some((e) => e.startsWith('registries[1].match[0]: "localhost:30500" is the proxy itself')), errors.join('\n'));
   });
 
+  it('refuses an anonymous rule with credentials but no repositories.include (it would lend its credentials for every repository)', () => {
+    const rule = (extra: string) => `registries:\n  - {name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}, credentials: {username: robot, passwordFile: /p}${extra}}\n`;
+    const message = 'registries[0].repositories.include: an anonymous rule with credentials must list the repositories it serves; without a list, anyone who reaches the proxy pulls every repository of the upstream with these credentials';
+    assert.deepEqual(errorsOf(rule('')), [message]);
+    assert.deepEqual(errorsOf(rule(', repositories: {exclude: ["secret/**"]}')), [message]);
+    assert.deepEqual(errorsOf(rule(', repositories: {include: []}')), [message]);
+    assert.ok(parseConfig(rule(', repositories: {include: ["public/**"]}')).ok);
+    assert.ok(parseConfig('registries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}}]').ok, 'anonymous without credentials lends nothing');
+  });
+
+  it('refuses namespace filters on rules whose clients are not identified by namespace', () => {
+    const errors = errorsOf(`
+broker: {keyFiles: [/k]}
+registries:
+  - {name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}, namespaces: {include: ["shop-*"]}}
+  - {name: b, match: [b.example], upstream: "https://127.0.0.1:1", auth: {mode: passthrough}, namespaces: {exclude: ["sandbox"]}}
+  - {name: c, match: [c.example], upstream: "https://127.0.0.1:1", namespaces: {include: ["shop-*"]}}
+`);
+    assert.deepEqual(errors, [
+      'registries[0].namespaces: auth mode "anonymous" does not identify the client\'s namespace, so the proxy cannot enforce a namespace filter; use auth mode broker',
+      'registries[1].namespaces: auth mode "passthrough" does not identify the client\'s namespace, so the proxy cannot enforce a namespace filter; use auth mode broker',
+    ]);
+  });
+
   it('rejects a forward-mode connectivity proxy with an https upstream', () => {
     const errors = errorsOf(`
 registries:
@@ -94,6 +129,29 @@ registries:
 `);
     assert.ok(errors.includes('registries[0].credentials.password: unknown key'), errors.join('\n'));
     assert.ok(errors.some((e) => e.startsWith('registries[0].credentials.passwordFile:')), errors.join('\n'));
+  });
+
+  it('lists the files each part reads for a config, named by their keys', () => {
+    const config = configFrom(`
+broker: {keyFiles: [/keys/0, /keys/1]}
+registries:
+  - name: a
+    match: [a.example]
+    upstream: https://127.0.0.1:1
+    credentials: {usernameFile: /a/user, passwordFile: /a/password}
+    tls: {caFile: /a/ca.crt}
+    forwardProxy: {url: "http://127.0.0.1:3128", credentials: {username: fwd, passwordFile: /fwd/password}}
+  - {name: b, match: [b.example], upstream: "https://127.0.0.1:1", auth: {mode: passthrough}}
+`);
+    const signingKey = { key: 'broker.keyFiles[0]', path: '/keys/0', holds: 'broker-key' };
+    assert.deepEqual(filesReadBy(config, 'webhook'), [signingKey]);
+    assert.deepEqual(filesReadBy(config, 'proxy'), [
+      signingKey,
+      { key: 'registries[0].credentials.usernameFile', path: '/a/user', holds: 'secret' },
+      { key: 'registries[0].credentials.passwordFile', path: '/a/password', holds: 'secret' },
+      { key: 'registries[0].forwardProxy.credentials.passwordFile', path: '/fwd/password', holds: 'secret' },
+      { key: 'registries[0].tls.caFile', path: '/a/ca.crt', holds: 'ca-certificates' },
+    ]);
   });
 
   it('rejects YAML that does not parse, with the reason', () => {
@@ -178,7 +236,7 @@ describe('rewrite decision', () => {
     assert.equal(decideImage(config, 'team.example/tools/x:1', 'team-a').reason, 'repository-not-included');
     // Without a namespace (CLI), namespace filters do not apply.
     assert.equal(decideImage(config, 'team.example/apps/web:1').reason, 'rewritten');
-    const excluded = configFrom('registries: [{name: c, match: [c.example], upstream: "http://127.0.0.1:1", repositories: {exclude: ["secret/*"]}}]');
+    const excluded = configFrom('registries: [{name: c, match: [c.example], upstream: "http://127.0.0.1:1", auth: {mode: anonymous}, repositories: {exclude: ["secret/*"]}}]');
     assert.equal(decideImage(excluded, 'c.example/secret/x').reason, 'repository-excluded');
   });
 

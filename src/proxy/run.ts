@@ -1,14 +1,17 @@
 // The proxy process: server, prober, live config (a new runtime per config; the old one drains).
 
 import { setFlagsFromString } from 'node:v8';
-import { createLogger } from '../log.js';
+import { Gauge, type Registry } from 'prom-client';
+import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
-import type { Config } from '../rules/config.js';
+import { filesReadBy, type Config } from '../rules/config.js';
+import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
+import type { SkippedBrokerKey } from '../shell/secretfiles.js';
 import { listen, type RunningServer } from '../shell/serve.js';
 import { Prober } from './probe.js';
 import { BODY_HIGH_WATER_MARK } from './stream.js';
-import { createOpsHandler, createProxyHandler, createProxyRuntime, proxyConfigErrors, type ProxyRuntime } from './server.js';
+import { createOpsHandler, createProxyHandler, createProxyRuntime, type ProxyRuntime } from './server.js';
 
 export interface ProxyRunOptions {
   readonly config: Config;
@@ -46,11 +49,29 @@ export function tuneRuntimeForRelay(): void {
   setFlagsFromString('--liftoff-only');
 }
 
+/**
+ * Logs and counts skipped verify-only broker keys when the set changes, not per request; one
+ * reporter for the process, so that a new runtime (config change) with the same state stays quiet.
+ */
+function reportSkippedBrokerKeys(logger: Logger, metrics: Registry): (skipped: readonly SkippedBrokerKey[]) => void {
+  const gauge = new Gauge({ name: 'pullbridge_broker_keys_skipped', help: 'Verify-only broker key files present but unusable (empty, too short, unreadable), skipped', registers: [metrics] });
+  let reported = '[]';
+  return (skipped) => {
+    const state = JSON.stringify(skipped);
+    if (state === reported) return;
+    reported = state;
+    gauge.set(skipped.length);
+    if (skipped.length > 0) logger.warn({ skipped }, 'broker key file skipped: credentials signed with it are refused; the signing key still works');
+    else logger.info('every broker key file usable again');
+  };
+}
+
 export async function runProxy(options: ProxyRunOptions): Promise<{ running: RunningServer; ops: RunningServer | undefined; watcher: ConfigWatcher | undefined; shutdown(): Promise<void> }> {
   tuneRuntimeForRelay();
   const logger = createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
-  let runtime: ProxyRuntime = createProxyRuntime(options.config);
+  const onVerifyKeys = reportSkippedBrokerKeys(logger, metrics);
+  let runtime: ProxyRuntime = createProxyRuntime(options.config, {}, onVerifyKeys);
   const retired = new Set<ProxyRuntime>();
   const prober = new Prober(() => runtime, metrics, options.probeIntervalMs);
   let draining = false;
@@ -60,10 +81,10 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
         initial: options.config,
         logger,
         metrics,
-        extraErrors: proxyConfigErrors,
+        loadErrors: (next) => unloadableFiles(filesReadBy(next, 'proxy')),
         onApplied: (next) => {
           const old = runtime;
-          runtime = createProxyRuntime(next); // throws (and the watcher rejects) on e.g. a missing CA file
+          runtime = createProxyRuntime(next, {}, onVerifyKeys); // throws (and the watcher rejects) if a file changed since it loaded
           retired.add(old);
           // close() lets requests in flight finish; the timer bounds a stream that never ends.
           const timer = setTimeout(() => void old.close().finally(() => retired.delete(old)), DRAIN_MS);

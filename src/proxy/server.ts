@@ -7,7 +7,7 @@ import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import type { Dispatcher } from 'undici';
 import type { Logger } from '../log.js';
 import type { Config, Rule } from '../rules/config.js';
-import { BrokerKeys, SecretFile } from '../shell/secretfiles.js';
+import { BrokerKeys, SecretFile, type SkippedBrokerKey } from '../shell/secretfiles.js';
 import { UpstreamAuthError } from './authorizer.js';
 import { ByteBudget, type BudgetLimit, type Reservation } from './budget.js';
 import { parseBasicAuthorization, verifyNamespaceToken, type BasicCredentials } from './credentials.js';
@@ -63,21 +63,13 @@ export interface ProxyRuntime {
   close(): Promise<void>;
 }
 
-/** Problems that stop a config from being served by the proxy (beyond the schema's). */
-export function proxyConfigErrors(config: Config): string[] {
-  const errors: string[] = [];
-  config.registries.forEach((rule, i) => {
-    if (rule.auth.mode === 'broker' && !config.broker) errors.push(`registries[${i}].auth.mode: broker needs broker.keyFiles to check client credentials`);
-  });
-  return errors;
-}
-
-export function createProxyRuntime(config: Config, transport: TransportOptions = {}): ProxyRuntime {
+/** `onVerifyKeys`: which verify-only broker key files were skipped, at each use (see BrokerKeys). */
+export function createProxyRuntime(config: Config, transport: TransportOptions = {}, onVerifyKeys?: (skipped: readonly SkippedBrokerKey[]) => void): ProxyRuntime {
   const rules = new Map(config.registries.map((rule) => [rule.name, new RuleRuntime(rule, createTransport(rule, transport))]));
   return {
     config,
     rules,
-    brokerKeys: config.broker ? new BrokerKeys(config.broker.keyFiles) : undefined,
+    brokerKeys: config.broker ? new BrokerKeys(config.broker.keyFiles, onVerifyKeys) : undefined,
     async close() {
       await Promise.all([...rules.values()].map((r) => r.transport.close()));
     },

@@ -210,6 +210,7 @@ function schemaErrors(document: unknown, error: z.ZodError): ConfigError[] {
   return errors;
 }
 
+const hasPatterns = (value: unknown): boolean => Array.isArray(value) && value.length > 0;
 const asRecord = (value: unknown): Record<string, unknown> => (value !== null && typeof value === 'object' && !Array.isArray(value) ? (value as Record<string, unknown>) : {});
 
 /**
@@ -221,9 +222,24 @@ function crossKeyErrors(document: unknown): ConfigError[] {
   const proxy = asRecord(asRecord(document).proxy);
   const proxyAuthority = canonicalRegistryHost(`${typeof proxy.host === 'string' ? proxy.host : 'localhost'}:${typeof proxy.port === 'number' ? proxy.port : 30500}`);
   const registries = asRecord(document).registries;
+  const hasBroker = asRecord(document).broker !== undefined; // its own errors are the schema's
   const names = new Map<string, number>();
   (Array.isArray(registries) ? registries : []).forEach((entry: unknown, index) => {
     const rule = asRecord(entry);
+    const mode = asRecord(rule.auth).mode ?? 'broker';
+    if (mode === 'broker' && !hasBroker) {
+      // Without keys the proxy cannot check a namespace credential and the webhook cannot issue one.
+      errors.push({ key: `registries[${index}].auth.mode`, message: 'broker needs broker.keyFiles to check client credentials' });
+    }
+    if (mode === 'anonymous' && rule.credentials !== undefined && !hasPatterns(asRecord(rule.repositories).include)) {
+      // Anonymous clients get the rule's credentials: only an explicit list bounds what they open up.
+      errors.push({ key: `registries[${index}].repositories.include`, message: 'an anonymous rule with credentials must list the repositories it serves; without a list, anyone who reaches the proxy pulls every repository of the upstream with these credentials' });
+    }
+    const namespaces = asRecord(rule.namespaces);
+    if ((mode === 'anonymous' || mode === 'passthrough') && (hasPatterns(namespaces.include) || hasPatterns(namespaces.exclude))) {
+      // Only a broker credential names a namespace; the webhook's filter alone is bypassed by writing the proxy reference.
+      errors.push({ key: `registries[${index}].namespaces`, message: `auth mode "${String(mode)}" does not identify the client's namespace, so the proxy cannot enforce a namespace filter; use auth mode broker` });
+    }
     if (typeof rule.name === 'string') {
       const seen = names.get(rule.name);
       if (seen !== undefined) errors.push({ key: `registries[${index}].name`, message: `duplicate rule name "${rule.name}" (also registries[${seen}])` });
@@ -255,6 +271,35 @@ export function compileConfig(raw: RawConfig): Config {
       namespaceFilter: compileFilter(rule.namespaces),
     })),
   };
+}
+
+/** A file a config names: the key that names it, its path, and what it must hold. */
+export interface ConfigFile {
+  readonly key: string;
+  readonly path: string;
+  readonly holds: 'broker-key' | 'secret' | 'ca-certificates';
+}
+
+/**
+ * The files a component reads for a config, to be loaded before it takes the config up: the proxy
+ * reads them all, the webhook (when it provisions pull secrets) only the signing key. Verify-only
+ * broker keys are not among them: they may be absent or bad without stopping anything.
+ */
+export function filesReadBy(config: Config, component: 'proxy' | 'webhook'): ConfigFile[] {
+  const files: ConfigFile[] = [];
+  const signingKey = config.broker?.keyFiles[0];
+  if (signingKey !== undefined) files.push({ key: 'broker.keyFiles[0]', path: signingKey, holds: 'broker-key' });
+  if (component === 'webhook') return files;
+  const credentialFiles = (key: string, credentials: RawRule['credentials']) => {
+    if (credentials?.usernameFile !== undefined) files.push({ key: `${key}.usernameFile`, path: credentials.usernameFile, holds: 'secret' });
+    if (credentials?.passwordFile !== undefined) files.push({ key: `${key}.passwordFile`, path: credentials.passwordFile, holds: 'secret' });
+  };
+  config.registries.forEach((rule, i) => {
+    credentialFiles(`registries[${i}].credentials`, rule.credentials);
+    credentialFiles(`registries[${i}].forwardProxy.credentials`, rule.forwardProxy?.credentials);
+    if (rule.tls?.caFile !== undefined) files.push({ key: `registries[${i}].tls.caFile`, path: rule.tls.caFile, holds: 'ca-certificates' });
+  });
+  return files;
 }
 
 /** Validates an already-parsed document (e.g. from YAML) and compiles it. */

@@ -13,8 +13,8 @@ export interface ConfigWatcherOptions {
   readonly initial: Config;
   readonly logger: Logger;
   readonly metrics: Registry;
-  /** Extra checks a component needs (e.g. the proxy needs broker keys); messages name the key. */
-  readonly extraErrors?: (config: Config) => string[];
+  /** Loads what the component reads for a config (key, credential and CA files); an error per file it cannot. */
+  readonly loadErrors?: (config: Config) => readonly ConfigError[];
   readonly onApplied?: (config: Config) => void;
   readonly onRejected?: (message: string) => void;
 }
@@ -77,7 +77,8 @@ export class ConfigWatcher {
     if (hash === this.lastHash) return 'unchanged';
     this.lastHash = hash;
     const result = parseConfig(text);
-    const errors: ConfigError[] = result.ok ? (this.options.extraErrors?.(result.config) ?? []).map((m) => ({ key: m.split(':')[0] ?? '', message: m.slice(m.indexOf(':') + 1).trim() })) : [...result.errors];
+    // Everything the new config needs is loaded before it is taken up: a missing file keeps the old one.
+    const errors: readonly ConfigError[] = result.ok ? (this.options.loadErrors?.(result.config) ?? []) : result.errors;
     if (!result.ok || errors.length > 0) return this.reject(`\n${formatConfigErrors(errors)}`, { errors });
     try {
       this.options.onApplied?.(result.config);

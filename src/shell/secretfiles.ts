@@ -37,37 +37,57 @@ export class SecretFile {
 /** Minimum size of a broker key: an HMAC key shorter than this is guessable. */
 export const MIN_BROKER_KEY_BYTES = 16;
 
+/** A verify-only key file that is there but cannot be used: its path and why, never its content. */
+export interface SkippedBrokerKey {
+  readonly path: string;
+  readonly reason: string;
+}
+
 export class BrokerKeys {
   private readonly files: SecretFile[];
 
-  constructor(paths: readonly string[]) {
+  /**
+   * `onVerifyKeys` hears, at every use of the verify keys, which verify-only files were skipped (an
+   * empty list when none): a bad previous key must not stop every pull, but someone must hear of it.
+   */
+  constructor(
+    paths: readonly string[],
+    private readonly onVerifyKeys: (skipped: readonly SkippedBrokerKey[]) => void = () => {},
+  ) {
     this.files = paths.map((p) => new SecretFile(p));
   }
 
+  /** One key file's key; throws with the path (never the content) when it is unreadable or too short. */
+  private load(file: SecretFile): Uint8Array {
+    const key = Buffer.from(file.read(), 'utf8');
+    if (key.length === 0) throw new Error(`broker key ${file.path} is empty`);
+    if (key.length < MIN_BROKER_KEY_BYTES) throw new Error(`broker key ${file.path} is shorter than ${MIN_BROKER_KEY_BYTES} bytes`);
+    return key;
+  }
+
   /**
-   * All keys, signing key first. The signing key must exist; later files are optional (a Secret
-   * holds a previous key only during a rotation). Throws when a present key is too short.
+   * All usable keys, signing key first. The signing key must be good (throws otherwise). Later files
+   * only verify: absent is normal (a Secret holds a previous key only during a rotation), and one
+   * that is present but unusable is skipped and reported.
    */
   keys(): Uint8Array[] {
-    const keys: Uint8Array[] = [];
-    this.files.forEach((f, i) => {
-      let text: string;
+    const keys = [this.signingKey()];
+    const skipped: SkippedBrokerKey[] = [];
+    for (const file of this.files.slice(1)) {
       try {
-        text = f.read();
+        keys.push(this.load(file));
       } catch (error) {
-        if (i > 0 && f.missing()) return;
-        throw error;
+        if (!file.missing()) skipped.push({ path: file.path, reason: (error as Error).message });
       }
-      const key = Buffer.from(text, 'utf8');
-      if (key.length < MIN_BROKER_KEY_BYTES) throw new Error(`broker key ${f.path} is shorter than ${MIN_BROKER_KEY_BYTES} bytes`);
-      keys.push(key);
-    });
+    }
+    this.onVerifyKeys(skipped);
     return keys;
   }
 
+  /** The key that signs namespace credentials: the first file's; the others are not read. */
   signingKey(): Uint8Array {
-    const first = this.keys()[0];
+    const first = this.files[0];
     if (!first) throw new Error('no broker key configured');
-    return first;
+    return this.load(first);
   }
 }

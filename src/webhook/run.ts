@@ -6,7 +6,8 @@ import https from 'node:https';
 import type { Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
-import type { Config } from '../rules/config.js';
+import { filesReadBy, type Config, type ConfigError } from '../rules/config.js';
+import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
 import { BrokerKeys } from '../shell/secretfiles.js';
@@ -67,6 +68,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
 
   const k8s = options.kubeconfig !== undefined ? (await import('../k8s/client.js')).kubeClients(options.kubeconfig === 'in-cluster' ? undefined : options.kubeconfig) : undefined;
   let onRejected: ((message: string) => void) | undefined;
+  let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
   const sideEffects: WebhookSideEffects = {};
   if (k8s) {
     const [{ PullSecretProvisioner }, { PullSecretReconciler }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
@@ -89,14 +91,14 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
         }
         return keys.signingKey();
       };
+      // A new config is taken up only once its signing key loads: pull secrets are signed with it.
+      loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
       const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey);
       sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
       const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, options.reconcileGraceMs !== undefined ? { graceMs: options.reconcileGraceMs } : {});
       reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
       reconcile = () => reconciler.reconcile();
       stops.push(() => reconciler.stop());
-    } else if (config.registries.some((r) => r.auth.mode === 'broker')) {
-      logger.warn('broker rules but no broker.keyFiles: pull secrets are not provisioned');
     }
     const target = options.configMap;
     if (target) onRejected = (message) => void recordWarning(k8s.core, logger, { kind: 'ConfigMap', ...target }, 'InvalidConfig', message, 'pullbridge-webhook');
@@ -129,6 +131,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
         initial: config,
         logger,
         metrics,
+        ...(loadErrors ? { loadErrors } : {}),
         onApplied: (next) => {
           config = next;
         },

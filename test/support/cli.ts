@@ -8,8 +8,16 @@ export function runCli(args: string[]): { status: number | null; stdout: string;
   return { status: result.status, stdout: result.stdout, stderr: result.stderr };
 }
 
+export interface RunningCli {
+  readonly child: ChildProcess;
+  /** Everything it wrote so far, stdout and stderr together. */
+  output(): string;
+  /** Resolves once its output satisfies `done`; rejects when it exits first or after `timeoutMs`. */
+  waitForOutput(done: (output: string) => boolean, timeoutMs?: number): Promise<void>;
+}
+
 /** Starts a long-running subcommand and resolves once `ready` matches its combined output. */
-export function startCli(args: string[], ready: RegExp, timeoutMs = 20_000): Promise<{ child: ChildProcess; output: () => string }> {
+export function startCli(args: string[], ready: RegExp, timeoutMs = 20_000): Promise<RunningCli> {
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
     let output = '';
@@ -17,11 +25,39 @@ export function startCli(args: string[], ready: RegExp, timeoutMs = 20_000): Pro
       child.kill('SIGKILL');
       reject(new Error(`timed out waiting for ${ready}; output:\n${output}`));
     }, timeoutMs);
+    const waitForOutput = (done: (output: string) => boolean, waitMs = 20_000) =>
+      new Promise<void>((settle, fail) => {
+        const check = () => {
+          if (!done(output)) return false;
+          stopWaiting();
+          settle();
+          return true;
+        };
+        const onExit = (code: number | null) => {
+          stopWaiting();
+          fail(new Error(`exited with ${code} while waiting; output:\n${output}`));
+        };
+        const onTimeout = setTimeout(() => {
+          stopWaiting();
+          fail(new Error(`timed out waiting for its output; output:\n${output}`));
+        }, waitMs);
+        const stopWaiting = () => {
+          clearTimeout(onTimeout);
+          child.stdout.off('data', check);
+          child.stderr.off('data', check);
+          child.off('exit', onExit);
+        };
+        if (check()) return;
+        // After onData has appended the chunk: listeners run in the order they were added.
+        child.stdout.on('data', check);
+        child.stderr.on('data', check);
+        child.once('exit', onExit);
+      });
     const onData = (chunk: Buffer) => {
       output += chunk.toString();
       if (ready.test(output)) {
         clearTimeout(timer);
-        resolve({ child, output: () => output });
+        resolve({ child, output: () => output, waitForOutput });
       }
     };
     child.stdout.on('data', onData);

@@ -6,6 +6,7 @@ export const SHA = 'sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca4959
 export const TEST_CONFIG_YAML = `
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge, excludedNamespaces: [infra]}
+broker: {keyFiles: [/nonexistent/pullbridge/broker-key]}
 registries:
   - name: corp
     match: [registry.corp.example:5000, REGISTRY-ALIAS.corp.example:5000]
