@@ -280,7 +280,8 @@ async function cmdDemo(args: string[]): Promise<number> {
   const [{ runWebhook }, { runProxy }] = await Promise.all([load.webhookRun(), load.proxyRun()]);
   const webhook = await runWebhook({ config: parsed.config, host: '127.0.0.1', port, tls: { cert: bundle.cert, key: bundle.key } });
   // No probing in the demo: its sample upstreams are placeholders (and Docker Hub).
-  const proxy = await runProxy({ config: parsed.config, host: '127.0.0.1', port: proxyPort, probeIntervalMs: 0 });
+  // The operations endpoints on a port of their own, as deployed (the next port up).
+  const proxy = await runProxy({ config: parsed.config, host: '127.0.0.1', port: proxyPort, opsPort: proxyPort === 0 || proxyPort === 65535 ? 0 : proxyPort + 1, probeIntervalMs: 0 });
   const url = webhook.running.url;
   const proxyUrl = proxy.running.url;
   const proxyHost = proxyUrl.replace('http://', '');
@@ -303,7 +304,7 @@ for namespace "default" (npx pullbridge pull-secret --config ${configFile} --nam
 (rule "hub" reaches Docker Hub; rule "corp" points at the placeholder registry.corp.example:5000 —
  edit ${configFile}, the proxy picks changes up live.)
 
-Health and metrics: ${url}/healthz ${url}/metrics ${proxyUrl}/status ${proxyUrl}/metrics
+Health and metrics: ${url}/healthz ${url}/metrics ${proxy.ops?.url ?? proxyUrl}/status ${proxy.ops?.url ?? proxyUrl}/metrics
 Audit and access records appear below. Ctrl-C stops it.
 `);
   onTermination(async () => {
