@@ -235,7 +235,11 @@ describe('pullbridge CLI', () => {
       const base = await request(proxyUrl).get('/v2/').set('Authorization', `Basic ${Buffer.from(user).toString('base64')}`);
       assert.equal(base.status, 200);
       assert.equal((await request(proxyUrl).get('/v2/')).status, 401);
-      const status = JSON.parse((await request(proxyUrl).get('/status')).text) as { configLoaded: boolean; rules: string[] };
+      // Its status is on the operations port the demo prints, not on the registry port.
+      const opsUrl = /(http:\/\/127\.0\.0\.1:\d+)\/status/.exec(text)?.[1];
+      assert.ok(opsUrl && opsUrl !== proxyUrl, text);
+      assert.equal((await request(proxyUrl).get('/status')).status, 404);
+      const status = JSON.parse((await request(opsUrl).get('/status')).text) as { configLoaded: boolean; rules: string[] };
       assert.deepEqual(status, { ...status, configLoaded: true, rules: ['corp', 'hub'] });
       const secret = JSON.parse(runCli(['pull-secret', '--config', configPath, '--namespace', 'default']).stdout) as { auths: Record<string, { password: string }> };
       assert.equal(`default:${secret.auths['localhost:30500']?.password}`, user, 'the printed credential is the provisioned one');
