@@ -230,10 +230,17 @@ interface PullOutcome {
   readonly complete: boolean;
 }
 
-const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
+/**
+ * Each puller is a client of its own, as Pods and nodes are: its own keep-alive pool from its own
+ * loopback source address (127.0.3.N), so that the proxy's per-client limits see what they would
+ * in a cluster.
+ */
+function clientAgent(n: number): http.Agent {
+  return new http.Agent({ keepAlive: true, maxSockets: 4, localAddress: `127.0.${3 + Math.floor(n / 250)}.${(n % 250) + 1}` });
+}
 
 /** One GET through the proxy, hashing the body as it arrives; `abortAfter` bytes cuts it short. */
-function pull(url: string, headers: Record<string, string>, keepBody: boolean, abortAfter?: number): Promise<PullOutcome> {
+function pull(agent: http.Agent, url: string, headers: Record<string, string>, keepBody: boolean, abortAfter?: number): Promise<PullOutcome> {
   return new Promise((resolve) => {
     const req = http.get(url, { agent, headers }, (res) => {
       const hash = createHash('sha256');
@@ -271,12 +278,13 @@ export async function runProxyLoad(rig: LoadRig, options: ProxyLoadOptions): Pro
     if (firstErrors.length < 5) firstErrors.push(what);
   };
   let blobPulls = 0;
-  const check = async (path: string, digest: string | undefined, accept?: string): Promise<Buffer | undefined> => {
+  const agents = Array.from({ length: options.clients }, (_, n) => clientAgent(n));
+  const check = async (agent: http.Agent, path: string, digest: string | undefined, accept?: string): Promise<Buffer | undefined> => {
     const blob = path.includes('/blobs/');
     const abortAfter = blob && options.abortEvery && ++blobPulls % options.abortEvery === 0 ? 1 : undefined;
     stats.requests++;
     const headers: Record<string, string> = { authorization: options.authorization(), ...(accept ? { accept } : {}) };
-    const out = await pull(`${rig.proxyUrl}${path}`, headers, !blob, abortAfter);
+    const out = await pull(agent, `${rig.proxyUrl}${path}`, headers, !blob, abortAfter);
     stats.bytes += out.bytes;
     if (abortAfter !== undefined && !out.complete) {
       stats.aborted++;
@@ -295,21 +303,23 @@ export async function runProxyLoad(rig: LoadRig, options: ProxyLoadOptions): Pro
     return out.body ?? Buffer.alloc(0);
   };
   const client = async (n: number, deadline: number) => {
+    const agent = agents[n]!;
     for (let i = n; performance.now() < deadline; i++) {
       const { repository, tag, image } = rig.images[i % rig.images.length]!;
       const base = `/v2/${n % 2 === 0 ? 'corp' : 'fast'}/${repository}`;
-      const index = await check(`${base}/manifests/${tag}`, image.index.digest, MANIFEST_ACCEPT);
+      const index = await check(agent, `${base}/manifests/${tag}`, image.index.digest, MANIFEST_ACCEPT);
       if (!index) continue;
       const manifest = image.manifests[i % image.manifests.length]!;
-      if (!(await check(`${base}/manifests/${manifest.digest}`, manifest.digest, MANIFEST_ACCEPT))) continue;
+      if (!(await check(agent, `${base}/manifests/${manifest.digest}`, manifest.digest, MANIFEST_ACCEPT))) continue;
       const parsed = JSON.parse(manifest.data.toString()) as { config: { digest: string }; layers: Array<{ digest: string }> };
-      for (const d of [parsed.config.digest, ...parsed.layers.map((l) => l.digest)]) await check(`${base}/blobs/${d}`, d);
+      for (const d of [parsed.config.digest, ...parsed.layers.map((l) => l.digest)]) await check(agent, `${base}/blobs/${d}`, d);
     }
   };
   const rss = sampleRss(rig.proxy.child.pid ?? 0);
   const began = performance.now();
   const deadline = began + options.seconds * 1000;
   await Promise.all(Array.from({ length: options.clients }, (_, n) => client(n, deadline)));
+  for (const agent of agents) agent.destroy();
   const seconds = (performance.now() - began) / 1000;
   const samples = rss.stop();
   return { ...stats, seconds, clients: options.clients, mibPerSecond: stats.bytes / 2 ** 20 / seconds, firstErrors, rss: samples, peakRssMb: peak(samples) };

@@ -1,12 +1,12 @@
-// Memory held by buffered bodies (manifests up to 4 MiB, tag lists), bounded in total and per client.
-// A buffered body stays in memory until the client has read it, so clients that ask and never read
-// could otherwise pin as much as they like. No I/O: callers reserve before reading and release when
-// the response is done.
+// Shares of something a client holds while its request runs, bounded in total and per client: the
+// memory of buffered bodies (manifests up to 4 MiB, tag lists), the number of blob streams. Without
+// it one client (a Pod) could take all of either from the others. No I/O: callers reserve before
+// they start and release when the response is done.
 
 export interface Reservation {
-  /** Changes the bytes held (e.g. to the real size once read); null when done, else the limit it
+  /** Changes the amount held (e.g. to the real size once read); null when done, else the limit it
    * would exceed (holding as before). */
-  resize(bytes: number): BudgetLimit | null;
+  resize(amount: number): BudgetLimit | null;
   /** Idempotent. */
   release(): void;
 }
@@ -14,25 +14,25 @@ export interface Reservation {
 export type BudgetLimit = 'client' | 'total';
 export type Reserved = { readonly ok: true; readonly reservation: Reservation } | { readonly ok: false; readonly limit: BudgetLimit };
 
-export class ByteBudget {
+export class Budget {
   private used = 0;
   private readonly byClient = new Map<string, number>();
 
   constructor(
-    readonly totalBytes: number,
-    readonly perClientBytes: number,
+    readonly total: number,
+    readonly perClient: number,
   ) {}
 
-  /** Bytes held now, in total and by one client. */
+  /** Held now, in total or by one client. */
   held(client?: string): number {
     return client === undefined ? this.used : (this.byClient.get(client) ?? 0);
   }
 
-  reserve(client: string, bytes: number): Reserved {
-    const refusal = this.refusal(client, bytes);
+  reserve(client: string, amount: number): Reserved {
+    const refusal = this.refusal(client, amount);
     if (refusal) return { ok: false, limit: refusal };
-    this.take(client, bytes);
-    let held = bytes;
+    this.take(client, amount);
+    let held = amount;
     let released = false;
     return {
       ok: true,
@@ -55,8 +55,8 @@ export class ByteBudget {
   }
 
   private refusal(client: string, more: number): BudgetLimit | null {
-    if (this.held(client) + more > this.perClientBytes) return 'client';
-    if (this.used + more > this.totalBytes) return 'total';
+    if (this.held(client) + more > this.perClient) return 'client';
+    if (this.used + more > this.total) return 'total';
     return null;
   }
 

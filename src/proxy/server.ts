@@ -9,12 +9,12 @@ import type { Logger } from '../log.js';
 import type { Config, Rule } from '../rules/config.js';
 import { BrokerKeys, SecretFile, type SkippedBrokerKey } from '../shell/secretfiles.js';
 import { UpstreamAuthError } from './authorizer.js';
-import { ByteBudget, type BudgetLimit, type Reservation } from './budget.js';
+import { Budget, type BudgetLimit, type Reservation } from './budget.js';
 import { parseBasicAuthorization, verifyNamespaceToken, type BasicCredentials } from './credentials.js';
 import { registryError, registryErrorBody, type RegistryError } from './errors.js';
 import type { Prober } from './probe.js';
 import { parseRoute, type Route } from './route.js';
-import { streamBody } from './stream.js';
+import { DEFAULT_MINIMUM_RATE, streamBody, type MinimumRate } from './stream.js';
 import { createTransport, type RuleTransport, type TransportOptions } from './transport.js';
 import { UpstreamClient, headerValue, type UpstreamResponse } from './upstream.js';
 
@@ -31,6 +31,11 @@ const BLOB_HEADERS = ['content-type', 'content-length', 'content-range', 'accept
 const CHALLENGE = 'Basic realm="pullbridge"';
 /** Memory for buffered bodies (manifests, tag lists) until their clients have read them. */
 export const BUFFERED_BODY_BYTES = { total: 64 * 1024 * 1024, perClient: 16 * 1024 * 1024 };
+/**
+ * Blob streams one client address may hold at once: below the rule's upstream pool (64), so that
+ * one Pod reading slowly cannot take every upstream connection of the rule on its node.
+ */
+export const BLOB_STREAMS_PER_CLIENT = 32;
 /** Reserved for a buffered body whose length the upstream did not announce, adjusted once read. */
 const UNKNOWN_LENGTH_RESERVE = 256 * 1024;
 
@@ -91,7 +96,11 @@ export interface ProxyHandlerOptions extends OpsHandlerOptions {
    */
   readonly opsOnRegistryPort?: boolean;
   /** Bounds the memory that buffered bodies hold, per client address and in total. */
-  readonly bufferBudget?: ByteBudget;
+  readonly bufferBudget?: Budget;
+  /** Blob streams one client address may have open at once (BLOB_STREAMS_PER_CLIENT). */
+  readonly blobStreamsPerClient?: number;
+  /** A client that reads a blob slower than this, while the proxy waits for it, is cut. */
+  readonly minimumClientRate?: MinimumRate;
 }
 
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
@@ -176,7 +185,9 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
   const { logger } = options;
   const metrics = registerMetrics(options.metrics);
   const opsOnRegistryPort = options.opsOnRegistryPort ?? true;
-  const budget = options.bufferBudget ?? new ByteBudget(BUFFERED_BODY_BYTES.total, BUFFERED_BODY_BYTES.perClient);
+  const budget = options.bufferBudget ?? new Budget(BUFFERED_BODY_BYTES.total, BUFFERED_BODY_BYTES.perClient);
+  const blobStreams = new Budget(Number.POSITIVE_INFINITY, options.blobStreamsPerClient ?? BLOB_STREAMS_PER_CLIENT);
+  const minimumRate = options.minimumClientRate ?? DEFAULT_MINIMUM_RATE;
 
   function overBudget(res: ServerResponse, limit: BudgetLimit): void {
     const error =
@@ -315,7 +326,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const scope = `repository:${route.name}:pull`;
     const started = performance.now();
     if (req.method === 'HEAD') {
-      const head = await rr.client.fetch({ method: 'HEAD', path, headers, scope, credentials, signal, followRedirects: false });
+      const head = await rr.client.fetch({ method: 'HEAD', path, headers, scope, credentials, signal, followRedirects: false, lane: 'metadata' });
       metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
       const digest = headerValue(head.headers['docker-content-digest']);
       const length = headerValue(head.headers['content-length']);
@@ -329,7 +340,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       }
       // Without a digest and a length from upstream, GET and compute them: clients trust both.
     }
-    const up = await rr.client.fetch({ method: 'GET', path, headers, scope, credentials, signal, followRedirects: false });
+    const up = await rr.client.fetch({ method: 'GET', path, headers, scope, credentials, signal, followRedirects: false, lane: 'metadata' });
     metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'manifest' }, (performance.now() - started) / 1000);
     if (await upstreamFailed(up, rr, route, res)) return;
     const read = await readBuffered(up, req, res, MANIFEST_LIMIT_BYTES);
@@ -355,9 +366,18 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     // identity: the bytes must hash to the digest; never let a hop compress or decompress them.
     const headers: Record<string, string> = { 'accept-encoding': 'identity' };
     if (req.headers.range) headers.range = req.headers.range;
-    const started = performance.now();
     const method = req.method === 'HEAD' ? 'HEAD' : 'GET';
-    const up = await rr.client.fetch({ method, path: `/v2/${route.name}/blobs/${route.digest}`, headers, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: true });
+    if (method === 'GET') {
+      const stream = blobStreams.reserve(req.socket.remoteAddress ?? '', 1);
+      if (!stream.ok) {
+        exchange.error = 'too many blob streams from this client';
+        sendError(res, registryError(429, 'TOOMANYREQUESTS', `this client already has ${blobStreams.perClient} blob downloads in progress`), { 'retry-after': '1' });
+        return;
+      }
+      res.once('close', () => stream.reservation.release());
+    }
+    const started = performance.now();
+    const up = await rr.client.fetch({ method, path: `/v2/${route.name}/blobs/${route.digest}`, headers, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: true, lane: 'blob' });
     metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'blob' }, (performance.now() - started) / 1000);
     if (await upstreamFailed(up, rr, route, res, [200, 206])) return;
     if (up.statusCode === 206 && !req.headers.range) {
@@ -385,6 +405,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const verify = up.statusCode === 200 && rr.rule.verifyBlobDigests;
     const length = Number(out['content-length']);
     const error = await streamBody(up.body, res, {
+      minimumRate,
       ...(verify ? { digest: route.digest } : {}),
       ...(Number.isSafeInteger(length) && length >= 0 ? { length } : {}),
       onBytes: (n) => {
@@ -413,7 +434,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
     const last = query.get('last');
     if (last !== null) forwarded.set('last', last);
     const search = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
-    const up = await rr.client.fetch({ method: 'GET', path: `/v2/${route.name}/tags/list${search}`, headers: { accept: 'application/json' }, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: false });
+    const up = await rr.client.fetch({ method: 'GET', path: `/v2/${route.name}/tags/list${search}`, headers: { accept: 'application/json' }, scope: `repository:${route.name}:pull`, credentials, signal, followRedirects: false, lane: 'metadata' });
     if (await upstreamFailed(up, rr, route, res)) return;
     const read = await readBuffered(up, req, res, MANIFEST_LIMIT_BYTES);
     if (read === null) return;

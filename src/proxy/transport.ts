@@ -19,9 +19,15 @@ export interface TransportTimeouts {
 }
 
 export const DEFAULT_TIMEOUTS: TransportTimeouts = { connectMs: 10_000, headersMs: 30_000, bodyIdleMs: 60_000 };
+/** Blob streams may be long (slow clients hold them): they get their own pool... */
+export const DEFAULT_BLOB_CONNECTIONS = 64;
+/** ...and manifests, tag lists, tokens and probes another, so that they never queue behind blobs. */
+const METADATA_CONNECTIONS = 16;
 
 export interface TransportOptions {
   readonly timeouts?: TransportTimeouts;
+  /** Upstream connections per origin for blob streams (DEFAULT_BLOB_CONNECTIONS). */
+  readonly blobConnections?: number;
   /** Name resolution, injectable so that tests can simulate failures without a DNS server. */
   readonly lookup?: (hostname: string, options: object, callback: (err: NodeJS.ErrnoException | null, address: string | Array<{ address: string; family: number }>, family?: number) => void) => void;
 }
@@ -31,7 +37,10 @@ export class RedirectRefused extends Error {}
 
 /** A rule's ways out: to its upstream, and to the storage its blob reads may be redirected to. */
 export interface RuleTransport {
-  readonly upstream: Dispatcher;
+  /** Blob streams to the upstream. */
+  readonly blobs: Dispatcher;
+  /** Everything short to the upstream and its token realm: manifests, tag lists, tokens, probes. */
+  readonly metadata: Dispatcher;
   /** For redirect hops to another origin. Direct: every connection's peer address is checked
    * against the rule's redirect policy once connected (so a name that resolves to a forbidden
    * address is caught, whatever DNS said before). Through a forwarding proxy the proxy connects,
@@ -54,8 +63,9 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
     headersTimeout: timeouts.headersMs,
     bodyTimeout: timeouts.bodyIdleMs,
     keepAliveTimeout: 30_000,
-    connections: 64,
   };
+  const blobPool = { ...common, connections: options.blobConnections ?? DEFAULT_BLOB_CONNECTIONS };
+  const metadataPool = { ...common, connections: METADATA_CONNECTIONS };
   const allowed = parseCidrs(rule.redirects.allow);
   const refuseStorageHost = (hostname: string): string | null => {
     const bare = hostname.replace(/^\[|\]$/g, '');
@@ -65,10 +75,11 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
   const forward = rule.forwardProxy;
   if (!forward) {
     // Large reads into reused buffers for direct upstreams; through a forwarding proxy, Node's default.
-    const upstream = new Agent({ ...common, connect: { ...tls, onread: socketReadOptions() } });
+    const blobs = new Agent({ ...blobPool, connect: { ...tls, onread: socketReadOptions() } });
+    const metadata = new Agent({ ...metadataPool, connect: tls });
     const connect = buildConnector({ ...tls, onread: socketReadOptions() });
     const storage = new Agent({
-      ...common,
+      ...blobPool,
       connect: (opts, callback) =>
         connect(opts, (...result) => {
           const [error, socket] = result;
@@ -79,7 +90,7 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
           callback(new RedirectRefused(`redirect to ${opts.hostname} refused: ${refusal}`), null);
         }),
     });
-    return { upstream, storage, refuseStorageHost, close: async () => void (await Promise.all([upstream.close(), storage.close()])) };
+    return { blobs, metadata, storage, refuseStorageHost, close: async () => void (await Promise.all([blobs.close(), metadata.close(), storage.close()])) };
   }
 
   const headers: Record<string, string> = { ...forward.headers };
@@ -88,14 +99,17 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
     const password = new SecretFile(forward.credentials.passwordFile ?? '').read();
     headers['proxy-authorization'] = `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`;
   }
-  const upstream = new ProxyAgent({
-    ...common,
-    uri: forward.url,
-    headers,
-    // connect: CONNECT tunnel (TLS to the upstream inside it); forward: absolute-form plain HTTP.
-    proxyTunnel: forward.mode === 'connect',
-    requestTls: tls,
-    proxyTls: { timeout: timeouts.connectMs, ...(options.lookup ? { lookup: options.lookup } : {}) },
-  });
-  return { upstream, storage: upstream, refuseStorageHost, close: () => upstream.close() };
+  const throughProxy = (pool: typeof blobPool) =>
+    new ProxyAgent({
+      ...pool,
+      uri: forward.url,
+      headers,
+      // connect: CONNECT tunnel (TLS to the upstream inside it); forward: absolute-form plain HTTP.
+      proxyTunnel: forward.mode === 'connect',
+      requestTls: tls,
+      proxyTls: { timeout: timeouts.connectMs, ...(options.lookup ? { lookup: options.lookup } : {}) },
+    });
+  const blobs = throughProxy(blobPool);
+  const metadata = throughProxy(metadataPool);
+  return { blobs, metadata, storage: blobs, refuseStorageHost, close: async () => void (await Promise.all([blobs.close(), metadata.close()])) };
 }

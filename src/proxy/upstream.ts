@@ -26,6 +26,8 @@ export interface UpstreamRequest {
   readonly signal: AbortSignal;
   /** Follow 3xx to storage (blobs only); otherwise redirects are returned as they are. */
   readonly followRedirects: boolean;
+  /** Which connection pool: blob streams, or everything short (never queued behind blobs). */
+  readonly lane: 'blob' | 'metadata';
 }
 
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
@@ -40,19 +42,20 @@ export class UpstreamClient {
     /** Token realms trusted with the rule's credentials besides the upstream's own origin. */
     tokenRealms: readonly string[] = [],
   ) {
-    this.authorizer = new Authorizer({ upstream, dispatcher: transport.upstream, tokenRealms });
+    this.authorizer = new Authorizer({ upstream, dispatcher: transport.metadata, tokenRealms });
   }
 
   async fetch(request: UpstreamRequest): Promise<UpstreamResponse> {
+    const dispatcher = request.lane === 'blob' ? this.transport.blobs : this.transport.metadata;
     let authorization = await this.authorizer.headerFor(request.scope, request.credentials);
-    let res = await this.send(this.transport.upstream, this.upstream.origin, request.path, request.method, request.headers, authorization, request.signal);
+    let res = await this.send(dispatcher, this.upstream.origin, request.path, request.method, request.headers, authorization, request.signal);
     if (res.statusCode === 401) {
       const challenges = parseChallenges(headerValue(res.headers['www-authenticate']));
       await res.body.dump();
       const retry = await this.authorizer.afterChallenge(challenges, request.scope, request.credentials, authorization);
       if (retry === null) return { ...res, url: this.upstream.href, unauthorized: true };
       authorization = retry;
-      res = await this.send(this.transport.upstream, this.upstream.origin, request.path, request.method, request.headers, retry, request.signal);
+      res = await this.send(dispatcher, this.upstream.origin, request.path, request.method, request.headers, retry, request.signal);
       if (res.statusCode === 401) return { ...res, url: this.upstream.href, unauthorized: true };
     } else if (res.statusCode < 400) {
       this.authorizer.noteAnonymous();
@@ -83,7 +86,7 @@ export class UpstreamClient {
       const refusal = sameOrigin ? null : this.transport.refuseStorageHost(next.hostname);
       if (refusal !== null) throw new RedirectRefused(`redirect to ${next.hostname} refused: ${refusal}`);
       const authorization = sameOrigin ? await this.authorizer.headerFor(request.scope, request.credentials) : undefined;
-      const dispatcher = sameOrigin ? this.transport.upstream : this.transport.storage;
+      const dispatcher = sameOrigin ? this.transport.blobs : this.transport.storage;
       res = await this.send(dispatcher, next.origin, `${next.pathname}${next.search}`, 'GET', headers, authorization, request.signal);
       current = next;
     }

@@ -8,7 +8,7 @@ import type { Registry } from 'prom-client';
 import { createMetricsRegistry } from '../../src/metrics.js';
 import { namespaceToken } from '../../src/proxy/credentials.js';
 import { Prober } from '../../src/proxy/probe.js';
-import { createProxyHandler, createProxyRuntime, type ProxyRuntime } from '../../src/proxy/server.js';
+import { createProxyHandler, createProxyRuntime, type ProxyHandlerOptions, type ProxyRuntime } from '../../src/proxy/server.js';
 import type { TransportOptions } from '../../src/proxy/transport.js';
 import { validateConfig, type ConfigInput } from '../../src/rules/config.js';
 import { listen, type ListenOptions, type RunningServer } from '../../src/shell/serve.js';
@@ -36,6 +36,7 @@ export async function startProxy(
   config: Omit<ConfigInput, 'broker'> & { broker?: ConfigInput['broker'] },
   transport: TransportOptions = {},
   server: Omit<ListenOptions, 'host' | 'port'> = {},
+  handler: Partial<Pick<ProxyHandlerOptions, 'blobStreamsPerClient' | 'minimumClientRate' | 'bufferBudget'>> = {},
 ): Promise<ProxyUnderTest> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-proxy-'));
   const key = Buffer.from(randomBytes(32).toString('hex'));
@@ -47,7 +48,7 @@ export async function startProxy(
   const metrics = createMetricsRegistry(false);
   const logs = memoryLogger();
   const prober = new Prober(() => runtime, metrics, 3_600_000, 5_000);
-  const running = await listen(createProxyHandler({ runtime: () => runtime, logger: logs.logger, metrics, prober }), { ...server, host: '127.0.0.1', port: 0 });
+  const running = await listen(createProxyHandler({ ...handler, runtime: () => runtime, logger: logs.logger, metrics, prober }), { ...server, host: '127.0.0.1', port: 0 });
   const credential = (namespace: string) => `${namespace}:${namespaceToken(key, namespace)}`;
   return {
     server: running,
