@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL, admitPod, parseAdmissionReview, type AdmissionRequest } from '../src/webhook/admission.js';
+import { ADMISSION_BODY_LIMIT_BYTES, MAX_CONTAINERS, ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL, admitPod, parseAdmissionReview, type AdmissionRequest } from '../src/webhook/admission.js';
 import { SHA, testConfig } from './support/config.js';
 import { applyPatch, podWith, reviewFor, type PodShape } from './support/review.js';
 
@@ -145,6 +145,19 @@ describe('admission decision (pure)', () => {
     assert.equal(outcome.skipReason, 'malformed-pod');
     assert.match(outcome.detail ?? '', /spec\.containers/);
     assert.equal(admit({ kind: 'Pod' }).skipReason, 'malformed-pod');
+  });
+
+  it('processes as many containers as an AdmissionReview within the body limit can hold, and no more', () => {
+    // The smallest container the apiserver serialises, repeated up to the body limit.
+    const containers = (n: number) => Array.from({ length: n }, (_, i) => ({ name: `c${i}`, image: `registry.corp.example:5000/team/app${i}:1`, resources: {}, terminationMessagePath: '/', terminationMessagePolicy: 'File', imagePullPolicy: 'Never' }));
+    const most = admit(podWith({ initContainers: containers(1), containers: containers(MAX_CONTAINERS - 1) }));
+    assert.equal(most.decision, 'mutated');
+    assert.equal(most.containers.length, MAX_CONTAINERS);
+    const tooMany = admit(podWith({ initContainers: containers(1), containers: containers(MAX_CONTAINERS) }));
+    assert.equal(tooMany.decision, 'skipped');
+    assert.equal(tooMany.skipReason, 'too-many-containers');
+    assert.deepEqual(tooMany.patch, []);
+    assert.ok(MAX_CONTAINERS * 129 <= ADMISSION_BODY_LIMIT_BYTES && (MAX_CONTAINERS + 1) * 129 > ADMISSION_BODY_LIMIT_BYTES);
   });
 
   describe('ephemeral containers (UPDATE pods/ephemeralcontainers)', () => {

@@ -4,10 +4,23 @@ import type { Operation } from 'fast-json-patch';
 import { z } from 'zod';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
 import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
+import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
 
 export const ORIGINAL_IMAGES_ANNOTATION = 'pullbridge.io/original-images';
 export const REWRITTEN_LABEL = 'pullbridge.io/rewritten';
 export const ADMISSION_API_VERSION = 'admission.k8s.io/v1';
+
+/** Kubernetes caps request bodies at 3 MiB; an AdmissionReview carries object and oldObject. */
+export const ADMISSION_BODY_LIMIT_BYTES = 7 * 1024 * 1024;
+
+// The apiserver sets no limit on the number of containers in a Pod (its validation checks names,
+// not counts), so the cap is derived from the body limit above: after defaulting, every container
+// the apiserver writes into an AdmissionReview has at least these fields (kube-apiserver v1.31, with
+// a one-letter name and image, the shortest termination message path and pull policy), so no review
+// within the limit can hold more containers than this. A Pod with more did not come from an
+// apiserver and is not processed container by container.
+const SMALLEST_SERIALISED_CONTAINER = '{"name":"a","image":"b","resources":{},"terminationMessagePath":"/","terminationMessagePolicy":"File","imagePullPolicy":"Never"},';
+export const MAX_CONTAINERS = Math.floor(ADMISSION_BODY_LIMIT_BYTES / SMALLEST_SERIALISED_CONTAINER.length);
 
 const CONTAINER_FIELDS = ['initContainers', 'containers', 'ephemeralContainers'] as const;
 type ContainerField = (typeof CONTAINER_FIELDS)[number];
@@ -79,7 +92,7 @@ export interface ContainerDecision {
   readonly detail?: string;
 }
 
-export type SkipReason = 'not-a-pod' | 'operation-not-handled' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod';
+export type SkipReason = 'not-a-pod' | 'operation-not-handled' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod' | 'too-many-containers';
 
 export interface AdmissionOutcome {
   readonly decision: 'mutated' | 'unchanged' | 'skipped';
@@ -110,6 +123,25 @@ const skipped = (skipReason: SkipReason, detail?: string): AdmissionOutcome => (
   pullSecret: null,
   warnings: [],
 });
+
+/**
+ * An image as audit records and warnings quote it. A string longer than any valid reference is cut:
+ * records are written for every admission, and a slow log reader must not make the process hold
+ * megabytes of echoed input.
+ */
+export function quotedImage(image: string): string {
+  return image.length <= REFERENCE_LENGTH_MAX ? image : `${image.slice(0, 64)}… (${image.length} characters)`;
+}
+
+/** How many containers of all kinds an unparsed Pod lists, without copying it. */
+function containerCount(object: unknown): number {
+  const spec: unknown = object !== null && typeof object === 'object' ? (object as { spec?: unknown }).spec : undefined;
+  if (spec === null || typeof spec !== 'object') return 0;
+  return CONTAINER_FIELDS.reduce((n, field) => {
+    const list: unknown = (spec as Record<string, unknown>)[field];
+    return n + (Array.isArray(list) ? list.length : 0);
+  }, 0);
+}
 
 function isOptedOut(labels: Readonly<Record<string, string>> | null | undefined, key: string): boolean {
   return labels?.[key] === 'true';
@@ -145,6 +177,8 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   if (!(request.operation === 'CREATE' && !request.subResource) && !ephemeralUpdate) {
     return skipped('operation-not-handled', `${request.operation}${request.subResource ? ` ${request.subResource}` : ''}`);
   }
+  const count = containerCount(request.object);
+  if (count > MAX_CONTAINERS) return skipped('too-many-containers', `${count} containers; an AdmissionReview from the apiserver holds at most ${MAX_CONTAINERS}`);
   const podParse = podSchema.safeParse(request.object);
   if (!podParse.success) {
     const issue = podParse.error.issues[0];
@@ -183,8 +217,9 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
         containers.push({ container: id, image: null, rewritten: null, rule: null, reason: 'invalid-reference', detail: 'no image' });
         return;
       }
+      const image = quotedImage(container.image);
       if (ephemeralUpdate && oldEphemeral.has(container.name)) {
-        containers.push({ container: id, image: container.image, rewritten: null, rule: null, reason: 'existing-ephemeral-container' });
+        containers.push({ container: id, image, rewritten: null, rule: null, reason: 'existing-ephemeral-container' });
         return;
       }
       const decision = decideImage(config, container.image, namespace);
@@ -192,14 +227,14 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
       if (decision.rewritten !== null && ephemeralUpdate && usesBroker && !podListsPullSecret) {
         // The Pod's pull secrets cannot change after creation, so the node could not authenticate.
         const detail = `pod does not list pull secret "${pullSecretName}" (created before pullbridge handled it)`;
-        containers.push({ container: id, image: container.image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
-        warnings.push(`pullbridge: ${id} image ${container.image} left unchanged: ${detail}`);
+        containers.push({ container: id, image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
+        warnings.push(`pullbridge: ${id} image ${image} left unchanged: ${detail}`);
         return;
       }
-      containers.push({ container: id, ...decision });
+      containers.push({ container: id, ...decision, image });
       if (decision.rewritten === null) {
         if (decision.reason === 'invalid-reference' || decision.reason === 'rewritten-reference-invalid') {
-          warnings.push(`pullbridge: ${id} image ${container.image} left unchanged: ${decision.detail ?? decision.reason}`);
+          warnings.push(`pullbridge: ${id} image ${image} left unchanged: ${decision.detail ?? decision.reason}`);
         }
         return;
       }

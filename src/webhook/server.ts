@@ -4,10 +4,9 @@ import express, { type NextFunction, type Request, type Response } from 'express
 import { Counter, Histogram, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
-import { admissionDenial, admissionResponse, admitPod, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
+import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
 
-/** Kubernetes caps request bodies at 3 MiB; an AdmissionReview carries object and oldObject. */
-export const DEFAULT_BODY_LIMIT_BYTES = 7 * 1024 * 1024;
+export const DEFAULT_BODY_LIMIT_BYTES = ADMISSION_BODY_LIMIT_BYTES;
 
 export interface WebhookSideEffects {
   /** Labels of a namespace, for namespace opt-out; undefined when unknown. */
