@@ -7,6 +7,9 @@ import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js
 import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
 
 export const ORIGINAL_IMAGES_ANNOTATION = 'pullbridge.io/original-images';
+/** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
+ * (TotalAnnotationSizeLimitB in k8s.io/apimachinery). */
+export const TOTAL_ANNOTATION_SIZE_LIMIT_BYTES = 256 * 1024;
 export const REWRITTEN_LABEL = 'pullbridge.io/rewritten';
 export const ADMISSION_API_VERSION = 'admission.k8s.io/v1';
 
@@ -104,6 +107,8 @@ export interface AdmissionOutcome {
   readonly pullSecret: string | null;
   /** Short messages for the user who created the Pod (AdmissionResponse warnings). */
   readonly warnings: readonly string[];
+  /** Why the original-images annotation was not added, when it was not. */
+  readonly originalImagesOmitted?: string;
 }
 
 export interface AdmissionContext {
@@ -151,6 +156,13 @@ function isOptedOut(labels: Readonly<Record<string, string>> | null | undefined,
 function setMapEntry(patch: Operation[], base: string, existing: Record<string, string> | null | undefined, key: string, value: string): void {
   if (existing === undefined || existing === null) patch.push({ op: 'add', path: base, value: { [key]: value } });
   else patch.push({ op: 'add', path: `${base}/${pointerSegment(key)}`, value });
+}
+
+/** Annotation keys plus values in bytes (UTF-8), as the apiserver counts them against its limit. */
+export function annotationBytes(annotations: Readonly<Record<string, string>>): number {
+  let total = 0;
+  for (const [key, value] of Object.entries(annotations)) total += Buffer.byteLength(key) + Buffer.byteLength(value);
+  return total;
 }
 
 function parseOriginalImages(value: string | undefined): Record<string, string> {
@@ -206,6 +218,7 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   const warnings: string[] = [];
   const originals: Record<string, string> = {};
   let needsPullSecret = false;
+  let originalImagesOmitted: string | undefined;
 
   // An ephemeral-container update may change nothing but new ephemeral containers: the apiserver
   // ignores metadata changes there and forbids editing existing entries.
@@ -258,12 +271,21 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
     }
     if (pod.metadata === undefined) patch.push({ op: 'add', path: '/metadata', value: {} });
     const annotations = pod.metadata?.annotations;
-    const merged = { ...parseOriginalImages(annotations?.[ORIGINAL_IMAGES_ANNOTATION] ?? undefined), ...originals };
-    setMapEntry(patch, '/metadata/annotations', annotations, ORIGINAL_IMAGES_ANNOTATION, JSON.stringify(merged));
+    const merged = JSON.stringify({ ...parseOriginalImages(annotations?.[ORIGINAL_IMAGES_ANNOTATION] ?? undefined), ...originals });
+    // The apiserver refuses a Pod whose annotations exceed its limit: a record of the originals is
+    // not worth a Pod that was valid. The audit record still has them.
+    const { [ORIGINAL_IMAGES_ANNOTATION]: _replaced, ...others } = annotations ?? {};
+    const total = annotationBytes(others) + annotationBytes({ [ORIGINAL_IMAGES_ANNOTATION]: merged });
+    if (total <= TOTAL_ANNOTATION_SIZE_LIMIT_BYTES) {
+      setMapEntry(patch, '/metadata/annotations', annotations, ORIGINAL_IMAGES_ANNOTATION, merged);
+    } else {
+      originalImagesOmitted = `the Pod's annotations would total ${total} bytes, more than the apiserver's limit of ${TOTAL_ANNOTATION_SIZE_LIMIT_BYTES}`;
+      warnings.push(`pullbridge: annotation ${ORIGINAL_IMAGES_ANNOTATION} not added: ${originalImagesOmitted}; images are rewritten, the originals are in the audit log`);
+    }
     if (pod.metadata?.labels?.[REWRITTEN_LABEL] !== 'true') setMapEntry(patch, '/metadata/labels', pod.metadata?.labels, REWRITTEN_LABEL, 'true');
   }
 
-  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, warnings };
+  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, warnings, ...(originalImagesOmitted !== undefined ? { originalImagesOmitted } : {}) };
 }
 
 export interface AdmissionResponseBody {

@@ -71,6 +71,7 @@ function auditRecord(request: AdmissionRequest, outcome: AdmissionOutcome, resul
     ...(outcome.detail ? { detail: outcome.detail } : {}),
     images: outcome.containers,
     pullSecret: outcome.pullSecret,
+    ...(outcome.originalImagesOmitted ? { originalImagesOmitted: outcome.originalImagesOmitted } : {}),
     ...(error ? { error } : {}),
     durationMs: Math.round(durationMs * 1000) / 1000,
   };
