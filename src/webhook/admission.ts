@@ -31,7 +31,14 @@ type ContainerField = (typeof CONTAINER_FIELDS)[number];
 // The envelope is checked strictly; the Pod only as far as we read it (the apiserver has already
 // decoded and defaulted it, and will validate whatever we return).
 const stringMap = z.record(z.string(), z.string());
-const containerSchema = z.looseObject({ name: z.string(), image: z.string().optional() });
+// Containers are checked in place rather than parsed into copies: a Pod may list tens of thousands.
+interface Container {
+  readonly name: string;
+  readonly image?: string;
+}
+const isContainer = (c: unknown): c is Container =>
+  c !== null && typeof c === 'object' && typeof (c as { name?: unknown }).name === 'string' && ['string', 'undefined'].includes(typeof (c as { image?: unknown }).image);
+const containerSchema = z.custom<Container>(isContainer, { message: 'must be an object with a string name and an optional string image' });
 const podSchema = z.looseObject({
   metadata: z
     .looseObject({
