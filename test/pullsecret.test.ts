@@ -3,8 +3,8 @@
 
 import assert from 'node:assert/strict';
 import type { V1Secret } from '@kubernetes/client-node';
-import { LAST_ADMISSION_ANNOTATION, desiredPullSecret, lastUse, pullSecretAction } from '../src/k8s/pullsecret.js';
-import { namespaceServed } from '../src/k8s/reconciler.js';
+import { LAST_ADMISSION_ANNOTATION, desiredPullSecret, keyId, lastUse, pullSecretAction } from '../src/k8s/pullsecret.js';
+import { namespaceServed, reconcileAction, type NamespaceFacts } from '../src/k8s/reconciler.js';
 import { testConfig } from './support/config.js';
 
 const config = testConfig();
@@ -43,9 +43,35 @@ describe('pull secret decisions (pure)', () => {
     assert.equal(pullSecretAction(recent, desired, undefined, MINUTE), 'keep');
   });
 
-  it('serves a namespace unless it is excluded or opted out', () => {
+  it('serves a namespace unless it is excluded, opted out or terminating', () => {
     assert.equal(namespaceServed(config, { metadata: { name: 'shop' } }), true);
     assert.equal(namespaceServed(config, { metadata: { name: 'shop', labels: { 'pullbridge.io/ignore': 'true' } } }), false);
+    assert.equal(namespaceServed(config, { metadata: { name: 'shop' }, status: { phase: 'Terminating' } }), false);
     for (const name of ['kube-system', 'pullbridge', 'infra']) assert.equal(namespaceServed(config, { metadata: { name } }), false, name);
+  });
+
+  describe('the reconciler', () => {
+    const GRACE = 10 * MINUTE;
+    const facts = (over: Partial<NamespaceFacts>): NamespaceFacts => ({ secret: stored(desired), served: true, referenced: false, now: CREATED + 2 * GRACE, graceMs: GRACE, currentKey: keyId(key), ...over });
+
+    it('re-creates a missing Secret only where a rewritten Pod lists it and the namespace is served', () => {
+      assert.equal(reconcileAction(facts({ secret: undefined, referenced: true })), 'recreate');
+      assert.equal(reconcileAction(facts({ secret: undefined, referenced: false })), 'keep');
+      assert.equal(reconcileAction(facts({ secret: undefined, referenced: true, served: false })), 'keep');
+    });
+
+    it('deletes an unneeded Secret once the grace has passed since the last admission, not since creation', () => {
+      assert.equal(reconcileAction(facts({})), 'delete');
+      assert.equal(reconcileAction(facts({ secret: stored(desired, CREATED + GRACE + 1) })), 'keep');
+      assert.equal(reconcileAction(facts({ secret: stored(desired, CREATED + GRACE - 1) })), 'delete');
+      assert.equal(reconcileAction(facts({ referenced: true })), 'keep');
+      assert.equal(reconcileAction(facts({ referenced: true, served: false })), 'delete');
+    });
+
+    it('refreshes a needed Secret signed with another key, and never touches a foreign one', () => {
+      assert.equal(reconcileAction(facts({ referenced: true, currentKey: 'other' })), 'refresh');
+      const foreign = stored({ ...desired, metadata: { ...desired.metadata, labels: {} } });
+      assert.equal(reconcileAction(facts({ secret: foreign })), 'keep');
+    });
   });
 });

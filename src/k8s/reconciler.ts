@@ -30,7 +30,33 @@ export interface ReconcilerOptions {
 export function namespaceServed(config: Config, namespace: V1Namespace): boolean {
   const name = namespace.metadata?.name ?? '';
   if (ALWAYS_EXCLUDED_NAMESPACES.includes(name) || name === config.webhook.namespace || config.webhook.excludedNamespaces.includes(name)) return false;
-  return namespace.metadata?.labels?.[config.webhook.optOutLabel] !== 'true';
+  return namespace.metadata?.labels?.[config.webhook.optOutLabel] !== 'true' && namespace.status?.phase !== 'Terminating';
+}
+
+export interface NamespaceFacts {
+  /** The pull secret in the namespace, if any. */
+  readonly secret: V1Secret | undefined;
+  /** Whether pullbridge serves the namespace (see namespaceServed). */
+  readonly served: boolean;
+  /** Whether a rewritten Pod there lists the pull secret. */
+  readonly referenced: boolean;
+  readonly now: number;
+  readonly graceMs: number;
+  /** The key id the secret should carry. */
+  readonly currentKey: string;
+}
+
+export type ReconcileAction = 'recreate' | 'delete' | 'refresh' | 'keep';
+
+/** What the reconciler does with one namespace's pull secret. Pure. */
+export function reconcileAction(facts: NamespaceFacts): ReconcileAction {
+  const { secret, served } = facts;
+  const needed = served && facts.referenced;
+  // Deleted (by hand, or by another replica) while Pods still list it: they could not pull.
+  if (secret === undefined) return needed ? 'recreate' : 'keep';
+  if (!isManaged(secret)) return 'keep';
+  if (!needed && facts.now - lastUse(secret) > facts.graceMs) return 'delete';
+  return secret.metadata?.annotations?.[KEY_ID_ANNOTATION] !== facts.currentKey ? 'refresh' : 'keep';
 }
 
 export class PullSecretReconciler {
@@ -61,15 +87,16 @@ export class PullSecretReconciler {
     if (this.timer) clearInterval(this.timer);
   }
 
-  /** Whether a rewritten Pod in the namespace lists the pull secret (pages through them until one does). */
-  private async referenced(namespace: string, name: string): Promise<boolean> {
+  /** The namespaces where a rewritten Pod lists the pull secret: one paged list of rewritten Pods. */
+  private async namespacesReferencing(name: string): Promise<Set<string>> {
+    const namespaces = new Set<string>();
     let page: string | undefined;
     do {
-      const pods = await this.core.listNamespacedPod({ namespace, labelSelector: `${REWRITTEN_LABEL}=true`, limit: 100, ...(page ? { _continue: page } : {}) });
-      if (pods.items.some((pod) => pod.spec?.imagePullSecrets?.some((s) => s.name === name))) return true;
+      const pods = await this.core.listPodForAllNamespaces({ labelSelector: `${REWRITTEN_LABEL}=true`, limit: 500, ...(page ? { _continue: page } : {}) });
+      for (const pod of pods.items) if (pod.spec?.imagePullSecrets?.some((s) => s.name === name)) namespaces.add(pod.metadata?.namespace ?? '');
       page = pods.metadata?._continue || undefined;
     } while (page !== undefined);
-    return false;
+    return namespaces;
   }
 
   private async read(namespace: string, name: string): Promise<V1Secret | undefined> {
@@ -88,32 +115,26 @@ export class PullSecretReconciler {
     // Secrets are read by name in each namespace rather than listed: RBAC can then limit the
     // webhook to the one Secret name it manages instead of every Secret in the cluster.
     const name = config.webhook.pullSecretName;
-    const namespaces = await this.core.listNamespace();
+    const [namespaces, referencing] = await Promise.all([this.core.listNamespace(), this.namespacesReferencing(name)]);
     for (const ns of namespaces.items) {
       const namespace = ns.metadata?.name ?? '';
       const id = `${namespace}/${name}`;
       try {
-        const served = namespaceServed(config, ns);
         const secret = await this.read(namespace, name);
-        if (secret === undefined) {
-          // Deleted (by hand, or by another replica) while Pods still reference it: they could not pull.
-          if (served && ns.status?.phase !== 'Terminating' && (await this.referenced(namespace, name))) {
-            await this.provisioner.ensure(namespace, name, { admission: false });
-            result.recreated.push(id);
-          }
-          continue;
-        }
-        if (!isManaged(secret)) continue;
-        if (this.now() - lastUse(secret) > this.graceMs && !(served && (await this.referenced(namespace, name)))) {
+        const action = reconcileAction({ secret, served: namespaceServed(config, ns), referenced: referencing.has(namespace), now: this.now(), graceMs: this.graceMs, currentKey });
+        if (action === 'recreate') {
+          await this.provisioner.ensure(namespace, name, { admission: false });
+          result.recreated.push(id);
+        } else if (action === 'delete') {
           try {
             // Only the version read: an admission through another replica may have just recorded itself.
-            await this.core.deleteNamespacedSecret({ namespace, name, body: { preconditions: { resourceVersion: secret.metadata?.resourceVersion } } });
+            await this.core.deleteNamespacedSecret({ namespace, name, body: { preconditions: { resourceVersion: secret?.metadata?.resourceVersion } } });
             result.deleted.push(id);
           } catch (error) {
             if (apiStatus(error) !== 409 && apiStatus(error) !== 404) throw error;
           }
           this.provisioner.forget(namespace, name);
-        } else if (secret.metadata?.annotations?.[KEY_ID_ANNOTATION] !== currentKey) {
+        } else if (action === 'refresh') {
           this.provisioner.forget(namespace, name);
           await this.provisioner.ensure(namespace, name, { admission: false });
           result.refreshed.push(id);

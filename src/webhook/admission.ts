@@ -281,8 +281,7 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
     const merged = JSON.stringify({ ...parseOriginalImages(annotations?.[ORIGINAL_IMAGES_ANNOTATION] ?? undefined), ...originals });
     // The apiserver refuses a Pod whose annotations exceed its limit: a record of the originals is
     // not worth a Pod that was valid. The audit record still has them.
-    const { [ORIGINAL_IMAGES_ANNOTATION]: _replaced, ...others } = annotations ?? {};
-    const total = annotationBytes(others) + annotationBytes({ [ORIGINAL_IMAGES_ANNOTATION]: merged });
+    const total = annotationBytes({ ...annotations, [ORIGINAL_IMAGES_ANNOTATION]: merged });
     if (total <= TOTAL_ANNOTATION_SIZE_LIMIT_BYTES) {
       setMapEntry(patch, '/metadata/annotations', annotations, ORIGINAL_IMAGES_ANNOTATION, merged);
     } else {
