@@ -26,14 +26,18 @@ export interface RssSample {
   readonly rssMb: number;
 }
 
+/** A process's resident set in MiB, from /proc (VmRSS); throws when the process is gone. */
+export function readRssMb(pid: number): number {
+  return Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN) / 1024;
+}
+
 /** Samples a process's resident set from /proc every `intervalMs` until stopped. */
 export function sampleRss(pid: number, intervalMs = 250): { stop(): RssSample[] } {
   const samples: RssSample[] = [];
   const began = performance.now();
   const take = () => {
     try {
-      const kb = Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? NaN);
-      samples.push({ seconds: (performance.now() - began) / 1000, rssMb: kb / 1024 });
+      samples.push({ seconds: (performance.now() - began) / 1000, rssMb: readRssMb(pid) });
     } catch {
       // The process is gone; the caller sees that elsewhere.
     }

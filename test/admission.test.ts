@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL, admitPod, parseAdmissionReview, type AdmissionRequest } from '../src/webhook/admission.js';
+import { ADMISSION_BODY_LIMIT_BYTES, MAX_CONTAINERS, ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL, TOTAL_ANNOTATION_SIZE_LIMIT_BYTES, admitPod, annotationBytes, parseAdmissionReview, type AdmissionRequest } from '../src/webhook/admission.js';
 import { SHA, testConfig } from './support/config.js';
 import { applyPatch, podWith, reviewFor, type PodShape } from './support/review.js';
 
@@ -145,6 +145,55 @@ describe('admission decision (pure)', () => {
     assert.equal(outcome.skipReason, 'malformed-pod');
     assert.match(outcome.detail ?? '', /spec\.containers/);
     assert.equal(admit({ kind: 'Pod' }).skipReason, 'malformed-pod');
+  });
+
+  it('adds the original-images annotation only while all annotations stay within the apiserver\'s limit', () => {
+    const images = ['registry.corp.example:5000/team/app:1', 'registry.corp.example:5000/team/web:2'];
+    const value = JSON.stringify({ 'containers/c0': images[0], 'containers/c1': images[1] });
+    const own = (bytes: number) => ({ 'example.com/notes': 'n'.repeat(bytes - 'example.com/notes'.length) });
+    const podWithAnnotations = (annotations: Record<string, string>) =>
+      podWith({ containers: images.map((image, i) => ({ name: `c${i}`, image })) }, { name: 'web', namespace: 'default', annotations });
+    const room = TOTAL_ANNOTATION_SIZE_LIMIT_BYTES - ORIGINAL_IMAGES_ANNOTATION.length - value.length;
+
+    // Exactly at the limit: added.
+    const atLimit = podWithAnnotations(own(room));
+    const fits = admit(atLimit);
+    const patched = applyPatch(atLimit, fits.patch) as unknown as PodShape;
+    assert.equal(patched.metadata.annotations?.[ORIGINAL_IMAGES_ANNOTATION], value);
+    assert.equal(annotationBytes(patched.metadata.annotations ?? {}), TOTAL_ANNOTATION_SIZE_LIMIT_BYTES);
+    assert.equal(fits.originalImagesOmitted, undefined);
+    assert.deepEqual(fits.warnings, []);
+
+    // One byte over: the images are still rewritten, the annotation is left out, and the user is told.
+    const ownOver = own(room + 1);
+    const over = podWithAnnotations(ownOver);
+    const omitted = admit(over);
+    assert.equal(omitted.decision, 'mutated');
+    const rewritten = applyPatch(over, omitted.patch) as unknown as PodShape;
+    assert.deepEqual(rewritten.spec.containers.map((c) => c.image), ['localhost:30500/corp/team/app:1', 'localhost:30500/corp/team/web:2']);
+    assert.deepEqual(rewritten.spec.imagePullSecrets, [{ name: 'pullbridge-pull' }]);
+    assert.equal(rewritten.metadata.labels?.[REWRITTEN_LABEL], 'true');
+    assert.deepEqual(rewritten.metadata.annotations, ownOver);
+    assert.equal(omitted.originalImagesOmitted, `the Pod's annotations would total ${TOTAL_ANNOTATION_SIZE_LIMIT_BYTES + 1} bytes, more than the apiserver's limit of ${TOTAL_ANNOTATION_SIZE_LIMIT_BYTES}`);
+    assert.equal(omitted.warnings.length, 1);
+    assert.match(omitted.warnings[0] ?? '', /^pullbridge: annotation pullbridge\.io\/original-images not added: .*262145 bytes.*images are rewritten/);
+
+    // Bytes, not characters: a multi-byte annotation value counts as the apiserver counts it.
+    const wide = podWithAnnotations({ 'example.com/notes': 'é'.repeat(Math.ceil((room - 'example.com/notes'.length) / 2) + 1) });
+    assert.ok(admit(wide).originalImagesOmitted);
+  });
+
+  it('processes as many containers as an AdmissionReview within the body limit can hold, and no more', () => {
+    // The smallest container the apiserver serialises, repeated up to the body limit.
+    const containers = (n: number) => Array.from({ length: n }, (_, i) => ({ name: `c${i}`, image: `registry.corp.example:5000/team/app${i}:1`, resources: {}, terminationMessagePath: '/', terminationMessagePolicy: 'File', imagePullPolicy: 'Never' }));
+    const most = admit(podWith({ initContainers: containers(1), containers: containers(MAX_CONTAINERS - 1) }));
+    assert.equal(most.decision, 'mutated');
+    assert.equal(most.containers.length, MAX_CONTAINERS);
+    const tooMany = admit(podWith({ initContainers: containers(1), containers: containers(MAX_CONTAINERS) }));
+    assert.equal(tooMany.decision, 'skipped');
+    assert.equal(tooMany.skipReason, 'too-many-containers');
+    assert.deepEqual(tooMany.patch, []);
+    assert.ok(MAX_CONTAINERS * 129 <= ADMISSION_BODY_LIMIT_BYTES && (MAX_CONTAINERS + 1) * 129 > ADMISSION_BODY_LIMIT_BYTES);
   });
 
   describe('ephemeral containers (UPDATE pods/ephemeralcontainers)', () => {

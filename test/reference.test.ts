@@ -44,6 +44,8 @@ const VALID: ReadonlyArray<readonly [string, string, string, string?, string?]> 
   ['xn--bcher-kva.example/app', 'xn--bcher-kva.example', 'app'],
   ['a.b-c.example/x', 'a.b-c.example', 'x'],
   ['example.com/' + 'a'.repeat(243), 'example.com', 'a'.repeat(243)],
+  // The longest valid reference (526 characters as written).
+  [`index.docker.io/a/${'b'.repeat(243)}:${'t'.repeat(128)}@${SHA512}`, 'docker.io', `a/${'b'.repeat(243)}`, 't'.repeat(128), SHA512],
 ];
 
 // [input, fragment of the error]
@@ -88,6 +90,7 @@ const INVALID: ReadonlyArray<readonly [string, string]> = [
   ['[zz::1]/app', 'invalid registry host'],
   ['[::1/app', 'invalid'],
   ['example.com/' + 'a'.repeat(244), 'more than 255'],
+  ['example.com/app:' + 'a'.repeat(600), 'characters long; a valid one has at most 526'],
   [':tag', 'no repository name'],
   ['@' + SHA, 'no repository name'],
   ['example.com/app%2fx', 'invalid repository name'],

@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { filesReadBy, parseConfig } from '../src/rules/config.js';
-import { decideImage } from '../src/rules/decide.js';
+import { MEMO_MAX_BYTES, MEMO_MAX_ENTRIES, decideImage, memoSize } from '../src/rules/decide.js';
+import { REFERENCE_LENGTH_MAX } from '../src/reference/reference.js';
 import { compileGlob } from '../src/rules/glob.js';
 import { SHA, configFrom, testConfig } from './support/config.js';
 
@@ -255,5 +256,25 @@ describe('rewrite decision', () => {
     assert.equal(d.reason, 'rewritten-reference-invalid');
     assert.equal(d.rewritten, null);
     assert.match(d.detail ?? '', /more than 255/);
+  });
+
+  it('keeps its memo within its entry and byte bounds, and never memoises an over-long image', () => {
+    const fresh = testConfig();
+    // Valid references of the longest kind, all different: the byte bound is reached first.
+    const longest = (i: number) => `team.example/apps/${String(i).padStart(8, '0')}${'a'.repeat(200)}:${'t'.repeat(128)}@sha512:${'b'.repeat(128)}`;
+    for (let i = 0; i < 6000; i++) decideImage(fresh, longest(i), 'team-a');
+    const full = memoSize(fresh);
+    assert.ok(full.bytes <= MEMO_MAX_BYTES, `${full.bytes} bytes`);
+    assert.ok(full.entries < MEMO_MAX_ENTRIES && full.entries > 0, `${full.entries} entries`);
+    // Short ones: the entry bound.
+    for (let i = 0; i < 6000; i++) decideImage(fresh, `team.example/apps/w${i}:1`, 'team-a');
+    assert.equal(memoSize(fresh).entries, MEMO_MAX_ENTRIES);
+    // Past the longest valid reference: decided (invalid, without quoting it), not memoised.
+    const huge = `registry.corp.example:5000/team/app:${'x'.repeat(100_000)}`;
+    const before = memoSize(fresh);
+    const d = decideImage(fresh, huge, 'shop');
+    assert.equal(d.reason, 'invalid-reference');
+    assert.match(d.detail ?? '', new RegExp(`^image reference is 100036 characters long; a valid one has at most ${REFERENCE_LENGTH_MAX}$`));
+    assert.deepEqual(memoSize(fresh), before);
   });
 });

@@ -5,6 +5,8 @@ import { CoreV1Api, AdmissionregistrationV1Api, KubeConfig } from '@kubernetes/c
 export interface KubeClients {
   readonly core: CoreV1Api;
   readonly admission: AdmissionregistrationV1Api;
+  /** For watches. */
+  readonly config: KubeConfig;
 }
 
 /** In a Pod: the service account. Elsewhere: `kubeconfig` (or $KUBECONFIG), else none. */
@@ -14,7 +16,7 @@ export function kubeClients(kubeconfig?: string): KubeClients | undefined {
   else if (process.env.KUBERNETES_SERVICE_HOST) kc.loadFromCluster();
   else if (process.env.KUBECONFIG) kc.loadFromDefault();
   else return undefined;
-  return { core: kc.makeApiClient(CoreV1Api), admission: kc.makeApiClient(AdmissionregistrationV1Api) };
+  return { core: kc.makeApiClient(CoreV1Api), admission: kc.makeApiClient(AdmissionregistrationV1Api), config: kc };
 }
 
 /** The HTTP status of a client error, if it is one. */

@@ -1,9 +1,14 @@
 // The namespace pull secret, the way vendor platforms provision an imagePullSecret: created or
 // updated idempotently when the webhook rewrites a Pod, cached so that steady-state admissions make
-// no API call, and reconciled in the background after key rotation.
+// no API call, and reconciled in the background after key rotation. A confirmation is trusted for a
+// bounded time only, and a watch drops it at once when the Secret is deleted or changed, so a
+// deleted Secret is re-created by the next admission. Admissions record when they last needed the
+// Secret on the Secret itself (at most once per interval), so every replica's reconciler counts the
+// deletion grace from the last admission, not from the Secret's creation.
 
 import { createHash } from 'node:crypto';
-import type { CoreV1Api, V1Secret } from '@kubernetes/client-node';
+import { Watch, type CoreV1Api, type KubeConfig, type V1Secret } from '@kubernetes/client-node';
+import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
 import { dockerConfigJson } from '../proxy/credentials.js';
 import { apiMessage, apiStatus } from './client.js';
@@ -11,6 +16,10 @@ import { apiMessage, apiStatus } from './client.js';
 export const MANAGED_BY_LABEL = 'app.kubernetes.io/managed-by';
 export const MANAGED_BY = 'pullbridge';
 export const KEY_ID_ANNOTATION = 'pullbridge.io/key-id';
+/** When an admission last needed the Secret (RFC 3339), refreshed at most once per recheck interval. */
+export const LAST_ADMISSION_ANNOTATION = 'pullbridge.io/last-admission';
+/** How long a confirmed Secret is trusted without reading it again, at most. */
+export const MAX_RECHECK_MS = 60_000;
 
 /** A short, non-reversible identity of a key, so a rotation is visible without the key. */
 export const keyId = (key: Uint8Array): string => createHash('sha256').update(key).digest('hex').slice(0, 16);
@@ -31,67 +40,117 @@ export function desiredPullSecret(config: Config, namespace: string, name: strin
   };
 }
 
-const isManaged = (s: V1Secret): boolean => s.metadata?.labels?.[MANAGED_BY_LABEL] === MANAGED_BY;
-const sameContent = (a: V1Secret, b: V1Secret): boolean => a.type === b.type && a.data?.['.dockerconfigjson'] === b.data?.['.dockerconfigjson'];
+export const isManaged = (s: V1Secret): boolean => s.metadata?.labels?.[MANAGED_BY_LABEL] === MANAGED_BY;
+const secretContent = (s: V1Secret): string => s.data?.['.dockerconfigjson'] ?? '';
+const sameContent = (a: V1Secret, b: V1Secret): boolean => a.type === b.type && secretContent(a) === secretContent(b);
+
+/** When the Secret was last needed: its last recorded admission, or its creation. Pure. */
+export function lastUse(secret: V1Secret): number {
+  const created = secret.metadata?.creationTimestamp ? new Date(secret.metadata.creationTimestamp).getTime() : 0;
+  const admitted = Date.parse(secret.metadata?.annotations?.[LAST_ADMISSION_ANNOTATION] ?? '');
+  return Number.isNaN(admitted) ? created : Math.max(created, admitted);
+}
+
+export type PullSecretAction = 'create' | 'replace' | 'keep' | 'foreign';
+
+/**
+ * What to do with the Secret found in the namespace (undefined: none). `admissionAt` is the time of
+ * the admission that needs it, or undefined for background upkeep, which records no admission. Pure.
+ */
+export function pullSecretAction(existing: V1Secret | undefined, desired: V1Secret, admissionAt: number | undefined, recheckMs: number): PullSecretAction {
+  if (existing === undefined) return 'create';
+  if (!isManaged(existing)) return 'foreign';
+  if (!sameContent(existing, desired)) return 'replace';
+  if (admissionAt !== undefined && admissionAt - lastUse(existing) >= recheckMs) return 'replace';
+  return 'keep';
+}
+
+/** `desired` as written: with the admission time, or the one the existing Secret recorded. Pure. */
+function withLastAdmission(desired: V1Secret, lastAdmission: string | undefined, resourceVersion?: string): V1Secret {
+  const annotations = { ...desired.metadata?.annotations, ...(lastAdmission !== undefined ? { [LAST_ADMISSION_ANNOTATION]: lastAdmission } : {}) };
+  return { ...desired, metadata: { ...desired.metadata, annotations, ...(resourceVersion !== undefined ? { resourceVersion } : {}) } };
+}
+
+export interface ProvisionerOptions {
+  /** How long a confirmed Secret is trusted without reading it again, and how often admissions
+   * refresh its last-admission time. Keep it well below the reconciler's grace. */
+  readonly recheckMs?: number;
+  readonly now?: () => number;
+}
 
 export class PullSecretProvisioner {
-  /** namespace/name → the desired content last confirmed in the cluster. */
-  private readonly confirmed = new Map<string, string>();
+  /** namespace/name → the content last confirmed in the cluster, and until when to trust that. */
+  private readonly confirmed = new Map<string, { readonly content: string; readonly until: number }>();
   private readonly inflight = new Map<string, Promise<void>>();
+  private readonly recheckMs: number;
+  private readonly now: () => number;
 
   constructor(
     private readonly core: CoreV1Api,
     private readonly config: () => Config,
     private readonly signingKey: () => Uint8Array,
-  ) {}
+    options: ProvisionerOptions = {},
+  ) {
+    this.recheckMs = options.recheckMs ?? MAX_RECHECK_MS;
+    this.now = options.now ?? Date.now;
+  }
 
   /**
-   * Makes sure the secret exists with the current content. Concurrent calls for one namespace share
-   * one round of API calls; a create that loses a race (409) is checked, not reported.
+   * Makes sure the secret exists with the current content, for an admission (recorded on the Secret
+   * at most once per recheck interval) or, with `admission: false`, for background upkeep.
+   * Concurrent calls for one namespace share one round of API calls; a create that loses a race
+   * (409) is checked, not reported.
    */
-  ensure(namespace: string, name: string): Promise<void> {
+  ensure(namespace: string, name: string, { admission = true }: { readonly admission?: boolean } = {}): Promise<void> {
     const desired = desiredPullSecret(this.config(), namespace, name, this.signingKey());
     const id = `${namespace}/${name}`;
-    const content = desired.data?.['.dockerconfigjson'] ?? '';
-    if (this.confirmed.get(id) === content) return Promise.resolve();
+    const content = secretContent(desired);
+    const known = this.confirmed.get(id);
+    if (known !== undefined && known.content === content && known.until > this.now()) return Promise.resolve();
     const running = this.inflight.get(id);
     if (running) return running;
-    const work = this.apply(desired)
-      .then(() => {
-        this.confirmed.set(id, content);
+    const work = this.apply(desired, admission ? this.now() : undefined)
+      .then((lastUsed) => {
+        this.confirmed.set(id, { content, until: lastUsed + this.recheckMs });
       })
       .finally(() => this.inflight.delete(id));
     this.inflight.set(id, work);
     return work;
   }
 
-  /** Forgets what is cached, e.g. after the reconciler deleted a secret. */
-  forget(namespace: string, name: string): void {
-    this.confirmed.delete(`${namespace}/${name}`);
+  /** Forgets what is cached, e.g. after the secret was deleted; says whether anything was. */
+  forget(namespace: string, name: string): boolean {
+    return this.confirmed.delete(`${namespace}/${name}`);
   }
 
-  private async apply(desired: V1Secret): Promise<void> {
+  /** A version of the secret seen in the cluster: a confirmation it contradicts is dropped. */
+  observe(secret: V1Secret): void {
+    const id = `${secret.metadata?.namespace ?? ''}/${secret.metadata?.name ?? ''}`;
+    const known = this.confirmed.get(id);
+    if (known !== undefined && (!isManaged(secret) || secretContent(secret) !== known.content)) this.confirmed.delete(id);
+  }
+
+  /** Applies `desired`; resolves with the time the Secret was last used, as it now records. */
+  private async apply(desired: V1Secret, admissionAt: number | undefined): Promise<number> {
     const namespace = desired.metadata?.namespace ?? '';
     const name = desired.metadata?.name ?? '';
+    const stamp = admissionAt !== undefined ? new Date(admissionAt).toISOString() : undefined;
     for (let attempt = 0; attempt < 3; attempt++) {
       const existing = await this.read(namespace, name);
-      if (!existing) {
-        try {
-          await this.core.createNamespacedSecret({ namespace, body: desired });
-          return;
-        } catch (error) {
-          if (apiStatus(error) === 409) continue; // created meanwhile: compare on the next round
-          throw new Error(`create secret ${namespace}/${name}: ${apiMessage(error)}`);
-        }
-      }
-      if (!isManaged(existing)) throw new Error(`secret ${namespace}/${name} exists and is not managed by pullbridge; not overwriting it`);
-      if (sameContent(existing, desired)) return;
+      const action = pullSecretAction(existing, desired, admissionAt, this.recheckMs);
+      if (action === 'foreign') throw new Error(`secret ${namespace}/${name} exists and is not managed by pullbridge; not overwriting it`);
+      if (action === 'keep' && existing !== undefined) return lastUse(existing);
       try {
-        await this.core.replaceNamespacedSecret({ namespace, name, body: { ...desired, metadata: { ...desired.metadata, resourceVersion: existing.metadata?.resourceVersion } } });
-        return;
+        if (existing === undefined) {
+          await this.core.createNamespacedSecret({ namespace, body: withLastAdmission(desired, stamp) });
+          return admissionAt ?? this.now();
+        }
+        const recorded = stamp ?? existing.metadata?.annotations?.[LAST_ADMISSION_ANNOTATION];
+        await this.core.replaceNamespacedSecret({ namespace, name, body: withLastAdmission(desired, recorded, existing.metadata?.resourceVersion) });
+        return admissionAt ?? lastUse(existing);
       } catch (error) {
-        if (apiStatus(error) === 409) continue; // changed meanwhile: read again
-        throw new Error(`update secret ${namespace}/${name}: ${apiMessage(error)}`);
+        if (apiStatus(error) === 409) continue; // created or changed meanwhile: look again
+        throw new Error(`${existing === undefined ? 'create' : 'update'} secret ${namespace}/${name}: ${apiMessage(error)}`);
       }
     }
     throw new Error(`secret ${namespace}/${name} kept changing; gave up after 3 attempts`);
@@ -105,4 +164,60 @@ export class PullSecretProvisioner {
       throw new Error(`read secret ${namespace}/${name}: ${apiMessage(error)}`);
     }
   }
+}
+
+/**
+ * Watches the pull secrets (by name, in every namespace; RBAC can keep that to the one name) and
+ * drops the provisioner's confirmation when one is deleted or changed by someone else, so the next
+ * admission in that namespace repairs it at once. A watch that ends is started again; deletions
+ * missed meanwhile are caught by the confirmations' expiry.
+ */
+export function watchPullSecrets(kubeConfig: KubeConfig, name: () => string, provisioner: PullSecretProvisioner, logger: Logger, retryMs = 5000): { stop(): void } {
+  const watch = new Watch(kubeConfig);
+  let stopped = false;
+  // After an error (e.g. RBAC without watch), wait longer each time, up to five minutes.
+  let failures = 0;
+  const backoff = () => Math.min(retryMs * 2 ** failures++, 300_000);
+  let request: AbortController | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  const again = (delayMs: number) => {
+    if (stopped) return;
+    timer = setTimeout(start, delayMs);
+    timer.unref();
+  };
+  const onEvent = (phase: string, object: V1Secret) => {
+    const namespace = object.metadata?.namespace ?? '';
+    if (phase === 'DELETED') {
+      if (provisioner.forget(namespace, object.metadata?.name ?? '')) logger.info({ namespace, secret: object.metadata?.name }, 'pull secret deleted; the next admission in its namespace re-creates it');
+    } else if (phase === 'MODIFIED') {
+      provisioner.observe(object);
+    }
+  };
+  function start(): void {
+    watch
+      .watch('/api/v1/secrets', { fieldSelector: `metadata.name=${name()}` }, onEvent, (error: unknown) => {
+        request = undefined;
+        if (stopped) return;
+        if (error) logger.warn({ error: apiMessage(error) }, 'pull secret watch ended; restarting');
+        // The apiserver ends watches routinely; restart soon, later after an error.
+        if (!error) failures = 0;
+        again(error ? backoff() : 1000);
+      })
+      .then((controller) => {
+        request = controller;
+        if (stopped) controller.abort();
+      })
+      .catch((error: unknown) => {
+        logger.warn({ error: apiMessage(error) }, 'pull secret watch failed; retrying');
+        again(backoff());
+      });
+  }
+  start();
+  return {
+    stop() {
+      stopped = true;
+      if (timer) clearTimeout(timer);
+      request?.abort();
+    },
+  };
 }

@@ -20,6 +20,12 @@ export const DOCKER_HUB = 'docker.io';
 export const DOCKER_HUB_ALIASES: readonly string[] = ['docker.io', 'index.docker.io', 'registry-1.docker.io'];
 /** The longest repository name (domain + "/" + path) a reference may carry. */
 export const NAME_TOTAL_LENGTH_MAX = 255;
+/**
+ * The longest valid reference as written: a 255-character name (plus the 6 characters that
+ * `index.docker.io` loses to `docker.io`), a 128-character tag and a sha512 digest. Anything longer
+ * is refused before it is looked at, and no error message quotes it.
+ */
+export const REFERENCE_LENGTH_MAX = NAME_TOTAL_LENGTH_MAX + 6 + ':'.length + 128 + '@sha512:'.length + 128;
 
 const ALPHANUMERIC = '[a-z0-9]+';
 const SEPARATOR = '(?:[._]|__|[-]+)';
@@ -89,6 +95,7 @@ function splitTagAndDigest(input: string): { name: string; tag?: string; digest?
  */
 export function parseReference(input: string): ParseResult {
   if (typeof input !== 'string' || input.length === 0) return fail('empty image reference');
+  if (input.length > REFERENCE_LENGTH_MAX) return fail(`image reference is ${input.length} characters long; a valid one has at most ${REFERENCE_LENGTH_MAX}`);
   if (input !== input.trim() || /\s/.test(input)) return fail('image reference contains white space');
   if (HEX64_RE.test(input)) return fail('invalid repository name: a 64-character hex string is reserved for image IDs');
 

@@ -1,7 +1,7 @@
 // The rewrite decision for one image: which rule (first match in file order) and the rewritten
 // reference. Pure: config and strings in, a decision out.
 
-import { canonicalRegistryHost, formatReference, parseReference, type ImageReference } from '../reference/reference.js';
+import { REFERENCE_LENGTH_MAX, canonicalRegistryHost, formatReference, parseReference, type ImageReference } from '../reference/reference.js';
 import type { Config, Rule } from './config.js';
 
 export type DecisionReason =
@@ -31,27 +31,62 @@ export function proxiedReference(config: Config, rule: Pick<Rule, 'name'>, ref: 
 }
 
 // Pods of one workload repeat the same images, so decisions are memoised per config object. The
-// decision is a pure function of (config, image, namespace), so this changes no result; the bound
-// keeps memory flat under a stream of unique images.
-const MEMO_LIMIT = 4096;
-const memo = new WeakMap<Config, Map<string, ImageDecision>>();
+// decision is a pure function of (config, image, namespace), so this changes no result. The memo is
+// bounded by entries and by (estimated) bytes, oldest entries leaving first, and an image longer than
+// any valid reference is never memoised: it cannot be rewritten, and a stream of such strings must
+// not stay in memory.
+export const MEMO_MAX_ENTRIES = 4096;
+export const MEMO_MAX_BYTES = 4 * 1024 * 1024;
+// A Map entry, the frozen decision object and the key's cons string, beyond the characters.
+const MEMO_ENTRY_OVERHEAD_BYTES = 200;
+
+interface Memo {
+  readonly decisions: Map<string, { readonly decision: ImageDecision; readonly bytes: number }>;
+  bytes: number;
+}
+const memos = new WeakMap<Config, Memo>();
+
+/** What a memo entry costs, counting two bytes per UTF-16 code unit (V8's worst case). */
+function memoBytes(key: string, decision: ImageDecision): number {
+  const chars = key.length + decision.image.length + (decision.rewritten?.length ?? 0) + (decision.rule?.length ?? 0) + (decision.detail?.length ?? 0);
+  return 2 * chars + MEMO_ENTRY_OVERHEAD_BYTES;
+}
+
+function remember(memo: Memo, key: string, decision: ImageDecision): void {
+  const bytes = memoBytes(key, decision);
+  if (bytes > MEMO_MAX_BYTES) return;
+  // Map iteration is insertion order: the first key is the oldest entry.
+  for (const [oldest, entry] of memo.decisions) {
+    if (memo.decisions.size < MEMO_MAX_ENTRIES && memo.bytes + bytes <= MEMO_MAX_BYTES) break;
+    memo.decisions.delete(oldest);
+    memo.bytes -= entry.bytes;
+  }
+  memo.decisions.set(key, { decision, bytes });
+  memo.bytes += bytes;
+}
+
+/** The memo's current size, for tests and metrics. */
+export function memoSize(config: Config): { readonly entries: number; readonly bytes: number } {
+  const memo = memos.get(config);
+  return { entries: memo?.decisions.size ?? 0, bytes: memo?.bytes ?? 0 };
+}
 
 /**
  * Decides what happens to one image in a namespace. `namespace` undefined means "any namespace"
  * (the CLI without --namespace): namespace filters are then not applied.
  */
 export function decideImage(config: Config, image: string, namespace?: string): ImageDecision {
-  let decisions = memo.get(config);
-  if (decisions === undefined) {
-    decisions = new Map();
-    memo.set(config, decisions);
+  if (image.length > REFERENCE_LENGTH_MAX) return Object.freeze(computeDecision(config, image, namespace));
+  let memo = memos.get(config);
+  if (memo === undefined) {
+    memo = { decisions: new Map(), bytes: 0 };
+    memos.set(config, memo);
   }
   const key = namespace === undefined ? `\u0000${image}` : `${namespace}\u0000${image}`;
-  const known = decisions.get(key);
-  if (known !== undefined) return known;
+  const known = memo.decisions.get(key);
+  if (known !== undefined) return known.decision;
   const decision = Object.freeze(computeDecision(config, image, namespace));
-  if (decisions.size >= MEMO_LIMIT) decisions.clear();
-  decisions.set(key, decision);
+  remember(memo, key, decision);
   return decision;
 }
 

@@ -4,10 +4,26 @@ import type { Operation } from 'fast-json-patch';
 import { z } from 'zod';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
 import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
+import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
 
 export const ORIGINAL_IMAGES_ANNOTATION = 'pullbridge.io/original-images';
+/** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
+ * (TotalAnnotationSizeLimitB in k8s.io/apimachinery). */
+export const TOTAL_ANNOTATION_SIZE_LIMIT_BYTES = 256 * 1024;
 export const REWRITTEN_LABEL = 'pullbridge.io/rewritten';
 export const ADMISSION_API_VERSION = 'admission.k8s.io/v1';
+
+/** Kubernetes caps request bodies at 3 MiB; an AdmissionReview carries object and oldObject. */
+export const ADMISSION_BODY_LIMIT_BYTES = 7 * 1024 * 1024;
+
+// The apiserver sets no limit on the number of containers in a Pod (its validation checks names,
+// not counts), so the cap is derived from the body limit above: after defaulting, every container
+// the apiserver writes into an AdmissionReview has at least these fields (kube-apiserver v1.31, with
+// a one-letter name and image, the shortest termination message path and pull policy), so no review
+// within the limit can hold more containers than this. A Pod with more did not come from an
+// apiserver and is not processed container by container.
+const SMALLEST_SERIALISED_CONTAINER = '{"name":"a","image":"b","resources":{},"terminationMessagePath":"/","terminationMessagePolicy":"File","imagePullPolicy":"Never"},';
+export const MAX_CONTAINERS = Math.floor(ADMISSION_BODY_LIMIT_BYTES / SMALLEST_SERIALISED_CONTAINER.length);
 
 const CONTAINER_FIELDS = ['initContainers', 'containers', 'ephemeralContainers'] as const;
 type ContainerField = (typeof CONTAINER_FIELDS)[number];
@@ -15,7 +31,14 @@ type ContainerField = (typeof CONTAINER_FIELDS)[number];
 // The envelope is checked strictly; the Pod only as far as we read it (the apiserver has already
 // decoded and defaulted it, and will validate whatever we return).
 const stringMap = z.record(z.string(), z.string());
-const containerSchema = z.looseObject({ name: z.string(), image: z.string().optional() });
+// Containers are checked in place rather than parsed into copies: a Pod may list tens of thousands.
+interface Container {
+  readonly name: string;
+  readonly image?: string;
+}
+const isContainer = (c: unknown): c is Container =>
+  c !== null && typeof c === 'object' && typeof (c as { name?: unknown }).name === 'string' && ['string', 'undefined'].includes(typeof (c as { image?: unknown }).image);
+const containerSchema = z.custom<Container>(isContainer, { message: 'must be an object with a string name and an optional string image' });
 const podSchema = z.looseObject({
   metadata: z
     .looseObject({
@@ -79,7 +102,7 @@ export interface ContainerDecision {
   readonly detail?: string;
 }
 
-export type SkipReason = 'not-a-pod' | 'operation-not-handled' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod';
+export type SkipReason = 'not-a-pod' | 'operation-not-handled' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod' | 'too-many-containers';
 
 export interface AdmissionOutcome {
   readonly decision: 'mutated' | 'unchanged' | 'skipped';
@@ -91,6 +114,8 @@ export interface AdmissionOutcome {
   readonly pullSecret: string | null;
   /** Short messages for the user who created the Pod (AdmissionResponse warnings). */
   readonly warnings: readonly string[];
+  /** Why the original-images annotation was not added, when it was not. */
+  readonly originalImagesOmitted?: string;
 }
 
 export interface AdmissionContext {
@@ -111,6 +136,25 @@ const skipped = (skipReason: SkipReason, detail?: string): AdmissionOutcome => (
   warnings: [],
 });
 
+/**
+ * An image as audit records and warnings quote it. A string longer than any valid reference is cut:
+ * records are written for every admission, and a slow log reader must not make the process hold
+ * megabytes of echoed input.
+ */
+export function quotedImage(image: string): string {
+  return image.length <= REFERENCE_LENGTH_MAX ? image : `${image.slice(0, 64)}… (${image.length} characters)`;
+}
+
+/** How many containers of all kinds an unparsed Pod lists, without copying it. */
+function containerCount(object: unknown): number {
+  const spec: unknown = object !== null && typeof object === 'object' ? (object as { spec?: unknown }).spec : undefined;
+  if (spec === null || typeof spec !== 'object') return 0;
+  return CONTAINER_FIELDS.reduce((n, field) => {
+    const list: unknown = (spec as Record<string, unknown>)[field];
+    return n + (Array.isArray(list) ? list.length : 0);
+  }, 0);
+}
+
 function isOptedOut(labels: Readonly<Record<string, string>> | null | undefined, key: string): boolean {
   return labels?.[key] === 'true';
 }
@@ -119,6 +163,13 @@ function isOptedOut(labels: Readonly<Record<string, string>> | null | undefined,
 function setMapEntry(patch: Operation[], base: string, existing: Record<string, string> | null | undefined, key: string, value: string): void {
   if (existing === undefined || existing === null) patch.push({ op: 'add', path: base, value: { [key]: value } });
   else patch.push({ op: 'add', path: `${base}/${pointerSegment(key)}`, value });
+}
+
+/** Annotation keys plus values in bytes (UTF-8), as the apiserver counts them against its limit. */
+export function annotationBytes(annotations: Readonly<Record<string, string>>): number {
+  let total = 0;
+  for (const [key, value] of Object.entries(annotations)) total += Buffer.byteLength(key) + Buffer.byteLength(value);
+  return total;
 }
 
 function parseOriginalImages(value: string | undefined): Record<string, string> {
@@ -145,6 +196,8 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   if (!(request.operation === 'CREATE' && !request.subResource) && !ephemeralUpdate) {
     return skipped('operation-not-handled', `${request.operation}${request.subResource ? ` ${request.subResource}` : ''}`);
   }
+  const count = containerCount(request.object);
+  if (count > MAX_CONTAINERS) return skipped('too-many-containers', `${count} containers; an AdmissionReview from the apiserver holds at most ${MAX_CONTAINERS}`);
   const podParse = podSchema.safeParse(request.object);
   if (!podParse.success) {
     const issue = podParse.error.issues[0];
@@ -172,6 +225,7 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   const warnings: string[] = [];
   const originals: Record<string, string> = {};
   let needsPullSecret = false;
+  let originalImagesOmitted: string | undefined;
 
   // An ephemeral-container update may change nothing but new ephemeral containers: the apiserver
   // ignores metadata changes there and forbids editing existing entries.
@@ -183,8 +237,9 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
         containers.push({ container: id, image: null, rewritten: null, rule: null, reason: 'invalid-reference', detail: 'no image' });
         return;
       }
+      const image = quotedImage(container.image);
       if (ephemeralUpdate && oldEphemeral.has(container.name)) {
-        containers.push({ container: id, image: container.image, rewritten: null, rule: null, reason: 'existing-ephemeral-container' });
+        containers.push({ container: id, image, rewritten: null, rule: null, reason: 'existing-ephemeral-container' });
         return;
       }
       const decision = decideImage(config, container.image, namespace);
@@ -192,14 +247,14 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
       if (decision.rewritten !== null && ephemeralUpdate && usesBroker && !podListsPullSecret) {
         // The Pod's pull secrets cannot change after creation, so the node could not authenticate.
         const detail = `pod does not list pull secret "${pullSecretName}" (created before pullbridge handled it)`;
-        containers.push({ container: id, image: container.image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
-        warnings.push(`pullbridge: ${id} image ${container.image} left unchanged: ${detail}`);
+        containers.push({ container: id, image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
+        warnings.push(`pullbridge: ${id} image ${image} left unchanged: ${detail}`);
         return;
       }
-      containers.push({ container: id, ...decision });
+      containers.push({ container: id, ...decision, image });
       if (decision.rewritten === null) {
         if (decision.reason === 'invalid-reference' || decision.reason === 'rewritten-reference-invalid') {
-          warnings.push(`pullbridge: ${id} image ${container.image} left unchanged: ${decision.detail ?? decision.reason}`);
+          warnings.push(`pullbridge: ${id} image ${image} left unchanged: ${decision.detail ?? decision.reason}`);
         }
         return;
       }
@@ -223,12 +278,20 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
     }
     if (pod.metadata === undefined) patch.push({ op: 'add', path: '/metadata', value: {} });
     const annotations = pod.metadata?.annotations;
-    const merged = { ...parseOriginalImages(annotations?.[ORIGINAL_IMAGES_ANNOTATION] ?? undefined), ...originals };
-    setMapEntry(patch, '/metadata/annotations', annotations, ORIGINAL_IMAGES_ANNOTATION, JSON.stringify(merged));
+    const merged = JSON.stringify({ ...parseOriginalImages(annotations?.[ORIGINAL_IMAGES_ANNOTATION] ?? undefined), ...originals });
+    // The apiserver refuses a Pod whose annotations exceed its limit: a record of the originals is
+    // not worth a Pod that was valid. The audit record still has them.
+    const total = annotationBytes({ ...annotations, [ORIGINAL_IMAGES_ANNOTATION]: merged });
+    if (total <= TOTAL_ANNOTATION_SIZE_LIMIT_BYTES) {
+      setMapEntry(patch, '/metadata/annotations', annotations, ORIGINAL_IMAGES_ANNOTATION, merged);
+    } else {
+      originalImagesOmitted = `the Pod's annotations would total ${total} bytes, more than the apiserver's limit of ${TOTAL_ANNOTATION_SIZE_LIMIT_BYTES}`;
+      warnings.push(`pullbridge: annotation ${ORIGINAL_IMAGES_ANNOTATION} not added: ${originalImagesOmitted}; images are rewritten, the originals are in the audit log`);
+    }
     if (pod.metadata?.labels?.[REWRITTEN_LABEL] !== 'true') setMapEntry(patch, '/metadata/labels', pod.metadata?.labels, REWRITTEN_LABEL, 'true');
   }
 
-  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, warnings };
+  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, warnings, ...(originalImagesOmitted !== undefined ? { originalImagesOmitted } : {}) };
 }
 
 export interface AdmissionResponseBody {

@@ -30,7 +30,9 @@ export interface WebhookRunOptions {
   readonly configMap?: { name: string; namespace: string };
   readonly pullSecretFailure?: 'deny' | 'admit-unchanged';
   readonly reconcileIntervalMs?: number;
-  /** How long a new pull secret is kept even without Pods (default 10 minutes). */
+  /** How long a pull secret is kept without Pods after the last admission that needed it (default
+   * 10 minutes). Admissions record themselves on the Secret, and confirmations of it expire, every
+   * quarter of this (at most a minute). */
   readonly reconcileGraceMs?: number;
   /** How often the TLS files (serving certificate, client CA) are re-read; default 1 hour. */
   readonly tlsRefreshMs?: number;
@@ -71,7 +73,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
   const sideEffects: WebhookSideEffects = {};
   if (k8s) {
-    const [{ PullSecretProvisioner }, { PullSecretReconciler }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
+    const [{ MAX_RECHECK_MS, PullSecretProvisioner, watchPullSecrets }, { DEFAULT_GRACE_MS, PullSecretReconciler }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
       import('../k8s/pullsecret.js'),
       import('../k8s/reconciler.js'),
       import('../k8s/namespaces.js'),
@@ -93,12 +95,15 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       };
       // A new config is taken up only once its signing key loads: pull secrets are signed with it.
       loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
-      const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey);
+      const graceMs = options.reconcileGraceMs ?? DEFAULT_GRACE_MS;
+      // Well inside the grace, so that a recorded admission is never older than the grace allows.
+      const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey, { recheckMs: Math.min(MAX_RECHECK_MS, graceMs / 4) });
       sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
-      const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, options.reconcileGraceMs !== undefined ? { graceMs: options.reconcileGraceMs } : {});
+      const watch = watchPullSecrets(k8s.config, () => config.webhook.pullSecretName, provisioner, logger);
+      const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, { graceMs });
       reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
       reconcile = () => reconciler.reconcile();
-      stops.push(() => reconciler.stop());
+      stops.push(() => reconciler.stop(), () => watch.stop());
     }
     const target = options.configMap;
     if (target) onRejected = (message) => void recordWarning(k8s.core, logger, { kind: 'ConfigMap', ...target }, 'InvalidConfig', message, 'pullbridge-webhook');

@@ -7,10 +7,9 @@ import { Counter, Histogram, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
 import { decideCaller, dnsNamesOf, type PeerCertificate } from './clientauth.js';
-import { admissionDenial, admissionResponse, admitPod, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
+import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
 
-/** Kubernetes caps request bodies at 3 MiB; an AdmissionReview carries object and oldObject. */
-export const DEFAULT_BODY_LIMIT_BYTES = 7 * 1024 * 1024;
+export const DEFAULT_BODY_LIMIT_BYTES = ADMISSION_BODY_LIMIT_BYTES;
 
 export interface WebhookSideEffects {
   /** Labels of a namespace, for namespace opt-out; undefined when unknown. */
@@ -80,6 +79,7 @@ function auditRecord(request: AdmissionRequest, outcome: AdmissionOutcome, resul
     ...(outcome.detail ? { detail: outcome.detail } : {}),
     images: outcome.containers,
     pullSecret: outcome.pullSecret,
+    ...(outcome.originalImagesOmitted ? { originalImagesOmitted: outcome.originalImagesOmitted } : {}),
     ...(error ? { error } : {}),
     durationMs: Math.round(durationMs * 1000) / 1000,
   };
