@@ -12,7 +12,7 @@ import { CLI } from './support/cli.js';
 import { freePort, startProcess, waitForPort, type Proc } from './support/procs.js';
 import { podWith, reviewFor } from './support/review.js';
 
-const CONFIG = 'registries:\n  - {name: corp, match: ["registry.corp.example:5000"], upstream: "https://127.0.0.1:5000"}\n';
+const CONFIG = 'registries:\n  - {name: corp, match: ["registry.corp.example:5000"], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}}\n';
 
 /** POSTs one AdmissionReview over a keep-alive connection; resolves with the status. */
 function admit(agent: http.Agent, port: number, review: unknown): Promise<number> {
