@@ -14,7 +14,7 @@ import request from 'supertest';
 import { generateCertificates, generateClientCertificate } from '../src/certs/certs.js';
 import { parseConfig } from '../src/rules/config.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
-import { registerWebhook } from './support/cluster.js';
+import { readSecretOrNull, registerWebhook } from './support/cluster.js';
 import { startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { memoryLogger } from './support/logs.js';
 import { freePort } from './support/procs.js';
@@ -35,14 +35,7 @@ describe('webhook client certificates against a real kube-apiserver', function (
 
   const pod = (name: string): V1Pod => ({ apiVersion: 'v1', kind: 'Pod', metadata: { name }, spec: { containers: [{ name: 'c0', image: CORP_IMAGE }] } });
 
-  async function secretOrNull(namespace: string) {
-    try {
-      return await core.readNamespacedSecret({ namespace, name: 'pullbridge-pull' });
-    } catch (error) {
-      if ((error as { code?: number }).code === 404) return null;
-      throw error;
-    }
-  }
+  const secretOrNull = (namespace: string) => readSecretOrNull(core, namespace);
 
   before(async () => {
     const keyFile = join(dir, 'broker.key');

@@ -15,7 +15,7 @@ import { parseConfig } from '../src/rules/config.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
 import { memoryLogger } from './support/logs.js';
-import { registerWebhook, WEBHOOK_YAML } from './support/cluster.js';
+import { readSecretOrNull, registerWebhook, WEBHOOK_YAML } from './support/cluster.js';
 import { startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -63,14 +63,7 @@ ${extraRules}`;
     await core.createNamespace({ body: { metadata: { name, labels } } });
   }
 
-  async function secretOrNull(ns: string) {
-    try {
-      return await core.readNamespacedSecret({ namespace: ns, name: 'pullbridge-pull' });
-    } catch (error) {
-      if ((error as { code?: number }).code === 404) return null;
-      throw error;
-    }
-  }
+  const secretOrNull = (namespace: string) => readSecretOrNull(core, namespace);
 
   before(async () => {
     writeFileSync(keyFile, randomBytes(32).toString('hex'));

@@ -13,7 +13,7 @@ import { CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject, type
 import { parseAllDocuments } from 'yaml';
 import { generateCertificates } from '../src/certs/certs.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
-import { registerWebhook } from './support/cluster.js';
+import { readSecretOrNull, registerWebhook } from './support/cluster.js';
 import { configFrom } from './support/config.js';
 import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { memoryLogger } from './support/logs.js';
@@ -148,14 +148,7 @@ registries:
   describe('the pull secret, deleted while Pods are admitted', () => {
     const image = `${CORP}/team/app:1`;
 
-    async function secretOrNull(namespace: string) {
-      try {
-        return await core.readNamespacedSecret({ namespace, name: 'pullbridge-pull' });
-      } catch (error) {
-        if ((error as { code?: number }).code === 404) return null;
-        throw error;
-      }
-    }
+    const secretOrNull = (namespace: string) => readSecretOrNull(core, namespace);
 
     async function admitted(namespace: string, name: string): Promise<void> {
       const created = await createPod(namespace, podOf(name, [image]));

@@ -3,7 +3,7 @@
 
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, type V1MutatingWebhookConfiguration, type V1Pod } from '@kubernetes/client-node';
+import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, type V1MutatingWebhookConfiguration, type V1Pod, type V1Secret } from '@kubernetes/client-node';
 import { parse as parseYaml } from 'yaml';
 
 export const WEBHOOK_YAML = fileURLToPath(new URL('../../../webhook-config/mutating-webhook.yaml', import.meta.url));
@@ -42,6 +42,16 @@ export async function waitForPod(core: CoreV1Api, namespace: string, name: strin
 export function waitingState(pod: V1Pod): string {
   const waiting = pod.status?.containerStatuses?.[0]?.state?.waiting;
   return waiting ? `${waiting.reason ?? ''}: ${waiting.message ?? ''}` : '';
+}
+
+/** A Secret, or null when there is none (any other error is thrown). */
+export async function readSecretOrNull(core: CoreV1Api, namespace: string, name = 'pullbridge-pull'): Promise<V1Secret | null> {
+  try {
+    return await core.readNamespacedSecret({ namespace, name });
+  } catch (error) {
+    if ((error as { code?: number }).code === 404) return null;
+    throw error;
+  }
 }
 
 export const isRunning = (pod: V1Pod): boolean => pod.status?.containerStatuses?.[0]?.state?.running !== undefined;

@@ -16,6 +16,26 @@ export interface Blob {
 export const sha256 = (data: Buffer): string => `sha256:${createHash('sha256').update(data).digest('hex')}`;
 
 const blob = (mediaType: string, data: Buffer): Blob => ({ mediaType, digest: sha256(data), size: data.length, data });
+const json = (mediaType: string, value: unknown): Blob => blob(mediaType, Buffer.from(JSON.stringify(value)));
+const descriptor = (b: Blob) => ({ mediaType: b.mediaType, digest: b.digest, size: b.size });
+
+/** An OCI image manifest over a config and layers. */
+function imageManifest(config: Blob, layers: readonly Blob[], annotations?: Readonly<Record<string, string>>): Blob {
+  const mediaType = 'application/vnd.oci.image.manifest.v1+json';
+  return json(mediaType, { schemaVersion: 2, mediaType, config: descriptor(config), layers: layers.map(descriptor), ...(annotations ? { annotations } : {}) });
+}
+
+/** An OCI index over one manifest per platform, and the image it makes with every blob by digest. */
+function assembleImage(entries: ReadonlyArray<{ platform: { os: string; architecture: string }; manifest: Blob; config: Blob; layers: readonly Blob[] }>): TestImage {
+  const mediaType = 'application/vnd.oci.image.index.v1+json';
+  const index = json(mediaType, { schemaVersion: 2, mediaType, manifests: entries.map((e) => ({ ...descriptor(e.manifest), platform: e.platform })) });
+  const manifests = entries.map((e) => e.manifest);
+  const configs = entries.map((e) => e.config);
+  const layers = entries.flatMap((e) => e.layers);
+  const blobs = new Map<string, Blob>();
+  for (const b of [index, ...manifests, ...configs, ...layers]) blobs.set(b.digest, b);
+  return { index, manifests, configs, layers, blobs };
+}
 
 /** A file in a layer: its bytes, or its bytes and a permission mode (0o644 when not given). */
 export type LayerFile = Buffer | { readonly data: Buffer; readonly mode: number };
@@ -70,45 +90,14 @@ export function buildImage(spec: ImageSpec = {}): TestImage {
     { os: 'linux', architecture: 'arm64' },
   ];
   const sizes = spec.layerSizes ?? [1024, 64 * 1024];
-  const manifests: Blob[] = [];
-  const configs: Blob[] = [];
-  const layers: Blob[] = [];
-  for (const platform of platforms) {
-    const tars = sizes.map((size, i) => tarOf({ [`file-${platform.architecture}-${i}`]: randomBytes(size) }));
-    const gz = tars.map((t) => blob('application/vnd.oci.image.layer.v1.tar+gzip', gzipSync(t, { level: 1 })));
-    const config = blob(
-      'application/vnd.oci.image.config.v1+json',
-      Buffer.from(JSON.stringify({ architecture: platform.architecture, os: platform.os, rootfs: { type: 'layers', diff_ids: tars.map(sha256) }, config: { Cmd: ['/file'] } })),
-    );
-    const manifest = blob(
-      'application/vnd.oci.image.manifest.v1+json',
-      Buffer.from(
-        JSON.stringify({
-          schemaVersion: 2,
-          mediaType: 'application/vnd.oci.image.manifest.v1+json',
-          config: { mediaType: config.mediaType, digest: config.digest, size: config.size },
-          layers: gz.map((l) => ({ mediaType: l.mediaType, digest: l.digest, size: l.size })),
-          ...(spec.annotations ? { annotations: spec.annotations } : {}),
-        }),
-      ),
-    );
-    manifests.push(manifest);
-    configs.push(config);
-    layers.push(...gz);
-  }
-  const index = blob(
-    'application/vnd.oci.image.index.v1+json',
-    Buffer.from(
-      JSON.stringify({
-        schemaVersion: 2,
-        mediaType: 'application/vnd.oci.image.index.v1+json',
-        manifests: manifests.map((m, i) => ({ mediaType: m.mediaType, digest: m.digest, size: m.size, platform: platforms[i] })),
-      }),
-    ),
+  return assembleImage(
+    platforms.map((platform) => {
+      const tars = sizes.map((size, i) => tarOf({ [`file-${platform.architecture}-${i}`]: randomBytes(size) }));
+      const layers = tars.map((t) => blob('application/vnd.oci.image.layer.v1.tar+gzip', gzipSync(t, { level: 1 })));
+      const config = json('application/vnd.oci.image.config.v1+json', { architecture: platform.architecture, os: platform.os, rootfs: { type: 'layers', diff_ids: tars.map(sha256) }, config: { Cmd: ['/file'] } });
+      return { platform, config, layers, manifest: imageManifest(config, layers, spec.annotations) };
+    }),
   );
-  const blobs = new Map<string, Blob>();
-  for (const b of [index, ...manifests, ...configs, ...layers]) blobs.set(b.digest, b);
-  return { index, manifests, configs, layers, blobs };
 }
 
 export interface RunnableImageSpec {
@@ -124,41 +113,13 @@ export interface RunnableImageSpec {
 export function buildRunnableImage(spec: RunnableImageSpec): TestImage {
   const tar = tarOf(spec.files);
   const layer = blob('application/vnd.oci.image.layer.v1.tar+gzip', gzipSync(tar, { level: 6 }));
-  const config = blob(
-    'application/vnd.oci.image.config.v1+json',
-    Buffer.from(
-      JSON.stringify({
-        architecture: 'amd64',
-        os: 'linux',
-        rootfs: { type: 'layers', diff_ids: [sha256(tar)] },
-        config: { Entrypoint: spec.entrypoint, ...(spec.cmd ? { Cmd: spec.cmd } : {}), ...(spec.user ? { User: spec.user } : {}) },
-      }),
-    ),
-  );
-  const manifest = blob(
-    'application/vnd.oci.image.manifest.v1+json',
-    Buffer.from(
-      JSON.stringify({
-        schemaVersion: 2,
-        mediaType: 'application/vnd.oci.image.manifest.v1+json',
-        config: { mediaType: config.mediaType, digest: config.digest, size: config.size },
-        layers: [{ mediaType: layer.mediaType, digest: layer.digest, size: layer.size }],
-      }),
-    ),
-  );
-  const index = blob(
-    'application/vnd.oci.image.index.v1+json',
-    Buffer.from(
-      JSON.stringify({
-        schemaVersion: 2,
-        mediaType: 'application/vnd.oci.image.index.v1+json',
-        manifests: [{ mediaType: manifest.mediaType, digest: manifest.digest, size: manifest.size, platform: { os: 'linux', architecture: 'amd64' } }],
-      }),
-    ),
-  );
-  const blobs = new Map<string, Blob>();
-  for (const b of [index, manifest, config, layer]) blobs.set(b.digest, b);
-  return { index, manifests: [manifest], configs: [config], layers: [layer], blobs };
+  const config = json('application/vnd.oci.image.config.v1+json', {
+    architecture: 'amd64',
+    os: 'linux',
+    rootfs: { type: 'layers', diff_ids: [sha256(tar)] },
+    config: { Entrypoint: spec.entrypoint, ...(spec.cmd ? { Cmd: spec.cmd } : {}), ...(spec.user ? { User: spec.user } : {}) },
+  });
+  return assembleImage([{ platform: { os: 'linux', architecture: 'amd64' }, config, layers: [layer], manifest: imageManifest(config, [layer]) }]);
 }
 
 /** Writes the image as an OCI layout whose index names it `tag` (and, for containerd's importer,
