@@ -1,0 +1,92 @@
+// The node cache's rules, as data in and data out (no clock, no files): sizes written as Kubernetes
+// quantities, when a cached tag may answer without asking upstream, when the last known digest may
+// stand in for an upstream that fails, and which blobs to evict.
+
+const BINARY_SUFFIXES: Readonly<Record<string, number>> = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, Pi: 2 ** 50, Ei: 2 ** 60 };
+const DECIMAL_SUFFIXES: Readonly<Record<string, number>> = { k: 1e3, M: 1e6, G: 1e9, T: 1e12, P: 1e15, E: 1e18 };
+
+/**
+ * Bytes from an integer or a Kubernetes quantity (`20Gi`, `500M`, `1.5Gi`), as `maxBytes` is
+ * written in values files; null when it is neither, or not a whole, safe, non-negative number.
+ */
+export function parseByteQuantity(value: number | string): number | null {
+  if (typeof value === 'number') return Number.isSafeInteger(value) && value >= 0 ? value : null;
+  const match = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$/.exec(value.trim());
+  if (!match) return null;
+  const unit = match[2] ? (BINARY_SUFFIXES[match[2]] ?? DECIMAL_SUFFIXES[match[2]] ?? 1) : 1;
+  const bytes = Math.floor(Number(match[1]) * unit);
+  return Number.isSafeInteger(bytes) ? bytes : null;
+}
+
+/** What a tag pointed at when it was last asked upstream. */
+export interface TagRecord {
+  readonly digest: string;
+  readonly mediaType: string;
+  readonly size: number;
+  /** When the upstream last confirmed it (ms since the epoch). */
+  readonly confirmedAt: number;
+}
+
+export interface TagTimes {
+  readonly tagTTLSeconds: number;
+  readonly staleIfErrorSeconds: number;
+}
+
+/** Answer from the record without asking upstream, or ask upstream first. */
+export function tagIsFresh(record: TagRecord | undefined, now: number, times: TagTimes): record is TagRecord {
+  return record !== undefined && now - record.confirmedAt < times.tagTTLSeconds * 1000;
+}
+
+/** How asking the upstream about a tag failed. */
+export type TagFailure = 'unreachable' | 'timeout' | 'server-error' | 'unauthorized' | 'denied' | 'not-found';
+
+export type TagFallback = { readonly serve: 'stale'; readonly record: TagRecord; readonly ageSeconds: number } | { readonly serve: 'error' };
+
+/**
+ * Whether the last known digest may answer for an upstream that failed: only when the upstream
+ * could not answer (down, slow, 5xx), never when it answered no (401/403/404 are passed on: a
+ * cache must not keep serving what the registry now refuses), and only within staleIfErrorSeconds.
+ */
+export function tagFallback(record: TagRecord | undefined, failure: TagFailure, now: number, times: TagTimes): TagFallback {
+  if (!record || failure === 'unauthorized' || failure === 'denied' || failure === 'not-found') return { serve: 'error' };
+  const age = now - record.confirmedAt;
+  if (age > times.staleIfErrorSeconds * 1000) return { serve: 'error' };
+  return { serve: 'stale', record, ageSeconds: Math.floor(age / 1000) };
+}
+
+/** A blob in the node store, as eviction sees it. */
+export interface StoredBlob {
+  readonly digest: string;
+  readonly size: number;
+  /** Last served or filled (ms since the epoch). */
+  readonly lastUsed: number;
+  /** Clients reading it now: never evicted under them. */
+  readonly readers: number;
+}
+
+export interface EvictionLimits {
+  readonly maxBytes: number;
+  /** Free space the disk must keep; eviction frees at least what is missing. */
+  readonly minFreeBytes: number;
+  readonly freeBytes: number;
+}
+
+/**
+ * The blobs to delete, least recently used first, so that the store fits in maxBytes and the disk
+ * keeps minFreeBytes free; blobs being read are skipped. If that cannot be reached (everything
+ * left is being read), it deletes what it can: the caller then stops filling.
+ */
+export function evictionPlan(blobs: readonly StoredBlob[], limits: EvictionLimits): string[] {
+  const stored = blobs.reduce((sum, b) => sum + b.size, 0);
+  const overSize = stored - limits.maxBytes;
+  const overDisk = limits.minFreeBytes - limits.freeBytes;
+  let toFree = Math.max(overSize, overDisk, 0);
+  const plan: string[] = [];
+  for (const blob of [...blobs].sort((a, b) => a.lastUsed - b.lastUsed || a.digest.localeCompare(b.digest))) {
+    if (toFree <= 0) break;
+    if (blob.readers > 0) continue;
+    plan.push(blob.digest);
+    toFree -= blob.size;
+  }
+  return plan;
+}

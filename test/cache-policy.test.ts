@@ -1,0 +1,72 @@
+// The node cache's pure rules: sizes, tag freshness and stale fallback, eviction.
+
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { evictionPlan, parseByteQuantity, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+
+const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
+
+describe('cache policy', () => {
+  it('reads sizes as integers or Kubernetes quantities, and refuses anything else', () => {
+    assert.equal(parseByteQuantity(1024), 1024);
+    assert.equal(parseByteQuantity('20Gi'), 20 * 2 ** 30);
+    assert.equal(parseByteQuantity('500M'), 500_000_000);
+    assert.equal(parseByteQuantity('1.5Gi'), 1.5 * 2 ** 30);
+    assert.equal(parseByteQuantity('4096'), 4096);
+    for (const bad of ['', 'Gi', '-1Gi', '10GB', '1e3', '20 Gi x', '99999Ei']) assert.equal(parseByteQuantity(bad), null, bad);
+    assert.equal(parseByteQuantity(-1), null);
+    assert.equal(parseByteQuantity(1.5), null);
+  });
+
+  const record: TagRecord = { digest: 'sha256:' + 'a'.repeat(64), mediaType: 'application/vnd.oci.image.index.v1+json', size: 123, confirmedAt: 1_000_000 };
+  const times = { tagTTLSeconds: 30, staleIfErrorSeconds: 3600 };
+
+  it('answers a tag from the record within its TTL, and asks upstream after', () => {
+    assert.equal(tagIsFresh(record, record.confirmedAt + 29_999, times), true);
+    assert.equal(tagIsFresh(record, record.confirmedAt + 30_000, times), false);
+    assert.equal(tagIsFresh(undefined, 0, times), false);
+  });
+
+  it('serves the last known digest when the upstream cannot answer, within staleIfErrorSeconds', () => {
+    for (const failure of ['unreachable', 'timeout', 'server-error'] as const) {
+      assert.deepEqual(tagFallback(record, failure, record.confirmedAt + 120_500, times), { serve: 'stale', record, ageSeconds: 120 });
+      assert.deepEqual(tagFallback(record, failure, record.confirmedAt + 3_600_001, times), { serve: 'error' });
+    }
+    assert.deepEqual(tagFallback(undefined, 'unreachable', 0, times), { serve: 'error' });
+  });
+
+  it('never masks the upstream saying no (401, 403, 404)', () => {
+    for (const failure of ['unauthorized', 'denied', 'not-found'] as const) assert.deepEqual(tagFallback(record, failure, record.confirmedAt + 1, times), { serve: 'error' });
+  });
+
+  it('evicts least recently used blobs until the store fits and the disk keeps its floor, never one being read', () => {
+    const blobs: StoredBlob[] = [
+      { digest: 'sha256:old', size: 100, lastUsed: 1, readers: 0 },
+      { digest: 'sha256:read', size: 100, lastUsed: 2, readers: 1 },
+      { digest: 'sha256:mid', size: 100, lastUsed: 3, readers: 0 },
+      { digest: 'sha256:new', size: 100, lastUsed: 4, readers: 0 },
+    ];
+    assert.deepEqual(evictionPlan(blobs, { maxBytes: 250, minFreeBytes: 0, freeBytes: 1e9 }), ['sha256:old', 'sha256:mid']);
+    assert.deepEqual(evictionPlan(blobs, { maxBytes: 1000, minFreeBytes: 500, freeBytes: 350 }), ['sha256:old', 'sha256:mid']);
+    assert.deepEqual(evictionPlan(blobs, { maxBytes: 1000, minFreeBytes: 0, freeBytes: 0 }), []);
+  });
+
+  it('eviction: never a blob being read; afterwards the store fits unless only read blobs are left', () => {
+    const blob = fc.record({ size: fc.integer({ min: 0, max: 1000 }), lastUsed: fc.integer({ min: 0, max: 100 }), readers: fc.integer({ min: 0, max: 2 }) });
+    fc.assert(
+      fc.property(fc.array(blob, { maxLength: 30 }), fc.integer({ min: 0, max: 20_000 }), (entries, maxBytes) => {
+        const blobs = entries.map((e, i) => ({ ...e, digest: `sha256:${i}` }));
+        const plan = new Set(evictionPlan(blobs, { maxBytes, minFreeBytes: 0, freeBytes: Number.MAX_SAFE_INTEGER }));
+        const kept = blobs.filter((b) => !plan.has(b.digest));
+        assert.ok(blobs.every((b) => !plan.has(b.digest) || b.readers === 0));
+        const keptBytes = kept.reduce((s, b) => s + b.size, 0);
+        // Over the limit only when nothing evictable is left.
+        assert.ok(keptBytes <= maxBytes || kept.every((b) => b.readers > 0 || b.size === 0), `${keptBytes} > ${maxBytes}`);
+        // Least recently used first: nothing evicted was used after something evictable that was kept.
+        const newestEvicted = Math.max(-1, ...blobs.filter((b) => plan.has(b.digest)).map((b) => b.lastUsed));
+        assert.ok(kept.every((b) => b.readers > 0 || b.lastUsed >= newestEvicted));
+      }),
+      { numRuns: RUNS },
+    );
+  });
+});
