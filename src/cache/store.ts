@@ -1,0 +1,226 @@
+// The node store: blobs by digest on the node's disk (a hostPath that outlives the proxy Pod),
+// links that say which (rule, repository) fetched a blob, and what each tag pointed at.
+//
+//   <root>/blobs/<algorithm>/<hex>                          content, only ever digest-verified
+//   <root>/tmp/<random>                                     fills in progress; removed on open
+//   <root>/repositories/<rule>/<repository>/_links/<algorithm>/<hex>    empty file: a link
+//   <root>/repositories/<rule>/<repository>/_tags/<tag>                 JSON TagRecord
+//
+// (`_links` and `_tags` cannot collide with a repository path component: those start with a letter
+// or digit.) A blob is written to tmp/ while it streams, hashed as it goes, flushed to disk and
+// renamed into place only when its digest matches, so a crash or a cut leaves nothing servable.
+// A thin adapter: what to keep and what to evict is decided in policy.ts.
+
+import { createHash, randomBytes, type Hash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { mkdir, open, readdir, readFile, rename, rm, stat, utimes, writeFile, type FileHandle } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { StoredBlob, TagRecord } from './policy.js';
+
+interface Entry {
+  size: number;
+  lastUsed: number;
+  readers: number;
+}
+
+/** A reader's hold on a stored blob: it is not evicted until released. */
+export interface BlobLease {
+  readonly path: string;
+  readonly size: number;
+  release(): void;
+}
+
+export type FillOutcome = { readonly stored: true } | { readonly stored: false; readonly reason: string };
+
+/**
+ * One blob being written. Readers that join while it fills can read `path` up to `written`
+ * (an open descriptor keeps reading the same file after the rename); 'progress' is emitted after
+ * each append, 'done' with the outcome.
+ */
+export class BlobFill extends EventEmitter {
+  written = 0;
+  private readonly hash: Hash;
+  private settled = false;
+
+  constructor(
+    readonly digest: string,
+    readonly path: string,
+    private readonly file: FileHandle,
+    private readonly finishInto: (fill: BlobFill, ok: boolean) => Promise<FillOutcome>,
+  ) {
+    super();
+    this.hash = createHash(digest.slice(0, digest.indexOf(':')));
+  }
+
+  async append(chunk: Uint8Array): Promise<void> {
+    if (this.settled) throw new Error('fill already finished');
+    this.hash.update(chunk);
+    let offset = 0;
+    while (offset < chunk.length) offset += (await this.file.write(chunk, offset, chunk.length - offset)).bytesWritten;
+    this.written += chunk.length;
+    this.emit('progress', this.written);
+  }
+
+  /** Verifies the digest; stores the blob when it matches, discards it otherwise. */
+  async finish(): Promise<FillOutcome> {
+    if (this.settled) throw new Error('fill already finished');
+    this.settled = true;
+    const actual = `${this.digest.slice(0, this.digest.indexOf(':'))}:${this.hash.digest('hex')}`;
+    const ok = actual === this.digest;
+    const stored = await this.finishInto(this, ok);
+    const outcome: FillOutcome = ok ? stored : { stored: false, reason: `content hashes to ${actual}, not ${this.digest}` };
+    this.emit('done', outcome);
+    return outcome;
+  }
+
+  /** Discards what was written (the upstream failed, or nobody wants it any more). */
+  async abort(reason: string): Promise<void> {
+    if (this.settled) return;
+    this.settled = true;
+    await this.finishInto(this, false);
+    this.emit('done', { stored: false, reason });
+  }
+
+  /** @internal */
+  close(): Promise<void> {
+    return this.file.close();
+  }
+}
+
+const hexOf = (digest: string) => digest.slice(digest.indexOf(':') + 1);
+const algorithmOf = (digest: string) => digest.slice(0, digest.indexOf(':'));
+
+export class NodeStore {
+  private readonly entries = new Map<string, Entry>();
+
+  private constructor(
+    readonly root: string,
+    private readonly now: () => number,
+  ) {}
+
+  /** Opens (creating) the store: removes fills a crash or restart left behind, indexes the blobs. */
+  static async open(root: string, now: () => number = Date.now): Promise<NodeStore> {
+    const store = new NodeStore(root, now);
+    await rm(join(root, 'tmp'), { recursive: true, force: true });
+    await Promise.all(['tmp', 'blobs', 'repositories'].map((dir) => mkdir(join(root, dir), { recursive: true })));
+    for (const algorithm of await readdir(join(root, 'blobs'))) {
+      for (const hex of await readdir(join(root, 'blobs', algorithm))) {
+        const info = await stat(join(root, 'blobs', algorithm, hex));
+        if (info.isFile()) store.entries.set(`${algorithm}:${hex}`, { size: info.size, lastUsed: info.mtimeMs, readers: 0 });
+      }
+    }
+    return store;
+  }
+
+  private blobPath(digest: string): string {
+    return join(this.root, 'blobs', algorithmOf(digest), hexOf(digest));
+  }
+
+  private repositoryPath(rule: string, repository: string): string {
+    return join(this.root, 'repositories', rule, ...repository.split('/'));
+  }
+
+  has(digest: string): boolean {
+    return this.entries.has(digest);
+  }
+
+  /** Every stored blob, for eviction and status. */
+  blobs(): StoredBlob[] {
+    return [...this.entries].map(([digest, e]) => ({ digest, size: e.size, lastUsed: e.lastUsed, readers: e.readers }));
+  }
+
+  /** Bytes and blobs stored. */
+  usage(): { bytes: number; blobs: number } {
+    let bytes = 0;
+    for (const e of this.entries.values()) bytes += e.size;
+    return { bytes, blobs: this.entries.size };
+  }
+
+  /** Holds a stored blob for a reader (and marks it used), or null when it is not stored. */
+  lease(digest: string): BlobLease | null {
+    const entry = this.entries.get(digest);
+    if (!entry) return null;
+    entry.readers++;
+    entry.lastUsed = this.now();
+    // Persisted lazily as the mtime, so that LRU order survives a restart.
+    void utimes(this.blobPath(digest), new Date(), new Date(entry.lastUsed)).catch(() => undefined);
+    let released = false;
+    return {
+      path: this.blobPath(digest),
+      size: entry.size,
+      release: () => {
+        if (released) return;
+        released = true;
+        entry.readers--;
+      },
+    };
+  }
+
+  /** Starts writing a blob; finish() stores it only if it hashes to `digest`. */
+  async startFill(digest: string): Promise<BlobFill> {
+    const path = join(this.root, 'tmp', `${hexOf(digest).slice(0, 16)}-${randomBytes(6).toString('hex')}`);
+    const file = await open(path, 'wx');
+    return new BlobFill(digest, path, file, async (fill, ok) => {
+      try {
+        if (ok) await file.sync(); // durable before it becomes visible: never a renamed empty file after a power loss
+      } finally {
+        await fill.close();
+      }
+      if (!ok) {
+        await rm(path, { force: true });
+        return { stored: false, reason: 'discarded' };
+      }
+      const target = this.blobPath(digest);
+      await mkdir(join(this.root, 'blobs', algorithmOf(digest)), { recursive: true });
+      await rename(path, target);
+      this.entries.set(digest, { size: fill.written, lastUsed: this.now(), readers: this.entries.get(digest)?.readers ?? 0 });
+      return { stored: true };
+    });
+  }
+
+  /** Deletes a blob that no one is reading; false when it is being read (or not stored). */
+  async remove(digest: string): Promise<boolean> {
+    const entry = this.entries.get(digest);
+    if (!entry || entry.readers > 0) return false;
+    this.entries.delete(digest);
+    await rm(this.blobPath(digest), { force: true });
+    return true;
+  }
+
+  /** Records that `digest` was fetched through `rule` for `repository`. */
+  async link(rule: string, repository: string, digest: string): Promise<void> {
+    const dir = join(this.repositoryPath(rule, repository), '_links', algorithmOf(digest));
+    await mkdir(dir, { recursive: true });
+    await writeFile(join(dir, hexOf(digest)), '');
+  }
+
+  /** Whether `digest` was fetched through `rule` for `repository` (and is still stored). */
+  async linked(rule: string, repository: string, digest: string): Promise<boolean> {
+    if (!this.has(digest)) return false;
+    try {
+      await stat(join(this.repositoryPath(rule, repository), '_links', algorithmOf(digest), hexOf(digest)));
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
+    try {
+      const record = JSON.parse(await readFile(join(this.repositoryPath(rule, repository), '_tags', tag), 'utf8')) as Partial<TagRecord>;
+      const valid = typeof record.digest === 'string' && typeof record.mediaType === 'string' && typeof record.size === 'number' && typeof record.confirmedAt === 'number';
+      return valid ? (record as TagRecord) : undefined;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Written to a temporary file and renamed, so a reader never sees half a record. */
+  async writeTag(rule: string, repository: string, tag: string, record: TagRecord): Promise<void> {
+    const dir = join(this.repositoryPath(rule, repository), '_tags');
+    await mkdir(dir, { recursive: true });
+    const temporary = join(this.root, 'tmp', `tag-${randomBytes(6).toString('hex')}`);
+    await writeFile(temporary, JSON.stringify(record));
+    await rename(temporary, join(dir, tag));
+  }
+}

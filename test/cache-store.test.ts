@@ -1,0 +1,127 @@
+// The node store on a real filesystem: only digest-verified blobs become visible, a crash or a cut
+// leaves nothing servable, readers hold blobs against removal, links and tags per rule/repository.
+
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { open } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { NodeStore } from '../src/cache/store.js';
+
+const digestOf = (data: Buffer) => `sha256:${createHash('sha256').update(data).digest('hex')}`;
+
+describe('node store', () => {
+  let root: string;
+  beforeEach(() => {
+    root = mkdtempSync(join(tmpdir(), 'pullbridge-store-'));
+  });
+
+  it('stores a blob only when it hashes to its digest, and finds it again after a restart', async () => {
+    const data = randomBytes(300_000);
+    const store = await NodeStore.open(root);
+    const fill = await store.startFill(digestOf(data));
+    for (let i = 0; i < data.length; i += 65_536) await fill.append(data.subarray(i, i + 65_536));
+    assert.equal(store.has(digestOf(data)), false, 'not visible while filling');
+    assert.deepEqual(await fill.finish(), { stored: true });
+    const lease = store.lease(digestOf(data));
+    assert.ok(lease);
+    assert.ok(readFileSync(lease.path).equals(data));
+    lease.release();
+    const reopened = await NodeStore.open(root);
+    assert.deepEqual(reopened.usage(), { bytes: data.length, blobs: 1 });
+    assert.equal(reopened.lease(digestOf(data))?.size, data.length);
+  });
+
+  it('discards a blob that does not match its digest: nothing stored, nothing left on disk', async () => {
+    const store = await NodeStore.open(root);
+    const fill = await store.startFill(digestOf(Buffer.from('expected')));
+    await fill.append(Buffer.from('something else'));
+    const outcome = await fill.finish();
+    assert.equal(outcome.stored, false);
+    assert.match(outcome.stored ? '' : outcome.reason, /content hashes to sha256:/);
+    assert.equal(store.has(digestOf(Buffer.from('expected'))), false);
+    assert.deepEqual(readdirSync(join(root, 'tmp')), []);
+    assert.deepEqual(readdirSync(join(root, 'blobs')), []);
+  });
+
+  it('leaves nothing servable after a cut or a crash mid-fill; the next open removes the partial file', async () => {
+    const data = randomBytes(100_000);
+    const store = await NodeStore.open(root);
+    const cut = await store.startFill(digestOf(data));
+    await cut.append(data.subarray(0, 50_000));
+    await cut.abort('upstream went away');
+    assert.deepEqual(readdirSync(join(root, 'tmp')), []);
+    // A crash: the process dies with a fill open.
+    const crashed = await store.startFill(digestOf(data));
+    await crashed.append(data.subarray(0, 50_000));
+    assert.equal(readdirSync(join(root, 'tmp')).length, 1);
+    const reopened = await NodeStore.open(root);
+    assert.equal(reopened.has(digestOf(data)), false);
+    assert.deepEqual(readdirSync(join(root, 'tmp')), []);
+    await crashed.close();
+  });
+
+  it('lets readers follow a fill as it grows, through one descriptor that survives the rename', async () => {
+    const data = randomBytes(200_000);
+    const store = await NodeStore.open(root);
+    const fill = await store.startFill(digestOf(data));
+    const reader = await open(fill.path, 'r');
+    const progress: number[] = [];
+    fill.on('progress', (n: number) => progress.push(n));
+    await fill.append(data.subarray(0, 120_000));
+    const early = Buffer.alloc(120_000);
+    await reader.read(early, 0, early.length, 0);
+    assert.ok(early.equals(data.subarray(0, 120_000)));
+    await fill.append(data.subarray(120_000));
+    assert.deepEqual(await fill.finish(), { stored: true });
+    const rest = Buffer.alloc(80_000);
+    await reader.read(rest, 0, rest.length, 120_000);
+    assert.ok(rest.equals(data.subarray(120_000)));
+    await reader.close();
+    assert.deepEqual(progress, [120_000, 200_000]);
+  });
+
+  it('never removes a blob while a reader holds it', async () => {
+    const data = Buffer.from('layer');
+    const store = await NodeStore.open(root);
+    const fill = await store.startFill(digestOf(data));
+    await fill.append(data);
+    await fill.finish();
+    const lease = store.lease(digestOf(data));
+    assert.equal(store.blobs()[0]?.readers, 1);
+    assert.equal(await store.remove(digestOf(data)), false);
+    lease?.release();
+    lease?.release(); // idempotent
+    assert.equal(store.blobs()[0]?.readers, 0);
+    assert.equal(await store.remove(digestOf(data)), true);
+    assert.equal(store.has(digestOf(data)), false);
+    assert.equal(existsSync(join(root, 'blobs', 'sha256', digestOf(data).slice(7))), false);
+  });
+
+  it('keeps links per rule and repository, and a removed blob is linked nowhere', async () => {
+    const data = Buffer.from('config');
+    const digest = digestOf(data);
+    const store = await NodeStore.open(root);
+    const fill = await store.startFill(digest);
+    await fill.append(data);
+    await fill.finish();
+    assert.equal(await store.linked('corp', 'team/app', digest), false);
+    await store.link('corp', 'team/app', digest);
+    assert.equal(await store.linked('corp', 'team/app', digest), true);
+    assert.equal(await store.linked('corp', 'team/other', digest), false, 'another repository');
+    assert.equal(await store.linked('hub', 'team/app', digest), false, 'another rule');
+    await store.remove(digest);
+    assert.equal(await store.linked('corp', 'team/app', digest), false);
+  });
+
+  it('keeps what each tag pointed at; a damaged record reads as none', async () => {
+    const store = await NodeStore.open(root);
+    const record = { digest: `sha256:${'b'.repeat(64)}`, mediaType: 'application/vnd.oci.image.index.v1+json', size: 321, confirmedAt: 42 };
+    assert.equal(await store.readTag('corp', 'team/app', '1.0'), undefined);
+    await store.writeTag('corp', 'team/app', '1.0', record);
+    assert.deepEqual(await store.readTag('corp', 'team/app', '1.0'), record);
+    writeFileSync(join(root, 'repositories', 'corp', 'team', 'app', '_tags', '1.0'), '{"digest": 1');
+    assert.equal(await store.readTag('corp', 'team/app', '1.0'), undefined);
+  });
+});
