@@ -28,7 +28,7 @@ export class UpstreamContent implements ContentSource {
   constructor(private readonly upstreams: ReadonlyMap<string, RuleUpstream>) {}
 
   manifest(request: ManifestRequest): Promise<ManifestResult> {
-    return this.guard(request, async (upstream) => {
+    return this.withUpstream(request, async (upstream) => {
       const ask = timed(upstream, request, {
         path: `/v2/${request.repository}/manifests/${request.reference}`,
         headers: { accept: request.accept ?? DEFAULT_MANIFEST_ACCEPT },
@@ -54,7 +54,7 @@ export class UpstreamContent implements ContentSource {
   }
 
   blob(request: BlobRequest): Promise<BlobResult> {
-    return this.guard(request, async (upstream) => {
+    return this.withUpstream(request, async (upstream) => {
       // identity: the bytes must hash to the digest; never let a hop compress or decompress them.
       const headers: Record<string, string> = { 'accept-encoding': 'identity' };
       if (request.range) headers.range = request.range;
@@ -85,7 +85,7 @@ export class UpstreamContent implements ContentSource {
   }
 
   tags(request: TagsRequest): Promise<TagsResult> {
-    return this.guard(request, async (upstream) => {
+    return this.withUpstream(request, async (upstream) => {
       const forwarded = new URLSearchParams();
       if (request.n !== null) forwarded.set('n', request.n);
       if (request.last !== null) forwarded.set('last', request.last);
@@ -106,7 +106,7 @@ export class UpstreamContent implements ContentSource {
 
   /** Runs `fetch` with the rule's upstream; anything thrown on the way becomes a ContentError,
    * except once the client has gone away (the shell says so itself). */
-  private async guard<T>(request: ContentRequest, fetch: (upstream: RuleUpstream) => Promise<T>): Promise<T> {
+  private async withUpstream<T>(request: ContentRequest, fetch: (upstream: RuleUpstream) => Promise<T>): Promise<T> {
     const upstream = this.upstreams.get(request.rule);
     if (!upstream) throw new ContentError('not-found', `no registry rule "${request.rule}" on this proxy`, { status: 404 });
     try {

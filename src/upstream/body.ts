@@ -1,5 +1,5 @@
 // One request to an upstream and its response body, which is consumed exactly once: streamed to a
-// client (stream.ts), read whole up to a limit, or dumped.
+// client (through content/ to proxy/stream.ts), read whole up to a limit, or dumped.
 //
 // Built on undici's dispatch handler rather than request()'s Readable: the chunks can be views into
 // reused socket read buffers (readbuffers.ts), so nothing here keeps a view past the callback. What
