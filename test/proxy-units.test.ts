@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
-import { realmTrusted } from '../src/proxy/authorizer.js';
-import { parseChallenges } from '../src/proxy/challenge.js';
+import { realmTrusted } from '../src/upstream/authorizer.js';
+import { parseChallenges } from '../src/upstream/challenge.js';
 import { dockerConfigJson, namespaceToken, parseBasicAuthorization, verifyNamespaceToken } from '../src/proxy/credentials.js';
 import { parseRoute } from '../src/proxy/route.js';
 import { SHA } from './support/config.js';

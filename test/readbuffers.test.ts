@@ -3,8 +3,8 @@ import { createHash, randomBytes } from 'node:crypto';
 import http from 'node:http';
 import net from 'node:net';
 import { Agent } from 'undici';
-import { dispatchRequest } from '../src/proxy/body.js';
-import { holdView, readBufferStats, socketReadOptions } from '../src/proxy/readbuffers.js';
+import { dispatchRequest } from '../src/upstream/body.js';
+import { holdView, readBufferStats, socketReadOptions } from '../src/upstream/readbuffers.js';
 import { writeRepeated } from './support/http.js';
 
 // Every byte of a stream is known by its offset: a repeating random block of prime length.

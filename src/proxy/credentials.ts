@@ -41,8 +41,6 @@ export function parseBasicAuthorization(header: string | undefined): BasicCreden
   return { username: decoded.slice(0, colon), password: decoded.slice(colon + 1) };
 }
 
-export const basicAuthorization = (c: BasicCredentials): string => `Basic ${Buffer.from(`${c.username}:${c.password}`).toString('base64')}`;
-
 /** The `.dockerconfigjson` of the pull secret for a namespace, keyed by the proxy's host:port. */
 export function dockerConfigJson(proxyAuthority: string, namespace: string, key: Uint8Array): string {
   const password = namespaceToken(key, namespace);

@@ -9,9 +9,11 @@ import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import type { SkippedBrokerKey } from '../shell/secretfiles.js';
 import { listen, type RunningServer } from '../shell/serve.js';
-import { Prober } from './probe.js';
+import { Prober } from '../upstream/probe.js';
 import { BODY_HIGH_WATER_MARK } from './stream.js';
-import { createOpsHandler, createProxyHandler, createProxyRuntime, type ProxyRuntime } from './server.js';
+import { createOpsHandler } from './ops.js';
+import { createProxyRuntime, type ProxyRuntime } from './runtime.js';
+import { createProxyHandler } from './server.js';
 
 export interface ProxyRunOptions {
   readonly config: Config;

@@ -1,16 +1,13 @@
-// Streaming one upstream body to one client: backpressure and the digest guard.
+// Streaming one content body to one client: backpressure, and the minimum rate a client must read at.
 //
-// Chunks are views into reused socket read buffers (readbuffers.ts); each is written as it is and
-// its buffer held until the write completes, so a body passes through without a copy or an
-// allocation per chunk.
-// With a digest, every byte is hashed and the last chunk (known by Content-Length; without one,
-// each latest chunk) is kept back, copied, until the hash matches: a truncated or corrupted body
-// then ends in a cut connection, never in a complete response.
+// Chunks may be views into reused socket read buffers (upstream/readbuffers.ts); each is written as
+// it is and its buffer held until the write completes, so a body passes through without a copy or
+// an allocation per chunk. A body that fails (a digest that does not match, a cut upstream) ends in
+// an error here, and the caller cuts the connection.
 
-import { createHash } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
-import type { UpstreamBody } from './body.js';
-import { holdView, READ_BUFFER_BYTES } from './readbuffers.js';
+import type { ContentBody } from '../content/source.js';
+import { READ_BUFFER_BYTES } from '../upstream/readbuffers.js';
 
 /** Bytes queued for a slow client per stream before the upstream pauses: one read's worth. */
 export const BODY_HIGH_WATER_MARK = READ_BUFFER_BYTES;
@@ -26,29 +23,19 @@ export interface MinimumRate {
 export const DEFAULT_MINIMUM_RATE: MinimumRate = { bytesPerSecond: 64 * 1024, windowMs: 30_000 };
 
 export interface StreamOptions {
-  /** `algorithm:hex` the whole body must hash to; omit for partial (Range) or unverified bodies. */
-  readonly digest?: string;
-  /** The body's Content-Length, when the upstream sent one. */
-  readonly length?: number;
   readonly onBytes: (n: number) => void;
   readonly minimumRate?: MinimumRate;
 }
 
 /** Resolves with undefined when the client got the whole body, or with what went wrong. */
-export function streamBody(body: UpstreamBody, res: ServerResponse, options: StreamOptions): Promise<Error | undefined> {
-  const colon = options.digest?.indexOf(':') ?? -1;
-  const hash = options.digest && colon > 0 ? createHash(options.digest.slice(0, colon)) : undefined;
-  const expected = options.digest?.slice(colon + 1);
-  const length = options.length;
-  let received = 0;
-  let held: Buffer | undefined;
+export function streamBody(body: ContentBody, res: ServerResponse, options: StreamOptions): Promise<Error | undefined> {
   // Bytes the client's socket took (write callbacks), and whether the proxy is waiting for it.
   let flushed = 0;
   let waitingForClient = false;
 
   const write = (chunk: Buffer): boolean => {
     options.onBytes(chunk.length);
-    const release = holdView(chunk);
+    const release = body.hold(chunk);
     const more = res.write(chunk, () => {
       flushed += chunk.length;
       release();
@@ -91,26 +78,10 @@ export function streamBody(body: UpstreamBody, res: ServerResponse, options: Str
     res.once('close', onClose);
     body.attach({
       data(chunk) {
-        if (settled) return true;
-        received += chunk.length;
-        if (!hash) return write(chunk);
-        hash.update(chunk);
-        if (length !== undefined && received < length) return write(chunk);
-        const previous = held;
-        held = Buffer.from(chunk);
-        return previous ? write(previous) : true;
+        return settled ? true : write(chunk);
       },
       end() {
-        if (settled) return;
-        if (hash) {
-          const actual = hash.digest('hex');
-          if (actual !== expected) {
-            settle(new Error(`upstream blob does not match ${options.digest} (got ${options.digest?.slice(0, colon)}:${actual})`));
-            return;
-          }
-          if (held) write(held);
-        }
-        res.end(() => settle());
+        if (!settled) res.end(() => settle());
       },
       error(error) {
         settle(error);

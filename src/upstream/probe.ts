@@ -3,7 +3,8 @@
 
 import { Gauge, type Registry } from 'prom-client';
 import { UpstreamAuthError } from './authorizer.js';
-import type { ProxyRuntime } from './server.js';
+import type { Config } from '../rules/config.js';
+import type { RuleUpstream } from './rule.js';
 
 export interface UpstreamStatus {
   readonly rule: string;
@@ -18,6 +19,12 @@ export interface UpstreamStatus {
   readonly lastCheck: string | null;
 }
 
+/** What is probed: the rules of the config in force and their upstreams. */
+export interface ProbeTargets {
+  readonly config: Pick<Config, 'registries'>;
+  readonly rules: ReadonlyMap<string, RuleUpstream>;
+}
+
 export class Prober {
   private readonly status = new Map<string, UpstreamStatus>();
   private timer: NodeJS.Timeout | undefined;
@@ -26,7 +33,7 @@ export class Prober {
   private readonly latency: Gauge<'rule'>;
 
   constructor(
-    private readonly runtime: () => ProxyRuntime | undefined,
+    private readonly runtime: () => ProbeTargets | undefined,
     registry: Registry,
     private readonly intervalMs = 30_000,
     private readonly timeoutMs = 10_000,
@@ -71,7 +78,7 @@ export class Prober {
     return Promise.all([...runtime.rules.values()].map((rr) => this.probe(rr)));
   }
 
-  private async probe(rr: ProxyRuntime['rules'] extends ReadonlyMap<string, infer R> ? R : never): Promise<UpstreamStatus> {
+  private async probe(rr: RuleUpstream): Promise<UpstreamStatus> {
     const rule = rr.rule;
     const started = performance.now();
     const previous = this.status.get(rule.name);

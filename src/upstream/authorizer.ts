@@ -8,8 +8,15 @@
 import { createHash } from 'node:crypto';
 import type { Dispatcher } from 'undici';
 import { dispatchRequest } from './body.js';
-import { basicAuthorization, type BasicCredentials } from './credentials.js';
 import type { Challenge } from './challenge.js';
+
+/** What the upstream is asked with: the rule's own credentials, or a client's in passthrough mode. */
+export interface UpstreamCredentials {
+  readonly username: string;
+  readonly password: string;
+}
+
+const basicAuthorization = (c: UpstreamCredentials): string => `Basic ${Buffer.from(`${c.username}:${c.password}`).toString('base64')}`;
 
 export class UpstreamAuthError extends Error {
   constructor(
@@ -114,7 +121,7 @@ export class Authorizer {
   }
 
   /** The Authorization header to send up front for this scope, if the scheme is known. */
-  async headerFor(scope: string, credentials: BasicCredentials | undefined): Promise<string | undefined> {
+  async headerFor(scope: string, credentials: UpstreamCredentials | undefined): Promise<string | undefined> {
     if (this.scheme === 'basic' && credentials) return basicAuthorization(credentials);
     if (this.scheme === 'bearer' && this.bearer) {
       const cached = this.tokens.get(this.cacheKey(this.bearer.realm, this.bearer.service, scope, credentials));
@@ -146,7 +153,7 @@ export class Authorizer {
    * After a 401: the header to retry with, or null when there is nothing better to try.
    * `sent` is what the failed request carried, so a cached token that stopped working is dropped.
    */
-  async afterChallenge(challenges: readonly Challenge[], scope: string, credentials: BasicCredentials | undefined, sent: string | undefined): Promise<string | null> {
+  async afterChallenge(challenges: readonly Challenge[], scope: string, credentials: UpstreamCredentials | undefined, sent: string | undefined): Promise<string | null> {
     const bearer = challenges.find((c) => c.scheme === 'bearer');
     if (bearer?.params.realm) {
       const service = bearer.params.service;
@@ -176,13 +183,13 @@ export class Authorizer {
     if (this.scheme === 'unknown') this.scheme = 'none';
   }
 
-  private cacheKey(realm: string, service: string | undefined, scope: string, credentials: BasicCredentials | undefined): string {
+  private cacheKey(realm: string, service: string | undefined, scope: string, credentials: UpstreamCredentials | undefined): string {
     // Tokens obtained with one client's credentials (passthrough) must never serve another client.
     const who = credentials ? createHash('sha256').update(`${credentials.username}\u0000${credentials.password}`).digest('base64url') : '-';
     return `${realm}\u0000${service ?? ''}\u0000${scope}\u0000${who}`;
   }
 
-  private async fetchToken(realm: string, service: string | undefined, scope: string, credentials: BasicCredentials | undefined): Promise<string> {
+  private async fetchToken(realm: string, service: string | undefined, scope: string, credentials: UpstreamCredentials | undefined): Promise<string> {
     let url: URL;
     try {
       url = new URL(realm);

@@ -2,10 +2,9 @@
 // redirects itself through the same transport.
 
 import type { Dispatcher } from 'undici';
-import { Authorizer } from './authorizer.js';
+import { Authorizer, type UpstreamCredentials } from './authorizer.js';
 import { dispatchRequest, type UpstreamReply } from './body.js';
 import { parseChallenges } from './challenge.js';
-import type { BasicCredentials } from './credentials.js';
 import { RedirectRefused, type RuleTransport } from './transport.js';
 
 export type UpstreamResponse = UpstreamReply & {
@@ -22,7 +21,7 @@ export interface UpstreamRequest {
   readonly headers: Readonly<Record<string, string>>;
   /** `repository:<name>:pull`, the token scope. */
   readonly scope: string;
-  readonly credentials: BasicCredentials | undefined;
+  readonly credentials: UpstreamCredentials | undefined;
   readonly signal: AbortSignal;
   /** Follow 3xx to storage (blobs only); otherwise redirects are returned as they are. */
   readonly followRedirects: boolean;

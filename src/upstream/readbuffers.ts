@@ -10,8 +10,8 @@
 // point into it. Views into a read reach three places: the socket's readable queue (until the HTTP
 // parser takes them, or when it pushes back what it could not parse), the parser's callbacks
 // (synchronous), and whoever got a body chunk from them. Body chunks from these sockets reach only
-// `UpstreamBody` (body.ts), which copies what it keeps and marks with `holdView` what it writes
-// until the write completes. When in doubt the next read gets a fresh buffer that nothing else
+// `UpstreamBody` (body.ts), which copies what it keeps, and whoever writes a chunk marks its buffer
+// with `holdView` (through `UpstreamBody.hold`) until the write completes. When in doubt the next read gets a fresh buffer that nothing else
 // will ever see, which is what Node does anyway.
 
 import type { Readable } from 'node:stream';

@@ -1,12 +1,13 @@
 // One request to an upstream and its response body, which is consumed exactly once: streamed to a
-// client (stream.ts), read whole up to a limit, or dumped.
+// client (through content/ to proxy/stream.ts), read whole up to a limit, or dumped.
 //
 // Built on undici's dispatch handler rather than request()'s Readable: the chunks can be views into
 // reused socket read buffers (readbuffers.ts), so nothing here keeps a view past the callback. What
 // arrives before a consumer attaches is copied; a consumer gets views and must copy what it keeps,
-// or hold the buffer (holdView) while a write of it is in progress.
+// or hold the buffer (`hold`) while a write of it is in progress.
 
 import type { Dispatcher } from 'undici';
+import { holdView } from './readbuffers.js';
 
 export type IncomingHeaders = Record<string, string | string[] | undefined>;
 
@@ -63,6 +64,11 @@ export class UpstreamBody {
   /** Lets a sink that returned false from `data` have more. */
   resume(): void {
     this.controller?.resume();
+  }
+
+  /** Keeps the read buffer under `chunk` from reuse until the returned function is called. */
+  hold(chunk: Buffer): () => void {
+    return holdView(chunk);
   }
 
   /** Stops the upstream transfer (closing its connection) unless it already finished. */

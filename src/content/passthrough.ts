@@ -1,0 +1,211 @@
+// Content straight from each rule's upstream, nothing kept: manifests checked against their digest,
+// blobs streamed (and verified as they pass), tag lists read and parsed. Every failure becomes a
+// ContentError.
+
+import { createHash } from 'node:crypto';
+import { UpstreamAuthError } from '../upstream/authorizer.js';
+import { headerValue, type UpstreamRequest, type UpstreamResponse } from '../upstream/client.js';
+import type { RuleUpstream } from '../upstream/rule.js';
+import { ContentError, type BlobRequest, type BlobResult, type BufferAllowance, type ContentFailure, type ContentRequest, type ContentSource, type ManifestRequest, type ManifestResult, type TagsRequest, type TagsResult } from './source.js';
+import { verifiedBody } from './verify.js';
+
+/** containerd refuses manifests over 4 MiB; nothing larger is a manifest. */
+export const MANIFEST_LIMIT_BYTES = 4 * 1024 * 1024;
+const ERROR_BODY_LIMIT = 64 * 1024;
+/** Reserved for a buffered body whose length the upstream did not announce, adjusted once read. */
+const UNKNOWN_LENGTH_RESERVE = 256 * 1024;
+const DEFAULT_MANIFEST_ACCEPT = [
+  'application/vnd.oci.image.index.v1+json',
+  'application/vnd.docker.distribution.manifest.list.v2+json',
+  'application/vnd.oci.image.manifest.v1+json',
+  'application/vnd.docker.distribution.manifest.v2+json',
+].join(', ');
+const BLOB_HEADERS = ['content-type', 'content-length', 'content-range', 'accept-ranges', 'content-encoding', 'docker-content-digest', 'etag', 'last-modified'];
+
+type ContentKind = 'manifest' | 'blob' | 'tags';
+
+export class UpstreamContent implements ContentSource {
+  constructor(private readonly upstreams: ReadonlyMap<string, RuleUpstream>) {}
+
+  manifest(request: ManifestRequest): Promise<ManifestResult> {
+    return this.withUpstream(request, async (upstream) => {
+      const ask = timed(upstream, request, {
+        path: `/v2/${request.repository}/manifests/${request.reference}`,
+        headers: { accept: request.accept ?? DEFAULT_MANIFEST_ACCEPT },
+        followRedirects: false,
+        lane: 'metadata',
+      });
+      if (request.method === 'HEAD') {
+        const answered = await headManifest(await ask('HEAD'), request);
+        if (answered) return answered;
+        // Without a digest and a length from upstream, GET and compute them: clients trust both.
+      }
+      const up = await ask('GET');
+      await refuseFailure(up, 'manifest');
+      const body = await readWithin(up, request.buffers, MANIFEST_LIMIT_BYTES);
+      if (body === null) throw new ContentError('invalid', `upstream manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`, { status: 502 });
+      const algorithm = request.byDigest ? request.reference.slice(0, request.reference.indexOf(':')) : 'sha256';
+      const digest = `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
+      if (request.byDigest && digest !== request.reference) {
+        throw new ContentError('invalid', `upstream manifest does not match ${request.reference}`, { status: 502, note: `manifest digest mismatch: got ${digest}` });
+      }
+      return { digest, size: body.length, mediaType: headerValue(up.headers['content-type']), body };
+    });
+  }
+
+  blob(request: BlobRequest): Promise<BlobResult> {
+    return this.withUpstream(request, async (upstream) => {
+      // identity: the bytes must hash to the digest; never let a hop compress or decompress them.
+      const headers: Record<string, string> = { 'accept-encoding': 'identity' };
+      if (request.range) headers.range = request.range;
+      const ask = timed(upstream, request, { path: `/v2/${request.repository}/blobs/${request.digest}`, headers, followRedirects: true, lane: 'blob' });
+      const up = await ask(request.method);
+      await refuseFailure(up, 'blob', [200, 206]);
+      if (up.statusCode === 206 && !request.range) {
+        // A part passed on as the whole blob would skip the digest check (it only covers a 200).
+        up.body.destroy();
+        throw new ContentError('invalid', `upstream answered a partial body (206) for ${request.digest} without a Range request`, { status: 502, note: 'upstream answered 206 to a request without Range' });
+      }
+      const out: Record<string, string> = {};
+      for (const name of BLOB_HEADERS) {
+        const value = headerValue(up.headers[name]);
+        if (value !== undefined) out[name] = value;
+      }
+      out['docker-content-digest'] = request.digest;
+      if (request.method === 'HEAD') {
+        // A HEAD turned into GET by a redirect: keep the headers, drop the body.
+        up.body.destroy();
+        return { status: 200, digest: request.digest, headers: out, body: undefined };
+      }
+      const length = Number(out['content-length']);
+      const verify = up.statusCode === 200 && upstream.rule.verifyBlobDigests;
+      const body = verify ? verifiedBody(up.body, request.digest, Number.isSafeInteger(length) && length >= 0 ? length : undefined) : up.body;
+      return { status: up.statusCode, digest: request.digest, headers: out, body };
+    });
+  }
+
+  tags(request: TagsRequest): Promise<TagsResult> {
+    return this.withUpstream(request, async (upstream) => {
+      const forwarded = new URLSearchParams();
+      if (request.n !== null) forwarded.set('n', request.n);
+      if (request.last !== null) forwarded.set('last', request.last);
+      const search = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
+      const path = `/v2/${request.repository}/tags/list`;
+      const up = await upstream.client.fetch({ ...upstreamRequest(request), method: 'GET', path: `${path}${search}`, headers: { accept: 'application/json' }, followRedirects: false, lane: 'metadata' });
+      await refuseFailure(up, 'tags');
+      const body = await readWithin(up, request.buffers, MANIFEST_LIMIT_BYTES);
+      let list: TagsResult['list'];
+      try {
+        list = JSON.parse(body === null ? '' : body.toString('utf8')) as TagsResult['list'];
+      } catch {
+        throw new ContentError('invalid', 'upstream tag list is not valid JSON', { status: 502 });
+      }
+      return { list, nextPage: nextPage(headerValue(up.headers.link), upstream.rule.upstream, path) };
+    });
+  }
+
+  /** Runs `fetch` with the rule's upstream; anything thrown on the way becomes a ContentError,
+   * except once the client has gone away (the shell says so itself). */
+  private async withUpstream<T>(request: ContentRequest, fetch: (upstream: RuleUpstream) => Promise<T>): Promise<T> {
+    const upstream = this.upstreams.get(request.rule);
+    if (!upstream) throw new ContentError('not-found', `no registry rule "${request.rule}" on this proxy`, { status: 404 });
+    try {
+      return await fetch(upstream);
+    } catch (error) {
+      if (error instanceof ContentError || request.signal.aborted) throw error;
+      throw failureOf(error as Error);
+    }
+  }
+}
+
+function upstreamRequest(request: ContentRequest): Pick<UpstreamRequest, 'scope' | 'credentials' | 'signal'> {
+  return { scope: `repository:${request.repository}:pull`, credentials: request.credentials, signal: request.signal };
+}
+
+/** Asks the upstream, telling the request how long the answer took since the first ask. */
+function timed(upstream: RuleUpstream, request: ContentRequest, fixed: Pick<UpstreamRequest, 'path' | 'headers' | 'followRedirects' | 'lane'>): (method: 'GET' | 'HEAD') => Promise<UpstreamResponse> {
+  const started = performance.now();
+  return async (method) => {
+    const up = await upstream.client.fetch({ ...upstreamRequest(request), ...fixed, method });
+    request.onUpstreamAnswer?.((performance.now() - started) / 1000);
+    return up;
+  };
+}
+
+/** A manifest's HEAD answered from the upstream's headers, when they give a digest and a length. */
+async function headManifest(head: UpstreamResponse, request: ManifestRequest): Promise<ManifestResult | undefined> {
+  const digest = headerValue(head.headers['docker-content-digest']);
+  const length = headerValue(head.headers['content-length']);
+  // 405: some registries refuse HEAD on manifests; fall through to a GET.
+  await refuseFailure(head, 'manifest', [200, 405]);
+  await head.body.dump();
+  if (head.statusCode !== 200 || !digest || !length || !(Number(length) > 0)) return undefined;
+  if (request.byDigest && digest !== request.reference) return undefined;
+  return { digest, size: Number(length), mediaType: headerValue(head.headers['content-type']), body: undefined };
+}
+
+/**
+ * Reads a body the proxy must hold whole within the memory the request is allowed: reserved before
+ * (the announced length, or an estimate), adjusted once read. Null when it is larger than `limit`.
+ */
+async function readWithin(up: UpstreamResponse, buffers: BufferAllowance, limit: number): Promise<Buffer | null> {
+  const declared = Number(headerValue(up.headers['content-length']));
+  const estimate = Number.isSafeInteger(declared) && declared >= 0 && declared <= limit ? declared : UNKNOWN_LENGTH_RESERVE;
+  try {
+    buffers.reserve(estimate);
+  } catch (error) {
+    up.body.destroy();
+    throw error;
+  }
+  const body = await up.body.readAll(limit, estimate === declared ? declared : undefined);
+  if (body !== null) buffers.resize(body.length);
+  return body;
+}
+
+/** Throws when the upstream refused or failed (anything but the `ok` statuses). */
+async function refuseFailure(up: UpstreamResponse, kind: ContentKind, ok: readonly number[] = [200]): Promise<void> {
+  if (up.statusCode >= 300 && up.statusCode < 400 && !ok.includes(up.statusCode)) {
+    // Only blob reads may be redirected (to storage, followed by the upstream client).
+    void up.body.dump();
+    throw new ContentError('unavailable', `upstream answered a ${kind} request with a redirect (${up.statusCode}); only blob reads may be redirected`, { status: 502 });
+  }
+  if (up.unauthorized) {
+    void up.body.dump();
+    throw new ContentError('unauthorized', 'the upstream registry refused the credentials', { status: 401 });
+  }
+  if (!ok.includes(up.statusCode)) throw await upstreamError(up);
+}
+
+/** An upstream error answer, its own registry error document kept to pass on, and its Retry-After. */
+async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
+  const text = (await up.body.readAll(ERROR_BODY_LIMIT))?.toString('utf8') ?? '';
+  const retryAfter = headerValue(up.headers['retry-after']);
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    parsed = undefined;
+  }
+  const registryBody = parsed && typeof parsed === 'object' && Array.isArray((parsed as { errors?: unknown }).errors) ? text : undefined;
+  const failure: ContentFailure = up.statusCode === 404 ? 'not-found' : up.statusCode === 429 ? 'too-many-requests' : up.statusCode === 403 ? 'denied' : 'unavailable';
+  return new ContentError(failure, `upstream answered ${up.statusCode}`, { status: up.statusCode, ...(retryAfter ? { retryAfter } : {}), ...(registryBody !== undefined ? { registryBody } : {}) });
+}
+
+/** What went wrong reaching the upstream: auth, a timeout, or no way there. */
+function failureOf(error: Error): ContentError {
+  if (error instanceof UpstreamAuthError) {
+    if (error.kind === 'rejected') return new ContentError('unauthorized', error.message, { status: 401, note: error.message });
+    return new ContentError('unavailable', `upstream authentication failed: ${error.message}`, { status: 502, note: error.message });
+  }
+  const code = (error as { code?: string }).code ?? '';
+  const timeout = code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT';
+  return new ContentError('unavailable', `upstream ${timeout ? 'timed out' : 'unreachable'}: ${code || error.message}`, { status: timeout ? 504 : 502, note: error.message });
+}
+
+/** The next page of a tag list, when the upstream's Link points at the same path (it may be absolute). */
+function nextPage(link: string | undefined, upstream: string, path: string): TagsResult['nextPage'] {
+  const m = link ? /<([^>]*)>(.*)/.exec(link) : null;
+  if (!m) return undefined;
+  const next = new URL(m[1] ?? '', upstream);
+  return next.pathname === path ? { query: next.search, linkParameters: m[2] ?? '' } : undefined;
+}

@@ -1,0 +1,77 @@
+// Who may pull what, decided before any content is looked up: the client's credential under the
+// rule's auth mode, the rule's namespace filter, its repository filter.
+
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import type { Logger } from '../log.js';
+import type { UpstreamCredentials } from '../upstream/authorizer.js';
+import type { RuleUpstream } from '../upstream/rule.js';
+import { parseBasicAuthorization, verifyNamespaceToken } from './credentials.js';
+import { registryError, type RegistryError } from './errors.js';
+import { CHALLENGE, sendError } from './answer.js';
+import type { ProxyRuntime } from './runtime.js';
+
+/** A refusal names the namespace when its credential was valid, so the access log says who was refused. */
+export type ClientAuth = { ok: true; namespace: string | null; credentials: UpstreamCredentials | undefined } | { ok: false; error: RegistryError; challenge: boolean; namespace?: string };
+
+/** Client authentication; the proxy's own secrets failing to load is a 503, not the client's fault. */
+export function authenticate(runtime: ProxyRuntime, rr: RuleUpstream, header: string | undefined, logger: Logger): ClientAuth {
+  try {
+    return checkClient(runtime, rr, header);
+  } catch (error) {
+    logger.error({ rule: rr.rule.name, error: (error as Error).message }, 'cannot load credentials');
+    return { ok: false, error: registryError(503, 'UNAVAILABLE', `the proxy cannot load its credentials for rule "${rr.rule.name}"`), challenge: false };
+  }
+}
+
+function checkClient(runtime: ProxyRuntime, rr: RuleUpstream, header: string | undefined): ClientAuth {
+  const mode = rr.rule.auth.mode;
+  if (mode === 'anonymous') return { ok: true, namespace: null, credentials: rr.upstreamCredentials() };
+  const basic = parseBasicAuthorization(header);
+  if (!basic) return { ok: false, error: registryError(401, 'UNAUTHORIZED', 'authentication required'), challenge: true };
+  if (mode === 'passthrough') return { ok: true, namespace: null, credentials: basic };
+  const keys = runtime.brokerKeys?.keys() ?? [];
+  if (!verifyNamespaceToken(keys, basic.username, basic.password)) {
+    return { ok: false, error: registryError(401, 'UNAUTHORIZED', 'invalid credentials: use the pull secret pullbridge provisions in your namespace'), challenge: true };
+  }
+  if (rr.rule.namespaceFilter.refuse(basic.username) !== null) {
+    return { ok: false, error: registryError(403, 'DENIED', `namespace "${basic.username}" may not pull through rule "${rr.rule.name}"`), challenge: false, namespace: basic.username };
+  }
+  return { ok: true, namespace: basic.username, credentials: rr.upstreamCredentials() };
+}
+
+/**
+ * The rule's repository filter holds for every auth mode, here as in the webhook: a Pod can write
+ * any repository after the rule's prefix itself. Null when the repository may be pulled.
+ */
+export function repositoryRefusal(rr: RuleUpstream, repository: string): RegistryError | null {
+  const refusal = rr.rule.repositoryFilter.refuse(repository);
+  if (refusal === null) return null;
+  return registryError(403, 'DENIED', `repository "${repository}" is ${refusal === 'excluded' ? 'excluded from' : 'not included in'} rule "${rr.rule.name}"`);
+}
+
+/** `/v2/`: the version check, which is also where clients learn to authenticate. Returns the
+ * namespace whose credential was verified, if any. */
+export function answerBase(runtime: ProxyRuntime, req: IncomingMessage, res: ServerResponse): string | null {
+  const rules = [...runtime.rules.values()];
+  const needsAuth = rules.some((r) => r.rule.auth.mode !== 'anonymous');
+  const basic = parseBasicAuthorization(req.headers.authorization);
+  // containers/image pings /v2/ and uses only this challenge, so it must challenge here too.
+  if (needsAuth && !basic) {
+    sendError(res, registryError(401, 'UNAUTHORIZED', 'authentication required'), { 'www-authenticate': CHALLENGE });
+    return null;
+  }
+  let namespace: string | null = null;
+  if (basic) {
+    const brokerOk = runtime.brokerKeys ? verifyNamespaceToken(runtime.brokerKeys.keys(), basic.username, basic.password) : false;
+    if (brokerOk) namespace = basic.username;
+    // Passthrough credentials can only be checked by their upstream, on a real request.
+    else if (!rules.some((r) => r.rule.auth.mode === 'passthrough')) {
+      sendError(res, registryError(401, 'UNAUTHORIZED', 'invalid credentials'), { 'www-authenticate': CHALLENGE });
+      return null;
+    }
+  }
+  const body = '{}';
+  res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': body.length });
+  res.end(req.method === 'HEAD' ? undefined : body);
+  return namespace;
+}

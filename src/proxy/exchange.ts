@@ -1,0 +1,65 @@
+// What one request did, for the access log and the proxy's metrics.
+
+import type { IncomingMessage, ServerResponse } from 'node:http';
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+import type { Logger } from '../log.js';
+
+export interface Exchange {
+  rule: string | null;
+  kind: string;
+  repository: string | null;
+  reference: string | null;
+  namespace: string | null;
+  error: string | null;
+  bytes: number;
+}
+
+export interface ProxyMetrics {
+  requests: Counter<'rule' | 'kind' | 'status'>;
+  bytes: Counter<'rule' | 'kind'>;
+  upstreamSeconds: Histogram<'rule' | 'kind'>;
+  inflight: Gauge;
+}
+
+export function registerMetrics(registry: Registry): ProxyMetrics {
+  return {
+    requests: new Counter({ name: 'pullbridge_proxy_requests_total', help: 'Proxy requests by rule, kind and status', labelNames: ['rule', 'kind', 'status'], registers: [registry] }),
+    bytes: new Counter({ name: 'pullbridge_proxy_response_bytes_total', help: 'Body bytes served, by rule and kind', labelNames: ['rule', 'kind'], registers: [registry] }),
+    upstreamSeconds: new Histogram({
+      name: 'pullbridge_upstream_response_seconds',
+      help: 'Time until the upstream answered (headers), by rule and kind',
+      labelNames: ['rule', 'kind'],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+      registers: [registry],
+    }),
+    inflight: new Gauge({ name: 'pullbridge_proxy_inflight_streams', help: 'Responses being streamed now', registers: [registry] }),
+  };
+}
+
+/** A new exchange, counted and logged once its response closes. */
+export function recordExchange(req: IncomingMessage, res: ServerResponse, metrics: ProxyMetrics, logger: Logger): Exchange {
+  const started = performance.now();
+  const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0 };
+  res.on('close', () => {
+    const status = res.writableFinished ? res.statusCode : 0; // 0: connection cut before the end
+    metrics.requests.inc({ rule: exchange.rule ?? '', kind: exchange.kind, status: String(status) });
+    if (exchange.bytes > 0) metrics.bytes.inc({ rule: exchange.rule ?? '', kind: exchange.kind }, exchange.bytes);
+    logger.info(
+      {
+        access: 'pull',
+        method: req.method,
+        rule: exchange.rule,
+        kind: exchange.kind,
+        repository: exchange.repository,
+        reference: exchange.reference,
+        namespace: exchange.namespace,
+        status,
+        bytes: exchange.bytes,
+        durationMs: Math.round((performance.now() - started) * 1000) / 1000,
+        ...(exchange.error ? { error: exchange.error } : {}),
+      },
+      'request',
+    );
+  });
+  return exchange;
+}
