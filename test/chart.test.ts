@@ -126,17 +126,18 @@ describe('Helm chart', function () {
   });
 
   it('probes and scrapes the proxy on its operations port, which no exposure publishes (loopback with hostNetwork)', async () => {
-    type Container = { args: string[]; ports: Array<{ name: string; containerPort: number; hostPort?: number }>; readinessProbe: { httpGet: { port: string; host?: string } }; livenessProbe: { httpGet: { port: string; host?: string } } };
+    type Container = { args: string[]; ports: Array<{ name: string; containerPort: number; hostPort?: number }>; readinessProbe: { httpGet: { port: string | number; host?: string } }; livenessProbe: { httpGet: { port: string | number; host?: string } } };
     for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
       const rendered = await render('--set', `proxy.exposure=${exposure}`);
       const proxy = (rendered.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { spec: { containers: Container[] } } } }).spec.template.spec.containers[0];
       assert.ok(proxy);
       assert.ok(proxy.args.includes('--ops-port=9090'), exposure);
       const ops = proxy.ports.find((p) => p.name === 'ops');
-      assert.equal(ops?.containerPort, 9090);
+      // With hostNetwork a declared port becomes a hostPort (the apiserver defaults it): none then.
+      assert.equal(ops?.containerPort, exposure === 'hostNetwork' ? undefined : 9090);
       assert.equal(ops?.hostPort, undefined, 'never a hostPort');
       for (const probe of [proxy.readinessProbe, proxy.livenessProbe]) {
-        assert.equal(probe.httpGet.port, 'ops');
+        assert.equal(probe.httpGet.port, exposure === 'hostNetwork' ? 9090 : 'ops');
         // A hostNetwork Pod's IP is the node's address; the proxy listens on loopback there.
         assert.equal(probe.httpGet.host, exposure === 'hostNetwork' ? '127.0.0.1' : undefined, exposure);
       }

@@ -234,7 +234,7 @@ describe('proxy under upstream faults (scripted upstream)', function () {
     it('checks the address actually connected: a storage name that resolves to loopback is refused too', async () => {
       const res = await rawRequest(proxy.url, `/v2/strict/to-named-node/blobs/${BLOB_DIGEST}`, { headers: auth });
       assert.equal(res.status, 502);
-      assert.match(res.body.toString(), /redirect to storage\.internal\.test refused: 127\.0\.0\.1 is a loopback/);
+      assert.match(res.body.toString(), /connection to storage\.internal\.test refused: 127\.0\.0\.1 is a loopback/);
       assert.deepEqual(upstream.seen.filter((s) => s.path.startsWith('/b/')), [], 'no request was sent on that connection');
     });
 

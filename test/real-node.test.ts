@@ -16,7 +16,7 @@ import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
 import { isRunning, registerWebhook, waitForPod, waitingState } from './support/cluster.js';
 import { cachedBinary, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { memoryLogger } from './support/logs.js';
-import { buildWorkloadImage, nodePod, startNode, type RealNode } from './support/node.js';
+import { buildWorkloadImage, nodePod, startNode, stopAllNodes, type RealNode } from './support/node.js';
 import type { TestImage } from './support/oci.js';
 import { runAsync } from './support/procs.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -94,6 +94,7 @@ describe('a real node: kubelet pulls rewritten Pods through the proxy', function
 
   after(async () => {
     await node?.stop();
+    await stopAllNodes(); // one whose start outlived a timed-out setup
     await webhook?.shutdown();
     await proxy?.close();
     await registry?.stop();

@@ -150,6 +150,10 @@ async function headManifest(head: UpstreamResponse, request: ManifestRequest): P
  */
 async function readWithin(up: UpstreamResponse, buffers: BufferAllowance, limit: number): Promise<Buffer | null> {
   const declared = Number(headerValue(up.headers['content-length']));
+  if (Number.isSafeInteger(declared) && declared > limit) {
+    up.body.destroy();
+    return null;
+  }
   const estimate = Number.isSafeInteger(declared) && declared >= 0 && declared <= limit ? declared : UNKNOWN_LENGTH_RESERVE;
   try {
     buffers.reserve(estimate);
@@ -157,7 +161,14 @@ async function readWithin(up: UpstreamResponse, buffers: BufferAllowance, limit:
     up.body.destroy();
     throw error;
   }
-  const body = await up.body.readAll(limit, estimate === declared ? declared : undefined);
+  // A body longer than announced (or of unknown length) is accounted as it grows, doubling.
+  let reserved = estimate;
+  const grow = (size: number) => {
+    if (size <= reserved) return;
+    reserved = Math.min(limit, Math.max(size, reserved * 2));
+    buffers.resize(reserved);
+  };
+  const body = await up.body.readAll(limit, estimate === declared ? declared : undefined, grow);
   if (body !== null) buffers.resize(body.length);
   return body;
 }

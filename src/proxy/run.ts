@@ -88,7 +88,8 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
           const old = runtime;
           runtime = createProxyRuntime(next, {}, onVerifyKeys); // throws (and the watcher rejects) if a file changed since it loaded
           retired.add(old);
-          // close() lets requests in flight finish; the timer bounds a stream that never ends.
+          // The old runtime's pools are closed after DRAIN_MS: close() still lets requests in flight
+          // finish (a stream that never ends is cut by the minimum read rate and the idle timeouts).
           const timer = setTimeout(() => void old.close().finally(() => retired.delete(old)), DRAIN_MS);
           timer.unref();
           if (options.probeIntervalMs > 0) void prober.probeAll();

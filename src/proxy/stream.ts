@@ -29,18 +29,20 @@ export interface StreamOptions {
 
 /** Resolves with undefined when the client got the whole body, or with what went wrong. */
 export function streamBody(body: ContentBody, res: ServerResponse, options: StreamOptions): Promise<Error | undefined> {
-  // Bytes the client's socket took (write callbacks), and whether the proxy is waiting for it.
-  let flushed = 0;
-  let waitingForClient = false;
+  // The minimum rate is judged on the time the proxy spent waiting for the client to take more
+  // (write said "wait", until 'drain'), per window: how long, and what the client took meanwhile.
+  let waitingSince: number | undefined;
+  let waitedMs = 0;
+  let takenWhileWaiting = 0;
 
   const write = (chunk: Buffer): boolean => {
     options.onBytes(chunk.length);
     const release = body.hold(chunk);
     const more = res.write(chunk, () => {
-      flushed += chunk.length;
+      if (waitingSince !== undefined) takenWhileWaiting += chunk.length;
       release();
     });
-    if (!more) waitingForClient = true;
+    if (!more && waitingSince === undefined) waitingSince = performance.now();
     return more;
   };
 
@@ -56,18 +58,26 @@ export function streamBody(body: ContentBody, res: ServerResponse, options: Stre
       resolve(error);
     };
     const onDrain = () => {
-      waitingForClient = false;
+      if (waitingSince !== undefined) waitedMs += performance.now() - waitingSince;
+      waitingSince = undefined;
       body.resume();
     };
     const rate = options.minimumRate;
-    let flushedAtLastCheck = 0;
+    // A client is cut when the proxy waited for it for at least half a window and it took less than
+    // the minimum rate meanwhile. A slow upstream is never held against it: the waits end at once.
     const rateCheck = rate
       ? setInterval(() => {
-          const moved = flushed - flushedAtLastCheck;
-          flushedAtLastCheck = flushed;
-          // Only a client that holds the stream up is judged; a slow upstream is the body idle timeout's.
-          if (waitingForClient && moved < (rate.bytesPerSecond * rate.windowMs) / 1000) {
-            settle(new Error(`client read ${moved} bytes in ${rate.windowMs / 1000} s, below the minimum of ${rate.bytesPerSecond} bytes/s`));
+          const now = performance.now();
+          if (waitingSince !== undefined) {
+            waitedMs += now - waitingSince;
+            waitingSince = now;
+          }
+          const waited = waitedMs;
+          const taken = takenWhileWaiting;
+          waitedMs = 0;
+          takenWhileWaiting = 0;
+          if (waited >= rate.windowMs / 2 && (taken * 1000) / waited < rate.bytesPerSecond) {
+            settle(new Error(`client read ${taken} bytes in ${(waited / 1000).toFixed(1)} s while the proxy waited for it, below the minimum of ${rate.bytesPerSecond} bytes/s`));
           }
         }, rate.windowMs).unref()
       : undefined;

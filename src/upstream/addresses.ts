@@ -15,6 +15,10 @@ const LOCAL: ReadonlyArray<readonly [string, number, 'ipv4' | 'ipv6']> = [
   ['::1', 128, 'ipv6'],
   ['fe80::', 10, 'ipv6'],
   ['ff00::', 8, 'ipv6'],
+  // AWS's IPv6 metadata endpoint (inside fd00::/8, which an allow-list might open).
+  ['fd00:ec2::254', 128, 'ipv6'],
+  // 6to4 wraps any IPv4 address, 169.254.169.254 included.
+  ['2002::', 16, 'ipv6'],
 ];
 
 /** Refused unless allowed: private and shared address space, where the cluster and on-prem live. */
@@ -24,6 +28,8 @@ const PRIVATE: ReadonlyArray<readonly [string, number, 'ipv4' | 'ipv6']> = [
   ['192.168.0.0', 16, 'ipv4'],
   ['100.64.0.0', 10, 'ipv4'],
   ['fc00::', 7, 'ipv6'],
+  // NAT64 embeds IPv4 addresses, private ones too.
+  ['64:ff9b::', 96, 'ipv6'],
 ];
 
 function blockList(entries: ReadonlyArray<readonly [string, number, 'ipv4' | 'ipv6']>): BlockList {
@@ -36,14 +42,17 @@ const local = blockList(LOCAL);
 const privateRanges = blockList(PRIVATE);
 
 /** `10.0.0.0/8`, `fd00::/8` or a bare address, as validated in the config. */
-export function parseCidrs(cidrs: readonly string[]): BlockList {
-  const list = new BlockList();
+export function parseCidrs(cidrs: readonly string[]): AllowedAddresses {
+  const blocks = new BlockList();
+  const hosts = new BlockList();
   for (const cidr of cidrs) {
     const [network = '', prefix] = cidr.split('/');
     const type = isIP(network) === 6 ? 'ipv6' : 'ipv4';
-    list.addSubnet(network, prefix === undefined ? (type === 'ipv4' ? 32 : 128) : Number(prefix), type);
+    const bits = prefix === undefined ? (type === 'ipv4' ? 32 : 128) : Number(prefix);
+    blocks.addSubnet(network, bits, type);
+    if (bits === (type === 'ipv4' ? 32 : 128)) hosts.addAddress(network, type);
   }
-  return list;
+  return { blocks, hosts };
 }
 
 /** The address as the family it really is: `::ffff:127.0.0.1` is 127.0.0.1. */
@@ -56,16 +65,23 @@ function normalise(address: string): { address: string; type: 'ipv4' | 'ipv6' } 
   return { address: bare, type: family === 4 ? 'ipv4' : 'ipv6' };
 }
 
+export interface AllowedAddresses {
+  /** The rule's `redirects.allow` blocks: open private addresses. */
+  readonly blocks: BlockList;
+  /** Its single-address entries: the only way to open a loopback, link-local or reserved one, so
+   * that a broad block (`10.0.0.0/8`, `fd00::/8`) never opens the node or a metadata endpoint. */
+  readonly hosts: BlockList;
+}
+
 /**
  * Why a redirect target on `address` is refused, or null when it may be used: loopback, link-local,
- * reserved and private addresses are refused unless the rule's `redirects.allow` (`allowed`) lists
- * them — an explicit decision of the platform team, e.g. for an on-prem object store.
+ * reserved and private addresses are refused unless the rule's `redirects.allow` lists them — an
+ * explicit decision of the platform team, e.g. for an on-prem object store.
  */
-export function redirectAddressRefusal(address: string, allowed: BlockList): string | null {
+export function redirectAddressRefusal(address: string, allowed: AllowedAddresses): string | null {
   const ip = normalise(address);
   if (!ip) return `"${address}" is not an IP address`;
-  if (allowed.check(ip.address, ip.type)) return null;
-  if (local.check(ip.address, ip.type)) return `${ip.address} is a loopback, link-local or reserved address (not in redirects.allow)`;
-  if (privateRanges.check(ip.address, ip.type)) return `${ip.address} is a private address (not in redirects.allow)`;
+  if (local.check(ip.address, ip.type)) return allowed.hosts.check(ip.address, ip.type) ? null : `${ip.address} is a loopback, link-local or reserved address (not listed in redirects.allow)`;
+  if (privateRanges.check(ip.address, ip.type) && !allowed.blocks.check(ip.address, ip.type)) return `${ip.address} is a private address (not in redirects.allow)`;
   return null;
 }

@@ -54,6 +54,12 @@ export function realmTrusted(upstream: URL, realm: URL, tokenRealms: readonly st
 export interface AuthorizerOptions {
   readonly upstream: URL;
   readonly dispatcher: Dispatcher;
+  /**
+   * For realms the rule does not trust (another origin, not listed): an upstream must not be able
+   * to make the proxy ask the node, the metadata endpoint or the private network for a "token".
+   * `refuseHost` checks literal addresses; `untrusted` checks the address connected.
+   */
+  readonly untrusted?: { readonly dispatcher: Dispatcher; refuseHost(hostname: string): string | null };
   /** Origins besides the upstream's own that may receive credentials as token realms. */
   readonly tokenRealms?: readonly string[];
   readonly now?: () => number;
@@ -200,11 +206,15 @@ export class Authorizer {
     if (service) url.searchParams.set('service', service);
     if (scope) url.searchParams.set('scope', scope);
     const headers: Record<string, string> = { accept: 'application/json' };
-    if (credentials && realmTrusted(this.options.upstream, url, this.options.tokenRealms)) headers.authorization = basicAuthorization(credentials);
+    const trusted = realmTrusted(this.options.upstream, url, this.options.tokenRealms);
+    if (credentials && trusted) headers.authorization = basicAuthorization(credentials);
+    const untrusted = trusted ? undefined : this.options.untrusted;
+    const refusal = untrusted?.refuseHost(url.hostname);
+    if (refusal) throw new UpstreamAuthError(`token realm ${url.origin} refused: ${refusal}`, 'unavailable');
     let statusCode: number;
     let text: string;
     try {
-      const res = await dispatchRequest(this.options.dispatcher, { origin: url.origin, path: `${url.pathname}${url.search}`, method: 'GET', headers });
+      const res = await dispatchRequest(untrusted?.dispatcher ?? this.options.dispatcher, { origin: url.origin, path: `${url.pathname}${url.search}`, method: 'GET', headers });
       statusCode = res.statusCode;
       const body = await res.body.readAll(TOKEN_BODY_LIMIT);
       if (body === null) throw new UpstreamAuthError('token response too large', 'unavailable');

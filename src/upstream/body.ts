@@ -101,8 +101,12 @@ export class UpstreamBody {
     });
   }
 
-  /** The whole body, or null when it is larger than `limit` (the transfer is then cut). */
-  readAll(limit: number, expectedLength?: number): Promise<Buffer | null> {
+  /**
+   * The whole body, or null when it is larger than `limit` (the transfer is then cut). `grow` is
+   * told the size before each chunk is kept, and may throw to refuse it (the transfer is then cut
+   * and the read rejects with that error): memory is accounted as it is taken, not after.
+   */
+  readAll(limit: number, expectedLength?: number, grow?: (size: number) => void): Promise<Buffer | null> {
     return new Promise((resolve, reject) => {
       // With the length announced, one buffer of that size is filled in place: half the peak
       // memory of collecting copies and concatenating them.
@@ -118,6 +122,14 @@ export class UpstreamBody {
             settled = true;
             this.destroy();
             resolve(null);
+            return true;
+          }
+          try {
+            grow?.(size + chunk.length);
+          } catch (error) {
+            settled = true;
+            this.destroy();
+            reject(error);
             return true;
           }
           if (whole && chunks.length === 0 && filled + chunk.length <= whole.length) {

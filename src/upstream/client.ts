@@ -41,7 +41,7 @@ export class UpstreamClient {
     /** Token realms trusted with the rule's credentials besides the upstream's own origin. */
     tokenRealms: readonly string[] = [],
   ) {
-    this.authorizer = new Authorizer({ upstream, dispatcher: transport.metadata, tokenRealms });
+    this.authorizer = new Authorizer({ upstream, dispatcher: transport.metadata, tokenRealms, untrusted: { dispatcher: transport.storage, refuseHost: (host) => transport.refuseStorageHost(host) } });
   }
 
   async fetch(request: UpstreamRequest): Promise<UpstreamResponse> {

@@ -5,6 +5,7 @@
 
 import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
+import { rootCertificates } from 'node:tls';
 import { Agent, buildConnector, ProxyAgent, type Dispatcher } from 'undici';
 import type { Rule } from '../rules/config.js';
 import { SecretFile } from '../shell/secretfiles.js';
@@ -68,16 +69,19 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
   const metadataPool = { ...common, connections: METADATA_CONNECTIONS };
   const allowed = parseCidrs(rule.redirects.allow);
   const refuseStorageHost = (hostname: string): string | null => {
-    const bare = hostname.replace(/^\[|\]$/g, '');
-    if (bare.toLowerCase() === 'localhost') return 'localhost is the node itself';
+    const bare = hostname.replace(/^\[|\]$/g, '').replace(/\.$/, '').toLowerCase();
+    if (bare === 'localhost' || bare.endsWith('.localhost')) return `${bare} is the node itself`;
     return isIP(bare) ? redirectAddressRefusal(bare, allowed) : null;
   };
+  // Storage and foreign token realms are other parties than the upstream: the public trust store
+  // (plus the rule's CA), and always verified, whatever the rule allows its own upstream.
+  const storageTls = { ...tls, ca: ca ? [...rootCertificates, ca] : [...rootCertificates], rejectUnauthorized: true };
   const forward = rule.forwardProxy;
   if (!forward) {
     // Large reads into reused buffers for direct upstreams; through a forwarding proxy, Node's default.
     const blobs = new Agent({ ...blobPool, connect: { ...tls, onread: socketReadOptions() } });
     const metadata = new Agent({ ...metadataPool, connect: tls });
-    const connect = buildConnector({ ...tls, onread: socketReadOptions() });
+    const connect = buildConnector({ ...storageTls, onread: socketReadOptions() });
     const storage = new Agent({
       ...blobPool,
       connect: (opts, callback) =>
@@ -87,7 +91,7 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
           const refusal = redirectAddressRefusal(socket.remoteAddress ?? '', allowed);
           if (refusal === null) return callback(null, socket);
           socket.destroy();
-          callback(new RedirectRefused(`redirect to ${opts.hostname} refused: ${refusal}`), null);
+          callback(new RedirectRefused(`connection to ${opts.hostname} refused: ${refusal}`), null);
         }),
     });
     return { blobs, metadata, storage, refuseStorageHost, close: async () => void (await Promise.all([blobs.close(), metadata.close(), storage.close()])) };

@@ -137,6 +137,16 @@ function readSysctls(): Record<string, string | null> {
   return values;
 }
 
+/** Nodes started and not yet stopped, so that a suite whose setup timed out can still stop them. */
+const runningNodes = new Set<RealNode>();
+
+/** Stops every node still running; resolves with what they left behind. */
+export async function stopAllNodes(): Promise<string[]> {
+  const leftovers: string[] = [];
+  for (const node of [...runningNodes]) leftovers.push(...(await node.stop()));
+  return leftovers;
+}
+
 export async function startNode(options: NodeOptions): Promise<RealNode> {
   const kubeletBin = cachedBinary('kubelet');
   const dir = mkdtempSync(join(tmpdir(), 'pb-node-'));
@@ -148,14 +158,27 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
 
   // The namespace holder. It must not inherit this process's stdout (a pipe would never close).
   const holder = spawn('unshare', ['--net', '--mount', '--propagation', 'private', 'sleep', 'infinity'], { stdio: 'ignore' });
+  holder.on('error', () => undefined);
   const holderPid = holder.pid;
   if (holderPid === undefined) throw new Error('unshare did not start');
+  // Ready once unshare has exec'd sleep: only then is `/` private in the new mount namespace, so
+  // that nothing mounted inside propagates to this machine.
   let netns: string | null = null;
-  for (let i = 0; i < 100 && (netns === null || netns === netnsOf(process.pid)); i++) {
+  for (let i = 0; i < 250; i++) {
     await sleep(20);
     netns = netnsOf(holderPid);
+    let command = '';
+    try {
+      command = readFileSync(`/proc/${holderPid}/comm`, 'utf8').trim();
+    } catch {
+      break;
+    }
+    if (command === 'sleep' && netns !== null && netns !== netnsOf(process.pid)) break;
   }
-  if (netns === null || netns === netnsOf(process.pid)) throw new Error('the node namespace was not created');
+  if (netns === null || netns === netnsOf(process.pid) || holder.exitCode !== null) {
+    holder.kill('SIGKILL');
+    throw new Error('the node namespace was not created');
+  }
   const nodeNetns = netns;
   const inside = (command: string, args: readonly string[]) => ['-t', String(holderPid), '-n', '-m', command, ...args];
   const exec = (command: string, args: readonly string[]) => runAsync('nsenter', inside(command, args), { timeoutMs: 60_000 });
@@ -186,9 +209,11 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
     const stray = processesIn(nodeNetns, holderPid);
     if (stray.length > 0) leftovers.push(`processes still in the node's namespace: ${stray.join(', ')}`);
     for (const relay of relays) await relay.stop();
-    // Mounts: every mount of the namespace under the node's directory or over /run, /var, /proc/sys.
+    // Mounts: every mount of the namespace under the node's directory or over /run, /var, /proc/sys
+    // — only while the holder is still the node's (a dead holder's PID could be another process).
+    const holderIsOurs = holder.exitCode === null && netnsOf(holderPid) === nodeNetns;
     try {
-      await exec('sh', ['-c', `grep -o ' ${dir}[^ ]*\\| /run \\| /var/[a-z]* \\| /proc/sys/[^ ]*' /proc/self/mounts | sort -r | while read m; do umount -l "$m"; done`]);
+      if (holderIsOurs) await exec('sh', ['-c', `grep -o ' ${dir}[^ ]*\\| /run \\| /var/[a-z]* \\| /proc/sys/[^ ]*' /proc/self/mounts | sort -r | while read m; do umount -l "$m"; done`]);
     } catch {
       // the namespace dies with its holder anyway
     }
@@ -374,7 +399,7 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
       `--cert-dir=${join(kubeletDir, 'pki')}`,
     ]);
 
-    return {
+    const node: RealNode = {
       name,
       dir,
       reach,
@@ -386,8 +411,13 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
         if (references.length > 0) await ctr('images', 'rm', ...references);
       },
       logs: () => procs.map((p) => p.output()).join('\n'),
-      stop,
+      stop: async () => {
+        runningNodes.delete(node);
+        return stop();
+      },
     };
+    runningNodes.add(node);
+    return node;
   } catch (error) {
     const output = procs.map((p) => p.output().slice(-4000)).join('\n');
     await stop();
