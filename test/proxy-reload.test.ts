@@ -7,7 +7,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runProxy } from '../src/proxy/run.js';
 import { parseConfig } from '../src/rules/config.js';
+import { rawRequest } from './support/http.js';
 import { buildImage } from './support/oci.js';
+import { startProxy } from './support/proxy.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 
 describe('proxy live configuration', function () {
@@ -52,6 +54,31 @@ describe('proxy live configuration', function () {
       assert.match(metrics, /pullbridge_config_last_reload_ok 0/);
     } finally {
       await proxy.shutdown();
+    }
+  });
+});
+
+describe('proxy broker keys going bad while it runs', function () {
+  this.timeout(60_000);
+
+  it('answers 503 (its own fault, not the client\'s) on /v2/ and on pulls when the signing key file is emptied, and recovers', async () => {
+    const registry = await startRegistry({ auth: 'none' });
+    await registry.push(buildImage(), 'team/app', '1.0');
+    const proxy = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: registry.url }] });
+    const auth = { authorization: proxy.authorization('shop'), accept: 'application/vnd.oci.image.index.v1+json' };
+    const statuses = async () => [(await rawRequest(proxy.url, '/v2/', { headers: auth })).status, (await rawRequest(proxy.url, '/v2/corp/team/app/manifests/1.0', { headers: auth })).status];
+    try {
+      assert.deepEqual(await statuses(), [200, 200]);
+      writeFileSync(proxy.keyFile, '');
+      // Key files are re-read every 10 s; mocha's timeout bounds the wait.
+      for (let s = await statuses(); s[0] === 200; s = await statuses()) await new Promise((r) => setTimeout(r, 500));
+      assert.deepEqual(await statuses(), [503, 503]);
+      writeFileSync(proxy.keyFile, `${proxy.key.toString()}\n`);
+      for (let s = await statuses(); s[0] !== 200; s = await statuses()) await new Promise((r) => setTimeout(r, 500));
+      assert.deepEqual(await statuses(), [200, 200]);
+    } finally {
+      await proxy.close();
+      await registry.stop();
     }
   });
 });

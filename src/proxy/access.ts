@@ -62,7 +62,15 @@ export function answerBase(runtime: ProxyRuntime, req: IncomingMessage, res: Ser
   }
   let namespace: string | null = null;
   if (basic) {
-    const brokerOk = runtime.brokerKeys ? verifyNamespaceToken(runtime.brokerKeys.keys(), basic.username, basic.password) : false;
+    let keys: Uint8Array[] = [];
+    try {
+      keys = runtime.brokerKeys?.keys() ?? [];
+    } catch {
+      // The signing key went bad under a running proxy: its fault, not the client's (as on pulls).
+      sendError(res, registryError(503, 'UNAVAILABLE', 'the proxy cannot load its broker keys'));
+      return null;
+    }
+    const brokerOk = runtime.brokerKeys ? verifyNamespaceToken(keys, basic.username, basic.password) : false;
     if (brokerOk) namespace = basic.username;
     // Passthrough credentials can only be checked by their upstream, on a real request.
     else if (!rules.some((r) => r.rule.auth.mode === 'passthrough')) {
