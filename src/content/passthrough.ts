@@ -32,7 +32,6 @@ export class UpstreamContent implements ContentSource {
       const ask = timed(upstream, request, {
         path: `/v2/${request.repository}/manifests/${request.reference}`,
         headers: { accept: request.accept ?? DEFAULT_MANIFEST_ACCEPT },
-        followRedirects: false,
         lane: 'metadata',
       });
       if (request.method === 'HEAD') {
@@ -58,7 +57,7 @@ export class UpstreamContent implements ContentSource {
       // identity: the bytes must hash to the digest; never let a hop compress or decompress them.
       const headers: Record<string, string> = { 'accept-encoding': 'identity' };
       if (request.range) headers.range = request.range;
-      const ask = timed(upstream, request, { path: `/v2/${request.repository}/blobs/${request.digest}`, headers, followRedirects: true, lane: 'blob' });
+      const ask = timed(upstream, request, { path: `/v2/${request.repository}/blobs/${request.digest}`, headers, lane: 'blob' });
       const up = await ask(request.method);
       await refuseFailure(up, 'blob', [200, 206]);
       if (up.statusCode === 206 && !request.range) {
@@ -91,7 +90,7 @@ export class UpstreamContent implements ContentSource {
       if (request.last !== null) forwarded.set('last', request.last);
       const search = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
       const path = `/v2/${request.repository}/tags/list`;
-      const up = await upstream.client.fetch({ ...upstreamRequest(request), method: 'GET', path: `${path}${search}`, headers: { accept: 'application/json' }, followRedirects: false, lane: 'metadata' });
+      const up = await upstream.client.fetch({ ...upstreamRequest(request), method: 'GET', path: `${path}${search}`, headers: { accept: 'application/json' }, lane: 'metadata' });
       await refuseFailure(up, 'tags');
       const body = await readWithin(up, request.buffers, MANIFEST_LIMIT_BYTES);
       let list: TagsResult['list'];
@@ -123,7 +122,7 @@ function upstreamRequest(request: ContentRequest): Pick<UpstreamRequest, 'scope'
 }
 
 /** Asks the upstream, telling the request how long the answer took since the first ask. */
-function timed(upstream: RuleUpstream, request: ContentRequest, fixed: Pick<UpstreamRequest, 'path' | 'headers' | 'followRedirects' | 'lane'>): (method: 'GET' | 'HEAD') => Promise<UpstreamResponse> {
+function timed(upstream: RuleUpstream, request: ContentRequest, fixed: Pick<UpstreamRequest, 'path' | 'headers' | 'lane'>): (method: 'GET' | 'HEAD') => Promise<UpstreamResponse> {
   const started = performance.now();
   return async (method) => {
     const up = await upstream.client.fetch({ ...upstreamRequest(request), ...fixed, method });

@@ -23,9 +23,10 @@ export interface UpstreamRequest {
   readonly scope: string;
   readonly credentials: UpstreamCredentials | undefined;
   readonly signal: AbortSignal;
-  /** Follow 3xx to storage (blobs only); otherwise redirects are returned as they are. */
-  readonly followRedirects: boolean;
-  /** Which connection pool: blob streams, or everything short (never queued behind blobs). */
+  /**
+   * Which connection pool: blob streams, or everything short (never queued behind blobs). Only
+   * blob reads follow 3xx to storage; on the metadata lane redirects are returned as they are.
+   */
   readonly lane: 'blob' | 'metadata';
 }
 
@@ -61,7 +62,7 @@ export class UpstreamClient {
     }
     // Only a token the upstream honoured is worth keeping (names are client-chosen; see authorizer.ts).
     if (res.statusCode < 400) this.authorizer.confirm(authorization);
-    if (!request.followRedirects || !REDIRECTS.has(res.statusCode)) return { ...res, url: new URL(request.path, this.upstream).href, unauthorized: false };
+    if (request.lane !== 'blob' || !REDIRECTS.has(res.statusCode)) return { ...res, url: new URL(request.path, this.upstream).href, unauthorized: false };
     return this.followRedirects(res, request);
   }
 

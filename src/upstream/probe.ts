@@ -94,7 +94,7 @@ export class Prober {
       credentialError = (error as Error).message;
     }
     try {
-      const res = await rr.client.fetch({ method: 'GET', path: '/v2/', headers: {}, scope: '', credentials, signal: AbortSignal.timeout(this.timeoutMs), followRedirects: false, lane: 'metadata' });
+      const res = await rr.client.fetch({ method: 'GET', path: '/v2/', headers: {}, scope: '', credentials, signal: AbortSignal.timeout(this.timeoutMs), lane: 'metadata' });
       await res.body.dump();
       reachable = true;
       if (res.statusCode === 200) authOk = true;
