@@ -103,17 +103,18 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
     const password = new SecretFile(forward.credentials.passwordFile ?? '').read();
     headers['proxy-authorization'] = `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`;
   }
-  const throughProxy = (pool: typeof blobPool) =>
+  const throughProxy = (pool: typeof blobPool, requestTls: typeof tls | typeof storageTls) =>
     new ProxyAgent({
       ...pool,
       uri: forward.url,
       headers,
       // connect: CONNECT tunnel (TLS to the upstream inside it); forward: absolute-form plain HTTP.
       proxyTunnel: forward.mode === 'connect',
-      requestTls: tls,
+      requestTls,
       proxyTls: { timeout: timeouts.connectMs, ...(options.lookup ? { lookup: options.lookup } : {}) },
     });
-  const blobs = throughProxy(blobPool);
-  const metadata = throughProxy(metadataPool);
-  return { blobs, metadata, storage: blobs, refuseStorageHost, close: async () => void (await Promise.all([blobs.close(), metadata.close()])) };
+  const blobs = throughProxy(blobPool, tls);
+  const metadata = throughProxy(metadataPool, tls);
+  const storage = throughProxy(blobPool, storageTls);
+  return { blobs, metadata, storage, refuseStorageHost, close: async () => void (await Promise.all([blobs.close(), metadata.close(), storage.close()])) };
 }
