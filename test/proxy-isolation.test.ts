@@ -134,6 +134,33 @@ describe('proxy isolation against real registries', function () {
   });
 });
 
+/**
+ * A registry that answers every request with `body`, sent `chunkBytes` at a time every
+ * `intervalMs` (docker-registry cannot be made slow); with its Content-Length, or chunked.
+ */
+function slowUpstream(body: Buffer, options: { chunkBytes: number; intervalMs: number; announceLength: boolean; contentType: string }): Promise<RunningServer> {
+  return listen(
+    (_req, res) => {
+      res.writeHead(200, { 'content-type': options.contentType, ...(options.announceLength ? { 'content-length': body.length } : {}) });
+      let sent = 0;
+      const timer = setInterval(() => {
+        res.write(body.subarray(sent, sent + options.chunkBytes));
+        sent += options.chunkBytes;
+        if (sent >= body.length) {
+          clearInterval(timer);
+          res.end();
+        }
+      }, options.intervalMs);
+      res.on('close', () => clearInterval(timer));
+    },
+    { host: '127.0.0.1', port: 0 },
+  );
+}
+
+const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
+/** A valid manifest made large by an annotation. */
+const paddedManifest = (padding: number) => Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: {}, layers: [], annotations: { padding: 'p'.repeat(padding) } }));
+
 /** VmRSS of a process, in bytes, read from outside it. */
 function rssOf(pid: number): number {
   const match = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
@@ -193,24 +220,8 @@ describe('proxy memory under many buffered manifests at once (the pullbridge pro
   it('bounds the memory held by manifests being buffered: 60 requests for a 3.5 MiB manifest from a slow registry', async () => {
     // A registry that takes about two seconds to send each manifest (docker-registry cannot be made
     // slow), so that all 60 are held by the proxy at the same time.
-    const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config: {}, layers: [], annotations: { padding: 'p'.repeat(3.5 * 1024 * 1024) } }));
-    const chunk = 256 * 1024;
-    const slow: RunningServer = await listen(
-      (_req, res) => {
-        res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json', 'content-length': manifest.length });
-        let sent = 0;
-        const timer = setInterval(() => {
-          res.write(manifest.subarray(sent, sent + chunk));
-          sent += chunk;
-          if (sent >= manifest.length) {
-            clearInterval(timer);
-            res.end();
-          }
-        }, 150);
-        res.on('close', () => clearInterval(timer));
-      },
-      { host: '127.0.0.1', port: 0 },
-    );
+    const manifest = paddedManifest(3.5 * 1024 * 1024);
+    const slow = await slowUpstream(manifest, { chunkBytes: 256 * 1024, intervalMs: 150, announceLength: true, contentType: OCI_MANIFEST });
     const dir = mkdtempSync(join(tmpdir(), 'pullbridge-buffered-'));
     const port = await freePort();
     writeFileSync(join(dir, 'config.json'), JSON.stringify({ registries: [{ name: 'corp', match: ['corp.example'], upstream: slow.url, auth: { mode: 'anonymous' } }] }));
@@ -247,23 +258,8 @@ describe('buffered bodies of unknown length', function () {
 
   it('are accounted as they grow: one client cannot hold more than its share with chunked manifests', async () => {
     // 3 MiB manifests sent chunked (no Content-Length) and slowly, so that all ten overlap.
-    const manifest = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: 'application/vnd.oci.image.manifest.v1+json', config: {}, layers: [], annotations: { padding: 'p'.repeat(3 * 1024 * 1024) } }));
-    const chunked: RunningServer = await listen(
-      (_req, res) => {
-        res.writeHead(200, { 'content-type': 'application/vnd.oci.image.manifest.v1+json' });
-        let sent = 0;
-        const timer = setInterval(() => {
-          res.write(manifest.subarray(sent, sent + 256 * 1024));
-          sent += 256 * 1024;
-          if (sent >= manifest.length) {
-            clearInterval(timer);
-            res.end();
-          }
-        }, 100);
-        res.on('close', () => clearInterval(timer));
-      },
-      { host: '127.0.0.1', port: 0 },
-    );
+    const manifest = paddedManifest(3 * 1024 * 1024);
+    const chunked = await slowUpstream(manifest, { chunkBytes: 256 * 1024, intervalMs: 100, announceLength: false, contentType: OCI_MANIFEST });
     const proxy = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: chunked.url, auth: { mode: 'anonymous' } }] });
     try {
       const statuses = await Promise.all(Array.from({ length: 10 }, () => rawRequest(proxy.url, '/v2/corp/team/big/manifests/1', { localAddress: '127.0.7.1' }).then((r) => r.status)));
@@ -373,29 +369,14 @@ describe('slow readers and the upstream connection pool', function () {
 
   it('never cuts a reader that keeps up with an upstream slower than the minimum rate', async () => {
     // 128 KiB every 400 ms (~320 KiB/s) against a minimum of 1 MiB/s: the upstream is the slow one.
-    const chunk = randomBytes(128 * 1024);
-    const chunks = 10;
-    const digest = `sha256:${createHash('sha256').update(Buffer.concat(Array(chunks).fill(chunk))).digest('hex')}`;
-    const trickle: RunningServer = await listen(
-      (_req, res) => {
-        res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': chunk.length * chunks });
-        let sent = 0;
-        const timer = setInterval(() => {
-          res.write(chunk);
-          if (++sent === chunks) {
-            clearInterval(timer);
-            res.end();
-          }
-        }, 400);
-        res.on('close', () => clearInterval(timer));
-      },
-      { host: '127.0.0.1', port: 0 },
-    );
+    const blob = randomBytes(10 * 128 * 1024);
+    const digest = `sha256:${createHash('sha256').update(blob).digest('hex')}`;
+    const trickle = await slowUpstream(blob, { chunkBytes: 128 * 1024, intervalMs: 400, announceLength: true, contentType: 'application/octet-stream' });
     const proxy = await startProxy({ registries: [{ name: 'corp', match: ['corp.example'], upstream: trickle.url, auth: { mode: 'anonymous' } }] }, {}, {}, { minimumClientRate: { bytesPerSecond: 1024 * 1024, windowMs: 1000 } });
     try {
       const res = await rawRequest(proxy.url, `/v2/corp/team/slow/blobs/${digest}`);
       assert.equal(res.status, 200);
-      assert.equal(res.body.length, chunk.length * chunks, 'the whole body');
+      assert.equal(res.body.length, blob.length, 'the whole body');
       assert.equal(blobRecords(proxy)[0]?.error, undefined);
     } finally {
       await proxy.close();
