@@ -90,3 +90,22 @@ export function evictionPlan(blobs: readonly StoredBlob[], limits: EvictionLimit
   }
   return plan;
 }
+
+/**
+ * The one byte range a `Range` header asks of a blob of `size` bytes, as [start, end); undefined
+ * when the header is not a single satisfiable range (the whole blob is served instead, as HTTP
+ * allows a server to ignore Range).
+ */
+export function byteRange(header: string, size: number): { start: number; end: number } | undefined {
+  const match = /^bytes=(\d*)-(\d*)$/.exec(header.trim());
+  if (!match || (match[1] === '' && match[2] === '')) return undefined;
+  const first = match[1] === '' ? undefined : Number(match[1]);
+  const last = match[2] === '' ? undefined : Number(match[2]);
+  if (first === undefined) {
+    // bytes=-N: the last N bytes.
+    const suffix = Math.min(last ?? 0, size);
+    return suffix > 0 ? { start: size - suffix, end: size } : undefined;
+  }
+  if (first >= size || (last !== undefined && last < first)) return undefined;
+  return { start: first, end: last === undefined ? size : Math.min(last + 1, size) };
+}

@@ -13,7 +13,7 @@
 
 import { createHash, randomBytes, type Hash } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { mkdir, open, readdir, readFile, rename, rm, stat, utimes, writeFile, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, readFile, rename, rm, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { StoredBlob, TagRecord } from './policy.js';
 
@@ -112,7 +112,7 @@ export class NodeStore {
     return store;
   }
 
-  private blobPath(digest: string): string {
+  blobPathOf(digest: string): string {
     return join(this.root, 'blobs', algorithmOf(digest), hexOf(digest));
   }
 
@@ -122,6 +122,28 @@ export class NodeStore {
 
   has(digest: string): boolean {
     return this.entries.has(digest);
+  }
+
+  /**
+   * Whether `digest` is stored, looking on disk too: another process (`pullbridge warm`) may have
+   * stored it since the store was opened; its rename is atomic, so a file there is complete.
+   */
+  async lookup(digest: string): Promise<boolean> {
+    if (this.entries.has(digest)) return true;
+    try {
+      const info = await stat(this.blobPathOf(digest));
+      if (!info.isFile()) return false;
+      if (!this.entries.has(digest)) this.entries.set(digest, { size: info.size, lastUsed: info.mtimeMs, readers: 0 });
+      return true;
+    } catch {
+      return false;
+    }
+  }
+
+  /** Free bytes on the store's disk, for the unprivileged user. */
+  async freeBytes(): Promise<number> {
+    const info = await statfs(this.root);
+    return info.bavail * info.bsize;
   }
 
   /** Every stored blob, for eviction and status. */
@@ -143,10 +165,10 @@ export class NodeStore {
     entry.readers++;
     entry.lastUsed = this.now();
     // Persisted lazily as the mtime, so that LRU order survives a restart.
-    void utimes(this.blobPath(digest), new Date(), new Date(entry.lastUsed)).catch(() => undefined);
+    void utimes(this.blobPathOf(digest), new Date(), new Date(entry.lastUsed)).catch(() => undefined);
     let released = false;
     return {
-      path: this.blobPath(digest),
+      path: this.blobPathOf(digest),
       size: entry.size,
       release: () => {
         if (released) return;
@@ -170,7 +192,7 @@ export class NodeStore {
         await rm(path, { force: true });
         return { stored: false, reason: 'discarded' };
       }
-      const target = this.blobPath(digest);
+      const target = this.blobPathOf(digest);
       await mkdir(join(this.root, 'blobs', algorithmOf(digest)), { recursive: true });
       await rename(path, target);
       this.entries.set(digest, { size: fill.written, lastUsed: this.now(), readers: this.entries.get(digest)?.readers ?? 0 });
@@ -183,25 +205,36 @@ export class NodeStore {
     const entry = this.entries.get(digest);
     if (!entry || entry.readers > 0) return false;
     this.entries.delete(digest);
-    await rm(this.blobPath(digest), { force: true });
+    await rm(this.blobPathOf(digest), { force: true });
     return true;
   }
 
-  /** Records that `digest` was fetched through `rule` for `repository`. */
-  async link(rule: string, repository: string, digest: string): Promise<void> {
-    const dir = join(this.repositoryPath(rule, repository), '_links', algorithmOf(digest));
-    await mkdir(dir, { recursive: true });
-    await writeFile(join(dir, hexOf(digest)), '');
+  private linkPath(rule: string, repository: string, digest: string): string {
+    return join(this.repositoryPath(rule, repository), '_links', algorithmOf(digest), hexOf(digest));
+  }
+
+  /**
+   * Records that `digest` was fetched through `rule` for `repository` (or the upstream confirmed it
+   * there); a manifest's link holds its media type.
+   */
+  async link(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
+    const path = this.linkPath(rule, repository, digest);
+    await mkdir(join(path, '..'), { recursive: true });
+    await writeFile(path, mediaType);
   }
 
   /** Whether `digest` was fetched through `rule` for `repository` (and is still stored). */
   async linked(rule: string, repository: string, digest: string): Promise<boolean> {
-    if (!this.has(digest)) return false;
+    return (await this.readLink(rule, repository, digest)) !== null;
+  }
+
+  /** A link's content (a manifest's media type, '' for a blob), or null without a link or blob. */
+  async readLink(rule: string, repository: string, digest: string): Promise<string | null> {
+    if (!(await this.lookup(digest))) return null;
     try {
-      await stat(join(this.repositoryPath(rule, repository), '_links', algorithmOf(digest), hexOf(digest)));
-      return true;
+      return await readFile(this.linkPath(rule, repository, digest), 'utf8');
     } catch {
-      return false;
+      return null;
     }
   }
 

@@ -77,7 +77,7 @@ export class UpstreamContent implements ContentSource {
         return { status: 200, digest: request.digest, headers: out, body: undefined };
       }
       const length = Number(out['content-length']);
-      const verify = up.statusCode === 200 && upstream.rule.verifyBlobDigests;
+      const verify = up.statusCode === 200 && upstream.rule.verifyBlobDigests && request.unverified !== true;
       const body = verify ? verifiedBody(up.body, request.digest, Number.isSafeInteger(length) && length >= 0 ? length : undefined) : up.body;
       return { status: up.statusCode, digest: request.digest, headers: out, body };
     });

@@ -35,7 +35,12 @@ export interface BlobRequest extends ContentRequest {
   readonly digest: string;
   /** The client's Range header, if any. */
   readonly range: string | undefined;
+  /** The caller checks the digest itself (a cache fill hashes what it stores): pass the bytes on as they come. */
+  readonly unverified?: boolean;
 }
+
+/** How a cache answered: from its store, by filling it, from its store while the upstream failed, or not at all. */
+export type CacheOutcome = 'hit' | 'miss' | 'stale' | 'bypass';
 
 export interface TagsRequest extends ContentRequest {
   /** Pagination as the client asked for it (`n` already checked to be a number). */
@@ -51,6 +56,9 @@ export interface ManifestResult {
   readonly mediaType: string | undefined;
   /** The manifest's bytes, checked against `digest`; absent when a HEAD was answered without them. */
   readonly body: Buffer | undefined;
+  readonly cache?: CacheOutcome;
+  /** A `Warning` header for the client (a stale answer). */
+  readonly warning?: string;
 }
 
 export interface BlobResult {
@@ -63,6 +71,7 @@ export interface BlobResult {
   /** The bytes, to be streamed once; absent for a HEAD. A whole blob is verified as it passes
    * (when the rule asks for it): a body that does not match ends in an error, never in `end`. */
   readonly body: ContentBody | undefined;
+  readonly cache?: CacheOutcome;
 }
 
 export interface TagsResult {

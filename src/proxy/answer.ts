@@ -25,7 +25,7 @@ export function sendError(res: ServerResponse, error: RegistryError, extraHeader
 
 /** A manifest, or for a HEAD its headers only. */
 export function answerManifest(res: ServerResponse, manifest: ManifestResult): void {
-  res.writeHead(200, { 'content-type': manifest.mediaType ?? 'application/octet-stream', 'content-length': manifest.size, 'docker-content-digest': manifest.digest });
+  res.writeHead(200, { 'content-type': manifest.mediaType ?? 'application/octet-stream', 'content-length': manifest.size, 'docker-content-digest': manifest.digest, ...(manifest.warning ? { warning: manifest.warning } : {}) });
   res.end(res.req.method === 'HEAD' ? undefined : manifest.body);
 }
 

@@ -12,6 +12,8 @@ export interface Exchange {
   namespace: string | null;
   error: string | null;
   bytes: number;
+  /** How the node cache answered (hit, miss, stale, bypass); null without a cache or before content. */
+  cache: string | null;
 }
 
 export interface ProxyMetrics {
@@ -39,7 +41,7 @@ export function registerMetrics(registry: Registry): ProxyMetrics {
 /** A new exchange, counted and logged once its response closes. */
 export function recordExchange(req: IncomingMessage, res: ServerResponse, metrics: ProxyMetrics, logger: Logger): Exchange {
   const started = performance.now();
-  const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0 };
+  const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0, cache: null };
   res.on('close', () => {
     const status = res.writableFinished ? res.statusCode : 0; // 0: connection cut before the end
     metrics.requests.inc({ rule: exchange.rule ?? '', kind: exchange.kind, status: String(status) });
@@ -55,6 +57,7 @@ export function recordExchange(req: IncomingMessage, res: ServerResponse, metric
         namespace: exchange.namespace,
         status,
         bytes: exchange.bytes,
+        ...(exchange.cache ? { cache: exchange.cache } : {}),
         durationMs: Math.round((performance.now() - started) * 1000) / 1000,
         ...(exchange.error ? { error: exchange.error } : {}),
       },

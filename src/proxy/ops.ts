@@ -43,7 +43,7 @@ export async function serveOps(options: OpsHandlerOptions, url: string, res: Ser
     res.writeHead(200, { 'content-type': options.metrics.contentType }).end(text);
   } else {
     const runtime = options.runtime();
-    const body = JSON.stringify({ configLoaded: runtime !== undefined, rules: runtime?.config.registries.map((r) => r.name) ?? [], upstreams: options.prober?.statuses() ?? [] }, null, 2);
+    const body = JSON.stringify({ configLoaded: runtime !== undefined, rules: runtime?.config.registries.map((r) => r.name) ?? [], upstreams: options.prober?.statuses() ?? [], cache: runtime?.cache?.status() ?? null }, null, 2);
     res.writeHead(200, { 'content-type': 'application/json; charset=utf-8' }).end(body);
   }
 }

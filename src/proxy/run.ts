@@ -2,6 +2,7 @@
 
 import { setFlagsFromString } from 'node:v8';
 import { Gauge, type Registry } from 'prom-client';
+import { NodeCache } from '../cache/nodecache.js';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
 import { filesReadBy, type Config } from '../rules/config.js';
@@ -73,7 +74,9 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
   const logger = createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
   const onVerifyKeys = reportSkippedBrokerKeys(logger, metrics);
-  let runtime: ProxyRuntime = createProxyRuntime(options.config, {}, onVerifyKeys);
+  // The node cache is opened once, from the first config; later configs change its settings only.
+  const cache = options.config.cache ? await NodeCache.open(options.config.cache, metrics, logger) : undefined;
+  let runtime: ProxyRuntime = createProxyRuntime(options.config, {}, onVerifyKeys, cache);
   const retired = new Set<ProxyRuntime>();
   const prober = new Prober(() => runtime, metrics, options.probeIntervalMs);
   let draining = false;
@@ -86,7 +89,8 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
         loadErrors: (next) => unloadableFiles(filesReadBy(next, 'proxy')),
         onApplied: (next) => {
           const old = runtime;
-          runtime = createProxyRuntime(next, {}, onVerifyKeys); // throws (and the watcher rejects) if a file changed since it loaded
+          if (next.cache && !cache) logger.warn({ path: next.cache.path }, 'cache added to the config: it takes effect when the proxy restarts');
+          runtime = createProxyRuntime(next, {}, onVerifyKeys, cache); // throws (and the watcher rejects) if a file changed since it loaded
           retired.add(old);
           // The old runtime's pools are closed after DRAIN_MS: close() still lets requests in flight
           // finish (a stream that never ends is cut by the minimum read rate and the idle timeouts).

@@ -3,6 +3,8 @@
 
 import type { Config } from '../rules/config.js';
 import { BrokerKeys, type SkippedBrokerKey } from '../shell/secretfiles.js';
+import { CachedContent } from '../cache/content.js';
+import type { NodeCache } from '../cache/nodecache.js';
 import { UpstreamContent } from '../content/passthrough.js';
 import type { ContentSource } from '../content/source.js';
 import { createRuleUpstreams, type RuleUpstream } from '../upstream/rule.js';
@@ -14,17 +16,26 @@ export interface ProxyRuntime {
   readonly brokerKeys: BrokerKeys | undefined;
   /** Where manifests, blobs and tag lists come from, once the shell has authorized a request. */
   readonly content: ContentSource;
+  /** The node cache the content goes through, when the config has one. */
+  readonly cache: NodeCache | undefined;
   close(): Promise<void>;
 }
 
-/** `onVerifyKeys`: which verify-only broker key files were skipped, at each use (see BrokerKeys). */
-export function createProxyRuntime(config: Config, transport: TransportOptions = {}, onVerifyKeys?: (skipped: readonly SkippedBrokerKey[]) => void): ProxyRuntime {
+/**
+ * `onVerifyKeys`: which verify-only broker key files were skipped, at each use (see BrokerKeys).
+ * `cache`: the process's node cache (it outlives runtimes), used when the config has `cache`.
+ */
+export function createProxyRuntime(config: Config, transport: TransportOptions = {}, onVerifyKeys?: (skipped: readonly SkippedBrokerKey[]) => void, cache?: NodeCache): ProxyRuntime {
   const rules = createRuleUpstreams(config.registries, transport);
+  const upstream = new UpstreamContent(rules);
+  const cached = config.cache && cache;
+  if (cached) cache.configure(config.cache);
   return {
     config,
     rules,
     brokerKeys: config.broker ? new BrokerKeys(config.broker.keyFiles, onVerifyKeys) : undefined,
-    content: new UpstreamContent(rules),
+    content: cached ? new CachedContent(cache, upstream, rules) : upstream,
+    cache: cached ? cache : undefined,
     async close() {
       await Promise.all([...rules.values()].map((r) => r.transport.close()));
     },

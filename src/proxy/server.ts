@@ -148,6 +148,8 @@ class RegistryShell {
       onUpstreamAnswer: this.observeUpstream(request.rule, 'manifest'),
     });
     if (manifest.body && request.method === 'GET') exchange.bytes = manifest.body.length;
+    exchange.cache = manifest.cache ?? null;
+    if (manifest.warning) this.options.logger.warn({ rule: request.rule, repository: route.name, reference: route.reference, digest: manifest.digest }, manifest.warning);
     answerManifest(res, manifest);
   }
 
@@ -158,6 +160,7 @@ class RegistryShell {
       return;
     }
     const blob = await content.blob({ ...request, digest: route.digest, range: req.headers.range, onUpstreamAnswer: this.observeUpstream(request.rule, 'blob') });
+    exchange.cache = blob.cache ?? null;
     res.writeHead(blob.status, blob.headers);
     if (!blob.body) {
       res.end();

@@ -6,6 +6,7 @@ import { isIP } from 'node:net';
 import { z } from 'zod';
 import { canonicalRegistryHost } from '../reference/reference.js';
 import { compileFilter, type CompiledFilter } from './glob.js';
+import { parseByteQuantity } from '../cache/policy.js';
 
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 
@@ -111,6 +112,37 @@ const ruleSchema = z.strictObject({
    * verify digests themselves, so a trusted upstream may turn it off.
    */
   verifyBlobDigests: z.boolean().default(true),
+  /** false: this rule's content is never written to the node cache (compliance); always relayed. */
+  cache: z.boolean().default(true),
+});
+
+/** Bytes as an integer or a Kubernetes quantity string (`20Gi`, `500M`). */
+const byteQuantity = z.union([z.number(), z.string()]).transform((value, ctx) => {
+  const bytes = parseByteQuantity(value);
+  if (bytes === null) {
+    ctx.addIssue({ code: 'custom', message: `must be a whole number of bytes or a quantity such as 20Gi or 500M, got ${JSON.stringify(value)}` });
+    return z.NEVER;
+  }
+  return bytes;
+});
+const seconds = (max: number) => z.number().int('must be a whole number of seconds').min(0).max(max);
+
+const cacheSchema = z.strictObject({
+  /** The node store (a hostPath in the chart): blobs by digest, links, tag records. */
+  path: z.string().min(1).refine((p) => p.startsWith('/'), 'must be an absolute path'),
+  /** Least recently used blobs are evicted above this. */
+  maxBytes: byteQuantity.default(20 * 2 ** 30),
+  /** Free space the cache never takes from its disk: below it, nothing new is written (pulls are relayed). */
+  minFreeBytes: byteQuantity.default(2 ** 30),
+  /** A tag answered upstream within this is not asked again. */
+  tagTTLSeconds: seconds(86_400).default(30),
+  /** When the upstream fails, a tag's last known digest may be served this long after it was confirmed. */
+  staleIfErrorSeconds: seconds(365 * 86_400).default(604_800),
+  /** passthrough: a client's credential accepted upstream for a repository serves cached content this long. */
+  credentialTTLSeconds: seconds(3_600).default(60),
+  shared: z.unknown().optional().superRefine((value, ctx) => {
+    if (value !== undefined) ctx.addIssue({ code: 'custom', message: 'the shared cache tier is not supported by this version yet; remove cache.shared' });
+  }),
 });
 
 const configSchema = z.strictObject({
@@ -134,6 +166,7 @@ const configSchema = z.strictObject({
       keyFiles: z.array(z.string().min(1)).min(1, 'needs at least one key file'),
     })
     .optional(),
+  cache: cacheSchema.optional(),
   registries: z.array(ruleSchema).default([]),
 });
 
@@ -141,6 +174,7 @@ export type ConfigInput = z.input<typeof configSchema>;
 export type RawConfig = z.output<typeof configSchema>;
 export type RawRule = RawConfig['registries'][number];
 export type AuthMode = RawRule['auth']['mode'];
+export type CacheConfig = Omit<NonNullable<RawConfig['cache']>, 'shared'>;
 
 export interface Rule extends RawRule {
   /** Canonical hosts (lower case, Docker Hub aliases folded). */
@@ -153,6 +187,8 @@ export interface Config {
   readonly proxy: RawConfig['proxy'];
   readonly webhook: RawConfig['webhook'];
   readonly broker: RawConfig['broker'];
+  /** The node cache; absent: every pull streams from upstream. */
+  readonly cache: CacheConfig | undefined;
   readonly registries: readonly Rule[];
   /** `host:port` of the proxy as it is written into rewritten references. */
   readonly proxyAuthority: string;
@@ -263,6 +299,7 @@ export function compileConfig(raw: RawConfig): Config {
     proxy: raw.proxy,
     webhook: raw.webhook,
     broker: raw.broker,
+    cache: raw.cache && { path: raw.cache.path, maxBytes: raw.cache.maxBytes, minFreeBytes: raw.cache.minFreeBytes, tagTTLSeconds: raw.cache.tagTTLSeconds, staleIfErrorSeconds: raw.cache.staleIfErrorSeconds, credentialTTLSeconds: raw.cache.credentialTTLSeconds },
     proxyAuthority: `${raw.proxy.host}:${raw.proxy.port}`,
     registries: raw.registries.map((rule) => ({
       ...rule,

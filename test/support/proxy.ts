@@ -5,6 +5,7 @@ import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Registry } from 'prom-client';
+import { NodeCache } from '../../src/cache/nodecache.js';
 import { createMetricsRegistry } from '../../src/metrics.js';
 import { namespaceToken } from '../../src/proxy/credentials.js';
 import { createProxyRuntime, type ProxyRuntime } from '../../src/proxy/runtime.js';
@@ -21,6 +22,8 @@ export interface ProxyUnderTest {
   readonly host: string;
   readonly url: string;
   readonly runtime: ProxyRuntime;
+  /** The node cache, when the config has `cache`. */
+  readonly cache: NodeCache | undefined;
   readonly prober: Prober;
   readonly metrics: Registry;
   readonly logs: ReturnType<typeof memoryLogger>;
@@ -45,9 +48,10 @@ export async function startProxy(
   writeFileSync(keyFile, `${key.toString()}\n`);
   const result = validateConfig({ broker: { keyFiles: [keyFile] }, ...config });
   if (!result.ok) throw new Error(result.errors.map((e) => `${e.key}: ${e.message}`).join('\n'));
-  const runtime = createProxyRuntime(result.config, transport);
   const metrics = createMetricsRegistry(false);
   const logs = memoryLogger();
+  const cache = result.config.cache ? await NodeCache.open(result.config.cache, metrics, logs.logger) : undefined;
+  const runtime = createProxyRuntime(result.config, transport, undefined, cache);
   const prober = new Prober(() => runtime, metrics, 3_600_000, 5_000);
   const running = await listen(createProxyHandler({ ...handler, runtime: () => runtime, logger: logs.logger, metrics, prober }), { ...server, host: '127.0.0.1', port: 0 });
   const credential = (namespace: string) => `${namespace}:${namespaceToken(key, namespace)}`;
@@ -56,6 +60,7 @@ export async function startProxy(
     host: `127.0.0.1:${running.port}`,
     url: running.url,
     runtime,
+    cache,
     prober,
     metrics,
     logs,

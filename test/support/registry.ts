@@ -14,6 +14,15 @@ export interface RegistryOptions {
   readonly auth?: 'none' | 'basic' | 'token';
   readonly tls?: boolean;
   readonly users?: Readonly<Record<string, string>>;
+  /** Record every request the registry answers (its access log), for `requests()`. */
+  readonly accessLog?: boolean;
+}
+
+/** One request as the registry's access log recorded it. */
+export interface RegistryRequest {
+  readonly method: string;
+  readonly path: string;
+  readonly status: number;
 }
 
 export interface TokenIssuer {
@@ -43,6 +52,10 @@ export interface RegistryHandle {
   /** Starts the registry again on the same port and storage. */
   restart(): Promise<void>;
   push(image: TestImage, repository: string, tag: string): Promise<void>;
+  /** What the registry answered so far (with `accessLog`; empty otherwise), across restarts. */
+  requests(): readonly RegistryRequest[];
+  /** GETs of a blob (any repository) answered so far: the transfers the upstream made. */
+  blobGets(digest: string): number;
   stop(): Promise<void>;
 }
 
@@ -100,13 +113,27 @@ async function startTokenIssuer(signing: CertificateBundle, service: string, use
   return Object.assign(issuer, { server, realm: `${server.url}/token`, requests });
 }
 
+/** Combined-log lines (`… "GET /v2/… HTTP/1.1" 200 …`), which the registry writes to stdout. */
+function recordAccessLog(proc: Proc, into: RegistryRequest[]): void {
+  let partial = '';
+  proc.child.stdout?.on('data', (chunk: Buffer) => {
+    const text = partial + chunk.toString();
+    const lines = text.split('\n');
+    partial = lines.pop() ?? '';
+    for (const line of lines) {
+      const m = /"([A-Z]+) (\S+) HTTP\/[\d.]+" (\d{3}) /.exec(line);
+      if (m) into.push({ method: m[1] ?? '', path: (m[2] ?? '').split('?')[0] ?? '', status: Number(m[3]) });
+    }
+  });
+}
+
 export async function startRegistry(options: RegistryOptions = {}): Promise<RegistryHandle> {
   const auth = options.auth ?? 'none';
   const users = options.users ?? DEFAULT_USERS;
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-registry-'));
   mkdirSync(join(dir, 'data'));
   const port = await freePort();
-  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', '    disabled: true', 'storage:', '  filesystem:', `    rootdirectory: ${join(dir, 'data')}`, 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
+  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', '  filesystem:', `    rootdirectory: ${join(dir, 'data')}`, 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
   let tls: CertificateBundle | undefined;
   let caFile: string | undefined;
   if (options.tls) {
@@ -131,8 +158,10 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     lines.push('auth:', '  token:', `    realm: ${issuer.realm}`, '    service: test-registry', '    issuer: test-issuer', `    rootcertbundle: ${join(dir, 'token-ca.crt')}`);
   }
   writeFileSync(join(dir, 'config.yml'), `${lines.join('\n')}\n`);
+  const requests: RegistryRequest[] = [];
   const serve = async (): Promise<Proc> => {
     const started = startProcess('docker-registry', ['serve', join(dir, 'config.yml')]);
+    if (options.accessLog) recordAccessLog(started, requests);
     try {
       await waitForPort(port);
     } catch (error) {
@@ -171,6 +200,8 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
       const creds = auth === 'none' ? [] : ['--dest-creds', `${firstUser}:${firstPassword}`];
       await runAsync('skopeo', ['copy', '--all', '--quiet', '--dest-tls-verify=false', ...creds, `oci:${layout}:${tag}`, `docker://127.0.0.1:${port}/${repository}:${tag}`]);
     },
+    requests: () => requests,
+    blobGets: (digest) => requests.filter((r) => r.method === 'GET' && r.path.endsWith(`/blobs/${digest}`) && r.status < 300).length,
     async stop() {
       await proc.stop();
       await issuer?.server.close(100);

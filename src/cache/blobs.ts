@@ -1,0 +1,189 @@
+// Blobs through the node cache (distribution's proxyBlobStore, with one upstream transfer per blob
+// however many clients want it): from the store when this (rule, repository) may read it, else
+// filled from upstream while every client streams from the growing file. A Range on a blob not
+// stored, a HEAD, and anything the cache cannot take (no room, a disk error) are relayed as before.
+
+import { open } from 'node:fs/promises';
+import { ContentError, type BlobRequest, type BlobResult, type ContentSource } from '../content/source.js';
+import { verifiedBody } from '../content/verify.js';
+import type { RuleUpstream } from '../upstream/rule.js';
+import { completeExtent, fileBody } from './filebody.js';
+import { BlobFlight } from './flight.js';
+import type { NodeCache } from './nodecache.js';
+import { byteRange } from './policy.js';
+
+export class CachedBlobs {
+  constructor(
+    private readonly cache: NodeCache,
+    private readonly upstream: ContentSource,
+    private readonly rules: ReadonlyMap<string, RuleUpstream>,
+  ) {}
+
+  async blob(request: BlobRequest): Promise<BlobResult> {
+    const { cache } = this;
+    if (await cache.store.lookup(request.digest)) {
+      await this.authorizeStored(request);
+      const stored = await this.fromStore(request);
+      if (stored) return stored;
+    }
+    if (request.range !== undefined || request.method === 'HEAD') {
+      cache.count('blob', 'bypass');
+      return this.upstream.blob(request);
+    }
+    const flight = cache.flights.get(request.digest);
+    return flight ? this.join(flight, request) : this.fill(request);
+  }
+
+  /**
+   * A stored blob is served for (rule, repository) only if it was fetched through them (a link),
+   * and in passthrough mode only to a credential the upstream accepted there recently; otherwise
+   * the upstream is asked now (HEAD, with the request's credentials), and its refusal passed on.
+   */
+  private async authorizeStored(request: BlobRequest): Promise<void> {
+    const { store } = this.cache;
+    const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
+    const linked = (await store.readLink(request.rule, request.repository, request.digest)) !== null;
+    if (linked && (!passthrough || this.cache.credentialConfirmed(request.rule, request.repository, request.credentials))) return;
+    await this.upstream.blob({ ...request, method: 'HEAD', range: undefined });
+    if (passthrough) this.cache.confirmCredential(request.rule, request.repository, request.credentials);
+    if (!linked) await store.link(request.rule, request.repository, request.digest);
+  }
+
+  /** The stored blob, whole or the range asked for; null when it went away meanwhile (evicted). */
+  private async fromStore(request: BlobRequest): Promise<BlobResult | null> {
+    const lease = this.cache.store.lease(request.digest);
+    if (!lease) return null;
+    const range = request.range !== undefined ? byteRange(request.range, lease.size) : undefined;
+    const headers: Record<string, string> = {
+      'content-type': 'application/octet-stream',
+      'accept-ranges': 'bytes',
+      'docker-content-digest': request.digest,
+      etag: `"${request.digest}"`,
+    };
+    let start = 0;
+    let end = lease.size;
+    if (range && request.method === 'GET') {
+      ({ start, end } = range);
+      headers['content-range'] = `bytes ${start}-${end - 1}/${lease.size}`;
+    }
+    headers['content-length'] = String(end - start);
+    this.cache.count('blob', 'hit', request.method === 'GET' ? end - start : 0);
+    if (request.method === 'HEAD') {
+      lease.release();
+      return { status: 200, digest: request.digest, headers, body: undefined, cache: 'hit' };
+    }
+    let file;
+    try {
+      file = await open(lease.path, 'r');
+    } catch {
+      lease.release();
+      return null;
+    }
+    const body = fileBody(file, completeExtent(lease.size), { start, end }, () => lease.release());
+    return { status: range ? 206 : 200, digest: request.digest, headers, body, cache: 'hit' };
+  }
+
+  /** The first client for a blob not stored: one upstream transfer into the store, read as it lands. */
+  private async fill(request: BlobRequest): Promise<BlobResult> {
+    const { cache } = this;
+    if (!(await cache.mayFill(0))) return this.relay(request);
+    const already = cache.flights.get(request.digest); // another client started it meanwhile
+    if (already) return this.join(already, request);
+    const flight = new BlobFlight(request.digest, { rule: request.rule, repository: request.repository }, new AbortController(), cache.store);
+    cache.flights.set(request.digest, flight);
+    const ended = cache.fillStarted();
+    void flight.done.then(async (outcome) => {
+      if (cache.flights.get(request.digest) === flight) cache.flights.delete(request.digest);
+      ended();
+      if (outcome.stored) {
+        await cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
+        await cache.evict(0);
+      } else {
+        cache.fillFailed(request.digest, outcome.reason);
+      }
+    });
+    const reading = flight.reader();
+    reading.catch(() => undefined);
+    let answer: BlobResult;
+    try {
+      answer = await this.upstream.blob({ ...request, signal: flight.controller.signal, unverified: true });
+    } catch (error) {
+      flight.abandon(error as Error);
+      throw error;
+    }
+    const length = Number(answer.headers['content-length']);
+    const known = Number.isSafeInteger(length) && length >= 0;
+    // From here on, should this client be relayed after all, its leaving stops the upstream transfer.
+    const relayed = () => {
+      if (request.signal.aborted) flight.controller.abort();
+      else request.signal.addEventListener('abort', () => flight.controller.abort(), { once: true });
+    };
+    if (!answer.body || answer.status !== 200 || (known && !(await cache.mayFill(length)))) {
+      // Too large for the cache, or its disk is full: this client is relayed, verified as before.
+      flight.abandon(new Error('not cached: no room'));
+      relayed();
+      return this.verifiedRelay(request, answer, known ? length : undefined);
+    }
+    let fill;
+    try {
+      fill = await cache.store.startFill(request.digest);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code === 'ENOSPC') cache.diskFull();
+      flight.abandon(error as Error);
+      relayed();
+      return this.verifiedRelay(request, answer, known ? length : undefined);
+    }
+    flight.start(fill, answer.body, answer.headers);
+    const body = await reading;
+    if (request.signal.aborted) {
+      body.destroy();
+      throw new ContentError('unavailable', 'client went away', { status: 499 });
+    }
+    cache.count('blob', 'miss');
+    return { status: 200, digest: request.digest, headers: answer.headers, body, cache: 'miss' };
+  }
+
+  /** Another client for a blob being filled: reads the same fill, once this (rule, repository) may. */
+  private async join(flight: BlobFlight, request: BlobRequest): Promise<BlobResult> {
+    const reading = flight.reader();
+    reading.then((body) => body, () => undefined);
+    const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
+    const sameOrigin = flight.origin.rule === request.rule && flight.origin.repository === request.repository;
+    try {
+      if (!sameOrigin || (passthrough && !this.cache.credentialConfirmed(request.rule, request.repository, request.credentials))) {
+        await this.upstream.blob({ ...request, method: 'HEAD', range: undefined });
+        if (passthrough) this.cache.confirmCredential(request.rule, request.repository, request.credentials);
+        if (!sameOrigin) void flight.done.then((o) => (o.stored ? this.cache.store.link(request.rule, request.repository, request.digest) : undefined)).catch(() => undefined);
+      }
+    } catch (error) {
+      void reading.then((body) => body.destroy(), () => undefined);
+      throw error;
+    }
+    let body;
+    try {
+      body = await reading;
+    } catch {
+      // The fill failed before this client read anything: relay on its own.
+      return this.relay(request);
+    }
+    if (request.signal.aborted) {
+      body.destroy();
+      throw new ContentError('unavailable', 'client went away', { status: 499 });
+    }
+    const length = Number(flight.headers['content-length']);
+    this.cache.count('blob', 'hit', Number.isSafeInteger(length) ? length : 0);
+    return { status: 200, digest: request.digest, headers: flight.headers, body, cache: 'hit' };
+  }
+
+  private async relay(request: BlobRequest): Promise<BlobResult> {
+    this.cache.count('blob', 'bypass');
+    return { ...(await this.upstream.blob(request)), cache: 'bypass' };
+  }
+
+  /** An answer asked for unverified (to fill), passed on with the digest check the rule asks for. */
+  private verifiedRelay(request: BlobRequest, answer: BlobResult, length: number | undefined): BlobResult {
+    this.cache.count('blob', 'bypass');
+    const verify = answer.body && answer.status === 200 && this.rules.get(request.rule)?.rule.verifyBlobDigests !== false;
+    return { ...answer, body: verify && answer.body ? verifiedBody(answer.body, request.digest, length) : answer.body, cache: 'bypass' };
+  }
+}

@@ -1,0 +1,121 @@
+// A ContentBody read from a file of the node store: a stored blob (or a range of it), or a blob
+// still being filled, followed as it grows. Reads go into a few buffers of this body's own, reused:
+// a chunk's buffer is read into again only once nothing holds it (a client write in progress).
+
+import type { FileHandle } from 'node:fs/promises';
+import type { BodySink } from '../upstream/body.js';
+import type { ContentBody } from '../content/source.js';
+
+/** What a reader may read of a file, now and in the end. */
+export interface FileExtent {
+  /** Bytes that may be read now, from the start of the file. */
+  readable(): number;
+  /** Undefined while the file grows; then its final size, or why it will never be complete. */
+  outcome(): { readonly size: number } | { readonly error: Error } | undefined;
+  /** Calls `listener` when `readable` or `outcome` change; returns the unsubscribe. */
+  watch(listener: () => void): () => void;
+}
+
+/** A file that no longer changes. */
+export function completeExtent(size: number): FileExtent {
+  return { readable: () => size, outcome: () => ({ size }), watch: () => () => undefined };
+}
+
+const READ_BYTES = 256 * 1024;
+const BUFFERS = 3;
+
+interface Slot {
+  readonly buffer: Buffer;
+  holds: number;
+}
+
+/**
+ * Streams bytes [start, end) of `file` (end: the extent's final size when not given), closing the
+ * file when done or destroyed; `onClose` runs once either way.
+ */
+export function fileBody(file: FileHandle, extent: FileExtent, range: { start: number; end?: number }, onClose: () => void): ContentBody {
+  const slots: Slot[] = [];
+  let position = range.start;
+  let sink: BodySink | undefined;
+  let paused = false;
+  let reading = false;
+  let finished = false;
+  let unwatch: (() => void) | undefined;
+
+  const finish = (error?: Error) => {
+    if (finished) return;
+    finished = true;
+    unwatch?.();
+    void file.close().catch(() => undefined);
+    onClose();
+    if (error) sink?.error(error);
+    else sink?.end();
+  };
+
+  const freeSlot = (): Slot | undefined => {
+    const free = slots.find((s) => s.holds === 0);
+    if (free) return free;
+    if (slots.length < BUFFERS) {
+      const slot = { buffer: Buffer.allocUnsafe(READ_BYTES), holds: 0 };
+      slots.push(slot);
+      return slot;
+    }
+    return undefined;
+  };
+
+  const pump = () => {
+    if (!sink || finished || paused || reading) return;
+    const outcome = extent.outcome();
+    if (outcome && 'error' in outcome) return finish(outcome.error);
+    const end = range.end ?? (outcome ? outcome.size : Number.POSITIVE_INFINITY);
+    if (position >= end) return finish();
+    const available = Math.min(end, extent.readable()) - position;
+    if (available <= 0) return; // a growing file: woken by watch
+    const slot = freeSlot();
+    if (!slot) return; // every buffer is being written: woken by a release
+    reading = true;
+    file.read(slot.buffer, 0, Math.min(READ_BYTES, available), position).then(
+      ({ bytesRead }) => {
+        reading = false;
+        if (finished) return;
+        if (bytesRead === 0) return finish(new Error(`cached file ended at ${position} bytes, before ${end}`));
+        position += bytesRead;
+        const chunk = slot.buffer.subarray(0, bytesRead);
+        if (!sink?.data(chunk)) paused = true;
+        pump();
+      },
+      (error: Error) => {
+        reading = false;
+        finish(error);
+      },
+    );
+  };
+
+  return {
+    attach(target) {
+      if (sink) throw new Error('cached body consumed twice');
+      sink = target;
+      unwatch = extent.watch(pump);
+      pump();
+    },
+    resume() {
+      paused = false;
+      pump();
+    },
+    destroy(reason) {
+      finish(reason ?? new Error('cached body discarded'));
+    },
+    hold(chunk) {
+      const slot = slots.find((s) => s.buffer.buffer === chunk.buffer && s.buffer.byteOffset === chunk.byteOffset);
+      if (!slot) return () => undefined;
+      slot.holds++;
+      let released = false;
+      return () => {
+        if (released) return;
+        released = true;
+        slot.holds--;
+        pump();
+      };
+    },
+  };
+}

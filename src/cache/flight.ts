@@ -1,0 +1,191 @@
+// One blob on its way from the upstream into the node store, with every client that wants it
+// reading the growing file (single flight: one upstream transfer however many clients ask).
+//
+// The upstream body is written to the store's temporary file as fast as the upstream sends it;
+// readers follow the file at their own pace. The last byte is held back from readers until the
+// whole blob hashed to its digest, so a cut or corrupt transfer never reaches a client as a
+// complete body. The fill goes on while anyone reads; when the last reader leaves before the end,
+// the upstream transfer is stopped and nothing is stored.
+
+import { open } from 'node:fs/promises';
+import type { ContentBody } from '../content/source.js';
+import { fileBody, type FileExtent } from './filebody.js';
+import type { BlobFill, BlobLease, FillOutcome, NodeStore } from './store.js';
+
+/** Bytes received from the upstream and not yet written to the file before the upstream is paused. */
+const WRITE_QUEUE_BYTES = 1024 * 1024;
+
+export interface FlightOrigin {
+  readonly rule: string;
+  readonly repository: string;
+}
+
+export class BlobFlight implements FileExtent {
+  private readers = 0;
+  private result: FillOutcome | undefined;
+  private failure: Error | undefined;
+  private lease: BlobLease | null = null;
+  private readonly listeners = new Set<() => void>();
+  private fill: BlobFill | undefined;
+  private upstream: ContentBody | undefined;
+  /** Settles when the fill stored the blob or gave up. */
+  readonly done: Promise<FillOutcome>;
+  private settle!: (outcome: FillOutcome) => void;
+  /** Resolves once the upstream answered and the fill started; rejects if it never does. */
+  private readonly started: Promise<void>;
+  private markStarted!: () => void;
+  private markNotStarted!: (error: Error) => void;
+
+  constructor(
+    readonly digest: string,
+    readonly origin: FlightOrigin,
+    /** Aborts the upstream request; not any client's signal (a client leaving must not stop the others). */
+    readonly controller: AbortController,
+    private readonly store: NodeStore,
+  ) {
+    this.done = new Promise((resolve) => (this.settle = resolve));
+    this.started = new Promise<void>((resolve, reject) => {
+      this.markStarted = resolve;
+      this.markNotStarted = reject;
+    });
+    this.started.catch(() => undefined);
+  }
+
+  /** Representation headers the upstream answered with, for every reader; set by start(). */
+  headers: Readonly<Record<string, string>> = {};
+
+  /**
+   * Writes `body` into `fill` in order, each chunk held (it may be a view into a reused socket
+   * buffer) until its write is done; the upstream is paused while more than WRITE_QUEUE_BYTES wait.
+   */
+  start(fill: BlobFill, body: ContentBody, headers: Readonly<Record<string, string>>): void {
+    this.fill = fill;
+    this.upstream = body;
+    this.headers = headers;
+    this.markStarted();
+    let writing: Promise<void> = Promise.resolve();
+    let queued = 0;
+    let paused = false;
+    body.attach({
+      data: (chunk) => {
+        if (chunk.length === 0) return true;
+        const release = body.hold(chunk);
+        queued += chunk.length;
+        writing = writing
+          .then(() => (this.failure ? undefined : fill.append(chunk)))
+          .then(
+            () => {
+              release();
+              queued -= chunk.length;
+              this.notify();
+              if (paused && queued <= WRITE_QUEUE_BYTES / 2) {
+                paused = false;
+                body.resume();
+              }
+            },
+            (error: Error) => {
+              release();
+              this.fail(error);
+            },
+          );
+        if (queued > WRITE_QUEUE_BYTES) paused = true;
+        return !paused;
+      },
+      end: () => {
+        void writing.then(() => (this.result || this.failure ? undefined : fill.finish())).then(
+          (outcome) => {
+            if (!outcome) return;
+            if (outcome.stored) this.complete(outcome);
+            else this.fail(new Error(outcome.reason));
+          },
+          (error: Error) => this.fail(error),
+        );
+      },
+      error: (error) => this.fail(error),
+    });
+  }
+
+  /** Gives up before the upstream answered (it refused, or failed). */
+  abandon(error: Error): void {
+    this.fail(error);
+  }
+
+  readable(): number {
+    if (this.result?.stored) return this.fill?.written ?? 0;
+    return Math.max(0, (this.fill?.written ?? 0) - 1);
+  }
+
+  outcome(): { size: number } | { error: Error } | undefined {
+    if (this.failure) return { error: this.failure };
+    if (this.result?.stored) return { size: this.fill?.written ?? 0 };
+    return undefined;
+  }
+
+  watch(listener: () => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
+
+  /**
+   * A body for one more reader, from the first byte, once the fill started; throws when it fails
+   * first. The reader counts from this call on, so call it as soon as a client wants the blob.
+   */
+  async reader(): Promise<ContentBody> {
+    this.readers++;
+    try {
+      await this.started;
+      const path = this.fill?.path;
+      if (!path) throw new Error('fill not started');
+      const file = await open(path, 'r').catch(async (error: NodeJS.ErrnoException) => {
+        // Renamed into the store (or removed) since: the stored blob, if it was stored.
+        if (error.code !== 'ENOENT') throw error;
+        const outcome = await this.done;
+        if (!outcome.stored) throw this.failure ?? new Error(outcome.reason);
+        return open(this.store.blobPathOf(this.digest), 'r');
+      });
+      if (this.failure) {
+        await file.close();
+        throw this.failure;
+      }
+      if (this.result?.stored && !this.lease) this.lease = this.store.lease(this.digest);
+      return fileBody(file, this, { start: 0 }, () => this.leave());
+    } catch (error) {
+      this.leave();
+      throw error;
+    }
+  }
+
+  private leave(): void {
+    this.readers--;
+    if (this.readers > 0) return;
+    if (!this.result && !this.failure) this.fail(new Error('every client left before the blob was complete'));
+    this.lease?.release();
+    this.lease = null;
+  }
+
+  private complete(outcome: FillOutcome): void {
+    this.result = outcome;
+    // Readers still reading hold the stored blob against eviction.
+    if (this.readers > 0) this.lease = this.store.lease(this.digest);
+    this.settle(outcome);
+    this.notify();
+  }
+
+  private fail(error: Error): void {
+    if (this.result || this.failure) return;
+    this.failure = error;
+    this.markNotStarted(error);
+    if (this.upstream) {
+      // Before start() the upstream answer belongs to whoever abandoned the fill (it may relay it).
+      this.controller.abort(error);
+      this.upstream.destroy(error);
+    }
+    const outcome: FillOutcome = { stored: false, reason: error.message };
+    void (this.fill ? this.fill.abort(error.message) : Promise.resolve()).catch(() => undefined).finally(() => this.settle(outcome));
+    this.notify();
+  }
+
+  private notify(): void {
+    for (const listener of [...this.listeners]) listener();
+  }
+}

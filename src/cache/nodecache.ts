@@ -1,0 +1,205 @@
+// The node cache as one object for the proxy process: its store, the settings of the config in
+// force, what it counts, eviction and the free-disk floor. It outlives config changes (each new
+// runtime's CachedContent uses the same one), so fills in flight and counters carry over.
+
+import { createHash } from 'node:crypto';
+import { Counter, Gauge, type Registry } from 'prom-client';
+import type { Logger } from '../log.js';
+import type { CacheConfig } from '../rules/config.js';
+import type { CacheOutcome } from '../content/source.js';
+import type { UpstreamCredentials } from '../upstream/authorizer.js';
+import type { BlobFlight } from './flight.js';
+import { evictionPlan } from './policy.js';
+import { NodeStore } from './store.js';
+
+export type CacheKind = 'manifest' | 'blob';
+
+interface CacheMetrics {
+  readonly requests: Counter<'kind' | 'result'>;
+  readonly savedBytes: Counter;
+  readonly evictions: Counter;
+  readonly evictedBytes: Counter;
+  readonly fillFailures: Counter;
+}
+
+/** Credentials remembered as accepted upstream (passthrough), at most this many. */
+const CONFIRMATIONS_MAX = 10_000;
+
+export class NodeCache {
+  settings: CacheConfig;
+  /** Blobs being filled, by digest: every client that wants one reads the same fill. */
+  readonly flights = new Map<string, BlobFlight>();
+  /** Manifests being fetched, by rule, repository, digest (and passthrough credential). */
+  readonly manifestFlights = new Map<string, Promise<unknown>>();
+  private readonly metrics: CacheMetrics;
+  private readonly tally = { hit: 0, miss: 0, stale: 0, bypass: 0, savedBytes: 0, evictions: 0, evictedBytes: 0, fillFailures: 0 };
+  private fillsInFlight = 0;
+  private fillsEnabled = true;
+  private evicting: Promise<void> = Promise.resolve();
+  /** `rule\0repository\0credential hash` → when the upstream last accepted that credential there. */
+  private readonly confirmations = new Map<string, number>();
+
+  private constructor(
+    readonly store: NodeStore,
+    settings: CacheConfig,
+    registry: Registry,
+    private readonly logger: Logger,
+    readonly now: () => number,
+  ) {
+    this.settings = settings;
+    const cache = this;
+    this.metrics = {
+      requests: new Counter({ name: 'pullbridge_cache_requests_total', help: 'Manifest and blob requests by how the node cache answered: hit, miss (filled from upstream), stale (last known tag while the upstream failed), bypass (not cached)', labelNames: ['kind', 'result'], registers: [registry] }),
+      savedBytes: new Counter({ name: 'pullbridge_cache_upstream_bytes_saved_total', help: 'Bytes served from the node cache instead of the upstream', registers: [registry] }),
+      evictions: new Counter({ name: 'pullbridge_cache_evictions_total', help: 'Blobs evicted from the node cache', registers: [registry] }),
+      evictedBytes: new Counter({ name: 'pullbridge_cache_evicted_bytes_total', help: 'Bytes evicted from the node cache', registers: [registry] }),
+      fillFailures: new Counter({ name: 'pullbridge_cache_fill_failures_total', help: 'Fills that stored nothing (upstream cut, digest mismatch, disk error)', registers: [registry] }),
+    };
+    new Gauge({ name: 'pullbridge_cache_bytes', help: 'Bytes in the node cache', registers: [registry], collect() { this.set(cache.store.usage().bytes); } });
+    new Gauge({ name: 'pullbridge_cache_entries', help: 'Blobs (layers, configs, manifests) in the node cache', registers: [registry], collect() { this.set(cache.store.usage().blobs); } });
+    new Gauge({ name: 'pullbridge_cache_max_bytes', help: 'cache.maxBytes', registers: [registry], collect() { this.set(cache.settings.maxBytes); } });
+    new Gauge({ name: 'pullbridge_cache_fills_in_flight', help: 'Blobs being filled from upstream now', registers: [registry], collect() { this.set(cache.fillsInFlight); } });
+    new Gauge({ name: 'pullbridge_cache_fills_enabled', help: '1 while the cache takes new content; 0 when its disk is below cache.minFreeBytes (pulls are relayed)', registers: [registry], collect() { this.set(cache.fillsEnabled ? 1 : 0); } });
+  }
+
+  /** Opens the store (removing what a crash left half-written) and evicts down to the limits. */
+  static async open(settings: CacheConfig, registry: Registry, logger: Logger, now: () => number = Date.now): Promise<NodeCache> {
+    const store = await NodeStore.open(settings.path, now);
+    const cache = new NodeCache(store, settings, registry, logger, now);
+    await cache.evict(0);
+    const usage = store.usage();
+    logger.info({ path: settings.path, bytes: usage.bytes, entries: usage.blobs, maxBytes: settings.maxBytes }, 'node cache opened');
+    return cache;
+  }
+
+  /** Takes up a new config's settings; the store's path cannot change while the proxy runs. */
+  configure(settings: CacheConfig): void {
+    if (settings.path !== this.settings.path) this.logger.warn({ path: this.settings.path, configured: settings.path }, 'cache.path changed: the proxy keeps its store until it restarts');
+    this.settings = { ...settings, path: this.settings.path };
+  }
+
+  count(kind: CacheKind, result: CacheOutcome, savedBytes = 0): void {
+    this.metrics.requests.inc({ kind, result });
+    this.tally[result]++;
+    if (savedBytes > 0) {
+      this.metrics.savedBytes.inc(savedBytes);
+      this.tally.savedBytes += savedBytes;
+    }
+  }
+
+  fillStarted(): () => void {
+    this.fillsInFlight++;
+    let ended = false;
+    return () => {
+      if (ended) return;
+      ended = true;
+      this.fillsInFlight--;
+    };
+  }
+
+  fillFailed(digest: string, reason: string): void {
+    this.metrics.fillFailures.inc();
+    this.tally.fillFailures++;
+    this.logger.warn({ digest, reason }, 'cache fill stored nothing');
+  }
+
+  /**
+   * Whether a new fill of `bytes` (0: unknown) may start: it must fit in maxBytes and leave
+   * minFreeBytes free on the disk, after evicting what it can. When it cannot, the cache is off for
+   * new fills (logged once, and a metric) and pulls are relayed.
+   */
+  async mayFill(bytes: number): Promise<boolean> {
+    if (bytes > this.settings.maxBytes) return false;
+    let free = await this.freeBytes();
+    if (free !== undefined && free - bytes < this.settings.minFreeBytes || this.store.usage().bytes + bytes > this.settings.maxBytes) {
+      await this.evict(bytes);
+      free = await this.freeBytes();
+    }
+    const enabled = free === undefined || free - bytes >= this.settings.minFreeBytes;
+    if (enabled !== this.fillsEnabled) {
+      this.fillsEnabled = enabled;
+      if (enabled) this.logger.info({ freeBytes: free }, 'cache disk has room again: filling resumed');
+      else this.logger.warn({ freeBytes: free, minFreeBytes: this.settings.minFreeBytes }, 'cache disk below cache.minFreeBytes and nothing left to evict: not filling, pulls are relayed');
+    }
+    return enabled;
+  }
+
+  /** A fill failed for lack of space: off until mayFill finds room. */
+  diskFull(): void {
+    if (!this.fillsEnabled) return;
+    this.fillsEnabled = false;
+    this.logger.warn({ path: this.settings.path }, 'cache disk full: not filling, pulls are relayed');
+  }
+
+  /** Evicts least recently used blobs not being read, to make room for `incoming` bytes. One pass at a time. */
+  evict(incoming: number): Promise<void> {
+    const pass = this.evicting.then(async () => {
+      const free = (await this.freeBytes()) ?? Number.MAX_SAFE_INTEGER;
+      const plan = evictionPlan(this.store.blobs(), { maxBytes: Math.max(0, this.settings.maxBytes - incoming), minFreeBytes: this.settings.minFreeBytes, freeBytes: free - incoming });
+      for (const digest of plan) {
+        const size = this.store.blobs().find((b) => b.digest === digest)?.size ?? 0;
+        if (await this.store.remove(digest)) {
+          this.metrics.evictions.inc();
+          this.metrics.evictedBytes.inc(size);
+          this.tally.evictions++;
+          this.tally.evictedBytes += size;
+        }
+      }
+      if (plan.length > 0) this.logger.info({ evicted: plan.length, bytes: this.store.usage().bytes }, 'cache evicted least recently used blobs');
+    });
+    this.evicting = pass.catch((error: unknown) => this.logger.error({ err: error }, 'cache eviction failed'));
+    return this.evicting;
+  }
+
+  private async freeBytes(): Promise<number | undefined> {
+    try {
+      return await this.store.freeBytes();
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** passthrough: whether the upstream accepted these credentials for the repository within credentialTTLSeconds. */
+  credentialConfirmed(rule: string, repository: string, credentials: UpstreamCredentials | undefined): boolean {
+    const at = this.confirmations.get(confirmationKey(rule, repository, credentials));
+    return at !== undefined && this.now() - at < this.settings.credentialTTLSeconds * 1000;
+  }
+
+  confirmCredential(rule: string, repository: string, credentials: UpstreamCredentials | undefined): void {
+    const key = confirmationKey(rule, repository, credentials);
+    this.confirmations.delete(key);
+    this.confirmations.set(key, this.now());
+    if (this.confirmations.size > CONFIRMATIONS_MAX) {
+      const oldest = this.confirmations.keys().next().value;
+      if (oldest !== undefined) this.confirmations.delete(oldest);
+    }
+  }
+
+  /** For /status. */
+  status(): Record<string, unknown> {
+    const usage = this.store.usage();
+    return {
+      path: this.settings.path,
+      bytes: usage.bytes,
+      entries: usage.blobs,
+      maxBytes: this.settings.maxBytes,
+      minFreeBytes: this.settings.minFreeBytes,
+      fillsEnabled: this.fillsEnabled,
+      fillsInFlight: this.fillsInFlight,
+      hits: this.tally.hit,
+      misses: this.tally.miss,
+      staleServes: this.tally.stale,
+      bypassed: this.tally.bypass,
+      upstreamBytesSaved: this.tally.savedBytes,
+      evictions: this.tally.evictions,
+      evictedBytes: this.tally.evictedBytes,
+      fillFailures: this.tally.fillFailures,
+    };
+  }
+}
+
+/** The credential as a hash: the map never holds a password. */
+function confirmationKey(rule: string, repository: string, credentials: UpstreamCredentials | undefined): string {
+  const who = credentials ? createHash('sha256').update(`${credentials.username}\0${credentials.password}`).digest('base64url') : '';
+  return `${rule}\0${repository}\0${who}`;
+}
