@@ -7,6 +7,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { filesReadBy, formatConfigErrors, isDnsLabel, parseConfig, type Config, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
+import { parsePlatform, type Platform } from './cache/warmplan.js';
 import { readConfigFile, unloadableFiles } from './shell/configfile.js';
 
 // Each command loads only what it runs: the proxy DaemonSet runs on every node, and express,
@@ -18,6 +19,7 @@ const load = {
   proxyRun: () => import('./proxy/run.js'),
   credentials: () => import('./proxy/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
+  warm: () => Promise.all([import('./cache/warm.js'), import('./cache/nodecache.js'), import('./proxy/runtime.js'), import('./log.js'), import('./metrics.js')]),
 };
 
 const USAGE = `pullbridge — rewrite Pod images to a node-local registry proxy
@@ -31,6 +33,7 @@ Usage:
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
   pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
   pullbridge pull-secret --config FILE --namespace NS
+  pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
   pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]
   pullbridge demo [--port N] [--proxy-port N]   (what \`npm start\` runs: webhook and proxy on a sample config)
@@ -254,6 +257,73 @@ async function cmdPullSecret(args: string[]): Promise<number> {
   return 0;
 }
 
+/** Fills the node cache at the config's cache.path with images, in this process; a running proxy
+ * on the same path serves what it stored. */
+async function cmdWarm(args: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args,
+    options: { config: { type: 'string' }, platform: { type: 'string', multiple: true }, json: { type: 'boolean', default: false } },
+    allowPositionals: true,
+    strict: true,
+  });
+  const configPath = requireOption(values.config, '--config');
+  const config = loadConfigOrExit(configPath);
+  if (positionals.length === 0) throw new UsageError('give at least one IMAGE');
+  const platforms: Platform[] = [];
+  for (const text of values.platform ?? []) {
+    const parsed = parsePlatform(text);
+    if (!parsed.ok) throw new UsageError(`--platform: ${parsed.error}`);
+    platforms.push(parsed.platform);
+  }
+  if (!config.cache) {
+    process.stderr.write(`config ${configPath} has no cache (cache.path): there is no node cache to warm\n`);
+    return 1;
+  }
+  loadConfigFilesOrExit(configPath, config, 'proxy'); // the rules' upstream credentials and CA bundles
+  const [{ warmImages }, { NodeCache }, { createProxyRuntime }, { createLogger }, { createMetricsRegistry }] = await load.warm();
+  // Logs go to stderr: stdout is the report.
+  const logger = createLogger({ name: 'pullbridge-warm', destination: process.stderr });
+  // A proxy may be running on the same store: its fills in progress (tmp/) are left alone.
+  const cache = await NodeCache.open(config.cache, createMetricsRegistry(false), logger, Date.now, { removePartialFills: false });
+  const runtime = createProxyRuntime(config, {}, undefined, cache);
+  const abort = new AbortController();
+  const stop = () => abort.abort();
+  process.once('SIGINT', stop);
+  process.once('SIGTERM', stop);
+  const report = await warmImages({ content: runtime.content, rules: runtime.rules, config, images: positionals, platforms, signal: abort.signal }).finally(async () => {
+    process.off('SIGINT', stop);
+    process.off('SIGTERM', stop);
+    await runtime.close();
+  });
+  if (values.json) {
+    process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
+  } else {
+    for (const r of report.images) {
+      if (r.status === 'skipped' || r.reason !== undefined) {
+        process.stdout.write(`${r.image} -> ${r.status}  [${r.reason ?? ''}${r.detail ? `: ${r.detail}` : ''}]\n`);
+        continue;
+      }
+      const where = `rule ${r.rule}, ${r.repository}@${r.digest ?? r.reference}`;
+      const platformsText = r.platforms.length > 0 ? `, ${r.platforms.join(' ')}` : '';
+      const counts = `${r.manifests.count} manifest(s), ${r.blobs.count} blob(s) ${formatBytes(r.blobs.bytes)}: ${r.blobs.cached} already cached, ${r.blobs.filled} filled`;
+      process.stdout.write(`${r.image} -> ${r.status}  [${where}${platformsText}; ${counts}]\n`);
+      for (const error of r.errors) process.stdout.write(`    error: ${error}\n`);
+    }
+  }
+  return report.ok ? 0 : 1;
+}
+
+function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+}
+
 async function cmdDemo(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' }, 'proxy-port': { type: 'string', default: '30500' } }, strict: true });
   const port = parsePort(values.port, '--port');
@@ -331,6 +401,8 @@ export async function main(argv: string[]): Promise<number> {
         return await cmdProxy(args);
       case 'pull-secret':
         return await cmdPullSecret(args);
+      case 'warm':
+        return await cmdWarm(args);
       case 'demo':
         return await cmdDemo(args);
       case undefined:

@@ -62,9 +62,12 @@ export class NodeCache {
     new Gauge({ name: 'pullbridge_cache_fills_enabled', help: '1 while the cache takes new content; 0 when its disk is below cache.minFreeBytes (pulls are relayed)', registers: [registry], collect() { this.set(cache.fillsEnabled ? 1 : 0); } });
   }
 
-  /** Opens the store (removing what a crash left half-written) and evicts down to the limits. */
-  static async open(settings: CacheConfig, registry: Registry, logger: Logger, now: () => number = Date.now): Promise<NodeCache> {
-    const store = await NodeStore.open(settings.path, now);
+  /**
+   * Opens the store (removing what a crash left half-written, unless `removePartialFills` is false:
+   * see NodeStore.open) and evicts down to the limits.
+   */
+  static async open(settings: CacheConfig, registry: Registry, logger: Logger, now: () => number = Date.now, options: { readonly removePartialFills?: boolean } = {}): Promise<NodeCache> {
+    const store = await NodeStore.open(settings.path, now, options);
     const cache = new NodeCache(store, settings, registry, logger, now);
     await cache.evict(0);
     const usage = store.usage();

@@ -98,10 +98,14 @@ export class NodeStore {
     private readonly now: () => number,
   ) {}
 
-  /** Opens (creating) the store: removes fills a crash or restart left behind, indexes the blobs. */
-  static async open(root: string, now: () => number = Date.now): Promise<NodeStore> {
+  /**
+   * Opens (creating) the store: removes fills a crash or restart left behind, indexes the blobs.
+   * `removePartialFills: false` leaves tmp/ alone, for a process that shares the store with a running
+   * proxy (`pullbridge warm`): what is there may be that proxy's fills in progress.
+   */
+  static async open(root: string, now: () => number = Date.now, options: { readonly removePartialFills?: boolean } = {}): Promise<NodeStore> {
     const store = new NodeStore(root, now);
-    await rm(join(root, 'tmp'), { recursive: true, force: true });
+    if (options.removePartialFills !== false) await rm(join(root, 'tmp'), { recursive: true, force: true });
     await Promise.all(['tmp', 'blobs', 'repositories'].map((dir) => mkdir(join(root, dir), { recursive: true })));
     for (const algorithm of await readdir(join(root, 'blobs'))) {
       for (const hex of await readdir(join(root, 'blobs', algorithm))) {

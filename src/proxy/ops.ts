@@ -1,7 +1,11 @@
-// The operations endpoints: health, readiness, Prometheus metrics and the upstream status document.
+// The operations endpoints: health, readiness, Prometheus metrics and the upstream status document;
+// on the operations port only, `POST /warm` (cache warm-up).
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Registry } from 'prom-client';
+import { warmImages } from '../cache/warm.js';
+import { parseWarmRequest, WARM_BODY_LIMIT_BYTES } from '../cache/warmplan.js';
+import type { Logger } from '../log.js';
 import type { Prober } from '../upstream/probe.js';
 import type { ProxyRuntime } from './runtime.js';
 
@@ -10,6 +14,7 @@ export interface OpsHandlerOptions {
   readonly metrics: Registry;
   readonly prober?: Prober;
   readonly ready?: () => boolean;
+  readonly logger?: Logger;
 }
 
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
@@ -21,15 +26,115 @@ export function isOpsRequest(method: string | undefined, url: string, opsOnRegis
   return method === 'GET' && (HEALTH_PATHS.has(url) || (opsOnRegistryPort && OPS_PATHS.has(url)));
 }
 
+/** The operations port's handler: the GET endpoints, and `POST /warm`, which only this port serves
+ * (the registry port is reachable by every Pod on the node). */
 export function createOpsHandler(options: OpsHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
+  const warm = { running: false };
   return (req, res) => {
     const url = req.url ?? '';
+    if (url === '/warm') {
+      if (req.method !== 'POST') {
+        res.writeHead(405, { 'content-type': 'text/plain', allow: 'POST' }).end('POST /warm with {"images": [...], "platforms": [...]}');
+        return;
+      }
+      serveWarm(options, warm, req, res).catch((error: unknown) => {
+        options.logger?.error({ err: error }, 'cache warm-up failed');
+        if (!res.headersSent) answerJson(res, 500, { error: 'internal error' });
+        else res.destroy();
+      });
+      return;
+    }
     if (req.method !== 'GET' || !OPS_PATHS.has(url)) {
-      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: GET /healthz, /readyz, /metrics or /status');
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: GET /healthz, /readyz, /metrics or /status, POST /warm');
       return;
     }
     void serveOps(options, url, res);
   };
+}
+
+function answerJson(res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', ...headers }).end(`${JSON.stringify(body, null, 2)}\n`);
+}
+
+/** The request body, or null when it is larger than `limit` (the rest is not read). */
+function readBody(req: IncomingMessage, limit: number): Promise<Buffer | null> {
+  return new Promise((resolve, reject) => {
+    const declared = Number(req.headers['content-length']);
+    if (Number.isFinite(declared) && declared > limit) {
+      resolve(null);
+      return;
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on('data', (chunk: Buffer) => {
+      size += chunk.length;
+      if (size > limit) {
+        req.pause();
+        resolve(null);
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => resolve(Buffer.concat(chunks, size)));
+    req.on('error', reject);
+  });
+}
+
+/**
+ * `POST /warm`: fills the node cache with the images of a JSON body, one warm-up at a time, and
+ * answers the report when done. The client going away stops it.
+ */
+async function serveWarm(options: OpsHandlerOptions, warm: { running: boolean }, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  const runtime = options.runtime();
+  if (!runtime?.cache) {
+    answerJson(res, 409, { error: 'this proxy has no node cache (cache.path in the config; it takes effect when the proxy starts): there is nothing to warm' }, { connection: 'close' });
+    return;
+  }
+  const type = (req.headers['content-type'] ?? '').split(';')[0]?.trim().toLowerCase();
+  if (type !== 'application/json') {
+    answerJson(res, 415, { error: 'Content-Type must be application/json' }, { connection: 'close' });
+    return;
+  }
+  const body = await readBody(req, WARM_BODY_LIMIT_BYTES);
+  if (body === null) {
+    answerJson(res, 413, { error: `the body is larger than the limit of ${WARM_BODY_LIMIT_BYTES} bytes` }, { connection: 'close' });
+    return;
+  }
+  let document: unknown;
+  try {
+    document = JSON.parse(body.toString('utf8'));
+  } catch (error) {
+    answerJson(res, 400, { error: `the body is not valid JSON: ${(error as Error).message}` });
+    return;
+  }
+  const parsed = parseWarmRequest(document);
+  if (!parsed.ok) {
+    answerJson(res, 400, { error: parsed.error });
+    return;
+  }
+  if (warm.running) {
+    answerJson(res, 429, { error: 'a warm-up is already running on this proxy; try again when it is done' }, { 'retry-after': '10' });
+    return;
+  }
+  warm.running = true;
+  const abort = new AbortController();
+  const onClose = () => {
+    if (!res.writableFinished) abort.abort();
+  };
+  res.on('close', onClose);
+  // The answer comes when every image is done, which may take longer than the idle timeout.
+  req.socket.setTimeout(0);
+  const started = performance.now();
+  try {
+    const report = await warmImages({ content: runtime.content, rules: runtime.rules, config: runtime.config, images: parsed.request.images, platforms: parsed.request.platforms, signal: abort.signal });
+    const counts = { warmed: 0, skipped: 0, failed: 0 };
+    for (const image of report.images) counts[image.status]++;
+    options.logger?.info({ ...counts, seconds: Number(((performance.now() - started) / 1000).toFixed(3)) }, 'cache warm-up done');
+    if (!abort.signal.aborted) answerJson(res, 200, report);
+  } finally {
+    warm.running = false;
+    res.off('close', onClose);
+  }
 }
 
 export async function serveOps(options: OpsHandlerOptions, url: string, res: ServerResponse): Promise<void> {

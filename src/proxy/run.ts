@@ -105,7 +105,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
   const separateOps = options.opsPort !== undefined;
   const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps });
   const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerSource: options.maxConnectionsPerSource ?? DEFAULT_MAX_CONNECTIONS_PER_SOURCE });
-  const ops = separateOps ? await listen(createOpsHandler(opsOptions), { host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: 64 }) : undefined;
+  const ops = separateOps ? await listen(createOpsHandler({ ...opsOptions, logger }), { host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: 64 }) : undefined;
   if (ops) logger.info({ url: ops.url }, 'operations endpoints listening');
   else logger.warn('/metrics and /status are served on the registry port, which every Pod on the node can reach, and name the upstreams: give the proxy an --ops-port');
   // Interval 0: no probing (the demo's sample upstreams are placeholders).
