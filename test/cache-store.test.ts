@@ -62,6 +62,18 @@ describe('node store', () => {
     await crashed.close();
   });
 
+  it('opened beside a running proxy (removePartialFills: false), leaves its fills in progress alone, and they still complete', async () => {
+    const data = randomBytes(100_000);
+    const proxy = await NodeStore.open(root);
+    const fill = await proxy.startFill(digestOf(data));
+    await fill.append(data.subarray(0, 50_000));
+    const warm = await NodeStore.open(root, Date.now, { removePartialFills: false });
+    assert.equal(readdirSync(join(root, 'tmp')).length, 1);
+    await fill.append(data.subarray(50_000));
+    assert.deepEqual(await fill.finish(), { stored: true });
+    assert.equal(await warm.lookup(digestOf(data)), true, 'the other process finds it on disk');
+  });
+
   it('lets readers follow a fill as it grows, through one descriptor that survives the rename', async () => {
     const data = randomBytes(200_000);
     const store = await NodeStore.open(root);

@@ -9,7 +9,9 @@ import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { NodeCache } from '../src/cache/nodecache.js';
-import { warmImages, type WarmReport } from '../src/cache/warm.js';
+import { drain, warmImages, type WarmReport } from '../src/cache/warm.js';
+import type { ContentBody } from '../src/content/source.js';
+import type { BodySink } from '../src/upstream/body.js';
 import { parseManifestDocument, parsePlatform, parseWarmRequest, selectManifests, warmTarget, WARM_IMAGES_MAX, type IndexEntry, type Platform } from '../src/cache/warmplan.js';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { createOpsHandler } from '../src/proxy/ops.js';
@@ -108,6 +110,26 @@ registries:
     assert.equal(parseManifestDocument(hostile, undefined).kind, 'invalid');
     assert.equal(parseManifestDocument(Buffer.from('{"schemaVersion":1,"fsLayers":[]}'), undefined).kind, 'invalid');
     assert.equal(parseManifestDocument(Buffer.from('not json'), undefined).kind, 'invalid');
+  });
+
+  it('drains a body to its end, and stops it when the warm-up is aborted', async () => {
+    let sink: BodySink | undefined;
+    let destroyed: Error | undefined;
+    const body: ContentBody = {
+      attach: (s) => (sink = s),
+      resume: () => undefined,
+      destroy: (reason) => (destroyed = reason),
+      hold: () => () => undefined,
+    };
+    const abort = new AbortController();
+    const done = drain(body, abort.signal);
+    sink?.data(Buffer.alloc(10));
+    sink?.data(Buffer.alloc(5));
+    abort.abort();
+    await assert.rejects(done, /warm-up aborted/);
+    assert.match(destroyed?.message ?? '', /warm-up aborted/);
+    const whole = drain({ ...body, attach: (s) => (s.data(Buffer.alloc(7)), s.end()) }, new AbortController().signal);
+    assert.equal(await whole, 7);
   });
 
   it('checks a POST /warm body: images required and capped, platforms valid, nothing else', () => {
@@ -231,6 +253,9 @@ describe('cache warm-up with a real registry', function () {
     const registry = await upstreamWith(image);
     const cachePath = newCachePath();
     const file = configFile(configYaml(registry, cachePath));
+    // A proxy already running on the store: it learns what the warm-up process stores from the disk.
+    const proxy = await startProxy({ cache: { path: cachePath }, registries: [{ name: 'corp', match: [HOST], upstream: registry.url }] });
+    cleanups.push(() => proxy.close());
 
     const result = runCli(['warm', '--config', file, '--platform', 'linux/amd64', '--json', IMAGE, 'quay.io/team/app:1']);
     assert.equal(result.status, 0, result.stderr + result.stdout);
@@ -252,6 +277,17 @@ describe('cache warm-up with a real registry', function () {
     assert.equal(failed.status, 1, failed.stderr);
     assert.match(failed.stdout, /team\/app:1\.0 -> warmed {2}\[rule corp, team\/app@sha256:[0-9a-f]{64}, linux\/amd64 linux\/arm64; 3 manifest\(s\), 6 blob\(s\) [\d.]+ KiB: 3 already cached, 3 filled\]/);
     assert.match(failed.stdout, /team\/app:missing -> failed .*\n {4}error: manifest missing: upstream answered 404/);
+
+    await registry.kill();
+    const authorization = proxy.authorization('shop');
+    const byTag = await get(`${proxy.url}/v2/corp/team/app/manifests/1.0`, { authorization, accept: INDEX_ACCEPT });
+    assert.deepEqual([byTag.status, byTag.digest], [200, image.index.digest]);
+    for (const blob of amd64.slice(1)) {
+      const kind = blob === image.manifests[0] ? 'manifests' : 'blobs';
+      const got = await get(`${proxy.url}/v2/corp/team/app/${kind}/${blob?.digest ?? ''}`, { authorization, accept: INDEX_ACCEPT });
+      assert.deepEqual([got.status, got.digest], [200, blob?.digest]);
+    }
+    assert.ok(proxy.logs.records.filter((r) => r.access === 'pull').every((r) => r.cache === 'hit'));
 
     const noCache = runCli(['warm', '--config', configFile(configYaml(registry, undefined)), IMAGE]);
     assert.equal(noCache.status, 1);
