@@ -56,8 +56,9 @@ function answerJson(res: ServerResponse, status: number, body: unknown, headers:
   res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', ...headers }).end(`${JSON.stringify(body, null, 2)}\n`);
 }
 
-/** The request body, or null when it is larger than `limit` (the rest is not read). */
-function readBody(req: IncomingMessage, limit: number): Promise<Buffer | null> {
+/** The request body; null when it is larger than `limit` (the rest is not read), undefined when
+ * the client went away before sending it all. */
+function readBody(req: IncomingMessage, limit: number): Promise<Buffer | null | undefined> {
   return new Promise((resolve, reject) => {
     const declared = Number(req.headers['content-length']);
     if (Number.isFinite(declared) && declared > limit) {
@@ -76,6 +77,7 @@ function readBody(req: IncomingMessage, limit: number): Promise<Buffer | null> {
       chunks.push(chunk);
     });
     req.on('end', () => resolve(Buffer.concat(chunks, size)));
+    req.on('close', () => resolve(req.complete ? Buffer.concat(chunks, size) : undefined));
     req.on('error', reject);
   });
 }
@@ -95,7 +97,8 @@ async function serveWarm(options: OpsHandlerOptions, warm: { running: boolean },
     answerJson(res, 415, { error: 'Content-Type must be application/json' }, { connection: 'close' });
     return;
   }
-  const body = await readBody(req, WARM_BODY_LIMIT_BYTES);
+  const body = await readBody(req, WARM_BODY_LIMIT_BYTES).catch(() => undefined);
+  if (body === undefined) return;
   if (body === null) {
     answerJson(res, 413, { error: `the body is larger than the limit of ${WARM_BODY_LIMIT_BYTES} bytes` }, { connection: 'close' });
     return;
