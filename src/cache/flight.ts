@@ -22,6 +22,8 @@ export interface FlightOrigin {
 
 export class BlobFlight implements FileExtent {
   private readers = 0;
+  /** The whole blob is written and hashed right: readers may have its last byte. */
+  private verified = false;
   private result: FillOutcome | undefined;
   private failure: Error | undefined;
   private lease: BlobLease | null = null;
@@ -63,6 +65,10 @@ export class BlobFlight implements FileExtent {
     this.upstream = body;
     this.headers = headers;
     this.markStarted();
+    fill.once('verified', () => {
+      this.verified = true;
+      this.notify();
+    });
     let writing: Promise<void> = Promise.resolve();
     let queued = 0;
     let paused = false;
@@ -111,13 +117,13 @@ export class BlobFlight implements FileExtent {
   }
 
   readable(): number {
-    if (this.result?.stored) return this.fill?.written ?? 0;
+    if (this.verified) return this.fill?.written ?? 0;
     return Math.max(0, (this.fill?.written ?? 0) - 1);
   }
 
   outcome(): { size: number } | { error: Error } | undefined {
+    if (this.verified) return { size: this.fill?.written ?? 0 };
     if (this.failure) return { error: this.failure };
-    if (this.result?.stored) return { size: this.fill?.written ?? 0 };
     return undefined;
   }
 
@@ -158,7 +164,8 @@ export class BlobFlight implements FileExtent {
   private leave(): void {
     this.readers--;
     if (this.readers > 0) return;
-    if (!this.result && !this.failure) this.fail(new Error('every client left before the blob was complete'));
+    // Verified: the blob is whole and being stored; nothing to stop.
+    if (!this.result && !this.failure && !this.verified) this.fail(new Error('every client left before the blob was complete'));
     this.lease?.release();
     this.lease = null;
   }
@@ -174,6 +181,11 @@ export class BlobFlight implements FileExtent {
   private fail(error: Error): void {
     if (this.result || this.failure) return;
     this.failure = error;
+    if (this.verified) {
+      // Every byte reached the file and hashed right: readers finish from it; only storing failed.
+      this.settle({ stored: false, reason: error.message });
+      return;
+    }
     this.markNotStarted(error);
     if (this.upstream) {
       // Before start() the upstream answer belongs to whoever abandoned the fill (it may relay it).
