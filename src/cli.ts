@@ -294,6 +294,7 @@ async function cmdWarm(args: string[]): Promise<number> {
     process.off('SIGINT', stop);
     process.off('SIGTERM', stop);
     await runtime.close();
+    await cache.close();
   });
   if (values.json) {
     process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);

@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { evictionPlan, parseByteQuantity, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { byteRange, evictionPlan, parseByteQuantity, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
 
@@ -68,5 +68,21 @@ describe('cache policy', () => {
       }),
       { numRuns: RUNS },
     );
+  });
+});
+
+describe('byteRange', () => {
+  it('reads one range as [start, end), open-ended and suffix ranges included, clipped to the blob', () => {
+    assert.deepEqual(byteRange('bytes=0-99', 1000), { start: 0, end: 100 });
+    assert.deepEqual(byteRange('bytes=900-', 1000), { start: 900, end: 1000 });
+    assert.deepEqual(byteRange('bytes=-100', 1000), { start: 900, end: 1000 });
+    assert.deepEqual(byteRange('bytes=-5000', 1000), { start: 0, end: 1000 });
+    assert.deepEqual(byteRange('bytes=990-5000', 1000), { start: 990, end: 1000 });
+  });
+
+  it('gives nothing (the whole blob is served) for what is not one satisfiable range', () => {
+    for (const header of ['bytes=1000-', 'bytes=5-1', 'bytes=-0', 'bytes=-', 'bytes=0-1,5-6', 'items=0-1', 'bytes=a-b', '']) {
+      assert.equal(byteRange(header, 1000), undefined, header);
+    }
   });
 });

@@ -204,7 +204,10 @@ describe('cache warm-up with a real registry', function () {
     const logs = memoryLogger();
     const cache = await NodeCache.open(config.cache ?? assert.fail('no cache'), createMetricsRegistry(false), logs.logger, Date.now, { removePartialFills: false });
     const runtime = createProxyRuntime(config, {}, undefined, cache);
-    cleanups.push(() => runtime.close());
+    cleanups.push(async () => {
+      await runtime.close();
+      await cache.close();
+    });
     const warm = (images: string[]) => warmImages({ content: runtime.content, rules: runtime.rules, config, images });
 
     const report = await warm([IMAGE, 'quay.io/team/app:1', 'secret.example/team/app:1.0', 'pass.example/team/app:1.0']);

@@ -125,6 +125,35 @@ describe('Helm chart', function () {
     assert.match(daemonset, /system-node-critical/);
   });
 
+  it('gives the proxy its node cache on a hostPath it owns, with the cache settings and per-rule opt-outs in config.yaml', async () => {
+    type Spec = { initContainers?: Array<{ name: string; command: string[]; securityContext: { runAsUser: number; capabilities: { drop: string[]; add: string[] } }; volumeMounts: Array<{ name: string; mountPath: string }> }>; containers: Array<{ volumeMounts: Array<{ name: string; mountPath: string }> }>; volumes: Array<{ name: string; hostPath?: { path: string; type: string } }> };
+    const specOf = (objects: KubernetesObject[]) => (objects.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { spec: Spec } } }).spec.template.spec;
+    const configOf = (objects: KubernetesObject[]) => {
+      const result = parseConfig((objects.find((o) => o.kind === 'ConfigMap') as KubernetesObject & { data: Record<string, string> }).data['config.yaml'] ?? '');
+      assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));
+      return result.config;
+    };
+    const rendered = await render('--set', 'cache.maxBytes=50Gi', '--set', 'cache.hostPath=/data/pullbridge', '--set', 'registries[0].cache=false', '--set', 'registries[0].name=corp', '--set', 'registries[0].match[0]=r.example', '--set', 'registries[0].upstream=https://r.example');
+    const config = configOf(rendered);
+    assert.equal(config.cache?.path, '/var/lib/pullbridge/cache');
+    assert.equal(config.cache?.maxBytes, 50 * 2 ** 30);
+    assert.equal(config.registries.find((r) => r.name === 'corp')?.cache, false);
+    const spec = specOf(rendered);
+    assert.deepEqual(spec.volumes.find((v) => v.name === 'cache')?.hostPath, { path: '/data/pullbridge', type: 'DirectoryOrCreate' });
+    assert.ok(spec.containers[0]?.volumeMounts.some((m) => m.name === 'cache' && m.mountPath === '/var/lib/pullbridge/cache'));
+    // The init container hands the directory to the proxy's user with CHOWN alone.
+    const owner = spec.initContainers?.find((c) => c.name === 'cache-owner');
+    assert.ok(owner);
+    assert.equal(owner.securityContext.runAsUser, 0);
+    assert.deepEqual(owner.securityContext.capabilities, { drop: ['ALL'], add: ['CHOWN'] });
+    assert.match(owner.command.join(' '), /chownSync\(dir, 65532, 65532\)/);
+    // Off: no hostPath, no init container, no cache in config.yaml.
+    const off = await render('--set', 'cache.enabled=false');
+    assert.equal(configOf(off).cache, undefined);
+    assert.equal(specOf(off).initContainers, undefined);
+    assert.ok(!specOf(off).volumes.some((v) => v.name === 'cache'));
+  });
+
   it('probes and scrapes the proxy on its operations port, which no exposure publishes (loopback with hostNetwork)', async () => {
     type Container = { args: string[]; ports: Array<{ name: string; containerPort: number; hostPort?: number }>; readinessProbe: { httpGet: { port: string | number; host?: string } }; livenessProbe: { httpGet: { port: string | number; host?: string } } };
     for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {

@@ -65,7 +65,8 @@ describe('a real node: kubelet pulls rewritten Pods through the proxy', function
 
     // Only namespace "shop" may pull through the rule; the proxy enforces it as the webhook does.
     const rule = { name: 'corp', match: ['registry.corp.example:5000'], upstream: registry.url, credentials: { username: USER, passwordFile }, namespaces: { include: ['shop', 'bare', 'cached'], exclude: [] } };
-    proxy = await startProxy({ registries: [rule] });
+    // With the node cache; tagTTLSeconds 0 asks every tag upstream, so the outage below is met.
+    proxy = await startProxy({ cache: { path: join(dir, 'cache'), tagTTLSeconds: 0 }, registries: [rule] });
     proxied = `localhost:${proxy.server.port}/corp/team/app:1.0`;
     const configPath = join(dir, 'config.yaml');
     writeFileSync(
@@ -162,6 +163,34 @@ describe('a real node: kubelet pulls rewritten Pods through the proxy', function
     await core.createNamespacedPod({ namespace: 'cached', body });
     await waitForPod(core, 'cached', 'reuse', isRunning, POD_TIMEOUT_MS, 'Running');
     assert.deepEqual(pulls(since), [], 'no request reached the proxy');
+  });
+
+  it('starts a new Pod from the node cache while the registry is down: image removed from the node, pulled again by tag (Always)', async () => {
+    if (!node) throw new Error('the node is not running');
+    await registry.kill();
+    // CRI names an image by its references and by its config digest: remove all, content with them.
+    const ofImage = (reference: string) => reference.includes('/corp/team/app') || reference === image.configs[0]?.digest;
+    await node.removeImages((await node.images()).filter(ofImage));
+    assert.deepEqual((await node.images()).filter(ofImage), [], 'the image is gone from the node');
+    const since = proxy.logs.records.length;
+    const body = pod('after-outage', CORP_IMAGE);
+    const container = body.spec?.containers[0];
+    if (container) container.imagePullPolicy = 'Always';
+    await core.createNamespacedPod({ namespace: 'shop', body });
+    const running = await waitForPod(core, 'shop', 'after-outage', isRunning, POD_TIMEOUT_MS, 'Running').catch((error: unknown) => {
+      throw failure(error);
+    });
+    assert.equal(running.status?.containerStatuses?.[0]?.imageID, `localhost:${proxy.server.port}/corp/team/app@${image.index.digest}`);
+    const served = pulls(since).filter((r) => r.status === 200);
+    assert.ok(served.some((r) => r.kind === 'manifest' && r.reference === '1.0' && r.cache === 'stale'), 'the tag answered from the cache, stale');
+    // The layer's unpacked snapshot stays on the node (running containers use it), so containerd
+    // does not fetch the layer again; manifests and config are fetched, from the cache.
+    const asked = JSON.stringify(pulls(since).map((r) => [r.kind, r.reference, r.status, r.cache]));
+    for (const digest of [image.manifests[0]?.digest, image.configs[0]?.digest]) {
+      assert.ok(served.some((r) => r.reference === digest && r.cache === 'hit'), `${digest} served from the cache: ${asked}`);
+    }
+    const logs = await runAsync(cachedBinary('kubectl'), ['--kubeconfig', cp.kubeconfig, 'logs', '-n', 'shop', 'after-outage']);
+    assert.equal(logs.trim(), message);
   });
 
   it('stops cleanly: no process, mount, cgroup or changed sysctl left on this machine', async () => {

@@ -20,6 +20,18 @@ describe('config validation', () => {
     assert.deepEqual(result.config.registries, []);
   });
 
+  it('reads the cache: quantities, defaults, per-rule opt-out; and names each bad cache key', () => {
+    const config = configFrom('cache: {path: /var/lib/pullbridge/cache, maxBytes: 5Gi}\nregistries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}, cache: false}]');
+    assert.deepEqual(config.cache, { path: '/var/lib/pullbridge/cache', maxBytes: 5 * 2 ** 30, minFreeBytes: 2 ** 30, tagTTLSeconds: 30, staleIfErrorSeconds: 604_800, credentialTTLSeconds: 60 });
+    assert.equal(config.registries[0]?.cache, false);
+    assert.equal(configFrom('').cache, undefined, 'no cache unless configured');
+    const errors = errorsOf('cache: {path: relative/dir, maxBytes: 10GB, tagTTLSeconds: -1, shared: {s3: {bucket: b}}}');
+    assert.ok(errors.some((e) => e.startsWith('cache.path: must be an absolute path')), errors.join('\n'));
+    assert.ok(errors.some((e) => e.startsWith('cache.maxBytes: must be a whole number of bytes or a quantity')), errors.join('\n'));
+    assert.ok(errors.some((e) => e.startsWith('cache.tagTTLSeconds:')), errors.join('\n'));
+    assert.ok(errors.some((e) => e.startsWith('cache.shared: the shared cache tier is not supported')), errors.join('\n'));
+  });
+
   it('defaults a rule to broker auth', () => {
     const config = configFrom('broker: {keyFiles: [/k]}\nregistries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1"}]');
     assert.equal(config.registries[0]?.auth.mode, 'broker');

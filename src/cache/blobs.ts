@@ -89,10 +89,8 @@ export class CachedBlobs {
     if (!(await cache.mayFill(0))) return this.relay(request);
     const already = cache.flights.get(request.digest); // another client started it meanwhile
     if (already) return this.join(already, request);
-    const flight = new BlobFlight(request.digest, { rule: request.rule, repository: request.repository }, new AbortController(), cache.store);
-    cache.flights.set(request.digest, flight);
     const ended = cache.fillStarted();
-    void flight.done.then(async (outcome) => {
+    const flight: BlobFlight = new BlobFlight(request.digest, { rule: request.rule, repository: request.repository }, new AbortController(), cache.store, async (outcome) => {
       if (cache.flights.get(request.digest) === flight) cache.flights.delete(request.digest);
       ended();
       if (outcome.stored) {
@@ -102,6 +100,7 @@ export class CachedBlobs {
         cache.fillFailed(request.digest, outcome.reason);
       }
     });
+    cache.flights.set(request.digest, flight);
     const reading = flight.reader();
     reading.catch(() => undefined);
     let answer: BlobResult;
@@ -140,7 +139,7 @@ export class CachedBlobs {
       throw new ContentError('unavailable', 'client went away', { status: 499 });
     }
     cache.count('blob', 'miss');
-    return { status: 200, digest: request.digest, headers: answer.headers, body, cache: 'miss' };
+    return { status: 200, digest: request.digest, headers: answer.headers, body, cache: 'miss', stored: flight.stored };
   }
 
   /** Another client for a blob being filled: reads the same fill, once this (rule, repository) may. */
@@ -149,11 +148,17 @@ export class CachedBlobs {
     reading.then((body) => body, () => undefined);
     const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
     const sameOrigin = flight.origin.rule === request.rule && flight.origin.repository === request.repository;
+    let stored = flight.stored;
     try {
       if (!sameOrigin || (passthrough && !this.cache.credentialConfirmed(request.rule, request.repository, request.credentials))) {
         await this.upstream.blob({ ...request, method: 'HEAD', range: undefined });
         if (passthrough) this.cache.confirmCredential(request.rule, request.repository, request.credentials);
-        if (!sameOrigin) void flight.done.then((o) => (o.stored ? this.cache.store.link(request.rule, request.repository, request.digest) : undefined)).catch(() => undefined);
+        if (!sameOrigin) {
+          stored = flight.stored.then(async (done) => {
+            if (done) await this.cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
+            return done;
+          });
+        }
       }
     } catch (error) {
       void reading.then((body) => body.destroy(), () => undefined);
@@ -172,7 +177,7 @@ export class CachedBlobs {
     }
     const length = Number(flight.headers['content-length']);
     this.cache.count('blob', 'hit', Number.isSafeInteger(length) ? length : 0);
-    return { status: 200, digest: request.digest, headers: flight.headers, body, cache: 'hit' };
+    return { status: 200, digest: request.digest, headers: flight.headers, body, cache: 'hit', stored };
   }
 
   private async relay(request: BlobRequest): Promise<BlobResult> {

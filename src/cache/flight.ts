@@ -22,6 +22,8 @@ export interface FlightOrigin {
 
 export class BlobFlight implements FileExtent {
   private readers = 0;
+  /** The whole blob is written and hashed right: readers may have its last byte. */
+  private verified = false;
   private result: FillOutcome | undefined;
   private failure: Error | undefined;
   private lease: BlobLease | null = null;
@@ -30,6 +32,9 @@ export class BlobFlight implements FileExtent {
   private upstream: ContentBody | undefined;
   /** Settles when the fill stored the blob or gave up. */
   readonly done: Promise<FillOutcome>;
+  /** Settles once `done` did and `afterDone` ran (the filler's bookkeeping: link, eviction): true
+   * when the blob is stored. Readers may have had the last byte before, as soon as it was verified. */
+  readonly stored: Promise<boolean>;
   private settle!: (outcome: FillOutcome) => void;
   /** Resolves once the upstream answered and the fill started; rejects if it never does. */
   private readonly started: Promise<void>;
@@ -42,8 +47,13 @@ export class BlobFlight implements FileExtent {
     /** Aborts the upstream request; not any client's signal (a client leaving must not stop the others). */
     readonly controller: AbortController,
     private readonly store: NodeStore,
+    afterDone: (outcome: FillOutcome) => Promise<void> = () => Promise.resolve(),
   ) {
     this.done = new Promise((resolve) => (this.settle = resolve));
+    this.stored = this.done.then(async (outcome) => {
+      await afterDone(outcome).catch(() => undefined);
+      return outcome.stored;
+    });
     this.started = new Promise<void>((resolve, reject) => {
       this.markStarted = resolve;
       this.markNotStarted = reject;
@@ -63,6 +73,10 @@ export class BlobFlight implements FileExtent {
     this.upstream = body;
     this.headers = headers;
     this.markStarted();
+    fill.once('verified', () => {
+      this.verified = true;
+      this.notify();
+    });
     let writing: Promise<void> = Promise.resolve();
     let queued = 0;
     let paused = false;
@@ -111,13 +125,13 @@ export class BlobFlight implements FileExtent {
   }
 
   readable(): number {
-    if (this.result?.stored) return this.fill?.written ?? 0;
+    if (this.verified) return this.fill?.written ?? 0;
     return Math.max(0, (this.fill?.written ?? 0) - 1);
   }
 
   outcome(): { size: number } | { error: Error } | undefined {
+    if (this.verified) return { size: this.fill?.written ?? 0 };
     if (this.failure) return { error: this.failure };
-    if (this.result?.stored) return { size: this.fill?.written ?? 0 };
     return undefined;
   }
 
@@ -158,7 +172,8 @@ export class BlobFlight implements FileExtent {
   private leave(): void {
     this.readers--;
     if (this.readers > 0) return;
-    if (!this.result && !this.failure) this.fail(new Error('every client left before the blob was complete'));
+    // Verified: the blob is whole and being stored; nothing to stop.
+    if (!this.result && !this.failure && !this.verified) this.fail(new Error('every client left before the blob was complete'));
     this.lease?.release();
     this.lease = null;
   }
@@ -174,6 +189,11 @@ export class BlobFlight implements FileExtent {
   private fail(error: Error): void {
     if (this.result || this.failure) return;
     this.failure = error;
+    if (this.verified) {
+      // Every byte reached the file and hashed right: readers finish from it; only storing failed.
+      this.settle({ stored: false, reason: error.message });
+      return;
+    }
     this.markNotStarted(error);
     if (this.upstream) {
       // Before start() the upstream answer belongs to whoever abandoned the fill (it may relay it).

@@ -9,6 +9,7 @@ import type { CacheConfig } from '../rules/config.js';
 import type { CacheOutcome } from '../content/source.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { BlobFlight } from './flight.js';
+import { HashThread } from './hasher.js';
 import { evictionPlan } from './policy.js';
 import { NodeStore } from './store.js';
 
@@ -45,6 +46,7 @@ export class NodeCache {
     registry: Registry,
     private readonly logger: Logger,
     readonly now: () => number,
+    private readonly hashing: HashThread,
   ) {
     this.settings = settings;
     const cache = this;
@@ -67,8 +69,9 @@ export class NodeCache {
    * see NodeStore.open) and evicts down to the limits.
    */
   static async open(settings: CacheConfig, registry: Registry, logger: Logger, now: () => number = Date.now, options: { readonly removePartialFills?: boolean } = {}): Promise<NodeCache> {
-    const store = await NodeStore.open(settings.path, now, options);
-    const cache = new NodeCache(store, settings, registry, logger, now);
+    const hashing = new HashThread();
+    const store = await NodeStore.open(settings.path, now, hashing.factory, options);
+    const cache = new NodeCache(store, settings, registry, logger, now, hashing);
     await cache.evict(0);
     const usage = store.usage();
     logger.info({ path: settings.path, bytes: usage.bytes, entries: usage.blobs, maxBytes: settings.maxBytes }, 'node cache opened');
@@ -176,6 +179,11 @@ export class NodeCache {
       const oldest = this.confirmations.keys().next().value;
       if (oldest !== undefined) this.confirmations.delete(oldest);
     }
+  }
+
+  /** Stops the hashing thread (fills in flight fail). */
+  close(): Promise<void> {
+    return this.hashing.close();
   }
 
   /** For /status. */

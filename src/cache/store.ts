@@ -11,10 +11,11 @@
 // renamed into place only when its digest matches, so a crash or a cut leaves nothing servable.
 // A thin adapter: what to keep and what to evict is decided in policy.ts.
 
-import { createHash, randomBytes, type Hash } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
 import { mkdir, open, readdir, readFile, rename, rm, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
+import { inlineHash, type FillHash, type HashFactory } from './hasher.js';
 import type { StoredBlob, TagRecord } from './policy.js';
 
 interface Entry {
@@ -35,29 +36,30 @@ export type FillOutcome = { readonly stored: true } | { readonly stored: false; 
 /**
  * One blob being written. Readers that join while it fills can read `path` up to `written`
  * (an open descriptor keeps reading the same file after the rename); 'progress' is emitted after
- * each append, 'done' with the outcome.
+ * each append, 'verified' as soon as the bytes hashed right (before they are flushed and renamed:
+ * readers need not wait for the disk), 'done' with the outcome.
  */
 export class BlobFill extends EventEmitter {
   written = 0;
-  private readonly hash: Hash;
   private settled = false;
 
   constructor(
     readonly digest: string,
     readonly path: string,
     private readonly file: FileHandle,
+    private readonly hash: FillHash,
     private readonly finishInto: (fill: BlobFill, ok: boolean) => Promise<FillOutcome>,
   ) {
     super();
-    this.hash = createHash(digest.slice(0, digest.indexOf(':')));
   }
 
+  /** Writes a chunk at the end; the caller keeps `chunk` unchanged until this resolves. */
   async append(chunk: Uint8Array): Promise<void> {
     if (this.settled) throw new Error('fill already finished');
-    this.hash.update(chunk);
     let offset = 0;
-    while (offset < chunk.length) offset += (await this.file.write(chunk, offset, chunk.length - offset)).bytesWritten;
+    while (offset < chunk.length) offset += (await this.file.write(chunk, offset, chunk.length - offset, this.written + offset)).bytesWritten;
     this.written += chunk.length;
+    this.hash.update(chunk, this.written);
     this.emit('progress', this.written);
   }
 
@@ -65,8 +67,17 @@ export class BlobFill extends EventEmitter {
   async finish(): Promise<FillOutcome> {
     if (this.settled) throw new Error('fill already finished');
     this.settled = true;
-    const actual = `${this.digest.slice(0, this.digest.indexOf(':'))}:${this.hash.digest('hex')}`;
+    let actual: string;
+    try {
+      actual = `${this.digest.slice(0, this.digest.indexOf(':'))}:${await this.hash.digest(this.written)}`;
+    } catch (error) {
+      await this.finishInto(this, false);
+      const outcome: FillOutcome = { stored: false, reason: (error as Error).message };
+      this.emit('done', outcome);
+      return outcome;
+    }
     const ok = actual === this.digest;
+    if (ok) this.emit('verified');
     const stored = await this.finishInto(this, ok);
     const outcome: FillOutcome = ok ? stored : { stored: false, reason: `content hashes to ${actual}, not ${this.digest}` };
     this.emit('done', outcome);
@@ -77,6 +88,7 @@ export class BlobFill extends EventEmitter {
   async abort(reason: string): Promise<void> {
     if (this.settled) return;
     this.settled = true;
+    this.hash.dispose();
     await this.finishInto(this, false);
     this.emit('done', { stored: false, reason });
   }
@@ -96,15 +108,17 @@ export class NodeStore {
   private constructor(
     readonly root: string,
     private readonly now: () => number,
+    private readonly hashOf: HashFactory,
   ) {}
 
   /**
    * Opens (creating) the store: removes fills a crash or restart left behind, indexes the blobs.
+   * `hash`: how fills are hashed (inline by default; the proxy hashes on a thread of its own).
    * `removePartialFills: false` leaves tmp/ alone, for a process that shares the store with a running
    * proxy (`pullbridge warm`): what is there may be that proxy's fills in progress.
    */
-  static async open(root: string, now: () => number = Date.now, options: { readonly removePartialFills?: boolean } = {}): Promise<NodeStore> {
-    const store = new NodeStore(root, now);
+  static async open(root: string, now: () => number = Date.now, hash: HashFactory = inlineHash, options: { readonly removePartialFills?: boolean } = {}): Promise<NodeStore> {
+    const store = new NodeStore(root, now, hash);
     if (options.removePartialFills !== false) await rm(join(root, 'tmp'), { recursive: true, force: true });
     await Promise.all(['tmp', 'blobs', 'repositories'].map((dir) => mkdir(join(root, dir), { recursive: true })));
     for (const algorithm of await readdir(join(root, 'blobs'))) {
@@ -186,7 +200,7 @@ export class NodeStore {
   async startFill(digest: string): Promise<BlobFill> {
     const path = join(this.root, 'tmp', `${hexOf(digest).slice(0, 16)}-${randomBytes(6).toString('hex')}`);
     const file = await open(path, 'wx');
-    return new BlobFill(digest, path, file, async (fill, ok) => {
+    return new BlobFill(digest, path, file, this.hashOf(path, algorithmOf(digest)), async (fill, ok) => {
       try {
         if (ok) await file.sync(); // durable before it becomes visible: never a renamed empty file after a power loss
       } finally {

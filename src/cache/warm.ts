@@ -204,7 +204,10 @@ async function warmBlob(work: ImageWork, digest: string): Promise<'cached' | 'fi
   const answer = await work.content.blob({ ...request, method: 'GET' });
   if (!answer.body) throw new Error(`the source answered ${answer.status} without a body`);
   await drain(answer.body, work.signal);
-  return outcomeOf(answer.cache);
+  const outcome = outcomeOf(answer.cache);
+  // The body ends as soon as the blob is verified; it is stored (flushed, renamed, linked) after.
+  if (answer.stored && !(await answer.stored)) throw new Error('not stored: the fill failed after the blob was read (see the log)');
+  return outcome;
 }
 
 /** What a cache outcome means for a warm-up: stored before, stored now, or not stored at all. */

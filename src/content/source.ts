@@ -72,6 +72,9 @@ export interface BlobResult {
    * (when the rule asks for it): a body that does not match ends in an error, never in `end`. */
   readonly body: ContentBody | undefined;
   readonly cache?: CacheOutcome;
+  /** A blob a cache is filling (a miss, or a hit read from a fill in progress): settles once the fill
+   * is over, true when the blob is stored for this rule and repository. The body may end before. */
+  readonly stored?: Promise<boolean>;
 }
 
 export interface TagsResult {

@@ -121,6 +121,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
       prober.stop();
       await Promise.all([running.close(), ops?.close()]);
       await Promise.all([runtime, ...retired].map((r) => r.close()));
+      await cache?.close();
       logger.info('proxy stopped');
     },
   };

@@ -408,7 +408,7 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
         return (await ctr('images', 'ls', '-q')).split('\n').filter(Boolean);
       },
       async removeImages(references) {
-        if (references.length > 0) await ctr('images', 'rm', ...references);
+        if (references.length > 0) await ctr('images', 'rm', '--sync', ...references); // --sync: garbage-collect their content too
       },
       logs: () => procs.map((p) => p.output()).join('\n'),
       stop: async () => {

@@ -72,6 +72,7 @@ export async function startProxy(
       prober.stop();
       await running.close(100);
       await runtime.close();
+      await cache?.close();
     },
   };
 }

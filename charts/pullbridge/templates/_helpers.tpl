@@ -51,6 +51,15 @@ webhook:
   excludedNamespaces: {{ .Values.webhook.excludedNamespaces | toJson }}
 broker:
   keyFiles: [/etc/pullbridge/broker/key-0, /etc/pullbridge/broker/key-1]
+{{- if .Values.cache.enabled }}
+cache:
+  path: /var/lib/pullbridge/cache
+  maxBytes: {{ .Values.cache.maxBytes | toJson }}
+  minFreeBytes: {{ .Values.cache.minFreeBytes | toJson }}
+  tagTTLSeconds: {{ .Values.cache.tagTTLSeconds | int }}
+  staleIfErrorSeconds: {{ .Values.cache.staleIfErrorSeconds | int }}
+  credentialTTLSeconds: {{ .Values.cache.credentialTTLSeconds | int }}
+{{- end }}
 registries:
 {{- range .Values.registries }}
   - name: {{ .name }}
@@ -80,6 +89,9 @@ registries:
       url: {{ .url }}
       mode: {{ .mode | default "connect" }}
       headers: {{ .headers | default dict | toJson }}
+    {{- end }}
+    {{- if eq (toString .cache) "false" }}
+    cache: false
     {{- end }}
 {{- end }}
 {{- if not .Values.registries }} []{{ end }}
