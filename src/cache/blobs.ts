@@ -26,10 +26,7 @@ export class CachedBlobs {
       const stored = await this.fromStore(request);
       if (stored) return stored;
     }
-    if (request.range !== undefined || request.method === 'HEAD') {
-      cache.count('blob', 'bypass');
-      return this.upstream.blob(request);
-    }
+    if (request.range !== undefined || request.method === 'HEAD') return this.relay(request);
     const flight = cache.flights.get(request.digest);
     return flight ? this.join(flight, request) : this.fill(request);
   }
