@@ -285,7 +285,7 @@ describe('the node cache', function () {
     assert.equal(tail.status, 206);
     assert.equal(tail.headers['content-range'], `bytes ${stored.size - 10}-${stored.size - 1}/${stored.size}`);
     assert.ok(tail.body.equals(stored.data.subarray(stored.size - 10)));
-    assert.equal(upstream.requests().filter((r) => r.path.endsWith(`/blobs/${stored.digest}`)).length, asked, JSON.stringify(upstream.requests().filter((r) => r.path.endsWith(`/blobs/${stored.digest}`))));
+    assert.equal(upstream.requests().filter((r) => r.path.endsWith(`/blobs/${stored.digest}`)).length, asked, 'the registry was not asked again');
     assert.deepEqual(pullRecords(p).slice(-2).map((r) => r.cache), ['hit', 'hit']);
 
     const relayed = await ranged(away.digest, 'bytes=10-19');
