@@ -1,21 +1,34 @@
 // The node cache with real parts: containerd pulls through the proxy from docker-registry, the
 // registry is killed, and a fresh containerd store pulls the same image by tag from the cache;
 // concurrent pulls of one uncached blob make one upstream transfer (counted in the registry's
-// access log).
+// access log); a fill cut mid-body, eviction under maxBytes and under a reader, Range, stale tags,
+// `cache: false`, a restart on the same store, the free-disk floor and /status. What the cache
+// must not serve to whom is in cache-isolation.test.ts.
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startContainerd, type Containerd } from './support/containerd.js';
-import { buildImage, sha256 } from './support/oci.js';
+import { rawRequest, slowUpstream } from './support/http.js';
+import { buildImage, sha256, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 
+const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
+const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
+
+interface Pulled {
+  status: number;
+  digest: string;
+  bytes: number;
+  complete: boolean;
+}
+
 /** GETs a blob through the proxy; resolves with the sha256 of the body and its length (or the error). */
-function pullBlob(p: ProxyUnderTest, path: string, authorization: string): Promise<{ status: number; digest: string; bytes: number; complete: boolean }> {
+function pullBlob(p: ProxyUnderTest, path: string, authorization: string): Promise<Pulled> {
   return new Promise((resolve, reject) => {
     const req = http.get(`${p.url}${path}`, { headers: { authorization } }, (res) => {
       const hash = createHash('sha256');
@@ -31,6 +44,49 @@ function pullBlob(p: ProxyUnderTest, path: string, authorization: string): Promi
   });
 }
 
+/** A blob download that stops reading after its first bytes, until resumed. */
+function pausedBlob(p: ProxyUnderTest, path: string, authorization: string): Promise<{ status: number; resume(): Promise<Pulled> }> {
+  return new Promise((resolve, reject) => {
+    const req = http.get(`${p.url}${path}`, { headers: { authorization }, agent: false }, (res) => {
+      const hash = createHash('sha256');
+      let bytes = 0;
+      res.on('data', (chunk: Buffer) => {
+        hash.update(chunk);
+        bytes += chunk.length;
+      });
+      res.once('data', () => res.pause());
+      const ended = new Promise<Pulled>((done) => {
+        const result = (complete: boolean) => ({ status: res.statusCode ?? 0, digest: `sha256:${hash.digest('hex')}`, bytes, complete });
+        res.once('end', () => done(result(res.complete)));
+        res.once('error', () => done(result(false)));
+      });
+      resolve({ status: res.statusCode ?? 0, resume: () => (res.resume(), ended) });
+    });
+    req.on('error', reject);
+  });
+}
+
+/** Files under `<cache.path>/<dir>` (recursively), with their sizes. */
+function filesUnder(root: string, dir: string): Array<{ path: string; size: number }> {
+  const entries = readdirSync(join(root, dir), { recursive: true, withFileTypes: true });
+  return entries.filter((e) => e.isFile()).map((e) => ({ path: join(e.parentPath, e.name), size: statSync(join(e.parentPath, e.name)).size }));
+}
+const storedBytes = (root: string) => filesUnder(root, 'blobs').reduce((sum, f) => sum + f.size, 0);
+const storedDigests = (root: string) => new Set(filesUnder(root, 'blobs').map((f) => `sha256:${f.path.slice(f.path.lastIndexOf('/') + 1)}`));
+
+/** A sample's value in the proxy's /metrics text (0 when absent). */
+async function metric(p: ProxyUnderTest, sample: string): Promise<number> {
+  const line = (await p.metrics.metrics()).split('\n').find((l) => l.startsWith(`${sample} `));
+  return line ? Number(line.slice(sample.length + 1)) : 0;
+}
+
+/** Waits until no fill is in flight (their outcome, store or discard, is then on disk). */
+async function fillsSettled(p: ProxyUnderTest): Promise<void> {
+  while (p.cache!.flights.size > 0 || p.cache!.status().fillsInFlight !== 0) await new Promise((r) => setTimeout(r, 20));
+}
+
+const pullRecords = (p: ProxyUnderTest) => p.logs.records.filter((r) => r.access === 'pull');
+
 describe('the node cache', function () {
   this.timeout(180_000);
   const cleanups: Array<() => Promise<void>> = [];
@@ -42,11 +98,33 @@ describe('the node cache', function () {
     cleanups.push(() => r.stop());
     return r;
   }
-  async function cachedProxy(upstream: RegistryHandle, extra: Record<string, unknown> = {}): Promise<ProxyUnderTest> {
-    const p = await startProxy({ cache: { path: mkdtempSync(join(tmpdir(), 'pullbridge-cache-')), ...extra }, registries: [{ name: 'corp', match: ['r.example'], upstream: upstream.url }] });
-    cleanups.push(() => p.close());
+  /** A proxy with a fresh store (unless `cache.path` is given) and rule `corp` for `upstream` (`corp`: more of its keys; `others`: more rules). */
+  async function cachedProxy(upstream: RegistryHandle, cache: Record<string, unknown> = {}, corp: Record<string, unknown> = {}, others: Array<{ name: string; match: string[]; upstream: string; auth?: { mode: 'anonymous' } }> = []): Promise<ProxyUnderTest> {
+    const p = await startProxy({ cache: { path: mkdtempSync(join(tmpdir(), 'pullbridge-cache-')), ...cache }, registries: [{ name: 'corp', match: ['r.example'], upstream: upstream.url, ...corp }, ...others] });
+    cleanups.push(() => p.close().catch(() => undefined));
     return p;
   }
+  const asShop = (p: ProxyUnderTest) => ({ authorization: p.authorization('shop') });
+  /** GETs `repository:tag` through rule corp as a client would: the index by tag, the manifests by digest, then every blob; each body must match. */
+  async function pullImage(p: ProxyUnderTest, repository: string, tag: string, image: TestImage): Promise<void> {
+    const index = await rawRequest(p.url, `/v2/corp/${repository}/manifests/${tag}`, { headers: { ...asShop(p), accept: OCI_INDEX } });
+    assert.equal(index.status, 200, index.body.toString());
+    assert.ok(index.body.equals(image.index.data), 'the index by tag');
+    for (const m of image.manifests) {
+      const res = await rawRequest(p.url, `/v2/corp/${repository}/manifests/${m.digest}`, { headers: { ...asShop(p), accept: OCI_MANIFEST } });
+      assert.equal(res.status, 200);
+      assert.ok(res.body.equals(m.data), `manifest ${m.digest}`);
+    }
+    for (const b of [...image.configs, ...image.layers]) {
+      const res = await rawRequest(p.url, `/v2/corp/${repository}/blobs/${b.digest}`, { headers: asShop(p) });
+      assert.equal(res.status, 200);
+      assert.equal(sha256(res.body), b.digest);
+    }
+  }
+  /** HEADs and GETs of `repository:tag` the registry answered (a push's PUT is not a question). */
+  const manifestAsks = (upstream: RegistryHandle, repository: string, tag: string) => upstream.requests().filter((r) => r.path === `/v2/${repository}/manifests/${tag}` && (r.method === 'HEAD' || r.method === 'GET')).length;
+  const AMD64 = [{ os: 'linux', architecture: 'amd64' }];
+  const MiB = 1024 * 1024;
 
   describe('with containerd', () => {
     let containerd: Containerd;
@@ -66,6 +144,7 @@ describe('the node cache', function () {
       assert.ok(misses >= image.blobs.size, `every blob and manifest filled (${misses} misses)`);
 
       await upstream.kill();
+      const since = p.logs.records.length;
       await containerd.clear();
       await containerd.fetch(`${p.host}/corp/team/app:1.0`, { user: p.credential('shop'), allPlatforms: true });
       const have = await containerd.digests();
@@ -75,8 +154,9 @@ describe('the node cache', function () {
         assert.equal(sha256(bytes), digest);
         assert.ok(bytes.equals(blob.data));
       }
-      const after = p.logs.records.filter((r) => r.access === 'pull' && r.status === 200).slice(-image.blobs.size);
+      const after = p.logs.records.slice(since).filter((r) => r.access === 'pull' && r.status === 200);
       assert.ok(after.some((r) => r.cache === 'stale' && r.kind === 'manifest'), 'the tag was served stale');
+      assert.ok(after.filter((r) => r.kind === 'blob').every((r) => r.cache === 'hit'), 'every blob from the store');
       const stale = p.logs.records.find((r) => r.msg?.toString().includes('Response is Stale'));
       assert.ok(stale, 'a log line says the tag was served stale');
     });
@@ -97,5 +177,277 @@ describe('the node cache', function () {
     const again = await pullBlob(p, `/v2/corp/team/big/blobs/${layer.digest}`, p.authorization('shop'));
     assert.equal(again.digest, layer.digest);
     assert.equal(upstream.blobGets(layer.digest), 1, 'a later pull is a hit');
+  });
+
+  it('lets no client take a body cut mid-fill as complete, keeps nothing of it, and fills cleanly from a healthy upstream next', async () => {
+    const upstream = await registry();
+    const image = buildImage({ platforms: AMD64, layerSizes: [MiB] });
+    await upstream.push(image, 'team/app', '1');
+    const layer = image.layers[0]!;
+    // docker-registry cannot cut a body it announced whole: a scripted upstream sends the whole
+    // layer's Content-Length, then half of it slowly (so that every client joins the fill), then closes.
+    const cutting = await slowUpstream(layer.data, { chunkBytes: 64 * 1024, intervalMs: 20, announceLength: true, contentType: 'application/octet-stream', cutAfterBytes: Math.floor(layer.size / 2) });
+    cleanups.push(() => cutting.close(0));
+    const p = await cachedProxy(upstream, {}, {}, [{ name: 'cut', match: ['cut.example'], upstream: cutting.url }]);
+    const root = p.cache!.store.root;
+
+    const cut = await Promise.all(Array.from({ length: 4 }, () => pullBlob(p, `/v2/cut/team/app/blobs/${layer.digest}`, p.authorization('shop'))));
+    for (const pull of cut) {
+      assert.equal(pull.complete, false, 'the client sees a cut body');
+      assert.ok(pull.bytes < layer.size, `${pull.bytes} of ${layer.size} bytes`);
+    }
+    await fillsSettled(p);
+    assert.deepEqual(filesUnder(root, 'blobs'), [], 'nothing stored');
+    assert.deepEqual(filesUnder(root, 'tmp'), [], 'nothing left half-written');
+    assert.ok((await metric(p, 'pullbridge_cache_fill_failures_total')) >= 1);
+    assert.ok(pullRecords(p).every((r) => r.rule === 'cut' && r.error !== undefined), 'every cut pull is logged with its error');
+
+    // The same digest from a healthy upstream: one clean fill, served whole, stored as it hashes.
+    const whole = await pullBlob(p, `/v2/corp/team/app/blobs/${layer.digest}`, p.authorization('shop'));
+    assert.deepEqual([whole.status, whole.complete, whole.digest], [200, true, layer.digest]);
+    assert.equal(upstream.blobGets(layer.digest), 1);
+    await fillsSettled(p);
+    const stored = filesUnder(root, 'blobs');
+    assert.equal(stored.length, 1);
+    assert.equal(sha256(readFileSync(stored[0]!.path)), layer.digest);
+    assert.deepEqual(filesUnder(root, 'tmp'), []);
+  });
+
+  it('keeps the store within maxBytes while pulling more than fits, evicting the least recently used blobs', async () => {
+    const upstream = await registry();
+    const image = buildImage({ platforms: AMD64, layerSizes: [MiB, MiB, MiB, MiB, MiB] });
+    await upstream.push(image, 'team/app', '1');
+    const maxBytes = 3 * MiB;
+    const p = await cachedProxy(upstream, { maxBytes });
+    const root = p.cache!.store.root;
+    for (const layer of image.layers) {
+      const pulled = await pullBlob(p, `/v2/corp/team/app/blobs/${layer.digest}`, p.authorization('shop'));
+      assert.equal(pulled.digest, layer.digest);
+      await fillsSettled(p);
+      assert.ok(storedBytes(root) <= maxBytes, `${storedBytes(root)} bytes stored after pulling ${layer.digest}`);
+      assert.ok(storedDigests(root).has(layer.digest), 'the blob just pulled is kept');
+    }
+    const kept = storedDigests(root);
+    assert.equal(await metric(p, 'pullbridge_cache_evictions_total'), image.layers.length - kept.size);
+    assert.ok(kept.size < image.layers.length);
+    const [first] = image.layers;
+    assert.ok(!kept.has(first!.digest), 'the least recently used went first');
+    // Evicted: from upstream again. Kept: from the store.
+    const last = image.layers.at(-1)!;
+    assert.equal((await pullBlob(p, `/v2/corp/team/app/blobs/${first!.digest}`, p.authorization('shop'))).digest, first!.digest);
+    assert.equal((await pullBlob(p, `/v2/corp/team/app/blobs/${last.digest}`, p.authorization('shop'))).digest, last.digest);
+    assert.equal(upstream.blobGets(first!.digest), 2);
+    assert.equal(upstream.blobGets(last.digest), 1);
+  });
+
+  it('never deletes a blob under a reader that paused mid-body; the reader gets it whole', async () => {
+    const upstream = await registry();
+    // The read blob is far larger than what loopback sockets buffer, so its reader is really mid-body.
+    const image = buildImage({ platforms: AMD64, layerSizes: [32 * MiB, 8 * MiB, 8 * MiB, 8 * MiB] });
+    await upstream.push(image, 'team/app', '1');
+    const maxBytes = 48 * MiB;
+    const p = await cachedProxy(upstream, { maxBytes });
+    const root = p.cache!.store.root;
+    const [read, ...others] = image.layers;
+    const path = `/v2/corp/team/app/blobs/${read!.digest}`;
+    assert.equal((await pullBlob(p, path, p.authorization('shop'))).digest, read!.digest);
+    await fillsSettled(p);
+    const reader = await pausedBlob(p, path, p.authorization('shop'));
+    assert.equal(reader.status, 200);
+    assert.equal(p.cache!.store.blobs().find((b) => b.digest === read!.digest)?.readers, 1, 'the reader holds the blob');
+    // Least recently used, it would go first: the others are pulled after it.
+    for (const layer of others) {
+      assert.equal((await pullBlob(p, `/v2/corp/team/app/blobs/${layer.digest}`, p.authorization('shop'))).digest, layer.digest);
+      await fillsSettled(p);
+      assert.ok(storedBytes(root) <= maxBytes, `${storedBytes(root)} bytes stored`);
+      assert.ok(storedDigests(root).has(read!.digest), 'the blob being read is still stored');
+    }
+    assert.ok((await metric(p, 'pullbridge_cache_evictions_total')) >= 1, 'others were evicted instead');
+    const rest = await reader.resume();
+    assert.deepEqual([rest.complete, rest.bytes, rest.digest], [true, read!.size, read!.digest]);
+    assert.equal(upstream.blobGets(read!.digest), 1, 'the reader was served from the store');
+  });
+
+  it('answers a Range from a stored blob with 206 and the bytes asked, without the upstream; a Range on a blob not stored goes upstream', async () => {
+    const upstream = await registry();
+    const image = buildImage({ platforms: AMD64, layerSizes: [256 * 1024, 256 * 1024] });
+    await upstream.push(image, 'team/app', '1');
+    const p = await cachedProxy(upstream);
+    const [stored, away] = image.layers as [typeof image.layers[0], typeof image.layers[0]];
+    assert.equal((await pullBlob(p, `/v2/corp/team/app/blobs/${stored.digest}`, p.authorization('shop'))).digest, stored.digest);
+    await fillsSettled(p);
+    const asked = upstream.requests().filter((r) => r.path.endsWith(`/blobs/${stored.digest}`)).length;
+    const ranged = (digest: string, range: string) => rawRequest(p.url, `/v2/corp/team/app/blobs/${digest}`, { headers: { ...asShop(p), range } });
+
+    const part = await ranged(stored.digest, 'bytes=100-4195');
+    assert.equal(part.status, 206);
+    assert.equal(part.headers['content-range'], `bytes 100-4195/${stored.size}`);
+    assert.ok(part.body.equals(stored.data.subarray(100, 4196)));
+    const tail = await ranged(stored.digest, 'bytes=-10');
+    assert.equal(tail.status, 206);
+    assert.equal(tail.headers['content-range'], `bytes ${stored.size - 10}-${stored.size - 1}/${stored.size}`);
+    assert.ok(tail.body.equals(stored.data.subarray(stored.size - 10)));
+    assert.equal(upstream.requests().filter((r) => r.path.endsWith(`/blobs/${stored.digest}`)).length, asked, 'the registry was not asked again');
+    assert.deepEqual(pullRecords(p).slice(-2).map((r) => r.cache), ['hit', 'hit']);
+
+    const relayed = await ranged(away.digest, 'bytes=10-19');
+    assert.equal(relayed.status, 206);
+    assert.ok(relayed.body.equals(away.data.subarray(10, 20)));
+    assert.equal(upstream.blobGets(away.digest), 1, 'asked upstream');
+    assert.equal(pullRecords(p).at(-1)?.cache, 'bypass');
+    assert.ok(!storedDigests(p.cache!.store.root).has(away.digest), 'a range fills nothing');
+  });
+
+  describe('tags', () => {
+    it('are asked upstream at most once per tagTTLSeconds (a retag meanwhile is not seen)', async () => {
+      const upstream = await registry();
+      const [v1, v2] = [buildImage({ platforms: AMD64 }), buildImage({ platforms: AMD64 })];
+      await upstream.push(v1, 'team/app', '1');
+      const p = await cachedProxy(upstream, { tagTTLSeconds: 3600 });
+      for (let i = 0; i < 5; i++) await pullImage(p, 'team/app', '1', v1);
+      assert.equal(manifestAsks(upstream, 'team/app', '1'), 1, 'one HEAD of the tag for five pulls');
+      await upstream.push(v2, 'team/app', '1');
+      await pullImage(p, 'team/app', '1', v1);
+      assert.equal(manifestAsks(upstream, 'team/app', '1'), 1);
+    });
+
+    it('see a retag once tagTTLSeconds passed', async () => {
+      const upstream = await registry();
+      const [v1, v2] = [buildImage({ platforms: AMD64 }), buildImage({ platforms: AMD64 })];
+      await upstream.push(v1, 'team/app', '1');
+      const p = await cachedProxy(upstream, { tagTTLSeconds: 1 });
+      await pullImage(p, 'team/app', '1', v1);
+      await upstream.push(v2, 'team/app', '1');
+      await new Promise((r) => setTimeout(r, 1100)); // the TTL passes
+      await pullImage(p, 'team/app', '1', v2);
+      assert.equal(manifestAsks(upstream, 'team/app', '1'), 2);
+    });
+
+    it('pass on a 404 for a tag the registry no longer has, however long the last digest may be served stale', async () => {
+      const upstream = await startRegistry({ accessLog: true, deletes: true });
+      cleanups.push(() => upstream.stop());
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream, { tagTTLSeconds: 0 });
+      await pullImage(p, 'team/app', '1', image);
+      // Deleting the manifest the tag names untags it (storage.delete.enabled).
+      const deleted = await fetch(`${upstream.url}/v2/team/app/manifests/${image.index.digest}`, { method: 'DELETE' });
+      assert.equal(deleted.status, 202);
+      const res = await rawRequest(p.url, '/v2/corp/team/app/manifests/1', { headers: { ...asShop(p), accept: OCI_INDEX } });
+      assert.equal(res.status, 404);
+      assert.match(res.body.toString(), /MANIFEST_UNKNOWN/);
+      assert.equal(manifestAsks(upstream, 'team/app', '1'), 2);
+      assert.equal(await metric(p, 'pullbridge_cache_requests_total{kind="manifest",result="stale"}'), 0);
+    });
+  });
+
+  describe('stale tags', () => {
+    const STALE = 'pullbridge_cache_requests_total{kind="manifest",result="stale"}';
+
+    it('serve the last known digest with a 110 Warning (and count it) when the registry is down', async () => {
+      const upstream = await registry();
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream, { tagTTLSeconds: 0 });
+      await pullImage(p, 'team/app', '1', image);
+      await upstream.kill();
+      const before = await metric(p, STALE);
+      const res = await rawRequest(p.url, '/v2/corp/team/app/manifests/1', { headers: { ...asShop(p), accept: OCI_INDEX } });
+      assert.equal(res.status, 200);
+      assert.ok(res.body.equals(image.index.data));
+      assert.match(String(res.headers.warning), /^110 /);
+      assert.equal(await metric(p, STALE), before + 1);
+      assert.equal(pullRecords(p).at(-1)?.cache, 'stale');
+    });
+
+    it('are an error when the registry is down and staleIfErrorSeconds is 0', async () => {
+      const upstream = await registry();
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream, { tagTTLSeconds: 0, staleIfErrorSeconds: 0 });
+      await pullImage(p, 'team/app', '1', image);
+      await upstream.kill();
+      const res = await rawRequest(p.url, '/v2/corp/team/app/manifests/1', { headers: { ...asShop(p), accept: OCI_INDEX } });
+      assert.ok([502, 503, 504].includes(res.status), `status ${res.status}`);
+      assert.equal(res.headers.warning, undefined);
+      assert.equal(await metric(p, STALE), 0);
+    });
+  });
+
+  it('writes nothing for a rule with cache: false, and logs its pulls as bypass', async () => {
+    const upstream = await registry();
+    const image = buildImage({ platforms: AMD64 });
+    await upstream.push(image, 'team/app', '1');
+    const p = await cachedProxy(upstream, {}, { cache: false });
+    await pullImage(p, 'team/app', '1', image);
+    await pullImage(p, 'team/app', '1', image);
+    assert.deepEqual(filesUnder(p.cache!.store.root, 'blobs'), []);
+    assert.deepEqual(filesUnder(p.cache!.store.root, 'repositories'), [], 'no links, no tag records');
+    const records = pullRecords(p);
+    assert.equal(records.length, 2 * (1 + image.manifests.length + image.configs.length + image.layers.length));
+    assert.deepEqual([...new Set(records.map((r) => r.cache))], ['bypass']);
+    assert.equal(upstream.blobGets(image.layers[0]!.digest), 2, 'each pull from upstream');
+  });
+
+  it('serves a store written by one proxy from a new proxy on the same path with the registry gone, and removes leftover fills on open', async () => {
+    const upstream = await registry();
+    const image = buildImage({ platforms: AMD64 });
+    await upstream.push(image, 'team/app', '1');
+    const path = mkdtempSync(join(tmpdir(), 'pullbridge-cache-'));
+    const first = await cachedProxy(upstream, { path });
+    await pullImage(first, 'team/app', '1', image);
+    await fillsSettled(first);
+    await first.close();
+    writeFileSync(join(path, 'tmp', 'ab12cd34-leftover'), 'half a blob a crash left behind');
+    await upstream.kill();
+
+    const second = await cachedProxy(upstream, { path });
+    assert.deepEqual(filesUnder(path, 'tmp'), [], 'the leftover fill is gone');
+    for (const m of image.manifests) {
+      const res = await rawRequest(second.url, `/v2/corp/team/app/manifests/${m.digest}`, { headers: { ...asShop(second), accept: OCI_MANIFEST } });
+      assert.equal(res.status, 200);
+      assert.ok(res.body.equals(m.data));
+    }
+    for (const b of [...image.configs, ...image.layers]) {
+      const res = await rawRequest(second.url, `/v2/corp/team/app/blobs/${b.digest}`, { headers: asShop(second) });
+      assert.equal(res.status, 200);
+      assert.equal(sha256(res.body), b.digest);
+    }
+    assert.deepEqual([...new Set(pullRecords(second).map((r) => r.cache))], ['hit']);
+  });
+
+  it('relays without storing anything while the disk is below minFreeBytes', async () => {
+    const upstream = await registry();
+    const image = buildImage({ platforms: AMD64 });
+    await upstream.push(image, 'team/app', '1');
+    const p = await cachedProxy(upstream, { minFreeBytes: '1Pi' });
+    await pullImage(p, 'team/app', '1', image);
+    await pullImage(p, 'team/app', '1', image);
+    assert.deepEqual(filesUnder(p.cache!.store.root, 'blobs'), []);
+    assert.deepEqual([...new Set(pullRecords(p).map((r) => r.cache))], ['bypass']);
+    assert.equal(await metric(p, 'pullbridge_cache_fills_enabled'), 0);
+    assert.equal(upstream.blobGets(image.layers[0]!.digest), 2);
+  });
+
+  it('reports bytes, entries, hits and misses on /status', async () => {
+    const upstream = await registry();
+    const image = buildImage({ platforms: AMD64 });
+    await upstream.push(image, 'team/app', '1');
+    const p = await cachedProxy(upstream);
+    await pullImage(p, 'team/app', '1', image);
+    await fillsSettled(p);
+    await pullImage(p, 'team/app', '1', image);
+    const res = await rawRequest(p.url, '/status');
+    assert.equal(res.status, 200);
+    const status = (JSON.parse(res.body.toString()) as { cache: Record<string, number> }).cache;
+    const root = p.cache!.store.root;
+    assert.equal(status.bytes, storedBytes(root));
+    assert.equal(status.entries, filesUnder(root, 'blobs').length);
+    assert.equal(status.entries, image.blobs.size, 'the index, manifests, configs and layers');
+    const records = pullRecords(p);
+    assert.equal(status.misses, records.filter((r) => r.cache === 'miss').length);
+    assert.equal(status.hits, records.filter((r) => r.cache === 'hit').length);
+    assert.ok(status.misses! > 0 && status.hits! >= records.length / 2, JSON.stringify(status));
+    assert.ok(status.upstreamBytesSaved! >= image.layers.reduce((sum, l) => sum + l.size, 0));
   });
 });

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { listen, type RunningServer } from '../src/shell/serve.js';
 import { startCli } from './support/cli.js';
-import { rawRequest, type RawResponse } from './support/http.js';
+import { rawRequest, slowUpstream, type RawResponse } from './support/http.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { freePort } from './support/procs.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -133,29 +133,6 @@ describe('proxy isolation against real registries', function () {
     });
   });
 });
-
-/**
- * A registry that answers every request with `body`, sent `chunkBytes` at a time every
- * `intervalMs` (docker-registry cannot be made slow); with its Content-Length, or chunked.
- */
-function slowUpstream(body: Buffer, options: { chunkBytes: number; intervalMs: number; announceLength: boolean; contentType: string }): Promise<RunningServer> {
-  return listen(
-    (_req, res) => {
-      res.writeHead(200, { 'content-type': options.contentType, ...(options.announceLength ? { 'content-length': body.length } : {}) });
-      let sent = 0;
-      const timer = setInterval(() => {
-        res.write(body.subarray(sent, sent + options.chunkBytes));
-        sent += options.chunkBytes;
-        if (sent >= body.length) {
-          clearInterval(timer);
-          res.end();
-        }
-      }, options.intervalMs);
-      res.on('close', () => clearInterval(timer));
-    },
-    { host: '127.0.0.1', port: 0 },
-  );
-}
 
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 /** A valid manifest made large by an annotation. */

@@ -21,15 +21,16 @@ export class CachedBlobs {
 
   async blob(request: BlobRequest): Promise<BlobResult> {
     const { cache } = this;
+    // A blob still filling is read through its fill even once it is stored: the link that lets its
+    // (rule, repository) read the stored blob is written just before the fill goes away.
+    const filling = request.range === undefined && request.method === 'GET' ? cache.flights.get(request.digest) : undefined;
+    if (filling) return this.join(filling, request);
     if (await cache.store.lookup(request.digest)) {
       await this.authorizeStored(request);
       const stored = await this.fromStore(request);
       if (stored) return stored;
     }
-    if (request.range !== undefined || request.method === 'HEAD') {
-      cache.count('blob', 'bypass');
-      return this.upstream.blob(request);
-    }
+    if (request.range !== undefined || request.method === 'HEAD') return this.relay(request);
     const flight = cache.flights.get(request.digest);
     return flight ? this.join(flight, request) : this.fill(request);
   }
@@ -91,14 +92,13 @@ export class CachedBlobs {
     if (already) return this.join(already, request);
     const ended = cache.fillStarted();
     const flight: BlobFlight = new BlobFlight(request.digest, { rule: request.rule, repository: request.repository }, new AbortController(), cache.store, async (outcome) => {
+      // Linked before the fill goes away, so that no client in between finds the blob stored but
+      // unlinked for this (rule, repository) and asks the upstream again (or fails, if it is down).
+      if (outcome.stored) await cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
       if (cache.flights.get(request.digest) === flight) cache.flights.delete(request.digest);
       ended();
-      if (outcome.stored) {
-        await cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
-        await cache.evict(0);
-      } else {
-        cache.fillFailed(request.digest, outcome.reason);
-      }
+      if (outcome.stored) await cache.evict(0);
+      else cache.fillFailed(request.digest, outcome.reason);
     });
     cache.flights.set(request.digest, flight);
     const reading = flight.reader();

@@ -86,10 +86,10 @@ export class CachedManifests {
     const record_: TagRecord = { digest: head.digest, mediaType, size: head.size, confirmedAt: now() };
     if (head.body) {
       // The upstream answered the HEAD with a GET's body (it gave no digest): keep it.
-      await this.store(request, head);
+      const outcome = (await this.store(request, head)) ? 'miss' : 'bypass';
       await store.writeTag(request.rule, request.repository, request.reference, record_);
-      this.cache.count('manifest', 'miss');
-      return { ...head, body: request.method === 'HEAD' ? undefined : head.body, cache: 'miss' };
+      this.cache.count('manifest', outcome);
+      return { ...head, body: request.method === 'HEAD' ? undefined : head.body, cache: outcome };
     }
     await store.writeTag(request.rule, request.repository, request.reference, record_);
     // The upstream just named this digest for the repository: a stored copy may be served for it.
@@ -136,7 +136,7 @@ export class CachedManifests {
     const who = this.passthrough(request) && request.credentials ? createHash('sha256').update(`${request.credentials.username}\0${request.credentials.password}`).digest('base64url') : '';
     const key = `${request.rule}\0${request.repository}\0${digest}\0${who}`;
     const flights = this.cache.manifestFlights;
-    let flight = flights.get(key) as Promise<ManifestResult> | undefined;
+    let flight = flights.get(key) as Promise<{ answer: ManifestResult; stored: boolean }> | undefined;
     const first = !flight;
     if (!flight) {
       flight = (async () => {
@@ -144,34 +144,38 @@ export class CachedManifests {
           // Not the first client's signal: its leaving must not fail the others (timeouts bound it).
           const answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal });
           this.confirmed(request);
-          await this.store(request, answer);
-          return answer;
+          return { answer, stored: await this.store(request, answer) };
         } finally {
           flights.delete(key);
         }
       })();
       flights.set(key, flight);
     }
-    const answer = await flight;
+    const { answer, stored } = await flight;
     if (!first && answer.body) request.buffers.reserve(answer.body.length);
-    this.cache.count('manifest', first ? 'miss' : 'hit', first ? 0 : answer.size);
-    return { ...answer, body: request.method === 'HEAD' ? undefined : answer.body, cache: first ? 'miss' : 'hit' };
+    // The first client's fetch is a miss only if it filled the cache; else it was relayed (bypass),
+    // as a blob is. The others were answered by that one fetch.
+    const outcome = first ? (stored ? 'miss' : 'bypass') : 'hit';
+    this.cache.count('manifest', outcome, first ? 0 : answer.size);
+    return { ...answer, body: request.method === 'HEAD' ? undefined : answer.body, cache: outcome };
   }
 
-  /** Writes a fetched manifest into the store and links it, when the cache takes content. */
-  private async store(request: ManifestRequest, answer: ManifestResult): Promise<void> {
-    if (!answer.body || !(await this.cache.mayFill(answer.body.length))) return;
+  /** Writes a fetched manifest into the store and links it, when the cache takes content; whether it did. */
+  private async store(request: ManifestRequest, answer: ManifestResult): Promise<boolean> {
+    if (!answer.body || !(await this.cache.mayFill(answer.body.length))) return false;
     try {
       if (!(await this.cache.store.lookup(answer.digest))) {
         const fill = await this.cache.store.startFill(answer.digest);
         await fill.append(answer.body);
         const outcome = await fill.finish();
-        if (!outcome.stored) return;
+        if (!outcome.stored) return false;
       }
       await this.cache.store.link(request.rule, request.repository, answer.digest, answer.mediaType ?? '');
+      return true;
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === 'ENOSPC') this.cache.diskFull();
       this.cache.fillFailed(answer.digest, (error as Error).message);
+      return false;
     }
   }
 }

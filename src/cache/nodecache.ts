@@ -111,8 +111,8 @@ export class NodeCache {
 
   /**
    * Whether a new fill of `bytes` (0: unknown) may start: it must fit in maxBytes and leave
-   * minFreeBytes free on the disk, after evicting what it can. When it cannot, the cache is off for
-   * new fills (logged once, and a metric) and pulls are relayed.
+   * minFreeBytes free on the disk, after evicting what it can. When the disk cannot, the cache is
+   * off for new fills (logged once per change, and a metric); either way that pull is relayed.
    */
   async mayFill(bytes: number): Promise<boolean> {
     if (bytes > this.settings.maxBytes) return false;
@@ -127,7 +127,9 @@ export class NodeCache {
       if (enabled) this.logger.info({ freeBytes: free }, 'cache disk has room again: filling resumed');
       else this.logger.warn({ freeBytes: free, minFreeBytes: this.settings.minFreeBytes }, 'cache disk below cache.minFreeBytes and nothing left to evict: not filling, pulls are relayed');
     }
-    return enabled;
+    // Everything evictable is gone and what is left is being read: relay this one rather than grow
+    // past maxBytes.
+    return enabled && this.store.usage().bytes + bytes <= this.settings.maxBytes;
   }
 
   /** A fill failed for lack of space: off until mayFill finds room. */

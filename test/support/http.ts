@@ -1,5 +1,6 @@
 import type { Writable } from 'node:stream';
 import http from 'node:http';
+import { listen, type RunningServer } from '../../src/shell/serve.js';
 
 export interface RawResponse {
   status: number;
@@ -39,4 +40,39 @@ export function writeRepeated(out: Writable, chunk: Buffer, times: number, onFlu
     out.end();
   };
   next();
+}
+
+export interface SlowUpstreamOptions {
+  readonly chunkBytes: number;
+  readonly intervalMs: number;
+  /** Send `content-length: body.length`, or answer chunked. */
+  readonly announceLength: boolean;
+  readonly contentType: string;
+  /** Close the connection once this many bytes were sent (a body cut mid-transfer). */
+  readonly cutAfterBytes?: number;
+}
+
+/**
+ * A registry that answers every request with `body`, sent `chunkBytes` at a time every
+ * `intervalMs` (docker-registry cannot be made slow, nor made to cut a body it announced whole);
+ * with its Content-Length, or chunked.
+ */
+export function slowUpstream(body: Buffer, options: SlowUpstreamOptions): Promise<RunningServer> {
+  const end = Math.min(body.length, options.cutAfterBytes ?? body.length);
+  return listen(
+    (_req, res) => {
+      res.writeHead(200, { 'content-type': options.contentType, ...(options.announceLength ? { 'content-length': body.length } : {}) });
+      let sent = 0;
+      const timer = setInterval(() => {
+        const chunk = body.subarray(sent, Math.min(end, sent + options.chunkBytes));
+        sent += chunk.length;
+        if (sent < end) return void res.write(chunk);
+        clearInterval(timer);
+        if (end === body.length) res.end(chunk);
+        else res.write(chunk, () => res.destroy());
+      }, options.intervalMs);
+      res.on('close', () => clearInterval(timer));
+    },
+    { host: '127.0.0.1', port: 0 },
+  );
 }

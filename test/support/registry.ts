@@ -16,6 +16,8 @@ export interface RegistryOptions {
   readonly users?: Readonly<Record<string, string>>;
   /** Record every request the registry answers (its access log), for `requests()`. */
   readonly accessLog?: boolean;
+  /** Accept DELETE of manifests (`storage.delete.enabled`), to make a once-present tag unknown. */
+  readonly deletes?: boolean;
 }
 
 /** One request as the registry's access log recorded it. */
@@ -133,7 +135,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-registry-'));
   mkdirSync(join(dir, 'data'));
   const port = await freePort();
-  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', '  filesystem:', `    rootdirectory: ${join(dir, 'data')}`, 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
+  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', '  filesystem:', `    rootdirectory: ${join(dir, 'data')}`, ...(options.deletes ? ['  delete:', '    enabled: true'] : []), 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
   let tls: CertificateBundle | undefined;
   let caFile: string | undefined;
   if (options.tls) {
