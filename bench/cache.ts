@@ -13,7 +13,7 @@
 //
 //   npm run bench -- cache [--size-mb 1024] [--concurrency 16] [--rounds 2] [--cpu-prof DIR]
 
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -108,6 +108,12 @@ function storedPath(cachePath: string, digest: string): string {
   return join(cachePath, 'blobs', algorithm ?? '', hex ?? '');
 }
 
+/**
+ * Writes dirty pages out (the pushed blob, nginx's and the cache's files) so that no measured pull
+ * pays for another's writeback: the kernel starts flushing them 30 s later, in the middle of a pull.
+ */
+const flushDisk = () => void spawnSync('sync');
+
 /** The registry writes its access log line as a request ends; give the pipe a moment to deliver it. */
 const settleAccessLog = () => new Promise((resolve) => setTimeout(resolve, 300));
 
@@ -124,6 +130,7 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
   try {
     const digest = await pushBlob(registry, 'bench/blob', sizeMb);
     const warmDigest = await pushBlob(registry, 'bench/warm', WARM_MB);
+    flushDisk();
     const nginx = await startNginx(registry.port);
     const relay = await startPullbridge(registry);
     procs.push(nginx.proc, relay.proc);
@@ -209,6 +216,7 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
     for (let round = 0; round < rounds; round++) {
       for (const i of missTargets.map((_, k) => (k + round) % missTargets.length)) {
         const t = missTargets[i]!;
+        flushDisk();
         let note: string;
         if (t.id === 'nginx-plain' || t.id === 'pullbridge-relay') {
           const r = await singleCurl(t.id === 'nginx-plain' ? blobUrl(nginx.port, 'plain/') : blobUrl(relay.port, 'corp/'), size);
@@ -273,6 +281,7 @@ export function formatCacheBench(r: CacheBenchResult): string {
   const missVsPlain = pbMiss.singleMBps / miss('nginx-plain').singleMBps;
   const missVsRelay = pbMiss.singleMBps / miss('pullbridge-relay').singleMBps;
   const flightRatio = r.flightWallSeconds / r.missSingleWallSeconds;
+  const deliverySeconds = (r.concurrency * r.sizeMb) / pbHit.concurrentMBps;
   const oneGet = r.flightUpstreamGets.every((n) => n === 1);
   const lines = [
     `One ${r.sizeMb} MiB blob, curl as the client, ${r.rounds} rounds with the order of the targets alternating; every figure is the median of the rounds. The machine has 2 cores shared by curl, docker-registry, nginx and the proxy, so figures are relative to each other, not to a real node.`,
@@ -283,13 +292,13 @@ export function formatCacheBench(r: CacheBenchResult): string {
     '|---|---|---|',
     ...r.hit.map((row) => `| ${row.target} | ${f(row.singleMBps)} | ${f(row.concurrentMBps)} |`),
     '',
-    `**Miss** (a fresh proxy process and cache directory for every pull through the cache; the other two relay the same blob from the registry):`,
+    `**Miss** (a fresh proxy process and cache directory for every pull through the cache; the other two relay the same blob from the registry; dirty pages are flushed with \`sync\` before each):`,
     '',
     '| path | 1 pull MiB/s |',
     '|---|---|',
     ...r.miss.map((row) => `| ${row.target} | ${f(row.singleMBps)} |`),
     '',
-    `**Single flight** (${r.concurrency} clients at once for the blob not in the cache, fresh proxy and cache directory each round): ${r.flightWallSeconds.toFixed(2)} s until the last client finished (${f(r.flightMBps)} MiB/s delivered in total), against ${r.missSingleWallSeconds.toFixed(2)} s for one client; upstream blob GETs per round, from the registry's access log: ${r.flightUpstreamGets.join(', ')}.`,
+    `**Single flight** (${r.concurrency} clients at once for the blob not in the cache, fresh proxy and cache directory each round): ${r.flightWallSeconds.toFixed(2)} s until the last client finished (${f(r.flightMBps)} MiB/s delivered in total), against ${r.missSingleWallSeconds.toFixed(2)} s for one client; upstream blob GETs per round, from the registry's access log: ${r.flightUpstreamGets.join(', ')}. Delivering ${r.concurrency} × ${r.sizeMb} MiB at the rate pullbridge serves ${r.concurrency} concurrent hits (${f(pbHit.concurrentMBps)} MiB/s) alone takes ${deliverySeconds.toFixed(2)} s (${x(deliverySeconds / r.missSingleWallSeconds)} the single miss): on this machine the clients' bytes, not the upstream transfer, bound this figure.`,
     '',
     '| measure | value | target | |',
     '|---|---|---|---|',
