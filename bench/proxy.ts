@@ -24,7 +24,7 @@ const CHUNK = randomBytes(1024 * 1024);
 export const PROXY_NODE_FLAGS = ['--max-semi-space-size=1'];
 
 /** Pushes `sizeMb` MiB as one blob with a streamed monolithic upload; returns its digest. */
-async function pushBlob(registry: RegistryHandle, repository: string, sizeMb: number): Promise<string> {
+export async function pushBlob(registry: RegistryHandle, repository: string, sizeMb: number): Promise<string> {
   const hash = createHash('sha256');
   for (let i = 0; i < sizeMb; i++) hash.update(CHUNK);
   const digest = `sha256:${hash.digest('hex')}`;
@@ -42,7 +42,8 @@ async function pushBlob(registry: RegistryHandle, repository: string, sizeMb: nu
   return digest;
 }
 
-function curl(url: string): Promise<{ bytes: number; seconds: number }> {
+/** One GET with curl to /dev/null: bytes received and curl's own total time. */
+export function curl(url: string): Promise<{ bytes: number; seconds: number }> {
   return new Promise((resolve, reject) => {
     const child = spawn('curl', ['-sS', '--fail', '-o', '/dev/null', '-w', '%{size_download} %{time_total}', url]);
     let out = '';
@@ -56,7 +57,7 @@ function curl(url: string): Promise<{ bytes: number; seconds: number }> {
   });
 }
 
-async function startNginx(registryPort: number): Promise<{ port: number; proc: Proc }> {
+export async function startNginx(registryPort: number): Promise<{ port: number; proc: Proc }> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-nginx-'));
   // nginx's worker drops to an unprivileged user when started as root; it must reach its temp files.
   chmodSync(dir, 0o755);
@@ -113,22 +114,39 @@ http {
   return { port, proc };
 }
 
-async function startPullbridge(registry: RegistryHandle): Promise<{ port: number; proc: Proc }> {
+export interface PullbridgeOptions {
+  /** A node cache in this directory (`cache.path`); none: every pull is relayed. */
+  readonly cachePath?: string;
+  /** More node flags (e.g. `--cpu-prof`), after PROXY_NODE_FLAGS. */
+  readonly nodeFlags?: readonly string[];
+}
+
+/**
+ * `pullbridge proxy` in front of `registry` with two anonymous rules on it: corp (blob digests
+ * verified, the default) and fast (verifyBlobDigests: false).
+ */
+export async function startPullbridge(registry: RegistryHandle, options: PullbridgeOptions = {}): Promise<{ port: number; proc: Proc }> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-bench-'));
   const port = await freePort();
+  const cache = options.cachePath === undefined ? '' : `cache: {path: "${options.cachePath}", maxBytes: 20Gi}\n`;
   writeFileSync(
     join(dir, 'config.yaml'),
-    `registries:\n  - {name: corp, match: [r.example], upstream: "${registry.url}", auth: {mode: anonymous}}\n  - {name: fast, match: [f.example], upstream: "${registry.url}", auth: {mode: anonymous}, verifyBlobDigests: false}\n`,
+    `${cache}registries:\n  - {name: corp, match: [r.example], upstream: "${registry.url}", auth: {mode: anonymous}}\n  - {name: fast, match: [f.example], upstream: "${registry.url}", auth: {mode: anonymous}, verifyBlobDigests: false}\n`,
   );
   const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
   // Run as deployed: PROXY_NODE_FLAGS and MALLOC_ARENA_MAX are what the image sets for the proxy.
-  const proc = startProcess(process.execPath, [...PROXY_NODE_FLAGS, cli, 'proxy', '--config', join(dir, 'config.yaml'), '--port', String(port), '--host', '127.0.0.1'], { PULLBRIDGE_LOG_LEVEL: 'warn', MALLOC_ARENA_MAX: '2' });
-  await waitForPort(port);
+  const proc = startProcess(process.execPath, [...PROXY_NODE_FLAGS, ...(options.nodeFlags ?? []), cli, 'proxy', '--config', join(dir, 'config.yaml'), '--port', String(port), '--host', '127.0.0.1'], { PULLBRIDGE_LOG_LEVEL: 'warn', MALLOC_ARENA_MAX: '2' });
+  try {
+    await waitForPort(port);
+  } catch (error) {
+    await proc.stop();
+    throw new Error(`${(error as Error).message}\n${proc.output()}`);
+  }
   return { port, proc };
 }
 
 /** Peak resident set of a process (and its children for nginx's master + worker), in MiB. */
-function peakRssMb(pid: number): number {
+export function peakRssMb(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   return Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1] ?? 0) / 1024;
 }

@@ -1,7 +1,10 @@
-// `npm run bench [-- webhook] [--seconds N] [--rounds N]`: runs the benchmarks and writes their
-// tables to BENCHMARKS.md, with the command and the machine they ran on.
+// `npm run bench [-- webhook|proxy|cache] [--seconds N] [--rounds N]`: runs the benchmarks (webhook
+// and proxy when none is named) and writes their tables to BENCHMARKS.md, with the command and the
+// machine they ran on. `cache --cpu-prof DIR` profiles the proxies of the miss rounds and writes no
+// report section.
 
 import { parseArgs } from 'node:util';
+import { formatCacheBench, runCacheBench } from './cache.js';
 import { formatProxyBench, runProxyBench } from './proxy.js';
 import { writeReportSection } from './report.js';
 import { formatWebhookBench, runWebhookBench } from './webhook.js';
@@ -13,6 +16,7 @@ const { values, positionals } = parseArgs({
     connections: { type: 'string', default: '8' },
     'size-mb': { type: 'string', default: '1024' },
     concurrency: { type: 'string', default: '16' },
+    'cpu-prof': { type: 'string' },
   },
   allowPositionals: true,
 });
@@ -29,8 +33,14 @@ for (const name of which) {
     const text = formatProxyBench(result);
     writeReportSection('bench-proxy', 'Benchmark: proxy', `npm run bench -- proxy --size-mb ${values['size-mb']} --concurrency ${values.concurrency} --rounds ${values.rounds}`, text);
     process.stdout.write(`${text}\n`);
+  } else if (name === 'cache') {
+    const result = await runCacheBench(Number(values['size-mb']), Number(values.concurrency), Number(values.rounds), values['cpu-prof']);
+    const text = formatCacheBench(result);
+    // A profiled run is slower: its figures are not written to the report.
+    if (!values['cpu-prof']) writeReportSection('bench-cache', 'Benchmark: node cache', `npm run bench -- cache --size-mb ${values['size-mb']} --concurrency ${values.concurrency} --rounds ${values.rounds}`, text);
+    process.stdout.write(`${text}\n`);
   } else {
-    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy)\n`);
+    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy, cache)\n`);
     process.exitCode = 2;
   }
 }

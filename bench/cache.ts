@@ -1,0 +1,319 @@
+// Node cache benchmark: one large blob through pullbridge's node cache, side by side in one run with
+// the same blob direct from docker-registry, through nginx and through pullbridge without a cache.
+//
+//   hit     the blob stored: pullbridge from its cache / direct / nginx with tuned buffers, single and
+//           concurrent; pullbridge's peak RSS while it serves hits (a proxy process that only did that)
+//   miss    the blob not stored (a fresh cache directory and proxy process every round): filled while
+//           served, digest verified / nginx as a plain reverse proxy (its defaults) / pullbridge relaying
+//   flight  N clients at once for the blob not stored: wall time against one client, and the
+//           transfers the registry made (from its access log: one fill for everyone)
+//
+// curl is the client; targets alternate their order between rounds and each figure is the median
+// of the rounds. Cache directories are removed after each round.
+//
+//   npm run bench -- cache [--size-mb 1024] [--concurrency 16] [--rounds 2] [--cpu-prof DIR]
+
+import { spawn, spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Proc } from '../test/support/procs.js';
+import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
+import { curl, peakRssMb, pushBlob, startNginx, startPullbridge } from './proxy.js';
+
+/** A small blob each fresh proxy pulls first (filled, then hit), so the measured pull meets warm code. */
+const WARM_MB = 16;
+
+type HitTarget = 'direct' | 'nginx-tuned' | 'pullbridge-hit';
+type MissTarget = 'nginx-plain' | 'pullbridge-relay' | 'pullbridge-miss' | 'pullbridge-flight';
+
+export interface HitRow {
+  readonly id: HitTarget;
+  readonly target: string;
+  /** Median over the rounds, MiB/s. */
+  readonly singleMBps: number;
+  /** Median over the rounds of all bytes / wall time of the concurrent pulls, MiB/s. */
+  readonly concurrentMBps: number;
+}
+
+export interface MissRow {
+  readonly id: Exclude<MissTarget, 'pullbridge-flight'>;
+  readonly target: string;
+  /** Median over the rounds, MiB/s. */
+  readonly singleMBps: number;
+}
+
+export interface CacheBenchResult {
+  readonly sizeMb: number;
+  readonly concurrency: number;
+  readonly rounds: number;
+  readonly hit: readonly HitRow[];
+  /** Peak RSS of a pullbridge process that served only hits (single and concurrent), MiB. */
+  readonly hitPeakRssMb: number;
+  readonly miss: readonly MissRow[];
+  /** Peak RSS of the fresh proxies that filled while serving, single client, largest over the rounds. */
+  readonly missPeakRssMb: number;
+  /** One client, blob not stored: median wall seconds (spawning curl to its exit). */
+  readonly missSingleWallSeconds: number;
+  /** `concurrency` clients at once, blob not stored: median wall seconds until the last finished. */
+  readonly flightWallSeconds: number;
+  /** Total MiB/s delivered to the concurrent clients of the flight (median round). */
+  readonly flightMBps: number;
+  /** Blob GETs the registry answered during each round's concurrent miss. */
+  readonly flightUpstreamGets: readonly number[];
+  /** Peak RSS of the fresh proxies that filled for `concurrency` clients, largest over the rounds. */
+  readonly flightPeakRssMb: number;
+  /** Where proxy CPU profiles of the miss rounds went, when asked for. */
+  readonly cpuProfileDir: string | undefined;
+}
+
+function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = Math.floor(sorted.length / 2);
+  return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+}
+
+const mibPerSecond = (bytes: number, seconds: number) => bytes / 2 ** 20 / seconds;
+
+/** `count` curls at once: total bytes and wall seconds until the last one exited. */
+async function concurrentCurl(url: string, count: number, expectBytes: number): Promise<{ bytes: number; seconds: number }> {
+  const began = performance.now();
+  const all = await Promise.all(Array.from({ length: count }, () => curl(url)));
+  const seconds = (performance.now() - began) / 1000;
+  for (const r of all) if (r.bytes !== expectBytes) throw new Error(`${url}: ${r.bytes} bytes, expected ${expectBytes}`);
+  return { bytes: all.reduce((n, r) => n + r.bytes, 0), seconds };
+}
+
+async function singleCurl(url: string, expectBytes: number): Promise<{ bytes: number; seconds: number; wallSeconds: number }> {
+  const began = performance.now();
+  const r = await curl(url);
+  const wallSeconds = (performance.now() - began) / 1000;
+  if (r.bytes !== expectBytes) throw new Error(`${url}: ${r.bytes} bytes, expected ${expectBytes}`);
+  return { ...r, wallSeconds };
+}
+
+/** The sha256 of what a client receives, with curl and sha256sum (untimed; checks the bytes themselves). */
+function clientDigest(url: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const child = spawn('sh', ['-c', 'curl -sS --fail "$0" | sha256sum', url]);
+    let out = '';
+    child.stdout.on('data', (c: Buffer) => (out += c.toString()));
+    child.stderr.on('data', (c: Buffer) => (out += c.toString()));
+    child.on('close', (code) => (code === 0 ? resolve(`sha256:${out.trim().split(/\s+/)[0] ?? ''}`) : reject(new Error(`digest of ${url}: ${out}`))));
+  });
+}
+
+function storedPath(cachePath: string, digest: string): string {
+  const [algorithm, hex] = digest.split(':');
+  return join(cachePath, 'blobs', algorithm ?? '', hex ?? '');
+}
+
+/**
+ * Writes dirty pages out (the pushed blob, nginx's and the cache's files) so that no measured pull
+ * pays for another's writeback: the kernel starts flushing them 30 s later, in the middle of a pull.
+ */
+const flushDisk = () => void spawnSync('sync');
+
+/** The registry writes its access log line as a request ends; give the pipe a moment to deliver it. */
+const settleAccessLog = () => new Promise((resolve) => setTimeout(resolve, 300));
+
+interface Running {
+  readonly port: number;
+  readonly proc: Proc;
+}
+
+export async function runCacheBench(sizeMb: number, concurrency: number, rounds: number, cpuProfileDir?: string): Promise<CacheBenchResult> {
+  const registry: RegistryHandle = await startRegistry({ auth: 'none', accessLog: true });
+  const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-cache-bench-'));
+  const procs: Proc[] = [registry.process];
+  const size = sizeMb * 2 ** 20;
+  try {
+    const digest = await pushBlob(registry, 'bench/blob', sizeMb);
+    const warmDigest = await pushBlob(registry, 'bench/warm', WARM_MB);
+    flushDisk();
+    const nginx = await startNginx(registry.port);
+    const relay = await startPullbridge(registry);
+    procs.push(nginx.proc, relay.proc);
+    const blobUrl = (port: number, prefix: string) => `http://127.0.0.1:${port}/v2/${prefix}bench/blob/blobs/${digest}`;
+    const warm = async (p: Running) => {
+      for (let i = 0; i < 2; i++) await singleCurl(`http://127.0.0.1:${p.port}/v2/corp/bench/warm/blobs/${warmDigest}`, WARM_MB * 2 ** 20);
+    };
+
+    // ---- hits: fill the cache with one proxy, then serve it from a new process on the same store,
+    // so that process's peak RSS is what serving hits takes.
+    const hitCache = join(scratch, 'hit');
+    let hitProxy: Running = await startPullbridge(registry, { cachePath: hitCache });
+    await singleCurl(blobUrl(hitProxy.port, 'corp/'), size);
+    await hitProxy.proc.stop();
+    statSync(storedPath(hitCache, digest)); // throws when the fill stored nothing
+    hitProxy = await startPullbridge(registry, { cachePath: hitCache });
+    procs.push(hitProxy.proc);
+    const gets = registry.blobGets(digest);
+    const hitTargets: Array<{ id: HitTarget; name: string; url: string }> = [
+      { id: 'direct', name: 'direct from docker-registry', url: blobUrl(registry.port, '') },
+      { id: 'nginx-tuned', name: 'nginx reverse proxy tuned (buffering on, 16×64k, no temp file)', url: blobUrl(nginx.port, 'buffered/') },
+      { id: 'pullbridge-hit', name: 'pullbridge, blob in its node cache (hit)', url: blobUrl(hitProxy.port, 'corp/') },
+    ];
+    // Warm the page cache, connections and JIT: a cold first pull is not the steady state.
+    for (const t of hitTargets) await singleCurl(t.url, size);
+    const hitRuns = hitTargets.map(() => ({ single: [] as number[], concurrent: [] as number[] }));
+    for (let round = 0; round < rounds; round++) {
+      for (const i of hitTargets.map((_, k) => (k + round) % hitTargets.length)) {
+        const t = hitTargets[i]!;
+        const single = await singleCurl(t.url, size);
+        hitRuns[i]!.single.push(mibPerSecond(single.bytes, single.seconds));
+        const all = await concurrentCurl(t.url, concurrency, size);
+        hitRuns[i]!.concurrent.push(mibPerSecond(all.bytes, all.seconds));
+        process.stderr.write(`hit round ${round + 1}: ${t.id} ${hitRuns[i]!.single.at(-1)!.toFixed(0)} MiB/s, ${concurrency}× ${hitRuns[i]!.concurrent.at(-1)!.toFixed(0)} MiB/s\n`);
+      }
+    }
+    const hitPeakRssMb = peakRssMb(hitProxy.proc.child.pid ?? 0);
+    await settleAccessLog();
+    // pullbridge from its cache never asked the registry for the blob (the direct and nginx pulls did).
+    const directGets = rounds * (1 + concurrency) + 1;
+    const nginxGets = directGets;
+    if (registry.blobGets(digest) - gets !== directGets + nginxGets) throw new Error(`hits reached the registry: ${registry.blobGets(digest) - gets} blob GETs, expected ${directGets + nginxGets} (direct and nginx only)`);
+    const hitDigest = await clientDigest(blobUrl(hitProxy.port, 'corp/'));
+    if (hitDigest !== digest) throw new Error(`a hit delivered ${hitDigest}, not ${digest}`);
+    await hitProxy.proc.stop();
+    rmSync(hitCache, { recursive: true, force: true });
+
+    // ---- misses: a fresh proxy on a fresh cache directory for every pull that must miss.
+    let missRound = 0;
+    const fresh = async <T>(what: string, body: (p: Running, cachePath: string) => Promise<T>): Promise<{ value: T; peakRssMb: number }> => {
+      const cachePath = join(scratch, `miss-${missRound++}`);
+      const flags: string[] = [];
+      if (cpuProfileDir) {
+        mkdirSync(cpuProfileDir, { recursive: true });
+        flags.push('--cpu-prof', `--cpu-prof-dir=${cpuProfileDir}`, `--cpu-prof-name=${what}-${missRound}.cpuprofile`);
+      }
+      const p = await startPullbridge(registry, { cachePath, nodeFlags: flags });
+      try {
+        await warm(p);
+        const value = await body(p, cachePath);
+        statSync(storedPath(cachePath, digest)); // filled, verified and stored, not relayed
+        return { value, peakRssMb: peakRssMb(p.proc.child.pid ?? 0) };
+      } finally {
+        await p.proc.stop();
+        rmSync(cachePath, { recursive: true, force: true });
+      }
+    };
+    const missTargets: Array<{ id: MissTarget; name: string }> = [
+      { id: 'nginx-plain', name: 'nginx plain reverse proxy (its defaults: buffering on, 8×4k, temp file)' },
+      { id: 'pullbridge-relay', name: 'pullbridge without a cache (relay, digest verified while streaming)' },
+      { id: 'pullbridge-miss', name: 'pullbridge, node cache miss (fresh cache dir: filled while served, digest verified)' },
+      { id: 'pullbridge-flight', name: `pullbridge, node cache miss, ${concurrency} clients at once` },
+    ];
+    const missRuns = new Map<MissTarget, number[]>(missTargets.map((t) => [t.id, []]));
+    const missWall: number[] = [];
+    const flightWall: number[] = [];
+    const flightRate: number[] = [];
+    const flightUpstreamGets: number[] = [];
+    let missPeakRssMb = 0;
+    let flightPeakRssMb = 0;
+    await singleCurl(blobUrl(nginx.port, 'plain/'), size);
+    await singleCurl(blobUrl(relay.port, 'corp/'), size);
+    for (let round = 0; round < rounds; round++) {
+      for (const i of missTargets.map((_, k) => (k + round) % missTargets.length)) {
+        const t = missTargets[i]!;
+        flushDisk();
+        let note: string;
+        if (t.id === 'nginx-plain' || t.id === 'pullbridge-relay') {
+          const r = await singleCurl(t.id === 'nginx-plain' ? blobUrl(nginx.port, 'plain/') : blobUrl(relay.port, 'corp/'), size);
+          missRuns.get(t.id)!.push(mibPerSecond(r.bytes, r.seconds));
+          note = `${missRuns.get(t.id)!.at(-1)!.toFixed(0)} MiB/s`;
+        } else if (t.id === 'pullbridge-miss') {
+          const { value: r, peakRssMb: rss } = await fresh('miss', (p) => singleCurl(blobUrl(p.port, 'corp/'), size));
+          missRuns.get(t.id)!.push(mibPerSecond(r.bytes, r.seconds));
+          missWall.push(r.wallSeconds);
+          missPeakRssMb = Math.max(missPeakRssMb, rss);
+          note = `${missRuns.get(t.id)!.at(-1)!.toFixed(0)} MiB/s, ${r.wallSeconds.toFixed(2)} s wall`;
+        } else {
+          const { value, peakRssMb: rss } = await fresh('flight', async (p) => {
+            const before = registry.blobGets(digest);
+            const r = await concurrentCurl(blobUrl(p.port, 'corp/'), concurrency, size);
+            await settleAccessLog();
+            return { ...r, gets: registry.blobGets(digest) - before };
+          });
+          flightWall.push(value.seconds);
+          flightRate.push(mibPerSecond(value.bytes, value.seconds));
+          flightUpstreamGets.push(value.gets);
+          flightPeakRssMb = Math.max(flightPeakRssMb, rss);
+          note = `${value.seconds.toFixed(2)} s wall, ${value.gets} upstream GETs`;
+        }
+        process.stderr.write(`miss round ${round + 1}: ${t.id} ${note}\n`);
+      }
+    }
+    return {
+      sizeMb,
+      concurrency,
+      rounds,
+      hit: hitTargets.map((t, i) => ({ id: t.id, target: t.name, singleMBps: median(hitRuns[i]!.single), concurrentMBps: median(hitRuns[i]!.concurrent) })),
+      hitPeakRssMb,
+      miss: missTargets.flatMap((t) => (t.id === 'pullbridge-flight' ? [] : [{ id: t.id, target: t.name, singleMBps: median(missRuns.get(t.id)!) }])),
+      missPeakRssMb,
+      missSingleWallSeconds: median(missWall),
+      flightWallSeconds: median(flightWall),
+      flightMBps: median(flightRate),
+      flightUpstreamGets,
+      flightPeakRssMb,
+      cpuProfileDir,
+    };
+  } finally {
+    for (const p of procs.reverse()) await p.stop();
+    rmSync(scratch, { recursive: true, force: true });
+    rmSync(registry.dir, { recursive: true, force: true });
+  }
+}
+
+const verdict = (met: boolean) => (met ? 'met' : '**missed**');
+
+export function formatCacheBench(r: CacheBenchResult): string {
+  const f = (n: number) => n.toFixed(0);
+  const x = (n: number) => `${n.toFixed(2)}×`;
+  const hit = (id: HitTarget) => r.hit.find((row) => row.id === id)!;
+  const miss = (id: MissRow['id']) => r.miss.find((row) => row.id === id)!;
+  const pbHit = hit('pullbridge-hit');
+  const pbMiss = miss('pullbridge-miss');
+  const hitVsDirect = pbHit.singleMBps / hit('direct').singleMBps;
+  const hitVsTuned = pbHit.singleMBps / hit('nginx-tuned').singleMBps;
+  const hitConcurrent = pbHit.concurrentMBps / hit('direct').concurrentMBps;
+  const missVsPlain = pbMiss.singleMBps / miss('nginx-plain').singleMBps;
+  const missVsRelay = pbMiss.singleMBps / miss('pullbridge-relay').singleMBps;
+  const flightRatio = r.flightWallSeconds / r.missSingleWallSeconds;
+  const deliverySeconds = (r.concurrency * r.sizeMb) / pbHit.concurrentMBps;
+  const oneGet = r.flightUpstreamGets.every((n) => n === 1);
+  const lines = [
+    `One ${r.sizeMb} MiB blob, curl as the client, ${r.rounds} rounds with the order of the targets alternating; every figure is the median of the rounds. The machine has 2 cores shared by curl, docker-registry, nginx and the proxy, so figures are relative to each other, not to a real node.`,
+    '',
+    `**Hit** (the blob in pullbridge's node cache, served from its file):`,
+    '',
+    `| path | 1 pull MiB/s | ${r.concurrency} concurrent pulls, total MiB/s |`,
+    '|---|---|---|',
+    ...r.hit.map((row) => `| ${row.target} | ${f(row.singleMBps)} | ${f(row.concurrentMBps)} |`),
+    '',
+    `**Miss** (a fresh proxy process and cache directory for every pull through the cache; the other two relay the same blob from the registry; dirty pages are flushed with \`sync\` before each):`,
+    '',
+    '| path | 1 pull MiB/s |',
+    '|---|---|',
+    ...r.miss.map((row) => `| ${row.target} | ${f(row.singleMBps)} |`),
+    '',
+    `**Single flight** (${r.concurrency} clients at once for the blob not in the cache, fresh proxy and cache directory each round): ${r.flightWallSeconds.toFixed(2)} s until the last client finished (${f(r.flightMBps)} MiB/s delivered in total), against ${r.missSingleWallSeconds.toFixed(2)} s for one client; upstream blob GETs per round, from the registry's access log: ${r.flightUpstreamGets.join(', ')}. Delivering ${r.concurrency} × ${r.sizeMb} MiB at the rate pullbridge serves ${r.concurrency} concurrent hits (${f(pbHit.concurrentMBps)} MiB/s) alone takes ${deliverySeconds.toFixed(2)} s (${x(deliverySeconds / r.missSingleWallSeconds)} the single miss): on this machine the clients' bytes, not the upstream transfer, bound this figure.`,
+    '',
+    '| measure | value | target | |',
+    '|---|---|---|---|',
+    `| hit, 1 pull / direct from the registry | ${x(hitVsDirect)} | ≥ 0.80× | ${verdict(hitVsDirect >= 0.8)} |`,
+    `| hit, 1 pull / nginx tuned buffers | ${x(hitVsTuned)} | ≥ 1.00× | ${verdict(hitVsTuned >= 1)} |`,
+    `| hit, ${r.concurrency} concurrent / ${r.concurrency} concurrent direct (total throughput) | ${x(hitConcurrent)} | (reported) | |`,
+    `| pullbridge peak RSS, a process serving only hits | ${f(r.hitPeakRssMb)} MiB | ≤ 100 MiB | ${verdict(r.hitPeakRssMb <= 100)} |`,
+    `| miss, 1 pull / nginx plain reverse proxy | ${x(missVsPlain)} | ≥ 1.00× | ${verdict(missVsPlain >= 1)} |`,
+    `| miss, 1 pull / pullbridge relay (no cache) | ${x(missVsRelay)} | (reported) | |`,
+    `| miss, ${r.concurrency} clients at once / 1 client (wall time) | ${x(flightRatio)} | ≤ 1.30× | ${verdict(flightRatio <= 1.3)} |`,
+    `| upstream GETs for ${r.concurrency} concurrent clients of an uncached blob | ${r.flightUpstreamGets.join(', ')} | 1 | ${verdict(oneGet)} |`,
+    '',
+    `pullbridge peak RSS while filling: ${f(r.missPeakRssMb)} MiB for one client, ${f(r.flightPeakRssMb)} MiB for ${r.concurrency} clients (each a fresh process, largest over the rounds).`,
+    `Checked on every run: each pull delivered ${r.sizeMb} MiB; every miss stored the blob under its digest (fill verified); the hits never reached the registry; one hit's bytes hashed by the client to the digest.`,
+  ];
+  if (r.cpuProfileDir) lines.push(`CPU profiles of the miss proxies: ${r.cpuProfileDir}.`);
+  return lines.join('\n');
+}
