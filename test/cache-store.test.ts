@@ -165,3 +165,32 @@ describe('node store', () => {
     assert.equal(await store.readTag('corp', 'team/app', '1.0'), undefined);
   });
 });
+
+describe('a fill in flight (BlobFlight)', () => {
+  it('stores and serves a blob whose upstream delivers its last chunks and its end at once when resumed', async () => {
+    // A scripted body: undici may hand over queued data and the end inside resume(), which the
+    // real registry cannot be made to do on demand. It was finishing the fill under a write.
+    const { BlobFlight } = await import('../src/cache/flight.js');
+    const root = mkdtempSync(join(tmpdir(), 'pullbridge-flight-'));
+    const store = await NodeStore.open(root);
+    // 18 chunks until the write queue (1 MiB) pauses the body, then one more and the end on resume.
+    const data = randomBytes(19 * 65_536 - 100);
+    const chunks = Array.from({ length: Math.ceil(data.length / 65_536) }, (_, i) => data.subarray(i * 65_536, (i + 1) * 65_536));
+    let sink: { data(c: Buffer): boolean; end(): void; error(e: Error): void } | undefined;
+    let next = 0;
+    const flow = () => {
+      while (sink && next < chunks.length) if (!sink.data(chunks[next++]!)) return;
+      if (next === chunks.length) sink?.end();
+    };
+    const body = { attach: (s: typeof sink) => { sink = s; flow(); }, resume: flow, destroy: () => undefined, hold: () => () => undefined };
+    const flight = new BlobFlight(digestOf(data), { rule: 'r', repository: 'a' }, new AbortController(), store);
+    const reading = flight.reader();
+    flight.start(await store.startFill(digestOf(data)), body, { 'content-length': String(data.length) });
+    const reader = await reading;
+    const received: Buffer[] = [];
+    await new Promise<void>((resolve, reject) => reader.attach({ data: (c) => (received.push(Buffer.from(c)), true), end: resolve, error: reject }));
+    assert.ok(Buffer.concat(received).equals(data));
+    assert.deepEqual(await flight.done, { stored: true });
+    assert.ok(readFileSync(store.blobPathOf(digestOf(data))).equals(data));
+  });
+});

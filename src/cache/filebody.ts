@@ -2,6 +2,7 @@
 // still being filled, followed as it grows. Reads go into a few buffers of this body's own, reused:
 // a chunk's buffer is read into again only once nothing holds it (a client write in progress).
 
+import { readSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import type { BodySink } from '../upstream/body.js';
 import type { ContentBody } from '../content/source.js';
@@ -29,11 +30,22 @@ interface Slot {
   holds: number;
 }
 
+/** Bytes read synchronously in one turn of the event loop before yielding to others. */
+const SYNC_TURN_BYTES = 1024 * 1024;
+
+export interface FileBodyOptions {
+  /**
+   * Read on the event loop instead of the thread pool: for bytes known to be in the page cache (a
+   * fill being followed), where a thread-pool round trip costs more than the copy.
+   */
+  readonly syncReads?: boolean;
+}
+
 /**
  * Streams bytes [start, end) of `file` (end: the extent's final size when not given), closing the
  * file when done or destroyed; `onClose` runs once either way.
  */
-export function fileBody(file: FileHandle, extent: FileExtent, range: { start: number; end?: number }, onClose: () => void): ContentBody {
+export function fileBody(file: FileHandle, extent: FileExtent, range: { start: number; end?: number }, onClose: () => void, options: FileBodyOptions = {}): ContentBody {
   const slots: Slot[] = [];
   let position = range.start;
   let sink: BodySink | undefined;
@@ -63,25 +75,67 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
     return undefined;
   };
 
-  const pump = () => {
-    if (!sink || finished || paused || reading) return;
+  /** What may be read next, or why not: a number of bytes, 'wait' (more will come, or a buffer frees up), or done. */
+  const next = (): number | 'wait' | 'done' => {
+    if (!sink || finished || paused || reading) return 'wait';
     const outcome = extent.outcome();
-    if (outcome && 'error' in outcome) return finish(outcome.error);
+    if (outcome && 'error' in outcome) {
+      finish(outcome.error);
+      return 'done';
+    }
     const end = range.end ?? (outcome ? outcome.size : Number.POSITIVE_INFINITY);
-    if (position >= end) return finish();
+    if (position >= end) {
+      finish();
+      return 'done';
+    }
     const available = Math.min(end, extent.readable()) - position;
-    if (available <= 0) return; // a growing file: woken by watch
+    return available > 0 ? Math.min(READ_BYTES, available) : 'wait'; // a growing file: woken by watch
+  };
+
+  const deliver = (slot: Slot, bytesRead: number, end: number): void => {
+    if (bytesRead === 0) return finish(new Error(`cached file ended at ${position} bytes, before ${end}`));
+    position += bytesRead;
+    if (!sink?.data(slot.buffer.subarray(0, bytesRead))) paused = true;
+  };
+
+  const pumpSync = () => {
+    let turn = 0;
+    for (;;) {
+      const bytes = next();
+      if (typeof bytes !== 'number') return;
+      const slot = freeSlot();
+      if (!slot) return; // every buffer is being written: woken by a release
+      if (turn >= SYNC_TURN_BYTES) {
+        reading = true;
+        setImmediate(() => {
+          reading = false;
+          pump();
+        });
+        return;
+      }
+      let bytesRead: number;
+      try {
+        bytesRead = readSync(file.fd, slot.buffer, 0, bytes, position);
+      } catch (error) {
+        return finish(error as Error);
+      }
+      turn += bytesRead;
+      deliver(slot, bytesRead, position + bytes);
+    }
+  };
+
+  const pump = (): void => {
+    if (options.syncReads) return pumpSync();
+    const bytes = next();
+    if (typeof bytes !== 'number') return;
     const slot = freeSlot();
     if (!slot) return; // every buffer is being written: woken by a release
     reading = true;
-    file.read(slot.buffer, 0, Math.min(READ_BYTES, available), position).then(
+    file.read(slot.buffer, 0, bytes, position).then(
       ({ bytesRead }) => {
         reading = false;
         if (finished) return;
-        if (bytesRead === 0) return finish(new Error(`cached file ended at ${position} bytes, before ${end}`));
-        position += bytesRead;
-        const chunk = slot.buffer.subarray(0, bytesRead);
-        if (!sink?.data(chunk)) paused = true;
+        deliver(slot, bytesRead, position + bytes);
         pump();
       },
       (error: Error) => {

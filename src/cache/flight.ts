@@ -77,43 +77,62 @@ export class BlobFlight implements FileExtent {
       this.verified = true;
       this.notify();
     });
-    let writing: Promise<void> = Promise.resolve();
-    let queued = 0;
+    // Chunks wait here (held) while a write is in progress; each write takes all that waits, in
+    // one writev: a write per socket read cost a thread-pool round trip per 128 KiB.
+    let waiting: Buffer[] = [];
+    let waitingBytes = 0;
+    let writing: Promise<void> | undefined;
+    let ended = false;
     let paused = false;
+    const releases: Array<() => void> = [];
+    const writeWaiting = (): void => {
+      if (writing || waiting.length === 0) return;
+      const batch = waiting;
+      const held = releases.splice(0, batch.length);
+      waiting = [];
+      waitingBytes = 0;
+      writing = (this.failure ? Promise.resolve() : fill.appendv(batch)).then(
+        () => {
+          for (const release of held) release();
+          writing = undefined;
+          this.notify();
+          if (waiting.length > 0) writeWaiting();
+          else if (ended) return finish();
+          // Last: resuming may deliver more data, and the end, at once.
+          if (paused && waitingBytes <= WRITE_QUEUE_BYTES / 2) {
+            paused = false;
+            body.resume();
+          }
+        },
+        (error: Error) => {
+          for (const release of held) release();
+          this.fail(error);
+        },
+      );
+    };
+    const finish = (): void => {
+      if (this.result || this.failure) return;
+      fill.finish().then(
+        (outcome) => {
+          if (outcome.stored) this.complete(outcome);
+          else this.fail(new Error(outcome.reason));
+        },
+        (error: Error) => this.fail(error),
+      );
+    };
     body.attach({
       data: (chunk) => {
         if (chunk.length === 0) return true;
-        const release = body.hold(chunk);
-        queued += chunk.length;
-        writing = writing
-          .then(() => (this.failure ? undefined : fill.append(chunk)))
-          .then(
-            () => {
-              release();
-              queued -= chunk.length;
-              this.notify();
-              if (paused && queued <= WRITE_QUEUE_BYTES / 2) {
-                paused = false;
-                body.resume();
-              }
-            },
-            (error: Error) => {
-              release();
-              this.fail(error);
-            },
-          );
-        if (queued > WRITE_QUEUE_BYTES) paused = true;
+        releases.push(body.hold(chunk));
+        waiting.push(chunk);
+        waitingBytes += chunk.length;
+        writeWaiting();
+        if (waitingBytes > WRITE_QUEUE_BYTES) paused = true;
         return !paused;
       },
       end: () => {
-        void writing.then(() => (this.result || this.failure ? undefined : fill.finish())).then(
-          (outcome) => {
-            if (!outcome) return;
-            if (outcome.stored) this.complete(outcome);
-            else this.fail(new Error(outcome.reason));
-          },
-          (error: Error) => this.fail(error),
-        );
+        ended = true;
+        if (!writing) finish();
       },
       error: (error) => this.fail(error),
     });
@@ -162,7 +181,9 @@ export class BlobFlight implements FileExtent {
         throw this.failure;
       }
       if (this.result?.stored && !this.lease) this.lease = this.store.lease(this.digest);
-      return fileBody(file, this, { start: 0 }, () => this.leave());
+      // What a reader of a fill reads was just written (it is in the page cache): read it in place,
+      // without a thread-pool round trip per read.
+      return fileBody(file, this, { start: 0 }, () => this.leave(), { syncReads: true });
     } catch (error) {
       this.leave();
       throw error;

@@ -63,6 +63,37 @@ export class BlobFill extends EventEmitter {
     this.emit('progress', this.written);
   }
 
+  /** Writes chunks at the end in one call; the caller keeps them unchanged until this resolves. */
+  async appendv(chunks: readonly Buffer[]): Promise<void> {
+    if (this.settled) throw new Error('fill already finished');
+    let total = 0;
+    for (const chunk of chunks) total += chunk.length;
+    let done = (await this.file.writev(chunks, this.written)).bytesWritten;
+    // A short writev (rare: a signal, a full disk) continues with plain writes of what is left.
+    let offset = 0;
+    for (const chunk of chunks) {
+      const end = offset + chunk.length;
+      if (done < end) {
+        const from = Math.max(0, done - offset);
+        for (let written = from; written < chunk.length; ) {
+          const n = (await this.file.write(chunk, written, chunk.length - written, this.written + offset + written)).bytesWritten;
+          if (n === 0) throw new Error('the cache disk accepted no more bytes');
+          written += n;
+        }
+        done = end;
+      }
+      offset = end;
+    }
+    const before = this.written;
+    this.written += total;
+    offset = before;
+    for (const chunk of chunks) {
+      offset += chunk.length;
+      this.hash.update(chunk, offset);
+    }
+    this.emit('progress', this.written);
+  }
+
   /** Verifies the digest; stores the blob when it matches, discards it otherwise. */
   async finish(): Promise<FillOutcome> {
     if (this.settled) throw new Error('fill already finished');
