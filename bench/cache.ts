@@ -67,6 +67,21 @@ export interface CacheBenchResult {
   readonly cpuProfileDir: string | undefined;
 }
 
+/**
+ * Waits for a fill to be stored: clients get the last byte once it hashed right, before it is
+ * flushed and renamed into place. Throws when it is not stored within 60 s (the fill stored nothing).
+ */
+async function waitStored(path: string): Promise<void> {
+  for (const deadline = Date.now() + 60_000; ; await new Promise((r) => setTimeout(r, 50))) {
+    try {
+      statSync(path);
+      return;
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+    }
+  }
+}
+
 function median(values: readonly number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = Math.floor(sorted.length / 2);
@@ -144,8 +159,8 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
     const hitCache = join(scratch, 'hit');
     let hitProxy: Running = await startPullbridge(registry, { cachePath: hitCache });
     await singleCurl(blobUrl(hitProxy.port, 'corp/'), size);
+    await waitStored(storedPath(hitCache, digest));
     await hitProxy.proc.stop();
-    statSync(storedPath(hitCache, digest)); // throws when the fill stored nothing
     hitProxy = await startPullbridge(registry, { cachePath: hitCache });
     procs.push(hitProxy.proc);
     const gets = registry.blobGets(digest);
@@ -191,7 +206,7 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
       try {
         await warm(p);
         const value = await body(p, cachePath);
-        statSync(storedPath(cachePath, digest)); // filled, verified and stored, not relayed
+        await waitStored(storedPath(cachePath, digest)); // filled, verified and stored, not relayed
         return { value, peakRssMb: peakRssMb(p.proc.child.pid ?? 0) };
       } finally {
         await p.proc.stop();

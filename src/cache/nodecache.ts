@@ -183,9 +183,18 @@ export class NodeCache {
     }
   }
 
-  /** Stops the hashing thread (fills in flight fail). */
-  close(): Promise<void> {
-    return this.hashing.close();
+  /**
+   * Lets fills in flight be stored (a blob whose clients already have it is still being flushed
+   * and renamed), waiting at most `waitMs`, then stops the hashing thread.
+   */
+  async close(waitMs = 0): Promise<void> {
+    const pending = [...this.flights.values()].map((flight) => flight.done);
+    if (pending.length > 0 && waitMs > 0) {
+      let timer: NodeJS.Timeout | undefined;
+      await Promise.race([Promise.all(pending), new Promise((resolve) => (timer = setTimeout(resolve, waitMs)))]);
+      clearTimeout(timer);
+    }
+    await this.hashing.close();
   }
 
   /** For /status. */

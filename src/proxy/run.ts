@@ -39,6 +39,9 @@ export interface ProxyRunOptions {
 export const DEFAULT_MAX_CONNECTIONS = 1024;
 export const DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 256;
 
+/** At shutdown, how long fills in flight may take to be stored (flushing a large blob takes a moment). */
+const FILL_SETTLE_MS = 30_000;
+
 /** How long a replaced runtime keeps its connections for streams still in flight. */
 const DRAIN_MS = 10 * 60_000;
 
@@ -121,7 +124,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
       prober.stop();
       await Promise.all([running.close(), ops?.close()]);
       await Promise.all([runtime, ...retired].map((r) => r.close()));
-      await cache?.close();
+      await cache?.close(FILL_SETTLE_MS);
       logger.info('proxy stopped');
     },
   };
