@@ -23,11 +23,16 @@ export function completeExtent(size: number): FileExtent {
 }
 
 const READ_BYTES = 256 * 1024;
-const BUFFERS = 3;
+const BUFFERS = 4;
+/** Thread-pool reads in flight at once: the next read is under way while a chunk is delivered. */
+const READS_AHEAD = 2;
 
 interface Slot {
   readonly buffer: Buffer;
+  /** Writes of this slot's bytes in progress (the consumer's holds). */
   holds: number;
+  /** Read into, or read and not yet delivered. */
+  busy: boolean;
 }
 
 /** Bytes read synchronously in one turn of the event loop before yielding to others. */
@@ -65,35 +70,31 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
   };
 
   const freeSlot = (): Slot | undefined => {
-    const free = slots.find((s) => s.holds === 0);
+    const free = slots.find((s) => s.holds === 0 && !s.busy);
     if (free) return free;
     if (slots.length < BUFFERS) {
-      const slot = { buffer: Buffer.allocUnsafe(READ_BYTES), holds: 0 };
+      const slot = { buffer: Buffer.allocUnsafe(READ_BYTES), holds: 0, busy: false };
       slots.push(slot);
       return slot;
     }
     return undefined;
   };
 
-  /** What may be read next, or why not: a number of bytes, 'wait' (more will come, or a buffer frees up), or done. */
-  const next = (): number | 'wait' | 'done' => {
-    if (!sink || finished || paused || reading) return 'wait';
+  /** How many bytes may be read from `from` now, or why not: 'wait' (more will come) or 'done'. */
+  const readable = (from: number): number | 'wait' | 'done' => {
     const outcome = extent.outcome();
     if (outcome && 'error' in outcome) {
       finish(outcome.error);
       return 'done';
     }
     const end = range.end ?? (outcome ? outcome.size : Number.POSITIVE_INFINITY);
-    if (position >= end) {
-      finish();
-      return 'done';
-    }
-    const available = Math.min(end, extent.readable()) - position;
+    if (from >= end) return 'done';
+    const available = Math.min(end, extent.readable()) - from;
     return available > 0 ? Math.min(READ_BYTES, available) : 'wait'; // a growing file: woken by watch
   };
 
-  const deliver = (slot: Slot, bytesRead: number, end: number): void => {
-    if (bytesRead === 0) return finish(new Error(`cached file ended at ${position} bytes, before ${end}`));
+  const deliver = (slot: Slot, bytesRead: number, asked: number): void => {
+    if (bytesRead !== asked) return finish(new Error(`cached file ended at ${position + bytesRead} bytes, before ${position + asked}`));
     position += bytesRead;
     if (!sink?.data(slot.buffer.subarray(0, bytesRead))) paused = true;
   };
@@ -101,8 +102,10 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
   const pumpSync = () => {
     let turn = 0;
     for (;;) {
-      const bytes = next();
-      if (typeof bytes !== 'number') return;
+      if (!sink || finished || paused || reading) return;
+      const bytes = readable(position);
+      if (bytes === 'done') return finish();
+      if (bytes === 'wait') return;
       const slot = freeSlot();
       if (!slot) return; // every buffer is being written: woken by a release
       if (turn >= SYNC_TURN_BYTES) {
@@ -120,30 +123,50 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
         return finish(error as Error);
       }
       turn += bytesRead;
-      deliver(slot, bytesRead, position + bytes);
+      deliver(slot, bytesRead, bytes);
     }
   };
 
-  const pump = (): void => {
-    if (options.syncReads) return pumpSync();
-    const bytes = next();
-    if (typeof bytes !== 'number') return;
-    const slot = freeSlot();
-    if (!slot) return; // every buffer is being written: woken by a release
-    reading = true;
-    file.read(slot.buffer, 0, bytes, position).then(
-      ({ bytesRead }) => {
-        reading = false;
-        if (finished) return;
-        deliver(slot, bytesRead, position + bytes);
-        pump();
-      },
-      (error: Error) => {
-        reading = false;
-        finish(error);
-      },
-    );
+  // Thread-pool reads, up to READS_AHEAD in flight, delivered in order.
+  const reads: Array<{ slot: Slot; bytes: number; result?: number; error?: Error }> = [];
+  let asked = range.start;
+  const pumpAsync = (): void => {
+    while (sink && !finished && !paused && reads[0]?.result !== undefined) {
+      const read = reads.shift();
+      if (!read) break;
+      read.slot.busy = false;
+      if (read.error) return finish(read.error);
+      deliver(read.slot, read.result ?? 0, read.bytes);
+    }
+    if (!sink || finished) return;
+    while (reads.length < READS_AHEAD) {
+      const bytes = readable(asked);
+      if (bytes === 'done') {
+        if (reads.length === 0) finish();
+        return;
+      }
+      if (bytes === 'wait') return;
+      const slot = freeSlot();
+      if (!slot) return; // every buffer is being written or read: woken by a release or a read
+      slot.busy = true;
+      const read: (typeof reads)[number] = { slot, bytes };
+      reads.push(read);
+      file.read(slot.buffer, 0, bytes, asked).then(
+        ({ bytesRead }) => {
+          read.result = bytesRead;
+          pump();
+        },
+        (error: Error) => {
+          read.result = 0;
+          read.error = error;
+          pump();
+        },
+      );
+      asked += bytes;
+    }
   };
+
+  const pump = (): void => (options.syncReads ? pumpSync() : pumpAsync());
 
   return {
     attach(target) {
