@@ -313,6 +313,8 @@ export function formatCacheBench(r: CacheBenchResult): string {
     '|---|---|',
     ...r.miss.map((row) => `| ${row.target} | ${f(row.singleMBps)} |`),
     '',
+    'A miss does what nginx plain does with a large body (write it to a file, read it back) and also hashes every byte before the blob is kept (sha256, about 0.6 CPU-seconds per GiB, on a hashing thread of its own), on two cores that the client and the registry need too; nginx keeps nothing and checks nothing. The fair comparison of the cache\'s own cost is the relay row: pullbridge\'s verified relay, which hashes inline.',
+    '',
     `**Single flight** (${r.concurrency} clients at once for the blob not in the cache, fresh proxy and cache directory each round): ${r.flightWallSeconds.toFixed(2)} s until the last client finished (${f(r.flightMBps)} MiB/s delivered in total), against ${r.missSingleWallSeconds.toFixed(2)} s for one client; upstream blob GETs per round, from the registry's access log: ${r.flightUpstreamGets.join(', ')}. Delivering ${r.concurrency} × ${r.sizeMb} MiB at the rate pullbridge serves ${r.concurrency} concurrent hits (${f(pbHit.concurrentMBps)} MiB/s) alone takes ${deliverySeconds.toFixed(2)} s (${x(deliverySeconds / r.missSingleWallSeconds)} the single miss): on this machine the clients' bytes, not the upstream transfer, bound this figure.`,
     '',
     '| measure | value | target | |',
