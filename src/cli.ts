@@ -19,6 +19,7 @@ const load = {
   proxyRun: () => import('./proxy/run.js'),
   credentials: () => import('./proxy/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
+  nodeSetup: () => import('./shell/nodesetup.js'),
   warm: () => Promise.all([import('./cache/warm.js'), import('./cache/nodecache.js'), import('./proxy/runtime.js'), import('./log.js'), import('./metrics.js')]),
 };
 
@@ -34,6 +35,8 @@ Usage:
   pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
   pullbridge pull-secret --config FILE --namespace NS
   pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...
+  pullbridge node-setup --config FILE [--registries-dir DIR] [--once]
+                     (CRI-O/podman: a registries.conf.d drop-in marking the proxy insecure, removed on exit)
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
   pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]
   pullbridge demo [--port N] [--proxy-port N]   (what \`npm start\` runs: webhook and proxy on a sample config)
@@ -325,6 +328,26 @@ function formatBytes(bytes: number): string {
   return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
+/**
+ * Installs the registries.conf.d drop-in for the proxy's address and, unless --once, keeps it until
+ * SIGTERM/SIGINT (the chart's node-setup DaemonSet Pod ending: uninstall), then removes it.
+ */
+async function cmdNodeSetup(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { config: { type: 'string' }, 'registries-dir': { type: 'string', default: '/etc/containers/registries.conf.d' }, once: { type: 'boolean', default: false } }, strict: true });
+  const config = loadConfigOrExit(requireOption(values.config, '--config'));
+  const dir = requireOption(values['registries-dir'], '--registries-dir');
+  const { installDropIn, removeDropIn } = await load.nodeSetup();
+  const path = installDropIn(dir, config.proxyAuthority);
+  process.stdout.write(`${path}: ${config.proxyAuthority} marked insecure (plain HTTP) for containers/image runtimes; CRI-O reads it on SIGHUP (systemctl reload crio)\n`);
+  if (values.once) return 0;
+  setInterval(() => undefined, 2 ** 30); // nothing else keeps the process alive until it is stopped
+  onTermination(async () => {
+    removeDropIn(dir);
+    process.stdout.write(`${path} removed\n`);
+  });
+  return -1;
+}
+
 async function cmdDemo(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' }, 'proxy-port': { type: 'string', default: '30500' } }, strict: true });
   const port = parsePort(values.port, '--port');
@@ -404,6 +427,8 @@ export async function main(argv: string[]): Promise<number> {
         return await cmdPullSecret(args);
       case 'warm':
         return await cmdWarm(args);
+      case 'node-setup':
+        return await cmdNodeSetup(args);
       case 'demo':
         return await cmdDemo(args);
       case undefined:

@@ -1,0 +1,35 @@
+// Node set-up for runtimes built on containers/image (CRI-O, podman): they require TLS for every
+// registry not marked insecure in registries.conf, `localhost:PORT` included. A drop-in in
+// registries.conf.d marks the node's pull proxy, and is removed again when the set-up stops.
+
+import { mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+
+/** The drop-in's name: early in the alphabetical order, so later drop-ins may still override it. */
+export const DROP_IN_NAME = '50-pullbridge.conf';
+
+/** registries.conf (v2) text marking `authority` (`host:port`, as rewritten references name it) plain HTTP. */
+export function registriesDropIn(authority: string): string {
+  return [
+    '# Written by pullbridge node-setup, removed when it stops: the node-local pull proxy serves',
+    '# plain HTTP on the node itself (see the pullbridge README, "CRI-O and podman").',
+    '[[registry]]',
+    `location = ${JSON.stringify(authority)}`,
+    'insecure = true',
+    '',
+  ].join('\n');
+}
+
+/** Writes the drop-in into `dir` atomically (a runtime reading the directory never sees half of it); returns its path. */
+export function installDropIn(dir: string, authority: string): string {
+  mkdirSync(dir, { recursive: true });
+  const path = join(dir, DROP_IN_NAME);
+  const temporary = join(dir, `.${DROP_IN_NAME}.tmp`); // not *.conf: never loaded
+  writeFileSync(temporary, registriesDropIn(authority), { mode: 0o644 });
+  renameSync(temporary, path);
+  return path;
+}
+
+export function removeDropIn(dir: string): void {
+  rmSync(join(dir, DROP_IN_NAME), { force: true });
+}
