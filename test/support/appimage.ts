@@ -80,12 +80,24 @@ function sha256OfFile(path: string): { digest: string; size: number } {
 }
 
 const built = new Map<string, AppImage>();
+let runDir: string | undefined;
+
+/** A directory for this test run's image, removed when the process exits. */
+function testRunDir(): string {
+  if (runDir === undefined) {
+    const created = mkdtempSync(join(tmpdir(), 'pullbridge-app-image-'));
+    process.once('exit', () => rmSync(created, { recursive: true, force: true }));
+    runDir = created;
+  }
+  return runDir;
+}
 
 /**
- * Builds pullbridge's image in `dir` (once per directory and process: later calls return the same
- * image). Needs `npm run build` done (dist/src) and node_modules installed.
+ * Builds pullbridge's image (in `dir`, or in a directory of this test run by default), once per
+ * directory and process: later calls return the same image, so test files of one run share it.
+ * Needs `npm run build` done (dist/src) and node_modules installed.
  */
-export function buildAppImage(dir: string): AppImage {
+export function buildAppImage(dir: string = testRunDir()): AppImage {
   const cached = built.get(dir);
   if (cached) return cached;
   if (!existsSync(join(ROOT, 'dist', 'src', 'cli.js'))) throw new Error(`${join(ROOT, 'dist', 'src')} is missing: run npm run build`);
