@@ -2,7 +2,7 @@
 // (scripts/build-control-plane.sh), with a static admin token.
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { homedir, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateCertificates } from '../../src/certs/certs.js';
@@ -106,6 +106,7 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
   const stop = async () => {
     await apiserver.stop();
     await etcd.stop();
+    rmSync(dir, { recursive: true, force: true });
   };
   const url = `https://127.0.0.1:${securePort}`;
   const deadline = Date.now() + 90_000;

@@ -108,18 +108,29 @@ export interface RunnableImageSpec {
   readonly user?: string;
 }
 
+/** The runtime part of an image config (`config` in the OCI image config), as a Dockerfile sets it. */
+export interface RuntimeConfig {
+  readonly Entrypoint: readonly string[];
+  readonly Cmd?: readonly string[];
+  readonly User?: string;
+  readonly WorkingDir?: string;
+  readonly Env?: readonly string[];
+  readonly ExposedPorts?: Readonly<Record<string, Record<string, never>>>;
+}
+
+/** A single-platform (linux/amd64) image of one gzip layer: `layer` is the compressed blob, `diffId`
+ * the digest of its uncompressed tar; config, manifest and an index over it are made here. */
+export function singleLayerImage(layer: Buffer, diffId: string, runtime: RuntimeConfig): TestImage {
+  const layerBlob = blob('application/vnd.oci.image.layer.v1.tar+gzip', layer);
+  const config = json('application/vnd.oci.image.config.v1+json', { architecture: 'amd64', os: 'linux', rootfs: { type: 'layers', diff_ids: [diffId] }, config: runtime });
+  return assembleImage([{ platform: { os: 'linux', architecture: 'amd64' }, config, layers: [layerBlob], manifest: imageManifest(config, [layerBlob]) }]);
+}
+
 /** A single-platform (linux/amd64) image that a container runtime can run: one layer, a config with
  * an entrypoint, a manifest, and an index over it. */
 export function buildRunnableImage(spec: RunnableImageSpec): TestImage {
   const tar = tarOf(spec.files);
-  const layer = blob('application/vnd.oci.image.layer.v1.tar+gzip', gzipSync(tar, { level: 6 }));
-  const config = json('application/vnd.oci.image.config.v1+json', {
-    architecture: 'amd64',
-    os: 'linux',
-    rootfs: { type: 'layers', diff_ids: [sha256(tar)] },
-    config: { Entrypoint: spec.entrypoint, ...(spec.cmd ? { Cmd: spec.cmd } : {}), ...(spec.user ? { User: spec.user } : {}) },
-  });
-  return assembleImage([{ platform: { os: 'linux', architecture: 'amd64' }, config, layers: [layer], manifest: imageManifest(config, [layer]) }]);
+  return singleLayerImage(gzipSync(tar, { level: 6 }), sha256(tar), { Entrypoint: spec.entrypoint, ...(spec.cmd ? { Cmd: spec.cmd } : {}), ...(spec.user ? { User: spec.user } : {}) });
 }
 
 /** Writes the image as an OCI layout whose index names it `tag` (and, for containerd's importer,

@@ -2,7 +2,7 @@
 // Basic auth or token auth (a small token issuer here signs the JWTs the registry verifies), and TLS.
 
 import { createHash, createPrivateKey, createSign, X509Certificate } from 'node:crypto';
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateCertificates, type CertificateBundle } from '../../src/certs/certs.js';
@@ -200,13 +200,18 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
       const layout = mkdtempSync(join(tmpdir(), 'pullbridge-oci-'));
       writeOciLayout(layout, image, tag);
       const creds = auth === 'none' ? [] : ['--dest-creds', `${firstUser}:${firstPassword}`];
-      await runAsync('skopeo', ['copy', '--all', '--quiet', '--dest-tls-verify=false', ...creds, `oci:${layout}:${tag}`, `docker://127.0.0.1:${port}/${repository}:${tag}`]);
+      try {
+        await runAsync('skopeo', ['copy', '--all', '--quiet', '--dest-tls-verify=false', ...creds, `oci:${layout}:${tag}`, `docker://127.0.0.1:${port}/${repository}:${tag}`]);
+      } finally {
+        rmSync(layout, { recursive: true, force: true });
+      }
     },
     requests: () => requests,
     blobGets: (digest) => requests.filter((r) => r.method === 'GET' && r.path.endsWith(`/blobs/${digest}`) && r.status < 300).length,
     async stop() {
       await proc.stop();
       await issuer?.server.close(100);
+      rmSync(dir, { recursive: true, force: true });
     },
   };
 }
