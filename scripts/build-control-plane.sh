@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Builds the Kubernetes parts the tests run for real — kube-apiserver, kubectl, kubelet — and helm,
-# from Go modules into a cache outside the repository, once per version. The end-to-end tests run a
-# real control plane and a real node (kubelet + containerd CRI), drive certs-scripts/ with kubectl,
-# and lint/render the chart with helm.
+# Builds the Kubernetes parts the tests run for real — kube-apiserver, kubectl, kubelet,
+# kube-scheduler, kube-controller-manager, kube-proxy — and helm, from Go modules into a cache
+# outside the repository, once per version. The end-to-end tests run a real control plane (with
+# scheduler and controller manager where workloads must be scheduled) and a real node (kubelet +
+# containerd CRI, kube-proxy), drive certs-scripts/ with kubectl, and lint/render the chart with helm.
 #
 #   scripts/build-control-plane.sh        # prints the binaries' paths, one a line
 # Env: KUBE_VERSION (v1.31.4), HELM_VERSION (v3.16.4), PULLBRIDGE_CACHE (~/.cache/pullbridge)
@@ -10,12 +11,12 @@ set -euo pipefail
 
 # Go may live outside a minimal PATH (CI runs with a trimmed environment).
 export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "go is required to build kube-apiserver, kubectl, kubelet and helm" >&2; exit 1; }
+command -v go >/dev/null || { echo "go is required to build the Kubernetes commands and helm" >&2; exit 1; }
 
 KUBE_VERSION=${KUBE_VERSION:-v1.31.4}
 HELM_VERSION=${HELM_VERSION:-v3.16.4}
 CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
-KUBE_COMMANDS="kube-apiserver kubectl kubelet"
+KUBE_COMMANDS="kube-apiserver kubectl kubelet kube-scheduler kube-controller-manager kube-proxy"
 mkdir -p "$CACHE/bin"
 # The helm binary's name says it is stamped with a Kubernetes version (see below), so that an
 # unstamped one cached by an older version of this script is never picked up.
@@ -40,7 +41,7 @@ if [ -n "$missing" ]; then
     printf ')\n'
   } > go.mod
   # -mod=mod for every step: `go get` records go.sum entries only for kube-apiserver's import graph,
-  # so building kubectl or kubelet without it fails with "missing go.sum entry for module providing
+  # so building kubectl, kubelet and the others without it fails with "missing go.sum entry for module providing
   # package ..." on a machine whose cache is empty.
   export GOFLAGS="${GOFLAGS:+$GOFLAGS }-mod=mod"
   go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION"

@@ -1,5 +1,6 @@
 // A real control plane on loopback: Debian's etcd and a kube-apiserver built from Go modules
-// (scripts/build-control-plane.sh), with a static admin token.
+// (scripts/build-control-plane.sh), with a static admin token; optionally kube-scheduler and
+// kube-controller-manager too, each with its own identity and kubeconfig.
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
@@ -12,10 +13,12 @@ export const KUBE_VERSION = process.env.KUBE_VERSION ?? 'v1.31.4';
 export const HELM_VERSION = process.env.HELM_VERSION ?? 'v3.16.4';
 const CACHE = process.env.PULLBRIDGE_CACHE ?? join(homedir(), '.cache', 'pullbridge');
 
-export function cachedBinary(name: 'kube-apiserver' | 'kubectl' | 'kubelet' | 'helm'): string {
+export type CachedBinary = 'kube-apiserver' | 'kubectl' | 'kubelet' | 'kube-scheduler' | 'kube-controller-manager' | 'kube-proxy' | 'helm';
+
+export function cachedBinary(name: CachedBinary): string {
   // helm is stamped with its Kubernetes version when built (see the script), and named so.
   const path = join(CACHE, 'bin', name === 'helm' ? `helm-${HELM_VERSION}-stamped` : `${name}-${KUBE_VERSION}`);
-  if (!existsSync(path)) throw new Error(`${path} is missing: run scripts/build-control-plane.sh (it builds kube-apiserver, kubectl, kubelet and helm from Go modules)`);
+  if (!existsSync(path)) throw new Error(`${path} is missing: run scripts/build-control-plane.sh (it builds the Kubernetes commands and helm from Go modules)`);
   return path;
 }
 
@@ -26,7 +29,12 @@ export interface ControlPlane {
   /** A kubelet's credential for the Node `127.0.0.1` (user `system:node:127.0.0.1`, group
    * `system:nodes`): the Node authorizer and NodeRestriction limit it as in a cluster. */
   readonly nodeToken: string;
+  /** kube-proxy's credential (user `system:kube-proxy`, bound to `system:node-proxier` by the
+   * apiserver's default RBAC). */
+  readonly proxyToken: string;
   readonly caCert: string;
+  /** Output of the apiserver and, when running, the scheduler and controller manager. */
+  logs(): string;
   stop(): Promise<void>;
 }
 
@@ -38,6 +46,12 @@ export interface ControlPlaneOptions {
    * (`--admission-control-config-file`), as a cluster operator would.
    */
   readonly webhookClientCertificates?: ReadonlyArray<{ readonly host: string; readonly cert: string; readonly key: string }>;
+  /**
+   * Also run kube-scheduler and kube-controller-manager (all controllers, each with its own service
+   * account as kubeadm sets it up), so that Deployments, DaemonSets and Services work as in a
+   * cluster. Loopback only, no leader election; stopped with the control plane.
+   */
+  readonly controllers?: boolean;
 }
 
 /** The apiserver's AdmissionConfiguration: both webhook admission plugins read `kubeconfig`. */
@@ -76,7 +90,20 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
   writeFileSync(join(dir, 'sa.key'), sa.privateKey);
   const token = randomBytes(24).toString('hex');
   const nodeToken = randomBytes(24).toString('hex');
-  writeFileSync(join(dir, 'tokens.csv'), `${token},admin,admin-uid,"system:masters"\n${nodeToken},system:node:127.0.0.1,node-uid,"system:nodes"\n`);
+  // The identities the apiserver's default RBAC binds: system:kube-scheduler,
+  // system:kube-controller-manager and system:kube-proxy are users, with no group.
+  const identities = { scheduler: randomBytes(24).toString('hex'), controllerManager: randomBytes(24).toString('hex'), proxy: randomBytes(24).toString('hex') };
+  writeFileSync(
+    join(dir, 'tokens.csv'),
+    [
+      `${token},admin,admin-uid,"system:masters"`,
+      `${nodeToken},system:node:127.0.0.1,node-uid,"system:nodes"`,
+      `${identities.scheduler},system:kube-scheduler,scheduler-uid`,
+      `${identities.controllerManager},system:kube-controller-manager,controller-manager-uid`,
+      `${identities.proxy},system:kube-proxy,proxy-uid`,
+      '',
+    ].join('\n'),
+  );
   const admissionFlags: string[] = [];
   if (options.webhookClientCertificates) {
     writeFileSync(join(dir, 'webhook-clients.kubeconfig'), webhookKubeconfig(options.webhookClientCertificates), { mode: 0o600 });
@@ -103,7 +130,9 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     '--disable-admission-plugins=ServiceAccount',
     ...admissionFlags,
   ]);
+  const components: Proc[] = [];
   const stop = async () => {
+    for (const proc of components.reverse()) await proc.stop();
     await apiserver.stop();
     await etcd.stop();
     rmSync(dir, { recursive: true, force: true });
@@ -124,18 +153,69 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     await new Promise((r) => setTimeout(r, 500));
   }
   const kubeconfig = join(dir, 'kubeconfig');
-  writeFileSync(
-    kubeconfig,
-    JSON.stringify({
-      apiVersion: 'v1',
-      kind: 'Config',
-      clusters: [{ name: 'test', cluster: { server: url, 'certificate-authority-data': Buffer.from(serving.caCert).toString('base64') } }],
-      users: [{ name: 'admin', user: { token } }],
-      contexts: [{ name: 'test', context: { cluster: 'test', user: 'admin' } }],
-      'current-context': 'test',
-    }),
-  );
-  return { url, kubeconfig, token, nodeToken, caCert: serving.caCert, stop };
+  writeFileSync(kubeconfig, tokenKubeconfig(url, serving.caCert, 'admin', token));
+  const logs = () => [apiserver, ...components].map((p) => p.output().slice(-8000)).join('\n');
+  if (options.controllers) {
+    try {
+      writeFileSync(join(dir, 'ca.crt'), serving.caCert);
+      const component = async (name: 'kube-scheduler' | 'kube-controller-manager', identity: string, args: string[]) => {
+        const config = join(dir, `${name}.kubeconfig`);
+        writeFileSync(config, tokenKubeconfig(url, serving.caCert, `system:${name}`, identity), { mode: 0o600 });
+        const port = await freePort();
+        // Served on loopback only, with a self-signed certificate in its own directory; /healthz is
+        // always allowed, so no delegated authentication is configured.
+        const proc = startProcess(cachedBinary(name), [`--kubeconfig=${config}`, '--leader-elect=false', '--bind-address=127.0.0.1', `--secure-port=${port}`, `--cert-dir=${join(dir, `${name}-certs`)}`, ...args]);
+        components.push(proc);
+        return { name, proc, port };
+      };
+      const started = await Promise.all([
+        component('kube-scheduler', identities.scheduler, []),
+        component('kube-controller-manager', identities.controllerManager, [
+          // Every controller with its own service account (their roles are bound to those), tokens
+          // requested from the apiserver; the service-account key signs legacy token Secrets.
+          '--use-service-account-credentials=true',
+          `--service-account-private-key-file=${join(dir, 'sa.key')}`,
+          `--root-ca-file=${join(dir, 'ca.crt')}`,
+          '--service-cluster-ip-range=10.0.0.0/24',
+        ]),
+      ]);
+      for (const { name, proc, port } of started) {
+        for (const deadline = Date.now() + 90_000; ; await new Promise((r) => setTimeout(r, 500))) {
+          if (await healthz(port).catch(() => false)) break;
+          if (proc.child.exitCode !== null || Date.now() > deadline) throw new Error(`${name} did not become healthy:\n${proc.output().slice(-4000)}`);
+        }
+      }
+    } catch (error) {
+      await stop();
+      throw error;
+    }
+  }
+  return { url, kubeconfig, token, nodeToken, proxyToken: identities.proxy, caCert: serving.caCert, logs, stop };
+}
+
+/** A kubeconfig for `url` whose one user authenticates with a bearer token. */
+export function tokenKubeconfig(url: string, caCert: string, user: string, token: string): string {
+  return JSON.stringify({
+    apiVersion: 'v1',
+    kind: 'Config',
+    clusters: [{ name: 'test', cluster: { server: url, 'certificate-authority-data': Buffer.from(caCert).toString('base64') } }],
+    users: [{ name: user, user: { token } }],
+    contexts: [{ name: 'test', context: { cluster: 'test', user } }],
+    'current-context': 'test',
+  });
+}
+
+/** A component's /healthz on loopback (its certificate is self-signed: only the answer matters). */
+async function healthz(port: number): Promise<boolean> {
+  const https = await import('node:https');
+  return new Promise((resolve, reject) => {
+    const req = https.get(`https://127.0.0.1:${port}/healthz`, { rejectUnauthorized: false }, (res) => {
+      res.resume();
+      resolve(res.statusCode === 200);
+    });
+    req.on('error', reject);
+    req.setTimeout(3000, () => req.destroy(new Error('timeout')));
+  });
 }
 
 async function readyz(url: string, token: string, ca: string): Promise<boolean> {

@@ -5,8 +5,11 @@
 // (./forward.ts). Teardown stops every process of the node, removes its mounts and cgroups, and
 // reports anything it found left behind. Facts behind each setting: shared/notes/real-node.md.
 //
-// Pods are scheduled by naming the node (`spec.nodeName: node.name`) with `hostNetwork: true`: the
-// node has no CNI plugin, so it stays NotReady for the pod network, and no scheduler runs.
+// Without `podNetwork`, Pods are scheduled by naming the node (`spec.nodeName: node.name`) with
+// `hostNetwork: true`: the node has no CNI plugin, so it stays NotReady for the pod network, and no
+// scheduler runs. With `podNetwork`, a CNI conflist (bridge + host-local IPAM + portmap, Debian's
+// containernetworking-plugins) gives Pods their own addresses inside the node's namespace, and the
+// node goes Ready for a scheduler; `kubeProxyToken` adds kube-proxy (iptables mode) there too.
 
 import { spawn } from 'node:child_process';
 import type { V1Pod, V1PodSpec } from '@kubernetes/client-node';
@@ -15,7 +18,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlink
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cachedBinary, type ControlPlane } from './controlplane.js';
+import { cachedBinary, tokenKubeconfig, type ControlPlane } from './controlplane.js';
 import { buildRunnableImage, writeOciLayout, type TestImage } from './oci.js';
 import { freePort, run, runAsync, startProcess, type Proc } from './procs.js';
 
@@ -34,6 +37,10 @@ const KUBELET_SYSCTLS: Readonly<Record<string, string>> = {
   'kernel/keys/root_maxkeys': '1000000',
   'kernel/keys/root_maxbytes': '25000000',
 };
+
+/** Sysctls of this machine the node's network could touch if it leaked out of its namespace
+ * (the bridge plugin, portmap and kube-proxy set these, per network namespace): checked at stop. */
+const NETWORK_SYSCTLS: readonly string[] = ['net/ipv4/ip_forward', 'net/ipv4/conf/all/route_localnet', 'net/ipv4/conf/lo/route_localnet', 'net/bridge/bridge-nf-call-iptables', 'net/netfilter/nf_conntrack_max'];
 
 export interface RealNode {
   /** The Node's name, and the address the apiserver reaches its kubelet on. */
@@ -60,6 +67,12 @@ export interface NodeOptions {
   /** A token the kubelet authenticates with; a Node identity (`system:node:<name>` in
    * `system:nodes`) so that the Node authorizer and NodeRestriction apply as in a cluster. */
   readonly token: string;
+  /** A Pod network in the node's namespace: a bridge with host-local addresses from `subnet` (an
+   * IPv4 CIDR, e.g. `10.88.0.0/24`), masquerading, and portmap for hostPort. */
+  readonly podNetwork?: { readonly subnet: string };
+  /** Runs kube-proxy in iptables mode in the node's namespace with this token (user
+   * `system:kube-proxy`); needs `podNetwork`. NodePorts then answer on the node's 127.0.0.1. */
+  readonly kubeProxyToken?: string;
 }
 
 /** A Pod for this node: it names the node and uses the node's network (no scheduler, no CNI), and
@@ -103,6 +116,24 @@ function processesIn(netns: string, except: number): number[] {
   return pids;
 }
 
+/** PIDs in a cgroup tree: the Pods' processes, which live in network namespaces of their own (a
+ * Pod network) and are found by their cgroup under the node's root, not by the node's namespace. */
+function processesInCgroup(path: string): number[] {
+  if (!existsSync(path)) return [];
+  const pids: number[] = [];
+  for (const entry of readdirSync(path, { withFileTypes: true })) {
+    if (entry.isDirectory()) pids.push(...processesInCgroup(join(path, entry.name)));
+    else if (entry.name === 'cgroup.procs') {
+      try {
+        pids.push(...readFileSync(join(path, entry.name), 'utf8').split('\n').filter(Boolean).map(Number));
+      } catch {
+        // removed meanwhile
+      }
+    }
+  }
+  return pids;
+}
+
 /** Cgroup hierarchies of this machine (cgroup v1 controllers, and the v2 tree where mounted). */
 function cgroupHierarchies(): string[] {
   return readFileSync('/proc/self/mounts', 'utf8')
@@ -127,7 +158,7 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 function readSysctls(): Record<string, string | null> {
   const values: Record<string, string | null> = {};
-  for (const key of Object.keys(KUBELET_SYSCTLS)) {
+  for (const key of [...Object.keys(KUBELET_SYSCTLS), ...NETWORK_SYSCTLS]) {
     try {
       values[key] = readFileSync(`/proc/sys/${key}`, 'utf8').trim();
     } catch {
@@ -194,8 +225,10 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
     // kubelet first, so that it does not restart what is stopped below; then the containers,
     // shims and containerd, by namespace (container processes are children of shims, not of us).
     for (const proc of [...procs].reverse()) await proc.stop();
+    // Pods with their own network are not in the node's namespace: they are found by cgroup.
+    const nodeProcesses = () => [...new Set([...processesIn(nodeNetns, holderPid), ...cgroups.flatMap(processesInCgroup)])].filter((pid) => pid !== holderPid);
     for (let round = 0; round < 20; round++) {
-      const pids = processesIn(nodeNetns, holderPid);
+      const pids = nodeProcesses();
       if (pids.length === 0) break;
       for (const pid of pids) {
         try {
@@ -206,8 +239,8 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
       }
       await sleep(200);
     }
-    const stray = processesIn(nodeNetns, holderPid);
-    if (stray.length > 0) leftovers.push(`processes still in the node's namespace: ${stray.join(', ')}`);
+    const stray = nodeProcesses();
+    if (stray.length > 0) leftovers.push(`processes still in the node's namespace or cgroups: ${stray.join(', ')}`);
     for (const relay of relays) await relay.stop();
     // Mounts: every mount of the namespace under the node's directory or over /run, /var, /proc/sys
     // — only while the holder is still the node's (a dead holder's PID could be another process).
@@ -248,7 +281,7 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
     for (const path of Object.values(paths)) mkdirSync(path, { recursive: true });
     const script = ['ip link set lo up', `mount --bind ${paths.run} /run`, `mount --bind ${paths.varlog} /var/log`, `mount --bind ${paths.varlib} /var/lib`];
     for (const [key, value] of Object.entries(KUBELET_SYSCTLS)) {
-      if (sysctlsBefore[key] === null) continue;
+      if (sysctlsBefore[key] === null || sysctlsBefore[key] === undefined) continue;
       const file = join(paths.sysctl, key.replaceAll('/', '.'));
       writeFileSync(file, `${value}\n`);
       script.push(`mount --bind ${file} /proc/sys/${key}`);
@@ -270,6 +303,30 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
     const socket = join(ctd, 'containerd.sock');
     mkdirSync(join(dir, 'cni', 'net.d'), { recursive: true });
     mkdirSync(ctd, { recursive: true });
+    if (options.podNetwork) {
+      // containerd's CRI plugin runs `loopback` for each sandbox itself; this list gives the Pod
+      // its interface. Everything it sets (the bridge, ip_forward, iptables rules) is in the
+      // node's network namespace and goes with it.
+      writeFileSync(
+        join(dir, 'cni', 'net.d', '10-pod-network.conflist'),
+        JSON.stringify({
+          cniVersion: '0.4.0',
+          name: 'pod-network',
+          plugins: [
+            {
+              type: 'bridge',
+              bridge: 'pb0',
+              isGateway: true,
+              ipMasq: true,
+              hairpinMode: true,
+              ipam: { type: 'host-local', ranges: [[{ subnet: options.podNetwork.subnet }]], routes: [{ dst: '0.0.0.0/0' }], dataDir: join(dir, 'cni', 'ipam') },
+            },
+            // hostPort; its default SNAT sets route_localnet on the bridge, so 127.0.0.1:hostPort works.
+            { type: 'portmap', capabilities: { portMappings: true } },
+          ],
+        }),
+      );
+    }
     const cri = 'plugins."io.containerd.grpc.v1.cri"';
     writeFileSync(
       join(ctd, 'config.toml'),
@@ -398,6 +455,26 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
       `--root-dir=${join(kubeletDir, 'root')}`,
       `--cert-dir=${join(kubeletDir, 'pki')}`,
     ]);
+
+    if (options.kubeProxyToken !== undefined) {
+      if (!options.podNetwork) throw new Error('kube-proxy needs the node\'s podNetwork');
+      const proxyDir = join(dir, 'kube-proxy');
+      mkdirSync(proxyDir, { recursive: true });
+      writeFileSync(join(proxyDir, 'kubeconfig'), tokenKubeconfig(options.controlPlane.url, options.controlPlane.caCert, 'system:kube-proxy', options.kubeProxyToken), { mode: 0o600 });
+      startInside(cachedBinary('kube-proxy'), [
+        `--kubeconfig=${join(proxyDir, 'kubeconfig')}`,
+        `--hostname-override=${name}`,
+        '--proxy-mode=iptables',
+        `--cluster-cidr=${options.podNetwork.subnet}`,
+        // Zeros leave the conntrack sysctls (global ones among them) as they are.
+        '--conntrack-max-per-core=0',
+        '--conntrack-tcp-timeout-established=0',
+        '--conntrack-tcp-timeout-close-wait=0',
+        '--nodeport-addresses=127.0.0.0/8',
+        '--metrics-bind-address=127.0.0.1:10249',
+        '--healthz-bind-address=127.0.0.1:10256',
+      ]);
+    }
 
     const node: RealNode = {
       name,
