@@ -2,7 +2,7 @@
 // (server-side dry run, as `kubectl apply --dry-run=server` does), with a config the project accepts.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -123,6 +123,30 @@ describe('Helm chart', function () {
     const daemonset = JSON.stringify(rendered.find((o) => o.kind === 'DaemonSet'));
     assert.match(daemonset, /"operator":"Exists"/, 'tolerates all taints');
     assert.match(daemonset, /system-node-critical/);
+  });
+
+  it('rolls no Pod on a rule change: the Pod templates carry no config checksum (config.yaml is reloaded in place)', async () => {
+    type Workload = KubernetesObject & { spec: { template: { metadata: { annotations?: Record<string, string> } } } };
+    const templates = (objects: KubernetesObject[]) => new Map(objects.filter((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment').map((o) => [o.kind ?? '', (o as Workload).spec.template]));
+    const before = templates(await render());
+    // A rule added, cache sizes and excluded namespaces changed.
+    const changedValues = join(dir, 'changed.yaml');
+    writeFileSync(changedValues, VALUES.replace('webhook:', '  - {name: other, match: [other.example], upstream: "https://other.example", auth: {mode: anonymous}}\nwebhook:').replace('[monitoring]', '[monitoring, ci]') + 'cache: {maxBytes: 5Gi}\n');
+    const changed = await render('-f', changedValues);
+    const configMap = changed.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as KubernetesObject & { data: Record<string, string> };
+    assert.match(configMap.data['config.yaml'] ?? '', /other\.example/, 'the config did change');
+    const after = templates(changed);
+    assert.deepEqual([...before.keys()].sort(), ['DaemonSet', 'Deployment']);
+    for (const [kind, template] of before) {
+      assert.ok(!Object.keys(template.metadata.annotations ?? {}).some((k) => k.startsWith('checksum/config')), `${kind}: no config checksum`);
+      assert.deepEqual(after.get(kind), template, `${kind}: the Pod template is unchanged, so nothing rolls`);
+    }
+    // The pull secret name is read once at start: changing it rolls the webhook, not the proxy.
+    const renamed = templates(await render('--set', 'webhook.pullSecretName=other-pull'));
+    assert.notDeepEqual(renamed.get('Deployment'), before.get('Deployment'));
+    assert.deepEqual(renamed.get('DaemonSet'), before.get('DaemonSet'));
+    const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+    assert.match(readme.replace(/\s+/g, ' '), /config changes are picked up within the kubelet sync period/);
   });
 
   it('gives the proxy its node cache on a hostPath it owns, with the cache settings and per-rule opt-outs in config.yaml', async () => {
