@@ -179,7 +179,8 @@ describe('Helm chart', function () {
   });
 
   it('probes and scrapes the proxy on its operations port, which no exposure publishes (loopback with hostNetwork)', async () => {
-    type Container = { args: string[]; ports: Array<{ name: string; containerPort: number; hostPort?: number }>; readinessProbe: { httpGet: { port: string | number; host?: string } }; livenessProbe: { httpGet: { port: string | number; host?: string } } };
+    type Probe = { httpGet: { path: string; port: string | number; host?: string; scheme?: string }; initialDelaySeconds?: number; periodSeconds?: number; failureThreshold?: number };
+    type Container = { args: string[]; ports: Array<{ name: string; containerPort: number; hostPort?: number }>; readinessProbe: Probe; livenessProbe: Probe; startupProbe?: Probe };
     for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
       const rendered = await render('--set', `proxy.exposure=${exposure}`);
       const proxy = (rendered.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { spec: { containers: Container[] } } } }).spec.template.spec.containers[0];
@@ -189,7 +190,11 @@ describe('Helm chart', function () {
       // With hostNetwork a declared port becomes a hostPort (the apiserver defaults it): none then.
       assert.equal(ops?.containerPort, exposure === 'hostNetwork' ? undefined : 9090);
       assert.equal(ops?.hostPort, undefined, 'never a hostPort');
-      for (const probe of [proxy.readinessProbe, proxy.livenessProbe]) {
+      // A startup probe on the readiness endpoint holds the others back while the proxy starts.
+      assert.ok(proxy.startupProbe, `${exposure}: a startup probe`);
+      assert.equal(proxy.startupProbe.httpGet.path, proxy.readinessProbe.httpGet.path);
+      assert.ok((proxy.startupProbe.periodSeconds ?? 10) * (proxy.startupProbe.failureThreshold ?? 3) >= 120, 'minutes to open a large node cache');
+      for (const probe of [proxy.readinessProbe, proxy.livenessProbe, proxy.startupProbe]) {
         assert.equal(probe.httpGet.port, exposure === 'hostNetwork' ? 9090 : 'ops');
         // A hostNetwork Pod's IP is the node's address; the proxy listens on loopback there.
         assert.equal(probe.httpGet.host, exposure === 'hostNetwork' ? '127.0.0.1' : undefined, exposure);
@@ -197,6 +202,24 @@ describe('Helm chart', function () {
       assert.equal(proxy.args.includes('--ops-host=127.0.0.1'), exposure === 'hostNetwork');
       const services = rendered.filter((o) => o.kind === 'Service') as unknown as Array<{ spec: { ports: Array<{ targetPort: string }> } }>;
       assert.ok(services.every((svc) => svc.spec.ports.every((p) => p.targetPort !== 'ops')), 'no Service publishes the operations port by default');
+    }
+  });
+
+  it('gives the webhook a startup probe on its readiness endpoint, and the apiserver accepts both workloads with theirs', async () => {
+    type Probe = { httpGet: { path: string; port: string | number; scheme?: string }; periodSeconds?: number; failureThreshold?: number };
+    const rendered = await render();
+    const webhook = (rendered.find((o) => o.kind === 'Deployment') as unknown as { spec: { template: { spec: { containers: Array<{ readinessProbe: Probe; startupProbe?: Probe }> } } } }).spec.template.spec.containers[0];
+    assert.ok(webhook?.startupProbe);
+    assert.deepEqual(webhook.startupProbe.httpGet, webhook.readinessProbe.httpGet);
+    assert.deepEqual(webhook.startupProbe.httpGet, { path: '/readyz', port: 'https', scheme: 'HTTPS' });
+    assert.ok((webhook.startupProbe.periodSeconds ?? 10) * (webhook.startupProbe.failureThreshold ?? 3) >= 60, 'time for the certificate bootstrap');
+    for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
+      const workloads = (await render('--set', `proxy.exposure=${exposure}`)).filter((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment');
+      for (const object of workloads) {
+        object.metadata = { ...object.metadata, name: `${object.metadata?.name ?? ''}-startup-${exposure.toLowerCase()}` };
+        const created = (await objects.create(object, undefined, 'All')) as unknown as { spec: { template: { spec: { containers: Array<{ startupProbe?: Probe }> } } } };
+        assert.ok(created.spec.template.spec.containers[0]?.startupProbe, `${object.kind} (${exposure}) keeps its startup probe`);
+      }
     }
   });
 
