@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the Kubernetes parts the tests run for real — kube-apiserver, kubectl, kubelet — and helm,
+# Builds the Kubernetes parts the tests run for real — kube-apiserver, kube-controller-manager (its garbage collector), kubectl, kubelet — and helm,
 # from Go modules into a cache outside the repository, once per version. The end-to-end tests run a
 # real control plane and a real node (kubelet + containerd CRI), drive certs-scripts/ with kubectl,
 # and lint/render the chart with helm.
@@ -15,7 +15,7 @@ command -v go >/dev/null || { echo "go is required to build kube-apiserver, kube
 KUBE_VERSION=${KUBE_VERSION:-v1.31.4}
 HELM_VERSION=${HELM_VERSION:-v3.16.4}
 CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
-KUBE_COMMANDS="kube-apiserver kubectl kubelet"
+KUBE_COMMANDS="kube-apiserver kube-controller-manager kubectl kubelet"
 mkdir -p "$CACHE/bin"
 # The helm binary's name says it is stamped with a Kubernetes version (see below), so that an
 # unstamped one cached by an older version of this script is never picked up.

@@ -6,13 +6,14 @@ import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { X509Certificate } from 'node:crypto';
-import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
+import { randomBytes, X509Certificate } from 'node:crypto';
+import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { generateClientCertificate } from '../src/certs/certs.js';
 import { parseConfig } from '../src/rules/config.js';
 import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
-import { runAsync } from './support/procs.js';
+import { runAsync, startProcess } from './support/procs.js';
+import { runWebhook } from '../src/webhook/run.js';
 
 const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
 const VALUES = `
@@ -362,6 +363,57 @@ webhook: {metricsPort: 9191}
     assert.equal(stored.webhooks?.[0]?.clientConfig.caBundle, secret.data?.['ca.crt']);
     const second = await runAsync('bash', [script], { env });
     assert.match(second, /certificate valid for more than 30 days, kept/);
+  });
+
+  it('bootstrap mode: the webhook, with the chart\'s RBAC alone, makes its TLS Secret owned by its Deployment, and the garbage collector deletes it with the Deployment (helm uninstall)', async function () {
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const core = kc.makeApiClient(CoreV1Api);
+    const rendered = await render();
+    const deployment = rendered.find((o) => o.kind === 'Deployment') as unknown as { spec: { template: { spec: { containers: Array<{ args: string[] }> } } } } & KubernetesObject;
+    const arg = (name: string) => deployment.spec.template.spec.containers[0]?.args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+    assert.equal(arg('owner-deployment'), 'pullbridge-webhook');
+    // The chart's service account, RBAC and Deployment, for real; the webhook configuration too.
+    const needed = rendered.filter((o) => ['ServiceAccount', 'ClusterRole', 'ClusterRoleBinding', 'Role', 'RoleBinding', 'Deployment', 'MutatingWebhookConfiguration'].includes(o.kind ?? '') && o.metadata?.name?.startsWith('pullbridge'));
+    for (const object of needed) await objects.create(object);
+    const gc = startProcess(cachedBinary('kube-controller-manager'), [`--kubeconfig=${cp.kubeconfig}`, '--controllers=garbagecollector', '--leader-elect=false', '--secure-port=0', '--use-service-account-credentials=false']);
+    try {
+      const token = await core.createNamespacedServiceAccountToken({ namespace: 'pullbridge', name: 'pullbridge-webhook', body: { spec: { audiences: [], expirationSeconds: 3600 } } });
+      const saKubeconfig = join(dir, 'webhook-sa.kubeconfig');
+      writeFileSync(saKubeconfig, JSON.stringify({
+        apiVersion: 'v1', kind: 'Config', 'current-context': 'sa',
+        clusters: [{ name: 'test', cluster: { server: cp.url, 'certificate-authority-data': Buffer.from(cp.caCert).toString('base64') } }],
+        users: [{ name: 'sa', user: { token: token.status?.token } }],
+        contexts: [{ name: 'sa', context: { cluster: 'test', user: 'sa' } }],
+      }));
+      const keyFile = join(dir, 'broker-key');
+      writeFileSync(keyFile, randomBytes(32).toString('hex'));
+      const parsed = parseConfig(`webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}\nbroker: {keyFiles: [${keyFile}]}\nregistries: []\n`);
+      assert.ok(parsed.ok);
+      const tlsBootstrap = { secretName: arg('tls-secret') ?? '', service: arg('service') ?? '', webhookConfiguration: arg('webhook-configuration') ?? '', namespace: 'pullbridge', ownerDeployment: arg('owner-deployment') ?? '' };
+      const start = async () => (await runWebhook({ config: parsed.config, host: '127.0.0.1', port: 0, kubeconfig: saKubeconfig, tlsBootstrap, reconcileIntervalMs: 3_600_000 })).shutdown();
+      await start();
+      const uid = (await kc.makeApiClient(AppsV1Api).readNamespacedDeployment({ namespace: 'pullbridge', name: 'pullbridge-webhook' })).metadata?.uid;
+      const secret = await core.readNamespacedSecret({ namespace: 'pullbridge', name: 'pullbridge-webhook-tls' });
+      assert.deepEqual(secret.metadata?.ownerReferences?.map((r) => [r.apiVersion, r.kind, r.name, r.uid]), [['apps/v1', 'Deployment', 'pullbridge-webhook', uid]]);
+      // A Secret made before it had an owner (an upgrade from an earlier version) is adopted as it is.
+      await core.replaceNamespacedSecret({ namespace: 'pullbridge', name: 'pullbridge-webhook-tls', body: { ...secret, metadata: { ...secret.metadata, ownerReferences: [] } } });
+      await start();
+      const adopted = await core.readNamespacedSecret({ namespace: 'pullbridge', name: 'pullbridge-webhook-tls' });
+      assert.equal(adopted.metadata?.ownerReferences?.[0]?.uid, uid);
+      assert.equal(adopted.data?.['tls.crt'], secret.data?.['tls.crt'], 'the certificate is kept');
+      // helm uninstall deletes the Deployment (background propagation): the collector takes the Secret.
+      await kc.makeApiClient(AppsV1Api).deleteNamespacedDeployment({ namespace: 'pullbridge', name: 'pullbridge-webhook', propagationPolicy: 'Background' });
+      let gone = false;
+      for (let i = 0; i < 600 && !gone; i++) {
+        gone = await core.readNamespacedSecret({ namespace: 'pullbridge', name: 'pullbridge-webhook-tls' }).then(() => false, (error: { code?: number }) => error.code === 404);
+        if (!gone) await new Promise((r) => setTimeout(r, 200));
+      }
+      assert.ok(gone, `the garbage collector deleted the Secret:\n${gc.output().slice(-3000)}`);
+    } finally {
+      await gc.stop();
+      for (const object of needed.reverse()) await objects.delete(object).catch(() => undefined);
+    }
   });
 
   it('builds the image\'s code from src alone (tsconfig.build.json, as the Dockerfile does)', async () => {

@@ -12,7 +12,7 @@ export const KUBE_VERSION = process.env.KUBE_VERSION ?? 'v1.31.4';
 export const HELM_VERSION = process.env.HELM_VERSION ?? 'v3.16.4';
 const CACHE = process.env.PULLBRIDGE_CACHE ?? join(homedir(), '.cache', 'pullbridge');
 
-export function cachedBinary(name: 'kube-apiserver' | 'kubectl' | 'kubelet' | 'helm'): string {
+export function cachedBinary(name: 'kube-apiserver' | 'kube-controller-manager' | 'kubectl' | 'kubelet' | 'helm'): string {
   // helm is stamped with its Kubernetes version when built (see the script), and named so.
   const path = join(CACHE, 'bin', name === 'helm' ? `helm-${HELM_VERSION}-stamped` : `${name}-${KUBE_VERSION}`);
   if (!existsSync(path)) throw new Error(`${path} is missing: run scripts/build-control-plane.sh (it builds kube-apiserver, kubectl, kubelet and helm from Go modules)`);
