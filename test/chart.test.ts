@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes, X509Certificate } from 'node:crypto';
-import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
+import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, PatchStrategy, setHeaderOptions, type KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { generateClientCertificate } from '../src/certs/certs.js';
 import { parseConfig } from '../src/rules/config.js';
@@ -414,6 +414,62 @@ webhook: {metricsPort: 9191}
       await gc.stop();
       for (const object of needed.reverse()) await objects.delete(object).catch(() => undefined);
     }
+  });
+
+  describe('Pod Security Admission', () => {
+    type Template = { metadata: { labels: Record<string, string> }; spec: Record<string, unknown> };
+    const podOf = (objects: KubernetesObject[], kind: string, name: string) => {
+      const template = (objects.find((o) => o.kind === kind) as unknown as { spec: { template: Template } }).spec.template;
+      return { apiVersion: 'v1', kind: 'Pod', metadata: { name, labels: template.metadata.labels }, spec: template.spec };
+    };
+    const core = () => {
+      const kc = new KubeConfig();
+      kc.loadFromFile(cp.kubeconfig);
+      return kc.makeApiClient(CoreV1Api);
+    };
+    const labelled = async (name: string, level: string) => {
+      await core().createNamespace({ body: { metadata: { name, labels: { 'pod-security.kubernetes.io/enforce': level } } } });
+    };
+    const refusal = (namespace: string, pod: KubernetesObject) =>
+      objects.create({ ...pod, metadata: { ...pod.metadata, namespace } }).then(
+        () => '',
+        (error: { body?: unknown }) => (JSON.parse(typeof error.body === 'string' ? error.body : JSON.stringify(error.body ?? {})) as { message?: string }).message ?? String(error),
+      );
+
+    it('a namespace enforcing baseline refuses the proxy\'s Pods, naming the violations; one labelled privileged, as the README says, accepts them', async () => {
+      await labelled('psa-baseline', 'baseline');
+      const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+      const label = /kubectl label namespace pullbridge (pod-security\.kubernetes\.io\/enforce)=(\w+)/.exec(readme);
+      assert.ok(label, 'the README says how to label the namespace');
+      await labelled('psa-readme', label[2] ?? '');
+      const expected: Record<string, RegExp[]> = {
+        nodePort: [/hostPath volumes \(volume "cache"\)/],
+        hostPort: [/hostPort \(container "proxy" uses hostPort 30500\)/, /hostPath volumes/],
+        hostNetwork: [/host namespaces \(hostNetwork=true\)/, /hostPath volumes/],
+      };
+      for (const [exposure, violations] of Object.entries(expected)) {
+        const pod = podOf(await render('--set', `proxy.exposure=${exposure}`), 'DaemonSet', `proxy-${exposure.toLowerCase()}`);
+        const refused = await refusal('psa-baseline', pod);
+        assert.match(refused, /violates PodSecurity "baseline:latest"/, `${exposure}: ${refused}`);
+        for (const violation of violations) assert.match(refused, violation, exposure);
+        assert.equal(await refusal('psa-readme', pod), '', `${exposure}: accepted where the README's label is`);
+      }
+      // The webhook's Pods, and a proxy without the cache behind a NodePort, fit even `restricted`.
+      await labelled('psa-restricted', 'restricted');
+      const plain = await render('--set', 'cache.enabled=false');
+      assert.equal(await refusal('psa-restricted', podOf(plain, 'Deployment', 'webhook')), '');
+      assert.equal(await refusal('psa-restricted', podOf(plain, 'DaemonSet', 'proxy-nocache')), '');
+    });
+
+    it('helm refuses to install into a namespace that enforces a stricter level than the proxy needs, with the fix in the message', async () => {
+      await labelled('psa-install', 'baseline');
+      const template = (...extra: string[]) => runAsync(helm, ['template', 'pullbridge', CHART, '-n', 'psa-install', '--dry-run=server', '--kubeconfig', cp.kubeconfig, '-f', valuesFile, ...extra]);
+      await assert.rejects(template('--set', 'proxy.exposure=hostNetwork'), /namespace psa-install enforces Pod Security "baseline", but the proxy needs "privileged" \(a hostPath for the cache, hostNetwork\): kubectl label namespace psa-install pod-security\.kubernetes\.io\/enforce=privileged/);
+      assert.match(await template('--set', 'cache.enabled=false'), /kind: DaemonSet/, 'nothing beyond baseline: installs');
+      assert.match(await template('--set', 'podSecurity.checkNamespace=false'), /kind: DaemonSet/);
+      await core().patchNamespace({ name: 'psa-install', body: { metadata: { labels: { 'pod-security.kubernetes.io/enforce': 'privileged' } } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
+      assert.match(await template('--set', 'proxy.exposure=hostNetwork'), /kind: DaemonSet/);
+    });
   });
 
   it('builds the image\'s code from src alone (tsconfig.build.json, as the Dockerfile does)', async () => {
