@@ -472,6 +472,47 @@ webhook: {metricsPort: 9191}
     });
   });
 
+  describe('priority class, where the apiserver limits system-node-critical to namespaces with a quota for it', () => {
+    let limited: ControlPlane;
+    let limitedObjects: KubernetesObjectApi;
+    let limitedCore: CoreV1Api;
+    before(async () => {
+      // The Kubernetes docs' "Limit Priority Class consumption by default", as GKE does.
+      const quota = { apiVersion: 'apiserver.config.k8s.io/v1', kind: 'ResourceQuotaConfiguration', limitedResources: [{ resource: 'pods', matchScopes: [{ scopeName: 'PriorityClass', operator: 'In', values: ['system-node-critical', 'system-cluster-critical'] }] }] };
+      limited = await startControlPlane({ admissionPlugins: [{ name: 'ResourceQuota', configuration: quota }] });
+      const kc = new KubeConfig();
+      kc.loadFromFile(limited.kubeconfig);
+      limitedObjects = KubernetesObjectApi.makeApiClient(kc);
+      limitedCore = kc.makeApiClient(CoreV1Api);
+    });
+    after(async () => limited?.stop());
+
+    const proxyPod = (objects: KubernetesObject[], namespace: string, name: string): KubernetesObject => {
+      const template = (objects.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { metadata: { labels: Record<string, string> }; spec: Record<string, unknown> } } }).spec.template;
+      return { apiVersion: 'v1', kind: 'Pod', metadata: { name, namespace, labels: template.metadata.labels }, spec: template.spec } as KubernetesObject;
+    };
+    const outcome = (pod: KubernetesObject) => limitedObjects.create(pod).then(() => 'created', (error: { body?: unknown }) => (typeof error.body === 'string' ? error.body : JSON.stringify(error.body)));
+
+    it('is refused without the quota, accepted with the README\'s quota, and can be emptied', async () => {
+      for (const name of ['no-quota', 'with-quota']) await limitedCore.createNamespace({ body: { metadata: { name } } });
+      const defaults = await render();
+      assert.match(await outcome(proxyPod(defaults, 'no-quota', 'proxy')), /insufficient quota to match these scopes.*system-node-critical/);
+      const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+      const snippet = /```yaml\n(apiVersion: v1\nkind: ResourceQuota\n[\s\S]*?)```/.exec(readme)?.[1];
+      assert.ok(snippet, 'the README shows the quota');
+      const quota = parseAllDocuments(snippet)[0]?.toJS() as { metadata: { name: string; namespace?: string }; spec: { hard: Record<string, string> } };
+      await limitedCore.createNamespacedResourceQuota({ namespace: 'with-quota', body: { ...quota, metadata: { ...quota.metadata, namespace: 'with-quota' } } });
+      // The quota controller would fill in its status; admission needs it.
+      const stored = await limitedCore.readNamespacedResourceQuota({ namespace: 'with-quota', name: quota.metadata.name });
+      await limitedCore.replaceNamespacedResourceQuotaStatus({ namespace: 'with-quota', name: quota.metadata.name, body: { ...stored, status: { hard: quota.spec.hard, used: { pods: '0' } } } });
+      assert.equal(await outcome(proxyPod(defaults, 'with-quota', 'proxy')), 'created');
+      const emptied = await render('--set', 'proxy.priorityClassName=');
+      const pod = proxyPod(emptied, 'no-quota', 'proxy-plain') as KubernetesObject & { spec: { priorityClassName?: string } };
+      assert.equal(pod.spec.priorityClassName, undefined);
+      assert.equal(await outcome(pod), 'created');
+    });
+  });
+
   it('builds the image\'s code from src alone (tsconfig.build.json, as the Dockerfile does)', async () => {
     await runAsync('npx', ['tsc', '-p', fileURLToPath(new URL('../../tsconfig.build.json', import.meta.url)), '--noEmit']);
   });
