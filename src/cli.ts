@@ -30,7 +30,7 @@ Usage:
   pullbridge validate --config FILE
   pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
                      [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
-                     [--tls-secret NAME --webhook-configuration NAME [--service NAME]]
+                     [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
   pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
   pullbridge pull-secret --config FILE --namespace NS
@@ -170,6 +170,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
       'pull-secret-failure': { type: 'string', default: 'deny' },
       'tls-secret': { type: 'string' },
       'webhook-configuration': { type: 'string' },
+      'owner-deployment': { type: 'string' },
       service: { type: 'string', default: 'pullbridge-webhook' },
       'client-ca': { type: 'string' },
       'client-name': { type: 'string', multiple: true },
@@ -193,6 +194,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const webhookConfiguration = values['webhook-configuration'];
   if (tlsSecret && certFile) throw new UsageError('--tls-secret (certificate bootstrap) and --tls-cert/--tls-key exclude each other');
   if (tlsSecret && !webhookConfiguration) throw new UsageError('--tls-secret needs --webhook-configuration, whose caBundle it maintains');
+  if (values['owner-deployment'] && !tlsSecret) throw new UsageError('--owner-deployment names the owner of the --tls-secret Secret');
   const clientCa = values['client-ca'];
   const clientNames = values['client-name'];
   if (clientCa && !certFile && !tlsSecret) throw new UsageError('--client-ca needs HTTPS: --tls-cert/--tls-key or --tls-secret');
@@ -205,7 +207,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     host: values.host,
     port,
     ...(certFile && keyFile ? { tlsFiles: { cert: certFile, key: keyFile } } : {}),
-    ...(tlsSecret && webhookConfiguration ? { tlsBootstrap: { secretName: tlsSecret, service: values.service, webhookConfiguration, namespace } } : {}),
+    ...(tlsSecret && webhookConfiguration ? { tlsBootstrap: { secretName: tlsSecret, service: values.service, webhookConfiguration, namespace, ...(values['owner-deployment'] ? { ownerDeployment: values['owner-deployment'] } : {}) } } : {}),
     ...(kubeconfig ? { kubeconfig } : {}),
     ...(values.configmap ? { configMap: { name: values.configmap, namespace } } : {}),
     pullSecretFailure: failure,

@@ -2,17 +2,18 @@
 // (server-side dry run, as `kubectl apply --dry-run=server` does), with a config the project accepts.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { X509Certificate } from 'node:crypto';
-import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
+import { randomBytes, X509Certificate } from 'node:crypto';
+import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, PatchStrategy, setHeaderOptions, type KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { generateClientCertificate } from '../src/certs/certs.js';
 import { parseConfig } from '../src/rules/config.js';
 import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
-import { runAsync } from './support/procs.js';
+import { runAsync, startProcess } from './support/procs.js';
+import { runWebhook } from '../src/webhook/run.js';
 
 const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
 const VALUES = `
@@ -125,6 +126,30 @@ describe('Helm chart', function () {
     assert.match(daemonset, /system-node-critical/);
   });
 
+  it('rolls no Pod on a rule change: the Pod templates carry no config checksum (config.yaml is reloaded in place)', async () => {
+    type Workload = KubernetesObject & { spec: { template: { metadata: { annotations?: Record<string, string> } } } };
+    const templates = (objects: KubernetesObject[]) => new Map(objects.filter((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment').map((o) => [o.kind ?? '', (o as Workload).spec.template]));
+    const before = templates(await render());
+    // A rule added, cache sizes and excluded namespaces changed.
+    const changedValues = join(dir, 'changed.yaml');
+    writeFileSync(changedValues, VALUES.replace('webhook:', '  - {name: other, match: [other.example], upstream: "https://other.example", auth: {mode: anonymous}}\nwebhook:').replace('[monitoring]', '[monitoring, ci]') + 'cache: {maxBytes: 5Gi}\n');
+    const changed = await render('-f', changedValues);
+    const configMap = changed.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as KubernetesObject & { data: Record<string, string> };
+    assert.match(configMap.data['config.yaml'] ?? '', /other\.example/, 'the config did change');
+    const after = templates(changed);
+    assert.deepEqual([...before.keys()].sort(), ['DaemonSet', 'Deployment']);
+    for (const [kind, template] of before) {
+      assert.ok(!Object.keys(template.metadata.annotations ?? {}).some((k) => k.startsWith('checksum/config')), `${kind}: no config checksum`);
+      assert.deepEqual(after.get(kind), template, `${kind}: the Pod template is unchanged, so nothing rolls`);
+    }
+    // The pull secret name is read once at start: changing it rolls the webhook, not the proxy.
+    const renamed = templates(await render('--set', 'webhook.pullSecretName=other-pull'));
+    assert.notDeepEqual(renamed.get('Deployment'), before.get('Deployment'));
+    assert.deepEqual(renamed.get('DaemonSet'), before.get('DaemonSet'));
+    const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+    assert.match(readme.replace(/\s+/g, ' '), /config changes are picked up within the kubelet sync period/);
+  });
+
   it('gives the proxy its node cache on a hostPath it owns, with the cache settings and per-rule opt-outs in config.yaml', async () => {
     type Spec = { initContainers?: Array<{ name: string; command: string[]; securityContext: { runAsUser: number; capabilities: { drop: string[]; add: string[] } }; volumeMounts: Array<{ name: string; mountPath: string }> }>; containers: Array<{ volumeMounts: Array<{ name: string; mountPath: string }> }>; volumes: Array<{ name: string; hostPath?: { path: string; type: string } }> };
     const specOf = (objects: KubernetesObject[]) => (objects.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { spec: Spec } } }).spec.template.spec;
@@ -155,7 +180,8 @@ describe('Helm chart', function () {
   });
 
   it('probes and scrapes the proxy on its operations port, which no exposure publishes (loopback with hostNetwork)', async () => {
-    type Container = { args: string[]; ports: Array<{ name: string; containerPort: number; hostPort?: number }>; readinessProbe: { httpGet: { port: string | number; host?: string } }; livenessProbe: { httpGet: { port: string | number; host?: string } } };
+    type Probe = { httpGet: { path: string; port: string | number; host?: string; scheme?: string }; initialDelaySeconds?: number; periodSeconds?: number; failureThreshold?: number };
+    type Container = { args: string[]; ports: Array<{ name: string; containerPort: number; hostPort?: number }>; readinessProbe: Probe; livenessProbe: Probe; startupProbe?: Probe };
     for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
       const rendered = await render('--set', `proxy.exposure=${exposure}`);
       const proxy = (rendered.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { spec: { containers: Container[] } } } }).spec.template.spec.containers[0];
@@ -165,7 +191,11 @@ describe('Helm chart', function () {
       // With hostNetwork a declared port becomes a hostPort (the apiserver defaults it): none then.
       assert.equal(ops?.containerPort, exposure === 'hostNetwork' ? undefined : 9090);
       assert.equal(ops?.hostPort, undefined, 'never a hostPort');
-      for (const probe of [proxy.readinessProbe, proxy.livenessProbe]) {
+      // A startup probe on the readiness endpoint holds the others back while the proxy starts.
+      assert.ok(proxy.startupProbe, `${exposure}: a startup probe`);
+      assert.equal(proxy.startupProbe.httpGet.path, proxy.readinessProbe.httpGet.path);
+      assert.ok((proxy.startupProbe.periodSeconds ?? 10) * (proxy.startupProbe.failureThreshold ?? 3) >= 120, 'minutes to open a large node cache');
+      for (const probe of [proxy.readinessProbe, proxy.livenessProbe, proxy.startupProbe]) {
         assert.equal(probe.httpGet.port, exposure === 'hostNetwork' ? 9090 : 'ops');
         // A hostNetwork Pod's IP is the node's address; the proxy listens on loopback there.
         assert.equal(probe.httpGet.host, exposure === 'hostNetwork' ? '127.0.0.1' : undefined, exposure);
@@ -173,6 +203,24 @@ describe('Helm chart', function () {
       assert.equal(proxy.args.includes('--ops-host=127.0.0.1'), exposure === 'hostNetwork');
       const services = rendered.filter((o) => o.kind === 'Service') as unknown as Array<{ spec: { ports: Array<{ targetPort: string }> } }>;
       assert.ok(services.every((svc) => svc.spec.ports.every((p) => p.targetPort !== 'ops')), 'no Service publishes the operations port by default');
+    }
+  });
+
+  it('gives the webhook a startup probe on its readiness endpoint, and the apiserver accepts both workloads with theirs', async () => {
+    type Probe = { httpGet: { path: string; port: string | number; scheme?: string }; periodSeconds?: number; failureThreshold?: number };
+    const rendered = await render();
+    const webhook = (rendered.find((o) => o.kind === 'Deployment') as unknown as { spec: { template: { spec: { containers: Array<{ readinessProbe: Probe; startupProbe?: Probe }> } } } }).spec.template.spec.containers[0];
+    assert.ok(webhook?.startupProbe);
+    assert.deepEqual(webhook.startupProbe.httpGet, webhook.readinessProbe.httpGet);
+    assert.deepEqual(webhook.startupProbe.httpGet, { path: '/readyz', port: 'https', scheme: 'HTTPS' });
+    assert.ok((webhook.startupProbe.periodSeconds ?? 10) * (webhook.startupProbe.failureThreshold ?? 3) >= 60, 'time for the certificate bootstrap');
+    for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
+      const workloads = (await render('--set', `proxy.exposure=${exposure}`)).filter((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment');
+      for (const object of workloads) {
+        object.metadata = { ...object.metadata, name: `${object.metadata?.name ?? ''}-startup-${exposure.toLowerCase()}` };
+        const created = (await objects.create(object, undefined, 'All')) as unknown as { spec: { template: { spec: { containers: Array<{ startupProbe?: Probe }> } } } };
+        assert.ok(created.spec.template.spec.containers[0]?.startupProbe, `${object.kind} (${exposure}) keeps its startup probe`);
+      }
     }
   });
 
@@ -315,6 +363,154 @@ webhook: {metricsPort: 9191}
     assert.equal(stored.webhooks?.[0]?.clientConfig.caBundle, secret.data?.['ca.crt']);
     const second = await runAsync('bash', [script], { env });
     assert.match(second, /certificate valid for more than 30 days, kept/);
+  });
+
+  it('bootstrap mode: the webhook, with the chart\'s RBAC alone, makes its TLS Secret owned by its Deployment, and the garbage collector deletes it with the Deployment (helm uninstall)', async function () {
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const core = kc.makeApiClient(CoreV1Api);
+    const rendered = await render();
+    const deployment = rendered.find((o) => o.kind === 'Deployment') as unknown as { spec: { template: { spec: { containers: Array<{ args: string[] }> } } } } & KubernetesObject;
+    const arg = (name: string) => deployment.spec.template.spec.containers[0]?.args.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+    assert.equal(arg('owner-deployment'), 'pullbridge-webhook');
+    // The chart's service account, RBAC and Deployment, for real; the webhook configuration too.
+    const needed = rendered.filter((o) => ['ServiceAccount', 'ClusterRole', 'ClusterRoleBinding', 'Role', 'RoleBinding', 'Deployment', 'MutatingWebhookConfiguration'].includes(o.kind ?? '') && o.metadata?.name?.startsWith('pullbridge'));
+    for (const object of needed) await objects.create(object);
+    const gc = startProcess(cachedBinary('kube-controller-manager'), [`--kubeconfig=${cp.kubeconfig}`, '--controllers=garbagecollector', '--leader-elect=false', '--secure-port=0', '--use-service-account-credentials=false']);
+    try {
+      const token = await core.createNamespacedServiceAccountToken({ namespace: 'pullbridge', name: 'pullbridge-webhook', body: { spec: { audiences: [], expirationSeconds: 3600 } } });
+      const saKubeconfig = join(dir, 'webhook-sa.kubeconfig');
+      writeFileSync(saKubeconfig, JSON.stringify({
+        apiVersion: 'v1', kind: 'Config', 'current-context': 'sa',
+        clusters: [{ name: 'test', cluster: { server: cp.url, 'certificate-authority-data': Buffer.from(cp.caCert).toString('base64') } }],
+        users: [{ name: 'sa', user: { token: token.status?.token } }],
+        contexts: [{ name: 'sa', context: { cluster: 'test', user: 'sa' } }],
+      }));
+      const keyFile = join(dir, 'broker-key');
+      writeFileSync(keyFile, randomBytes(32).toString('hex'));
+      const parsed = parseConfig(`webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}\nbroker: {keyFiles: [${keyFile}]}\nregistries: []\n`);
+      assert.ok(parsed.ok);
+      const tlsBootstrap = { secretName: arg('tls-secret') ?? '', service: arg('service') ?? '', webhookConfiguration: arg('webhook-configuration') ?? '', namespace: 'pullbridge', ownerDeployment: arg('owner-deployment') ?? '' };
+      const start = async () => (await runWebhook({ config: parsed.config, host: '127.0.0.1', port: 0, kubeconfig: saKubeconfig, tlsBootstrap, reconcileIntervalMs: 3_600_000 })).shutdown();
+      await start();
+      const uid = (await kc.makeApiClient(AppsV1Api).readNamespacedDeployment({ namespace: 'pullbridge', name: 'pullbridge-webhook' })).metadata?.uid;
+      const secret = await core.readNamespacedSecret({ namespace: 'pullbridge', name: 'pullbridge-webhook-tls' });
+      assert.deepEqual(secret.metadata?.ownerReferences?.map((r) => [r.apiVersion, r.kind, r.name, r.uid]), [['apps/v1', 'Deployment', 'pullbridge-webhook', uid]]);
+      // A Secret made before it had an owner (an upgrade from an earlier version) is adopted as it is.
+      await core.replaceNamespacedSecret({ namespace: 'pullbridge', name: 'pullbridge-webhook-tls', body: { ...secret, metadata: { ...secret.metadata, ownerReferences: [] } } });
+      await start();
+      const adopted = await core.readNamespacedSecret({ namespace: 'pullbridge', name: 'pullbridge-webhook-tls' });
+      assert.equal(adopted.metadata?.ownerReferences?.[0]?.uid, uid);
+      assert.equal(adopted.data?.['tls.crt'], secret.data?.['tls.crt'], 'the certificate is kept');
+      // helm uninstall deletes the Deployment (background propagation): the collector takes the Secret.
+      await kc.makeApiClient(AppsV1Api).deleteNamespacedDeployment({ namespace: 'pullbridge', name: 'pullbridge-webhook', propagationPolicy: 'Background' });
+      let gone = false;
+      for (let i = 0; i < 600 && !gone; i++) {
+        gone = await core.readNamespacedSecret({ namespace: 'pullbridge', name: 'pullbridge-webhook-tls' }).then(() => false, (error: { code?: number }) => error.code === 404);
+        if (!gone) await new Promise((r) => setTimeout(r, 200));
+      }
+      assert.ok(gone, `the garbage collector deleted the Secret:\n${gc.output().slice(-3000)}`);
+    } finally {
+      await gc.stop();
+      for (const object of needed.reverse()) await objects.delete(object).catch(() => undefined);
+    }
+  });
+
+  describe('Pod Security Admission', () => {
+    type Template = { metadata: { labels: Record<string, string> }; spec: Record<string, unknown> };
+    const podOf = (objects: KubernetesObject[], kind: string, name: string) => {
+      const template = (objects.find((o) => o.kind === kind) as unknown as { spec: { template: Template } }).spec.template;
+      return { apiVersion: 'v1', kind: 'Pod', metadata: { name, labels: template.metadata.labels }, spec: template.spec };
+    };
+    const core = () => {
+      const kc = new KubeConfig();
+      kc.loadFromFile(cp.kubeconfig);
+      return kc.makeApiClient(CoreV1Api);
+    };
+    const labelled = async (name: string, level: string) => {
+      await core().createNamespace({ body: { metadata: { name, labels: { 'pod-security.kubernetes.io/enforce': level } } } });
+    };
+    const refusal = (namespace: string, pod: KubernetesObject) =>
+      objects.create({ ...pod, metadata: { ...pod.metadata, namespace } }).then(
+        () => '',
+        (error: { body?: unknown }) => (JSON.parse(typeof error.body === 'string' ? error.body : JSON.stringify(error.body ?? {})) as { message?: string }).message ?? String(error),
+      );
+
+    it('a namespace enforcing baseline refuses the proxy\'s Pods, naming the violations; one labelled privileged, as the README says, accepts them', async () => {
+      await labelled('psa-baseline', 'baseline');
+      const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+      const label = /kubectl label namespace pullbridge (pod-security\.kubernetes\.io\/enforce)=(\w+)/.exec(readme);
+      assert.ok(label, 'the README says how to label the namespace');
+      await labelled('psa-readme', label[2] ?? '');
+      const expected: Record<string, RegExp[]> = {
+        nodePort: [/hostPath volumes \(volume "cache"\)/],
+        hostPort: [/hostPort \(container "proxy" uses hostPort 30500\)/, /hostPath volumes/],
+        hostNetwork: [/host namespaces \(hostNetwork=true\)/, /hostPath volumes/],
+      };
+      for (const [exposure, violations] of Object.entries(expected)) {
+        const pod = podOf(await render('--set', `proxy.exposure=${exposure}`), 'DaemonSet', `proxy-${exposure.toLowerCase()}`);
+        const refused = await refusal('psa-baseline', pod);
+        assert.match(refused, /violates PodSecurity "baseline:latest"/, `${exposure}: ${refused}`);
+        for (const violation of violations) assert.match(refused, violation, exposure);
+        assert.equal(await refusal('psa-readme', pod), '', `${exposure}: accepted where the README's label is`);
+      }
+      // The webhook's Pods, and a proxy without the cache behind a NodePort, fit even `restricted`.
+      await labelled('psa-restricted', 'restricted');
+      const plain = await render('--set', 'cache.enabled=false');
+      assert.equal(await refusal('psa-restricted', podOf(plain, 'Deployment', 'webhook')), '');
+      assert.equal(await refusal('psa-restricted', podOf(plain, 'DaemonSet', 'proxy-nocache')), '');
+    });
+
+    it('helm refuses to install into a namespace that enforces a stricter level than the proxy needs, with the fix in the message', async () => {
+      await labelled('psa-install', 'baseline');
+      const template = (...extra: string[]) => runAsync(helm, ['template', 'pullbridge', CHART, '-n', 'psa-install', '--dry-run=server', '--kubeconfig', cp.kubeconfig, '-f', valuesFile, ...extra]);
+      await assert.rejects(template('--set', 'proxy.exposure=hostNetwork'), /namespace psa-install enforces Pod Security "baseline", but the proxy needs "privileged" \(a hostPath for the cache, hostNetwork\): kubectl label namespace psa-install pod-security\.kubernetes\.io\/enforce=privileged/);
+      assert.match(await template('--set', 'cache.enabled=false'), /kind: DaemonSet/, 'nothing beyond baseline: installs');
+      assert.match(await template('--set', 'podSecurity.checkNamespace=false'), /kind: DaemonSet/);
+      await core().patchNamespace({ name: 'psa-install', body: { metadata: { labels: { 'pod-security.kubernetes.io/enforce': 'privileged' } } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
+      assert.match(await template('--set', 'proxy.exposure=hostNetwork'), /kind: DaemonSet/);
+    });
+  });
+
+  describe('priority class, where the apiserver limits system-node-critical to namespaces with a quota for it', () => {
+    let limited: ControlPlane;
+    let limitedObjects: KubernetesObjectApi;
+    let limitedCore: CoreV1Api;
+    before(async () => {
+      // The Kubernetes docs' "Limit Priority Class consumption by default", as GKE does.
+      const quota = { apiVersion: 'apiserver.config.k8s.io/v1', kind: 'ResourceQuotaConfiguration', limitedResources: [{ resource: 'pods', matchScopes: [{ scopeName: 'PriorityClass', operator: 'In', values: ['system-node-critical', 'system-cluster-critical'] }] }] };
+      limited = await startControlPlane({ admissionPlugins: [{ name: 'ResourceQuota', configuration: quota }] });
+      const kc = new KubeConfig();
+      kc.loadFromFile(limited.kubeconfig);
+      limitedObjects = KubernetesObjectApi.makeApiClient(kc);
+      limitedCore = kc.makeApiClient(CoreV1Api);
+    });
+    after(async () => limited?.stop());
+
+    const proxyPod = (objects: KubernetesObject[], namespace: string, name: string): KubernetesObject => {
+      const template = (objects.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { metadata: { labels: Record<string, string> }; spec: Record<string, unknown> } } }).spec.template;
+      return { apiVersion: 'v1', kind: 'Pod', metadata: { name, namespace, labels: template.metadata.labels }, spec: template.spec } as KubernetesObject;
+    };
+    const outcome = (pod: KubernetesObject) => limitedObjects.create(pod).then(() => 'created', (error: { body?: unknown }) => (typeof error.body === 'string' ? error.body : JSON.stringify(error.body)));
+
+    it('is refused without the quota, accepted with the README\'s quota, and can be emptied', async () => {
+      for (const name of ['no-quota', 'with-quota']) await limitedCore.createNamespace({ body: { metadata: { name } } });
+      const defaults = await render();
+      assert.match(await outcome(proxyPod(defaults, 'no-quota', 'proxy')), /insufficient quota to match these scopes.*system-node-critical/);
+      const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+      const snippet = /```yaml\n(apiVersion: v1\nkind: ResourceQuota\n[\s\S]*?)```/.exec(readme)?.[1];
+      assert.ok(snippet, 'the README shows the quota');
+      const quota = parseAllDocuments(snippet)[0]?.toJS() as { metadata: { name: string; namespace?: string }; spec: { hard: Record<string, string> } };
+      await limitedCore.createNamespacedResourceQuota({ namespace: 'with-quota', body: { ...quota, metadata: { ...quota.metadata, namespace: 'with-quota' } } });
+      // The quota controller would fill in its status; admission needs it.
+      const stored = await limitedCore.readNamespacedResourceQuota({ namespace: 'with-quota', name: quota.metadata.name });
+      await limitedCore.replaceNamespacedResourceQuotaStatus({ namespace: 'with-quota', name: quota.metadata.name, body: { ...stored, status: { hard: quota.spec.hard, used: { pods: '0' } } } });
+      assert.equal(await outcome(proxyPod(defaults, 'with-quota', 'proxy')), 'created');
+      const emptied = await render('--set', 'proxy.priorityClassName=');
+      const pod = proxyPod(emptied, 'no-quota', 'proxy-plain') as KubernetesObject & { spec: { priorityClassName?: string } };
+      assert.equal(pod.spec.priorityClassName, undefined);
+      assert.equal(await outcome(pod), 'created');
+    });
   });
 
   it('builds the image\'s code from src alone (tsconfig.build.json, as the Dockerfile does)', async () => {

@@ -2,7 +2,7 @@
 // cannot take up, like a missing CA file) is rejected and the running rules keep serving.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runProxy } from '../src/proxy/run.js';
@@ -52,6 +52,43 @@ describe('proxy live configuration', function () {
       assert.match(metrics, /pullbridge_config_reloads_total\{result="applied"\} 1/);
       assert.match(metrics, /pullbridge_config_reloads_total\{result="rejected"\} 3/);
       assert.match(metrics, /pullbridge_config_last_reload_ok 0/);
+    } finally {
+      await proxy.shutdown();
+    }
+  });
+
+  it('takes up a ConfigMap volume update the way kubelet makes it: a new `..data` symlink renamed over the old one', async () => {
+    // kubelet's atomic writer: the files live in a timestamped directory, `..data` points at it and
+    // `config.yaml` at `..data/config.yaml`; an update writes a new directory, renames a fresh
+    // `..data_tmp` symlink over `..data` and removes the old directory. config.yaml itself never changes.
+    const volume = mkdtempSync(join(tmpdir(), 'pullbridge-configmap-'));
+    let generation = 0;
+    let old: string | undefined;
+    const publish = (text: string) => {
+      const dataDir = `..2026_12_03_00_00_0${generation++}.12345${generation}`;
+      mkdirSync(join(volume, dataDir));
+      writeFileSync(join(volume, dataDir, 'config.yaml'), text);
+      symlinkSync(dataDir, join(volume, '..data_tmp'));
+      renameSync(join(volume, '..data_tmp'), join(volume, '..data'));
+      if (old) rmSync(join(volume, old), { recursive: true });
+      else symlinkSync('..data/config.yaml', join(volume, 'config.yaml'));
+      old = dataDir;
+    };
+    const rule = (name: string) => `  - {name: ${name}, match: [${name}.example], upstream: "${registry.url}", auth: {mode: anonymous}}\n`;
+    publish(`registries:\n${rule('corp')}`);
+    const initial = parseConfig(`registries:\n${rule('corp')}`);
+    assert.ok(initial.ok);
+    const proxy = await runProxy({ config: initial.config, configPath: join(volume, 'config.yaml'), host: '127.0.0.1', port: 0, probeIntervalMs: 3_600_000 });
+    try {
+      assert.equal(proxy.watcher?.check(), 'unchanged');
+      publish(`registries:\n${rule('corp')}${rule('extra')}`);
+      assert.equal(proxy.watcher?.check(), 'applied');
+      assert.deepEqual(proxy.watcher?.current().registries.map((r) => r.name), ['corp', 'extra']);
+      publish(`registries:\n${rule('extra')}`);
+      assert.equal(proxy.watcher?.check(), 'applied', 'a second swap, after the first directory was removed');
+      assert.deepEqual(proxy.watcher?.current().registries.map((r) => r.name), ['extra']);
+      const response = await fetch(`${proxy.running.url}/v2/corp/team/app/manifests/1.0`, { headers: { accept: 'application/vnd.oci.image.index.v1+json' } });
+      assert.equal(response.status, 404, 'the removed rule no longer serves');
     } finally {
       await proxy.shutdown();
     }

@@ -2,10 +2,12 @@
 // webhook makes sure its TLS Secret holds a certificate valid for the Service for long enough,
 // creates or renews it when not, and puts the CA into its MutatingWebhookConfiguration's caBundle.
 // Replicas race safely: the Secret create or update that loses (409) reads the winner's.
+// The Secret is made at run time, so Helm does not know it: it names the webhook's Deployment as its
+// owner, and the garbage collector deletes it with the Deployment (on `helm uninstall`).
 
 import { X509Certificate } from 'node:crypto';
 import { isIP } from 'node:net';
-import type { AdmissionregistrationV1Api, CoreV1Api, V1Secret } from '@kubernetes/client-node';
+import type { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, V1OwnerReference, V1Secret } from '@kubernetes/client-node';
 import { generateCertificates } from '../certs/certs.js';
 import { apiMessage, apiStatus } from './client.js';
 
@@ -28,6 +30,33 @@ export interface BootstrapOptions {
   /** Renew when less than this remains. */
   readonly renewBeforeDays?: number;
   readonly now?: () => Date;
+  /** The Secret's owner (the webhook's Deployment): set on a Secret made or renewed, added to one without it. */
+  readonly owner?: V1OwnerReference;
+}
+
+/**
+ * An owner reference to the Deployment `name`, read through the API (its UID is not known before).
+ * Not `blockOwnerDeletion`: that needs update rights on the Deployment's finalizers.
+ */
+export async function deploymentOwner(apps: AppsV1Api, namespace: string, name: string): Promise<V1OwnerReference> {
+  let deployment;
+  try {
+    deployment = await apps.readNamespacedDeployment({ namespace, name });
+  } catch (error) {
+    throw new Error(`read deployment ${namespace}/${name} (the TLS Secret's owner): ${apiMessage(error)}`);
+  }
+  const uid = deployment.metadata?.uid;
+  if (!uid) throw new Error(`deployment ${namespace}/${name} has no uid`);
+  return { apiVersion: 'apps/v1', kind: 'Deployment', name, uid, controller: false };
+}
+
+const ownedBy = (secret: V1Secret | undefined, owner: V1OwnerReference): boolean => (secret?.metadata?.ownerReferences ?? []).some((r) => r.uid === owner.uid);
+
+/** The Secret's owner references with `owner` in place of any earlier reference to a Deployment of its name. */
+function withOwner(secret: V1Secret | undefined, owner: V1OwnerReference | undefined): V1OwnerReference[] | undefined {
+  const others = (secret?.metadata?.ownerReferences ?? []).filter((r) => !owner || !(r.kind === owner.kind && r.name === owner.name));
+  const all = owner ? [...others, owner] : others;
+  return all.length > 0 ? all : undefined;
 }
 
 /** Whether a stored certificate serves the Service for at least `renewBeforeDays` more. Pure. */
@@ -78,6 +107,16 @@ export async function ensureServingCertificate(options: BootstrapOptions): Promi
     const existing = await readSecret(core, namespace, name);
     const current = fromSecret(existing);
     if (current && certificateUsable(current.cert, options.service, namespace, now, renewBefore, options.extraNames)) {
+      if (existing && options.owner && !ownedBy(existing, options.owner)) {
+        // Made before it had an owner (or by a former Deployment): adopt it, or uninstall leaves it.
+        const adopted: V1Secret = { ...existing, metadata: { ...existing.metadata, ownerReferences: withOwner(existing, options.owner) } };
+        try {
+          await core.replaceNamespacedSecret({ namespace, name, body: adopted });
+        } catch (error) {
+          if (apiStatus(error) === 409) continue; // changed meanwhile: read it again
+          throw new Error(`write secret ${namespace}/${name}: ${apiMessage(error)}`);
+        }
+      }
       serving = current;
       break;
     }
@@ -89,7 +128,13 @@ export async function ensureServingCertificate(options: BootstrapOptions): Promi
       apiVersion: 'v1',
       kind: 'Secret',
       type: 'kubernetes.io/tls',
-      metadata: { name, namespace, labels: { 'app.kubernetes.io/managed-by': 'pullbridge' }, ...(existing?.metadata?.resourceVersion ? { resourceVersion: existing.metadata.resourceVersion } : {}) },
+      metadata: {
+        name,
+        namespace,
+        labels: { 'app.kubernetes.io/managed-by': 'pullbridge' },
+        ...(existing?.metadata?.resourceVersion ? { resourceVersion: existing.metadata.resourceVersion } : {}),
+        ...(withOwner(existing, options.owner) ? { ownerReferences: withOwner(existing, options.owner) } : {}),
+      },
       data: { 'tls.crt': Buffer.from(fresh.cert).toString('base64'), 'tls.key': Buffer.from(fresh.key).toString('base64'), 'ca.crt': Buffer.from(caBundle).toString('base64') },
     };
     try {

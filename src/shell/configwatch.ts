@@ -1,6 +1,7 @@
 // Live configuration from the mounted ConfigMap file. Polled rather than watched: kubelet updates a
-// ConfigMap volume by swapping a symlink, which file watchers miss, and polling a small file is
-// cheap. An invalid change is rejected loudly and the last good config stays in force.
+// ConfigMap volume by renaming a new `..data` symlink over the old one (config.yaml links to
+// ..data/config.yaml and never changes itself), which a watch on the file misses; each poll reads the
+// path afresh, following both links, and compares contents. Polling a small file is cheap. An invalid change is rejected loudly and the last good config stays in force.
 
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';

@@ -3,6 +3,7 @@
 
 import { readFileSync } from 'node:fs';
 import https from 'node:https';
+import type { V1OwnerReference } from '@kubernetes/client-node';
 import type { Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
@@ -23,7 +24,7 @@ export interface WebhookRunOptions {
   /** TLS files to serve from and re-read periodically (cert-manager rotates them in place). */
   readonly tlsFiles?: { readonly cert: string; readonly key: string };
   /** Without cert-manager: keep the serving certificate in this Secret and inject its CA. */
-  readonly tlsBootstrap?: { readonly secretName: string; readonly service: string; readonly webhookConfiguration: string; readonly namespace: string; readonly validityDays?: number; readonly extraNames?: readonly string[] };
+  readonly tlsBootstrap?: { readonly secretName: string; readonly service: string; readonly webhookConfiguration: string; readonly namespace: string; readonly validityDays?: number; readonly extraNames?: readonly string[]; /** The Deployment that owns the Secret (deleted with it). */ readonly ownerDeployment?: string };
   /** Kubernetes access: a kubeconfig path, 'in-cluster', or undefined for none (local use). */
   readonly kubeconfig?: string;
   /** Where events about the config go: the ConfigMap and the webhook's own namespace. */
@@ -115,9 +116,19 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let refreshTls: (() => Promise<TlsFiles | undefined>) | undefined;
   if (options.tlsBootstrap) {
     if (!k8s) throw new Error('certificate bootstrap needs Kubernetes API access (in a cluster, or --kubeconfig)');
-    const { ensureServingCertificate } = await import('../k8s/certbootstrap.js');
+    const { deploymentOwner, ensureServingCertificate } = await import('../k8s/certbootstrap.js');
     const b = options.tlsBootstrap;
-    const bootstrap = () => ensureServingCertificate({ core: k8s.core, admission: k8s.admission, namespace: b.namespace, secretName: b.secretName, service: b.service, webhookConfiguration: b.webhookConfiguration, ...(b.validityDays ? { validityDays: b.validityDays } : {}), ...(b.extraNames ? { extraNames: b.extraNames } : {}) });
+    let owner: V1OwnerReference | undefined;
+    if (b.ownerDeployment) {
+      const { AppsV1Api } = await import('@kubernetes/client-node');
+      try {
+        owner = await deploymentOwner(k8s.config.makeApiClient(AppsV1Api), b.namespace, b.ownerDeployment);
+      } catch (error) {
+        // Serving matters more than cleanup: without an owner, uninstall leaves the Secret behind.
+        logger.warn({ error: (error as Error).message }, 'the TLS Secret gets no owner: delete it by hand after uninstalling');
+      }
+    }
+    const bootstrap = () => ensureServingCertificate({ core: k8s.core, admission: k8s.admission, namespace: b.namespace, secretName: b.secretName, service: b.service, webhookConfiguration: b.webhookConfiguration, ...(b.validityDays ? { validityDays: b.validityDays } : {}), ...(b.extraNames ? { extraNames: b.extraNames } : {}), ...(owner ? { owner } : {}) });
     tls = await bootstrap();
     refreshTls = bootstrap;
   } else if (options.tlsFiles) {

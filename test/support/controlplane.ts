@@ -52,12 +52,15 @@ export interface ControlPlaneOptions {
    * cluster. Loopback only, no leader election; stopped with the control plane.
    */
   readonly controllers?: boolean;
+  /** More plugin configurations for the AdmissionConfiguration, e.g. ResourceQuota's `limitedResources`. */
+  readonly admissionPlugins?: ReadonlyArray<{ readonly name: string; readonly configuration: Record<string, unknown> }>;
 }
 
-/** The apiserver's AdmissionConfiguration: both webhook admission plugins read `kubeconfig`. */
-function admissionConfiguration(kubeconfig: string): string {
+/** The apiserver's AdmissionConfiguration: both webhook admission plugins read `kubeconfig` (when given), plus `others`. */
+function admissionConfiguration(kubeconfig: string | undefined, others: NonNullable<ControlPlaneOptions['admissionPlugins']> = []): string {
   const plugin = (name: string) => ({ name, configuration: { apiVersion: 'apiserver.config.k8s.io/v1', kind: 'WebhookAdmissionConfiguration', kubeConfigFile: kubeconfig } });
-  return JSON.stringify({ apiVersion: 'apiserver.config.k8s.io/v1', kind: 'AdmissionConfiguration', plugins: [plugin('MutatingAdmissionWebhook'), plugin('ValidatingAdmissionWebhook')] });
+  const webhooks = kubeconfig ? [plugin('MutatingAdmissionWebhook'), plugin('ValidatingAdmissionWebhook')] : [];
+  return JSON.stringify({ apiVersion: 'apiserver.config.k8s.io/v1', kind: 'AdmissionConfiguration', plugins: [...webhooks, ...others] });
 }
 
 /** The kubeconfig an AdmissionConfiguration points at: one user per webhook host (the apiserver
@@ -105,9 +108,9 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     ].join('\n'),
   );
   const admissionFlags: string[] = [];
-  if (options.webhookClientCertificates) {
-    writeFileSync(join(dir, 'webhook-clients.kubeconfig'), webhookKubeconfig(options.webhookClientCertificates), { mode: 0o600 });
-    writeFileSync(join(dir, 'admission.json'), admissionConfiguration(join(dir, 'webhook-clients.kubeconfig')));
+  if (options.webhookClientCertificates) writeFileSync(join(dir, 'webhook-clients.kubeconfig'), webhookKubeconfig(options.webhookClientCertificates), { mode: 0o600 });
+  if (options.webhookClientCertificates || options.admissionPlugins) {
+    writeFileSync(join(dir, 'admission.json'), admissionConfiguration(options.webhookClientCertificates ? join(dir, 'webhook-clients.kubeconfig') : undefined, options.admissionPlugins));
     admissionFlags.push(`--admission-control-config-file=${join(dir, 'admission.json')}`);
   }
   const apiserver = startProcess(apiserverBin, [
