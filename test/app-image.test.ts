@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { CoreV1Api, KubeConfig, type V1Pod } from '@kubernetes/client-node';
 import { buildAppImage, type AppImage } from './support/appimage.js';
-import { waitForPod } from './support/cluster.js';
+import { waitForNode, waitForPod } from './support/cluster.js';
 import { cachedBinary, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { nodePod, startNode, stopAllNodes, type RealNode } from './support/node.js';
 import { freePort, runAsync } from './support/procs.js';
@@ -73,14 +73,9 @@ describe("pullbridge's image on a real node (assembled offline, pulled by contai
 
     node = await startNode({ controlPlane: cp, token: cp.nodeToken });
     await node.reach(registry.port);
-    for (const deadline = Date.now() + 60_000; ; await new Promise((r) => setTimeout(r, 500))) {
-      try {
-        await core.readNode({ name: node.name });
-        break;
-      } catch (error) {
-        if (Date.now() > deadline) throw failure(new Error(`kubelet never registered its Node: ${(error as Error).message}`));
-      }
-    }
+    await waitForNode(core, node.name, 60_000).catch((error: unknown) => {
+      throw failure(error);
+    });
   });
 
   after(async () => {

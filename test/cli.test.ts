@@ -95,7 +95,8 @@ describe('pullbridge CLI', () => {
     it('accepts every full config example in README.md', () => {
       // Full configs are the yaml blocks at the top level; indented ones inside lists are fragments.
       const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
-      const examples = [...readme.matchAll(/^```yaml\n([\s\S]*?)^```$/gm)].map((m) => m[1] ?? '');
+      // Kubernetes objects (apiVersion/kind) shown beside them are not pullbridge configs.
+      const examples = [...readme.matchAll(/^```yaml\n([\s\S]*?)^```$/gm)].map((m) => m[1] ?? '').filter((text) => !/^apiVersion:/m.test(text));
       assert.ok(examples.length > 0, 'README.md has a config example');
       examples.forEach((example, i) => {
         const file = join(dir, `readme-${i}.yaml`);

@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AppsV1Api, CoreV1Api, KubeConfig, type V1Container, type V1Node, type V1Pod } from '@kubernetes/client-node';
 import { startControlPlane, type ControlPlane } from './support/controlplane.js';
+import { waitForNode } from './support/cluster.js';
 import { buildWorkloadImage, startNode, stopAllNodes, type RealNode } from './support/node.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 
@@ -88,17 +89,10 @@ describe('a real node in a cluster: scheduler, controller manager, CNI Pod netwo
 
     node = await startNode({ controlPlane: cp, token: cp.nodeToken, podNetwork: { subnet: SUBNET }, kubeProxyToken: cp.proxyToken });
     await node.reach(registry.port);
-    let last = '';
-    for (const deadline = Date.now() + WAIT_MS; ; await sleep(1000)) {
-      try {
-        const registered = await core.readNode({ name: node.name });
-        if (isReady(registered) && !(registered.spec?.taints ?? []).some((t) => t.effect === 'NoSchedule')) break;
-        last = JSON.stringify({ conditions: registered.status?.conditions, taints: registered.spec?.taints });
-      } catch (error) {
-        last = (error as Error).message;
-      }
-      if (Date.now() > deadline) throw failure(new Error(`the Node never became Ready and schedulable: ${last}`));
-    }
+    const schedulable = (registered: V1Node) => isReady(registered) && !(registered.spec?.taints ?? []).some((t) => t.effect === 'NoSchedule');
+    await waitForNode(core, node.name, WAIT_MS, schedulable, 'Ready and schedulable').catch((error: unknown) => {
+      throw failure(error);
+    });
   });
 
   after(async () => {

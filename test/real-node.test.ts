@@ -13,7 +13,7 @@ import { generateCertificates } from '../src/certs/certs.js';
 import { desiredPullSecret } from '../src/k8s/pullsecret.js';
 import { parseConfig, type Config } from '../src/rules/config.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
-import { isRunning, registerWebhook, waitForPod, waitingState } from './support/cluster.js';
+import { isRunning, registerWebhook, waitForNode, waitForPod, waitingState } from './support/cluster.js';
 import { cachedBinary, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { memoryLogger } from './support/logs.js';
 import { buildWorkloadImage, nodePod, startNode, stopAllNodes, type RealNode } from './support/node.js';
@@ -83,14 +83,9 @@ describe('a real node: kubelet pulls rewritten Pods through the proxy', function
 
     node = await startNode({ controlPlane: cp, token: cp.nodeToken });
     await node.reach(proxy.server.port);
-    for (const deadline = Date.now() + 60_000; ; await new Promise((r) => setTimeout(r, 500))) {
-      try {
-        await core.readNode({ name: node.name });
-        break;
-      } catch (error) {
-        if (Date.now() > deadline) throw failure(new Error(`kubelet never registered its Node: ${(error as Error).message}`));
-      }
-    }
+    await waitForNode(core, node.name, 60_000).catch((error: unknown) => {
+      throw failure(error);
+    });
   });
 
   after(async () => {

@@ -3,7 +3,7 @@
 
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
-import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, type V1MutatingWebhookConfiguration, type V1Pod, type V1Secret } from '@kubernetes/client-node';
+import { AdmissionregistrationV1Api, CoreV1Api, KubeConfig, type V1MutatingWebhookConfiguration, type V1Node, type V1Pod, type V1Secret } from '@kubernetes/client-node';
 import { parse as parseYaml } from 'yaml';
 
 export const WEBHOOK_YAML = fileURLToPath(new URL('../../../webhook-config/mutating-webhook.yaml', import.meta.url));
@@ -25,6 +25,24 @@ export async function registerWebhook(kc: KubeConfig, url: string, caCert: strin
     if (dry.spec?.containers[0]?.image !== probeImage) return;
     if (Date.now() > deadline) throw new Error('the webhook configuration never took effect');
     await sleep(250);
+  }
+}
+
+/**
+ * Polls until kubelet registered its Node (and `done` says so of it: Ready, schedulable…); fails
+ * after `timeoutMs` with what was seen last.
+ */
+export async function waitForNode(core: CoreV1Api, name: string, timeoutMs: number, done: (node: V1Node) => boolean = () => true, describe = 'registered'): Promise<V1Node> {
+  let last = '';
+  for (const deadline = Date.now() + timeoutMs; ; await sleep(500)) {
+    try {
+      const node = await core.readNode({ name });
+      if (done(node)) return node;
+      last = JSON.stringify({ conditions: node.status?.conditions, taints: node.spec?.taints });
+    } catch (error) {
+      last = (error as Error).message;
+    }
+    if (Date.now() > deadline) throw new Error(`the Node ${name} never became ${describe}: ${last}`);
   }
 }
 
