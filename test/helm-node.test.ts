@@ -47,7 +47,9 @@ const GATEWAY = '10.88.0.1';
 /** Where the apiserver relay listens on the node's addresses, for the `kubernetes` Service. */
 const APISERVER_NODE_PORT = 6443;
 const RELEASE_NAMESPACE = 'pullbridge';
-const APP_NAMESPACE = 'shop';
+/** Where the upstream registry's relay listens on the node's addresses, for a proxy Pod on the
+ * Pod network (its own loopback is not the node's). */
+const UPSTREAM_NODE_PORT = 15000;
 const CORP_IMAGE = 'registry.corp.example:5000/team/app:1.0';
 const PROXY_PORT = 30500;
 /** Bounded waits (the machine is shared and slow at times): generous, never a measure of speed. */
@@ -67,7 +69,7 @@ interface AccessRecord {
   readonly status?: number;
 }
 
-type Exposure = 'hostNetwork';
+type Exposure = 'hostNetwork' | 'nodePort' | 'hostPort';
 
 describe('the Helm chart on a real node: webhook with bootstrapped certificate, proxy DaemonSet, a Pod pulled through it', function () {
   this.timeout(900_000);
@@ -115,6 +117,7 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
     node = await startNode({ controlPlane: cp, token: cp.nodeToken, podNetwork: { subnet: SUBNET }, kubeProxyToken: cp.proxyToken, egressSocket });
     await node.reach(images.port);
     await node.reach(upstream.port);
+    await node.reachOnNodeAddresses(upstream.port, UPSTREAM_NODE_PORT);
     await node.reachOnNodeAddresses(Number(new URL(cp.url).port), APISERVER_NODE_PORT);
     await kc.makeApiClient(DiscoveryV1Api).createNamespacedEndpointSlice({
       namespace: 'default',
@@ -125,6 +128,8 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
         ports: [{ name: 'https', port: APISERVER_NODE_PORT, protocol: 'TCP' }],
       },
     });
+    // README "Installing in a cluster with Helm": the namespace first, labelled for the proxy.
+    await core.createNamespace({ body: { metadata: { name: RELEASE_NAMESPACE, labels: { 'pod-security.kubernetes.io/enforce': 'privileged' } } } });
     const name = node.name;
     await until(
       'the Node never became Ready and schedulable',
@@ -142,14 +147,15 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
     rmSync(dir, { recursive: true, force: true });
   });
 
-  const exposures: readonly Exposure[] = ['hostNetwork'];
+  // Each exposure is a fresh release: installed, used, uninstalled.
+  const exposures: readonly Exposure[] = ['hostNetwork', 'nodePort', 'hostPort'];
   for (const exposure of exposures) {
     describe(`proxy exposure ${exposure}`, () => {
-      const upstreamUrl = (): string => `http://127.0.0.1:${upstream.port}`;
+      const APP_NAMESPACE = `shop-${exposure.toLowerCase()}`;
+      // With hostNetwork the proxy is on the node's loopback, where node.reach puts the upstream.
+      const upstreamUrl = (): string => (exposure === 'hostNetwork' ? `http://127.0.0.1:${upstream.port}` : `http://${GATEWAY}:${UPSTREAM_NODE_PORT}`);
 
       it('helm install --wait: webhook Pods Ready with the bootstrapped certificate in caBundle, the proxy DaemonSet Pod Ready', async () => {
-        // README "Installing in a cluster with Helm": the namespace first, labelled for the proxy.
-        await core.createNamespace({ body: { metadata: { name: RELEASE_NAMESPACE, labels: { 'pod-security.kubernetes.io/enforce': 'privileged' } } } });
         const values = {
           image: { repository: `localhost:${images.port}/pullbridge`, tag: 'test' },
           registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: upstreamUrl(), auth: { mode: 'broker' } }],
@@ -227,6 +233,20 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
         for (const digest of [workload.manifests[0]?.digest, workload.configs[0]?.digest, workload.layers[0]?.digest]) {
           assert.ok(served.some((r) => r.reference === digest), `the proxy Pod served ${digest} to namespace ${APP_NAMESPACE}: ${JSON.stringify(records)}`);
         }
+      });
+
+      it('helm uninstall --wait removes the release; the workload image leaves the node, so the next release pulls again', async () => {
+        await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: 'web', gracePeriodSeconds: 0 });
+        await helm('uninstall', 'pullbridge', '-n', RELEASE_NAMESPACE, '--wait', '--timeout', HELM_TIMEOUT).catch((error: unknown) => {
+          throw failure(error);
+        });
+        await until('Pods of the release or the workload are still there', async () => [...(await core.listNamespacedPod({ namespace: RELEASE_NAMESPACE })).items, ...(await core.listNamespacedPod({ namespace: APP_NAMESPACE })).items], (pods) => pods.length === 0);
+        await until('the MutatingWebhookConfiguration is still there', () => kc.makeApiClient(AdmissionregistrationV1Api).listMutatingWebhookConfiguration(), (list) => list.items.length === 0);
+        if (!node) throw new Error('the node is not running');
+        // CRI names an image by its references and by its config digest: remove all, content with them.
+        const ofWorkload = (reference: string) => reference.includes('/corp/team/app') || reference === workload.configs[0]?.digest;
+        await node.removeImages((await node.images()).filter(ofWorkload));
+        assert.deepEqual((await node.images()).filter(ofWorkload), []);
       });
     });
   }
