@@ -154,6 +154,16 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
       const APP_NAMESPACE = `shop-${exposure.toLowerCase()}`;
       // With hostNetwork the proxy is on the node's loopback, where node.reach puts the upstream.
       const upstreamUrl = (): string => (exposure === 'hostNetwork' ? `http://127.0.0.1:${upstream.port}` : `http://${GATEWAY}:${UPSTREAM_NODE_PORT}`);
+      let valuesFile = '';
+      /** The proxy's access-log records of pulls, from its Pod's log (kubectl logs). */
+      const proxyRecords = async (): Promise<AccessRecord[]> => {
+        const proxyPod = (await core.listNamespacedPod({ namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=proxy' })).items[0]?.metadata?.name ?? '';
+        return (await kubectl('logs', '-n', RELEASE_NAMESPACE, proxyPod, '-c', 'proxy'))
+          .split('\n')
+          .filter((line) => line.startsWith('{'))
+          .map((line) => JSON.parse(line) as AccessRecord)
+          .filter((r) => r.access === 'pull');
+      };
 
       it('helm install --wait: webhook Pods Ready with the bootstrapped certificate in caBundle, the proxy DaemonSet Pod Ready', async () => {
         const values = {
@@ -162,7 +172,7 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
           webhook: { certificates: { mode: 'bootstrap' } },
           proxy: { exposure, port: PROXY_PORT },
         };
-        const valuesFile = join(dir, `values-${exposure}.yaml`);
+        valuesFile = join(dir, `values-${exposure}.yaml`);
         writeFileSync(valuesFile, stringifyYaml(values));
         await helm('install', 'pullbridge', CHART, '-n', RELEASE_NAMESPACE, '-f', valuesFile, '--wait', '--timeout', HELM_TIMEOUT).catch((error: unknown) => {
           throw failure(error);
@@ -223,17 +233,45 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
         assert.equal((await kubectl('logs', '-n', APP_NAMESPACE, 'web')).trim(), message);
 
         // The proxy Pod's own access log (kubectl logs, through the apiserver and kubelet).
-        const proxyPod = (await core.listNamespacedPod({ namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=proxy' })).items[0]?.metadata?.name ?? '';
-        const records = (await kubectl('logs', '-n', RELEASE_NAMESPACE, proxyPod, '-c', 'proxy'))
-          .split('\n')
-          .filter((line) => line.startsWith('{'))
-          .map((line) => JSON.parse(line) as AccessRecord)
-          .filter((r) => r.access === 'pull' && r.rule === 'corp');
+        const records = (await proxyRecords()).filter((r) => r.rule === 'corp');
         const served = records.filter((r) => r.status === 200 && r.namespace === APP_NAMESPACE);
         for (const digest of [workload.manifests[0]?.digest, workload.configs[0]?.digest, workload.layers[0]?.digest]) {
           assert.ok(served.some((r) => r.reference === digest), `the proxy Pod served ${digest} to namespace ${APP_NAMESPACE}: ${JSON.stringify(records)}`);
         }
       });
+
+      if (exposure === 'hostNetwork') {
+        it('helm upgrade adding a rule: the proxy Pod stays (same UID), the new rule is served after the reload', async () => {
+          const selector = { namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=proxy' };
+          const before = (await core.listNamespacedPod(selector)).items.map((p) => p.metadata?.uid);
+          assert.equal(before.length, 1);
+          const other = { name: 'other', match: ['registry.other.example:5000'], upstream: upstreamUrl(), auth: { mode: 'broker' } };
+          const upgraded = join(dir, `values-${exposure}-upgrade.yaml`);
+          // The first file's values, then the rules extended (a list is replaced, not merged).
+          const first = await helm('get', 'values', 'pullbridge', '-n', RELEASE_NAMESPACE, '-o', 'json');
+          const registries = [...((JSON.parse(first) as { registries: unknown[] }).registries), other];
+          writeFileSync(upgraded, stringifyYaml({ registries }));
+          await helm('upgrade', 'pullbridge', CHART, '-n', RELEASE_NAMESPACE, '-f', valuesFile, '-f', upgraded, '--wait', '--timeout', HELM_TIMEOUT).catch((error: unknown) => {
+            throw failure(error);
+          });
+          // The ConfigMap changed; the Pod templates did not: no Pod restarts, each reloads in place
+          // (kubelet updates the mounted ConfigMap within its sync period; node.ts sets 5 s).
+          const image = 'registry.other.example:5000/team/app:1.0';
+          const proxied = `localhost:${PROXY_PORT}/other/team/app:1.0`;
+          const body: V1Pod = { metadata: { name: 'web-other' }, spec: { terminationGracePeriodSeconds: 1, containers: [{ name: 'app', image, imagePullPolicy: 'Always' }] } };
+          await until('the webhook never took up the new rule', () => core.createNamespacedPod({ namespace: APP_NAMESPACE, body, dryRun: 'All' }), (p) => p.spec?.containers[0]?.image === proxied);
+          // The proxy reloads on its own schedule: until its log shows the rule answering, a pull of
+          // an unknown rule fails and kubelet retries (with back-off), so the Pod waits, bounded.
+          await core.createNamespacedPod({ namespace: APP_NAMESPACE, body });
+          await waitForPod(core, APP_NAMESPACE, 'web-other', isRunning, WAIT_MS, 'Running').catch((error: unknown) => {
+            throw failure(error);
+          });
+          const records = (await proxyRecords()).filter((r) => r.rule === 'other' && r.status === 200 && r.namespace === APP_NAMESPACE);
+          assert.ok(records.some((r) => r.kind === 'manifest'), 'the new rule served the manifest');
+          assert.deepEqual((await core.listNamespacedPod(selector)).items.map((p) => p.metadata?.uid), before, 'the proxy Pod was not replaced');
+          await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: 'web-other', gracePeriodSeconds: 0 });
+        });
+      }
 
       it('helm uninstall --wait removes the release; the workload image leaves the node, so the next release pulls again', async () => {
         await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: 'web', gracePeriodSeconds: 0 });
@@ -244,7 +282,8 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
         await until('the MutatingWebhookConfiguration is still there', () => kc.makeApiClient(AdmissionregistrationV1Api).listMutatingWebhookConfiguration(), (list) => list.items.length === 0);
         if (!node) throw new Error('the node is not running');
         // CRI names an image by its references and by its config digest: remove all, content with them.
-        const ofWorkload = (reference: string) => reference.includes('/corp/team/app') || reference === workload.configs[0]?.digest;
+        // Both rules' references share the content: remove every one.
+        const ofWorkload = (reference: string) => reference.includes('/team/app') || reference === workload.configs[0]?.digest;
         await node.removeImages((await node.images()).filter(ofWorkload));
         assert.deepEqual((await node.images()).filter(ofWorkload), []);
       });
