@@ -3,7 +3,9 @@
 // apiserver). pullbridge's own image (./support/appimage.ts) comes from one docker-registry, the
 // workload image from a second one, the upstream of the chart's one broker rule. The webhook
 // bootstraps its certificate; a Pod created with its original image is rewritten and pulled by the
-// node's containerd through the DaemonSet's proxy Pod, whose access log says so.
+// node's containerd through the DaemonSet's proxy Pod, whose access log says so. Each proxy exposure
+// (hostNetwork, nodePort, hostPort) is a fresh release, uninstalled after; with hostNetwork a
+// `helm upgrade` adds a rule, which the running proxy Pod serves after reloading its config.
 //
 // How the pieces reach each other (the apiserver runs on this machine's loopback; Services, Pods
 // and kube-proxy's rules live in the node's network namespace):
