@@ -54,6 +54,17 @@ export interface ControlPlaneOptions {
   readonly controllers?: boolean;
   /** More plugin configurations for the AdmissionConfiguration, e.g. ResourceQuota's `limitedResources`. */
   readonly admissionPlugins?: ReadonlyArray<{ readonly name: string; readonly configuration: Record<string, unknown> }>;
+  /**
+   * The apiserver's `cluster` egress (an EgressSelectorConfiguration): HTTP CONNECT over this socket
+   * file, behind which a node's network namespace answers (NodeOptions.egressSocket). Everything the
+   * apiserver dials in the cluster goes there: Service webhooks at their ClusterIP, kubelets.
+   */
+  readonly clusterEgressSocket?: string;
+  /**
+   * The ServiceAccount admission plugin (off otherwise, as nothing creates service accounts without
+   * the controllers): Pods get their service account's token, as in a cluster. Needs `controllers`.
+   */
+  readonly serviceAccounts?: boolean;
 }
 
 /** The apiserver's AdmissionConfiguration: both webhook admission plugins read `kubeconfig` (when given), plus `others`. */
@@ -85,7 +96,8 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
   ], { ETCD_UNSUPPORTED_ARCH: process.arch === 'x64' ? '' : process.arch });
   await waitForPort(etcdClient, 20_000);
 
-  const serving = generateCertificates({ service: 'kubernetes', namespace: 'default', extraNames: ['127.0.0.1', 'localhost'] });
+  // 10.0.0.1: the `kubernetes` Service's ClusterIP, which in-cluster clients dial.
+  const serving = generateCertificates({ service: 'kubernetes', namespace: 'default', extraNames: ['127.0.0.1', 'localhost', '10.0.0.1'] });
   writeFileSync(join(dir, 'tls.crt'), serving.cert);
   writeFileSync(join(dir, 'tls.key'), serving.key);
   const sa = generateKeyPairSync('rsa', { modulusLength: 2048, publicKeyEncoding: { type: 'spki', format: 'pem' }, privateKeyEncoding: { type: 'pkcs8', format: 'pem' } });
@@ -113,6 +125,12 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     writeFileSync(join(dir, 'admission.json'), admissionConfiguration(options.webhookClientCertificates ? join(dir, 'webhook-clients.kubeconfig') : undefined, options.admissionPlugins));
     admissionFlags.push(`--admission-control-config-file=${join(dir, 'admission.json')}`);
   }
+  if (options.clusterEgressSocket !== undefined) {
+    const egress = { apiVersion: 'apiserver.k8s.io/v1beta1', kind: 'EgressSelectorConfiguration', egressSelections: [{ name: 'cluster', connection: { proxyProtocol: 'HTTPConnect', transport: { uds: { udsName: options.clusterEgressSocket } } } }] };
+    writeFileSync(join(dir, 'egress.json'), JSON.stringify(egress));
+    admissionFlags.push(`--egress-selector-config-file=${join(dir, 'egress.json')}`);
+  }
+  if (options.serviceAccounts && !options.controllers) throw new Error('serviceAccounts needs controllers (nothing else creates the default service accounts)');
   const apiserver = startProcess(apiserverBin, [
     `--etcd-servers=http://127.0.0.1:${etcdClient}`,
     '--bind-address=127.0.0.1',
@@ -129,8 +147,8 @@ export async function startControlPlane(options: ControlPlaneOptions = {}): Prom
     '--authorization-mode=Node,RBAC',
     '--enable-admission-plugins=NodeRestriction',
     '--allow-privileged=true',
-    // No controller creates default service accounts here.
-    '--disable-admission-plugins=ServiceAccount',
+    // Without the controllers, nothing creates default service accounts.
+    ...(options.serviceAccounts ? [] : ['--disable-admission-plugins=ServiceAccount']),
     ...admissionFlags,
   ]);
   const components: Proc[] = [];

@@ -4,6 +4,12 @@
 //
 //   node forward.js LISTEN=TARGET ...     LISTEN, TARGET: tcp:127.0.0.1:PORT | unix:/abs/path.sock
 //
+// TARGET `connect` makes LISTEN an HTTP CONNECT proxy instead: each client names the address to dial
+// (`CONNECT 10.0.0.12:443 HTTP/1.1`), dialed from wherever this process runs. Run inside a node's
+// network namespace on a socket file, it is how a kube-apiserver outside reaches Services and Pods
+// in there (its egress selector's `cluster` connection, as konnectivity is in managed clusters).
+// LISTEN `tcp:0.0.0.0:PORT` is meant for inside such a namespace only (every address of the node).
+//
 // Prints "ready" once every listener is bound.
 
 import { connect, createServer, type Socket } from 'node:net';
@@ -11,11 +17,54 @@ import { rmSync } from 'node:fs';
 
 type Endpoint = { readonly kind: 'tcp'; readonly host: string; readonly port: number } | { readonly kind: 'unix'; readonly path: string };
 
-export function parseEndpoint(text: string): Endpoint {
+export function parseEndpoint(text: string, listening = false): Endpoint {
   if (text.startsWith('unix:')) return { kind: 'unix', path: text.slice('unix:'.length) };
-  const match = /^tcp:(127\.0\.0\.1|\[::1\]):(\d+)$/.exec(text);
-  if (!match) throw new Error(`not a loopback tcp: or unix: endpoint: ${text}`);
-  return { kind: 'tcp', host: match[1] === '[::1]' ? '::1' : '127.0.0.1', port: Number(match[2]) };
+  const match = /^tcp:(127\.0\.0\.1|\[::1\]|0\.0\.0\.0):(\d+)$/.exec(text);
+  if (!match || (match[1] === '0.0.0.0' && !listening)) throw new Error(`not a loopback tcp: or unix: endpoint: ${text}`);
+  return { kind: 'tcp', host: match[1] === '[::1]' ? '::1' : (match[1] ?? '127.0.0.1'), port: Number(match[2]) };
+}
+
+/** An HTTP CONNECT tunnel: reads the request head, dials the address it names, answers 200, relays. */
+function tunnel(client: Socket): void {
+  let head = Buffer.alloc(0);
+  const onData = (chunk: Buffer) => {
+    head = Buffer.concat([head, chunk]);
+    const end = head.indexOf('\r\n\r\n');
+    if (end < 0) {
+      if (head.length > 8192) client.destroy();
+      return;
+    }
+    client.off('data', onData);
+    client.pause();
+    const match = /^CONNECT (\[[0-9a-fA-F:]+\]|[^\s:]+):(\d+) HTTP\/1\.[01]\r\n/.exec(head.subarray(0, end).toString('latin1'));
+    if (!match) {
+      client.end('HTTP/1.1 405 Method Not Allowed\r\n\r\n');
+      return;
+    }
+    const rest = head.subarray(end + 4);
+    const upstream = connect(Number(match[2]), (match[1] ?? '').replace(/^\[|\]$/g, ''));
+    let established = false;
+    upstream.once('connect', () => {
+      established = true;
+      client.write('HTTP/1.1 200 Connection established\r\n\r\n');
+      if (rest.length > 0) upstream.write(rest);
+      client.pipe(upstream).pipe(client);
+      client.resume();
+    });
+    upstream.once('error', (error) => {
+      if (!established) client.end(`HTTP/1.1 502 Bad Gateway\r\n\r\n${error.message}`);
+      else client.destroy();
+    });
+    const close = () => {
+      client.destroy();
+      upstream.destroy();
+    };
+    client.once('error', close);
+    client.once('close', close);
+    upstream.once('close', close);
+  };
+  client.on('data', onData);
+  client.once('error', () => client.destroy());
 }
 
 function dial(target: Endpoint): Socket {
@@ -40,9 +89,9 @@ async function main(pairs: string[]): Promise<void> {
   await Promise.all(
     pairs.map((pair) => {
       const [listenText, targetText] = pair.split('=');
-      const listenAt = parseEndpoint(listenText ?? '');
-      const target = parseEndpoint(targetText ?? '');
-      const server = createServer((client) => relay(client, target));
+      const listenAt = parseEndpoint(listenText ?? '', true);
+      const target = targetText === 'connect' ? 'connect' : parseEndpoint(targetText ?? '');
+      const server = createServer((client) => (target === 'connect' ? tunnel(client) : relay(client, target)));
       return new Promise<void>((resolve, reject) => {
         server.once('error', reject);
         if (listenAt.kind === 'unix') {

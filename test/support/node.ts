@@ -49,6 +49,10 @@ export interface RealNode {
   /** Makes a port of this machine's loopback reachable on the node's loopback at the same number
    * (as `localhost:PORT`, where containerd pulls rewritten images from). */
   reach(port: number): Promise<void>;
+  /** Makes a port of this machine's loopback reachable on every address of the node at `nodePort`
+   * (the Pod network's gateway among them, which Pods reach where they cannot reach the node's
+   * loopback). */
+  reachOnNodeAddresses(port: number, nodePort: number): Promise<void>;
   /** Runs a command inside the node's namespaces. */
   exec(command: string, args: readonly string[]): Promise<string>;
   /** Image references in the node's container runtime. */
@@ -73,6 +77,10 @@ export interface NodeOptions {
   /** Runs kube-proxy in iptables mode in the node's namespace with this token (user
    * `system:kube-proxy`); needs `podNetwork`. NodePorts then answer on the node's 127.0.0.1. */
   readonly kubeProxyToken?: string;
+  /** A socket file on which an HTTP CONNECT proxy dials into the node's network namespace: the
+   * apiserver's egress selector (ControlPlaneOptions.clusterEgressSocket) reaches Service and Pod
+   * addresses of the node through it. */
+  readonly egressSocket?: string;
 }
 
 /** A Pod for this node: it names the node and uses the node's network (no scheduler, no CNI), and
@@ -403,6 +411,18 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
       await relay([`unix:${sock}=tcp:127.0.0.1:${port}`], [`tcp:127.0.0.1:${port}=unix:${sock}`]);
     };
     await reach(apiPort);
+    const reachOnNodeAddresses = async (port: number, nodePort: number) => {
+      const sock = join(dir, `host-${port}-all.sock`);
+      await relay([`unix:${sock}=tcp:127.0.0.1:${port}`], [`tcp:0.0.0.0:${nodePort}=unix:${sock}`]);
+    };
+    if (options.egressSocket !== undefined) {
+      const egress = startProcess('nsenter', inside(process.execPath, [FORWARD, `unix:${options.egressSocket}=connect`]));
+      relays.push(egress);
+      for (let deadline = Date.now() + 10_000; !egress.output().includes('ready'); ) {
+        if (egress.child.exitCode !== null || Date.now() > deadline) throw new Error(`the egress proxy did not start: ${egress.output()}`);
+        await sleep(20);
+      }
+    }
     const kubeletSock = join(dir, 'kubelet.sock');
     await relay([`tcp:127.0.0.1:${kubeletPort}=unix:${kubeletSock}`], [`unix:${kubeletSock}=tcp:127.0.0.1:${kubeletPort}`]);
 
@@ -480,6 +500,7 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
       name,
       dir,
       reach,
+      reachOnNodeAddresses,
       exec,
       async images() {
         return (await ctr('images', 'ls', '-q')).split('\n').filter(Boolean);

@@ -1,0 +1,304 @@
+// The chart installed with `helm install` on a real node (./support/node.ts: kubelet, containerd's
+// CRI, a CNI Pod network, kube-proxy; kube-scheduler and kube-controller-manager with the
+// apiserver). pullbridge's own image (./support/appimage.ts) comes from one docker-registry, the
+// workload image from a second one, the upstream of the chart's one broker rule. The webhook
+// bootstraps its certificate; a Pod created with its original image is rewritten and pulled by the
+// node's containerd through the DaemonSet's proxy Pod, whose access log says so. Each proxy exposure
+// (hostNetwork, nodePort, hostPort) is a fresh release, uninstalled after; with hostNetwork a
+// `helm upgrade` adds a rule, which the running proxy Pod serves after reloading its config.
+//
+// How the pieces reach each other (the apiserver runs on this machine's loopback; Services, Pods
+// and kube-proxy's rules live in the node's network namespace):
+// - apiserver → webhook Service. A Service webhook is called at the Service's ClusterIP (the
+//   apiserver's default resolver; with --enable-aggregator-routing, at a Pod IP). Neither address
+//   exists outside the node's namespace: this machine has no route to the Pod network and no
+//   kube-proxy rules for ClusterIPs, and both may not be added to a shared machine. An Endpoints
+//   object pointing at a loopback relay is refused by validation (loopback endpoint addresses are
+//   invalid), and the chart has no hostNetwork webhook (it would still listen in the node's
+//   namespace). What works is what managed control planes do (konnectivity): the apiserver's egress
+//   selector sends its `cluster` traffic through an HTTP CONNECT proxy, here one running inside
+//   the node's namespace on a socket file, which dials the ClusterIP there, where kube-proxy
+//   forwards it to a webhook Pod. kubelet calls (kubectl logs) take the same way.
+// - webhook Pods → apiserver. In-cluster clients dial the `kubernetes` Service (10.0.0.1:443). Its
+//   endpoint here is a relay to the apiserver listening on every address of the node, written by
+//   hand as an EndpointSlice on the Pod network's gateway (the apiserver maintains none: loopback).
+// - containerd → proxy: the exposure under test on the node's 127.0.0.1:<proxy.port>.
+// - proxy → upstream registry, containerd → image registry: node.reach (this machine's loopback
+//   port on the node's loopback).
+
+import assert from 'node:assert/strict';
+import { randomBytes, X509Certificate } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, DiscoveryV1Api, KubeConfig, type V1Node, type V1Pod } from '@kubernetes/client-node';
+import { stringify as stringifyYaml } from 'yaml';
+import { buildAppImage } from './support/appimage.js';
+import { isRunning, waitForPod } from './support/cluster.js';
+import { cachedBinary, startControlPlane, type ControlPlane } from './support/controlplane.js';
+import { buildWorkloadImage, startNode, stopAllNodes, type RealNode } from './support/node.js';
+import type { TestImage } from './support/oci.js';
+import { runAsync } from './support/procs.js';
+import { startRegistry, type RegistryHandle } from './support/registry.js';
+
+const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
+const SUBNET = '10.88.0.0/24';
+/** The Pod network's gateway: the bridge's address in the node's namespace (host-local's first). */
+const GATEWAY = '10.88.0.1';
+/** Where the apiserver relay listens on the node's addresses, for the `kubernetes` Service. */
+const APISERVER_NODE_PORT = 6443;
+const RELEASE_NAMESPACE = 'pullbridge';
+/** Where the upstream registry's relay listens on the node's addresses, for a proxy Pod on the
+ * Pod network (its own loopback is not the node's). */
+const UPSTREAM_NODE_PORT = 15000;
+const CORP_IMAGE = 'registry.corp.example:5000/team/app:1.0';
+const PROXY_PORT = 30500;
+/** Bounded waits (the machine is shared and slow at times): generous, never a measure of speed. */
+const WAIT_MS = 240_000;
+const HELM_TIMEOUT = '8m';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const isReady = (node: V1Node): boolean => node.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false;
+const podReady = (pod: V1Pod): boolean => pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true;
+
+interface AccessRecord {
+  readonly access?: string;
+  readonly rule?: string | null;
+  readonly kind?: string;
+  readonly reference?: string | null;
+  readonly namespace?: string | null;
+  readonly status?: number;
+}
+
+type Exposure = 'hostNetwork' | 'nodePort' | 'hostPort';
+
+describe('the Helm chart on a real node: webhook with bootstrapped certificate, proxy DaemonSet, a Pod pulled through it', function () {
+  this.timeout(900_000);
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-helm-node-'));
+  const egressSocket = join(dir, 'egress.sock');
+  const message = `hello through the chart ${randomBytes(4).toString('hex')}`;
+  let cp: ControlPlane;
+  let images: RegistryHandle;
+  let upstream: RegistryHandle;
+  let node: RealNode | undefined;
+  let kc: KubeConfig;
+  let core: CoreV1Api;
+  let workload: TestImage;
+
+  const failure = (error: unknown) => new Error(`${(error as Error).message}\n--- node ---\n${node?.logs().slice(-6000) ?? ''}\n--- control plane ---\n${cp?.logs().slice(-4000) ?? ''}`);
+  const helmEnv = { HELM_CACHE_HOME: join(dir, 'helm', 'cache'), HELM_CONFIG_HOME: join(dir, 'helm', 'config'), HELM_DATA_HOME: join(dir, 'helm', 'data') };
+  const helm = (...args: string[]) => runAsync(cachedBinary('helm'), ['--kubeconfig', cp.kubeconfig, ...args], { timeoutMs: 10 * 60_000, env: helmEnv });
+  const kubectl = (...args: string[]) => runAsync(cachedBinary('kubectl'), ['--kubeconfig', cp.kubeconfig, ...args]);
+
+  /** Polls `read` until `done`; fails with the last value after WAIT_MS. */
+  const until = async <T>(what: string, read: () => Promise<T>, done: (value: T) => boolean): Promise<T> => {
+    let last: T | string = '';
+    for (const deadline = Date.now() + WAIT_MS; Date.now() < deadline; await sleep(1000)) {
+      try {
+        const value = await read();
+        if (done(value)) return value;
+        last = value;
+      } catch (error) {
+        last = (error as Error).message;
+      }
+    }
+    throw failure(new Error(`${what}; last: ${JSON.stringify(last).slice(0, 4000)}`));
+  };
+
+  before(async function () {
+    this.timeout(900_000);
+    const app = buildAppImage();
+    workload = buildWorkloadImage(dir, message);
+    [cp, images, upstream] = await Promise.all([startControlPlane({ controllers: true, serviceAccounts: true, clusterEgressSocket: egressSocket }), startRegistry(), startRegistry()]);
+    await Promise.all([images.push(app.image, 'pullbridge', 'test'), upstream.push(workload, 'team/app', '1.0')]);
+    kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    core = kc.makeApiClient(CoreV1Api);
+
+    node = await startNode({ controlPlane: cp, token: cp.nodeToken, podNetwork: { subnet: SUBNET }, kubeProxyToken: cp.proxyToken, egressSocket });
+    await node.reach(images.port);
+    await node.reach(upstream.port);
+    await node.reachOnNodeAddresses(upstream.port, UPSTREAM_NODE_PORT);
+    await node.reachOnNodeAddresses(Number(new URL(cp.url).port), APISERVER_NODE_PORT);
+    await kc.makeApiClient(DiscoveryV1Api).createNamespacedEndpointSlice({
+      namespace: 'default',
+      body: {
+        metadata: { name: 'kubernetes', labels: { 'kubernetes.io/service-name': 'kubernetes' } },
+        addressType: 'IPv4',
+        endpoints: [{ addresses: [GATEWAY], conditions: { ready: true } }],
+        ports: [{ name: 'https', port: APISERVER_NODE_PORT, protocol: 'TCP' }],
+      },
+    });
+    // README "Installing in a cluster with Helm": the namespace first, labelled for the proxy.
+    await core.createNamespace({ body: { metadata: { name: RELEASE_NAMESPACE, labels: { 'pod-security.kubernetes.io/enforce': 'privileged' } } } });
+    const name = node.name;
+    await until(
+      'the Node never became Ready and schedulable',
+      () => core.readNode({ name }),
+      (n) => isReady(n) && !(n.spec?.taints ?? []).some((t) => t.effect === 'NoSchedule'),
+    );
+  });
+
+  after(async () => {
+    await node?.stop();
+    await stopAllNodes(); // one whose start outlived a timed-out setup
+    await images?.stop();
+    await upstream?.stop();
+    await cp?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  // Each exposure is a fresh release: installed, used, uninstalled.
+  const exposures: readonly Exposure[] = ['hostNetwork', 'nodePort', 'hostPort'];
+  for (const exposure of exposures) {
+    describe(`proxy exposure ${exposure}`, () => {
+      const APP_NAMESPACE = `shop-${exposure.toLowerCase()}`;
+      // With hostNetwork the proxy is on the node's loopback, where node.reach puts the upstream.
+      const upstreamUrl = (): string => (exposure === 'hostNetwork' ? `http://127.0.0.1:${upstream.port}` : `http://${GATEWAY}:${UPSTREAM_NODE_PORT}`);
+      let valuesFile = '';
+      /** The proxy's access-log records of pulls, from its Pod's log (kubectl logs). */
+      const proxyRecords = async (): Promise<AccessRecord[]> => {
+        const proxyPod = (await core.listNamespacedPod({ namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=proxy' })).items[0]?.metadata?.name ?? '';
+        return (await kubectl('logs', '-n', RELEASE_NAMESPACE, proxyPod, '-c', 'proxy'))
+          .split('\n')
+          .filter((line) => line.startsWith('{'))
+          .map((line) => JSON.parse(line) as AccessRecord)
+          .filter((r) => r.access === 'pull');
+      };
+
+      it('helm install --wait: webhook Pods Ready with the bootstrapped certificate in caBundle, the proxy DaemonSet Pod Ready', async () => {
+        const values = {
+          image: { repository: `localhost:${images.port}/pullbridge`, tag: 'test' },
+          registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: upstreamUrl(), auth: { mode: 'broker' } }],
+          webhook: { certificates: { mode: 'bootstrap' } },
+          proxy: { exposure, port: PROXY_PORT },
+        };
+        valuesFile = join(dir, `values-${exposure}.yaml`);
+        writeFileSync(valuesFile, stringifyYaml(values));
+        await helm('install', 'pullbridge', CHART, '-n', RELEASE_NAMESPACE, '-f', valuesFile, '--wait', '--timeout', HELM_TIMEOUT).catch((error: unknown) => {
+          throw failure(error);
+        });
+
+        const apps = kc.makeApiClient(AppsV1Api);
+        const deployment = await apps.readNamespacedDeployment({ namespace: RELEASE_NAMESPACE, name: 'pullbridge-webhook' });
+        assert.equal(deployment.status?.readyReplicas, deployment.spec?.replicas);
+        const webhookPods = (await core.listNamespacedPod({ namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=webhook' })).items;
+        assert.equal(webhookPods.filter(podReady).length, deployment.spec?.replicas, JSON.stringify(webhookPods.map((p) => p.status?.conditions)));
+        // helm --wait can return before the DaemonSet controller has counted the node (0 of 0
+        // scheduled reads as ready): wait, bounded, for its one Pod.
+        await until(
+          'the proxy DaemonSet never had its Pod Ready',
+          () => apps.readNamespacedDaemonSet({ namespace: RELEASE_NAMESPACE, name: 'pullbridge-proxy' }),
+          (ds) => ds.status?.desiredNumberScheduled === 1 && ds.status.numberReady === 1,
+        );
+        const proxyPods = (await core.listNamespacedPod({ namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=proxy' })).items;
+        assert.equal(proxyPods.length, 1);
+        assert.ok(proxyPods.every(podReady));
+        assert.equal(proxyPods[0]?.spec?.nodeName, node?.name);
+
+        // The certificate the webhook made: its Secret, its CA in the webhook configuration's caBundle,
+        // the serving certificate issued by that CA for the Service's name.
+        const secret = await core.readNamespacedSecret({ namespace: RELEASE_NAMESPACE, name: 'pullbridge-webhook-tls' });
+        const data = (key: string) => Buffer.from(secret.data?.[key] ?? '', 'base64').toString();
+        const hook = await kc.makeApiClient(AdmissionregistrationV1Api).readMutatingWebhookConfiguration({ name: 'pullbridge' });
+        const caBundle = Buffer.from(hook.webhooks?.[0]?.clientConfig.caBundle ?? '', 'base64').toString();
+        assert.match(caBundle, /BEGIN CERTIFICATE/);
+        assert.equal(caBundle.trim(), data('ca.crt').trim());
+        const serving = new X509Certificate(data('tls.crt'));
+        assert.ok(serving.checkIssued(new X509Certificate(caBundle)), 'the serving certificate is issued by the caBundle CA');
+        assert.match(serving.subjectAltName ?? '', /DNS:pullbridge-webhook\.pullbridge\.svc\b/);
+      });
+
+      it('a Pod created with its original image is rewritten, pulled through the DaemonSet\'s proxy Pod, and Running', async () => {
+        // The node's namespace has no default route (nothing but the Pod network's bridge), so a
+        // connection from there to a ClusterIP fails before kube-proxy's DNAT could apply: route
+        // everything to the bridge, which exists since the webhook Pods got their addresses.
+        await node?.exec('ip', ['route', 'replace', 'default', 'dev', 'pb0']);
+        await core.createNamespace({ body: { metadata: { name: APP_NAMESPACE } } });
+        // The ServiceAccount admission plugin refuses Pods until the namespace's default account exists.
+        await until('no default ServiceAccount', () => core.readNamespacedServiceAccount({ namespace: APP_NAMESPACE, name: 'default' }), () => true);
+        const proxied = `localhost:${PROXY_PORT}/corp/team/app:1.0`;
+        const body: V1Pod = { metadata: { name: 'web' }, spec: { terminationGracePeriodSeconds: 1, containers: [{ name: 'app', image: CORP_IMAGE, imagePullPolicy: 'Always' }] } };
+        // The apiserver takes up a new webhook configuration asynchronously: dry runs until it mutates.
+        await until('the webhook never mutated a dry-run Pod', () => core.createNamespacedPod({ namespace: APP_NAMESPACE, body, dryRun: 'All' }), (p) => p.spec?.containers[0]?.image === proxied);
+        await core.createNamespacedPod({ namespace: APP_NAMESPACE, body });
+        const stored = await core.readNamespacedPod({ namespace: APP_NAMESPACE, name: 'web' });
+        assert.equal(stored.spec?.containers[0]?.image, proxied);
+        assert.deepEqual(stored.spec?.imagePullSecrets?.map((s) => s.name), ['pullbridge-pull']);
+
+        // A first Pod can wait ~15 s on the Node-authorizer race for its pull secret (real-node.md).
+        const running = await waitForPod(core, APP_NAMESPACE, 'web', isRunning, WAIT_MS, 'Running').catch((error: unknown) => {
+          throw failure(error);
+        });
+        assert.equal(running.status?.containerStatuses?.[0]?.imageID, `localhost:${PROXY_PORT}/corp/team/app@${workload.index.digest}`);
+        assert.equal((await kubectl('logs', '-n', APP_NAMESPACE, 'web')).trim(), message);
+
+        // The proxy Pod's own access log (kubectl logs, through the apiserver and kubelet).
+        const records = (await proxyRecords()).filter((r) => r.rule === 'corp');
+        const served = records.filter((r) => r.status === 200 && r.namespace === APP_NAMESPACE);
+        for (const digest of [workload.manifests[0]?.digest, workload.configs[0]?.digest, workload.layers[0]?.digest]) {
+          assert.ok(served.some((r) => r.reference === digest), `the proxy Pod served ${digest} to namespace ${APP_NAMESPACE}: ${JSON.stringify(records)}`);
+        }
+      });
+
+      if (exposure === 'hostNetwork') {
+        it('helm upgrade adding a rule: the proxy Pod stays (same UID), the new rule is served after the reload', async () => {
+          const selector = { namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=proxy' };
+          const before = (await core.listNamespacedPod(selector)).items.map((p) => p.metadata?.uid);
+          assert.equal(before.length, 1);
+          const other = { name: 'other', match: ['registry.other.example:5000'], upstream: upstreamUrl(), auth: { mode: 'broker' } };
+          const upgraded = join(dir, `values-${exposure}-upgrade.yaml`);
+          // The first file's values, then the rules extended (a list is replaced, not merged).
+          const first = await helm('get', 'values', 'pullbridge', '-n', RELEASE_NAMESPACE, '-o', 'json');
+          const registries = [...((JSON.parse(first) as { registries: unknown[] }).registries), other];
+          writeFileSync(upgraded, stringifyYaml({ registries }));
+          await helm('upgrade', 'pullbridge', CHART, '-n', RELEASE_NAMESPACE, '-f', valuesFile, '-f', upgraded, '--wait', '--timeout', HELM_TIMEOUT).catch((error: unknown) => {
+            throw failure(error);
+          });
+          // The ConfigMap changed; the Pod templates did not: no Pod restarts, each reloads in place
+          // (kubelet updates the mounted ConfigMap within its sync period; node.ts sets 5 s).
+          const image = 'registry.other.example:5000/team/app:1.0';
+          const proxied = `localhost:${PROXY_PORT}/other/team/app:1.0`;
+          const body: V1Pod = { metadata: { name: 'web-other' }, spec: { terminationGracePeriodSeconds: 1, containers: [{ name: 'app', image, imagePullPolicy: 'Always' }] } };
+          await until('the webhook never took up the new rule', () => core.createNamespacedPod({ namespace: APP_NAMESPACE, body, dryRun: 'All' }), (p) => p.spec?.containers[0]?.image === proxied);
+          // The proxy reloads on its own schedule: until its log shows the rule answering, a pull of
+          // an unknown rule fails and kubelet retries (with back-off), so the Pod waits, bounded.
+          await core.createNamespacedPod({ namespace: APP_NAMESPACE, body });
+          await waitForPod(core, APP_NAMESPACE, 'web-other', isRunning, WAIT_MS, 'Running').catch((error: unknown) => {
+            throw failure(error);
+          });
+          const records = (await proxyRecords()).filter((r) => r.rule === 'other' && r.status === 200 && r.namespace === APP_NAMESPACE);
+          assert.ok(records.some((r) => r.kind === 'manifest'), 'the new rule served the manifest');
+          assert.deepEqual((await core.listNamespacedPod(selector)).items.map((p) => p.metadata?.uid), before, 'the proxy Pod was not replaced');
+          await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: 'web-other', gracePeriodSeconds: 0 });
+        });
+      }
+
+      it('helm uninstall --wait removes the release; the workload image leaves the node, so the next release pulls again', async () => {
+        await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: 'web', gracePeriodSeconds: 0 });
+        await helm('uninstall', 'pullbridge', '-n', RELEASE_NAMESPACE, '--wait', '--timeout', HELM_TIMEOUT).catch((error: unknown) => {
+          throw failure(error);
+        });
+        await until('Pods of the release or the workload are still there', async () => [...(await core.listNamespacedPod({ namespace: RELEASE_NAMESPACE })).items, ...(await core.listNamespacedPod({ namespace: APP_NAMESPACE })).items], (pods) => pods.length === 0);
+        await until('the MutatingWebhookConfiguration is still there', () => kc.makeApiClient(AdmissionregistrationV1Api).listMutatingWebhookConfiguration(), (list) => list.items.length === 0);
+        if (!node) throw new Error('the node is not running');
+        // CRI names an image by its references and by its config digest: remove all, content with them.
+        // Both rules' references share the content: remove every one.
+        const ofWorkload = (reference: string) => reference.includes('/team/app') || reference === workload.configs[0]?.digest;
+        await node.removeImages((await node.images()).filter(ofWorkload));
+        assert.deepEqual((await node.images()).filter(ofWorkload), []);
+      });
+    });
+  }
+
+  // In a suite of its own: mocha runs a suite's own tests before its nested suites.
+  describe('teardown', () => {
+    it('stops cleanly: no process, mount, cgroup or changed sysctl left on this machine', async () => {
+      const stopping = node;
+      node = undefined;
+      assert.ok(stopping);
+      assert.deepEqual(await stopping.stop(), []);
+    });
+  });
+});
