@@ -35,7 +35,7 @@ import { fileURLToPath } from 'node:url';
 import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, DiscoveryV1Api, KubeConfig, type V1Node, type V1Pod } from '@kubernetes/client-node';
 import { stringify as stringifyYaml } from 'yaml';
 import { buildAppImage } from './support/appimage.js';
-import { isRunning, waitForPod } from './support/cluster.js';
+import { isRunning, isSchedulable, waitForNode, waitForPod } from './support/cluster.js';
 import { cachedBinary, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { buildWorkloadImage, startNode, stopAllNodes, type RealNode } from './support/node.js';
 import type { TestImage } from './support/oci.js';
@@ -59,7 +59,6 @@ const WAIT_MS = 240_000;
 const HELM_TIMEOUT = '8m';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const isReady = (node: V1Node): boolean => node.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false;
 const podReady = (pod: V1Pod): boolean => pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') === true;
 
 interface AccessRecord {
@@ -133,11 +132,9 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
     // README "Installing in a cluster with Helm": the namespace first, labelled for the proxy.
     await core.createNamespace({ body: { metadata: { name: RELEASE_NAMESPACE, labels: { 'pod-security.kubernetes.io/enforce': 'privileged' } } } });
     const name = node.name;
-    await until(
-      'the Node never became Ready and schedulable',
-      () => core.readNode({ name }),
-      (n) => isReady(n) && !(n.spec?.taints ?? []).some((t) => t.effect === 'NoSchedule'),
-    );
+    await waitForNode(core, name, WAIT_MS, isSchedulable, 'Ready and schedulable').catch((error: unknown) => {
+      throw failure(error);
+    });
   });
 
   after(async () => {

@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AppsV1Api, CoreV1Api, KubeConfig, type V1Container, type V1Node, type V1Pod } from '@kubernetes/client-node';
 import { startControlPlane, type ControlPlane } from './support/controlplane.js';
-import { waitForNode } from './support/cluster.js';
+import { isSchedulable, waitForNode } from './support/cluster.js';
 import { buildWorkloadImage, startNode, stopAllNodes, type RealNode } from './support/node.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 
@@ -29,7 +29,6 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** Whether an IPv4 address is in SUBNET (a /24). */
 const inSubnet = (ip: string | undefined): boolean => ip !== undefined && ip.startsWith('10.88.0.') && ip !== '10.88.0.0';
 
-const isReady = (node: V1Node): boolean => node.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false;
 const running = (pod: V1Pod): boolean => pod.status?.phase === 'Running' && pod.status.containerStatuses?.every((c) => c.state?.running !== undefined) === true;
 
 describe('a real node in a cluster: scheduler, controller manager, CNI Pod network and kube-proxy', function () {
@@ -89,8 +88,7 @@ describe('a real node in a cluster: scheduler, controller manager, CNI Pod netwo
 
     node = await startNode({ controlPlane: cp, token: cp.nodeToken, podNetwork: { subnet: SUBNET }, kubeProxyToken: cp.proxyToken });
     await node.reach(registry.port);
-    const schedulable = (registered: V1Node) => isReady(registered) && !(registered.spec?.taints ?? []).some((t) => t.effect === 'NoSchedule');
-    await waitForNode(core, node.name, WAIT_MS, schedulable, 'Ready and schedulable').catch((error: unknown) => {
+    await waitForNode(core, node.name, WAIT_MS, isSchedulable, 'Ready and schedulable').catch((error: unknown) => {
       throw failure(error);
     });
   });

@@ -28,6 +28,10 @@ export async function registerWebhook(kc: KubeConfig, url: string, caCert: strin
   }
 }
 
+/** A Node that is Ready and carries no NoSchedule taint: Pods can be scheduled to it. */
+export const isSchedulable = (node: V1Node): boolean =>
+  (node.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false) && !(node.spec?.taints ?? []).some((t) => t.effect === 'NoSchedule');
+
 /**
  * Polls until kubelet registered its Node (and `done` says so of it: Ready, schedulable…); fails
  * after `timeoutMs` with what was seen last.

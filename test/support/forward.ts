@@ -48,20 +48,16 @@ function tunnel(client: Socket): void {
       established = true;
       client.write('HTTP/1.1 200 Connection established\r\n\r\n');
       if (rest.length > 0) upstream.write(rest);
-      client.pipe(upstream).pipe(client);
+      splice(client, upstream);
       client.resume();
     });
+    // Before the tunnel stands, the client is told why it failed; after, splice() closes both.
     upstream.once('error', (error) => {
       if (!established) client.end(`HTTP/1.1 502 Bad Gateway\r\n\r\n${error.message}`);
-      else client.destroy();
     });
-    const close = () => {
-      client.destroy();
-      upstream.destroy();
-    };
-    client.once('error', close);
-    client.once('close', close);
-    upstream.once('close', close);
+    client.once('close', () => {
+      if (!established) upstream.destroy();
+    });
   };
   client.on('data', onData);
   client.once('error', () => client.destroy());
@@ -72,7 +68,11 @@ function dial(target: Endpoint): Socket {
 }
 
 function relay(client: Socket, target: Endpoint): void {
-  const upstream = dial(target);
+  splice(client, dial(target));
+}
+
+/** Pipes two sockets into each other; either one failing or closing closes both. */
+function splice(client: Socket, upstream: Socket): void {
   client.pipe(upstream).pipe(client);
   const close = () => {
     client.destroy();
