@@ -9,7 +9,7 @@ import { readFile } from 'node:fs/promises';
 import { ContentError, type ContentSource, type ManifestRequest, type ManifestResult } from '../content/source.js';
 import { MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
-import type { NodeCache } from './nodecache.js';
+import { credentialHash, type NodeCache } from './nodecache.js';
 import { tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
 
 export class CachedManifests {
@@ -133,7 +133,7 @@ export class CachedManifests {
 
   /** GET by digest, one upstream request for every client asking at once; stored when it fits. */
   private async fetchAndStore(request: ManifestRequest, digest: string): Promise<ManifestResult> {
-    const who = this.passthrough(request) && request.credentials ? createHash('sha256').update(`${request.credentials.username}\0${request.credentials.password}`).digest('base64url') : '';
+    const who = this.passthrough(request) ? credentialHash(request.credentials) : '';
     const key = `${request.rule}\0${request.repository}\0${digest}\0${who}`;
     const flights = this.cache.manifestFlights;
     let flight = flights.get(key) as Promise<{ answer: ManifestResult; stored: boolean }> | undefined;

@@ -220,8 +220,11 @@ export class NodeCache {
   }
 }
 
-/** The credential as a hash: the map never holds a password. */
+/** A credential as a hash, for keys kept in memory: they never hold a password. */
+export function credentialHash(credentials: UpstreamCredentials | undefined): string {
+  return credentials ? createHash('sha256').update(`${credentials.username}\0${credentials.password}`).digest('base64url') : '';
+}
+
 function confirmationKey(rule: string, repository: string, credentials: UpstreamCredentials | undefined): string {
-  const who = credentials ? createHash('sha256').update(`${credentials.username}\0${credentials.password}`).digest('base64url') : '';
-  return `${rule}\0${repository}\0${who}`;
+  return `${rule}\0${repository}\0${credentialHash(credentials)}`;
 }

@@ -54,13 +54,8 @@ export class BlobFill extends EventEmitter {
   }
 
   /** Writes a chunk at the end; the caller keeps `chunk` unchanged until this resolves. */
-  async append(chunk: Uint8Array): Promise<void> {
-    if (this.settled) throw new Error('fill already finished');
-    let offset = 0;
-    while (offset < chunk.length) offset += (await this.file.write(chunk, offset, chunk.length - offset, this.written + offset)).bytesWritten;
-    this.written += chunk.length;
-    this.hash.update(chunk, this.written);
-    this.emit('progress', this.written);
+  append(chunk: Uint8Array): Promise<void> {
+    return this.appendv([Buffer.from(chunk.buffer, chunk.byteOffset, chunk.length)]);
   }
 
   /** Writes chunks at the end in one call; the caller keeps them unchanged until this resolves. */
