@@ -127,6 +127,58 @@ const byteQuantity = z.union([z.number(), z.string()]).transform((value, ctx) =>
 });
 const seconds = (max: number) => z.number().int('must be a whole number of seconds').min(0).max(max);
 
+const absolutePath = z.string().min(1).refine((p) => p.startsWith('/'), 'must be an absolute path');
+/** A key inside the bucket or container under which pullbridge keeps everything ("" for the root). */
+const objectPrefix = z
+  .string()
+  .regex(/^([A-Za-z0-9._-]+\/)*$/, 'must be empty or path segments each ending in "/", such as "pullbridge/"')
+  .default('');
+
+/** The shared tier's backends: exactly one of them. Credentials come from files (Secret mounts),
+ * never from the config itself; absent files mean the platform's default chain where there is one. */
+const sharedSchema = z
+  .strictObject({
+    s3: z
+      .strictObject({
+        bucket: z.string().min(3).max(63),
+        region: z.string().min(1).default('us-east-1'),
+        endpoint: httpUrl('endpoint').optional(),
+        forcePathStyle: z.boolean().default(false),
+        prefix: objectPrefix,
+        accessKeyFile: absolutePath.optional(),
+        secretKeyFile: absolutePath.optional(),
+      })
+      .refine((s3) => (s3.accessKeyFile === undefined) === (s3.secretKeyFile === undefined), 'accessKeyFile and secretKeyFile go together (or neither, for the default credential chain)')
+      .optional(),
+    azure: z
+      .strictObject({
+        container: z.string().min(3).max(63),
+        accountName: z.string().min(3).max(24).optional(),
+        accountNameFile: absolutePath.optional(),
+        accountKeyFile: absolutePath.optional(),
+        sasTokenFile: absolutePath.optional(),
+        endpoint: httpUrl('endpoint').optional(),
+        prefix: objectPrefix,
+      })
+      .refine((a) => (a.accountName === undefined) !== (a.accountNameFile === undefined), 'needs accountName or accountNameFile (one of them)')
+      .refine((a) => (a.accountKeyFile === undefined) !== (a.sasTokenFile === undefined), 'needs accountKeyFile or sasTokenFile (one of them)')
+      .optional(),
+    gcs: z
+      .strictObject({
+        bucket: z.string().min(3).max(222),
+        keyFile: absolutePath.optional(),
+        endpoint: httpUrl('endpoint').optional(),
+        prefix: objectPrefix,
+      })
+      .optional(),
+    filesystem: z.strictObject({ path: absolutePath }).optional(),
+    /** When another node is fetching a blob, how long to wait for it to land before fetching it too. */
+    fillWaitSeconds: seconds(3_600).default(120),
+    /** One request to the shared store; past it the store counts as down for that request. */
+    timeoutSeconds: seconds(600).default(30),
+  })
+  .refine((s) => [s.s3, s.azure, s.gcs, s.filesystem].filter((b) => b !== undefined).length === 1, 'needs exactly one of s3, azure, gcs, filesystem');
+
 const cacheSchema = z.strictObject({
   /** The node store (a hostPath in the chart): blobs by digest, links, tag records. */
   path: z.string().min(1).refine((p) => p.startsWith('/'), 'must be an absolute path'),
@@ -140,9 +192,8 @@ const cacheSchema = z.strictObject({
   staleIfErrorSeconds: seconds(365 * 86_400).default(604_800),
   /** passthrough: a client's credential accepted upstream for a repository serves cached content this long. */
   credentialTTLSeconds: seconds(3_600).default(60),
-  shared: z.unknown().optional().superRefine((value, ctx) => {
-    if (value !== undefined) ctx.addIssue({ code: 'custom', message: 'the shared cache tier is not supported by this version yet; remove cache.shared' });
-  }),
+  /** The second tier, shared by every node (README "Sharing the cache across nodes"). */
+  shared: sharedSchema.optional(),
 });
 
 const configSchema = z.strictObject({
@@ -174,7 +225,8 @@ export type ConfigInput = z.input<typeof configSchema>;
 export type RawConfig = z.output<typeof configSchema>;
 export type RawRule = RawConfig['registries'][number];
 export type AuthMode = RawRule['auth']['mode'];
-export type CacheConfig = Omit<NonNullable<RawConfig['cache']>, 'shared'>;
+export type CacheConfig = NonNullable<RawConfig['cache']>;
+export type SharedConfig = NonNullable<CacheConfig['shared']>;
 
 export interface Rule extends RawRule {
   /** Canonical hosts (lower case, Docker Hub aliases folded). */

@@ -1,0 +1,69 @@
+// The shared tier's storage: one interface over object storage (S3 API, Azure Blob, GCS) and a
+// ReadWriteMany filesystem, each a thin adapter over its SDK. Keys are relative ("blobs/sha256/…",
+// "records/…"); an adapter puts its configured prefix in front. What the tier stores under them,
+// and why, is ./tier.ts's business.
+
+import type { Readable } from 'node:stream';
+
+/** Why a shared-store call failed, as the cache reports it (status, metrics, one log line per change). */
+export type SharedFailure =
+  /** Connection refused or reset, DNS failure, TLS failure: the store is not there. */
+  | 'unreachable'
+  /** The store answered 401/403 (bad or expired credentials, missing permission). */
+  | 'denied'
+  /** No answer within the configured timeout. */
+  | 'timeout'
+  /** Anything else: 5xx, a malformed answer, a missing bucket or container. */
+  | 'error';
+
+export class SharedStoreError extends Error {
+  constructor(
+    readonly failure: SharedFailure,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'SharedStoreError';
+  }
+}
+
+export interface SharedObject {
+  readonly size: number;
+  readonly modified: Date;
+}
+
+export interface SharedListing extends SharedObject {
+  readonly key: string;
+}
+
+/** Inclusive byte range, as HTTP's Range. */
+export interface ByteSpan {
+  readonly start: number;
+  readonly end: number;
+}
+
+export interface SharedStore {
+  readonly kind: 's3' | 'azure' | 'gcs' | 'filesystem';
+  /** Where the store is, for logs and /status: bucket/container and endpoint, never a credential. */
+  readonly location: string;
+  /** The object's size and modification time, or undefined when there is none. */
+  stat(key: string): Promise<SharedObject | undefined>;
+  /** The object's bytes (or a span of them); undefined when there is none. */
+  read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined>;
+  /** Uploads a local file of `size` bytes as `key` unless an object is there already: 'created', or
+   * 'exists' (nothing written). Readers never see a part: multipart uploads are completed only at
+   * the end, a filesystem object appears by rename. The caller verified the file's digest. */
+  createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'>;
+  /** Writes a small record. With `ifAbsent`, only when no object has the key (the store's own
+   * conditional write: S3 `If-None-Match: *`, Azure `If-None-Match: *`, GCS `ifGenerationMatch=0`,
+   * an exclusive create on a filesystem): true when written, false when one was there. */
+  writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean>;
+  /** A small record's bytes, or undefined when there is none. */
+  readRecord(key: string): Promise<Buffer | undefined>;
+  /** Deletes the object; one that is not there is not an error. */
+  remove(key: string): Promise<void>;
+  /** Every object whose key starts with `prefix` (relative, like every key), in pages. */
+  list(prefix: string): AsyncIterable<SharedListing>;
+  /** Releases connections (agents, clients). */
+  close(): Promise<void>;
+}
