@@ -5,7 +5,11 @@
 // bootstraps its certificate; a Pod created with its original image is rewritten and pulled by the
 // node's containerd through the DaemonSet's proxy Pod, whose access log says so. Each proxy exposure
 // (hostNetwork, nodePort, hostPort) is a fresh release, uninstalled after; with hostNetwork a
-// `helm upgrade` adds a rule, which the running proxy Pod serves after reloading its config.
+// `helm upgrade` adds a rule, which the running proxy Pod serves after reloading its config, and the
+// node cache is shown as deployed: its hostPath store belongs to the proxy's non-root user, outlives
+// the proxy Pod, and starts a new Pod while the upstream registry is down. The apiserver enforces
+// Pod Security `baseline` by default, as hardened clusters do: the release namespace is labelled
+// `privileged` (README), and the chart refuses a namespace that enforces less.
 //
 // How the pieces reach each other (the apiserver runs on this machine's loopback; Services, Pods
 // and kube-proxy's rules live in the node's network namespace):
@@ -28,7 +32,7 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes, X509Certificate } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -68,6 +72,7 @@ interface AccessRecord {
   readonly reference?: string | null;
   readonly namespace?: string | null;
   readonly status?: number;
+  readonly cache?: string;
 }
 
 type Exposure = 'hostNetwork' | 'nodePort' | 'hostPort';
@@ -109,7 +114,14 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
     this.timeout(900_000);
     const app = buildAppImage();
     workload = buildWorkloadImage(dir, message);
-    [cp, images, upstream] = await Promise.all([startControlPlane({ controllers: true, serviceAccounts: true, clusterEgressSocket: egressSocket }), startRegistry(), startRegistry()]);
+    // Pod Security: `baseline` enforced wherever a namespace does not say otherwise (the apiserver's
+    // PodSecurityConfiguration defaults), as on hardened clusters.
+    const podSecurity = { name: 'PodSecurity', configuration: { apiVersion: 'pod-security.admission.config.k8s.io/v1', kind: 'PodSecurityConfiguration', defaults: { enforce: 'baseline', 'enforce-version': 'latest' }, exemptions: {} } };
+    [cp, images, upstream] = await Promise.all([
+      startControlPlane({ controllers: true, serviceAccounts: true, clusterEgressSocket: egressSocket, admissionPlugins: [podSecurity] }),
+      startRegistry(),
+      startRegistry(),
+    ]);
     await Promise.all([images.push(app.image, 'pullbridge', 'test'), upstream.push(workload, 'team/app', '1.0')]);
     kc = new KubeConfig();
     kc.loadFromFile(cp.kubeconfig);
@@ -146,6 +158,41 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
     rmSync(dir, { recursive: true, force: true });
   });
 
+  describe('Pod Security Admission', () => {
+    const STRICT = 'pullbridge-baseline';
+    const strictValues = (): string => {
+      const file = join(dir, 'values-strict.yaml');
+      writeFileSync(file, stringifyYaml({ image: { repository: `localhost:${images.port}/pullbridge`, tag: 'test' }, registries: [], proxy: { exposure: 'hostNetwork', port: PROXY_PORT } }));
+      return file;
+    };
+
+    it('helm install into a namespace that enforces `baseline` is refused, naming the label to set', async () => {
+      await core.createNamespace({ body: { metadata: { name: STRICT, labels: { 'pod-security.kubernetes.io/enforce': 'baseline' } } } });
+      const refused = await helm('install', 'strict', CHART, '-n', STRICT, '-f', strictValues()).then(
+        () => '',
+        (error: unknown) => (error as Error).message,
+      );
+      assert.match(refused, /namespace pullbridge-baseline enforces Pod Security "baseline", but the proxy needs "privileged" \(a hostPath for the cache, hostNetwork\)/);
+      assert.match(refused, /kubectl label namespace pullbridge-baseline pod-security\.kubernetes\.io\/enforce=privileged --overwrite/);
+      assert.match(await helm('list', '-n', STRICT, '-q'), /^\s*$/, 'nothing was installed');
+    });
+
+    it('without that check the apiserver refuses the proxy Pods: the DaemonSet stays at 0 Pods with a PodSecurity event', async () => {
+      await helm('install', 'strict', CHART, '-n', STRICT, '-f', strictValues(), '--set', 'podSecurity.checkNamespace=false', '--set', 'webhook.replicas=0');
+      try {
+        const events = await until(
+          'no FailedCreate event for the proxy DaemonSet',
+          async () => (await core.listNamespacedEvent({ namespace: STRICT })).items.filter((e) => e.reason === 'FailedCreate' && e.involvedObject.kind === 'DaemonSet'),
+          (list) => list.length > 0,
+        );
+        assert.match(events[0]?.message ?? '', /violates PodSecurity "baseline:latest": host namespaces \(hostNetwork=true\).*hostPath volumes/);
+        assert.equal((await core.listNamespacedPod({ namespace: STRICT, labelSelector: 'app.kubernetes.io/component=proxy' })).items.length, 0);
+      } finally {
+        await helm('uninstall', 'strict', '-n', STRICT, '--wait', '--timeout', HELM_TIMEOUT);
+      }
+    });
+  });
+
   // Each exposure is a fresh release: installed, used, uninstalled.
   const exposures: readonly Exposure[] = ['hostNetwork', 'nodePort', 'hostPort'];
   for (const exposure of exposures) {
@@ -170,6 +217,8 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
           registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: upstreamUrl(), auth: { mode: 'broker' } }],
           webhook: { certificates: { mode: 'bootstrap' } },
           proxy: { exposure, port: PROXY_PORT },
+          // A tag is asked upstream on every pull, so that one served while the upstream is down is stale.
+          cache: { tagTTLSeconds: 0 },
         };
         valuesFile = join(dir, `values-${exposure}.yaml`);
         writeFileSync(valuesFile, stringifyYaml(values));
@@ -269,6 +318,51 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
           assert.ok(records.some((r) => r.kind === 'manifest'), 'the new rule served the manifest');
           assert.deepEqual((await core.listNamespacedPod(selector)).items.map((p) => p.metadata?.uid), before, 'the proxy Pod was not replaced');
           await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: 'web-other', gracePeriodSeconds: 0 });
+        });
+
+        it('the node cache as deployed: its hostPath store is the proxy user\'s, outlives the proxy Pod, and starts a new Pod while the upstream is down', async () => {
+          if (!node) throw new Error('the node is not running');
+          // The chart's cache.hostPath (/var/lib/pullbridge/cache) as the node sees it.
+          const store = join(node.dir, 'var-lib', 'pullbridge', 'cache');
+          const layer = workload.layers[0]?.digest ?? '';
+          const blobFile = join(store, 'blobs', 'sha256', layer.slice('sha256:'.length));
+          const stored = statSync(blobFile);
+          assert.equal(stored.uid, 65532, 'the blob was written by the proxy\'s non-root user');
+          assert.equal(stored.size, workload.layers[0]?.size);
+          assert.equal(statSync(store).uid, 65532, 'the init container handed the store to the proxy\'s user');
+
+          // A proxy restart: the Pod deleted, the DaemonSet makes a new one on the same hostPath.
+          const selector = { namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=proxy' };
+          const [old] = (await core.listNamespacedPod(selector)).items;
+          await core.deleteNamespacedPod({ namespace: RELEASE_NAMESPACE, name: old?.metadata?.name ?? '' });
+          await until('no new proxy Pod Ready', async () => (await core.listNamespacedPod(selector)).items, (pods) => pods.length === 1 && pods[0]?.metadata?.uid !== old?.metadata?.uid && pods[0] !== undefined && podReady(pods[0]));
+          assert.ok(existsSync(blobFile), 'the stored blob outlived the proxy Pod');
+
+          // The upstream goes down; the workload image leaves the node; a new Pod of it still starts.
+          await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: 'web', gracePeriodSeconds: 0 });
+          await until('the Pod web is still there', async () => (await core.listNamespacedPod({ namespace: APP_NAMESPACE })).items.filter((p) => p.metadata?.name === 'web'), (pods) => pods.length === 0);
+          const ofWorkload = (reference: string) => reference.includes('/team/app') || reference === workload.configs[0]?.digest;
+          // Until kubelet removed the old container, it holds the unpacked layer and a pull skips it.
+          await until('a container of the workload image is still on the node', () => node?.containerImages() ?? Promise.resolve([]), (list) => !list.some(ofWorkload));
+          await node.removeImages((await node.images()).filter(ofWorkload));
+          await upstream.kill();
+          try {
+            const body: V1Pod = { metadata: { name: 'web' }, spec: { terminationGracePeriodSeconds: 1, containers: [{ name: 'app', image: CORP_IMAGE, imagePullPolicy: 'Always' }] } };
+            await core.createNamespacedPod({ namespace: APP_NAMESPACE, body });
+            await waitForPod(core, APP_NAMESPACE, 'web', isRunning, WAIT_MS, 'Running').catch((error: unknown) => {
+              throw failure(error);
+            });
+            assert.equal((await kubectl('logs', '-n', APP_NAMESPACE, 'web')).trim(), message);
+          } finally {
+            await upstream.restart();
+          }
+          // The new proxy Pod's access log: the tag from its last known digest (stale, the upstream
+          // unreachable), the manifest and every blob from the node store.
+          const records = (await proxyRecords()).filter((r) => r.rule === 'corp' && r.namespace === APP_NAMESPACE && r.status === 200);
+          assert.ok(records.some((r) => r.kind === 'manifest' && r.reference === '1.0' && r.cache === 'stale'), `the tag was served stale: ${JSON.stringify(records)}`);
+          for (const digest of [workload.manifests[0]?.digest, workload.configs[0]?.digest, layer]) {
+            assert.ok(records.some((r) => r.reference === digest && r.cache === 'hit'), `${digest} was a cache hit: ${JSON.stringify(records)}`);
+          }
         });
       }
 

@@ -57,6 +57,9 @@ export interface RealNode {
   exec(command: string, args: readonly string[]): Promise<string>;
   /** Image references in the node's container runtime. */
   images(): Promise<string[]>;
+  /** The image of every container the node's runtime still has (running or exited): a container
+   * keeps its image's unpacked layers, so that a pull of that image fetches no layer. */
+  containerImages(): Promise<string[]>;
   /** Removes images from the node's runtime, so that the next Pod pulls again. */
   removeImages(references: readonly string[]): Promise<void>;
   /** Everything kubelet and containerd said, for failure messages. */
@@ -504,6 +507,13 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
       exec,
       async images() {
         return (await ctr('images', 'ls', '-q')).split('\n').filter(Boolean);
+      },
+      async containerImages() {
+        return (await ctr('containers', 'ls'))
+          .split('\n')
+          .slice(1)
+          .map((line) => line.trim().split(/\s+/)[1] ?? '')
+          .filter(Boolean);
       },
       async removeImages(references) {
         if (references.length > 0) await ctr('images', 'rm', '--sync', ...references); // --sync: garbage-collect their content too
