@@ -33,7 +33,7 @@ export class NodeCache {
   /** Manifests being fetched, by rule, repository, digest (and passthrough credential). */
   readonly manifestFlights = new Map<string, Promise<unknown>>();
   private readonly metrics: CacheMetrics;
-  private readonly tally = { hit: 0, miss: 0, stale: 0, bypass: 0, savedBytes: 0, evictions: 0, evictedBytes: 0, fillFailures: 0 };
+  private readonly tally = { hit: 0, miss: 0, shared: 0, stale: 0, bypass: 0, savedBytes: 0, evictions: 0, evictedBytes: 0, fillFailures: 0 };
   private fillsInFlight = 0;
   private fillsEnabled = true;
   private evicting: Promise<void> = Promise.resolve();
@@ -51,7 +51,7 @@ export class NodeCache {
     this.settings = settings;
     const cache = this;
     this.metrics = {
-      requests: new Counter({ name: 'pullbridge_cache_requests_total', help: 'Manifest and blob requests by how the node cache answered: hit, miss (filled from upstream), stale (last known tag while the upstream failed), bypass (not cached)', labelNames: ['kind', 'result'], registers: [registry] }),
+      requests: new Counter({ name: 'pullbridge_cache_requests_total', help: 'Manifest and blob requests by how the node cache answered: hit, miss (filled from upstream), shared (filled from the shared tier), stale (last known tag while the upstream failed), bypass (not cached)', labelNames: ['kind', 'result'], registers: [registry] }),
       savedBytes: new Counter({ name: 'pullbridge_cache_upstream_bytes_saved_total', help: 'Bytes served from the node cache instead of the upstream', registers: [registry] }),
       evictions: new Counter({ name: 'pullbridge_cache_evictions_total', help: 'Blobs evicted from the node cache', registers: [registry] }),
       evictedBytes: new Counter({ name: 'pullbridge_cache_evicted_bytes_total', help: 'Bytes evicted from the node cache', registers: [registry] }),
@@ -210,6 +210,7 @@ export class NodeCache {
       fillsInFlight: this.fillsInFlight,
       hits: this.tally.hit,
       misses: this.tally.miss,
+      fromShared: this.tally.shared,
       staleServes: this.tally.stale,
       bypassed: this.tally.bypass,
       upstreamBytesSaved: this.tally.savedBytes,

@@ -27,6 +27,47 @@ export interface TagRecord {
   readonly confirmedAt: number;
 }
 
+/** A tag record as stored (node store or shared tier), or undefined when it is not one. */
+export function parseTagRecord(text: string): TagRecord | undefined {
+  try {
+    const record = JSON.parse(text) as Partial<TagRecord>;
+    const valid = typeof record.digest === 'string' && typeof record.mediaType === 'string' && typeof record.size === 'number' && typeof record.confirmedAt === 'number';
+    return valid ? (record as TagRecord) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A node's claim to fetch a blob from the upstream for the whole cluster (shared tier). */
+export interface SharedClaim {
+  readonly node: string;
+  /** When it was made (ms since the epoch). */
+  readonly at: number;
+}
+
+export function parseClaim(text: string): SharedClaim | undefined {
+  try {
+    const claim = JSON.parse(text) as Partial<SharedClaim>;
+    return typeof claim.node === 'string' && typeof claim.at === 'number' ? (claim as SharedClaim) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A claim stands while its filler may still be at work: younger than the others' bounded wait. A
+ * claim from the future (clock skew) stands too, up to that bound. */
+export function claimIsFresh(claim: SharedClaim, now: number, fillWaitSeconds: number): boolean {
+  return Math.abs(now - claim.at) < fillWaitSeconds * 1000;
+}
+
+/** Whether a node that just had a tag confirmed upstream should write it to the shared tier: when
+ * the tier's record is missing, names another digest, or is older than `refreshSeconds` (so that a
+ * new node finds it fresh enough to serve while the upstream is down, without every node writing on
+ * every confirmation). */
+export function shouldShareTag(shared: TagRecord | undefined, confirmed: TagRecord, refreshSeconds: number): boolean {
+  return shared === undefined || shared.digest !== confirmed.digest || confirmed.confirmedAt - shared.confirmedAt >= refreshSeconds * 1000;
+}
+
 export interface TagTimes {
   readonly tagTTLSeconds: number;
   readonly staleIfErrorSeconds: number;

@@ -16,7 +16,7 @@ import { EventEmitter } from 'node:events';
 import { mkdir, open, readdir, readFile, rename, rm, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { inlineHash, type FillHash, type HashFactory } from './hasher.js';
-import type { StoredBlob, TagRecord } from './policy.js';
+import { parseTagRecord, type StoredBlob, type TagRecord } from './policy.js';
 
 interface Entry {
   size: number;
@@ -283,13 +283,8 @@ export class NodeStore {
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
-    try {
-      const record = JSON.parse(await readFile(join(this.repositoryPath(rule, repository), '_tags', tag), 'utf8')) as Partial<TagRecord>;
-      const valid = typeof record.digest === 'string' && typeof record.mediaType === 'string' && typeof record.size === 'number' && typeof record.confirmedAt === 'number';
-      return valid ? (record as TagRecord) : undefined;
-    } catch {
-      return undefined;
-    }
+    const text = await readFile(join(this.repositoryPath(rule, repository), '_tags', tag), 'utf8').catch(() => undefined);
+    return text === undefined ? undefined : parseTagRecord(text);
   }
 
   /** Written to a temporary file and renamed, so a reader never sees half a record. */

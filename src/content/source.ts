@@ -39,8 +39,9 @@ export interface BlobRequest extends ContentRequest {
   readonly unverified?: boolean;
 }
 
-/** How a cache answered: from its store, by filling it, from its store while the upstream failed, or not at all. */
-export type CacheOutcome = 'hit' | 'miss' | 'stale' | 'bypass';
+/** How a cache answered: from its store, by filling it (from upstream, or from the shared tier), from
+ * its store while the upstream failed, or not at all. */
+export type CacheOutcome = 'hit' | 'miss' | 'shared' | 'stale' | 'bypass';
 
 export interface TagsRequest extends ContentRequest {
   /** Pagination as the client asked for it (`n` already checked to be a number). */

@@ -1,0 +1,224 @@
+// The shared tier as the node cache uses it: blobs by digest, links per (rule, repository) and tag
+// records, laid out as the node store is, in one bucket, container or directory shared by every
+// node; and claims, which make one node the filler of a blob the others then read from here.
+//
+// The tier failing never fails a pull: every call answers "absent" (and writes are dropped) while
+// the store is down, and calls are not even tried for RETRY_MS after a failure, so that a store that
+// is down or slow costs one timeout per RETRY_MS, not one per request. A change of state is logged
+// once and shown by /status and pullbridge_cache_shared_up.
+
+import { Counter, Gauge, type Registry } from 'prom-client';
+import type { Readable } from 'node:stream';
+import type { Logger } from '../../log.js';
+import type { SharedConfig } from '../../rules/config.js';
+import { claimIsFresh, parseClaim, parseTagRecord, type SharedClaim, type TagRecord } from '../policy.js';
+import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedStore } from './store.js';
+
+/** After a failure, calls are skipped (answered "absent") this long before the store is tried again. */
+const RETRY_MS = 5_000;
+/** How often a node waiting for another's fill looks for the blob. */
+const WAIT_POLL_MS = 500;
+
+type SharedOperation = 'stat' | 'read' | 'upload' | 'record-read' | 'record-write' | 'claim';
+
+const hex = (digest: string) => digest.slice(digest.indexOf(':') + 1);
+const algorithm = (digest: string) => digest.slice(0, digest.indexOf(':'));
+/** Keys as the node store lays out its directories (store.ts), so that a filesystem tier reads alike. */
+export const sharedKeys = {
+  blob: (digest: string) => `blobs/${algorithm(digest)}/${hex(digest)}`,
+  link: (rule: string, repository: string, digest: string) => `repositories/${rule}/${repository}/_links/${algorithm(digest)}/${hex(digest)}`,
+  tag: (rule: string, repository: string, tag: string) => `repositories/${rule}/${repository}/_tags/${tag}`,
+  claim: (digest: string) => `claims/${algorithm(digest)}/${hex(digest)}`,
+};
+
+export interface SharedStatus {
+  readonly kind: SharedStore['kind'];
+  readonly location: string;
+  readonly up: boolean;
+  /** Why it is down, and since when (ISO time). */
+  readonly failure?: SharedFailure;
+  readonly since: string;
+  readonly blobsRead: number;
+  readonly blobsWritten: number;
+}
+
+export class SharedTier {
+  private failure: SharedFailure | undefined;
+  private since: number;
+  private retryAt = 0;
+  private readonly tally = { blobsRead: 0, blobsWritten: 0 };
+  private readonly requests: Counter<'operation' | 'result'>;
+  private readonly bytes: Counter<'direction'>;
+
+  constructor(
+    readonly store: SharedStore,
+    private readonly settings: SharedConfig,
+    /** This node, as its claims name it. */
+    readonly nodeName: string,
+    registry: Registry,
+    private readonly logger: Logger,
+    private readonly now: () => number,
+  ) {
+    this.since = now();
+    const tier = this;
+    this.requests = new Counter({ name: 'pullbridge_cache_shared_requests_total', help: 'Calls to the shared cache tier by operation and result (ok, absent, failed, skipped while it is down)', labelNames: ['operation', 'result'], registers: [registry] });
+    this.bytes = new Counter({ name: 'pullbridge_cache_shared_bytes_total', help: 'Blob bytes read from (read) and written to (written) the shared cache tier', labelNames: ['direction'], registers: [registry] });
+    new Gauge({ name: 'pullbridge_cache_shared_up', help: '1 while the shared cache tier answers; 0 while it fails (pulls go to the upstream)', registers: [registry], collect() { this.set(tier.failure ? 0 : 1); } });
+  }
+
+  status(): SharedStatus {
+    return {
+      kind: this.store.kind,
+      location: this.store.location,
+      up: this.failure === undefined,
+      ...(this.failure ? { failure: this.failure } : {}),
+      since: new Date(this.since).toISOString(),
+      ...this.tally,
+    };
+  }
+
+  /** A blob's size in the tier; undefined when it is not there (or the tier is down). */
+  async blobSize(digest: string): Promise<number | undefined> {
+    return this.call('stat', undefined, async () => (await this.store.stat(sharedKeys.blob(digest)))?.size);
+  }
+
+  /** A blob's bytes (or a span); undefined when it is not there (or the tier is down). The caller
+   * checks the digest: what comes from the tier is trusted no more than the upstream. */
+  async readBlob(digest: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
+    const stream = await this.call('read', undefined, () => this.store.read(sharedKeys.blob(digest), span, signal));
+    if (!stream) return undefined;
+    this.tally.blobsRead++;
+    stream.on('data', (chunk: Buffer) => this.bytes.inc({ direction: 'read' }, chunk.length));
+    return stream;
+  }
+
+  /** A small blob (a manifest) whole; undefined when it is not there (or the tier is down). */
+  async readSmallBlob(digest: string): Promise<Buffer | undefined> {
+    const body = await this.call('record-read', undefined, () => this.store.readRecord(sharedKeys.blob(digest)));
+    if (body) this.bytes.inc({ direction: 'read' }, body.length);
+    return body;
+  }
+
+  /** Uploads a stored, digest-verified node file as the blob (unless it is there already). */
+  async uploadBlob(digest: string, file: string, size: number): Promise<void> {
+    const outcome = await this.call('upload', undefined, () => this.store.createFromFile(sharedKeys.blob(digest), file, size));
+    if (outcome === 'created') {
+      this.tally.blobsWritten++;
+      this.bytes.inc({ direction: 'written' }, size);
+    }
+  }
+
+  /** A small blob (a manifest) whole, unless it is there already. */
+  async writeSmallBlob(digest: string, body: Buffer): Promise<void> {
+    const created = await this.call('record-write', false, () => this.store.writeRecord(sharedKeys.blob(digest), body, { ifAbsent: true }));
+    if (created) {
+      this.tally.blobsWritten++;
+      this.bytes.inc({ direction: 'written' }, body.length);
+    }
+  }
+
+  /** A link's content (a manifest's media type, '' for a blob), or null without one. */
+  async readLink(rule: string, repository: string, digest: string): Promise<string | null> {
+    const body = await this.call('record-read', undefined, () => this.store.readRecord(sharedKeys.link(rule, repository, digest)));
+    return body === undefined ? null : body.toString('utf8');
+  }
+
+  async writeLink(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
+    await this.call('record-write', false, () => this.store.writeRecord(sharedKeys.link(rule, repository, digest), Buffer.from(mediaType)));
+  }
+
+  async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
+    const body = await this.call('record-read', undefined, () => this.store.readRecord(sharedKeys.tag(rule, repository, tag)));
+    return body === undefined ? undefined : parseTagRecord(body.toString('utf8'));
+  }
+
+  async writeTag(rule: string, repository: string, tag: string, record: TagRecord): Promise<void> {
+    await this.call('record-write', false, () => this.store.writeRecord(sharedKeys.tag(rule, repository, tag), Buffer.from(JSON.stringify(record))));
+  }
+
+  /**
+   * Claims the filling of a blob for this node with the store's own conditional create: 'ours' when
+   * this node should fetch it from the upstream (and upload it), 'theirs' when another node's fresh
+   * claim stands (wait for the blob: waitForBlob), 'ours' also when the tier is down (nothing to
+   * wait for). A claim older than fillWaitSeconds is a filler that died: it is taken over.
+   */
+  async claim(digest: string): Promise<'ours' | 'theirs'> {
+    const key = sharedKeys.claim(digest);
+    const body = Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim));
+    const created = await this.call('claim', undefined, () => this.store.writeRecord(key, body, { ifAbsent: true }));
+    if (created !== false) return 'ours';
+    const existing = await this.call('claim', undefined, () => this.store.readRecord(key));
+    const claim = existing ? parseClaim(existing.toString('utf8')) : undefined;
+    if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
+    // Stale (its filler died, or it is unreadable): this node takes over, overwriting it.
+    await this.call('claim', false, () => this.store.writeRecord(key, body));
+    return 'ours';
+  }
+
+  /** Ends this node's claim (the blob is uploaded, or the fill failed). */
+  async release(digest: string): Promise<void> {
+    await this.call('claim', undefined, () => this.store.remove(sharedKeys.claim(digest)));
+  }
+
+  /**
+   * Waits, bounded by fillWaitSeconds, for another node's fill of the blob to land: its size once
+   * it is there; undefined when the wait ran out, the claim went away without the blob (the fill
+   * failed), the tier went down, or the client left.
+   */
+  async waitForBlob(digest: string, signal: AbortSignal): Promise<number | undefined> {
+    const deadline = this.now() + this.settings.fillWaitSeconds * 1000;
+    while (!signal.aborted && this.now() < deadline && !this.failure) {
+      const size = await this.blobSize(digest);
+      if (size !== undefined) return size;
+      const claim = await this.call('claim', undefined, () => this.store.readRecord(sharedKeys.claim(digest)));
+      if (claim === undefined) return await this.blobSize(digest);
+      await new Promise((resolve) => setTimeout(resolve, WAIT_POLL_MS));
+    }
+    return undefined;
+  }
+
+  close(): Promise<void> {
+    return this.store.close();
+  }
+
+  /**
+   * Runs one call to the store: its answer, or `fallback` when it fails (or is skipped because the
+   * store failed less than RETRY_MS ago). Counted, and state changes logged once.
+   */
+  private async call<T, F>(operation: SharedOperation, fallback: F, run: () => Promise<T>): Promise<T | F> {
+    if (this.failure && this.now() < this.retryAt) {
+      this.requests.inc({ operation, result: 'skipped' });
+      return fallback;
+    }
+    try {
+      const value = await withTimeout(run(), operation === 'upload' || operation === 'read' ? undefined : this.settings.timeoutSeconds * 1000);
+      this.requests.inc({ operation, result: value === undefined ? 'absent' : 'ok' });
+      if (this.failure) {
+        this.logger.info({ shared: this.store.location, downSeconds: Math.round((this.now() - this.since) / 1000) }, 'shared cache tier answers again');
+        this.failure = undefined;
+        this.since = this.now();
+      }
+      return value;
+    } catch (error) {
+      const failure = error instanceof SharedStoreError ? error.failure : 'error';
+      this.requests.inc({ operation, result: 'failed' });
+      this.retryAt = this.now() + RETRY_MS;
+      if (this.failure !== failure) {
+        this.logger.warn({ shared: this.store.location, failure, operation, error: (error as Error).message }, 'shared cache tier failing: pulls go to the upstream');
+        this.failure = failure;
+        this.since = this.now();
+      }
+      return fallback;
+    }
+  }
+}
+
+/** `promise`, or a 'timeout' failure after `ms` (none when undefined: a transfer's length depends on its size). */
+function withTimeout<T>(promise: Promise<T>, ms: number | undefined): Promise<T> {
+  if (ms === undefined) return promise;
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new SharedStoreError('timeout', `no answer within ${ms / 1000} s`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
