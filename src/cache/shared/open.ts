@@ -1,0 +1,10 @@
+// Opens the one shared-store backend a config names.
+
+import type { SharedConfig } from '../../rules/config.js';
+import { openFilesystemStore } from './filesystem.js';
+import type { SharedStore } from './store.js';
+
+export async function openSharedStore(config: SharedConfig): Promise<SharedStore> {
+  if (config.filesystem) return openFilesystemStore(config.filesystem.path);
+  throw new Error('cache.shared names no backend');
+}
