@@ -11,16 +11,30 @@ export async function readSecretFile(path: string): Promise<string> {
 }
 
 /** A per-request deadline joined with the caller's abort signal; `timedOut` tells afterwards which
- * of the two fired, since both surface from the SDKs as the same abort error. */
+ * of the two fired, since both surface from the SDKs as the same abort error. `disarm` ends the
+ * deadline but not the caller's abort: a read's deadline covers its answer, not the whole body. A
+ * timeout of 0 is no deadline. */
 export interface Deadline {
   readonly signal: AbortSignal;
   timedOut(): boolean;
+  disarm(): void;
 }
 
 export function deadline(timeoutMs: number, caller?: AbortSignal): Deadline {
-  const timeout = AbortSignal.timeout(timeoutMs);
-  const signal = caller ? AbortSignal.any([timeout, caller]) : timeout;
-  return { signal, timedOut: () => timeout.aborted && !(caller?.aborted ?? false) };
+  const controller = new AbortController();
+  let expired = false;
+  const timer = timeoutMs > 0 ? setTimeout(() => {
+    expired = true;
+    controller.abort(new DOMException(`no answer within ${timeoutMs} ms`, 'TimeoutError'));
+  }, timeoutMs) : undefined;
+  const forward = () => controller.abort(caller?.reason);
+  if (caller?.aborted) forward();
+  else caller?.addEventListener('abort', forward, { once: true });
+  return {
+    signal: controller.signal,
+    timedOut: () => expired,
+    disarm: () => clearTimeout(timer),
+  };
 }
 
 /** Error codes of a socket that could not reach the store at all (as opposed to an answer). */
