@@ -1,0 +1,65 @@
+// What every object-storage adapter needs the same way: credentials read from mounted files, a
+// deadline per request joined with the caller's abort, and network failures told apart from answers.
+
+import { readFile } from 'node:fs/promises';
+import { SharedStoreError } from './store.js';
+
+/** A Secret-mounted value: files written by hand or by `kubectl create secret --from-file` often
+ * end in a newline that is not part of the credential. */
+export async function readSecretFile(path: string): Promise<string> {
+  return (await readFile(path, 'utf8')).replace(/\r?\n$/, '');
+}
+
+/** A per-request deadline joined with the caller's abort signal; `timedOut` tells afterwards which
+ * of the two fired, since both surface from the SDKs as the same abort error. `disarm` ends the
+ * deadline but not the caller's abort: a read's deadline covers its answer, not the whole body. A
+ * timeout of 0 is no deadline. */
+export interface Deadline {
+  readonly signal: AbortSignal;
+  timedOut(): boolean;
+  disarm(): void;
+}
+
+export function deadline(timeoutMs: number, caller?: AbortSignal): Deadline {
+  const controller = new AbortController();
+  let expired = false;
+  const timer = timeoutMs > 0 ? setTimeout(() => {
+    expired = true;
+    controller.abort(new DOMException(`no answer within ${timeoutMs} ms`, 'TimeoutError'));
+  }, timeoutMs) : undefined;
+  const forward = () => controller.abort(caller?.reason);
+  if (caller?.aborted) forward();
+  else caller?.addEventListener('abort', forward, { once: true });
+  return {
+    signal: controller.signal,
+    timedOut: () => expired,
+    disarm: () => clearTimeout(timer),
+  };
+}
+
+/** Error codes of a socket that could not reach the store at all (as opposed to an answer). */
+const UNREACHABLE = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ERR_SSL_WRONG_VERSION_NUMBER', 'UND_ERR_SOCKET']);
+const TIMED_OUT = new Set(['ETIMEDOUT', 'ESOCKETTIMEDOUT', 'TimeoutError', 'RequestTimeout', 'UND_ERR_CONNECT_TIMEOUT']);
+
+/** The network-level failure in an error or its causes (SDKs wrap the socket's error, some twice). */
+export function networkFailure(error: unknown): 'unreachable' | 'timeout' | undefined {
+  for (let e: unknown = error, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    const names = [typeof code === 'string' ? code : '', e.name];
+    // AggregateError: a dual-stack connect that failed on every address.
+    if (e instanceof AggregateError) for (const inner of e.errors) if (inner instanceof Error) names.push(String((inner as { code?: unknown }).code ?? ''));
+    if (names.some((n) => UNREACHABLE.has(n))) return 'unreachable';
+    if (names.some((n) => TIMED_OUT.has(n))) return 'timeout';
+  }
+  return undefined;
+}
+
+export function describe(error: unknown): string {
+  return error instanceof Error ? error.message || error.name : String(error);
+}
+
+/** Whether an error is the caller's own abort, which is passed on as is rather than counted as a
+ * store failure. */
+export function isCallerAbort(error: unknown, caller?: AbortSignal): boolean {
+  return caller?.aborted === true && !(error instanceof SharedStoreError);
+}

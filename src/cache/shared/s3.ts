@@ -1,0 +1,208 @@
+// The shared tier on the S3 API (AWS S3 and S3-compatible stores). Creates are conditional on the
+// key being absent (`If-None-Match: *`, on PutObject and on CompleteMultipartUpload), so that of
+// several nodes uploading the same blob exactly one writes it and the rest learn it is there.
+
+import { createReadStream } from 'node:fs';
+import type { Readable } from 'node:stream';
+import {
+  DeleteObjectCommand,
+  GetObjectCommand,
+  HeadObjectCommand,
+  ListObjectsV2Command,
+  PutObjectCommand,
+  S3Client,
+  S3ServiceException,
+  type S3ClientConfig,
+} from '@aws-sdk/client-s3';
+import { Upload } from '@aws-sdk/lib-storage';
+import type { SharedConfig } from '../../rules/config.js';
+import { deadline, describe, isCallerAbort, networkFailure, readSecretFile } from './common.js';
+import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+
+type S3Config = NonNullable<SharedConfig['s3']>;
+
+/** S3's minimum part size; larger parts for larger files keep them under the 10,000-part limit. */
+const MIN_PART_SIZE = 8 * 1024 * 1024;
+const MAX_PARTS = 10_000;
+
+export async function openS3Store(config: S3Config, timeoutSeconds: number): Promise<SharedStore> {
+  const timeoutMs = timeoutSeconds * 1000;
+  const clientConfig: S3ClientConfig = {
+    region: config.region,
+    endpoint: config.endpoint,
+    forcePathStyle: config.forcePathStyle,
+    // One retry: a store that is down should fail the request quickly (the node cache carries on
+    // without the shared tier) rather than hold a pull through the SDK's backoff.
+    maxAttempts: 2,
+    // Idle and connect deadlines; a whole request's deadline is the abort signal of each call.
+    requestHandler: { connectionTimeout: timeoutMs, socketTimeout: timeoutMs },
+    // Checksums only where the API requires them: S3-compatible stores differ in which of the
+    // newer checksum headers they accept, and the tier verifies digests itself.
+    requestChecksumCalculation: 'WHEN_REQUIRED',
+    responseChecksumValidation: 'WHEN_REQUIRED',
+  };
+  if (config.accessKeyFile && config.secretKeyFile) {
+    // Read once at open: a rotated Secret takes effect when the config is reloaded.
+    const [accessKeyId, secretAccessKey] = await Promise.all([readSecretFile(config.accessKeyFile), readSecretFile(config.secretKeyFile)]).catch((error: unknown) => {
+      throw new SharedStoreError('denied', `reading the S3 credential files: ${describe(error)}`, { cause: error });
+    });
+    clientConfig.credentials = { accessKeyId, secretAccessKey };
+  }
+  return new S3Store(new S3Client(clientConfig), config, timeoutMs);
+}
+
+class S3Store implements SharedStore {
+  readonly kind = 's3';
+  readonly location: string;
+
+  constructor(
+    private readonly client: S3Client,
+    private readonly config: S3Config,
+    private readonly timeoutMs: number,
+  ) {
+    this.location = `s3://${config.bucket}/${config.prefix}${config.endpoint ? ` at ${config.endpoint}` : ''}`;
+  }
+
+  async stat(key: string): Promise<SharedObject | undefined> {
+    const head = await this.call(`stat ${key}`, (abortSignal) => this.client.send(new HeadObjectCommand(this.at(key)), { abortSignal }));
+    return head && { size: head.ContentLength ?? 0, modified: head.LastModified ?? new Date(0) };
+  }
+
+  async read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
+    // The deadline covers the answer's headers; the body is bounded by the socket's idle timeout,
+    // since a large blob may take longer than one request's deadline to stream.
+    const range = span && `bytes=${span.start}-${span.end}`;
+    const got = await this.call(`read ${key}`, (abortSignal) => this.client.send(new GetObjectCommand({ ...this.at(key), Range: range }), { abortSignal }), signal);
+    return got?.Body as Readable | undefined;
+  }
+
+  async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    const upload = new Upload({
+      client: this.client,
+      params: { ...this.at(key), Body: createReadStream(file), ContentLength: size, IfNoneMatch: '*' },
+      partSize: Math.max(MIN_PART_SIZE, Math.ceil(size / MAX_PARTS)),
+      queueSize: 4,
+      // A failed or aborted multipart upload is aborted on the store: no parts left behind.
+      leavePartsOnError: false,
+    });
+    const abort = () => void upload.abort();
+    signal?.addEventListener('abort', abort, { once: true });
+    try {
+      if (signal?.aborted) throw signal.reason;
+      await upload.done();
+      return 'created';
+    } catch (error) {
+      if (isCallerAbort(error, signal)) throw error;
+      if (isConditionFailure(error)) return 'exists';
+      if (isCutOff(error) && (await this.stat(key).catch(() => undefined))) return 'exists';
+      throw storeError(`upload ${key}`, error, false);
+    } finally {
+      signal?.removeEventListener('abort', abort);
+    }
+  }
+
+  async writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean> {
+    const put = new PutObjectCommand({ ...this.at(key), Body: body, IfNoneMatch: options?.ifAbsent ? '*' : undefined });
+    try {
+      await this.call(`write ${key}`, (abortSignal) => this.client.send(put, { abortSignal }), undefined, true);
+      return true;
+    } catch (error) {
+      if (options?.ifAbsent && error instanceof SharedStoreError && isConditionFailure(error.cause)) return false;
+      throw error;
+    }
+  }
+
+  async readRecord(key: string): Promise<Buffer | undefined> {
+    return this.call(`read ${key}`, async (abortSignal) => {
+      const got = await this.client.send(new GetObjectCommand(this.at(key)), { abortSignal });
+      return Buffer.from(await got.Body!.transformToByteArray());
+    });
+  }
+
+  async remove(key: string): Promise<void> {
+    // DeleteObject succeeds for a missing key.
+    await this.call(`remove ${key}`, (abortSignal) => this.client.send(new DeleteObjectCommand(this.at(key)), { abortSignal }));
+  }
+
+  async *list(prefix: string): AsyncIterable<SharedListing> {
+    let token: string | undefined;
+    do {
+      const page = await this.call(`list ${prefix}`, (abortSignal) =>
+        this.client.send(new ListObjectsV2Command({ Bucket: this.config.bucket, Prefix: this.config.prefix + prefix, ContinuationToken: token }), { abortSignal }),
+      );
+      for (const object of page?.Contents ?? []) {
+        if (object.Key === undefined) continue;
+        yield { key: object.Key.slice(this.config.prefix.length), size: object.Size ?? 0, modified: object.LastModified ?? new Date(0) };
+      }
+      token = page?.IsTruncated ? page.NextContinuationToken : undefined;
+    } while (token);
+  }
+
+  async close(): Promise<void> {
+    this.client.destroy();
+  }
+
+  private at(key: string): { Bucket: string; Key: string } {
+    return { Bucket: this.config.bucket, Key: this.config.prefix + key };
+  }
+
+  /** One request under the store's deadline: a missing key is undefined, every failure a
+   * SharedStoreError. The deadline ends when the answer arrives (a body streams on under the
+   * socket's idle timeout). */
+  private async call<T>(what: string, request: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal, keepConditionFailures = false): Promise<T | undefined> {
+    const limit = deadline(this.timeoutMs, caller);
+    try {
+      return await request(limit.signal);
+    } catch (error) {
+      if (isCallerAbort(error, caller)) throw error;
+      if (isMissing(error)) return undefined;
+      if (keepConditionFailures && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${describe(error)}`, { cause: error });
+      throw storeError(what, error, limit.timedOut());
+    } finally {
+      limit.disarm();
+    }
+  }
+}
+
+function statusOf(error: unknown): number | undefined {
+  return error instanceof S3ServiceException ? error.$metadata.httpStatusCode : undefined;
+}
+
+function isMissing(error: unknown): boolean {
+  return error instanceof S3ServiceException && (error.name === 'NoSuchKey' || error.name === 'NotFound' || (statusOf(error) === 404 && error.name !== 'NoSuchBucket'));
+}
+
+/** The key was taken: 412 PreconditionFailed, or 409 ConditionalRequestConflict when another
+ * conditional write to the key was in flight at the same moment. */
+function isConditionFailure(error: unknown): boolean {
+  return error instanceof S3ServiceException && (statusOf(error) === 412 || error.name === 'PreconditionFailed' || error.name === 'ConditionalRequestConflict');
+}
+
+/** A connection reset while the body was still being sent. Some S3-compatible servers (versitygw)
+ * answer 412 to a conditional PUT as soon as the key is taken, before reading the body, and close
+ * the connection: the client sees the reset, not the 412. An object at the key then means the
+ * condition failed (or, rarely, that this very upload landed and its answer was lost: either way the
+ * key holds the verified content). */
+function isCutOff(error: unknown): boolean {
+  for (let e: unknown = error, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+    const code = (e as { code?: unknown }).code;
+    if (code === 'ECONNRESET' || code === 'EPIPE') return true;
+  }
+  return false;
+}
+
+const DENIED = new Set(['AccessDenied', 'InvalidAccessKeyId', 'SignatureDoesNotMatch', 'ExpiredToken', 'InvalidToken', 'CredentialsProviderError']);
+
+function failureOf(error: unknown, timedOut: boolean): SharedFailure {
+  if (timedOut) return 'timeout';
+  const network = networkFailure(error);
+  if (network) return network;
+  if (error instanceof Error && DENIED.has(error.name)) return 'denied';
+  const status = statusOf(error);
+  if (status === 401 || status === 403) return 'denied';
+  return 'error';
+}
+
+function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
+  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${describe(error)}`, { cause: error });
+}

@@ -1,0 +1,277 @@
+// The shared cache tier's stores, one conformance suite per backend: a filesystem directory, the S3
+// API on versitygw, Azure Blob on Azurite, GCS on fake-gcs-server, all on loopback.
+//
+// What each emulator could and could not show:
+//   filesystem       link(2) publishing: exactly one of concurrent creates wins, nothing partial is
+//                    ever visible. Shown on the local filesystem, not on NFS.
+//   s3 (versitygw)   If-None-Match: * honoured on PutObject and on CompleteMultipartUpload (8
+//                    racing multipart uploads: one created, seven 412). Checks SigV4 signatures
+//                    (wrong secret => 403 SignatureDoesNotMatch => 'denied'). Quirk: a conditional
+//                    PUT of a taken key may be answered before its body is read and the connection
+//                    closed, so the client sees ECONNRESET, not 412; the adapter then looks the key
+//                    up. Not shown: 409 ConditionalRequestConflict (AWS only), server-side abort
+//                    of parts left by a crashed client (lifecycle rule on real buckets).
+//   (the other backends are added below as they are shown)
+
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { Readable } from 'node:stream';
+import { openSharedStore } from '../src/cache/shared/open.js';
+import { SharedStoreError, type SharedFailure, type SharedListing, type SharedStore } from '../src/cache/shared/store.js';
+import type { SharedConfig } from '../src/rules/config.js';
+import { startVersitygw, type S3Server } from './support/objectstores.js';
+
+const MiB = 1024 * 1024;
+const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex');
+
+async function bytesOf(stream: Readable | undefined): Promise<Buffer | undefined> {
+  if (!stream) return undefined;
+  const chunks: Buffer[] = [];
+  for await (const chunk of stream) chunks.push(chunk as Buffer);
+  return Buffer.concat(chunks);
+}
+
+async function listAll(store: SharedStore, prefix: string): Promise<SharedListing[]> {
+  const all: SharedListing[] = [];
+  for await (const entry of store.list(prefix)) all.push(entry);
+  return all.sort((a, b) => a.key.localeCompare(b.key));
+}
+
+async function rejectsWith(operation: Promise<unknown>, failure: SharedFailure): Promise<void> {
+  await assert.rejects(operation, (error: unknown) => {
+    assert.ok(error instanceof SharedStoreError, `a SharedStoreError, not ${String(error)}`);
+    assert.equal(error.failure, failure, error.message);
+    return true;
+  });
+}
+
+/** A TCP server that accepts connections and never answers: a store that hangs. */
+async function blackHole(): Promise<{ port: number; close(): Promise<void> }> {
+  const sockets = new Set<Socket>();
+  const server: Server = createServer((socket) => {
+    sockets.add(socket);
+    socket.on('error', () => undefined);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const address = server.address();
+  const port = typeof address === 'object' && address ? address.port : 0;
+  return {
+    port,
+    close: () =>
+      new Promise((resolve) => {
+        for (const socket of sockets) socket.destroy();
+        server.close(() => resolve());
+      }),
+  };
+}
+
+const base = { fillWaitSeconds: 120, timeoutSeconds: 30 } as const;
+
+/** One backend under test: its server (started in `before`), configs for it, its failure cases. */
+interface Backend {
+  readonly name: string;
+  start(): Promise<void>;
+  /** A store under `prefix` (for the filesystem, a subdirectory). */
+  config(prefix: string): SharedConfig;
+  /** The same store with a credential the server refuses; undefined when it checks none. */
+  deniedConfig?(): SharedConfig;
+  /** The same store at a loopback port with nothing behind it, or a server that never answers. */
+  elsewhere?(port: number, timeoutSeconds: number): SharedConfig;
+  stop(): Promise<void>;
+}
+
+function conformance(backend: Backend): void {
+  describe(`shared store: ${backend.name}`, function () {
+    this.timeout(180_000);
+    let dir: string;
+    let store: SharedStore;
+    const opened: SharedStore[] = [];
+    const open = async (config: SharedConfig) => {
+      const s = await openSharedStore(config);
+      opened.push(s);
+      return s;
+    };
+    const file = (name: string, data: Buffer) => {
+      const path = join(dir, name);
+      writeFileSync(path, data);
+      return path;
+    };
+
+    before(async () => {
+      dir = mkdtempSync(join(tmpdir(), 'pullbridge-shared-test-'));
+      await backend.start();
+      store = await open(backend.config('main/'));
+    });
+    after(async () => {
+      for (const s of opened) await s.close();
+      await backend.stop();
+      rmSync(dir, { recursive: true, force: true });
+    });
+
+    it('uploads a multi-part-sized file byte-exact, stat gives its size', async () => {
+      const data = randomBytes(12 * MiB + 123);
+      assert.equal(await store.createFromFile('blobs/sha256/big', file('big', data), data.length), 'created');
+      assert.equal((await store.stat('blobs/sha256/big'))?.size, data.length);
+      assert.equal(sha256((await bytesOf(await store.read('blobs/sha256/big')))!), sha256(data));
+      assert.equal(await store.createFromFile('blobs/sha256/big', file('big', data), data.length), 'exists', 'a second create finds it');
+    });
+
+    it('of 8 concurrent creates of one key exactly one is created, and its bytes are stored', async () => {
+      const contents = Array.from({ length: 8 }, () => randomBytes(12 * MiB + 7));
+      const paths = contents.map((data, i) => file(`racer-${i}`, data));
+      const outcomes = await Promise.all(paths.map((path, i) => store.createFromFile('blobs/sha256/race', path, contents[i]!.length)));
+      assert.equal(outcomes.filter((o) => o === 'created').length, 1, outcomes.join(' '));
+      assert.equal(outcomes.filter((o) => o === 'exists').length, 7);
+      const winner = contents[outcomes.indexOf('created')]!;
+      assert.equal(sha256((await bytesOf(await store.read('blobs/sha256/race')))!), sha256(winner));
+    });
+
+    it('of 8 concurrent conditional record writes exactly one is written, and its bytes are stored', async () => {
+      const bodies = Array.from({ length: 8 }, (_, i) => Buffer.from(`record from writer ${i} ${randomBytes(8).toString('hex')}`));
+      const written = await Promise.all(bodies.map((body) => store.writeRecord('records/race', body, { ifAbsent: true })));
+      assert.equal(written.filter(Boolean).length, 1, written.join(' '));
+      assert.deepEqual(await store.readRecord('records/race'), bodies[written.indexOf(true)]);
+      assert.equal(await store.writeRecord('records/race', Buffer.from('replaced')), true, 'an unconditional write replaces');
+      assert.deepEqual(await store.readRecord('records/race'), Buffer.from('replaced'));
+    });
+
+    it('reads a span', async () => {
+      const data = randomBytes(100_000);
+      await store.createFromFile('blobs/sha256/span', file('span', data), data.length);
+      assert.deepEqual(await bytesOf(await store.read('blobs/sha256/span', { start: 1000, end: 70_999 })), data.subarray(1000, 71_000));
+      assert.deepEqual(await bytesOf(await store.read('blobs/sha256/span', { start: 99_999, end: 99_999 })), data.subarray(99_999));
+    });
+
+    it('answers undefined for a missing key: stat, read, readRecord', async () => {
+      assert.equal(await store.stat('blobs/sha256/missing'), undefined);
+      assert.equal(await store.read('blobs/sha256/missing'), undefined);
+      assert.equal(await store.readRecord('records/missing'), undefined);
+    });
+
+    it('lists exactly the keys under a prefix, with sizes', async () => {
+      await store.writeRecord('list/a/one', Buffer.from('1'));
+      await store.writeRecord('list/a/two', Buffer.from('22'));
+      await store.writeRecord('list/a/deeper/three', Buffer.from('333'));
+      await store.writeRecord('list/ab/not-this', Buffer.from('4444'));
+      await store.writeRecord('list/b/nor-this', Buffer.from('55555'));
+      const listed = await listAll(store, 'list/a/');
+      assert.deepEqual(listed.map((l) => [l.key, l.size]), [['list/a/deeper/three', 3], ['list/a/one', 1], ['list/a/two', 2]]);
+      assert.ok(listed.every((l) => l.modified instanceof Date && !Number.isNaN(l.modified.getTime())));
+      assert.deepEqual((await listAll(store, 'list/a')).map((l) => l.key), ['list/a/deeper/three', 'list/a/one', 'list/a/two', 'list/ab/not-this']);
+      assert.deepEqual(await listAll(store, 'list/none/'), []);
+    });
+
+    it('removes idempotently', async () => {
+      await store.writeRecord('records/gone', Buffer.from('x'));
+      await store.remove('records/gone');
+      assert.equal(await store.stat('records/gone'), undefined);
+      await store.remove('records/gone');
+      await store.remove('records/never-was');
+    });
+
+    it('keeps stores with different prefixes apart', async () => {
+      const other = await open(backend.config('other/'));
+      await store.writeRecord('records/shared-name', Buffer.from('main'));
+      await other.writeRecord('records/shared-name', Buffer.from('other'));
+      assert.deepEqual(await store.readRecord('records/shared-name'), Buffer.from('main'));
+      assert.deepEqual(await other.readRecord('records/shared-name'), Buffer.from('other'));
+      assert.deepEqual((await listAll(other, '')).map((l) => l.key), ['records/shared-name']);
+      assert.ok(!(await listAll(store, '')).some((l) => l.key.startsWith('other/') || l.key.startsWith('main/')), 'keys are relative to the prefix');
+      await other.remove('records/shared-name');
+      assert.deepEqual(await store.readRecord('records/shared-name'), Buffer.from('main'));
+    });
+
+    it('leaves nothing visible when an upload is aborted', async () => {
+      const data = randomBytes(64 * MiB);
+      const path = file('aborted', data);
+      const controller = new AbortController();
+      const upload = store.createFromFile('blobs/sha256/aborted', path, data.length, controller.signal);
+      setTimeout(() => controller.abort(), 20);
+      await assert.rejects(upload);
+      // Parts still in flight when the abort came are cleaned up by the SDKs after it.
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+      assert.equal(await store.stat('blobs/sha256/aborted'), undefined);
+      assert.deepEqual((await listAll(store, 'blobs/sha256/aborted')).map((l) => l.key), []);
+    });
+
+    if (backend.deniedConfig) {
+      it("answers 'denied' for wrong credentials", async () => {
+        const denied = await open(backend.deniedConfig!());
+        await rejectsWith(denied.stat('records/anything'), 'denied');
+        await rejectsWith(denied.writeRecord('records/anything', Buffer.from('x'), { ifAbsent: true }), 'denied');
+      });
+    }
+
+    if (backend.elsewhere) {
+      it("answers 'timeout' when the store accepts connections and never answers", async () => {
+        const hole = await blackHole();
+        try {
+          const hung = await open(backend.elsewhere!(hole.port, 1));
+          const started = Date.now();
+          await rejectsWith(hung.stat('records/anything'), 'timeout');
+          assert.ok(Date.now() - started < 10_000, `took ${Date.now() - started} ms`);
+        } finally {
+          await hole.close();
+        }
+      });
+
+      it("answers 'unreachable' quickly once the server is stopped", async () => {
+        const port = Number(new URL(storeEndpoint(backend.config('main/'))).port);
+        // Opened first: the credential files go with the server's directory.
+        const gone = await open(backend.elsewhere!(port, 30));
+        await backend.stop();
+        const started = Date.now();
+        await rejectsWith(gone.stat('records/anything'), 'unreachable');
+        await rejectsWith(gone.readRecord('records/anything'), 'unreachable');
+        assert.ok(Date.now() - started < 10_000, `took ${Date.now() - started} ms`);
+      });
+    }
+  });
+}
+
+function storeEndpoint(config: SharedConfig): string {
+  const endpoint = config.s3?.endpoint ?? config.azure?.endpoint ?? config.gcs?.endpoint;
+  if (!endpoint) throw new Error('no endpoint');
+  return endpoint;
+}
+
+// The filesystem backend: a temp directory standing in for the ReadWriteMany volume.
+{
+  let root = '';
+  conformance({
+    name: 'filesystem',
+    start: async () => {
+      root = mkdtempSync(join(tmpdir(), 'pullbridge-shared-fs-'));
+    },
+    config: (prefix) => ({ ...base, filesystem: { path: join(root, prefix) } }),
+    stop: async () => rmSync(root, { recursive: true, force: true }),
+  });
+}
+
+// S3 on versitygw, path-style (no per-bucket hostnames, which would need DNS).
+{
+  let server: S3Server | undefined;
+  const s3 = (prefix: string, endpoint: string, secretKeyFile: string) => ({
+    bucket: server!.bucket,
+    region: 'us-east-1',
+    endpoint,
+    forcePathStyle: true,
+    prefix,
+    accessKeyFile: server!.accessKeyFile,
+    secretKeyFile,
+  });
+  conformance({
+    name: 's3 (versitygw)',
+    start: async () => {
+      server = await startVersitygw();
+    },
+    config: (prefix) => ({ ...base, s3: s3(prefix, server!.endpoint, server!.secretKeyFile) }),
+    deniedConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, server!.wrongSecretKeyFile) }),
+    elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, s3: s3('main/', `http://127.0.0.1:${port}`, server!.secretKeyFile) }),
+    stop: async () => server?.stop(),
+  });
+}
