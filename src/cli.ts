@@ -240,6 +240,8 @@ async function cmdProxy(args: string[]): Promise<number> {
     port,
     ...(opsPort !== undefined ? { opsPort } : {}),
     ...(values['ops-host'] !== undefined ? { opsHost: values['ops-host'] } : {}),
+    // The chart sets NODE_NAME to the Node's name (downward API): shared-tier claims say which node fetches.
+    ...(process.env['NODE_NAME'] ? { nodeName: process.env['NODE_NAME'] } : {}),
     probeIntervalMs: interval * 1000,
   });
   onTermination(() => run.shutdown());

@@ -29,7 +29,10 @@ describe('config validation', () => {
     assert.ok(errors.some((e) => e.startsWith('cache.path: must be an absolute path')), errors.join('\n'));
     assert.ok(errors.some((e) => e.startsWith('cache.maxBytes: must be a whole number of bytes or a quantity')), errors.join('\n'));
     assert.ok(errors.some((e) => e.startsWith('cache.tagTTLSeconds:')), errors.join('\n'));
-    assert.ok(errors.some((e) => e.startsWith('cache.shared: the shared cache tier is not supported')), errors.join('\n'));
+    assert.ok(errors.some((e) => e.startsWith('cache.shared.s3.bucket:')), errors.join('\n'));
+    assert.deepEqual(errorsOf('cache: {path: /c, shared: {s3: {bucket: bucket-a}, filesystem: {path: /s}}}').filter((e) => e.startsWith('cache.shared')).length, 1, 'exactly one backend');
+    const shared = configFrom('cache: {path: /c, shared: {filesystem: {path: /s}}}').cache?.shared;
+    assert.deepEqual(shared, { filesystem: { path: '/s' }, fillWaitSeconds: 120, timeoutSeconds: 30 });
   });
 
   it('defaults a rule to broker auth', () => {

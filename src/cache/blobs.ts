@@ -1,13 +1,16 @@
 // Blobs through the node cache (distribution's proxyBlobStore, with one upstream transfer per blob
 // however many clients want it): from the store when this (rule, repository) may read it, else
-// filled from upstream while every client streams from the growing file. A Range on a blob not
-// stored, a HEAD, and anything the cache cannot take (no room, a disk error) are relayed as before.
+// filled while every client streams from the growing file — from the shared tier when it has the
+// blob (or another node is fetching it: one upstream transfer per cluster), else from upstream, and
+// then shared. A Range on a blob not stored, a HEAD, and anything the cache cannot take (no room, a
+// disk error) are relayed as before.
 
 import { open } from 'node:fs/promises';
 import { ContentError, type BlobRequest, type BlobResult, type ContentSource } from '../content/source.js';
 import { verifiedBody } from '../content/verify.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { completeExtent, fileBody } from './filebody.js';
+import { bodyOfReadable } from './shared/bodies.js';
 import { BlobFlight } from './flight.js';
 import type { NodeCache } from './nodecache.js';
 import { byteRange } from './policy.js';
@@ -42,12 +45,21 @@ export class CachedBlobs {
    */
   private async authorizeStored(request: BlobRequest): Promise<void> {
     const { store } = this.cache;
-    const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
     const linked = (await store.readLink(request.rule, request.repository, request.digest)) !== null;
+    await this.confirmAccess(request, linked);
+    if (!linked) await store.link(request.rule, request.repository, request.digest);
+  }
+
+  /**
+   * Content this (rule, repository) has a link to is readable, in passthrough mode only with a
+   * credential the upstream accepted there recently; otherwise the upstream is asked now (HEAD, with
+   * the request's credentials) and its refusal passed on.
+   */
+  private async confirmAccess(request: BlobRequest, linked: boolean): Promise<void> {
+    const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
     if (linked && (!passthrough || this.cache.credentialConfirmed(request.rule, request.repository, request.credentials))) return;
     await this.upstream.blob({ ...request, method: 'HEAD', range: undefined });
     if (passthrough) this.cache.confirmCredential(request.rule, request.repository, request.credentials);
-    if (!linked) await store.link(request.rule, request.repository, request.digest);
   }
 
   /** The stored blob, whole or the range asked for; null when it went away meanwhile (evicted). */
@@ -84,19 +96,24 @@ export class CachedBlobs {
     return { status: range ? 206 : 200, digest: request.digest, headers, body, cache: 'hit' };
   }
 
-  /** The first client for a blob not stored: one upstream transfer into the store, read as it lands. */
+  /** The first client for a blob not stored: one transfer (shared tier or upstream) into the store, read as it lands. */
   private async fill(request: BlobRequest): Promise<BlobResult> {
     const { cache } = this;
     if (!(await cache.mayFill(0))) return this.relay(request);
     const already = cache.flights.get(request.digest); // another client started it meanwhile
     if (already) return this.join(already, request);
     const ended = cache.fillStarted();
-    const flight: BlobFlight = new BlobFlight(request.digest, { rule: request.rule, repository: request.repository }, new AbortController(), cache.store, async (outcome) => {
+    const origin = { rule: request.rule, repository: request.repository };
+    /** Where the fill reads from, and whether this node holds the cluster's claim to fetch it. */
+    const source = { shared: false, claimed: false };
+    const flight: BlobFlight = new BlobFlight(request.digest, origin, new AbortController(), cache.store, async (outcome) => {
       // Linked before the fill goes away, so that no client in between finds the blob stored but
       // unlinked for this (rule, repository) and asks the upstream again (or fails, if it is down).
       if (outcome.stored) await cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
       if (cache.flights.get(request.digest) === flight) cache.flights.delete(request.digest);
       ended();
+      if (outcome.stored && !source.shared) cache.share(request.digest, origin, source.claimed);
+      else if (source.claimed) await cache.shared?.release(request.digest);
       if (outcome.stored) await cache.evict(0);
       else cache.fillFailed(request.digest, outcome.reason);
     });
@@ -105,7 +122,8 @@ export class CachedBlobs {
     reading.catch(() => undefined);
     let answer: BlobResult;
     try {
-      answer = await this.upstream.blob({ ...request, signal: flight.controller.signal, unverified: true });
+      const shared = await this.fromShared(request, flight.controller.signal, source);
+      answer = shared ?? (await this.upstream.blob({ ...request, signal: flight.controller.signal, unverified: true }));
     } catch (error) {
       flight.abandon(error as Error);
       throw error;
@@ -138,27 +156,52 @@ export class CachedBlobs {
       body.destroy();
       throw new ContentError('unavailable', 'client went away', { status: 499 });
     }
-    cache.count('blob', 'miss');
-    return { status: 200, digest: request.digest, headers: answer.headers, body, cache: 'miss', stored: flight.stored };
+    const outcome = source.shared ? 'shared' : 'miss';
+    cache.count('blob', outcome, source.shared && known ? length : 0);
+    return { status: 200, digest: request.digest, headers: answer.headers, body, cache: outcome, stored: flight.stored };
+  }
+
+  /**
+   * The blob from the shared tier, when it has it or another node's fill of it lands there within
+   * the bounded wait, and this (rule, repository) may read it there (a shared link, or the upstream
+   * confirming now); undefined to fetch it from the upstream, with `source.claimed` saying whether
+   * this node holds the cluster's claim to (and so uploads it after).
+   */
+  private async fromShared(request: BlobRequest, signal: AbortSignal, source: { shared: boolean; claimed: boolean }): Promise<BlobResult | undefined> {
+    const { shared } = this.cache;
+    if (!shared) return undefined;
+    let size = await shared.blobSize(request.digest);
+    if (size === undefined) {
+      if ((await shared.claim(request.digest)) === 'ours') {
+        source.claimed = true;
+        return undefined;
+      }
+      size = await shared.waitForBlob(request.digest, request.signal);
+      if (size === undefined) return undefined;
+    }
+    const linked = (await shared.readLink(request.rule, request.repository, request.digest)) !== null;
+    await this.confirmAccess(request, linked);
+    if (!linked) await shared.writeLink(request.rule, request.repository, request.digest);
+    const stream = await shared.readBlob(request.digest, undefined, signal);
+    if (!stream) return undefined;
+    source.shared = true;
+    const headers = { 'content-type': 'application/octet-stream', 'content-length': String(size), 'docker-content-digest': request.digest, etag: `"${request.digest}"` };
+    return { status: 200, digest: request.digest, headers, body: bodyOfReadable(stream), cache: 'shared' };
   }
 
   /** Another client for a blob being filled: reads the same fill, once this (rule, repository) may. */
   private async join(flight: BlobFlight, request: BlobRequest): Promise<BlobResult> {
     const reading = flight.reader();
     reading.then((body) => body, () => undefined);
-    const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
     const sameOrigin = flight.origin.rule === request.rule && flight.origin.repository === request.repository;
     let stored = flight.stored;
     try {
-      if (!sameOrigin || (passthrough && !this.cache.credentialConfirmed(request.rule, request.repository, request.credentials))) {
-        await this.upstream.blob({ ...request, method: 'HEAD', range: undefined });
-        if (passthrough) this.cache.confirmCredential(request.rule, request.repository, request.credentials);
-        if (!sameOrigin) {
-          stored = flight.stored.then(async (done) => {
-            if (done) await this.cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
-            return done;
-          });
-        }
+      await this.confirmAccess(request, sameOrigin);
+      if (!sameOrigin) {
+        stored = flight.stored.then(async (done) => {
+          if (done) await this.cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
+          return done;
+        });
       }
     } catch (error) {
       void reading.then((body) => body.destroy(), () => undefined);

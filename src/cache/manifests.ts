@@ -3,6 +3,9 @@
 // clients ask at the same time, and stored. By tag: the upstream is asked (HEAD) at most once per
 // tagTTLSeconds; when it cannot answer (down, timing out, 5xx) the last digest it gave is served
 // for up to staleIfErrorSeconds, with a Warning; when it answers no (401/403/404), so does the proxy.
+// With a shared tier, a manifest missing here is read from there (when this (rule, repository) has
+// a link there), one fetched upstream is shared, and so is a tag the upstream confirmed: a node that
+// never saw a tag can serve it while the upstream is down.
 
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
@@ -74,8 +77,9 @@ export class CachedManifests {
       head = await this.upstream.manifest({ ...request, method: 'HEAD' });
     } catch (error) {
       if (!(error instanceof ContentError) || request.signal.aborted) throw error;
-      const fallback = tagFallback(usable, tagFailureOf(error), now(), settings);
-      const stale = fallback.serve === 'stale' && this.credentialFresh(request) ? await this.storedFor(request, fallback.record.digest) : null;
+      const known = usable ?? (await this.sharedTag(request));
+      const fallback = tagFallback(known, tagFailureOf(error), now(), settings);
+      const stale = fallback.serve === 'stale' && this.credentialFresh(request) ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
       if (fallback.serve !== 'stale' || !stale) throw error;
       this.cache.count('manifest', 'stale', stale.size);
       const warning = `110 pullbridge "Response is Stale: the upstream failed (${error.message}); ${request.reference} last confirmed ${fallback.ageSeconds} s ago"`;
@@ -84,6 +88,7 @@ export class CachedManifests {
     this.confirmed(request);
     const mediaType = head.mediaType ?? usable?.mediaType ?? '';
     const record_: TagRecord = { digest: head.digest, mediaType, size: head.size, confirmedAt: now() };
+    void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, record_);
     if (head.body) {
       // The upstream answered the HEAD with a GET's body (it gave no digest): keep it.
       const outcome = (await this.store(request, head)) ? 'miss' : 'bypass';
@@ -141,10 +146,14 @@ export class CachedManifests {
     if (!flight) {
       flight = (async () => {
         try {
+          const shared = await this.fromShared(request, digest);
+          if (shared) return { answer: shared, stored: true };
           // Not the first client's signal: its leaving must not fail the others (timeouts bound it).
           const answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal });
           this.confirmed(request);
-          return { answer, stored: await this.store(request, answer) };
+          const stored = await this.store(request, answer);
+          if (answer.body) void this.share(request, answer.digest, answer.body, answer.mediaType ?? '');
+          return { answer, stored };
         } finally {
           flights.delete(key);
         }
@@ -155,9 +164,41 @@ export class CachedManifests {
     if (!first && answer.body) request.buffers.reserve(answer.body.length);
     // The first client's fetch is a miss only if it filled the cache; else it was relayed (bypass),
     // as a blob is. The others were answered by that one fetch.
-    const outcome = first ? (stored ? 'miss' : 'bypass') : 'hit';
+    const outcome = answer.cache === 'shared' ? 'shared' : first ? (stored ? 'miss' : 'bypass') : 'hit';
     this.cache.count('manifest', outcome, first ? 0 : answer.size);
     return { ...answer, body: request.method === 'HEAD' ? undefined : answer.body, cache: outcome };
+  }
+
+  /**
+   * A manifest from the shared tier, when this (rule, repository) has a link to it there and the
+   * request's credential needs no upstream check; stored and linked here too. Null otherwise (or when
+   * what the tier holds does not match its digest).
+   */
+  private async fromShared(request: ManifestRequest, digest: string): Promise<ManifestResult | null> {
+    const { shared } = this.cache;
+    if (!shared || !this.credentialFresh(request)) return null;
+    const mediaType = await shared.readLink(request.rule, request.repository, digest);
+    if (mediaType === null || !acceptable(request.accept, mediaType)) return null;
+    const body = await shared.readSmallBlob(digest);
+    if (!body || body.length > MANIFEST_LIMIT_BYTES || digestOf(digest, body) !== digest) return null;
+    request.buffers.reserve(body.length);
+    const answer: ManifestResult = { digest, size: body.length, mediaType: mediaType || undefined, body, cache: 'shared' };
+    await this.store(request, answer);
+    return { ...answer, body: request.method === 'HEAD' ? undefined : body };
+  }
+
+  /** The shared tier's record of a tag, when it is one the request accepts. */
+  private async sharedTag(request: ManifestRequest): Promise<TagRecord | undefined> {
+    const record = await this.cache.shared?.readTag(request.rule, request.repository, request.reference);
+    return record !== undefined && acceptable(request.accept, record.mediaType) ? record : undefined;
+  }
+
+  /** Puts a manifest fetched upstream into the shared tier, with its link (in the background). */
+  private async share(request: ManifestRequest, digest: string, body: Buffer, mediaType: string): Promise<void> {
+    const { shared } = this.cache;
+    if (!shared) return;
+    await shared.writeSmallBlob(digest, body);
+    await shared.writeLink(request.rule, request.repository, digest, mediaType);
   }
 
   /** Writes a fetched manifest into the store and links it, when the cache takes content; whether it did. */

@@ -3,6 +3,7 @@
 // runtime's CachedContent uses the same one), so fills in flight and counters carry over.
 
 import { createHash } from 'node:crypto';
+import { hostname } from 'node:os';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { CacheConfig } from '../rules/config.js';
@@ -11,9 +12,18 @@ import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { BlobFlight } from './flight.js';
 import { HashThread } from './hasher.js';
 import { evictionPlan } from './policy.js';
+import { openSharedStore } from './shared/open.js';
+import { SharedTier } from './shared/tier.js';
 import { NodeStore } from './store.js';
 
 export type CacheKind = 'manifest' | 'blob';
+
+export interface NodeCacheOptions {
+  /** false for a second process on a running proxy's store (warm): see NodeStore.open. */
+  readonly removePartialFills?: boolean;
+  /** This node, as its shared-tier fill claims name it (default: the host name; the chart sets the Node's). */
+  readonly nodeName?: string;
+}
 
 interface CacheMetrics {
   readonly requests: Counter<'kind' | 'result'>;
@@ -39,6 +49,8 @@ export class NodeCache {
   private evicting: Promise<void> = Promise.resolve();
   /** `rule\0repository\0credential hash` → when the upstream last accepted that credential there. */
   private readonly confirmations = new Map<string, number>();
+  /** Uploads to the shared tier in progress, waited for (bounded) at close. */
+  private readonly uploads = new Set<Promise<void>>();
 
   private constructor(
     readonly store: NodeStore,
@@ -47,6 +59,8 @@ export class NodeCache {
     private readonly logger: Logger,
     readonly now: () => number,
     private readonly hashing: HashThread,
+    /** The second tier shared by every node (cache.shared), when configured. */
+    readonly shared: SharedTier | undefined,
   ) {
     this.settings = settings;
     const cache = this;
@@ -68,10 +82,16 @@ export class NodeCache {
    * Opens the store (removing what a crash left half-written, unless `removePartialFills` is false:
    * see NodeStore.open) and evicts down to the limits.
    */
-  static async open(settings: CacheConfig, registry: Registry, logger: Logger, now: () => number = Date.now, options: { readonly removePartialFills?: boolean } = {}): Promise<NodeCache> {
+  static async open(settings: CacheConfig, registry: Registry, logger: Logger, now: () => number = Date.now, options: NodeCacheOptions = {}): Promise<NodeCache> {
     const hashing = new HashThread();
     const store = await NodeStore.open(settings.path, now, hashing.factory, options);
-    const cache = new NodeCache(store, settings, registry, logger, now, hashing);
+    let shared: SharedTier | undefined;
+    if (settings.shared) {
+      const sharedStore = await openSharedStore(settings.shared);
+      shared = new SharedTier(sharedStore, settings.shared, options.nodeName ?? hostname(), registry, logger, now);
+      logger.info({ shared: sharedStore.location, kind: sharedStore.kind }, 'shared cache tier configured');
+    }
+    const cache = new NodeCache(store, settings, registry, logger, now, hashing, shared);
     await cache.evict(0);
     const usage = store.usage();
     logger.info({ path: settings.path, bytes: usage.bytes, entries: usage.blobs, maxBytes: settings.maxBytes }, 'node cache opened');
@@ -81,7 +101,30 @@ export class NodeCache {
   /** Takes up a new config's settings; the store's path cannot change while the proxy runs. */
   configure(settings: CacheConfig): void {
     if (settings.path !== this.settings.path) this.logger.warn({ path: this.settings.path, configured: settings.path }, 'cache.path changed: the proxy keeps its store until it restarts');
-    this.settings = { ...settings, path: this.settings.path };
+    if (JSON.stringify(settings.shared) !== JSON.stringify(this.settings.shared)) this.logger.warn('cache.shared changed: the proxy keeps its shared tier until it restarts');
+    this.settings = { ...settings, path: this.settings.path, shared: this.settings.shared };
+  }
+
+  /**
+   * Puts a blob this node fetched from the upstream into the shared tier (from the stored file,
+   * held against eviction meanwhile), with its link, then ends this node's claim if it `claimed` the
+   * fill. In the background: the client has its bytes already.
+   */
+  share(digest: string, link: { readonly rule: string; readonly repository: string; readonly mediaType?: string }, claimed: boolean): void {
+    const { shared } = this;
+    if (!shared) return;
+    const upload = (async () => {
+      const lease = this.store.lease(digest);
+      try {
+        if (lease) await shared.uploadBlob(digest, lease.path, lease.size);
+        await shared.writeLink(link.rule, link.repository, digest, link.mediaType);
+      } finally {
+        lease?.release();
+        if (claimed) await shared.release(digest);
+      }
+    })().catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier upload failed'));
+    this.uploads.add(upload);
+    void upload.finally(() => this.uploads.delete(upload));
   }
 
   count(kind: CacheKind, result: CacheOutcome, savedBytes = 0): void {
@@ -183,18 +226,29 @@ export class NodeCache {
     }
   }
 
+  /** Settles when every upload to the shared tier started so far has ended. */
+  async sharing(): Promise<void> {
+    await Promise.all([...this.uploads]);
+  }
+
   /**
    * Lets fills in flight be stored (a blob whose clients already have it is still being flushed
    * and renamed), waiting at most `waitMs`, then stops the hashing thread.
    */
   async close(waitMs = 0): Promise<void> {
-    const pending = [...this.flights.values()].map((flight) => flight.done);
-    if (pending.length > 0 && waitMs > 0) {
+    const deadline = Date.now() + waitMs;
+    const waitFor = async (pending: ReadonlyArray<Promise<unknown>>) => {
+      const left = deadline - Date.now();
+      if (pending.length === 0 || left <= 0) return;
       let timer: NodeJS.Timeout | undefined;
-      await Promise.race([Promise.all(pending), new Promise((resolve) => (timer = setTimeout(resolve, waitMs)))]);
+      await Promise.race([Promise.all(pending), new Promise((resolve) => (timer = setTimeout(resolve, left)))]);
       clearTimeout(timer);
-    }
+    };
+    // Fills first (each may start an upload when stored), then the uploads, in the same bound.
+    await waitFor([...this.flights.values()].map((flight) => flight.stored));
+    await waitFor([...this.uploads]);
     await this.hashing.close();
+    await this.shared?.close();
   }
 
   /** For /status. */
@@ -217,6 +271,7 @@ export class NodeCache {
       evictions: this.tally.evictions,
       evictedBytes: this.tally.evictedBytes,
       fillFailures: this.tally.fillFailures,
+      shared: this.shared?.status() ?? null,
     };
   }
 }

@@ -34,6 +34,8 @@ export interface ProxyRunOptions {
   readonly maxConnections?: number;
   /** Of those, what one source address may hold (the node's own runtime is one source too). */
   readonly maxConnectionsPerSource?: number;
+  /** This node's name, as the shared cache tier's fill claims say who fetches (the chart passes the Node's). */
+  readonly nodeName?: string;
 }
 
 export const DEFAULT_MAX_CONNECTIONS = 1024;
@@ -78,7 +80,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
   const metrics = createMetricsRegistry();
   const onVerifyKeys = reportSkippedBrokerKeys(logger, metrics);
   // The node cache is opened once, from the first config; later configs change its settings only.
-  const cache = options.config.cache ? await NodeCache.open(options.config.cache, metrics, logger) : undefined;
+  const cache = options.config.cache ? await NodeCache.open(options.config.cache, metrics, logger, Date.now, { nodeName: options.nodeName }) : undefined;
   let runtime: ProxyRuntime = createProxyRuntime(options.config, {}, onVerifyKeys, cache);
   const retired = new Set<ProxyRuntime>();
   const prober = new Prober(() => runtime, metrics, options.probeIntervalMs);

@@ -351,7 +351,7 @@ export function compileConfig(raw: RawConfig): Config {
     proxy: raw.proxy,
     webhook: raw.webhook,
     broker: raw.broker,
-    cache: raw.cache && { path: raw.cache.path, maxBytes: raw.cache.maxBytes, minFreeBytes: raw.cache.minFreeBytes, tagTTLSeconds: raw.cache.tagTTLSeconds, staleIfErrorSeconds: raw.cache.staleIfErrorSeconds, credentialTTLSeconds: raw.cache.credentialTTLSeconds },
+    cache: raw.cache && { ...raw.cache },
     proxyAuthority: `${raw.proxy.host}:${raw.proxy.port}`,
     registries: raw.registries.map((rule) => ({
       ...rule,

@@ -8,16 +8,20 @@
 // once and shown by /status and pullbridge_cache_shared_up.
 
 import { Counter, Gauge, type Registry } from 'prom-client';
-import type { Readable } from 'node:stream';
+import { pipeline, Transform, type Readable } from 'node:stream';
 import type { Logger } from '../../log.js';
 import type { SharedConfig } from '../../rules/config.js';
-import { claimIsFresh, parseClaim, parseTagRecord, type SharedClaim, type TagRecord } from '../policy.js';
+import { claimIsFresh, parseClaim, parseTagRecord, shouldShareTag, type SharedClaim, type TagRecord } from '../policy.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedStore } from './store.js';
 
 /** After a failure, calls are skipped (answered "absent") this long before the store is tried again. */
 const RETRY_MS = 5_000;
 /** How often a node waiting for another's fill looks for the blob. */
 const WAIT_POLL_MS = 500;
+/** A tag this node confirmed upstream is written again at most this often when its digest is unchanged. */
+const TAG_SHARE_REFRESH_SECONDS = 300;
+/** Tags whose last shared write this node remembers. */
+const TAG_WRITES_MAX = 10_000;
 
 type SharedOperation = 'stat' | 'read' | 'upload' | 'record-read' | 'record-write' | 'claim';
 
@@ -47,6 +51,8 @@ export class SharedTier {
   private since: number;
   private retryAt = 0;
   private readonly tally = { blobsRead: 0, blobsWritten: 0 };
+  /** What this node last wrote for a tag, so that it does not write on every confirmation. */
+  private readonly tagWrites = new Map<string, TagRecord>();
   private readonly requests: Counter<'operation' | 'result'>;
   private readonly bytes: Counter<'direction'>;
 
@@ -88,8 +94,16 @@ export class SharedTier {
     const stream = await this.call('read', undefined, () => this.store.read(sharedKeys.blob(digest), span, signal));
     if (!stream) return undefined;
     this.tally.blobsRead++;
-    stream.on('data', (chunk: Buffer) => this.bytes.inc({ direction: 'read' }, chunk.length));
-    return stream;
+    // Counted as it passes, without a 'data' listener (which would start the stream flowing before
+    // its reader attaches, and lose what it read meanwhile).
+    const bytes = this.bytes;
+    const counting = new Transform({
+      transform(chunk: Buffer, _encoding, done) {
+        bytes.inc({ direction: 'read' }, chunk.length);
+        done(null, chunk);
+      },
+    });
+    return pipeline(stream, counting, () => undefined);
   }
 
   /** A small blob (a manifest) whole; undefined when it is not there (or the tier is down). */
@@ -132,8 +146,19 @@ export class SharedTier {
     return body === undefined ? undefined : parseTagRecord(body.toString('utf8'));
   }
 
-  async writeTag(rule: string, repository: string, tag: string, record: TagRecord): Promise<void> {
-    await this.call('record-write', false, () => this.store.writeRecord(sharedKeys.tag(rule, repository, tag), Buffer.from(JSON.stringify(record))));
+  /** Shares a tag the upstream just confirmed, when the tier's copy would otherwise be missing,
+   * name another digest or grow old (shouldShareTag). */
+  async shareTag(rule: string, repository: string, tag: string, record: TagRecord): Promise<void> {
+    const key = sharedKeys.tag(rule, repository, tag);
+    if (!shouldShareTag(this.tagWrites.get(key), record, TAG_SHARE_REFRESH_SECONDS)) return;
+    const written = await this.call('record-write', false, () => this.store.writeRecord(key, Buffer.from(JSON.stringify(record))));
+    if (!written) return;
+    this.tagWrites.delete(key);
+    this.tagWrites.set(key, record);
+    if (this.tagWrites.size > TAG_WRITES_MAX) {
+      const oldest = this.tagWrites.keys().next().value;
+      if (oldest !== undefined) this.tagWrites.delete(oldest);
+    }
   }
 
   /**

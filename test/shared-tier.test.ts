@@ -1,0 +1,153 @@
+// The shared cache tier with real parts: four proxies ("nodes"), each with its own node store, one
+// shared store, one docker-registry upstream whose access log counts what it sent. Four containerd
+// instances pull the same multi-layer image at once, one through each node: every blob and manifest
+// crosses from the upstream once for the cluster. The upstream is then killed and a fifth, new node
+// pulls the image by tag from the shared tier alone. Then the shared store goes down: pulls of a new
+// image go to the upstream and succeed; /status and the metric say the tier is down. Run for each
+// backend: S3 API (versitygw), filesystem (a directory, as a ReadWriteMany volume).
+
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { ConfigInput } from '../src/rules/config.js';
+import { startContainerd, type Containerd } from './support/containerd.js';
+import { startVersitygw, type S3Server } from './support/objectstores.js';
+import { buildImage, type TestImage } from './support/oci.js';
+import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+import { startRegistry, type RegistryHandle } from './support/registry.js';
+
+type SharedInput = NonNullable<NonNullable<ConfigInput['cache']>['shared']>;
+
+interface Backend {
+  readonly name: string;
+  /** Starts the store; the config naming it, and how to take it down. */
+  start(): Promise<{ shared: SharedInput; down(): Promise<void>; stop(): Promise<void> }>;
+}
+
+const MiB = 1024 * 1024;
+
+const backends: readonly Backend[] = [
+  {
+    name: 'S3 API (versitygw)',
+    async start() {
+      const s3: S3Server = await startVersitygw();
+      return {
+        shared: { s3: { bucket: s3.bucket, endpoint: s3.endpoint, forcePathStyle: true, accessKeyFile: s3.accessKeyFile, secretKeyFile: s3.secretKeyFile, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 },
+        down: () => s3.stop(),
+        stop: () => s3.stop(),
+      };
+    },
+  },
+  {
+    name: 'filesystem',
+    async start() {
+      const dir = mkdtempSync(join(tmpdir(), 'pullbridge-shared-fs-'));
+      return {
+        shared: { filesystem: { path: dir }, fillWaitSeconds: 60, timeoutSeconds: 5 },
+        // A volume that went away: the directory is gone.
+        down: async () => rmSync(dir, { recursive: true, force: true }),
+        stop: async () => rmSync(dir, { recursive: true, force: true }),
+      };
+    },
+  },
+];
+
+const sha = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
+
+for (const backend of backends) {
+  describe(`the shared cache tier, ${backend.name}: one upstream transfer per blob per cluster`, function () {
+    this.timeout(180_000);
+    const dirs: string[] = [];
+    const nodes: ProxyUnderTest[] = [];
+    const pullers: Containerd[] = [];
+    let upstream: RegistryHandle;
+    let store: Awaited<ReturnType<Backend['start']>>;
+    let image: TestImage;
+
+    const startNode = async (name: string): Promise<ProxyUnderTest> => {
+      const path = mkdtempSync(join(tmpdir(), `pullbridge-node-${name}-`));
+      dirs.push(path);
+      const node = await startProxy(
+        { cache: { path, shared: store.shared }, registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: upstream.url, auth: { mode: 'broker' } }] },
+        {},
+        {},
+        {},
+        { nodeName: name },
+      );
+      nodes.push(node);
+      return node;
+    };
+    /** GETs the upstream answered for a manifest or blob digest (any repository). */
+    const upstreamGets = (digest: string) => upstream.requests().filter((r) => r.method === 'GET' && r.status < 300 && (r.path.endsWith(`/blobs/${digest}`) || r.path.endsWith(`/manifests/${digest}`))).length;
+    const pulls = (node: ProxyUnderTest) => node.logs.records.filter((r) => r.access === 'pull' && r.status === 200);
+
+    before(async () => {
+      upstream = await startRegistry({ accessLog: true });
+      store = await backend.start();
+      image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [6 * MiB, 3 * MiB, 256 * 1024] });
+      await upstream.push(image, 'team/app', '1.0');
+      for (let i = 1; i <= 4; i++) await startNode(`node-${i}`);
+      for (let i = 0; i < 5; i++) pullers.push(await startContainerd());
+    });
+
+    after(async () => {
+      await Promise.all(nodes.map((n) => n.close()));
+      await Promise.all(pullers.map((c) => c.stop()));
+      await upstream?.stop();
+      await store?.stop();
+      for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+    });
+
+    it('four nodes pull one image at once: each blob came from the upstream once; every node got every byte', async () => {
+      const reference = (n: ProxyUnderTest) => `${n.host}/corp/team/app:1.0`;
+      await Promise.all(nodes.slice(0, 4).map((n, i) => pullers[i]?.fetch(reference(n), { user: n.credential('shop') })));
+      for (const puller of pullers.slice(0, 4)) {
+        for (const layer of image.layers) assert.equal(sha(await puller.content(layer.digest)), layer.digest);
+      }
+      // Blobs (configs, layers): once for the cluster. Manifests (a few hundred bytes) are not claimed:
+      // nodes asking for one at the same moment each ask the upstream, as they ask it for the tag.
+      for (const digest of [...image.configs.map((c) => c.digest), ...image.layers.map((l) => l.digest)]) {
+        assert.equal(upstreamGets(digest), 1, `${digest} crossed from the upstream ${upstreamGets(digest)} times: ${JSON.stringify(upstream.requests().filter((r) => r.path.includes(digest.slice(7))))}`);
+      }
+      // One node fetched each layer (miss); the three others read it from the shared tier.
+      for (const layer of image.layers) {
+        const outcomes = nodes.slice(0, 4).map((n) => pulls(n).find((r) => r.reference === layer.digest)?.cache);
+        assert.deepEqual(outcomes.filter((o) => o === 'miss').length, 1, `${layer.digest}: ${JSON.stringify(outcomes)}`);
+        assert.deepEqual(outcomes.filter((o) => o === 'shared').length, 3, `${layer.digest}: ${JSON.stringify(outcomes)}`);
+      }
+    });
+
+    it('with the upstream down, a fifth node that never pulled gets the image by tag from the shared tier', async () => {
+      // Uploads finish in the background after the pulls: let them land before the upstream goes.
+      await Promise.all(nodes.map((n) => n.cache?.sharing()));
+      await upstream.kill();
+      const fifth = await startNode('node-5');
+      await pullers[4]?.fetch(`${fifth.host}/corp/team/app:1.0`, { user: fifth.credential('shop') });
+      for (const layer of image.layers) assert.equal(sha((await pullers[4]?.content(layer.digest)) ?? Buffer.alloc(0)), layer.digest);
+      const served = pulls(fifth);
+      assert.ok(served.some((r) => r.kind === 'manifest' && r.reference === '1.0' && r.cache === 'stale'), `the tag, from the shared record: ${JSON.stringify(served)}`);
+      for (const digest of [...image.layers.map((l) => l.digest), ...image.configs.map((c) => c.digest)]) {
+        assert.ok(served.some((r) => r.reference === digest && r.cache === 'shared'), `${digest} from the shared tier: ${JSON.stringify(served)}`);
+      }
+    });
+
+    it('with the shared store down, pulls of a new image go to the upstream and succeed; /status and the metric say the tier is down', async () => {
+      await upstream.restart();
+      const fresh = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [512 * 1024] });
+      await upstream.push(fresh, 'team/app', '2.0');
+      await store.down();
+      const node = nodes[0];
+      assert.ok(node);
+      await pullers[0]?.fetch(`${node.host}/corp/team/app:2.0`, { user: node.credential('shop') });
+      for (const layer of fresh.layers) assert.equal(sha((await pullers[0]?.content(layer.digest)) ?? Buffer.alloc(0)), layer.digest);
+      const status = node.cache?.status() as { shared: { up: boolean; failure?: string } };
+      assert.equal(status.shared.up, false);
+      assert.ok(['unreachable', 'error'].includes(status.shared.failure ?? ''), JSON.stringify(status.shared));
+      assert.match(await node.metrics.metrics(), /^pullbridge_cache_shared_up 0$/m);
+      const failing = node.logs.records.filter((r) => r.msg === 'shared cache tier failing: pulls go to the upstream');
+      assert.equal(failing.length, 1, 'logged once, not per request');
+    });
+  });
+}
