@@ -1,11 +1,16 @@
 // Which ways of exposing a DaemonSet as `localhost:<port>` on a node answer on the node's 127.0.0.1
 // (what the container runtime dials for an image `localhost:30500/...`), under each kube-proxy mode.
 // One control plane; for each mode a fresh real node (./support/node.ts) with a Pod network, its own
-// non-loopback address, and kube-proxy in that mode with `--nodeport-addresses` unset (kube-proxy's
-// default: every local address), one after the other. On each node one Pod off the node's network
-// backs a NodePort Service and a hostPort, and one hostNetwork Pod listens on the node itself; every
-// exposure is dialled from inside the node on 127.0.0.1 and on the node's address. The assertions
-// are what was observed (kube-proxy v1.31.4, containernetworking-plugins 1.1.1 portmap):
+// non-loopback address, and kube-proxy in that mode, one after the other. On each node one Pod off
+// the node's network backs a NodePort Service and a hostPort, and one hostNetwork Pod listens on the
+// node itself; every exposure is dialled from inside the node on 127.0.0.1 and on the node's address.
+//
+// `--nodeport-addresses` unset means every local address in iptables and ipvs mode; in nftables mode
+// it means `primary`, the Node's InternalIP, which is 127.0.0.1 on this node (its name), and
+// kube-proxy drops a loopback primary IP: here too every local address (in a cluster, the node's
+// InternalIP only).
+//
+// The assertions are what was observed (kube-proxy v1.31.4, containernetworking-plugins 1.1.1):
 //   iptables: the NodePort answers on 127.0.0.1 and on the node address (kube-proxy sets
 //             route_localnet=1 and DNATs loopback NodePort traffic).
 //   nftables: the NodePort answers on the node address only; 127.0.0.1 is refused, and listing
@@ -44,7 +49,7 @@ type Outcome = 'answers' | 'refused';
 
 interface Case {
   readonly mode: KubeProxyMode;
-  /** kube-proxy's --nodeport-addresses; empty: unset (every local address). */
+  /** kube-proxy's --nodeport-addresses; empty: unset (every local address on this node, see above). */
   readonly nodePortAddresses: readonly string[];
   /** The NodePort on 127.0.0.1 and on the node's address. */
   readonly nodePort: { readonly loopback: Outcome; readonly nodeAddress: Outcome };

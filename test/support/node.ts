@@ -97,10 +97,12 @@ export interface NodeOptions {
    * the kernel's ip_vs module and the `ipset` command: kube-proxy exits without them, and startNode
    * fails with its output. */
   readonly kubeProxyMode?: KubeProxyMode;
-  /** kube-proxy's `--nodeport-addresses` (CIDRs; empty: every local address, kube-proxy's own
-   * default). Default: `127.0.0.0/8` in iptables mode (NodePorts on the node's loopback, where the
-   * node's container runtime dials them), every local address in the other modes (which never
-   * serve NodePorts on loopback). */
+  /** kube-proxy's `--nodeport-addresses` (CIDRs; empty: the flag is not passed, and kube-proxy's
+   * own default applies: every local address in iptables and ipvs mode, `primary` in nftables mode,
+   * which is the Node's InternalIP, 127.0.0.1 here, dropped as loopback: every local address
+   * again). Default: `127.0.0.0/8` in iptables mode (NodePorts on the node's loopback, where the
+   * node's container runtime dials them), empty in the other modes (which never serve NodePorts on
+   * loopback). */
   readonly nodePortAddresses?: readonly string[];
   /** A non-loopback address of the node itself, `IP/prefix` (e.g. `10.77.0.2/24`): on one end of a
    * veth pair in the node's namespace, with the default route through it. */
