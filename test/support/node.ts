@@ -9,7 +9,9 @@
 // `hostNetwork: true`: the node has no CNI plugin, so it stays NotReady for the pod network, and no
 // scheduler runs. With `podNetwork`, a CNI conflist (bridge + host-local IPAM + portmap, Debian's
 // containernetworking-plugins) gives Pods their own addresses inside the node's namespace, and the
-// node goes Ready for a scheduler; `kubeProxyToken` adds kube-proxy (iptables mode) there too.
+// node goes Ready for a scheduler; `kubeProxyToken` adds kube-proxy there too, in iptables mode
+// unless `kubeProxyMode` says nftables or ipvs. `nodeAddress` gives the node a non-loopback address
+// of its own (on a veth pair in its namespace), as a node's NIC address.
 
 import { spawn } from 'node:child_process';
 import type { V1Pod, V1PodSpec } from '@kubernetes/client-node';
@@ -20,7 +22,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { cachedBinary, tokenKubeconfig, type ControlPlane } from './controlplane.js';
 import { buildRunnableImage, writeOciLayout, type TestImage } from './oci.js';
-import { freePort, run, runAsync, startProcess, type Proc } from './procs.js';
+import { freePort, hasCommand, run, runAsync, startProcess, type Proc } from './procs.js';
 
 const FORWARD = fileURLToPath(new URL('./forward.js', import.meta.url));
 const PAUSE_SOURCE = fileURLToPath(new URL('../../../test/support/pause.c', import.meta.url));
@@ -40,12 +42,26 @@ const KUBELET_SYSCTLS: Readonly<Record<string, string>> = {
 
 /** Sysctls of this machine the node's network could touch if it leaked out of its namespace
  * (the bridge plugin, portmap and kube-proxy set these, per network namespace): checked at stop. */
-const NETWORK_SYSCTLS: readonly string[] = ['net/ipv4/ip_forward', 'net/ipv4/conf/all/route_localnet', 'net/ipv4/conf/lo/route_localnet', 'net/bridge/bridge-nf-call-iptables', 'net/netfilter/nf_conntrack_max'];
+const NETWORK_SYSCTLS: readonly string[] = [
+  'net/ipv4/ip_forward',
+  'net/ipv4/conf/all/route_localnet',
+  'net/ipv4/conf/lo/route_localnet',
+  'net/bridge/bridge-nf-call-iptables',
+  'net/netfilter/nf_conntrack_max',
+  // kube-proxy's ipvs mode sets these (and net/ipv4/vs/*, which exist only with the ip_vs module).
+  'net/ipv4/conf/all/arp_ignore',
+  'net/ipv4/conf/all/arp_announce',
+];
+
+/** kube-proxy's data planes (`--proxy-mode`). */
+export type KubeProxyMode = 'iptables' | 'nftables' | 'ipvs';
 
 export interface RealNode {
   /** The Node's name, and the address the apiserver reaches its kubelet on. */
   readonly name: string;
   readonly dir: string;
+  /** NodeOptions.nodeAddress without its prefix length, when given. */
+  readonly address: string | undefined;
   /** Makes a port of this machine's loopback reachable on the node's loopback at the same number
    * (as `localhost:PORT`, where containerd pulls rewritten images from). */
   reach(port: number): Promise<void>;
@@ -77,9 +93,23 @@ export interface NodeOptions {
   /** A Pod network in the node's namespace: a bridge with host-local addresses from `subnet` (an
    * IPv4 CIDR, e.g. `10.88.0.0/24`), masquerading, and portmap for hostPort. */
   readonly podNetwork?: { readonly subnet: string };
-  /** Runs kube-proxy in iptables mode in the node's namespace with this token (user
-   * `system:kube-proxy`); needs `podNetwork`. NodePorts then answer on the node's 127.0.0.1. */
+  /** Runs kube-proxy in the node's namespace with this token (user `system:kube-proxy`); needs
+   * `podNetwork`. In iptables mode (the default) NodePorts then answer on the node's 127.0.0.1. */
   readonly kubeProxyToken?: string;
+  /** kube-proxy's `--proxy-mode` (default iptables). nftables needs the `nft` command; ipvs needs
+   * the kernel's ip_vs module and the `ipset` command: kube-proxy exits without them, and startNode
+   * fails with its output. */
+  readonly kubeProxyMode?: KubeProxyMode;
+  /** kube-proxy's `--nodeport-addresses` (CIDRs; empty: the flag is not passed, and kube-proxy's
+   * own default applies: every local address in iptables and ipvs mode, `primary` in nftables mode,
+   * which is the Node's InternalIP, 127.0.0.1 here, dropped as loopback: every local address
+   * again). Default: `127.0.0.0/8` in iptables mode (NodePorts on the node's loopback, where the
+   * node's container runtime dials them), empty in the other modes (which never serve NodePorts on
+   * loopback). */
+  readonly nodePortAddresses?: readonly string[];
+  /** A non-loopback address of the node itself, `IP/prefix` (e.g. `10.77.0.2/24`): on one end of a
+   * veth pair in the node's namespace, with the default route through it. */
+  readonly nodeAddress?: string;
   /** A socket file on which an HTTP CONNECT proxy dials into the node's network namespace: the
    * apiserver's egress selector (ControlPlaneOptions.clusterEgressSocket) reaches Service and Pod
    * addresses of the node through it. */
@@ -179,6 +209,17 @@ function readSysctls(): Record<string, string | null> {
   return values;
 }
 
+/** This machine's nftables tables (iptables-nft's among them), when the `nft` command is here: the
+ * node's rules live in its network namespace and go with it, which stop() checks. */
+function hostNftTables(): string | null {
+  if (!hasCommand('nft')) return null;
+  try {
+    return run('nft', ['list', 'tables'], { timeoutMs: 10_000 }).split('\n').filter(Boolean).sort().join('\n');
+  } catch {
+    return null;
+  }
+}
+
 /** Nodes started and not yet stopped, so that a suite whose setup timed out can still stop them. */
 const runningNodes = new Set<RealNode>();
 
@@ -195,6 +236,7 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
   const id = `pb-node-${randomBytes(4).toString('hex')}`;
   const name = '127.0.0.1';
   const sysctlsBefore = readSysctls();
+  const nftBefore = hostNftTables();
   const procs: Proc[] = [];
   const relays: Proc[] = [];
 
@@ -281,6 +323,8 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
     }
     const sysctlsAfter = readSysctls();
     for (const [key, before] of Object.entries(sysctlsBefore)) if (sysctlsAfter[key] !== before) leftovers.push(`sysctl ${key} changed: ${before} -> ${sysctlsAfter[key]}`);
+    const nftAfter = hostNftTables();
+    if (nftAfter !== nftBefore) leftovers.push(`nftables tables of this machine changed: ${JSON.stringify(nftBefore)} -> ${JSON.stringify(nftAfter)}`);
     rmSync(dir, { recursive: true, force: true });
     return leftovers;
   };
@@ -291,6 +335,10 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
     const paths = { run: join(dir, 'run'), varlog: join(dir, 'var-log'), varlib: join(dir, 'var-lib'), sysctl: join(dir, 'sysctl') };
     for (const path of Object.values(paths)) mkdirSync(path, { recursive: true });
     const script = ['ip link set lo up', `mount --bind ${paths.run} /run`, `mount --bind ${paths.varlog} /var/log`, `mount --bind ${paths.varlib} /var/lib`];
+    if (options.nodeAddress !== undefined) {
+      // No dummy interface driver on every kernel: a veth pair (both ends here) carries the address.
+      script.push('ip link add pb-nic type veth peer name pb-nic-peer', `ip addr add ${options.nodeAddress} dev pb-nic`, 'ip link set pb-nic up', 'ip link set pb-nic-peer up', 'ip route add default dev pb-nic');
+    }
     for (const [key, value] of Object.entries(KUBELET_SYSCTLS)) {
       if (sysctlsBefore[key] === null || sysctlsBefore[key] === undefined) continue;
       const file = join(paths.sysctl, key.replaceAll('/', '.'));
@@ -481,27 +529,38 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
 
     if (options.kubeProxyToken !== undefined) {
       if (!options.podNetwork) throw new Error('kube-proxy needs the node\'s podNetwork');
+      const mode = options.kubeProxyMode ?? 'iptables';
+      const nodePortAddresses = options.nodePortAddresses ?? (mode === 'iptables' ? ['127.0.0.0/8'] : []);
       const proxyDir = join(dir, 'kube-proxy');
       mkdirSync(proxyDir, { recursive: true });
       writeFileSync(join(proxyDir, 'kubeconfig'), tokenKubeconfig(options.controlPlane.url, options.controlPlane.caCert, 'system:kube-proxy', options.kubeProxyToken), { mode: 0o600 });
-      startInside(cachedBinary('kube-proxy'), [
+      const kubeProxy = startInside(cachedBinary('kube-proxy'), [
         `--kubeconfig=${join(proxyDir, 'kubeconfig')}`,
         `--hostname-override=${name}`,
-        '--proxy-mode=iptables',
+        `--proxy-mode=${mode}`,
         `--cluster-cidr=${options.podNetwork.subnet}`,
         // Zeros leave the conntrack sysctls (global ones among them) as they are.
         '--conntrack-max-per-core=0',
         '--conntrack-tcp-timeout-established=0',
         '--conntrack-tcp-timeout-close-wait=0',
-        '--nodeport-addresses=127.0.0.0/8',
+        ...(nodePortAddresses.length > 0 ? [`--nodeport-addresses=${nodePortAddresses.join(',')}`] : []),
         '--metrics-bind-address=127.0.0.1:10249',
         '--healthz-bind-address=127.0.0.1:10256',
       ]);
+      // Its healthz server listens once the proxier for the mode exists; a mode this machine cannot
+      // run (ipvs without ip_vs) makes kube-proxy exit before that.
+      const listening = `require('net').connect(10256,'127.0.0.1').on('connect',()=>process.exit(0)).on('error',()=>process.exit(1))`;
+      for (let deadline = Date.now() + 60_000; ; await sleep(250)) {
+        if (kubeProxy.child.exitCode !== null) throw new Error(`kube-proxy (${mode} mode) exited (${kubeProxy.child.exitCode}):\n${kubeProxy.output().slice(-4000)}`);
+        if (await exec(process.execPath, ['-e', listening]).then(() => true, () => false)) break;
+        if (Date.now() > deadline) throw new Error(`kube-proxy (${mode} mode) did not start:\n${kubeProxy.output().slice(-4000)}`);
+      }
     }
 
     const node: RealNode = {
       name,
       dir,
+      address: options.nodeAddress?.split('/')[0],
       reach,
       reachOnNodeAddresses,
       exec,

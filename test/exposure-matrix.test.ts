@@ -1,0 +1,224 @@
+// Which ways of exposing a DaemonSet as `localhost:<port>` on a node answer on the node's 127.0.0.1
+// (what the container runtime dials for an image `localhost:30500/...`), under each kube-proxy mode.
+// One control plane; for each mode a fresh real node (./support/node.ts) with a Pod network, its own
+// non-loopback address, and kube-proxy in that mode, one after the other. On each node one Pod off
+// the node's network backs a NodePort Service and a hostPort, and one hostNetwork Pod listens on the
+// node itself; every exposure is dialled from inside the node on 127.0.0.1 and on the node's address.
+//
+// `--nodeport-addresses` unset means every local address in iptables and ipvs mode; in nftables mode
+// it means `primary`, the Node's InternalIP, which is 127.0.0.1 on this node (its name), and
+// kube-proxy drops a loopback primary IP: here too every local address (in a cluster, the node's
+// InternalIP only).
+//
+// The assertions are what was observed (kube-proxy v1.31.4, containernetworking-plugins 1.1.1):
+//   iptables: the NodePort answers on 127.0.0.1 and on the node address (kube-proxy sets
+//             route_localnet=1 and DNATs loopback NodePort traffic).
+//   nftables: the NodePort answers on the node address only; 127.0.0.1 is refused, and listing
+//             127.0.0.0/8 in --nodeport-addresses does not change that (kube-proxy logs that
+//             localhost NodePorts are not supported and leaves loopback out).
+//   hostPort (portmap) and hostNetwork answer on 127.0.0.1 whatever kube-proxy's mode.
+// ipvs mode needs the kernel's ip_vs module and the ipset command; where they are missing its case is
+// skipped, naming what is missing (kube-proxy would exit: "can't use the IPVS proxier").
+
+import assert from 'node:assert/strict';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { CoreV1Api, KubeConfig, type V1Pod } from '@kubernetes/client-node';
+import { startControlPlane, type ControlPlane } from './support/controlplane.js';
+import { isSchedulable, waitForNode } from './support/cluster.js';
+import { buildWorkloadImage, nodePod, startNode, stopAllNodes, type KubeProxyMode, type RealNode } from './support/node.js';
+import { hasCommand } from './support/procs.js';
+import { startRegistry, type RegistryHandle } from './support/registry.js';
+
+const SUBNET = '10.88.0.0/24';
+const NODE_ADDRESS = '10.77.0.2';
+const APP_PORT = 8080;
+const NODE_PORT = 30500;
+const HOST_PORT = 18080;
+const HOST_NETWORK_PORT = 18081;
+/** Bounded waits (the machine is shared and slow at times): generous, never a measure of speed. */
+const WAIT_MS = 90_000;
+const MESSAGE = 'exposure matrix';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const running = (pod: V1Pod): boolean => pod.status?.phase === 'Running' && pod.status.containerStatuses?.every((c) => c.state?.running !== undefined) === true;
+
+/** What a dial observed: the workload's line, or the connection refused. */
+type Outcome = 'answers' | 'refused';
+
+interface Case {
+  readonly mode: KubeProxyMode;
+  /** kube-proxy's --nodeport-addresses; empty: unset (every local address on this node, see above). */
+  readonly nodePortAddresses: readonly string[];
+  /** The NodePort on 127.0.0.1 and on the node's address. */
+  readonly nodePort: { readonly loopback: Outcome; readonly nodeAddress: Outcome };
+  /** A line kube-proxy logs in this case. */
+  readonly logs?: RegExp;
+}
+
+const CASES: readonly Case[] = [
+  { mode: 'iptables', nodePortAddresses: [], nodePort: { loopback: 'answers', nodeAddress: 'answers' } },
+  { mode: 'nftables', nodePortAddresses: [], nodePort: { loopback: 'refused', nodeAddress: 'answers' } },
+  {
+    mode: 'nftables',
+    nodePortAddresses: ['127.0.0.0/8', `${NODE_ADDRESS}/32`],
+    nodePort: { loopback: 'refused', nodeAddress: 'answers' },
+    logs: /--nodeport-addresses includes localhost but localhost NodePorts are not supported/,
+  },
+  // Not observed here (no ip_vs): kube-proxy's ipvs proxier leaves loopback out of the NodePort
+  // addresses and returns early for traffic from 127.0.0.0/8 (pkg/proxy/ipvs/proxier.go).
+  { mode: 'ipvs', nodePortAddresses: [], nodePort: { loopback: 'refused', nodeAddress: 'answers' } },
+];
+
+/** What this machine lacks to run kube-proxy in `mode`, detected now; empty when it can. */
+function missingFor(mode: KubeProxyMode): string[] {
+  if (mode === 'nftables') return hasCommand('nft') ? [] : ['the nft command (Debian package nftables)'];
+  if (mode === 'ipvs') {
+    const missing: string[] = [];
+    if (!existsSync('/proc/net/ip_vs')) missing.push('the ip_vs kernel module (/proc/net/ip_vs is absent)');
+    if (!hasCommand('ipset')) missing.push('the ipset command');
+    return missing;
+  }
+  return [];
+}
+
+describe('exposure matrix: NodePort, hostPort and hostNetwork on the node\'s 127.0.0.1 under each kube-proxy mode', function () {
+  this.timeout(300_000);
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-exposure-'));
+  let cp: ControlPlane;
+  let registry: RegistryHandle;
+  let core: CoreV1Api;
+  let image: string;
+
+  before(async function () {
+    this.timeout(180_000);
+    [cp, registry] = await Promise.all([startControlPlane({ controllers: true }), startRegistry()]);
+    await registry.push(buildWorkloadImage(dir, 'unused'), 'team/app', '1.0');
+    image = `localhost:${registry.port}/team/app:1.0`;
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    core = kc.makeApiClient(CoreV1Api);
+  });
+
+  after(async () => {
+    await stopAllNodes(); // one whose case failed half-way
+    await registry?.stop();
+    await cp?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  CASES.forEach((c, index) => {
+    const flag = c.nodePortAddresses.length > 0 ? `--nodeport-addresses=${c.nodePortAddresses.join(',')}` : '--nodeport-addresses unset';
+    describe(`kube-proxy ${c.mode} mode, ${flag}`, function () {
+      const namespace = `matrix-${index}`;
+      let node: RealNode | undefined;
+
+      const failure = (error: unknown) => new Error(`${(error as Error).message}\n--- node ---\n${node?.logs().slice(-6000) ?? ''}\n--- control plane ---\n${cp?.logs().slice(-3000) ?? ''}`);
+
+      /** Dials host:port inside the node's namespace once (5 s at most): the workload's line, or
+       * the connection refused; anything else (a timeout, another error) is thrown. */
+      const dial = async (host: string, port: number): Promise<Outcome> => {
+        if (!node) throw new Error('the node is not running');
+        const script = `const s=require('net').connect(${port},${JSON.stringify(host)});let d='';s.setTimeout(5000,()=>{process.stdout.write('timeout');process.exit(0)});s.on('data',c=>d+=c);s.on('end',()=>{process.stdout.write('data:'+d);process.exit(0)});s.on('error',e=>{process.stdout.write('error:'+(e.code||e.message));process.exit(0)})`;
+        const seen = (await node.exec(process.execPath, ['-e', script])).trim();
+        if (seen === `data:${MESSAGE}`) return 'answers';
+        if (seen === 'error:ECONNREFUSED') return 'refused';
+        throw new Error(`${host}:${port}: ${seen}`);
+      };
+      /** Waits until host:port answers (Services and port mappings are programmed asynchronously). */
+      const answers = async (host: string, port: number): Promise<void> => {
+        let last = '';
+        for (const deadline = Date.now() + WAIT_MS; Date.now() < deadline; await sleep(500)) {
+          try {
+            last = await dial(host, port);
+            if (last === 'answers') return;
+          } catch (error) {
+            last = (error as Error).message;
+          }
+        }
+        throw failure(new Error(`${host}:${port} never answered inside the node: ${last}`));
+      };
+      /** Once host:port is known to be programmed elsewhere: three dials, each must be refused. */
+      const refused = async (host: string, port: number): Promise<void> => {
+        for (let i = 0; i < 3; i++, await sleep(500)) assert.equal(await dial(host, port), 'refused', `${host}:${port}`);
+      };
+      const expect = async (host: string, port: number, outcome: Outcome) => (outcome === 'answers' ? answers(host, port) : refused(host, port));
+
+      before(async function () {
+        const missing = missingFor(c.mode);
+        if (missing.length > 0) {
+          const reason = `skipped: kube-proxy ${c.mode} mode needs ${missing.join(' and ')}, missing on this machine`;
+          for (const test of this.test?.parent?.tests ?? []) test.title += ` (${reason})`;
+          this.skip();
+        }
+        node = await startNode({
+          controlPlane: cp,
+          token: cp.nodeToken,
+          podNetwork: { subnet: SUBNET },
+          kubeProxyToken: cp.proxyToken,
+          kubeProxyMode: c.mode,
+          nodePortAddresses: c.nodePortAddresses,
+          nodeAddress: `${NODE_ADDRESS}/24`,
+        });
+        await node.reach(registry.port);
+        await waitForNode(core, node.name, WAIT_MS, isSchedulable, 'Ready and schedulable').catch((error: unknown) => {
+          throw failure(error);
+        });
+        await core.createNamespace({ body: { metadata: { name: namespace } } });
+        const app = { name: 'app', image, args: [MESSAGE], env: [{ name: 'LISTEN_PORT', value: String(APP_PORT) }], ports: [{ containerPort: APP_PORT, hostPort: HOST_PORT }] };
+        await core.createNamespacedPod({ namespace, body: { metadata: { name: 'web', labels: { app: 'web' } }, spec: { nodeName: node.name, terminationGracePeriodSeconds: 1, containers: [app] } } });
+        const hostNetwork = nodePod(node, 'hostnet', image, { containers: [{ name: 'app', image, args: [MESSAGE], env: [{ name: 'LISTEN_PORT', value: String(HOST_NETWORK_PORT) }] }] });
+        await core.createNamespacedPod({ namespace, body: hostNetwork });
+        await core.createNamespacedService({
+          namespace,
+          body: { metadata: { name: 'web' }, spec: { type: 'NodePort', selector: { app: 'web' }, ports: [{ port: 80, targetPort: APP_PORT, nodePort: NODE_PORT }] } },
+        });
+        let pods: V1Pod[] = [];
+        for (const deadline = Date.now() + WAIT_MS; ; await sleep(500)) {
+          pods = (await core.listNamespacedPod({ namespace })).items;
+          if (pods.length === 2 && pods.every(running)) break;
+          if (Date.now() > deadline) throw failure(new Error(`Pods not running: ${JSON.stringify(pods.map((p) => ({ name: p.metadata?.name, status: p.status })))}`));
+        }
+      });
+
+      after(async () => {
+        const stopping = node;
+        node = undefined;
+        await stopping?.stop();
+        // The next node registers under the same name: nothing of this one may be left for it.
+        if (stopping) {
+          await core.deleteNamespacedService({ name: 'web', namespace }).catch(() => undefined);
+          for (const pod of ['web', 'hostnet']) await core.deleteNamespacedPod({ name: pod, namespace, gracePeriodSeconds: 0 }).catch(() => undefined);
+          await core.deleteNode({ name: stopping.name }).catch(() => undefined);
+        }
+      });
+
+      it(`NodePort: 127.0.0.1 ${c.nodePort.loopback}, the node's address ${c.nodePort.nodeAddress}`, async () => {
+        // The answering address first: once it answers, the Service is programmed.
+        const order = c.nodePort.nodeAddress === 'answers' ? ([['node', NODE_ADDRESS], ['loopback', '127.0.0.1']] as const) : ([['loopback', '127.0.0.1'], ['node', NODE_ADDRESS]] as const);
+        for (const [which, host] of order) await expect(host, NODE_PORT, which === 'node' ? c.nodePort.nodeAddress : c.nodePort.loopback);
+        if (c.logs) assert.match(node?.logs() ?? '', c.logs);
+      });
+
+      it('hostPort (portmap): answers on 127.0.0.1 and on the node\'s address', async () => {
+        await answers('127.0.0.1', HOST_PORT);
+        await answers(NODE_ADDRESS, HOST_PORT);
+      });
+
+      it('hostNetwork: answers on 127.0.0.1', async () => {
+        await answers('127.0.0.1', HOST_NETWORK_PORT);
+      });
+
+      it('stops cleanly: no process, mount, cgroup, sysctl or nftables table left on this machine', async () => {
+        const stopping = node;
+        node = undefined;
+        assert.ok(stopping);
+        assert.deepEqual(await stopping.stop(), []);
+        await core.deleteNamespacedService({ name: 'web', namespace });
+        for (const pod of ['web', 'hostnet']) await core.deleteNamespacedPod({ name: pod, namespace, gracePeriodSeconds: 0 });
+        await core.deleteNode({ name: stopping.name });
+      });
+    });
+  });
+});
