@@ -11,6 +11,10 @@
 //                    closed, so the client sees ECONNRESET, not 412; the adapter then looks the key
 //                    up. Not shown: 409 ConditionalRequestConflict (AWS only), server-side abort
 //                    of parts left by a crashed client (lifecycle rule on real buckets).
+//   azure (Azurite) If-None-Match: * honoured on Put Blob and on Put Block List (8 racing block
+//                    uploads: one created, seven refused). Checks Shared Key signatures (wrong key
+//                    => 403 => 'denied'). Not shown: SAS tokens, Entra ID, the service's own
+//                    clean-up of uncommitted blocks (Azure drops them after a week).
 //   (the other backends are added below as they are shown)
 
 import assert from 'node:assert/strict';
@@ -23,7 +27,9 @@ import type { Readable } from 'node:stream';
 import { openSharedStore } from '../src/cache/shared/open.js';
 import { SharedStoreError, type SharedFailure, type SharedListing, type SharedStore } from '../src/cache/shared/store.js';
 import type { SharedConfig } from '../src/rules/config.js';
-import { startVersitygw, type S3Server } from './support/objectstores.js';
+import { BlobServiceClient, StorageSharedKeyCredential } from '@azure/storage-blob';
+import { readFileSync } from 'node:fs';
+import { startAzurite, startVersitygw, type AzureServer, type S3Server } from './support/objectstores.js';
 
 const MiB = 1024 * 1024;
 const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex');
@@ -272,6 +278,25 @@ function storeEndpoint(config: SharedConfig): string {
     config: (prefix) => ({ ...base, s3: s3(prefix, server!.endpoint, server!.secretKeyFile) }),
     deniedConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, server!.wrongSecretKeyFile) }),
     elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, s3: s3('main/', `http://127.0.0.1:${port}`, server!.secretKeyFile) }),
+    stop: async () => server?.stop(),
+  });
+}
+
+// Azure Blob on Azurite, path-style account URL; the container is made with the SDK.
+{
+  let server: AzureServer | undefined;
+  const container = 'pullbridge-test';
+  const azure = (prefix: string, endpoint: string, accountKeyFile: string) => ({ container, accountName: server!.accountName, accountKeyFile, endpoint, prefix });
+  conformance({
+    name: 'azure (Azurite)',
+    start: async () => {
+      server = await startAzurite();
+      const key = readFileSync(server.accountKeyFile, 'utf8').trim();
+      await new BlobServiceClient(server.endpoint, new StorageSharedKeyCredential(server.accountName, key)).getContainerClient(container).create();
+    },
+    config: (prefix) => ({ ...base, azure: azure(prefix, server!.endpoint, server!.accountKeyFile) }),
+    deniedConfig: () => ({ ...base, azure: azure('main/', server!.endpoint, server!.wrongAccountKeyFile) }),
+    elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, azure: azure('main/', `http://127.0.0.1:${port}/${server!.accountName}`, server!.accountKeyFile) }),
     stop: async () => server?.stop(),
   });
 }
