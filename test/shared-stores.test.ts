@@ -15,7 +15,14 @@
 //                    uploads: one created, seven refused). Checks Shared Key signatures (wrong key
 //                    => 403 => 'denied'). Not shown: SAS tokens, Entra ID, the service's own
 //                    clean-up of uncommitted blocks (Azure drops them after a week).
-//   (the other backends are added below as they are shown)
+//   gcs (fake-gcs-server)  ifGenerationMatch=0 honoured on single-request uploads and when a
+//                    resumable upload is finalized (8 racing resumable uploads: one created, seven
+//                    412). Checks no credentials at all: no 'denied' case. Answers a missing bucket
+//                    like a missing object (404 "Not Found"), so only writes show a missing bucket
+//                    as 'error'; real GCS names the bucket in its message, which the adapter uses.
+//                    Not shown: authentication (service account key, workload identity).
+//   All: 'unreachable' is a stopped server's refused connection, 'timeout' a listener that never
+//   answers, each within seconds (one retry). TLS endpoints are not exercised.
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -29,7 +36,7 @@ import { SharedStoreError, type SharedFailure, type SharedListing, type SharedSt
 import type { SharedConfig } from '../src/rules/config.js';
 import { BlobServiceClient, StorageSharedKeyCredential } from '@azure/storage-blob';
 import { readFileSync } from 'node:fs';
-import { startAzurite, startVersitygw, type AzureServer, type S3Server } from './support/objectstores.js';
+import { startAzurite, startFakeGcs, startVersitygw, type AzureServer, type GcsServer, type S3Server } from './support/objectstores.js';
 
 const MiB = 1024 * 1024;
 const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex');
@@ -85,6 +92,10 @@ interface Backend {
   config(prefix: string): SharedConfig;
   /** The same store with a credential the server refuses; undefined when it checks none. */
   deniedConfig?(): SharedConfig;
+  /** The same server with a bucket or container that does not exist. */
+  missingBucketConfig?(): SharedConfig;
+  /** The server answers a read in a missing bucket as it answers a missing object. */
+  readsMissingBucketAsMissingKey?: boolean;
   /** The same store at a loopback port with nothing behind it, or a server that never answers. */
   elsewhere?(port: number, timeoutSeconds: number): SharedConfig;
   stop(): Promise<void>;
@@ -212,6 +223,14 @@ function conformance(backend: Backend): void {
       });
     }
 
+    if (backend.missingBucketConfig) {
+      it("answers 'error' for a missing bucket or container, not 'missing key'", async () => {
+        const nowhere = await open(backend.missingBucketConfig!());
+        if (!backend.readsMissingBucketAsMissingKey) await rejectsWith(nowhere.readRecord('records/anything'), 'error');
+        await rejectsWith(nowhere.writeRecord('records/anything', Buffer.from('x')), 'error');
+      });
+    }
+
     if (backend.elsewhere) {
       it("answers 'timeout' when the store accepts connections and never answers", async () => {
         const hole = await blackHole();
@@ -277,6 +296,7 @@ function storeEndpoint(config: SharedConfig): string {
     },
     config: (prefix) => ({ ...base, s3: s3(prefix, server!.endpoint, server!.secretKeyFile) }),
     deniedConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, server!.wrongSecretKeyFile) }),
+    missingBucketConfig: () => ({ ...base, s3: { ...s3('main/', server!.endpoint, server!.secretKeyFile), bucket: 'no-such-bucket' } }),
     elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, s3: s3('main/', `http://127.0.0.1:${port}`, server!.secretKeyFile) }),
     stop: async () => server?.stop(),
   });
@@ -296,7 +316,25 @@ function storeEndpoint(config: SharedConfig): string {
     },
     config: (prefix) => ({ ...base, azure: azure(prefix, server!.endpoint, server!.accountKeyFile) }),
     deniedConfig: () => ({ ...base, azure: azure('main/', server!.endpoint, server!.wrongAccountKeyFile) }),
+    missingBucketConfig: () => ({ ...base, azure: { ...azure('main/', server!.endpoint, server!.accountKeyFile), container: 'no-such-container' } }),
     elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, azure: azure('main/', `http://127.0.0.1:${port}/${server!.accountName}`, server!.accountKeyFile) }),
+    stop: async () => server?.stop(),
+  });
+}
+
+// GCS on fake-gcs-server. It checks no credentials at all, so there is no 'denied' case.
+{
+  let server: GcsServer | undefined;
+  const gcs = (prefix: string, endpoint: string) => ({ bucket: server!.bucket, endpoint, prefix });
+  conformance({
+    name: 'gcs (fake-gcs-server)',
+    start: async () => {
+      server = await startFakeGcs();
+    },
+    config: (prefix) => ({ ...base, gcs: gcs(prefix, server!.endpoint) }),
+    readsMissingBucketAsMissingKey: true,
+    missingBucketConfig: () => ({ ...base, gcs: { ...gcs('main/', server!.endpoint), bucket: 'no-such-bucket' } }),
+    elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, gcs: gcs('main/', `http://127.0.0.1:${port}`) }),
     stop: async () => server?.stop(),
   });
 }

@@ -124,15 +124,16 @@ class AzureStore implements SharedStore {
   }
 
   /** One request under the store's deadline: a missing blob is undefined, every failure a
-   * SharedStoreError. The deadline ends when the answer arrives (a download streams on). */
-  private async call<T>(what: string, request: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal, keepConditionFailures = false): Promise<T | undefined> {
+   * SharedStoreError; a write's failed condition is the error's cause, and for a write a 404 is
+   * an error (a missing bucket or container). The deadline ends when the answer arrives (a download streams on). */
+  private async call<T>(what: string, request: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal, write = false): Promise<T | undefined> {
     const limit = deadline(this.timeoutMs, caller);
     try {
       return await request(limit.signal);
     } catch (error) {
       if (isCallerAbort(error, caller)) throw error;
-      if (isMissing(error)) return undefined;
-      if (keepConditionFailures && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${describe(error)}`, { cause: error });
+      if (!write && isMissing(error)) return undefined;
+      if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${describe(error)}`, { cause: error });
       throw storeError(what, error, limit.timedOut());
     } finally {
       limit.disarm();
