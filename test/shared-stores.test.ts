@@ -13,8 +13,8 @@
 //                    of parts left by a crashed client (lifecycle rule on real buckets).
 //   azure (Azurite) If-None-Match: * honoured on Put Blob and on Put Block List (8 racing block
 //                    uploads: one created, seven refused). Checks Shared Key signatures (wrong key
-//                    => 403 => 'denied'). Not shown: SAS tokens, Entra ID, the service's own
-//                    clean-up of uncommitted blocks (Azure drops them after a week).
+//                    => 403 => 'denied'); account SAS tokens accepted. Not shown: Entra ID, the
+//                    service's own clean-up of uncommitted blocks (Azure drops them after a week).
 //   gcs (fake-gcs-server)  ifGenerationMatch=0 honoured on single-request uploads and when a
 //                    resumable upload is finalized (8 racing resumable uploads: one created, seven
 //                    412). Checks no credentials at all: no 'denied' case. Answers a missing bucket
@@ -34,7 +34,7 @@ import type { Readable } from 'node:stream';
 import { openSharedStore } from '../src/cache/shared/open.js';
 import { SharedStoreError, type SharedFailure, type SharedListing, type SharedStore } from '../src/cache/shared/store.js';
 import type { SharedConfig } from '../src/rules/config.js';
-import { BlobServiceClient, StorageSharedKeyCredential } from '@azure/storage-blob';
+import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, BlobServiceClient, generateAccountSASQueryParameters, StorageSharedKeyCredential } from '@azure/storage-blob';
 import { readFileSync } from 'node:fs';
 import { startAzurite, startFakeGcs, startVersitygw, type AzureServer, type GcsServer, type S3Server } from './support/objectstores.js';
 
@@ -92,6 +92,8 @@ interface Backend {
   config(prefix: string): SharedConfig;
   /** The same store with a credential the server refuses; undefined when it checks none. */
   deniedConfig?(): SharedConfig;
+  /** Other ways to reach the same store (other credential kinds), each shown to write and read. */
+  readonly alternatives?: ReadonlyArray<readonly [string, () => SharedConfig]>;
   /** The same server with a bucket or container that does not exist. */
   missingBucketConfig?(): SharedConfig;
   /** The server answers a read in a missing bucket as it answers a missing object. */
@@ -215,6 +217,20 @@ function conformance(backend: Backend): void {
       assert.deepEqual((await listAll(store, 'blobs/sha256/aborted')).map((l) => l.key), []);
     });
 
+    for (const [how, config] of backend.alternatives ?? []) {
+      it(`works ${how}`, async () => {
+        const alternative = await open(config());
+        const data = randomBytes(200_000);
+        assert.equal(await alternative.createFromFile(`alternative/${how}`, file('alternative', data), data.length), 'created');
+        assert.deepEqual(await bytesOf(await store.read(`alternative/${how}`)), data, 'the same store');
+        assert.equal(await alternative.writeRecord(`alternative/${how}.record`, Buffer.from(how), { ifAbsent: true }), true);
+        assert.deepEqual(await alternative.readRecord(`alternative/${how}.record`), Buffer.from(how));
+        assert.deepEqual((await listAll(alternative, `alternative/${how}`)).map((l) => l.key), [`alternative/${how}`, `alternative/${how}.record`]);
+        await alternative.remove(`alternative/${how}`);
+        assert.equal(await store.stat(`alternative/${how}`), undefined);
+      });
+    }
+
     if (backend.deniedConfig) {
       it("answers 'denied' for wrong credentials", async () => {
         const denied = await open(backend.deniedConfig!());
@@ -302,23 +318,39 @@ function storeEndpoint(config: SharedConfig): string {
   });
 }
 
-// Azure Blob on Azurite, path-style account URL; the container is made with the SDK.
+// Azure Blob on Azurite, path-style account URL; the container is made with the SDK, and an account
+// SAS token (with a leading "?", as the portal copies it) is made from the account key.
 {
   let server: AzureServer | undefined;
+  let files = '';
   const container = 'pullbridge-test';
   const azure = (prefix: string, endpoint: string, accountKeyFile: string) => ({ container, accountName: server!.accountName, accountKeyFile, endpoint, prefix });
   conformance({
     name: 'azure (Azurite)',
     start: async () => {
       server = await startAzurite();
-      const key = readFileSync(server.accountKeyFile, 'utf8').trim();
-      await new BlobServiceClient(server.endpoint, new StorageSharedKeyCredential(server.accountName, key)).getContainerClient(container).create();
+      const credential = new StorageSharedKeyCredential(server.accountName, readFileSync(server.accountKeyFile, 'utf8').trim());
+      await new BlobServiceClient(server.endpoint, credential).getContainerClient(container).create();
+      files = mkdtempSync(join(tmpdir(), 'pullbridge-azure-files-'));
+      const sas = generateAccountSASQueryParameters(
+        { expiresOn: new Date(Date.now() + 3_600_000), permissions: AccountSASPermissions.parse('rwdlc'), resourceTypes: AccountSASResourceTypes.parse('sco').toString(), services: AccountSASServices.parse('b').toString() },
+        credential,
+      );
+      writeFileSync(join(files, 'sas'), `?${sas.toString()}\n`);
+      writeFileSync(join(files, 'account'), `${server.accountName}\n`);
     },
+    alternatives: [
+      ['with a SAS token file', () => ({ ...base, azure: { container, accountName: server!.accountName, sasTokenFile: join(files, 'sas'), endpoint: server!.endpoint, prefix: 'main/' } })],
+      ['with the account name from a file', () => ({ ...base, azure: { container, accountNameFile: join(files, 'account'), accountKeyFile: server!.accountKeyFile, endpoint: server!.endpoint, prefix: 'main/' } })],
+    ],
     config: (prefix) => ({ ...base, azure: azure(prefix, server!.endpoint, server!.accountKeyFile) }),
     deniedConfig: () => ({ ...base, azure: azure('main/', server!.endpoint, server!.wrongAccountKeyFile) }),
     missingBucketConfig: () => ({ ...base, azure: { ...azure('main/', server!.endpoint, server!.accountKeyFile), container: 'no-such-container' } }),
     elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, azure: azure('main/', `http://127.0.0.1:${port}/${server!.accountName}`, server!.accountKeyFile) }),
-    stop: async () => server?.stop(),
+    stop: async () => {
+      await server?.stop();
+      if (files) rmSync(files, { recursive: true, force: true });
+    },
   });
 }
 
