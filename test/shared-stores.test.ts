@@ -26,7 +26,7 @@
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -165,6 +165,19 @@ function conformance(backend: Backend): void {
       assert.deepEqual(await bytesOf(await store.read('blobs/sha256/span', { start: 99_999, end: 99_999 })), data.subarray(99_999));
     });
 
+    it('stops a read when its signal aborts', async () => {
+      const controller = new AbortController();
+      const stream = await store.read('blobs/sha256/big', undefined, controller.signal);
+      assert.ok(stream);
+      await assert.rejects(async () => {
+        for await (const chunk of stream) {
+          assert.ok((chunk as Buffer).length > 0);
+          controller.abort();
+        }
+      });
+      assert.ok(stream.destroyed);
+    });
+
     it('answers undefined for a missing key: stat, read, readRecord', async () => {
       assert.equal(await store.stat('blobs/sha256/missing'), undefined);
       assert.equal(await store.read('blobs/sha256/missing'), undefined);
@@ -292,6 +305,23 @@ function storeEndpoint(config: SharedConfig): string {
     stop: async () => rmSync(root, { recursive: true, force: true }),
   });
 }
+
+describe('shared store: filesystem staging', () => {
+  it('removes temp files a dead writer left a day ago at open, and keeps recent ones', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'pullbridge-shared-fs-'));
+    try {
+      await openSharedStore({ ...base, filesystem: { path: root } });
+      writeFileSync(join(root, 'tmp', 'old'), 'partial');
+      writeFileSync(join(root, 'tmp', 'recent'), 'partial');
+      utimesSync(join(root, 'tmp', 'old'), new Date(Date.now() - 25 * 3_600_000), new Date(Date.now() - 25 * 3_600_000));
+      const store = await openSharedStore({ ...base, filesystem: { path: root } });
+      assert.deepEqual(readdirSync(join(root, 'tmp')), ['recent']);
+      assert.deepEqual(await listAll(store, ''), [], 'staging is not listed');
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+});
 
 // S3 on versitygw, path-style (no per-bucket hostnames, which would need DNS).
 {

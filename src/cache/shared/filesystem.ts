@@ -16,9 +16,22 @@ import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
 const TMP = 'tmp';
 
-export async function openFilesystemStore(path: string): Promise<SharedStore> {
+/** A temp file this old is left by a writer that died (no copy of a blob takes a day). */
+const STALE_TEMP_MS = 24 * 3_600_000;
+
+export async function openFilesystemStore(path: string, now = Date.now()): Promise<SharedStore> {
   await guard(`preparing ${path}`, () => mkdir(join(path, TMP), { recursive: true }));
+  await removeStaleTemps(join(path, TMP), now);
   return new FilesystemStore(path);
+}
+
+/** Every node sweeps at open; two sweeping at once both tolerate the other's removals. */
+async function removeStaleTemps(dir: string, now: number): Promise<void> {
+  const names = await guard(`listing ${dir}`, () => readdir(dir));
+  for (const name of names) {
+    const info = await missingAsUndefined(stat(join(dir, name))).catch(() => undefined);
+    if (info && now - info.mtimeMs > STALE_TEMP_MS) await unlink(join(dir, name)).catch(() => undefined);
+  }
 }
 
 class FilesystemStore implements SharedStore {
