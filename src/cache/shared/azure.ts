@@ -12,7 +12,7 @@ import {
   type StoragePipelineOptions,
 } from '@azure/storage-blob';
 import type { SharedConfig } from '../../rules/config.js';
-import { deadline, describe, isCallerAbort, networkFailure, readSecretFile } from './common.js';
+import { deadline, isCallerAbort, messageOf, networkFailure, readSecretFile } from './common.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type AzureConfig = NonNullable<SharedConfig['azure']>;
@@ -23,7 +23,7 @@ const MAX_BLOCKS = 50_000;
 
 export async function openAzureStore(config: AzureConfig, timeoutSeconds: number): Promise<SharedStore> {
   const credentials = await readCredentials(config).catch((error: unknown) => {
-    throw new SharedStoreError('denied', `reading the Azure credential files: ${describe(error)}`, { cause: error });
+    throw new SharedStoreError('denied', `reading the Azure credential files: ${messageOf(error)}`, { cause: error });
   });
   const endpoint = (config.endpoint ?? `https://${credentials.accountName}.blob.core.windows.net`).replace(/\/+$/, '');
   const timeoutMs = timeoutSeconds * 1000;
@@ -133,7 +133,7 @@ class AzureStore implements SharedStore {
     } catch (error) {
       if (isCallerAbort(error, caller)) throw error;
       if (!write && isMissing(error)) return undefined;
-      if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${describe(error)}`, { cause: error });
+      if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${messageOf(error)}`, { cause: error });
       throw storeError(what, error, limit.timedOut());
     } finally {
       limit.disarm();
@@ -164,5 +164,5 @@ function failureOf(error: unknown, timedOut: boolean): SharedFailure {
 }
 
 function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
-  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${describe(error)}`, { cause: error });
+  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${messageOf(error)}`, { cause: error });
 }

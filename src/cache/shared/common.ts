@@ -54,7 +54,7 @@ export function networkFailure(error: unknown): 'unreachable' | 'timeout' | unde
   return undefined;
 }
 
-export function describe(error: unknown): string {
+export function messageOf(error: unknown): string {
   return error instanceof Error ? error.message || error.name : String(error);
 }
 

@@ -10,7 +10,7 @@ import { link, mkdir, open, readdir, readFile, rename, stat, unlink, writeFile }
 import { dirname, join } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { describe, isCallerAbort } from './common.js';
+import { isCallerAbort, messageOf } from './common.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
@@ -184,6 +184,6 @@ async function guard<T>(what: string, operation: () => Promise<T>, signal?: Abor
     return await operation();
   } catch (error) {
     if (error instanceof SharedStoreError || isCallerAbort(error, signal)) throw error;
-    throw new SharedStoreError(failureOf(error), `${what}: ${describe(error)}`, { cause: error });
+    throw new SharedStoreError(failureOf(error), `${what}: ${messageOf(error)}`, { cause: error });
   }
 }

@@ -7,7 +7,7 @@ import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { describe, isCallerAbort, networkFailure } from './common.js';
+import { isCallerAbort, messageOf, networkFailure } from './common.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
@@ -165,5 +165,5 @@ function failureOf(error: unknown, timedOut: boolean): SharedFailure {
 }
 
 function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
-  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${describe(error)}`, { cause: error });
+  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${messageOf(error)}`, { cause: error });
 }

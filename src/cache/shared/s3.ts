@@ -16,12 +16,12 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { deadline, describe, isCallerAbort, networkFailure, readSecretFile } from './common.js';
+import { deadline, isCallerAbort, messageOf, networkFailure, readSecretFile } from './common.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
 
-/** S3's minimum part size; larger parts for larger files keep them under the 10,000-part limit. */
+/** Parts of 8 MiB (S3's minimum is 5 MiB), larger for files that would need over 10,000 parts. */
 const MIN_PART_SIZE = 8 * 1024 * 1024;
 const MAX_PARTS = 10_000;
 
@@ -44,7 +44,7 @@ export async function openS3Store(config: S3Config, timeoutSeconds: number): Pro
   if (config.accessKeyFile && config.secretKeyFile) {
     // Read once at open: a rotated Secret takes effect when the config is reloaded.
     const [accessKeyId, secretAccessKey] = await Promise.all([readSecretFile(config.accessKeyFile), readSecretFile(config.secretKeyFile)]).catch((error: unknown) => {
-      throw new SharedStoreError('denied', `reading the S3 credential files: ${describe(error)}`, { cause: error });
+      throw new SharedStoreError('denied', `reading the S3 credential files: ${messageOf(error)}`, { cause: error });
     });
     clientConfig.credentials = { accessKeyId, secretAccessKey };
   }
@@ -77,9 +77,10 @@ class S3Store implements SharedStore {
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    const body = createReadStream(file);
     const upload = new Upload({
       client: this.client,
-      params: { ...this.at(key), Body: createReadStream(file), ContentLength: size, IfNoneMatch: '*' },
+      params: { ...this.at(key), Body: body, ContentLength: size, IfNoneMatch: '*' },
       partSize: Math.max(MIN_PART_SIZE, Math.ceil(size / MAX_PARTS)),
       queueSize: 4,
       // A failed or aborted multipart upload is aborted on the store: no parts left behind.
@@ -98,6 +99,8 @@ class S3Store implements SharedStore {
       throw storeError(`upload ${key}`, error, false);
     } finally {
       signal?.removeEventListener('abort', abort);
+      // Not read to the end when the upload failed or was aborted: release the file descriptor.
+      body.destroy();
     }
   }
 
@@ -157,7 +160,7 @@ class S3Store implements SharedStore {
     } catch (error) {
       if (isCallerAbort(error, caller)) throw error;
       if (!write && isMissing(error)) return undefined;
-      if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${describe(error)}`, { cause: error });
+      if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${messageOf(error)}`, { cause: error });
       throw storeError(what, error, limit.timedOut());
     } finally {
       limit.disarm();
@@ -205,5 +208,5 @@ function failureOf(error: unknown, timedOut: boolean): SharedFailure {
 }
 
 function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
-  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${describe(error)}`, { cause: error });
+  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${messageOf(error)}`, { cause: error });
 }
