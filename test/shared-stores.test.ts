@@ -94,6 +94,8 @@ interface Backend {
   deniedConfig?(): SharedConfig;
   /** Other ways to reach the same store (other credential kinds), each shown to write and read. */
   readonly alternatives?: ReadonlyArray<readonly [string, () => SharedConfig]>;
+  /** A credential file that is not there (a Secret not mounted). */
+  missingCredentialFileConfig?(): SharedConfig;
   /** The same server with a bucket or container that does not exist. */
   missingBucketConfig?(): SharedConfig;
   /** The server answers a read in a missing bucket as it answers a missing object. */
@@ -252,6 +254,12 @@ function conformance(backend: Backend): void {
       });
     }
 
+    if (backend.missingCredentialFileConfig) {
+      it("answers 'denied' at open for a credential file that is not there", async () => {
+        await rejectsWith(openSharedStore(backend.missingCredentialFileConfig!()), 'denied');
+      });
+    }
+
     if (backend.missingBucketConfig) {
       it("answers 'error' for a missing bucket or container, not 'missing key'", async () => {
         const nowhere = await open(backend.missingBucketConfig!());
@@ -342,6 +350,7 @@ describe('shared store: filesystem staging', () => {
     },
     config: (prefix) => ({ ...base, s3: s3(prefix, server!.endpoint, server!.secretKeyFile) }),
     deniedConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, server!.wrongSecretKeyFile) }),
+    missingCredentialFileConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, '/nonexistent/secret') }),
     missingBucketConfig: () => ({ ...base, s3: { ...s3('main/', server!.endpoint, server!.secretKeyFile), bucket: 'no-such-bucket' } }),
     elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, s3: s3('main/', `http://127.0.0.1:${port}`, server!.secretKeyFile) }),
     stop: async () => server?.stop(),
@@ -375,6 +384,7 @@ describe('shared store: filesystem staging', () => {
     ],
     config: (prefix) => ({ ...base, azure: azure(prefix, server!.endpoint, server!.accountKeyFile) }),
     deniedConfig: () => ({ ...base, azure: azure('main/', server!.endpoint, server!.wrongAccountKeyFile) }),
+    missingCredentialFileConfig: () => ({ ...base, azure: azure('main/', server!.endpoint, '/nonexistent/account-key') }),
     missingBucketConfig: () => ({ ...base, azure: { ...azure('main/', server!.endpoint, server!.accountKeyFile), container: 'no-such-container' } }),
     elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, azure: azure('main/', `http://127.0.0.1:${port}/${server!.accountName}`, server!.accountKeyFile) }),
     stop: async () => {
@@ -395,6 +405,7 @@ describe('shared store: filesystem staging', () => {
     },
     config: (prefix) => ({ ...base, gcs: gcs(prefix, server!.endpoint) }),
     readsMissingBucketAsMissingKey: true,
+    missingCredentialFileConfig: () => ({ ...base, gcs: { ...gcs('main/', server!.endpoint), keyFile: '/nonexistent/key.json' } }),
     missingBucketConfig: () => ({ ...base, gcs: { ...gcs('main/', server!.endpoint), bucket: 'no-such-bucket' } }),
     elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, gcs: gcs('main/', `http://127.0.0.1:${port}`) }),
     stop: async () => server?.stop(),

@@ -2,7 +2,8 @@
 // (`ifGenerationMatch=0`); large files go up as resumable uploads, which GCS finalizes only with the
 // last chunk, so an object is never visible in part and of several nodes one wins.
 
-import { createReadStream } from 'node:fs';
+import { constants, createReadStream } from 'node:fs';
+import { access } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
@@ -17,6 +18,13 @@ type GcsConfig = NonNullable<SharedConfig['gcs']>;
 const CHUNK_SIZE = 8 * 1024 * 1024;
 
 export async function openGcsStore(config: GcsConfig, timeoutSeconds: number): Promise<SharedStore> {
+  // The library reads the key file at the first request; a missing or unreadable one is reported
+  // here instead, as for the other stores' credential files.
+  if (config.keyFile) {
+    await access(config.keyFile, constants.R_OK).catch((error: unknown) => {
+      throw new SharedStoreError('denied', `reading the GCS key file: ${messageOf(error)}`, { cause: error });
+    });
+  }
   const options: StorageOptions = {
     keyFilename: config.keyFile,
     apiEndpoint: config.endpoint,
