@@ -51,6 +51,14 @@ class FilesystemStore implements SharedStore {
     // Opened here rather than by the stream so that a missing file is an answer, not a stream error.
     const handle = await guard(`read ${key}`, () => missingAsUndefined(open(this.path(key), 'r')));
     if (!handle) return undefined;
+    const isFile = await guard(`read ${key}`, async () => (await handle.stat()).isFile()).catch(async (error: unknown) => {
+      await handle.close();
+      throw error;
+    });
+    if (!isFile) {
+      await handle.close();
+      return undefined;
+    }
     const stream = handle.createReadStream({ start: span?.start, end: span?.end, autoClose: true });
     return signal ? addAbortSignal(signal, stream) : stream;
   }
@@ -125,8 +133,10 @@ class FilesystemStore implements SharedStore {
         await link(temp, target);
         return true;
       } catch (error) {
-        if (codeOf(error) === 'EEXIST') return false;
-        throw error;
+        if (codeOf(error) !== 'EEXIST') throw error;
+        // NFS may retransmit a LINK whose first answer was lost and report EEXIST for its own
+        // success (open(2)'s advice): a second link to the temp file means the key is ours.
+        return (await stat(temp)).nlink === 2;
       }
     });
   }
