@@ -3,7 +3,8 @@
 //
 // What each emulator could and could not show:
 //   filesystem       link(2) publishing: exactly one of concurrent creates wins, nothing partial is
-//                    ever visible. Shown on the local filesystem, not on NFS.
+//                    ever visible. Shown on the local filesystem, not on NFS; no 'denied' or
+//                    'unreachable' case (the tests may run as root; no mount to lose).
 //   s3 (versitygw)   If-None-Match: * honoured on PutObject and on CompleteMultipartUpload (8
 //                    racing multipart uploads: one created, seven 412). Checks SigV4 signatures
 //                    (wrong secret => 403 SignatureDoesNotMatch => 'denied'). Quirk: a conditional
@@ -26,16 +27,15 @@
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readdirSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
+import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, BlobServiceClient, generateAccountSASQueryParameters, StorageSharedKeyCredential } from '@azure/storage-blob';
 import { openSharedStore } from '../src/cache/shared/open.js';
 import { SharedStoreError, type SharedFailure, type SharedListing, type SharedStore } from '../src/cache/shared/store.js';
 import type { SharedConfig } from '../src/rules/config.js';
-import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, BlobServiceClient, generateAccountSASQueryParameters, StorageSharedKeyCredential } from '@azure/storage-blob';
-import { readFileSync } from 'node:fs';
 import { startAzurite, startFakeGcs, startVersitygw, type AzureServer, type GcsServer, type S3Server } from './support/objectstores.js';
 
 const MiB = 1024 * 1024;
