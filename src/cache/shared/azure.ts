@@ -2,7 +2,7 @@
 // name (`If-None-Match: *` on the single-shot Put Blob or on Put Block List, after the blocks are
 // staged), so an upload in progress is never visible and of several nodes one wins.
 
-import type { Readable } from 'node:stream';
+import { addAbortSignal, type Readable } from 'node:stream';
 import {
   AnonymousCredential,
   BlobServiceClient,
@@ -70,7 +70,8 @@ class AzureStore implements SharedStore {
     const offset = span?.start ?? 0;
     const count = span ? span.end - span.start + 1 : undefined;
     const got = await this.call(`read ${key}`, (abortSignal) => this.blob(key).download(offset, count, { abortSignal, maxRetryRequests: 1 }), signal);
-    return got?.readableStreamBody as Readable | undefined;
+    const body = got?.readableStreamBody as Readable | undefined;
+    return body && signal ? addAbortSignal(signal, body) : body;
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
@@ -125,7 +126,8 @@ class AzureStore implements SharedStore {
 
   /** One request under the store's deadline: a missing blob is undefined, every failure a
    * SharedStoreError; a write's failed condition is the error's cause, and for a write a 404 is
-   * an error (a missing bucket or container). The deadline ends when the answer arrives (a download streams on). */
+   * an error (a missing container). The deadline ends when the answer arrives; a download
+   * streams on. */
   private async call<T>(what: string, request: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal, write = false): Promise<T | undefined> {
     const limit = deadline(this.timeoutMs, caller);
     try {

@@ -11,9 +11,9 @@ export async function readSecretFile(path: string): Promise<string> {
 }
 
 /** A per-request deadline joined with the caller's abort signal; `timedOut` tells afterwards which
- * of the two fired, since both surface from the SDKs as the same abort error. `disarm` ends the
- * deadline but not the caller's abort: a read's deadline covers its answer, not the whole body. A
- * timeout of 0 is no deadline. */
+ * of the two fired, since both surface from the SDKs as the same abort error. `disarm` ends both
+ * once the answer is in (a read's body is tied to the caller's signal on its own: the deadline
+ * covers the answer, not the whole body). A timeout of 0 is no deadline. */
 export interface Deadline {
   readonly signal: AbortSignal;
   timedOut(): boolean;
@@ -33,7 +33,10 @@ export function deadline(timeoutMs: number, caller?: AbortSignal): Deadline {
   return {
     signal: controller.signal,
     timedOut: () => expired,
-    disarm: () => clearTimeout(timer),
+    disarm: () => {
+      clearTimeout(timer);
+      caller?.removeEventListener('abort', forward);
+    },
   };
 }
 

@@ -3,7 +3,7 @@
 // several nodes uploading the same blob exactly one writes it and the rest learn it is there.
 
 import { createReadStream } from 'node:fs';
-import type { Readable } from 'node:stream';
+import { addAbortSignal, type Readable } from 'node:stream';
 import {
   DeleteObjectCommand,
   GetObjectCommand,
@@ -73,7 +73,8 @@ class S3Store implements SharedStore {
     // since a large blob may take longer than one request's deadline to stream.
     const range = span && `bytes=${span.start}-${span.end}`;
     const got = await this.call(`read ${key}`, (abortSignal) => this.client.send(new GetObjectCommand({ ...this.at(key), Range: range }), { abortSignal }), signal);
-    return got?.Body as Readable | undefined;
+    const body = got?.Body as Readable | undefined;
+    return body && signal ? addAbortSignal(signal, body) : body;
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
@@ -151,8 +152,8 @@ class S3Store implements SharedStore {
 
   /** One request under the store's deadline: a missing key is undefined, every failure a
    * SharedStoreError; a write's failed condition is the error's cause, and for a write a 404 is
-   * an error (a missing bucket or container). The deadline ends when the answer arrives (a body streams on under the
-   * socket's idle timeout). */
+   * an error (a missing bucket). The deadline ends when the answer arrives; a body streams on
+   * under the socket's idle timeout. */
   private async call<T>(what: string, request: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal, write = false): Promise<T | undefined> {
     const limit = deadline(this.timeoutMs, caller);
     try {
