@@ -273,9 +273,15 @@ function conformance(backend: Backend): void {
         const hole = await blackHole();
         try {
           const hung = await open(backend.elsewhere!(hole.port, 1));
-          const started = Date.now();
-          await rejectsWith(hung.stat('records/anything'), 'timeout');
-          assert.ok(Date.now() - started < 10_000, `took ${Date.now() - started} ms`);
+          for (const [what, operation] of [
+            ['stat', () => hung.stat('records/anything')],
+            ['writeRecord', () => hung.writeRecord('records/anything', Buffer.from('x'), { ifAbsent: true })],
+            ['createFromFile', () => hung.createFromFile('blobs/sha256/anything', file('hung', Buffer.alloc(1000)), 1000)],
+          ] as const) {
+            const started = Date.now();
+            await rejectsWith(operation(), 'timeout');
+            assert.ok(Date.now() - started < 10_000, `${what} took ${Date.now() - started} ms`);
+          }
         } finally {
           await hole.close();
         }

@@ -76,13 +76,25 @@ class AzureStore implements SharedStore {
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
     const blockSize = Math.max(BLOCK_SIZE, Math.ceil(size / MAX_BLOCKS));
+    // The SDK's per-try timeout does not bound an upload waiting for its answer: this deadline
+    // does, starting over whenever bytes or blocks go out.
+    const idle = deadline(this.timeoutMs, signal);
     try {
-      await this.blob(key).uploadFile(file, { blockSize, maxSingleShotSize: blockSize, concurrency: 4, conditions: { ifNoneMatch: '*' }, abortSignal: signal });
+      await this.blob(key).uploadFile(file, {
+        blockSize,
+        maxSingleShotSize: blockSize,
+        concurrency: 4,
+        conditions: { ifNoneMatch: '*' },
+        abortSignal: idle.signal,
+        onProgress: () => idle.touch(),
+      });
       return 'created';
     } catch (error) {
       if (isCallerAbort(error, signal)) throw error;
       if (isConditionFailure(error)) return 'exists';
-      throw storeError(`upload ${key}`, error, false);
+      throw storeError(`upload ${key}`, error, idle.timedOut());
+    } finally {
+      idle.disarm();
     }
   }
 

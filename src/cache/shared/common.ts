@@ -17,22 +17,30 @@ export async function readSecretFile(path: string): Promise<string> {
 export interface Deadline {
   readonly signal: AbortSignal;
   timedOut(): boolean;
+  /** Progress: the deadline starts over (an upload of many parts is bounded per step, not in all). */
+  touch(): void;
   disarm(): void;
 }
 
 export function deadline(timeoutMs: number, caller?: AbortSignal): Deadline {
   const controller = new AbortController();
   let expired = false;
-  const timer = timeoutMs > 0 ? setTimeout(() => {
+  const expire = () => {
     expired = true;
     controller.abort(new DOMException(`no answer within ${timeoutMs} ms`, 'TimeoutError'));
-  }, timeoutMs) : undefined;
+  };
+  let timer = timeoutMs > 0 ? setTimeout(expire, timeoutMs) : undefined;
   const forward = () => controller.abort(caller?.reason);
   if (caller?.aborted) forward();
   else caller?.addEventListener('abort', forward, { once: true });
   return {
     signal: controller.signal,
     timedOut: () => expired,
+    touch: () => {
+      if (timer === undefined || controller.signal.aborted) return;
+      clearTimeout(timer);
+      timer = setTimeout(expire, timeoutMs);
+    },
     disarm: () => {
       clearTimeout(timer);
       caller?.removeEventListener('abort', forward);

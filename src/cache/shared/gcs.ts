@@ -4,11 +4,11 @@
 
 import { constants, createReadStream } from 'node:fs';
 import { access } from 'node:fs/promises';
-import type { Readable } from 'node:stream';
+import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { isCallerAbort, messageOf, networkFailure } from './common.js';
+import { deadline, isCallerAbort, messageOf, networkFailure } from './common.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
@@ -79,14 +79,25 @@ class GcsStore implements SharedStore {
       contentType: 'application/octet-stream',
       timeout: this.timeoutMs > 0 ? this.timeoutMs : undefined,
     });
+    // The library's request timeout does not bound an upload waiting for its answer: this deadline
+    // does, starting over whenever the library takes more of the file.
+    const idle = deadline(this.timeoutMs, signal);
+    const progress = new Transform({
+      transform(chunk: Buffer, _encoding, done) {
+        idle.touch();
+        done(null, chunk);
+      },
+    });
     try {
       // Destroying the upload stream on abort leaves the resumable session unfinalized: no object.
-      await pipeline(createReadStream(file), upload, { signal });
+      await pipeline(createReadStream(file), progress, upload, { signal: idle.signal });
       return 'created';
     } catch (error) {
       if (isCallerAbort(error, signal)) throw error;
       if (statusOf(error) === 412) return 'exists';
-      throw storeError(`upload ${key}`, error, false);
+      throw storeError(`upload ${key}`, error, idle.timedOut());
+    } finally {
+      idle.disarm();
     }
   }
 
