@@ -275,6 +275,9 @@ function conformance(backend: Backend): void {
           const hung = await open(backend.elsewhere!(hole.port, 1));
           for (const [what, operation] of [
             ['stat', () => hung.stat('records/anything')],
+            ['read', () => hung.read('blobs/sha256/anything', { start: 0, end: 9 })],
+            ['readRecord', () => hung.readRecord('records/anything')],
+            ['list', () => listAll(hung, 'records/')],
             ['writeRecord', () => hung.writeRecord('records/anything', Buffer.from('x'), { ifAbsent: true })],
             ['createFromFile', () => hung.createFromFile('blobs/sha256/anything', file('hung', Buffer.alloc(1000)), 1000)],
           ] as const) {

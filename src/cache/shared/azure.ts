@@ -118,14 +118,19 @@ class AzureStore implements SharedStore {
   }
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
-    const pages = this.container.listBlobsFlat({ prefix: this.config.prefix + prefix }).byPage({ maxPageSize: 1000 });
-    for (;;) {
-      const page = await this.call(`list ${prefix}`, () => pages.next());
-      if (!page || page.done) return;
-      for (const item of page.value.segment.blobItems) {
+    let continuationToken: string | undefined;
+    do {
+      // A pager per page, so that each page's request has its own deadline.
+      const token = continuationToken;
+      const page = await this.call(`list ${prefix}`, async (abortSignal) => {
+        const pages = this.container.listBlobsFlat({ prefix: this.config.prefix + prefix, abortSignal }).byPage({ continuationToken: token, maxPageSize: 1000 });
+        return (await pages.next()).value;
+      });
+      for (const item of page?.segment.blobItems ?? []) {
         yield { key: item.name.slice(this.config.prefix.length), size: item.properties.contentLength ?? 0, modified: item.properties.lastModified };
       }
-    }
+      continuationToken = page?.continuationToken || undefined;
+    } while (continuationToken);
   }
 
   async close(): Promise<void> {
