@@ -4,7 +4,7 @@
 
 import { constants, createReadStream } from 'node:fs';
 import { access } from 'node:fs/promises';
-import { Transform, type Readable } from 'node:stream';
+import { addAbortSignal, Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
 import type { SharedConfig } from '../../rules/config.js';
@@ -62,13 +62,7 @@ class GcsStore implements SharedStore {
     const meta = await this.metadata(key);
     if (!meta) return undefined;
     const stream = this.bucket.file(this.config.prefix + key, { generation: meta.generation }).createReadStream({ start: span?.start, end: span?.end });
-    if (signal) {
-      const abort = () => stream.destroy(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
-      if (signal.aborted) abort();
-      else signal.addEventListener('abort', abort, { once: true });
-      stream.once('close', () => signal.removeEventListener('abort', abort));
-    }
-    return stream;
+    return signal ? addAbortSignal(signal, stream) : stream;
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
