@@ -3,7 +3,8 @@
 //
 // What each emulator could and could not show:
 //   filesystem       link(2) publishing: exactly one of concurrent creates wins, nothing partial is
-//                    ever visible. Shown on the local filesystem, not on NFS.
+//                    ever visible. Shown on the local filesystem, not on NFS; no 'denied' or
+//                    'unreachable' case (the tests may run as root; no mount to lose).
 //   s3 (versitygw)   If-None-Match: * honoured on PutObject and on CompleteMultipartUpload (8
 //                    racing multipart uploads: one created, seven 412). Checks SigV4 signatures
 //                    (wrong secret => 403 SignatureDoesNotMatch => 'denied'). Quirk: a conditional
@@ -11,19 +12,31 @@
 //                    closed, so the client sees ECONNRESET, not 412; the adapter then looks the key
 //                    up. Not shown: 409 ConditionalRequestConflict (AWS only), server-side abort
 //                    of parts left by a crashed client (lifecycle rule on real buckets).
-//   (the other backends are added below as they are shown)
+//   azure (Azurite) If-None-Match: * honoured on Put Blob and on Put Block List (8 racing block
+//                    uploads: one created, seven refused). Checks Shared Key signatures (wrong key
+//                    => 403 => 'denied'); account SAS tokens accepted. Not shown: Entra ID, the
+//                    service's own clean-up of uncommitted blocks (Azure drops them after a week).
+//   gcs (fake-gcs-server)  ifGenerationMatch=0 honoured on single-request uploads and when a
+//                    resumable upload is finalized (8 racing resumable uploads: one created, seven
+//                    412). Checks no credentials at all: no 'denied' case. Answers a missing bucket
+//                    like a missing object (404 "Not Found"), so only writes show a missing bucket
+//                    as 'error'; real GCS names the bucket in its message, which the adapter uses.
+//                    Not shown: authentication (service account key, workload identity).
+//   All: 'unreachable' is a stopped server's refused connection, 'timeout' a listener that never
+//   answers, each within seconds (one retry). TLS endpoints are not exercised.
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
+import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, BlobServiceClient, generateAccountSASQueryParameters, StorageSharedKeyCredential } from '@azure/storage-blob';
 import { openSharedStore } from '../src/cache/shared/open.js';
 import { SharedStoreError, type SharedFailure, type SharedListing, type SharedStore } from '../src/cache/shared/store.js';
 import type { SharedConfig } from '../src/rules/config.js';
-import { startVersitygw, type S3Server } from './support/objectstores.js';
+import { startAzurite, startFakeGcs, startVersitygw, type AzureServer, type GcsServer, type S3Server } from './support/objectstores.js';
 
 const MiB = 1024 * 1024;
 const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex');
@@ -79,6 +92,14 @@ interface Backend {
   config(prefix: string): SharedConfig;
   /** The same store with a credential the server refuses; undefined when it checks none. */
   deniedConfig?(): SharedConfig;
+  /** Other ways to reach the same store (other credential kinds), each shown to write and read. */
+  readonly alternatives?: ReadonlyArray<readonly [string, () => SharedConfig]>;
+  /** A credential file that is not there (a Secret not mounted). */
+  missingCredentialFileConfig?(): SharedConfig;
+  /** The same server with a bucket or container that does not exist. */
+  missingBucketConfig?(): SharedConfig;
+  /** The server answers a read in a missing bucket as it answers a missing object. */
+  readsMissingBucketAsMissingKey?: boolean;
   /** The same store at a loopback port with nothing behind it, or a server that never answers. */
   elsewhere?(port: number, timeoutSeconds: number): SharedConfig;
   stop(): Promise<void>;
@@ -146,6 +167,19 @@ function conformance(backend: Backend): void {
       assert.deepEqual(await bytesOf(await store.read('blobs/sha256/span', { start: 99_999, end: 99_999 })), data.subarray(99_999));
     });
 
+    it('stops a read when its signal aborts', async () => {
+      const controller = new AbortController();
+      const stream = await store.read('blobs/sha256/big', undefined, controller.signal);
+      assert.ok(stream);
+      await assert.rejects(async () => {
+        for await (const chunk of stream) {
+          assert.ok((chunk as Buffer).length > 0);
+          controller.abort();
+        }
+      });
+      assert.ok(stream.destroyed);
+    });
+
     it('answers undefined for a missing key: stat, read, readRecord', async () => {
       assert.equal(await store.stat('blobs/sha256/missing'), undefined);
       assert.equal(await store.read('blobs/sha256/missing'), undefined);
@@ -198,6 +232,20 @@ function conformance(backend: Backend): void {
       assert.deepEqual((await listAll(store, 'blobs/sha256/aborted')).map((l) => l.key), []);
     });
 
+    for (const [how, config] of backend.alternatives ?? []) {
+      it(`works ${how}`, async () => {
+        const alternative = await open(config());
+        const data = randomBytes(200_000);
+        assert.equal(await alternative.createFromFile(`alternative/${how}`, file('alternative', data), data.length), 'created');
+        assert.deepEqual(await bytesOf(await store.read(`alternative/${how}`)), data, 'the same store');
+        assert.equal(await alternative.writeRecord(`alternative/${how}.record`, Buffer.from(how), { ifAbsent: true }), true);
+        assert.deepEqual(await alternative.readRecord(`alternative/${how}.record`), Buffer.from(how));
+        assert.deepEqual((await listAll(alternative, `alternative/${how}`)).map((l) => l.key), [`alternative/${how}`, `alternative/${how}.record`]);
+        await alternative.remove(`alternative/${how}`);
+        assert.equal(await store.stat(`alternative/${how}`), undefined);
+      });
+    }
+
     if (backend.deniedConfig) {
       it("answers 'denied' for wrong credentials", async () => {
         const denied = await open(backend.deniedConfig!());
@@ -206,14 +254,37 @@ function conformance(backend: Backend): void {
       });
     }
 
+    if (backend.missingCredentialFileConfig) {
+      it("answers 'denied' at open for a credential file that is not there", async () => {
+        await rejectsWith(openSharedStore(backend.missingCredentialFileConfig!()), 'denied');
+      });
+    }
+
+    if (backend.missingBucketConfig) {
+      it("answers 'error' for a missing bucket or container, not 'missing key'", async () => {
+        const nowhere = await open(backend.missingBucketConfig!());
+        if (!backend.readsMissingBucketAsMissingKey) await rejectsWith(nowhere.readRecord('records/anything'), 'error');
+        await rejectsWith(nowhere.writeRecord('records/anything', Buffer.from('x')), 'error');
+      });
+    }
+
     if (backend.elsewhere) {
       it("answers 'timeout' when the store accepts connections and never answers", async () => {
         const hole = await blackHole();
         try {
           const hung = await open(backend.elsewhere!(hole.port, 1));
-          const started = Date.now();
-          await rejectsWith(hung.stat('records/anything'), 'timeout');
-          assert.ok(Date.now() - started < 10_000, `took ${Date.now() - started} ms`);
+          for (const [what, operation] of [
+            ['stat', () => hung.stat('records/anything')],
+            ['read', () => hung.read('blobs/sha256/anything', { start: 0, end: 9 })],
+            ['readRecord', () => hung.readRecord('records/anything')],
+            ['list', () => listAll(hung, 'records/')],
+            ['writeRecord', () => hung.writeRecord('records/anything', Buffer.from('x'), { ifAbsent: true })],
+            ['createFromFile', () => hung.createFromFile('blobs/sha256/anything', file('hung', Buffer.alloc(1000)), 1000)],
+          ] as const) {
+            const started = Date.now();
+            await rejectsWith(operation(), 'timeout');
+            assert.ok(Date.now() - started < 10_000, `${what} took ${Date.now() - started} ms`);
+          }
         } finally {
           await hole.close();
         }
@@ -252,6 +323,23 @@ function storeEndpoint(config: SharedConfig): string {
   });
 }
 
+describe('shared store: filesystem staging', () => {
+  it('removes temp files a dead writer left a day ago at open, and keeps recent ones', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'pullbridge-shared-fs-'));
+    try {
+      await openSharedStore({ ...base, filesystem: { path: root } });
+      writeFileSync(join(root, 'tmp', 'old'), 'partial');
+      writeFileSync(join(root, 'tmp', 'recent'), 'partial');
+      utimesSync(join(root, 'tmp', 'old'), new Date(Date.now() - 25 * 3_600_000), new Date(Date.now() - 25 * 3_600_000));
+      const store = await openSharedStore({ ...base, filesystem: { path: root } });
+      assert.deepEqual(readdirSync(join(root, 'tmp')), ['recent']);
+      assert.deepEqual(await listAll(store, ''), [], 'staging is not listed');
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+});
+
 // S3 on versitygw, path-style (no per-bucket hostnames, which would need DNS).
 {
   let server: S3Server | undefined;
@@ -271,7 +359,64 @@ function storeEndpoint(config: SharedConfig): string {
     },
     config: (prefix) => ({ ...base, s3: s3(prefix, server!.endpoint, server!.secretKeyFile) }),
     deniedConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, server!.wrongSecretKeyFile) }),
+    missingCredentialFileConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, '/nonexistent/secret') }),
+    missingBucketConfig: () => ({ ...base, s3: { ...s3('main/', server!.endpoint, server!.secretKeyFile), bucket: 'no-such-bucket' } }),
     elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, s3: s3('main/', `http://127.0.0.1:${port}`, server!.secretKeyFile) }),
+    stop: async () => server?.stop(),
+  });
+}
+
+// Azure Blob on Azurite, path-style account URL; the container is made with the SDK, and an account
+// SAS token (with a leading "?", as the portal copies it) is made from the account key.
+{
+  let server: AzureServer | undefined;
+  let files = '';
+  const container = 'pullbridge-test';
+  const azure = (prefix: string, endpoint: string, accountKeyFile: string) => ({ container, accountName: server!.accountName, accountKeyFile, endpoint, prefix });
+  conformance({
+    name: 'azure (Azurite)',
+    start: async () => {
+      server = await startAzurite();
+      const credential = new StorageSharedKeyCredential(server.accountName, readFileSync(server.accountKeyFile, 'utf8').trim());
+      await new BlobServiceClient(server.endpoint, credential).getContainerClient(container).create();
+      files = mkdtempSync(join(tmpdir(), 'pullbridge-azure-files-'));
+      const sas = generateAccountSASQueryParameters(
+        { expiresOn: new Date(Date.now() + 3_600_000), permissions: AccountSASPermissions.parse('rwdlc'), resourceTypes: AccountSASResourceTypes.parse('sco').toString(), services: AccountSASServices.parse('b').toString() },
+        credential,
+      );
+      writeFileSync(join(files, 'sas'), `?${sas.toString()}\n`);
+      writeFileSync(join(files, 'account'), `${server.accountName}\n`);
+    },
+    alternatives: [
+      ['with a SAS token file', () => ({ ...base, azure: { container, accountName: server!.accountName, sasTokenFile: join(files, 'sas'), endpoint: server!.endpoint, prefix: 'main/' } })],
+      ['with the account name from a file', () => ({ ...base, azure: { container, accountNameFile: join(files, 'account'), accountKeyFile: server!.accountKeyFile, endpoint: server!.endpoint, prefix: 'main/' } })],
+    ],
+    config: (prefix) => ({ ...base, azure: azure(prefix, server!.endpoint, server!.accountKeyFile) }),
+    deniedConfig: () => ({ ...base, azure: azure('main/', server!.endpoint, server!.wrongAccountKeyFile) }),
+    missingCredentialFileConfig: () => ({ ...base, azure: azure('main/', server!.endpoint, '/nonexistent/account-key') }),
+    missingBucketConfig: () => ({ ...base, azure: { ...azure('main/', server!.endpoint, server!.accountKeyFile), container: 'no-such-container' } }),
+    elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, azure: azure('main/', `http://127.0.0.1:${port}/${server!.accountName}`, server!.accountKeyFile) }),
+    stop: async () => {
+      await server?.stop();
+      if (files) rmSync(files, { recursive: true, force: true });
+    },
+  });
+}
+
+// GCS on fake-gcs-server. It checks no credentials at all, so there is no 'denied' case.
+{
+  let server: GcsServer | undefined;
+  const gcs = (prefix: string, endpoint: string) => ({ bucket: server!.bucket, endpoint, prefix });
+  conformance({
+    name: 'gcs (fake-gcs-server)',
+    start: async () => {
+      server = await startFakeGcs();
+    },
+    config: (prefix) => ({ ...base, gcs: gcs(prefix, server!.endpoint) }),
+    readsMissingBucketAsMissingKey: true,
+    missingCredentialFileConfig: () => ({ ...base, gcs: { ...gcs('main/', server!.endpoint), keyFile: '/nonexistent/key.json' } }),
+    missingBucketConfig: () => ({ ...base, gcs: { ...gcs('main/', server!.endpoint), bucket: 'no-such-bucket' } }),
+    elsewhere: (port, timeoutSeconds) => ({ ...base, timeoutSeconds, gcs: gcs('main/', `http://127.0.0.1:${port}`) }),
     stop: async () => server?.stop(),
   });
 }

@@ -11,29 +11,40 @@ export async function readSecretFile(path: string): Promise<string> {
 }
 
 /** A per-request deadline joined with the caller's abort signal; `timedOut` tells afterwards which
- * of the two fired, since both surface from the SDKs as the same abort error. `disarm` ends the
- * deadline but not the caller's abort: a read's deadline covers its answer, not the whole body. A
- * timeout of 0 is no deadline. */
+ * of the two fired, since both surface from the SDKs as the same abort error. `disarm` ends both
+ * once the answer is in (a read's body is tied to the caller's signal on its own: the deadline
+ * covers the answer, not the whole body). A timeout of 0 is no deadline. */
 export interface Deadline {
   readonly signal: AbortSignal;
   timedOut(): boolean;
+  /** Progress: the deadline starts over (an upload of many parts is bounded per step, not in all). */
+  touch(): void;
   disarm(): void;
 }
 
 export function deadline(timeoutMs: number, caller?: AbortSignal): Deadline {
   const controller = new AbortController();
   let expired = false;
-  const timer = timeoutMs > 0 ? setTimeout(() => {
+  const expire = () => {
     expired = true;
     controller.abort(new DOMException(`no answer within ${timeoutMs} ms`, 'TimeoutError'));
-  }, timeoutMs) : undefined;
+  };
+  let timer = timeoutMs > 0 ? setTimeout(expire, timeoutMs) : undefined;
   const forward = () => controller.abort(caller?.reason);
   if (caller?.aborted) forward();
   else caller?.addEventListener('abort', forward, { once: true });
   return {
     signal: controller.signal,
     timedOut: () => expired,
-    disarm: () => clearTimeout(timer),
+    touch: () => {
+      if (timer === undefined || controller.signal.aborted) return;
+      clearTimeout(timer);
+      timer = setTimeout(expire, timeoutMs);
+    },
+    disarm: () => {
+      clearTimeout(timer);
+      caller?.removeEventListener('abort', forward);
+    },
   };
 }
 
@@ -54,7 +65,7 @@ export function networkFailure(error: unknown): 'unreachable' | 'timeout' | unde
   return undefined;
 }
 
-export function describe(error: unknown): string {
+export function messageOf(error: unknown): string {
   return error instanceof Error ? error.message || error.name : String(error);
 }
 

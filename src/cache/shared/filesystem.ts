@@ -10,15 +10,28 @@ import { link, mkdir, open, readdir, readFile, rename, stat, unlink, writeFile }
 import { dirname, join } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { describe, isCallerAbort } from './common.js';
+import { isCallerAbort, messageOf } from './common.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
 const TMP = 'tmp';
 
-export async function openFilesystemStore(path: string): Promise<SharedStore> {
+/** A temp file this old is left by a writer that died (no copy of a blob takes a day). */
+const STALE_TEMP_MS = 24 * 3_600_000;
+
+export async function openFilesystemStore(path: string, now = Date.now()): Promise<SharedStore> {
   await guard(`preparing ${path}`, () => mkdir(join(path, TMP), { recursive: true }));
+  await removeStaleTemps(join(path, TMP), now);
   return new FilesystemStore(path);
+}
+
+/** Every node sweeps at open; two sweeping at once both tolerate the other's removals. */
+async function removeStaleTemps(dir: string, now: number): Promise<void> {
+  const names = await guard(`listing ${dir}`, () => readdir(dir));
+  for (const name of names) {
+    const info = await missingAsUndefined(stat(join(dir, name))).catch(() => undefined);
+    if (info && now - info.mtimeMs > STALE_TEMP_MS) await unlink(join(dir, name)).catch(() => undefined);
+  }
 }
 
 class FilesystemStore implements SharedStore {
@@ -38,6 +51,14 @@ class FilesystemStore implements SharedStore {
     // Opened here rather than by the stream so that a missing file is an answer, not a stream error.
     const handle = await guard(`read ${key}`, () => missingAsUndefined(open(this.path(key), 'r')));
     if (!handle) return undefined;
+    const isFile = await guard(`read ${key}`, async () => (await handle.stat()).isFile()).catch(async (error: unknown) => {
+      await handle.close();
+      throw error;
+    });
+    if (!isFile) {
+      await handle.close();
+      return undefined;
+    }
     const stream = handle.createReadStream({ start: span?.start, end: span?.end, autoClose: true });
     return signal ? addAbortSignal(signal, stream) : stream;
   }
@@ -112,8 +133,10 @@ class FilesystemStore implements SharedStore {
         await link(temp, target);
         return true;
       } catch (error) {
-        if (codeOf(error) === 'EEXIST') return false;
-        throw error;
+        if (codeOf(error) !== 'EEXIST') throw error;
+        // NFS may retransmit a LINK whose first answer was lost and report EEXIST for its own
+        // success (open(2)'s advice): a second link to the temp file means the key is ours.
+        return (await stat(temp)).nlink === 2;
       }
     });
   }
@@ -171,6 +194,6 @@ async function guard<T>(what: string, operation: () => Promise<T>, signal?: Abor
     return await operation();
   } catch (error) {
     if (error instanceof SharedStoreError || isCallerAbort(error, signal)) throw error;
-    throw new SharedStoreError(failureOf(error), `${what}: ${describe(error)}`, { cause: error });
+    throw new SharedStoreError(failureOf(error), `${what}: ${messageOf(error)}`, { cause: error });
   }
 }

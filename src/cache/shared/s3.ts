@@ -3,7 +3,7 @@
 // several nodes uploading the same blob exactly one writes it and the rest learn it is there.
 
 import { createReadStream } from 'node:fs';
-import type { Readable } from 'node:stream';
+import { addAbortSignal, type Readable } from 'node:stream';
 import {
   DeleteObjectCommand,
   GetObjectCommand,
@@ -16,12 +16,12 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { deadline, describe, isCallerAbort, networkFailure, readSecretFile } from './common.js';
+import { deadline, isCallerAbort, messageOf, networkFailure, readSecretFile } from './common.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
 
-/** S3's minimum part size; larger parts for larger files keep them under the 10,000-part limit. */
+/** Parts of 8 MiB (S3's minimum is 5 MiB), larger for files that would need over 10,000 parts. */
 const MIN_PART_SIZE = 8 * 1024 * 1024;
 const MAX_PARTS = 10_000;
 
@@ -44,7 +44,7 @@ export async function openS3Store(config: S3Config, timeoutSeconds: number): Pro
   if (config.accessKeyFile && config.secretKeyFile) {
     // Read once at open: a rotated Secret takes effect when the config is reloaded.
     const [accessKeyId, secretAccessKey] = await Promise.all([readSecretFile(config.accessKeyFile), readSecretFile(config.secretKeyFile)]).catch((error: unknown) => {
-      throw new SharedStoreError('denied', `reading the S3 credential files: ${describe(error)}`, { cause: error });
+      throw new SharedStoreError('denied', `reading the S3 credential files: ${messageOf(error)}`, { cause: error });
     });
     clientConfig.credentials = { accessKeyId, secretAccessKey };
   }
@@ -73,13 +73,15 @@ class S3Store implements SharedStore {
     // since a large blob may take longer than one request's deadline to stream.
     const range = span && `bytes=${span.start}-${span.end}`;
     const got = await this.call(`read ${key}`, (abortSignal) => this.client.send(new GetObjectCommand({ ...this.at(key), Range: range }), { abortSignal }), signal);
-    return got?.Body as Readable | undefined;
+    const body = got?.Body as Readable | undefined;
+    return body && signal ? addAbortSignal(signal, body) : body;
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    const body = createReadStream(file);
     const upload = new Upload({
       client: this.client,
-      params: { ...this.at(key), Body: createReadStream(file), ContentLength: size, IfNoneMatch: '*' },
+      params: { ...this.at(key), Body: body, ContentLength: size, IfNoneMatch: '*' },
       partSize: Math.max(MIN_PART_SIZE, Math.ceil(size / MAX_PARTS)),
       queueSize: 4,
       // A failed or aborted multipart upload is aborted on the store: no parts left behind.
@@ -98,6 +100,8 @@ class S3Store implements SharedStore {
       throw storeError(`upload ${key}`, error, false);
     } finally {
       signal?.removeEventListener('abort', abort);
+      // Not read to the end when the upload failed or was aborted: release the file descriptor.
+      body.destroy();
     }
   }
 
@@ -147,16 +151,17 @@ class S3Store implements SharedStore {
   }
 
   /** One request under the store's deadline: a missing key is undefined, every failure a
-   * SharedStoreError. The deadline ends when the answer arrives (a body streams on under the
-   * socket's idle timeout). */
-  private async call<T>(what: string, request: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal, keepConditionFailures = false): Promise<T | undefined> {
+   * SharedStoreError; a write's failed condition is the error's cause, and for a write a 404 is
+   * an error (a missing bucket). The deadline ends when the answer arrives; a body streams on
+   * under the socket's idle timeout. */
+  private async call<T>(what: string, request: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal, write = false): Promise<T | undefined> {
     const limit = deadline(this.timeoutMs, caller);
     try {
       return await request(limit.signal);
     } catch (error) {
       if (isCallerAbort(error, caller)) throw error;
-      if (isMissing(error)) return undefined;
-      if (keepConditionFailures && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${describe(error)}`, { cause: error });
+      if (!write && isMissing(error)) return undefined;
+      if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${messageOf(error)}`, { cause: error });
       throw storeError(what, error, limit.timedOut());
     } finally {
       limit.disarm();
@@ -204,5 +209,5 @@ function failureOf(error: unknown, timedOut: boolean): SharedFailure {
 }
 
 function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
-  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${describe(error)}`, { cause: error });
+  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${messageOf(error)}`, { cause: error });
 }

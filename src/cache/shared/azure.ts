@@ -1,0 +1,187 @@
+// The shared tier on Azure Blob Storage (block blobs). Creates commit only when no blob has the
+// name (`If-None-Match: *` on the single-shot Put Blob or on Put Block List, after the blocks are
+// staged), so an upload in progress is never visible and of several nodes one wins.
+
+import { addAbortSignal, type Readable } from 'node:stream';
+import {
+  AnonymousCredential,
+  BlobServiceClient,
+  RestError,
+  StorageSharedKeyCredential,
+  type ContainerClient,
+  type StoragePipelineOptions,
+} from '@azure/storage-blob';
+import type { SharedConfig } from '../../rules/config.js';
+import { deadline, isCallerAbort, messageOf, networkFailure, readSecretFile } from './common.js';
+import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+
+type AzureConfig = NonNullable<SharedConfig['azure']>;
+
+/** Blocks of 8 MiB, several in flight; files up to one block go in a single Put Blob. */
+const BLOCK_SIZE = 8 * 1024 * 1024;
+const MAX_BLOCKS = 50_000;
+
+export async function openAzureStore(config: AzureConfig, timeoutSeconds: number): Promise<SharedStore> {
+  const credentials = await readCredentials(config).catch((error: unknown) => {
+    throw new SharedStoreError('denied', `reading the Azure credential files: ${messageOf(error)}`, { cause: error });
+  });
+  const endpoint = (config.endpoint ?? `https://${credentials.accountName}.blob.core.windows.net`).replace(/\/+$/, '');
+  const timeoutMs = timeoutSeconds * 1000;
+  const options: StoragePipelineOptions = {
+    // One retry, soon: a store that is down should fail the request quickly, not after the SDK's
+    // default four tries with exponential backoff. tryTimeoutInMs runs until a response's headers.
+    retryOptions: { maxTries: 2, retryDelayInMs: 200, maxRetryDelayInMs: 1000, tryTimeoutInMs: timeoutMs > 0 ? timeoutMs : undefined },
+  };
+  const service =
+    'sasToken' in credentials
+      ? new BlobServiceClient(`${endpoint}?${credentials.sasToken}`, new AnonymousCredential(), options)
+      : new BlobServiceClient(endpoint, new StorageSharedKeyCredential(credentials.accountName, credentials.accountKey), options);
+  return new AzureStore(service.getContainerClient(config.container), config, endpoint, timeoutMs);
+}
+
+type Credentials = { accountName: string; accountKey: string } | { accountName: string; sasToken: string };
+
+/** Read once at open: a rotated Secret takes effect when the config is reloaded. */
+async function readCredentials(config: AzureConfig): Promise<Credentials> {
+  const accountName = config.accountName ?? (await readSecretFile(config.accountNameFile!));
+  if (config.sasTokenFile) return { accountName, sasToken: (await readSecretFile(config.sasTokenFile)).replace(/^\?/, '') };
+  return { accountName, accountKey: await readSecretFile(config.accountKeyFile!) };
+}
+
+class AzureStore implements SharedStore {
+  readonly kind = 'azure';
+  readonly location: string;
+
+  constructor(
+    private readonly container: ContainerClient,
+    private readonly config: AzureConfig,
+    endpoint: string,
+    private readonly timeoutMs: number,
+  ) {
+    this.location = `${endpoint}/${config.container}/${config.prefix}`;
+  }
+
+  async stat(key: string): Promise<SharedObject | undefined> {
+    const props = await this.call(`stat ${key}`, (abortSignal) => this.blob(key).getProperties({ abortSignal }));
+    return props && { size: props.contentLength ?? 0, modified: props.lastModified ?? new Date(0) };
+  }
+
+  async read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
+    const offset = span?.start ?? 0;
+    const count = span ? span.end - span.start + 1 : undefined;
+    const got = await this.call(`read ${key}`, (abortSignal) => this.blob(key).download(offset, count, { abortSignal, maxRetryRequests: 1 }), signal);
+    const body = got?.readableStreamBody as Readable | undefined;
+    return body && signal ? addAbortSignal(signal, body) : body;
+  }
+
+  async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    const blockSize = Math.max(BLOCK_SIZE, Math.ceil(size / MAX_BLOCKS));
+    // The SDK's per-try timeout does not bound an upload waiting for its answer: this deadline
+    // does, starting over whenever bytes or blocks go out.
+    const idle = deadline(this.timeoutMs, signal);
+    try {
+      await this.blob(key).uploadFile(file, {
+        blockSize,
+        maxSingleShotSize: blockSize,
+        concurrency: 4,
+        conditions: { ifNoneMatch: '*' },
+        abortSignal: idle.signal,
+        onProgress: () => idle.touch(),
+      });
+      return 'created';
+    } catch (error) {
+      if (isCallerAbort(error, signal)) throw error;
+      if (isConditionFailure(error)) return 'exists';
+      throw storeError(`upload ${key}`, error, idle.timedOut());
+    } finally {
+      idle.disarm();
+    }
+  }
+
+  async writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean> {
+    const conditions = options?.ifAbsent ? { ifNoneMatch: '*' } : undefined;
+    try {
+      await this.call(`write ${key}`, (abortSignal) => this.blob(key).upload(body, body.length, { conditions, abortSignal }), undefined, true);
+      return true;
+    } catch (error) {
+      if (options?.ifAbsent && error instanceof SharedStoreError && isConditionFailure(error.cause)) return false;
+      throw error;
+    }
+  }
+
+  async readRecord(key: string): Promise<Buffer | undefined> {
+    return this.call(`read ${key}`, (abortSignal) => this.blob(key).downloadToBuffer(0, undefined, { abortSignal, maxRetryRequestsPerBlock: 1 }));
+  }
+
+  async remove(key: string): Promise<void> {
+    await this.call(`remove ${key}`, (abortSignal) => this.blob(key).deleteIfExists({ abortSignal }));
+  }
+
+  async *list(prefix: string): AsyncIterable<SharedListing> {
+    let continuationToken: string | undefined;
+    do {
+      // A pager per page, so that each page's request has its own deadline.
+      const token = continuationToken;
+      const page = await this.call(`list ${prefix}`, async (abortSignal) => {
+        const pages = this.container.listBlobsFlat({ prefix: this.config.prefix + prefix, abortSignal }).byPage({ continuationToken: token, maxPageSize: 1000 });
+        return (await pages.next()).value;
+      });
+      for (const item of page?.segment.blobItems ?? []) {
+        yield { key: item.name.slice(this.config.prefix.length), size: item.properties.contentLength ?? 0, modified: item.properties.lastModified };
+      }
+      continuationToken = page?.continuationToken || undefined;
+    } while (continuationToken);
+  }
+
+  async close(): Promise<void> {
+    // The SDK's HTTP agents are shared per process and need no closing.
+  }
+
+  private blob(key: string) {
+    return this.container.getBlockBlobClient(this.config.prefix + key);
+  }
+
+  /** One request under the store's deadline: a missing blob is undefined, every failure a
+   * SharedStoreError; a write's failed condition is the error's cause, and for a write a 404 is
+   * an error (a missing container). The deadline ends when the answer arrives; a download
+   * streams on. */
+  private async call<T>(what: string, request: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal, write = false): Promise<T | undefined> {
+    const limit = deadline(this.timeoutMs, caller);
+    try {
+      return await request(limit.signal);
+    } catch (error) {
+      if (isCallerAbort(error, caller)) throw error;
+      if (!write && isMissing(error)) return undefined;
+      if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${messageOf(error)}`, { cause: error });
+      throw storeError(what, error, limit.timedOut());
+    } finally {
+      limit.disarm();
+    }
+  }
+}
+
+/** A 404 for the blob, not for its container (a missing container is a configuration error). A HEAD
+ * answer has no body, so its error code is only in the x-ms-error-code header. */
+function isMissing(error: unknown): boolean {
+  if (!(error instanceof RestError) || error.statusCode !== 404) return false;
+  return (error.code ?? error.response?.headers.get('x-ms-error-code')) !== 'ContainerNotFound';
+}
+
+/** The name was taken: 409 BlobAlreadyExists (single-shot Put Blob) or 412 ConditionNotMet. */
+function isConditionFailure(error: unknown): boolean {
+  return error instanceof RestError && (error.statusCode === 412 || error.code === 'BlobAlreadyExists' || error.code === 'ConditionNotMet');
+}
+
+function failureOf(error: unknown, timedOut: boolean): SharedFailure {
+  if (timedOut) return 'timeout';
+  const network = networkFailure(error);
+  if (network) return network;
+  // The SDK's per-try timeout surfaces as an abort nobody asked for.
+  if (error instanceof Error && error.name === 'AbortError') return 'timeout';
+  if (error instanceof RestError && (error.statusCode === 401 || error.statusCode === 403)) return 'denied';
+  return 'error';
+}
+
+function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
+  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${messageOf(error)}`, { cause: error });
+}

@@ -1,0 +1,182 @@
+// The shared tier on Google Cloud Storage. Creates are conditional on there being no live object
+// (`ifGenerationMatch=0`); large files go up as resumable uploads, which GCS finalizes only with the
+// last chunk, so an object is never visible in part and of several nodes one wins.
+
+import { constants, createReadStream } from 'node:fs';
+import { access } from 'node:fs/promises';
+import { addAbortSignal, Transform, type Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
+import type { SharedConfig } from '../../rules/config.js';
+import { deadline, isCallerAbort, messageOf, networkFailure } from './common.js';
+import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+
+type GcsConfig = NonNullable<SharedConfig['gcs']>;
+
+/** Files above this go up in resumable chunks (a multiple of 256 KiB, as GCS requires); smaller ones
+ * in one request, which GCS stores whole or not at all. */
+const CHUNK_SIZE = 8 * 1024 * 1024;
+
+export async function openGcsStore(config: GcsConfig, timeoutSeconds: number): Promise<SharedStore> {
+  // The library reads the key file at the first request; a missing or unreadable one is reported
+  // here instead, as for the other stores' credential files.
+  if (config.keyFile) {
+    await access(config.keyFile, constants.R_OK).catch((error: unknown) => {
+      throw new SharedStoreError('denied', `reading the GCS key file: ${messageOf(error)}`, { cause: error });
+    });
+  }
+  const options: StorageOptions = {
+    keyFilename: config.keyFile,
+    apiEndpoint: config.endpoint,
+    // A custom endpoint is an emulator unless a key file is given (a private endpoint of the real
+    // service): the library skips authentication at custom endpoints unless told otherwise.
+    useAuthWithCustomEndpoint: config.endpoint !== undefined && config.keyFile !== undefined,
+    // One retry, soon: a store that is down should fail the request quickly. Conditional creates
+    // count as idempotent, so they are retried too (a lost answer then reads as 'exists').
+    retryOptions: { autoRetry: true, maxRetries: 1, retryDelayMultiplier: 2, maxRetryDelay: 2, totalTimeout: Math.max(timeoutSeconds, 1) },
+  };
+  return new GcsStore(new Storage(options).bucket(config.bucket), config, timeoutSeconds * 1000);
+}
+
+class GcsStore implements SharedStore {
+  readonly kind = 'gcs';
+  readonly location: string;
+
+  constructor(
+    private readonly bucket: Bucket,
+    private readonly config: GcsConfig,
+    private readonly timeoutMs: number,
+  ) {
+    this.location = `gs://${config.bucket}/${config.prefix}${config.endpoint ? ` at ${config.endpoint}` : ''}`;
+  }
+
+  async stat(key: string): Promise<SharedObject | undefined> {
+    const meta = await this.metadata(key);
+    return meta && { size: meta.size, modified: meta.modified };
+  }
+
+  async read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
+    // The library requests lazily, on the first read, and reports a missing object as a stream
+    // error; asking for the metadata first answers "missing" up front, and pinning its generation
+    // keeps the bytes those of the object it describes.
+    const meta = await this.metadata(key);
+    if (!meta) return undefined;
+    const stream = this.bucket.file(this.config.prefix + key, { generation: meta.generation }).createReadStream({ start: span?.start, end: span?.end });
+    return signal ? addAbortSignal(signal, stream) : stream;
+  }
+
+  async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    const upload = this.bucket.file(this.config.prefix + key).createWriteStream({
+      resumable: size > CHUNK_SIZE,
+      chunkSize: size > CHUNK_SIZE ? CHUNK_SIZE : undefined,
+      preconditionOpts: { ifGenerationMatch: 0 },
+      contentType: 'application/octet-stream',
+      timeout: this.timeoutMs > 0 ? this.timeoutMs : undefined,
+    });
+    // The library's request timeout does not bound an upload waiting for its answer: this deadline
+    // does, starting over whenever the library takes more of the file.
+    const idle = deadline(this.timeoutMs, signal);
+    const progress = new Transform({
+      transform(chunk: Buffer, _encoding, done) {
+        idle.touch();
+        done(null, chunk);
+      },
+    });
+    try {
+      // Destroying the upload stream on abort leaves the resumable session unfinalized: no object.
+      await pipeline(createReadStream(file), progress, upload, { signal: idle.signal });
+      return 'created';
+    } catch (error) {
+      if (isCallerAbort(error, signal)) throw error;
+      if (statusOf(error) === 412) return 'exists';
+      throw storeError(`upload ${key}`, error, idle.timedOut());
+    } finally {
+      idle.disarm();
+    }
+  }
+
+  async writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean> {
+    const preconditionOpts = options?.ifAbsent ? { ifGenerationMatch: 0 } : undefined;
+    try {
+      await this.call(`write ${key}`, () => this.bucket.file(this.config.prefix + key).save(body, { resumable: false, preconditionOpts, contentType: 'application/octet-stream' }), true);
+      return true;
+    } catch (error) {
+      if (options?.ifAbsent && error instanceof SharedStoreError && statusOf(error.cause) === 412) return false;
+      throw error;
+    }
+  }
+
+  async readRecord(key: string): Promise<Buffer | undefined> {
+    const got = await this.call(`read ${key}`, () => this.bucket.file(this.config.prefix + key).download());
+    return got?.[0];
+  }
+
+  async remove(key: string): Promise<void> {
+    await this.call(`remove ${key}`, () => this.bucket.file(this.config.prefix + key).delete({ ignoreNotFound: true }));
+  }
+
+  async *list(prefix: string): AsyncIterable<SharedListing> {
+    let pageToken: string | undefined;
+    do {
+      const token = pageToken;
+      const page = await this.call(`list ${prefix}`, () => this.bucket.getFiles({ prefix: this.config.prefix + prefix, autoPaginate: false, maxResults: 1000, pageToken: token }));
+      for (const file of page?.[0] ?? []) {
+        yield { key: file.name.slice(this.config.prefix.length), size: Number(file.metadata.size ?? 0), modified: new Date(file.metadata.updated ?? 0) };
+      }
+      pageToken = page?.[1]?.pageToken;
+    } while (pageToken);
+  }
+
+  async close(): Promise<void> {
+    // The library keeps no connections of its own beyond the process's shared agents.
+  }
+
+  private async metadata(key: string): Promise<{ size: number; modified: Date; generation: number } | undefined> {
+    const got = await this.call(`stat ${key}`, () => this.bucket.file(this.config.prefix + key).getMetadata());
+    if (!got) return undefined;
+    const [meta] = got;
+    return { size: Number(meta.size ?? 0), modified: new Date(meta.updated ?? 0), generation: Number(meta.generation) };
+  }
+
+  /** One request under the store's deadline: a missing object is undefined, every failure a
+   * SharedStoreError (for a write, a 404 too: a missing bucket). The library's calls take no
+   * abort signal, so the deadline stops the wait for the answer (the request ends with its socket). */
+  private async call<T>(what: string, request: () => Promise<T>, write = false): Promise<T | undefined> {
+    let timer: NodeJS.Timeout | undefined;
+    const expired = new Promise<never>((_, reject) => {
+      if (this.timeoutMs > 0) timer = setTimeout(() => reject(new SharedStoreError('timeout', `${what}: no answer within ${this.timeoutMs} ms`)), this.timeoutMs);
+    });
+    try {
+      return await Promise.race([request(), expired]);
+    } catch (error) {
+      if (error instanceof SharedStoreError && error.failure === 'timeout') throw error;
+      if (!write && statusOf(error) === 404 && !isMissingBucket(error)) return undefined;
+      throw storeError(what, error, false);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+}
+
+function statusOf(error: unknown): number | undefined {
+  const code = error instanceof ApiError ? error.code : (error as { code?: unknown } | undefined)?.code;
+  return typeof code === 'number' ? code : undefined;
+}
+
+/** GCS answers 404 for a missing bucket too; that is a configuration error, not a missing object. */
+function isMissingBucket(error: unknown): boolean {
+  return error instanceof Error && /bucket/i.test(error.message) && !/object/i.test(error.message);
+}
+
+function failureOf(error: unknown, timedOut: boolean): SharedFailure {
+  if (timedOut) return 'timeout';
+  const network = networkFailure(error);
+  if (network) return network;
+  const status = statusOf(error);
+  if (status === 401 || status === 403) return 'denied';
+  return 'error';
+}
+
+function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
+  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${messageOf(error)}`, { cause: error });
+}
