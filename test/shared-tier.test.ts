@@ -4,16 +4,18 @@
 // crosses from the upstream once for the cluster. The upstream is then killed and a fifth, new node
 // pulls the image by tag from the shared tier alone. Then the shared store goes down: pulls of a new
 // image go to the upstream and succeed; /status and the metric say the tier is down. Run for each
-// backend: S3 API (versitygw), filesystem (a directory, as a ReadWriteMany volume).
+// backend: S3 API (versitygw), Azure Blob API (Azurite), GCS API (fake-gcs-server), filesystem (a
+// directory, as a ReadWriteMany volume).
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { ConfigInput } from '../src/rules/config.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
-import { startVersitygw, type S3Server } from './support/objectstores.js';
+import { BlobServiceClient, StorageSharedKeyCredential } from '@azure/storage-blob';
+import { startAzurite, startFakeGcs, startVersitygw, type S3Server } from './support/objectstores.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
@@ -37,6 +39,31 @@ const backends: readonly Backend[] = [
         shared: { s3: { bucket: s3.bucket, endpoint: s3.endpoint, forcePathStyle: true, accessKeyFile: s3.accessKeyFile, secretKeyFile: s3.secretKeyFile, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 },
         down: () => s3.stop(),
         stop: () => s3.stop(),
+      };
+    },
+  },
+  {
+    name: 'Azure Blob API (Azurite)',
+    async start() {
+      const azure = await startAzurite();
+      const container = 'pullbridge-test';
+      const credential = new StorageSharedKeyCredential(azure.accountName, readFileSync(azure.accountKeyFile, 'utf8').trim());
+      await new BlobServiceClient(azure.endpoint, credential).getContainerClient(container).create();
+      return {
+        shared: { azure: { container, accountName: azure.accountName, accountKeyFile: azure.accountKeyFile, endpoint: azure.endpoint, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 },
+        down: () => azure.stop(),
+        stop: () => azure.stop(),
+      };
+    },
+  },
+  {
+    name: 'GCS API (fake-gcs-server)',
+    async start() {
+      const gcs = await startFakeGcs();
+      return {
+        shared: { gcs: { bucket: gcs.bucket, endpoint: gcs.endpoint, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 },
+        down: () => gcs.stop(),
+        stop: () => gcs.stop(),
       };
     },
   },

@@ -27,7 +27,9 @@ const cidr = z.string().refine((value) => {
   return /^\d{1,3}$/.test(prefix) && Number(prefix) <= (family === 4 ? 32 : 128);
 }, 'must be an IP address or a CIDR block such as 10.0.0.0/8');
 
-const httpUrl = (what: string) =>
+/** An http(s) URL without credentials, query or fragment; a path only where `withPath` (an Azure
+ * account's path-style URL, as Azurite and Azure Stack serve it). */
+const httpUrl = (what: string, withPath = false) =>
   z.string().superRefine((value, ctx) => {
     let url: URL;
     try {
@@ -42,8 +44,8 @@ const httpUrl = (what: string) =>
     if (url.username || url.password) {
       ctx.addIssue({ code: 'custom', message: `${what} must not carry credentials; use the credentials keys` });
     }
-    if ((url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
-      ctx.addIssue({ code: 'custom', message: `${what} must be scheme://host[:port] only, without path, query or fragment` });
+    if (withPath ? url.search || url.hash : (url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
+      ctx.addIssue({ code: 'custom', message: withPath ? `${what} must be scheme://host[:port][/path] only, without query or fragment` : `${what} must be scheme://host[:port] only, without path, query or fragment` });
     }
   });
 
@@ -157,7 +159,7 @@ const sharedSchema = z
         accountNameFile: absolutePath.optional(),
         accountKeyFile: absolutePath.optional(),
         sasTokenFile: absolutePath.optional(),
-        endpoint: httpUrl('endpoint').optional(),
+        endpoint: httpUrl('endpoint', true).optional(),
         prefix: objectPrefix,
       })
       .refine((a) => (a.accountName === undefined) !== (a.accountNameFile === undefined), 'needs accountName or accountNameFile (one of them)')
