@@ -231,8 +231,10 @@ describe('Helm chart', function () {
     const containerPorts = (objects: KubernetesObject[], kind: string) =>
       ((objects.find((o) => o.kind === kind) as unknown as { spec: { template: { spec: { containers: Array<{ ports: Array<{ name: string; containerPort: number }> }> } } } }).spec.template.spec.containers[0]?.ports ?? []).map((p) => p.name);
 
-    it('by default: the webhook port from the apiserver sources, metrics from Prometheus, the proxy registry port from the node alone', async () => {
-      const rendered = await render();
+    it('by default: the webhook port from the apiserver sources, metrics from Prometheus; the proxy registry port from the node alone (nodePort), no proxy policy (hostNetwork, the default)', async () => {
+      // hostNetwork Pods are not subject to NetworkPolicy; the default proxy listens on loopback only.
+      assert.deepEqual([...policies(await render()).keys()], ['pullbridge-webhook']);
+      const rendered = await render('--set', 'proxy.exposure=nodePort');
       const webhook = policies(rendered).get('pullbridge-webhook');
       assert.ok(webhook);
       assert.deepEqual(webhook.spec.podSelector.matchLabels, { 'app.kubernetes.io/name': 'pullbridge', 'app.kubernetes.io/instance': 'pullbridge', 'app.kubernetes.io/component': 'webhook' });
@@ -279,7 +281,7 @@ webhook: {metricsPort: 9191}
       assert.match(JSON.stringify(rendered.find((o) => o.kind === 'Service' && o.metadata?.name === 'pullbridge-webhook')), /"port":9191,"targetPort":"metrics"/);
       for (const object of rendered.filter((o) => o.kind === 'NetworkPolicy')) await objects.create(object, undefined, 'All');
 
-      const closed = policies(await render('--set', 'networkPolicy.apiserverSources=null', '--set', 'networkPolicy.metricsSources=null'));
+      const closed = policies(await render('--set', 'proxy.exposure=nodePort', '--set', 'networkPolicy.apiserverSources=null', '--set', 'networkPolicy.metricsSources=null'));
       assert.deepEqual(closed.get('pullbridge-webhook')?.spec.ingress, []);
       assert.deepEqual(closed.get('pullbridge-proxy')?.spec.ingress, []);
       for (const object of closed.values()) await objects.create(object, undefined, 'All');
@@ -456,7 +458,7 @@ webhook: {metricsPort: 9191}
       }
       // The webhook's Pods, and a proxy without the cache behind a NodePort, fit even `restricted`.
       await labelled('psa-restricted', 'restricted');
-      const plain = await render('--set', 'cache.enabled=false');
+      const plain = await render('--set', 'cache.enabled=false', '--set', 'proxy.exposure=nodePort');
       assert.equal(await refusal('psa-restricted', podOf(plain, 'Deployment', 'webhook')), '');
       assert.equal(await refusal('psa-restricted', podOf(plain, 'DaemonSet', 'proxy-nocache')), '');
     });
@@ -465,7 +467,8 @@ webhook: {metricsPort: 9191}
       await labelled('psa-install', 'baseline');
       const template = (...extra: string[]) => runAsync(helm, ['template', 'pullbridge', CHART, '-n', 'psa-install', '--dry-run=server', '--kubeconfig', cp.kubeconfig, '-f', valuesFile, ...extra]);
       await assert.rejects(template('--set', 'proxy.exposure=hostNetwork'), /namespace psa-install enforces Pod Security "baseline", but the proxy needs "privileged" \(a hostPath for the cache, hostNetwork\): kubectl label namespace psa-install pod-security\.kubernetes\.io\/enforce=privileged/);
-      assert.match(await template('--set', 'cache.enabled=false'), /kind: DaemonSet/, 'nothing beyond baseline: installs');
+      await assert.rejects(template('--set', 'cache.enabled=false'), /the proxy needs "privileged" \(hostNetwork\)/, 'the default exposure alone needs it');
+      assert.match(await template('--set', 'cache.enabled=false', '--set', 'proxy.exposure=nodePort'), /kind: DaemonSet/, 'nothing beyond baseline: installs');
       assert.match(await template('--set', 'podSecurity.checkNamespace=false'), /kind: DaemonSet/);
       await core().patchNamespace({ name: 'psa-install', body: { metadata: { labels: { 'pod-security.kubernetes.io/enforce': 'privileged' } } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
       assert.match(await template('--set', 'proxy.exposure=hostNetwork'), /kind: DaemonSet/);
