@@ -2,17 +2,20 @@
 // shared store, one docker-registry upstream whose access log counts what it sent. Four containerd
 // instances pull the same multi-layer image at once, one through each node: every blob and manifest
 // crosses from the upstream once for the cluster. The upstream is then killed and a fifth, new node
-// pulls the image by tag from the shared tier alone. Then the shared store goes down: pulls of a new
+// pulls the image by tag from the shared tier alone. A corrupt shared copy costs one pull and is
+// replaced from the upstream. Then the shared store goes down: pulls of a new
 // image go to the upstream and succeed; /status and the metric say the tier is down. Run for each
 // backend: S3 API (versitygw), Azure Blob API (Azurite), GCS API (fake-gcs-server), filesystem (a
 // directory, as a ReadWriteMany volume).
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import type { ConfigInput } from '../src/rules/config.js';
+import { openSharedStore } from '../src/cache/shared/open.js';
+import { sharedKeys } from '../src/cache/shared/tier.js';
+import { validateConfig, type ConfigInput } from '../src/rules/config.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
 import { BlobServiceClient, StorageSharedKeyCredential } from '@azure/storage-blob';
 import { startAzurite, startFakeGcs, startVersitygw, type S3Server } from './support/objectstores.js';
@@ -160,8 +163,48 @@ for (const backend of backends) {
       }
     });
 
-    it('with the shared store down, pulls of a new image go to the upstream and succeed; /status and the metric say the tier is down', async () => {
+    it('a corrupt shared copy fails one pull, is removed, and the retry gets the blob from the upstream, which the tier then holds right', async () => {
       await upstream.restart();
+      const layer = image.layers[1];
+      assert.ok(layer);
+      // Bit rot or a writer with access to the bucket (a fault the store cannot be asked for): other
+      // bytes of the same size under the blob's key, written through the project's own store adapter.
+      const validated = validateConfig({ cache: { path: '/unused', shared: store.shared } });
+      assert.ok(validated.ok && validated.config.cache?.shared);
+      const adapter = await openSharedStore(validated.config.cache.shared);
+      const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-corrupt-'));
+      dirs.push(scratch);
+      const garbage = join(scratch, 'garbage');
+      writeFileSync(garbage, Buffer.alloc(layer.size, 7));
+      await adapter.remove(sharedKeys.blob(layer.digest));
+      assert.equal(await adapter.createFromFile(sharedKeys.blob(layer.digest), garbage, layer.size), 'created');
+      const sixth = await startNode('node-6');
+      const puller = await startContainerd();
+      pullers.push(puller);
+      const fetch = () => puller.fetch(`${sixth.host}/corp/team/app:1.0`, { user: sixth.credential('shop') });
+      // Whole-blob GETs: containerd resumes the cut transfer with a Range for the withheld last byte
+      // (relayed to the upstream; containerd's digest check then refuses the mixed bytes).
+      const wholeGets = () => upstream.requests().filter((r) => r.method === 'GET' && r.status === 200 && r.path.endsWith(`/blobs/${layer.digest}`)).length;
+      const before = wholeGets();
+      await assert.rejects(fetch(), /unexpected commit digest/, 'the bad bytes never complete a blob: containerd stores nothing');
+      // containerd resumes an ingest it still has: a fetch right away would commit the bad prefix again.
+      // Its garbage collector drops the ingest once the failed pull's lease is gone (kubelet's back-off
+      // gives it that time): wait for that, bounded.
+      for (let i = 0; i < 60 && (await puller.ingests()).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 500));
+      await fetch();
+      assert.equal(sha(await puller.content(layer.digest)), layer.digest);
+      assert.equal(wholeGets(), before + 1, 'the retry went to the upstream');
+      assert.ok(sixth.logs.records.some((r) => r.msg === 'the shared cache tier holds a corrupt copy: removed; pulls fetch it from the upstream' && r.digest === layer.digest));
+      await sixth.cache?.sharing();
+      const repaired = await adapter.read(sharedKeys.blob(layer.digest));
+      assert.ok(repaired, 'the upstream fill shared the blob again');
+      const chunks: Buffer[] = [];
+      for await (const chunk of repaired) chunks.push(chunk as Buffer);
+      assert.equal(sha(Buffer.concat(chunks)), layer.digest);
+      await adapter.close();
+    });
+
+    it('with the shared store down, pulls of a new image go to the upstream and succeed; /status and the metric say the tier is down', async () => {
       const fresh = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [512 * 1024] });
       await upstream.push(fresh, 'team/app', '2.0');
       await store.down();

@@ -15,6 +15,14 @@ import { BlobFlight } from './flight.js';
 import type { NodeCache } from './nodecache.js';
 import { byteRange } from './policy.js';
 
+/** Where a fill reads from: the shared tier (and whether the store failed the download), and whether
+ * this node holds the cluster's claim to fetch the blob from the upstream (and so uploads it after). */
+interface SharedSource {
+  shared: boolean;
+  claimed: boolean;
+  failed: boolean;
+}
+
 export class CachedBlobs {
   constructor(
     private readonly cache: NodeCache,
@@ -104,8 +112,7 @@ export class CachedBlobs {
     if (already) return this.join(already, request);
     const ended = cache.fillStarted();
     const origin = { rule: request.rule, repository: request.repository };
-    /** Where the fill reads from, and whether this node holds the cluster's claim to fetch it. */
-    const source = { shared: false, claimed: false };
+    const source: SharedSource = { shared: false, claimed: false, failed: false };
     const flight: BlobFlight = new BlobFlight(request.digest, origin, new AbortController(), cache.store, async (outcome) => {
       // Linked before the fill goes away, so that no client in between finds the blob stored but
       // unlinked for this (rule, repository) and asks the upstream again (or fails, if it is down).
@@ -114,8 +121,11 @@ export class CachedBlobs {
       ended();
       if (outcome.stored && !source.shared) cache.share(request.digest, origin, source.claimed);
       else if (source.claimed) await cache.shared?.release(request.digest);
+      if (!outcome.stored && outcome.corrupt && source.shared) await cache.removeCorruptShared(request.digest, outcome.reason);
       if (outcome.stored) await cache.evict(0);
       else cache.fillFailed(request.digest, outcome.reason);
+    }, (failure) => {
+      if (source.shared && (failure.corrupt || source.failed)) cache.avoidShared(request.digest);
     });
     cache.flights.set(request.digest, flight);
     const reading = flight.reader();
@@ -167,17 +177,23 @@ export class CachedBlobs {
    * confirming now); undefined to fetch it from the upstream, with `source.claimed` saying whether
    * this node holds the cluster's claim to (and so uploads it after).
    */
-  private async fromShared(request: BlobRequest, signal: AbortSignal, source: { shared: boolean; claimed: boolean }): Promise<BlobResult | undefined> {
+  private async fromShared(request: BlobRequest, signal: AbortSignal, source: SharedSource): Promise<BlobResult | undefined> {
     const { shared } = this.cache;
-    if (!shared) return undefined;
+    if (!shared || this.cache.avoidsShared(request.digest)) return undefined;
     let size = await shared.blobSize(request.digest);
     if (size === undefined) {
       if ((await shared.claim(request.digest)) === 'ours') {
-        source.claimed = true;
-        return undefined;
+        // Another node may have uploaded it and released its claim between the look and the claim.
+        size = await shared.blobSize(request.digest);
+        if (size === undefined) {
+          source.claimed = true;
+          return undefined;
+        }
+        await shared.release(request.digest);
+      } else {
+        size = await shared.waitForBlob(request.digest, request.signal);
+        if (size === undefined) return undefined;
       }
-      size = await shared.waitForBlob(request.digest, request.signal);
-      if (size === undefined) return undefined;
     }
     const linked = (await shared.readLink(request.rule, request.repository, request.digest)) !== null;
     await this.confirmAccess(request, linked);
@@ -186,7 +202,7 @@ export class CachedBlobs {
     if (!stream) return undefined;
     source.shared = true;
     const headers = { 'content-type': 'application/octet-stream', 'content-length': String(size), 'docker-content-digest': request.digest, etag: `"${request.digest}"` };
-    return { status: 200, digest: request.digest, headers, body: bodyOfReadable(stream), cache: 'shared' };
+    return { status: 200, digest: request.digest, headers, body: bodyOfReadable(stream, () => (source.failed = true)), cache: 'shared' };
   }
 
   /** Another client for a blob being filled: reads the same fill, once this (rule, repository) may. */

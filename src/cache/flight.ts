@@ -48,6 +48,8 @@ export class BlobFlight implements FileExtent {
     readonly controller: AbortController,
     private readonly store: NodeStore,
     afterDone: (outcome: FillOutcome) => Promise<void> = () => Promise.resolve(),
+    /** Hears of a failure before any reader does (a reader's retry must find its consequences in place). */
+    private readonly beforeFailing: (failure: { readonly reason: string; readonly corrupt?: true }) => void = () => undefined,
   ) {
     this.done = new Promise((resolve) => (this.settle = resolve));
     this.stored = this.done.then(async (outcome) => {
@@ -115,7 +117,7 @@ export class BlobFlight implements FileExtent {
       fill.finish().then(
         (outcome) => {
           if (outcome.stored) this.complete(outcome);
-          else this.fail(new Error(outcome.reason));
+          else this.fail(new Error(outcome.reason), outcome.corrupt);
         },
         (error: Error) => this.fail(error),
       );
@@ -207,9 +209,11 @@ export class BlobFlight implements FileExtent {
     this.notify();
   }
 
-  private fail(error: Error): void {
+  /** `corrupt`: the whole body arrived and hashed wrong (FillOutcome). */
+  private fail(error: Error, corrupt?: true): void {
     if (this.result || this.failure) return;
     this.failure = error;
+    this.beforeFailing(corrupt ? { reason: error.message, corrupt } : { reason: error.message });
     if (this.verified) {
       // Every byte reached the file and hashed right: readers finish from it; only storing failed.
       this.settle({ stored: false, reason: error.message });
@@ -221,7 +225,7 @@ export class BlobFlight implements FileExtent {
       this.controller.abort(error);
       this.upstream.destroy(error);
     }
-    const outcome: FillOutcome = { stored: false, reason: error.message };
+    const outcome: FillOutcome = corrupt ? { stored: false, reason: error.message, corrupt } : { stored: false, reason: error.message };
     void (this.fill ? this.fill.abort(error.message) : Promise.resolve()).catch(() => undefined).finally(() => this.settle(outcome));
     this.notify();
   }

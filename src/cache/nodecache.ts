@@ -35,6 +35,9 @@ interface CacheMetrics {
 
 /** Credentials remembered as accepted upstream (passthrough), at most this many. */
 const CONFIRMATIONS_MAX = 10_000;
+/** How long a blob whose shared fill failed is fetched from the upstream instead, and how many are kept. */
+const SHARED_AVOID_MS = 10 * 60_000;
+const SHARED_AVOIDED_MAX = 10_000;
 
 export class NodeCache {
   settings: CacheConfig;
@@ -51,6 +54,8 @@ export class NodeCache {
   private readonly confirmations = new Map<string, number>();
   /** Uploads to the shared tier in progress, waited for (bounded) at close. */
   private readonly uploads = new Set<Promise<void>>();
+  /** Digest → until when its fills skip the shared tier (its shared copy failed them). */
+  private readonly sharedAvoided = new Map<string, number>();
 
   private constructor(
     readonly store: NodeStore,
@@ -125,6 +130,28 @@ export class NodeCache {
     })().catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier upload failed'));
     this.uploads.add(upload);
     void upload.finally(() => this.uploads.delete(upload));
+  }
+
+  /** A fill from the shared tier failed: this node fetches that blob from the upstream for a while,
+   * so that a bad shared copy or a failing store cannot fail its pulls for good. */
+  avoidShared(digest: string): void {
+    if (this.sharedAvoided.size >= SHARED_AVOIDED_MAX) this.sharedAvoided.delete(this.sharedAvoided.keys().next().value ?? '');
+    this.sharedAvoided.set(digest, this.now() + SHARED_AVOID_MS);
+  }
+
+  /** A shared copy that hashed wrong is removed, so that the next upstream fill shares the right bytes. */
+  async removeCorruptShared(digest: string, reason: string): Promise<void> {
+    this.logger.warn({ digest, reason }, 'the shared cache tier holds a corrupt copy: removed; pulls fetch it from the upstream');
+    await this.shared?.removeBlob(digest);
+  }
+
+  /** Whether fills of this blob skip the shared tier (see sharedFillFailed). */
+  avoidsShared(digest: string): boolean {
+    const until = this.sharedAvoided.get(digest);
+    if (until === undefined) return false;
+    if (until > this.now()) return true;
+    this.sharedAvoided.delete(digest);
+    return false;
   }
 
   count(kind: CacheKind, result: CacheOutcome, savedBytes = 0): void {

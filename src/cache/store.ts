@@ -31,7 +31,8 @@ export interface BlobLease {
   release(): void;
 }
 
-export type FillOutcome = { readonly stored: true } | { readonly stored: false; readonly reason: string };
+/** A failed fill's `corrupt`: the whole body arrived and hashed to another digest (not a cut transfer). */
+export type FillOutcome = { readonly stored: true } | { readonly stored: false; readonly reason: string; readonly corrupt?: true };
 
 /**
  * One blob being written. Readers that join while it fills can read `path` up to `written`
@@ -105,7 +106,7 @@ export class BlobFill extends EventEmitter {
     const ok = actual === this.digest;
     if (ok) this.emit('verified');
     const stored = await this.finishInto(this, ok);
-    const outcome: FillOutcome = ok ? stored : { stored: false, reason: `content hashes to ${actual}, not ${this.digest}` };
+    const outcome: FillOutcome = ok ? stored : { stored: false, reason: `content hashes to ${actual}, not ${this.digest}`, corrupt: true };
     this.emit('done', outcome);
     return outcome;
   }

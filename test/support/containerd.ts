@@ -14,6 +14,8 @@ export interface Containerd {
   content(digest: string): Promise<Buffer>;
   /** Digests in the content store. */
   digests(): Promise<Set<string>>;
+  /** The refs of unfinished downloads (ingests) containerd keeps to resume them. */
+  ingests(): Promise<string[]>;
   /** Removes everything from the content store, so the next fetch pulls again. */
   clear(): Promise<void>;
   stop(): Promise<void>;
@@ -78,6 +80,10 @@ export async function startContainerd(): Promise<Containerd> {
       });
     },
     digests,
+    async ingests() {
+      const out = await ctr('content', 'active');
+      return out.split('\n').slice(1).map((l) => l.trim().split(/\s+/)[0] ?? '').filter(Boolean);
+    },
     async clear() {
       const all = [...(await digests())];
       if (all.length > 0) await ctr('content', 'rm', ...all);

@@ -5,14 +5,18 @@ import type { Readable } from 'node:stream';
 import type { ContentBody } from '../../content/source.js';
 import type { BodySink } from '../../upstream/body.js';
 
-/** A ContentBody over a Readable (a shared object being downloaded). */
-export function bodyOfReadable(stream: Readable): ContentBody {
+/** A ContentBody over a Readable (a shared object being downloaded); `failed` hears of the store
+ * failing the download (not of the reader leaving). */
+export function bodyOfReadable(stream: Readable, failed: (error: Error) => void = () => undefined): ContentBody {
   let sink: BodySink | undefined;
   let finished = false;
   const end = (error?: Error) => {
     if (finished) return;
     finished = true;
-    if (error) sink?.error(error);
+    if (error) {
+      failed(error);
+      sink?.error(error);
+    }
     else sink?.end();
   };
   return {

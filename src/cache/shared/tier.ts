@@ -23,7 +23,7 @@ const TAG_SHARE_REFRESH_SECONDS = 300;
 /** Tags whose last shared write this node remembers. */
 const TAG_WRITES_MAX = 10_000;
 
-type SharedOperation = 'stat' | 'read' | 'upload' | 'record-read' | 'record-write' | 'claim';
+type SharedOperation = 'stat' | 'read' | 'upload' | 'record-read' | 'record-write' | 'claim' | 'remove';
 
 const hex = (digest: string) => digest.slice(digest.indexOf(':') + 1);
 const algorithm = (digest: string) => digest.slice(0, digest.indexOf(':'));
@@ -178,6 +178,11 @@ export class SharedTier {
     // Stale (its filler died, or it is unreadable): this node takes over, overwriting it.
     await this.call('claim', false, () => this.store.writeRecord(key, body));
     return 'ours';
+  }
+
+  /** Removes a blob whose shared copy hashed wrong, so that the next upstream fill shares it again. */
+  async removeBlob(digest: string): Promise<void> {
+    await this.call('remove', undefined, () => this.store.remove(sharedKeys.blob(digest)));
   }
 
   /** Ends this node's claim (the blob is uploaded, or the fill failed). */
