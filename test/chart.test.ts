@@ -286,6 +286,12 @@ describe('Helm chart', function () {
         items: { key: 'accountkey' },
       },
       {
+        name: 'gcs, an SAP BTP Object Store binding Secret (base64EncodedPrivateKeyData: the key file holds base64 of the JSON key, which the store decodes)',
+        values: { backend: 'gcs', existingSecret: 'objectstore-binding', gcs: { bucket: 'sap-cp-osaas-1234', secretKeys: { key: 'base64EncodedPrivateKeyData' } } },
+        config: { gcs: { bucket: 'sap-cp-osaas-1234', keyFile: '/etc/pullbridge/shared/key' } },
+        items: { key: 'base64EncodedPrivateKeyData' },
+      },
+      {
         name: 'gcs with workload identity (no Secret)',
         values: { backend: 'gcs', gcs: { bucket: 'images', prefix: 'pullbridge/' } },
         config: { gcs: { bucket: 'images', prefix: 'pullbridge/' } },
