@@ -360,6 +360,8 @@ describe('Helm chart', function () {
       const off = await renderWith(shared({ backend: '', existingSecret: 's3-storage', s3: { bucket: 'images' } }));
       assert.equal(configDocument(off).cache?.shared, undefined);
       assert.equal(template(off).metadata.annotations, undefined);
+      // Values without the block at all (an upgrade with --reuse-values from an older chart).
+      assert.equal(configDocument(await render('--set', 'cache.shared=null')).cache?.shared, undefined);
     });
 
     it('rolls the proxies when the shared settings change, and only then (the proxy reads them at start)', async () => {
