@@ -8,9 +8,9 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { randomBytes, X509Certificate } from 'node:crypto';
 import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, PatchStrategy, setHeaderOptions, type KubernetesObject } from '@kubernetes/client-node';
-import { parseAllDocuments, stringify as stringifyYaml } from 'yaml';
+import { parse as parseYaml, parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { generateClientCertificate } from '../src/certs/certs.js';
-import { parseConfig } from '../src/rules/config.js';
+import { parseConfig, validateConfig } from '../src/rules/config.js';
 import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { runAsync, startProcess } from './support/procs.js';
 import { runWebhook } from '../src/webhook/run.js';
@@ -222,6 +222,190 @@ describe('Helm chart', function () {
         assert.ok(created.spec.template.spec.containers[0]?.startupProbe, `${object.kind} (${exposure}) keeps its startup probe`);
       }
     }
+  });
+
+  describe('shared cache tier (cache.shared)', () => {
+    type Mount = { name: string; mountPath: string; readOnly?: boolean };
+    type Volume = { name: string; secret?: { secretName: string; items?: Array<{ key: string; path: string }> }; persistentVolumeClaim?: { claimName: string } };
+    type EnvVar = { name: string; value?: string; valueFrom?: { fieldRef?: { fieldPath: string } } };
+    type PodTemplate = { metadata: { annotations?: Record<string, string> }; spec: { securityContext: Record<string, unknown>; containers: Array<{ name: string; env: EnvVar[]; volumeMounts: Mount[] }>; volumes: Volume[] } };
+    const template = (objects: KubernetesObject[]) => (objects.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: PodTemplate } }).spec.template;
+    /** config.yaml from the ConfigMap, as YAML (not through the project's parser: that is checked separately). */
+    const configDocument = (objects: KubernetesObject[]): { cache?: { shared?: Record<string, unknown> } } => {
+      const configMap = objects.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as KubernetesObject & { data: Record<string, string> };
+      return parseYaml(configMap.data['config.yaml'] ?? '') as { cache?: { shared?: Record<string, unknown> } };
+    };
+    const renderWith = async (values: unknown, ...extra: string[]) => {
+      const file = join(dir, `shared-${randomBytes(4).toString('hex')}.yaml`);
+      writeFileSync(file, stringifyYaml(values));
+      return render('-f', file, ...extra);
+    };
+    const shared = (settings: Record<string, unknown>) => ({ cache: { shared: settings } });
+
+    // Each backend as a user writes it, what config.yaml must say, and the Secret keys mounted (file -> key).
+    const cases: Array<{ name: string; values: Record<string, unknown>; config: Record<string, unknown>; items?: Record<string, string>; claim?: string }> = [
+      {
+        name: 's3, a Kyma DockerRegistry storage Secret (accessKey, secretKey)',
+        values: { backend: 's3', existingSecret: 's3-storage', s3: { bucket: 'images', region: 'eu-central-1' } },
+        config: { s3: { bucket: 'images', region: 'eu-central-1', forcePathStyle: false, accessKeyFile: '/etc/pullbridge/shared/access-key', secretKeyFile: '/etc/pullbridge/shared/secret-key' } },
+        items: { 'access-key': 'accessKey', 'secret-key': 'secretKey' },
+      },
+      {
+        name: 's3, an SAP BTP Object Store binding Secret (AWS)',
+        values: { backend: 's3', existingSecret: 'objectstore-binding', s3: { bucket: 'hcp-1234', region: 'eu-central-1', secretKeys: { accessKey: 'access_key_id', secretKey: 'secret_access_key' } } },
+        config: { s3: { bucket: 'hcp-1234', region: 'eu-central-1', forcePathStyle: false, accessKeyFile: '/etc/pullbridge/shared/access-key', secretKeyFile: '/etc/pullbridge/shared/secret-key' } },
+        items: { 'access-key': 'access_key_id', 'secret-key': 'secret_access_key' },
+      },
+      {
+        name: 's3-compatible store with the default credential chain (no Secret), a prefix and tuned timings',
+        values: { backend: 's3', fillWaitSeconds: 60, timeoutSeconds: 10, s3: { bucket: 'images', endpoint: 'http://minio.storage:9000', forcePathStyle: true, prefix: 'pullbridge/' } },
+        config: { fillWaitSeconds: 60, timeoutSeconds: 10, s3: { bucket: 'images', region: 'us-east-1', endpoint: 'http://minio.storage:9000', forcePathStyle: true, prefix: 'pullbridge/' } },
+      },
+      {
+        name: 'azure, a Kyma DockerRegistry storage Secret (accountName, accountKey)',
+        values: { backend: 'azure', existingSecret: 'azure-storage', azure: { container: 'images' } },
+        config: { azure: { container: 'images', accountNameFile: '/etc/pullbridge/shared/account-name', accountKeyFile: '/etc/pullbridge/shared/account-key' } },
+        items: { 'account-name': 'accountName', 'account-key': 'accountKey' },
+      },
+      {
+        name: 'azure, an SAP BTP Object Store binding Secret (account_name, sas_token) at its DNS-zone endpoint',
+        values: { backend: 'azure', existingSecret: 'objectstore-binding', azure: { container: 'sap-cp-osaas-1234', endpoint: 'https://acct.z17.blob.storage.azure.net', secretKeys: { accountName: 'account_name', sasToken: 'sas_token' } } },
+        config: { azure: { container: 'sap-cp-osaas-1234', endpoint: 'https://acct.z17.blob.storage.azure.net', accountNameFile: '/etc/pullbridge/shared/account-name', sasTokenFile: '/etc/pullbridge/shared/sas-token' } },
+        items: { 'account-name': 'account_name', 'sas-token': 'sas_token' },
+      },
+      {
+        name: 'azure, the account name in the values and the key from the Secret',
+        values: { backend: 'azure', existingSecret: 'azure-storage', azure: { container: 'images', accountName: 'corpimages', prefix: 'cache/' } },
+        config: { azure: { container: 'images', accountName: 'corpimages', prefix: 'cache/', accountKeyFile: '/etc/pullbridge/shared/account-key' } },
+        items: { 'account-key': 'accountKey' },
+      },
+      {
+        name: 'gcs, a Kyma DockerRegistry storage Secret (accountkey)',
+        values: { backend: 'gcs', existingSecret: 'gcs-secret', gcs: { bucket: 'images' } },
+        config: { gcs: { bucket: 'images', keyFile: '/etc/pullbridge/shared/key' } },
+        items: { key: 'accountkey' },
+      },
+      {
+        name: 'gcs, an SAP BTP Object Store binding Secret (base64EncodedPrivateKeyData: the key file holds base64 of the JSON key, which the store decodes)',
+        values: { backend: 'gcs', existingSecret: 'objectstore-binding', gcs: { bucket: 'sap-cp-osaas-1234', secretKeys: { key: 'base64EncodedPrivateKeyData' } } },
+        config: { gcs: { bucket: 'sap-cp-osaas-1234', keyFile: '/etc/pullbridge/shared/key' } },
+        items: { key: 'base64EncodedPrivateKeyData' },
+      },
+      {
+        name: 'gcs with workload identity (no Secret)',
+        values: { backend: 'gcs', gcs: { bucket: 'images', prefix: 'pullbridge/' } },
+        config: { gcs: { bucket: 'images', prefix: 'pullbridge/' } },
+      },
+      {
+        name: 'filesystem, a ReadWriteMany claim',
+        values: { backend: 'filesystem', filesystem: { existingClaim: 'pullbridge-shared' } },
+        config: { filesystem: { path: '/var/lib/pullbridge/shared' } },
+        claim: 'pullbridge-shared',
+      },
+    ];
+
+    for (const c of cases) {
+      it(`${c.name}: config.yaml the proxy accepts, the Secret's keys as files, NODE_NAME, and the apiserver accepts it all`, async () => {
+        const rendered = await renderWith(shared(c.values));
+        const document = configDocument(rendered);
+        assert.deepEqual(document.cache?.shared, { fillWaitSeconds: 120, timeoutSeconds: 30, ...c.config });
+        // The proxy's own validation: chart and proxy agree on every key.
+        const result = validateConfig(document);
+        assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));
+        assert.ok(result.config.cache?.shared, 'the proxy sees a shared tier');
+
+        const pod = template(rendered);
+        const proxy = pod.spec.containers.find((container) => container.name === 'proxy');
+        assert.ok(proxy);
+        assert.deepEqual(proxy.env.find((e) => e.name === 'NODE_NAME')?.valueFrom, { fieldRef: { fieldPath: 'spec.nodeName' } });
+        const credentials = pod.spec.volumes.find((v) => v.name === 'shared-credentials');
+        const credentialMount = proxy.volumeMounts.find((m) => m.name === 'shared-credentials');
+        if (c.items) {
+          assert.equal(credentials?.secret?.secretName, c.values['existingSecret']);
+          assert.deepEqual(Object.fromEntries((credentials?.secret?.items ?? []).map((i) => [i.path, i.key])), c.items);
+          assert.deepEqual(credentialMount, { name: 'shared-credentials', mountPath: '/etc/pullbridge/shared', readOnly: true });
+          // Every file config.yaml names is one the volume provides.
+          const named = Object.entries((Object.values(c.config).find((v) => typeof v === 'object') ?? {}) as Record<string, unknown>).filter(([k]) => k.endsWith('File')).map(([, v]) => v);
+          assert.deepEqual(named.sort(), Object.keys(c.items).map((file) => `/etc/pullbridge/shared/${file}`).sort());
+        } else {
+          assert.equal(credentials, undefined, 'no Secret: the default credential chain');
+          assert.equal(credentialMount, undefined);
+        }
+        if (c.claim) {
+          assert.deepEqual(pod.spec.volumes.find((v) => v.name === 'shared')?.persistentVolumeClaim, { claimName: c.claim });
+          assert.deepEqual(proxy.volumeMounts.find((m) => m.name === 'shared'), { name: 'shared', mountPath: '/var/lib/pullbridge/shared' });
+          assert.equal(pod.spec.securityContext['fsGroup'], 65532, 'the proxy\'s group may write the share');
+        } else {
+          assert.ok(!pod.spec.volumes.some((v) => v.name === 'shared'));
+          assert.equal(pod.spec.securityContext['fsGroup'], undefined);
+        }
+        assert.match(pod.metadata.annotations?.['checksum/cache-shared'] ?? '', /^[0-9a-f]{64}$/);
+        // Server-side dry run of everything rendered with the shared tier on.
+        for (const object of rendered) {
+          await objects.create(object, undefined, 'All').catch((error: { body?: unknown }) => {
+            throw new Error(`${object.kind}/${object.metadata?.name} rejected: ${JSON.stringify(error.body ?? error)}`);
+          });
+        }
+      });
+    }
+
+    it('is off by default: no shared tier in config.yaml, no volume, no checksum; NODE_NAME is set anyway', async () => {
+      const rendered = await render();
+      assert.equal(configDocument(rendered).cache?.shared, undefined);
+      const pod = template(rendered);
+      assert.ok(!pod.spec.volumes.some((v) => v.name.startsWith('shared')));
+      assert.equal(pod.metadata.annotations, undefined);
+      assert.ok(pod.spec.containers[0]?.env.some((e) => e.name === 'NODE_NAME'));
+      // Settings kept with the backend emptied are off too.
+      const off = await renderWith(shared({ backend: '', existingSecret: 's3-storage', s3: { bucket: 'images' } }));
+      assert.equal(configDocument(off).cache?.shared, undefined);
+      assert.equal(template(off).metadata.annotations, undefined);
+      // Values without the block at all (an upgrade with --reuse-values from an older chart).
+      assert.equal(configDocument(await render('--set', 'cache.shared=null')).cache?.shared, undefined);
+    });
+
+    it('rolls the proxies when the shared settings change, and only then (the proxy reads them at start)', async () => {
+      const base = { backend: 's3', existingSecret: 's3-storage', s3: { bucket: 'images', region: 'eu-central-1' } };
+      const checksum = async (values: unknown, ...extra: string[]) => template(await renderWith(values, ...extra)).metadata.annotations?.['checksum/cache-shared'];
+      const before = await checksum(shared(base));
+      assert.ok(before);
+      // Rules, cache sizes and TTLs are reloaded in place: the Pod template stays as it is.
+      const unrelated = await renderWith(shared(base), '--set', 'registries[2].upstream=https://mirror.example', '--set', 'cache.maxBytes=5Gi', '--set', 'cache.tagTTLSeconds=60');
+      assert.match(JSON.stringify(configDocument(unrelated)), /mirror\.example/);
+      assert.deepEqual(template(unrelated), template(await renderWith(shared(base))));
+      for (const change of [{ s3: { ...base.s3, bucket: 'other' } }, { timeoutSeconds: 5 }, { fillWaitSeconds: 30 }, { s3: { ...base.s3, prefix: 'p/' } }]) {
+        assert.notEqual(await checksum(shared({ ...base, ...change })), before, JSON.stringify(change));
+      }
+      // Another backend is another checksum.
+      assert.notEqual(await checksum(shared({ backend: 'gcs', existingSecret: 's3-storage', gcs: { bucket: 'images' } })), before);
+      // values.yaml says so where it lists what rolls the Pods.
+      const values = readFileSync(join(CHART, 'values.yaml'), 'utf8').split('\n').slice(0, 16).join(' ');
+      assert.match(values, /what cannot be \(.*cache\.shared.*\) changes the Pod templates and rolls them/);
+    });
+
+    it('refuses an unknown backend, two backends, a backend without its store or needed Secret, with a clear message', async () => {
+      const refusals: Array<[Record<string, unknown>, RegExp]> = [
+        [{ backend: 'minio' }, /cache\.shared\.backend must be s3, azure, gcs or filesystem \(or empty: no shared tier\), not "minio"/],
+        [{ backend: 's3', s3: { bucket: 'images' }, minio: { bucket: 'x' } }, /cache\.shared\.minio is not a setting of the shared cache tier/],
+        [{ backend: 's3', s3: { bucket: 'images' }, azure: { container: 'images' } }, /cache\.shared\.backend is s3, but cache\.shared\.azure\.container is set too: the shared tier has one backend/],
+        [{ backend: 'gcs', gcs: { bucket: 'images' }, filesystem: { existingClaim: 'shared' } }, /cache\.shared\.backend is gcs, but cache\.shared\.filesystem\.existingClaim is set too/],
+        [{ backend: 's3' }, /cache\.shared\.backend is s3: set cache\.shared\.s3\.bucket/],
+        [{ backend: 'filesystem' }, /cache\.shared\.backend is filesystem: set cache\.shared\.filesystem\.existingClaim/],
+        [{ backend: 'azure', azure: { container: 'images' } }, /cache\.shared\.backend is azure: set cache\.shared\.existingSecret, a Secret with the storage account key or a SAS token/],
+        [{ backend: 'azure', existingSecret: 'a', azure: { container: 'images', secretKeys: { accountKey: '' } } }, /cache\.shared\.azure\.secretKeys needs accountKey or sasToken/],
+        [{ backend: 'azure', existingSecret: 'a', azure: { container: 'images', secretKeys: { accountName: '' } } }, /cache\.shared\.azure needs accountName, or secretKeys\.accountName/],
+        [{ backend: 's3', existingSecret: 'a', s3: { bucket: 'images', secretKeys: { secretKey: '' } } }, /cache\.shared\.s3\.secretKeys needs accessKey and secretKey/],
+        [{ backend: 'gcs', existingSecret: 'a', gcs: { bucket: 'images', secretKeys: { key: '' } } }, /cache\.shared\.gcs\.secretKeys\.key must name the key/],
+      ];
+      for (const [values, message] of refusals) await assert.rejects(renderWith(shared(values)), message, JSON.stringify(values));
+      await assert.rejects(renderWith(shared({ backend: 's3', s3: { bucket: 'images' } }), '--set', 'cache.enabled=false'), /cache\.shared needs the node cache: set cache\.enabled=true/);
+    });
+
+    it('lints clean with a shared backend', async () => {
+      const file = join(dir, 'shared-lint.yaml');
+      writeFileSync(file, stringifyYaml(shared({ backend: 'azure', existingSecret: 'azure-storage', azure: { container: 'images' } })));
+      assert.match(await runAsync(helm, ['lint', CHART, '--strict', '-f', valuesFile, '-f', file]), /0 chart\(s\) failed/);
+    });
   });
 
   describe('NetworkPolicies', () => {

@@ -59,6 +59,10 @@ cache:
   tagTTLSeconds: {{ .Values.cache.tagTTLSeconds | int }}
   staleIfErrorSeconds: {{ .Values.cache.staleIfErrorSeconds | int }}
   credentialTTLSeconds: {{ .Values.cache.credentialTTLSeconds | int }}
+  {{- with include "pullbridge.sharedConfig" . }}
+  shared:
+    {{- . | nindent 4 }}
+  {{- end }}
 {{- end }}
 registries:
 {{- range .Values.registries }}
@@ -117,4 +121,123 @@ registries:
   readOnly: true
 {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/* The shared cache tier (cache.shared): the selected backend, "" when off, after checking the
+     values; every template that renders part of it goes through here, so a bad combination fails
+     the whole chart with one message. */}}
+{{- define "pullbridge.sharedBackend" -}}
+{{- $shared := .Values.cache.shared | default dict -}}
+{{- $backend := $shared.backend | default "" -}}
+{{- $backends := list "s3" "azure" "gcs" "filesystem" -}}
+{{- range $key, $_ := $shared }}
+{{- if not (has $key (concat $backends (list "backend" "existingSecret" "fillWaitSeconds" "timeoutSeconds"))) }}
+{{- fail (printf "cache.shared.%s is not a setting of the shared cache tier: the backends are s3, azure, gcs and filesystem, chosen with cache.shared.backend" $key) }}
+{{- end }}
+{{- end }}
+{{- if not (has $backend (concat (list "") $backends)) }}
+{{- fail (printf "cache.shared.backend must be s3, azure, gcs or filesystem (or empty: no shared tier), not %q" $backend) }}
+{{- end }}
+{{- if $backend }}
+{{- if not .Values.cache.enabled }}
+{{- fail "cache.shared needs the node cache: set cache.enabled=true, or cache.shared.backend=\"\"" }}
+{{- end }}
+{{- /* What names each backend's store; another backend's being set is a second backend. */}}
+{{- $names := dict "s3" "bucket" "azure" "container" "gcs" "bucket" "filesystem" "existingClaim" -}}
+{{- range $other := $backends }}
+{{- $name := get $names $other }}
+{{- $value := dig $name "" (get $shared $other | default dict) }}
+{{- if and (eq $other $backend) (not $value) }}
+{{- fail (printf "cache.shared.backend is %s: set cache.shared.%s.%s" $backend $backend $name) }}
+{{- end }}
+{{- if and (ne $other $backend) $value }}
+{{- fail (printf "cache.shared.backend is %s, but cache.shared.%s.%s is set too: the shared tier has one backend (clear the %s settings)" $backend $other $name $other) }}
+{{- end }}
+{{- end }}
+{{- $config := get $shared $backend -}}
+{{- $keys := $config.secretKeys | default dict -}}
+{{- if eq $backend "s3" }}
+{{- if and $shared.existingSecret (not (and $keys.accessKey $keys.secretKey)) }}
+{{- fail "cache.shared.s3.secretKeys needs accessKey and secretKey (the key names in cache.shared.existingSecret)" }}
+{{- end }}
+{{- else if eq $backend "azure" }}
+{{- if not $shared.existingSecret }}
+{{- fail "cache.shared.backend is azure: set cache.shared.existingSecret, a Secret with the storage account key or a SAS token (Azure has no default credential chain here)" }}
+{{- end }}
+{{- if not (or $keys.sasToken $keys.accountKey) }}
+{{- fail "cache.shared.azure.secretKeys needs accountKey or sasToken (the key name in cache.shared.existingSecret)" }}
+{{- end }}
+{{- if not (or $config.accountName $keys.accountName) }}
+{{- fail "cache.shared.azure needs accountName, or secretKeys.accountName to read it from cache.shared.existingSecret" }}
+{{- end }}
+{{- else if eq $backend "gcs" }}
+{{- if and $shared.existingSecret (not $keys.key) }}
+{{- fail "cache.shared.gcs.secretKeys.key must name the key in cache.shared.existingSecret that holds the service account key" }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $backend -}}
+{{- end -}}
+
+{{/* The Secret keys mounted for the shared tier: file name under /etc/pullbridge/shared -> key. */}}
+{{- define "pullbridge.sharedFiles" -}}
+{{- $backend := include "pullbridge.sharedBackend" . -}}
+{{- $shared := .Values.cache.shared -}}
+{{- $files := dict -}}
+{{- if and $backend $shared.existingSecret -}}
+{{- $config := get $shared $backend -}}
+{{- $keys := $config.secretKeys | default dict -}}
+{{- if eq $backend "s3" -}}
+{{- $files = dict "access-key" $keys.accessKey "secret-key" $keys.secretKey -}}
+{{- else if eq $backend "azure" -}}
+{{- if $keys.sasToken }}{{ $_ := set $files "sas-token" $keys.sasToken }}{{ else }}{{ $_ := set $files "account-key" $keys.accountKey }}{{ end -}}
+{{- if not $config.accountName }}{{ $_ := set $files "account-name" $keys.accountName }}{{ end -}}
+{{- else if eq $backend "gcs" -}}
+{{- $files = dict "key" $keys.key -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $files -}}
+{{- end -}}
+
+{{/* config.yaml's cache.shared, at the indentation of `cache`'s keys' values. */}}
+{{- define "pullbridge.sharedConfig" -}}
+{{- $backend := include "pullbridge.sharedBackend" . -}}
+{{- if $backend -}}
+{{- $shared := .Values.cache.shared -}}
+{{- $config := get $shared $backend -}}
+{{- $files := include "pullbridge.sharedFiles" . | fromJson -}}
+fillWaitSeconds: {{ $shared.fillWaitSeconds | default 120 | int }}
+timeoutSeconds: {{ $shared.timeoutSeconds | default 30 | int }}
+{{ $backend }}:
+{{- if eq $backend "s3" }}
+  bucket: {{ $config.bucket | toJson }}
+  region: {{ $config.region | default "us-east-1" | toJson }}
+  {{- with $config.endpoint }}
+  endpoint: {{ . | toJson }}
+  {{- end }}
+  forcePathStyle: {{ $config.forcePathStyle | default false }}
+{{- else if eq $backend "azure" }}
+  container: {{ $config.container | toJson }}
+  {{- with $config.accountName }}
+  accountName: {{ . | toJson }}
+  {{- end }}
+  {{- with $config.endpoint }}
+  endpoint: {{ . | toJson }}
+  {{- end }}
+{{- else if eq $backend "gcs" }}
+  bucket: {{ $config.bucket | toJson }}
+  {{- with $config.endpoint }}
+  endpoint: {{ . | toJson }}
+  {{- end }}
+{{- else if eq $backend "filesystem" }}
+  path: /var/lib/pullbridge/shared
+{{- end }}
+{{- with $config.prefix }}
+  prefix: {{ . | toJson }}
+{{- end }}
+{{- $paths := dict "access-key" "accessKeyFile" "secret-key" "secretKeyFile" "account-name" "accountNameFile" "account-key" "accountKeyFile" "sas-token" "sasTokenFile" "key" "keyFile" }}
+{{- range $file, $_ := $files }}
+  {{ get $paths $file }}: /etc/pullbridge/shared/{{ $file }}
+{{- end }}
+{{- end -}}
 {{- end -}}

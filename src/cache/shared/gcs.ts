@@ -2,13 +2,12 @@
 // (`ifGenerationMatch=0`); large files go up as resumable uploads, which GCS finalizes only with the
 // last chunk, so an object is never visible in part and of several nodes one wins.
 
-import { constants, createReadStream } from 'node:fs';
-import { access } from 'node:fs/promises';
+import { createReadStream } from 'node:fs';
 import { addAbortSignal, Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { deadline, isCallerAbort, messageOf, networkFailure } from './common.js';
+import { deadline, isCallerAbort, messageOf, networkFailure, readSecretFile } from './common.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
@@ -17,16 +16,44 @@ type GcsConfig = NonNullable<SharedConfig['gcs']>;
  * in one request, which GCS stores whole or not at all. */
 const CHUNK_SIZE = 8 * 1024 * 1024;
 
+/**
+ * A service account key file's text: the JSON key as Google issues it, or base64 of it, as an SAP
+ * BTP Object Store binding carries it (`base64EncodedPrivateKeyData`). Returns the parsed key.
+ */
+export function parseGcsKey(text: string): NonNullable<StorageOptions['credentials']> {
+  let json = text.trim();
+  if (!json.startsWith('{')) {
+    const compact = json.replace(/\s+/g, '');
+    const decoded = /^[A-Za-z0-9+/]+={0,2}$/.test(compact) ? Buffer.from(compact, 'base64').toString('utf8').trim() : '';
+    if (!decoded.startsWith('{')) throw new Error('holds neither a JSON service account key nor base64 of one');
+    json = decoded;
+  }
+  let key: unknown;
+  try {
+    key = JSON.parse(json);
+  } catch (error) {
+    throw new Error(`holds no valid JSON: ${messageOf(error)}`, { cause: error });
+  }
+  if (typeof key !== 'object' || key === null || Array.isArray(key)) throw new Error('holds JSON that is not a key object');
+  return key as NonNullable<StorageOptions['credentials']>;
+}
+
 export async function openGcsStore(config: GcsConfig, timeoutSeconds: number): Promise<SharedStore> {
-  // The library reads the key file at the first request; a missing or unreadable one is reported
-  // here instead, as for the other stores' credential files.
+  // Read once at open, as the other stores' credential files are: a missing or unreadable file is
+  // reported here, not at the first request.
+  let credentials: StorageOptions['credentials'];
   if (config.keyFile) {
-    await access(config.keyFile, constants.R_OK).catch((error: unknown) => {
+    const text = await readSecretFile(config.keyFile).catch((error: unknown) => {
       throw new SharedStoreError('denied', `reading the GCS key file: ${messageOf(error)}`, { cause: error });
     });
+    try {
+      credentials = parseGcsKey(text);
+    } catch (error) {
+      throw new SharedStoreError('denied', `the GCS key file ${config.keyFile} ${messageOf(error)}`, { cause: error });
+    }
   }
   const options: StorageOptions = {
-    keyFilename: config.keyFile,
+    ...(credentials ? { credentials } : {}),
     apiEndpoint: config.endpoint,
     // A custom endpoint is an emulator unless a key file is given (a private endpoint of the real
     // service): the library skips authentication at custom endpoints unless told otherwise.
