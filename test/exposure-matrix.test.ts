@@ -5,7 +5,8 @@
 // the node's network backs a NodePort Service and a hostPort, and one hostNetwork Pod listens on the
 // node itself; every exposure is dialled from inside the node on 127.0.0.1 and on the node's address.
 // Each Pod answers with a line of its own, so a dial tells who answered. Last, a second NodePort
-// Service is given the hostNetwork Pod's port, and that port is dialled again.
+// Service is given the hostNetwork Pod's port, and that port is dialled again; and the proxy command
+// runs inside the node on 127.0.0.1 at a third NodePort's port.
 //
 // `--nodeport-addresses` unset means every local address in iptables and ipvs mode; in nftables mode
 // it means `primary`, the Node's InternalIP, which is 127.0.0.1 on this node (its name), and
@@ -25,14 +26,20 @@
 //               OUTPUT comes before the hostNetwork listener, which no longer sees those
 //               connections (a node's image pulls would go to that Service).
 //     nftables: the hostNetwork Pod keeps 127.0.0.1:30500; the node address goes to the Service.
+//   `pullbridge proxy` on 127.0.0.1:30502 (a NodePort Service given 30502 too), its listener check
+//   on: under iptables it finds its address answered by the Service's Pod ("an answer that is not
+//   HTTP"), /readyz 503, pullbridge_proxy_listener_claimed 0, the warning logged; under nftables it
+//   answers its address itself, /readyz 200.
 // ipvs mode needs the kernel's ip_vs module and the ipset command; where they are missing its case is
 // skipped, naming what is missing (kube-proxy would exit: "can't use the IPVS proxier").
 
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CoreV1Api, KubeConfig, type V1Pod } from '@kubernetes/client-node';
+import type { ListenerStatus } from '../src/proxy/listener.js';
+import { CLI } from './support/cli.js';
 import { startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { isSchedulable, waitForNode } from './support/cluster.js';
 import { buildWorkloadImage, nodePod, startNode, stopAllNodes, type KubeProxyMode, type RealNode } from './support/node.js';
@@ -47,6 +54,10 @@ const HOST_PORT = 18080;
 /** Inside the NodePort range (30000-32767, the apiserver's default): the chart's proxy.port with
  * the hostNetwork exposure, which a NodePort Service can also be given. */
 const HOST_NETWORK_PORT = 30500;
+/** The real proxy's registry port on the node's 127.0.0.1 (inside the NodePort range, as 30500),
+ * and its operations port (outside it). */
+const PROXY_PORT = 30502;
+const PROXY_OPS_PORT = 19090;
 /** Bounded waits (the machine is shared and slow at times): generous, never a measure of speed. */
 const WAIT_MS = 90_000;
 const MESSAGE = 'exposure matrix';
@@ -71,6 +82,9 @@ interface Case {
   /** Once a NodePort Service is given the port the hostNetwork Pod listens on: who answers that
    * port on 127.0.0.1 and on the node's address. */
   readonly nodePortOnHostNetworkPort: { readonly loopback: Outcome; readonly nodeAddress: Outcome };
+  /** `pullbridge proxy` on 127.0.0.1 at a port a NodePort Service is given: whether its listener
+   * check finds its address answered by itself. */
+  readonly proxyClaimsLoopback: boolean;
   /** A line kube-proxy logs in this case. */
   readonly logs?: RegExp;
 }
@@ -81,18 +95,21 @@ const CASES: readonly Case[] = [
     nodePortAddresses: [],
     nodePort: { loopback: 'web', nodeAddress: 'web' },
     nodePortOnHostNetworkPort: { loopback: 'web', nodeAddress: 'web' },
+    proxyClaimsLoopback: false,
   },
   {
     mode: 'nftables',
     nodePortAddresses: [],
     nodePort: { loopback: 'refused', nodeAddress: 'web' },
     nodePortOnHostNetworkPort: { loopback: 'hostNetwork', nodeAddress: 'web' },
+    proxyClaimsLoopback: true,
   },
   {
     mode: 'nftables',
     nodePortAddresses: ['127.0.0.0/8', `${NODE_ADDRESS}/32`],
     nodePort: { loopback: 'refused', nodeAddress: 'web' },
     nodePortOnHostNetworkPort: { loopback: 'hostNetwork', nodeAddress: 'web' },
+    proxyClaimsLoopback: true,
     logs: /--nodeport-addresses includes localhost but localhost NodePorts are not supported/,
   },
   // Not observed here (no ip_vs): kube-proxy's ipvs proxier leaves loopback out of the NodePort
@@ -102,6 +119,7 @@ const CASES: readonly Case[] = [
     nodePortAddresses: [],
     nodePort: { loopback: 'refused', nodeAddress: 'web' },
     nodePortOnHostNetworkPort: { loopback: 'hostNetwork', nodeAddress: 'web' },
+    proxyClaimsLoopback: true,
   },
 ];
 
@@ -228,7 +246,7 @@ describe('exposure matrix: NodePort, hostPort and hostNetwork on the node\'s 127
         await stopping?.stop();
         // The next node registers under the same name: nothing of this one may be left for it.
         if (stopping) {
-          for (const service of ['web', 'on-host-network-port']) await core.deleteNamespacedService({ name: service, namespace }).catch(() => undefined);
+          for (const service of ['web', 'on-host-network-port', 'on-proxy-port']) await core.deleteNamespacedService({ name: service, namespace }).catch(() => undefined);
           for (const pod of ['web', 'hostnet']) await core.deleteNamespacedPod({ name: pod, namespace, gracePeriodSeconds: 0 }).catch(() => undefined);
           await core.deleteNode({ name: stopping.name }).catch(() => undefined);
         }
@@ -257,12 +275,59 @@ describe('exposure matrix: NodePort, hostPort and hostNetwork on the node\'s 127
         await expectOnBoth(HOST_NETWORK_PORT, c.nodePortOnHostNetworkPort);
       });
 
+      // The proxy's own check (src/proxy/listener.ts) against the real DNAT: the command as the chart
+      // runs it with the hostNetwork exposure, inside the node; the Service's Pod answers a line
+      // that is not HTTP.
+      it(`pullbridge proxy on 127.0.0.1 at a NodePort Service's port: ${c.proxyClaimsLoopback ? 'answered by itself, ready' : 'finds its address answered by the Service, not ready, and warns'}`, async () => {
+        await core.createNamespacedService({
+          namespace,
+          body: { metadata: { name: 'on-proxy-port' }, spec: { type: 'NodePort', selector: { app: 'web' }, ports: [{ port: 80, targetPort: APP_PORT, nodePort: PROXY_PORT }] } },
+        });
+        await answers(NODE_ADDRESS, PROXY_PORT, 'web');
+        const config = join(dir, `proxy-${index}.yaml`);
+        writeFileSync(config, 'registries:\n  - {name: corp, match: [corp.example], upstream: "http://127.0.0.1:9", auth: {mode: anonymous}}\n');
+        // Inside the node: start the command, wait for its first check, read /status, /readyz and
+        // /metrics from its operations port, stop it (and wait for it: nothing stays in the node).
+        const script = `
+          const child = require('child_process').spawn(process.execPath, [${JSON.stringify(CLI)}, 'proxy', '--config', ${JSON.stringify(config)}, '--host', '127.0.0.1', '--port', '${PROXY_PORT}', '--ops-host', '127.0.0.1', '--ops-port', '${PROXY_OPS_PORT}', '--probe-interval', '3600'], { stdio: ['ignore', 'pipe', 'pipe'] });
+          let log = '';
+          child.stdout.on('data', (c) => (log += c));
+          child.stderr.on('data', (c) => (log += c));
+          const ops = 'http://127.0.0.1:${PROXY_OPS_PORT}';
+          const finish = (result) => { child.once('exit', () => { process.stdout.write(JSON.stringify({ ...result, log })); process.exit(0); }); child.kill('SIGTERM'); };
+          (async () => {
+            for (let i = 0; i < 150; i++, await new Promise((r) => setTimeout(r, 200))) {
+              try {
+                const listener = (await (await fetch(ops + '/status')).json()).listener;
+                if (listener && listener.claimed !== null) {
+                  const readyz = (await fetch(ops + '/readyz')).status;
+                  const metric = /^pullbridge_proxy_listener_claimed (\\d+)$/m.exec(await (await fetch(ops + '/metrics')).text())?.[1] ?? null;
+                  return finish({ listener, readyz, metric });
+                }
+              } catch {}
+            }
+            finish({ listener: null });
+          })();`;
+        if (!node) throw new Error('the node is not running');
+        const seen = JSON.parse(await node.exec(process.execPath, ['-e', script])) as { listener: ListenerStatus | null; readyz?: number; metric?: string | null; log: string };
+        const report = JSON.stringify({ ...seen, log: seen.log.slice(-3000) });
+        assert.equal(seen.listener?.address, `127.0.0.1:${PROXY_PORT}`, report);
+        const warning = /127\.0\.0\.1:30502 is answered by something other than this proxy \(.*\): is a NodePort Service using port 30502\?/;
+        if (c.proxyClaimsLoopback) {
+          assert.deepEqual([seen.listener?.claimed, seen.listener?.answeredBy, seen.readyz, seen.metric], [true, 'this proxy', 200, '1'], report);
+          assert.doesNotMatch(seen.log, warning, report);
+        } else {
+          assert.deepEqual([seen.listener?.claimed, seen.listener?.answeredBy, seen.readyz, seen.metric], [false, 'an answer that is not HTTP', 503, '0'], report);
+          assert.match(seen.log, warning, report);
+        }
+      });
+
       it('stops cleanly: no process, mount, cgroup, sysctl or nftables table left on this machine', async () => {
         const stopping = node;
         node = undefined;
         assert.ok(stopping);
         assert.deepEqual(await stopping.stop(), []);
-        for (const service of ['web', 'on-host-network-port']) await core.deleteNamespacedService({ name: service, namespace });
+        for (const service of ['web', 'on-host-network-port', 'on-proxy-port']) await core.deleteNamespacedService({ name: service, namespace });
         for (const pod of ['web', 'hostnet']) await core.deleteNamespacedPod({ name: pod, namespace, gracePeriodSeconds: 0 });
         await core.deleteNode({ name: stopping.name });
       });
