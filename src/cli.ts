@@ -33,6 +33,10 @@ Usage:
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
   pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
+                     (on a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
+                      every --probe-interval that its own address is answered by itself: a NodePort Service
+                      on the same port takes the address over under kube-proxy's iptables mode; then /readyz
+                      fails, /status shows who answers, and pullbridge_proxy_listener_claimed is 0)
   pullbridge pull-secret --config FILE --namespace NS
   pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...
   pullbridge node-setup --config FILE [--registries-dir DIR] [--once]

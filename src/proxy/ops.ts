@@ -7,6 +7,7 @@ import { warmImages } from '../cache/warm.js';
 import { parseWarmRequest, WARM_BODY_LIMIT_BYTES } from '../cache/warmplan.js';
 import type { Logger } from '../log.js';
 import type { Prober } from '../upstream/probe.js';
+import type { ListenerStatus } from './listener.js';
 import type { ProxyRuntime } from './runtime.js';
 
 export interface OpsHandlerOptions {
@@ -15,6 +16,8 @@ export interface OpsHandlerOptions {
   readonly prober?: Prober;
   readonly ready?: () => boolean;
   readonly logger?: Logger;
+  /** The registry listener's claim on its loopback address, when checked (src/proxy/listener.ts). */
+  readonly listener?: () => ListenerStatus | undefined;
 }
 
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
@@ -151,7 +154,7 @@ export async function serveOps(options: OpsHandlerOptions, url: string, res: Ser
     res.writeHead(200, { 'content-type': options.metrics.contentType }).end(text);
   } else {
     const runtime = options.runtime();
-    const body = JSON.stringify({ configLoaded: runtime !== undefined, rules: runtime?.config.registries.map((r) => r.name) ?? [], upstreams: options.prober?.statuses() ?? [], cache: runtime?.cache?.status() ?? null }, null, 2);
+    const body = JSON.stringify({ configLoaded: runtime !== undefined, rules: runtime?.config.registries.map((r) => r.name) ?? [], upstreams: options.prober?.statuses() ?? [], cache: runtime?.cache?.status() ?? null, listener: options.listener?.() ?? null }, null, 2);
     res.writeHead(200, { 'content-type': 'application/json; charset=utf-8' }).end(body);
   }
 }

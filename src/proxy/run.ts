@@ -1,5 +1,7 @@
 // The proxy process: server, prober, live config (a new runtime per config; the old one drains).
 
+import { randomBytes } from 'node:crypto';
+import type { AddressInfo } from 'node:net';
 import { setFlagsFromString } from 'node:v8';
 import { Gauge, type Registry } from 'prom-client';
 import { NodeCache } from '../cache/nodecache.js';
@@ -10,7 +12,9 @@ import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import type { SkippedBrokerKey } from '../shell/secretfiles.js';
 import { listen, type RunningServer } from '../shell/serve.js';
+import { isLoopbackAddress } from '../upstream/addresses.js';
 import { Prober } from '../upstream/probe.js';
+import { ListenerCheck } from './listener.js';
 import { BODY_HIGH_WATER_MARK } from './stream.js';
 import { createOpsHandler } from './ops.js';
 import { createProxyRuntime, type ProxyRuntime } from './runtime.js';
@@ -36,6 +40,13 @@ export interface ProxyRunOptions {
   readonly maxConnectionsPerSource?: number;
   /** This node's name, as the shared cache tier's fill claims say who fetches (the chart passes the Node's). */
   readonly nodeName?: string;
+  /**
+   * Where the listener check dials (see listenerCheck below); the registry's own listening address
+   * when not given. Tests point it at a stand-in for another party answering that address.
+   */
+  readonly listenerCheckDial?: { readonly host: string; readonly port: number };
+  /** Where records go; a logger to stdout when not given. */
+  readonly logger?: Logger;
 }
 
 export const DEFAULT_MAX_CONNECTIONS = 1024;
@@ -74,9 +85,11 @@ function reportSkippedBrokerKeys(logger: Logger, metrics: Registry): (skipped: r
   };
 }
 
-export async function runProxy(options: ProxyRunOptions): Promise<{ running: RunningServer; ops: RunningServer | undefined; watcher: ConfigWatcher | undefined; shutdown(): Promise<void> }> {
+export async function runProxy(
+  options: ProxyRunOptions,
+): Promise<{ running: RunningServer; ops: RunningServer | undefined; watcher: ConfigWatcher | undefined; listener: ListenerCheck | undefined; shutdown(): Promise<void> }> {
   tuneRuntimeForRelay();
-  const logger = createLogger({ name: 'pullbridge-proxy' });
+  const logger = options.logger ?? createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
   const onVerifyKeys = reportSkippedBrokerKeys(logger, metrics);
   // The node cache is opened once, from the first config; later configs change its settings only.
@@ -106,11 +119,22 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
       })
     : undefined;
   watcher?.start();
-  const opsOptions = { runtime: () => runtime, metrics, prober, ready: () => !draining };
+  // Set once listening on a loopback address (below); read by /readyz and /status meanwhile.
+  let listener: ListenerCheck | undefined;
+  const opsOptions = { runtime: () => runtime, metrics, prober, ready: () => !draining && listener?.claimed() !== false, listener: () => listener?.status() };
   const separateOps = options.opsPort !== undefined;
-  const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps });
+  const instanceId = randomBytes(16).toString('hex');
+  const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps, instanceId });
   const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerSource: options.maxConnectionsPerSource ?? DEFAULT_MAX_CONNECTIONS_PER_SOURCE });
   const ops = separateOps ? await listen(createOpsHandler({ ...opsOptions, logger }), { host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: 64 }) : undefined;
+  // On the node's loopback (the hostNetwork exposure), a NodePort Service on the same port takes
+  // this address over under kube-proxy's iptables mode: check that this process answers it.
+  const bound = running.server.address() as AddressInfo;
+  if (isLoopbackAddress(bound.address)) {
+    listener = new ListenerCheck({ listening: { host: bound.address, port: bound.port }, ...(options.listenerCheckDial ? { dial: options.listenerCheckDial } : {}), instanceId, metrics, logger, ownListenerFull: (source) => running.full(source) });
+    const check = listener;
+    prober.schedule(() => check.check());
+  }
   if (ops) logger.info({ url: ops.url }, 'operations endpoints listening');
   else logger.warn('/metrics and /status are served on the registry port, which every Pod on the node can reach, and name the upstreams: give the proxy an --ops-port');
   // Interval 0: no probing (the demo's sample upstreams are placeholders).
@@ -120,6 +144,7 @@ export async function runProxy(options: ProxyRunOptions): Promise<{ running: Run
     running,
     ops,
     watcher,
+    listener,
     async shutdown() {
       draining = true;
       watcher?.stop();

@@ -13,6 +13,7 @@ import type { Budget } from './budget.js';
 import { registryError } from './errors.js';
 import { recordExchange, registerMetrics, type Exchange, type ProxyMetrics } from './exchange.js';
 import { ClientLimits } from './limits.js';
+import { INSTANCE_HEADER } from './listener.js';
 import { isOpsRequest, serveOps, type OpsHandlerOptions } from './ops.js';
 import { parseRoute, type Route } from './route.js';
 import type { ProxyRuntime } from './runtime.js';
@@ -31,6 +32,9 @@ export interface ProxyHandlerOptions extends OpsHandlerOptions {
   readonly blobStreamsPerClient?: number;
   /** A client that reads a blob slower than this, while the proxy waits for it, is cut. */
   readonly minimumClientRate?: MinimumRate;
+  /** This process's random id, sent on every answer so that the listener check knows its own
+   * (src/proxy/listener.ts); nothing else about the process. */
+  readonly instanceId?: string;
 }
 
 type ContentRoute = Extract<Route, { kind: ContentKind }>;
@@ -41,6 +45,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
   return (req, res) => {
     const url = req.url ?? '';
     res.setHeader('docker-distribution-api-version', 'registry/2.0');
+    if (options.instanceId !== undefined) res.setHeader(INSTANCE_HEADER, options.instanceId);
     if (isOpsRequest(req.method, url, opsOnRegistryPort)) {
       void serveOps(options, url, res);
       return;

@@ -44,6 +44,9 @@ export interface RunningServer {
   readonly server: http.Server;
   readonly port: number;
   readonly url: string;
+  /** Whether a new connection from `source` would be closed on arrival (maxConnections or
+   * maxConnectionsPerSource reached). */
+  full(source: string): boolean;
   /** Stops accepting, lets in-flight requests finish (up to graceMs), then closes the rest. */
   close(graceMs?: number): Promise<void>;
 }
@@ -82,7 +85,7 @@ export async function listen(requestHandler: http.RequestListener, options: List
   server.requestTimeout = 0;
   server.timeout = idleTimeout;
   if (options.maxConnections !== undefined) server.maxConnections = options.maxConnections;
-  if (options.maxConnectionsPerSource !== undefined) limitPerSource(server, options.maxConnectionsPerSource);
+  const full = options.maxConnections !== undefined || options.maxConnectionsPerSource !== undefined ? countConnections(server, options.maxConnectionsPerSource) : () => false;
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(options.port, options.host, () => {
@@ -96,6 +99,7 @@ export async function listen(requestHandler: http.RequestListener, options: List
     server,
     port,
     url: `${options.tls ? 'https' : 'http'}://${host}:${port}`,
+    full,
     close(graceMs = 10_000) {
       return new Promise<void>((resolve) => {
         const timer = setTimeout(() => server.closeAllConnections(), graceMs);
@@ -110,13 +114,21 @@ export async function listen(requestHandler: http.RequestListener, options: List
   };
 }
 
-/** Closes a source's connections beyond `limit` on arrival; counts drop as connections close. */
-function limitPerSource(server: http.Server, limit: number): void {
+/**
+ * Counts open connections, in total (as server.maxConnections does) and per source, and closes a
+ * source's connections beyond `perSource` on arrival; counts drop as connections close. Returns
+ * whether a new connection from a source would be closed on arrival.
+ */
+function countConnections(server: http.Server, perSource: number | undefined): (source: string) => boolean {
   const open = new Map<string, number>();
+  let total = 0;
   server.on('connection', (socket: Socket) => {
+    total++;
+    socket.once('close', () => total--);
+    if (perSource === undefined) return;
     const source = socket.remoteAddress ?? '';
     const count = (open.get(source) ?? 0) + 1;
-    if (count > limit) {
+    if (count > perSource) {
       socket.destroy();
       return;
     }
@@ -127,4 +139,5 @@ function limitPerSource(server: http.Server, limit: number): void {
       else open.delete(source);
     });
   });
+  return (source) => (Number.isFinite(server.maxConnections) && total >= server.maxConnections) || (perSource !== undefined && (open.get(source) ?? 0) >= perSource);
 }

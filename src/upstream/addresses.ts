@@ -65,6 +65,17 @@ function normalise(address: string): { address: string; type: 'ipv4' | 'ipv6' } 
   return { address: bare, type: family === 4 ? 'ipv4' : 'ipv6' };
 }
 
+const loopback = blockList([
+  ['127.0.0.0', 8, 'ipv4'],
+  ['::1', 128, 'ipv6'],
+]);
+
+/** Whether `address` (an IP, IPv4-mapped included) is the host's loopback. */
+export function isLoopbackAddress(address: string): boolean {
+  const ip = normalise(address);
+  return ip !== null && loopback.check(ip.address, ip.type);
+}
+
 export interface AllowedAddresses {
   /** The rule's `redirects.allow` blocks: open private addresses. */
   readonly blocks: BlockList;

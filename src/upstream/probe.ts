@@ -28,6 +28,8 @@ export interface ProbeTargets {
 export class Prober {
   private readonly status = new Map<string, UpstreamStatus>();
   private timer: NodeJS.Timeout | undefined;
+  /** Other checks run on the probes' schedule (the registry listener's claim, src/proxy/listener.ts). */
+  private readonly checks: Array<() => Promise<unknown>> = [];
   private readonly up: Gauge<'rule'>;
   private readonly authOk: Gauge<'rule'>;
   private readonly latency: Gauge<'rule'>;
@@ -43,9 +45,18 @@ export class Prober {
     this.latency = new Gauge({ name: 'pullbridge_upstream_probe_seconds', help: 'Duration of the last probe', labelNames: ['rule'], registers: [registry] });
   }
 
+  /** Runs `check` at start() and every interval after, beside the upstream probes. */
+  schedule(check: () => Promise<unknown>): void {
+    this.checks.push(check);
+  }
+
   start(): void {
-    void this.probeAll();
-    this.timer = setInterval(() => void this.probeAll(), this.intervalMs);
+    const tick = () => {
+      void this.probeAll();
+      for (const check of this.checks) void check();
+    };
+    tick();
+    this.timer = setInterval(tick, this.intervalMs);
     this.timer.unref();
   }
 
