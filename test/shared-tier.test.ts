@@ -221,3 +221,74 @@ for (const backend of backends) {
     });
   });
 }
+
+describe('the shared cache tier and its credential files: missing at start, wrong, then rotated (S3 API, versitygw)', function () {
+  this.timeout(180_000);
+  let upstream: RegistryHandle;
+  let s3: S3Server;
+  let node: ProxyUnderTest | undefined;
+  let puller: Containerd;
+  const dirs: string[] = [];
+
+  before(async () => {
+    upstream = await startRegistry({ accessLog: true });
+    s3 = await startVersitygw();
+    puller = await startContainerd();
+  });
+
+  after(async () => {
+    await node?.close();
+    await puller?.stop();
+    await upstream?.stop();
+    await s3?.stop();
+    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('starts the proxy without them, pulls from the upstream meanwhile, and takes up the rotated files without a restart', async () => {
+    const secrets = mkdtempSync(join(tmpdir(), 'pullbridge-shared-secrets-'));
+    const path = mkdtempSync(join(tmpdir(), 'pullbridge-node-rotation-'));
+    dirs.push(secrets, path);
+    const accessKeyFile = join(secrets, 'access-key');
+    const secretKeyFile = join(secrets, 'secret-key');
+    node = await startProxy(
+      { cache: { path, shared: { s3: { bucket: s3.bucket, endpoint: s3.endpoint, forcePathStyle: true, accessKeyFile, secretKeyFile }, timeoutSeconds: 5 } }, registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: upstream.url, auth: { mode: 'broker' } }] },
+      {},
+      {},
+      {},
+      { nodeName: 'node-r' },
+    );
+    const current = node;
+    const status = () => (current.cache?.status() as { shared: { up: boolean; failure?: string; location: string | null; blobsWritten: number } }).shared;
+    const pullNew = async (tag: string) => {
+      const image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [128 * 1024] });
+      await upstream.push(image, 'team/app', tag);
+      await puller.fetch(`${current.host}/corp/team/app:${tag}`, { user: current.credential('shop') });
+      for (const layer of image.layers) assert.equal(sha(await puller.content(layer.digest)), layer.digest);
+      await current.cache?.sharing();
+    };
+
+    // The Secret not mounted yet: the proxy runs, pulls go to the upstream.
+    await pullNew('missing');
+    assert.equal(status().up, false);
+    assert.equal(status().failure, 'denied');
+    assert.equal(status().location, null);
+
+    // A wrong secret: the store opens, and refuses.
+    writeFileSync(accessKeyFile, readFileSync(s3.accessKeyFile));
+    writeFileSync(secretKeyFile, readFileSync(s3.wrongSecretKeyFile));
+    await new Promise((resolve) => setTimeout(resolve, 11_000)); // past the 5 s skip and the 10 s file check
+    await pullNew('wrong');
+    assert.equal(status().up, false);
+    assert.equal(status().failure, 'denied');
+    assert.equal(status().blobsWritten, 0);
+
+    // The rotated Secret: taken up at the next look at the files.
+    writeFileSync(secretKeyFile, readFileSync(s3.secretKeyFile));
+    await new Promise((resolve) => setTimeout(resolve, 11_000));
+    await pullNew('rotated');
+    assert.equal(status().up, true, JSON.stringify(status()));
+    assert.ok(status().blobsWritten >= 1, JSON.stringify(status()));
+    assert.ok(node.logs.records.some((r) => r.msg === 'shared cache tier credential files changed: reconnecting with them'));
+    assert.ok(node.logs.records.some((r) => r.msg === 'shared cache tier answers again'));
+  });
+});

@@ -92,9 +92,9 @@ export class NodeCache {
     const store = await NodeStore.open(settings.path, now, hashing.factory, options);
     let shared: SharedTier | undefined;
     if (settings.shared) {
-      const sharedStore = await openSharedStore(settings.shared);
-      shared = new SharedTier(sharedStore, settings.shared, options.nodeName ?? hostname(), registry, logger, now);
-      logger.info({ shared: sharedStore.location, kind: sharedStore.kind }, 'shared cache tier configured');
+      const config = settings.shared;
+      // Opened on first use, so that a store or credential file not there yet never stops the proxy.
+      shared = new SharedTier(() => openSharedStore(config), config, options.nodeName ?? hostname(), registry, logger, now);
     }
     const cache = new NodeCache(store, settings, registry, logger, now, hashing, shared);
     await cache.evict(0);

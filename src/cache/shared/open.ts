@@ -1,5 +1,7 @@
 // Opens the one shared-store backend a config names.
 
+import { createHash } from 'node:crypto';
+import { readFile } from 'node:fs/promises';
 import type { SharedConfig } from '../../rules/config.js';
 import { openAzureStore } from './azure.js';
 import { openFilesystemStore } from './filesystem.js';
@@ -13,4 +15,28 @@ export async function openSharedStore(config: SharedConfig): Promise<SharedStore
   if (config.gcs) return openGcsStore(config.gcs, config.timeoutSeconds);
   if (config.filesystem) return openFilesystemStore(config.filesystem.path);
   throw new Error('cache.shared names no backend');
+}
+
+/** The backend a config names. */
+export function sharedBackend(config: SharedConfig): SharedStore['kind'] {
+  if (config.s3) return 's3';
+  if (config.azure) return 'azure';
+  if (config.gcs) return 'gcs';
+  return 'filesystem';
+}
+
+/** The files a config reads credentials from (Secret mounts), in a fixed order. */
+export function sharedCredentialFiles(config: SharedConfig): string[] {
+  const files = [config.s3?.accessKeyFile, config.s3?.secretKeyFile, config.azure?.accountNameFile, config.azure?.accountKeyFile, config.azure?.sasTokenFile, config.gcs?.keyFile];
+  return files.filter((file): file is string => file !== undefined);
+}
+
+/** A digest of the files' contents (a missing file counts as such): changes when any of them does. */
+export async function filesIdentity(files: readonly string[]): Promise<string> {
+  const hash = createHash('sha256');
+  for (const file of files) {
+    const body = await readFile(file).catch(() => undefined);
+    hash.update(body ? `${body.length}:` : 'missing:').update(body ?? '');
+  }
+  return hash.digest('hex');
 }

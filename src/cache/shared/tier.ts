@@ -12,10 +12,15 @@ import { pipeline, Transform, type Readable } from 'node:stream';
 import type { Logger } from '../../log.js';
 import type { SharedConfig } from '../../rules/config.js';
 import { claimIsFresh, parseClaim, parseTagRecord, shouldShareTag, type SharedClaim, type TagRecord } from '../policy.js';
+import { filesIdentity, sharedBackend, sharedCredentialFiles } from './open.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedStore } from './store.js';
 
 /** After a failure, calls are skipped (answered "absent") this long before the store is tried again. */
 const RETRY_MS = 5_000;
+/** How often the credential files are looked at for a rotation, and how long a store replaced by a
+ * reconnection stays open for the calls still using it (an upload of a large blob). */
+const CREDENTIALS_CHECK_MS = 10_000;
+const RETIRED_STORE_CLOSE_MS = 30 * 60_000;
 /** How often a node waiting for another's fill looks for the blob. */
 const WAIT_POLL_MS = 500;
 /** A tag this node confirmed upstream is written again at most this often when its digest is unchanged. */
@@ -37,7 +42,8 @@ export const sharedKeys = {
 
 export interface SharedStatus {
   readonly kind: SharedStore['kind'];
-  readonly location: string;
+  /** null until the store could be opened. */
+  readonly location: string | null;
   readonly up: boolean;
   /** Why it is down, and since when (ISO time). */
   readonly failure?: SharedFailure;
@@ -56,8 +62,17 @@ export class SharedTier {
   private readonly requests: Counter<'operation' | 'result'>;
   private readonly bytes: Counter<'direction'>;
 
+  /** The open store; undefined until it opened (it is opened on first use, and again when the
+   * credential files change or after it could not be opened). */
+  private store: SharedStore | undefined;
+  private opening: Promise<SharedStore> | undefined;
+  /** The credential files' identity (inode, size, mtime) when last looked at, and when that was. */
+  private credentials: string | undefined;
+  private credentialsCheckedAt = -Infinity;
+
   constructor(
-    readonly store: SharedStore,
+    /** Opens the configured store (reads the credential files). */
+    private readonly open: () => Promise<SharedStore>,
     private readonly settings: SharedConfig,
     /** This node, as its claims name it. */
     readonly nodeName: string,
@@ -74,8 +89,8 @@ export class SharedTier {
 
   status(): SharedStatus {
     return {
-      kind: this.store.kind,
-      location: this.store.location,
+      kind: sharedBackend(this.settings),
+      location: this.store?.location ?? null,
       up: this.failure === undefined,
       ...(this.failure ? { failure: this.failure } : {}),
       since: new Date(this.since).toISOString(),
@@ -85,13 +100,13 @@ export class SharedTier {
 
   /** A blob's size in the tier; undefined when it is not there (or the tier is down). */
   async blobSize(digest: string): Promise<number | undefined> {
-    return this.call('stat', undefined, async () => (await this.store.stat(sharedKeys.blob(digest)))?.size);
+    return this.call('stat', undefined, async (store) => (await store.stat(sharedKeys.blob(digest)))?.size);
   }
 
   /** A blob's bytes (or a span); undefined when it is not there (or the tier is down). The caller
    * checks the digest: what comes from the tier is trusted no more than the upstream. */
   async readBlob(digest: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
-    const stream = await this.call('read', undefined, () => this.store.read(sharedKeys.blob(digest), span, signal));
+    const stream = await this.call('read', undefined, (store) => store.read(sharedKeys.blob(digest), span, signal));
     if (!stream) return undefined;
     this.tally.blobsRead++;
     // Counted as it passes, without a 'data' listener (which would start the stream flowing before
@@ -108,14 +123,14 @@ export class SharedTier {
 
   /** A small blob (a manifest) whole; undefined when it is not there (or the tier is down). */
   async readSmallBlob(digest: string): Promise<Buffer | undefined> {
-    const body = await this.call('record-read', undefined, () => this.store.readRecord(sharedKeys.blob(digest)));
+    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.blob(digest)));
     if (body) this.bytes.inc({ direction: 'read' }, body.length);
     return body;
   }
 
   /** Uploads a stored, digest-verified node file as the blob (unless it is there already). */
   async uploadBlob(digest: string, file: string, size: number): Promise<void> {
-    const outcome = await this.call('upload', undefined, () => this.store.createFromFile(sharedKeys.blob(digest), file, size));
+    const outcome = await this.call('upload', undefined, (store) => store.createFromFile(sharedKeys.blob(digest), file, size));
     if (outcome === 'created') {
       this.tally.blobsWritten++;
       this.bytes.inc({ direction: 'written' }, size);
@@ -124,7 +139,7 @@ export class SharedTier {
 
   /** A small blob (a manifest) whole, unless it is there already. */
   async writeSmallBlob(digest: string, body: Buffer): Promise<void> {
-    const created = await this.call('record-write', false, () => this.store.writeRecord(sharedKeys.blob(digest), body, { ifAbsent: true }));
+    const created = await this.call('record-write', false, (store) => store.writeRecord(sharedKeys.blob(digest), body, { ifAbsent: true }));
     if (created) {
       this.tally.blobsWritten++;
       this.bytes.inc({ direction: 'written' }, body.length);
@@ -133,16 +148,16 @@ export class SharedTier {
 
   /** A link's content (a manifest's media type, '' for a blob), or null without one. */
   async readLink(rule: string, repository: string, digest: string): Promise<string | null> {
-    const body = await this.call('record-read', undefined, () => this.store.readRecord(sharedKeys.link(rule, repository, digest)));
+    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.link(rule, repository, digest)));
     return body === undefined ? null : body.toString('utf8');
   }
 
   async writeLink(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
-    await this.call('record-write', false, () => this.store.writeRecord(sharedKeys.link(rule, repository, digest), Buffer.from(mediaType)));
+    await this.call('record-write', false, (store) => store.writeRecord(sharedKeys.link(rule, repository, digest), Buffer.from(mediaType)));
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
-    const body = await this.call('record-read', undefined, () => this.store.readRecord(sharedKeys.tag(rule, repository, tag)));
+    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.tag(rule, repository, tag)));
     return body === undefined ? undefined : parseTagRecord(body.toString('utf8'));
   }
 
@@ -151,7 +166,7 @@ export class SharedTier {
   async shareTag(rule: string, repository: string, tag: string, record: TagRecord): Promise<void> {
     const key = sharedKeys.tag(rule, repository, tag);
     if (!shouldShareTag(this.tagWrites.get(key), record, TAG_SHARE_REFRESH_SECONDS)) return;
-    const written = await this.call('record-write', false, () => this.store.writeRecord(key, Buffer.from(JSON.stringify(record))));
+    const written = await this.call('record-write', false, (store) => store.writeRecord(key, Buffer.from(JSON.stringify(record))));
     if (!written) return;
     this.tagWrites.delete(key);
     this.tagWrites.set(key, record);
@@ -170,24 +185,24 @@ export class SharedTier {
   async claim(digest: string): Promise<'ours' | 'theirs'> {
     const key = sharedKeys.claim(digest);
     const body = Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim));
-    const created = await this.call('claim', undefined, () => this.store.writeRecord(key, body, { ifAbsent: true }));
+    const created = await this.call('claim', undefined, (store) => store.writeRecord(key, body, { ifAbsent: true }));
     if (created !== false) return 'ours';
-    const existing = await this.call('claim', undefined, () => this.store.readRecord(key));
+    const existing = await this.call('claim', undefined, (store) => store.readRecord(key));
     const claim = existing ? parseClaim(existing.toString('utf8')) : undefined;
     if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
     // Stale (its filler died, or it is unreadable): this node takes over, overwriting it.
-    await this.call('claim', false, () => this.store.writeRecord(key, body));
+    await this.call('claim', false, (store) => store.writeRecord(key, body));
     return 'ours';
   }
 
   /** Removes a blob whose shared copy hashed wrong, so that the next upstream fill shares it again. */
   async removeBlob(digest: string): Promise<void> {
-    await this.call('remove', undefined, () => this.store.remove(sharedKeys.blob(digest)));
+    await this.call('remove', undefined, (store) => store.remove(sharedKeys.blob(digest)));
   }
 
   /** Ends this node's claim (the blob is uploaded, or the fill failed). */
   async release(digest: string): Promise<void> {
-    await this.call('claim', undefined, () => this.store.remove(sharedKeys.claim(digest)));
+    await this.call('claim', undefined, (store) => store.remove(sharedKeys.claim(digest)));
   }
 
   /**
@@ -200,31 +215,59 @@ export class SharedTier {
     while (!signal.aborted && this.now() < deadline && !this.failure) {
       const size = await this.blobSize(digest);
       if (size !== undefined) return size;
-      const claim = await this.call('claim', undefined, () => this.store.readRecord(sharedKeys.claim(digest)));
+      const claim = await this.call('claim', undefined, (store) => store.readRecord(sharedKeys.claim(digest)));
       if (claim === undefined) return await this.blobSize(digest);
       await new Promise((resolve) => setTimeout(resolve, WAIT_POLL_MS));
     }
     return undefined;
   }
 
-  close(): Promise<void> {
-    return this.store.close();
+  async close(): Promise<void> {
+    const store = this.store ?? (await this.opening?.catch(() => undefined));
+    await store?.close();
+  }
+
+  /**
+   * The store to call, opened when it is not (yet) and reopened when its credential files changed
+   * since the last look (a rotated Secret: kubelet swaps the mounted files in place), so that new
+   * credentials apply without a restart. The previous store is closed later: calls may still use it.
+   */
+  private async current(): Promise<SharedStore> {
+    if (this.now() - this.credentialsCheckedAt >= CREDENTIALS_CHECK_MS) {
+      this.credentialsCheckedAt = this.now();
+      const seen = await filesIdentity(sharedCredentialFiles(this.settings));
+      if (this.store && this.credentials !== undefined && seen !== this.credentials) {
+        this.logger.info({ shared: this.store.location }, 'shared cache tier credential files changed: reconnecting with them');
+        const previous = this.store;
+        this.store = undefined;
+        setTimeout(() => void previous.close().catch(() => undefined), RETIRED_STORE_CLOSE_MS).unref();
+      }
+      this.credentials = seen;
+    }
+    if (this.store) return this.store;
+    this.opening ??= this.open().finally(() => (this.opening = undefined));
+    const store = await this.opening;
+    if (!this.store) {
+      this.store = store;
+      this.logger.info({ shared: store.location, kind: store.kind }, 'shared cache tier opened');
+    }
+    return this.store;
   }
 
   /**
    * Runs one call to the store: its answer, or `fallback` when it fails (or is skipped because the
    * store failed less than RETRY_MS ago). Counted, and state changes logged once.
    */
-  private async call<T, F>(operation: SharedOperation, fallback: F, run: () => Promise<T>): Promise<T | F> {
+  private async call<T, F>(operation: SharedOperation, fallback: F, run: (store: SharedStore) => Promise<T>): Promise<T | F> {
     if (this.failure && this.now() < this.retryAt) {
       this.requests.inc({ operation, result: 'skipped' });
       return fallback;
     }
     try {
-      const value = await withTimeout(run(), operation === 'upload' || operation === 'read' ? undefined : this.settings.timeoutSeconds * 1000);
+      const value = await withTimeout(this.current().then(run), operation === 'upload' || operation === 'read' ? undefined : this.settings.timeoutSeconds * 1000);
       this.requests.inc({ operation, result: value === undefined ? 'absent' : 'ok' });
       if (this.failure) {
-        this.logger.info({ shared: this.store.location, downSeconds: Math.round((this.now() - this.since) / 1000) }, 'shared cache tier answers again');
+        this.logger.info({ shared: this.store?.location ?? sharedBackend(this.settings), downSeconds: Math.round((this.now() - this.since) / 1000) }, 'shared cache tier answers again');
         this.failure = undefined;
         this.since = this.now();
       }
@@ -234,7 +277,7 @@ export class SharedTier {
       this.requests.inc({ operation, result: 'failed' });
       this.retryAt = this.now() + RETRY_MS;
       if (this.failure !== failure) {
-        this.logger.warn({ shared: this.store.location, failure, operation, error: (error as Error).message }, 'shared cache tier failing: pulls go to the upstream');
+        this.logger.warn({ shared: this.store?.location ?? sharedBackend(this.settings), failure, operation, error: (error as Error).message }, 'shared cache tier failing: pulls go to the upstream');
         this.failure = failure;
         this.since = this.now();
       }
