@@ -21,6 +21,7 @@ import { BlobServiceClient, StorageSharedKeyCredential } from '@azure/storage-bl
 import { startAzurite, startFakeGcs, startVersitygw, type S3Server } from './support/objectstores.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+import { rawRequest, slowUpstream } from './support/http.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 
 type SharedInput = NonNullable<NonNullable<ConfigInput['cache']>['shared']>;
@@ -204,6 +205,20 @@ for (const backend of backends) {
       await adapter.close();
     });
 
+    it('does not read a layer from the tier for a manifest request naming its digest (any Pod can ask)', async () => {
+      const node = nodes[1];
+      const layer = image.layers[0];
+      assert.ok(node && layer);
+      const readBytes = async () => Number(/^pullbridge_cache_shared_bytes_total\{direction="read"\} (\d+)/m.exec(await node.metrics.metrics())?.[1] ?? 0);
+      const before = await readBytes();
+      const answer = await rawRequest(node.url, `/v2/corp/team/app/manifests/${layer.digest}`, { headers: { authorization: node.authorization('shop') } });
+      // The upstream's own answer (docker-registry fails to read a layer as a manifest: 500), passed on.
+      const direct = await rawRequest(upstream.url, `/v2/team/app/manifests/${layer.digest}`);
+      assert.notEqual(direct.status, 200);
+      assert.equal(answer.status, direct.status);
+      assert.equal(await readBytes(), before, 'not a byte of the layer read from the tier');
+    });
+
     it('with the shared store down, pulls of a new image go to the upstream and succeed; /status and the metric say the tier is down', async () => {
       const fresh = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [512 * 1024] });
       await upstream.push(fresh, 'team/app', '2.0');
@@ -290,5 +305,100 @@ describe('the shared cache tier and its credential files: missing at start, wron
     assert.ok(status().blobsWritten >= 1, JSON.stringify(status()));
     assert.ok(node.logs.records.some((r) => r.msg === 'shared cache tier credential files changed: reconnecting with them'));
     assert.ok(node.logs.records.some((r) => r.msg === 'shared cache tier answers again'));
+  });
+});
+
+describe('the shared cache tier, filesystem: backfill, slow fills, downloads that fail early', function () {
+  this.timeout(180_000);
+  const dirs: string[] = [];
+  const closing: Array<() => Promise<void>> = [];
+  const tempDir = (name: string) => {
+    const dir = mkdtempSync(join(tmpdir(), `pullbridge-${name}-`));
+    dirs.push(dir);
+    return dir;
+  };
+  const node = async (path: string, shared: string | undefined, upstream: string, name: string, fillWaitSeconds = 60) => {
+    const proxy = await startProxy(
+      { cache: { path, ...(shared ? { shared: { filesystem: { path: shared }, fillWaitSeconds } } : {}) }, registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream, auth: { mode: 'broker' } }] },
+      {},
+      {},
+      {},
+      { nodeName: name },
+    );
+    closing.push(() => proxy.close());
+    return proxy;
+  };
+
+  after(async () => {
+    for (const close of closing.reverse()) await close().catch(() => undefined);
+    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('shares what a node had cached before the tier existed when it serves it, so a new node gets it during an outage', async () => {
+    const upstream = await startRegistry({ accessLog: true });
+    closing.push(() => upstream.stop());
+    const puller = await startContainerd();
+    closing.push(() => puller.stop());
+    const image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [256 * 1024, 64 * 1024] });
+    await upstream.push(image, 'team/app', '1.0');
+    const path = tempDir('node-before');
+    const shared = tempDir('shared-backfill');
+    // Cached with no tier configured.
+    const before = await node(path, undefined, upstream.url, 'node-a');
+    await puller.fetch(`${before.host}/corp/team/app:1.0`, { user: before.credential('shop') });
+    // A client has the last byte as soon as it is verified; the file is renamed into place just after.
+    for (let i = 0; i < 100 && (before.cache?.status() as { fillsInFlight: number }).fillsInFlight > 0; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+    await before.close();
+    // The same node with the tier (and a runtime that has nothing yet): served from its own store, and shared.
+    const again = await startContainerd();
+    closing.push(() => again.stop());
+    const after = await node(path, shared, upstream.url, 'node-a');
+    await again.fetch(`${after.host}/corp/team/app:1.0`, { user: after.credential('shop') });
+    assert.ok(after.logs.records.filter((r) => r.access === 'pull' && r.kind === 'blob').every((r) => r.cache === 'hit'), 'served from its own store');
+    await after.cache?.sharing();
+    await upstream.kill();
+    const newcomer = await startContainerd();
+    closing.push(() => newcomer.stop());
+    const fresh = await node(tempDir('node-new'), shared, upstream.url, 'node-b');
+    await newcomer.fetch(`${fresh.host}/corp/team/app:1.0`, { user: fresh.credential('shop') });
+    for (const layer of image.layers) assert.equal(sha(await newcomer.content(layer.digest)), layer.digest);
+    const served = fresh.logs.records.filter((r) => r.access === 'pull' && r.status === 200);
+    assert.ok(served.some((r) => r.kind === 'manifest' && r.reference === '1.0' && r.cache === 'stale'), JSON.stringify(served));
+    for (const layer of image.layers) assert.ok(served.some((r) => r.reference === layer.digest && r.cache === 'shared'), JSON.stringify(served));
+  });
+
+  it('keeps a claim fresh while a slow fetch moves on: a node waiting longer than fillWaitSeconds still reads it from the tier', async () => {
+    // docker-registry cannot be made slow: a scripted upstream sends the blob over ~5 s.
+    const blob = Buffer.alloc(10 * 64 * 1024, 3);
+    const digest = sha(blob);
+    const upstream = await slowUpstream(blob, { chunkBytes: 64 * 1024, intervalMs: 500, announceLength: true, contentType: 'application/octet-stream' });
+    closing.push(() => upstream.close(0));
+    const shared = tempDir('shared-slow');
+    const first = await node(tempDir('node-slow-1'), shared, upstream.url, 'node-1', 2);
+    const second = await node(tempDir('node-slow-2'), shared, upstream.url, 'node-2', 2);
+    const get = (n: ProxyUnderTest) => rawRequest(n.url, `/v2/corp/team/slow/blobs/${digest}`, { headers: { authorization: n.authorization('shop') } });
+    const filling = get(first);
+    await new Promise((resolve) => setTimeout(resolve, 700)); // the first node holds the claim
+    const [a, b] = await Promise.all([filling, get(second)]);
+    assert.equal(sha(a.body), digest);
+    assert.equal(sha(b.body), digest);
+    const outcome = (n: ProxyUnderTest) => n.logs.records.find((r) => r.access === 'pull' && r.reference === digest)?.cache;
+    assert.equal(outcome(first), 'miss');
+    assert.equal(outcome(second), 'shared', 'waited past fillWaitSeconds (2 s) for the fetch that kept moving');
+  });
+});
+
+describe('a shared download as a proxy body', () => {
+  it('keeps an end that comes before the fill attaches (the store failing while the fill is set up)', async () => {
+    const { bodyOfReadable } = await import('../src/cache/shared/bodies.js');
+    const { Readable } = await import('node:stream');
+    const stream = new Readable({ read() {} });
+    const failures: string[] = [];
+    const body = bodyOfReadable(stream, (error) => failures.push(error.message));
+    stream.destroy(new Error('connection reset'));
+    await new Promise((resolve) => setImmediate(resolve));
+    const heard = await new Promise<string>((resolve) => body.attach({ data: () => true, end: () => resolve('end'), error: (error) => resolve(`error: ${error.message}`) }));
+    assert.equal(heard, 'error: connection reset');
+    assert.deepEqual(failures, ['connection reset']);
   });
 });

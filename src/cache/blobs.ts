@@ -89,6 +89,7 @@ export class CachedBlobs {
     }
     headers['content-length'] = String(end - start);
     this.cache.count('blob', 'hit', request.method === 'GET' ? end - start : 0);
+    this.cache.backfill(request.digest, { rule: request.rule, repository: request.repository });
     if (request.method === 'HEAD') {
       lease.release();
       return { status: 200, digest: request.digest, headers, body: undefined, cache: 'hit' };
@@ -113,7 +114,9 @@ export class CachedBlobs {
     const ended = cache.fillStarted();
     const origin = { rule: request.rule, repository: request.repository };
     const source: SharedSource = { shared: false, claimed: false, failed: false };
+    let stopKeepingClaim = () => undefined as void;
     const flight: BlobFlight = new BlobFlight(request.digest, origin, new AbortController(), cache.store, async (outcome) => {
+      stopKeepingClaim();
       // Linked before the fill goes away, so that no client in between finds the blob stored but
       // unlinked for this (rule, repository) and asks the upstream again (or fails, if it is down).
       if (outcome.stored) await cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
@@ -133,6 +136,15 @@ export class CachedBlobs {
     let answer: BlobResult;
     try {
       const shared = await this.fromShared(request, flight.controller.signal, source);
+      if (source.claimed && cache.shared) {
+        let last = -1;
+        stopKeepingClaim = cache.shared.keepClaim(request.digest, () => {
+          const readable = flight.readable();
+          const moved = readable !== last;
+          last = readable;
+          return moved;
+        });
+      }
       answer = shared ?? (await this.upstream.blob({ ...request, signal: flight.controller.signal, unverified: true }));
     } catch (error) {
       flight.abandon(error as Error);
@@ -149,7 +161,7 @@ export class CachedBlobs {
       // Too large for the cache, or its disk is full: this client is relayed, verified as before.
       flight.abandon(new Error('not cached: no room'));
       relayed();
-      return this.verifiedRelay(request, answer, known ? length : undefined);
+      return this.relayInstead(request, answer, source, known ? length : undefined);
     }
     let fill;
     try {
@@ -158,7 +170,7 @@ export class CachedBlobs {
       if ((error as NodeJS.ErrnoException).code === 'ENOSPC') cache.diskFull();
       flight.abandon(error as Error);
       relayed();
-      return this.verifiedRelay(request, answer, known ? length : undefined);
+      return this.relayInstead(request, answer, source, known ? length : undefined);
     }
     flight.start(fill, answer.body, answer.headers);
     const body = await reading;
@@ -169,6 +181,14 @@ export class CachedBlobs {
     const outcome = source.shared ? 'shared' : 'miss';
     cache.count('blob', outcome, source.shared && known ? length : 0);
     return { status: 200, digest: request.digest, headers: answer.headers, body, cache: outcome, stored: flight.stored };
+  }
+
+  /** A fill that cannot be stored: the upstream's answer relayed (verified); a shared download is
+   * dropped for the upstream's, so that what a relayed client gets never depends on the tier. */
+  private async relayInstead(request: BlobRequest, answer: BlobResult, source: SharedSource, length: number | undefined): Promise<BlobResult> {
+    if (!source.shared) return this.verifiedRelay(request, answer, length);
+    answer.body?.destroy(new Error('not cached: relayed from the upstream instead'));
+    return this.relay(request);
   }
 
   /**

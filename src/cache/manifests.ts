@@ -13,7 +13,7 @@ import { ContentError, type ContentSource, type ManifestRequest, type ManifestRe
 import { MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
-import { tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
+import { newerTag, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
 
 export class CachedManifests {
   constructor(
@@ -49,6 +49,7 @@ export class CachedManifests {
       const stored = await this.fromStore(request, request.reference, mediaType);
       if (stored) {
         this.cache.count('manifest', 'hit', stored.size);
+        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
         return stored;
       }
     }
@@ -69,6 +70,9 @@ export class CachedManifests {
       const stored = await this.storedFor(request, usable.digest);
       if (stored) {
         this.cache.count('manifest', 'hit', stored.size);
+        // What this node knows of the tag, for nodes that will not reach the upstream (backfill).
+        void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, usable);
+        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
         return stored;
       }
     }
@@ -77,7 +81,7 @@ export class CachedManifests {
       head = await this.upstream.manifest({ ...request, method: 'HEAD' });
     } catch (error) {
       if (!(error instanceof ContentError) || request.signal.aborted) throw error;
-      const known = usable ?? (await this.sharedTag(request));
+      const known = newerTag(usable, await this.sharedTag(request));
       const fallback = tagFallback(known, tagFailureOf(error), now(), settings);
       const stale = fallback.serve === 'stale' && this.credentialFresh(request) ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
       if (fallback.serve !== 'stale' || !stale) throw error;
@@ -104,6 +108,7 @@ export class CachedManifests {
       const stored = await this.fromStore(request, head.digest, linkedType ?? mediaType);
       if (stored) {
         this.cache.count('manifest', 'hit', stored.size);
+        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
         return stored;
       }
     }
@@ -179,9 +184,12 @@ export class CachedManifests {
     if (!shared || !this.credentialFresh(request)) return null;
     const mediaType = await shared.readLink(request.rule, request.repository, digest);
     if (mediaType === null || !acceptable(request.accept, mediaType)) return null;
+    // Sized first: a blob link names a layer too, and a manifest request for it must not read it.
+    const size = await shared.blobSize(digest);
+    if (size === undefined || size > MANIFEST_LIMIT_BYTES) return null;
+    request.buffers.reserve(size);
     const body = await shared.readSmallBlob(digest);
     if (!body || body.length > MANIFEST_LIMIT_BYTES || digestOf(digest, body) !== digest) return null;
-    request.buffers.reserve(body.length);
     const answer: ManifestResult = { digest, size: body.length, mediaType: mediaType || undefined, body, cache: 'shared' };
     await this.store(request, answer);
     return { ...answer, body: request.method === 'HEAD' ? undefined : body };

@@ -38,6 +38,8 @@ const CONFIRMATIONS_MAX = 10_000;
 /** How long a blob whose shared fill failed is fetched from the upstream instead, and how many are kept. */
 const SHARED_AVOID_MS = 10 * 60_000;
 const SHARED_AVOIDED_MAX = 10_000;
+/** How many (rule, repository, digest) known to be in the shared tier are remembered (backfill). */
+const SHARED_KNOWN_MAX = 50_000;
 
 export class NodeCache {
   settings: CacheConfig;
@@ -56,6 +58,8 @@ export class NodeCache {
   private readonly uploads = new Set<Promise<void>>();
   /** Digest → until when its fills skip the shared tier (its shared copy failed them). */
   private readonly sharedAvoided = new Map<string, number>();
+  /** `rule\0repository\0digest` this process shared or found shared: not looked at again. */
+  private readonly sharedKnown = new Set<string>();
 
   private constructor(
     readonly store: NodeStore,
@@ -118,18 +122,38 @@ export class NodeCache {
   share(digest: string, link: { readonly rule: string; readonly repository: string; readonly mediaType?: string }, claimed: boolean): void {
     const { shared } = this;
     if (!shared) return;
+    this.knownShared(`${link.rule}\0${link.repository}\0${digest}`);
     const upload = (async () => {
       const lease = this.store.lease(digest);
+      const stopKeeping = claimed ? shared.keepClaim(digest, () => true) : undefined;
       try {
-        if (lease) await shared.uploadBlob(digest, lease.path, lease.size);
-        await shared.writeLink(link.rule, link.repository, digest, link.mediaType);
+        // Looked at first: another node's copy is not uploaded again (a multipart upload's condition
+        // is checked only when it completes, after every byte went out).
+        if (lease && (await shared.blobSize(digest)) === undefined) await shared.uploadBlob(digest, lease.path, lease.size);
+        if ((await shared.readLink(link.rule, link.repository, digest)) === null) await shared.writeLink(link.rule, link.repository, digest, link.mediaType);
       } finally {
+        stopKeeping?.();
         lease?.release();
         if (claimed) await shared.release(digest);
       }
     })().catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier upload failed'));
     this.uploads.add(upload);
     void upload.finally(() => this.uploads.delete(upload));
+  }
+
+  /**
+   * Content served from this node's own store, shared when the tier lacks it (cached before the tier
+   * was configured, or while it was down), so that a new node finds it: once per (rule, repository,
+   * digest) in a process's life.
+   */
+  backfill(digest: string, link: { readonly rule: string; readonly repository: string; readonly mediaType?: string }): void {
+    if (!this.shared || this.sharedKnown.has(`${link.rule}\0${link.repository}\0${digest}`)) return;
+    this.share(digest, link, false);
+  }
+
+  private knownShared(key: string): void {
+    if (this.sharedKnown.size >= SHARED_KNOWN_MAX) this.sharedKnown.delete(this.sharedKnown.values().next().value ?? '');
+    this.sharedKnown.add(key);
   }
 
   /** A fill from the shared tier failed: this node fetches that blob from the upstream for a while,

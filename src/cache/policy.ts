@@ -2,6 +2,8 @@
 // quantities, when a cached tag may answer without asking upstream, when the last known digest may
 // stand in for an upstream that fails, and which blobs to evict.
 
+import { digestError } from '../reference/reference.js';
+
 const BINARY_SUFFIXES: Readonly<Record<string, number>> = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, Pi: 2 ** 50, Ei: 2 ** 60 };
 const DECIMAL_SUFFIXES: Readonly<Record<string, number>> = { k: 1e3, M: 1e6, G: 1e9, T: 1e12, P: 1e15, E: 1e18 };
 
@@ -31,11 +33,18 @@ export interface TagRecord {
 export function parseTagRecord(text: string): TagRecord | undefined {
   try {
     const record = JSON.parse(text) as Partial<TagRecord>;
-    const valid = typeof record.digest === 'string' && typeof record.mediaType === 'string' && typeof record.size === 'number' && typeof record.confirmedAt === 'number';
+    // Also written by other nodes (the shared tier): a digest is checked before it names a key or a hash.
+    const valid = typeof record.digest === 'string' && digestError(record.digest) === null && typeof record.mediaType === 'string' && typeof record.size === 'number' && typeof record.confirmedAt === 'number';
     return valid ? (record as TagRecord) : undefined;
   } catch {
     return undefined;
   }
+}
+
+/** Of this node's record of a tag and the shared tier's, the one confirmed last. */
+export function newerTag(own: TagRecord | undefined, shared: TagRecord | undefined): TagRecord | undefined {
+  if (own === undefined || shared === undefined) return own ?? shared;
+  return shared.confirmedAt > own.confirmedAt ? shared : own;
 }
 
 /** A node's claim to fetch a blob from the upstream for the whole cluster (shared tier). */

@@ -200,23 +200,45 @@ export class SharedTier {
     await this.call('remove', undefined, (store) => store.remove(sharedKeys.blob(digest)));
   }
 
-  /** Ends this node's claim (the blob is uploaded, or the fill failed). */
+  /** Ends this node's claim (the blob is uploaded, or the fill failed); a claim another node took
+   * over meanwhile (this one went stale) is left to it. */
   async release(digest: string): Promise<void> {
-    await this.call('claim', undefined, (store) => store.remove(sharedKeys.claim(digest)));
+    const key = sharedKeys.claim(digest);
+    const body = await this.call('claim', undefined, (store) => store.readRecord(key));
+    const claim = body ? parseClaim(body.toString('utf8')) : undefined;
+    if (claim && claim.node !== this.nodeName) return;
+    await this.call('claim', undefined, (store) => store.remove(key));
   }
 
   /**
-   * Waits, bounded by fillWaitSeconds, for another node's fill of the blob to land: its size once
-   * it is there; undefined when the wait ran out, the claim went away without the blob (the fill
-   * failed), the tier went down, or the client left.
+   * Keeps this node's claim fresh while `progressed()` says its fill moves on (called every third of
+   * fillWaitSeconds): a fetch that takes longer than fillWaitSeconds keeps the others waiting for it
+   * rather than all fetching too, and one that stalls goes stale and is taken over. Returns the stop.
+   */
+  keepClaim(digest: string, progressed: () => boolean): () => void {
+    const key = sharedKeys.claim(digest);
+    const timer = setInterval(() => {
+      if (!progressed()) return;
+      const body = Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim));
+      void this.call('claim', false, (store) => store.writeRecord(key, body));
+    }, (this.settings.fillWaitSeconds * 1000) / 3);
+    timer.unref();
+    return () => clearInterval(timer);
+  }
+
+  /**
+   * Waits for another node's fill of the blob to land, as long as its claim stays fresh (its filler
+   * makes progress: keepClaim): the blob's size once it is there; undefined when the claim went stale
+   * or away without the blob (the fill stalled or failed), the tier went down, or the client left.
    */
   async waitForBlob(digest: string, signal: AbortSignal): Promise<number | undefined> {
-    const deadline = this.now() + this.settings.fillWaitSeconds * 1000;
-    while (!signal.aborted && this.now() < deadline && !this.failure) {
+    while (!signal.aborted && !this.failure) {
       const size = await this.blobSize(digest);
       if (size !== undefined) return size;
-      const claim = await this.call('claim', undefined, (store) => store.readRecord(sharedKeys.claim(digest)));
-      if (claim === undefined) return await this.blobSize(digest);
+      const body = await this.call('claim', undefined, (store) => store.readRecord(sharedKeys.claim(digest)));
+      if (body === undefined) return await this.blobSize(digest);
+      const claim = parseClaim(body.toString('utf8'));
+      if (!claim || !claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return undefined;
       await new Promise((resolve) => setTimeout(resolve, WAIT_POLL_MS));
     }
     return undefined;
