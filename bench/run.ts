@@ -1,5 +1,5 @@
-// `npm run bench [-- webhook|proxy|cache] [--seconds N] [--rounds N]`: runs the benchmarks (webhook
-// and proxy when none is named) and writes their tables to BENCHMARKS.md, with the command and the
+// `npm run bench [-- webhook|proxy|cache|shared] [--seconds N] [--rounds N]`: runs the benchmarks
+// (webhook and proxy when none is named) and writes their tables to BENCHMARKS.md, with the command and the
 // machine they ran on. `cache --cpu-prof DIR` profiles the proxies of the miss rounds and writes no
 // report section.
 
@@ -7,6 +7,7 @@ import { parseArgs } from 'node:util';
 import { formatCacheBench, runCacheBench } from './cache.js';
 import { formatProxyBench, runProxyBench } from './proxy.js';
 import { writeReportSection } from './report.js';
+import { formatSharedBench, runSharedBench } from './shared.js';
 import { formatWebhookBench, runWebhookBench } from './webhook.js';
 
 const { values, positionals } = parseArgs({
@@ -16,6 +17,7 @@ const { values, positionals } = parseArgs({
     connections: { type: 'string', default: '8' },
     'size-mb': { type: 'string', default: '1024' },
     concurrency: { type: 'string', default: '16' },
+    nodes: { type: 'string', default: '4' },
     'cpu-prof': { type: 'string' },
   },
   allowPositionals: true,
@@ -39,8 +41,13 @@ for (const name of which) {
     // A profiled run is slower: its figures are not written to the report.
     if (!values['cpu-prof']) writeReportSection('bench-cache', 'Benchmark: node cache', `npm run bench -- cache --size-mb ${values['size-mb']} --concurrency ${values.concurrency} --rounds ${values.rounds}`, text);
     process.stdout.write(`${text}\n`);
+  } else if (name === 'shared') {
+    const result = await runSharedBench(Number(values['size-mb']), Number(values.nodes), Number(values.rounds));
+    const text = formatSharedBench(result);
+    writeReportSection('bench-shared', 'Benchmark: shared cache tier', `npm run bench -- shared --size-mb ${values['size-mb']} --nodes ${values.nodes} --rounds ${values.rounds}`, text);
+    process.stdout.write(`${text}\n`);
   } else {
-    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy, cache)\n`);
+    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy, cache, shared)\n`);
     process.exitCode = 2;
   }
 }
