@@ -107,7 +107,7 @@ async function singleCurl(url: string, expectBytes: number): Promise<{ bytes: nu
   return { ...r, wallSeconds };
 }
 
-function storedPath(cachePath: string, digest: string): string {
+export function storedPath(cachePath: string, digest: string): string {
   const [algorithm, hex] = digest.split(':');
   return join(cachePath, 'blobs', algorithm ?? '', hex ?? '');
 }

@@ -4,7 +4,7 @@
 //
 //   npm run bench -- proxy [--size-mb 1024] [--concurrency 16] [--rounds 2]
 
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
@@ -173,6 +173,17 @@ export async function startPullbridge(registry: RegistryHandle, options: Pullbri
     throw new Error(`${(error as Error).message}\n${proc.output()}`);
   }
   return { port, proc: running };
+}
+
+const CLOCK_TICKS = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+
+/** CPU seconds (user + system) a running process has used so far. */
+export function cpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // The fields after the command name, which is in parentheses and may hold spaces: utime and stime
+  // are fields 14 and 15 of the line.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
 }
 
 /** Peak resident set of a process (and its children for nginx's master + worker), in MiB. */

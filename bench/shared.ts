@@ -20,13 +20,14 @@
 //
 //   npm run bench -- shared [--size-mb 1024] [--nodes 4] [--rounds 2]
 
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startVersitygw, type S3Server } from '../test/support/objectstores.js';
+import type { Proc } from '../test/support/procs.js';
 import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
-import { flushDisk, median, settleAccessLog } from './cache.js';
-import { curl, curlDigest, pushBlob, startPullbridge, type PullbridgeOptions } from './proxy.js';
+import { flushDisk, median, settleAccessLog, storedPath } from './cache.js';
+import { cpuSeconds, curl, curlDigest, pushBlob, startPullbridge, type PullbridgeOptions } from './proxy.js';
 
 /** A small blob each fresh proxy pulls first, so that the measured pull meets warm code (and, in
  * the shared setups, a store client that has connected and a tier that has claimed, uploaded and read). */
@@ -34,6 +35,8 @@ const WARM_MB = 16;
 const MiB = 2 ** 20;
 /** How long the bench waits for the nodes' uploads to the shared store to land. */
 const UPLOAD_WAIT_MS = 300_000;
+/** How often the bench looks, during the pull, for the layer stored on a node and in the shared store. */
+const WATCH_MS = 250;
 
 type SetupId = 'relay' | 'node-cache' | 'shared-s3' | 'shared-fs';
 
@@ -57,6 +60,12 @@ export interface SharedRow {
   readonly firstDoneSeconds: number;
   /** Median over the rounds: the latest first byte any client got, seconds (curl's own). */
   readonly latestFirstByteSeconds: number;
+  /** Median over the rounds: seconds from the start until the first node had the layer in its store
+   * (filled and verified), and until the shared store had it (uploaded); undefined where none does. */
+  readonly storedSeconds: number | undefined;
+  readonly uploadedSeconds: number | undefined;
+  /** Median over the rounds: CPU seconds the nodes (together), the object store and the upstream used during the pull. */
+  readonly cpu: CpuSplit;
   /** Median over the rounds, bytes all nodes wrote to / read from the shared store for the layer. */
   readonly sharedWritten: number;
   readonly sharedRead: number;
@@ -71,7 +80,16 @@ export interface SharedBenchResult {
   readonly rows: readonly SharedRow[];
 }
 
+interface CpuSplit {
+  readonly nodes: number;
+  readonly store: number | undefined;
+  readonly upstream: number;
+}
+
 interface RoundResult {
+  readonly storedSeconds: number | undefined;
+  readonly uploadedSeconds: number | undefined;
+  readonly cpu: CpuSplit;
   readonly upstreamBytes: number;
   readonly upstreamGets: number;
   readonly wallSeconds: number;
@@ -84,7 +102,7 @@ interface RoundResult {
 
 interface Node {
   readonly port: number;
-  readonly proc: { stop(): Promise<void>; output(): string };
+  readonly proc: Proc;
 }
 
 /** A node's shared-tier byte counters (pullbridge_cache_shared_bytes_total), from its /metrics. */
@@ -144,7 +162,8 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
         } else if (id === 'shared-fs') {
           shared = { filesystem: { path: join(scratch, 'shared') } };
         }
-        const startNode = (name: string) => startPullbridge(registry, { ...(id === 'relay' ? {} : { cachePath: join(scratch, name) }), ...(shared ? { shared } : {}), nodeName: name });
+        const cachePath = (name: string) => join(scratch, name);
+        const startNode = (name: string) => startPullbridge(registry, { ...(id === 'relay' ? {} : { cachePath: cachePath(name) }), ...(shared ? { shared } : {}), nodeName: name });
         // One after another, so that each later node reads the warm blob from the shared tier once
         // the first has filled and uploaded it (the paths the measured pull takes, warmed).
         const warm = async (node: Node) => {
@@ -163,9 +182,27 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
         const logFrom = registry.requests().length;
         flushDisk();
 
+        const pids = { nodes: nodes.map((n) => n.proc.child.pid ?? 0), store: s3?.pid, upstream: registry.process.child.pid ?? 0 };
+        const cpu = () => ({ nodes: pids.nodes.reduce((t, pid) => t + cpuSeconds(pid), 0), store: pids.store === undefined ? undefined : cpuSeconds(pids.store), upstream: cpuSeconds(pids.upstream) });
+        const cpuBefore = cpu();
         const began = performance.now();
-        const clients = await Promise.all(nodes.map((n) => curlDigest(layerUrl(n.port))));
-        const wallSeconds = (performance.now() - began) / 1000;
+        const elapsed = () => (performance.now() - began) / 1000;
+        // While the clients pull: when the first node has the layer stored (its fill verified and
+        // renamed into place) and when the shared store has it (the filler's upload done, counted by
+        // its shared-tier counter), so that the wait the other nodes see can be split.
+        const marks: { stored?: number; uploaded?: number } = {};
+        let pulling = true;
+        const watching = (async () => {
+          for (; pulling; await new Promise((r) => setTimeout(r, WATCH_MS))) {
+            if (marks.stored === undefined && id !== 'relay' && nodes.some((_, i) => existsSync(storedPath(cachePath(`node-${i + 1}`), digest)))) marks.stored = elapsed();
+            if (shared && marks.uploaded === undefined && (await sharedTotals(nodes)).written >= before.written + size) marks.uploaded = elapsed();
+          }
+        })();
+        watching.catch(() => undefined); // awaited below; a failure then is the bench's
+        const clients = await Promise.all(nodes.map((n) => curlDigest(layerUrl(n.port)))).finally(() => (pulling = false));
+        const wallSeconds = elapsed();
+        const cpuAfter = cpu();
+        await watching;
         clients.forEach((c, i) => checked(`the client of node-${i + 1} (${id})`, c));
         await settleAccessLog();
         const upstream = upstreamSince(registry, digest, logFrom);
@@ -189,6 +226,9 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
           }
         }
         const result: RoundResult = {
+          storedSeconds: marks.stored,
+          uploadedSeconds: marks.uploaded,
+          cpu: { nodes: cpuAfter.nodes - cpuBefore.nodes, store: cpuAfter.store === undefined || cpuBefore.store === undefined ? undefined : cpuAfter.store - cpuBefore.store, upstream: cpuAfter.upstream - cpuBefore.upstream },
           upstreamBytes: upstream.bytes,
           upstreamGets: upstream.gets,
           wallSeconds,
@@ -199,7 +239,7 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
           afterOutageSeconds,
         };
         process.stderr.write(
-          `round ${round + 1}: ${id} ${wallSeconds.toFixed(2)} s wall, upstream ${(upstream.bytes / size).toFixed(2)}× (${upstream.gets} GETs), first byte ≤ ${result.latestFirstByteSeconds.toFixed(2)} s, first done ${result.firstDoneSeconds.toFixed(2)} s` +
+          `round ${round + 1}: ${id} ${wallSeconds.toFixed(2)} s wall, upstream ${(upstream.bytes / size).toFixed(2)}× (${upstream.gets} GETs), stored ${marks.stored?.toFixed(2) ?? '–'} s, uploaded ${marks.uploaded?.toFixed(2) ?? '–'} s, first byte ≤ ${result.latestFirstByteSeconds.toFixed(2)} s, first done ${result.firstDoneSeconds.toFixed(2)} s, CPU s nodes ${result.cpu.nodes.toFixed(1)} store ${result.cpu.store?.toFixed(1) ?? '–'} upstream ${result.cpu.upstream.toFixed(1)}` +
             (shared ? `, shared written ${(result.sharedWritten / MiB).toFixed(0)} MiB read ${(result.sharedRead / MiB).toFixed(0)} MiB, upstream down: ${afterOutageSeconds?.toFixed(2)} s` : '') +
             '\n',
         );
@@ -225,7 +265,10 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
       rows: SETUPS.map((s) => {
         const r = runs.get(s.id)!;
         const m = (pick: (x: RoundResult) => number) => median(r.map(pick));
-        const outage = r.flatMap((x) => (x.afterOutageSeconds === undefined ? [] : [x.afterOutageSeconds]));
+        const some = (pick: (x: RoundResult) => number | undefined) => {
+          const values = r.flatMap((x) => pick(x) ?? []);
+          return values.length > 0 ? median(values) : undefined;
+        };
         return {
           id: s.id,
           setup: s.name,
@@ -234,9 +277,12 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
           wallSeconds: m((x) => x.wallSeconds),
           firstDoneSeconds: m((x) => x.firstDoneSeconds),
           latestFirstByteSeconds: m((x) => x.latestFirstByteSeconds),
+          storedSeconds: some((x) => x.storedSeconds),
+          uploadedSeconds: some((x) => x.uploadedSeconds),
+          cpu: { nodes: m((x) => x.cpu.nodes), store: some((x) => x.cpu.store), upstream: m((x) => x.cpu.upstream) },
           sharedWritten: m((x) => x.sharedWritten),
           sharedRead: m((x) => x.sharedRead),
-          afterOutageSeconds: outage.length > 0 ? median(outage) : undefined,
+          afterOutageSeconds: some((x) => x.afterOutageSeconds),
         };
       }),
     };
@@ -253,6 +299,7 @@ export function formatSharedBench(r: SharedBenchResult): string {
   const mib = (n: number) => (n / MiB).toFixed(0);
   const shared = (row: SharedRow) => row.id === 'shared-s3' || row.id === 'shared-fs';
   const expected = (row: SharedRow) => (shared(row) ? 1 : r.nodes);
+  const opt = (n: number | undefined) => (n === undefined ? '–' : s(n));
   const lines = [
     `${r.nodes} pullbridge processes ("nodes", each its own NODE_NAME and node store) pull one new ${r.sizeMb} MiB layer from one docker-registry at the same moment, one curl per node (a blob GET: the layer is what crosses the upstream; manifests are a few hundred bytes and not claimed). Every setup starts each round from nothing: new proxy processes, node stores and shared store. ${r.rounds} round(s), the setups' order alternating; times are medians of the rounds.`,
     '',
@@ -264,13 +311,13 @@ export function formatSharedBench(r: SharedBenchResult): string {
       return `| ${row.setup} | ${ratios} | ${expected(row)}× ${met ? '(met)' : '**(missed)**'} | ${row.upstreamGets.join(', ')} | ${s(row.wallSeconds)} | ${relay ? x(row.wallSeconds / relay.wallSeconds) : '?'} | ${shared(row) ? `${mib(row.sharedWritten)} / ${mib(row.sharedRead)}` : '–'} | ${row.afterOutageSeconds === undefined ? '–' : s(row.afterOutageSeconds)} |`;
     }),
     '',
-    `Where the time goes (curl's own times; the ${r.nodes} curls start together):`,
+    `Where the time goes: seconds from the moment the ${r.nodes} curls start (clients' figures are curl's own; "stored" and "in the shared store" are seen by the bench looking every ${WATCH_MS} ms), and CPU seconds used during the pull:`,
     '',
-    '| setup | first client done, s | latest first byte, s | last client done, s |',
-    '|---|---|---|---|',
-    ...r.rows.map((row) => `| ${row.setup} | ${s(row.firstDoneSeconds)} | ${s(row.latestFirstByteSeconds)} | ${s(row.wallSeconds)} |`),
+    '| setup | first node has the layer stored | shared store has it | latest first byte | first client done | last client done | CPU s: nodes / object store / upstream |',
+    '|---|---|---|---|---|---|---|',
+    ...r.rows.map((row) => `| ${row.setup} | ${opt(row.storedSeconds)} | ${opt(row.uploadedSeconds)} | ${s(row.latestFirstByteSeconds)} | ${s(row.firstDoneSeconds)} | ${s(row.wallSeconds)} | ${row.cpu.nodes.toFixed(1)} / ${row.cpu.store === undefined ? '–' : row.cpu.store.toFixed(1)} / ${row.cpu.upstream.toFixed(1)} |`),
     '',
-    'In the shared setups the first client done is the filler\'s (the node holding the claim streams the upstream\'s bytes to its client as they land in its store); the others get their first byte only once the filler has stored the layer **and uploaded it** to the shared store (the upload starts after the fill, and the waiters look for the blob every 0.5 s), then read it from the store. Latest first byte minus first client done is roughly that upload plus the wait\'s polling.',
+    'In the shared setups one node holds the claim and fills from the upstream, streaming to its client as the bytes land in its store; it uploads the layer to the shared store only once it is stored (verified), and the other nodes, which look for it every 0.5 s, get their first byte only then, and read it from the store. So a waiting node waits for the fill **and** the upload before its own transfer starts: latest first byte ≈ shared store has it ≈ stored + the upload. With the filesystem store the nodes themselves do the copying (no store process).',
     '',
     `Upstream bytes are the size fields of the registry's access log for 2xx GETs of the layer (HEADs a node makes to confirm access carry no body). Shared store bytes are the nodes' \`pullbridge_cache_shared_bytes_total{direction}\` counters (their /metrics), for the measured layer only. "One more node": after the ${r.nodes} pulls (and the upload) the registry is SIGKILLed and a fresh node with an empty node store pulls the layer; it comes from the shared store alone.`,
     '',
