@@ -18,13 +18,17 @@
 // Each round starts every setup from nothing (new proxy processes, node stores, shared store); the
 // setups alternate their order between rounds and every figure is the median of the rounds.
 //
-//   npm run bench -- shared [--size-mb 1024] [--nodes 4] [--rounds 2]
+// With --upstream-mbps N, what the upstream sends is capped at N Mbit/s in all (a qdisc on the
+// loopback device matching the registry's port, in a network namespace of the bench's own): the
+// tunnel the nodes share in production, which loopback otherwise is not.
+//
+//   npm run bench -- shared [--size-mb 1024] [--nodes 4] [--rounds 2] [--upstream-mbps N]
 
 import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startVersitygw, type S3Server } from '../test/support/objectstores.js';
-import type { Proc } from '../test/support/procs.js';
+import { run, type Proc } from '../test/support/procs.js';
 import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
 import { flushDisk, median, settleAccessLog, storedPath } from './cache.js';
 import { cpuSeconds, curl, curlDigest, pushBlob, startPullbridge, type PullbridgeOptions } from './proxy.js';
@@ -77,6 +81,8 @@ export interface SharedBenchResult {
   readonly sizeMb: number;
   readonly nodes: number;
   readonly rounds: number;
+  /** The cap on what the upstream sends, Mbit/s; undefined: none (loopback). */
+  readonly upstreamMbps: number | undefined;
   readonly rows: readonly SharedRow[];
 }
 
@@ -129,16 +135,31 @@ async function waitUploaded(nodes: readonly Node[], bytes: number): Promise<void
   }
 }
 
+/**
+ * Caps what the upstream sends (packets from its port on the loopback device) at `mbps` in all, as
+ * one tunnel all nodes share: an HTB class with that rate takes the registry's packets; the rest
+ * names no class (`default` points at none) and leaves unshaped. Only in a network namespace of the
+ * bench's own (run.ts starts it so), where the loopback device is nobody else's.
+ */
+function throttleUpstream(port: number, mbps: number): void {
+  if (process.env['PULLBRIDGE_BENCH_NETNS'] !== '1') throw new Error('--upstream-mbps shapes the loopback device: only in the network namespace bench/run.ts starts for it');
+  // r2q: the class's quantum from its rate, kept under HTB's limit for rates of hundreds of Mbit/s.
+  run('tc', ['qdisc', 'add', 'dev', 'lo', 'root', 'handle', '1:', 'htb', 'default', '99', 'r2q', '1000']);
+  run('tc', ['class', 'add', 'dev', 'lo', 'parent', '1:', 'classid', '1:20', 'htb', 'rate', `${mbps}mbit`, 'ceil', `${mbps}mbit`, 'burst', '256kb', 'cburst', '256kb']);
+  run('tc', ['filter', 'add', 'dev', 'lo', 'parent', '1:', 'protocol', 'ip', 'u32', 'match', 'ip', 'sport', String(port), '0xffff', 'flowid', '1:20']);
+}
+
 /** Layer bytes the upstream sent (2xx GETs of it) since the access log had `from` entries. */
 function upstreamSince(registry: RegistryHandle, digest: string, from: number): { bytes: number; gets: number } {
   const gets = registry.requests().slice(from).filter((r) => r.method === 'GET' && r.status < 300 && r.path.endsWith(`/blobs/${digest}`));
   return { bytes: gets.reduce((n, r) => n + r.bytes, 0), gets: gets.length };
 }
 
-export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: number): Promise<SharedBenchResult> {
+export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: number, upstreamMbps?: number): Promise<SharedBenchResult> {
   const registry = await startRegistry({ auth: 'none', accessLog: true });
   const size = sizeMb * MiB;
   try {
+    if (upstreamMbps !== undefined) throttleUpstream(registry.port, upstreamMbps);
     const digest = await pushBlob(registry, 'bench/image', sizeMb);
     const warmDigest = await pushBlob(registry, 'bench/warm', WARM_MB);
     const layerUrl = (port: number) => `http://127.0.0.1:${port}/v2/corp/bench/image/blobs/${digest}`;
@@ -262,6 +283,7 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
       sizeMb,
       nodes: nodeCount,
       rounds,
+      upstreamMbps,
       rows: SETUPS.map((s) => {
         const r = runs.get(s.id)!;
         const m = (pick: (x: RoundResult) => number) => median(r.map(pick));
@@ -321,7 +343,9 @@ export function formatSharedBench(r: SharedBenchResult): string {
     '',
     `Upstream bytes are the size fields of the registry's access log for 2xx GETs of the layer (HEADs a node makes to confirm access carry no body). Shared store bytes are the nodes' \`pullbridge_cache_shared_bytes_total{direction}\` counters (their /metrics), for the measured layer only. "One more node": after the ${r.nodes} pulls (and the upload) the registry is SIGKILLed and a fresh node with an empty node store pulls the layer; it comes from the shared store alone.`,
     '',
-    `All ${r.nodes} nodes, the clients, the object store and the upstream share this machine's 2 cores and its loopback, so the upstream here is as fast as a node's disk: the time ratios understate what the shared tier saves where the upstream is a tunnel of limited bandwidth (in production the tunnel is the bottleneck, and ${r.nodes}× its bytes is ${r.nodes}× its time). No bandwidth throttle is applied.`,
+    r.upstreamMbps === undefined
+      ? `All ${r.nodes} nodes, the clients, the object store and the upstream share this machine's 2 cores and its loopback, so the upstream here is as fast as a node's disk: the time ratios understate what the shared tier saves where the upstream is a tunnel of limited bandwidth (in production the tunnel is the bottleneck, and ${r.nodes}× its bytes is ${r.nodes}× its time). No bandwidth throttle is applied (\`--upstream-mbps N\` applies one).`
+      : `What the upstream sends is capped at **${r.upstreamMbps} Mbit/s in all** (an HTB class on the loopback device for the registry's port, in a network namespace of the bench's own), as a tunnel the ${r.nodes} nodes share; the nodes, the clients and the object store share this machine's 2 cores and talk over the unshaped loopback, as nodes reach an in-cluster store.`,
     `Checked on every run: every client (the late node's too) received ${r.sizeMb} MiB hashing (sha256sum, as the bytes arrived) to the layer's digest.`,
   ];
   return lines.join('\n');
