@@ -87,7 +87,12 @@ export interface SharedBenchResult {
 }
 
 interface CpuSplit {
+  /** All nodes together. */
   readonly nodes: number;
+  /** The node that filled from the upstream (and uploaded), in the shared setups. */
+  readonly filler: number | undefined;
+  /** Each other node (the median of them). */
+  readonly otherNode: number;
   readonly store: number | undefined;
   readonly upstream: number;
 }
@@ -118,9 +123,12 @@ async function sharedBytes(node: Node): Promise<{ read: number; written: number 
   return { read: value('read'), written: value('written') };
 }
 
-async function sharedTotals(nodes: readonly Node[]): Promise<{ read: number; written: number }> {
-  const all = await Promise.all(nodes.map(sharedBytes));
-  return { read: all.reduce((n, b) => n + b.read, 0), written: all.reduce((n, b) => n + b.written, 0) };
+type SharedBytes = Awaited<ReturnType<typeof sharedBytes>>;
+
+const totalOf = (each: readonly SharedBytes[]): SharedBytes => ({ read: each.reduce((n, b) => n + b.read, 0), written: each.reduce((n, b) => n + b.written, 0) });
+
+async function sharedTotals(nodes: readonly Node[]): Promise<SharedBytes> {
+  return totalOf(await Promise.all(nodes.map(sharedBytes)));
 }
 
 /**
@@ -199,12 +207,14 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
           await warm(node);
         }
         if (shared) await waitUploaded(nodes, WARM_MB * MiB);
-        const before = shared ? await sharedTotals(nodes) : { read: 0, written: 0 };
+        const none = { read: 0, written: 0 };
+        const beforeEach = shared ? await Promise.all(nodes.map(sharedBytes)) : nodes.map(() => none);
+        const before = totalOf(beforeEach);
         const logFrom = registry.requests().length;
         flushDisk();
 
         const pids = { nodes: nodes.map((n) => n.proc.child.pid ?? 0), store: s3?.pid, upstream: registry.process.child.pid ?? 0 };
-        const cpu = () => ({ nodes: pids.nodes.reduce((t, pid) => t + cpuSeconds(pid), 0), store: pids.store === undefined ? undefined : cpuSeconds(pids.store), upstream: cpuSeconds(pids.upstream) });
+        const cpu = () => ({ nodes: pids.nodes.map(cpuSeconds), store: pids.store === undefined ? undefined : cpuSeconds(pids.store), upstream: cpuSeconds(pids.upstream) });
         const cpuBefore = cpu();
         const began = performance.now();
         const elapsed = () => (performance.now() - began) / 1000;
@@ -228,11 +238,11 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
         await settleAccessLog();
         const upstream = upstreamSince(registry, digest, logFrom);
 
-        let after = before;
+        let afterEach = beforeEach;
         let afterOutageSeconds: number | undefined;
         if (shared) {
           await waitUploaded(nodes, before.written + size);
-          after = await sharedTotals(nodes);
+          afterEach = await Promise.all(nodes.map(sharedBytes));
           // One more node that never pulled, the upstream gone (SIGKILL): the layer from the shared tier alone.
           await registry.kill();
           try {
@@ -246,10 +256,20 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
             await registry.restart();
           }
         }
+        const after = totalOf(afterEach);
+        // The filler is the node that wrote the layer to the shared store.
+        const filler = shared ? afterEach.findIndex((a, i) => a.written - (beforeEach[i]?.written ?? 0) >= size) : -1;
+        const nodeCpu = cpuAfter.nodes.map((t, i) => t - (cpuBefore.nodes[i] ?? 0));
         const result: RoundResult = {
           storedSeconds: marks.stored,
           uploadedSeconds: marks.uploaded,
-          cpu: { nodes: cpuAfter.nodes - cpuBefore.nodes, store: cpuAfter.store === undefined || cpuBefore.store === undefined ? undefined : cpuAfter.store - cpuBefore.store, upstream: cpuAfter.upstream - cpuBefore.upstream },
+          cpu: {
+            nodes: nodeCpu.reduce((t, c) => t + c, 0),
+            filler: filler >= 0 ? nodeCpu[filler] : undefined,
+            otherNode: median(nodeCpu.filter((_, i) => i !== filler)),
+            store: cpuAfter.store === undefined || cpuBefore.store === undefined ? undefined : cpuAfter.store - cpuBefore.store,
+            upstream: cpuAfter.upstream - cpuBefore.upstream,
+          },
           upstreamBytes: upstream.bytes,
           upstreamGets: upstream.gets,
           wallSeconds,
@@ -260,7 +280,7 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
           afterOutageSeconds,
         };
         process.stderr.write(
-          `round ${round + 1}: ${id} ${wallSeconds.toFixed(2)} s wall, upstream ${(upstream.bytes / size).toFixed(2)}× (${upstream.gets} GETs), stored ${marks.stored?.toFixed(2) ?? '–'} s, uploaded ${marks.uploaded?.toFixed(2) ?? '–'} s, first byte ≤ ${result.latestFirstByteSeconds.toFixed(2)} s, first done ${result.firstDoneSeconds.toFixed(2)} s, CPU s nodes ${result.cpu.nodes.toFixed(1)} store ${result.cpu.store?.toFixed(1) ?? '–'} upstream ${result.cpu.upstream.toFixed(1)}` +
+          `round ${round + 1}: ${id} ${wallSeconds.toFixed(2)} s wall, upstream ${(upstream.bytes / size).toFixed(2)}× (${upstream.gets} GETs), stored ${marks.stored?.toFixed(2) ?? '–'} s, uploaded ${marks.uploaded?.toFixed(2) ?? '–'} s, first byte ≤ ${result.latestFirstByteSeconds.toFixed(2)} s, first done ${result.firstDoneSeconds.toFixed(2)} s, CPU s nodes ${result.cpu.nodes.toFixed(1)} (filler ${result.cpu.filler?.toFixed(1) ?? '–'}, other ${result.cpu.otherNode.toFixed(1)}) store ${result.cpu.store?.toFixed(1) ?? '–'} upstream ${result.cpu.upstream.toFixed(1)}` +
             (shared ? `, shared written ${(result.sharedWritten / MiB).toFixed(0)} MiB read ${(result.sharedRead / MiB).toFixed(0)} MiB, upstream down: ${afterOutageSeconds?.toFixed(2)} s` : '') +
             '\n',
         );
@@ -301,7 +321,7 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
           latestFirstByteSeconds: m((x) => x.latestFirstByteSeconds),
           storedSeconds: some((x) => x.storedSeconds),
           uploadedSeconds: some((x) => x.uploadedSeconds),
-          cpu: { nodes: m((x) => x.cpu.nodes), store: some((x) => x.cpu.store), upstream: m((x) => x.cpu.upstream) },
+          cpu: { nodes: m((x) => x.cpu.nodes), filler: some((x) => x.cpu.filler), otherNode: m((x) => x.cpu.otherNode), store: some((x) => x.cpu.store), upstream: m((x) => x.cpu.upstream) },
           sharedWritten: m((x) => x.sharedWritten),
           sharedRead: m((x) => x.sharedRead),
           afterOutageSeconds: some((x) => x.afterOutageSeconds),
@@ -322,6 +342,7 @@ export function formatSharedBench(r: SharedBenchResult): string {
   const shared = (row: SharedRow) => row.id === 'shared-s3' || row.id === 'shared-fs';
   const expected = (row: SharedRow) => (shared(row) ? 1 : r.nodes);
   const opt = (n: number | undefined) => (n === undefined ? '–' : s(n));
+  const cpu = (n: number) => n.toFixed(1);
   const lines = [
     `${r.nodes} pullbridge processes ("nodes", each its own NODE_NAME and node store) pull one new ${r.sizeMb} MiB layer from one docker-registry at the same moment, one curl per node (a blob GET: the layer is what crosses the upstream; manifests are a few hundred bytes and not claimed). Every setup starts each round from nothing: new proxy processes, node stores and shared store. ${r.rounds} round(s), the setups' order alternating; times are medians of the rounds.`,
     '',
@@ -335,9 +356,9 @@ export function formatSharedBench(r: SharedBenchResult): string {
     '',
     `Where the time goes: seconds from the moment the ${r.nodes} curls start (clients' figures are curl's own; "stored" and "in the shared store" are seen by the bench looking every ${WATCH_MS} ms), and CPU seconds used during the pull:`,
     '',
-    '| setup | first node has the layer stored | shared store has it | latest first byte | first client done | last client done | CPU s: nodes / object store / upstream |',
+    '| setup | first node has the layer stored | shared store has it | latest first byte | first client done | last client done | CPU s: nodes in all (the filler; each other node) / object store / upstream |',
     '|---|---|---|---|---|---|---|',
-    ...r.rows.map((row) => `| ${row.setup} | ${opt(row.storedSeconds)} | ${opt(row.uploadedSeconds)} | ${s(row.latestFirstByteSeconds)} | ${s(row.firstDoneSeconds)} | ${s(row.wallSeconds)} | ${row.cpu.nodes.toFixed(1)} / ${row.cpu.store === undefined ? '–' : row.cpu.store.toFixed(1)} / ${row.cpu.upstream.toFixed(1)} |`),
+    ...r.rows.map((row) => `| ${row.setup} | ${opt(row.storedSeconds)} | ${opt(row.uploadedSeconds)} | ${s(row.latestFirstByteSeconds)} | ${s(row.firstDoneSeconds)} | ${s(row.wallSeconds)} | ${cpu(row.cpu.nodes)} (${row.cpu.filler === undefined ? '' : `${cpu(row.cpu.filler)}; `}${cpu(row.cpu.otherNode)}) / ${row.cpu.store === undefined ? '–' : cpu(row.cpu.store)} / ${cpu(row.cpu.upstream)} |`),
     '',
     'In the shared setups one node holds the claim and fills from the upstream, streaming to its client as the bytes land in its store; it uploads the layer to the shared store only once it is stored (verified), and the other nodes, which look for it every 0.5 s, get their first byte only then, and read it from the store. So a waiting node waits for the fill **and** the upload before its own transfer starts: latest first byte ≈ shared store has it ≈ stored + the upload. With the filesystem store the nodes themselves do the copying (no store process).',
     '',
