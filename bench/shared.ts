@@ -11,16 +11,18 @@
 // Measured per setup: the bytes the upstream sent (the size fields of its access log, blob GETs of
 // the layer), wall time until the last client finished, each client's time to its first byte and
 // to its last, the bytes the nodes wrote to and read from the shared store (their
-// pullbridge_cache_shared_bytes_total counters), and, for the shared setups, one more node pulling
-// the layer afterwards with the upstream killed. Every client's bytes are hashed as they arrive
-// (curl | sha256sum) and must hash to the layer's digest.
+// pullbridge_cache_shared_bytes_total counters), when the first node had the layer stored and when
+// the shared store had it (a waiting node waits for both: the upload follows the fill), the CPU
+// seconds of the nodes, the object store and the upstream, and, for the shared setups, one more node
+// pulling the layer afterwards with the upstream killed. Every client's bytes are hashed as they
+// arrive (curl | sha256sum) and must hash to the layer's digest.
 //
 // Each round starts every setup from nothing (new proxy processes, node stores, shared store); the
 // setups alternate their order between rounds and every figure is the median of the rounds.
 //
-// With --upstream-mbps N, what the upstream sends is capped at N Mbit/s in all (a qdisc on the
-// loopback device matching the registry's port, in a network namespace of the bench's own): the
-// tunnel the nodes share in production, which loopback otherwise is not.
+// With --upstream-mbps N, what the upstream sends is capped at N Mbit/s in all (an HTB class on the
+// loopback device for the registry's port, in a network namespace of the bench's own): the tunnel
+// the nodes share in production, which loopback otherwise is not.
 //
 //   npm run bench -- shared [--size-mb 1024] [--nodes 4] [--rounds 2] [--upstream-mbps N]
 
@@ -343,6 +345,7 @@ export function formatSharedBench(r: SharedBenchResult): string {
   const expected = (row: SharedRow) => (shared(row) ? 1 : r.nodes);
   const opt = (n: number | undefined) => (n === undefined ? '–' : s(n));
   const cpu = (n: number) => n.toFixed(1);
+  const sharedSlower = relay !== undefined && r.rows.filter(shared).every((row) => row.wallSeconds > relay.wallSeconds);
   const lines = [
     `${r.nodes} pullbridge processes ("nodes", each its own NODE_NAME and node store) pull one new ${r.sizeMb} MiB layer from one docker-registry at the same moment, one curl per node (a blob GET: the layer is what crosses the upstream; manifests are a few hundred bytes and not claimed). Every setup starts each round from nothing: new proxy processes, node stores and shared store. ${r.rounds} round(s), the setups' order alternating; times are medians of the rounds.`,
     '',
@@ -365,7 +368,7 @@ export function formatSharedBench(r: SharedBenchResult): string {
     `Upstream bytes are the size fields of the registry's access log for 2xx GETs of the layer (HEADs a node makes to confirm access carry no body). Shared store bytes are the nodes' \`pullbridge_cache_shared_bytes_total{direction}\` counters (their /metrics), for the measured layer only. "One more node": after the ${r.nodes} pulls (and the upload) the registry is SIGKILLed and a fresh node with an empty node store pulls the layer; it comes from the shared store alone.`,
     '',
     r.upstreamMbps === undefined
-      ? `All ${r.nodes} nodes, the clients, the object store and the upstream share this machine's 2 cores and its loopback, so the upstream here is as fast as a node's disk: the time ratios understate what the shared tier saves where the upstream is a tunnel of limited bandwidth (in production the tunnel is the bottleneck, and ${r.nodes}× its bytes is ${r.nodes}× its time). No bandwidth throttle is applied (\`--upstream-mbps N\` applies one).`
+      ? `All ${r.nodes} nodes, the clients, the object store and the upstream share this machine's 2 cores and its loopback, so the upstream here costs nothing but CPU${sharedSlower ? ': with it that free, the shared tier\'s serial fill → upload → reads and the CPU its copies take on the 2 cores make it slower than relaying,' : ','} and the time ratios say nothing of what it saves where the upstream is a tunnel of limited bandwidth (in production the tunnel is the bottleneck, and ${r.nodes}× its bytes is ${r.nodes}× its time). No bandwidth throttle is applied here (\`--upstream-mbps N\` applies one: its own section).`
       : `What the upstream sends is capped at **${r.upstreamMbps} Mbit/s in all** (an HTB class on the loopback device for the registry's port, in a network namespace of the bench's own), as a tunnel the ${r.nodes} nodes share; the nodes, the clients and the object store share this machine's 2 cores and talk over the unshaped loopback, as nodes reach an in-cluster store.`,
     `Checked on every run: every client (the late node's too) received ${r.sizeMb} MiB hashing (sha256sum, as the bytes arrived) to the layer's digest.`,
   ];
