@@ -13,13 +13,13 @@
 //
 //   npm run bench -- cache [--size-mb 1024] [--concurrency 16] [--rounds 2] [--cpu-prof DIR]
 
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Proc } from '../test/support/procs.js';
 import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
-import { curl, peakRssMb, pushBlob, startNginx, startPullbridge } from './proxy.js';
+import { curl, curlDigest, peakRssMb, pushBlob, startNginx, startPullbridge } from './proxy.js';
 
 /** A small blob each fresh proxy pulls first (filled, then hit), so the measured pull meets warm code. */
 const WARM_MB = 16;
@@ -82,7 +82,7 @@ async function waitStored(path: string): Promise<void> {
   }
 }
 
-function median(values: readonly number[]): number {
+export function median(values: readonly number[]): number {
   const sorted = [...values].sort((a, b) => a - b);
   const mid = Math.floor(sorted.length / 2);
   return sorted.length % 2 === 1 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
@@ -107,18 +107,7 @@ async function singleCurl(url: string, expectBytes: number): Promise<{ bytes: nu
   return { ...r, wallSeconds };
 }
 
-/** The sha256 of what a client receives, with curl and sha256sum (untimed; checks the bytes themselves). */
-function clientDigest(url: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const child = spawn('sh', ['-c', 'curl -sS --fail "$0" | sha256sum', url]);
-    let out = '';
-    child.stdout.on('data', (c: Buffer) => (out += c.toString()));
-    child.stderr.on('data', (c: Buffer) => (out += c.toString()));
-    child.on('close', (code) => (code === 0 ? resolve(`sha256:${out.trim().split(/\s+/)[0] ?? ''}`) : reject(new Error(`digest of ${url}: ${out}`))));
-  });
-}
-
-function storedPath(cachePath: string, digest: string): string {
+export function storedPath(cachePath: string, digest: string): string {
   const [algorithm, hex] = digest.split(':');
   return join(cachePath, 'blobs', algorithm ?? '', hex ?? '');
 }
@@ -127,10 +116,10 @@ function storedPath(cachePath: string, digest: string): string {
  * Writes dirty pages out (the pushed blob, nginx's and the cache's files) so that no measured pull
  * pays for another's writeback: the kernel starts flushing them 30 s later, in the middle of a pull.
  */
-const flushDisk = () => void spawnSync('sync');
+export const flushDisk = () => void spawnSync('sync');
 
 /** The registry writes its access log line as a request ends; give the pipe a moment to deliver it. */
-const settleAccessLog = () => new Promise((resolve) => setTimeout(resolve, 300));
+export const settleAccessLog = () => new Promise((resolve) => setTimeout(resolve, 300));
 
 interface Running {
   readonly port: number;
@@ -188,7 +177,7 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
     const directGets = rounds * (1 + concurrency) + 1;
     const nginxGets = directGets;
     if (registry.blobGets(digest) - gets !== directGets + nginxGets) throw new Error(`hits reached the registry: ${registry.blobGets(digest) - gets} blob GETs, expected ${directGets + nginxGets} (direct and nginx only)`);
-    const hitDigest = await clientDigest(blobUrl(hitProxy.port, 'corp/'));
+    const { digest: hitDigest } = await curlDigest(blobUrl(hitProxy.port, 'corp/'));
     if (hitDigest !== digest) throw new Error(`a hit delivered ${hitDigest}, not ${digest}`);
     await hitProxy.proc.stop();
     rmSync(hitCache, { recursive: true, force: true });

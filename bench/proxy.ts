@@ -4,13 +4,14 @@
 //
 //   npm run bench -- proxy [--size-mb 1024] [--concurrency 16] [--rounds 2]
 
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import type { ConfigInput } from '../src/rules/config.js';
 import { writeRepeated } from '../test/support/http.js';
 import { freePort, startProcess, waitForPort, type Proc } from '../test/support/procs.js';
 import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
@@ -40,6 +41,28 @@ export async function pushBlob(registry: RegistryHandle, repository: string, siz
     writeRepeated(req, CHUNK, sizeMb);
   });
   return digest;
+}
+
+/**
+ * One GET with curl, its body hashed by sha256sum as it arrives (a pipe between the two processes,
+ * so the bytes never pass through this one): bytes, seconds to the first byte and in total (curl's
+ * own), and the digest of what the client received.
+ */
+export function curlDigest(url: string): Promise<{ bytes: number; firstByteSeconds: number; seconds: number; digest: string }> {
+  return new Promise((resolve, reject) => {
+    // pipefail: a curl that failed must not pass for sha256sum's success.
+    const child = spawn('bash', ['-c', 'set -o pipefail; curl -sS --fail -w "%{stderr}%{size_download} %{time_starttransfer} %{time_total}" -o - "$0" | sha256sum', url]);
+    let out = '';
+    let err = '';
+    child.stdout.on('data', (c: Buffer) => (out += c.toString()));
+    child.stderr.on('data', (c: Buffer) => (err += c.toString()));
+    child.on('close', (code) => {
+      const [bytes, firstByteSeconds, seconds] = (err.trim().split('\n').at(-1) ?? '').split(' ').map(Number);
+      const hex = out.trim().split(/\s+/)[0] ?? '';
+      if (code === 0 && bytes !== undefined && firstByteSeconds !== undefined && seconds !== undefined && /^[0-9a-f]{64}$/.test(hex)) resolve({ bytes, firstByteSeconds, seconds, digest: `sha256:${hex}` });
+      else reject(new Error(`curl ${url} failed: ${err}${out}`));
+    });
+  });
 }
 
 /** One GET with curl to /dev/null: bytes received and curl's own total time. */
@@ -117,6 +140,10 @@ http {
 export interface PullbridgeOptions {
   /** A node cache in this directory (`cache.path`); none: every pull is relayed. */
   readonly cachePath?: string;
+  /** The shared tier (`cache.shared`), with cachePath. */
+  readonly shared?: NonNullable<ConfigInput['cache']>['shared'];
+  /** NODE_NAME, as the chart sets it: the node a shared-tier claim names. */
+  readonly nodeName?: string;
   /** More node flags (e.g. `--cpu-prof`), after PROXY_NODE_FLAGS. */
   readonly nodeFlags?: readonly string[];
 }
@@ -128,21 +155,35 @@ export interface PullbridgeOptions {
 export async function startPullbridge(registry: RegistryHandle, options: PullbridgeOptions = {}): Promise<{ port: number; proc: Proc }> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-bench-'));
   const port = await freePort();
-  const cache = options.cachePath === undefined ? '' : `cache: {path: "${options.cachePath}", maxBytes: 20Gi}\n`;
+  // JSON is YAML: the shared tier's settings go in as they are.
+  const cache = options.cachePath === undefined ? '' : `cache: ${JSON.stringify({ path: options.cachePath, maxBytes: '20Gi', ...(options.shared ? { shared: options.shared } : {}) })}\n`;
   writeFileSync(
     join(dir, 'config.yaml'),
     `${cache}registries:\n  - {name: corp, match: [r.example], upstream: "${registry.url}", auth: {mode: anonymous}}\n  - {name: fast, match: [f.example], upstream: "${registry.url}", auth: {mode: anonymous}, verifyBlobDigests: false}\n`,
   );
   const cli = fileURLToPath(new URL('../src/cli.js', import.meta.url));
   // Run as deployed: PROXY_NODE_FLAGS and MALLOC_ARENA_MAX are what the image sets for the proxy.
-  const proc = startProcess(process.execPath, [...PROXY_NODE_FLAGS, ...(options.nodeFlags ?? []), cli, 'proxy', '--config', join(dir, 'config.yaml'), '--port', String(port), '--host', '127.0.0.1'], { PULLBRIDGE_LOG_LEVEL: 'warn', MALLOC_ARENA_MAX: '2' });
+  const proc = startProcess(process.execPath, [...PROXY_NODE_FLAGS, ...(options.nodeFlags ?? []), cli, 'proxy', '--config', join(dir, 'config.yaml'), '--port', String(port), '--host', '127.0.0.1'], { PULLBRIDGE_LOG_LEVEL: 'warn', MALLOC_ARENA_MAX: '2', ...(options.nodeName ? { NODE_NAME: options.nodeName } : {}) });
+  // Stopping it removes its config directory too.
+  const running: Proc = { child: proc.child, output: proc.output, stop: () => proc.stop().then(() => rmSync(dir, { recursive: true, force: true })) };
   try {
     await waitForPort(port);
   } catch (error) {
-    await proc.stop();
+    await running.stop();
     throw new Error(`${(error as Error).message}\n${proc.output()}`);
   }
-  return { port, proc };
+  return { port, proc: running };
+}
+
+const CLOCK_TICKS = Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100;
+
+/** CPU seconds (user + system) a running process has used so far. */
+export function cpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+  // The fields after the command name, which is in parentheses and may hold spaces: utime and stime
+  // are fields 14 and 15 of the line.
+  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
 }
 
 /** Peak resident set of a process (and its children for nginx's master + worker), in MiB. */

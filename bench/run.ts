@@ -1,12 +1,16 @@
-// `npm run bench [-- webhook|proxy|cache] [--seconds N] [--rounds N]`: runs the benchmarks (webhook
-// and proxy when none is named) and writes their tables to BENCHMARKS.md, with the command and the
+// `npm run bench [-- webhook|proxy|cache|shared] [--seconds N] [--rounds N]`: runs the benchmarks
+// (webhook and proxy when none is named) and writes their tables to BENCHMARKS.md, with the command and the
 // machine they ran on. `cache --cpu-prof DIR` profiles the proxies of the miss rounds and writes no
-// report section.
+// report section. `shared --upstream-mbps N` caps the upstream at N Mbit/s (a qdisc on the loopback
+// device): the bench then runs itself again in a network namespace of its own, whose loopback
+// device nothing else uses.
 
+import { spawnSync } from 'node:child_process';
 import { parseArgs } from 'node:util';
 import { formatCacheBench, runCacheBench } from './cache.js';
 import { formatProxyBench, runProxyBench } from './proxy.js';
 import { writeReportSection } from './report.js';
+import { formatSharedBench, runSharedBench } from './shared.js';
 import { formatWebhookBench, runWebhookBench } from './webhook.js';
 
 const { values, positionals } = parseArgs({
@@ -16,11 +20,20 @@ const { values, positionals } = parseArgs({
     connections: { type: 'string', default: '8' },
     'size-mb': { type: 'string', default: '1024' },
     concurrency: { type: 'string', default: '16' },
+    nodes: { type: 'string', default: '4' },
     'cpu-prof': { type: 'string' },
+    'upstream-mbps': { type: 'string' },
   },
   allowPositionals: true,
 });
 const which = positionals.length > 0 ? positionals : ['webhook', 'proxy'];
+const upstreamMbps = values['upstream-mbps'] === undefined ? undefined : Number(values['upstream-mbps']);
+
+if (upstreamMbps !== undefined && process.env['PULLBRIDGE_BENCH_NETNS'] !== '1') {
+  // Everything the benchmarks start listens on 127.0.0.1: a namespace with its loopback up is enough.
+  const inner = spawnSync('unshare', ['--net', '--', 'sh', '-c', 'ip link set lo up && exec "$@"', 'sh', process.execPath, ...process.argv.slice(1)], { stdio: 'inherit', env: { ...process.env, PULLBRIDGE_BENCH_NETNS: '1' } });
+  process.exit(inner.status ?? 1);
+}
 
 for (const name of which) {
   if (name === 'webhook') {
@@ -39,8 +52,16 @@ for (const name of which) {
     // A profiled run is slower: its figures are not written to the report.
     if (!values['cpu-prof']) writeReportSection('bench-cache', 'Benchmark: node cache', `npm run bench -- cache --size-mb ${values['size-mb']} --concurrency ${values.concurrency} --rounds ${values.rounds}`, text);
     process.stdout.write(`${text}\n`);
+  } else if (name === 'shared') {
+    const result = await runSharedBench(Number(values['size-mb']), Number(values.nodes), Number(values.rounds), upstreamMbps);
+    const text = formatSharedBench(result);
+    const command = `npm run bench -- shared --size-mb ${values['size-mb']} --nodes ${values.nodes} --rounds ${values.rounds}`;
+    // A throttled run is a section of its own: the loopback run stays beside it.
+    if (upstreamMbps === undefined) writeReportSection('bench-shared', 'Benchmark: shared cache tier', command, text);
+    else writeReportSection('bench-shared-throttled', `Benchmark: shared cache tier, upstream capped at ${upstreamMbps} Mbit/s`, `${command} --upstream-mbps ${upstreamMbps}`, text);
+    process.stdout.write(`${text}\n`);
   } else {
-    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy, cache)\n`);
+    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy, cache, shared)\n`);
     process.exitCode = 2;
   }
 }

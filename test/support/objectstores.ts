@@ -22,6 +22,8 @@ export function storageServerBinary(name: 'versitygw' | 'fake-gcs-server'): stri
 export interface ObjectStoreServer {
   /** Base URL on 127.0.0.1 (for Azurite, with the account's path). */
   readonly endpoint: string;
+  /** The server's process id (a benchmark reads its CPU time). */
+  readonly pid: number;
   /** Output of the server, for a failing test's message. */
   logs(): string;
   /** Stops the server; its directory is removed. Safe to call twice. */
@@ -90,6 +92,7 @@ export async function startVersitygw(bucket = 'pullbridge-test'): Promise<S3Serv
     accessKeyFile: join(dir, 'access'),
     secretKeyFile: join(dir, 'secret'),
     wrongSecretKeyFile: join(dir, 'wrong-secret'),
+    pid: proc.child.pid ?? 0,
     logs: proc.output,
     stop: stopper(proc, dir),
   };
@@ -112,6 +115,7 @@ export async function startAzurite(): Promise<AzureServer> {
     accountName,
     accountKeyFile: join(dir, 'account-key'),
     wrongAccountKeyFile: join(dir, 'wrong-account-key'),
+    pid: proc.child.pid ?? 0,
     logs: proc.output,
     stop: stopper(proc, dir),
   };
@@ -134,5 +138,5 @@ export async function startFakeGcs(bucket = 'pullbridge-test'): Promise<GcsServe
     await stopper(proc, dir)();
     throw new Error(`creating bucket ${bucket}: ${response.status} ${await response.text()}`);
   }
-  return { endpoint, bucket, logs: proc.output, stop: stopper(proc, dir) };
+  return { endpoint, bucket, pid: proc.child.pid ?? 0, logs: proc.output, stop: stopper(proc, dir) };
 }

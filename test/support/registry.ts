@@ -25,6 +25,8 @@ export interface RegistryRequest {
   readonly method: string;
   readonly path: string;
   readonly status: number;
+  /** Bytes of the response body the registry wrote (the access log's size field). */
+  readonly bytes: number;
 }
 
 export interface TokenIssuer {
@@ -115,7 +117,7 @@ async function startTokenIssuer(signing: CertificateBundle, service: string, use
   return Object.assign(issuer, { server, realm: `${server.url}/token`, requests });
 }
 
-/** Combined-log lines (`… "GET /v2/… HTTP/1.1" 200 …`), which the registry writes to stdout. */
+/** Combined-log lines (`… "GET /v2/… HTTP/1.1" 200 SIZE …`), which the registry writes to stdout. */
 function recordAccessLog(proc: Proc, into: RegistryRequest[]): void {
   let partial = '';
   proc.child.stdout?.on('data', (chunk: Buffer) => {
@@ -123,8 +125,8 @@ function recordAccessLog(proc: Proc, into: RegistryRequest[]): void {
     const lines = text.split('\n');
     partial = lines.pop() ?? '';
     for (const line of lines) {
-      const m = /"([A-Z]+) (\S+) HTTP\/[\d.]+" (\d{3}) /.exec(line);
-      if (m) into.push({ method: m[1] ?? '', path: (m[2] ?? '').split('?')[0] ?? '', status: Number(m[3]) });
+      const m = /"([A-Z]+) (\S+) HTTP\/[\d.]+" (\d{3}) (\d+|-)/.exec(line);
+      if (m) into.push({ method: m[1] ?? '', path: (m[2] ?? '').split('?')[0] ?? '', status: Number(m[3]), bytes: m[4] === '-' ? 0 : Number(m[4]) });
     }
   });
 }
