@@ -402,3 +402,76 @@ describe('a shared download as a proxy body', () => {
     assert.deepEqual(failures, ['connection reset']);
   });
 });
+
+describe('the shared cache tier with a read-only credential (Azurite, a SAS that may read and list only)', function () {
+  this.timeout(180_000);
+  let upstream: RegistryHandle;
+  let azure: Awaited<ReturnType<typeof startAzurite>>;
+  const closing: Array<() => Promise<void>> = [];
+  const dirs: string[] = [];
+
+  before(async () => {
+    upstream = await startRegistry({ accessLog: true });
+    azure = await startAzurite();
+  });
+
+  after(async () => {
+    for (const close of closing.reverse()) await close().catch(() => undefined);
+    await upstream?.stop();
+    await azure?.stop();
+    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('reads what other nodes shared, shares nothing, and says so once; the tier stays up', async () => {
+    const { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, generateAccountSASQueryParameters } = await import('@azure/storage-blob');
+    const container = 'pullbridge-test';
+    const credential = new StorageSharedKeyCredential(azure.accountName, readFileSync(azure.accountKeyFile, 'utf8').trim());
+    await new BlobServiceClient(azure.endpoint, credential).getContainerClient(container).create();
+    const secrets = mkdtempSync(join(tmpdir(), 'pullbridge-ro-sas-'));
+    dirs.push(secrets);
+    const sasTokenFile = join(secrets, 'sas');
+    const readOnly = generateAccountSASQueryParameters(
+      { expiresOn: new Date(Date.now() + 3_600_000), permissions: AccountSASPermissions.parse('rl'), resourceTypes: AccountSASResourceTypes.parse('sco').toString(), services: AccountSASServices.parse('b').toString() },
+      credential,
+    );
+    writeFileSync(sasTokenFile, `?${readOnly.toString()}\n`);
+    const start = async (name: string, auth: { accountKeyFile: string } | { sasTokenFile: string }) => {
+      const path = mkdtempSync(join(tmpdir(), `pullbridge-node-${name}-`));
+      dirs.push(path);
+      const proxy = await startProxy(
+        { cache: { path, shared: { azure: { container, accountName: azure.accountName, endpoint: azure.endpoint, ...auth }, timeoutSeconds: 5 } }, registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: upstream.url, auth: { mode: 'broker' } }] },
+        {},
+        {},
+        {},
+        { nodeName: name },
+      );
+      closing.push(() => proxy.close());
+      return proxy;
+    };
+    const writer = await start('writer', { accountKeyFile: azure.accountKeyFile });
+    const reader = await start('reader', { sasTokenFile });
+    const pullers = [await startContainerd(), await startContainerd()];
+    for (const puller of pullers) closing.push(() => puller.stop());
+    const shared = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [256 * 1024] });
+    const fresh = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [128 * 1024] });
+    await upstream.push(shared, 'team/app', 'shared');
+    await upstream.push(fresh, 'team/app', 'fresh');
+    await pullers[0]?.fetch(`${writer.host}/corp/team/app:shared`, { user: writer.credential('shop') });
+    await writer.cache?.sharing();
+
+    // A new image first: its claim and its upload are refused; the pull goes on from the upstream.
+    await pullers[1]?.fetch(`${reader.host}/corp/team/app:fresh`, { user: reader.credential('shop') });
+    await reader.cache?.sharing();
+    // Then the image the writer shared: read from the tier, the refused writes notwithstanding.
+    await pullers[1]?.fetch(`${reader.host}/corp/team/app:shared`, { user: reader.credential('shop') });
+    for (const layer of [...shared.layers, ...fresh.layers]) assert.equal(sha((await pullers[1]?.content(layer.digest)) ?? Buffer.alloc(0)), layer.digest);
+    const outcome = (digest: string) => reader.logs.records.find((r) => r.access === 'pull' && r.reference === digest && r.status === 200)?.cache;
+    for (const layer of fresh.layers) assert.equal(outcome(layer.digest), 'miss');
+    for (const layer of shared.layers) assert.equal(outcome(layer.digest), 'shared');
+    const status = (reader.cache?.status() as { shared: { up: boolean; writable: boolean; blobsWritten: number } }).shared;
+    assert.deepEqual([status.up, status.writable, status.blobsWritten], [true, false, 0]);
+    assert.match(await reader.metrics.metrics(), /^pullbridge_cache_shared_writable 0$/m);
+    assert.equal(reader.logs.records.filter((r) => r.msg === 'shared cache tier refuses writes: this node reads from it but shares nothing').length, 1);
+    assert.equal(reader.logs.records.filter((r) => r.msg === 'shared cache tier failing: pulls go to the upstream').length, 0);
+  });
+});

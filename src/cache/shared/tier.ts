@@ -29,6 +29,8 @@ const TAG_SHARE_REFRESH_SECONDS = 300;
 const TAG_WRITES_MAX = 10_000;
 
 type SharedOperation = 'stat' | 'read' | 'upload' | 'record-read' | 'record-write' | 'claim' | 'remove';
+/** Calls that write: a store refusing them (a read-only credential) leaves reads in use. */
+const WRITES: ReadonlySet<SharedOperation> = new Set(['upload', 'record-write', 'claim', 'remove']);
 
 const hex = (digest: string) => digest.slice(digest.indexOf(':') + 1);
 const algorithm = (digest: string) => digest.slice(0, digest.indexOf(':'));
@@ -45,6 +47,8 @@ export interface SharedStatus {
   /** null until the store could be opened. */
   readonly location: string | null;
   readonly up: boolean;
+  /** false while the store refuses this node's writes (reads may still work). */
+  readonly writable: boolean;
   /** Why it is down, and since when (ISO time). */
   readonly failure?: SharedFailure;
   readonly since: string;
@@ -56,6 +60,9 @@ export class SharedTier {
   private failure: SharedFailure | undefined;
   private since: number;
   private retryAt = 0;
+  /** Writes refused ('denied') while reads work, and when to try writing again. */
+  private writesRefused = false;
+  private writeRetryAt = 0;
   private readonly tally = { blobsRead: 0, blobsWritten: 0 };
   /** What this node last wrote for a tag, so that it does not write on every confirmation. */
   private readonly tagWrites = new Map<string, TagRecord>();
@@ -84,6 +91,7 @@ export class SharedTier {
     const tier = this;
     this.requests = new Counter({ name: 'pullbridge_cache_shared_requests_total', help: 'Calls to the shared cache tier by operation and result (ok, absent, failed, skipped while it is down)', labelNames: ['operation', 'result'], registers: [registry] });
     this.bytes = new Counter({ name: 'pullbridge_cache_shared_bytes_total', help: 'Blob bytes read from (read) and written to (written) the shared cache tier', labelNames: ['direction'], registers: [registry] });
+    new Gauge({ name: 'pullbridge_cache_shared_writable', help: '0 while the shared cache tier refuses this node\'s writes (it still reads what others shared)', registers: [registry], collect() { this.set(tier.writesRefused ? 0 : 1); } });
     new Gauge({ name: 'pullbridge_cache_shared_up', help: '1 while the shared cache tier answers; 0 while it fails (pulls go to the upstream)', registers: [registry], collect() { this.set(tier.failure ? 0 : 1); } });
   }
 
@@ -92,6 +100,7 @@ export class SharedTier {
       kind: sharedBackend(this.settings),
       location: this.store?.location ?? null,
       up: this.failure === undefined,
+      writable: !this.writesRefused,
       ...(this.failure ? { failure: this.failure } : {}),
       since: new Date(this.since).toISOString(),
       ...this.tally,
@@ -187,7 +196,7 @@ export class SharedTier {
     const body = Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim));
     const created = await this.call('claim', undefined, (store) => store.writeRecord(key, body, { ifAbsent: true }));
     if (created !== false) return 'ours';
-    const existing = await this.call('claim', undefined, (store) => store.readRecord(key));
+    const existing = await this.call('record-read', undefined, (store) => store.readRecord(key));
     const claim = existing ? parseClaim(existing.toString('utf8')) : undefined;
     if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
     // Stale (its filler died, or it is unreadable): this node takes over, overwriting it.
@@ -204,7 +213,7 @@ export class SharedTier {
    * over meanwhile (this one went stale) is left to it. */
   async release(digest: string): Promise<void> {
     const key = sharedKeys.claim(digest);
-    const body = await this.call('claim', undefined, (store) => store.readRecord(key));
+    const body = await this.call('record-read', undefined, (store) => store.readRecord(key));
     const claim = body ? parseClaim(body.toString('utf8')) : undefined;
     if (claim && claim.node !== this.nodeName) return;
     await this.call('claim', undefined, (store) => store.remove(key));
@@ -235,7 +244,7 @@ export class SharedTier {
     while (!signal.aborted && !this.failure) {
       const size = await this.blobSize(digest);
       if (size !== undefined) return size;
-      const body = await this.call('claim', undefined, (store) => store.readRecord(sharedKeys.claim(digest)));
+      const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.claim(digest)));
       if (body === undefined) return await this.blobSize(digest);
       const claim = parseClaim(body.toString('utf8'));
       if (!claim || !claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return undefined;
@@ -281,31 +290,45 @@ export class SharedTier {
    * store failed less than RETRY_MS ago). Counted, and state changes logged once.
    */
   private async call<T, F>(operation: SharedOperation, fallback: F, run: (store: SharedStore) => Promise<T>): Promise<T | F> {
-    if (this.failure && this.now() < this.retryAt) {
+    const write = WRITES.has(operation);
+    if ((this.failure && this.now() < this.retryAt) || (write && this.writesRefused && this.now() < this.writeRetryAt)) {
       this.requests.inc({ operation, result: 'skipped' });
       return fallback;
     }
+    const location = () => this.store?.location ?? sharedBackend(this.settings);
     try {
       const value = await withTimeout(this.current().then(run), operation === 'upload' || operation === 'read' ? undefined : this.settings.timeoutSeconds * 1000);
       this.requests.inc({ operation, result: value === undefined ? 'absent' : 'ok' });
       if (this.failure) {
-        this.logger.info({ shared: this.store?.location ?? sharedBackend(this.settings), downSeconds: Math.round((this.now() - this.since) / 1000) }, 'shared cache tier answers again');
+        this.logger.info({ shared: location(), downSeconds: Math.round((this.now() - this.since) / 1000) }, 'shared cache tier answers again');
         this.failure = undefined;
         this.since = this.now();
+      }
+      if (write && this.writesRefused) {
+        this.logger.info({ shared: location() }, 'shared cache tier takes writes again');
+        this.writesRefused = false;
       }
       return value;
     } catch (error) {
       const failure = error instanceof SharedStoreError ? error.failure : 'error';
       this.requests.inc({ operation, result: 'failed' });
+      if (write && failure === 'denied') {
+        // Refused writes only: this node shares nothing new, and still reads what the others shared.
+        this.writeRetryAt = this.now() + RETRY_MS;
+        if (!this.writesRefused) this.logger.warn({ shared: location(), operation, error: (error as Error).message }, 'shared cache tier refuses writes: this node reads from it but shares nothing');
+        this.writesRefused = true;
+        return fallback;
+      }
       this.retryAt = this.now() + RETRY_MS;
       if (this.failure !== failure) {
-        this.logger.warn({ shared: this.store?.location ?? sharedBackend(this.settings), failure, operation, error: (error as Error).message }, 'shared cache tier failing: pulls go to the upstream');
+        this.logger.warn({ shared: location(), failure, operation, error: (error as Error).message }, 'shared cache tier failing: pulls go to the upstream');
         this.failure = failure;
         this.since = this.now();
       }
       return fallback;
     }
   }
+
 }
 
 /** `promise`, or a 'timeout' failure after `ms` (none when undefined: a transfer's length depends on its size). */
