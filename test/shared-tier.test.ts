@@ -9,6 +9,7 @@
 // directory, as a ReadWriteMany volume).
 
 import assert from 'node:assert/strict';
+import http from 'node:http';
 import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -385,6 +386,31 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
     const outcome = (n: ProxyUnderTest) => n.logs.records.find((r) => r.access === 'pull' && r.reference === digest)?.cache;
     assert.equal(outcome(first), 'miss');
     assert.equal(outcome(second), 'shared', 'waited past fillWaitSeconds (2 s) for the fetch that kept moving');
+  });
+
+  it('goes on waiting for another node\'s fill when the first of several clients waiting on a node leaves', async () => {
+    const blob = Buffer.alloc(8 * 64 * 1024, 5);
+    const digest = sha(blob);
+    const upstream = await slowUpstream(blob, { chunkBytes: 64 * 1024, intervalMs: 400, announceLength: true, contentType: 'application/octet-stream' });
+    closing.push(() => upstream.close(0));
+    const shared = tempDir('shared-leave');
+    const filler = await node(tempDir('node-leave-1'), shared, upstream.url, 'node-1');
+    const waiter = await node(tempDir('node-leave-2'), shared, upstream.url, 'node-2');
+    const path = `/v2/corp/team/slow/blobs/${digest}`;
+    const filling = rawRequest(filler.url, path, { headers: { authorization: filler.authorization('shop') } });
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    // The first client on the waiting node gives up; a second one, there meanwhile, stays.
+    const leaving = http.get(`${waiter.url}${path}`, { headers: { authorization: waiter.authorization('shop') } });
+    leaving.on('error', () => undefined);
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    const staying = rawRequest(waiter.url, path, { headers: { authorization: waiter.authorization('shop') } });
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    leaving.destroy();
+    const [filled, stayed] = await Promise.all([filling, staying]);
+    assert.equal(sha(filled.body), digest);
+    assert.equal(sha(stayed.body), digest);
+    const readBytes = Number(/^pullbridge_cache_shared_bytes_total\{direction="read"\} (\d+)/m.exec(await waiter.metrics.metrics())?.[1] ?? 0);
+    assert.equal(readBytes, blob.length, 'the waiting node read the blob from the tier, not from the upstream');
   });
 });
 

@@ -211,7 +211,8 @@ export class CachedBlobs {
         }
         await shared.release(request.digest);
       } else {
-        size = await shared.waitForBlob(request.digest, request.signal);
+        // The fill's signal, not this client's: other clients may have joined the wait.
+        size = await shared.waitForBlob(request.digest, signal);
         if (size === undefined) return undefined;
       }
     }
