@@ -8,7 +8,7 @@
 // once and shown by /status and pullbridge_cache_shared_up.
 
 import { Counter, Gauge, type Registry } from 'prom-client';
-import { pipeline, Transform, type Readable } from 'node:stream';
+import { pipeline, Readable, Transform } from 'node:stream';
 import type { Logger } from '../../log.js';
 import type { SharedConfig } from '../../rules/config.js';
 import { claimIsFresh, parseClaim, parseTagRecord, shouldShareTag, type SharedClaim, type TagRecord } from '../policy.js';
@@ -297,7 +297,10 @@ export class SharedTier {
     }
     const location = () => this.store?.location ?? sharedBackend(this.settings);
     try {
-      const value = await withTimeout(this.current().then(run), operation === 'upload' || operation === 'read' ? undefined : this.settings.timeoutSeconds * 1000);
+      // A read is bounded until its download opens (a hung NFS mount, a store that accepts and never
+      // answers); an upload is bounded by the store adapter, by its progress.
+      const bounded = operation !== 'upload' && this.settings.timeoutSeconds > 0; // 0: no deadline
+      const value = await withTimeout(this.current().then(run), bounded ? this.settings.timeoutSeconds * 1000 : undefined);
       this.requests.inc({ operation, result: value === undefined ? 'absent' : 'ok' });
       if (this.failure) {
         this.logger.info({ shared: location(), downSeconds: Math.round((this.now() - this.since) / 1000) }, 'shared cache tier answers again');
@@ -335,8 +338,16 @@ export class SharedTier {
 function withTimeout<T>(promise: Promise<T>, ms: number | undefined): Promise<T> {
   if (ms === undefined) return promise;
   let timer: NodeJS.Timeout | undefined;
+  let late = false;
   const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new SharedStoreError('timeout', `no answer within ${ms / 1000} s`)), ms);
+    timer = setTimeout(() => {
+      late = true;
+      reject(new SharedStoreError('timeout', `no answer within ${ms / 1000} s`));
+    }, ms);
   });
+  // A download that opens after its deadline is closed, not left holding a connection or a file.
+  void promise.then((value) => {
+    if (late && value instanceof Readable) value.destroy();
+  }, () => undefined);
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
