@@ -1,7 +1,7 @@
 // The proxy under test, in-process on loopback, with a broker key in a temp file.
 
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Registry } from 'prom-client';
@@ -74,6 +74,7 @@ export async function startProxy(
       await running.close(100);
       await runtime.close();
       await cache?.close();
+      rmSync(dir, { recursive: true, force: true });
     },
   };
 }
