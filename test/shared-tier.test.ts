@@ -87,6 +87,8 @@ const backends: readonly Backend[] = [
 ];
 
 const sha = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
+/** Blob bytes a node read from the shared tier (its metric). */
+const sharedBytesRead = async (node: ProxyUnderTest) => Number(/^pullbridge_cache_shared_bytes_total\{direction="read"\} (\d+)/m.exec(await node.metrics.metrics())?.[1] ?? 0);
 
 for (const backend of backends) {
   describe(`the shared cache tier, ${backend.name}: one upstream transfer per blob per cluster`, function () {
@@ -210,14 +212,13 @@ for (const backend of backends) {
       const node = nodes[1];
       const layer = image.layers[0];
       assert.ok(node && layer);
-      const readBytes = async () => Number(/^pullbridge_cache_shared_bytes_total\{direction="read"\} (\d+)/m.exec(await node.metrics.metrics())?.[1] ?? 0);
-      const before = await readBytes();
+      const before = await sharedBytesRead(node);
       const answer = await rawRequest(node.url, `/v2/corp/team/app/manifests/${layer.digest}`, { headers: { authorization: node.authorization('shop') } });
       // The upstream's own answer (docker-registry fails to read a layer as a manifest: 500), passed on.
       const direct = await rawRequest(upstream.url, `/v2/team/app/manifests/${layer.digest}`);
       assert.notEqual(direct.status, 200);
       assert.equal(answer.status, direct.status);
-      assert.equal(await readBytes(), before, 'not a byte of the layer read from the tier');
+      assert.equal(await sharedBytesRead(node), before, 'not a byte of the layer read from the tier');
     });
 
     it('with the shared store down, pulls of a new image go to the upstream and succeed; /status and the metric say the tier is down', async () => {
@@ -330,6 +331,18 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
     return proxy;
   };
 
+  /** A blob a scripted upstream sends slowly (docker-registry cannot be made slow), 64 KiB every
+   * `intervalMs`, and two nodes on one shared directory. */
+  const slowFill = async (name: string, options: { chunks: number; intervalMs: number; fillWaitSeconds: number }) => {
+    const blob = Buffer.alloc(options.chunks * 64 * 1024, options.chunks);
+    const digest = sha(blob);
+    const upstream = await slowUpstream(blob, { chunkBytes: 64 * 1024, intervalMs: options.intervalMs, announceLength: true, contentType: 'application/octet-stream' });
+    closing.push(() => upstream.close(0));
+    const shared = tempDir(`shared-${name}`);
+    const nodes = [await node(tempDir(`node-${name}-1`), shared, upstream.url, 'node-1', options.fillWaitSeconds), await node(tempDir(`node-${name}-2`), shared, upstream.url, 'node-2', options.fillWaitSeconds)] as const;
+    return { blob, digest, path: `/v2/corp/team/slow/blobs/${digest}`, nodes };
+  };
+
   after(async () => {
     for (const close of closing.reverse()) await close().catch(() => undefined);
     for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
@@ -369,15 +382,9 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
   });
 
   it('keeps a claim fresh while a slow fetch moves on: a node waiting longer than fillWaitSeconds still reads it from the tier', async () => {
-    // docker-registry cannot be made slow: a scripted upstream sends the blob over ~5 s.
-    const blob = Buffer.alloc(10 * 64 * 1024, 3);
-    const digest = sha(blob);
-    const upstream = await slowUpstream(blob, { chunkBytes: 64 * 1024, intervalMs: 500, announceLength: true, contentType: 'application/octet-stream' });
-    closing.push(() => upstream.close(0));
-    const shared = tempDir('shared-slow');
-    const first = await node(tempDir('node-slow-1'), shared, upstream.url, 'node-1', 2);
-    const second = await node(tempDir('node-slow-2'), shared, upstream.url, 'node-2', 2);
-    const get = (n: ProxyUnderTest) => rawRequest(n.url, `/v2/corp/team/slow/blobs/${digest}`, { headers: { authorization: n.authorization('shop') } });
+    // Sent over ~5 s.
+    const { digest, path, nodes: [first, second] } = await slowFill('slow', { chunks: 10, intervalMs: 500, fillWaitSeconds: 2 });
+    const get = (n: ProxyUnderTest) => rawRequest(n.url, path, { headers: { authorization: n.authorization('shop') } });
     const filling = get(first);
     await new Promise((resolve) => setTimeout(resolve, 700)); // the first node holds the claim
     const [a, b] = await Promise.all([filling, get(second)]);
@@ -389,14 +396,7 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
   });
 
   it('goes on waiting for another node\'s fill when the first of several clients waiting on a node leaves', async () => {
-    const blob = Buffer.alloc(8 * 64 * 1024, 5);
-    const digest = sha(blob);
-    const upstream = await slowUpstream(blob, { chunkBytes: 64 * 1024, intervalMs: 400, announceLength: true, contentType: 'application/octet-stream' });
-    closing.push(() => upstream.close(0));
-    const shared = tempDir('shared-leave');
-    const filler = await node(tempDir('node-leave-1'), shared, upstream.url, 'node-1');
-    const waiter = await node(tempDir('node-leave-2'), shared, upstream.url, 'node-2');
-    const path = `/v2/corp/team/slow/blobs/${digest}`;
+    const { blob, digest, path, nodes: [filler, waiter] } = await slowFill('leave', { chunks: 8, intervalMs: 400, fillWaitSeconds: 60 });
     const filling = rawRequest(filler.url, path, { headers: { authorization: filler.authorization('shop') } });
     await new Promise((resolve) => setTimeout(resolve, 500));
     // The first client on the waiting node gives up; a second one, there meanwhile, stays.
@@ -409,8 +409,7 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
     const [filled, stayed] = await Promise.all([filling, staying]);
     assert.equal(sha(filled.body), digest);
     assert.equal(sha(stayed.body), digest);
-    const readBytes = Number(/^pullbridge_cache_shared_bytes_total\{direction="read"\} (\d+)/m.exec(await waiter.metrics.metrics())?.[1] ?? 0);
-    assert.equal(readBytes, blob.length, 'the waiting node read the blob from the tier, not from the upstream');
+    assert.equal(await sharedBytesRead(waiter), blob.length, 'the waiting node read the blob from the tier, not from the upstream');
   });
 });
 

@@ -114,7 +114,7 @@ export class CachedBlobs {
     const ended = cache.fillStarted();
     const origin = { rule: request.rule, repository: request.repository };
     const source: SharedSource = { shared: false, claimed: false, failed: false };
-    let stopKeepingClaim = () => undefined as void;
+    let stopKeepingClaim: () => void = () => undefined;
     const flight: BlobFlight = new BlobFlight(request.digest, origin, new AbortController(), cache.store, async (outcome) => {
       stopKeepingClaim();
       // Linked before the fill goes away, so that no client in between finds the blob stored but

@@ -157,7 +157,7 @@ export class CachedManifests {
           const answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal });
           this.confirmed(request);
           const stored = await this.store(request, answer);
-          if (answer.body) void this.share(request, answer.digest, answer.body, answer.mediaType ?? '');
+          if (answer.body) this.cache.shareManifest(answer.digest, answer.body, { rule: request.rule, repository: request.repository, mediaType: answer.mediaType ?? '' });
           return { answer, stored };
         } finally {
           flights.delete(key);
@@ -199,14 +199,6 @@ export class CachedManifests {
   private async sharedTag(request: ManifestRequest): Promise<TagRecord | undefined> {
     const record = await this.cache.shared?.readTag(request.rule, request.repository, request.reference);
     return record !== undefined && acceptable(request.accept, record.mediaType) ? record : undefined;
-  }
-
-  /** Puts a manifest fetched upstream into the shared tier, with its link (in the background). */
-  private async share(request: ManifestRequest, digest: string, body: Buffer, mediaType: string): Promise<void> {
-    const { shared } = this.cache;
-    if (!shared) return;
-    await shared.writeSmallBlob(digest, body);
-    await shared.writeLink(request.rule, request.repository, digest, mediaType);
   }
 
   /** Writes a fetched manifest into the store and links it, when the cache takes content; whether it did. */

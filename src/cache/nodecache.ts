@@ -18,6 +18,11 @@ import { NodeStore } from './store.js';
 
 export type CacheKind = 'manifest' | 'blob';
 
+/** A (rule, repository) content is shared for, and a manifest's media type. */
+type SharedLink = { readonly rule: string; readonly repository: string; readonly mediaType?: string };
+
+const sharedKnownKey = (digest: string, link: SharedLink) => `${link.rule}\0${link.repository}\0${digest}`;
+
 export interface NodeCacheOptions {
   /** false for a second process on a running proxy's store (warm): see NodeStore.open. */
   readonly removePartialFills?: boolean;
@@ -119,26 +124,34 @@ export class NodeCache {
    * held against eviction meanwhile), with its link, then ends this node's claim if it `claimed` the
    * fill. In the background: the client has its bytes already.
    */
-  share(digest: string, link: { readonly rule: string; readonly repository: string; readonly mediaType?: string }, claimed: boolean): void {
+  share(digest: string, link: SharedLink, claimed: boolean): void {
     const { shared } = this;
     if (!shared) return;
-    this.knownShared(`${link.rule}\0${link.repository}\0${digest}`);
-    const upload = (async () => {
+    this.inBackground(digest, link, async () => {
       const lease = this.store.lease(digest);
       const stopKeeping = claimed ? shared.keepClaim(digest, () => true) : undefined;
       try {
         // Looked at first: another node's copy is not uploaded again (a multipart upload's condition
         // is checked only when it completes, after every byte went out).
         if (lease && (await shared.blobSize(digest)) === undefined) await shared.uploadBlob(digest, lease.path, lease.size);
-        if ((await shared.readLink(link.rule, link.repository, digest)) === null) await shared.writeLink(link.rule, link.repository, digest, link.mediaType);
+        await this.linkShared(shared, digest, link);
       } finally {
         stopKeeping?.();
         lease?.release();
         if (claimed) await shared.release(digest);
       }
-    })().catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier upload failed'));
-    this.uploads.add(upload);
-    void upload.finally(() => this.uploads.delete(upload));
+    });
+  }
+
+  /** Puts a manifest fetched upstream (whole, in memory: it may not have been stored here) into the
+   * shared tier, with its link; in the background, as share(). */
+  shareManifest(digest: string, body: Buffer, link: SharedLink): void {
+    const { shared } = this;
+    if (!shared) return;
+    this.inBackground(digest, link, async () => {
+      await shared.writeSmallBlob(digest, body);
+      await this.linkShared(shared, digest, link);
+    });
   }
 
   /**
@@ -146,14 +159,23 @@ export class NodeCache {
    * was configured, or while it was down), so that a new node finds it: once per (rule, repository,
    * digest) in a process's life.
    */
-  backfill(digest: string, link: { readonly rule: string; readonly repository: string; readonly mediaType?: string }): void {
-    if (!this.shared || this.sharedKnown.has(`${link.rule}\0${link.repository}\0${digest}`)) return;
+  backfill(digest: string, link: SharedLink): void {
+    if (!this.shared || this.sharedKnown.has(sharedKnownKey(digest, link))) return;
     this.share(digest, link, false);
   }
 
-  private knownShared(key: string): void {
+  private async linkShared(shared: SharedTier, digest: string, link: SharedLink): Promise<void> {
+    if ((await shared.readLink(link.rule, link.repository, digest)) === null) await shared.writeLink(link.rule, link.repository, digest, link.mediaType);
+  }
+
+  /** Runs a write to the shared tier in the background, waited for (bounded) at close; remembers
+   * the content as shared for (rule, repository), so that backfill does not look again. */
+  private inBackground(digest: string, link: SharedLink, write: () => Promise<void>): void {
     if (this.sharedKnown.size >= SHARED_KNOWN_MAX) this.sharedKnown.delete(this.sharedKnown.values().next().value ?? '');
-    this.sharedKnown.add(key);
+    this.sharedKnown.add(sharedKnownKey(digest, link));
+    const upload = write().catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier upload failed'));
+    this.uploads.add(upload);
+    void upload.finally(() => this.uploads.delete(upload));
   }
 
   /** A fill from the shared tier failed: this node fetches that blob from the upstream for a while,

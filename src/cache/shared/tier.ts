@@ -193,14 +193,12 @@ export class SharedTier {
    */
   async claim(digest: string): Promise<'ours' | 'theirs'> {
     const key = sharedKeys.claim(digest);
-    const body = Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim));
-    const created = await this.call('claim', undefined, (store) => store.writeRecord(key, body, { ifAbsent: true }));
+    const created = await this.call('claim', undefined, (store) => store.writeRecord(key, this.claimRecord(), { ifAbsent: true }));
     if (created !== false) return 'ours';
-    const existing = await this.call('record-read', undefined, (store) => store.readRecord(key));
-    const claim = existing ? parseClaim(existing.toString('utf8')) : undefined;
+    const claim = await this.readClaim(digest);
     if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
     // Stale (its filler died, or it is unreadable): this node takes over, overwriting it.
-    await this.call('claim', false, (store) => store.writeRecord(key, body));
+    await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord()));
     return 'ours';
   }
 
@@ -212,11 +210,9 @@ export class SharedTier {
   /** Ends this node's claim (the blob is uploaded, or the fill failed); a claim another node took
    * over meanwhile (this one went stale) is left to it. */
   async release(digest: string): Promise<void> {
-    const key = sharedKeys.claim(digest);
-    const body = await this.call('record-read', undefined, (store) => store.readRecord(key));
-    const claim = body ? parseClaim(body.toString('utf8')) : undefined;
+    const claim = await this.readClaim(digest);
     if (claim && claim.node !== this.nodeName) return;
-    await this.call('claim', undefined, (store) => store.remove(key));
+    await this.call('claim', undefined, (store) => store.remove(sharedKeys.claim(digest)));
   }
 
   /**
@@ -228,8 +224,7 @@ export class SharedTier {
     const key = sharedKeys.claim(digest);
     const timer = setInterval(() => {
       if (!progressed()) return;
-      const body = Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim));
-      void this.call('claim', false, (store) => store.writeRecord(key, body));
+      void this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord()));
     }, (this.settings.fillWaitSeconds * 1000) / 3);
     timer.unref();
     return () => clearInterval(timer);
@@ -244,13 +239,23 @@ export class SharedTier {
     while (!signal.aborted && !this.failure) {
       const size = await this.blobSize(digest);
       if (size !== undefined) return size;
-      const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.claim(digest)));
-      if (body === undefined) return await this.blobSize(digest);
-      const claim = parseClaim(body.toString('utf8'));
-      if (!claim || !claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return undefined;
+      const claim = await this.readClaim(digest);
+      if (claim === undefined) return await this.blobSize(digest);
+      if (claim === null || !claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return undefined;
       await new Promise((resolve) => setTimeout(resolve, WAIT_POLL_MS));
     }
     return undefined;
+  }
+
+  /** This node's claim, made now. */
+  private claimRecord(): Buffer {
+    return Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim));
+  }
+
+  /** The blob's claim: undefined when there is none (or the tier is down), null when it is unreadable. */
+  private async readClaim(digest: string): Promise<SharedClaim | null | undefined> {
+    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.claim(digest)));
+    return body === undefined ? undefined : (parseClaim(body.toString('utf8')) ?? null);
   }
 
   async close(): Promise<void> {
