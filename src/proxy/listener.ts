@@ -9,6 +9,7 @@ import http from 'node:http';
 import type { Registry } from 'prom-client';
 import { Gauge } from 'prom-client';
 import type { Logger } from '../log.js';
+import { hostPort } from '../shell/serve.js';
 
 /** The response header carrying the answering process's instance id (random, per process). */
 export const INSTANCE_HEADER = 'pullbridge-instance';
@@ -128,8 +129,6 @@ export interface ListenerCheckOptions {
   readonly ownListenerFull?: (source: string) => boolean;
   readonly timeoutMs?: number;
 }
-
-const hostPort = (host: string, port: number): string => `${host.includes(':') ? `[${host}]` : host}:${port}`;
 
 /** The registry listener's claim on its address: checked on demand (the prober's schedule), one check at a time. */
 export class ListenerCheck {

@@ -51,6 +51,11 @@ export interface RunningServer {
   close(graceMs?: number): Promise<void>;
 }
 
+/** `host:port`, an IPv6 address in brackets, as URLs and logs write it. */
+export function hostPort(host: string, port: number): string {
+  return `${host.includes(':') ? `[${host}]` : host}:${port}`;
+}
+
 export async function listen(requestHandler: http.RequestListener, options: ListenOptions): Promise<RunningServer> {
   const idleTimeout = options.idleTimeoutMs ?? 120_000;
   // Node arms server.timeout for a connection's first request only; re-arm it for every request
@@ -94,11 +99,10 @@ export async function listen(requestHandler: http.RequestListener, options: List
     });
   });
   const port = (server.address() as AddressInfo).port;
-  const host = options.host.includes(':') ? `[${options.host}]` : options.host;
   return {
     server,
     port,
-    url: `${options.tls ? 'https' : 'http'}://${host}:${port}`,
+    url: `${options.tls ? 'https' : 'http'}://${hostPort(options.host, port)}`,
     full,
     close(graceMs = 10_000) {
       return new Promise<void>((resolve) => {
