@@ -213,7 +213,8 @@ export class BlobFlight implements FileExtent {
   private fail(error: Error, corrupt?: true): void {
     if (this.result || this.failure) return;
     this.failure = error;
-    this.beforeFailing(corrupt ? { reason: error.message, corrupt } : { reason: error.message });
+    const failure = corrupt ? { reason: error.message, corrupt } : { reason: error.message };
+    this.beforeFailing(failure);
     if (this.verified) {
       // Every byte reached the file and hashed right: readers finish from it; only storing failed.
       this.settle({ stored: false, reason: error.message });
@@ -225,7 +226,7 @@ export class BlobFlight implements FileExtent {
       this.controller.abort(error);
       this.upstream.destroy(error);
     }
-    const outcome: FillOutcome = corrupt ? { stored: false, reason: error.message, corrupt } : { stored: false, reason: error.message };
+    const outcome: FillOutcome = { stored: false, ...failure };
     void (this.fill ? this.fill.abort(error.message) : Promise.resolve()).catch(() => undefined).finally(() => this.settle(outcome));
     this.notify();
   }

@@ -63,8 +63,9 @@ export function parseClaim(text: string): SharedClaim | undefined {
   }
 }
 
-/** A claim stands while its filler may still be at work: younger than the others' bounded wait. A
- * claim from the future (clock skew) stands too, up to that bound. */
+/** A claim stands while its filler may still be at work: made or renewed (the filler renews it
+ * while its fill moves on) within fillWaitSeconds. A claim from the future (clock skew) stands too,
+ * up to that bound. */
 export function claimIsFresh(claim: SharedClaim, now: number, fillWaitSeconds: number): boolean {
   return Math.abs(now - claim.at) < fillWaitSeconds * 1000;
 }
