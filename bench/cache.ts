@@ -119,7 +119,6 @@ export function storedPath(cachePath: string, digest: string): string {
 export const flushDisk = () => void spawnSync('sync');
 
 /** The registry writes its access log line as a request ends; give the pipe a moment to deliver it. */
-export const settleAccessLog = () => new Promise((resolve) => setTimeout(resolve, 300));
 
 interface Running {
   readonly port: number;
@@ -152,7 +151,7 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
     await hitProxy.proc.stop();
     hitProxy = await startPullbridge(registry, { cachePath: hitCache });
     procs.push(hitProxy.proc);
-    const gets = registry.blobGets(digest);
+    const gets = await registry.blobGets(digest);
     const hitTargets: Array<{ id: HitTarget; name: string; url: string }> = [
       { id: 'direct', name: 'direct from docker-registry', url: blobUrl(registry.port, '') },
       { id: 'nginx-tuned', name: 'nginx reverse proxy tuned (buffering on, 16×64k, no temp file)', url: blobUrl(nginx.port, 'buffered/') },
@@ -172,11 +171,11 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
       }
     }
     const hitPeakRssMb = peakRssMb(hitProxy.proc.child.pid ?? 0);
-    await settleAccessLog();
     // pullbridge from its cache never asked the registry for the blob (the direct and nginx pulls did).
     const directGets = rounds * (1 + concurrency) + 1;
     const nginxGets = directGets;
-    if (registry.blobGets(digest) - gets !== directGets + nginxGets) throw new Error(`hits reached the registry: ${registry.blobGets(digest) - gets} blob GETs, expected ${directGets + nginxGets} (direct and nginx only)`);
+    const hitGets = (await registry.blobGets(digest)) - gets;
+    if (hitGets !== directGets + nginxGets) throw new Error(`hits reached the registry: ${hitGets} blob GETs, expected ${directGets + nginxGets} (direct and nginx only)`);
     const { digest: hitDigest } = await curlDigest(blobUrl(hitProxy.port, 'corp/'));
     if (hitDigest !== digest) throw new Error(`a hit delivered ${hitDigest}, not ${digest}`);
     await hitProxy.proc.stop();
@@ -234,10 +233,9 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
           note = `${missRuns.get(t.id)!.at(-1)!.toFixed(0)} MiB/s, ${r.wallSeconds.toFixed(2)} s wall`;
         } else {
           const { value, peakRssMb: rss } = await fresh('flight', async (p) => {
-            const before = registry.blobGets(digest);
+            const before = await registry.blobGets(digest);
             const r = await concurrentCurl(blobUrl(p.port, 'corp/'), concurrency, size);
-            await settleAccessLog();
-            return { ...r, gets: registry.blobGets(digest) - before };
+            return { ...r, gets: (await registry.blobGets(digest)) - before };
           });
           flightWall.push(value.seconds);
           flightRate.push(mibPerSecond(value.bytes, value.seconds));

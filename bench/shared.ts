@@ -32,7 +32,7 @@ import { join } from 'node:path';
 import { startVersitygw, type S3Server } from '../test/support/objectstores.js';
 import { run, type Proc } from '../test/support/procs.js';
 import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
-import { flushDisk, median, settleAccessLog, storedPath } from './cache.js';
+import { flushDisk, median, storedPath } from './cache.js';
 import { cpuSeconds, curl, curlDigest, pushBlob, startPullbridge, type PullbridgeOptions } from './proxy.js';
 
 /** A small blob each fresh proxy pulls first, so that the measured pull meets warm code (and, in
@@ -160,8 +160,8 @@ function throttleUpstream(port: number, mbps: number): void {
 }
 
 /** Layer bytes the upstream sent (2xx GETs of it) since the access log had `from` entries. */
-function upstreamSince(registry: RegistryHandle, digest: string, from: number): { bytes: number; gets: number } {
-  const gets = registry.requests().slice(from).filter((r) => r.method === 'GET' && r.status < 300 && r.path.endsWith(`/blobs/${digest}`));
+async function upstreamSince(registry: RegistryHandle, digest: string, from: number): Promise<{ bytes: number; gets: number }> {
+  const gets = (await registry.requests()).slice(from).filter((r) => r.method === 'GET' && r.status < 300 && r.path.endsWith(`/blobs/${digest}`));
   return { bytes: gets.reduce((n, r) => n + r.bytes, 0), gets: gets.length };
 }
 
@@ -212,7 +212,7 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
         const none = { read: 0, written: 0 };
         const beforeEach = shared ? await Promise.all(nodes.map(sharedBytes)) : nodes.map(() => none);
         const before = totalOf(beforeEach);
-        const logFrom = registry.requests().length;
+        const logFrom = (await registry.requests()).length;
         flushDisk();
 
         const pids = { nodes: nodes.map((n) => n.proc.child.pid ?? 0), store: s3?.pid, upstream: registry.process.child.pid ?? 0 };
@@ -237,8 +237,7 @@ export async function runSharedBench(sizeMb: number, nodeCount: number, rounds: 
         const cpuAfter = cpu();
         await watching;
         clients.forEach((c, i) => checked(`the client of node-${i + 1} (${id})`, c));
-        await settleAccessLog();
-        const upstream = upstreamSince(registry, digest, logFrom);
+        const upstream = await upstreamSince(registry, digest, logFrom);
 
         let afterEach = beforeEach;
         let afterOutageSeconds: number | undefined;

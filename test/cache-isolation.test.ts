@@ -71,49 +71,49 @@ describe('node cache isolation against real registries', function () {
       assert.equal(sha256(res.body), b.digest);
     }
   }
-  const asked = (registry: RegistryHandle, path: string) => registry.requests().filter((r) => r.path === path);
+  const asked = async (registry: RegistryHandle, path: string) => (await registry.requests()).filter((r) => r.path === path);
 
   it('does not serve a blob or manifest stored through one rule through another whose upstream lacks it: 404, and that upstream was asked', async () => {
     const blob = await get(`/v2/b/team/app/blobs/${layer().digest}`, proxy.authorization('shop'));
     assert.equal(blob.status, 404);
     assert.equal(errorCode(blob), 'BLOB_UNKNOWN');
-    assert.ok(asked(other, `/v2/team/app/blobs/${layer().digest}`).length > 0, 'rule b asked its upstream');
+    assert.ok((await asked(other, `/v2/team/app/blobs/${layer().digest}`)).length > 0, 'rule b asked its upstream');
     const manifest = await get(`/v2/b/team/app/manifests/${image.manifests[0]!.digest}`, proxy.authorization('shop'));
     assert.equal(manifest.status, 404);
-    assert.ok(asked(other, `/v2/team/app/manifests/${image.manifests[0]!.digest}`).length > 0);
+    assert.ok((await asked(other, `/v2/team/app/manifests/${image.manifests[0]!.digest}`)).length > 0);
   });
 
   it('does not serve it through the same rule for a repository the upstream does not hold it in; does for one that does, from the store', async () => {
     const blob = await get(`/v2/a/team/other/blobs/${layer().digest}`, proxy.authorization('shop'));
     assert.equal(blob.status, 404);
-    assert.ok(asked(open, `/v2/team/other/blobs/${layer().digest}`).length > 0);
+    assert.ok((await asked(open, `/v2/team/other/blobs/${layer().digest}`)).length > 0);
     // team/copy holds the same blob upstream: confirmed (a HEAD), then served from the store.
-    const transfers = open.blobGets(layer().digest);
+    const transfers = await open.blobGets(layer().digest);
     const copy = await get(`/v2/a/team/copy/blobs/${layer().digest}`, proxy.authorization('shop'));
     assert.equal(copy.status, 200);
     assert.equal(sha256(copy.body), layer().digest);
-    assert.equal(open.blobGets(layer().digest), transfers, 'no second transfer');
-    assert.deepEqual(asked(open, `/v2/team/copy/blobs/${layer().digest}`).map((r) => r.method).filter((m) => m !== 'HEAD'), [], 'only confirmed');
+    assert.equal(await open.blobGets(layer().digest), transfers, 'no second transfer');
+    assert.deepEqual((await asked(open, `/v2/team/copy/blobs/${layer().digest}`)).map((r) => r.method).filter((m) => m !== 'HEAD'), [], 'only confirmed');
   });
 
   it('refuses a namespace the rule does not include with 403, for cached content too, without asking upstream', async () => {
-    const seen = open.requests().length;
+    const seen = (await open.requests()).length;
     for (const path of ['/v2/a/team/app/manifests/1', `/v2/a/team/app/manifests/${image.manifests[0]!.digest}`, `/v2/a/team/app/blobs/${layer().digest}`]) {
       const res = await get(path, proxy.authorization('intruder'), OCI_INDEX);
       assert.equal(res.status, 403, path);
       assert.equal(errorCode(res), 'DENIED');
     }
-    assert.equal(open.requests().length, seen);
+    assert.equal((await open.requests()).length, seen);
   });
 
   it("refuses a repository the rule excludes with 403, for cached content too, without asking upstream", async () => {
-    const seen = open.requests().length;
+    const seen = (await open.requests()).length;
     for (const path of [`/v2/a/team/hidden/blobs/${layer().digest}`, `/v2/a/team/hidden/manifests/${image.manifests[0]!.digest}`]) {
       const res = await get(path, proxy.authorization('shop'));
       assert.equal(res.status, 403, path);
       assert.equal(errorCode(res), 'DENIED');
     }
-    assert.equal(open.requests().length, seen);
+    assert.equal((await open.requests()).length, seen);
   });
 
   describe('passthrough', () => {
@@ -122,23 +122,23 @@ describe('node cache isolation against real registries', function () {
     it('refuses a wrong password with 401 for a cached blob, manifest and tag: the upstream said no', async () => {
       const wrong = basic(USER, 'not the password');
       for (const path of [`/team/app/blobs/${layer().digest}`, `/team/app/manifests/${image.manifests[0]!.digest}`, '/team/app/manifests/1']) {
-        const seen = asked(secured, `/v2${path}`).length;
+        const seen = (await asked(secured, `/v2${path}`)).length;
         const res = await get(`/v2/pass${path}`, wrong, OCI_INDEX);
         assert.equal(res.status, 401, path);
         assert.match(String(res.headers['www-authenticate']), /^Basic /);
-        assert.ok(asked(secured, `/v2${path}`).slice(seen).some((r) => r.status === 401), `the upstream refused ${path}`);
+        assert.ok((await asked(secured, `/v2${path}`)).slice(seen).some((r) => r.status === 401), `the upstream refused ${path}`);
       }
       assert.equal(proxy.logs.records.filter((r) => r.access === 'pull' && r.status === 401).length, 3);
     });
 
     it('serves the right password from the store, without asking again within credentialTTLSeconds', async () => {
-      const transfers = secured.blobGets(layer().digest);
-      const seen = secured.requests().length;
+      const transfers = await secured.blobGets(layer().digest);
+      const seen = (await secured.requests()).length;
       const res = await get(`/v2/pass/team/app/blobs/${layer().digest}`, basic(USER, PASSWORD));
       assert.equal(res.status, 200);
       assert.equal(sha256(res.body), layer().digest);
-      assert.equal(secured.blobGets(layer().digest), transfers);
-      assert.equal(secured.requests().length, seen, 'confirmed by the pull before');
+      assert.equal(await secured.blobGets(layer().digest), transfers);
+      assert.equal((await secured.requests()).length, seen, 'confirmed by the pull before');
       assert.equal(proxy.logs.records.filter((r) => r.access === 'pull').at(-1)?.cache, 'hit');
     });
   });

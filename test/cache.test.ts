@@ -122,7 +122,7 @@ describe('the node cache', function () {
     }
   }
   /** HEADs and GETs of `repository:tag` the registry answered (a push's PUT is not a question). */
-  const manifestAsks = (upstream: RegistryHandle, repository: string, tag: string) => upstream.requests().filter((r) => r.path === `/v2/${repository}/manifests/${tag}` && (r.method === 'HEAD' || r.method === 'GET')).length;
+  const manifestAsks = async (upstream: RegistryHandle, repository: string, tag: string) => (await upstream.requests()).filter((r) => r.path === `/v2/${repository}/manifests/${tag}` && (r.method === 'HEAD' || r.method === 'GET')).length;
   const AMD64 = [{ os: 'linux', architecture: 'amd64' }];
   const MiB = 1024 * 1024;
 
@@ -173,10 +173,10 @@ describe('the node cache', function () {
       assert.equal(pull.status, 200);
       assert.equal(pull.digest, layer.digest);
     }
-    assert.equal(upstream.blobGets(layer.digest), 1, 'the registry served the blob once');
+    assert.equal(await upstream.blobGets(layer.digest), 1, 'the registry served the blob once');
     const again = await pullBlob(p, `/v2/corp/team/big/blobs/${layer.digest}`, p.authorization('shop'));
     assert.equal(again.digest, layer.digest);
-    assert.equal(upstream.blobGets(layer.digest), 1, 'a later pull is a hit');
+    assert.equal(await upstream.blobGets(layer.digest), 1, 'a later pull is a hit');
   });
 
   it('lets no client take a body cut mid-fill as complete, keeps nothing of it, and fills cleanly from a healthy upstream next', async () => {
@@ -205,7 +205,7 @@ describe('the node cache', function () {
     // The same digest from a healthy upstream: one clean fill, served whole, stored as it hashes.
     const whole = await pullBlob(p, `/v2/corp/team/app/blobs/${layer.digest}`, p.authorization('shop'));
     assert.deepEqual([whole.status, whole.complete, whole.digest], [200, true, layer.digest]);
-    assert.equal(upstream.blobGets(layer.digest), 1);
+    assert.equal(await upstream.blobGets(layer.digest), 1);
     await fillsSettled(p);
     const stored = filesUnder(root, 'blobs');
     assert.equal(stored.length, 1);
@@ -236,8 +236,8 @@ describe('the node cache', function () {
     const last = image.layers.at(-1)!;
     assert.equal((await pullBlob(p, `/v2/corp/team/app/blobs/${first!.digest}`, p.authorization('shop'))).digest, first!.digest);
     assert.equal((await pullBlob(p, `/v2/corp/team/app/blobs/${last.digest}`, p.authorization('shop'))).digest, last.digest);
-    assert.equal(upstream.blobGets(first!.digest), 2);
-    assert.equal(upstream.blobGets(last.digest), 1);
+    assert.equal(await upstream.blobGets(first!.digest), 2);
+    assert.equal(await upstream.blobGets(last.digest), 1);
   });
 
   it('never deletes a blob under a reader that paused mid-body; the reader gets it whole', async () => {
@@ -265,7 +265,7 @@ describe('the node cache', function () {
     assert.ok((await metric(p, 'pullbridge_cache_evictions_total')) >= 1, 'others were evicted instead');
     const rest = await reader.resume();
     assert.deepEqual([rest.complete, rest.bytes, rest.digest], [true, read!.size, read!.digest]);
-    assert.equal(upstream.blobGets(read!.digest), 1, 'the reader was served from the store');
+    assert.equal(await upstream.blobGets(read!.digest), 1, 'the reader was served from the store');
   });
 
   it('answers a Range from a stored blob with 206 and the bytes asked, without the upstream; a Range on a blob not stored goes upstream', async () => {
@@ -276,7 +276,7 @@ describe('the node cache', function () {
     const [stored, away] = image.layers as [typeof image.layers[0], typeof image.layers[0]];
     assert.equal((await pullBlob(p, `/v2/corp/team/app/blobs/${stored.digest}`, p.authorization('shop'))).digest, stored.digest);
     await fillsSettled(p);
-    const asked = upstream.requests().filter((r) => r.path.endsWith(`/blobs/${stored.digest}`)).length;
+    const asked = (await upstream.requests()).filter((r) => r.path.endsWith(`/blobs/${stored.digest}`)).length;
     const ranged = (digest: string, range: string) => rawRequest(p.url, `/v2/corp/team/app/blobs/${digest}`, { headers: { ...asShop(p), range } });
 
     const part = await ranged(stored.digest, 'bytes=100-4195');
@@ -287,13 +287,13 @@ describe('the node cache', function () {
     assert.equal(tail.status, 206);
     assert.equal(tail.headers['content-range'], `bytes ${stored.size - 10}-${stored.size - 1}/${stored.size}`);
     assert.ok(tail.body.equals(stored.data.subarray(stored.size - 10)));
-    assert.equal(upstream.requests().filter((r) => r.path.endsWith(`/blobs/${stored.digest}`)).length, asked, 'the registry was not asked again');
+    assert.equal((await upstream.requests()).filter((r) => r.path.endsWith(`/blobs/${stored.digest}`)).length, asked, 'the registry was not asked again');
     assert.deepEqual(pullRecords(p).slice(-2).map((r) => r.cache), ['hit', 'hit']);
 
     const relayed = await ranged(away.digest, 'bytes=10-19');
     assert.equal(relayed.status, 206);
     assert.ok(relayed.body.equals(away.data.subarray(10, 20)));
-    assert.equal(upstream.blobGets(away.digest), 1, 'asked upstream');
+    assert.equal(await upstream.blobGets(away.digest), 1, 'asked upstream');
     assert.equal(pullRecords(p).at(-1)?.cache, 'bypass');
     assert.ok(!storedDigests(p.cache!.store.root).has(away.digest), 'a range fills nothing');
   });
@@ -305,10 +305,10 @@ describe('the node cache', function () {
       await upstream.push(v1, 'team/app', '1');
       const p = await cachedProxy(upstream, { tagTTLSeconds: 3600 });
       for (let i = 0; i < 5; i++) await pullImage(p, 'team/app', '1', v1);
-      assert.equal(manifestAsks(upstream, 'team/app', '1'), 1, 'one HEAD of the tag for five pulls');
+      assert.equal(await manifestAsks(upstream, 'team/app', '1'), 1, 'one HEAD of the tag for five pulls');
       await upstream.push(v2, 'team/app', '1');
       await pullImage(p, 'team/app', '1', v1);
-      assert.equal(manifestAsks(upstream, 'team/app', '1'), 1);
+      assert.equal(await manifestAsks(upstream, 'team/app', '1'), 1);
     });
 
     it('see a retag once tagTTLSeconds passed', async () => {
@@ -320,7 +320,7 @@ describe('the node cache', function () {
       await upstream.push(v2, 'team/app', '1');
       await new Promise((r) => setTimeout(r, 1100)); // the TTL passes
       await pullImage(p, 'team/app', '1', v2);
-      assert.equal(manifestAsks(upstream, 'team/app', '1'), 2);
+      assert.equal(await manifestAsks(upstream, 'team/app', '1'), 2);
     });
 
     it('pass on a 404 for a tag the registry no longer has, however long the last digest may be served stale', async () => {
@@ -336,7 +336,7 @@ describe('the node cache', function () {
       const res = await rawRequest(p.url, '/v2/corp/team/app/manifests/1', { headers: { ...asShop(p), accept: OCI_INDEX } });
       assert.equal(res.status, 404);
       assert.match(res.body.toString(), /MANIFEST_UNKNOWN/);
-      assert.equal(manifestAsks(upstream, 'team/app', '1'), 2);
+      assert.equal(await manifestAsks(upstream, 'team/app', '1'), 2);
       assert.equal(await metric(p, 'pullbridge_cache_requests_total{kind="manifest",result="stale"}'), 0);
     });
   });
@@ -386,7 +386,7 @@ describe('the node cache', function () {
     const records = pullRecords(p);
     assert.equal(records.length, 2 * (1 + image.manifests.length + image.configs.length + image.layers.length));
     assert.deepEqual([...new Set(records.map((r) => r.cache))], ['bypass']);
-    assert.equal(upstream.blobGets(image.layers[0]!.digest), 2, 'each pull from upstream');
+    assert.equal(await upstream.blobGets(image.layers[0]!.digest), 2, 'each pull from upstream');
   });
 
   it('serves a store written by one proxy from a new proxy on the same path with the registry gone, and removes leftover fills on open', async () => {
@@ -426,7 +426,7 @@ describe('the node cache', function () {
     assert.deepEqual(filesUnder(p.cache!.store.root, 'blobs'), []);
     assert.deepEqual([...new Set(pullRecords(p).map((r) => r.cache))], ['bypass']);
     assert.equal(await metric(p, 'pullbridge_cache_fills_enabled'), 0);
-    assert.equal(upstream.blobGets(image.layers[0]!.digest), 2);
+    assert.equal(await upstream.blobGets(image.layers[0]!.digest), 2);
   });
 
   it('reports bytes, entries, hits and misses on /status', async () => {

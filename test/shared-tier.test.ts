@@ -114,7 +114,7 @@ for (const backend of backends) {
       return node;
     };
     /** GETs the upstream answered for a manifest or blob digest (any repository). */
-    const upstreamGets = (digest: string) => upstream.requests().filter((r) => r.method === 'GET' && r.status < 300 && (r.path.endsWith(`/blobs/${digest}`) || r.path.endsWith(`/manifests/${digest}`))).length;
+    const upstreamGets = async (digest: string) => (await upstream.requests()).filter((r) => r.method === 'GET' && r.status < 300 && (r.path.endsWith(`/blobs/${digest}`) || r.path.endsWith(`/manifests/${digest}`))).length;
     const pulls = (node: ProxyUnderTest) => node.logs.records.filter((r) => r.access === 'pull' && r.status === 200);
 
     before(async () => {
@@ -143,7 +143,7 @@ for (const backend of backends) {
       // Blobs (configs, layers): once for the cluster. Manifests (a few hundred bytes) are not claimed:
       // nodes asking for one at the same moment each ask the upstream, as they ask it for the tag.
       for (const digest of [...image.configs.map((c) => c.digest), ...image.layers.map((l) => l.digest)]) {
-        assert.equal(upstreamGets(digest), 1, `${digest} crossed from the upstream ${upstreamGets(digest)} times: ${JSON.stringify(upstream.requests().filter((r) => r.path.includes(digest.slice(7))))}`);
+        assert.equal(await upstreamGets(digest), 1, `${digest} crossed from the upstream ${await upstreamGets(digest)} times: ${JSON.stringify((await upstream.requests()).filter((r) => r.path.includes(digest.slice(7))))}`);
       }
       // One node fetched each layer (miss); the three others read it from the shared tier.
       for (const layer of image.layers) {
@@ -188,8 +188,8 @@ for (const backend of backends) {
       const fetch = () => puller.fetch(`${sixth.host}/corp/team/app:1.0`, { user: sixth.credential('shop') });
       // Whole-blob GETs: containerd resumes the cut transfer with a Range for the withheld last byte
       // (relayed to the upstream; containerd's digest check then refuses the mixed bytes).
-      const wholeGets = () => upstream.requests().filter((r) => r.method === 'GET' && r.status === 200 && r.path.endsWith(`/blobs/${layer.digest}`)).length;
-      const before = wholeGets();
+      const wholeGets = async () => (await upstream.requests()).filter((r) => r.method === 'GET' && r.status === 200 && r.path.endsWith(`/blobs/${layer.digest}`)).length;
+      const before = await wholeGets();
       await assert.rejects(fetch(), /unexpected commit digest/, 'the bad bytes never complete a blob: containerd stores nothing');
       // containerd resumes an ingest it still has: a fetch right away would commit the bad prefix again.
       // Its garbage collector drops the ingest once the failed pull's lease is gone (kubelet's back-off
@@ -197,7 +197,7 @@ for (const backend of backends) {
       for (let i = 0; i < 60 && (await puller.ingests()).length > 0; i++) await new Promise((resolve) => setTimeout(resolve, 500));
       await fetch();
       assert.equal(sha(await puller.content(layer.digest)), layer.digest);
-      assert.equal(wholeGets(), before + 1, 'the retry went to the upstream');
+      assert.equal(await wholeGets(), before + 1, 'the retry went to the upstream');
       assert.ok(sixth.logs.records.some((r) => r.msg === 'the shared cache tier holds a corrupt copy: removed; pulls fetch it from the upstream' && r.digest === layer.digest));
       await sixth.cache?.sharing();
       const repaired = await adapter.read(sharedKeys.blob(layer.digest));

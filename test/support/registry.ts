@@ -1,7 +1,9 @@
 // A real upstream: distribution's registry (Debian's docker-registry) on loopback, with htpasswd
 // Basic auth or token auth (a small token issuer here signs the JWTs the registry verifies), and TLS.
 
-import { createHash, createPrivateKey, createSign, X509Certificate } from 'node:crypto';
+import { createHash, createPrivateKey, createSign, randomBytes, X509Certificate } from 'node:crypto';
+import http from 'node:http';
+import https from 'node:https';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -56,10 +58,15 @@ export interface RegistryHandle {
   /** Starts the registry again on the same port and storage. */
   restart(): Promise<void>;
   push(image: TestImage, repository: string, tag: string): Promise<void>;
-  /** What the registry answered so far (with `accessLog`; empty otherwise), across restarts. */
-  requests(): readonly RegistryRequest[];
-  /** GETs of a blob (any repository) answered so far: the transfers the upstream made. */
-  blobGets(digest: string): number;
+  /**
+   * What the registry answered so far (with `accessLog`; empty otherwise), across restarts, once its
+   * log has caught up: the registry writes a line after it answers, and the line reaches this
+   * process later still, so a count read at once can miss the last requests. Settled by a marker
+   * request whose own line is awaited (lines arrive in order); markers are not listed.
+   */
+  requests(): Promise<readonly RegistryRequest[]>;
+  /** GETs of a blob (any repository) answered so far (settled as requests()): the transfers the upstream made. */
+  blobGets(digest: string): Promise<number>;
   stop(): Promise<void>;
 }
 
@@ -117,8 +124,12 @@ async function startTokenIssuer(signing: CertificateBundle, service: string, use
   return Object.assign(issuer, { server, realm: `${server.url}/token`, requests });
 }
 
-/** Combined-log lines (`… "GET /v2/… HTTP/1.1" 200 SIZE …`), which the registry writes to stdout. */
-function recordAccessLog(proc: Proc, into: RegistryRequest[]): void {
+/** The path of the marker requests that settle the access log (never a repository a test uses). */
+const MARKER_PREFIX = '/v2/pullbridge-log-marker/';
+
+/** Combined-log lines (`… "GET /v2/… HTTP/1.1" 200 SIZE …`), which the registry writes to stdout;
+ * marker lines go to `markers` (their paths), not to `into`. */
+function recordAccessLog(proc: Proc, into: RegistryRequest[], markers: EventTarget): void {
   let partial = '';
   proc.child.stdout?.on('data', (chunk: Buffer) => {
     const text = partial + chunk.toString();
@@ -126,9 +137,46 @@ function recordAccessLog(proc: Proc, into: RegistryRequest[]): void {
     partial = lines.pop() ?? '';
     for (const line of lines) {
       const m = /"([A-Z]+) (\S+) HTTP\/[\d.]+" (\d{3}) (\d+|-)/.exec(line);
-      if (m) into.push({ method: m[1] ?? '', path: (m[2] ?? '').split('?')[0] ?? '', status: Number(m[3]), bytes: m[4] === '-' ? 0 : Number(m[4]) });
+      if (!m) continue;
+      const path = (m[2] ?? '').split('?')[0] ?? '';
+      if (path.startsWith(MARKER_PREFIX)) markers.dispatchEvent(new Event(path));
+      else into.push({ method: m[1] ?? '', path, status: Number(m[3]), bytes: m[4] === '-' ? 0 : Number(m[4]) });
     }
   });
+}
+
+/**
+ * Waits until the registry's access log has caught up with every request answered before this call:
+ * sends a marker request and waits for its line (at most `timeoutMs`, then throws: a count read
+ * from an unsettled log is worth nothing). A registry that is not running logs nothing more: its
+ * output is awaited to its end instead.
+ */
+async function settleAccessLog(proc: Proc, url: string, ca: string | undefined, markers: EventTarget, timeoutMs = 10_000): Promise<void> {
+  const child = proc.child;
+  const running = child.exitCode === null && child.signalCode === null;
+  if (!running || !child.stdout) {
+    if (child.stdout && !child.stdout.readableEnded) await new Promise((resolve) => child.stdout?.once('close', resolve));
+    return;
+  }
+  const path = `${MARKER_PREFIX}${randomBytes(8).toString('hex')}/tags/list`;
+  const seen = new Promise<void>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the registry's access log did not show the marker request ${path} within ${timeoutMs} ms`)), timeoutMs);
+    markers.addEventListener(path, () => {
+      clearTimeout(timer);
+      resolve();
+    }, { once: true });
+  });
+  const target = new URL(path, url);
+  await new Promise<void>((resolve, reject) => {
+    const request = target.protocol === 'https:' ? https.request(target, { ca }) : http.request(target);
+    request.once('response', (res) => {
+      res.resume();
+      res.once('end', resolve);
+    });
+    request.once('error', reject);
+    request.end();
+  });
+  await seen;
 }
 
 export async function startRegistry(options: RegistryOptions = {}): Promise<RegistryHandle> {
@@ -163,9 +211,10 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   }
   writeFileSync(join(dir, 'config.yml'), `${lines.join('\n')}\n`);
   const requests: RegistryRequest[] = [];
+  const markers = new EventTarget();
   const serve = async (): Promise<Proc> => {
     const started = startProcess('docker-registry', ['serve', join(dir, 'config.yml')]);
-    if (options.accessLog) recordAccessLog(started, requests);
+    if (options.accessLog) recordAccessLog(started, requests, markers);
     try {
       await waitForPort(port);
     } catch (error) {
@@ -176,11 +225,16 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   };
   let proc = await serve();
   const scheme = options.tls ? 'https' : 'http';
+  const url = `${scheme}://127.0.0.1:${port}`;
+  const settled = async (): Promise<readonly RegistryRequest[]> => {
+    if (options.accessLog) await settleAccessLog(proc, url, tls?.caCert, markers);
+    return [...requests];
+  };
   const [firstUser, firstPassword] = Object.entries(users)[0] ?? ['', ''];
   return {
     host: `127.0.0.1:${port}`,
     port,
-    url: `${scheme}://127.0.0.1:${port}`,
+    url,
     tls,
     caFile,
     issuer,
@@ -208,8 +262,8 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
         rmSync(layout, { recursive: true, force: true });
       }
     },
-    requests: () => requests,
-    blobGets: (digest) => requests.filter((r) => r.method === 'GET' && r.path.endsWith(`/blobs/${digest}`) && r.status < 300).length,
+    requests: settled,
+    blobGets: async (digest) => (await settled()).filter((r) => r.method === 'GET' && r.path.endsWith(`/blobs/${digest}`) && r.status < 300).length,
     async stop() {
       await proc.stop();
       await issuer?.server.close(100);
