@@ -11,13 +11,14 @@ import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import jsonpatch, { type Operation } from 'fast-json-patch';
 import { generateCertificates } from '../src/certs/certs.js';
 import { namespaceToken } from '../src/proxy/credentials.js';
 import { buildImage, type TestImage } from '../test/support/oci.js';
 import { freePort, startProcess, waitForPort, type Proc } from '../test/support/procs.js';
 import { DEFAULT_USERS, startRegistry, type RegistryHandle } from '../test/support/registry.js';
 import { PROXY_NODE_FLAGS } from './proxy.js';
-import { benchReview, drive, percentile } from './webhook.js';
+import { benchReview, BENCH_REVIEW_UID, drive, percentile } from './webhook.js';
 
 const CLI = fileURLToPath(new URL('../src/cli.js', import.meta.url));
 
@@ -89,11 +90,18 @@ export async function runWebhookLoad(seconds: number, connections: number): Prom
   const proc = startProcess(process.execPath, [CLI, 'webhook', '--config', join(dir, 'config.yaml'), '--port', String(port), '--host', '127.0.0.1', '--tls-cert', join(dir, 'tls.crt'), '--tls-key', join(dir, 'tls.key')]);
   try {
     await waitForPort(port);
-    const body = JSON.stringify(benchReview());
+    const review = benchReview();
+    const body = JSON.stringify(review);
+    // The first answer's patch is applied to the Pod and its images checked; every later answer must
+    // carry the same patch (the review is the same each time), which costs the client a comparison.
+    let checkedPatch: string | undefined;
     const correct = (status: number, text: string) => {
       if (status !== 200) return false;
-      const review = JSON.parse(text) as { response?: { uid?: string; allowed?: boolean; patch?: string } };
-      return review.response?.allowed === true && review.response.uid === '8d1d7a52-0000-4000-8000-000000000000' && typeof review.response.patch === 'string';
+      const answer = JSON.parse(text) as { response?: { uid?: string; allowed?: boolean; patch?: string } };
+      const patch = answer.response?.patch;
+      if (answer.response?.allowed !== true || answer.response.uid !== BENCH_REVIEW_UID || typeof patch !== 'string') return false;
+      if (checkedPatch === undefined && patchRewritesBenchPod(review, patch)) checkedPatch = patch;
+      return patch === checkedPatch;
     };
     await drive(port, certs.caCert, body, 1, connections, correct); // warm-up
     const rss = sampleRss(proc.child.pid ?? 0);
@@ -115,6 +123,25 @@ export async function runWebhookLoad(seconds: number, connections: number): Prom
   } finally {
     await proc.stop();
   }
+}
+
+/**
+ * Whether a base64 JSON patch, applied to the bench review's Pod, rewrites its images as the load
+ * config says (Docker Hub to the `hub` rule, registry.corp.example:5000 to `corp`, quay.io left)
+ * and adds an image pull secret.
+ */
+function patchRewritesBenchPod(review: ReturnType<typeof benchReview>, patch: string): boolean {
+  const pod = structuredClone((review.request as { object: unknown }).object);
+  let patched: { spec: { containers: Array<{ image: string }>; imagePullSecrets?: unknown[] } };
+  try {
+    patched = jsonpatch.applyPatch(pod, JSON.parse(Buffer.from(patch, 'base64').toString('utf8')) as Operation[], true).newDocument as typeof patched;
+  } catch {
+    return false;
+  }
+  const expected = (image: string) =>
+    image.startsWith('nginx:') ? `localhost:30500/hub/library/${image}` : image.startsWith('registry.corp.example:5000/') ? `localhost:30500/corp/${image.slice('registry.corp.example:5000/'.length)}` : image;
+  const original = (review.request as { object: { spec: { containers: Array<{ image: string }> } } }).object.spec.containers;
+  return patched.spec.containers.length === original.length && patched.spec.containers.every((c, i) => c.image === expected(original[i]?.image ?? '')) && (patched.spec.imagePullSecrets?.length ?? 0) > 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,6 +259,8 @@ interface PullOutcome {
   readonly digest: string;
   readonly body?: Buffer;
   readonly complete: boolean;
+  /** The client cut the body short on purpose (`abortAfter`), after the status arrived. */
+  readonly abortedByClient?: true;
 }
 
 /**
@@ -256,7 +285,7 @@ function pull(agent: http.Agent, url: string, headers: Record<string, string>, k
         if (keepBody) chunks.push(chunk);
         if (abortAfter !== undefined && bytes >= abortAfter) {
           req.destroy();
-          resolve({ status: res.statusCode ?? 0, bytes, digest: '', complete: false });
+          resolve({ status: res.statusCode ?? 0, bytes, digest: '', complete: false, abortedByClient: true });
         }
       });
       res.on('end', () => resolve({ status: res.statusCode ?? 0, bytes, digest: `sha256:${hash.digest('hex')}`, complete: res.complete, ...(keepBody ? { body: Buffer.concat(chunks) } : {}) }));
@@ -290,7 +319,9 @@ export async function runProxyLoad(rig: LoadRig, options: ProxyLoadOptions): Pro
     const headers: Record<string, string> = { authorization: options.authorization(), ...(accept ? { accept } : {}) };
     const out = await pull(agent, `${rig.proxyUrl}${path}`, headers, !blob, abortAfter);
     stats.bytes += out.bytes;
-    if (abortAfter !== undefined && !out.complete) {
+    // An abort counts as one only when the proxy had answered 200: a pull that failed before the
+    // client cut it (an error status, a reset) is an error like any other.
+    if (out.abortedByClient && out.status === 200) {
       stats.aborted++;
       return undefined;
     }

@@ -26,6 +26,8 @@ registries:
   - {name: hub, match: [docker.io], upstream: "https://127.0.0.1:5001", auth: {mode: anonymous}}
 `;
 
+export const BENCH_REVIEW_UID = '8d1d7a52-0000-4000-8000-000000000000';
+
 export function benchReview(): Record<string, unknown> {
   const containers = Array.from({ length: 10 }, (_, i) => ({
     name: `c${i}`,
@@ -37,7 +39,7 @@ export function benchReview(): Record<string, unknown> {
     apiVersion: 'admission.k8s.io/v1',
     kind: 'AdmissionReview',
     request: {
-      uid: '8d1d7a52-0000-4000-8000-000000000000',
+      uid: BENCH_REVIEW_UID,
       kind: { group: '', version: 'v1', kind: 'Pod' },
       resource: { group: '', version: 'v1', resource: 'pods' },
       namespace: 'bench',

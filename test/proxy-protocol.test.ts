@@ -3,6 +3,7 @@
 
 import assert from 'node:assert/strict';
 import http from 'node:http';
+import net from 'node:net';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -231,8 +232,18 @@ describe('proxy registry protocol against a real registry', function () {
     }
 
     it('refuses oversized headers with 431 and stays up', async () => {
-      const res = await rawRequest(proxy.url, '/v2/', { headers: { 'x-big': 'a'.repeat(64 * 1024) } }).catch((e: Error) => ({ status: -1, error: e }));
-      assert.ok(res.status === 431 || res.status === -1, `status ${res.status}`);
+      // Over Node's 16 KiB header limit, written whole before the server answers (a larger header
+      // would be cut by the server's close, and the 431 lost to the reset): what came back is read raw.
+      const u = new URL(proxy.url);
+      const answer = await new Promise<string>((resolve, reject) => {
+        const socket = net.connect(Number(u.port), u.hostname, () => socket.write(`GET /v2/ HTTP/1.1\r\nHost: ${u.host}\r\nX-Big: ${'a'.repeat(20 * 1024)}\r\n\r\n`));
+        let text = '';
+        socket.setEncoding('latin1');
+        socket.on('data', (chunk: string) => (text += chunk));
+        socket.on('close', () => resolve(text));
+        socket.on('error', (error) => (text ? resolve(text) : reject(error)));
+      });
+      assert.match(answer, /^HTTP\/1\.1 431 /);
       assert.equal((await rawRequest(proxy.url, '/healthz')).status, 200);
     });
 

@@ -3,8 +3,11 @@
 
 import assert from 'node:assert/strict';
 import { mkdtempSync, readdirSync, readFileSync } from 'node:fs';
+import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { listen } from '../src/shell/serve.js';
+import { headerValue } from '../src/upstream/client.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
 import { buildImage, sha256, type TestImage } from './support/oci.js';
 import { runAsync } from './support/procs.js';
@@ -166,12 +169,25 @@ describe('pulling through the proxy with containerd and skopeo', function () {
       const upstream = await registry({ auth: 'basic' });
       const image = buildImage();
       await upstream.push(image, 'team/app', '1.0');
+      // What tinyproxy forwards, as the registry receives it: a relay in front of the registry that
+      // records each request's connectivity header (docker-registry logs no request headers).
+      const locations: Array<string | undefined> = [];
+      const relay = await listen((req, res) => {
+        locations.push(headerValue(req.headers['sap-connectivity-scc-location_id']));
+        const onward = http.request({ host: '127.0.0.1', port: upstream.port, method: req.method, path: req.url, headers: req.headers }, (up) => {
+          res.writeHead(up.statusCode ?? 502, up.headers);
+          up.pipe(res);
+        });
+        onward.on('error', () => res.destroy());
+        req.pipe(onward);
+      }, { host: '127.0.0.1', port: 0 });
+      cleanups.push(() => relay.close(100));
       const p = await proxy({
         registries: [
           {
             name: 'onprem',
             match: ['virtual-host.example:443'],
-            upstream: upstream.url,
+            upstream: relay.url,
             credentials: { username: USER, passwordFile: credentialFiles().passwordFile },
             forwardProxy: { url: tinyproxy.url, mode: 'forward', headers: { 'SAP-Connectivity-SCC-Location_ID': 'loc-1' } },
           },
@@ -179,7 +195,9 @@ describe('pulling through the proxy with containerd and skopeo', function () {
       });
       await containerd.fetch(`${p.host}/onprem/team/app:1.0`, { user: p.credential('shop'), allPlatforms: true });
       await assertPulled(image);
-      assert.match(readTinyproxyLog(tinyproxy), new RegExp(`GET http://127\\.0\\.0\\.1:${upstream.port}/v2/team/app/`));
+      assert.match(readTinyproxyLog(tinyproxy), new RegExp(`GET http://127\\.0\\.0\\.1:${relay.port}/v2/team/app/`));
+      assert.ok(locations.length > 0, 'requests went through tinyproxy to the registry');
+      assert.deepEqual([...new Set(locations)], ['loc-1'], 'every request carried the location header through the forwarding proxy');
     });
   });
 });

@@ -20,6 +20,8 @@ import { startTinyproxy } from './support/tinyproxy.js';
 
 const LOAD_SECONDS = Number(process.env.RELIABILITY_SECONDS ?? 4);
 const USER = Object.keys(DEFAULT_USERS)[0] ?? '';
+/** What a webhook process may hold under the short load: several times its idle resident set. */
+const WEBHOOK_RSS_BOUND_MB = 256;
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -64,10 +66,12 @@ describe('reliability under load (short run)', function () {
 
   it('webhook: sustained HTTPS admissions from 8 connections, every answer a correct patch, zero errors', async () => {
     const r = await runWebhookLoad(Math.min(LOAD_SECONDS, 3), 8);
+    // An error is also an answer whose patch, applied to the Pod, does not rewrite its images as the
+    // config says (bench/load.ts checks every answer).
     assert.equal(r.errors, 0);
     assert.ok(r.admissions > 100, `only ${r.admissions} admissions`);
-    assert.ok(r.p50Ms <= r.p99Ms && r.p99Ms <= r.p999Ms);
-    assert.ok(r.rss.length >= 2 && r.peakRssMb > 0);
+    // Memory stays bounded under sustained admissions (the audit log goes to a pipe drained as it fills).
+    assert.ok(r.peakRssMb < WEBHOOK_RSS_BOUND_MB, `webhook peak RSS ${r.peakRssMb.toFixed(0)} MiB`);
   });
 
   it('proxy: 64 pullers, every manifest and blob verified, one blob pull in 7 aborted by its client: zero errors, nothing corrupt', async () => {
