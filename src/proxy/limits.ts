@@ -2,6 +2,7 @@
 // memory for buffered bodies, blob streams. Held until its response closes.
 
 import type { ServerResponse } from 'node:http';
+import { Gauge, type Registry } from 'prom-client';
 import { ContentError, type BufferAllowance } from '../content/source.js';
 import { Budget, type BudgetLimit, type Reservation } from './budget.js';
 
@@ -47,6 +48,18 @@ export class ClientLimits {
     res.once('close', () => stream.reservation.release());
     return true;
   }
+}
+
+/** What the limits hold now, on /metrics. */
+export function registerLimitMetrics(registry: Registry, limits: ClientLimits): void {
+  new Gauge({
+    name: 'pullbridge_buffered_bytes',
+    help: 'Memory reserved now for buffered bodies (manifests, tag lists): responses not yet read by their clients, and manifest fetches in flight',
+    registers: [registry],
+    collect() {
+      this.set(limits.buffers.held());
+    },
+  });
 }
 
 function clientOf(res: ServerResponse): string {
