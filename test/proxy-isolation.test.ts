@@ -6,12 +6,12 @@
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import http from 'node:http';
-import { readFileSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { readFileSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { listen, type RunningServer } from '../src/shell/serve.js';
 import { startCli } from './support/cli.js';
-import { rawRequest, slowUpstream, type RawResponse } from './support/http.js';
+import { leavingRequest, rawRequest, slowUpstream, type RawResponse } from './support/http.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { freePort } from './support/procs.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -247,6 +247,125 @@ describe('buffered bodies of unknown length', function () {
     } finally {
       await proxy.close();
       await chunked.close(0);
+    }
+  });
+});
+
+describe('buffered manifests fetched once for many clients (node cache)', function () {
+  this.timeout(120_000);
+  const MiB = 1024 * 1024;
+
+  /**
+   * A registry whose manifest answers wait until `open()`: docker-registry cannot be made to hold an
+   * answer until its clients have left. A GET of a manifest by digest gets that manifest (with its
+   * Content-Length) once open; with `sentBeforeOpen`, that many of its bytes come at once.
+   */
+  async function heldUpstream(manifests: ReadonlyMap<string, Buffer>, sentBeforeOpen = 0) {
+    const held: Array<() => void> = [];
+    let open = false;
+    const seen = { asked: 0, answered: 0 };
+    const server = await listen(
+      (req, res) => {
+        const digest = /\/manifests\/(sha256:[0-9a-f]{64})$/.exec(req.url ?? '')?.[1];
+        const body = digest === undefined ? undefined : manifests.get(digest);
+        if (!body || req.method !== 'GET') return void res.writeHead(req.url === '/v2/' ? 200 : 404, { 'content-type': 'application/json' }).end('{}');
+        seen.asked++;
+        const headers = () => res.writeHead(200, { 'content-type': OCI_MANIFEST, 'content-length': body.length, 'docker-content-digest': digest ?? '' });
+        const rest = (from: number) => () => res.end(body.subarray(from), () => seen.answered++);
+        if (open) return void (headers(), rest(0)());
+        if (sentBeforeOpen === 0) return void held.push(() => (headers(), rest(0)()));
+        headers().write(body.subarray(0, sentBeforeOpen));
+        held.push(rest(sentBeforeOpen));
+      },
+      { host: '127.0.0.1', port: 0 },
+    );
+    return {
+      server,
+      seen,
+      open() {
+        open = true;
+        for (const answer of held.splice(0)) answer();
+      },
+    };
+  }
+
+  /** Polls `done` every 20 ms, up to 1500 times (the tests' own timeout bounds it anyway). */
+  async function until(done: () => boolean | Promise<boolean>, what: string): Promise<void> {
+    for (let i = 0; i < 1500; i++) {
+      if (await done()) return;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.fail(`never: ${what}`);
+  }
+
+  /** The value of a sample on the proxy's /metrics (registry port), summed over the samples whose labels include every one of `labels`. */
+  async function metricOf(p: ProxyUnderTest, name: string, labels: string[] = []): Promise<number | undefined> {
+    const text = (await rawRequest(p.url, '/metrics')).body.toString();
+    const samples = text.split('\n').filter((line) => (line.startsWith(`${name} `) || line.startsWith(`${name}{`)) && labels.every((l) => line.includes(l)));
+    return samples.length === 0 ? undefined : samples.reduce((sum, line) => sum + Number(line.slice(line.lastIndexOf(' ') + 1)), 0);
+  }
+
+  it('gives back the memory of fetches their clients left: the held budget returns to 0 and the same addresses are served', async () => {
+    // Ten 3.5 MiB manifests, each asked by two of five "Pods" (source addresses) that leave while the
+    // upstream holds its answer; the first asker's request starts the one fetch, the second waits for it.
+    const sources = ['127.0.0.2', '127.0.0.3', '127.0.0.4', '127.0.0.5', '127.0.0.6'];
+    const manifests = new Map(Array.from({ length: 11 }, (_, i) => paddedManifest(3.5 * MiB + i)).map((body) => [`sha256:${createHash('sha256').update(body).digest('hex')}`, body]));
+    const [left, fresh] = [[...manifests.keys()].slice(0, 10), [...manifests.keys()][10]!];
+    const upstream = await heldUpstream(manifests);
+    const cachePath = mkdtempSync(join(tmpdir(), 'pullbridge-cache-'));
+    const p = await startProxy({ cache: { path: cachePath }, registries: [{ name: 'corp', match: ['corp.example'], upstream: upstream.server.url, auth: { mode: 'anonymous' } }] });
+    try {
+      const clients = left.flatMap((digest, i) => [sources[i % 5]!, sources[(i + 1) % 5]!].map((source) => leavingRequest(p.url, `/v2/corp/team/app/manifests/${digest}`, { localAddress: source })));
+      await Promise.all(clients.map((c) => c.sent));
+      await until(() => upstream.seen.asked === left.length, 'the upstream is asked for every manifest');
+      for (const client of clients) client.leave();
+      await until(async () => (await metricOf(p, 'pullbridge_proxy_requests_total', ['kind="manifest"', 'status="0"'])) === clients.length, 'the proxy saw every client leave');
+      upstream.open();
+      await until(() => upstream.seen.answered === left.length && p.cache!.manifestFlights.size === 0, 'every fetch is over');
+
+      assert.equal(await metricOf(p, 'pullbridge_buffered_bytes'), 0, 'no memory is held for clients that left');
+      // A "Pod" that left nothing behind is served, and so is each address again: a manifest stored by a
+      // fetch its client left, and one not seen before.
+      for (const source of ['127.0.0.7', ...sources]) {
+        for (const digest of [left[0]!, fresh]) {
+          const res = await rawRequest(p.url, `/v2/corp/team/app/manifests/${digest}`, { localAddress: source });
+          assert.equal(res.status, 200, `${source} asking ${digest}: ${res.status} ${res.body.toString().slice(0, 200)}`);
+          assert.ok(res.body.equals(manifests.get(digest)!), 'the manifest asked for');
+        }
+      }
+      assert.equal(upstream.seen.asked, left.length + 1, 'the stored manifest is served from the store, the new one fetched once');
+      assert.equal(await metricOf(p, 'pullbridge_buffered_bytes'), 0, 'nothing held once the clients have their answers');
+    } finally {
+      await p.close();
+      await upstream.server.close(0);
+      rmSync(cachePath, { recursive: true, force: true });
+    }
+  });
+
+  it('serves a client waiting for a fetch that the client who started it left mid-body', async () => {
+    const manifest = paddedManifest(3.5 * MiB);
+    const digest = `sha256:${createHash('sha256').update(manifest).digest('hex')}`;
+    const upstream = await heldUpstream(new Map([[digest, manifest]]), MiB);
+    const cachePath = mkdtempSync(join(tmpdir(), 'pullbridge-cache-'));
+    const p = await startProxy({ cache: { path: cachePath }, registries: [{ name: 'corp', match: ['corp.example'], upstream: upstream.server.url, auth: { mode: 'anonymous' } }] });
+    try {
+      const path = `/v2/corp/team/app/manifests/${digest}`;
+      const starter = leavingRequest(p.url, path, { localAddress: '127.0.0.2' });
+      await starter.sent;
+      await until(() => upstream.seen.asked === 1, 'the upstream is asked, and has sent a part');
+      const waiter = rawRequest(p.url, path, { localAddress: '127.0.0.3' });
+      starter.leave();
+      await until(async () => (await metricOf(p, 'pullbridge_proxy_requests_total', ['kind="manifest"', 'status="0"'])) === 1, 'the proxy saw the starter leave');
+      upstream.open();
+      const res = await waiter;
+      assert.equal(res.status, 200, `${res.status} ${res.body.toString().slice(0, 200)}`);
+      assert.ok(res.body.equals(manifest));
+      assert.equal(upstream.seen.asked, 1, 'one fetch for both clients');
+      assert.equal(await metricOf(p, 'pullbridge_buffered_bytes'), 0);
+    } finally {
+      await p.close();
+      await upstream.server.close(0);
+      rmSync(cachePath, { recursive: true, force: true });
     }
   });
 });

@@ -149,24 +149,28 @@ export class CachedManifests {
     let flight = flights.get(key) as Promise<{ answer: ManifestResult; stored: boolean }> | undefined;
     const first = !flight;
     if (!flight) {
+      // The fetch is every asking client's: it holds memory of its own (not the first client's, which
+      // is given back when that client leaves) until it ends; then each client reserves its copy.
+      const buffers = request.buffers.detached();
       flight = (async () => {
         try {
-          const shared = await this.fromShared(request, digest);
+          const shared = await this.fromShared({ ...request, buffers }, digest);
           if (shared) return { answer: shared, stored: true };
           // Not the first client's signal: its leaving must not fail the others (timeouts bound it).
-          const answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal });
+          const answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal, buffers });
           this.confirmed(request);
           const stored = await this.store(request, answer);
           if (answer.body) this.cache.shareManifest(answer.digest, answer.body, { rule: request.rule, repository: request.repository, mediaType: answer.mediaType ?? '' });
           return { answer, stored };
         } finally {
+          buffers.release();
           flights.delete(key);
         }
       })();
       flights.set(key, flight);
     }
     const { answer, stored } = await flight;
-    if (!first && answer.body) request.buffers.reserve(answer.body.length);
+    if (answer.body && request.method === 'GET') request.buffers.reserve(answer.body.length);
     // The first client's fetch is a miss only if it filled the cache; else it was relayed (bypass),
     // as a blob is. The others were answered by that one fetch.
     const outcome = answer.cache === 'shared' ? 'shared' : first ? (stored ? 'miss' : 'bypass') : 'hit';

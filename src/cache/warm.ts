@@ -5,7 +5,7 @@
 // complete. What to fetch is decided in warmplan.ts; this is the I/O.
 
 import { MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
-import { ContentError, type BufferAllowance, type CacheOutcome, type ContentBody, type ContentSource } from '../content/source.js';
+import { ContentError, type CacheOutcome, type ContentBody, type ContentSource, type DetachedBufferAllowance } from '../content/source.js';
 import type { Config } from '../rules/config.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { RuleUpstream } from '../upstream/rule.js';
@@ -139,14 +139,17 @@ async function warmImage(options: WarmOptions, image: string, signal: AbortSigna
   return report(digest, work, blobs);
 }
 
-/** Memory for one manifest: whatever a manifest may take (the source refuses larger ones itself). */
-const manifestAllowance: BufferAllowance = {
+/** Memory for one manifest: whatever a manifest may take (the source refuses larger ones itself),
+ * and so for a fetch it starts. A warm-up serves no client: there is no client's share to count. */
+const manifestAllowance: DetachedBufferAllowance = {
   reserve(bytes) {
     if (bytes > MANIFEST_LIMIT_BYTES) throw new ContentError('invalid', `manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`, { status: 502 });
   },
   resize(bytes) {
     manifestAllowance.reserve(bytes);
   },
+  detached: () => manifestAllowance,
+  release() {},
 };
 
 /**

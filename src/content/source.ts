@@ -107,13 +107,25 @@ export interface ContentBody {
 
 /**
  * Memory for a body a source must hold whole (to check or rewrite it), granted from the shell's
- * budget (per client and in total) and held until the response is done. Both methods throw a
- * ContentError (too-many-requests or unavailable) when the budget refuses.
+ * budget (per client and in total) and held until the response is done; once it is done (the client
+ * left), nothing more is taken. Both methods throw a ContentError (too-many-requests or unavailable)
+ * when the budget refuses.
  */
 export interface BufferAllowance {
   reserve(bytes: number): void;
   /** Adjusts what `reserve` took to the real size, once read. */
   resize(bytes: number): void;
+  /**
+   * Memory for work this request starts that may outlive it (one manifest fetch for every client
+   * asking at once): from the same budget, but not this response's, and held until the work calls
+   * `release`, whether or not this client is still there.
+   */
+  detached(): DetachedBufferAllowance;
+}
+
+export interface DetachedBufferAllowance extends BufferAllowance {
+  /** Gives back everything reserved through it; nothing more is taken after. Idempotent. */
+  release(): void;
 }
 
 export type ContentFailure =

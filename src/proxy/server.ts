@@ -12,7 +12,7 @@ import { answerContentError, answerManifest, answerTags, CHALLENGE, sendError, t
 import type { Budget } from './budget.js';
 import { registryError } from './errors.js';
 import { recordExchange, registerMetrics, type Exchange, type ProxyMetrics } from './exchange.js';
-import { ClientLimits } from './limits.js';
+import { ClientLimits, registerLimitMetrics } from './limits.js';
 import { INSTANCE_HEADER } from './listener.js';
 import { isOpsRequest, serveOps, type OpsHandlerOptions } from './ops.js';
 import { parseRoute, type Route } from './route.js';
@@ -66,6 +66,7 @@ class RegistryShell {
   constructor(private readonly options: ProxyHandlerOptions) {
     this.metrics = registerMetrics(options.metrics);
     this.limits = new ClientLimits(options.bufferBudget, options.blobStreamsPerClient);
+    registerLimitMetrics(options.metrics, this.limits);
     this.minimumRate = options.minimumClientRate ?? DEFAULT_MINIMUM_RATE;
   }
 

@@ -24,6 +24,20 @@ export function rawRequest(url: string, path: string, options: { method?: string
   });
 }
 
+/** A GET its client will leave before the answer: `sent` once the whole request is written, `leave()`
+ * closes the connection (the answer, if any, is never read). */
+export function leavingRequest(url: string, path: string, options: { headers?: Record<string, string>; localAddress?: string } = {}): { sent: Promise<void>; leave(): void } {
+  const u = new URL(url);
+  const source = options.localAddress ? { localAddress: options.localAddress } : {};
+  const req = http.request({ host: u.hostname, port: u.port, path, method: 'GET', headers: options.headers ?? {}, agent: false, ...source });
+  const sent = new Promise<void>((resolve, reject) => {
+    req.once('finish', resolve);
+    req.once('error', reject);
+  });
+  req.on('error', () => undefined);
+  req.end();
+  return { sent, leave: () => void req.destroy() };
+}
 
 /**
  * Writes `chunk` `times` times, waiting for 'drain' when the stream asks, then ends it.
