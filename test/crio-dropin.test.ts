@@ -34,7 +34,12 @@ describe('CRI-O / podman node set-up: the registries.conf.d drop-in', function (
   const image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }] });
 
   before(async function () {
-    if (!existsSync(SYSTEM_DROP_INS)) this.skip(); // containers-common not installed: nothing to bind over
+    if (!existsSync(SYSTEM_DROP_INS)) {
+      // Said in the test's title, so that the run's output shows what was not proven and why.
+      const reason = `skipped: ${SYSTEM_DROP_INS} is missing (containers-common is not installed), so there is no system drop-in directory to bind over`;
+      for (const test of this.test?.parent?.tests ?? []) test.title += ` (${reason})`;
+      this.skip();
+    }
     registry = await startRegistry();
     await registry.push(image, 'team/app', '1');
     proxy = await startProxy({ registries: [{ name: 'hub', match: ['r.example'], upstream: registry.url, auth: { mode: 'anonymous' } }] });

@@ -41,7 +41,7 @@ export async function openAzureStore(config: AzureConfig, timeoutSeconds: number
 
 type Credentials = { accountName: string; accountKey: string } | { accountName: string; sasToken: string };
 
-/** Read once at open: a rotated Secret takes effect when the config is reloaded. */
+/** Read once at open: the shared tier looks at the files every 10 s and opens the store again when they change (a rotated Secret). */
 async function readCredentials(config: AzureConfig): Promise<Credentials> {
   const accountName = config.accountName ?? (await readSecretFile(config.accountNameFile!));
   if (config.sasTokenFile) return { accountName, sasToken: (await readSecretFile(config.sasTokenFile)).replace(/^\?/, '') };

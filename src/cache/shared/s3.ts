@@ -42,7 +42,7 @@ export async function openS3Store(config: S3Config, timeoutSeconds: number): Pro
     responseChecksumValidation: 'WHEN_REQUIRED',
   };
   if (config.accessKeyFile && config.secretKeyFile) {
-    // Read once at open: a rotated Secret takes effect when the config is reloaded.
+    // Read once at open: the shared tier looks at the files every 10 s and opens the store again when they change (a rotated Secret).
     const [accessKeyId, secretAccessKey] = await Promise.all([readSecretFile(config.accessKeyFile), readSecretFile(config.secretKeyFile)]).catch((error: unknown) => {
       throw new SharedStoreError('denied', `reading the S3 credential files: ${messageOf(error)}`, { cause: error });
     });
