@@ -1,19 +1,23 @@
 // What the node cache answers for a tag or a digest it holds when the upstream refuses, fails, or
-// enforces a policy on GET only.
+// enforces a policy on GET only; and that one client's Accept header never decides what a tag
+// resolves to for the others.
 //
 // Refusals other than 401/403/404 (400, 410, 412, 451), a policy that blocks a GET while its HEAD
 // passes (Harbor's "prevent vulnerable images" and content trust), 429 and a silent upstream come
 // from a scripted upstream on loopback: docker-registry cannot be made to answer them on demand.
+// Multi-arch tags and Accept are tested against docker-registry.
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtempSync } from 'node:fs';
+import { mkdtempSync, readFileSync } from 'node:fs';
 import type http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { listen, type RunningServer } from '../src/shell/serve.js';
 import { rawRequest, type RawResponse } from './support/http.js';
+import { buildImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+import { startRegistry, type RegistryHandle } from './support/registry.js';
 
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 const DOCKER_MANIFEST = 'application/vnd.docker.distribution.manifest.v2+json';
@@ -185,5 +189,57 @@ describe('the node cache and what the upstream refuses', function () {
       assert.ok(res.body.equals(MANIFEST));
     }
     assert.deepEqual(upstream.seen.map((s) => s.method), ['HEAD'], 'one HEAD of the tag');
+  });
+});
+
+describe('the node cache and a client that accepts less than the index', function () {
+  this.timeout(120_000);
+  const cleanups: Array<() => Promise<void>> = [];
+  afterEach(async () => {
+    for (const c of cleanups.splice(0).reverse()) await c();
+  });
+
+  it("resolves a multi-arch tag with the complete Accept list: a narrow client's answer is never what the others get, nor the tag's record, after the TTL or in an outage", async () => {
+    const upstream: RegistryHandle = await startRegistry();
+    cleanups.push(() => upstream.stop());
+    // A Docker manifest list over two platforms: for a client that does not accept a list, the
+    // registry converts the tag to its linux/amd64 manifest.
+    await upstream.push(buildImage(), 'team/multi', '1', 'docker');
+    const direct = async (accept: string) => (await fetch(`${upstream.url}/v2/team/multi/manifests/1`, { headers: { accept } })).headers.get('docker-content-digest');
+    const list = await direct(CONTAINERD_ACCEPT);
+    const amd64 = await direct(DOCKER_MANIFEST);
+    assert.ok(list && amd64 && list !== amd64);
+
+    const path = mkdtempSync(join(tmpdir(), 'pullbridge-cache-'));
+    const p = await startProxy({ cache: { path, tagTTLSeconds: 3600 }, registries: [{ name: 'corp', match: ['r.example'], upstream: upstream.url }] });
+    cleanups.push(() => p.close());
+    const pull = (accept: string) => rawRequest(p.url, '/v2/corp/team/multi/manifests/1', { headers: { authorization: p.authorization('shop'), accept } });
+    const record = () => JSON.parse(readFileSync(join(path, 'repositories', 'corp', 'team', 'multi', '_tags', '1'), 'utf8')) as { digest: string; mediaType: string };
+
+    // A neighbour asks for Docker image manifests only: it gets what the registry gives it (amd64).
+    const narrow = await pull(DOCKER_MANIFEST);
+    assert.equal(narrow.status, 200);
+    assert.equal(narrow.headers['docker-content-digest'], amd64);
+    const full = await pull(CONTAINERD_ACCEPT);
+    assert.equal(full.status, 200);
+    assert.equal(full.headers['docker-content-digest'], list, 'containerd gets the list');
+    assert.equal(full.headers['content-type'], DOCKER_LIST);
+    assert.deepEqual([record().digest, record().mediaType], [list, DOCKER_LIST], 'the tag record names the list');
+
+    // After the TTL (a reload shortening it), the neighbour asks first again.
+    p.cache!.configure({ ...p.cache!.settings, tagTTLSeconds: 0 });
+    assert.equal((await pull(DOCKER_MANIFEST)).headers['docker-content-digest'], amd64);
+    assert.equal((await pull(CONTAINERD_ACCEPT)).headers['docker-content-digest'], list);
+    assert.equal((await pull(DOCKER_MANIFEST)).headers['docker-content-digest'], amd64);
+    assert.equal(record().digest, list);
+
+    // In an outage the list is what the tag's last known digest names.
+    await upstream.kill();
+    const stale = await pull(CONTAINERD_ACCEPT);
+    assert.equal(stale.status, 200);
+    assert.equal(stale.headers['docker-content-digest'], list);
+    assert.match(String(stale.headers.warning), /^110 /);
+    // The neighbour cannot be given what it accepts (the registry would have converted the list).
+    assert.notEqual((await pull(DOCKER_MANIFEST)).status, 200);
   });
 });

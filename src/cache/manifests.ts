@@ -1,7 +1,9 @@
 // Manifests through the node cache (distribution's proxyManifestStore and proxyTagService). By
 // digest: from the store when this (rule, repository) may read it, else fetched once however many
 // clients ask at the same time, and stored. By tag: the upstream is asked at most once per
-// tagTTLSeconds; when it cannot answer (down, timing out, 5xx, 429) the last digest it gave is served for up to
+// tagTTLSeconds, with the complete Accept list whatever the client sent (the record is every
+// client's; a client that does not accept what it names is answered as the upstream answers it);
+// when it cannot answer (down, timing out, 5xx, 429) the last digest it gave is served for up to
 // staleIfErrorSeconds, with a Warning; when it answers no (any other 4xx), so does the proxy.
 // A rule's `revalidate` says how it is asked: get (the default) re-checks a tag, and a manifest
 // served by digest on the same schedule, with a GET conditional on the digest held, so that a
@@ -13,7 +15,7 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { ContentError, type ContentSource, type ManifestRequest, type ManifestResult } from '../content/source.js';
-import { MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
+import { MANIFEST_ACCEPT, MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
 import { newerTag, staleEligible, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
@@ -96,25 +98,26 @@ export class CachedManifests {
   private async byTag(request: ManifestRequest): Promise<ManifestResult> {
     const { store, settings, now } = this.cache;
     const record = await store.readTag(request.rule, request.repository, request.reference);
-    const usable = record !== undefined && acceptable(request.accept, record.mediaType) ? record : undefined;
-    if (usable && tagIsFresh(usable, now(), settings) && this.credentialFresh(request)) {
-      const stored = await this.storedFor(request, usable.digest);
+    if (tagIsFresh(record, now(), settings) && this.credentialFresh(request)) {
+      if (!acceptable(request.accept, record.mediaType)) return this.unrecorded(request);
+      const stored = await this.storedFor(request, record.digest);
       if (stored) {
         this.cache.count('manifest', 'hit', stored.size);
         // What this node knows of the tag, for nodes that will not reach the upstream (backfill).
-        void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, usable);
+        void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, record);
         this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
         return stored;
       }
     }
     let head: ManifestResult;
     try {
-      head = await this.resolve(request, usable);
+      head = await this.resolve(request, record);
     } catch (error) {
       if (!(error instanceof ContentError) || request.signal.aborted) throw error;
-      const known = newerTag(usable, await this.sharedTag(request));
+      const known = newerTag(record, await this.cache.shared?.readTag(request.rule, request.repository, request.reference));
       const fallback = tagFallback(known, tagFailureOf(error), now(), settings);
-      const stale = fallback.serve === 'stale' && this.credentialFresh(request) ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
+      const servable = fallback.serve === 'stale' && acceptable(request.accept, fallback.record.mediaType) && this.credentialFresh(request);
+      const stale = servable ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
       if (fallback.serve !== 'stale' || !stale) throw error;
       this.cache.count('manifest', 'stale', stale.size);
       const warning = `110 pullbridge "Response is Stale: the upstream failed (${error.message}); ${request.reference} last confirmed ${fallback.ageSeconds} s ago"`;
@@ -122,17 +125,19 @@ export class CachedManifests {
     }
     this.confirmed(request);
     if (this.revalidatesWithGet(request)) this.cache.confirmDigest(request.rule, request.repository, head.digest);
-    const mediaType = head.mediaType ?? usable?.mediaType ?? '';
+    const mediaType = head.mediaType ?? record?.mediaType ?? '';
     const record_: TagRecord = { digest: head.digest, mediaType, size: head.size, confirmedAt: now() };
     void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, record_);
     if (head.body) {
       // The upstream answered with a GET's body (revalidate: get, or a HEAD without a digest): keep it.
       const outcome = (await this.store(request, head)) ? 'miss' : 'bypass';
       await store.writeTag(request.rule, request.repository, request.reference, record_);
+      if (!acceptable(request.accept, mediaType)) return this.unrecorded(request);
       this.cache.count('manifest', outcome);
       return { ...head, body: request.method === 'HEAD' ? undefined : head.body, cache: outcome };
     }
     await store.writeTag(request.rule, request.repository, request.reference, record_);
+    if (!acceptable(request.accept, mediaType)) return this.unrecorded(request);
     // The upstream just named this digest for the repository: a stored copy may be served for it.
     if (await store.lookup(head.digest)) {
       const linkedType = await store.readLink(request.rule, request.repository, head.digest);
@@ -152,13 +157,29 @@ export class CachedManifests {
   }
 
   /**
-   * What a tag names upstream: a HEAD, or (revalidate: get) a GET, conditional on the digest last
-   * recorded when it is stored here.
+   * What a tag names upstream, asked with the complete Accept list, never the client's: the record
+   * is every client's (one client accepting image manifests only would otherwise pin a multi-arch
+   * tag to one platform for the node, every TTL, through outages and in the shared tier). A HEAD,
+   * or (revalidate: get) a GET, conditional on the digest last recorded when it is stored here.
    */
   private resolve(request: ManifestRequest, record: TagRecord | undefined): Promise<ManifestResult> {
-    if (!this.revalidatesWithGet(request)) return this.upstream.manifest({ ...request, method: 'HEAD' });
+    const asked = { ...request, accept: MANIFEST_ACCEPT };
+    if (!this.revalidatesWithGet(request)) return this.upstream.manifest({ ...asked, method: 'HEAD' });
     const held = record && this.cache.store.has(record.digest) ? { ifNoneMatch: record } : {};
-    return this.upstream.manifest({ ...request, method: 'GET', ...held });
+    return this.upstream.manifest({ ...asked, method: 'GET', ...held });
+  }
+
+  /**
+   * A tag for a client that does not accept what it names (an index, to a client asking for image
+   * manifests only): asked upstream with the client's own Accept and answered as the registry
+   * answers it (distribution converts a Docker manifest list to its linux/amd64 manifest, and
+   * answers 404 for an OCI index); neither recorded as the tag nor stored.
+   */
+  private async unrecorded(request: ManifestRequest): Promise<ManifestResult> {
+    this.cache.count('manifest', 'bypass');
+    const answer = await this.upstream.manifest(request);
+    this.confirmed(request);
+    return { ...answer, cache: 'bypass' };
   }
 
   /** The stored manifest `digest` if this (rule, repository) has a link to it. */
@@ -245,12 +266,6 @@ export class CachedManifests {
     const answer: ManifestResult = { digest, size: body.length, mediaType: mediaType || undefined, body, cache: 'shared' };
     await this.store(request, answer);
     return { ...answer, body: request.method === 'HEAD' ? undefined : body };
-  }
-
-  /** The shared tier's record of a tag, when it is one the request accepts. */
-  private async sharedTag(request: ManifestRequest): Promise<TagRecord | undefined> {
-    const record = await this.cache.shared?.readTag(request.rule, request.repository, request.reference);
-    return record !== undefined && acceptable(request.accept, record.mediaType) ? record : undefined;
   }
 
   /** Writes a fetched manifest into the store and links it, when the cache takes content; whether it did. */

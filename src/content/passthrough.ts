@@ -14,7 +14,9 @@ export const MANIFEST_LIMIT_BYTES = 4 * 1024 * 1024;
 const ERROR_BODY_LIMIT = 64 * 1024;
 /** Reserved for a buffered body whose length the upstream did not announce, adjusted once read. */
 const UNKNOWN_LENGTH_RESERVE = 256 * 1024;
-const DEFAULT_MANIFEST_ACCEPT = [
+/** Every manifest type a container runtime pulls: a client's own Accept when it sends none, and
+ * what the node cache resolves a tag with (so that what it records is what a runtime would get). */
+export const MANIFEST_ACCEPT = [
   'application/vnd.oci.image.index.v1+json',
   'application/vnd.docker.distribution.manifest.list.v2+json',
   'application/vnd.oci.image.manifest.v1+json',
@@ -31,7 +33,7 @@ export class UpstreamContent implements ContentSource {
     return this.withUpstream(request, async (upstream) => {
       const ask = timed(upstream, request, {
         path: `/v2/${request.repository}/manifests/${request.reference}`,
-        headers: { accept: request.accept ?? DEFAULT_MANIFEST_ACCEPT, ...(request.ifNoneMatch && request.method === 'GET' ? { 'if-none-match': `"${request.ifNoneMatch.digest}"` } : {}) },
+        headers: { accept: request.accept ?? MANIFEST_ACCEPT, ...(request.ifNoneMatch && request.method === 'GET' ? { 'if-none-match': `"${request.ifNoneMatch.digest}"` } : {}) },
         lane: 'metadata',
       });
       if (request.method === 'HEAD') {
