@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { byteRange, evictionPlan, parseByteQuantity, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { byteRange, evictionPlan, parseByteQuantity, staleEligible, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
 
@@ -28,15 +28,18 @@ describe('cache policy', () => {
   });
 
   it('serves the last known digest when the upstream cannot answer, within staleIfErrorSeconds', () => {
-    for (const failure of ['unreachable', 'timeout', 'server-error'] as const) {
+    for (const failure of ['unreachable', 'timeout', 'server-error', 'throttled'] as const) {
       assert.deepEqual(tagFallback(record, failure, record.confirmedAt + 120_500, times), { serve: 'stale', record, ageSeconds: 120 });
       assert.deepEqual(tagFallback(record, failure, record.confirmedAt + 3_600_001, times), { serve: 'error' });
     }
     assert.deepEqual(tagFallback(undefined, 'unreachable', 0, times), { serve: 'error' });
   });
 
-  it('never masks the upstream saying no (401, 403, 404)', () => {
-    for (const failure of ['unauthorized', 'denied', 'not-found'] as const) assert.deepEqual(tagFallback(record, failure, record.confirmedAt + 1, times), { serve: 'error' });
+  it('never masks the upstream saying no (401, 403, 404, and any other 4xx but 429)', () => {
+    for (const failure of ['unauthorized', 'denied', 'not-found', 'refused'] as const) {
+      assert.equal(staleEligible(failure), false);
+      assert.deepEqual(tagFallback(record, failure, record.confirmedAt + 1, times), { serve: 'error' });
+    }
   });
 
   it('evicts least recently used blobs until the store fits and the disk keeps its floor, never one being read', () => {

@@ -35,6 +35,13 @@ describe('config validation', () => {
     assert.deepEqual(shared, { filesystem: { path: '/s' }, fillWaitSeconds: 120, timeoutSeconds: 30 });
   });
 
+  it('reads how a rule re-checks what the cache holds: revalidate get (the default) or head, nothing else', () => {
+    const rule = (keys: string) => `registries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}${keys}}]`;
+    assert.equal(configFrom(rule('')).registries[0]?.revalidate, 'get');
+    assert.equal(configFrom(rule(', revalidate: head')).registries[0]?.revalidate, 'head');
+    assert.deepEqual(errorsOf(rule(', revalidate: options')), ['registries[0].revalidate: must be get or head']);
+  });
+
   it('defaults a rule to broker auth', () => {
     const config = configFrom('broker: {keyFiles: [/k]}\nregistries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1"}]');
     assert.equal(config.registries[0]?.auth.mode, 'broker');

@@ -1,8 +1,13 @@
 // Manifests through the node cache (distribution's proxyManifestStore and proxyTagService). By
 // digest: from the store when this (rule, repository) may read it, else fetched once however many
-// clients ask at the same time, and stored. By tag: the upstream is asked (HEAD) at most once per
-// tagTTLSeconds; when it cannot answer (down, timing out, 5xx) the last digest it gave is served
-// for up to staleIfErrorSeconds, with a Warning; when it answers no (401/403/404), so does the proxy.
+// clients ask at the same time, and stored. By tag: the upstream is asked at most once per
+// tagTTLSeconds, with the complete Accept list whatever the client sent (the record is every
+// client's; a client that does not accept what it names is answered as the upstream answers it);
+// when it cannot answer (down, timing out, 5xx, 429) the last digest it gave is served for up to
+// staleIfErrorSeconds, with a Warning; when it answers no (any other 4xx), so does the proxy.
+// A rule's `revalidate` says how it is asked: get (the default) re-checks a tag, and a manifest
+// served by digest on the same schedule, with a GET conditional on the digest held, so that a
+// policy the registry enforces on GETs only (Harbor's) is honoured; head asks a tag with a HEAD.
 // With a shared tier, a manifest missing here is read from there (when this (rule, repository) has
 // a link there), one fetched upstream is shared, and so is a tag the upstream confirmed: a node that
 // never saw a tag can serve it while the upstream is down.
@@ -10,10 +15,10 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import { ContentError, type ContentSource, type ManifestRequest, type ManifestResult } from '../content/source.js';
-import { MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
+import { MANIFEST_ACCEPT, MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
-import { newerTag, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
+import { newerTag, staleEligible, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
 
 export class CachedManifests {
   constructor(
@@ -39,15 +44,22 @@ export class CachedManifests {
     if (this.passthrough(request)) this.cache.confirmCredential(request.rule, request.repository, request.credentials);
   }
 
+  /** Whether the rule re-checks what the cache holds with GETs (revalidate: get). */
+  private revalidatesWithGet(request: ManifestRequest): boolean {
+    return this.rules.get(request.rule)?.rule.revalidate !== 'head';
+  }
+
+  /** Whether a manifest may be served by digest without asking the upstream about it first. */
+  private digestFresh(request: ManifestRequest, digest: string): boolean {
+    return !this.revalidatesWithGet(request) || this.cache.digestConfirmed(request.rule, request.repository, digest);
+  }
+
   private async byDigest(request: ManifestRequest): Promise<ManifestResult> {
     const mediaType = await this.cache.store.readLink(request.rule, request.repository, request.reference);
     if (mediaType !== null && acceptable(request.accept, mediaType)) {
-      if (!this.credentialFresh(request)) {
-        await this.upstream.manifest({ ...request, method: 'HEAD' });
-        this.confirmed(request);
-      }
       const stored = await this.fromStore(request, request.reference, mediaType);
       if (stored) {
+        await this.revalidate(request, stored);
         this.cache.count('manifest', 'hit', stored.size);
         this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
         return stored;
@@ -62,45 +74,70 @@ export class CachedManifests {
     return this.fetchAndStore(request, request.reference);
   }
 
+  /**
+   * Asks the upstream about a stored manifest before serving it by digest, when that is due: a
+   * passthrough credential not accepted within credentialTTLSeconds, or (revalidate: get) a digest
+   * not confirmed by a GET within tagTTLSeconds, asked with a GET conditional on it (HEAD otherwise).
+   * Throws when the upstream answers no. When it cannot answer and the credential needed no check,
+   * the stored copy is served, as it always was: a digest names content that cannot change.
+   */
+  private async revalidate(request: ManifestRequest, stored: ManifestResult): Promise<void> {
+    const credentialFresh = this.credentialFresh(request);
+    if (credentialFresh && this.digestFresh(request, stored.digest)) return;
+    const get = this.revalidatesWithGet(request);
+    try {
+      await this.upstream.manifest(get ? { ...request, method: 'GET', ifNoneMatch: stored } : { ...request, method: 'HEAD' });
+    } catch (error) {
+      if (!credentialFresh || !(error instanceof ContentError) || request.signal.aborted || !staleEligible(tagFailureOf(error))) throw error;
+      return;
+    }
+    this.confirmed(request);
+    if (get) this.cache.confirmDigest(request.rule, request.repository, stored.digest);
+  }
+
   private async byTag(request: ManifestRequest): Promise<ManifestResult> {
     const { store, settings, now } = this.cache;
     const record = await store.readTag(request.rule, request.repository, request.reference);
-    const usable = record !== undefined && acceptable(request.accept, record.mediaType) ? record : undefined;
-    if (usable && tagIsFresh(usable, now(), settings) && this.credentialFresh(request)) {
-      const stored = await this.storedFor(request, usable.digest);
+    if (tagIsFresh(record, now(), settings) && this.credentialFresh(request)) {
+      if (!acceptable(request.accept, record.mediaType)) return this.unrecorded(request);
+      const stored = await this.storedFor(request, record.digest);
       if (stored) {
         this.cache.count('manifest', 'hit', stored.size);
         // What this node knows of the tag, for nodes that will not reach the upstream (backfill).
-        void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, usable);
+        void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, record);
         this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
         return stored;
       }
     }
     let head: ManifestResult;
     try {
-      head = await this.upstream.manifest({ ...request, method: 'HEAD' });
+      head = await this.resolve(request, record);
     } catch (error) {
       if (!(error instanceof ContentError) || request.signal.aborted) throw error;
-      const known = newerTag(usable, await this.sharedTag(request));
+      const known = newerTag(record, await this.cache.shared?.readTag(request.rule, request.repository, request.reference));
       const fallback = tagFallback(known, tagFailureOf(error), now(), settings);
-      const stale = fallback.serve === 'stale' && this.credentialFresh(request) ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
+      const servable = fallback.serve === 'stale' && acceptable(request.accept, fallback.record.mediaType) && this.credentialFresh(request);
+      const stale = servable ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
       if (fallback.serve !== 'stale' || !stale) throw error;
       this.cache.count('manifest', 'stale', stale.size);
       const warning = `110 pullbridge "Response is Stale: the upstream failed (${error.message}); ${request.reference} last confirmed ${fallback.ageSeconds} s ago"`;
       return { ...stale, cache: 'stale', warning };
     }
     this.confirmed(request);
-    const mediaType = head.mediaType ?? usable?.mediaType ?? '';
+    if (this.revalidatesWithGet(request)) this.cache.confirmDigest(request.rule, request.repository, head.digest);
+    const mediaType = head.mediaType ?? record?.mediaType ?? '';
     const record_: TagRecord = { digest: head.digest, mediaType, size: head.size, confirmedAt: now() };
     void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, record_);
     if (head.body) {
-      // The upstream answered the HEAD with a GET's body (it gave no digest): keep it.
+      // The upstream answered with a GET's body (revalidate: get, or a HEAD without a digest): keep it.
       const outcome = (await this.store(request, head)) ? 'miss' : 'bypass';
       await store.writeTag(request.rule, request.repository, request.reference, record_);
+      if (!acceptable(request.accept, mediaType)) return this.unrecorded(request);
       this.cache.count('manifest', outcome);
       return { ...head, body: request.method === 'HEAD' ? undefined : head.body, cache: outcome };
     }
     await store.writeTag(request.rule, request.repository, request.reference, record_);
+    if (!acceptable(request.accept, mediaType)) return this.unrecorded(request);
     // The upstream just named this digest for the repository: a stored copy may be served for it.
     if (await store.lookup(head.digest)) {
       const linkedType = await store.readLink(request.rule, request.repository, head.digest);
@@ -117,6 +154,32 @@ export class CachedManifests {
       return { ...head, cache: 'bypass' };
     }
     return this.fetchAndStore({ ...request, reference: head.digest, byDigest: true }, head.digest);
+  }
+
+  /**
+   * What a tag names upstream, asked with the complete Accept list, never the client's: the record
+   * is every client's (one client accepting image manifests only would otherwise pin a multi-arch
+   * tag to one platform for the node, every TTL, through outages and in the shared tier). A HEAD,
+   * or (revalidate: get) a GET, conditional on the digest last recorded when it is stored here.
+   */
+  private resolve(request: ManifestRequest, record: TagRecord | undefined): Promise<ManifestResult> {
+    const asked = { ...request, accept: MANIFEST_ACCEPT };
+    if (!this.revalidatesWithGet(request)) return this.upstream.manifest({ ...asked, method: 'HEAD' });
+    const held = record && this.cache.store.has(record.digest) ? { ifNoneMatch: record } : {};
+    return this.upstream.manifest({ ...asked, method: 'GET', ...held });
+  }
+
+  /**
+   * A tag for a client that does not accept what it names (an index, to a client asking for image
+   * manifests only): asked upstream with the client's own Accept and answered as the registry
+   * answers it (distribution converts a Docker manifest list to its linux/amd64 manifest, and
+   * answers 404 for an OCI index); neither recorded as the tag nor stored.
+   */
+  private async unrecorded(request: ManifestRequest): Promise<ManifestResult> {
+    this.cache.count('manifest', 'bypass');
+    const answer = await this.upstream.manifest(request);
+    this.confirmed(request);
+    return { ...answer, cache: 'bypass' };
   }
 
   /** The stored manifest `digest` if this (rule, repository) has a link to it. */
@@ -154,11 +217,21 @@ export class CachedManifests {
       const buffers = request.buffers.detached();
       flight = (async () => {
         try {
-          const shared = await this.fromShared({ ...request, buffers }, digest);
+          // revalidate: get: the upstream's word first (it may refuse a GET), the tier if it cannot answer.
+          const confirmed = this.digestFresh(request, digest);
+          const shared = confirmed ? await this.fromShared({ ...request, buffers }, digest) : null;
           if (shared) return { answer: shared, stored: true };
-          // Not the first client's signal: its leaving must not fail the others (timeouts bound it).
-          const answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal, buffers });
+          let answer: ManifestResult;
+          try {
+            // Not the first client's signal: its leaving must not fail the others (timeouts bound it).
+            answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal, buffers });
+          } catch (error) {
+            const shared = !confirmed && error instanceof ContentError && staleEligible(tagFailureOf(error)) ? await this.fromShared({ ...request, buffers }, digest) : null;
+            if (!shared) throw error;
+            return { answer: shared, stored: true };
+          }
           this.confirmed(request);
+          if (this.revalidatesWithGet(request)) this.cache.confirmDigest(request.rule, request.repository, digest);
           const stored = await this.store(request, answer);
           if (answer.body) this.cache.shareManifest(answer.digest, answer.body, { rule: request.rule, repository: request.repository, mediaType: answer.mediaType ?? '' });
           return { answer, stored };
@@ -199,12 +272,6 @@ export class CachedManifests {
     return { ...answer, body: request.method === 'HEAD' ? undefined : body };
   }
 
-  /** The shared tier's record of a tag, when it is one the request accepts. */
-  private async sharedTag(request: ManifestRequest): Promise<TagRecord | undefined> {
-    const record = await this.cache.shared?.readTag(request.rule, request.repository, request.reference);
-    return record !== undefined && acceptable(request.accept, record.mediaType) ? record : undefined;
-  }
-
   /** Writes a fetched manifest into the store and links it, when the cache takes content; whether it did. */
   private async store(request: ManifestRequest, answer: ManifestResult): Promise<boolean> {
     if (!answer.body || !(await this.cache.mayFill(answer.body.length))) return false;
@@ -237,7 +304,7 @@ function digestOf(digest: string, body: Buffer): string {
   return `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
 }
 
-/** How asking the upstream about a tag failed, for the stale-if-error rule. */
+/** How asking the upstream failed, for the stale-if-error rule. */
 function tagFailureOf(error: ContentError): TagFailure {
   switch (error.failure) {
     case 'not-found':
@@ -246,9 +313,13 @@ function tagFailureOf(error: ContentError): TagFailure {
       return 'unauthorized';
     case 'denied':
       return 'denied';
+    case 'refused':
+      return 'refused';
+    case 'too-many-requests':
+      return 'throttled';
     case 'unavailable':
       return error.details.status === 504 ? 'timeout' : error.details.status >= 500 && error.details.registryBody !== undefined ? 'server-error' : 'unreachable';
-    default:
+    case 'invalid':
       return 'server-error';
   }
 }

@@ -38,7 +38,7 @@ interface CacheMetrics {
   readonly fillFailures: Counter;
 }
 
-/** Credentials remembered as accepted upstream (passthrough), at most this many. */
+/** Credentials remembered as accepted upstream (passthrough), and manifests as confirmed by a GET, at most this many each. */
 const CONFIRMATIONS_MAX = 10_000;
 /** How long a blob whose shared fill failed is fetched from the upstream instead, and how many are kept. */
 const SHARED_AVOID_MS = 10 * 60_000;
@@ -59,6 +59,8 @@ export class NodeCache {
   private evicting: Promise<void> = Promise.resolve();
   /** `rule\0repository\0credential hash` → when the upstream last accepted that credential there. */
   private readonly confirmations = new Map<string, number>();
+  /** `rule\0repository\0digest` → when the upstream last answered a GET for that manifest (revalidate: get). */
+  private readonly digestConfirmations = new Map<string, number>();
   /** Uploads to the shared tier in progress, waited for (bounded) at close. */
   private readonly uploads = new Set<Promise<void>>();
   /** Digest → until when its fills skip the shared tier (its shared copy failed them). */
@@ -290,13 +292,18 @@ export class NodeCache {
   }
 
   confirmCredential(rule: string, repository: string, credentials: UpstreamCredentials | undefined): void {
-    const key = confirmationKey(rule, repository, credentials);
-    this.confirmations.delete(key);
-    this.confirmations.set(key, this.now());
-    if (this.confirmations.size > CONFIRMATIONS_MAX) {
-      const oldest = this.confirmations.keys().next().value;
-      if (oldest !== undefined) this.confirmations.delete(oldest);
-    }
+    remember(this.confirmations, confirmationKey(rule, repository, credentials), this.now());
+  }
+
+  /** revalidate: get: whether the upstream answered a GET for this manifest of the repository (by
+   * digest, or by a tag naming it) within tagTTLSeconds. */
+  digestConfirmed(rule: string, repository: string, digest: string): boolean {
+    const at = this.digestConfirmations.get(`${rule}\0${repository}\0${digest}`);
+    return at !== undefined && this.now() - at < this.settings.tagTTLSeconds * 1000;
+  }
+
+  confirmDigest(rule: string, repository: string, digest: string): void {
+    remember(this.digestConfirmations, `${rule}\0${repository}\0${digest}`, this.now());
   }
 
   /** Settles when every upload to the shared tier started so far has ended. */
@@ -352,6 +359,16 @@ export class NodeCache {
 /** A credential as a hash, for keys kept in memory: they never hold a password. */
 export function credentialHash(credentials: UpstreamCredentials | undefined): string {
   return credentials ? createHash('sha256').update(`${credentials.username}\0${credentials.password}`).digest('base64url') : '';
+}
+
+/** Sets `key` to `at` as the newest entry, dropping the oldest past CONFIRMATIONS_MAX. */
+function remember(confirmations: Map<string, number>, key: string, at: number): void {
+  confirmations.delete(key);
+  confirmations.set(key, at);
+  if (confirmations.size > CONFIRMATIONS_MAX) {
+    const oldest = confirmations.keys().next().value;
+    if (oldest !== undefined) confirmations.delete(oldest);
+  }
 }
 
 function confirmationKey(rule: string, repository: string, credentials: UpstreamCredentials | undefined): string {

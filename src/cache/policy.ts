@@ -88,18 +88,30 @@ export function tagIsFresh(record: TagRecord | undefined, now: number, times: Ta
   return record !== undefined && now - record.confirmedAt < times.tagTTLSeconds * 1000;
 }
 
-/** How asking the upstream about a tag failed. */
-export type TagFailure = 'unreachable' | 'timeout' | 'server-error' | 'unauthorized' | 'denied' | 'not-found';
+/**
+ * How asking the upstream failed: it could not answer (unreachable, timed out, a 5xx, a 429 asking
+ * to come back later), or it answered no (401, 403, 404, or any other 4xx: a policy's 412, a 451,
+ * a 410, a 400).
+ */
+export type TagFailure = 'unreachable' | 'timeout' | 'server-error' | 'throttled' | 'unauthorized' | 'denied' | 'not-found' | 'refused';
+
+/**
+ * Whether what the cache holds may stand in for an upstream that failed this way: only when the
+ * upstream could not answer; never when it answered no (a cache must not keep serving what the
+ * registry now refuses, whatever the reason it gives).
+ */
+export function staleEligible(failure: TagFailure): boolean {
+  return failure === 'unreachable' || failure === 'timeout' || failure === 'server-error' || failure === 'throttled';
+}
 
 export type TagFallback = { readonly serve: 'stale'; readonly record: TagRecord; readonly ageSeconds: number } | { readonly serve: 'error' };
 
 /**
- * Whether the last known digest may answer for an upstream that failed: only when the upstream
- * could not answer (down, slow, 5xx), never when it answered no (401/403/404 are passed on: a
- * cache must not keep serving what the registry now refuses), and only within staleIfErrorSeconds.
+ * Whether the last known digest may answer for an upstream that failed: only when it is
+ * staleEligible, and only within staleIfErrorSeconds.
  */
 export function tagFallback(record: TagRecord | undefined, failure: TagFailure, now: number, times: TagTimes): TagFallback {
-  if (!record || failure === 'unauthorized' || failure === 'denied' || failure === 'not-found') return { serve: 'error' };
+  if (!record || !staleEligible(failure)) return { serve: 'error' };
   const age = now - record.confirmedAt;
   if (age > times.staleIfErrorSeconds * 1000) return { serve: 'error' };
   return { serve: 'stale', record, ageSeconds: Math.floor(age / 1000) };

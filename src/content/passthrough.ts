@@ -14,7 +14,9 @@ export const MANIFEST_LIMIT_BYTES = 4 * 1024 * 1024;
 const ERROR_BODY_LIMIT = 64 * 1024;
 /** Reserved for a buffered body whose length the upstream did not announce, adjusted once read. */
 const UNKNOWN_LENGTH_RESERVE = 256 * 1024;
-const DEFAULT_MANIFEST_ACCEPT = [
+/** Every manifest type a container runtime pulls: a client's own Accept when it sends none, and
+ * what the node cache resolves a tag with (so that what it records is what a runtime would get). */
+export const MANIFEST_ACCEPT = [
   'application/vnd.oci.image.index.v1+json',
   'application/vnd.docker.distribution.manifest.list.v2+json',
   'application/vnd.oci.image.manifest.v1+json',
@@ -31,7 +33,7 @@ export class UpstreamContent implements ContentSource {
     return this.withUpstream(request, async (upstream) => {
       const ask = timed(upstream, request, {
         path: `/v2/${request.repository}/manifests/${request.reference}`,
-        headers: { accept: request.accept ?? DEFAULT_MANIFEST_ACCEPT },
+        headers: { accept: request.accept ?? MANIFEST_ACCEPT, ...(request.ifNoneMatch && request.method === 'GET' ? { 'if-none-match': `"${request.ifNoneMatch.digest}"` } : {}) },
         lane: 'metadata',
       });
       if (request.method === 'HEAD') {
@@ -40,6 +42,12 @@ export class UpstreamContent implements ContentSource {
         // Without a digest and a length from upstream, GET and compute them: clients trust both.
       }
       const up = await ask('GET');
+      if (up.statusCode === 304 && request.ifNoneMatch) {
+        // Not modified: the tag (or digest) still names the manifest the caller holds.
+        await up.body.dump();
+        const { digest, size, mediaType } = request.ifNoneMatch;
+        return { digest, size, mediaType, body: undefined };
+      }
       await refuseFailure(up, 'manifest');
       const body = await readWithin(up, request.buffers, MANIFEST_LIMIT_BYTES);
       if (body === null) throw new ContentError('invalid', `upstream manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`, { status: 502 });
@@ -197,8 +205,9 @@ async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
     parsed = undefined;
   }
   const registryBody = parsed && typeof parsed === 'object' && Array.isArray((parsed as { errors?: unknown }).errors) ? text : undefined;
-  const failure: ContentFailure = up.statusCode === 404 ? 'not-found' : up.statusCode === 429 ? 'too-many-requests' : up.statusCode === 403 ? 'denied' : 'unavailable';
-  return new ContentError(failure, `upstream answered ${up.statusCode}`, { status: up.statusCode, ...(retryAfter ? { retryAfter } : {}), ...(registryBody !== undefined ? { registryBody } : {}) });
+  const status = up.statusCode;
+  const failure: ContentFailure = status === 404 ? 'not-found' : status === 429 ? 'too-many-requests' : status === 403 ? 'denied' : status >= 400 && status < 500 ? 'refused' : 'unavailable';
+  return new ContentError(failure, `upstream answered ${status}`, { status, ...(retryAfter ? { retryAfter } : {}), ...(registryBody !== undefined ? { registryBody } : {}) });
 }
 
 /** What went wrong reaching the upstream: auth, a timeout, or no way there. */

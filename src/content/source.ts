@@ -29,6 +29,9 @@ export interface ManifestRequest extends ContentRequest {
   readonly accept: string | undefined;
   /** Memory for the manifest while it is checked and until the client has read it. */
   readonly buffers: BufferAllowance;
+  /** GET only: the manifest the caller holds. Asked for with `If-None-Match: "<digest>"`; an
+   * upstream answering 304 (not modified) is answered with this, without a body. */
+  readonly ifNoneMatch?: Pick<ManifestResult, 'digest' | 'size' | 'mediaType'>;
 }
 
 export interface BlobRequest extends ContentRequest {
@@ -137,6 +140,9 @@ export type ContentFailure =
   | 'denied'
   /** The upstream, or the proxy's budget, asks the client to come back later. */
   | 'too-many-requests'
+  /** The upstream refused otherwise: any other 4xx (400, 410, a policy's 412, 451…). Passed on as
+   * it is; never bridged with content the cache holds. */
+  | 'refused'
   /** The upstream failed, timed out, could not be reached, or answered what cannot be used. */
   | 'unavailable'
   /** What the upstream sent is not what was asked for: wrong digest, too large, partial, not JSON. */

@@ -64,6 +64,7 @@ function errorCode(failure: ContentFailure, kind: ContentKind): RegistryErrorCod
     case 'unauthorized':
       return 'UNAUTHORIZED';
     case 'denied':
+    case 'refused':
       return 'DENIED';
     case 'too-many-requests':
       return 'TOOMANYREQUESTS';

@@ -116,6 +116,15 @@ const ruleSchema = z.strictObject({
   verifyBlobDigests: z.boolean().default(true),
   /** false: this rule's content is never written to the node cache (compliance); always relayed. */
   cache: z.boolean().default(true),
+  /**
+   * How the node cache re-checks what it holds once cache.tagTTLSeconds passed. get: a tag, and a
+   * manifest served by digest, with a GET conditional on the digest held (a 304 carries no body),
+   * so that a policy the registry enforces on GETs only (Harbor's "prevent vulnerable images",
+   * content trust) is honoured. head: a tag with a HEAD, a manifest by digest not at all; for
+   * registries that count manifest GETs and not HEADs (Docker Hub's pull rate limit), at the price
+   * of such policies.
+   */
+  revalidate: z.enum(['get', 'head'], { message: 'must be get or head' }).default('get'),
 });
 
 /** Bytes as an integer or a Kubernetes quantity string (`20Gi`, `500M`). */

@@ -57,7 +57,10 @@ export interface RegistryHandle {
   kill(): Promise<void>;
   /** Starts the registry again on the same port and storage. */
   restart(): Promise<void>;
-  push(image: TestImage, repository: string, tag: string): Promise<void>;
+  /** Copies the image in (every platform); `docker`: converted to Docker's media types (a manifest
+   * list over Docker image manifests, which the registry converts for a client that does not accept
+   * a list), else kept as OCI. */
+  push(image: TestImage, repository: string, tag: string, format?: 'oci' | 'docker'): Promise<void>;
   /**
    * What the registry answered so far (with `accessLog`; empty otherwise), across restarts, once its
    * log has caught up: the registry writes a line after it answers, and the line reaches this
@@ -252,12 +255,13 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     async restart() {
       proc = await serve();
     },
-    async push(image, repository, tag) {
+    async push(image, repository, tag, format = 'oci') {
       const layout = mkdtempSync(join(tmpdir(), 'pullbridge-oci-'));
       writeOciLayout(layout, image, tag);
       const creds = auth === 'none' ? [] : ['--dest-creds', `${firstUser}:${firstPassword}`];
       try {
-        await runAsync('skopeo', ['copy', '--all', '--quiet', '--dest-tls-verify=false', ...creds, `oci:${layout}:${tag}`, `docker://127.0.0.1:${port}/${repository}:${tag}`]);
+        const formatFlags = format === 'docker' ? ['--format', 'v2s2'] : [];
+        await runAsync('skopeo', ['copy', '--all', '--quiet', ...formatFlags, '--dest-tls-verify=false', ...creds, `oci:${layout}:${tag}`, `docker://127.0.0.1:${port}/${repository}:${tag}`]);
       } finally {
         rmSync(layout, { recursive: true, force: true });
       }

@@ -97,6 +97,9 @@ registries:
     {{- if eq (toString .cache) "false" }}
     cache: false
     {{- end }}
+    {{- with .revalidate }}
+    revalidate: {{ . }}
+    {{- end }}
 {{- end }}
 {{- if not .Values.registries }} []{{ end }}
 {{- end -}}
