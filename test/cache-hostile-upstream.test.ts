@@ -80,7 +80,7 @@ describe('the node cache under an upstream that lies about digests (scripted ups
   });
 
   /** The cache's /status document. */
-  const status = async () => (JSON.parse((await rawRequest(proxy.url, '/status')).body.toString()) as { cache: { bytes: number; entries: number; evictions: number } }).cache;
+  const status = async () => (JSON.parse((await rawRequest(proxy.url, '/status')).body.toString()) as { cache: { bytes: number; entries: number; evictions: number; shared: { up: boolean } | null } }).cache;
   /** Waits until no fill is in flight (its outcome, stored or discarded, is then on disk). */
   const fillsSettled = async () => {
     for (let i = 0; i < 500 && (proxy.cache!.flights.size > 0 || proxy.cache!.status().fillsInFlight !== 0); i++) await new Promise((r) => setTimeout(r, 20));
@@ -108,6 +108,20 @@ describe('the node cache under an upstream that lies about digests (scripted ups
     assert.deepEqual([after.entries, after.bytes], [1, BLOBS[1]!.length], '/status counts only what is in blobs/');
     assert.deepEqual(filesUnder(join(root, 'repositories')).filter((f) => f.includes('victim') || f.includes('_tags')), [], 'no link or tag record for the lie');
     assert.equal(statSync(victim).size, VICTIM_CONTENT.length);
+  });
+
+  it('with a filesystem shared tier: answers 502 as well, writes nothing there for the lie, and the tier stays up', async () => {
+    const sharedDir = join(top, 'shared');
+    mkdirSync(sharedDir);
+    await proxy.close();
+    proxy = await startProxy({ cache: { path: root, maxBytes: MAX_BYTES, shared: { filesystem: { path: sharedDir }, fillWaitSeconds: 10 } }, registries: [{ name: 'hostile', match: ['h.example'], upstream: upstream.server.url }] });
+    const res = await rawRequest(proxy.url, '/v2/hostile/team/app/manifests/v1', { headers: { ...asShop(), accept: OCI_MANIFEST } });
+    assert.equal(res.status, 502, res.body.toString());
+    await proxy.cache!.sharing();
+    const after = await status();
+    assert.equal(after.shared?.up, true, JSON.stringify(after));
+    assert.deepEqual(filesUnder(sharedDir).filter((f) => !f.startsWith('tmp/')), [], 'nothing shared for the lie');
+    assert.equal(readFileSync(victim, 'utf8'), VICTIM_CONTENT);
   });
 
   it('answers 502 for a manifest by digest whose HEAD names another digest, and for a blob whose digest header is not a digest', async () => {
