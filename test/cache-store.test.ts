@@ -3,11 +3,12 @@
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { existsSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { HashThread, inlineHash } from '../src/cache/hasher.js';
+import { sharedKeys } from '../src/cache/shared/tier.js';
 import { NodeStore } from '../src/cache/store.js';
 
 const digestOf = (data: Buffer) => `sha256:${createHash('sha256').update(data).digest('hex')}`;
@@ -163,6 +164,62 @@ describe('node store', () => {
     assert.deepEqual(await store.readTag('corp', 'team/app', '1.0'), record);
     writeFileSync(join(root, 'repositories', 'corp', 'team', 'app', '_tags', '1.0'), '{"digest": 1');
     assert.equal(await store.readTag('corp', 'team/app', '1.0'), undefined);
+  });
+
+  it('refuses every digest, rule, repository and tag that is not one by the grammar, as the keys of the shared tier do, and touches nothing outside its root', async () => {
+    // A file beside the store that a made-up digest would reach (`<root>/blobs/sha256/../../../victimdir`).
+    const top = mkdtempSync(join(tmpdir(), 'pullbridge-store-keys-'));
+    mkdirSync(join(top, 'victimdir'));
+    const victim = join(top, 'victimdir', 'victim.txt');
+    writeFileSync(victim, 'not the cache\n');
+    const store = await NodeStore.open(join(top, 'cache'));
+    const refused = { name: 'CacheKeyError', message: /^cache key refused: / };
+    const good = `sha256:${'a'.repeat(64)}`;
+    const record = { digest: good, mediaType: '', size: 1, confirmedAt: 1 };
+    const badDigests = ['sha256:../../../victimdir/victim.txt', `sha256:${'A'.repeat(64)}`, `sha256:${'a'.repeat(63)}`, `sha256:${'a'.repeat(65)}`, `md5:${'a'.repeat(32)}`, `sha256:${'a'.repeat(64)}/../../x`, 'sha256', ''];
+    for (const bad of badDigests) {
+      assert.throws(() => store.blobPathOf(bad), refused, bad);
+      await assert.rejects(store.lookup(bad), refused, bad);
+      await assert.rejects(store.startFill(bad), refused, bad);
+      await assert.rejects(store.remove(bad), refused, bad);
+      await assert.rejects(store.link('corp', 'team/app', bad), refused, bad);
+      await assert.rejects(store.readLink('corp', 'team/app', bad), refused, bad);
+      await assert.rejects(store.writeTag('corp', 'team/app', 'v1', { ...record, digest: bad }), refused, bad);
+      for (const key of [() => sharedKeys.blob(bad), () => sharedKeys.claim(bad), () => sharedKeys.link('corp', 'team/app', bad)]) assert.throws(key, refused, bad);
+    }
+    for (const [rule, repository] of [['..', 'team/app'], ['corp/x', 'team/app'], ['', 'team/app'], ['corp', '../../../victimdir'], ['corp', 'team/../../../victimdir'], ['corp', 'team//app'], ['corp', '']] as const) {
+      const what = `${rule} ${repository}`;
+      await assert.rejects(store.link(rule, repository, good), refused, what);
+      await assert.rejects(store.readTag(rule, repository, 'v1'), refused, what);
+      await assert.rejects(store.writeTag(rule, repository, 'v1', record), refused, what);
+      assert.throws(() => sharedKeys.link(rule, repository, good), refused, what);
+      assert.throws(() => sharedKeys.tag(rule, repository, 'v1'), refused, what);
+    }
+    for (const tag of ['..', '../../../../victimdir/victim.txt', '.hidden', '']) {
+      await assert.rejects(store.readTag('corp', 'team/app', tag), refused, tag);
+      await assert.rejects(store.writeTag('corp', 'team/app', tag, record), refused, tag);
+      assert.throws(() => sharedKeys.tag('corp', 'team/app', tag), refused, tag);
+    }
+    assert.equal(readFileSync(victim, 'utf8'), 'not the cache\n');
+    assert.deepEqual(readdirSync(top).sort(), ['cache', 'victimdir']);
+    assert.deepEqual(readdirSync(join(top, 'victimdir')), ['victim.txt']);
+    assert.deepEqual(store.usage(), { bytes: 0, blobs: 0 });
+  });
+
+  it('indexes on open only files named as blobs are (a digest by the grammar), ignoring anything else in blobs/', async () => {
+    const data = Buffer.from('a real blob');
+    const hex = digestOf(data).slice('sha256:'.length);
+    mkdirSync(join(root, 'blobs', 'sha256'), { recursive: true });
+    mkdirSync(join(root, 'blobs', 'md5'), { recursive: true });
+    writeFileSync(join(root, 'blobs', 'sha256', hex), data);
+    writeFileSync(join(root, 'blobs', 'sha256', hex.toUpperCase()), 'upper case');
+    writeFileSync(join(root, 'blobs', 'sha256', hex.slice(1)), 'too short');
+    writeFileSync(join(root, 'blobs', 'sha256', 'victim.txt'), 'not hex');
+    writeFileSync(join(root, 'blobs', 'md5', 'a'.repeat(32)), 'unknown algorithm');
+    writeFileSync(join(root, 'blobs', 'stray'), 'a file where an algorithm directory goes');
+    mkdirSync(join(root, 'blobs', 'sha256', 'b'.repeat(64)));
+    const store = await NodeStore.open(root);
+    assert.deepEqual(store.blobs().map((b) => [b.digest, b.size]), [[digestOf(data), data.length]]);
   });
 });
 

@@ -106,6 +106,14 @@ describe('pullbridge CLI', () => {
       });
     });
 
+    it('refuses cache.shared.fillWaitSeconds: 0, naming the key', () => {
+      const file = join(dir, 'fillwait.yaml');
+      writeFileSync(file, 'cache:\n  path: /var/lib/pullbridge/cache\n  shared: {filesystem: {path: /shared}, fillWaitSeconds: 0}\nregistries: []\n');
+      const result = runCli(['validate', '--config', file]);
+      assert.equal(result.status, 1, result.stdout);
+      assert.match(result.stderr, /^cache\.shared\.fillWaitSeconds: must be at least 10/m);
+    });
+
     it('says so when the file cannot be read', () => {
       const result = runCli(['validate', '--config', join(dir, 'missing.yaml')]);
       assert.equal(result.status, 1);

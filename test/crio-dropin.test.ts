@@ -6,12 +6,12 @@
 // configuration is neither read nor changed.
 
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseAllDocuments } from 'yaml';
 import { fileURLToPath } from 'node:url';
-import { startCli } from './support/cli.js';
+import { runCli, startCli } from './support/cli.js';
 import { cachedBinary } from './support/controlplane.js';
 import { buildImage } from './support/oci.js';
 import { runAsync } from './support/procs.js';
@@ -91,5 +91,31 @@ describe('CRI-O / podman node set-up: the registries.conf.d drop-in', function (
     assert.deepEqual(spec.containers[0]?.securityContext.capabilities.drop, ['ALL']);
     assert.equal(spec.volumes.find((v) => v.name === 'registries-d')?.hostPath?.path, '/etc/containers/registries.conf.d');
     assert.equal(spec.volumes.find((v) => v.name === 'config')?.configMap?.name, 'pb-pullbridge-config', 'the same config.yaml as the proxy: the drop-in names its address');
+  });
+});
+
+describe('node-setup writing its drop-in', () => {
+  it('follows no link planted in the drop-in directory: not at the temporary names one could guess, not at the drop-in\'s own name', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-dropin-links-'));
+    const dropIns = join(dir, 'registries.conf.d');
+    mkdirSync(dropIns);
+    const configFile = join(dir, 'config.yaml');
+    writeFileSync(configFile, JSON.stringify({ proxy: { host: 'localhost', port: 30500 }, registries: [] }));
+    // Files node-setup's writes must never reach: one per planted link.
+    const planted = ['.50-pullbridge.conf.tmp', '50-pullbridge.conf.tmp', '.50-pullbridge.conf.tmp.1', '50-pullbridge.conf'];
+    const targets = planted.map((name, i) => {
+      const target = join(dir, `target-${i}`);
+      writeFileSync(target, `someone else's file ${i}\n`);
+      symlinkSync(target, join(dropIns, name));
+      return target;
+    });
+    const run = runCli(['node-setup', '--config', configFile, '--registries-dir', dropIns, '--once']);
+    assert.equal(run.status, 0, run.stderr);
+    targets.forEach((target, i) => assert.equal(readFileSync(target, 'utf8'), `someone else's file ${i}\n`, `the target of ${planted[i]}`));
+    // The drop-in replaced the link at its name (rename does not follow it); the other links stay links.
+    assert.ok(lstatSync(join(dropIns, '50-pullbridge.conf')).isFile());
+    assert.match(readFileSync(join(dropIns, '50-pullbridge.conf'), 'utf8'), /location = "localhost:30500"\ninsecure = true/);
+    assert.deepEqual(readdirSync(dropIns).sort(), [...planted].sort(), 'no temporary file left behind');
+    for (const name of planted.slice(0, 3)) assert.ok(lstatSync(join(dropIns, name)).isSymbolicLink());
   });
 });

@@ -42,6 +42,15 @@ describe('config validation', () => {
     assert.deepEqual(errorsOf(rule(', revalidate: options')), ['registries[0].revalidate: must be get or head']);
   });
 
+  it('refuses a cache.shared.fillWaitSeconds below 10 s (0 made the claim renewal a 1 ms loop), naming the key', () => {
+    for (const wait of [0, 1, 9]) {
+      const errors = errorsOf(`cache: {path: /c, shared: {filesystem: {path: /s}, fillWaitSeconds: ${wait}}}`);
+      assert.deepEqual(errors.map((e) => e.slice(0, e.indexOf(':'))), ['cache.shared.fillWaitSeconds'], errors.join('\n'));
+      assert.match(errors[0] ?? '', /at least 10/);
+    }
+    assert.equal(configFrom('cache: {path: /c, shared: {filesystem: {path: /s}, fillWaitSeconds: 10}}').cache?.shared?.fillWaitSeconds, 10);
+  });
+
   it('defaults a rule to broker auth', () => {
     const config = configFrom('broker: {keyFiles: [/k]}\nregistries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1"}]');
     assert.equal(config.registries[0]?.auth.mode, 'broker');

@@ -382,8 +382,8 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
   });
 
   it('keeps a claim fresh while a slow fetch moves on: a node waiting longer than fillWaitSeconds still reads it from the tier', async () => {
-    // Sent over ~5 s.
-    const { digest, path, nodes: [first, second] } = await slowFill('slow', { chunks: 10, intervalMs: 500, fillWaitSeconds: 2 });
+    // Sent over ~13 s, past the shortest fillWaitSeconds (10 s) that the config takes.
+    const { digest, path, nodes: [first, second] } = await slowFill('slow', { chunks: 26, intervalMs: 500, fillWaitSeconds: 10 });
     const get = (n: ProxyUnderTest) => rawRequest(n.url, path, { headers: { authorization: n.authorization('shop') } });
     const filling = get(first);
     await new Promise((resolve) => setTimeout(resolve, 700)); // the first node holds the claim
@@ -392,7 +392,7 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
     assert.equal(sha(b.body), digest);
     const outcome = (n: ProxyUnderTest) => n.logs.records.find((r) => r.access === 'pull' && r.reference === digest)?.cache;
     assert.equal(outcome(first), 'miss');
-    assert.equal(outcome(second), 'shared', 'waited past fillWaitSeconds (2 s) for the fetch that kept moving');
+    assert.equal(outcome(second), 'shared', 'waited past fillWaitSeconds (10 s) for the fetch that kept moving');
   });
 
   it('goes on waiting for another node\'s fill when the first of several clients waiting on a node leaves', async () => {

@@ -2,7 +2,7 @@
 // quantities, when a cached tag may answer without asking upstream, when the last known digest may
 // stand in for an upstream that fails, and which blobs to evict.
 
-import { digestError } from '../reference/reference.js';
+import { digestError, isValidRepositoryPath, isValidTag } from '../reference/reference.js';
 
 const BINARY_SUFFIXES: Readonly<Record<string, number>> = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, Pi: 2 ** 50, Ei: 2 ** 60 };
 const DECIMAL_SUFFIXES: Readonly<Record<string, number>> = { k: 1e3, M: 1e6, G: 1e9, T: 1e12, P: 1e15, E: 1e18 };
@@ -18,6 +18,43 @@ export function parseByteQuantity(value: number | string): number | null {
   const unit = match[2] ? (BINARY_SUFFIXES[match[2]] ?? DECIMAL_SUFFIXES[match[2]] ?? 1) : 1;
   const bytes = Math.floor(Number(match[1]) * unit);
   return Number.isSafeInteger(bytes) ? bytes : null;
+}
+
+/**
+ * A name the node store or the shared tier was asked to make a path or a key of, and refused: a
+ * digest, rule, repository or tag that is not one by the grammar (a digest a hostile upstream or a
+ * bucket writer made up, `sha256:../../elsewhere`). Callers check what they are given before it
+ * gets here; this is the store's own guard that nothing names a file outside it.
+ */
+export class CacheKeyError extends Error {
+  constructor(message: string) {
+    // What was refused may come from outside and be long: the message quotes its start only.
+    super(message.length > 200 ? `${message.slice(0, 200)}…` : message);
+    this.name = 'CacheKeyError';
+  }
+}
+
+/** A digest as the two parts of a store path or key (`<algorithm>/<hex>`), once it is a digest by
+ * the grammar (known algorithm, exact hex length, lower case); else a CacheKeyError. */
+export function digestKey(digest: string): { readonly algorithm: string; readonly hex: string } {
+  const reason = digestError(digest);
+  if (reason !== null) throw new CacheKeyError(`cache key refused: ${reason}`);
+  const colon = digest.indexOf(':');
+  return { algorithm: digest.slice(0, colon), hex: digest.slice(colon + 1) };
+}
+
+/** A (rule, repository) as path components (`<rule>/<repository…>`): the rule one component and the
+ * repository a path by the repository grammar (neither can be empty, `.` or `..`); else a CacheKeyError. */
+export function repositoryKey(rule: string, repository: string): readonly string[] {
+  if (rule.includes('/') || !isValidRepositoryPath(rule)) throw new CacheKeyError(`cache key refused: invalid rule name ${JSON.stringify(rule)}`);
+  if (!isValidRepositoryPath(repository)) throw new CacheKeyError(`cache key refused: invalid repository name ${JSON.stringify(repository)}`);
+  return [rule, ...repository.split('/')];
+}
+
+/** A tag as a file name, once it is a tag by the grammar; else a CacheKeyError. */
+export function tagKey(tag: string): string {
+  if (!isValidTag(tag)) throw new CacheKeyError(`cache key refused: invalid tag ${JSON.stringify(tag)}`);
+  return tag;
 }
 
 /** What a tag pointed at when it was last asked upstream. */

@@ -9,6 +9,9 @@
 // (`_links` and `_tags` cannot collide with a repository path component: those start with a letter
 // or digit.) A blob is written to tmp/ while it streams, hashed as it goes, flushed to disk and
 // renamed into place only when its digest matches, so a crash or a cut leaves nothing servable.
+// Every digest, rule, repository and tag is checked against its grammar before it names a path
+// (policy.ts's digestKey, repositoryKey, tagKey: a CacheKeyError otherwise), so that nothing
+// outside the root is ever stat-ed, written or removed, whoever made the name up.
 // A thin adapter: what to keep and what to evict is decided in policy.ts.
 
 import { randomBytes } from 'node:crypto';
@@ -16,7 +19,8 @@ import { EventEmitter } from 'node:events';
 import { mkdir, open, readdir, readFile, rename, rm, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { inlineHash, type FillHash, type HashFactory } from './hasher.js';
-import { parseTagRecord, type StoredBlob, type TagRecord } from './policy.js';
+import { digestError } from '../reference/reference.js';
+import { digestKey, parseTagRecord, repositoryKey, tagKey, type StoredBlob, type TagRecord } from './policy.js';
 
 interface Entry {
   size: number;
@@ -126,9 +130,6 @@ export class BlobFill extends EventEmitter {
   }
 }
 
-const hexOf = (digest: string) => digest.slice(digest.indexOf(':') + 1);
-const algorithmOf = (digest: string) => digest.slice(0, digest.indexOf(':'));
-
 export class NodeStore {
   private readonly entries = new Map<string, Entry>();
 
@@ -148,21 +149,28 @@ export class NodeStore {
     const store = new NodeStore(root, now, hash);
     if (options.removePartialFills !== false) await rm(join(root, 'tmp'), { recursive: true, force: true });
     await Promise.all(['tmp', 'blobs', 'repositories'].map((dir) => mkdir(join(root, dir), { recursive: true })));
-    for (const algorithm of await readdir(join(root, 'blobs'))) {
-      for (const hex of await readdir(join(root, 'blobs', algorithm))) {
-        const info = await stat(join(root, 'blobs', algorithm, hex));
-        if (info.isFile()) store.entries.set(`${algorithm}:${hex}`, { size: info.size, lastUsed: info.mtimeMs, readers: 0 });
+    // Only files named as the store names them (`<algorithm>/<hex>`, a digest by the grammar) are
+    // blobs; anything else there is not indexed, and so never served or evicted.
+    for (const algorithm of await readdir(join(root, 'blobs'), { withFileTypes: true })) {
+      if (!algorithm.isDirectory()) continue;
+      for (const hex of await readdir(join(root, 'blobs', algorithm.name), { withFileTypes: true })) {
+        const digest = `${algorithm.name}:${hex.name}`;
+        if (!hex.isFile() || digestError(digest) !== null) continue;
+        const info = await stat(join(root, 'blobs', algorithm.name, hex.name));
+        if (info.isFile()) store.entries.set(digest, { size: info.size, lastUsed: info.mtimeMs, readers: 0 });
       }
     }
     return store;
   }
 
+  /** Where a blob is (or would be) stored; a CacheKeyError for what is not a digest. */
   blobPathOf(digest: string): string {
-    return join(this.root, 'blobs', algorithmOf(digest), hexOf(digest));
+    const { algorithm, hex } = digestKey(digest);
+    return join(this.root, 'blobs', algorithm, hex);
   }
 
   private repositoryPath(rule: string, repository: string): string {
-    return join(this.root, 'repositories', rule, ...repository.split('/'));
+    return join(this.root, 'repositories', ...repositoryKey(rule, repository));
   }
 
   has(digest: string): boolean {
@@ -174,9 +182,10 @@ export class NodeStore {
    * stored it since the store was opened; its rename is atomic, so a file there is complete.
    */
   async lookup(digest: string): Promise<boolean> {
+    const path = this.blobPathOf(digest);
     if (this.entries.has(digest)) return true;
     try {
-      const info = await stat(this.blobPathOf(digest));
+      const info = await stat(path);
       if (!info.isFile()) return false;
       if (!this.entries.has(digest)) this.entries.set(digest, { size: info.size, lastUsed: info.mtimeMs, readers: 0 });
       return true;
@@ -225,9 +234,10 @@ export class NodeStore {
 
   /** Starts writing a blob; finish() stores it only if it hashes to `digest`. */
   async startFill(digest: string): Promise<BlobFill> {
-    const path = join(this.root, 'tmp', `${hexOf(digest).slice(0, 16)}-${randomBytes(6).toString('hex')}`);
+    const { algorithm, hex } = digestKey(digest);
+    const path = join(this.root, 'tmp', `${hex.slice(0, 16)}-${randomBytes(6).toString('hex')}`);
     const file = await open(path, 'wx');
-    return new BlobFill(digest, path, file, this.hashOf(path, algorithmOf(digest)), async (fill, ok) => {
+    return new BlobFill(digest, path, file, this.hashOf(path, algorithm), async (fill, ok) => {
       try {
         if (ok) await file.sync(); // durable before it becomes visible: never a renamed empty file after a power loss
       } finally {
@@ -238,7 +248,7 @@ export class NodeStore {
         return { stored: false, reason: 'discarded' };
       }
       const target = this.blobPathOf(digest);
-      await mkdir(join(this.root, 'blobs', algorithmOf(digest)), { recursive: true });
+      await mkdir(join(this.root, 'blobs', algorithm), { recursive: true });
       await rename(path, target);
       this.entries.set(digest, { size: fill.written, lastUsed: this.now(), readers: this.entries.get(digest)?.readers ?? 0 });
       return { stored: true };
@@ -247,15 +257,17 @@ export class NodeStore {
 
   /** Deletes a blob that no one is reading; false when it is being read (or not stored). */
   async remove(digest: string): Promise<boolean> {
+    const path = this.blobPathOf(digest);
     const entry = this.entries.get(digest);
     if (!entry || entry.readers > 0) return false;
     this.entries.delete(digest);
-    await rm(this.blobPathOf(digest), { force: true });
+    await rm(path, { force: true });
     return true;
   }
 
   private linkPath(rule: string, repository: string, digest: string): string {
-    return join(this.repositoryPath(rule, repository), '_links', algorithmOf(digest), hexOf(digest));
+    const { algorithm, hex } = digestKey(digest);
+    return join(this.repositoryPath(rule, repository), '_links', algorithm, hex);
   }
 
   /**
@@ -275,25 +287,29 @@ export class NodeStore {
 
   /** A link's content (a manifest's media type, '' for a blob), or null without a link or blob. */
   async readLink(rule: string, repository: string, digest: string): Promise<string | null> {
+    const path = this.linkPath(rule, repository, digest);
     if (!(await this.lookup(digest))) return null;
     try {
-      return await readFile(this.linkPath(rule, repository, digest), 'utf8');
+      return await readFile(path, 'utf8');
     } catch {
       return null;
     }
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
-    const text = await readFile(join(this.repositoryPath(rule, repository), '_tags', tag), 'utf8').catch(() => undefined);
+    const text = await readFile(join(this.repositoryPath(rule, repository), '_tags', tagKey(tag)), 'utf8').catch(() => undefined);
     return text === undefined ? undefined : parseTagRecord(text);
   }
 
   /** Written to a temporary file and renamed, so a reader never sees half a record. */
   async writeTag(rule: string, repository: string, tag: string, record: TagRecord): Promise<void> {
     const dir = join(this.repositoryPath(rule, repository), '_tags');
+    const name = tagKey(tag);
+    digestKey(record.digest); // a record naming what is not a digest is refused, as it would be read
     await mkdir(dir, { recursive: true });
     const temporary = join(this.root, 'tmp', `tag-${randomBytes(6).toString('hex')}`);
     await writeFile(temporary, JSON.stringify(record));
-    await rename(temporary, join(dir, tag));
+    await rename(temporary, join(dir, name));
   }
 }
+

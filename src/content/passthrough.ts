@@ -4,6 +4,7 @@
 
 import { createHash } from 'node:crypto';
 import { UpstreamAuthError } from '../upstream/authorizer.js';
+import { digestError } from '../reference/reference.js';
 import { headerValue, type UpstreamRequest, type UpstreamResponse } from '../upstream/client.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { ContentError, type BlobRequest, type BlobResult, type BufferAllowance, type ContentFailure, type ContentRequest, type ContentSource, type ManifestRequest, type ManifestResult, type TagsRequest, type TagsResult } from './source.js';
@@ -56,6 +57,9 @@ export class UpstreamContent implements ContentSource {
       if (request.byDigest && digest !== request.reference) {
         throw new ContentError('invalid', `upstream manifest does not match ${request.reference}`, { status: 502, note: `manifest digest mismatch: got ${digest}` });
       }
+      // A digest header must be a digest, and (in the algorithm the bytes were hashed with) theirs.
+      const header = headerValue(up.headers['docker-content-digest']) ?? '';
+      namedDigest(up, 'manifest', request.byDigest || header.startsWith(`${algorithm}:`) ? digest : undefined);
       return { digest, size: body.length, mediaType: headerValue(up.headers['content-type']), body };
     });
   }
@@ -68,6 +72,12 @@ export class UpstreamContent implements ContentSource {
       const ask = timed(upstream, request, { path: `/v2/${request.repository}/blobs/${request.digest}`, headers, lane: 'blob' });
       const up = await ask(request.method);
       await refuseFailure(up, 'blob', [200, 206]);
+      try {
+        namedDigest(up, 'blob', request.digest);
+      } catch (error) {
+        up.body.destroy();
+        throw error;
+      }
       if (up.statusCode === 206 && !request.range) {
         // A part passed on as the whole blob would skip the digest check (it only covers a 200).
         up.body.destroy();
@@ -141,14 +151,30 @@ function timed(upstream: RuleUpstream, request: ContentRequest, fixed: Pick<Upst
 
 /** A manifest's HEAD answered from the upstream's headers, when they give a digest and a length. */
 async function headManifest(head: UpstreamResponse, request: ManifestRequest): Promise<ManifestResult | undefined> {
-  const digest = headerValue(head.headers['docker-content-digest']);
   const length = headerValue(head.headers['content-length']);
   // 405: some registries refuse HEAD on manifests; fall through to a GET.
   await refuseFailure(head, 'manifest', [200, 405]);
   await head.body.dump();
-  if (head.statusCode !== 200 || !digest || !length || !(Number(length) > 0)) return undefined;
-  if (request.byDigest && digest !== request.reference) return undefined;
+  if (head.statusCode !== 200) return undefined;
+  // The digest becomes a cache key and a tag record: a digest by the grammar, the one asked for.
+  const digest = namedDigest(head, 'manifest', request.byDigest ? request.reference : undefined);
+  if (!digest || !length || !(Number(length) > 0)) return undefined;
   return { digest, size: Number(length), mediaType: headerValue(head.headers['content-type']), body: undefined };
+}
+
+/**
+ * The digest an upstream's Docker-Content-Digest names, undefined without one; a 502 when it is not
+ * a digest by the grammar (known algorithm, exact hex length, lower case) or not `expected` (the
+ * digest asked for, or the one the bytes hash to). Its value is quoted in the access log only.
+ */
+function namedDigest(up: UpstreamResponse, kind: ContentKind, expected: string | undefined): string | undefined {
+  const digest = headerValue(up.headers['docker-content-digest']);
+  if (digest === undefined || digest === '') return undefined;
+  const reason = digestError(digest);
+  if (reason === null && (expected === undefined || digest === expected)) return digest;
+  const what = reason !== null ? 'a Docker-Content-Digest that is not a valid digest' : `a Docker-Content-Digest other than ${expected}`;
+  const note = `upstream ${kind} Docker-Content-Digest refused: ${reason ?? `${JSON.stringify(digest)}, want ${expected}`}`;
+  throw new ContentError('invalid', `upstream answered the ${kind} request with ${what}`, { status: 502, note: note.length > 300 ? `${note.slice(0, 300)}…` : note });
 }
 
 /**

@@ -137,6 +137,14 @@ const byteQuantity = z.union([z.number(), z.string()]).transform((value, ctx) =>
   return bytes;
 });
 const seconds = (max: number) => z.number().int('must be a whole number of seconds').min(0).max(max);
+/**
+ * The shortest cache.shared.fillWaitSeconds. A fill's claim stands while it was written within
+ * fillWaitSeconds by the clock of the node reading it, and its filler rewrites it every third of
+ * fillWaitSeconds (tier.ts keepClaim): 0 made that a 1 ms loop of store writes, and every claim stale
+ * at once (no single flight). At 10 s a claim is rewritten every 3.3 s, one store write per fill in
+ * flight, and survives a slow write or two and a few seconds of clock skew between nodes.
+ */
+const FILL_WAIT_SECONDS_MIN = 10;
 
 const absolutePath = z.string().min(1).refine((p) => p.startsWith('/'), 'must be an absolute path');
 /** A key inside the bucket or container under which pullbridge keeps everything ("" for the root). */
@@ -183,8 +191,8 @@ const sharedSchema = z
       })
       .optional(),
     filesystem: z.strictObject({ path: absolutePath }).optional(),
-    /** When another node is fetching a blob, how long to wait for it to land before fetching it too. */
-    fillWaitSeconds: seconds(3_600).default(120),
+    /** When another node is fetching a blob, how long its claim stands without being renewed. */
+    fillWaitSeconds: seconds(3_600).min(FILL_WAIT_SECONDS_MIN, `must be at least ${FILL_WAIT_SECONDS_MIN}: a filler renews its claim every third of it, and the claim must outlast clock skew between nodes and a slow store write`).default(120),
     /** One request to the shared store; past it the store counts as down for that request. */
     timeoutSeconds: seconds(600).default(30),
   })

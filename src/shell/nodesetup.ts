@@ -2,7 +2,8 @@
 // registry not marked insecure in registries.conf, `localhost:PORT` included. A drop-in in
 // registries.conf.d marks the node's pull proxy, and is removed again when the set-up stops.
 
-import { mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { closeSync, mkdirSync, openSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 
 /** The drop-in's name: early in the alphabetical order, so later drop-ins may still override it. */
@@ -20,13 +21,28 @@ export function registriesDropIn(authority: string): string {
   ].join('\n');
 }
 
-/** Writes the drop-in into `dir` atomically (a runtime reading the directory never sees half of it); returns its path. */
+/**
+ * Writes the drop-in into `dir` atomically (a runtime reading the directory never sees half of it);
+ * returns its path. The temporary file has a random name and is created exclusively (`wx`: a link
+ * or file planted there fails the create rather than being followed or overwritten), and is removed
+ * when the write fails; the rename replaces whatever is at the drop-in's name without following it.
+ */
 export function installDropIn(dir: string, authority: string): string {
   mkdirSync(dir, { recursive: true });
   const path = join(dir, DROP_IN_NAME);
-  const temporary = join(dir, `.${DROP_IN_NAME}.tmp`); // not *.conf: never loaded
-  writeFileSync(temporary, registriesDropIn(authority), { mode: 0o644 });
-  renameSync(temporary, path);
+  const temporary = join(dir, `.${DROP_IN_NAME}.${randomBytes(8).toString('hex')}.tmp`); // not *.conf: never loaded
+  const fd = openSync(temporary, 'wx', 0o644);
+  try {
+    try {
+      writeFileSync(fd, registriesDropIn(authority));
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(temporary, path);
+  } catch (error) {
+    rmSync(temporary, { force: true });
+    throw error;
+  }
   return path;
 }
 

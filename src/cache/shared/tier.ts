@@ -11,7 +11,7 @@ import { Counter, Gauge, type Registry } from 'prom-client';
 import { pipeline, Readable, Transform } from 'node:stream';
 import type { Logger } from '../../log.js';
 import type { SharedConfig } from '../../rules/config.js';
-import { claimIsFresh, parseClaim, parseTagRecord, shouldShareTag, type SharedClaim, type TagRecord } from '../policy.js';
+import { CacheKeyError, claimIsFresh, digestKey, parseClaim, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
 import { filesIdentity, sharedBackend, sharedCredentialFiles } from './open.js';
 import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedStore } from './store.js';
 
@@ -32,14 +32,19 @@ type SharedOperation = 'stat' | 'read' | 'upload' | 'record-read' | 'record-writ
 /** Calls that write: a store refusing them (a read-only credential) leaves reads in use. */
 const WRITES: ReadonlySet<SharedOperation> = new Set(['upload', 'record-write', 'claim', 'remove']);
 
-const hex = (digest: string) => digest.slice(digest.indexOf(':') + 1);
-const algorithm = (digest: string) => digest.slice(0, digest.indexOf(':'));
-/** Keys as the node store lays out its directories (store.ts), so that a filesystem tier reads alike. */
+const digestPath = (digest: string) => {
+  const { algorithm, hex } = digestKey(digest);
+  return `${algorithm}/${hex}`;
+};
+const repositoryPath = (rule: string, repository: string) => `repositories/${repositoryKey(rule, repository).join('/')}`;
+/** Keys as the node store lays out its directories (store.ts), so that a filesystem tier reads alike;
+ * checked as the node store checks its paths (a CacheKeyError for a digest, rule, repository or tag
+ * that is not one by the grammar), so that no key leaves the tier's prefix. */
 export const sharedKeys = {
-  blob: (digest: string) => `blobs/${algorithm(digest)}/${hex(digest)}`,
-  link: (rule: string, repository: string, digest: string) => `repositories/${rule}/${repository}/_links/${algorithm(digest)}/${hex(digest)}`,
-  tag: (rule: string, repository: string, tag: string) => `repositories/${rule}/${repository}/_tags/${tag}`,
-  claim: (digest: string) => `claims/${algorithm(digest)}/${hex(digest)}`,
+  blob: (digest: string) => `blobs/${digestPath(digest)}`,
+  link: (rule: string, repository: string, digest: string) => `${repositoryPath(rule, repository)}/_links/${digestPath(digest)}`,
+  tag: (rule: string, repository: string, tag: string) => `${repositoryPath(rule, repository)}/_tags/${tagKey(tag)}`,
+  claim: (digest: string) => `claims/${digestPath(digest)}`,
 };
 
 export interface SharedStatus {
@@ -318,6 +323,8 @@ export class SharedTier {
       }
       return value;
     } catch (error) {
+      // A refused key is the caller's fault, not the store's: it must not take the tier down.
+      if (error instanceof CacheKeyError) throw error;
       const failure = error instanceof SharedStoreError ? error.failure : 'error';
       this.requests.inc({ operation, result: 'failed' });
       if (write && failure === 'denied') {
