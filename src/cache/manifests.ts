@@ -13,7 +13,7 @@ import { ContentError, type ContentSource, type ManifestRequest, type ManifestRe
 import { MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
-import { newerTag, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
+import { bridgingTag, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
 
 export class CachedManifests {
   constructor(
@@ -81,7 +81,7 @@ export class CachedManifests {
       head = await this.upstream.manifest({ ...request, method: 'HEAD' });
     } catch (error) {
       if (!(error instanceof ContentError) || request.signal.aborted) throw error;
-      const known = newerTag(usable, await this.sharedTag(request));
+      const known = bridgingTag(usable, await this.sharedTag(request), now(), settings);
       const fallback = tagFallback(known, tagFailureOf(error), now(), settings);
       const stale = fallback.serve === 'stale' && this.credentialFresh(request) ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
       if (fallback.serve !== 'stale' || !stale) throw error;
@@ -188,7 +188,7 @@ export class CachedManifests {
     const size = await shared.blobSize(digest);
     if (size === undefined || size > MANIFEST_LIMIT_BYTES) return null;
     request.buffers.reserve(size);
-    const body = await shared.readSmallBlob(digest);
+    const body = await shared.readSmallBlob(digest, MANIFEST_LIMIT_BYTES);
     if (!body || body.length > MANIFEST_LIMIT_BYTES || digestOf(digest, body) !== digest) return null;
     const answer: ManifestResult = { digest, size: body.length, mediaType: mediaType || undefined, body, cache: 'shared' };
     await this.store(request, answer);
