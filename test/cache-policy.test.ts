@@ -2,7 +2,8 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { byteRange, evictionPlan, parseByteQuantity, staleEligible, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, mayWaitForFill, parseByteQuantity, parseLink, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { openRecord, sealRecord } from '../src/cache/shared/records.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
 
@@ -40,6 +41,49 @@ describe('cache policy', () => {
       assert.equal(staleEligible(failure), false);
       assert.deepEqual(tagFallback(record, failure, record.confirmedAt + 1, times), { serve: 'error' });
     }
+  });
+
+  it('bridges an outage with the node\'s own record while it may serve; the shared one only without it, and never one dated ahead beyond clock skew', () => {
+    const now = record.confirmedAt + 10_000;
+    const shared: TagRecord = { ...record, digest: 'sha256:' + 'b'.repeat(64), confirmedAt: now - 1_000 };
+    // Newer, but the node's own record stands.
+    assert.equal(bridgingTag(record, shared, now, times), record);
+    assert.equal(bridgingTag(undefined, shared, now, times), shared);
+    // Own too old to serve: the shared one, as for a node without one.
+    assert.equal(bridgingTag(record, shared, record.confirmedAt + 3_600_001, times)?.digest, shared.digest);
+    const ahead = { ...shared, confirmedAt: now + SHARED_CLOCK_SKEW_MS + 1 };
+    assert.equal(bridgingTag(undefined, ahead, now, times), undefined);
+    assert.equal(bridgingTag(record, ahead, now, times), record);
+    // Within the skew: served, as confirmed now (never a negative age).
+    const skewed = { ...shared, confirmedAt: now + 5_000 };
+    assert.deepEqual(tagFallback(bridgingTag(undefined, skewed, now, times), 'unreachable', now, times), { serve: 'stale', record: skewed, ageSeconds: 0 });
+  });
+
+  it('waits for another node\'s fill a bounded time from when the wait began, whatever its claim says', () => {
+    assert.equal(mayWaitForFill(0, 2_000 * FILL_WAIT_ROUNDS - 1, 2), true);
+    assert.equal(mayWaitForFill(0, 2_000 * FILL_WAIT_ROUNDS, 2), false);
+  });
+
+  it('takes a link\'s content as a media type only when it can be a header value', () => {
+    assert.equal(parseLink(''), '');
+    assert.equal(parseLink('application/vnd.oci.image.manifest.v1+json'), 'application/vnd.oci.image.manifest.v1+json');
+    for (const bad of ['text/plain\r\nx-injected: 1', 'a'.repeat(256), 'caf\u00e9', '\u0000']) assert.equal(parseLink(bad), null, JSON.stringify(bad));
+  });
+
+  it('opens a sealed record only with its key and at its key; without a key, takes a seal off unchecked', () => {
+    const key = Buffer.alloc(32, 7);
+    const payload = Buffer.from('{"node":"n","at":1}');
+    const sealed = sealRecord(key, 'claims/sha256/x', payload);
+    assert.deepEqual(openRecord(key, 'claims/sha256/x', sealed), payload);
+    assert.equal(openRecord(key, 'claims/sha256/y', sealed), undefined);
+    assert.equal(openRecord(Buffer.alloc(32, 8), 'claims/sha256/x', sealed), undefined);
+    assert.equal(openRecord(key, 'claims/sha256/x', payload), undefined);
+    const changed = Buffer.from(sealed);
+    changed.writeUInt8((changed.at(-2) ?? 0) ^ 1, changed.length - 2);
+    assert.equal(openRecord(key, 'claims/sha256/x', changed), undefined);
+    assert.deepEqual(openRecord(undefined, 'claims/sha256/x', sealed), payload);
+    assert.deepEqual(openRecord(undefined, 'claims/sha256/x', payload), payload);
+    assert.deepEqual(sealRecord(undefined, 'claims/sha256/x', payload), payload);
   });
 
   it('evicts least recently used blobs until the store fits and the disk keeps its floor, never one being read', () => {

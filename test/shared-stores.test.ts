@@ -34,7 +34,7 @@ import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, BlobServiceClient, generateAccountSASQueryParameters, StorageSharedKeyCredential } from '@azure/storage-blob';
 import { openSharedStore } from '../src/cache/shared/open.js';
-import { SharedStoreError, type SharedFailure, type SharedListing, type SharedStore } from '../src/cache/shared/store.js';
+import { RefusedObject, SharedStoreError, type SharedFailure, type SharedListing, type SharedStore } from '../src/cache/shared/store.js';
 import type { SharedConfig } from '../src/rules/config.js';
 import { startAzurite, startFakeGcs, startVersitygw, type AzureServer, type GcsServer, type S3Server } from './support/objectstores.js';
 
@@ -193,6 +193,14 @@ function conformance(backend: Backend): void {
       assert.deepEqual(await store.readRecord('records/race'), bodies[written.indexOf(true)]);
       assert.equal(await store.writeRecord('records/race', Buffer.from('replaced')), true, 'an unconditional write replaces');
       assert.deepEqual(await store.readRecord('records/race'), Buffer.from('replaced'));
+    });
+
+    it('reads a record up to its bound and refuses a larger one (RefusedObject, not a store failure); an empty one reads empty', async () => {
+      await store.writeRecord('records/bounded', Buffer.alloc(64, 'x'));
+      assert.deepEqual(await store.readRecord('records/bounded', 64), Buffer.alloc(64, 'x'));
+      await assert.rejects(store.readRecord('records/bounded', 63), RefusedObject);
+      await store.writeRecord('records/empty', Buffer.alloc(0));
+      assert.deepEqual(await store.readRecord('records/empty'), Buffer.alloc(0));
     });
 
     it('reads a span', async () => {

@@ -18,7 +18,7 @@ import { ContentError, type ContentSource, type ManifestRequest, type ManifestRe
 import { MANIFEST_ACCEPT, MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
-import { newerTag, staleEligible, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
+import { bridgingTag, staleEligible, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
 
 export class CachedManifests {
   constructor(
@@ -114,7 +114,7 @@ export class CachedManifests {
       head = await this.resolve(request, record);
     } catch (error) {
       if (!(error instanceof ContentError) || request.signal.aborted) throw error;
-      const known = newerTag(record, await this.cache.shared?.readTag(request.rule, request.repository, request.reference));
+      const known = bridgingTag(record, await this.cache.shared?.readTag(request.rule, request.repository, request.reference), now(), settings);
       const fallback = tagFallback(known, tagFailureOf(error), now(), settings);
       const servable = fallback.serve === 'stale' && acceptable(request.accept, fallback.record.mediaType) && this.credentialFresh(request);
       const stale = servable ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
@@ -265,7 +265,7 @@ export class CachedManifests {
     const size = await shared.blobSize(digest);
     if (size === undefined || size > MANIFEST_LIMIT_BYTES) return null;
     request.buffers.reserve(size);
-    const body = await shared.readSmallBlob(digest);
+    const body = await shared.readSmallBlob(digest, MANIFEST_LIMIT_BYTES);
     if (!body || body.length > MANIFEST_LIMIT_BYTES || digestOf(digest, body) !== digest) return null;
     const answer: ManifestResult = { digest, size: body.length, mediaType: mediaType || undefined, body, cache: 'shared' };
     await this.store(request, answer);

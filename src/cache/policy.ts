@@ -78,10 +78,26 @@ export function parseTagRecord(text: string): TagRecord | undefined {
   }
 }
 
-/** Of this node's record of a tag and the shared tier's, the one confirmed last. */
-export function newerTag(own: TagRecord | undefined, shared: TagRecord | undefined): TagRecord | undefined {
-  if (own === undefined || shared === undefined) return own ?? shared;
-  return shared.confirmedAt > own.confirmedAt ? shared : own;
+/** How far ahead of this node's clock another node's clock may be: a shared record confirmed
+ * later than now plus this is refused (it was written by a wrong clock, or to outlast the others). */
+export const SHARED_CLOCK_SKEW_MS = 60_000;
+
+/**
+ * The record that bridges an upstream failure for a tag: this node's own while it may still serve
+ * (within staleIfErrorSeconds), whatever the shared tier says; the shared tier's only for a node
+ * that has none it may serve, and only when it is not dated in the future beyond clock skew. The
+ * bucket is written by every node: what it says never outranks what this node itself was told.
+ */
+export function bridgingTag(own: TagRecord | undefined, shared: TagRecord | undefined, now: number, times: TagTimes): TagRecord | undefined {
+  if (own !== undefined && now - own.confirmedAt <= times.staleIfErrorSeconds * 1000) return own;
+  if (shared === undefined || shared.confirmedAt > now + SHARED_CLOCK_SKEW_MS) return own;
+  return shared;
+}
+
+/** A link's content as stored (a manifest's media type, '' for a blob), or null when it cannot be
+ * one: it is served as a Content-Type header, so only printable ASCII, and short. */
+export function parseLink(text: string): string | null {
+  return /^[\x20-\x7e]{0,255}$/.test(text) ? text : null;
 }
 
 /** A node's claim to fetch a blob from the upstream for the whole cluster (shared tier). */
@@ -105,6 +121,17 @@ export function parseClaim(text: string): SharedClaim | undefined {
  * up to that bound. */
 export function claimIsFresh(claim: SharedClaim, now: number, fillWaitSeconds: number): boolean {
   return Math.abs(now - claim.at) < fillWaitSeconds * 1000;
+}
+
+/** How many times fillWaitSeconds a node waits in all for another node's fill, however often its
+ * claim is renewed: a filler that renews forever (or a bucket writer rewriting the claim) holds a
+ * waiter this long at most, and the waiter then fetches from the upstream itself. */
+export const FILL_WAIT_ROUNDS = 10;
+
+/** Whether a node that began waiting for another node's fill at `since` waits on: by its own clock,
+ * never by what the claim says. */
+export function mayWaitForFill(since: number, now: number, fillWaitSeconds: number): boolean {
+  return now - since < fillWaitSeconds * 1000 * FILL_WAIT_ROUNDS;
 }
 
 /** Whether a node that just had a tag confirmed upstream should write it to the shared tier: when
@@ -149,7 +176,8 @@ export type TagFallback = { readonly serve: 'stale'; readonly record: TagRecord;
  */
 export function tagFallback(record: TagRecord | undefined, failure: TagFailure, now: number, times: TagTimes): TagFallback {
   if (!record || !staleEligible(failure)) return { serve: 'error' };
-  const age = now - record.confirmedAt;
+  // A record from a clock ahead of this node's (within SHARED_CLOCK_SKEW_MS) is as old as one made now.
+  const age = Math.max(0, now - record.confirmedAt);
   if (age > times.staleIfErrorSeconds * 1000) return { serve: 'error' };
   return { serve: 'stale', record, ageSeconds: Math.floor(age / 1000) };
 }

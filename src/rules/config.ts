@@ -195,6 +195,10 @@ const sharedSchema = z
     fillWaitSeconds: seconds(3_600).min(FILL_WAIT_SECONDS_MIN, `must be at least ${FILL_WAIT_SECONDS_MIN}: a filler renews its claim every third of it, and the claim must outlast clock skew between nodes and a slow store write`).default(120),
     /** One request to the shared store; past it the store counts as down for that request. */
     timeoutSeconds: seconds(600).default(30),
+    /** A key every node holds and the store does not (a Secret mount, 32 bytes or more): the tier's
+     * records (tags, links, claims) are written with an HMAC under it, and only records that carry
+     * one are believed. Absent: records are believed as the store holds them (README threat model). */
+    recordKeyFile: absolutePath.optional(),
   })
   .refine((s) => [s.s3, s.azure, s.gcs, s.filesystem].filter((b) => b !== undefined).length === 1, 'needs exactly one of s3, azure, gcs, filesystem');
 

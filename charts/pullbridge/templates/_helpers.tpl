@@ -134,7 +134,7 @@ registries:
 {{- $backend := $shared.backend | default "" -}}
 {{- $backends := list "s3" "azure" "gcs" "filesystem" -}}
 {{- range $key, $_ := $shared }}
-{{- if not (has $key (concat $backends (list "backend" "existingSecret" "fillWaitSeconds" "timeoutSeconds"))) }}
+{{- if not (has $key (concat $backends (list "backend" "existingSecret" "fillWaitSeconds" "timeoutSeconds" "recordKey"))) }}
 {{- fail (printf "cache.shared.%s is not a setting of the shared cache tier: the backends are s3, azure, gcs and filesystem, chosen with cache.shared.backend" $key) }}
 {{- end }}
 {{- end }}
@@ -155,6 +155,11 @@ registries:
 {{- end }}
 {{- if and (ne $other $backend) $value }}
 {{- fail (printf "cache.shared.backend is %s, but cache.shared.%s.%s is set too: the shared tier has one backend (clear the %s settings)" $backend $other $name $other) }}
+{{- end }}
+{{- end }}
+{{- with $shared.recordKey }}
+{{- if and .existingSecret (not .secretKey) }}
+{{- fail "cache.shared.recordKey.secretKey must name the key in cache.shared.recordKey.existingSecret that holds the record key" }}
 {{- end }}
 {{- end }}
 {{- $config := get $shared $backend -}}
@@ -211,6 +216,9 @@ registries:
 {{- $files := include "pullbridge.sharedFiles" . | fromJson -}}
 fillWaitSeconds: {{ $shared.fillWaitSeconds | default 120 | int }}
 timeoutSeconds: {{ $shared.timeoutSeconds | default 30 | int }}
+{{- if ($shared.recordKey | default dict).existingSecret }}
+recordKeyFile: /etc/pullbridge/shared-record-key/record-key
+{{- end }}
 {{ $backend }}:
 {{- if eq $backend "s3" }}
   bucket: {{ $config.bucket | toJson }}

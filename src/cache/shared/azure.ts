@@ -12,8 +12,8 @@ import {
   type StoragePipelineOptions,
 } from '@azure/storage-blob';
 import type { SharedConfig } from '../../rules/config.js';
-import { deadline, isCallerAbort, messageOf, networkFailure, readSecretFile } from './common.js';
-import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type AzureConfig = NonNullable<SharedConfig['azure']>;
 
@@ -109,8 +109,19 @@ class AzureStore implements SharedStore {
     }
   }
 
-  async readRecord(key: string): Promise<Buffer | undefined> {
-    return this.call(`read ${key}`, (abortSignal) => this.blob(key).downloadToBuffer(0, undefined, { abortSignal, maxRetryRequestsPerBlock: 1 }));
+  async readRecord(key: string, maxBytes = RECORD_MAX_BYTES): Promise<Buffer | undefined> {
+    return this.call(`read ${key}`, async (abortSignal) => {
+      const got = await this.blob(key).download(0, undefined, { abortSignal, maxRetryRequests: 1 });
+      const body = got.readableStreamBody as Readable | undefined;
+      if (!body) return Buffer.alloc(0);
+      try {
+        checkRecordSize(`read ${key}`, got.contentLength, maxBytes);
+      } catch (error) {
+        body.destroy();
+        throw error;
+      }
+      return readBounded(`read ${key}`, body, maxBytes);
+    });
   }
 
   async remove(key: string): Promise<void> {
@@ -150,7 +161,7 @@ class AzureStore implements SharedStore {
     try {
       return await request(limit.signal);
     } catch (error) {
-      if (isCallerAbort(error, caller)) throw error;
+      if (isCallerAbort(error, caller) || error instanceof RefusedObject) throw error;
       if (!write && isMissing(error)) return undefined;
       if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${messageOf(error)}`, { cause: error });
       throw storeError(what, error, limit.timedOut());

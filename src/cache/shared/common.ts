@@ -2,7 +2,8 @@
 // deadline per request joined with the caller's abort, and network failures told apart from answers.
 
 import { readFile } from 'node:fs/promises';
-import { SharedStoreError } from './store.js';
+import type { Readable } from 'node:stream';
+import { RefusedObject, SharedStoreError } from './store.js';
 
 /** A Secret-mounted value: files written by hand or by `kubectl create secret --from-file` often
  * end in a newline that is not part of the credential. */
@@ -73,4 +74,27 @@ export function messageOf(error: unknown): string {
  * store failure. */
 export function isCallerAbort(error: unknown, caller?: AbortSignal): boolean {
   return caller?.aborted === true && !(error instanceof SharedStoreError);
+}
+
+/** Refuses a record whose announced size is over the bound, before any of its bytes are read. */
+export function checkRecordSize(what: string, size: number | undefined, maxBytes: number): void {
+  if (size !== undefined && size > maxBytes) throw new RefusedObject(`${what}: ${size} bytes, more than a record's ${maxBytes}`);
+}
+
+/** A record's bytes from a download, at most `maxBytes` of them: past that the download is destroyed
+ * and the record refused (a store's announced length is not relied on alone). */
+export async function readBounded(what: string, stream: Readable, maxBytes: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let length = 0;
+  try {
+    for await (const chunk of stream) {
+      const bytes = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk as Uint8Array);
+      length += bytes.length;
+      if (length > maxBytes) throw new RefusedObject(`${what}: more than a record's ${maxBytes} bytes`);
+      chunks.push(bytes);
+    }
+  } finally {
+    stream.destroy();
+  }
+  return Buffer.concat(chunks, length);
 }

@@ -3,15 +3,21 @@
 // published with link(2), which fails with EEXIST instead of replacing: the filesystem's own
 // create-if-absent, atomic on NFS too, so readers never see a partly written object and of two
 // nodes publishing the same key exactly one wins.
+//
+// Every node can write the directory, so what is found at a key is not trusted to be a file: an
+// object is opened without following a symbolic link and without blocking (O_NOFOLLOW|O_NONBLOCK: a
+// FIFO would hold one of Node's four file-system threads forever), and read only when it is a
+// regular file that really lies under the store's directory (the opened file's path, from
+// /proc/self/fd, is checked: a symbolic link in a directory above the key is caught there too).
 
 import { randomUUID } from 'node:crypto';
-import { createReadStream, createWriteStream } from 'node:fs';
-import { link, mkdir, open, readdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
+import { constants, createReadStream, createWriteStream } from 'node:fs';
+import { link, lstat, mkdir, open, readdir, readlink, realpath, rename, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { isCallerAbort, messageOf } from './common.js';
-import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+import { checkRecordSize, isCallerAbort, messageOf } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
 const TMP = 'tmp';
@@ -22,14 +28,18 @@ const STALE_TEMP_MS = 24 * 3_600_000;
 export async function openFilesystemStore(path: string, now = Date.now()): Promise<SharedStore> {
   await guard(`preparing ${path}`, () => mkdir(join(path, TMP), { recursive: true }));
   await removeStaleTemps(join(path, TMP), now);
-  return new FilesystemStore(path);
+  // Where the directory really is (the configured path may itself be a link, as a mount often is).
+  return new FilesystemStore(await guard(`resolving ${path}`, () => realpath(path)));
 }
+
+/** Opened for reading without following a final symbolic link, and without blocking on a FIFO. */
+const OPEN_FLAGS = constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK;
 
 /** Every node sweeps at open; two sweeping at once both tolerate the other's removals. */
 async function removeStaleTemps(dir: string, now: number): Promise<void> {
   const names = await guard(`listing ${dir}`, () => readdir(dir));
   for (const name of names) {
-    const info = await missingAsUndefined(stat(join(dir, name))).catch(() => undefined);
+    const info = await missingAsUndefined(lstat(join(dir, name))).catch(() => undefined);
     if (info && now - info.mtimeMs > STALE_TEMP_MS) await unlink(join(dir, name)).catch(() => undefined);
   }
 }
@@ -43,23 +53,16 @@ class FilesystemStore implements SharedStore {
   }
 
   async stat(key: string): Promise<SharedObject | undefined> {
-    const info = await guard(`stat ${key}`, () => missingAsUndefined(stat(this.path(key))));
+    // lstat: a symbolic link at a key is not an object (read() would refuse it).
+    const info = await guard(`stat ${key}`, () => missingAsUndefined(lstat(this.path(key))));
     return info?.isFile() ? { size: info.size, modified: info.mtime } : undefined;
   }
 
   async read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
     // Opened here rather than by the stream so that a missing file is an answer, not a stream error.
-    const handle = await guard(`read ${key}`, () => missingAsUndefined(open(this.path(key), 'r')));
-    if (!handle) return undefined;
-    const isFile = await guard(`read ${key}`, async () => (await handle.stat()).isFile()).catch(async (error: unknown) => {
-      await handle.close();
-      throw error;
-    });
-    if (!isFile) {
-      await handle.close();
-      return undefined;
-    }
-    const stream = handle.createReadStream({ start: span?.start, end: span?.end, autoClose: true });
+    const opened = await this.openObject(key);
+    if (!opened) return undefined;
+    const stream = opened.handle.createReadStream({ start: span?.start, end: span?.end, autoClose: true });
     return signal ? addAbortSignal(signal, stream) : stream;
   }
 
@@ -85,6 +88,7 @@ class FilesystemStore implements SharedStore {
       if (options?.ifAbsent) return await this.publish(key, temp);
       await guard(`writing ${key}`, async () => {
         await mkdir(dirname(this.path(key)), { recursive: true });
+        await this.checkDirectory(key, dirname(this.path(key)));
         await rename(temp, this.path(key));
       });
       return true;
@@ -93,12 +97,34 @@ class FilesystemStore implements SharedStore {
     }
   }
 
-  async readRecord(key: string): Promise<Buffer | undefined> {
-    return guard(`read ${key}`, () => missingAsUndefined(readFile(this.path(key))));
+  async readRecord(key: string, maxBytes = RECORD_MAX_BYTES): Promise<Buffer | undefined> {
+    const opened = await this.openObject(key);
+    if (!opened) return undefined;
+    const { handle, size } = opened;
+    try {
+      checkRecordSize(`read ${key}`, size, maxBytes);
+      // One byte more than the bound: a file that grew since fstat is refused, not read on.
+      const buffer = Buffer.alloc(Math.min(size, maxBytes) + 1);
+      let length = 0;
+      while (length < buffer.length) {
+        const { bytesRead } = await guard(`read ${key}`, () => handle.read(buffer, length, buffer.length - length, length));
+        if (bytesRead === 0) break;
+        length += bytesRead;
+      }
+      if (length > maxBytes) throw new RefusedObject(`read ${key}: more than a record's ${maxBytes} bytes`);
+      return buffer.subarray(0, length);
+    } finally {
+      await handle.close().catch(() => undefined);
+    }
   }
 
   async remove(key: string): Promise<void> {
-    await guard(`remove ${key}`, () => missingAsUndefined(unlink(this.path(key))));
+    await guard(`remove ${key}`, async () => {
+      const path = this.path(key);
+      // Not through a directory that leads elsewhere: nothing outside the store is removed.
+      if ((await missingAsUndefined(realpath(dirname(path)))) !== dirname(path)) return;
+      await missingAsUndefined(unlink(path));
+    });
   }
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
@@ -118,10 +144,47 @@ class FilesystemStore implements SharedStore {
         if ((key + '/').startsWith(prefix) || prefix.startsWith(key + '/')) yield* this.walk(key + '/', prefix);
       } else if (entry.isFile() && key.startsWith(prefix)) {
         // Removed between readdir and stat: not listed.
-        const info = await guard(`stat ${key}`, () => missingAsUndefined(stat(join(this.root, key))));
+        const info = await guard(`stat ${key}`, () => missingAsUndefined(lstat(join(this.root, key))));
         if (info) yield { key, size: info.size, modified: info.mtime };
       }
     }
+  }
+
+  /**
+   * The object at a key, opened for reading with its size; undefined when there is none. Anything but
+   * a regular file lying under the store's directory is refused (RefusedObject): a symbolic link (at
+   * the key, or a directory above it), a FIFO, a device, a directory.
+   */
+  private async openObject(key: string): Promise<{ handle: FileHandle; size: number } | undefined> {
+    const path = this.path(key);
+    let handle: FileHandle | undefined;
+    try {
+      handle = await open(path, OPEN_FLAGS);
+    } catch (error) {
+      const code = codeOf(error);
+      if (code === 'ENOENT' || code === 'ENOTDIR') return undefined;
+      if (code === 'ELOOP' || code === 'EISDIR' || code === 'ENXIO') throw new RefusedObject(`read ${key}: not a regular file (${code})`);
+      throw new SharedStoreError(failureOf(error), `read ${key}: ${messageOf(error)}`, { cause: error });
+    }
+    try {
+      const info = await guard(`read ${key}`, () => handle.stat());
+      if (!info.isFile()) throw new RefusedObject(`read ${key}: not a regular file`);
+      const opened = await openedPath(handle).catch(() => undefined);
+      // Where /proc is not there to say: the path as resolved now (a race a writer could win, still
+      // refused unless it lands inside the store).
+      const actual = opened ?? (await guard(`read ${key}`, () => realpath(path)));
+      if (actual !== path) throw new RefusedObject(`read ${key}: resolves outside the store's directory`);
+      return { handle, size: info.size };
+    } catch (error) {
+      await handle.close().catch(() => undefined);
+      throw error;
+    }
+  }
+
+  /** Refuses to write through a directory that leads outside the store (a symbolic link planted in
+   * the key's path): checked after the directories are made, before the object is published. */
+  private async checkDirectory(key: string, dir: string): Promise<void> {
+    if ((await realpath(dir)) !== dir) throw new SharedStoreError('error', `write ${key}: a directory on its path leads outside the store`);
   }
 
   /** link(2) the finished temp file to its key: false when the key is taken (nothing replaced). */
@@ -129,6 +192,7 @@ class FilesystemStore implements SharedStore {
     const target = this.path(key);
     return guard(`publishing ${key}`, async () => {
       await mkdir(dirname(target), { recursive: true });
+      await this.checkDirectory(key, dirname(target));
       try {
         await link(temp, target);
         return true;
@@ -153,6 +217,12 @@ class FilesystemStore implements SharedStore {
     }
     return join(this.root, ...parts);
   }
+}
+
+/** The path of the file an open handle is (Linux: /proc/self/fd); a file replaced since it was
+ * opened (a claim rewritten by rename) is still the one at that path. */
+async function openedPath(handle: FileHandle): Promise<string> {
+  return (await readlink(`/proc/self/fd/${handle.fd}`)).replace(/ \(deleted\)$/, '');
 }
 
 function codeOf(error: unknown): string | undefined {

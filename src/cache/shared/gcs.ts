@@ -7,8 +7,8 @@ import { addAbortSignal, Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { deadline, isCallerAbort, messageOf, networkFailure, readSecretFile } from './common.js';
-import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
 
@@ -133,9 +133,14 @@ class GcsStore implements SharedStore {
     }
   }
 
-  async readRecord(key: string): Promise<Buffer | undefined> {
-    const got = await this.call(`read ${key}`, () => this.bucket.file(this.config.prefix + key).download());
-    return got?.[0];
+  async readRecord(key: string, maxBytes = RECORD_MAX_BYTES): Promise<Buffer | undefined> {
+    // Sized from its metadata first; the download, pinned to that generation, asks for one byte
+    // more than the bound at most (a larger object that replaced it is refused, not read).
+    const meta = await this.metadata(key);
+    if (!meta) return undefined;
+    checkRecordSize(`read ${key}`, meta.size, maxBytes);
+    if (meta.size === 0) return Buffer.alloc(0);
+    return this.call(`read ${key}`, () => readBounded(`read ${key}`, this.bucket.file(this.config.prefix + key, { generation: meta.generation }).createReadStream({ start: 0, end: maxBytes, validation: false }), maxBytes));
   }
 
   async remove(key: string): Promise<void> {
@@ -176,7 +181,7 @@ class GcsStore implements SharedStore {
     try {
       return await Promise.race([request(), expired]);
     } catch (error) {
-      if (error instanceof SharedStoreError && error.failure === 'timeout') throw error;
+      if ((error instanceof SharedStoreError && error.failure === 'timeout') || error instanceof RefusedObject) throw error;
       if (!write && statusOf(error) === 404 && !isMissingBucket(error)) return undefined;
       throw storeError(what, error, false);
     } finally {

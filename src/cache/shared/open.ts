@@ -7,7 +7,21 @@ import { openAzureStore } from './azure.js';
 import { openFilesystemStore } from './filesystem.js';
 import { openGcsStore } from './gcs.js';
 import { openS3Store } from './s3.js';
-import type { SharedStore } from './store.js';
+import { recordKeyOf } from './records.js';
+import { SharedStoreError, type SharedStore } from './store.js';
+
+/** The record key (cache.shared.recordKeyFile), or undefined when none is configured; a file that
+ * cannot be read or holds too short a key is 'denied', as a credential file is (the tier stays down). */
+export async function readRecordKey(config: SharedConfig): Promise<Uint8Array | undefined> {
+  const file = config.recordKeyFile;
+  if (file === undefined) return undefined;
+  try {
+    return recordKeyOf(file, await readFile(file, 'utf8'));
+  } catch (error) {
+    const message = error instanceof Error && !('code' in error) ? error.message : `cannot read cache.shared.recordKeyFile ${file}: ${String((error as NodeJS.ErrnoException).code ?? 'error')}`;
+    throw new SharedStoreError('denied', message, { cause: error });
+  }
+}
 
 export async function openSharedStore(config: SharedConfig): Promise<SharedStore> {
   if (config.s3) return openS3Store(config.s3, config.timeoutSeconds);
@@ -25,9 +39,9 @@ export function sharedBackend(config: SharedConfig): SharedStore['kind'] {
   return 'filesystem';
 }
 
-/** The files a config reads credentials from (Secret mounts), in a fixed order. */
+/** The files a config reads credentials and the record key from (Secret mounts), in a fixed order. */
 export function sharedCredentialFiles(config: SharedConfig): string[] {
-  const files = [config.s3?.accessKeyFile, config.s3?.secretKeyFile, config.azure?.accountNameFile, config.azure?.accountKeyFile, config.azure?.sasTokenFile, config.gcs?.keyFile];
+  const files = [config.s3?.accessKeyFile, config.s3?.secretKeyFile, config.azure?.accountNameFile, config.azure?.accountKeyFile, config.azure?.sasTokenFile, config.gcs?.keyFile, config.recordKeyFile];
   return files.filter((file): file is string => file !== undefined);
 }
 

@@ -16,8 +16,8 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { deadline, isCallerAbort, messageOf, networkFailure, readSecretFile } from './common.js';
-import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
 
@@ -116,10 +116,18 @@ class S3Store implements SharedStore {
     }
   }
 
-  async readRecord(key: string): Promise<Buffer | undefined> {
+  async readRecord(key: string, maxBytes = RECORD_MAX_BYTES): Promise<Buffer | undefined> {
     return this.call(`read ${key}`, async (abortSignal) => {
       const got = await this.client.send(new GetObjectCommand(this.at(key)), { abortSignal });
-      return Buffer.from(await got.Body!.transformToByteArray());
+      const body = got.Body as Readable | undefined;
+      if (!body) return Buffer.alloc(0);
+      try {
+        checkRecordSize(`read ${key}`, got.ContentLength, maxBytes);
+      } catch (error) {
+        body.destroy();
+        throw error;
+      }
+      return readBounded(`read ${key}`, body, maxBytes);
     });
   }
 
@@ -159,7 +167,7 @@ class S3Store implements SharedStore {
     try {
       return await request(limit.signal);
     } catch (error) {
-      if (isCallerAbort(error, caller)) throw error;
+      if (isCallerAbort(error, caller) || error instanceof RefusedObject) throw error;
       if (!write && isMissing(error)) return undefined;
       if (write && isConditionFailure(error)) throw new SharedStoreError('error', `${what}: ${messageOf(error)}`, { cause: error });
       throw storeError(what, error, limit.timedOut());

@@ -27,6 +27,21 @@ export class SharedStoreError extends Error {
   }
 }
 
+/** An object the store does not read as what it was asked for, though it is there: a record larger
+ * than the bound, or (filesystem) anything but a regular file under the store's own directory (a
+ * symbolic link, a FIFO, a device). Written by whoever can write the bucket: refused, not followed,
+ * and not a failure of the store (the tier stays up; the object counts as absent). */
+export class RefusedObject extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'RefusedObject';
+  }
+}
+
+/** The most a record (a tag record, a link, a claim) may weigh: a few hundred bytes are written, and
+ * every read stops at this bound, whatever size the object claims or turns out to have. */
+export const RECORD_MAX_BYTES = 4096;
+
 export interface SharedObject {
   readonly size: number;
   readonly modified: Date;
@@ -48,7 +63,8 @@ export interface SharedStore {
   readonly location: string;
   /** The object's size and modification time, or undefined when there is none. */
   stat(key: string): Promise<SharedObject | undefined>;
-  /** The object's bytes (or a span of them); undefined when there is none. */
+  /** The object's bytes (or a span of them); undefined when there is none; RefusedObject (thrown)
+   * for a filesystem object that is not a regular file of the store. */
   read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined>;
   /** Uploads a local file of `size` bytes as `key` unless an object is there already: 'created', or
    * 'exists' (nothing written). Readers never see a part: multipart uploads are completed only at
@@ -58,8 +74,10 @@ export interface SharedStore {
    * conditional write: S3 `If-None-Match: *`, Azure `If-None-Match: *`, GCS `ifGenerationMatch=0`,
    * an exclusive create on a filesystem): true when written, false when one was there. */
   writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean>;
-  /** A small record's bytes, or undefined when there is none. */
-  readRecord(key: string): Promise<Buffer | undefined>;
+  /** A small record's bytes, or undefined when there is none. An object larger than `maxBytes`
+   * (RECORD_MAX_BYTES when not given) is refused (RefusedObject) from its size before its bytes are
+   * read, and the read itself stops past `maxBytes` (an object that grows, or a size that lied). */
+  readRecord(key: string, maxBytes?: number): Promise<Buffer | undefined>;
   /** Deletes the object; one that is not there is not an error. */
   remove(key: string): Promise<void>;
   /** Every object whose key starts with `prefix` (relative, like every key), in pages. */

@@ -6,14 +6,21 @@
 // the store is down, and calls are not even tried for RETRY_MS after a failure, so that a store that
 // is down or slow costs one timeout per RETRY_MS, not one per request. A change of state is logged
 // once and shown by /status and pullbridge_cache_shared_up.
+//
+// Every node writes the store, so what it holds is input, not knowledge: blobs and manifests are
+// checked against their digests by the caller; records (tags, links, claims) are read up to
+// RECORD_MAX_BYTES, parsed strictly, authenticated with the record key when one is configured
+// (./records.ts), and a refused one counts as absent. What a record may then decide is bounded by
+// policy.ts (bridgingTag, mayWaitForFill). README "Threat model" says what remains.
 
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { pipeline, Readable, Transform } from 'node:stream';
 import type { Logger } from '../../log.js';
 import type { SharedConfig } from '../../rules/config.js';
-import { CacheKeyError, claimIsFresh, digestKey, parseClaim, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
-import { filesIdentity, sharedBackend, sharedCredentialFiles } from './open.js';
-import { SharedStoreError, type ByteSpan, type SharedFailure, type SharedStore } from './store.js';
+import { CacheKeyError, claimIsFresh, digestKey, mayWaitForFill, parseClaim, parseLink, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
+import { filesIdentity, readRecordKey, sharedBackend, sharedCredentialFiles } from './open.js';
+import { openRecord, sealRecord } from './records.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedStore } from './store.js';
 
 /** After a failure, calls are skipped (answered "absent") this long before the store is tried again. */
 const RETRY_MS = 5_000;
@@ -27,6 +34,8 @@ const WAIT_POLL_MS = 500;
 const TAG_SHARE_REFRESH_SECONDS = 300;
 /** Tags whose last shared write this node remembers. */
 const TAG_WRITES_MAX = 10_000;
+/** Refused objects this node remembers having logged (each is logged once). */
+const REFUSED_LOGGED_MAX = 1_000;
 
 type SharedOperation = 'stat' | 'read' | 'upload' | 'record-read' | 'record-write' | 'claim' | 'remove';
 /** Calls that write: a store refusing them (a read-only credential) leaves reads in use. */
@@ -71,6 +80,10 @@ export class SharedTier {
   private readonly tally = { blobsRead: 0, blobsWritten: 0 };
   /** What this node last wrote for a tag, so that it does not write on every confirmation. */
   private readonly tagWrites = new Map<string, TagRecord>();
+  /** Objects this node refused and said so (once each). */
+  private readonly refusedLogged = new Set<string>();
+  /** The record key (cache.shared.recordKeyFile), read with the credentials; undefined without one. */
+  private recordKey: Uint8Array | undefined;
   private readonly requests: Counter<'operation' | 'result'>;
   private readonly bytes: Counter<'direction'>;
 
@@ -94,7 +107,7 @@ export class SharedTier {
   ) {
     this.since = now();
     const tier = this;
-    this.requests = new Counter({ name: 'pullbridge_cache_shared_requests_total', help: 'Calls to the shared cache tier by operation and result (ok, absent, failed, skipped while it is down)', labelNames: ['operation', 'result'], registers: [registry] });
+    this.requests = new Counter({ name: 'pullbridge_cache_shared_requests_total', help: 'Calls to the shared cache tier by operation and result (ok, absent, failed, skipped while it is down, refused: an object not read as what it should be, or a record not authentic)', labelNames: ['operation', 'result'], registers: [registry] });
     this.bytes = new Counter({ name: 'pullbridge_cache_shared_bytes_total', help: 'Blob bytes read from (read) and written to (written) the shared cache tier', labelNames: ['direction'], registers: [registry] });
     new Gauge({ name: 'pullbridge_cache_shared_writable', help: '0 while the shared cache tier refuses this node\'s writes (it still reads what others shared)', registers: [registry], collect() { this.set(tier.writesRefused ? 0 : 1); } });
     new Gauge({ name: 'pullbridge_cache_shared_up', help: '1 while the shared cache tier answers; 0 while it fails (pulls go to the upstream)', registers: [registry], collect() { this.set(tier.failure ? 0 : 1); } });
@@ -135,9 +148,10 @@ export class SharedTier {
     return pipeline(stream, counting, () => undefined);
   }
 
-  /** A small blob (a manifest) whole; undefined when it is not there (or the tier is down). */
-  async readSmallBlob(digest: string): Promise<Buffer | undefined> {
-    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.blob(digest)));
+  /** A small blob (a manifest) whole, up to `maxBytes`; undefined when it is not there, larger, or
+   * the tier is down. The caller checks its digest. */
+  async readSmallBlob(digest: string, maxBytes: number): Promise<Buffer | undefined> {
+    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.blob(digest), maxBytes));
     if (body) this.bytes.inc({ direction: 'read' }, body.length);
     return body;
   }
@@ -153,6 +167,7 @@ export class SharedTier {
 
   /** A small blob (a manifest) whole, unless it is there already. */
   async writeSmallBlob(digest: string, body: Buffer): Promise<void> {
+    // Content, not a record: its digest authenticates it, so it carries no seal.
     const created = await this.call('record-write', false, (store) => store.writeRecord(sharedKeys.blob(digest), body, { ifAbsent: true }));
     if (created) {
       this.tally.blobsWritten++;
@@ -162,17 +177,19 @@ export class SharedTier {
 
   /** A link's content (a manifest's media type, '' for a blob), or null without one. */
   async readLink(rule: string, repository: string, digest: string): Promise<string | null> {
-    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.link(rule, repository, digest)));
-    return body === undefined ? null : body.toString('utf8');
+    const key = sharedKeys.link(rule, repository, digest);
+    const body = await this.readRecord(key);
+    return body === undefined ? null : this.parsed(key, parseLink(body.toString('latin1')) ?? undefined) ?? null;
   }
 
   async writeLink(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
-    await this.call('record-write', false, (store) => store.writeRecord(sharedKeys.link(rule, repository, digest), Buffer.from(mediaType)));
+    await this.writeRecord(sharedKeys.link(rule, repository, digest), Buffer.from(mediaType));
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
-    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.tag(rule, repository, tag)));
-    return body === undefined ? undefined : parseTagRecord(body.toString('utf8'));
+    const key = sharedKeys.tag(rule, repository, tag);
+    const body = await this.readRecord(key);
+    return body === undefined ? undefined : this.parsed(key, parseTagRecord(body.toString('utf8')));
   }
 
   /** Shares a tag the upstream just confirmed, when the tier's copy would otherwise be missing,
@@ -180,7 +197,7 @@ export class SharedTier {
   async shareTag(rule: string, repository: string, tag: string, record: TagRecord): Promise<void> {
     const key = sharedKeys.tag(rule, repository, tag);
     if (!shouldShareTag(this.tagWrites.get(key), record, TAG_SHARE_REFRESH_SECONDS)) return;
-    const written = await this.call('record-write', false, (store) => store.writeRecord(key, Buffer.from(JSON.stringify(record))));
+    const written = await this.writeRecord(key, Buffer.from(JSON.stringify(record)));
     if (!written) return;
     this.tagWrites.delete(key);
     this.tagWrites.set(key, record);
@@ -198,12 +215,12 @@ export class SharedTier {
    */
   async claim(digest: string): Promise<'ours' | 'theirs'> {
     const key = sharedKeys.claim(digest);
-    const created = await this.call('claim', undefined, (store) => store.writeRecord(key, this.claimRecord(), { ifAbsent: true }));
+    const created = await this.call('claim', undefined, (store) => store.writeRecord(key, this.claimRecord(key), { ifAbsent: true }));
     if (created !== false) return 'ours';
     const claim = await this.readClaim(digest);
     if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
     // Stale (its filler died, or it is unreadable): this node takes over, overwriting it.
-    await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord()));
+    await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key)));
     return 'ours';
   }
 
@@ -229,7 +246,7 @@ export class SharedTier {
     const key = sharedKeys.claim(digest);
     const timer = setInterval(() => {
       if (!progressed()) return;
-      void this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord()));
+      void this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key)));
     }, (this.settings.fillWaitSeconds * 1000) / 3);
     timer.unref();
     return () => clearInterval(timer);
@@ -237,11 +254,18 @@ export class SharedTier {
 
   /**
    * Waits for another node's fill of the blob to land, as long as its claim stays fresh (its filler
-   * makes progress: keepClaim): the blob's size once it is there; undefined when the claim went stale
-   * or away without the blob (the fill stalled or failed), the tier went down, or the client left.
+   * makes progress: keepClaim), and no longer than mayWaitForFill allows from when this wait began
+   * (a claim renewed forever holds no one): the blob's size once it is there; undefined when the
+   * claim went stale or away without the blob (the fill stalled or failed), the wait is over, the
+   * tier went down, or the client left.
    */
   async waitForBlob(digest: string, signal: AbortSignal): Promise<number | undefined> {
+    const since = this.now();
     while (!signal.aborted && !this.failure) {
+      if (!mayWaitForFill(since, this.now(), this.settings.fillWaitSeconds)) {
+        this.logger.warn({ digest, waitedSeconds: Math.round((this.now() - since) / 1000) }, 'shared cache tier: another node\'s fill claim outlasted the wait for it; fetching from the upstream');
+        return undefined;
+      }
       const size = await this.blobSize(digest);
       if (size !== undefined) return size;
       const claim = await this.readClaim(digest);
@@ -252,15 +276,53 @@ export class SharedTier {
     return undefined;
   }
 
-  /** This node's claim, made now. */
-  private claimRecord(): Buffer {
-    return Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim));
+  /** This node's claim, made now, as written at `key`. */
+  private claimRecord(key: string): Buffer {
+    return sealRecord(this.recordKey, key, Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim)));
   }
 
-  /** The blob's claim: undefined when there is none (or the tier is down), null when it is unreadable. */
+  /** The blob's claim: undefined when there is none (or the tier is down), null when it is
+   * unreadable or not authentic (taken over as a stale one is). */
   private async readClaim(digest: string): Promise<SharedClaim | null | undefined> {
-    const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.claim(digest)));
-    return body === undefined ? undefined : (parseClaim(body.toString('utf8')) ?? null);
+    const key = sharedKeys.claim(digest);
+    const body = await this.call('record-read', undefined, (store) => store.readRecord(key));
+    if (body === undefined) return undefined;
+    const opened = this.authentic(key, body);
+    return opened === undefined ? null : (this.parsed(key, parseClaim(opened.toString('utf8'))) ?? null);
+  }
+
+  /** A record's payload: undefined when there is none, the tier is down, or it is refused (too large,
+   * not a file, not authentic). */
+  private async readRecord(key: string): Promise<Buffer | undefined> {
+    const body = await this.call('record-read', undefined, (store) => store.readRecord(key, RECORD_MAX_BYTES));
+    return body === undefined ? undefined : this.authentic(key, body);
+  }
+
+  /** Writes a record, sealed with the record key when there is one. */
+  private async writeRecord(key: string, payload: Buffer): Promise<boolean> {
+    return this.call('record-write', false, (store) => store.writeRecord(key, sealRecord(this.recordKey, key, payload)));
+  }
+
+  /** The payload of a record read at `key` if it is authentic (always, without a record key). */
+  private authentic(key: string, body: Buffer): Buffer | undefined {
+    const payload = openRecord(this.recordKey, key, body);
+    if (payload === undefined) this.refused(new RefusedObject(`read ${key}: not sealed with the record key (cache.shared.recordKeyFile)`));
+    return payload;
+  }
+
+  /** A parsed record, or undefined (counted and logged as refused) when it did not parse. */
+  private parsed<T>(key: string, value: T | undefined): T | undefined {
+    if (value === undefined) this.refused(new RefusedObject(`read ${key}: not a valid record`));
+    return value;
+  }
+
+  /** Counts a refused object and logs it once. */
+  private refused(error: RefusedObject, operation: SharedOperation = 'record-read'): void {
+    this.requests.inc({ operation, result: 'refused' });
+    if (this.refusedLogged.has(error.message)) return;
+    if (this.refusedLogged.size >= REFUSED_LOGGED_MAX) this.refusedLogged.clear();
+    this.refusedLogged.add(error.message);
+    this.logger.warn({ error: error.message }, 'shared cache tier: refused an object another writer of the store left; it counts as absent');
   }
 
   async close(): Promise<void> {
@@ -286,7 +348,14 @@ export class SharedTier {
       this.credentials = seen;
     }
     if (this.store) return this.store;
-    this.opening ??= this.open().finally(() => (this.opening = undefined));
+    this.opening ??= (async () => {
+      // The record key is read with the credentials: without it (a Secret not mounted yet) the tier
+      // stays down rather than believe records it cannot check.
+      const key = await readRecordKey(this.settings);
+      const opened = await this.open();
+      this.recordKey = key;
+      return opened;
+    })().finally(() => (this.opening = undefined));
     const store = await this.opening;
     if (!this.store) {
       this.store = store;
@@ -325,6 +394,11 @@ export class SharedTier {
     } catch (error) {
       // A refused key is the caller's fault, not the store's: it must not take the tier down.
       if (error instanceof CacheKeyError) throw error;
+      if (error instanceof RefusedObject) {
+        // Not a failure of the store: the object is not one this node reads (the tier stays up).
+        this.refused(error, operation);
+        return fallback;
+      }
       const failure = error instanceof SharedStoreError ? error.failure : 'error';
       this.requests.inc({ operation, result: 'failed' });
       if (write && failure === 'denied') {
