@@ -47,13 +47,13 @@ describe('the shared cache tier with a hostile writer of the bucket', function (
   };
   let upstream: RegistryHandle;
 
-  const node = async (name: string, shared: SharedInput, cache: { tagTTLSeconds?: number } = {}): Promise<ProxyUnderTest> => {
+  const node = async (name: string, shared: SharedInput, cache: { tagTTLSeconds?: number } = {}, now?: () => number): Promise<ProxyUnderTest> => {
     const proxy = await startProxy(
       { cache: { path: tempDir(`node-${name}`), ...cache, shared: { timeoutSeconds: 5, ...shared } }, registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: upstream.url, auth: { mode: 'broker' } }] },
       {},
       {},
       {},
-      { nodeName: name },
+      { nodeName: name, ...(now ? { now } : {}) },
     );
     closing.push(() => proxy.close());
     return proxy;
@@ -223,16 +223,21 @@ describe('the shared cache tier with a hostile writer of the bucket', function (
     const image = small();
     await upstream.push(image, 'team/app', 'v1');
     const shared = tempDir('shared-claim');
-    // fillWaitSeconds 2: the waiter's bound is 10 × 2 s from when it began waiting.
-    const waiter = await node('node-1', { filesystem: { path: shared }, fillWaitSeconds: 2 });
+    // fillWaitSeconds 10 (the least allowed): the waiter's bound is 10 × 10 s from when it began
+    // waiting, by a clock that runs ten times as fast here (the writer renews by the same clock, so
+    // its claim stays fresh throughout): the bound is reached after 10 s.
+    const began = Date.now();
+    const fast = () => began + (Date.now() - began) * 10;
+    const waiter = await node('node-1', { filesystem: { path: shared }, fillWaitSeconds: 10 }, {}, fast);
     const layer = image.layers[0]!;
     const claim = join(shared, sharedKeys.claim(layer.digest));
     mkdirSync(dirname(claim), { recursive: true });
     let renewing = true;
-    // A node that claims the blob and never fills it, renewing its claim every 200 ms (bounded: 2 min).
+    // A node that claims the blob and never fills it, renewing its claim every 200 ms (2 s by the fast
+    // clock; bounded: 2 min).
     const renewals = (async () => {
       for (let i = 0; renewing && i < 600; i++) {
-        writeFileSync(`${claim}.tmp`, JSON.stringify({ node: 'elsewhere', at: Date.now() }));
+        writeFileSync(`${claim}.tmp`, JSON.stringify({ node: 'elsewhere', at: fast() }));
         renameSync(`${claim}.tmp`, claim);
         await new Promise((resolve) => setTimeout(resolve, 200));
       }
@@ -295,6 +300,7 @@ describe('the shared cache tier with a hostile writer of the bucket', function (
       const proxy = await node('node-1', { filesystem: { path: shared }, recordKeyFile: short });
       const got = await manifest(proxy, 'team/app', 'v1');
       assert.equal(got.status, 200);
+      await proxy.cache?.sharing(); // the tier is opened by the first write, after the client's answer
       const status = (proxy.cache?.status() as { shared: { up: boolean; failure?: string } }).shared;
       assert.deepEqual([status.up, status.failure], [false, 'denied']);
       const logged = proxy.logs.records.find((r) => r.msg === 'shared cache tier failing: pulls go to the upstream');

@@ -130,7 +130,7 @@ export class CachedManifests {
     void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, record_);
     if (head.body) {
       // The upstream answered with a GET's body (revalidate: get, or a HEAD without a digest): keep it.
-      const outcome = (await this.store(request, head)) ? 'miss' : 'bypass';
+      const outcome = (await this.keepFetched(request, head)) ? 'miss' : 'bypass';
       await store.writeTag(request.rule, request.repository, request.reference, record_);
       if (!acceptable(request.accept, mediaType)) return this.unrecorded(request);
       this.cache.count('manifest', outcome);
@@ -232,8 +232,7 @@ export class CachedManifests {
           }
           this.confirmed(request);
           if (this.revalidatesWithGet(request)) this.cache.confirmDigest(request.rule, request.repository, digest);
-          const stored = await this.store(request, answer);
-          if (answer.body) this.cache.shareManifest(answer.digest, answer.body, { rule: request.rule, repository: request.repository, mediaType: answer.mediaType ?? '' });
+          const stored = await this.keepFetched(request, answer);
           return { answer, stored };
         } finally {
           buffers.release();
@@ -270,6 +269,14 @@ export class CachedManifests {
     const answer: ManifestResult = { digest, size: body.length, mediaType: mediaType || undefined, body, cache: 'shared' };
     await this.store(request, answer);
     return { ...answer, body: request.method === 'HEAD' ? undefined : body };
+  }
+
+  /** A manifest fetched from the upstream: stored here (whether it was is returned) and shared with
+   * the other nodes through the tier. */
+  private async keepFetched(request: ManifestRequest, answer: ManifestResult): Promise<boolean> {
+    const stored = await this.store(request, answer);
+    if (answer.body) this.cache.shareManifest(answer.digest, answer.body, { rule: request.rule, repository: request.repository, mediaType: answer.mediaType ?? '' });
+    return stored;
   }
 
   /** Writes a fetched manifest into the store and links it, when the cache takes content; whether it did. */

@@ -41,7 +41,7 @@ export async function startProxy(
   transport: TransportOptions = {},
   server: Omit<ListenOptions, 'host' | 'port'> = {},
   handler: Partial<Pick<ProxyHandlerOptions, 'blobStreamsPerClient' | 'minimumClientRate' | 'bufferBudget'>> = {},
-  cacheOptions: NodeCacheOptions = {},
+  cacheOptions: NodeCacheOptions & { readonly now?: () => number } = {},
 ): Promise<ProxyUnderTest> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-proxy-'));
   const key = Buffer.from(randomBytes(32).toString('hex'));
@@ -51,7 +51,7 @@ export async function startProxy(
   if (!result.ok) throw new Error(result.errors.map((e) => `${e.key}: ${e.message}`).join('\n'));
   const metrics = createMetricsRegistry(false);
   const logs = memoryLogger();
-  const cache = result.config.cache ? await NodeCache.open(result.config.cache, metrics, logs.logger, Date.now, cacheOptions) : undefined;
+  const cache = result.config.cache ? await NodeCache.open(result.config.cache, metrics, logs.logger, cacheOptions.now ?? Date.now, cacheOptions) : undefined;
   const runtime = createProxyRuntime(result.config, transport, undefined, cache);
   const prober = new Prober(() => runtime, metrics, 3_600_000, 5_000);
   const running = await listen(createProxyHandler({ ...handler, runtime: () => runtime, logger: logs.logger, metrics, prober }), { ...server, host: '127.0.0.1', port: 0 });
