@@ -311,6 +311,23 @@ describe('the node cache', function () {
       assert.equal(await manifestAsks(upstream, 'team/app', '1'), 1);
     });
 
+    it('are asked upstream once for eight concurrent first pulls of a tag, and each manifest fetched once by digest (single flight)', async () => {
+      const upstream = await registry();
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      // Not in the store yet (a push only): eight Pods of a rollout start on this node at once.
+      const p = await cachedProxy(upstream, { tagTTLSeconds: 3600 });
+      await Promise.all(Array.from({ length: 8 }, () => pullImage(p, 'team/app', '1', image)));
+      assert.equal(await manifestAsks(upstream, 'team/app', '1'), 1, 'one upstream ask of the tag for eight concurrent pulls');
+      for (const m of [image.index, ...image.manifests]) assert.equal(await manifestAsks(upstream, 'team/app', m.digest), m === image.index ? 0 : 1, `manifest ${m.digest}`);
+      // HEADs, as containerd resolves a tag, share the ask too.
+      const q = await cachedProxy(upstream, { tagTTLSeconds: 3600 });
+      const before = await manifestAsks(upstream, 'team/app', '1');
+      const heads = await Promise.all(Array.from({ length: 8 }, () => rawRequest(q.url, '/v2/corp/team/app/manifests/1', { method: 'HEAD', headers: { ...asShop(q), accept: OCI_INDEX } })));
+      for (const head of heads) assert.equal(head.headers['docker-content-digest'], image.index.digest);
+      assert.equal((await manifestAsks(upstream, 'team/app', '1')) - before, 1, 'one upstream ask for eight concurrent HEADs');
+    });
+
     it('see a retag once tagTTLSeconds passed', async () => {
       const upstream = await registry();
       const [v1, v2] = [buildImage({ platforms: AMD64 }), buildImage({ platforms: AMD64 })];

@@ -20,6 +20,17 @@ import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
 import { bridgingTag, staleEligible, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
 
+/** A tag as one ask of the upstream resolved it, for every client that shared the ask. */
+interface ResolvedTag {
+  /** What the upstream answered (with a body when it was a GET). */
+  readonly head: ManifestResult;
+  readonly record: TagRecord;
+  /** Whether the body it brought was stored here. */
+  readonly stored: boolean;
+  /** Whether this client's request made the ask (the others shared it). */
+  readonly first: boolean;
+}
+
 export class CachedManifests {
   constructor(
     private readonly cache: NodeCache,
@@ -109,9 +120,9 @@ export class CachedManifests {
         return stored;
       }
     }
-    let head: ManifestResult;
+    let resolved: ResolvedTag;
     try {
-      head = await this.resolve(request, record);
+      resolved = await this.resolveOnce(request, record);
     } catch (error) {
       if (!(error instanceof ContentError) || request.signal.aborted) throw error;
       const known = bridgingTag(record, await this.cache.shared?.readTag(request.rule, request.repository, request.reference), now(), settings);
@@ -123,20 +134,16 @@ export class CachedManifests {
       const warning = `110 pullbridge "Response is Stale: the upstream failed (${error.message}); ${request.reference} last confirmed ${fallback.ageSeconds} s ago"`;
       return { ...stale, cache: 'stale', warning };
     }
-    this.confirmed(request);
-    if (this.revalidatesWithGet(request)) this.cache.confirmDigest(request.rule, request.repository, head.digest);
-    const mediaType = head.mediaType ?? record?.mediaType ?? '';
-    const record_: TagRecord = { digest: head.digest, mediaType, size: head.size, confirmedAt: now() };
-    void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, record_);
+    const { head, first } = resolved;
+    const { mediaType } = resolved.record;
     if (head.body) {
-      // The upstream answered with a GET's body (revalidate: get, or a HEAD without a digest): keep it.
-      const outcome = (await this.keepFetched(request, head)) ? 'miss' : 'bypass';
-      await store.writeTag(request.rule, request.repository, request.reference, record_);
+      // The upstream answered with a GET's body (revalidate: get, or a HEAD without a digest), kept
+      // by the ask; the clients that shared it were answered by it.
       if (!acceptable(request.accept, mediaType)) return this.unrecorded(request);
-      this.cache.count('manifest', outcome);
+      const outcome = first ? (resolved.stored ? 'miss' : 'bypass') : 'hit';
+      this.cache.count('manifest', outcome, first ? 0 : head.size);
       return { ...head, body: request.method === 'HEAD' ? undefined : head.body, cache: outcome };
     }
-    await store.writeTag(request.rule, request.repository, request.reference, record_);
     if (!acceptable(request.accept, mediaType)) return this.unrecorded(request);
     // The upstream just named this digest for the repository: a stored copy may be served for it.
     if (await store.lookup(head.digest)) {
@@ -154,6 +161,51 @@ export class CachedManifests {
       return { ...head, cache: 'bypass' };
     }
     return this.fetchAndStore({ ...request, reference: head.digest, byDigest: true }, head.digest);
+  }
+
+  /**
+   * What a tag names upstream (resolve), asked once for every client asking at the same time (a
+   * rollout's first pulls of a tag on a node: one upstream request, not one per Pod), and recorded:
+   * a body it brought is stored and shared, then the tag's record written, before the ask ends, so
+   * that a client coming after it finds both. The ask is every asking client's: it holds memory of
+   * its own and is not ended by the first client leaving (timeouts bound it); each client then
+   * reserves its copy of a body it brought.
+   */
+  private async resolveOnce(request: ManifestRequest, record: TagRecord | undefined): Promise<ResolvedTag> {
+    const { store, settings, now } = this.cache;
+    const who = this.passthrough(request) ? credentialHash(request.credentials) : '';
+    const key = `${request.rule}\0${request.repository}\0${request.reference}\0${who}`;
+    const flights = this.cache.tagFlights;
+    let flight = flights.get(key) as Promise<Omit<ResolvedTag, 'first'>> | undefined;
+    const first = !flight;
+    if (!flight) {
+      const buffers = request.buffers.detached();
+      const asked = (async (): Promise<Omit<ResolvedTag, 'first'>> => {
+        try {
+          // An ask that ended since this client read the record wrote it first: no second ask.
+          const current = await store.readTag(request.rule, request.repository, request.reference);
+          if (tagIsFresh(current, now(), settings) && current.confirmedAt !== record?.confirmedAt && this.credentialFresh(request)) {
+            return { head: { digest: current.digest, size: current.size, mediaType: current.mediaType || undefined, body: undefined }, record: current, stored: false };
+          }
+          const head = await this.resolve({ ...request, buffers, signal: new AbortController().signal }, record);
+          this.confirmed(request);
+          if (this.revalidatesWithGet(request)) this.cache.confirmDigest(request.rule, request.repository, head.digest);
+          const confirmed: TagRecord = { digest: head.digest, mediaType: head.mediaType ?? record?.mediaType ?? '', size: head.size, confirmedAt: now() };
+          void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, confirmed);
+          const stored = head.body ? await this.keepFetched(request, head) : false;
+          await store.writeTag(request.rule, request.repository, request.reference, confirmed);
+          return { head, record: confirmed, stored };
+        } finally {
+          buffers.release();
+          flights.delete(key);
+        }
+      })();
+      flight = asked;
+      flights.set(key, asked);
+    }
+    const resolved = await flight;
+    if (resolved.head.body && request.method === 'GET') request.buffers.reserve(resolved.head.body.length);
+    return { ...resolved, first };
   }
 
   /**

@@ -52,6 +52,8 @@ export class NodeCache {
   readonly flights = new Map<string, BlobFlight>();
   /** Manifests being fetched, by rule, repository, digest (and passthrough credential). */
   readonly manifestFlights = new Map<string, Promise<unknown>>();
+  /** Tags being asked upstream, by rule, repository, tag (and passthrough credential). */
+  readonly tagFlights = new Map<string, Promise<unknown>>();
   private readonly metrics: CacheMetrics;
   private readonly tally = { hit: 0, miss: 0, shared: 0, stale: 0, bypass: 0, savedBytes: 0, evictions: 0, evictedBytes: 0, fillFailures: 0 };
   private fillsInFlight = 0;
