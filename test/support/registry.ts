@@ -1,8 +1,10 @@
 // A real upstream: distribution's registry (Debian's docker-registry) on loopback, with htpasswd
 // Basic auth or token auth (a small token issuer here signs the JWTs the registry verifies), and TLS.
 
-import { createHash, createPrivateKey, createSign, X509Certificate } from 'node:crypto';
+import { createHash, createPrivateKey, createSign, randomBytes, X509Certificate } from 'node:crypto';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateCertificates, type CertificateBundle } from '../../src/certs/certs.js';
@@ -60,8 +62,17 @@ export interface RegistryHandle {
   requests(): readonly RegistryRequest[];
   /** GETs of a blob (any repository) answered so far: the transfers the upstream made. */
   blobGets(digest: string): number;
+  /**
+   * Resolves once the access log holds every request answered before the call: the registry writes
+   * a line after its answer, so a count read right after a response may miss it. It asks for a
+   * marker (a tag list of a repository no one has) and waits for that line (bounded).
+   */
+  settled(): Promise<void>;
   stop(): Promise<void>;
 }
+
+/** settled()'s marker requests: a repository no one pushes. */
+const MARKER_PREFIX = '/v2/pullbridge-log-marker/';
 
 export const DEFAULT_USERS = { puller: 'correct horse battery staple' } as const;
 
@@ -208,7 +219,19 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
         rmSync(layout, { recursive: true, force: true });
       }
     },
-    requests: () => requests,
+    // Without settled()'s markers: they are not questions the proxy asked.
+    requests: () => requests.filter((r) => !r.path.startsWith(MARKER_PREFIX)),
+    async settled() {
+      if (!options.accessLog) throw new Error('settled() reads the access log: start the registry with accessLog');
+      const marker = `${MARKER_PREFIX}${randomBytes(8).toString('hex')}/tags/list`;
+      await new Promise<void>((resolve) => {
+        const options = { host: '127.0.0.1', port, path: marker, ...(tls ? { ca: tls.caCert } : {}) };
+        const req = (tls ? https : http).get(options, (res) => res.resume().on('end', resolve).on('error', () => resolve()));
+        req.on('error', () => resolve());
+      });
+      for (let i = 0; i < 500 && !requests.some((r) => r.path === marker); i++) await new Promise((resolve) => setTimeout(resolve, 10));
+      if (!requests.some((r) => r.path === marker)) throw new Error('the registry access log did not show the marker request within 5 s');
+    },
     blobGets: (digest) => requests.filter((r) => r.method === 'GET' && r.path.endsWith(`/blobs/${digest}`) && r.status < 300).length,
     async stop() {
       await proc.stop();
