@@ -7,7 +7,7 @@
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -340,6 +340,63 @@ describe('the node cache', function () {
       assert.equal(await metric(p, 'pullbridge_cache_requests_total{kind="manifest",result="stale"}'), 0);
     });
   });
+
+  describe('content deleted or revoked upstream', () => {
+    /** The registry forgets the image: its manifests and its first layer in team/app (storage.delete.enabled). */
+    async function deleteUpstream(upstream: RegistryHandle, image: TestImage): Promise<void> {
+      for (const path of [...[image.index, ...image.manifests].map((m) => `manifests/${m.digest}`), `blobs/${image.layers[0]!.digest}`]) {
+        const res = await fetch(`${upstream.url}/v2/team/app/${path}`, { method: 'DELETE' });
+        assert.equal(res.status, 202, path);
+      }
+    }
+    const byDigest = (p: ProxyUnderTest, image: TestImage) => [
+      rawRequest(p.url, `/v2/corp/team/app/manifests/${image.manifests[0]!.digest}`, { headers: { ...asShop(p), accept: OCI_MANIFEST } }),
+      rawRequest(p.url, `/v2/corp/team/app/blobs/${image.layers[0]!.digest}`, { headers: asShop(p) }),
+    ];
+    const linkPath = (root: string, digest: string) => join(root, 'repositories', 'corp', 'team', 'app', '_links', 'sha256', digest.slice('sha256:'.length));
+
+    it('is not served by digest once reconfirmSeconds passed: the registry deleted manifest and layer, the proxy answers 404 and removes their links', async () => {
+      const upstream = await startRegistry({ accessLog: true, deletes: true });
+      cleanups.push(() => upstream.stop());
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream, { reconfirmSeconds: 1 });
+      await pullImage(p, 'team/app', '1', image);
+      const root = p.cache!.store.root;
+      for (const res of await Promise.all(byDigest(p, image))) assert.equal(res.status, 200, 'served before the registry deleted it');
+      await deleteUpstream(upstream, image);
+      // Asked again until the link is older than reconfirmSeconds (1 s): bounded, no timing asserted.
+      let answers: number[] = [];
+      for (let i = 0; i < 40; i++) {
+        answers = (await Promise.all(byDigest(p, image))).map((r) => r.status);
+        if (answers.every((status) => status === 404)) break;
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      assert.deepEqual(answers, [404, 404], 'manifest and layer by digest');
+      for (const digest of [image.manifests[0]!.digest, image.layers[0]!.digest]) assert.equal(existsSync(linkPath(root, digest)), false, `link to ${digest}`);
+      await upstream.settled();
+      assert.ok(upstream.requests().some((r) => r.method === 'HEAD' && r.path === `/v2/team/app/blobs/${image.layers[0]!.digest}` && r.status === 404), 'the registry was asked and said no');
+      // What the registry still holds (the config) is still served from the store.
+      const config = await rawRequest(p.url, `/v2/corp/team/app/blobs/${image.configs[0]!.digest}`, { headers: asShop(p) });
+      assert.equal(sha256(config.body), image.configs[0]!.digest);
+    });
+
+    it('is still served by digest when the registry cannot answer after reconfirmSeconds (killed), as a tag is', async () => {
+      const upstream = await registry();
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream, { reconfirmSeconds: 1 });
+      await pullImage(p, 'team/app', '1', image);
+      await upstream.kill();
+      await new Promise((r) => setTimeout(r, 1100)); // the links are older than reconfirmSeconds
+      const [manifest, layer] = await Promise.all(byDigest(p, image));
+      assert.equal(manifest!.status, 200);
+      assert.ok(manifest!.body.equals(image.manifests[0]!.data));
+      assert.equal(sha256(layer!.body), image.layers[0]!.digest);
+      assert.equal(existsSync(linkPath(p.cache!.store.root, image.layers[0]!.digest)), true, 'the link is kept');
+    });
+  });
+
 
   describe('stale tags', () => {
     const STALE = 'pullbridge_cache_requests_total{kind="manifest",result="stale"}';

@@ -14,6 +14,7 @@ import { MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
 import { newerTag, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
+import type { LinkState } from './store.js';
 
 export class CachedManifests {
   constructor(
@@ -39,17 +40,27 @@ export class CachedManifests {
     if (this.passthrough(request)) this.cache.confirmCredential(request.rule, request.repository, request.credentials);
   }
 
+  /** The upstream a rule's content comes from (RuleUpstream.origin): a link counts only for content from there. */
+  private origin(request: ManifestRequest): string {
+    return this.rules.get(request.rule)?.origin ?? '';
+  }
+
+  /** What is shared or backfilled for the request's (rule, repository). */
+  private sharedLink(request: ManifestRequest, mediaType: string | undefined): { rule: string; repository: string; origin: string; mediaType: string } {
+    return { rule: request.rule, repository: request.repository, origin: this.origin(request), mediaType: mediaType ?? '' };
+  }
+
   private async byDigest(request: ManifestRequest): Promise<ManifestResult> {
-    const mediaType = await this.cache.store.readLink(request.rule, request.repository, request.reference);
-    if (mediaType !== null && acceptable(request.accept, mediaType)) {
-      if (!this.credentialFresh(request)) {
-        await this.upstream.manifest({ ...request, method: 'HEAD' });
-        this.confirmed(request);
-      }
-      const stored = await this.fromStore(request, request.reference, mediaType);
+    const link = await this.cache.store.readLinkState(request.rule, request.repository, request.reference, this.origin(request));
+    if (link !== null && acceptable(request.accept, link.mediaType)) {
+      // In passthrough mode with a credential not accepted recently, and once the link is older than
+      // reconfirmSeconds, the upstream is asked (HEAD) first.
+      const check = { rule: request.rule, repository: request.repository, digest: request.reference, credentials: request.credentials, signal: request.signal, passthrough: this.passthrough(request), link: link satisfies LinkState };
+      await this.cache.confirmAccess(check, () => this.upstream.manifest({ ...request, method: 'HEAD' }));
+      const stored = await this.fromStore(request, request.reference, link.mediaType);
       if (stored) {
         this.cache.count('manifest', 'hit', stored.size);
-        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
+        this.cache.backfill(stored.digest, this.sharedLink(request, stored.mediaType));
         return stored;
       }
     }
@@ -72,7 +83,7 @@ export class CachedManifests {
         this.cache.count('manifest', 'hit', stored.size);
         // What this node knows of the tag, for nodes that will not reach the upstream (backfill).
         void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, usable);
-        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
+        this.cache.backfill(stored.digest, this.sharedLink(request, stored.mediaType));
         return stored;
       }
     }
@@ -101,14 +112,19 @@ export class CachedManifests {
       return { ...head, body: request.method === 'HEAD' ? undefined : head.body, cache: outcome };
     }
     await store.writeTag(request.rule, request.repository, request.reference, record_);
-    // The upstream just named this digest for the repository: a stored copy may be served for it.
-    if (await store.lookup(head.digest)) {
-      const linkedType = await store.readLink(request.rule, request.repository, head.digest);
-      if (linkedType === null) await store.link(request.rule, request.repository, head.digest, mediaType);
-      const stored = await this.fromStore(request, head.digest, linkedType ?? mediaType);
+    // The upstream just named this digest for the repository: a stored copy may be served for it, if
+    // it came from this upstream (another's is fetched by digest through this rule, and verified).
+    let linkedType = await store.readLink(request.rule, request.repository, head.digest, this.origin(request));
+    if (linkedType !== null) await store.confirmLink(request.rule, request.repository, head.digest);
+    else if (await store.storedFrom(head.digest, this.origin(request))) {
+      await store.link(request.rule, request.repository, head.digest, mediaType);
+      linkedType = mediaType;
+    }
+    if (linkedType !== null) {
+      const stored = await this.fromStore(request, head.digest, linkedType);
       if (stored) {
         this.cache.count('manifest', 'hit', stored.size);
-        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
+        this.cache.backfill(stored.digest, this.sharedLink(request, stored.mediaType));
         return stored;
       }
     }
@@ -121,7 +137,7 @@ export class CachedManifests {
 
   /** The stored manifest `digest` if this (rule, repository) has a link to it. */
   private async storedFor(request: ManifestRequest, digest: string): Promise<ManifestResult | null> {
-    const mediaType = await this.cache.store.readLink(request.rule, request.repository, digest);
+    const mediaType = await this.cache.store.readLink(request.rule, request.repository, digest, this.origin(request));
     return mediaType === null ? null : this.fromStore(request, digest, mediaType);
   }
 
@@ -157,7 +173,7 @@ export class CachedManifests {
           const answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal });
           this.confirmed(request);
           const stored = await this.store(request, answer);
-          if (answer.body) this.cache.shareManifest(answer.digest, answer.body, { rule: request.rule, repository: request.repository, mediaType: answer.mediaType ?? '' });
+          if (answer.body) this.cache.shareManifest(answer.digest, answer.body, this.sharedLink(request, answer.mediaType));
           return { answer, stored };
         } finally {
           flights.delete(key);
@@ -182,7 +198,7 @@ export class CachedManifests {
   private async fromShared(request: ManifestRequest, digest: string): Promise<ManifestResult | null> {
     const { shared } = this.cache;
     if (!shared || !this.credentialFresh(request)) return null;
-    const mediaType = await shared.readLink(request.rule, request.repository, digest);
+    const mediaType = await shared.readLink(request.rule, request.repository, digest, this.origin(request));
     if (mediaType === null || !acceptable(request.accept, mediaType)) return null;
     // Sized first: a blob link names a layer too, and a manifest request for it must not read it.
     const size = await shared.blobSize(digest);
@@ -211,6 +227,8 @@ export class CachedManifests {
         const outcome = await fill.finish();
         if (!outcome.stored) return false;
       }
+      // Fetched through this rule and checked against its digest: its upstream vouches for it.
+      await this.cache.store.addOrigin(answer.digest, this.origin(request));
       await this.cache.store.link(request.rule, request.repository, answer.digest, answer.mediaType ?? '');
       return true;
     } catch (error) {

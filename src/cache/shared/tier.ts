@@ -40,6 +40,8 @@ export const sharedKeys = {
   link: (rule: string, repository: string, digest: string) => `repositories/${rule}/${repository}/_links/${algorithm(digest)}/${hex(digest)}`,
   tag: (rule: string, repository: string, tag: string) => `repositories/${rule}/${repository}/_tags/${tag}`,
   claim: (digest: string) => `claims/${algorithm(digest)}/${hex(digest)}`,
+  /** An empty record: the blob's bytes came from this upstream (upstreamOrigin, a sha256 in hex). */
+  origin: (digest: string, origin: string) => `origins/${algorithm(digest)}/${hex(digest)}/${origin}`,
 };
 
 export interface SharedStatus {
@@ -155,14 +157,33 @@ export class SharedTier {
     }
   }
 
-  /** A link's content (a manifest's media type, '' for a blob), or null without one. */
-  async readLink(rule: string, repository: string, digest: string): Promise<string | null> {
+  /**
+   * A link's content (a manifest's media type, '' for a blob) for a rule whose upstream is `origin`;
+   * null without one, or when the tier does not record that the blob came from that upstream (a link
+   * written for another upstream's content never unlocks it).
+   */
+  async readLink(rule: string, repository: string, digest: string, origin: string): Promise<string | null> {
     const body = await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.link(rule, repository, digest)));
-    return body === undefined ? null : body.toString('utf8');
+    if (body === undefined || !(await this.storedFrom(digest, origin))) return null;
+    return body.toString('utf8');
   }
 
   async writeLink(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
     await this.call('record-write', false, (store) => store.writeRecord(sharedKeys.link(rule, repository, digest), Buffer.from(mediaType)));
+  }
+
+  async removeLink(rule: string, repository: string, digest: string): Promise<void> {
+    await this.call('remove', undefined, (store) => store.remove(sharedKeys.link(rule, repository, digest)));
+  }
+
+  /** Whether the tier records that the blob's bytes came from the upstream `origin`. */
+  async storedFrom(digest: string, origin: string): Promise<boolean> {
+    return (await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.origin(digest, origin)))) !== undefined;
+  }
+
+  /** Records that the blob's bytes came, verified, from the upstream `origin`. */
+  async writeOrigin(digest: string, origin: string): Promise<void> {
+    await this.call('record-write', false, (store) => store.writeRecord(sharedKeys.origin(digest, origin), Buffer.alloc(0)));
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
