@@ -14,7 +14,7 @@ import { HashThread } from './hasher.js';
 import { evictionPlan, linkIsFresh, upstreamCouldNotAnswer } from './policy.js';
 import { openSharedStore } from './shared/open.js';
 import { SharedTier } from './shared/tier.js';
-import { NodeStore, type LinkState } from './store.js';
+import { NodeStore, type LinkState, type PurgeOutcome } from './store.js';
 
 export type CacheKind = 'manifest' | 'blob';
 
@@ -332,6 +332,18 @@ export class NodeCache {
     }
     if (check.passthrough) this.confirmCredential(check.rule, check.repository, check.credentials);
     if (link) await this.store.confirmLink(check.rule, check.repository, check.digest);
+  }
+
+  /**
+   * Forgets what (rule, repository) may read, on this node and in the shared tier: its link to
+   * `digest` (and the tag records naming it), or all its links and tag records. Its next pull asks
+   * the upstream, as a first one does.
+   */
+  async purge(rule: string, repository: string, digest?: string): Promise<PurgeOutcome> {
+    const outcome = await this.store.purge(rule, repository, digest);
+    await this.shared?.purge(rule, repository, digest);
+    this.logger.info({ rule, repository, digest, ...outcome }, 'cache purged');
+    return outcome;
   }
 
   /** passthrough: whether the upstream accepted these credentials for the repository within credentialTTLSeconds. */

@@ -39,6 +39,12 @@ export interface LinkState {
   readonly confirmedAt: number;
 }
 
+/** What a purge removed. */
+export interface PurgeOutcome {
+  readonly links: number;
+  readonly tags: number;
+}
+
 /** An upstream origin as recorded (upstreamOrigin: a sha256 in hex). */
 const ORIGIN = /^[0-9a-f]{64}$/;
 
@@ -347,6 +353,36 @@ export class NodeStore {
     } finally {
       await file.close();
     }
+  }
+
+  /**
+   * Forgets what `(rule, repository)` may read: its link to `digest` and the tag records naming it,
+   * or, without a digest, all its links and tag records. The blobs stay for other links (eviction
+   * takes them).
+   */
+  async purge(rule: string, repository: string, digest?: string): Promise<PurgeOutcome> {
+    const base = this.repositoryPath(rule, repository);
+    let links = 0;
+    let tags = 0;
+    if (digest !== undefined) {
+      const path = this.linkPath(rule, repository, digest);
+      if (await stat(path).then(() => true, () => false)) {
+        await rm(path, { force: true });
+        links++;
+      }
+    } else {
+      for (const algorithm of await readdir(join(base, '_links')).catch(() => [])) {
+        const dir = join(base, '_links', algorithm);
+        links += (await readdir(dir).catch(() => [])).length;
+        await rm(dir, { recursive: true, force: true });
+      }
+    }
+    for (const tag of await readdir(join(base, '_tags')).catch(() => [])) {
+      if (digest !== undefined && (await this.readTag(rule, repository, tag))?.digest !== digest) continue;
+      await rm(join(base, '_tags', tag), { force: true });
+      tags++;
+    }
+    return { links, tags };
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {

@@ -176,6 +176,23 @@ export class SharedTier {
     await this.call('remove', undefined, (store) => store.remove(sharedKeys.link(rule, repository, digest)));
   }
 
+  /**
+   * Forgets what `(rule, repository)` may read in the tier, as NodeStore.purge does on a node: its
+   * link to `digest` and the tag records naming it, or all its links and tag records.
+   */
+  async purge(rule: string, repository: string, digest?: string): Promise<void> {
+    await this.call('remove', undefined, async (store) => {
+      const base = `repositories/${rule}/${repository}`;
+      if (digest !== undefined) await store.remove(sharedKeys.link(rule, repository, digest));
+      else for await (const link of store.list(`${base}/_links/`)) await store.remove(link.key);
+      for await (const tag of store.list(`${base}/_tags/`)) {
+        if (digest !== undefined && parseTagRecord((await store.readRecord(tag.key))?.toString('utf8') ?? '')?.digest !== digest) continue;
+        this.tagWrites.delete(tag.key);
+        await store.remove(tag.key);
+      }
+    });
+  }
+
   /** Whether the tier records that the blob's bytes came from the upstream `origin`. */
   async storedFrom(digest: string, origin: string): Promise<boolean> {
     return (await this.call('record-read', undefined, (store) => store.readRecord(sharedKeys.origin(digest, origin)))) !== undefined;
