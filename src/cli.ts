@@ -39,6 +39,9 @@ Usage:
                       fails, /status shows who answers, and pullbridge_proxy_listener_claimed is 0)
   pullbridge pull-secret --config FILE --namespace NS
   pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...
+  pullbridge purge --ops-port N [--ops-host ADDR] --rule R --repository REPO [--digest D]
+                     (asks the running proxy on that node, on its operations port, to forget what REPO may read
+                      from its cache through rule R: the link to D and the tags naming it, or all of REPO's)
   pullbridge node-setup --config FILE [--registries-dir DIR] [--once]
                      (CRI-O/podman: a registries.conf.d drop-in marking the proxy insecure, removed on exit)
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
@@ -325,6 +328,45 @@ async function cmdWarm(args: string[]): Promise<number> {
   return report.ok ? 0 : 1;
 }
 
+/**
+ * Asks a running proxy (its operations port, where `POST /purge` is served: never the registry port)
+ * to forget what a repository may read from its node cache; prints what it removed.
+ */
+async function cmdPurge(args: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args,
+    options: { 'ops-port': { type: 'string' }, 'ops-host': { type: 'string', default: '127.0.0.1' }, rule: { type: 'string' }, repository: { type: 'string' }, digest: { type: 'string' } },
+    strict: true,
+  });
+  const port = parsePort(values['ops-port'], '--ops-port');
+  const query = new URLSearchParams({ rule: requireOption(values.rule, '--rule'), repository: requireOption(values.repository, '--repository') });
+  if (values.digest !== undefined) query.set('digest', requireOption(values.digest, '--digest'));
+  const host = values['ops-host'].includes(':') ? `[${values['ops-host']}]` : values['ops-host'];
+  const url = `http://${host}:${port}/purge?${query.toString()}`;
+  let res: Response;
+  try {
+    res = await fetch(url, { method: 'POST', signal: AbortSignal.timeout(60_000) });
+  } catch (error) {
+    const cause = (error as { cause?: { code?: string } }).cause?.code ?? (error as Error).message;
+    process.stderr.write(`pullbridge purge: cannot reach the proxy's operations port at ${host}:${port} (--ops-host, --ops-port): ${cause}\n`);
+    return 1;
+  }
+  const text = await res.text();
+  let body: { error?: unknown; links?: unknown; tags?: unknown };
+  try {
+    body = JSON.parse(text) as typeof body;
+  } catch {
+    process.stderr.write(`pullbridge purge: ${host}:${port} answered ${res.status}, not a proxy's operations port? (--ops-port)\n`);
+    return 1;
+  }
+  if (!res.ok) {
+    process.stderr.write(`pullbridge purge: ${String(body.error ?? `HTTP ${res.status}`)}\n`);
+    return 1;
+  }
+  process.stdout.write(`rule ${values.rule}, ${values.repository}${values.digest ? `@${values.digest}` : ''}: ${String(body.links)} link(s) and ${String(body.tags)} tag record(s) removed on this node and from the shared tier\n`);
+  return 0;
+}
+
 function formatBytes(bytes: number): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
   let value = bytes;
@@ -435,6 +477,8 @@ export async function main(argv: string[]): Promise<number> {
         return await cmdPullSecret(args);
       case 'warm':
         return await cmdWarm(args);
+      case 'purge':
+        return await cmdPurge(args);
       case 'node-setup':
         return await cmdNodeSetup(args);
       case 'demo':

@@ -5,9 +5,10 @@
 // the store. (What the cache does for pulls it may serve is in cache.test.ts.)
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { listen, type RunningServer } from '../src/shell/serve.js';
 import { rawRequest, type RawResponse } from './support/http.js';
 import { buildImage, sha256, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -17,6 +18,12 @@ const [USER, PASSWORD] = Object.entries(DEFAULT_USERS)[0] as [string, string];
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 const basic = (user: string, password: string) => `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`;
+/** Files under `root` (recursively) whose path contains `part`. */
+const filesWith = (root: string, part: string) =>
+  readdirSync(root, { recursive: true, withFileTypes: true })
+    .filter((e) => e.isFile())
+    .map((e) => join(e.parentPath, e.name))
+    .filter((path) => path.includes(part));
 const errorCode = (r: RawResponse) => ((JSON.parse(r.body.toString()) as { errors: Array<{ code: string }> }).errors[0] ?? { code: '' }).code;
 
 describe('node cache isolation against real registries', function () {
@@ -141,5 +148,93 @@ describe('node cache isolation against real registries', function () {
       assert.equal((await secured.requests()).length, seen, 'confirmed by the pull before');
       assert.equal(proxy.logs.records.filter((r) => r.access === 'pull').at(-1)?.cache, 'hit');
     });
+  });
+});
+
+describe('node cache isolation between upstreams: a HEAD confirms only content from its own upstream', function () {
+  this.timeout(120_000);
+  let secured: RegistryHandle;
+  let hostile: RunningServer;
+  let image: TestImage;
+  let proxy: ProxyUnderTest;
+  let dir: string;
+  const hostileSeen: Array<{ method: string; path: string }> = [];
+
+  before(async () => {
+    secured = await startRegistry({ auth: 'basic', accessLog: true });
+    image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }] });
+    await secured.push(image, 'team/app', '1');
+    const known = new Map([image.index, ...image.manifests, ...image.configs, ...image.layers].map((b) => [b.digest, b]));
+    // A hostile upstream behind an anonymous rule; a real registry cannot be made to lie like this. It
+    // says yes to every HEAD with the right digest, length and type (it knows the digests: they are
+    // public in any pull's manifests) and never serves a byte.
+    hostile = await listen(
+      (req, res) => {
+        const path = req.url ?? '';
+        hostileSeen.push({ method: req.method ?? '', path });
+        if (path === '/v2/') return void res.writeHead(200, { 'content-type': 'application/json' }).end('{}');
+        const reference = /\/(?:manifests|blobs)\/([^/]+)$/.exec(path)?.[1] ?? '';
+        const blob = known.get(reference) ?? (path.includes('/manifests/') ? image.index : undefined);
+        if (req.method === 'HEAD' && blob) {
+          return void res.writeHead(200, { 'docker-content-digest': blob.digest, 'content-length': blob.size, 'content-type': path.includes('/manifests/') ? blob.mediaType : 'application/octet-stream' }).end();
+        }
+        res.writeHead(404, { 'content-type': 'application/json' }).end('{"errors":[{"code":"BLOB_UNKNOWN","message":"not here"}]}');
+      },
+      { host: '127.0.0.1', port: 0 },
+    );
+    dir = mkdtempSync(join(tmpdir(), 'pullbridge-cache-origins-'));
+    writeFileSync(join(dir, 'password'), PASSWORD);
+    const credentials = { username: USER, passwordFile: join(dir, 'password') };
+    proxy = await startProxy({
+      cache: { path: join(dir, 'cache'), tagTTLSeconds: 3600, shared: { filesystem: { path: join(dir, 'shared') } } },
+      registries: [
+        // A private registry, its own credentials on the proxy, for namespace shop only.
+        { name: 'a', match: ['a.example'], upstream: secured.url, credentials, namespaces: { include: ['shop'] } },
+        // The same registry for namespace other, through another rule.
+        { name: 'c', match: ['c.example'], upstream: secured.url, credentials, namespaces: { include: ['other'] } },
+        { name: 'b', match: ['b.example'], upstream: hostile.url, auth: { mode: 'anonymous' } },
+      ],
+    });
+    // The private image pulled through rule a: stored on the node and in the shared tier.
+    const index = await get('/v2/a/team/app/manifests/1', proxy.authorization('shop'), OCI_INDEX);
+    assert.equal(index.status, 200, index.body.toString());
+    for (const m of image.manifests) assert.equal((await get(`/v2/a/team/app/manifests/${m.digest}`, proxy.authorization('shop'))).status, 200);
+    for (const b of [...image.configs, ...image.layers]) assert.equal(sha256((await get(`/v2/a/team/app/blobs/${b.digest}`, proxy.authorization('shop'))).body), b.digest);
+    await proxy.cache!.sharing();
+  });
+  after(async () => {
+    await proxy?.close();
+    await hostile?.close(100);
+    await secured?.stop();
+  });
+
+  const get = (path: string, authorization?: string, accept = OCI_MANIFEST) => rawRequest(proxy.url, path, { headers: { ...(authorization ? { authorization } : {}), accept } });
+
+  it('does not serve what rule a stored to an anonymous client of rule b, whose upstream says yes to every HEAD and serves nothing: 404, and no link for b', async () => {
+    const paths = ['/v2/b/team/app/manifests/1', ...[...image.manifests, ...image.configs, ...image.layers].map((b) => `/v2/b/team/app/${b.mediaType.includes('manifest') ? 'manifests' : 'blobs'}/${b.digest}`)];
+    for (const path of paths) {
+      const res = await get(path, undefined, `${OCI_INDEX}, ${OCI_MANIFEST}`);
+      assert.equal(res.status, 404, `${path}: ${res.status} ${res.body.length} bytes`);
+    }
+    assert.ok(hostileSeen.some((r) => r.method === 'GET'), 'the bytes were asked of rule b\'s own upstream');
+    await proxy.cache!.sharing();
+    // (What the upstream said the tag names is recorded, as for any tag; it serves nothing without a link.)
+    assert.deepEqual(filesWith(join(dir, 'cache', 'repositories'), '/b/').filter((f) => f.includes('/_links/')), [], 'no link for b on the node');
+    assert.deepEqual(filesWith(join(dir, 'shared'), '/repositories/b/').filter((f) => f.includes('/_links/')), [], 'no link for b in the shared tier');
+  });
+
+  it('serves it to rule c, on the same upstream, once that upstream confirms it (HEAD): blobs from the store, no second transfer', async () => {
+    // Blobs are confirmed by a HEAD; a manifest by digest is fetched again (a few hundred bytes), as before.
+    const blobs = [...image.configs, ...image.layers];
+    const before = await secured.requests();
+    const transfers = blobs.map((b) => before.filter((r) => r.method === 'GET' && r.path.endsWith(`/${b.digest}`)).length);
+    const index = await get('/v2/c/team/app/manifests/1', proxy.authorization('other'), OCI_INDEX);
+    assert.equal(index.status, 200);
+    assert.ok(index.body.equals(image.index.data));
+    for (const m of image.manifests) assert.ok((await get(`/v2/c/team/app/manifests/${m.digest}`, proxy.authorization('other'))).body.equals(m.data));
+    for (const b of [...image.configs, ...image.layers]) assert.equal(sha256((await get(`/v2/c/team/app/blobs/${b.digest}`, proxy.authorization('other'))).body), b.digest);
+    const after = await secured.requests();
+    assert.deepEqual(blobs.map((b) => after.filter((r) => r.method === 'GET' && r.path.endsWith(`/${b.digest}`)).length), transfers, 'no GET of a blob');
+    assert.ok(after.some((r) => r.method === 'HEAD' && r.path === `/v2/team/app/blobs/${image.layers[0]!.digest}`), 'confirmed with a HEAD');
   });
 });

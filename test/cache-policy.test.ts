@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, mayWaitForFill, parseByteQuantity, parseLink, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, linkIsFresh, mayWaitForFill, parseByteQuantity, parseLink, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamCouldNotAnswer, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 import { openRecord, sealRecord } from '../src/cache/shared/records.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
@@ -84,6 +84,18 @@ describe('cache policy', () => {
     assert.deepEqual(openRecord(undefined, 'claims/sha256/x', sealed), payload);
     assert.deepEqual(openRecord(undefined, 'claims/sha256/x', payload), payload);
     assert.deepEqual(sealRecord(undefined, 'claims/sha256/x', payload), payload);
+  });
+
+  it('serves a link without asking upstream only within reconfirmSeconds of its confirmation (never one from the future; 0: always ask)', () => {
+    assert.equal(linkIsFresh(1_000, 1_000 + 59_999, 60), true);
+    assert.equal(linkIsFresh(1_000, 1_000 + 60_000, 60), false);
+    assert.equal(linkIsFresh(5_000, 1_000, 60), false, 'confirmed after now: a clock set back');
+    assert.equal(linkIsFresh(1_000, 1_000, 0), false);
+  });
+
+  it('keeps cached content servable only when the upstream could not answer (5xx, 429, the proxy\'s 502/504); any other answer is a no', () => {
+    for (const status of [429, 500, 502, 503, 504]) assert.equal(upstreamCouldNotAnswer(status), true, String(status));
+    for (const status of [400, 401, 403, 404, 410, 412, 451]) assert.equal(upstreamCouldNotAnswer(status), false, String(status));
   });
 
   it('evicts least recently used blobs until the store fits and the disk keeps its floor, never one being read', () => {

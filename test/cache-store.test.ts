@@ -140,20 +140,26 @@ describe('node store', () => {
     assert.equal(existsSync(join(root, 'blobs', 'sha256', digestOf(data).slice(7))), false);
   });
 
-  it('keeps links per rule and repository, and a removed blob is linked nowhere', async () => {
+  it('keeps links per rule and repository, counted only for content from the rule\'s upstream; a removed blob is linked nowhere', async () => {
     const data = Buffer.from('config');
     const digest = digestOf(data);
+    const [origin, elsewhere] = ['a', 'b'].map((c) => c.repeat(64)) as [string, string];
     const store = await NodeStore.open(root);
     const fill = await store.startFill(digest);
     await fill.append(data);
     await fill.finish();
-    assert.equal(await store.linked('corp', 'team/app', digest), false);
+    assert.equal(await store.linked('corp', 'team/app', digest, origin), false);
     await store.link('corp', 'team/app', digest);
-    assert.equal(await store.linked('corp', 'team/app', digest), true);
-    assert.equal(await store.linked('corp', 'team/other', digest), false, 'another repository');
-    assert.equal(await store.linked('hub', 'team/app', digest), false, 'another rule');
+    assert.equal(await store.linked('corp', 'team/app', digest, origin), false, 'no upstream recorded for the bytes');
+    await store.addOrigin(digest, origin);
+    assert.equal(await store.linked('corp', 'team/app', digest, origin), true);
+    assert.equal(await store.linked('corp', 'team/app', digest, elsewhere), false, 'the rule pointed at another upstream');
+    assert.equal(await store.storedFrom(digest, elsewhere), false);
+    assert.equal(await store.linked('corp', 'team/other', digest, origin), false, 'another repository');
+    assert.equal(await store.linked('hub', 'team/app', digest, origin), false, 'another rule');
     await store.remove(digest);
-    assert.equal(await store.linked('corp', 'team/app', digest), false);
+    assert.equal(await store.linked('corp', 'team/app', digest, origin), false);
+    assert.equal(await store.storedFrom(digest, origin), false);
   });
 
   it('keeps what each tag pointed at; a damaged record reads as none', async () => {
@@ -183,7 +189,7 @@ describe('node store', () => {
       await assert.rejects(store.startFill(bad), refused, bad);
       await assert.rejects(store.remove(bad), refused, bad);
       await assert.rejects(store.link('corp', 'team/app', bad), refused, bad);
-      await assert.rejects(store.readLink('corp', 'team/app', bad), refused, bad);
+      await assert.rejects(store.readLink('corp', 'team/app', bad, 'a'.repeat(64)), refused, bad);
       await assert.rejects(store.writeTag('corp', 'team/app', 'v1', { ...record, digest: bad }), refused, bad);
       for (const key of [() => sharedKeys.blob(bad), () => sharedKeys.claim(bad), () => sharedKeys.link('corp', 'team/app', bad)]) assert.throws(key, refused, bad);
     }

@@ -7,14 +7,16 @@
 
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { runCli, startCli } from './support/cli.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
 import { rawRequest, slowUpstream } from './support/http.js';
 import { buildImage, sha256, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+import { freePort } from './support/procs.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
@@ -355,6 +357,107 @@ describe('the node cache', function () {
       assert.match(res.body.toString(), /MANIFEST_UNKNOWN/);
       assert.equal(await manifestAsks(upstream, 'team/app', '1'), 2);
       assert.equal(await metric(p, 'pullbridge_cache_requests_total{kind="manifest",result="stale"}'), 0);
+    });
+  });
+
+  describe('content deleted or revoked upstream', () => {
+    /** The registry forgets the image: its manifests and its first layer in team/app (storage.delete.enabled). */
+    async function deleteUpstream(upstream: RegistryHandle, image: TestImage): Promise<void> {
+      for (const path of [...[image.index, ...image.manifests].map((m) => `manifests/${m.digest}`), `blobs/${image.layers[0]!.digest}`]) {
+        const res = await fetch(`${upstream.url}/v2/team/app/${path}`, { method: 'DELETE' });
+        assert.equal(res.status, 202, path);
+      }
+    }
+    const byDigest = (p: ProxyUnderTest, image: TestImage) => [
+      rawRequest(p.url, `/v2/corp/team/app/manifests/${image.manifests[0]!.digest}`, { headers: { ...asShop(p), accept: OCI_MANIFEST } }),
+      rawRequest(p.url, `/v2/corp/team/app/blobs/${image.layers[0]!.digest}`, { headers: asShop(p) }),
+    ];
+    const linkPath = (root: string, digest: string) => join(root, 'repositories', 'corp', 'team', 'app', '_links', 'sha256', digest.slice('sha256:'.length));
+
+    it('is not served by digest once reconfirmSeconds passed: the registry deleted manifest and layer, the proxy answers 404 and removes their links', async () => {
+      const upstream = await startRegistry({ accessLog: true, deletes: true });
+      cleanups.push(() => upstream.stop());
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream, { reconfirmSeconds: 1 });
+      await pullImage(p, 'team/app', '1', image);
+      const root = p.cache!.store.root;
+      for (const res of await Promise.all(byDigest(p, image))) assert.equal(res.status, 200, 'served before the registry deleted it');
+      await deleteUpstream(upstream, image);
+      // Asked again until the link is older than reconfirmSeconds (1 s): bounded, no timing asserted.
+      let answers: number[] = [];
+      for (let i = 0; i < 40; i++) {
+        answers = (await Promise.all(byDigest(p, image))).map((r) => r.status);
+        if (answers.every((status) => status === 404)) break;
+        await new Promise((r) => setTimeout(r, 250));
+      }
+      assert.deepEqual(answers, [404, 404], 'manifest and layer by digest');
+      for (const digest of [image.manifests[0]!.digest, image.layers[0]!.digest]) assert.equal(existsSync(linkPath(root, digest)), false, `link to ${digest}`);
+      assert.ok((await upstream.requests()).some((r) => r.method === 'HEAD' && r.path === `/v2/team/app/blobs/${image.layers[0]!.digest}` && r.status === 404), 'the registry was asked and said no');
+      // What the registry still holds (the config) is still served from the store.
+      const config = await rawRequest(p.url, `/v2/corp/team/app/blobs/${image.configs[0]!.digest}`, { headers: asShop(p) });
+      assert.equal(sha256(config.body), image.configs[0]!.digest);
+    });
+
+    it('is still served by digest when the registry cannot answer after reconfirmSeconds (killed), as a tag is', async () => {
+      const upstream = await registry();
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream, { reconfirmSeconds: 1 });
+      await pullImage(p, 'team/app', '1', image);
+      await upstream.kill();
+      await new Promise((r) => setTimeout(r, 1100)); // the links are older than reconfirmSeconds
+      const [manifest, layer] = await Promise.all(byDigest(p, image));
+      assert.equal(manifest!.status, 200);
+      assert.ok(manifest!.body.equals(image.manifests[0]!.data));
+      assert.equal(sha256(layer!.body), image.layers[0]!.digest);
+      assert.equal(existsSync(linkPath(p.cache!.store.root, image.layers[0]!.digest)), true, 'the link is kept');
+    });
+
+    it('`pullbridge purge` forgets a repository at once through the operations port; the registry port does not serve it; bad input is an error naming it', async () => {
+      const upstream = await startRegistry({ accessLog: true, deletes: true });
+      cleanups.push(() => upstream.stop());
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const dir = mkdtempSync(join(tmpdir(), 'pullbridge-purge-'));
+      writeFileSync(join(dir, 'broker.key'), 'a-broker-key-of-at-least-16-bytes\n');
+      const [port, opsPort] = [await freePort(), await freePort()];
+      writeFileSync(join(dir, 'config.yaml'), [`proxy: {host: 127.0.0.1, port: ${port}}`, `broker: {keyFiles: [${join(dir, 'broker.key')}]}`, `cache: {path: ${join(dir, 'cache')}}`, 'registries:', `  - {name: corp, match: [r.example], upstream: "${upstream.url}", auth: {mode: anonymous}}`, ''].join('\n'));
+      const proxy = await startCli(['proxy', '--config', join(dir, 'config.yaml'), '--port', String(port), '--host', '127.0.0.1', '--ops-port', String(opsPort), '--probe-interval', '3600'], /operations endpoints listening/);
+      cleanups.push(async () => void proxy.child.kill('SIGKILL'));
+      const url = `http://127.0.0.1:${port}`;
+      const index = await rawRequest(url, '/v2/corp/team/app/manifests/1', { headers: { accept: OCI_INDEX } });
+      assert.equal(index.status, 200);
+      const pulled = await Promise.all([rawRequest(url, `/v2/corp/team/app/manifests/${image.manifests[0]!.digest}`, { headers: { accept: OCI_MANIFEST } }), rawRequest(url, `/v2/corp/team/app/blobs/${image.layers[0]!.digest}`)]);
+      assert.deepEqual(pulled.map((r) => r.status), [200, 200]);
+      await deleteUpstream(upstream, image);
+      const cached = await rawRequest(url, `/v2/corp/team/app/blobs/${image.layers[0]!.digest}`);
+      assert.equal(cached.status, 200, 'within reconfirmSeconds (1 h by default) the store still serves it');
+
+      const seen = (await upstream.requests()).length;
+      const onRegistryPort = await rawRequest(url, '/purge?rule=corp&repository=team/app', { method: 'POST' });
+      assert.notEqual(onRegistryPort.status, 200, 'the registry port does not purge');
+      assert.equal((await rawRequest(url, `/v2/corp/team/app/blobs/${image.layers[0]!.digest}`)).status, 200, 'nothing was purged');
+      assert.equal((await upstream.requests()).length, seen, 'and nothing asked upstream');
+
+      const purge = (...args: string[]) => runCli(['purge', '--ops-port', String(opsPort), ...args]);
+      const badDigest = purge('--rule', 'corp', '--repository', 'team/app', '--digest', 'sha256:abc');
+      assert.equal(badDigest.status, 1);
+      assert.match(badDigest.stderr, /^pullbridge purge: digest: invalid digest format "sha256:abc"/);
+      const badRule = purge('--rule', 'nope', '--repository', 'team/app');
+      assert.equal(badRule.status, 1);
+      assert.match(badRule.stderr, /rule "nope" is not in the config/);
+      assert.equal(purge('--repository', 'team/app').status, 2, 'no --rule: a usage error');
+      const unreachable = runCli(['purge', '--ops-port', String(await freePort()), '--rule', 'corp', '--repository', 'team/app']);
+      assert.equal(unreachable.status, 1);
+      assert.match(unreachable.stderr, /cannot reach the proxy's operations port/);
+
+      const done = purge('--rule', 'corp', '--repository', 'team/app');
+      assert.equal(done.status, 0, done.stderr);
+      assert.match(done.stdout, /^rule corp, team\/app: [1-9]\d* link\(s\) and 1 tag record\(s\) removed/);
+      assert.equal(existsSync(join(dir, 'cache', 'repositories', 'corp', 'team', 'app', '_links', 'sha256', image.layers[0]!.digest.slice(7))), false);
+      const after = await Promise.all([rawRequest(url, `/v2/corp/team/app/manifests/${image.manifests[0]!.digest}`, { headers: { accept: OCI_MANIFEST } }), rawRequest(url, `/v2/corp/team/app/blobs/${image.layers[0]!.digest}`), rawRequest(url, '/v2/corp/team/app/manifests/1', { headers: { accept: OCI_INDEX } })]);
+      assert.deepEqual(after.map((r) => r.status), [404, 404, 404], 'manifest, layer and tag: asked upstream, which says no');
     });
   });
 

@@ -22,7 +22,7 @@ describe('config validation', () => {
 
   it('reads the cache: quantities, defaults, per-rule opt-out; and names each bad cache key', () => {
     const config = configFrom('cache: {path: /var/lib/pullbridge/cache, maxBytes: 5Gi}\nregistries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}, cache: false}]');
-    assert.deepEqual(config.cache, { path: '/var/lib/pullbridge/cache', maxBytes: 5 * 2 ** 30, minFreeBytes: 2 ** 30, tagTTLSeconds: 30, staleIfErrorSeconds: 604_800, credentialTTLSeconds: 60 });
+    assert.deepEqual(config.cache, { path: '/var/lib/pullbridge/cache', maxBytes: 5 * 2 ** 30, minFreeBytes: 2 ** 30, tagTTLSeconds: 30, staleIfErrorSeconds: 604_800, credentialTTLSeconds: 60, reconfirmSeconds: 3600 });
     assert.equal(config.registries[0]?.cache, false);
     assert.equal(configFrom('').cache, undefined, 'no cache unless configured');
     const errors = errorsOf('cache: {path: relative/dir, maxBytes: 10GB, tagTTLSeconds: -1, shared: {s3: {bucket: b}}}');

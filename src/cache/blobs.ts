@@ -14,6 +14,7 @@ import { bodyOfReadable } from './shared/bodies.js';
 import { BlobFlight } from './flight.js';
 import type { NodeCache } from './nodecache.js';
 import { byteRange } from './policy.js';
+import type { LinkState } from './store.js';
 
 /** Where a fill reads from: the shared tier (and whether the store failed the download), and whether
  * this node holds the cluster's claim to fetch the blob from the upstream (and so uploads it after). */
@@ -36,8 +37,7 @@ export class CachedBlobs {
     // (rule, repository) read the stored blob is written just before the fill goes away.
     const filling = request.range === undefined && request.method === 'GET' ? cache.flights.get(request.digest) : undefined;
     if (filling) return this.join(filling, request);
-    if (await cache.store.lookup(request.digest)) {
-      await this.authorizeStored(request);
+    if ((await cache.store.lookup(request.digest)) && (await this.authorizeStored(request))) {
       const stored = await this.fromStore(request);
       if (stored) return stored;
     }
@@ -46,28 +46,38 @@ export class CachedBlobs {
     return flight ? this.join(flight, request) : this.fill(request);
   }
 
-  /**
-   * A stored blob is served for (rule, repository) only if it was fetched through them (a link),
-   * and in passthrough mode only to a credential the upstream accepted there recently; otherwise
-   * the upstream is asked now (HEAD, with the request's credentials), and its refusal passed on.
-   */
-  private async authorizeStored(request: BlobRequest): Promise<void> {
-    const { store } = this.cache;
-    const linked = (await store.readLink(request.rule, request.repository, request.digest)) !== null;
-    await this.confirmAccess(request, linked);
-    if (!linked) await store.link(request.rule, request.repository, request.digest);
+  /** The upstream a rule's content comes from (RuleUpstream.origin). */
+  private origin(rule: string): string {
+    return this.rules.get(rule)?.origin ?? '';
   }
 
   /**
-   * Content this (rule, repository) has a link to is readable, in passthrough mode only with a
-   * credential the upstream accepted there recently; otherwise the upstream is asked now (HEAD, with
-   * the request's credentials) and its refusal passed on.
+   * Whether a stored blob is served for (rule, repository): with a link (in passthrough mode only to
+   * a credential the upstream accepted there recently, and asked again once the link is older than
+   * reconfirmSeconds), or when the upstream confirms it now (HEAD, with the request's credentials;
+   * its refusal passed on) — but only the upstream the bytes came from. Another upstream's content
+   * is not unlocked by this one's HEAD (false): it is fetched through this rule and verified.
    */
-  private async confirmAccess(request: BlobRequest, linked: boolean): Promise<void> {
+  private async authorizeStored(request: BlobRequest): Promise<boolean> {
+    const { store } = this.cache;
+    const origin = this.origin(request.rule);
+    const link = await store.readLinkState(request.rule, request.repository, request.digest, origin);
+    if (!link && !(await store.storedFrom(request.digest, origin))) return false;
+    await this.confirmAccess(request, link);
+    if (!link) await store.link(request.rule, request.repository, request.digest);
+    return true;
+  }
+
+  /** NodeCache.confirmAccess for a blob, with a HEAD through the request's rule. */
+  private confirmAccess(request: BlobRequest, link: LinkState | null): Promise<void> {
     const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
-    if (linked && (!passthrough || this.cache.credentialConfirmed(request.rule, request.repository, request.credentials))) return;
-    await this.upstream.blob({ ...request, method: 'HEAD', range: undefined });
-    if (passthrough) this.cache.confirmCredential(request.rule, request.repository, request.credentials);
+    const check = { rule: request.rule, repository: request.repository, digest: request.digest, credentials: request.credentials, signal: request.signal, passthrough, link };
+    return this.cache.confirmAccess(check, () => this.upstream.blob({ ...request, method: 'HEAD', range: undefined }));
+  }
+
+  /** A link that counts as confirmed now (a shared one, or a fill of this (rule, repository)). */
+  private confirmedNow(): LinkState {
+    return { mediaType: '', confirmedAt: this.cache.now() };
   }
 
   /** The stored blob, whole or the range asked for; null when it went away meanwhile (evicted). */
@@ -89,7 +99,7 @@ export class CachedBlobs {
     }
     headers['content-length'] = String(end - start);
     this.cache.count('blob', 'hit', request.method === 'GET' ? end - start : 0);
-    this.cache.backfill(request.digest, { rule: request.rule, repository: request.repository });
+    this.cache.backfill(request.digest, { rule: request.rule, repository: request.repository, origin: this.origin(request.rule) });
     if (request.method === 'HEAD') {
       lease.release();
       return { status: 200, digest: request.digest, headers, body: undefined, cache: 'hit' };
@@ -112,14 +122,15 @@ export class CachedBlobs {
     const already = cache.flights.get(request.digest); // another client started it meanwhile
     if (already) return this.join(already, request);
     const ended = cache.fillStarted();
-    const origin = { rule: request.rule, repository: request.repository };
+    const origin = { rule: request.rule, repository: request.repository, origin: this.origin(request.rule) };
     const source: SharedSource = { shared: false, claimed: false, failed: false };
     let stopKeepingClaim: () => void = () => undefined;
     const flight: BlobFlight = new BlobFlight(request.digest, origin, new AbortController(), cache.store, async (outcome) => {
       stopKeepingClaim();
       // Linked before the fill goes away, so that no client in between finds the blob stored but
       // unlinked for this (rule, repository) and asks the upstream again (or fails, if it is down).
-      if (outcome.stored) await cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);
+      // The bytes came, verified, from this rule's upstream: recorded first, as a link counts only with it.
+      if (outcome.stored) await cache.store.addOrigin(request.digest, origin.origin).then(() => cache.store.link(request.rule, request.repository, request.digest)).catch(() => undefined);
       if (cache.flights.get(request.digest) === flight) cache.flights.delete(request.digest);
       ended();
       if (outcome.stored && !source.shared) cache.share(request.digest, origin, source.claimed);
@@ -216,8 +227,11 @@ export class CachedBlobs {
         if (size === undefined) return undefined;
       }
     }
-    const linked = (await shared.readLink(request.rule, request.repository, request.digest)) !== null;
-    await this.confirmAccess(request, linked);
+    const origin = this.origin(request.rule);
+    const linked = (await shared.readLink(request.rule, request.repository, request.digest, origin)) !== null;
+    // Only the upstream the shared bytes came from may confirm them; else they are fetched through this rule.
+    if (!linked && !(await shared.storedFrom(request.digest, origin))) return undefined;
+    await this.confirmAccess(request, linked ? this.confirmedNow() : null);
     if (!linked) await shared.writeLink(request.rule, request.repository, request.digest);
     const stream = await shared.readBlob(request.digest, undefined, signal);
     if (!stream) return undefined;
@@ -231,9 +245,19 @@ export class CachedBlobs {
     const reading = flight.reader();
     reading.then((body) => body, () => undefined);
     const sameOrigin = flight.origin.rule === request.rule && flight.origin.repository === request.repository;
+    if (!sameOrigin && this.origin(flight.origin.rule) !== this.origin(request.rule)) {
+      // Another upstream's bytes: not for this rule unless it may read a stored copy; else its own
+      // upstream's, verified.
+      void reading.then((body) => body.destroy(), () => undefined);
+      if ((await this.cache.store.lookup(request.digest)) && (await this.authorizeStored(request))) {
+        const stored = await this.fromStore(request);
+        if (stored) return stored;
+      }
+      return this.relay(request);
+    }
     let stored = flight.stored;
     try {
-      await this.confirmAccess(request, sameOrigin);
+      await this.confirmAccess(request, sameOrigin ? this.confirmedNow() : null);
       if (!sameOrigin) {
         stored = flight.stored.then(async (done) => {
           if (done) await this.cache.store.link(request.rule, request.repository, request.digest).catch(() => undefined);

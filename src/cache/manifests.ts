@@ -19,6 +19,7 @@ import { MANIFEST_ACCEPT, MANIFEST_LIMIT_BYTES } from '../content/passthrough.js
 import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
 import { bridgingTag, staleEligible, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
+import type { LinkState } from './store.js';
 
 /** A tag as one ask of the upstream resolved it, for every client that shared the ask. */
 interface ResolvedTag {
@@ -65,14 +66,28 @@ export class CachedManifests {
     return !this.revalidatesWithGet(request) || this.cache.digestConfirmed(request.rule, request.repository, digest);
   }
 
+  /** The upstream a rule's content comes from (RuleUpstream.origin): a link counts only for content from there. */
+  private origin(request: ManifestRequest): string {
+    return this.rules.get(request.rule)?.origin ?? '';
+  }
+
+  /** What is shared or backfilled for the request's (rule, repository). */
+  private sharedLink(request: ManifestRequest, mediaType: string | undefined): { rule: string; repository: string; origin: string; mediaType: string } {
+    return { rule: request.rule, repository: request.repository, origin: this.origin(request), mediaType: mediaType ?? '' };
+  }
+
   private async byDigest(request: ManifestRequest): Promise<ManifestResult> {
-    const mediaType = await this.cache.store.readLink(request.rule, request.repository, request.reference);
-    if (mediaType !== null && acceptable(request.accept, mediaType)) {
-      const stored = await this.fromStore(request, request.reference, mediaType);
+    const link = await this.cache.store.readLinkState(request.rule, request.repository, request.reference, this.origin(request));
+    if (link !== null && acceptable(request.accept, link.mediaType)) {
+      // In passthrough mode with a credential not accepted recently, and once the link is older than
+      // reconfirmSeconds, the upstream is asked (HEAD) first.
+      const check = { rule: request.rule, repository: request.repository, digest: request.reference, credentials: request.credentials, signal: request.signal, passthrough: this.passthrough(request), link: link satisfies LinkState };
+      await this.cache.confirmAccess(check, () => this.upstream.manifest({ ...request, method: 'HEAD' }));
+      const stored = await this.fromStore(request, request.reference, link.mediaType);
       if (stored) {
         await this.revalidate(request, stored);
         this.cache.count('manifest', 'hit', stored.size);
-        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
+        this.cache.backfill(stored.digest, this.sharedLink(request, stored.mediaType));
         return stored;
       }
     }
@@ -116,7 +131,7 @@ export class CachedManifests {
         this.cache.count('manifest', 'hit', stored.size);
         // What this node knows of the tag, for nodes that will not reach the upstream (backfill).
         void this.cache.shared?.shareTag(request.rule, request.repository, request.reference, record);
-        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
+        this.cache.backfill(stored.digest, this.sharedLink(request, stored.mediaType));
         return stored;
       }
     }
@@ -145,14 +160,19 @@ export class CachedManifests {
       return { ...head, body: request.method === 'HEAD' ? undefined : head.body, cache: outcome };
     }
     if (!acceptable(request.accept, mediaType)) return this.unrecorded(request);
-    // The upstream just named this digest for the repository: a stored copy may be served for it.
-    if (await store.lookup(head.digest)) {
-      const linkedType = await store.readLink(request.rule, request.repository, head.digest);
-      if (linkedType === null) await store.link(request.rule, request.repository, head.digest, mediaType);
-      const stored = await this.fromStore(request, head.digest, linkedType ?? mediaType);
+    // The upstream just named this digest for the repository: a stored copy may be served for it, if
+    // it came from this upstream (another's is fetched by digest through this rule, and verified).
+    let linkedType = await store.readLink(request.rule, request.repository, head.digest, this.origin(request));
+    if (linkedType !== null) await store.confirmLink(request.rule, request.repository, head.digest);
+    else if (await store.storedFrom(head.digest, this.origin(request))) {
+      await store.link(request.rule, request.repository, head.digest, mediaType);
+      linkedType = mediaType;
+    }
+    if (linkedType !== null) {
+      const stored = await this.fromStore(request, head.digest, linkedType);
       if (stored) {
         this.cache.count('manifest', 'hit', stored.size);
-        this.cache.backfill(stored.digest, { rule: request.rule, repository: request.repository, mediaType: stored.mediaType });
+        this.cache.backfill(stored.digest, this.sharedLink(request, stored.mediaType));
         return stored;
       }
     }
@@ -236,7 +256,7 @@ export class CachedManifests {
 
   /** The stored manifest `digest` if this (rule, repository) has a link to it. */
   private async storedFor(request: ManifestRequest, digest: string): Promise<ManifestResult | null> {
-    const mediaType = await this.cache.store.readLink(request.rule, request.repository, digest);
+    const mediaType = await this.cache.store.readLink(request.rule, request.repository, digest, this.origin(request));
     return mediaType === null ? null : this.fromStore(request, digest, mediaType);
   }
 
@@ -310,7 +330,7 @@ export class CachedManifests {
   private async fromShared(request: ManifestRequest, digest: string): Promise<ManifestResult | null> {
     const { shared } = this.cache;
     if (!shared || !this.credentialFresh(request)) return null;
-    const mediaType = await shared.readLink(request.rule, request.repository, digest);
+    const mediaType = await shared.readLink(request.rule, request.repository, digest, this.origin(request));
     if (mediaType === null || !acceptable(request.accept, mediaType)) return null;
     // Sized first: a blob link names a layer too, and a manifest request for it must not read it.
     const size = await shared.blobSize(digest);
@@ -327,7 +347,7 @@ export class CachedManifests {
    * the other nodes through the tier. */
   private async keepFetched(request: ManifestRequest, answer: ManifestResult): Promise<boolean> {
     const stored = await this.store(request, answer);
-    if (answer.body) this.cache.shareManifest(answer.digest, answer.body, { rule: request.rule, repository: request.repository, mediaType: answer.mediaType ?? '' });
+    if (answer.body) this.cache.shareManifest(answer.digest, answer.body, this.sharedLink(request, answer.mediaType));
     return stored;
   }
 
@@ -341,6 +361,8 @@ export class CachedManifests {
         const outcome = await fill.finish();
         if (!outcome.stored) return false;
       }
+      // Fetched through this rule and checked against its digest: its upstream vouches for it.
+      await this.cache.store.addOrigin(answer.digest, this.origin(request));
       await this.cache.store.link(request.rule, request.repository, answer.digest, answer.mediaType ?? '');
       return true;
     } catch (error) {

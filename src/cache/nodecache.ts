@@ -7,19 +7,19 @@ import { hostname } from 'node:os';
 import { Counter, Gauge, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { CacheConfig } from '../rules/config.js';
-import type { CacheOutcome } from '../content/source.js';
+import { ContentError, type CacheOutcome } from '../content/source.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { BlobFlight } from './flight.js';
 import { HashThread } from './hasher.js';
-import { evictionPlan } from './policy.js';
+import { evictionPlan, linkIsFresh, upstreamCouldNotAnswer } from './policy.js';
 import { openSharedStore } from './shared/open.js';
 import { SharedTier } from './shared/tier.js';
-import { NodeStore } from './store.js';
+import { NodeStore, type LinkState, type PurgeOutcome } from './store.js';
 
 export type CacheKind = 'manifest' | 'blob';
 
-/** A (rule, repository) content is shared for, and a manifest's media type. */
-type SharedLink = { readonly rule: string; readonly repository: string; readonly mediaType?: string };
+/** A (rule, repository) content is shared for, the upstream it came from (upstreamOrigin), and a manifest's media type. */
+type SharedLink = { readonly rule: string; readonly repository: string; readonly origin: string; readonly mediaType?: string };
 
 const sharedKnownKey = (digest: string, link: SharedLink) => `${link.rule}\0${link.repository}\0${digest}`;
 
@@ -28,6 +28,20 @@ export interface NodeCacheOptions {
   readonly removePartialFills?: boolean;
   /** This node, as its shared-tier fill claims name it (default: the host name; the chart sets the Node's). */
   readonly nodeName?: string;
+}
+
+/** A read of stored content for a (rule, repository), to be allowed (NodeCache.confirmAccess). */
+export interface AccessCheck {
+  readonly rule: string;
+  readonly repository: string;
+  readonly digest: string;
+  readonly credentials: UpstreamCredentials | undefined;
+  readonly signal: AbortSignal;
+  /** passthrough: the credential is the client's own, which the upstream must have accepted recently. */
+  readonly passthrough: boolean;
+  /** Its link, when it has one (NodeStore.readLinkState); one just read from the shared tier, or a
+   * fill of this (rule, repository) in flight, counts as confirmed now. */
+  readonly link: LinkState | null;
 }
 
 interface CacheMetrics {
@@ -135,6 +149,9 @@ export class NodeCache {
       const lease = this.store.lease(digest);
       const stopKeeping = claimed ? shared.keepClaim(digest, () => true) : undefined;
       try {
+        // Where the bytes came from, before they appear: a node waiting for this upload finds the blob
+        // and may then confirm it with that upstream (a HEAD) before its link is written.
+        await shared.writeOrigin(digest, link.origin);
         // Looked at first: another node's copy is not uploaded again (a multipart upload's condition
         // is checked only when it completes, after every byte went out).
         if (lease && (await shared.blobSize(digest)) === undefined) await shared.uploadBlob(digest, lease.path, lease.size);
@@ -153,6 +170,7 @@ export class NodeCache {
     const { shared } = this;
     if (!shared) return;
     this.inBackground(digest, link, async () => {
+      await shared.writeOrigin(digest, link.origin);
       await shared.writeSmallBlob(digest, body);
       await this.linkShared(shared, digest, link);
     });
@@ -169,7 +187,8 @@ export class NodeCache {
   }
 
   private async linkShared(shared: SharedTier, digest: string, link: SharedLink): Promise<void> {
-    if ((await shared.readLink(link.rule, link.repository, digest)) === null) await shared.writeLink(link.rule, link.repository, digest, link.mediaType);
+    if ((await shared.readLink(link.rule, link.repository, digest, link.origin)) !== null) return;
+    await shared.writeLink(link.rule, link.repository, digest, link.mediaType);
   }
 
   /** Runs a write to the shared tier in the background, waited for (bounded) at close; remembers
@@ -287,6 +306,50 @@ export class NodeCache {
     }
   }
 
+  /**
+   * Lets a (rule, repository) read stored content, or throws the upstream's refusal. A link confirmed
+   * within reconfirmSeconds (in passthrough mode, with a credential accepted within
+   * credentialTTLSeconds) needs nothing; otherwise the upstream is asked (`head`, with the request's
+   * credentials). A yes renews the link. A no (any answer but 5xx or 429) is passed on and, with the
+   * rule's own credentials, removes the link here and in the shared tier: content deleted or revoked
+   * upstream is not served from the cache after that. An upstream that cannot answer leaves a linked
+   * digest servable, as a tag's last known digest is.
+   */
+  async confirmAccess(check: AccessCheck, head: () => Promise<unknown>): Promise<void> {
+    const { link } = check;
+    const credentialFresh = !check.passthrough || this.credentialConfirmed(check.rule, check.repository, check.credentials);
+    if (link && credentialFresh && linkIsFresh(link.confirmedAt, this.now(), this.settings.reconfirmSeconds)) return;
+    try {
+      await head();
+    } catch (error) {
+      if (!(error instanceof ContentError) || check.signal.aborted) throw error;
+      if (upstreamCouldNotAnswer(error.details.status)) {
+        if (link && credentialFresh) return;
+        throw error;
+      }
+      if (link && !check.passthrough) {
+        this.logger.info({ rule: check.rule, repository: check.repository, digest: check.digest, status: error.details.status }, 'the upstream no longer confirms cached content: its link is removed');
+        await this.store.unlink(check.rule, check.repository, check.digest);
+        await this.shared?.removeLink(check.rule, check.repository, check.digest);
+      }
+      throw error;
+    }
+    if (check.passthrough) this.confirmCredential(check.rule, check.repository, check.credentials);
+    if (link) await this.store.confirmLink(check.rule, check.repository, check.digest);
+  }
+
+  /**
+   * Forgets what (rule, repository) may read, on this node and in the shared tier: its link to
+   * `digest` (and the tag records naming it), or all its links and tag records. Its next pull asks
+   * the upstream, as a first one does.
+   */
+  async purge(rule: string, repository: string, digest?: string): Promise<PurgeOutcome> {
+    const outcome = await this.store.purge(rule, repository, digest);
+    await this.shared?.purge(rule, repository, digest);
+    this.logger.info({ rule, repository, digest, ...outcome }, 'cache purged');
+    return outcome;
+  }
+
   /** passthrough: whether the upstream accepted these credentials for the repository within credentialTTLSeconds. */
   credentialConfirmed(rule: string, repository: string, credentials: UpstreamCredentials | undefined): boolean {
     const at = this.confirmations.get(confirmationKey(rule, repository, credentials));
@@ -308,8 +371,10 @@ export class NodeCache {
     remember(this.digestConfirmations, `${rule}\0${repository}\0${digest}`, this.now());
   }
 
-  /** Settles when every upload to the shared tier started so far has ended. */
+  /** Settles when every upload to the shared tier started so far (or by a fill in flight) has ended. */
   async sharing(): Promise<void> {
+    // Fills in flight first: each starts its upload when it is stored and linked.
+    await Promise.all([...this.flights.values()].map((flight) => flight.stored));
     await Promise.all([...this.uploads]);
   }
 

@@ -182,6 +182,26 @@ export function tagFallback(record: TagRecord | undefined, failure: TagFailure, 
   return { serve: 'stale', record, ageSeconds: Math.floor(age / 1000) };
 }
 
+/**
+ * Whether a link (what a (rule, repository) may read from the cache) serves without asking the
+ * upstream again: confirmed (fetched, or answered by a HEAD there) within reconfirmSeconds. A time
+ * ahead of `now` (a clock set back) does not count as fresh.
+ */
+export function linkIsFresh(confirmedAt: number, now: number, reconfirmSeconds: number): boolean {
+  const age = now - confirmedAt;
+  return age >= 0 && age < reconfirmSeconds * 1000;
+}
+
+/**
+ * Whether an upstream failure, as the HTTP status it tells the client, leaves cached content
+ * servable: only when the upstream could not answer (unreachable, timed out, 5xx: the proxy answers
+ * those 502/504 or the upstream's 5xx) or asked to come back later (429). Anything else (401, 403,
+ * 404, 410, …) is the upstream saying no.
+ */
+export function upstreamCouldNotAnswer(status: number): boolean {
+  return status >= 500 || status === 429;
+}
+
 /** A blob in the node store, as eviction sees it. */
 export interface StoredBlob {
   readonly digest: string;

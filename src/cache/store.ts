@@ -2,8 +2,9 @@
 // links that say which (rule, repository) fetched a blob, and what each tag pointed at.
 //
 //   <root>/blobs/<algorithm>/<hex>                          content, only ever digest-verified
+//   <root>/origins/<algorithm>/<hex>                        the upstreams (upstreamOrigin) it came from, one a line
 //   <root>/tmp/<random>                                     fills in progress; removed on open
-//   <root>/repositories/<rule>/<repository>/_links/<algorithm>/<hex>    empty file: a link
+//   <root>/repositories/<rule>/<repository>/_links/<algorithm>/<hex>    a link (its mtime: last confirmed)
 //   <root>/repositories/<rule>/<repository>/_tags/<tag>                 JSON TagRecord
 //
 // (`_links` and `_tags` cannot collide with a repository path component: those start with a letter
@@ -16,7 +17,7 @@
 
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { mkdir, open, readdir, readFile, rename, rm, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
+import { appendFile, mkdir, open, readdir, readFile, rename, rm, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { inlineHash, type FillHash, type HashFactory } from './hasher.js';
 import { digestError } from '../reference/reference.js';
@@ -34,6 +35,22 @@ export interface BlobLease {
   readonly size: number;
   release(): void;
 }
+
+/** A link as read: a manifest's media type ('' for a blob), and when the upstream last confirmed it
+ * (fetched through the link's rule, or answered a HEAD there; ms since the epoch). */
+export interface LinkState {
+  readonly mediaType: string;
+  readonly confirmedAt: number;
+}
+
+/** What a purge removed. */
+export interface PurgeOutcome {
+  readonly links: number;
+  readonly tags: number;
+}
+
+/** An upstream origin as recorded (upstreamOrigin: a sha256 in hex). */
+const ORIGIN = /^[0-9a-f]{64}$/;
 
 /** A failed fill's `corrupt`: the whole body arrived and hashed to another digest (not a cut transfer). */
 export type FillOutcome = { readonly stored: true } | { readonly stored: false; readonly reason: string; readonly corrupt?: true };
@@ -148,7 +165,7 @@ export class NodeStore {
   static async open(root: string, now: () => number = Date.now, hash: HashFactory = inlineHash, options: { readonly removePartialFills?: boolean } = {}): Promise<NodeStore> {
     const store = new NodeStore(root, now, hash);
     if (options.removePartialFills !== false) await rm(join(root, 'tmp'), { recursive: true, force: true });
-    await Promise.all(['tmp', 'blobs', 'repositories'].map((dir) => mkdir(join(root, dir), { recursive: true })));
+    await Promise.all(['tmp', 'blobs', 'origins', 'repositories'].map((dir) => mkdir(join(root, dir), { recursive: true })));
     // Only files named as the store names them (`<algorithm>/<hex>`, a digest by the grammar) are
     // blobs; anything else there is not indexed, and so never served or evicted.
     for (const algorithm of await readdir(join(root, 'blobs'), { withFileTypes: true })) {
@@ -262,7 +279,33 @@ export class NodeStore {
     if (!entry || entry.readers > 0) return false;
     this.entries.delete(digest);
     await rm(path, { force: true });
+    await rm(this.originsPath(digest), { force: true });
     return true;
+  }
+
+  private originsPath(digest: string): string {
+    const { algorithm, hex } = digestKey(digest);
+    return join(this.root, 'origins', algorithm, hex);
+  }
+
+  /** Records that `digest`'s bytes came, verified, from the upstream `origin` (upstreamOrigin). */
+  async addOrigin(digest: string, origin: string): Promise<void> {
+    if (!ORIGIN.test(origin)) throw new Error('an upstream origin is a sha256 in hex');
+    const path = this.originsPath(digest);
+    if ((await this.origins(path)).includes(origin)) return;
+    await mkdir(join(path, '..'), { recursive: true });
+    await appendFile(path, `${origin}\n`);
+  }
+
+  /** Whether `digest` is stored and its bytes came from the upstream `origin`: only that upstream's
+   * HEAD may confirm it for a (rule, repository) without a link. */
+  async storedFrom(digest: string, origin: string): Promise<boolean> {
+    return (await this.lookup(digest)) && (await this.origins(this.originsPath(digest))).includes(origin);
+  }
+
+  private async origins(path: string): Promise<string[]> {
+    const text = await readFile(path, 'utf8').catch(() => '');
+    return text.split('\n').filter((line) => ORIGIN.test(line));
   }
 
   private linkPath(rule: string, repository: string, digest: string): string {
@@ -272,28 +315,87 @@ export class NodeStore {
 
   /**
    * Records that `digest` was fetched through `rule` for `repository` (or the upstream confirmed it
-   * there); a manifest's link holds its media type.
+   * there), confirmed now; a manifest's link holds its media type.
    */
   async link(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
     const path = this.linkPath(rule, repository, digest);
     await mkdir(join(path, '..'), { recursive: true });
     await writeFile(path, mediaType);
+    await this.confirmLink(rule, repository, digest);
   }
 
-  /** Whether `digest` was fetched through `rule` for `repository` (and is still stored). */
-  async linked(rule: string, repository: string, digest: string): Promise<boolean> {
-    return (await this.readLink(rule, repository, digest)) !== null;
+  /** The upstream confirmed the link again now (its mtime says when). */
+  async confirmLink(rule: string, repository: string, digest: string): Promise<void> {
+    const at = new Date(this.now());
+    await utimes(this.linkPath(rule, repository, digest), at, at).catch(() => undefined);
   }
 
-  /** A link's content (a manifest's media type, '' for a blob), or null without a link or blob. */
-  async readLink(rule: string, repository: string, digest: string): Promise<string | null> {
-    const path = this.linkPath(rule, repository, digest);
-    if (!(await this.lookup(digest))) return null;
+  /** Removes a link: `(rule, repository)` may no longer read `digest` without asking its upstream. */
+  async unlink(rule: string, repository: string, digest: string): Promise<void> {
+    await rm(this.linkPath(rule, repository, digest), { force: true });
+  }
+
+  /** Whether `digest` was fetched through `rule` (whose upstream is `origin`) for `repository` (and is still stored). */
+  async linked(rule: string, repository: string, digest: string, origin: string): Promise<boolean> {
+    return (await this.readLink(rule, repository, digest, origin)) !== null;
+  }
+
+  /** A link's content (a manifest's media type, '' for a blob), or null: see readLinkState. */
+  async readLink(rule: string, repository: string, digest: string, origin: string): Promise<string | null> {
+    return (await this.readLinkState(rule, repository, digest, origin))?.mediaType ?? null;
+  }
+
+  /**
+   * A link of `rule`, whose upstream is `origin`, and when it was last confirmed; null without a
+   * link or blob, or when the blob's bytes did not come from that upstream (another rule's, or the
+   * rule pointed elsewhere when it was fetched): then it is fetched again through the rule.
+   */
+  async readLinkState(rule: string, repository: string, digest: string, origin: string): Promise<LinkState | null> {
+    if (!(await this.storedFrom(digest, origin))) return null;
+    let file;
     try {
-      return await readFile(path, 'utf8');
+      file = await open(this.linkPath(rule, repository, digest), 'r');
     } catch {
       return null;
     }
+    try {
+      const info = await file.stat();
+      return { mediaType: await file.readFile('utf8'), confirmedAt: info.mtimeMs };
+    } catch {
+      return null;
+    } finally {
+      await file.close();
+    }
+  }
+
+  /**
+   * Forgets what `(rule, repository)` may read: its link to `digest` and the tag records naming it,
+   * or, without a digest, all its links and tag records. The blobs stay for other links (eviction
+   * takes them).
+   */
+  async purge(rule: string, repository: string, digest?: string): Promise<PurgeOutcome> {
+    const base = this.repositoryPath(rule, repository);
+    let links = 0;
+    let tags = 0;
+    if (digest !== undefined) {
+      const path = this.linkPath(rule, repository, digest);
+      if (await stat(path).then(() => true, () => false)) {
+        await rm(path, { force: true });
+        links++;
+      }
+    } else {
+      for (const algorithm of await readdir(join(base, '_links')).catch(() => [])) {
+        const dir = join(base, '_links', algorithm);
+        links += (await readdir(dir).catch(() => [])).length;
+        await rm(dir, { recursive: true, force: true });
+      }
+    }
+    for (const tag of await readdir(join(base, '_tags')).catch(() => [])) {
+      if (digest !== undefined && (await this.readTag(rule, repository, tag))?.digest !== digest) continue;
+      await rm(join(base, '_tags', tag), { force: true });
+      tags++;
+    }
+    return { links, tags };
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {

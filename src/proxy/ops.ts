@@ -1,11 +1,13 @@
 // The operations endpoints: health, readiness, Prometheus metrics and the upstream status document;
-// on the operations port only, `POST /warm` (cache warm-up).
+// on the operations port only, `POST /warm` (cache warm-up) and `POST /purge` (forget what a
+// repository may read from the cache).
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Registry } from 'prom-client';
 import { warmImages } from '../cache/warm.js';
 import { parseWarmRequest, WARM_BODY_LIMIT_BYTES } from '../cache/warmplan.js';
 import type { Logger } from '../log.js';
+import { digestError, isValidRepositoryPath } from '../reference/reference.js';
 import type { Prober } from '../upstream/probe.js';
 import type { ListenerStatus } from './listener.js';
 import type { ProxyRuntime } from './runtime.js';
@@ -29,8 +31,8 @@ export function isOpsRequest(method: string | undefined, url: string, opsOnRegis
   return method === 'GET' && (HEALTH_PATHS.has(url) || (opsOnRegistryPort && OPS_PATHS.has(url)));
 }
 
-/** The operations port's handler: the GET endpoints, and `POST /warm`, which only this port serves
- * (the registry port is reachable by every Pod on the node). */
+/** The operations port's handler: the GET endpoints, and `POST /warm` and `POST /purge`, which only
+ * this port serves (the registry port is reachable by every Pod on the node). */
 export function createOpsHandler(options: OpsHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
   const warm = { running: false };
   return (req, res) => {
@@ -47,8 +49,23 @@ export function createOpsHandler(options: OpsHandlerOptions): (req: IncomingMess
       });
       return;
     }
+    if (url === '/purge' || url.startsWith('/purge?')) {
+      if (req.method !== 'POST') {
+        res.writeHead(405, { 'content-type': 'text/plain', allow: 'POST' }).end('POST /purge?rule=R&repository=X[&digest=D]');
+        return;
+      }
+      req.resume();
+      servePurge(options, url).then(
+        ({ status, body }) => answerJson(res, status, body),
+        (error: unknown) => {
+          options.logger?.error({ err: error }, 'cache purge failed');
+          answerJson(res, 500, { error: 'internal error' });
+        },
+      );
+      return;
+    }
     if (req.method !== 'GET' || !OPS_PATHS.has(url)) {
-      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: GET /healthz, /readyz, /metrics or /status, POST /warm');
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: GET /healthz, /readyz, /metrics or /status, POST /warm, POST /purge');
       return;
     }
     void serveOps(options, url, res);
@@ -141,6 +158,30 @@ async function serveWarm(options: OpsHandlerOptions, warm: { running: boolean },
     warm.running = false;
     res.off('close', onClose);
   }
+}
+
+/**
+ * `POST /purge?rule=R&repository=X[&digest=D]`: the node cache forgets what (rule, repository) may
+ * read — its link to D and the tag records naming D, or all its links and tag records — on this node
+ * and in the shared tier (NodeCache.purge). Its next pull asks the upstream, as a first one does.
+ */
+async function servePurge(options: OpsHandlerOptions, url: string): Promise<{ status: number; body: unknown }> {
+  const runtime = options.runtime();
+  if (!runtime?.cache) return { status: 409, body: { error: 'this proxy has no node cache (cache.path in the config): there is nothing to purge' } };
+  const query = new URL(url, 'http://ops').searchParams;
+  const unknown = [...query.keys()].filter((key) => !['rule', 'repository', 'digest'].includes(key));
+  if (unknown.length > 0) return { status: 400, body: { error: `unknown parameter ${unknown.join(', ')}: give rule, repository and optionally digest` } };
+  const rule = query.get('rule');
+  const repository = query.get('repository');
+  const digest = query.get('digest') ?? undefined;
+  if (!rule) return { status: 400, body: { error: 'rule is required (a registry rule name from the config)' } };
+  if (!runtime.config.registries.some((r) => r.name === rule)) return { status: 404, body: { error: `rule "${rule}" is not in the config (rules: ${runtime.config.registries.map((r) => r.name).join(', ')})` } };
+  if (!repository) return { status: 400, body: { error: 'repository is required (as on the upstream, without the rule: team/app)' } };
+  if (!isValidRepositoryPath(repository)) return { status: 400, body: { error: `repository "${repository}" is not a repository path (lower-case components separated by "/")` } };
+  const invalid = digest === undefined ? null : digestError(digest);
+  if (invalid !== null) return { status: 400, body: { error: `digest: ${invalid}` } };
+  const outcome = await runtime.cache.purge(rule, repository, digest);
+  return { status: 200, body: { rule, repository, ...(digest !== undefined ? { digest } : {}), ...outcome } };
 }
 
 export async function serveOps(options: OpsHandlerOptions, url: string, res: ServerResponse): Promise<void> {

@@ -215,6 +215,8 @@ const cacheSchema = z.strictObject({
   staleIfErrorSeconds: seconds(365 * 86_400).default(604_800),
   /** passthrough: a client's credential accepted upstream for a repository serves cached content this long. */
   credentialTTLSeconds: seconds(3_600).default(60),
+  /** Content a (rule, repository) has a link to is confirmed upstream again (a HEAD) when its link is older than this. */
+  reconfirmSeconds: seconds(30 * 86_400).default(3_600),
   /** The second tier, shared by every node (README "Sharing the cache across nodes"). */
   shared: sharedSchema.optional(),
 });

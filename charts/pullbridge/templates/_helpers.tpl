@@ -59,6 +59,7 @@ cache:
   tagTTLSeconds: {{ .Values.cache.tagTTLSeconds | int }}
   staleIfErrorSeconds: {{ .Values.cache.staleIfErrorSeconds | int }}
   credentialTTLSeconds: {{ .Values.cache.credentialTTLSeconds | int }}
+  reconfirmSeconds: {{ .Values.cache.reconfirmSeconds | int }}
   {{- with include "pullbridge.sharedConfig" . }}
   shared:
     {{- . | nindent 4 }}

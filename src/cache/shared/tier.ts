@@ -46,6 +46,11 @@ const digestPath = (digest: string) => {
   return `${algorithm}/${hex}`;
 };
 const repositoryPath = (rule: string, repository: string) => `repositories/${repositoryKey(rule, repository).join('/')}`;
+/** An upstream's identity (upstreamOrigin): a sha256 in hex, nothing that could leave its directory. */
+const originKey = (origin: string) => {
+  if (!/^[0-9a-f]{64}$/.test(origin)) throw new CacheKeyError(`not an upstream identity: ${JSON.stringify(origin.slice(0, 80))}`);
+  return origin;
+};
 /** Keys as the node store lays out its directories (store.ts), so that a filesystem tier reads alike;
  * checked as the node store checks its paths (a CacheKeyError for a digest, rule, repository or tag
  * that is not one by the grammar), so that no key leaves the tier's prefix. */
@@ -54,6 +59,8 @@ export const sharedKeys = {
   link: (rule: string, repository: string, digest: string) => `${repositoryPath(rule, repository)}/_links/${digestPath(digest)}`,
   tag: (rule: string, repository: string, tag: string) => `${repositoryPath(rule, repository)}/_tags/${tagKey(tag)}`,
   claim: (digest: string) => `claims/${digestPath(digest)}`,
+  /** An empty record: the blob's bytes came from this upstream (upstreamOrigin, a sha256 in hex). */
+  origin: (digest: string, origin: string) => `origins/${digestPath(digest)}/${originKey(origin)}`,
 };
 
 export interface SharedStatus {
@@ -175,15 +182,52 @@ export class SharedTier {
     }
   }
 
-  /** A link's content (a manifest's media type, '' for a blob), or null without one. */
-  async readLink(rule: string, repository: string, digest: string): Promise<string | null> {
+  /**
+   * A link's content (a manifest's media type, '' for a blob) for a rule whose upstream is `origin`;
+   * null without one, or when the tier does not record that the blob came from that upstream (a link
+   * written for another upstream's content never unlocks it).
+   */
+  async readLink(rule: string, repository: string, digest: string, origin: string): Promise<string | null> {
     const key = sharedKeys.link(rule, repository, digest);
     const body = await this.readRecord(key);
-    return body === undefined ? null : this.parsed(key, parseLink(body.toString('latin1')) ?? undefined) ?? null;
+    const mediaType = body === undefined ? null : (this.parsed(key, parseLink(body.toString('latin1')) ?? undefined) ?? null);
+    if (mediaType === null || !(await this.storedFrom(digest, origin))) return null;
+    return mediaType;
   }
 
   async writeLink(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
     await this.writeRecord(sharedKeys.link(rule, repository, digest), Buffer.from(mediaType));
+  }
+
+  async removeLink(rule: string, repository: string, digest: string): Promise<void> {
+    await this.call('remove', undefined, (store) => store.remove(sharedKeys.link(rule, repository, digest)));
+  }
+
+  /**
+   * Forgets what `(rule, repository)` may read in the tier, as NodeStore.purge does on a node: its
+   * link to `digest` and the tag records naming it, or all its links and tag records.
+   */
+  async purge(rule: string, repository: string, digest?: string): Promise<void> {
+    await this.call('remove', undefined, async (store) => {
+      const base = repositoryPath(rule, repository);
+      if (digest !== undefined) await store.remove(sharedKeys.link(rule, repository, digest));
+      else for await (const link of store.list(`${base}/_links/`)) await store.remove(link.key);
+      for await (const tag of store.list(`${base}/_tags/`)) {
+        if (digest !== undefined && parseTagRecord(openRecord(this.recordKey, tag.key, (await store.readRecord(tag.key, RECORD_MAX_BYTES)) ?? Buffer.alloc(0))?.toString('utf8') ?? '')?.digest !== digest) continue;
+        this.tagWrites.delete(tag.key);
+        await store.remove(tag.key);
+      }
+    });
+  }
+
+  /** Whether the tier records that the blob's bytes came from the upstream `origin`. */
+  async storedFrom(digest: string, origin: string): Promise<boolean> {
+    return (await this.readRecord(sharedKeys.origin(digest, origin))) !== undefined;
+  }
+
+  /** Records that the blob's bytes came, verified, from the upstream `origin`. */
+  async writeOrigin(digest: string, origin: string): Promise<void> {
+    await this.writeRecord(sharedKeys.origin(digest, origin), Buffer.alloc(0));
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
