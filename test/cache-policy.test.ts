@@ -2,8 +2,9 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, linkIsFresh, mayWaitForFill, parseByteQuantity, parseLink, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamCouldNotAnswer, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, linkIsFresh, mayWaitForFill, parseByteQuantity, parseLink, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 import { openRecord, sealRecord } from '../src/cache/shared/records.js';
+import type { ContentFailure } from '../src/content/source.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
 
@@ -94,8 +95,9 @@ describe('cache policy', () => {
   });
 
   it('keeps cached content servable only when the upstream could not answer (5xx, 429, the proxy\'s 502/504); any other answer is a no', () => {
-    for (const status of [429, 500, 502, 503, 504]) assert.equal(upstreamCouldNotAnswer(status), true, String(status));
-    for (const status of [400, 401, 403, 404, 410, 412, 451]) assert.equal(upstreamCouldNotAnswer(status), false, String(status));
+    const eligible = (failure: ContentFailure, status: number) => staleEligible(upstreamFailureOf(failure, { status }));
+    for (const [failure, status] of [['too-many-requests', 429], ['unavailable', 500], ['unavailable', 502], ['unavailable', 503], ['unavailable', 504], ['invalid', 502]] as const) assert.equal(eligible(failure, status), true, String(status));
+    for (const [failure, status] of [['refused', 400], ['unauthorized', 401], ['denied', 403], ['not-found', 404], ['refused', 410], ['refused', 412], ['refused', 451]] as const) assert.equal(eligible(failure, status), false, String(status));
   });
 
   it('evicts least recently used blobs until the store fits and the disk keeps its floor, never one being read', () => {

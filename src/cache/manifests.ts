@@ -18,7 +18,7 @@ import { ContentError, type ContentSource, type ManifestRequest, type ManifestRe
 import { MANIFEST_ACCEPT, MANIFEST_LIMIT_BYTES } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { credentialHash, type NodeCache } from './nodecache.js';
-import { bridgingTag, staleEligible, tagFallback, tagIsFresh, type TagFailure, type TagRecord } from './policy.js';
+import { bridgingTag, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type TagRecord } from './policy.js';
 import type { LinkState } from './store.js';
 
 /** A tag as one ask of the upstream resolved it, for every client that shared the ask. */
@@ -114,7 +114,7 @@ export class CachedManifests {
     try {
       await this.upstream.manifest(get ? { ...request, method: 'GET', ifNoneMatch: stored } : { ...request, method: 'HEAD' });
     } catch (error) {
-      if (!credentialFresh || !(error instanceof ContentError) || request.signal.aborted || !staleEligible(tagFailureOf(error))) throw error;
+      if (!credentialFresh || !(error instanceof ContentError) || request.signal.aborted || !staleEligible(upstreamFailureOf(error.failure, error.details))) throw error;
       return;
     }
     this.confirmed(request);
@@ -141,7 +141,7 @@ export class CachedManifests {
     } catch (error) {
       if (!(error instanceof ContentError) || request.signal.aborted) throw error;
       const known = bridgingTag(record, await this.cache.shared?.readTag(request.rule, request.repository, request.reference), now(), settings);
-      const fallback = tagFallback(known, tagFailureOf(error), now(), settings);
+      const fallback = tagFallback(known, upstreamFailureOf(error.failure, error.details), now(), settings);
       const servable = fallback.serve === 'stale' && acceptable(request.accept, fallback.record.mediaType) && this.credentialFresh(request);
       const stale = servable ? ((await this.storedFor(request, fallback.record.digest)) ?? (await this.fromShared(request, fallback.record.digest))) : null;
       if (fallback.serve !== 'stale' || !stale) throw error;
@@ -298,7 +298,7 @@ export class CachedManifests {
             // Not the first client's signal: its leaving must not fail the others (timeouts bound it).
             answer = await this.upstream.manifest({ ...request, method: 'GET', reference: digest, byDigest: true, signal: new AbortController().signal, buffers });
           } catch (error) {
-            const shared = !confirmed && error instanceof ContentError && staleEligible(tagFailureOf(error)) ? await this.fromShared({ ...request, buffers }, digest) : null;
+            const shared = !confirmed && error instanceof ContentError && staleEligible(upstreamFailureOf(error.failure, error.details)) ? await this.fromShared({ ...request, buffers }, digest) : null;
             if (!shared) throw error;
             return { answer: shared, stored: true };
           }
@@ -386,21 +386,3 @@ function digestOf(digest: string, body: Buffer): string {
 }
 
 /** How asking the upstream failed, for the stale-if-error rule. */
-function tagFailureOf(error: ContentError): TagFailure {
-  switch (error.failure) {
-    case 'not-found':
-      return 'not-found';
-    case 'unauthorized':
-      return 'unauthorized';
-    case 'denied':
-      return 'denied';
-    case 'refused':
-      return 'refused';
-    case 'too-many-requests':
-      return 'throttled';
-    case 'unavailable':
-      return error.details.status === 504 ? 'timeout' : error.details.status >= 500 && error.details.registryBody !== undefined ? 'server-error' : 'unreachable';
-    case 'invalid':
-      return 'server-error';
-  }
-}

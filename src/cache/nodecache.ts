@@ -11,7 +11,7 @@ import { ContentError, type CacheOutcome } from '../content/source.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { BlobFlight } from './flight.js';
 import { HashThread } from './hasher.js';
-import { evictionPlan, linkIsFresh, upstreamCouldNotAnswer } from './policy.js';
+import { evictionPlan, linkIsFresh, staleEligible, upstreamFailureOf } from './policy.js';
 import { openSharedStore } from './shared/open.js';
 import { SharedTier } from './shared/tier.js';
 import { NodeStore, type LinkState, type PurgeOutcome } from './store.js';
@@ -323,7 +323,7 @@ export class NodeCache {
       await head();
     } catch (error) {
       if (!(error instanceof ContentError) || check.signal.aborted) throw error;
-      if (upstreamCouldNotAnswer(error.details.status)) {
+      if (staleEligible(upstreamFailureOf(error.failure, error.details))) {
         if (link && credentialFresh) return;
         throw error;
       }

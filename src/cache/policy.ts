@@ -2,6 +2,7 @@
 // quantities, when a cached tag may answer without asking upstream, when the last known digest may
 // stand in for an upstream that fails, and which blobs to evict.
 
+import type { ContentFailure } from '../content/source.js';
 import { digestError, isValidRepositoryPath, isValidTag } from '../reference/reference.js';
 
 const BINARY_SUFFIXES: Readonly<Record<string, number>> = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, Pi: 2 ** 50, Ei: 2 ** 60 };
@@ -159,6 +160,27 @@ export function tagIsFresh(record: TagRecord | undefined, now: number, times: Ta
  */
 export type TagFailure = 'unreachable' | 'timeout' | 'server-error' | 'throttled' | 'unauthorized' | 'denied' | 'not-found' | 'refused';
 
+/** How asking the upstream failed, from the content layer's failure and the status it answers with
+ * (and whether the upstream sent a registry error document: a 5xx of its own, not a way there lost). */
+export function upstreamFailureOf(failure: ContentFailure, details: { readonly status: number; readonly registryBody?: string }): TagFailure {
+  switch (failure) {
+    case 'not-found':
+      return 'not-found';
+    case 'unauthorized':
+      return 'unauthorized';
+    case 'denied':
+      return 'denied';
+    case 'refused':
+      return 'refused';
+    case 'too-many-requests':
+      return 'throttled';
+    case 'unavailable':
+      return details.status === 504 ? 'timeout' : details.status >= 500 && details.registryBody !== undefined ? 'server-error' : 'unreachable';
+    case 'invalid':
+      return 'server-error';
+  }
+}
+
 /**
  * Whether what the cache holds may stand in for an upstream that failed this way: only when the
  * upstream could not answer; never when it answered no (a cache must not keep serving what the
@@ -190,16 +212,6 @@ export function tagFallback(record: TagRecord | undefined, failure: TagFailure, 
 export function linkIsFresh(confirmedAt: number, now: number, reconfirmSeconds: number): boolean {
   const age = now - confirmedAt;
   return age >= 0 && age < reconfirmSeconds * 1000;
-}
-
-/**
- * Whether an upstream failure, as the HTTP status it tells the client, leaves cached content
- * servable: only when the upstream could not answer (unreachable, timed out, 5xx: the proxy answers
- * those 502/504 or the upstream's 5xx) or asked to come back later (429). Anything else (401, 403,
- * 404, 410, …) is the upstream saying no.
- */
-export function upstreamCouldNotAnswer(status: number): boolean {
-  return status >= 500 || status === 429;
 }
 
 /** A blob in the node store, as eviction sees it. */
