@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { ADMISSION_BODY_LIMIT_BYTES, MAX_CONTAINERS, ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL, TOTAL_ANNOTATION_SIZE_LIMIT_BYTES, admitPod, annotationBytes, parseAdmissionReview, type AdmissionRequest } from '../src/webhook/admission.js';
+import { ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL } from '../src/rules/marks.js';
+import { ADMISSION_BODY_LIMIT_BYTES, MAX_CONTAINERS, TOTAL_ANNOTATION_SIZE_LIMIT_BYTES, admitPod, annotationBytes, parseAdmissionReview, type AdmissionRequest } from '../src/webhook/admission.js';
 import { SHA, testConfig } from './support/config.js';
 import { applyPatch, podWith, reviewFor, type PodShape } from './support/review.js';
 

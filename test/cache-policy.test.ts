@@ -2,9 +2,10 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, linkIsFresh, mayWaitForFill, parseByteQuantity, parseLink, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, linkIsFresh, mayWaitForFill, parseLink, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 import { openRecord, sealRecord } from '../src/cache/shared/records.js';
 import type { ContentFailure } from '../src/content/source.js';
+import { parseByteQuantity } from '../src/rules/quantity.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
 

@@ -8,7 +8,7 @@ import request from 'supertest';
 import { generateCertificates, generateClientCertificate, type CertificateBundle } from '../src/certs/certs.js';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { listen, type RunningServer } from '../src/shell/serve.js';
-import { ORIGINAL_IMAGES_ANNOTATION } from '../src/webhook/admission.js';
+import { ORIGINAL_IMAGES_ANNOTATION } from '../src/rules/marks.js';
 import { decideCaller, dnsNamesOf } from '../src/webhook/clientauth.js';
 import { runWebhook } from '../src/webhook/run.js';
 import { createWebhookApp, type WebhookAppOptions } from '../src/webhook/server.js';

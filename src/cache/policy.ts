@@ -1,25 +1,10 @@
-// The node cache's rules, as data in and data out (no clock, no files): sizes written as Kubernetes
-// quantities, when a cached tag may answer without asking upstream, when the last known digest may
-// stand in for an upstream that fails, and which blobs to evict.
+// The node cache's rules, as data in and data out (no clock, no files): which names may become
+// paths and keys, when a cached tag may answer without asking upstream, when the last known digest
+// may stand in for an upstream that fails, what the shared tier's records may claim, and which
+// blobs to evict.
 
 import type { ContentFailure } from '../content/source.js';
 import { digestError, isValidRepositoryPath, isValidTag } from '../reference/reference.js';
-
-const BINARY_SUFFIXES: Readonly<Record<string, number>> = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, Pi: 2 ** 50, Ei: 2 ** 60 };
-const DECIMAL_SUFFIXES: Readonly<Record<string, number>> = { k: 1e3, M: 1e6, G: 1e9, T: 1e12, P: 1e15, E: 1e18 };
-
-/**
- * Bytes from an integer or a Kubernetes quantity (`20Gi`, `500M`, `1.5Gi`), as `maxBytes` is
- * written in values files; null when it is neither, or not a whole, safe, non-negative number.
- */
-export function parseByteQuantity(value: number | string): number | null {
-  if (typeof value === 'number') return Number.isSafeInteger(value) && value >= 0 ? value : null;
-  const match = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$/.exec(value.trim());
-  if (!match) return null;
-  const unit = match[2] ? (BINARY_SUFFIXES[match[2]] ?? DECIMAL_SUFFIXES[match[2]] ?? 1) : 1;
-  const bytes = Math.floor(Number(match[1]) * unit);
-  return Number.isSafeInteger(bytes) ? bytes : null;
-}
 
 /**
  * A name the node store or the shared tier was asked to make a path or a key of, and refused: a

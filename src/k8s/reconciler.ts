@@ -5,7 +5,7 @@
 import type { CoreV1Api, V1Namespace, V1Secret } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
-import { REWRITTEN_LABEL } from '../webhook/admission.js';
+import { REWRITTEN_LABEL } from '../rules/marks.js';
 import { apiMessage, apiStatus } from './client.js';
 import { KEY_ID_ANNOTATION, isManaged, keyId, lastUse, type PullSecretProvisioner } from './pullsecret.js';
 

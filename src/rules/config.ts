@@ -6,7 +6,7 @@ import { isIP } from 'node:net';
 import { z } from 'zod';
 import { canonicalRegistryHost } from '../reference/reference.js';
 import { compileFilter, type CompiledFilter } from './glob.js';
-import { parseByteQuantity } from '../cache/policy.js';
+import { parseByteQuantity } from './quantity.js';
 
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 

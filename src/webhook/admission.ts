@@ -4,13 +4,12 @@ import type { Operation } from 'fast-json-patch';
 import { z } from 'zod';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
 import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
+import { ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL } from '../rules/marks.js';
 import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
 
-export const ORIGINAL_IMAGES_ANNOTATION = 'pullbridge.io/original-images';
 /** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
  * (TotalAnnotationSizeLimitB in k8s.io/apimachinery). */
 export const TOTAL_ANNOTATION_SIZE_LIMIT_BYTES = 256 * 1024;
-export const REWRITTEN_LABEL = 'pullbridge.io/rewritten';
 export const ADMISSION_API_VERSION = 'admission.k8s.io/v1';
 
 /** Kubernetes caps request bodies at 3 MiB; an AdmissionReview carries object and oldObject. */

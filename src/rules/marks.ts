@@ -1,0 +1,7 @@
+// What pullbridge writes on the Pods it rewrites, and reads back: the webhook marks them, the pull
+// secret reconciler finds them by the label.
+
+/** The label on a Pod whose images the webhook rewrote. */
+export const REWRITTEN_LABEL = 'pullbridge.io/rewritten';
+/** The annotation holding a Pod's images as they were written, before the rewrite. */
+export const ORIGINAL_IMAGES_ANNOTATION = 'pullbridge.io/original-images';
