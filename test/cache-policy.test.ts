@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { byteRange, evictionPlan, parseByteQuantity, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { byteRange, evictionPlan, grownReservation, parseByteQuantity, roomFor, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
 
@@ -49,6 +49,19 @@ describe('cache policy', () => {
     assert.deepEqual(evictionPlan(blobs, { maxBytes: 250, minFreeBytes: 0, freeBytes: 1e9 }), ['sha256:old', 'sha256:mid']);
     assert.deepEqual(evictionPlan(blobs, { maxBytes: 1000, minFreeBytes: 500, freeBytes: 350 }), ['sha256:old', 'sha256:mid']);
     assert.deepEqual(evictionPlan(blobs, { maxBytes: 1000, minFreeBytes: 0, freeBytes: 0 }), []);
+  });
+
+  it('reserves room for a fill only within maxBytes with what is stored and reserved, and above minFreeBytes once every reservation is written', () => {
+    const room = { storedBytes: 10, reservedBytes: 45, unwrittenBytes: 40, freeBytes: 200, maxBytes: 100, minFreeBytes: 100 };
+    assert.deepEqual(roomFor(room, 45), { size: true, disk: true });
+    assert.deepEqual(roomFor(room, 46), { size: false, disk: true }, 'stored + reserved + 46 > maxBytes');
+    assert.deepEqual(roomFor({ ...room, freeBytes: 180 }, 45), { size: true, disk: false }, '180 free - 40 still to be written - 45 < minFreeBytes');
+    assert.deepEqual(roomFor({ ...room, freeBytes: undefined }, 45), { size: true, disk: true }, 'free space unknown: maxBytes only');
+    // A chunked fill grows in steps, up to maxBytes, and no further.
+    assert.equal(grownReservation(0, 1, 8, 50), 8);
+    assert.equal(grownReservation(8, 20, 8, 50), 20);
+    assert.equal(grownReservation(48, 49, 8, 50), 50);
+    assert.equal(grownReservation(50, 51, 8, 50), undefined);
   });
 
   it('eviction: never a blob being read; afterwards the store fits unless only read blobs are left', () => {

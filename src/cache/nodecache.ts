@@ -11,7 +11,7 @@ import type { CacheOutcome } from '../content/source.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { BlobFlight } from './flight.js';
 import { HashThread } from './hasher.js';
-import { evictionPlan } from './policy.js';
+import { evictionPlan, grownReservation, roomFor, type DiskRoom } from './policy.js';
 import { openSharedStore } from './shared/open.js';
 import { SharedTier } from './shared/tier.js';
 import { NodeStore } from './store.js';
@@ -38,6 +38,20 @@ interface CacheMetrics {
   readonly fillFailures: Counter;
 }
 
+/** Room on the store's disk held by one fill in flight: its announced length, grown as it writes
+ * more (a chunked body), released when it is stored or discarded. */
+export interface DiskReservation {
+  readonly bytes: number;
+  /** The fill has `total` bytes on the disk now. */
+  wrote(total: number): void;
+  /** Room for `total` bytes in all (taken in steps); false when the limits refuse: the fill stops storing. */
+  grow(total: number): Promise<boolean>;
+  release(): void;
+}
+
+/** A fill that outgrows its reservation asks for at least this much more at once. */
+const RESERVATION_STEP_BYTES = 8 * 2 ** 20;
+
 /** Credentials remembered as accepted upstream (passthrough), at most this many. */
 const CONFIRMATIONS_MAX = 10_000;
 /** How long a blob whose shared fill failed is fetched from the upstream instead, and how many are kept. */
@@ -55,6 +69,10 @@ export class NodeCache {
   private readonly metrics: CacheMetrics;
   private readonly tally = { hit: 0, miss: 0, shared: 0, stale: 0, bypass: 0, savedBytes: 0, evictions: 0, evictedBytes: 0, fillFailures: 0 };
   private fillsInFlight = 0;
+  /** Room held by fills in flight (reserve): bytes reserved, and how many of them are written. */
+  private readonly reservations = new Set<{ bytes: number; written: number }>();
+  /** Bytes fills wrote since the process started (as reservations were told). */
+  private writtenByFills = 0;
   private fillsEnabled = true;
   private evicting: Promise<void> = Promise.resolve();
   /** `rule\0repository\0credential hash` → when the upstream last accepted that credential there. */
@@ -225,27 +243,99 @@ export class NodeCache {
     this.logger.warn({ digest, reason }, 'cache fill stored nothing');
   }
 
+  /** A fill ran out of room and relayed the rest of its blob: its clients had it all, nothing was stored. */
+  fillRelayed(digest: string): void {
+    this.logger.info({ digest, maxBytes: this.settings.maxBytes, minFreeBytes: this.settings.minFreeBytes }, 'cache fill outgrew the room on the cache disk: relayed, not stored');
+  }
+
   /**
-   * Whether a new fill of `bytes` (0: unknown) may start: it must fit in maxBytes and leave
-   * minFreeBytes free on the disk, after evicting what it can. When the disk cannot, the cache is
-   * off for new fills (logged once per change, and a metric); either way that pull is relayed.
+   * Whether a new fill of `bytes` (0: unknown) may start: see reserve(), which takes the room too.
+   * When the disk cannot, the cache is off for new fills (logged once per change, and a metric);
+   * either way that pull is relayed.
    */
-  async mayFill(bytes: number): Promise<boolean> {
+  mayFill(bytes: number): Promise<boolean> {
+    return this.admit(bytes);
+  }
+
+  /**
+   * Room on the store's disk for a fill of `bytes` (0: not announced; it grows as it writes), held
+   * until released, or undefined when the limits refuse it: what is stored and what fills in flight
+   * reserved must fit in maxBytes, and once every reservation is written the disk must keep
+   * minFreeBytes free, after evicting what it can.
+   */
+  async reserve(bytes: number): Promise<DiskReservation | undefined> {
+    const held = { bytes: 0, written: 0 };
+    let released = false;
+    const taken = await this.admit(bytes, () => {
+      held.bytes = bytes;
+      this.reservations.add(held);
+    });
+    if (!taken) return undefined;
+    return {
+      get bytes() {
+        return held.bytes;
+      },
+      wrote: (total) => {
+        if (released || total <= held.written) return;
+        this.writtenByFills += total - held.written;
+        held.written = total;
+        held.bytes = Math.max(held.bytes, total);
+      },
+      grow: async (needed) => {
+        if (released) return false;
+        if (needed <= held.bytes) return true;
+        const target = grownReservation(held.bytes, needed, RESERVATION_STEP_BYTES, this.settings.maxBytes);
+        if (target === undefined) return false;
+        const take = (more: number) => {
+          if (!released) held.bytes += more;
+        };
+        if (await this.admit(target - held.bytes, take)) return true;
+        return needed < target && !released && (await this.admit(needed - held.bytes, take));
+      },
+      release: () => {
+        if (released) return;
+        released = true;
+        this.reservations.delete(held);
+      },
+    };
+  }
+
+  /** What is stored and reserved, and the free space measured while fills had written `writtenSince` more bytes than were counted when it was measured (those count as not yet on the disk). */
+  private room(freeBytes: number | undefined, writtenSince: number): DiskRoom {
+    let reservedBytes = 0;
+    let unwrittenBytes = writtenSince;
+    for (const r of this.reservations) {
+      reservedBytes += r.bytes;
+      unwrittenBytes += r.bytes - r.written;
+    }
+    return { storedBytes: this.store.usage().bytes, reservedBytes, unwrittenBytes, freeBytes, maxBytes: this.settings.maxBytes, minFreeBytes: this.settings.minFreeBytes };
+  }
+
+  /**
+   * Whether `bytes` more fit (roomFor), evicting first when they do not; `take` runs when they do,
+   * in the same turn as the decision (no other fill reserves in between).
+   */
+  private async admit(bytes: number, take?: (bytes: number) => void): Promise<boolean> {
     if (bytes > this.settings.maxBytes) return false;
+    let mark = this.writtenByFills;
     let free = await this.freeBytes();
-    if (free !== undefined && free - bytes < this.settings.minFreeBytes || this.store.usage().bytes + bytes > this.settings.maxBytes) {
+    let room = roomFor(this.room(free, this.writtenByFills - mark), bytes);
+    if (!room.size || !room.disk) {
       await this.evict(bytes);
+      mark = this.writtenByFills;
       free = await this.freeBytes();
+      room = roomFor(this.room(free, this.writtenByFills - mark), bytes);
     }
-    const enabled = free === undefined || free - bytes >= this.settings.minFreeBytes;
-    if (enabled !== this.fillsEnabled) {
-      this.fillsEnabled = enabled;
-      if (enabled) this.logger.info({ freeBytes: free }, 'cache disk has room again: filling resumed');
-      else this.logger.warn({ freeBytes: free, minFreeBytes: this.settings.minFreeBytes }, 'cache disk below cache.minFreeBytes and nothing left to evict: not filling, pulls are relayed');
+    if (room.disk !== this.fillsEnabled) {
+      this.fillsEnabled = room.disk;
+      if (room.disk) this.logger.info({ freeBytes: free }, 'cache disk has room again: filling resumed');
+      else this.logger.warn({ freeBytes: free, minFreeBytes: this.settings.minFreeBytes }, 'cache disk below cache.minFreeBytes (counting fills in flight) and nothing left to evict: not filling, pulls are relayed');
     }
-    // Everything evictable is gone and what is left is being read: relay this one rather than grow
-    // past maxBytes.
-    return enabled && this.store.usage().bytes + bytes <= this.settings.maxBytes;
+    // Everything evictable is gone and what is left is being read or filled: relay this one rather
+    // than grow past maxBytes.
+    if (!room.size || !room.disk) return false;
+    take?.(bytes);
+    return true;
   }
 
   /** A fill failed for lack of space: off until mayFill finds room. */
@@ -258,8 +348,11 @@ export class NodeCache {
   /** Evicts least recently used blobs not being read, to make room for `incoming` bytes. One pass at a time. */
   evict(incoming: number): Promise<void> {
     const pass = this.evicting.then(async () => {
+      // Fills in flight keep their reservations: eviction makes room for them too.
+      const mark = this.writtenByFills;
       const free = (await this.freeBytes()) ?? Number.MAX_SAFE_INTEGER;
-      const plan = evictionPlan(this.store.blobs(), { maxBytes: Math.max(0, this.settings.maxBytes - incoming), minFreeBytes: this.settings.minFreeBytes, freeBytes: free - incoming });
+      const room = this.room(free, this.writtenByFills - mark);
+      const plan = evictionPlan(this.store.blobs(), { maxBytes: Math.max(0, this.settings.maxBytes - room.reservedBytes - incoming), minFreeBytes: this.settings.minFreeBytes, freeBytes: free - room.unwrittenBytes - incoming });
       for (const digest of plan) {
         const size = this.store.blobs().find((b) => b.digest === digest)?.size ?? 0;
         if (await this.store.remove(digest)) {
@@ -331,6 +424,7 @@ export class NodeCache {
       path: this.settings.path,
       bytes: usage.bytes,
       entries: usage.blobs,
+      reservedBytes: this.room(undefined, 0).reservedBytes,
       maxBytes: this.settings.maxBytes,
       minFreeBytes: this.settings.minFreeBytes,
       fillsEnabled: this.fillsEnabled,

@@ -105,6 +105,39 @@ export function tagFallback(record: TagRecord | undefined, failure: TagFailure, 
   return { serve: 'stale', record, ageSeconds: Math.floor(age / 1000) };
 }
 
+/** The node store's disk as a fill's reservation sees it (bytes). */
+export interface DiskRoom {
+  /** Blobs stored. */
+  readonly storedBytes: number;
+  /** Reserved by fills in flight (each at least what it wrote). */
+  readonly reservedBytes: number;
+  /** Reserved by fills in flight and not yet on the disk: the free space they will still take. */
+  readonly unwrittenBytes: number;
+  /** Free on the disk now; undefined when it cannot be known (then only maxBytes bounds). */
+  readonly freeBytes: number | undefined;
+  readonly maxBytes: number;
+  readonly minFreeBytes: number;
+}
+
+/**
+ * Whether `bytes` more may be reserved: stored and reserved bytes stay within maxBytes (`size`),
+ * and the disk keeps minFreeBytes free once every reservation is written (`disk`).
+ */
+export function roomFor(room: DiskRoom, bytes: number): { readonly size: boolean; readonly disk: boolean } {
+  return {
+    size: room.storedBytes + room.reservedBytes + bytes <= room.maxBytes,
+    disk: room.freeBytes === undefined || room.freeBytes - room.unwrittenBytes - bytes >= room.minFreeBytes,
+  };
+}
+
+/** How much a fill that holds `reserved` bytes and needs `needed` asks for: in steps of at least
+ * `step` (a chunked fill grows without asking at every write), never more than `maxBytes`;
+ * undefined when even `needed` is more. */
+export function grownReservation(reserved: number, needed: number, step: number, maxBytes: number): number | undefined {
+  if (needed > maxBytes) return undefined;
+  return Math.min(maxBytes, Math.max(needed, reserved + step));
+}
+
 /** A blob in the node store, as eviction sees it. */
 export interface StoredBlob {
   readonly digest: string;
