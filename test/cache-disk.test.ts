@@ -7,13 +7,17 @@
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readdirSync, rmdirSync, statfsSync, statSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmdirSync, rmSync, statfsSync, statSync } from 'node:fs';
 import http from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { run } from './support/procs.js';
 import { slowUpstream } from './support/http.js';
+import { rawRequest } from './support/http.js';
 import { buildImage } from './support/oci.js';
+import { createMetricsRegistry } from '../src/metrics.js';
+import { NodeCache } from '../src/cache/nodecache.js';
+import { memoryLogger } from './support/logs.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 
@@ -170,5 +174,65 @@ describe('the node cache on a small disk', function () {
     assert.ok(maxStored <= 50 * MiB, `tmp/ + blobs/ held ${(maxStored / MiB).toFixed(1)} MiB, over maxBytes 50 MiB`);
     assert.ok(minFree >= 100 * MiB, `free space fell to ${(minFree / MiB).toFixed(1)} MiB, under minFreeBytes 100 MiB`);
     assert.equal(bytesUnder(join(root, 'tmp')) + bytesUnder(join(root, 'blobs')), 0, 'nothing kept of the relayed blob');
+  });
+
+  describe('metadata', () => {
+    const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
+    let upstream: RegistryHandle;
+    const image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [1024] });
+    const TAGS = 1000;
+    before(async () => {
+      upstream = await startRegistry();
+      await upstream.push(image, 'team/app', 't0');
+      // The same index under many tag names, as a registry with many releases has.
+      for (let i = 1; i < TAGS; i++) {
+        const res = await fetch(`${upstream.url}/v2/team/app/manifests/t${i}`, { method: 'PUT', headers: { 'content-type': OCI_INDEX }, body: new Uint8Array(image.index.data) });
+        assert.equal(res.status, 201, await res.text());
+      }
+    });
+    after(async () => upstream?.stop());
+
+    it('stops writing tag records and filling above the inode floor (cache.minFreeInodes, 10% by default): no pull fails for want of inodes, and /status says so', async () => {
+      const root = smallDisk('size=64m,nr_inodes=1000');
+      const p = await proxyOn(root, { maxBytes: '32Mi', minFreeBytes: 0 }, upstream.url);
+      let minFreeInodes = Number.MAX_SAFE_INTEGER;
+      const failed: string[] = [];
+      for (let i = 0; i < TAGS; i++) {
+        const res = await rawRequest(p.url, `/v2/corp/team/app/manifests/t${i}`, { headers: { authorization: p.authorization('shop'), accept: OCI_INDEX } });
+        if (res.status !== 200 || !res.body.equals(image.index.data)) failed.push(`t${i}: ${res.status} ${res.body.toString().slice(0, 200)}`);
+        minFreeInodes = Math.min(minFreeInodes, statfsSync(root).ffree);
+      }
+      assert.deepEqual(failed.slice(0, 5), [], `${failed.length} of ${TAGS} tags failed`);
+      assert.ok(minFreeInodes >= 100, `free inodes fell to ${minFreeInodes}, under the floor of 100 (10% of 1000)`);
+      const status = (JSON.parse((await rawRequest(p.url, '/status')).body.toString()) as { cache: Record<string, unknown> }).cache;
+      const onDisk = readdirSync(join(root, 'repositories'), { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).length;
+      assert.equal(status.metadataEntries, onDisk, 'tag records and links on /status, as on the disk');
+      assert.ok(onDisk < TAGS, `${onDisk} tag records and links: capped by the inode floor`);
+      // At the floor the cache evicted the least recently used blob, the index, with the tag
+      // records naming it (had nothing been evictable, it would have stopped writing them).
+      assert.ok((status.evictions as number) >= 1, JSON.stringify(status));
+      assert.equal(typeof status.metadataWritable, 'boolean');
+      assert.ok((status.freeInodes as number) >= 100, `freeInodes on /status: ${String(status.freeInodes)}`);
+    });
+
+    it('goes with its blob: an evicted manifest takes its links and the tag records naming it, and the directories left empty', async () => {
+      const root = mkdtempSync(join(tmpdir(), 'pullbridge-cache-'));
+      cleanups.push(async () => rmSync(root, { recursive: true, force: true }));
+      const p = await proxyOn(root, {}, upstream.url);
+      for (const tag of ['t1', 't2']) {
+        const res = await rawRequest(p.url, `/v2/corp/team/app/manifests/${tag}`, { headers: { authorization: p.authorization('shop'), accept: OCI_INDEX } });
+        assert.equal(res.status, 200);
+      }
+      const repository = join(root, 'repositories', 'corp', 'team', 'app');
+      assert.ok(existsSync(join(repository, '_tags', 't1')) && existsSync(join(repository, '_links', 'sha256', image.index.digest.slice(7))));
+      const settings = p.cache!.settings;
+      await p.close();
+      // Opened again (the index of links and tag records is rebuilt from the disk), with room for nothing: everything is evicted.
+      const cache = await NodeCache.open({ ...settings, maxBytes: 0 }, createMetricsRegistry(false), memoryLogger().logger);
+      cleanups.push(() => cache.close());
+      assert.equal(cache.status().entries, 0);
+      assert.equal(cache.status().metadataEntries, 0);
+      assert.deepEqual(readdirSync(join(root, 'repositories')), [], 'no tag record, link or directory left');
+    });
   });
 });

@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { byteRange, evictionPlan, grownReservation, parseByteQuantity, roomFor, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { byteRange, evictionPlan, grownReservation, inodeFloor, inodesLeft, parseByteQuantity, parseInodeFloor, roomFor, tagFallback, tagIsFresh, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
 
@@ -62,6 +62,24 @@ describe('cache policy', () => {
     assert.equal(grownReservation(8, 20, 8, 50), 20);
     assert.equal(grownReservation(48, 49, 8, 50), 50);
     assert.equal(grownReservation(50, 51, 8, 50), undefined);
+  });
+
+  it('keeps a floor of free inodes: a number or a percentage of the filesystem, and evicts at least one blob per inode short', () => {
+    assert.deepEqual(parseInodeFloor('10%'), { percent: 10 });
+    assert.deepEqual(parseInodeFloor(5000), { inodes: 5000 });
+    for (const bad of [-1, 1.5, '101%', 'ten', '10']) assert.equal(parseInodeFloor(bad), null, String(bad));
+    assert.equal(inodeFloor('10%', 102_400), 10_240);
+    assert.equal(inodeFloor(500, 102_400), 500);
+    assert.equal(inodesLeft({ freeInodes: 101, minFreeInodes: 100 }), true);
+    assert.equal(inodesLeft({ freeInodes: 100, minFreeInodes: 100 }), false, 'one more file would take it under');
+    assert.equal(inodesLeft({}), true, 'a filesystem that does not count inodes');
+    assert.deepEqual(roomFor({ storedBytes: 0, reservedBytes: 0, unwrittenBytes: 0, freeBytes: 1e9, maxBytes: 1e9, minFreeBytes: 0, freeInodes: 10, minFreeInodes: 10 }, 1), { size: true, disk: false });
+    const blobs: StoredBlob[] = [
+      { digest: 'sha256:a', size: 1, lastUsed: 1, readers: 0 },
+      { digest: 'sha256:b', size: 1, lastUsed: 2, readers: 1 },
+      { digest: 'sha256:c', size: 1, lastUsed: 3, readers: 0 },
+    ];
+    assert.deepEqual(evictionPlan(blobs, { maxBytes: 1e9, minFreeBytes: 0, freeBytes: 1e9, minFreeBlobs: 2 }), ['sha256:a', 'sha256:c']);
   });
 
   it('eviction: never a blob being read; afterwards the store fits unless only read blobs are left', () => {

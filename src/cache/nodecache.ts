@@ -11,7 +11,7 @@ import type { CacheOutcome } from '../content/source.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { BlobFlight } from './flight.js';
 import { HashThread } from './hasher.js';
-import { evictionPlan, grownReservation, roomFor, type DiskRoom } from './policy.js';
+import { evictionPlan, grownReservation, inodeFloor, inodesLeft, METADATA_ENTRY_BYTES, roomFor, type DiskRoom } from './policy.js';
 import { openSharedStore } from './shared/open.js';
 import { SharedTier } from './shared/tier.js';
 import { NodeStore } from './store.js';
@@ -49,6 +49,8 @@ export interface DiskReservation {
   release(): void;
 }
 
+type DiskFree = Awaited<ReturnType<NodeStore['free']>>;
+
 /** A fill that outgrows its reservation asks for at least this much more at once. */
 const RESERVATION_STEP_BYTES = 8 * 2 ** 20;
 
@@ -74,6 +76,9 @@ export class NodeCache {
   /** Bytes fills wrote since the process started (as reservations were told). */
   private writtenByFills = 0;
   private fillsEnabled = true;
+  /** Whether links and tag records are written (cache.minFreeInodes), and the free inodes last seen. */
+  private metadataWritable = true;
+  private lastFreeInodes: number | undefined;
   private evicting: Promise<void> = Promise.resolve();
   /** `rule\0repository\0credential hash` → when the upstream last accepted that credential there. */
   private readonly confirmations = new Map<string, number>();
@@ -95,6 +100,7 @@ export class NodeCache {
     readonly shared: SharedTier | undefined,
   ) {
     this.settings = settings;
+    store.metadataGate = () => this.mayWriteMetadata();
     const cache = this;
     this.metrics = {
       requests: new Counter({ name: 'pullbridge_cache_requests_total', help: 'Manifest and blob requests by how the node cache answered: hit, miss (filled from upstream), shared (filled from the shared tier), stale (last known tag while the upstream failed), bypass (not cached)', labelNames: ['kind', 'result'], registers: [registry] }),
@@ -300,15 +306,19 @@ export class NodeCache {
     };
   }
 
-  /** What is stored and reserved, and the free space measured while fills had written `writtenSince` more bytes than were counted when it was measured (those count as not yet on the disk). */
-  private room(freeBytes: number | undefined, writtenSince: number): DiskRoom {
+  /** What is stored (blobs and metadata) and reserved, and the free space measured while fills had
+   * written `writtenSince` more bytes than were counted when it was measured (those count as not
+   * yet on the disk). */
+  private room(free: DiskFree | undefined, writtenSince: number): DiskRoom {
     let reservedBytes = 0;
     let unwrittenBytes = writtenSince;
     for (const r of this.reservations) {
       reservedBytes += r.bytes;
       unwrittenBytes += r.bytes - r.written;
     }
-    return { storedBytes: this.store.usage().bytes, reservedBytes, unwrittenBytes, freeBytes, maxBytes: this.settings.maxBytes, minFreeBytes: this.settings.minFreeBytes };
+    const storedBytes = this.store.usage().bytes + this.store.metadataEntries() * METADATA_ENTRY_BYTES;
+    const inodes = free?.inodes !== undefined && free.totalInodes !== undefined ? { freeInodes: free.inodes, minFreeInodes: inodeFloor(this.settings.minFreeInodes, free.totalInodes) } : {};
+    return { storedBytes, reservedBytes, unwrittenBytes, freeBytes: free?.bytes, maxBytes: this.settings.maxBytes, minFreeBytes: this.settings.minFreeBytes, ...inodes };
   }
 
   /**
@@ -318,24 +328,45 @@ export class NodeCache {
   private async admit(bytes: number, take?: (bytes: number) => void): Promise<boolean> {
     if (bytes > this.settings.maxBytes) return false;
     let mark = this.writtenByFills;
-    let free = await this.freeBytes();
+    let free = await this.free();
     let room = roomFor(this.room(free, this.writtenByFills - mark), bytes);
     if (!room.size || !room.disk) {
       await this.evict(bytes);
       mark = this.writtenByFills;
-      free = await this.freeBytes();
+      free = await this.free();
       room = roomFor(this.room(free, this.writtenByFills - mark), bytes);
     }
     if (room.disk !== this.fillsEnabled) {
       this.fillsEnabled = room.disk;
-      if (room.disk) this.logger.info({ freeBytes: free }, 'cache disk has room again: filling resumed');
-      else this.logger.warn({ freeBytes: free, minFreeBytes: this.settings.minFreeBytes }, 'cache disk below cache.minFreeBytes (counting fills in flight) and nothing left to evict: not filling, pulls are relayed');
+      if (room.disk) this.logger.info({ freeBytes: free?.bytes, freeInodes: free?.inodes }, 'cache disk has room again: filling resumed');
+      else this.logger.warn({ freeBytes: free?.bytes, minFreeBytes: this.settings.minFreeBytes, freeInodes: free?.inodes, minFreeInodes: this.settings.minFreeInodes }, 'cache disk below cache.minFreeBytes (counting fills in flight) or cache.minFreeInodes and nothing left to evict: not filling, pulls are relayed');
     }
     // Everything evictable is gone and what is left is being read or filled: relay this one rather
     // than grow past maxBytes.
     if (!room.size || !room.disk) return false;
     take?.(bytes);
     return true;
+  }
+
+  /**
+   * Whether a link or tag record may be written: the disk keeps cache.minFreeInodes free after it
+   * (evicting blobs, with their metadata, when it would not). Refused, the proxy works on without it
+   * (a blob not linked is confirmed upstream; a tag not recorded is asked upstream).
+   */
+  private async mayWriteMetadata(): Promise<boolean> {
+    let free = await this.free();
+    if (!inodesLeft(this.room(free, 0))) {
+      await this.evict(0);
+      free = await this.free();
+    }
+    const writable = inodesLeft(this.room(free, 0));
+    if (writable !== this.metadataWritable) {
+      this.metadataWritable = writable;
+      if (writable) this.logger.info({ freeInodes: free?.inodes }, 'cache disk has inodes again: tag records and links are written');
+      else this.logger.warn({ freeInodes: free?.inodes, minFreeInodes: this.settings.minFreeInodes }, 'cache disk below cache.minFreeInodes: no tag record, link or blob is written');
+    }
+    if (!writable) this.fillsEnabled = false;
+    return writable;
   }
 
   /** A fill failed for lack of space: off until mayFill finds room. */
@@ -350,9 +381,12 @@ export class NodeCache {
     const pass = this.evicting.then(async () => {
       // Fills in flight keep their reservations: eviction makes room for them too.
       const mark = this.writtenByFills;
-      const free = (await this.freeBytes()) ?? Number.MAX_SAFE_INTEGER;
+      const free = await this.free();
       const room = this.room(free, this.writtenByFills - mark);
-      const plan = evictionPlan(this.store.blobs(), { maxBytes: Math.max(0, this.settings.maxBytes - room.reservedBytes - incoming), minFreeBytes: this.settings.minFreeBytes, freeBytes: free - room.unwrittenBytes - incoming });
+      const metadataBytes = room.storedBytes - this.store.usage().bytes;
+      // Short of inodes: each blob evicted frees at least its own.
+      const inodesShort = room.freeInodes === undefined ? 0 : Math.max(0, (room.minFreeInodes ?? 0) + 1 - room.freeInodes);
+      const plan = evictionPlan(this.store.blobs(), { maxBytes: Math.max(0, this.settings.maxBytes - metadataBytes - room.reservedBytes - incoming), minFreeBytes: this.settings.minFreeBytes, freeBytes: (free?.bytes ?? Number.MAX_SAFE_INTEGER) - room.unwrittenBytes - incoming, minFreeBlobs: inodesShort });
       for (const digest of plan) {
         const size = this.store.blobs().find((b) => b.digest === digest)?.size ?? 0;
         if (await this.store.remove(digest)) {
@@ -368,9 +402,11 @@ export class NodeCache {
     return this.evicting;
   }
 
-  private async freeBytes(): Promise<number | undefined> {
+  private async free(): Promise<DiskFree | undefined> {
     try {
-      return await this.store.freeBytes();
+      const free = await this.store.free();
+      this.lastFreeInodes = free.inodes;
+      return free;
     } catch {
       return undefined;
     }
@@ -425,6 +461,10 @@ export class NodeCache {
       bytes: usage.bytes,
       entries: usage.blobs,
       reservedBytes: this.room(undefined, 0).reservedBytes,
+      metadataEntries: this.store.metadataEntries(),
+      metadataWritable: this.metadataWritable,
+      freeInodes: this.lastFreeInodes ?? null,
+      minFreeInodes: this.settings.minFreeInodes,
       maxBytes: this.settings.maxBytes,
       minFreeBytes: this.settings.minFreeBytes,
       fillsEnabled: this.fillsEnabled,

@@ -105,6 +105,28 @@ export function tagFallback(record: TagRecord | undefined, failure: TagFailure, 
   return { serve: 'stale', record, ageSeconds: Math.floor(age / 1000) };
 }
 
+/**
+ * cache.minFreeInodes as written: a whole number of inodes, or a percentage of the filesystem's
+ * (`10%`); null when it is neither.
+ */
+export function parseInodeFloor(value: number | string): { readonly inodes: number } | { readonly percent: number } | null {
+  if (typeof value === 'number') return Number.isSafeInteger(value) && value >= 0 ? { inodes: value } : null;
+  const match = /^(\d+(?:\.\d+)?)%$/.exec(value.trim());
+  if (!match) return null;
+  const percent = Number(match[1]);
+  return percent <= 100 ? { percent } : null;
+}
+
+/** Free inodes a filesystem of `totalInodes` must keep under that setting (0 when it is not one). */
+export function inodeFloor(value: number | string, totalInodes: number): number {
+  const floor = parseInodeFloor(value);
+  if (!floor) return 0;
+  return 'inodes' in floor ? floor.inodes : Math.ceil((totalInodes * floor.percent) / 100);
+}
+
+/** Bytes a tag record or link is counted as against maxBytes: a file takes at least a block. */
+export const METADATA_ENTRY_BYTES = 4096;
+
 /** The node store's disk as a fill's reservation sees it (bytes). */
 export interface DiskRoom {
   /** Blobs stored. */
@@ -117,17 +139,26 @@ export interface DiskRoom {
   readonly freeBytes: number | undefined;
   readonly maxBytes: number;
   readonly minFreeBytes: number;
+  /** Free inodes now, and the floor (inodeFloor); undefined when the filesystem does not count them. */
+  readonly freeInodes?: number;
+  readonly minFreeInodes?: number;
 }
 
 /**
- * Whether `bytes` more may be reserved: stored and reserved bytes stay within maxBytes (`size`),
- * and the disk keeps minFreeBytes free once every reservation is written (`disk`).
+ * Whether `bytes` more may be reserved: stored (blobs and metadata) and reserved bytes stay within
+ * maxBytes (`size`), and the disk keeps minFreeBytes free once every reservation is written, and
+ * the free inodes above their floor (`disk`: a new file takes one).
  */
 export function roomFor(room: DiskRoom, bytes: number): { readonly size: boolean; readonly disk: boolean } {
   return {
     size: room.storedBytes + room.reservedBytes + bytes <= room.maxBytes,
-    disk: room.freeBytes === undefined || room.freeBytes - room.unwrittenBytes - bytes >= room.minFreeBytes,
+    disk: (room.freeBytes === undefined || room.freeBytes - room.unwrittenBytes - bytes >= room.minFreeBytes) && inodesLeft(room),
   };
+}
+
+/** Whether one more file (a blob, a tag record, a link) keeps the free inodes at their floor. */
+export function inodesLeft(room: Pick<DiskRoom, 'freeInodes' | 'minFreeInodes'>): boolean {
+  return room.freeInodes === undefined || room.freeInodes - 1 >= (room.minFreeInodes ?? 0);
 }
 
 /** How much a fill that holds `reserved` bytes and needs `needed` asks for: in steps of at least
@@ -153,11 +184,13 @@ export interface EvictionLimits {
   /** Free space the disk must keep; eviction frees at least what is missing. */
   readonly minFreeBytes: number;
   readonly freeBytes: number;
+  /** Blobs to evict at least (the disk is short of this many inodes: each blob frees one, at least). */
+  readonly minFreeBlobs?: number;
 }
 
 /**
  * The blobs to delete, least recently used first, so that the store fits in maxBytes and the disk
- * keeps minFreeBytes free; blobs being read are skipped. If that cannot be reached (everything
+ * keeps minFreeBytes free (and at least minFreeBlobs go); blobs being read are skipped. If that cannot be reached (everything
  * left is being read), it deletes what it can: the caller then stops filling.
  */
 export function evictionPlan(blobs: readonly StoredBlob[], limits: EvictionLimits): string[] {
@@ -167,7 +200,7 @@ export function evictionPlan(blobs: readonly StoredBlob[], limits: EvictionLimit
   let toFree = Math.max(overSize, overDisk, 0);
   const plan: string[] = [];
   for (const blob of [...blobs].sort((a, b) => a.lastUsed - b.lastUsed || a.digest.localeCompare(b.digest))) {
-    if (toFree <= 0) break;
+    if (toFree <= 0 && plan.length >= (limits.minFreeBlobs ?? 0)) break;
     if (blob.readers > 0) continue;
     plan.push(blob.digest);
     toFree -= blob.size;

@@ -10,11 +10,15 @@
 // or digit.) A blob is written to tmp/ while it streams, hashed as it goes, flushed to disk and
 // renamed into place only when its digest matches, so a crash or a cut leaves nothing servable.
 // A thin adapter: what to keep and what to evict is decided in policy.ts.
+//
+// Links and tag records (metadata) are indexed by the digest they name: when a blob is removed,
+// its links and the tag records naming it go too, with directories left empty. A metadata write
+// asks `metadataGate` first (the cache refuses it when the disk is short of inodes).
 
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { mkdir, open, readdir, readFile, rename, rm, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
+import { mkdir, open, readdir, readFile, rename, rm, rmdir, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
+import { dirname, join, relative, sep } from 'node:path';
 import { inlineHash, type FillHash, type HashFactory } from './hasher.js';
 import { parseTagRecord, type StoredBlob, type TagRecord } from './policy.js';
 
@@ -131,6 +135,12 @@ const algorithmOf = (digest: string) => digest.slice(0, digest.indexOf(':'));
 
 export class NodeStore {
   private readonly entries = new Map<string, Entry>();
+  /** Digest → paths of the links and tag records that name it. */
+  private readonly metadata = new Map<string, Set<string>>();
+  /** Path of a link or tag record → the digest it names. */
+  private readonly metadataDigest = new Map<string, string>();
+  /** Asked before a link or tag record is written: false skips the write (set by the cache). */
+  metadataGate: () => Promise<boolean> = () => Promise.resolve(true);
 
   private constructor(
     readonly root: string,
@@ -148,6 +158,7 @@ export class NodeStore {
     const store = new NodeStore(root, now, hash);
     if (options.removePartialFills !== false) await rm(join(root, 'tmp'), { recursive: true, force: true });
     await Promise.all(['tmp', 'blobs', 'repositories'].map((dir) => mkdir(join(root, dir), { recursive: true })));
+    await store.indexMetadata();
     for (const algorithm of await readdir(join(root, 'blobs'))) {
       for (const hex of await readdir(join(root, 'blobs', algorithm))) {
         const info = await stat(join(root, 'blobs', algorithm, hex));
@@ -155,6 +166,50 @@ export class NodeStore {
       }
     }
     return store;
+  }
+
+  /** Finds the links and tag records left by earlier processes. */
+  private async indexMetadata(): Promise<void> {
+    const base = join(this.root, 'repositories');
+    for (const entry of await readdir(base, { recursive: true, withFileTypes: true })) {
+      if (!entry.isFile()) continue;
+      const path = join(entry.parentPath, entry.name);
+      const parts = relative(base, path).split(sep);
+      const kind = parts[parts.length - 3] === '_links' ? 'link' : parts[parts.length - 2] === '_tags' ? 'tag' : undefined;
+      if (kind === 'link') this.indexed(`${parts[parts.length - 2]}:${parts[parts.length - 1]}`, path);
+      else if (kind === 'tag') this.indexed((await this.readRecord(path))?.digest ?? '', path);
+    }
+  }
+
+  private indexed(digest: string, path: string): void {
+    const before = this.metadataDigest.get(path);
+    if (before === digest) return;
+    // A tag record rewritten to name another digest moves.
+    if (before !== undefined) this.metadata.get(before)?.delete(path);
+    this.metadataDigest.set(path, digest);
+    let paths = this.metadata.get(digest);
+    if (!paths) this.metadata.set(digest, (paths = new Set()));
+    paths.add(path);
+  }
+
+  /** Links and tag records on disk. */
+  metadataEntries(): number {
+    return this.metadataDigest.size;
+  }
+
+  /** Removes the links and tag records naming `digest`, and the directories that leaves empty. */
+  private async removeMetadata(digest: string): Promise<void> {
+    const paths = this.metadata.get(digest);
+    if (!paths) return;
+    this.metadata.delete(digest);
+    const base = join(this.root, 'repositories');
+    for (const path of paths) {
+      this.metadataDigest.delete(path);
+      await rm(path, { force: true });
+      for (let dir = dirname(path); dir.startsWith(base + sep); dir = dirname(dir)) {
+        if (!(await rmdir(dir).then(() => true, () => false))) break; // not empty (or gone): its parents are not either
+      }
+    }
   }
 
   blobPathOf(digest: string): string {
@@ -187,8 +242,14 @@ export class NodeStore {
 
   /** Free bytes on the store's disk, for the unprivileged user. */
   async freeBytes(): Promise<number> {
+    return (await this.free()).bytes;
+  }
+
+  /** Free bytes (for the unprivileged user) and inodes on the store's disk; inodes undefined when the filesystem does not count them. */
+  async free(): Promise<{ bytes: number; inodes: number | undefined; totalInodes: number | undefined }> {
     const info = await statfs(this.root);
-    return info.bavail * info.bsize;
+    const counted = info.files > 0;
+    return { bytes: info.bavail * info.bsize, inodes: counted ? info.ffree : undefined, totalInodes: counted ? info.files : undefined };
   }
 
   /** Every stored blob, for eviction and status. */
@@ -251,6 +312,7 @@ export class NodeStore {
     if (!entry || entry.readers > 0) return false;
     this.entries.delete(digest);
     await rm(this.blobPathOf(digest), { force: true });
+    await this.removeMetadata(digest);
     return true;
   }
 
@@ -264,8 +326,10 @@ export class NodeStore {
    */
   async link(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
     const path = this.linkPath(rule, repository, digest);
+    if (!(await this.metadataGate())) return;
     await mkdir(join(path, '..'), { recursive: true });
     await writeFile(path, mediaType);
+    this.indexed(digest, path);
   }
 
   /** Whether `digest` was fetched through `rule` for `repository` (and is still stored). */
@@ -284,16 +348,22 @@ export class NodeStore {
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
-    const text = await readFile(join(this.repositoryPath(rule, repository), '_tags', tag), 'utf8').catch(() => undefined);
+    return this.readRecord(join(this.repositoryPath(rule, repository), '_tags', tag));
+  }
+
+  private async readRecord(path: string): Promise<TagRecord | undefined> {
+    const text = await readFile(path, 'utf8').catch(() => undefined);
     return text === undefined ? undefined : parseTagRecord(text);
   }
 
   /** Written to a temporary file and renamed, so a reader never sees half a record. */
   async writeTag(rule: string, repository: string, tag: string, record: TagRecord): Promise<void> {
     const dir = join(this.repositoryPath(rule, repository), '_tags');
+    if (!(await this.metadataGate())) return;
     await mkdir(dir, { recursive: true });
     const temporary = join(this.root, 'tmp', `tag-${randomBytes(6).toString('hex')}`);
     await writeFile(temporary, JSON.stringify(record));
     await rename(temporary, join(dir, tag));
+    this.indexed(record.digest, join(dir, tag));
   }
 }
