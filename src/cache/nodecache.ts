@@ -111,9 +111,10 @@ export class NodeCache {
     };
     new Gauge({ name: 'pullbridge_cache_bytes', help: 'Bytes in the node cache', registers: [registry], collect() { this.set(cache.store.usage().bytes); } });
     new Gauge({ name: 'pullbridge_cache_entries', help: 'Blobs (layers, configs, manifests) in the node cache', registers: [registry], collect() { this.set(cache.store.usage().blobs); } });
+    new Gauge({ name: 'pullbridge_cache_metadata_entries', help: 'Links and tag records in the node cache (each counted as 4 KiB against cache.maxBytes)', registers: [registry], collect() { this.set(cache.store.metadataEntries()); } });
     new Gauge({ name: 'pullbridge_cache_max_bytes', help: 'cache.maxBytes', registers: [registry], collect() { this.set(cache.settings.maxBytes); } });
     new Gauge({ name: 'pullbridge_cache_fills_in_flight', help: 'Blobs being filled from upstream now', registers: [registry], collect() { this.set(cache.fillsInFlight); } });
-    new Gauge({ name: 'pullbridge_cache_fills_enabled', help: '1 while the cache takes new content; 0 when its disk is below cache.minFreeBytes (pulls are relayed)', registers: [registry], collect() { this.set(cache.fillsEnabled ? 1 : 0); } });
+    new Gauge({ name: 'pullbridge_cache_fills_enabled', help: '1 while the cache takes new content; 0 when its disk is below cache.minFreeBytes or cache.minFreeInodes (pulls are relayed)', registers: [registry], collect() { this.set(cache.fillsEnabled ? 1 : 0); } });
   }
 
   /**
