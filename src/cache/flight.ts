@@ -45,7 +45,6 @@ export class BlobFlight implements FileExtent {
   private tail: RelayTail | undefined;
   /** Where each reader is, for the relayed tail. */
   private readonly cursors = new Set<TailCursor>();
-  private reservation: DiskReservation | undefined;
   /** Settles when the fill stored the blob or gave up. */
   readonly done: Promise<FillOutcome>;
   /** Settles once `done` did and `afterDone` ran (the filler's bookkeeping: link, eviction): true
@@ -102,7 +101,6 @@ export class BlobFlight implements FileExtent {
     this.fill = fill;
     this.upstream = body;
     this.headers = headers;
-    this.reservation = reservation;
     void this.done.then(() => reservation.release());
     this.markStarted();
     fill.once('verified', () => {
@@ -129,7 +127,7 @@ export class BlobFlight implements FileExtent {
       const room = this.failure || needed <= reservation.bytes ? undefined : reservation.grow(needed);
       const write = async (): Promise<void> => {
         if (this.failure) return;
-        if (room && !(await room)) return relay(batch, held);
+        if (room && !(await room)) return relay(batch);
         await fill.appendv(batch);
         reservation.wrote(fill.written);
       };
@@ -153,13 +151,14 @@ export class BlobFlight implements FileExtent {
         },
       );
     };
-    /** No room for `batch`: the file stays as it is, and it and what follows go through memory. */
-    const relay = (batch: readonly Buffer[], held: ReadonlyArray<() => void>): void => {
+    /** No room for `batch`: the file stays as it is, and it and what follows go through memory
+     * (copied there: the batch's holds are released by the write's caller). */
+    const relay = (batch: readonly Buffer[]): void => {
       const tail = new RelayTail(fill.written, fill.path, this.digest, this.cursors, () => body.resume());
       this.tail = tail;
       let more = true;
       for (const chunk of [...batch, ...waiting]) more = tail.push(chunk);
-      for (const release of [...held, ...releases.splice(0)]) release();
+      for (const release of releases.splice(0)) release();
       waiting = [];
       waitingBytes = 0;
       if (ended) tail.upstreamEnd();
@@ -304,7 +303,10 @@ export class BlobFlight implements FileExtent {
         current.attach(counted);
       },
       resume: () => current.resume(),
-      destroy: (reason) => current.destroy(reason),
+      destroy: (reason) => {
+        current.destroy(reason);
+        close(); // also when it was never attached (its sink is not told then)
+      },
       hold: (chunk) => current.hold(chunk),
     };
   }
