@@ -337,10 +337,13 @@ export class NodeCache {
       free = await this.free();
       room = roomFor(this.room(free, this.writtenByFills - mark), bytes);
     }
-    if (room.disk !== this.fillsEnabled) {
-      this.fillsEnabled = room.disk;
-      if (room.disk) this.logger.info({ freeBytes: free?.bytes, freeInodes: free?.inodes }, 'cache disk has room again: filling resumed');
-      else this.logger.warn({ freeBytes: free?.bytes, minFreeBytes: this.settings.minFreeBytes, freeInodes: free?.inodes, minFreeInodes: this.settings.minFreeInodes }, 'cache disk below cache.minFreeBytes (counting fills in flight) or cache.minFreeInodes and nothing left to evict: not filling, pulls are relayed');
+    // On and off (status, metric, a log line) with the disk itself, not with what fills in flight
+    // reserved: a fill refused for those is relayed without turning the cache off.
+    const enabled = roomFor({ ...this.room(free, 0), unwrittenBytes: 0 }, 0).disk;
+    if (enabled !== this.fillsEnabled) {
+      this.fillsEnabled = enabled;
+      if (enabled) this.logger.info({ freeBytes: free?.bytes, freeInodes: free?.inodes }, 'cache disk has room again: filling resumed');
+      else this.logger.warn({ freeBytes: free?.bytes, minFreeBytes: this.settings.minFreeBytes, freeInodes: free?.inodes, minFreeInodes: this.settings.minFreeInodes }, 'cache disk below cache.minFreeBytes or cache.minFreeInodes and nothing left to evict: not filling, pulls are relayed');
     }
     // Everything evictable is gone and what is left is being read or filled: relay this one rather
     // than grow past maxBytes.
