@@ -215,6 +215,28 @@ describe('the node cache on a small disk', function () {
       assert.ok((status.freeInodes as number) >= 100, `freeInodes on /status: ${String(status.freeInodes)}`);
     });
 
+    it('with nothing left to evict, stops writing tag records at the inode floor and stops filling: /status and the metric say so', async () => {
+      const root = smallDisk('size=16m,nr_inodes=300');
+      const settings = { path: root, maxBytes: 2 ** 30, minFreeBytes: 0, minFreeInodes: 50, tagTTLSeconds: 30, staleIfErrorSeconds: 0, credentialTTLSeconds: 0 };
+      const metrics = createMetricsRegistry(false);
+      const logs = memoryLogger();
+      const cache = await NodeCache.open(settings, metrics, logs.logger);
+      cleanups.push(() => cache.close());
+      const record = { digest: image.index.digest, mediaType: OCI_INDEX, size: image.index.size, confirmedAt: Date.now() };
+      // Tag records naming a manifest this node never stored (relayed): no blob to evict with them.
+      for (let i = 0; i < 400; i++) await cache.store.writeTag('corp', 'team/app', `t${i}`, record);
+      assert.ok(statfsSync(root).ffree >= 50, `free inodes: ${statfsSync(root).ffree}`);
+      const status = cache.status();
+      const onDisk = readdirSync(join(root, 'repositories'), { recursive: true, withFileTypes: true }).filter((e) => e.isFile()).length;
+      assert.equal(status.metadataEntries, onDisk);
+      assert.ok(onDisk < 400 && onDisk > 150, `${onDisk} tag records`);
+      assert.equal(status.metadataWritable, false);
+      assert.equal(status.fillsEnabled, false);
+      assert.equal(await cache.mayFill(1), false, 'no new blob either');
+      assert.ok(logs.records.some((r) => r.msg?.toString().includes('below cache.minFreeInodes')), 'said once in the log');
+      assert.match(await metrics.metrics(), /^pullbridge_cache_fills_enabled 0$/m);
+    });
+
     it('goes with its blob: an evicted manifest takes its links and the tag records naming it, and the directories left empty', async () => {
       const root = mkdtempSync(join(tmpdir(), 'pullbridge-cache-'));
       cleanups.push(async () => rmSync(root, { recursive: true, force: true }));
