@@ -2,10 +2,10 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, linkIsFresh, mayWaitForFill, parseLink, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, grownReservation, inodeFloor, inodesLeft, linkIsFresh, mayWaitForFill, parseLink, roomFor, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 import { openRecord, sealRecord } from '../src/cache/shared/records.js';
 import type { ContentFailure } from '../src/content/source.js';
-import { parseByteQuantity } from '../src/rules/quantity.js';
+import { parseByteQuantity, parseInodeFloor } from '../src/rules/quantity.js';
 
 const RUNS = Number(process.env.PROPERTY_RUNS ?? 300);
 
@@ -111,6 +111,37 @@ describe('cache policy', () => {
     assert.deepEqual(evictionPlan(blobs, { maxBytes: 250, minFreeBytes: 0, freeBytes: 1e9 }), ['sha256:old', 'sha256:mid']);
     assert.deepEqual(evictionPlan(blobs, { maxBytes: 1000, minFreeBytes: 500, freeBytes: 350 }), ['sha256:old', 'sha256:mid']);
     assert.deepEqual(evictionPlan(blobs, { maxBytes: 1000, minFreeBytes: 0, freeBytes: 0 }), []);
+  });
+
+  it('reserves room for a fill only within maxBytes with what is stored and reserved, and above minFreeBytes once every reservation is written', () => {
+    const room = { storedBytes: 10, reservedBytes: 45, unwrittenBytes: 40, freeBytes: 200, maxBytes: 100, minFreeBytes: 100 };
+    assert.deepEqual(roomFor(room, 45), { size: true, disk: true });
+    assert.deepEqual(roomFor(room, 46), { size: false, disk: true }, 'stored + reserved + 46 > maxBytes');
+    assert.deepEqual(roomFor({ ...room, freeBytes: 180 }, 45), { size: true, disk: false }, '180 free - 40 still to be written - 45 < minFreeBytes');
+    assert.deepEqual(roomFor({ ...room, freeBytes: undefined }, 45), { size: true, disk: true }, 'free space unknown: maxBytes only');
+    // A chunked fill grows in steps, up to maxBytes, and no further.
+    assert.equal(grownReservation(0, 1, 8, 50), 8);
+    assert.equal(grownReservation(8, 20, 8, 50), 20);
+    assert.equal(grownReservation(48, 49, 8, 50), 50);
+    assert.equal(grownReservation(50, 51, 8, 50), undefined);
+  });
+
+  it('keeps a floor of free inodes: a number or a percentage of the filesystem, and evicts at least one blob per inode short', () => {
+    assert.deepEqual(parseInodeFloor('10%'), { percent: 10 });
+    assert.deepEqual(parseInodeFloor(5000), { inodes: 5000 });
+    for (const bad of [-1, 1.5, '101%', 'ten', '10']) assert.equal(parseInodeFloor(bad), null, String(bad));
+    assert.equal(inodeFloor('10%', 102_400), 10_240);
+    assert.equal(inodeFloor(500, 102_400), 500);
+    assert.equal(inodesLeft({ freeInodes: 101, minFreeInodes: 100 }), true);
+    assert.equal(inodesLeft({ freeInodes: 100, minFreeInodes: 100 }), false, 'one more file would take it under');
+    assert.equal(inodesLeft({}), true, 'a filesystem that does not count inodes');
+    assert.deepEqual(roomFor({ storedBytes: 0, reservedBytes: 0, unwrittenBytes: 0, freeBytes: 1e9, maxBytes: 1e9, minFreeBytes: 0, freeInodes: 10, minFreeInodes: 10 }, 1), { size: true, disk: false });
+    const blobs: StoredBlob[] = [
+      { digest: 'sha256:a', size: 1, lastUsed: 1, readers: 0 },
+      { digest: 'sha256:b', size: 1, lastUsed: 2, readers: 1 },
+      { digest: 'sha256:c', size: 1, lastUsed: 3, readers: 0 },
+    ];
+    assert.deepEqual(evictionPlan(blobs, { maxBytes: 1e9, minFreeBytes: 0, freeBytes: 1e9, minFreeBlobs: 2 }), ['sha256:a', 'sha256:c']);
   });
 
   it('eviction: never a blob being read; afterwards the store fits unless only read blobs are left', () => {

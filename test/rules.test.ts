@@ -22,9 +22,12 @@ describe('config validation', () => {
 
   it('reads the cache: quantities, defaults, per-rule opt-out; and names each bad cache key', () => {
     const config = configFrom('cache: {path: /var/lib/pullbridge/cache, maxBytes: 5Gi}\nregistries: [{name: a, match: [a.example], upstream: "https://127.0.0.1:1", auth: {mode: anonymous}, cache: false}]');
-    assert.deepEqual(config.cache, { path: '/var/lib/pullbridge/cache', maxBytes: 5 * 2 ** 30, minFreeBytes: 2 ** 30, tagTTLSeconds: 30, staleIfErrorSeconds: 604_800, credentialTTLSeconds: 60, reconfirmSeconds: 3600 });
+    assert.deepEqual(config.cache, { path: '/var/lib/pullbridge/cache', maxBytes: 5 * 2 ** 30, minFreeBytes: 2 ** 30, minFreeInodes: '10%', tagTTLSeconds: 30, staleIfErrorSeconds: 604_800, credentialTTLSeconds: 60, reconfirmSeconds: 3600 });
     assert.equal(config.registries[0]?.cache, false);
     assert.equal(configFrom('').cache, undefined, 'no cache unless configured');
+    assert.equal(configFrom('cache: {path: /c, minFreeInodes: 50000}').cache?.minFreeInodes, 50_000);
+    assert.equal(configFrom('cache: {path: /c, minFreeInodes: 7.5%}').cache?.minFreeInodes, '7.5%');
+    for (const bad of ['-1', '1.5', '"ten"', '120%']) assert.ok(errorsOf(`cache: {path: /c, minFreeInodes: ${bad}}`).some((e) => e.startsWith('cache.minFreeInodes: must be a whole number of inodes or a percentage such as 10%')), bad);
     const errors = errorsOf('cache: {path: relative/dir, maxBytes: 10GB, tagTTLSeconds: -1, shared: {s3: {bucket: b}}}');
     assert.ok(errors.some((e) => e.startsWith('cache.path: must be an absolute path')), errors.join('\n'));
     assert.ok(errors.some((e) => e.startsWith('cache.maxBytes: must be a whole number of bytes or a quantity')), errors.join('\n'));

@@ -36,14 +36,15 @@ export class CachedBlobs {
     // A blob still filling is read through its fill even once it is stored: the link that lets its
     // (rule, repository) read the stored blob is written just before the fill goes away.
     const filling = request.range === undefined && request.method === 'GET' ? cache.flights.get(request.digest) : undefined;
-    if (filling) return this.join(filling, request);
+    if (filling?.joinable) return this.join(filling, request);
     if ((await cache.store.lookup(request.digest)) && (await this.authorizeStored(request))) {
       const stored = await this.fromStore(request);
       if (stored) return stored;
     }
     if (request.range !== undefined || request.method === 'HEAD') return this.relay(request);
+    // A fill that turned into a relay is not joined (what it wrote is no longer all there to read).
     const flight = cache.flights.get(request.digest);
-    return flight ? this.join(flight, request) : this.fill(request);
+    return flight?.joinable ? this.join(flight, request) : this.fill(request);
   }
 
   /** The upstream a rule's content comes from (RuleUpstream.origin). */
@@ -120,7 +121,7 @@ export class CachedBlobs {
     const { cache } = this;
     if (!(await cache.mayFill(0))) return this.relay(request);
     const already = cache.flights.get(request.digest); // another client started it meanwhile
-    if (already) return this.join(already, request);
+    if (already?.joinable) return this.join(already, request);
     const ended = cache.fillStarted();
     const origin = { rule: request.rule, repository: request.repository, origin: this.origin(request.rule) };
     const source: SharedSource = { shared: false, claimed: false, failed: false };
@@ -137,6 +138,7 @@ export class CachedBlobs {
       else if (source.claimed) await cache.shared?.release(request.digest);
       if (!outcome.stored && outcome.corrupt && source.shared) await cache.removeCorruptShared(request.digest, outcome.reason);
       if (outcome.stored) await cache.evict(0);
+      else if (flight.relaying) cache.fillRelayed(request.digest);
       else cache.fillFailed(request.digest, outcome.reason);
     }, (failure) => {
       if (source.shared && (failure.corrupt || source.failed)) cache.avoidShared(request.digest);
@@ -168,7 +170,9 @@ export class CachedBlobs {
       if (request.signal.aborted) flight.controller.abort();
       else request.signal.addEventListener('abort', () => flight.controller.abort(), { once: true });
     };
-    if (!answer.body || answer.status !== 200 || (known && !(await cache.mayFill(length)))) {
+    // Room for the announced length (or, chunked, room that grows as it comes): held until the fill ends.
+    const reservation = answer.body && answer.status === 200 ? await cache.reserve(known ? length : 0) : undefined;
+    if (!answer.body || answer.status !== 200 || !reservation) {
       // Too large for the cache, or its disk is full: this client is relayed, verified as before.
       flight.abandon(new Error('not cached: no room'));
       relayed();
@@ -178,12 +182,13 @@ export class CachedBlobs {
     try {
       fill = await cache.store.startFill(request.digest);
     } catch (error) {
+      reservation.release();
       if ((error as NodeJS.ErrnoException).code === 'ENOSPC') cache.diskFull();
       flight.abandon(error as Error);
       relayed();
       return this.relayInstead(request, answer, source, known ? length : undefined);
     }
-    flight.start(fill, answer.body, answer.headers);
+    flight.start(fill, answer.body, answer.headers, reservation);
     const body = await reading;
     if (request.signal.aborted) {
       body.destroy();

@@ -6,14 +6,25 @@
 // whole blob hashed to its digest, so a cut or corrupt transfer never reaches a client as a
 // complete body. The fill goes on while anyone reads; when the last reader leaves before the end,
 // the upstream transfer is stopped and nothing is stored.
+//
+// A fill writes within the room it reserved on the cache disk (its Content-Length, or in steps as
+// a chunked body grows). When it needs more and the disk limits refuse, it stops storing and turns
+// into a relay: what is in the file stays readable, the rest goes from the upstream through memory
+// to every reader of the fill (relaytail.ts), verified as before, and nothing is kept.
 
-import { open } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import type { ContentBody } from '../content/source.js';
+import type { BodySink } from '../upstream/body.js';
 import { fileBody, type FileExtent } from './filebody.js';
+import type { DiskReservation } from './nodecache.js';
+import { RelayTail, type TailCursor } from './relaytail.js';
 import type { BlobFill, BlobLease, FillOutcome, NodeStore } from './store.js';
 
 /** Bytes received from the upstream and not yet written to the file before the upstream is paused. */
 const WRITE_QUEUE_BYTES = 1024 * 1024;
+
+/** Room without bounds, for a store used without limits. */
+const UNBOUNDED: DiskReservation = { bytes: Number.MAX_SAFE_INTEGER, wrote: () => undefined, grow: () => Promise.resolve(true), release: () => undefined };
 
 export interface FlightOrigin {
   readonly rule: string;
@@ -30,6 +41,10 @@ export class BlobFlight implements FileExtent {
   private readonly listeners = new Set<() => void>();
   private fill: BlobFill | undefined;
   private upstream: ContentBody | undefined;
+  /** Set once the fill stopped storing for lack of room: the rest of the blob, relayed. */
+  private tail: RelayTail | undefined;
+  /** Where each reader is, for the relayed tail. */
+  private readonly cursors = new Set<TailCursor>();
   /** Settles when the fill stored the blob or gave up. */
   readonly done: Promise<FillOutcome>;
   /** Settles once `done` did and `afterDone` ran (the filler's bookkeeping: link, eviction): true
@@ -66,14 +81,27 @@ export class BlobFlight implements FileExtent {
   /** Representation headers the upstream answered with, for every reader; set by start(). */
   headers: Readonly<Record<string, string>> = {};
 
+  /** Whether another client may join (not once it relays: the bytes before the tail are gone). */
+  get joinable(): boolean {
+    return this.tail === undefined;
+  }
+
+  /** Whether the fill stopped storing for lack of room and relays the rest. */
+  get relaying(): boolean {
+    return this.tail !== undefined;
+  }
+
   /**
    * Writes `body` into `fill` in order, each chunk held (it may be a view into a reused socket
    * buffer) until its write is done; the upstream is paused while more than WRITE_QUEUE_BYTES wait.
+   * Writes stay within `reservation` (grown as needed; released when the fill ends), else the fill
+   * turns into a relay.
    */
-  start(fill: BlobFill, body: ContentBody, headers: Readonly<Record<string, string>>): void {
+  start(fill: BlobFill, body: ContentBody, headers: Readonly<Record<string, string>>, reservation: DiskReservation = UNBOUNDED): void {
     this.fill = fill;
     this.upstream = body;
     this.headers = headers;
+    void this.done.then(() => reservation.release());
     this.markStarted();
     fill.once('verified', () => {
       this.verified = true;
@@ -91,12 +119,23 @@ export class BlobFlight implements FileExtent {
       if (writing || waiting.length === 0) return;
       const batch = waiting;
       const held = releases.splice(0, batch.length);
+      let batchBytes = 0;
+      for (const chunk of batch) batchBytes += chunk.length;
       waiting = [];
       waitingBytes = 0;
-      writing = (this.failure ? Promise.resolve() : fill.appendv(batch)).then(
+      const needed = fill.written + batchBytes;
+      const room = this.failure || needed <= reservation.bytes ? undefined : reservation.grow(needed);
+      const write = async (): Promise<void> => {
+        if (this.failure) return;
+        if (room && !(await room)) return relay(batch);
+        await fill.appendv(batch);
+        reservation.wrote(fill.written);
+      };
+      writing = write().then(
         () => {
           for (const release of held) release();
           writing = undefined;
+          if (this.tail) return;
           this.notify();
           if (waiting.length > 0) writeWaiting();
           else if (ended) return finish();
@@ -112,6 +151,26 @@ export class BlobFlight implements FileExtent {
         },
       );
     };
+    /** No room for `batch`: the file stays as it is, and it and what follows go through memory
+     * (copied there: the batch's holds are released by the write's caller). */
+    const relay = (batch: readonly Buffer[]): void => {
+      const tail = new RelayTail(fill.written, fill.path, this.digest, this.cursors, () => body.resume());
+      this.tail = tail;
+      let more = true;
+      for (const chunk of [...batch, ...waiting]) more = tail.push(chunk);
+      for (const release of releases.splice(0)) release();
+      waiting = [];
+      waitingBytes = 0;
+      if (ended) tail.upstreamEnd();
+      else if (paused && more) {
+        paused = false;
+        body.resume();
+      }
+      tail.watch(() => {
+        if (tail.complete && this.readers === 0) this.relayed();
+      });
+      this.notify();
+    };
     const finish = (): void => {
       if (this.result || this.failure) return;
       fill.finish().then(
@@ -125,6 +184,7 @@ export class BlobFlight implements FileExtent {
     body.attach({
       data: (chunk) => {
         if (chunk.length === 0) return true;
+        if (this.tail) return this.tail.push(chunk);
         releases.push(body.hold(chunk));
         waiting.push(chunk);
         waitingBytes += chunk.length;
@@ -134,7 +194,8 @@ export class BlobFlight implements FileExtent {
       },
       end: () => {
         ended = true;
-        if (!writing) finish();
+        if (this.tail) this.tail.upstreamEnd();
+        else if (!writing) finish();
       },
       error: (error) => this.fail(error),
     });
@@ -145,7 +206,9 @@ export class BlobFlight implements FileExtent {
     this.fail(error);
   }
 
+  /** Bytes received so far that readers may have (the last is held back until verified). */
   readable(): number {
+    if (this.tail) return this.tail.end;
     if (this.verified) return this.fill?.written ?? 0;
     return Math.max(0, (this.fill?.written ?? 0) - 1);
   }
@@ -183,18 +246,83 @@ export class BlobFlight implements FileExtent {
         throw this.failure;
       }
       if (this.result?.stored && !this.lease) this.lease = this.store.lease(this.digest);
-      // What a reader of a fill reads was just written (it is in the page cache): read it in place,
-      // without a thread-pool round trip per read.
-      return fileBody(file, this, { start: 0 }, () => this.leave(), { syncReads: true });
+      return this.readerBody(file);
     } catch (error) {
       this.leave();
       throw error;
     }
   }
 
+  /**
+   * The blob from the file, then (should the fill turn into a relay) from the relayed tail. What a
+   * reader of a fill reads was just written (it is in the page cache): read in place, without a
+   * thread-pool round trip per read.
+   */
+  private readerBody(file: FileHandle): ContentBody {
+    const cursor: TailCursor = { position: 0 };
+    this.cursors.add(cursor);
+    // The file as this reader sees it: while relaying, it ends where the tail starts.
+    const inFile: FileExtent = {
+      readable: () => (this.tail ? this.tail.from : this.readable()),
+      outcome: () => (this.tail ? { size: this.tail.from } : this.outcome()),
+      watch: (listener) => this.watch(listener),
+    };
+    let closed = false;
+    const close = () => {
+      if (closed) return;
+      closed = true;
+      this.cursors.delete(cursor);
+      this.tail?.released();
+      this.leave();
+    };
+    let current = fileBody(file, inFile, { start: 0 }, () => undefined, { syncReads: true });
+    let onTail = false;
+    return {
+      attach: (sink) => {
+        const counted: BodySink = {
+          data: (chunk) => {
+            if (!onTail) cursor.position += chunk.length; // the tail moves the cursor itself
+            return sink.data(chunk);
+          },
+          end: () => {
+            const { tail } = this;
+            if (tail && !onTail && cursor.position === tail.from) {
+              onTail = true;
+              current = tail.body(cursor, close);
+              current.attach(counted);
+              return;
+            }
+            close();
+            sink.end();
+          },
+          error: (error) => {
+            close();
+            sink.error(error);
+          },
+        };
+        current.attach(counted);
+      },
+      resume: () => current.resume(),
+      destroy: (reason) => {
+        current.destroy(reason);
+        close(); // also when it was never attached (its sink is not told then)
+      },
+      hold: (chunk) => current.hold(chunk),
+    };
+  }
+
+  /** A relayed blob went whole to every reader: the file is discarded, nothing stored. */
+  private relayed(): void {
+    if (this.result || this.failure) return;
+    const outcome: FillOutcome = { stored: false, reason: 'relayed: no room on the cache disk' };
+    this.result = outcome;
+    void (this.fill ? this.fill.abort(outcome.reason) : Promise.resolve()).catch(() => undefined).finally(() => this.settle(outcome));
+  }
+
   private leave(): void {
     this.readers--;
     if (this.readers > 0) return;
+    if (this.tail?.complete) return this.relayed();
     // Verified: the blob is whole and being stored; nothing to stop.
     if (!this.result && !this.failure && !this.verified) this.fail(new Error('every client left before the blob was complete'));
     this.lease?.release();
@@ -226,6 +354,7 @@ export class BlobFlight implements FileExtent {
       this.controller.abort(error);
       this.upstream.destroy(error);
     }
+    this.tail?.fail(error);
     const outcome: FillOutcome = { stored: false, ...failure };
     void (this.fill ? this.fill.abort(error.message) : Promise.resolve()).catch(() => undefined).finally(() => this.settle(outcome));
     this.notify();

@@ -353,11 +353,15 @@ export class CachedManifests {
 
   /** Writes a fetched manifest into the store and links it, when the cache takes content; whether it did. */
   private async store(request: ManifestRequest, answer: ManifestResult): Promise<boolean> {
-    if (!answer.body || !(await this.cache.mayFill(answer.body.length))) return false;
+    if (!answer.body) return false;
+    // Counted with the fills in flight while it is written, as a blob's fill is.
+    const reservation = await this.cache.reserve(answer.body.length);
+    if (!reservation) return false;
     try {
       if (!(await this.cache.store.lookup(answer.digest))) {
         const fill = await this.cache.store.startFill(answer.digest);
         await fill.append(answer.body);
+        reservation.wrote(fill.written);
         const outcome = await fill.finish();
         if (!outcome.stored) return false;
       }
@@ -369,6 +373,8 @@ export class CachedManifests {
       if ((error as NodeJS.ErrnoException).code === 'ENOSPC') this.cache.diskFull();
       this.cache.fillFailed(answer.digest, (error as Error).message);
       return false;
+    } finally {
+      reservation.release();
     }
   }
 }

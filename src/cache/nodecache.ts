@@ -11,7 +11,7 @@ import { ContentError, type CacheOutcome } from '../content/source.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { BlobFlight } from './flight.js';
 import { HashThread } from './hasher.js';
-import { evictionPlan, linkIsFresh, staleEligible, upstreamFailureOf } from './policy.js';
+import { evictionPlan, grownReservation, inodeFloor, inodesLeft, linkIsFresh, METADATA_ENTRY_BYTES, roomFor, staleEligible, upstreamFailureOf, type DiskRoom } from './policy.js';
 import { openSharedStore } from './shared/open.js';
 import { SharedTier } from './shared/tier.js';
 import { NodeStore, type LinkState, type PurgeOutcome } from './store.js';
@@ -52,6 +52,22 @@ interface CacheMetrics {
   readonly fillFailures: Counter;
 }
 
+/** Room on the store's disk held by one fill in flight: its announced length, grown as it writes
+ * more (a chunked body), released when it is stored or discarded. */
+export interface DiskReservation {
+  readonly bytes: number;
+  /** The fill has `total` bytes on the disk now. */
+  wrote(total: number): void;
+  /** Room for `total` bytes in all (taken in steps); false when the limits refuse: the fill stops storing. */
+  grow(total: number): Promise<boolean>;
+  release(): void;
+}
+
+type DiskFree = Awaited<ReturnType<NodeStore['free']>>;
+
+/** A fill that outgrows its reservation asks for at least this much more at once. */
+const RESERVATION_STEP_BYTES = 8 * 2 ** 20;
+
 /** Credentials remembered as accepted upstream (passthrough), and manifests as confirmed by a GET, at most this many each. */
 const CONFIRMATIONS_MAX = 10_000;
 /** How long a blob whose shared fill failed is fetched from the upstream instead, and how many are kept. */
@@ -71,7 +87,14 @@ export class NodeCache {
   private readonly metrics: CacheMetrics;
   private readonly tally = { hit: 0, miss: 0, shared: 0, stale: 0, bypass: 0, savedBytes: 0, evictions: 0, evictedBytes: 0, fillFailures: 0 };
   private fillsInFlight = 0;
+  /** Room held by fills in flight (reserve): bytes reserved, and how many of them are written. */
+  private readonly reservations = new Set<{ bytes: number; written: number }>();
+  /** Bytes fills wrote since the process started (as reservations were told). */
+  private writtenByFills = 0;
   private fillsEnabled = true;
+  /** Whether links and tag records are written (cache.minFreeInodes), and the free inodes last seen. */
+  private metadataWritable = true;
+  private lastFreeInodes: number | undefined;
   private evicting: Promise<void> = Promise.resolve();
   /** `rule\0repository\0credential hash` → when the upstream last accepted that credential there. */
   private readonly confirmations = new Map<string, number>();
@@ -95,6 +118,7 @@ export class NodeCache {
     readonly shared: SharedTier | undefined,
   ) {
     this.settings = settings;
+    store.metadataGate = () => this.mayWriteMetadata();
     const cache = this;
     this.metrics = {
       requests: new Counter({ name: 'pullbridge_cache_requests_total', help: 'Manifest and blob requests by how the node cache answered: hit, miss (filled from upstream), shared (filled from the shared tier), stale (last known tag while the upstream failed), bypass (not cached)', labelNames: ['kind', 'result'], registers: [registry] }),
@@ -105,9 +129,10 @@ export class NodeCache {
     };
     new Gauge({ name: 'pullbridge_cache_bytes', help: 'Bytes in the node cache', registers: [registry], collect() { this.set(cache.store.usage().bytes); } });
     new Gauge({ name: 'pullbridge_cache_entries', help: 'Blobs (layers, configs, manifests) in the node cache', registers: [registry], collect() { this.set(cache.store.usage().blobs); } });
+    new Gauge({ name: 'pullbridge_cache_metadata_entries', help: 'Links and tag records in the node cache (each counted as 4 KiB against cache.maxBytes)', registers: [registry], collect() { this.set(cache.store.metadataEntries()); } });
     new Gauge({ name: 'pullbridge_cache_max_bytes', help: 'cache.maxBytes', registers: [registry], collect() { this.set(cache.settings.maxBytes); } });
     new Gauge({ name: 'pullbridge_cache_fills_in_flight', help: 'Blobs being filled from upstream now', registers: [registry], collect() { this.set(cache.fillsInFlight); } });
-    new Gauge({ name: 'pullbridge_cache_fills_enabled', help: '1 while the cache takes new content; 0 when its disk is below cache.minFreeBytes (pulls are relayed)', registers: [registry], collect() { this.set(cache.fillsEnabled ? 1 : 0); } });
+    new Gauge({ name: 'pullbridge_cache_fills_enabled', help: '1 while the cache takes new content; 0 when its disk is below cache.minFreeBytes or cache.minFreeInodes (pulls are relayed)', registers: [registry], collect() { this.set(cache.fillsEnabled ? 1 : 0); } });
   }
 
   /**
@@ -248,27 +273,127 @@ export class NodeCache {
     this.logger.warn({ digest, reason }, 'cache fill stored nothing');
   }
 
+  /** A fill ran out of room and relayed the rest of its blob: its clients had it all, nothing was stored. */
+  fillRelayed(digest: string): void {
+    this.logger.info({ digest, maxBytes: this.settings.maxBytes, minFreeBytes: this.settings.minFreeBytes }, 'cache fill outgrew the room on the cache disk: relayed, not stored');
+  }
+
   /**
-   * Whether a new fill of `bytes` (0: unknown) may start: it must fit in maxBytes and leave
-   * minFreeBytes free on the disk, after evicting what it can. When the disk cannot, the cache is
-   * off for new fills (logged once per change, and a metric); either way that pull is relayed.
+   * Whether a new fill of `bytes` (0: unknown) may start: see reserve(), which takes the room too.
+   * When the disk cannot, the cache is off for new fills (logged once per change, and a metric);
+   * either way that pull is relayed.
    */
-  async mayFill(bytes: number): Promise<boolean> {
-    if (bytes > this.settings.maxBytes) return false;
-    let free = await this.freeBytes();
-    if (free !== undefined && free - bytes < this.settings.minFreeBytes || this.store.usage().bytes + bytes > this.settings.maxBytes) {
-      await this.evict(bytes);
-      free = await this.freeBytes();
+  mayFill(bytes: number): Promise<boolean> {
+    return this.admit(bytes);
+  }
+
+  /**
+   * Room on the store's disk for a fill of `bytes` (0: not announced; it grows as it writes), held
+   * until released, or undefined when the limits refuse it: what is stored and what fills in flight
+   * reserved must fit in maxBytes, and once every reservation is written the disk must keep
+   * minFreeBytes free, after evicting what it can.
+   */
+  async reserve(bytes: number): Promise<DiskReservation | undefined> {
+    const held = { bytes: 0, written: 0 };
+    let released = false;
+    const taken = await this.admit(bytes, () => {
+      held.bytes = bytes;
+      this.reservations.add(held);
+    });
+    if (!taken) return undefined;
+    return {
+      get bytes() {
+        return held.bytes;
+      },
+      wrote: (total) => {
+        if (released || total <= held.written) return;
+        this.writtenByFills += total - held.written;
+        held.written = total;
+        held.bytes = Math.max(held.bytes, total);
+      },
+      grow: async (needed) => {
+        if (released) return false;
+        if (needed <= held.bytes) return true;
+        const target = grownReservation(held.bytes, needed, RESERVATION_STEP_BYTES, this.settings.maxBytes);
+        if (target === undefined) return false;
+        const take = (more: number) => {
+          if (!released) held.bytes += more;
+        };
+        if (await this.admit(target - held.bytes, take)) return true;
+        return needed < target && !released && (await this.admit(needed - held.bytes, take));
+      },
+      release: () => {
+        if (released) return;
+        released = true;
+        this.reservations.delete(held);
+      },
+    };
+  }
+
+  /** What is stored (blobs and metadata) and reserved, and the free space measured while fills had
+   * written `writtenSince` more bytes than were counted when it was measured (those count as not
+   * yet on the disk). */
+  private room(free: DiskFree | undefined, writtenSince: number): DiskRoom {
+    let reservedBytes = 0;
+    let unwrittenBytes = writtenSince;
+    for (const r of this.reservations) {
+      reservedBytes += r.bytes;
+      unwrittenBytes += r.bytes - r.written;
     }
-    const enabled = free === undefined || free - bytes >= this.settings.minFreeBytes;
+    const storedBytes = this.store.usage().bytes + this.store.metadataEntries() * METADATA_ENTRY_BYTES;
+    const inodes = free?.inodes !== undefined && free.totalInodes !== undefined ? { freeInodes: free.inodes, minFreeInodes: inodeFloor(this.settings.minFreeInodes, free.totalInodes) } : {};
+    return { storedBytes, reservedBytes, unwrittenBytes, freeBytes: free?.bytes, maxBytes: this.settings.maxBytes, minFreeBytes: this.settings.minFreeBytes, ...inodes };
+  }
+
+  /**
+   * Whether `bytes` more fit (roomFor), evicting first when they do not; `take` runs when they do,
+   * in the same turn as the decision (no other fill reserves in between).
+   */
+  private async admit(bytes: number, take?: (bytes: number) => void): Promise<boolean> {
+    if (bytes > this.settings.maxBytes) return false;
+    let mark = this.writtenByFills;
+    let free = await this.free();
+    let room = roomFor(this.room(free, this.writtenByFills - mark), bytes);
+    if (!room.size || !room.disk) {
+      await this.evict(bytes);
+      mark = this.writtenByFills;
+      free = await this.free();
+      room = roomFor(this.room(free, this.writtenByFills - mark), bytes);
+    }
+    // On and off (status, metric, a log line) with the disk itself, not with what fills in flight
+    // reserved: a fill refused for those is relayed without turning the cache off.
+    const enabled = roomFor({ ...this.room(free, 0), unwrittenBytes: 0 }, 0).disk;
     if (enabled !== this.fillsEnabled) {
       this.fillsEnabled = enabled;
-      if (enabled) this.logger.info({ freeBytes: free }, 'cache disk has room again: filling resumed');
-      else this.logger.warn({ freeBytes: free, minFreeBytes: this.settings.minFreeBytes }, 'cache disk below cache.minFreeBytes and nothing left to evict: not filling, pulls are relayed');
+      if (enabled) this.logger.info({ freeBytes: free?.bytes, freeInodes: free?.inodes }, 'cache disk has room again: filling resumed');
+      else this.logger.warn({ freeBytes: free?.bytes, minFreeBytes: this.settings.minFreeBytes, freeInodes: free?.inodes, minFreeInodes: this.settings.minFreeInodes }, 'cache disk below cache.minFreeBytes or cache.minFreeInodes and nothing left to evict: not filling, pulls are relayed');
     }
-    // Everything evictable is gone and what is left is being read: relay this one rather than grow
-    // past maxBytes.
-    return enabled && this.store.usage().bytes + bytes <= this.settings.maxBytes;
+    // Everything evictable is gone and what is left is being read or filled: relay this one rather
+    // than grow past maxBytes.
+    if (!room.size || !room.disk) return false;
+    take?.(bytes);
+    return true;
+  }
+
+  /**
+   * Whether a link or tag record may be written: the disk keeps cache.minFreeInodes free after it
+   * (evicting blobs, with their metadata, when it would not). Refused, the proxy works on without it
+   * (a blob not linked is confirmed upstream; a tag not recorded is asked upstream).
+   */
+  private async mayWriteMetadata(): Promise<boolean> {
+    let free = await this.free();
+    if (!inodesLeft(this.room(free, 0))) {
+      await this.evict(0);
+      free = await this.free();
+    }
+    const writable = inodesLeft(this.room(free, 0));
+    if (writable !== this.metadataWritable) {
+      this.metadataWritable = writable;
+      if (writable) this.logger.info({ freeInodes: free?.inodes }, 'cache disk has inodes again: tag records and links are written');
+      else this.logger.warn({ freeInodes: free?.inodes, minFreeInodes: this.settings.minFreeInodes }, 'cache disk below cache.minFreeInodes: no tag record, link or blob is written');
+    }
+    if (!writable) this.fillsEnabled = false;
+    return writable;
   }
 
   /** A fill failed for lack of space: off until mayFill finds room. */
@@ -281,8 +406,14 @@ export class NodeCache {
   /** Evicts least recently used blobs not being read, to make room for `incoming` bytes. One pass at a time. */
   evict(incoming: number): Promise<void> {
     const pass = this.evicting.then(async () => {
-      const free = (await this.freeBytes()) ?? Number.MAX_SAFE_INTEGER;
-      const plan = evictionPlan(this.store.blobs(), { maxBytes: Math.max(0, this.settings.maxBytes - incoming), minFreeBytes: this.settings.minFreeBytes, freeBytes: free - incoming });
+      // Fills in flight keep their reservations: eviction makes room for them too.
+      const mark = this.writtenByFills;
+      const free = await this.free();
+      const room = this.room(free, this.writtenByFills - mark);
+      const metadataBytes = room.storedBytes - this.store.usage().bytes;
+      // Short of inodes: each blob evicted frees at least its own.
+      const inodesShort = room.freeInodes === undefined ? 0 : Math.max(0, (room.minFreeInodes ?? 0) + 1 - room.freeInodes);
+      const plan = evictionPlan(this.store.blobs(), { maxBytes: Math.max(0, this.settings.maxBytes - metadataBytes - room.reservedBytes - incoming), minFreeBytes: this.settings.minFreeBytes, freeBytes: (free?.bytes ?? Number.MAX_SAFE_INTEGER) - room.unwrittenBytes - incoming, minFreeBlobs: inodesShort });
       for (const digest of plan) {
         const size = this.store.blobs().find((b) => b.digest === digest)?.size ?? 0;
         if (await this.store.remove(digest)) {
@@ -298,9 +429,11 @@ export class NodeCache {
     return this.evicting;
   }
 
-  private async freeBytes(): Promise<number | undefined> {
+  private async free(): Promise<DiskFree | undefined> {
     try {
-      return await this.store.freeBytes();
+      const free = await this.store.free();
+      this.lastFreeInodes = free.inodes;
+      return free;
     } catch {
       return undefined;
     }
@@ -405,6 +538,11 @@ export class NodeCache {
       path: this.settings.path,
       bytes: usage.bytes,
       entries: usage.blobs,
+      reservedBytes: this.room(undefined, 0).reservedBytes,
+      metadataEntries: this.store.metadataEntries(),
+      metadataWritable: this.metadataWritable,
+      freeInodes: this.lastFreeInodes ?? null,
+      minFreeInodes: this.settings.minFreeInodes,
       maxBytes: this.settings.maxBytes,
       minFreeBytes: this.settings.minFreeBytes,
       fillsEnabled: this.fillsEnabled,

@@ -5,6 +5,7 @@
 
 import type { ContentFailure } from '../content/source.js';
 import { digestError, isValidRepositoryPath, isValidTag } from '../reference/reference.js';
+import { parseInodeFloor } from '../rules/quantity.js';
 
 /**
  * A name the node store or the shared tier was asked to make a path or a key of, and refused: a
@@ -199,6 +200,58 @@ export function linkIsFresh(confirmedAt: number, now: number, reconfirmSeconds: 
   return age >= 0 && age < reconfirmSeconds * 1000;
 }
 
+/** Free inodes a filesystem of `totalInodes` must keep under that setting (0 when it is not one). */
+export function inodeFloor(value: number | string, totalInodes: number): number {
+  const floor = parseInodeFloor(value);
+  if (!floor) return 0;
+  return 'inodes' in floor ? floor.inodes : Math.ceil((totalInodes * floor.percent) / 100);
+}
+
+/** Bytes a tag record or link is counted as against maxBytes: a file takes at least a block. */
+export const METADATA_ENTRY_BYTES = 4096;
+
+/** The node store's disk as a fill's reservation sees it (bytes). */
+export interface DiskRoom {
+  /** Blobs stored. */
+  readonly storedBytes: number;
+  /** Reserved by fills in flight (each at least what it wrote). */
+  readonly reservedBytes: number;
+  /** Reserved by fills in flight and not yet on the disk: the free space they will still take. */
+  readonly unwrittenBytes: number;
+  /** Free on the disk now; undefined when it cannot be known (then only maxBytes bounds). */
+  readonly freeBytes: number | undefined;
+  readonly maxBytes: number;
+  readonly minFreeBytes: number;
+  /** Free inodes now, and the floor (inodeFloor); undefined when the filesystem does not count them. */
+  readonly freeInodes?: number;
+  readonly minFreeInodes?: number;
+}
+
+/**
+ * Whether `bytes` more may be reserved: stored (blobs and metadata) and reserved bytes stay within
+ * maxBytes (`size`), and the disk keeps minFreeBytes free once every reservation is written, and
+ * the free inodes above their floor (`disk`: a new file takes one).
+ */
+export function roomFor(room: DiskRoom, bytes: number): { readonly size: boolean; readonly disk: boolean } {
+  return {
+    size: room.storedBytes + room.reservedBytes + bytes <= room.maxBytes,
+    disk: (room.freeBytes === undefined || room.freeBytes - room.unwrittenBytes - bytes >= room.minFreeBytes) && inodesLeft(room),
+  };
+}
+
+/** Whether one more file (a blob, a tag record, a link) keeps the free inodes at their floor. */
+export function inodesLeft(room: Pick<DiskRoom, 'freeInodes' | 'minFreeInodes'>): boolean {
+  return room.freeInodes === undefined || room.freeInodes - 1 >= (room.minFreeInodes ?? 0);
+}
+
+/** How much a fill that holds `reserved` bytes and needs `needed` asks for: in steps of at least
+ * `step` (a chunked fill grows without asking at every write), never more than `maxBytes`;
+ * undefined when even `needed` is more. */
+export function grownReservation(reserved: number, needed: number, step: number, maxBytes: number): number | undefined {
+  if (needed > maxBytes) return undefined;
+  return Math.min(maxBytes, Math.max(needed, reserved + step));
+}
+
 /** A blob in the node store, as eviction sees it. */
 export interface StoredBlob {
   readonly digest: string;
@@ -214,11 +267,13 @@ export interface EvictionLimits {
   /** Free space the disk must keep; eviction frees at least what is missing. */
   readonly minFreeBytes: number;
   readonly freeBytes: number;
+  /** Blobs to evict at least (the disk is short of this many inodes: each blob frees one, at least). */
+  readonly minFreeBlobs?: number;
 }
 
 /**
  * The blobs to delete, least recently used first, so that the store fits in maxBytes and the disk
- * keeps minFreeBytes free; blobs being read are skipped. If that cannot be reached (everything
+ * keeps minFreeBytes free (and at least minFreeBlobs go); blobs being read are skipped. If that cannot be reached (everything
  * left is being read), it deletes what it can: the caller then stops filling.
  */
 export function evictionPlan(blobs: readonly StoredBlob[], limits: EvictionLimits): string[] {
@@ -228,7 +283,7 @@ export function evictionPlan(blobs: readonly StoredBlob[], limits: EvictionLimit
   let toFree = Math.max(overSize, overDisk, 0);
   const plan: string[] = [];
   for (const blob of [...blobs].sort((a, b) => a.lastUsed - b.lastUsed || a.digest.localeCompare(b.digest))) {
-    if (toFree <= 0) break;
+    if (toFree <= 0 && plan.length >= (limits.minFreeBlobs ?? 0)) break;
     if (blob.readers > 0) continue;
     plan.push(blob.digest);
     toFree -= blob.size;

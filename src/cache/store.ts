@@ -14,11 +14,15 @@
 // (policy.ts's digestKey, repositoryKey, tagKey: a CacheKeyError otherwise), so that nothing
 // outside the root is ever stat-ed, written or removed, whoever made the name up.
 // A thin adapter: what to keep and what to evict is decided in policy.ts.
+//
+// Links and tag records (metadata) are indexed by the digest they name: when a blob is removed,
+// its links and the tag records naming it go too, with directories left empty. A metadata write
+// asks `metadataGate` first (the cache refuses it when the disk is short of inodes).
 
 import { randomBytes } from 'node:crypto';
 import { EventEmitter } from 'node:events';
-import { appendFile, mkdir, open, readdir, readFile, rename, rm, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
-import { join } from 'node:path';
+import { appendFile, mkdir, open, readdir, readFile, rename, rm, rmdir, stat, statfs, utimes, writeFile, type FileHandle } from 'node:fs/promises';
+import { dirname, join, relative, sep } from 'node:path';
 import { inlineHash, type FillHash, type HashFactory } from './hasher.js';
 import { digestError } from '../reference/reference.js';
 import { digestKey, parseTagRecord, repositoryKey, tagKey, type StoredBlob, type TagRecord } from './policy.js';
@@ -149,6 +153,12 @@ export class BlobFill extends EventEmitter {
 
 export class NodeStore {
   private readonly entries = new Map<string, Entry>();
+  /** Digest → paths of the links and tag records that name it. */
+  private readonly metadata = new Map<string, Set<string>>();
+  /** Path of a link or tag record → the digest it names. */
+  private readonly metadataDigest = new Map<string, string>();
+  /** Asked before a link or tag record is written: false skips the write (set by the cache). */
+  metadataGate: () => Promise<boolean> = () => Promise.resolve(true);
 
   private constructor(
     readonly root: string,
@@ -166,6 +176,7 @@ export class NodeStore {
     const store = new NodeStore(root, now, hash);
     if (options.removePartialFills !== false) await rm(join(root, 'tmp'), { recursive: true, force: true });
     await Promise.all(['tmp', 'blobs', 'origins', 'repositories'].map((dir) => mkdir(join(root, dir), { recursive: true })));
+    await store.indexMetadata();
     // Only files named as the store names them (`<algorithm>/<hex>`, a digest by the grammar) are
     // blobs; anything else there is not indexed, and so never served or evicted.
     for (const algorithm of await readdir(join(root, 'blobs'), { withFileTypes: true })) {
@@ -178,6 +189,50 @@ export class NodeStore {
       }
     }
     return store;
+  }
+
+  /** Finds the links and tag records left by earlier processes. */
+  private async indexMetadata(): Promise<void> {
+    const base = join(this.root, 'repositories');
+    for (const entry of await readdir(base, { recursive: true, withFileTypes: true })) {
+      if (!entry.isFile()) continue;
+      const path = join(entry.parentPath, entry.name);
+      const parts = relative(base, path).split(sep);
+      const kind = parts[parts.length - 3] === '_links' ? 'link' : parts[parts.length - 2] === '_tags' ? 'tag' : undefined;
+      if (kind === 'link') this.indexed(`${parts[parts.length - 2]}:${parts[parts.length - 1]}`, path);
+      else if (kind === 'tag') this.indexed((await this.readRecord(path))?.digest ?? '', path);
+    }
+  }
+
+  private indexed(digest: string, path: string): void {
+    const before = this.metadataDigest.get(path);
+    if (before === digest) return;
+    // A tag record rewritten to name another digest moves.
+    if (before !== undefined) this.metadata.get(before)?.delete(path);
+    this.metadataDigest.set(path, digest);
+    let paths = this.metadata.get(digest);
+    if (!paths) this.metadata.set(digest, (paths = new Set()));
+    paths.add(path);
+  }
+
+  /** Links and tag records on disk. */
+  metadataEntries(): number {
+    return this.metadataDigest.size;
+  }
+
+  /** Removes the links and tag records naming `digest`, and the directories that leaves empty. */
+  private async removeMetadata(digest: string): Promise<void> {
+    const paths = this.metadata.get(digest);
+    if (!paths) return;
+    this.metadata.delete(digest);
+    const base = join(this.root, 'repositories');
+    for (const path of paths) {
+      this.metadataDigest.delete(path);
+      await rm(path, { force: true });
+      for (let dir = dirname(path); dir.startsWith(base + sep); dir = dirname(dir)) {
+        if (!(await rmdir(dir).then(() => true, () => false))) break; // not empty (or gone): its parents are not either
+      }
+    }
   }
 
   /** Where a blob is (or would be) stored; a CacheKeyError for what is not a digest. */
@@ -213,8 +268,14 @@ export class NodeStore {
 
   /** Free bytes on the store's disk, for the unprivileged user. */
   async freeBytes(): Promise<number> {
+    return (await this.free()).bytes;
+  }
+
+  /** Free bytes (for the unprivileged user) and inodes on the store's disk; inodes undefined when the filesystem does not count them. */
+  async free(): Promise<{ bytes: number; inodes: number | undefined; totalInodes: number | undefined }> {
     const info = await statfs(this.root);
-    return info.bavail * info.bsize;
+    const counted = info.files > 0;
+    return { bytes: info.bavail * info.bsize, inodes: counted ? info.ffree : undefined, totalInodes: counted ? info.files : undefined };
   }
 
   /** Every stored blob, for eviction and status. */
@@ -280,6 +341,7 @@ export class NodeStore {
     this.entries.delete(digest);
     await rm(path, { force: true });
     await rm(this.originsPath(digest), { force: true });
+    await this.removeMetadata(digest);
     return true;
   }
 
@@ -319,8 +381,10 @@ export class NodeStore {
    */
   async link(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
     const path = this.linkPath(rule, repository, digest);
+    if (!(await this.metadataGate())) return;
     await mkdir(join(path, '..'), { recursive: true });
     await writeFile(path, mediaType);
+    this.indexed(digest, path);
     await this.confirmLink(rule, repository, digest);
   }
 
@@ -332,7 +396,19 @@ export class NodeStore {
 
   /** Removes a link: `(rule, repository)` may no longer read `digest` without asking its upstream. */
   async unlink(rule: string, repository: string, digest: string): Promise<void> {
-    await rm(this.linkPath(rule, repository, digest), { force: true });
+    await this.removeEntry(this.linkPath(rule, repository, digest));
+  }
+
+  /** Removes one link or tag record, and forgets it in the metadata index; whether it was there. */
+  private async removeEntry(path: string): Promise<boolean> {
+    const digest = this.metadataDigest.get(path);
+    if (digest !== undefined) {
+      this.metadataDigest.delete(path);
+      this.metadata.get(digest)?.delete(path);
+    }
+    const there = await stat(path).then(() => true, () => false);
+    await rm(path, { force: true });
+    return there;
   }
 
   /** Whether `digest` was fetched through `rule` (whose upstream is `origin`) for `repository` (and is still stored). */
@@ -378,28 +454,27 @@ export class NodeStore {
     let links = 0;
     let tags = 0;
     if (digest !== undefined) {
-      const path = this.linkPath(rule, repository, digest);
-      if (await stat(path).then(() => true, () => false)) {
-        await rm(path, { force: true });
-        links++;
-      }
+      if (await this.removeEntry(this.linkPath(rule, repository, digest))) links++;
     } else {
       for (const algorithm of await readdir(join(base, '_links')).catch(() => [])) {
-        const dir = join(base, '_links', algorithm);
-        links += (await readdir(dir).catch(() => [])).length;
-        await rm(dir, { recursive: true, force: true });
+        for (const hex of await readdir(join(base, '_links', algorithm)).catch(() => [])) {
+          if (await this.removeEntry(join(base, '_links', algorithm, hex))) links++;
+        }
       }
     }
     for (const tag of await readdir(join(base, '_tags')).catch(() => [])) {
-      if (digest !== undefined && (await this.readTag(rule, repository, tag))?.digest !== digest) continue;
-      await rm(join(base, '_tags', tag), { force: true });
-      tags++;
+      if (digest !== undefined && (await this.readRecord(join(base, '_tags', tag)))?.digest !== digest) continue;
+      if (await this.removeEntry(join(base, '_tags', tag))) tags++;
     }
     return { links, tags };
   }
 
   async readTag(rule: string, repository: string, tag: string): Promise<TagRecord | undefined> {
-    const text = await readFile(join(this.repositoryPath(rule, repository), '_tags', tagKey(tag)), 'utf8').catch(() => undefined);
+    return this.readRecord(join(this.repositoryPath(rule, repository), '_tags', tagKey(tag)));
+  }
+
+  private async readRecord(path: string): Promise<TagRecord | undefined> {
+    const text = await readFile(path, 'utf8').catch(() => undefined);
     return text === undefined ? undefined : parseTagRecord(text);
   }
 
@@ -408,10 +483,12 @@ export class NodeStore {
     const dir = join(this.repositoryPath(rule, repository), '_tags');
     const name = tagKey(tag);
     digestKey(record.digest); // a record naming what is not a digest is refused, as it would be read
+    if (!(await this.metadataGate())) return;
     await mkdir(dir, { recursive: true });
     const temporary = join(this.root, 'tmp', `tag-${randomBytes(6).toString('hex')}`);
     await writeFile(temporary, JSON.stringify(record));
     await rename(temporary, join(dir, name));
+    this.indexed(record.digest, join(dir, name));
   }
 }
 

@@ -6,7 +6,7 @@ import { isIP } from 'node:net';
 import { z } from 'zod';
 import { canonicalRegistryHost } from '../reference/reference.js';
 import { compileFilter, type CompiledFilter } from './glob.js';
-import { parseByteQuantity } from './quantity.js';
+import { parseByteQuantity, parseInodeFloor } from './quantity.js';
 
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 
@@ -136,6 +136,9 @@ const byteQuantity = z.union([z.number(), z.string()]).transform((value, ctx) =>
   }
   return bytes;
 });
+const inodeFloor = z.union([z.number(), z.string()]).superRefine((value, ctx) => {
+  if (parseInodeFloor(value) === null) ctx.addIssue({ code: 'custom', message: `must be a whole number of inodes or a percentage such as 10%, got ${JSON.stringify(value)}` });
+});
 const seconds = (max: number) => z.number().int('must be a whole number of seconds').min(0).max(max);
 /**
  * The shortest cache.shared.fillWaitSeconds. A fill's claim stands while it was written within
@@ -209,6 +212,9 @@ const cacheSchema = z.strictObject({
   maxBytes: byteQuantity.default(20 * 2 ** 30),
   /** Free space the cache never takes from its disk: below it, nothing new is written (pulls are relayed). */
   minFreeBytes: byteQuantity.default(2 ** 30),
+  /** Free inodes the cache never takes from its disk (a number, or a percentage of the filesystem's):
+   * below it, no blob, tag record or link is written. Above kubelet's 5% inode eviction threshold. */
+  minFreeInodes: inodeFloor.default('10%'),
   /** A tag answered upstream within this is not asked again. */
   tagTTLSeconds: seconds(86_400).default(30),
   /** When the upstream fails, a tag's last known digest may be served this long after it was confirmed. */

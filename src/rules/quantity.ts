@@ -1,5 +1,5 @@
 // Sizes as Kubernetes quantities (`20Gi`, `500M`), as values files write cache.maxBytes and
-// cache.minFreeBytes: parsed where the config is validated.
+// cache.minFreeBytes, and inode floors (cache.minFreeInodes): parsed where the config is validated.
 
 const BINARY_SUFFIXES: Readonly<Record<string, number>> = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, Pi: 2 ** 50, Ei: 2 ** 60 };
 const DECIMAL_SUFFIXES: Readonly<Record<string, number>> = { k: 1e3, M: 1e6, G: 1e9, T: 1e12, P: 1e15, E: 1e18 };
@@ -15,4 +15,16 @@ export function parseByteQuantity(value: number | string): number | null {
   const unit = match[2] ? (BINARY_SUFFIXES[match[2]] ?? DECIMAL_SUFFIXES[match[2]] ?? 1) : 1;
   const bytes = Math.floor(Number(match[1]) * unit);
   return Number.isSafeInteger(bytes) ? bytes : null;
+}
+
+/**
+ * cache.minFreeInodes as written: a whole number of inodes, or a percentage of the filesystem's
+ * (`10%`); null when it is neither.
+ */
+export function parseInodeFloor(value: number | string): { readonly inodes: number } | { readonly percent: number } | null {
+  if (typeof value === 'number') return Number.isSafeInteger(value) && value >= 0 ? { inodes: value } : null;
+  const match = /^(\d+(?:\.\d+)?)%$/.exec(value.trim());
+  if (!match) return null;
+  const percent = Number(match[1]);
+  return percent <= 100 ? { percent } : null;
 }

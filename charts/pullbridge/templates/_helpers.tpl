@@ -56,6 +56,7 @@ cache:
   path: /var/lib/pullbridge/cache
   maxBytes: {{ .Values.cache.maxBytes | toJson }}
   minFreeBytes: {{ .Values.cache.minFreeBytes | toJson }}
+  minFreeInodes: {{ .Values.cache.minFreeInodes | toJson }}
   tagTTLSeconds: {{ .Values.cache.tagTTLSeconds | int }}
   staleIfErrorSeconds: {{ .Values.cache.staleIfErrorSeconds | int }}
   credentialTTLSeconds: {{ .Values.cache.credentialTTLSeconds | int }}
