@@ -16,9 +16,8 @@ import { open, type FileHandle } from 'node:fs/promises';
 import type { ContentBody } from '../content/source.js';
 import type { BodySink } from '../upstream/body.js';
 import { fileBody, type FileExtent } from './filebody.js';
-import type { DiskReservation } from './nodecache.js';
 import { RelayTail, type TailCursor } from './relaytail.js';
-import type { BlobFill, BlobLease, FillOutcome, NodeStore } from './store.js';
+import type { BlobFill, BlobLease, DiskReservation, FillOutcome, NodeStore } from './store.js';
 
 /** Bytes received from the upstream and not yet written to the file before the upstream is paused. */
 const WRITE_QUEUE_BYTES = 1024 * 1024;

@@ -14,7 +14,7 @@ import { HashThread } from './hasher.js';
 import { evictionPlan, grownReservation, inodeFloor, inodesLeft, linkIsFresh, METADATA_ENTRY_BYTES, roomFor, staleEligible, upstreamFailureOf, type DiskRoom } from './policy.js';
 import { openSharedStore } from './shared/open.js';
 import { SharedTier } from './shared/tier.js';
-import { NodeStore, type LinkState, type PurgeOutcome } from './store.js';
+import { NodeStore, type DiskReservation, type LinkState, type PurgeOutcome } from './store.js';
 
 export type CacheKind = 'manifest' | 'blob';
 
@@ -50,17 +50,6 @@ interface CacheMetrics {
   readonly evictions: Counter;
   readonly evictedBytes: Counter;
   readonly fillFailures: Counter;
-}
-
-/** Room on the store's disk held by one fill in flight: its announced length, grown as it writes
- * more (a chunked body), released when it is stored or discarded. */
-export interface DiskReservation {
-  readonly bytes: number;
-  /** The fill has `total` bytes on the disk now. */
-  wrote(total: number): void;
-  /** Room for `total` bytes in all (taken in steps); false when the limits refuse: the fill stops storing. */
-  grow(total: number): Promise<boolean>;
-  release(): void;
 }
 
 type DiskFree = Awaited<ReturnType<NodeStore['free']>>;

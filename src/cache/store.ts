@@ -33,6 +33,17 @@ interface Entry {
   readers: number;
 }
 
+/** Room on the store's disk held by one fill in flight: its announced length, grown as it writes
+ * more (a chunked body), released when it is stored or discarded. */
+export interface DiskReservation {
+  readonly bytes: number;
+  /** The fill has `total` bytes on the disk now. */
+  wrote(total: number): void;
+  /** Room for `total` bytes in all (taken in steps); false when the limits refuse: the fill stops storing. */
+  grow(total: number): Promise<boolean>;
+  release(): void;
+}
+
 /** A reader's hold on a stored blob: it is not evicted until released. */
 export interface BlobLease {
   readonly path: string;
