@@ -17,9 +17,10 @@ const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 const sha256 = (data: Buffer) => `sha256:${createHash('sha256').update(data).digest('hex')}`;
 const MANIFEST = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: {}, layers: [] }));
 const OTHER_MANIFEST = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType: OCI_MANIFEST, config: {}, layers: [], annotations: { other: 'yes' } }));
-/** Two blobs that do not both fit in maxBytes: the second fill evicts the first. */
-const MAX_BYTES = 4096;
-const BLOBS = [randomBytes(3000), randomBytes(3000)];
+/** Two blobs that do not both fit in maxBytes (room for one and its link, which counts as 4 KiB):
+ * the second fill evicts the first. */
+const MAX_BYTES = 12 * 1024;
+const BLOBS = [randomBytes(5000), randomBytes(5000)];
 const VICTIM_CONTENT = 'do not touch\n';
 /** Climbs from <cache.path>/blobs/sha256 to the directory that holds cache.path. */
 const TRAVERSAL = 'sha256:../../../victimdir/victim.txt';
