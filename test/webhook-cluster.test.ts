@@ -1,6 +1,7 @@
 // The webhook against a real kube-apiserver where the apiserver's own limits and the pull secret's
-// life cycle matter: Pods near the annotation size limit, and pull secrets deleted while webhook
-// replicas keep admitting Pods.
+// life cycle matter: Pods near the annotation size limit, pull secrets deleted while webhook
+// replicas keep admitting Pods, and a pull secret the apiserver refuses to let the webhook create
+// (RBAC), in both failure modes.
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -207,5 +208,120 @@ registries:
       await admitted('grace', 'again');
       assert.ok(await secretOrNull('grace'), 'the next admission re-created the pull secret the other replica deleted');
     });
+  });
+});
+
+// The pull secret's failure modes with the apiserver refusing for real: the webhook acts as the
+// chart's service account with the chart's rights but for `create` on secrets.
+describe('the webhook against a real kube-apiserver: a pull secret it may not create', function () {
+  this.timeout(180_000);
+  let cp: ControlPlane;
+  let core: CoreV1Api;
+  const webhooks: WebhookProcess[] = [];
+  const logs = { deny: memoryLogger(), admit: memoryLogger() };
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-cluster-'));
+  const keyFile = join(dir, 'broker.key');
+  const image = `${CORP}/team/app:1`;
+  const user = 'system:serviceaccount:pullbridge:pullbridge-webhook';
+
+  function createPod(namespace: string, name: string): Promise<{ status: number; body: string; warnings: string[] }> {
+    const pod: V1Pod = { apiVersion: 'v1', kind: 'Pod', metadata: { name }, spec: { containers: [{ name: 'app', image }] } };
+    return new Promise((resolve, reject) => {
+      const req = https.request(`${cp.url}/api/v1/namespaces/${namespace}/pods`, { method: 'POST', ca: cp.caCert, headers: { authorization: `Bearer ${cp.token}`, 'content-type': 'application/json' } }, (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (text += c));
+        res.on('end', () => {
+          const header = res.headers.warning;
+          // RFC 7234 warn-text: a quoted-string, in which the apiserver escapes `"` and `\`.
+          const warnings = (Array.isArray(header) ? header : header ? [header] : []).map((w) => (/^\d{3} \S+ "(.*)"$/.exec(w)?.[1] ?? w).replace(/\\(.)/g, '$1'));
+          resolve({ status: res.statusCode ?? 0, body: text, warnings });
+        });
+      });
+      req.on('error', reject);
+      req.end(JSON.stringify(pod));
+    });
+  }
+
+  before(async () => {
+    writeFileSync(keyFile, randomBytes(32).toString('hex'));
+    cp = await startControlPlane();
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    core = kc.makeApiClient(CoreV1Api);
+    await core.createNamespace({ body: { metadata: { name: 'pullbridge' } } });
+    // The chart's RBAC, less the rule that lets the webhook create secrets.
+    const rbac = await runAsync(cachedBinary('helm'), ['template', 'pullbridge', CHART, '-n', 'pullbridge', '--kube-version', KUBE_VERSION.slice(1), '--show-only', 'templates/rbac.yaml']);
+    const objects = KubernetesObjectApi.makeApiClient(kc);
+    let removed = 0;
+    for (const doc of parseAllDocuments(rbac)) {
+      const object = doc.toJS() as (KubernetesObject & { rules?: Array<{ resources?: string[]; verbs?: string[]; resourceNames?: string[] }> }) | null;
+      if (!object?.kind) continue;
+      if (object.kind === 'ClusterRole' && object.rules) {
+        const before = object.rules.length;
+        object.rules = object.rules.filter((r) => !(r.resources?.includes('secrets') && r.verbs?.includes('create')));
+        removed += before - object.rules.length;
+      }
+      await objects.create(object);
+    }
+    assert.equal(removed, 1, 'the chart grants create on secrets in one rule');
+    const asWebhook = join(dir, 'kubeconfig');
+    const admin = JSON.parse(readFileSync(cp.kubeconfig, 'utf8')) as { users: Array<{ user: Record<string, string> }> };
+    for (const u of admin.users) u.user.as = user;
+    writeFileSync(asWebhook, JSON.stringify(admin));
+    const certs = generateCertificates({ service: 'pullbridge-webhook', namespace: 'pullbridge', extraNames: ['127.0.0.1'] });
+    const configYaml = `proxy: {host: 127.0.0.1, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [${keyFile}]}
+registries:
+  - {name: corp, match: ["${CORP}"], upstream: "https://127.0.0.1:5000"}
+`;
+    // One webhook per failure mode, each registered for a namespace of its own.
+    for (const [mode, namespace] of [['deny', 'denied'], ['admit-unchanged', 'admitted']] as const) {
+      const webhook = await runWebhook({ config: configFrom(configYaml), host: '127.0.0.1', port: 0, tls: { cert: certs.cert, key: certs.key }, kubeconfig: asWebhook, reconcileIntervalMs: 3_600_000, pullSecretFailure: mode, logger: logs[mode === 'deny' ? 'deny' : 'admit'].logger });
+      webhooks.push(webhook);
+      await registerWebhook(kc, `${webhook.running.url}/mutate`, certs.caCert, image, namespace, { name: `pullbridge-${mode}` });
+    }
+  });
+
+  after(async () => {
+    for (const webhook of webhooks) await webhook.shutdown();
+    await cp?.stop();
+  });
+
+  const forbidden = (namespace: string) => new RegExp(`could not provision pull secret "pullbridge-pull" in namespace "${namespace}": create secret ${namespace}/pullbridge-pull: HTTP 403: secrets is forbidden: User "${user}" cannot create resource "secrets" in API group "" in the namespace "${namespace}"`);
+
+  it('deny: the Pod is refused with a message naming the Secret, the namespace and the missing right, and is not stored', async () => {
+    const created = await createPod('denied', 'web');
+    const status = JSON.parse(created.body) as { kind?: string; code?: number; message?: string };
+    assert.equal(status.kind, 'Status', created.body);
+    // 500, the code the webhook denies with: the cluster failed the Pod, not the Pod the cluster (a controller retries).
+    assert.equal(created.status, 500, created.body);
+    assert.equal(status.code, 500);
+    assert.match(status.message ?? '', /^admission webhook "pods\.pullbridge\.io" denied the request: pullbridge: /);
+    assert.match(status.message ?? '', forbidden('denied'));
+    assert.equal(await readSecretOrNull(core, 'denied'), null);
+    await assert.rejects(core.readNamespacedPod({ namespace: 'denied', name: 'web' }), (error: { code?: number }) => error.code === 404);
+    const record = logs.deny.records.find((r) => r.audit === 'admission' && r.namespace === 'denied' && r.dryRun === false);
+    assert.equal(record?.result, 'denied');
+    assert.match(String(record?.error), forbidden('denied'));
+  });
+
+  it('admit-unchanged: the Pod is admitted with its images as they were, a warning, and an audit record that says why', async () => {
+    const created = await createPod('admitted', 'web');
+    assert.equal(created.status, 201, created.body);
+    const stored = await core.readNamespacedPod({ namespace: 'admitted', name: 'web' });
+    assert.deepEqual(stored.spec?.containers.map((c) => c.image), [image]);
+    assert.equal(stored.spec?.imagePullSecrets, undefined);
+    assert.equal(stored.metadata?.labels?.['pullbridge.io/rewritten'], undefined);
+    assert.equal(stored.metadata?.annotations?.['pullbridge.io/original-images'], undefined);
+    assert.ok(created.warnings.some((w) => /images left unchanged/.test(w) && forbidden('admitted').test(w)), created.warnings.join('\n'));
+    assert.equal(await readSecretOrNull(core, 'admitted'), null);
+    const record = logs.admit.records.find((r) => r.audit === 'admission' && r.namespace === 'admitted' && r.dryRun === false);
+    assert.equal(record?.result, 'unchanged-after-error');
+    assert.match(String(record?.error), forbidden('admitted'));
+    // The record shows the Pod as admitted: no image rewritten, no pull secret, and why.
+    assert.deepEqual((record?.images as Array<{ image: string; rewritten: string | null; reason: string }>).map((i) => [i.image, i.rewritten, i.reason]), [[image, null, 'pull-secret-not-provisioned']]);
+    assert.equal(record?.pullSecret, null);
   });
 });

@@ -130,22 +130,6 @@ describe('webhook server over HTTPS', () => {
     assert.deepEqual(ensured, ['shop/pullbridge-pull']);
   });
 
-  it('follows the failure mode when the pull secret cannot be provisioned', async () => {
-    const failing = { ensurePullSecret: async () => Promise.reject(new Error('forbidden')) };
-    const deny = await started({ sideEffects: failing });
-    const denied = await deny.client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'shop' })).expect(200);
-    assert.equal(denied.body.response.allowed, false);
-    assert.match(denied.body.response.status.message, /could not provision pull secret "pullbridge-pull" in namespace "shop": forbidden/);
-    assert.equal(deny.audit.records[0]?.result, 'denied');
-
-    const admit = await started({ sideEffects: failing, pullSecretFailure: 'admit-unchanged' });
-    const admitted = await admit.client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'shop' })).expect(200);
-    assert.equal(admitted.body.response.allowed, true);
-    assert.equal(admitted.body.response.patch, undefined);
-    assert.match(admitted.body.response.warnings[0], /left unchanged/);
-    assert.equal(admit.audit.records[0]?.result, 'unchanged-after-error');
-  });
-
   it('honours a namespace opt-out label it looks up', async () => {
     const { client, audit } = await started({ sideEffects: { namespaceLabels: async (ns): Promise<Record<string, string>> => (ns === 'quiet' ? { 'pullbridge.io/ignore': 'true' } : {}) } });
     const res = await client().post('/mutate').ca(certs.caCert).send(reviewFor(pod(), { namespace: 'quiet' })).expect(200);

@@ -90,7 +90,7 @@ export class UpstreamContent implements ContentSource {
       }
       out['docker-content-digest'] = request.digest;
       if (request.method === 'HEAD') {
-        // A HEAD turned into GET by a redirect: keep the headers, drop the body.
+        // A HEAD the storage answered only as a GET (see UpstreamClient): keep the headers, drop the body.
         up.body.destroy();
         return { status: 200, digest: request.digest, headers: out, body: undefined };
       }

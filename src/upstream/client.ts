@@ -68,9 +68,11 @@ export class UpstreamClient {
 
   /**
    * Storage redirects: resolve relative Location, drop Authorization when the host changes, keep
-   * Range, and turn HEAD into GET (presigned URLs are signed for GET). Another origin is reached
-   * through the storage dispatcher, which refuses loopback, link-local and private peers that the
-   * rule does not allow. Never cached.
+   * Range, and keep the method: a registry presigns the URL for the method it was asked
+   * (distribution on S3 or GCS signs a HEAD's for HEAD, and a GET there is refused). A HEAD the
+   * storage refuses (4xx) is asked once more as a GET, for URLs presigned for GET whatever the
+   * method. Another origin is reached through the storage dispatcher, which refuses loopback,
+   * link-local and private peers that the rule does not allow. Never cached.
    */
   private async followRedirects(first: UpstreamReply, request: UpstreamRequest): Promise<UpstreamResponse> {
     let res = first;
@@ -87,7 +89,11 @@ export class UpstreamClient {
       if (refusal !== null) throw new RedirectRefused(`redirect to ${next.hostname} refused: ${refusal}`);
       const authorization = sameOrigin ? await this.authorizer.headerFor(request.scope, request.credentials) : undefined;
       const dispatcher = sameOrigin ? this.transport.blobs : this.transport.storage;
-      res = await this.send(dispatcher, next.origin, `${next.pathname}${next.search}`, 'GET', headers, authorization, request.signal);
+      res = await this.send(dispatcher, next.origin, `${next.pathname}${next.search}`, request.method, headers, authorization, request.signal);
+      if (request.method === 'HEAD' && res.statusCode >= 400 && res.statusCode < 500) {
+        await res.body.dump();
+        res = await this.send(dispatcher, next.origin, `${next.pathname}${next.search}`, 'GET', headers, authorization, request.signal);
+      }
       current = next;
     }
     if (REDIRECTS.has(res.statusCode)) {

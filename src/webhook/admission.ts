@@ -89,7 +89,7 @@ export function parseAdmissionReview(body: unknown): ReviewParse {
   return { ok: false, error: `invalid AdmissionReview: ${key ? `${key}: ` : ''}${issue?.message ?? 'malformed'}` };
 }
 
-export type ContainerReason = DecisionReason | 'pull-secret-missing-on-pod' | 'existing-ephemeral-container';
+export type ContainerReason = DecisionReason | 'pull-secret-missing-on-pod' | 'existing-ephemeral-container' | 'pull-secret-not-provisioned';
 
 export interface ContainerDecision {
   /** `containers/app`, `initContainers/setup`, `ephemeralContainers/debugger`. */
@@ -303,6 +303,21 @@ export interface AdmissionResponseBody {
     readonly patch?: string;
     readonly warnings?: readonly string[];
     readonly status?: { readonly code: number; readonly message: string };
+  };
+}
+
+/**
+ * The outcome as admitted when the pull secret could not be provisioned and the Pod is let through
+ * as it came (`admit-unchanged`): no patch, no pull secret, every image it would have rewritten
+ * left as it was (reason `pull-secret-not-provisioned`), and a warning saying why. Pure.
+ */
+export function leftUnchanged(outcome: AdmissionOutcome, error: string): AdmissionOutcome {
+  return {
+    decision: 'unchanged',
+    containers: outcome.containers.map((c) => (c.rewritten === null ? c : { container: c.container, image: c.image, rewritten: null, rule: c.rule, reason: 'pull-secret-not-provisioned' as const })),
+    patch: [],
+    pullSecret: null,
+    warnings: [`pullbridge: images left unchanged: ${error}`],
   };
 }
 

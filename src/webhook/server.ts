@@ -7,7 +7,7 @@ import { Counter, Histogram, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
 import { decideCaller, dnsNamesOf, type PeerCertificate } from './clientauth.js';
-import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
+import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, leftUnchanged, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
 
 export const DEFAULT_BODY_LIMIT_BYTES = ADMISSION_BODY_LIMIT_BYTES;
 
@@ -179,8 +179,10 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
           } catch (cause) {
             error = `could not provision pull secret "${outcome.pullSecret}" in namespace "${namespace}": ${cause instanceof Error ? cause.message : String(cause)}`;
             if (options.pullSecretFailure === 'admit-unchanged') {
+              // The audit record shows the Pod as admitted: no image rewritten.
+              outcome = leftUnchanged(outcome, error);
               result = 'unchanged-after-error';
-              body = admissionResponse(request.uid, { patch: [], warnings: [`pullbridge: images left unchanged: ${error}`] });
+              body = admissionResponse(request.uid, outcome);
             } else {
               result = 'denied';
               body = admissionDenial(request.uid, 500, `pullbridge: ${error}`);

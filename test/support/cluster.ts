@@ -12,11 +12,16 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Registers webhook-config/ pointed at `url`, then waits until the apiserver applies it (it picks up
  * webhook configurations asynchronously): a dry-run Pod in `probeNamespace` whose image is
- * `probeImage` comes back rewritten. */
-export async function registerWebhook(kc: KubeConfig, url: string, caCert: string, probeImage: string, probeNamespace = 'warmup'): Promise<void> {
+ * `probeImage` comes back rewritten. With `only`, the configuration is named `only.name` and applies
+ * to the probe namespace alone, so that several webhooks can run side by side, one per namespace. */
+export async function registerWebhook(kc: KubeConfig, url: string, caCert: string, probeImage: string, probeNamespace = 'warmup', only?: { readonly name: string }): Promise<void> {
   const core = kc.makeApiClient(CoreV1Api);
   const shipped = parseYaml(readFileSync(WEBHOOK_YAML, 'utf8')) as V1MutatingWebhookConfiguration;
-  for (const hook of shipped.webhooks ?? []) hook.clientConfig = { url, caBundle: Buffer.from(caCert).toString('base64') };
+  for (const hook of shipped.webhooks ?? []) {
+    hook.clientConfig = { url, caBundle: Buffer.from(caCert).toString('base64') };
+    if (only) hook.namespaceSelector = { matchExpressions: [...(hook.namespaceSelector?.matchExpressions ?? []), { key: 'kubernetes.io/metadata.name', operator: 'In', values: [probeNamespace] }] };
+  }
+  if (only) shipped.metadata = { ...shipped.metadata, name: only.name };
   await kc.makeApiClient(AdmissionregistrationV1Api).createMutatingWebhookConfiguration({ body: shipped });
   await core.createNamespace({ body: { metadata: { name: probeNamespace } } });
   const probe: V1Pod = { apiVersion: 'v1', kind: 'Pod', metadata: { name: 'probe' }, spec: { containers: [{ name: 'c', image: probeImage }] } };

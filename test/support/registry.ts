@@ -1,14 +1,17 @@
 // A real upstream: distribution's registry (Debian's docker-registry) on loopback, with htpasswd
-// Basic auth or token auth (a small token issuer here signs the JWTs the registry verifies), and TLS.
+// Basic auth or token auth (a small token issuer here signs the JWTs the registry verifies), and TLS;
+// on its filesystem driver, or on its s3 driver over versitygw, where it answers a blob GET or HEAD
+// with 307 to a URL on the object store presigned for that method, as registries on S3 do.
 
 import { createHash, createPrivateKey, createSign, randomBytes, X509Certificate } from 'node:crypto';
 import http from 'node:http';
 import https from 'node:https';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateCertificates, type CertificateBundle } from '../../src/certs/certs.js';
 import { listen, type RunningServer } from '../../src/shell/serve.js';
+import type { S3Server } from './objectstores.js';
 import { writeOciLayout, type TestImage } from './oci.js';
 import { freePort, run, runAsync, startProcess, waitForPort, type Proc } from './procs.js';
 
@@ -20,6 +23,13 @@ export interface RegistryOptions {
   readonly accessLog?: boolean;
   /** Accept DELETE of manifests (`storage.delete.enabled`), to make a once-present tag unknown. */
   readonly deletes?: boolean;
+  /**
+   * Keep the registry's content in this S3 server's bucket (its `s3` storage driver) instead of a
+   * directory. Blob reads are then redirected (307) to URLs presigned on `endpoint` (default: the
+   * server's own), which must reach the server: a relay there that passes requests on unchanged
+   * (Host included, as signed) sees what the registry's clients send to the storage.
+   */
+  readonly storage?: { readonly s3: S3Server; readonly endpoint?: string };
 }
 
 /** One request as the registry's access log recorded it. */
@@ -182,13 +192,35 @@ async function settleAccessLog(proc: Proc, url: string, ca: string | undefined, 
   await seen;
 }
 
+/** The `storage:` driver lines of the registry's config. With s3 (distribution 2.8's s3-aws driver):
+ * a `regionendpoint` makes it use path-style URLs on that endpoint, `secure: false` plain HTTP, and
+ * `redirect` is on by default. */
+function storageDriver(storage: RegistryOptions['storage'], directory: string): string[] {
+  if (!storage) return ['  filesystem:', `    rootdirectory: ${directory}`];
+  const { s3 } = storage;
+  const key = (file: string) => JSON.stringify(readFileSync(file, 'utf8').trim());
+  return [
+    '  s3:',
+    '    region: us-east-1',
+    `    regionendpoint: ${storage.endpoint ?? s3.endpoint}`,
+    `    bucket: ${s3.bucket}`,
+    `    accesskey: ${key(s3.accessKeyFile)}`,
+    `    secretkey: ${key(s3.secretKeyFile)}`,
+    '    secure: false',
+    '    v4auth: true',
+    '    rootdirectory: /registry',
+    '  redirect:',
+    '    disable: false',
+  ];
+}
+
 export async function startRegistry(options: RegistryOptions = {}): Promise<RegistryHandle> {
   const auth = options.auth ?? 'none';
   const users = options.users ?? DEFAULT_USERS;
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-registry-'));
   mkdirSync(join(dir, 'data'));
   const port = await freePort();
-  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', '  filesystem:', `    rootdirectory: ${join(dir, 'data')}`, ...(options.deletes ? ['  delete:', '    enabled: true'] : []), 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
+  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', ...storageDriver(options.storage, join(dir, 'data')), ...(options.deletes ? ['  delete:', '    enabled: true'] : []), 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
   let tls: CertificateBundle | undefined;
   let caFile: string | undefined;
   if (options.tls) {
@@ -216,7 +248,9 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   const requests: RegistryRequest[] = [];
   const markers = new EventTarget();
   const serve = async (): Promise<Proc> => {
-    const started = startProcess('docker-registry', ['serve', join(dir, 'config.yml')]);
+    // The s3 driver's SDK refuses to start when AWS_CA_BUNDLE is set (it cannot apply it to the
+    // registry's own HTTP transport); the object store here is plain HTTP on loopback anyway.
+    const started = startProcess('docker-registry', ['serve', join(dir, 'config.yml')], options.storage ? { AWS_CA_BUNDLE: undefined } : {});
     if (options.accessLog) recordAccessLog(started, requests, markers);
     try {
       await waitForPort(port);
