@@ -330,6 +330,20 @@ describe('the node cache', function () {
       assert.equal((await manifestAsks(upstream, 'team/app', '1')) - before, 1, 'one upstream ask for eight concurrent HEADs');
     });
 
+    it('fetch a manifest by digest once for eight concurrent requests of it (single flight), every client getting its bytes', async () => {
+      const upstream = await registry();
+      const image = buildImage();
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream);
+      const manifest = image.manifests[0]!;
+      const answers = await Promise.all(Array.from({ length: 8 }, () => rawRequest(p.url, `/v2/corp/team/app/manifests/${manifest.digest}`, { headers: { ...asShop(p), accept: OCI_MANIFEST } })));
+      for (const answer of answers) {
+        assert.equal(answer.status, 200);
+        assert.ok(answer.body.equals(manifest.data));
+      }
+      assert.equal(await manifestAsks(upstream, 'team/app', manifest.digest), 1, 'one upstream GET for eight concurrent requests');
+    });
+
     it('see a retag once tagTTLSeconds passed', async () => {
       const upstream = await registry();
       const [v1, v2] = [buildImage({ platforms: AMD64 }), buildImage({ platforms: AMD64 })];
