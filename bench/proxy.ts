@@ -84,8 +84,10 @@ export async function startNginx(registryPort: number): Promise<{ port: number; 
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-nginx-'));
   // nginx's worker drops to an unprivileged user when started as root; it must reach its temp files.
   chmodSync(dir, 0o755);
-  mkdirSync(join(dir, 'proxy'));
-  chmodSync(join(dir, 'proxy'), 0o777);
+  for (const sub of ['proxy', 'cache']) {
+    mkdirSync(join(dir, sub));
+    chmodSync(join(dir, sub), 0o777);
+  }
   const port = await freePort();
   writeFileSync(
     join(dir, 'nginx.conf'),
@@ -98,6 +100,9 @@ http {
   access_log off;
   client_body_temp_path ${dir}/body; proxy_temp_path ${dir}/proxy; fastcgi_temp_path ${dir}/fcgi; uwsgi_temp_path ${dir}/uwsgi; scgi_temp_path ${dir}/scgi;
   upstream registry { server 127.0.0.1:${registryPort}; keepalive 32; }
+  # nginx's own cache, for the like-for-like comparison of cache hits (a blob is content-addressed:
+  # kept as long as the run, whatever the registry's caching headers say).
+  proxy_cache_path ${dir}/cache levels=1:2 keys_zone=blobs:10m max_size=8g inactive=1d use_temp_path=off;
   server {
     listen 127.0.0.1:${port};
     # A plain reverse proxy: nginx's defaults (buffering on, 8 × one-page buffers, temp files up to 1 GiB).
@@ -115,6 +120,20 @@ http {
       proxy_set_header Connection "";
       proxy_set_header Host $http_host;
       proxy_buffering off;
+      proxy_read_timeout 900;
+    }
+    # A caching reverse proxy: the first pull fills nginx's cache, the next are served from its file.
+    location /v2/cached/ {
+      proxy_pass http://registry/v2/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
+      proxy_cache blobs;
+      proxy_cache_key $uri;
+      proxy_cache_valid 200 1d;
+      proxy_ignore_headers Cache-Control Expires;
+      proxy_cache_lock on;
+      proxy_buffers 16 64k;
       proxy_read_timeout 900;
     }
     # nginx's default buffering, with temp files off (they fail on big layers).
