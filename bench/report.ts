@@ -15,6 +15,29 @@ const HEADER = `# Benchmarks and load runs
 Every section below is written by the command it names, on the machine it names; re-running the
 command replaces that section. Figures from one shared 2-core machine are noisy: the benchmarks
 compare side by side in one run and report ratios.
+
+## How to read our figures
+
+A ratio is worth only what its two sides hold equal; each comparison says which:
+- **Webhook**: the pullbridge server against the same express server answering a constant response,
+  same TLS, keep-alive connections and request body; what differs is the admission work (parse,
+  decide, patch, audit). The load run checks every answer's patch against the Pod.
+- **Proxy, relaying**: the same blob from the same registry, one client (curl) at a time and 16 at
+  once, order alternating. *Like for like* is pullbridge without digest verification against nginx
+  with buffers tuned so that it writes no temp file: both only pass bytes on. nginx on its defaults
+  also writes a large body to a temp file and reads it back (the reference set-up as it ships), and
+  pullbridge's default also hashes every byte: those rows are there to show what each costs, not
+  as a contest of equal work.
+- **Node cache, hits**: pullbridge serving from its cache against nginx serving from its own
+  \`proxy_cache\` (both from a local file, neither asking the registry, which the registry's access
+  log confirms); direct and relaying rows give scale.
+- **Node cache, misses**: a miss fills, hashes and keeps the blob; its fair twin is pullbridge's own
+  verified relay (same hashing, nothing kept). nginx relaying keeps and checks nothing.
+- **Shared tier**: every setup pulls the same new layer on the same number of nodes at the same
+  moment, with the same upstream (capped or not); upstream bytes come from the registry's access
+  log, settled before counting.
+- **Load runs**: counts of verified bodies, errors and corrupt bodies; an abort counts as one only
+  after the proxy answered 200. RSS is sampled from /proc.
 `;
 
 export function machine(): string {
