@@ -99,6 +99,8 @@ describe('cache policy', () => {
     const eligible = (failure: ContentFailure, status: number) => staleEligible(upstreamFailureOf(failure, { status }));
     for (const [failure, status] of [['too-many-requests', 429], ['unavailable', 500], ['unavailable', 502], ['unavailable', 503], ['unavailable', 504], ['invalid', 502]] as const) assert.equal(eligible(failure, status), true, String(status));
     for (const [failure, status] of [['refused', 400], ['unauthorized', 401], ['denied', 403], ['not-found', 404], ['refused', 410], ['refused', 412], ['refused', 451]] as const) assert.equal(eligible(failure, status), false, String(status));
+    // The proxy's own budget refusing (429 to one client, 503 for all) is not the upstream failing.
+    for (const [failure, status] of [['too-many-requests', 429], ['unavailable', 503]] as const) assert.equal(staleEligible(upstreamFailureOf(failure, { status, local: true })), false, `local ${status}`);
   });
 
   it('evicts least recently used blobs until the store fits and the disk keeps its floor, never one being read', () => {

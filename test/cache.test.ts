@@ -388,6 +388,28 @@ describe('the node cache', function () {
     ];
     const linkPath = (root: string, digest: string) => join(root, 'repositories', 'corp', 'team', 'app', '_links', 'sha256', digest.slice('sha256:'.length));
 
+    it("keeps a layer's link when a client asks for the layer's digest as a manifest, which the registry refuses (only a refusal of what the link records removes it)", async () => {
+      const upstream = await registry();
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const p = await cachedProxy(upstream, { reconfirmSeconds: 0 });
+      await pullImage(p, 'team/app', '1', image);
+      const root = p.cache!.store.root;
+      const layer = image.layers[0]!;
+      assert.ok(existsSync(linkPath(root, layer.digest)), 'the layer is linked');
+      for (const method of ['GET', 'HEAD']) {
+        // distribution 2.8 answers 500 (it parses the layer as a manifest); others answer 404. Either
+        // way the answer is the registry's, never the layer's bytes from the store.
+        const asManifest = await rawRequest(p.url, `/v2/corp/team/app/manifests/${layer.digest}`, { method, headers: { ...asShop(p), accept: `${OCI_MANIFEST}, */*` } });
+        assert.ok(asManifest.status >= 400, `${method} of the layer's digest as a manifest: ${asManifest.status}`);
+        assert.notEqual(pullRecords(p).at(-1)?.cache, 'hit', `${method}: not answered from the store`);
+      }
+      assert.ok(existsSync(linkPath(root, layer.digest)), "the layer's link is still there");
+      const again = await rawRequest(p.url, `/v2/corp/team/app/blobs/${layer.digest}`, { headers: asShop(p) });
+      assert.equal(sha256(again.body), layer.digest);
+      assert.equal(pullRecords(p).at(-1)?.cache, 'hit');
+    });
+
     it('is not served by digest once reconfirmSeconds passed: the registry deleted manifest and layer, the proxy answers 404 and removes their links', async () => {
       const upstream = await startRegistry({ accessLog: true, deletes: true });
       cleanups.push(() => upstream.stop());

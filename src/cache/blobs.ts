@@ -72,7 +72,7 @@ export class CachedBlobs {
   /** NodeCache.confirmAccess for a blob, with a HEAD through the request's rule. */
   private confirmAccess(request: BlobRequest, link: LinkState | null): Promise<void> {
     const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
-    const check = { rule: request.rule, repository: request.repository, digest: request.digest, credentials: request.credentials, signal: request.signal, passthrough, link };
+    const check = { rule: request.rule, repository: request.repository, digest: request.digest, credentials: request.credentials, signal: request.signal, passthrough, kind: 'blob' as const, link };
     return this.cache.confirmAccess(check, () => this.upstream.blob({ ...request, method: 'HEAD', range: undefined }));
   }
 

@@ -78,10 +78,11 @@ export class CachedManifests {
 
   private async byDigest(request: ManifestRequest): Promise<ManifestResult> {
     const link = await this.cache.store.readLinkState(request.rule, request.repository, request.reference, this.origin(request));
-    if (link !== null && acceptable(request.accept, link.mediaType)) {
+    // A blob's link (no media type) is no manifest's: a manifest request for a layer's digest is asked upstream.
+    if (link !== null && link.mediaType !== '' && acceptable(request.accept, link.mediaType)) {
       // In passthrough mode with a credential not accepted recently, and once the link is older than
       // reconfirmSeconds, the upstream is asked (HEAD) first.
-      const check = { rule: request.rule, repository: request.repository, digest: request.reference, credentials: request.credentials, signal: request.signal, passthrough: this.passthrough(request), link: link satisfies LinkState };
+      const check = { rule: request.rule, repository: request.repository, digest: request.reference, credentials: request.credentials, signal: request.signal, passthrough: this.passthrough(request), kind: 'manifest' as const, link: link satisfies LinkState };
       await this.cache.confirmAccess(check, () => this.upstream.manifest({ ...request, method: 'HEAD' }));
       const stored = await this.fromStore(request, request.reference, link.mediaType);
       if (stored) {
@@ -331,8 +332,9 @@ export class CachedManifests {
     const { shared } = this.cache;
     if (!shared || !this.credentialFresh(request)) return null;
     const mediaType = await shared.readLink(request.rule, request.repository, digest, this.origin(request));
-    if (mediaType === null || !acceptable(request.accept, mediaType)) return null;
-    // Sized first: a blob link names a layer too, and a manifest request for it must not read it.
+    // A blob's link (no media type) is no manifest's.
+    if (mediaType === null || mediaType === '' || !acceptable(request.accept, mediaType)) return null;
+    // Sized first, all the same: a manifest request must never read a layer.
     const size = await shared.blobSize(digest);
     if (size === undefined || size > MANIFEST_LIMIT_BYTES) return null;
     request.buffers.reserve(size);
@@ -360,7 +362,13 @@ export class CachedManifests {
     try {
       if (!(await this.cache.store.lookup(answer.digest))) {
         const fill = await this.cache.store.startFill(answer.digest);
-        await fill.append(answer.body);
+        try {
+          await fill.append(answer.body);
+        } catch (error) {
+          // Nothing half-written stays behind (the file, its handle, its hash state).
+          await fill.abort((error as Error).message);
+          throw error;
+        }
         reservation.wrote(fill.written);
         const outcome = await fill.finish();
         if (!outcome.stored) return false;

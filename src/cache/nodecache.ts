@@ -39,6 +39,10 @@ export interface AccessCheck {
   readonly signal: AbortSignal;
   /** passthrough: the credential is the client's own, which the upstream must have accepted recently. */
   readonly passthrough: boolean;
+  /** What the client asked for it as: a refusal removes the link only when asked as what the link
+   * records (a manifest's link holds its media type, a blob's is empty), so that asking for a layer's
+   * digest as a manifest (404) does not take the layer's link away. */
+  readonly kind: 'manifest' | 'blob';
   /** Its link, when it has one (NodeStore.readLinkState); one just read from the shared tier, or a
    * fill of this (rule, repository) in flight, counts as confirmed now. */
   readonly link: LinkState | null;
@@ -449,7 +453,7 @@ export class NodeCache {
         if (link && credentialFresh) return;
         throw error;
       }
-      if (link && !check.passthrough) {
+      if (link && !check.passthrough && (check.kind === 'manifest') === (link.mediaType !== '')) {
         this.logger.info({ rule: check.rule, repository: check.repository, digest: check.digest, status: error.details.status }, 'the upstream no longer confirms cached content: its link is removed');
         await this.store.unlink(check.rule, check.repository, check.digest);
         await this.shared?.removeLink(check.rule, check.repository, check.digest);

@@ -148,7 +148,9 @@ export type TagFailure = 'unreachable' | 'timeout' | 'server-error' | 'throttled
 
 /** How asking the upstream failed, from the content layer's failure and the status it answers with
  * (and whether the upstream sent a registry error document: a 5xx of its own, not a way there lost). */
-export function upstreamFailureOf(failure: ContentFailure, details: { readonly status: number; readonly registryBody?: string }): TagFailure {
+export function upstreamFailureOf(failure: ContentFailure, details: { readonly status: number; readonly registryBody?: string; readonly local?: true }): TagFailure {
+  // The proxy's own refusal (a memory budget) says nothing of the upstream: never bridged.
+  if (details.local) return 'refused';
   switch (failure) {
     case 'not-found':
       return 'not-found';

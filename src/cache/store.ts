@@ -337,8 +337,13 @@ export class NodeStore {
         return { stored: false, reason: 'discarded' };
       }
       const target = this.blobPathOf(digest);
-      await mkdir(join(this.root, 'blobs', algorithm), { recursive: true });
-      await rename(path, target);
+      try {
+        await mkdir(join(this.root, 'blobs', algorithm), { recursive: true });
+        await rename(path, target);
+      } catch (error) {
+        await rm(path, { force: true }); // verified bytes that could not be published are not kept in tmp/
+        throw error;
+      }
       this.entries.set(digest, { size: fill.written, lastUsed: this.now(), readers: this.entries.get(digest)?.readers ?? 0 });
       return { stored: true };
     });

@@ -157,6 +157,9 @@ export interface ContentErrorDetails {
   readonly registryBody?: string;
   /** For the access log, when the proxy found the fault (not when the upstream said so). */
   readonly note?: string;
+  /** The proxy refused on its own account (a memory budget), whatever the upstream would say: never a
+   * reason to serve what the cache holds in its place. */
+  readonly local?: true;
 }
 
 export class ContentError extends Error {

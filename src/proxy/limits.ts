@@ -97,16 +97,16 @@ function clientOf(res: ServerResponse): string {
 
 function overBudget(limit: BudgetLimit): ContentError {
   return limit === 'client'
-    ? new ContentError('too-many-requests', 'this client already holds too many buffered responses it has not read', { status: 429, retryAfter: '1' })
+    ? new ContentError('too-many-requests', 'this client already holds too many buffered responses it has not read', { status: 429, retryAfter: '1', local: true })
     : overTotal();
 }
 
 function overBudgetDetached(limit: BudgetLimit): ContentError {
   return limit === 'client'
-    ? new ContentError('too-many-requests', 'manifest fetches this client started (and may have left) still hold its share of the buffer memory; try again shortly', { status: 429, retryAfter: '1' })
+    ? new ContentError('too-many-requests', 'manifest fetches this client started (and may have left) still hold its share of the buffer memory; try again shortly', { status: 429, retryAfter: '1', local: true })
     : overTotal();
 }
 
 function overTotal(): ContentError {
-  return new ContentError('unavailable', 'the proxy holds too many buffered responses; try again shortly', { status: 503, retryAfter: '1' });
+  return new ContentError('unavailable', 'the proxy holds too many buffered responses; try again shortly', { status: 503, retryAfter: '1', local: true });
 }
