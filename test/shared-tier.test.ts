@@ -11,7 +11,7 @@
 import assert from 'node:assert/strict';
 import http from 'node:http';
 import { createHash } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { openSharedStore } from '../src/cache/shared/open.js';
@@ -346,6 +346,27 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
   after(async () => {
     for (const close of closing.reverse()) await close().catch(() => undefined);
     for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it("does not serve a layer the registry deleted from the tier to a node that never confirmed it: the node asks the upstream first, passes on its 404 and removes the tier's link", async () => {
+    const upstream = await startRegistry({ accessLog: true, deletes: true });
+    closing.push(() => upstream.stop());
+    const image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [64 * 1024] });
+    await upstream.push(image, 'team/app', '1.0');
+    const shared = tempDir('shared-deleted');
+    const layer = image.layers[0]!;
+    const path = `/v2/corp/team/app/blobs/${layer.digest}`;
+    const first = await node(tempDir('node-deleted-1'), shared, upstream.url, 'node-1');
+    const filled = await rawRequest(first.url, path, { headers: { authorization: first.authorization('shop') } });
+    assert.equal(sha(filled.body), layer.digest);
+    await first.cache?.sharing();
+    const tierLink = join(shared, 'repositories', 'corp', 'team', 'app', '_links', 'sha256', layer.digest.slice('sha256:'.length));
+    assert.ok(existsSync(tierLink), 'shared with its link');
+    assert.equal((await fetch(`${upstream.url}/v2/team/app/blobs/${layer.digest}`, { method: 'DELETE' })).status, 202);
+    const second = await node(tempDir('node-deleted-2'), shared, upstream.url, 'node-2');
+    const answer = await rawRequest(second.url, path, { headers: { authorization: second.authorization('shop') } });
+    assert.equal(answer.status, 404, 'the registry no longer has it');
+    assert.ok(!existsSync(tierLink), "the tier's link is gone, for every node");
   });
 
   it('shares what a node had cached before the tier existed when it serves it, so a new node gets it during an outage', async () => {

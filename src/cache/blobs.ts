@@ -236,7 +236,10 @@ export class CachedBlobs {
     const linked = (await shared.readLink(request.rule, request.repository, request.digest, origin)) !== null;
     // Only the upstream the shared bytes came from may confirm them; else they are fetched through this rule.
     if (!linked && !(await shared.storedFrom(request.digest, origin))) return undefined;
-    await this.confirmAccess(request, linked ? this.confirmedNow() : null);
+    // A link in the tier says another node fetched it through this rule, not when the upstream last
+    // confirmed it: the upstream is asked now (a refusal is passed on; an outage is bridged).
+    // Under the fill's signal, not the first client's: its leaving must not fail the others.
+    await this.confirmAccess({ ...request, signal }, linked ? { mediaType: '', confirmedAt: 0 } : null);
     if (!linked) await shared.writeLink(request.rule, request.repository, request.digest);
     const stream = await shared.readBlob(request.digest, undefined, signal);
     if (!stream) return undefined;

@@ -341,7 +341,8 @@ export class CachedManifests {
     const body = await shared.readSmallBlob(digest, MANIFEST_LIMIT_BYTES);
     if (!body || body.length > MANIFEST_LIMIT_BYTES || digestOf(digest, body) !== digest) return null;
     const answer: ManifestResult = { digest, size: body.length, mediaType: mediaType || undefined, body, cache: 'shared' };
-    await this.store(request, answer);
+    // The tier's link is no confirmation by the upstream: the local link asks it at its next use.
+    await this.store(request, answer, 'not yet');
     return { ...answer, body: request.method === 'HEAD' ? undefined : body };
   }
 
@@ -354,7 +355,7 @@ export class CachedManifests {
   }
 
   /** Writes a fetched manifest into the store and links it, when the cache takes content; whether it did. */
-  private async store(request: ManifestRequest, answer: ManifestResult): Promise<boolean> {
+  private async store(request: ManifestRequest, answer: ManifestResult, confirmed: 'now' | 'not yet' = 'now'): Promise<boolean> {
     if (!answer.body) return false;
     // Counted with the fills in flight while it is written, as a blob's fill is.
     const reservation = await this.cache.reserve(answer.body.length);
@@ -375,7 +376,7 @@ export class CachedManifests {
       }
       // Fetched through this rule and checked against its digest: its upstream vouches for it.
       await this.cache.store.addOrigin(answer.digest, this.origin(request));
-      await this.cache.store.link(request.rule, request.repository, answer.digest, answer.mediaType ?? '');
+      await this.cache.store.link(request.rule, request.repository, answer.digest, answer.mediaType ?? '', confirmed);
       return true;
     } catch (error) {
       if ((error as NodeJS.ErrnoException).code === 'ENOSPC') this.cache.diskFull();

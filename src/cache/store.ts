@@ -395,18 +395,19 @@ export class NodeStore {
    * Records that `digest` was fetched through `rule` for `repository` (or the upstream confirmed it
    * there), confirmed now; a manifest's link holds its media type.
    */
-  async link(rule: string, repository: string, digest: string, mediaType = ''): Promise<void> {
+  async link(rule: string, repository: string, digest: string, mediaType = '', confirmed: 'now' | 'not yet' = 'now'): Promise<void> {
     const path = this.linkPath(rule, repository, digest);
     if (!(await this.metadataGate())) return;
     await mkdir(join(path, '..'), { recursive: true });
     await writeFile(path, mediaType);
     this.indexed(digest, path);
-    await this.confirmLink(rule, repository, digest);
+    // 'not yet': taken from the shared tier without the upstream's word; the next use asks it.
+    await this.confirmLink(rule, repository, digest, confirmed === 'now' ? this.now() : 0);
   }
 
-  /** The upstream confirmed the link again now (its mtime says when). */
-  async confirmLink(rule: string, repository: string, digest: string): Promise<void> {
-    const at = new Date(this.now());
+  /** The upstream confirmed the link again (now, unless `at` says when): its mtime says when. */
+  async confirmLink(rule: string, repository: string, digest: string, atMs = this.now()): Promise<void> {
+    const at = new Date(atMs);
     await utimes(this.linkPath(rule, repository, digest), at, at).catch(() => undefined);
   }
 
