@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, constants, createReadStream, mkdirSync, mkdtempSync, openSync, readFileSync, renameSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { closeSync, constants, createReadStream, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, renameSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
@@ -251,6 +251,29 @@ describe('the shared cache tier with a hostile writer of the bucket', function (
     assert.equal(sha(got.body), layer.digest);
     assert.equal(outcome(waiter, layer.digest), 'miss', 'fetched from the upstream once the wait was over');
     assert.ok(waiter.logs.records.some((r) => r.msg === 'shared cache tier: another node\'s fill claim outlasted the wait for it; fetching from the upstream'));
+  });
+
+  it('purges the tier past a record it refuses to read, and says when the tier could not be purged', async () => {
+    const image = small();
+    await upstream.push(image, 'team/app', 'v1');
+    const shared = tempDir('shared-purge');
+    const proxy = await node('node-1', { filesystem: { path: shared } });
+    assert.equal((await manifest(proxy, 'team/app', 'v1')).status, 200);
+    await proxy.cache?.sharing();
+    const tag = join(shared, sharedKeys.tag('corp', 'team/app', 'v1'));
+    assert.ok(existsSync(tag), 'the tag is shared');
+    // A writer of the bucket plants an object too large to be a record before it, in listing order.
+    plant(shared, sharedKeys.tag('corp', 'team/app', 'a-planted'), Buffer.alloc(8192, 'x'));
+    const purged = await proxy.cache!.purge('corp', 'team/app', image.index.digest);
+    assert.equal(purged.shared, 'purged');
+    assert.ok(!existsSync(tag), "the tag record naming the digest is gone from the tier");
+    // A store that fails on the way (here the link to remove is a directory with a file in it: the
+    // removal fails): purged on the node, and the answer says the tier failed.
+    const link = join(shared, sharedKeys.link('corp', 'team/app', image.index.digest));
+    rmSync(link, { force: true });
+    mkdirSync(link, { recursive: true });
+    writeFileSync(join(link, 'inside'), 'x');
+    assert.equal((await proxy.cache!.purge('corp', 'team/app', image.index.digest)).shared, 'failed');
   });
 
   describe('records sealed with cache.shared.recordKeyFile', () => {

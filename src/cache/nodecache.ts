@@ -469,11 +469,12 @@ export class NodeCache {
    * `digest` (and the tag records naming it), or all its links and tag records. Its next pull asks
    * the upstream, as a first one does.
    */
-  async purge(rule: string, repository: string, digest?: string): Promise<PurgeOutcome> {
+  async purge(rule: string, repository: string, digest?: string): Promise<PurgeOutcome & { readonly shared: 'purged' | 'failed' | 'none' }> {
     const outcome = await this.store.purge(rule, repository, digest);
-    await this.shared?.purge(rule, repository, digest);
-    this.logger.info({ rule, repository, digest, ...outcome }, 'cache purged');
-    return outcome;
+    const shared = this.shared ? ((await this.shared.purge(rule, repository, digest)) ? 'purged' : 'failed') : 'none';
+    if (shared === 'failed') this.logger.warn({ rule, repository, digest, ...outcome }, 'cache purged on this node; the shared tier could not be purged (see its status): run the purge again');
+    else this.logger.info({ rule, repository, digest, ...outcome, shared }, 'cache purged');
+    return { ...outcome, shared };
   }
 
   /** passthrough: whether the upstream accepted these credentials for the repository within credentialTTLSeconds. */

@@ -181,7 +181,10 @@ async function servePurge(options: OpsHandlerOptions, url: string): Promise<{ st
   const invalid = digest === undefined ? null : digestError(digest);
   if (invalid !== null) return { status: 400, body: { error: `digest: ${invalid}` } };
   const outcome = await runtime.cache.purge(rule, repository, digest);
-  return { status: 200, body: { rule, repository, ...(digest !== undefined ? { digest } : {}), ...outcome } };
+  const body = { rule, repository, ...(digest !== undefined ? { digest } : {}), ...outcome };
+  // Purged here but not in the tier: other nodes may still take it from there; the caller must know.
+  if (outcome.shared === 'failed') return { status: 502, body: { ...body, error: 'purged on this node, but the shared tier could not be purged (it is down or refuses writes: see /status); run the purge again' } };
+  return { status: 200, body };
 }
 
 export async function serveOps(options: OpsHandlerOptions, url: string, res: ServerResponse): Promise<void> {

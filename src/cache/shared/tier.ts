@@ -205,18 +205,27 @@ export class SharedTier {
 
   /**
    * Forgets what `(rule, repository)` may read in the tier, as NodeStore.purge does on a node: its
-   * link to `digest` and the tag records naming it, or all its links and tag records.
+   * link to `digest` and the tag records naming it, or all its links and tag records. False when the
+   * tier could not be purged (down, refusing writes, failing on the way): the caller says so.
    */
-  async purge(rule: string, repository: string, digest?: string): Promise<void> {
-    await this.call('remove', undefined, async (store) => {
+  async purge(rule: string, repository: string, digest?: string): Promise<boolean> {
+    return this.call('remove', false, async (store) => {
       const base = repositoryPath(rule, repository);
       if (digest !== undefined) await store.remove(sharedKeys.link(rule, repository, digest));
       else for await (const link of store.list(`${base}/_links/`)) await store.remove(link.key);
       for await (const tag of store.list(`${base}/_tags/`)) {
-        if (digest !== undefined && parseTagRecord(openRecord(this.recordKey, tag.key, (await store.readRecord(tag.key, RECORD_MAX_BYTES)) ?? Buffer.alloc(0))?.toString('utf8') ?? '')?.digest !== digest) continue;
+        if (digest !== undefined) {
+          // A record this node refuses to read (too large, not a file) names no digest it believes: left.
+          const body = await store.readRecord(tag.key, RECORD_MAX_BYTES).catch((error: unknown) => {
+            if (error instanceof RefusedObject) return undefined;
+            throw error;
+          });
+          if (parseTagRecord(openRecord(this.recordKey, tag.key, body ?? Buffer.alloc(0))?.toString('utf8') ?? '')?.digest !== digest) continue;
+        }
         this.tagWrites.delete(tag.key);
         await store.remove(tag.key);
       }
+      return true;
     });
   }
 
