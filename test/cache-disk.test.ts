@@ -237,6 +237,29 @@ describe('the node cache on a small disk', function () {
       assert.match(await metrics.metrics(), /^pullbridge_cache_fills_enabled 0$/m);
     });
 
+    it('lets tag records naming content never stored take at most half of maxBytes, evicting no blob for them', async () => {
+      const root = mkdtempSync(join(tmpdir(), 'pullbridge-metadata-cap-'));
+      cleanups.push(async () => rmSync(root, { recursive: true, force: true }));
+      const settings = { path: root, maxBytes: 256 * 1024, minFreeBytes: 0, minFreeInodes: 0, tagTTLSeconds: 30, staleIfErrorSeconds: 0, credentialTTLSeconds: 0, reconfirmSeconds: 3600 };
+      const logs = memoryLogger();
+      const cache = await NodeCache.open(settings, createMetricsRegistry(false), logs.logger);
+      cleanups.push(() => cache.close());
+      // One blob stored (64 KiB), linked.
+      const blob = randomBytes(64 * 1024);
+      const blobDigest = `sha256:${createHash('sha256').update(blob).digest('hex')}`;
+      const fill = await cache.store.startFill(blobDigest);
+      await fill.append(blob);
+      assert.equal((await fill.finish()).stored, true);
+      await cache.store.link('corp', 'team/app', blobDigest);
+      // A client asks for many tags the upstream names (a hostile upstream can name any): records of
+      // a manifest never stored.
+      const record = { digest: image.index.digest, mediaType: OCI_INDEX, size: image.index.size, confirmedAt: Date.now() };
+      for (let i = 0; i < 200; i++) await cache.store.writeTag('corp', 'team/app', `t${i}`, record);
+      assert.ok(cache.store.metadataEntries() * 4096 <= settings.maxBytes / 2, `${cache.store.metadataEntries()} links and tag records`);
+      assert.ok(cache.store.has(blobDigest), 'the stored blob was not evicted for them');
+      assert.ok(logs.records.some((r) => String(r.msg).includes('hold half of cache.maxBytes')), 'said in the log');
+    });
+
     it('goes with its blob: an evicted manifest takes its links and the tag records naming it, and the directories left empty', async () => {
       const root = mkdtempSync(join(tmpdir(), 'pullbridge-cache-'));
       cleanups.push(async () => rmSync(root, { recursive: true, force: true }));

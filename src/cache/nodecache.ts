@@ -80,6 +80,8 @@ export class NodeCache {
   private readonly metrics: CacheMetrics;
   private readonly tally = { hit: 0, miss: 0, shared: 0, stale: 0, bypass: 0, savedBytes: 0, evictions: 0, evictedBytes: 0, fillFailures: 0 };
   private fillsInFlight = 0;
+  /** Links and tag records hold half of maxBytes: none is written (logged once per change). */
+  private metadataCapped = false;
   /** Room held by fills in flight (reserve): bytes reserved, and how many of them are written. */
   private readonly reservations = new Set<{ bytes: number; written: number }>();
   /** Bytes fills wrote since the process started (as reservations were told). */
@@ -374,7 +376,17 @@ export class NodeCache {
    * (a blob not linked is confirmed upstream; a tag not recorded is asked upstream).
    */
   private async mayWriteMetadata(): Promise<boolean> {
+    // Tag records may name content never stored (a HEAD, a manifest that did not fit), which no
+    // eviction takes away: links and records together may hold half of maxBytes, never evicting
+    // blobs past that (a client asking for many tags would otherwise empty the cache).
+    if ((this.store.metadataEntries() + 1) * METADATA_ENTRY_BYTES > this.settings.maxBytes / 2) {
+      if (!this.metadataCapped) this.logger.warn({ entries: this.store.metadataEntries(), maxBytes: this.settings.maxBytes }, 'tag records and links hold half of cache.maxBytes: no more are written until eviction frees some (pulls are answered from the upstream)');
+      this.metadataCapped = true;
+      return false;
+    }
+    this.metadataCapped = false;
     let free = await this.free();
+    if (!roomFor(this.room(free, 0), METADATA_ENTRY_BYTES).size) await this.evict(METADATA_ENTRY_BYTES);
     if (!inodesLeft(this.room(free, 0))) {
       await this.evict(0);
       free = await this.free();
