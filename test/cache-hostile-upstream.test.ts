@@ -22,6 +22,8 @@ const OTHER_MANIFEST = Buffer.from(JSON.stringify({ schemaVersion: 2, mediaType:
 const MAX_BYTES = 12 * 1024;
 const BLOBS = [randomBytes(5000), randomBytes(5000)];
 const VICTIM_CONTENT = 'do not touch\n';
+/** A digest whose bytes the upstream announces and never sends. */
+const ANNOUNCED_DIGEST = `sha256:${'ab'.repeat(32)}`;
 /** Climbs from <cache.path>/blobs/sha256 to the directory that holds cache.path. */
 const TRAVERSAL = 'sha256:../../../victimdir/victim.txt';
 
@@ -48,6 +50,13 @@ async function startLyingUpstream(): Promise<{ server: RunningServer; seen: stri
       for (const blob of BLOBS) {
         if (path === `/v2/team/app/blobs/${sha256(blob)}`) return void res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': blob.length, 'docker-content-digest': sha256(blob) }).end(blob);
         if (path === `/v2/team/liar/blobs/${sha256(blob)}`) return void res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': blob.length, 'docker-content-digest': TRAVERSAL }).end(blob);
+      }
+      // A blob announced 1 KiB under 64 MiB (maxBytes below: room only with an eviction) of which 1 KiB is sent before the connection is cut.
+      if (path === `/v2/team/app/blobs/${ANNOUNCED_DIGEST}`) {
+        res.writeHead(200, { 'content-type': 'application/octet-stream', 'content-length': 64 * 2 ** 20 - 1024, 'docker-content-digest': ANNOUNCED_DIGEST });
+        res.write(Buffer.alloc(1024));
+        setTimeout(() => res.destroy(), 50);
+        return;
       }
       res.writeHead(404, { 'content-type': 'application/json' }).end('{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}');
     },
@@ -109,6 +118,21 @@ describe('the node cache under an upstream that lies about digests (scripted ups
     assert.deepEqual([after.entries, after.bytes], [1, BLOBS[1]!.length], '/status counts only what is in blobs/');
     assert.deepEqual(filesUnder(join(root, 'repositories')).filter((f) => f.includes('victim') || f.includes('_tags')), [], 'no link or tag record for the lie');
     assert.equal(statSync(victim).size, VICTIM_CONTENT.length);
+  });
+
+  it('evicts nothing for a length the upstream announces and does not send: what is cached stays', async () => {
+    await proxy.close();
+    proxy = await startProxy({ cache: { path: root, maxBytes: '64Mi', minFreeBytes: 0 }, registries: [{ name: 'hostile', match: ['h.example'], upstream: upstream.server.url }] });
+    const kept = BLOBS[0]!;
+    const res = await rawRequest(proxy.url, `/v2/hostile/team/app/blobs/${sha256(kept)}`, { headers: asShop() });
+    assert.ok(res.body.equals(kept));
+    await fillsSettled();
+    const cut = await rawRequest(proxy.url, `/v2/hostile/team/app/blobs/${ANNOUNCED_DIGEST}`, { headers: asShop() }).catch(() => undefined);
+    assert.ok(cut === undefined || cut.body.length < 64 * 2 ** 20 - 1024, 'the cut blob is not served whole');
+    await fillsSettled();
+    const after = await status();
+    assert.equal(after.evictions, 0, JSON.stringify(after));
+    assert.deepEqual(filesUnder(join(root, 'blobs')), [`sha256/${sha256(kept).slice('sha256:'.length)}`], 'the blob cached before is still there');
   });
 
   it('with a filesystem shared tier: answers 502 as well, writes nothing there for the lie, and the tier stays up', async () => {

@@ -396,6 +396,7 @@ describe('the node cache', function () {
       await pullImage(p, 'team/app', '1', image);
       const root = p.cache!.store.root;
       const layer = image.layers[0]!;
+      await p.cache!.sharing(); // the fills in flight have stored and linked what they filled
       assert.ok(existsSync(linkPath(root, layer.digest)), 'the layer is linked');
       for (const method of ['GET', 'HEAD']) {
         // distribution 2.8 answers 500 (it parses the layer as a manifest); others answer 404. Either

@@ -291,10 +291,14 @@ export class NodeCache {
   async reserve(bytes: number): Promise<DiskReservation | undefined> {
     const held = { bytes: 0, written: 0 };
     let released = false;
-    const taken = await this.admit(bytes, () => {
-      held.bytes = bytes;
+    const take = (granted: number) => {
+      held.bytes = granted;
       this.reservations.add(held);
-    });
+    };
+    // The announced length is taken whole only where it fits without evicting anything: what an
+    // upstream announces costs it nothing, so it may evict only as its bytes arrive (a step ahead of
+    // them, as the fill grows), never the whole cache for a length it then does not send.
+    const taken = (await this.admit(bytes, take, false)) || (await this.admit(Math.min(bytes, RESERVATION_STEP_BYTES), take));
     if (!taken) return undefined;
     return {
       get bytes() {
@@ -344,11 +348,12 @@ export class NodeCache {
    * Whether `bytes` more fit (roomFor), evicting first when they do not; `take` runs when they do,
    * in the same turn as the decision (no other fill reserves in between).
    */
-  private async admit(bytes: number, take?: (bytes: number) => void): Promise<boolean> {
+  private async admit(bytes: number, take?: (bytes: number) => void, evicting = true): Promise<boolean> {
     if (bytes > this.settings.maxBytes) return false;
     let mark = this.writtenByFills;
     let free = await this.free();
     let room = roomFor(this.room(free, this.writtenByFills - mark), bytes);
+    if (!evicting && (!room.size || !room.disk)) return false;
     if (!room.size || !room.disk) {
       await this.evict(bytes);
       mark = this.writtenByFills;
