@@ -140,13 +140,16 @@ function claimOwner(body: Buffer | undefined): string | undefined {
   return body === undefined ? undefined : parseClaim(body.toString('utf8'))?.node;
 }
 
-/** A real store whose removes wait until `after` settles: orders a remove after another node's step. */
-class RemoveAfter implements SharedStore {
+/** A real store with hooks that order its calls against another node's: removes wait until
+ * `removeAfter` settles; `afterRead` is called once a versioned read's answer has been acted on (the
+ * caller's next step has begun: its own microtasks ran); `writes` are the writes made. */
+class Ordered implements SharedStore {
   readonly kind: SharedStore['kind'];
   readonly location: string;
+  readonly writes: Promise<boolean>[] = [];
   constructor(
     private readonly store: SharedStore,
-    private readonly after: Promise<void>,
+    private readonly hooks: { readonly removeAfter?: Promise<void>; readonly afterRead?: () => void },
   ) {
     this.kind = store.kind;
     this.location = store.location;
@@ -161,16 +164,20 @@ class RemoveAfter implements SharedStore {
     return this.store.createFromFile(key, file, size, signal);
   }
   writeRecord(key: string, body: Buffer, options?: WriteCondition) {
-    return this.store.writeRecord(key, body, options);
+    const written = this.store.writeRecord(key, body, options);
+    this.writes.push(written);
+    return written;
   }
   readRecord(key: string, maxBytes?: number) {
     return this.store.readRecord(key, maxBytes);
   }
-  readVersioned(key: string, maxBytes?: number) {
-    return this.store.readVersioned(key, maxBytes);
+  async readVersioned(key: string, maxBytes?: number) {
+    const found = await this.store.readVersioned(key, maxBytes);
+    if (this.hooks.afterRead) setImmediate(this.hooks.afterRead);
+    return found;
   }
   async remove(key: string, options?: { readonly ifMatch?: string }) {
-    await this.after;
+    await this.hooks.removeAfter;
     return this.store.remove(key, options);
   }
   list(prefix: string) {
@@ -411,7 +418,7 @@ function conformance(backend: Backend): void {
       // over: the order of a release racing a takeover, made certain.
       let takenOver: () => void = () => undefined;
       const tookOver = new Promise<void>((resolve) => (takenOver = resolve));
-      const old = tier(config, 'node-old', () => Date.now() - 2 * config.fillWaitSeconds * 1000, (s) => new RemoveAfter(s, tookOver));
+      const old = tier(config, 'node-old', () => Date.now() - 2 * config.fillWaitSeconds * 1000, (s) => new Ordered(s, { removeAfter: tookOver }));
       const [b, c] = [tier(config, 'node-b'), tier(config, 'node-c')];
       const view = await open(config);
       try {
@@ -423,6 +430,33 @@ function conformance(backend: Backend): void {
         assert.equal(await c.claim(digest), 'theirs', 'a third node waits for the new owner');
       } finally {
         for (const t of [old, b, c]) await t.close();
+      }
+    });
+
+    it('a node whose stale claim was taken over does not renew it: the new owner keeps its claim', async () => {
+      // fillWaitSeconds at its least (10): a renewal every 3.3 s.
+      const config = { ...backend.config('tier/'), fillWaitSeconds: 10 };
+      let renewed: () => void = () => undefined;
+      const renewal = new Promise<void>((resolve) => (renewed = resolve));
+      let watching = false;
+      let store: Ordered | undefined;
+      const old = tier(config, 'node-old', () => Date.now() - 2 * config.fillWaitSeconds * 1000, (s) => (store = new Ordered(s, { afterRead: () => watching && renewed() })));
+      const b = tier(config, 'node-b');
+      const view = await open(config);
+      const digest = `sha256:${randomBytes(32).toString('hex')}`;
+      try {
+        assert.equal(await old.claim(digest), 'ours');
+        assert.equal(await b.claim(digest), 'ours', 'the old claim is stale to node-b: taken over');
+        const writesBefore = store!.writes.length;
+        watching = true;
+        const stop = old.keepClaim(digest, () => true);
+        await renewal;
+        stop();
+        await Promise.all(store!.writes);
+        assert.equal(store!.writes.length, writesBefore, 'node-old wrote nothing');
+        assert.equal(claimOwner(await view.readRecord(sharedKeys.claim(digest))), 'node-b');
+      } finally {
+        for (const t of [old, b]) await t.close();
       }
     });
 
