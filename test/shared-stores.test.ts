@@ -3,25 +3,32 @@
 //
 // What each emulator could and could not show:
 //   filesystem       link(2) publishing: exactly one of concurrent creates wins, nothing partial is
-//                    ever visible. Shown on the local filesystem, not on NFS; no 'denied' or
-//                    'unreachable' case (the tests may run as root; no mount to lose).
+//                    ever visible; compare-and-rename: of concurrent conditional writes and removes
+//                    of one version, exactly one succeeds. Shown on the local filesystem, not on
+//                    NFS; no 'denied' or 'unreachable' case (the tests may run as root; no mount).
 //   s3 (versitygw)   If-None-Match: * honoured on PutObject and on CompleteMultipartUpload (8
-//                    racing multipart uploads: one created, seven 412). Checks SigV4 signatures
-//                    (wrong secret => 403 SignatureDoesNotMatch => 'denied'). Quirk: a conditional
-//                    PUT of a taken key may be answered before its body is read and the connection
+//                    racing multipart uploads: one created, seven 412); If-Match honoured on
+//                    PutObject and on DeleteObject (412 for another ETag; a conditional
+//                    DeleteObject of a missing key answers 204). Checks SigV4 signatures (wrong
+//                    secret => 403 SignatureDoesNotMatch => 'denied'). Quirk: a conditional PUT of
+//                    a taken key may be answered before its body is read and the connection
 //                    closed, so the client sees ECONNRESET, not 412; the adapter then looks the key
 //                    up. Not shown: 409 ConditionalRequestConflict (AWS only), server-side abort
 //                    of parts left by a crashed client (lifecycle rule on real buckets).
 //   azure (Azurite) If-None-Match: * honoured on Put Blob and on Put Block List (8 racing block
-//                    uploads: one created, seven refused). Checks Shared Key signatures (wrong key
-//                    => 403 => 'denied'); account SAS tokens accepted. Not shown: Entra ID, the
-//                    service's own clean-up of uncommitted blocks (Azure drops them after a week).
+//                    uploads: one created, seven refused); If-Match honoured on Put Blob and on
+//                    Delete Blob. Checks Shared Key signatures (wrong key => 403 => 'denied');
+//                    account SAS tokens accepted. Not shown: Entra ID, the service's own clean-up
+//                    of uncommitted blocks (Azure drops them after a week).
 //   gcs (fake-gcs-server)  ifGenerationMatch=0 honoured on single-request uploads and when a
 //                    resumable upload is finalized (8 racing resumable uploads: one created, seven
-//                    412). Checks no credentials at all: no 'denied' case. Answers a missing bucket
-//                    like a missing object (404 "Not Found"), so only writes show a missing bucket
-//                    as 'error'; real GCS names the bucket in its message, which the adapter uses.
-//                    Not shown: authentication (service account key, workload identity).
+//                    412); ifGenerationMatch=N honoured on uploads but NOT on a delete (v1.56.1
+//                    deletes any generation): the adapter's conditional remove is a conditional
+//                    overwrite with an empty object, then a delete. Checks no credentials at all:
+//                    no 'denied' case. Answers a missing bucket like a missing object (404 "Not
+//                    Found"), so only writes show a missing bucket as 'error'; real GCS names the
+//                    bucket in its message, which the adapter uses. Not shown: authentication
+//                    (service account key, workload identity).
 //   All: 'unreachable' is a stopped server's refused connection, 'timeout' a listener that never
 //   answers, each within seconds (one retry). TLS endpoints are not exercised.
 
@@ -33,8 +40,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, BlobServiceClient, generateAccountSASQueryParameters, StorageSharedKeyCredential } from '@azure/storage-blob';
+import { Registry } from 'prom-client';
+import { parseClaim } from '../src/cache/policy.js';
 import { openSharedStore } from '../src/cache/shared/open.js';
-import { RefusedObject, SharedStoreError, type SharedFailure, type SharedListing, type SharedStore } from '../src/cache/shared/store.js';
+import { RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedStore, type WriteCondition } from '../src/cache/shared/store.js';
+import { SharedTier, sharedKeys } from '../src/cache/shared/tier.js';
+import { createLogger } from '../src/log.js';
 import type { SharedConfig } from '../src/rules/config.js';
 import { startAzurite, startFakeGcs, startVersitygw, type AzureServer, type GcsServer, type S3Server } from './support/objectstores.js';
 
@@ -118,6 +129,64 @@ async function countingRelay(targetPort: number, threshold: number): Promise<{ p
 }
 
 const base = { fillWaitSeconds: 120, timeoutSeconds: 30 } as const;
+
+/** A node's shared tier on a store (its own connection to it), on its own clock. */
+function tier(config: SharedConfig, node: string, now: () => number = Date.now, wrap: (store: SharedStore) => SharedStore = (s) => s): SharedTier {
+  return new SharedTier(async () => wrap(await openSharedStore(config)), config, node, new Registry(), createLogger({ level: 'silent' }), now);
+}
+
+/** The node a claim record (unsealed: no record key) names. */
+function claimOwner(body: Buffer | undefined): string | undefined {
+  return body === undefined ? undefined : parseClaim(body.toString('utf8'))?.node;
+}
+
+/** A real store with hooks that order its calls against another node's: removes wait until
+ * `removeAfter` settles; `afterRead` is called once a versioned read's answer has been acted on (the
+ * caller's next step has begun: its own microtasks ran); `writes` are the writes made. */
+class Ordered implements SharedStore {
+  readonly kind: SharedStore['kind'];
+  readonly location: string;
+  readonly writes: Promise<boolean>[] = [];
+  constructor(
+    private readonly store: SharedStore,
+    private readonly hooks: { readonly removeAfter?: Promise<void>; readonly afterRead?: () => void },
+  ) {
+    this.kind = store.kind;
+    this.location = store.location;
+  }
+  stat(key: string) {
+    return this.store.stat(key);
+  }
+  read(key: string, span?: ByteSpan, signal?: AbortSignal) {
+    return this.store.read(key, span, signal);
+  }
+  createFromFile(key: string, file: string, size: number, signal?: AbortSignal) {
+    return this.store.createFromFile(key, file, size, signal);
+  }
+  writeRecord(key: string, body: Buffer, options?: WriteCondition) {
+    const written = this.store.writeRecord(key, body, options);
+    this.writes.push(written);
+    return written;
+  }
+  readRecord(key: string, maxBytes?: number) {
+    return this.store.readRecord(key, maxBytes);
+  }
+  async readVersioned(key: string, maxBytes?: number) {
+    const found = await this.store.readVersioned(key, maxBytes);
+    if (this.hooks.afterRead) setImmediate(this.hooks.afterRead);
+    return found;
+  }
+  async remove(key: string, options?: { readonly ifMatch?: string }) {
+    await this.hooks.removeAfter;
+    return this.store.remove(key, options);
+  }
+  list(prefix: string) {
+    return this.store.list(prefix);
+  }
+  close() {
+    return this.store.close();
+  }
+}
 
 /** One backend under test: its server (started in `before`), configs for it, its failure cases. */
 interface Backend {
@@ -286,6 +355,109 @@ function conformance(backend: Backend): void {
       // The rejection is the end of the upload: nothing it sent may become visible after it.
       assert.equal(await store.stat('blobs/sha256/aborted'), undefined);
       assert.deepEqual((await listAll(store, 'blobs/sha256/aborted')).map((l) => l.key), []);
+    });
+
+    it('writes and removes a record on condition of the version read: the version read succeeds, a replaced one changes nothing', async () => {
+      const key = 'records/versioned';
+      await store.writeRecord(key, Buffer.from('first'));
+      const first = await store.readVersioned(key);
+      assert.deepEqual(first?.body, Buffer.from('first'));
+      assert.equal(await store.writeRecord(key, Buffer.from('second'), { ifMatch: first!.version }), true);
+      const second = await store.readVersioned(key);
+      assert.deepEqual(second?.body, Buffer.from('second'));
+      assert.notEqual(second!.version, first!.version);
+      assert.equal(await store.writeRecord(key, Buffer.from('third'), { ifMatch: first!.version }), false, 'a write over a replaced version');
+      assert.equal(await store.remove(key, { ifMatch: first!.version }), false, 'a removal of a replaced version');
+      assert.deepEqual(await store.readVersioned(key), second, 'both left the record as it was');
+      assert.equal(await store.remove(key, { ifMatch: second!.version }), true);
+      assert.equal(await store.readRecord(key), undefined);
+      assert.deepEqual(await listAll(store, key), []);
+      assert.equal(await store.writeRecord(key, Buffer.from('again'), { ifMatch: second!.version }), false, 'a write over a removed version');
+      // A removal of a removed version removes nothing; what it answers differs (S3 DeleteObject
+      // answers 204 for a missing key, If-Match or not).
+      await store.remove(key, { ifMatch: second!.version });
+      assert.equal(await store.readRecord(key), undefined);
+    });
+
+    it('of 8 concurrent writes and a removal on condition of one version exactly one succeeds', async () => {
+      for (let round = 0; round < 5; round++) {
+        const key = `records/swap-${round}`;
+        await store.writeRecord(key, Buffer.from(`base ${round}`));
+        const { version } = (await store.readVersioned(key))!;
+        const bodies = Array.from({ length: 8 }, (_, i) => Buffer.from(`writer ${i} of round ${round}`));
+        const outcomes = await Promise.all([...bodies.map((body) => store.writeRecord(key, body, { ifMatch: version })), store.remove(key, { ifMatch: version })]);
+        assert.equal(outcomes.filter(Boolean).length, 1, `round ${round}: ${outcomes.join(' ')}`);
+        const winner = outcomes.indexOf(true);
+        assert.deepEqual(await store.readRecord(key), winner < 8 ? bodies[winner] : undefined, `round ${round}`);
+      }
+    });
+
+    it('two nodes racing for one stale claim: exactly one takes it over, in each of 20 rounds', async () => {
+      const config = backend.config('tier/');
+      const view = await open(config);
+      const dead = tier(config, 'node-dead', () => Date.now() - 2 * config.fillWaitSeconds * 1000);
+      const [a, b] = [tier(config, 'node-a'), tier(config, 'node-b')];
+      try {
+        for (let round = 0; round < 20; round++) {
+          const digest = `sha256:${randomBytes(32).toString('hex')}`;
+          // A claim made 2 × fillWaitSeconds ago by a node that died: both nodes find it stale.
+          assert.equal(await dead.claim(digest), 'ours');
+          const outcomes = await Promise.all([a.claim(digest), b.claim(digest)]);
+          assert.deepEqual([...outcomes].sort(), ['ours', 'theirs'], `round ${round}: ${outcomes.join(' ')}`);
+          const owner = outcomes[0] === 'ours' ? 'node-a' : 'node-b';
+          assert.equal(claimOwner(await view.readRecord(sharedKeys.claim(digest))), owner);
+        }
+      } finally {
+        for (const t of [dead, a, b]) await t.close();
+      }
+    });
+
+    it('a release by a node whose stale claim was taken over meanwhile leaves the new owner its claim', async () => {
+      const config = backend.config('tier/');
+      // The old owner's release reads its claim, then removes it only after the new owner took it
+      // over: the order of a release racing a takeover, made certain.
+      let takenOver: () => void = () => undefined;
+      const tookOver = new Promise<void>((resolve) => (takenOver = resolve));
+      const old = tier(config, 'node-old', () => Date.now() - 2 * config.fillWaitSeconds * 1000, (s) => new Ordered(s, { removeAfter: tookOver }));
+      const [b, c] = [tier(config, 'node-b'), tier(config, 'node-c')];
+      const view = await open(config);
+      try {
+        const digest = `sha256:${randomBytes(32).toString('hex')}`;
+        assert.equal(await old.claim(digest), 'ours');
+        const [, outcome] = await Promise.all([old.release(digest), b.claim(digest).finally(takenOver)]);
+        assert.equal(outcome, 'ours');
+        assert.equal(claimOwner(await view.readRecord(sharedKeys.claim(digest))), 'node-b', 'the new owner\'s claim is there');
+        assert.equal(await c.claim(digest), 'theirs', 'a third node waits for the new owner');
+      } finally {
+        for (const t of [old, b, c]) await t.close();
+      }
+    });
+
+    it('a node whose stale claim was taken over does not renew it: the new owner keeps its claim', async () => {
+      // fillWaitSeconds at its least (10): a renewal every 3.3 s.
+      const config = { ...backend.config('tier/'), fillWaitSeconds: 10 };
+      let renewed: () => void = () => undefined;
+      const renewal = new Promise<void>((resolve) => (renewed = resolve));
+      let watching = false;
+      let store: Ordered | undefined;
+      const old = tier(config, 'node-old', () => Date.now() - 2 * config.fillWaitSeconds * 1000, (s) => (store = new Ordered(s, { afterRead: () => watching && renewed() })));
+      const b = tier(config, 'node-b');
+      const view = await open(config);
+      const digest = `sha256:${randomBytes(32).toString('hex')}`;
+      try {
+        assert.equal(await old.claim(digest), 'ours');
+        assert.equal(await b.claim(digest), 'ours', 'the old claim is stale to node-b: taken over');
+        const writesBefore = store!.writes.length;
+        watching = true;
+        const stop = old.keepClaim(digest, () => true);
+        await renewal;
+        stop();
+        await Promise.all(store!.writes);
+        assert.equal(store!.writes.length, writesBefore, 'node-old wrote nothing');
+        assert.equal(claimOwner(await view.readRecord(sharedKeys.claim(digest))), 'node-b');
+      } finally {
+        for (const t of [old, b]) await t.close();
+      }
     });
 
     for (const [how, config] of backend.alternatives ?? []) {

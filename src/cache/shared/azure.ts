@@ -1,6 +1,7 @@
 // The shared tier on Azure Blob Storage (block blobs). Creates commit only when no blob has the
 // name (`If-None-Match: *` on the single-shot Put Blob or on Put Block List, after the blocks are
-// staged), so an upload in progress is never visible and of several nodes one wins.
+// staged), so an upload in progress is never visible and of several nodes one wins. A record is
+// replaced or removed on condition of its ETag (`If-Match`).
 
 import { addAbortSignal, type Readable } from 'node:stream';
 import {
@@ -13,7 +14,7 @@ import {
 } from '@azure/storage-blob';
 import type { SharedConfig } from '../../rules/config.js';
 import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type AzureConfig = NonNullable<SharedConfig['azure']>;
 
@@ -98,34 +99,51 @@ class AzureStore implements SharedStore {
     }
   }
 
-  async writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean> {
-    const conditions = options?.ifAbsent ? { ifNoneMatch: '*' } : undefined;
+  async writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean> {
+    const conditions = options?.ifAbsent ? { ifNoneMatch: '*' } : options?.ifMatch !== undefined ? { ifMatch: options.ifMatch } : undefined;
     try {
       await this.call(`write ${key}`, (abortSignal) => this.blob(key).upload(body, body.length, { conditions, abortSignal }), undefined, true);
       return true;
     } catch (error) {
-      if (options?.ifAbsent && error instanceof SharedStoreError && isConditionFailure(error.cause)) return false;
+      if (conditions && error instanceof SharedStoreError && (isConditionFailure(error.cause) || (options?.ifMatch !== undefined && isMissing(error.cause)))) return false;
       throw error;
     }
   }
 
   async readRecord(key: string, maxBytes = RECORD_MAX_BYTES): Promise<Buffer | undefined> {
+    return (await this.readVersioned(key, maxBytes))?.body;
+  }
+
+  async readVersioned(key: string, maxBytes = RECORD_MAX_BYTES): Promise<VersionedRecord | undefined> {
     return this.call(`read ${key}`, async (abortSignal) => {
       const got = await this.blob(key).download(0, undefined, { abortSignal, maxRetryRequests: 1 });
+      const version = got.etag ?? '';
       const body = got.readableStreamBody as Readable | undefined;
-      if (!body) return Buffer.alloc(0);
+      if (!body) return { body: Buffer.alloc(0), version };
       try {
         checkRecordSize(`read ${key}`, got.contentLength, maxBytes);
       } catch (error) {
         body.destroy();
         throw error;
       }
-      return readBounded(`read ${key}`, body, maxBytes);
+      return { body: await readBounded(`read ${key}`, body, maxBytes), version };
     });
   }
 
-  async remove(key: string): Promise<void> {
-    await this.call(`remove ${key}`, (abortSignal) => this.blob(key).deleteIfExists({ abortSignal }));
+  async remove(key: string, options?: { readonly ifMatch?: string }): Promise<boolean> {
+    if (options?.ifMatch === undefined) {
+      await this.call(`remove ${key}`, (abortSignal) => this.blob(key).deleteIfExists({ abortSignal }));
+      return true;
+    }
+    // Another version: 412 ConditionNotMet; none: 404 BlobNotFound (Azurite answers 412).
+    const conditions = { ifMatch: options.ifMatch };
+    try {
+      await this.call(`remove ${key}`, (abortSignal) => this.blob(key).delete({ conditions, abortSignal }), undefined, true);
+      return true;
+    } catch (error) {
+      if (error instanceof SharedStoreError && (isConditionFailure(error.cause) || isMissing(error.cause))) return false;
+      throw error;
+    }
   }
 
   async *list(prefix: string): AsyncIterable<SharedListing> {

@@ -2,7 +2,9 @@
 // node. Objects are files at `<path>/<key>`; every write goes to `<path>/tmp/` first and is
 // published with link(2), which fails with EEXIST instead of replacing: the filesystem's own
 // create-if-absent, atomic on NFS too, so readers never see a partly written object and of two
-// nodes publishing the same key exactly one wins.
+// nodes publishing the same key exactly one wins. A record is replaced or removed on condition of
+// its version by compare-and-rename (swap): renamed aside, which only one node can do, checked, then
+// replaced by link(2).
 //
 // Every node can write the directory, so what is found at a key is not trusted to be a file: an
 // object is opened without following a symbolic link and without blocking (O_NOFOLLOW|O_NONBLOCK: a
@@ -10,14 +12,14 @@
 // regular file that really lies under the store's directory (the opened file's path, from
 // /proc/self/fd, is checked: a symbolic link in a directory above the key is caught there too).
 
-import { randomUUID } from 'node:crypto';
-import { constants, createReadStream, createWriteStream } from 'node:fs';
+import { createHash, randomUUID } from 'node:crypto';
+import { constants, createReadStream, createWriteStream, type BigIntStats } from 'node:fs';
 import { link, lstat, mkdir, open, readdir, readlink, realpath, rename, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { checkRecordSize, isCallerAbort, messageOf } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
 const TMP = 'tmp';
@@ -80,12 +82,13 @@ class FilesystemStore implements SharedStore {
     }
   }
 
-  async writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean> {
+  async writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean> {
     const temp = this.tempPath();
     try {
       // Written whole (and synced) before anyone can see it under its key.
       await guard(`writing ${key}`, () => writeFile(temp, body, { flag: 'wx', flush: true }));
       if (options?.ifAbsent) return await this.publish(key, temp);
+      if (options?.ifMatch !== undefined) return await this.swap(key, options.ifMatch, temp);
       await guard(`writing ${key}`, async () => {
         await mkdir(dirname(this.path(key)), { recursive: true });
         await this.checkDirectory(key, dirname(this.path(key)));
@@ -98,33 +101,31 @@ class FilesystemStore implements SharedStore {
   }
 
   async readRecord(key: string, maxBytes = RECORD_MAX_BYTES): Promise<Buffer | undefined> {
+    return (await this.readVersioned(key, maxBytes))?.body;
+  }
+
+  async readVersioned(key: string, maxBytes = RECORD_MAX_BYTES): Promise<VersionedRecord | undefined> {
     const opened = await this.openObject(key);
     if (!opened) return undefined;
-    const { handle, size } = opened;
+    const { handle, size, identity } = opened;
     try {
       checkRecordSize(`read ${key}`, size, maxBytes);
-      // One byte more than the bound: a file that grew since fstat is refused, not read on.
-      const buffer = Buffer.alloc(Math.min(size, maxBytes) + 1);
-      let length = 0;
-      while (length < buffer.length) {
-        const { bytesRead } = await guard(`read ${key}`, () => handle.read(buffer, length, buffer.length - length, length));
-        if (bytesRead === 0) break;
-        length += bytesRead;
-      }
-      if (length > maxBytes) throw new RefusedObject(`read ${key}: more than a record's ${maxBytes} bytes`);
-      return buffer.subarray(0, length);
+      const body = await readWhole(`read ${key}`, handle, size, maxBytes);
+      return { body, version: versionOf(identity, body) };
     } finally {
       await handle.close().catch(() => undefined);
     }
   }
 
-  async remove(key: string): Promise<void> {
+  async remove(key: string, options?: { readonly ifMatch?: string }): Promise<boolean> {
+    if (options?.ifMatch !== undefined) return this.swap(key, options.ifMatch);
     await guard(`remove ${key}`, async () => {
       const path = this.path(key);
       // Not through a directory that leads elsewhere: nothing outside the store is removed.
       if ((await missingAsUndefined(realpath(dirname(path)))) !== dirname(path)) return;
       await missingAsUndefined(unlink(path));
     });
+    return true;
   }
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
@@ -155,7 +156,7 @@ class FilesystemStore implements SharedStore {
    * a regular file lying under the store's directory is refused (RefusedObject): a symbolic link (at
    * the key, or a directory above it), a FIFO, a device, a directory.
    */
-  private async openObject(key: string): Promise<{ handle: FileHandle; size: number } | undefined> {
+  private async openObject(key: string): Promise<{ handle: FileHandle; size: number; identity: string } | undefined> {
     const path = this.path(key);
     let handle: FileHandle | undefined;
     try {
@@ -167,14 +168,14 @@ class FilesystemStore implements SharedStore {
       throw new SharedStoreError(failureOf(error), `read ${key}: ${messageOf(error)}`, { cause: error });
     }
     try {
-      const info = await guard(`read ${key}`, () => handle.stat());
+      const info = await guard(`read ${key}`, () => handle.stat({ bigint: true }));
       if (!info.isFile()) throw new RefusedObject(`read ${key}: not a regular file`);
       const opened = await openedPath(handle).catch(() => undefined);
       // Where /proc is not there to say: the path as resolved now (a race a writer could win, still
       // refused unless it lands inside the store).
       const actual = opened ?? (await guard(`read ${key}`, () => realpath(path)));
       if (actual !== path) throw new RefusedObject(`read ${key}: resolves outside the store's directory`);
-      return { handle, size: info.size };
+      return { handle, size: Number(info.size), identity: identityOf(info) };
     } catch (error) {
       await handle.close().catch(() => undefined);
       throw error;
@@ -205,6 +206,59 @@ class FilesystemStore implements SharedStore {
     });
   }
 
+  /**
+   * Compare-and-swap by rename: the object at `key` is renamed aside (of several nodes renaming it,
+   * exactly one moves it), and is then checked to be `version`; if it is not (it was replaced since
+   * it was read), it is put back with link(2) and nothing else happens (false). If it is, `temp` is
+   * published in its place with link(2), which fails when another node created the key in between
+   * (false: that node's object stands); without `temp`, the object is removed (true).
+   */
+  private async swap(key: string, version: string, temp?: string): Promise<boolean> {
+    const path = this.path(key);
+    return guard(`replacing ${key}`, async () => {
+      // Not through a directory that leads elsewhere; and a version that is not there any more (by
+      // inode and modification time) is not moved at all, which keeps the moment without an
+      // object at the key to the rare race.
+      if ((await missingAsUndefined(realpath(dirname(path)))) !== dirname(path)) return false;
+      const info = await missingAsUndefined(lstat(path, { bigint: true }));
+      if (!info?.isFile() || !version.startsWith(`${identityOf(info)}:`)) return false;
+      const aside = this.tempPath();
+      try {
+        await rename(path, aside);
+      } catch (error) {
+        if (codeOf(error) === 'ENOENT') return false;
+        throw error;
+      }
+      try {
+        if ((await this.versionAt(aside)) !== version) {
+          // Another node's object, moved by mistake: back where it was, unless a node created the
+          // key meanwhile (EEXIST: that one stands).
+          await link(aside, path).catch((error: unknown) => {
+            if (codeOf(error) !== 'EEXIST') throw error;
+          });
+          return false;
+        }
+        return temp === undefined ? true : await this.publish(key, temp);
+      } finally {
+        await unlink(aside).catch(() => undefined);
+      }
+    });
+  }
+
+  /** The version of the record file at `path` (in the staging area), as readVersioned gives it. */
+  private async versionAt(path: string): Promise<string | undefined> {
+    // Not a regular file (a symbolic link, a FIFO): not a version anyone read.
+    const handle = await open(path, OPEN_FLAGS).catch(() => undefined);
+    if (!handle) return undefined;
+    try {
+      const info = await handle.stat({ bigint: true });
+      if (!info.isFile() || info.size > BigInt(RECORD_MAX_BYTES)) return undefined;
+      return versionOf(identityOf(info), await readWhole(`read ${path}`, handle, Number(info.size), RECORD_MAX_BYTES));
+    } finally {
+      await handle.close().catch(() => undefined);
+    }
+  }
+
   private tempPath(): string {
     return join(this.root, TMP, randomUUID());
   }
@@ -223,6 +277,31 @@ class FilesystemStore implements SharedStore {
  * opened (a claim rewritten by rename) is still the one at that path. */
 async function openedPath(handle: FileHandle): Promise<string> {
   return (await readlink(`/proc/self/fd/${handle.fd}`)).replace(/ \(deleted\)$/, '');
+}
+
+/** A file's identity for a version: its inode and modification time (a record is replaced by
+ * rename, so a new version is a new inode; an inode number reused later differs in its time). */
+function identityOf(info: BigIntStats): string {
+  return `${info.ino}:${info.mtimeNs}`;
+}
+
+/** A record's version: its file's identity and a hash of its bytes (readVersioned's token). */
+function versionOf(identity: string, body: Buffer): string {
+  return `${identity}:${createHash('sha256').update(body).digest('hex')}`;
+}
+
+/** A record file's bytes, `size` of them as fstat said and at most `maxBytes`: one byte more is
+ * asked for, so that a file that grew since is refused, not read on. */
+async function readWhole(what: string, handle: FileHandle, size: number, maxBytes: number): Promise<Buffer> {
+  const buffer = Buffer.alloc(Math.min(size, maxBytes) + 1);
+  let length = 0;
+  while (length < buffer.length) {
+    const { bytesRead } = await guard(what, () => handle.read(buffer, length, buffer.length - length, length));
+    if (bytesRead === 0) break;
+    length += bytesRead;
+  }
+  if (length > maxBytes) throw new RefusedObject(`${what}: more than a record's ${maxBytes} bytes`);
+  return buffer.subarray(0, length);
 }
 
 function codeOf(error: unknown): string | undefined {

@@ -1,6 +1,7 @@
 // The shared tier on Google Cloud Storage. Creates are conditional on there being no live object
 // (`ifGenerationMatch=0`); large files go up as resumable uploads, which GCS finalizes only with the
-// last chunk, so an object is never visible in part and of several nodes one wins.
+// last chunk, so an object is never visible in part and of several nodes one wins. A record is
+// replaced or removed on condition of its generation (`ifGenerationMatch`).
 
 import { createReadStream } from 'node:fs';
 import { addAbortSignal, Transform, type Readable } from 'node:stream';
@@ -8,7 +9,7 @@ import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
 import type { SharedConfig } from '../../rules/config.js';
 import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
 
@@ -122,29 +123,42 @@ class GcsStore implements SharedStore {
     }
   }
 
-  async writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean> {
-    const preconditionOpts = options?.ifAbsent ? { ifGenerationMatch: 0 } : undefined;
-    try {
-      await this.call(`write ${key}`, () => this.bucket.file(this.config.prefix + key).save(body, { resumable: false, preconditionOpts, contentType: 'application/octet-stream' }), true);
-      return true;
-    } catch (error) {
-      if (options?.ifAbsent && error instanceof SharedStoreError && statusOf(error.cause) === 412) return false;
-      throw error;
-    }
+  async writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean> {
+    return (await this.save(key, body, options)) !== false;
   }
 
   async readRecord(key: string, maxBytes = RECORD_MAX_BYTES): Promise<Buffer | undefined> {
+    return (await this.readVersioned(key, maxBytes))?.body;
+  }
+
+  async readVersioned(key: string, maxBytes = RECORD_MAX_BYTES): Promise<VersionedRecord | undefined> {
     // Sized from its metadata first; the download, pinned to that generation, asks for one byte
     // more than the bound at most (a larger object that replaced it is refused, not read).
     const meta = await this.metadata(key);
     if (!meta) return undefined;
+    const version = String(meta.generation);
     checkRecordSize(`read ${key}`, meta.size, maxBytes);
-    if (meta.size === 0) return Buffer.alloc(0);
-    return this.call(`read ${key}`, () => readBounded(`read ${key}`, this.bucket.file(this.config.prefix + key, { generation: meta.generation }).createReadStream({ start: 0, end: maxBytes, validation: false }), maxBytes));
+    if (meta.size === 0) return { body: Buffer.alloc(0), version };
+    const body = await this.call(`read ${key}`, () => readBounded(`read ${key}`, this.bucket.file(this.config.prefix + key, { generation: meta.generation }).createReadStream({ start: 0, end: maxBytes, validation: false }), maxBytes));
+    return body && { body, version };
   }
 
-  async remove(key: string): Promise<void> {
-    await this.call(`remove ${key}`, () => this.bucket.file(this.config.prefix + key).delete({ ignoreNotFound: true }));
+  async remove(key: string, options?: { readonly ifMatch?: string }): Promise<boolean> {
+    if (options?.ifMatch === undefined) {
+      await this.call(`remove ${key}`, () => this.bucket.file(this.config.prefix + key).delete({ ignoreNotFound: true }));
+      return true;
+    }
+    // GCS honours ifGenerationMatch on a delete, fake-gcs-server v1.56 does not (it deletes any
+    // generation): the condition is put on an overwrite with an empty object, which it honours, and
+    // that object is then deleted on condition of its own generation. Until then a reader finds an
+    // empty record where the removed one was; the tier reads an empty claim as none.
+    const generation = await this.save(key, Buffer.alloc(0), options);
+    if (generation === false) return false;
+    await this.call(`remove ${key}`, () => this.bucket.file(this.config.prefix + key).delete({ ifGenerationMatch: generation, ignoreNotFound: true }), true).catch((error: unknown) => {
+      // Replaced since (a claim taken over): not this removal's to delete.
+      if (!(error instanceof SharedStoreError && statusOf(error.cause) === 412)) throw error;
+    });
+    return true;
   }
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
@@ -161,6 +175,24 @@ class GcsStore implements SharedStore {
 
   async close(): Promise<void> {
     // The library keeps no connections of its own beyond the process's shared agents.
+  }
+
+  /** One record written whole, under its condition: the generation written (undefined when the
+   * answer named none), or false when the condition did not hold (412; 404 for a generation gone). */
+  private async save(key: string, body: Buffer, options?: WriteCondition): Promise<number | undefined | false> {
+    const ifGenerationMatch = options?.ifAbsent ? 0 : options?.ifMatch !== undefined ? Number(options.ifMatch) : undefined;
+    if (ifGenerationMatch !== undefined && !Number.isSafeInteger(ifGenerationMatch)) return false;
+    const file = this.bucket.file(this.config.prefix + key);
+    const preconditionOpts = ifGenerationMatch === undefined ? undefined : { ifGenerationMatch };
+    try {
+      await this.call(`write ${key}`, () => file.save(body, { resumable: false, preconditionOpts, contentType: 'application/octet-stream' }), true);
+    } catch (error) {
+      const status = error instanceof SharedStoreError ? statusOf(error.cause) : undefined;
+      if (ifGenerationMatch !== undefined && (status === 412 || (status === 404 && options?.ifMatch !== undefined && !isMissingBucket(error)))) return false;
+      throw error;
+    }
+    const generation = Number(file.metadata.generation);
+    return Number.isSafeInteger(generation) ? generation : undefined;
   }
 
   private async metadata(key: string): Promise<{ size: number; modified: Date; generation: number } | undefined> {

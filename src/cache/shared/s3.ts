@@ -1,6 +1,7 @@
 // The shared tier on the S3 API (AWS S3 and S3-compatible stores). Creates are conditional on the
 // key being absent (`If-None-Match: *`, on PutObject and on CompleteMultipartUpload), so that of
-// several nodes uploading the same blob exactly one writes it and the rest learn it is there.
+// several nodes uploading the same blob exactly one writes it and the rest learn it is there; a
+// record is replaced or removed on condition of its ETag (`If-Match` on PutObject and DeleteObject).
 
 import { createReadStream } from 'node:fs';
 import { addAbortSignal, type Readable } from 'node:stream';
@@ -17,7 +18,7 @@ import {
 import { Upload } from '@aws-sdk/lib-storage';
 import type { SharedConfig } from '../../rules/config.js';
 import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore } from './store.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
 
@@ -105,35 +106,50 @@ class S3Store implements SharedStore {
     }
   }
 
-  async writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean> {
-    const put = new PutObjectCommand({ ...this.at(key), Body: body, IfNoneMatch: options?.ifAbsent ? '*' : undefined });
+  async writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean> {
+    const put = new PutObjectCommand({ ...this.at(key), Body: body, IfNoneMatch: options?.ifAbsent ? '*' : undefined, IfMatch: options?.ifMatch });
     try {
       await this.call(`write ${key}`, (abortSignal) => this.client.send(put, { abortSignal }), undefined, true);
       return true;
     } catch (error) {
-      if (options?.ifAbsent && error instanceof SharedStoreError && isConditionFailure(error.cause)) return false;
+      if ((options?.ifAbsent || options?.ifMatch !== undefined) && error instanceof SharedStoreError && isConditionFailure(error.cause)) return false;
+      // If-Match on a key that is gone: 404 NoSuchKey (not NoSuchBucket, a configuration error).
+      if (options?.ifMatch !== undefined && error instanceof SharedStoreError && isMissing(error.cause)) return false;
       throw error;
     }
   }
 
   async readRecord(key: string, maxBytes = RECORD_MAX_BYTES): Promise<Buffer | undefined> {
+    return (await this.readVersioned(key, maxBytes))?.body;
+  }
+
+  async readVersioned(key: string, maxBytes = RECORD_MAX_BYTES): Promise<VersionedRecord | undefined> {
     return this.call(`read ${key}`, async (abortSignal) => {
       const got = await this.client.send(new GetObjectCommand(this.at(key)), { abortSignal });
+      const version = got.ETag ?? '';
       const body = got.Body as Readable | undefined;
-      if (!body) return Buffer.alloc(0);
+      if (!body) return { body: Buffer.alloc(0), version };
       try {
         checkRecordSize(`read ${key}`, got.ContentLength, maxBytes);
       } catch (error) {
         body.destroy();
         throw error;
       }
-      return readBounded(`read ${key}`, body, maxBytes);
+      return { body: await readBounded(`read ${key}`, body, maxBytes), version };
     });
   }
 
-  async remove(key: string): Promise<void> {
-    // DeleteObject succeeds for a missing key.
-    await this.call(`remove ${key}`, (abortSignal) => this.client.send(new DeleteObjectCommand(this.at(key)), { abortSignal }));
+  async remove(key: string, options?: { readonly ifMatch?: string }): Promise<boolean> {
+    // DeleteObject succeeds for a missing key, If-Match or not; with If-Match it answers 412 for
+    // another version (versitygw v1.8.0 honours If-Match on DeleteObject as on PutObject).
+    const command = new DeleteObjectCommand({ ...this.at(key), IfMatch: options?.ifMatch });
+    try {
+      await this.call(`remove ${key}`, (abortSignal) => this.client.send(command, { abortSignal }), undefined, options?.ifMatch !== undefined);
+      return true;
+    } catch (error) {
+      if (options?.ifMatch !== undefined && error instanceof SharedStoreError && (isConditionFailure(error.cause) || isMissing(error.cause))) return false;
+      throw error;
+    }
   }
 
   async *list(prefix: string): AsyncIterable<SharedListing> {

@@ -57,6 +57,16 @@ export interface ByteSpan {
   readonly end: number;
 }
 
+/** When a record write happens: `ifAbsent`, only where no object is; `ifMatch`, only over that
+ * version of the object (readVersioned's). Not both. */
+export type WriteCondition = { readonly ifAbsent?: boolean; readonly ifMatch?: undefined } | { readonly ifAbsent?: undefined; readonly ifMatch?: string };
+
+export interface VersionedRecord {
+  readonly body: Buffer;
+  /** Opaque; meaningful only to the store that gave it, for the same key. */
+  readonly version: string;
+}
+
 export interface SharedStore {
   readonly kind: 's3' | 'azure' | 'gcs' | 'filesystem';
   /** Where the store is, for logs and /status: bucket/container and endpoint, never a credential. */
@@ -72,14 +82,23 @@ export interface SharedStore {
   createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'>;
   /** Writes a small record. With `ifAbsent`, only when no object has the key (the store's own
    * conditional write: S3 `If-None-Match: *`, Azure `If-None-Match: *`, GCS `ifGenerationMatch=0`,
-   * an exclusive create on a filesystem): true when written, false when one was there. */
-  writeRecord(key: string, body: Buffer, options?: { readonly ifAbsent?: boolean }): Promise<boolean>;
+   * an exclusive create on a filesystem); with `ifMatch`, only when the object at the key is still
+   * the version readVersioned gave (S3 and Azure `If-Match` on its ETag, GCS `ifGenerationMatch` on
+   * its generation, a compare-and-rename on a filesystem): true when written, false when the
+   * condition did not hold (nothing written). */
+  writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean>;
   /** A small record's bytes, or undefined when there is none. An object larger than `maxBytes`
    * (RECORD_MAX_BYTES when not given) is refused (RefusedObject) from its size before its bytes are
    * read, and the read itself stops past `maxBytes` (an object that grows, or a size that lied). */
   readRecord(key: string, maxBytes?: number): Promise<Buffer | undefined>;
-  /** Deletes the object; one that is not there is not an error. */
-  remove(key: string): Promise<void>;
+  /** readRecord, with the version of the object read: the store's own (an ETag, a GCS generation; on
+   * a filesystem the file's inode, modification time and a hash of its bytes), for a write or
+   * remove conditional on nobody having replaced it since (`ifMatch`). */
+  readVersioned(key: string, maxBytes?: number): Promise<VersionedRecord | undefined>;
+  /** Deletes the object; one that is not there is not an error (true). With `ifMatch`, only while it
+   * is still that version: true when removed, false when another version is there (nothing removed);
+   * for one that is gone, either (S3 answers a conditional DeleteObject of a missing key with 204). */
+  remove(key: string, options?: { readonly ifMatch?: string }): Promise<boolean>;
   /** Every object whose key starts with `prefix` (relative, like every key), in pages. */
   list(prefix: string): AsyncIterable<SharedListing>;
   /** Releases connections (agents, clients). */

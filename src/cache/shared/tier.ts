@@ -28,6 +28,8 @@ const RETRY_MS = 5_000;
  * reconnection stays open for the calls still using it (an upload of a large blob). */
 const CREDENTIALS_CHECK_MS = 10_000;
 const RETIRED_STORE_CLOSE_MS = 30 * 60_000;
+/** How many rounds of create, read and takeover a claim is tried while it changes under this node. */
+const CLAIM_ATTEMPTS = 3;
 /** How often a node waiting for another's fill looks for the blob. */
 const WAIT_POLL_MS = 500;
 /** A tag this node confirmed upstream is written again at most this often when its digest is unchanged. */
@@ -264,17 +266,25 @@ export class SharedTier {
    * Claims the filling of a blob for this node with the store's own conditional create: 'ours' when
    * this node should fetch it from the upstream (and upload it), 'theirs' when another node's fresh
    * claim stands (wait for the blob: waitForBlob), 'ours' also when the tier is down (nothing to
-   * wait for). A claim older than fillWaitSeconds is a filler that died: it is taken over.
+   * wait for). A claim older than fillWaitSeconds is a filler that died: it is taken over with a
+   * write conditional on the version of it that was read, so that of several nodes finding it stale
+   * exactly one takes it; the others then find that one's fresh claim. 'theirs' too when the claim
+   * kept changing under this node for CLAIM_ATTEMPTS rounds (waitForBlob then decides).
    */
   async claim(digest: string): Promise<'ours' | 'theirs'> {
     const key = sharedKeys.claim(digest);
-    const created = await this.call('claim', undefined, (store) => store.writeRecord(key, this.claimRecord(key), { ifAbsent: true }));
-    if (created !== false) return 'ours';
-    const claim = await this.readClaim(digest);
-    if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
-    // Stale (its filler died, or it is unreadable): this node takes over, overwriting it.
-    await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key)));
-    return 'ours';
+    for (let attempt = 0; attempt < CLAIM_ATTEMPTS; attempt++) {
+      const created = await this.call('claim', undefined, (store) => store.writeRecord(key, this.claimRecord(key), { ifAbsent: true }));
+      if (created !== false) return 'ours';
+      const found = await this.readClaim(digest);
+      // Released since (or the tier failed: the next create is skipped and answers 'ours').
+      if (found === undefined) continue;
+      const { claim, version } = found;
+      if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
+      // Stale (its filler died), or unreadable: taken over if it is still the claim read.
+      if (await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key), { ifMatch: version }))) return 'ours';
+    }
+    return 'theirs';
   }
 
   /** Removes a blob whose shared copy hashed wrong, so that the next upstream fill shares it again. */
@@ -282,24 +292,31 @@ export class SharedTier {
     await this.call('remove', undefined, (store) => store.remove(sharedKeys.blob(digest)));
   }
 
-  /** Ends this node's claim (the blob is uploaded, or the fill failed); a claim another node took
-   * over meanwhile (this one went stale) is left to it. */
+  /** Ends this node's claim (the blob is uploaded, or the fill failed): removed on condition that it
+   * is still the claim read, so that a claim another node took over meanwhile (this one went stale)
+   * is left to it, even when it is taken over between the read and the removal. */
   async release(digest: string): Promise<void> {
-    const claim = await this.readClaim(digest);
-    if (claim && claim.node !== this.nodeName) return;
-    await this.call('claim', undefined, (store) => store.remove(sharedKeys.claim(digest)));
+    const found = await this.readClaim(digest);
+    if (!found || (found.claim && found.claim.node !== this.nodeName)) return;
+    await this.call('claim', undefined, (store) => store.remove(sharedKeys.claim(digest), { ifMatch: found.version }));
   }
 
   /**
    * Keeps this node's claim fresh while `progressed()` says its fill moves on (called every third of
    * fillWaitSeconds): a fetch that takes longer than fillWaitSeconds keeps the others waiting for it
-   * rather than all fetching too, and one that stalls goes stale and is taken over. Returns the stop.
+   * rather than all fetching too, and one that stalls goes stale and is taken over. Only this node's
+   * own claim is rewritten, on condition of the version read: one taken over meanwhile stays the
+   * other node's. Returns the stop.
    */
   keepClaim(digest: string, progressed: () => boolean): () => void {
     const key = sharedKeys.claim(digest);
+    const renew = async () => {
+      const found = await this.readClaim(digest);
+      if (found?.claim?.node !== this.nodeName) return;
+      await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key), { ifMatch: found.version }));
+    };
     const timer = setInterval(() => {
-      if (!progressed()) return;
-      void this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key)));
+      if (progressed()) void renew();
     }, (this.settings.fillWaitSeconds * 1000) / 3);
     timer.unref();
     return () => clearInterval(timer);
@@ -321,8 +338,9 @@ export class SharedTier {
       }
       const size = await this.blobSize(digest);
       if (size !== undefined) return size;
-      const claim = await this.readClaim(digest);
-      if (claim === undefined) return await this.blobSize(digest);
+      const found = await this.readClaim(digest);
+      if (found === undefined) return await this.blobSize(digest);
+      const { claim } = found;
       if (claim === null || !claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return undefined;
       await new Promise((resolve) => setTimeout(resolve, WAIT_POLL_MS));
     }
@@ -334,14 +352,17 @@ export class SharedTier {
     return sealRecord(this.recordKey, key, Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim)));
   }
 
-  /** The blob's claim: undefined when there is none (or the tier is down), null when it is
-   * unreadable or not authentic (taken over as a stale one is). */
-  private async readClaim(digest: string): Promise<SharedClaim | null | undefined> {
+  /** The blob's claim and the store's version of it: undefined when there is none (or the tier is
+   * down), claim null when it is unreadable, not authentic, or empty (a GCS removal under way:
+   * gcs.ts), all taken over as a stale one is. */
+  private async readClaim(digest: string): Promise<{ claim: SharedClaim | null; version: string } | undefined> {
     const key = sharedKeys.claim(digest);
-    const body = await this.call('record-read', undefined, (store) => store.readRecord(key));
-    if (body === undefined) return undefined;
+    const found = await this.call('record-read', undefined, (store) => store.readVersioned(key));
+    if (found === undefined) return undefined;
+    const { body, version } = found;
+    if (body.length === 0) return { claim: null, version };
     const opened = this.authentic(key, body);
-    return opened === undefined ? null : (this.parsed(key, parseClaim(opened.toString('utf8'))) ?? null);
+    return { claim: opened === undefined ? null : (this.parsed(key, parseClaim(opened.toString('utf8'))) ?? null), version };
   }
 
   /** A record's payload: undefined when there is none, the tier is down, or it is refused (too large,
