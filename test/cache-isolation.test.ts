@@ -9,7 +9,7 @@ import { mkdtempSync, readdirSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { listen, type RunningServer } from '../src/shell/serve.js';
-import { rawRequest, type RawResponse } from './support/http.js';
+import { errorCode, rawRequest, type RawResponse } from './support/http.js';
 import { buildImage, sha256, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
 import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
@@ -24,7 +24,6 @@ const filesWith = (root: string, part: string) =>
     .filter((e) => e.isFile())
     .map((e) => join(e.parentPath, e.name))
     .filter((path) => path.includes(part));
-const errorCode = (r: RawResponse) => ((JSON.parse(r.body.toString()) as { errors: Array<{ code: string }> }).errors[0] ?? { code: '' }).code;
 
 describe('node cache isolation against real registries', function () {
   this.timeout(120_000);

@@ -13,11 +13,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runCli, startCli } from './support/cli.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
-import { rawRequest, slowUpstream } from './support/http.js';
+import { errorCode, rawRequest, slowUpstream } from './support/http.js';
 import { buildImage, sha256, type TestImage } from './support/oci.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
 import { freePort } from './support/procs.js';
-import { startRegistry, type RegistryHandle } from './support/registry.js';
+import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
 
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
@@ -342,6 +342,32 @@ describe('the node cache', function () {
         assert.ok(answer.body.equals(manifest.data));
       }
       assert.equal(await manifestAsks(upstream, 'team/app', manifest.digest), 1, 'one upstream GET for eight concurrent requests');
+    });
+
+    it("pass on a token endpoint's refusal (400) once tagTTLSeconds passed, never the last digest: only an outage is bridged", async () => {
+      const upstream = await startRegistry({ accessLog: true, auth: 'token' });
+      cleanups.push(() => upstream.stop());
+      const image = buildImage({ platforms: AMD64 });
+      await upstream.push(image, 'team/app', '1');
+      const issuer = upstream.issuer!;
+      // Tokens that the proxy must ask again for at once: the next tag check goes to the endpoint.
+      issuer.expiresIn = 1;
+      const dir = mkdtempSync(join(tmpdir(), 'pullbridge-token-'));
+      writeFileSync(join(dir, 'password'), DEFAULT_USERS.puller);
+      const [user] = Object.keys(DEFAULT_USERS);
+      const p = await cachedProxy(upstream, { tagTTLSeconds: 1 }, { credentials: { username: user, passwordFile: join(dir, 'password') }, auth: { mode: 'broker', tokenRealms: [new URL(issuer.realm).origin] } });
+      await pullImage(p, 'team/app', '1', image);
+      issuer.refuseWith = 400;
+      await new Promise((r) => setTimeout(r, 1100)); // the TTL and the token pass
+      const answer = await rawRequest(p.url, '/v2/corp/team/app/manifests/1', { headers: { ...asShop(p), accept: OCI_INDEX } });
+      assert.equal(answer.status, 502, answer.body.toString());
+      assert.equal(answer.headers.warning, undefined, 'not served stale');
+      assert.equal(errorCode(answer), 'DENIED');
+      // An outage of the endpoint is bridged, as before.
+      issuer.refuseWith = 503;
+      const bridged = await rawRequest(p.url, '/v2/corp/team/app/manifests/1', { headers: { ...asShop(p), accept: OCI_INDEX } });
+      assert.equal(bridged.status, 200);
+      assert.match(String(bridged.headers.warning), /^110 /);
     });
 
     it('see a retag once tagTTLSeconds passed', async () => {

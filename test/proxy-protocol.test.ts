@@ -7,7 +7,7 @@ import net from 'node:net';
 import { mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { rawRequest, type RawResponse } from './support/http.js';
+import { errorCode, rawRequest, type RawResponse } from './support/http.js';
 import { buildImage, sha256, type TestImage } from './support/oci.js';
 import { freePort } from './support/procs.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -17,7 +17,6 @@ const [USER, PASSWORD] = Object.entries(DEFAULT_USERS)[0] as [string, string];
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 const OCI_MANIFEST = 'application/vnd.oci.image.manifest.v1+json';
 
-const errorCode = (r: RawResponse): string | undefined => (JSON.parse(r.body.toString()) as { errors: Array<{ code: string }> }).errors[0]?.code;
 
 describe('proxy registry protocol against a real registry', function () {
   this.timeout(120_000);

@@ -240,6 +240,8 @@ async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
 function failureOf(error: Error): ContentError {
   if (error instanceof UpstreamAuthError) {
     if (error.kind === 'rejected') return new ContentError('unauthorized', error.message, { status: 401, note: error.message });
+    // An answer, not an outage: never bridged with what the cache holds.
+    if (error.kind === 'refused') return new ContentError('refused', `upstream authentication failed: ${error.message}`, { status: 502, note: error.message });
     return new ContentError('unavailable', `upstream authentication failed: ${error.message}`, { status: 502, note: error.message });
   }
   const code = (error as { code?: string }).code ?? '';

@@ -21,8 +21,10 @@ const basicAuthorization = (c: UpstreamCredentials): string => `Basic ${Buffer.f
 export class UpstreamAuthError extends Error {
   constructor(
     message: string,
-    /** 'rejected': the credentials were refused; 'unavailable': the token endpoint could not be used. */
-    readonly kind: 'rejected' | 'unavailable',
+    /** 'rejected': the credentials were refused; 'refused': the token endpoint answered no otherwise
+     * (another 4xx: a scope it will not grant, a repository it does not know); 'unavailable': the
+     * token endpoint could not be used (unreachable, 5xx, 429, a malformed answer). */
+    readonly kind: 'rejected' | 'refused' | 'unavailable',
   ) {
     super(message);
   }
@@ -224,6 +226,7 @@ export class Authorizer {
       throw new UpstreamAuthError(`token endpoint ${url.origin} unreachable: ${(error as Error).message}`, 'unavailable');
     }
     if (statusCode === 401 || statusCode === 403) throw new UpstreamAuthError(`token endpoint refused the credentials (${statusCode})`, 'rejected');
+    if (statusCode >= 400 && statusCode < 500 && statusCode !== 429) throw new UpstreamAuthError(`token endpoint answered ${statusCode}`, 'refused');
     if (statusCode !== 200) throw new UpstreamAuthError(`token endpoint answered ${statusCode}`, 'unavailable');
     let body: { token?: unknown; access_token?: unknown; expires_in?: unknown };
     try {

@@ -90,3 +90,12 @@ export function slowUpstream(body: Buffer, options: SlowUpstreamOptions): Promis
     { host: '127.0.0.1', port: 0 },
   );
 }
+
+/** The code of a registry error document's first error ('' when there is none). */
+export function errorCode(response: RawResponse): string {
+  try {
+    return ((JSON.parse(response.body.toString()) as { errors?: Array<{ code?: string }> }).errors?.[0]?.code) ?? '';
+  } catch {
+    return '';
+  }
+}

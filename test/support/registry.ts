@@ -50,6 +50,9 @@ export interface TokenIssuer {
   expiresIn: number;
   /** Lifetime written into the JWT itself; shorter than expiresIn simulates a revoked token. */
   jwtLifetime: number | undefined;
+  /** When set, every token request is answered with this status and a JSON error instead (a token
+   * endpoint refusing a scope: 400, 404, …). */
+  refuseWith: number | undefined;
 }
 
 export interface RegistryHandle {
@@ -103,7 +106,7 @@ async function startTokenIssuer(signing: CertificateBundle, service: string, use
   const kid = libtrustKeyId(signing.caCert);
   const key = createPrivateKey(signing.caKey);
   const requests: TokenIssuer['requests'] = [];
-  const issuer: { expiresIn: number; jwtLifetime: number | undefined } = { expiresIn: 300, jwtLifetime: undefined };
+  const issuer: { expiresIn: number; jwtLifetime: number | undefined; refuseWith: number | undefined } = { expiresIn: 300, jwtLifetime: undefined, refuseWith: undefined };
   const server = await listen(
     (req, res) => {
       const url = new URL(req.url ?? '/', 'http://127.0.0.1');
@@ -119,6 +122,10 @@ async function startTokenIssuer(signing: CertificateBundle, service: string, use
       }
       const scope = url.searchParams.get('scope');
       requests.push({ service: url.searchParams.get('service'), scope, user });
+      if (issuer.refuseWith !== undefined) {
+        res.writeHead(issuer.refuseWith, { 'content-type': 'application/json' }).end('{"details":"refused"}');
+        return;
+      }
       const access = [];
       if (scope && user) {
         const [type, name, actions] = scope.split(':');
