@@ -32,6 +32,7 @@ Usage:
                      [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
+                     [--credential-mirror SECRET --credential-sources FILE]
   pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
                      (on a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
                       every --probe-interval that its own address is answered by itself: a NodePort Service
@@ -182,12 +183,17 @@ async function cmdWebhook(args: string[]): Promise<number> {
       'client-ca': { type: 'string' },
       'client-name': { type: 'string', multiple: true },
       'metrics-port': { type: 'string' },
+      'credential-mirror': { type: 'string' },
+      'credential-sources': { type: 'string' },
     },
     strict: true,
   });
   const configPath = requireOption(values.config, '--config');
   const config = loadConfigOrExit(configPath);
   const port = parsePort(values.port, '--port');
+  const mirrorSecret = values['credential-mirror'];
+  const credentialSources = values['credential-sources'];
+  if ((mirrorSecret === undefined) !== (credentialSources === undefined)) throw new UsageError('--credential-mirror and --credential-sources go together');
   const certFile = values['tls-cert'];
   const keyFile = values['tls-key'];
   if ((certFile === undefined) !== (keyFile === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
@@ -220,6 +226,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     pullSecretFailure: failure,
     ...(clientCa ? { clientAuth: { caFile: clientCa, ...(clientNames ? { allowedNames: clientNames } : {}) } } : {}),
     ...(metricsPort !== undefined ? { metricsPort } : {}),
+    ...(mirrorSecret && credentialSources ? { credentialMirror: { secret: mirrorSecret, sourcesPath: credentialSources, namespace } } : {}),
   });
   onTermination(() => run.shutdown());
   return -1; // keeps running

@@ -10,7 +10,9 @@ import { parseConfig } from '../src/rules/config.js';
 import { rawRequest } from './support/http.js';
 import { buildImage } from './support/oci.js';
 import { startProxy } from './support/proxy.js';
-import { startRegistry, type RegistryHandle } from './support/registry.js';
+import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
+import { startCli } from './support/cli.js';
+import { freePort } from './support/procs.js';
 
 describe('proxy live configuration', function () {
   this.timeout(60_000);
@@ -54,6 +56,40 @@ describe('proxy live configuration', function () {
       assert.match(metrics, /pullbridge_config_last_reload_ok 0/);
     } finally {
       await proxy.shutdown();
+    }
+  });
+
+  it('takes up a config naming credential files that appear only later (kubelet updates the ConfigMap and Secret volumes in no order): retried until they are there', async () => {
+    const privateRegistry = await startRegistry({ auth: 'basic' });
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-reload-files-'));
+    const path = join(dir, 'config.yaml');
+    const open = `  - {name: open, match: [open.example], upstream: "${registry.url}", auth: {mode: anonymous}}\n`;
+    const credentials = join(dir, 'credentials');
+    const withPrivate = `${open}  - {name: private, match: [private.example], upstream: "${privateRegistry.url}", auth: {mode: anonymous}, repositories: {include: ["team/**"]}, credentials: {usernameFile: ${credentials}/private.username, passwordFile: ${credentials}/private.password}}\n`;
+    writeFileSync(path, `registries:\n${open}`);
+    const port = await freePort();
+    const proxy = await startCli(['proxy', '--config', path, '--port', String(port), '--host', '127.0.0.1', '--probe-interval', '3600'], /proxy listening/);
+    const status = async (rule: string) => (await fetch(`http://127.0.0.1:${port}/v2/${rule}/team/app/manifests/1.0`, { headers: { accept: 'application/vnd.oci.image.index.v1+json' } })).status;
+    try {
+      const [user, password] = Object.entries(DEFAULT_USERS)[0] ?? [];
+      await privateRegistry.push(buildImage(), 'team/app', '1.0');
+      assert.equal(await status('private'), 404);
+      // The ConfigMap first: the new rule's credential files are not there yet.
+      writeFileSync(path, `registries:\n${withPrivate}`);
+      await proxy.waitForOutput((output) => /config change rejected/.test(output));
+      assert.match(proxy.output(), /private\.password/);
+      assert.equal(await status('open'), 200, 'the last good config serves meanwhile');
+      assert.equal(await status('private'), 404);
+      // Then the Secret: the same config, unchanged, is taken up at a later poll.
+      mkdirSync(credentials);
+      writeFileSync(join(credentials, 'private.username'), `${user}\n`);
+      writeFileSync(join(credentials, 'private.password'), `${password}\n`);
+      await proxy.waitForOutput((output) => /config change applied/.test(output));
+      assert.equal(await status('private'), 200);
+      assert.equal(proxy.output().match(/config change rejected/g)?.length, 1, 'reported once, not at every retry');
+    } finally {
+      proxy.child.kill('SIGTERM');
+      await privateRegistry.stop();
     }
   });
 

@@ -47,7 +47,10 @@ const httpUrl = (what: string, withPath = false) =>
     if (withPath ? url.search || url.hash : (url.pathname !== '/' && url.pathname !== '') || url.search || url.hash) {
       ctx.addIssue({ code: 'custom', message: withPath ? `${what} must be scheme://host[:port][/path] only, without query or fragment` : `${what} must be scheme://host[:port] only, without path, query or fragment` });
     }
-  });
+  })
+  // The shape a JSON Schema can state (values.schema.json): looser than the checks above, never stricter.
+  // new URL() skips leading spaces and control characters and takes the scheme in any case.
+  .meta({ pattern: '^[\\x00-\\x20]*[Hh][Tt][Tt][Pp][Ss]?:' });
 
 const globList = z.array(z.string().min(1, 'must not be empty')).default([]);
 const filterSchema = z.strictObject({ include: globList, exclude: globList });
@@ -227,7 +230,7 @@ const cacheSchema = z.strictObject({
   shared: sharedSchema.optional(),
 });
 
-const configSchema = z.strictObject({
+export const configSchema = z.strictObject({
   proxy: z
     .strictObject({
       host: z.string().regex(REGISTRY_HOST, 'must be a host name or address').refine((h) => !h.includes(':') || h.startsWith('['), 'must not include a port; use proxy.port').default('localhost'),

@@ -1,7 +1,8 @@
 // Live configuration from the mounted ConfigMap file. Polled rather than watched: kubelet updates a
 // ConfigMap volume by renaming a new `..data` symlink over the old one (config.yaml links to
 // ..data/config.yaml and never changes itself), which a watch on the file misses; each poll reads the
-// path afresh, following both links, and compares contents. Polling a small file is cheap. An invalid change is rejected loudly and the last good config stays in force.
+// path afresh, following both links, and compares contents. Polling a small file is cheap. An invalid change is rejected loudly and the last good config stays in force; a valid one whose
+// files are not there yet is tried again at every poll until they are.
 
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -26,6 +27,9 @@ export class ConfigWatcher {
   private config: Config;
   private lastHash: string;
   private timer: NodeJS.Timeout | undefined;
+  /** A valid config that could not be taken up yet (a file it names is not there): tried again at
+   * every poll, since kubelet updates the ConfigMap and the Secret volumes in no guaranteed order. */
+  private waitingHash: string | undefined;
   private readonly reloads: Counter<'result'>;
   private readonly healthy: Gauge;
 
@@ -75,17 +79,27 @@ export class ConfigWatcher {
     const text = this.readText();
     if (text === undefined) return 'unchanged'; // mid-swap or briefly missing: keep what runs
     const hash = this.hashOf(text);
-    if (hash === this.lastHash) return 'unchanged';
+    const retry = hash === this.waitingHash;
+    if (hash === this.lastHash && !retry) return 'unchanged';
     this.lastHash = hash;
+    this.waitingHash = undefined;
     const result = parseConfig(text);
-    // Everything the new config needs is loaded before it is taken up: a missing file keeps the old one.
-    const errors: readonly ConfigError[] = result.ok ? (this.options.loadErrors?.(result.config) ?? []) : result.errors;
-    if (!result.ok || errors.length > 0) return this.reject(`\n${formatConfigErrors(errors)}`, { errors });
-    try {
-      this.options.onApplied?.(result.config);
-    } catch (error) {
-      // The component could not take the config up (e.g. a CA file that is not there yet).
-      return this.reject(` ${(error as Error).message}`, { error: (error as Error).message });
+    if (!result.ok) return this.reject(`\n${formatConfigErrors(result.errors)}`, { errors: result.errors });
+    // Everything the new config needs is loaded before it is taken up: a missing file keeps the old
+    // one, and the new one is tried again at the next poll (reported once, not at every try).
+    const errors: readonly ConfigError[] = this.options.loadErrors?.(result.config) ?? [];
+    let failure = errors.length > 0 ? `\n${formatConfigErrors(errors)}` : undefined;
+    if (failure === undefined) {
+      try {
+        this.options.onApplied?.(result.config);
+      } catch (error) {
+        // The component could not take the config up (e.g. a CA file that is not there yet).
+        failure = ` ${(error as Error).message}`;
+      }
+    }
+    if (failure !== undefined) {
+      this.waitingHash = hash;
+      return retry ? 'rejected' : this.reject(failure, errors.length > 0 ? { errors } : { error: failure.trim() });
     }
     this.config = result.config;
     this.reloads.inc({ result: 'applied' });

@@ -45,6 +45,9 @@ export interface WebhookRunOptions {
   readonly clientAuth?: { readonly caFile: string; readonly allowedNames?: readonly string[] };
   /** Also serve GET /metrics over plain HTTP on this port (same host), for Prometheus. */
   readonly metricsPort?: number;
+  /** With API access: copy the upstream credentials of rules with a credentialsSecret into this
+   * Secret, which the proxies mount (see k8s/credentialmirror.ts). */
+  readonly credentialMirror?: { readonly secret: string; readonly sourcesPath: string; readonly namespace: string };
   /** Where logs and audit records go; stdout when absent. */
   readonly logger?: Logger;
 }
@@ -105,6 +108,13 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
       reconcile = () => reconciler.reconcile();
       stops.push(() => reconciler.stop(), () => watch.stop());
+    }
+    if (options.credentialMirror) {
+      const { CredentialMirror } = await import('../k8s/credentialmirror.js');
+      const { secret, sourcesPath, namespace } = options.credentialMirror;
+      const mirror = new CredentialMirror({ core: k8s.core, kubeConfig: k8s.config, namespace, mirror: secret, sourcesPath, logger });
+      mirror.start();
+      stops.push(() => mirror.stop());
     }
     const target = options.configMap;
     if (target) onRejected = (message) => void recordWarning(k8s.core, logger, { kind: 'ConfigMap', ...target }, 'InvalidConfig', message, 'pullbridge-webhook');

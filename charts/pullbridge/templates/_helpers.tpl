@@ -71,17 +71,23 @@ registries:
   - name: {{ .name }}
     match: {{ .match | toJson }}
     upstream: {{ .upstream }}
-    auth: {mode: {{ (.auth | default dict).mode | default "broker" }}}
+    auth: {{ mergeOverwrite (dict "mode" "broker") (.auth | default dict) | toJson }}
     {{- with .repositories }}
     repositories: {{ . | toJson }}
     {{- end }}
     {{- with .namespaces }}
     namespaces: {{ . | toJson }}
     {{- end }}
-    {{- if or .credentials .credentialsSecret }}
+    {{- /* Two Secrets the proxy Pods always mount whole, so that no rule changes their template:
+         the chart's (inline credentials) and the webhook's copy of each credentialsSecret. */}}
+    {{- if .credentialsSecret }}
     credentials:
-      usernameFile: /etc/pullbridge/credentials/{{ .name }}/username
-      passwordFile: /etc/pullbridge/credentials/{{ .name }}/password
+      usernameFile: /etc/pullbridge/credentials-mirror/{{ .name }}.username
+      passwordFile: /etc/pullbridge/credentials-mirror/{{ .name }}.password
+    {{- else if .credentials }}
+    credentials:
+      usernameFile: /etc/pullbridge/credentials/{{ .name }}.username
+      passwordFile: /etc/pullbridge/credentials/{{ .name }}.password
     {{- end }}
     {{- if or .caBundle .insecureSkipVerify }}
     tls:
@@ -102,30 +108,33 @@ registries:
     {{- with .revalidate }}
     revalidate: {{ . }}
     {{- end }}
+    {{- with .redirects }}
+    redirects: {{ . | toJson }}
+    {{- end }}
+    {{- if eq (toString .verifyBlobDigests) "false" }}
+    verifyBlobDigests: false
+    {{- end }}
 {{- end }}
 {{- if not .Values.registries }} []{{ end }}
 {{- end -}}
 
-{{/* Volumes with the upstream credentials of every rule that has some. */}}
-{{- define "pullbridge.credentialVolumes" -}}
-{{- $root := . -}}
-{{- range .Values.registries }}
-{{- if or .credentials .credentialsSecret }}
-- name: cred-{{ .name }}
-  secret:
-    secretName: {{ .credentialsSecret | default (printf "%s-cred-%s" (include "pullbridge.fullname" $root) .name) }}
-{{- end }}
-{{- end }}
+{{/* The Secrets with the rules' upstream credentials: the chart's, and the mirror the webhook
+     keeps of the credentialsSecret each rule names (a Pod can mount only Secrets its template names). */}}
+{{- define "pullbridge.credentialsSecret" -}}
+{{ include "pullbridge.fullname" . }}-upstream-credentials
 {{- end -}}
 
-{{- define "pullbridge.credentialMounts" -}}
+{{- define "pullbridge.credentialsMirrorSecret" -}}
+{{ include "pullbridge.fullname" . }}-upstream-credentials-mirror
+{{- end -}}
+
+{{/* credentialsSecret of each rule that has one, as the webhook reads it: rule name -> Secret name. */}}
+{{- define "pullbridge.credentialSources" -}}
+{{- $sources := dict -}}
 {{- range .Values.registries }}
-{{- if or .credentials .credentialsSecret }}
-- name: cred-{{ .name }}
-  mountPath: /etc/pullbridge/credentials/{{ .name }}
-  readOnly: true
+{{- if .credentialsSecret }}{{ $_ := set $sources .name .credentialsSecret }}{{ end }}
 {{- end }}
-{{- end }}
+{{- toJson $sources -}}
 {{- end -}}
 
 {{/* The shared cache tier (cache.shared): the selected backend, "" when off, after checking the

@@ -1,0 +1,179 @@
+// Keeps the proxies' mirror Secret equal to planMirror(credential sources, their Secrets): reconciled
+// when the sources file changes (the ConfigMap, updated in place), when a source Secret changes (a
+// watch per Secret, by name: the Role grants only those names), and every minute besides.
+
+import { readFileSync } from 'node:fs';
+import { Watch, type CoreV1Api, type KubeConfig, type V1Secret } from '@kubernetes/client-node';
+import type { Logger } from '../log.js';
+import { parseCredentialSources, planMirror, sameData, type SourceData } from '../rules/credentialmirror.js';
+import { apiMessage, apiStatus } from './client.js';
+
+export interface CredentialMirrorOptions {
+  readonly core: CoreV1Api;
+  readonly kubeConfig: KubeConfig;
+  readonly namespace: string;
+  /** The Secret the proxies mount (the chart creates it). */
+  readonly mirror: string;
+  /** The chart's credential-sources.json (rule -> Secret), a mounted ConfigMap file. */
+  readonly sourcesPath: string;
+  readonly logger: Logger;
+  readonly resyncMs?: number;
+  readonly pollMs?: number;
+}
+
+export type MirrorOutcome = 'updated' | 'unchanged' | 'failed';
+
+export class CredentialMirror {
+  private sourcesText: string | undefined;
+  private sources: ReadonlyMap<string, string> = new Map();
+  private readonly watches = new Map<string, { stop(): void }>();
+  private readonly timers: NodeJS.Timeout[] = [];
+  private running: Promise<MirrorOutcome> | undefined;
+  private pending = false;
+  private stopped = false;
+  private reported = '';
+
+  constructor(private readonly options: CredentialMirrorOptions) {}
+
+  start(): void {
+    void this.reconcile();
+    const poll = setInterval(() => {
+      if (this.readSources()) void this.reconcile();
+    }, this.options.pollMs ?? 2000);
+    const resync = setInterval(() => void this.reconcile(), this.options.resyncMs ?? 60_000);
+    for (const timer of [poll, resync]) timer.unref();
+    this.timers.push(poll, resync);
+  }
+
+  stop(): void {
+    this.stopped = true;
+    for (const timer of this.timers) clearInterval(timer);
+    for (const watch of this.watches.values()) watch.stop();
+    this.watches.clear();
+  }
+
+  /** One reconcile; concurrent calls coalesce into one more run after the current one. */
+  reconcile(): Promise<MirrorOutcome> {
+    if (this.stopped) return Promise.resolve('unchanged');
+    if (this.running) {
+      this.pending = true;
+      return this.running;
+    }
+    this.running = this.reconcileOnce().finally(() => {
+      this.running = undefined;
+      if (this.pending && !this.stopped) {
+        this.pending = false;
+        void this.reconcile();
+      }
+    });
+    return this.running;
+  }
+
+  /** Reads the sources file; true when it changed. A bad or missing file keeps the last sources. */
+  private readSources(): boolean {
+    let text: string;
+    try {
+      text = readFileSync(this.options.sourcesPath, 'utf8');
+    } catch {
+      return false; // mid-swap or not mounted yet
+    }
+    if (text === this.sourcesText) return false;
+    this.sourcesText = text;
+    const parsed = parseCredentialSources(text);
+    if (!parsed.ok) {
+      this.options.logger.error({ path: this.options.sourcesPath, error: parsed.error }, 'credential sources rejected; the mirror keeps the last ones');
+      return false;
+    }
+    this.sources = parsed.sources;
+    this.updateWatches();
+    return true;
+  }
+
+  private async reconcileOnce(): Promise<MirrorOutcome> {
+    if (this.sourcesText === undefined) this.readSources();
+    const { core, namespace, mirror, logger } = this.options;
+    try {
+      const secrets = new Map<string, SourceData>();
+      for (const name of new Set(this.sources.values())) {
+        try {
+          secrets.set(name, (await core.readNamespacedSecret({ name, namespace })).data ?? {});
+        } catch (error) {
+          if (apiStatus(error) !== 404) throw error;
+          secrets.set(name, undefined);
+        }
+      }
+      const plan = planMirror(this.sources, secrets);
+      const report = JSON.stringify(plan.problems);
+      if (report !== this.reported) {
+        this.reported = report;
+        for (const problem of plan.problems) logger.warn(problem, 'upstream credentials not mirrored: the proxies keep their last good config (the one without this rule, or with its old credentials) until the Secret exists with keys username and password');
+      }
+      const current = await core.readNamespacedSecret({ name: mirror, namespace });
+      if (sameData(current.data, plan.data)) return 'unchanged';
+      // resourceVersion guards against a concurrent writer (the other webhook replica): a conflict
+      // is retried by the next run, which reads again.
+      await core.replaceNamespacedSecret({ name: mirror, namespace, body: { ...current, data: { ...plan.data } } });
+      logger.info({ secret: mirror, rules: [...this.sources.keys()].filter((rule) => `${rule}.username` in plan.data) }, 'upstream credentials mirrored');
+      return 'updated';
+    } catch (error) {
+      logger.error({ secret: mirror, error: apiMessage(error) }, 'upstream credentials mirror failed; retrying');
+      const retry = setTimeout(() => void this.reconcile(), 5000);
+      retry.unref();
+      return 'failed';
+    }
+  }
+
+  /** One watch per source Secret, by name (what the Role allows); each event reconciles. */
+  private updateWatches(): void {
+    const wanted = new Set(this.sources.values());
+    for (const [name, watch] of this.watches) {
+      if (!wanted.has(name)) {
+        watch.stop();
+        this.watches.delete(name);
+      }
+    }
+    for (const name of wanted) {
+      if (!this.watches.has(name) && !this.stopped) this.watches.set(name, this.watchSecret(name));
+    }
+  }
+
+  private watchSecret(name: string): { stop(): void } {
+    const { kubeConfig, namespace, logger } = this.options;
+    const watch = new Watch(kubeConfig);
+    let stopped = false;
+    let failures = 0;
+    let request: AbortController | undefined;
+    let timer: NodeJS.Timeout | undefined;
+    const again = (delayMs: number) => {
+      if (stopped) return;
+      timer = setTimeout(start, delayMs);
+      timer.unref();
+    };
+    const start = (): void => {
+      watch
+        .watch(`/api/v1/namespaces/${namespace}/secrets`, { fieldSelector: `metadata.name=${name}` }, (_phase: string, _object: V1Secret) => void this.reconcile(), (error: unknown) => {
+          request = undefined;
+          if (stopped) return;
+          if (error) logger.warn({ secret: name, error: apiMessage(error) }, 'credential source watch ended; restarting');
+          if (!error) failures = 0;
+          again(error ? Math.min(5000 * 2 ** failures++, 300_000) : 1000);
+        })
+        .then((controller) => {
+          request = controller;
+          if (stopped) controller.abort();
+        })
+        .catch((error: unknown) => {
+          logger.warn({ secret: name, error: apiMessage(error) }, 'credential source watch failed; retrying');
+          again(Math.min(5000 * 2 ** failures++, 300_000));
+        });
+    };
+    start();
+    return {
+      stop() {
+        stopped = true;
+        if (timer) clearTimeout(timer);
+        request?.abort();
+      },
+    };
+  }
+}
