@@ -100,7 +100,7 @@ describe('Helm chart', function () {
     const result = parseConfig(configMap.data['config.yaml'] ?? '');
     assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));
     const corp = result.config.registries.find((r) => r.name === 'corp');
-    assert.equal(corp?.credentials?.passwordFile, '/etc/pullbridge/credentials/corp/password');
+    assert.equal(corp?.credentials?.passwordFile, '/etc/pullbridge/credentials/corp.password');
     assert.equal(corp?.tls?.caFile, '/etc/pullbridge/config/ca-corp.crt');
     assert.match(configMap.data['ca-corp.crt'] ?? '', /BEGIN CERTIFICATE/);
     assert.equal(result.config.registries.find((r) => r.name === 'onprem')?.forwardProxy?.headers['SAP-Connectivity-SCC-Location_ID'], 'loc-1');
@@ -385,8 +385,9 @@ describe('Helm chart', function () {
 
     it('refuses an unknown backend, two backends, a backend without its store or needed Secret, with a clear message', async () => {
       const refusals: Array<[Record<string, unknown>, RegExp]> = [
-        [{ backend: 'minio' }, /cache\.shared\.backend must be s3, azure, gcs or filesystem \(or empty: no shared tier\), not "minio"/],
-        [{ backend: 's3', s3: { bucket: 'images' }, minio: { bucket: 'x' } }, /cache\.shared\.minio is not a setting of the shared cache tier/],
+        // The values schema refuses these first, naming the key.
+        [{ backend: 'minio' }, /cache\.shared\.backend: cache\.shared\.backend must be one of the following: "", "s3", "azure", "gcs", "filesystem"/],
+        [{ backend: 's3', s3: { bucket: 'images' }, minio: { bucket: 'x' } }, /cache\.shared: Additional property minio is not allowed/],
         [{ backend: 's3', s3: { bucket: 'images' }, azure: { container: 'images' } }, /cache\.shared\.backend is s3, but cache\.shared\.azure\.container is set too: the shared tier has one backend/],
         [{ backend: 'gcs', gcs: { bucket: 'images' }, filesystem: { existingClaim: 'shared' } }, /cache\.shared\.backend is gcs, but cache\.shared\.filesystem\.existingClaim is set too/],
         [{ backend: 's3' }, /cache\.shared\.backend is s3: set cache\.shared\.s3\.bucket/],
@@ -512,8 +513,9 @@ webhook: {metricsPort: 9191}
   });
 
   it('refuses an unknown proxy exposure or certificate mode with a clear message', async () => {
-    await assert.rejects(render('--set', 'proxy.exposure=ingress'), /proxy\.exposure must be nodePort, hostPort or hostNetwork/);
-    await assert.rejects(render('--set', 'webhook.certificates.mode=manual'), /webhook\.certificates\.mode must be bootstrap, certManager or secret/);
+    // The values schema refuses them (the templates' own checks remain for a chart used without it).
+    await assert.rejects(render('--set', 'proxy.exposure=ingress'), /proxy\.exposure: proxy\.exposure must be one of the following: "hostNetwork", "nodePort", "hostPort"/);
+    await assert.rejects(render('--set', 'webhook.certificates.mode=manual'), /webhook\.certificates\.mode: webhook\.certificates\.mode must be one of the following: "bootstrap", "certManager", "secret"/);
   });
 
   it('mounts a provided certificate Secret in secret mode, and bootstraps by default', async () => {

@@ -98,17 +98,16 @@ export class CredentialMirror {
         try {
           secrets.set(name, (await core.readNamespacedSecret({ name, namespace })).data ?? {});
         } catch (error) {
-          if (apiStatus(error) !== 404) throw error;
-          secrets.set(name, undefined);
+          secrets.set(name, apiStatus(error) === 404 ? 'missing' : 'unreadable');
         }
       }
-      const plan = planMirror(this.sources, secrets);
+      const current = await core.readNamespacedSecret({ name: mirror, namespace });
+      const plan = planMirror(this.sources, secrets, current.data);
       const report = JSON.stringify(plan.problems);
       if (report !== this.reported) {
         this.reported = report;
-        for (const problem of plan.problems) logger.warn(problem, 'upstream credentials not mirrored: the proxies keep their last good config (the one without this rule, or with its old credentials) until the Secret exists with keys username and password');
+        for (const problem of plan.problems) logger.warn(problem, 'upstream credentials of a rule not mirrored: until its Secret has keys username and password, the proxies keep their last good config');
       }
-      const current = await core.readNamespacedSecret({ name: mirror, namespace });
       if (sameData(current.data, plan.data)) return 'unchanged';
       // resourceVersion guards against a concurrent writer (the other webhook replica): a conflict
       // is retried by the next run, which reads again.

@@ -29,8 +29,9 @@ export function parseCredentialSources(text: string): CredentialSourcesResult {
   return { ok: true, sources };
 }
 
-/** A source Secret's data (base64 values), or undefined when it does not exist. */
-export type SourceData = Readonly<Record<string, string>> | undefined;
+/** A source Secret's data (base64 values); `missing` when it does not exist, `unreadable` when it
+ * could not be read this time (forbidden, API error): then the rule keeps what the mirror holds. */
+export type SourceData = Readonly<Record<string, string>> | 'missing' | 'unreadable';
 
 export interface MirrorProblem {
   readonly rule: string;
@@ -41,17 +42,23 @@ export interface MirrorProblem {
 export interface MirrorPlan {
   /** The mirror Secret's whole data: `<rule>.username` and `<rule>.password` per rule whose source is complete. */
   readonly data: Readonly<Record<string, string>>;
-  /** Rules left out, and why (never a value). */
+  /** Rules left out or kept as they were, and why (never a value). */
   readonly problems: readonly MirrorProblem[];
 }
 
 /** The mirror's data for these sources; keys of rules that are gone are simply not in it. */
-export function planMirror(sources: ReadonlyMap<string, string>, secrets: ReadonlyMap<string, SourceData>): MirrorPlan {
+export function planMirror(sources: ReadonlyMap<string, string>, secrets: ReadonlyMap<string, SourceData>, current: Readonly<Record<string, string>> = {}): MirrorPlan {
   const data: Record<string, string> = {};
   const problems: MirrorProblem[] = [];
   for (const [rule, secret] of [...sources].sort(([a], [b]) => a.localeCompare(b))) {
-    const source = secrets.get(secret);
-    if (source === undefined) {
+    const source = secrets.get(secret) ?? 'unreadable';
+    if (source === 'unreadable') {
+      // A passing API or RBAC error must not take working credentials away from the nodes.
+      for (const key of [`${rule}.username`, `${rule}.password`]) if (current[key] !== undefined) data[key] = current[key];
+      problems.push({ rule, secret, message: `Secret ${secret} could not be read; the mirror keeps what it had` });
+      continue;
+    }
+    if (source === 'missing') {
       problems.push({ rule, secret, message: `Secret ${secret} does not exist` });
       continue;
     }

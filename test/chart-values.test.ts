@@ -1,0 +1,217 @@
+// The chart's values: helm itself (its values.schema.json, generated from the proxy's config schema)
+// refuses bad values at install, naming the key; every documented option renders a config the proxy
+// accepts; and no rule change (credentials included) touches the proxy's or the webhook's Pod template.
+
+import assert from 'node:assert/strict';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { KubernetesObject } from '@kubernetes/client-node';
+import { parseAllDocuments, stringify as stringifyYaml } from 'yaml';
+import { parseConfig } from '../src/rules/config.js';
+import { renderValuesSchema, VALUES_SCHEMA_FILE } from '../scripts/values-schema.js';
+import { cachedBinary, KUBE_VERSION } from './support/controlplane.js';
+import { runAsync } from './support/procs.js';
+
+const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
+const PEM = '-----BEGIN CERTIFICATE-----\nMIIBnotreal\n-----END CERTIFICATE-----\n';
+
+type WithData = KubernetesObject & { data?: Record<string, string> };
+type Workload = KubernetesObject & { spec: { template: unknown } };
+
+describe('Helm chart values', function () {
+  this.timeout(120_000);
+  const helm = cachedBinary('helm');
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-chart-values-'));
+  let files = 0;
+
+  const valuesFile = (values: unknown): string => {
+    const file = join(dir, `values-${files++}.yaml`);
+    writeFileSync(file, typeof values === 'string' ? values : stringifyYaml(values));
+    return file;
+  };
+  const template = (values: unknown, ...extra: string[]) => runAsync(helm, ['template', 'pullbridge', CHART, '-n', 'pullbridge', '--kube-version', KUBE_VERSION.slice(1), '-f', valuesFile(values), ...extra]);
+  const render = async (values: unknown, ...extra: string[]): Promise<KubernetesObject[]> =>
+    parseAllDocuments(await template(values, ...extra))
+      .map((d) => d.toJS() as KubernetesObject)
+      .filter((o) => o && o.kind);
+  /** helm's exit status and stderr for values it must refuse. */
+  const refusal = async (values: unknown): Promise<string> => {
+    const error = await template(values).then(
+      () => assert.fail(`helm template accepted ${JSON.stringify(values)}`),
+      (e: { code?: number; stderr?: string }) => e,
+    );
+    assert.notEqual(error.code, 0);
+    return error.stderr ?? '';
+  };
+  const rule = (extra: Record<string, unknown> = {}) => ({ name: 'corp', match: ['registry.corp.example:5000'], upstream: 'https://registry.corp.example:5000', ...extra });
+
+  it('values.schema.json is what scripts/values-schema.ts generates from the config schema (regenerate: node dist/scripts/values-schema.js)', () => {
+    assert.equal(readFileSync(VALUES_SCHEMA_FILE, 'utf8'), renderValuesSchema());
+  });
+
+  it('refuses each misspelt or malformed value, naming its key, where helm rendered it before', async () => {
+    const cases: Array<[unknown, RegExp]> = [
+      [{ regsitries: [rule()] }, /\(root\): Additional property regsitries is not allowed/],
+      [{ registries: [{ name: 'corp', match: ['registry.corp.example'], url: 'https://registry.corp.example' }] }, /registries\.0: Additional property url is not allowed/],
+      [{ registries: [rule({ name: 'Corp_1' })] }, /registries\.0\.name: Does not match pattern/],
+      [{ registries: [rule({ credentials: { user: 'robot', password: 's3cret' } })] }, /registries\.0\.credentials: Additional property user is not allowed/],
+      [{ registries: [rule({ upstream: 'registry.corp.example:5000' })] }, /registries\.0\.upstream: Does not match pattern/],
+      [{ registries: [rule({ match: [] })] }, /registries\.0\.match: Array must have at least 1 items/],
+      [{ registries: [rule({ auth: { mode: 'basic' } })] }, /registries\.0\.auth\.mode: registries\.0\.auth\.mode must be one of the following/],
+      [{ registries: [rule({ revalidate: 'always' })] }, /registries\.0\.revalidate: registries\.0\.revalidate must be one of the following/],
+      [{ registries: [rule({ repositories: { includes: ['team/**'] } })] }, /registries\.0\.repositories: Additional property includes is not allowed/],
+      [{ registries: [rule({ credentials: { username: 'robot', password: 's3cret' }, credentialsSecret: 'corp-robot' })] }, /registries\.0: Must not validate the schema \(not\)/],
+      [{ registries: [rule({ credentialsSecret: 'Corp_Robot' })] }, /registries\.0\.credentialsSecret: Does not match pattern/],
+      [{ registries: [rule({ forwardProxy: { url: 'http://proxy.corp.example:3128', credentials: { usernameFile: '/x' } } })] }, /registries\.0\.forwardProxy: Additional property credentials is not allowed/],
+      [{ registries: [rule({ cache: 'never' })] }, /registries\.0\.cache: Invalid type\. Expected: boolean, given: string/],
+      [{ webhook: { excludedNamespaces: ['Monitoring'] } }, /webhook\.excludedNamespaces\.0: Does not match pattern/],
+      [{ webhook: { failurePolicy: 'Fial' } }, /webhook\.failurePolicy: webhook\.failurePolicy must be one of the following/],
+      [{ webhook: { replicas: 'two' } }, /webhook\.replicas: Invalid type/],
+      [{ proxy: { port: 70000 } }, /proxy\.port: Must be less than or equal to 65535/],
+      [{ proxy: { exposre: 'nodePort' } }, /proxy: Additional property exposre is not allowed/],
+      [{ cache: { tagTTLSeconds: -1 } }, /cache\.tagTTLSeconds: Must be greater than or equal to 0/],
+      [{ cache: { shared: { s3: { bucket: 'images', prefix: 'no-slash' } } } }, /cache\.shared\.s3\.prefix: Does not match pattern/],
+      [{ crio: { registriesDropIn: { enabled: 'on weekdays' } } }, /crio\.registriesDropIn\.enabled: Invalid type/],
+    ];
+    for (const [values, message] of cases) {
+      const stderr = await refusal(values);
+      assert.match(stderr, message, `${JSON.stringify(values)}:\n${stderr}`);
+      assert.doesNotMatch(stderr, /goroutine|panic/);
+    }
+  });
+
+  it('accepts and renders every documented option, into a config.yaml the proxy accepts', async () => {
+    const everything = {
+      image: { repository: 'registry.example/pullbridge', tag: '1.2.3', pullPolicy: 'Always' },
+      imagePullSecrets: [{ name: 'pull' }],
+      registries: [
+        rule({
+          auth: { mode: 'broker', tokenRealms: ['https://auth.corp.example'] },
+          repositories: { include: ['team/**'], exclude: ['team/secret'] },
+          namespaces: { include: ['app-*'], exclude: ['sandbox-*'] },
+          credentials: { username: 'robot', password: 's3cret' },
+          caBundle: PEM,
+          insecureSkipVerify: false,
+          forwardProxy: { url: 'http://proxy.corp.example:3128', mode: 'connect', headers: { 'SAP-Connectivity-SCC-Location_ID': 'loc-1' } },
+          redirects: { allow: ['10.0.0.0/8', 'fd00::/8'] },
+          verifyBlobDigests: false,
+          cache: false,
+          revalidate: 'head',
+        }),
+        { name: 'mirrored', match: ['mirrored.example'], upstream: 'http://mirrored.example', auth: { mode: 'passthrough' }, credentialsSecret: 'mirrored-robot' },
+        { name: 'hub', match: ['docker.io'], upstream: 'https://registry-1.docker.io', auth: { mode: 'anonymous' }, repositories: { include: ['library/**'] } },
+      ],
+      webhook: {
+        replicas: 3,
+        port: 9443,
+        metricsPort: 9091,
+        pullSecretName: 'corp-pull',
+        optOutLabel: 'corp.example/no-proxy',
+        excludedNamespaces: ['monitoring'],
+        failurePolicy: 'Fail',
+        timeoutSeconds: 10,
+        pullSecretFailure: 'admit-unchanged',
+        certificates: { mode: 'certManager', validityDays: 90, certManagerIssuer: { kind: 'ClusterIssuer', name: 'corp-ca' } },
+        clientAuth: { caBundle: PEM, existingConfigMap: '', allowedNames: ['kube-apiserver'] },
+        resources: { requests: { cpu: '100m', memory: '96Mi' }, limits: { memory: '320Mi' } },
+        nodeSelector: { 'kubernetes.io/os': 'linux' },
+        tolerations: [{ key: 'dedicated', operator: 'Equal', value: 'infra', effect: 'NoSchedule' }],
+        podDisruptionBudget: { minAvailable: '50%' },
+      },
+      proxy: { exposure: 'nodePort', host: 'localhost', port: 30600, containerPort: 5001, opsPort: 9092, probeIntervalSeconds: 15, priorityClassName: '', tolerations: [], resources: { limits: { memory: '200Mi' } }, nodeSelector: { 'kubernetes.io/os': 'linux' } },
+      podSecurity: { checkNamespace: false },
+      cache: {
+        enabled: true,
+        hostPath: '/var/cache/pullbridge',
+        maxBytes: '50Gi',
+        minFreeBytes: 1073741824,
+        minFreeInodes: 50_000,
+        tagTTLSeconds: 60,
+        staleIfErrorSeconds: 86_400,
+        credentialTTLSeconds: 120,
+        reconfirmSeconds: 7200,
+        shared: { backend: 's3', existingSecret: 'store', fillWaitSeconds: 60, timeoutSeconds: 20, recordKey: { existingSecret: 'record-key', secretKey: 'key' }, s3: { bucket: 'images', region: 'eu-central-1', endpoint: 'https://s3.corp.example', forcePathStyle: true, prefix: 'pullbridge/', secretKeys: { accessKey: 'access_key_id', secretKey: 'secret_access_key' } } },
+      },
+      broker: { existingSecret: 'broker-keys' },
+      networkPolicy: { enabled: true, apiserverSources: [{ ipBlock: { cidr: '10.0.0.0/24' } }], metricsSources: [], proxyRegistrySources: [{ namespaceSelector: {} }] },
+      metrics: { serviceMonitor: { enabled: true, interval: '1m', labels: { release: 'prometheus' } } },
+      crio: { registriesDropIn: { enabled: true, dir: '/etc/containers/registries.conf.d' } },
+    };
+    const rendered = await render(everything);
+    const configMap = rendered.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as WithData;
+    const result = parseConfig(configMap.data?.['config.yaml'] ?? '');
+    assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));
+    const [corp, mirrored] = result.config.registries;
+    assert.deepEqual(corp?.auth, { mode: 'broker', tokenRealms: ['https://auth.corp.example'] });
+    assert.deepEqual(corp?.redirects.allow, ['10.0.0.0/8', 'fd00::/8']);
+    assert.equal(corp?.verifyBlobDigests, false);
+    assert.equal(corp?.revalidate, 'head');
+    assert.equal(corp?.cache, false);
+    assert.equal(corp?.credentials?.passwordFile, '/etc/pullbridge/credentials/corp.password');
+    assert.equal(mirrored?.credentials?.passwordFile, '/etc/pullbridge/credentials-mirror/mirrored.password');
+    assert.equal(configMap.data?.['credential-sources.json'], '{"mirrored":"mirrored-robot"}');
+    assert.equal(result.config.cache?.shared?.s3?.prefix, 'pullbridge/');
+    // And helm lint agrees (it validates against the schema too).
+    assert.match(await runAsync(helm, ['lint', CHART, '--strict', '-f', valuesFile(everything)]), /0 chart\(s\) failed/);
+    // values.yaml's own commented rule example, uncommented, is accepted as well.
+    const example = readFileSync(join(CHART, 'values.yaml'), 'utf8').split('\n');
+    const start = example.findIndex((l) => l.startsWith('#  - name: corp'));
+    const block = example.slice(start).filter((l, i, all) => all.slice(0, i + 1).every((x) => x.startsWith('#')));
+    const uncommented = block
+      .map((l) => l.replace(/^# ?/, ''))
+      .filter((l) => !/^\s*#/.test(l))
+      .join('\n')
+      .replace('-----BEGIN CERTIFICATE-----', PEM.trim().split('\n').join('\n      '))
+      .replace(/credentials:\s*# [^\n]*\n/, 'credentials:\n');
+    const documented = await render(`broker: {existingSecret: keys}\nregistries:\n${uncommented}\n`);
+    const documentedConfig = parseConfig((documented.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as WithData).data?.['config.yaml'] ?? '');
+    assert.ok(documentedConfig.ok, documentedConfig.ok ? '' : JSON.stringify(documentedConfig.errors));
+    assert.equal(documentedConfig.config.registries[0]?.name, 'corp');
+  });
+
+  describe('rule changes leave the Pod templates as they are (nothing restarts)', () => {
+    const base = { registries: [{ name: 'hub', match: ['docker.io'], upstream: 'https://registry-1.docker.io', auth: { mode: 'anonymous' } }] };
+    const withRule = (extra: Record<string, unknown>) => ({ registries: [...base.registries, rule(extra)] });
+    const snapshot = async (values: unknown) => {
+      const rendered = await render(values);
+      const workload = (kind: string) => stringifyYaml((rendered.find((o) => o.kind === kind) as Workload).spec.template);
+      const secret = (name: string) => (rendered.find((o) => o.kind === 'Secret' && o.metadata?.name === name) as WithData | undefined)?.data ?? {};
+      return { proxy: workload('DaemonSet'), webhook: workload('Deployment'), credentials: secret('pullbridge-upstream-credentials'), sources: (rendered.find((o) => o.kind === 'ConfigMap') as WithData).data?.['credential-sources.json'], rendered };
+    };
+
+    it('adding a rule with inline credentials, one with credentialsSecret, changing a password, removing a rule: byte-identical proxy and webhook Pod templates', async () => {
+      const before = await snapshot(base);
+      const steps: Array<[string, unknown]> = [
+        ['a rule with inline credentials', withRule({ credentials: { username: 'robot', password: 's3cret' } })],
+        ['its password changed', withRule({ credentials: { username: 'robot', password: 'n3w-s3cret' } })],
+        ['a rule with credentialsSecret', { registries: [...withRule({ credentials: { username: 'robot', password: 'n3w-s3cret' } }).registries, { name: 'mirrored', match: ['mirrored.example'], upstream: 'https://mirrored.example', credentialsSecret: 'mirrored-robot' }] }],
+        ['the credentials moved to a Secret', withRule({ credentialsSecret: 'corp-robot' })],
+        ['the rule removed', base],
+      ];
+      const seen = [];
+      for (const [what, values] of steps) {
+        const after = await snapshot(values);
+        assert.equal(after.proxy, before.proxy, `${what}: the proxy DaemonSet's Pod template`);
+        assert.equal(after.webhook, before.webhook, `${what}: the webhook Deployment's Pod template`);
+        seen.push(after);
+      }
+      // ...while what they mount did change (the test would pass vacuously otherwise).
+      const b64 = (s: string) => Buffer.from(s).toString('base64');
+      assert.deepEqual(before.credentials, {});
+      assert.deepEqual(seen[0]?.credentials, { 'corp.username': b64('robot'), 'corp.password': b64('s3cret') });
+      assert.equal(seen[1]?.credentials['corp.password'], b64('n3w-s3cret'));
+      assert.equal(seen[2]?.sources, '{"mirrored":"mirrored-robot"}');
+      assert.deepEqual(seen[3]?.credentials, {});
+      assert.equal(seen[3]?.sources, '{"corp":"corp-robot"}');
+      assert.deepEqual(seen[4]?.credentials, {});
+      // The webhook may read exactly the Secrets the rules name, and write only the mirror.
+      const role = seen[2]?.rendered.find((o) => o.kind === 'Role' && o.metadata?.name === 'pullbridge-webhook') as KubernetesObject & { rules: Array<{ resourceNames?: string[]; verbs: string[] }> };
+      assert.ok(role.rules.some((r) => JSON.stringify(r.resourceNames) === '["mirrored-robot"]' && r.verbs.join() === 'get,list,watch'));
+      assert.ok(role.rules.some((r) => JSON.stringify(r.resourceNames) === '["pullbridge-upstream-credentials-mirror"]' && r.verbs.join() === 'get,update'));
+      const baseRole = before.rendered.find((o) => o.kind === 'Role' && o.metadata?.name === 'pullbridge-webhook') as KubernetesObject & { rules: Array<{ resources: string[]; resourceNames?: string[] }> };
+      assert.ok(baseRole.rules.every((r) => !r.resources.includes('secrets') || (r.resourceNames ?? []).length > 0), 'never every Secret of the namespace');
+    });
+  });
+});
