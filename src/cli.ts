@@ -17,6 +17,7 @@ const load = {
   defaults: () => import('./defaults.js'),
   webhookRun: () => import('./webhook/run.js'),
   proxyRun: () => import('./proxy/run.js'),
+  startupGate: () => import('./shell/startupgate.js'),
   credentials: () => import('./proxy/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
   nodeSetup: () => import('./shell/nodesetup.js'),
@@ -213,6 +214,9 @@ async function cmdWebhook(args: string[]): Promise<number> {
   if (clientCa && !certFile && !tlsSecret) throw new UsageError('--client-ca needs HTTPS: --tls-cert/--tls-key or --tls-secret');
   if (clientNames && !clientCa) throw new UsageError('--client-name needs --client-ca');
   const metricsPort = values['metrics-port'] === undefined ? undefined : parsePort(values['metrics-port'], '--metrics-port');
+  // The metrics port answers the startup probe before the webhook's modules load.
+  const { listenGated, PROBE_PORT_MAX_CONNECTIONS } = await load.startupGate();
+  const metricsListener = metricsPort !== undefined ? await listenGated({ host: values.host, port: metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS }) : undefined;
   const { runWebhook } = await load.webhookRun();
   const run = await runWebhook({
     config,
@@ -226,6 +230,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     pullSecretFailure: failure,
     ...(clientCa ? { clientAuth: { caFile: clientCa, ...(clientNames ? { allowedNames: clientNames } : {}) } } : {}),
     ...(metricsPort !== undefined ? { metricsPort } : {}),
+    ...(metricsListener ? { metricsListener } : {}),
     ...(mirrorSecret && credentialSources ? { credentialMirror: { secret: mirrorSecret, sourcesPath: credentialSources, namespace } } : {}),
   });
   onTermination(() => run.shutdown());
@@ -246,6 +251,9 @@ async function cmdProxy(args: string[]): Promise<number> {
   if (opsPort !== undefined && opsPort === port) throw new UsageError('--ops-port must differ from --port');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
+  // The operations port answers the startup probe before the proxy's modules load (a second on a busy node).
+  const { listenGated, PROBE_PORT_MAX_CONNECTIONS } = await load.startupGate();
+  const opsListener = opsPort !== undefined ? await listenGated({ host: values['ops-host'] ?? values.host, port: opsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS }) : undefined;
   const { runProxy } = await load.proxyRun();
   const run = await runProxy({
     config,
@@ -253,6 +261,7 @@ async function cmdProxy(args: string[]): Promise<number> {
     host: values.host,
     port,
     ...(opsPort !== undefined ? { opsPort } : {}),
+    ...(opsListener ? { opsListener } : {}),
     ...(values['ops-host'] !== undefined ? { opsHost: values['ops-host'] } : {}),
     // The chart sets NODE_NAME to the Node's name (downward API): shared-tier claims say which node fetches.
     ...(process.env['NODE_NAME'] ? { nodeName: process.env['NODE_NAME'] } : {}),

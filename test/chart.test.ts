@@ -14,6 +14,7 @@ import { parseConfig, validateConfig } from '../src/rules/config.js';
 import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { runAsync, startProcess } from './support/procs.js';
 import { runWebhook } from '../src/webhook/run.js';
+import { STARTUP_HOLD_MS } from '../src/shell/startupgate.js';
 
 const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
 const VALUES = `
@@ -39,6 +40,14 @@ registries:
 webhook:
   excludedNamespaces: [monitoring]
 `;
+
+/** How long a startup probe lets a component start: each try is held up to STARTUP_HOLD_MS, and
+ * kubelet must wait longer than that for the answer (a timeout would be a failure with no reason). */
+function startupBudgetSeconds(probe: { periodSeconds?: number; failureThreshold?: number; timeoutSeconds?: number }): number {
+  const holdSeconds = STARTUP_HOLD_MS / 1000;
+  assert.ok((probe.timeoutSeconds ?? 1) > holdSeconds, `timeoutSeconds ${probe.timeoutSeconds ?? 1} outlasts the ${holdSeconds} s hold`);
+  return (probe.failureThreshold ?? 3) * (holdSeconds + (probe.periodSeconds ?? 10));
+}
 
 describe('Helm chart', function () {
   this.timeout(120_000);
@@ -191,10 +200,11 @@ describe('Helm chart', function () {
       // With hostNetwork a declared port becomes a hostPort (the apiserver defaults it): none then.
       assert.equal(ops?.containerPort, exposure === 'hostNetwork' ? undefined : 9090);
       assert.equal(ops?.hostPort, undefined, 'never a hostPort');
-      // A startup probe on the readiness endpoint holds the others back while the proxy starts.
+      // A startup probe holds the others back while the proxy starts; /startupz holds each try.
       assert.ok(proxy.startupProbe, `${exposure}: a startup probe`);
-      assert.equal(proxy.startupProbe.httpGet.path, proxy.readinessProbe.httpGet.path);
-      assert.ok((proxy.startupProbe.periodSeconds ?? 10) * (proxy.startupProbe.failureThreshold ?? 3) >= 120, 'minutes to open a large node cache');
+      assert.equal(proxy.startupProbe.httpGet.path, '/startupz');
+      assert.equal(proxy.readinessProbe.httpGet.path, '/readyz');
+      assert.ok(startupBudgetSeconds(proxy.startupProbe) >= 120, 'minutes to open a large node cache');
       for (const probe of [proxy.readinessProbe, proxy.livenessProbe, proxy.startupProbe]) {
         assert.equal(probe.httpGet.port, exposure === 'hostNetwork' ? 9090 : 'ops');
         // A hostNetwork Pod's IP is the node's address; the proxy listens on loopback there.
@@ -207,13 +217,14 @@ describe('Helm chart', function () {
   });
 
   it('gives the webhook a startup probe on its readiness endpoint, and the apiserver accepts both workloads with theirs', async () => {
-    type Probe = { httpGet: { path: string; port: string | number; scheme?: string }; periodSeconds?: number; failureThreshold?: number };
+    type Probe = { httpGet: { path: string; port: string | number; scheme?: string }; periodSeconds?: number; failureThreshold?: number; timeoutSeconds?: number };
     const rendered = await render();
     const webhook = (rendered.find((o) => o.kind === 'Deployment') as unknown as { spec: { template: { spec: { containers: Array<{ readinessProbe: Probe; startupProbe?: Probe }> } } } }).spec.template.spec.containers[0];
     assert.ok(webhook?.startupProbe);
-    assert.deepEqual(webhook.startupProbe.httpGet, webhook.readinessProbe.httpGet);
-    assert.deepEqual(webhook.startupProbe.httpGet, { path: '/readyz', port: 'https', scheme: 'HTTPS' });
-    assert.ok((webhook.startupProbe.periodSeconds ?? 10) * (webhook.startupProbe.failureThreshold ?? 3) >= 60, 'time for the certificate bootstrap');
+    // On the metrics port, which listens before the certificate bootstrap (HTTPS opens after it).
+    assert.deepEqual(webhook.startupProbe.httpGet, { path: '/startupz', port: 'metrics' });
+    assert.deepEqual(webhook.readinessProbe.httpGet, { path: '/readyz', port: 'https', scheme: 'HTTPS' });
+    assert.ok(startupBudgetSeconds(webhook.startupProbe) >= 60, 'time for the certificate bootstrap');
     for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
       const workloads = (await render('--set', `proxy.exposure=${exposure}`)).filter((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment');
       for (const object of workloads) {

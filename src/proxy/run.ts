@@ -17,6 +17,7 @@ import { Prober } from '../upstream/probe.js';
 import { ListenerCheck } from './listener.js';
 import { BODY_HIGH_WATER_MARK } from './stream.js';
 import { createOpsHandler } from './ops.js';
+import { listenGated, PROBE_PORT_MAX_CONNECTIONS, serveGated, type GatedListener } from '../shell/startupgate.js';
 import { createProxyRuntime, type ProxyRuntime } from './runtime.js';
 import { createProxyHandler } from './server.js';
 
@@ -32,6 +33,8 @@ export interface ProxyRunOptions {
    * publish. Without it they are served on the registry port, where every Pod can read them.
    */
   readonly opsPort?: number;
+  /** The operations port, already listening (the caller opened it before loading this module). */
+  readonly opsListener?: GatedListener;
   /** Where the operations port listens; the registry port's host when not given. */
   readonly opsHost?: string;
   /** Open connections accepted at once (a node's kubelet and pods); more are closed on arrival. */
@@ -92,8 +95,16 @@ export async function runProxy(
   const logger = options.logger ?? createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
   const onVerifyKeys = reportSkippedBrokerKeys(logger, metrics);
+  // The operations port listens before the start work (the cache scan), so that the startup probe
+  // is answered from the first instant (shell/startupgate.ts).
+  const separateOps = options.opsPort !== undefined || options.opsListener !== undefined;
+  const gated = options.opsListener ?? (separateOps ? await listenGated({ host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: PROBE_PORT_MAX_CONNECTIONS }) : undefined);
+  const ops = gated?.server;
   // The node cache is opened once, from the first config; later configs change its settings only.
-  const cache = options.config.cache ? await NodeCache.open(options.config.cache, metrics, logger, Date.now, { nodeName: options.nodeName }) : undefined;
+  const cache = options.config.cache ? await NodeCache.open(options.config.cache, metrics, logger, Date.now, { nodeName: options.nodeName }).catch(async (error: unknown) => {
+    await ops?.close();
+    throw error;
+  }) : undefined;
   let runtime: ProxyRuntime = createProxyRuntime(options.config, {}, onVerifyKeys, cache);
   const retired = new Set<ProxyRuntime>();
   const prober = new Prober(() => runtime, metrics, options.probeIntervalMs);
@@ -122,11 +133,15 @@ export async function runProxy(
   // Set once listening on a loopback address (below); read by /readyz and /status meanwhile.
   let listener: ListenerCheck | undefined;
   const opsOptions = { runtime: () => runtime, metrics, prober, ready: () => !draining && listener?.claimed() !== false, listener: () => listener?.status() };
-  const separateOps = options.opsPort !== undefined;
   const instanceId = randomBytes(16).toString('hex');
   const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps, instanceId });
-  const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerSource: options.maxConnectionsPerSource ?? DEFAULT_MAX_CONNECTIONS_PER_SOURCE });
-  const ops = separateOps ? await listen(createOpsHandler({ ...opsOptions, logger }), { host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: 64 }) : undefined;
+  const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerSource: options.maxConnectionsPerSource ?? DEFAULT_MAX_CONNECTIONS_PER_SOURCE }).catch(async (error: unknown) => {
+    watcher?.stop();
+    await ops?.close();
+    await cache?.close(0);
+    throw error;
+  });
+  if (gated) serveGated(gated, createOpsHandler({ ...opsOptions, logger }), opsOptions.ready);
   // On the node's loopback (the hostNetwork exposure), a NodePort Service on the same port takes
   // this address over under kube-proxy's iptables mode: check that this process answers it.
   const bound = running.server.address() as AddressInfo;

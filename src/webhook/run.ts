@@ -12,6 +12,7 @@ import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
 import { BrokerKeys } from '../shell/secretfiles.js';
+import { listenGated, PROBE_PORT_MAX_CONNECTIONS, serveGated, type GatedListener } from '../shell/startupgate.js';
 import { createMetricsHandler, createWebhookApp, type WebhookSideEffects } from './server.js';
 
 export interface WebhookRunOptions {
@@ -43,8 +44,11 @@ export interface WebhookRunOptions {
    * SAN is in `allowedNames` when that is given.
    */
   readonly clientAuth?: { readonly caFile: string; readonly allowedNames?: readonly string[] };
-  /** Also serve GET /metrics over plain HTTP on this port (same host), for Prometheus. */
+  /** Also serve GET /metrics over plain HTTP on this port (same host), for Prometheus, and
+   * GET /startupz for the startup probe. */
   readonly metricsPort?: number;
+  /** That port, already listening (the caller opened it before loading this module). */
+  readonly metricsListener?: GatedListener;
   /** With API access: copy the upstream credentials of rules with a credentialsSecret into this
    * Secret, which the proxies mount (see k8s/credentialmirror.ts). */
   readonly credentialMirror?: { readonly secret: string; readonly sourcesPath: string; readonly namespace: string };
@@ -71,6 +75,10 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let config = options.config;
   const stops: Array<() => void> = [];
   let reconcile: (() => Promise<unknown>) | undefined;
+  // The metrics port listens before the start work (API clients, the certificate bootstrap), so
+  // that the startup probe on it is answered from the first instant (shell/startupgate.ts).
+  const gated = options.metricsListener ?? (options.metricsPort !== undefined ? await listenGated({ host: options.host, port: options.metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS }) : undefined);
+  const metricsServer = gated?.server;
 
   const k8s = options.kubeconfig !== undefined ? (await import('../k8s/client.js')).kubeClients(options.kubeconfig === 'in-cluster' ? undefined : options.kubeconfig) : undefined;
   let onRejected: ((message: string) => void) | undefined;
@@ -197,15 +205,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     timer.unref();
     stops.push(() => clearInterval(timer));
   }
-  const metricsServer =
-    options.metricsPort !== undefined
-      ? await listen(createMetricsHandler(metrics), { host: options.host, port: options.metricsPort }).catch(async (error: unknown) => {
-          for (const stop of stops) stop();
-          watcher?.stop();
-          await running.close();
-          throw error;
-        })
-      : undefined;
+  if (gated) serveGated(gated, createMetricsHandler(metrics), () => !draining);
   logger.info({ url: running.url, ...(metricsServer ? { metricsUrl: metricsServer.url } : {}), rules: config.registries.map((r) => r.name) }, 'webhook listening');
   return {
     running,
