@@ -44,7 +44,7 @@ import { cachedBinary, startControlPlane, type ControlPlane } from './support/co
 import { buildWorkloadImage, startNode, stopAllNodes, type RealNode } from './support/node.js';
 import type { TestImage } from './support/oci.js';
 import { runAsync } from './support/procs.js';
-import { startRegistry, type RegistryHandle } from './support/registry.js';
+import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
 
 const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
 const SUBNET = '10.88.0.0/24';
@@ -85,6 +85,8 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
   let cp: ControlPlane;
   let images: RegistryHandle;
   let upstream: RegistryHandle;
+  /** An upstream that wants credentials (basic auth): the rules the upgrade adds use it. */
+  let privateUpstream: RegistryHandle;
   let node: RealNode | undefined;
   let kc: KubeConfig;
   let core: CoreV1Api;
@@ -117,12 +119,13 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
     // Pod Security: `baseline` enforced wherever a namespace does not say otherwise (the apiserver's
     // PodSecurityConfiguration defaults), as on hardened clusters.
     const podSecurity = { name: 'PodSecurity', configuration: { apiVersion: 'pod-security.admission.config.k8s.io/v1', kind: 'PodSecurityConfiguration', defaults: { enforce: 'baseline', 'enforce-version': 'latest' }, exemptions: {} } };
-    [cp, images, upstream] = await Promise.all([
+    [cp, images, upstream, privateUpstream] = await Promise.all([
       startControlPlane({ controllers: true, serviceAccounts: true, clusterEgressSocket: egressSocket, admissionPlugins: [podSecurity] }),
       startRegistry(),
       startRegistry(),
+      startRegistry({ auth: 'basic' }),
     ]);
-    await Promise.all([images.push(app.image, 'pullbridge', 'test'), upstream.push(workload, 'team/app', '1.0')]);
+    await Promise.all([images.push(app.image, 'pullbridge', 'test'), upstream.push(workload, 'team/app', '1.0'), privateUpstream.push(workload, 'team/app', '1.0')]);
     kc = new KubeConfig();
     kc.loadFromFile(cp.kubeconfig);
     core = kc.makeApiClient(CoreV1Api);
@@ -130,6 +133,7 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
     node = await startNode({ controlPlane: cp, token: cp.nodeToken, podNetwork: { subnet: SUBNET }, kubeProxyToken: cp.proxyToken, egressSocket });
     await node.reach(images.port);
     await node.reach(upstream.port);
+    await node.reach(privateUpstream.port);
     await node.reachOnNodeAddresses(upstream.port, UPSTREAM_NODE_PORT);
     await node.reachOnNodeAddresses(Number(new URL(cp.url).port), APISERVER_NODE_PORT);
     await kc.makeApiClient(DiscoveryV1Api).createNamespacedEndpointSlice({
@@ -154,6 +158,7 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
     await stopAllNodes(); // one whose start outlived a timed-out setup
     await images?.stop();
     await upstream?.stop();
+    await privateUpstream?.stop();
     await cp?.stop();
     rmSync(dir, { recursive: true, force: true });
   });
@@ -289,35 +294,51 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
       });
 
       if (exposure === 'hostNetwork') {
-        it('helm upgrade adding a rule: the proxy Pod stays (same UID), the new rule is served after the reload', async () => {
+        it('helm upgrade adding rules with upstream credentials (inline, and from a Secret the user made): the proxy Pod stays (same UID), both are served after the reload; no Warning event in the release namespace', async () => {
           const selector = { namespace: RELEASE_NAMESPACE, labelSelector: 'app.kubernetes.io/component=proxy' };
           const before = (await core.listNamespacedPod(selector)).items.map((p) => p.metadata?.uid);
           assert.equal(before.length, 1);
-          const other = { name: 'other', match: ['registry.other.example:5000'], upstream: upstreamUrl(), auth: { mode: 'broker' } };
+          // Both upstreams answer 401 without the puller's credentials: a pull that works used them.
+          const [username, password] = Object.entries(DEFAULT_USERS)[0] ?? ['', ''];
+          const privateUrl = `http://127.0.0.1:${privateUpstream.port}`;
+          await core.createNamespacedSecret({ namespace: RELEASE_NAMESPACE, body: { metadata: { name: 'mirrored-robot' }, stringData: { username, password } } });
+          const added = [
+            { name: 'other', match: ['registry.other.example:5000'], upstream: privateUrl, auth: { mode: 'broker' }, credentials: { username, password } },
+            { name: 'mirrored', match: ['registry.mirrored.example:5000'], upstream: privateUrl, auth: { mode: 'broker' }, credentialsSecret: 'mirrored-robot' },
+          ];
           const upgraded = join(dir, `values-${exposure}-upgrade.yaml`);
           // The first file's values, then the rules extended (a list is replaced, not merged).
           const first = await helm('get', 'values', 'pullbridge', '-n', RELEASE_NAMESPACE, '-o', 'json');
-          const registries = [...((JSON.parse(first) as { registries: unknown[] }).registries), other];
+          const registries = [...((JSON.parse(first) as { registries: unknown[] }).registries), ...added];
           writeFileSync(upgraded, stringifyYaml({ registries }));
           await helm('upgrade', 'pullbridge', CHART, '-n', RELEASE_NAMESPACE, '-f', valuesFile, '-f', upgraded, '--wait', '--timeout', HELM_TIMEOUT).catch((error: unknown) => {
             throw failure(error);
           });
-          // The ConfigMap changed; the Pod templates did not: no Pod restarts, each reloads in place
-          // (kubelet updates the mounted ConfigMap within its sync period; node.ts sets 5 s).
-          const image = 'registry.other.example:5000/team/app:1.0';
-          const proxied = `localhost:${PROXY_PORT}/other/team/app:1.0`;
-          const body: V1Pod = { metadata: { name: 'web-other' }, spec: { terminationGracePeriodSeconds: 1, containers: [{ name: 'app', image, imagePullPolicy: 'Always' }] } };
-          await until('the webhook never took up the new rule', () => core.createNamespacedPod({ namespace: APP_NAMESPACE, body, dryRun: 'All' }), (p) => p.spec?.containers[0]?.image === proxied);
-          // The proxy reloads on its own schedule: until its log shows the rule answering, a pull of
-          // an unknown rule fails and kubelet retries (with back-off), so the Pod waits, bounded.
-          await core.createNamespacedPod({ namespace: APP_NAMESPACE, body });
-          await waitForPod(core, APP_NAMESPACE, 'web-other', isRunning, WAIT_MS, 'Running').catch((error: unknown) => {
-            throw failure(error);
-          });
-          const records = (await proxyRecords()).filter((r) => r.rule === 'other' && r.status === 200 && r.namespace === APP_NAMESPACE);
-          assert.ok(records.some((r) => r.kind === 'manifest'), 'the new rule served the manifest');
+          // The ConfigMap and the credential Secrets changed; the Pod templates did not: no Pod
+          // restarts, each reloads in place (kubelet updates mounted ConfigMaps and Secrets within
+          // its sync period, node.ts sets 5 s, in no particular order: the proxy waits for the files).
+          for (const rule of ['other', 'mirrored']) {
+            const image = `registry.${rule}.example:5000/team/app:1.0`;
+            const proxied = `localhost:${PROXY_PORT}/${rule}/team/app:1.0`;
+            const body: V1Pod = { metadata: { name: `web-${rule}` }, spec: { terminationGracePeriodSeconds: 1, containers: [{ name: 'app', image, imagePullPolicy: 'Always' }] } };
+            await until(`the webhook never took up the rule ${rule}`, () => core.createNamespacedPod({ namespace: APP_NAMESPACE, body, dryRun: 'All' }), (p) => p.spec?.containers[0]?.image === proxied);
+            // The proxy reloads on its own schedule: until its log shows the rule answering, a pull of
+            // an unknown rule fails and kubelet retries (with back-off), so the Pod waits, bounded.
+            await core.createNamespacedPod({ namespace: APP_NAMESPACE, body });
+          }
+          for (const rule of ['other', 'mirrored']) {
+            await waitForPod(core, APP_NAMESPACE, `web-${rule}`, isRunning, WAIT_MS, 'Running').catch((error: unknown) => {
+              throw failure(error);
+            });
+            const records = (await proxyRecords()).filter((r) => r.rule === rule && r.status === 200 && r.namespace === APP_NAMESPACE);
+            assert.ok(records.some((r) => r.kind === 'manifest'), `the rule ${rule} served the manifest`);
+          }
           assert.deepEqual((await core.listNamespacedPod(selector)).items.map((p) => p.metadata?.uid), before, 'the proxy Pod was not replaced');
-          await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: 'web-other', gracePeriodSeconds: 0 });
+          for (const rule of ['other', 'mirrored']) await core.deleteNamespacedPod({ namespace: APP_NAMESPACE, name: `web-${rule}`, gracePeriodSeconds: 0 });
+          // The install and the upgrade raised no Warning (no failed probe while the webhook made its
+          // certificate or the proxy opened its cache, no failed mount).
+          const warnings = (await core.listNamespacedEvent({ namespace: RELEASE_NAMESPACE })).items.filter((e) => e.type === 'Warning');
+          assert.deepEqual(warnings.map((e) => `${e.involvedObject.kind}/${e.involvedObject.name} ${e.reason}: ${e.message}`), []);
         });
 
         it('the node cache as deployed: its hostPath store is the proxy user\'s, outlives the proxy Pod, and starts a new Pod while the upstream is down', async () => {
