@@ -168,7 +168,11 @@ describe('Helm chart values', function () {
     const documented = await render(`broker: {existingSecret: keys}\nregistries:\n${uncommented}\n`);
     const documentedConfig = parseConfig((documented.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as WithData).data?.['config.yaml'] ?? '');
     assert.ok(documentedConfig.ok, documentedConfig.ok ? '' : JSON.stringify(documentedConfig.errors));
-    assert.equal(documentedConfig.config.registries[0]?.name, 'corp');
+    const documentedRule = documentedConfig.config.registries[0];
+    assert.equal(documentedRule?.name, 'corp');
+    assert.deepEqual(documentedRule?.redirects.allow, ['10.0.0.0/8']);
+    assert.equal(documentedRule?.revalidate, 'get');
+    assert.equal(documentedRule?.forwardProxy?.url, 'http://proxy.corp.example:3128');
   });
 
   describe('rule changes leave the Pod templates as they are (nothing restarts)', () => {
