@@ -216,7 +216,7 @@ describe('Helm chart', function () {
     }
   });
 
-  it('gives the webhook a startup probe on its readiness endpoint, and the apiserver accepts both workloads with theirs', async () => {
+  it('gives the webhook a startup probe on its metrics port (up before the certificate bootstrap), and the apiserver accepts both workloads with theirs', async () => {
     type Probe = { httpGet: { path: string; port: string | number; scheme?: string }; periodSeconds?: number; failureThreshold?: number; timeoutSeconds?: number };
     const rendered = await render();
     const webhook = (rendered.find((o) => o.kind === 'Deployment') as unknown as { spec: { template: { spec: { containers: Array<{ readinessProbe: Probe; startupProbe?: Probe }> } } } }).spec.template.spec.containers[0];

@@ -115,8 +115,10 @@ export class CredentialMirror {
       logger.info({ secret: mirror, rules: [...this.sources.keys()].filter((rule) => `${rule}.username` in plan.data) }, 'upstream credentials mirrored');
       return 'updated';
     } catch (error) {
-      logger.error({ secret: mirror, error: apiMessage(error) }, 'upstream credentials mirror failed; retrying');
-      const retry = setTimeout(() => void this.reconcile(), 5000);
+      // 409: the other replica wrote it first; read again at once. Anything else is worth a line.
+      const conflict = apiStatus(error) === 409;
+      if (!conflict) logger.error({ secret: mirror, error: apiMessage(error) }, 'upstream credentials mirror failed; retrying');
+      const retry = setTimeout(() => void this.reconcile(), conflict ? 100 : 5000);
       retry.unref();
       return 'failed';
     }
