@@ -184,7 +184,12 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     pullSecretFailure: options.pullSecretFailure ?? 'deny',
     ...(clientAuth ? { clientAuth: { ...(clientAuth.allowedNames ? { allowedNames: clientAuth.allowedNames } : {}) } } : {}),
   });
-  const running = await listen(app, { host: options.host, port: options.port, ...(tls ? { tls } : {}) });
+  const running = await listen(app, { host: options.host, port: options.port, ...(tls ? { tls } : {}) }).catch(async (error: unknown) => {
+    for (const stop of stops) stop();
+    watcher?.stop();
+    await metricsServer?.close();
+    throw error;
+  });
   if ((refreshTls || readClientCa) && running.server instanceof https.Server) {
     // Certificates rotate under a running server (and the client CA with them): swap the context
     // when either changes. A new context replaces the old one whole, so it carries the client CA too.
