@@ -72,6 +72,9 @@ describe('Helm chart values', function () {
       [{ proxy: { port: 70000 } }, /proxy\.port: Must be less than or equal to 65535/],
       [{ proxy: { exposre: 'nodePort' } }, /proxy: Additional property exposre is not allowed/],
       [{ cache: { tagTTLSeconds: -1 } }, /cache\.tagTTLSeconds: Must be greater than or equal to 0/],
+      [{ cache: { maxBytes: '20GB' } }, /cache\.maxBytes: Does not match pattern/],
+      [{ cache: { minFreeInodes: '10 percent' } }, /cache\.minFreeInodes: Does not match pattern/],
+      [{ cache: { minFreeBytes: -1 } }, /cache\.minFreeBytes: Must be greater than or equal to 0/],
       [{ cache: { shared: { s3: { bucket: 'images', prefix: 'no-slash' } } } }, /cache\.shared\.s3\.prefix: Does not match pattern/],
       [{ crio: { registriesDropIn: { enabled: 'on weekdays' } } }, /crio\.registriesDropIn\.enabled: Invalid type/],
     ];

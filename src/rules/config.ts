@@ -6,7 +6,7 @@ import { isIP } from 'node:net';
 import { z } from 'zod';
 import { canonicalRegistryHost } from '../reference/reference.js';
 import { compileFilter, type CompiledFilter } from './glob.js';
-import { parseByteQuantity, parseInodeFloor } from './quantity.js';
+import { BYTE_QUANTITY_PATTERN, INODE_PERCENT_PATTERN, parseByteQuantity, parseInodeFloor } from './quantity.js';
 
 const DNS_LABEL = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
 
@@ -131,7 +131,11 @@ const ruleSchema = z.strictObject({
 });
 
 /** Bytes as an integer or a Kubernetes quantity string (`20Gi`, `500M`). */
-const byteQuantity = z.union([z.number(), z.string()]).transform((value, ctx) => {
+const byteQuantity = z
+  .union([z.number(), z.string()])
+  // For values.schema.json: the shapes parseByteQuantity takes (a number must also be whole and safe).
+  .meta({ pattern: BYTE_QUANTITY_PATTERN, minimum: 0 })
+  .transform((value, ctx) => {
   const bytes = parseByteQuantity(value);
   if (bytes === null) {
     ctx.addIssue({ code: 'custom', message: `must be a whole number of bytes or a quantity such as 20Gi or 500M, got ${JSON.stringify(value)}` });
@@ -139,7 +143,10 @@ const byteQuantity = z.union([z.number(), z.string()]).transform((value, ctx) =>
   }
   return bytes;
 });
-const inodeFloor = z.union([z.number(), z.string()]).superRefine((value, ctx) => {
+const inodeFloor = z
+  .union([z.number(), z.string()])
+  .meta({ pattern: INODE_PERCENT_PATTERN, minimum: 0 })
+  .superRefine((value, ctx) => {
   if (parseInodeFloor(value) === null) ctx.addIssue({ code: 'custom', message: `must be a whole number of inodes or a percentage such as 10%, got ${JSON.stringify(value)}` });
 });
 const seconds = (max: number) => z.number().int('must be a whole number of seconds').min(0).max(max);

@@ -4,13 +4,20 @@
 const BINARY_SUFFIXES: Readonly<Record<string, number>> = { Ki: 2 ** 10, Mi: 2 ** 20, Gi: 2 ** 30, Ti: 2 ** 40, Pi: 2 ** 50, Ei: 2 ** 60 };
 const DECIMAL_SUFFIXES: Readonly<Record<string, number>> = { k: 1e3, M: 1e6, G: 1e9, T: 1e12, P: 1e15, E: 1e18 };
 
+const BYTE_QUANTITY = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$/;
+const INODE_PERCENT = /^(\d+(?:\.\d+)?)%$/;
+
+/** The string forms as JSON Schema patterns (values.schema.json), surrounding spaces allowed as trim() does. */
+export const BYTE_QUANTITY_PATTERN = `^\\s*${BYTE_QUANTITY.source.slice(1, -1)}\\s*$`;
+export const INODE_PERCENT_PATTERN = `^\\s*${INODE_PERCENT.source.slice(1, -1)}\\s*$`;
+
 /**
  * Bytes from an integer or a Kubernetes quantity (`20Gi`, `500M`, `1.5Gi`), as `maxBytes` is
  * written in values files; null when it is neither, or not a whole, safe, non-negative number.
  */
 export function parseByteQuantity(value: number | string): number | null {
   if (typeof value === 'number') return Number.isSafeInteger(value) && value >= 0 ? value : null;
-  const match = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$/.exec(value.trim());
+  const match = BYTE_QUANTITY.exec(value.trim());
   if (!match) return null;
   const unit = match[2] ? (BINARY_SUFFIXES[match[2]] ?? DECIMAL_SUFFIXES[match[2]] ?? 1) : 1;
   const bytes = Math.floor(Number(match[1]) * unit);
@@ -23,7 +30,7 @@ export function parseByteQuantity(value: number | string): number | null {
  */
 export function parseInodeFloor(value: number | string): { readonly inodes: number } | { readonly percent: number } | null {
   if (typeof value === 'number') return Number.isSafeInteger(value) && value >= 0 ? { inodes: value } : null;
-  const match = /^(\d+(?:\.\d+)?)%$/.exec(value.trim());
+  const match = INODE_PERCENT.exec(value.trim());
   if (!match) return null;
   const percent = Number(match[1]);
   return percent <= 100 ? { percent } : null;
