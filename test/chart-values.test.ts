@@ -9,7 +9,9 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments, stringify as stringifyYaml } from 'yaml';
-import { parseConfig } from '../src/rules/config.js';
+import fc from 'fast-check';
+import { parseConfig, validateConfig } from '../src/rules/config.js';
+import { parseByteQuantity, parseInodeFloor } from '../src/rules/quantity.js';
 import { renderValuesSchema, VALUES_SCHEMA_FILE } from '../scripts/values-schema.js';
 import { cachedBinary, KUBE_VERSION } from './support/controlplane.js';
 import { runAsync } from './support/procs.js';
@@ -49,6 +51,17 @@ describe('Helm chart values', function () {
 
   it('values.schema.json is what scripts/values-schema.ts generates from the config schema (regenerate: node dist/scripts/values-schema.js)', () => {
     assert.equal(readFileSync(VALUES_SCHEMA_FILE, 'utf8'), renderValuesSchema());
+  });
+
+  it('the patterns it adds to the config schema are looser than the checks they stand for, never stricter', () => {
+    const schema = JSON.parse(readFileSync(VALUES_SCHEMA_FILE, 'utf8')) as { properties: { registries: { items: { properties: { upstream: { pattern: string } } } }; cache: { properties: Record<string, { pattern: string }> } } };
+    const upstream = new RegExp(schema.properties.registries.items.properties.upstream.pattern);
+    const acceptsUpstream = (url: string) => validateConfig({ registries: [{ name: 'a', match: ['a.example'], upstream: url, auth: { mode: 'anonymous' } }] }).ok;
+    fc.assert(fc.property(fc.oneof(fc.webUrl(), fc.string(), fc.constantFrom(' http://a.example', 'HTTPS://A.EXAMPLE:5000', 'http:a.example')), (url) => !acceptsUpstream(url) || upstream.test(url)), { numRuns: 2000 });
+    const bytes = new RegExp(schema.properties.cache.properties.maxBytes?.pattern ?? '');
+    const inodes = new RegExp(schema.properties.cache.properties.minFreeInodes?.pattern ?? '');
+    fc.assert(fc.property(fc.oneof(fc.stringMatching(/^ ?\d{1,12}(\.\d{1,3})?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)? ?$/), fc.string()), (value) => parseByteQuantity(value) === null || bytes.test(value)), { numRuns: 2000 });
+    fc.assert(fc.property(fc.oneof(fc.stringMatching(/^ ?\d{1,3}(\.\d{1,3})?% ?$/), fc.string()), (value) => parseInodeFloor(value) === null || inodes.test(value)), { numRuns: 2000 });
   });
 
   it('refuses each misspelt or malformed value, naming its key, where helm rendered it before', async () => {
