@@ -32,7 +32,9 @@ Usage:
                      [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
-  pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
+  pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR] [--ops-collector-host ADDR]] [--probe-interval SECONDS]
+                     (--ops-collector-host: the operations port also listens there, e.g. the Pod IP, for the
+                      webhook's status collector; there all but /healthz and /readyz need its bearer token)
                      (on a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
                       every --probe-interval that its own address is answered by itself: a NodePort Service
                       on the same port takes the address over under kube-proxy's iptables mode; then /readyz
@@ -228,7 +230,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
 async function cmdProxy(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
-    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'ops-port': { type: 'string' }, 'ops-host': { type: 'string' }, 'probe-interval': { type: 'string', default: '30' } },
+    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'ops-port': { type: 'string' }, 'ops-host': { type: 'string' }, 'ops-collector-host': { type: 'string' }, 'probe-interval': { type: 'string', default: '30' } },
     strict: true,
   });
   const configPath = requireOption(values.config, '--config');
@@ -237,6 +239,9 @@ async function cmdProxy(args: string[]): Promise<number> {
   const port = parsePort(values.port, '--port');
   const opsPort = values['ops-port'] === undefined ? undefined : parsePort(values['ops-port'], '--ops-port');
   if (opsPort !== undefined && opsPort === port) throw new UsageError('--ops-port must differ from --port');
+  const collectorHost = values['ops-collector-host'];
+  if (collectorHost !== undefined && opsPort === undefined) throw new UsageError('--ops-collector-host needs --ops-port (it listens on that port)');
+  if (collectorHost !== undefined && collectorHost === (values['ops-host'] ?? values.host)) throw new UsageError('--ops-collector-host must differ from --ops-host (the operations port already listens there)');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
   const { runProxy } = await load.proxyRun();
@@ -247,6 +252,7 @@ async function cmdProxy(args: string[]): Promise<number> {
     port,
     ...(opsPort !== undefined ? { opsPort } : {}),
     ...(values['ops-host'] !== undefined ? { opsHost: values['ops-host'] } : {}),
+    ...(collectorHost !== undefined ? { opsCollectorHost: collectorHost } : {}),
     // The chart sets NODE_NAME to the Node's name (downward API): shared-tier claims say which node fetches.
     ...(process.env['NODE_NAME'] ? { nodeName: process.env['NODE_NAME'] } : {}),
     probeIntervalMs: interval * 1000,

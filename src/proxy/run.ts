@@ -34,6 +34,12 @@ export interface ProxyRunOptions {
   readonly opsPort?: number;
   /** Where the operations port listens; the registry port's host when not given. */
   readonly opsHost?: string;
+  /**
+   * Also listen on the operations port at this address (the Pod IP, given by the chart with the
+   * hostNetwork exposure, where opsHost is the node's loopback), for the webhook's status collector:
+   * there every endpoint but /healthz and /readyz needs the collector's bearer token.
+   */
+  readonly opsCollectorHost?: string;
   /** Open connections accepted at once (a node's kubelet and pods); more are closed on arrival. */
   readonly maxConnections?: number;
   /** Of those, what one source address may hold (the node's own runtime is one source too). */
@@ -87,7 +93,7 @@ function reportSkippedBrokerKeys(logger: Logger, metrics: Registry): (skipped: r
 
 export async function runProxy(
   options: ProxyRunOptions,
-): Promise<{ running: RunningServer; ops: RunningServer | undefined; watcher: ConfigWatcher | undefined; listener: ListenerCheck | undefined; shutdown(): Promise<void> }> {
+): Promise<{ running: RunningServer; ops: RunningServer | undefined; opsCollector: RunningServer | undefined; watcher: ConfigWatcher | undefined; listener: ListenerCheck | undefined; shutdown(): Promise<void> }> {
   tuneRuntimeForRelay();
   const logger = options.logger ?? createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
@@ -96,7 +102,7 @@ export async function runProxy(
   const cache = options.config.cache ? await NodeCache.open(options.config.cache, metrics, logger, Date.now, { nodeName: options.nodeName }) : undefined;
   let runtime: ProxyRuntime = createProxyRuntime(options.config, {}, onVerifyKeys, cache);
   const retired = new Set<ProxyRuntime>();
-  const prober = new Prober(() => runtime, metrics, options.probeIntervalMs);
+  const prober = new Prober(() => runtime, metrics, options.probeIntervalMs, undefined, logger);
   let draining = false;
   const watcher = options.configPath
     ? new ConfigWatcher({
@@ -127,6 +133,15 @@ export async function runProxy(
   const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps, instanceId });
   const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerSource: options.maxConnectionsPerSource ?? DEFAULT_MAX_CONNECTIONS_PER_SOURCE });
   const ops = separateOps ? await listen(createOpsHandler({ ...opsOptions, logger }), { host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: 64 }) : undefined;
+  const opsCollector =
+    ops && options.opsCollectorHost !== undefined
+      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true }), { host: options.opsCollectorHost, port: ops.port, maxConnections: 16 }).catch(async (error: unknown) => {
+          watcher?.stop();
+          await Promise.all([running.close(), ops.close()]);
+          throw error;
+        })
+      : undefined;
+  if (opsCollector) logger.info({ url: opsCollector.url }, 'operations endpoints for the status collector listening (bearer token required)');
   // On the node's loopback (the hostNetwork exposure), a NodePort Service on the same port takes
   // this address over under kube-proxy's iptables mode: check that this process answers it.
   const bound = running.server.address() as AddressInfo;
@@ -143,13 +158,14 @@ export async function runProxy(
   return {
     running,
     ops,
+    opsCollector,
     watcher,
     listener,
     async shutdown() {
       draining = true;
       watcher?.stop();
       prober.stop();
-      await Promise.all([running.close(), ops?.close()]);
+      await Promise.all([running.close(), ops?.close(), opsCollector?.close()]);
       await Promise.all([runtime, ...retired].map((r) => r.close()));
       await cache?.close(FILL_SETTLE_MS);
       logger.info('proxy stopped');
