@@ -4,6 +4,7 @@
 // the aggregation is src/k8s/connectionstatus.ts.
 
 import { V1MicroTime, type CoordinationV1Api, type CoreV1Api, type CustomObjectsApi, type V1Lease } from '@kubernetes/client-node';
+import { Gauge, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
 import { apiMessage, apiStatus } from './client.js';
@@ -96,6 +97,8 @@ export interface StatusCollectorOptions {
   readonly token: () => string;
   readonly logger: Logger;
   readonly leaseName?: string;
+  /** Where the collected conditions are exported too (the webhook's metrics port is scrapable with every exposure). */
+  readonly metrics?: Registry;
   /** Events about condition changes. */
   readonly recordEvent: (object: string, change: ConditionChange) => Promise<void>;
 }
@@ -113,8 +116,15 @@ export class StatusCollector {
   private readonly elector: LeaseElector;
   private running: Promise<void> | undefined;
   private leading = false;
+  private readonly gauges: { ready: Gauge<'rule'>; reachable: Gauge<'rule'> } | undefined;
 
   constructor(private readonly options: StatusCollectorOptions) {
+    const registers = options.metrics ? [options.metrics] : undefined;
+    // Only the collecting replica has values: alerts take the max over replicas.
+    this.gauges = registers && {
+      ready: new Gauge({ name: 'pullbridge_registry_connection_ready', help: "A rule's Ready condition as the status collector last wrote it: 1 True, 0 False (set by the collecting replica only)", labelNames: ['rule'], registers }),
+      reachable: new Gauge({ name: 'pullbridge_registry_connection_reachable', help: "A rule's Reachable condition: 1 True, 0 False, -1 Unknown (set by the collecting replica only)", labelNames: ['rule'], registers }),
+    };
     // Held across at least three missed collections before another replica takes over.
     const duration = Math.max(15, Math.ceil((options.intervalMs * 3) / 1000));
     this.elector = new LeaseElector(options.coordination, options.namespace, options.leaseName ?? 'pullbridge-status-collector', options.identity, duration);
@@ -142,6 +152,10 @@ export class StatusCollector {
       if (leading !== this.leading) this.options.logger.info({ identity: this.options.identity }, leading ? 'status collector: this replica collects' : 'status collector: another replica collects');
       this.leading = leading;
       if (leading) await this.collect();
+      else {
+        this.gauges?.ready.reset();
+        this.gauges?.reachable.reset();
+      }
     } catch (error) {
       this.options.logger.warn({ error: apiMessage(error) }, 'status collection failed');
     }
@@ -200,7 +214,12 @@ export class StatusCollector {
       }
     }
     const { statuses, changes } = aggregateConnections({ rules, reports, previous: new Map([...existing].map(([name, o]) => [name, o.status])), now: new Date().toISOString() });
+    this.gauges?.ready.reset();
+    this.gauges?.reachable.reset();
+    const value = (status: RegistryConnectionStatus, type: 'Ready' | 'Reachable') => ({ True: 1, False: 0, Unknown: -1 })[status.conditions.find((c) => c.type === type)?.status ?? 'Unknown'];
     for (const [name, status] of statuses) {
+      this.gauges?.ready.set({ rule: name }, Math.max(0, value(status, 'Ready')));
+      this.gauges?.reachable.set({ rule: name }, value(status, 'Reachable'));
       const stored = existing.get(name);
       if (!stored) continue;
       try {

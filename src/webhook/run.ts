@@ -133,6 +133,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
           config: () => config,
           token: () => collectorToken(signingKey()),
           logger,
+          metrics,
           recordEvent: (name, change) => recordEvent(k8s.core, logger, { apiVersion: `${CONNECTION_GROUP}/${CONNECTION_VERSION}`, kind: CONNECTION_KIND, name, namespace: collectorOptions.namespace }, change.eventType, change.reason, `${change.type} is ${change.to}: ${change.message}`, 'pullbridge-webhook'),
         });
         collector.start();
