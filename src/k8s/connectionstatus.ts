@@ -145,7 +145,11 @@ function conditionsFor(upstream: string, nodes: readonly NodeConnection[]): Arra
       ? { type: 'Authenticated', status: 'False', reason: 'AuthenticationFailed', message: `${refused.length}/${checked.length} node(s) not authenticated by ${upstream}: ${describe(refused)}` }
       : checked.length > 0
         ? { type: 'Authenticated', status: 'True', reason: 'Authenticated', message: `${checked.length}/${total} node(s) authenticated` }
-        : { type: 'Authenticated', status: 'Unknown', reason: probed.length > 0 ? 'NotCheckable' : 'NotProbed', message: probed.length > 0 ? 'the rule has no credentials of its own to check (passthrough: each pull brings its own)' : 'not probed yet' };
+        : probed.length === 0
+          ? { type: 'Authenticated', status: 'Unknown', reason: 'NotProbed', message: 'not probed yet' }
+          : probed.some((n) => n.reachable === true)
+            ? { type: 'Authenticated', status: 'Unknown', reason: 'NotCheckable', message: 'the rule has no credentials of its own to check (passthrough: each pull brings its own)' }
+            : { type: 'Authenticated', status: 'Unknown', reason: 'NotReached', message: `${upstream} was not reached: credentials not checked` };
   const ready = nodes.filter(nodeReady);
   const notReady = nodes.filter((n) => !nodeReady(n));
   const readyCondition: Omit<Condition, 'lastTransitionTime'> =
