@@ -119,7 +119,7 @@ ${extraRule}`;
     writeFileSync(asWebhook, JSON.stringify(admin));
     for (const identity of ['webhook-1', 'webhook-2']) {
       replicas.push(
-        await runWebhook({ config: configFrom(configYaml()), configPath: configFile, host: '127.0.0.1', port: 0, kubeconfig: asWebhook, reconcileIntervalMs: 3_600_000, logger: memoryLogger().logger, statusCollector: { namespace: NS, proxySelector: SELECTOR, opsPort, intervalMs: COLLECT_MS, identity } }),
+        await runWebhook({ config: configFrom(configYaml()), configPath: configFile, host: '127.0.0.1', port: 0, kubeconfig: asWebhook, reconcileIntervalMs: 3_600_000, metricsPort: 0, logger: memoryLogger().logger, statusCollector: { namespace: NS, proxySelector: SELECTOR, opsPort, intervalMs: COLLECT_MS, identity } }),
       );
     }
   });
@@ -182,6 +182,32 @@ ${extraRule}`;
     assert.match(table[1] ?? '', new RegExp(`^corp\\s+${registry.url.replace(/[.]/g, '\\.')}\\s+True\\s+True\\s+True\\s+2/2\\s+\\d+ms\\s+\\d+s$`));
     // With a rule, and every rule Ready: exit 0.
     assert.equal(status().status, 0);
+  });
+
+  it('the opt-in PrometheusRule names only metrics the real proxy and webhook export', async () => {
+    const rendered = await runAsync(cachedBinary('helm'), ['template', 'pb', CHART, '-n', NS, '--kube-version', KUBE_VERSION.slice(1), '--set', 'metrics.prometheusRule.enabled=true', '--show-only', 'templates/prometheusrule.yaml']);
+    const rule = parseAllDocuments(rendered)[0]?.toJS() as { kind: string; spec: { groups: Array<{ rules: Array<{ alert: string; expr: string }> }> } };
+    assert.equal(rule.kind, 'PrometheusRule');
+    const alerts = rule.spec.groups.flatMap((g) => g.rules);
+    assert.deepEqual(alerts.map((a) => a.alert), ['PullbridgeRegistryRuleDown', 'PullbridgeRegistryAuthFailing', 'PullbridgePullSecretProvisioningFailing', 'PullbridgeSharedTierDown', 'PullbridgeCacheFillsPaused', 'PullbridgeCacheNotFilling', 'PullbridgeWebhookCertificateExpiring']);
+    const used = new Set(alerts.flatMap((a) => a.expr.match(/\bpullbridge_[a-z0-9_]+/g) ?? []));
+    // A proxy with a node cache and a shared tier (filesystem), so that every proxy metric is there.
+    const cacheConfig = join(dir, 'cached.yaml');
+    writeFileSync(cacheConfig, `${configYaml()}cache: {path: ${join(dir, 'cache')}, shared: {filesystem: {path: ${join(dir, 'shared')}}}}\n`);
+    const port = await freePort();
+    const proxy = await startCli(['proxy', '--config', cacheConfig, '--host', '127.0.0.1', '--port', '0', '--ops-port', String(port), '--ops-host', '127.0.0.1', '--probe-interval', '3600'], /operations endpoints listening/);
+    let exported: Set<string>;
+    try {
+      const names = (text: string) => [...text.matchAll(/^# TYPE (\S+) /gm)].map((m) => m[1] ?? '');
+      const proxyMetrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      const webhookMetrics = await Promise.all(replicas.map(async (r) => (await fetch(`${r.metricsServer?.url ?? ''}/metrics`)).text()));
+      exported = new Set([...names(proxyMetrics), ...webhookMetrics.flatMap(names)]);
+    } finally {
+      proxy.child.kill('SIGTERM');
+      await exitOf(proxy.child);
+    }
+    assert.ok(used.size >= 9, [...used].join(' '));
+    assert.deepEqual([...used].filter((name) => !exported.has(name)), [], `exported: ${[...exported].join(' ')}`);
   });
 
   it('a rule whose upstream is killed shows Reachable=False with the error, a Warning Event, and a warning in the proxies\' logs; restarted, it recovers with a Normal Event', async () => {
