@@ -1,8 +1,12 @@
 // The RegistryConnection aggregation (pure): proxies' /status documents in, each rule's status and
-// the condition changes (Events) out; and the table `pullbridge status` prints.
+// the condition changes (Events) out; the table `pullbridge status` prints; and who may read the
+// proxies' operations endpoints (the collector's token).
 
 import assert from 'node:assert/strict';
+import { createHmac } from 'node:crypto';
 import { aggregateConnections, allReady, formatConnectionTable, parseProxyStatus, planObjects, type ProxyReport, type ProxyStatusDocument, type RegistryConnectionStatus } from '../src/k8s/connectionstatus.js';
+import { collectorToken } from '../src/proxy/credentials.js';
+import { opsRefusal, type OpsRequestFacts } from '../src/proxy/ops.js';
 import type { UpstreamStatus } from '../src/upstream/probe.js';
 
 const T0 = '2026-12-06T10:00:00.000Z';
@@ -172,5 +176,37 @@ describe('RegistryConnection aggregation', () => {
     assert.equal(allReady(objects.slice(0, 1)), true);
     assert.equal(allReady([]), false, 'no objects: nothing says the rules are ready');
     assert.equal(allReady([{ name: 'new' }]), false, 'no status yet');
+  });
+});
+
+describe('who may read a proxy\'s operations endpoints', () => {
+  const key = Buffer.from('k'.repeat(64));
+  const previous = Buffer.from('p'.repeat(64));
+  const facts = (over: Partial<OpsRequestFacts>): OpsRequestFacts => ({ path: '/status', peer: '10.0.0.7', authorization: undefined, collectorListener: false, keys: () => [key, previous], ...over });
+  const bearer = (k: Uint8Array) => `Bearer ${collectorToken(k)}`;
+
+  it('on the operations port: /status, /warm and /purge need the collector token from a non-loopback peer; loopback (port-forward), health and /metrics do not', () => {
+    for (const path of ['/status', '/warm', '/purge']) {
+      assert.equal(opsRefusal(facts({ path }))?.status, 401, path);
+      assert.equal(opsRefusal(facts({ path, peer: '127.0.0.1' })), null, `${path} from loopback`);
+      assert.equal(opsRefusal(facts({ path, peer: '::ffff:127.0.0.1' })), null, `${path} from IPv4-mapped loopback`);
+      assert.equal(opsRefusal(facts({ path, authorization: bearer(key) })), null, `${path} with the token`);
+    }
+    for (const path of ['/healthz', '/readyz', '/metrics']) assert.equal(opsRefusal(facts({ path })), null, path);
+  });
+
+  it('on the collector listener: everything but health needs it, from any peer', () => {
+    for (const path of ['/status', '/metrics', '/purge', '/nothing']) assert.equal(opsRefusal(facts({ path, peer: '127.0.0.1', collectorListener: true }))?.status, 401, path);
+    for (const path of ['/healthz', '/readyz']) assert.equal(opsRefusal(facts({ path, collectorListener: true })), null, path);
+  });
+
+  it('accepts the token of any broker key (rotation), refuses another key\'s, the key itself, and other schemes', () => {
+    assert.equal(opsRefusal(facts({ authorization: bearer(previous) })), null, 'a verify-only key: a rotation in progress');
+    assert.equal(opsRefusal(facts({ authorization: bearer(Buffer.from('x'.repeat(64))) }))?.status, 403);
+    assert.equal(opsRefusal(facts({ authorization: `Bearer ${key.toString()}` }))?.status, 403);
+    assert.equal(opsRefusal(facts({ authorization: `Basic ${Buffer.from(`x:${collectorToken(key)}`).toString('base64')}` }))?.status, 403);
+    assert.equal(opsRefusal(facts({ authorization: bearer(key), keys: () => [] }))?.status, 403, 'no usable broker key: no token is right');
+    // Derived, fixed: HMAC-SHA256(key, "pullbridge ops collector v1"), hex; never a namespace credential.
+    assert.equal(collectorToken(key), createHmac('sha256', key).update('pullbridge ops collector v1').digest('hex'));
   });
 });

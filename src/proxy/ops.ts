@@ -32,28 +32,48 @@ export interface OpsHandlerOptions {
   readonly collectorListener?: boolean;
 }
 
-/** Endpoints that say or change more than health and counters: loopback peers or the collector only. */
-const GUARDED_PATHS = new Set(['/status', '/warm', '/purge']);
-
-/** Why a request may not be served (status and message), or null when it may. */
-function refusal(options: OpsHandlerOptions, req: IncomingMessage, path: string): { status: number; message: string } | null {
-  if (HEALTH_PATHS.has(path)) return null;
-  const guarded = options.collectorListener === true || (GUARDED_PATHS.has(path) && !isLoopbackAddress(req.socket.remoteAddress ?? ''));
-  if (!guarded) return null;
-  const authorization = req.headers.authorization;
-  if (authorization === undefined) return { status: 401, message: 'this endpoint needs the status collector\'s bearer token from a non-loopback address (or use kubectl port-forward)' };
-  let keys: Uint8Array[] = [];
-  try {
-    keys = options.runtime()?.brokerKeys?.keys() ?? [];
-  } catch {
-    keys = []; // no usable signing key: no token can be right
-  }
-  return verifyCollectorToken(keys, authorization) ? null : { status: 403, message: 'the bearer token is not the status collector\'s for this proxy\'s broker keys' };
-}
-
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
 /** Health answers nothing about the configuration: always served, so probes work on either port. */
 const HEALTH_PATHS = new Set(['/healthz', '/readyz']);
+/** Endpoints that say or change more than health and counters: loopback peers or the collector only. */
+const GUARDED_PATHS = new Set(['/status', '/warm', '/purge']);
+
+export interface OpsRequestFacts {
+  /** The URL path, without the query. */
+  readonly path: string;
+  /** The peer's address. */
+  readonly peer: string;
+  readonly authorization: string | undefined;
+  /** Served on the collector listener (see OpsHandlerOptions.collectorListener). */
+  readonly collectorListener: boolean;
+  /** The broker keys the collector token may be derived from; read only when a token is needed. */
+  readonly keys: () => readonly Uint8Array[];
+}
+
+/** Why an operations request may not be served (status and message), or null when it may. Pure. */
+export function opsRefusal(facts: OpsRequestFacts): { status: 401 | 403; message: string } | null {
+  if (HEALTH_PATHS.has(facts.path)) return null;
+  const guarded = facts.collectorListener || (GUARDED_PATHS.has(facts.path) && !isLoopbackAddress(facts.peer));
+  if (!guarded) return null;
+  if (facts.authorization === undefined) return { status: 401, message: 'this endpoint needs the status collector\'s bearer token from a non-loopback address (or use kubectl port-forward)' };
+  return verifyCollectorToken(facts.keys(), facts.authorization) ? null : { status: 403, message: 'the bearer token is not the status collector\'s for this proxy\'s broker keys' };
+}
+
+function refusal(options: OpsHandlerOptions, req: IncomingMessage, path: string): { status: number; message: string } | null {
+  return opsRefusal({
+    path,
+    peer: req.socket.remoteAddress ?? '',
+    authorization: req.headers.authorization,
+    collectorListener: options.collectorListener === true,
+    keys: () => {
+      try {
+        return options.runtime()?.brokerKeys?.keys() ?? [];
+      } catch {
+        return []; // no usable signing key: no token can be right
+      }
+    },
+  });
+}
 
 /** Whether the registry port answers `url` as an operations endpoint. */
 export function isOpsRequest(method: string | undefined, url: string, opsOnRegistryPort: boolean): boolean {
