@@ -213,13 +213,19 @@ ${extraRule}`;
   it('a rule whose upstream is killed shows Reachable=False with the error, a Warning Event, and a warning in the proxies\' logs; restarted, it recovers with a Normal Event', async () => {
     await registry.kill();
     // Bounded: the probe (1 s) and the collection (1 s) run many times within it.
-    const down = await eventually(async () => condition(await connection('corp'), 'Reachable')?.status === 'False', 60_000);
+    // Until both nodes' probes have seen it (each proxy probes on its own timer).
+    const down = await eventually(async () => {
+      const c = await connection('corp');
+      return condition(c, 'Reachable')?.status === 'False' && c?.status?.nodes.every((n) => n.reachable === false) === true;
+    }, 60_000);
     const corp = await connection('corp');
     assert.ok(down, JSON.stringify(corp?.status, null, 2));
     assert.equal(condition(corp, 'Reachable')?.reason, 'UpstreamUnreachable');
     assert.match(condition(corp, 'Reachable')?.message ?? '', /ECONNREFUSED/);
     assert.equal(condition(corp, 'Ready')?.status, 'False');
-    assert.match(corp?.status?.lastError ?? '', /^node-[ab]: ECONNREFUSED/);
+    assert.match(condition(corp, 'Reachable')?.message ?? '', /^2\/2 node\(s\) cannot reach /);
+    assert.equal(condition(corp, 'Authenticated')?.status, 'Unknown', 'not reached: credentials not checked');
+    assert.match(corp?.status?.lastError ?? '', /^node-a: ECONNREFUSED/);
     const warned = await eventually(async () => (await events()).some((e) => e.type === 'Warning' && e.involvedObject.name === 'corp' && e.reason === 'UpstreamUnreachable'), 30_000);
     const warning = (await events()).find((e) => e.reason === 'UpstreamUnreachable');
     assert.ok(warned, JSON.stringify(await events(), null, 2));
