@@ -269,7 +269,6 @@ async function cmdProxy(args: string[]): Promise<number> {
   if (opsPort !== undefined && opsPort === port) throw new UsageError('--ops-port must differ from --port');
   const collectorHost = values['ops-collector-host'];
   if (collectorHost !== undefined && opsPort === undefined) throw new UsageError('--ops-collector-host needs --ops-port (it listens on that port)');
-  if (collectorHost !== undefined && collectorHost === (values['ops-host'] ?? values.host)) throw new UsageError('--ops-collector-host must differ from --ops-host (the operations port already listens there)');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
   const { runProxy } = await load.proxyRun();

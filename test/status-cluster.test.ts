@@ -247,10 +247,14 @@ ${extraRule}`;
   });
 
   it('probes at start: a proxy whose next probe is an hour away logs its rule up at once', async () => {
-    const proxy = await startCli(['proxy', '--config', configFile, '--host', '127.0.0.1', '--port', '0', '--probe-interval', '3600'], /"msg":"upstream probe ok"/);
+    // Also: a node whose address is its loopback (the test node's, 127.0.0.1) gives the Pod IP the
+    // operations address already has: the proxy starts, without a second listener.
+    const port = await freePort();
+    const proxy = await startCli(['proxy', '--config', configFile, '--host', '127.0.0.1', '--port', '0', '--ops-port', String(port), '--ops-host', '127.0.0.1', '--ops-collector-host', '127.0.0.1', '--probe-interval', '3600'], /"msg":"upstream probe ok"/);
     proxy.child.kill('SIGTERM');
     await exitOf(proxy.child);
     assert.match(proxy.output(), /"rule":"corp".*"msg":"upstream probe ok"/);
+    assert.match(proxy.output(), /"msg":"the operations port already listens on the collector address: no second listener"/);
   });
 
   it('creates an object for a rule added to the config and deletes it when the rule is removed', async () => {

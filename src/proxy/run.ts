@@ -133,9 +133,15 @@ export async function runProxy(
   const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps, instanceId });
   const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerSource: options.maxConnectionsPerSource ?? DEFAULT_MAX_CONNECTIONS_PER_SOURCE });
   const ops = separateOps ? await listen(createOpsHandler({ ...opsOptions, logger }), { host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: 64 }) : undefined;
+  // A node whose address is its loopback (the Pod IP of a hostNetwork Pod is the node's address):
+  // the operations port already listens there, for the node alone.
+  // Likewise on a wildcard operations address (other exposures): the Pod IP is among its addresses.
+  const opsBound = options.opsHost ?? options.host;
+  const collectorHost = options.opsCollectorHost !== undefined && options.opsCollectorHost !== opsBound && !['0.0.0.0', '::'].includes(opsBound) ? options.opsCollectorHost : undefined;
+  if (ops && options.opsCollectorHost !== undefined && collectorHost === undefined) logger.info({ host: options.opsCollectorHost }, 'the operations port already listens on the collector address: no second listener');
   const opsCollector =
-    ops && options.opsCollectorHost !== undefined
-      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true }), { host: options.opsCollectorHost, port: ops.port, maxConnections: 16 }).catch(async (error: unknown) => {
+    ops && collectorHost !== undefined
+      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true }), { host: collectorHost, port: ops.port, maxConnections: 16 }).catch(async (error: unknown) => {
           watcher?.stop();
           await Promise.all([running.close(), ops.close()]);
           throw error;
