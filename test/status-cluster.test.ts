@@ -264,7 +264,18 @@ ${extraRule}`;
     assert.ok(await eventually(async () => (await connection('extra')) === undefined, 60_000), 'object of the removed rule deleted');
   });
 
-  it('pullbridge status prints the table of what the objects say (exact rows), and one line when the CRD is missing or the API is unreachable', async () => {
+  it('the collecting replica hands over on shutdown; pullbridge status prints the table of what the objects say (exact rows), and one line when the CRD is missing or the API is unreachable', async () => {
+    // The collecting replica stops: it hands the Lease back, and the other takes over.
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const coordination = kc.makeApiClient(CoordinationV1Api);
+    const holder = async () => (await coordination.readNamespacedLease({ namespace: NS, name: 'pullbridge-status-collector' })).spec?.holderIdentity;
+    const first = await holder();
+    const index = first === 'webhook-1' ? 0 : 1;
+    await replicas[index]?.shutdown();
+    replicas.splice(index, 1);
+    const other = first === 'webhook-1' ? 'webhook-2' : 'webhook-1';
+    assert.ok(await eventually(async () => (await holder()) === other, 30_000), `the Lease stayed with ${String(await holder())}`);
     // Stop collecting, so that what is printed and what is read below are the same state.
     await Promise.all(replicas.splice(0).map((r) => r.shutdown()));
     const corp = await connection('corp');
