@@ -174,7 +174,11 @@ export function valuesSchema(): JsonSchema {
         metricsSources: kubernetesList,
         proxyRegistrySources: kubernetesList,
       }),
-      metrics: strict({ serviceMonitor: strict({ enabled: boolean, interval: string({ pattern: '^([0-9]+(ms|s|m|h))+$' }), labels: stringMap }) }),
+      status: strict({ enabled: boolean, intervalSeconds: integer(0), installCRD: boolean }),
+      metrics: strict({
+        serviceMonitor: strict({ enabled: boolean, interval: string({ pattern: '^([0-9]+(ms|s|m|h))+$' }), labels: stringMap }),
+        prometheusRule: strict({ enabled: boolean, labels: stringMap }),
+      }),
       crio: strict({ registriesDropIn: strict({ enabled: boolean, dir: absolutePath }) }),
     }),
   };

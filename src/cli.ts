@@ -2,13 +2,14 @@
 // The one binary: `pullbridge <command> [options]`.
 
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { hostname, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { filesReadBy, formatConfigErrors, isDnsLabel, parseConfig, type Config, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
 import { parsePlatform, type Platform } from './cache/warmplan.js';
 import { readConfigFile, unloadableFiles } from './shell/configfile.js';
+import type { RegistryConnectionStatus } from './k8s/connectionstatus.js';
 
 // Each command loads only what it runs: the proxy DaemonSet runs on every node, and express,
 // node-forge and the webhook code would add tens of MB to each of its processes.
@@ -21,6 +22,7 @@ const load = {
   credentials: () => import('./proxy/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
   nodeSetup: () => import('./shell/nodesetup.js'),
+  connections: () => Promise.all([import('@kubernetes/client-node'), import('./k8s/connectionstatus.js'), import('./k8s/client.js')]),
   warm: () => Promise.all([import('./cache/warm.js'), import('./cache/nodecache.js'), import('./proxy/runtime.js'), import('./log.js'), import('./metrics.js')]),
 };
 
@@ -34,7 +36,12 @@ Usage:
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
                      [--credential-mirror SECRET --credential-sources FILE]
-  pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
+                     [--status-ops-port N --status-proxy-selector SELECTOR [--status-interval SECONDS]]
+                     (--status-*: one replica, elected with a Lease, reads the proxy Pods' /status and writes
+                      the RegistryConnection objects that \`kubectl get regconn\` and \`pullbridge status\` show)
+  pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR] [--ops-collector-host ADDR]] [--probe-interval SECONDS]
+                     (--ops-collector-host: the operations port also listens there, e.g. the Pod IP, for the
+                      webhook's status collector; there all but /healthz and /readyz need its bearer token)
                      (on a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
                       every --probe-interval that its own address is answered by itself: a NodePort Service
                       on the same port takes the address over under kube-proxy's iptables mode; then /readyz
@@ -44,6 +51,9 @@ Usage:
   pullbridge purge --ops-port N [--ops-host ADDR] --rule R --repository REPO [--digest D]
                      (asks the running proxy on that node, on its operations port, to forget what REPO may read
                       from its cache through rule R: the link to D and the tags naming it, or all of REPO's)
+  pullbridge status [--kubeconfig F] [--namespace NS] [--json]
+                     (the rules' connection state from the RegistryConnection objects in NS, default pullbridge:
+                      exit 0 when every rule is Ready, 1 when one is not or the API cannot be read, 2 on usage error)
   pullbridge node-setup --config FILE [--registries-dir DIR] [--once]
                      (CRI-O/podman: a registries.conf.d drop-in marking the proxy insecure, removed on exit)
   pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
@@ -165,6 +175,21 @@ function onTermination(stop: () => Promise<void>): void {
   process.on('SIGINT', handler);
 }
 
+/** The webhook's status collector settings (--status-*), or undefined when --status-ops-port is not given. */
+function webhookStatusCollector(values: { 'status-ops-port'?: string; 'status-proxy-selector'?: string; 'status-interval'?: string }, namespace: string, kubeconfig: string | undefined) {
+  if (values['status-ops-port'] === undefined) {
+    if (values['status-proxy-selector'] !== undefined) throw new UsageError('--status-proxy-selector needs --status-ops-port');
+    return undefined;
+  }
+  const opsPort = parsePort(values['status-ops-port'], '--status-ops-port');
+  const proxySelector = requireOption(values['status-proxy-selector'], '--status-proxy-selector');
+  const interval = Number(values['status-interval']);
+  if (!(interval > 0)) throw new UsageError(`--status-interval must be a positive number of seconds, got "${values['status-interval']}"`);
+  if (!kubeconfig) throw new UsageError('--status-ops-port needs Kubernetes API access (in a cluster, or --kubeconfig)');
+  // The chart sets POD_NAME (downward API): the Lease names the replica that collects.
+  return { namespace, proxySelector, opsPort, intervalMs: interval * 1000, identity: process.env['POD_NAME'] ?? `${hostname()}-${process.pid}` };
+}
+
 async function cmdWebhook(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
@@ -186,6 +211,9 @@ async function cmdWebhook(args: string[]): Promise<number> {
       'metrics-port': { type: 'string' },
       'credential-mirror': { type: 'string' },
       'credential-sources': { type: 'string' },
+      'status-ops-port': { type: 'string' },
+      'status-proxy-selector': { type: 'string' },
+      'status-interval': { type: 'string', default: '30' },
     },
     strict: true,
   });
@@ -214,6 +242,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
   if (clientCa && !certFile && !tlsSecret) throw new UsageError('--client-ca needs HTTPS: --tls-cert/--tls-key or --tls-secret');
   if (clientNames && !clientCa) throw new UsageError('--client-name needs --client-ca');
   const metricsPort = values['metrics-port'] === undefined ? undefined : parsePort(values['metrics-port'], '--metrics-port');
+  const statusCollector = webhookStatusCollector(values, namespace, kubeconfig);
   // The metrics port answers the startup probe before the webhook's modules load.
   const { listenGated, PROBE_PORT_MAX_CONNECTIONS } = await load.startupGate();
   const metricsListener = metricsPort !== undefined ? await listenGated({ host: values.host, port: metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS }) : undefined;
@@ -232,6 +261,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     ...(metricsPort !== undefined ? { metricsPort } : {}),
     ...(metricsListener ? { metricsListener } : {}),
     ...(mirrorSecret && credentialSources ? { credentialMirror: { secret: mirrorSecret, sourcesPath: credentialSources, namespace } } : {}),
+    ...(statusCollector ? { statusCollector } : {}),
   });
   onTermination(() => run.shutdown());
   return -1; // keeps running
@@ -240,7 +270,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
 async function cmdProxy(args: string[]): Promise<number> {
   const { values } = parseArgs({
     args,
-    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'ops-port': { type: 'string' }, 'ops-host': { type: 'string' }, 'probe-interval': { type: 'string', default: '30' } },
+    options: { config: { type: 'string' }, port: { type: 'string' }, host: { type: 'string', default: '0.0.0.0' }, 'ops-port': { type: 'string' }, 'ops-host': { type: 'string' }, 'ops-collector-host': { type: 'string' }, 'probe-interval': { type: 'string', default: '30' } },
     strict: true,
   });
   const configPath = requireOption(values.config, '--config');
@@ -249,6 +279,8 @@ async function cmdProxy(args: string[]): Promise<number> {
   const port = parsePort(values.port, '--port');
   const opsPort = values['ops-port'] === undefined ? undefined : parsePort(values['ops-port'], '--ops-port');
   if (opsPort !== undefined && opsPort === port) throw new UsageError('--ops-port must differ from --port');
+  const collectorHost = values['ops-collector-host'];
+  if (collectorHost !== undefined && opsPort === undefined) throw new UsageError('--ops-collector-host needs --ops-port (it listens on that port)');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
   // The operations port answers the startup probe before the proxy's modules load (a second on a busy node).
@@ -263,6 +295,7 @@ async function cmdProxy(args: string[]): Promise<number> {
     ...(opsPort !== undefined ? { opsPort } : {}),
     ...(opsListener ? { opsListener } : {}),
     ...(values['ops-host'] !== undefined ? { opsHost: values['ops-host'] } : {}),
+    ...(collectorHost !== undefined ? { opsCollectorHost: collectorHost } : {}),
     // The chart sets NODE_NAME to the Node's name (downward API): shared-tier claims say which node fetches.
     ...(process.env['NODE_NAME'] ? { nodeName: process.env['NODE_NAME'] } : {}),
     probeIntervalMs: interval * 1000,
@@ -394,6 +427,43 @@ function formatBytes(bytes: number): string {
   return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
+/** Prints the RegistryConnection objects (what the webhook's status collector wrote) as a table. */
+async function cmdStatus(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { kubeconfig: { type: 'string' }, namespace: { type: 'string', default: 'pullbridge' }, json: { type: 'boolean', default: false } }, strict: true });
+  const namespace = values.namespace;
+  if (!isDnsLabel(namespace)) throw new UsageError(`--namespace must be a namespace name, got "${namespace}"`);
+  const [{ CustomObjectsApi, KubeConfig }, connections, { apiMessage, apiStatus }] = await load.connections();
+  const kc = new KubeConfig();
+  try {
+    if (values.kubeconfig !== undefined) kc.loadFromFile(requireOption(values.kubeconfig, '--kubeconfig'));
+    else kc.loadFromDefault();
+  } catch (error) {
+    process.stderr.write(`pullbridge status: cannot load the kubeconfig ${values.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config'} (--kubeconfig): ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}\n`);
+    return 1;
+  }
+  const server = kc.getCurrentCluster()?.server ?? '(no cluster in the kubeconfig)';
+  let listed: { items?: Array<{ metadata?: { name?: string }; status?: Partial<RegistryConnectionStatus> }> };
+  try {
+    listed = (await kc.makeApiClient(CustomObjectsApi).listNamespacedCustomObject({ group: connections.CONNECTION_GROUP, version: connections.CONNECTION_VERSION, namespace, plural: connections.CONNECTION_PLURAL })) as typeof listed;
+  } catch (error) {
+    const status = apiStatus(error);
+    const cause = (error as { cause?: { code?: string } }).cause?.code ?? (error as { code?: unknown }).code;
+    const message =
+      status === 404
+        ? `the RegistryConnection resource (${connections.CONNECTION_PLURAL}.${connections.CONNECTION_GROUP}) is not installed at ${server}: install or upgrade the pullbridge chart`
+        : status !== undefined
+          ? `cannot list ${connections.CONNECTION_PLURAL} in namespace ${namespace} at ${server}: ${apiMessage(error)}`
+          : `cannot reach the Kubernetes API at ${server}: ${typeof cause === 'string' ? cause : (error as Error).message}`;
+    process.stderr.write(`pullbridge status: ${message}\n`);
+    return 1;
+  }
+  const objects = (listed.items ?? []).map((o) => ({ name: o.metadata?.name ?? '', ...(o.status ? { status: o.status } : {}) }));
+  if (values.json) process.stdout.write(`${JSON.stringify(objects, null, 2)}\n`);
+  else if (objects.length === 0) process.stdout.write(`no RegistryConnection objects in namespace ${namespace}: is the chart installed there with status.enabled, and its webhook running?\n`);
+  else process.stdout.write(connections.formatConnectionTable(objects));
+  return connections.allReady(objects) ? 0 : 1;
+}
+
 /**
  * Installs the registries.conf.d drop-in for the proxy's address and, unless --once, keeps it until
  * SIGTERM/SIGINT (the chart's node-setup DaemonSet Pod ending: uninstall), then removes it.
@@ -497,6 +567,8 @@ export async function main(argv: string[]): Promise<number> {
         return await cmdPurge(args);
       case 'node-setup':
         return await cmdNodeSetup(args);
+      case 'status':
+        return await cmdStatus(args);
       case 'demo':
         return await cmdDemo(args);
       case undefined:

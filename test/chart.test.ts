@@ -216,6 +216,54 @@ describe('Helm chart', function () {
     }
   });
 
+  it('collects connection status by default: the CRD, the webhook\'s collector flags and rights, the proxies\' collector address; none of it when disabled', async () => {
+    type Container = { args: string[]; env: Array<{ name: string; valueFrom?: { fieldRef?: { fieldPath: string } } }> };
+    const containerOf = (rendered: KubernetesObject[], kind: string) => (rendered.find((o) => o.kind === kind) as unknown as { spec: { template: { spec: { containers: Container[] } } } }).spec.template.spec.containers[0];
+    const fieldOf = (c: Container | undefined, name: string) => c?.env.find((e) => e.name === name)?.valueFrom?.fieldRef?.fieldPath;
+    const rendered = await render();
+    const crd = rendered.find((o) => o.kind === 'CustomResourceDefinition') as unknown as { metadata: { name: string }; spec: { names: { shortNames: string[] }; scope: string; versions: Array<{ additionalPrinterColumns: Array<{ name: string }> }> } } | undefined;
+    assert.equal(crd?.metadata.name, 'registryconnections.pullbridge.io');
+    assert.equal(crd?.spec.scope, 'Namespaced');
+    assert.deepEqual(crd?.spec.names.shortNames, ['regconn']);
+    assert.deepEqual(crd?.spec.versions[0]?.additionalPrinterColumns.map((c) => c.name), ['Upstream', 'Ready', 'Reachable', 'Authenticated', 'Nodes', 'Latency', 'Last Error', 'Last Success', 'Age']);
+    const webhook = containerOf(rendered, 'Deployment');
+    assert.ok(webhook?.args.includes('--status-ops-port=9090'));
+    assert.ok(webhook?.args.includes('--status-proxy-selector=app.kubernetes.io/name=pullbridge,app.kubernetes.io/instance=pullbridge,app.kubernetes.io/component=proxy'));
+    assert.ok(webhook?.args.includes('--status-interval=30'), 'proxy.probeIntervalSeconds by default');
+    assert.equal(fieldOf(webhook, 'POD_NAME'), 'metadata.name');
+    // The proxy Pods the selector names are the DaemonSet's.
+    const daemonset = rendered.find((o) => o.kind === 'DaemonSet') as unknown as { spec: { template: { metadata: { labels: Record<string, string> } } } };
+    assert.deepEqual(Object.fromEntries(Object.entries(daemonset.spec.template.metadata.labels).filter(([k]) => k.startsWith('app.kubernetes.io/'))), { 'app.kubernetes.io/name': 'pullbridge', 'app.kubernetes.io/instance': 'pullbridge', 'app.kubernetes.io/component': 'proxy' });
+    const proxy = containerOf(rendered, 'DaemonSet');
+    assert.ok(proxy?.args.includes('--ops-collector-host=$(POD_IP)'), 'hostNetwork: the operations port also on the Pod IP');
+    assert.equal(fieldOf(proxy, 'POD_IP'), 'status.podIP');
+    const role = rendered.find((o) => o.kind === 'Role') as unknown as { rules: Array<{ apiGroups: string[]; resources: string[]; verbs: string[]; resourceNames?: string[] }> };
+    const granted = (group: string, resource: string) => role.rules.filter((r) => r.apiGroups.includes(group) && r.resources.includes(resource)).flatMap((r) => r.verbs.map((v) => `${v}${r.resourceNames ? `:${r.resourceNames.join(',')}` : ''}`)).sort();
+    assert.deepEqual(granted('coordination.k8s.io', 'leases'), ['create', 'get:pullbridge-status-collector', 'update:pullbridge-status-collector']);
+    assert.deepEqual(granted('pullbridge.io', 'registryconnections'), ['create', 'delete', 'get', 'list', 'update']);
+    assert.deepEqual(granted('pullbridge.io', 'registryconnections/status'), ['patch', 'update']);
+    const interval = containerOf(await render('--set', 'status.intervalSeconds=10'), 'Deployment');
+    assert.ok(interval?.args.includes('--status-interval=10'));
+    // Other exposures: the operations port already listens on the Pod IP; the collector may reach it through the NetworkPolicy.
+    const nodePort = await render('--set', 'proxy.exposure=nodePort');
+    assert.ok(!containerOf(nodePort, 'DaemonSet')?.args.some((a) => a.startsWith('--ops-collector-host')));
+    const policy = JSON.stringify(nodePort.find((o) => o.kind === 'NetworkPolicy' && o.metadata?.name === 'pullbridge-proxy'));
+    assert.match(policy, /\{"ports":\[\{"protocol":"TCP","port":9090\}\],"from":\[\{"podSelector":\{"matchLabels":\{"app.kubernetes.io\/name":"pullbridge","app.kubernetes.io\/instance":"pullbridge","app.kubernetes.io\/component":"webhook"\}\}\}\]\}/);
+    const off = await render('--set', 'status.enabled=false');
+    assert.equal(off.find((o) => o.kind === 'CustomResourceDefinition'), undefined);
+    assert.ok(!containerOf(off, 'Deployment')?.args.some((a) => a.startsWith('--status-')));
+    assert.ok(!containerOf(off, 'DaemonSet')?.args.some((a) => a.startsWith('--ops-collector-host')));
+    assert.ok(!JSON.stringify(off.find((o) => o.kind === 'Role')).includes('registryconnections'));
+    const noCrd = await render('--set', 'status.installCRD=false');
+    assert.equal(noCrd.find((o) => o.kind === 'CustomResourceDefinition'), undefined, 'a second release leaves the definition to the first');
+    assert.ok(containerOf(noCrd, 'Deployment')?.args.includes('--status-ops-port=9090'));
+    // The PrometheusRule is opt-in (test/status-cluster.test.ts checks its metric names against the real exports).
+    assert.equal(rendered.find((o) => o.kind === 'PrometheusRule'), undefined);
+    const rule = (await render('--set', 'metrics.prometheusRule.enabled=true', '--set', 'metrics.prometheusRule.labels.release=prom')).find((o) => o.kind === 'PrometheusRule');
+    assert.equal(rule?.metadata?.labels?.release, 'prom');
+    assert.equal(rule?.apiVersion, 'monitoring.coreos.com/v1');
+  });
+
   it('gives the webhook a startup probe on its metrics port (up before the certificate bootstrap), and the apiserver accepts both workloads with theirs', async () => {
     type Probe = { httpGet: { path: string; port: string | number; scheme?: string }; periodSeconds?: number; failureThreshold?: number; timeoutSeconds?: number };
     const rendered = await render();
@@ -442,6 +490,7 @@ describe('Helm chart', function () {
         { namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'kube-system' } } },
       ]);
       const prometheus = [{ namespaceSelector: {}, podSelector: { matchLabels: { 'app.kubernetes.io/name': 'prometheus' } } }];
+      const collector = { podSelector: { matchLabels: { 'app.kubernetes.io/name': 'pullbridge', 'app.kubernetes.io/instance': 'pullbridge', 'app.kubernetes.io/component': 'webhook' } } };
       assert.deepEqual(webhook.spec.ingress[1]?.from, prometheus);
       // Named ports must be ports the Pods declare, or the rule opens nothing.
       assert.deepEqual(containerPorts(rendered, 'Deployment'), ['https', 'metrics']);
@@ -452,8 +501,10 @@ describe('Helm chart', function () {
       assert.ok(proxy);
       assert.equal(proxy.spec.podSelector.matchLabels['app.kubernetes.io/component'], 'proxy');
       // No rule names the registry port: only the node's own traffic (never blocked) reaches it.
-      assert.deepEqual(proxy.spec.ingress.map((r) => r.ports), [[{ protocol: 'TCP', port: 9090 }]]);
+      // The operations port: Prometheus, and the webhook's status collector.
+      assert.deepEqual(proxy.spec.ingress.map((r) => r.ports), [[{ protocol: 'TCP', port: 9090 }], [{ protocol: 'TCP', port: 9090 }]]);
       assert.deepEqual(proxy.spec.ingress[0]?.from, prometheus);
+      assert.deepEqual(proxy.spec.ingress[1]?.from, [collector]);
     });
 
     it('takes the sources from values, renders a closed policy for empty ones, and none when disabled; the apiserver accepts them', async () => {
@@ -468,18 +519,23 @@ webhook: {metricsPort: 9191}
 `);
       const rendered = await render('-f', custom);
       const byName = policies(rendered);
+      const collectorPeer = { podSelector: { matchLabels: { 'app.kubernetes.io/name': 'pullbridge', 'app.kubernetes.io/instance': 'pullbridge', 'app.kubernetes.io/component': 'webhook' } } };
       assert.deepEqual(byName.get('pullbridge-webhook')?.spec.ingress[0]?.from, [{ ipBlock: { cidr: '192.0.2.0/28' } }]);
       assert.deepEqual(byName.get('pullbridge-webhook')?.spec.ingress[1]?.from, [{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } } }]);
       assert.deepEqual(byName.get('pullbridge-proxy')?.spec.ingress, [
         { ports: [{ protocol: 'TCP', port: 'registry' }], from: [{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'ci' } } }] },
         { ports: [{ protocol: 'TCP', port: 9100 }], from: [{ namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': 'monitoring' } } }] },
+        { ports: [{ protocol: 'TCP', port: 9100 }], from: [collectorPeer] },
       ]);
       assert.match(JSON.stringify(rendered.find((o) => o.kind === 'Service' && o.metadata?.name === 'pullbridge-webhook')), /"port":9191,"targetPort":"metrics"/);
       for (const object of rendered.filter((o) => o.kind === 'NetworkPolicy')) await objects.create(object, undefined, 'All');
 
       const closed = policies(await render('--set', 'proxy.exposure=nodePort', '--set', 'networkPolicy.apiserverSources=null', '--set', 'networkPolicy.metricsSources=null'));
       assert.deepEqual(closed.get('pullbridge-webhook')?.spec.ingress, []);
-      assert.deepEqual(closed.get('pullbridge-proxy')?.spec.ingress, []);
+      // Only the status collector's way to the operations port stays open (none with status.enabled=false).
+      assert.deepEqual(closed.get('pullbridge-proxy')?.spec.ingress, [{ ports: [{ protocol: 'TCP', port: 9090 }], from: [collectorPeer] }]);
+      const noStatus = policies(await render('--set', 'proxy.exposure=nodePort', '--set', 'networkPolicy.apiserverSources=null', '--set', 'networkPolicy.metricsSources=null', '--set', 'status.enabled=false'));
+      assert.deepEqual(noStatus.get('pullbridge-proxy')?.spec.ingress, []);
       for (const object of closed.values()) await objects.create(object, undefined, 'All');
 
       assert.equal(policies(await render('--set', 'networkPolicy.enabled=false')).size, 0);

@@ -224,6 +224,8 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
           proxy: { exposure, port: PROXY_PORT },
           // A tag is asked upstream on every pull, so that one served while the upstream is down is stale.
           cache: { tagTTLSeconds: 0 },
+          // Connection status collected every 2 s rather than every probe interval (30 s).
+          status: { intervalSeconds: 2 },
         };
         valuesFile = join(dir, `values-${exposure}.yaml`);
         writeFileSync(valuesFile, stringifyYaml(values));
@@ -291,6 +293,28 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
         for (const digest of [workload.manifests[0]?.digest, workload.configs[0]?.digest, workload.layers[0]?.digest]) {
           assert.ok(served.some((r) => r.reference === digest), `the proxy Pod served ${digest} to namespace ${APP_NAMESPACE}: ${JSON.stringify(records)}`);
         }
+      });
+
+      it('kubectl get regconn: the webhook collected the node\'s proxy status into the rule\'s RegistryConnection', async () => {
+        type Connection = { status?: { conditions?: Array<{ type: string; status: string }>; nodes?: Array<{ node: string; reachable: boolean | null; lastError: string | null }> } };
+        const read = async () => JSON.parse(await kubectl('get', 'registryconnections', 'corp', '-n', RELEASE_NAMESPACE, '-o', 'json')) as Connection;
+        if (exposure === 'hostNetwork') {
+          // This test node's address is its loopback (127.0.0.1): from a webhook Pod on the Pod
+          // network that is the Pod's own loopback (where its own metrics port, also 9090, answers
+          // 404); on a real node the Pod IP of a hostNetwork Pod is the node's NIC address. The
+          // collector still wrote the object, saying why.
+          const connection = await until('no RegistryConnection status for corp', read, (c) => (c.status?.nodes?.length ?? 0) === 1);
+          assert.match(connection.status?.nodes?.[0]?.lastError ?? '', /^proxy status not collected: 127\.0\.0\.1:9090/);
+          return;
+        }
+        const connection = await until('the rule never showed Ready', read, (c) => c.status?.conditions?.find((x) => x.type === 'Ready')?.status === 'True');
+        assert.deepEqual(connection.status?.conditions?.map((c) => [c.type, c.status]), [
+          ['Reachable', 'True'],
+          ['Authenticated', 'True'],
+          ['Ready', 'True'],
+        ]);
+        assert.deepEqual(connection.status?.nodes?.map((n) => [n.node, n.reachable, n.lastError]), [[node?.name, true, null]]);
+        assert.match(await kubectl('get', 'regconn', '-n', RELEASE_NAMESPACE), /\ncorp\s+\S+\s+True\s+True\s+True\s+1\/1\s/);
       });
 
       if (exposure === 'hostNetwork') {

@@ -48,3 +48,27 @@ export function dockerConfigJson(proxyAuthority: string, namespace: string, key:
     auths: { [proxyAuthority]: { username: namespace, password, auth: Buffer.from(`${namespace}:${password}`).toString('base64') } },
   });
 }
+
+/** What the collector token is an HMAC of: a purpose of its own, so it is no namespace's credential. */
+const COLLECTOR_PURPOSE = 'pullbridge ops collector v1';
+
+/**
+ * The bearer token the webhook's status collector presents on a proxy's operations port. Derived
+ * from the broker key both already hold, so that no other Secret exists; hex of the HMAC.
+ */
+export function collectorToken(key: Uint8Array): string {
+  return createHmac('sha256', key).update(COLLECTOR_PURPOSE).digest('hex');
+}
+
+/** Whether `authorization` is `Bearer <collector token>` under any of the keys (constant time, every key compared). */
+export function verifyCollectorToken(keys: readonly Uint8Array[], authorization: string | undefined): boolean {
+  const m = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? '');
+  if (!m) return false;
+  const given = Buffer.from(m[1] ?? '');
+  let ok = false;
+  for (const key of keys) {
+    const expected = Buffer.from(collectorToken(key));
+    if (expected.length === given.length && timingSafeEqual(expected, given)) ok = true;
+  }
+  return ok;
+}

@@ -1,6 +1,12 @@
 // The operations endpoints: health, readiness, Prometheus metrics and the upstream status document;
 // on the operations port only, `POST /warm` (cache warm-up) and `POST /purge` (forget what a
 // repository may read from the cache).
+//
+// Who may read what: /healthz and /readyz answer anyone (kubelet probes). /metrics answers anyone on
+// the operations port (Prometheus). /status, /warm and /purge answer a loopback peer (the node
+// itself, `kubectl port-forward`) and otherwise only the webhook's status collector, which presents
+// a bearer token derived from the broker key (collectorToken). On the collector listener (the Pod
+// IP, where the hostNetwork exposure has no other operations address) everything but health needs it.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Registry } from 'prom-client';
@@ -8,7 +14,9 @@ import { warmImages } from '../cache/warm.js';
 import { parseWarmRequest, WARM_BODY_LIMIT_BYTES } from '../cache/warmplan.js';
 import type { Logger } from '../log.js';
 import { digestError, isValidRepositoryPath } from '../reference/reference.js';
+import { isLoopbackAddress } from '../upstream/addresses.js';
 import type { Prober } from '../upstream/probe.js';
+import { verifyCollectorToken } from './credentials.js';
 import type { ListenerStatus } from './listener.js';
 import type { ProxyRuntime } from './runtime.js';
 
@@ -20,11 +28,52 @@ export interface OpsHandlerOptions {
   readonly logger?: Logger;
   /** The registry listener's claim on its loopback address, when checked (src/proxy/listener.ts). */
   readonly listener?: () => ListenerStatus | undefined;
+  /** This handler serves the collector listener: every endpoint but health needs the collector token. */
+  readonly collectorListener?: boolean;
 }
 
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
 /** Health answers nothing about the configuration: always served, so probes work on either port. */
 const HEALTH_PATHS = new Set(['/healthz', '/readyz']);
+/** Endpoints that say or change more than health and counters: loopback peers or the collector only. */
+const GUARDED_PATHS = new Set(['/status', '/warm', '/purge']);
+
+export interface OpsRequestFacts {
+  /** The URL path, without the query. */
+  readonly path: string;
+  /** The peer's address. */
+  readonly peer: string;
+  readonly authorization: string | undefined;
+  /** Served on the collector listener (see OpsHandlerOptions.collectorListener). */
+  readonly collectorListener: boolean;
+  /** The broker keys the collector token may be derived from; read only when a token is needed. */
+  readonly keys: () => readonly Uint8Array[];
+}
+
+/** Why an operations request may not be served (status and message), or null when it may. Pure. */
+export function opsRefusal(facts: OpsRequestFacts): { status: 401 | 403; message: string } | null {
+  if (HEALTH_PATHS.has(facts.path)) return null;
+  const guarded = facts.collectorListener || (GUARDED_PATHS.has(facts.path) && !isLoopbackAddress(facts.peer));
+  if (!guarded) return null;
+  if (facts.authorization === undefined) return { status: 401, message: 'this endpoint needs the status collector\'s bearer token from a non-loopback address (or use kubectl port-forward)' };
+  return verifyCollectorToken(facts.keys(), facts.authorization) ? null : { status: 403, message: 'the bearer token is not the status collector\'s for this proxy\'s broker keys' };
+}
+
+function refusal(options: OpsHandlerOptions, req: IncomingMessage, path: string): { status: number; message: string } | null {
+  return opsRefusal({
+    path,
+    peer: req.socket.remoteAddress ?? '',
+    authorization: req.headers.authorization,
+    collectorListener: options.collectorListener === true,
+    keys: () => {
+      try {
+        return options.runtime()?.brokerKeys?.keys() ?? [];
+      } catch {
+        return []; // no usable signing key: no token can be right
+      }
+    },
+  });
+}
 
 /** Whether the registry port answers `url` as an operations endpoint. */
 export function isOpsRequest(method: string | undefined, url: string, opsOnRegistryPort: boolean): boolean {
@@ -37,6 +86,12 @@ export function createOpsHandler(options: OpsHandlerOptions): (req: IncomingMess
   const warm = { running: false };
   return (req, res) => {
     const url = req.url ?? '';
+    const refused = refusal(options, req, url.split('?')[0] ?? '');
+    if (refused) {
+      req.resume();
+      res.writeHead(refused.status, { 'content-type': 'text/plain', ...(refused.status === 401 ? { 'www-authenticate': 'Bearer realm="pullbridge-ops"' } : {}) }).end(`${refused.message}\n`);
+      return;
+    }
     if (url === '/warm') {
       if (req.method !== 'POST') {
         res.writeHead(405, { 'content-type': 'text/plain', allow: 'POST' }).end('POST /warm with {"images": [...], "platforms": [...]}');

@@ -37,6 +37,12 @@ export interface ProxyRunOptions {
   readonly opsListener?: GatedListener;
   /** Where the operations port listens; the registry port's host when not given. */
   readonly opsHost?: string;
+  /**
+   * Also listen on the operations port at this address (the Pod IP, given by the chart with the
+   * hostNetwork exposure, where opsHost is the node's loopback), for the webhook's status collector:
+   * there every endpoint but /healthz and /readyz needs the collector's bearer token.
+   */
+  readonly opsCollectorHost?: string;
   /** Open connections accepted at once (a node's kubelet and pods); more are closed on arrival. */
   readonly maxConnections?: number;
   /** Of those, what one source address may hold (the node's own runtime is one source too). */
@@ -90,7 +96,7 @@ function reportSkippedBrokerKeys(logger: Logger, metrics: Registry): (skipped: r
 
 export async function runProxy(
   options: ProxyRunOptions,
-): Promise<{ running: RunningServer; ops: RunningServer | undefined; watcher: ConfigWatcher | undefined; listener: ListenerCheck | undefined; shutdown(): Promise<void> }> {
+): Promise<{ running: RunningServer; ops: RunningServer | undefined; opsCollector: RunningServer | undefined; watcher: ConfigWatcher | undefined; listener: ListenerCheck | undefined; shutdown(): Promise<void> }> {
   tuneRuntimeForRelay();
   const logger = options.logger ?? createLogger({ name: 'pullbridge-proxy' });
   const metrics = createMetricsRegistry();
@@ -107,7 +113,7 @@ export async function runProxy(
   }) : undefined;
   let runtime: ProxyRuntime = createProxyRuntime(options.config, {}, onVerifyKeys, cache);
   const retired = new Set<ProxyRuntime>();
-  const prober = new Prober(() => runtime, metrics, options.probeIntervalMs);
+  const prober = new Prober(() => runtime, metrics, options.probeIntervalMs, undefined, logger);
   let draining = false;
   const watcher = options.configPath
     ? new ConfigWatcher({
@@ -142,6 +148,22 @@ export async function runProxy(
     throw error;
   });
   if (gated) serveGated(gated, createOpsHandler({ ...opsOptions, logger }), opsOptions.ready);
+  // A node whose address is its loopback (the Pod IP of a hostNetwork Pod is the node's address):
+  // the operations port already listens there, for the node alone.
+  // Likewise on a wildcard operations address (other exposures): the Pod IP is among its addresses.
+  const opsBound = options.opsHost ?? options.host;
+  const collectorHost = options.opsCollectorHost !== undefined && options.opsCollectorHost !== opsBound && !['0.0.0.0', '::'].includes(opsBound) ? options.opsCollectorHost : undefined;
+  if (ops && options.opsCollectorHost !== undefined && collectorHost === undefined) logger.info({ host: options.opsCollectorHost }, 'the operations port already listens on the collector address: no second listener');
+  const opsCollector =
+    ops && collectorHost !== undefined
+      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true }), { host: collectorHost, port: ops.port, maxConnections: 16 }).catch(async (error: unknown) => {
+          watcher?.stop();
+          await Promise.all([running.close(), ops.close()]);
+          await cache?.close(0);
+          throw error;
+        })
+      : undefined;
+  if (opsCollector) logger.info({ url: opsCollector.url }, 'operations endpoints for the status collector listening (bearer token required)');
   // On the node's loopback (the hostNetwork exposure), a NodePort Service on the same port takes
   // this address over under kube-proxy's iptables mode: check that this process answers it.
   const bound = running.server.address() as AddressInfo;
@@ -158,13 +180,14 @@ export async function runProxy(
   return {
     running,
     ops,
+    opsCollector,
     watcher,
     listener,
     async shutdown() {
       draining = true;
       watcher?.stop();
       prober.stop();
-      await Promise.all([running.close(), ops?.close()]);
+      await Promise.all([running.close(), ops?.close(), opsCollector?.close()]);
       await Promise.all([runtime, ...retired].map((r) => r.close()));
       await cache?.close(FILL_SETTLE_MS);
       logger.info('proxy stopped');

@@ -2,6 +2,7 @@
 // Probes run beside pulls and never block them.
 
 import { Gauge, type Registry } from 'prom-client';
+import type { Logger } from '../log.js';
 import { UpstreamAuthError } from './authorizer.js';
 import type { Config } from '../rules/config.js';
 import type { RuleUpstream } from './rule.js';
@@ -39,6 +40,8 @@ export class Prober {
     registry: Registry,
     private readonly intervalMs = 30_000,
     private readonly timeoutMs = 10_000,
+    /** Hears state changes: a warning when a rule goes down (with the error), info when it is up. */
+    private readonly logger?: Logger,
   ) {
     this.up = new Gauge({ name: 'pullbridge_upstream_up', help: '1 when the last probe reached the upstream', labelNames: ['rule'], registers: [registry] });
     this.authOk = new Gauge({ name: 'pullbridge_upstream_auth_ok', help: '1 when the last probe authenticated (-1: not checkable)', labelNames: ['rule'], registers: [registry] });
@@ -87,6 +90,15 @@ export class Prober {
     const runtime = this.runtime();
     if (!runtime) return [];
     return Promise.all([...runtime.rules.values()].map((rr) => this.probe(rr)));
+  }
+
+  /** Logs a change of a rule's state only, not every probe: once down, once recovered. */
+  private logChange(previous: UpstreamStatus | undefined, status: UpstreamStatus, ok: boolean): void {
+    const wasOk = previous === undefined ? undefined : previous.reachable === true && previous.authOk !== false && previous.lastError === null;
+    if (wasOk === ok) return;
+    const fields = { rule: status.rule, upstream: status.upstream, via: status.via, reachable: status.reachable, authenticated: status.authOk };
+    if (!ok) this.logger?.warn({ ...fields, error: status.lastError }, previous === undefined ? 'upstream probe failed' : 'upstream went down');
+    else this.logger?.info({ ...fields, latencyMs: status.latencyMs }, previous === undefined ? 'upstream probe ok' : 'upstream recovered');
   }
 
   private async probe(rr: RuleUpstream): Promise<UpstreamStatus> {
@@ -141,6 +153,7 @@ export class Prober {
       lastCheck: now,
     };
     this.status.set(rule.name, status);
+    this.logChange(previous, status, ok);
     this.up.set({ rule: rule.name }, reachable ? 1 : 0);
     this.authOk.set({ rule: rule.name }, authOk === null ? -1 : authOk ? 1 : 0);
     this.latency.set({ rule: rule.name }, latencyMs / 1000);

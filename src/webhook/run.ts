@@ -1,10 +1,11 @@
 // The webhook process: server, live config, and — with API access — pull secrets, namespace
 // opt-out and events. Everything here is wiring.
 
+import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import https from 'node:https';
 import type { V1OwnerReference } from '@kubernetes/client-node';
-import type { Registry } from 'prom-client';
+import { Gauge, type Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
 import { filesReadBy, type Config, type ConfigError } from '../rules/config.js';
@@ -54,6 +55,11 @@ export interface WebhookRunOptions {
   readonly credentialMirror?: { readonly secret: string; readonly sourcesPath: string; readonly namespace: string };
   /** Where logs and audit records go; stdout when absent. */
   readonly logger?: Logger;
+  /**
+   * Collect the proxies' /status into RegistryConnection objects (needs API access and a broker key):
+   * one replica at a time, elected with a Lease in `namespace` (src/k8s/connections.ts).
+   */
+  readonly statusCollector?: { readonly namespace: string; readonly proxySelector: string; readonly opsPort: number; readonly intervalMs: number; readonly identity: string };
 }
 
 export interface WebhookProcess {
@@ -67,6 +73,15 @@ export interface WebhookProcess {
   shutdown(): Promise<void>;
 }
 
+/** A PEM certificate's notAfter in Unix seconds; 0 when it cannot be read. */
+function certificateExpiry(pem: string): number {
+  try {
+    return Math.floor(Date.parse(new X509Certificate(pem).validTo) / 1000);
+  } catch {
+    return 0;
+  }
+}
+
 export async function runWebhook(options: WebhookRunOptions): Promise<WebhookProcess> {
   if (options.clientAuth && !options.tls && !options.tlsFiles && !options.tlsBootstrap) throw new Error('client certificates need HTTPS: give a serving certificate (or certificate bootstrap)');
   const logger = options.logger ?? createLogger({ name: 'pullbridge-webhook' });
@@ -74,6 +89,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let draining = false;
   let config = options.config;
   const stops: Array<() => void> = [];
+  const stopsAsync: Array<() => Promise<void>> = [];
   let reconcile: (() => Promise<unknown>) | undefined;
   // The metrics port listens before the start work (API clients, the certificate bootstrap), so
   // that the startup probe on it is answered from the first instant (shell/startupgate.ts).
@@ -116,6 +132,26 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
       reconcile = () => reconciler.reconcile();
       stops.push(() => reconciler.stop(), () => watch.stop());
+      const collectorOptions = options.statusCollector;
+      if (collectorOptions) {
+        const [{ StatusCollector }, { collectorToken }, { CoordinationV1Api, CustomObjectsApi }, { recordEvent }] = await Promise.all([import('../k8s/connections.js'), import('../proxy/credentials.js'), import('@kubernetes/client-node'), import('../k8s/events.js')]);
+        const { CONNECTION_GROUP, CONNECTION_KIND, CONNECTION_VERSION } = await import('../k8s/connectionstatus.js');
+        const collector = new StatusCollector({
+          ...collectorOptions,
+          core: k8s.core,
+          custom: k8s.config.makeApiClient(CustomObjectsApi),
+          coordination: k8s.config.makeApiClient(CoordinationV1Api),
+          config: () => config,
+          token: () => collectorToken(signingKey()),
+          logger,
+          metrics,
+          recordEvent: (name, change) => recordEvent(k8s.core, logger, { apiVersion: `${CONNECTION_GROUP}/${CONNECTION_VERSION}`, kind: CONNECTION_KIND, name, namespace: collectorOptions.namespace }, change.eventType, change.reason, `${change.type} is ${change.to}: ${change.message}`, 'pullbridge-webhook'),
+        });
+        collector.start();
+        stopsAsync.push(() => collector.stop());
+      }
+    } else if (options.statusCollector) {
+      logger.warn('no broker.keyFiles in the config: the status collector has no token the proxies accept, and does not run');
     }
     if (options.credentialMirror) {
       const { CredentialMirror } = await import('../k8s/credentialmirror.js');
@@ -155,6 +191,16 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     tls = await refreshTls();
   }
 
+  // When the serving certificate expires, for an alert well before (it is renewed in place).
+  let servedCert = tls?.cert.toString();
+  new Gauge({
+    name: 'pullbridge_webhook_certificate_expiry_timestamp_seconds',
+    help: 'When the webhook\'s serving certificate expires (Unix seconds); 0 when it serves plain HTTP',
+    registers: [metrics],
+    collect() {
+      this.set(servedCert ? certificateExpiry(servedCert) : 0);
+    },
+  });
   const clientAuth = options.clientAuth;
   const readClientCa = clientAuth ? () => readFileSync(clientAuth.caFile, 'utf8') : undefined;
   if (tls && readClientCa) tls = { ...tls, clientCa: readClientCa() };
@@ -203,6 +249,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
           if (next.cert.toString() === served.cert && clientCa === served.clientCa) return;
           server.setSecureContext({ cert: next.cert, key: next.key, ...(clientCa ? { ca: clientCa } : {}) });
           served = { cert: next.cert.toString(), clientCa };
+          servedCert = served.cert;
           logger.info('serving certificate or client CA reloaded');
         })
         .catch((error: unknown) => logger.error({ error: (error as Error).message }, 'serving certificate refresh failed'));
@@ -222,7 +269,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       draining = true;
       watcher?.stop();
       for (const stop of stops) stop();
-      await Promise.all([running.close(), metricsServer?.close()]);
+      await Promise.all([running.close(), metricsServer?.close(), ...stopsAsync.map((stop) => stop())]);
       logger.info('webhook stopped');
     },
   };

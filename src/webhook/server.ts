@@ -42,12 +42,14 @@ interface WebhookMetrics {
   admissions: Counter<'result'>;
   rewrites: Counter<'rule'>;
   duration: Histogram<'result'>;
+  pullSecretFailures: Counter;
 }
 
 function registerMetrics(registry: Registry): WebhookMetrics {
   return {
     admissions: new Counter({ name: 'pullbridge_admissions_total', help: 'Admission requests by result', labelNames: ['result'], registers: [registry] }),
     rewrites: new Counter({ name: 'pullbridge_image_rewrites_total', help: 'Images rewritten, by rule', labelNames: ['rule'], registers: [registry] }),
+    pullSecretFailures: new Counter({ name: 'pullbridge_pull_secret_failures_total', help: 'Admissions whose pull secret could not be provisioned (the Pod was denied or admitted unchanged, per pullSecretFailure)', registers: [registry] }),
     duration: new Histogram({
       name: 'pullbridge_admission_duration_seconds',
       help: 'Time to answer an admission request',
@@ -177,6 +179,7 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
           try {
             await options.sideEffects.ensurePullSecret(namespace, outcome.pullSecret);
           } catch (cause) {
+            metrics.pullSecretFailures.inc();
             error = `could not provision pull secret "${outcome.pullSecret}" in namespace "${namespace}": ${cause instanceof Error ? cause.message : String(cause)}`;
             if (options.pullSecretFailure === 'admit-unchanged') {
               // The audit record shows the Pod as admitted: no image rewritten.

@@ -1,0 +1,311 @@
+// Connection status in kubectl, against a real kube-apiserver: two real `pullbridge proxy`
+// processes (one per "node") probe a real docker-registry; their proxy Pods are real Pod objects
+// whose status.podIP is each proxy's collector address on loopback (no kubelet here). Two webhook
+// replicas, with the chart's RBAC alone, elect one collector with a Lease; it writes the
+// RegistryConnection objects (the chart's CRD) and Events. Then the upstream is killed and
+// restarted on the same port, and `kubectl` and `pullbridge status` show what happened.
+
+import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { spawnSync } from 'node:child_process';
+import { CoordinationV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
+import { parseAllDocuments } from 'yaml';
+import { collectorToken } from '../src/proxy/credentials.js';
+import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
+import { CLI, exitOf, startCli, type RunningCli } from './support/cli.js';
+import { configFrom } from './support/config.js';
+import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
+import { memoryLogger } from './support/logs.js';
+import { freePort, runAsync } from './support/procs.js';
+import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
+
+const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
+const NS = 'pullbridge';
+const SELECTOR = 'app.kubernetes.io/name=pullbridge,app.kubernetes.io/instance=pb,app.kubernetes.io/component=proxy';
+const PROBE_SECONDS = 1;
+const COLLECT_MS = 1000;
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Polls `done` until it holds or `timeoutMs` passes; resolves with its last answer. */
+async function eventually(done: () => boolean | Promise<boolean>, timeoutMs: number): Promise<boolean> {
+  for (const deadline = Date.now() + timeoutMs; Date.now() < deadline; await sleep(200)) if (await done()) return true;
+  return done();
+}
+
+interface Condition {
+  type: string;
+  status: string;
+  reason: string;
+  message: string;
+}
+interface Connection {
+  metadata: { name: string };
+  status?: { upstream: string; conditions: Condition[]; nodesReady: string; latency: string; lastError: string; lastSuccess: string | null; nodes: Array<{ node: string; reachable: boolean | null; lastError: string | null }> };
+}
+interface Event {
+  type: string;
+  reason: string;
+  message: string;
+  involvedObject: { kind: string; name: string; apiVersion: string };
+}
+
+describe('connection status in kubectl, against a real kube-apiserver', function () {
+  this.timeout(180_000);
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-status-'));
+  const keyFile = join(dir, 'broker.key');
+  const passwordFile = join(dir, 'registry.password');
+  const configFile = join(dir, 'config.yaml');
+  let cp: ControlPlane;
+  let registry: RegistryHandle;
+  let opsPort: number;
+  const proxies: RunningCli[] = [];
+  const replicas: WebhookProcess[] = [];
+  /** "node" name -> the proxy's collector address (its Pod IP) and its loopback operations address. */
+  const nodes = [
+    { node: 'node-a', podIP: '127.0.0.2', opsHost: '127.0.0.11' },
+    { node: 'node-b', podIP: '127.0.0.3', opsHost: '127.0.0.12' },
+  ];
+  const configYaml = (extraRule = '') => `proxy: {host: 127.0.0.1, port: 30500}
+webhook: {namespace: ${NS}}
+broker: {keyFiles: [${keyFile}]}
+registries:
+  - {name: corp, match: ["registry.corp.example:5000"], upstream: "${registry.url}", credentials: {username: puller, passwordFile: ${passwordFile}}}
+${extraRule}`;
+
+  const kubectl = (args: string[]) => runAsync(cachedBinary('kubectl'), ['--kubeconfig', cp.kubeconfig, '-n', NS, ...args]);
+  const connections = async () => (JSON.parse(await kubectl(['get', 'registryconnections', '-o', 'json'])) as { items: Connection[] }).items;
+  const connection = async (name: string) => (await connections()).find((c) => c.metadata.name === name);
+  const condition = (c: Connection | undefined, type: string) => c?.status?.conditions.find((x) => x.type === type);
+  const events = async () => (JSON.parse(await kubectl(['get', 'events', '-o', 'json'])) as { items: Event[] }).items.filter((e) => e.involvedObject.kind === 'RegistryConnection');
+  const status = (args: string[] = []) => spawnSync(process.execPath, [CLI, 'status', '--kubeconfig', cp.kubeconfig, '--namespace', NS, ...args], { encoding: 'utf8', timeout: 30_000 });
+
+  before(async () => {
+    writeFileSync(keyFile, randomBytes(32).toString('hex'));
+    writeFileSync(passwordFile, DEFAULT_USERS.puller);
+    [cp, registry, opsPort] = await Promise.all([startControlPlane(), startRegistry({ auth: 'basic' }), freePort()]);
+    writeFileSync(configFile, configYaml());
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const core = kc.makeApiClient(CoreV1Api);
+    await core.createNamespace({ body: { metadata: { name: NS } } });
+    // What the chart grants the webhook, and the chart's CRD, exactly as rendered.
+    const rendered = await runAsync(cachedBinary('helm'), ['template', 'pb', CHART, '-n', NS, '--kube-version', KUBE_VERSION.slice(1), '--show-only', 'templates/rbac.yaml', '--show-only', 'templates/registryconnections.yaml']);
+    const objects = KubernetesObjectApi.makeApiClient(kc);
+    for (const doc of parseAllDocuments(rendered)) {
+      const object = doc.toJS() as KubernetesObject | null;
+      if (object?.kind) await objects.create(object);
+    }
+    await eventually(async () => (await kubectl(['get', 'regconn', '-o', 'name']).then(() => true, () => false)), 30_000);
+
+    // The proxies, as the chart runs them with hostNetwork: operations on loopback, plus the collector address.
+    for (const n of nodes) {
+      proxies.push(
+        await startCli(['proxy', '--config', configFile, '--host', '127.0.0.1', '--port', '0', '--ops-port', String(opsPort), '--ops-host', n.opsHost, '--ops-collector-host', n.podIP, '--probe-interval', String(PROBE_SECONDS)], /operations endpoints for the status collector listening/),
+      );
+      // Their Pods: created as the DaemonSet would, with the address the kubelet would report.
+      await core.createNamespacedPod({ namespace: NS, body: { metadata: { name: `pb-proxy-${n.node}`, labels: Object.fromEntries(SELECTOR.split(',').map((kv) => kv.split('=') as [string, string])) }, spec: { nodeName: n.node, containers: [{ name: 'proxy', image: 'pullbridge:test' }] } } });
+      const pod = await core.readNamespacedPod({ namespace: NS, name: `pb-proxy-${n.node}` });
+      await core.replaceNamespacedPodStatus({ namespace: NS, name: `pb-proxy-${n.node}`, body: { ...pod, status: { ...pod.status, podIP: n.podIP, podIPs: [{ ip: n.podIP }] } } });
+    }
+    // Two replicas of the webhook Deployment, as its service account.
+    const asWebhook = join(dir, 'kubeconfig');
+    const admin = JSON.parse(readFileSync(cp.kubeconfig, 'utf8')) as { users: Array<{ user: Record<string, string> }> };
+    for (const u of admin.users) u.user.as = `system:serviceaccount:${NS}:pb-pullbridge-webhook`;
+    writeFileSync(asWebhook, JSON.stringify(admin));
+    for (const identity of ['webhook-1', 'webhook-2']) {
+      replicas.push(
+        await runWebhook({ config: configFrom(configYaml()), configPath: configFile, host: '127.0.0.1', port: 0, kubeconfig: asWebhook, reconcileIntervalMs: 3_600_000, metricsPort: 0, logger: memoryLogger().logger, statusCollector: { namespace: NS, proxySelector: SELECTOR, opsPort, intervalMs: COLLECT_MS, identity } }),
+      );
+    }
+  });
+
+  after(async () => {
+    await Promise.all(replicas.map((r) => r.shutdown()));
+    for (const p of proxies) {
+      p.child.kill('SIGTERM');
+      await exitOf(p.child);
+    }
+    await registry?.stop();
+    await cp?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('the collector address answers health to anyone, everything else only to the collector token of this broker key', async () => {
+    const [n] = nodes;
+    assert.ok(n);
+    const get = (host: string, path: string, token?: string) => fetch(`http://${host}:${opsPort}${path}`, token ? { headers: { authorization: `Bearer ${token}` } } : {});
+    const key = readFileSync(keyFile);
+    assert.equal((await get(n.podIP, '/healthz')).status, 200);
+    assert.equal((await get(n.podIP, '/readyz')).status, 200);
+    const anonymous = await get(n.podIP, '/status');
+    assert.equal(anonymous.status, 401);
+    assert.match(anonymous.headers.get('www-authenticate') ?? '', /^Bearer /);
+    assert.equal((await get(n.podIP, '/metrics')).status, 401);
+    assert.equal((await get(n.podIP, '/status', collectorToken(randomBytes(32)))).status, 403, 'a token of another key');
+    assert.equal((await get(n.podIP, '/status', key.toString())).status, 403, 'the broker key itself is not the token');
+    const right = await get(n.podIP, '/status', collectorToken(key));
+    assert.equal(right.status, 200);
+    assert.deepEqual(((await right.json()) as { rules: string[] }).rules, ['corp']);
+    // On its loopback operations address (kubectl port-forward arrives there), no token is needed.
+    assert.equal((await get(n.opsHost, '/status')).status, 200);
+    assert.equal((await get(n.opsHost, '/metrics')).status, 200);
+  });
+
+  it('one replica holds the collector Lease; kubectl shows the rule Ready on both nodes, with its printer columns', async () => {
+    const ready = await eventually(async () => {
+      const c = await connection('corp');
+      return condition(c, 'Ready')?.status === 'True' && c?.status?.nodesReady === '2/2';
+    }, 60_000);
+    const corp = await connection('corp');
+    assert.ok(ready, JSON.stringify(corp?.status, null, 2));
+    assert.equal(corp?.status?.upstream, registry.url);
+    assert.deepEqual(corp?.status?.conditions.map((c) => [c.type, c.status]), [
+      ['Reachable', 'True'],
+      ['Authenticated', 'True'],
+      ['Ready', 'True'],
+    ]);
+    assert.deepEqual(corp?.status?.nodes.map((n) => [n.node, n.reachable, n.lastError]), [
+      ['node-a', true, null],
+      ['node-b', true, null],
+    ]);
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const held = await kc.makeApiClient(CoordinationV1Api).readNamespacedLease({ namespace: NS, name: 'pullbridge-status-collector' });
+    assert.ok(['webhook-1', 'webhook-2'].includes(held.spec?.holderIdentity ?? ''), held.spec?.holderIdentity);
+    const table = (await kubectl(['get', 'regconn'])).trimEnd().split('\n');
+    assert.deepEqual(table[0]?.split(/\s{2,}/), ['NAME', 'UPSTREAM', 'READY', 'REACHABLE', 'AUTHENTICATED', 'NODES', 'LATENCY', 'LAST ERROR', 'AGE']);
+    assert.match(table[1] ?? '', new RegExp(`^corp\\s+${registry.url.replace(/[.]/g, '\\.')}\\s+True\\s+True\\s+True\\s+2/2\\s+\\d+ms\\s+\\d+s$`));
+    // With a rule, and every rule Ready: exit 0.
+    assert.equal(status().status, 0);
+  });
+
+  it('the opt-in PrometheusRule names only metrics the real proxy and webhook export', async () => {
+    const rendered = await runAsync(cachedBinary('helm'), ['template', 'pb', CHART, '-n', NS, '--kube-version', KUBE_VERSION.slice(1), '--set', 'metrics.prometheusRule.enabled=true', '--show-only', 'templates/prometheusrule.yaml']);
+    const rule = parseAllDocuments(rendered)[0]?.toJS() as { kind: string; spec: { groups: Array<{ rules: Array<{ alert: string; expr: string }> }> } };
+    assert.equal(rule.kind, 'PrometheusRule');
+    const alerts = rule.spec.groups.flatMap((g) => g.rules);
+    assert.deepEqual(alerts.map((a) => a.alert), ['PullbridgeRegistryRuleDown', 'PullbridgeRegistryAuthFailing', 'PullbridgePullSecretProvisioningFailing', 'PullbridgeSharedTierDown', 'PullbridgeCacheFillsPaused', 'PullbridgeCacheNotFilling', 'PullbridgeWebhookCertificateExpiring']);
+    const used = new Set(alerts.flatMap((a) => a.expr.match(/\bpullbridge_[a-z0-9_]+/g) ?? []));
+    // A proxy with a node cache and a shared tier (filesystem), so that every proxy metric is there.
+    const cacheConfig = join(dir, 'cached.yaml');
+    writeFileSync(cacheConfig, `${configYaml()}cache: {path: ${join(dir, 'cache')}, shared: {filesystem: {path: ${join(dir, 'shared')}}}}\n`);
+    const port = await freePort();
+    const proxy = await startCli(['proxy', '--config', cacheConfig, '--host', '127.0.0.1', '--port', '0', '--ops-port', String(port), '--ops-host', '127.0.0.1', '--probe-interval', '3600'], /operations endpoints listening/);
+    let exported: Set<string>;
+    try {
+      const names = (text: string) => [...text.matchAll(/^# TYPE (\S+) /gm)].map((m) => m[1] ?? '');
+      const proxyMetrics = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+      const webhookMetrics = await Promise.all(replicas.map(async (r) => (await fetch(`${r.metricsServer?.url ?? ''}/metrics`)).text()));
+      exported = new Set([...names(proxyMetrics), ...webhookMetrics.flatMap(names)]);
+    } finally {
+      proxy.child.kill('SIGTERM');
+      await exitOf(proxy.child);
+    }
+    assert.ok(used.size >= 9, [...used].join(' '));
+    assert.deepEqual([...used].filter((name) => !exported.has(name)), [], `exported: ${[...exported].join(' ')}`);
+  });
+
+  it('a rule whose upstream is killed shows Reachable=False with the error, a Warning Event, and a warning in the proxies\' logs; restarted, it recovers with a Normal Event', async () => {
+    await registry.kill();
+    // Bounded: the probe (1 s) and the collection (1 s) run many times within it.
+    // Until both nodes' probes have seen it (each proxy probes on its own timer).
+    const down = await eventually(async () => {
+      const c = await connection('corp');
+      return condition(c, 'Reachable')?.status === 'False' && c?.status?.nodes.every((n) => n.reachable === false) === true;
+    }, 60_000);
+    const corp = await connection('corp');
+    assert.ok(down, JSON.stringify(corp?.status, null, 2));
+    assert.equal(condition(corp, 'Reachable')?.reason, 'UpstreamUnreachable');
+    assert.match(condition(corp, 'Reachable')?.message ?? '', /ECONNREFUSED/);
+    assert.equal(condition(corp, 'Ready')?.status, 'False');
+    assert.match(condition(corp, 'Reachable')?.message ?? '', /^2\/2 node\(s\) cannot reach /);
+    assert.equal(condition(corp, 'Authenticated')?.status, 'Unknown', 'not reached: credentials not checked');
+    assert.match(corp?.status?.lastError ?? '', /^node-a: ECONNREFUSED/);
+    const warned = await eventually(async () => (await events()).some((e) => e.type === 'Warning' && e.involvedObject.name === 'corp' && e.reason === 'UpstreamUnreachable'), 30_000);
+    const warning = (await events()).find((e) => e.reason === 'UpstreamUnreachable');
+    assert.ok(warned, JSON.stringify(await events(), null, 2));
+    assert.equal(warning?.involvedObject.apiVersion, 'pullbridge.io/v1alpha1');
+    assert.match(warning?.message ?? '', /^Reachable is False: .*ECONNREFUSED/);
+    for (const p of proxies) await p.waitForOutput((o) => /"msg":"upstream went down".*"error":"ECONNREFUSED/.test(o) || /"error":"ECONNREFUSED[^"]*".*"msg":"upstream went down"/.test(o), 30_000);
+    // pullbridge status: the rule not ready, exit 1.
+    const whileDown = status();
+    assert.equal(whileDown.status, 1, whileDown.stderr);
+    assert.match(whileDown.stdout.split('\n')[1] ?? '', /^corp\s+\S+\s+False\s+False\s+Unknown\s+0\/2\s/);
+
+    await registry.restart();
+    const recovered = await eventually(async () => condition(await connection('corp'), 'Ready')?.status === 'True', 60_000);
+    assert.ok(recovered, JSON.stringify((await connection('corp'))?.status, null, 2));
+    assert.equal(condition(await connection('corp'), 'Reachable')?.status, 'True');
+    const normal = await eventually(async () => (await events()).some((e) => e.type === 'Normal' && e.involvedObject.name === 'corp' && e.reason === 'UpstreamReachable'), 30_000);
+    assert.ok(normal, JSON.stringify(await events(), null, 2));
+    for (const p of proxies) await p.waitForOutput((o) => o.includes('"msg":"upstream recovered"'), 30_000);
+  });
+
+  it('probes at start: a proxy whose next probe is an hour away logs its rule up at once', async () => {
+    // Also: a node whose address is its loopback (the test node's, 127.0.0.1) gives the Pod IP the
+    // operations address already has: the proxy starts, without a second listener.
+    const port = await freePort();
+    const proxy = await startCli(['proxy', '--config', configFile, '--host', '127.0.0.1', '--port', '0', '--ops-port', String(port), '--ops-host', '127.0.0.1', '--ops-collector-host', '127.0.0.1', '--probe-interval', '3600'], /"msg":"upstream probe ok"/);
+    proxy.child.kill('SIGTERM');
+    await exitOf(proxy.child);
+    assert.match(proxy.output(), /"rule":"corp".*"msg":"upstream probe ok"/);
+    assert.match(proxy.output(), /"msg":"the operations port already listens on the collector address: no second listener"/);
+  });
+
+  it('creates an object for a rule added to the config and deletes it when the rule is removed', async () => {
+    writeFileSync(configFile, configYaml(`  - {name: extra, match: ["extra.example"], upstream: "${registry.url}", auth: {mode: anonymous}, repositories: {include: ["x/**"]}}\n`));
+    assert.ok(await eventually(async () => (await connection('extra')) !== undefined, 60_000), 'object for the new rule');
+    writeFileSync(configFile, configYaml());
+    assert.ok(await eventually(async () => (await connection('extra')) === undefined, 60_000), 'object of the removed rule deleted');
+  });
+
+  it('the collecting replica hands over on shutdown; pullbridge status prints the table of what the objects say (exact rows), and one line when the CRD is missing or the API is unreachable', async () => {
+    // The collecting replica stops: it hands the Lease back, and the other takes over.
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const coordination = kc.makeApiClient(CoordinationV1Api);
+    const holder = async () => (await coordination.readNamespacedLease({ namespace: NS, name: 'pullbridge-status-collector' })).spec?.holderIdentity;
+    const first = await holder();
+    const index = first === 'webhook-1' ? 0 : 1;
+    await replicas[index]?.shutdown();
+    replicas.splice(index, 1);
+    const other = first === 'webhook-1' ? 'webhook-2' : 'webhook-1';
+    assert.ok(await eventually(async () => (await holder()) === other, 30_000), `the Lease stayed with ${String(await holder())}`);
+    // Stop collecting, so that what is printed and what is read below are the same state.
+    await Promise.all(replicas.splice(0).map((r) => r.shutdown()));
+    const corp = await connection('corp');
+    const s = corp?.status;
+    assert.ok(s?.lastSuccess);
+    const printed = status();
+    assert.equal(printed.status, 0, printed.stderr);
+    const pad = (cells: string[], widths: number[]) => cells.map((c, i) => (i === cells.length - 1 ? c : c.padEnd(widths[i] ?? 0))).join('  ');
+    const header = ['RULE', 'UPSTREAM', 'READY', 'REACHABLE', 'AUTHENTICATED', 'NODES', 'LATENCY', 'LAST SUCCESS', 'LAST ERROR'];
+    const row = ['corp', registry.url, 'True', 'True', 'True', '2/2', s.latency, s.lastSuccess, '-'];
+    const widths = header.map((h, i) => Math.max(h.length, (row[i] ?? '').length));
+    assert.deepEqual(printed.stdout.split('\n').slice(0, 2), [pad(header, widths), pad(row, widths)]);
+    // The proxies here run without a node cache: each node's line says so.
+    assert.deepEqual(printed.stdout.split('\n').slice(3).filter(Boolean).map((l) => l.split(/\s+/).slice(0, 2).join(' ')), ['NODE CACHE', 'node-a off', 'node-b off']);
+    const json = status(['--json']);
+    assert.equal(json.status, 0);
+    assert.deepEqual((JSON.parse(json.stdout) as Array<{ name: string }>).map((o) => o.name), ['corp']);
+
+    await kubectl(['delete', 'crd', 'registryconnections.pullbridge.io', '--wait=true']);
+    const missing = status();
+    assert.equal(missing.status, 1);
+    assert.equal(missing.stderr, `pullbridge status: the RegistryConnection resource (registryconnections.pullbridge.io) is not installed at ${cp.url}: install or upgrade the pullbridge chart\n`);
+    const unreachable = join(dir, 'unreachable.kubeconfig');
+    const port = await freePort();
+    writeFileSync(unreachable, readFileSync(cp.kubeconfig, 'utf8').replace(cp.url, `https://127.0.0.1:${port}`));
+    const down = spawnSync(process.execPath, [CLI, 'status', '--kubeconfig', unreachable], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(down.status, 1);
+    assert.equal(down.stderr, `pullbridge status: cannot reach the Kubernetes API at https://127.0.0.1:${port}: ECONNREFUSED\n`);
+    const usage = spawnSync(process.execPath, [CLI, 'status', '--namespace', 'Not_A_Namespace'], { encoding: 'utf8', timeout: 30_000 });
+    assert.equal(usage.status, 2);
+    assert.match(usage.stderr, /^pullbridge: --namespace must be a namespace name, got "Not_A_Namespace"\n/);
+  });
+});
