@@ -32,8 +32,9 @@ const load = {
 const COMMAND_USAGE: Readonly<Record<string, string>> = {
   rewrite: `pullbridge rewrite --config FILE [--namespace NS] [--json] IMAGE...
                      (prints each image's rewrite decision under the config, without a server)`,
-  validate: `pullbridge validate --config FILE
-                     (checks the config and the files it names; warns about rules that can never match)`,
+  validate: `pullbridge validate --config FILE [--skip-files]
+                     (checks the config and the files it names, as the proxy will: keys, credentials, CA
+                      bundles; --skip-files where they are mounted elsewhere. Warns about rules that can never match)`,
   webhook: `pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
                      [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
@@ -129,7 +130,7 @@ function loadConfigFilesOrExit(path: string, config: Config, component: 'proxy' 
 }
 
 function cmdValidate(args: string[]): number {
-  const { values } = parseArgs({ args, options: { config: { type: 'string' } }, strict: true });
+  const { values } = parseArgs({ args, options: { config: { type: 'string' }, 'skip-files': { type: 'boolean', default: false } }, strict: true });
   const path = requireOption(values.config, '--config');
   const result = readConfigFile(path);
   if (!result.ok) {
@@ -142,7 +143,7 @@ function cmdValidate(args: string[]): number {
     return 1;
   }
   // What the proxy would refuse at start: every file the config names (keys, credentials, CA bundles).
-  const fileErrors = unloadableFiles(filesReadBy(result.config, 'proxy'));
+  const fileErrors = values['skip-files'] ? [] : unloadableFiles(filesReadBy(result.config, 'proxy'));
   if (fileErrors.length > 0) {
     process.stderr.write(`${path}: ${fileErrors.length} error(s)\n${formatConfigErrors(fileErrors)}\n`);
     return 1;

@@ -101,6 +101,17 @@ describe('pullbridge demo (npm start)', function () {
       assert.ok(step4.output.includes(`digest: ${image.manifest.digest}`), step4.output);
       assert.ok(step4.output.includes(`Copying blob ${image.layer.digest}`), step4.output);
 
+      // The config it wrote is valid with its files, and its status is on the operations port only.
+      const configFile = /--config (\S+)/.exec(rewrite)?.[1] ?? '';
+      const validated = runCli(['validate', '--config', configFile]);
+      assert.equal(validated.status, 0, validated.stderr);
+      assert.equal(validated.stderr, '', 'no warnings on the demo config');
+      const opsUrl = /operations: (http:\/\/127\.0\.0\.1:\d+)\/status/.exec(printed)?.[1];
+      assert.ok(opsUrl, printed);
+      assert.equal((await fetch(`http://127.0.0.1:${proxyPort}/status`)).status, 404);
+      const status = (await (await fetch(`${opsUrl}/status`)).json()) as { configLoaded: boolean; rules: string[] };
+      assert.deepEqual([status.configLoaded, status.rules], [true, ['corp']]);
+
       // 5. the upstream goes away.
       const upstreamPid = Number(/^kill (\d+)$/.exec(kill)?.[1]);
       assert.ok(upstreamPid > 0, kill);
