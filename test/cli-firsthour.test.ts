@@ -104,6 +104,26 @@ describe('pullbridge CLI, the first hour', function () {
     }
   });
 
+  it('proxy and webhook /metrics carry the process metrics under their standard names (process_*, nodejs_*)', async () => {
+    const [port, opsPort, webhookPort] = [await freePort(), await freePort(), await freePort()];
+    const proxy = await startCli(['proxy', '--config', config(port), '--host', '127.0.0.1', '--ops-port', String(opsPort)], /proxy listening/);
+    const webhook = await startCli(['webhook', '--config', config(), '--host', '127.0.0.1', '--port', String(webhookPort)], /webhook listening/);
+    try {
+      for (const url of [`http://127.0.0.1:${opsPort}/metrics`, `http://127.0.0.1:${webhookPort}/metrics`]) {
+        const text = await (await fetch(url)).text();
+        for (const name of ['process_resident_memory_bytes', 'process_cpu_seconds_total', 'process_open_fds', 'nodejs_heap_size_used_bytes', 'nodejs_eventloop_lag_seconds']) {
+          assert.match(text, new RegExp(`^${name} `, 'm'), `${url}: ${name}`);
+        }
+        assert.doesNotMatch(text, /^pullbridge_(process|nodejs)_/m, url);
+        assert.match(text, /^pullbridge_/m, `${url}: its own metrics keep their prefix`);
+      }
+    } finally {
+      proxy.child.kill('SIGTERM');
+      webhook.child.kill('SIGTERM');
+      await Promise.all([exitOf(proxy.child), exitOf(webhook.child)]);
+    }
+  });
+
   it('a taken port is one line naming the flag and a non-zero exit: proxy (both ports), webhook, sample-registry', async () => {
     const { port, server } = await takePort();
     try {
