@@ -9,7 +9,8 @@ import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseDemoCommands } from '../src/shell/demosteps.js';
+import { demoSteps, formatDemoSteps, parseDemoCommands } from '../src/shell/demosteps.js';
+import { describeListenError } from '../src/shell/listenerrors.js';
 import { buildSampleImage } from '../src/shell/sampleimage.js';
 import { exitOf, runCli, startCli } from './support/cli.js';
 import { freePort } from './support/procs.js';
@@ -61,6 +62,38 @@ describe('pullbridge demo (npm start)', function () {
   const tmp = mkdtempSync(join(tmpdir(), 'pullbridge-demo-test-'));
   const env = { TMPDIR: tmp };
   after(() => rmSync(tmp, { recursive: true, force: true }));
+
+  it('its steps are data: printed and read back to the same commands, in the order of the walk-through', () => {
+    const steps = demoSteps({
+      cli: 'npx pullbridge',
+      dir: '/tmp/d',
+      configFile: '/tmp/d/config.yaml',
+      caFile: '/tmp/d/ca.crt',
+      reviewFile: '/tmp/d/review.json',
+      webhookUrl: 'https://127.0.0.1:8443',
+      proxyAuthority: 'localhost:30500',
+      image: 'registry.corp.example:5000/demo/hello:1.0',
+      rewrittenImage: 'localhost:30500/corp/demo/hello:1.0',
+      namespace: 'default',
+      token: 'pb1.x',
+      upstreamPid: 4242,
+    });
+    assert.deepEqual(parseDemoCommands(formatDemoSteps(steps)), steps.map((s) => s.command));
+    assert.deepEqual(
+      steps.map((s) => s.command.split(' ')[0]),
+      ['curl', 'npx', 'npx', 'skopeo', 'kill', 'skopeo'],
+    );
+    assert.equal(steps[4]?.command, 'kill 4242');
+    assert.ok(steps.every((s) => !s.command.includes('registry.corp.example') || s.command.startsWith('npx pullbridge rewrite')), 'only the rewrite names the on-prem registry, as a string');
+  });
+
+  it('names the flag of a port that cannot be listened on', () => {
+    const inUse = Object.assign(new Error('listen EADDRINUSE'), { code: 'EADDRINUSE', syscall: 'listen', port: 30500 });
+    assert.equal(describeListenError(inUse, { '--port': 8443, '--proxy-port': 30500 }), '--proxy-port 30500: address already in use');
+    assert.equal(describeListenError(inUse, {}), 'port 30500: address already in use');
+    assert.equal(describeListenError(new Error('other'), { '--port': 1 }), null);
+    assert.equal(describeListenError(Object.assign(new Error('x'), { code: 'ECONNREFUSED', syscall: 'connect', port: 1 }), { '--port': 1 }), null);
+  });
 
   it('prints steps that each work exactly as printed, offline; the pull after killing the upstream comes from the cache; SIGTERM removes its directory', async () => {
     const [port, proxyPort] = [await freePort(), await freePort()];
