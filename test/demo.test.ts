@@ -3,7 +3,7 @@
 // temporary directory holding its broker key is gone after SIGTERM and after a failed start.
 
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -12,15 +12,39 @@ import { fileURLToPath } from 'node:url';
 import { demoSteps, formatDemoSteps, parseDemoCommands } from '../src/shell/demosteps.js';
 import { describeListenError } from '../src/shell/listenerrors.js';
 import { buildSampleImage } from '../src/shell/sampleimage.js';
-import { exitOf, runCli, startCli } from './support/cli.js';
+import { CLI, exitOf, runCli, startCli } from './support/cli.js';
 import { freePort } from './support/procs.js';
 
 const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const READY = /Ctrl-C stops the demo/;
 
-function sh(command: string, env: NodeJS.ProcessEnv): { status: number | null; output: string } {
-  const result = spawnSync('sh', ['-c', command], { cwd: REPO_ROOT, encoding: 'utf8', timeout: 60_000, env: { ...process.env, ...env } });
+/** Runs a printed command as printed (sh -c), in the network namespace `netnsOf` is in. */
+function sh(command: string, env: NodeJS.ProcessEnv, netnsOf: number): { status: number | null; output: string } {
+  const result = spawnSync('nsenter', [`--net=/proc/${netnsOf}/ns/net`, '--', 'sh', '-c', command], { cwd: REPO_ROOT, encoding: 'utf8', timeout: 60_000, env: { ...process.env, ...env } });
   return { status: result.status, output: `${result.stdout}${result.stderr}` };
+}
+
+/** `pullbridge demo` in a network namespace of its own with only its loopback up: no DNS, no route
+ * anywhere. unshare and sh exec, so the child's pid is the demo's. */
+function startOfflineDemo(args: string[], env: NodeJS.ProcessEnv): Promise<{ child: ChildProcess; output: () => string }> {
+  const child = spawn('unshare', ['--net', '--', 'sh', '-c', 'ip link set lo up && exec "$@"', 'sh', process.execPath, CLI, 'demo', ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...env } });
+  let output = '';
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`the demo did not get ready:\n${output}`)), 60_000);
+    const onData = (chunk: Buffer) => {
+      output += chunk.toString();
+      if (READY.test(output)) {
+        clearTimeout(timer);
+        resolve({ child, output: () => output });
+      }
+    };
+    child.stdout.on('data', onData);
+    child.stderr.on('data', onData);
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`the demo exited with ${code}:\n${output}`));
+    });
+  });
 }
 
 /** Whether a process is gone, asked a bounded number of times. */
@@ -95,9 +119,10 @@ describe('pullbridge demo (npm start)', function () {
     assert.equal(describeListenError(Object.assign(new Error('x'), { code: 'ECONNREFUSED', syscall: 'connect', port: 1 }), { '--port': 1 }), null);
   });
 
-  it('prints steps that each work exactly as printed, offline; the pull after killing the upstream comes from the cache; SIGTERM removes its directory', async () => {
+  it('prints steps that each work exactly as printed, offline (a network namespace with only loopback); the pull after killing the upstream comes from the cache; SIGTERM removes its directory', async () => {
     const [port, proxyPort] = [await freePort(), await freePort()];
-    const demo = await startCli(['demo', '--port', String(port), '--proxy-port', String(proxyPort)], READY, 60_000, env);
+    const demo = await startOfflineDemo(['--port', String(port), '--proxy-port', String(proxyPort)], env);
+    const netns = demo.child.pid ?? 0;
     try {
       const printed = demo.output();
       const commands = parseDemoCommands(printed);
@@ -109,19 +134,19 @@ describe('pullbridge demo (npm start)', function () {
       const image = buildSampleImage();
 
       // 1. the webhook's patch rewrites the on-prem image and adds the pull secret.
-      const step1 = sh(admission, env);
+      const step1 = sh(admission, env, netns);
       assert.equal(step1.status, 0, step1.output);
       assert.match(step1.output, /allowed: true/);
       assert.ok(step1.output.includes(`"value": "${rewritten}"`), step1.output);
       assert.match(step1.output, /"name": "pullbridge-pull"/);
 
       // 2. the same decision from the CLI.
-      const step2 = sh(rewrite, env);
+      const step2 = sh(rewrite, env, netns);
       assert.equal(step2.status, 0, step2.output);
       assert.ok(step2.output.includes(`registry.corp.example:5000/demo/hello:1.0 -> ${rewritten}  [rewritten, rule corp]`), step2.output);
 
       // 3. the namespace credential, which step 4 pulls with.
-      const step3 = sh(pullSecret, env);
+      const step3 = sh(pullSecret, env, netns);
       assert.equal(step3.status, 0, step3.output);
       const secret = JSON.parse(step3.output) as { auths: Record<string, { username: string; password: string }> };
       const credential = secret.auths[`localhost:${proxyPort}`];
@@ -129,7 +154,7 @@ describe('pullbridge demo (npm start)', function () {
       assert.ok(pull.includes(`--src-creds default:${credential.password} `), 'the pull uses the printed credential');
 
       // 4. a pull through the proxy: the sample image's digest and blobs.
-      const step4 = sh(pull, env);
+      const step4 = sh(pull, env, netns);
       assert.equal(step4.status, 0, step4.output);
       assert.ok(step4.output.includes(`digest: ${image.manifest.digest}`), step4.output);
       assert.ok(step4.output.includes(`Copying blob ${image.layer.digest}`), step4.output);
@@ -141,19 +166,19 @@ describe('pullbridge demo (npm start)', function () {
       assert.equal(validated.stderr, '', 'no warnings on the demo config');
       const opsUrl = /operations: (http:\/\/127\.0\.0\.1:\d+)\/status/.exec(printed)?.[1];
       assert.ok(opsUrl, printed);
-      assert.equal((await fetch(`http://127.0.0.1:${proxyPort}/status`)).status, 404);
-      const status = (await (await fetch(`${opsUrl}/status`)).json()) as { configLoaded: boolean; rules: string[] };
+      assert.equal(sh(`curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:${proxyPort}/status`, env, netns).output, '404');
+      const status = JSON.parse(sh(`curl -s ${opsUrl}/status`, env, netns).output) as { configLoaded: boolean; rules: string[] };
       assert.deepEqual([status.configLoaded, status.rules], [true, ['corp']]);
 
       // 5. the upstream goes away.
       const upstreamPid = Number(/^kill (\d+)$/.exec(kill)?.[1]);
       assert.ok(upstreamPid > 0, kill);
-      const step5 = sh(kill, env);
+      const step5 = sh(kill, env, netns);
       assert.equal(step5.status, 0, step5.output);
       assert.ok(await gone(upstreamPid), 'the sample registry stopped');
 
       // 6. the same image again, from the node cache.
-      const step6 = sh(pullAgain, env);
+      const step6 = sh(pullAgain, env, netns);
       assert.equal(step6.status, 0, step6.output);
       assert.ok(step6.output.includes(`digest: ${image.manifest.digest}`), step6.output);
       assert.ok(step6.output.includes(`Copying blob ${image.layer.digest}`), step6.output);
