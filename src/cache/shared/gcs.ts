@@ -7,7 +7,6 @@ import { createReadStream } from 'node:fs';
 import { addAbortSignal, Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
-import { JWT, type JWTInput } from 'google-auth-library';
 import type { SharedConfig } from '../../rules/config.js';
 import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
 import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
@@ -22,7 +21,7 @@ const CHUNK_SIZE = 8 * 1024 * 1024;
  * A service account key file's text: the JSON key as Google issues it, or base64 of it, as an SAP
  * BTP Object Store binding carries it (`base64EncodedPrivateKeyData`). Returns the parsed key.
  */
-export function parseGcsKey(text: string): JWTInput {
+export function parseGcsKey(text: string): NonNullable<StorageOptions['credentials']> {
   let json = text.trim();
   if (!json.startsWith('{')) {
     const compact = json.replace(/\s+/g, '');
@@ -37,25 +36,25 @@ export function parseGcsKey(text: string): JWTInput {
     throw new Error(`holds no valid JSON: ${messageOf(error)}`, { cause: error });
   }
   if (typeof key !== 'object' || key === null || Array.isArray(key)) throw new Error('holds JSON that is not a key object');
-  return key as JWTInput;
+  return key as NonNullable<StorageOptions['credentials']>;
 }
 
 export async function openGcsStore(config: GcsConfig, timeoutSeconds: number): Promise<SharedStore> {
   // Read once at open, as the other stores' credential files are: a missing or unreadable file is
   // reported here, not at the first request.
-  let authClient: JWT | undefined;
+  let credentials: StorageOptions['credentials'];
   if (config.keyFile) {
     const text = await readSecretFile(config.keyFile).catch((error: unknown) => {
       throw new SharedStoreError('denied', `reading the GCS key file: ${messageOf(error)}`, { cause: error });
     });
     try {
-      authClient = serviceAccountClient(parseGcsKey(text));
+      credentials = parseGcsKey(text);
     } catch (error) {
       throw new SharedStoreError('denied', `the GCS key file ${config.keyFile} ${messageOf(error)}`, { cause: error });
     }
   }
   const options: StorageOptions = {
-    ...(authClient ? { authClient } : {}),
+    ...(credentials ? { credentials } : {}),
     apiEndpoint: config.endpoint,
     // A custom endpoint is an emulator unless a key file is given (a private endpoint of the real
     // service): the library skips authentication at custom endpoints unless told otherwise.
@@ -65,20 +64,6 @@ export async function openGcsStore(config: GcsConfig, timeoutSeconds: number): P
     retryOptions: { autoRetry: true, maxRetries: 1, retryDelayMultiplier: 2, maxRetryDelay: 2, totalTimeout: Math.max(timeoutSeconds, 1) },
   };
   return new GcsStore(new Storage(options).bucket(config.bucket), config, timeoutSeconds * 1000);
-}
-
-/**
- * The signing client of a service account key. Built here rather than handed to the library as
- * `credentials`, which google-auth-library 11 deprecates with a console line outside the JSON log.
- */
-function serviceAccountClient(key: JWTInput): JWT {
-  if (typeof key.client_email !== 'string' || typeof key.private_key !== 'string') {
-    throw new Error('holds no service account key (client_email and private_key)');
-  }
-  // The scope the store's requests need; JWT.fromJSON takes the key's id, project and universe.
-  const client = new JWT({ scopes: ['https://www.googleapis.com/auth/devstorage.full_control'] });
-  client.fromJSON(key);
-  return client;
 }
 
 class GcsStore implements SharedStore {
