@@ -60,8 +60,8 @@ grep -Eq "^## \[$(printf '%s' "$version" | sed 's/\./\\./g')\] - [0-9]{4}-[0-9]{
   fail "CHANGELOG.md has no section \"## [$version] - YYYY-MM-DD\": move the Unreleased entries under it"
 IMAGE_REPOSITORY=${IMAGE_REPOSITORY:-$(image_value repository)}
 [ -n "$IMAGE_REPOSITORY" ] || fail "no image repository: set IMAGE_REPOSITORY or image.repository in $CHART/values.yaml"
-[ "${IMAGE_REPOSITORY#*:}" = "$IMAGE_REPOSITORY" ] || [[ "$IMAGE_REPOSITORY" =~ ^[^/]+:[0-9]+/ ]] ||
-  fail "IMAGE_REPOSITORY $IMAGE_REPOSITORY names a tag; give the repository alone"
+# A registry may have a port (host:5000/name); the repository's last part has no tag or digest.
+[[ "${IMAGE_REPOSITORY##*/}" != *[:@]* ]] || fail "IMAGE_REPOSITORY $IMAGE_REPOSITORY names a tag or digest; give the repository alone"
 [[ "$CHART_REPOSITORY" = oci://* ]] || fail "CHART_REPOSITORY $CHART_REPOSITORY is not an oci:// reference"
 echo "release $version: package.json, $CHART/Chart.yaml (version, appVersion) and CHANGELOG.md agree"
 

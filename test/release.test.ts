@@ -166,17 +166,18 @@ describe('release: scripts/release.sh --dry-run', () => {
     assert.match(stdout, new RegExp(`^\\+ cosign sign --yes ${values.image.repository.replace(/[./]/g, '\\$&')}@sha256:IMAGE-DIGEST$`, 'm'));
   });
 
-  const refusals: [string, (root: string) => void, string[], RegExp][] = [
+  const refusals: [string, (root: string) => void, string[], RegExp, Record<string, string>?][] = [
     ['a version other than package.json\'s', () => undefined, ['--dry-run', '99.0.0'], /^release: package\.json version is .+, not 99\.0\.0/],
     ['a version that is not MAJOR.MINOR.PATCH', () => undefined, ['--dry-run', '1.2'], /^release: VERSION 1\.2 is not a semantic version/],
     ['Chart.yaml appVersion apart', (root) => sed(join(root, 'charts/pullbridge/Chart.yaml'), /^appVersion: .*$/m, 'appVersion: "0.0.1"'), ['--dry-run', version], /^release: charts\/pullbridge\/Chart\.yaml appVersion is 0\.0\.1, not /],
     ['Chart.yaml version apart', (root) => sed(join(root, 'charts/pullbridge/Chart.yaml'), /^version: .*$/m, 'version: 0.0.1'), ['--dry-run', version], /^release: charts\/pullbridge\/Chart\.yaml version is 0\.0\.1, not /],
     ['image.tag pinned in values.yaml', (root) => sed(join(root, 'charts/pullbridge/values.yaml'), /^ {2}tag: ""/m, '  tag: "0.0.1"'), ['--dry-run', version], /^release: charts\/pullbridge\/values\.yaml image\.tag is "0\.0\.1"/],
+    ['an IMAGE_REPOSITORY with a tag', () => undefined, ['--dry-run', version], /^release: IMAGE_REPOSITORY 127\.0\.0\.1:5000\/pullbridge:1 names a tag or digest/, { IMAGE_REPOSITORY: '127.0.0.1:5000/pullbridge:1' }],
     ['no CHANGELOG section for the version', (root) => sed(join(root, 'CHANGELOG.md'), /^## \[\d[^\]]*\] - 2026-12-07$/m, ''), ['--dry-run', version], /^release: CHANGELOG\.md has no section "## \[.+\] - YYYY-MM-DD": move the Unreleased entries under it$/],
   ];
-  for (const [name, edit, args, message] of refusals) {
+  for (const [name, edit, args, message, env] of refusals) {
     it(`refuses ${name}: one line naming the file or key, exit 1, no step printed`, () => {
-      const { status, stdout, stderr } = release(releaseTree(name.replace(/\W+/g, '-'), edit), args);
+      const { status, stdout, stderr } = release(releaseTree(name.replace(/\W+/g, '-'), edit), args, env);
       assert.equal(status, 1, stdout);
       assert.match(stderr.trim(), message);
       assert.equal(stderr.trim().split('\n').length, 1, stderr);
