@@ -94,7 +94,7 @@ function testRunDir(): string {
 }
 
 /** The Node.js LTS binary the image ships, as scripts/lts-node.sh cached it (never fetched here). */
-export function ltsNode(): string {
+function ltsNode(): string {
   return run(join(ROOT, 'scripts', 'lts-node.sh'), ['--cached']).trim();
 }
 
