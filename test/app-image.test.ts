@@ -5,6 +5,7 @@
 // container that hands the cache directory to user 65532.
 
 import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
 import { CoreV1Api, KubeConfig, type V1Pod } from '@kubernetes/client-node';
 import { buildAppImage, type AppImage } from './support/appimage.js';
 import { waitForNode, waitForPod } from './support/cluster.js';
@@ -95,6 +96,18 @@ describe("pullbridge's image on a real node (assembled offline, pulled by contai
     assert.match(logs, /pullbridge proxy --config FILE --port N/);
     assert.equal(done.status?.containerStatuses?.[0]?.state?.terminated?.exitCode, 0, logs);
     assert.equal(done.status?.containerStatuses?.[0]?.imageID, `localhost:${registry.port}/pullbridge@${app.image.index.digest}`);
+  });
+
+  it("ships the Node.js LTS line the Dockerfile names (ARG NODE_MAJOR): /nodejs/bin/node's version in kubectl logs", async () => {
+    const major = /^ARG NODE_MAJOR=(\d+)$/m.exec(readFileSync(new URL('../../Dockerfile', import.meta.url), 'utf8'))?.[1];
+    assert.ok(major, 'the Dockerfile names its Node.js line in ARG NODE_MAJOR');
+    const containers = [{ name: 'app', image: imageRef, imagePullPolicy: 'IfNotPresent', command: ['/nodejs/bin/node', '--version'] }];
+    await core.createNamespacedPod({ namespace: NAMESPACE, body: pod('node-version', { restartPolicy: 'Never', containers }) });
+    await waitForPod(core, NAMESPACE, 'node-version', terminated, POD_TIMEOUT_MS, 'terminated').catch((error: unknown) => {
+      throw failure(error);
+    });
+    const logs = await kubectl('logs', '-n', NAMESPACE, 'node-version');
+    assert.match(logs.trim(), new RegExp(`^v${major}\\.\\d+\\.\\d+$`));
   });
 
   it("runs the proxy as the chart's DaemonSet does: security context, the init container, a ConfigMap config; Ready on /readyz", async () => {

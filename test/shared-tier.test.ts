@@ -52,12 +52,21 @@ const backends: readonly Backend[] = [
     async start() {
       const azure = await startAzurite();
       const container = 'pullbridge-test';
-      const credential = new StorageSharedKeyCredential(azure.accountName, readFileSync(azure.accountKeyFile, 'utf8').trim());
+      const accountKey = readFileSync(azure.accountKeyFile, 'utf8');
+      const credential = new StorageSharedKeyCredential(azure.accountName, accountKey.trim());
       await new BlobServiceClient(azure.endpoint, credential).getContainerClient(container).create();
+      // The key file outlives the server: a store that is down still has its credentials mounted
+      // (stopping Azurite removes its directory, and a key file gone reads as 'denied').
+      const secrets = mkdtempSync(join(tmpdir(), 'pullbridge-shared-azure-key-'));
+      const accountKeyFile = join(secrets, 'account-key');
+      writeFileSync(accountKeyFile, accountKey);
       return {
-        shared: { azure: { container, accountName: azure.accountName, accountKeyFile: azure.accountKeyFile, endpoint: azure.endpoint, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 },
+        shared: { azure: { container, accountName: azure.accountName, accountKeyFile, endpoint: azure.endpoint, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 },
         down: () => azure.stop(),
-        stop: () => azure.stop(),
+        stop: async () => {
+          await azure.stop();
+          rmSync(secrets, { recursive: true, force: true });
+        },
       };
     },
   },

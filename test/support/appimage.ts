@@ -1,6 +1,7 @@
 // pullbridge's own container image, assembled offline from this machine (the published Dockerfile
-// needs node:20 and distroless from a registry; nothing can be downloaded in tests). The result
-// matches the Dockerfile's final stage where the chart depends on it: the running Node binary at
+// needs node and distroless images from a registry; nothing can be downloaded in tests). The result
+// matches the Dockerfile's final stage where the chart depends on it: the Node.js LTS binary
+// (scripts/lts-node.sh, cached before the suite runs, whichever Node runs the tests) at
 // /nodejs/bin/node (the chart's init container calls that path), the libraries `ldd` lists at their
 // paths plus the dynamic loader, /app with dist/src, package.json and the production node_modules,
 // user 65532 in /etc/passwd and /etc/group, /tmp, and the same WorkingDir, User, Entrypoint and Cmd.
@@ -92,6 +93,11 @@ function testRunDir(): string {
   return runDir;
 }
 
+/** The Node.js LTS binary the image ships, as scripts/lts-node.sh cached it (never fetched here). */
+function ltsNode(): string {
+  return run(join(ROOT, 'scripts', 'lts-node.sh'), ['--cached']).trim();
+}
+
 /**
  * Builds pullbridge's image (in `dir`, or in a directory of this test run by default), once per
  * directory and process: later calls return the same image, so test files of one run share it.
@@ -111,8 +117,9 @@ export function buildAppImage(dir: string = testRunDir()): AppImage {
   };
   mkdirSync(rootfs, { mode: 0o755 });
 
-  put(process.execPath, 'nodejs/bin/node', 0o755);
-  for (const library of sharedLibraries(process.execPath)) put(library, library.slice(1), 0o755);
+  const node = ltsNode();
+  put(node, 'nodejs/bin/node', 0o755);
+  for (const library of sharedLibraries(node)) put(library, library.slice(1), 0o755);
 
   const etc = join(rootfs, 'etc');
   mkdirSync(etc, { mode: 0o755 });
