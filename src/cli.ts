@@ -26,9 +26,9 @@ const load = {
   secretfiles: () => import('./shell/secretfiles.js'),
   nodeSetup: () => import('./shell/nodesetup.js'),
   connections: () => Promise.all([import('@kubernetes/client-node'), import('./k8s/connectionstatus.js'), import('./k8s/client.js')]),
-  demo: () => import('./shell/demo.js'),
-  sampleImage: () => import('./shell/sampleimage.js'),
-  sampleRegistry: () => import('./shell/sampleregistry.js'),
+  demo: () => import('./demo/demo.js'),
+  sampleImage: () => import('./demo/sampleimage.js'),
+  sampleRegistry: () => import('./demo/sampleregistry.js'),
   warm: () => Promise.all([import('./cache/warm.js'), import('./cache/nodecache.js'), import('./proxy/runtime.js'), import('./log.js'), import('./metrics.js')]),
 };
 

@@ -9,9 +9,9 @@ import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { demoSteps, formatDemoSteps, parseDemoCommands } from '../src/shell/demosteps.js';
+import { demoSteps, formatDemoSteps, parseDemoCommands } from '../src/demo/demosteps.js';
 import { describeListenError } from '../src/shell/listenerrors.js';
-import { buildSampleImage } from '../src/shell/sampleimage.js';
+import { buildSampleImage } from '../src/demo/sampleimage.js';
 import { CLI, exitOf, runCli, startCli } from './support/cli.js';
 import { freePort } from './support/procs.js';
 

@@ -6,8 +6,8 @@ import { createHash } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { buildSampleImage, SAMPLE_FILE_TEXT } from '../src/shell/sampleimage.js';
-import { answerRegistryRequest } from '../src/shell/sampleregistry.js';
+import { buildSampleImage, SAMPLE_FILE_TEXT } from '../src/demo/sampleimage.js';
+import { answerRegistryRequest } from '../src/demo/sampleregistry.js';
 import { exitOf, startCli } from './support/cli.js';
 import { freePort, run } from './support/procs.js';
 

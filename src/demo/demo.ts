@@ -16,7 +16,7 @@ import { formatConfigErrors, parseConfig } from '../rules/config.js';
 import { decideImage } from '../rules/decide.js';
 import { runWebhook } from '../webhook/run.js';
 import { demoSteps, formatDemoSteps } from './demosteps.js';
-import { describeListenError } from './listenerrors.js';
+import { describeListenError } from '../shell/listenerrors.js';
 import { SAMPLE_REPOSITORY, SAMPLE_TAG } from './sampleimage.js';
 
 export interface DemoOptions {
