@@ -101,7 +101,7 @@ describe('RegistryConnection aggregation', () => {
     ]);
   });
 
-  it('a proxy whose status cannot be read, one without the rule yet, one not probed yet: not ready, each saying why; no proxies: Unknown', () => {
+  it('a proxy whose status cannot be read, one without the rule yet, one not probed yet: not ready, each saying why; only the last two: pending (Unknown, no event); no proxies: Unknown', () => {
     const { statuses } = aggregateConnections({
       rules: RULES.slice(0, 1),
       reports: [
@@ -117,6 +117,19 @@ describe('RegistryConnection aggregation', () => {
     assert.equal(condition(corp, 'Reachable')?.status, 'Unknown');
     assert.equal(condition(corp, 'Ready')?.status, 'False');
     assert.equal(corp?.nodesReady, '0/3');
+    // Without the node whose status could not be read: a rule on its way to the proxies (the
+    // webhook sees a new rule before kubelet syncs the proxies' ConfigMap volume) is Unknown, and
+    // raises no Warning Event; Ready when it arrives, with no Normal Event either (it never failed).
+    const pending = aggregateConnections({ rules: RULES.slice(0, 1), reports: [{ node: 'b', document: doc([]) }, { node: 'c', document: doc([up('corp', { reachable: null, authOk: null, lastCheck: null, lastSuccess: null, latencyMs: null })]) }], previous: new Map(), now: T0 });
+    assert.deepEqual(pending.statuses.get('corp')?.conditions.map((c) => [c.type, c.status, c.reason]), [
+      ['Reachable', 'Unknown', 'NotProbed'],
+      ['Authenticated', 'Unknown', 'NotProbed'],
+      ['Ready', 'Unknown', 'Pending'],
+    ]);
+    assert.deepEqual(pending.changes, []);
+    const arrived = aggregateConnections({ rules: RULES.slice(0, 1), reports: [{ node: 'b', document: doc([up('corp')]) }, { node: 'c', document: doc([up('corp')]) }], previous: pending.statuses, now: T0 });
+    assert.equal(condition(arrived.statuses.get('corp'), 'Ready')?.status, 'True');
+    assert.deepEqual(arrived.changes, []);
     const none = aggregateConnections({ rules: RULES.slice(0, 1), reports: [], previous: new Map(), now: T0 }).statuses.get('corp');
     assert.deepEqual(none?.conditions.map((c) => [c.type, c.status, c.reason]), [
       ['Reachable', 'Unknown', 'NoProxies'],

@@ -122,7 +122,7 @@ export class StatusCollector {
     const registers = options.metrics ? [options.metrics] : undefined;
     // Only the collecting replica has values: alerts take the max over replicas.
     this.gauges = registers && {
-      ready: new Gauge({ name: 'pullbridge_registry_connection_ready', help: "A rule's Ready condition as the status collector last wrote it: 1 True, 0 False (set by the collecting replica only)", labelNames: ['rule'], registers }),
+      ready: new Gauge({ name: 'pullbridge_registry_connection_ready', help: "A rule's Ready condition as the status collector last wrote it: 1 True, 0 False, -1 Unknown (a rule on its way to the proxies; set by the collecting replica only)", labelNames: ['rule'], registers }),
       reachable: new Gauge({ name: 'pullbridge_registry_connection_reachable', help: "A rule's Reachable condition: 1 True, 0 False, -1 Unknown (set by the collecting replica only)", labelNames: ['rule'], registers }),
     };
     // Held across at least three missed collections before another replica takes over.
@@ -218,7 +218,7 @@ export class StatusCollector {
     this.gauges?.reachable.reset();
     const value = (status: RegistryConnectionStatus, type: 'Ready' | 'Reachable') => ({ True: 1, False: 0, Unknown: -1 })[status.conditions.find((c) => c.type === type)?.status ?? 'Unknown'];
     for (const [name, status] of statuses) {
-      this.gauges?.ready.set({ rule: name }, Math.max(0, value(status, 'Ready')));
+      this.gauges?.ready.set({ rule: name }, value(status, 'Ready'));
       this.gauges?.reachable.set({ rule: name }, value(status, 'Reachable'));
       const stored = existing.get(name);
       if (!stored) continue;

@@ -113,6 +113,8 @@ export function parseProxyStatus(json: unknown): { ok: true; document: ProxyStat
 }
 
 const nodeReady = (n: NodeConnection) => n.reachable === true && n.authenticated !== false && n.lastError === null;
+/** A node whose proxy reported, but has not loaded or not yet probed the rule. */
+const nodePending = (n: NodeConnection) => n.reachable === null && n.lastError !== null && !n.lastError.startsWith('proxy status not collected');
 
 function nodeOf(rule: string, report: ProxyReport): NodeConnection {
   if ('error' in report) return { node: report.node, reachable: null, authenticated: null, latencyMs: null, lastError: `proxy status not collected: ${report.error}`, lastSuccess: null, lastProbe: null, cache: null };
@@ -152,10 +154,16 @@ function conditionsFor(upstream: string, nodes: readonly NodeConnection[]): Arra
             : { type: 'Authenticated', status: 'Unknown', reason: 'NotReached', message: `${upstream} was not reached: credentials not checked` };
   const ready = nodes.filter(nodeReady);
   const notReady = nodes.filter((n) => !nodeReady(n));
+  // A rule just added reaches the webhook's config at once and a proxy's only when kubelet syncs
+  // its ConfigMap volume (up to a minute or so): not loaded or not probed yet is not a fault, so it
+  // is Unknown (no Warning Event), unless some node already failed.
+  const failed = notReady.filter((n) => !nodePending(n));
   const readyCondition: Omit<Condition, 'lastTransitionTime'> =
     total > 0 && notReady.length === 0
       ? { type: 'Ready', status: 'True', reason: 'Ready', message: `${ready.length}/${total} node(s) ready` }
-      : { type: 'Ready', status: 'False', reason: total === 0 ? 'NoProxies' : 'NodesNotReady', message: total === 0 ? reachable.message : `${ready.length}/${total} node(s) ready; ${describe(notReady)}` };
+      : total > 0 && failed.length === 0
+        ? { type: 'Ready', status: 'Unknown', reason: 'Pending', message: `${ready.length}/${total} node(s) ready; ${describe(notReady)}` }
+        : { type: 'Ready', status: 'False', reason: total === 0 ? 'NoProxies' : 'NodesNotReady', message: total === 0 ? reachable.message : `${ready.length}/${total} node(s) ready; ${describe(notReady)}` };
   return [reachable, authenticated, readyCondition];
 }
 

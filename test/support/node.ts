@@ -110,6 +110,10 @@ export interface NodeOptions {
   /** A non-loopback address of the node itself, `IP/prefix` (e.g. `10.77.0.2/24`): on one end of a
    * veth pair in the node's namespace, with the default route through it. */
   readonly nodeAddress?: string;
+  /** Make `nodeAddress` the Node's InternalIP (kubelet `--node-ip`), so that hostNetwork Pods get it
+   * as their Pod IP, as on a real node: without it their Pod IP is the node name, 127.0.0.1, which
+   * in another Pod's namespace is that Pod's own loopback. */
+  readonly nodeAddressIsInternalIP?: boolean;
   /** A socket file on which an HTTP CONNECT proxy dials into the node's network namespace: the
    * apiserver's egress selector (ControlPlaneOptions.clusterEgressSocket) reaches Service and Pod
    * addresses of the node through it. */
@@ -523,6 +527,7 @@ export async function startNode(options: NodeOptions): Promise<RealNode> {
       `--config=${join(kubeletDir, 'config.json')}`,
       `--kubeconfig=${join(kubeletDir, 'kubeconfig')}`,
       `--hostname-override=${name}`,
+      ...(options.nodeAddressIsInternalIP && options.nodeAddress !== undefined ? [`--node-ip=${options.nodeAddress.split('/')[0]}`] : []),
       `--root-dir=${join(kubeletDir, 'root')}`,
       `--cert-dir=${join(kubeletDir, 'pki')}`,
     ]);
