@@ -44,12 +44,13 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
                      [--credential-mirror SECRET --credential-sources FILE]
-                     [--status-ops-port N --status-proxy-selector SELECTOR [--status-interval SECONDS]]
+                     [--status-ops-port N --status-proxy-selector SELECTOR --status-proxy-daemonset NAME [--status-interval SECONDS]]
                      (--status-*: one replica, elected with a Lease, reads the proxy Pods' /status and writes
-                      the RegistryConnection objects that \`kubectl get regconn\` and \`pullbridge status\` show)`,
+                      the RegistryConnection objects that \`kubectl get regconn\` and \`pullbridge status\` show;
+                      only Running Pods that the DaemonSet NAME controls are read)`,
   proxy: `pullbridge proxy --config FILE [--port N] [--host ADDR] [--ops-port N [--ops-host ADDR] [--ops-collector-host ADDR]] [--probe-interval SECONDS]
                      (--ops-collector-host: the operations port also listens there, e.g. the Pod IP, for the
-                      webhook's status collector; there all but /healthz and /readyz need its bearer token.
+                      webhook's status collector: there only GET /status, with its bearer token, /healthz and /readyz.
                       --port defaults to the config's proxy.port, the port written into rewritten references.
                       On a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
                       every --probe-interval that its own address is answered by itself: a NodePort Service
@@ -238,18 +239,21 @@ function onTermination(stop: () => Promise<void>): void {
 }
 
 /** The webhook's status collector settings (--status-*), or undefined when --status-ops-port is not given. */
-function webhookStatusCollector(values: { 'status-ops-port'?: string; 'status-proxy-selector'?: string; 'status-interval'?: string }, namespace: string, kubeconfig: string | undefined) {
+function webhookStatusCollector(values: { 'status-ops-port'?: string; 'status-proxy-selector'?: string; 'status-proxy-daemonset'?: string; 'status-interval'?: string }, namespace: string, kubeconfig: string | undefined) {
   if (values['status-ops-port'] === undefined) {
     if (values['status-proxy-selector'] !== undefined) throw new UsageError('--status-proxy-selector needs --status-ops-port');
+    if (values['status-proxy-daemonset'] !== undefined) throw new UsageError('--status-proxy-daemonset needs --status-ops-port');
     return undefined;
   }
   const opsPort = parsePort(values['status-ops-port'], '--status-ops-port');
   const proxySelector = requireOption(values['status-proxy-selector'], '--status-proxy-selector');
+  const proxyDaemonSet = requireOption(values['status-proxy-daemonset'], '--status-proxy-daemonset');
+  if (!/^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/.test(proxyDaemonSet)) throw new UsageError(`--status-proxy-daemonset must be a DaemonSet name, got "${proxyDaemonSet}"`);
   const interval = Number(values['status-interval']);
   if (!(interval > 0)) throw new UsageError(`--status-interval must be a positive number of seconds, got "${values['status-interval']}"`);
   if (!kubeconfig) throw new UsageError('--status-ops-port needs Kubernetes API access (in a cluster, or --kubeconfig)');
   // The chart sets POD_NAME (downward API): the Lease names the replica that collects.
-  return { namespace, proxySelector, opsPort, intervalMs: interval * 1000, identity: process.env['POD_NAME'] ?? `${hostname()}-${process.pid}` };
+  return { namespace, proxySelector, proxyDaemonSet, opsPort, intervalMs: interval * 1000, identity: process.env['POD_NAME'] ?? `${hostname()}-${process.pid}` };
 }
 
 async function cmdWebhook(args: string[]): Promise<number> {
@@ -275,6 +279,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
       'credential-sources': { type: 'string' },
       'status-ops-port': { type: 'string' },
       'status-proxy-selector': { type: 'string' },
+      'status-proxy-daemonset': { type: 'string' },
       'status-interval': { type: 'string', default: '30' },
     },
     strict: true,
@@ -309,8 +314,8 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const metricsPort = values['metrics-port'] === undefined ? undefined : parsePort(values['metrics-port'], '--metrics-port');
   const statusCollector = webhookStatusCollector(values, namespace, kubeconfig);
   // The metrics port answers the startup probe before the webhook's modules load.
-  const { listenGated, PROBE_PORT_MAX_CONNECTIONS } = await load.startupGate();
-  const metricsListener = metricsPort !== undefined ? await listening(() => listenGated({ host: values.host, port: metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS }), { '--metrics-port': metricsPort }) : undefined;
+  const { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE } = await load.startupGate();
+  const metricsListener = metricsPort !== undefined ? await listening(() => listenGated({ host: values.host, port: metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }), { '--metrics-port': metricsPort }) : undefined;
   const { runWebhook } = await load.webhookRun();
   const run = await listening(() => runWebhook({
     config,
@@ -350,8 +355,8 @@ async function cmdProxy(args: string[]): Promise<number> {
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
   // The operations port answers the startup probe before the proxy's modules load (a second on a busy node).
-  const { listenGated, PROBE_PORT_MAX_CONNECTIONS } = await load.startupGate();
-  const opsListener = opsPort !== undefined ? await listening(() => listenGated({ host: values['ops-host'] ?? values.host, port: opsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS }), { '--ops-port': opsPort }) : undefined;
+  const { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE } = await load.startupGate();
+  const opsListener = opsPort !== undefined ? await listening(() => listenGated({ host: values['ops-host'] ?? values.host, port: opsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }), { '--ops-port': opsPort }) : undefined;
   const { runProxy } = await load.proxyRun();
   const run = await listening(() => runProxy({
     config,

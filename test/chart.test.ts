@@ -229,6 +229,8 @@ describe('Helm chart', function () {
     const webhook = containerOf(rendered, 'Deployment');
     assert.ok(webhook?.args.includes('--status-ops-port=9090'));
     assert.ok(webhook?.args.includes('--status-proxy-selector=app.kubernetes.io/name=pullbridge,app.kubernetes.io/instance=pullbridge,app.kubernetes.io/component=proxy'));
+    const daemonSet = rendered.find((o) => o.kind === 'DaemonSet');
+    assert.ok(webhook?.args.includes(`--status-proxy-daemonset=${daemonSet?.metadata?.name ?? ''}`), 'the collector reads the Pods of the proxy DaemonSet the chart renders');
     assert.ok(webhook?.args.includes('--status-interval=30'), 'proxy.probeIntervalSeconds by default');
     assert.equal(fieldOf(webhook, 'POD_NAME'), 'metadata.name');
     // The proxy Pods the selector names are the DaemonSet's.
@@ -240,8 +242,9 @@ describe('Helm chart', function () {
     const role = rendered.find((o) => o.kind === 'Role') as unknown as { rules: Array<{ apiGroups: string[]; resources: string[]; verbs: string[]; resourceNames?: string[] }> };
     const granted = (group: string, resource: string) => role.rules.filter((r) => r.apiGroups.includes(group) && r.resources.includes(resource)).flatMap((r) => r.verbs.map((v) => `${v}${r.resourceNames ? `:${r.resourceNames.join(',')}` : ''}`)).sort();
     assert.deepEqual(granted('coordination.k8s.io', 'leases'), ['create', 'get:pullbridge-status-collector', 'update:pullbridge-status-collector']);
-    assert.deepEqual(granted('pullbridge.io', 'registryconnections'), ['create', 'delete', 'get', 'list', 'update']);
-    assert.deepEqual(granted('pullbridge.io', 'registryconnections/status'), ['patch', 'update']);
+    // Only what the collector calls: list, create, delete, and replace of the status.
+    assert.deepEqual(granted('pullbridge.io', 'registryconnections'), ['create', 'delete', 'list']);
+    assert.deepEqual(granted('pullbridge.io', 'registryconnections/status'), ['update']);
     const interval = containerOf(await render('--set', 'status.intervalSeconds=10'), 'Deployment');
     assert.ok(interval?.args.includes('--status-interval=10'));
     // Other exposures: the operations port already listens on the Pod IP; the collector may reach it through the NetworkPolicy.

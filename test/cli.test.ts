@@ -209,6 +209,19 @@ describe('pullbridge CLI', () => {
     assert.match(names.stderr, /--client-name needs --client-ca/);
   });
 
+  it('webhook refuses a status collector without the proxy DaemonSet it reads, or with a name that is not one', () => {
+    const status = ['webhook', '--config', configFile, '--port', '0', '--status-ops-port', '9090', '--status-proxy-selector', 'app=proxy'];
+    const missing = runCli(status);
+    assert.equal(missing.status, 2);
+    assert.match(missing.stderr, /^pullbridge: --status-proxy-daemonset is required\n/);
+    const bad = runCli([...status, '--status-proxy-daemonset', 'Not_A_Name']);
+    assert.equal(bad.status, 2);
+    assert.match(bad.stderr, /^pullbridge: --status-proxy-daemonset must be a DaemonSet name, got "Not_A_Name"\n/);
+    const alone = runCli(['webhook', '--config', configFile, '--port', '0', '--status-proxy-daemonset', 'pb-proxy']);
+    assert.equal(alone.status, 2);
+    assert.match(alone.stderr, /--status-proxy-daemonset needs --status-ops-port/);
+  });
+
   it('webhook without a cert serves plain HTTP (local use)', async () => {
     const { child, output } = await startCli(['webhook', '--config', configFile, '--host', '127.0.0.1', '--port', '0'], /webhook listening/);
     const url = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(output())?.[1];

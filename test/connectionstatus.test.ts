@@ -4,7 +4,7 @@
 
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
-import { aggregateConnections, allReady, formatConnectionTable, parseProxyStatus, planObjects, type ProxyReport, type ProxyStatusDocument, type RegistryConnectionStatus } from '../src/k8s/connectionstatus.js';
+import { aggregateConnections, allReady, formatConnectionTable, NODES_LISTED_LIMIT, parseProxyStatus, planObjects, type ProxyReport, type ProxyStatusDocument, type RegistryConnectionStatus } from '../src/k8s/connectionstatus.js';
 import { collectorToken } from '../src/proxy/credentials.js';
 import { opsRefusal, type OpsRequestFacts } from '../src/proxy/ops.js';
 import type { UpstreamStatus } from '../src/upstream/probe.js';
@@ -18,6 +18,7 @@ const RULES = [
 
 const up = (rule: string, over: Partial<UpstreamStatus> = {}): UpstreamStatus => ({ rule, upstream: '', via: 'direct', reachable: true, authOk: true, latencyMs: 4.2, lastError: null, lastSuccess: T0, lastCheck: T0, ...over });
 const doc = (upstreams: UpstreamStatus[], cache: ProxyStatusDocument['cache'] = null): ProxyStatusDocument => ({ upstreams, cache });
+const KNOWN = new Set(['corp', 'onprem']);
 const condition = (s: RegistryConnectionStatus | undefined, type: string) => s?.conditions.find((c) => c.type === type);
 
 describe('RegistryConnection aggregation', () => {
@@ -143,16 +144,53 @@ describe('RegistryConnection aggregation', () => {
       configLoaded: true,
       upstreams: [up('corp')],
       cache: { bytes: 2048, entries: 3, hits: 6, misses: 1, fromShared: 1, fillFailures: 2, fillsEnabled: true, shared: { kind: 's3', up: false, writable: true } },
-    });
+    }, KNOWN);
     assert.ok(parsed.ok);
     assert.deepEqual(parsed.document.cache, { bytes: 2048, entries: 3, hitRatio: 0.75, fillFailures: 2, fillsEnabled: true, shared: { up: false, writable: true } });
     assert.deepEqual(parsed.document.upstreams, [up('corp')]);
-    const noCache = parseProxyStatus({ upstreams: [], cache: null });
+    const noCache = parseProxyStatus({ upstreams: [], cache: null }, KNOWN);
     assert.ok(noCache.ok && noCache.document.cache === null);
-    const fresh = parseProxyStatus({ upstreams: [], cache: { bytes: 0, entries: 0, hits: 0, misses: 0, fromShared: 0, shared: null } });
+    const fresh = parseProxyStatus({ upstreams: [], cache: { bytes: 0, entries: 0, hits: 0, misses: 0, fromShared: 0, shared: null } }, KNOWN);
     assert.ok(fresh.ok && fresh.document.cache?.hitRatio === null, 'no ratio before the first request');
-    assert.deepEqual(parseProxyStatus('<html>'), { ok: false, error: 'not a pullbridge proxy /status document (no "upstreams")' });
-    assert.deepEqual(parseProxyStatus({ upstreams: [{ upstream: 'x' }] }), { ok: false, error: 'an "upstreams" entry has no rule' });
+    assert.deepEqual(parseProxyStatus('<html>', KNOWN), { ok: false, error: 'not a pullbridge proxy /status document (no "upstreams")' });
+    assert.deepEqual(parseProxyStatus({ upstreams: [{ upstream: 'x' }] }, KNOWN), { ok: false, error: 'an "upstreams" entry has no rule' });
+  });
+
+  it('a hostile document cannot break the status: dates only when dates, strings cut, rules the collector knows only, counts bounded', () => {
+    const parsed = parseProxyStatus({
+      upstreams: [
+        up('corp', { lastSuccess: 'zzzz', lastCheck: '2026-13-45T99:00:00Z', lastError: 'E'.repeat(2 << 20), upstream: 'u'.repeat(5000), via: 'v'.repeat(5000), latencyMs: -1 }),
+        up('corp', { lastError: 'a second entry for the same rule' }),
+        ...Array.from({ length: 1000 }, (_, i) => up(`invented-${i}`)),
+        up('onprem', { lastSuccess: '2026-12-06T10:00:00+01:00' }),
+      ],
+      cache: { bytes: -5, entries: 1e300, hits: Number.MAX_SAFE_INTEGER * 4, misses: 1, fromShared: 0, fillFailures: 'x' },
+    }, KNOWN);
+    assert.ok(parsed.ok);
+    assert.deepEqual(parsed.document.upstreams.map((u) => u.rule), ['corp', 'onprem']);
+    const [corp, onprem] = parsed.document.upstreams;
+    assert.equal(corp?.lastSuccess, null, 'not a date');
+    assert.equal(corp?.lastCheck, null, 'not a real date');
+    assert.equal(corp?.lastError?.length, 1024);
+    assert.equal(corp?.upstream.length, 1024);
+    assert.equal(corp?.via.length, 1024);
+    assert.equal(corp?.latencyMs, null);
+    assert.equal(onprem?.lastSuccess, '2026-12-06T10:00:00+01:00');
+    assert.deepEqual(parsed.document.cache, { bytes: 0, entries: 0, hitRatio: 0, fillFailures: 0, fillsEnabled: true, shared: null });
+    // Aggregated, the status has nothing the CRD's date-time format or the API server's size refuses.
+    const { statuses } = aggregateConnections({ rules: RULES, reports: [{ node: 'node-x', document: parsed.document }], previous: new Map(), now: T1 });
+    assert.equal(statuses.get('corp')?.lastSuccess, null);
+    assert.ok(JSON.stringify(statuses.get('corp')).length < 8192);
+  });
+
+  it(`lists at most ${NODES_LISTED_LIMIT} nodes per object, the ones not ready first; the summary counts them all`, () => {
+    const reports: ProxyReport[] = Array.from({ length: NODES_LISTED_LIMIT + 10 }, (_, i) => ({ node: `node-${String(i).padStart(4, '0')}`, document: doc([up('corp', i % 100 === 99 ? { reachable: false, lastError: 'refused' } : {}), up('onprem')]) }));
+    const corp = aggregateConnections({ rules: RULES, reports, previous: new Map(), now: T1 }).statuses.get('corp');
+    assert.equal(corp?.nodes.length, NODES_LISTED_LIMIT);
+    assert.deepEqual(corp?.summary, { nodesReady: NODES_LISTED_LIMIT + 5, nodesTotal: NODES_LISTED_LIMIT + 10 });
+    assert.equal(corp?.nodes.filter((n) => n.reachable === false).length, 5, 'every failing node listed');
+    const names = corp?.nodes.map((n) => n.node) ?? [];
+    assert.deepEqual(names, [...names].sort(), 'in node order');
   });
 
   it('plans objects: created for new rules, deleted for rules gone', () => {
@@ -195,21 +233,31 @@ describe('RegistryConnection aggregation', () => {
 describe('who may read a proxy\'s operations endpoints', () => {
   const key = Buffer.from('k'.repeat(64));
   const previous = Buffer.from('p'.repeat(64));
-  const facts = (over: Partial<OpsRequestFacts>): OpsRequestFacts => ({ path: '/status', peer: '10.0.0.7', authorization: undefined, collectorListener: false, keys: () => [key, previous], ...over });
+  const facts = (over: Partial<OpsRequestFacts>): OpsRequestFacts => ({ method: 'GET', path: '/status', peer: '10.0.0.7', authorization: undefined, collectorListener: false, keys: () => [key, previous], ...over });
   const bearer = (k: Uint8Array) => `Bearer ${collectorToken(k)}`;
 
-  it('on the operations port: /status, /warm and /purge need the collector token from a non-loopback peer; loopback (port-forward), health and /metrics do not', () => {
-    for (const path of ['/status', '/warm', '/purge']) {
-      assert.equal(opsRefusal(facts({ path }))?.status, 401, path);
-      assert.equal(opsRefusal(facts({ path, peer: '127.0.0.1' })), null, `${path} from loopback`);
-      assert.equal(opsRefusal(facts({ path, peer: '::ffff:127.0.0.1' })), null, `${path} from IPv4-mapped loopback`);
-      assert.equal(opsRefusal(facts({ path, authorization: bearer(key) })), null, `${path} with the token`);
+  it('on the operations port: /status needs the collector token from a non-loopback peer; /warm and /purge answer loopback peers only, token or not; health and /metrics answer anyone', () => {
+    assert.equal(opsRefusal(facts({}))?.status, 401);
+    assert.equal(opsRefusal(facts({ peer: '127.0.0.1' })), null, '/status from loopback');
+    assert.equal(opsRefusal(facts({ peer: '::ffff:127.0.0.1' })), null, '/status from IPv4-mapped loopback');
+    assert.equal(opsRefusal(facts({ authorization: bearer(key) })), null, '/status with the token');
+    for (const path of ['/warm', '/purge']) {
+      assert.equal(opsRefusal(facts({ method: 'POST', path, peer: '127.0.0.1' })), null, `${path} from loopback`);
+      assert.equal(opsRefusal(facts({ method: 'POST', path, peer: '::ffff:127.0.0.1' })), null, `${path} from IPv4-mapped loopback`);
+      assert.equal(opsRefusal(facts({ method: 'POST', path }))?.status, 403, `${path} from another address`);
+      assert.equal(opsRefusal(facts({ method: 'POST', path, authorization: bearer(key) }))?.status, 403, `${path} with the collector token: still refused`);
     }
     for (const path of ['/healthz', '/readyz', '/metrics']) assert.equal(opsRefusal(facts({ path })), null, path);
   });
 
-  it('on the collector listener: everything but health needs it, from any peer', () => {
-    for (const path of ['/status', '/metrics', '/purge', '/nothing']) assert.equal(opsRefusal(facts({ path, peer: '127.0.0.1', collectorListener: true }))?.status, 401, path);
+  it('on the collector listener: GET /status with the token, health to anyone; nothing else exists there, from any peer', () => {
+    assert.equal(opsRefusal(facts({ peer: '127.0.0.1', collectorListener: true }))?.status, 401, '/status without the token, even from loopback');
+    assert.equal(opsRefusal(facts({ collectorListener: true, authorization: bearer(key) })), null, '/status with the token');
+    for (const path of ['/metrics', '/warm', '/purge', '/nothing']) {
+      assert.equal(opsRefusal(facts({ path, peer: '127.0.0.1', collectorListener: true, authorization: bearer(key) }))?.status, 404, path);
+      assert.equal(opsRefusal(facts({ method: 'POST', path, peer: '127.0.0.1', collectorListener: true, authorization: bearer(key) }))?.status, 404, `POST ${path}`);
+    }
+    assert.equal(opsRefusal(facts({ method: 'POST', collectorListener: true, authorization: bearer(key) }))?.status, 404, 'POST /status');
     for (const path of ['/healthz', '/readyz']) assert.equal(opsRefusal(facts({ path, collectorListener: true })), null, path);
   });
 

@@ -3,11 +3,12 @@
 
 import assert from 'node:assert/strict';
 import { mkdtempSync, writeFileSync } from 'node:fs';
+import http from 'node:http';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { listen } from '../src/shell/serve.js';
-import { listenGated, serveGated, StartupGate } from '../src/shell/startupgate.js';
+import { listenGated, serveGated, StartupGate, STARTUP_MAX_HELD } from '../src/shell/startupgate.js';
 import { startCli, type RunningCli } from './support/cli.js';
 import { freePort } from './support/procs.js';
 
@@ -64,6 +65,35 @@ describe('startup probe', function () {
       assert.equal((await get(`${server.url}/startupz`)).status, 503);
       ready = true;
       assert.equal((await get(`${server.url}/startupz`)).status, 200);
+    } finally {
+      await server.close();
+    }
+  });
+
+  it(`holds at most ${STARTUP_MAX_HELD} /startupz requests: one more is answered 503 at once, with its connection closed`, async () => {
+    const gate = new StartupGate(60_000);
+    let arrived = 0;
+    let allHeld: () => void = () => undefined;
+    const held = new Promise<void>((resolve) => (allHeld = resolve));
+    const server = await listen(
+      (req, res) => {
+        if (++arrived === STARTUP_MAX_HELD) setImmediate(allHeld);
+        gate.listener(req, res);
+      },
+      { host: '127.0.0.1', port: 0 },
+    );
+    try {
+      const holding = Array.from({ length: STARTUP_MAX_HELD }, () => get(`${server.url}/startupz`));
+      await held;
+      const beyond = await new Promise<{ status: number; connection: string | undefined }>((resolve, reject) => {
+        http.get(`${server.url}/startupz`, { agent: false }, (res) => {
+          res.resume();
+          resolve({ status: res.statusCode ?? 0, connection: res.headers.connection });
+        }).on('error', reject);
+      });
+      assert.deepEqual(beyond, { status: 503, connection: 'close' });
+      gate.open((_req, res) => res.end(), () => true);
+      assert.deepEqual((await Promise.all(holding)).map((r) => r.status), Array.from({ length: STARTUP_MAX_HELD }, () => 200), 'the held ones are answered when the component is up');
     } finally {
       await server.close();
     }

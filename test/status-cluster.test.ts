@@ -7,13 +7,16 @@
 
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import http from 'node:http';
+import net from 'node:net';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { spawnSync } from 'node:child_process';
-import { CoordinationV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
+import { AppsV1Api, CoordinationV1Api, CoreV1Api, CustomObjectsApi, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments } from 'yaml';
+import { StatusCollector } from '../src/k8s/connections.js';
 import { collectorToken } from '../src/proxy/credentials.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
 import { CLI, exitOf, startCli, type RunningCli } from './support/cli.js';
@@ -52,6 +55,25 @@ interface Event {
   reason: string;
   message: string;
   involvedObject: { kind: string; name: string; apiVersion: string };
+}
+
+const PROXY_DAEMONSET = 'pb-pullbridge-proxy';
+const selectorLabels = () => Object.fromEntries(SELECTOR.split(',').map((kv) => kv.split('=') as [string, string]));
+
+/** The proxy DaemonSet object, as the chart names it; its uid for the Pods' owner reference. */
+async function createProxyDaemonSet(kc: KubeConfig, namespace: string): Promise<{ name: string; uid: string }> {
+  const created = await kc.makeApiClient(AppsV1Api).createNamespacedDaemonSet({ namespace, body: { metadata: { name: PROXY_DAEMONSET }, spec: { selector: { matchLabels: selectorLabels() }, template: { metadata: { labels: selectorLabels() }, spec: { containers: [{ name: 'proxy', image: 'pullbridge:test' }] } } } } });
+  return { name: PROXY_DAEMONSET, uid: created.metadata?.uid ?? '' };
+}
+
+/** A Pod with the proxy labels and the address and phase a kubelet would report; controlled by
+ * `owner` (as the DaemonSet controller makes them) unless null. */
+async function createProxyPod(kc: KubeConfig, namespace: string, owner: { name: string; uid: string } | null, pod: { name: string; node: string; podIP: string; phase?: string }): Promise<void> {
+  const core = kc.makeApiClient(CoreV1Api);
+  const ownerReferences = owner ? [{ apiVersion: 'apps/v1', kind: 'DaemonSet', name: owner.name, uid: owner.uid, controller: true, blockOwnerDeletion: true }] : undefined;
+  await core.createNamespacedPod({ namespace, body: { metadata: { name: pod.name, labels: selectorLabels(), ...(ownerReferences ? { ownerReferences } : {}) }, spec: { nodeName: pod.node, containers: [{ name: 'proxy', image: 'pullbridge:test' }] } } });
+  const read = await core.readNamespacedPod({ namespace, name: pod.name });
+  await core.replaceNamespacedPodStatus({ namespace, name: pod.name, body: { ...read, status: { ...read.status, phase: pod.phase ?? 'Running', podIP: pod.podIP, podIPs: [{ ip: pod.podIP }] } } });
 }
 
 describe('connection status in kubectl, against a real kube-apiserver', function () {
@@ -101,16 +123,16 @@ ${extraRule}`;
       if (object?.kind) await objects.create(object);
     }
     await eventually(async () => (await kubectl(['get', 'regconn', '-o', 'name']).then(() => true, () => false)), 30_000);
+    // The proxy DaemonSet's object (no controllers run here: it makes no Pods; they are made below).
+    const daemonSet = await createProxyDaemonSet(kc, NS);
 
     // The proxies, as the chart runs them with hostNetwork: operations on loopback, plus the collector address.
     for (const n of nodes) {
       proxies.push(
         await startCli(['proxy', '--config', configFile, '--host', '127.0.0.1', '--port', '0', '--ops-port', String(opsPort), '--ops-host', n.opsHost, '--ops-collector-host', n.podIP, '--probe-interval', String(PROBE_SECONDS)], /operations endpoints for the status collector listening/),
       );
-      // Their Pods: created as the DaemonSet would, with the address the kubelet would report.
-      await core.createNamespacedPod({ namespace: NS, body: { metadata: { name: `pb-proxy-${n.node}`, labels: Object.fromEntries(SELECTOR.split(',').map((kv) => kv.split('=') as [string, string])) }, spec: { nodeName: n.node, containers: [{ name: 'proxy', image: 'pullbridge:test' }] } } });
-      const pod = await core.readNamespacedPod({ namespace: NS, name: `pb-proxy-${n.node}` });
-      await core.replaceNamespacedPodStatus({ namespace: NS, name: `pb-proxy-${n.node}`, body: { ...pod, status: { ...pod.status, podIP: n.podIP, podIPs: [{ ip: n.podIP }] } } });
+      // Their Pods: created as the DaemonSet would, with the address and phase the kubelet would report.
+      await createProxyPod(kc, NS, daemonSet, { name: `pb-proxy-${n.node}`, node: n.node, podIP: n.podIP });
     }
     // Two replicas of the webhook Deployment, as its service account.
     const asWebhook = join(dir, 'kubeconfig');
@@ -119,7 +141,7 @@ ${extraRule}`;
     writeFileSync(asWebhook, JSON.stringify(admin));
     for (const identity of ['webhook-1', 'webhook-2']) {
       replicas.push(
-        await runWebhook({ config: configFrom(configYaml()), configPath: configFile, host: '127.0.0.1', port: 0, kubeconfig: asWebhook, reconcileIntervalMs: 3_600_000, metricsPort: 0, logger: memoryLogger().logger, statusCollector: { namespace: NS, proxySelector: SELECTOR, opsPort, intervalMs: COLLECT_MS, identity } }),
+        await runWebhook({ config: configFrom(configYaml()), configPath: configFile, host: '127.0.0.1', port: 0, kubeconfig: asWebhook, reconcileIntervalMs: 3_600_000, metricsPort: 0, logger: memoryLogger().logger, statusCollector: { namespace: NS, proxySelector: SELECTOR, proxyDaemonSet: PROXY_DAEMONSET, opsPort, intervalMs: COLLECT_MS, identity } }),
       );
     }
   });
@@ -135,25 +157,73 @@ ${extraRule}`;
     rmSync(dir, { recursive: true, force: true });
   });
 
-  it('the collector address answers health to anyone, everything else only to the collector token of this broker key', async () => {
+  it('the collector address answers health to anyone, GET /status only to the collector token of this broker key, nothing else to anyone', async () => {
     const [n] = nodes;
     assert.ok(n);
-    const get = (host: string, path: string, token?: string) => fetch(`http://${host}:${opsPort}${path}`, token ? { headers: { authorization: `Bearer ${token}` } } : {});
+    // One connection per request, from an address of its own: the collector address takes 2
+    // connections per source, and the collecting replica holds one from 127.0.0.1.
+    const request = (method: string, host: string, path: string, token?: string) =>
+      new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }>((resolve, reject) => {
+        const req = http.request({ method, host, port: opsPort, path, localAddress: '127.0.0.23', agent: false, headers: token ? { authorization: `Bearer ${token}` } : {} }, (res) => {
+          let body = '';
+          res.setEncoding('utf8');
+          res.on('data', (chunk: string) => (body += chunk));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, body }));
+        });
+        req.on('error', reject);
+        req.end(method === 'POST' ? '{"images": []}' : undefined);
+      });
+    const get = (host: string, path: string, token?: string) => request('GET', host, path, token);
     const key = readFileSync(keyFile);
     assert.equal((await get(n.podIP, '/healthz')).status, 200);
     assert.equal((await get(n.podIP, '/readyz')).status, 200);
     const anonymous = await get(n.podIP, '/status');
     assert.equal(anonymous.status, 401);
-    assert.match(anonymous.headers.get('www-authenticate') ?? '', /^Bearer /);
-    assert.equal((await get(n.podIP, '/metrics')).status, 401);
+    assert.match(anonymous.headers['www-authenticate'] ?? '', /^Bearer /);
+    // Nothing but /status and health exists there, token or not: no metrics, no cache changes.
+    assert.equal((await get(n.podIP, '/metrics', collectorToken(key))).status, 404);
+    for (const path of ['/warm', '/purge?rule=corp&repository=team/app']) {
+      assert.equal((await request('POST', n.podIP, path, collectorToken(key))).status, 404, path);
+    }
     assert.equal((await get(n.podIP, '/status', collectorToken(randomBytes(32)))).status, 403, 'a token of another key');
     assert.equal((await get(n.podIP, '/status', key.toString())).status, 403, 'the broker key itself is not the token');
     const right = await get(n.podIP, '/status', collectorToken(key));
     assert.equal(right.status, 200);
-    assert.deepEqual(((await right.json()) as { rules: string[] }).rules, ['corp']);
+    assert.deepEqual((JSON.parse(right.body) as { rules: string[] }).rules, ['corp']);
     // On its loopback operations address (kubectl port-forward arrives there), no token is needed.
     assert.equal((await get(n.opsHost, '/status')).status, 200);
     assert.equal((await get(n.opsHost, '/metrics')).status, 200);
+  });
+
+  it('one peer holding idle connections cannot lock others out: 2 per source on the collector address, 8 on the operations port', async () => {
+    const [n] = nodes;
+    assert.ok(n);
+    const idle: net.Socket[] = [];
+    /** A connection from `source` that says nothing, once the server has it. */
+    const hold = (host: string, source: string) =>
+      new Promise<void>((resolve, reject) => {
+        const socket = net.connect({ host, port: opsPort, localAddress: source }, () => resolve());
+        socket.once('error', reject);
+        idle.push(socket);
+      });
+    /** What a request from `source` gets back before its connection closes: '' when it is closed unanswered. */
+    const answer = (host: string, source: string) =>
+      new Promise<string>((resolve) => {
+        let received = '';
+        const socket = net.connect({ host, port: opsPort, localAddress: source }, () => socket.write(`GET /healthz HTTP/1.1\r\nhost: ${host}\r\nconnection: close\r\n\r\n`));
+        socket.on('data', (chunk: Buffer) => (received += chunk.toString('latin1')));
+        socket.once('error', () => undefined);
+        socket.once('close', () => resolve(received));
+      });
+    try {
+      for (const [host, perSource] of [[n.podIP, 2], [n.opsHost, 8]] as const) {
+        for (let i = 0; i < perSource; i++) await hold(host, '127.0.0.21');
+        assert.equal(await answer(host, '127.0.0.21'), '', `${host}: a connection beyond ${perSource} from one source is closed unanswered`);
+        assert.match(await answer(host, '127.0.0.22'), /^HTTP\/1\.1 200 /, `${host}: another source is served`);
+      }
+    } finally {
+      for (const socket of idle) socket.destroy();
+    }
   });
 
   it('one replica holds the collector Lease; kubectl shows the rule Ready on both nodes, with its printer columns', async () => {
@@ -262,6 +332,120 @@ ${extraRule}`;
     assert.ok(await eventually(async () => (await connection('extra')) !== undefined, 60_000), 'object for the new rule');
     writeFileSync(configFile, configYaml());
     assert.ok(await eventually(async () => (await connection('extra')) === undefined, 60_000), 'object of the removed rule deleted');
+  });
+
+  it('hostile proxy Pods: only Running Pods of the proxy DaemonSet get the token; oversized, redirecting and malformed documents become that node\'s error; a rule whose write is refused does not stop the others', async () => {
+    // In a namespace of its own, with a collector run here (admin credentials), so that each
+    // collection is one call and the replicas above do not interfere.
+    const ns = 'hostile';
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const core = kc.makeApiClient(CoreV1Api);
+    await core.createNamespace({ body: { metadata: { name: ns } } });
+    const owner = await createProxyDaemonSet(kc, ns);
+    const port = await freePort();
+    const seen = new Map<string, Array<string | undefined>>();
+    const big = JSON.stringify({ upstreams: [], padding: 'x'.repeat(2 << 20) });
+    const documentFor = (rule: string, over: Record<string, unknown>) => ({ rule, upstream: 'u', via: 'direct', reachable: true, authOk: true, latencyMs: 1, lastError: null, lastSuccess: '2026-12-06T17:00:00Z', lastCheck: '2026-12-06T17:00:00Z', ...over });
+    // The fake proxies: what a real proxy never sends (a document too large, a redirect, a date that is not one).
+    const behaviours: Record<string, (res: http.ServerResponse) => void> = {
+      '127.0.0.31': (res) => res.writeHead(200, { 'content-type': 'application/json', 'content-length': String(big.length) }).end(big),
+      '127.0.0.32': (res) => {
+        res.writeHead(200, { 'content-type': 'application/json' }); // chunked: no declared size
+        res.end(big);
+      },
+      '127.0.0.33': (res) => res.writeHead(302, { location: `http://127.0.0.36:${port}/status` }).end(),
+      '127.0.0.34': (res) => res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ upstreams: [documentFor('first', { lastSuccess: 'zzzz', lastError: 'E'.repeat(900_000) }), documentFor('second', {}), documentFor('invented', {})], cache: null })),
+      '127.0.0.35': (res) => res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify({ upstreams: [documentFor('first', {}), documentFor('second', {})], cache: null })),
+      '127.0.0.36': (res) => res.writeHead(200, { 'content-type': 'application/json' }).end('{"upstreams": []}'), // the redirect target
+      '127.0.0.37': (res) => res.writeHead(200).end('{"upstreams": []}'), // a labelled Pod no DaemonSet controls
+      '127.0.0.38': (res) => res.writeHead(200).end('{"upstreams": []}'), // a Pod of the DaemonSet that has failed
+    };
+    const servers = await Promise.all(
+      Object.entries(behaviours).map(
+        ([host, behave]) =>
+          new Promise<http.Server>((resolve) => {
+            const server = http.createServer((req, res) => {
+              seen.set(host, [...(seen.get(host) ?? []), req.headers.authorization]);
+              behave(res);
+            });
+            server.listen(port, host, () => resolve(server));
+          }),
+      ),
+    );
+    const pods = [
+      { name: 'big', node: 'node-big', podIP: '127.0.0.31' },
+      { name: 'chunked', node: 'node-chunked', podIP: '127.0.0.32' },
+      { name: 'redirect', node: 'node-redirect', podIP: '127.0.0.33' },
+      { name: 'malformed', node: 'node-malformed', podIP: '127.0.0.34' },
+      { name: 'good', node: 'node-good', podIP: '127.0.0.35' },
+      { name: 'failed', node: 'node-failed', podIP: '127.0.0.38', phase: 'Failed' },
+    ];
+    for (const pod of pods) await createProxyPod(kc, ns, owner, pod);
+    await createProxyPod(kc, ns, null, { name: 'unowned', node: 'node-unowned', podIP: '127.0.0.37' });
+    // The API server refuses every status write of the rule "first" (a real admission policy).
+    const refusing = KubernetesObjectApi.makeApiClient(kc);
+    await refusing.create({ apiVersion: 'admissionregistration.k8s.io/v1', kind: 'ValidatingAdmissionPolicy', metadata: { name: 'refuse-first' }, spec: { failurePolicy: 'Fail', matchConstraints: { resourceRules: [{ apiGroups: ['pullbridge.io'], apiVersions: ['*'], operations: ['UPDATE'], resources: ['registryconnections/status'] }] }, validations: [{ expression: "object.metadata.name != 'first'", message: 'first is refused here' }] } } as KubernetesObject);
+    await refusing.create({ apiVersion: 'admissionregistration.k8s.io/v1', kind: 'ValidatingAdmissionPolicyBinding', metadata: { name: 'refuse-first' }, spec: { policyName: 'refuse-first', validationActions: ['Deny'], matchResources: { namespaceSelector: { matchLabels: { 'kubernetes.io/metadata.name': ns } } } } } as KubernetesObject);
+    const logs = memoryLogger();
+    const collector = new StatusCollector({
+      core,
+      custom: kc.makeApiClient(CustomObjectsApi),
+      coordination: kc.makeApiClient(CoordinationV1Api),
+      namespace: ns,
+      proxySelector: SELECTOR,
+      proxyDaemonSet: owner.name,
+      opsPort: port,
+      intervalMs: 60_000,
+      identity: 'here',
+      config: () => configFrom(`registries:\n  - {name: first, match: [first.example], upstream: "http://127.0.0.1:1", auth: {mode: anonymous}}\n  - {name: second, match: [second.example], upstream: "http://127.0.0.1:2", auth: {mode: anonymous}}\n`),
+      token: () => 'the-collector-token',
+      logger: logs.logger,
+      recordEvent: async () => undefined,
+    });
+    type Stored = { metadata: { name: string }; status?: { lastSuccess: string | null; lastCollected: string; nodes: Array<{ node: string; lastError: string | null; lastSuccess: string | null }> } };
+    const stored = async (name: string) => ((await kc.makeApiClient(CustomObjectsApi).listNamespacedCustomObject({ group: 'pullbridge.io', version: 'v1alpha1', namespace: ns, plural: 'registryconnections' })) as { items: Stored[] }).items.find((o) => o.metadata.name === name);
+    try {
+      // Until the admission policy is in force (it is loaded asynchronously): bounded.
+      const refused = () => logs.records.some((r) => r.msg === 'registry connection status not written' && r.rule === 'first');
+      for (let i = 0; i < 60 && !refused(); i++) {
+        await collector.collect();
+        if (!refused()) await sleep(500);
+      }
+      assert.ok(refused(), 'the refused write of "first" is logged');
+      // One more collection with the policy in force: "first" refused again, "second" written (it comes after).
+      const refusals = () => logs.records.filter((r) => r.msg === 'registry connection status not written' && r.rule === 'first').length;
+      const [before, refusedBefore] = [(await stored('second'))?.status?.lastCollected, refusals()];
+      await collector.collect();
+      assert.equal(refusals(), refusedBefore + 1);
+      const second = await stored('second');
+      assert.notEqual(second?.status?.lastCollected, before, 'written in the collection that could not write "first"');
+      const nodesOf = new Map(second?.status?.nodes.map((n) => [n.node, n]));
+      assert.deepEqual([...nodesOf.keys()], ['node-big', 'node-chunked', 'node-good', 'node-malformed', 'node-redirect'], 'only Running Pods the DaemonSet controls');
+      assert.match(nodesOf.get('node-big')?.lastError ?? '', /^proxy status not collected: 127\.0\.0\.31:\d+\/status: the document is larger than 1048576 bytes$/);
+      assert.match(nodesOf.get('node-chunked')?.lastError ?? '', /^proxy status not collected: 127\.0\.0\.32:\d+\/status: the document is larger than 1048576 bytes$/);
+      assert.match(nodesOf.get('node-redirect')?.lastError ?? '', /^proxy status not collected: 127\.0\.0\.33:\d+: .*redirect/);
+      assert.equal(nodesOf.get('node-good')?.lastError, null);
+      assert.equal(nodesOf.get('node-malformed')?.lastError, null);
+      assert.equal(second?.status?.lastSuccess, '2026-12-06T17:00:00Z');
+      // Without the policy, "first" is written too: its bad date dropped, its error cut.
+      await refusing.delete({ apiVersion: 'admissionregistration.k8s.io/v1', kind: 'ValidatingAdmissionPolicyBinding', metadata: { name: 'refuse-first' } } as KubernetesObject);
+      let first = await stored('first');
+      for (let i = 0; i < 60 && !first?.status; i++) {
+        await collector.collect();
+        first = await stored('first');
+        if (!first?.status) await sleep(500);
+      }
+      const malformed = first?.status?.nodes.find((n) => n.node === 'node-malformed');
+      assert.equal(malformed?.lastSuccess, null, 'not a date');
+      assert.equal(malformed?.lastError?.length, 1024);
+      assert.equal(first?.status?.lastSuccess, '2026-12-06T17:00:00Z', 'the newest real date');
+      assert.deepEqual(((await kc.makeApiClient(CustomObjectsApi).listNamespacedCustomObject({ group: 'pullbridge.io', version: 'v1alpha1', namespace: ns, plural: 'registryconnections' })) as { items: Stored[] }).items.map((o) => o.metadata.name), ['first', 'second'], 'no object for a rule only a proxy names');
+      assert.deepEqual([...seen.keys()].sort(), ['127.0.0.31', '127.0.0.32', '127.0.0.33', '127.0.0.34', '127.0.0.35'], 'the token went to the DaemonSet\'s Running Pods only, and was not taken along a redirect');
+    } finally {
+      await refusing.delete({ apiVersion: 'admissionregistration.k8s.io/v1', kind: 'ValidatingAdmissionPolicy', metadata: { name: 'refuse-first' } } as KubernetesObject).catch(() => undefined);
+      await Promise.all(servers.map((server) => new Promise((resolve) => server.close(resolve))));
+    }
   });
 
   it('the collecting replica hands over on shutdown; pullbridge status prints the table of what the objects say (exact rows), and one line when the CRD is missing or the API is unreachable', async () => {

@@ -3,7 +3,7 @@
 // not the proxies: they hold no API token, and every Pod on a node can reach them. Thin adapter;
 // the aggregation is src/k8s/connectionstatus.ts.
 
-import { V1MicroTime, type CoordinationV1Api, type CoreV1Api, type CustomObjectsApi, type V1Lease } from '@kubernetes/client-node';
+import { V1MicroTime, type CoordinationV1Api, type CoreV1Api, type CustomObjectsApi, type V1Lease, type V1Pod } from '@kubernetes/client-node';
 import { Gauge, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
@@ -87,6 +87,9 @@ export interface StatusCollectorOptions {
   readonly namespace: string;
   /** Label selector of the proxy DaemonSet's Pods. */
   readonly proxySelector: string;
+  /** The proxy DaemonSet's name: only Running Pods it controls are read (and get the token); a Pod
+   * someone else made with the same labels is not. */
+  readonly proxyDaemonSet: string;
   /** The proxies' operations port. */
   readonly opsPort: number;
   readonly intervalMs: number;
@@ -110,6 +113,39 @@ interface StoredConnection {
 
 /** How long one proxy's /status may take. */
 const PROXY_TIMEOUT_MS = 5_000;
+/** The largest /status document read (a real one is a few KiB per rule): a larger one is refused
+ * unread, or cut off when its size was not declared, so that no proxy can exhaust the webhook's memory. */
+export const STATUS_BODY_LIMIT_BYTES = 1 << 20;
+
+/** The body of `res`, at most `limit` bytes; null (and the rest unread) when it is larger. */
+async function readBounded(res: Response, limit: number): Promise<Buffer | null> {
+  const declared = Number(res.headers.get('content-length') ?? Number.NaN);
+  if (Number.isFinite(declared) && declared > limit) {
+    await res.body?.cancel().catch(() => undefined);
+    return null;
+  }
+  if (!res.body) return Buffer.alloc(0);
+  const reader = res.body.getReader();
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) return Buffer.concat(chunks, size);
+    size += value.byteLength;
+    if (size > limit) {
+      await reader.cancel().catch(() => undefined);
+      return null;
+    }
+    chunks.push(value);
+  }
+}
+
+/** Whether `pod` is one the collector reads: Running, and controlled by the proxy DaemonSet. */
+export function isProxyPod(pod: V1Pod, daemonSet: string): boolean {
+  if (pod.metadata?.deletionTimestamp !== undefined || pod.status?.phase !== 'Running') return false;
+  const controller = pod.metadata?.ownerReferences?.find((o) => o.controller === true);
+  return controller?.apiVersion === 'apps/v1' && controller.kind === 'DaemonSet' && controller.name === daemonSet;
+}
 
 export class StatusCollector {
   private timer: NodeJS.Timeout | undefined;
@@ -162,15 +198,28 @@ export class StatusCollector {
   }
 
   /** Reads one proxy's /status on its Pod IP. */
-  private async report(node: string, podIP: string): Promise<ProxyReport> {
+  private async report(node: string, podIP: string, rules: ReadonlySet<string>): Promise<ProxyReport> {
     const host = podIP.includes(':') ? `[${podIP}]` : podIP;
     try {
-      const res = await fetch(`http://${host}:${this.options.opsPort}/status`, { headers: { authorization: `Bearer ${this.options.token()}` }, signal: AbortSignal.timeout(PROXY_TIMEOUT_MS) });
-      if (!res.ok) return { node, error: `${host}:${this.options.opsPort}/status answered ${res.status}${res.status === 401 || res.status === 403 ? ' (collector token refused: do the proxy and the webhook hold the same broker key?)' : ''}` };
-      const parsed = parseProxyStatus(await res.json());
+      // No redirects: the token is for the proxy, and the collector fetches nothing else.
+      const res = await fetch(`http://${host}:${this.options.opsPort}/status`, { headers: { authorization: `Bearer ${this.options.token()}` }, redirect: 'error', signal: AbortSignal.timeout(PROXY_TIMEOUT_MS) });
+      if (!res.ok) {
+        await res.body?.cancel().catch(() => undefined);
+        return { node, error: `${host}:${this.options.opsPort}/status answered ${res.status}${res.status === 401 || res.status === 403 ? ' (collector token refused: do the proxy and the webhook hold the same broker key?)' : ''}` };
+      }
+      const body = await readBounded(res, STATUS_BODY_LIMIT_BYTES);
+      if (body === null) return { node, error: `${host}:${this.options.opsPort}/status: the document is larger than ${STATUS_BODY_LIMIT_BYTES} bytes` };
+      let json: unknown;
+      try {
+        json = JSON.parse(body.toString('utf8'));
+      } catch {
+        return { node, error: `${host}:${this.options.opsPort}/status: not JSON` };
+      }
+      const parsed = parseProxyStatus(json, rules);
       return parsed.ok ? { node, document: parsed.document } : { node, error: parsed.error };
     } catch (error) {
-      const cause = (error as { cause?: { code?: string } }).cause?.code ?? (error as Error).message;
+      const reason = (error as { cause?: { code?: string; message?: string } }).cause;
+      const cause = reason?.code ?? reason?.message ?? (error as Error).message;
       return { node, error: `${host}:${this.options.opsPort}: ${cause}` };
     }
   }
@@ -178,20 +227,21 @@ export class StatusCollector {
   /** One collection: every proxy Pod's /status, then the objects' status, then Events. */
   async collect(): Promise<void> {
     const { core, custom, namespace } = this.options;
+    const rules = this.options.config().registries.map((r) => ({ name: r.name, upstream: r.upstream }));
+    const ruleNames = new Set(rules.map((r) => r.name));
     const pods = await core.listNamespacedPod({ namespace, labelSelector: this.options.proxySelector });
     const reports = await Promise.all(
       pods.items
-        .filter((p) => p.metadata?.deletionTimestamp === undefined)
+        .filter((p) => isProxyPod(p, this.options.proxyDaemonSet))
         .map((p) => {
           const node = p.spec?.nodeName ?? p.metadata?.name ?? '';
           const ip = p.status?.podIP;
-          return ip ? this.report(node, ip) : Promise.resolve<ProxyReport>({ node, error: 'the proxy Pod has no IP yet' });
+          return ip ? this.report(node, ip, ruleNames) : Promise.resolve<ProxyReport>({ node, error: 'the proxy Pod has no IP yet' });
         }),
     );
     const api = { group: CONNECTION_GROUP, version: CONNECTION_VERSION, namespace, plural: CONNECTION_PLURAL };
     const listed = (await custom.listNamespacedCustomObject(api)) as { items?: StoredConnection[] };
     const existing = new Map((listed.items ?? []).filter((o) => o.metadata?.labels?.[MANAGED_BY_LABEL] === MANAGED_BY).map((o) => [o.metadata?.name ?? '', o]));
-    const rules = this.options.config().registries.map((r) => ({ name: r.name, upstream: r.upstream }));
     const plan = planObjects(
       rules.map((r) => r.name),
       [...existing.keys()],
@@ -225,8 +275,9 @@ export class StatusCollector {
       try {
         await custom.replaceNamespacedCustomObjectStatus({ ...api, name, body: { apiVersion: `${CONNECTION_GROUP}/${CONNECTION_VERSION}`, kind: CONNECTION_KIND, metadata: { ...stored.metadata, name, namespace }, status } });
       } catch (error) {
-        // Changed meanwhile (another collector, a person): the next collection writes it.
-        if (apiStatus(error) !== 409) throw error;
+        // Changed meanwhile (another collector, a person): the next collection writes it. Any other
+        // refusal is this rule's alone: the other rules' status is still written.
+        if (apiStatus(error) !== 409) this.options.logger.warn({ rule: name, error: apiMessage(error) }, 'registry connection status not written');
         continue;
       }
       for (const change of changes.filter((c) => c.rule === name)) {

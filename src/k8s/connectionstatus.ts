@@ -89,25 +89,39 @@ export interface ConditionChange {
 }
 
 const isRecord = (v: unknown): v is Record<string, unknown> => typeof v === 'object' && v !== null && !Array.isArray(v);
-const str = (v: unknown): string | null => (typeof v === 'string' ? v : null);
+/** What a status field may hold: every string from a proxy is cut here (the API server refuses large objects). */
+const MESSAGE_LIMIT = 1024;
+const str = (v: unknown): string | null => (typeof v === 'string' ? v.slice(0, MESSAGE_LIMIT) : null);
 const num = (v: unknown): number | null => (typeof v === 'number' && Number.isFinite(v) ? v : null);
+/** A count or size: a non-negative number no larger than a safe integer (else none). */
+const count = (v: unknown): number | null => {
+  const n = num(v);
+  return n !== null && n >= 0 && n <= Number.MAX_SAFE_INTEGER ? n : null;
+};
 const bool = (v: unknown): boolean | null => (typeof v === 'boolean' ? v : null);
+const ISO_DATE = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$/;
+/** An RFC 3339 date-time (the CRD's format: date-time), else null: anything else would sort wrongly
+ * into lastSuccess and make the API server refuse the whole status. */
+const isoDate = (v: unknown): string | null => (typeof v === 'string' && ISO_DATE.test(v) && !Number.isNaN(Date.parse(v)) ? v : null);
 
-/** Reads a proxy's /status JSON; an error message when it is not one (a proxy of another version, another server). */
-export function parseProxyStatus(json: unknown): { ok: true; document: ProxyStatusDocument } | { ok: false; error: string } {
+/** Reads a proxy's /status JSON; an error message when it is not one (a proxy of another version,
+ * another server). Only the entries of `rules` (the collector's config) are kept, each at most once:
+ * a proxy cannot add rules, nor make the document larger than the rules it is asked about. */
+export function parseProxyStatus(json: unknown, rules: ReadonlySet<string>): { ok: true; document: ProxyStatusDocument } | { ok: false; error: string } {
   if (!isRecord(json) || !Array.isArray(json.upstreams)) return { ok: false, error: 'not a pullbridge proxy /status document (no "upstreams")' };
   const upstreams: UpstreamStatus[] = [];
-  for (const u of json.upstreams) {
+  for (const u of json.upstreams as unknown[]) {
     if (!isRecord(u) || typeof u.rule !== 'string') return { ok: false, error: 'an "upstreams" entry has no rule' };
-    upstreams.push({ rule: u.rule, upstream: str(u.upstream) ?? '', via: str(u.via) ?? '', reachable: bool(u.reachable), authOk: bool(u.authOk), latencyMs: num(u.latencyMs), lastError: str(u.lastError), lastSuccess: str(u.lastSuccess), lastCheck: str(u.lastCheck) });
+    if (!rules.has(u.rule) || upstreams.some((known) => known.rule === u.rule)) continue;
+    upstreams.push({ rule: u.rule, upstream: str(u.upstream) ?? '', via: str(u.via) ?? '', reachable: bool(u.reachable), authOk: bool(u.authOk), latencyMs: count(u.latencyMs), lastError: str(u.lastError), lastSuccess: isoDate(u.lastSuccess), lastCheck: isoDate(u.lastCheck) });
   }
   let cache: NodeCacheState | null = null;
   if (isRecord(json.cache)) {
     const c = json.cache;
-    const hits = num(c.hits) ?? 0;
-    const looked = hits + (num(c.misses) ?? 0) + (num(c.fromShared) ?? 0);
+    const hits = count(c.hits) ?? 0;
+    const looked = hits + (count(c.misses) ?? 0) + (count(c.fromShared) ?? 0);
     const shared = isRecord(c.shared) ? { up: c.shared.up === true, writable: c.shared.writable === true } : null;
-    cache = { bytes: num(c.bytes) ?? 0, entries: num(c.entries) ?? 0, hitRatio: looked > 0 ? Math.round((hits / looked) * 1000) / 1000 : null, fillFailures: num(c.fillFailures) ?? 0, fillsEnabled: c.fillsEnabled !== false, shared };
+    cache = { bytes: count(c.bytes) ?? 0, entries: count(c.entries) ?? 0, hitRatio: looked > 0 ? Math.round((hits / looked) * 1000) / 1000 : null, fillFailures: count(c.fillFailures) ?? 0, fillsEnabled: c.fillsEnabled !== false, shared };
   }
   return { ok: true, document: { upstreams, cache } };
 }
@@ -167,7 +181,17 @@ function conditionsFor(upstream: string, nodes: readonly NodeConnection[]): Arra
   return [reachable, authenticated, readyCondition];
 }
 
-const MESSAGE_LIMIT = 1024;
+
+/** Nodes listed in one object's status.nodes (summary counts them all): with each entry under
+ * about 1.5 KiB (strings cut to MESSAGE_LIMIT), an object stays well under the API server's 1.5 MiB.
+ * Beyond it, the nodes that are not ready are listed first. */
+export const NODES_LISTED_LIMIT = 500;
+
+function listed(nodes: readonly NodeConnection[]): NodeConnection[] {
+  if (nodes.length <= NODES_LISTED_LIMIT) return [...nodes];
+  const kept = new Set([...nodes.filter((n) => !nodeReady(n)), ...nodes.filter(nodeReady)].slice(0, NODES_LISTED_LIMIT));
+  return nodes.filter((n) => kept.has(n));
+}
 
 export interface AggregateInput {
   /** The rules of the config in force, in order. */
@@ -205,7 +229,7 @@ export function aggregateConnections(input: AggregateInput): { statuses: Map<str
     statuses.set(rule.name, {
       upstream: rule.upstream,
       conditions,
-      nodes,
+      nodes: listed(nodes),
       summary: { nodesReady: ready, nodesTotal: nodes.length },
       nodesReady: `${ready}/${nodes.length}`,
       latency: latencies.length > 0 ? `${Math.round(Math.max(...latencies))}ms` : '',

@@ -3,10 +3,12 @@
 // repository may read from the cache).
 //
 // Who may read what: /healthz and /readyz answer anyone (kubelet probes). /metrics answers anyone on
-// the operations port (Prometheus). /status, /warm and /purge answer a loopback peer (the node
-// itself, `kubectl port-forward`) and otherwise only the webhook's status collector, which presents
-// a bearer token derived from the broker key (collectorToken). On the collector listener (the Pod
-// IP, where the hostNetwork exposure has no other operations address) everything but health needs it.
+// the operations port (Prometheus). /status answers a loopback peer (the node itself, `kubectl
+// port-forward`) and otherwise only the webhook's status collector, which presents a bearer token
+// derived from the broker key (collectorToken). /warm and /purge change the cache: loopback peers
+// only, whatever token is presented (the collector reads, it never needs to change anything). The
+// collector listener (the Pod IP, where the hostNetwork exposure has no other operations address)
+// serves GET /status (with the token), /healthz and /readyz, and nothing else.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Registry } from 'prom-client';
@@ -28,17 +30,20 @@ export interface OpsHandlerOptions {
   readonly logger?: Logger;
   /** The registry listener's claim on its loopback address, when checked (src/proxy/listener.ts). */
   readonly listener?: () => ListenerStatus | undefined;
-  /** This handler serves the collector listener: every endpoint but health needs the collector token. */
+  /** This handler serves the collector listener: GET /status (with the collector token) and health only. */
   readonly collectorListener?: boolean;
 }
 
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
 /** Health answers nothing about the configuration: always served, so probes work on either port. */
 const HEALTH_PATHS = new Set(['/healthz', '/readyz']);
-/** Endpoints that say or change more than health and counters: loopback peers or the collector only. */
-const GUARDED_PATHS = new Set(['/status', '/warm', '/purge']);
+/** What the collector listener serves: health, and /status for the collector. */
+const COLLECTOR_PATHS = new Set(['/healthz', '/readyz', '/status']);
+/** Endpoints that change the cache: loopback peers only. */
+const LOOPBACK_ONLY_PATHS = new Set(['/warm', '/purge']);
 
 export interface OpsRequestFacts {
+  readonly method: string;
   /** The URL path, without the query. */
   readonly path: string;
   /** The peer's address. */
@@ -51,9 +56,12 @@ export interface OpsRequestFacts {
 }
 
 /** Why an operations request may not be served (status and message), or null when it may. Pure. */
-export function opsRefusal(facts: OpsRequestFacts): { status: 401 | 403; message: string } | null {
+export function opsRefusal(facts: OpsRequestFacts): { status: 401 | 403 | 404; message: string } | null {
+  if (facts.collectorListener && (facts.method !== 'GET' || !COLLECTOR_PATHS.has(facts.path))) return { status: 404, message: 'not found: this address serves GET /status (status collector), /healthz and /readyz' };
   if (HEALTH_PATHS.has(facts.path)) return null;
-  const guarded = facts.collectorListener || (GUARDED_PATHS.has(facts.path) && !isLoopbackAddress(facts.peer));
+  const loopback = isLoopbackAddress(facts.peer);
+  if (LOOPBACK_ONLY_PATHS.has(facts.path)) return loopback && !facts.collectorListener ? null : { status: 403, message: `${facts.path} answers loopback peers only (on the node, or kubectl port-forward)` };
+  const guarded = facts.collectorListener || (facts.path === '/status' && !loopback);
   if (!guarded) return null;
   if (facts.authorization === undefined) return { status: 401, message: 'this endpoint needs the status collector\'s bearer token from a non-loopback address (or use kubectl port-forward)' };
   return verifyCollectorToken(facts.keys(), facts.authorization) ? null : { status: 403, message: 'the bearer token is not the status collector\'s for this proxy\'s broker keys' };
@@ -61,6 +69,7 @@ export function opsRefusal(facts: OpsRequestFacts): { status: 401 | 403; message
 
 function refusal(options: OpsHandlerOptions, req: IncomingMessage, path: string): { status: number; message: string } | null {
   return opsRefusal({
+    method: req.method ?? '',
     path,
     peer: req.socket.remoteAddress ?? '',
     authorization: req.headers.authorization,

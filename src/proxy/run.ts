@@ -17,7 +17,7 @@ import { Prober } from '../upstream/probe.js';
 import { ListenerCheck } from './listener.js';
 import { BODY_HIGH_WATER_MARK } from './stream.js';
 import { createOpsHandler } from './ops.js';
-import { listenGated, PROBE_PORT_MAX_CONNECTIONS, serveGated, type GatedListener } from '../shell/startupgate.js';
+import { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE, serveGated, type GatedListener } from '../shell/startupgate.js';
 import { createProxyRuntime, type ProxyRuntime } from './runtime.js';
 import { createProxyHandler } from './server.js';
 
@@ -60,6 +60,9 @@ export interface ProxyRunOptions {
 
 export const DEFAULT_MAX_CONNECTIONS = 1024;
 export const DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 256;
+/** Connections one source may hold on the collector listener: the collector needs one at a time, and
+ * a peer holding idle connections must not starve it ("not collected" when the upstream is fine). */
+export const COLLECTOR_MAX_CONNECTIONS_PER_SOURCE = 2;
 
 /** At shutdown, how long fills in flight may take to be stored (flushing a large blob takes a moment). */
 const FILL_SETTLE_MS = 30_000;
@@ -104,7 +107,7 @@ export async function runProxy(
   // The operations port listens before the start work (the cache scan), so that the startup probe
   // is answered from the first instant (shell/startupgate.ts).
   const separateOps = options.opsPort !== undefined || options.opsListener !== undefined;
-  const gated = options.opsListener ?? (separateOps ? await listenGated({ host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: PROBE_PORT_MAX_CONNECTIONS }) : undefined);
+  const gated = options.opsListener ?? (separateOps ? await listenGated({ host: options.opsHost ?? options.host, port: options.opsPort ?? 0, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }) : undefined);
   const ops = gated?.server;
   // The node cache is opened once, from the first config; later configs change its settings only.
   const cache = options.config.cache ? await NodeCache.open(options.config.cache, metrics, logger, Date.now, { nodeName: options.nodeName }).catch(async (error: unknown) => {
@@ -156,7 +159,7 @@ export async function runProxy(
   if (ops && options.opsCollectorHost !== undefined && collectorHost === undefined) logger.info({ host: options.opsCollectorHost }, 'the operations port already listens on the collector address: no second listener');
   const opsCollector =
     ops && collectorHost !== undefined
-      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true }), { host: collectorHost, port: ops.port, maxConnections: 16 }).catch(async (error: unknown) => {
+      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true }), { host: collectorHost, port: ops.port, maxConnections: 16, maxConnectionsPerSource: COLLECTOR_MAX_CONNECTIONS_PER_SOURCE }).catch(async (error: unknown) => {
           watcher?.stop();
           await Promise.all([running.close(), ops.close()]);
           await cache?.close(0);

@@ -11,6 +11,10 @@ import { listen, type ListenOptions, type RunningServer } from './serve.js';
 /** How long /startupz holds a request; the chart's startup probes time out after 60 s. */
 export const STARTUP_HOLD_MS = 50_000;
 
+/** Requests /startupz holds at once: kubelet sends one at a time; more (pipelined, many sockets) are
+ * answered 503 at once and their connection closed, so that held requests cannot pile up in memory. */
+export const STARTUP_MAX_HELD = 16;
+
 export class StartupGate {
   private handler: RequestListener | undefined;
   private ready: () => boolean = () => false;
@@ -38,6 +42,10 @@ export class StartupGate {
       res.writeHead(up ? 200 : 503, { 'content-type': 'text/plain' }).end(up ? 'ok\n' : 'starting\n');
     };
     if (this.handler) return answer();
+    if (this.waiting.size >= STARTUP_MAX_HELD) {
+      res.writeHead(503, { 'content-type': 'text/plain', 'retry-after': '1', connection: 'close' }).end('starting\n');
+      return;
+    }
     const timer = setTimeout(() => {
       this.waiting.delete(wake);
       answer();
@@ -56,6 +64,9 @@ export class StartupGate {
 
 /** Connections a probe and metrics port takes (kubelet, a scraper, an operator). */
 export const PROBE_PORT_MAX_CONNECTIONS = 64;
+/** Of which one source (kubelet's probes, a scraper, port-forward) may hold this many: one peer
+ * holding idle connections does not lock the others out. */
+export const PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE = 8;
 
 /** A gate listening on a port: the caller opens it once its component is up. */
 export interface GatedListener {

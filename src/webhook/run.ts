@@ -13,7 +13,7 @@ import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
 import { BrokerKeys } from '../shell/secretfiles.js';
-import { listenGated, PROBE_PORT_MAX_CONNECTIONS, serveGated, type GatedListener } from '../shell/startupgate.js';
+import { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE, serveGated, type GatedListener } from '../shell/startupgate.js';
 import { createMetricsHandler, createWebhookApp, type WebhookSideEffects } from './server.js';
 
 export interface WebhookRunOptions {
@@ -59,7 +59,7 @@ export interface WebhookRunOptions {
    * Collect the proxies' /status into RegistryConnection objects (needs API access and a broker key):
    * one replica at a time, elected with a Lease in `namespace` (src/k8s/connections.ts).
    */
-  readonly statusCollector?: { readonly namespace: string; readonly proxySelector: string; readonly opsPort: number; readonly intervalMs: number; readonly identity: string };
+  readonly statusCollector?: { readonly namespace: string; readonly proxySelector: string; readonly proxyDaemonSet: string; readonly opsPort: number; readonly intervalMs: number; readonly identity: string };
 }
 
 export interface WebhookProcess {
@@ -93,7 +93,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let reconcile: (() => Promise<unknown>) | undefined;
   // The metrics port listens before the start work (API clients, the certificate bootstrap), so
   // that the startup probe on it is answered from the first instant (shell/startupgate.ts).
-  const gated = options.metricsListener ?? (options.metricsPort !== undefined ? await listenGated({ host: options.host, port: options.metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS }) : undefined);
+  const gated = options.metricsListener ?? (options.metricsPort !== undefined ? await listenGated({ host: options.host, port: options.metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }) : undefined);
   const metricsServer = gated?.server;
 
   const k8s = options.kubeconfig !== undefined ? (await import('../k8s/client.js')).kubeClients(options.kubeconfig === 'in-cluster' ? undefined : options.kubeconfig) : undefined;
