@@ -5,6 +5,7 @@
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { aggregateConnections, allReady, formatConnectionTable, NODES_LISTED_LIMIT, parseProxyStatus, planObjects, type ProxyReport, type ProxyStatusDocument, type RegistryConnectionStatus } from '../src/k8s/connectionstatus.js';
+import { isStartingProxyPod } from '../src/k8s/connections.js';
 import { collectorToken } from '../src/proxy/credentials.js';
 import { opsRefusal, type OpsRequestFacts } from '../src/proxy/ops.js';
 import type { UpstreamStatus } from '../src/upstream/probe.js';
@@ -137,6 +138,22 @@ describe('RegistryConnection aggregation', () => {
       ['Authenticated', 'Unknown', 'NotProbed'],
       ['Ready', 'False', 'NoProxies'],
     ]);
+  });
+
+  it('a proxy Pod just starting (not Ready, started moments ago) is pending, not down: Unknown, no event; down once it has had its time, or crash-loops', () => {
+    const now = Date.parse(T0);
+    const pod = (ready: boolean, state: object) => ({ status: { conditions: [{ type: 'Ready', status: ready ? 'True' : 'False' }], containerStatuses: [{ name: 'proxy', image: 'i', imageID: '', ready, restartCount: 0, state }] } });
+    assert.equal(isStartingProxyPod(pod(false, { running: { startedAt: new Date(now - 5_000) } }), now), true);
+    assert.equal(isStartingProxyPod(pod(false, { waiting: { reason: 'ContainerCreating' } }), now), true);
+    assert.equal(isStartingProxyPod(pod(false, { running: { startedAt: new Date(now - 600_000) } }), now), false, 'not Ready for ten minutes: down');
+    assert.equal(isStartingProxyPod(pod(false, { waiting: { reason: 'CrashLoopBackOff' } }), now), false);
+    assert.equal(isStartingProxyPod(pod(true, { running: { startedAt: new Date(now - 5_000) } }), now), false, 'Ready and unreadable: down');
+    const starting = aggregateConnections({ rules: RULES.slice(0, 1), reports: [{ node: 'a', error: '10.0.0.1:9090: ECONNREFUSED', starting: true }], previous: new Map(), now: T0 });
+    assert.deepEqual(condition(starting.statuses.get('corp'), 'Ready'), { type: 'Ready', status: 'Unknown', reason: 'Pending', message: '0/1 node(s) ready; a: proxy starting (its Pod is not Ready yet): 10.0.0.1:9090: ECONNREFUSED', lastTransitionTime: T0 });
+    assert.deepEqual(starting.changes, []);
+    const down = aggregateConnections({ rules: RULES.slice(0, 1), reports: [{ node: 'a', error: '10.0.0.1:9090: ECONNREFUSED' }], previous: starting.statuses, now: T0 });
+    assert.equal(condition(down.statuses.get('corp'), 'Ready')?.status, 'False');
+    assert.deepEqual(down.changes.map((c) => [c.type, c.eventType]), [['Ready', 'Warning']]);
   });
 
   it('reads a proxy /status document: upstreams, cache counts as a hit ratio, the shared tier; refuses what is not one', () => {

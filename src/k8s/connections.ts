@@ -147,6 +147,23 @@ export function isProxyPod(pod: V1Pod, daemonSet: string): boolean {
   return controller?.apiVersion === 'apps/v1' && controller.kind === 'DaemonSet' && controller.name === daemonSet;
 }
 
+/** How long after its container started a proxy Pod that is not Ready counts as starting (its
+ * cache scan and first probe), not as down. */
+const PROXY_START_GRACE_MS = 120_000;
+
+/** Whether `pod` is a proxy just starting: not Ready, its container created or started within the
+ * grace period (a crash-looping one is not: its container waits in CrashLoopBackOff). */
+export function isStartingProxyPod(pod: V1Pod, now: number): boolean {
+  if (pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True')) return false;
+  const states = pod.status?.containerStatuses ?? [];
+  if (states.length === 0) return true;
+  return states.every((c) => {
+    const started = c.state?.running?.startedAt;
+    if (started !== undefined) return now - new Date(started).getTime() < PROXY_START_GRACE_MS;
+    return c.state?.waiting?.reason === 'ContainerCreating' || c.state?.waiting?.reason === 'PodInitializing';
+  });
+}
+
 export class StatusCollector {
   private timer: NodeJS.Timeout | undefined;
   private readonly elector: LeaseElector;
@@ -236,7 +253,8 @@ export class StatusCollector {
         .map((p) => {
           const node = p.spec?.nodeName ?? p.metadata?.name ?? '';
           const ip = p.status?.podIP;
-          return ip ? this.report(node, ip, ruleNames) : Promise.resolve<ProxyReport>({ node, error: 'the proxy Pod has no IP yet' });
+          const report = ip ? this.report(node, ip, ruleNames) : Promise.resolve<ProxyReport>({ node, error: 'the proxy Pod has no IP yet' });
+          return report.then((r): ProxyReport => ('error' in r && isStartingProxyPod(p, Date.now()) ? { ...r, starting: true } : r));
         }),
     );
     const api = { group: CONNECTION_GROUP, version: CONNECTION_VERSION, namespace, plural: CONNECTION_PLURAL };

@@ -75,7 +75,9 @@ export interface ProxyStatusDocument {
 }
 
 /** What the collector got from one proxy Pod: its document, or why there is none. */
-export type ProxyReport = { readonly node: string; readonly document: ProxyStatusDocument } | { readonly node: string; readonly error: string };
+/** A proxy's /status, or why it could not be read; `starting`: its Pod is not Ready yet and was
+ * started moments ago (a fresh install, a rollout): not a fault yet. */
+export type ProxyReport = { readonly node: string; readonly document: ProxyStatusDocument } | { readonly node: string; readonly error: string; readonly starting?: boolean };
 
 export interface ConditionChange {
   readonly rule: string;
@@ -127,11 +129,13 @@ export function parseProxyStatus(json: unknown, rules: ReadonlySet<string>): { o
 }
 
 const nodeReady = (n: NodeConnection) => n.reachable === true && n.authenticated !== false && n.lastError === null;
-/** A node whose proxy reported, but has not loaded or not yet probed the rule. */
-const nodePending = (n: NodeConnection) => n.reachable === null && n.lastError !== null && !n.lastError.startsWith('proxy status not collected');
+const NOT_COLLECTED = 'proxy status not collected: ';
+const PROXY_STARTING = 'proxy starting (its Pod is not Ready yet): ';
+/** A node whose proxy is starting, or reported but has not loaded or not yet probed the rule. */
+const nodePending = (n: NodeConnection) => n.reachable === null && n.lastError !== null && !n.lastError.startsWith(NOT_COLLECTED);
 
 function nodeOf(rule: string, report: ProxyReport): NodeConnection {
-  if ('error' in report) return { node: report.node, reachable: null, authenticated: null, latencyMs: null, lastError: `proxy status not collected: ${report.error}`, lastSuccess: null, lastProbe: null, cache: null };
+  if ('error' in report) return { node: report.node, reachable: null, authenticated: null, latencyMs: null, lastError: `${report.starting ? PROXY_STARTING : NOT_COLLECTED}${report.error}`, lastSuccess: null, lastProbe: null, cache: null };
   const u = report.document.upstreams.find((s) => s.rule === rule);
   const cache = report.document.cache;
   // The proxy does not know the rule yet (its config has not reloaded): not an upstream fault.
