@@ -73,7 +73,13 @@ async function createProxyPod(kc: KubeConfig, namespace: string, owner: { name: 
   const ownerReferences = owner ? [{ apiVersion: 'apps/v1', kind: 'DaemonSet', name: owner.name, uid: owner.uid, controller: true, blockOwnerDeletion: true }] : undefined;
   await core.createNamespacedPod({ namespace, body: { metadata: { name: pod.name, labels: selectorLabels(), ...(ownerReferences ? { ownerReferences } : {}) }, spec: { nodeName: pod.node, containers: [{ name: 'proxy', image: 'pullbridge:test' }] } } });
   const read = await core.readNamespacedPod({ namespace, name: pod.name });
-  await core.replaceNamespacedPodStatus({ namespace, name: pod.name, body: { ...read, status: { ...read.status, phase: pod.phase ?? 'Running', podIP: pod.podIP, podIPs: [{ ip: pod.podIP }] } } });
+  const phase = pod.phase ?? 'Running';
+  // A Running proxy Pod is Ready, its container running for a while (a Pod not Ready yet and just
+  // started counts as starting: connectionstatus.ts).
+  const running = phase === 'Running';
+  const ready = { type: 'Ready', status: running ? 'True' : 'False', lastTransitionTime: new Date() };
+  const container = { name: 'proxy', image: 'pullbridge:test', imageID: '', ready: running, restartCount: 0, state: running ? { running: { startedAt: new Date(Date.now() - 3_600_000) } } : { terminated: { exitCode: 1 } } };
+  await core.replaceNamespacedPodStatus({ namespace, name: pod.name, body: { ...read, status: { ...read.status, phase, podIP: pod.podIP, podIPs: [{ ip: pod.podIP }], conditions: [ready], containerStatuses: [container] } } });
 }
 
 describe('connection status in kubectl, against a real kube-apiserver', function () {
