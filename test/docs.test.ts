@@ -9,8 +9,11 @@ import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { dirname, join, relative, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { parseAllDocuments } from 'yaml';
+import { parseConfig } from '../src/rules/config.js';
 import { CLI, runCli } from './support/cli.js';
-import { hasCommand } from './support/procs.js';
+import { cachedBinary, KUBE_VERSION } from './support/controlplane.js';
+import { hasCommand, runAsync } from './support/procs.js';
 
 const root = fileURLToPath(new URL('../../', import.meta.url));
 const docsDir = join(root, 'docs');
@@ -161,6 +164,22 @@ describe('the docs (README.md, docs/, NOTES.txt)', function () {
       if (!index.includes(`](docs/${page})`)) problems.push(`README.md does not link docs/${page}`);
     }
     assert.deepEqual(problems, []);
+  });
+
+  it('install with the README\'s Helm values: the chart renders them into a config with their rule', async () => {
+    const text = readFileSync(readme, 'utf8');
+    const values = /cat > my-values.yaml <<'YAML'\n([\s\S]*?)^YAML$/m.exec(text)?.[1];
+    assert.ok(values, 'the README shows the values it installs with');
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-docs-helm-'));
+    writeFileSync(join(dir, 'my-values.yaml'), values);
+    const chart = join(root, 'charts/pullbridge');
+    const out = await runAsync(cachedBinary('helm'), ['template', 'pullbridge', chart, '-n', 'pullbridge', '--kube-version', KUBE_VERSION.slice(1), '-f', join(dir, 'my-values.yaml')]);
+    const configMap = parseAllDocuments(out)
+      .map((d) => d.toJS() as { kind?: string; data?: Record<string, string> } | null)
+      .find((o) => o?.kind === 'ConfigMap' && o.data?.['config.yaml'] !== undefined);
+    const result = parseConfig(configMap?.data?.['config.yaml'] ?? '');
+    assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));
+    assert.deepEqual(result.config.registries.map((r) => [r.name, r.match, r.upstream]), [['corp', ['registry.corp.example:5000'], 'https://registry.corp.example:5000']]);
   });
 
   describe('the offline quick start', () => {
