@@ -233,6 +233,14 @@ describe('the docs (README.md, docs/, NOTES.txt)', function () {
       assert.equal(digests[1], digests[0], 'the same image before and after the upstream was killed');
       assert.equal(readFileSync(join(work, 'hello-2/manifest.json'), 'utf8'), readFileSync(join(work, 'hello-1/manifest.json'), 'utf8'));
       assert.ok(await portFree(30500), 'the quick start stopped its proxy');
+      // The second pull (copy, then inspect: manifests and blobs) is served from the node cache.
+      const access = readFileSync(join(work, 'proxy.log'), 'utf8')
+        .split('\n')
+        .filter((line) => line.includes('"access":"pull"'))
+        .map((line) => JSON.parse(line) as { status: number; cache?: string; kind: string });
+      const secondPull = access.filter((r) => r.kind !== 'base').slice(-4);
+      assert.equal(secondPull.length, 4, JSON.stringify(access));
+      for (const record of secondPull) assert.ok(record.status === 200 && (record.cache === 'hit' || record.cache === 'stale'), JSON.stringify(record));
     });
   });
 });
