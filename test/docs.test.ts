@@ -32,11 +32,11 @@ interface Fence {
 }
 
 function fences(text: string): Fence[] {
-  return [...text.matchAll(/^```([^\n]*)\n([\s\S]*?)^```[ \t]*$/gm)].map((m) => ({ info: m[1] ?? '', body: m[2] ?? '', start: m.index }));
+  return [...text.matchAll(/^[ \t]*```([^\n]*)\n([\s\S]*?)^[ \t]*```[ \t]*$/gm)].map((m) => ({ info: m[1] ?? '', body: m[2] ?? '', start: m.index }));
 }
 
 function withoutFences(text: string): string {
-  return text.replace(/^```[^\n]*\n[\s\S]*?^```[ \t]*$/gm, '');
+  return text.replace(/^[ \t]*```[^\n]*\n[\s\S]*?^[ \t]*```[ \t]*$/gm, '');
 }
 
 /** The code a file shows a user: fenced blocks (continuation lines joined) and inline code spans;
@@ -45,7 +45,8 @@ function codeOf(file: string): string[] {
   const text = readFileSync(file, 'utf8');
   if (!file.endsWith('.md')) return text.split('\n');
   const blocks = fences(text).map((f) => f.body.replace(/\\\n\s*/g, ' '));
-  const spans = [...withoutFences(text).matchAll(/`([^`\n]+)`/g)].map((m) => m[1] ?? '');
+  // A span may wrap onto the next line, as a command in a paragraph does.
+  const spans = [...withoutFences(text).matchAll(/`([^`]+)`/g)].map((m) => m[1] ?? '').filter((span) => !span.includes('\n\n')).map((span) => span.replace(/\s*\n\s*/g, ' '));
   return [...blocks, ...spans];
 }
 
@@ -164,6 +165,21 @@ describe('the docs (README.md, docs/, NOTES.txt)', function () {
       if (!index.includes(`](docs/${page})`)) problems.push(`README.md does not link docs/${page}`);
     }
     assert.deepEqual(problems, []);
+  });
+
+  it('port-forward to the proxy\'s operations port, where /status is (the registry port answers it with a 404)', () => {
+    const values = parseAllDocuments(readFileSync(join(root, 'charts/pullbridge/values.yaml'), 'utf8'))[0]?.toJS() as { proxy: { opsPort: number; port: number } };
+    const forwards: string[] = [];
+    for (const file of [...markdownFiles(), notes]) {
+      for (const code of codeOf(file)) {
+        for (const m of code.matchAll(/port-forward\s+(?:ds|daemonset)\/[^\n]*?-proxy\s+(\d+(?::(?:\d+|\{\{ \.Values\.proxy\.\w+ \}\}))?)/g)) forwards.push(`${relative(root, file)}: ${m[1] ?? ''}`);
+      }
+    }
+    assert.ok(forwards.some((f) => f.startsWith('charts/')) && forwards.some((f) => f.startsWith('docs/')), `port-forwards found: ${forwards.join(', ')}`);
+    for (const forward of forwards) {
+      const target = forward.split(': ')[1]?.split(':').pop(); // LOCAL:REMOTE, or one port for both
+      assert.ok(target === String(values.proxy.opsPort) || target === '{{ .Values.proxy.opsPort }}', `${forward}: not the operations port (${values.proxy.opsPort})`);
+    }
   });
 
   it('install with the README\'s Helm values: the chart renders them into a config with their rule', async () => {
