@@ -1,4 +1,4 @@
-// `npm run bench [-- webhook|proxy|cache|shared] [--seconds N] [--rounds N]`: runs the benchmarks
+// `npm run bench [-- webhook|proxy|cache|shared|memory] [--seconds N] [--rounds N]`: runs the benchmarks
 // (webhook and proxy when none is named) and writes their tables to BENCHMARKS.md, with the command and the
 // machine they ran on. `cache --cpu-prof DIR` profiles the proxies of the miss rounds and writes no
 // report section. `shared --upstream-mbps N` caps the upstream at N Mbit/s (a qdisc on the loopback
@@ -8,6 +8,7 @@
 import { spawnSync } from 'node:child_process';
 import { parseArgs } from 'node:util';
 import { formatCacheBench, runCacheBench } from './cache.js';
+import { formatMemoryBench, runMemoryBench } from './memory.js';
 import { formatProxyBench, runProxyBench } from './proxy.js';
 import { writeReportSection } from './report.js';
 import { formatSharedBench, runSharedBench } from './shared.js';
@@ -60,8 +61,15 @@ for (const name of which) {
     if (upstreamMbps === undefined) writeReportSection('bench-shared', 'Benchmark: shared cache tier', command, text);
     else writeReportSection('bench-shared-throttled', `Benchmark: shared cache tier, upstream capped at ${upstreamMbps} Mbit/s`, `${command} --upstream-mbps ${upstreamMbps}`, text);
     process.stdout.write(`${text}\n`);
+  } else if (name === 'memory') {
+    // The default blob size here is the memory run's own (a few pulls, not a throughput run).
+    const sizeMb = process.argv.includes('--size-mb') ? Number(values['size-mb']) : 256;
+    const result = await runMemoryBench(sizeMb, Number(values.rounds));
+    const text = formatMemoryBench(result);
+    writeReportSection('bench-memory', 'Benchmark: proxy memory', `npm run bench -- memory --size-mb ${sizeMb} --rounds ${values.rounds}`, text);
+    process.stdout.write(`${text}\n`);
   } else {
-    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy, cache, shared)\n`);
+    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy, cache, shared, memory)\n`);
     process.exitCode = 2;
   }
 }

@@ -1,14 +1,16 @@
 #!/usr/bin/env node
 // The one binary: `pullbridge <command> [options]`.
 
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { accessSync, constants, existsSync, mkdirSync, writeFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { filesReadBy, formatConfigErrors, isDnsLabel, parseConfig, type Config, type ConfigResult } from './rules/config.js';
+import { filesReadBy, formatConfigErrors, isDnsLabel, type Config, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
 import { parsePlatform, type Platform } from './cache/warmplan.js';
 import { readConfigFile, unloadableFiles } from './shell/configfile.js';
+import { describeListenError } from './shell/listenerrors.js';
+import { configWarnings, suggestKey } from './rules/lint.js';
 
 // Each command loads only what it runs: the proxy DaemonSet runs on every node, and express,
 // node-forge and the webhook code would add tens of MB to each of its processes.
@@ -20,36 +22,83 @@ const load = {
   credentials: () => import('./proxy/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
   nodeSetup: () => import('./shell/nodesetup.js'),
+  demo: () => import('./shell/demo.js'),
+  sampleImage: () => import('./shell/sampleimage.js'),
+  sampleRegistry: () => import('./shell/sampleregistry.js'),
   warm: () => Promise.all([import('./cache/warm.js'), import('./cache/nodecache.js'), import('./proxy/runtime.js'), import('./log.js'), import('./metrics.js')]),
+};
+
+/** Each command's usage, printed by `pullbridge COMMAND --help` and together by `pullbridge --help`. */
+const COMMAND_USAGE: Readonly<Record<string, string>> = {
+  rewrite: `pullbridge rewrite --config FILE [--namespace NS] [--json] IMAGE...
+                     (prints each image's rewrite decision under the config, without a server)`,
+  validate: `pullbridge validate --config FILE [--skip-files]
+                     (checks the config and the files it names, as the proxy will: keys, credentials, CA
+                      bundles; --skip-files where they are mounted elsewhere. Warns about rules that can never match)`,
+  webhook: `pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
+                     [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
+                     [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
+                     [--client-ca FILE [--client-name NAME]...] [--metrics-port N]`,
+  proxy: `pullbridge proxy --config FILE [--port N] [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
+                     (--port defaults to the config's proxy.port, the port written into rewritten references.
+                      On a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
+                      every --probe-interval that its own address is answered by itself: a NodePort Service
+                      on the same port takes the address over under kube-proxy's iptables mode; then /readyz
+                      fails, /status shows who answers, and pullbridge_proxy_listener_claimed is 0)`,
+  'pull-secret': `pullbridge pull-secret --config FILE --namespace NS
+                     (prints the .dockerconfigjson of the namespace's pull secret)`,
+  warm: `pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...`,
+  purge: `pullbridge purge --ops-port N [--ops-host ADDR] --rule R --repository REPO [--digest D]
+                     (asks the running proxy on that node, on its operations port, to forget what REPO may read
+                      from its cache through rule R: the link to D and the tags naming it, or all of REPO's)`,
+  'node-setup': `pullbridge node-setup --config FILE [--registries-dir DIR] [--once]
+                     (CRI-O/podman: a registries.conf.d drop-in marking the proxy insecure, removed on exit)`,
+  certs: `pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]`,
+  'client-cert': `pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]`,
+  keygen: `pullbridge keygen [--out FILE]
+                     (a new broker key, the format broker.keyFiles reads: written to FILE with mode 0600,
+                      never over an existing file, or printed. The same with openssl:
+                      (umask 077; openssl rand -hex 32 > broker.key))`,
+  'sample-registry': `pullbridge sample-registry [--port N] [--host ADDR]
+                     (a read-only registry on 127.0.0.1:5000 by default serving one generated image,
+                      demo/hello:1.0, anonymously, with no download: an upstream to try pullbridge offline)`,
+  demo: `pullbridge demo [--port N] [--proxy-port N] [--registry-port N]
+                     (what \`npm start\` runs, offline: the sample registry, a webhook and a proxy with a broker
+                      rule and a node cache on loopback, and numbered steps to try them)`,
 };
 
 const USAGE = `pullbridge — rewrite Pod images to a node-local registry proxy
 
 Usage:
-  pullbridge rewrite --config FILE [--namespace NS] [--json] IMAGE...
-  pullbridge validate --config FILE
-  pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
-                     [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
-                     [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
-                     [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
-  pullbridge proxy --config FILE --port N [--host ADDR] [--ops-port N [--ops-host ADDR]] [--probe-interval SECONDS]
-                     (on a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
-                      every --probe-interval that its own address is answered by itself: a NodePort Service
-                      on the same port takes the address over under kube-proxy's iptables mode; then /readyz
-                      fails, /status shows who answers, and pullbridge_proxy_listener_claimed is 0)
-  pullbridge pull-secret --config FILE --namespace NS
-  pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...
-  pullbridge purge --ops-port N [--ops-host ADDR] --rule R --repository REPO [--digest D]
-                     (asks the running proxy on that node, on its operations port, to forget what REPO may read
-                      from its cache through rule R: the link to D and the tags naming it, or all of REPO's)
-  pullbridge node-setup --config FILE [--registries-dir DIR] [--once]
-                     (CRI-O/podman: a registries.conf.d drop-in marking the proxy insecure, removed on exit)
-  pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]
-  pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]
-  pullbridge demo [--port N] [--proxy-port N]   (what \`npm start\` runs: webhook and proxy on a sample config)
+${Object.values(COMMAND_USAGE)
+  .map((text) => `  ${text}`)
+  .join('\n')}
+  pullbridge COMMAND --help
 `;
 
 class UsageError extends Error {}
+/** A command that cannot do its work (a port taken, a file missing): one line naming the flag or file, exit 1. */
+class CommandError extends Error {}
+
+/** Runs a server's start; a listen error becomes one line naming the flag whose port it is. */
+async function listening<T>(start: () => Promise<T>, ports: Readonly<Record<string, number | undefined>>): Promise<T> {
+  try {
+    return await start();
+  } catch (error) {
+    const line = describeListenError(error, ports);
+    throw line === null ? error : new CommandError(line);
+  }
+}
+
+/** A file a flag names must be readable before a server takes it up: `--tls-cert /x: no such file`. */
+function requireReadableFile(path: string, flag: string): void {
+  try {
+    accessSync(path, constants.R_OK);
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    throw new CommandError(`${flag} ${path}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (code ?? 'cannot read')}`);
+  }
+}
 
 function requireOption(value: string | undefined, flag: string): string {
   if (value === undefined || value === '') throw new UsageError(`${flag} is required`);
@@ -81,13 +130,25 @@ function loadConfigFilesOrExit(path: string, config: Config, component: 'proxy' 
 }
 
 function cmdValidate(args: string[]): number {
-  const { values } = parseArgs({ args, options: { config: { type: 'string' } }, strict: true });
+  const { values } = parseArgs({ args, options: { config: { type: 'string' }, 'skip-files': { type: 'boolean', default: false } }, strict: true });
   const path = requireOption(values.config, '--config');
   const result = readConfigFile(path);
   if (!result.ok) {
-    process.stderr.write(`${path}: ${result.errors.length} error(s)\n${formatConfigErrors(result.errors)}\n`);
+    // Unknown keys get a suggestion from the schema's known keys (did you mean ...?).
+    const errors = result.errors.map((e) => {
+      const suggestion = e.message === 'unknown key' ? suggestKey(e.key) : null;
+      return suggestion ? { key: e.key, message: `unknown key; did you mean ${suggestion}?` } : e;
+    });
+    process.stderr.write(`${path}: ${errors.length} error(s)\n${formatConfigErrors(errors)}\n`);
     return 1;
   }
+  // What the proxy would refuse at start: every file the config names (keys, credentials, CA bundles).
+  const fileErrors = values['skip-files'] ? [] : unloadableFiles(filesReadBy(result.config, 'proxy'));
+  if (fileErrors.length > 0) {
+    process.stderr.write(`${path}: ${fileErrors.length} error(s)\n${formatConfigErrors(fileErrors)}\n`);
+    return 1;
+  }
+  for (const warning of configWarnings(result.config)) process.stderr.write(`warning: ${warning.key}: ${warning.message}\n`);
   process.stdout.write(`${path}: valid, ${result.config.registries.length} registry rule(s)\n`);
   return 0;
 }
@@ -191,6 +252,8 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const certFile = values['tls-cert'];
   const keyFile = values['tls-key'];
   if ((certFile === undefined) !== (keyFile === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
+  if (certFile !== undefined) requireReadableFile(certFile, '--tls-cert');
+  if (keyFile !== undefined) requireReadableFile(keyFile, '--tls-key');
   const failure = values['pull-secret-failure'];
   if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
@@ -204,11 +267,12 @@ async function cmdWebhook(args: string[]): Promise<number> {
   if (values['owner-deployment'] && !tlsSecret) throw new UsageError('--owner-deployment names the owner of the --tls-secret Secret');
   const clientCa = values['client-ca'];
   const clientNames = values['client-name'];
+  if (clientCa !== undefined) requireReadableFile(clientCa, '--client-ca');
   if (clientCa && !certFile && !tlsSecret) throw new UsageError('--client-ca needs HTTPS: --tls-cert/--tls-key or --tls-secret');
   if (clientNames && !clientCa) throw new UsageError('--client-name needs --client-ca');
   const metricsPort = values['metrics-port'] === undefined ? undefined : parsePort(values['metrics-port'], '--metrics-port');
   const { runWebhook } = await load.webhookRun();
-  const run = await runWebhook({
+  const run = await listening(() => runWebhook({
     config,
     configPath,
     host: values.host,
@@ -220,7 +284,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     pullSecretFailure: failure,
     ...(clientCa ? { clientAuth: { caFile: clientCa, ...(clientNames ? { allowedNames: clientNames } : {}) } } : {}),
     ...(metricsPort !== undefined ? { metricsPort } : {}),
-  });
+  }), { '--port': port, '--metrics-port': metricsPort });
   onTermination(() => run.shutdown());
   return -1; // keeps running
 }
@@ -234,13 +298,14 @@ async function cmdProxy(args: string[]): Promise<number> {
   const configPath = requireOption(values.config, '--config');
   const config = loadConfigOrExit(configPath);
   loadConfigFilesOrExit(configPath, config, 'proxy');
-  const port = parsePort(values.port, '--port');
+  // Without --port: the port rewritten references name (hostNetwork, a laptop).
+  const port = values.port === undefined ? config.proxy.port : parsePort(values.port, '--port');
   const opsPort = values['ops-port'] === undefined ? undefined : parsePort(values['ops-port'], '--ops-port');
   if (opsPort !== undefined && opsPort === port) throw new UsageError('--ops-port must differ from --port');
   const interval = Number(values['probe-interval']);
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
   const { runProxy } = await load.proxyRun();
-  const run = await runProxy({
+  const run = await listening(() => runProxy({
     config,
     configPath,
     host: values.host,
@@ -250,7 +315,7 @@ async function cmdProxy(args: string[]): Promise<number> {
     // The chart sets NODE_NAME to the Node's name (downward API): shared-tier claims say which node fetches.
     ...(process.env['NODE_NAME'] ? { nodeName: process.env['NODE_NAME'] } : {}),
     probeIntervalMs: interval * 1000,
-  });
+  }), { '--port': port, '--ops-port': opsPort });
   onTermination(() => run.shutdown());
   return -1;
 }
@@ -399,66 +464,65 @@ async function cmdNodeSetup(args: string[]): Promise<number> {
 }
 
 async function cmdDemo(args: string[]): Promise<number> {
-  const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' }, 'proxy-port': { type: 'string', default: '30500' } }, strict: true });
+  const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' }, 'proxy-port': { type: 'string', default: '30500' }, 'registry-port': { type: 'string', default: '0' } }, strict: true });
   const port = parsePort(values.port, '--port');
   const proxyPort = parsePort(values['proxy-port'], '--proxy-port');
-  const [{ sampleConfigYaml, sampleAdmissionReview }, { generateCertificates }, { randomBytes }, { namespaceToken }] = await Promise.all([
-    load.defaults(),
-    load.certs(),
-    import('node:crypto'),
-    load.credentials(),
-  ]);
-  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-demo-'));
-  // The sample rules with a fresh broker key, so that the proxy can check namespace credentials.
-  const keyFile = join(dir, 'broker.key');
-  const key = randomBytes(32).toString('hex');
-  writeFileSync(keyFile, key, { mode: 0o600 });
-  const configText = sampleConfigYaml(keyFile);
-  const parsed = parseConfig(configText);
-  if (!parsed.ok) throw new Error(`embedded config is invalid: ${formatConfigErrors(parsed.errors)}`);
-  const configFile = join(dir, 'config.yaml');
-  writeFileSync(configFile, configText);
-  const bundle = generateCertificates({ service: 'pullbridge-webhook', namespace: 'pullbridge', extraNames: ['127.0.0.1', 'localhost'] });
-  writeFileSync(join(dir, 'ca.crt'), bundle.caCert);
-  writeFileSync(join(dir, 'review.json'), JSON.stringify(sampleAdmissionReview('default'), null, 2));
-  const [{ runWebhook }, { runProxy }] = await Promise.all([load.webhookRun(), load.proxyRun()]);
-  const webhook = await runWebhook({ config: parsed.config, host: '127.0.0.1', port, tls: { cert: bundle.cert, key: bundle.key } });
-  // No probing in the demo: its sample upstreams are placeholders (and Docker Hub).
-  // The operations endpoints on a port of their own, as deployed (the next port up).
-  const proxy = await runProxy({ config: parsed.config, host: '127.0.0.1', port: proxyPort, opsPort: proxyPort === 0 || proxyPort === 65535 ? 0 : proxyPort + 1, probeIntervalMs: 0 });
-  const url = webhook.running.url;
-  const proxyUrl = proxy.running.url;
-  const proxyHost = proxyUrl.replace('http://', '');
-  const token = namespaceToken(Buffer.from(key), 'default');
-  process.stderr.write(`
-pullbridge demo — the sample config ${configFile}
-  webhook: ${url}        registry proxy: ${proxyUrl}
-
-Send the webhook an AdmissionReview (a Pod with corp, Docker Hub and quay.io images):
-  curl -s --cacert ${join(dir, 'ca.crt')} -H 'Content-Type: application/json' \\
-       --data @${join(dir, 'review.json')} ${url}/mutate | node -e "r=JSON.parse(require('fs').readFileSync(0));console.log(JSON.stringify(r,null,1));r.response.patch&&console.log(Buffer.from(r.response.patch,'base64').toString())"
-
-See one image's decision without a server:
-  npx pullbridge rewrite --config ${configFile} registry.corp.example:5000/team/app:1.2 nginx
-
-Pull through the proxy as kubelet would (containerd), with the credential the webhook provisions
-for namespace "default" (npx pullbridge pull-secret --config ${configFile} --namespace default):
-  ctr content fetch --plain-http --user default:${token} ${proxyHost}/hub/library/busybox:latest
-  curl -s -u default:${token} ${proxyUrl}/v2/hub/library/busybox/tags/list
-(rule "hub" reaches Docker Hub; rule "corp" points at the placeholder registry.corp.example:5000 —
- edit ${configFile}, the proxy picks changes up live.)
-
-Health and metrics: ${url}/healthz ${url}/metrics ${proxy.ops?.url ?? proxyUrl}/status ${proxy.ops?.url ?? proxyUrl}/metrics
-Audit and access records appear below. Ctrl-C stops it.
-`);
-  onTermination(async () => {
-    await Promise.all([webhook.shutdown(), proxy.shutdown()]);
-  });
+  if (proxyPort === 0) throw new UsageError('--proxy-port must be a fixed port: rewritten references name it');
+  const registryPort = parsePort(values['registry-port'], '--registry-port');
+  const { startDemo, DemoStartError } = await load.demo();
+  const demo = startDemo({ port, proxyPort, registryPort, cliPath: fileURLToPath(import.meta.url), cliCommand: 'npx pullbridge', write: (text) => process.stdout.write(text) });
+  // At once: a signal while it starts must remove its directory (a broker key) too.
+  onTermination(() => demo.shutdown());
+  try {
+    await demo.started;
+  } catch (error) {
+    if (error instanceof DemoStartError) throw new CommandError(error.message);
+    throw error;
+  }
   return -1;
+}
+
+/** A read-only registry serving the generated sample image (the demo's and the quick start's upstream). */
+async function cmdSampleRegistry(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { port: { type: 'string', default: '5000' }, host: { type: 'string', default: '127.0.0.1' } }, strict: true });
+  const port = parsePort(values.port, '--port');
+  const [{ buildSampleImage }, { serveSampleRegistry }] = await Promise.all([load.sampleImage(), load.sampleRegistry()]);
+  const image = buildSampleImage();
+  const server = await listening(() => serveSampleRegistry(image, values.host, port), { '--port': port });
+  // Started by the demo (an IPC channel): ends with it, even when the demo is killed outright.
+  if (process.connected) process.once('disconnect', () => void server.close().then(() => process.exit(0)));
+  process.stdout.write(`sample registry: ${server.url} serving ${image.repository}:${image.tag} (${image.manifest.digest}), read-only, anonymous\n`);
+  onTermination(() => server.close());
+  return -1;
+}
+
+/** A new broker key: 32 random bytes, hex (64 characters), as broker.keyFiles reads it. */
+async function cmdKeygen(args: string[]): Promise<number> {
+  const { values } = parseArgs({ args, options: { out: { type: 'string' } }, strict: true });
+  const { randomBytes } = await import('node:crypto');
+  const key = `${randomBytes(32).toString('hex')}\n`;
+  if (values.out === undefined) {
+    process.stdout.write(key);
+    return 0;
+  }
+  const out = requireOption(values.out, '--out');
+  if (existsSync(out)) throw new CommandError(`--out ${out}: already exists; not overwriting a key (remove it first, or rotate with a second keyFiles entry)`);
+  try {
+    // wx: fails rather than follows or overwrites whatever appeared since the check.
+    writeFileSync(out, key, { mode: 0o600, flag: 'wx' });
+  } catch (error) {
+    throw new CommandError(`--out ${out}: ${(error as NodeJS.ErrnoException).code ?? 'cannot write'}`);
+  }
+  process.stdout.write(`wrote a new broker key to ${out} (mode 0600); name it in broker.keyFiles\n`);
+  return 0;
 }
 
 export async function main(argv: string[]): Promise<number> {
   const [command, ...args] = argv;
+  if (command !== undefined && COMMAND_USAGE[command] !== undefined && (args.includes('--help') || args.includes('-h'))) {
+    process.stdout.write(`Usage:\n  ${COMMAND_USAGE[command]}\n`);
+    return 0;
+  }
   try {
     switch (command) {
       case 'validate':
@@ -483,6 +547,10 @@ export async function main(argv: string[]): Promise<number> {
         return await cmdNodeSetup(args);
       case 'demo':
         return await cmdDemo(args);
+      case 'sample-registry':
+        return await cmdSampleRegistry(args);
+      case 'keygen':
+        return await cmdKeygen(args);
       case undefined:
       case 'help':
       case '--help':
@@ -496,6 +564,11 @@ export async function main(argv: string[]): Promise<number> {
     if (error instanceof UsageError || (error as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
       process.stderr.write(`pullbridge: ${(error as Error).message}\n\n${USAGE}`);
       return 2;
+    }
+    if (error instanceof CommandError) {
+      process.stderr.write(`pullbridge ${command}: ${error.message}\n`);
+      // Exit now: a server that did start (the other port) would keep the process alive.
+      process.exit(1);
     }
     throw error;
   }

@@ -1,27 +1,42 @@
-// The embedded sample configuration that `npm start` runs on.
+// The embedded sample configuration and Pod that `npm start` (pullbridge demo) runs on.
 
-/** The sample config.yaml, with the broker key (which signs and checks namespace credentials) in `brokerKeyFile`. */
-export const sampleConfigYaml = (brokerKeyFile: string): string => `# pullbridge sample configuration (the ConfigMap's config.yaml)
+/** The registry name the demo's rule matches: it looks like an on-prem registry and is only ever
+ * matched as a string (the rule's upstream is the sample registry's loopback address). */
+export const DEMO_REGISTRY = 'registry.corp.example:5000';
+
+export interface SampleConfigOptions {
+  /** The broker key (signs and checks namespace credentials). */
+  readonly brokerKeyFile: string;
+  /** The sample registry, http://127.0.0.1:port. */
+  readonly upstream: string;
+  readonly proxyPort: number;
+  /** The node cache directory. */
+  readonly cachePath: string;
+}
+
+/** The demo's config.yaml: one broker rule from the on-prem name to the sample registry, and a node cache. */
+export const sampleConfigYaml = (options: SampleConfigOptions): string => `# pullbridge demo configuration (the ConfigMap's config.yaml)
 proxy:
   host: localhost          # written into rewritten image references
-  port: 30500              # the NodePort / hostPort of the proxy DaemonSet
+  port: ${options.proxyPort}              # the proxy's port (the chart's hostPort / NodePort)
 webhook:
   pullSecretName: pullbridge-pull
   namespace: pullbridge
 broker:
-  keyFiles: [${brokerKeyFile}]   # the first signs namespace credentials; all verify them
+  keyFiles: [${options.brokerKeyFile}]   # the first signs namespace credentials; all verify them
+cache:
+  path: ${options.cachePath}
+  maxBytes: 100Mi
+  minFreeBytes: 0
+  minFreeInodes: 0
 registries:
   # First match in file order wins.
   - name: corp
-    match: [registry.corp.example:5000]
-    upstream: https://registry.corp.example:5000
+    match: [${DEMO_REGISTRY}]
+    upstream: ${options.upstream}
     repositories:
       exclude: ["legacy/**"]
-  - name: hub
-    match: [docker.io]
-    upstream: https://registry-1.docker.io
-    auth:
-      mode: anonymous
+    # auth.mode broker (the default): clients show their namespace's credential
 `;
 
 /** A Pod with images from several registries, as kubectl would send it. */
@@ -31,11 +46,9 @@ export function samplePod(namespace: string): Record<string, unknown> {
     kind: 'Pod',
     metadata: { generateName: 'demo-', namespace, labels: { app: 'demo' } },
     spec: {
-      initContainers: [{ name: 'migrate', image: 'registry.corp.example:5000/team/migrate:2.0' }],
       containers: [
-        { name: 'app', image: 'registry.corp.example:5000/team/app:1.2' },
-        { name: 'proxy', image: 'nginx:1.27' },
-        { name: 'legacy', image: 'registry.corp.example:5000/legacy/tool:0.9' },
+        { name: 'app', image: `${DEMO_REGISTRY}/demo/hello:1.0` },
+        { name: 'legacy', image: `${DEMO_REGISTRY}/legacy/tool:0.9` },
         { name: 'other', image: 'quay.io/prometheus/node-exporter:v1.8.2' },
       ],
     },

@@ -7,6 +7,7 @@ import { UpstreamAuthError } from '../upstream/authorizer.js';
 import { digestError } from '../reference/reference.js';
 import { headerValue, type UpstreamRequest, type UpstreamResponse } from '../upstream/client.js';
 import type { RuleUpstream } from '../upstream/rule.js';
+import { ForwardProxyRefused } from '../upstream/transport.js';
 import { ContentError, type BlobRequest, type BlobResult, type BufferAllowance, type ContentFailure, type ContentRequest, type ContentSource, type ManifestRequest, type ManifestResult, type TagsRequest, type TagsResult } from './source.js';
 import { verifiedBody } from './verify.js';
 
@@ -244,6 +245,8 @@ function failureOf(error: Error): ContentError {
     if (error.kind === 'refused') return new ContentError('refused', `upstream authentication failed: ${error.message}`, { status: 502, note: error.message });
     return new ContentError('unavailable', `upstream authentication failed: ${error.message}`, { status: 502, note: error.message });
   }
+  // Who refused, said as it is: the forwarding proxy, not the registry.
+  if (error instanceof ForwardProxyRefused) return new ContentError('unavailable', error.message, { status: 502, note: error.message });
   const code = (error as { code?: string }).code ?? '';
   const timeout = code === 'UND_ERR_CONNECT_TIMEOUT' || code === 'UND_ERR_HEADERS_TIMEOUT' || code === 'UND_ERR_BODY_TIMEOUT';
   return new ContentError('unavailable', `upstream ${timeout ? 'timed out' : 'unreachable'}: ${code || error.message}`, { status: timeout ? 504 : 502, note: error.message });

@@ -449,3 +449,28 @@ export function parseConfig(text: string): ConfigResult {
 export function formatConfigErrors(errors: readonly ConfigError[]): string {
   return errors.map((e) => `${e.key}: ${e.message}`).join('\n');
 }
+
+/**
+ * The keys the schema knows in the mapping at `path` (e.g. `['registries', 0, 'auth']`); null where
+ * the path leads to no mapping. For suggestions on unknown keys.
+ */
+export function knownKeysAt(path: readonly PropertyKey[]): string[] | null {
+  let schema: z.core.$ZodType | undefined = configSchema;
+  const unwrap = (s: z.core.$ZodType): z.core.$ZodType => {
+    const def = s._zod.def;
+    if (def.type === 'optional' || def.type === 'default' || def.type === 'nullable') return unwrap((def as z.core.$ZodOptionalDef).innerType);
+    if (def.type === 'pipe') return unwrap((def as z.core.$ZodPipeDef).in);
+    return s;
+  };
+  for (const part of path) {
+    if (schema === undefined) return null;
+    const s = unwrap(schema);
+    const def = s._zod.def;
+    if (typeof part === 'number' && def.type === 'array') schema = (def as z.core.$ZodArrayDef).element;
+    else if (typeof part === 'string' && def.type === 'object') schema = (def as z.core.$ZodObjectDef).shape[part];
+    else return null;
+  }
+  if (schema === undefined) return null;
+  const def = unwrap(schema)._zod.def;
+  return def.type === 'object' ? Object.keys((def as z.core.$ZodObjectDef).shape) : null;
+}

@@ -30,11 +30,53 @@ export interface TransportOptions {
   /** Upstream connections per origin for blob streams (DEFAULT_BLOB_CONNECTIONS). */
   readonly blobConnections?: number;
   /** Name resolution, injectable so that tests can simulate failures without a DNS server. */
+  /** The clock secret files are re-read by (every 10 s: a rotated Secret is taken up); tests move it. */
+  readonly now?: () => number;
   readonly lookup?: (hostname: string, options: object, callback: (err: NodeJS.ErrnoException | null, address: string | Array<{ address: string; family: number }>, family?: number) => void) => void;
 }
 
 /** A redirect target the rule's address policy refuses (see addresses.ts). */
 export class RedirectRefused extends Error {}
+
+/** The forwarding proxy, not the registry, refused: its 407, or its answer to CONNECT. Named so that
+ * nobody goes looking at the registry's credentials. */
+export class ForwardProxyRefused extends Error {
+  constructor(
+    readonly proxyUrl: string,
+    readonly status: number,
+  ) {
+    super(`the forwarding proxy ${proxyUrl} refused the request: ${status}${status === 407 || status === 401 ? ' Proxy Authentication Required (check forwardProxy.credentials)' : ''}`);
+  }
+}
+
+/** undici's errors for a CONNECT the proxy answered with something other than 200, and for a 407
+ * answer in forward mode. */
+const TUNNEL_REFUSED = /Proxy (?:response|Authentication Required) \((\d{3})\)/;
+
+/** Passes a handler's calls on, turning the forwarding proxy's refusals into ForwardProxyRefused. */
+function namingRefusals(handler: Dispatcher.DispatchHandler, proxyUrl: string): Dispatcher.DispatchHandler {
+  let refused = false;
+  return {
+    onRequestStart: (controller, context) => handler.onRequestStart?.(controller, context),
+    onResponseStart(controller, statusCode, headers, statusMessage) {
+      // Only a proxy answers 407 (RFC 9110 15.5.8): through mode forward, it comes as a response.
+      if (statusCode === 407) {
+        refused = true;
+        handler.onResponseError?.(controller, new ForwardProxyRefused(proxyUrl, statusCode));
+        controller.abort(new ForwardProxyRefused(proxyUrl, statusCode));
+        return;
+      }
+      handler.onResponseStart?.(controller, statusCode, headers, statusMessage);
+    },
+    onResponseData: (controller, chunk) => (refused ? undefined : handler.onResponseData?.(controller, chunk)),
+    onResponseEnd: (controller, trailers) => (refused ? undefined : handler.onResponseEnd?.(controller, trailers)),
+    onResponseError(controller, error) {
+      if (refused) return;
+      const tunnel = TUNNEL_REFUSED.exec(error.message);
+      handler.onResponseError?.(controller, tunnel ? new ForwardProxyRefused(proxyUrl, Number(tunnel[1])) : error);
+    },
+  };
+}
 
 /** A rule's ways out: to its upstream, and to the storage its blob reads may be redirected to. */
 export interface RuleTransport {
@@ -97,24 +139,60 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
     return { blobs, metadata, storage, refuseStorageHost, close: async () => void (await Promise.all([blobs.close(), metadata.close(), storage.close()])) };
   }
 
-  const headers: Record<string, string> = { ...forward.headers };
-  if (forward.credentials) {
-    const user = forward.credentials.username ?? new SecretFile(forward.credentials.usernameFile ?? '').read();
-    const password = new SecretFile(forward.credentials.passwordFile ?? '').read();
-    headers['proxy-authorization'] = `Basic ${Buffer.from(`${user}:${password}`).toString('base64')}`;
-  }
-  const throughProxy = (pool: typeof blobPool, requestTls: typeof tls | typeof storageTls) =>
+  // The forwarding proxy's credentials are re-read like the registry's (SecretFile): a rotated
+  // password builds new agents for new requests; the old ones finish what they carry, then close.
+  const username = forward.credentials?.usernameFile !== undefined ? new SecretFile(forward.credentials.usernameFile, options.now) : undefined;
+  const password = forward.credentials?.passwordFile !== undefined ? new SecretFile(forward.credentials.passwordFile, options.now) : undefined;
+  const proxyAuthorization = (): string | undefined => {
+    if (!forward.credentials || !password) return undefined;
+    const user = forward.credentials.username ?? username?.read() ?? '';
+    return `Basic ${Buffer.from(`${user}:${password.read()}`).toString('base64')}`;
+  };
+  const throughProxy = (authorization: string | undefined, pool: typeof blobPool, requestTls: typeof tls | typeof storageTls) =>
     new ProxyAgent({
       ...pool,
       uri: forward.url,
-      headers,
+      headers: { ...forward.headers, ...(authorization ? { 'proxy-authorization': authorization } : {}) },
       // connect: CONNECT tunnel (TLS to the upstream inside it); forward: absolute-form plain HTTP.
       proxyTunnel: forward.mode === 'connect',
       requestTls,
       proxyTls: { timeout: timeouts.connectMs, ...(options.lookup ? { lookup: options.lookup } : {}) },
     });
-  const blobs = throughProxy(blobPool, tls);
-  const metadata = throughProxy(metadataPool, tls);
-  const storage = throughProxy(blobPool, storageTls);
-  return { blobs, metadata, storage, refuseStorageHost, close: async () => void (await Promise.all([blobs.close(), metadata.close(), storage.close()])) };
+  const agentsFor = (authorization: string | undefined) => ({
+    authorization,
+    blobs: throughProxy(authorization, blobPool, tls),
+    metadata: throughProxy(authorization, metadataPool, tls),
+    storage: throughProxy(authorization, blobPool, storageTls),
+  });
+  type Agents = ReturnType<typeof agentsFor>;
+  const closeAgents = (agents: Agents) => Promise.all([agents.blobs.close(), agents.metadata.close(), agents.storage.close()]);
+  let agents = agentsFor(proxyAuthorization());
+  const current = (): Agents => {
+    let authorization: string | undefined;
+    try {
+      authorization = proxyAuthorization();
+    } catch {
+      return agents; // unreadable mid-rotation: keep the credentials that were last read
+    }
+    if (authorization !== agents.authorization) {
+      const retired = agents;
+      agents = agentsFor(authorization);
+      void closeAgents(retired).catch(() => undefined);
+    }
+    return agents;
+  };
+  // Stable dispatchers for the client and the authorizer, each dispatching on the current agents.
+  // (compose() gives a Dispatcher whose own agent is never used; it only delegates.)
+  const lane = (pick: (a: Agents) => Dispatcher): { dispatcher: Dispatcher; shell: Agent } => {
+    const shell = new Agent();
+    return { shell, dispatcher: shell.compose(() => (opts, handler) => pick(current()).dispatch(opts, namingRefusals(handler, forward.url))) };
+  };
+  const [blobs, metadata, storage] = [lane((a) => a.blobs), lane((a) => a.metadata), lane((a) => a.storage)];
+  return {
+    blobs: blobs.dispatcher,
+    metadata: metadata.dispatcher,
+    storage: storage.dispatcher,
+    refuseStorageHost,
+    close: async () => void (await Promise.all([closeAgents(agents), blobs.shell.close(), metadata.shell.close(), storage.shell.close()])),
+  };
 }

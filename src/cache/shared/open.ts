@@ -3,10 +3,7 @@
 import { createHash } from 'node:crypto';
 import { readFile } from 'node:fs/promises';
 import type { SharedConfig } from '../../rules/config.js';
-import { openAzureStore } from './azure.js';
 import { openFilesystemStore } from './filesystem.js';
-import { openGcsStore } from './gcs.js';
-import { openS3Store } from './s3.js';
 import { recordKeyOf } from './records.js';
 import { SharedStoreError, type SharedStore } from './store.js';
 
@@ -23,10 +20,12 @@ export async function readRecordKey(config: SharedConfig): Promise<Uint8Array | 
   }
 }
 
+// The cloud SDKs are loaded only by the backend in use: together they were about 40 MiB of every
+// proxy's resident set, shared tier or not (npm run bench -- memory).
 export async function openSharedStore(config: SharedConfig): Promise<SharedStore> {
-  if (config.s3) return openS3Store(config.s3, config.timeoutSeconds);
-  if (config.azure) return openAzureStore(config.azure, config.timeoutSeconds);
-  if (config.gcs) return openGcsStore(config.gcs, config.timeoutSeconds);
+  if (config.s3) return (await import('./s3.js')).openS3Store(config.s3, config.timeoutSeconds);
+  if (config.azure) return (await import('./azure.js')).openAzureStore(config.azure, config.timeoutSeconds);
+  if (config.gcs) return (await import('./gcs.js')).openGcsStore(config.gcs, config.timeoutSeconds);
   if (config.filesystem) return openFilesystemStore(config.filesystem.path);
   throw new Error('cache.shared names no backend');
 }

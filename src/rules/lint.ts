@@ -1,0 +1,115 @@
+// What `pullbridge validate` says beyond errors: rules that can never match (shadowed by an earlier
+// rule, globs no repository or namespace can match), and the key meant by a misspelt one. Pure.
+
+import { canonicalRegistryHost } from '../reference/reference.js';
+import { knownKeysAt, type Config, type Rule } from './config.js';
+
+export interface ConfigWarning {
+  /** The key the warning is about, e.g. `registries[2]`. */
+  readonly key: string;
+  readonly message: string;
+}
+
+/** Repository paths as the distribution spec allows them (lower case components, separators). */
+const REPOSITORY_PATH = /^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:\/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*$/;
+const NAMESPACE_NAME = /^[a-z0-9]([-a-z0-9]*[a-z0-9])?$/;
+
+/** The pattern with each wildcard taken as one ordinary character: if that is no valid name, no name matches. */
+const sampleOf = (pattern: string): string => pattern.replace(/\/\*\*$/, '/a').replace(/\*\*|\*|\?/g, 'a');
+
+const hasFilters = (rule: Rule): boolean =>
+  (rule.repositories?.include.length ?? 0) + (rule.repositories?.exclude.length ?? 0) + (rule.namespaces?.include.length ?? 0) + (rule.namespaces?.exclude.length ?? 0) > 0;
+
+function globWarnings(rule: Rule, index: number): ConfigWarning[] {
+  const warnings: ConfigWarning[] = [];
+  const check = (side: 'repositories' | 'namespaces', list: 'include' | 'exclude', valid: RegExp, what: string) => {
+    (rule[side]?.[list] ?? []).forEach((pattern, i) => {
+      if (!valid.test(sampleOf(pattern))) warnings.push({ key: `registries[${index}].${side}.${list}[${i}]`, message: `"${pattern}" can never match: no ${what} looks like that` });
+    });
+  };
+  check('repositories', 'include', REPOSITORY_PATH, 'repository path (lower-case components separated by "/")');
+  check('repositories', 'exclude', REPOSITORY_PATH, 'repository path (lower-case components separated by "/")');
+  check('namespaces', 'include', NAMESPACE_NAME, 'namespace name (a DNS label)');
+  check('namespaces', 'exclude', NAMESPACE_NAME, 'namespace name (a DNS label)');
+  (rule.repositories?.exclude ?? []).forEach((pattern, i) => {
+    if (pattern === '**') warnings.push({ key: `registries[${index}].repositories.exclude[${i}]`, message: `"**" excludes every repository: the rule never matches` });
+  });
+  return warnings;
+}
+
+/** Warnings about a valid config: rules, or some of their hosts, that no image can ever reach. */
+export function configWarnings(config: Config): ConfigWarning[] {
+  const warnings: ConfigWarning[] = [];
+  config.registries.forEach((rule, index) => {
+    const earlier = config.registries.slice(0, index);
+    // An earlier rule on the same host without filters takes every image of that host (first match wins).
+    const takenBy = (host: string) => earlier.findIndex((e) => e.hosts.has(host) && !hasFilters(e));
+    const hosts = rule.match.map((m) => ({ written: m, by: takenBy(canonicalRegistryHost(m)) }));
+    if (hosts.every((h) => h.by >= 0)) {
+      const by = [...new Set(hosts.map((h) => `registries[${h.by}] (${config.registries[h.by]?.name ?? ''})`))].join(', ');
+      warnings.push({ key: `registries[${index}]`, message: `rule "${rule.name}" can never match: ${by} comes first for the same registry and has no repositories or namespaces filter leaving anything to it` });
+    } else {
+      hosts.forEach((h, i) => {
+        if (h.by >= 0) warnings.push({ key: `registries[${index}].match[${i}]`, message: `"${h.written}" never reaches rule "${rule.name}": registries[${h.by}] (${config.registries[h.by]?.name ?? ''}) takes every image of it first` });
+      });
+    }
+    warnings.push(...globWarnings(rule, index));
+  });
+  return warnings;
+}
+
+/** Optimal string alignment distance: edits, with a swap of neighbours counting as one. */
+export function editDistance(a: string, b: string): number {
+  const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      const row = d[i] as number[];
+      const prev = d[i - 1] as number[];
+      const cost = a[i - 1] === b[j - 1] ? 0 : 1;
+      row[j] = Math.min((prev[j] ?? 0) + 1, (row[j - 1] ?? 0) + 1, (prev[j - 1] ?? 0) + cost);
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) row[j] = Math.min(row[j] ?? 0, ((d[i - 2] as number[])[j - 2] ?? 0) + 1);
+    }
+  }
+  return (d[a.length] as number[])[b.length] ?? 0;
+}
+
+/** Names other tools (and habit) use for keys the schema calls differently. */
+const SYNONYMS: Readonly<Record<string, readonly string[]>> = {
+  upstream: ['url', 'endpoint', 'registry', 'server', 'remote', 'mirror'],
+  match: ['host', 'hosts', 'registries', 'domains', 'from'],
+  registries: ['rules', 'mirrors'],
+  credentials: ['auth', 'creds', 'login'],
+  passwordFile: ['password', 'pass', 'secret'],
+  username: ['user', 'login'],
+  usernameFile: ['userFile'],
+  keyFiles: ['keyFile', 'key', 'keys'],
+  repositories: ['repos', 'images'],
+  caFile: ['ca', 'caCert', 'cacert'],
+  insecureSkipVerify: ['insecure', 'skipVerify'],
+};
+
+/** Parses `registries[0].auth.mode` into `['registries', 0, 'auth', 'mode']`. */
+function parseKey(key: string): Array<string | number> {
+  const parts: Array<string | number> = [];
+  for (const m of key.matchAll(/([^.[\]]+)|\[(\d+)\]/g)) parts.push(m[2] !== undefined ? Number(m[2]) : (m[1] ?? ''));
+  return parts;
+}
+
+/** The known key an unknown one most likely means (`registries[0].url` -> `upstream`), or null. */
+export function suggestKey(key: string): string | null {
+  const path = parseKey(key);
+  const written = path.pop();
+  if (typeof written !== 'string') return null;
+  const known = knownKeysAt(path);
+  if (!known || known.length === 0) return null;
+  const lower = written.toLowerCase();
+  const bySynonym = known.find((k) => SYNONYMS[k]?.some((s) => s.toLowerCase() === lower));
+  if (bySynonym) return bySynonym;
+  let best: { key: string; distance: number } | null = null;
+  for (const candidate of known) {
+    const distance = editDistance(lower, candidate.toLowerCase());
+    if (best === null || distance < best.distance) best = { key: candidate, distance };
+  }
+  // Close enough to be a slip of the keyboard, not another word.
+  return best && best.distance <= Math.max(1, Math.min(3, Math.floor(best.key.length / 3))) ? best.key : null;
+}
