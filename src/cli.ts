@@ -53,7 +53,7 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                       from its cache through rule R: the link to D and the tags naming it, or all of REPO's)`,
   'node-setup': `pullbridge node-setup --config FILE [--registries-dir DIR] [--once]
                      (CRI-O/podman: a registries.conf.d drop-in marking the proxy insecure, removed on exit)`,
-  certs: `pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]`,
+  certs: `pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--dns NAME]... [--days N]`,
   'client-cert': `pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]`,
   keygen: `pullbridge keygen [--out FILE]
                      (a new broker key, the format broker.keyFiles reads: written to FILE with mode 0600,
