@@ -67,7 +67,7 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                       exit 0 when every rule is Ready, 1 when one is not or the API cannot be read, 2 on usage error)`,
   'node-setup': `pullbridge node-setup --config FILE [--registries-dir DIR] [--once]
                      (CRI-O/podman: a registries.conf.d drop-in marking the proxy insecure, removed on exit)`,
-  certs: `pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--days N]`,
+  certs: `pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--dns NAME]... [--days N]`,
   'client-cert': `pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]`,
   keygen: `pullbridge keygen [--out FILE]
                      (a new broker key, the format broker.keyFiles reads: written to FILE with mode 0600,

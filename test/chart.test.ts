@@ -155,8 +155,8 @@ describe('Helm chart', function () {
     const renamed = templates(await render('--set', 'webhook.pullSecretName=other-pull'));
     assert.notDeepEqual(renamed.get('Deployment'), before.get('Deployment'));
     assert.deepEqual(renamed.get('DaemonSet'), before.get('DaemonSet'));
-    const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
-    assert.match(readme.replace(/\s+/g, ' '), /config changes are picked up within the kubelet sync period/);
+    const operations = readFileSync(fileURLToPath(new URL('../../docs/operations.md', import.meta.url)), 'utf8');
+    assert.match(operations.replace(/\s+/g, ' '), /config changes are picked up within the kubelet sync period/);
   });
 
   it('gives the proxy its node cache on a hostPath it owns, with the cache settings and per-rule opt-outs in config.yaml', async () => {
@@ -756,9 +756,9 @@ webhook: {metricsPort: 9191}
       for (const name of ['no-quota', 'with-quota']) await limitedCore.createNamespace({ body: { metadata: { name } } });
       const defaults = await render();
       assert.match(await outcome(proxyPod(defaults, 'no-quota', 'proxy')), /insufficient quota to match these scopes.*system-node-critical/);
-      const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
-      const snippet = /```yaml\n(apiVersion: v1\nkind: ResourceQuota\n[\s\S]*?)```/.exec(readme)?.[1];
-      assert.ok(snippet, 'the README shows the quota');
+      const install = readFileSync(fileURLToPath(new URL('../../docs/install.md', import.meta.url)), 'utf8');
+      const snippet = /```yaml\n(apiVersion: v1\nkind: ResourceQuota\n[\s\S]*?)```/.exec(install)?.[1];
+      assert.ok(snippet, 'docs/install.md shows the quota');
       const quota = parseAllDocuments(snippet)[0]?.toJS() as { metadata: { name: string; namespace?: string }; spec: { hard: Record<string, string> } };
       await limitedCore.createNamespacedResourceQuota({ namespace: 'with-quota', body: { ...quota, metadata: { ...quota.metadata, namespace: 'with-quota' } } });
       // The quota controller would fill in its status; admission needs it.

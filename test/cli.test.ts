@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { X509Certificate } from 'node:crypto';
-import { mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -93,12 +93,15 @@ describe('pullbridge CLI', () => {
       assert.match(result.stderr, /^registries\[2\]\.namespaces: auth mode "passthrough" does not identify/m);
     });
 
-    it('accepts every full config example in README.md', () => {
+    it('accepts every full config example in README.md and docs/', () => {
       // Full configs are the yaml blocks at the top level; indented ones inside lists are fragments.
-      const readme = readFileSync(fileURLToPath(new URL('../../README.md', import.meta.url)), 'utf8');
+      const docs = fileURLToPath(new URL('../../docs/', import.meta.url));
+      const readme = [fileURLToPath(new URL('../../README.md', import.meta.url)), ...readdirSync(docs).filter((f) => f.endsWith('.md')).map((f) => join(docs, f))]
+        .map((file) => readFileSync(file, 'utf8'))
+        .join('\n');
       // Kubernetes objects (apiVersion/kind) shown beside them are not pullbridge configs.
       const examples = [...readme.matchAll(/^```yaml\n([\s\S]*?)^```$/gm)].map((m) => m[1] ?? '').filter((text) => !/^apiVersion:/m.test(text));
-      assert.ok(examples.length > 0, 'README.md has a config example');
+      assert.ok(examples.length > 0, 'README.md or docs/ has a config example');
       examples.forEach((example, i) => {
         const file = join(dir, `readme-${i}.yaml`);
         writeFileSync(file, example);

@@ -147,7 +147,7 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
         ports: [{ name: 'https', port: APISERVER_NODE_PORT, protocol: 'TCP' }],
       },
     });
-    // README "Installing in a cluster with Helm": the namespace first, labelled for the proxy.
+    // README "Install with Helm": the namespace first, labelled for the proxy.
     await core.createNamespace({ body: { metadata: { name: RELEASE_NAMESPACE, labels: { 'pod-security.kubernetes.io/enforce': 'privileged' } } } });
     const name = node.name;
     await waitForNode(core, name, WAIT_MS, isSchedulable, 'Ready and schedulable').catch((error: unknown) => {

@@ -210,7 +210,7 @@ const sharedSchema = z
     timeoutSeconds: seconds(600).default(30),
     /** A key every node holds and the store does not (a Secret mount, 32 bytes or more): the tier's
      * records (tags, links, claims) are written with an HMAC under it, and only records that carry
-     * one are believed. Absent: records are believed as the store holds them (README threat model). */
+     * one are believed. Absent: records are believed as the store holds them (docs/security.md, threat model). */
     recordKeyFile: absolutePath.optional(),
   })
   .refine((s) => [s.s3, s.azure, s.gcs, s.filesystem].filter((b) => b !== undefined).length === 1, 'needs exactly one of s3, azure, gcs, filesystem');
@@ -233,7 +233,7 @@ const cacheSchema = z.strictObject({
   credentialTTLSeconds: seconds(3_600).default(60),
   /** Content a (rule, repository) has a link to is confirmed upstream again (a HEAD) when its link is older than this. */
   reconfirmSeconds: seconds(30 * 86_400).default(3_600),
-  /** The second tier, shared by every node (README "Sharing the cache across nodes"). */
+  /** The second tier, shared by every node (docs/cache.md, "Sharing the cache across nodes"). */
   shared: sharedSchema.optional(),
 });
 

@@ -13,7 +13,7 @@ export const DROP_IN_NAME = '50-pullbridge.conf';
 export function registriesDropIn(authority: string): string {
   return [
     '# Written by pullbridge node-setup, removed when it stops: the node-local pull proxy serves',
-    '# plain HTTP on the node itself (see the pullbridge README, "CRI-O and podman").',
+    '# plain HTTP on the node itself (see the pullbridge docs/exposures.md, "CRI-O and podman").',
     '[[registry]]',
     `location = ${JSON.stringify(authority)}`,
     'insecure = true',

@@ -11,7 +11,7 @@
 // checked against their digests by the caller; records (tags, links, claims) are read up to
 // RECORD_MAX_BYTES, parsed strictly, authenticated with the record key when one is configured
 // (./records.ts), and a refused one counts as absent. What a record may then decide is bounded by
-// policy.ts (bridgingTag, mayWaitForFill). README "Threat model" says what remains.
+// policy.ts (bridgingTag, mayWaitForFill). docs/security.md ("Threat model") says what remains.
 
 import { Counter, Gauge, type Registry } from 'prom-client';
 import { pipeline, Readable, Transform } from 'node:stream';
