@@ -93,7 +93,7 @@ describe("pullbridge's image on a real node (assembled offline, pulled by contai
     });
     const logs = await kubectl('logs', '-n', NAMESPACE, 'help');
     assert.match(logs, /^pullbridge — rewrite Pod images to a node-local registry proxy/);
-    assert.match(logs, /pullbridge proxy --config FILE --port N/);
+    assert.match(logs, /pullbridge proxy --config FILE \[--port N\]/);
     assert.equal(done.status?.containerStatuses?.[0]?.state?.terminated?.exitCode, 0, logs);
     assert.equal(done.status?.containerStatuses?.[0]?.imageID, `localhost:${registry.port}/pullbridge@${app.image.index.digest}`);
   });
