@@ -40,6 +40,7 @@ function globWarnings(rule: Rule, index: number): ConfigWarning[] {
 /** Warnings about a valid config: rules, or some of their hosts, that no image can ever reach. */
 export function configWarnings(config: Config): ConfigWarning[] {
   const warnings: ConfigWarning[] = [];
+  if (config.registries.length === 0) warnings.push({ key: 'registries', message: 'no registry rules: no image is rewritten and the proxy serves nothing; add a rule under registries' });
   config.registries.forEach((rule, index) => {
     const earlier = config.registries.slice(0, index);
     // An earlier rule on the same host without filters takes every image of that host (first match wins).
