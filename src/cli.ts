@@ -266,15 +266,14 @@ async function cmdClientCert(args: string[]): Promise<number> {
   return 0;
 }
 
-function onTermination(stop: () => Promise<void>): void {
+function onTermination(stop: () => Promise<void>, signals: readonly NodeJS.Signals[] = ['SIGTERM', 'SIGINT']): void {
   let stopping = false;
   const handler = () => {
     if (stopping) return;
     stopping = true;
     void stop().then(() => process.exit(0));
   };
-  process.on('SIGTERM', handler);
-  process.on('SIGINT', handler);
+  for (const signal of signals) process.on(signal, handler);
 }
 
 /** The webhook's status collector settings (--status-*), or undefined when --status-ops-port is not given. */
@@ -606,8 +605,9 @@ async function cmdDemo(args: string[]): Promise<number> {
   const registryPort = parsePort(values['registry-port'], '--registry-port');
   const { startDemo, DemoStartError } = await load.demo();
   const demo = startDemo({ port, proxyPort, registryPort, cliPath: fileURLToPath(import.meta.url), cliCommand: `node ${shellQuote(fileURLToPath(import.meta.url))}`, write: (text) => process.stdout.write(text) });
-  // At once: a signal while it starts must remove its directory (a broker key) too.
-  onTermination(() => demo.shutdown());
+  // At once: a signal while it starts must remove its directory (a broker key) too. SIGHUP: the
+  // terminal it runs in was closed.
+  onTermination(() => demo.shutdown(), ['SIGTERM', 'SIGINT', 'SIGHUP']);
   try {
     await demo.started;
   } catch (error) {
