@@ -551,7 +551,12 @@ async function cmdStatus(args: string[]): Promise<number> {
     process.stderr.write(`pullbridge status: cannot load the kubeconfig ${values.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config'} (--kubeconfig): ${(error as NodeJS.ErrnoException).code !== undefined ? describeFileError(error) : (error as Error).message.split('\n')[0]}\n`);
     return 1;
   }
-  const server = kc.getCurrentCluster()?.server ?? '(no cluster in the kubeconfig)';
+  const cluster = kc.getCurrentCluster();
+  if (cluster === null) {
+    process.stderr.write(`pullbridge status: the kubeconfig ${values.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config'} has no current cluster (set current-context, or pass --kubeconfig)\n`);
+    return 1;
+  }
+  const server = cluster.server;
   let listed: { items?: Array<{ metadata?: { name?: string }; status?: Partial<RegistryConnectionStatus> }> };
   try {
     listed = (await kc.makeApiClient(CustomObjectsApi).listNamespacedCustomObject({ group: connections.CONNECTION_GROUP, version: connections.CONNECTION_VERSION, namespace, plural: connections.CONNECTION_PLURAL })) as typeof listed;

@@ -232,7 +232,7 @@ describe('pullbridge CLI, the first hour', function () {
     assert.equal(yaml.status, 1);
     const lines = yaml.stderr.trimEnd().split('\n');
     assert.equal(lines.length, 2, yaml.stderr);
-    assert.match(lines[1] ?? '', /^\(document\): not valid YAML: .* at line \d+, column \d+:?$/);
+    assert.match(lines[1] ?? '', /^\(document\): not valid YAML: .* at line \d+, column \d+$/);
     const missing = write('absent-secret.yaml', `broker: {keyFiles: [${join(dir, 'absent.key')}]}\nregistries: []\n`);
     assert.match(runCli(['validate', '--config', missing]).stderr, /cannot read secret file .*absent\.key: no such file$/m);
     const misspelt = write('misspelt-proxy.yaml', `broker: {keyFiles: [${keyFile}]}\nregistries:\n  - {name: a, match: [r.example], url: "http://127.0.0.1:1"}\n`);
