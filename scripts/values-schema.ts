@@ -74,7 +74,8 @@ export function valuesSchema(): JsonSchema {
   ruleKeys.credentialsSecret = objectName(false);
   ruleKeys.caBundle = string({ pattern: '-----BEGIN CERTIFICATE-----' });
   ruleKeys.insecureSkipVerify = boolean;
-  rule.not = { required: ['credentials', 'credentialsSecret'], description: 'credentials or credentialsSecret, not both' };
+  // credentials together with credentialsSecret, and the checks across keys the proxy makes at start,
+  // are the templates' (pullbridge.checkRules): their message names the keys, a schema's `not` could not.
 
   const configKey = (...path: string[]) => child(config, ...path);
   const shared = (...path: string[]) => configKey('cache', 'shared', ...path);

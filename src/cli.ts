@@ -1,17 +1,18 @@
 #!/usr/bin/env node
 // The one binary: `pullbridge <command> [options]`.
 
-import { accessSync, constants, existsSync, mkdirSync, writeFileSync } from 'node:fs';
-import { hostname } from 'node:os';
+import { accessSync, constants, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { homedir, hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { filesReadBy, formatConfigErrors, isDnsLabel, type Config, type ConfigResult } from './rules/config.js';
+import { filesReadBy, formatConfigErrors, isDnsLabel, type Config, type ConfigError, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
 import { parsePlatform, type Platform } from './cache/warmplan.js';
 import { readConfigFile, unloadableFiles } from './shell/configfile.js';
 import type { RegistryConnectionStatus } from './k8s/connectionstatus.js';
-import { describeListenError } from './shell/listenerrors.js';
+import { describeListenError, type PortSource } from './shell/listenerrors.js';
+import { describeFileError } from './shell/secretfiles.js';
 import { configWarnings, suggestKey } from './rules/lint.js';
 
 // Each command loads only what it runs: the proxy DaemonSet runs on every node, and express,
@@ -49,7 +50,9 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                       the RegistryConnection objects that \`kubectl get regconn\` and \`pullbridge status\` show;
                       only Running Pods that the DaemonSet NAME controls are read)`,
   proxy: `pullbridge proxy --config FILE [--port N] [--host ADDR] [--ops-port N [--ops-host ADDR] [--ops-collector-host ADDR]] [--probe-interval SECONDS]
-                     (--ops-collector-host: the operations port also listens there, e.g. the Pod IP, for the
+                     (--host defaults to 0.0.0.0: every address of the machine, so the registry port is
+                      reachable from the network; on a laptop pass --host 127.0.0.1.
+                      --ops-collector-host: the operations port also listens there, e.g. the Pod IP, for the
                       webhook's status collector: there only GET /status, with its bearer token, /healthz and /readyz.
                       --port defaults to the config's proxy.port, the port written into rewritten references.
                       On a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
@@ -58,7 +61,9 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                       fails, /status shows who answers, and pullbridge_proxy_listener_claimed is 0)`,
   'pull-secret': `pullbridge pull-secret --config FILE --namespace NS
                      (prints the .dockerconfigjson of the namespace's pull secret)`,
-  warm: `pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...`,
+  warm: `pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...
+                     (fetches each image through the config's rules into the node cache (cache.path), as a
+                      pull would, so that later pulls on this node are served from the cache)`,
   purge: `pullbridge purge --ops-port N [--ops-host ADDR] --rule R --repository REPO [--digest D]
                      (asks the running proxy on that node, on its operations port, to forget what REPO may read
                       from its cache through rule R: the link to D and the tags naming it, or all of REPO's)`,
@@ -67,8 +72,12 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                       exit 0 when every rule is Ready, 1 when one is not or the API cannot be read, 2 on usage error)`,
   'node-setup': `pullbridge node-setup --config FILE [--registries-dir DIR] [--once]
                      (CRI-O/podman: a registries.conf.d drop-in marking the proxy insecure, removed on exit)`,
-  certs: `pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--dns NAME]... [--days N]`,
-  'client-cert': `pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]`,
+  certs: `pullbridge certs --service S --namespace NS --out DIR [--ip ADDR]... [--dns NAME]... [--days N]
+                     (a CA and a serving certificate for the webhook's Service S.NS.svc, written to DIR:
+                      for webhook --tls-cert/--tls-key and the webhook configuration's caBundle)`,
+  'client-cert': `pullbridge client-cert --name CN --out DIR [--dns NAME]... [--days N]
+                     (a CA and a client certificate with common name CN, written to DIR: for the apiserver's
+                      admission client, checked by webhook --client-ca and --client-name)`,
   keygen: `pullbridge keygen [--out FILE]
                      (a new broker key, the format broker.keyFiles reads: written to FILE with mode 0600,
                       never over an existing file, or printed. The same with openssl:
@@ -88,6 +97,7 @@ ${Object.values(COMMAND_USAGE)
   .map((text) => `  ${text}`)
   .join('\n')}
   pullbridge COMMAND --help
+  pullbridge --version
 `;
 
 class UsageError extends Error {}
@@ -95,11 +105,11 @@ class UsageError extends Error {}
 class CommandError extends Error {}
 
 /** Runs a server's start; a listen error becomes one line naming the flag whose port it is. */
-async function listening<T>(start: () => Promise<T>, ports: Readonly<Record<string, number | undefined>>): Promise<T> {
+async function listening<T>(start: () => Promise<T>, ports: Readonly<Record<string, number | PortSource | undefined>>, hosts: Readonly<Record<string, string | undefined>> = {}): Promise<T> {
   try {
     return await start();
   } catch (error) {
-    const line = describeListenError(error, ports);
+    const line = describeListenError(error, ports, hosts);
     throw line === null ? error : new CommandError(line);
   }
 }
@@ -109,9 +119,43 @@ function requireReadableFile(path: string, flag: string): void {
   try {
     accessSync(path, constants.R_OK);
   } catch (error) {
-    const code = (error as NodeJS.ErrnoException).code;
-    throw new CommandError(`${flag} ${path}: ${code === 'ENOENT' ? 'no such file' : code === 'EACCES' ? 'permission denied' : (code ?? 'cannot read')}`);
+    throw new CommandError(`${flag} ${path}: ${describeFileError(error)}`);
   }
+}
+
+/** The content of a file a flag names, or one line naming the flag and why it cannot be read. */
+function readFlagFile(path: string, flag: string): Buffer {
+  try {
+    return readFileSync(path);
+  } catch (error) {
+    throw new CommandError(`${flag} ${path}: ${describeFileError(error)}`);
+  }
+}
+
+/** The webhook's certificate and key must parse and belong together: one line naming the flag, not a TLS stack trace. */
+async function requireTlsPair(certFile: string, keyFile: string): Promise<void> {
+  const { X509Certificate, createPrivateKey } = await import('node:crypto');
+  let certificate: InstanceType<typeof X509Certificate>;
+  try {
+    certificate = new X509Certificate(readFlagFile(certFile, '--tls-cert'));
+  } catch (error) {
+    throw error instanceof CommandError ? error : new CommandError(`--tls-cert ${certFile}: not a PEM certificate`);
+  }
+  let key: ReturnType<typeof createPrivateKey>;
+  try {
+    key = createPrivateKey(readFlagFile(keyFile, '--tls-key'));
+  } catch (error) {
+    throw error instanceof CommandError ? error : new CommandError(`--tls-key ${keyFile}: not a PEM private key`);
+  }
+  if (!certificate.checkPrivateKey(key)) throw new CommandError(`--tls-key ${keyFile}: does not match --tls-cert ${certFile}`);
+}
+
+/** Unknown keys get a suggestion from the schema's known keys (did you mean ...?), in every command that reads the config. */
+function withSuggestions(errors: readonly ConfigError[]): ConfigError[] {
+  return errors.map((e) => {
+    const suggestion = e.message === 'unknown key' ? suggestKey(e.key) : null;
+    return suggestion ? { key: e.key, message: `unknown key; did you mean ${suggestion}?` } : e;
+  });
 }
 
 function requireOption(value: string | undefined, flag: string): string {
@@ -128,7 +172,7 @@ function parsePort(value: string | undefined, flag: string): number {
 function loadConfigOrExit(path: string): Config {
   const result: ConfigResult = readConfigFile(path);
   if (!result.ok) {
-    process.stderr.write(`invalid config ${path}:\n${formatConfigErrors(result.errors)}\n`);
+    process.stderr.write(`invalid config ${path}:\n${formatConfigErrors(withSuggestions(result.errors))}\n`);
     process.exit(1);
   }
   return result.config;
@@ -148,11 +192,7 @@ function cmdValidate(args: string[]): number {
   const path = requireOption(values.config, '--config');
   const result = readConfigFile(path);
   if (!result.ok) {
-    // Unknown keys get a suggestion from the schema's known keys (did you mean ...?).
-    const errors = result.errors.map((e) => {
-      const suggestion = e.message === 'unknown key' ? suggestKey(e.key) : null;
-      return suggestion ? { key: e.key, message: `unknown key; did you mean ${suggestion}?` } : e;
-    });
+    const errors = withSuggestions(result.errors);
     process.stderr.write(`${path}: ${errors.length} error(s)\n${formatConfigErrors(errors)}\n`);
     return 1;
   }
@@ -227,15 +267,14 @@ async function cmdClientCert(args: string[]): Promise<number> {
   return 0;
 }
 
-function onTermination(stop: () => Promise<void>): void {
+function onTermination(stop: () => Promise<void>, signals: readonly NodeJS.Signals[] = ['SIGTERM', 'SIGINT']): void {
   let stopping = false;
   const handler = () => {
     if (stopping) return;
     stopping = true;
     void stop().then(() => process.exit(0));
   };
-  process.on('SIGTERM', handler);
-  process.on('SIGINT', handler);
+  for (const signal of signals) process.on(signal, handler);
 }
 
 /** The webhook's status collector settings (--status-*), or undefined when --status-ops-port is not given. */
@@ -293,8 +332,8 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const certFile = values['tls-cert'];
   const keyFile = values['tls-key'];
   if ((certFile === undefined) !== (keyFile === undefined)) throw new UsageError('--tls-cert and --tls-key go together');
-  if (certFile !== undefined) requireReadableFile(certFile, '--tls-cert');
-  if (keyFile !== undefined) requireReadableFile(keyFile, '--tls-key');
+  if (certFile !== undefined && keyFile !== undefined) await requireTlsPair(certFile, keyFile);
+  if (values.kubeconfig !== undefined) readFlagFile(values.kubeconfig, '--kubeconfig');
   const failure = values['pull-secret-failure'];
   if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
@@ -332,7 +371,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     ...(metricsListener ? { metricsListener } : {}),
     ...(mirrorSecret && credentialSources ? { credentialMirror: { secret: mirrorSecret, sourcesPath: credentialSources, namespace } } : {}),
     ...(statusCollector ? { statusCollector } : {}),
-  }), { '--port': port, '--metrics-port': metricsPort });
+  }), { '--port': port, '--metrics-port': metricsPort }, { '--host': values.host });
   onTermination(() => run.shutdown());
   return -1; // keeps running
 }
@@ -346,6 +385,7 @@ async function cmdProxy(args: string[]): Promise<number> {
   const configPath = requireOption(values.config, '--config');
   const config = loadConfigOrExit(configPath);
   loadConfigFilesOrExit(configPath, config, 'proxy');
+  for (const warning of configWarnings(config)) process.stderr.write(`warning: ${warning.key}: ${warning.message}\n`);
   // Without --port: the port rewritten references name (hostNetwork, a laptop).
   const port = values.port === undefined ? config.proxy.port : parsePort(values.port, '--port');
   const opsPort = values['ops-port'] === undefined ? undefined : parsePort(values['ops-port'], '--ops-port');
@@ -356,7 +396,7 @@ async function cmdProxy(args: string[]): Promise<number> {
   if (!(interval > 0)) throw new UsageError('--probe-interval must be a positive number of seconds');
   // The operations port answers the startup probe before the proxy's modules load (a second on a busy node).
   const { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE } = await load.startupGate();
-  const opsListener = opsPort !== undefined ? await listening(() => listenGated({ host: values['ops-host'] ?? values.host, port: opsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }), { '--ops-port': opsPort }) : undefined;
+  const opsListener = opsPort !== undefined ? await listening(() => listenGated({ host: values['ops-host'] ?? values.host, port: opsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }), { '--ops-port': opsPort }, values['ops-host'] !== undefined ? { '--ops-host': values['ops-host'] } : { '--host': values.host }) : undefined;
   const { runProxy } = await load.proxyRun();
   const run = await listening(() => runProxy({
     config,
@@ -370,7 +410,7 @@ async function cmdProxy(args: string[]): Promise<number> {
     // The chart sets NODE_NAME to the Node's name (downward API): shared-tier claims say which node fetches.
     ...(process.env['NODE_NAME'] ? { nodeName: process.env['NODE_NAME'] } : {}),
     probeIntervalMs: interval * 1000,
-  }), { '--port': port, '--ops-port': opsPort });
+  }), { '--port': values.port === undefined ? { port, described: `proxy.port ${port} from ${configPath} (override with --port)` } : port, '--ops-port': opsPort }, { '--host': values.host });
   onTermination(() => run.shutdown());
   return -1;
 }
@@ -507,12 +547,21 @@ async function cmdStatus(args: string[]): Promise<number> {
   const kc = new KubeConfig();
   try {
     if (values.kubeconfig !== undefined) kc.loadFromFile(requireOption(values.kubeconfig, '--kubeconfig'));
-    else kc.loadFromDefault();
+    else if (!process.env.KUBECONFIG && !process.env.KUBERNETES_SERVICE_HOST && !existsSync(join(homedir(), '.kube', 'config'))) {
+      // The client's last resort is http://localhost:8080, whose refusal would hide what is missing.
+      process.stderr.write('pullbridge status: no kubeconfig found (KUBECONFIG is not set, there is no ~/.kube/config, and this is not a Pod): pass --kubeconfig FILE\n');
+      return 1;
+    } else kc.loadFromDefault();
   } catch (error) {
-    process.stderr.write(`pullbridge status: cannot load the kubeconfig ${values.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config'} (--kubeconfig): ${(error as NodeJS.ErrnoException).code ?? (error as Error).message}\n`);
+    process.stderr.write(`pullbridge status: cannot load the kubeconfig ${values.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config'} (--kubeconfig): ${(error as NodeJS.ErrnoException).code !== undefined ? describeFileError(error) : (error as Error).message.split('\n')[0]}\n`);
     return 1;
   }
-  const server = kc.getCurrentCluster()?.server ?? '(no cluster in the kubeconfig)';
+  const cluster = kc.getCurrentCluster();
+  if (cluster === null) {
+    process.stderr.write(`pullbridge status: the kubeconfig ${values.kubeconfig ?? process.env.KUBECONFIG ?? '~/.kube/config'} has no current cluster (set current-context, or pass --kubeconfig)\n`);
+    return 1;
+  }
+  const server = cluster.server;
   let listed: { items?: Array<{ metadata?: { name?: string }; status?: Partial<RegistryConnectionStatus> }> };
   try {
     listed = (await kc.makeApiClient(CustomObjectsApi).listNamespacedCustomObject({ group: connections.CONNECTION_GROUP, version: connections.CONNECTION_VERSION, namespace, plural: connections.CONNECTION_PLURAL })) as typeof listed;
@@ -555,6 +604,9 @@ async function cmdNodeSetup(args: string[]): Promise<number> {
   return -1;
 }
 
+/** A path as a shell word: quoted only where it needs to be. */
+const shellQuote = (word: string): string => (/^[\w@%+=:,./-]+$/.test(word) ? word : `'${word.replace(/'/g, `'\\''`)}'`);
+
 async function cmdDemo(args: string[]): Promise<number> {
   const { values } = parseArgs({ args, options: { port: { type: 'string', default: '8443' }, 'proxy-port': { type: 'string', default: '30500' }, 'registry-port': { type: 'string', default: '0' } }, strict: true });
   const port = parsePort(values.port, '--port');
@@ -562,9 +614,10 @@ async function cmdDemo(args: string[]): Promise<number> {
   if (proxyPort === 0) throw new UsageError('--proxy-port must be a fixed port: rewritten references name it');
   const registryPort = parsePort(values['registry-port'], '--registry-port');
   const { startDemo, DemoStartError } = await load.demo();
-  const demo = startDemo({ port, proxyPort, registryPort, cliPath: fileURLToPath(import.meta.url), cliCommand: 'npx pullbridge', write: (text) => process.stdout.write(text) });
-  // At once: a signal while it starts must remove its directory (a broker key) too.
-  onTermination(() => demo.shutdown());
+  const demo = startDemo({ port, proxyPort, registryPort, cliPath: fileURLToPath(import.meta.url), cliCommand: `node ${shellQuote(fileURLToPath(import.meta.url))}`, write: (text) => process.stdout.write(text) });
+  // At once: a signal while it starts must remove its directory (a broker key) too. SIGHUP: the
+  // terminal it runs in was closed.
+  onTermination(() => demo.shutdown(), ['SIGTERM', 'SIGINT', 'SIGHUP']);
   try {
     await demo.started;
   } catch (error) {
@@ -603,14 +656,24 @@ async function cmdKeygen(args: string[]): Promise<number> {
     // wx: fails rather than follows or overwrites whatever appeared since the check.
     writeFileSync(out, key, { mode: 0o600, flag: 'wx' });
   } catch (error) {
-    throw new CommandError(`--out ${out}: ${(error as NodeJS.ErrnoException).code ?? 'cannot write'}`);
+    throw new CommandError(`--out ${out}: ${describeFileError(error)}`);
   }
   process.stdout.write(`wrote a new broker key to ${out} (mode 0600); name it in broker.keyFiles\n`);
   return 0;
 }
 
+/** The package's version, from the package.json beside dist/. */
+function packageVersion(): string {
+  const manifest = JSON.parse(readFileSync(fileURLToPath(new URL('../../package.json', import.meta.url)), 'utf8')) as { version?: string };
+  return manifest.version ?? 'unknown';
+}
+
 export async function main(argv: string[]): Promise<number> {
   const [command, ...args] = argv;
+  if (command === '--version' || command === '-V' || command === 'version') {
+    process.stdout.write(`pullbridge ${packageVersion()}\n`);
+    return 0;
+  }
   if (command !== undefined && COMMAND_USAGE[command] !== undefined && (args.includes('--help') || args.includes('-h'))) {
     process.stdout.write(`Usage:\n  ${COMMAND_USAGE[command]}\n`);
     return 0;
@@ -656,7 +719,9 @@ export async function main(argv: string[]): Promise<number> {
     }
   } catch (error) {
     if (error instanceof UsageError || (error as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
-      process.stderr.write(`pullbridge: ${(error as Error).message}\n\n${USAGE}`);
+      // The command's own usage; all of them only when the command itself is unknown.
+      const usage = command !== undefined && COMMAND_USAGE[command] !== undefined ? `Usage:\n  ${COMMAND_USAGE[command]}\n  (pullbridge --help lists every command)\n` : USAGE;
+      process.stderr.write(`pullbridge${command !== undefined && COMMAND_USAGE[command] !== undefined ? ` ${command}` : ''}: ${(error as Error).message}\n\n${usage}`);
       return 2;
     }
     if (error instanceof CommandError) {

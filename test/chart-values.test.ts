@@ -75,7 +75,7 @@ describe('Helm chart values', function () {
       [{ registries: [rule({ auth: { mode: 'basic' } })] }, /registries\.0\.auth\.mode: registries\.0\.auth\.mode must be one of the following/],
       [{ registries: [rule({ revalidate: 'always' })] }, /registries\.0\.revalidate: registries\.0\.revalidate must be one of the following/],
       [{ registries: [rule({ repositories: { includes: ['team/**'] } })] }, /registries\.0\.repositories: Additional property includes is not allowed/],
-      [{ registries: [rule({ credentials: { username: 'robot', password: 's3cret' }, credentialsSecret: 'corp-robot' })] }, /registries\.0: Must not validate the schema \(not\)/],
+      [{ registries: [rule({ credentials: { username: 'robot', password: 's3cret' }, credentialsSecret: 'corp-robot' })] }, /registries\[0\]: set credentials or credentialsSecret, not both \(registries\[0\]\.credentials and registries\[0\]\.credentialsSecret/],
       [{ registries: [rule({ credentialsSecret: 'Corp_Robot' })] }, /registries\.0\.credentialsSecret: Does not match pattern/],
       [{ registries: [rule({ forwardProxy: { url: 'http://proxy.corp.example:3128', credentials: { usernameFile: '/x' } } })] }, /registries\.0\.forwardProxy: Additional property credentials is not allowed/],
       [{ registries: [rule({ cache: 'never' })] }, /registries\.0\.cache: Invalid type\. Expected: boolean, given: string/],
@@ -95,6 +95,47 @@ describe('Helm chart values', function () {
       const stderr = await refusal(values);
       assert.match(stderr, message, `${JSON.stringify(values)}:\n${stderr}`);
       assert.doesNotMatch(stderr, /goroutine|panic/);
+    }
+  });
+
+  it("refuses what the proxy refuses at start (checks across a rule's keys), as validateConfig does, naming the key", async () => {
+    const broker = { keyFiles: ['/k0'] };
+    /** The rule as the rendered config.yaml has it: the chart turns credentials of either kind into files. */
+    const asConfigRule = (values: Record<string, unknown>) => {
+      const { credentials, credentialsSecret, ...rest } = values;
+      return credentials === undefined && credentialsSecret === undefined ? rest : { ...rest, credentials: { usernameFile: '/u', passwordFile: '/p' } };
+    };
+    const anonymous = { auth: { mode: 'anonymous' } };
+    const cases: Array<[string, Array<Record<string, unknown>>, RegExp | null]> = [
+      ['namespace filter on an anonymous rule', [rule({ ...anonymous, namespaces: { exclude: ['sandbox'] } })], /registries\[0\]\.namespaces: auth mode "anonymous" does not identify/],
+      ['namespace filter on a passthrough rule', [rule({ auth: { mode: 'passthrough' }, namespaces: { include: ['app-*'] } })], /registries\[0\]\.namespaces: auth mode "passthrough"/],
+      ['anonymous rule with credentials, no repositories.include', [rule({ ...anonymous, credentials: { username: 'robot', password: 's3cret' } })], /registries\[0\]\.repositories\.include: an anonymous rule with credentials must list/],
+      ['anonymous rule with credentialsSecret, no repositories.include', [rule({ ...anonymous, credentialsSecret: 'robot' })], /registries\[0\]\.repositories\.include/],
+      ['two rules named corp', [rule(), rule({ match: ['other.corp.example'] })], /registries\[1\]\.name: duplicate rule name "corp" \(also registries\[0\]\)/],
+      ['upstream "http://"', [rule({ upstream: 'http://' })], /registries\[0\]\.upstream must be an absolute http:\/\/ or https:\/\/ URL with a host, got "http:\/\/"/],
+      ['a /33 in redirects.allow', [rule({ redirects: { allow: ['10.0.0.0/33'] } })], /registries\[0\]\.redirects\.allow\[0\]: "10\.0\.0\.0\/33" must be an IP address or a CIDR block/],
+      ['an IPv6 /129 in redirects.allow', [rule({ redirects: { allow: ['fd00::/129'] } })], /redirects\.allow\[0\]/],
+      ['a name in redirects.allow', [rule({ redirects: { allow: ['10.0.0.0/8', 'objects.corp.example'] } })], /redirects\.allow\[1\]/],
+      // ...and their good neighbours, which both accept.
+      ['namespace filter on a broker rule', [rule({ namespaces: { exclude: ['sandbox'] } })], null],
+      ['anonymous rule with credentials and a repository list', [rule({ ...anonymous, credentials: { username: 'robot', password: 's3cret' }, repositories: { include: ['team/**'] } })], null],
+      ['anonymous rule without credentials', [rule(anonymous)], null],
+      ['two rules with different names', [rule(), rule({ name: 'corp2', match: ['other.corp.example'] })], null],
+      ['upstream written loosely', [rule({ upstream: ' HTTPS://Registry.corp.example:5000' })], null],
+      ['addresses and blocks in redirects.allow', [rule({ redirects: { allow: ['10.0.0.0/32', '192.168.1.1', 'fd00::/128', '::1'] } })], null],
+    ];
+    for (const [what, registries, message] of cases) {
+      const proxyVerdict = validateConfig({ broker, registries: registries.map(asConfigRule) });
+      const helmVerdict = await template({ broker: { existingSecret: 'keys' }, registries }).then(
+        () => null,
+        (e: { code?: number; stderr?: string }) => e,
+      );
+      assert.equal(helmVerdict === null, proxyVerdict.ok, `${what}: helm ${helmVerdict === null ? 'accepts' : 'refuses'}, the proxy ${proxyVerdict.ok ? 'accepts' : `refuses (${JSON.stringify(proxyVerdict.ok ? [] : proxyVerdict.errors)})`}`);
+      if (message !== null) {
+        assert.notEqual(helmVerdict?.code, 0);
+        assert.match(helmVerdict?.stderr ?? '', message, what);
+        assert.doesNotMatch(helmVerdict?.stderr ?? '', /goroutine|panic/);
+      }
     }
   });
 

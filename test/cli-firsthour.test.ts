@@ -74,8 +74,8 @@ describe('pullbridge CLI, the first hour', function () {
     const file = write('missing-key.yaml', `broker: {keyFiles: [${join(dir, 'absent.key')}]}\nregistries:\n  - {name: a, match: [r.example], upstream: "http://127.0.0.1:1", credentials: {username: u, passwordFile: ${join(dir, 'absent.pw')}}}\n`);
     const result = runCli(['validate', '--config', file]);
     assert.equal(result.status, 1);
-    assert.ok(result.stderr.includes(`broker.keyFiles[0]: cannot read secret file ${join(dir, 'absent.key')}: ENOENT`), result.stderr);
-    assert.ok(result.stderr.includes(`registries[0].credentials.passwordFile: cannot read secret file ${join(dir, 'absent.pw')}: ENOENT`), result.stderr);
+    assert.ok(result.stderr.includes(`broker.keyFiles[0]: cannot read secret file ${join(dir, 'absent.key')}: no such file`), result.stderr);
+    assert.ok(result.stderr.includes(`registries[0].credentials.passwordFile: cannot read secret file ${join(dir, 'absent.pw')}: no such file`), result.stderr);
     assert.doesNotMatch(result.stdout, /valid/);
   });
 
@@ -129,7 +129,7 @@ describe('pullbridge CLI, the first hour', function () {
     try {
       const free = await freePort();
       const cases: Array<[string[], string]> = [
-        [['proxy', '--config', config(port), '--host', '127.0.0.1'], `pullbridge proxy: --port ${port}: address already in use\n`],
+        [['proxy', '--config', config(port), '--host', '127.0.0.1', '--port', String(port)], `pullbridge proxy: --port ${port}: address already in use\n`],
         [['proxy', '--config', config(free), '--host', '127.0.0.1', '--ops-port', String(port)], `pullbridge proxy: --ops-port ${port}: address already in use\n`],
         [['webhook', '--config', config(), '--host', '127.0.0.1', '--port', String(port)], `pullbridge webhook: --port ${port}: address already in use\n`],
         [['webhook', '--config', config(), '--host', '127.0.0.1', '--port', String(free), '--metrics-port', String(port)], `pullbridge webhook: --metrics-port ${port}: address already in use\n`],
@@ -146,12 +146,132 @@ describe('pullbridge CLI, the first hour', function () {
     }
   });
 
+  /** A serving certificate and its key, made by the CLI itself (once). */
+  let made: { cert: string; key: string; caKey: string } | undefined;
+  const certs = () => {
+    if (made) return made;
+    const out = join(dir, 'certs');
+    const result = runCli(['certs', '--service', 'pullbridge-webhook', '--namespace', 'pullbridge', '--out', out]);
+    assert.equal(result.status, 0, result.stderr);
+    made = { cert: join(out, 'tls.crt'), key: join(out, 'tls.key'), caKey: join(out, 'ca.key') };
+    return made;
+  };
+
+  it('webhook: a missing --kubeconfig, a non-PEM --tls-cert or --tls-key, a key not the certificate\'s, swapped files: one line naming the flags, exit 1', () => {
+    const tls = certs();
+    const notPem = write('not.pem', 'hello\n');
+    const webhook = (...extra: string[]) => runCli(['webhook', '--config', config(), '--port', '0', '--host', '127.0.0.1', ...extra]);
+    const cases: Array<[string[], string]> = [
+      [['--kubeconfig', join(dir, 'absent-kubeconfig')], `--kubeconfig ${join(dir, 'absent-kubeconfig')}: no such file`],
+      [['--kubeconfig', dir], `--kubeconfig ${dir}: is a directory`],
+      [['--tls-cert', notPem, '--tls-key', tls.key], `--tls-cert ${notPem}: not a PEM certificate`],
+      [['--tls-cert', tls.cert, '--tls-key', notPem], `--tls-key ${notPem}: not a PEM private key`],
+      [['--tls-cert', tls.cert, '--tls-key', tls.caKey], `--tls-key ${tls.caKey}: does not match --tls-cert ${tls.cert}`],
+      [['--tls-cert', tls.key, '--tls-key', tls.cert], `--tls-cert ${tls.key}: not a PEM certificate`],
+    ];
+    for (const [args, line] of cases) {
+      const result = webhook(...args);
+      assert.equal(result.status, 1, `${args.join(' ')}: ${result.stderr}`);
+      assert.equal(result.stderr, `pullbridge webhook: ${line}\n`);
+    }
+  });
+
+  it('status without any kubeconfig says so and names --kubeconfig (not localhost:8080)', () => {
+    const home = mkdtempSync(join(tmpdir(), 'pullbridge-home-'));
+    try {
+      const result = runCli(['status'], { HOME: home, KUBECONFIG: '', KUBERNETES_SERVICE_HOST: '' });
+      assert.equal(result.status, 1);
+      assert.equal(result.stderr, 'pullbridge status: no kubeconfig found (KUBECONFIG is not set, there is no ~/.kube/config, and this is not a Pod): pass --kubeconfig FILE\n');
+    } finally {
+      rmSync(home, { recursive: true, force: true });
+    }
+  });
+
+  it('listen errors name the flag the user sets: --host for an address not on this host; the config file for its proxy.port', async () => {
+    // 192.0.2.1 (TEST-NET-1, RFC 5737) is on no interface here: binding it fails locally, no packet is sent.
+    const notHere = runCli(['proxy', '--config', config(await freePort()), '--host', '192.0.2.1']);
+    assert.equal(notHere.status, 1, notHere.stderr);
+    assert.ok(notHere.stderr.endsWith('pullbridge proxy: --host 192.0.2.1: address not available on this host\n'), notHere.stderr);
+    const { port, server } = await takePort();
+    try {
+      const file = config(port);
+      const busy = runCli(['proxy', '--config', file, '--host', '127.0.0.1']);
+      assert.equal(busy.status, 1, busy.stderr);
+      assert.ok(busy.stderr.endsWith(`pullbridge proxy: proxy.port ${port} from ${file} (override with --port): address already in use\n`), busy.stderr);
+    } finally {
+      server.close();
+    }
+  });
+
+  it('a usage error prints the command\'s own usage, not every command\'s; --version prints the package version', () => {
+    const result = runCli(['validate', '--confg', 'x.yaml']);
+    assert.equal(result.status, 2);
+    assert.match(result.stderr, /^pullbridge validate: Unknown option '--confg'/);
+    assert.match(result.stderr, /\nUsage:\n {2}pullbridge validate --config FILE/);
+    assert.doesNotMatch(result.stderr, /pullbridge (proxy|webhook|keygen) /);
+    const unknown = runCli(['valdate']);
+    assert.equal(unknown.status, 2);
+    assert.match(unknown.stderr, /pullbridge proxy /, 'an unknown command lists them all');
+    const version = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string };
+    for (const flag of ['--version', '-V']) {
+      const printed = runCli([flag]);
+      assert.equal(printed.status, 0);
+      assert.equal(printed.stdout, `pullbridge ${version.version}\n`);
+    }
+  });
+
+  it('file and YAML problems are one line in words: no such file, is a directory, line and column; proxy suggests the key meant, as validate does', () => {
+    const keygen = runCli(['keygen', '--out', join(dir, 'absent-dir', 'k')]);
+    assert.equal(keygen.status, 1);
+    assert.equal(keygen.stderr, `pullbridge keygen: --out ${join(dir, 'absent-dir', 'k')}: no such file\n`);
+    const directory = runCli(['validate', '--config', dir]);
+    assert.equal(directory.status, 1);
+    assert.equal(directory.stderr, `${dir}: 1 error(s)\n(file): cannot read ${dir}: is a directory\n`);
+    const broken = write('broken.yaml', 'registries: [\n  - {name: a\nproxy: {port: 1}\n');
+    const yaml = runCli(['validate', '--config', broken]);
+    assert.equal(yaml.status, 1);
+    const lines = yaml.stderr.trimEnd().split('\n');
+    assert.equal(lines.length, 2, yaml.stderr);
+    assert.match(lines[1] ?? '', /^\(document\): not valid YAML: .* at line \d+, column \d+$/);
+    const missing = write('absent-secret.yaml', `broker: {keyFiles: [${join(dir, 'absent.key')}]}\nregistries: []\n`);
+    assert.match(runCli(['validate', '--config', missing]).stderr, /cannot read secret file .*absent\.key: no such file$/m);
+    const misspelt = write('misspelt-proxy.yaml', `broker: {keyFiles: [${keyFile}]}\nregistries:\n  - {name: a, match: [r.example], url: "http://127.0.0.1:1"}\n`);
+    for (const command of ['proxy', 'webhook']) {
+      const result = runCli([command, '--config', misspelt, '--port', '0', '--host', '127.0.0.1']);
+      assert.equal(result.status, 1);
+      assert.match(result.stderr, /^registries\[0\]\.url: unknown key; did you mean upstream\?$/m, `${command}: ${result.stderr}`);
+    }
+  });
+
+  it('an empty config: validate and proxy warn that no rule will rewrite anything', async () => {
+    const empty = write('empty.yaml', '');
+    const validate = runCli(['validate', '--config', empty]);
+    assert.equal(validate.status, 0, validate.stderr);
+    assert.match(validate.stderr, /^warning: registries: no registry rules: no image is rewritten/m);
+    const proxy = await startCli(['proxy', '--config', empty, '--host', '127.0.0.1', '--port', '0'], /proxy listening/);
+    try {
+      assert.match(proxy.output(), /^warning: registries: no registry rules: no image is rewritten/m);
+    } finally {
+      proxy.child.kill('SIGTERM');
+      await exitOf(proxy.child);
+    }
+  });
+
+  it('help: certs, client-cert and warm say what they do; proxy says --host defaults to 0.0.0.0, reachable from the network', () => {
+    for (const command of ['certs', 'client-cert', 'warm']) {
+      const usage = runCli([command, '--help']).stdout;
+      assert.match(usage, /\n {21}\(\S/, `${command} has a description line: ${usage}`);
+    }
+    assert.match(runCli(['proxy', '--help']).stdout, /--host defaults to 0\.0\.0\.0[^)]*reachable from the network/);
+  });
+
   it('a missing TLS file is one line naming the flag and the file', () => {
     const cert = join(dir, 'absent.crt');
     const result = runCli(['webhook', '--config', config(), '--port', '0', '--host', '127.0.0.1', '--tls-cert', cert, '--tls-key', keyFile]);
     assert.equal(result.status, 1);
     assert.equal(result.stderr, `pullbridge webhook: --tls-cert ${cert}: no such file\n`);
-    const ca = runCli(['webhook', '--config', config(), '--port', '0', '--host', '127.0.0.1', '--tls-cert', keyFile, '--tls-key', keyFile, '--client-ca', cert]);
+    const tls = certs();
+    const ca = runCli(['webhook', '--config', config(), '--port', '0', '--host', '127.0.0.1', '--tls-cert', tls.cert, '--tls-key', tls.key, '--client-ca', cert]);
     assert.equal(ca.stderr, `pullbridge webhook: --client-ca ${cert}: no such file\n`);
   });
 });

@@ -127,10 +127,10 @@ describe('pullbridge proxy and pull-secret commands', function () {
     writeFileSync(file, `broker: {keyFiles: [${join(dir, 'no-such.key')}]}\nregistries:\n  - {name: corp, match: [r.example], upstream: "${registry.url}"}\n`);
     const result = runCli(['proxy', '--config', file, '--port', '0', '--host', '127.0.0.1']);
     assert.equal(result.status, 1, result.stdout + result.stderr);
-    assert.match(result.stderr, /^broker\.keyFiles\[0\]: cannot read .*no-such\.key: ENOENT$/m);
+    assert.match(result.stderr, /^broker\.keyFiles\[0\]: cannot read .*no-such\.key: no such file$/m);
     const secret = runCli(['pull-secret', '--config', file, '--namespace', 'shop']);
     assert.equal(secret.status, 1);
-    assert.match(secret.stderr, /^broker\.keyFiles\[0\]: cannot read .*no-such\.key: ENOENT$/m);
+    assert.match(secret.stderr, /^broker\.keyFiles\[0\]: cannot read .*no-such\.key: no such file$/m);
   });
 
   it('keeps the last good config when a new one names files it cannot load, and logs and counts each rejection', async () => {
@@ -155,8 +155,8 @@ describe('pullbridge proxy and pull-secret commands', function () {
       const pull = async () => (await fetch(`${url}/v2/corp/team/reload/manifests/1.0`, { headers: { authorization: basic(credential), accept: 'application/vnd.oci.image.index.v1+json' } })).status;
       assert.equal(await pull(), 200);
       const changes: Array<[string, RegExp]> = [
-        [configText(join(dir, 'missing-signing.key')), /"key":"broker\.keyFiles\[0\]","message":"cannot read [^"]*missing-signing\.key: ENOENT"/],
-        [configText(keyFile, `, credentials: {username: robot, passwordFile: ${join(dir, 'missing.password')}}`), /"key":"registries\[0\]\.credentials\.passwordFile","message":"cannot read [^"]*missing\.password: ENOENT"/],
+        [configText(join(dir, 'missing-signing.key')), /"key":"broker\.keyFiles\[0\]","message":"cannot read [^"]*missing-signing\.key: no such file"/],
+        [configText(keyFile, `, credentials: {username: robot, passwordFile: ${join(dir, 'missing.password')}}`), /"key":"registries\[0\]\.credentials\.passwordFile","message":"cannot read [^"]*missing\.password: no such file"/],
         [configText(keyFile, `, credentials: {username: robot, passwordFile: ${passwordFile}}, tls: {caFile: ${notPem}}`), /"key":"registries\[0\]\.tls\.caFile","message":"[^"]*no PEM certificate/],
       ];
       for (const [index, [text, named]] of changes.entries()) {

@@ -245,6 +245,15 @@ describe('RegistryConnection aggregation', () => {
     assert.equal(allReady([]), false, 'no objects: nothing says the rules are ready');
     assert.equal(allReady([{ name: 'new' }]), false, 'no status yet');
   });
+
+  it('prints objects written by an older collector, or by hand: a node without cache, a cache without shared, as off', () => {
+    // What the apiserver returns as JSON: the CRD does not require cache, nor cache.shared.
+    const listed = JSON.parse(`[{"name": "corp", "status": {"upstream": "https://registry.corp.example:5000", "nodesReady": "2/2", "conditions": [],
+      "nodes": [{"node": "node-a", "cache": {"bytes": 1024, "entries": 1, "hitRatio": null, "fillFailures": 0, "fillsEnabled": true}}, {"node": "node-b"}]}}]`) as Parameters<typeof formatConnectionTable>[0];
+    const lines = formatConnectionTable(listed).split('\n');
+    assert.match(lines.find((l) => l.startsWith('node-a')) ?? '', /^node-a +1\.0 KiB +1 +- +0 +off$/);
+    assert.match(lines.find((l) => l.startsWith('node-b')) ?? '', /^node-b +off +- +- +- +-$/);
+  });
 });
 
 describe('who may read a proxy\'s operations endpoints', () => {

@@ -1,26 +1,26 @@
 // `pullbridge demo` (npm start) as a newcomer meets it: every printed step is run exactly as printed
-// (sh -c, from the repository root as the README says), offline, and does what it says. And the
-// temporary directory holding its broker key is gone after SIGTERM and after a failed start.
+// (sh -c, from a directory outside the repository), offline, and does what it says. And the
+// temporary directory holding its broker key is gone after SIGTERM, SIGHUP and a failed start.
 
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { demoSteps, formatDemoSteps, parseDemoCommands } from '../src/demo/demosteps.js';
 import { describeListenError } from '../src/shell/listenerrors.js';
 import { buildSampleImage } from '../src/demo/sampleimage.js';
 import { CLI, exitOf, runCli, startCli } from './support/cli.js';
 import { freePort } from './support/procs.js';
 
-const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const READY = /Ctrl-C stops the demo/;
+/** Where the printed commands run: a directory that is not the repository (no node_modules, no package.json). */
+const ELSEWHERE = mkdtempSync(join(tmpdir(), 'pullbridge-demo-elsewhere-'));
 
 /** Runs a printed command as printed (sh -c), in the network namespace `netnsOf` is in. */
 function sh(command: string, env: NodeJS.ProcessEnv, netnsOf: number): { status: number | null; output: string } {
-  const result = spawnSync('nsenter', [`--net=/proc/${netnsOf}/ns/net`, '--', 'sh', '-c', command], { cwd: REPO_ROOT, encoding: 'utf8', timeout: 60_000, env: { ...process.env, ...env } });
+  const result = spawnSync('nsenter', [`--net=/proc/${netnsOf}/ns/net`, '--', 'sh', '-c', command], { cwd: ELSEWHERE, encoding: 'utf8', timeout: 60_000, env: { ...process.env, ...env } });
   return { status: result.status, output: `${result.stdout}${result.stderr}` };
 }
 
@@ -85,11 +85,14 @@ describe('pullbridge demo (npm start)', function () {
   // The demo's own temporary directories go here (TMPDIR), so the test sees exactly what it leaves.
   const tmp = mkdtempSync(join(tmpdir(), 'pullbridge-demo-test-'));
   const env = { TMPDIR: tmp };
-  after(() => rmSync(tmp, { recursive: true, force: true }));
+  after(() => {
+    rmSync(tmp, { recursive: true, force: true });
+    rmSync(ELSEWHERE, { recursive: true, force: true });
+  });
 
   it('its steps are data: printed and read back to the same commands, in the order of the walk-through', () => {
     const steps = demoSteps({
-      cli: 'npx pullbridge',
+      cli: 'node /opt/pullbridge/dist/src/cli.js',
       dir: '/tmp/d',
       configFile: '/tmp/d/config.yaml',
       caFile: '/tmp/d/ca.crt',
@@ -105,16 +108,19 @@ describe('pullbridge demo (npm start)', function () {
     assert.deepEqual(parseDemoCommands(formatDemoSteps(steps)), steps.map((s) => s.command));
     assert.deepEqual(
       steps.map((s) => s.command.split(' ')[0]),
-      ['curl', 'npx', 'npx', 'skopeo', 'kill', 'skopeo'],
+      ['curl', 'node', 'node', 'skopeo', 'kill', 'skopeo'],
     );
     assert.equal(steps[4]?.command, 'kill 4242');
-    assert.ok(steps.every((s) => !s.command.includes('registry.corp.example') || s.command.startsWith('npx pullbridge rewrite')), 'only the rewrite names the on-prem registry, as a string');
+    assert.ok(steps.every((s) => !s.command.includes('registry.corp.example') || s.command.startsWith('node /opt/pullbridge/dist/src/cli.js rewrite')), 'only the rewrite names the on-prem registry, as a string');
   });
 
   it('names the flag of a port that cannot be listened on', () => {
     const inUse = Object.assign(new Error('listen EADDRINUSE'), { code: 'EADDRINUSE', syscall: 'listen', port: 30500 });
     assert.equal(describeListenError(inUse, { '--port': 8443, '--proxy-port': 30500 }), '--proxy-port 30500: address already in use');
     assert.equal(describeListenError(inUse, {}), 'port 30500: address already in use');
+    assert.equal(describeListenError(inUse, { '--port': { port: 30500, described: 'proxy.port 30500 from c.yaml (override with --port)' } }), 'proxy.port 30500 from c.yaml (override with --port): address already in use');
+    const notHere = Object.assign(new Error('listen EADDRNOTAVAIL'), { code: 'EADDRNOTAVAIL', syscall: 'listen', address: '10.9.9.9', port: 30600 });
+    assert.equal(describeListenError(notHere, { '--port': 30600 }, { '--host': '10.9.9.9' }), '--host 10.9.9.9: address not available on this host');
     assert.equal(describeListenError(new Error('other'), { '--port': 1 }), null);
     assert.equal(describeListenError(Object.assign(new Error('x'), { code: 'ECONNREFUSED', syscall: 'connect', port: 1 }), { '--port': 1 }), null);
   });
@@ -128,6 +134,14 @@ describe('pullbridge demo (npm start)', function () {
       const commands = parseDemoCommands(printed);
       assert.equal(commands.length, 6, printed);
       const [admission = '', rewrite = '', pullSecret = '', pull = '', kill = '', pullAgain = ''] = commands;
+      // The CLI by its absolute path (npx elsewhere would ask the npm registry for a package of that name).
+      assert.ok(rewrite.startsWith(`node ${CLI} rewrite `), rewrite);
+      assert.ok(pullSecret.startsWith(`node ${CLI} pull-secret `), pullSecret);
+      assert.ok(!commands.some((c) => c.includes('npx')), printed);
+      // The terminal shows the banner and steps; the components' JSON logs go to a file in its directory.
+      assert.doesNotMatch(printed, /^\{"level"/m, printed);
+      const logFile = /^Logs \(JSON, the webhook's and the proxy's\): (\S+)$/m.exec(printed)?.[1] ?? '';
+      assert.ok(logFile.startsWith(tmp) && existsSync(logFile), printed);
       const [dir] = readdirSync(tmp);
       assert.ok(dir?.startsWith('pullbridge-demo-'), `its directory is under TMPDIR: ${String(dir)}`);
       const rewritten = `localhost:${proxyPort}/corp/demo/hello:1.0`;
@@ -183,6 +197,12 @@ describe('pullbridge demo (npm start)', function () {
       assert.ok(step6.output.includes(`digest: ${image.manifest.digest}`), step6.output);
       assert.ok(step6.output.includes(`Copying blob ${image.layer.digest}`), step6.output);
 
+      // The pulls went to the log file, not to the terminal.
+      const logged = readFileSync(logFile, 'utf8').trim().split('\n').map((line) => JSON.parse(line) as Record<string, unknown>);
+      assert.ok(logged.some((r) => r['access'] === 'pull' && r['kind'] === 'manifest' && r['status'] === 200), 'the pulls are in the log file');
+      assert.ok(logged.some((r) => r['name'] === 'pullbridge-webhook'), 'the webhook logs there too');
+      assert.doesNotMatch(demo.output(), /^\{"level"/m);
+
       demo.child.kill('SIGTERM');
       assert.equal(await exitOf(demo.child), 0);
       assert.deepEqual(readdirSync(tmp), [], 'the directory with the broker key is removed');
@@ -205,6 +225,16 @@ describe('pullbridge demo (npm start)', function () {
     } finally {
       taken.close();
     }
+  });
+
+  it('SIGHUP (its terminal closed) stops it like SIGTERM: exit 0, its directory and the sample registry gone', async () => {
+    const [port, proxyPort] = [await freePort(), await freePort()];
+    const demo = await startCli(['demo', '--port', String(port), '--proxy-port', String(proxyPort)], READY, 60_000, env);
+    assert.equal(readdirSync(tmp).length, 1);
+    demo.child.kill('SIGHUP');
+    assert.equal(await exitOf(demo.child), 0);
+    assert.deepEqual(readdirSync(tmp), []);
+    assert.deepEqual(await processesWith(tmp), []);
   });
 
   it('SIGTERM while it is still starting removes its directory too', async () => {

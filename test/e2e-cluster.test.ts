@@ -279,7 +279,7 @@ ${extraRules}`;
     assert.equal(webhook.watcher?.check(), 'rejected');
     assert.match(await webhook.metrics.metrics(), new RegExp(`pullbridge_config_reloads_total\\{result="rejected"\\} ${Number(rejectedBefore) + 1}`));
     const rejection = logs.records.filter((r) => r.msg === 'config change rejected; the last good config stays in force').at(-1);
-    assert.match(JSON.stringify(rejection?.errors), /"key":"broker\.keyFiles\[0\]","message":"cannot read [^"]*missing\.key: ENOENT"/);
+    assert.match(JSON.stringify(rejection?.errors), /"key":"broker\.keyFiles\[0\]","message":"cannot read [^"]*missing\.key: no such file"/);
     await namespace('after-missing-key');
     await core.createNamespacedPod({ namespace: 'after-missing-key', body: pod('web') });
     assert.ok(await secretOrNull('after-missing-key'), 'pull secrets are still signed with the last good key');

@@ -34,6 +34,45 @@ describe('config analysis (validate warnings and suggestions)', () => {
     assert.match(warnings[0]?.message ?? '', /"r\.example" never reaches rule "two": registries\[1\] \(rest\)/);
   });
 
+  it('warns about a rule shadowed by an earlier rule whose filters cover its own: x/** before x/app, ** before anything, no narrower namespaces', () => {
+    const config = configFrom(`${BROKER}registries:
+  - {name: team, match: [r.example], upstream: "http://127.0.0.1:1", repositories: {include: ["team/**"]}}
+  - {name: app, match: [r.example], upstream: "http://127.0.0.1:2", repositories: {include: ["team/app", "team/*/tools"]}}
+  - {name: all, match: [s.example], upstream: "http://127.0.0.1:3", repositories: {include: ["**"]}, namespaces: {include: ["*"]}}
+  - {name: late, match: [s.example], upstream: "http://127.0.0.1:4", namespaces: {include: ["shop"]}}
+  - {name: narrow, match: [t.example], upstream: "http://127.0.0.1:5", repositories: {include: ["apps/*"]}, namespaces: {include: ["shop-*"]}}
+  - {name: wider, match: [t.example], upstream: "http://127.0.0.1:6", repositories: {include: ["apps/web"]}, namespaces: {include: ["shop-eu"]}}
+`);
+    const warnings = configWarnings(config);
+    assert.deepEqual(warnings.map((w) => w.key), ['registries[1]', 'registries[3]', 'registries[5]'], JSON.stringify(warnings));
+    assert.match(warnings[0]?.message ?? '', /^rule "app" can never match: registries\[0\] \(team\) comes first for the same registry and its repositories and namespaces filters let through every image this rule would take$/);
+    assert.match(warnings[1]?.message ?? '', /^rule "late" can never match: registries\[2\] \(all\)/);
+  });
+
+  it('no shadowing warning where the earlier filter is narrower: other repositories, a namespace filter the later rule lacks, an exclude the later rule lacks', () => {
+    const config = configFrom(`${BROKER}registries:
+  - {name: team, match: [r.example], upstream: "http://127.0.0.1:1", repositories: {include: ["team/**"]}, namespaces: {include: ["shop"]}}
+  - {name: app, match: [r.example], upstream: "http://127.0.0.1:2", repositories: {include: ["team/app"]}}
+  - {name: web, match: [s.example], upstream: "http://127.0.0.1:3", repositories: {include: ["web/*"]}}
+  - {name: deep, match: [s.example], upstream: "http://127.0.0.1:4", repositories: {include: ["web/a/b", "web/**"]}}
+  - {name: most, match: [t.example], upstream: "http://127.0.0.1:5", repositories: {include: ["**"], exclude: ["legacy/**"]}}
+  - {name: legacy, match: [t.example], upstream: "http://127.0.0.1:6", repositories: {include: ["legacy/app"]}}
+`);
+    assert.deepEqual(configWarnings(config), []);
+  });
+
+  it('warns about a registry host listed twice in one rule', () => {
+    const config = configFrom(`${BROKER}registries:
+  - {name: corp, match: [r.example, s.example, R.example], upstream: "http://127.0.0.1:1"}
+`);
+    const warnings = configWarnings(config);
+    assert.deepEqual(warnings.map((w) => [w.key, w.message]), [['registries[0].match[2]', '"R.example" is listed twice in rule "corp" (also match[0])']]);
+  });
+
+  it('warns that a config without rules rewrites nothing', () => {
+    assert.deepEqual(configWarnings(configFrom(`${BROKER}registries: []\n`)).map((w) => w.key), ['registries']);
+  });
+
   it('warns about globs no repository or namespace can match', () => {
     const config = configFrom(`${BROKER}registries:
   - name: a

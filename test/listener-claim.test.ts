@@ -177,6 +177,12 @@ describe('registry listener claim', function () {
         assert.equal(await claimedMetric(), '1');
         assert.deepEqual({ ...(await listenerStatus()), lastCheck: null }, { address, claimed: true, answeredBy: 'this proxy', lastCheck: null });
         assert.equal(warnings().length, 0);
+        // The check's own /v2/ (a 401 without credentials) is no access to log: debug level only.
+        const baseAccesses = () => logs.records.filter((r) => r['access'] === 'pull' && r['kind'] === 'base');
+        assert.ok(baseAccesses().length > 0 && baseAccesses().every((r) => r['level'] === 20 && r['status'] === 401), JSON.stringify(baseAccesses()));
+        await (await fetch(`http://127.0.0.1:${proxy.running.port}/v2/`)).arrayBuffer();
+        for (let i = 0; i < 100 && !baseAccesses().some((r) => r['level'] === 30); i++) await new Promise((r) => setTimeout(r, 20));
+        assert.equal(baseAccesses().filter((r) => r['level'] === 30).length, 1, "a client's /v2/ is logged as before");
 
         mode.current = 'hijack';
         await proxy.listener.check();

@@ -2,10 +2,11 @@
 // registry runs as a child process (so that a step can kill it), a webhook and a proxy with a node
 // cache listen on loopback, and numbered steps (demosteps.ts) say what to run. Everything it writes
 // lives in one temporary directory, which holds a broker key: removed on exit and on a failed start.
+// The components' JSON logs go to a file there, so that the terminal shows the steps.
 
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateCertificates } from '../certs/certs.js';
@@ -15,6 +16,7 @@ import { runProxy } from '../proxy/run.js';
 import { formatConfigErrors, parseConfig } from '../rules/config.js';
 import { decideImage } from '../rules/decide.js';
 import { runWebhook } from '../webhook/run.js';
+import { createLogger } from '../log.js';
 import { demoSteps, formatDemoSteps } from './demosteps.js';
 import { describeListenError } from '../shell/listenerrors.js';
 import { SAMPLE_REPOSITORY, SAMPLE_TAG } from './sampleimage.js';
@@ -95,6 +97,18 @@ export function startDemo(options: DemoOptions): Demo {
     const reviewFile = join(dir, 'review.json');
     writeFileSync(reviewFile, JSON.stringify(sampleAdmissionReview(NAMESPACE), null, 2));
 
+    // Synchronous writes to a file of its own: nothing to flush when the directory is removed.
+    const logFile = join(dir, 'demo.log');
+    const logFd = openSync(logFile, 'a', 0o600);
+    let logOpen = true;
+    stops.push(async () => {
+      logOpen = false;
+      closeSync(logFd);
+    });
+    const logDestination = { write: (line: string) => void (logOpen && writeSync(logFd, line)) };
+    const webhookLogger = createLogger({ name: 'pullbridge-webhook', destination: logDestination });
+    const proxyLogger = createLogger({ name: 'pullbridge-proxy', destination: logDestination });
+
     const opsPort = options.proxyPort === 65535 ? 0 : options.proxyPort + 1;
     const ports = { '--port': options.port, '--proxy-port': options.proxyPort, '--proxy-port (+1, operations)': opsPort };
     const listening = async <T>(start: () => Promise<T>): Promise<T> => {
@@ -105,8 +119,8 @@ export function startDemo(options: DemoOptions): Demo {
         throw line ? new DemoStartError(line) : error;
       }
     };
-    const webhook = started(await listening(() => runWebhook({ config, host: '127.0.0.1', port: options.port, tls: { cert: bundle.cert, key: bundle.key } })), (w) => w.shutdown());
-    const proxy = started(await listening(() => runProxy({ config, configPath: configFile, host: '127.0.0.1', port: options.proxyPort, opsPort, probeIntervalMs: 30_000 })), (p) => p.shutdown());
+    const webhook = started(await listening(() => runWebhook({ config, host: '127.0.0.1', port: options.port, tls: { cert: bundle.cert, key: bundle.key }, logger: webhookLogger })), (w) => w.shutdown());
+    const proxy = started(await listening(() => runProxy({ config, configPath: configFile, host: '127.0.0.1', port: options.proxyPort, opsPort, probeIntervalMs: 30_000, logger: proxyLogger })), (p) => p.shutdown());
 
     const image = `${DEMO_REGISTRY}/${SAMPLE_REPOSITORY}:${SAMPLE_TAG}`;
     const rewrittenImage = decideImage(config, image, NAMESPACE).rewritten;
@@ -133,7 +147,8 @@ pullbridge demo — offline, on loopback; config ${configFile}
   webhook: ${webhook.running.url}    registry proxy: ${proxy.running.url}    operations: ${opsUrl}/status ${opsUrl}/metrics
 
 ${formatDemoSteps(steps)}
-Ctrl-C stops the demo and removes ${dir}. Logs follow.
+Logs (JSON, the webhook's and the proxy's): ${logFile}
+Ctrl-C stops the demo and removes ${dir}.
 `);
   };
   const run = start().catch(async (error: unknown) => {

@@ -6,7 +6,7 @@
 import { join } from 'node:path';
 
 export interface DemoSetup {
-  /** How the CLI is invoked in the printed commands, e.g. `npx pullbridge`. */
+  /** How the CLI is invoked in the printed commands: `node /abs/path/dist/src/cli.js`, which works from any directory, offline. */
   readonly cli: string;
   /** The demo's temporary directory (config, broker key, CA, pulls); removed on exit. */
   readonly dir: string;

@@ -286,12 +286,13 @@ export function formatConnectionTable(objects: readonly ConnectionObject[]): str
     ...objects.map((o) => [o.name, o.status?.upstream ?? '', conditionStatus(o, 'Ready'), conditionStatus(o, 'Reachable'), conditionStatus(o, 'Authenticated'), o.status?.nodesReady ?? '0/0', o.status?.latency || '-', o.status?.lastSuccess ?? '-', o.status?.lastError || '-']),
   ];
   const caches = new Map<string, NodeCacheState | null>();
-  for (const o of objects) for (const n of o.status?.nodes ?? []) if (!caches.has(n.node) || caches.get(n.node) === null) caches.set(n.node, n.cache);
+  // The CRD lets a node's cache, or its shared tier, be absent (an older writer): as off.
+  for (const o of objects) for (const n of o.status?.nodes ?? []) if (!caches.has(n.node) || caches.get(n.node) === null) caches.set(n.node, n.cache ?? null);
   const nodes = [
     ['NODE', 'CACHE', 'ENTRIES', 'HIT RATIO', 'FILL FAILURES', 'SHARED TIER'],
     ...[...caches.entries()]
       .sort(([a], [b]) => a.localeCompare(b))
-      .map(([node, c]) => (c === null ? [node, 'off', '-', '-', '-', '-'] : [node, `${formatBytes(c.bytes)}${c.fillsEnabled ? '' : ' (fills paused: disk)'}`, String(c.entries), c.hitRatio === null ? '-' : `${(c.hitRatio * 100).toFixed(1)}%`, String(c.fillFailures), c.shared === null ? 'off' : `${c.shared.up ? 'up' : 'DOWN'}, ${c.shared.writable ? 'writable' : 'READ-ONLY'}`])),
+      .map(([node, c]) => (c === null ? [node, 'off', '-', '-', '-', '-'] : [node, `${formatBytes(c.bytes)}${c.fillsEnabled ? '' : ' (fills paused: disk)'}`, String(c.entries), c.hitRatio === null ? '-' : `${(c.hitRatio * 100).toFixed(1)}%`, String(c.fillFailures), c.shared == null ? 'off' : `${c.shared.up ? 'up' : 'DOWN'}, ${c.shared.writable ? 'writable' : 'READ-ONLY'}`])),
   ];
   return `${table(rules)}\n${caches.size > 0 ? `\n${table(nodes)}\n` : ''}`;
 }

@@ -14,6 +14,8 @@ export interface Exchange {
   bytes: number;
   /** How the node cache answered (hit, miss, stale, bypass); null without a cache or before content. */
   cache: string | null;
+  /** This proxy's own listener check: logged at debug level, not as an access. */
+  selfCheck: boolean;
 }
 
 export interface ProxyMetrics {
@@ -41,12 +43,12 @@ export function registerMetrics(registry: Registry): ProxyMetrics {
 /** A new exchange, counted and logged once its response closes. */
 export function recordExchange(req: IncomingMessage, res: ServerResponse, metrics: ProxyMetrics, logger: Logger): Exchange {
   const started = performance.now();
-  const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0, cache: null };
+  const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0, cache: null, selfCheck: false };
   res.on('close', () => {
     const status = res.writableFinished ? res.statusCode : 0; // 0: connection cut before the end
     metrics.requests.inc({ rule: exchange.rule ?? '', kind: exchange.kind, status: String(status) });
     if (exchange.bytes > 0) metrics.bytes.inc({ rule: exchange.rule ?? '', kind: exchange.kind }, exchange.bytes);
-    logger.info(
+    (exchange.selfCheck ? logger.debug.bind(logger) : logger.info.bind(logger))(
       {
         access: 'pull',
         method: req.method,

@@ -13,6 +13,12 @@ import { hostPort } from '../shell/serve.js';
 
 /** The response header carrying the answering process's instance id (random, per process). */
 export const INSTANCE_HEADER = 'pullbridge-instance';
+/**
+ * The request header by which the check names itself (the asking process's instance id): the proxy
+ * that recognizes its own id leaves the request out of the access log, where a 401 every probe
+ * interval would read like failed logins.
+ */
+export const LISTENER_CHECK_HEADER = 'pullbridge-listener-check';
 
 /** What asking the listener's address for `/v2/` came to. */
 export type ListenerObservation =
@@ -97,9 +103,10 @@ const single = (value: string | string[] | undefined): string | undefined => (Ar
  * answered it first), no credentials, no redirect followed (node:http never follows), only the
  * status and headers read, at most `timeoutMs`.
  */
-export function askListener(host: string, port: number, timeoutMs: number): Promise<ListenerObservation> {
+export function askListener(host: string, port: number, timeoutMs: number, instanceId?: string): Promise<ListenerObservation> {
   return new Promise((resolve) => {
-    const req = http.request({ host, port, path: '/v2/', method: 'GET', agent: false, headers: { connection: 'close' }, maxHeaderSize: 8192 });
+    const headers: Record<string, string> = { connection: 'close', ...(instanceId !== undefined ? { [LISTENER_CHECK_HEADER]: instanceId } : {}) };
+    const req = http.request({ host, port, path: '/v2/', method: 'GET', agent: false, headers, maxHeaderSize: 8192 });
     const timer = setTimeout(() => {
       resolve({ kind: 'timeout', ms: timeoutMs });
       req.destroy();
@@ -159,7 +166,7 @@ export class ListenerCheck {
 
   private async checkOnce(): Promise<ListenerStatus> {
     const { host, port } = this.options.dial ?? this.options.listening;
-    const seen = await askListener(host, port, this.options.timeoutMs ?? 5_000);
+    const seen = await askListener(host, port, this.options.timeoutMs ?? 5_000, this.options.instanceId);
     const full = seen.kind === 'reset' && (this.options.ownListenerFull?.(this.options.listening.host) ?? false);
     const verdict = judgeListener(this.options.instanceId, seen, full);
     if (verdict === null) return this.current;

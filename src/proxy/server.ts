@@ -13,7 +13,7 @@ import type { Budget } from './budget.js';
 import { registryError } from './errors.js';
 import { recordExchange, registerMetrics, type Exchange, type ProxyMetrics } from './exchange.js';
 import { ClientLimits, registerLimitMetrics } from './limits.js';
-import { INSTANCE_HEADER } from './listener.js';
+import { INSTANCE_HEADER, LISTENER_CHECK_HEADER } from './listener.js';
 import { isOpsRequest, serveOps, type OpsHandlerOptions } from './ops.js';
 import { parseRoute, type Route } from './route.js';
 import type { ProxyRuntime } from './runtime.js';
@@ -51,6 +51,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       return;
     }
     const exchange = recordExchange(req, res, shell.metrics, options.logger);
+    exchange.selfCheck = options.instanceId !== undefined && req.headers[LISTENER_CHECK_HEADER] === options.instanceId;
     shell.serve(req, res, exchange).catch((error: unknown) => {
       options.logger.error({ err: error }, 'proxy request failed');
       sendError(res, registryError(500, 'UNAVAILABLE', 'internal error'));

@@ -447,7 +447,8 @@ export function parseConfig(text: string): ConfigResult {
   try {
     document = parseYaml(text, { prettyErrors: true, uniqueKeys: true, maxAliasCount: 100 });
   } catch (error) {
-    const message = error instanceof YAMLParseError || error instanceof Error ? error.message : String(error);
+    // The first line names the line and column; the rest is a code excerpt (one line per error here).
+    const message = (error instanceof YAMLParseError || error instanceof Error ? error.message : String(error)).split('\n')[0]?.replace(/:$/, '') ?? '';
     return { ok: false, errors: [{ key: '(document)', message: `not valid YAML: ${message}` }] };
   }
   if (document !== null && document !== undefined && (typeof document !== 'object' || Array.isArray(document))) {

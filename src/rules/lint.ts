@@ -3,6 +3,7 @@
 
 import { canonicalRegistryHost } from '../reference/reference.js';
 import { knownKeysAt, type Config, type Rule } from './config.js';
+import { compileGlob, type GlobFilter } from './glob.js';
 
 export interface ConfigWarning {
   /** The key the warning is about, e.g. `registries[2]`. */
@@ -19,6 +20,34 @@ const sampleOf = (pattern: string): string => pattern.replace(/\/\*\*$/, '/a').r
 
 const hasFilters = (rule: Rule): boolean =>
   (rule.repositories?.include.length ?? 0) + (rule.repositories?.exclude.length ?? 0) + (rule.namespaces?.include.length ?? 0) + (rule.namespaces?.exclude.length ?? 0) > 0;
+
+const WILDCARD = /[*?]/;
+
+/**
+ * Whether glob `earlier` matches every name glob `later` does, in the cases that can be told simply:
+ * a match-all (`**`; `*` too where names have no `/`), the same pattern, `x/**` before anything
+ * under `x/`, or any glob before a plain name it matches. False when unsure (no warning then).
+ */
+function globCovers(earlier: string, later: string, oneSegment: boolean): boolean {
+  if (earlier === '**' || (oneSegment && earlier === '*') || earlier === later) return true;
+  if (earlier.endsWith('/**') && !WILDCARD.test(earlier.slice(0, -3)) && (later === earlier.slice(0, -3) || later.startsWith(earlier.slice(0, -2)))) return true;
+  return !WILDCARD.test(later) && compileGlob(earlier)(later);
+}
+
+/** Whether filter `earlier` lets through everything `later` does (an absent filter lets through all). */
+function filterCovers(earlier: GlobFilter | undefined, later: GlobFilter | undefined, oneSegment: boolean): boolean {
+  const laterInclude = later?.include ?? [];
+  const includes =
+    (earlier?.include ?? []).length === 0 ||
+    (laterInclude.length > 0 ? laterInclude : ['**']).every((l) => (earlier?.include ?? []).some((e) => globCovers(e, l, oneSegment)));
+  // What the earlier filter excludes the later one must exclude too, or the later rule gets it.
+  const excludes = (earlier?.exclude ?? []).every((e) => (later?.exclude ?? []).includes(e));
+  return includes && excludes;
+}
+
+/** Whether the earlier rule takes every image of a host it shares with the later one (first match wins). */
+const takesAllOf = (earlier: Rule, later: Rule): boolean =>
+  !hasFilters(earlier) || (filterCovers(earlier.repositories, later.repositories, false) && filterCovers(earlier.namespaces, later.namespaces, true));
 
 function globWarnings(rule: Rule, index: number): ConfigWarning[] {
   const warnings: ConfigWarning[] = [];
@@ -40,19 +69,28 @@ function globWarnings(rule: Rule, index: number): ConfigWarning[] {
 /** Warnings about a valid config: rules, or some of their hosts, that no image can ever reach. */
 export function configWarnings(config: Config): ConfigWarning[] {
   const warnings: ConfigWarning[] = [];
+  if (config.registries.length === 0) warnings.push({ key: 'registries', message: 'no registry rules: no image is rewritten and the proxy serves nothing; add a rule under registries' });
   config.registries.forEach((rule, index) => {
     const earlier = config.registries.slice(0, index);
-    // An earlier rule on the same host without filters takes every image of that host (first match wins).
-    const takenBy = (host: string) => earlier.findIndex((e) => e.hosts.has(host) && !hasFilters(e));
+    // An earlier rule on the same host whose filters let through all this one's takes its every image (first match wins).
+    const takenBy = (host: string) => earlier.findIndex((e) => e.hosts.has(host) && takesAllOf(e, rule));
     const hosts = rule.match.map((m) => ({ written: m, by: takenBy(canonicalRegistryHost(m)) }));
     if (hosts.every((h) => h.by >= 0)) {
       const by = [...new Set(hosts.map((h) => `registries[${h.by}] (${config.registries[h.by]?.name ?? ''})`))].join(', ');
-      warnings.push({ key: `registries[${index}]`, message: `rule "${rule.name}" can never match: ${by} comes first for the same registry and has no repositories or namespaces filter leaving anything to it` });
+      const filtered = hosts.some((h) => hasFilters(config.registries[h.by] as Rule));
+      warnings.push({ key: `registries[${index}]`, message: `rule "${rule.name}" can never match: ${by} comes first for the same registry and ${filtered ? 'its repositories and namespaces filters let through every image this rule would take' : 'has no repositories or namespaces filter leaving anything to it'}` });
     } else {
       hosts.forEach((h, i) => {
         if (h.by >= 0) warnings.push({ key: `registries[${index}].match[${i}]`, message: `"${h.written}" never reaches rule "${rule.name}": registries[${h.by}] (${config.registries[h.by]?.name ?? ''}) takes every image of it first` });
       });
     }
+    const listed = new Map<string, number>();
+    rule.match.forEach((m, i) => {
+      const host = canonicalRegistryHost(m);
+      const first = listed.get(host);
+      if (first !== undefined) warnings.push({ key: `registries[${index}].match[${i}]`, message: `"${m}" is listed twice in rule "${rule.name}" (also match[${first}])` });
+      else listed.set(host, i);
+    });
     warnings.push(...globWarnings(rule, index));
   });
   return warnings;

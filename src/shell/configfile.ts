@@ -3,14 +3,14 @@
 import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { parseConfig, type ConfigError, type ConfigFile, type ConfigResult } from '../rules/config.js';
-import { BrokerKeys, SecretFile } from './secretfiles.js';
+import { BrokerKeys, describeFileError, SecretFile } from './secretfiles.js';
 
 export function readConfigFile(path: string): ConfigResult {
   let text: string;
   try {
     text = readFileSync(path, 'utf8');
   } catch (error) {
-    return { ok: false, errors: [{ key: '(file)', message: `cannot read ${path}: ${(error as NodeJS.ErrnoException).code ?? String(error)}` }] };
+    return { ok: false, errors: [{ key: '(file)', message: `cannot read ${path}: ${describeFileError(error)}` }] };
   }
   return parseConfig(text);
 }

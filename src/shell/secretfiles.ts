@@ -5,6 +5,20 @@ import { existsSync, readFileSync } from 'node:fs';
 
 const REFRESH_MS = 10_000;
 
+const FILE_ERRORS: Readonly<Record<string, string>> = {
+  ENOENT: 'no such file',
+  EISDIR: 'is a directory',
+  ENOTDIR: 'a part of the path is not a directory',
+  EACCES: 'permission denied',
+  EPERM: 'permission denied',
+};
+
+/** Why a file could not be read or written, in words: `no such file`, not `ENOENT`. */
+export function describeFileError(error: unknown): string {
+  const code = (error as NodeJS.ErrnoException | null)?.code;
+  return (code !== undefined ? FILE_ERRORS[code] : undefined) ?? code ?? (error instanceof Error ? error.message.split('\n')[0] ?? 'error' : 'error');
+}
+
 export class SecretFile {
   private value: string | undefined;
   private readAt = 0;
@@ -26,7 +40,7 @@ export class SecretFile {
       try {
         this.value = readFileSync(this.path, 'utf8').replace(/\r?\n$/, '');
       } catch (error) {
-        throw new Error(`cannot read secret file ${this.path}: ${(error as NodeJS.ErrnoException).code ?? 'error'}`);
+        throw new Error(`cannot read secret file ${this.path}: ${describeFileError(error)}`);
       }
       this.readAt = now;
     }

@@ -263,3 +263,38 @@ recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- end }}
 {{- end -}}
 {{- end -}}
+
+{{/* Checks across a rule's keys that the proxy makes at start (src/rules/config.ts crossKeyErrors and
+     the URL/CIDR checks JSON Schema cannot carry): helm refuses them at install, naming the key,
+     instead of rendering a config.yaml the proxy refuses. */}}
+{{- define "pullbridge.checkRules" -}}
+{{- $names := dict -}}
+{{- range $index, $rule := .Values.registries }}
+{{- $key := printf "registries[%d]" $index }}
+{{- $mode := (($rule.auth | default dict).mode | default "broker") }}
+{{- if and $rule.credentials $rule.credentialsSecret }}
+{{- fail (printf "%s: set credentials or credentialsSecret, not both (%s.credentials and %s.credentialsSecret are both set)" $key $key $key) }}
+{{- end }}
+{{- if hasKey $names (toString $rule.name) }}
+{{- fail (printf "%s.name: duplicate rule name %q (also registries[%v])" $key $rule.name (get $names (toString $rule.name))) }}
+{{- end }}
+{{- $_ := set $names (toString $rule.name) $index }}
+{{- if not (regexMatch "^\\s*[hH][tT][tT][pP][sS]?:/*[^/?#@\\s]" (toString $rule.upstream)) }}
+{{- fail (printf "%s.upstream must be an absolute http:// or https:// URL with a host, got %q" $key (toString $rule.upstream)) }}
+{{- end }}
+{{- $namespaces := $rule.namespaces | default dict }}
+{{- if and (or (eq $mode "anonymous") (eq $mode "passthrough")) (or $namespaces.include $namespaces.exclude) }}
+{{- fail (printf "%s.namespaces: auth mode %q does not identify the client's namespace, so the proxy cannot enforce a namespace filter; use auth mode broker" $key $mode) }}
+{{- end }}
+{{- if and (eq $mode "anonymous") (or $rule.credentials $rule.credentialsSecret) (not ($rule.repositories | default dict).include) }}
+{{- fail (printf "%s.repositories.include: an anonymous rule with credentials must list the repositories it serves; without a list, anyone who reaches the proxy pulls every repository of the upstream with these credentials" $key) }}
+{{- end }}
+{{- range $cidrIndex, $cidr := (($rule.redirects | default dict).allow | default list) }}
+{{- $v4 := "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/([0-9]|[12][0-9]|3[0-2]))?$" }}
+{{- $v6 := "^[0-9a-fA-F]*:[0-9a-fA-F:.]*(/([0-9]{1,2}|1[01][0-9]|12[0-8]))?$" }}
+{{- if not (or (regexMatch $v4 (toString $cidr)) (regexMatch $v6 (toString $cidr))) }}
+{{- fail (printf "%s.redirects.allow[%d]: %q must be an IP address or a CIDR block such as 10.0.0.0/8" $key $cidrIndex (toString $cidr)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
