@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { filesReadBy, formatConfigErrors, isDnsLabel, type Config, type ConfigError, type ConfigResult } from './rules/config.js';
 import { decideImage } from './rules/decide.js';
+import { formatBytes } from './rules/quantity.js';
 import { parsePlatform, type Platform } from './cache/warmplan.js';
 import { readConfigFile, unloadableFiles } from './shell/configfile.js';
 import type { RegistryConnectionStatus } from './k8s/connectionstatus.js';
@@ -525,17 +526,6 @@ async function cmdPurge(args: string[]): Promise<number> {
   }
   process.stdout.write(`rule ${values.rule}, ${values.repository}${values.digest ? `@${values.digest}` : ''}: ${String(body.links)} link(s) and ${String(body.tags)} tag record(s) removed on this node and from the shared tier\n`);
   return 0;
-}
-
-function formatBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
 /** Prints the RegistryConnection objects (what the webhook's status collector wrote) as a table. */

@@ -216,10 +216,10 @@ describe('pullbridge CLI', () => {
     const status = ['webhook', '--config', configFile, '--port', '0', '--status-ops-port', '9090', '--status-proxy-selector', 'app=proxy'];
     const missing = runCli(status);
     assert.equal(missing.status, 2);
-    assert.match(missing.stderr, /^pullbridge: --status-proxy-daemonset is required\n/);
+    assert.match(missing.stderr, /^pullbridge webhook: --status-proxy-daemonset is required\n/);
     const bad = runCli([...status, '--status-proxy-daemonset', 'Not_A_Name']);
     assert.equal(bad.status, 2);
-    assert.match(bad.stderr, /^pullbridge: --status-proxy-daemonset must be a DaemonSet name, got "Not_A_Name"\n/);
+    assert.match(bad.stderr, /^pullbridge webhook: --status-proxy-daemonset must be a DaemonSet name, got "Not_A_Name"\n/);
     const alone = runCli(['webhook', '--config', configFile, '--port', '0', '--status-proxy-daemonset', 'pb-proxy']);
     assert.equal(alone.status, 2);
     assert.match(alone.stderr, /--status-proxy-daemonset needs --status-ops-port/);

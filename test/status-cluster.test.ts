@@ -496,6 +496,6 @@ ${extraRule}`;
     assert.equal(down.stderr, `pullbridge status: cannot reach the Kubernetes API at https://127.0.0.1:${port}: ECONNREFUSED\n`);
     const usage = spawnSync(process.execPath, [CLI, 'status', '--namespace', 'Not_A_Namespace'], { encoding: 'utf8', timeout: 30_000 });
     assert.equal(usage.status, 2);
-    assert.match(usage.stderr, /^pullbridge: --namespace must be a namespace name, got "Not_A_Namespace"\n/);
+    assert.match(usage.stderr, /^pullbridge status: --namespace must be a namespace name, got "Not_A_Namespace"\n/);
   });
 });

@@ -6,6 +6,7 @@
 // read, and `kubectl get regconn X -o yaml` then answers "is my pull served, and is the cache on my
 // node filling" in one place. The price is a copy per rule, small (a few numbers per node).
 
+import { formatBytes } from '../rules/quantity.js';
 import type { UpstreamStatus } from '../upstream/probe.js';
 
 export const CONNECTION_GROUP = 'pullbridge.io';
@@ -266,17 +267,6 @@ export function allReady(objects: readonly ConnectionObject[]): boolean {
 function table(rows: ReadonlyArray<readonly string[]>): string {
   const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
   return rows.map((r) => r.map((cell, i) => (i === r.length - 1 ? cell : cell.padEnd(widths[i] ?? 0))).join('  ').trimEnd()).join('\n');
-}
-
-function formatBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let value = bytes;
-  let unit = 0;
-  while (value >= 1024 && unit < units.length - 1) {
-    value /= 1024;
-    unit++;
-  }
-  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
 }
 
 /** The table `pullbridge status` prints: one line per rule, then one per node's cache. */

@@ -3,10 +3,10 @@
 // watch per Secret, by name: the Role grants only those names), and every minute besides.
 
 import { readFileSync } from 'node:fs';
-import { Watch, type CoreV1Api, type KubeConfig, type V1Secret } from '@kubernetes/client-node';
+import type { CoreV1Api, KubeConfig, V1Secret } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
 import { parseCredentialSources, planMirror, sameData, type SourceData } from '../rules/credentialmirror.js';
-import { apiMessage, apiStatus } from './client.js';
+import { apiMessage, apiStatus, restartingWatch } from './client.js';
 
 export interface CredentialMirrorOptions {
   readonly core: CoreV1Api;
@@ -140,41 +140,7 @@ export class CredentialMirror {
 
   private watchSecret(name: string): { stop(): void } {
     const { kubeConfig, namespace, logger } = this.options;
-    const watch = new Watch(kubeConfig);
-    let stopped = false;
-    let failures = 0;
-    let request: AbortController | undefined;
-    let timer: NodeJS.Timeout | undefined;
-    const again = (delayMs: number) => {
-      if (stopped) return;
-      timer = setTimeout(start, delayMs);
-      timer.unref();
-    };
-    const start = (): void => {
-      watch
-        .watch(`/api/v1/namespaces/${namespace}/secrets`, { fieldSelector: `metadata.name=${name}` }, (_phase: string, _object: V1Secret) => void this.reconcile(), (error: unknown) => {
-          request = undefined;
-          if (stopped) return;
-          if (error) logger.warn({ secret: name, error: apiMessage(error) }, 'credential source watch ended; restarting');
-          if (!error) failures = 0;
-          again(error ? Math.min(5000 * 2 ** failures++, 300_000) : 1000);
-        })
-        .then((controller) => {
-          request = controller;
-          if (stopped) controller.abort();
-        })
-        .catch((error: unknown) => {
-          logger.warn({ secret: name, error: apiMessage(error) }, 'credential source watch failed; retrying');
-          again(Math.min(5000 * 2 ** failures++, 300_000));
-        });
-    };
-    start();
-    return {
-      stop() {
-        stopped = true;
-        if (timer) clearTimeout(timer);
-        request?.abort();
-      },
-    };
+    return restartingWatch(kubeConfig, () => `/api/v1/namespaces/${namespace}/secrets`, () => ({ fieldSelector: `metadata.name=${name}` }), () => void this.reconcile(), logger, { secret: name, msg: 'credential source' });
   }
+
 }

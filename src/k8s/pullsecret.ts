@@ -7,11 +7,11 @@
 // deletion grace from the last admission, not from the Secret's creation.
 
 import { createHash } from 'node:crypto';
-import { Watch, type CoreV1Api, type KubeConfig, type V1Secret } from '@kubernetes/client-node';
+import type { CoreV1Api, KubeConfig, V1Secret } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
 import { dockerConfigJson } from '../proxy/credentials.js';
-import { apiMessage, apiStatus } from './client.js';
+import { apiMessage, apiStatus, restartingWatch } from './client.js';
 
 export const MANAGED_BY_LABEL = 'app.kubernetes.io/managed-by';
 export const MANAGED_BY = 'pullbridge';
@@ -173,19 +173,8 @@ export class PullSecretProvisioner {
  * missed meanwhile are caught by the confirmations' expiry.
  */
 export function watchPullSecrets(kubeConfig: KubeConfig, name: () => string, provisioner: PullSecretProvisioner, logger: Logger, retryMs = 5000): { stop(): void } {
-  const watch = new Watch(kubeConfig);
-  let stopped = false;
-  // After an error (e.g. RBAC without watch), wait longer each time, up to five minutes.
-  let failures = 0;
-  const backoff = () => Math.min(retryMs * 2 ** failures++, 300_000);
-  let request: AbortController | undefined;
-  let timer: NodeJS.Timeout | undefined;
-  const again = (delayMs: number) => {
-    if (stopped) return;
-    timer = setTimeout(start, delayMs);
-    timer.unref();
-  };
-  const onEvent = (phase: string, object: V1Secret) => {
+  const onEvent = (phase: string, event: unknown) => {
+    const object = event as V1Secret;
     const namespace = object.metadata?.namespace ?? '';
     if (phase === 'DELETED') {
       if (provisioner.forget(namespace, object.metadata?.name ?? '')) logger.info({ namespace, secret: object.metadata?.name }, 'pull secret deleted; the next admission in its namespace re-creates it');
@@ -193,31 +182,5 @@ export function watchPullSecrets(kubeConfig: KubeConfig, name: () => string, pro
       provisioner.observe(object);
     }
   };
-  function start(): void {
-    watch
-      .watch('/api/v1/secrets', { fieldSelector: `metadata.name=${name()}` }, onEvent, (error: unknown) => {
-        request = undefined;
-        if (stopped) return;
-        if (error) logger.warn({ error: apiMessage(error) }, 'pull secret watch ended; restarting');
-        // The apiserver ends watches routinely; restart soon, later after an error.
-        if (!error) failures = 0;
-        again(error ? backoff() : 1000);
-      })
-      .then((controller) => {
-        request = controller;
-        if (stopped) controller.abort();
-      })
-      .catch((error: unknown) => {
-        logger.warn({ error: apiMessage(error) }, 'pull secret watch failed; retrying');
-        again(backoff());
-      });
-  }
-  start();
-  return {
-    stop() {
-      stopped = true;
-      if (timer) clearTimeout(timer);
-      request?.abort();
-    },
-  };
+  return restartingWatch(kubeConfig, () => '/api/v1/secrets', () => ({ fieldSelector: `metadata.name=${name()}` }), onEvent, logger, { msg: 'pull secret' }, retryMs);
 }

@@ -35,3 +35,15 @@ export function parseInodeFloor(value: number | string): { readonly inodes: numb
   const percent = Number(match[1]);
   return percent <= 100 ? { percent } : null;
 }
+
+/** Bytes for people: `512 B`, `1.5 GiB` (binary units, as the quantities above). */
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${value} B` : `${value.toFixed(1)} ${units[unit]}`;
+}
