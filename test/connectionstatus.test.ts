@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { aggregateConnections, allReady, formatConnectionTable, NODES_LISTED_LIMIT, parseProxyStatus, planObjects, type ProxyReport, type ProxyStatusDocument, type RegistryConnectionStatus } from '../src/k8s/connectionstatus.js';
-import { isStartingProxyPod } from '../src/k8s/connections.js';
+import { isStartingProxyPod, proxyPodRole } from '../src/k8s/connections.js';
 import { collectorToken } from '../src/proxy/credentials.js';
 import { opsRefusal, type OpsRequestFacts } from '../src/proxy/ops.js';
 import type { UpstreamStatus } from '../src/upstream/probe.js';
@@ -148,6 +148,14 @@ describe('RegistryConnection aggregation', () => {
     assert.equal(isStartingProxyPod(pod(false, { running: { startedAt: new Date(now - 600_000) } }), now), false, 'not Ready for ten minutes: down');
     assert.equal(isStartingProxyPod(pod(false, { waiting: { reason: 'CrashLoopBackOff' } }), now), false);
     assert.equal(isStartingProxyPod(pod(true, { running: { startedAt: new Date(now - 5_000) } }), now), false, 'Ready and unreadable: down');
+    // A Pod the DaemonSet has just made, no container status yet: starting while young.
+    assert.equal(isStartingProxyPod({ metadata: { creationTimestamp: new Date(now - 3_000) }, status: { phase: 'Pending' } }, now), true);
+    assert.equal(isStartingProxyPod({ metadata: { creationTimestamp: new Date(now - 600_000) }, status: { phase: 'Pending' } }, now), false, 'Pending for ten minutes (unschedulable, image not pulled): down');
+    // Which Pods are read (and get the token), counted as pending (never sent the token), or skipped.
+    const owned = (phase: string) => ({ metadata: { ownerReferences: [{ apiVersion: 'apps/v1', kind: 'DaemonSet', name: 'pb-proxy', uid: 'u', controller: true }] }, status: { phase } });
+    assert.deepEqual(['Running', 'Pending', 'Failed', 'Succeeded'].map((phase) => proxyPodRole(owned(phase), 'pb-proxy')), ['read', 'pending', 'skip', 'skip']);
+    assert.equal(proxyPodRole(owned('Running'), 'other-proxy'), 'skip');
+    assert.equal(proxyPodRole({ status: { phase: 'Running' } }, 'pb-proxy'), 'skip', 'no controller');
     const starting = aggregateConnections({ rules: RULES.slice(0, 1), reports: [{ node: 'a', error: '10.0.0.1:9090: ECONNREFUSED', starting: true }], previous: new Map(), now: T0 });
     assert.deepEqual(condition(starting.statuses.get('corp'), 'Ready'), { type: 'Ready', status: 'Unknown', reason: 'Pending', message: '0/1 node(s) ready; a: proxy starting (its Pod is not Ready yet): 10.0.0.1:9090: ECONNREFUSED', lastTransitionTime: T0 });
     assert.deepEqual(starting.changes, []);

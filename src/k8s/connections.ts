@@ -140,11 +140,16 @@ async function readBounded(res: Response, limit: number): Promise<Buffer | null>
   }
 }
 
-/** Whether `pod` is one the collector reads: Running, and controlled by the proxy DaemonSet. */
-export function isProxyPod(pod: V1Pod, daemonSet: string): boolean {
-  if (pod.metadata?.deletionTimestamp !== undefined || pod.status?.phase !== 'Running') return false;
+/**
+ * What the collector does with a Pod the selector lists: `read` its /status (Running, controlled by
+ * the proxy DaemonSet: only those get the token), count it as `pending` (the DaemonSet's, not
+ * running yet: a fresh install or a rollout; never sent the token), or `skip` it.
+ */
+export function proxyPodRole(pod: V1Pod, daemonSet: string): 'read' | 'pending' | 'skip' {
+  if (pod.metadata?.deletionTimestamp !== undefined) return 'skip';
   const controller = pod.metadata?.ownerReferences?.find((o) => o.controller === true);
-  return controller?.apiVersion === 'apps/v1' && controller.kind === 'DaemonSet' && controller.name === daemonSet;
+  if (!(controller?.apiVersion === 'apps/v1' && controller.kind === 'DaemonSet' && controller.name === daemonSet)) return 'skip';
+  return pod.status?.phase === 'Running' ? 'read' : pod.status?.phase === 'Pending' ? 'pending' : 'skip';
 }
 
 /** How long after its container started a proxy Pod that is not Ready counts as starting (its
@@ -156,7 +161,10 @@ const PROXY_START_GRACE_MS = 120_000;
 export function isStartingProxyPod(pod: V1Pod, now: number): boolean {
   if (pod.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True')) return false;
   const states = pod.status?.containerStatuses ?? [];
-  if (states.length === 0) return true;
+  if (states.length === 0) {
+    const created = pod.metadata?.creationTimestamp;
+    return created === undefined || now - new Date(created).getTime() < PROXY_START_GRACE_MS;
+  }
   return states.every((c) => {
     const started = c.state?.running?.startedAt;
     if (started !== undefined) return now - new Date(started).getTime() < PROXY_START_GRACE_MS;
@@ -249,11 +257,18 @@ export class StatusCollector {
     const pods = await core.listNamespacedPod({ namespace, labelSelector: this.options.proxySelector });
     const reports = await Promise.all(
       pods.items
-        .filter((p) => isProxyPod(p, this.options.proxyDaemonSet))
-        .map((p) => {
+        .map((p) => ({ p, role: proxyPodRole(p, this.options.proxyDaemonSet) }))
+        .filter(({ role }) => role !== 'skip')
+        .map(({ p, role }) => {
           const node = p.spec?.nodeName ?? p.metadata?.name ?? '';
           const ip = p.status?.podIP;
-          const report = ip ? this.report(node, ip, ruleNames) : Promise.resolve<ProxyReport>({ node, error: 'the proxy Pod has no IP yet' });
+          const waiting = p.status?.containerStatuses?.find((c) => c.state?.waiting?.reason)?.state?.waiting?.reason;
+          const report =
+            role === 'pending'
+              ? Promise.resolve<ProxyReport>({ node, error: `the proxy Pod is Pending${waiting ? ` (${waiting})` : ''}` })
+              : ip
+                ? this.report(node, ip, ruleNames)
+                : Promise.resolve<ProxyReport>({ node, error: 'the proxy Pod has no IP yet' });
           return report.then((r): ProxyReport => ('error' in r && isStartingProxyPod(p, Date.now()) ? { ...r, starting: true } : r));
         }),
     );
