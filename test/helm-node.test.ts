@@ -290,10 +290,12 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
         assert.equal((await kubectl('logs', '-n', APP_NAMESPACE, 'web')).trim(), message);
 
         // The proxy Pod's own access log (kubectl logs, through the apiserver and kubelet).
-        const records = (await proxyRecords()).filter((r) => r.rule === 'corp');
-        const served = records.filter((r) => r.status === 200 && r.namespace === APP_NAMESPACE);
-        for (const digest of [workload.manifests[0]?.digest, workload.configs[0]?.digest, workload.layers[0]?.digest]) {
-          assert.ok(served.some((r) => r.reference === digest), `the proxy Pod served ${digest} to namespace ${APP_NAMESPACE}: ${JSON.stringify(records)}`);
+        // Read until the log shows them (kubelet's log file may trail the response), then assert.
+        const digests = [workload.manifests[0]?.digest, workload.configs[0]?.digest, workload.layers[0]?.digest];
+        const servedTo = (r: AccessRecord) => r.rule === 'corp' && r.status === 200 && r.namespace === APP_NAMESPACE;
+        const records = await until(`the proxy Pod's log never named all of ${digests.join(', ')}`, proxyRecords, (rs) => digests.every((d) => rs.some((r) => servedTo(r) && r.reference === d))).catch(() => proxyRecords());
+        for (const digest of digests) {
+          assert.ok(records.some((r) => servedTo(r) && r.reference === digest), `the proxy Pod served ${digest} to namespace ${APP_NAMESPACE}: ${JSON.stringify(records.filter((r) => r.rule === 'corp'))}`);
         }
       });
 
@@ -420,6 +422,9 @@ describe('the Helm chart on a real node: webhook with bootstrapped certificate, 
         // CRI names an image by its references and by its config digest: remove all, content with them.
         // Both rules' references share the content: remove every one.
         const ofWorkload = (reference: string) => reference.includes('/team/app') || reference === workload.configs[0]?.digest;
+        // Until kubelet removed the Pods' containers, they hold the unpacked layer, and the next
+        // release's pull would skip fetching it (kubelet's container GC runs every minute).
+        await until('a container of the workload image is still on the node', () => node?.containerImages() ?? Promise.resolve([]), (list) => !list.some(ofWorkload));
         await node.removeImages((await node.images()).filter(ofWorkload));
         assert.deepEqual((await node.images()).filter(ofWorkload), []);
       });

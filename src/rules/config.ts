@@ -81,6 +81,8 @@ const forwardProxySchema = z.strictObject({
   credentials: credentialsSchema.optional(),
 });
 
+const absolutePath = z.string().min(1).refine((p) => p.startsWith('/'), 'must be an absolute path');
+
 const ruleSchema = z.strictObject({
   name: z.string().regex(DNS_LABEL, 'must be a DNS label (lower-case letters, digits and "-")').max(63),
   match: z.array(z.string().regex(REGISTRY_HOST, 'must be a registry host[:port] as written in image references')).min(1, 'needs at least one registry host'),
@@ -128,6 +130,30 @@ const ruleSchema = z.strictObject({
    * of such policies.
    */
   revalidate: z.enum(['get', 'head'], { message: 'must be get or head' }).default('get'),
+  /**
+   * What admission does with a matching image. always: rewrite it onto the proxy. private-only: ask
+   * the upstream anonymously (a manifest HEAD through the rule's transport, via the proxy tier);
+   * refused (401/403) means private and is rewritten, answered (200) means public and is left for the
+   * node to pull directly. never: the image stays; the Pod gets a pull secret holding this rule's
+   * upstream credential for the registry host (needs shareUpstreamCredentials and namespaces.include).
+   */
+  rewrite: z.enum(['always', 'private-only', 'never'], { message: 'must be always, private-only or never' }).default('always'),
+  /** When the proxy tier cannot answer a probe or a tag resolution in time: rewrite (or keep the tag unpinned) anyway, or leave the image as it is. */
+  onProbeFailure: z.enum(['rewrite', 'leave'], { message: 'must be rewrite or leave' }).default('rewrite'),
+  /** Resolve a tag to its manifest digest at admission and write tag@sha256:…, so every replica runs the same bits. */
+  pinDigest: z.boolean().default(false),
+  /** Signatures checked at admission through the proxy tier; a verified image is pinned to the digest verified. */
+  verify: z
+    .strictObject({
+      cosign: z.strictObject({ publicKeyFiles: z.array(absolutePath).min(1, 'needs at least one public key file') }),
+      onFailure: z.enum(['deny', 'warn'], { message: 'must be deny or warn' }).default('deny'),
+    })
+    .optional(),
+  /**
+   * The explicit opt-in for rewrite: never: this rule's upstream credential itself is written into a
+   * pull secret in every namespace the rule admits (docs/security.md). Only with rewrite: never.
+   */
+  shareUpstreamCredentials: z.boolean().default(false),
 });
 
 /** Bytes as an integer or a Kubernetes quantity string (`20Gi`, `500M`). */
@@ -159,7 +185,6 @@ const seconds = (max: number) => z.number().int('must be a whole number of secon
  */
 const FILL_WAIT_SECONDS_MIN = 10;
 
-const absolutePath = z.string().min(1).refine((p) => p.startsWith('/'), 'must be an absolute path');
 /** A key inside the bucket or container under which pullbridge keeps everything ("" for the root). */
 const objectPrefix = z
   .string()
@@ -356,7 +381,10 @@ function crossKeyErrors(document: unknown): ConfigError[] {
   (Array.isArray(registries) ? registries : []).forEach((entry: unknown, index) => {
     const rule = asRecord(entry);
     const mode = asRecord(rule.auth).mode ?? 'broker';
-    if (mode === 'broker' && !hasBroker) {
+    const rewrite = rule.rewrite ?? 'always';
+    // A rewrite: never rule sends no client to the proxy; it needs a namespace credential only to resolve or verify at admission.
+    const needsNamespaceCredential = rewrite !== 'never' || rule.pinDigest === true || rule.verify !== undefined;
+    if (mode === 'broker' && !hasBroker && needsNamespaceCredential) {
       // Without keys the proxy cannot check a namespace credential and the webhook cannot issue one.
       errors.push({ key: `registries[${index}].auth.mode`, message: 'broker needs broker.keyFiles to check client credentials' });
     }
@@ -379,6 +407,23 @@ function crossKeyErrors(document: unknown): ConfigError[] {
         errors.push({ key: `registries[${index}].match[${hostIndex}]`, message: `"${host}" is the proxy itself; rewriting it would loop` });
       }
     });
+    if (rewrite === 'never') {
+      if (rule.shareUpstreamCredentials !== true) {
+        errors.push({ key: `registries[${index}].shareUpstreamCredentials`, message: 'rewrite: never writes this rule\'s upstream credential itself into a pull secret in each namespace it admits; set shareUpstreamCredentials: true to accept that (docs/security.md)' });
+      }
+      if (!hasPatterns(namespaces.include)) {
+        errors.push({ key: `registries[${index}].namespaces.include`, message: 'rewrite: never hands the upstream credential to namespaces: list the namespaces that may have it' });
+      }
+      if (rule.credentials === undefined) {
+        errors.push({ key: `registries[${index}].credentials`, message: 'rewrite: never provisions a pull secret from the rule\'s credentials: give credentials' });
+      }
+    } else if (rule.shareUpstreamCredentials === true) {
+      errors.push({ key: `registries[${index}].shareUpstreamCredentials`, message: 'only with rewrite: never (other modes never hand the upstream credential to a namespace)' });
+    }
+    if (mode === 'passthrough' && (rule.pinDigest === true || rule.verify !== undefined)) {
+      // The webhook resolves with the namespace's own authorization; in passthrough that is the Pod's own pull secret, which the webhook never reads.
+      errors.push({ key: `registries[${index}].${rule.pinDigest === true ? 'pinDigest' : 'verify'}`, message: 'auth mode "passthrough" gives the webhook no credential of the namespace to resolve the image with; use auth mode broker or anonymous' });
+    }
     if (asRecord(rule.forwardProxy).mode === 'forward' && typeof rule.upstream === 'string' && rule.upstream.startsWith('https:')) {
       // A connectivity proxy that routes on Host takes plain HTTP and does TLS itself, or not at all.
       errors.push({ key: `registries[${index}].forwardProxy.mode`, message: 'mode "forward" sends plain HTTP; use an http:// upstream, or mode "connect" for https' });
@@ -407,7 +452,7 @@ export function compileConfig(raw: RawConfig): Config {
 export interface ConfigFile {
   readonly key: string;
   readonly path: string;
-  readonly holds: 'broker-key' | 'secret' | 'ca-certificates';
+  readonly holds: 'broker-key' | 'secret' | 'ca-certificates' | 'public-key';
 }
 
 /**
@@ -419,7 +464,12 @@ export function filesReadBy(config: Config, component: 'proxy' | 'webhook'): Con
   const files: ConfigFile[] = [];
   const signingKey = config.broker?.keyFiles[0];
   if (signingKey !== undefined) files.push({ key: 'broker.keyFiles[0]', path: signingKey, holds: 'broker-key' });
-  if (component === 'webhook') return files;
+  if (component === 'webhook') {
+    config.registries.forEach((rule, i) => {
+      rule.verify?.cosign.publicKeyFiles.forEach((path, k) => files.push({ key: `registries[${i}].verify.cosign.publicKeyFiles[${k}]`, path, holds: 'public-key' }));
+    });
+    return files;
+  }
   const credentialFiles = (key: string, credentials: RawRule['credentials']) => {
     if (credentials?.usernameFile !== undefined) files.push({ key: `${key}.usernameFile`, path: credentials.usernameFile, holds: 'secret' });
     if (credentials?.passwordFile !== undefined) files.push({ key: `${key}.passwordFile`, path: credentials.passwordFile, holds: 'secret' });

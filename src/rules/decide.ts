@@ -6,6 +6,8 @@ import type { Config, Rule } from './config.js';
 
 export type DecisionReason =
   | 'rewritten'
+  /** rewrite: private-only, and the upstream answered an anonymous manifest HEAD: the node pulls it directly. */
+  | 'public-image'
   | 'already-proxied'
   | 'no-matching-rule'
   | 'repository-not-included'

@@ -1,6 +1,6 @@
 // Reading the config file, and the files a config names: the only place config text comes from disk.
 
-import { X509Certificate } from 'node:crypto';
+import { createPublicKey, X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { parseConfig, type ConfigError, type ConfigFile, type ConfigResult } from '../rules/config.js';
 import { BrokerKeys, describeFileError, SecretFile } from './secretfiles.js';
@@ -39,6 +39,13 @@ function loadFile(file: ConfigFile): void {
       }
       return;
     }
+    case 'public-key':
+      try {
+        createPublicKey(new SecretFile(file.path).read());
+      } catch (error) {
+        throw new Error(`${file.path} holds no PEM public key: ${(error as Error).message}`);
+      }
+      return;
   }
 }
 
