@@ -112,6 +112,7 @@ const SKIP_DETAIL: Readonly<Record<WarmSkipReason, string>> = {
   'rewritten-reference-invalid': 'the rewritten reference would be invalid',
   'rule-not-cached': 'the rule has cache: false',
   passthrough: 'the rule is passthrough',
+  'public-image': 'the upstream serves it anonymously: nodes pull it directly',
 };
 
 export interface Descriptor {
