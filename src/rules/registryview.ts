@@ -21,6 +21,9 @@ export type ManifestAnswer =
 
 export type BlobAnswer = { readonly kind: 'found'; readonly body: Buffer } | { readonly kind: 'refused'; readonly status: number; readonly error: string } | { readonly kind: 'failed'; readonly error: string };
 
+/** An OCI image index listing the referrers of a digest (OCI 1.1), or `unsupported` when the upstream lacks the API (404). */
+export type ReferrersAnswer = { readonly kind: 'found'; readonly index: Buffer } | { readonly kind: 'unsupported' } | { readonly kind: 'refused'; readonly status: number; readonly error: string } | { readonly kind: 'failed'; readonly error: string };
+
 export interface RegistryView {
   /** `reference` is a tag or a digest. */
   probeAnonymous(target: RegistryTarget & { readonly reference: string }, signal: AbortSignal): Promise<ProbeAnswer>;
@@ -28,4 +31,6 @@ export interface RegistryView {
   manifest(target: RegistryTarget & { readonly reference: string; readonly namespace: string; readonly method: 'HEAD' | 'GET' }, signal: AbortSignal): Promise<ManifestAnswer>;
   /** A small blob (a signature payload), refused above maxBytes. */
   blob(target: RegistryTarget & { readonly digest: string; readonly namespace: string; readonly maxBytes: number }, signal: AbortSignal): Promise<BlobAnswer>;
+  /** The referrers of `digest`, filtered by artifactType when given, with the namespace's authorization. */
+  referrers(target: RegistryTarget & { readonly digest: string; readonly namespace: string; readonly artifactType?: string }, signal: AbortSignal): Promise<ReferrersAnswer>;
 }
