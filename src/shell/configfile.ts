@@ -1,8 +1,9 @@
 // Reading the config file, and the files a config names: the only place config text comes from disk.
 
-import { createPublicKey, X509Certificate } from 'node:crypto';
+import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { parseConfig, type ConfigError, type ConfigFile, type ConfigResult } from '../rules/config.js';
+import { parsePublicKey } from '../signature/cosign.js';
 import { BrokerKeys, describeFileError, SecretFile } from './secretfiles.js';
 
 export function readConfigFile(path: string): ConfigResult {
@@ -41,9 +42,10 @@ function loadFile(file: ConfigFile): void {
     }
     case 'public-key':
       try {
-        createPublicKey(new SecretFile(file.path).read());
+        // The same parse as admission's (src/signature/cosign.ts): a key type cosign cannot sign with is refused here.
+        parsePublicKey(new SecretFile(file.path).read());
       } catch (error) {
-        throw new Error(`${file.path} holds no PEM public key: ${(error as Error).message}`);
+        throw new Error(`${file.path} holds no usable PEM public key: ${(error as Error).message.split('\n')[0]}`);
       }
       return;
   }
