@@ -150,7 +150,7 @@ describe('cosign signatures made by cosign, on a real registry', function () {
       await registry.push(image, repository, tag);
     }
     [signer, otherSigner] = await Promise.all([generateKeyPair(), generateKeyPair()]);
-    await sign(byDigest('signed'), signer);
+    await Promise.all([sign(byDigest('signed'), signer), sign(byDigest('referrer'), signer, { referrers: true })]);
   });
 
   after(async () => {
@@ -199,7 +199,6 @@ describe('cosign signatures made by cosign, on a real registry', function () {
   });
 
   it('verifies a signature cosign stored as an OCI 1.1 referrer, on a registry without the referrers API (the referrers tag)', async () => {
-    await sign(byDigest('referrer'), signer, { referrers: true });
     assert.equal(await cosignVerifies(byDigest('referrer'), signer, { referrers: true }), true);
     const digest = images.get('referrer')!.index.digest;
     // Not under the .sig tag: found through the referrers path only.
@@ -216,6 +215,32 @@ describe('cosign signatures made by cosign, on a real registry', function () {
       kind: 'rejected',
       reason: 'signed by another key',
     });
+  });
+
+  it('verifies a signature listed by the referrers API, filtering what the index lists', async () => {
+    // docker-registry has no referrers API; this view answers it with the index that cosign kept
+    // under the referrers tag on the real registry, plus a referrer of another artifact type (as a
+    // registry that ignores the artifactType filter lists it), so the API's branch runs on cosign's
+    // own manifests. Everything else goes to the real registry.
+    const digest = images.get('referrer')!.index.digest;
+    const real = view();
+    const referrersAsked: Array<string | undefined> = [];
+    const withReferrersApi: typeof real = {
+      ...real,
+      async referrers(target, signal) {
+        referrersAsked.push(target.artifactType);
+        const kept = await real.manifest({ ...target, reference: digest.replace(':', '-'), method: 'GET' }, signal);
+        assert.equal(kept.kind, 'found');
+        const index = JSON.parse(kept.kind === 'found' ? kept.body!.toString() : '{}') as { manifests: object[] };
+        index.manifests.unshift({ mediaType: 'application/vnd.oci.image.manifest.v1+json', digest: OTHER_DIGEST, size: 100, artifactType: 'application/spdx+json' });
+        return { kind: 'found', index: Buffer.from(JSON.stringify(index)) };
+      },
+    };
+    const verdict = await verifyCosignSignature(withReferrersApi, { rule: 'corp', repository }, digest, 'default', keysOf(signer), AbortSignal.timeout(30_000));
+    assert.equal(verdict.verified, true, JSON.stringify(verdict));
+    assert.deepEqual(referrersAsked, ['application/vnd.dev.cosign.artifact.sig.v1+json']);
+    // The SBOM referrer was never fetched; the referrers tag was read only by the view above.
+    assert.ok(!real.requests.some((r) => r.includes(OTHER_DIGEST)));
   });
 
   for (const [tag, genpkey] of [
