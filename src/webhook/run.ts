@@ -12,7 +12,7 @@ import { filesReadBy, type Config, type ConfigError } from '../rules/config.js';
 import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
-import { BrokerKeys } from '../shell/secretfiles.js';
+import { BrokerKeys, RuleCredentialFiles } from '../shell/secretfiles.js';
 import { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE, serveGated, type GatedListener } from '../shell/startupgate.js';
 import { createMetricsHandler, createWebhookApp, type WebhookSideEffects } from './server.js';
 
@@ -109,29 +109,32 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     ]);
     const labels = new NamespaceLabels(k8s.core, logger);
     sideEffects.namespaceLabels = (ns) => labels.get(ns);
+    // Keys follow the live config, so that a rotation is a config change; without broker keys only
+    // the pull secrets of rewrite: never rules are provisioned (nothing asks for the broker's).
+    let keys = new BrokerKeys(config.broker?.keyFiles ?? []);
+    let keyFiles = (config.broker?.keyFiles ?? []).join('\n');
+    const signingKey = () => {
+      const current = config.broker?.keyFiles ?? [];
+      if (current.join('\n') !== keyFiles) {
+        keys = new BrokerKeys(current);
+        keyFiles = current.join('\n');
+      }
+      return keys.signingKey();
+    };
+    // A new config is taken up only once the files it has the webhook read load: the signing key,
+    // and the upstream credentials of rewrite: never rules (only those reach the webhook).
+    loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
+    const credentials = new RuleCredentialFiles();
+    const graceMs = options.reconcileGraceMs ?? DEFAULT_GRACE_MS;
+    // Well inside the grace, so that a recorded admission is never older than the grace allows.
+    const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey, { recheckMs: Math.min(MAX_RECHECK_MS, graceMs / 4), upstreamCredential: (rule) => credentials.read(rule) });
+    sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
+    const watch = watchPullSecrets(k8s.config, () => config.webhook.pullSecretName, provisioner, logger);
+    const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, { graceMs });
+    reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
+    reconcile = () => reconciler.reconcile();
+    stops.push(() => reconciler.stop(), () => watch.stop());
     if (config.broker) {
-      // Keys follow the live config, so that a rotation is a config change.
-      let keys = new BrokerKeys(config.broker.keyFiles);
-      let keyFiles = config.broker.keyFiles.join('\n');
-      const signingKey = () => {
-        const current = config.broker?.keyFiles ?? [];
-        if (current.join('\n') !== keyFiles) {
-          keys = new BrokerKeys(current);
-          keyFiles = current.join('\n');
-        }
-        return keys.signingKey();
-      };
-      // A new config is taken up only once its signing key loads: pull secrets are signed with it.
-      loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
-      const graceMs = options.reconcileGraceMs ?? DEFAULT_GRACE_MS;
-      // Well inside the grace, so that a recorded admission is never older than the grace allows.
-      const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey, { recheckMs: Math.min(MAX_RECHECK_MS, graceMs / 4) });
-      sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
-      const watch = watchPullSecrets(k8s.config, () => config.webhook.pullSecretName, provisioner, logger);
-      const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, { graceMs });
-      reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
-      reconcile = () => reconciler.reconcile();
-      stops.push(() => reconciler.stop(), () => watch.stop());
       const collectorOptions = options.statusCollector;
       if (collectorOptions) {
         const [{ StatusCollector }, { collectorToken }, { CoordinationV1Api, CustomObjectsApi }, { recordEvent }] = await Promise.all([import('../k8s/connections.js'), import('../proxy/credentials.js'), import('@kubernetes/client-node'), import('../k8s/events.js')]);
