@@ -9,6 +9,10 @@ import { DOCKER_HUB_AUTH_KEY, dockerConfigKey, upstreamDockerConfigJson, upstrea
 import { desiredSecret, desiredUpstreamPullSecret, KEY_ID_ANNOTATION } from '../src/k8s/pullsecret.js';
 import { managedSecrets, reconcileAction } from '../src/k8s/reconciler.js';
 import { admitPod, leftUnchanged, parseAdmissionReview, type AdmissionRequest } from '../src/webhook/admission.js';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { runCli } from './support/cli.js';
 import { configFrom } from './support/config.js';
 import { applyPatch, podWith, reviewFor, type PodShape } from './support/review.js';
 
@@ -174,6 +178,41 @@ describe('rewrite: never (pure)', () => {
     });
     it('is kept by the reconciler beside the broker\'s', () => {
       assert.deepEqual(managedSecrets(config).map((s) => `${s.name} ${s.podLabel} ${s.rule?.name ?? '-'}`), ['pullbridge-pull pullbridge.io/rewritten -', 'pullbridge-pull-vendor pullbridge.io/upstream-pull-secret vendor']);
+    });
+  });
+
+  describe('the command line', function () {
+    this.timeout(60_000);
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-never-cli-'));
+    const file = join(dir, 'config.yaml');
+    writeFileSync(join(dir, 'broker.key'), 'a-broker-key-of-at-least-16-bytes\n');
+    writeFileSync(join(dir, 'vendor.password'), 'vendor-s3cret\n');
+    writeFileSync(file, NEVER_YAML.replace('/nonexistent/pullbridge/broker-key', join(dir, 'broker.key')).replace('/etc/pullbridge/shared-credentials/vendor.password', join(dir, 'vendor.password')));
+
+    it('rewrite --json: rewritten null, the rule, reason pull-secret-only', () => {
+      const result = runCli(['rewrite', '--config', file, '--namespace', 'team-a', '--json', 'vendor.example:5000/app/web:1']);
+      assert.equal(result.status, 0, result.stderr);
+      const [decision] = JSON.parse(result.stdout) as Array<Record<string, unknown>>;
+      assert.deepEqual([decision?.image, decision?.rewritten, decision?.rule, decision?.reason], ['vendor.example:5000/app/web:1', null, 'vendor', 'pull-secret-only']);
+    });
+
+    it('pull-secret --rule prints the rule\'s dockerconfigjson; without --rule, the broker\'s as before', () => {
+      const result = runCli(['pull-secret', '--config', file, '--namespace', 'team-a', '--rule', 'vendor']);
+      assert.equal(result.status, 0, result.stderr);
+      assert.deepEqual(JSON.parse(result.stdout), JSON.parse(upstreamDockerConfigJson({ match: ['vendor.example:5000', 'docker.io'] }, { username: 'robot', password: 'vendor-s3cret' })));
+      const broker = runCli(['pull-secret', '--config', file, '--namespace', 'team-a']);
+      assert.deepEqual(Object.keys((JSON.parse(broker.stdout) as { auths: object }).auths), ['localhost:30500']);
+    });
+
+    it('pull-secret --rule refuses a namespace the rule does not admit, a rule that rewrites, an unknown rule, each saying so', () => {
+      const outside = runCli(['pull-secret', '--config', file, '--namespace', 'default', '--rule', 'vendor']);
+      assert.deepEqual([outside.status, outside.stdout, outside.stderr.trim()], [1, '', 'rule "vendor" does not admit namespace "default": the webhook provisions no pull secret of it there']);
+      const rewrites = runCli(['pull-secret', '--config', file, '--namespace', 'team-a', '--rule', 'corp']);
+      assert.equal(rewrites.status, 2);
+      assert.match(rewrites.stderr, /--rule: rule "corp" has rewrite: always; only a rewrite: never rule has a pull secret of its own/);
+      const unknown = runCli(['pull-secret', '--config', file, '--namespace', 'team-a', '--rule', 'nope']);
+      assert.equal(unknown.status, 2);
+      assert.match(unknown.stderr, /--rule: no rule "nope" in /);
     });
   });
 });
