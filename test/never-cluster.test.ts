@@ -189,10 +189,19 @@ registries:
     assert.equal(`sha256:${createHash('sha256').update(await inspectRaw(file)).digest('hex')}`, image.index.digest);
   });
 
+  it('deleted by hand: the webhook\'s watch on its name sees it, and the next admission in the namespace re-creates it', async () => {
+    await core.deleteNamespacedSecret({ namespace: 'team-a', name: SECRET });
+    await until(async () => logs.records.some((r) => r.msg === 'pull secret deleted; the next admission in its namespace re-creates it' && r.secret === SECRET && r.namespace === 'team-a'), (seen) => seen, 30_000, 'the watch never reported the deletion');
+    const created = await createPod('team-a', podOf('app2', [IMAGE]));
+    assert.equal(created.status, 201, created.body);
+    const secret = await core.readNamespacedSecret({ namespace: 'team-a', name: SECRET });
+    assert.equal(authFileOf(secret, 'auth-again.json').auths[registry.host]?.username, 'robot-two', 'with the credential in force');
+  });
+
   it('is removed once no Pod needs it (after the grace since the last admission), and only then', async () => {
     await webhook.reconcile?.();
     assert.notEqual(await readSecretOrNull(core, 'team-a', SECRET), null, 'kept while the Pod lists it');
-    await core.deleteNamespacedPod({ namespace: 'team-a', name: 'app', gracePeriodSeconds: 0 });
+    for (const name of ['app', 'app2']) await core.deleteNamespacedPod({ namespace: 'team-a', name, gracePeriodSeconds: 0 });
     await until(async () => (await core.listNamespacedPod({ namespace: 'team-a' })).items.length, (n) => n === 0, 30_000, 'the Pod was never deleted');
     await until(
       async () => {

@@ -219,12 +219,14 @@ export class PullSecretProvisioner {
 }
 
 /**
- * Watches the pull secrets (by name, in every namespace; RBAC can keep that to the one name) and
- * drops the provisioner's confirmation when one is deleted or changed by someone else, so the next
- * admission in that namespace repairs it at once. A watch that ends is started again; deletions
- * missed meanwhile are caught by the confirmations' expiry.
+ * Watches the pull secrets (by name, in every namespace; RBAC can keep that to those names: the
+ * broker's and each rewrite: never rule's, one watch per name) and drops the provisioner's
+ * confirmation when one is deleted or changed by someone else, so the next admission in that
+ * namespace repairs it at once. A watch that ends is started again; deletions missed meanwhile are
+ * caught by the confirmations' expiry. `sync()` after a config change starts and stops watches to
+ * follow the names.
  */
-export function watchPullSecrets(kubeConfig: KubeConfig, name: () => string, provisioner: PullSecretProvisioner, logger: Logger, retryMs = 5000): { stop(): void } {
+export function watchPullSecrets(kubeConfig: KubeConfig, names: () => readonly string[], provisioner: PullSecretProvisioner, logger: Logger, retryMs = 5000): { sync(): void; stop(): void } {
   const onEvent = (phase: string, event: unknown) => {
     const object = event as V1Secret;
     const namespace = object.metadata?.namespace ?? '';
@@ -234,5 +236,24 @@ export function watchPullSecrets(kubeConfig: KubeConfig, name: () => string, pro
       provisioner.observe(object);
     }
   };
-  return restartingWatch(kubeConfig, () => '/api/v1/secrets', () => ({ fieldSelector: `metadata.name=${name()}` }), onEvent, logger, { msg: 'pull secret' }, retryMs);
+  const watches = new Map<string, { stop(): void }>();
+  const sync = () => {
+    const wanted = new Set(names());
+    for (const [name, watch] of watches) {
+      if (wanted.has(name)) continue;
+      watch.stop();
+      watches.delete(name);
+    }
+    for (const name of wanted) {
+      if (!watches.has(name)) watches.set(name, restartingWatch(kubeConfig, () => '/api/v1/secrets', () => ({ fieldSelector: `metadata.name=${name}` }), onEvent, logger, { msg: 'pull secret', secret: name }, retryMs));
+    }
+  };
+  sync();
+  return {
+    sync,
+    stop() {
+      for (const watch of watches.values()) watch.stop();
+      watches.clear();
+    },
+  };
 }

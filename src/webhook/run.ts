@@ -91,6 +91,8 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   const stops: Array<() => void> = [];
   const stopsAsync: Array<() => Promise<void>> = [];
   let reconcile: (() => Promise<unknown>) | undefined;
+  /** What follows the config in force (the pull secret watches follow the rules' names). */
+  const afterConfigApplied: Array<() => void> = [];
   // The metrics port listens before the start work (API clients, the certificate bootstrap), so
   // that the startup probe on it is answered from the first instant (shell/startupgate.ts).
   const gated = options.metricsListener ?? (options.metricsPort !== undefined ? await listenGated({ host: options.host, port: options.metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }) : undefined);
@@ -101,7 +103,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
   const sideEffects: WebhookSideEffects = {};
   if (k8s) {
-    const [{ MAX_RECHECK_MS, PullSecretProvisioner, watchPullSecrets }, { DEFAULT_GRACE_MS, PullSecretReconciler }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
+    const [{ MAX_RECHECK_MS, PullSecretProvisioner, watchPullSecrets }, { DEFAULT_GRACE_MS, PullSecretReconciler, managedSecrets }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
       import('../k8s/pullsecret.js'),
       import('../k8s/reconciler.js'),
       import('../k8s/namespaces.js'),
@@ -129,7 +131,9 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     // Well inside the grace, so that a recorded admission is never older than the grace allows.
     const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey, { recheckMs: Math.min(MAX_RECHECK_MS, graceMs / 4), upstreamCredential: (rule) => credentials.read(rule) });
     sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
-    const watch = watchPullSecrets(k8s.config, () => config.webhook.pullSecretName, provisioner, logger);
+    // The broker's name is watched whether or not the config has keys, as before; and each never rule's.
+    const watch = watchPullSecrets(k8s.config, () => [config.webhook.pullSecretName, ...managedSecrets(config).map((s) => s.name)], provisioner, logger);
+    afterConfigApplied.push(() => watch.sync());
     const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, { graceMs });
     reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
     reconcile = () => reconciler.reconcile();
@@ -217,6 +221,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
         ...(loadErrors ? { loadErrors } : {}),
         onApplied: (next) => {
           config = next;
+          for (const follow of afterConfigApplied) follow();
         },
         ...(onRejected ? { onRejected } : {}),
       })
