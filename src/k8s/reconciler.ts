@@ -84,8 +84,7 @@ export class PullSecretReconciler {
   constructor(
     private readonly core: CoreV1Api,
     private readonly config: () => Config,
-    /** Kept for callers; the provisioner derives each Secret's content (and key id) itself. */
-    _signingKey: () => Uint8Array,
+    /** Derives each Secret's content and key id (the broker's from the signing key, a never rule's from its credential). */
     private readonly provisioner: PullSecretProvisioner,
     private readonly logger: Logger,
     options: ReconcilerOptions = {},

@@ -134,7 +134,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     // The broker's name is watched whether or not the config has keys, as before; and each never rule's.
     const watch = watchPullSecrets(k8s.config, () => [config.webhook.pullSecretName, ...managedSecrets(config).map((s) => s.name)], provisioner, logger);
     afterConfigApplied.push(() => watch.sync());
-    const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, { graceMs });
+    const reconciler = new PullSecretReconciler(k8s.core, () => config, provisioner, logger, { graceMs });
     reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
     reconcile = () => reconciler.reconcile();
     stops.push(() => reconciler.stop(), () => watch.stop());
