@@ -60,8 +60,9 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                       every --probe-interval that its own address is answered by itself: a NodePort Service
                       on the same port takes the address over under kube-proxy's iptables mode; then /readyz
                       fails, /status shows who answers, and pullbridge_proxy_listener_claimed is 0)`,
-  'pull-secret': `pullbridge pull-secret --config FILE --namespace NS
-                     (prints the .dockerconfigjson of the namespace's pull secret)`,
+  'pull-secret': `pullbridge pull-secret --config FILE --namespace NS [--rule R]
+                     (prints the .dockerconfigjson of the namespace's pull secret; with --rule, that of
+                      the rewrite: never rule R: its upstream credential for its registry hosts)`,
   warm: `pullbridge warm --config FILE [--platform OS/ARCH[/VARIANT]]... [--json] IMAGE...
                      (fetches each image through the config's rules into the node cache (cache.path), as a
                       pull would, so that later pulls on this node are served from the cache)`,
@@ -418,11 +419,24 @@ async function cmdProxy(args: string[]): Promise<number> {
 
 async function cmdPullSecret(args: string[]): Promise<number> {
   const [{ dockerConfigJson }, { BrokerKeys }] = await Promise.all([load.credentials(), load.secretfiles()]);
-  const { values } = parseArgs({ args, options: { config: { type: 'string' }, namespace: { type: 'string' } }, strict: true });
+  const { values } = parseArgs({ args, options: { config: { type: 'string' }, namespace: { type: 'string' }, rule: { type: 'string' } }, strict: true });
   const configPath = requireOption(values.config, '--config');
   const config = loadConfigOrExit(configPath);
   const namespace = requireOption(values.namespace, '--namespace');
   if (!isDnsLabel(namespace)) throw new UsageError(`--namespace must be a namespace name, got "${namespace}"`);
+  if (values.rule !== undefined) {
+    const rule = config.registries.find((r) => r.name === values.rule);
+    if (rule === undefined) throw new UsageError(`--rule: no rule "${values.rule}" in ${configPath}`);
+    if (rule.rewrite !== 'never') throw new UsageError(`--rule: rule "${rule.name}" has rewrite: ${rule.rewrite}; only a rewrite: never rule has a pull secret of its own`);
+    if (rule.namespaceFilter.refuse(namespace) !== null) {
+      process.stderr.write(`rule "${rule.name}" does not admit namespace "${namespace}": the webhook provisions no pull secret of it there\n`);
+      return 1;
+    }
+    loadConfigFilesOrExit(configPath, config, 'webhook'); // the rule's credential files, as the webhook reads them
+    const [{ upstreamDockerConfigJson }, { RuleCredentialFiles }] = await Promise.all([import('./rules/upstreamsecret.js'), load.secretfiles()]);
+    process.stdout.write(`${upstreamDockerConfigJson(rule, new RuleCredentialFiles().read(rule))}\n`);
+    return 0;
+  }
   if (!config.broker) {
     process.stderr.write('the config has no broker.keyFiles: there is no namespace credential to provision\n');
     return 1;

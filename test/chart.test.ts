@@ -10,7 +10,7 @@ import { randomBytes, X509Certificate } from 'node:crypto';
 import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, PatchStrategy, setHeaderOptions, type KubernetesObject } from '@kubernetes/client-node';
 import { parse as parseYaml, parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { generateClientCertificate } from '../src/certs/certs.js';
-import { parseConfig, validateConfig } from '../src/rules/config.js';
+import { filesReadBy, parseConfig, validateConfig } from '../src/rules/config.js';
 import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from './support/controlplane.js';
 import { runAsync, startProcess } from './support/procs.js';
 import { runWebhook } from '../src/webhook/run.js';
@@ -284,6 +284,66 @@ describe('Helm chart', function () {
         assert.ok(created.spec.template.spec.containers[0]?.startupProbe, `${object.kind} (${exposure}) keeps its startup probe`);
       }
     }
+  });
+
+  describe('rewrite: never rules', () => {
+    const NEVER_RULE = '  - {name: vendor, match: ["vendor.example:5000", docker.io], upstream: "https://vendor.example:5000", rewrite: never, shareUpstreamCredentials: true, namespaces: {include: ["team-*"]}, credentials: {username: vendor-robot, password: vendor-s3cret}}\n';
+    const neverValues = join(dir, 'never.yaml');
+    writeFileSync(neverValues, VALUES.replace('webhook:', `${NEVER_RULE}webhook:`));
+    type Workload = KubernetesObject & { spec: { template: { spec: { containers: Array<{ volumeMounts: Array<{ name: string; mountPath: string }> }>; volumes: Array<{ name: string; secret?: { secretName: string } }> } } } };
+    const secretData = (objects: KubernetesObject[], name: string) => ((objects.find((o) => o.kind === 'Secret' && o.metadata?.name === name) as (KubernetesObject & { data?: Record<string, string> }) | undefined)?.data ?? {});
+
+    it('keeps the never rule\'s credential in a Secret of its own, which the webhook mounts and reads, and no other rule\'s', async () => {
+      const rendered = await render('-f', neverValues);
+      assert.deepEqual(Object.keys(secretData(rendered, 'pullbridge-pull-secret-credentials')).sort(), ['vendor.password', 'vendor.username']);
+      assert.equal(Buffer.from(secretData(rendered, 'pullbridge-pull-secret-credentials')['vendor.password'] ?? '', 'base64').toString(), 'vendor-s3cret');
+      assert.deepEqual(Object.keys(secretData(rendered, 'pullbridge-upstream-credentials')).sort(), ['corp.password', 'corp.username'], 'the proxies\' Secret holds the others');
+      const configMap = rendered.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as KubernetesObject & { data: Record<string, string> };
+      const result = parseConfig(configMap.data['config.yaml'] ?? '');
+      assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));
+      const vendor = result.config.registries.find((r) => r.name === 'vendor');
+      assert.deepEqual([vendor?.rewrite, vendor?.shareUpstreamCredentials, vendor?.credentials?.passwordFile], ['never', true, '/etc/pullbridge/pull-secret-credentials/vendor.password']);
+      // Every file the webhook reads for this config is in a volume the webhook mounts; the other rules' credentials are not.
+      const mountsOf = (kind: string) => {
+        const workload = rendered.find((o) => o.kind === kind) as Workload;
+        const volumes = new Map(workload.spec.template.spec.volumes.map((v) => [v.name, v.secret?.secretName]));
+        return workload.spec.template.spec.containers[0]?.volumeMounts.map((m) => ({ path: m.mountPath, secret: volumes.get(m.name) })) ?? [];
+      };
+      const webhookMounts = mountsOf('Deployment');
+      for (const file of filesReadBy(result.config, 'webhook')) {
+        assert.ok(webhookMounts.some((m) => file.path.startsWith(`${m.path}/`)), `${file.key} ${file.path} is mounted in the webhook`);
+      }
+      assert.ok(filesReadBy(result.config, 'webhook').some((f) => f.path === '/etc/pullbridge/pull-secret-credentials/vendor.password'));
+      assert.deepEqual(webhookMounts.map((m) => m.secret).filter((s) => s !== undefined && /credentials/.test(s)), ['pullbridge-pull-secret-credentials']);
+      const proxyMounts = mountsOf('DaemonSet');
+      for (const file of filesReadBy(result.config, 'proxy')) assert.ok(proxyMounts.some((m) => file.path.startsWith(`${m.path}/`)), `${file.key} ${file.path} is mounted in the proxy`);
+    });
+
+    it('lets the webhook manage the rule\'s pull secret by name (RBAC), rolls no Pod when a never rule is added, and the apiserver accepts it all', async () => {
+      const rendered = await render('-f', neverValues);
+      const role = rendered.find((o) => o.kind === 'ClusterRole' && o.metadata?.name === 'pullbridge-webhook') as KubernetesObject & { rules: Array<{ resources: string[]; resourceNames?: string[]; verbs: string[] }> };
+      assert.deepEqual(role.rules.find((r) => r.resources.includes('secrets') && r.verbs.includes('delete'))?.resourceNames, ['pullbridge-pull', 'pullbridge-pull-vendor']);
+      type Templated = KubernetesObject & { spec: { template: unknown } };
+      const templates = (objects: KubernetesObject[]) => objects.filter((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment').map((o) => (o as Templated).spec.template);
+      assert.deepEqual(templates(rendered), templates(await render()), 'the Pod templates do not depend on the rules');
+      for (const object of rendered) {
+        await objects.create(object, undefined, 'All').catch((error: { body?: unknown }) => {
+          throw new Error(`${object.kind}/${object.metadata?.name} rejected: ${JSON.stringify(error.body ?? error)}`);
+        });
+      }
+    });
+
+    it('refuses a never rule without the opt-in or the namespace list, with a credentialsSecret, and the opt-in elsewhere, naming the key', async () => {
+      const refused = async (rule: string, message: RegExp) => {
+        const file = join(dir, 'never-bad.yaml');
+        writeFileSync(file, `registries:\n${rule}`);
+        await assert.rejects(render('-f', file), message);
+      };
+      await refused(NEVER_RULE.replace('shareUpstreamCredentials: true, ', ''), /registries\[0\]\.shareUpstreamCredentials: rewrite: never writes this rule's upstream credential itself/);
+      await refused(NEVER_RULE.replace('namespaces: {include: ["team-*"]}, ', ''), /registries\[0\]\.namespaces\.include: rewrite: never hands the upstream credential to namespaces/);
+      await refused(NEVER_RULE.replace('credentials: {username: vendor-robot, password: vendor-s3cret}', 'credentialsSecret: vendor-robot'), /registries\[0\]\.credentialsSecret: not with rewrite: never/);
+      await refused('  - {name: corp, match: [c.example], upstream: "https://c.example", shareUpstreamCredentials: true}\n', /registries\[0\]\.shareUpstreamCredentials: only with rewrite: never/);
+    });
   });
 
   describe('shared cache tier (cache.shared)', () => {

@@ -113,6 +113,7 @@ const SKIP_DETAIL: Readonly<Record<WarmSkipReason, string>> = {
   'rule-not-cached': 'the rule has cache: false',
   passthrough: 'the rule is passthrough',
   'public-image': 'the upstream serves it anonymously: nodes pull it directly',
+  'pull-secret-only': 'the rule has rewrite: never: nodes pull it directly with the rule\'s pull secret',
 };
 
 export interface Descriptor {

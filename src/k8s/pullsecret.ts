@@ -9,13 +9,17 @@
 import { createHash } from 'node:crypto';
 import type { CoreV1Api, KubeConfig, V1Secret } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
-import type { Config } from '../rules/config.js';
+import type { Config, Rule } from '../rules/config.js';
+import { neverRuleBySecretName, upstreamDockerConfigJson, type UpstreamCredential } from '../rules/upstreamsecret.js';
 import { dockerConfigJson } from '../proxy/credentials.js';
 import { apiMessage, apiStatus, restartingWatch } from './client.js';
 
 export const MANAGED_BY_LABEL = 'app.kubernetes.io/managed-by';
 export const MANAGED_BY = 'pullbridge';
+/** Which key (broker secret) or which credential (a never rule's secret) the content was made from. */
 export const KEY_ID_ANNOTATION = 'pullbridge.io/key-id';
+/** On a never rule's pull secret: the rule whose upstream credential it holds. */
+export const RULE_ANNOTATION = 'pullbridge.io/rule';
 /** When an admission last needed the Secret (RFC 3339), refreshed at most once per recheck interval. */
 export const LAST_ADMISSION_ANNOTATION = 'pullbridge.io/last-admission';
 /** How long a confirmed Secret is trusted without reading it again, at most. */
@@ -38,6 +42,40 @@ export function desiredPullSecret(config: Config, namespace: string, name: strin
     },
     data: { '.dockerconfigjson': Buffer.from(dockerConfigJson(config.proxyAuthority, namespace, key)).toString('base64') },
   };
+}
+
+/**
+ * The Secret a rewrite: never rule provisions in a namespace: its upstream credential for its
+ * registry hosts. The key id is a hash of the payload, so that a changed credential is seen as a
+ * change by the reconciler (the Secret holds the credential itself; the hash adds nothing to it). Pure.
+ */
+export function desiredUpstreamPullSecret(rule: Pick<Rule, 'name' | 'match'>, namespace: string, name: string, credential: UpstreamCredential): V1Secret {
+  const payload = upstreamDockerConfigJson(rule, credential);
+  return {
+    apiVersion: 'v1',
+    kind: 'Secret',
+    type: 'kubernetes.io/dockerconfigjson',
+    metadata: {
+      name,
+      namespace,
+      labels: { [MANAGED_BY_LABEL]: MANAGED_BY },
+      annotations: { [KEY_ID_ANNOTATION]: keyId(Buffer.from(payload)), [RULE_ANNOTATION]: rule.name },
+    },
+    data: { '.dockerconfigjson': Buffer.from(payload).toString('base64') },
+  };
+}
+
+/**
+ * The Secret named `name` should be in `namespace`: a never rule's, or else the broker's. Refuses a
+ * never rule's credential for a namespace the rule does not admit, whoever asks. Pure but for the
+ * readers given.
+ */
+export function desiredSecret(config: Config, namespace: string, name: string, signingKey: () => Uint8Array, upstreamCredential: ((rule: Rule) => UpstreamCredential) | undefined): V1Secret {
+  const rule = neverRuleBySecretName(config, name);
+  if (rule === undefined) return desiredPullSecret(config, namespace, name, signingKey());
+  if (rule.namespaceFilter.refuse(namespace) !== null) throw new Error(`rule "${rule.name}" does not admit namespace "${namespace}": its credential is not written there`);
+  if (upstreamCredential === undefined) throw new Error(`no reader of rule "${rule.name}"'s upstream credential`);
+  return desiredUpstreamPullSecret(rule, namespace, name, upstreamCredential(rule));
 }
 
 export const isManaged = (s: V1Secret): boolean => s.metadata?.labels?.[MANAGED_BY_LABEL] === MANAGED_BY;
@@ -76,6 +114,8 @@ export interface ProvisionerOptions {
    * refresh its last-admission time. Keep it well below the reconciler's grace. */
   readonly recheckMs?: number;
   readonly now?: () => number;
+  /** The upstream credential of a rewrite: never rule (from its credential files). */
+  readonly upstreamCredential?: (rule: Rule) => UpstreamCredential;
 }
 
 export class PullSecretProvisioner {
@@ -84,6 +124,7 @@ export class PullSecretProvisioner {
   private readonly inflight = new Map<string, Promise<void>>();
   private readonly recheckMs: number;
   private readonly now: () => number;
+  private readonly upstreamCredential: ((rule: Rule) => UpstreamCredential) | undefined;
 
   constructor(
     private readonly core: CoreV1Api,
@@ -93,6 +134,12 @@ export class PullSecretProvisioner {
   ) {
     this.recheckMs = options.recheckMs ?? MAX_RECHECK_MS;
     this.now = options.now ?? Date.now;
+    this.upstreamCredential = options.upstreamCredential;
+  }
+
+  /** The Secret `name` should be in `namespace` now (the broker's, or a never rule's). */
+  desired(namespace: string, name: string): V1Secret {
+    return desiredSecret(this.config(), namespace, name, this.signingKey, this.upstreamCredential);
   }
 
   /**
@@ -102,7 +149,12 @@ export class PullSecretProvisioner {
    * (409) is checked, not reported.
    */
   ensure(namespace: string, name: string, { admission = true }: { readonly admission?: boolean } = {}): Promise<void> {
-    const desired = desiredPullSecret(this.config(), namespace, name, this.signingKey());
+    let desired: V1Secret;
+    try {
+      desired = this.desired(namespace, name);
+    } catch (error) {
+      return Promise.reject(error instanceof Error ? error : new Error(String(error)));
+    }
     const id = `${namespace}/${name}`;
     const content = secretContent(desired);
     const known = this.confirmed.get(id);
@@ -167,12 +219,14 @@ export class PullSecretProvisioner {
 }
 
 /**
- * Watches the pull secrets (by name, in every namespace; RBAC can keep that to the one name) and
- * drops the provisioner's confirmation when one is deleted or changed by someone else, so the next
- * admission in that namespace repairs it at once. A watch that ends is started again; deletions
- * missed meanwhile are caught by the confirmations' expiry.
+ * Watches the pull secrets (by name, in every namespace; RBAC can keep that to those names: the
+ * broker's and each rewrite: never rule's, one watch per name) and drops the provisioner's
+ * confirmation when one is deleted or changed by someone else, so the next admission in that
+ * namespace repairs it at once. A watch that ends is started again; deletions missed meanwhile are
+ * caught by the confirmations' expiry. `sync()` after a config change starts and stops watches to
+ * follow the names.
  */
-export function watchPullSecrets(kubeConfig: KubeConfig, name: () => string, provisioner: PullSecretProvisioner, logger: Logger, retryMs = 5000): { stop(): void } {
+export function watchPullSecrets(kubeConfig: KubeConfig, names: () => readonly string[], provisioner: PullSecretProvisioner, logger: Logger, retryMs = 5000): { sync(): void; stop(): void } {
   const onEvent = (phase: string, event: unknown) => {
     const object = event as V1Secret;
     const namespace = object.metadata?.namespace ?? '';
@@ -182,5 +236,24 @@ export function watchPullSecrets(kubeConfig: KubeConfig, name: () => string, pro
       provisioner.observe(object);
     }
   };
-  return restartingWatch(kubeConfig, () => '/api/v1/secrets', () => ({ fieldSelector: `metadata.name=${name()}` }), onEvent, logger, { msg: 'pull secret' }, retryMs);
+  const watches = new Map<string, { stop(): void }>();
+  const sync = () => {
+    const wanted = new Set(names());
+    for (const [name, watch] of watches) {
+      if (wanted.has(name)) continue;
+      watch.stop();
+      watches.delete(name);
+    }
+    for (const name of wanted) {
+      if (!watches.has(name)) watches.set(name, restartingWatch(kubeConfig, () => '/api/v1/secrets', () => ({ fieldSelector: `metadata.name=${name}` }), onEvent, logger, { msg: 'pull secret', secret: name }, retryMs));
+    }
+  };
+  sync();
+  return {
+    sync,
+    stop() {
+      for (const watch of watches.values()) watch.stop();
+      watches.clear();
+    },
+  };
 }

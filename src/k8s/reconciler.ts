@@ -1,13 +1,15 @@
-// Background upkeep of the managed pull secrets: refresh them after a broker key rotation, re-create
-// those deleted while rewritten Pods still reference them, and remove those whose namespace no
-// longer needs one (after a grace period counted from the last admission there).
+// Background upkeep of the managed pull secrets (the broker's, and each rewrite: never rule's):
+// refresh them after a broker key rotation or an upstream credential change, re-create those deleted
+// while Pods still reference them, and remove those whose namespace no longer needs one (after a
+// grace period counted from the last admission there).
 
 import type { CoreV1Api, V1Namespace, V1Secret } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
-import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
-import { REWRITTEN_LABEL } from '../rules/marks.js';
+import { ALWAYS_EXCLUDED_NAMESPACES, type Config, type Rule } from '../rules/config.js';
+import { REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
+import { upstreamPullSecretName } from '../rules/upstreamsecret.js';
 import { apiMessage, apiStatus } from './client.js';
-import { KEY_ID_ANNOTATION, isManaged, keyId, lastUse, type PullSecretProvisioner } from './pullsecret.js';
+import { KEY_ID_ANNOTATION, isManaged, lastUse, type PullSecretProvisioner } from './pullsecret.js';
 
 export interface ReconcileResult {
   readonly refreshed: string[];
@@ -42,8 +44,8 @@ export interface NamespaceFacts {
   readonly referenced: boolean;
   readonly now: number;
   readonly graceMs: number;
-  /** The key id the secret should carry. */
-  readonly currentKey: string;
+  /** The key id the secret should carry; undefined when it cannot be known now (no refresh then). */
+  readonly currentKey: string | undefined;
 }
 
 export type ReconcileAction = 'recreate' | 'delete' | 'refresh' | 'keep';
@@ -56,7 +58,22 @@ export function reconcileAction(facts: NamespaceFacts): ReconcileAction {
   if (secret === undefined) return needed ? 'recreate' : 'keep';
   if (!isManaged(secret)) return 'keep';
   if (!needed && facts.now - lastUse(secret) > facts.graceMs) return 'delete';
-  return secret.metadata?.annotations?.[KEY_ID_ANNOTATION] !== facts.currentKey ? 'refresh' : 'keep';
+  return facts.currentKey !== undefined && secret.metadata?.annotations?.[KEY_ID_ANNOTATION] !== facts.currentKey ? 'refresh' : 'keep';
+}
+
+/** A pull secret name the webhook keeps, and the never rule it belongs to (none: the broker's). */
+export interface ManagedSecret {
+  readonly name: string;
+  /** The label on the Pods that reference it. */
+  readonly podLabel: string;
+  readonly rule?: Rule;
+}
+
+/** The pull secrets a config has the webhook keep: the broker's (with broker keys) and one per never rule. Pure. */
+export function managedSecrets(config: Config): ManagedSecret[] {
+  const secrets: ManagedSecret[] = config.broker ? [{ name: config.webhook.pullSecretName, podLabel: REWRITTEN_LABEL }] : [];
+  for (const rule of config.registries) if (rule.rewrite === 'never') secrets.push({ name: upstreamPullSecretName(config, rule), podLabel: UPSTREAM_PULL_SECRET_LABEL, rule });
+  return secrets;
 }
 
 export class PullSecretReconciler {
@@ -67,7 +84,7 @@ export class PullSecretReconciler {
   constructor(
     private readonly core: CoreV1Api,
     private readonly config: () => Config,
-    private readonly signingKey: () => Uint8Array,
+    /** Derives each Secret's content and key id (the broker's from the signing key, a never rule's from its credential). */
     private readonly provisioner: PullSecretProvisioner,
     private readonly logger: Logger,
     options: ReconcilerOptions = {},
@@ -87,16 +104,21 @@ export class PullSecretReconciler {
     if (this.timer) clearInterval(this.timer);
   }
 
-  /** The namespaces where a rewritten Pod lists the pull secret: one paged list of rewritten Pods. */
-  private async namespacesReferencing(name: string): Promise<Set<string>> {
-    const namespaces = new Set<string>();
-    let page: string | undefined;
-    do {
-      const pods = await this.core.listPodForAllNamespaces({ labelSelector: `${REWRITTEN_LABEL}=true`, limit: 500, ...(page ? { _continue: page } : {}) });
-      for (const pod of pods.items) if (pod.spec?.imagePullSecrets?.some((s) => s.name === name)) namespaces.add(pod.metadata?.namespace ?? '');
-      page = pods.metadata?._continue || undefined;
-    } while (page !== undefined);
-    return namespaces;
+  /** Per secret name, the namespaces where a Pod with the secret's label lists it: one paged list of Pods per label. */
+  private async namespacesReferencing(secrets: readonly ManagedSecret[]): Promise<Map<string, Set<string>>> {
+    const referencing = new Map(secrets.map((s) => [s.name, new Set<string>()]));
+    for (const label of new Set(secrets.map((s) => s.podLabel))) {
+      const names = new Set(secrets.filter((s) => s.podLabel === label).map((s) => s.name));
+      let page: string | undefined;
+      do {
+        const pods = await this.core.listPodForAllNamespaces({ labelSelector: `${label}=true`, limit: 500, ...(page ? { _continue: page } : {}) });
+        for (const pod of pods.items) {
+          for (const s of pod.spec?.imagePullSecrets ?? []) if (s.name !== undefined && names.has(s.name)) referencing.get(s.name)?.add(pod.metadata?.namespace ?? '');
+        }
+        page = pods.metadata?._continue || undefined;
+      } while (page !== undefined);
+    }
+    return referencing;
   }
 
   private async read(namespace: string, name: string): Promise<V1Secret | undefined> {
@@ -110,37 +132,42 @@ export class PullSecretReconciler {
 
   async reconcile(): Promise<ReconcileResult> {
     const config = this.config();
-    const currentKey = keyId(this.signingKey());
     const result: ReconcileResult = { refreshed: [], recreated: [], deleted: [], errors: [] };
+    const secrets = managedSecrets(config);
+    if (secrets.length === 0) return result;
     // Secrets are read by name in each namespace rather than listed: RBAC can then limit the
-    // webhook to the one Secret name it manages instead of every Secret in the cluster.
-    const name = config.webhook.pullSecretName;
-    const [namespaces, referencing] = await Promise.all([this.core.listNamespace(), this.namespacesReferencing(name)]);
+    // webhook to the Secret names it manages instead of every Secret in the cluster.
+    const [namespaces, referencing] = await Promise.all([this.core.listNamespace(), this.namespacesReferencing(secrets)]);
     for (const ns of namespaces.items) {
       const namespace = ns.metadata?.name ?? '';
-      const id = `${namespace}/${name}`;
-      try {
-        const secret = await this.read(namespace, name);
-        const action = reconcileAction({ secret, served: namespaceServed(config, ns), referenced: referencing.has(namespace), now: this.now(), graceMs: this.graceMs, currentKey });
-        if (action === 'recreate') {
-          await this.provisioner.ensure(namespace, name, { admission: false });
-          result.recreated.push(id);
-        } else if (action === 'delete') {
-          try {
-            // Only the version read: an admission through another replica may have just recorded itself.
-            await this.core.deleteNamespacedSecret({ namespace, name, body: { preconditions: { resourceVersion: secret?.metadata?.resourceVersion } } });
-            result.deleted.push(id);
-          } catch (error) {
-            if (apiStatus(error) !== 409 && apiStatus(error) !== 404) throw error;
+      for (const { name, rule } of secrets) {
+        const id = `${namespace}/${name}`;
+        try {
+          const secret = await this.read(namespace, name);
+          // A never rule's credential belongs only in the namespaces its filter admits.
+          const served = namespaceServed(config, ns) && (rule === undefined || rule.namespaceFilter.refuse(namespace) === null);
+          const currentKey = served && secret !== undefined ? this.provisioner.desired(namespace, name).metadata?.annotations?.[KEY_ID_ANNOTATION] : undefined;
+          const action = reconcileAction({ secret, served, referenced: referencing.get(name)?.has(namespace) ?? false, now: this.now(), graceMs: this.graceMs, currentKey });
+          if (action === 'recreate') {
+            await this.provisioner.ensure(namespace, name, { admission: false });
+            result.recreated.push(id);
+          } else if (action === 'delete') {
+            try {
+              // Only the version read: an admission through another replica may have just recorded itself.
+              await this.core.deleteNamespacedSecret({ namespace, name, body: { preconditions: { resourceVersion: secret?.metadata?.resourceVersion } } });
+              result.deleted.push(id);
+            } catch (error) {
+              if (apiStatus(error) !== 409 && apiStatus(error) !== 404) throw error;
+            }
+            this.provisioner.forget(namespace, name);
+          } else if (action === 'refresh') {
+            this.provisioner.forget(namespace, name);
+            await this.provisioner.ensure(namespace, name, { admission: false });
+            result.refreshed.push(id);
           }
-          this.provisioner.forget(namespace, name);
-        } else if (action === 'refresh') {
-          this.provisioner.forget(namespace, name);
-          await this.provisioner.ensure(namespace, name, { admission: false });
-          result.refreshed.push(id);
+        } catch (error) {
+          result.errors.push(`${id}: ${error instanceof Error ? error.message : apiMessage(error)}`);
         }
-      } catch (error) {
-        result.errors.push(`${id}: ${error instanceof Error ? error.message : apiMessage(error)}`);
       }
     }
     if (result.refreshed.length + result.recreated.length + result.deleted.length + result.errors.length > 0) this.logger.info({ ...result }, 'pull secrets reconciled');

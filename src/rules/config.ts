@@ -457,23 +457,26 @@ export interface ConfigFile {
 
 /**
  * The files a component reads for a config, to be loaded before it takes the config up: the proxy
- * reads them all, the webhook (when it provisions pull secrets) only the signing key. Verify-only
- * broker keys are not among them: they may be absent or bad without stopping anything.
+ * reads them all; the webhook the signing key (it signs namespace credentials), the cosign keys, and
+ * the upstream credentials of rewrite: never rules only (it writes those into pull secrets; no other
+ * rule's credential reaches it). Verify-only broker keys are not among them: they may be absent or
+ * bad without stopping anything.
  */
 export function filesReadBy(config: Config, component: 'proxy' | 'webhook'): ConfigFile[] {
   const files: ConfigFile[] = [];
   const signingKey = config.broker?.keyFiles[0];
   if (signingKey !== undefined) files.push({ key: 'broker.keyFiles[0]', path: signingKey, holds: 'broker-key' });
-  if (component === 'webhook') {
-    config.registries.forEach((rule, i) => {
-      rule.verify?.cosign.publicKeyFiles.forEach((path, k) => files.push({ key: `registries[${i}].verify.cosign.publicKeyFiles[${k}]`, path, holds: 'public-key' }));
-    });
-    return files;
-  }
   const credentialFiles = (key: string, credentials: RawRule['credentials']) => {
     if (credentials?.usernameFile !== undefined) files.push({ key: `${key}.usernameFile`, path: credentials.usernameFile, holds: 'secret' });
     if (credentials?.passwordFile !== undefined) files.push({ key: `${key}.passwordFile`, path: credentials.passwordFile, holds: 'secret' });
   };
+  if (component === 'webhook') {
+    config.registries.forEach((rule, i) => {
+      if (rule.rewrite === 'never') credentialFiles(`registries[${i}].credentials`, rule.credentials);
+      rule.verify?.cosign.publicKeyFiles.forEach((path, k) => files.push({ key: `registries[${i}].verify.cosign.publicKeyFiles[${k}]`, path, holds: 'public-key' }));
+    });
+    return files;
+  }
   config.registries.forEach((rule, i) => {
     credentialFiles(`registries[${i}].credentials`, rule.credentials);
     credentialFiles(`registries[${i}].forwardProxy.credentials`, rule.forwardProxy?.credentials);

@@ -3,11 +3,14 @@
 
 import { REFERENCE_LENGTH_MAX, canonicalRegistryHost, formatReference, parseReference, type ImageReference } from '../reference/reference.js';
 import type { Config, Rule } from './config.js';
+import { upstreamPullSecretName } from './upstreamsecret.js';
 
 export type DecisionReason =
   | 'rewritten'
   /** rewrite: private-only, and the upstream answered an anonymous manifest HEAD: the node pulls it directly. */
   | 'public-image'
+  /** rewrite: never: the image stays; the Pod gets the rule's upstream pull secret (upstreamsecret.ts). */
+  | 'pull-secret-only'
   | 'already-proxied'
   | 'no-matching-rule'
   | 'repository-not-included'
@@ -119,6 +122,9 @@ function computeDecision(config: Config, image: string, namespace: string | unde
     if (namespace !== undefined && rule.namespaceFilter.refuse(namespace) !== null) {
       refusal ??= { image, rewritten: null, rule: rule.name, reason: 'namespace-not-allowed', detail: `namespace "${namespace}" is not allowed by rule "${rule.name}"` };
       continue;
+    }
+    if (rule.rewrite === 'never') {
+      return { image, rewritten: null, rule: rule.name, reason: 'pull-secret-only', detail: `image stays; the Pod gets pull secret "${upstreamPullSecretName(config, rule)}"` };
     }
     const rewritten = formatReference(proxiedReference(config, rule, ref));
     const check = parseReference(rewritten);

@@ -5,3 +5,5 @@
 export const REWRITTEN_LABEL = 'pullbridge.io/rewritten';
 /** The annotation holding a Pod's images as they were written, before the rewrite. */
 export const ORIGINAL_IMAGES_ANNOTATION = 'pullbridge.io/original-images';
+/** The label on a Pod the webhook gave the pull secret of a rewrite: never rule (its images stay as written). */
+export const UPSTREAM_PULL_SECRET_LABEL = 'pullbridge.io/upstream-pull-secret';

@@ -105,3 +105,33 @@ export class BrokerKeys {
     return this.load(first);
   }
 }
+
+/**
+ * The upstream credential of a rule from its files (the username may be inline), each file re-read
+ * like any SecretFile, so that a rotated Secret mount takes effect without a restart. For the
+ * webhook's rewrite: never pull secrets; never logged.
+ */
+export class RuleCredentialFiles {
+  private readonly files = new Map<string, SecretFile>();
+
+  constructor(private readonly now: () => number = Date.now) {}
+
+  private file(path: string): SecretFile {
+    let file = this.files.get(path);
+    if (file === undefined) {
+      file = new SecretFile(path, this.now);
+      this.files.set(path, file);
+    }
+    return file;
+  }
+
+  /** Throws with the rule and path (never a value) when a file cannot be read or is empty. */
+  read(rule: { readonly name: string; readonly credentials?: { readonly username?: string | undefined; readonly usernameFile?: string | undefined; readonly passwordFile?: string | undefined } | undefined }): { username: string; password: string } {
+    const credentials = rule.credentials;
+    if (credentials?.passwordFile === undefined) throw new Error(`rule "${rule.name}" has no credentials`);
+    const username = credentials.username ?? (credentials.usernameFile !== undefined ? this.file(credentials.usernameFile).read() : '');
+    const password = this.file(credentials.passwordFile).read();
+    if (username === '' || password === '') throw new Error(`rule "${rule.name}": ${username === '' ? 'username' : 'password'} is empty`);
+    return { username, password };
+  }
+}

@@ -4,7 +4,8 @@ import type { Operation } from 'fast-json-patch';
 import { z } from 'zod';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
 import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
-import { ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL } from '../rules/marks.js';
+import { ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
+import { upstreamPullSecretName } from '../rules/upstreamsecret.js';
 import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
 
 /** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
@@ -111,6 +112,8 @@ export interface AdmissionOutcome {
   readonly patch: readonly Operation[];
   /** The pull secret the mutated Pod references and that must exist in its namespace, or null. */
   readonly pullSecret: string | null;
+  /** The pull secrets of rewrite: never rules the Pod references and that must exist in its namespace. */
+  readonly upstreamPullSecrets: readonly string[];
   /** Short messages for the user who created the Pod (AdmissionResponse warnings). */
   readonly warnings: readonly string[];
   /** Why the original-images annotation was not added, when it was not. */
@@ -132,6 +135,7 @@ const skipped = (skipReason: SkipReason, detail?: string): AdmissionOutcome => (
   containers: [],
   patch: [],
   pullSecret: null,
+  upstreamPullSecrets: [],
   warnings: [],
 });
 
@@ -212,7 +216,8 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   if (isOptedOut(pod.metadata?.labels, webhook.optOutLabel)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
 
   const pullSecretName = webhook.pullSecretName;
-  const podListsPullSecret = (pod.spec.imagePullSecrets ?? []).some((s) => s.name === pullSecretName);
+  const listed = new Set((pod.spec.imagePullSecrets ?? []).map((s) => s.name));
+  const podListsPullSecret = listed.has(pullSecretName);
   const oldEphemeral = new Set<string>();
   if (ephemeralUpdate) {
     const old = podSchema.safeParse(request.oldObject);
@@ -224,6 +229,8 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   const warnings: string[] = [];
   const originals: Record<string, string> = {};
   let needsPullSecret = false;
+  /** rewrite: never secrets the Pod needs, in the order first needed. */
+  const upstreamSecrets = new Set<string>();
   let originalImagesOmitted: string | undefined;
 
   // An ephemeral-container update may change nothing but new ephemeral containers: the apiserver
@@ -242,6 +249,21 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
         return;
       }
       const decision = decideImage(config, container.image, namespace);
+      if (decision.reason === 'pull-secret-only' && decision.rule !== null) {
+        const rule = ruleByName(config, decision.rule);
+        const secret = rule !== undefined ? upstreamPullSecretName(config, rule) : undefined;
+        if (secret === undefined) return;
+        if (ephemeralUpdate && !listed.has(secret)) {
+          // As for the broker's secret: a Pod's pull secrets cannot change after creation.
+          const detail = `pod does not list pull secret "${secret}" (created before pullbridge handled it); the node pulls without it`;
+          containers.push({ container: id, image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
+          warnings.push(`pullbridge: ${id} image ${image}: ${detail}`);
+          return;
+        }
+        containers.push({ container: id, ...decision, image });
+        upstreamSecrets.add(secret);
+        return;
+      }
       const usesBroker = decision.rule !== null && ruleByName(config, decision.rule)?.auth.mode === 'broker';
       if (decision.rewritten !== null && ephemeralUpdate && usesBroker && !podListsPullSecret) {
         // The Pod's pull secrets cannot change after creation, so the node could not authenticate.
@@ -263,19 +285,29 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
     });
   }
 
-  if (patch.length === 0) {
-    return { decision: 'unchanged', containers, patch: [], pullSecret: null, warnings };
-  }
-
-  if (!ephemeralUpdate) {
-    if (needsPullSecret && !podListsPullSecret) {
-      if (pod.spec.imagePullSecrets === undefined || pod.spec.imagePullSecrets === null) {
-        patch.push({ op: 'add', path: '/spec/imagePullSecrets', value: [{ name: pullSecretName }] });
-      } else {
-        patch.push({ op: 'add', path: '/spec/imagePullSecrets/-', value: { name: pullSecretName } });
-      }
+  const rewrote = patch.length > 0;
+  const addLabels: Record<string, string> = {};
+  if (ephemeralUpdate) {
+    // Nothing to add: the secrets of never rules are listed already (checked above), as the broker's is.
+    if (!rewrote) return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [...upstreamSecrets], warnings };
+  } else {
+    const missing = [...(needsPullSecret ? [pullSecretName] : []), ...upstreamSecrets].filter((name) => !listed.has(name));
+    if (!rewrote && upstreamSecrets.size === 0) {
+      return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [], warnings };
     }
+    missing.forEach((name, i) => {
+      if (i === 0 && (pod.spec.imagePullSecrets === undefined || pod.spec.imagePullSecrets === null)) {
+        patch.push({ op: 'add', path: '/spec/imagePullSecrets', value: [{ name }] });
+      } else {
+        patch.push({ op: 'add', path: '/spec/imagePullSecrets/-', value: { name } });
+      }
+    });
     if (pod.metadata === undefined) patch.push({ op: 'add', path: '/metadata', value: {} });
+    // The reconciler finds the Pods that need a never rule's secret by this label; the original-images
+    // annotation and the rewritten label are for images actually rewritten.
+    if (upstreamSecrets.size > 0) addLabels[UPSTREAM_PULL_SECRET_LABEL] = 'true';
+  }
+  if (!ephemeralUpdate && rewrote) {
     const annotations = pod.metadata?.annotations;
     const merged = JSON.stringify({ ...parseOriginalImages(annotations?.[ORIGINAL_IMAGES_ANNOTATION] ?? undefined), ...originals });
     // The apiserver refuses a Pod whose annotations exceed its limit: a record of the originals is
@@ -287,10 +319,18 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
       originalImagesOmitted = `the Pod's annotations would total ${total} bytes, more than the apiserver's limit of ${TOTAL_ANNOTATION_SIZE_LIMIT_BYTES}`;
       warnings.push(`pullbridge: annotation ${ORIGINAL_IMAGES_ANNOTATION} not added: ${originalImagesOmitted}; images are rewritten, the originals are in the audit log`);
     }
-    if (pod.metadata?.labels?.[REWRITTEN_LABEL] !== 'true') setMapEntry(patch, '/metadata/labels', pod.metadata?.labels, REWRITTEN_LABEL, 'true');
+    addLabels[REWRITTEN_LABEL] = 'true';
+  }
+  // One patch operation per label: two adds of an absent map would replace one another.
+  const labels = pod.metadata?.labels;
+  const newLabels = Object.entries(addLabels).filter(([key]) => labels?.[key] !== 'true');
+  if (!ephemeralUpdate && newLabels.length > 0) {
+    if (labels === undefined || labels === null) patch.push({ op: 'add', path: '/metadata/labels', value: Object.fromEntries(newLabels) });
+    else for (const [key, value] of newLabels) patch.push({ op: 'add', path: `/metadata/labels/${pointerSegment(key)}`, value });
   }
 
-  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, warnings, ...(originalImagesOmitted !== undefined ? { originalImagesOmitted } : {}) };
+  if (patch.length === 0) return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [...upstreamSecrets], warnings };
+  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, upstreamPullSecrets: [...upstreamSecrets], warnings, ...(originalImagesOmitted !== undefined ? { originalImagesOmitted } : {}) };
 }
 
 export interface AdmissionResponseBody {
@@ -314,9 +354,10 @@ export interface AdmissionResponseBody {
 export function leftUnchanged(outcome: AdmissionOutcome, error: string): AdmissionOutcome {
   return {
     decision: 'unchanged',
-    containers: outcome.containers.map((c) => (c.rewritten === null ? c : { container: c.container, image: c.image, rewritten: null, rule: c.rule, reason: 'pull-secret-not-provisioned' as const })),
+    containers: outcome.containers.map((c) => (c.rewritten === null && c.reason !== 'pull-secret-only' ? c : { container: c.container, image: c.image, rewritten: null, rule: c.rule, reason: 'pull-secret-not-provisioned' as const })),
     patch: [],
     pullSecret: null,
+    upstreamPullSecrets: [],
     warnings: [`pullbridge: images left unchanged: ${error}`],
   };
 }

@@ -12,7 +12,7 @@ import { filesReadBy, type Config, type ConfigError } from '../rules/config.js';
 import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
-import { BrokerKeys } from '../shell/secretfiles.js';
+import { BrokerKeys, RuleCredentialFiles } from '../shell/secretfiles.js';
 import { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE, serveGated, type GatedListener } from '../shell/startupgate.js';
 import { createMetricsHandler, createWebhookApp, type WebhookSideEffects } from './server.js';
 
@@ -91,6 +91,8 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   const stops: Array<() => void> = [];
   const stopsAsync: Array<() => Promise<void>> = [];
   let reconcile: (() => Promise<unknown>) | undefined;
+  /** What follows the config in force (the pull secret watches follow the rules' names). */
+  const afterConfigApplied: Array<() => void> = [];
   // The metrics port listens before the start work (API clients, the certificate bootstrap), so
   // that the startup probe on it is answered from the first instant (shell/startupgate.ts).
   const gated = options.metricsListener ?? (options.metricsPort !== undefined ? await listenGated({ host: options.host, port: options.metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }) : undefined);
@@ -101,7 +103,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
   const sideEffects: WebhookSideEffects = {};
   if (k8s) {
-    const [{ MAX_RECHECK_MS, PullSecretProvisioner, watchPullSecrets }, { DEFAULT_GRACE_MS, PullSecretReconciler }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
+    const [{ MAX_RECHECK_MS, PullSecretProvisioner, watchPullSecrets }, { DEFAULT_GRACE_MS, PullSecretReconciler, managedSecrets }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
       import('../k8s/pullsecret.js'),
       import('../k8s/reconciler.js'),
       import('../k8s/namespaces.js'),
@@ -109,29 +111,34 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     ]);
     const labels = new NamespaceLabels(k8s.core, logger);
     sideEffects.namespaceLabels = (ns) => labels.get(ns);
+    // Keys follow the live config, so that a rotation is a config change; without broker keys only
+    // the pull secrets of rewrite: never rules are provisioned (nothing asks for the broker's).
+    let keys = new BrokerKeys(config.broker?.keyFiles ?? []);
+    let keyFiles = (config.broker?.keyFiles ?? []).join('\n');
+    const signingKey = () => {
+      const current = config.broker?.keyFiles ?? [];
+      if (current.join('\n') !== keyFiles) {
+        keys = new BrokerKeys(current);
+        keyFiles = current.join('\n');
+      }
+      return keys.signingKey();
+    };
+    // A new config is taken up only once the files it has the webhook read load: the signing key,
+    // and the upstream credentials of rewrite: never rules (only those reach the webhook).
+    loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
+    const credentials = new RuleCredentialFiles();
+    const graceMs = options.reconcileGraceMs ?? DEFAULT_GRACE_MS;
+    // Well inside the grace, so that a recorded admission is never older than the grace allows.
+    const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey, { recheckMs: Math.min(MAX_RECHECK_MS, graceMs / 4), upstreamCredential: (rule) => credentials.read(rule) });
+    sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
+    // The broker's name is watched whether or not the config has keys, as before; and each never rule's.
+    const watch = watchPullSecrets(k8s.config, () => [config.webhook.pullSecretName, ...managedSecrets(config).map((s) => s.name)], provisioner, logger);
+    afterConfigApplied.push(() => watch.sync());
+    const reconciler = new PullSecretReconciler(k8s.core, () => config, provisioner, logger, { graceMs });
+    reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
+    reconcile = () => reconciler.reconcile();
+    stops.push(() => reconciler.stop(), () => watch.stop());
     if (config.broker) {
-      // Keys follow the live config, so that a rotation is a config change.
-      let keys = new BrokerKeys(config.broker.keyFiles);
-      let keyFiles = config.broker.keyFiles.join('\n');
-      const signingKey = () => {
-        const current = config.broker?.keyFiles ?? [];
-        if (current.join('\n') !== keyFiles) {
-          keys = new BrokerKeys(current);
-          keyFiles = current.join('\n');
-        }
-        return keys.signingKey();
-      };
-      // A new config is taken up only once its signing key loads: pull secrets are signed with it.
-      loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
-      const graceMs = options.reconcileGraceMs ?? DEFAULT_GRACE_MS;
-      // Well inside the grace, so that a recorded admission is never older than the grace allows.
-      const provisioner = new PullSecretProvisioner(k8s.core, () => config, signingKey, { recheckMs: Math.min(MAX_RECHECK_MS, graceMs / 4) });
-      sideEffects.ensurePullSecret = (ns, name) => provisioner.ensure(ns, name);
-      const watch = watchPullSecrets(k8s.config, () => config.webhook.pullSecretName, provisioner, logger);
-      const reconciler = new PullSecretReconciler(k8s.core, () => config, signingKey, provisioner, logger, { graceMs });
-      reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
-      reconcile = () => reconciler.reconcile();
-      stops.push(() => reconciler.stop(), () => watch.stop());
       const collectorOptions = options.statusCollector;
       if (collectorOptions) {
         const [{ StatusCollector }, { collectorToken }, { CoordinationV1Api, CustomObjectsApi }, { recordEvent }] = await Promise.all([import('../k8s/connections.js'), import('../proxy/credentials.js'), import('@kubernetes/client-node'), import('../k8s/events.js')]);
@@ -214,6 +221,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
         ...(loadErrors ? { loadErrors } : {}),
         onApplied: (next) => {
           config = next;
+          for (const follow of afterConfigApplied) follow();
         },
         ...(onRejected ? { onRejected } : {}),
       })

@@ -81,6 +81,7 @@ function auditRecord(request: AdmissionRequest, outcome: AdmissionOutcome, resul
     ...(outcome.detail ? { detail: outcome.detail } : {}),
     images: outcome.containers,
     pullSecret: outcome.pullSecret,
+    ...(outcome.upstreamPullSecrets.length > 0 ? { upstreamPullSecrets: outcome.upstreamPullSecrets } : {}),
     ...(outcome.originalImagesOmitted ? { originalImagesOmitted: outcome.originalImagesOmitted } : {}),
     ...(error ? { error } : {}),
     durationMs: Math.round(durationMs * 1000) / 1000,
@@ -175,12 +176,18 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
         outcome = admitPod(config, request, namespaceLabels ? { namespaceLabels } : {});
         result = outcome.decision;
         body = admissionResponse(request.uid, outcome);
-        if (outcome.pullSecret !== null && namespace && !request.dryRun && options.sideEffects?.ensurePullSecret) {
+        const secrets = [...(outcome.pullSecret !== null ? [outcome.pullSecret] : []), ...outcome.upstreamPullSecrets];
+        const ensure = options.sideEffects?.ensurePullSecret;
+        if (secrets.length > 0 && namespace && !request.dryRun && ensure) {
+          let failed = secrets[0];
           try {
-            await options.sideEffects.ensurePullSecret(namespace, outcome.pullSecret);
+            await Promise.all(secrets.map((name) => ensure(namespace, name).catch((cause: unknown) => {
+              failed = name;
+              throw cause;
+            })));
           } catch (cause) {
             metrics.pullSecretFailures.inc();
-            error = `could not provision pull secret "${outcome.pullSecret}" in namespace "${namespace}": ${cause instanceof Error ? cause.message : String(cause)}`;
+            error = `could not provision pull secret "${failed ?? ''}" in namespace "${namespace}": ${cause instanceof Error ? cause.message : String(cause)}`;
             if (options.pullSecretFailure === 'admit-unchanged') {
               // The audit record shows the Pod as admitted: no image rewritten.
               outcome = leftUnchanged(outcome, error);
@@ -196,7 +203,7 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
         // A bug must not block Pod creation cluster-wide: admit unchanged and say so loudly.
         error = cause instanceof Error ? cause.message : String(cause);
         logger.error({ err: cause, uid: request.uid }, 'admission decision failed; admitting unchanged');
-        outcome = { decision: 'unchanged', containers: [], patch: [], pullSecret: null, warnings: [] };
+        outcome = { decision: 'unchanged', containers: [], patch: [], pullSecret: null, upstreamPullSecrets: [], warnings: [] };
         result = 'error';
         body = admissionResponse(request.uid, outcome);
       }

@@ -79,8 +79,16 @@ registries:
     namespaces: {{ . | toJson }}
     {{- end }}
     {{- /* Two Secrets the proxy Pods always mount whole, so that no rule changes their template:
-         the chart's (inline credentials) and the webhook's copy of each credentialsSecret. */}}
-    {{- if .credentialsSecret }}
+         the chart's (inline credentials) and the webhook's copy of each credentialsSecret. A
+         rewrite: never rule's credential is in a pair of its own, which the webhook mounts too: it
+         writes that credential into pull secrets, and must not hold any other rule's. */}}
+    {{- if eq (toString .rewrite) "never" }}
+    {{- if .credentials }}
+    credentials:
+      usernameFile: /etc/pullbridge/pull-secret-credentials/{{ .name }}.username
+      passwordFile: /etc/pullbridge/pull-secret-credentials/{{ .name }}.password
+    {{- end }}
+    {{- else if .credentialsSecret }}
     credentials:
       usernameFile: /etc/pullbridge/credentials-mirror/{{ .name }}.username
       passwordFile: /etc/pullbridge/credentials-mirror/{{ .name }}.password
@@ -114,6 +122,12 @@ registries:
     {{- if eq (toString .verifyBlobDigests) "false" }}
     verifyBlobDigests: false
     {{- end }}
+    {{- with .rewrite }}
+    rewrite: {{ . }}
+    {{- end }}
+    {{- if .shareUpstreamCredentials }}
+    shareUpstreamCredentials: true
+    {{- end }}
 {{- end }}
 {{- if not .Values.registries }} []{{ end }}
 {{- end -}}
@@ -128,6 +142,11 @@ registries:
 {{ include "pullbridge.fullname" . }}-upstream-credentials-mirror
 {{- end -}}
 
+{{/* The inline credentials of rewrite: never rules only, mounted by the webhook as well as the proxies. */}}
+{{- define "pullbridge.pullSecretCredentialsSecret" -}}
+{{ include "pullbridge.fullname" . }}-pull-secret-credentials
+{{- end -}}
+
 {{/* credentialsSecret of each rule that has one, as the webhook reads it: rule name -> Secret name. */}}
 {{- define "pullbridge.credentialSources" -}}
 {{- $sources := dict -}}
@@ -135,6 +154,16 @@ registries:
 {{- if .credentialsSecret }}{{ $_ := set $sources .name .credentialsSecret }}{{ end }}
 {{- end }}
 {{- toJson $sources -}}
+{{- end -}}
+
+{{/* The pull secret names of the rewrite: never rules (src/rules/upstreamsecret.ts): the webhook's
+     ClusterRole names each. */}}
+{{- define "pullbridge.upstreamPullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.registries }}
+{{- if eq (toString .rewrite) "never" }}{{ $names = append $names (printf "%s-%s" $.Values.webhook.pullSecretName .name) }}{{ end }}
+{{- end }}
+{{- toJson $names -}}
 {{- end -}}
 
 {{/* The shared cache tier (cache.shared): the selected backend, "" when off, after checking the
@@ -279,6 +308,25 @@ recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- fail (printf "%s.name: duplicate rule name %q (also registries[%v])" $key $rule.name (get $names (toString $rule.name))) }}
 {{- end }}
 {{- $_ := set $names (toString $rule.name) $index }}
+{{- if eq (toString $rule.rewrite) "never" }}
+{{- if not $rule.shareUpstreamCredentials }}
+{{- fail (printf "%s.shareUpstreamCredentials: rewrite: never writes this rule's upstream credential itself into a pull secret in each namespace it admits; set shareUpstreamCredentials: true to accept that (docs/security.md)" $key) }}
+{{- end }}
+{{- if not ($rule.namespaces | default dict).include }}
+{{- fail (printf "%s.namespaces.include: rewrite: never hands the upstream credential to namespaces: list the namespaces that may have it" $key) }}
+{{- end }}
+{{- if $rule.credentialsSecret }}
+{{- fail (printf "%s.credentialsSecret: not with rewrite: never (the webhook reads that rule's credential from a Secret the chart writes); give credentials" $key) }}
+{{- end }}
+{{- if not $rule.credentials }}
+{{- fail (printf "%s.credentials: rewrite: never provisions a pull secret from the rule's credentials: give credentials" $key) }}
+{{- end }}
+{{- if gt (len (printf "%s-%s" $.Values.webhook.pullSecretName $rule.name)) 253 }}
+{{- fail (printf "%s.name: webhook.pullSecretName, \"-\" and the rule name make the rule's pull secret name, longer than 253 characters" $key) }}
+{{- end }}
+{{- else if $rule.shareUpstreamCredentials }}
+{{- fail (printf "%s.shareUpstreamCredentials: only with rewrite: never (other modes never hand the upstream credential to a namespace)" $key) }}
+{{- end }}
 {{- if not (regexMatch "^\\s*[hH][tT][tT][pP][sS]?:/*[^/?#@\\s]" (toString $rule.upstream)) }}
 {{- fail (printf "%s.upstream must be an absolute http:// or https:// URL with a host, got %q" $key (toString $rule.upstream)) }}
 {{- end }}
