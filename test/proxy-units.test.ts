@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { realmTrusted } from '../src/upstream/authorizer.js';
 import { parseChallenges } from '../src/upstream/challenge.js';
-import { dockerConfigJson, namespaceToken, parseBasicAuthorization, verifyNamespaceToken } from '../src/proxy/credentials.js';
+import { dockerConfigJson, namespaceToken, parseBasicAuthorization, verifyNamespaceToken } from '../src/rules/credentials.js';
 import { parseRoute } from '../src/proxy/route.js';
 import { SHA } from './support/config.js';
 

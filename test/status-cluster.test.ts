@@ -17,7 +17,7 @@ import { spawnSync } from 'node:child_process';
 import { AppsV1Api, CoordinationV1Api, CoreV1Api, CustomObjectsApi, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments } from 'yaml';
 import { StatusCollector } from '../src/k8s/connections.js';
-import { collectorToken } from '../src/proxy/credentials.js';
+import { opsToken } from '../src/rules/credentials.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
 import { CLI, exitOf, startCli, type RunningCli } from './support/cli.js';
 import { configFrom } from './support/config.js';
@@ -187,13 +187,13 @@ ${extraRule}`;
     assert.equal(anonymous.status, 401);
     assert.match(anonymous.headers['www-authenticate'] ?? '', /^Bearer /);
     // Nothing but /status and health exists there, token or not: no metrics, no cache changes.
-    assert.equal((await get(n.podIP, '/metrics', collectorToken(key))).status, 404);
+    assert.equal((await get(n.podIP, '/metrics', opsToken(key, 'collector'))).status, 404);
     for (const path of ['/warm', '/purge?rule=corp&repository=team/app']) {
-      assert.equal((await request('POST', n.podIP, path, collectorToken(key))).status, 404, path);
+      assert.equal((await request('POST', n.podIP, path, opsToken(key, 'collector'))).status, 404, path);
     }
-    assert.equal((await get(n.podIP, '/status', collectorToken(randomBytes(32)))).status, 403, 'a token of another key');
+    assert.equal((await get(n.podIP, '/status', opsToken(randomBytes(32), 'collector'))).status, 403, 'a token of another key');
     assert.equal((await get(n.podIP, '/status', key.toString())).status, 403, 'the broker key itself is not the token');
-    const right = await get(n.podIP, '/status', collectorToken(key));
+    const right = await get(n.podIP, '/status', opsToken(key, 'collector'));
     assert.equal(right.status, 200);
     assert.deepEqual((JSON.parse(right.body) as { rules: string[] }).rules, ['corp']);
     // On its loopback operations address (kubectl port-forward arrives there), no token is needed.

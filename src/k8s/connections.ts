@@ -96,7 +96,7 @@ export interface StatusCollectorOptions {
   /** This replica's name in the Lease (its Pod name). */
   readonly identity: string;
   readonly config: () => Config;
-  /** The collector token the proxies accept (collectorToken of the signing key). */
+  /** The collector token the proxies accept (opsToken of the signing key, 'collector'). */
   readonly token: () => string;
   readonly logger: Logger;
   readonly leaseName?: string;

@@ -134,7 +134,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       stops.push(() => reconciler.stop(), () => watch.stop());
       const collectorOptions = options.statusCollector;
       if (collectorOptions) {
-        const [{ StatusCollector }, { collectorToken }, { CoordinationV1Api, CustomObjectsApi }, { recordEvent }] = await Promise.all([import('../k8s/connections.js'), import('../proxy/credentials.js'), import('@kubernetes/client-node'), import('../k8s/events.js')]);
+        const [{ StatusCollector }, { opsToken }, { CoordinationV1Api, CustomObjectsApi }, { recordEvent }] = await Promise.all([import('../k8s/connections.js'), import('../rules/credentials.js'), import('@kubernetes/client-node'), import('../k8s/events.js')]);
         const { CONNECTION_GROUP, CONNECTION_KIND, CONNECTION_VERSION } = await import('../k8s/connectionstatus.js');
         const collector = new StatusCollector({
           ...collectorOptions,
@@ -142,7 +142,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
           custom: k8s.config.makeApiClient(CustomObjectsApi),
           coordination: k8s.config.makeApiClient(CoordinationV1Api),
           config: () => config,
-          token: () => collectorToken(signingKey()),
+          token: () => opsToken(signingKey(), 'collector'),
           logger,
           metrics,
           recordEvent: (name, change) => recordEvent(k8s.core, logger, { apiVersion: `${CONNECTION_GROUP}/${CONNECTION_VERSION}`, kind: CONNECTION_KIND, name, namespace: collectorOptions.namespace }, change.eventType, change.reason, `${change.type} is ${change.to}: ${change.message}`, 'pullbridge-webhook'),

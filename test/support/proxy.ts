@@ -7,7 +7,7 @@ import { join } from 'node:path';
 import type { Registry } from 'prom-client';
 import { NodeCache, type NodeCacheOptions } from '../../src/cache/nodecache.js';
 import { createMetricsRegistry } from '../../src/metrics.js';
-import { namespaceToken } from '../../src/proxy/credentials.js';
+import { namespaceToken } from '../../src/rules/credentials.js';
 import { createProxyRuntime, type ProxyRuntime } from '../../src/proxy/runtime.js';
 import { createProxyHandler, type ProxyHandlerOptions } from '../../src/proxy/server.js';
 import { Prober } from '../../src/upstream/probe.js';
