@@ -172,6 +172,12 @@ class RegistryShell {
       await this.probe(rr, route, res, exchange);
       return;
     }
+    if (rr.rule.auth.mode === 'passthrough') {
+      // A passthrough rule asks the upstream with the client's own credential, which the webhook never holds.
+      exchange.error = 'passthrough rule';
+      sendError(res, registryError(403, 'DENIED', `rule "${rr.rule.name}" passes the client's own credential upstream: admission has none to read with`));
+      return;
+    }
     const namespaceAuthorization = req.headers[NAMESPACE_AUTHORIZATION_HEADER];
     const credentials = this.authorize(runtime, rr, route.name, typeof namespaceAuthorization === 'string' ? namespaceAuthorization : undefined, res, exchange);
     if (credentials === null) return;
