@@ -9,6 +9,7 @@ import { Gauge, type Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
 import { filesReadBy, type Config, type ConfigError } from '../rules/config.js';
+import type { RegistryView } from '../rules/registryview.js';
 import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
@@ -60,6 +61,16 @@ export interface WebhookRunOptions {
    * one replica at a time, elected with a Lease in `namespace` (src/k8s/connections.ts).
    */
   readonly statusCollector?: { readonly namespace: string; readonly proxySelector: string; readonly proxyDaemonSet: string; readonly opsPort: number; readonly intervalMs: number; readonly identity: string };
+  /**
+   * Where admission asks about upstreams (the proxies' admission endpoints, src/webhook/proxytier.ts):
+   * fixed operations URLs, or the proxy DaemonSet's Ready Pods (needs API access). Needs a broker key.
+   */
+  readonly resolver?: {
+    readonly urls?: readonly string[];
+    readonly discovery?: { readonly namespace: string; readonly proxySelector: string; readonly proxyDaemonSet: string; readonly opsPort: number; readonly intervalMs: number };
+    /** One question's deadline (DEFAULT_RESOLVER_DEADLINE_MS). */
+    readonly deadlineMs?: number;
+  };
 }
 
 export interface WebhookProcess {
@@ -70,6 +81,8 @@ export interface WebhookProcess {
   /** Runs the pull secret reconciler once now (it also runs on its timer); undefined without API access. */
   readonly reconcile: (() => Promise<unknown>) | undefined;
   readonly metrics: Registry;
+  /** What admission asks about upstreams, cached; undefined without `resolver`. */
+  readonly registryView: RegistryView | undefined;
   shutdown(): Promise<void>;
 }
 
@@ -96,6 +109,21 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   const gated = options.metricsListener ?? (options.metricsPort !== undefined ? await listenGated({ host: options.host, port: options.metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }) : undefined);
   const metricsServer = gated?.server;
 
+  // Keys follow the live config, so that a rotation is a config change.
+  let signingKey: (() => Uint8Array) | undefined;
+  if (config.broker) {
+    let keys = new BrokerKeys(config.broker.keyFiles);
+    let keyFiles = config.broker.keyFiles.join('\n');
+    signingKey = () => {
+      const current = config.broker?.keyFiles ?? [];
+      if (current.join('\n') !== keyFiles) {
+        keys = new BrokerKeys(current);
+        keyFiles = current.join('\n');
+      }
+      return keys.signingKey();
+    };
+  }
+
   const k8s = options.kubeconfig !== undefined ? (await import('../k8s/client.js')).kubeClients(options.kubeconfig === 'in-cluster' ? undefined : options.kubeconfig) : undefined;
   let onRejected: ((message: string) => void) | undefined;
   let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
@@ -109,18 +137,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     ]);
     const labels = new NamespaceLabels(k8s.core, logger);
     sideEffects.namespaceLabels = (ns) => labels.get(ns);
-    if (config.broker) {
-      // Keys follow the live config, so that a rotation is a config change.
-      let keys = new BrokerKeys(config.broker.keyFiles);
-      let keyFiles = config.broker.keyFiles.join('\n');
-      const signingKey = () => {
-        const current = config.broker?.keyFiles ?? [];
-        if (current.join('\n') !== keyFiles) {
-          keys = new BrokerKeys(current);
-          keyFiles = current.join('\n');
-        }
-        return keys.signingKey();
-      };
+    if (signingKey) {
       // A new config is taken up only once its signing key loads: pull secrets are signed with it.
       loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
       const graceMs = options.reconcileGraceMs ?? DEFAULT_GRACE_MS;
@@ -164,6 +181,32 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     if (target) onRejected = (message) => void recordWarning(k8s.core, logger, { kind: 'ConfigMap', ...target }, 'InvalidConfig', message, 'pullbridge-webhook');
   } else {
     logger.warn('no Kubernetes API access: pull secrets are not provisioned and namespace labels are not read');
+  }
+
+  let registryView: RegistryView | undefined;
+  if (options.resolver && !signingKey) logger.warn('no broker.keyFiles in the config: the admission resolver has no token the proxies accept, and admission cannot ask the upstreams');
+  else if (options.resolver && signingKey) {
+    const key = signingKey;
+    const resolver = options.resolver;
+    const [{ ProxyTierView }, { CachedRegistryView }, { namespaceToken, opsToken }] = await Promise.all([import('./proxytier.js'), import('./viewcache.js'), import('../rules/credentials.js')]);
+    let endpoints: () => readonly string[] = () => resolver.urls ?? [];
+    if (resolver.discovery) {
+      if (!k8s) throw new Error('finding the proxies needs Kubernetes API access (in a cluster, or --kubeconfig); or give --resolver-url');
+      const { ProxyEndpoints } = await import('../k8s/proxyendpoints.js');
+      const discovered = new ProxyEndpoints({ ...resolver.discovery, core: k8s.core, logger });
+      discovered.start();
+      stops.push(() => discovered.stop());
+      const fixed = resolver.urls ?? [];
+      endpoints = () => [...fixed, ...discovered.endpoints()];
+    }
+    const tier = new ProxyTierView({
+      endpoints,
+      token: () => opsToken(key(), 'resolver'),
+      namespaceAuthorization: (namespace) => `Basic ${Buffer.from(`${namespace}:${namespaceToken(key(), namespace)}`).toString('base64')}`,
+      ...(resolver.deadlineMs !== undefined ? { deadlineMs: resolver.deadlineMs } : {}),
+    });
+    stopsAsync.push(() => tier.close());
+    registryView = new CachedRegistryView(tier);
   }
 
   let tls: TlsFiles | undefined = options.tls;
@@ -265,6 +308,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     watcher,
     reconcile,
     metrics,
+    registryView,
     async shutdown() {
       draining = true;
       watcher?.stop();
