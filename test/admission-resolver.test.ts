@@ -288,4 +288,38 @@ describe('admission resolver: pure parts', () => {
     await ask('t9');
     assert.equal(calls, 2, 'expired after the tag TTL');
   });
+
+  it('shares one call among identical questions: a caller giving up leaves the others their answer; when all gave up the call stops, and is not remembered', async () => {
+    const calls: Array<{ signal: AbortSignal; answer: (status: number) => void }> = [];
+    const inner: RegistryView = {
+      probeAnonymous: (_target, callSignal) =>
+        new Promise((resolve) => {
+          calls.push({ signal: callSignal, answer: (status) => resolve({ kind: 'answered', status }) });
+          callSignal.addEventListener('abort', () => resolve({ kind: 'failed', error: 'aborted' }));
+        }),
+      manifest: async () => ({ kind: 'failed', error: 'x' }),
+      blob: async () => ({ kind: 'failed', error: 'x' }),
+      referrers: async () => ({ kind: 'unsupported' }),
+    };
+    const view = new CachedRegistryView(inner);
+    const question = { rule: 'r', repository: 'a', reference: '1' };
+    const [a, b] = [new AbortController(), new AbortController()];
+    const [first, second] = [view.probeAnonymous(question, a.signal), view.probeAnonymous(question, b.signal)];
+    assert.equal(calls.length, 1, 'one call for both');
+    a.abort();
+    assert.equal((await first).kind, 'failed', 'the caller that gave up');
+    assert.equal(calls[0]?.signal.aborted, false, 'the call goes on for the other');
+    calls[0]?.answer(200);
+    assert.deepEqual(await second, { kind: 'answered', status: 200 });
+    const other = { ...question, repository: 'b' };
+    const c = new AbortController();
+    const gaveUp = view.probeAnonymous(other, c.signal);
+    c.abort();
+    assert.equal((await gaveUp).kind, 'failed');
+    assert.equal(calls[1]?.signal.aborted, true, 'nobody waits: the call stops');
+    const again = view.probeAnonymous(other, new AbortController().signal);
+    assert.equal(calls.length, 3, 'a later question gets a call of its own, not the abandoned one or its failure');
+    calls[2]?.answer(401);
+    assert.deepEqual(await again, { kind: 'answered', status: 401 });
+  });
 });

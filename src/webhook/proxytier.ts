@@ -131,7 +131,9 @@ export class ProxyTierView implements RegistryView {
 
   manifest(target: RegistryTarget & { readonly reference: string; readonly namespace: string; readonly method: 'HEAD' | 'GET' }, signal: AbortSignal): Promise<ManifestAnswer> {
     return this.ask<ManifestAnswer>(target, target.method, `/admission/v2/${target.rule}/${target.repository}/manifests/${target.reference}`, { accept: MANIFEST_ACCEPT, ...this.namespaceHeader(target.namespace) }, signal, async (reply) => {
-      const body = target.method === 'GET' || reply.statusCode !== 200 ? await readBounded(reply, MANIFEST_LIMIT_BYTES) : (await reply.body.dump(), null);
+      let body: Buffer | null = null;
+      if (target.method === 'GET' || reply.statusCode !== 200) body = await readBounded(reply, MANIFEST_LIMIT_BYTES);
+      else await reply.body.dump();
       if (reply.statusCode !== 200) return { answer: refusedOrFailed(reply.statusCode, body) };
       const digest = header(reply, 'docker-content-digest') ?? (body ? sha256(body) : '');
       if (target.method === 'GET' && body === null) return { answer: failed(`the manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`) };
@@ -189,7 +191,7 @@ export class ProxyTierView implements RegistryView {
           reasons.push(`${base}: ${errorText(await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES), reply.statusCode)}`);
           continue;
         }
-        if (reply.statusCode === 401 || reply.statusCode === 403 ? reply.headers['content-type']?.toString().startsWith('text/plain') : false) {
+        if (refusedToken(reply)) {
           // The operations port refused the token itself (a proxy with other broker keys): not an answer about the image.
           reasons.push(`${base}: ${errorText(await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES), reply.statusCode)} (do the proxy and the webhook hold the same broker key?)`);
           continue;
@@ -205,6 +207,16 @@ export class ProxyTierView implements RegistryView {
     if (deadline.aborted && reasons.length < order.length) reasons.push(`no answer within ${this.deadlineMs} ms`);
     return failed(reasons.join('; '));
   }
+}
+
+/**
+ * Whether the operations port refused the resolver token (its own plain-text 401/403), as opposed
+ * to the registry shell refusing the namespace or the upstream refusing the rule (registry errors,
+ * JSON): only the former is the proxy's problem, and worth asking another about.
+ */
+function refusedToken(reply: Reply): boolean {
+  const type = header(reply, 'content-type') ?? '';
+  return (reply.statusCode === 401 || reply.statusCode === 403) && type.startsWith('text/plain');
 }
 
 /** A proxy's answer other than 200: 5xx (and a 502 the proxy made of an upstream failure) is no

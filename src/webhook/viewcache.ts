@@ -213,7 +213,11 @@ export class CachedRegistryView implements RegistryView {
       };
       const onAbort = () => {
         leave();
-        if (joined.waiters === 0) joined.controller.abort();
+        if (joined.waiters === 0) {
+          // Nobody waits any more: the call stops, and a question asked later gets a call of its own.
+          joined.controller.abort();
+          if (this.flights.get(key) === joined) this.flights.delete(key);
+        }
         resolve({ kind: 'failed', error: 'the admission gave up waiting for the answer' });
       };
       if (signal.aborted) {
