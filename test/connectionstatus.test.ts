@@ -295,6 +295,24 @@ describe('who may read a proxy\'s operations endpoints', () => {
     for (const path of ['/healthz', '/readyz']) assert.equal(opsRefusal(facts({ path, collectorListener: true })), null, path);
   });
 
+  it('the admission endpoints need the resolver token on either listener, from loopback too; it opens nothing else, and the collector\'s opens none of them', () => {
+    const resolver = `Bearer ${opsToken(key, 'resolver')}`;
+    const path = '/admission/v2/corp/team/app/manifests/1';
+    for (const collectorListener of [false, true]) {
+      for (const peer of ['127.0.0.1', '10.0.0.7']) {
+        assert.equal(opsRefusal(facts({ path, peer, collectorListener }))?.status, 401, `no token, ${peer}`);
+        assert.equal(opsRefusal(facts({ path, peer, collectorListener, authorization: bearer(key) }))?.status, 403, `the collector token, ${peer}`);
+        assert.equal(opsRefusal(facts({ path, peer, collectorListener, authorization: resolver })), null, `the resolver token, ${peer}`);
+        assert.equal(opsRefusal(facts({ method: 'HEAD', path, peer, collectorListener, authorization: `Bearer ${opsToken(previous, 'resolver')}` })), null, 'a verify-only key');
+      }
+    }
+    assert.equal(opsRefusal(facts({ authorization: resolver }))?.status, 403, '/status with the resolver token');
+    assert.equal(opsRefusal(facts({ collectorListener: true, path: '/metrics', authorization: resolver }))?.status, 404);
+    assert.equal(opsRefusal(facts({ method: 'POST', path: '/warm', authorization: resolver }))?.status, 403);
+    // Derived, fixed: HMAC-SHA256(key, "pullbridge admission resolver v1"), hex.
+    assert.equal(opsToken(key, 'resolver'), createHmac('sha256', key).update('pullbridge admission resolver v1').digest('hex'));
+  });
+
   it('accepts the token of any broker key (rotation), refuses another key\'s, the key itself, and other schemes', () => {
     assert.equal(opsRefusal(facts({ authorization: bearer(previous) })), null, 'a verify-only key: a rotation in progress');
     assert.equal(opsRefusal(facts({ authorization: bearer(Buffer.from('x'.repeat(64))) }))?.status, 403);
