@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import jsonpatch, { type Operation } from 'fast-json-patch';
 import { generateCertificates } from '../src/certs/certs.js';
-import { namespaceToken } from '../src/proxy/credentials.js';
+import { namespaceToken } from '../src/rules/credentials.js';
 import { buildImage, type TestImage } from '../test/support/oci.js';
 import { freePort, startProcess, waitForPort, type Proc } from '../test/support/procs.js';
 import { DEFAULT_USERS, startRegistry, type RegistryHandle } from '../test/support/registry.js';

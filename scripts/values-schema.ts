@@ -99,6 +99,7 @@ export function valuesSchema(): JsonSchema {
         failurePolicy: enumOf('Ignore', 'Fail'),
         timeoutSeconds: integer(1, 30),
         pullSecretFailure: enumOf('deny', 'admit-unchanged'),
+        resolver: strict({ enabled: boolean }),
         certificates: strict({
           mode: enumOf('bootstrap', 'certManager', 'secret'),
           validityDays: integer(1),

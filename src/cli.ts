@@ -24,7 +24,7 @@ const load = {
   webhookRun: () => import('./webhook/run.js'),
   proxyRun: () => import('./proxy/run.js'),
   startupGate: () => import('./shell/startupgate.js'),
-  credentials: () => import('./proxy/credentials.js'),
+  credentials: () => import('./rules/credentials.js'),
   secretfiles: () => import('./shell/secretfiles.js'),
   nodeSetup: () => import('./shell/nodesetup.js'),
   connections: () => Promise.all([import('@kubernetes/client-node'), import('./k8s/connectionstatus.js'), import('./k8s/client.js')]),
@@ -47,14 +47,20 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
                      [--credential-mirror SECRET --credential-sources FILE]
                      [--status-ops-port N --status-proxy-selector SELECTOR --status-proxy-daemonset NAME [--status-interval SECONDS]]
+                     [--resolver-url URL]... [--resolver-ops-port N] [--resolver-deadline-ms MS]
                      (--status-*: one replica, elected with a Lease, reads the proxy Pods' /status and writes
                       the RegistryConnection objects that \`kubectl get regconn\` and \`pullbridge status\` show;
-                      only Running Pods that the DaemonSet NAME controls are read)`,
+                      only Running Pods that the DaemonSet NAME controls are read.
+                      --resolver-*: where admission asks about upstreams (private-only, pinDigest, verify): a
+                      proxy's operations URL (repeatable, e.g. http://127.0.0.1:9090), and/or every Ready Pod
+                      of --status-proxy-daemonset (--status-proxy-selector) on --resolver-ops-port; each
+                      question bounded by --resolver-deadline-ms, default 2000, failover included)`,
   proxy: `pullbridge proxy --config FILE [--port N] [--host ADDR] [--ops-port N [--ops-host ADDR] [--ops-collector-host ADDR]] [--probe-interval SECONDS]
                      (--host defaults to 0.0.0.0: every address of the machine, so the registry port is
                       reachable from the network; on a laptop pass --host 127.0.0.1.
                       --ops-collector-host: the operations port also listens there, e.g. the Pod IP, for the
-                      webhook's status collector: there only GET /status, with its bearer token, /healthz and /readyz.
+                      webhook: there only GET /status (status collector) and /admission/… (admission resolver),
+                      each with its own bearer token, /healthz and /readyz.
                       --port defaults to the config's proxy.port, the port written into rewritten references.
                       On a loopback --host, as the chart's hostNetwork exposure runs it, it checks at start and
                       every --probe-interval that its own address is answered by itself: a NodePort Service
@@ -280,16 +286,56 @@ function onTermination(stop: () => Promise<void>, signals: readonly NodeJS.Signa
 }
 
 /** The webhook's status collector settings (--status-*), or undefined when --status-ops-port is not given. */
-function webhookStatusCollector(values: { 'status-ops-port'?: string; 'status-proxy-selector'?: string; 'status-proxy-daemonset'?: string; 'status-interval'?: string }, namespace: string, kubeconfig: string | undefined) {
-  if (values['status-ops-port'] === undefined) {
-    if (values['status-proxy-selector'] !== undefined) throw new UsageError('--status-proxy-selector needs --status-ops-port');
-    if (values['status-proxy-daemonset'] !== undefined) throw new UsageError('--status-proxy-daemonset needs --status-ops-port');
-    return undefined;
-  }
-  const opsPort = parsePort(values['status-ops-port'], '--status-ops-port');
+type ProxyPodFlags = { 'status-ops-port'?: string; 'status-proxy-selector'?: string; 'status-proxy-daemonset'?: string; 'status-interval'?: string; 'resolver-ops-port'?: string };
+
+/** The proxy Pods' selector and DaemonSet (--status-proxy-*), for the status collector and the resolver's discovery. */
+function proxyPods(values: ProxyPodFlags): { proxySelector: string; proxyDaemonSet: string } {
   const proxySelector = requireOption(values['status-proxy-selector'], '--status-proxy-selector');
   const proxyDaemonSet = requireOption(values['status-proxy-daemonset'], '--status-proxy-daemonset');
   if (!/^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$/.test(proxyDaemonSet)) throw new UsageError(`--status-proxy-daemonset must be a DaemonSet name, got "${proxyDaemonSet}"`);
+  return { proxySelector, proxyDaemonSet };
+}
+
+/** How often the admission resolver lists the proxy Pods (a Pod gone meanwhile costs a failover). */
+const RESOLVER_DISCOVERY_INTERVAL_MS = 15_000;
+
+/** The admission resolver's settings (--resolver-*), or undefined when neither URLs nor discovery are given. */
+function webhookResolver(values: ProxyPodFlags & { 'resolver-url'?: string[]; 'resolver-deadline-ms'?: string }, namespace: string, kubeconfig: string | undefined) {
+  const urls = (values['resolver-url'] ?? []).map((raw) => {
+    let url: URL;
+    try {
+      url = new URL(raw);
+    } catch {
+      throw new UsageError(`--resolver-url must be a URL such as http://127.0.0.1:9090, got "${raw}"`);
+    }
+    if (url.protocol !== 'http:' || url.pathname !== '/' || url.search !== '' || url.username !== '' || url.password !== '') throw new UsageError(`--resolver-url must be http://HOST:PORT, a proxy's operations port (no path, query or credentials), got "${raw}"`);
+    return url.origin;
+  });
+  const deadline = values['resolver-deadline-ms'];
+  if (deadline !== undefined && !(/^\d+$/.test(deadline) && Number(deadline) >= 100 && Number(deadline) <= 30_000)) throw new UsageError(`--resolver-deadline-ms must be whole milliseconds from 100 to 30000, got "${deadline}"`);
+  const opsPort = values['resolver-ops-port'] === undefined ? undefined : parsePort(values['resolver-ops-port'], '--resolver-ops-port');
+  if (opsPort === undefined && urls.length === 0) {
+    if (deadline !== undefined) throw new UsageError('--resolver-deadline-ms needs --resolver-url or --resolver-ops-port');
+    return undefined;
+  }
+  if (opsPort !== undefined && !kubeconfig) throw new UsageError('--resolver-ops-port finds the proxy Pods through the Kubernetes API (in a cluster, or --kubeconfig); or give --resolver-url');
+  return {
+    urls,
+    ...(opsPort !== undefined ? { discovery: { namespace, ...proxyPods(values), opsPort, intervalMs: RESOLVER_DISCOVERY_INTERVAL_MS } } : {}),
+    ...(deadline !== undefined ? { deadlineMs: Number(deadline) } : {}),
+  };
+}
+
+function webhookStatusCollector(values: ProxyPodFlags, namespace: string, kubeconfig: string | undefined) {
+  if (values['status-ops-port'] === undefined) {
+    if (values['resolver-ops-port'] === undefined) {
+      if (values['status-proxy-selector'] !== undefined) throw new UsageError('--status-proxy-selector needs --status-ops-port or --resolver-ops-port');
+      if (values['status-proxy-daemonset'] !== undefined) throw new UsageError('--status-proxy-daemonset needs --status-ops-port or --resolver-ops-port');
+    }
+    return undefined;
+  }
+  const opsPort = parsePort(values['status-ops-port'], '--status-ops-port');
+  const { proxySelector, proxyDaemonSet } = proxyPods(values);
   const interval = Number(values['status-interval']);
   if (!(interval > 0)) throw new UsageError(`--status-interval must be a positive number of seconds, got "${values['status-interval']}"`);
   if (!kubeconfig) throw new UsageError('--status-ops-port needs Kubernetes API access (in a cluster, or --kubeconfig)');
@@ -322,6 +368,9 @@ async function cmdWebhook(args: string[]): Promise<number> {
       'status-proxy-selector': { type: 'string' },
       'status-proxy-daemonset': { type: 'string' },
       'status-interval': { type: 'string', default: '30' },
+      'resolver-url': { type: 'string', multiple: true },
+      'resolver-ops-port': { type: 'string' },
+      'resolver-deadline-ms': { type: 'string' },
     },
     strict: true,
   });
@@ -354,6 +403,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
   if (clientNames && !clientCa) throw new UsageError('--client-name needs --client-ca');
   const metricsPort = values['metrics-port'] === undefined ? undefined : parsePort(values['metrics-port'], '--metrics-port');
   const statusCollector = webhookStatusCollector(values, namespace, kubeconfig);
+  const resolver = webhookResolver(values, namespace, kubeconfig);
   // The metrics port answers the startup probe before the webhook's modules load.
   const { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE } = await load.startupGate();
   const metricsListener = metricsPort !== undefined ? await listening(() => listenGated({ host: values.host, port: metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }), { '--metrics-port': metricsPort }) : undefined;
@@ -373,6 +423,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     ...(metricsListener ? { metricsListener } : {}),
     ...(mirrorSecret && credentialSources ? { credentialMirror: { secret: mirrorSecret, sourcesPath: credentialSources, namespace } } : {}),
     ...(statusCollector ? { statusCollector } : {}),
+    ...(resolver ? { resolver } : {}),
   }), { '--port': port, '--metrics-port': metricsPort }, { '--host': values.host });
   onTermination(() => run.shutdown());
   return -1; // keeps running

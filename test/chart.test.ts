@@ -216,7 +216,7 @@ describe('Helm chart', function () {
     }
   });
 
-  it('collects connection status by default: the CRD, the webhook\'s collector flags and rights, the proxies\' collector address; none of it when disabled', async () => {
+  it('collects connection status and resolves admission questions by default: the CRD, the webhook\'s collector and resolver flags and rights, the proxies\' collector address; none of it when both are disabled', async () => {
     type Container = { args: string[]; env: Array<{ name: string; valueFrom?: { fieldRef?: { fieldPath: string } } }> };
     const containerOf = (rendered: KubernetesObject[], kind: string) => (rendered.find((o) => o.kind === kind) as unknown as { spec: { template: { spec: { containers: Container[] } } } }).spec.template.spec.containers[0];
     const fieldOf = (c: Container | undefined, name: string) => c?.env.find((e) => e.name === name)?.valueFrom?.fieldRef?.fieldPath;
@@ -252,11 +252,19 @@ describe('Helm chart', function () {
     assert.ok(!containerOf(nodePort, 'DaemonSet')?.args.some((a) => a.startsWith('--ops-collector-host')));
     const policy = JSON.stringify(nodePort.find((o) => o.kind === 'NetworkPolicy' && o.metadata?.name === 'pullbridge-proxy'));
     assert.match(policy, /\{"ports":\[\{"protocol":"TCP","port":9090\}\],"from":\[\{"podSelector":\{"matchLabels":\{"app.kubernetes.io\/name":"pullbridge","app.kubernetes.io\/instance":"pullbridge","app.kubernetes.io\/component":"webhook"\}\}\}\]\}/);
-    const off = await render('--set', 'status.enabled=false');
-    assert.equal(off.find((o) => o.kind === 'CustomResourceDefinition'), undefined);
-    assert.ok(!containerOf(off, 'Deployment')?.args.some((a) => a.startsWith('--status-')));
+    // The admission resolver (on by default) finds the same Pods and reaches them on the same address.
+    assert.ok(webhook?.args.includes('--resolver-ops-port=9090'));
+    assert.ok(webhook?.args.includes('--resolver-deadline-ms=2000'), '40% of webhook.timeoutSeconds (5)');
+    const statusOff = await render('--set', 'status.enabled=false');
+    assert.equal(statusOff.find((o) => o.kind === 'CustomResourceDefinition'), undefined);
+    assert.ok(!containerOf(statusOff, 'Deployment')?.args.some((a) => a.startsWith('--status-ops-port') || a.startsWith('--status-interval')));
+    assert.ok(containerOf(statusOff, 'Deployment')?.args.includes('--resolver-ops-port=9090'), 'the resolver still finds the proxies');
+    assert.ok(containerOf(statusOff, 'DaemonSet')?.args.includes('--ops-collector-host=$(POD_IP)'), 'and still reaches them on the Pod IP');
+    assert.ok(!JSON.stringify(statusOff.find((o) => o.kind === 'Role')).includes('registryconnections'));
+    const off = await render('--set', 'status.enabled=false', '--set', 'webhook.resolver.enabled=false');
+    assert.ok(!containerOf(off, 'Deployment')?.args.some((a) => a.startsWith('--status-') || a.startsWith('--resolver-')));
     assert.ok(!containerOf(off, 'DaemonSet')?.args.some((a) => a.startsWith('--ops-collector-host')));
-    assert.ok(!JSON.stringify(off.find((o) => o.kind === 'Role')).includes('registryconnections'));
+    assert.equal(fieldOf(containerOf(off, 'DaemonSet'), 'POD_IP'), undefined);
     const noCrd = await render('--set', 'status.installCRD=false');
     assert.equal(noCrd.find((o) => o.kind === 'CustomResourceDefinition'), undefined, 'a second release leaves the definition to the first');
     assert.ok(containerOf(noCrd, 'Deployment')?.args.includes('--status-ops-port=9090'));
@@ -595,10 +603,12 @@ webhook: {metricsPort: 9191}
 
       const closed = policies(await render('--set', 'proxy.exposure=nodePort', '--set', 'networkPolicy.apiserverSources=null', '--set', 'networkPolicy.metricsSources=null'));
       assert.deepEqual(closed.get('pullbridge-webhook')?.spec.ingress, []);
-      // Only the status collector's way to the operations port stays open (none with status.enabled=false).
+      // Only the webhook's way to the operations port stays open (status collector, admission resolver; none with both disabled).
       assert.deepEqual(closed.get('pullbridge-proxy')?.spec.ingress, [{ ports: [{ protocol: 'TCP', port: 9090 }], from: [collectorPeer] }]);
       const noStatus = policies(await render('--set', 'proxy.exposure=nodePort', '--set', 'networkPolicy.apiserverSources=null', '--set', 'networkPolicy.metricsSources=null', '--set', 'status.enabled=false'));
-      assert.deepEqual(noStatus.get('pullbridge-proxy')?.spec.ingress, []);
+      assert.deepEqual(noStatus.get('pullbridge-proxy')?.spec.ingress, [{ ports: [{ protocol: 'TCP', port: 9090 }], from: [collectorPeer] }], 'the admission resolver still asks there');
+      const neither = policies(await render('--set', 'proxy.exposure=nodePort', '--set', 'networkPolicy.apiserverSources=null', '--set', 'networkPolicy.metricsSources=null', '--set', 'status.enabled=false', '--set', 'webhook.resolver.enabled=false'));
+      assert.deepEqual(neither.get('pullbridge-proxy')?.spec.ingress, []);
       for (const object of closed.values()) await objects.create(object, undefined, 'All');
 
       assert.equal(policies(await render('--set', 'networkPolicy.enabled=false')).size, 0);

@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, renameSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { namespaceToken } from '../src/proxy/credentials.js';
+import { namespaceToken } from '../src/rules/credentials.js';
 import { exitOf, runCli, startCli } from './support/cli.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
 import { buildImage, sha256 } from './support/oci.js';

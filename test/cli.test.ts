@@ -225,6 +225,23 @@ describe('pullbridge CLI', () => {
     assert.match(alone.stderr, /--status-proxy-daemonset needs --status-ops-port/);
   });
 
+  it('webhook refuses admission resolver flags it cannot use, naming the flag', () => {
+    const base = ['webhook', '--config', configFile, '--port', '0'];
+    const cases: Array<[string[], RegExp]> = [
+      [['--resolver-url', 'not a url'], /^pullbridge webhook: --resolver-url must be a URL such as http:\/\/127\.0\.0\.1:9090, got "not a url"\n/],
+      [['--resolver-url', 'http://127.0.0.1:9090/admission'], /^pullbridge webhook: --resolver-url must be http:\/\/HOST:PORT, a proxy's operations port/],
+      [['--resolver-url', 'https://127.0.0.1:9090'], /^pullbridge webhook: --resolver-url must be http:\/\/HOST:PORT/],
+      [['--resolver-url', 'http://127.0.0.1:9090', '--resolver-deadline-ms', '50'], /^pullbridge webhook: --resolver-deadline-ms must be whole milliseconds from 100 to 30000, got "50"\n/],
+      [['--resolver-deadline-ms', '1000'], /^pullbridge webhook: --resolver-deadline-ms needs --resolver-url or --resolver-ops-port\n/],
+      [['--resolver-ops-port', '9090', '--status-proxy-selector', 'app=proxy', '--status-proxy-daemonset', 'pb-proxy'], /^pullbridge webhook: --resolver-ops-port finds the proxy Pods through the Kubernetes API/],
+    ];
+    for (const [flags, message] of cases) {
+      const result = runCli([...base, ...flags]);
+      assert.equal(result.status, 2, flags.join(' '));
+      assert.match(result.stderr, message);
+    }
+  });
+
   it('webhook without a cert serves plain HTTP (local use)', async () => {
     const { child, output } = await startCli(['webhook', '--config', configFile, '--host', '127.0.0.1', '--port', '0'], /webhook listening/);
     const url = /"url":"(http:\/\/127\.0\.0\.1:\d+)"/.exec(output())?.[1];

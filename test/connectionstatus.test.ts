@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { createHmac } from 'node:crypto';
 import { aggregateConnections, allReady, formatConnectionTable, NODES_LISTED_LIMIT, parseProxyStatus, planObjects, type ProxyReport, type ProxyStatusDocument, type RegistryConnectionStatus } from '../src/k8s/connectionstatus.js';
 import { isStartingProxyPod, proxyPodRole } from '../src/k8s/connections.js';
-import { collectorToken } from '../src/proxy/credentials.js';
+import { opsToken } from '../src/rules/credentials.js';
 import { opsRefusal, type OpsRequestFacts } from '../src/proxy/ops.js';
 import type { UpstreamStatus } from '../src/upstream/probe.js';
 
@@ -268,7 +268,7 @@ describe('who may read a proxy\'s operations endpoints', () => {
   const key = Buffer.from('k'.repeat(64));
   const previous = Buffer.from('p'.repeat(64));
   const facts = (over: Partial<OpsRequestFacts>): OpsRequestFacts => ({ method: 'GET', path: '/status', peer: '10.0.0.7', authorization: undefined, collectorListener: false, keys: () => [key, previous], ...over });
-  const bearer = (k: Uint8Array) => `Bearer ${collectorToken(k)}`;
+  const bearer = (k: Uint8Array) => `Bearer ${opsToken(k, 'collector')}`;
 
   it('on the operations port: /status needs the collector token from a non-loopback peer; /warm and /purge answer loopback peers only, token or not; health and /metrics answer anyone', () => {
     assert.equal(opsRefusal(facts({}))?.status, 401);
@@ -295,13 +295,31 @@ describe('who may read a proxy\'s operations endpoints', () => {
     for (const path of ['/healthz', '/readyz']) assert.equal(opsRefusal(facts({ path, collectorListener: true })), null, path);
   });
 
+  it('the admission endpoints need the resolver token on either listener, from loopback too; it opens nothing else, and the collector\'s opens none of them', () => {
+    const resolver = `Bearer ${opsToken(key, 'resolver')}`;
+    const path = '/admission/v2/corp/team/app/manifests/1';
+    for (const collectorListener of [false, true]) {
+      for (const peer of ['127.0.0.1', '10.0.0.7']) {
+        assert.equal(opsRefusal(facts({ path, peer, collectorListener }))?.status, 401, `no token, ${peer}`);
+        assert.equal(opsRefusal(facts({ path, peer, collectorListener, authorization: bearer(key) }))?.status, 403, `the collector token, ${peer}`);
+        assert.equal(opsRefusal(facts({ path, peer, collectorListener, authorization: resolver })), null, `the resolver token, ${peer}`);
+        assert.equal(opsRefusal(facts({ method: 'HEAD', path, peer, collectorListener, authorization: `Bearer ${opsToken(previous, 'resolver')}` })), null, 'a verify-only key');
+      }
+    }
+    assert.equal(opsRefusal(facts({ authorization: resolver }))?.status, 403, '/status with the resolver token');
+    assert.equal(opsRefusal(facts({ collectorListener: true, path: '/metrics', authorization: resolver }))?.status, 404);
+    assert.equal(opsRefusal(facts({ method: 'POST', path: '/warm', authorization: resolver }))?.status, 403);
+    // Derived, fixed: HMAC-SHA256(key, "pullbridge admission resolver v1"), hex.
+    assert.equal(opsToken(key, 'resolver'), createHmac('sha256', key).update('pullbridge admission resolver v1').digest('hex'));
+  });
+
   it('accepts the token of any broker key (rotation), refuses another key\'s, the key itself, and other schemes', () => {
     assert.equal(opsRefusal(facts({ authorization: bearer(previous) })), null, 'a verify-only key: a rotation in progress');
     assert.equal(opsRefusal(facts({ authorization: bearer(Buffer.from('x'.repeat(64))) }))?.status, 403);
     assert.equal(opsRefusal(facts({ authorization: `Bearer ${key.toString()}` }))?.status, 403);
-    assert.equal(opsRefusal(facts({ authorization: `Basic ${Buffer.from(`x:${collectorToken(key)}`).toString('base64')}` }))?.status, 403);
+    assert.equal(opsRefusal(facts({ authorization: `Basic ${Buffer.from(`x:${opsToken(key, 'collector')}`).toString('base64')}` }))?.status, 403);
     assert.equal(opsRefusal(facts({ authorization: bearer(key), keys: () => [] }))?.status, 403, 'no usable broker key: no token is right');
     // Derived, fixed: HMAC-SHA256(key, "pullbridge ops collector v1"), hex; never a namespace credential.
-    assert.equal(collectorToken(key), createHmac('sha256', key).update('pullbridge ops collector v1').digest('hex'));
+    assert.equal(opsToken(key, 'collector'), createHmac('sha256', key).update('pullbridge ops collector v1').digest('hex'));
   });
 });

@@ -164,7 +164,7 @@ describe('proxy memory under hostile names (the pullbridge proxy process)', func
     const pid = proc.child.pid ?? 0;
     try {
       const url = `http://127.0.0.1:${port}`;
-      const { namespaceToken } = await import('../src/proxy/credentials.js');
+      const { namespaceToken } = await import('../src/rules/credentials.js');
       const authorization = `Basic ${Buffer.from(`shop:${namespaceToken(Buffer.from('k'.repeat(64)), 'shop')}`).toString('base64')}`;
       const send = async (from: number, count: number, length: number) => {
         for (let i = from; i < from + count; i += 8) {

@@ -1,8 +1,8 @@
 import assert from 'node:assert/strict';
 import { realmTrusted } from '../src/upstream/authorizer.js';
 import { parseChallenges } from '../src/upstream/challenge.js';
-import { dockerConfigJson, namespaceToken, parseBasicAuthorization, verifyNamespaceToken } from '../src/proxy/credentials.js';
-import { parseRoute } from '../src/proxy/route.js';
+import { dockerConfigJson, namespaceToken, parseBasicAuthorization, verifyNamespaceToken } from '../src/rules/credentials.js';
+import { parseAdmissionRoute, parseRoute } from '../src/proxy/route.js';
 import { SHA } from './support/config.js';
 
 describe('proxy routing (pure)', () => {
@@ -51,6 +51,46 @@ describe('proxy routing (pure)', () => {
   for (const [method, target, status, code] of refused) {
     it(`refuses ${method} ${target} with ${status} ${code}`, () => {
       const r = parseRoute(method, target);
+      assert.equal(r.ok, false);
+      if (!r.ok) {
+        assert.equal(r.error.status, status);
+        assert.equal(r.error.code, code);
+      }
+    });
+  }
+});
+
+describe('admission routing (pure)', () => {
+  const ok: Array<[string, string, Record<string, unknown>]> = [
+    ['GET', '/admission/probe/v2/corp/team/app/manifests/1.2', { kind: 'probe', rule: 'corp', name: 'team/app', reference: '1.2' }],
+    ['HEAD', `/admission/v2/corp/team/app/manifests/${SHA}`, { kind: 'manifest', rule: 'corp', name: 'team/app', reference: SHA, byDigest: true }],
+    ['GET', `/admission/v2/corp/team/app/blobs/${SHA}`, { kind: 'blob', rule: 'corp', name: 'team/app', digest: SHA }],
+    ['GET', `/admission/v2/corp/team/app/referrers/${SHA}`, { kind: 'referrers', rule: 'corp', name: 'team/app', digest: SHA, artifactType: undefined }],
+    ['GET', `/admission/v2/corp/a/referrers/b/referrers/${SHA}?artifactType=application/vnd.dev.cosign.artifact.sig.v1%2Bjson`, { kind: 'referrers', rule: 'corp', name: 'a/referrers/b', digest: SHA, artifactType: 'application/vnd.dev.cosign.artifact.sig.v1+json' }],
+  ];
+  for (const [method, target, expected] of ok) {
+    it(`routes ${method} ${target}`, () => {
+      const r = parseAdmissionRoute(method, target);
+      assert.ok(r.ok, r.ok ? '' : r.error.message);
+      assert.deepEqual(r.route, expected);
+    });
+  }
+  const refused: Array<[string, string, number, string]> = [
+    ['GET', '/admission/v2/corp/team/app/tags/list', 404, 'UNSUPPORTED'],
+    ['GET', `/admission/probe/v2/corp/team/app/blobs/${SHA}`, 404, 'UNSUPPORTED'],
+    ['GET', '/admission/v2/', 404, 'UNSUPPORTED'],
+    ['GET', '/admission/other', 404, 'UNSUPPORTED'],
+    ['HEAD', `/admission/v2/corp/team/app/referrers/${SHA}`, 405, 'UNSUPPORTED'],
+    ['POST', '/admission/v2/corp/team/app/manifests/1', 405, 'UNSUPPORTED'],
+    ['GET', '/admission/v2/corp/team/app/referrers/sha256:abc', 400, 'DIGEST_INVALID'],
+    ['GET', `/admission/v2/corp/../x/referrers/${SHA}`, 400, 'NAME_INVALID'],
+    ['GET', `/admission/v2/corp/a%2Fb/referrers/${SHA}`, 400, 'NAME_INVALID'],
+    ['GET', `/admission/v2/corp/team/app/referrers/${SHA}?artifactType=not-a-type`, 400, 'UNSUPPORTED'],
+    ['GET', '/admission/v2/corp/%2e%2e/manifests/1', 400, 'NAME_INVALID'],
+  ];
+  for (const [method, target, status, code] of refused) {
+    it(`refuses ${method} ${target} with ${status} ${code}`, () => {
+      const r = parseAdmissionRoute(method, target);
       assert.equal(r.ok, false);
       if (!r.ok) {
         assert.equal(r.error.status, status);

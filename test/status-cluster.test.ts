@@ -17,7 +17,9 @@ import { spawnSync } from 'node:child_process';
 import { AppsV1Api, CoordinationV1Api, CoreV1Api, CustomObjectsApi, KubeConfig, KubernetesObjectApi, type KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments } from 'yaml';
 import { StatusCollector } from '../src/k8s/connections.js';
-import { collectorToken } from '../src/proxy/credentials.js';
+import { COLLECTOR_MAX_CONNECTIONS_PER_SOURCE } from '../src/proxy/run.js';
+import { opsToken } from '../src/rules/credentials.js';
+import { buildImage, type TestImage } from './support/oci.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
 import { CLI, exitOf, startCli, type RunningCli } from './support/cli.js';
 import { configFrom } from './support/config.js';
@@ -91,8 +93,10 @@ describe('connection status in kubectl, against a real kube-apiserver', function
   let cp: ControlPlane;
   let registry: RegistryHandle;
   let opsPort: number;
+  let image: TestImage;
   const proxies: RunningCli[] = [];
   const replicas: WebhookProcess[] = [];
+  const replicaLogs: Array<ReturnType<typeof memoryLogger>> = [];
   /** "node" name -> the proxy's collector address (its Pod IP) and its loopback operations address. */
   const nodes = [
     { node: 'node-a', podIP: '127.0.0.2', opsHost: '127.0.0.11' },
@@ -117,6 +121,8 @@ ${extraRule}`;
     writeFileSync(passwordFile, DEFAULT_USERS.puller);
     [cp, registry, opsPort] = await Promise.all([startControlPlane(), startRegistry({ auth: 'basic' }), freePort()]);
     writeFileSync(configFile, configYaml());
+    image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [256] });
+    await registry.push(image, 'team/app', '1');
     const kc = new KubeConfig();
     kc.loadFromFile(cp.kubeconfig);
     const core = kc.makeApiClient(CoreV1Api);
@@ -146,8 +152,10 @@ ${extraRule}`;
     for (const u of admin.users) u.user.as = `system:serviceaccount:${NS}:pb-pullbridge-webhook`;
     writeFileSync(asWebhook, JSON.stringify(admin));
     for (const identity of ['webhook-1', 'webhook-2']) {
+      const logs = memoryLogger();
+      replicaLogs.push(logs);
       replicas.push(
-        await runWebhook({ config: configFrom(configYaml()), configPath: configFile, host: '127.0.0.1', port: 0, kubeconfig: asWebhook, reconcileIntervalMs: 3_600_000, metricsPort: 0, logger: memoryLogger().logger, statusCollector: { namespace: NS, proxySelector: SELECTOR, proxyDaemonSet: PROXY_DAEMONSET, opsPort, intervalMs: COLLECT_MS, identity } }),
+        await runWebhook({ config: configFrom(configYaml()), configPath: configFile, host: '127.0.0.1', port: 0, kubeconfig: asWebhook, reconcileIntervalMs: 3_600_000, metricsPort: 0, logger: logs.logger, statusCollector: { namespace: NS, proxySelector: SELECTOR, proxyDaemonSet: PROXY_DAEMONSET, opsPort, intervalMs: COLLECT_MS, identity }, resolver: { discovery: { namespace: NS, proxySelector: SELECTOR, proxyDaemonSet: PROXY_DAEMONSET, opsPort, intervalMs: COLLECT_MS } } }),
       );
     }
   });
@@ -166,8 +174,8 @@ ${extraRule}`;
   it('the collector address answers health to anyone, GET /status only to the collector token of this broker key, nothing else to anyone', async () => {
     const [n] = nodes;
     assert.ok(n);
-    // One connection per request, from an address of its own: the collector address takes 2
-    // connections per source, and the collecting replica holds one from 127.0.0.1.
+    // One connection per request, from an address of its own: the collecting replica and the
+    // admission resolvers hold connections from 127.0.0.1.
     const request = (method: string, host: string, path: string, token?: string) =>
       new Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }>((resolve, reject) => {
         const req = http.request({ method, host, port: opsPort, path, localAddress: '127.0.0.23', agent: false, headers: token ? { authorization: `Bearer ${token}` } : {} }, (res) => {
@@ -187,13 +195,13 @@ ${extraRule}`;
     assert.equal(anonymous.status, 401);
     assert.match(anonymous.headers['www-authenticate'] ?? '', /^Bearer /);
     // Nothing but /status and health exists there, token or not: no metrics, no cache changes.
-    assert.equal((await get(n.podIP, '/metrics', collectorToken(key))).status, 404);
+    assert.equal((await get(n.podIP, '/metrics', opsToken(key, 'collector'))).status, 404);
     for (const path of ['/warm', '/purge?rule=corp&repository=team/app']) {
-      assert.equal((await request('POST', n.podIP, path, collectorToken(key))).status, 404, path);
+      assert.equal((await request('POST', n.podIP, path, opsToken(key, 'collector'))).status, 404, path);
     }
-    assert.equal((await get(n.podIP, '/status', collectorToken(randomBytes(32)))).status, 403, 'a token of another key');
+    assert.equal((await get(n.podIP, '/status', opsToken(randomBytes(32), 'collector'))).status, 403, 'a token of another key');
     assert.equal((await get(n.podIP, '/status', key.toString())).status, 403, 'the broker key itself is not the token');
-    const right = await get(n.podIP, '/status', collectorToken(key));
+    const right = await get(n.podIP, '/status', opsToken(key, 'collector'));
     assert.equal(right.status, 200);
     assert.deepEqual((JSON.parse(right.body) as { rules: string[] }).rules, ['corp']);
     // On its loopback operations address (kubectl port-forward arrives there), no token is needed.
@@ -201,7 +209,7 @@ ${extraRule}`;
     assert.equal((await get(n.opsHost, '/metrics')).status, 200);
   });
 
-  it('one peer holding idle connections cannot lock others out: 2 per source on the collector address, 8 on the operations port', async () => {
+  it('one peer holding idle connections cannot lock others out: 32 per source on the collector address (the admission resolver asks concurrently), 8 on the operations port', async () => {
     const [n] = nodes;
     assert.ok(n);
     const idle: net.Socket[] = [];
@@ -222,7 +230,7 @@ ${extraRule}`;
         socket.once('close', () => resolve(received));
       });
     try {
-      for (const [host, perSource] of [[n.podIP, 2], [n.opsHost, 8]] as const) {
+      for (const [host, perSource] of [[n.podIP, COLLECTOR_MAX_CONNECTIONS_PER_SOURCE], [n.opsHost, 8]] as const) {
         for (let i = 0; i < perSource; i++) await hold(host, '127.0.0.21');
         assert.equal(await answer(host, '127.0.0.21'), '', `${host}: a connection beyond ${perSource} from one source is closed unanswered`);
         assert.match(await answer(host, '127.0.0.22'), /^HTTP\/1\.1 200 /, `${host}: another source is served`);
@@ -258,6 +266,45 @@ ${extraRule}`;
     assert.match(table[1] ?? '', new RegExp(`^corp\\s+${registry.url.replace(/[.]/g, '\\.')}\\s+True\\s+True\\s+True\\s+2/2\\s+\\d+ms\\s+\\d+s$`));
     // With a rule, and every rule Ready: exit 0.
     assert.equal(status().status, 0);
+  });
+
+  it('every webhook replica finds the Ready proxy Pods and asks them admission questions on their Pod IP; a Pod no longer Ready is asked no more', async () => {
+    const kc = new KubeConfig();
+    kc.loadFromFile(cp.kubeconfig);
+    const core = kc.makeApiClient(CoreV1Api);
+    const admitted = (proxy: RunningCli | undefined, repository: string) => (proxy?.output() ?? '').split('\n').some((line) => line.includes('"access":"admission"') && line.includes(`"repository":"${repository}"`));
+    for (const replica of replicas) {
+      const view = replica.registryView;
+      assert.ok(view, 'the replica has a resolver');
+      let probe: unknown;
+      const answered = await eventually(async () => {
+        probe = await view.probeAnonymous({ rule: 'corp', repository: 'team/app', reference: '1' }, AbortSignal.timeout(10_000));
+        return (probe as { kind: string }).kind === 'answered';
+      }, 30_000);
+      assert.ok(answered, JSON.stringify(probe));
+      assert.deepEqual(probe, { kind: 'answered', status: 401 }, 'the registry wants Basic from anyone: private');
+      const manifest = await view.manifest({ rule: 'corp', repository: 'team/app', reference: '1', namespace: 'default', method: 'GET' }, AbortSignal.timeout(10_000));
+      assert.equal(manifest.kind === 'found' && manifest.digest, image.index.digest, JSON.stringify(manifest));
+    }
+    assert.ok(await eventually(() => proxies.some((p) => admitted(p, 'team/app')), 10_000), 'a proxy logged the admission requests');
+    // node-a's Pod stops being Ready: once the replicas listed the Pods again, only node-b is asked.
+    const name = 'pb-proxy-node-a';
+    const read = await core.readNamespacedPod({ namespace: NS, name });
+    const notReady = { ...read, status: { ...read.status, conditions: [{ type: 'Ready', status: 'False', lastTransitionTime: new Date() }] } };
+    await core.replaceNamespacedPodStatus({ namespace: NS, name, body: notReady });
+    try {
+      const [a, b] = proxies;
+      const listedOne = (logs: ReturnType<typeof memoryLogger>) => logs.records.some((r) => r.msg === 'admission resolver: proxy endpoints changed' && r.proxies === 1);
+      assert.ok(await eventually(() => replicaLogs.every(listedOne), 30_000), 'every replica listed the Pods again');
+      // Eight repositories, each with its own rendezvous order (about half would rank node-a first): all on node-b.
+      const moved = Array.from({ length: 8 }, (_, k) => `team/moved-${k}`);
+      for (const replica of replicas) for (const repository of moved) assert.equal((await replica.registryView?.probeAnonymous({ rule: 'corp', repository, reference: '1' }, AbortSignal.timeout(10_000)))?.kind, 'answered');
+      await b?.waitForOutput(() => moved.every((r) => admitted(b, r)), 10_000);
+      assert.ok(moved.every((r) => !admitted(a, r)), 'node-a was not asked');
+    } finally {
+      const current = await core.readNamespacedPod({ namespace: NS, name });
+      await core.replaceNamespacedPodStatus({ namespace: NS, name, body: { ...current, status: { ...current.status, conditions: [{ type: 'Ready', status: 'True', lastTransitionTime: new Date() }] } } });
+    }
   });
 
   it('the opt-in PrometheusRule names only metrics the real proxy and webhook export', async () => {

@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { generateCertificates } from '../certs/certs.js';
 import { DEMO_REGISTRY, sampleAdmissionReview, sampleConfigYaml } from '../defaults.js';
-import { namespaceToken } from '../proxy/credentials.js';
+import { namespaceToken } from '../rules/credentials.js';
 import { runProxy } from '../proxy/run.js';
 import { formatConfigErrors, parseConfig } from '../rules/config.js';
 import { decideImage } from '../rules/decide.js';

@@ -96,7 +96,7 @@ export interface StatusCollectorOptions {
   /** This replica's name in the Lease (its Pod name). */
   readonly identity: string;
   readonly config: () => Config;
-  /** The collector token the proxies accept (collectorToken of the signing key). */
+  /** The collector token the proxies accept (opsToken of the signing key, 'collector'). */
   readonly token: () => string;
   readonly logger: Logger;
   readonly leaseName?: string;
@@ -150,6 +150,18 @@ export function proxyPodRole(pod: V1Pod, daemonSet: string): 'read' | 'pending' 
   const controller = pod.metadata?.ownerReferences?.find((o) => o.controller === true);
   if (!(controller?.apiVersion === 'apps/v1' && controller.kind === 'DaemonSet' && controller.name === daemonSet)) return 'skip';
   return pod.status?.phase === 'Running' ? 'read' : pod.status?.phase === 'Pending' ? 'pending' : 'skip';
+}
+
+/**
+ * The proxy DaemonSet's Pods that the webhook may talk to, with their role (proxyPodRole; skipped
+ * ones left out): one listing for the status collector and the admission resolver's discovery.
+ */
+export async function listProxyPods(core: CoreV1Api, namespace: string, selector: string, daemonSet: string): Promise<Array<{ readonly pod: V1Pod; readonly role: 'read' | 'pending' }>> {
+  const pods = await core.listNamespacedPod({ namespace, labelSelector: selector });
+  return pods.items.flatMap((pod) => {
+    const role = proxyPodRole(pod, daemonSet);
+    return role === 'skip' ? [] : [{ pod, role }];
+  });
 }
 
 /** How long after its container started a proxy Pod that is not Ready counts as starting (its
@@ -254,12 +266,9 @@ export class StatusCollector {
     const { core, custom, namespace } = this.options;
     const rules = this.options.config().registries.map((r) => ({ name: r.name, upstream: r.upstream }));
     const ruleNames = new Set(rules.map((r) => r.name));
-    const pods = await core.listNamespacedPod({ namespace, labelSelector: this.options.proxySelector });
+    const pods = await listProxyPods(core, namespace, this.options.proxySelector, this.options.proxyDaemonSet);
     const reports = await Promise.all(
-      pods.items
-        .map((p) => ({ p, role: proxyPodRole(p, this.options.proxyDaemonSet) }))
-        .filter(({ role }) => role !== 'skip')
-        .map(({ p, role }) => {
+      pods.map(({ pod: p, role }) => {
           const node = p.spec?.nodeName ?? p.metadata?.name ?? '';
           const ip = p.status?.podIP;
           const waiting = p.status?.containerStatuses?.find((c) => c.state?.waiting?.reason)?.state?.waiting?.reason;

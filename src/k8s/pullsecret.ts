@@ -11,7 +11,7 @@ import type { CoreV1Api, KubeConfig, V1Secret } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
 import type { Config, Rule } from '../rules/config.js';
 import { neverRuleBySecretName, upstreamDockerConfigJson, type UpstreamCredential } from '../rules/upstreamsecret.js';
-import { dockerConfigJson } from '../proxy/credentials.js';
+import { dockerConfigJson } from '../rules/credentials.js';
 import { apiMessage, apiStatus, restartingWatch } from './client.js';
 
 export const MANAGED_BY_LABEL = 'app.kubernetes.io/managed-by';

@@ -5,7 +5,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Logger } from '../log.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { RuleUpstream } from '../upstream/rule.js';
-import { parseBasicAuthorization, verifyNamespaceToken } from './credentials.js';
+import { parseBasicAuthorization, verifyNamespaceToken } from '../rules/credentials.js';
 import { registryError, type RegistryError } from './errors.js';
 import { CHALLENGE, sendError } from './answer.js';
 import type { ProxyRuntime } from './runtime.js';

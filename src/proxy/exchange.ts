@@ -41,7 +41,8 @@ export function registerMetrics(registry: Registry): ProxyMetrics {
 }
 
 /** A new exchange, counted and logged once its response closes. */
-export function recordExchange(req: IncomingMessage, res: ServerResponse, metrics: ProxyMetrics, logger: Logger): Exchange {
+/** `access`: a pull (the registry port) or an admission question of the webhook (the operations port). */
+export function recordExchange(req: IncomingMessage, res: ServerResponse, metrics: ProxyMetrics, logger: Logger, access: 'pull' | 'admission' = 'pull'): Exchange {
   const started = performance.now();
   const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0, cache: null, selfCheck: false };
   res.on('close', () => {
@@ -50,7 +51,7 @@ export function recordExchange(req: IncomingMessage, res: ServerResponse, metric
     if (exchange.bytes > 0) metrics.bytes.inc({ rule: exchange.rule ?? '', kind: exchange.kind }, exchange.bytes);
     (exchange.selfCheck ? logger.debug.bind(logger) : logger.info.bind(logger))(
       {
-        access: 'pull',
+        access,
         method: req.method,
         rule: exchange.rule,
         kind: exchange.kind,

@@ -8,7 +8,11 @@
 // derived from the broker key (collectorToken). /warm and /purge change the cache: loopback peers
 // only, whatever token is presented (the collector reads, it never needs to change anything). The
 // collector listener (the Pod IP, where the hostNetwork exposure has no other operations address)
-// serves GET /status (with the token), /healthz and /readyz, and nothing else.
+// serves GET /status (with the token), /healthz and /readyz, and the admission endpoints.
+//
+// `/admission/…` (both listeners, never the registry port): the webhook's questions about upstreams
+// (src/proxy/server.ts serves them). Always the resolver's bearer token (opsToken 'resolver'), from
+// loopback too: they read upstream content with the rule's credentials.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Registry } from 'prom-client';
@@ -18,8 +22,9 @@ import type { Logger } from '../log.js';
 import { digestError, isValidRepositoryPath } from '../reference/reference.js';
 import { isLoopbackAddress } from '../upstream/addresses.js';
 import type { Prober } from '../upstream/probe.js';
-import { verifyCollectorToken } from './credentials.js';
+import { verifyOpsToken } from '../rules/credentials.js';
 import type { ListenerStatus } from './listener.js';
+import { ADMISSION_PREFIX } from './route.js';
 import type { ProxyRuntime } from './runtime.js';
 
 export interface OpsHandlerOptions {
@@ -32,6 +37,8 @@ export interface OpsHandlerOptions {
   readonly listener?: () => ListenerStatus | undefined;
   /** This handler serves the collector listener: GET /status (with the collector token) and health only. */
   readonly collectorListener?: boolean;
+  /** Serves the admission endpoints once the resolver token was checked (createProxyHandlers().admission). */
+  readonly admission?: (req: IncomingMessage, res: ServerResponse) => void;
 }
 
 const OPS_PATHS = new Set(['/healthz', '/readyz', '/metrics', '/status']);
@@ -57,14 +64,18 @@ export interface OpsRequestFacts {
 
 /** Why an operations request may not be served (status and message), or null when it may. Pure. */
 export function opsRefusal(facts: OpsRequestFacts): { status: 401 | 403 | 404; message: string } | null {
-  if (facts.collectorListener && (facts.method !== 'GET' || !COLLECTOR_PATHS.has(facts.path))) return { status: 404, message: 'not found: this address serves GET /status (status collector), /healthz and /readyz' };
+  if (facts.path.startsWith(ADMISSION_PREFIX)) {
+    if (facts.authorization === undefined) return { status: 401, message: "the admission endpoints need the admission resolver's bearer token (the webhook's)" };
+    return verifyOpsToken(facts.keys(), 'resolver', facts.authorization) ? null : { status: 403, message: "the bearer token is not the admission resolver's for this proxy's broker keys" };
+  }
+  if (facts.collectorListener && (facts.method !== 'GET' || !COLLECTOR_PATHS.has(facts.path))) return { status: 404, message: 'not found: this address serves GET /status (status collector), /admission/… (admission resolver), /healthz and /readyz' };
   if (HEALTH_PATHS.has(facts.path)) return null;
   const loopback = isLoopbackAddress(facts.peer);
   if (LOOPBACK_ONLY_PATHS.has(facts.path)) return loopback && !facts.collectorListener ? null : { status: 403, message: `${facts.path} answers loopback peers only (on the node, or kubectl port-forward)` };
   const guarded = facts.collectorListener || (facts.path === '/status' && !loopback);
   if (!guarded) return null;
   if (facts.authorization === undefined) return { status: 401, message: 'this endpoint needs the status collector\'s bearer token from a non-loopback address (or use kubectl port-forward)' };
-  return verifyCollectorToken(facts.keys(), facts.authorization) ? null : { status: 403, message: 'the bearer token is not the status collector\'s for this proxy\'s broker keys' };
+  return verifyOpsToken(facts.keys(), 'collector', facts.authorization) ? null : { status: 403, message: 'the bearer token is not the status collector\'s for this proxy\'s broker keys' };
 }
 
 function refusal(options: OpsHandlerOptions, req: IncomingMessage, path: string): { status: number; message: string } | null {
@@ -99,6 +110,11 @@ export function createOpsHandler(options: OpsHandlerOptions): (req: IncomingMess
     if (refused) {
       req.resume();
       res.writeHead(refused.status, { 'content-type': 'text/plain', ...(refused.status === 401 ? { 'www-authenticate': 'Bearer realm="pullbridge-ops"' } : {}) }).end(`${refused.message}\n`);
+      return;
+    }
+    if (url.startsWith(ADMISSION_PREFIX)) {
+      if (options.admission) options.admission(req, res);
+      else res.writeHead(404, { 'content-type': 'text/plain' }).end('not found: this proxy does not answer admission questions here\n');
       return;
     }
     if (url === '/warm') {

@@ -19,7 +19,7 @@ import { BODY_HIGH_WATER_MARK } from './stream.js';
 import { createOpsHandler } from './ops.js';
 import { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE, serveGated, type GatedListener } from '../shell/startupgate.js';
 import { createProxyRuntime, type ProxyRuntime } from './runtime.js';
-import { createProxyHandler } from './server.js';
+import { createProxyHandlers } from './server.js';
 
 export interface ProxyRunOptions {
   readonly config: Config;
@@ -60,9 +60,19 @@ export interface ProxyRunOptions {
 
 export const DEFAULT_MAX_CONNECTIONS = 1024;
 export const DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 256;
-/** Connections one source may hold on the collector listener: the collector needs one at a time, and
- * a peer holding idle connections must not starve it ("not collected" when the upstream is fine). */
-export const COLLECTOR_MAX_CONNECTIONS_PER_SOURCE = 2;
+/**
+ * Connections one source may hold on the collector listener. The status collector needs one at a
+ * time; the admission resolver of a webhook replica asks concurrently, from a pool of at most
+ * RESOLVER_CONNECTIONS_PER_PROXY (8, src/webhook/proxytier.ts, which also fits the operations
+ * port's own per-source limit under the other exposures). Connections past the limit are closed on
+ * arrival, which fails an admission question over to another proxy, so the budget is well above the
+ * pool: sockets the server still counts after the client dropped them (keep-alive races, a webhook
+ * container restarted in the same Pod, same address) and the collector's own. A peer holding idle
+ * connections must still not starve the others: the listener takes eight sources' worth
+ * (COLLECTOR_MAX_CONNECTIONS), as 2 of 16 did before admission asked here.
+ */
+export const COLLECTOR_MAX_CONNECTIONS_PER_SOURCE = 32;
+export const COLLECTOR_MAX_CONNECTIONS = 8 * COLLECTOR_MAX_CONNECTIONS_PER_SOURCE;
 
 /** At shutdown, how long fills in flight may take to be stored (flushing a large blob takes a moment). */
 const FILL_SETTLE_MS = 30_000;
@@ -143,14 +153,16 @@ export async function runProxy(
   let listener: ListenerCheck | undefined;
   const opsOptions = { runtime: () => runtime, metrics, prober, ready: () => !draining && listener?.claimed() !== false, listener: () => listener?.status() };
   const instanceId = randomBytes(16).toString('hex');
-  const handler = createProxyHandler({ ...opsOptions, logger, opsOnRegistryPort: !separateOps, instanceId });
+  const handlers = createProxyHandlers({ ...opsOptions, logger, opsOnRegistryPort: !separateOps, instanceId });
+  const handler = handlers.registry;
   const running = await listen(handler, { host: options.host, port: options.port, highWaterMark: BODY_HIGH_WATER_MARK, maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS, maxConnectionsPerSource: options.maxConnectionsPerSource ?? DEFAULT_MAX_CONNECTIONS_PER_SOURCE }).catch(async (error: unknown) => {
     watcher?.stop();
     await ops?.close();
     await cache?.close(0);
     throw error;
   });
-  if (gated) serveGated(gated, createOpsHandler({ ...opsOptions, logger }), opsOptions.ready);
+  // The admission endpoints are served by the operations listeners only, never the registry port.
+  if (gated) serveGated(gated, createOpsHandler({ ...opsOptions, logger, admission: handlers.admission }), opsOptions.ready);
   // A node whose address is its loopback (the Pod IP of a hostNetwork Pod is the node's address):
   // the operations port already listens there, for the node alone.
   // Likewise on a wildcard operations address (other exposures): the Pod IP is among its addresses.
@@ -159,7 +171,7 @@ export async function runProxy(
   if (ops && options.opsCollectorHost !== undefined && collectorHost === undefined) logger.info({ host: options.opsCollectorHost }, 'the operations port already listens on the collector address: no second listener');
   const opsCollector =
     ops && collectorHost !== undefined
-      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true }), { host: collectorHost, port: ops.port, maxConnections: 16, maxConnectionsPerSource: COLLECTOR_MAX_CONNECTIONS_PER_SOURCE }).catch(async (error: unknown) => {
+      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true, admission: handlers.admission }), { host: collectorHost, port: ops.port, maxConnections: COLLECTOR_MAX_CONNECTIONS, maxConnectionsPerSource: COLLECTOR_MAX_CONNECTIONS_PER_SOURCE }).catch(async (error: unknown) => {
           watcher?.stop();
           await Promise.all([running.close(), ops.close()]);
           await cache?.close(0);

@@ -1,11 +1,17 @@
 // The registry proxy's HTTP shell: route, authenticate and authorize the client, ask the content
-// source, answer; per-client limits, the access log and metrics. It never reaches the upstream
-// itself. Node's http server directly: every byte path here is hot.
+// source, answer; per-client limits, the access log and metrics. Node's http server directly: every
+// byte path here is hot.
+//
+// The same shell answers the webhook's admission questions on the operations port (ops.ts checks the
+// resolver token first): manifests and blobs with the namespace's credential (its own header, as
+// Authorization carries the token) through the same authenticate → authorize → content path as a
+// pull; the anonymous probe and the referrers API straight through the rule's upstream client.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Logger } from '../log.js';
 import { ContentError, type ContentRequest, type ContentSource } from '../content/source.js';
-import type { UpstreamCredentials } from '../upstream/authorizer.js';
+import { UpstreamAuthError, type UpstreamCredentials } from '../upstream/authorizer.js';
+import { MANIFEST_ACCEPT } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { answerBase, authenticate, repositoryRefusal } from './access.js';
 import { answerContentError, answerManifest, answerTags, CHALLENGE, sendError, type ContentKind } from './answer.js';
@@ -15,7 +21,7 @@ import { recordExchange, registerMetrics, type Exchange, type ProxyMetrics } fro
 import { ClientLimits, registerLimitMetrics } from './limits.js';
 import { INSTANCE_HEADER, LISTENER_CHECK_HEADER } from './listener.js';
 import { isOpsRequest, serveOps, type OpsHandlerOptions } from './ops.js';
-import { parseRoute, type Route } from './route.js';
+import { parseAdmissionRoute, parseRoute, type AdmissionRoute, type Route } from './route.js';
 import type { ProxyRuntime } from './runtime.js';
 import { DEFAULT_MINIMUM_RATE, streamBody, type MinimumRate } from './stream.js';
 
@@ -39,10 +45,35 @@ export interface ProxyHandlerOptions extends OpsHandlerOptions {
 
 type ContentRoute = Extract<Route, { kind: ContentKind }>;
 
-export function createProxyHandler(options: ProxyHandlerOptions): (req: IncomingMessage, res: ServerResponse) => void {
+/** The header carrying the namespace's registry credential (`Basic …`) on admission requests. */
+export const NAMESPACE_AUTHORIZATION_HEADER = 'x-pullbridge-namespace-authorization';
+/** The largest blob an admission request reads, as the client asks (`x-pullbridge-max-bytes`). */
+export const MAX_BYTES_HEADER = 'x-pullbridge-max-bytes';
+/** Admission reads small blobs only (signature payloads, configs): the cap whatever the client asks. */
+export const ADMISSION_BLOB_LIMIT_BYTES = 4 * 1024 * 1024;
+/** A referrers index read whole (never cached: each admission asks the upstream). */
+export const REFERRERS_LIMIT_BYTES = 1024 * 1024;
+const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
+
+type RequestHandler = (req: IncomingMessage, res: ServerResponse) => void;
+
+export function createProxyHandler(options: ProxyHandlerOptions): RequestHandler {
+  return createProxyHandlers(options).registry;
+}
+
+/** The registry port's handler, and the admission handler for the operations port: one shell, so
+ * both share limits, metrics and the access log. */
+export function createProxyHandlers(options: ProxyHandlerOptions): { registry: RequestHandler; admission: RequestHandler } {
   const shell = new RegistryShell(options);
   const opsOnRegistryPort = options.opsOnRegistryPort ?? true;
-  return (req, res) => {
+  const admission: RequestHandler = (req, res) => {
+    const exchange = recordExchange(req, res, shell.metrics, options.logger, 'admission');
+    shell.serveAdmission(req, res, exchange).catch((error: unknown) => {
+      options.logger.error({ err: error }, 'admission request failed');
+      sendError(res, registryError(500, 'UNAVAILABLE', 'internal error'));
+    });
+  };
+  const registry: RequestHandler = (req, res) => {
     const url = req.url ?? '';
     res.setHeader('docker-distribution-api-version', 'registry/2.0');
     if (options.instanceId !== undefined) res.setHeader(INSTANCE_HEADER, options.instanceId);
@@ -57,6 +88,7 @@ export function createProxyHandler(options: ProxyHandlerOptions): (req: Incoming
       sendError(res, registryError(500, 'UNAVAILABLE', 'internal error'));
     });
   };
+  return { registry, admission };
 }
 
 class RegistryShell {
@@ -98,14 +130,162 @@ class RegistryShell {
       return;
     }
     exchange.rule = rr.rule.name;
-    const credentials = this.authorize(runtime, rr, route, req, res, exchange);
+    const credentials = this.authorize(runtime, rr, route.name, req.headers.authorization, res, exchange);
     if (credentials === null) return;
     await this.serveContent(runtime.content, rr, route, credentials, req, res, exchange);
   }
 
+  /**
+   * An admission question (the resolver token already checked): the probe, or a manifest, blob or
+   * referrers read with the namespace credential of NAMESPACE_AUTHORIZATION_HEADER, authorized as a
+   * pull with that credential is.
+   */
+  async serveAdmission(req: IncomingMessage, res: ServerResponse, exchange: Exchange): Promise<void> {
+    const runtime = this.options.runtime();
+    if (!runtime) {
+      sendError(res, registryError(503, 'UNAVAILABLE', 'configuration not loaded'));
+      return;
+    }
+    const routed = parseAdmissionRoute(req.method ?? 'GET', req.url ?? '');
+    if (!routed.ok) {
+      exchange.error = routed.error.message;
+      sendError(res, routed.error);
+      return;
+    }
+    const route = routed.route;
+    exchange.kind = route.kind;
+    exchange.repository = route.name;
+    exchange.reference = route.kind === 'blob' || route.kind === 'referrers' ? route.digest : route.reference;
+    const rr = runtime.rules.get(route.rule);
+    if (!rr) {
+      sendError(res, registryError(404, 'NAME_UNKNOWN', `no registry rule "${route.rule}" on this proxy`));
+      return;
+    }
+    exchange.rule = rr.rule.name;
+    if (route.kind === 'probe') {
+      const refusal = repositoryRefusal(rr, route.name);
+      if (refusal !== null) {
+        exchange.error = refusal.message;
+        sendError(res, refusal);
+        return;
+      }
+      await this.probe(rr, route, res, exchange);
+      return;
+    }
+    if (rr.rule.auth.mode === 'passthrough') {
+      // A passthrough rule asks the upstream with the client's own credential, which the webhook never holds.
+      exchange.error = 'passthrough rule';
+      sendError(res, registryError(403, 'DENIED', `rule "${rr.rule.name}" passes the client's own credential upstream: admission has none to read with`));
+      return;
+    }
+    const namespaceAuthorization = req.headers[NAMESPACE_AUTHORIZATION_HEADER];
+    const credentials = this.authorize(runtime, rr, route.name, typeof namespaceAuthorization === 'string' ? namespaceAuthorization : undefined, res, exchange);
+    if (credentials === null) return;
+    if (route.kind === 'referrers') {
+      await this.referrers(rr, route, credentials, res, exchange);
+      return;
+    }
+    let maxBytes: number | undefined;
+    if (route.kind === 'blob') {
+      const asked = Number(req.headers[MAX_BYTES_HEADER]);
+      if (!Number.isSafeInteger(asked) || asked < 0) {
+        sendError(res, registryError(400, 'UNSUPPORTED', `a blob read needs ${MAX_BYTES_HEADER}: the most bytes the caller takes (at most ${ADMISSION_BLOB_LIMIT_BYTES})`));
+        return;
+      }
+      maxBytes = Math.min(asked, ADMISSION_BLOB_LIMIT_BYTES);
+    }
+    await this.serveContent(runtime.content, rr, route, credentials, req, res, exchange, maxBytes);
+  }
+
+  /** Runs `work` with a signal aborted when the client goes away. */
+  private async whileConnected<T>(res: ServerResponse, work: (signal: AbortSignal) => Promise<T>): Promise<T> {
+    const abort = new AbortController();
+    const onClose = () => {
+      if (!res.writableFinished) abort.abort();
+    };
+    res.on('close', onClose);
+    try {
+      return await work(abort.signal);
+    } finally {
+      res.off('close', onClose);
+    }
+  }
+
+  /**
+   * An anonymous manifest HEAD through the rule's transport, never the cache (the question is what
+   * the upstream grants anyone). Answers the upstream's status as JSON; a token endpoint refusing
+   * anonymous access is a refusal (401), a failure to reach it is not an answer (502).
+   */
+  private async probe(rr: RuleUpstream, route: Extract<AdmissionRoute, { kind: 'probe' }>, res: ServerResponse, exchange: Exchange): Promise<void> {
+    const answer = await this.whileConnected(res, async (signal) => {
+      try {
+        const reply = await rr.client.fetch({ method: 'HEAD', path: `/v2/${route.name}/manifests/${route.reference}`, headers: { accept: MANIFEST_ACCEPT }, scope: `repository:${route.name}:pull`, credentials: undefined, signal, lane: 'metadata' });
+        await reply.body.dump();
+        return { status: 200, body: { status: reply.statusCode } };
+      } catch (error) {
+        if (error instanceof UpstreamAuthError && error.kind !== 'unavailable') return { status: 200, body: { status: 401, note: error.message } };
+        if (signal.aborted) return null;
+        return { status: 502, body: { error: `the upstream did not answer: ${(error as Error).message}` } };
+      }
+    });
+    if (answer === null) {
+      exchange.error = 'client went away';
+      return;
+    }
+    if (answer.status !== 200) exchange.error = (answer.body as { error: string }).error;
+    answerJson(res, answer.status, answer.body);
+  }
+
+  /**
+   * The upstream's referrers of a digest (OCI 1.1), with the rule's credentials, read whole up to
+   * REFERRERS_LIMIT_BYTES and not cached. 200 `{"kind":"found","index":"<base64>"}`, or
+   * `{"kind":"unsupported"}` when the upstream answers 404 (no referrers API); the upstream's other
+   * refusals as registry errors with its status; failures 502.
+   */
+  private async referrers(rr: RuleUpstream, route: Extract<AdmissionRoute, { kind: 'referrers' }>, credentials: UpstreamCredentials | undefined, res: ServerResponse, exchange: Exchange): Promise<void> {
+    const query = route.artifactType !== undefined ? `?artifactType=${encodeURIComponent(route.artifactType)}` : '';
+    await this.whileConnected(res, async (signal) => {
+      try {
+        const reply = await rr.client.fetch({ method: 'GET', path: `/v2/${route.name}/referrers/${route.digest}${query}`, headers: { accept: OCI_INDEX }, scope: `repository:${route.name}:pull`, credentials, signal, lane: 'metadata' });
+        if (reply.statusCode === 404) {
+          await reply.body.dump();
+          answerJson(res, 200, { kind: 'unsupported' });
+          return;
+        }
+        if (reply.statusCode >= 400 && reply.statusCode < 500 && reply.statusCode !== 429) {
+          await reply.body.dump();
+          exchange.error = `upstream answered ${reply.statusCode}`;
+          const status = reply.statusCode === 401 ? 403 : reply.statusCode;
+          sendError(res, registryError(status, 'DENIED', `the upstream registry answered ${reply.statusCode} for the referrers of ${route.digest} in ${route.name}`));
+          return;
+        }
+        if (reply.statusCode !== 200) {
+          await reply.body.dump();
+          exchange.error = `upstream answered ${reply.statusCode}`;
+          sendError(res, registryError(502, 'UNAVAILABLE', `the upstream registry answered ${reply.statusCode}`));
+          return;
+        }
+        const body = await reply.body.readAll(REFERRERS_LIMIT_BYTES);
+        if (body === null) {
+          exchange.error = 'referrers index too large';
+          sendError(res, registryError(502, 'UNAVAILABLE', `the referrers index is larger than ${REFERRERS_LIMIT_BYTES} bytes`));
+          return;
+        }
+        exchange.bytes = body.length;
+        answerJson(res, 200, { kind: 'found', index: body.toString('base64') });
+      } catch (error) {
+        if (signal.aborted) exchange.error = 'client went away';
+        else {
+          exchange.error = (error as Error).message;
+          sendError(res, registryError(502, 'UNAVAILABLE', `the upstream did not answer: ${(error as Error).message}`));
+        }
+      }
+    });
+  }
+
   /** The credentials to ask the upstream with, or null when the client was refused (and answered). */
-  private authorize(runtime: ProxyRuntime, rr: RuleUpstream, route: ContentRoute, req: IncomingMessage, res: ServerResponse, exchange: Exchange): UpstreamCredentials | undefined | null {
-    const auth = authenticate(runtime, rr, req.headers.authorization, this.options.logger);
+  private authorize(runtime: ProxyRuntime, rr: RuleUpstream, repository: string, authorization: string | undefined, res: ServerResponse, exchange: Exchange): UpstreamCredentials | undefined | null {
+    const auth = authenticate(runtime, rr, authorization, this.options.logger);
     if (!auth.ok) {
       exchange.namespace = auth.namespace ?? null;
       exchange.error = auth.error.message;
@@ -113,7 +293,7 @@ class RegistryShell {
       return null;
     }
     exchange.namespace = auth.namespace;
-    const refusal = repositoryRefusal(rr, route.name);
+    const refusal = repositoryRefusal(rr, repository);
     if (refusal !== null) {
       exchange.error = refusal.message;
       sendError(res, refusal);
@@ -123,7 +303,7 @@ class RegistryShell {
   }
 
   /** Asks the content source and answers; the client going away aborts the request and any stream in flight. */
-  private async serveContent(content: ContentSource, rr: RuleUpstream, route: ContentRoute, credentials: UpstreamCredentials | undefined, req: IncomingMessage, res: ServerResponse, exchange: Exchange): Promise<void> {
+  private async serveContent(content: ContentSource, rr: RuleUpstream, route: ContentRoute, credentials: UpstreamCredentials | undefined, req: IncomingMessage, res: ServerResponse, exchange: Exchange, maxBlobBytes?: number): Promise<void> {
     const abort = new AbortController();
     const onClose = () => {
       if (!res.writableFinished) abort.abort();
@@ -132,7 +312,7 @@ class RegistryShell {
     const request: ContentRequest = { rule: rr.rule.name, repository: route.name, method: req.method === 'HEAD' ? 'HEAD' : 'GET', credentials, signal: abort.signal };
     try {
       if (route.kind === 'manifest') await this.manifest(content, route, request, req, res, exchange);
-      else if (route.kind === 'blob') await this.blob(content, route, request, req, res, exchange);
+      else if (route.kind === 'blob') await this.blob(content, route, request, req, res, exchange, maxBlobBytes);
       else await this.tags(content, route, request, res);
     } catch (error) {
       if (error instanceof ContentError) {
@@ -160,14 +340,22 @@ class RegistryShell {
     answerManifest(res, manifest);
   }
 
-  private async blob(content: ContentSource, route: Extract<Route, { kind: 'blob' }>, request: ContentRequest, req: IncomingMessage, res: ServerResponse, exchange: Exchange): Promise<void> {
+  /** `maxBytes` (admission reads): refused by its declared size, cut when more arrives. */
+  private async blob(content: ContentSource, route: Extract<Route, { kind: 'blob' }>, request: ContentRequest, req: IncomingMessage, res: ServerResponse, exchange: Exchange, maxBytes?: number): Promise<void> {
     if (request.method === 'GET' && !this.limits.takeBlobStream(res)) {
       exchange.error = 'too many blob streams from this client';
       sendError(res, registryError(429, 'TOOMANYREQUESTS', `this client already has ${this.limits.blobStreams.perClient} blob downloads in progress`), { 'retry-after': '1' });
       return;
     }
-    const blob = await content.blob({ ...request, digest: route.digest, range: req.headers.range, onUpstreamAnswer: this.observeUpstream(request.rule, 'blob') });
+    const blob = await content.blob({ ...request, digest: route.digest, range: maxBytes === undefined ? req.headers.range : undefined, onUpstreamAnswer: this.observeUpstream(request.rule, 'blob') });
     exchange.cache = blob.cache ?? null;
+    const declared = Number(blob.headers['content-length']);
+    if (maxBytes !== undefined && Number.isFinite(declared) && declared > maxBytes) {
+      blob.body?.destroy(new Error('blob larger than the admission limit'));
+      exchange.error = `blob of ${declared} bytes, larger than the ${maxBytes} asked for`;
+      sendError(res, registryError(413, 'UNSUPPORTED', `the blob is ${declared} bytes, larger than the ${maxBytes} bytes asked for`));
+      return;
+    }
     res.writeHead(blob.status, blob.headers);
     if (!blob.body) {
       res.end();
@@ -178,6 +366,7 @@ class RegistryShell {
       minimumRate: this.minimumRate,
       onBytes: (n) => {
         exchange.bytes += n;
+        if (maxBytes !== undefined && exchange.bytes > maxBytes) blob.body?.destroy(new Error(`more than the ${maxBytes} bytes asked for`));
       },
     });
     this.metrics.inflight.dec();
@@ -202,4 +391,9 @@ class RegistryShell {
   private observeUpstream(rule: string, kind: 'manifest' | 'blob'): (seconds: number) => void {
     return (seconds) => this.metrics.upstreamSeconds.observe({ rule, kind }, seconds);
   }
+}
+
+function answerJson(res: ServerResponse, status: number, body: unknown): void {
+  const text = JSON.stringify(body);
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text) }).end(res.req.method === 'HEAD' ? undefined : text);
 }

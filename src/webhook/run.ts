@@ -9,6 +9,7 @@ import { Gauge, type Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
 import { filesReadBy, type Config, type ConfigError } from '../rules/config.js';
+import type { RegistryView } from '../rules/registryview.js';
 import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
@@ -60,6 +61,16 @@ export interface WebhookRunOptions {
    * one replica at a time, elected with a Lease in `namespace` (src/k8s/connections.ts).
    */
   readonly statusCollector?: { readonly namespace: string; readonly proxySelector: string; readonly proxyDaemonSet: string; readonly opsPort: number; readonly intervalMs: number; readonly identity: string };
+  /**
+   * Where admission asks about upstreams (the proxies' admission endpoints, src/webhook/proxytier.ts):
+   * fixed operations URLs, or the proxy DaemonSet's Ready Pods (needs API access). Needs a broker key.
+   */
+  readonly resolver?: {
+    readonly urls?: readonly string[];
+    readonly discovery?: { readonly namespace: string; readonly proxySelector: string; readonly proxyDaemonSet: string; readonly opsPort: number; readonly intervalMs: number };
+    /** One question's deadline (DEFAULT_RESOLVER_DEADLINE_MS). */
+    readonly deadlineMs?: number;
+  };
 }
 
 export interface WebhookProcess {
@@ -70,6 +81,8 @@ export interface WebhookProcess {
   /** Runs the pull secret reconciler once now (it also runs on its timer); undefined without API access. */
   readonly reconcile: (() => Promise<unknown>) | undefined;
   readonly metrics: Registry;
+  /** What admission asks about upstreams, cached; undefined without `resolver`. */
+  readonly registryView: RegistryView | undefined;
   shutdown(): Promise<void>;
 }
 
@@ -98,6 +111,20 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   const gated = options.metricsListener ?? (options.metricsPort !== undefined ? await listenGated({ host: options.host, port: options.metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }) : undefined);
   const metricsServer = gated?.server;
 
+  // Keys follow the live config, so that a rotation is a config change; without broker keys only
+  // the pull secrets of rewrite: never rules are provisioned (nothing asks for the broker's), and
+  // neither the status collector nor the admission resolver has a token.
+  let keys = new BrokerKeys(config.broker?.keyFiles ?? []);
+  let keyFiles = (config.broker?.keyFiles ?? []).join('\n');
+  const signingKey = (): Uint8Array => {
+    const current = config.broker?.keyFiles ?? [];
+    if (current.join('\n') !== keyFiles) {
+      keys = new BrokerKeys(current);
+      keyFiles = current.join('\n');
+    }
+    return keys.signingKey();
+  };
+
   const k8s = options.kubeconfig !== undefined ? (await import('../k8s/client.js')).kubeClients(options.kubeconfig === 'in-cluster' ? undefined : options.kubeconfig) : undefined;
   let onRejected: ((message: string) => void) | undefined;
   let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
@@ -111,18 +138,6 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     ]);
     const labels = new NamespaceLabels(k8s.core, logger);
     sideEffects.namespaceLabels = (ns) => labels.get(ns);
-    // Keys follow the live config, so that a rotation is a config change; without broker keys only
-    // the pull secrets of rewrite: never rules are provisioned (nothing asks for the broker's).
-    let keys = new BrokerKeys(config.broker?.keyFiles ?? []);
-    let keyFiles = (config.broker?.keyFiles ?? []).join('\n');
-    const signingKey = () => {
-      const current = config.broker?.keyFiles ?? [];
-      if (current.join('\n') !== keyFiles) {
-        keys = new BrokerKeys(current);
-        keyFiles = current.join('\n');
-      }
-      return keys.signingKey();
-    };
     // A new config is taken up only once the files it has the webhook read load: the signing key,
     // and the upstream credentials of rewrite: never rules (only those reach the webhook).
     loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
@@ -141,7 +156,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     if (config.broker) {
       const collectorOptions = options.statusCollector;
       if (collectorOptions) {
-        const [{ StatusCollector }, { collectorToken }, { CoordinationV1Api, CustomObjectsApi }, { recordEvent }] = await Promise.all([import('../k8s/connections.js'), import('../proxy/credentials.js'), import('@kubernetes/client-node'), import('../k8s/events.js')]);
+        const [{ StatusCollector }, { opsToken }, { CoordinationV1Api, CustomObjectsApi }, { recordEvent }] = await Promise.all([import('../k8s/connections.js'), import('../rules/credentials.js'), import('@kubernetes/client-node'), import('../k8s/events.js')]);
         const { CONNECTION_GROUP, CONNECTION_KIND, CONNECTION_VERSION } = await import('../k8s/connectionstatus.js');
         const collector = new StatusCollector({
           ...collectorOptions,
@@ -149,7 +164,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
           custom: k8s.config.makeApiClient(CustomObjectsApi),
           coordination: k8s.config.makeApiClient(CoordinationV1Api),
           config: () => config,
-          token: () => collectorToken(signingKey()),
+          token: () => opsToken(signingKey(), 'collector'),
           logger,
           metrics,
           recordEvent: (name, change) => recordEvent(k8s.core, logger, { apiVersion: `${CONNECTION_GROUP}/${CONNECTION_VERSION}`, kind: CONNECTION_KIND, name, namespace: collectorOptions.namespace }, change.eventType, change.reason, `${change.type} is ${change.to}: ${change.message}`, 'pullbridge-webhook'),
@@ -171,6 +186,32 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     if (target) onRejected = (message) => void recordWarning(k8s.core, logger, { kind: 'ConfigMap', ...target }, 'InvalidConfig', message, 'pullbridge-webhook');
   } else {
     logger.warn('no Kubernetes API access: pull secrets are not provisioned and namespace labels are not read');
+  }
+
+  let registryView: RegistryView | undefined;
+  if (options.resolver && !config.broker) logger.warn('no broker.keyFiles in the config: the admission resolver has no token the proxies accept, and admission cannot ask the upstreams');
+  else if (options.resolver) {
+    const key = signingKey;
+    const resolver = options.resolver;
+    const [{ ProxyTierView }, { CachedRegistryView }, { namespaceToken, opsToken }] = await Promise.all([import('./proxytier.js'), import('./viewcache.js'), import('../rules/credentials.js')]);
+    let endpoints: () => readonly string[] = () => resolver.urls ?? [];
+    if (resolver.discovery) {
+      if (!k8s) throw new Error('finding the proxies needs Kubernetes API access (in a cluster, or --kubeconfig); or give --resolver-url');
+      const { ProxyEndpoints } = await import('../k8s/proxyendpoints.js');
+      const discovered = new ProxyEndpoints({ ...resolver.discovery, core: k8s.core, logger });
+      discovered.start();
+      stops.push(() => discovered.stop());
+      const fixed = resolver.urls ?? [];
+      endpoints = () => [...fixed, ...discovered.endpoints()];
+    }
+    const tier = new ProxyTierView({
+      endpoints,
+      token: () => opsToken(key(), 'resolver'),
+      namespaceAuthorization: (namespace) => `Basic ${Buffer.from(`${namespace}:${namespaceToken(key(), namespace)}`).toString('base64')}`,
+      ...(resolver.deadlineMs !== undefined ? { deadlineMs: resolver.deadlineMs } : {}),
+    });
+    stopsAsync.push(() => tier.close());
+    registryView = new CachedRegistryView(tier);
   }
 
   let tls: TlsFiles | undefined = options.tls;
@@ -273,6 +314,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     watcher,
     reconcile,
     metrics,
+    registryView,
     async shutdown() {
       draining = true;
       watcher?.stop();

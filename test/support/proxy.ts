@@ -7,8 +7,9 @@ import { join } from 'node:path';
 import type { Registry } from 'prom-client';
 import { NodeCache, type NodeCacheOptions } from '../../src/cache/nodecache.js';
 import { createMetricsRegistry } from '../../src/metrics.js';
-import { namespaceToken } from '../../src/proxy/credentials.js';
+import { namespaceToken } from '../../src/rules/credentials.js';
 import { createProxyRuntime, type ProxyRuntime } from '../../src/proxy/runtime.js';
+import { runProxy } from '../../src/proxy/run.js';
 import { createProxyHandler, type ProxyHandlerOptions } from '../../src/proxy/server.js';
 import { Prober } from '../../src/upstream/probe.js';
 import type { TransportOptions } from '../../src/upstream/transport.js';
@@ -74,6 +75,41 @@ export async function startProxy(
       await running.close(100);
       await runtime.close();
       await cache?.close();
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+export interface ProxyProcessUnderTest {
+  /** The registry port's URL. */
+  readonly url: string;
+  /** The operations port on loopback. */
+  readonly opsUrl: string;
+  /** The operations port on the collector address (another loopback address, standing in for the Pod IP). */
+  readonly collectorUrl: string | undefined;
+  readonly logs: ReturnType<typeof memoryLogger>;
+  close(): Promise<void>;
+}
+
+/**
+ * The proxy as `pullbridge proxy` runs it (runProxy: registry port, operations port, collector
+ * listener), in-process on loopback, with `key` as its broker key (a temp file).
+ */
+export async function runProxyUnderTest(config: Omit<ConfigInput, 'broker'>, key: Buffer, options: { readonly collectorHost?: string } = {}): Promise<ProxyProcessUnderTest> {
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-proxy-'));
+  const keyFile = join(dir, 'broker.key');
+  writeFileSync(keyFile, `${key.toString()}\n`);
+  const result = validateConfig({ broker: { keyFiles: [keyFile] }, ...config });
+  if (!result.ok) throw new Error(result.errors.map((e) => `${e.key}: ${e.message}`).join('\n'));
+  const logs = memoryLogger();
+  const proxy = await runProxy({ config: result.config, host: '127.0.0.1', port: 0, opsPort: 0, opsHost: '127.0.0.1', ...(options.collectorHost ? { opsCollectorHost: options.collectorHost } : {}), probeIntervalMs: 0, logger: logs.logger });
+  return {
+    url: proxy.running.url,
+    opsUrl: proxy.ops?.url ?? '',
+    collectorUrl: proxy.opsCollector?.url,
+    logs,
+    async close() {
+      await proxy.shutdown();
       rmSync(dir, { recursive: true, force: true });
     },
   };

@@ -1,5 +1,6 @@
 // Client credentials: the per-namespace broker credential the webhook provisions and the proxy
-// checks, Basic header parsing, and the dockerconfigjson payload. Pure: keys come in as bytes.
+// checks, Basic header parsing, the dockerconfigjson payload, and the operations port's bearer
+// tokens. Pure: keys come in as bytes. Here (below proxy, webhook and k8s) because all three use it.
 
 import { createHmac, timingSafeEqual } from 'node:crypto';
 
@@ -49,25 +50,32 @@ export function dockerConfigJson(proxyAuthority: string, namespace: string, key:
   });
 }
 
-/** What the collector token is an HMAC of: a purpose of its own, so it is no namespace's credential. */
-const COLLECTOR_PURPOSE = 'pullbridge ops collector v1';
-
 /**
- * The bearer token the webhook's status collector presents on a proxy's operations port. Derived
- * from the broker key both already hold, so that no other Secret exists; hex of the HMAC.
+ * Bearer tokens on a proxy's operations port, one per purpose: the status collector's (reads
+ * /status) and the admission resolver's (asks the upstream through the proxy, /admission/…). Each is
+ * an HMAC of its own purpose string under the broker key both sides already hold, so that no other
+ * Secret exists, neither is any namespace's credential, and one never opens the other's endpoints.
  */
-export function collectorToken(key: Uint8Array): string {
-  return createHmac('sha256', key).update(COLLECTOR_PURPOSE).digest('hex');
+const OPS_TOKEN_PURPOSES = {
+  collector: 'pullbridge ops collector v1',
+  resolver: 'pullbridge admission resolver v1',
+} as const;
+
+export type OpsTokenPurpose = keyof typeof OPS_TOKEN_PURPOSES;
+
+/** The bearer token for `purpose` under `key`: hex of the HMAC. */
+export function opsToken(key: Uint8Array, purpose: OpsTokenPurpose): string {
+  return createHmac('sha256', key).update(OPS_TOKEN_PURPOSES[purpose]).digest('hex');
 }
 
-/** Whether `authorization` is `Bearer <collector token>` under any of the keys (constant time, every key compared). */
-export function verifyCollectorToken(keys: readonly Uint8Array[], authorization: string | undefined): boolean {
+/** Whether `authorization` is `Bearer <token for purpose>` under any of the keys (constant time, every key compared). */
+export function verifyOpsToken(keys: readonly Uint8Array[], purpose: OpsTokenPurpose, authorization: string | undefined): boolean {
   const m = /^Bearer\s+(\S+)\s*$/i.exec(authorization ?? '');
   if (!m) return false;
   const given = Buffer.from(m[1] ?? '');
   let ok = false;
   for (const key of keys) {
-    const expected = Buffer.from(collectorToken(key));
+    const expected = Buffer.from(opsToken(key, purpose));
     if (expected.length === given.length && timingSafeEqual(expected, given)) ok = true;
   }
   return ok;

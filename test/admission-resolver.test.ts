@@ -1,0 +1,325 @@
+// The proxy tier answers admission's questions: the admission endpoints on the proxies' operations
+// port (resolver token), and the webhook's view of them (ProxyTierView behind CachedRegistryView).
+// Real parts: two proxies as `pullbridge proxy` runs them, docker-registry behind its token server
+// (one repository public to anonymous token requests, one not), tinyproxy as one rule's forwarding
+// proxy. One fake: a stalled upstream (a loopback TCP server that accepts and never answers), a
+// fault the real registry cannot be made to produce.
+
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { namespaceToken, opsToken } from '../src/rules/credentials.js';
+import type { RegistryView } from '../src/rules/registryview.js';
+import { rendezvousOrder, ProxyTierView } from '../src/webhook/proxytier.js';
+import { CachedRegistryView, DEFAULT_VIEW_CACHE_POLICY, keepFor } from '../src/webhook/viewcache.js';
+import { buildImage, type TestImage } from './support/oci.js';
+import { freePort } from './support/procs.js';
+import { runProxyUnderTest, type ProxyProcessUnderTest } from './support/proxy.js';
+import { DEFAULT_USERS, startRegistry, type RegistryHandle } from './support/registry.js';
+import { startTinyproxy, type Tinyproxy } from './support/tinyproxy.js';
+
+const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
+const sha256 = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
+
+/** Polls `check` until it holds (bounded): logs are written as responses close. */
+async function eventually(check: () => boolean, what: string): Promise<void> {
+  for (let i = 0; i < 200; i++) {
+    if (check()) return;
+    await new Promise((r) => setTimeout(r, 25));
+  }
+  assert.fail(`never: ${what}`);
+}
+
+describe('admission resolver: the proxy tier answers admission through the rules\' transport', function () {
+  this.timeout(120_000);
+  const dir = mkdtempSync(join(tmpdir(), 'pullbridge-resolver-'));
+  const key = Buffer.from(randomBytes(32).toString('hex'));
+  let registry: RegistryHandle;
+  let tinyproxy: Tinyproxy;
+  let stalled: net.Server;
+  const stalledSockets = new Set<net.Socket>();
+  let proxyA: ProxyProcessUnderTest;
+  let proxyB: ProxyProcessUnderTest;
+  let image: TestImage;
+  const views: ProxyTierView[] = [];
+
+  const rules = () => {
+    const [user] = Object.keys(DEFAULT_USERS);
+    const credentials = { username: user, passwordFile: join(dir, 'password') };
+    const auth = { mode: 'broker' as const, tokenRealms: [new URL(registry.issuer?.realm ?? '').origin] };
+    return [
+      { name: 'corp', match: ['corp.example'], upstream: registry.url, credentials, auth, namespaces: { include: ['team-*'] } },
+      { name: 'via', match: ['via.example'], upstream: registry.url, credentials, auth, forwardProxy: { url: tinyproxy.url, mode: 'forward' as const } },
+      { name: 'nocache', match: ['nocache.example'], upstream: registry.url, credentials, auth, cache: false },
+      { name: 'stalled', match: ['stalled.example'], upstream: `http://127.0.0.1:${(stalled.address() as net.AddressInfo).port}`, auth: { mode: 'anonymous' as const } },
+    ];
+  };
+
+  const tier = (endpoints: readonly string[], deadlineMs = 5_000): ProxyTierView => {
+    const view = new ProxyTierView({
+      endpoints: () => endpoints,
+      token: () => opsToken(key, 'resolver'),
+      namespaceAuthorization: (namespace) => `Basic ${Buffer.from(`${namespace}:${namespaceToken(key, namespace)}`).toString('base64')}`,
+      deadlineMs,
+    });
+    views.push(view);
+    return view;
+  };
+  const signal = () => new AbortController().signal;
+  /** Admission requests the proxy logged for a repository. */
+  const admissions = (p: ProxyProcessUnderTest, repository: string) => p.logs.records.filter((r) => r.access === 'admission' && r.repository === repository);
+
+  before(async () => {
+    writeFileSync(join(dir, 'password'), DEFAULT_USERS.puller);
+    registry = await startRegistry({ auth: 'token', accessLog: true, anonymousPull: ['public/app', 'public/other', 'public/shared', 'public/failover', 'public/via-down'] });
+    image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [512] });
+    for (const repository of ['public/app', 'private/app', 'public/other', 'public/shared', 'public/failover']) await registry.push(image, repository, '1');
+    tinyproxy = await startTinyproxy();
+    stalled = net.createServer((socket) => {
+      stalledSockets.add(socket);
+      socket.on('close', () => stalledSockets.delete(socket));
+    });
+    await new Promise<void>((resolve) => stalled.listen(0, '127.0.0.1', resolve));
+    const config = (cache: string) => ({ cache: { path: join(dir, cache) }, registries: rules() });
+    // 127.0.0.2 stands in for the Pod IP: the collector listener of the hostNetwork exposure.
+    proxyA = await runProxyUnderTest(config('cache-a'), key, { collectorHost: '127.0.0.2' });
+    proxyB = await runProxyUnderTest(config('cache-b'), key);
+  });
+  after(async () => {
+    await Promise.all(views.map((v) => v.close()));
+    await proxyA?.close();
+    await proxyB?.close();
+    for (const socket of stalledSockets) socket.destroy();
+    await new Promise((resolve) => stalled?.close(resolve));
+    await tinyproxy?.stop();
+    await registry?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('answers only the resolver token: none 401, the collector\'s or another key\'s 403; on the collector listener too; the registry port has no such path (404)', async () => {
+    const path = '/admission/probe/v2/corp/public/app/manifests/1';
+    assert.equal((await fetch(`${proxyA.opsUrl}${path}`)).status, 401, 'no token, even from loopback');
+    assert.equal((await fetch(`${proxyA.opsUrl}${path}`, { headers: { authorization: `Bearer ${opsToken(key, 'collector')}` } })).status, 403, "the status collector's token");
+    assert.equal((await fetch(`${proxyA.opsUrl}${path}`, { headers: { authorization: `Bearer ${opsToken(randomBytes(32), 'resolver')}` } })).status, 403, "another key's resolver token");
+    const right = { authorization: `Bearer ${opsToken(key, 'resolver')}` };
+    assert.equal((await fetch(`${proxyA.opsUrl}${path}`, { headers: right })).status, 200);
+    assert.ok(proxyA.collectorUrl?.includes('127.0.0.2'));
+    assert.equal((await fetch(`${proxyA.collectorUrl}${path}`)).status, 401, 'collector listener, no token');
+    assert.equal((await fetch(`${proxyA.collectorUrl}${path}`, { headers: right })).status, 200, 'collector listener, the resolver token');
+    const registryPort = await fetch(`${proxyA.url}${path}`, { headers: right });
+    assert.equal(registryPort.status, 404, 'the registry port never answers admission paths');
+    const manifestPath = '/admission/v2/corp/private/app/manifests/1';
+    assert.equal((await fetch(`${proxyA.url}${manifestPath}`, { headers: { ...right, 'x-pullbridge-namespace-authorization': `Basic ${Buffer.from(`team-a:${namespaceToken(key, 'team-a')}`).toString('base64')}` } })).status, 404);
+  });
+
+  it('probes anonymously through the rule\'s transport: a public repository 200, a private one 401; through tinyproxy too, which it needs', async () => {
+    const view = tier([proxyA.opsUrl]);
+    assert.deepEqual(await view.probeAnonymous({ rule: 'corp', repository: 'public/app', reference: '1' }, signal()), { kind: 'answered', status: 200 });
+    assert.deepEqual(await view.probeAnonymous({ rule: 'corp', repository: 'private/app', reference: '1' }, signal()), { kind: 'answered', status: 401 });
+    assert.deepEqual(await view.probeAnonymous({ rule: 'via', repository: 'public/app', reference: '1' }, signal()), { kind: 'answered', status: 200 });
+    assert.deepEqual(await view.probeAnonymous({ rule: 'via', repository: 'private/app', reference: '1' }, signal()), { kind: 'answered', status: 401 });
+    // The anonymous tokens never serve the credentialed reads, nor the other way round.
+    const withCredential = await view.manifest({ rule: 'corp', repository: 'private/app', reference: '1', namespace: 'team-a', method: 'HEAD' }, signal());
+    assert.equal(withCredential.kind, 'found');
+    assert.deepEqual(await view.probeAnonymous({ rule: 'corp', repository: 'private/app', reference: '1' }, signal()), { kind: 'answered', status: 401 }, 'still private after a credentialed read');
+  });
+
+  it('reads manifests and small blobs with the namespace\'s credential, as a pull would: the registry\'s digest; a namespace the rule refuses is refused; the access log marks them', async () => {
+    const view = tier([proxyA.opsUrl]);
+    const got = await view.manifest({ rule: 'corp', repository: 'private/app', reference: '1', namespace: 'team-a', method: 'GET' }, signal());
+    assert.equal(got.kind, 'found');
+    if (got.kind !== 'found') return;
+    assert.equal(got.digest, image.index.digest, "the registry's digest of the tag");
+    assert.equal(got.mediaType, OCI_INDEX);
+    assert.equal(got.body && sha256(got.body), image.index.digest);
+    const byDigest = await view.manifest({ rule: 'corp', repository: 'private/app', reference: image.index.digest, namespace: 'team-a', method: 'HEAD' }, signal());
+    assert.deepEqual(byDigest, { kind: 'found', digest: image.index.digest, mediaType: OCI_INDEX });
+    const refused = await view.manifest({ rule: 'corp', repository: 'private/app', reference: '1', namespace: 'shop', method: 'GET' }, signal());
+    assert.equal(refused.kind, 'refused');
+    if (refused.kind === 'refused') {
+      assert.equal(refused.status, 403);
+      assert.match(refused.error, /namespace "shop" may not pull through rule "corp"/);
+    }
+    const config = image.configs[0];
+    assert.ok(config);
+    const blob = await view.blob({ rule: 'corp', repository: 'private/app', digest: config.digest, namespace: 'team-a', maxBytes: 64 * 1024 }, signal());
+    assert.ok(blob.kind === 'found' && blob.body.equals(config.data));
+    const tooLarge = await view.blob({ rule: 'corp', repository: 'private/app', digest: config.digest, namespace: 'team-a', maxBytes: config.data.length - 1 }, signal());
+    assert.equal(tooLarge.kind, 'refused');
+    assert.equal(tooLarge.kind === 'refused' && tooLarge.status, 413);
+    await eventually(() => admissions(proxyA, 'private/app').some((r) => r.kind === 'blob' && r.status === 413), 'the refused blob logged');
+    const logged = admissions(proxyA, 'private/app');
+    assert.ok(logged.some((r) => r.kind === 'manifest' && r.namespace === 'team-a' && r.status === 200 && r.rule === 'corp'));
+    assert.ok(logged.some((r) => r.kind === 'manifest' && r.namespace === 'shop' && r.status === 403));
+    assert.ok(!JSON.stringify(proxyA.logs.records).includes(namespaceToken(key, 'team-a')), 'no credential in the log');
+    assert.ok(!JSON.stringify(proxyA.logs.records).includes(opsToken(key, 'resolver')), 'no token in the log');
+  });
+
+  it('passes the referrers API on: the registry has none (distribution 2.8 answers 404), so the answer says unsupported', async () => {
+    const view = tier([proxyA.opsUrl]);
+    const answer = await view.referrers({ rule: 'corp', repository: 'private/app', digest: image.index.digest, namespace: 'team-a', artifactType: 'application/vnd.dev.cosign.artifact.sig.v1+json' }, signal());
+    assert.deepEqual(answer, { kind: 'unsupported' });
+    await eventually(() => admissions(proxyA, 'private/app').some((r) => r.kind === 'referrers'), 'referrers logged');
+    const paths = (await registry.requests()).filter((r) => r.path === `/v2/private/app/referrers/${image.index.digest}`);
+    assert.ok(paths.length > 0, 'the registry was asked');
+  });
+
+  it('the cached view answers a repeated question without asking the proxy or the upstream again; identical questions at once share one call', async () => {
+    const view = new CachedRegistryView(tier([proxyA.opsUrl]));
+    const upstreamAsks = async (repository: string) => (await registry.requests()).filter((r) => r.path.startsWith(`/v2/${repository}/manifests/`)).length;
+    assert.deepEqual(await view.probeAnonymous({ rule: 'nocache', repository: 'public/other', reference: '1' }, signal()), { kind: 'answered', status: 200 });
+    const first = await upstreamAsks('public/other');
+    assert.ok(first > 0);
+    assert.deepEqual(await view.probeAnonymous({ rule: 'nocache', repository: 'public/other', reference: 'other-tag' }, signal()), { kind: 'answered', status: 200 }, 'public holds for the repository');
+    const found = await view.manifest({ rule: 'nocache', repository: 'public/other', reference: '1', namespace: 'ns1', method: 'GET' }, signal());
+    assert.equal(found.kind === 'found' && found.digest, image.index.digest);
+    const afterManifest = await upstreamAsks('public/other');
+    assert.ok(afterManifest > first, 'the rule has no node cache: the manifest went upstream');
+    assert.equal((await view.manifest({ rule: 'nocache', repository: 'public/other', reference: '1', namespace: 'ns1', method: 'HEAD' }, signal())).kind, 'found');
+    assert.equal(await upstreamAsks('public/other'), afterManifest, 'no new upstream request for the repeated questions');
+    // Another namespace is another question (a namespace filter may refuse it).
+    assert.equal((await view.manifest({ rule: 'nocache', repository: 'public/other', reference: '1', namespace: 'ns2', method: 'HEAD' }, signal())).kind, 'found');
+    assert.ok((await upstreamAsks('public/other')) > afterManifest);
+
+    const at = admissions(proxyA, 'public/shared').length;
+    const answers = await Promise.all([1, 2, 3].map(() => view.probeAnonymous({ rule: 'nocache', repository: 'public/shared', reference: '1' }, signal())));
+    for (const answer of answers) assert.deepEqual(answer, { kind: 'answered', status: 200 });
+    // A marker question after them: once it is logged, every request before it is too.
+    await tier([proxyA.opsUrl]).probeAnonymous({ rule: 'nocache', repository: 'public/app', reference: 'marker' }, signal());
+    await eventually(() => proxyA.logs.records.some((r) => r.access === 'admission' && r.reference === 'marker'), 'the marker logged');
+    assert.equal(admissions(proxyA, 'public/shared').length - at, 1, 'one request to the proxy for three questions at once');
+  });
+
+  it('a stalled upstream: the question is answered "failed" by its deadline, failover included', async () => {
+    const view = tier([proxyA.opsUrl, proxyB.opsUrl], 600);
+    const answer = await view.probeAnonymous({ rule: 'stalled', repository: 'team/app', reference: '1' }, signal());
+    assert.equal(answer.kind, 'failed');
+    assert.match(answer.kind === 'failed' ? answer.error : '', /no answer in time/);
+    assert.ok(stalledSockets.size > 0, 'the upstream was reached and held the request');
+    const manifest = await view.manifest({ rule: 'stalled', repository: 'team/app', reference: '1', namespace: 'team-a', method: 'HEAD' }, signal());
+    assert.equal(manifest.kind, 'failed');
+    // The caller's own signal ends it too (the admission's deadline).
+    const gaveUp = new AbortController();
+    const pending = tier([proxyA.opsUrl], 60_000).probeAnonymous({ rule: 'stalled', repository: 'team/app', reference: '2' }, gaveUp.signal);
+    gaveUp.abort();
+    assert.equal((await pending).kind, 'failed');
+  });
+
+  it('asks the proxies in rendezvous order of rule/repository and fails over to the next when the first is down', async () => {
+    const down = `http://127.0.0.1:${await freePort()}`; // nothing listens there
+    const endpoints = [down, proxyB.opsUrl];
+    // A repository whose first proxy is the one that is down.
+    const repository = ['public/failover', 'public/app', 'public/other', 'public/shared'].find((r) => rendezvousOrder(`corp/${r}`, endpoints)[0] === down);
+    assert.ok(repository, 'some repository ranks the down proxy first');
+    const at = admissions(proxyB, repository).length;
+    const answer = await tier(endpoints).probeAnonymous({ rule: 'corp', repository, reference: '1' }, signal());
+    assert.deepEqual(answer, { kind: 'answered', status: 200 });
+    await eventually(() => admissions(proxyB, repository).length > at, 'proxy B answered');
+    // Nothing answers: failed, naming each proxy's reason.
+    const none = await tier([down]).probeAnonymous({ rule: 'corp', repository, reference: '1' }, signal());
+    assert.equal(none.kind, 'failed');
+    assert.match(none.kind === 'failed' ? none.error : '', /ECONNREFUSED/);
+    assert.equal((await tier([]).probeAnonymous({ rule: 'corp', repository, reference: '1' }, signal())).kind, 'failed');
+  });
+
+  it('a rule whose forwarding proxy is down fails the probe (the rule\'s transport is the only way)', async () => {
+    await tinyproxy.stop();
+    const answer = await tier([proxyA.opsUrl]).probeAnonymous({ rule: 'via', repository: 'public/via-down', reference: '1' }, signal());
+    assert.equal(answer.kind, 'failed');
+  });
+});
+
+describe('admission resolver: pure parts', () => {
+  it('rendezvous order is stable, and removing a proxy moves only the repositories it was first for', () => {
+    const endpoints = ['http://10.0.0.1:9090', 'http://10.0.0.2:9090', 'http://10.0.0.3:9090'];
+    const keys = Array.from({ length: 200 }, (_, i) => `corp/team/app-${i}`);
+    const first = new Map(keys.map((k) => [k, rendezvousOrder(k, endpoints)[0]]));
+    assert.deepEqual(rendezvousOrder('corp/x', endpoints), rendezvousOrder('corp/x', [...endpoints].reverse()), 'independent of the listing order');
+    const counts = new Map<string, number>();
+    for (const e of first.values()) counts.set(e ?? '', (counts.get(e ?? '') ?? 0) + 1);
+    assert.equal(counts.size, 3, 'every proxy is first for some repositories');
+    const without = endpoints.slice(0, 2);
+    for (const k of keys) {
+      const before = first.get(k);
+      const after = rendezvousOrder(k, without)[0];
+      if (before !== endpoints[2]) assert.equal(after, before, `${k} stays where it was`);
+    }
+  });
+
+  it('keeps answers as the policy says: visibility for minutes, tags briefly, digests long, failures briefly or not at all', () => {
+    const p = DEFAULT_VIEW_CACHE_POLICY;
+    assert.equal(keepFor({ kind: 'probe' }, { kind: 'answered', status: 200 }, p), p.visibilityMs);
+    assert.equal(keepFor({ kind: 'probe' }, { kind: 'answered', status: 401 }, p), p.visibilityMs);
+    assert.equal(keepFor({ kind: 'probe' }, { kind: 'answered', status: 404 }, p), p.probeFailureMs);
+    assert.equal(keepFor({ kind: 'probe' }, { kind: 'failed', error: 'x' }, p), p.probeFailureMs);
+    const found = { kind: 'found' as const, digest: 'sha256:x', mediaType: OCI_INDEX };
+    assert.equal(keepFor({ kind: 'manifest', reference: '1.2' }, found, p), p.tagMs);
+    assert.equal(keepFor({ kind: 'manifest', reference: `sha256:${'a'.repeat(64)}` }, found, p), p.digestMs);
+    assert.equal(keepFor({ kind: 'manifest', reference: '1.2' }, { kind: 'failed', error: 'x' }, p), 0);
+    assert.equal(keepFor({ kind: 'manifest', reference: '1.2' }, { kind: 'refused', status: 403, error: 'x' }, p), p.refusalMs);
+    assert.ok(p.tagMs < p.visibilityMs && p.visibilityMs < p.digestMs);
+  });
+
+  it('the cache is bounded by entries and bytes, and drops expired answers', async () => {
+    let now = 0;
+    let calls = 0;
+    const inner: RegistryView = {
+      probeAnonymous: async () => ({ kind: 'answered', status: 200 }),
+      manifest: async ({ reference }) => {
+        calls++;
+        return { kind: 'found', digest: `sha256:${reference}`, mediaType: OCI_INDEX, body: Buffer.alloc(1000) };
+      },
+      blob: async () => ({ kind: 'failed', error: 'x' }),
+      referrers: async () => ({ kind: 'unsupported' }),
+    };
+    const view = new CachedRegistryView(inner, { ...DEFAULT_VIEW_CACHE_POLICY, maxEntries: 5, maxBytes: 4 * 1300 }, () => now);
+    const ask = (reference: string) => view.manifest({ rule: 'r', repository: 'a', reference, namespace: 'n', method: 'GET' }, new AbortController().signal);
+    for (let i = 0; i < 10; i++) await ask(`t${i}`);
+    assert.ok(view.stats().entries <= 4 && view.stats().bytes <= 4 * 1300, JSON.stringify(view.stats()));
+    calls = 0;
+    await ask('t9');
+    assert.equal(calls, 0, 'the newest is kept');
+    await ask('t0');
+    assert.equal(calls, 1, 'the oldest was evicted');
+    now += DEFAULT_VIEW_CACHE_POLICY.tagMs + 1;
+    await ask('t9');
+    assert.equal(calls, 2, 'expired after the tag TTL');
+  });
+
+  it('shares one call among identical questions: a caller giving up leaves the others their answer; when all gave up the call stops, and is not remembered', async () => {
+    const calls: Array<{ signal: AbortSignal; answer: (status: number) => void }> = [];
+    const inner: RegistryView = {
+      probeAnonymous: (_target, callSignal) =>
+        new Promise((resolve) => {
+          calls.push({ signal: callSignal, answer: (status) => resolve({ kind: 'answered', status }) });
+          callSignal.addEventListener('abort', () => resolve({ kind: 'failed', error: 'aborted' }));
+        }),
+      manifest: async () => ({ kind: 'failed', error: 'x' }),
+      blob: async () => ({ kind: 'failed', error: 'x' }),
+      referrers: async () => ({ kind: 'unsupported' }),
+    };
+    const view = new CachedRegistryView(inner);
+    const question = { rule: 'r', repository: 'a', reference: '1' };
+    const [a, b] = [new AbortController(), new AbortController()];
+    const [first, second] = [view.probeAnonymous(question, a.signal), view.probeAnonymous(question, b.signal)];
+    assert.equal(calls.length, 1, 'one call for both');
+    a.abort();
+    assert.equal((await first).kind, 'failed', 'the caller that gave up');
+    assert.equal(calls[0]?.signal.aborted, false, 'the call goes on for the other');
+    calls[0]?.answer(200);
+    assert.deepEqual(await second, { kind: 'answered', status: 200 });
+    const other = { ...question, repository: 'b' };
+    const c = new AbortController();
+    const gaveUp = view.probeAnonymous(other, c.signal);
+    c.abort();
+    assert.equal((await gaveUp).kind, 'failed');
+    assert.equal(calls[1]?.signal.aborted, true, 'nobody waits: the call stops');
+    const again = view.probeAnonymous(other, new AbortController().signal);
+    assert.equal(calls.length, 3, 'a later question gets a call of its own, not the abandoned one or its failure');
+    calls[2]?.answer(401);
+    assert.deepEqual(await again, { kind: 'answered', status: 401 });
+  });
+});
