@@ -14,7 +14,9 @@ import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
 import { BrokerKeys } from '../shell/secretfiles.js';
 import { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE, serveGated, type GatedListener } from '../shell/startupgate.js';
-import { createMetricsHandler, createWebhookApp, type WebhookSideEffects } from './server.js';
+import type { RegistryView } from '../rules/registryview.js';
+import { createMetricsHandler, createWebhookApp, DEFAULT_WEBHOOK_TIMEOUT_SECONDS, type WebhookSideEffects } from './server.js';
+import { budgetFor, type ReplicaSetPinsReader, type SignatureCheck } from './upstream.js';
 
 export interface WebhookRunOptions {
   readonly config: Config;
@@ -60,6 +62,13 @@ export interface WebhookRunOptions {
    * one replica at a time, elected with a Lease in `namespace` (src/k8s/connections.ts).
    */
   readonly statusCollector?: { readonly namespace: string; readonly proxySelector: string; readonly proxyDaemonSet: string; readonly opsPort: number; readonly intervalMs: number; readonly identity: string };
+  /**
+   * The apiserver's timeoutSeconds for this webhook (the chart's webhook.timeoutSeconds): the upstream
+   * questions of one review share a budget that fits inside it (budgetFor). Default 5.
+   */
+  readonly webhookTimeoutSeconds?: number;
+  /** The proxy tier as rules with rewrite: private-only, pinDigest or verify ask it, and the signature verifier. */
+  readonly upstream?: { readonly view?: RegistryView; readonly signatureCheck?: SignatureCheck };
 }
 
 export interface WebhookProcess {
@@ -100,6 +109,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let onRejected: ((message: string) => void) | undefined;
   let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
   const sideEffects: WebhookSideEffects = {};
+  let replicaSetPins: ReplicaSetPinsReader | undefined;
   if (k8s) {
     const [{ MAX_RECHECK_MS, PullSecretProvisioner, watchPullSecrets }, { DEFAULT_GRACE_MS, PullSecretReconciler }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
       import('../k8s/pullsecret.js'),
@@ -109,6 +119,9 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     ]);
     const labels = new NamespaceLabels(k8s.core, logger);
     sideEffects.namespaceLabels = (ns) => labels.get(ns);
+    const [{ ReplicaSetPins }, { AppsV1Api }] = await Promise.all([import('../k8s/replicasets.js'), import('@kubernetes/client-node')]);
+    const pins = new ReplicaSetPins(k8s.config.makeApiClient(AppsV1Api));
+    replicaSetPins = (ns, name, uid) => pins.get(ns, name, uid);
     if (config.broker) {
       // Keys follow the live config, so that a rotation is a config change.
       let keys = new BrokerKeys(config.broker.keyFiles);
@@ -228,6 +241,12 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     sideEffects,
     ready: () => !draining,
     pullSecretFailure: options.pullSecretFailure ?? 'deny',
+    upstream: {
+      budgetMs: budgetFor(options.webhookTimeoutSeconds ?? DEFAULT_WEBHOOK_TIMEOUT_SECONDS),
+      ...(options.upstream?.view ? { view: options.upstream.view } : {}),
+      ...(options.upstream?.signatureCheck ? { signatureCheck: options.upstream.signatureCheck } : {}),
+      ...(replicaSetPins ? { replicaSetPins } : {}),
+    },
     ...(clientAuth ? { clientAuth: { ...(clientAuth.allowedNames ? { allowedNames: clientAuth.allowedNames } : {}) } } : {}),
   });
   const running = await listen(app, { host: options.host, port: options.port, ...(tls ? { tls } : {}) }).catch(async (error: unknown) => {
