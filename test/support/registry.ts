@@ -30,6 +30,8 @@ export interface RegistryOptions {
    * (Host included, as signed) sees what the registry's clients send to the storage.
    */
   readonly storage?: { readonly s3: S3Server; readonly endpoint?: string };
+  /** With token auth: repositories the token issuer grants `pull` to anonymous clients (public ones). */
+  readonly anonymousPull?: readonly string[];
 }
 
 /** One request as the registry's access log recorded it. */
@@ -102,7 +104,7 @@ function libtrustKeyId(certPem: string): string {
 
 const b64url = (value: string | Buffer): string => Buffer.from(value).toString('base64url');
 
-async function startTokenIssuer(signing: CertificateBundle, service: string, users: Readonly<Record<string, string>>, tls: CertificateBundle | undefined): Promise<TokenIssuer> {
+async function startTokenIssuer(signing: CertificateBundle, service: string, users: Readonly<Record<string, string>>, tls: CertificateBundle | undefined, anonymousPull: readonly string[] = []): Promise<TokenIssuer> {
   const kid = libtrustKeyId(signing.caCert);
   const key = createPrivateKey(signing.caKey);
   const requests: TokenIssuer['requests'] = [];
@@ -130,6 +132,9 @@ async function startTokenIssuer(signing: CertificateBundle, service: string, use
       if (scope && user) {
         const [type, name, actions] = scope.split(':');
         access.push({ type, name, actions: (actions ?? '').split(',') });
+      } else if (scope) {
+        const [type, name, actions] = scope.split(':');
+        if (type === 'repository' && name !== undefined && anonymousPull.includes(name) && (actions ?? '').split(',').includes('pull')) access.push({ type, name, actions: ['pull'] });
       }
       const now = Math.floor(Date.now() / 1000);
       const header = b64url(JSON.stringify({ alg: 'RS256', typ: 'JWT', kid }));
@@ -248,7 +253,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   } else if (auth === 'token') {
     const signing = generateCertificates({ service: 'token-signer', namespace: 'test' });
     writeFileSync(join(dir, 'token-ca.crt'), signing.caCert);
-    issuer = await startTokenIssuer(signing, 'test-registry', users, tls);
+    issuer = await startTokenIssuer(signing, 'test-registry', users, tls, options.anonymousPull);
     lines.push('auth:', '  token:', `    realm: ${issuer.realm}`, '    service: test-registry', '    issuer: test-issuer', `    rootcertbundle: ${join(dir, 'token-ca.crt')}`);
   }
   writeFileSync(join(dir, 'config.yml'), `${lines.join('\n')}\n`);
