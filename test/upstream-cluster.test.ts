@@ -178,6 +178,9 @@ registries:
         ['containers/private', 'rewritten', { outcome: 'private', status: 401 }],
         ['containers/public', 'public-image', { outcome: 'public', status: 200 }],
       ]);
+      const metrics = await webhook.metrics.metrics();
+      assert.match(metrics, /^pullbridge_upstream_decisions_total\{rule="corp",question="probe",outcome="public"\} 1$/m);
+      assert.match(metrics, /^pullbridge_upstream_decisions_total\{rule="corp",question="probe",outcome="private"\} 1$/m);
       // The token server saw both anonymous probes (no user) and granted the public one.
       const anonymous = registry.issuer?.requests.filter((r) => r.user === null).map((r) => r.scope);
       assert.ok(anonymous?.includes('repository:team/probed:pull') && anonymous.includes('repository:public/app:pull'), JSON.stringify(anonymous));
