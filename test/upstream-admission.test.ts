@@ -6,6 +6,7 @@
 
 import assert from 'node:assert/strict';
 import net from 'node:net';
+import { parsePins } from '../src/k8s/replicasets.js';
 import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION } from '../src/rules/marks.js';
 import { admitPod, admitReplicaSet, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
 import { budgetFor, decideWithUpstream, type SignatureCheck } from '../src/webhook/upstream.js';
@@ -234,6 +235,24 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       assert.deepEqual(outcome.containers[0]?.upstream?.signature, { verified: false, reason: 'signed by another key', onFailure: 'warn' });
     });
 
+    it('checks an image written on the proxy already: no bypass by writing the proxy reference', () => {
+      const { first, outcome } = decide(['localhost:30500/signed/app:1'], (b) => {
+        found(b, 'signed');
+        b.signatures.set(signatureOf('signed', 'app', D1), { verified: false, reason: 'unsigned' });
+      });
+      assert.deepEqual(first.map((q) => q.kind === 'digest' && q.target.repository), ['app']);
+      assert.equal(outcome.decision, 'denied');
+      assert.match(outcome.denial ?? '', /containers\/c0 image localhost:30500\/signed\/app:1: signature not verified: unsigned/);
+      const verified = decide(['localhost:30500/signed/app:1'], (b) => {
+        found(b, 'signed');
+        b.signatures.set(signatureOf('signed', 'app', D1), { verified: true });
+      });
+      assert.equal(verified.pod.spec.containers[0]?.image, `localhost:30500/signed/app:1@${D1}`);
+      assert.equal(verified.outcome.containers[0]?.reason, 'already-proxied');
+      // Rules without verify ask nothing for their proxied images (a reinvocation stays free).
+      assert.deepEqual(decide(['localhost:30500/pin/team/app:1', 'localhost:30500/priv/app:1']).first, []);
+    });
+
     it('checks the digest an image names, without resolving', () => {
       const { first } = decide([`signed.example/app@${D2}`]);
       assert.deepEqual(first.map((q) => q.kind), ['signature']);
@@ -288,6 +307,15 @@ registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:
       const pinned = applyPatch(object, admitReplicaSet(config, rsRequest(object), { answers: verified }).patch);
       assert.deepEqual(JSON.parse(pinned.metadata.annotations?.[PINNED_DIGESTS_ANNOTATION] ?? '{}'), { 'signed.example/app:1': D1 });
     });
+  });
+});
+
+describe('the pins annotation as read back', () => {
+  it('takes sha256 digests only, and nothing from a malformed value', () => {
+    assert.deepEqual(parsePins(JSON.stringify({ 'a:1': D1, 'b:1': 'latest', 'c:1': 7 })), { 'a:1': D1 });
+    assert.equal(parsePins('{not json'), null);
+    assert.equal(parsePins('[]'), null);
+    assert.equal(parsePins(undefined), null);
   });
 });
 

@@ -106,14 +106,19 @@ const failure = (answer: ProbeAnswer | ManifestAnswer): string =>
  * warnings and denials; `owner` is the Pod's controlling ReplicaSet, whose pins replace a resolution.
  */
 export function settleImage(config: Config, decision: ImageDecision, container: string, namespace: string, book: AnswerBook, owner: ReplicaSetOwner | undefined): ImageSettlement {
-  const rule = decision.rule === null ? undefined : ruleByName(config, decision.rule);
   const plain = { pending: false as const, rewritten: decision.rewritten, reason: decision.reason, ...(decision.detail !== undefined ? { detail: decision.detail } : {}), proxied: decision.rewritten !== null };
-  if (rule === undefined || decision.reason !== 'rewritten' || !isUpstreamAware(rule)) return plain;
+  if (decision.reason !== 'rewritten' && decision.reason !== 'already-proxied') return plain;
   const parsed = parseReference(decision.image);
   if (!parsed.ok) return plain;
   const ref = parsed.reference;
+  // An image written on the proxy already (by hand, or a reinvocation) names its rule in the path:
+  // with verify it is checked all the same, else writing the proxy reference would bypass it.
+  const alreadyProxied = decision.reason === 'already-proxied';
+  const [prefix = '', ...rest] = ref.path.split('/');
+  const rule = alreadyProxied ? ruleByName(config, prefix) : decision.rule === null ? undefined : ruleByName(config, decision.rule);
+  if (rule === undefined || !isUpstreamAware(rule) || (alreadyProxied && (rule.verify === undefined || rest.length === 0))) return plain;
   const image = decision.image;
-  const target = { rule: rule.name, repository: ref.path };
+  const target = { rule: rule.name, repository: alreadyProxied ? rest.join('/') : ref.path };
   const facts: UpstreamFacts = {};
   const leave = (reason: 'probe-failed' | 'pin-failed', detail: string): ImageSettlement => ({ pending: false, rewritten: null, reason, detail, proxied: false, upstream: facts, warning: `pullbridge: ${container} image ${image} left unchanged: ${detail}` });
   const warnings: string[] = [];
@@ -121,7 +126,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   // 1. rewrite: private-only: an anonymous manifest HEAD decides whether the node can pull it directly.
   let proxied = true;
   let probeDetail: string | undefined;
-  if (rule.rewrite === 'private-only') {
+  if (rule.rewrite === 'private-only' && !alreadyProxied) {
     const probeTarget = { ...target, reference: ref.digest ?? ref.tag ?? 'latest' };
     const key = probeKey(probeTarget);
     let answer = book.probes.get(key);
@@ -150,7 +155,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   // 2. The digest behind the tag: written by the reference itself, pinned on the ReplicaSet, or resolved now.
   let digest: string | undefined;
   let digestError: string | undefined;
-  if (needsDigest(rule)) {
+  if (alreadyProxied ? rule.verify !== undefined : needsDigest(rule)) {
     if (ref.digest !== undefined) {
       digest = ref.digest;
       facts.digest = { digest, source: 'reference', pinned: false };
@@ -222,9 +227,9 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   }
 
   // 4. The final reference: onto the proxy unless public, pinned when asked for or verified.
-  const pin = digest !== undefined && ref.digest === undefined && (rule.pinDigest || verified) ? digest : undefined;
+  const pin = digest !== undefined && ref.digest === undefined && ((rule.pinDigest && !alreadyProxied) || verified) ? digest : undefined;
   if (pin !== undefined && facts.digest !== undefined && 'digest' in facts.digest) facts.digest = { ...facts.digest, pinned: true };
-  const base = proxied ? proxiedReference(config, rule, ref) : ref;
+  const base = proxied && !alreadyProxied ? proxiedReference(config, rule, ref) : ref;
   const final = formatReference(pin !== undefined ? { ...base, digest: pin } : base);
   const finalCheck = parseReference(final);
   if (!finalCheck.ok) return { pending: false, rewritten: null, reason: 'rewritten-reference-invalid', detail: finalCheck.error, proxied: false, upstream: facts };
@@ -232,7 +237,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   return {
     pending: false,
     rewritten: final === image ? null : final,
-    reason: proxied ? 'rewritten' : 'public-image',
+    reason: alreadyProxied ? 'already-proxied' : proxied ? 'rewritten' : 'public-image',
     ...(detail ? { detail } : {}),
     proxied,
     upstream: facts,
