@@ -147,6 +147,8 @@ export interface AdmissionContext {
 
 /** The text of a missing answer when no one was asked. */
 export const NO_UPSTREAM = 'the webhook has no access to the proxy tier';
+// Final and empty: it records no question and holds no answer, so one instance serves every call.
+const NO_ANSWERS = new AnswerBook(NO_UPSTREAM);
 
 /** JSON pointer escaping for a single path segment (RFC 6901). */
 export const pointerSegment = (segment: string): string => segment.replace(/~/g, '~0').replace(/\//g, '~1');
@@ -258,7 +260,7 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   const originals: Record<string, string> = {};
   let needsPullSecret = false;
   let originalImagesOmitted: string | undefined;
-  const book = context.answers ?? new AnswerBook(NO_UPSTREAM);
+  const book = context.answers ?? NO_ANSWERS;
   const owner = controllingReplicaSet(pod);
   let pending = false;
   const denials: string[] = [];
@@ -381,7 +383,7 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
   if (ALWAYS_EXCLUDED_NAMESPACES.includes(namespace) || namespace === webhook.namespace || webhook.excludedNamespaces.includes(namespace)) return skipped('namespace-excluded', namespace);
   if (isOptedOut(context.namespaceLabels, webhook.optOutLabel)) return skipped('namespace-opted-out', `${webhook.optOutLabel}=true on namespace ${namespace}`);
   if (isOptedOut(rs.spec.template.metadata?.labels, webhook.optOutLabel)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
-  const book = context.answers ?? new AnswerBook(NO_UPSTREAM);
+  const book = context.answers ?? NO_ANSWERS;
   const containers: ContainerDecision[] = [];
   const pins: Record<string, string> = {};
   let pending = false;

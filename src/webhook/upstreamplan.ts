@@ -107,7 +107,11 @@ const failure = (answer: ProbeAnswer | ManifestAnswer): string =>
  */
 export function settleImage(config: Config, decision: ImageDecision, container: string, namespace: string, book: AnswerBook, owner: ReplicaSetOwner | undefined): ImageSettlement {
   const plain = { pending: false as const, rewritten: decision.rewritten, reason: decision.reason, ...(decision.detail !== undefined ? { detail: decision.detail } : {}), proxied: decision.rewritten !== null };
-  if (decision.reason !== 'rewritten' && decision.reason !== 'already-proxied') return plain;
+  // Cheap checks first: this runs for every container of every Pod, and decisions are memoised.
+  if (decision.reason === 'rewritten') {
+    const matched = decision.rule === null ? undefined : ruleByName(config, decision.rule);
+    if (matched === undefined || !isUpstreamAware(matched)) return plain;
+  } else if (decision.reason !== 'already-proxied' || !config.registries.some((r) => r.verify !== undefined)) return plain;
   const parsed = parseReference(decision.image);
   if (!parsed.ok) return plain;
   const ref = parsed.reference;
