@@ -4,7 +4,7 @@
 // loopback through a RegistryView that goes to the registry directly and caches nothing: the
 // uncached case. The proxy tier's cached view is measured where it is built.
 //
-//   node dist/bench/upstream.js [--seconds 5] [--connections 8]
+//   npm run bench -- upstream [--seconds 5] [--connections 8]
 
 import { parseArgs } from 'node:util';
 import { pino } from 'pino';
