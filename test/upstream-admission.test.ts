@@ -9,10 +9,14 @@ import net from 'node:net';
 import { parsePins } from '../src/k8s/replicasets.js';
 import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION } from '../src/rules/marks.js';
 import { admitPod, admitReplicaSet, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
+import supertest from 'supertest';
+import { createMetricsRegistry } from '../src/metrics.js';
+import { createWebhookApp } from '../src/webhook/server.js';
 import { budgetFor, decideWithUpstream, type SignatureCheck } from '../src/webhook/upstream.js';
 import { AnswerBook, digestKey, probeKey, replicaSetKey, signatureKey, type UpstreamQuestion } from '../src/webhook/upstreamplan.js';
 import { configFrom } from './support/config.js';
 import { directRegistryView } from './support/directview.js';
+import { memoryLogger } from './support/logs.js';
 import { buildImage } from './support/oci.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
 import { applyPatch, podWith, reviewFor, type PodShape } from './support/review.js';
@@ -307,6 +311,36 @@ registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:
       const pinned = applyPatch(object, admitReplicaSet(config, rsRequest(object), { answers: verified }).patch);
       assert.deepEqual(JSON.parse(pinned.metadata.annotations?.[PINNED_DIGESTS_ANNOTATION] ?? '{}'), { 'signed.example/app:1': D1 });
     });
+  });
+});
+
+describe('the webhook server with upstream-aware rules', () => {
+  const rsReview = reviewFor({ apiVersion: 'apps/v1', kind: 'ReplicaSet', metadata: { name: 'web-1' }, spec: { template: { spec: { containers: [{ name: 'app', image: 'plain.example/app:1' }] } } } }, { namespace: 'team', kind: 'ReplicaSet', resource: 'replicasets', group: 'apps' });
+
+  it('answers a ReplicaSet at once, reading nothing, when no rule pins or verifies', async () => {
+    const plainConfig = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}}]
+`);
+    const audit = memoryLogger();
+    const labelReads: string[] = [];
+    const app = createWebhookApp({ config: () => plainConfig, logger: memoryLogger().logger, audit: audit.logger, metrics: createMetricsRegistry(false), sideEffects: { namespaceLabels: (ns) => Promise.resolve(void labelReads.push(ns)) } });
+    const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(rsReview);
+    assert.equal(res.status, 200);
+    assert.deepEqual((res.body as { response: Record<string, unknown> }).response, { uid: (rsReview.request as { uid: string }).uid, allowed: true });
+    assert.deepEqual(labelReads, []);
+    assert.deepEqual([audit.records[0]?.kind, audit.records[0]?.result, audit.records[0]?.skipReason], ['ReplicaSet', 'skipped', 'no-pinning-rule']);
+  });
+
+  it('refuses a Pod with verify onFailure: deny as a 403 AdmissionResponse naming container, image and reason (no view: no answer)', async () => {
+    const audit = memoryLogger();
+    const app = createWebhookApp({ config: () => config, logger: memoryLogger().logger, audit: audit.logger, metrics: createMetricsRegistry(false) });
+    const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(['signed.example/app:1']), { namespace: 'team' }));
+    const response = (res.body as { response: { allowed: boolean; status?: { code: number; message: string } } }).response;
+    assert.equal(response.allowed, false);
+    assert.deepEqual(response.status, { code: 403, message: 'pullbridge: containers/c0 image signed.example/app:1: signature not verified: the tag could not be resolved to a digest (the webhook has no access to the proxy tier)' });
+    assert.equal(audit.records[0]?.result, 'denied');
   });
 });
 

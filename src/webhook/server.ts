@@ -9,7 +9,7 @@ import type { Config } from '../rules/config.js';
 import { decideCaller, dnsNamesOf, type PeerCertificate } from './clientauth.js';
 import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, admitReplicaSet, isReplicaSetCreate, leftUnchanged, parseAdmissionReview, type AdmissionContext, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
 import { budgetFor, decideWithUpstream, type UpstreamAccess } from './upstream.js';
-import type { AnswerBook } from './upstreamplan.js';
+import { needsDigest, type AnswerBook } from './upstreamplan.js';
 
 export const DEFAULT_BODY_LIMIT_BYTES = ADMISSION_BODY_LIMIT_BYTES;
 
@@ -187,9 +187,12 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
       try {
         const config = options.config();
         const namespace = request.namespace;
-        const namespaceLabels = namespace && options.sideEffects?.namespaceLabels ? await options.sideEffects.namespaceLabels(namespace) : undefined;
+        const replicaSet = isReplicaSetCreate(request);
+        // A ReplicaSet under a config that pins nothing is answered without any call (it is skipped).
+        const pins = !replicaSet || config.registries.some(needsDigest);
+        const namespaceLabels = pins && namespace && options.sideEffects?.namespaceLabels ? await options.sideEffects.namespaceLabels(namespace) : undefined;
         const context: AdmissionContext = namespaceLabels ? { namespaceLabels } : {};
-        const admit = isReplicaSetCreate(request) ? admitReplicaSet : admitPod;
+        const admit = replicaSet ? admitReplicaSet : admitPod;
         ({ outcome } = await decideWithUpstream((answers: AnswerBook) => admit(config, request, { ...context, answers }), upstream));
         result = outcome.decision;
         body = outcome.denial !== undefined ? admissionDenial(request.uid, 403, outcome.denial) : admissionResponse(request.uid, outcome);
