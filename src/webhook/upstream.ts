@@ -101,12 +101,19 @@ export async function decideWithUpstream<T extends { readonly questions: readonl
   const book = new AnswerBook();
   let outcome = decide(book);
   if (outcome.questions.length === 0) return { outcome, questionsAsked: 0 };
-  const deadline = AbortSignal.timeout(access.budgetMs);
+  // Aborting also tells the view to drop what it still has in flight for this review.
+  const controller = new AbortController();
+  const deadline = controller.signal;
+  const timer = setTimeout(() => controller.abort(new Error(`the review's budget of ${access.budgetMs} ms is spent`)), access.budgetMs);
   let asked = 0;
-  for (let round = 0; round < MAX_ROUNDS && outcome.questions.length > 0 && !deadline.aborted; round++) {
-    asked += outcome.questions.length;
-    await Promise.all(outcome.questions.map((q) => answer(q, access, book, deadline)));
-    outcome = decide(book);
+  try {
+    for (let round = 0; round < MAX_ROUNDS && outcome.questions.length > 0 && !deadline.aborted; round++) {
+      asked += outcome.questions.length;
+      await Promise.all(outcome.questions.map((q) => answer(q, access, book, deadline)));
+      outcome = decide(book);
+    }
+  } finally {
+    clearTimeout(timer);
   }
   if (outcome.questions.length === 0) return { outcome, questionsAsked: asked };
   book.final = deadline.aborted ? `no answer within the review's budget of ${access.budgetMs} ms` : 'too many rounds of questions';
