@@ -70,6 +70,11 @@ export function valuesSchema(): JsonSchema {
   const forwardProxy = child(rule, 'forwardProxy');
   delete (forwardProxy.properties as Record<string, JsonSchema>).credentials;
   ruleKeys.forwardProxy = forwardProxy;
+  // Not wired in the chart yet, so refused rather than ignored: verify (the chart mounts no cosign
+  // public keys) and rewrite: never with its opt-in (no chart check of its cross-key rules).
+  delete ruleKeys.verify;
+  delete ruleKeys.shareUpstreamCredentials;
+  ruleKeys.rewrite = { ...(ruleKeys.rewrite as JsonSchema), enum: ['always', 'private-only'] };
   ruleKeys.credentials = strict({ username: string({ minLength: 1 }), password: string({ minLength: 1 }) }, { required: ['username', 'password'] });
   ruleKeys.credentialsSecret = objectName(false);
   ruleKeys.caBundle = string({ pattern: '-----BEGIN CERTIFICATE-----' });

@@ -114,6 +114,15 @@ registries:
     {{- if eq (toString .verifyBlobDigests) "false" }}
     verifyBlobDigests: false
     {{- end }}
+    {{- with .rewrite }}
+    rewrite: {{ . }}
+    {{- end }}
+    {{- with .onProbeFailure }}
+    onProbeFailure: {{ . }}
+    {{- end }}
+    {{- if .pinDigest }}
+    pinDigest: true
+    {{- end }}
 {{- end }}
 {{- if not .Values.registries }} []{{ end }}
 {{- end -}}
