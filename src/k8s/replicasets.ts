@@ -21,6 +21,8 @@ export function parsePins(value: string | undefined): Record<string, string> | n
 
 export class ReplicaSetPins {
   private readonly cache = new Map<string, { pins: Readonly<Record<string, string>> | null; until: number }>();
+  /** Reads in flight by namespace and UID: a ReplicaSet scaled up creates its Pods at once, and one GET serves them all. */
+  private readonly reading = new Map<string, Promise<Readonly<Record<string, string>> | null>>();
 
   constructor(
     private readonly apps: AppsV1Api,
@@ -31,8 +33,18 @@ export class ReplicaSetPins {
 
   /** The pins of ReplicaSet `name`, when its UID is `uid` (a recreated one of the same name is another ReplicaSet). */
   async get(namespace: string, name: string, uid: string): Promise<Readonly<Record<string, string>> | null> {
-    const hit = this.cache.get(uid);
+    // By namespace too: an owner reference is the Pod's own claim, and must not reach another namespace's entry.
+    const key = `${namespace}/${uid}`;
+    const hit = this.cache.get(key);
     if (hit && hit.until > this.now()) return hit.pins;
+    const inFlight = this.reading.get(key);
+    if (inFlight) return inFlight;
+    const read = this.read(namespace, name, uid).finally(() => this.reading.delete(key));
+    this.reading.set(key, read);
+    return read;
+  }
+
+  private async read(namespace: string, name: string, uid: string): Promise<Readonly<Record<string, string>> | null> {
     let rs;
     try {
       rs = await this.apps.readNamespacedReplicaSet({ namespace, name });
@@ -46,7 +58,7 @@ export class ReplicaSetPins {
       if (this.cache.size < this.maxEntries) break;
       this.cache.delete(oldest);
     }
-    this.cache.set(uid, { pins, until: this.now() + this.ttlMs });
+    this.cache.set(`${namespace}/${uid}`, { pins, until: this.now() + this.ttlMs });
     return pins;
   }
 }
