@@ -1,4 +1,4 @@
-// `npm run bench [-- webhook|proxy|cache|shared|memory] [--seconds N] [--rounds N]`: runs the benchmarks
+// `npm run bench [-- webhook|upstream|proxy|cache|shared|memory] [--seconds N] [--rounds N]`: runs the benchmarks
 // (webhook and proxy when none is named) and writes their tables to BENCHMARKS.md, with the command and the
 // machine they ran on. `cache --cpu-prof DIR` profiles the proxies of the miss rounds and writes no
 // report section. `shared --upstream-mbps N` caps the upstream at N Mbit/s (a qdisc on the loopback
@@ -12,6 +12,7 @@ import { formatMemoryBench, runMemoryBench } from './memory.js';
 import { formatProxyBench, runProxyBench } from './proxy.js';
 import { writeReportSection } from './report.js';
 import { formatSharedBench, runSharedBench } from './shared.js';
+import { runUpstreamBench } from './upstream.js';
 import { formatWebhookBench, runWebhookBench } from './webhook.js';
 
 const { values, positionals } = parseArgs({
@@ -42,6 +43,10 @@ for (const name of which) {
     const text = formatWebhookBench(result);
     writeReportSection('bench-webhook', 'Benchmark: webhook', `npm run bench -- webhook --seconds ${values.seconds} --rounds ${values.rounds} --connections ${values.connections}`, text);
     process.stdout.write(`${text}\n`);
+  } else if (name === 'upstream') {
+    const text = await runUpstreamBench(Number(values.seconds), Number(values.connections));
+    writeReportSection('bench-upstream', 'Benchmark: webhook asking the upstream (uncached)', `npm run bench -- upstream --seconds ${values.seconds} --connections ${values.connections}`, text);
+    process.stdout.write(`${text}\n`);
   } else if (name === 'proxy') {
     const result = await runProxyBench(Number(values['size-mb']), Number(values.concurrency), Number(values.rounds));
     const text = formatProxyBench(result);
@@ -69,7 +74,7 @@ for (const name of which) {
     writeReportSection('bench-memory', 'Benchmark: proxy memory', `npm run bench -- memory --size-mb ${sizeMb} --rounds ${values.rounds}`, text);
     process.stdout.write(`${text}\n`);
   } else {
-    process.stderr.write(`unknown benchmark "${name}" (known: webhook, proxy, cache, shared, memory)\n`);
+    process.stderr.write(`unknown benchmark "${name}" (known: webhook, upstream, proxy, cache, shared, memory)\n`);
     process.exitCode = 2;
   }
 }

@@ -70,6 +70,8 @@ export function valuesSchema(): JsonSchema {
   const forwardProxy = child(rule, 'forwardProxy');
   delete (forwardProxy.properties as Record<string, JsonSchema>).credentials;
   ruleKeys.forwardProxy = forwardProxy;
+  // Not wired in the chart yet, so refused rather than ignored: verify (the chart mounts no cosign public keys).
+  delete ruleKeys.verify;
   ruleKeys.credentials = strict({ username: string({ minLength: 1 }), password: string({ minLength: 1 }) }, { required: ['username', 'password'] });
   ruleKeys.credentialsSecret = objectName(false);
   ruleKeys.caBundle = string({ pattern: '-----BEGIN CERTIFICATE-----' });

@@ -7,7 +7,8 @@ import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { filesReadBy, formatConfigErrors, isDnsLabel, type Config, type ConfigError, type ConfigResult } from './rules/config.js';
-import { decideImage } from './rules/decide.js';
+import { decideImage, ruleByName } from './rules/decide.js';
+import { unknownWithoutUpstream } from './webhook/upstreamplan.js';
 import { formatBytes } from './rules/quantity.js';
 import { parsePlatform, type Platform } from './cache/warmplan.js';
 import { readConfigFile, unloadableFiles } from './shell/configfile.js';
@@ -42,7 +43,7 @@ const COMMAND_USAGE: Readonly<Record<string, string>> = {
                      (checks the config and the files it names, as the proxy will: keys, credentials, CA
                       bundles; --skip-files where they are mounted elsewhere. Warns about rules that can never match)`,
   webhook: `pullbridge webhook --config FILE --port N [--host ADDR] [--tls-cert F --tls-key F]
-                     [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged]
+                     [--kubeconfig F] [--configmap NAME] [--pull-secret-failure deny|admit-unchanged] [--webhook-timeout SECONDS]
                      [--tls-secret NAME --webhook-configuration NAME [--service NAME] [--owner-deployment NAME]]
                      [--client-ca FILE [--client-name NAME]...] [--metrics-port N]
                      [--credential-mirror SECRET --credential-sources FILE]
@@ -224,7 +225,13 @@ function cmdRewrite(args: string[]): number {
   });
   const config = loadConfigOrExit(requireOption(values.config, '--config'));
   if (positionals.length === 0) throw new UsageError('give at least one IMAGE');
-  const decisions = positionals.map((image) => decideImage(config, image, values.namespace));
+  const decisions = positionals.map((image) => {
+    const decision = decideImage(config, image, values.namespace);
+    // The string alone cannot tell what a rule that asks the upstream at admission will decide.
+    const rule = decision.reason === 'rewritten' && decision.rule !== null ? ruleByName(config, decision.rule) : undefined;
+    const unknown = rule ? unknownWithoutUpstream(rule) : undefined;
+    return unknown === undefined ? decision : { ...decision, detail: unknown, upstreamUnknown: true };
+  });
   if (values.json) {
     process.stdout.write(`${JSON.stringify(decisions, null, 2)}\n`);
   } else {
@@ -371,12 +378,16 @@ async function cmdWebhook(args: string[]): Promise<number> {
       'resolver-url': { type: 'string', multiple: true },
       'resolver-ops-port': { type: 'string' },
       'resolver-deadline-ms': { type: 'string' },
+      'webhook-timeout': { type: 'string', default: '5' },
     },
     strict: true,
   });
   const configPath = requireOption(values.config, '--config');
   const config = loadConfigOrExit(configPath);
   const port = parsePort(values.port, '--port');
+  const webhookTimeout = Number(values['webhook-timeout']);
+  // The apiserver allows 1 to 30 seconds (timeoutSeconds).
+  if (!Number.isInteger(webhookTimeout) || webhookTimeout < 1 || webhookTimeout > 30) throw new UsageError(`--webhook-timeout must be the webhook's timeoutSeconds, a whole number from 1 to 30, got "${values['webhook-timeout']}"`);
   const mirrorSecret = values['credential-mirror'];
   const credentialSources = values['credential-sources'];
   if ((mirrorSecret === undefined) !== (credentialSources === undefined)) throw new UsageError('--credential-mirror and --credential-sources go together');
@@ -418,6 +429,7 @@ async function cmdWebhook(args: string[]): Promise<number> {
     ...(kubeconfig ? { kubeconfig } : {}),
     ...(values.configmap ? { configMap: { name: values.configmap, namespace } } : {}),
     pullSecretFailure: failure,
+    webhookTimeoutSeconds: webhookTimeout,
     ...(clientCa ? { clientAuth: { caFile: clientCa, ...(clientNames ? { allowedNames: clientNames } : {}) } } : {}),
     ...(metricsPort !== undefined ? { metricsPort } : {}),
     ...(metricsListener ? { metricsListener } : {}),

@@ -79,6 +79,10 @@ describe('Helm chart values', function () {
       [{ registries: [rule({ credentialsSecret: 'Corp_Robot' })] }, /registries\.0\.credentialsSecret: Does not match pattern/],
       [{ registries: [rule({ forwardProxy: { url: 'http://proxy.corp.example:3128', credentials: { usernameFile: '/x' } } })] }, /registries\.0\.forwardProxy: Additional property credentials is not allowed/],
       [{ registries: [rule({ cache: 'never' })] }, /registries\.0\.cache: Invalid type\. Expected: boolean, given: string/],
+      [{ registries: [rule({ rewrite: 'sometimes' })] }, /registries\.0\.rewrite: registries\.0\.rewrite must be one of the following/],
+      // The chart mounts no cosign keys yet: refused rather than dropped.
+      [{ registries: [rule({ verify: { cosign: { publicKeyFiles: ['/k.pub'] } } })] }, /registries\.0: Additional property verify is not allowed/],
+      [{ registries: [rule({ rewrite: 'never' })] }, /registries\.0\.rewrite: registries\.0\.rewrite must be one of the following: "always", "private-only"/],
       [{ webhook: { excludedNamespaces: ['Monitoring'] } }, /webhook\.excludedNamespaces\.0: Does not match pattern/],
       [{ webhook: { failurePolicy: 'Fial' } }, /webhook\.failurePolicy: webhook\.failurePolicy must be one of the following/],
       [{ webhook: { replicas: 'two' } }, /webhook\.replicas: Invalid type/],
@@ -156,6 +160,9 @@ describe('Helm chart values', function () {
           verifyBlobDigests: false,
           cache: false,
           revalidate: 'head',
+          rewrite: 'private-only',
+          onProbeFailure: 'leave',
+          pinDigest: true,
         }),
         { name: 'mirrored', match: ['mirrored.example'], upstream: 'http://mirrored.example', auth: { mode: 'passthrough' }, credentialsSecret: 'mirrored-robot' },
         { name: 'hub', match: ['docker.io'], upstream: 'https://registry-1.docker.io', auth: { mode: 'anonymous' }, repositories: { include: ['library/**'] } },
@@ -206,6 +213,8 @@ describe('Helm chart values', function () {
     assert.equal(corp?.verifyBlobDigests, false);
     assert.equal(corp?.revalidate, 'head');
     assert.equal(corp?.cache, false);
+    assert.deepEqual([corp?.rewrite, corp?.onProbeFailure, corp?.pinDigest], ['private-only', 'leave', true]);
+    assert.deepEqual([mirrored?.rewrite, mirrored?.onProbeFailure, mirrored?.pinDigest], ['always', 'rewrite', false]);
     assert.equal(corp?.credentials?.passwordFile, '/etc/pullbridge/credentials/corp.password');
     assert.equal(mirrored?.credentials?.passwordFile, '/etc/pullbridge/credentials-mirror/mirrored.password');
     assert.equal(configMap.data?.['credential-sources.json'], '{"mirrored":"mirrored-robot"}');

@@ -30,6 +30,22 @@ describe('pullbridge CLI', () => {
       ]);
     });
 
+    it('says what it cannot know for a rule that asks the upstream at admission, keeping the JSON fields', () => {
+      const file = join(dir, 'upstream.yaml');
+      writeFileSync(file, `proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+registries:
+  - {name: corp, match: [registry.corp.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, rewrite: private-only, pinDigest: true}
+  - {name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}}
+`);
+      const result = runCli(['rewrite', '--config', file, '--json', 'registry.corp.example/team/app:1', 'plain.example/team/app:1']);
+      assert.equal(result.status, 0, result.stderr);
+      const [asks, plain] = JSON.parse(result.stdout) as Array<Record<string, unknown>>;
+      assert.deepEqual([asks?.image, asks?.rewritten, asks?.rule, asks?.reason, asks?.upstreamUnknown], ['registry.corp.example/team/app:1', 'localhost:30500/corp/team/app:1', 'corp', 'rewritten', true]);
+      assert.match(String(asks?.detail), /rule "corp" asks the upstream at admission through the proxy tier: rewrite: private-only \(is the image public\?\), pinDigest \(which digest\?\).*cannot be known here/);
+      assert.deepEqual(plain, { image: 'plain.example/team/app:1', rewritten: 'localhost:30500/plain/team/app:1', rule: 'plain', reason: 'rewritten' });
+    });
+
     it('applies namespace filters with --namespace', () => {
       const out = (ns: string) => (JSON.parse(runCli(['rewrite', '--config', configFile, '--namespace', ns, '--json', 'team.example/apps/x:1']).stdout) as Array<{ reason: string }>)[0]?.reason;
       assert.equal(out('team-a'), 'rewritten');
@@ -210,6 +226,15 @@ describe('pullbridge CLI', () => {
     const names = runCli(['webhook', '--config', configFile, '--port', '0', '--client-name', 'x']);
     assert.equal(names.status, 2);
     assert.match(names.stderr, /--client-name needs --client-ca/);
+  });
+
+  it('webhook refuses a --webhook-timeout the apiserver would not allow, with a one-line error and no stack', () => {
+    for (const value of ['0', '31', '2.5', 'five']) {
+      const result = runCli(['webhook', '--config', configFile, '--port', '0', '--webhook-timeout', value]);
+      assert.equal(result.status, 2);
+      assert.equal(result.stderr.split('\n')[0], `pullbridge webhook: --webhook-timeout must be the webhook's timeoutSeconds, a whole number from 1 to 30, got "${value}"`);
+      assert.doesNotMatch(result.stderr, /at .*\.js:\d+/);
+    }
   });
 
   it('webhook refuses a status collector without the proxy DaemonSet it reads, or with a name that is not one', () => {

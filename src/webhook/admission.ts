@@ -4,9 +4,10 @@ import type { Operation } from 'fast-json-patch';
 import { z } from 'zod';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
 import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
-import { ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
+import { ORIGINAL_IMAGES_ANNOTATION, PINNED_DIGESTS_ANNOTATION, REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
 import { upstreamPullSecretName } from '../rules/upstreamsecret.js';
 import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
+import { AnswerBook, needsDigest, pinForReplicaSet, settleImage, type ReplicaSetOwner, type UpstreamFacts, type UpstreamQuestion } from './upstreamplan.js';
 
 /** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
  * (TotalAnnotationSizeLimitB in k8s.io/apimachinery). */
@@ -47,6 +48,7 @@ const podSchema = z.looseObject({
       namespace: z.string().optional(),
       labels: stringMap.nullish(),
       annotations: stringMap.nullish(),
+      ownerReferences: z.array(z.looseObject({ apiVersion: z.string(), kind: z.string(), name: z.string(), uid: z.string(), controller: z.boolean().nullish() })).nullish(),
     })
     .optional(),
   spec: z.looseObject({
@@ -90,7 +92,17 @@ export function parseAdmissionReview(body: unknown): ReviewParse {
   return { ok: false, error: `invalid AdmissionReview: ${key ? `${key}: ` : ''}${issue?.message ?? 'malformed'}` };
 }
 
-export type ContainerReason = DecisionReason | 'pull-secret-missing-on-pod' | 'existing-ephemeral-container' | 'pull-secret-not-provisioned';
+export type ContainerReason =
+  | DecisionReason
+  | 'pull-secret-missing-on-pod'
+  | 'existing-ephemeral-container'
+  | 'pull-secret-not-provisioned'
+  /** rewrite: private-only, the probe failed and onProbeFailure: leave. */
+  | 'probe-failed'
+  /** pinDigest, the tag could not be resolved and onProbeFailure: leave. */
+  | 'pin-failed'
+  /** verify, the signature was not verified and onFailure: deny. */
+  | 'signature-unverified';
 
 export interface ContainerDecision {
   /** `containers/app`, `initContainers/setup`, `ephemeralContainers/debugger`. */
@@ -100,12 +112,14 @@ export interface ContainerDecision {
   readonly rule: string | null;
   readonly reason: ContainerReason;
   readonly detail?: string;
+  /** What the upstream answered, for rules with rewrite: private-only, pinDigest or verify. */
+  readonly upstream?: UpstreamFacts;
 }
 
-export type SkipReason = 'not-a-pod' | 'operation-not-handled' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod' | 'too-many-containers';
+export type SkipReason = 'no-pinning-rule' | 'not-a-pod' | 'operation-not-handled' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod' | 'too-many-containers';
 
 export interface AdmissionOutcome {
-  readonly decision: 'mutated' | 'unchanged' | 'skipped';
+  readonly decision: 'mutated' | 'unchanged' | 'skipped' | 'denied';
   readonly skipReason?: SkipReason;
   readonly detail?: string;
   readonly containers: readonly ContainerDecision[];
@@ -118,12 +132,26 @@ export interface AdmissionOutcome {
   readonly warnings: readonly string[];
   /** Why the original-images annotation was not added, when it was not. */
   readonly originalImagesOmitted?: string;
+  /** Answers the decision still needs from the upstream; the rest of the outcome is provisional while any remain. */
+  readonly questions: readonly UpstreamQuestion[];
+  /** verify with onFailure: deny: the review is refused with this message (the patch is not sent). */
+  readonly denial?: string;
 }
 
 export interface AdmissionContext {
   /** Labels of the Pod's namespace, when the caller knows them. */
   readonly namespaceLabels?: Readonly<Record<string, string>>;
+  /**
+   * The upstream's answers so far. Without it nothing will be asked: a rule's upstream questions
+   * count as unanswered (onProbeFailure, verify.onFailure decide), with this text.
+   */
+  readonly answers?: AnswerBook;
 }
+
+/** The text of a missing answer when no one was asked. */
+export const NO_UPSTREAM = 'the webhook has no access to the proxy tier';
+// Final and empty: it records no question and holds no answer, so one instance serves every call.
+const NO_ANSWERS = new AnswerBook(NO_UPSTREAM);
 
 /** JSON pointer escaping for a single path segment (RFC 6901). */
 export const pointerSegment = (segment: string): string => segment.replace(/~/g, '~0').replace(/\//g, '~1');
@@ -137,6 +165,7 @@ const skipped = (skipReason: SkipReason, detail?: string): AdmissionOutcome => (
   pullSecret: null,
   upstreamPullSecrets: [],
   warnings: [],
+  questions: [],
 });
 
 /**
@@ -156,6 +185,12 @@ function containerCount(object: unknown): number {
     const list: unknown = (spec as Record<string, unknown>)[field];
     return n + (Array.isArray(list) ? list.length : 0);
   }, 0);
+}
+
+/** The ReplicaSet (apps/v1) that controls a Pod, whose pinned digests the Pod's images take. */
+function controllingReplicaSet(pod: Pod): ReplicaSetOwner | undefined {
+  const owner = pod.metadata?.ownerReferences?.find((o) => o.controller === true);
+  return owner !== undefined && owner.kind === 'ReplicaSet' && owner.apiVersion === 'apps/v1' ? { name: owner.name, uid: owner.uid } : undefined;
 }
 
 function isOptedOut(labels: Readonly<Record<string, string>> | null | undefined, key: string): boolean {
@@ -229,9 +264,13 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   const warnings: string[] = [];
   const originals: Record<string, string> = {};
   let needsPullSecret = false;
+  let originalImagesOmitted: string | undefined;
+  const book = context.answers ?? NO_ANSWERS;
+  const owner = controllingReplicaSet(pod);
+  let pending = false;
+  const denials: string[] = [];
   /** rewrite: never secrets the Pod needs, in the order first needed. */
   const upstreamSecrets = new Set<string>();
-  let originalImagesOmitted: string | undefined;
 
   // An ephemeral-container update may change nothing but new ephemeral containers: the apiserver
   // ignores metadata changes there and forbids editing existing entries.
@@ -249,21 +288,6 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
         return;
       }
       const decision = decideImage(config, container.image, namespace);
-      if (decision.reason === 'pull-secret-only' && decision.rule !== null) {
-        const rule = ruleByName(config, decision.rule);
-        const secret = rule !== undefined ? upstreamPullSecretName(config, rule) : undefined;
-        if (secret === undefined) return;
-        if (ephemeralUpdate && !listed.has(secret)) {
-          // As for the broker's secret: a Pod's pull secrets cannot change after creation.
-          const detail = `pod does not list pull secret "${secret}" (created before pullbridge handled it); the node pulls without it`;
-          containers.push({ container: id, image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
-          warnings.push(`pullbridge: ${id} image ${image}: ${detail}`);
-          return;
-        }
-        containers.push({ container: id, ...decision, image });
-        upstreamSecrets.add(secret);
-        return;
-      }
       const usesBroker = decision.rule !== null && ruleByName(config, decision.rule)?.auth.mode === 'broker';
       if (decision.rewritten !== null && ephemeralUpdate && usesBroker && !podListsPullSecret) {
         // The Pod's pull secrets cannot change after creation, so the node could not authenticate.
@@ -272,28 +296,56 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
         warnings.push(`pullbridge: ${id} image ${image} left unchanged: ${detail}`);
         return;
       }
-      containers.push({ container: id, ...decision, image });
-      if (decision.rewritten === null) {
-        if (decision.reason === 'invalid-reference' || decision.reason === 'rewritten-reference-invalid') {
-          warnings.push(`pullbridge: ${id} image ${image} left unchanged: ${decision.detail ?? decision.reason}`);
+      const settled = settleImage(config, decision, id, namespace, book, owner);
+      if (settled.pending) {
+        pending = true;
+        return;
+      }
+      const { pending: _, proxied, warning, denial: refusal, ...facts } = settled;
+      if (settled.reason === 'pull-secret-only' && decision.rule !== null) {
+        const rule = ruleByName(config, decision.rule);
+        const secret = rule !== undefined ? upstreamPullSecretName(config, rule) : undefined;
+        if (secret !== undefined && ephemeralUpdate && !listed.has(secret)) {
+          // As for the broker's secret: a Pod's pull secrets cannot change after creation.
+          const detail = `pod does not list pull secret "${secret}" (created before pullbridge handled it); the node pulls without it`;
+          containers.push({ container: id, image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
+          warnings.push(`pullbridge: ${id} image ${image}: ${detail}`);
+          return;
+        }
+        if (secret !== undefined) upstreamSecrets.add(secret);
+      }
+      containers.push({ container: id, rule: decision.rule, ...facts, image });
+      if (warning !== undefined) warnings.push(warning);
+      if (refusal !== undefined) denials.push(refusal);
+      if (settled.rewritten === null) {
+        if (settled.reason === 'invalid-reference' || settled.reason === 'rewritten-reference-invalid') {
+          warnings.push(`pullbridge: ${id} image ${image} left unchanged: ${settled.detail ?? settled.reason}`);
         }
         return;
       }
-      patch.push({ op: 'replace', path: `/spec/${field}/${index}/image`, value: decision.rewritten });
+      patch.push({ op: 'replace', path: `/spec/${field}/${index}/image`, value: settled.rewritten });
       originals[id] = container.image;
-      if (usesBroker) needsPullSecret = true;
+      if (usesBroker && proxied) needsPullSecret = true;
     });
+  }
+
+  const questions = book.takeQuestions();
+  if (pending || questions.length > 0) {
+    return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [], warnings, questions };
+  }
+  if (denials.length > 0) {
+    return { decision: 'denied', containers, patch: [], pullSecret: null, upstreamPullSecrets: [], warnings, questions: [], denial: denials.join('; ') };
   }
 
   const rewrote = patch.length > 0;
   const addLabels: Record<string, string> = {};
   if (ephemeralUpdate) {
     // Nothing to add: the secrets of never rules are listed already (checked above), as the broker's is.
-    if (!rewrote) return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [...upstreamSecrets], warnings };
+    if (!rewrote) return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [...upstreamSecrets], warnings, questions: [] };
   } else {
     const missing = [...(needsPullSecret ? [pullSecretName] : []), ...upstreamSecrets].filter((name) => !listed.has(name));
     if (!rewrote && upstreamSecrets.size === 0) {
-      return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [], warnings };
+      return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [], warnings, questions: [] };
     }
     missing.forEach((name, i) => {
       if (i === 0 && (pod.spec.imagePullSecrets === undefined || pod.spec.imagePullSecrets === null)) {
@@ -329,8 +381,77 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
     else for (const [key, value] of newLabels) patch.push({ op: 'add', path: `/metadata/labels/${pointerSegment(key)}`, value });
   }
 
-  if (patch.length === 0) return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [...upstreamSecrets], warnings };
-  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, upstreamPullSecrets: [...upstreamSecrets], warnings, ...(originalImagesOmitted !== undefined ? { originalImagesOmitted } : {}) };
+  if (patch.length === 0) return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [...upstreamSecrets], warnings, questions: [] };
+  return { decision: 'mutated', containers, patch, pullSecret: needsPullSecret ? pullSecretName : null, upstreamPullSecrets: [...upstreamSecrets], warnings, questions: [], ...(originalImagesOmitted !== undefined ? { originalImagesOmitted } : {}) };
+}
+
+const replicaSetSchema = z.looseObject({
+  metadata: z.looseObject({ name: z.string().optional(), generateName: z.string().optional(), labels: stringMap.nullish(), annotations: stringMap.nullish() }).optional(),
+  spec: z.looseObject({
+    template: z.looseObject({
+      metadata: z.looseObject({ labels: stringMap.nullish() }).nullish(),
+      spec: z.looseObject({ containers: z.array(containerSchema).nullish(), initContainers: z.array(containerSchema).nullish() }),
+    }),
+  }),
+});
+
+/** Whether the request is the creation of an apps/v1 ReplicaSet (admitted to record pinned digests). */
+export const isReplicaSetCreate = (request: AdmissionRequest): boolean =>
+  request.kind.kind === 'ReplicaSet' && request.kind.group === 'apps' && request.resource.resource === 'replicasets' && request.operation === 'CREATE' && !request.subResource;
+
+/**
+ * A ReplicaSet's creation: the digest behind each tag its Pod template names, under rules with
+ * pinDigest or verify, recorded in the ReplicaSet's metadata annotation (never in its template: the
+ * Deployment controller finds its ReplicaSet by comparing templates, and a changed template would
+ * make it create ReplicaSets without end). Every Pod of the ReplicaSet is then pinned to the same
+ * digests, however the tag moves. A ReplicaSet with no such rule in the config costs nothing.
+ */
+export function admitReplicaSet(config: Config, request: AdmissionRequest, context: AdmissionContext = {}): AdmissionOutcome {
+  if (!config.registries.some(needsDigest)) return skipped('no-pinning-rule');
+  const count = containerCount((request.object as { spec?: { template?: unknown } } | null)?.spec?.template);
+  if (count > MAX_CONTAINERS) return skipped('too-many-containers', `${count} containers`);
+  const parsed = replicaSetSchema.safeParse(request.object);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    return skipped('malformed-pod', issue ? `${issue.path.map(String).join('.')}: ${issue.message}` : 'object is not a ReplicaSet');
+  }
+  const rs = parsed.data;
+  const namespace = request.namespace ?? 'default';
+  const webhook = config.webhook;
+  if (ALWAYS_EXCLUDED_NAMESPACES.includes(namespace) || namespace === webhook.namespace || webhook.excludedNamespaces.includes(namespace)) return skipped('namespace-excluded', namespace);
+  if (isOptedOut(context.namespaceLabels, webhook.optOutLabel)) return skipped('namespace-opted-out', `${webhook.optOutLabel}=true on namespace ${namespace}`);
+  if (isOptedOut(rs.spec.template.metadata?.labels, webhook.optOutLabel)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
+  const book = context.answers ?? NO_ANSWERS;
+  const containers: ContainerDecision[] = [];
+  const pins: Record<string, string> = {};
+  let pending = false;
+  for (const field of ['initContainers', 'containers'] as const) {
+    for (const container of rs.spec.template.spec[field] ?? []) {
+      if (container.image === undefined || container.image in pins) continue;
+      const decision = decideImage(config, container.image, namespace);
+      const rule = decision.rule === null ? undefined : ruleByName(config, decision.rule);
+      if (rule === undefined || (decision.reason !== 'rewritten' && decision.reason !== 'pull-secret-only') || !needsDigest(rule) || /@/.test(container.image)) continue;
+      const pin = pinForReplicaSet(rule, decision, namespace, book);
+      if (pin.pending) {
+        pending = true;
+        continue;
+      }
+      if (pin.digest !== null) pins[container.image] = pin.digest;
+      containers.push({ container: `${field}/${container.name}`, image: quotedImage(container.image), rewritten: null, rule: rule.name, reason: decision.reason, detail: pin.detail, upstream: pin.upstream });
+    }
+  }
+  const questions = book.takeQuestions();
+  if (pending || questions.length > 0) return { decision: 'unchanged', containers, patch: [], pullSecret: null, upstreamPullSecrets: [], warnings: [], questions };
+  const annotations = rs.metadata?.annotations;
+  const patch: Operation[] = [];
+  // Pins are always the webhook's own: whatever the creator wrote under the key is replaced or removed.
+  if (Object.keys(pins).length > 0) {
+    if (rs.metadata === undefined) patch.push({ op: 'add', path: '/metadata', value: {} });
+    setMapEntry(patch, '/metadata/annotations', annotations, PINNED_DIGESTS_ANNOTATION, JSON.stringify(pins));
+  } else if (annotations?.[PINNED_DIGESTS_ANNOTATION] !== undefined) {
+    patch.push({ op: 'remove', path: `/metadata/annotations/${pointerSegment(PINNED_DIGESTS_ANNOTATION)}` });
+  }
+  return { decision: patch.length > 0 ? 'mutated' : 'unchanged', containers, patch, pullSecret: null, upstreamPullSecrets: [], warnings: [], questions: [] };
 }
 
 export interface AdmissionResponseBody {
@@ -359,6 +480,7 @@ export function leftUnchanged(outcome: AdmissionOutcome, error: string): Admissi
     pullSecret: null,
     upstreamPullSecrets: [],
     warnings: [`pullbridge: images left unchanged: ${error}`],
+    questions: [],
   };
 }
 

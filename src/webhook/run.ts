@@ -15,7 +15,8 @@ import { ConfigWatcher } from '../shell/configwatch.js';
 import { listen, type RunningServer, type TlsFiles } from '../shell/serve.js';
 import { BrokerKeys, RuleCredentialFiles } from '../shell/secretfiles.js';
 import { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE, serveGated, type GatedListener } from '../shell/startupgate.js';
-import { createMetricsHandler, createWebhookApp, type WebhookSideEffects } from './server.js';
+import { createMetricsHandler, createWebhookApp, DEFAULT_WEBHOOK_TIMEOUT_SECONDS, type WebhookSideEffects } from './server.js';
+import { budgetFor, type ReplicaSetPinsReader, type SignatureCheck } from './upstream.js';
 
 export interface WebhookRunOptions {
   readonly config: Config;
@@ -71,6 +72,13 @@ export interface WebhookRunOptions {
     /** One question's deadline (DEFAULT_RESOLVER_DEADLINE_MS). */
     readonly deadlineMs?: number;
   };
+  /**
+   * The apiserver's timeoutSeconds for this webhook (the chart's webhook.timeoutSeconds): the upstream
+   * questions of one review share a budget that fits inside it (budgetFor). Default 5.
+   */
+  readonly webhookTimeoutSeconds?: number;
+  /** The proxy tier as rules with rewrite: private-only, pinDigest or verify ask it, and the signature verifier. */
+  readonly upstream?: { readonly view?: RegistryView; readonly signatureCheck?: SignatureCheck };
 }
 
 export interface WebhookProcess {
@@ -129,6 +137,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   let onRejected: ((message: string) => void) | undefined;
   let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
   const sideEffects: WebhookSideEffects = {};
+  let replicaSetPins: ReplicaSetPinsReader | undefined;
   if (k8s) {
     const [{ MAX_RECHECK_MS, PullSecretProvisioner, watchPullSecrets }, { DEFAULT_GRACE_MS, PullSecretReconciler, managedSecrets }, { NamespaceLabels }, { recordWarning }] = await Promise.all([
       import('../k8s/pullsecret.js'),
@@ -153,6 +162,9 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     reconciler.start(options.reconcileIntervalMs ?? 5 * 60_000);
     reconcile = () => reconciler.reconcile();
     stops.push(() => reconciler.stop(), () => watch.stop());
+    const [{ ReplicaSetPins }, { AppsV1Api }] = await Promise.all([import('../k8s/replicasets.js'), import('@kubernetes/client-node')]);
+    const pins = new ReplicaSetPins(k8s.config.makeApiClient(AppsV1Api));
+    replicaSetPins = (ns, name, uid) => pins.get(ns, name, uid);
     if (config.broker) {
       const collectorOptions = options.statusCollector;
       if (collectorOptions) {
@@ -213,6 +225,11 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     stopsAsync.push(() => tier.close());
     registryView = new CachedRegistryView(tier);
   }
+
+  // Admission asks the proxy tier (or a view the caller gives, in tests); signatures are checked
+  // with the keys of the rules in force, fetched through the same view.
+  const view = options.upstream?.view ?? registryView;
+  const signatureCheck = options.upstream?.signatureCheck ?? (view ? (await import('./signatures.js')).cosignSignatureCheck(view, () => config) : undefined);
 
   let tls: TlsFiles | undefined = options.tls;
   let refreshTls: (() => Promise<TlsFiles | undefined>) | undefined;
@@ -277,6 +294,12 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     sideEffects,
     ready: () => !draining,
     pullSecretFailure: options.pullSecretFailure ?? 'deny',
+    upstream: {
+      budgetMs: budgetFor(options.webhookTimeoutSeconds ?? DEFAULT_WEBHOOK_TIMEOUT_SECONDS),
+      ...(view ? { view } : {}),
+      ...(signatureCheck ? { signatureCheck } : {}),
+      ...(replicaSetPins ? { replicaSetPins } : {}),
+    },
     ...(clientAuth ? { clientAuth: { ...(clientAuth.allowedNames ? { allowedNames: clientAuth.allowedNames } : {}) } } : {}),
   });
   const running = await listen(app, { host: options.host, port: options.port, ...(tls ? { tls } : {}) }).catch(async (error: unknown) => {

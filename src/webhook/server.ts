@@ -7,7 +7,9 @@ import { Counter, Histogram, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
 import { decideCaller, dnsNamesOf, type PeerCertificate } from './clientauth.js';
-import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, leftUnchanged, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
+import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, admitReplicaSet, isReplicaSetCreate, leftUnchanged, parseAdmissionReview, type AdmissionContext, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
+import { budgetFor, decideWithUpstream, type UpstreamAccess } from './upstream.js';
+import { needsDigest, type AnswerBook } from './upstreamplan.js';
 
 export const DEFAULT_BODY_LIMIT_BYTES = ADMISSION_BODY_LIMIT_BYTES;
 
@@ -36,19 +38,31 @@ export interface WebhookAppOptions {
    * client CA (see listen()), and whose CN or a DNS SAN is in `allowedNames` when that is given.
    */
   readonly clientAuth?: { readonly allowedNames?: readonly string[] };
+  /** How rules with rewrite: private-only, pinDigest or verify reach the upstream, and the review's budget. */
+  readonly upstream?: UpstreamAccess;
 }
+
+/** The chart's default webhook timeoutSeconds. */
+export const DEFAULT_WEBHOOK_TIMEOUT_SECONDS = 5;
 
 interface WebhookMetrics {
   admissions: Counter<'result'>;
   rewrites: Counter<'rule'>;
   duration: Histogram<'result'>;
   pullSecretFailures: Counter;
+  upstreamDecisions: Counter<'rule' | 'question' | 'outcome'>;
 }
 
 function registerMetrics(registry: Registry): WebhookMetrics {
   return {
     admissions: new Counter({ name: 'pullbridge_admissions_total', help: 'Admission requests by result', labelNames: ['result'], registers: [registry] }),
     rewrites: new Counter({ name: 'pullbridge_image_rewrites_total', help: 'Images rewritten, by rule', labelNames: ['rule'], registers: [registry] }),
+    upstreamDecisions: new Counter({
+      name: 'pullbridge_upstream_decisions_total',
+      help: 'Image decisions that asked the upstream, by rule, question (probe, digest, signature) and outcome',
+      labelNames: ['rule', 'question', 'outcome'],
+      registers: [registry],
+    }),
     pullSecretFailures: new Counter({ name: 'pullbridge_pull_secret_failures_total', help: 'Admissions whose pull secret could not be provisioned (the Pod was denied or admitted unchanged, per pullSecretFailure)', registers: [registry] }),
     duration: new Histogram({
       name: 'pullbridge_admission_duration_seconds',
@@ -69,6 +83,7 @@ function auditRecord(request: AdmissionRequest, outcome: AdmissionOutcome, resul
   const object = (request.object ?? {}) as { metadata?: { name?: string; generateName?: string } };
   return {
     audit: 'admission',
+    ...(request.kind.kind !== 'Pod' ? { kind: request.kind.kind } : {}),
     uid: request.uid,
     namespace: request.namespace ?? null,
     pod: request.name ?? object.metadata?.name ?? object.metadata?.generateName ?? null,
@@ -105,6 +120,7 @@ function peerCertificate(req: Request): PeerCertificate {
 export function createWebhookApp(options: WebhookAppOptions): express.Express {
   const { logger, audit, metrics: registry } = options;
   const metrics = registerMetrics(registry);
+  const upstream: UpstreamAccess = options.upstream ?? { budgetMs: budgetFor(DEFAULT_WEBHOOK_TIMEOUT_SECONDS) };
   const app = express();
   app.disable('x-powered-by');
   app.set('etag', false);
@@ -172,10 +188,15 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
       try {
         const config = options.config();
         const namespace = request.namespace;
-        const namespaceLabels = namespace && options.sideEffects?.namespaceLabels ? await options.sideEffects.namespaceLabels(namespace) : undefined;
-        outcome = admitPod(config, request, namespaceLabels ? { namespaceLabels } : {});
+        const replicaSet = isReplicaSetCreate(request);
+        // A ReplicaSet under a config that pins nothing is answered without any call (it is skipped).
+        const pins = !replicaSet || config.registries.some(needsDigest);
+        const namespaceLabels = pins && namespace && options.sideEffects?.namespaceLabels ? await options.sideEffects.namespaceLabels(namespace) : undefined;
+        const context: AdmissionContext = namespaceLabels ? { namespaceLabels } : {};
+        const admit = replicaSet ? admitReplicaSet : admitPod;
+        ({ outcome } = await decideWithUpstream((answers: AnswerBook) => admit(config, request, { ...context, answers }), upstream));
         result = outcome.decision;
-        body = admissionResponse(request.uid, outcome);
+        body = outcome.denial !== undefined ? admissionDenial(request.uid, 403, outcome.denial) : admissionResponse(request.uid, outcome);
         const secrets = [...(outcome.pullSecret !== null ? [outcome.pullSecret] : []), ...outcome.upstreamPullSecrets];
         const ensure = options.sideEffects?.ensurePullSecret;
         if (secrets.length > 0 && namespace && !request.dryRun && ensure) {
@@ -203,7 +224,7 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
         // A bug must not block Pod creation cluster-wide: admit unchanged and say so loudly.
         error = cause instanceof Error ? cause.message : String(cause);
         logger.error({ err: cause, uid: request.uid }, 'admission decision failed; admitting unchanged');
-        outcome = { decision: 'unchanged', containers: [], patch: [], pullSecret: null, upstreamPullSecrets: [], warnings: [] };
+        outcome = { decision: 'unchanged', containers: [], patch: [], pullSecret: null, upstreamPullSecrets: [], warnings: [], questions: [] };
         result = 'error';
         body = admissionResponse(request.uid, outcome);
       }
@@ -215,6 +236,13 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
         const perRule = new Map<string, number>();
         for (const c of outcome.containers) if (c.rewritten !== null && c.rule !== null) perRule.set(c.rule, (perRule.get(c.rule) ?? 0) + 1);
         for (const [rule, n] of perRule) metrics.rewrites.inc({ rule }, n);
+      }
+      for (const c of outcome.containers) {
+        const facts = c.upstream;
+        if (facts === undefined || c.rule === null) continue;
+        if (facts.probe) metrics.upstreamDecisions.inc({ rule: c.rule, question: 'probe', outcome: facts.probe.outcome });
+        if (facts.digest) metrics.upstreamDecisions.inc({ rule: c.rule, question: 'digest', outcome: 'error' in facts.digest ? 'failed' : facts.digest.pinned ? `pinned-${facts.digest.source}` : facts.digest.source });
+        if (facts.signature) metrics.upstreamDecisions.inc({ rule: c.rule, question: 'signature', outcome: facts.signature.verified ? 'verified' : `unverified-${facts.signature.onFailure ?? 'deny'}` });
       }
       audit.info(auditRecord(request, outcome, result, durationMs, error), 'admission');
       res.json(body);

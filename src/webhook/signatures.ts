@@ -6,7 +6,9 @@
 
 import type { KeyObject } from 'node:crypto';
 import { digestError } from '../reference/reference.js';
+import type { Config } from '../rules/config.js';
 import type { RegistryTarget, RegistryView } from '../rules/registryview.js';
+import type { SignatureCheck } from './upstream.js';
 import { SecretFile } from '../shell/secretfiles.js';
 import {
   COSIGN_SIGNATURE_ARTIFACT_TYPE,
@@ -150,4 +152,39 @@ export async function verifyCosignSignature(view: View, target: RegistryTarget, 
   }
   // Nothing verified; if something could not be fetched, a later try may find the signature that verifies.
   return { verified: false, kind: fetchFailed ? 'unavailable' : 'rejected', reason: summarise([...rejections, ...failures]) };
+}
+
+/** How long public keys read from files are used before the files are read again (a Secret mount updated in place). */
+export const KEY_REREAD_MS = 60_000;
+
+/**
+ * The admission's signature check (upstream.ts SignatureCheck) for the rules in force: each rule's
+ * verify.cosign.publicKeyFiles, read once and again after KEY_REREAD_MS, so that a key rotated in its
+ * Secret is taken up without a restart. A key file that no longer loads fails the check (naming the
+ * file) rather than verifying with a stale key.
+ */
+export function cosignSignatureCheck(view: View, config: () => Config, now: () => number = Date.now): SignatureCheck {
+  const read = new Map<string, { readonly keys: KeyObject[] | Error; readonly at: number }>();
+  const keysFor = (paths: readonly string[]): KeyObject[] | Error => {
+    const id = paths.join('\n');
+    const known = read.get(id);
+    if (known !== undefined && now() - known.at < KEY_REREAD_MS) return known.keys;
+    let keys: KeyObject[] | Error;
+    try {
+      keys = readCosignKeys(paths);
+    } catch (error) {
+      keys = error instanceof Error ? error : new Error(String(error));
+    }
+    if (read.size > 64) read.clear(); // key lists come from the config: a handful; never grows with traffic
+    read.set(id, { keys, at: now() });
+    return keys;
+  };
+  return async (target, digest, namespace, signal) => {
+    const rule = config().registries.find((r) => r.name === target.rule);
+    if (rule?.verify === undefined) return { verified: false, reason: `rule "${target.rule}" has no verify keys` };
+    const keys = keysFor(rule.verify.cosign.publicKeyFiles);
+    if (keys instanceof Error) return { verified: false, reason: `the public keys cannot be read: ${keys.message}` };
+    const verdict = await verifyCosignSignature(view, target, digest, namespace, keys, signal);
+    return verdict.verified ? { verified: true } : { verified: false, reason: verdict.reason };
+  };
 }

@@ -9,6 +9,8 @@ export interface ReviewOptions {
   uid?: string;
   kind?: string;
   resource?: string;
+  /** The API group of kind and resource ('' for core, 'apps' for a ReplicaSet). */
+  group?: string;
 }
 
 export function podWith(spec: Record<string, unknown>, metadata: Record<string, unknown> = { name: 'web', namespace: 'default' }): Record<string, unknown> {
@@ -22,8 +24,8 @@ export function reviewFor(object: unknown, options: ReviewOptions = {}): Record<
     kind: 'AdmissionReview',
     request: {
       uid: options.uid ?? 'f0b5c1a2-1111-4222-8333-444455556666',
-      kind: { group: '', version: 'v1', kind },
-      resource: { group: '', version: 'v1', resource: options.resource ?? 'pods' },
+      kind: { group: options.group ?? '', version: 'v1', kind },
+      resource: { group: options.group ?? '', version: 'v1', resource: options.resource ?? 'pods' },
       ...(options.subResource ? { subResource: options.subResource } : {}),
       namespace: options.namespace ?? 'default',
       operation: options.operation ?? 'CREATE',

@@ -128,6 +128,12 @@ registries:
     {{- if .shareUpstreamCredentials }}
     shareUpstreamCredentials: true
     {{- end }}
+    {{- with .onProbeFailure }}
+    onProbeFailure: {{ . }}
+    {{- end }}
+    {{- if .pinDigest }}
+    pinDigest: true
+    {{- end }}
 {{- end }}
 {{- if not .Values.registries }} []{{ end }}
 {{- end -}}

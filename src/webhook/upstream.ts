@@ -1,0 +1,122 @@
+// The I/O half of upstream-aware admission: answers the questions the pure decision (admitPod,
+// admitReplicaSet with an AnswerBook) leaves open, concurrently, each question once per review, all
+// under one deadline for the whole review, and decides again until nothing is missing or the
+// deadline passed. A review that asks nothing never waits here.
+
+import type { ProbeAnswer, ManifestAnswer, RegistryTarget, RegistryView } from '../rules/registryview.js';
+import { AnswerBook, type PinsAnswer, type SignatureAnswer, type UpstreamQuestion } from './upstreamplan.js';
+
+/**
+ * Checks the signature of `digest` in a rule's repository (cosign: the `sha256-<hex>.sig` tag or a
+ * referrer), through the proxy tier with the namespace's authorization. Resolves, never rejects, for
+ * an answer; a rejection or no answer by `signal` counts as not verified.
+ */
+export type SignatureCheck = (target: RegistryTarget, digest: string, namespace: string, signal: AbortSignal) => Promise<SignatureAnswer>;
+
+/** The pinned digests of a ReplicaSet (its annotation), or null when it has none. */
+export type ReplicaSetPinsReader = (namespace: string, name: string, uid: string, signal: AbortSignal) => Promise<Readonly<Record<string, string>> | null>;
+
+export interface UpstreamAccess {
+  /** The proxy tier; absent: every question fails with "no access to the proxy tier". */
+  readonly view?: RegistryView;
+  readonly signatureCheck?: SignatureCheck;
+  readonly replicaSetPins?: ReplicaSetPinsReader;
+  /** The budget of one review for all its questions, in milliseconds (fits the apiserver's webhook timeout). */
+  readonly budgetMs: number;
+}
+
+/** The webhook's timeout less what the apiserver's call, TLS and the answer itself take: at most a second, at most half. */
+export function budgetFor(timeoutSeconds: number): number {
+  const timeoutMs = timeoutSeconds * 1000;
+  return Math.max(1, timeoutMs - Math.min(1000, timeoutMs / 2));
+}
+
+/** Rounds of questions a review may take: ReplicaSet pins, then probes and tags, then signatures. */
+const MAX_ROUNDS = 4;
+
+const message = (error: unknown): string => (error instanceof Error ? error.message : String(error));
+
+/** `work` or, when the signal aborts first, undefined; never rejects with the signal's reason. */
+function beforeDeadline<T>(work: () => Promise<T>, signal: AbortSignal): Promise<T | undefined> {
+  if (signal.aborted) return Promise.resolve(undefined);
+  return new Promise<T | undefined>((resolve, reject) => {
+    const onAbort = () => resolve(undefined);
+    signal.addEventListener('abort', onAbort, { once: true });
+    work().then(
+      (value) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(signal.aborted ? undefined : value);
+      },
+      (error: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        if (signal.aborted) resolve(undefined);
+        else reject(error instanceof Error ? error : new Error(String(error)));
+      },
+    );
+  });
+}
+
+async function answer(question: UpstreamQuestion, access: UpstreamAccess, book: AnswerBook, signal: AbortSignal): Promise<void> {
+  const view = access.view;
+  switch (question.kind) {
+    case 'probe': {
+      const result: ProbeAnswer | undefined = view ? await beforeDeadline(() => view.probeAnonymous(question.target, signal), signal).catch((e: unknown) => ({ kind: 'failed' as const, error: message(e) })) : { kind: 'failed', error: 'the webhook has no access to the proxy tier' };
+      if (result !== undefined) book.probes.set(question.key, result);
+      return;
+    }
+    case 'digest': {
+      const result: ManifestAnswer | undefined = view ? await beforeDeadline(() => view.manifest({ ...question.target, method: 'HEAD' }, signal), signal).catch((e: unknown) => ({ kind: 'failed' as const, error: message(e) })) : { kind: 'failed', error: 'the webhook has no access to the proxy tier' };
+      if (result !== undefined) book.digests.set(question.key, result);
+      return;
+    }
+    case 'signature': {
+      const check = access.signatureCheck;
+      const { digest, namespace, ...target } = question.target;
+      const result: SignatureAnswer | undefined = check ? await beforeDeadline(() => check(target, digest, namespace, signal), signal).catch((e: unknown) => ({ verified: false as const, reason: `the signature check failed: ${message(e)}` })) : { verified: false, reason: 'the webhook has no signature verifier' };
+      if (result !== undefined) book.signatures.set(question.key, result);
+      return;
+    }
+    case 'replicaset': {
+      const read = access.replicaSetPins;
+      let result: PinsAnswer | undefined;
+      if (!read) result = { kind: 'none', detail: 'the webhook has no Kubernetes API access' };
+      else {
+        result = await beforeDeadline(() => read(question.namespace, question.name, question.uid, signal), signal).then(
+          (pins): PinsAnswer | undefined => (pins === undefined ? undefined : pins === null ? { kind: 'none', detail: `ReplicaSet ${question.name} has no pinned digests` } : { kind: 'found', pins }),
+          (e: unknown): PinsAnswer => ({ kind: 'none', detail: `ReplicaSet ${question.name} could not be read: ${message(e)}` }),
+        );
+      }
+      if (result !== undefined) book.replicaSets.set(question.key, result);
+      return;
+    }
+  }
+}
+
+/**
+ * Runs `decide` (a pure decision over an AnswerBook) until it has no questions left, answering each
+ * round's questions concurrently; past the budget, or after MAX_ROUNDS, decides a last time with
+ * every missing answer failed. Returns at once when the first decision asks nothing.
+ */
+export async function decideWithUpstream<T extends { readonly questions: readonly UpstreamQuestion[] }>(decide: (book: AnswerBook) => T, access: UpstreamAccess): Promise<{ readonly outcome: T; readonly questionsAsked: number }> {
+  const book = new AnswerBook();
+  let outcome = decide(book);
+  if (outcome.questions.length === 0) return { outcome, questionsAsked: 0 };
+  // Aborting also tells the view to drop what it still has in flight for this review.
+  const controller = new AbortController();
+  const deadline = controller.signal;
+  const timer = setTimeout(() => controller.abort(new Error(`the review's budget of ${access.budgetMs} ms is spent`)), access.budgetMs);
+  let asked = 0;
+  try {
+    for (let round = 0; round < MAX_ROUNDS && outcome.questions.length > 0 && !deadline.aborted; round++) {
+      asked += outcome.questions.length;
+      await Promise.all(outcome.questions.map((q) => answer(q, access, book, deadline)));
+      outcome = decide(book);
+    }
+  } finally {
+    clearTimeout(timer);
+  }
+  if (outcome.questions.length === 0) return { outcome, questionsAsked: asked };
+  book.final = deadline.aborted ? `no answer within the review's budget of ${access.budgetMs} ms` : 'too many rounds of questions';
+  book.takeQuestions();
+  return { outcome: decide(book), questionsAsked: asked };
+}
