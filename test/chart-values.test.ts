@@ -82,7 +82,6 @@ describe('Helm chart values', function () {
       [{ registries: [rule({ rewrite: 'sometimes' })] }, /registries\.0\.rewrite: registries\.0\.rewrite must be one of the following/],
       // The chart mounts no cosign keys yet: refused rather than dropped.
       [{ registries: [rule({ verify: { cosign: { publicKeyFiles: ['/k.pub'] } } })] }, /registries\.0: Additional property verify is not allowed/],
-      [{ registries: [rule({ rewrite: 'never' })] }, /registries\.0\.rewrite: registries\.0\.rewrite must be one of the following: "always", "private-only"/],
       [{ webhook: { excludedNamespaces: ['Monitoring'] } }, /webhook\.excludedNamespaces\.0: Does not match pattern/],
       [{ webhook: { failurePolicy: 'Fial' } }, /webhook\.failurePolicy: webhook\.failurePolicy must be one of the following/],
       [{ webhook: { replicas: 'two' } }, /webhook\.replicas: Invalid type/],
