@@ -45,7 +45,7 @@ for (const name of which) {
     process.stdout.write(`${text}\n`);
   } else if (name === 'upstream') {
     const text = await runUpstreamBench(Number(values.seconds), Number(values.connections));
-    writeReportSection('bench-upstream', 'Benchmark: webhook asking the upstream (uncached)', `npm run bench -- upstream --seconds ${values.seconds} --connections ${values.connections}`, text);
+    writeReportSection('bench-upstream', 'Benchmark: webhook asking the upstream through the proxy tier', `npm run bench -- upstream --seconds ${values.seconds} --connections ${values.connections}`, text);
     process.stdout.write(`${text}\n`);
   } else if (name === 'proxy') {
     const result = await runProxyBench(Number(values['size-mb']), Number(values.concurrency), Number(values.rounds));
