@@ -67,7 +67,8 @@ describe('listing for mirroring tools (catalog, tag pages) through the proxy', f
   before(async () => {
     writeFileSync(join(dir, 'password'), PASSWORD);
     corp = await startRegistry({ auth: 'token', accessLog: true, anonymousPull: ['team/app'] });
-    shop = await startRegistry({ auth: 'basic', accessLog: true });
+    // Pages of at most 2: the proxy's n=1000 is refused there (400), and the proxy asks for its default page.
+    shop = await startRegistry({ auth: 'basic', accessLog: true, catalogMaxEntries: 2 });
     mirror = await startRegistry();
     for (const [tag, i] of APP_TAGS) await corp.push(images[i] ?? images[0]!, 'team/app', tag);
     for (const repository of ['team/web', 'team/secret', ...LEGACY]) await corp.push(images[0]!, repository, '1');
@@ -104,9 +105,15 @@ describe('listing for mirroring tools (catalog, tag pages) through the proxy', f
     const t = toolsAs(c.username, c.password);
     assert.deepEqual((await t.crane(['catalog', proxyHost])).trim().split('\n'), SHOP_A);
     assert.deepEqual((await t.regctl(['repo', 'ls', proxyHost])).trim().split('\n'), SHOP_A);
+    // With --limit (n) and --last, regctl reads the one page it asks for.
+    assert.deepEqual((await t.regctl(['repo', 'ls', '--limit', '2', proxyHost])).trim().split('\n'), SHOP_A.slice(0, 2));
+    assert.deepEqual((await t.regctl(['repo', 'ls', '--limit', '2', '--last', 'corp/team/web', proxyHost])).trim().split('\n'), SHOP_A.slice(2, 4));
     // The access log names the namespace that listed.
-    const logged = proxy.logs.records.filter((r) => r.kind === 'catalog' && r.namespace === 'shop-a' && r.status === 200);
-    assert.ok(logged.length >= 2, JSON.stringify(proxy.logs.records.filter((r) => r.kind === 'catalog')));
+    const logged = () => proxy.logs.records.filter((r) => r.kind === 'catalog' && r.namespace === 'shop-a' && r.status === 200).map((r) => r.reference);
+    // A record is written once the proxy saw its response close, which may come after the client left: wait for it (bounded).
+    for (let i = 0; i < 100 && logged().length < 4; i++) await new Promise((resolve) => setTimeout(resolve, 50));
+    // crane asks 1000 at a time; regctl asks without n (the default page, 100), then n=2, then after corp/team/web.
+    assert.deepEqual(logged(), ['n=1000', null, 'n=2', 'n=2&last=corp/team/web']);
   });
 
   it('pages with n=1 through Link headers (distribution format), each upstream asked from the rule part of last', async () => {
@@ -143,6 +150,9 @@ describe('listing for mirroring tools (catalog, tag pages) through the proxy', f
     // The upstream was asked for at most 1000, which distribution accepts (it refuses more with 400).
     const asked = (await corp.requests()).filter((r) => r.path === '/v2/_catalog');
     assert.ok(asked.every((r) => r.status !== 400), JSON.stringify(asked));
+    // The shop upstream takes at most 2: it refused n=1000, and its default pages were followed.
+    const shopAsked = (await shop.requests()).filter((r) => r.path === '/v2/_catalog').map((r) => r.status);
+    assert.ok(shopAsked.includes(400) && shopAsked.includes(200), JSON.stringify(shopAsked));
   });
 
   it('refuses bad n and last with a clear 400', async () => {
@@ -189,6 +199,8 @@ describe('listing for mirroring tools (catalog, tag pages) through the proxy', f
     const t = toolsAs(c.username, c.password);
     assert.deepEqual((await t.regctl(['tag', 'ls', `${proxyHost}/corp/team/app`])).trim().split('\n'), sorted);
     assert.deepEqual((await t.crane(['ls', `${proxyHost}/corp/team/app`])).trim().split('\n'), sorted);
+    // n and last honoured by the proxy: the upstream answers every tag whatever it is asked.
+    assert.deepEqual((await t.regctl(['tag', 'ls', '--limit', '2', '--last', '1.0', `${proxyHost}/corp/team/app`])).trim().split('\n'), ['1.1', '2.0']);
     const pages = await walk('/v2/corp/team/app/tags/list?n=1', as('shop-a'));
     assert.deepEqual(pages.map((p) => body<{ name: string; tags: string[] }>(p)), sorted.map((tag) => ({ name: 'corp/team/app', tags: [tag] })));
     assert.equal(pages[0]?.headers.link, '</v2/corp/team/app/tags/list?last=1.0&n=1>; rel="next"');

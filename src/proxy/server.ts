@@ -411,6 +411,8 @@ class RegistryShell {
       sendError(res, parsed.error);
       return;
     }
+    // Which page, for the access log (both values checked above: short, no control characters).
+    exchange.reference = [parsed.page.n !== undefined ? `n=${parsed.page.n}` : '', parsed.page.last !== undefined ? `last=${parsed.page.last}` : ''].filter(Boolean).join('&') || null;
     await this.whileConnected(res, async (signal) => {
       try {
         const page = await listCatalog(access.rules, parsed.page, signal, this.limits.bufferAllowance(res));
