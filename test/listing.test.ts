@@ -8,6 +8,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { namespaceToken } from '../src/rules/credentials.js';
+import { listen, type RunningServer } from '../src/shell/serve.js';
 import { MAX_UPSTREAM_PAGES } from '../src/proxy/catalog.js';
 import { errorCode, rawRequest, type RawResponse } from './support/http.js';
 import { buildImage } from './support/oci.js';
@@ -247,5 +248,50 @@ describe('listing for mirroring tools (catalog, tag pages) through the proxy', f
     } finally {
       await shop.restart();
     }
+  });
+});
+
+describe('listing: an upstream that ignores catalog pagination', () => {
+  // A fake, for what docker-registry cannot do: answer every name, unsorted, whatever n and last say
+  // (as some vendor registries and proxies do), with no Link.
+  const names = ['zeta', 'alpha', 'mid/one', 'beta', 'mid/two'];
+  const key = Buffer.from(randomBytes(32).toString('hex'));
+  let upstream: RunningServer;
+  let proxy: ProxyProcessUnderTest;
+  const asked: string[] = [];
+
+  before(async () => {
+    upstream = await listen(
+      (req, res) => {
+        const url = req.url ?? '';
+        if (url.startsWith('/v2/_catalog')) asked.push(url);
+        const body = url.startsWith('/v2/_catalog') ? JSON.stringify({ repositories: names }) : '{}';
+        res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) }).end(body);
+      },
+      { host: '127.0.0.1', port: 0 },
+    );
+    proxy = await runProxyUnderTest({ registries: [{ name: 'vendor', match: ['vendor.example'], upstream: upstream.url, auth: { mode: 'anonymous' } }] }, key);
+  });
+
+  after(async () => {
+    await proxy?.close();
+    await upstream?.close(100);
+  });
+
+  it('pages the whole answer in the proxy: sorted, after last, n at a time, each page asking the upstream once', async () => {
+    const pages: string[][] = [];
+    let next: string | undefined = '/v2/_catalog?n=2';
+    while (next !== undefined && pages.length < 10) {
+      const res = await rawRequest(proxy.url, next);
+      assert.equal(res.status, 200, res.body.toString());
+      pages.push((JSON.parse(res.body.toString()) as { repositories: string[] }).repositories);
+      next = typeof res.headers.link === 'string' ? /^<([^>]+)>; rel="next"$/.exec(res.headers.link)?.[1] : undefined;
+    }
+    assert.deepEqual(pages, [
+      ['vendor/alpha', 'vendor/beta'],
+      ['vendor/mid/one', 'vendor/mid/two'],
+      ['vendor/zeta'],
+    ]);
+    assert.deepEqual(asked, ['/v2/_catalog?n=2', '/v2/_catalog?n=2&last=beta', '/v2/_catalog?n=2&last=mid%2Ftwo']);
   });
 });

@@ -102,7 +102,8 @@ function hasErrorCode(registryBody: string | undefined, code: string): boolean {
   }
 }
 
-/** Whether a Link header has a `rel="next"` target (RFC 5988; distribution writes exactly one). */
+/** Whether a Link header has a `rel="next"` target (RFC 5988; distribution writes exactly one).
+ * Split on commas first: no pattern here may backtrack over a long header from the upstream. */
 function linksNext(link: string | undefined): boolean {
-  return link !== undefined && /<[^>]*>\s*;[^,]*\brel="?next"?/i.test(link);
+  return link !== undefined && link.split(',').some((part) => /^\s*<[^>]*>/.test(part) && /;\s*rel="?next"?\s*(?:;|$)/i.test(part));
 }
