@@ -14,6 +14,8 @@ describe('proxy routing (pure)', () => {
     ['GET', `/v2/corp/a/blobs/b/blobs/${SHA}`, { kind: 'blob', rule: 'corp', name: 'a/blobs/b', digest: SHA }],
     ['GET', '/v2/corp/a/manifests/b/manifests/latest', { kind: 'manifest', rule: 'corp', name: 'a/manifests/b', reference: 'latest', byDigest: false }],
     ['GET', '/v2/corp/team/app/tags/list?n=10&last=b', { kind: 'tags', rule: 'corp', name: 'team/app', query: 'n=10&last=b' }],
+    ['GET', '/v2/_catalog', { kind: 'catalog', query: '' }],
+    ['GET', '/v2/_catalog?last=corp%2Fa&n=1', { kind: 'catalog', query: 'last=corp%2Fa&n=1' }],
     ['GET', '/v2/hub/library/nginx/manifests/1.27', { kind: 'manifest', rule: 'hub', name: 'library/nginx', reference: '1.27', byDigest: false }],
   ];
   for (const [method, target, expected] of ok) {
@@ -44,7 +46,7 @@ describe('proxy routing (pure)', () => {
     ['GET', '/v2/corp/a/blobs/sha256:abc', 400, 'DIGEST_INVALID'],
     ['GET', `/v2/corp/a/blobs/md5:${'a'.repeat(32)}`, 400, 'DIGEST_INVALID'],
     ['GET', '/v2/corp/a/blobs/latest', 400, 'DIGEST_INVALID'],
-    ['GET', '/v2/_catalog', 404, 'UNSUPPORTED'],
+    ['GET', '/v2/_catalog/', 404, 'UNSUPPORTED'],
     ['GET', '/v1/search', 404, 'UNSUPPORTED'],
     ['GET', '/v2/corp/a/referrers/x', 404, 'UNSUPPORTED'],
   ];

@@ -182,7 +182,7 @@ function namedDigest(up: UpstreamResponse, kind: ContentKind, expected: string |
  * Reads a body the proxy must hold whole within the memory the request is allowed: reserved before
  * (the announced length, or an estimate), adjusted once read. Null when it is larger than `limit`.
  */
-async function readWithin(up: UpstreamResponse, buffers: BufferAllowance, limit: number): Promise<Buffer | null> {
+export async function readWithin(up: UpstreamResponse, buffers: BufferAllowance, limit: number): Promise<Buffer | null> {
   const declared = Number(headerValue(up.headers['content-length']));
   if (Number.isSafeInteger(declared) && declared > limit) {
     up.body.destroy();
@@ -222,7 +222,7 @@ async function refuseFailure(up: UpstreamResponse, kind: ContentKind, ok: readon
 }
 
 /** An upstream error answer, its own registry error document kept to pass on, and its Retry-After. */
-async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
+export async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
   const text = (await up.body.readAll(ERROR_BODY_LIMIT))?.toString('utf8') ?? '';
   const retryAfter = headerValue(up.headers['retry-after']);
   let parsed: unknown;
@@ -238,7 +238,7 @@ async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
 }
 
 /** What went wrong reaching the upstream: auth, a timeout, or no way there. */
-function failureOf(error: Error): ContentError {
+export function failureOf(error: Error): ContentError {
   if (error instanceof UpstreamAuthError) {
     if (error.kind === 'rejected') return new ContentError('unauthorized', error.message, { status: 401, note: error.message });
     // An answer, not an outage: never bridged with what the cache holds.

@@ -3,7 +3,7 @@
 
 import type { ServerResponse } from 'node:http';
 import type { AuthMode } from '../rules/config.js';
-import type { ContentError, ContentFailure, ManifestResult, TagsResult } from '../content/source.js';
+import type { ContentError, ContentFailure, ManifestResult } from '../content/source.js';
 import { registryError, registryErrorBody, type RegistryError, type RegistryErrorCode } from './errors.js';
 
 export type ContentKind = 'manifest' | 'blob' | 'tags';
@@ -29,11 +29,19 @@ export function answerManifest(res: ServerResponse, manifest: ManifestResult): v
   res.end(res.req.method === 'HEAD' ? undefined : manifest.body);
 }
 
-/** A tag list under the name the client knows the repository by, its next page on the proxy's path. */
-export function answerTags(res: ServerResponse, rule: string, repository: string, tags: TagsResult): void {
-  const body = JSON.stringify({ ...tags.list, name: `${rule}/${repository}` });
+/** A page of a tag list under the name the client knows the repository by; `link` to the next page. */
+export function answerTags(res: ServerResponse, rule: string, repository: string, tags: readonly string[], link: string | undefined): void {
+  answerList(res, JSON.stringify({ name: `${rule}/${repository}`, tags }), link);
+}
+
+/** A page of the catalog; `link` to the next page. */
+export function answerCatalog(res: ServerResponse, repositories: readonly string[], link: string | undefined): void {
+  answerList(res, JSON.stringify({ repositories }), link);
+}
+
+function answerList(res: ServerResponse, body: string, link: string | undefined): void {
   const headers: Record<string, string | number> = { 'content-type': JSON_TYPE, 'content-length': Buffer.byteLength(body) };
-  if (tags.nextPage) headers.link = `</v2/${rule}/${repository}/tags/list${tags.nextPage.query}>${tags.nextPage.linkParameters}`;
+  if (link !== undefined) headers.link = link;
   res.writeHead(200, headers);
   res.end(res.req.method === 'HEAD' ? undefined : body);
 }

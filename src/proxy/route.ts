@@ -6,6 +6,8 @@ import { registryError, type RegistryError } from './errors.js';
 
 export type Route =
   | { readonly kind: 'base' }
+  /** `/v2/_catalog`: every rule's repositories the client may list (`_` starts no rule name). */
+  | { readonly kind: 'catalog'; readonly query: string }
   | { readonly kind: 'manifest'; readonly rule: string; readonly name: string; readonly reference: string; readonly byDigest: boolean }
   | { readonly kind: 'blob'; readonly rule: string; readonly name: string; readonly digest: string }
   | { readonly kind: 'tags'; readonly rule: string; readonly name: string; readonly query: string };
@@ -41,6 +43,7 @@ export function parseRoute(method: string, target: string): RouteResult {
   if (path.includes('\\') || /\/\.\.?(\/|$)/.test(path) || path.includes('//')) return bad(400, 'NAME_INVALID', 'path contains empty or dot segments');
   if (path === '/v2/' || path === '/v2') return { ok: true, route: { kind: 'base' } };
   if (!path.startsWith('/v2/')) return bad(404, 'UNSUPPORTED', 'not a registry API path');
+  if (path === '/v2/_catalog') return { ok: true, route: { kind: 'catalog', query } };
   const rest = path.slice('/v2/'.length);
 
   if (rest.endsWith('/tags/list')) {

@@ -14,7 +14,9 @@ import { UpstreamAuthError, type UpstreamCredentials } from '../upstream/authori
 import { MANIFEST_ACCEPT } from '../content/passthrough.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { answerBase, authenticate, repositoryRefusal } from './access.js';
-import { answerContentError, answerManifest, answerTags, CHALLENGE, sendError, type ContentKind } from './answer.js';
+import { answerCatalog, answerContentError, answerManifest, answerTags, CHALLENGE, sendError, type ContentKind } from './answer.js';
+import { catalogAccess, listCatalog } from './catalog.js';
+import { pageTags, parsePageQuery, tagsLink } from './listing.js';
 import type { Budget } from './budget.js';
 import { registryError } from './errors.js';
 import { recordExchange, registerMetrics, type Exchange, type ProxyMetrics } from './exchange.js';
@@ -120,6 +122,10 @@ class RegistryShell {
     exchange.kind = route.kind;
     if (route.kind === 'base') {
       exchange.namespace = answerBase(runtime, req, res);
+      return;
+    }
+    if (route.kind === 'catalog') {
+      await this.catalog(runtime, route.query, req, res, exchange);
       return;
     }
     exchange.repository = route.name;
@@ -377,15 +383,50 @@ class RegistryShell {
     }
   }
 
+  /** A tag list paged here whether or not the upstream pages it (distribution 2.8 answers every tag). */
   private async tags(content: ContentSource, route: Extract<Route, { kind: 'tags' }>, request: ContentRequest, res: ServerResponse): Promise<void> {
-    const query = new URLSearchParams(route.query);
-    const n = query.get('n');
-    if (n !== null && !/^\d{1,6}$/.test(n)) {
-      sendError(res, registryError(400, 'PAGINATION_NUMBER_INVALID', 'n must be a non-negative integer'));
+    const parsed = parsePageQuery(route.query, 'tags');
+    if (!parsed.ok) {
+      sendError(res, parsed.error);
       return;
     }
-    const tags = await content.tags({ ...request, n, last: query.get('last'), buffers: this.limits.bufferAllowance(res) });
-    answerTags(res, request.rule, route.name, tags);
+    const { n, last } = parsed.page;
+    const tags = await content.tags({ ...request, n: n === undefined ? null : String(n), last: last ?? null, buffers: this.limits.bufferAllowance(res) });
+    const page = pageTags(tags.list.tags, parsed.page, tags.nextPage !== undefined);
+    answerTags(res, request.rule, route.name, page.tags, page.nextAfter === undefined ? undefined : tagsLink(request.rule, route.name, page.nextAfter, n));
+  }
+
+  /** `/v2/_catalog`: the rules this client may list, walked page by page (catalog.ts). */
+  private async catalog(runtime: ProxyRuntime, query: string, req: IncomingMessage, res: ServerResponse, exchange: Exchange): Promise<void> {
+    const access = catalogAccess(runtime, req, this.options.logger);
+    exchange.namespace = access.namespace;
+    if (!access.ok) {
+      exchange.error = access.error.message;
+      sendError(res, access.error, access.challenge ? { 'www-authenticate': CHALLENGE } : {});
+      return;
+    }
+    const parsed = parsePageQuery(query, 'catalog');
+    if (!parsed.ok) {
+      exchange.error = parsed.error.message;
+      sendError(res, parsed.error);
+      return;
+    }
+    // Which page, for the access log (both values checked above: short, no control characters).
+    exchange.reference = [parsed.page.n !== undefined ? `n=${parsed.page.n}` : '', parsed.page.last !== undefined ? `last=${parsed.page.last}` : ''].filter(Boolean).join('&') || null;
+    await this.whileConnected(res, async (signal) => {
+      try {
+        const page = await listCatalog(access.rules, parsed.page, signal, this.limits.bufferAllowance(res));
+        if (page.skipped.length > 0) this.options.logger.debug({ skipped: page.skipped }, 'catalog: rules without a catalog for this client');
+        answerCatalog(res, page.repositories, page.link);
+      } catch (error) {
+        if (signal.aborted) exchange.error = 'client went away';
+        else if (error instanceof ContentError) {
+          exchange.error = error.details.note ?? error.message;
+          const tooMany = error.failure === 'too-many-requests';
+          sendError(res, registryError(tooMany ? 429 : error.details.status, tooMany ? 'TOOMANYREQUESTS' : 'UNAVAILABLE', error.message), error.details.retryAfter ? { 'retry-after': error.details.retryAfter } : {});
+        } else throw error;
+      }
+    });
   }
 
   private observeUpstream(rule: string, kind: 'manifest' | 'blob'): (seconds: number) => void {

@@ -33,6 +33,9 @@ export interface RegistryOptions {
   /** Token auth: repositories whose pull the issuer grants to anonymous token requests (public
    * repositories, as Docker Hub's); every other repository needs a user. */
   readonly anonymousPull?: readonly string[];
+  /** The most catalog entries one page may ask for (`catalog.maxentries`; distribution's default
+   * 1000): a larger `n` is refused with 400 PAGINATION_NUMBER_INVALID. */
+  readonly catalogMaxEntries?: number;
 }
 
 /** One request as the registry's access log recorded it. */
@@ -233,7 +236,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-registry-'));
   mkdirSync(join(dir, 'data'));
   const port = await freePort();
-  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', ...storageDriver(options.storage, join(dir, 'data')), ...(options.deletes ? ['  delete:', '    enabled: true'] : []), 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
+  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', ...storageDriver(options.storage, join(dir, 'data')), ...(options.deletes ? ['  delete:', '    enabled: true'] : []), ...(options.catalogMaxEntries !== undefined ? ['catalog:', `  maxentries: ${options.catalogMaxEntries}`] : []), 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
   let tls: CertificateBundle | undefined;
   let caFile: string | undefined;
   if (options.tls) {
