@@ -388,10 +388,10 @@ recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- end -}}
 
 
-{{/* (list key pem): fails naming the key unless pem is one PEM public key whose body decodes to DER
-     (a SEQUENCE, "0"). Looser than the webhook's parse (src/signature/cosign.ts parsePublicKey), which
-     refuses the rest when it loads the config; a private key is refused here, so that it never lands
-     in a ConfigMap. */}}
+{{/* (list key pem): fails naming the key unless pem is one PEM public key whose body is whole DER (a
+     SEQUENCE as long as its header says). Looser than the webhook's parse (src/signature/cosign.ts
+     parsePublicKey), which refuses the rest when it loads the config; a private key is refused here,
+     so that it never lands in a ConfigMap. */}}
 {{- define "pullbridge.checkPublicKey" -}}
 {{- $key := index . 0 -}}
 {{- $pem := index . 1 -}}
@@ -402,8 +402,17 @@ recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- if not (regexMatch $armor $pem) }}
 {{- fail (printf "%s: not one PEM public key (-----BEGIN PUBLIC KEY----- ... -----END PUBLIC KEY-----, as in cosign.pub)" $key) }}
 {{- end }}
-{{- $body := regexReplaceAll "\\s" (regexReplaceAll $armor $pem "${1}") "" -}}
-{{- if or (lt (len $body) 60) (ne (mod (len $body) 4) 0) (not (hasPrefix "0" (b64dec $body))) }}
-{{- fail (printf "%s: the PEM public key is garbled or truncated (its body is not the base64 of a DER key)" $key) }}
+{{- /* b64dec answers a body that is not base64 with its error text, which starts with no SEQUENCE tag. */}}
+{{- $der := b64dec (regexReplaceAll "\\s" (regexReplaceAll $armor $pem "${1}") "") -}}
+{{- $whole := false -}}
+{{- if and (ge (len $der) 4) (eq (int (index $der 0)) 48) }}
+{{- $length := int (index $der 1) }}
+{{- if lt $length 128 }}{{ $whole = eq (len $der) (add 2 $length) }}
+{{- else if eq $length 129 }}{{ $whole = eq (len $der) (add 3 (int (index $der 2))) }}
+{{- else if eq $length 130 }}{{ $whole = eq (len $der) (add 4 (mul 256 (int (index $der 2))) (int (index $der 3))) }}
+{{- end }}
+{{- end }}
+{{- if not $whole }}
+{{- fail (printf "%s: the PEM public key is garbled or truncated (its body is not the base64 of a whole DER key)" $key) }}
 {{- end }}
 {{- end -}}
