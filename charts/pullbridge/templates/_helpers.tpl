@@ -135,8 +135,9 @@ registries:
     pinDigest: true
     {{- end }}
     {{- /* The keys are files of the config ConfigMap itself (configmap.yaml): kubelet swaps a
-         ConfigMap volume whole, so config.yaml never names a key file the volume does not hold yet,
-         and a rule change changes no Pod template. */}}
+         ConfigMap volume whole, so config.yaml comes with its keys (a new key's link follows the
+         swap at once; the webhook retries a config whose file is missing), and a rule change changes
+         no Pod template. */}}
     {{- $ruleName := .name }}
     {{- with .verify }}
     verify:
