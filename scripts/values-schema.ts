@@ -70,8 +70,17 @@ export function valuesSchema(): JsonSchema {
   const forwardProxy = child(rule, 'forwardProxy');
   delete (forwardProxy.properties as Record<string, JsonSchema>).credentials;
   ruleKeys.forwardProxy = forwardProxy;
-  // Not wired in the chart yet, so refused rather than ignored: verify (the chart mounts no cosign public keys).
-  delete ruleKeys.verify;
+  // verify with the cosign public keys as PEM text (not secret): the chart puts them in the config
+  // ConfigMap and points publicKeyFiles at them. The pattern only says "a PEM block"; which kind, and
+  // whether it decodes, the templates check (pullbridge.checkRules), naming the key and the fault.
+  const verify = child(rule, 'verify');
+  ruleKeys.verify = strict(
+    {
+      cosign: strict({ publicKeys: { type: 'array', minItems: 1, items: string({ pattern: '-----BEGIN [A-Z0-9 ]+-----' }) } }, { required: ['publicKeys'] }),
+      onFailure: child(verify, 'onFailure'),
+    },
+    { required: ['cosign'] },
+  );
   ruleKeys.credentials = strict({ username: string({ minLength: 1 }), password: string({ minLength: 1 }) }, { required: ['username', 'password'] });
   ruleKeys.credentialsSecret = objectName(false);
   ruleKeys.caBundle = string({ pattern: '-----BEGIN CERTIFICATE-----' });

@@ -3,6 +3,7 @@
 // accepts; and no rule change (credentials included) touches the proxy's or the webhook's Pod template.
 
 import assert from 'node:assert/strict';
+import { generateKeyPairSync } from 'node:crypto';
 import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,7 +11,8 @@ import { fileURLToPath } from 'node:url';
 import type { KubernetesObject } from '@kubernetes/client-node';
 import { parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import fc from 'fast-check';
-import { parseConfig, validateConfig } from '../src/rules/config.js';
+import { filesReadBy, parseConfig, validateConfig } from '../src/rules/config.js';
+import { unloadableFiles } from '../src/shell/configfile.js';
 import { parseByteQuantity, parseInodeFloor } from '../src/rules/quantity.js';
 import { renderValuesSchema, VALUES_SCHEMA_FILE } from '../scripts/values-schema.js';
 import { cachedBinary, KUBE_VERSION } from './support/controlplane.js';
@@ -18,6 +20,13 @@ import { runAsync } from './support/procs.js';
 
 const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
 const PEM = '-----BEGIN CERTIFICATE-----\nMIIBnotreal\n-----END CERTIFICATE-----\n';
+/** A public key of each type cosign signs with, as cosign.pub holds it (SPKI PEM). */
+const publicKey = (type: 'ec' | 'rsa' | 'ed25519' = 'ec'): string => {
+  const pair = type === 'ec' ? generateKeyPairSync('ec', { namedCurve: 'prime256v1' }) : type === 'rsa' ? generateKeyPairSync('rsa', { modulusLength: 2048 }) : generateKeyPairSync('ed25519');
+  return pair.publicKey.export({ type: 'spki', format: 'pem' }).toString();
+};
+const COSIGN_PUB = publicKey();
+const ROTATED_PUB = publicKey();
 
 type WithData = KubernetesObject & { data?: Record<string, string> };
 type Workload = KubernetesObject & { spec: { template: unknown } };
@@ -80,8 +89,13 @@ describe('Helm chart values', function () {
       [{ registries: [rule({ forwardProxy: { url: 'http://proxy.corp.example:3128', credentials: { usernameFile: '/x' } } })] }, /registries\.0\.forwardProxy: Additional property credentials is not allowed/],
       [{ registries: [rule({ cache: 'never' })] }, /registries\.0\.cache: Invalid type\. Expected: boolean, given: string/],
       [{ registries: [rule({ rewrite: 'sometimes' })] }, /registries\.0\.rewrite: registries\.0\.rewrite must be one of the following/],
-      // The chart mounts no cosign keys yet: refused rather than dropped.
-      [{ registries: [rule({ verify: { cosign: { publicKeyFiles: ['/k.pub'] } } })] }, /registries\.0: Additional property verify is not allowed/],
+      // verify takes the keys themselves (the chart writes the files), and at least one.
+      [{ registries: [rule({ verify: { cosign: { publicKeyFiles: ['/k.pub'] } } })] }, /registries\.0\.verify\.cosign: Additional property publicKeyFiles is not allowed/],
+      [{ registries: [rule({ verify: { cosign: {} } })] }, /registries\.0\.verify\.cosign: publicKeys is required/],
+      [{ registries: [rule({ verify: { cosign: { publicKeys: [] } } })] }, /registries\.0\.verify\.cosign\.publicKeys: Array must have at least 1 items/],
+      [{ registries: [rule({ verify: { cosign: { publicKeys: ['cosign.pub'] } } })] }, /registries\.0\.verify\.cosign\.publicKeys\.0: Does not match pattern/],
+      [{ registries: [rule({ verify: { onFailure: 'deny' } })] }, /registries\.0\.verify: cosign is required/],
+      [{ registries: [rule({ verify: { cosign: { publicKeys: [COSIGN_PUB] }, onFailure: 'block' } })] }, /registries\.0\.verify\.onFailure: registries\.0\.verify\.onFailure must be one of the following/],
       [{ webhook: { excludedNamespaces: ['Monitoring'] } }, /webhook\.excludedNamespaces\.0: Does not match pattern/],
       [{ webhook: { failurePolicy: 'Fial' } }, /webhook\.failurePolicy: webhook\.failurePolicy must be one of the following/],
       [{ webhook: { replicas: 'two' } }, /webhook\.replicas: Invalid type/],
@@ -105,8 +119,9 @@ describe('Helm chart values', function () {
     const broker = { keyFiles: ['/k0'] };
     /** The rule as the rendered config.yaml has it: the chart turns credentials of either kind into files. */
     const asConfigRule = (values: Record<string, unknown>) => {
-      const { credentials, credentialsSecret, ...rest } = values;
-      return credentials === undefined && credentialsSecret === undefined ? rest : { ...rest, credentials: { usernameFile: '/u', passwordFile: '/p' } };
+      const { credentials, credentialsSecret, verify, ...rest } = values;
+      const withVerify = verify === undefined ? rest : { ...rest, verify: { cosign: { publicKeyFiles: ['/k.pub'] } } };
+      return credentials === undefined && credentialsSecret === undefined ? withVerify : { ...withVerify, credentials: { usernameFile: '/u', passwordFile: '/p' } };
     };
     const anonymous = { auth: { mode: 'anonymous' } };
     const cases: Array<[string, Array<Record<string, unknown>>, RegExp | null]> = [
@@ -119,12 +134,14 @@ describe('Helm chart values', function () {
       ['a /33 in redirects.allow', [rule({ redirects: { allow: ['10.0.0.0/33'] } })], /registries\[0\]\.redirects\.allow\[0\]: "10\.0\.0\.0\/33" must be an IP address or a CIDR block/],
       ['an IPv6 /129 in redirects.allow', [rule({ redirects: { allow: ['fd00::/129'] } })], /redirects\.allow\[0\]/],
       ['a name in redirects.allow', [rule({ redirects: { allow: ['10.0.0.0/8', 'objects.corp.example'] } })], /redirects\.allow\[1\]/],
+      ['verify on a passthrough rule', [rule({ auth: { mode: 'passthrough' }, verify: { cosign: { publicKeys: [COSIGN_PUB] } } })], /registries\[0\]\.verify: auth mode "passthrough" gives the webhook no credential of the namespace/],
       // ...and their good neighbours, which both accept.
       ['namespace filter on a broker rule', [rule({ namespaces: { exclude: ['sandbox'] } })], null],
       ['anonymous rule with credentials and a repository list', [rule({ ...anonymous, credentials: { username: 'robot', password: 's3cret' }, repositories: { include: ['team/**'] } })], null],
       ['anonymous rule without credentials', [rule(anonymous)], null],
       ['two rules with different names', [rule(), rule({ name: 'corp2', match: ['other.corp.example'] })], null],
       ['upstream written loosely', [rule({ upstream: ' HTTPS://Registry.corp.example:5000' })], null],
+      ['verify on a broker rule and on an anonymous one', [rule({ verify: { cosign: { publicKeys: [COSIGN_PUB] } } }), rule({ name: 'hub', match: ['docker.io'], ...anonymous, verify: { cosign: { publicKeys: [COSIGN_PUB] }, onFailure: 'warn' } })], null],
       ['addresses and blocks in redirects.allow', [rule({ redirects: { allow: ['10.0.0.0/32', '192.168.1.1', 'fd00::/128', '::1'] } })], null],
     ];
     for (const [what, registries, message] of cases) {
@@ -162,6 +179,7 @@ describe('Helm chart values', function () {
           rewrite: 'private-only',
           onProbeFailure: 'leave',
           pinDigest: true,
+          verify: { cosign: { publicKeys: [COSIGN_PUB] }, onFailure: 'warn' },
         }),
         { name: 'mirrored', match: ['mirrored.example'], upstream: 'http://mirrored.example', auth: { mode: 'passthrough' }, credentialsSecret: 'mirrored-robot' },
         { name: 'hub', match: ['docker.io'], upstream: 'https://registry-1.docker.io', auth: { mode: 'anonymous' }, repositories: { include: ['library/**'] } },
@@ -214,6 +232,8 @@ describe('Helm chart values', function () {
     assert.equal(corp?.cache, false);
     assert.deepEqual([corp?.rewrite, corp?.onProbeFailure, corp?.pinDigest], ['private-only', 'leave', true]);
     assert.deepEqual([mirrored?.rewrite, mirrored?.onProbeFailure, mirrored?.pinDigest], ['always', 'rewrite', false]);
+    assert.deepEqual(corp?.verify, { cosign: { publicKeyFiles: ['/etc/pullbridge/config/cosign-corp-0.pub'] }, onFailure: 'warn' });
+    assert.equal(mirrored?.verify, undefined);
     assert.equal(corp?.credentials?.passwordFile, '/etc/pullbridge/credentials/corp.password');
     assert.equal(mirrored?.credentials?.passwordFile, '/etc/pullbridge/credentials-mirror/mirrored.password');
     assert.equal(configMap.data?.['credential-sources.json'], '{"mirrored":"mirrored-robot"}');
@@ -229,6 +249,7 @@ describe('Helm chart values', function () {
       .filter((l) => !/^\s*#/.test(l))
       .join('\n')
       .replace('-----BEGIN CERTIFICATE-----', PEM.trim().split('\n').join('\n      '))
+      .replace(/( *)-----BEGIN PUBLIC KEY-----[\s\S]*?-----END PUBLIC KEY-----/, (_, indent: string) => COSIGN_PUB.trim().split('\n').map((l) => `${indent}${l}`).join('\n'))
       .replace(/credentials:\s*# [^\n]*\n/, 'credentials:\n');
     const documented = await render(`broker: {existingSecret: keys}\nregistries:\n${uncommented}\n`);
     const documentedConfig = parseConfig((documented.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as WithData).data?.['config.yaml'] ?? '');
@@ -238,6 +259,64 @@ describe('Helm chart values', function () {
     assert.deepEqual(documentedRule?.redirects.allow, ['10.0.0.0/8']);
     assert.equal(documentedRule?.revalidate, 'get');
     assert.equal(documentedRule?.forwardProxy?.url, 'http://proxy.corp.example:3128');
+    assert.deepEqual(documentedRule?.verify, { cosign: { publicKeyFiles: ['/etc/pullbridge/config/cosign-corp-0.pub'] }, onFailure: 'deny' });
+  });
+
+  describe('verify rules (cosign public keys)', () => {
+    const configMapOf = (rendered: KubernetesObject[]) => rendered.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as WithData;
+
+    it('writes each key into the config ConfigMap as the file config.yaml names: validateConfig accepts it, and the webhook loads it from the volume (ECDSA, RSA, Ed25519)', async () => {
+      const keys = { ec: COSIGN_PUB, rsa: publicKey('rsa'), ed25519: publicKey('ed25519'), other: publicKey() };
+      const rendered = await render({
+        registries: [rule({ verify: { cosign: { publicKeys: [keys.ec, keys.rsa, keys.ed25519] } } }), rule({ name: 'hub', match: ['docker.io'], auth: { mode: 'anonymous' }, verify: { cosign: { publicKeys: [keys.other] }, onFailure: 'warn' } })],
+      });
+      const data = configMapOf(rendered).data ?? {};
+      const result = parseConfig(data['config.yaml'] ?? '');
+      assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));
+      const [corp, hub] = result.config.registries;
+      assert.deepEqual(corp?.verify, { cosign: { publicKeyFiles: [0, 1, 2].map((i) => `/etc/pullbridge/config/cosign-corp-${i}.pub`) }, onFailure: 'deny' });
+      assert.deepEqual(hub?.verify, { cosign: { publicKeyFiles: ['/etc/pullbridge/config/cosign-hub-0.pub'] }, onFailure: 'warn' });
+      // The ConfigMap as kubelet writes it into the webhook's volume at /etc/pullbridge/config: every key
+      // file the webhook reads for this config is there, with the key given, and loads.
+      const webhook = rendered.find((o) => o.kind === 'Deployment') as KubernetesObject & { spec: { template: { spec: { containers: Array<{ volumeMounts: Array<{ name: string; mountPath: string }> }>; volumes: Array<{ name: string; configMap?: { name: string } }> } } } };
+      const configVolume = webhook.spec.template.spec.volumes.find((v) => v.configMap?.name === 'pullbridge-config')?.name;
+      assert.equal(webhook.spec.template.spec.containers[0]?.volumeMounts.find((m) => m.name === configVolume)?.mountPath, '/etc/pullbridge/config');
+      const volume = mkdtempSync(join(dir, 'config-volume-'));
+      for (const [name, text] of Object.entries(data)) writeFileSync(join(volume, name), text);
+      const keyFiles = filesReadBy(result.config, 'webhook').filter((f) => f.holds === 'public-key');
+      assert.equal(keyFiles.length, 4);
+      const expected = [keys.ec, keys.rsa, keys.ed25519, keys.other];
+      keyFiles.forEach((file, i) => {
+        assert.ok(file.path.startsWith('/etc/pullbridge/config/'), file.path);
+        assert.equal(readFileSync(join(volume, file.path.slice('/etc/pullbridge/config/'.length)), 'utf8'), expected[i], `${file.key} holds the key given`);
+      });
+      assert.deepEqual(unloadableFiles(keyFiles.map((f) => ({ ...f, path: join(volume, f.path.slice('/etc/pullbridge/config/'.length)) }))), []);
+    });
+
+    it('refuses a key that is not one whole PEM public key, naming it, before anything reaches a ConfigMap; and verify without the resolver', async () => {
+      const [header, ...rest] = COSIGN_PUB.trim().split('\n');
+      const body = rest.slice(0, -1);
+      const footer = rest[rest.length - 1];
+      const privateKey = generateKeyPairSync('ec', { namedCurve: 'prime256v1' }).privateKey;
+      const cases: Array<[string, string, RegExp]> = [
+        ['a garbled body', `${header}\nMIIBnotreal\n${footer}\n`, /garbled or truncated/],
+        ['a truncated body', `${header}\n${body[0]}\n${footer}\n`, /garbled or truncated/],
+        ['a body that is not base64', `${header}\n${body.join('\n').replace(/[A-Z]/, '*')}\n${footer}\n`, /not one PEM public key/],
+        ['a PKCS#8 private key', privateKey.export({ type: 'pkcs8', format: 'pem' }).toString(), /a private key; give the public key/],
+        ['an EC private key', privateKey.export({ type: 'sec1', format: 'pem' }).toString(), /a private key/],
+        ["cosign's encrypted private key", '-----BEGIN ENCRYPTED SIGSTORE PRIVATE KEY-----\neyJrZGYiOnt9fQ==\n-----END ENCRYPTED SIGSTORE PRIVATE KEY-----\n', /a private key/],
+        ['a certificate', PEM, /not one PEM public key/],
+        ['two keys in one value', `${COSIGN_PUB}${publicKey()}`, /not one PEM public key/],
+      ];
+      for (const [what, pem, message] of cases) {
+        const stderr = await refusal({ registries: [rule({ verify: { cosign: { publicKeys: [COSIGN_PUB, pem] } } })] });
+        assert.match(stderr, /registries\[0\]\.verify\.cosign\.publicKeys\[1\]: /, what);
+        assert.match(stderr, message, `${what}:\n${stderr}`);
+        assert.doesNotMatch(stderr, /goroutine|panic/);
+        if (/PRIVATE/.test(pem)) assert.ok(!stderr.includes(pem.split('\n')[1] ?? ''), `${what}: the key is not echoed`);
+      }
+      assert.match(await refusal({ webhook: { resolver: { enabled: false } }, registries: [rule({ verify: { cosign: { publicKeys: [COSIGN_PUB] } } })] }), /registries\[0\]\.verify: signatures are fetched through the proxies by the admission resolver: set webhook\.resolver\.enabled=true/);
+    });
   });
 
   describe('rule changes leave the Pod templates as they are (nothing restarts)', () => {
@@ -247,10 +326,11 @@ describe('Helm chart values', function () {
       const rendered = await render(values);
       const workload = (kind: string) => stringifyYaml((rendered.find((o) => o.kind === kind) as Workload).spec.template);
       const secret = (name: string) => (rendered.find((o) => o.kind === 'Secret' && o.metadata?.name === name) as WithData | undefined)?.data ?? {};
-      return { proxy: workload('DaemonSet'), webhook: workload('Deployment'), credentials: secret('pullbridge-upstream-credentials'), sources: (rendered.find((o) => o.kind === 'ConfigMap') as WithData).data?.['credential-sources.json'], rendered };
+      const configMap = (rendered.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as WithData).data ?? {};
+      return { proxy: workload('DaemonSet'), webhook: workload('Deployment'), credentials: secret('pullbridge-upstream-credentials'), sources: configMap['credential-sources.json'], configMap, rendered };
     };
 
-    it('adding a rule with inline credentials, one with credentialsSecret, changing a password, removing a rule: byte-identical proxy and webhook Pod templates', async () => {
+    it('adding a rule with inline credentials, one with credentialsSecret, changing a password, removing a rule, adding a verify rule and rotating its keys: byte-identical proxy and webhook Pod templates', async () => {
       const before = await snapshot(base);
       const steps: Array<[string, unknown]> = [
         ['a rule with inline credentials', withRule({ credentials: { username: 'robot', password: 's3cret' } })],
@@ -258,8 +338,11 @@ describe('Helm chart values', function () {
         ['a rule with credentialsSecret', { registries: [...withRule({ credentials: { username: 'robot', password: 'n3w-s3cret' } }).registries, { name: 'mirrored', match: ['mirrored.example'], upstream: 'https://mirrored.example', credentialsSecret: 'mirrored-robot' }] }],
         ['the credentials moved to a Secret', withRule({ credentialsSecret: 'corp-robot' })],
         ['the rule removed', base],
+        ['a verify rule', withRule({ verify: { cosign: { publicKeys: [COSIGN_PUB] } } })],
+        ['its key rotated, a second one added', withRule({ verify: { cosign: { publicKeys: [ROTATED_PUB, COSIGN_PUB] }, onFailure: 'warn' } })],
+        ['verify removed', withRule({})],
       ];
-      const seen = [];
+      const seen: Array<Awaited<ReturnType<typeof snapshot>>> = [];
       for (const [what, values] of steps) {
         const after = await snapshot(values);
         assert.equal(after.proxy, before.proxy, `${what}: the proxy DaemonSet's Pod template`);
@@ -275,6 +358,10 @@ describe('Helm chart values', function () {
       assert.deepEqual(seen[3]?.credentials, {});
       assert.equal(seen[3]?.sources, '{"corp":"corp-robot"}');
       assert.deepEqual(seen[4]?.credentials, {});
+      const keyFiles = (i: number) => Object.fromEntries(Object.entries(seen[i]?.configMap ?? {}).filter(([name]) => name.startsWith('cosign-')));
+      assert.deepEqual(keyFiles(5), { 'cosign-corp-0.pub': COSIGN_PUB });
+      assert.deepEqual(keyFiles(6), { 'cosign-corp-0.pub': ROTATED_PUB, 'cosign-corp-1.pub': COSIGN_PUB });
+      assert.deepEqual(keyFiles(7), {});
       // The webhook may read exactly the Secrets the rules name, and write only the mirror.
       const role = seen[2]?.rendered.find((o) => o.kind === 'Role' && o.metadata?.name === 'pullbridge-webhook') as KubernetesObject & { rules: Array<{ resourceNames?: string[]; verbs: string[] }> };
       assert.ok(role.rules.some((r) => JSON.stringify(r.resourceNames) === '["mirrored-robot"]' && r.verbs.join() === 'get,list,watch'));

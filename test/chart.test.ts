@@ -2,7 +2,7 @@
 // (server-side dry run, as `kubectl apply --dry-run=server` does), with a config the project accepts.
 
 import assert from 'node:assert/strict';
-import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -15,6 +15,12 @@ import { cachedBinary, KUBE_VERSION, startControlPlane, type ControlPlane } from
 import { runAsync, startProcess } from './support/procs.js';
 import { runWebhook } from '../src/webhook/run.js';
 import { STARTUP_HOLD_MS } from '../src/shell/startupgate.js';
+import { generateKeyPair, removeCosignFiles, sign, type CosignKeyPair } from './support/cosign.js';
+import { directRegistryView } from './support/directview.js';
+import { memoryLogger } from './support/logs.js';
+import { buildImage, type TestImage } from './support/oci.js';
+import { startRegistry, type RegistryHandle } from './support/registry.js';
+import { applyPatch, decodePatch, podWith, reviewFor, type PodShape } from './support/review.js';
 
 const CHART = fileURLToPath(new URL('../../charts/pullbridge', import.meta.url));
 const VALUES = `
@@ -351,6 +357,125 @@ describe('Helm chart', function () {
       await refused(NEVER_RULE.replace('namespaces: {include: ["team-*"]}, ', ''), /registries\[0\]\.namespaces\.include: rewrite: never hands the upstream credential to namespaces/);
       await refused(NEVER_RULE.replace('credentials: {username: vendor-robot, password: vendor-s3cret}', 'credentialsSecret: vendor-robot'), /registries\[0\]\.credentialsSecret: not with rewrite: never/);
       await refused('  - {name: corp, match: [c.example], upstream: "https://c.example", shareUpstreamCredentials: true}\n', /registries\[0\]\.shareUpstreamCredentials: only with rewrite: never/);
+    });
+  });
+
+  describe('verify rules: the webhook takes up the keys the chart writes', function () {
+    this.timeout(300_000);
+    let registry: RegistryHandle;
+    let signer: CosignKeyPair;
+    let rotated: CosignKeyPair;
+    const images = new Map<string, TestImage>();
+
+    before(async () => {
+      registry = await startRegistry({ auth: 'none' });
+      for (const tag of ['signed', 'unsigned']) {
+        const image = buildImage({ platforms: [{ os: 'linux', architecture: 'amd64' }], layerSizes: [256] });
+        images.set(tag, image);
+        await registry.push(image, 'team/app', tag);
+      }
+      [signer, rotated] = await Promise.all([generateKeyPair(), generateKeyPair()]);
+      await sign(`${registry.host}/team/app@${images.get('signed')!.index.digest}`, signer);
+      const kc = new KubeConfig();
+      kc.loadFromFile(cp.kubeconfig);
+      await kc.makeApiClient(CoreV1Api).createNamespace({ body: { metadata: { name: 'team' } } });
+    });
+    after(async () => {
+      await registry?.stop();
+      removeCosignFiles();
+    });
+
+    it('a verify rule whose key file reaches the webhook after config.yaml is retried and taken up then; the chart\'s keys arrive with config.yaml (one ConfigMap volume) and are taken up at once', async () => {
+      // The Pod's volumes as kubelet writes them: the config ConfigMap by its atomic writer (a new
+      // `..data` symlink renamed over the old one), the broker Secret, and a directory standing for a
+      // key ConfigMap of its own that kubelet updates at another moment.
+      const root = mkdtempSync(join(dir, 'webhook-volumes-'));
+      const configVolume = join(root, 'config');
+      const keysVolume = join(root, 'keys');
+      mkdirSync(configVolume);
+      mkdirSync(join(root, 'broker'));
+      writeFileSync(join(root, 'broker', 'key-0'), randomBytes(32).toString('hex'));
+      let generation = 0;
+      let published: string | undefined;
+      const publish = (data: Record<string, string>) => {
+        const dataDir = `..2026_12_06_21_00_0${generation++}.1`;
+        mkdirSync(join(configVolume, dataDir));
+        for (const [name, text] of Object.entries(data)) writeFileSync(join(configVolume, dataDir, name), text.replaceAll('/etc/pullbridge/', `${root}/`));
+        symlinkSync(dataDir, join(configVolume, '..data_tmp'));
+        renameSync(join(configVolume, '..data_tmp'), join(configVolume, '..data'));
+        if (published) rmSync(join(configVolume, published), { recursive: true });
+        // Each key's own symlink into `..data`, made once, for a key the ConfigMap did not have before.
+        for (const name of Object.keys(data)) if (!existsSync(join(configVolume, name))) symlinkSync(`..data/${name}`, join(configVolume, name));
+        published = dataDir;
+      };
+      const chartConfigMap = async (verify: Record<string, unknown> | undefined): Promise<Record<string, string>> => {
+        const file = join(dir, `verify-${generation}.yaml`);
+        writeFileSync(file, stringifyYaml({ registries: [{ name: 'corp', match: [registry.host], upstream: registry.url, auth: { mode: 'anonymous' }, ...(verify ? { verify } : {}) }] }));
+        const rendered = await runAsync(helm, ['template', 'pullbridge', CHART, '-n', 'pullbridge', '--kube-version', KUBE_VERSION.slice(1), '-f', file]);
+        const configMap = parseAllDocuments(rendered).map((d) => d.toJS() as KubernetesObject & { data?: Record<string, string> }).find((o) => o?.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config');
+        return configMap?.data ?? {};
+      };
+
+      // No verify yet: the rule rewrites without asking for signatures.
+      const plain = await chartConfigMap(undefined);
+      publish(plain);
+      const initial = parseConfig(readFileSync(join(configVolume, 'config.yaml'), 'utf8'));
+      assert.ok(initial.ok, initial.ok ? '' : JSON.stringify(initial.errors));
+      const logs = memoryLogger();
+      const webhook = await runWebhook({ config: initial.config, configPath: join(configVolume, 'config.yaml'), host: '127.0.0.1', port: 0, kubeconfig: cp.kubeconfig, logger: logs.logger, reconcileIntervalMs: 3_600_000, upstream: { view: directRegistryView({ upstream: registry.url }) } });
+      const admit = async (tag: string) => {
+        const pod = podWith({ containers: [{ name: 'app', image: `${registry.host}/team/app:${tag}` }] }, { name: `web-${tag}`, namespace: 'team' });
+        const res = await fetch(`${webhook.running.url}/mutate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(reviewFor(pod, { namespace: 'team' })) });
+        const { response } = (await res.json()) as { response: { allowed: boolean; patch?: string; status?: { message: string } } };
+        return { allowed: response.allowed, message: response.status?.message ?? '', image: response.patch ? applyPatch(pod as unknown as PodShape, decodePatch(response.patch)).spec.containers[0]?.image : undefined };
+      };
+      const inForce = () => webhook.watcher?.current().registries[0]?.verify;
+      const rejections = () => logs.records.filter((r) => r.msg === 'config change rejected; the last good config stays in force').length;
+      /** Polls (bounded) until the webhook's config watcher took a config up. */
+      const takenUp = async (what: string, done: () => boolean) => {
+        for (let i = 0; i < 200 && !done(); i++) {
+          webhook.watcher?.check();
+          await new Promise((resolve) => setTimeout(resolve, 50));
+        }
+        assert.ok(done(), what);
+      };
+      const signedDigest = images.get('signed')!.index.digest;
+      try {
+        assert.equal((await admit('unsigned')).image, `localhost:30500/corp/team/app:unsigned`);
+
+        // 1. config.yaml names a key file in another volume that kubelet has not updated yet.
+        const separate = { ...plain, 'config.yaml': plain['config.yaml']!.replace('auth: {"mode":"anonymous"}', `auth: {"mode":"anonymous"}\n    verify: {cosign: {publicKeyFiles: [${keysVolume}/corp-0.pub]}}`) };
+        publish(separate);
+        await takenUp('the change is seen and rejected: its key file is not there', () => rejections() === 1);
+        assert.equal(inForce(), undefined, 'the last good config stays in force');
+        assert.match(JSON.stringify(logs.records.filter((r) => r.msg === 'config change rejected; the last good config stays in force')), /registries\[0\]\.verify\.cosign\.publicKeyFiles\[0\]/);
+        assert.equal((await admit('unsigned')).allowed, true, 'meanwhile admitted as before');
+        // ...then the key arrives: the same config.yaml is tried again and taken up.
+        mkdirSync(keysVolume);
+        writeFileSync(join(keysVolume, 'corp-0.pub'), signer.publicKeyPem);
+        await takenUp('taken up once the key file is there', () => inForce() !== undefined);
+        assert.equal(rejections(), 1, 'reported once, not at every retry');
+        assert.equal((await admit('signed')).image, `localhost:30500/corp/team/app:signed@${signedDigest}`);
+        const unsigned = await admit('unsigned');
+        assert.equal(unsigned.allowed, false);
+        assert.match(unsigned.message, /image .*team\/app:unsigned: .*unsigned/);
+
+        // 2. The chart's way: the key in the config ConfigMap beside config.yaml, here a rotated one.
+        publish(await chartConfigMap({ cosign: { publicKeys: [rotated.publicKeyPem] } }));
+        await takenUp('the chart\'s ConfigMap is taken up', () => inForce()?.cosign.publicKeyFiles[0] === `${configVolume}/cosign-corp-0.pub`);
+        assert.equal(rejections(), 1, 'never rejected: its key file came with it');
+        const byOldKey = await admit('signed');
+        assert.equal(byOldKey.allowed, false, 'verified with the rotated key, which did not sign it');
+        assert.match(byOldKey.message, /signed by another key/);
+        // ...and back to the key that signed it, with onFailure: warn.
+        publish(await chartConfigMap({ cosign: { publicKeys: [rotated.publicKeyPem, signer.publicKeyPem] }, onFailure: 'warn' }));
+        await takenUp('two keys taken up', () => inForce()?.cosign.publicKeyFiles.length === 2);
+        assert.equal((await admit('signed')).image, `localhost:30500/corp/team/app:signed@${signedDigest}`);
+        assert.equal((await admit('unsigned')).allowed, true, 'warn admits');
+        assert.equal(rejections(), 1);
+      } finally {
+        await webhook.shutdown();
+      }
     });
   });
 

@@ -134,8 +134,32 @@ registries:
     {{- if .pinDigest }}
     pinDigest: true
     {{- end }}
+    {{- /* The keys are files of the config ConfigMap itself (configmap.yaml): kubelet swaps a
+         ConfigMap volume whole, so config.yaml comes with its keys (a new key's link follows the
+         swap at once; the webhook retries a config whose file is missing), and a rule change changes
+         no Pod template. */}}
+    {{- $ruleName := .name }}
+    {{- with .verify }}
+    verify:
+      cosign:
+        publicKeyFiles:
+        {{- range $index, $_ := .cosign.publicKeys }}
+          - {{ include "pullbridge.cosignKeyFile" (list $ruleName $index) }}
+        {{- end }}
+      onFailure: {{ .onFailure | default "deny" }}
+    {{- end }}
 {{- end }}
 {{- if not .Values.registries }} []{{ end }}
+{{- end -}}
+
+{{/* A verify rule's cosign public key as the config ConfigMap holds it (list rule-name index): the key,
+     and under /etc/pullbridge/config the file, in the webhook and the proxies alike. */}}
+{{- define "pullbridge.cosignKeyName" -}}
+cosign-{{ index . 0 }}-{{ index . 1 }}.pub
+{{- end -}}
+
+{{- define "pullbridge.cosignKeyFile" -}}
+/etc/pullbridge/config/{{ include "pullbridge.cosignKeyName" . }}
 {{- end -}}
 
 {{/* The Secrets with the rules' upstream credentials: the chart's, and the mirror the webhook
@@ -343,6 +367,17 @@ recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- if and (eq $mode "anonymous") (or $rule.credentials $rule.credentialsSecret) (not ($rule.repositories | default dict).include) }}
 {{- fail (printf "%s.repositories.include: an anonymous rule with credentials must list the repositories it serves; without a list, anyone who reaches the proxy pulls every repository of the upstream with these credentials" $key) }}
 {{- end }}
+{{- with $rule.verify }}
+{{- if eq $mode "passthrough" }}
+{{- fail (printf "%s.verify: auth mode \"passthrough\" gives the webhook no credential of the namespace to resolve the image with; use auth mode broker or anonymous" $key) }}
+{{- end }}
+{{- if not $.Values.webhook.resolver.enabled }}
+{{- fail (printf "%s.verify: signatures are fetched through the proxies by the admission resolver: set webhook.resolver.enabled=true" $key) }}
+{{- end }}
+{{- range $keyIndex, $pem := .cosign.publicKeys }}
+{{- include "pullbridge.checkPublicKey" (list (printf "%s.verify.cosign.publicKeys[%d]" $key $keyIndex) (toString $pem)) }}
+{{- end }}
+{{- end }}
 {{- range $cidrIndex, $cidr := (($rule.redirects | default dict).allow | default list) }}
 {{- $v4 := "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/([0-9]|[12][0-9]|3[0-2]))?$" }}
 {{- $v6 := "^[0-9a-fA-F]*:[0-9a-fA-F:.]*(/([0-9]{1,2}|1[01][0-9]|12[0-8]))?$" }}
@@ -350,5 +385,35 @@ recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- fail (printf "%s.redirects.allow[%d]: %q must be an IP address or a CIDR block such as 10.0.0.0/8" $key $cidrIndex (toString $cidr)) }}
 {{- end }}
 {{- end }}
+{{- end }}
+{{- end -}}
+
+
+{{/* (list key pem): fails naming the key unless pem is one PEM public key whose body is whole DER (a
+     SEQUENCE as long as its header says). Looser than the webhook's parse (src/signature/cosign.ts
+     parsePublicKey), which refuses the rest when it loads the config; a private key is refused here,
+     so that it never lands in a ConfigMap. */}}
+{{- define "pullbridge.checkPublicKey" -}}
+{{- $key := index . 0 -}}
+{{- $pem := index . 1 -}}
+{{- $armor := "(?s)^\\s*-----BEGIN (?:RSA )?PUBLIC KEY-----([A-Za-z0-9+/=\\s]*)-----END (?:RSA )?PUBLIC KEY-----\\s*$" -}}
+{{- if regexMatch "PRIVATE KEY-----" $pem }}
+{{- fail (printf "%s: a private key; give the public key (cosign public-key --key cosign.key prints it): a private key must never be in chart values" $key) }}
+{{- end }}
+{{- if not (regexMatch $armor $pem) }}
+{{- fail (printf "%s: not one PEM public key (-----BEGIN PUBLIC KEY----- ... -----END PUBLIC KEY-----, as in cosign.pub)" $key) }}
+{{- end }}
+{{- /* b64dec answers a body that is not base64 with its error text, which starts with no SEQUENCE tag. */}}
+{{- $der := b64dec (regexReplaceAll "\\s" (regexReplaceAll $armor $pem "${1}") "") -}}
+{{- $whole := false -}}
+{{- if and (ge (len $der) 4) (eq (int (index $der 0)) 48) }}
+{{- $length := int (index $der 1) }}
+{{- if lt $length 128 }}{{ $whole = eq (len $der) (add 2 $length) }}
+{{- else if eq $length 129 }}{{ $whole = eq (len $der) (add 3 (int (index $der 2))) }}
+{{- else if eq $length 130 }}{{ $whole = eq (len $der) (add 4 (mul 256 (int (index $der 2))) (int (index $der 3))) }}
+{{- end }}
+{{- end }}
+{{- if not $whole }}
+{{- fail (printf "%s: the PEM public key is garbled or truncated (its body is not the base64 of a whole DER key)" $key) }}
 {{- end }}
 {{- end -}}
