@@ -55,10 +55,13 @@ function checkToken(runtime: ProxyRuntime, rr: RuleUpstream, repository: string,
   if (!check.ok) return refuse(`invalid registry token (${check.reason}): ask the token endpoint again`);
   const namespace = check.claims.namespace;
   if (namespace === null) return refuse('an anonymous token: this rule needs your namespace credential at the token endpoint');
-  if (!tokenCovers(check.claims, rr.rule.name, repository)) return refuse(`the token does not grant pull on ${rr.rule.name}/${repository}`, namespace);
+  // The rule's own refusals first, so that a token the endpoint granted nothing in says why, as Basic does.
   if (rr.rule.namespaceFilter.refuse(namespace) !== null) {
     return { ok: false, error: registryError(403, 'DENIED', `namespace "${namespace}" may not pull through rule "${rr.rule.name}"`), challenge: false, namespace };
   }
+  const filtered = repositoryRefusal(rr, repository);
+  if (filtered !== null) return { ok: false, error: filtered, challenge: false, namespace };
+  if (!tokenCovers(check.claims, rr.rule.name, repository)) return refuse(`the token does not grant pull on ${rr.rule.name}/${repository}`, namespace);
   return { ok: true, namespace, credentials: rr.upstreamCredentials(), viaToken: true };
 }
 
