@@ -6,14 +6,14 @@ import type { Logger } from '../log.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { parseBasicAuthorization, verifyNamespaceToken } from '../rules/credentials.js';
-import { parseBearerAuthorization, tokenCovers, verifyRegistryToken } from '../rules/registrytoken.js';
+import { parseBearerAuthorization, tokenCovers, verifyRegistryToken, type TokenErrorCode } from '../rules/registrytoken.js';
 import { registryError, type RegistryError } from './errors.js';
 import { sendError } from './answer.js';
 import type { ProxyRuntime } from './runtime.js';
 import { challenges } from './token.js';
 
 /** A refusal names the namespace when its credential was valid, so the access log says who was refused. */
-export type ClientAuth = { ok: true; namespace: string | null; credentials: UpstreamCredentials | undefined; viaToken?: boolean } | { ok: false; error: RegistryError; challenge: boolean; namespace?: string };
+export type ClientAuth = { ok: true; namespace: string | null; credentials: UpstreamCredentials | undefined; viaToken?: boolean } | { ok: false; error: RegistryError; challenge: boolean; namespace?: string; tokenError?: TokenErrorCode };
 
 /** Client authentication; the proxy's own secrets failing to load is a 503, not the client's fault. */
 export function authenticate(runtime: ProxyRuntime, rr: RuleUpstream, repository: string, header: string | undefined, logger: Logger): ClientAuth {
@@ -49,19 +49,19 @@ function checkClient(runtime: ProxyRuntime, rr: RuleUpstream, header: string | u
  * as configured now (a token outlives no config change that refuses its namespace).
  */
 function checkToken(runtime: ProxyRuntime, rr: RuleUpstream, repository: string, token: string): ClientAuth {
-  const refuse = (message: string, namespace?: string | null): ClientAuth => ({ ok: false, error: registryError(401, 'UNAUTHORIZED', message), challenge: true, ...(namespace ? { namespace } : {}) });
-  if (rr.rule.auth.mode === 'passthrough') return refuse(`rule "${rr.rule.name}" passes your own credential upstream: authenticate with Basic, not a token`);
+  const refuse = (message: string, tokenError: TokenErrorCode, namespace?: string | null): ClientAuth => ({ ok: false, error: registryError(401, 'UNAUTHORIZED', message), challenge: true, tokenError, ...(namespace ? { namespace } : {}) });
+  if (rr.rule.auth.mode === 'passthrough') return refuse(`rule "${rr.rule.name}" passes your own credential upstream: authenticate with Basic, not a token`, 'invalid_token');
   const check = verifyRegistryToken(runtime.brokerKeys?.keys() ?? [], token, Math.floor(Date.now() / 1000));
-  if (!check.ok) return refuse(`invalid registry token (${check.reason}): ask the token endpoint again`);
+  if (!check.ok) return refuse(`invalid registry token (${check.reason}): ask the token endpoint again`, 'invalid_token');
   const namespace = check.claims.namespace;
-  if (namespace === null) return refuse('an anonymous token: this rule needs your namespace credential at the token endpoint');
+  if (namespace === null) return refuse('an anonymous token: this rule needs your namespace credential at the token endpoint', 'insufficient_scope');
   // The rule's own refusals first, so that a token the endpoint granted nothing in says why, as Basic does.
   if (rr.rule.namespaceFilter.refuse(namespace) !== null) {
     return { ok: false, error: registryError(403, 'DENIED', `namespace "${namespace}" may not pull through rule "${rr.rule.name}"`), challenge: false, namespace };
   }
   const filtered = repositoryRefusal(rr, repository);
   if (filtered !== null) return { ok: false, error: filtered, challenge: false, namespace };
-  if (!tokenCovers(check.claims, rr.rule.name, repository)) return refuse(`the token does not grant pull on ${rr.rule.name}/${repository}`, namespace);
+  if (!tokenCovers(check.claims, rr.rule.name, repository)) return refuse(`the token does not grant pull on ${rr.rule.name}/${repository}`, 'insufficient_scope', namespace);
   return { ok: true, namespace, credentials: rr.upstreamCredentials(), viaToken: true };
 }
 
@@ -102,7 +102,7 @@ export function answerBase(runtime: ProxyRuntime, req: IncomingMessage, res: Ser
       // A token is checked for its signature and expiry here; what it grants, on each request.
       const check = verifyRegistryToken(keys, bearer, Math.floor(Date.now() / 1000));
       if (!check.ok && needsAuth) {
-        sendError(res, registryError(401, 'UNAUTHORIZED', `invalid registry token (${check.reason})`), challenge);
+        sendError(res, registryError(401, 'UNAUTHORIZED', `invalid registry token (${check.reason})`), { 'www-authenticate': challenges(runtime, req, undefined, 'invalid_token') });
         return null;
       }
       if (check.ok) namespace = check.claims.namespace;

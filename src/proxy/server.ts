@@ -294,7 +294,7 @@ class RegistryShell {
     if (!auth.ok) {
       exchange.namespace = auth.namespace ?? null;
       exchange.error = auth.error.message;
-      sendError(res, auth.error, auth.challenge ? { 'www-authenticate': challenges(runtime, res.req, { rule: rr.rule, repository }) } : {});
+      sendError(res, auth.error, auth.challenge ? { 'www-authenticate': challenges(runtime, res.req, { rule: rr.rule, repository }, auth.tokenError) } : {});
       return null;
     }
     exchange.namespace = auth.namespace;

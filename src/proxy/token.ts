@@ -12,7 +12,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { TLSSocket } from 'node:tls';
 import type { Rule } from '../rules/config.js';
 import { parseBasicAuthorization, verifyNamespaceToken } from '../rules/credentials.js';
-import { bearerChallenge, parseScopes, REGISTRY_TOKEN_LIFETIME_SECONDS, REGISTRY_TOKEN_MAX_REPOSITORIES, signRegistryToken, tokenRealm, type ScopeRequest } from '../rules/registrytoken.js';
+import { bearerChallenge, parseScopes, type TokenErrorCode, REGISTRY_TOKEN_LIFETIME_SECONDS, REGISTRY_TOKEN_MAX_REPOSITORIES, signRegistryToken, tokenRealm, type ScopeRequest } from '../rules/registrytoken.js';
 import { CHALLENGE, sendError } from './answer.js';
 import { registryError } from './errors.js';
 import type { Exchange } from './exchange.js';
@@ -35,11 +35,11 @@ function issuesTokens(runtime: ProxyRuntime): boolean {
  * client's own Host header on purpose: it goes back to that client only, and names where that client
  * believes this proxy is; a hostile Host sends an attacker's credential to the attacker's own host.
  */
-export function challenges(runtime: ProxyRuntime, req: IncomingMessage, scope?: { readonly rule: Rule; readonly repository: string }): string | string[] {
+export function challenges(runtime: ProxyRuntime, req: IncomingMessage, scope?: { readonly rule: Rule; readonly repository: string }, tokenError?: TokenErrorCode): string | string[] {
   if (!issuesTokens(runtime) || scope?.rule.auth.mode === 'passthrough') return CHALLENGE;
   const realm = tokenRealm((req.socket as Partial<TLSSocket>).encrypted === true ? 'https' : 'http', req.headers.host);
   if (realm === null) return CHALLENGE;
-  return [CHALLENGE, bearerChallenge(realm, scope ? `repository:${scope.rule.name}/${scope.repository}:pull` : undefined)];
+  return [CHALLENGE, bearerChallenge(realm, scope ? `repository:${scope.rule.name}/${scope.repository}:pull` : undefined, tokenError)];
 }
 
 /**

@@ -136,7 +136,14 @@ export function tokenRealm(scheme: 'http' | 'https', host: string | undefined): 
   return `${scheme}://${host}/token`;
 }
 
-/** `Bearer realm=…,service=…[,scope=…]`, as distribution's challenge reads it. */
-export function bearerChallenge(realm: string, scope?: string): string {
-  return `Bearer realm="${realm}",service="${REGISTRY_TOKEN_SERVICE}"${scope !== undefined ? `,scope="${scope}"` : ''}`;
+/** Why a presented token was refused (RFC 6750's error codes). */
+export type TokenErrorCode = 'invalid_token' | 'insufficient_scope';
+
+/**
+ * `Bearer realm=…,service=…[,scope=…][,error=…]`, as distribution's challenge reads it. The error
+ * matters: containerd caches a token for the whole pull and asks for a new one only when the
+ * challenge carries an error, so a pull outlasting the token's lifetime goes on.
+ */
+export function bearerChallenge(realm: string, scope?: string, error?: TokenErrorCode): string {
+  return `Bearer realm="${realm}",service="${REGISTRY_TOKEN_SERVICE}"${scope !== undefined ? `,scope="${scope}"` : ''}${error !== undefined ? `,error="${error}"` : ''}`;
 }
