@@ -127,10 +127,11 @@ describe('proxy registry protocol against a real registry', function () {
       assert.equal((await rawRequest(proxy.url, '/v2/', { headers: auth() })).status, 200);
     });
 
-    it('broker: refuses missing and wrong credentials with a Basic and a Bearer challenge', async () => {
+    it('broker: refuses missing and wrong credentials with a Basic challenge', async () => {
       const missing = await rawRequest(proxy.url, '/v2/corp/team/app/manifests/1.0');
       assert.equal(missing.status, 401);
-      assert.match(String(missing.headers['www-authenticate']), /^Basic realm="pullbridge", Bearer realm="[^"]+\/token",service="pullbridge",scope="repository:corp\/team\/app:pull"$/);
+      // Basic alone on a repository path: containerd answers this challenge, and stays on Basic.
+      assert.equal(missing.headers['www-authenticate'], 'Basic realm="pullbridge"');
       const wrong = await rawRequest(proxy.url, '/v2/corp/team/app/manifests/1.0', { headers: { authorization: `Basic ${Buffer.from('shop:pb1.nope').toString('base64')}` } });
       assert.equal(wrong.status, 401);
       const bearer = await rawRequest(proxy.url, '/v2/corp/team/app/manifests/1.0', { headers: { authorization: 'Bearer something' } });

@@ -2,11 +2,15 @@
 // the token endpoint (`GET /token?service=&scope=`) on the registry port, which trades a namespace
 // credential for a short-lived token scoped to the repositories that credential may pull.
 //
-// Why both challenges, and in that order: containers/image (skopeo, CRI-O) takes the first challenge
-// it knows, so Basic first keeps it on Basic; containerd ranks Bearer over Basic whatever the order
-// and takes the token flow (its OAuth POST gets 405 here, and it falls back to GET with Basic);
-// distribution 2.8's pull-through cache knows only Bearer. Each challenge is its own header line:
-// all three parse one challenge per WWW-Authenticate value.
+// Where the Bearer challenge is offered, and in which order: at `/v2/` Basic first, then Bearer.
+// containers/image (skopeo, CRI-O) pings `/v2/` and takes the first challenge it knows: Basic, as
+// before. distribution 2.8's pull-through cache pings `/v2/` too and knows only Bearer. On a
+// repository path the 401 carries Bearer only when the request presented a token (then with RFC
+// 6750's error): containerd never pings `/v2/`, answers the 401 of the request itself, and ranks
+// Bearer above Basic whatever the order; on the token flow, containerd before 1.6.25/1.7.8 keeps
+// its first token for the whole pull and fails a pull outlasting it (containerd#9274), where Basic
+// never expires. So containerd stays on Basic. Each challenge is its own header line: all of these
+// clients parse one challenge per WWW-Authenticate value.
 
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { TLSSocket } from 'node:tls';
@@ -29,14 +33,15 @@ function issuesTokens(runtime: ProxyRuntime): boolean {
 
 /**
  * The WWW-Authenticate values for a 401: Basic, then Bearer with the realm on the host the client
- * reached this proxy at (`scope` for a repository). Bearer only where a token can help: the proxy
- * issues tokens and the request is not for a passthrough rule (a token cannot carry the client's
- * upstream credential), and only when the Host header is a plain authority. The realm comes from the
- * client's own Host header on purpose: it goes back to that client only, and names where that client
- * believes this proxy is; a hostile Host sends an attacker's credential to the attacker's own host.
+ * reached this proxy at. Bearer at `/v2/` (no `scope`), and on a repository path only for a refused
+ * token (`tokenError`; with the repository's scope). Never where a token cannot help: a proxy that
+ * issues none, a passthrough rule (a token cannot carry the client's upstream credential), a Host
+ * header that is not a plain authority. The realm comes from the client's own Host header on
+ * purpose: it goes back to that client only, and names where that client believes this proxy is; a
+ * hostile Host sends its sender's credential to a host of the sender's choosing.
  */
 export function challenges(runtime: ProxyRuntime, req: IncomingMessage, scope?: { readonly rule: Rule; readonly repository: string }, tokenError?: TokenErrorCode): string | string[] {
-  if (!issuesTokens(runtime) || scope?.rule.auth.mode === 'passthrough') return CHALLENGE;
+  if (!issuesTokens(runtime) || scope?.rule.auth.mode === 'passthrough' || (scope !== undefined && tokenError === undefined)) return CHALLENGE;
   const realm = tokenRealm((req.socket as Partial<TLSSocket>).encrypted === true ? 'https' : 'http', req.headers.host);
   if (realm === null) return CHALLENGE;
   return [CHALLENGE, bearerChallenge(realm, scope ? `repository:${scope.rule.name}/${scope.repository}:pull` : undefined, tokenError)];
@@ -66,8 +71,8 @@ export function grantedRepositories(rules: ReadonlyMap<string, { readonly rule: 
 /**
  * `GET /token`: a namespace credential (Basic) or none (anonymous) for a token. A wrong credential
  * is a 401; scopes it may not pull are left out of the token (the registry token spec's answer),
- * so the request that follows is refused with the reason. POST (OAuth2) is 405, on which containerd
- * falls back to this GET.
+ * so the request that follows is refused with the reason. POST (OAuth2) is 405, on which a client
+ * that tries it (containerd) falls back to this GET.
  */
 export function answerToken(runtime: ProxyRuntime, req: IncomingMessage, res: ServerResponse, exchange: Exchange, nowSeconds: number): void {
   exchange.kind = 'token';

@@ -141,8 +141,8 @@ export type TokenErrorCode = 'invalid_token' | 'insufficient_scope';
 
 /**
  * `Bearer realm=…,service=…[,scope=…][,error=…]`, as distribution's challenge reads it. The error
- * matters: containerd caches a token for the whole pull and asks for a new one only when the
- * challenge carries an error, so a pull outlasting the token's lifetime goes on.
+ * tells a client on the token flow to ask for a new token rather than retry with the one it has
+ * (containerd does so from 1.6.25/1.7.8 on).
  */
 export function bearerChallenge(realm: string, scope?: string, error?: TokenErrorCode): string {
   return `Bearer realm="${realm}",service="${REGISTRY_TOKEN_SERVICE}"${scope !== undefined ? `,scope="${scope}"` : ''}${error !== undefined ? `,error="${error}"` : ''}`;
