@@ -193,6 +193,10 @@ export function valuesSchema(): JsonSchema {
         prometheusRule: strict({ enabled: boolean, labels: stringMap }),
       }),
       crio: strict({ registriesDropIn: strict({ enabled: boolean, dir: absolutePath }) }),
+      istio: strict({
+        sidecarInjection: strict({ proxy: boolean, webhook: boolean }),
+        peerAuthentication: strict({ enabled: boolean }),
+      }),
     }),
   };
 }

@@ -777,6 +777,58 @@ webhook: {metricsPort: 9191}
     });
   });
 
+  describe('Istio (istio.*)', () => {
+    type PodTemplate = { metadata: { labels: Record<string, string>; annotations?: Record<string, string> } };
+    const template = (rendered: KubernetesObject[], kind: 'DaemonSet' | 'Deployment'): PodTemplate =>
+      (rendered.find((o) => o.kind === kind) as unknown as { spec: { template: PodTemplate } }).spec.template;
+    type PeerAuthentication = KubernetesObject & { spec: { selector: { matchLabels: Record<string, string> }; mtls: { mode: string }; portLevelMtls: Record<string, { mode: string }> } };
+    const peerAuthentications = (rendered: KubernetesObject[]) => rendered.filter((o): o is PeerAuthentication => o.kind === 'PeerAuthentication');
+
+    it('by default: no sidecar for either workload (said on the Pods, whatever the namespace default), no PeerAuthentication', async () => {
+      const rendered = await render();
+      assert.equal(template(rendered, 'DaemonSet').metadata.labels['sidecar.istio.io/inject'], 'false');
+      assert.equal(template(rendered, 'Deployment').metadata.labels['sidecar.istio.io/inject'], 'false');
+      assert.equal(template(rendered, 'Deployment').metadata.annotations?.['traffic.sidecar.istio.io/excludeInboundPorts'], undefined);
+      assert.deepEqual(peerAuthentications(rendered), []);
+    });
+
+    it('injects where asked, never into a hostNetwork proxy; the webhook\'s HTTPS port stays out of its sidecar; the apiserver accepts the workloads', async () => {
+      for (const exposure of ['nodePort', 'hostPort', 'hostNetwork']) {
+        const rendered = await render('--set', `proxy.exposure=${exposure}`, '--set', 'istio.sidecarInjection.proxy=true', '--set', 'istio.sidecarInjection.webhook=true');
+        assert.equal(template(rendered, 'DaemonSet').metadata.labels['sidecar.istio.io/inject'], exposure === 'hostNetwork' ? 'false' : 'true', exposure);
+        const webhook = template(rendered, 'Deployment').metadata;
+        assert.equal(webhook.labels['sidecar.istio.io/inject'], 'true');
+        assert.equal(webhook.annotations?.['traffic.sidecar.istio.io/excludeInboundPorts'], '8443', 'the apiserver reaches the webhook\'s own TLS');
+        assert.deepEqual(JSON.parse(webhook.annotations?.['proxy.istio.io/config'] ?? '{}'), { holdApplicationUntilProxyStarts: true });
+        for (const object of rendered.filter((o) => o.kind === 'DaemonSet' || o.kind === 'Deployment')) await objects.create(object, undefined, 'All');
+      }
+      const moved = await render('--set', 'istio.sidecarInjection.webhook=true', '--set', 'webhook.port=9443');
+      assert.equal(template(moved, 'Deployment').metadata.annotations?.['traffic.sidecar.istio.io/excludeInboundPorts'], '9443');
+    });
+
+    it('peerAuthentication: mTLS on each workload but PERMISSIVE on the ports callers outside the mesh use', async () => {
+      const byName = (rendered: KubernetesObject[]) => Object.fromEntries(peerAuthentications(rendered).map((o) => [o.metadata?.name, o.spec]));
+      // nodePort: the registry port is the container port; the webhook (no sidecar) asks the operations port.
+      const nodePort = byName(await render('--set', 'istio.peerAuthentication.enabled=true', '--set', 'proxy.exposure=nodePort', '--set', 'istio.sidecarInjection.proxy=true'));
+      assert.deepEqual(Object.keys(nodePort).sort(), ['pullbridge-proxy', 'pullbridge-webhook']);
+      assert.equal(nodePort['pullbridge-proxy']?.selector.matchLabels['app.kubernetes.io/component'], 'proxy');
+      assert.equal(nodePort['pullbridge-proxy']?.mtls.mode, 'STRICT');
+      assert.deepEqual(nodePort['pullbridge-proxy']?.portLevelMtls, { 5000: { mode: 'PERMISSIVE' }, 9090: { mode: 'PERMISSIVE' } });
+      assert.equal(nodePort['pullbridge-webhook']?.selector.matchLabels['app.kubernetes.io/component'], 'webhook');
+      assert.equal(nodePort['pullbridge-webhook']?.mtls.mode, 'STRICT');
+      assert.deepEqual(nodePort['pullbridge-webhook']?.portLevelMtls, { 8443: { mode: 'PERMISSIVE' } });
+      // A webhook in the mesh reaches the operations port with mTLS: STRICT there.
+      const meshed = byName(await render('--set', 'istio.peerAuthentication.enabled=true', '--set', 'proxy.exposure=hostPort', '--set', 'istio.sidecarInjection.proxy=true', '--set', 'istio.sidecarInjection.webhook=true'));
+      assert.deepEqual(meshed['pullbridge-proxy']?.portLevelMtls, { 5000: { mode: 'PERMISSIVE' } });
+      // hostNetwork: the proxy listens on proxy.port itself.
+      const hostNetwork = byName(await render('--set', 'istio.peerAuthentication.enabled=true'));
+      assert.deepEqual(Object.keys(hostNetwork['pullbridge-proxy']?.portLevelMtls ?? {}), ['9090', '30500']);
+      const lint = await runAsync(helm, ['lint', CHART, '--strict', '-f', valuesFile, '--set', 'istio.peerAuthentication.enabled=true', '--set', 'istio.sidecarInjection.webhook=true']);
+      assert.match(lint, /0 chart\(s\) failed/);
+      await assert.rejects(render('--set', 'istio.peerAuthentication.mode=STRICT'), /istio\.peerAuthentication: Additional property mode is not allowed/);
+    });
+  });
+
   it('refuses an unknown proxy exposure or certificate mode with a clear message', async () => {
     // The values schema refuses them (the templates' own checks remain for a chart used without it).
     await assert.rejects(render('--set', 'proxy.exposure=ingress'), /proxy\.exposure: proxy\.exposure must be one of the following: "hostNetwork", "nodePort", "hostPort"/);

@@ -13,7 +13,7 @@ const JSON_TYPE = 'application/json; charset=utf-8';
 export const CHALLENGE = 'Basic realm="pullbridge"';
 
 /** A registry error; a response already under way is cut instead (its status is out). */
-export function sendError(res: ServerResponse, error: RegistryError, extraHeaders: Record<string, string> = {}): void {
+export function sendError(res: ServerResponse, error: RegistryError, extraHeaders: Record<string, string | string[]> = {}): void {
   if (res.headersSent) {
     res.destroy();
     return;

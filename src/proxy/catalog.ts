@@ -60,7 +60,8 @@ export function catalogAccess(runtime: ProxyRuntime, req: IncomingMessage, logge
   const listed: Array<{ name: string; rule: ListedRule }> = [];
   for (const rr of rules) {
     if (rr.rule.auth.mode === 'passthrough' && namespace !== null) continue;
-    const auth = authenticate(runtime, rr, header, logger);
+    // A registry token names repositories, never the catalog: it lists nothing (Basic lists).
+    const auth = authenticate(runtime, rr, '', header, logger);
     if (auth.ok) listed.push({ name: rr.rule.name, rule: { upstream: rr, credentials: auth.credentials } });
     else if (auth.error.status === 503) return { ok: false, error: auth.error, challenge: false, namespace };
     // Otherwise this client may not pull from the rule (namespace filter), so it lists nothing there.

@@ -16,6 +16,8 @@ export interface Exchange {
   cache: string | null;
   /** This proxy's own listener check: logged at debug level, not as an access. */
   selfCheck: boolean;
+  /** 'token': the client authenticated with a registry token (src/proxy/token.ts), not its namespace credential. */
+  credential?: 'token';
 }
 
 export interface ProxyMetrics {
@@ -58,6 +60,7 @@ export function recordExchange(req: IncomingMessage, res: ServerResponse, metric
         repository: exchange.repository,
         reference: exchange.reference,
         namespace: exchange.namespace,
+        ...(exchange.credential ? { credential: exchange.credential } : {}),
         status,
         bytes: exchange.bytes,
         ...(exchange.cache ? { cache: exchange.cache } : {}),

@@ -21,7 +21,7 @@ const bad = (status: number, code: Parameters<typeof registryError>[1], message:
  * the grammar's, and at most 255 characters as clients write it (`rule/name`), as distribution
  * limits names. (Names reach token scopes and logs; unbounded ones are a memory lever.)
  */
-function splitRuleName(full: string): { rule: string; name: string } | null {
+export function splitRuleName(full: string): { rule: string; name: string } | null {
   const slash = full.indexOf('/');
   if (slash <= 0 || slash === full.length - 1 || full.length > NAME_TOTAL_LENGTH_MAX) return null;
   const name = full.slice(slash + 1);

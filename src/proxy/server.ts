@@ -25,6 +25,7 @@ import { INSTANCE_HEADER, LISTENER_CHECK_HEADER } from './listener.js';
 import { isOpsRequest, serveOps, type OpsHandlerOptions } from './ops.js';
 import { parseAdmissionRoute, parseRoute, type AdmissionRoute, type Route } from './route.js';
 import type { ProxyRuntime } from './runtime.js';
+import { answerToken, challenges, isTokenRequest } from './token.js';
 import { DEFAULT_MINIMUM_RATE, streamBody, type MinimumRate } from './stream.js';
 
 export interface ProxyHandlerOptions extends OpsHandlerOptions {
@@ -110,6 +111,10 @@ class RegistryShell {
     const runtime = this.options.runtime();
     if (!runtime) {
       sendError(res, registryError(503, 'UNAVAILABLE', 'configuration not loaded'));
+      return;
+    }
+    if (isTokenRequest(req.url ?? '')) {
+      answerToken(runtime, req, res, exchange, Math.floor(Date.now() / 1000));
       return;
     }
     const routed = parseRoute(req.method ?? 'GET', req.url ?? '');
@@ -291,14 +296,15 @@ class RegistryShell {
 
   /** The credentials to ask the upstream with, or null when the client was refused (and answered). */
   private authorize(runtime: ProxyRuntime, rr: RuleUpstream, repository: string, authorization: string | undefined, res: ServerResponse, exchange: Exchange): UpstreamCredentials | undefined | null {
-    const auth = authenticate(runtime, rr, authorization, this.options.logger);
+    const auth = authenticate(runtime, rr, repository, authorization, this.options.logger);
     if (!auth.ok) {
       exchange.namespace = auth.namespace ?? null;
       exchange.error = auth.error.message;
-      sendError(res, auth.error, auth.challenge ? { 'www-authenticate': CHALLENGE } : {});
+      sendError(res, auth.error, auth.challenge ? { 'www-authenticate': challenges(runtime, res.req, { rule: rr.rule, repository }, auth.tokenError) } : {});
       return null;
     }
     exchange.namespace = auth.namespace;
+    if (auth.viaToken) exchange.credential = 'token';
     const refusal = repositoryRefusal(rr, repository);
     if (refusal !== null) {
       exchange.error = refusal.message;

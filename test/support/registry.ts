@@ -36,6 +36,10 @@ export interface RegistryOptions {
   /** The most catalog entries one page may ask for (`catalog.maxentries`; distribution's default
    * 1000): a larger `n` is refused with 400 PAGINATION_NUMBER_INVALID. */
   readonly catalogMaxEntries?: number;
+  /** Run as a pull-through cache of another registry (distribution's `proxy:` section): it mirrors
+   * that ONE registry, asking it with these credentials (distribution 2.8 sends them to a Bearer
+   * token endpoint only). The remote must answer when the cache starts: it pings `/v2/` then. */
+  readonly pullThrough?: { readonly remoteUrl: string; readonly username?: string; readonly password?: string };
 }
 
 /** One request as the registry's access log recorded it. */
@@ -259,6 +263,10 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
     writeFileSync(join(dir, 'token-ca.crt'), signing.caCert);
     issuer = await startTokenIssuer(signing, 'test-registry', users, tls, options.anonymousPull);
     lines.push('auth:', '  token:', `    realm: ${issuer.realm}`, '    service: test-registry', '    issuer: test-issuer', `    rootcertbundle: ${join(dir, 'token-ca.crt')}`);
+  }
+  if (options.pullThrough) {
+    const { remoteUrl, username, password } = options.pullThrough;
+    lines.push('proxy:', `  remoteurl: ${remoteUrl}`, ...(username !== undefined ? [`  username: ${JSON.stringify(username)}`] : []), ...(password !== undefined ? [`  password: ${JSON.stringify(password)}`] : []));
   }
   writeFileSync(join(dir, 'config.yml'), `${lines.join('\n')}\n`);
   const requests: RegistryRequest[] = [];
