@@ -9,6 +9,7 @@ import { headerValue, type UpstreamRequest, type UpstreamResponse } from '../ups
 import type { RuleUpstream } from '../upstream/rule.js';
 import { ForwardProxyRefused } from '../upstream/transport.js';
 import { ContentError, type BlobRequest, type BlobResult, type BufferAllowance, type ContentFailure, type ContentRequest, type ContentSource, type ManifestRequest, type ManifestResult, type TagsRequest, type TagsResult } from './source.js';
+import { appliedArtifactType, FILTERS_APPLIED_HEADER, filterReferrers } from './referrers.js';
 import { verifiedBody } from './verify.js';
 
 /** containerd refuses manifests over 4 MiB; nothing larger is a manifest. */
@@ -26,7 +27,55 @@ export const MANIFEST_ACCEPT = [
 ].join(', ');
 const BLOB_HEADERS = ['content-type', 'content-length', 'content-range', 'accept-ranges', 'content-encoding', 'docker-content-digest', 'etag', 'last-modified'];
 
-type ContentKind = 'manifest' | 'blob' | 'tags';
+type ContentKind = 'manifest' | 'blob' | 'tags' | 'referrers';
+
+/** An OCI 1.1 referrers request, straight to the rule's upstream (never cached: see docs/proxy.md). */
+export interface ReferrersRequest extends ContentRequest {
+  readonly digest: string;
+  readonly artifactType: string | undefined;
+  readonly buffers: BufferAllowance;
+  /** The largest index read whole. */
+  readonly limit: number;
+}
+
+export interface ReferrersResult {
+  /** The index, filtered by artifactType when asked for (by the upstream, or else by the proxy). */
+  readonly body: Buffer;
+  /** The OCI-Filters-Applied to answer with: the upstream's, or `artifactType` when the proxy filtered. */
+  readonly filtersApplied: string | undefined;
+  /** The next page, when the upstream links one on the same path (as TagsResult.nextPage). */
+  readonly nextPage: TagsResult['nextPage'];
+}
+
+/**
+ * The upstream's referrers of a digest. An upstream without the API answers 404: a ContentError
+ * 'not-found' (with the upstream's registry error document, when it sent one) — the caller says what
+ * that means to its client.
+ */
+export async function upstreamReferrers(upstream: RuleUpstream, request: ReferrersRequest): Promise<ReferrersResult> {
+  const path = `/v2/${request.repository}/referrers/${request.digest}`;
+  const query = request.artifactType !== undefined ? `?artifactType=${encodeURIComponent(request.artifactType)}` : '';
+  try {
+    const up = await upstream.client.fetch({ ...upstreamRequest(request), method: 'GET', path: `${path}${query}`, headers: { accept: 'application/vnd.oci.image.index.v1+json' }, lane: 'metadata' });
+    await refuseFailure(up, 'referrers');
+    const read = await readWithin(up, request.buffers, request.limit);
+    if (read === null) throw new ContentError('invalid', `the referrers index is larger than ${request.limit} bytes`, { status: 502, note: 'referrers index too large' });
+    const upstreamFilters = headerValue(up.headers[FILTERS_APPLIED_HEADER]);
+    let body = read;
+    let filtersApplied = upstreamFilters;
+    if (request.artifactType !== undefined && !appliedArtifactType(upstreamFilters)) {
+      // The spec lets a registry ignore the filter; the client asked for it, so the proxy applies it.
+      const filtered = filterReferrers(read, request.artifactType);
+      if (filtered === null) throw new ContentError('invalid', 'the upstream answered a referrers document that is not an image index', { status: 502, note: 'referrers answer is not an index' });
+      body = filtered;
+      filtersApplied = 'artifactType';
+    }
+    return { body, filtersApplied, nextPage: nextPage(headerValue(up.headers.link), upstream.rule.upstream, path) };
+  } catch (error) {
+    if (error instanceof ContentError || request.signal.aborted) throw error;
+    throw failureOf(error as Error);
+  }
+}
 
 export class UpstreamContent implements ContentSource {
   constructor(private readonly upstreams: ReadonlyMap<string, RuleUpstream>) {}

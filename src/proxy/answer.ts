@@ -6,7 +6,7 @@ import type { AuthMode } from '../rules/config.js';
 import type { ContentError, ContentFailure, ManifestResult, TagsResult } from '../content/source.js';
 import { registryError, registryErrorBody, type RegistryError, type RegistryErrorCode } from './errors.js';
 
-export type ContentKind = 'manifest' | 'blob' | 'tags';
+export type ContentKind = 'manifest' | 'blob' | 'tags' | 'referrers';
 
 const JSON_TYPE = 'application/json; charset=utf-8';
 /** How the proxy asks a client for its credential. */
