@@ -3,11 +3,13 @@
 # into a cache outside the repository, once per version:
 #   - the OCI distribution-spec conformance suite's test binary (`go test -c` of its module),
 #   - oras (`oras discover` lists referrers the way OCI clients do),
-#   - crane (`crane registry serve`: go-containerregistry's registry, an upstream with the OCI 1.1
-#     referrers API, which docker-registry 2.8 lacks).
+#   - referrers-registry: go-containerregistry's registry with its OCI 1.1 referrers API on
+#     (registry.WithReferrersSupport), the upstream with referrers that docker-registry 2.8 is not.
+#     A ten-line program written here: `crane registry serve` is the same registry, but it never
+#     turns the referrers API on (its referrers paths answer 404 METHOD_UNKNOWN).
 #
 #   scripts/build-conformance-tools.sh     # prints the binaries' paths, one a line
-# Env: CONFORMANCE_VERSION, ORAS_VERSION, CRANE_VERSION, PULLBRIDGE_CACHE (~/.cache/pullbridge)
+# Env: CONFORMANCE_VERSION, ORAS_VERSION, GGCR_VERSION (go-containerregistry), PULLBRIDGE_CACHE (~/.cache/pullbridge)
 set -euo pipefail
 
 export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
@@ -15,7 +17,7 @@ command -v go >/dev/null || { echo "go is required to build the conformance tool
 
 CONFORMANCE_VERSION=${CONFORMANCE_VERSION:-v0.0.0-20260831232431-97274622c111}
 ORAS_VERSION=${ORAS_VERSION:-v1.3.6}
-CRANE_VERSION=${CRANE_VERSION:-v0.22.1}
+GGCR_VERSION=${GGCR_VERSION:-v0.22.1}
 CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
 mkdir -p "$CACHE/bin"
 work=$(mktemp -d)
@@ -34,7 +36,33 @@ install_tool() { # name module version
 }
 
 install_tool oras oras.land/oras/cmd/oras "$ORAS_VERSION"
-install_tool crane github.com/google/go-containerregistry/cmd/crane "$CRANE_VERSION"
+
+out="$CACHE/bin/referrers-registry-$GGCR_VERSION"
+if [ ! -x "$out" ]; then
+  echo "building referrers-registry (go-containerregistry $GGCR_VERSION)" >&2
+  mkdir -p "$work/referrers-registry"
+  cat > "$work/referrers-registry/main.go" <<'GO'
+// go-containerregistry's registry with its OCI 1.1 referrers API on, on --address.
+package main
+
+import (
+	"flag"
+	"log"
+	"net/http"
+
+	"github.com/google/go-containerregistry/pkg/registry"
+)
+
+func main() {
+	address := flag.String("address", "127.0.0.1:0", "address to listen on")
+	flag.Parse()
+	log.Fatal(http.ListenAndServe(*address, registry.New(registry.WithReferrersSupport(true))))
+}
+GO
+  (cd "$work/referrers-registry" && go mod init pullbridge.test/referrers-registry >/dev/null 2>&1 && go get "github.com/google/go-containerregistry@$GGCR_VERSION" >/dev/null && go build -p 2 -o "$out.tmp" .)
+  mv "$out.tmp" "$out"
+fi
+echo "$out"
 
 # The suite is a Go test package, not a command: its module is downloaded, copied out of the
 # read-only module cache, and its test binary built there.
