@@ -10,6 +10,7 @@ import type { RuleUpstream } from '../upstream/rule.js';
 import { ForwardProxyRefused } from '../upstream/transport.js';
 import { ContentError, type BlobRequest, type BlobResult, type BufferAllowance, type ContentFailure, type ContentRequest, type ContentSource, type ManifestRequest, type ManifestResult, type TagsRequest, type TagsResult } from './source.js';
 import { appliedArtifactType, FILTERS_APPLIED_HEADER, filterReferrers } from './referrers.js';
+import { isSignedSchema1, schema1Payload } from './schema1.js';
 import { verifiedBody } from './verify.js';
 
 /** containerd refuses manifests over 4 MiB; nothing larger is a manifest. */
@@ -103,14 +104,18 @@ export class UpstreamContent implements ContentSource {
       const body = await readWithin(up, request.buffers, MANIFEST_LIMIT_BYTES);
       if (body === null) throw new ContentError('invalid', `upstream manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`, { status: 502 });
       const algorithm = request.byDigest ? request.reference.slice(0, request.reference.indexOf(':')) : 'sha256';
-      const digest = `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
+      const mediaType = headerValue(up.headers['content-type']);
+      // A signed schema1 manifest is named by its payload's digest (the bytes vary with each signing).
+      const named = isSignedSchema1(mediaType) ? schema1Payload(body) : body;
+      if (named === null) throw new ContentError('invalid', 'upstream answered a signed schema1 manifest whose signed payload cannot be read', { status: 502, note: 'schema1 manifest without a readable signed payload' });
+      const digest = `${algorithm}:${createHash(algorithm).update(named).digest('hex')}`;
       if (request.byDigest && digest !== request.reference) {
         throw new ContentError('invalid', `upstream manifest does not match ${request.reference}`, { status: 502, note: `manifest digest mismatch: got ${digest}` });
       }
       // A digest header must be a digest, and (in the algorithm the bytes were hashed with) theirs.
       const header = headerValue(up.headers['docker-content-digest']) ?? '';
       namedDigest(up, 'manifest', request.byDigest || header.startsWith(`${algorithm}:`) ? digest : undefined);
-      return { digest, size: body.length, mediaType: headerValue(up.headers['content-type']), body };
+      return { digest, size: body.length, mediaType, body };
     });
   }
 
@@ -272,7 +277,9 @@ async function refuseFailure(up: UpstreamResponse, kind: ContentKind, ok: readon
 
 /** An upstream error answer, its own registry error document kept to pass on, and its Retry-After. */
 async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
-  const text = (await up.body.readAll(ERROR_BODY_LIMIT))?.toString('utf8') ?? '';
+  // The status is the answer; its body only explains it. An error body cut short (distribution 2.8
+  // announces a 416's Content-Length as the blob's, then sends one line) is no reason to answer 502.
+  const text = (await up.body.readAll(ERROR_BODY_LIMIT).catch(() => null))?.toString('utf8') ?? '';
   const retryAfter = headerValue(up.headers['retry-after']);
   let parsed: unknown;
   try {
@@ -283,7 +290,9 @@ async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
   const registryBody = parsed && typeof parsed === 'object' && Array.isArray((parsed as { errors?: unknown }).errors) ? text : undefined;
   const status = up.statusCode;
   const failure: ContentFailure = status === 404 ? 'not-found' : status === 429 ? 'too-many-requests' : status === 403 ? 'denied' : status >= 400 && status < 500 ? 'refused' : 'unavailable';
-  return new ContentError(failure, `upstream answered ${status}`, { status, ...(retryAfter ? { retryAfter } : {}), ...(registryBody !== undefined ? { registryBody } : {}) });
+  const contentRange = status === 416 ? headerValue(up.headers['content-range']) : undefined;
+  const message = status === 416 ? 'upstream answered 416: the range asked for is not satisfiable' : `upstream answered ${status}`;
+  return new ContentError(failure, message, { status, ...(retryAfter ? { retryAfter } : {}), ...(registryBody !== undefined ? { registryBody } : {}), ...(contentRange !== undefined ? { contentRange } : {}) });
 }
 
 /** What went wrong reaching the upstream: auth, a timeout, or no way there. */

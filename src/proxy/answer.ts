@@ -44,8 +44,8 @@ export function answerTags(res: ServerResponse, rule: string, repository: string
  * only when they were the client's (passthrough).
  */
 export function answerContentError(res: ServerResponse, error: ContentError, kind: ContentKind, repository: string, mode: AuthMode): void {
-  const { status, retryAfter, registryBody } = error.details;
-  const extra: Record<string, string> = retryAfter ? { 'retry-after': retryAfter } : {};
+  const { status, retryAfter, registryBody, contentRange } = error.details;
+  const extra: Record<string, string> = { ...(retryAfter ? { 'retry-after': retryAfter } : {}), ...(contentRange !== undefined ? { 'content-range': contentRange } : {}) };
   if (registryBody !== undefined && !res.headersSent) {
     res.writeHead(status, { 'content-type': JSON_TYPE, 'content-length': Buffer.byteLength(registryBody), ...extra });
     res.end(res.req.method === 'HEAD' ? undefined : registryBody);
