@@ -76,8 +76,6 @@ describe('OCI distribution-spec conformance through the proxy', function () {
       }
       // Both ran: the suite read through the proxy and wrote to the upstream.
       assert.ok(splitter.counts.proxy > 100 && splitter.counts.upstream > 100, JSON.stringify(splitter.counts));
-      const passedDirectly = [...direct.tests].filter(([, status]) => status === 'passed').map(([name]) => name);
-      assert.ok(passedDirectly.length > 100, `${passedDirectly.length} tests passed directly`);
       if (upstream.referrers) {
         const mislisted = [...proxied.tests].filter(([name]) => GGCR_REFERRERS_CHECKS.test(name));
         assert.equal(mislisted.length, 3);
@@ -88,8 +86,17 @@ describe('OCI distribution-spec conformance through the proxy', function () {
           assert.ok(lines.length > 0 && lines.every((line) => GGCR_MISLISTED_ENTRY.test(line)), `${name}: ${lines.join('\n')}`);
         }
       }
-      const lost = passedDirectly.filter((name) => proxied.tests.get(name) !== 'passed').map((name) => `${name}: ${proxied.tests.get(name) ?? 'not run'} ${proxied.failures.get(name) ?? ''}`);
-      assert.deepEqual(lost, [], 'tests the upstream passes but the proxy does not');
+      // The read checks, counted by name: a name runs once per blob or manifest, in an order that
+      // changes from run to run (the suite walks Go maps), and so do the push checks' verdicts
+      // (docker-registry lacks OCI-Subject on a push; whichever push meets that first is failed).
+      const passedDirectly = passedReads(direct);
+      const passedThrough = passedReads(proxied);
+      const checks = [...passedDirectly.values()].reduce((a, b) => a + b, 0);
+      assert.ok(checks > 150, `${checks} read checks passed directly`);
+      const lost = [...passedDirectly]
+        .filter(([name, n]) => (passedThrough.get(name) ?? 0) < n)
+        .map(([name, n]) => `${name}: ${passedThrough.get(name) ?? 0} of ${n} passed; ${[...proxied.failures].filter(([key]) => key.replace(/ #\d+$/, '') === name).map(([, why]) => why.slice(0, 300)).join(' | ')}`);
+      assert.deepEqual(lost, [], 'read checks the upstream passes but the proxy does not');
       // The suite's first referrers check (an empty repository): 200 and an empty index where the upstream has the API.
       assert.equal(proxied.tests.get('OCI Conformance Test/empty/referrers'), upstream.referrers ? 'passed' : direct.tests.get('OCI Conformance Test/empty/referrers'));
       for (const api of READ_APIS.filter((a) => !(upstream.referrers && a === 'Referrers'))) assert.equal(proxied.apis.get(api), direct.apis.get(api), `the suite's verdict on ${api}`);

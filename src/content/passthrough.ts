@@ -34,6 +34,8 @@ type ContentKind = 'manifest' | 'blob' | 'tags' | 'referrers';
 export interface ReferrersRequest extends ContentRequest {
   readonly digest: string;
   readonly artifactType: string | undefined;
+  /** The client's query (artifactType, and whatever the upstream's next-page link carried), passed on re-encoded. */
+  readonly query: string;
   readonly buffers: BufferAllowance;
   /** The largest index read whole. */
   readonly limit: number;
@@ -55,7 +57,9 @@ export interface ReferrersResult {
  */
 export async function upstreamReferrers(upstream: RuleUpstream, request: ReferrersRequest): Promise<ReferrersResult> {
   const path = `/v2/${request.repository}/referrers/${request.digest}`;
-  const query = request.artifactType !== undefined ? `?artifactType=${encodeURIComponent(request.artifactType)}` : '';
+  const forwarded = new URLSearchParams(request.query);
+  if (request.artifactType !== undefined) forwarded.set('artifactType', request.artifactType);
+  const query = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
   try {
     const up = await upstream.client.fetch({ ...upstreamRequest(request), method: 'GET', path: `${path}${query}`, headers: { accept: 'application/vnd.oci.image.index.v1+json' }, lane: 'metadata' });
     await refuseFailure(up, 'referrers');

@@ -252,7 +252,7 @@ class RegistryShell {
     await this.whileConnected(res, async (signal) => {
       try {
         const started = performance.now();
-        const found = await upstreamReferrers(rr, { rule: rr.rule.name, repository: route.name, method: 'GET', credentials, signal, digest: route.digest, artifactType: route.artifactType, buffers: this.limits.bufferAllowance(res), limit: REFERRERS_LIMIT_BYTES });
+        const found = await upstreamReferrers(rr, { rule: rr.rule.name, repository: route.name, method: 'GET', credentials, signal, digest: route.digest, artifactType: route.artifactType, query: route.query, buffers: this.limits.bufferAllowance(res), limit: REFERRERS_LIMIT_BYTES });
         this.metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'referrers' }, (performance.now() - started) / 1000);
         exchange.bytes = found.body.length;
         if (port === 'admission') {
