@@ -17,6 +17,8 @@ describe('proxy routing (pure)', () => {
     ['GET', '/v2/_catalog', { kind: 'catalog', query: '' }],
     ['GET', '/v2/_catalog?last=corp%2Fa&n=1', { kind: 'catalog', query: 'last=corp%2Fa&n=1' }],
     ['GET', '/v2/hub/library/nginx/manifests/1.27', { kind: 'manifest', rule: 'hub', name: 'library/nginx', reference: '1.27', byDigest: false }],
+    ['GET', `/v2/corp/team/app/referrers/${SHA}?artifactType=application%2Fvnd.example%2Bjson`, { kind: 'referrers', rule: 'corp', name: 'team/app', digest: SHA, artifactType: 'application/vnd.example+json', query: 'artifactType=application%2Fvnd.example%2Bjson' }],
+    ['GET', `/v2/corp/a/referrers/b/manifests/${SHA}`, { kind: 'manifest', rule: 'corp', name: 'a/referrers/b', reference: SHA, byDigest: true }],
   ];
   for (const [method, target, expected] of ok) {
     it(`routes ${method} ${target}`, () => {
@@ -48,7 +50,10 @@ describe('proxy routing (pure)', () => {
     ['GET', '/v2/corp/a/blobs/latest', 400, 'DIGEST_INVALID'],
     ['GET', '/v2/_catalog/', 404, 'UNSUPPORTED'],
     ['GET', '/v1/search', 404, 'UNSUPPORTED'],
-    ['GET', '/v2/corp/a/referrers/x', 404, 'UNSUPPORTED'],
+    ['GET', '/v2/corp/a/referrers/x', 400, 'DIGEST_INVALID'],
+    ['HEAD', `/v2/corp/a/referrers/${SHA}`, 405, 'UNSUPPORTED'],
+    ['GET', `/v2/corp/a/referrers/${SHA}?artifactType=not-a-type`, 400, 'UNSUPPORTED'],
+    ['GET', `/v2/corp/a%2Fb/referrers/${SHA}`, 400, 'NAME_INVALID'],
   ];
   for (const [method, target, status, code] of refused) {
     it(`refuses ${method} ${target} with ${status} ${code}`, () => {
@@ -67,8 +72,8 @@ describe('admission routing (pure)', () => {
     ['GET', '/admission/probe/v2/corp/team/app/manifests/1.2', { kind: 'probe', rule: 'corp', name: 'team/app', reference: '1.2' }],
     ['HEAD', `/admission/v2/corp/team/app/manifests/${SHA}`, { kind: 'manifest', rule: 'corp', name: 'team/app', reference: SHA, byDigest: true }],
     ['GET', `/admission/v2/corp/team/app/blobs/${SHA}`, { kind: 'blob', rule: 'corp', name: 'team/app', digest: SHA }],
-    ['GET', `/admission/v2/corp/team/app/referrers/${SHA}`, { kind: 'referrers', rule: 'corp', name: 'team/app', digest: SHA, artifactType: undefined }],
-    ['GET', `/admission/v2/corp/a/referrers/b/referrers/${SHA}?artifactType=application/vnd.dev.cosign.artifact.sig.v1%2Bjson`, { kind: 'referrers', rule: 'corp', name: 'a/referrers/b', digest: SHA, artifactType: 'application/vnd.dev.cosign.artifact.sig.v1+json' }],
+    ['GET', `/admission/v2/corp/team/app/referrers/${SHA}`, { kind: 'referrers', rule: 'corp', name: 'team/app', digest: SHA, artifactType: undefined, query: '' }],
+    ['GET', `/admission/v2/corp/a/referrers/b/referrers/${SHA}?artifactType=application/vnd.dev.cosign.artifact.sig.v1%2Bjson`, { kind: 'referrers', rule: 'corp', name: 'a/referrers/b', digest: SHA, artifactType: 'application/vnd.dev.cosign.artifact.sig.v1+json', query: 'artifactType=application/vnd.dev.cosign.artifact.sig.v1%2Bjson' }],
   ];
   for (const [method, target, expected] of ok) {
     it(`routes ${method} ${target}`, () => {

@@ -9,6 +9,8 @@ import { headerValue, type UpstreamRequest, type UpstreamResponse } from '../ups
 import type { RuleUpstream } from '../upstream/rule.js';
 import { ForwardProxyRefused } from '../upstream/transport.js';
 import { ContentError, type BlobRequest, type BlobResult, type BufferAllowance, type ContentFailure, type ContentRequest, type ContentSource, type ManifestRequest, type ManifestResult, type TagsRequest, type TagsResult } from './source.js';
+import { appliedArtifactType, FILTERS_APPLIED_HEADER, filterReferrers } from './referrers.js';
+import { isSignedSchema1, schema1Payload } from './schema1.js';
 import { verifiedBody } from './verify.js';
 
 /** containerd refuses manifests over 4 MiB; nothing larger is a manifest. */
@@ -26,7 +28,59 @@ export const MANIFEST_ACCEPT = [
 ].join(', ');
 const BLOB_HEADERS = ['content-type', 'content-length', 'content-range', 'accept-ranges', 'content-encoding', 'docker-content-digest', 'etag', 'last-modified'];
 
-type ContentKind = 'manifest' | 'blob' | 'tags';
+type ContentKind = 'manifest' | 'blob' | 'tags' | 'referrers';
+
+/** An OCI 1.1 referrers request, straight to the rule's upstream (never cached: see docs/proxy.md). */
+export interface ReferrersRequest extends ContentRequest {
+  readonly digest: string;
+  readonly artifactType: string | undefined;
+  /** The client's query (artifactType, and whatever the upstream's next-page link carried), passed on re-encoded. */
+  readonly query: string;
+  readonly buffers: BufferAllowance;
+  /** The largest index read whole. */
+  readonly limit: number;
+}
+
+export interface ReferrersResult {
+  /** The index, filtered by artifactType when asked for (by the upstream, or else by the proxy). */
+  readonly body: Buffer;
+  /** The OCI-Filters-Applied to answer with: the upstream's, or `artifactType` when the proxy filtered. */
+  readonly filtersApplied: string | undefined;
+  /** The next page, when the upstream links one on the same path (as TagsResult.nextPage). */
+  readonly nextPage: TagsResult['nextPage'];
+}
+
+/**
+ * The upstream's referrers of a digest. An upstream without the API answers 404: a ContentError
+ * 'not-found' (with the upstream's registry error document, when it sent one) — the caller says what
+ * that means to its client.
+ */
+export async function upstreamReferrers(upstream: RuleUpstream, request: ReferrersRequest): Promise<ReferrersResult> {
+  const path = `/v2/${request.repository}/referrers/${request.digest}`;
+  const forwarded = new URLSearchParams(request.query);
+  if (request.artifactType !== undefined) forwarded.set('artifactType', request.artifactType);
+  const query = forwarded.size > 0 ? `?${forwarded.toString()}` : '';
+  try {
+    const up = await upstream.client.fetch({ ...upstreamRequest(request), method: 'GET', path: `${path}${query}`, headers: { accept: 'application/vnd.oci.image.index.v1+json' }, lane: 'metadata' });
+    await refuseFailure(up, 'referrers');
+    const read = await readWithin(up, request.buffers, request.limit);
+    if (read === null) throw new ContentError('invalid', `the referrers index is larger than ${request.limit} bytes`, { status: 502, note: 'referrers index too large' });
+    const upstreamFilters = headerValue(up.headers[FILTERS_APPLIED_HEADER]);
+    let body = read;
+    let filtersApplied = upstreamFilters;
+    if (request.artifactType !== undefined && !appliedArtifactType(upstreamFilters)) {
+      // The spec lets a registry ignore the filter; the client asked for it, so the proxy applies it.
+      const filtered = filterReferrers(read, request.artifactType);
+      if (filtered === null) throw new ContentError('invalid', 'the upstream answered a referrers document that is not an image index', { status: 502, note: 'referrers answer is not an index' });
+      body = filtered;
+      filtersApplied = 'artifactType';
+    }
+    return { body, filtersApplied, nextPage: nextPage(headerValue(up.headers.link), upstream.rule.upstream, path) };
+  } catch (error) {
+    if (error instanceof ContentError || request.signal.aborted) throw error;
+    throw failureOf(error as Error);
+  }
+}
 
 export class UpstreamContent implements ContentSource {
   constructor(private readonly upstreams: ReadonlyMap<string, RuleUpstream>) {}
@@ -54,14 +108,18 @@ export class UpstreamContent implements ContentSource {
       const body = await readWithin(up, request.buffers, MANIFEST_LIMIT_BYTES);
       if (body === null) throw new ContentError('invalid', `upstream manifest is larger than ${MANIFEST_LIMIT_BYTES} bytes`, { status: 502 });
       const algorithm = request.byDigest ? request.reference.slice(0, request.reference.indexOf(':')) : 'sha256';
-      const digest = `${algorithm}:${createHash(algorithm).update(body).digest('hex')}`;
+      const mediaType = headerValue(up.headers['content-type']);
+      // A signed schema1 manifest is named by its payload's digest (the bytes vary with each signing).
+      const named = isSignedSchema1(mediaType) ? schema1Payload(body) : body;
+      if (named === null) throw new ContentError('invalid', 'upstream answered a signed schema1 manifest whose signed payload cannot be read', { status: 502, note: 'schema1 manifest without a readable signed payload' });
+      const digest = `${algorithm}:${createHash(algorithm).update(named).digest('hex')}`;
       if (request.byDigest && digest !== request.reference) {
         throw new ContentError('invalid', `upstream manifest does not match ${request.reference}`, { status: 502, note: `manifest digest mismatch: got ${digest}` });
       }
       // A digest header must be a digest, and (in the algorithm the bytes were hashed with) theirs.
       const header = headerValue(up.headers['docker-content-digest']) ?? '';
       namedDigest(up, 'manifest', request.byDigest || header.startsWith(`${algorithm}:`) ? digest : undefined);
-      return { digest, size: body.length, mediaType: headerValue(up.headers['content-type']), body };
+      return { digest, size: body.length, mediaType, body };
     });
   }
 
@@ -223,7 +281,9 @@ async function refuseFailure(up: UpstreamResponse, kind: ContentKind, ok: readon
 
 /** An upstream error answer, its own registry error document kept to pass on, and its Retry-After. */
 export async function upstreamError(up: UpstreamResponse): Promise<ContentError> {
-  const text = (await up.body.readAll(ERROR_BODY_LIMIT))?.toString('utf8') ?? '';
+  // The status is the answer; its body only explains it. An error body cut short (distribution 2.8
+  // announces a 416's Content-Length as the blob's, then sends one line) is no reason to answer 502.
+  const text = (await up.body.readAll(ERROR_BODY_LIMIT).catch(() => null))?.toString('utf8') ?? '';
   const retryAfter = headerValue(up.headers['retry-after']);
   let parsed: unknown;
   try {
@@ -234,7 +294,9 @@ export async function upstreamError(up: UpstreamResponse): Promise<ContentError>
   const registryBody = parsed && typeof parsed === 'object' && Array.isArray((parsed as { errors?: unknown }).errors) ? text : undefined;
   const status = up.statusCode;
   const failure: ContentFailure = status === 404 ? 'not-found' : status === 429 ? 'too-many-requests' : status === 403 ? 'denied' : status >= 400 && status < 500 ? 'refused' : 'unavailable';
-  return new ContentError(failure, `upstream answered ${status}`, { status, ...(retryAfter ? { retryAfter } : {}), ...(registryBody !== undefined ? { registryBody } : {}) });
+  const contentRange = status === 416 ? headerValue(up.headers['content-range']) : undefined;
+  const message = status === 416 ? 'upstream answered 416: the range asked for is not satisfiable' : `upstream answered ${status}`;
+  return new ContentError(failure, message, { status, ...(retryAfter ? { retryAfter } : {}), ...(registryBody !== undefined ? { registryBody } : {}), ...(contentRange !== undefined ? { contentRange } : {}) });
 }
 
 /** What went wrong reaching the upstream: auth, a timeout, or no way there. */

@@ -153,6 +153,8 @@ export interface ContentErrorDetails {
   readonly status: number;
   /** The upstream's (or the budget's) Retry-After, to pass on. */
   readonly retryAfter?: string;
+  /** The upstream's Content-Range on a 416 (the complete length, RFC 9110 §15.5.17), to pass on. */
+  readonly contentRange?: string;
   /** The upstream's own registry error document (`{"errors":[…]}`), to pass on as it is. */
   readonly registryBody?: string;
   /** For the access log, when the proxy found the fault (not when the upstream said so). */

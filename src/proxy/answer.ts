@@ -6,7 +6,7 @@ import type { AuthMode } from '../rules/config.js';
 import type { ContentError, ContentFailure, ManifestResult } from '../content/source.js';
 import { registryError, registryErrorBody, type RegistryError, type RegistryErrorCode } from './errors.js';
 
-export type ContentKind = 'manifest' | 'blob' | 'tags';
+export type ContentKind = 'manifest' | 'blob' | 'tags' | 'referrers';
 
 const JSON_TYPE = 'application/json; charset=utf-8';
 /** How the proxy asks a client for its credential. */
@@ -52,8 +52,8 @@ function answerList(res: ServerResponse, body: string, link: string | undefined)
  * only when they were the client's (passthrough).
  */
 export function answerContentError(res: ServerResponse, error: ContentError, kind: ContentKind, repository: string, mode: AuthMode): void {
-  const { status, retryAfter, registryBody } = error.details;
-  const extra: Record<string, string> = retryAfter ? { 'retry-after': retryAfter } : {};
+  const { status, retryAfter, registryBody, contentRange } = error.details;
+  const extra: Record<string, string> = { ...(retryAfter ? { 'retry-after': retryAfter } : {}), ...(contentRange !== undefined ? { 'content-range': contentRange } : {}) };
   if (registryBody !== undefined && !res.headersSent) {
     res.writeHead(status, { 'content-type': JSON_TYPE, 'content-length': Buffer.byteLength(registryBody), ...extra });
     res.end(res.req.method === 'HEAD' ? undefined : registryBody);

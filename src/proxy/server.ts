@@ -11,7 +11,8 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Logger } from '../log.js';
 import { ContentError, type ContentRequest, type ContentSource } from '../content/source.js';
 import { UpstreamAuthError, type UpstreamCredentials } from '../upstream/authorizer.js';
-import { MANIFEST_ACCEPT } from '../content/passthrough.js';
+import { MANIFEST_ACCEPT, upstreamReferrers } from '../content/passthrough.js';
+import { FILTERS_APPLIED_HEADER } from '../content/referrers.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { answerBase, authenticate, repositoryRefusal } from './access.js';
 import { answerCatalog, answerContentError, answerManifest, answerTags, CHALLENGE, sendError, type ContentKind } from './answer.js';
@@ -46,7 +47,7 @@ export interface ProxyHandlerOptions extends OpsHandlerOptions {
   readonly instanceId?: string;
 }
 
-type ContentRoute = Extract<Route, { kind: ContentKind }>;
+type ContentRoute = Extract<Route, { kind: Exclude<ContentKind, 'referrers'> }>;
 
 /** The header carrying the namespace's registry credential (`Basic …`) on admission requests. */
 export const NAMESPACE_AUTHORIZATION_HEADER = 'x-pullbridge-namespace-authorization';
@@ -54,7 +55,7 @@ export const NAMESPACE_AUTHORIZATION_HEADER = 'x-pullbridge-namespace-authorizat
 export const MAX_BYTES_HEADER = 'x-pullbridge-max-bytes';
 /** Admission reads small blobs only (signature payloads, configs): the cap whatever the client asks. */
 export const ADMISSION_BLOB_LIMIT_BYTES = 4 * 1024 * 1024;
-/** A referrers index read whole (never cached: each admission asks the upstream). */
+/** A referrers index read whole (never cached: each request asks the upstream). */
 export const REFERRERS_LIMIT_BYTES = 1024 * 1024;
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 
@@ -134,7 +135,7 @@ class RegistryShell {
       return;
     }
     exchange.repository = route.name;
-    exchange.reference = route.kind === 'manifest' ? route.reference : route.kind === 'blob' ? route.digest : null;
+    exchange.reference = route.kind === 'manifest' ? route.reference : route.kind === 'blob' || route.kind === 'referrers' ? route.digest : null;
     const rr = runtime.rules.get(route.rule);
     if (!rr) {
       sendError(res, registryError(404, 'NAME_UNKNOWN', `no registry rule "${route.rule}" on this proxy`));
@@ -143,7 +144,8 @@ class RegistryShell {
     exchange.rule = rr.rule.name;
     const credentials = this.authorize(runtime, rr, route.name, req.headers.authorization, res, exchange);
     if (credentials === null) return;
-    await this.serveContent(runtime.content, rr, route, credentials, req, res, exchange);
+    if (route.kind === 'referrers') await this.referrers(rr, route, credentials, res, exchange, 'registry');
+    else await this.serveContent(runtime.content, rr, route, credentials, req, res, exchange);
   }
 
   /**
@@ -193,7 +195,7 @@ class RegistryShell {
     const credentials = this.authorize(runtime, rr, route.name, typeof namespaceAuthorization === 'string' ? namespaceAuthorization : undefined, res, exchange);
     if (credentials === null) return;
     if (route.kind === 'referrers') {
-      await this.referrers(rr, route, credentials, res, exchange);
+      await this.referrers(rr, route, credentials, res, exchange, 'admission');
       return;
     }
     let maxBytes: number | undefined;
@@ -248,48 +250,49 @@ class RegistryShell {
   }
 
   /**
-   * The upstream's referrers of a digest (OCI 1.1), with the rule's credentials, read whole up to
-   * REFERRERS_LIMIT_BYTES and not cached. 200 `{"kind":"found","index":"<base64>"}`, or
-   * `{"kind":"unsupported"}` when the upstream answers 404 (no referrers API); the upstream's other
-   * refusals as registry errors with its status; failures 502.
+   * The upstream's referrers of a digest (OCI 1.1), with the credentials a pull of the repository
+   * gets, read whole (REFERRERS_LIMIT_BYTES) and not cached (docs/proxy.md says why).
+   *
+   * On the registry port: the index as the upstream answered it (filtered by artifactType, by the
+   * upstream or else here, and then marked OCI-Filters-Applied), its next page on the proxy's path;
+   * an upstream without the API (404) answers 404, so clients fall back to the referrers tag scheme.
+   * For admission: 200 `{"kind":"found","index":"<base64>"}`, or `{"kind":"unsupported"}` for the
+   * upstream's 404; its other refusals as registry errors with its status; failures 502.
    */
-  private async referrers(rr: RuleUpstream, route: Extract<AdmissionRoute, { kind: 'referrers' }>, credentials: UpstreamCredentials | undefined, res: ServerResponse, exchange: Exchange): Promise<void> {
-    const query = route.artifactType !== undefined ? `?artifactType=${encodeURIComponent(route.artifactType)}` : '';
+  private async referrers(rr: RuleUpstream, route: Extract<Route, { kind: 'referrers' }>, credentials: UpstreamCredentials | undefined, res: ServerResponse, exchange: Exchange, port: 'registry' | 'admission'): Promise<void> {
     await this.whileConnected(res, async (signal) => {
       try {
-        const reply = await rr.client.fetch({ method: 'GET', path: `/v2/${route.name}/referrers/${route.digest}${query}`, headers: { accept: OCI_INDEX }, scope: `repository:${route.name}:pull`, credentials, signal, lane: 'metadata' });
-        if (reply.statusCode === 404) {
-          await reply.body.dump();
-          answerJson(res, 200, { kind: 'unsupported' });
+        const started = performance.now();
+        const found = await upstreamReferrers(rr, { rule: rr.rule.name, repository: route.name, method: 'GET', credentials, signal, digest: route.digest, artifactType: route.artifactType, query: route.query, buffers: this.limits.bufferAllowance(res), limit: REFERRERS_LIMIT_BYTES });
+        this.metrics.upstreamSeconds.observe({ rule: rr.rule.name, kind: 'referrers' }, (performance.now() - started) / 1000);
+        exchange.bytes = found.body.length;
+        if (port === 'admission') {
+          answerJson(res, 200, { kind: 'found', index: found.body.toString('base64') });
           return;
         }
-        if (reply.statusCode >= 400 && reply.statusCode < 500 && reply.statusCode !== 429) {
-          await reply.body.dump();
-          exchange.error = `upstream answered ${reply.statusCode}`;
-          const status = reply.statusCode === 401 ? 403 : reply.statusCode;
-          sendError(res, registryError(status, 'DENIED', `the upstream registry answered ${reply.statusCode} for the referrers of ${route.digest} in ${route.name}`));
-          return;
-        }
-        if (reply.statusCode !== 200) {
-          await reply.body.dump();
-          exchange.error = `upstream answered ${reply.statusCode}`;
-          sendError(res, registryError(502, 'UNAVAILABLE', `the upstream registry answered ${reply.statusCode}`));
-          return;
-        }
-        const body = await reply.body.readAll(REFERRERS_LIMIT_BYTES);
-        if (body === null) {
-          exchange.error = 'referrers index too large';
-          sendError(res, registryError(502, 'UNAVAILABLE', `the referrers index is larger than ${REFERRERS_LIMIT_BYTES} bytes`));
-          return;
-        }
-        exchange.bytes = body.length;
-        answerJson(res, 200, { kind: 'found', index: body.toString('base64') });
+        const headers: Record<string, string | number> = { 'content-type': OCI_INDEX, 'content-length': found.body.length };
+        if (found.filtersApplied !== undefined) headers[FILTERS_APPLIED_HEADER] = found.filtersApplied;
+        if (found.nextPage) headers.link = `</v2/${rr.rule.name}/${route.name}/referrers/${route.digest}${found.nextPage.query}>${found.nextPage.linkParameters}`;
+        res.writeHead(200, headers).end(found.body);
       } catch (error) {
-        if (signal.aborted) exchange.error = 'client went away';
-        else {
-          exchange.error = (error as Error).message;
-          sendError(res, registryError(502, 'UNAVAILABLE', `the upstream did not answer: ${(error as Error).message}`));
+        if (!(error instanceof ContentError)) {
+          if (signal.aborted) {
+            exchange.error = 'client went away';
+            return;
+          }
+          throw error;
         }
+        if (error.details.note !== undefined) exchange.error = error.details.note;
+        else exchange.error = error.message;
+        const status = error.details.status;
+        if (port === 'admission') {
+          if (error.failure === 'not-found') answerJson(res, 200, { kind: 'unsupported' });
+          else if (status >= 400 && status < 500 && status !== 429) sendError(res, registryError(status === 401 ? 403 : status, 'DENIED', `the upstream registry answered ${status} for the referrers of ${route.digest} in ${route.name}`));
+          else sendError(res, registryError(502, 'UNAVAILABLE', error.details.note !== undefined ? error.message : `the upstream registry answered ${status}`));
+        } else if (error.failure === 'not-found' && error.details.registryBody === undefined) {
+          // No registry error document: a registry without the referrers API (distribution 2.8 answers a plain 404 page).
+          sendError(res, registryError(404, 'UNSUPPORTED', `the upstream registry of rule "${rr.rule.name}" has no referrers API: use the referrers tag scheme`));
+        } else answerContentError(res, error, 'referrers', route.name, rr.rule.auth.mode);
       }
     });
   }

@@ -71,9 +71,10 @@ export async function sign(imageByDigest: string, key: CosignKeyPair, options: {
 }
 
 /** `cosign verify --key` without the transparency log: whether cosign itself accepts the signature. */
-export async function cosignVerifies(imageByDigest: string, key: CosignKeyPair, options: { readonly referrers?: boolean } = {}): Promise<boolean> {
+export async function cosignVerifies(imageByDigest: string, key: CosignKeyPair, options: { readonly referrers?: boolean; readonly registryAuth?: { readonly username: string; readonly password: string } } = {}): Promise<boolean> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-cosign-run-'));
-  const args = ['verify', '--key', key.publicKeyFile, '--insecure-ignore-tlog', '--allow-insecure-registry', ...(options.referrers ? ['--experimental-oci11'] : []), imageByDigest];
+  const auth = options.registryAuth ? ['--registry-username', options.registryAuth.username, '--registry-password', options.registryAuth.password] : [];
+  const args = ['verify', '--key', key.publicKeyFile, '--insecure-ignore-tlog', '--allow-insecure-registry', ...auth, ...(options.referrers ? ['--experimental-oci11'] : []), imageByDigest];
   try {
     await runAsync(cosignBinary(), args, { env: environment(dir) });
     return true;

@@ -79,6 +79,8 @@ export interface ImageSpec {
   readonly platforms?: ReadonlyArray<{ os: string; architecture: string }>;
   /** Sizes of random (incompressible) files, one layer each, per platform. */
   readonly layerSizes?: readonly number[];
+  /** A history entry per layer in each config (what distribution needs to convert a manifest to schema1). */
+  readonly history?: boolean;
   /** Annotations on every platform manifest (e.g. to make a large manifest). */
   readonly annotations?: Readonly<Record<string, string>>;
 }
@@ -94,7 +96,8 @@ export function buildImage(spec: ImageSpec = {}): TestImage {
     platforms.map((platform) => {
       const tars = sizes.map((size, i) => tarOf({ [`file-${platform.architecture}-${i}`]: randomBytes(size) }));
       const layers = tars.map((t) => blob('application/vnd.oci.image.layer.v1.tar+gzip', gzipSync(t, { level: 1 })));
-      const config = json('application/vnd.oci.image.config.v1+json', { architecture: platform.architecture, os: platform.os, rootfs: { type: 'layers', diff_ids: tars.map(sha256) }, config: { Cmd: ['/file'] } });
+      const history = spec.history ? { history: tars.map((_, i) => ({ created: '2026-01-01T00:00:00Z', created_by: `layer ${i}` })) } : {};
+      const config = json('application/vnd.oci.image.config.v1+json', { architecture: platform.architecture, os: platform.os, rootfs: { type: 'layers', diff_ids: tars.map(sha256) }, config: { Cmd: ['/file'] }, ...history });
       return { platform, config, layers, manifest: imageManifest(config, layers, spec.annotations) };
     }),
   );

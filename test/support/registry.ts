@@ -21,6 +21,9 @@ export interface RegistryOptions {
   readonly users?: Readonly<Record<string, string>>;
   /** Record every request the registry answers (its access log), for `requests()`. */
   readonly accessLog?: boolean;
+  /** Convert manifests on the fly to signed schema1 for a client whose Accept leaves schema2 out
+   * (`compatibility.schema1.enabled`; off, distribution 2.8 answers such a client 400 MANIFEST_INVALID). */
+  readonly schema1?: boolean;
   /** Accept DELETE of manifests (`storage.delete.enabled`), to make a once-present tag unknown. */
   readonly deletes?: boolean;
   /**
@@ -240,7 +243,7 @@ export async function startRegistry(options: RegistryOptions = {}): Promise<Regi
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-registry-'));
   mkdirSync(join(dir, 'data'));
   const port = await freePort();
-  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', ...storageDriver(options.storage, join(dir, 'data')), ...(options.deletes ? ['  delete:', '    enabled: true'] : []), ...(options.catalogMaxEntries !== undefined ? ['catalog:', `  maxentries: ${options.catalogMaxEntries}`] : []), 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret'];
+  const lines = ['version: 0.1', 'log:', '  level: warn', '  accesslog:', `    disabled: ${options.accessLog ? 'false' : 'true'}`, 'storage:', ...storageDriver(options.storage, join(dir, 'data')), ...(options.deletes ? ['  delete:', '    enabled: true'] : []), ...(options.catalogMaxEntries !== undefined ? ['catalog:', `  maxentries: ${options.catalogMaxEntries}`] : []), 'http:', `  addr: 127.0.0.1:${port}`, '  secret: test-secret', ...(options.schema1 ? ['compatibility:', '  schema1:', '    enabled: true'] : [])];
   let tls: CertificateBundle | undefined;
   let caFile: string | undefined;
   if (options.tls) {
