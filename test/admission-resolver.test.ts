@@ -209,11 +209,17 @@ describe('admission resolver: the proxy tier answers admission through the rules
   });
 
   it('asks the proxies in rendezvous order of rule/repository and fails over to the next when the first is down', async () => {
-    const down = `http://127.0.0.1:${await freePort()}`; // nothing listens there
-    const endpoints = [down, proxyB.opsUrl];
-    // A repository whose first proxy is the one that is down.
-    const repository = ['public/failover', 'public/app', 'public/other', 'public/shared'].find((r) => rendezvousOrder(`corp/${r}`, endpoints)[0] === down);
+    // A free port (nothing listens there) that some repository ranks first: the order hashes the
+    // endpoint, so a port where none of the four does (1 in 16) is passed over (bounded tries).
+    let down = '';
+    let repository: string | undefined;
+    for (let tries = 0; tries < 50 && repository === undefined; tries++) {
+      down = `http://127.0.0.1:${await freePort()}`;
+      const endpoints = [down, proxyB.opsUrl];
+      repository = ['public/failover', 'public/app', 'public/other', 'public/shared'].find((r) => rendezvousOrder(`corp/${r}`, endpoints)[0] === down);
+    }
     assert.ok(repository, 'some repository ranks the down proxy first');
+    const endpoints = [down, proxyB.opsUrl];
     const at = admissions(proxyB, repository).length;
     const answer = await tier(endpoints).probeAnonymous({ rule: 'corp', repository, reference: '1' }, signal());
     assert.deepEqual(answer, { kind: 'answered', status: 200 });
