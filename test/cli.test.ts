@@ -115,8 +115,9 @@ registries:
       const readme = [fileURLToPath(new URL('../../README.md', import.meta.url)), ...readdirSync(docs).filter((f) => f.endsWith('.md')).map((f) => join(docs, f))]
         .map((file) => readFileSync(file, 'utf8'))
         .join('\n');
-      // Kubernetes objects (apiVersion/kind) shown beside them are not pullbridge configs.
-      const examples = [...readme.matchAll(/^```yaml\n([\s\S]*?)^```$/gm)].map((m) => m[1] ?? '').filter((text) => !/^apiVersion:/m.test(text));
+      // Kubernetes objects (apiVersion/kind) and Helm values (marked so in their first line) shown
+      // beside them are not pullbridge configs.
+      const examples = [...readme.matchAll(/^```yaml\n([\s\S]*?)^```$/gm)].map((m) => m[1] ?? '').filter((text) => !/^apiVersion:/m.test(text) && !/^# Helm values/.test(text));
       assert.ok(examples.length > 0, 'README.md or docs/ has a config example');
       examples.forEach((example, i) => {
         const file = join(dir, `readme-${i}.yaml`);
