@@ -26,6 +26,7 @@ import { isOpsRequest, serveOps, type OpsHandlerOptions } from './ops.js';
 import { parseAdmissionRoute, parseRoute, type AdmissionRoute, type Route } from './route.js';
 import type { ProxyRuntime } from './runtime.js';
 import { DEFAULT_MINIMUM_RATE, streamBody, type MinimumRate } from './stream.js';
+import type { VerifyGate } from './verifygate.js';
 
 export interface ProxyHandlerOptions extends OpsHandlerOptions {
   readonly logger: Logger;
@@ -138,7 +139,7 @@ class RegistryShell {
     exchange.rule = rr.rule.name;
     const credentials = this.authorize(runtime, rr, route.name, req.headers.authorization, res, exchange);
     if (credentials === null) return;
-    await this.serveContent(runtime.content, rr, route, credentials, req, res, exchange);
+    await this.serveContent(runtime.content, rr, route, credentials, req, res, exchange, undefined, runtime.verifyGate);
   }
 
   /**
@@ -309,7 +310,8 @@ class RegistryShell {
   }
 
   /** Asks the content source and answers; the client going away aborts the request and any stream in flight. */
-  private async serveContent(content: ContentSource, rr: RuleUpstream, route: ContentRoute, credentials: UpstreamCredentials | undefined, req: IncomingMessage, res: ServerResponse, exchange: Exchange, maxBlobBytes?: number): Promise<void> {
+  /** `gate`: pulls only (the admission endpoints serve the webhook, which verifies on its own). */
+  private async serveContent(content: ContentSource, rr: RuleUpstream, route: ContentRoute, credentials: UpstreamCredentials | undefined, req: IncomingMessage, res: ServerResponse, exchange: Exchange, maxBlobBytes?: number, gate?: VerifyGate): Promise<void> {
     const abort = new AbortController();
     const onClose = () => {
       if (!res.writableFinished) abort.abort();
@@ -317,7 +319,7 @@ class RegistryShell {
     res.on('close', onClose);
     const request: ContentRequest = { rule: rr.rule.name, repository: route.name, method: req.method === 'HEAD' ? 'HEAD' : 'GET', credentials, signal: abort.signal };
     try {
-      if (route.kind === 'manifest') await this.manifest(content, route, request, req, res, exchange);
+      if (route.kind === 'manifest') await this.manifest(content, route, request, req, res, exchange, gate?.active === true ? { gate, rr } : undefined);
       else if (route.kind === 'blob') await this.blob(content, route, request, req, res, exchange, maxBlobBytes);
       else await this.tags(content, route, request, res);
     } catch (error) {
@@ -331,7 +333,7 @@ class RegistryShell {
     }
   }
 
-  private async manifest(content: ContentSource, route: Extract<Route, { kind: 'manifest' }>, request: ContentRequest, req: IncomingMessage, res: ServerResponse, exchange: Exchange): Promise<void> {
+  private async manifest(content: ContentSource, route: Extract<Route, { kind: 'manifest' }>, request: ContentRequest, req: IncomingMessage, res: ServerResponse, exchange: Exchange, signatures?: { gate: VerifyGate; rr: RuleUpstream }): Promise<void> {
     const manifest = await content.manifest({
       ...request,
       reference: route.reference,
@@ -343,6 +345,17 @@ class RegistryShell {
     if (manifest.body && request.method === 'GET') exchange.bytes = manifest.body.length;
     exchange.cache = manifest.cache ?? null;
     if (manifest.warning) this.options.logger.warn({ rule: request.rule, repository: route.name, reference: route.reference, digest: manifest.digest }, manifest.warning);
+    if (signatures !== undefined) {
+      const verdict = await signatures.gate.check({ rr: signatures.rr, repository: route.name, manifest, credentials: request.credentials, buffers: () => this.limits.bufferAllowance(res).detached() });
+      if (!verdict.allowed) {
+        exchange.bytes = 0;
+        exchange.error = `signature not verified for ${manifest.digest}: ${verdict.reason}`;
+        // A fetch failure may pass on a retry; unsigned and rejected stand until a signature is pushed.
+        if (verdict.kind === 'unavailable') sendError(res, registryError(503, 'UNAVAILABLE', `signature of ${manifest.digest} could not be checked: ${verdict.reason}`), { 'retry-after': '5' });
+        else sendError(res, registryError(403, 'DENIED', `signature not verified: ${verdict.reason} (${route.name}@${manifest.digest}; rule "${signatures.rr.rule.name}" serves only signed manifests)`));
+        return;
+      }
+    }
     answerManifest(res, manifest);
   }
 
