@@ -334,19 +334,20 @@ class RegistryShell {
   }
 
   private async manifest(content: ContentSource, route: Extract<Route, { kind: 'manifest' }>, request: ContentRequest, req: IncomingMessage, res: ServerResponse, exchange: Exchange, signatures?: { gate: VerifyGate; rr: RuleUpstream }): Promise<void> {
+    const buffers = this.limits.bufferAllowance(res);
     const manifest = await content.manifest({
       ...request,
       reference: route.reference,
       byDigest: route.byDigest,
       accept: req.headers.accept,
-      buffers: this.limits.bufferAllowance(res),
+      buffers,
       onUpstreamAnswer: this.observeUpstream(request.rule, 'manifest'),
     });
     if (manifest.body && request.method === 'GET') exchange.bytes = manifest.body.length;
     exchange.cache = manifest.cache ?? null;
     if (manifest.warning) this.options.logger.warn({ rule: request.rule, repository: route.name, reference: route.reference, digest: manifest.digest }, manifest.warning);
     if (signatures !== undefined) {
-      const verdict = await signatures.gate.check({ rr: signatures.rr, repository: route.name, manifest, credentials: request.credentials, buffers: () => this.limits.bufferAllowance(res).detached() });
+      const verdict = await signatures.gate.check({ rr: signatures.rr, repository: route.name, manifest, credentials: request.credentials, buffers: () => buffers.detached() });
       if (!verdict.allowed) {
         exchange.bytes = 0;
         exchange.error = `signature not verified for ${manifest.digest}: ${verdict.reason}`;
