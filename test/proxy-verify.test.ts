@@ -7,6 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { verifyRequirement } from '../src/rules/verifypolicy.js';
 import { signatureTag } from '../src/signature/cosign.js';
+import { startContainerd, type Containerd } from './support/containerd.js';
 import { generateKeyPair, removeCosignFiles, sign, type CosignKeyPair } from './support/cosign.js';
 import { configFrom } from './support/config.js';
 import { buildImage, type TestImage } from './support/oci.js';
@@ -55,7 +56,7 @@ describe('the proxy serves manifests of verify rules only when signed', function
 
   before(async () => {
     registry = await startRegistry({ auth: 'none', accessLog: true });
-    for (const name of ['app', 'unsigned', 'later']) {
+    for (const name of ['app', 'unsigned', 'later', 'burst']) {
       const image = buildImage({ layerSizes: [2048] }); // two platforms: an index over two manifests
       images.set(name, image);
       await registry.push(image, `priv/${name}`, '1.0');
@@ -63,6 +64,7 @@ describe('the proxy serves manifests of verify rules only when signed', function
     signer = await generateKeyPair();
     // cosign signs the index digest only (no --recursive): the children are served as its children.
     await sign(`${registry.host}/priv/app@${images.get('app')!.index.digest}`, signer);
+    await sign(`${registry.host}/priv/burst@${images.get('burst')!.index.digest}`, signer);
     proxy = await startProxy({
       registries: [
         { name: 'signed', match: ['r.example'], upstream: registry.url, repositories: { include: ['priv/**'] }, verify: { cosign: { publicKeyFiles: [signer.publicKeyFile] } } },
@@ -91,6 +93,22 @@ describe('the proxy serves manifests of verify rules only when signed', function
     assert.deepEqual(denials(), []);
   });
 
+  it('serves a signed image to containerd (ctr), one platform\'s manifest by digest, and refuses an unsigned one', async () => {
+    const containerd: Containerd = await startContainerd();
+    try {
+      const image = images.get('app')!;
+      await containerd.fetch(`${proxy.host}/corp/priv/app:1.0`, { user: proxy.credential('shop'), platform: 'linux/arm64' });
+      const stored = await containerd.digests();
+      // The index (signed) and the arm64 manifest (its child, fetched by digest, not signed itself).
+      assert.ok(stored.has(image.index.digest));
+      const arm64 = image.manifests[1]!;
+      assert.ok((await containerd.content(arm64.digest)).equals(arm64.data));
+      await assert.rejects(containerd.fetch(`${proxy.host}/corp/priv/unsigned:1.0`, { user: proxy.credential('shop') }), /403|denied|forbidden/i);
+    } finally {
+      await containerd.stop();
+    }
+  });
+
   it('denies an unsigned image whatever the path: the verify rule\'s, another rule\'s on the same upstream, by digest, a child by digest', async () => {
     const image = images.get('unsigned')!;
     const child = image.manifests[0]!.digest;
@@ -110,6 +128,16 @@ describe('the proxy serves manifests of verify rules only when signed', function
     assert.ok(logged.length >= 6, `six denials logged, got ${logged.length}`);
     assert.ok(logged.every((r) => r.status === 403 && r.kind === 'manifest'));
     assert.ok(logged.some((r) => r.rule === 'corp' && r.repository === 'priv/unsigned'));
+  });
+
+  it('checks a digest once for pulls arriving together, and not again for the next pull (the verdict is kept)', async () => {
+    const digest = images.get('burst')!.index.digest;
+    const earlier = (await registry.requests()).length; // cosign sign read the signature tag too
+    const get = () => fetch(`${proxy.url}/v2/signed/priv/burst/manifests/1.0`, { headers: { authorization: proxy.authorization('shop'), accept: 'application/vnd.oci.image.index.v1+json' } }).then((r) => r.status);
+    assert.deepEqual(await Promise.all(Array.from({ length: 8 }, get)), Array(8).fill(200));
+    assert.equal(await get(), 200);
+    const signatureReads = (await registry.requests()).slice(earlier).filter((r) => r.method === 'GET' && r.path === `/v2/priv/burst/manifests/${signatureTag(digest)}`);
+    assert.equal(signatureReads.length, 1);
   });
 
   it('serves an image once its signature was pushed, after the short refusal time', async () => {
