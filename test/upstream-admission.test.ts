@@ -34,9 +34,11 @@ registries:
   - {name: pin, match: [pin.example], upstream: "https://127.0.0.1:5000", pinDigest: true}
   - {name: pinleave, match: [pinleave.example], upstream: "https://127.0.0.1:5000", pinDigest: true, onProbeFailure: leave}
   - {name: pubpin, match: [pubpin.example], upstream: "https://127.0.0.1:5000", rewrite: private-only, pinDigest: true}
-  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", verify: {cosign: {publicKeyFiles: [/keys/a.pub]}}}
-  - {name: signedwarn, match: [signedwarn.example], upstream: "https://127.0.0.1:5000", verify: {cosign: {publicKeyFiles: [/keys/a.pub]}, onFailure: warn}}
+  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5001", verify: {cosign: {publicKeyFiles: [/keys/a.pub]}}}
+  - {name: signedwarn, match: [signedwarn.example], upstream: "https://127.0.0.1:5002", verify: {cosign: {publicKeyFiles: [/keys/a.pub]}, onFailure: warn}}
   - {name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000"}
+  # Same upstream as signed, no verify of its own: what signed verifies, it serves under signed's verify.
+  - {name: corp, match: [corp.example], upstream: "https://127.0.0.1:5001"}
 `);
 
 function requestOf(review: Record<string, unknown>): AdmissionRequest {
@@ -255,6 +257,23 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       assert.equal(verified.outcome.containers[0]?.reason, 'already-proxied');
       // Rules without verify ask nothing for their proxied images (a reinvocation stays free).
       assert.deepEqual(decide(['localhost:30500/pin/team/app:1', 'localhost:30500/priv/app:1']).first, []);
+    });
+
+    it('checks an image of a rule without verify on the verify rule\'s upstream: another rule\'s path is no way around it', () => {
+      for (const image of ['localhost:30500/corp/app:1', 'corp.example/app:1']) {
+        const { first, outcome } = decide([image], (b) => {
+          found(b, 'corp');
+          b.signatures.set(signatureOf('corp', 'app', D1), { verified: false, reason: 'unsigned' });
+        });
+        assert.deepEqual(first.map((q) => q.kind === 'digest' && `${q.target.rule} ${q.target.repository}`), ['corp app'], image);
+        assert.equal(outcome.decision, 'denied', image);
+        assert.match(outcome.denial ?? '', /signature not verified: unsigned/, image);
+      }
+      const verified = decide(['corp.example/app:1'], (b) => {
+        found(b, 'corp');
+        b.signatures.set(signatureOf('corp', 'app', D1), { verified: true });
+      });
+      assert.equal(verified.pod.spec.containers[0]?.image, `localhost:30500/corp/app:1@${D1}`);
     });
 
     it('checks the digest an image names, without resolving', () => {

@@ -87,7 +87,7 @@ webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
 registries:
   - {name: pins, match: ["pins.corp.example:5000"], upstream: "${registry.url}", auth: {mode: anonymous}, pinDigest: true}
   - {name: corp, match: ["registry.corp.example:5000"], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only}
-  - {name: signed, match: ["signed.corp.example:5000"], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/keys/cosign.pub]}}}
+  - {name: signed, match: ["signed.corp.example:5000"], upstream: "${registry.url}", auth: {mode: anonymous}, repositories: {include: [team/signed]}, verify: {cosign: {publicKeyFiles: [/keys/cosign.pub]}}}
   - {name: plain, match: ["plain.corp.example:5000"], upstream: "${registry.url}", auth: {mode: anonymous}}
 `);
     const certs = generateCertificates({ service: 'pullbridge-webhook', namespace: 'pullbridge', extraNames: ['127.0.0.1'] });

@@ -9,6 +9,7 @@ import { UpstreamContent } from '../content/passthrough.js';
 import type { ContentSource } from '../content/source.js';
 import { createRuleUpstreams, type RuleUpstream } from '../upstream/rule.js';
 import type { TransportOptions } from '../upstream/transport.js';
+import { VerifyGate } from './verifygate.js';
 
 export interface ProxyRuntime {
   readonly config: Config;
@@ -18,6 +19,8 @@ export interface ProxyRuntime {
   readonly content: ContentSource;
   /** The node cache the content goes through, when the config has one. */
   readonly cache: NodeCache | undefined;
+  /** The signature check before a manifest of a verify requirement is served (verifygate.ts). */
+  readonly verifyGate?: VerifyGate;
   close(): Promise<void>;
 }
 
@@ -30,11 +33,13 @@ export function createProxyRuntime(config: Config, transport: TransportOptions =
   const upstream = new UpstreamContent(rules);
   const cached = config.cache && cache;
   if (cached) cache.configure(config.cache);
+  const content = cached ? new CachedContent(cache, upstream, rules) : upstream;
   return {
     config,
     rules,
     brokerKeys: config.broker ? new BrokerKeys(config.broker.keyFiles, onVerifyKeys) : undefined,
-    content: cached ? new CachedContent(cache, upstream, rules) : upstream,
+    content,
+    verifyGate: new VerifyGate(config, content),
     cache: cached ? cache : undefined,
     async close() {
       await Promise.all([...rules.values()].map((r) => r.transport.close()));

@@ -28,6 +28,7 @@ import { parseAdmissionRoute, parseRoute, type AdmissionRoute, type Route } from
 import type { ProxyRuntime } from './runtime.js';
 import { answerToken, challenges, isTokenRequest } from './token.js';
 import { DEFAULT_MINIMUM_RATE, streamBody, type MinimumRate } from './stream.js';
+import type { VerifyGate } from './verifygate.js';
 
 export interface ProxyHandlerOptions extends OpsHandlerOptions {
   readonly logger: Logger;
@@ -145,7 +146,7 @@ class RegistryShell {
     const credentials = this.authorize(runtime, rr, route.name, req.headers.authorization, res, exchange);
     if (credentials === null) return;
     if (route.kind === 'referrers') await this.referrers(rr, route, credentials, res, exchange, 'registry');
-    else await this.serveContent(runtime.content, rr, route, credentials, req, res, exchange);
+    else await this.serveContent(runtime.content, rr, route, credentials, req, res, exchange, undefined, runtime.verifyGate);
   }
 
   /**
@@ -318,7 +319,8 @@ class RegistryShell {
   }
 
   /** Asks the content source and answers; the client going away aborts the request and any stream in flight. */
-  private async serveContent(content: ContentSource, rr: RuleUpstream, route: ContentRoute, credentials: UpstreamCredentials | undefined, req: IncomingMessage, res: ServerResponse, exchange: Exchange, maxBlobBytes?: number): Promise<void> {
+  /** `gate`: pulls only (the admission endpoints serve the webhook, which verifies on its own). */
+  private async serveContent(content: ContentSource, rr: RuleUpstream, route: ContentRoute, credentials: UpstreamCredentials | undefined, req: IncomingMessage, res: ServerResponse, exchange: Exchange, maxBlobBytes?: number, gate?: VerifyGate): Promise<void> {
     const abort = new AbortController();
     const onClose = () => {
       if (!res.writableFinished) abort.abort();
@@ -326,7 +328,7 @@ class RegistryShell {
     res.on('close', onClose);
     const request: ContentRequest = { rule: rr.rule.name, repository: route.name, method: req.method === 'HEAD' ? 'HEAD' : 'GET', credentials, signal: abort.signal };
     try {
-      if (route.kind === 'manifest') await this.manifest(content, route, request, req, res, exchange);
+      if (route.kind === 'manifest') await this.manifest(content, route, request, req, res, exchange, gate?.active === true ? { gate, rr } : undefined);
       else if (route.kind === 'blob') await this.blob(content, route, request, req, res, exchange, maxBlobBytes);
       else await this.tags(content, route, request, res);
     } catch (error) {
@@ -340,18 +342,30 @@ class RegistryShell {
     }
   }
 
-  private async manifest(content: ContentSource, route: Extract<Route, { kind: 'manifest' }>, request: ContentRequest, req: IncomingMessage, res: ServerResponse, exchange: Exchange): Promise<void> {
+  private async manifest(content: ContentSource, route: Extract<Route, { kind: 'manifest' }>, request: ContentRequest, req: IncomingMessage, res: ServerResponse, exchange: Exchange, signatures?: { gate: VerifyGate; rr: RuleUpstream }): Promise<void> {
+    const buffers = this.limits.bufferAllowance(res);
     const manifest = await content.manifest({
       ...request,
       reference: route.reference,
       byDigest: route.byDigest,
       accept: req.headers.accept,
-      buffers: this.limits.bufferAllowance(res),
+      buffers,
       onUpstreamAnswer: this.observeUpstream(request.rule, 'manifest'),
     });
     if (manifest.body && request.method === 'GET') exchange.bytes = manifest.body.length;
     exchange.cache = manifest.cache ?? null;
     if (manifest.warning) this.options.logger.warn({ rule: request.rule, repository: route.name, reference: route.reference, digest: manifest.digest }, manifest.warning);
+    if (signatures !== undefined) {
+      const verdict = await signatures.gate.check({ rr: signatures.rr, repository: route.name, manifest, credentials: request.credentials, buffers: () => buffers.detached() });
+      if (!verdict.allowed) {
+        exchange.bytes = 0;
+        exchange.error = `signature not verified for ${manifest.digest}: ${verdict.reason}`;
+        // A fetch failure may pass on a retry; unsigned and rejected stand until a signature is pushed.
+        if (verdict.kind === 'unavailable') sendError(res, registryError(503, 'UNAVAILABLE', `signature of ${manifest.digest} could not be checked: ${verdict.reason}`), { 'retry-after': '5' });
+        else sendError(res, registryError(403, 'DENIED', `signature not verified: ${verdict.reason} (${route.name}@${manifest.digest}; rule "${signatures.rr.rule.name}" serves only signed manifests)`));
+        return;
+      }
+    }
     answerManifest(res, manifest);
   }
 

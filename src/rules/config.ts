@@ -457,7 +457,7 @@ export interface ConfigFile {
 
 /**
  * The files a component reads for a config, to be loaded before it takes the config up: the proxy
- * reads them all; the webhook the signing key (it signs namespace credentials), the cosign keys, and
+ * reads them all (the cosign keys too: it checks signatures before serving); the webhook the signing key (it signs namespace credentials), the cosign keys, and
  * the upstream credentials of rewrite: never rules only (it writes those into pull secrets; no other
  * rule's credential reaches it). Verify-only broker keys are not among them: they may be absent or
  * bad without stopping anything.
@@ -481,6 +481,8 @@ export function filesReadBy(config: Config, component: 'proxy' | 'webhook'): Con
     credentialFiles(`registries[${i}].credentials`, rule.credentials);
     credentialFiles(`registries[${i}].forwardProxy.credentials`, rule.forwardProxy?.credentials);
     if (rule.tls?.caFile !== undefined) files.push({ key: `registries[${i}].tls.caFile`, path: rule.tls.caFile, holds: 'ca-certificates' });
+    // The proxy checks signatures before serving a manifest of a verify rule (src/proxy/verifygate.ts).
+    rule.verify?.cosign.publicKeyFiles.forEach((path, k) => files.push({ key: `registries[${i}].verify.cosign.publicKeyFiles[${k}]`, path, holds: 'public-key' }));
   });
   return files;
 }

@@ -8,6 +8,7 @@ import type { Config, Rule } from '../rules/config.js';
 import { proxiedReference, ruleByName, type ImageDecision } from '../rules/decide.js';
 import type { ManifestAnswer, ProbeAnswer, RegistryTarget } from '../rules/registryview.js';
 import { formatReference, parseReference } from '../reference/reference.js';
+import { verifyRequirement } from '../rules/verifypolicy.js';
 
 /** What a signature check concluded (the cosign implementation is injected; see upstream.ts). */
 export type SignatureAnswer = { readonly verified: true } | { readonly verified: false; readonly reason: string };
@@ -112,7 +113,8 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   const secretOnly = decision.reason === 'pull-secret-only';
   if (decision.reason === 'rewritten' || secretOnly) {
     const matched = decision.rule === null ? undefined : ruleByName(config, decision.rule);
-    if (matched === undefined || !isUpstreamAware(matched)) return plain;
+    // A rule without upstream keys may still serve what another rule verifies (verifypolicy.ts).
+    if (matched === undefined || (!isUpstreamAware(matched) && !config.registries.some((r) => r.verify !== undefined))) return plain;
   } else if (decision.reason !== 'already-proxied' || !config.registries.some((r) => r.verify !== undefined)) return plain;
   const parsed = parseReference(decision.image);
   if (!parsed.ok) return plain;
@@ -122,9 +124,13 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   const alreadyProxied = decision.reason === 'already-proxied';
   const [prefix = '', ...rest] = ref.path.split('/');
   const rule = alreadyProxied ? ruleByName(config, prefix) : decision.rule === null ? undefined : ruleByName(config, decision.rule);
-  if (rule === undefined || !isUpstreamAware(rule) || (alreadyProxied && (rule.verify === undefined || rest.length === 0))) return plain;
+  if (rule === undefined || (alreadyProxied && rest.length === 0)) return plain;
   const image = decision.image;
   const target = { rule: rule.name, repository: alreadyProxied ? rest.join('/') : ref.path };
+  // The rule's own verify, or that of the rule verifying this repository of the same upstream: else
+  // another rule's path would be a way around it (the proxy enforces the same on every pull).
+  const verify = verifyRequirement(config.registries, rule, target.repository)?.verify;
+  if ((!isUpstreamAware(rule) && verify === undefined) || (alreadyProxied && verify === undefined)) return plain;
   const facts: UpstreamFacts = {};
   const leave = (reason: 'probe-failed' | 'pin-failed', detail: string): ImageSettlement => ({ pending: false, rewritten: null, reason, detail, proxied: false, upstream: facts, warning: `pullbridge: ${container} image ${image} left unchanged: ${detail}` });
   const warnings: string[] = [];
@@ -161,7 +167,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   // 2. The digest behind the tag: written by the reference itself, pinned on the ReplicaSet, or resolved now.
   let digest: string | undefined;
   let digestError: string | undefined;
-  if (alreadyProxied ? rule.verify !== undefined : needsDigest(rule)) {
+  if (alreadyProxied ? verify !== undefined : needsDigest(rule) || verify !== undefined) {
     if (ref.digest !== undefined) {
       digest = ref.digest;
       facts.digest = { digest, source: 'reference', pinned: false };
@@ -201,7 +207,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
       }
     }
   }
-  if (digestError !== undefined && rule.verify === undefined) {
+  if (digestError !== undefined && verify === undefined) {
     // pinDigest alone: the rule's onProbeFailure decides, as for the probe.
     if (rule.onProbeFailure === 'leave') return leave('pin-failed', `the tag could not be resolved to a digest (${digestError}); onProbeFailure: leave`);
     warnings.push(`pullbridge: ${container} image ${image} not pinned: the tag could not be resolved to a digest (${digestError})`);
@@ -209,7 +215,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
 
   // 3. verify: the signature of that digest.
   let verified = false;
-  if (rule.verify !== undefined) {
+  if (verify !== undefined) {
     let answer: SignatureAnswer;
     if (digest === undefined) answer = { verified: false, reason: `the tag could not be resolved to a digest (${digestError ?? 'unknown'})` };
     else {
@@ -222,7 +228,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
       }
       answer = known ?? { verified: false, reason: `no answer: ${book.final ?? 'unknown'}` };
     }
-    const onFailure = rule.verify.onFailure;
+    const onFailure = verify.onFailure;
     facts.signature = answer.verified ? { verified: true } : { verified: false, reason: answer.reason, onFailure };
     verified = answer.verified;
     if (!answer.verified) {
