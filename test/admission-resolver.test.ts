@@ -217,6 +217,34 @@ describe('admission resolver: the proxy tier answers admission through the rules
     });
   });
 
+  it('the collector listener: idle connections from many sources are closed, so they cannot starve the webhook; its concurrent questions are all answered', async () => {
+    const collector = new URL(proxyA.collectorUrl ?? '');
+    // Sixteen sources (Pods on a hostNetwork node) each open sixteen connections and send nothing:
+    // the listener's whole budget (256) at once.
+    const sockets: net.Socket[] = [];
+    const closed: Array<Promise<void>> = [];
+    for (let source = 0; source < 16; source++) {
+      for (let i = 0; i < 16; i++) {
+        const socket = net.connect({ host: collector.hostname, port: Number(collector.port), localAddress: `127.0.1.${source + 1}` });
+        socket.once('error', () => undefined);
+        sockets.push(socket);
+        closed.push(new Promise((resolve) => socket.once('close', () => resolve())));
+      }
+    }
+    try {
+      // The server closes them, none having sent a request (without that, they stay until the idle timeout).
+      await Promise.all(closed);
+      assert.ok(sockets.every((socket) => socket.bytesRead === 0), 'closed unanswered');
+      await withTier([proxyA.collectorUrl ?? ''], async (view) => {
+        // More questions at once than the view's pool (8 per proxy): all answered, none refused on arrival.
+        const answers = await Promise.all(Array.from({ length: 24 }, (_, i) => view.probeAnonymous({ rule: 'corp', repository: 'public/app', reference: `concurrent-${i}` }, signal())));
+        assert.deepEqual(answers, answers.map(() => ({ kind: 'answered', status: 404 })));
+      });
+    } finally {
+      for (const socket of sockets) socket.destroy();
+    }
+  });
+
   it('passes the referrers API on: the registry has none (distribution 2.8 answers 404), so the answer says unsupported', async () => {
     const view = tier([proxyA.opsUrl]);
     const answer = await view.referrers({ rule: 'corp', repository: 'private/app', digest: image.index.digest, namespace: 'team-a', artifactType: 'application/vnd.dev.cosign.artifact.sig.v1+json' }, signal());
