@@ -54,6 +54,8 @@ describe('admission resolver: the proxy tier answers admission through the rules
       { name: 'corp', match: ['corp.example'], upstream: registry.url, credentials, auth, namespaces: { include: ['team-*'] } },
       { name: 'via', match: ['via.example'], upstream: registry.url, credentials, auth, forwardProxy: { url: tinyproxy.url, mode: 'forward' as const } },
       { name: 'nocache', match: ['nocache.example'], upstream: registry.url, credentials, auth, cache: false },
+      // rewrite: never: Pods pull from the registry itself; admission still asks through the proxy tier.
+      { name: 'vendor', match: ['vendor.example'], upstream: registry.url, credentials, auth, rewrite: 'never' as const, shareUpstreamCredentials: true, namespaces: { include: ['team-*'] }, pinDigest: true },
       { name: 'stalled', match: ['stalled.example'], upstream: `http://127.0.0.1:${(stalled.address() as net.AddressInfo).port}`, auth: { mode: 'anonymous' as const } },
     ];
   };
@@ -67,6 +69,16 @@ describe('admission resolver: the proxy tier answers admission through the rules
     });
     views.push(view);
     return view;
+  };
+  /** A view for one test, closed at its end: the operations port admits 8 connections per source
+   * (loopback here), and every view's pool keeps its connections alive. */
+  const withTier = async (endpoints: readonly string[], use: (view: ProxyTierView) => Promise<void>): Promise<void> => {
+    const view = new ProxyTierView({ endpoints: () => endpoints, token: () => opsToken(key, 'resolver'), namespaceAuthorization: (namespace) => `Basic ${Buffer.from(`${namespace}:${namespaceToken(key, namespace)}`).toString('base64')}` });
+    try {
+      await use(view);
+    } finally {
+      await view.close();
+    }
   };
   const signal = () => new AbortController().signal;
   /** Admission requests the proxy logged for a repository. */
@@ -156,6 +168,81 @@ describe('admission resolver: the proxy tier answers admission through the rules
     assert.ok(logged.some((r) => r.kind === 'manifest' && r.namespace === 'shop' && r.status === 403));
     assert.ok(!JSON.stringify(proxyA.logs.records).includes(namespaceToken(key, 'team-a')), 'no credential in the log');
     assert.ok(!JSON.stringify(proxyA.logs.records).includes(opsToken(key, 'resolver')), 'no token in the log');
+  });
+
+  it('records the upstream\'s answer to a probe (the JSON answer is 200, the upstream said 401) and counts admission apart from pulls', async () => {
+    await withTier([proxyA.opsUrl], async (view) => {
+      assert.deepEqual(await view.probeAnonymous({ rule: 'corp', repository: 'private/app', reference: 'probe-401' }, signal()), { kind: 'answered', status: 401 });
+      assert.deepEqual(await view.probeAnonymous({ rule: 'corp', repository: 'public/app', reference: 'probe-404' }, signal()), { kind: 'answered', status: 404 });
+    });
+    await eventually(() => proxyA.logs.records.some((r) => r.access === 'admission' && r.reference === 'probe-404'), 'both probes logged');
+    const refused = proxyA.logs.records.find((r) => r.access === 'admission' && r.reference === 'probe-401');
+    assert.equal(refused?.status, 200, 'the proxy answered');
+    assert.equal(refused?.upstreamStatus, 401, 'the upstream refused anonymous access');
+    const missing = proxyA.logs.records.find((r) => r.access === 'admission' && r.reference === 'probe-404');
+    assert.equal(missing?.status, 200);
+    assert.equal(missing?.upstreamStatus, 404);
+    const pull = await fetch(`${proxyA.url}/v2/corp/private/app/manifests/1`, { headers: { accept: OCI_INDEX, authorization: `Basic ${Buffer.from(`team-a:${namespaceToken(key, 'team-a')}`).toString('base64')}` } });
+    assert.equal(pull.status, 200);
+    await pull.arrayBuffer();
+    // Counted as the response closes: poll (bounded) until the pull is.
+    const pulled = /pullbridge_proxy_requests_total\{rule="corp",kind="manifest",status="200",access="pull"\} [1-9]/;
+    let text = '';
+    for (let i = 0; i < 200 && !pulled.test(text); i++) {
+      if (i > 0) await new Promise((r) => setTimeout(r, 25));
+      text = await (await fetch(`${proxyA.opsUrl}/metrics`)).text();
+    }
+    assert.match(text, /pullbridge_proxy_requests_total\{rule="corp",kind="manifest",status="200",access="pull"\} [1-9]/);
+    assert.match(text, /pullbridge_proxy_requests_total\{rule="corp",kind="probe",status="200",access="admission"\} [1-9]/);
+    assert.doesNotMatch(text, /kind="probe",status="200",access="pull"/, 'no probe is counted as a pull');
+  });
+
+  it('a rewrite: never rule: the registry port refuses its pulls (404 NAME_UNKNOWN), the admission endpoints still answer for it', async () => {
+    const basic = `Basic ${Buffer.from(`team-a:${namespaceToken(key, 'team-a')}`).toString('base64')}`;
+    const seen = (await registry.requests()).filter((r) => r.path.startsWith('/v2/private/app/')).length;
+    for (const path of ['/v2/vendor/private/app/manifests/1', `/v2/vendor/private/app/blobs/${image.index.digest}`, '/v2/vendor/private/app/tags/list']) {
+      const pull = await fetch(`${proxyA.url}${path}`, { headers: { accept: OCI_INDEX, authorization: basic } });
+      assert.equal(pull.status, 404, path);
+      const body = (await pull.json()) as { errors: Array<{ code: string; message: string }> };
+      assert.equal(body.errors[0]?.code, 'NAME_UNKNOWN');
+      assert.match(body.errors[0]?.message ?? '', /rule "vendor" has rewrite: never: its images are pulled from its registry directly/);
+    }
+    assert.equal((await registry.requests()).filter((r) => r.path.startsWith('/v2/private/app/')).length, seen, 'the upstream was never asked for the refused pulls');
+    await withTier([proxyA.opsUrl], async (view) => {
+      assert.deepEqual(await view.probeAnonymous({ rule: 'vendor', repository: 'public/app', reference: '1' }, signal()), { kind: 'answered', status: 200 });
+      const digest = await view.manifest({ rule: 'vendor', repository: 'private/app', reference: '1', namespace: 'team-a', method: 'HEAD' }, signal());
+      assert.deepEqual(digest, { kind: 'found', digest: image.index.digest, mediaType: OCI_INDEX }, 'pinDigest\'s question answered with the namespace credential');
+      const refused = await view.manifest({ rule: 'vendor', repository: 'private/app', reference: '1', namespace: 'shop', method: 'HEAD' }, signal());
+      assert.equal(refused.kind === 'refused' && refused.status, 403, 'the rule\'s namespace filter holds for admission too');
+    });
+  });
+
+  it('the collector listener: idle connections from many sources are closed, so they cannot starve the webhook; its concurrent questions are all answered', async () => {
+    const collector = new URL(proxyA.collectorUrl ?? '');
+    // Sixteen sources (Pods on a hostNetwork node) each open sixteen connections and send nothing:
+    // the listener's whole budget (256) at once.
+    const sockets: net.Socket[] = [];
+    const closed: Array<Promise<void>> = [];
+    for (let source = 0; source < 16; source++) {
+      for (let i = 0; i < 16; i++) {
+        const socket = net.connect({ host: collector.hostname, port: Number(collector.port), localAddress: `127.0.1.${source + 1}` });
+        socket.once('error', () => undefined);
+        sockets.push(socket);
+        closed.push(new Promise((resolve) => socket.once('close', () => resolve())));
+      }
+    }
+    try {
+      // The server closes them, none having sent a request (without that, they stay until the idle timeout).
+      await Promise.all(closed);
+      assert.ok(sockets.every((socket) => socket.bytesRead === 0), 'closed unanswered');
+      await withTier([proxyA.collectorUrl ?? ''], async (view) => {
+        // More questions at once than the view's pool (8 per proxy): all answered, none refused on arrival.
+        const answers = await Promise.all(Array.from({ length: 24 }, (_, i) => view.probeAnonymous({ rule: 'corp', repository: 'public/app', reference: `concurrent-${i}` }, signal())));
+        assert.deepEqual(answers, answers.map(() => ({ kind: 'answered', status: 404 })));
+      });
+    } finally {
+      for (const socket of sockets) socket.destroy();
+    }
   });
 
   it('passes the referrers API on: the registry has none (distribution 2.8 answers 404), so the answer says unsupported', async () => {

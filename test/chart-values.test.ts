@@ -146,7 +146,7 @@ describe('Helm chart values', function () {
     ];
     for (const [what, registries, message] of cases) {
       const proxyVerdict = validateConfig({ broker, registries: registries.map(asConfigRule) });
-      const helmVerdict = await template({ broker: { existingSecret: 'keys' }, registries }).then(
+      const helmVerdict = await template({ broker: { existingSecret: 'keys' }, webhook: { failurePolicy: 'Fail' }, registries }).then(
         () => null,
         (e: { code?: number; stderr?: string }) => e,
       );
@@ -251,7 +251,7 @@ describe('Helm chart values', function () {
       .replace('-----BEGIN CERTIFICATE-----', PEM.trim().split('\n').join('\n      '))
       .replace(/( *)-----BEGIN PUBLIC KEY-----[\s\S]*?-----END PUBLIC KEY-----/, (_, indent: string) => COSIGN_PUB.trim().split('\n').map((l) => `${indent}${l}`).join('\n'))
       .replace(/credentials:\s*# [^\n]*\n/, 'credentials:\n');
-    const documented = await render(`broker: {existingSecret: keys}\nregistries:\n${uncommented}\n`);
+    const documented = await render(`broker: {existingSecret: keys}\nwebhook: {failurePolicy: Fail}\nregistries:\n${uncommented}\n`);
     const documentedConfig = parseConfig((documented.find((o) => o.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config') as WithData).data?.['config.yaml'] ?? '');
     assert.ok(documentedConfig.ok, documentedConfig.ok ? '' : JSON.stringify(documentedConfig.errors));
     const documentedRule = documentedConfig.config.registries[0];
@@ -268,6 +268,7 @@ describe('Helm chart values', function () {
     it('writes each key into the config ConfigMap as the file config.yaml names: validateConfig accepts it, and the webhook loads it from the volume (ECDSA, RSA, Ed25519)', async () => {
       const keys = { ec: COSIGN_PUB, rsa: publicKey('rsa'), ed25519: publicKey('ed25519'), other: publicKey() };
       const rendered = await render({
+        webhook: { failurePolicy: 'Fail' },
         registries: [rule({ verify: { cosign: { publicKeys: [keys.ec, keys.rsa, keys.ed25519] } } }), rule({ name: 'hub', match: ['docker.io'], auth: { mode: 'anonymous' }, verify: { cosign: { publicKeys: [keys.other] }, onFailure: 'warn' } })],
       });
       const data = configMapOf(rendered).data ?? {};
@@ -309,7 +310,7 @@ describe('Helm chart values', function () {
         ['two keys in one value', `${COSIGN_PUB}${publicKey()}`, /not one PEM public key/],
       ];
       for (const [what, pem, message] of cases) {
-        const stderr = await refusal({ registries: [rule({ verify: { cosign: { publicKeys: [COSIGN_PUB, pem] } } })] });
+        const stderr = await refusal({ webhook: { failurePolicy: 'Fail' }, registries: [rule({ verify: { cosign: { publicKeys: [COSIGN_PUB, pem] } } })] });
         assert.match(stderr, /registries\[0\]\.verify\.cosign\.publicKeys\[1\]: /, what);
         assert.match(stderr, message, `${what}:\n${stderr}`);
         assert.doesNotMatch(stderr, /goroutine|panic/);
@@ -317,11 +318,34 @@ describe('Helm chart values', function () {
       }
       assert.match(await refusal({ webhook: { resolver: { enabled: false } }, registries: [rule({ verify: { cosign: { publicKeys: [COSIGN_PUB] } } })] }), /registries\[0\]\.verify: signatures are fetched through the proxies by the admission resolver: set webhook\.resolver\.enabled=true/);
     });
+
+    it('refuses a verify rule that denies while webhook.failurePolicy is Ignore (the default): the policy would fail open; warn, or Fail, renders', async () => {
+      const verifyRule = (onFailure?: string) => rule({ verify: { cosign: { publicKeys: [COSIGN_PUB] }, ...(onFailure ? { onFailure } : {}) } });
+      for (const values of [{ registries: [verifyRule()] }, { webhook: { failurePolicy: 'Ignore' }, registries: [verifyRule('deny')] }]) {
+        const stderr = await refusal(values);
+        assert.match(stderr, /registries\[0\]\.verify\.onFailure: deny, but webhook\.failurePolicy is Ignore: .* set webhook\.failurePolicy=Fail/, JSON.stringify(values));
+        assert.doesNotMatch(stderr, /goroutine|panic/);
+      }
+      const rendered = await render({ webhook: { failurePolicy: 'Fail' }, registries: [verifyRule()] });
+      assert.equal((rendered.find((o) => o.kind === 'MutatingWebhookConfiguration') as unknown as { webhooks: Array<{ failurePolicy: string }> }).webhooks[0]?.failurePolicy, 'Fail');
+      assert.ok(await render({ registries: [verifyRule('warn')] }), 'warn fails open by its own choice: Ignore is allowed');
+    });
+  });
+
+  describe('rules that ask the upstream at admission need the resolver (webhook.resolver.enabled)', () => {
+    it('refuses rewrite: private-only and pinDigest without it, naming the rule key and the values key; with it they render', async () => {
+      const off = { resolver: { enabled: false } };
+      assert.match(await refusal({ webhook: off, registries: [rule({ rewrite: 'private-only' })] }), /registries\[0\]\.rewrite: private-only asks the upstream through the proxies by the admission resolver: set webhook\.resolver\.enabled=true/);
+      assert.match(await refusal({ webhook: off, registries: [rule(), rule({ name: 'pin', match: ['pin.example'], pinDigest: true })] }), /registries\[1\]\.pinDigest: tags are resolved through the proxies by the admission resolver: set webhook\.resolver\.enabled=true/);
+      assert.ok(await render({ webhook: off, registries: [rule({ rewrite: 'always', pinDigest: false })] }), 'a rule that asks nothing renders without the resolver');
+      assert.ok(await render({ registries: [rule({ rewrite: 'private-only', pinDigest: true })] }), 'with the resolver (the default) they render');
+    });
   });
 
   describe('rule changes leave the Pod templates as they are (nothing restarts)', () => {
-    const base = { registries: [{ name: 'hub', match: ['docker.io'], upstream: 'https://registry-1.docker.io', auth: { mode: 'anonymous' } }] };
-    const withRule = (extra: Record<string, unknown>) => ({ registries: [...base.registries, rule(extra)] });
+    // failurePolicy Fail throughout: a verify rule that denies refuses Ignore (its own test below).
+    const base = { webhook: { failurePolicy: 'Fail' }, registries: [{ name: 'hub', match: ['docker.io'], upstream: 'https://registry-1.docker.io', auth: { mode: 'anonymous' } }] };
+    const withRule = (extra: Record<string, unknown>) => ({ ...base, registries: [...base.registries, rule(extra)] });
     const snapshot = async (values: unknown) => {
       const rendered = await render(values);
       const workload = (kind: string) => stringifyYaml((rendered.find((o) => o.kind === kind) as Workload).spec.template);
@@ -335,7 +359,7 @@ describe('Helm chart values', function () {
       const steps: Array<[string, unknown]> = [
         ['a rule with inline credentials', withRule({ credentials: { username: 'robot', password: 's3cret' } })],
         ['its password changed', withRule({ credentials: { username: 'robot', password: 'n3w-s3cret' } })],
-        ['a rule with credentialsSecret', { registries: [...withRule({ credentials: { username: 'robot', password: 'n3w-s3cret' } }).registries, { name: 'mirrored', match: ['mirrored.example'], upstream: 'https://mirrored.example', credentialsSecret: 'mirrored-robot' }] }],
+        ['a rule with credentialsSecret', { ...base, registries: [...withRule({ credentials: { username: 'robot', password: 'n3w-s3cret' } }).registries, { name: 'mirrored', match: ['mirrored.example'], upstream: 'https://mirrored.example', credentialsSecret: 'mirrored-robot' }] }],
         ['the credentials moved to a Secret', withRule({ credentialsSecret: 'corp-robot' })],
         ['the rule removed', base],
         ['a verify rule', withRule({ verify: { cosign: { publicKeys: [COSIGN_PUB] } } })],

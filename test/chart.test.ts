@@ -410,7 +410,7 @@ describe('Helm chart', function () {
       };
       const chartConfigMap = async (verify: Record<string, unknown> | undefined): Promise<Record<string, string>> => {
         const file = join(dir, `verify-${generation}.yaml`);
-        writeFileSync(file, stringifyYaml({ registries: [{ name: 'corp', match: [registry.host], upstream: registry.url, auth: { mode: 'anonymous' }, ...(verify ? { verify } : {}) }] }));
+        writeFileSync(file, stringifyYaml({ webhook: { failurePolicy: 'Fail' }, registries: [{ name: 'corp', match: [registry.host], upstream: registry.url, auth: { mode: 'anonymous' }, ...(verify ? { verify } : {}) }] }));
         const rendered = await runAsync(helm, ['template', 'pullbridge', CHART, '-n', 'pullbridge', '--kube-version', KUBE_VERSION.slice(1), '-f', file]);
         const configMap = parseAllDocuments(rendered).map((d) => d.toJS() as KubernetesObject & { data?: Record<string, string> }).find((o) => o?.kind === 'ConfigMap' && o.metadata?.name === 'pullbridge-config');
         return configMap?.data ?? {};

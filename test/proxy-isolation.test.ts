@@ -97,7 +97,7 @@ describe('proxy isolation against real registries', function () {
       const seen = issuer.requests.length;
       const res = await get('/v2/tok/team/app/manifests/1', asShop());
       assert.equal(res.status, 502);
-      assert.match(errorOf(res).message ?? '', /token realm http:\/\/127\.0\.0\.1:\d+ refused: 127\.0\.0\.1 is a loopback/);
+      assert.match(errorOf(res).message ?? '', /token realm http:\/\/127\.0\.0\.1:\d+ refused: 127\.0\.0\.1 is a loopback, link-local or reserved address \(not listed in auth\.tokenRealms\)/);
       assert.deepEqual(issuer.requests.slice(seen), [], 'the realm was never contacted');
     });
 

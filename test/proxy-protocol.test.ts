@@ -280,7 +280,7 @@ describe('proxy registry protocol against a real registry', function () {
       const metrics = (await rawRequest(proxy.url, '/metrics')).body.toString();
       assert.match(metrics, /pullbridge_upstream_up\{rule="corp"\} 1/);
       assert.match(metrics, /pullbridge_upstream_auth_ok\{rule="wrongcreds"\} 0/);
-      assert.match(metrics, /pullbridge_proxy_requests_total\{rule="corp",kind="blob",status="200"\} \d+/);
+      assert.match(metrics, /pullbridge_proxy_requests_total\{rule="corp",kind="blob",status="200",access="pull"\} \d+/);
     });
 
     it('reports an unreachable upstream and answers pulls from it with 502', async () => {

@@ -209,14 +209,22 @@ ${extraRule}`;
     assert.equal((await get(n.opsHost, '/metrics')).status, 200);
   });
 
-  it('one peer holding idle connections cannot lock others out: 32 per source on the collector address (the admission resolver asks concurrently), 8 on the operations port', async () => {
+  it('one peer holding connections cannot lock others out: 16 per source on the collector address (the admission resolver asks concurrently), 8 on the operations port; the collector address closes a connection that sends no request', async () => {
     const [n] = nodes;
     assert.ok(n);
     const idle: net.Socket[] = [];
-    /** A connection from `source` that says nothing, once the server has it. */
-    const hold = (host: string, source: string) =>
+    /**
+     * A connection from `source`, once the server has it: one that says nothing on the operations
+     * port; on the collector address, where a silent connection is closed after 2 s, one kept alive
+     * after a first request (the server keeps it 5 s).
+     */
+    const hold = (host: string, source: string, request: boolean) =>
       new Promise<void>((resolve, reject) => {
-        const socket = net.connect({ host, port: opsPort, localAddress: source }, () => resolve());
+        const socket = net.connect({ host, port: opsPort, localAddress: source }, () => {
+          if (!request) resolve();
+          else socket.write(`GET /healthz HTTP/1.1\r\nhost: ${host}\r\n\r\n`);
+        });
+        if (request) socket.once('data', () => resolve());
         socket.once('error', reject);
         idle.push(socket);
       });
@@ -230,8 +238,12 @@ ${extraRule}`;
         socket.once('close', () => resolve(received));
       });
     try {
-      for (const [host, perSource] of [[n.podIP, COLLECTOR_MAX_CONNECTIONS_PER_SOURCE], [n.opsHost, 8]] as const) {
-        for (let i = 0; i < perSource; i++) await hold(host, '127.0.0.21');
+      // A silent connection to the collector address is closed by the server (whatever else it holds).
+      const silent = net.connect({ host: n.podIP, port: opsPort, localAddress: '127.0.0.23' });
+      silent.once('error', () => undefined);
+      await new Promise((resolve) => silent.once('close', resolve));
+      for (const [host, perSource, request] of [[n.podIP, COLLECTOR_MAX_CONNECTIONS_PER_SOURCE, true], [n.opsHost, 8, false]] as const) {
+        await Promise.all(Array.from({ length: perSource }, () => hold(host, '127.0.0.21', request)));
         assert.equal(await answer(host, '127.0.0.21'), '', `${host}: a connection beyond ${perSource} from one source is closed unanswered`);
         assert.match(await answer(host, '127.0.0.22'), /^HTTP\/1\.1 200 /, `${host}: another source is served`);
       }

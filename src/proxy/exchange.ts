@@ -18,10 +18,13 @@ export interface Exchange {
   selfCheck: boolean;
   /** 'token': the client authenticated with a registry token (src/proxy/token.ts), not its namespace credential. */
   credential?: 'token';
+  /** What the upstream answered when the proxy's answer carries it in the body (the admission probe:
+   * a 200 JSON answer saying the upstream refused with 401); null otherwise. */
+  upstreamStatus: number | null;
 }
 
 export interface ProxyMetrics {
-  requests: Counter<'rule' | 'kind' | 'status'>;
+  requests: Counter<'rule' | 'kind' | 'status' | 'access'>;
   bytes: Counter<'rule' | 'kind'>;
   upstreamSeconds: Histogram<'rule' | 'kind'>;
   inflight: Gauge;
@@ -29,7 +32,7 @@ export interface ProxyMetrics {
 
 export function registerMetrics(registry: Registry): ProxyMetrics {
   return {
-    requests: new Counter({ name: 'pullbridge_proxy_requests_total', help: 'Proxy requests by rule, kind and status', labelNames: ['rule', 'kind', 'status'], registers: [registry] }),
+    requests: new Counter({ name: 'pullbridge_proxy_requests_total', help: 'Proxy requests by rule, kind, status and access (pull on the registry port, admission for the webhook\'s questions)', labelNames: ['rule', 'kind', 'status', 'access'], registers: [registry] }),
     bytes: new Counter({ name: 'pullbridge_proxy_response_bytes_total', help: 'Body bytes served, by rule and kind', labelNames: ['rule', 'kind'], registers: [registry] }),
     upstreamSeconds: new Histogram({
       name: 'pullbridge_upstream_response_seconds',
@@ -46,10 +49,10 @@ export function registerMetrics(registry: Registry): ProxyMetrics {
 /** `access`: a pull (the registry port) or an admission question of the webhook (the operations port). */
 export function recordExchange(req: IncomingMessage, res: ServerResponse, metrics: ProxyMetrics, logger: Logger, access: 'pull' | 'admission' = 'pull'): Exchange {
   const started = performance.now();
-  const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0, cache: null, selfCheck: false };
+  const exchange: Exchange = { rule: null, kind: 'unknown', repository: null, reference: null, namespace: null, error: null, bytes: 0, cache: null, selfCheck: false, upstreamStatus: null };
   res.on('close', () => {
     const status = res.writableFinished ? res.statusCode : 0; // 0: connection cut before the end
-    metrics.requests.inc({ rule: exchange.rule ?? '', kind: exchange.kind, status: String(status) });
+    metrics.requests.inc({ rule: exchange.rule ?? '', kind: exchange.kind, status: String(status), access });
     if (exchange.bytes > 0) metrics.bytes.inc({ rule: exchange.rule ?? '', kind: exchange.kind }, exchange.bytes);
     (exchange.selfCheck ? logger.debug.bind(logger) : logger.info.bind(logger))(
       {
@@ -62,6 +65,7 @@ export function recordExchange(req: IncomingMessage, res: ServerResponse, metric
         namespace: exchange.namespace,
         ...(exchange.credential ? { credential: exchange.credential } : {}),
         status,
+        ...(exchange.upstreamStatus !== null ? { upstreamStatus: exchange.upstreamStatus } : {}),
         bytes: exchange.bytes,
         ...(exchange.cache ? { cache: exchange.cache } : {}),
         durationMs: Math.round((performance.now() - started) * 1000) / 1000,

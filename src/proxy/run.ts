@@ -65,14 +65,21 @@ export const DEFAULT_MAX_CONNECTIONS_PER_SOURCE = 256;
  * time; the admission resolver of a webhook replica asks concurrently, from a pool of at most
  * RESOLVER_CONNECTIONS_PER_PROXY (8, src/webhook/proxytier.ts, which also fits the operations
  * port's own per-source limit under the other exposures). Connections past the limit are closed on
- * arrival, which fails an admission question over to another proxy, so the budget is well above the
- * pool: sockets the server still counts after the client dropped them (keep-alive races, a webhook
- * container restarted in the same Pod, same address) and the collector's own. A peer holding idle
- * connections must still not starve the others: the listener takes eight sources' worth
- * (COLLECTOR_MAX_CONNECTIONS), as 2 of 16 did before admission asked here.
+ * arrival, which fails an admission question over to another proxy, so the limit is twice the pool:
+ * room for sockets the server still counts after the client dropped them (keep-alive races, a
+ * webhook container restarted in the same Pod, same address) and the collector's own. Under
+ * hostNetwork every Pod on the node reaches this listener: connections that send no request are
+ * closed after COLLECTOR_FIRST_REQUEST_TIMEOUT_MS and idle keep-alive ones after
+ * COLLECTOR_KEEP_ALIVE_MS, so that holding sockets open costs a peer a steady stream of requests,
+ * and the listener takes sixteen sources' worth (COLLECTOR_MAX_CONNECTIONS).
  */
-export const COLLECTOR_MAX_CONNECTIONS_PER_SOURCE = 32;
-export const COLLECTOR_MAX_CONNECTIONS = 8 * COLLECTOR_MAX_CONNECTIONS_PER_SOURCE;
+export const COLLECTOR_MAX_CONNECTIONS_PER_SOURCE = 16;
+/** The webhook sends its request as soon as it connects: 2 s is ample on a loaded node. */
+export const COLLECTOR_FIRST_REQUEST_TIMEOUT_MS = 2_000;
+/** Announced in `Keep-Alive: timeout=5`, which undici (the webhook's client) honours, so the
+ * webhook's pool never races the server's close. */
+export const COLLECTOR_KEEP_ALIVE_MS = 5_000;
+export const COLLECTOR_MAX_CONNECTIONS = 16 * COLLECTOR_MAX_CONNECTIONS_PER_SOURCE;
 
 /** At shutdown, how long fills in flight may take to be stored (flushing a large blob takes a moment). */
 const FILL_SETTLE_MS = 30_000;
@@ -171,7 +178,7 @@ export async function runProxy(
   if (ops && options.opsCollectorHost !== undefined && collectorHost === undefined) logger.info({ host: options.opsCollectorHost }, 'the operations port already listens on the collector address: no second listener');
   const opsCollector =
     ops && collectorHost !== undefined
-      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true, admission: handlers.admission }), { host: collectorHost, port: ops.port, maxConnections: COLLECTOR_MAX_CONNECTIONS, maxConnectionsPerSource: COLLECTOR_MAX_CONNECTIONS_PER_SOURCE }).catch(async (error: unknown) => {
+      ? await listen(createOpsHandler({ ...opsOptions, logger, collectorListener: true, admission: handlers.admission }), { host: collectorHost, port: ops.port, maxConnections: COLLECTOR_MAX_CONNECTIONS, maxConnectionsPerSource: COLLECTOR_MAX_CONNECTIONS_PER_SOURCE, firstRequestTimeoutMs: COLLECTOR_FIRST_REQUEST_TIMEOUT_MS, keepAliveTimeoutMs: COLLECTOR_KEEP_ALIVE_MS, headersTimeoutMs: 10_000 }).catch(async (error: unknown) => {
           watcher?.stop();
           await Promise.all([running.close(), ops.close()]);
           await cache?.close(0);

@@ -143,6 +143,13 @@ class RegistryShell {
       return;
     }
     exchange.rule = rr.rule.name;
+    if (rr.rule.rewrite === 'never') {
+      // No image of a never rule is written onto the proxy: its Pods pull from the registry itself with
+      // the rule's own pull secret. Its admission questions (pinDigest, verify) still come on the ops port.
+      exchange.error = 'rewrite: never rule';
+      sendError(res, registryError(404, 'NAME_UNKNOWN', `rule "${rr.rule.name}" has rewrite: never: its images are pulled from its registry directly, not through this proxy`));
+      return;
+    }
     const credentials = this.authorize(runtime, rr, route.name, req.headers.authorization, res, exchange);
     if (credentials === null) return;
     if (route.kind === 'referrers') await this.referrers(rr, route, credentials, res, exchange, 'registry');
@@ -235,9 +242,13 @@ class RegistryShell {
       try {
         const reply = await rr.client.fetch({ method: 'HEAD', path: `/v2/${route.name}/manifests/${route.reference}`, headers: { accept: MANIFEST_ACCEPT }, scope: `repository:${route.name}:pull`, credentials: undefined, signal, lane: 'metadata' });
         await reply.body.dump();
+        exchange.upstreamStatus = reply.statusCode;
         return { status: 200, body: { status: reply.statusCode } };
       } catch (error) {
-        if (error instanceof UpstreamAuthError && error.kind !== 'unavailable') return { status: 200, body: { status: 401, note: error.message } };
+        if (error instanceof UpstreamAuthError && error.kind !== 'unavailable') {
+          exchange.upstreamStatus = 401;
+          return { status: 200, body: { status: 401, note: error.message } };
+        }
         if (signal.aborted) return null;
         return { status: 502, body: { error: `the upstream did not answer: ${(error as Error).message}` } };
       }

@@ -33,6 +33,14 @@ export interface ListenOptions {
    * nginx's send_timeout; a streaming response that makes progress never hits it.
    */
   readonly idleTimeoutMs?: number;
+  /**
+   * A connection whose first request (its whole head) has not arrived within this time is closed.
+   * Node's headersTimeout never closes a connection that sent nothing at all; on a listener every Pod
+   * can reach, such idle connections would otherwise hold the per-source and total limits for up to
+   * idleTimeoutMs. Unset: only idleTimeoutMs applies. Plain HTTP only (a TLS listener's handshake is
+   * bounded by headersTimeoutMs, and its requests come on another socket object).
+   */
+  readonly firstRequestTimeoutMs?: number;
   /** Connections beyond this are closed as they arrive, so a flood cannot exhaust descriptors. */
   readonly maxConnections?: number;
   /** Open connections one source address may hold; more are closed as they arrive, so that one
@@ -91,6 +99,10 @@ export async function listen(requestHandler: http.RequestListener, options: List
   server.timeout = idleTimeout;
   if (options.maxConnections !== undefined) server.maxConnections = options.maxConnections;
   const full = options.maxConnections !== undefined || options.maxConnectionsPerSource !== undefined ? countConnections(server, options.maxConnectionsPerSource) : () => false;
+  if (options.firstRequestTimeoutMs !== undefined) {
+    if (options.tls) throw new Error('firstRequestTimeoutMs is for plain HTTP listeners');
+    closeSilentConnections(server, options.firstRequestTimeoutMs);
+  }
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
     server.listen(options.port, options.host, () => {
@@ -144,4 +156,16 @@ function countConnections(server: http.Server, perSource: number | undefined): (
     });
   });
   return (source) => (Number.isFinite(server.maxConnections) && total >= server.maxConnections) || (perSource !== undefined && (open.get(source) ?? 0) >= perSource);
+}
+
+/** Closes each connection that has not delivered a first request within `ms` (see firstRequestTimeoutMs). */
+function closeSilentConnections(server: http.Server, ms: number): void {
+  const waiting = new WeakMap<Socket, NodeJS.Timeout>();
+  server.on('connection', (socket: Socket) => {
+    const timer = setTimeout(() => socket.destroy(), ms);
+    timer.unref();
+    waiting.set(socket, timer);
+    socket.once('close', () => clearTimeout(timer));
+  });
+  server.on('request', (req: http.IncomingMessage) => clearTimeout(waiting.get(req.socket)));
 }

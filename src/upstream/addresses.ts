@@ -87,12 +87,14 @@ export interface AllowedAddresses {
 /**
  * Why a redirect target on `address` is refused, or null when it may be used: loopback, link-local,
  * reserved and private addresses are refused unless the rule's `redirects.allow` lists them — an
- * explicit decision of the platform team, e.g. for an on-prem object store.
+ * explicit decision of the platform team, e.g. for an on-prem object store. `fix` names the key that
+ * opens it: `redirects.allow` for storage redirects, `auth.tokenRealms` for a token realm (a realm
+ * listed there is trusted and never comes through this check).
  */
-export function redirectAddressRefusal(address: string, allowed: AllowedAddresses): string | null {
+export function redirectAddressRefusal(address: string, allowed: AllowedAddresses, fix: 'redirects.allow' | 'auth.tokenRealms' = 'redirects.allow'): string | null {
   const ip = normalise(address);
   if (!ip) return `"${address}" is not an IP address`;
-  if (local.check(ip.address, ip.type)) return allowed.hosts.check(ip.address, ip.type) ? null : `${ip.address} is a loopback, link-local or reserved address (not listed in redirects.allow)`;
-  if (privateRanges.check(ip.address, ip.type) && !allowed.blocks.check(ip.address, ip.type)) return `${ip.address} is a private address (not in redirects.allow)`;
+  if (local.check(ip.address, ip.type)) return allowed.hosts.check(ip.address, ip.type) ? null : `${ip.address} is a loopback, link-local or reserved address (not listed in ${fix})`;
+  if (privateRanges.check(ip.address, ip.type) && !allowed.blocks.check(ip.address, ip.type)) return `${ip.address} is a private address (not in ${fix})`;
   return null;
 }

@@ -42,7 +42,7 @@ export class UpstreamClient {
     /** Token realms trusted with the rule's credentials besides the upstream's own origin. */
     tokenRealms: readonly string[] = [],
   ) {
-    this.authorizer = new Authorizer({ upstream, dispatcher: transport.metadata, tokenRealms, untrusted: { dispatcher: transport.storage, refuseHost: (host) => transport.refuseStorageHost(host) } });
+    this.authorizer = new Authorizer({ upstream, dispatcher: transport.metadata, tokenRealms, untrusted: { dispatcher: transport.storage, refuseHost: (host) => transport.refuseStorageHost(host, 'auth.tokenRealms') } });
   }
 
   async fetch(request: UpstreamRequest): Promise<UpstreamResponse> {

@@ -89,7 +89,7 @@ export interface RuleTransport {
    * address is caught, whatever DNS said before). Through a forwarding proxy the proxy connects,
    * so only literal addresses in the URL can be checked, by `refuseStorageHost`. */
   readonly storage: Dispatcher;
-  refuseStorageHost(hostname: string): string | null;
+  refuseStorageHost(hostname: string, fix?: 'redirects.allow' | 'auth.tokenRealms'): string | null;
   close(): Promise<void>;
 }
 
@@ -110,10 +110,10 @@ export function createTransport(rule: Rule, options: TransportOptions = {}): Rul
   const blobPool = { ...common, connections: options.blobConnections ?? DEFAULT_BLOB_CONNECTIONS };
   const metadataPool = { ...common, connections: METADATA_CONNECTIONS };
   const allowed = parseCidrs(rule.redirects.allow);
-  const refuseStorageHost = (hostname: string): string | null => {
+  const refuseStorageHost = (hostname: string, fix: 'redirects.allow' | 'auth.tokenRealms' = 'redirects.allow'): string | null => {
     const bare = hostname.replace(/^\[|\]$/g, '').replace(/\.$/, '').toLowerCase();
-    if (bare === 'localhost' || bare.endsWith('.localhost')) return `${bare} is the node itself`;
-    return isIP(bare) ? redirectAddressRefusal(bare, allowed) : null;
+    if (bare === 'localhost' || bare.endsWith('.localhost')) return `${bare} is the node itself${fix === 'auth.tokenRealms' ? ' (not listed in auth.tokenRealms)' : ''}`;
+    return isIP(bare) ? redirectAddressRefusal(bare, allowed, fix) : null;
   };
   // Storage and foreign token realms are other parties than the upstream: the public trust store
   // (plus the rule's CA), and always verified, whatever the rule allows its own upstream.

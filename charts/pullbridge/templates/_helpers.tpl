@@ -377,6 +377,17 @@ recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- range $keyIndex, $pem := .cosign.publicKeys }}
 {{- include "pullbridge.checkPublicKey" (list (printf "%s.verify.cosign.publicKeys[%d]" $key $keyIndex) (toString $pem)) }}
 {{- end }}
+{{- /* A signature policy that fails open is no policy: while the webhook is down, Ignore admits every Pod unchecked. */}}
+{{- if and (ne (toString (.onFailure | default "deny")) "warn") (ne (toString $.Values.webhook.failurePolicy) "Fail") }}
+{{- fail (printf "%s.verify.onFailure: deny, but webhook.failurePolicy is %s: while the webhook is down or slow the apiserver admits Pods with unverified images; set webhook.failurePolicy=Fail (docs/adopting.md), or onFailure: warn" $key (toString $.Values.webhook.failurePolicy)) }}
+{{- end }}
+{{- end }}
+{{- /* rewrite: private-only and pinDigest ask the upstream at admission, through the proxies (the resolver). */}}
+{{- if and (not $.Values.webhook.resolver.enabled) (eq (toString $rule.rewrite) "private-only") }}
+{{- fail (printf "%s.rewrite: private-only asks the upstream through the proxies by the admission resolver: set webhook.resolver.enabled=true" $key) }}
+{{- end }}
+{{- if and (not $.Values.webhook.resolver.enabled) $rule.pinDigest }}
+{{- fail (printf "%s.pinDigest: tags are resolved through the proxies by the admission resolver: set webhook.resolver.enabled=true" $key) }}
 {{- end }}
 {{- range $cidrIndex, $cidr := (($rule.redirects | default dict).allow | default list) }}
 {{- $v4 := "^((25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(/([0-9]|[12][0-9]|3[0-2]))?$" }}
