@@ -257,6 +257,20 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       assert.deepEqual(decide(['localhost:30500/pin/team/app:1', 'localhost:30500/priv/app:1']).first, []);
     });
 
+    it('checks an image written on any loopback spelling of the proxy\'s address as the proxy\'s (its rule from the path)', () => {
+      for (const host of ['127.0.0.1:30500', '[::1]:30500', 'localhost:030500', '2130706433:30500']) {
+        const image = `${host}/signed/app:1`;
+        const { first, outcome } = decide([image], (b) => {
+          found(b, 'signed');
+          b.signatures.set(signatureOf('signed', 'app', D1), { verified: false, reason: 'unsigned' });
+        });
+        assert.deepEqual(first.map((q) => q.kind === 'digest' && `${q.target.rule}/${q.target.repository}`), ['signed/app'], image);
+        assert.equal(outcome.decision, 'denied', image);
+        assert.equal(outcome.containers[0]?.reason, 'signature-unverified', image);
+        assert.match(outcome.denial ?? '', /signature not verified: unsigned/, image);
+      }
+    });
+
     it('checks the digest an image names, without resolving', () => {
       const { first } = decide([`signed.example/app@${D2}`]);
       assert.deepEqual(first.map((q) => q.kind), ['signature']);
