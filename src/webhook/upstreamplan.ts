@@ -42,6 +42,11 @@ export class AnswerBook {
   readonly signatures = new Map<string, SignatureAnswer>();
   readonly replicaSets = new Map<string, PinsAnswer>();
   final: string | undefined;
+  /**
+   * The review asked more distinct questions than MAX_QUESTIONS_PER_REVIEW allows (upstream.ts):
+   * verify then fails closed whatever its onFailure, since an attacker chose the size of the Pod.
+   */
+  overQuestionCap = false;
   private readonly missing = new Map<string, UpstreamQuestion>();
 
   constructor(final?: string) {
@@ -222,7 +227,9 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
       }
       answer = known ?? { verified: false, reason: `no answer: ${book.final ?? 'unknown'}` };
     }
-    const onFailure = rule.verify.onFailure;
+    // Over the question cap a verify rule denies even with onFailure: warn: warn admits unverified
+    // images, and whoever wrote the Pod chose to make it too large to check.
+    const onFailure = book.overQuestionCap ? 'deny' : rule.verify.onFailure;
     facts.signature = answer.verified ? { verified: true } : { verified: false, reason: answer.reason, onFailure };
     verified = answer.verified;
     if (!answer.verified) {
