@@ -12,7 +12,7 @@ import { admitPod, admitReplicaSet, parseAdmissionReview, type AdmissionOutcome,
 import supertest from 'supertest';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { createWebhookApp } from '../src/webhook/server.js';
-import { budgetFor, decideWithUpstream, type SignatureCheck } from '../src/webhook/upstream.js';
+import { MAX_QUESTIONS_PER_REVIEW, budgetFor, decideWithUpstream, type SignatureCheck } from '../src/webhook/upstream.js';
 import { AnswerBook, digestKey, probeKey, replicaSetKey, signatureKey, type UpstreamQuestion } from '../src/webhook/upstreamplan.js';
 import { configFrom } from './support/config.js';
 import { directRegistryView } from './support/directview.js';
@@ -358,6 +358,42 @@ registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:
   });
 });
 
+describe('one deadline from the request\'s arrival', () => {
+  // A namespace read and a Secret write that never finish: a fault the real apiserver gives only
+  // under load, so these side effects are stand-ins that never settle, and the test says so.
+  const never = <T>() => new Promise<T>(() => {});
+  const plainConfig = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
+registries:
+  - {name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000"}
+  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", verify: {cosign: {publicKeyFiles: [/keys/a.pub]}}}
+`);
+
+  it('a namespace-labels read that never answers does not hold the review: decided without labels within the budget', async () => {
+    const audit = memoryLogger();
+    const reads: string[] = [];
+    const app = createWebhookApp({ config: () => plainConfig, logger: memoryLogger().logger, audit: audit.logger, metrics: createMetricsRegistry(false), upstream: { budgetMs: 400 }, sideEffects: { namespaceLabels: (ns) => (reads.push(ns), never()), ensurePullSecret: () => Promise.resolve() } });
+    const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(['signed.example/app:1']), { namespace: 'team' }));
+    const response = (res.body as { response: { allowed: boolean; status?: { message: string } } }).response;
+    assert.deepEqual(reads, ['team']);
+    assert.equal(response.allowed, false);
+    assert.match(response.status?.message ?? '', /signature not verified/);
+    assert.equal(audit.records[0]?.result, 'denied');
+  });
+
+  it('pull-secret provisioning that never finishes ends at the budget: pullSecretFailure decides, and the audit says why', async () => {
+    const audit = memoryLogger();
+    const app = createWebhookApp({ config: () => plainConfig, logger: memoryLogger().logger, audit: audit.logger, metrics: createMetricsRegistry(false), upstream: { budgetMs: 400 }, sideEffects: { ensurePullSecret: () => never() } });
+    const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(['plain.example/app:1']), { namespace: 'team' }));
+    const response = (res.body as { response: { allowed: boolean; status?: { code: number; message: string } } }).response;
+    assert.equal(response.allowed, false);
+    assert.equal(response.status?.message, 'pullbridge: could not provision pull secret "pullbridge-pull" in namespace "team": not done within the review\'s budget of 400 ms');
+    assert.equal(audit.records[0]?.result, 'denied');
+  });
+});
+
 describe('the pins annotation as read back', () => {
   it('takes sha256 digests only, and nothing from a malformed value', () => {
     assert.deepEqual(parsePins(JSON.stringify({ 'a:1': D1, 'b:1': 'latest', 'c:1': 7 })), { 'a:1': D1 });
@@ -432,6 +468,57 @@ registries:
     const { outcome } = await decideWithUpstream((answers) => admitPod(cfg, podRequest(['signed.example/team/app:1']), { answers }), { view, signatureCheck: throwing, budgetMs: 4000 });
     assert.equal(outcome.decision, 'denied');
     assert.match(outcome.denial ?? '', /containers\/c0 image signed\.example\/team\/app:1: signature not verified: the signature check failed: key file unreadable/);
+  });
+
+  it('a Pod of thousands of distinct tags asks nothing past the cap: verify denies (even onFailure: warn), the others follow onProbeFailure', async () => {
+    const view = directRegistryView({ upstream: registry.url });
+    const signatures: string[] = [];
+    const check: SignatureCheck = (_t, digest) => Promise.resolve(void signatures.push(digest)).then(() => ({ verified: true as const }));
+    const cfg = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+registries:
+  - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}, onFailure: warn}}
+  - {name: priv, match: [priv.example], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only}
+  - {name: privleave, match: [privleave.example], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only, onProbeFailure: leave}
+`);
+    const tags = Array.from({ length: 3000 }, (_, i) => `t${i}`);
+    const signed = await decideWithUpstream((answers) => admitPod(cfg, podRequest(tags.map((t) => `signed.example/team/app:${t}`)), { answers }), { view, signatureCheck: check, budgetMs: 4000 });
+    assert.equal(signed.questionsAsked, 0);
+    assert.deepEqual([view.requests, signatures], [[], []]);
+    assert.equal(signed.outcome.decision, 'denied');
+    assert.match(signed.outcome.denial ?? '', new RegExp(`containers/c0 image signed\\.example/team/app:t0: signature not verified: the tag could not be resolved to a digest \\(the review needs 3000 upstream answers, more than the ${MAX_QUESTIONS_PER_REVIEW} one review may ask\\)`));
+    const rewrite = await decideWithUpstream((answers) => admitPod(cfg, podRequest(tags.map((t) => `priv.example/team/app:${t}`)), { answers }), { view, budgetMs: 4000 });
+    assert.equal(rewrite.questionsAsked, 0);
+    assert.equal(rewrite.outcome.containers[2999]?.rewritten, 'localhost:30500/priv/team/app:t2999');
+    assert.match(rewrite.outcome.containers[0]?.detail ?? '', /the anonymous probe failed \(the review needs 3000 upstream answers.*\); onProbeFailure: rewrite/);
+    const leave = await decideWithUpstream((answers) => admitPod(cfg, podRequest(tags.map((t) => `privleave.example/team/app:${t}`)), { answers }), { view, budgetMs: 4000 });
+    assert.equal(leave.outcome.decision, 'unchanged');
+    assert.deepEqual(new Set(leave.outcome.containers.map((c) => c.reason)), new Set(['probe-failed']));
+    assert.deepEqual(view.requests, []);
+    // At the cap exactly, every question is asked and answered by the registry.
+    const atCap = await decideWithUpstream((answers) => admitPod(cfg, podRequest(tags.slice(0, MAX_QUESTIONS_PER_REVIEW).map((t) => `priv.example/team/app:${t}`)), { answers }), { view, budgetMs: 4000 });
+    assert.equal(atCap.questionsAsked, MAX_QUESTIONS_PER_REVIEW);
+    assert.equal(view.requests.length, MAX_QUESTIONS_PER_REVIEW);
+  });
+
+  it('a verify Pod over the cap is refused by the webhook server with the cap in its message', async () => {
+    const cfg = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+registries:
+  - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}}}
+`);
+    const view = directRegistryView({ upstream: registry.url });
+    const audit = memoryLogger();
+    const app = createWebhookApp({ config: () => cfg, logger: memoryLogger().logger, audit: audit.logger, metrics: createMetricsRegistry(false), upstream: { view, budgetMs: 4000 } });
+    const images = Array.from({ length: 2000 }, (_, i) => `signed.example/team/app:t${i}`);
+    const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(images), { namespace: 'team' }));
+    const response = (res.body as { response: { allowed: boolean; status?: { code: number; message: string } } }).response;
+    assert.equal(response.allowed, false);
+    assert.match(response.status?.message ?? '', /more than the 64 one review may ask/);
+    assert.deepEqual(view.requests, []);
+    assert.equal(audit.records[0]?.result, 'denied');
   });
 
   it('fits the budget inside the webhook timeout', () => {
