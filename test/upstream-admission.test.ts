@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { parsePins } from '../src/k8s/replicasets.js';
 import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION } from '../src/rules/marks.js';
-import { admitPod, admitReplicaSet, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
+import { admitPod, admitReplicaSet, admitReplicaSetUpdate, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
 import supertest from 'supertest';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { createWebhookApp } from '../src/webhook/server.js';
@@ -391,6 +391,53 @@ registries:
     assert.equal(response.allowed, false);
     assert.equal(response.status?.message, 'pullbridge: could not provision pull secret "pullbridge-pull" in namespace "team": not done within the review\'s budget of 400 ms');
     assert.equal(audit.records[0]?.result, 'denied');
+  });
+});
+
+describe('UPDATE: a running Pod\'s image change and a ReplicaSet\'s pins', () => {
+  const running = (images: string[], pullSecrets: string[] = ['pullbridge-pull']) => podWith({ containers: images.map((image, i) => ({ name: `c${i}`, image })), imagePullSecrets: pullSecrets.map((name) => ({ name })) }, { name: 'web', namespace: 'team' });
+  const update = (before: unknown, after: unknown) => requestOf(reviewFor(after, { namespace: 'team', operation: 'UPDATE', oldObject: before }));
+
+  it('decides a changed image as on CREATE (verify asks and denies, a plain rule rewrites), leaving unchanged containers alone', () => {
+    const before = running(['localhost:30500/plain/app:1', 'localhost:30500/signed/app:1']);
+    const after = running(['localhost:30500/plain/app:1', 'localhost:30500/signed/app:evil']);
+    const first = admitPod(config, update(before, after), { answers: new AnswerBook() });
+    assert.deepEqual(first.questions.map((q) => q.kind === 'digest' && `${q.target.rule}/${q.target.repository}:${q.target.reference}`), ['signed/app:evil']);
+    const denied = admitPod(config, update(before, after));
+    assert.equal(denied.decision, 'denied');
+    assert.match(denied.denial ?? '', /containers\/c1 image localhost:30500\/signed\/app:evil: signature not verified/);
+    assert.equal(denied.containers[0]?.reason, 'image-unchanged');
+    // The same spelled another way on the loopback: still the proxy's, still checked.
+    assert.equal(admitPod(config, update(before, running(['localhost:30500/plain/app:1', '127.0.0.1:30500/signed/app:evil']))).decision, 'denied');
+    const rewritten = admitPod(config, update(running(['plain.example/app:1']), running(['plain.example/app:2'])));
+    assert.equal(rewritten.decision, 'mutated');
+    assert.equal((applyPatch(running(['plain.example/app:2']), rewritten.patch) as unknown as PodShape).spec.containers[0]?.image, 'localhost:30500/plain/app:2');
+  });
+
+  it('refuses a change that needs a pull secret the Pod does not list (its pull secrets cannot change)', () => {
+    const outcome = admitPod(config, update(running(['docker.io/library/busybox:1'], []), running(['plain.example/app:2'], [])));
+    assert.equal(outcome.decision, 'denied');
+    assert.equal(outcome.denial, 'pullbridge: containers/c0 image plain.example/app:2: pod does not list pull secret "pullbridge-pull", which the new image needs; a Pod\'s pull secrets cannot change after creation: recreate the Pod (or change its Deployment)');
+  });
+
+  it('answers a Pod UPDATE that changes no image at once, asking nothing', () => {
+    const pod = running(['localhost:30500/signed/app:1']);
+    const outcome = admitPod(config, update(pod, { ...pod, metadata: { name: 'web', namespace: 'team', labels: { a: 'b' } } }), { answers: new AnswerBook() });
+    assert.deepEqual([outcome.decision, outcome.skipReason, outcome.questions], ['skipped', 'no-image-changed', []]);
+  });
+
+  it('reverts a change to a ReplicaSet\'s pins annotation (a forged digest), and passes any other UPDATE', () => {
+    const rs = (annotations?: Record<string, string>) => ({ apiVersion: 'apps/v1', kind: 'ReplicaSet', metadata: { name: 'web-1', ...(annotations ? { annotations } : {}) }, spec: { replicas: 1, template: { spec: { containers: [{ name: 'app', image: 'signed.example/app:1' }] } } } });
+    const rsUpdate = (before: unknown, after: unknown) => requestOf(reviewFor(after, { namespace: 'team', kind: 'ReplicaSet', resource: 'replicasets', group: 'apps', operation: 'UPDATE', oldObject: before }));
+    const genuine = { [PINNED_DIGESTS_ANNOTATION]: JSON.stringify({ 'signed.example/app:1': D1 }) };
+    const forged = { [PINNED_DIGESTS_ANNOTATION]: JSON.stringify({ 'signed.example/app:1': D2 }), other: 'x' };
+    const restored = admitReplicaSetUpdate(rsUpdate(rs(genuine), rs(forged)));
+    assert.equal(restored.decision, 'mutated');
+    assert.deepEqual((applyPatch(rs(forged), restored.patch) as { metadata: { annotations: Record<string, string> } }).metadata.annotations, { ...genuine, other: 'x' });
+    const added = admitReplicaSetUpdate(rsUpdate(rs(), rs(forged)));
+    assert.deepEqual((applyPatch(rs(forged), added.patch) as { metadata: { annotations: Record<string, string> } }).metadata.annotations, { other: 'x' });
+    const scaled = { ...rs(genuine), spec: { ...rs(genuine).spec, replicas: 3 } };
+    assert.equal(admitReplicaSetUpdate(rsUpdate(rs(genuine), scaled)).skipReason, 'pins-unchanged');
   });
 });
 

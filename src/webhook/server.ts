@@ -7,7 +7,7 @@ import { Counter, Histogram, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
 import { decideCaller, dnsNamesOf, type PeerCertificate } from './clientauth.js';
-import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, admitReplicaSet, isReplicaSetCreate, leftUnchanged, parseAdmissionReview, type AdmissionContext, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
+import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, admitReplicaSet, admitReplicaSetUpdate, isPodUpdateWithoutImageChange, isReplicaSetCreate, isReplicaSetUpdate, leftUnchanged, parseAdmissionReview, type AdmissionContext, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
 import { budgetFor, decideWithUpstream, type UpstreamAccess } from './upstream.js';
 import { needsDigest, type AnswerBook } from './upstreamplan.js';
 
@@ -215,15 +215,17 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
         const config = options.config();
         const namespace = request.namespace;
         const replicaSet = isReplicaSetCreate(request);
-        // A ReplicaSet under a config that pins nothing is answered without any call (it is skipped).
-        const pins = !replicaSet || config.registries.some(needsDigest);
+        const replicaSetUpdate = isReplicaSetUpdate(request);
+        // A ReplicaSet under a config that pins nothing, and a Pod UPDATE that changes no image, are
+        // answered without any call (they are skipped).
+        const pins = (!replicaSet || config.registries.some(needsDigest)) && !replicaSetUpdate && !isPodUpdateWithoutImageChange(request);
         // Labels and questions share the budget less the pull secrets' reserve; unknown labels in
         // time count as no opt-out, as a failed read does.
         const questionsBudgetMs = upstream.budgetMs - pullSecretReserveMs(upstream.budgetMs);
         const readLabels = options.sideEffects?.namespaceLabels;
         const namespaceLabels = pins && namespace && readLabels ? await within(readLabels(namespace), questionsBudgetMs - elapsedMs(), undefined) : undefined;
         const context: AdmissionContext = namespaceLabels ? { namespaceLabels } : {};
-        const admit = replicaSet ? admitReplicaSet : admitPod;
+        const admit = replicaSetUpdate ? (_config: Config, r: AdmissionRequest) => admitReplicaSetUpdate(r) : replicaSet ? admitReplicaSet : admitPod;
         ({ outcome } = await decideWithUpstream((answers: AnswerBook) => admit(config, request, { ...context, answers }), { ...upstream, budgetMs: questionsBudgetMs }, elapsedMs()));
         result = outcome.decision;
         body = outcome.denial !== undefined ? admissionDenial(request.uid, 403, outcome.denial) : admissionResponse(request.uid, outcome);
