@@ -189,6 +189,15 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
         assert.deepEqual(outcome.containers[0]?.upstream?.digest, { digest: D1, source: 'resolved', pinned: true });
       });
 
+      it('records why the ReplicaSet\'s pins were not used when they were unusable (too large, unreadable), and resolves', () => {
+        const ignored = 'ReplicaSet web-7d9 could not be read: its pullbridge.io/pinned-digests annotation is 20000 bytes, more than the 16384 pullbridge writes: ignored';
+        const { outcome } = decide(['pin.example/team/app:1'], (b) => {
+          b.replicaSets.set(rsKey, { kind: 'none', detail: ignored, unusable: true });
+          b.digests.set(digestOf('pin', 'team/app', '1'), { kind: 'found', digest: D1, mediaType: 'x' });
+        }, owned);
+        assert.deepEqual(outcome.containers[0]?.upstream, { replicaSetPins: { ignored }, digest: { digest: D1, source: 'resolved', pinned: true } });
+      });
+
       it('ignores an owner that is not a controlling apps/v1 ReplicaSet', () => {
         const { first } = decide(['pin.example/team/app:1'], () => {}, { ...owned, ownerReferences: [{ apiVersion: 'apps/v1', kind: 'ReplicaSet', name: 'x', uid: 'u', controller: false }] });
         assert.deepEqual(first.map((q) => q.kind), ['digest']);

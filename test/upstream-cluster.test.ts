@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject, type V1Deployment, type V1Pod } from '@kubernetes/client-node';
 import { parseAllDocuments } from 'yaml';
 import { generateCertificates } from '../src/certs/certs.js';
+import { MAX_PINS_ANNOTATION_BYTES, ReplicaSetPins } from '../src/k8s/replicasets.js';
 import { PINNED_DIGESTS_ANNOTATION } from '../src/rules/marks.js';
 import type { SignatureCheck } from '../src/webhook/upstream.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
@@ -245,6 +246,30 @@ registries:
       const forged = JSON.stringify({ [image]: unsignedImage.index.digest });
       await apps.patchNamespacedReplicaSet({ namespace: ns, name: 'pinned', body: [{ op: 'add', path: `/metadata/annotations/${PINNED_DIGESTS_ANNOTATION.replace('/', '~1')}`, value: forged }] });
       assert.equal((await apps.readNamespacedReplicaSet({ namespace: ns, name: 'pinned' })).metadata?.annotations?.[PINNED_DIGESTS_ANNOTATION], genuine);
+    });
+  });
+
+  describe('the webhook\'s ReplicaSet pins reader, against the apiserver', () => {
+    // In the webhook's own namespace, which it is never asked about: the annotations stay as written.
+    const ns = 'pullbridge';
+    const createRs = async (name: string, pins: string) => {
+      const labels = { app: name };
+      const rs = await apps.createNamespacedReplicaSet({ namespace: ns, body: { metadata: { name, annotations: { [PINNED_DIGESTS_ANNOTATION]: pins } }, spec: { replicas: 0, selector: { matchLabels: labels }, template: { metadata: { labels }, spec: { containers: [{ name: 'app', image: 'pins.corp.example:5000/team/app:1' }] } } } } });
+      return rs.metadata?.uid ?? '';
+    };
+
+    it('ignores an annotation over 16 KiB, saying so, and bounds its cache by bytes', async () => {
+      const large = JSON.stringify(Object.fromEntries(Array.from({ length: 200 }, (_, i) => [`pins.corp.example:5000/team/app-${i}:1`, v1.index.digest])));
+      assert.ok(Buffer.byteLength(large) > MAX_PINS_ANNOTATION_BYTES);
+      const uid = await createRs('large', large);
+      const reader = new ReplicaSetPins(apps, 60_000, 4096, Date.now, 2_000);
+      await assert.rejects(reader.get(ns, 'large', uid), new RegExp(`annotation is ${Buffer.byteLength(large)} bytes, more than the ${MAX_PINS_ANNOTATION_BYTES} pullbridge writes: ignored`));
+      assert.deepEqual(reader.size(), { entries: 0, bytes: 0 });
+      const small = JSON.stringify({ 'pins.corp.example:5000/team/app:1': v1.index.digest });
+      const uids = await Promise.all(['s1', 's2', 's3', 's4', 's5'].map((name) => createRs(name, small)));
+      for (const [i, name] of ['s1', 's2', 's3', 's4', 's5'].entries()) assert.deepEqual(await reader.get(ns, name, uids[i] ?? ''), JSON.parse(small));
+      const { entries, bytes } = reader.size();
+      assert.ok(bytes <= 2_000 && entries < 5, `${entries} entries, ${bytes} bytes`);
     });
   });
 

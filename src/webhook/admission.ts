@@ -466,7 +466,11 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
   const webhook = config.webhook;
   if (ALWAYS_EXCLUDED_NAMESPACES.includes(namespace) || namespace === webhook.namespace || webhook.excludedNamespaces.includes(namespace)) return skipped('namespace-excluded', namespace);
   if (isOptedOut(context.namespaceLabels, webhook.optOutLabel)) return skipped('namespace-opted-out', `${webhook.optOutLabel}=true on namespace ${namespace}`);
-  if (isOptedOut(rs.spec.template.metadata?.labels, webhook.optOutLabel)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
+  if (isOptedOut(rs.spec.template.metadata?.labels, webhook.optOutLabel)) {
+    // Its Pods are not admitted, so they need no pins; any the creator wrote are removed all the same.
+    if (rs.metadata?.annotations?.[PINNED_DIGESTS_ANNOTATION] === undefined) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
+    return { ...skipped('pod-opted-out', `${webhook.optOutLabel}=true`), decision: 'mutated', patch: [{ op: 'remove', path: `/metadata/annotations/${pointerSegment(PINNED_DIGESTS_ANNOTATION)}` }] };
+  }
   const book = context.answers ?? NO_ANSWERS;
   const containers: ContainerDecision[] = [];
   const pins: Record<string, string> = {};

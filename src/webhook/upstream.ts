@@ -108,7 +108,7 @@ async function answer(question: UpstreamQuestion, access: UpstreamAccess, book: 
       else {
         result = await beforeDeadline(() => read(question.namespace, question.name, question.uid, signal), deadline).then(
           (pins): PinsAnswer | undefined => (pins === undefined ? undefined : pins === null ? { kind: 'none', detail: `ReplicaSet ${question.name} has no pinned digests` } : { kind: 'found', pins }),
-          (e: unknown): PinsAnswer => ({ kind: 'none', detail: `ReplicaSet ${question.name} could not be read: ${message(e)}` }),
+          (e: unknown): PinsAnswer => ({ kind: 'none', detail: `ReplicaSet ${question.name} could not be read: ${message(e)}`, unusable: true }),
         );
       }
       if (result !== undefined) book.replicaSets.set(question.key, result);

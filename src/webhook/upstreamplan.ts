@@ -13,7 +13,7 @@ import { formatReference, parseReference } from '../reference/reference.js';
 export type SignatureAnswer = { readonly verified: true } | { readonly verified: false; readonly reason: string };
 
 /** The pins a Pod's controlling ReplicaSet carries: original image → digest. */
-export type PinsAnswer = { readonly kind: 'found'; readonly pins: Readonly<Record<string, string>> } | { readonly kind: 'none'; readonly detail?: string };
+export type PinsAnswer = { readonly kind: 'found'; readonly pins: Readonly<Record<string, string>> } | { readonly kind: 'none'; readonly detail?: string; /** The ReplicaSet could not be read or its pins were refused (too large): audited. */ readonly unusable?: boolean };
 
 export type UpstreamQuestion =
   | { readonly kind: 'probe'; readonly key: string; readonly target: RegistryTarget & { readonly reference: string } }
@@ -27,6 +27,8 @@ export interface UpstreamFacts {
   probe?: { readonly outcome: 'private' | 'public' | 'failed'; readonly status?: number; readonly error?: string };
   /** The digest written (or that would have been), and where it came from; or why there is none. */
   digest?: { readonly digest: string; readonly source: 'reference' | 'replicaset' | 'resolved'; readonly pinned: boolean } | { readonly error: string };
+  /** Why the controlling ReplicaSet's pins were not used (unreadable, or an annotation too large). */
+  replicaSetPins?: { readonly ignored: string };
   /** verify: the signature check's result for the digest. */
   signature?: { readonly verified: boolean; readonly reason?: string; readonly onFailure?: 'deny' | 'warn' };
 }
@@ -181,6 +183,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
         }
         pins = known ?? { kind: 'none', detail: book.final };
       }
+      if (pins.kind === 'none' && pins.unusable === true && pins.detail !== undefined) facts.replicaSetPins = { ignored: pins.detail };
       const pin = pins.kind === 'found' ? pins.pins[image] : undefined;
       if (pin !== undefined) {
         digest = pin;
