@@ -280,6 +280,20 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       }
     });
 
+    it('the Pod\'s opt-out label does not exempt an image on the proxy under a verify rule; everything else is left alone', () => {
+      const labelled = { name: 'web', namespace: 'team', labels: { 'pullbridge.io/ignore': 'true' } };
+      const { first, outcome } = decide(['127.0.0.1:30500/signed/app:1', 'plain.example/app:1', 'localhost:30500/plain/app:1'], (b) => {
+        found(b, 'signed');
+        b.signatures.set(signatureOf('signed', 'app', D1), { verified: false, reason: 'unsigned' });
+      }, labelled);
+      assert.deepEqual(first.map((q) => q.kind), ['digest']);
+      assert.equal(outcome.decision, 'denied');
+      assert.match(outcome.denial ?? '', /containers\/c0 image 127\.0\.0\.1:30500\/signed\/app:1: signature not verified: unsigned/);
+      assert.deepEqual(outcome.containers.map((c) => c.reason), ['signature-unverified', 'pod-opted-out', 'pod-opted-out']);
+      const clean = decide(['plain.example/app:1', 'signed.example/app:1'], () => {}, labelled);
+      assert.deepEqual([clean.first, clean.outcome.decision, clean.outcome.skipReason, clean.outcome.patch], [[], 'skipped', 'pod-opted-out', []]);
+    });
+
     it('checks the digest an image names, without resolving', () => {
       const { first } = decide([`signed.example/app@${D2}`]);
       assert.deepEqual(first.map((q) => q.kind), ['signature']);

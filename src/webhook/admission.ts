@@ -6,7 +6,7 @@ import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
 import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
 import { ORIGINAL_IMAGES_ANNOTATION, PINNED_DIGESTS_ANNOTATION, REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
 import { upstreamPullSecretName } from '../rules/upstreamsecret.js';
-import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
+import { REFERENCE_LENGTH_MAX, parseReference } from '../reference/reference.js';
 import { AnswerBook, needsDigest, pinForReplicaSet, settleImage, type ReplicaSetOwner, type UpstreamFacts, type UpstreamQuestion } from './upstreamplan.js';
 
 /** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
@@ -97,6 +97,8 @@ export type ContainerReason =
   | 'pull-secret-missing-on-pod'
   /** A Pod UPDATE that keeps this container's image: nothing to decide. */
   | 'image-unchanged'
+  /** The Pod carries the opt-out label: only images on the proxy under a verify rule are checked. */
+  | 'pod-opted-out'
   | 'existing-ephemeral-container'
   | 'pull-secret-not-provisioned'
   /** rewrite: private-only, the probe failed and onProbeFailure: leave. */
@@ -225,6 +227,12 @@ function parseOriginalImages(value: string | undefined): Record<string, string> 
   return {};
 }
 
+/** The rule an image on the proxy names by its first path component, if any. */
+function ruleOnProxy(config: Config, image: string): ReturnType<typeof ruleByName> {
+  const parsed = parseReference(image);
+  return parsed.ok ? ruleByName(config, parsed.reference.path.split('/')[0] ?? '') : undefined;
+}
+
 /** `field/name` → image of every container of an unparsed Pod (a Pod UPDATE's oldObject). */
 function imagesByContainer(object: unknown): Map<string, string | undefined> {
   const images = new Map<string, string | undefined>();
@@ -275,7 +283,10 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
     return skipped('namespace-excluded', namespace);
   }
   if (isOptedOut(context.namespaceLabels, webhook.optOutLabel)) return skipped('namespace-opted-out', `${webhook.optOutLabel}=true on namespace ${namespace}`);
-  if (isOptedOut(pod.metadata?.labels, webhook.optOutLabel)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
+  // The Pod's own label is its author's choice: it skips rewriting, never verification (else anyone
+  // could write the proxy's reference of an unsigned image and label the Pod). See docs/security.md.
+  const verifyOnly = isOptedOut(pod.metadata?.labels, webhook.optOutLabel);
+  if (verifyOnly && !config.registries.some((r) => r.verify !== undefined)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
 
   const pullSecretName = webhook.pullSecretName;
   const listed = new Set((pod.spec.imagePullSecrets ?? []).map((s) => s.name));
@@ -320,6 +331,10 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
         return;
       }
       const decision = decideImage(config, container.image, namespace);
+      if (verifyOnly && !(decision.reason === 'already-proxied' && ruleOnProxy(config, container.image)?.verify !== undefined)) {
+        containers.push({ container: id, image, rewritten: null, rule: null, reason: 'pod-opted-out' });
+        return;
+      }
       const usesBroker = decision.rule !== null && ruleByName(config, decision.rule)?.auth.mode === 'broker';
       if (decision.rewritten !== null && podUpdate && usesBroker && !podListsPullSecret) {
         // The proxy would refuse the node without the pull secret, and the Pod cannot gain it: refuse
@@ -382,6 +397,7 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   if (denials.length > 0) {
     return { decision: 'denied', containers, patch: [], pullSecret: null, upstreamPullSecrets: [], warnings, questions: [], denial: denials.join('; ') };
   }
+  if (verifyOnly && patch.length === 0) return { ...skipped('pod-opted-out', `${webhook.optOutLabel}=true`), containers, warnings };
 
   const rewrote = patch.length > 0;
   const addLabels: Record<string, string> = {};
