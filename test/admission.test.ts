@@ -136,7 +136,8 @@ describe('admission decision (pure)', () => {
 
   it('ignores other kinds and operations', () => {
     assert.equal(admit({ kind: 'Deployment' }, { kind: 'Deployment', resource: 'deployments' }).skipReason, 'not-a-pod');
-    assert.equal(admit(mixedPod(), { operation: 'UPDATE' }).skipReason, 'operation-not-handled');
+    assert.equal(admit(mixedPod(), { operation: 'UPDATE', oldObject: mixedPod() }).skipReason, 'no-image-changed');
+    assert.equal(admit(mixedPod(), { operation: 'UPDATE', subResource: 'status', oldObject: mixedPod() }).skipReason, 'operation-not-handled');
     assert.equal(admit(mixedPod(), { operation: 'DELETE' }).skipReason, 'operation-not-handled');
     assert.equal(admit(mixedPod(), { operation: 'CREATE', subResource: 'binding' }).skipReason, 'operation-not-handled');
   });

@@ -6,7 +6,7 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync, s
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { randomBytes, X509Certificate } from 'node:crypto';
+import { generateKeyPairSync, randomBytes, X509Certificate } from 'node:crypto';
 import { AdmissionregistrationV1Api, AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, PatchStrategy, setHeaderOptions, type KubernetesObject } from '@kubernetes/client-node';
 import { parse as parseYaml, parseAllDocuments, stringify as stringifyYaml } from 'yaml';
 import { generateClientCertificate } from '../src/certs/certs.js';
@@ -136,9 +136,21 @@ describe('Helm chart', function () {
     assert.deepEqual(w.admissionReviewVersions, ['v1']);
     assert.equal(w.failurePolicy, 'Ignore');
     assert.match(JSON.stringify(w.namespaceSelector), /"kube-system","pullbridge","monitoring"/);
+    // Pods for CREATE and for UPDATE (an image change is decided too), ReplicaSets for both (pins).
+    assert.deepEqual((w.rules as Array<{ operations: string[]; resources: string[] }>).map((r) => `${r.resources.join()} ${r.operations.join()}`), ['pods CREATE,UPDATE', 'pods/ephemeralcontainers UPDATE', 'replicasets CREATE,UPDATE']);
+    assert.deepEqual(w.objectSelector, { matchExpressions: [{ key: 'pullbridge.io/ignore', operator: 'NotIn', values: ['true'] }] }, 'without verify rules, opted-out Pods are never sent');
     const daemonset = JSON.stringify(rendered.find((o) => o.kind === 'DaemonSet'));
     assert.match(daemonset, /"operator":"Exists"/, 'tolerates all taints');
     assert.match(daemonset, /system-node-critical/);
+  });
+
+  it('with a verify rule, sends opted-out Pods too (the webhook checks their images on the proxy): no objectSelector', async () => {
+    const publicKeyPem = generateKeyPairSync('ec', { namedCurve: 'prime256v1' }).publicKey.export({ type: 'spki', format: 'pem' }).toString();
+    const file = join(dir, 'verify-selector.yaml');
+    writeFileSync(file, stringifyYaml({ registries: [{ name: 'corp', match: ['r.example'], upstream: 'https://r.example', auth: { mode: 'anonymous' }, verify: { cosign: { publicKeys: [publicKeyPem] } } }] }));
+    const hook = (await render('-f', file)).find((o) => o.kind === 'MutatingWebhookConfiguration') as KubernetesObject & { webhooks: Array<Record<string, unknown>> };
+    assert.equal(hook.webhooks[0]?.objectSelector, undefined);
+    assert.match(JSON.stringify(hook.webhooks[0]?.namespaceSelector), /pullbridge\.io\/ignore/, 'the namespace opt-out (set by whoever may label namespaces) stays');
   });
 
   it('rolls no Pod on a rule change: the Pod templates carry no config checksum (config.yaml is reloaded in place)', async () => {

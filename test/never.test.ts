@@ -171,6 +171,13 @@ describe('rewrite: never (pure)', () => {
       assert.notEqual(a.metadata?.annotations?.[KEY_ID_ANNOTATION], b.metadata?.annotations?.[KEY_ID_ANNOTATION]);
       assert.equal(reconcileAction({ secret: { ...a, metadata: { ...a.metadata, creationTimestamp: new Date(0) } }, served: true, referenced: true, now: 1, graceMs: 10, currentKey: b.metadata?.annotations?.[KEY_ID_ANNOTATION] }), 'refresh');
     });
+    it('is deleted at once from a namespace the rule\'s filter no longer admits: no grace, though Pods list it', () => {
+      const a = desiredUpstreamPullSecret({ name: 'vendor', match: ['vendor.example:5000'] }, 'team-a', 'pullbridge-pull-vendor', { username: 'robot', password: 'one' });
+      const fresh = { ...a, metadata: { ...a.metadata, creationTimestamp: new Date(1_000) } };
+      const facts = { secret: fresh, served: false, referenced: true, now: 1_001, graceMs: 600_000, currentKey: undefined };
+      assert.equal(reconcileAction({ ...facts, refusedByRule: true }), 'delete');
+      assert.equal(reconcileAction(facts), 'keep', 'otherwise (an opted-out namespace) the grace still holds');
+    });
     it('is never written for a namespace the rule does not admit, whoever asks', () => {
       const credential = () => ({ username: 'robot', password: 'pw' });
       assert.throws(() => desiredSecret(config, 'default', 'pullbridge-pull-vendor', () => Buffer.alloc(32), credential), /rule "vendor" does not admit namespace "default"/);

@@ -265,6 +265,19 @@ describe('rewrite decision', () => {
     assert.deepEqual(decideImage(config, once), { image: once, rewritten: null, rule: null, reason: 'already-proxied' });
   });
 
+  it('takes any loopback spelling of the proxy\'s address and port as the proxy itself', () => {
+    for (const host of ['127.0.0.1', '127.1.2.3', '127.1', '2130706433', '0x7f.1', '0177.0.0.1', '[::1]', '[0:0:0:0:0:0:0:1]', '[::ffff:7f00:1]', 'LOCALHOST', 'app.localhost']) {
+      for (const port of ['30500', '030500', '0030500']) {
+        const image = `${host}:${port}/corp/team/app:1`;
+        assert.equal(decideImage(config, image).reason, 'already-proxied', image);
+      }
+    }
+    // Another port, or a host that is not this machine's loopback, is not the proxy.
+    for (const image of ['127.0.0.1:30501/corp/team/app:1', '128.0.0.1:30500/corp/team/app:1', '[::2]:30500/corp/team/app:1', '127.0.0.1/corp/team/app:1', '10.0.0.1:30500/corp/team/app:1', '0x17f.1:30500/corp/app:1']) {
+      assert.notEqual(decideImage(config, image).reason, 'already-proxied', image);
+    }
+  });
+
   it('explains a refusal by repository or namespace filter', () => {
     const team = decideImage(config, 'team.example/apps/web:1', 'other');
     assert.equal(team.reason, 'namespace-not-allowed');

@@ -8,11 +8,11 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { parsePins } from '../src/k8s/replicasets.js';
 import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION } from '../src/rules/marks.js';
-import { admitPod, admitReplicaSet, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
+import { admitPod, admitReplicaSet, admitReplicaSetUpdate, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
 import supertest from 'supertest';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { createWebhookApp } from '../src/webhook/server.js';
-import { budgetFor, decideWithUpstream, type SignatureCheck } from '../src/webhook/upstream.js';
+import { MAX_QUESTIONS_PER_REVIEW, budgetFor, decideWithUpstream, type SignatureCheck } from '../src/webhook/upstream.js';
 import { AnswerBook, digestKey, probeKey, replicaSetKey, signatureKey, type UpstreamQuestion } from '../src/webhook/upstreamplan.js';
 import { configFrom } from './support/config.js';
 import { directRegistryView } from './support/directview.js';
@@ -191,6 +191,15 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
         assert.deepEqual(outcome.containers[0]?.upstream?.digest, { digest: D1, source: 'resolved', pinned: true });
       });
 
+      it('records why the ReplicaSet\'s pins were not used when they were unusable (too large, unreadable), and resolves', () => {
+        const ignored = 'ReplicaSet web-7d9 could not be read: its pullbridge.io/pinned-digests annotation is 20000 bytes, more than the 16384 pullbridge writes: ignored';
+        const { outcome } = decide(['pin.example/team/app:1'], (b) => {
+          b.replicaSets.set(rsKey, { kind: 'none', detail: ignored, unusable: true });
+          b.digests.set(digestOf('pin', 'team/app', '1'), { kind: 'found', digest: D1, mediaType: 'x' });
+        }, owned);
+        assert.deepEqual(outcome.containers[0]?.upstream, { replicaSetPins: { ignored }, digest: { digest: D1, source: 'resolved', pinned: true } });
+      });
+
       it('ignores an owner that is not a controlling apps/v1 ReplicaSet', () => {
         const { first } = decide(['pin.example/team/app:1'], () => {}, { ...owned, ownerReferences: [{ apiVersion: 'apps/v1', kind: 'ReplicaSet', name: 'x', uid: 'u', controller: false }] });
         assert.deepEqual(first.map((q) => q.kind), ['digest']);
@@ -274,6 +283,34 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
         b.signatures.set(signatureOf('corp', 'app', D1), { verified: true });
       });
       assert.equal(verified.pod.spec.containers[0]?.image, `localhost:30500/corp/app:1@${D1}`);
+    });
+
+    it('checks an image written on any loopback spelling of the proxy\'s address as the proxy\'s (its rule from the path)', () => {
+      for (const host of ['127.0.0.1:30500', '[::1]:30500', 'localhost:030500', '2130706433:30500']) {
+        const image = `${host}/signed/app:1`;
+        const { first, outcome } = decide([image], (b) => {
+          found(b, 'signed');
+          b.signatures.set(signatureOf('signed', 'app', D1), { verified: false, reason: 'unsigned' });
+        });
+        assert.deepEqual(first.map((q) => q.kind === 'digest' && `${q.target.rule}/${q.target.repository}`), ['signed/app'], image);
+        assert.equal(outcome.decision, 'denied', image);
+        assert.equal(outcome.containers[0]?.reason, 'signature-unverified', image);
+        assert.match(outcome.denial ?? '', /signature not verified: unsigned/, image);
+      }
+    });
+
+    it('the Pod\'s opt-out label does not exempt an image on the proxy under a verify rule; everything else is left alone', () => {
+      const labelled = { name: 'web', namespace: 'team', labels: { 'pullbridge.io/ignore': 'true' } };
+      const { first, outcome } = decide(['127.0.0.1:30500/signed/app:1', 'plain.example/app:1', 'localhost:30500/plain/app:1'], (b) => {
+        found(b, 'signed');
+        b.signatures.set(signatureOf('signed', 'app', D1), { verified: false, reason: 'unsigned' });
+      }, labelled);
+      assert.deepEqual(first.map((q) => q.kind), ['digest']);
+      assert.equal(outcome.decision, 'denied');
+      assert.match(outcome.denial ?? '', /containers\/c0 image 127\.0\.0\.1:30500\/signed\/app:1: signature not verified: unsigned/);
+      assert.deepEqual(outcome.containers.map((c) => c.reason), ['signature-unverified', 'pod-opted-out', 'pod-opted-out']);
+      const clean = decide(['plain.example/app:1', 'signed.example/app:1'], () => {}, labelled);
+      assert.deepEqual([clean.first, clean.outcome.decision, clean.outcome.skipReason, clean.outcome.patch], [[], 'skipped', 'pod-opted-out', []]);
     });
 
     it('checks the digest an image names, without resolving', () => {
@@ -363,6 +400,89 @@ registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:
   });
 });
 
+describe('one deadline from the request\'s arrival', () => {
+  // A namespace read and a Secret write that never finish: a fault the real apiserver gives only
+  // under load, so these side effects are stand-ins that never settle, and the test says so.
+  const never = <T>() => new Promise<T>(() => {});
+  const plainConfig = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
+registries:
+  - {name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000"}
+  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", verify: {cosign: {publicKeyFiles: [/keys/a.pub]}}}
+`);
+
+  it('a namespace-labels read that never answers does not hold the review: decided without labels within the budget', async () => {
+    const audit = memoryLogger();
+    const reads: string[] = [];
+    const app = createWebhookApp({ config: () => plainConfig, logger: memoryLogger().logger, audit: audit.logger, metrics: createMetricsRegistry(false), upstream: { budgetMs: 400 }, sideEffects: { namespaceLabels: (ns) => (reads.push(ns), never()), ensurePullSecret: () => Promise.resolve() } });
+    const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(['signed.example/app:1']), { namespace: 'team' }));
+    const response = (res.body as { response: { allowed: boolean; status?: { message: string } } }).response;
+    assert.deepEqual(reads, ['team']);
+    assert.equal(response.allowed, false);
+    assert.match(response.status?.message ?? '', /signature not verified/);
+    assert.equal(audit.records[0]?.result, 'denied');
+  });
+
+  it('pull-secret provisioning that never finishes ends at the budget: pullSecretFailure decides, and the audit says why', async () => {
+    const audit = memoryLogger();
+    const app = createWebhookApp({ config: () => plainConfig, logger: memoryLogger().logger, audit: audit.logger, metrics: createMetricsRegistry(false), upstream: { budgetMs: 400 }, sideEffects: { ensurePullSecret: () => never() } });
+    const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(['plain.example/app:1']), { namespace: 'team' }));
+    const response = (res.body as { response: { allowed: boolean; status?: { code: number; message: string } } }).response;
+    assert.equal(response.allowed, false);
+    assert.equal(response.status?.message, 'pullbridge: could not provision pull secret "pullbridge-pull" in namespace "team": not done within the review\'s budget of 400 ms');
+    assert.equal(audit.records[0]?.result, 'denied');
+  });
+});
+
+describe('UPDATE: a running Pod\'s image change and a ReplicaSet\'s pins', () => {
+  const running = (images: string[], pullSecrets: string[] = ['pullbridge-pull']) => podWith({ containers: images.map((image, i) => ({ name: `c${i}`, image })), imagePullSecrets: pullSecrets.map((name) => ({ name })) }, { name: 'web', namespace: 'team' });
+  const update = (before: unknown, after: unknown) => requestOf(reviewFor(after, { namespace: 'team', operation: 'UPDATE', oldObject: before }));
+
+  it('decides a changed image as on CREATE (verify asks and denies, a plain rule rewrites), leaving unchanged containers alone', () => {
+    const before = running(['localhost:30500/plain/app:1', 'localhost:30500/signed/app:1']);
+    const after = running(['localhost:30500/plain/app:1', 'localhost:30500/signed/app:evil']);
+    const first = admitPod(config, update(before, after), { answers: new AnswerBook() });
+    assert.deepEqual(first.questions.map((q) => q.kind === 'digest' && `${q.target.rule}/${q.target.repository}:${q.target.reference}`), ['signed/app:evil']);
+    const denied = admitPod(config, update(before, after));
+    assert.equal(denied.decision, 'denied');
+    assert.match(denied.denial ?? '', /containers\/c1 image localhost:30500\/signed\/app:evil: signature not verified/);
+    assert.equal(denied.containers[0]?.reason, 'image-unchanged');
+    // The same spelled another way on the loopback: still the proxy's, still checked.
+    assert.equal(admitPod(config, update(before, running(['localhost:30500/plain/app:1', '127.0.0.1:30500/signed/app:evil']))).decision, 'denied');
+    const rewritten = admitPod(config, update(running(['plain.example/app:1']), running(['plain.example/app:2'])));
+    assert.equal(rewritten.decision, 'mutated');
+    assert.equal((applyPatch(running(['plain.example/app:2']), rewritten.patch) as unknown as PodShape).spec.containers[0]?.image, 'localhost:30500/plain/app:2');
+  });
+
+  it('refuses a change that needs a pull secret the Pod does not list (its pull secrets cannot change)', () => {
+    const outcome = admitPod(config, update(running(['docker.io/library/busybox:1'], []), running(['plain.example/app:2'], [])));
+    assert.equal(outcome.decision, 'denied');
+    assert.equal(outcome.denial, 'pullbridge: containers/c0 image plain.example/app:2: pod does not list pull secret "pullbridge-pull", which the new image needs; a Pod\'s pull secrets cannot change after creation: recreate the Pod (or change its Deployment)');
+  });
+
+  it('answers a Pod UPDATE that changes no image at once, asking nothing', () => {
+    const pod = running(['localhost:30500/signed/app:1']);
+    const outcome = admitPod(config, update(pod, { ...pod, metadata: { name: 'web', namespace: 'team', labels: { a: 'b' } } }), { answers: new AnswerBook() });
+    assert.deepEqual([outcome.decision, outcome.skipReason, outcome.questions], ['skipped', 'no-image-changed', []]);
+  });
+
+  it('reverts a change to a ReplicaSet\'s pins annotation (a forged digest), and passes any other UPDATE', () => {
+    const rs = (annotations?: Record<string, string>) => ({ apiVersion: 'apps/v1', kind: 'ReplicaSet', metadata: { name: 'web-1', ...(annotations ? { annotations } : {}) }, spec: { replicas: 1, template: { spec: { containers: [{ name: 'app', image: 'signed.example/app:1' }] } } } });
+    const rsUpdate = (before: unknown, after: unknown) => requestOf(reviewFor(after, { namespace: 'team', kind: 'ReplicaSet', resource: 'replicasets', group: 'apps', operation: 'UPDATE', oldObject: before }));
+    const genuine = { [PINNED_DIGESTS_ANNOTATION]: JSON.stringify({ 'signed.example/app:1': D1 }) };
+    const forged = { [PINNED_DIGESTS_ANNOTATION]: JSON.stringify({ 'signed.example/app:1': D2 }), other: 'x' };
+    const restored = admitReplicaSetUpdate(rsUpdate(rs(genuine), rs(forged)));
+    assert.equal(restored.decision, 'mutated');
+    assert.deepEqual((applyPatch(rs(forged), restored.patch) as { metadata: { annotations: Record<string, string> } }).metadata.annotations, { ...genuine, other: 'x' });
+    const added = admitReplicaSetUpdate(rsUpdate(rs(), rs(forged)));
+    assert.deepEqual((applyPatch(rs(forged), added.patch) as { metadata: { annotations: Record<string, string> } }).metadata.annotations, { other: 'x' });
+    const scaled = { ...rs(genuine), spec: { ...rs(genuine).spec, replicas: 3 } };
+    assert.equal(admitReplicaSetUpdate(rsUpdate(rs(genuine), scaled)).skipReason, 'pins-unchanged');
+  });
+});
+
 describe('the pins annotation as read back', () => {
   it('takes sha256 digests only, and nothing from a malformed value', () => {
     assert.deepEqual(parsePins(JSON.stringify({ 'a:1': D1, 'b:1': 'latest', 'c:1': 7 })), { 'a:1': D1 });
@@ -437,6 +557,57 @@ registries:
     const { outcome } = await decideWithUpstream((answers) => admitPod(cfg, podRequest(['signed.example/team/app:1']), { answers }), { view, signatureCheck: throwing, budgetMs: 4000 });
     assert.equal(outcome.decision, 'denied');
     assert.match(outcome.denial ?? '', /containers\/c0 image signed\.example\/team\/app:1: signature not verified: the signature check failed: key file unreadable/);
+  });
+
+  it('a Pod of thousands of distinct tags asks nothing past the cap: verify denies (even onFailure: warn), the others follow onProbeFailure', async () => {
+    const view = directRegistryView({ upstream: registry.url });
+    const signatures: string[] = [];
+    const check: SignatureCheck = (_t, digest) => Promise.resolve(void signatures.push(digest)).then(() => ({ verified: true as const }));
+    const cfg = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+registries:
+  - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}, onFailure: warn}}
+  - {name: priv, match: [priv.example], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only}
+  - {name: privleave, match: [privleave.example], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only, onProbeFailure: leave}
+`);
+    const tags = Array.from({ length: 3000 }, (_, i) => `t${i}`);
+    const signed = await decideWithUpstream((answers) => admitPod(cfg, podRequest(tags.map((t) => `signed.example/team/app:${t}`)), { answers }), { view, signatureCheck: check, budgetMs: 4000 });
+    assert.equal(signed.questionsAsked, 0);
+    assert.deepEqual([view.requests, signatures], [[], []]);
+    assert.equal(signed.outcome.decision, 'denied');
+    assert.match(signed.outcome.denial ?? '', new RegExp(`containers/c0 image signed\\.example/team/app:t0: signature not verified: the tag could not be resolved to a digest \\(the review needs 3000 upstream answers, more than the ${MAX_QUESTIONS_PER_REVIEW} one review may ask\\)`));
+    const rewrite = await decideWithUpstream((answers) => admitPod(cfg, podRequest(tags.map((t) => `priv.example/team/app:${t}`)), { answers }), { view, budgetMs: 4000 });
+    assert.equal(rewrite.questionsAsked, 0);
+    assert.equal(rewrite.outcome.containers[2999]?.rewritten, 'localhost:30500/priv/team/app:t2999');
+    assert.match(rewrite.outcome.containers[0]?.detail ?? '', /the anonymous probe failed \(the review needs 3000 upstream answers.*\); onProbeFailure: rewrite/);
+    const leave = await decideWithUpstream((answers) => admitPod(cfg, podRequest(tags.map((t) => `privleave.example/team/app:${t}`)), { answers }), { view, budgetMs: 4000 });
+    assert.equal(leave.outcome.decision, 'unchanged');
+    assert.deepEqual(new Set(leave.outcome.containers.map((c) => c.reason)), new Set(['probe-failed']));
+    assert.deepEqual(view.requests, []);
+    // At the cap exactly, every question is asked and answered by the registry.
+    const atCap = await decideWithUpstream((answers) => admitPod(cfg, podRequest(tags.slice(0, MAX_QUESTIONS_PER_REVIEW).map((t) => `priv.example/team/app:${t}`)), { answers }), { view, budgetMs: 4000 });
+    assert.equal(atCap.questionsAsked, MAX_QUESTIONS_PER_REVIEW);
+    assert.equal(view.requests.length, MAX_QUESTIONS_PER_REVIEW);
+  });
+
+  it('a verify Pod over the cap is refused by the webhook server with the cap in its message', async () => {
+    const cfg = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+registries:
+  - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}}}
+`);
+    const view = directRegistryView({ upstream: registry.url });
+    const audit = memoryLogger();
+    const app = createWebhookApp({ config: () => cfg, logger: memoryLogger().logger, audit: audit.logger, metrics: createMetricsRegistry(false), upstream: { view, budgetMs: 4000 } });
+    const images = Array.from({ length: 2000 }, (_, i) => `signed.example/team/app:t${i}`);
+    const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(images), { namespace: 'team' }));
+    const response = (res.body as { response: { allowed: boolean; status?: { code: number; message: string } } }).response;
+    assert.equal(response.allowed, false);
+    assert.match(response.status?.message ?? '', /more than the 64 one review may ask/);
+    assert.deepEqual(view.requests, []);
+    assert.equal(audit.records[0]?.result, 'denied');
   });
 
   it('fits the budget inside the webhook timeout', () => {

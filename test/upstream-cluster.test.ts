@@ -12,6 +12,7 @@ import { fileURLToPath } from 'node:url';
 import { AppsV1Api, CoreV1Api, KubeConfig, KubernetesObjectApi, type KubernetesObject, type V1Deployment, type V1Pod } from '@kubernetes/client-node';
 import { parseAllDocuments } from 'yaml';
 import { generateCertificates } from '../src/certs/certs.js';
+import { MAX_PINS_ANNOTATION_BYTES, ReplicaSetPins } from '../src/k8s/replicasets.js';
 import { PINNED_DIGESTS_ANNOTATION } from '../src/rules/marks.js';
 import type { SignatureCheck } from '../src/webhook/upstream.js';
 import { runWebhook, type WebhookProcess } from '../src/webhook/run.js';
@@ -198,6 +199,97 @@ registries:
       assert.equal(admitted.spec?.containers[0]?.image, `${PROXY}/signed/team/signed:1@${signedImage.index.digest}`);
     });
   });
+
+  describe('UPDATE, and the proxy\'s address spelled another way (security review)', () => {
+    const ns = 'updating';
+    const verifiedImage = `${PROXY}/signed/team/signed:1@${signedImage.index.digest}`;
+
+    it('checks an image written on any loopback spelling of the proxy\'s address as the proxy\'s', async () => {
+      await core.createNamespace({ body: { metadata: { name: ns } } });
+      for (const host of ['localhost:30500', '[::1]:30500', '127.0.0.1:030500', '127.1:30500']) {
+        const refused = await createPodRaw(ns, { apiVersion: 'v1', kind: 'Pod', metadata: { name: 'spelled' }, spec: { containers: [{ name: 'app', image: `${host}/signed/team/signed:2` }] } });
+        assert.equal(refused.status, 403, `${host}: ${refused.body}`);
+        assert.match(refused.body, /signature not verified: no signature by a trusted key/, host);
+      }
+      const admitted = await core.createNamespacedPod({ namespace: ns, body: { metadata: { name: 'spelled' }, spec: { containers: [{ name: 'app', image: '[::1]:30500/signed/team/signed:1' }] } } });
+      assert.equal(admitted.spec?.containers[0]?.image, `[::1]:30500/signed/team/signed:1@${signedImage.index.digest}`);
+    });
+
+    it('a running Pod\'s image change is decided as on CREATE: refused unverified, pinned verified; other updates pass at once', async () => {
+      const created = await core.createNamespacedPod({ namespace: ns, body: { metadata: { name: 'running' }, spec: { containers: [{ name: 'app', image: 'signed.corp.example:5000/team/signed:1' }, { name: 'side', image: 'plain.corp.example:5000/team/app:1' }] } } });
+      assert.deepEqual(created.spec?.containers.map((c) => c.image), [verifiedImage, `${PROXY}/plain/team/app:1`]);
+      // kubectl set image pod/running app=<the proxy's reference of an unsigned image>
+      const refused = await patchPodRaw(ns, 'running', { spec: { containers: [{ name: 'app', image: `${PROXY}/signed/team/signed:2` }] } });
+      assert.equal(refused.status, 403, refused.body);
+      assert.match(refused.body, /pullbridge: containers\/app image 127\.0\.0\.1:30500\/signed\/team\/signed:2: signature not verified: no signature by a trusted key/);
+      assert.equal((await core.readNamespacedPod({ namespace: ns, name: 'running' })).spec?.containers[0]?.image, verifiedImage);
+      const changed = await patchPodRaw(ns, 'running', { spec: { containers: [{ name: 'side', image: 'plain.corp.example:5000/team/app:2' }] } });
+      assert.equal(changed.status, 200, changed.body);
+      const stored = await core.readNamespacedPod({ namespace: ns, name: 'running' });
+      assert.deepEqual(stored.spec?.containers.map((c) => c.image), [verifiedImage, `${PROXY}/plain/team/app:2`]);
+      const labelled = await patchPodRaw(ns, 'running', { metadata: { labels: { tier: 'web' } } });
+      assert.equal(labelled.status, 200, labelled.body);
+      // The apiserver may call the webhook more than once for one PATCH (it retries on a stale read,
+      // and reinvokes): the records are compared as a set.
+      const records = await until(async () => logs.records.filter((r) => r.audit === 'admission' && r.namespace === ns && r.pod === 'running' && r.operation === 'UPDATE'), (r) => r.some((x) => x.skipReason === 'no-image-changed'), 10_000, 'the UPDATE audit records');
+      assert.deepEqual([...new Set(records.map((r) => `${String(r.result)} ${String(r.skipReason ?? '')}`.trim()))], ['denied', 'mutated', 'skipped no-image-changed']);
+      const mutated = records.find((r) => r.result === 'mutated');
+      assert.deepEqual((mutated?.images as Array<{ container: string; reason: string }>).map((i) => [i.container, i.reason]), [['containers/app', 'image-unchanged'], ['containers/side', 'rewritten']]);
+    });
+
+    it('a ReplicaSet\'s pins annotation changed by an UPDATE is restored to what the webhook wrote', async () => {
+      const image = 'pins.corp.example:5000/team/app:1';
+      const labels = { app: 'pinned' };
+      await apps.createNamespacedReplicaSet({ namespace: ns, body: { metadata: { name: 'pinned' }, spec: { replicas: 0, selector: { matchLabels: labels }, template: { metadata: { labels }, spec: { containers: [{ name: 'app', image }] } } } } });
+      const genuine = (await apps.readNamespacedReplicaSet({ namespace: ns, name: 'pinned' })).metadata?.annotations?.[PINNED_DIGESTS_ANNOTATION];
+      assert.ok(genuine?.includes('sha256:'), String(genuine));
+      const forged = JSON.stringify({ [image]: unsignedImage.index.digest });
+      await apps.patchNamespacedReplicaSet({ namespace: ns, name: 'pinned', body: [{ op: 'add', path: `/metadata/annotations/${PINNED_DIGESTS_ANNOTATION.replace('/', '~1')}`, value: forged }] });
+      assert.equal((await apps.readNamespacedReplicaSet({ namespace: ns, name: 'pinned' })).metadata?.annotations?.[PINNED_DIGESTS_ANNOTATION], genuine);
+    });
+  });
+
+  describe('the webhook\'s ReplicaSet pins reader, against the apiserver', () => {
+    // In the webhook's own namespace, which it is never asked about: the annotations stay as written.
+    const ns = 'pullbridge';
+    const createRs = async (name: string, pins: string) => {
+      const labels = { app: name };
+      const rs = await apps.createNamespacedReplicaSet({ namespace: ns, body: { metadata: { name, annotations: { [PINNED_DIGESTS_ANNOTATION]: pins } }, spec: { replicas: 0, selector: { matchLabels: labels }, template: { metadata: { labels }, spec: { containers: [{ name: 'app', image: 'pins.corp.example:5000/team/app:1' }] } } } } });
+      return rs.metadata?.uid ?? '';
+    };
+
+    it('ignores an annotation over 16 KiB, saying so, and bounds its cache by bytes', async () => {
+      const large = JSON.stringify(Object.fromEntries(Array.from({ length: 200 }, (_, i) => [`pins.corp.example:5000/team/app-${i}:1`, v1.index.digest])));
+      assert.ok(Buffer.byteLength(large) > MAX_PINS_ANNOTATION_BYTES);
+      const uid = await createRs('large', large);
+      const reader = new ReplicaSetPins(apps, 60_000, 4096, Date.now, 2_000);
+      await assert.rejects(reader.get(ns, 'large', uid), new RegExp(`annotation is ${Buffer.byteLength(large)} bytes, more than the ${MAX_PINS_ANNOTATION_BYTES} pullbridge writes: ignored`));
+      assert.deepEqual(reader.size(), { entries: 0, bytes: 0 });
+      const small = JSON.stringify({ 'pins.corp.example:5000/team/app:1': v1.index.digest });
+      const uids = await Promise.all(['s1', 's2', 's3', 's4', 's5'].map((name) => createRs(name, small)));
+      for (const [i, name] of ['s1', 's2', 's3', 's4', 's5'].entries()) assert.deepEqual(await reader.get(ns, name, uids[i] ?? ''), JSON.parse(small));
+      const { entries, bytes } = reader.size();
+      assert.ok(bytes <= 2_000 && entries < 5, `${entries} entries, ${bytes} bytes`);
+    });
+  });
+
+  /** A strategic-merge patch of a Pod as kubectl sends it, returning the status and body. */
+  function patchPodRaw(namespace: string, name: string, patch: unknown): Promise<{ status: number; body: string }> {
+    return sendRaw('PATCH', `/api/v1/namespaces/${namespace}/pods/${name}`, 'application/strategic-merge-patch+json', patch);
+  }
+
+  function sendRaw(method: string, path: string, contentType: string, body: unknown): Promise<{ status: number; body: string }> {
+    return new Promise((resolve, reject) => {
+      const req = https.request(`${cp.url}${path}`, { method, ca: cp.caCert, headers: { authorization: `Bearer ${cp.token}`, 'content-type': contentType } }, (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (text += c));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+      });
+      req.on('error', reject);
+      req.end(JSON.stringify(body));
+    });
+  }
 
   /** Creates a Pod as kubectl would, returning the status and body (a refusal is not thrown). */
   function createPodRaw(namespace: string, pod: V1Pod): Promise<{ status: number; body: string }> {

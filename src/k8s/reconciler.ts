@@ -1,7 +1,8 @@
 // Background upkeep of the managed pull secrets (the broker's, and each rewrite: never rule's):
 // refresh them after a broker key rotation or an upstream credential change, re-create those deleted
 // while Pods still reference them, and remove those whose namespace no longer needs one (after a
-// grace period counted from the last admission there).
+// grace period counted from the last admission there; at once for a never rule's credential in a
+// namespace its filter no longer admits).
 
 import type { CoreV1Api, V1Namespace, V1Secret } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
@@ -42,6 +43,11 @@ export interface NamespaceFacts {
   readonly served: boolean;
   /** Whether a rewritten Pod there lists the pull secret. */
   readonly referenced: boolean;
+  /**
+   * A never rule's credential in a namespace its filter no longer admits: deleted at once, not after
+   * the grace (an upstream credential must not linger where the config says it does not belong).
+   */
+  readonly refusedByRule?: boolean;
   readonly now: number;
   readonly graceMs: number;
   /** The key id the secret should carry; undefined when it cannot be known now (no refresh then). */
@@ -57,6 +63,7 @@ export function reconcileAction(facts: NamespaceFacts): ReconcileAction {
   // Deleted (by hand, or by another replica) while Pods still list it: they could not pull.
   if (secret === undefined) return needed ? 'recreate' : 'keep';
   if (!isManaged(secret)) return 'keep';
+  if (facts.refusedByRule === true) return 'delete';
   if (!needed && facts.now - lastUse(secret) > facts.graceMs) return 'delete';
   return facts.currentKey !== undefined && secret.metadata?.annotations?.[KEY_ID_ANNOTATION] !== facts.currentKey ? 'refresh' : 'keep';
 }
@@ -145,9 +152,10 @@ export class PullSecretReconciler {
         try {
           const secret = await this.read(namespace, name);
           // A never rule's credential belongs only in the namespaces its filter admits.
-          const served = namespaceServed(config, ns) && (rule === undefined || rule.namespaceFilter.refuse(namespace) === null);
+          const refusedByRule = rule !== undefined && rule.namespaceFilter.refuse(namespace) !== null;
+          const served = namespaceServed(config, ns) && !refusedByRule;
           const currentKey = served && secret !== undefined ? this.provisioner.desired(namespace, name).metadata?.annotations?.[KEY_ID_ANNOTATION] : undefined;
-          const action = reconcileAction({ secret, served, referenced: referencing.get(name)?.has(namespace) ?? false, now: this.now(), graceMs: this.graceMs, currentKey });
+          const action = reconcileAction({ secret, served, referenced: referencing.get(name)?.has(namespace) ?? false, refusedByRule, now: this.now(), graceMs: this.graceMs, currentKey });
           if (action === 'recreate') {
             await this.provisioner.ensure(namespace, name, { admission: false });
             result.recreated.push(id);

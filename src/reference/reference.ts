@@ -159,3 +159,81 @@ export function canonicalRegistryHost(host: string): string {
   const lower = host.toLowerCase();
   return DOCKER_HUB_ALIASES.includes(lower) ? DOCKER_HUB : lower;
 }
+
+/** `host[:port]` split; the port as written (it may have leading zeros), undefined when absent. */
+export function splitAuthority(authority: string): { readonly host: string; readonly port?: string } {
+  const bracket = authority.startsWith('[') ? authority.indexOf(']') : -1;
+  const colon = authority.lastIndexOf(':');
+  if (bracket >= 0 ? colon > bracket : colon >= 0) return { host: authority.slice(0, colon), port: authority.slice(colon + 1) };
+  return { host: authority };
+}
+
+/** One part of a numeric IPv4 host as inet_aton reads it: decimal, 0x hex or 0-led octal; NaN if none. */
+function ipv4Part(part: string): number {
+  if (/^0[xX][0-9a-fA-F]*$/.test(part)) return part.length === 2 ? 0 : parseInt(part.slice(2), 16);
+  if (/^0[0-7]*$/.test(part)) return parseInt(part, 8);
+  if (/^[1-9][0-9]*$/.test(part)) return parseInt(part, 10);
+  return NaN;
+}
+
+/** The first octet of a numeric IPv4 host in any form resolvers accept (127.1, 2130706433, 0x7f.1, 0177.0.0.1), else undefined. */
+function ipv4FirstOctet(host: string): number | undefined {
+  const parts = host.split('.');
+  if (parts.length > 4) return undefined;
+  const values = parts.map(ipv4Part);
+  if (values.some((v) => Number.isNaN(v))) return undefined;
+  // The last part fills the remaining bytes: a.b.c.d, a.b.(c16), a.(b24), (a32).
+  const last = values[values.length - 1] ?? NaN;
+  if (values.slice(0, -1).some((v) => v > 255) || last >= 2 ** (8 * (5 - values.length))) return undefined;
+  return values.length === 1 ? Math.floor(last / 2 ** 24) : values[0];
+}
+
+/**
+ * Whether a registry host names this machine's loopback interface however it is spelled: `localhost`,
+ * any 127.0.0.0/8 address in any numeric form, or the IPv6 loopback (also as IPv4-mapped). Runtimes
+ * pull from every such host over plain HTTP and reach whatever listens on the port there.
+ */
+export function isLoopbackHost(host: string): boolean {
+  const lower = host.toLowerCase().replace(/\.$/, '');
+  if (lower === 'localhost' || lower.endsWith('.localhost')) return true;
+  if (lower.startsWith('[') && lower.endsWith(']')) {
+    const groups = expandIPv6(lower.slice(1, -1));
+    if (groups === undefined) return false;
+    if (groups.slice(0, 7).every((g) => g === 0) && groups[7] === 1) return true;
+    // ::ffff:127.x.x.x (written in hex groups: the grammar has no dots inside brackets).
+    return groups.slice(0, 5).every((g) => g === 0) && groups[5] === 0xffff && ((groups[6] ?? 0) >> 8) === 127;
+  }
+  return ipv4FirstOctet(lower) === 127;
+}
+
+/** The eight 16-bit groups of an IPv6 address of hex groups and at most one `::`, else undefined. */
+function expandIPv6(address: string): number[] | undefined {
+  const halves = address.split('::');
+  if (halves.length > 2) return undefined;
+  const parse = (s: string): number[] | undefined => {
+    if (s === '') return [];
+    const groups = s.split(':');
+    return groups.every((g) => /^[0-9a-f]{1,4}$/.test(g)) ? groups.map((g) => parseInt(g, 16)) : undefined;
+  };
+  const head = parse(halves[0] ?? '');
+  const tail = halves.length === 2 ? parse(halves[1] ?? '') : [];
+  if (head === undefined || tail === undefined) return undefined;
+  if (halves.length === 1) return head.length === 8 ? head : undefined;
+  const fill = 8 - head.length - tail.length;
+  return fill >= 1 ? [...head, ...new Array<number>(fill).fill(0), ...tail] : undefined;
+}
+
+/**
+ * Whether `authority` (a reference's domain) reaches the same listener as `proxyAuthority`: the same
+ * host and port, or, for a loopback proxy, any loopback spelling with the same port number (leading
+ * zeros and all).
+ */
+export function isSameProxyAuthority(authority: string, proxyAuthority: string): boolean {
+  if (canonicalRegistryHost(authority) === canonicalRegistryHost(proxyAuthority)) return true;
+  const a = splitAuthority(authority);
+  const p = splitAuthority(proxyAuthority);
+  if (a.port === undefined || p.port === undefined || !/^[0-9]+$/.test(a.port) || !/^[0-9]+$/.test(p.port)) return false;
+  if (parseInt(a.port, 10) !== parseInt(p.port, 10)) return false;
+  if (isLoopbackHost(a.host) && isLoopbackHost(p.host)) return true;
+  return canonicalRegistryHost(a.host) === canonicalRegistryHost(p.host);
+}

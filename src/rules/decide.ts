@@ -1,7 +1,7 @@
 // The rewrite decision for one image: which rule (first match in file order) and the rewritten
 // reference. Pure: config and strings in, a decision out.
 
-import { REFERENCE_LENGTH_MAX, canonicalRegistryHost, formatReference, parseReference, type ImageReference } from '../reference/reference.js';
+import { REFERENCE_LENGTH_MAX, canonicalRegistryHost, formatReference, isSameProxyAuthority, parseReference, type ImageReference } from '../reference/reference.js';
 import type { Config, Rule } from './config.js';
 import { upstreamPullSecretName } from './upstreamsecret.js';
 
@@ -100,7 +100,9 @@ function computeDecision(config: Config, image: string, namespace: string | unde
   if (!parsed.ok) return { image, rewritten: null, rule: null, reason: 'invalid-reference', detail: parsed.error };
   const ref = parsed.reference;
   const host = canonicalRegistryHost(ref.domain);
-  if (host === canonicalRegistryHost(config.proxyAuthority)) {
+  // Any spelling of the proxy's address (127.0.0.1:30500, [::1]:30500, localhost:030500 …) reaches
+  // the proxy: such an image is the proxy's, its rule from the path, never "no matching rule".
+  if (isSameProxyAuthority(ref.domain, config.proxyAuthority)) {
     return { image, rewritten: null, rule: null, reason: 'already-proxied' };
   }
 

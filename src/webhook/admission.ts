@@ -6,7 +6,7 @@ import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
 import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
 import { ORIGINAL_IMAGES_ANNOTATION, PINNED_DIGESTS_ANNOTATION, REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
 import { upstreamPullSecretName } from '../rules/upstreamsecret.js';
-import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
+import { REFERENCE_LENGTH_MAX, parseReference } from '../reference/reference.js';
 import { AnswerBook, needsDigest, pinForReplicaSet, settleImage, type ReplicaSetOwner, type UpstreamFacts, type UpstreamQuestion } from './upstreamplan.js';
 
 /** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
@@ -95,6 +95,10 @@ export function parseAdmissionReview(body: unknown): ReviewParse {
 export type ContainerReason =
   | DecisionReason
   | 'pull-secret-missing-on-pod'
+  /** A Pod UPDATE that keeps this container's image: nothing to decide. */
+  | 'image-unchanged'
+  /** The Pod carries the opt-out label: only images on the proxy under a verify rule are checked. */
+  | 'pod-opted-out'
   | 'existing-ephemeral-container'
   | 'pull-secret-not-provisioned'
   /** rewrite: private-only, the probe failed and onProbeFailure: leave. */
@@ -116,7 +120,7 @@ export interface ContainerDecision {
   readonly upstream?: UpstreamFacts;
 }
 
-export type SkipReason = 'no-pinning-rule' | 'not-a-pod' | 'operation-not-handled' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod' | 'too-many-containers';
+export type SkipReason = 'no-pinning-rule' | 'not-a-pod' | 'operation-not-handled' | 'no-image-changed' | 'pins-unchanged' | 'namespace-excluded' | 'namespace-opted-out' | 'pod-opted-out' | 'malformed-pod' | 'too-many-containers';
 
 export interface AdmissionOutcome {
   readonly decision: 'mutated' | 'unchanged' | 'skipped' | 'denied';
@@ -223,6 +227,33 @@ function parseOriginalImages(value: string | undefined): Record<string, string> 
   return {};
 }
 
+/** The rule an image on the proxy names by its first path component, if any. */
+function ruleOnProxy(config: Config, image: string): ReturnType<typeof ruleByName> {
+  const parsed = parseReference(image);
+  return parsed.ok ? ruleByName(config, parsed.reference.path.split('/')[0] ?? '') : undefined;
+}
+
+/** `field/name` → image of every container of an unparsed Pod (a Pod UPDATE's oldObject). */
+function imagesByContainer(object: unknown): Map<string, string | undefined> {
+  const images = new Map<string, string | undefined>();
+  const spec: unknown = object !== null && typeof object === 'object' ? (object as { spec?: unknown }).spec : undefined;
+  if (spec === null || typeof spec !== 'object') return images;
+  for (const field of CONTAINER_FIELDS) {
+    const list: unknown = (spec as Record<string, unknown>)[field];
+    if (Array.isArray(list)) for (const c of list) if (isContainer(c)) images.set(`${field}/${c.name}`, c.image);
+  }
+  return images;
+}
+
+/** Whether the request is a Pod UPDATE (not a subresource) that changes no container's image. */
+export function isPodUpdateWithoutImageChange(request: AdmissionRequest): boolean {
+  if (request.kind.kind !== 'Pod' || request.operation !== 'UPDATE' || request.subResource) return false;
+  const before = imagesByContainer(request.oldObject);
+  const after = imagesByContainer(request.object);
+  for (const [id, image] of after) if (before.get(id) !== image) return false;
+  return true;
+}
+
 /**
  * The webhook's whole decision for one admission request: which images to rewrite, the JSON patch,
  * the pull secret the namespace needs, and the facts the audit record carries.
@@ -231,9 +262,13 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   const isPod = request.kind.kind === 'Pod' && request.kind.group === '' && request.resource.resource === 'pods';
   if (!isPod) return skipped('not-a-pod', `${request.kind.kind} (${request.resource.resource}${request.subResource ? `/${request.subResource}` : ''})`);
   const ephemeralUpdate = request.operation === 'UPDATE' && request.subResource === 'ephemeralcontainers';
-  if (!(request.operation === 'CREATE' && !request.subResource) && !ephemeralUpdate) {
+  // A running Pod's image may change (kubectl set image): that image is decided as on CREATE, or it
+  // would reach the node unverified. Only changed images: the others were decided at creation.
+  const podUpdate = request.operation === 'UPDATE' && !request.subResource;
+  if (!(request.operation === 'CREATE' && !request.subResource) && !ephemeralUpdate && !podUpdate) {
     return skipped('operation-not-handled', `${request.operation}${request.subResource ? ` ${request.subResource}` : ''}`);
   }
+  if (podUpdate && isPodUpdateWithoutImageChange(request)) return skipped('no-image-changed');
   const count = containerCount(request.object);
   if (count > MAX_CONTAINERS) return skipped('too-many-containers', `${count} containers; an AdmissionReview from the apiserver holds at most ${MAX_CONTAINERS}`);
   const podParse = podSchema.safeParse(request.object);
@@ -248,11 +283,15 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
     return skipped('namespace-excluded', namespace);
   }
   if (isOptedOut(context.namespaceLabels, webhook.optOutLabel)) return skipped('namespace-opted-out', `${webhook.optOutLabel}=true on namespace ${namespace}`);
-  if (isOptedOut(pod.metadata?.labels, webhook.optOutLabel)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
+  // The Pod's own label is its author's choice: it skips rewriting, never verification (else anyone
+  // could write the proxy's reference of an unsigned image and label the Pod). See docs/security.md.
+  const verifyOnly = isOptedOut(pod.metadata?.labels, webhook.optOutLabel);
+  if (verifyOnly && !config.registries.some((r) => r.verify !== undefined)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
 
   const pullSecretName = webhook.pullSecretName;
   const listed = new Set((pod.spec.imagePullSecrets ?? []).map((s) => s.name));
   const podListsPullSecret = listed.has(pullSecretName);
+  const oldImages = podUpdate ? imagesByContainer(request.oldObject) : undefined;
   const oldEphemeral = new Set<string>();
   if (ephemeralUpdate) {
     const old = podSchema.safeParse(request.oldObject);
@@ -287,8 +326,24 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
         containers.push({ container: id, image, rewritten: null, rule: null, reason: 'existing-ephemeral-container' });
         return;
       }
+      if (oldImages !== undefined && oldImages.get(id) === container.image) {
+        containers.push({ container: id, image, rewritten: null, rule: null, reason: 'image-unchanged' });
+        return;
+      }
       const decision = decideImage(config, container.image, namespace);
+      if (verifyOnly && !(decision.reason === 'already-proxied' && ruleOnProxy(config, container.image)?.verify !== undefined)) {
+        containers.push({ container: id, image, rewritten: null, rule: null, reason: 'pod-opted-out' });
+        return;
+      }
       const usesBroker = decision.rule !== null && ruleByName(config, decision.rule)?.auth.mode === 'broker';
+      if (decision.rewritten !== null && podUpdate && usesBroker && !podListsPullSecret) {
+        // The proxy would refuse the node without the pull secret, and the Pod cannot gain it: refuse
+        // the change rather than admit an image that cannot be pulled (or one left unchecked).
+        const detail = `pod does not list pull secret "${pullSecretName}", which the new image needs; a Pod's pull secrets cannot change after creation: recreate the Pod (or change its Deployment)`;
+        containers.push({ container: id, image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
+        denials.push(`pullbridge: ${id} image ${image}: ${detail}`);
+        return;
+      }
       if (decision.rewritten !== null && ephemeralUpdate && usesBroker && !podListsPullSecret) {
         // The Pod's pull secrets cannot change after creation, so the node could not authenticate.
         const detail = `pod does not list pull secret "${pullSecretName}" (created before pullbridge handled it)`;
@@ -305,6 +360,12 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
       if (settled.reason === 'pull-secret-only' && decision.rule !== null) {
         const rule = ruleByName(config, decision.rule);
         const secret = rule !== undefined ? upstreamPullSecretName(config, rule) : undefined;
+        if (secret !== undefined && podUpdate && !listed.has(secret)) {
+          const detail = `pod does not list pull secret "${secret}", which the new image needs; a Pod's pull secrets cannot change after creation: recreate the Pod (or change its Deployment)`;
+          containers.push({ container: id, image, rewritten: null, rule: decision.rule, reason: 'pull-secret-missing-on-pod', detail });
+          denials.push(`pullbridge: ${id} image ${image}: ${detail}`);
+          return;
+        }
         if (secret !== undefined && ephemeralUpdate && !listed.has(secret)) {
           // As for the broker's secret: a Pod's pull secrets cannot change after creation.
           const detail = `pod does not list pull secret "${secret}" (created before pullbridge handled it); the node pulls without it`;
@@ -336,6 +397,7 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
   if (denials.length > 0) {
     return { decision: 'denied', containers, patch: [], pullSecret: null, upstreamPullSecrets: [], warnings, questions: [], denial: denials.join('; ') };
   }
+  if (verifyOnly && patch.length === 0) return { ...skipped('pod-opted-out', `${webhook.optOutLabel}=true`), containers, warnings };
 
   const rewrote = patch.length > 0;
   const addLabels: Record<string, string> = {};
@@ -420,7 +482,11 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
   const webhook = config.webhook;
   if (ALWAYS_EXCLUDED_NAMESPACES.includes(namespace) || namespace === webhook.namespace || webhook.excludedNamespaces.includes(namespace)) return skipped('namespace-excluded', namespace);
   if (isOptedOut(context.namespaceLabels, webhook.optOutLabel)) return skipped('namespace-opted-out', `${webhook.optOutLabel}=true on namespace ${namespace}`);
-  if (isOptedOut(rs.spec.template.metadata?.labels, webhook.optOutLabel)) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
+  if (isOptedOut(rs.spec.template.metadata?.labels, webhook.optOutLabel)) {
+    // Its Pods are not admitted, so they need no pins; any the creator wrote are removed all the same.
+    if (rs.metadata?.annotations?.[PINNED_DIGESTS_ANNOTATION] === undefined) return skipped('pod-opted-out', `${webhook.optOutLabel}=true`);
+    return { ...skipped('pod-opted-out', `${webhook.optOutLabel}=true`), decision: 'mutated', patch: [{ op: 'remove', path: `/metadata/annotations/${pointerSegment(PINNED_DIGESTS_ANNOTATION)}` }] };
+  }
   const book = context.answers ?? NO_ANSWERS;
   const containers: ContainerDecision[] = [];
   const pins: Record<string, string> = {};
@@ -452,6 +518,36 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
     patch.push({ op: 'remove', path: `/metadata/annotations/${pointerSegment(PINNED_DIGESTS_ANNOTATION)}` });
   }
   return { decision: patch.length > 0 ? 'mutated' : 'unchanged', containers, patch, pullSecret: null, upstreamPullSecrets: [], warnings: [], questions: [] };
+}
+
+/** Whether the request is an UPDATE of an apps/v1 ReplicaSet (its pins annotation is guarded). */
+export const isReplicaSetUpdate = (request: AdmissionRequest): boolean =>
+  request.kind.kind === 'ReplicaSet' && request.kind.group === 'apps' && request.resource.resource === 'replicasets' && request.operation === 'UPDATE' && !request.subResource;
+
+const annotationOf = (object: unknown, key: string): string | undefined => {
+  const annotations: unknown = (object as { metadata?: { annotations?: unknown } } | null)?.metadata?.annotations;
+  const value: unknown = annotations !== null && typeof annotations === 'object' ? (annotations as Record<string, unknown>)[key] : undefined;
+  return typeof value === 'string' ? value : undefined;
+};
+
+/**
+ * A ReplicaSet's UPDATE: pins are the webhook's own, written at creation, so a change to the pins
+ * annotation (a forged digest every Pod would take unverified) is reverted to the old value, or
+ * removed when there was none. Anything else (scaling, the controllers' own annotations) passes at once.
+ */
+export function admitReplicaSetUpdate(request: AdmissionRequest): AdmissionOutcome {
+  const before = annotationOf(request.oldObject, PINNED_DIGESTS_ANNOTATION);
+  const after = annotationOf(request.object, PINNED_DIGESTS_ANNOTATION);
+  if (before === after) return skipped('pins-unchanged');
+  const metadata = (request.object as { metadata?: { annotations?: Record<string, string> | null } } | null)?.metadata;
+  const patch: Operation[] = [];
+  if (before === undefined) patch.push({ op: 'remove', path: `/metadata/annotations/${pointerSegment(PINNED_DIGESTS_ANNOTATION)}` });
+  else {
+    if (metadata === undefined) patch.push({ op: 'add', path: '/metadata', value: {} });
+    setMapEntry(patch, '/metadata/annotations', metadata?.annotations, PINNED_DIGESTS_ANNOTATION, before);
+  }
+  const detail = `annotation ${PINNED_DIGESTS_ANNOTATION} is written by pullbridge only, at the ReplicaSet's creation: ${before === undefined ? 'removed' : 'restored to its old value'}`;
+  return { decision: 'mutated', detail, containers: [], patch, pullSecret: null, upstreamPullSecrets: [], warnings: [`pullbridge: ${detail}`], questions: [] };
 }
 
 export interface AdmissionResponseBody {

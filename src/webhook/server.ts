@@ -7,7 +7,7 @@ import { Counter, Histogram, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
 import { decideCaller, dnsNamesOf, type PeerCertificate } from './clientauth.js';
-import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, admitReplicaSet, isReplicaSetCreate, leftUnchanged, parseAdmissionReview, type AdmissionContext, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
+import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, admitReplicaSet, admitReplicaSetUpdate, isPodUpdateWithoutImageChange, isReplicaSetCreate, isReplicaSetUpdate, leftUnchanged, parseAdmissionReview, type AdmissionContext, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
 import { budgetFor, decideWithUpstream, type UpstreamAccess } from './upstream.js';
 import { needsDigest, type AnswerBook } from './upstreamplan.js';
 
@@ -44,6 +44,27 @@ export interface WebhookAppOptions {
 
 /** The chart's default webhook timeoutSeconds. */
 export const DEFAULT_WEBHOOK_TIMEOUT_SECONDS = 5;
+
+/**
+ * The part of a review's budget kept for provisioning pull secrets after the upstream questions:
+ * a quarter, at most a second. The namespace-labels read and the questions share the rest.
+ */
+export function pullSecretReserveMs(budgetMs: number): number {
+  return Math.min(1000, budgetMs / 4);
+}
+
+/** `work`'s value, or `timedOut` once `ms` have passed; the timer never outlives the race. */
+async function within<T, U>(work: Promise<T>, ms: number, timedOut: U): Promise<T | U> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<U>((resolve) => {
+    timer = setTimeout(() => resolve(timedOut), Math.max(0, ms));
+  });
+  try {
+    return await Promise.race([work, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 interface WebhookMetrics {
   admissions: Counter<'result'>;
@@ -161,6 +182,11 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
 
   app.post(
     '/mutate',
+    (_req, res, next) => {
+      // The review's one deadline counts from here: body, namespace labels, questions, pull secrets.
+      res.locals.arrived = process.hrtime.bigint();
+      next();
+    },
     requireClientCertificate,
     (req, res, next) => {
       if (!req.is('application/json')) {
@@ -171,7 +197,7 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
     },
     express.json({ limit: options.bodyLimitBytes ?? DEFAULT_BODY_LIMIT_BYTES, strict: true }),
     async (req, res) => {
-      const started = process.hrtime.bigint();
+      const started = typeof res.locals.arrived === 'bigint' ? res.locals.arrived : process.hrtime.bigint();
       const elapsedMs = () => Number(process.hrtime.bigint() - started) / 1e6;
       const parsed = parseAdmissionReview(req.body);
       if (!parsed.ok) {
@@ -189,12 +215,18 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
         const config = options.config();
         const namespace = request.namespace;
         const replicaSet = isReplicaSetCreate(request);
-        // A ReplicaSet under a config that pins nothing is answered without any call (it is skipped).
-        const pins = !replicaSet || config.registries.some(needsDigest);
-        const namespaceLabels = pins && namespace && options.sideEffects?.namespaceLabels ? await options.sideEffects.namespaceLabels(namespace) : undefined;
+        const replicaSetUpdate = isReplicaSetUpdate(request);
+        // A ReplicaSet under a config that pins nothing, and a Pod UPDATE that changes no image, are
+        // answered without any call (they are skipped).
+        const pins = (!replicaSet || config.registries.some(needsDigest)) && !replicaSetUpdate && !isPodUpdateWithoutImageChange(request);
+        // Labels and questions share the budget less the pull secrets' reserve; unknown labels in
+        // time count as no opt-out, as a failed read does.
+        const questionsBudgetMs = upstream.budgetMs - pullSecretReserveMs(upstream.budgetMs);
+        const readLabels = options.sideEffects?.namespaceLabels;
+        const namespaceLabels = pins && namespace && readLabels ? await within(readLabels(namespace), questionsBudgetMs - elapsedMs(), undefined) : undefined;
         const context: AdmissionContext = namespaceLabels ? { namespaceLabels } : {};
-        const admit = replicaSet ? admitReplicaSet : admitPod;
-        ({ outcome } = await decideWithUpstream((answers: AnswerBook) => admit(config, request, { ...context, answers }), upstream));
+        const admit = replicaSetUpdate ? (_config: Config, r: AdmissionRequest) => admitReplicaSetUpdate(r) : replicaSet ? admitReplicaSet : admitPod;
+        ({ outcome } = await decideWithUpstream((answers: AnswerBook) => admit(config, request, { ...context, answers }), { ...upstream, budgetMs: questionsBudgetMs }, elapsedMs()));
         result = outcome.decision;
         body = outcome.denial !== undefined ? admissionDenial(request.uid, 403, outcome.denial) : admissionResponse(request.uid, outcome);
         const secrets = [...(outcome.pullSecret !== null ? [outcome.pullSecret] : []), ...outcome.upstreamPullSecrets];
@@ -202,10 +234,15 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
         if (secrets.length > 0 && namespace && !request.dryRun && ensure) {
           let failed = secrets[0];
           try {
-            await Promise.all(secrets.map((name) => ensure(namespace, name).catch((cause: unknown) => {
+            const provisioned = Promise.all(secrets.map((name) => ensure(namespace, name).catch((cause: unknown) => {
               failed = name;
               throw cause;
             })));
+            const late = Symbol('late');
+            if ((await within(provisioned, upstream.budgetMs - elapsedMs(), late)) === late) {
+              provisioned.catch(() => {});
+              throw new Error(`not done within the review's budget of ${upstream.budgetMs} ms`);
+            }
           } catch (cause) {
             metrics.pullSecretFailures.inc();
             error = `could not provision pull secret "${failed ?? ''}" in namespace "${namespace}": ${cause instanceof Error ? cause.message : String(cause)}`;

@@ -14,7 +14,7 @@ import { verifyRequirement } from '../rules/verifypolicy.js';
 export type SignatureAnswer = { readonly verified: true } | { readonly verified: false; readonly reason: string };
 
 /** The pins a Pod's controlling ReplicaSet carries: original image → digest. */
-export type PinsAnswer = { readonly kind: 'found'; readonly pins: Readonly<Record<string, string>> } | { readonly kind: 'none'; readonly detail?: string };
+export type PinsAnswer = { readonly kind: 'found'; readonly pins: Readonly<Record<string, string>> } | { readonly kind: 'none'; readonly detail?: string; /** The ReplicaSet could not be read or its pins were refused (too large): audited. */ readonly unusable?: boolean };
 
 export type UpstreamQuestion =
   | { readonly kind: 'probe'; readonly key: string; readonly target: RegistryTarget & { readonly reference: string } }
@@ -28,6 +28,8 @@ export interface UpstreamFacts {
   probe?: { readonly outcome: 'private' | 'public' | 'failed'; readonly status?: number; readonly error?: string };
   /** The digest written (or that would have been), and where it came from; or why there is none. */
   digest?: { readonly digest: string; readonly source: 'reference' | 'replicaset' | 'resolved'; readonly pinned: boolean } | { readonly error: string };
+  /** Why the controlling ReplicaSet's pins were not used (unreadable, or an annotation too large). */
+  replicaSetPins?: { readonly ignored: string };
   /** verify: the signature check's result for the digest. */
   signature?: { readonly verified: boolean; readonly reason?: string; readonly onFailure?: 'deny' | 'warn' };
 }
@@ -43,6 +45,11 @@ export class AnswerBook {
   readonly signatures = new Map<string, SignatureAnswer>();
   readonly replicaSets = new Map<string, PinsAnswer>();
   final: string | undefined;
+  /**
+   * The review asked more distinct questions than MAX_QUESTIONS_PER_REVIEW allows (upstream.ts):
+   * verify then fails closed whatever its onFailure, since an attacker chose the size of the Pod.
+   */
+  overQuestionCap = false;
   private readonly missing = new Map<string, UpstreamQuestion>();
 
   constructor(final?: string) {
@@ -182,6 +189,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
         }
         pins = known ?? { kind: 'none', detail: book.final };
       }
+      if (pins.kind === 'none' && pins.unusable === true && pins.detail !== undefined) facts.replicaSetPins = { ignored: pins.detail };
       const pin = pins.kind === 'found' ? pins.pins[image] : undefined;
       if (pin !== undefined) {
         digest = pin;
@@ -228,7 +236,9 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
       }
       answer = known ?? { verified: false, reason: `no answer: ${book.final ?? 'unknown'}` };
     }
-    const onFailure = verify.onFailure;
+    // Over the question cap a verify rule denies even with onFailure: warn: warn admits unverified
+    // images, and whoever wrote the Pod chose to make it too large to check.
+    const onFailure = book.overQuestionCap ? 'deny' : verify.onFailure;
     facts.signature = answer.verified ? { verified: true } : { verified: false, reason: answer.reason, onFailure };
     verified = answer.verified;
     if (!answer.verified) {
