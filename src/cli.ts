@@ -11,7 +11,7 @@ import { decideImage, ruleByName } from './rules/decide.js';
 import { unknownWithoutUpstream } from './webhook/upstreamplan.js';
 import { formatBytes } from './rules/quantity.js';
 import { parsePlatform, type Platform } from './cache/warmplan.js';
-import { readConfigFile, unloadableFiles } from './shell/configfile.js';
+import { filesReadByAny, readConfigFile, unloadableFiles } from './shell/configfile.js';
 import type { RegistryConnectionStatus } from './k8s/connectionstatus.js';
 import { describeListenError, type PortSource } from './shell/listenerrors.js';
 import { describeFileError } from './shell/secretfiles.js';
@@ -205,8 +205,8 @@ function cmdValidate(args: string[]): number {
     process.stderr.write(`${path}: ${errors.length} error(s)\n${formatConfigErrors(errors)}\n`);
     return 1;
   }
-  // What the proxy would refuse at start: every file the config names (keys, credentials, CA bundles).
-  const fileErrors = values['skip-files'] ? [] : unloadableFiles(filesReadBy(result.config, 'proxy'));
+  // What the proxy or the webhook would refuse at start: every file the config names (keys, credentials, CA bundles, cosign keys).
+  const fileErrors = values['skip-files'] ? [] : unloadableFiles(filesReadByAny(result.config));
   if (fileErrors.length > 0) {
     process.stderr.write(`${path}: ${fileErrors.length} error(s)\n${formatConfigErrors(fileErrors)}\n`);
     return 1;
@@ -229,7 +229,7 @@ function cmdRewrite(args: string[]): number {
     const decision = decideImage(config, image, values.namespace);
     // The string alone cannot tell what a rule that asks the upstream at admission will decide.
     const rule = decision.reason === 'rewritten' && decision.rule !== null ? ruleByName(config, decision.rule) : undefined;
-    const unknown = rule ? unknownWithoutUpstream(rule) : undefined;
+    const unknown = rule ? unknownWithoutUpstream(rule, image) : undefined;
     return unknown === undefined ? decision : { ...decision, detail: unknown, upstreamUnknown: true };
   });
   if (values.json) {
@@ -399,8 +399,8 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const failure = values['pull-secret-failure'];
   if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
-  // With API access it provisions pull secrets, signed with the broker key.
-  if (kubeconfig) loadConfigFilesOrExit(configPath, config, 'webhook');
+  // What it reads, with or without API access: the broker key (pull secrets, the resolver token) and the cosign keys.
+  loadConfigFilesOrExit(configPath, config, 'webhook');
   const namespace = process.env.POD_NAMESPACE ?? config.webhook.namespace;
   const tlsSecret = values['tls-secret'];
   const webhookConfiguration = values['webhook-configuration'];

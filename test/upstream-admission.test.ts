@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { parsePins } from '../src/k8s/replicasets.js';
 import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION } from '../src/rules/marks.js';
-import { admitPod, admitReplicaSet, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
+import { admitPod, admitReplicaSet, NO_UPSTREAM, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
 import supertest from 'supertest';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { createWebhookApp } from '../src/webhook/server.js';
@@ -339,7 +339,7 @@ registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:
     const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(['signed.example/app:1']), { namespace: 'team' }));
     const response = (res.body as { response: { allowed: boolean; status?: { code: number; message: string } } }).response;
     assert.equal(response.allowed, false);
-    assert.deepEqual(response.status, { code: 403, message: 'pullbridge: containers/c0 image signed.example/app:1: signature not verified: the tag could not be resolved to a digest (the webhook has no access to the proxy tier)' });
+    assert.deepEqual(response.status, { code: 403, message: `pullbridge: containers/c0 image signed.example/app:1: signature not verified: the tag could not be resolved to a digest (${NO_UPSTREAM})` });
     assert.equal(audit.records[0]?.result, 'denied');
   });
 });

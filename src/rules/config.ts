@@ -420,6 +420,11 @@ function crossKeyErrors(document: unknown): ConfigError[] {
     } else if (rule.shareUpstreamCredentials === true) {
       errors.push({ key: `registries[${index}].shareUpstreamCredentials`, message: 'only with rewrite: never (other modes never hand the upstream credential to a namespace)' });
     }
+    const upstreamAwareKey = rule.rewrite === 'private-only' ? 'rewrite' : rule.pinDigest === true ? 'pinDigest' : rule.verify !== undefined ? 'verify' : undefined;
+    if (upstreamAwareKey !== undefined && !hasBroker) {
+      // The webhook asks the proxy tier with the resolver token, which is derived from the broker key, whatever the rule's auth mode.
+      errors.push({ key: `registries[${index}].${upstreamAwareKey}`, message: `${upstreamAwareKey === 'rewrite' ? 'rewrite: private-only' : upstreamAwareKey} asks the proxy tier at admission with a token derived from the broker key: give broker.keyFiles (also for an anonymous rule)` });
+    }
     if (mode === 'passthrough' && (rule.pinDigest === true || rule.verify !== undefined)) {
       // The webhook resolves with the namespace's own authorization; in passthrough that is the Pod's own pull secret, which the webhook never reads.
       errors.push({ key: `registries[${index}].${rule.pinDigest === true ? 'pinDigest' : 'verify'}`, message: 'auth mode "passthrough" gives the webhook no credential of the namespace to resolve the image with; use auth mode broker or anonymous' });

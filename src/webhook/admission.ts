@@ -7,7 +7,7 @@ import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js
 import { ORIGINAL_IMAGES_ANNOTATION, PINNED_DIGESTS_ANNOTATION, REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
 import { upstreamPullSecretName } from '../rules/upstreamsecret.js';
 import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
-import { AnswerBook, needsDigest, pinForReplicaSet, settleImage, type ReplicaSetOwner, type UpstreamFacts, type UpstreamQuestion } from './upstreamplan.js';
+import { AnswerBook, NO_UPSTREAM, needsDigest, pinForReplicaSet, settleImage, type ReplicaSetOwner, type UpstreamFacts, type UpstreamQuestion } from './upstreamplan.js';
 
 /** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
  * (TotalAnnotationSizeLimitB in k8s.io/apimachinery). */
@@ -148,8 +148,7 @@ export interface AdmissionContext {
   readonly answers?: AnswerBook;
 }
 
-/** The text of a missing answer when no one was asked. */
-export const NO_UPSTREAM = 'the webhook has no access to the proxy tier';
+export { NO_UPSTREAM };
 // Final and empty: it records no question and holds no answer, so one instance serves every call.
 const NO_ANSWERS = new AnswerBook(NO_UPSTREAM);
 

@@ -10,6 +10,9 @@ import type { ManifestAnswer, ProbeAnswer, RegistryTarget } from '../rules/regis
 import { formatReference, parseReference } from '../reference/reference.js';
 
 /** What a signature check concluded (the cosign implementation is injected; see upstream.ts). */
+/** The text of a missing answer when no one was asked: what the user sees, naming how to give access. */
+export const NO_UPSTREAM = 'the webhook has no access to the proxy tier (start it with --resolver-url or --resolver-ops-port; in the chart, webhook.resolver.enabled)';
+
 export type SignatureAnswer = { readonly verified: true } | { readonly verified: false; readonly reason: string };
 
 /** The pins a Pod's controlling ReplicaSet carries: original image → digest. */
@@ -68,6 +71,11 @@ export const replicaSetKey = (namespace: string, uid: string) => `replicaset\u00
 /** Whether a rule's decisions need the upstream at all; a rule without these keys stays synchronous. */
 export function isUpstreamAware(rule: Pick<Rule, 'rewrite' | 'pinDigest' | 'verify'>): boolean {
   return rule.rewrite === 'private-only' || rule.pinDigest || rule.verify !== undefined;
+}
+
+/** The names of the rules whose decisions ask the upstream (through the proxy tier) at admission. */
+export function rulesAskingUpstream(config: Pick<Config, 'registries'>): string[] {
+  return config.registries.filter(isUpstreamAware).map((rule) => rule.name);
 }
 
 /** Whether a rule needs the digest behind a tag (recorded on a ReplicaSet once). */
@@ -253,10 +261,13 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
 
 /**
  * What a rule's upstream keys leave open when no proxy tier is asked (the rewrite CLI): a detail
- * naming them, or undefined for a rule without them.
+ * naming them, or undefined for a rule without them. An image written with a digest leaves
+ * pinDigest nothing to ask: the digest is the one given.
  */
-export function unknownWithoutUpstream(rule: Pick<Rule, 'name' | 'rewrite' | 'pinDigest' | 'verify'>): string | undefined {
-  const keys = [rule.rewrite === 'private-only' ? 'rewrite: private-only (is the image public?)' : undefined, rule.pinDigest ? 'pinDigest (which digest?)' : undefined, rule.verify ? 'verify (is it signed?)' : undefined].filter((k) => k !== undefined);
+export function unknownWithoutUpstream(rule: Pick<Rule, 'name' | 'rewrite' | 'pinDigest' | 'verify'>, image?: string): string | undefined {
+  const parsed = image === undefined ? undefined : parseReference(image);
+  const hasDigest = parsed?.ok === true && parsed.reference.digest !== undefined;
+  const keys = [rule.rewrite === 'private-only' ? 'rewrite: private-only (is the image public?)' : undefined, rule.pinDigest && !hasDigest ? 'pinDigest (which digest?)' : undefined, rule.verify ? 'verify (is it signed?)' : undefined].filter((k) => k !== undefined);
   if (keys.length === 0) return undefined;
   return `rule "${rule.name}" asks the upstream at admission through the proxy tier: ${keys.join(', ')}; this shows the decision before those answers, which cannot be known here`;
 }
