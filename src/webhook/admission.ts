@@ -3,7 +3,7 @@
 import type { Operation } from 'fast-json-patch';
 import { z } from 'zod';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
-import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
+import { decideImage, pointsAtProxy, ruleByName, type DecisionReason } from '../rules/decide.js';
 import { ORIGINAL_IMAGES_ANNOTATION, PINNED_DIGESTS_ANNOTATION, REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
 import { upstreamPullSecretName } from '../rules/upstreamsecret.js';
 import { REFERENCE_LENGTH_MAX } from '../reference/reference.js';
@@ -370,7 +370,8 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
       originalImagesOmitted = `the Pod's annotations would total ${total} bytes, more than the apiserver's limit of ${TOTAL_ANNOTATION_SIZE_LIMIT_BYTES}`;
       warnings.push(`pullbridge: annotation ${ORIGINAL_IMAGES_ANNOTATION} not added: ${originalImagesOmitted}; images are rewritten, the originals are in the audit log`);
     }
-    addLabels[REWRITTEN_LABEL] = 'true';
+    // The label (and the rewrites metric) mean "pulled through the proxy": not a public image only pinned.
+    if (containers.some((c) => pointsAtProxy(config, c.rewritten))) addLabels[REWRITTEN_LABEL] = 'true';
   }
   // One patch operation per label: two adds of an absent map would replace one another.
   const labels = pod.metadata?.labels;
@@ -423,6 +424,7 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
   const book = context.answers ?? NO_ANSWERS;
   const containers: ContainerDecision[] = [];
   const pins: Record<string, string> = {};
+  const warnings: string[] = [];
   let pending = false;
   for (const field of ['initContainers', 'containers'] as const) {
     for (const container of rs.spec.template.spec[field] ?? []) {
@@ -436,7 +438,10 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
         continue;
       }
       if (pin.digest !== null) pins[container.image] = pin.digest;
-      containers.push({ container: `${field}/${container.name}`, image: quotedImage(container.image), rewritten: null, rule: rule.name, reason: decision.reason, detail: pin.detail, upstream: pin.upstream });
+      const reason: ContainerReason = pin.unverified !== undefined ? 'signature-unverified' : decision.reason;
+      // The ReplicaSet itself is admitted: what runs is its Pods, and each is checked (and, with onFailure: deny, refused) at its own admission.
+      if (pin.unverified !== undefined) warnings.push(`${field}/${container.name} image ${quotedImage(container.image)}: signature not verified (${pin.unverified}); no digest recorded${rule.verify?.onFailure === 'deny' ? ', and its Pods will be refused' : ''}`);
+      containers.push({ container: `${field}/${container.name}`, image: quotedImage(container.image), rewritten: null, rule: rule.name, reason, detail: pin.detail, upstream: pin.upstream });
     }
   }
   const questions = book.takeQuestions();
@@ -450,7 +455,7 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
   } else if (annotations?.[PINNED_DIGESTS_ANNOTATION] !== undefined) {
     patch.push({ op: 'remove', path: `/metadata/annotations/${pointerSegment(PINNED_DIGESTS_ANNOTATION)}` });
   }
-  return { decision: patch.length > 0 ? 'mutated' : 'unchanged', containers, patch, pullSecret: null, upstreamPullSecrets: [], warnings: [], questions: [] };
+  return { decision: patch.length > 0 ? 'mutated' : 'unchanged', containers, patch, pullSecret: null, upstreamPullSecrets: [], warnings, questions: [] };
 }
 
 export interface AdmissionResponseBody {

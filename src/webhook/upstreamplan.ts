@@ -13,7 +13,7 @@ import { formatReference, parseReference } from '../reference/reference.js';
 /** The text of a missing answer when no one was asked: what the user sees, naming how to give access. */
 export const NO_UPSTREAM = 'the webhook has no access to the proxy tier (start it with --resolver-url or --resolver-ops-port; in the chart, webhook.resolver.enabled)';
 
-export type SignatureAnswer = { readonly verified: true } | { readonly verified: false; readonly reason: string };
+export type SignatureAnswer = { readonly verified: true; /** Which of publicKeyFiles verified it. */ readonly keyIndex?: number; /** Where the signature was found: the `.sig` tag, or a referrer's digest. */ readonly source?: string } | { readonly verified: false; readonly reason: string };
 
 /** The pins a Pod's controlling ReplicaSet carries: original image → digest. */
 export type PinsAnswer = { readonly kind: 'found'; readonly pins: Readonly<Record<string, string>> } | { readonly kind: 'none'; readonly detail?: string };
@@ -31,7 +31,13 @@ export interface UpstreamFacts {
   /** The digest written (or that would have been), and where it came from; or why there is none. */
   digest?: { readonly digest: string; readonly source: 'reference' | 'replicaset' | 'resolved'; readonly pinned: boolean } | { readonly error: string };
   /** verify: the signature check's result for the digest. */
-  signature?: { readonly verified: boolean; readonly reason?: string; readonly onFailure?: 'deny' | 'warn' };
+  signature?: { readonly verified: boolean; readonly keyIndex?: number; readonly source?: string; readonly reason?: string; readonly onFailure?: 'deny' | 'warn' };
+}
+
+/** The audit's view of a signature answer: which key and where, or why not and what onFailure did. */
+export function signatureFacts(answer: SignatureAnswer, onFailure: 'deny' | 'warn'): NonNullable<UpstreamFacts['signature']> {
+  if (!answer.verified) return { verified: false, reason: answer.reason, onFailure };
+  return { verified: true, ...(answer.keyIndex !== undefined ? { keyIndex: answer.keyIndex } : {}), ...(answer.source !== undefined ? { source: answer.source } : {}) };
 }
 
 /**
@@ -231,7 +237,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
       answer = known ?? { verified: false, reason: `no answer: ${book.final ?? 'unknown'}` };
     }
     const onFailure = rule.verify.onFailure;
-    facts.signature = answer.verified ? { verified: true } : { verified: false, reason: answer.reason, onFailure };
+    facts.signature = signatureFacts(answer, onFailure);
     verified = answer.verified;
     if (!answer.verified) {
       const message = `pullbridge: ${container} image ${image}: signature not verified: ${answer.reason}`;
@@ -251,7 +257,8 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   return {
     pending: false,
     rewritten: final === image ? null : final,
-    reason: alreadyProxied ? 'already-proxied' : secretOnly ? 'pull-secret-only' : proxied ? 'rewritten' : 'public-image',
+    // Admitted under onFailure: warn, the audit says why it was not verified rather than plain "rewritten".
+    reason: rule.verify !== undefined && !verified ? 'signature-unverified' : alreadyProxied ? 'already-proxied' : secretOnly ? 'pull-secret-only' : proxied ? 'rewritten' : 'public-image',
     ...(detail ? { detail } : {}),
     proxied,
     upstream: facts,
@@ -274,7 +281,7 @@ export function unknownWithoutUpstream(rule: Pick<Rule, 'name' | 'rewrite' | 'pi
 
 export type PinSettlement =
   | { readonly pending: true }
-  | { readonly pending: false; readonly digest: string | null; readonly upstream: UpstreamFacts; readonly detail: string };
+  | { readonly pending: false; readonly digest: string | null; readonly upstream: UpstreamFacts; readonly detail: string; /** Why the signature was not verified, when it was not. */ readonly unverified?: string };
 
 /**
  * The digest a ReplicaSet records for one of its template's images: resolved for pinDigest, and for
@@ -306,7 +313,8 @@ export function pinForReplicaSet(rule: Rule, decision: ImageDecision, namespace:
     book.ask({ kind: 'signature', key: sigKey, target: signatureTarget });
     return { pending: true };
   }
-  const upstream: UpstreamFacts = { digest: { digest, source: 'resolved', pinned: signature.verified || rule.pinDigest }, signature: signature.verified ? { verified: true } : { verified: false, reason: signature.reason, onFailure: rule.verify.onFailure } };
-  if (signature.verified || rule.pinDigest) return { pending: false, digest, upstream, detail: `pinned to ${digest}${signature.verified ? ' (signature verified)' : ''}` };
-  return { pending: false, digest: null, upstream, detail: `not pinned: signature not verified (${signature.reason}); each Pod is checked at its admission` };
+  // An unverified digest is never recorded, pinDigest or not: a pin would vouch for an image no key stands behind.
+  const upstream: UpstreamFacts = { digest: { digest, source: 'resolved', pinned: signature.verified }, signature: signatureFacts(signature, rule.verify.onFailure) };
+  if (signature.verified) return { pending: false, digest, upstream, detail: `pinned to ${digest} (signature verified)` };
+  return { pending: false, digest: null, upstream, detail: `not pinned: signature not verified (${signature.reason}); each Pod is checked at its admission`, unverified: signature.reason };
 }
