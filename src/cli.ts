@@ -6,7 +6,7 @@ import { homedir, hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { filesReadBy, formatConfigErrors, isDnsLabel, type Config, type ConfigError, type ConfigResult } from './rules/config.js';
+import { filesReadBy, filesWebhookReads, formatConfigErrors, isDnsLabel, type Config, type ConfigError, type ConfigResult } from './rules/config.js';
 import { decideImage, ruleByName } from './rules/decide.js';
 import { unknownWithoutUpstream } from './webhook/upstreamplan.js';
 import { formatBytes } from './rules/quantity.js';
@@ -399,8 +399,6 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const failure = values['pull-secret-failure'];
   if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
-  // What it reads, with or without API access: the broker key (pull secrets, the resolver token) and the cosign keys.
-  loadConfigFilesOrExit(configPath, config, 'webhook');
   const namespace = process.env.POD_NAMESPACE ?? config.webhook.namespace;
   const tlsSecret = values['tls-secret'];
   const webhookConfiguration = values['webhook-configuration'];
@@ -415,6 +413,12 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const metricsPort = values['metrics-port'] === undefined ? undefined : parsePort(values['metrics-port'], '--metrics-port');
   const statusCollector = webhookStatusCollector(values, namespace, kubeconfig);
   const resolver = webhookResolver(values, namespace, kubeconfig);
+  // What it reads, with or without API access: the cosign keys; the broker key for pull secrets and the resolver token.
+  const webhookFileErrors = unloadableFiles(filesWebhookReads(config, { pullSecrets: kubeconfig !== undefined, resolver: resolver !== undefined }));
+  if (webhookFileErrors.length > 0) {
+    process.stderr.write(`cannot load what config ${configPath} names:\n${formatConfigErrors(webhookFileErrors)}\n`);
+    return 1;
+  }
   // The metrics port answers the startup probe before the webhook's modules load.
   const { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE } = await load.startupGate();
   const metricsListener = metricsPort !== undefined ? await listening(() => listenGated({ host: values.host, port: metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }), { '--metrics-port': metricsPort }) : undefined;

@@ -276,6 +276,7 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       const plainConfig = configFrom(`
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, rewrite: private-only}]
 `);
       const outcome = admitReplicaSet(plainConfig, rsRequest(rsOf(['plain.example/app:1'])), { answers: new AnswerBook() });
@@ -367,6 +368,7 @@ describe('the orchestrator: one budget per review, questions answered once', fun
   const pinConfig = () => configFrom(`
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
   - {name: pin, match: [pin.example], upstream: "${registry.url}", auth: {mode: anonymous}, pinDigest: true, rewrite: private-only}
 `);
@@ -412,6 +414,7 @@ registries:
     const cfg = configFrom(`
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
   - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}}}
 `);

@@ -490,6 +490,15 @@ export function filesReadBy(config: Config, component: 'proxy' | 'webhook'): Con
   return files;
 }
 
+/**
+ * The files a running webhook reads, given what it does: the cosign keys always (verify), the
+ * signing key when it provisions pull secrets or asks the proxy tier (the resolver token), the
+ * upstream credentials of rewrite: never rules when it provisions pull secrets.
+ */
+export function filesWebhookReads(config: Config, uses: { readonly pullSecrets: boolean; readonly resolver: boolean }): ConfigFile[] {
+  return filesReadBy(config, 'webhook').filter((file) => file.holds === 'public-key' || (file.holds === 'broker-key' ? uses.pullSecrets || uses.resolver : uses.pullSecrets));
+}
+
 /** Validates an already-parsed document (e.g. from YAML) and compiles it. */
 export function validateConfig(document: unknown): ConfigResult {
   const input = document ?? {};

@@ -8,7 +8,7 @@ import type { V1OwnerReference } from '@kubernetes/client-node';
 import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
-import { filesReadBy, type Config, type ConfigError } from '../rules/config.js';
+import { filesWebhookReads, type Config, type ConfigError } from '../rules/config.js';
 import type { RegistryView } from '../rules/registryview.js';
 import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
@@ -139,7 +139,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
   // A new config is taken up only once the files it has the webhook read load: the signing key, the
   // cosign keys, and the upstream credentials of rewrite: never rules (only those reach the webhook).
   // With or without API access: a reload naming a missing cosign key would deny every image of its rule.
-  const loadErrors = (next: Config): readonly ConfigError[] => unloadableFiles(filesReadBy(next, 'webhook'));
+  const loadErrors = (next: Config): readonly ConfigError[] => unloadableFiles(filesWebhookReads(next, { pullSecrets: options.kubeconfig !== undefined, resolver: options.resolver !== undefined }));
   const sideEffects: WebhookSideEffects = {};
   let replicaSetPins: ReplicaSetPinsReader | undefined;
   if (k8s) {
