@@ -16,6 +16,7 @@ import { budgetFor, decideWithUpstream, type SignatureCheck } from '../src/webho
 import { AnswerBook, digestKey, probeKey, replicaSetKey, signatureKey, type UpstreamQuestion } from '../src/webhook/upstreamplan.js';
 import { configFrom } from './support/config.js';
 import { directRegistryView } from './support/directview.js';
+import { ProxyTierView } from '../src/webhook/proxytier.js';
 import { memoryLogger } from './support/logs.js';
 import { buildImage } from './support/oci.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
@@ -395,6 +396,31 @@ registries:
       assert.deepEqual(outcome.containers.map((c) => c.upstream?.probe?.error), Array(2).fill('no answer within the review\'s budget of 300 ms'));
       assert.deepEqual(view.requests, ['HEAD /v2/team/app/manifests/1', 'HEAD /v2/team/other/manifests/1']);
     } finally {
+      for (const s of sockets) s.destroy();
+      silent.close();
+    }
+  });
+
+  it('a dozen questions at once on one review\'s signal: no MaxListenersExceededWarning (trial 22)', async () => {
+    const sockets: net.Socket[] = [];
+    const silent = net.createServer((socket) => sockets.push(socket));
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const warnings: string[] = [];
+    const onWarning = (warning: Error) => warnings.push(`${warning.name}: ${warning.message}`);
+    process.on('warning', onWarning);
+    try {
+      // The webhook's own view of the proxy tier (undici's fetch would raise the signal's limit itself), on a proxy that accepts and never answers.
+      const view = new ProxyTierView({ endpoints: () => [`http://127.0.0.1:${(silent.address() as net.AddressInfo).port}`], token: () => 'resolver-token', namespaceAuthorization: () => 'Basic eDp5', deadlineMs: 5_000 });
+      const questions: UpstreamQuestion[] = Array.from({ length: 12 }, (_, i) => ({ kind: 'probe', key: `probe-${i}`, target: { rule: 'pin', repository: `team/app${i}`, reference: '1' } }));
+      const { questionsAsked } = await decideWithUpstream((book) => ({ questions: questions.filter((q) => !book.probes.has(q.key) && book.final === undefined) }), { view, budgetMs: 300 });
+      assert.equal(questionsAsked, 12);
+      await view.close();
+      // Process warnings are emitted on a later tick.
+      await new Promise((resolve) => setImmediate(resolve));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.deepEqual(warnings.filter((w) => w.startsWith('MaxListenersExceededWarning')), []);
+    } finally {
+      process.off('warning', onWarning);
       for (const s of sockets) s.destroy();
       silent.close();
     }
