@@ -15,7 +15,8 @@ import {
   signatureTag,
 } from '../src/signature/cosign.js';
 import { ed25519phVerify } from '../src/signature/ed25519ph.js';
-import { readCosignKeys, verifyCosignSignature, type SignatureVerdict } from '../src/webhook/signatures.js';
+import { cosignSignatureCheck, readCosignKeys, verifyCosignSignature, type SignatureVerdict } from '../src/webhook/signatures.js';
+import { configFrom } from './support/config.js';
 import { runCli } from './support/cli.js';
 import { cosignVerifies, generateKeyPair, importKeyPair, removeCosignFiles, sign, type CosignKeyPair } from './support/cosign.js';
 import { directRegistryView } from './support/directview.js';
@@ -168,6 +169,13 @@ describe('cosign signatures made by cosign, on a real registry', function () {
     // The payload was fetched with the view's bounded blob read from the rule's repository.
     const requests = await registry.requests();
     assert.ok(requests.some((r) => r.method === 'GET' && r.path.startsWith(`/v2/${repository}/blobs/sha256:`) && r.status === 200));
+  });
+
+  it('the admission\'s check passes on which key verified and where the signature was (the audit\'s keyIndex and source; trial 22)', async () => {
+    const config = configFrom(`broker: {keyFiles: [/nonexistent/broker.key]}\nregistries:\n  - {name: corp, match: [corp.example], upstream: "${registry.url}", verify: {cosign: {publicKeyFiles: [${otherSigner.publicKeyFile}, ${signer.publicKeyFile}]}}}\n`);
+    const check = cosignSignatureCheck(view(), () => config);
+    const digest = images.get('signed')!.index.digest;
+    assert.deepEqual(await check({ rule: 'corp', repository }, digest, 'default', AbortSignal.timeout(30_000)), { verified: true, keyIndex: 1, source: signatureTag(digest) });
   });
 
   it('refuses an unsigned image', async () => {

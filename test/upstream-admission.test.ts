@@ -7,7 +7,7 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { parsePins } from '../src/k8s/replicasets.js';
-import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION } from '../src/rules/marks.js';
+import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL } from '../src/rules/marks.js';
 import { admitPod, admitReplicaSet, NO_UPSTREAM, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
 import supertest from 'supertest';
 import { createMetricsRegistry } from '../src/metrics.js';
@@ -164,6 +164,8 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       assert.equal(outcome.containers[0]?.reason, 'public-image');
       assert.equal(outcome.pullSecret, null);
       assert.equal(pod.spec.imagePullSecrets, undefined);
+      // Pinned, not pulled through the proxy: not labelled rewritten (trial 22).
+      assert.equal(pod.metadata?.labels?.[REWRITTEN_LABEL], undefined);
     });
 
     describe('a Pod of a ReplicaSet', () => {
@@ -238,6 +240,17 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       assert.equal(pod.spec.containers[0]?.image, 'localhost:30500/signedwarn/app:1');
       assert.match(outcome.warnings.join('\n'), /containers\/c0 image signedwarn\.example\/app:1: signature not verified: signed by another key \(onFailure: warn\)/);
       assert.deepEqual(outcome.containers[0]?.upstream?.signature, { verified: false, reason: 'signed by another key', onFailure: 'warn' });
+      // Admitted, but the audit says why it was not verified, not plain "rewritten" (trial 22).
+      assert.equal(outcome.containers[0]?.reason, 'signature-unverified');
+    });
+
+    it('audits which key verified and where the signature was found (trial 22)', () => {
+      const { outcome } = decide(['signed.example/app:1'], (b) => {
+        found(b, 'signed');
+        b.signatures.set(signatureOf('signed', 'app', D1), { verified: true, keyIndex: 1, source: 'sha256-1111.sig' });
+      });
+      assert.deepEqual(outcome.containers[0]?.upstream?.signature, { verified: true, keyIndex: 1, source: 'sha256-1111.sig' });
+      assert.equal(outcome.containers[0]?.reason, 'rewritten');
     });
 
     it('checks an image written on the proxy already: no bypass by writing the proxy reference', () => {
@@ -312,6 +325,26 @@ registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:
       verified.signatures.set(signatureOf('signed', 'app', D1), { verified: true });
       const pinned = applyPatch(object, admitReplicaSet(config, rsRequest(object), { answers: verified }).patch);
       assert.deepEqual(JSON.parse(pinned.metadata.annotations?.[PINNED_DIGESTS_ANNOTATION] ?? '{}'), { 'signed.example/app:1': D1 });
+    });
+
+    it('with pinDigest and verify, records no pin for an image that fails verify, and warns: signature-unverified (its Pods are refused; trial 22)', () => {
+      const both = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
+registries:
+  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", pinDigest: true, verify: {cosign: {publicKeyFiles: [/keys/a.pub]}}}
+`);
+      const object = rsOf(['signed.example/app:1']);
+      const book = new AnswerBook();
+      book.digests.set(digestOf('signed', 'app', '1'), { kind: 'found', digest: D1, mediaType: 'x' });
+      book.signatures.set(signatureOf('signed', 'app', D1), { verified: false, reason: 'unsigned' });
+      const outcome = admitReplicaSet(both, rsRequest(object), { answers: book });
+      assert.equal(outcome.denial, undefined, 'the ReplicaSet is admitted: its Pods are checked at their admission');
+      assert.equal(applyPatch(object, outcome.patch).metadata.annotations?.[PINNED_DIGESTS_ANNOTATION], undefined);
+      assert.equal(outcome.containers[0]?.reason, 'signature-unverified');
+      assert.deepEqual(outcome.containers[0]?.upstream?.signature, { verified: false, reason: 'unsigned', onFailure: 'deny' });
+      assert.deepEqual(outcome.warnings, ['pullbridge: containers/c0 image signed.example/app:1: signature not verified (unsigned); no digest recorded, and its Pods will be refused']);
     });
   });
 });

@@ -440,7 +440,7 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
       if (pin.digest !== null) pins[container.image] = pin.digest;
       const reason: ContainerReason = pin.unverified !== undefined ? 'signature-unverified' : decision.reason;
       // The ReplicaSet itself is admitted: what runs is its Pods, and each is checked (and, with onFailure: deny, refused) at its own admission.
-      if (pin.unverified !== undefined) warnings.push(`${field}/${container.name} image ${quotedImage(container.image)}: signature not verified (${pin.unverified}); no digest recorded${rule.verify?.onFailure === 'deny' ? ', and its Pods will be refused' : ''}`);
+      if (pin.unverified !== undefined) warnings.push(`pullbridge: ${field}/${container.name} image ${quotedImage(container.image)}: signature not verified (${pin.unverified}); no digest recorded${rule.verify?.onFailure === 'deny' ? ', and its Pods will be refused' : ''}`);
       containers.push({ container: `${field}/${container.name}`, image: quotedImage(container.image), rewritten: null, rule: rule.name, reason, detail: pin.detail, upstream: pin.upstream });
     }
   }
