@@ -11,7 +11,11 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { validateConfig } from '../src/rules/config.js';
 import { namespaceToken, opsToken } from '../src/rules/credentials.js';
+import { runWebhook } from '../src/webhook/run.js';
+import { memoryLogger } from './support/logs.js';
+import { reviewFor } from './support/review.js';
 import type { RegistryView } from '../src/rules/registryview.js';
 import { attemptShareMs, orderAfterCooldown, PROXY_COOLDOWN_MS, rendezvousOrder, ProxyTierView, type ProxyAttempt } from '../src/webhook/proxytier.js';
 import { CachedRegistryView, DEFAULT_VIEW_CACHE_POLICY, keepFor } from '../src/webhook/viewcache.js';
@@ -273,6 +277,32 @@ describe('admission resolver: the proxy tier answers admission through the rules
     } finally {
       for (const socket of held) socket.destroy();
       await new Promise((resolve) => stalledProxy?.close(resolve));
+    }
+  });
+
+  it('the webhook counts its questions to the proxy tier: latency by kind and outcome, and failovers (trial 22)', async () => {
+    const down = `http://127.0.0.1:${await freePort()}`; // nothing listens there
+    const endpoints = [down, proxyB.opsUrl];
+    const repository = ['public/failover', 'public/app', 'public/other', 'public/shared'].find((r) => rendezvousOrder(`corp/${r}`, endpoints)[0] === down);
+    assert.ok(repository, 'some repository ranks the down proxy first');
+    const keyFile = join(dir, 'webhook-broker.key');
+    writeFileSync(keyFile, key);
+    const parsed = validateConfig({
+      broker: { keyFiles: [keyFile] },
+      registries: [{ name: 'corp', match: ['corp.example'], upstream: registry.url, auth: { mode: 'anonymous' }, repositories: { include: ['public/**'] }, rewrite: 'private-only' }],
+    });
+    assert.ok(parsed.ok, parsed.ok ? '' : JSON.stringify(parsed.errors));
+    const webhook = await runWebhook({ config: parsed.config, host: '127.0.0.1', port: 0, logger: memoryLogger().logger, resolver: { urls: endpoints } });
+    try {
+      const review = reviewFor({ apiVersion: 'v1', kind: 'Pod', metadata: { name: 'p' }, spec: { containers: [{ name: 'app', image: `corp.example/${repository}:1` }] } }, { namespace: 'team-a' });
+      const res = await fetch(`${webhook.running.url}/mutate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(review) });
+      assert.equal(res.status, 200);
+      const metrics = await webhook.metrics.metrics();
+      assert.match(metrics, /^pullbridge_webhook_proxy_failovers_total\{kind="probe"\} 1$/m);
+      assert.match(metrics, /^pullbridge_webhook_proxy_question_seconds_count\{kind="probe",outcome="unreachable"\} 1$/m);
+      assert.match(metrics, /^pullbridge_webhook_proxy_question_seconds_count\{kind="probe",outcome="answered"\} 1$/m);
+    } finally {
+      await webhook.shutdown();
     }
   });
 
