@@ -6,12 +6,12 @@ import { homedir, hostname } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
-import { filesReadBy, formatConfigErrors, isDnsLabel, type Config, type ConfigError, type ConfigResult } from './rules/config.js';
+import { filesReadBy, filesWebhookReads, formatConfigErrors, isDnsLabel, type Config, type ConfigError, type ConfigResult } from './rules/config.js';
 import { decideImage, ruleByName } from './rules/decide.js';
 import { unknownWithoutUpstream } from './webhook/upstreamplan.js';
 import { formatBytes } from './rules/quantity.js';
 import { parsePlatform, type Platform } from './cache/warmplan.js';
-import { readConfigFile, unloadableFiles } from './shell/configfile.js';
+import { filesReadByAny, readConfigFile, unloadableFiles } from './shell/configfile.js';
 import type { RegistryConnectionStatus } from './k8s/connectionstatus.js';
 import { describeListenError, type PortSource } from './shell/listenerrors.js';
 import { describeFileError } from './shell/secretfiles.js';
@@ -205,8 +205,8 @@ function cmdValidate(args: string[]): number {
     process.stderr.write(`${path}: ${errors.length} error(s)\n${formatConfigErrors(errors)}\n`);
     return 1;
   }
-  // What the proxy would refuse at start: every file the config names (keys, credentials, CA bundles).
-  const fileErrors = values['skip-files'] ? [] : unloadableFiles(filesReadBy(result.config, 'proxy'));
+  // What the proxy or the webhook would refuse at start: every file the config names (keys, credentials, CA bundles, cosign keys).
+  const fileErrors = values['skip-files'] ? [] : unloadableFiles(filesReadByAny(result.config));
   if (fileErrors.length > 0) {
     process.stderr.write(`${path}: ${fileErrors.length} error(s)\n${formatConfigErrors(fileErrors)}\n`);
     return 1;
@@ -229,7 +229,7 @@ function cmdRewrite(args: string[]): number {
     const decision = decideImage(config, image, values.namespace);
     // The string alone cannot tell what a rule that asks the upstream at admission will decide.
     const rule = decision.reason === 'rewritten' && decision.rule !== null ? ruleByName(config, decision.rule) : undefined;
-    const unknown = rule ? unknownWithoutUpstream(rule) : undefined;
+    const unknown = rule ? unknownWithoutUpstream(rule, image) : undefined;
     return unknown === undefined ? decision : { ...decision, detail: unknown, upstreamUnknown: true };
   });
   if (values.json) {
@@ -399,8 +399,6 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const failure = values['pull-secret-failure'];
   if (failure !== 'deny' && failure !== 'admit-unchanged') throw new UsageError('--pull-secret-failure must be deny or admit-unchanged');
   const kubeconfig = values.kubeconfig ?? (process.env.KUBERNETES_SERVICE_HOST ? 'in-cluster' : undefined);
-  // With API access it provisions pull secrets, signed with the broker key.
-  if (kubeconfig) loadConfigFilesOrExit(configPath, config, 'webhook');
   const namespace = process.env.POD_NAMESPACE ?? config.webhook.namespace;
   const tlsSecret = values['tls-secret'];
   const webhookConfiguration = values['webhook-configuration'];
@@ -415,6 +413,12 @@ async function cmdWebhook(args: string[]): Promise<number> {
   const metricsPort = values['metrics-port'] === undefined ? undefined : parsePort(values['metrics-port'], '--metrics-port');
   const statusCollector = webhookStatusCollector(values, namespace, kubeconfig);
   const resolver = webhookResolver(values, namespace, kubeconfig);
+  // What it reads, with or without API access: the cosign keys; the broker key for pull secrets and the resolver token.
+  const webhookFileErrors = unloadableFiles(filesWebhookReads(config, { pullSecrets: kubeconfig !== undefined, resolver: resolver !== undefined }));
+  if (webhookFileErrors.length > 0) {
+    process.stderr.write(`cannot load what config ${configPath} names:\n${formatConfigErrors(webhookFileErrors)}\n`);
+    return 1;
+  }
   // The metrics port answers the startup probe before the webhook's modules load.
   const { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE } = await load.startupGate();
   const metricsListener = metricsPort !== undefined ? await listening(() => listenGated({ host: values.host, port: metricsPort, maxConnections: PROBE_PORT_MAX_CONNECTIONS, maxConnectionsPerSource: PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE }), { '--metrics-port': metricsPort }) : undefined;

@@ -11,9 +11,13 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { validateConfig } from '../src/rules/config.js';
 import { namespaceToken, opsToken } from '../src/rules/credentials.js';
+import { runWebhook } from '../src/webhook/run.js';
+import { memoryLogger } from './support/logs.js';
+import { reviewFor } from './support/review.js';
 import type { RegistryView } from '../src/rules/registryview.js';
-import { rendezvousOrder, ProxyTierView } from '../src/webhook/proxytier.js';
+import { attemptShareMs, orderAfterCooldown, PROXY_COOLDOWN_MS, rendezvousOrder, ProxyTierView, type ProxyAttempt } from '../src/webhook/proxytier.js';
 import { CachedRegistryView, DEFAULT_VIEW_CACHE_POLICY, keepFor } from '../src/webhook/viewcache.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { freePort } from './support/procs.js';
@@ -318,6 +322,83 @@ describe('admission resolver: the proxy tier answers admission through the rules
     assert.equal((await tier([]).probeAnonymous({ rule: 'corp', repository, reference: '1' }, signal())).kind, 'failed');
   });
 
+  it('a stalled proxy (accepts, never answers) costs one question half its deadline, then is asked last for its cool-down: the next question goes straight to a proxy that answers (trial 22)', async () => {
+    // The one fake here: a proxy's operations port that accepts and never answers; a real proxy cannot be made to stall.
+    const held = new Set<net.Socket>();
+    let accepted = 0;
+    const candidates = ['public/failover', 'public/app', 'public/other', 'public/shared'];
+    // A port on which some repository ranks the stalled proxy first (rendezvous order depends on the URL).
+    let stalledProxy: net.Server | undefined;
+    let stalledUrl = '';
+    let repository: string | undefined;
+    for (let tries = 0; tries < 20 && repository === undefined; tries++) {
+      if (stalledProxy) await new Promise((resolve) => stalledProxy?.close(resolve));
+      const server = net.createServer((socket) => {
+        accepted++;
+        held.add(socket);
+        socket.on('close', () => held.delete(socket));
+      });
+      await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+      stalledProxy = server;
+      stalledUrl = `http://127.0.0.1:${(server.address() as net.AddressInfo).port}`;
+      repository = candidates.find((r) => rendezvousOrder(`corp/${r}`, [stalledUrl, proxyB.opsUrl])[0] === stalledUrl);
+    }
+    try {
+      assert.ok(repository, 'some repository ranks the stalled proxy first');
+      const endpoints = [stalledUrl, proxyB.opsUrl];
+      const attempts: ProxyAttempt[] = [];
+      const view = new ProxyTierView({
+        endpoints: () => endpoints,
+        token: () => opsToken(key, 'resolver'),
+        namespaceAuthorization: (namespace) => `Basic ${Buffer.from(`${namespace}:${namespaceToken(key, namespace)}`).toString('base64')}`,
+        deadlineMs: 4_000,
+        onAttempt: (attempt) => attempts.push(attempt),
+      });
+      views.push(view);
+      // First question: the stalled proxy has its half of the deadline, then proxy B answers.
+      assert.deepEqual(await view.probeAnonymous({ rule: 'corp', repository, reference: '1' }, signal()), { kind: 'answered', status: 200 });
+      assert.deepEqual(attempts.map((a) => `${a.kind}:${a.outcome}`), ['probe:stalled', 'probe:answered']);
+      assert.ok(accepted > 0, 'the stalled proxy was asked first');
+      const acceptedFirst = accepted;
+      // The digest, then the signature's manifest: proxy B first now; the stalled proxy is not even connected to.
+      const digest = await view.manifest({ rule: 'corp', repository, reference: '1', namespace: 'team-a', method: 'HEAD' }, signal());
+      assert.equal(digest.kind, 'found');
+      const again = await view.manifest({ rule: 'corp', repository, reference: '1', namespace: 'team-a', method: 'GET' }, signal());
+      assert.equal(again.kind, 'found');
+      assert.deepEqual(attempts.slice(2).map((a) => `${a.kind}:${a.outcome}`), ['manifest:answered', 'manifest:answered']);
+      assert.equal(accepted, acceptedFirst, 'the stalled proxy was not asked again during its cool-down');
+    } finally {
+      for (const socket of held) socket.destroy();
+      await new Promise((resolve) => stalledProxy?.close(resolve));
+    }
+  });
+
+  it('the webhook counts its questions to the proxy tier: latency by kind and outcome, and failovers (trial 22)', async () => {
+    const down = `http://127.0.0.1:${await freePort()}`; // nothing listens there
+    const endpoints = [down, proxyB.opsUrl];
+    const repository = ['public/failover', 'public/app', 'public/other', 'public/shared'].find((r) => rendezvousOrder(`corp/${r}`, endpoints)[0] === down);
+    assert.ok(repository, 'some repository ranks the down proxy first');
+    const keyFile = join(dir, 'webhook-broker.key');
+    writeFileSync(keyFile, key);
+    const parsed = validateConfig({
+      broker: { keyFiles: [keyFile] },
+      registries: [{ name: 'corp', match: ['corp.example'], upstream: registry.url, auth: { mode: 'anonymous' }, repositories: { include: ['public/**'] }, rewrite: 'private-only' }],
+    });
+    assert.ok(parsed.ok, parsed.ok ? '' : JSON.stringify(parsed.errors));
+    const webhook = await runWebhook({ config: parsed.config, host: '127.0.0.1', port: 0, logger: memoryLogger().logger, resolver: { urls: endpoints } });
+    try {
+      const review = reviewFor({ apiVersion: 'v1', kind: 'Pod', metadata: { name: 'p' }, spec: { containers: [{ name: 'app', image: `corp.example/${repository}:1` }] } }, { namespace: 'team-a' });
+      const res = await fetch(`${webhook.running.url}/mutate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(review) });
+      assert.equal(res.status, 200);
+      const metrics = await webhook.metrics.metrics();
+      assert.match(metrics, /^pullbridge_webhook_proxy_failovers_total\{kind="probe"\} 1$/m);
+      assert.match(metrics, /^pullbridge_webhook_proxy_question_seconds_count\{kind="probe",outcome="unreachable"\} 1$/m);
+      assert.match(metrics, /^pullbridge_webhook_proxy_question_seconds_count\{kind="probe",outcome="answered"\} 1$/m);
+    } finally {
+      await webhook.shutdown();
+    }
+  });
+
   it('a rule whose forwarding proxy is down fails the probe (the rule\'s transport is the only way)', async () => {
     await tinyproxy.stop();
     const answer = await tier([proxyA.opsUrl]).probeAnonymous({ rule: 'via', repository: 'public/via-down', reference: '1' }, signal());
@@ -326,6 +407,22 @@ describe('admission resolver: the proxy tier answers admission through the rules
 });
 
 describe('admission resolver: pure parts', () => {
+  it('a proxy cooling down is asked last, and only after its cool-down ends is it first again (trial 22)', () => {
+    const order = ['http://a', 'http://b', 'http://c'];
+    const cooling = new Map([['http://a', 1_000 + PROXY_COOLDOWN_MS]]);
+    assert.deepEqual(orderAfterCooldown(order, cooling, 1_000), ['http://b', 'http://c', 'http://a']);
+    assert.deepEqual(orderAfterCooldown(order, cooling, 1_000 + PROXY_COOLDOWN_MS), order);
+    assert.deepEqual(orderAfterCooldown(order, new Map([['http://a', 5_000], ['http://c', 5_000]]), 1_000), ['http://b', 'http://a', 'http://c']);
+  });
+
+  it('an attempt\'s share of the time left: half for a proxy in good standing with others after it, an equal share for one cooling down, all for the last', () => {
+    assert.equal(attemptShareMs(4_000, 2, false), 2_000);
+    assert.equal(attemptShareMs(4_000, 4, true), 1_000);
+    assert.equal(attemptShareMs(4_000, 1, false), 4_000);
+    assert.equal(attemptShareMs(4_000, 1, true), 4_000);
+    assert.equal(attemptShareMs(0, 3, false), 1);
+  });
+
   it('rendezvous order is stable, and removing a proxy moves only the repositories it was first for', () => {
     const endpoints = ['http://10.0.0.1:9090', 'http://10.0.0.2:9090', 'http://10.0.0.3:9090'];
     const keys = Array.from({ length: 200 }, (_, i) => `corp/team/app-${i}`);

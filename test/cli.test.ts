@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
-import { X509Certificate } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { generateKeyPairSync, X509Certificate } from 'node:crypto';
+import { mkdtempSync, readdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -34,6 +34,7 @@ describe('pullbridge CLI', () => {
       const file = join(dir, 'upstream.yaml');
       writeFileSync(file, `proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
   - {name: corp, match: [registry.corp.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, rewrite: private-only, pinDigest: true}
   - {name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}}
@@ -275,5 +276,80 @@ registries:
     await request(url).get('/healthz').expect(200);
     child.kill('SIGTERM');
     assert.equal(await exitOf(child), 0);
+  });
+  describe('upstream-aware rules: what validate, rewrite and the webhook say (trial 22)', () => {
+    const brokerKey = join(dir, 'trial22-broker.key');
+    const publicKey = join(dir, 'trial22-cosign.pub');
+    const renameInto = (file: string, text: string) => {
+      writeFileSync(`${file}.tmp`, text);
+      renameSync(`${file}.tmp`, file);
+    };
+    before(() => {
+      writeFileSync(brokerKey, `${'cd'.repeat(32)}\n`);
+      writeFileSync(publicKey, generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey.export({ type: 'spki', format: 'pem' }));
+    });
+
+    it('validate refuses private-only, pinDigest and verify without broker.keyFiles, naming each key (the resolver token comes from it)', () => {
+      const file = join(dir, 'aware-nobroker.yaml');
+      writeFileSync(file, `registries:
+  - {name: probe, match: [probe.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, rewrite: private-only}
+  - {name: pin, match: [pin.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, pinDigest: true}
+  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [${publicKey}]}}}
+`);
+      const result = runCli(['validate', '--config', file]);
+      assert.equal(result.status, 1, result.stdout);
+      assert.match(result.stderr, /^registries\[0\]\.rewrite: rewrite: private-only asks the proxy tier at admission with a token derived from the broker key: give broker\.keyFiles/m);
+      assert.match(result.stderr, /^registries\[1\]\.pinDigest: pinDigest asks the proxy tier/m);
+      assert.match(result.stderr, /^registries\[2\]\.verify: verify asks the proxy tier/m);
+    });
+
+    it('validate warns of onProbeFailure: leave on a rule that neither probes nor pins', () => {
+      const file = join(dir, 'onprobe.yaml');
+      writeFileSync(file, `broker: {keyFiles: [${brokerKey}]}
+registries:
+  - {name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000", onProbeFailure: leave}
+  - {name: pin, match: [pin.example], upstream: "https://127.0.0.1:5000", pinDigest: true, onProbeFailure: leave}
+`);
+      const result = runCli(['validate', '--config', file]);
+      assert.equal(result.status, 0, result.stderr);
+      assert.match(result.stderr, /^warning: registries\[0\]\.onProbeFailure: has no effect on rule "plain": only rewrite: private-only and pinDigest ask the upstream/m);
+      assert.doesNotMatch(result.stderr, /registries\[1\]\.onProbeFailure/);
+    });
+
+    it('rewrite of an image written with a digest does not ask which digest pinDigest would pin', () => {
+      const file = join(dir, 'pinned.yaml');
+      writeFileSync(file, `broker: {keyFiles: [${brokerKey}]}\nregistries:\n  - {name: pin, match: [pin.example], upstream: "https://127.0.0.1:5000", pinDigest: true}\n`);
+      const result = runCli(['rewrite', '--config', file, '--json', `pin.example/team/app@${SHA}`, 'pin.example/team/app:1']);
+      assert.equal(result.status, 0, result.stderr);
+      const [byDigest, byTag] = JSON.parse(result.stdout) as Array<{ detail?: string; upstreamUnknown?: boolean }>;
+      assert.equal(byDigest?.detail, undefined);
+      assert.equal(byDigest?.upstreamUnknown, undefined);
+      assert.match(byTag?.detail ?? '', /pinDigest \(which digest\?\)/);
+    });
+
+    it('the webhook without API access refuses to start on a cosign key that does not load, naming the key', () => {
+      const file = join(dir, 'webhook-badkey.yaml');
+      writeFileSync(file, `broker: {keyFiles: [${brokerKey}]}\nregistries:\n  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", verify: {cosign: {publicKeyFiles: [${join(dir, 'nope.pub')}]}}}\n`);
+      const result = runCli(['webhook', '--config', file, '--host', '127.0.0.1', '--port', '0'], { KUBERNETES_SERVICE_HOST: '' });
+      assert.equal(result.status, 1, result.stdout);
+      assert.match(result.stderr, /^registries\[0\]\.verify\.cosign\.publicKeyFiles\[0\]: \S*nope\.pub holds no usable PEM public key: .*no such file$/m);
+    });
+
+    it('the webhook without a resolver warns, naming the flags, and without API access keeps its config when a reload names a missing cosign key', async () => {
+      const file = join(dir, 'webhook-live.yaml');
+      const text = (keyFile: string) => `broker: {keyFiles: [${brokerKey}]}\nregistries:\n  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", verify: {cosign: {publicKeyFiles: [${keyFile}]}}}\n`;
+      renameInto(file, text(publicKey));
+      const webhook = await startCli(['webhook', '--config', file, '--host', '127.0.0.1', '--port', '0'], /webhook listening/, 20_000, { KUBERNETES_SERVICE_HOST: '' });
+      try {
+        assert.match(webhook.output(), /rules \\"signed\\" ask the upstream at admission .*give --resolver-url or --resolver-ops-port/);
+        renameInto(file, text(join(dir, 'gone.pub')));
+        await webhook.waitForOutput((output) => /config change (applied|rejected)/.test(output));
+        assert.match(webhook.output(), /config change rejected; the last good config stays in force/);
+        assert.match(webhook.output(), /"key":"registries\[0\]\.verify\.cosign\.publicKeyFiles\[0\]","message":"[^"]*gone\.pub holds no usable PEM public key: [^"]*no such file"/);
+      } finally {
+        webhook.child.kill('SIGTERM');
+        await exitOf(webhook.child);
+      }
+    });
   });
 });

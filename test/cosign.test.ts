@@ -15,7 +15,9 @@ import {
   signatureTag,
 } from '../src/signature/cosign.js';
 import { ed25519phVerify } from '../src/signature/ed25519ph.js';
-import { readCosignKeys, verifyCosignSignature, type SignatureVerdict } from '../src/webhook/signatures.js';
+import { cosignSignatureCheck, readCosignKeys, verifyCosignSignature, type SignatureVerdict } from '../src/webhook/signatures.js';
+import { configFrom } from './support/config.js';
+import { runCli } from './support/cli.js';
 import { cosignVerifies, generateKeyPair, importKeyPair, removeCosignFiles, sign, type CosignKeyPair } from './support/cosign.js';
 import { directRegistryView } from './support/directview.js';
 import { buildImage, type TestImage } from './support/oci.js';
@@ -169,6 +171,13 @@ describe('cosign signatures made by cosign, on a real registry', function () {
     assert.ok(requests.some((r) => r.method === 'GET' && r.path.startsWith(`/v2/${repository}/blobs/sha256:`) && r.status === 200));
   });
 
+  it('the admission\'s check passes on which key verified and where the signature was (the audit\'s keyIndex and source; trial 22)', async () => {
+    const config = configFrom(`broker: {keyFiles: [/nonexistent/broker.key]}\nregistries:\n  - {name: corp, match: [corp.example], upstream: "${registry.url}", verify: {cosign: {publicKeyFiles: [${otherSigner.publicKeyFile}, ${signer.publicKeyFile}]}}}\n`);
+    const check = cosignSignatureCheck(view(), () => config);
+    const digest = images.get('signed')!.index.digest;
+    assert.deepEqual(await check({ rule: 'corp', repository }, digest, 'default', AbortSignal.timeout(30_000)), { verified: true, keyIndex: 1, source: signatureTag(digest) });
+  });
+
   it('refuses an unsigned image', async () => {
     assert.equal(await cosignVerifies(byDigest('unsigned'), signer), false);
     const digest = images.get('unsigned')!.index.digest;
@@ -258,7 +267,31 @@ describe('cosign signatures made by cosign, on a real registry', function () {
 
   it('reads the keys of publicKeyFiles in order and names a file that holds none', () => {
     assert.equal(readCosignKeys([signer.publicKeyFile, otherSigner.publicKeyFile]).length, 2);
-    assert.throws(() => readCosignKeys([signer.privateKeyFile]), (error: Error) => error.message.startsWith(`${signer.privateKeyFile} holds no usable public key:`) && !error.message.includes('\n'));
+    // cosign.key where cosign.pub belongs: said plainly, not as OpenSSL's decoder error.
+    assert.throws(() => readCosignKeys([signer.privateKeyFile]), (error: Error) => error.message === `${signer.privateKeyFile} holds a private key; give the public key (cosign.pub)`);
+    assert.throws(() => readCosignKeys([`${signer.publicKeyFile}.missing`]), (error: Error) => error.message.startsWith(`${signer.publicKeyFile}.missing holds no usable public key:`) && !error.message.includes('\n'));
+  });
+
+  it('validate checks the cosign key files the webhook reads: cosign.key and a missing file are errors naming their keys', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-validate-keys-'));
+    try {
+      const brokerKey = join(dir, 'broker.key');
+      writeFileSync(brokerKey, `${'ab'.repeat(32)}\n`);
+      const configFile = join(dir, 'config.yaml');
+      const missing = join(dir, 'nope.pub');
+      const rule = (keys: string[]) => `broker: {keyFiles: [${brokerKey}]}\nregistries:\n  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", verify: {cosign: {publicKeyFiles: [${keys.join(', ')}]}}}\n`;
+      writeFileSync(configFile, rule([signer.privateKeyFile, missing]));
+      const bad = runCli(['validate', '--config', configFile]);
+      assert.equal(bad.status, 1, bad.stdout);
+      assert.match(bad.stderr, new RegExp(`^registries\\[0\\]\\.verify\\.cosign\\.publicKeyFiles\\[0\\]: ${signer.privateKeyFile.replace(/[.]/g, '\\.')} holds a private key; give the public key \\(cosign\\.pub\\)$`, 'm'));
+      assert.match(bad.stderr, /^registries\[0\]\.verify\.cosign\.publicKeyFiles\[1\]: .*nope\.pub/m);
+      assert.doesNotMatch(bad.stderr, /DECODER|error:1E/);
+      writeFileSync(configFile, rule([signer.publicKeyFile]));
+      const good = runCli(['validate', '--config', configFile]);
+      assert.equal(good.status, 0, good.stderr);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('says the fetch failed, not unsigned, when the registry does not answer', async () => {

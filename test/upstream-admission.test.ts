@@ -7,8 +7,8 @@
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { parsePins } from '../src/k8s/replicasets.js';
-import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION } from '../src/rules/marks.js';
-import { admitPod, admitReplicaSet, admitReplicaSetUpdate, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
+import { PINNED_DIGESTS_ANNOTATION, ORIGINAL_IMAGES_ANNOTATION, REWRITTEN_LABEL } from '../src/rules/marks.js';
+import { admitPod, admitReplicaSet, admitReplicaSetUpdate, NO_UPSTREAM, parseAdmissionReview, type AdmissionOutcome, type AdmissionRequest } from '../src/webhook/admission.js';
 import supertest from 'supertest';
 import { createMetricsRegistry } from '../src/metrics.js';
 import { createWebhookApp } from '../src/webhook/server.js';
@@ -16,6 +16,7 @@ import { MAX_QUESTIONS_PER_REVIEW, budgetFor, decideWithUpstream, type Signature
 import { AnswerBook, digestKey, probeKey, replicaSetKey, signatureKey, type UpstreamQuestion } from '../src/webhook/upstreamplan.js';
 import { configFrom } from './support/config.js';
 import { directRegistryView } from './support/directview.js';
+import { ProxyTierView } from '../src/webhook/proxytier.js';
 import { memoryLogger } from './support/logs.js';
 import { buildImage } from './support/oci.js';
 import { startRegistry, type RegistryHandle } from './support/registry.js';
@@ -165,6 +166,8 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       assert.equal(outcome.containers[0]?.reason, 'public-image');
       assert.equal(outcome.pullSecret, null);
       assert.equal(pod.spec.imagePullSecrets, undefined);
+      // Pinned, not pulled through the proxy: not labelled rewritten (trial 22).
+      assert.equal(pod.metadata?.labels?.[REWRITTEN_LABEL], undefined);
     });
 
     describe('a Pod of a ReplicaSet', () => {
@@ -248,6 +251,17 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       assert.equal(pod.spec.containers[0]?.image, 'localhost:30500/signedwarn/app:1');
       assert.match(outcome.warnings.join('\n'), /containers\/c0 image signedwarn\.example\/app:1: signature not verified: signed by another key \(onFailure: warn\)/);
       assert.deepEqual(outcome.containers[0]?.upstream?.signature, { verified: false, reason: 'signed by another key', onFailure: 'warn' });
+      // Admitted, but the audit says why it was not verified, not plain "rewritten" (trial 22).
+      assert.equal(outcome.containers[0]?.reason, 'signature-unverified');
+    });
+
+    it('audits which key verified and where the signature was found (trial 22)', () => {
+      const { outcome } = decide(['signed.example/app:1'], (b) => {
+        found(b, 'signed');
+        b.signatures.set(signatureOf('signed', 'app', D1), { verified: true, keyIndex: 1, source: 'sha256-1111.sig' });
+      });
+      assert.deepEqual(outcome.containers[0]?.upstream?.signature, { verified: true, keyIndex: 1, source: 'sha256-1111.sig' });
+      assert.equal(outcome.containers[0]?.reason, 'rewritten');
     });
 
     it('checks an image written on the proxy already: no bypass by writing the proxy reference', () => {
@@ -332,6 +346,7 @@ describe('upstream-aware admission (pure decision over an AnswerBook)', () => {
       const plainConfig = configFrom(`
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000", auth: {mode: anonymous}, rewrite: private-only}]
 `);
       const outcome = admitReplicaSet(plainConfig, rsRequest(rsOf(['plain.example/app:1'])), { answers: new AnswerBook() });
@@ -367,6 +382,26 @@ registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:
       const pinned = applyPatch(object, admitReplicaSet(config, rsRequest(object), { answers: verified }).patch);
       assert.deepEqual(JSON.parse(pinned.metadata.annotations?.[PINNED_DIGESTS_ANNOTATION] ?? '{}'), { 'signed.example/app:1': D1 });
     });
+
+    it('with pinDigest and verify, records no pin for an image that fails verify, and warns: signature-unverified (its Pods are refused; trial 22)', () => {
+      const both = configFrom(`
+proxy: {host: localhost, port: 30500}
+webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
+registries:
+  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", pinDigest: true, verify: {cosign: {publicKeyFiles: [/keys/a.pub]}}}
+`);
+      const object = rsOf(['signed.example/app:1']);
+      const book = new AnswerBook();
+      book.digests.set(digestOf('signed', 'app', '1'), { kind: 'found', digest: D1, mediaType: 'x' });
+      book.signatures.set(signatureOf('signed', 'app', D1), { verified: false, reason: 'unsigned' });
+      const outcome = admitReplicaSet(both, rsRequest(object), { answers: book });
+      assert.equal(outcome.denial, undefined, 'the ReplicaSet is admitted: its Pods are checked at their admission');
+      assert.equal(applyPatch(object, outcome.patch).metadata.annotations?.[PINNED_DIGESTS_ANNOTATION], undefined);
+      assert.equal(outcome.containers[0]?.reason, 'signature-unverified');
+      assert.deepEqual(outcome.containers[0]?.upstream?.signature, { verified: false, reason: 'unsigned', onFailure: 'deny' });
+      assert.deepEqual(outcome.warnings, ['pullbridge: containers/c0 image signed.example/app:1: signature not verified (unsigned); no digest recorded, and its Pods will be refused']);
+    });
   });
 });
 
@@ -395,7 +430,7 @@ registries: [{name: plain, match: [plain.example], upstream: "https://127.0.0.1:
     const res = await supertest(app).post('/mutate').set('content-type', 'application/json').send(reviewFor(podOf(['signed.example/app:1']), { namespace: 'team' }));
     const response = (res.body as { response: { allowed: boolean; status?: { code: number; message: string } } }).response;
     assert.equal(response.allowed, false);
-    assert.deepEqual(response.status, { code: 403, message: 'pullbridge: containers/c0 image signed.example/app:1: signature not verified: the tag could not be resolved to a digest (the webhook has no access to the proxy tier)' });
+    assert.deepEqual(response.status, { code: 403, message: `pullbridge: containers/c0 image signed.example/app:1: signature not verified: the tag could not be resolved to a digest (${NO_UPSTREAM})` });
     assert.equal(audit.records[0]?.result, 'denied');
   });
 });
@@ -506,6 +541,7 @@ describe('the orchestrator: one budget per review, questions answered once', fun
   const pinConfig = () => configFrom(`
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
   - {name: pin, match: [pin.example], upstream: "${registry.url}", auth: {mode: anonymous}, pinDigest: true, rewrite: private-only}
 `);
@@ -537,6 +573,31 @@ registries:
     }
   });
 
+  it('a dozen questions at once on one review\'s signal: no MaxListenersExceededWarning (trial 22)', async () => {
+    const sockets: net.Socket[] = [];
+    const silent = net.createServer((socket) => sockets.push(socket));
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const warnings: string[] = [];
+    const onWarning = (warning: Error) => warnings.push(`${warning.name}: ${warning.message}`);
+    process.on('warning', onWarning);
+    try {
+      // The webhook's own view of the proxy tier (undici's fetch would raise the signal's limit itself), on a proxy that accepts and never answers.
+      const view = new ProxyTierView({ endpoints: () => [`http://127.0.0.1:${(silent.address() as net.AddressInfo).port}`], token: () => 'resolver-token', namespaceAuthorization: () => 'Basic eDp5', deadlineMs: 5_000 });
+      const questions: UpstreamQuestion[] = Array.from({ length: 12 }, (_, i) => ({ kind: 'probe', key: `probe-${i}`, target: { rule: 'pin', repository: `team/app${i}`, reference: '1' } }));
+      const { questionsAsked } = await decideWithUpstream((book) => ({ questions: questions.filter((q) => !book.probes.has(q.key) && book.final === undefined) }), { view, budgetMs: 300 });
+      assert.equal(questionsAsked, 12);
+      await view.close();
+      // Process warnings are emitted on a later tick.
+      await new Promise((resolve) => setImmediate(resolve));
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.deepEqual(warnings.filter((w) => w.startsWith('MaxListenersExceededWarning')), []);
+    } finally {
+      process.off('warning', onWarning);
+      for (const s of sockets) s.destroy();
+      silent.close();
+    }
+  });
+
   it('a review that asks nothing is decided without the view', async () => {
     const view = directRegistryView({ upstream: registry.url });
     const { outcome, questionsAsked } = await decideWithUpstream((answers) => admitPod(config, podRequest(['plain.example/app:1']), { answers }), { view, budgetMs: 4000 });
@@ -551,6 +612,7 @@ registries:
     const cfg = configFrom(`
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
   - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}}}
 `);

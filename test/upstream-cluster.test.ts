@@ -83,8 +83,11 @@ describe('upstream-aware admission against a real apiserver, controller manager 
     const admin = JSON.parse(readFileSync(cp.kubeconfig, 'utf8')) as { users: Array<{ user: Record<string, string> }> };
     for (const u of admin.users) u.user.as = 'system:serviceaccount:pullbridge:pullbridge-webhook';
     writeFileSync(asWebhook, JSON.stringify(admin));
+    // Upstream-aware rules need a broker key (the resolver token is derived from it), anonymous or not.
+    writeFileSync(join(dir, 'broker.key'), `${'ef'.repeat(32)}\n`);
     const config = configFrom(`proxy: {host: 127.0.0.1, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [${join(dir, 'broker.key')}]}
 registries:
   - {name: pins, match: ["pins.corp.example:5000"], upstream: "${registry.url}", auth: {mode: anonymous}, pinDigest: true}
   - {name: corp, match: ["registry.corp.example:5000"], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only}
@@ -288,6 +291,39 @@ registries:
       });
       req.on('error', reject);
       req.end(JSON.stringify(body));
+    });
+  }
+
+  describe('verify on a ReplicaSet (trial 22)', () => {
+    it('admits a ReplicaSet whose image fails verify with a warning to its creator, records no pin, and audits signature-unverified', async () => {
+      const ns = 'verifying-rs';
+      await core.createNamespace({ body: { metadata: { name: ns } } });
+      const image = 'signed.corp.example:5000/team/signed:2';
+      // replicas: 0, so that the controller makes no Pods: this is about the ReplicaSet's own admission.
+      const rs = { apiVersion: 'apps/v1', kind: 'ReplicaSet', metadata: { name: 'unsigned' }, spec: { replicas: 0, selector: { matchLabels: { app: 'unsigned' } }, template: { metadata: { labels: { app: 'unsigned' } }, spec: { containers: [{ name: 'app', image }] } } } };
+      const created = await postRaw(`/apis/apps/v1/namespaces/${ns}/replicasets`, rs);
+      assert.equal(created.status, 201, created.body);
+      assert.match(created.warning, /pullbridge: containers\/app image signed\.corp\.example:5000\/team\/signed:2: signature not verified \(no signature by a trusted key\); no digest recorded, and its Pods will be refused/);
+      const stored = await apps.readNamespacedReplicaSet({ namespace: ns, name: 'unsigned' });
+      assert.equal(stored.metadata?.annotations?.[PINNED_DIGESTS_ANNOTATION], undefined);
+      const record = await until(async () => logs.records.find((r) => r.audit === 'admission' && r.namespace === ns), (r) => r !== undefined, 10_000, 'the audit record');
+      const images = record?.images as Array<{ container: string; reason: string }>;
+      assert.deepEqual(images.map((i) => [i.container, i.reason]), [['containers/app', 'signature-unverified']]);
+    });
+  });
+
+  /** POSTs an object as kubectl would: the status, body and admission warnings (a refusal is not thrown). */
+  function postRaw(path: string, object: unknown): Promise<{ status: number; body: string; warning: string }> {
+    return new Promise((resolve, reject) => {
+      const req = https.request(`${cp.url}${path}`, { method: 'POST', ca: cp.caCert, headers: { authorization: `Bearer ${cp.token}`, 'content-type': 'application/json' } }, (res) => {
+        let text = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (text += c));
+        const warning = res.headers.warning;
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, body: text, warning: Array.isArray(warning) ? warning.join('\n') : (warning ?? '') }));
+      });
+      req.on('error', reject);
+      req.end(JSON.stringify(object));
     });
   }
 

@@ -15,6 +15,7 @@ import {
   matchSignature,
   MAX_PAYLOAD_BYTES,
   parsePublicKey,
+  PrivateKeyGiven,
   parseSignatureManifest,
   referrersTag,
   signatureReferrers,
@@ -61,6 +62,7 @@ export function readCosignKeys(paths: readonly string[]): KeyObject[] {
     try {
       return parsePublicKey(new SecretFile(path).read());
     } catch (error) {
+      if (error instanceof PrivateKeyGiven) throw new Error(`${path} ${error.message}`);
       throw new Error(`${path} holds no usable public key: ${(error as Error).message.split('\n')[0]}`);
     }
   });

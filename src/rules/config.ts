@@ -420,6 +420,11 @@ function crossKeyErrors(document: unknown): ConfigError[] {
     } else if (rule.shareUpstreamCredentials === true) {
       errors.push({ key: `registries[${index}].shareUpstreamCredentials`, message: 'only with rewrite: never (other modes never hand the upstream credential to a namespace)' });
     }
+    const upstreamAwareKey = rule.rewrite === 'private-only' ? 'rewrite' : rule.pinDigest === true ? 'pinDigest' : rule.verify !== undefined ? 'verify' : undefined;
+    if (upstreamAwareKey !== undefined && !hasBroker) {
+      // The webhook asks the proxy tier with the resolver token, which is derived from the broker key, whatever the rule's auth mode.
+      errors.push({ key: `registries[${index}].${upstreamAwareKey}`, message: `${upstreamAwareKey === 'rewrite' ? 'rewrite: private-only' : upstreamAwareKey} asks the proxy tier at admission with a token derived from the broker key: give broker.keyFiles (also for an anonymous rule)` });
+    }
     if (mode === 'passthrough' && (rule.pinDigest === true || rule.verify !== undefined)) {
       // The webhook resolves with the namespace's own authorization; in passthrough that is the Pod's own pull secret, which the webhook never reads.
       errors.push({ key: `registries[${index}].${rule.pinDigest === true ? 'pinDigest' : 'verify'}`, message: 'auth mode "passthrough" gives the webhook no credential of the namespace to resolve the image with; use auth mode broker or anonymous' });
@@ -485,6 +490,15 @@ export function filesReadBy(config: Config, component: 'proxy' | 'webhook'): Con
     rule.verify?.cosign.publicKeyFiles.forEach((path, k) => files.push({ key: `registries[${i}].verify.cosign.publicKeyFiles[${k}]`, path, holds: 'public-key' }));
   });
   return files;
+}
+
+/**
+ * The files a running webhook reads, given what it does: the cosign keys always (verify), the
+ * signing key when it provisions pull secrets or asks the proxy tier (the resolver token), the
+ * upstream credentials of rewrite: never rules when it provisions pull secrets.
+ */
+export function filesWebhookReads(config: Config, uses: { readonly pullSecrets: boolean; readonly resolver: boolean }): ConfigFile[] {
+  return filesReadBy(config, 'webhook').filter((file) => file.holds === 'public-key' || (file.holds === 'broker-key' ? uses.pullSecrets || uses.resolver : uses.pullSecrets));
 }
 
 /** Validates an already-parsed document (e.g. from YAML) and compiles it. */

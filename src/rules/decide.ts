@@ -95,6 +95,13 @@ export function decideImage(config: Config, image: string, namespace?: string): 
   return decision;
 }
 
+/** Whether an image reference points at the proxy (its host is proxy.host:proxy.port). Pure. */
+export function pointsAtProxy(config: Pick<Config, 'proxyAuthority'>, image: string | null): boolean {
+  if (image === null) return false;
+  const parsed = parseReference(image);
+  return parsed.ok && canonicalRegistryHost(parsed.reference.domain) === canonicalRegistryHost(config.proxyAuthority);
+}
+
 function computeDecision(config: Config, image: string, namespace: string | undefined): ImageDecision {
   const parsed = parseReference(image);
   if (!parsed.ok) return { image, rewritten: null, rule: null, reason: 'invalid-reference', detail: parsed.error };

@@ -91,6 +91,10 @@ export function configWarnings(config: Config): ConfigWarning[] {
       if (first !== undefined) warnings.push({ key: `registries[${index}].match[${i}]`, message: `"${m}" is listed twice in rule "${rule.name}" (also match[${first}])` });
       else listed.set(host, i);
     });
+    if (rule.onProbeFailure === 'leave' && rule.rewrite !== 'private-only' && !rule.pinDigest) {
+      // Only the anonymous probe and the tag resolution consult it; verify has its own onFailure.
+      warnings.push({ key: `registries[${index}].onProbeFailure`, message: `has no effect on rule "${rule.name}": only rewrite: private-only and pinDigest ask the upstream before rewriting (verify decides with verify.onFailure)` });
+    }
     warnings.push(...globWarnings(rule, index));
   });
   return warnings;

@@ -2,8 +2,8 @@
 
 import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { parseConfig, type ConfigError, type ConfigFile, type ConfigResult } from '../rules/config.js';
-import { parsePublicKey } from '../signature/cosign.js';
+import { filesReadBy, parseConfig, type Config, type ConfigError, type ConfigFile, type ConfigResult } from '../rules/config.js';
+import { parsePublicKey, PrivateKeyGiven } from '../signature/cosign.js';
 import { BrokerKeys, describeFileError, SecretFile } from './secretfiles.js';
 
 export function readConfigFile(path: string): ConfigResult {
@@ -45,10 +45,20 @@ function loadFile(file: ConfigFile): void {
         // The same parse as admission's (src/signature/cosign.ts): a key type cosign cannot sign with is refused here.
         parsePublicKey(new SecretFile(file.path).read());
       } catch (error) {
+        if (error instanceof PrivateKeyGiven) throw new Error(`${file.path} ${error.message}`);
         throw new Error(`${file.path} holds no usable PEM public key: ${(error as Error).message.split('\n')[0]}`);
       }
       return;
   }
+}
+
+/**
+ * Every file any component reads for the config, once each: what `validate` checks, so that neither
+ * the proxy nor the webhook refuses at start what validate called valid.
+ */
+export function filesReadByAny(config: Config): ConfigFile[] {
+  const seen = new Set<string>();
+  return [...filesReadBy(config, 'proxy'), ...filesReadBy(config, 'webhook')].filter((file) => !seen.has(file.key) && seen.add(file.key));
 }
 
 /** Loads every file once; an error per file that cannot be loaded, named by the key that names it. */

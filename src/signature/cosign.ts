@@ -164,7 +164,17 @@ function keyAccepts(key: KeyObject, payload: Buffer, signature: Buffer): boolean
 }
 
 /** Parses a PEM public key for `matchSignature`; throws with a one-line reason. */
+/** A private key where a public one belongs (cosign.key for cosign.pub): said plainly, not as OpenSSL's decoder error. */
+export class PrivateKeyGiven extends Error {
+  constructor() {
+    super('holds a private key; give the public key (cosign.pub)');
+  }
+}
+
+const PEM_PRIVATE_KEY = /-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----/;
+
 export function parsePublicKey(pem: string | Buffer): KeyObject {
+  if (PEM_PRIVATE_KEY.test(typeof pem === 'string' ? pem : pem.toString('latin1'))) throw new PrivateKeyGiven();
   const key = createPublicKey(pem);
   if (!['ec', 'rsa', 'ed25519'].includes(key.asymmetricKeyType ?? '')) throw new Error(`unsupported key type ${String(key.asymmetricKeyType)} (cosign keys are ECDSA, RSA or Ed25519)`);
   return key;

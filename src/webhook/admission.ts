@@ -3,11 +3,11 @@
 import type { Operation } from 'fast-json-patch';
 import { z } from 'zod';
 import { ALWAYS_EXCLUDED_NAMESPACES, type Config } from '../rules/config.js';
-import { decideImage, ruleByName, type DecisionReason } from '../rules/decide.js';
+import { decideImage, pointsAtProxy, ruleByName, type DecisionReason } from '../rules/decide.js';
 import { ORIGINAL_IMAGES_ANNOTATION, PINNED_DIGESTS_ANNOTATION, REWRITTEN_LABEL, UPSTREAM_PULL_SECRET_LABEL } from '../rules/marks.js';
 import { upstreamPullSecretName } from '../rules/upstreamsecret.js';
 import { REFERENCE_LENGTH_MAX, parseReference } from '../reference/reference.js';
-import { AnswerBook, needsDigest, pinForReplicaSet, settleImage, type ReplicaSetOwner, type UpstreamFacts, type UpstreamQuestion } from './upstreamplan.js';
+import { AnswerBook, NO_UPSTREAM, needsDigest, pinForReplicaSet, settleImage, type ReplicaSetOwner, type UpstreamFacts, type UpstreamQuestion } from './upstreamplan.js';
 
 /** The apiserver's limit on all of an object's annotations together, keys plus values, in bytes
  * (TotalAnnotationSizeLimitB in k8s.io/apimachinery). */
@@ -152,8 +152,7 @@ export interface AdmissionContext {
   readonly answers?: AnswerBook;
 }
 
-/** The text of a missing answer when no one was asked. */
-export const NO_UPSTREAM = 'the webhook has no access to the proxy tier';
+export { NO_UPSTREAM };
 // Final and empty: it records no question and holds no answer, so one instance serves every call.
 const NO_ANSWERS = new AnswerBook(NO_UPSTREAM);
 
@@ -433,7 +432,8 @@ export function admitPod(config: Config, request: AdmissionRequest, context: Adm
       originalImagesOmitted = `the Pod's annotations would total ${total} bytes, more than the apiserver's limit of ${TOTAL_ANNOTATION_SIZE_LIMIT_BYTES}`;
       warnings.push(`pullbridge: annotation ${ORIGINAL_IMAGES_ANNOTATION} not added: ${originalImagesOmitted}; images are rewritten, the originals are in the audit log`);
     }
-    addLabels[REWRITTEN_LABEL] = 'true';
+    // The label (and the rewrites metric) mean "pulled through the proxy": not a public image only pinned.
+    if (containers.some((c) => pointsAtProxy(config, c.rewritten))) addLabels[REWRITTEN_LABEL] = 'true';
   }
   // One patch operation per label: two adds of an absent map would replace one another.
   const labels = pod.metadata?.labels;
@@ -490,6 +490,7 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
   const book = context.answers ?? NO_ANSWERS;
   const containers: ContainerDecision[] = [];
   const pins: Record<string, string> = {};
+  const warnings: string[] = [];
   let pending = false;
   for (const field of ['initContainers', 'containers'] as const) {
     for (const container of rs.spec.template.spec[field] ?? []) {
@@ -503,7 +504,10 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
         continue;
       }
       if (pin.digest !== null) pins[container.image] = pin.digest;
-      containers.push({ container: `${field}/${container.name}`, image: quotedImage(container.image), rewritten: null, rule: rule.name, reason: decision.reason, detail: pin.detail, upstream: pin.upstream });
+      const reason: ContainerReason = pin.unverified !== undefined ? 'signature-unverified' : decision.reason;
+      // The ReplicaSet itself is admitted: what runs is its Pods, and each is checked (and, with onFailure: deny, refused) at its own admission.
+      if (pin.unverified !== undefined) warnings.push(`pullbridge: ${field}/${container.name} image ${quotedImage(container.image)}: signature not verified (${pin.unverified}); no digest recorded${rule.verify?.onFailure === 'deny' ? ', and its Pods will be refused' : ''}`);
+      containers.push({ container: `${field}/${container.name}`, image: quotedImage(container.image), rewritten: null, rule: rule.name, reason, detail: pin.detail, upstream: pin.upstream });
     }
   }
   const questions = book.takeQuestions();
@@ -517,7 +521,7 @@ export function admitReplicaSet(config: Config, request: AdmissionRequest, conte
   } else if (annotations?.[PINNED_DIGESTS_ANNOTATION] !== undefined) {
     patch.push({ op: 'remove', path: `/metadata/annotations/${pointerSegment(PINNED_DIGESTS_ANNOTATION)}` });
   }
-  return { decision: patch.length > 0 ? 'mutated' : 'unchanged', containers, patch, pullSecret: null, upstreamPullSecrets: [], warnings: [], questions: [] };
+  return { decision: patch.length > 0 ? 'mutated' : 'unchanged', containers, patch, pullSecret: null, upstreamPullSecrets: [], warnings, questions: [] };
 }
 
 /** Whether the request is an UPDATE of an apps/v1 ReplicaSet (its pins annotation is guarded). */

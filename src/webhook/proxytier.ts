@@ -45,6 +45,32 @@ export function rendezvousOrder(key: string, endpoints: readonly string[]): stri
   return [...new Set(endpoints)].map((endpoint) => ({ endpoint, score: score(endpoint) })).sort((a, b) => (a.score === b.score ? 0 : a.score > b.score ? -1 : 1)).map((e) => e.endpoint);
 }
 
+/** How long a proxy that stalled or refused the connection is asked only after the others. */
+export const PROXY_COOLDOWN_MS = 30_000;
+
+/**
+ * `order` with the proxies still cooling down (until a time after `now`) moved last, each group in
+ * its own order. Pure. A stalled proxy would otherwise keep taking the first share of every
+ * question's deadline for the repositories it wins.
+ */
+export function orderAfterCooldown(order: readonly string[], coolingUntil: ReadonlyMap<string, number>, now: number): string[] {
+  const cooling = (endpoint: string) => (coolingUntil.get(endpoint) ?? 0) > now;
+  return [...order.filter((e) => !cooling(e)), ...order.filter(cooling)];
+}
+
+/**
+ * How long one attempt may take, of `leftMs`, when `remaining` proxies (this one included) are
+ * still to ask. Pure. The last takes all that is left; a proxy in good standing half, so that a
+ * stall leaves the next one time to answer; one cooling down (all of them are, then) an equal share.
+ */
+export function attemptShareMs(leftMs: number, remaining: number, cooling: boolean): number {
+  if (remaining <= 1) return Math.max(1, leftMs);
+  return Math.max(1, Math.floor(cooling ? leftMs / remaining : leftMs / 2));
+}
+
+/** Connection failures that say the proxy is not there (as opposed to an answer, or the admission giving up). */
+const UNREACHABLE_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'ETIMEDOUT', 'UND_ERR_CONNECT_TIMEOUT', 'UND_ERR_SOCKET']);
+
 export interface ProxyTierOptions {
   /** Base URLs of the proxies' operations ports (`http://10.0.0.7:9090`), as known now. */
   readonly endpoints: () => readonly string[];
@@ -55,6 +81,15 @@ export interface ProxyTierOptions {
   readonly deadlineMs?: number;
   /** Tests give their own; one Agent with RESOLVER_CONNECTIONS_PER_PROXY per proxy otherwise. */
   readonly dispatcher?: Dispatcher;
+  /** Told of every attempt on one proxy: for the webhook's metrics. */
+  readonly onAttempt?: (attempt: ProxyAttempt) => void;
+}
+
+/** One question to one proxy: how it ended, and whether another proxy was asked after it. */
+export interface ProxyAttempt {
+  readonly kind: 'probe' | 'manifest' | 'blob' | 'referrers';
+  readonly outcome: 'answered' | 'unavailable' | 'stalled' | 'unreachable' | 'gave-up';
+  readonly seconds: number;
 }
 
 type Reply = Dispatcher.ResponseData;
@@ -108,6 +143,8 @@ const sha256 = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).d
 export class ProxyTierView implements RegistryView {
   private readonly dispatcher: Dispatcher;
   private readonly deadlineMs: number;
+  /** Proxies that stalled or refused the connection, until when they are asked last. */
+  private readonly coolingUntil = new Map<string, number>();
 
   constructor(private readonly options: ProxyTierOptions) {
     this.deadlineMs = options.deadlineMs ?? DEFAULT_RESOLVER_DEADLINE_MS;
@@ -119,7 +156,7 @@ export class ProxyTierView implements RegistryView {
   }
 
   probeAnonymous(target: RegistryTarget & { readonly reference: string }, signal: AbortSignal): Promise<ProbeAnswer> {
-    return this.ask<ProbeAnswer>(target, 'GET', `/admission/probe/v2/${target.rule}/${target.repository}/manifests/${target.reference}`, {}, signal, async (reply) => {
+    return this.ask<ProbeAnswer>('probe', target, 'GET', `/admission/probe/v2/${target.rule}/${target.repository}/manifests/${target.reference}`, {}, signal, async (reply) => {
       const body = await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES);
       if (reply.statusCode === 200 && body !== null) {
         const parsed = JSON.parse(body.toString('utf8')) as { status?: unknown };
@@ -130,7 +167,7 @@ export class ProxyTierView implements RegistryView {
   }
 
   manifest(target: RegistryTarget & { readonly reference: string; readonly namespace: string; readonly method: 'HEAD' | 'GET' }, signal: AbortSignal): Promise<ManifestAnswer> {
-    return this.ask<ManifestAnswer>(target, target.method, `/admission/v2/${target.rule}/${target.repository}/manifests/${target.reference}`, { accept: MANIFEST_ACCEPT, ...this.namespaceHeader(target.namespace) }, signal, async (reply) => {
+    return this.ask<ManifestAnswer>('manifest', target, target.method, `/admission/v2/${target.rule}/${target.repository}/manifests/${target.reference}`, { accept: MANIFEST_ACCEPT, ...this.namespaceHeader(target.namespace) }, signal, async (reply) => {
       let body: Buffer | null = null;
       if (target.method === 'GET' || reply.statusCode !== 200) body = await readBounded(reply, MANIFEST_LIMIT_BYTES);
       else await reply.body.dump();
@@ -144,7 +181,7 @@ export class ProxyTierView implements RegistryView {
   }
 
   blob(target: RegistryTarget & { readonly digest: string; readonly namespace: string; readonly maxBytes: number }, signal: AbortSignal): Promise<BlobAnswer> {
-    return this.ask<BlobAnswer>(target, 'GET', `/admission/v2/${target.rule}/${target.repository}/blobs/${target.digest}`, { 'x-pullbridge-max-bytes': String(target.maxBytes), ...this.namespaceHeader(target.namespace) }, signal, async (reply) => {
+    return this.ask<BlobAnswer>('blob', target, 'GET', `/admission/v2/${target.rule}/${target.repository}/blobs/${target.digest}`, { 'x-pullbridge-max-bytes': String(target.maxBytes), ...this.namespaceHeader(target.namespace) }, signal, async (reply) => {
       if (reply.statusCode !== 200) return { answer: refusedOrFailed(reply.statusCode, await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES)) };
       const body = await readBounded(reply, target.maxBytes);
       if (body === null) return { answer: { kind: 'refused', status: 413, error: `the blob is larger than ${target.maxBytes} bytes` } };
@@ -155,7 +192,7 @@ export class ProxyTierView implements RegistryView {
 
   referrers(target: RegistryTarget & { readonly digest: string; readonly namespace: string; readonly artifactType?: string }, signal: AbortSignal): Promise<ReferrersAnswer> {
     const query = target.artifactType !== undefined ? `?artifactType=${encodeURIComponent(target.artifactType)}` : '';
-    return this.ask<ReferrersAnswer>(target, 'GET', `/admission/v2/${target.rule}/${target.repository}/referrers/${target.digest}${query}`, this.namespaceHeader(target.namespace), signal, async (reply) => {
+    return this.ask<ReferrersAnswer>('referrers', target, 'GET', `/admission/v2/${target.rule}/${target.repository}/referrers/${target.digest}${query}`, this.namespaceHeader(target.namespace), signal, async (reply) => {
       const body = await readBounded(reply, REFERRERS_ANSWER_LIMIT_BYTES);
       if (reply.statusCode !== 200) return { answer: refusedOrFailed(reply.statusCode, body) };
       if (body === null) return { answer: failed('the referrers answer is too large') };
@@ -174,34 +211,55 @@ export class ProxyTierView implements RegistryView {
    * Asks the proxies in rendezvous order of rule/repository until one answers, within the deadline.
    * Not answering (no connection, the attempt's time up, 503 not ready, 429 busy) moves to the next;
    * the first of several gets half the time left, so a stalled proxy leaves the next time to answer.
+   * A proxy that stalled or refused the connection is asked last for PROXY_COOLDOWN_MS.
    */
-  private async ask<T extends { readonly kind: string }>(target: RegistryTarget, method: 'GET' | 'HEAD', path: string, headers: Record<string, string>, signal: AbortSignal, interpret: (reply: Reply) => Promise<Outcome<T>>): Promise<T | { kind: 'failed'; error: string }> {
+  private async ask<T extends { readonly kind: string }>(kind: ProxyAttempt['kind'], target: RegistryTarget, method: 'GET' | 'HEAD', path: string, headers: Record<string, string>, signal: AbortSignal, interpret: (reply: Reply) => Promise<Outcome<T>>): Promise<T | { kind: 'failed'; error: string }> {
     const end = Date.now() + this.deadlineMs;
     const deadline = AbortSignal.any([signal, AbortSignal.timeout(this.deadlineMs)]);
-    const order = rendezvousOrder(`${target.rule}/${target.repository}`, this.options.endpoints());
+    for (const [endpoint, until] of this.coolingUntil) if (until <= Date.now()) this.coolingUntil.delete(endpoint);
+    const order = orderAfterCooldown(rendezvousOrder(`${target.rule}/${target.repository}`, this.options.endpoints()), this.coolingUntil, Date.now());
     if (order.length === 0) return failed('no proxy to ask: none is known yet (discovery) or configured (--resolver-url)');
     const reasons: string[] = [];
     for (let i = 0; i < order.length && !deadline.aborted; i++) {
       const base = order[i] ?? '';
-      const left = end - Date.now();
-      const attempt = order.length - i > 1 ? AbortSignal.any([deadline, AbortSignal.timeout(Math.max(1, Math.floor(left / 2)))]) : deadline;
+      const started = Date.now();
+      const cooling = (this.coolingUntil.get(base) ?? 0) > started;
+      const share = attemptShareMs(end - started, order.length - i, cooling);
+      const attempt = order.length - i > 1 ? AbortSignal.any([deadline, AbortSignal.timeout(share)]) : deadline;
+      const report = (outcome: ProxyAttempt['outcome']) => this.options.onAttempt?.({ kind, outcome, seconds: (Date.now() - started) / 1000 });
       try {
         const reply = await request(`${base}${path}`, { method, headers: { ...headers, authorization: `Bearer ${this.options.token()}` }, signal: attempt, dispatcher: this.dispatcher });
+        this.coolingUntil.delete(base);
         if (reply.statusCode === 503 || reply.statusCode === 429) {
           reasons.push(`${base}: ${errorText(await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES), reply.statusCode)}`);
+          report('unavailable');
           continue;
         }
         if (refusedToken(reply)) {
           // The operations port refused the token itself (a proxy with other broker keys): not an answer about the image.
           reasons.push(`${base}: ${errorText(await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES), reply.statusCode)} (do the proxy and the webhook hold the same broker key?)`);
+          report('unavailable');
           continue;
         }
         const outcome = await interpret(reply);
+        report('answered');
         if ('answer' in outcome) return outcome.answer;
         reasons.push(`${base}: ${outcome.next}`);
       } catch (error) {
         const cause = (error as { cause?: { code?: string } }).cause?.code ?? (error as { code?: string }).code;
-        reasons.push(`${base}: ${attempt.aborted ? (signal.aborted ? 'the admission gave up' : 'no answer in time') : (cause ?? (error as Error).message)}`);
+        if (signal.aborted) {
+          reasons.push(`${base}: the admission gave up`);
+          report('gave-up');
+        } else if (attempt.aborted) {
+          // Its time share ran out: stalled (or too slow to be asked first for a while).
+          this.coolingUntil.set(base, Date.now() + PROXY_COOLDOWN_MS);
+          reasons.push(`${base}: no answer in time`);
+          report('stalled');
+        } else {
+          if (cause !== undefined && UNREACHABLE_CODES.has(cause)) this.coolingUntil.set(base, Date.now() + PROXY_COOLDOWN_MS);
+          reasons.push(`${base}: ${cause ?? (error as Error).message}`);
+          report('unreachable');
+        }
       }
     }
     if (deadline.aborted && reasons.length < order.length) reasons.push(`no answer within ${this.deadlineMs} ms`);

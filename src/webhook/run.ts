@@ -5,10 +5,10 @@ import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import https from 'node:https';
 import type { V1OwnerReference } from '@kubernetes/client-node';
-import { Gauge, type Registry } from 'prom-client';
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
 import { createLogger, type Logger } from '../log.js';
 import { createMetricsRegistry } from '../metrics.js';
-import { filesReadBy, type Config, type ConfigError } from '../rules/config.js';
+import { filesWebhookReads, type Config, type ConfigError } from '../rules/config.js';
 import type { RegistryView } from '../rules/registryview.js';
 import { unloadableFiles } from '../shell/configfile.js';
 import { ConfigWatcher } from '../shell/configwatch.js';
@@ -17,6 +17,7 @@ import { BrokerKeys, RuleCredentialFiles } from '../shell/secretfiles.js';
 import { listenGated, PROBE_PORT_MAX_CONNECTIONS, PROBE_PORT_MAX_CONNECTIONS_PER_SOURCE, serveGated, type GatedListener } from '../shell/startupgate.js';
 import { createMetricsHandler, createWebhookApp, DEFAULT_WEBHOOK_TIMEOUT_SECONDS, type WebhookSideEffects } from './server.js';
 import { budgetFor, type ReplicaSetPinsReader, type SignatureCheck } from './upstream.js';
+import { rulesAskingUpstream } from './upstreamplan.js';
 
 export interface WebhookRunOptions {
   readonly config: Config;
@@ -135,7 +136,10 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
 
   const k8s = options.kubeconfig !== undefined ? (await import('../k8s/client.js')).kubeClients(options.kubeconfig === 'in-cluster' ? undefined : options.kubeconfig) : undefined;
   let onRejected: ((message: string) => void) | undefined;
-  let loadErrors: ((next: Config) => readonly ConfigError[]) | undefined;
+  // A new config is taken up only once the files it has the webhook read load: the signing key, the
+  // cosign keys, and the upstream credentials of rewrite: never rules (only those reach the webhook).
+  // With or without API access: a reload naming a missing cosign key would deny every image of its rule.
+  const loadErrors = (next: Config): readonly ConfigError[] => unloadableFiles(filesWebhookReads(next, { pullSecrets: options.kubeconfig !== undefined, resolver: options.resolver !== undefined }));
   const sideEffects: WebhookSideEffects = {};
   let replicaSetPins: ReplicaSetPinsReader | undefined;
   if (k8s) {
@@ -147,9 +151,6 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     ]);
     const labels = new NamespaceLabels(k8s.core, logger);
     sideEffects.namespaceLabels = (ns) => labels.get(ns);
-    // A new config is taken up only once the files it has the webhook read load: the signing key,
-    // and the upstream credentials of rewrite: never rules (only those reach the webhook).
-    loadErrors = (next) => unloadableFiles(filesReadBy(next, 'webhook'));
     const credentials = new RuleCredentialFiles();
     const graceMs = options.reconcileGraceMs ?? DEFAULT_GRACE_MS;
     // Well inside the grace, so that a recorded admission is never older than the grace allows.
@@ -200,6 +201,17 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
     logger.warn('no Kubernetes API access: pull secrets are not provisioned and namespace labels are not read');
   }
 
+  // Rules that ask the upstream at admission get no answer without the proxy tier: say so at start
+  // and at each reload, naming the flags, rather than let every image fall to onProbeFailure or deny.
+  if (!options.resolver && !options.upstream?.view) {
+    const warnNoResolver = () => {
+      const asking = rulesAskingUpstream(config);
+      if (asking.length > 0) logger.warn({ rules: asking }, `rules ${asking.map((r) => `"${r}"`).join(', ')} ask the upstream at admission (rewrite: private-only, pinDigest, verify), but the webhook has no access to the proxy tier: give --resolver-url or --resolver-ops-port (in the chart, webhook.resolver.enabled: true); until then their images fall to onProbeFailure, and verify denies`);
+    };
+    warnNoResolver();
+    afterConfigApplied.push(warnNoResolver);
+  }
+
   let registryView: RegistryView | undefined;
   if (options.resolver && !config.broker) logger.warn('no broker.keyFiles in the config: the admission resolver has no token the proxies accept, and admission cannot ask the upstreams');
   else if (options.resolver) {
@@ -216,11 +228,23 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       const fixed = resolver.urls ?? [];
       endpoints = () => [...fixed, ...discovered.endpoints()];
     }
+    const proxyQuestionSeconds = new Histogram({
+      name: 'pullbridge_webhook_proxy_question_seconds',
+      help: 'One admission question to one proxy of the tier, by kind (probe, manifest, blob, referrers) and outcome (answered, unavailable, stalled, unreachable, gave-up)',
+      labelNames: ['kind', 'outcome'],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4],
+      registers: [metrics],
+    });
+    const proxyFailovers = new Counter({ name: 'pullbridge_webhook_proxy_failovers_total', help: 'Admission questions a proxy of the tier did not answer (not ready, stalled, unreachable): the next proxy is asked, if any', labelNames: ['kind'], registers: [metrics] });
     const tier = new ProxyTierView({
       endpoints,
       token: () => opsToken(key(), 'resolver'),
       namespaceAuthorization: (namespace) => `Basic ${Buffer.from(`${namespace}:${namespaceToken(key(), namespace)}`).toString('base64')}`,
       ...(resolver.deadlineMs !== undefined ? { deadlineMs: resolver.deadlineMs } : {}),
+      onAttempt: (attempt) => {
+        proxyQuestionSeconds.observe({ kind: attempt.kind, outcome: attempt.outcome }, attempt.seconds);
+        if (attempt.outcome !== 'answered' && attempt.outcome !== 'gave-up') proxyFailovers.inc({ kind: attempt.kind });
+      },
     });
     stopsAsync.push(() => tier.close());
     registryView = new CachedRegistryView(tier);
@@ -276,7 +300,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
         initial: config,
         logger,
         metrics,
-        ...(loadErrors ? { loadErrors } : {}),
+        loadErrors,
         onApplied: (next) => {
           config = next;
           for (const follow of afterConfigApplied) follow();

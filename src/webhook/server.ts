@@ -6,6 +6,7 @@ import express, { type NextFunction, type Request, type Response } from 'express
 import { Counter, Histogram, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
 import type { Config } from '../rules/config.js';
+import { pointsAtProxy } from '../rules/decide.js';
 import { decideCaller, dnsNamesOf, type PeerCertificate } from './clientauth.js';
 import { ADMISSION_BODY_LIMIT_BYTES, admissionDenial, admissionResponse, admitPod, admitReplicaSet, admitReplicaSetUpdate, isPodUpdateWithoutImageChange, isReplicaSetCreate, isReplicaSetUpdate, leftUnchanged, parseAdmissionReview, type AdmissionContext, type AdmissionOutcome, type AdmissionRequest } from './admission.js';
 import { budgetFor, decideWithUpstream, type UpstreamAccess } from './upstream.js';
@@ -271,7 +272,8 @@ export function createWebhookApp(options: WebhookAppOptions): express.Express {
       if (result === 'mutated') {
         // One increment per rule: prom-client's per-call label handling is not free.
         const perRule = new Map<string, number>();
-        for (const c of outcome.containers) if (c.rewritten !== null && c.rule !== null) perRule.set(c.rule, (perRule.get(c.rule) ?? 0) + 1);
+        const current = options.config();
+        for (const c of outcome.containers) if (c.rule !== null && pointsAtProxy(current, c.rewritten)) perRule.set(c.rule, (perRule.get(c.rule) ?? 0) + 1);
         for (const [rule, n] of perRule) metrics.rewrites.inc({ rule }, n);
       }
       for (const c of outcome.containers) {

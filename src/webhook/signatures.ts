@@ -24,6 +24,6 @@ export function cosignSignatureCheck(view: SignatureView, config: () => Config, 
     const keys = keysFor(requirement.verify.cosign.publicKeyFiles);
     if (keys instanceof Error) return { verified: false, reason: `the public keys cannot be read: ${keys.message}` };
     const verdict = await verifyCosignSignature(view, target, digest, namespace, keys, signal);
-    return verdict.verified ? { verified: true } : { verified: false, reason: verdict.reason };
+    return verdict.verified ? { verified: true, keyIndex: verdict.keyIndex, source: verdict.source } : { verified: false, reason: verdict.reason };
   };
 }

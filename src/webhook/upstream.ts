@@ -3,8 +3,9 @@
 // under one deadline for the whole review, and decides again until nothing is missing or the
 // deadline passed. A review that asks nothing never waits here.
 
+import { setMaxListeners } from 'node:events';
 import type { ProbeAnswer, ManifestAnswer, RegistryTarget, RegistryView } from '../rules/registryview.js';
-import { AnswerBook, type PinsAnswer, type SignatureAnswer, type UpstreamQuestion } from './upstreamplan.js';
+import { AnswerBook, NO_UPSTREAM, type PinsAnswer, type SignatureAnswer, type UpstreamQuestion } from './upstreamplan.js';
 
 /**
  * Checks the signature of `digest` in a rule's repository (cosign: the `sha256-<hex>.sig` tag or a
@@ -33,6 +34,8 @@ export function budgetFor(timeoutSeconds: number): number {
 
 /** Rounds of questions a review may take: ReplicaSet pins, then probes and tags, then signatures. */
 const MAX_ROUNDS = 4;
+/** Listeners one review's signal may hold: one per question in flight and per proxy attempt; beyond Node's default 10 without a leak. */
+const REVIEW_SIGNAL_MAX_LISTENERS = 1000;
 
 /**
  * Distinct upstream questions one review may ask, over all its rounds (a verify image takes two: its
@@ -85,12 +88,12 @@ async function answer(question: UpstreamQuestion, access: UpstreamAccess, book: 
   const signal = deadline.signal;
   switch (question.kind) {
     case 'probe': {
-      const result: ProbeAnswer | undefined = view ? await beforeDeadline(() => view.probeAnonymous(question.target, signal), deadline).catch((e: unknown) => ({ kind: 'failed' as const, error: message(e) })) : { kind: 'failed', error: 'the webhook has no access to the proxy tier' };
+      const result: ProbeAnswer | undefined = view ? await beforeDeadline(() => view.probeAnonymous(question.target, signal), deadline).catch((e: unknown) => ({ kind: 'failed' as const, error: message(e) })) : { kind: 'failed', error: NO_UPSTREAM };
       if (result !== undefined) book.probes.set(question.key, result);
       return;
     }
     case 'digest': {
-      const result: ManifestAnswer | undefined = view ? await beforeDeadline(() => view.manifest({ ...question.target, method: 'HEAD' }, signal), deadline).catch((e: unknown) => ({ kind: 'failed' as const, error: message(e) })) : { kind: 'failed', error: 'the webhook has no access to the proxy tier' };
+      const result: ManifestAnswer | undefined = view ? await beforeDeadline(() => view.manifest({ ...question.target, method: 'HEAD' }, signal), deadline).catch((e: unknown) => ({ kind: 'failed' as const, error: message(e) })) : { kind: 'failed', error: NO_UPSTREAM };
       if (result !== undefined) book.digests.set(question.key, result);
       return;
     }
@@ -131,6 +134,8 @@ export async function decideWithUpstream<T extends { readonly questions: readonl
   const controller = new AbortController();
   const signal = controller.signal;
   const timer = setTimeout(() => controller.abort(new Error(`the review's budget of ${access.budgetMs} ms is spent`)), Math.max(0, access.budgetMs - spentMs));
+  // Every question of the review (and each proxy attempt) listens on this one signal.
+  setMaxListeners(REVIEW_SIGNAL_MAX_LISTENERS, signal);
   const { reached, release } = deadlineOf(signal);
   const deadline: Deadline = { signal, reached };
   let asked = 0;

@@ -11,7 +11,10 @@ import { formatReference, parseReference } from '../reference/reference.js';
 import { verifyRequirement } from '../rules/verifypolicy.js';
 
 /** What a signature check concluded (the cosign implementation is injected; see upstream.ts). */
-export type SignatureAnswer = { readonly verified: true } | { readonly verified: false; readonly reason: string };
+/** The text of a missing answer when no one was asked: what the user sees, naming how to give access. */
+export const NO_UPSTREAM = 'the webhook has no access to the proxy tier (start it with --resolver-url or --resolver-ops-port; in the chart, webhook.resolver.enabled)';
+
+export type SignatureAnswer = { readonly verified: true; /** Which of publicKeyFiles verified it. */ readonly keyIndex?: number; /** Where the signature was found: the `.sig` tag, or a referrer's digest. */ readonly source?: string } | { readonly verified: false; readonly reason: string };
 
 /** The pins a Pod's controlling ReplicaSet carries: original image → digest. */
 export type PinsAnswer = { readonly kind: 'found'; readonly pins: Readonly<Record<string, string>> } | { readonly kind: 'none'; readonly detail?: string; /** The ReplicaSet could not be read or its pins were refused (too large): audited. */ readonly unusable?: boolean };
@@ -31,7 +34,13 @@ export interface UpstreamFacts {
   /** Why the controlling ReplicaSet's pins were not used (unreadable, or an annotation too large). */
   replicaSetPins?: { readonly ignored: string };
   /** verify: the signature check's result for the digest. */
-  signature?: { readonly verified: boolean; readonly reason?: string; readonly onFailure?: 'deny' | 'warn' };
+  signature?: { readonly verified: boolean; readonly keyIndex?: number; readonly source?: string; readonly reason?: string; readonly onFailure?: 'deny' | 'warn' };
+}
+
+/** The audit's view of a signature answer: which key and where, or why not and what onFailure did. */
+export function signatureFacts(answer: SignatureAnswer, onFailure: 'deny' | 'warn'): NonNullable<UpstreamFacts['signature']> {
+  if (!answer.verified) return { verified: false, reason: answer.reason, onFailure };
+  return { verified: true, ...(answer.keyIndex !== undefined ? { keyIndex: answer.keyIndex } : {}), ...(answer.source !== undefined ? { source: answer.source } : {}) };
 }
 
 /**
@@ -76,6 +85,11 @@ export const replicaSetKey = (namespace: string, uid: string) => `replicaset\u00
 /** Whether a rule's decisions need the upstream at all; a rule without these keys stays synchronous. */
 export function isUpstreamAware(rule: Pick<Rule, 'rewrite' | 'pinDigest' | 'verify'>): boolean {
   return rule.rewrite === 'private-only' || rule.pinDigest || rule.verify !== undefined;
+}
+
+/** The names of the rules whose decisions ask the upstream (through the proxy tier) at admission. */
+export function rulesAskingUpstream(config: Pick<Config, 'registries'>): string[] {
+  return config.registries.filter(isUpstreamAware).map((rule) => rule.name);
 }
 
 /** Whether a rule needs the digest behind a tag (recorded on a ReplicaSet once). */
@@ -239,7 +253,7 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
     // Over the question cap a verify rule denies even with onFailure: warn: warn admits unverified
     // images, and whoever wrote the Pod chose to make it too large to check.
     const onFailure = book.overQuestionCap ? 'deny' : verify.onFailure;
-    facts.signature = answer.verified ? { verified: true } : { verified: false, reason: answer.reason, onFailure };
+    facts.signature = signatureFacts(answer, onFailure);
     verified = answer.verified;
     if (!answer.verified) {
       const message = `pullbridge: ${container} image ${image}: signature not verified: ${answer.reason}`;
@@ -259,7 +273,8 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
   return {
     pending: false,
     rewritten: final === image ? null : final,
-    reason: alreadyProxied ? 'already-proxied' : secretOnly ? 'pull-secret-only' : proxied ? 'rewritten' : 'public-image',
+    // Admitted under onFailure: warn, the audit says why it was not verified rather than plain "rewritten".
+    reason: rule.verify !== undefined && !verified ? 'signature-unverified' : alreadyProxied ? 'already-proxied' : secretOnly ? 'pull-secret-only' : proxied ? 'rewritten' : 'public-image',
     ...(detail ? { detail } : {}),
     proxied,
     upstream: facts,
@@ -269,17 +284,20 @@ export function settleImage(config: Config, decision: ImageDecision, container: 
 
 /**
  * What a rule's upstream keys leave open when no proxy tier is asked (the rewrite CLI): a detail
- * naming them, or undefined for a rule without them.
+ * naming them, or undefined for a rule without them. An image written with a digest leaves
+ * pinDigest nothing to ask: the digest is the one given.
  */
-export function unknownWithoutUpstream(rule: Pick<Rule, 'name' | 'rewrite' | 'pinDigest' | 'verify'>): string | undefined {
-  const keys = [rule.rewrite === 'private-only' ? 'rewrite: private-only (is the image public?)' : undefined, rule.pinDigest ? 'pinDigest (which digest?)' : undefined, rule.verify ? 'verify (is it signed?)' : undefined].filter((k) => k !== undefined);
+export function unknownWithoutUpstream(rule: Pick<Rule, 'name' | 'rewrite' | 'pinDigest' | 'verify'>, image?: string): string | undefined {
+  const parsed = image === undefined ? undefined : parseReference(image);
+  const hasDigest = parsed?.ok === true && parsed.reference.digest !== undefined;
+  const keys = [rule.rewrite === 'private-only' ? 'rewrite: private-only (is the image public?)' : undefined, rule.pinDigest && !hasDigest ? 'pinDigest (which digest?)' : undefined, rule.verify ? 'verify (is it signed?)' : undefined].filter((k) => k !== undefined);
   if (keys.length === 0) return undefined;
   return `rule "${rule.name}" asks the upstream at admission through the proxy tier: ${keys.join(', ')}; this shows the decision before those answers, which cannot be known here`;
 }
 
 export type PinSettlement =
   | { readonly pending: true }
-  | { readonly pending: false; readonly digest: string | null; readonly upstream: UpstreamFacts; readonly detail: string };
+  | { readonly pending: false; readonly digest: string | null; readonly upstream: UpstreamFacts; readonly detail: string; /** Why the signature was not verified, when it was not. */ readonly unverified?: string };
 
 /**
  * The digest a ReplicaSet records for one of its template's images: resolved for pinDigest, and for
@@ -311,7 +329,8 @@ export function pinForReplicaSet(rule: Rule, decision: ImageDecision, namespace:
     book.ask({ kind: 'signature', key: sigKey, target: signatureTarget });
     return { pending: true };
   }
-  const upstream: UpstreamFacts = { digest: { digest, source: 'resolved', pinned: signature.verified || rule.pinDigest }, signature: signature.verified ? { verified: true } : { verified: false, reason: signature.reason, onFailure: rule.verify.onFailure } };
-  if (signature.verified || rule.pinDigest) return { pending: false, digest, upstream, detail: `pinned to ${digest}${signature.verified ? ' (signature verified)' : ''}` };
-  return { pending: false, digest: null, upstream, detail: `not pinned: signature not verified (${signature.reason}); each Pod is checked at its admission` };
+  // An unverified digest is never recorded, pinDigest or not: a pin would vouch for an image no key stands behind.
+  const upstream: UpstreamFacts = { digest: { digest, source: 'resolved', pinned: signature.verified }, signature: signatureFacts(signature, rule.verify.onFailure) };
+  if (signature.verified) return { pending: false, digest, upstream, detail: `pinned to ${digest} (signature verified)` };
+  return { pending: false, digest: null, upstream, detail: `not pinned: signature not verified (${signature.reason}); each Pod is checked at its admission`, unverified: signature.reason };
 }
