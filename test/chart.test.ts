@@ -147,7 +147,7 @@ describe('Helm chart', function () {
   it('with a verify rule, sends opted-out Pods too (the webhook checks their images on the proxy): no objectSelector', async () => {
     const publicKeyPem = generateKeyPairSync('ec', { namedCurve: 'prime256v1' }).publicKey.export({ type: 'spki', format: 'pem' }).toString();
     const file = join(dir, 'verify-selector.yaml');
-    writeFileSync(file, stringifyYaml({ registries: [{ name: 'corp', match: ['r.example'], upstream: 'https://r.example', auth: { mode: 'anonymous' }, verify: { cosign: { publicKeys: [publicKeyPem] } } }] }));
+    writeFileSync(file, stringifyYaml({ webhook: { failurePolicy: 'Fail' }, registries: [{ name: 'corp', match: ['r.example'], upstream: 'https://r.example', auth: { mode: 'anonymous' }, verify: { cosign: { publicKeys: [publicKeyPem] } } }] }));
     const hook = (await render('-f', file)).find((o) => o.kind === 'MutatingWebhookConfiguration') as KubernetesObject & { webhooks: Array<Record<string, unknown>> };
     assert.equal(hook.webhooks[0]?.objectSelector, undefined);
     assert.match(JSON.stringify(hook.webhooks[0]?.namespaceSelector), /pullbridge\.io\/ignore/, 'the namespace opt-out (set by whoever may label namespaces) stays');

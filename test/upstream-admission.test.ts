@@ -445,7 +445,8 @@ webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
 broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
   - {name: plain, match: [plain.example], upstream: "https://127.0.0.1:5000"}
-  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5000", verify: {cosign: {publicKeyFiles: [/keys/a.pub]}}}
+  # Another upstream: a verify rule covers every rule on its own upstream (rules/verifypolicy.ts).
+  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5001", verify: {cosign: {publicKeyFiles: [/keys/a.pub]}}}
 `);
 
   it('a namespace-labels read that never answers does not hold the review: decided without labels within the budget', async () => {
@@ -628,6 +629,7 @@ registries:
     const cfg = configFrom(`
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
   - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}, onFailure: warn}}
   - {name: priv, match: [priv.example], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only}
@@ -657,6 +659,7 @@ registries:
     const cfg = configFrom(`
 proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
+broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
   - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}}}
 `);

@@ -10,6 +10,7 @@
 import { createHash } from 'node:crypto';
 import { Agent, request, type Dispatcher } from 'undici';
 import type { BlobAnswer, ManifestAnswer, ProbeAnswer, ReferrersAnswer, RegistryTarget, RegistryView } from '../rules/registryview.js';
+import { MANIFEST_ACCEPT } from '../content/passthrough.js';
 
 /** Connections one webhook process keeps to one proxy. Fits the per-source limit of the proxy's
  * operations port (8) and of its collector listener (COLLECTOR_MAX_CONNECTIONS_PER_SOURCE). */
@@ -28,13 +29,6 @@ const MANIFEST_LIMIT_BYTES = 4 * 1024 * 1024;
 /** A referrers answer: a 1 MiB index, base64 in JSON. */
 const REFERRERS_ANSWER_LIMIT_BYTES = 2 * 1024 * 1024;
 const SMALL_ANSWER_LIMIT_BYTES = 64 * 1024;
-
-const MANIFEST_ACCEPT = [
-  'application/vnd.oci.image.index.v1+json',
-  'application/vnd.oci.image.manifest.v1+json',
-  'application/vnd.docker.distribution.manifest.list.v2+json',
-  'application/vnd.docker.distribution.manifest.v2+json',
-].join(', ');
 
 /**
  * `endpoints` in the order a repository asks them: highest rendezvous score of `key` and the

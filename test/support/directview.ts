@@ -4,13 +4,7 @@
 
 import { createHash } from 'node:crypto';
 import type { BlobAnswer, ManifestAnswer, ProbeAnswer, ReferrersAnswer, RegistryView } from '../../src/rules/registryview.js';
-
-const MANIFEST_ACCEPT = [
-  'application/vnd.oci.image.index.v1+json',
-  'application/vnd.oci.image.manifest.v1+json',
-  'application/vnd.docker.distribution.manifest.list.v2+json',
-  'application/vnd.docker.distribution.manifest.v2+json',
-].join(', ');
+import { MANIFEST_ACCEPT } from '../../src/content/passthrough.js';
 
 export interface DirectViewOptions {
   /** The upstream of every rule, e.g. `http://127.0.0.1:5000`. */
