@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { verifyRequirement } from '../src/rules/verifypolicy.js';
 import { signatureTag } from '../src/signature/cosign.js';
 import { startContainerd, type Containerd } from './support/containerd.js';
-import { generateKeyPair, removeCosignFiles, sign, type CosignKeyPair } from './support/cosign.js';
+import { cosignVerifies, generateKeyPair, removeCosignFiles, sign, type CosignKeyPair } from './support/cosign.js';
 import { configFrom } from './support/config.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { runAsync } from './support/procs.js';
@@ -91,6 +91,13 @@ describe('the proxy serves manifests of verify rules only when signed', function
     // Through another rule on the same upstream too: the signature is the same.
     await inspect('corp/priv/app:1.0');
     assert.deepEqual(denials(), []);
+  });
+
+  it('cosign verify through the proxy: the signature manifest (unsigned itself, runnable nowhere) is served; an unsigned image fails', async () => {
+    const [user, password] = proxy.credential('shop').split(/:(.*)/s) as [string, string];
+    const registryAuth = { username: user, password };
+    assert.equal(await cosignVerifies(`${proxy.host}/signed/priv/app@${images.get('app')!.index.digest}`, signer, { registryAuth }), true);
+    assert.equal(await cosignVerifies(`${proxy.host}/signed/priv/unsigned@${images.get('unsigned')!.index.digest}`, signer, { registryAuth }), false);
   });
 
   it('serves a signed image to containerd (ctr), one platform\'s manifest by digest, and refuses an unsigned one', async () => {

@@ -17,6 +17,7 @@ import { ContentError, type ContentSource, type DetachedBufferAllowance, type Ma
 import type { Config } from '../rules/config.js';
 import type { BlobAnswer, ManifestAnswer, ReferrersAnswer } from '../rules/registryview.js';
 import { verifyRequirement } from '../rules/verifypolicy.js';
+import { isSignatureOnlyManifest } from '../signature/cosign.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 
@@ -34,7 +35,7 @@ const CHECK_TIMEOUT_MS = 30_000;
 const REFERRERS_LIMIT_BYTES = 1024 * 1024;
 const OCI_INDEX = 'application/vnd.oci.image.index.v1+json';
 
-export type GateVerdict = { readonly allowed: true; readonly via?: 'signature' | 'index' } | { readonly allowed: false; readonly kind: 'unsigned' | 'rejected' | 'unavailable'; readonly reason: string };
+export type GateVerdict = { readonly allowed: true; readonly via?: 'signature' | 'index' | 'signature-manifest' } | { readonly allowed: false; readonly kind: 'unsigned' | 'rejected' | 'unavailable'; readonly reason: string };
 
 export interface GateOptions {
   readonly now?: () => number;
@@ -109,6 +110,9 @@ export class VerifyGate {
   async check(request: ManifestCheck): Promise<GateVerdict> {
     const requirement = verifyRequirement(this.config.registries, request.rr.rule, request.repository);
     if (requirement === undefined) return { allowed: true };
+    // A signature is not signed itself, and runs nowhere: served, so that `cosign verify` works
+    // through the proxy. (Only with its body: a HEAD of it is checked like any manifest.)
+    if (request.manifest.body !== undefined && isSignatureOnlyManifest(request.manifest.body)) return { allowed: true, via: 'signature-manifest' };
     const key = `${request.rr.rule.name}\n${request.repository}\n${request.manifest.digest}`;
     const known = this.verdicts.get(key);
     if (known !== undefined) return known;

@@ -196,3 +196,13 @@ export function matchSignature(layer: SignatureLayer, payload: Buffer, imageDige
   if (claim.digest !== imageDigest) return { verified: false, reason: `signature for another digest (${claim.digest})` };
   return { verified: true, keyIndex };
 }
+
+/**
+ * Whether a manifest is a cosign signature and nothing else: an image manifest whose layers are all
+ * simple-signing payloads (JSON, never a filesystem). No runtime can run it (its layers unpack to
+ * nothing), so a proxy that serves only signed images may still serve it to `cosign verify`.
+ */
+export function isSignatureOnlyManifest(body: Buffer): boolean {
+  const parsed = parseSignatureManifest(body);
+  return parsed.ok && parsed.skipped === 0 && parsed.layers.length > 0;
+}
