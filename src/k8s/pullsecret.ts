@@ -28,20 +28,20 @@ export const MAX_RECHECK_MS = 60_000;
 /** A short, non-reversible identity of a key, so a rotation is visible without the key. */
 export const keyId = (key: Uint8Array): string => createHash('sha256').update(key).digest('hex').slice(0, 16);
 
-/** The Secret a namespace should hold. Pure. */
-export function desiredPullSecret(config: Config, namespace: string, name: string, key: Uint8Array): V1Secret {
+/** A managed `kubernetes.io/dockerconfigjson` Secret holding `payload`. Pure. */
+function dockerConfigSecret(name: string, namespace: string, annotations: Record<string, string>, payload: string): V1Secret {
   return {
     apiVersion: 'v1',
     kind: 'Secret',
     type: 'kubernetes.io/dockerconfigjson',
-    metadata: {
-      name,
-      namespace,
-      labels: { [MANAGED_BY_LABEL]: MANAGED_BY },
-      annotations: { [KEY_ID_ANNOTATION]: keyId(key) },
-    },
-    data: { '.dockerconfigjson': Buffer.from(dockerConfigJson(config.proxyAuthority, namespace, key)).toString('base64') },
+    metadata: { name, namespace, labels: { [MANAGED_BY_LABEL]: MANAGED_BY }, annotations },
+    data: { '.dockerconfigjson': Buffer.from(payload).toString('base64') },
   };
+}
+
+/** The Secret a namespace should hold. Pure. */
+export function desiredPullSecret(config: Config, namespace: string, name: string, key: Uint8Array): V1Secret {
+  return dockerConfigSecret(name, namespace, { [KEY_ID_ANNOTATION]: keyId(key) }, dockerConfigJson(config.proxyAuthority, namespace, key));
 }
 
 /**
@@ -51,18 +51,7 @@ export function desiredPullSecret(config: Config, namespace: string, name: strin
  */
 export function desiredUpstreamPullSecret(rule: Pick<Rule, 'name' | 'match'>, namespace: string, name: string, credential: UpstreamCredential): V1Secret {
   const payload = upstreamDockerConfigJson(rule, credential);
-  return {
-    apiVersion: 'v1',
-    kind: 'Secret',
-    type: 'kubernetes.io/dockerconfigjson',
-    metadata: {
-      name,
-      namespace,
-      labels: { [MANAGED_BY_LABEL]: MANAGED_BY },
-      annotations: { [KEY_ID_ANNOTATION]: keyId(Buffer.from(payload)), [RULE_ANNOTATION]: rule.name },
-    },
-    data: { '.dockerconfigjson': Buffer.from(payload).toString('base64') },
-  };
+  return dockerConfigSecret(name, namespace, { [KEY_ID_ANNOTATION]: keyId(Buffer.from(payload)), [RULE_ANNOTATION]: rule.name }, payload);
 }
 
 /**
