@@ -631,7 +631,8 @@ proxy: {host: localhost, port: 30500}
 webhook: {pullSecretName: pullbridge-pull, namespace: pullbridge}
 broker: {keyFiles: [/nonexistent/broker.key]}
 registries:
-  - {name: signed, match: [signed.example], upstream: "${registry.url}", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}, onFailure: warn}}
+  # An upstream of its own (never asked here: over the cap): a verify rule covers every rule on its upstream.
+  - {name: signed, match: [signed.example], upstream: "https://127.0.0.1:5001", auth: {mode: anonymous}, verify: {cosign: {publicKeyFiles: [/k.pub]}, onFailure: warn}}
   - {name: priv, match: [priv.example], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only}
   - {name: privleave, match: [privleave.example], upstream: "${registry.url}", auth: {mode: anonymous}, rewrite: private-only, onProbeFailure: leave}
 `);
