@@ -212,8 +212,23 @@ describe('pullbridge demo (npm start)', function () {
   });
 
   it('a failed start (the proxy port taken) says which flag in one line, exits 1, and leaves no directory and no sample registry behind', async () => {
-    const taken: Server = createServer();
-    const proxyPort = await new Promise<number>((resolve) => taken.listen(0, '127.0.0.1', () => resolve((taken.address() as { port: number }).port)));
+    // A taken port whose neighbour (the demo's operations port, +1) is free: else the message names that one.
+    const listenOn = (server: Server, port: number) =>
+      new Promise<number | null>((resolve) => {
+        server.once('error', () => resolve(null));
+        server.listen(port, '127.0.0.1', () => resolve((server.address() as { port: number }).port));
+      });
+    let taken: Server = createServer();
+    let proxyPort = 0;
+    for (let tries = 0; tries < 20; tries++) {
+      proxyPort = (await listenOn(taken, 0)) ?? 0;
+      const neighbour = createServer();
+      const free = (await listenOn(neighbour, proxyPort + 1)) !== null;
+      await new Promise((resolve) => (free ? neighbour.close(resolve) : resolve(undefined)));
+      if (free) break;
+      await new Promise((resolve) => taken.close(resolve));
+      taken = createServer();
+    }
     try {
       const port = await freePort();
       const result = runCli(['demo', '--port', String(port), '--proxy-port', String(proxyPort)], env);

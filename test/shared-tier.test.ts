@@ -349,7 +349,13 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
     closing.push(() => upstream.close(0));
     const shared = tempDir(`shared-${name}`);
     const nodes = [await node(tempDir(`node-${name}-1`), shared, upstream.url, 'node-1', options.fillWaitSeconds), await node(tempDir(`node-${name}-2`), shared, upstream.url, 'node-2', options.fillWaitSeconds)] as const;
-    return { blob, digest, path: `/v2/corp/team/slow/blobs/${digest}`, nodes };
+    return { blob, digest, path: `/v2/corp/team/slow/blobs/${digest}`, nodes, shared };
+  };
+  /** Polls (bounded) until the tier holds a claim for the digest: a node is filling it. */
+  const claimed = async (shared: string, digest: string) => {
+    const file = join(shared, 'claims', 'sha256', digest.slice('sha256:'.length));
+    for (let i = 0; i < 300 && !existsSync(file); i++) await new Promise((resolve) => setTimeout(resolve, 50));
+    assert.ok(existsSync(file), `no claim for ${digest} in the tier`);
   };
 
   after(async () => {
@@ -413,10 +419,11 @@ describe('the shared cache tier, filesystem: backfill, slow fills, downloads tha
 
   it('keeps a claim fresh while a slow fetch moves on: a node waiting longer than fillWaitSeconds still reads it from the tier', async () => {
     // Sent over ~13 s, past the shortest fillWaitSeconds (10 s) that the config takes.
-    const { digest, path, nodes: [first, second] } = await slowFill('slow', { chunks: 26, intervalMs: 500, fillWaitSeconds: 10 });
+    const { digest, path, shared, nodes: [first, second] } = await slowFill('slow', { chunks: 26, intervalMs: 500, fillWaitSeconds: 10 });
     const get = (n: ProxyUnderTest) => rawRequest(n.url, path, { headers: { authorization: n.authorization('shop') } });
     const filling = get(first);
-    await new Promise((resolve) => setTimeout(resolve, 700)); // the first node holds the claim
+    // The second node asks once the first holds the claim (a fixed pause lost that race on a loaded machine).
+    await claimed(shared, digest);
     const [a, b] = await Promise.all([filling, get(second)]);
     assert.equal(sha(a.body), digest);
     assert.equal(sha(b.body), digest);
