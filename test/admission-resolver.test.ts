@@ -45,6 +45,7 @@ describe('admission resolver: the proxy tier answers admission through the rules
   let tinyproxy: Tinyproxy;
   let stalled: net.Server;
   const stalledSockets = new Set<net.Socket>();
+  let stalledEnding = false;
   let proxyA: ProxyProcessUnderTest;
   let proxyB: ProxyProcessUnderTest;
   let image: TestImage;
@@ -95,6 +96,11 @@ describe('admission resolver: the proxy tier answers admission through the rules
     for (const repository of ['public/app', 'private/app', 'public/other', 'public/shared', 'public/failover']) await registry.push(image, repository, '1');
     tinyproxy = await startTinyproxy();
     stalled = net.createServer((socket) => {
+      // After the tests, a late connection is cut at once: server.close() waits for every connection.
+      if (stalledEnding) {
+        socket.destroy();
+        return;
+      }
       stalledSockets.add(socket);
       socket.on('close', () => stalledSockets.delete(socket));
     });
@@ -108,6 +114,7 @@ describe('admission resolver: the proxy tier answers admission through the rules
     await Promise.all(views.map((v) => v.close()));
     await proxyA?.close();
     await proxyB?.close();
+    stalledEnding = true;
     for (const socket of stalledSockets) socket.destroy();
     await new Promise((resolve) => stalled?.close(resolve));
     await tinyproxy?.stop();
@@ -326,6 +333,9 @@ describe('admission resolver: the proxy tier answers admission through the rules
     // The one fake here: a proxy's operations port that accepts and never answers; a real proxy cannot be made to stall.
     const held = new Set<net.Socket>();
     let accepted = 0;
+    // Once the test ends, a connection that arrives late is cut at once: server.close() waits for every
+    // connection, and the view's close for its requests (a late one held the whole file 120 s in CI).
+    let ending = false;
     const candidates = ['public/failover', 'public/app', 'public/other', 'public/shared'];
     // A port on which some repository ranks the stalled proxy first (rendezvous order depends on the URL).
     let stalledProxy: net.Server | undefined;
@@ -334,6 +344,10 @@ describe('admission resolver: the proxy tier answers admission through the rules
     for (let tries = 0; tries < 20 && repository === undefined; tries++) {
       if (stalledProxy) await new Promise((resolve) => stalledProxy?.close(resolve));
       const server = net.createServer((socket) => {
+        if (ending) {
+          socket.destroy();
+          return;
+        }
         accepted++;
         held.add(socket);
         socket.on('close', () => held.delete(socket));
@@ -368,6 +382,7 @@ describe('admission resolver: the proxy tier answers admission through the rules
       assert.deepEqual(attempts.slice(2).map((a) => `${a.kind}:${a.outcome}`), ['manifest:answered', 'manifest:answered']);
       assert.equal(accepted, acceptedFirst, 'the stalled proxy was not asked again during its cool-down');
     } finally {
+      ending = true;
       for (const socket of held) socket.destroy();
       await new Promise((resolve) => stalledProxy?.close(resolve));
     }
