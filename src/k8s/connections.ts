@@ -6,6 +6,7 @@
 import { V1MicroTime, type CoordinationV1Api, type CoreV1Api, type CustomObjectsApi, type V1Lease, type V1Pod } from '@kubernetes/client-node';
 import { Gauge, type Registry } from 'prom-client';
 import type { Logger } from '../log.js';
+import { PeriodicTask } from '../periodic.js';
 import type { Config } from '../rules/config.js';
 import { apiMessage, apiStatus } from './client.js';
 import {
@@ -185,9 +186,9 @@ export function isStartingProxyPod(pod: V1Pod, now: number): boolean {
 }
 
 export class StatusCollector {
-  private timer: NodeJS.Timeout | undefined;
   private readonly elector: LeaseElector;
-  private running: Promise<void> | undefined;
+  /** One collection at a time: a slow one is not stacked on. */
+  private readonly collecting: PeriodicTask;
   private leading = false;
   private readonly gauges: { ready: Gauge<'rule'>; reachable: Gauge<'rule'> } | undefined;
 
@@ -201,21 +202,15 @@ export class StatusCollector {
     // Held across at least three missed collections before another replica takes over.
     const duration = Math.max(15, Math.ceil((options.intervalMs * 3) / 1000));
     this.elector = new LeaseElector(options.coordination, options.namespace, options.leaseName ?? 'pullbridge-status-collector', options.identity, duration);
+    this.collecting = new PeriodicTask(() => this.tick(), options.intervalMs);
   }
 
   start(): void {
-    const tick = () => {
-      // One collection at a time: a slow one is not stacked on.
-      this.running ??= this.tick().finally(() => (this.running = undefined));
-    };
-    tick();
-    this.timer = setInterval(tick, this.options.intervalMs);
-    this.timer.unref();
+    this.collecting.start();
   }
 
   async stop(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    await this.running;
+    await this.collecting.stop();
     if (this.leading) await this.elector.release();
   }
 

@@ -5,6 +5,7 @@
 
 import type { CoreV1Api, V1Pod } from '@kubernetes/client-node';
 import type { Logger } from '../log.js';
+import { PeriodicTask } from '../periodic.js';
 import { apiMessage } from './client.js';
 import { listProxyPods } from './connections.js';
 
@@ -28,10 +29,11 @@ export function proxyEndpoint(pod: V1Pod, opsPort: number): string | null {
 
 export class ProxyEndpoints {
   private current: readonly string[] = [];
-  private timer: NodeJS.Timeout | undefined;
-  private refreshing: Promise<void> | undefined;
+  private readonly refreshing: PeriodicTask;
 
-  constructor(private readonly options: ProxyEndpointsOptions) {}
+  constructor(private readonly options: ProxyEndpointsOptions) {
+    this.refreshing = new PeriodicTask(() => this.refresh(), options.intervalMs);
+  }
 
   /** The endpoints as last listed; the last good list while the API cannot be read. */
   endpoints(): readonly string[] {
@@ -39,16 +41,11 @@ export class ProxyEndpoints {
   }
 
   start(): void {
-    const tick = () => {
-      this.refreshing ??= this.refresh().finally(() => (this.refreshing = undefined));
-    };
-    tick();
-    this.timer = setInterval(tick, this.options.intervalMs);
-    this.timer.unref();
+    this.refreshing.start();
   }
 
-  stop(): void {
-    if (this.timer) clearInterval(this.timer);
+  stop(): Promise<void> {
+    return this.refreshing.stop();
   }
 
   async refresh(): Promise<void> {

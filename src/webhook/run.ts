@@ -224,7 +224,7 @@ export async function runWebhook(options: WebhookRunOptions): Promise<WebhookPro
       const { ProxyEndpoints } = await import('../k8s/proxyendpoints.js');
       const discovered = new ProxyEndpoints({ ...resolver.discovery, core: k8s.core, logger });
       discovered.start();
-      stops.push(() => discovered.stop());
+      stopsAsync.push(() => discovered.stop());
       const fixed = resolver.urls ?? [];
       endpoints = () => [...fixed, ...discovered.endpoints()];
     }
