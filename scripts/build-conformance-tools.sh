@@ -12,30 +12,16 @@
 # Env: CONFORMANCE_VERSION, ORAS_VERSION, GGCR_VERSION (go-containerregistry), PULLBRIDGE_CACHE (~/.cache/pullbridge)
 set -euo pipefail
 
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "go is required to build the conformance tools" >&2; exit 1; }
+source "$(dirname "$0")/lib/go-tools.sh"
+require_go "the conformance tools"
 
 CONFORMANCE_VERSION=${CONFORMANCE_VERSION:-v0.0.0-20260831232431-97274622c111}
 ORAS_VERSION=${ORAS_VERSION:-v1.3.6}
 GGCR_VERSION=${GGCR_VERSION:-v0.22.1}
-CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
-mkdir -p "$CACHE/bin"
 work=$(mktemp -d)
 trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 
-install_tool() { # name module version
-  local out="$CACHE/bin/$1-$3"
-  if [ ! -x "$out" ]; then
-    echo "building $1 $3" >&2
-    mkdir -p "$work/$1"
-    GOBIN="$work/$1" go install -p 2 "$2@$3"
-    mv "$work/$1/$1" "$out.tmp"
-    mv "$out.tmp" "$out"
-  fi
-  echo "$out"
-}
-
-install_tool oras oras.land/oras/cmd/oras "$ORAS_VERSION"
+go_install_once "$CACHE/bin/oras-$ORAS_VERSION" "oras.land/oras/cmd/oras@$ORAS_VERSION"
 
 out="$CACHE/bin/referrers-registry-$GGCR_VERSION"
 if [ ! -x "$out" ]; then

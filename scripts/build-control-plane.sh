@@ -9,15 +9,12 @@
 # Env: KUBE_VERSION (v1.31.4), HELM_VERSION (v3.16.4), PULLBRIDGE_CACHE (~/.cache/pullbridge)
 set -euo pipefail
 
-# Go may live outside a minimal PATH (CI runs with a trimmed environment).
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "go is required to build the Kubernetes commands and helm" >&2; exit 1; }
+source "$(dirname "$0")/lib/go-tools.sh"
+require_go "the Kubernetes commands and helm"
 
 KUBE_VERSION=${KUBE_VERSION:-v1.31.4}
 HELM_VERSION=${HELM_VERSION:-v3.16.4}
-CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
 KUBE_COMMANDS="kube-apiserver kubectl kubelet kube-scheduler kube-controller-manager kube-proxy"
-mkdir -p "$CACHE/bin"
 # The helm binary's name says it is stamped with a Kubernetes version (see below), so that an
 # unstamped one cached by an older version of this script is never picked up.
 helm="$CACHE/bin/helm-$HELM_VERSION-stamped"
@@ -70,10 +67,7 @@ if [ ! -x "$helm" ]; then
   for pkg in helm.sh/helm/v3/pkg/chartutil helm.sh/helm/v3/pkg/lint/rules; do
     hldflags="$hldflags -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8sminor"
   done
-  gobin=$(mktemp -d)
-  GOBIN="$gobin" go install -ldflags "$hldflags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-  mv "$gobin/helm" "$helm"
-  rm -rf "$gobin"
+  go_install_once "$helm" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" "$hldflags" >/dev/null
 fi
 
 for cmd in $KUBE_COMMANDS; do echo "$CACHE/bin/$cmd-$KUBE_VERSION"; done

@@ -7,24 +7,11 @@
 #   scripts/build-cosign.sh        # prints the binary's path
 # Env: COSIGN_VERSION (v2.6.5), PULLBRIDGE_CACHE (~/.cache/pullbridge)
 set -euo pipefail
-
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "go is required to build cosign" >&2; exit 1; }
+source "$(dirname "$0")/lib/go-tools.sh"
+require_go cosign
 
 # v2: signatures as the simple-signing payload under the sha256-<hex>.sig tag by default (v3 writes
 # Sigstore bundles as OCI referrers by default).
 COSIGN_VERSION=${COSIGN_VERSION:-v2.6.5}
-CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
-mkdir -p "$CACHE/bin"
-out="$CACHE/bin/cosign-$COSIGN_VERSION"
-
-if [ ! -x "$out" ]; then
-  echo "building cosign $COSIGN_VERSION" >&2
-  gobin=$(mktemp -d)
-  trap 'rm -rf "$gobin"' EXIT
-  # Stamped as cosign's Makefile does, so that `cosign version` names what was built.
-  GOBIN="$gobin" go install -p 2 -ldflags "-X sigs.k8s.io/release-utils/version.gitVersion=$COSIGN_VERSION" "github.com/sigstore/cosign/v2/cmd/cosign@$COSIGN_VERSION"
-  mv "$gobin/cosign" "$out.tmp"
-  mv "$out.tmp" "$out"
-fi
-echo "$out"
+# Stamped as cosign's Makefile does, so that `cosign version` names what was built.
+go_install_once "$CACHE/bin/cosign-$COSIGN_VERSION" "github.com/sigstore/cosign/v2/cmd/cosign@$COSIGN_VERSION" "-X sigs.k8s.io/release-utils/version.gitVersion=$COSIGN_VERSION"

@@ -7,30 +7,12 @@
 #   scripts/build-registry-tools.sh        # prints the binaries' paths, one a line
 # Env: CRANE_VERSION (v0.22.1), REGCTL_VERSION (v0.11.7), PULLBRIDGE_CACHE (~/.cache/pullbridge)
 set -euo pipefail
-
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "go is required to build crane and regctl" >&2; exit 1; }
+source "$(dirname "$0")/lib/go-tools.sh"
+require_go "crane and regctl"
 
 CRANE_VERSION=${CRANE_VERSION:-v0.22.1}
 REGCTL_VERSION=${REGCTL_VERSION:-v0.11.7}
-CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
-mkdir -p "$CACHE/bin"
 
-# name  package@version  [ldflags]
-build() {
-  local out="$CACHE/bin/$1"
-  if [ ! -x "$out" ]; then
-    echo "building $2" >&2
-    local gobin
-    gobin=$(mktemp -d)
-    GOBIN="$gobin" go install -p 2 -ldflags "${3:-}" "$2"
-    mv "$gobin"/* "$out.tmp"
-    mv "$out.tmp" "$out"
-    rm -rf "$gobin"
-  fi
-  echo "$out"
-}
-
-build "crane-$CRANE_VERSION" "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION" "-X github.com/google/go-containerregistry/cmd/crane/cmd.Version=$CRANE_VERSION"
+go_install_once "$CACHE/bin/crane-$CRANE_VERSION" "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION" "-X github.com/google/go-containerregistry/cmd/crane/cmd.Version=$CRANE_VERSION"
 # regctl names its version from the module's build info (no stamp needed).
-build "regctl-$REGCTL_VERSION" "github.com/regclient/regclient/cmd/regctl@$REGCTL_VERSION"
+go_install_once "$CACHE/bin/regctl-$REGCTL_VERSION" "github.com/regclient/regclient/cmd/regctl@$REGCTL_VERSION"

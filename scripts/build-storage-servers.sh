@@ -8,27 +8,11 @@
 # Env: VERSITYGW_VERSION, FAKE_GCS_VERSION, PULLBRIDGE_CACHE (~/.cache/pullbridge)
 set -euo pipefail
 
-export PATH="$PATH:/usr/local/go/bin:$HOME/go/bin"
-command -v go >/dev/null || { echo "go is required to build the object-storage servers" >&2; exit 1; }
+source "$(dirname "$0")/lib/go-tools.sh"
+require_go "the object-storage servers"
 
 VERSITYGW_VERSION=${VERSITYGW_VERSION:-v1.8.0}
 FAKE_GCS_VERSION=${FAKE_GCS_VERSION:-v1.56.1}
-CACHE=${PULLBRIDGE_CACHE:-$HOME/.cache/pullbridge}
-mkdir -p "$CACHE/bin"
 
-# name  package@version
-build() {
-  local out="$CACHE/bin/$1"
-  if [ ! -x "$out" ]; then
-    echo "building $2" >&2
-    local gobin
-    gobin=$(mktemp -d)
-    GOBIN="$gobin" go install "$2"
-    mv "$gobin"/* "$out"
-    rm -rf "$gobin"
-  fi
-  echo "$out"
-}
-
-build "versitygw-$VERSITYGW_VERSION" "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
-build "fake-gcs-server-$FAKE_GCS_VERSION" "github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION"
+go_install_once "$CACHE/bin/versitygw-$VERSITYGW_VERSION" "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+go_install_once "$CACHE/bin/fake-gcs-server-$FAKE_GCS_VERSION" "github.com/fsouza/fake-gcs-server@$FAKE_GCS_VERSION"
