@@ -49,6 +49,8 @@ export interface FileBodyOptions {
    * are still in this core's cache when they are sent).
    */
   readonly syncReads?: boolean | 'while-cached';
+  /** With 'while-cached': a read slower than this (ms) was not from the page cache alone (default CACHED_READ_MS). */
+  readonly cachedReadMs?: number;
 }
 
 /**
@@ -143,7 +145,7 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
       } catch (error) {
         return finish(error as Error);
       }
-      if (timed) slowReads = performance.now() - began > CACHED_READ_MS ? slowReads + 1 : 0;
+      if (timed) slowReads = performance.now() - began > (options.cachedReadMs ?? CACHED_READ_MS) ? slowReads + 1 : 0;
       if (slowReads >= SLOW_READS) {
         // From the next read on, off the event loop (pumpAsync starts where this one ended).
         onLoop = false;
