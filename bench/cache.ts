@@ -8,6 +8,9 @@
 //   flight  N clients at once for the blob not stored: wall time against one client, and the
 //           transfers the registry made (from its access log: one fill for everyone)
 //
+// Beside every figure: the server's own CPU seconds per GiB delivered (user + system from /proc,
+// the serving process only: on two shared cores wall-clock rates mostly measure the clients).
+//
 // curl is the client; targets alternate their order between rounds and each figure is the median
 // of the rounds. Cache directories are removed after each round.
 //
@@ -19,7 +22,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Proc } from '../test/support/procs.js';
 import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
-import { curl, curlDigest, peakRssMb, pushBlob, startNginx, startPullbridge } from './proxy.js';
+import { curl, curlDigest, peakRssMb, pushBlob, serverCpuSeconds, startNginx, startPullbridge } from './proxy.js';
 
 /** A small blob each fresh proxy pulls first (filled, then hit), so the measured pull meets warm code. */
 const WARM_MB = 16;
@@ -34,6 +37,10 @@ export interface HitRow {
   readonly singleMBps: number;
   /** Median over the rounds of all bytes / wall time of the concurrent pulls, MiB/s. */
   readonly concurrentMBps: number;
+  /** Median over the rounds of the server's CPU seconds per GiB delivered, one pull. */
+  readonly singleCpuPerGiB: number;
+  /** The same for the concurrent pulls. */
+  readonly concurrentCpuPerGiB: number;
 }
 
 export interface MissRow {
@@ -41,6 +48,10 @@ export interface MissRow {
   readonly target: string;
   /** Median over the rounds, MiB/s. */
   readonly singleMBps: number;
+  /** Median over the rounds of the server's CPU seconds per GiB delivered (a miss: until stored). */
+  readonly cpuPerGiB: number;
+  /** Every round's figure, for the noise. */
+  readonly cpuPerGiBRounds: readonly number[];
 }
 
 export interface CacheBenchResult {
@@ -59,6 +70,8 @@ export interface CacheBenchResult {
   readonly flightWallSeconds: number;
   /** Total MiB/s delivered to the concurrent clients of the flight (median round). */
   readonly flightMBps: number;
+  /** The proxy's CPU seconds per GiB delivered to the clients of the flight (median round). */
+  readonly flightCpuPerGiB: number;
   /** Blob GETs the registry answered during each round's concurrent miss. */
   readonly flightUpstreamGets: readonly number[];
   /** Peak RSS of the fresh proxies that filled for `concurrency` clients, largest over the rounds. */
@@ -89,6 +102,13 @@ export function median(values: readonly number[]): number {
 }
 
 const mibPerSecond = (bytes: number, seconds: number) => bytes / 2 ** 20 / seconds;
+
+/** `work` with the CPU seconds the server process `pid` spent meanwhile, per GiB of `bytes(result)`. */
+async function withCpu<T>(pid: number, work: () => Promise<T>, bytes: (result: T) => number): Promise<{ value: T; cpuPerGiB: number }> {
+  const before = serverCpuSeconds(pid);
+  const value = await work();
+  return { value, cpuPerGiB: (serverCpuSeconds(pid) - before) / (bytes(value) / 2 ** 30) };
+}
 
 /** `count` curls at once: total bytes and wall seconds until the last one exited. */
 async function concurrentCurl(url: string, count: number, expectBytes: number): Promise<{ bytes: number; seconds: number }> {
@@ -152,24 +172,26 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
     hitProxy = await startPullbridge(registry, { cachePath: hitCache });
     procs.push(hitProxy.proc);
     const gets = await registry.blobGets(digest);
-    const hitTargets: Array<{ id: HitTarget; name: string; url: string }> = [
-      { id: 'direct', name: 'direct from docker-registry', url: blobUrl(registry.port, '') },
-      { id: 'nginx-tuned', name: 'nginx reverse proxy tuned (buffering on, 16×64k, no temp file), relaying', url: blobUrl(nginx.port, 'buffered/') },
-      { id: 'nginx-cache-hit', name: 'nginx proxy_cache, blob in its cache (hit)', url: blobUrl(nginx.port, 'cached/') },
-      { id: 'pullbridge-hit', name: 'pullbridge, blob in its node cache (hit)', url: blobUrl(hitProxy.port, 'corp/') },
+    const hitTargets: Array<{ id: HitTarget; name: string; url: string; pid: number }> = [
+      { id: 'direct', name: 'direct from docker-registry', url: blobUrl(registry.port, ''), pid: registry.process.child.pid ?? 0 },
+      { id: 'nginx-tuned', name: 'nginx reverse proxy tuned (buffering on, 16×64k, no temp file), relaying', url: blobUrl(nginx.port, 'buffered/'), pid: nginx.proc.child.pid ?? 0 },
+      { id: 'nginx-cache-hit', name: 'nginx proxy_cache, blob in its cache (hit)', url: blobUrl(nginx.port, 'cached/'), pid: nginx.proc.child.pid ?? 0 },
+      { id: 'pullbridge-hit', name: 'pullbridge, blob in its node cache (hit)', url: blobUrl(hitProxy.port, 'corp/'), pid: hitProxy.proc.child.pid ?? 0 },
     ];
     // Warm the page cache, connections and JIT: a cold first pull is not the steady state. (It also
     // fills nginx's cache: its one GET of the blob.)
     for (const t of hitTargets) await singleCurl(t.url, size);
-    const hitRuns = hitTargets.map(() => ({ single: [] as number[], concurrent: [] as number[] }));
+    const hitRuns = hitTargets.map(() => ({ single: [] as number[], concurrent: [] as number[], singleCpu: [] as number[], concurrentCpu: [] as number[] }));
     for (let round = 0; round < rounds; round++) {
       for (const i of hitTargets.map((_, k) => (k + round) % hitTargets.length)) {
         const t = hitTargets[i]!;
-        const single = await singleCurl(t.url, size);
-        hitRuns[i]!.single.push(mibPerSecond(single.bytes, single.seconds));
-        const all = await concurrentCurl(t.url, concurrency, size);
-        hitRuns[i]!.concurrent.push(mibPerSecond(all.bytes, all.seconds));
-        process.stderr.write(`hit round ${round + 1}: ${t.id} ${hitRuns[i]!.single.at(-1)!.toFixed(0)} MiB/s, ${concurrency}× ${hitRuns[i]!.concurrent.at(-1)!.toFixed(0)} MiB/s\n`);
+        const single = await withCpu(t.pid, () => singleCurl(t.url, size), (r) => r.bytes);
+        hitRuns[i]!.single.push(mibPerSecond(single.value.bytes, single.value.seconds));
+        hitRuns[i]!.singleCpu.push(single.cpuPerGiB);
+        const all = await withCpu(t.pid, () => concurrentCurl(t.url, concurrency, size), (r) => r.bytes);
+        hitRuns[i]!.concurrent.push(mibPerSecond(all.value.bytes, all.value.seconds));
+        hitRuns[i]!.concurrentCpu.push(all.cpuPerGiB);
+        process.stderr.write(`hit round ${round + 1}: ${t.id} ${hitRuns[i]!.single.at(-1)!.toFixed(0)} MiB/s ${single.cpuPerGiB.toFixed(2)} CPU-s/GiB, ${concurrency}× ${hitRuns[i]!.concurrent.at(-1)!.toFixed(0)} MiB/s ${all.cpuPerGiB.toFixed(2)} CPU-s/GiB\n`);
       }
     }
     const hitPeakRssMb = peakRssMb(hitProxy.proc.child.pid ?? 0);
@@ -186,7 +208,8 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
 
     // ---- misses: a fresh proxy on a fresh cache directory for every pull that must miss.
     let missRound = 0;
-    const fresh = async <T>(what: string, body: (p: Running, cachePath: string) => Promise<T>): Promise<{ value: T; peakRssMb: number }> => {
+    /** `body` on a fresh proxy; `cpuSeconds`: what the proxy spent from the start of `body` until the blob was stored. */
+    const fresh = async <T>(what: string, body: (p: Running, cachePath: string) => Promise<T>): Promise<{ value: T; peakRssMb: number; cpuSeconds: number }> => {
       const cachePath = join(scratch, `miss-${missRound++}`);
       const flags: string[] = [];
       if (cpuProfileDir) {
@@ -196,9 +219,11 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
       const p = await startPullbridge(registry, { cachePath, nodeFlags: flags });
       try {
         await warm(p);
+        const pid = p.proc.child.pid ?? 0;
+        const before = serverCpuSeconds(pid);
         const value = await body(p, cachePath);
         await waitStored(storedPath(cachePath, digest)); // filled, verified and stored, not relayed
-        return { value, peakRssMb: peakRssMb(p.proc.child.pid ?? 0) };
+        return { value, peakRssMb: peakRssMb(pid), cpuSeconds: serverCpuSeconds(pid) - before };
       } finally {
         await p.proc.stop();
         rmSync(cachePath, { recursive: true, force: true });
@@ -211,6 +236,8 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
       { id: 'pullbridge-flight', name: `pullbridge, node cache miss, ${concurrency} clients at once` },
     ];
     const missRuns = new Map<MissTarget, number[]>(missTargets.map((t) => [t.id, []]));
+    const missCpu = new Map<MissTarget, number[]>(missTargets.map((t) => [t.id, []]));
+    const gib = (bytes: number) => bytes / 2 ** 30;
     const missWall: number[] = [];
     const flightWall: number[] = [];
     const flightRate: number[] = [];
@@ -225,17 +252,20 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
         flushDisk();
         let note: string;
         if (t.id === 'nginx-plain' || t.id === 'pullbridge-relay') {
-          const r = await singleCurl(t.id === 'nginx-plain' ? blobUrl(nginx.port, 'plain/') : blobUrl(relay.port, 'corp/'), size);
+          const server = t.id === 'nginx-plain' ? nginx : relay;
+          const { value: r, cpuPerGiB } = await withCpu(server.proc.child.pid ?? 0, () => singleCurl(blobUrl(server.port, t.id === 'nginx-plain' ? 'plain/' : 'corp/'), size), (x) => x.bytes);
           missRuns.get(t.id)!.push(mibPerSecond(r.bytes, r.seconds));
-          note = `${missRuns.get(t.id)!.at(-1)!.toFixed(0)} MiB/s`;
+          missCpu.get(t.id)!.push(cpuPerGiB);
+          note = `${missRuns.get(t.id)!.at(-1)!.toFixed(0)} MiB/s, ${cpuPerGiB.toFixed(2)} CPU-s/GiB`;
         } else if (t.id === 'pullbridge-miss') {
-          const { value: r, peakRssMb: rss } = await fresh('miss', (p) => singleCurl(blobUrl(p.port, 'corp/'), size));
+          const { value: r, peakRssMb: rss, cpuSeconds } = await fresh('miss', (p) => singleCurl(blobUrl(p.port, 'corp/'), size));
           missRuns.get(t.id)!.push(mibPerSecond(r.bytes, r.seconds));
+          missCpu.get(t.id)!.push(cpuSeconds / gib(r.bytes));
           missWall.push(r.wallSeconds);
           missPeakRssMb = Math.max(missPeakRssMb, rss);
-          note = `${missRuns.get(t.id)!.at(-1)!.toFixed(0)} MiB/s, ${r.wallSeconds.toFixed(2)} s wall`;
+          note = `${missRuns.get(t.id)!.at(-1)!.toFixed(0)} MiB/s, ${r.wallSeconds.toFixed(2)} s wall, ${missCpu.get(t.id)!.at(-1)!.toFixed(2)} CPU-s/GiB`;
         } else {
-          const { value, peakRssMb: rss } = await fresh('flight', async (p) => {
+          const { value, peakRssMb: rss, cpuSeconds } = await fresh('flight', async (p) => {
             const before = await registry.blobGets(digest);
             const r = await concurrentCurl(blobUrl(p.port, 'corp/'), concurrency, size);
             return { ...r, gets: (await registry.blobGets(digest)) - before };
@@ -243,8 +273,9 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
           flightWall.push(value.seconds);
           flightRate.push(mibPerSecond(value.bytes, value.seconds));
           flightUpstreamGets.push(value.gets);
+          missCpu.get(t.id)!.push(cpuSeconds / gib(value.bytes));
           flightPeakRssMb = Math.max(flightPeakRssMb, rss);
-          note = `${value.seconds.toFixed(2)} s wall, ${value.gets} upstream GETs`;
+          note = `${value.seconds.toFixed(2)} s wall, ${value.gets} upstream GETs, ${missCpu.get(t.id)!.at(-1)!.toFixed(2)} CPU-s/GiB`;
         }
         process.stderr.write(`miss round ${round + 1}: ${t.id} ${note}\n`);
       }
@@ -253,13 +284,21 @@ export async function runCacheBench(sizeMb: number, concurrency: number, rounds:
       sizeMb,
       concurrency,
       rounds,
-      hit: hitTargets.map((t, i) => ({ id: t.id, target: t.name, singleMBps: median(hitRuns[i]!.single), concurrentMBps: median(hitRuns[i]!.concurrent) })),
+      hit: hitTargets.map((t, i) => ({
+        id: t.id,
+        target: t.name,
+        singleMBps: median(hitRuns[i]!.single),
+        concurrentMBps: median(hitRuns[i]!.concurrent),
+        singleCpuPerGiB: median(hitRuns[i]!.singleCpu),
+        concurrentCpuPerGiB: median(hitRuns[i]!.concurrentCpu),
+      })),
       hitPeakRssMb,
-      miss: missTargets.flatMap((t) => (t.id === 'pullbridge-flight' ? [] : [{ id: t.id, target: t.name, singleMBps: median(missRuns.get(t.id)!) }])),
+      miss: missTargets.flatMap((t) => (t.id === 'pullbridge-flight' ? [] : [{ id: t.id, target: t.name, singleMBps: median(missRuns.get(t.id)!), cpuPerGiB: median(missCpu.get(t.id)!), cpuPerGiBRounds: missCpu.get(t.id)! }])),
       missPeakRssMb,
       missSingleWallSeconds: median(missWall),
       flightWallSeconds: median(flightWall),
       flightMBps: median(flightRate),
+      flightCpuPerGiB: median(missCpu.get('pullbridge-flight')!),
       flightUpstreamGets,
       flightPeakRssMb,
       cpuProfileDir,
@@ -275,6 +314,7 @@ const verdict = (met: boolean) => (met ? 'met' : '**missed**');
 
 export function formatCacheBench(r: CacheBenchResult): string {
   const f = (n: number) => n.toFixed(0);
+  const c = (n: number) => n.toFixed(2);
   const x = (n: number) => `${n.toFixed(2)}×`;
   const hit = (id: HitTarget) => r.hit.find((row) => row.id === id)!;
   const miss = (id: MissRow['id']) => r.miss.find((row) => row.id === id)!;
@@ -294,19 +334,19 @@ export function formatCacheBench(r: CacheBenchResult): string {
     '',
     `**Hit** (the blob in pullbridge's node cache, served from its file; the fair twin is nginx serving it from its own \`proxy_cache\`; the relaying rows are there for scale):`,
     '',
-    `| path | 1 pull MiB/s | ${r.concurrency} concurrent pulls, total MiB/s |`,
-    '|---|---|---|',
-    ...r.hit.map((row) => `| ${row.target} | ${f(row.singleMBps)} | ${f(row.concurrentMBps)} |`),
+    `| path | 1 pull MiB/s | ${r.concurrency} concurrent pulls, total MiB/s | server CPU-s per GiB, 1 pull | server CPU-s per GiB, ${r.concurrency} concurrent |`,
+    '|---|---|---|---|---|',
+    ...r.hit.map((row) => `| ${row.target} | ${f(row.singleMBps)} | ${f(row.concurrentMBps)} | ${c(row.singleCpuPerGiB)} | ${c(row.concurrentCpuPerGiB)} |`),
     '',
     `**Miss** (a fresh proxy process and cache directory for every pull through the cache; the other two relay the same blob from the registry; dirty pages are flushed with \`sync\` before each):`,
     '',
-    '| path | 1 pull MiB/s |',
-    '|---|---|',
-    ...r.miss.map((row) => `| ${row.target} | ${f(row.singleMBps)} |`),
+    '| path | 1 pull MiB/s | server CPU-s per GiB (median; every round) |',
+    '|---|---|---|',
+    ...r.miss.map((row) => `| ${row.target} | ${f(row.singleMBps)} | ${c(row.cpuPerGiB)} (${row.cpuPerGiBRounds.map(c).join(', ')}) |`),
     '',
     'A miss does what nginx plain does with a large body (write it to a file, read it back) and also hashes every byte before the blob is kept (sha256, about 0.6 CPU-seconds per GiB, on a hashing thread of its own), on two cores that the client and the registry need too; nginx keeps nothing and checks nothing. The fair comparison of the cache\'s own cost is the relay row: pullbridge\'s verified relay, which hashes inline.',
     '',
-    `**Single flight** (${r.concurrency} clients at once for the blob not in the cache, fresh proxy and cache directory each round): ${r.flightWallSeconds.toFixed(2)} s until the last client finished (${f(r.flightMBps)} MiB/s delivered in total), against ${r.missSingleWallSeconds.toFixed(2)} s for one client; upstream blob GETs per round, from the registry's access log: ${r.flightUpstreamGets.join(', ')}. Delivering ${r.concurrency} × ${r.sizeMb} MiB at the rate pullbridge serves ${r.concurrency} concurrent hits (${f(pbHit.concurrentMBps)} MiB/s) alone takes ${deliverySeconds.toFixed(2)} s (${x(deliverySeconds / r.missSingleWallSeconds)} the single miss): on this machine the clients' bytes, not the upstream transfer, bound this figure.`,
+    `**Single flight** (${r.concurrency} clients at once for the blob not in the cache, fresh proxy and cache directory each round): ${r.flightWallSeconds.toFixed(2)} s until the last client finished (${f(r.flightMBps)} MiB/s delivered in total, ${c(r.flightCpuPerGiB)} proxy CPU-s per GiB delivered), against ${r.missSingleWallSeconds.toFixed(2)} s for one client; upstream blob GETs per round, from the registry's access log: ${r.flightUpstreamGets.join(', ')}. Delivering ${r.concurrency} × ${r.sizeMb} MiB at the rate pullbridge serves ${r.concurrency} concurrent hits (${f(pbHit.concurrentMBps)} MiB/s) alone takes ${deliverySeconds.toFixed(2)} s (${x(deliverySeconds / r.missSingleWallSeconds)} the single miss): on this machine the clients' bytes, not the upstream transfer, bound this figure.`,
     '',
     '| measure | value | target | |',
     '|---|---|---|---|',
@@ -317,6 +357,9 @@ export function formatCacheBench(r: CacheBenchResult): string {
     `| pullbridge peak RSS, a process serving only hits | ${f(r.hitPeakRssMb)} MiB | ≤ 100 MiB | ${verdict(r.hitPeakRssMb <= 100)} |`,
     `| miss, 1 pull / nginx plain reverse proxy | ${x(missVsPlain)} | ≥ 1.00× | ${verdict(missVsPlain >= 1)} |`,
     `| miss, 1 pull / pullbridge relay (no cache) | ${x(missVsRelay)} | (reported) | |`,
+    `| miss, server CPU-s per GiB (until stored) | ${c(pbMiss.cpuPerGiB)} | ≤ 1.40 | ${verdict(pbMiss.cpuPerGiB <= 1.4)} |`,
+    `| relay (no cache, verified), server CPU-s per GiB | ${c(miss('pullbridge-relay').cpuPerGiB)} | ≤ 1.10 | ${verdict(miss('pullbridge-relay').cpuPerGiB <= 1.1)} |`,
+    `| hit, server CPU-s per GiB, 1 pull | ${c(pbHit.singleCpuPerGiB)} | ≤ 0.45 | ${verdict(pbHit.singleCpuPerGiB <= 0.45)} |`,
     `| miss, ${r.concurrency} clients at once / 1 client (wall time) | ${x(flightRatio)} | ≤ 1.30× | ${verdict(flightRatio <= 1.3)} |`,
     `| upstream GETs for ${r.concurrency} concurrent clients of an uncached blob | ${r.flightUpstreamGets.join(', ')} | 1 | ${verdict(oneGet)} |`,
     '',

@@ -205,6 +205,20 @@ export function cpuSeconds(pid: number): number {
   return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
 }
 
+/**
+ * CPU seconds a server has used so far: the process and its children (nginx's master and its
+ * worker; a Node process's threads are in its own figure already).
+ */
+export function serverCpuSeconds(pid: number): number {
+  let children: number[] = [];
+  try {
+    children = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    // No children file (older kernels): the process alone.
+  }
+  return cpuSeconds(pid) + children.reduce((sum, child) => sum + cpuSeconds(child), 0);
+}
+
 /** Peak resident set of a process (and its children for nginx's master + worker), in MiB. */
 export function peakRssMb(pid: number): number {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');

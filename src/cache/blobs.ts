@@ -112,7 +112,8 @@ export class CachedBlobs {
       lease.release();
       return null;
     }
-    const body = fileBody(file, completeExtent(lease.size), { start, end }, () => lease.release());
+    // A stored blob served again is usually in the page cache: read on the event loop while it is.
+    const body = fileBody(file, completeExtent(lease.size), { start, end }, () => lease.release(), { syncReads: 'while-cached' });
     return { status: range ? 206 : 200, digest: request.digest, headers, body, cache: 'hit' };
   }
 
