@@ -43,7 +43,7 @@ import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, Blo
 import { Registry } from 'prom-client';
 import { parseClaim } from '../src/cache/policy.js';
 import { openSharedStore } from '../src/cache/shared/open.js';
-import { RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedStore, type WriteCondition } from '../src/cache/shared/store.js';
+import { RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedStore, type WriteCondition } from '../src/cache/shared/store.js';
 import { SharedTier, sharedKeys } from '../src/cache/shared/tier.js';
 import { createLogger } from '../src/log.js';
 import type { SharedConfig } from '../src/rules/config.js';
@@ -162,6 +162,9 @@ class Ordered implements SharedStore {
   }
   createFromFile(key: string, file: string, size: number, signal?: AbortSignal) {
     return this.store.createFromFile(key, file, size, signal);
+  }
+  createFromRange(key: string, range: FileRange, signal?: AbortSignal) {
+    return this.store.createFromRange(key, range, signal);
   }
   writeRecord(key: string, body: Buffer, options?: WriteCondition) {
     const written = this.store.writeRecord(key, body, options);

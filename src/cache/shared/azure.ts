@@ -14,7 +14,7 @@ import {
 } from '@azure/storage-blob';
 import type { SharedConfig } from '../../rules/config.js';
 import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type AzureConfig = NonNullable<SharedConfig['azure']>;
 
@@ -97,6 +97,12 @@ class AzureStore implements SharedStore {
     } finally {
       idle.disarm();
     }
+  }
+
+  async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    void range;
+    void signal;
+    throw new SharedStoreError('error', `upload ${key}: not implemented yet`);
   }
 
   async writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean> {

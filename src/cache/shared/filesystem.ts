@@ -19,7 +19,7 @@ import { dirname, join } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { checkRecordSize, isCallerAbort, messageOf } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
 const TMP = 'tmp';
@@ -80,6 +80,12 @@ class FilesystemStore implements SharedStore {
     } finally {
       await unlink(temp).catch(() => undefined);
     }
+  }
+
+  async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    void range;
+    void signal;
+    throw new SharedStoreError('error', `upload ${key}: not implemented yet`);
   }
 
   async writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean> {

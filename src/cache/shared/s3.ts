@@ -18,7 +18,7 @@ import {
 import { Upload } from '@aws-sdk/lib-storage';
 import type { SharedConfig } from '../../rules/config.js';
 import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
 
@@ -104,6 +104,12 @@ class S3Store implements SharedStore {
       // Not read to the end when the upload failed or was aborted: release the file descriptor.
       body.destroy();
     }
+  }
+
+  async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    void range;
+    void signal;
+    throw new SharedStoreError('error', `upload ${key}: not implemented yet`);
   }
 
   async writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean> {
