@@ -23,6 +23,7 @@ import { performance } from 'node:perf_hooks';
 import { openSharedStore } from '../src/cache/shared/open.js';
 import type { SharedStore } from '../src/cache/shared/store.js';
 import { sharedKeys } from '../src/cache/shared/tier.js';
+import { STREAM_STALL_MS } from '../src/cache/streamplan.js';
 import { validateConfig, type ConfigInput } from '../src/rules/config.js';
 import { listen } from '../src/shell/serve.js';
 import { upstreamOrigin } from '../src/upstream/rule.js';
@@ -37,10 +38,6 @@ type SharedInput = NonNullable<NonNullable<ConfigInput['cache']>['shared']>;
 const MiB = 1024 * 1024;
 /** The tunnel: 8 Mbit/s, so that a 24 MiB layer takes ≈ 25 s to cross it. */
 const TUNNEL_BYTES_PER_SECOND = 1_000_000;
-/** From the contract (src/cache/streamplan.ts): the most bytes one segment object holds. */
-const SEGMENT_MAX_BYTES = 8 * MiB;
-/** From the contract: a chain that did not grow for this long, by a follower's clock, is taken over. */
-const STREAM_STALL_MS = 10_000;
 const REPOSITORY = 'team/stream';
 
 interface Backend {
@@ -88,7 +85,8 @@ const backends: readonly Backend[] = [
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const sha = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
 const hexOf = (digest: string) => digest.slice('sha256:'.length);
-/** The contract's segment keys: `segments/<alg>/<hex>/<offset as 16 lower-case hex digits>`. */
+/** The contract's segment keys, spelled out here (not taken from src) so that the layout is asserted:
+ * `segments/<alg>/<hex>/<offset as 16 lower-case hex digits>`. */
 const segmentPrefix = (digest: string) => `segments/sha256/${hexOf(digest)}/`;
 const segmentKey = (digest: string, offset: number) => `${segmentPrefix(digest)}${offset.toString(16).padStart(16, '0')}`;
 
