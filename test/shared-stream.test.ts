@@ -28,7 +28,8 @@ import { validateConfig, type ConfigInput } from '../src/rules/config.js';
 import { listen } from '../src/shell/serve.js';
 import { upstreamOrigin } from '../src/upstream/rule.js';
 import { CLI } from './support/cli.js';
-import { startVersitygw } from './support/objectstores.js';
+import { BlobServiceClient, StorageSharedKeyCredential } from '@azure/storage-blob';
+import { startAzurite, startFakeGcs, startVersitygw } from './support/objectstores.js';
 import { freePort, startProcess, waitForPort, type Proc } from './support/procs.js';
 import { startRegistry, type RegistryHandle, type RegistryRequest } from './support/registry.js';
 import { startPacedTunnel, type PacedTunnel } from './support/tunnel.js';
@@ -42,6 +43,8 @@ const REPOSITORY = 'team/stream';
 
 interface Backend {
   readonly name: string;
+  /** Every test, or only the first (the adapters themselves are covered by shared-stores.test.ts). */
+  readonly every: boolean;
   /** A fresh store; `kill` takes it down as a crash does (only where the store is a process). */
   start(): Promise<{ readonly shared: SharedInput; stop(): Promise<void>; kill?(): Promise<void> }>;
 }
@@ -49,6 +52,7 @@ interface Backend {
 const backends: readonly Backend[] = [
   {
     name: 'filesystem',
+    every: true,
     async start() {
       const dir = mkdtempSync(join(tmpdir(), 'pullbridge-stream-fs-'));
       return { shared: { filesystem: { path: dir }, fillWaitSeconds: 60, timeoutSeconds: 5 }, stop: async () => rmSync(dir, { recursive: true, force: true }) };
@@ -56,6 +60,7 @@ const backends: readonly Backend[] = [
   },
   {
     name: 'S3 API (versitygw)',
+    every: true,
     async start() {
       const s3 = await startVersitygw();
       // The key files outlive a killed server: a store that is down still has its Secret mounted.
@@ -78,6 +83,25 @@ const backends: readonly Backend[] = [
           throw new Error('versitygw still answers after SIGKILL');
         },
       };
+    },
+  },
+  {
+    name: 'Azure Blob API (Azurite)',
+    every: false,
+    async start() {
+      const azure = await startAzurite();
+      const container = 'pullbridge-test';
+      const accountKey = readFileSync(azure.accountKeyFile, 'utf8');
+      await new BlobServiceClient(azure.endpoint, new StorageSharedKeyCredential(azure.accountName, accountKey.trim())).getContainerClient(container).create();
+      return { shared: { azure: { container, accountName: azure.accountName, accountKeyFile: azure.accountKeyFile, endpoint: azure.endpoint, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 }, stop: () => azure.stop() };
+    },
+  },
+  {
+    name: 'GCS API (fake-gcs-server)',
+    every: false,
+    async start() {
+      const gcs = await startFakeGcs();
+      return { shared: { gcs: { bucket: gcs.bucket, endpoint: gcs.endpoint, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 }, stop: () => gcs.stop() };
     },
   },
 ];
@@ -480,134 +504,160 @@ for (const backend of backends) {
       assert.equal(sha(shared), digest);
     });
 
-    it('the filler is killed at half the layer: a follower takes over at the chain\'s end with a Range GET; every follower\'s client finishes in the same response', async () => {
-      const { adapter, nodes } = await setUp(3);
-      const [filler, ...followers] = nodes as [StreamNode, StreamNode, StreamNode];
-      const { digest, size } = await newLayer(24 * MiB);
-      const watch = watchSegments(adapter, digest);
-      cleanups.push(() => watch.stop());
-      const { filling, following } = await pullAll(adapter, digest, filler, followers);
-      await until('segments covering half the layer', () => (watch.covered() >= size / 2 ? true : undefined), 120_000, 100).catch(async (error: Error) => {
-        throw new Error(`${error.message}: covered ${watch.covered()} of ${size}; seen ${JSON.stringify([...watch.seen])}; clients:\n${[filling.record, ...following.map((f) => f.record)].map(describeClient).join('\n')}`);
-      });
-      await filler.kill();
-      const clients = await Promise.all(following.map((f) => f.done));
-      await filling.done;
-      await watch.stop();
-      const report = clients.map(describeClient).join('\n');
-      for (const client of clients) {
-        assert.equal(client.status, 200, report);
-        assert.ok(client.complete, `each follower's client finishes in the response it started:\n${report}`);
-        assert.equal(client.bytes, size, report);
-        assert.equal(client.digest, digest, report);
-        // The stall rule (10 s) and one round trip; fillWaitSeconds (60 s) would be far longer.
-        assert.ok(longestGap(client) < 30_000, `${client.node}'s longest gap is ${Math.round(longestGap(client))} ms:\n${report}`);
-      }
-
-      // The dead filler's 200, and one 206 from a segment boundary at or past half the layer.
-      const gets = await blobGetsWhen(upstream, digest, (g) => g.some((r) => r.status === 206) && g.some((r) => r.status === 200), 'a 200 and a 206 GET in the registry\'s log');
-      const ok = gets.filter((r) => r.status === 200);
-      const partial = gets.filter((r) => r.status === 206);
-      assert.equal(ok.length, 1, `one whole GET (the dead filler's): ${JSON.stringify(gets)}`);
-      assert.equal(partial.length, 1, `one Range GET (the takeover): ${JSON.stringify(gets)}`);
-      const start = size - (partial[0]?.bytes ?? 0);
-      const boundaries = new Set([...watch.seen].flatMap(([offset, length]) => [offset, offset + length]));
-      assert.ok(start >= size / 2, `the Range started at ${start}, before half the layer`);
-      assert.ok(boundaries.has(start), `the Range started at ${start}, not at a segment boundary the store listed: ${JSON.stringify([...watch.seen])}`);
-      const takeovers = await Promise.all(followers.map(async (node) => (await node.shared()).takeovers));
-      assert.deepEqual([...takeovers].sort(), [0, 1], `takeovers on ${followers.map((n) => n.name).join(', ')}: ${JSON.stringify(takeovers)}`);
-      await assertNoSegmentsLeft(adapter, digest);
-    });
-
-    it('a wrong segment left at offset 0 before the pull: no client gets a complete response with wrong bytes; the retry hashes right', async () => {
-      const { adapter, nodes } = await setUp(2);
-      const [filler, follower] = nodes as [StreamNode, StreamNode];
-      const { digest, size } = await newLayer(12 * MiB);
-      // As a dead filler (or a writer of the bucket) leaves it: 4 MiB of other bytes at offset 0.
-      const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-planted-'));
-      cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
-      writeFileSync(join(scratch, 'wrong'), randomBytes(4 * MiB));
-      assert.equal(await adapter.createFromFile(segmentKey(digest, 0), join(scratch, 'wrong'), 4 * MiB), 'created');
-      const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
-      const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
-      const report = clients.map(describeClient).join('\n');
-      for (const client of clients) {
-        if (client.complete) assert.equal(client.digest, digest, `a complete response hashes right:\n${report}`);
-        else assert.ok(client.bytes < size, `a cut response stops before the last byte:\n${report}`);
-      }
-      // The retries (kubelet's): right bytes, whole.
-      for (const node of nodes) {
-        const retry = await streamGet(node, digest).done;
-        assert.ok(retry.complete, `retry on ${describeClient(retry)}`);
-        assert.equal(retry.digest, digest, `retry on ${describeClient(retry)}`);
-      }
-      await assertNoSegmentsLeft(adapter, digest);
-      const shared = await storedBlob(adapter, digest);
-      if (shared) assert.equal(sha(shared), digest, 'the shared copy, if any, is the right one');
-    });
-
-    it('with streamFills: false a follower gets no byte before the whole blob is in the store (the behaviour before streaming)', async () => {
-      const { adapter, nodes } = await setUp(2, { streamFills: false });
-      const [filler, follower] = nodes as [StreamNode, StreamNode];
-      const { digest } = await newLayer(8 * MiB);
-      // Looks at the store: when each look began, and whether the blob was there.
-      const looks: Array<{ at: number; present: boolean }> = [];
-      let looking = true;
-      const looker = (async () => {
-        while (looking) {
-          const at = performance.now();
-          looks.push({ at, present: (await adapter.stat(sharedKeys.blob(digest)).catch(() => undefined)) !== undefined });
-          await sleep(100);
+    if (backend.every) {
+      it('the filler is killed at half the layer: a follower takes over at the chain\'s end with a Range GET; every follower\'s client finishes in the same response', async () => {
+        const { adapter, nodes } = await setUp(3);
+        const [filler, ...followers] = nodes as [StreamNode, StreamNode, StreamNode];
+        const { digest, size } = await newLayer(24 * MiB);
+        const watch = watchSegments(adapter, digest);
+        cleanups.push(() => watch.stop());
+        const { filling, following } = await pullAll(adapter, digest, filler, followers);
+        // Which nodes the claim named, as the fill went on.
+        const claimants = new Set<string>();
+        let watchingClaim = true;
+        const claimWatch = (async () => {
+          while (watchingClaim) {
+            const node = (await readClaim(adapter, digest))?.node;
+            if (node !== undefined) claimants.add(node);
+            await sleep(200);
+          }
+        })();
+        cleanups.push(async () => {
+          watchingClaim = false;
+          await claimWatch;
+        });
+        await until('segments covering half the layer', () => (watch.covered() >= size / 2 ? true : undefined), 120_000, 100).catch(async (error: Error) => {
+          throw new Error(`${error.message}: covered ${watch.covered()} of ${size}; seen ${JSON.stringify([...watch.seen])}; clients:\n${[filling.record, ...following.map((f) => f.record)].map(describeClient).join('\n')}`);
+        });
+        await filler.kill();
+        const clients = await Promise.all(following.map((f) => f.done));
+        await filling.done;
+        await watch.stop();
+        const report = clients.map(describeClient).join('\n');
+        for (const client of clients) {
+          assert.equal(client.status, 200, report);
+          assert.ok(client.complete, `each follower's client finishes in the response it started:\n${report}`);
+          assert.equal(client.bytes, size, report);
+          assert.equal(client.digest, digest, report);
+          // The stall rule (10 s) and one round trip; fillWaitSeconds (60 s) would be far longer.
+          assert.ok(longestGap(client) < 30_000, `${client.node}'s longest gap is ${Math.round(longestGap(client))} ms:\n${report}`);
         }
-      })();
-      cleanups.push(async () => {
+
+        // The dead filler's 200, and one 206 from a segment boundary at or past half the layer.
+        const gets = await blobGetsWhen(upstream, digest, (g) => g.some((r) => r.status === 206) && g.some((r) => r.status === 200), 'a 200 and a 206 GET in the registry\'s log');
+        const ok = gets.filter((r) => r.status === 200);
+        const partial = gets.filter((r) => r.status === 206);
+        assert.equal(ok.length, 1, `one whole GET (the dead filler's): ${JSON.stringify(gets)}`);
+        assert.equal(partial.length, 1, `one Range GET (the takeover): ${JSON.stringify(gets)}`);
+        const start = size - (partial[0]?.bytes ?? 0);
+        const boundaries = new Set([...watch.seen].flatMap(([offset, length]) => [offset, offset + length]));
+        assert.ok(start >= size / 2, `the Range started at ${start}, before half the layer`);
+        assert.ok(boundaries.has(start), `the Range started at ${start}, not at a segment boundary the store listed: ${JSON.stringify([...watch.seen])}`);
+        const takeovers = await Promise.all(followers.map(async (node) => (await node.shared()).takeovers));
+        assert.deepEqual([...takeovers].sort(), [0, 1], `takeovers on ${followers.map((n) => n.name).join(', ')}: ${JSON.stringify(takeovers)}`);
+        watchingClaim = false;
+        await claimWatch;
+        const taker = followers[takeovers.indexOf(1)]?.name ?? '';
+        assert.ok(claimants.has(taker), `the claim named the taker (${taker}) after the takeover: it named ${JSON.stringify([...claimants])}`);
+        await assertNoSegmentsLeft(adapter, digest);
+      });
+    }
+
+    if (backend.every) {
+      it('a wrong segment left at offset 0 before the pull: no client gets a complete response with wrong bytes; the retry hashes right', async () => {
+        const { adapter, nodes } = await setUp(2);
+        const [filler, follower] = nodes as [StreamNode, StreamNode];
+        const { digest, size } = await newLayer(12 * MiB);
+        // As a dead filler (or a writer of the bucket) leaves it: 4 MiB of other bytes at offset 0.
+        const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-planted-'));
+        cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
+        writeFileSync(join(scratch, 'wrong'), randomBytes(4 * MiB));
+        assert.equal(await adapter.createFromFile(segmentKey(digest, 0), join(scratch, 'wrong'), 4 * MiB), 'created');
+        const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
+        const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
+        const report = clients.map(describeClient).join('\n');
+        for (const client of clients) {
+          if (client.complete) assert.equal(client.digest, digest, `a complete response hashes right:\n${report}`);
+          else assert.ok(client.bytes < size, `a cut response stops before the last byte:\n${report}`);
+        }
+        // The retries (kubelet's): right bytes, whole.
+        for (const node of nodes) {
+          const retry = await streamGet(node, digest).done;
+          assert.ok(retry.complete, `retry on ${describeClient(retry)}`);
+          assert.equal(retry.digest, digest, `retry on ${describeClient(retry)}`);
+        }
+        await assertNoSegmentsLeft(adapter, digest);
+        const shared = await storedBlob(adapter, digest);
+        if (shared) assert.equal(sha(shared), digest, 'the shared copy, if any, is the right one');
+      });
+    }
+
+    if (backend.every) {
+      it('with streamFills: false a follower gets no byte before the whole blob is in the store (the behaviour before streaming)', async () => {
+        const { adapter, nodes } = await setUp(2, { streamFills: false });
+        const [filler, follower] = nodes as [StreamNode, StreamNode];
+        const { digest } = await newLayer(8 * MiB);
+        // Looks at the store: when each look began, and whether the blob was there.
+        const looks: Array<{ at: number; present: boolean }> = [];
+        let looking = true;
+        const looker = (async () => {
+          while (looking) {
+            const at = performance.now();
+            looks.push({ at, present: (await adapter.stat(sharedKeys.blob(digest)).catch(() => undefined)) !== undefined });
+            await sleep(100);
+          }
+        })();
+        cleanups.push(async () => {
+          looking = false;
+          await looker;
+        });
+        const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
+        const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
         looking = false;
         await looker;
+        const report = clients.map(describeClient).join('\n');
+        for (const client of clients) assert.ok(client.complete && client.digest === digest, report);
+        const followerClient = clients[1] as ClientRecord;
+        const first = firstByteAt(followerClient);
+        const absentAfter = looks.filter((l) => l.at > first && !l.present);
+        assert.deepEqual(absentAfter, [], `the follower had its first byte at ${Math.round(first - followerClient.startedAt)} ms, while the store did not hold the blob yet:\n${report}`);
+        assert.ok(looks.some((l) => !l.present && l.at > followerClient.startedAt), 'the store was looked at while the blob was not there yet (else this proves nothing)');
+        assert.equal((await accessRecord(follower, digest)).cache, 'shared');
+        const counters = await follower.shared();
+        assert.equal(counters.segmentsRead, 0, `follower /status: ${JSON.stringify(counters)}`);
       });
-      const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
-      const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
-      looking = false;
-      await looker;
-      const report = clients.map(describeClient).join('\n');
-      for (const client of clients) assert.ok(client.complete && client.digest === digest, report);
-      const followerClient = clients[1] as ClientRecord;
-      const first = firstByteAt(followerClient);
-      const absentAfter = looks.filter((l) => l.at > first && !l.present);
-      assert.deepEqual(absentAfter, [], `the follower had its first byte at ${Math.round(first - followerClient.startedAt)} ms, while the store did not hold the blob yet:\n${report}`);
-      assert.ok(looks.some((l) => !l.present && l.at > followerClient.startedAt), 'the store was looked at while the blob was not there yet (else this proves nothing)');
-      assert.equal((await accessRecord(follower, digest)).cache, 'shared');
-      const counters = await follower.shared();
-      assert.equal(counters.segmentsRead, 0, `follower /status: ${JSON.stringify(counters)}`);
-    });
+    }
 
-    it('an old node\'s claim (no `stream` in it): the follower waits for the blob, as before, and reads it from the store', async () => {
-      const { adapter, nodes } = await setUp(1);
-      const [follower] = nodes as [StreamNode];
-      const { blob, digest } = await newLayer(4 * MiB);
-      // What a node of the previous version writes when it claims a fill: node and time, nothing else.
-      assert.equal(await adapter.writeRecord(sharedKeys.claim(digest), Buffer.from(JSON.stringify({ node: 'old-node', at: Date.now() })), { ifAbsent: true }), true);
-      const client = streamGet(follower, digest);
-      // Longer than a stalled stream is given (STREAM_STALL_MS): an old claim is not a stalled stream.
-      await sleep(STREAM_STALL_MS + 2_000);
-      assert.equal(client.record.bytes, 0, `no byte while the old node fills: ${describeClient(client.record)}`);
-      assert.deepEqual(await blobGets(upstream, digest), [], 'the follower did not go to the upstream');
-      // The old node's fill lands: the blob and the record of its upstream, then its claim goes.
-      const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-old-'));
-      cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
-      writeFileSync(join(scratch, 'blob'), blob);
-      const validated = validateConfig({ registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: tunnel.url, auth: { mode: 'anonymous' } }] });
-      assert.ok(validated.ok);
-      const rule = validated.config.registries[0];
-      assert.ok(rule);
-      assert.equal(await adapter.createFromFile(sharedKeys.blob(digest), join(scratch, 'blob'), blob.length), 'created');
-      assert.equal(await adapter.writeRecord(sharedKeys.origin(digest, upstreamOrigin(rule)), Buffer.alloc(0)), true);
-      await adapter.remove(sharedKeys.claim(digest));
-      const done = await client.done;
-      assert.ok(done.complete, describeClient(done));
-      assert.equal(done.digest, digest);
-      assert.equal((await accessRecord(follower, digest)).cache, 'shared');
-      assert.deepEqual((await blobGets(upstream, digest)).filter((r) => r.status < 300), [], 'no GET of the blob from the upstream');
-    });
+    if (backend.every) {
+      it('an old node\'s claim (no `stream` in it): the follower waits for the blob, as before, and reads it from the store', async () => {
+        const { adapter, nodes } = await setUp(1);
+        const [follower] = nodes as [StreamNode];
+        const { blob, digest } = await newLayer(4 * MiB);
+        // What a node of the previous version writes when it claims a fill: node and time, nothing else.
+        assert.equal(await adapter.writeRecord(sharedKeys.claim(digest), Buffer.from(JSON.stringify({ node: 'old-node', at: Date.now() })), { ifAbsent: true }), true);
+        const client = streamGet(follower, digest);
+        // Longer than a stalled stream is given (STREAM_STALL_MS): an old claim is not a stalled stream.
+        await sleep(STREAM_STALL_MS + 2_000);
+        assert.equal(client.record.bytes, 0, `no byte while the old node fills: ${describeClient(client.record)}`);
+        assert.deepEqual(await blobGets(upstream, digest), [], 'the follower did not go to the upstream');
+        // The old node's fill lands: the blob and the record of its upstream, then its claim goes.
+        const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-old-'));
+        cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
+        writeFileSync(join(scratch, 'blob'), blob);
+        const validated = validateConfig({ registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: tunnel.url, auth: { mode: 'anonymous' } }] });
+        assert.ok(validated.ok);
+        const rule = validated.config.registries[0];
+        assert.ok(rule);
+        assert.equal(await adapter.createFromFile(sharedKeys.blob(digest), join(scratch, 'blob'), blob.length), 'created');
+        assert.equal(await adapter.writeRecord(sharedKeys.origin(digest, upstreamOrigin(rule)), Buffer.alloc(0)), true);
+        await adapter.remove(sharedKeys.claim(digest));
+        const done = await client.done;
+        assert.ok(done.complete, describeClient(done));
+        assert.equal(done.digest, digest);
+        assert.equal((await accessRecord(follower, digest)).cache, 'shared');
+        assert.deepEqual((await blobGets(upstream, digest)).filter((r) => r.status < 300), [], 'no GET of the blob from the upstream');
+      });
+    }
 
     if (backend.name.startsWith('S3')) {
       it('the store is killed at half the layer: every client finishes without a cut, the followers from the upstream with a Range at their own offset', async () => {
