@@ -128,7 +128,7 @@ async function countingRelay(targetPort: number, threshold: number): Promise<{ p
   };
 }
 
-const base = { fillWaitSeconds: 120, timeoutSeconds: 30 } as const;
+const base = { fillWaitSeconds: 120, timeoutSeconds: 30, streamFills: true } as const;
 
 /** A node's shared tier on a store (its own connection to it), on its own clock. */
 function tier(config: SharedConfig, node: string, now: () => number = Date.now, wrap: (store: SharedStore) => SharedStore = (s) => s): SharedTier {
