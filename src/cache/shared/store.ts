@@ -98,7 +98,9 @@ export interface SharedStore {
    * non-resumable upload with `ifGenerationMatch=0`, filesystem: copy into tmp/ then link(2)).
    * The handle, not a path: the fill file may be renamed meanwhile; an open descriptor survives.
    * Never closes the handle. A range over RANGE_UPLOAD_MAX_BYTES or end < start throws RangeError;
-   * a file that ends before `end` fails the call (SharedStoreError) before anything is sent. */
+   * a file that ends before `end` (or cannot be read) fails with a plain Error, not a
+   * SharedStoreError (the store is not at fault), before anything is sent. An abort of `signal`
+   * rejects with the abort's error, as the other uploads do. */
   createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'>;
   /** Writes a small record. With `ifAbsent`, only when no object has the key (the store's own
    * conditional write: S3 `If-None-Match: *`, Azure `If-None-Match: *`, GCS `ifGenerationMatch=0`,
