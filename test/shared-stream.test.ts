@@ -194,6 +194,13 @@ function longestGap(record: ClientRecord): number {
 const bytesBy = (record: ClientRecord, at: number) => record.chunks.filter((c) => c.at <= at).reduce((sum, c) => sum + c.bytes, 0);
 const lastByteAt = (record: ClientRecord) => record.chunks.at(-1)?.at ?? Infinity;
 const firstByteAt = (record: ClientRecord) => record.chunks[0]?.at ?? Infinity;
+/** With STREAM_TEST_REPORT=1, what each client saw is printed (the figures a change to streaming is judged by). */
+const reportClients = (title: string, clients: readonly ClientRecord[]) => {
+  if (process.env.STREAM_TEST_REPORT === '1') process.stdout.write(`      ${title}\n${clients.map((c) => `        ${describeClient(c)}\n`).join('')}`);
+};
+const reportLine = (text: string) => {
+  if (process.env.STREAM_TEST_REPORT === '1') process.stdout.write(`        ${text}\n`);
+};
 const describeClient = (r: ClientRecord) => `${r.node}: status ${r.status}, ${r.bytes}/${r.contentLength ?? '?'} bytes, complete ${r.complete}${r.error ? ` (${r.error})` : ''}, first byte after ${Math.round(firstByteAt(r) - r.startedAt)} ms, longest gap ${Math.round(longestGap(r))} ms`;
 
 // ---------------------------------------------------------------------------------------------
@@ -469,6 +476,7 @@ for (const backend of backends) {
       const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
       await watch.stop();
       const report = clients.map(describeClient).join('\n');
+      reportClients('follow', clients);
       for (const client of clients) {
         assert.equal(client.status, 200, report);
         assert.equal(client.contentLength, size, report);
@@ -534,6 +542,7 @@ for (const backend of backends) {
         await filling.done;
         await watch.stop();
         const report = clients.map(describeClient).join('\n');
+        reportClients('filler killed', clients);
         for (const client of clients) {
           assert.equal(client.status, 200, report);
           assert.ok(client.complete, `each follower's client finishes in the response it started:\n${report}`);
@@ -550,6 +559,7 @@ for (const backend of backends) {
         assert.equal(ok.length, 1, `one whole GET (the dead filler's): ${JSON.stringify(gets)}`);
         assert.equal(partial.length, 1, `one Range GET (the takeover): ${JSON.stringify(gets)}`);
         const start = size - (partial[0]?.bytes ?? 0);
+        reportLine(`upstream GETs: ${JSON.stringify(gets.map((r) => [r.status, r.bytes]))}; Range from ${start} (${(start / size).toFixed(3)} of the layer); segments seen ${JSON.stringify([...watch.seen].sort((a, b) => a[0] - b[0]))}`);
         const boundaries = new Set([...watch.seen].flatMap(([offset, length]) => [offset, offset + length]));
         assert.ok(start >= size / 2, `the Range started at ${start}, before half the layer`);
         assert.ok(boundaries.has(start), `the Range started at ${start}, not at a segment boundary the store listed: ${JSON.stringify([...watch.seen])}`);
@@ -576,6 +586,7 @@ for (const backend of backends) {
         const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
         const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
         const report = clients.map(describeClient).join('\n');
+        reportClients('wrong segment', clients);
         for (const client of clients) {
           if (client.complete) assert.equal(client.digest, digest, `a complete response hashes right:\n${report}`);
           else assert.ok(client.bytes < size, `a cut response stops before the last byte:\n${report}`);
@@ -583,6 +594,7 @@ for (const backend of backends) {
         // The retries (kubelet's): right bytes, whole.
         for (const node of nodes) {
           const retry = await streamGet(node, digest).done;
+          reportClients('retry', [retry]);
           assert.ok(retry.complete, `retry on ${describeClient(retry)}`);
           assert.equal(retry.digest, digest, `retry on ${describeClient(retry)}`);
         }
@@ -616,6 +628,7 @@ for (const backend of backends) {
         looking = false;
         await looker;
         const report = clients.map(describeClient).join('\n');
+        reportClients('streamFills false', clients);
         for (const client of clients) assert.ok(client.complete && client.digest === digest, report);
         const followerClient = clients[1] as ClientRecord;
         const first = firstByteAt(followerClient);
@@ -652,6 +665,7 @@ for (const backend of backends) {
         assert.equal(await adapter.writeRecord(sharedKeys.origin(digest, upstreamOrigin(rule)), Buffer.alloc(0)), true);
         await adapter.remove(sharedKeys.claim(digest));
         const done = await client.done;
+      reportClients('old claim', [done]);
         assert.ok(done.complete, describeClient(done));
         assert.equal(done.digest, digest);
         assert.equal((await accessRecord(follower, digest)).cache, 'shared');
@@ -678,6 +692,7 @@ for (const backend of backends) {
         await store.kill();
         const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
         const report = clients.map(describeClient).join('\n');
+        reportClients('store killed', clients);
         for (const client of clients) {
           assert.equal(client.status, 200, report);
           assert.ok(client.complete, `no client is cut:\n${report}`);
@@ -687,6 +702,7 @@ for (const backend of backends) {
         const gets = await blobGetsWhen(upstream, digest, (g) => g.filter((r) => r.status === 206).length >= followers.length && g.some((r) => r.status === 200), 'the followers\' Range GETs in the registry\'s log');
         assert.equal(gets.filter((r) => r.status === 200).length, 1, `one whole GET (the filler's): ${JSON.stringify(gets)}`);
         const ranges = gets.filter((r) => r.status === 206);
+        reportLine(`upstream GETs: ${JSON.stringify(gets.map((r) => [r.status, r.bytes]))}`);
         assert.equal(ranges.length, followers.length, `one Range GET per follower: ${JSON.stringify(gets)}`);
         for (const range of ranges) assert.ok(range.bytes < size && range.bytes > 0, `a Range from inside the layer: ${JSON.stringify(range)}`);
       });
