@@ -605,6 +605,47 @@ for (const backend of backends) {
     }
 
     if (backend.every) {
+      it('a right segment of an odd length left at offset 0 (a dead filler\'s): the filler follows it and asks the upstream from its end only', async () => {
+        const { adapter, nodes } = await setUp(2);
+        const [filler, follower] = nodes as [StreamNode, StreamNode];
+        const { blob, digest, size } = await newLayer(12 * MiB);
+        const left = 3 * MiB + 12_345;
+        const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-left-'));
+        cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
+        writeFileSync(join(scratch, 'left'), blob.subarray(0, left));
+        assert.equal(await adapter.createFromFile(segmentKey(digest, 0), join(scratch, 'left'), left), 'created');
+        const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
+        const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
+        const report = clients.map(describeClient).join('\n');
+        reportClients('right segment left', clients);
+        for (const client of clients) assert.ok(client.complete && client.digest === digest, report);
+        const gets = await blobGetsWhen(upstream, digest, (g) => g.some((r) => r.status < 300), 'the filler\'s GET in the registry\'s log');
+        reportLine(`upstream GETs: ${JSON.stringify(gets.map((r) => [r.status, r.bytes]))}`);
+        assert.deepEqual(gets.map((r) => [r.status, size - r.bytes]), [[206, left]], `one Range GET from the chain's end (${left}), no whole GET: ${JSON.stringify(gets)}`);
+        await assertNoSegmentsLeft(adapter, digest);
+      });
+    }
+
+    if (backend.every) {
+      it('an object over the segment bound left at offset 0: refused, and no client is cut', async () => {
+        const { adapter, nodes } = await setUp(2);
+        const [filler, follower] = nodes as [StreamNode, StreamNode];
+        const { digest } = await newLayer(12 * MiB);
+        // 9 MiB of other bytes: a node that took it for a segment would fail the digest and cut its clients.
+        const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-oversize-'));
+        cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
+        writeFileSync(join(scratch, 'oversize'), randomBytes(9 * MiB));
+        assert.equal(await adapter.createFromFile(segmentKey(digest, 0), join(scratch, 'oversize'), 9 * MiB), 'created');
+        const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
+        const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
+        const report = clients.map(describeClient).join('\n');
+        reportClients('oversize segment left', clients);
+        for (const client of clients) assert.ok(client.complete && client.digest === digest, `no client cut:\n${report}`);
+        await assertNoSegmentsLeft(adapter, digest);
+      });
+    }
+
+    if (backend.every) {
       it('with streamFills: false a follower gets no byte before the whole blob is in the store (the behaviour before streaming)', async () => {
         const { adapter, nodes } = await setUp(2, { streamFills: false });
         const [filler, follower] = nodes as [StreamNode, StreamNode];
