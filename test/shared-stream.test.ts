@@ -147,7 +147,7 @@ interface ClientRecord {
   error: string | undefined;
 }
 
-function streamGet(node: StreamNode, digest: string): { record: ClientRecord; done: Promise<ClientRecord> } {
+function streamGet(node: StreamNode, digest: string, rule = 'corp'): { record: ClientRecord; done: Promise<ClientRecord> } {
   const record: ClientRecord = { node: node.name, startedAt: performance.now(), status: 0, contentLength: undefined, chunks: [], bytes: 0, digest: '', complete: false, error: undefined };
   const hash = createHash('sha256');
   const done = new Promise<ClientRecord>((resolve) => {
@@ -159,7 +159,7 @@ function streamGet(node: StreamNode, digest: string): { record: ClientRecord; do
       record.digest = `sha256:${hash.digest('hex')}`;
       resolve(record);
     };
-    const request = http.get(`${node.url}/v2/corp/${REPOSITORY}/blobs/${digest}`, { agent: false }, (response) => {
+    const request = http.get(`${node.url}/v2/${rule}/${REPOSITORY}/blobs/${digest}`, { agent: false }, (response) => {
       record.status = response.statusCode ?? 0;
       const length = Number(response.headers['content-length']);
       record.contentLength = Number.isSafeInteger(length) ? length : undefined;
@@ -227,11 +227,12 @@ interface StreamNode {
   shared(): Promise<SharedCounters>;
 }
 
-async function startNode(name: string, shared: SharedInput, upstream: string): Promise<StreamNode> {
+/** A node with the rule `corp` on `upstream` (anonymous), and `moreRules`. */
+async function startNode(name: string, shared: SharedInput, upstream: string, moreRules: ReadonlyArray<Record<string, unknown>> = []): Promise<StreamNode> {
   const dir = mkdtempSync(join(tmpdir(), `pullbridge-stream-${name}-`));
   const [port, opsPort] = [await freePort(), await freePort()];
   // JSON is YAML. Anonymous upstream: what is asserted here is the tier, not the credentials.
-  writeFileSync(join(dir, 'config.yaml'), JSON.stringify({ cache: { path: join(dir, 'store'), shared }, registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream, auth: { mode: 'anonymous' } }] }));
+  writeFileSync(join(dir, 'config.yaml'), JSON.stringify({ cache: { path: join(dir, 'store'), shared }, registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream, auth: { mode: 'anonymous' } }, ...moreRules] }));
   const proc = startProcess(process.execPath, [CLI, 'proxy', '--config', join(dir, 'config.yaml'), '--host', '127.0.0.1', '--port', String(port), '--ops-port', String(opsPort), '--ops-host', '127.0.0.1', '--probe-interval', '3600'], { NODE_NAME: name });
   const records: Array<Record<string, unknown>> = [];
   let partial = '';
@@ -280,8 +281,8 @@ async function startNode(name: string, shared: SharedInput, upstream: string): P
 }
 
 /** The access-log record of the node's GET of `digest` (polled until the line is there: it is written when the response closes). */
-const accessRecord = (node: StreamNode, digest: string) =>
-  until(`${node.name}'s access log line for ${digest}`, () => node.records.find((r) => r.access === 'pull' && r.reference === digest && r.method === 'GET'), 15_000, 100);
+const accessRecord = (node: StreamNode, digest: string, rule = 'corp') =>
+  until(`${node.name}'s access log line for ${digest}`, () => node.records.find((r) => r.access === 'pull' && r.rule === rule && r.reference === digest && r.method === 'GET'), 15_000, 100);
 
 // ---------------------------------------------------------------------------------------------
 // The store, as an operator (or a dead filler) sees it: through the project's own adapter.
@@ -638,6 +639,58 @@ for (const backend of backends) {
         reportClients('oversize segment left', clients);
         for (const client of clients) assert.ok(client.complete && client.digest === digest, `no client cut:\n${report}`);
         await assertNoSegmentsLeft(adapter, digest);
+      });
+
+      it('a node asking for the blob through a rule on another upstream does not follow: it fetches from its own upstream at once', async () => {
+        const other = await startRegistry({ accessLog: true });
+        cleanups.push(() => other.stop());
+        const store = await backend.start();
+        cleanups.push(() => store.stop());
+        const adapter = await openAdapter(store.shared);
+        cleanups.push(() => adapter.close());
+        const filler = await startNode('node-1', store.shared, tunnel.url);
+        cleanups.push(() => filler.stop());
+        const asker = await startNode('node-2', store.shared, tunnel.url, [{ name: 'other', match: ['registry.other.example:5000'], upstream: other.url, auth: { mode: 'anonymous' } }]);
+        cleanups.push(() => asker.stop());
+        const { blob, digest } = await newLayer(12 * MiB);
+        assert.equal(await pushBlob(other, blob), digest);
+        const filling = streamGet(filler, digest);
+        await until(`${filler.name}'s streaming claim in the store`, async () => ((await readClaim(adapter, digest))?.stream === 1 ? true : undefined), 30_000, 50);
+        const asking = await streamGet(asker, digest, 'other').done;
+        const fillerClient = await filling.done;
+        const report = [fillerClient, asking].map(describeClient).join('\n');
+        reportClients('other upstream', [fillerClient, asking]);
+        for (const client of [fillerClient, asking]) assert.ok(client.complete && client.digest === digest, report);
+        assert.deepEqual((await blobGetsWhen(other, digest, (g) => g.length > 0, "the other registry's GET")).map((r) => r.status), [200], 'its own upstream sent it');
+        assert.ok(lastByteAt(asking) < lastByteAt(fillerClient), `it did not wait for the other upstream's fill:\n${report}`);
+        assert.notEqual((await accessRecord(asker, digest, 'other')).cache, 'shared');
+        assert.equal((await asker.shared()).segmentsRead, 0);
+      });
+
+      it('with recordKeyFile, a claim announcing a stream without the seal (a writer of the bucket) is not followed', async () => {
+        const store = await backend.start();
+        cleanups.push(() => store.stop());
+        const keys = mkdtempSync(join(tmpdir(), 'pullbridge-stream-record-key-'));
+        cleanups.push(async () => rmSync(keys, { recursive: true, force: true }));
+        writeFileSync(join(keys, 'record-key'), `${randomBytes(32).toString('hex')}\n`);
+        const shared = { ...store.shared, recordKeyFile: join(keys, 'record-key') } as SharedInput;
+        const adapter = await openAdapter(store.shared);
+        cleanups.push(() => adapter.close());
+        const node = await startNode('node-1', shared, tunnel.url);
+        cleanups.push(() => node.stop());
+        const { digest, size } = await newLayer(4 * MiB);
+        const validated = validateConfig({ registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: tunnel.url, auth: { mode: 'anonymous' } }] });
+        assert.ok(validated.ok && validated.config.registries[0]);
+        // Everything a streaming filler's claim says, for this rule's upstream, but not sealed.
+        const forged = { node: 'forger', at: Date.now(), size, origin: upstreamOrigin(validated.config.registries[0]), stream: 1 };
+        assert.equal(await adapter.writeRecord(sharedKeys.claim(digest), Buffer.from(JSON.stringify(forged)), { ifAbsent: true }), true);
+        const client = await streamGet(node, digest).done;
+        reportClients('unsealed streaming claim', [client]);
+        assert.ok(client.complete && client.digest === digest, describeClient(client));
+        // Followed, it would have waited for segments that never come (STREAM_STALL_MS), then asked for a Range.
+        assert.ok(longestGap(client) < STREAM_STALL_MS, describeClient(client));
+        assert.deepEqual((await blobGetsWhen(upstream, digest, (g) => g.length > 0, "the node's GET")).map((r) => r.status), [200]);
+        assert.equal((await node.shared()).segmentsRead, 0);
       });
 
       it('with streamFills: false a follower gets no byte before the whole blob is in the store (the behaviour before streaming)', async () => {
