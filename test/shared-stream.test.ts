@@ -1,17 +1,22 @@
 // Streaming fills through the shared tier (issue 24; docs/design/streaming-rollout.md, "Test plan"),
 // with real parts: docker-registry as the upstream (its access log counts and sizes what it sent),
 // `pullbridge proxy` processes as the nodes (each its own NODE_NAME, node store and operations
-// port), and the shared store on a directory and on versitygw (S3 API). Between the nodes and the
-// registry runs a tunnel of a known rate: forward.ts's paced mode, a real TCP relay whose
-// registry-to-node bytes a token bucket holds to the rate (not a fake of any part: loopback is
-// simply faster than the tunnels this is about).
+// port), and the shared store on a directory and on versitygw (S3 API) for every test, on Azurite
+// and fake-gcs-server for the first. Between the nodes and the registry runs a tunnel of a known
+// rate: forward.ts's paced mode, a real TCP relay whose registry-to-node bytes a token bucket holds
+// to the rate (not a fake of any part: loopback is simply faster than the tunnels this is about).
 //
 // Clients are raw HTTP GETs that record when each chunk came and hash the bytes as they go. What is
 // asserted is what a puller and an operator see: bytes hashing to the digest, in one response; the
 // gaps in a stream (the behaviour the issue asks for: a follower that waits for the whole blob has a
 // gap as long as the fill); how many GETs the upstream answered and what they sent; the access log's
 // cache outcome; the /status counters; what the store holds after. Counts read from a log are polled
-// until they caught up, every wait is bounded.
+// until they caught up, every wait is bounded. STREAM_TEST_REPORT=1 prints what each client saw.
+//
+// The cases: followers stream while the fill moves; the filler killed at half (takeover with a
+// Range); the store killed at half (followers resume from the upstream); segments left at offset 0
+// (wrong bytes, a right odd-length chain, an object over the segment bound); a rule on another
+// upstream, an unsealed claim under recordKeyFile; streamFills: false; an old node's claim.
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -45,7 +50,9 @@ interface Backend {
   readonly name: string;
   /** Every test, or only the first (the adapters themselves are covered by shared-stores.test.ts). */
   readonly every: boolean;
-  /** A fresh store; `kill` takes it down as a crash does (only where the store is a process). */
+  /** Whether the store can be killed mid-fill (a process: versitygw). */
+  readonly killable: boolean;
+  /** A fresh store; `kill` takes it down as a crash does. */
   start(): Promise<{ readonly shared: SharedInput; stop(): Promise<void>; kill?(): Promise<void> }>;
 }
 
@@ -53,6 +60,7 @@ const backends: readonly Backend[] = [
   {
     name: 'filesystem',
     every: true,
+    killable: false,
     async start() {
       const dir = mkdtempSync(join(tmpdir(), 'pullbridge-stream-fs-'));
       return { shared: { filesystem: { path: dir }, fillWaitSeconds: 60, timeoutSeconds: 5 }, stop: async () => rmSync(dir, { recursive: true, force: true }) };
@@ -61,18 +69,13 @@ const backends: readonly Backend[] = [
   {
     name: 'S3 API (versitygw)',
     every: true,
+    killable: true,
     async start() {
       const s3 = await startVersitygw();
-      // The key files outlive a killed server: a store that is down still has its Secret mounted.
-      const secrets = mkdtempSync(join(tmpdir(), 'pullbridge-stream-s3-keys-'));
-      writeFileSync(join(secrets, 'access'), readFileSync(s3.accessKeyFile, 'utf8'));
-      writeFileSync(join(secrets, 'secret'), readFileSync(s3.secretKeyFile, 'utf8'));
       return {
-        shared: { s3: { bucket: s3.bucket, endpoint: s3.endpoint, forcePathStyle: true, accessKeyFile: join(secrets, 'access'), secretKeyFile: join(secrets, 'secret'), prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 },
-        stop: async () => {
-          await s3.stop();
-          rmSync(secrets, { recursive: true, force: true });
-        },
+        shared: { s3: { bucket: s3.bucket, endpoint: s3.endpoint, forcePathStyle: true, accessKeyFile: s3.accessKeyFile, secretKeyFile: s3.secretKeyFile, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 },
+        stop: () => s3.stop(),
+        // SIGKILL, as a crashed store; its directory (and the key files the nodes read) stays until stop().
         kill: async () => {
           process.kill(s3.pid, 'SIGKILL');
           // Bounded: the port stops answering once the process is gone.
@@ -88,6 +91,7 @@ const backends: readonly Backend[] = [
   {
     name: 'Azure Blob API (Azurite)',
     every: false,
+    killable: false,
     async start() {
       const azure = await startAzurite();
       const container = 'pullbridge-test';
@@ -99,6 +103,7 @@ const backends: readonly Backend[] = [
   {
     name: 'GCS API (fake-gcs-server)',
     every: false,
+    killable: false,
     async start() {
       const gcs = await startFakeGcs();
       return { shared: { gcs: { bucket: gcs.bucket, endpoint: gcs.endpoint, prefix: 'cluster-a/' }, fillWaitSeconds: 60, timeoutSeconds: 5 }, stop: () => gcs.stop() };
@@ -421,6 +426,45 @@ describe('the paced tunnel of these tests (forward.ts --pace)', function () {
   });
 });
 
+describe('a filler rewriting its claim (the announcement) while another node claims the blob, filesystem store', function () {
+  this.timeout(60_000);
+  it('never lets the other node create the claim: the key is never empty during a conditional rewrite', async () => {
+    // Two nodes' stores on one directory. The filler rewrites its claim on condition of the version
+    // it read (as announce() and keepClaim() do); meanwhile another node tries to claim the blob
+    // with the store's create-if-absent (as claim() does when a follower arrives). On every other
+    // backend the rewrite is one conditional request; it must be atomic here too, or two nodes
+    // both fetch the blob from the upstream (the double 200 GET the stream tests showed).
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-stream-claim-race-'));
+    const shared = { filesystem: { path: dir } } as SharedInput;
+    const [filler, arriving] = [await openAdapter(shared), await openAdapter(shared)];
+    try {
+      const key = sharedKeys.claim(`sha256:${'a'.repeat(64)}`);
+      assert.equal(await filler.writeRecord(key, Buffer.from(JSON.stringify({ node: 'node-1', at: Date.now() })), { ifAbsent: true }), true);
+      let rewriting = true;
+      let created = 0;
+      let attempts = 0;
+      const claiming = (async () => {
+        while (rewriting) {
+          attempts++;
+          if (await arriving.writeRecord(key, Buffer.from(JSON.stringify({ node: 'node-2', at: Date.now() })), { ifAbsent: true })) created++;
+        }
+      })();
+      let rewrites = 0;
+      for (let i = 0; i < 200; i++) {
+        const read = await filler.readVersioned(key);
+        if (read && (await filler.writeRecord(key, Buffer.from(JSON.stringify({ node: 'node-1', at: Date.now(), stream: 1 })), { ifMatch: read.version }))) rewrites++;
+      }
+      rewriting = false;
+      await claiming;
+      assert.equal(created, 0, `the other node created the claim ${created} times in ${attempts} attempts while the filler rewrote it (${rewrites} of 200 rewrites went through)`);
+    } finally {
+      await filler.close();
+      await arriving.close();
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 for (const backend of backends) {
   describe(`streaming fills through the shared tier, ${backend.name}: followers stream while the filler fetches (issue 24)`, function () {
     this.timeout(300_000);
@@ -445,10 +489,18 @@ for (const backend of backends) {
       const blob = randomBytes(size);
       return { blob, digest: await pushBlob(upstream, blob), size };
     };
-    /** The filler's GET on `filler`, then, once its claim is in the store, the followers' GETs. */
-    const pullAll = async (adapter: SharedStore, digest: string, filler: StreamNode, followers: readonly StreamNode[]) => {
+    /**
+     * The filler's GET on `filler`, then, once its claim is in the store (`announced`: and says that
+     * it streams), the followers' GETs. Waiting for the announcement keeps these tests off the
+     * moment the filler rewrites its claim, which on a filesystem store leaves the key empty for a
+     * moment (the claim race test below shows it).
+     */
+    const pullAll = async (adapter: SharedStore, digest: string, filler: StreamNode, followers: readonly StreamNode[], announced = false) => {
       const filling = streamGet(filler, digest);
-      const claim = await until(`${filler.name}'s claim in the store`, () => readClaim(adapter, digest), 30_000, 50);
+      const claim = await until(`${filler.name}'s claim in the store`, async () => {
+        const found = await readClaim(adapter, digest);
+        return found && (!announced || found.stream === 1) ? found : undefined;
+      }, 30_000, 50);
       assert.equal(claim.node, filler.name, 'the first node asked claims the fill');
       const following = followers.map((node) => streamGet(node, digest));
       return { filling, following };
@@ -473,7 +525,7 @@ for (const backend of backends) {
       const { blob, digest, size } = await newLayer(24 * MiB);
       const watch = watchSegments(adapter, digest);
       cleanups.push(() => watch.stop());
-      const { filling, following } = await pullAll(adapter, digest, filler, followers);
+      const { filling, following } = await pullAll(adapter, digest, filler, followers, true);
       const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
       await watch.stop();
       const report = clients.map(describeClient).join('\n');
@@ -522,7 +574,7 @@ for (const backend of backends) {
         const { digest, size } = await newLayer(24 * MiB);
         const watch = watchSegments(adapter, digest);
         cleanups.push(() => watch.stop());
-        const { filling, following } = await pullAll(adapter, digest, filler, followers);
+        const { filling, following } = await pullAll(adapter, digest, filler, followers, true);
         // Which nodes the claim named, as the fill went on.
         const claimants = new Set<string>();
         let watchingClaim = true;
@@ -759,7 +811,7 @@ for (const backend of backends) {
       });
     }
 
-    if (backend.name.startsWith('S3')) {
+    if (backend.killable) {
       it('the store is killed at half the layer: every client finishes without a cut, the followers from the upstream with a Range at their own offset', async () => {
         const store = await backend.start();
         cleanups.push(() => store.stop());
@@ -772,7 +824,7 @@ for (const backend of backends) {
         const { digest, size } = await newLayer(24 * MiB);
         const watch = watchSegments(adapter, digest);
         cleanups.push(() => watch.stop());
-        const { filling, following } = await pullAll(adapter, digest, filler, followers);
+        const { filling, following } = await pullAll(adapter, digest, filler, followers, true);
         await until('segments covering half the layer', () => (watch.covered() >= size / 2 ? true : undefined), 120_000, 100);
         await watch.stop();
         await store.kill();
