@@ -10,7 +10,7 @@ import type { Logger } from '../../log.js';
 import type { BlobResult, ContentBody } from '../../content/source.js';
 import type { BodySink } from '../../upstream/body.js';
 import { claimStreams } from '../policy.js';
-import { checkResumeRange, followStep, SEGMENT_MAX_BYTES, type ClaimSeen } from '../streamplan.js';
+import { ANNOUNCE_LOOK_MS, checkResumeRange, followStep, SEGMENT_MAX_BYTES, type ClaimSeen } from '../streamplan.js';
 import type { SharedTier } from './tier.js';
 
 /** Consecutive failed reads of the store (not 404s) before the rest comes from the upstream. */
@@ -173,6 +173,16 @@ export class FollowBody implements ContentBody {
             continue;
           }
           if (!tier.up) continue;
+          if (state === undefined) {
+            // Gone, or away for a moment (a filesystem store's claim while it is rewritten): looked
+            // at again before this node claims the fill for itself.
+            await this.sleep(ANNOUNCE_LOOK_MS);
+            if ((await tier.blobSize(digest)) !== undefined || (await tier.claimState(digest)) !== undefined) {
+              lookedAt = undefined;
+              claimSeen = undefined;
+              continue;
+            }
+          }
           if (await tier.takeOver(digest, state?.version ?? 'absent')) {
             this.options.logger.info({ digest, offset: this.offset, from: state?.claim?.node }, 'shared cache tier: the fill of another node stalled; this node takes it over from the chain\'s end');
             this.options.onTakeover(this.offset);
