@@ -210,9 +210,12 @@ export class FollowBody implements ContentBody {
     }
   }
 
-  /** What a claim read says to this follower. */
+  /** What a claim read says to this follower. A claim not announced (yet) counts as streaming: a
+   * node that just took the fill over announces it a moment later, and one that never does is
+   * taken over in its turn once the chain stalls. */
   private seen(claim: Parameters<typeof claimStreams>[0] | undefined): ClaimSeen {
     if (!claim) return 'gone';
+    if (claim.stream === undefined && claim.origin === undefined && claim.size === undefined) return 'streaming';
     if (!claimStreams(claim) || claim.origin !== this.options.origin || claim.size !== this.options.size) return 'not-streaming';
     return 'streaming';
   }
