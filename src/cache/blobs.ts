@@ -154,8 +154,10 @@ export class CachedBlobs {
     cache.flights.set(request.digest, flight);
     const reading = flight.reader();
     reading.catch(() => undefined);
+    let keepingClaim = false;
     const keepClaim = () => {
-      if (!cache.shared) return;
+      if (!cache.shared || keepingClaim) return;
+      keepingClaim = true;
       let last = -1;
       stopKeepingClaim = cache.shared.keepClaim(request.digest, () => {
         const readable = flight.readable();
@@ -258,6 +260,9 @@ export class CachedBlobs {
         size = await shared.blobSize(request.digest);
         if (size === undefined) {
           source.claimed = true;
+          // A filler that died may have left a chain of segments: followed first, then the
+          // upstream from its end (one transfer of what is missing, not of the whole blob).
+          if (this.cache.settings.shared?.streamFills !== false && (await shared.segmentSize(request.digest, 0)) !== undefined) return this.resumeChain(request, signal, source);
           return undefined;
         }
         await shared.release(request.digest);
@@ -313,6 +318,38 @@ export class CachedBlobs {
       resume: (offset, stop) => this.upstream.blob({ ...request, method: 'GET', signal: AbortSignal.any([signal, stop]), range: `bytes=${offset}-`, unverified: true }),
       onTakeover: (offset) => source.tookOver?.(offset, size),
       onStoreFailure: () => (source.failed = true),
+    });
+    const headers = { 'content-type': 'application/octet-stream', 'content-length': String(size), 'docker-content-digest': request.digest, etag: `"${request.digest}"` };
+    return { status: 200, digest: request.digest, headers, body, cache: 'shared' };
+  }
+
+  /**
+   * The fill of a blob whose claim this node holds while a chain of segments is in the store (left
+   * by a filler that died): the blob's size from the upstream (a HEAD, which also confirms the
+   * request), then the chain, then the upstream from where the chain ends, where this node
+   * announces its fill and publishes the rest. Undefined (a plain upstream fill) when the upstream
+   * gives no length.
+   */
+  private async resumeChain(request: BlobRequest, signal: AbortSignal, source: SharedSource): Promise<BlobResult | undefined> {
+    const { cache } = this;
+    const shared = cache.shared;
+    if (!shared) return undefined;
+    const head = await this.upstream.blob({ ...request, method: 'HEAD', range: undefined, signal });
+    const size = Number(head.headers['content-length']);
+    if (!Number.isSafeInteger(size) || size < 0) return undefined;
+    source.shared = true;
+    const origin = this.origin(request.rule);
+    const body = new FollowBody({
+      tier: shared,
+      digest: request.digest,
+      size,
+      origin,
+      now: cache.now,
+      logger: cache.logger,
+      resume: (offset, stop) => this.upstream.blob({ ...request, method: 'GET', signal: AbortSignal.any([signal, stop]), range: `bytes=${offset}-`, unverified: true }),
+      onTakeover: (offset) => source.tookOver?.(offset, size),
+      onStoreFailure: () => (source.failed = true),
+      ownClaim: true,
     });
     const headers = { 'content-type': 'application/octet-stream', 'content-length': String(size), 'docker-content-digest': request.digest, etag: `"${request.digest}"` };
     return { status: 200, digest: request.digest, headers, body, cache: 'shared' };

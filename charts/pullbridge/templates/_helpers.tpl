@@ -286,7 +286,7 @@ cosign-{{ index . 0 }}-{{ index . 1 }}.pub
 {{- $files := include "pullbridge.sharedFiles" . | fromJson -}}
 fillWaitSeconds: {{ $shared.fillWaitSeconds | default 120 | int }}
 timeoutSeconds: {{ $shared.timeoutSeconds | default 30 | int }}
-streamFills: {{ ne $shared.streamFills false }}
+streamFills: {{ if eq (toString $shared.streamFills) "false" }}false{{ else }}true{{ end }}
 {{- if ($shared.recordKey | default dict).existingSecret }}
 recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- end }}

@@ -10,7 +10,7 @@ import type { Logger } from '../../log.js';
 import type { BlobResult, ContentBody } from '../../content/source.js';
 import type { BodySink } from '../../upstream/body.js';
 import { claimStreams } from '../policy.js';
-import { checkResumeRange, followStep, SEGMENT_MAX_BYTES, type ClaimSeen } from '../streamplan.js';
+import { ANNOUNCE_LOOK_MS, checkResumeRange, CLAIM_LOOK_MS, followStep, SEGMENT_MAX_BYTES, type ClaimSeen } from '../streamplan.js';
 import type { SharedTier } from './tier.js';
 
 /** Consecutive failed reads of the store (not 404s) before the rest comes from the upstream. */
@@ -31,6 +31,9 @@ export interface FollowOptions {
   readonly onTakeover: (offset: number) => void;
   /** The store failed a read of this fill (the fill then avoids the tier for this digest if it fails). */
   readonly onStoreFailure?: (error: Error) => void;
+  /** This node holds the claim already (a chain a filler that died left): where the chain ends,
+   * it goes on from the upstream at once (onTakeover, then the upstream), without waiting. */
+  readonly ownClaim?: boolean;
 }
 
 /** Where the bytes come from now, for logs. */
@@ -135,11 +138,20 @@ export class FollowBody implements ContentBody {
           // comes from the upstream, and the object goes (it would stop every follower).
           this.options.logger.warn({ digest, offset: at }, 'shared cache tier: refused a segment larger than a segment or past the blob\'s size; fetching the rest from the upstream');
           await tier.removeSegment(digest, at);
+          // A filler publishes again from where the refused segment was (its file has those bytes).
+          if (this.options.ownClaim) this.options.onTakeover(at);
           return this.fromUpstream('a segment was refused');
         }
         if (read.failed) storeFailures++;
         continue;
       }
+      if (this.options.ownClaim) {
+        this.options.onTakeover(this.offset);
+        return this.fromUpstream('the chain a previous filler left ends here');
+      }
+      // The next segment is overdue (the filler may be done, its segments going once the blob is
+      // shared): the blob is looked for at each poll from then on, not only with the claim.
+      if (!blobPresent && now() - lastGrowthAt >= (intervalMs ?? CLAIM_LOOK_MS)) blobPresent = (await tier.blobSize(digest)) !== undefined;
       const step = followStep({ now: now(), lastGrowthAt, lookedAt, claim: claimSeen, blobPresent, intervalMs });
       switch (step.step) {
         case 'read-segment':
@@ -173,6 +185,16 @@ export class FollowBody implements ContentBody {
             continue;
           }
           if (!tier.up) continue;
+          if (state === undefined) {
+            // Gone, or away for a moment (a filesystem store's claim while it is rewritten): looked
+            // at again before this node claims the fill for itself.
+            await this.sleep(ANNOUNCE_LOOK_MS);
+            if ((await tier.blobSize(digest)) !== undefined || (await tier.claimState(digest)) !== undefined) {
+              lookedAt = undefined;
+              claimSeen = undefined;
+              continue;
+            }
+          }
           if (await tier.takeOver(digest, state?.version ?? 'absent')) {
             this.options.logger.info({ digest, offset: this.offset, from: state?.claim?.node }, 'shared cache tier: the fill of another node stalled; this node takes it over from the chain\'s end');
             this.options.onTakeover(this.offset);
@@ -188,9 +210,12 @@ export class FollowBody implements ContentBody {
     }
   }
 
-  /** What a claim read says to this follower. */
+  /** What a claim read says to this follower. A claim not announced (yet) counts as streaming: a
+   * node that just took the fill over announces it a moment later, and one that never does is
+   * taken over in its turn once the chain stalls. */
   private seen(claim: Parameters<typeof claimStreams>[0] | undefined): ClaimSeen {
     if (!claim) return 'gone';
+    if (claim.stream === undefined && claim.origin === undefined && claim.size === undefined) return 'streaming';
     if (!claimStreams(claim) || claim.origin !== this.options.origin || claim.size !== this.options.size) return 'not-streaming';
     return 'streaming';
   }

@@ -31,6 +31,8 @@ const CREDENTIALS_CHECK_MS = 10_000;
 const RETIRED_STORE_CLOSE_MS = 30 * 60_000;
 /** How many rounds of create, read and takeover a claim is tried while it changes under this node. */
 const CLAIM_ATTEMPTS = 3;
+/** How long a node that found a claim gone between its create and its read waits before creating again. */
+const CLAIM_RECHECK_MS = 100;
 /** How often a node waiting for another's fill looks for the blob. */
 const WAIT_POLL_MS = 500;
 /** A tag this node confirmed upstream is written again at most this often when its digest is unchanged. */
@@ -369,8 +371,14 @@ export class SharedTier {
       const created = await this.call('claim', undefined, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifAbsent: true }));
       if (created !== false) return 'ours';
       const found = await this.readClaim(digest);
-      // Released since (or the tier failed: the next create is skipped and answers 'ours').
-      if (found === undefined) continue;
+      // Released since (or the tier failed: the next create is skipped and answers 'ours'); or away
+      // from its key for a moment while its filler rewrites it (a filesystem store's compare-and-
+      // rename, as the fill's announcement does): created again only after a short look away, so
+      // that a claim being rewritten is not taken in that moment.
+      if (found === undefined) {
+        await new Promise((resolve) => setTimeout(resolve, CLAIM_RECHECK_MS));
+        continue;
+      }
       const { claim, version } = found;
       if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
       // Stale (its filler died), or unreadable: taken over if it is still the claim read.
@@ -487,6 +495,9 @@ export class SharedTier {
    */
   async waitForFill(digest: string, signal: AbortSignal): Promise<{ readonly size: number } | { readonly claim: SharedClaim & { readonly size: number; readonly origin: string; readonly stream: 1 } } | undefined> {
     const since = this.now();
+    /** A claim not found once: looked at again before it counts as gone (a filesystem store's claim
+     * is away from its key for a moment while it is rewritten, as the announcement does). */
+    let missedOnce = false;
     while (!signal.aborted && !this.failure) {
       if (!mayWaitForFill(since, this.now(), this.settings.fillWaitSeconds)) {
         this.logger.warn({ digest, waitedSeconds: Math.round((this.now() - since) / 1000) }, 'shared cache tier: another node\'s fill claim outlasted the wait for it; fetching from the upstream');
@@ -496,12 +507,12 @@ export class SharedTier {
       if (found?.claim && found.claim.node !== this.nodeName && claimStreams(found.claim) && claimIsFresh(found.claim, this.now(), this.settings.fillWaitSeconds)) return { claim: found.claim };
       const size = await this.blobSize(digest);
       if (size !== undefined) return { size };
-      if (found === undefined) {
+      if (found === undefined && missedOnce) {
         const landed = await this.blobSize(digest);
         return landed === undefined ? undefined : { size: landed };
       }
-      const { claim } = found;
-      if (claim === null || !claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return undefined;
+      missedOnce = found === undefined;
+      if (found && (found.claim === null || !claimIsFresh(found.claim, this.now(), this.settings.fillWaitSeconds))) return undefined;
       await new Promise((resolve) => setTimeout(resolve, this.now() - since < STREAM_STALL_MS ? ANNOUNCE_LOOK_MS : WAIT_POLL_MS));
     }
     return undefined;
