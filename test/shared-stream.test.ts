@@ -473,6 +473,12 @@ for (const backend of backends) {
     /** Per test, run in reverse after it: nodes, adapters, stores. */
     let cleanups: Array<() => Promise<void>> = [];
 
+    /** A node on the tunnel, stopped after the test (also when another node of the test failed to start). */
+    const startCleanedNode = async (name: string, shared: SharedInput, moreRules: ReadonlyArray<Record<string, unknown>> = []) => {
+      const node = await startNode(name, shared, tunnel.url, moreRules);
+      cleanups.push(() => node.stop());
+      return node;
+    };
     /** A fresh store, an adapter on it, and `count` nodes on it (node-1 … node-N). */
     const setUp = async (count: number, extra: Readonly<Record<string, unknown>> = {}) => {
       const store = await backend.start();
@@ -480,8 +486,7 @@ for (const backend of backends) {
       const shared = { ...store.shared, ...extra } as SharedInput;
       const adapter = await openAdapter(store.shared);
       cleanups.push(() => adapter.close());
-      const nodes = await Promise.all(Array.from({ length: count }, (_, i) => startNode(`node-${i + 1}`, shared, tunnel.url)));
-      for (const node of nodes) cleanups.push(() => node.stop());
+      const nodes = await Promise.all(Array.from({ length: count }, (_, i) => startCleanedNode(`node-${i + 1}`, shared)));
       return { store, adapter, nodes };
     };
     /** A new layer of random bytes in the registry. */
@@ -700,10 +705,8 @@ for (const backend of backends) {
         cleanups.push(() => store.stop());
         const adapter = await openAdapter(store.shared);
         cleanups.push(() => adapter.close());
-        const filler = await startNode('node-1', store.shared, tunnel.url);
-        cleanups.push(() => filler.stop());
-        const asker = await startNode('node-2', store.shared, tunnel.url, [{ name: 'other', match: ['registry.other.example:5000'], upstream: other.url, auth: { mode: 'anonymous' } }]);
-        cleanups.push(() => asker.stop());
+        const filler = await startCleanedNode('node-1', store.shared);
+        const asker = await startCleanedNode('node-2', store.shared, [{ name: 'other', match: ['registry.other.example:5000'], upstream: other.url, auth: { mode: 'anonymous' } }]);
         const { blob, digest } = await newLayer(12 * MiB);
         assert.equal(await pushBlob(other, blob), digest);
         const filling = streamGet(filler, digest);
@@ -728,8 +731,7 @@ for (const backend of backends) {
         const shared = { ...store.shared, recordKeyFile: join(keys, 'record-key') } as SharedInput;
         const adapter = await openAdapter(store.shared);
         cleanups.push(() => adapter.close());
-        const node = await startNode('node-1', shared, tunnel.url);
-        cleanups.push(() => node.stop());
+        const node = await startCleanedNode('node-1', shared);
         const { digest, size } = await newLayer(4 * MiB);
         const validated = validateConfig({ registries: [{ name: 'corp', match: ['registry.corp.example:5000'], upstream: tunnel.url, auth: { mode: 'anonymous' } }] });
         assert.ok(validated.ok && validated.config.registries[0]);
@@ -818,8 +820,7 @@ for (const backend of backends) {
         assert.ok(store.kill);
         const adapter = await openAdapter(store.shared);
         cleanups.push(() => adapter.close());
-        const nodes = await Promise.all([1, 2, 3].map((i) => startNode(`node-${i}`, store.shared, tunnel.url)));
-        for (const node of nodes) cleanups.push(() => node.stop());
+        const nodes = await Promise.all([1, 2, 3].map((i) => startCleanedNode(`node-${i}`, store.shared)));
         const [filler, ...followers] = nodes as [StreamNode, StreamNode, StreamNode];
         const { digest, size } = await newLayer(24 * MiB);
         const watch = watchSegments(adapter, digest);
