@@ -338,6 +338,8 @@ export class CachedBlobs {
     const size = Number(head.headers['content-length']);
     if (!Number.isSafeInteger(size) || size < 0) return undefined;
     source.shared = true;
+    // The chain goes once the blob is shared, whether or not this node adds to it.
+    source.streamed = true;
     const origin = this.origin(request.rule);
     const body = new FollowBody({
       tier: shared,
