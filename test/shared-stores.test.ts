@@ -30,7 +30,10 @@
 //                    bucket in its message, which the adapter uses. Not shown: authentication
 //                    (service account key, workload identity).
 //   All: 'unreachable' is a stopped server's refused connection, 'timeout' a listener that never
-//   answers, each within seconds (one retry). TLS endpoints are not exercised.
+//   answers, each within seconds (one retry). TLS endpoints are not exercised. createFromRange (a
+//   segment) is one create-if-absent request on each: single PutObject, single Put Blob, GCS
+//   single-request upload (each refused when the key is taken, 8 racing: one created); its abort
+//   once bytes flow leaves no object on any of them (single requests are all or nothing).
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
