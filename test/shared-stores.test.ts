@@ -30,7 +30,10 @@
 //                    bucket in its message, which the adapter uses. Not shown: authentication
 //                    (service account key, workload identity).
 //   All: 'unreachable' is a stopped server's refused connection, 'timeout' a listener that never
-//   answers, each within seconds (one retry). TLS endpoints are not exercised.
+//   answers, each within seconds (one retry). TLS endpoints are not exercised. createFromRange (a
+//   segment) is one create-if-absent request on each: single PutObject, single Put Blob, GCS
+//   single-request upload (each refused when the key is taken, 8 racing: one created); its abort
+//   once bytes flow leaves no object on any of them (single requests are all or nothing).
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
@@ -240,12 +243,19 @@ function conformance(backend: Backend): void {
       return path;
     };
 
+    /** A file whose ranges createFromRange uploads, open for the whole suite (it must stay open). */
+    let rangeData: Buffer;
+    let rangeHandle: FileHandle;
+
     before(async () => {
       dir = mkdtempSync(join(tmpdir(), 'pullbridge-shared-test-'));
       await backend.start();
       store = await open(backend.config('main/'));
+      rangeData = randomBytes(5 * MiB + 333);
+      rangeHandle = await openFile(file('range-source', rangeData), 'r');
     });
     after(async () => {
+      await rangeHandle.close();
       for (const s of opened) await s.close();
       await backend.stop();
       rmSync(dir, { recursive: true, force: true });
@@ -286,125 +296,115 @@ function conformance(backend: Backend): void {
       assert.deepEqual(await store.readRecord('records/empty'), Buffer.alloc(0));
     });
 
-    describe('createFromRange', () => {
-      let data: Buffer;
-      let handle: FileHandle;
-      before(async () => {
-        data = randomBytes(5 * MiB + 333);
-        handle = await openFile(file('range-source', data), 'r');
-      });
-      after(async () => handle.close());
+    it('createFromRange: creates a range in the middle of a file once, with exactly its bytes; a second create answers exists and changes nothing', async () => {
+      const key = segmentKey('middle', MiB + 5);
+      const range = { handle: rangeHandle, start: MiB + 5, end: 3 * MiB + 1000 };
+      assert.equal(await store.createFromRange(key, range), 'created');
+      const expected = rangeData.subarray(range.start, range.end);
+      assert.equal((await store.stat(key))?.size, expected.length);
+      assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(expected));
+      // Other bytes of the same length under the same key: refused, the object keeps the first.
+      assert.equal(await store.createFromRange(key, { handle: rangeHandle, start: 0, end: expected.length }), 'exists');
+      assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(expected), 'the object is unchanged');
+      assert.deepEqual((await listAll(store, 'segments/sha256/middle/')).map((l) => [l.key, l.size]), [[key, expected.length]]);
+      await assertOpen(rangeHandle, rangeData);
+    });
 
-      it('creates a range in the middle of a file once, with exactly its bytes; a second create answers exists and changes nothing', async () => {
-        const key = segmentKey('middle', MiB + 5);
-        const range = { handle, start: MiB + 5, end: 3 * MiB + 1000 };
-        assert.equal(await store.createFromRange(key, range), 'created');
-        const expected = data.subarray(range.start, range.end);
-        assert.equal((await store.stat(key))?.size, expected.length);
-        assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(expected));
-        // Other bytes of the same length under the same key: refused, the object keeps the first.
-        assert.equal(await store.createFromRange(key, { handle, start: 0, end: expected.length }), 'exists');
-        assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(expected), 'the object is unchanged');
-        assert.deepEqual((await listAll(store, 'segments/sha256/middle/')).map((l) => [l.key, l.size]), [[key, expected.length]]);
-        await assertOpen(handle, data);
-      });
+    it('createFromRange: creates the range at the end of a file, and a 0-byte range as an empty object', async () => {
+      const tail = segmentKey('tail', 4 * MiB);
+      assert.equal(await store.createFromRange(tail, { handle: rangeHandle, start: 4 * MiB, end: rangeData.length }), 'created');
+      assert.deepEqual(await bytesOf(await store.read(tail)), rangeData.subarray(4 * MiB));
+      const empty = segmentKey('empty', 7);
+      assert.equal(await store.createFromRange(empty, { handle: rangeHandle, start: 7, end: 7 }), 'created');
+      assert.equal((await store.stat(empty))?.size, 0);
+      assert.equal(await store.createFromRange(empty, { handle: rangeHandle, start: 9, end: 9 }), 'exists');
+      await assertOpen(rangeHandle, rangeData);
+    });
 
-      it('creates the range at the end of a file, and a 0-byte range as an empty object', async () => {
-        const tail = segmentKey('tail', 4 * MiB);
-        assert.equal(await store.createFromRange(tail, { handle, start: 4 * MiB, end: data.length }), 'created');
-        assert.deepEqual(await bytesOf(await store.read(tail)), data.subarray(4 * MiB));
-        const empty = segmentKey('empty', 7);
-        assert.equal(await store.createFromRange(empty, { handle, start: 7, end: 7 }), 'created');
-        assert.equal((await store.stat(empty))?.size, 0);
-        assert.equal(await store.createFromRange(empty, { handle, start: 9, end: 9 }), 'exists');
-        await assertOpen(handle, data);
-      });
+    it('createFromRange: refuses a range over the bound or reversed with RangeError, before anything is written', async () => {
+      const key = segmentKey('refused', 0);
+      // The file is shorter than the bound: the refusal comes from the range, not from the file.
+      await assert.rejects(store.createFromRange(key, { handle: rangeHandle, start: 0, end: RANGE_UPLOAD_MAX_BYTES + 1 }), RangeError);
+      await assert.rejects(store.createFromRange(key, { handle: rangeHandle, start: 10, end: 9 }), RangeError);
+      await assert.rejects(store.createFromRange(key, { handle: rangeHandle, start: -1, end: 9 }), RangeError);
+      assert.equal(await store.stat(key), undefined);
+      await assertOpen(rangeHandle, rangeData);
+    });
 
-      it('refuses a range over the bound or reversed with RangeError, before anything is written', async () => {
-        const key = segmentKey('refused', 0);
-        // The file is shorter than the bound: the refusal comes from the range, not from the file.
-        await assert.rejects(store.createFromRange(key, { handle, start: 0, end: RANGE_UPLOAD_MAX_BYTES + 1 }), RangeError);
-        await assert.rejects(store.createFromRange(key, { handle, start: 10, end: 9 }), RangeError);
-        await assert.rejects(store.createFromRange(key, { handle, start: -1, end: 9 }), RangeError);
-        assert.equal(await store.stat(key), undefined);
-        await assertOpen(handle, data);
+    it('createFromRange: fails a range past the end of the file without writing anything, and not as a store failure', async () => {
+      const key = segmentKey('short', rangeData.length - 10);
+      await assert.rejects(store.createFromRange(key, { handle: rangeHandle, start: rangeData.length - 10, end: rangeData.length + 10 }), (error: unknown) => {
+        assert.ok(!(error instanceof SharedStoreError), String(error));
+        assert.match((error as Error).message, /ends at \d+, before the range's end/);
+        return true;
       });
+      assert.equal(await store.stat(key), undefined);
+      await assertOpen(rangeHandle, rangeData);
+    });
 
-      it('fails a range past the end of the file without writing anything, and not as a store failure', async () => {
-        const key = segmentKey('short', data.length - 10);
-        await assert.rejects(store.createFromRange(key, { handle, start: data.length - 10, end: data.length + 10 }), (error: unknown) => {
-          assert.ok(!(error instanceof SharedStoreError), String(error));
-          assert.match((error as Error).message, /ends at \d+, before the range's end/);
-          return true;
-        });
-        assert.equal(await store.stat(key), undefined);
-        await assertOpen(handle, data);
-      });
-
-      it('uploads by the handle a file renamed after it was opened', async () => {
-        const own = randomBytes(300_000);
-        const path = file('range-renamed', own);
-        const renamed = await openFile(path, 'r');
-        try {
-          renameSync(path, `${path}.moved`);
-          const key = segmentKey('renamed', 1000);
-          assert.equal(await store.createFromRange(key, { handle: renamed, start: 1000, end: own.length }), 'created');
-          assert.deepEqual(await bytesOf(await store.read(key)), own.subarray(1000));
-          await assertOpen(renamed, own);
-        } finally {
-          await renamed.close();
-        }
-      });
-
-      it('of 8 concurrent creates of one key exactly one is created, and its bytes are stored', async () => {
-        const key = segmentKey('race', 0);
-        const ranges = Array.from({ length: 8 }, (_, i) => ({ handle, start: i * 256 * 1024, end: i * 256 * 1024 + 2 * MiB }));
-        const outcomes = await Promise.all(ranges.map((range) => store.createFromRange(key, range)));
-        assert.equal(outcomes.filter((o) => o === 'created').length, 1, outcomes.join(' '));
-        const winner = ranges[outcomes.indexOf('created')]!;
-        assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(data.subarray(winner.start, winner.end)));
-      });
-
-      it('rejects with the abort when its signal was aborted, and creates nothing', async () => {
-        const key = segmentKey('aborted-before', 0);
-        const controller = new AbortController();
-        controller.abort();
-        await assert.rejects(store.createFromRange(key, { handle, start: 0, end: MiB }, controller.signal), (error: unknown) => {
-          assert.ok(!(error instanceof SharedStoreError), `the abort, not a store failure: ${String(error)}`);
-          return true;
-        });
-        assert.equal(await store.stat(key), undefined);
-        await assertOpen(handle, data);
-      });
-
-      if (backend.elsewhere) {
-        it('leaves nothing visible when aborted once its bytes are flowing', async () => {
-          const big = randomBytes(RANGE_UPLOAD_MAX_BYTES);
-          const bigHandle = await openFile(file('range-aborted', big), 'r');
-          // Aborted once 1 MiB of the request went through a relay to the server, not after a guessed time.
-          const relay = await countingRelay(Number(new URL(storeEndpoint(backend.config('main/'))).port), MiB);
-          const uploader = await open(backend.elsewhere!(relay.port, 30));
-          const key = segmentKey('aborted', 0);
-          const controller = new AbortController();
-          try {
-            const upload = uploader.createFromRange(key, { handle: bigHandle, start: 0, end: big.length }, controller.signal);
-            upload.catch(() => undefined);
-            await relay.reached;
-            controller.abort();
-            await assert.rejects(upload, (error: unknown) => {
-              assert.ok(!(error instanceof SharedStoreError), `the abort, not a store failure: ${String(error)}`);
-              return true;
-            });
-            await assertOpen(bigHandle, big);
-          } finally {
-            await bigHandle.close();
-            await relay.close();
-          }
-          assert.equal(await store.stat(key), undefined);
-          assert.deepEqual((await listAll(store, 'segments/sha256/aborted/')).map((l) => l.key), []);
-        });
+    it('createFromRange: uploads by the handle a file renamed after it was opened', async () => {
+      const own = randomBytes(300_000);
+      const path = file('range-renamed', own);
+      const renamed = await openFile(path, 'r');
+      try {
+        renameSync(path, `${path}.moved`);
+        const key = segmentKey('renamed', 1000);
+        assert.equal(await store.createFromRange(key, { handle: renamed, start: 1000, end: own.length }), 'created');
+        assert.deepEqual(await bytesOf(await store.read(key)), own.subarray(1000));
+        await assertOpen(renamed, own);
+      } finally {
+        await renamed.close();
       }
     });
+
+    it('createFromRange: of 8 concurrent creates of one key exactly one is created, and its bytes are stored', async () => {
+      const key = segmentKey('race', 0);
+      const ranges = Array.from({ length: 8 }, (_, i) => ({ handle: rangeHandle, start: i * 256 * 1024, end: i * 256 * 1024 + 2 * MiB }));
+      const outcomes = await Promise.all(ranges.map((range) => store.createFromRange(key, range)));
+      assert.equal(outcomes.filter((o) => o === 'created').length, 1, outcomes.join(' '));
+      const winner = ranges[outcomes.indexOf('created')]!;
+      assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(rangeData.subarray(winner.start, winner.end)));
+    });
+
+    it('createFromRange: rejects with the abort when its signal was aborted, and creates nothing', async () => {
+      const key = segmentKey('aborted-before', 0);
+      const controller = new AbortController();
+      controller.abort();
+      await assert.rejects(store.createFromRange(key, { handle: rangeHandle, start: 0, end: MiB }, controller.signal), (error: unknown) => {
+        assert.ok(!(error instanceof SharedStoreError), `the abort, not a store failure: ${String(error)}`);
+        return true;
+      });
+      assert.equal(await store.stat(key), undefined);
+      await assertOpen(rangeHandle, rangeData);
+    });
+
+    if (backend.elsewhere) {
+      it('createFromRange: leaves nothing visible when aborted once its bytes are flowing', async () => {
+        const big = randomBytes(RANGE_UPLOAD_MAX_BYTES);
+        const bigHandle = await openFile(file('range-aborted', big), 'r');
+        // Aborted once 1 MiB of the request went through a relay to the server, not after a guessed time.
+        const relay = await countingRelay(Number(new URL(storeEndpoint(backend.config('main/'))).port), MiB);
+        const uploader = await open(backend.elsewhere!(relay.port, 30));
+        const key = segmentKey('aborted', 0);
+        const controller = new AbortController();
+        try {
+          const upload = uploader.createFromRange(key, { handle: bigHandle, start: 0, end: big.length }, controller.signal);
+          upload.catch(() => undefined);
+          await relay.reached;
+          controller.abort();
+          await assert.rejects(upload, (error: unknown) => {
+            assert.ok(!(error instanceof SharedStoreError), `the abort, not a store failure: ${String(error)}`);
+            return true;
+          });
+          await assertOpen(bigHandle, big);
+        } finally {
+          await bigHandle.close();
+          await relay.close();
+        }
+        assert.equal(await store.stat(key), undefined);
+        assert.deepEqual((await listAll(store, 'segments/sha256/aborted/')).map((l) => l.key), []);
+      });
+    }
 
     it('reads a span', async () => {
       const data = randomBytes(100_000);

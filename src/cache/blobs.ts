@@ -254,7 +254,9 @@ export class CachedBlobs {
     const { shared } = this.cache;
     if (!shared || this.cache.avoidsShared(request.digest)) return undefined;
     let size = await shared.blobSize(request.digest);
-    if (size === undefined) {
+    // A second round when the claim went away without the blob (its filler gave the fill up: no
+    // room on its disk, an upstream failure): claimed again, so that one node fetches it, not all.
+    for (let round = 0; size === undefined && round < 2; round++) {
       if ((await shared.claim(request.digest)) === 'ours') {
         // Another node may have uploaded it and released its claim between the look and the claim.
         size = await shared.blobSize(request.digest);
@@ -270,6 +272,7 @@ export class CachedBlobs {
         // The fill's signal, not this client's: other clients may have joined the wait.
         const found = await shared.waitForFill(request.digest, signal);
         if (found === undefined) return undefined;
+        if ('gone' in found) continue;
         // Another upstream's fill is not followed: this rule fetches from its own, now.
         if ('claim' in found) return found.claim.origin === this.origin(request.rule) ? this.follow(request, signal, source, found.claim) : undefined;
         size = found.size;
@@ -278,6 +281,7 @@ export class CachedBlobs {
         if (size === undefined) return undefined;
       }
     }
+    if (size === undefined) return undefined;
     const origin = this.origin(request.rule);
     const linked = (await shared.readLink(request.rule, request.repository, request.digest, origin)) !== null;
     // Only the upstream the shared bytes came from may confirm them; else they are fetched through this rule.
@@ -338,6 +342,8 @@ export class CachedBlobs {
     const size = Number(head.headers['content-length']);
     if (!Number.isSafeInteger(size) || size < 0) return undefined;
     source.shared = true;
+    // The chain goes once the blob is shared, whether or not this node adds to it.
+    source.streamed = true;
     const origin = this.origin(request.rule);
     const body = new FollowBody({
       tier: shared,

@@ -492,8 +492,9 @@ export class SharedTier {
    * streaming fill (claim record v2), with that claim, to follow. The claim is looked at every
    * ANNOUNCE_LOOK_MS while its filler may still be waiting for the upstream's answer (a claim
    * without `stream` may be an old node's, which never announces), then every WAIT_POLL_MS.
+   * `gone` when the claim went away without the blob (the caller may claim the fill itself).
    */
-  async waitForFill(digest: string, signal: AbortSignal): Promise<{ readonly size: number } | { readonly claim: SharedClaim & { readonly size: number; readonly origin: string; readonly stream: 1 } } | undefined> {
+  async waitForFill(digest: string, signal: AbortSignal): Promise<{ readonly size: number } | { readonly claim: SharedClaim & { readonly size: number; readonly origin: string; readonly stream: 1 } } | { readonly gone: true } | undefined> {
     const since = this.now();
     /** A claim not found once: looked at again before it counts as gone (a filesystem store's claim
      * is away from its key for a moment while it is rewritten, as the announcement does). */
@@ -509,7 +510,7 @@ export class SharedTier {
       if (size !== undefined) return { size };
       if (found === undefined && missedOnce) {
         const landed = await this.blobSize(digest);
-        return landed === undefined ? undefined : { size: landed };
+        return landed === undefined ? { gone: true } : { size: landed };
       }
       missedOnce = found === undefined;
       if (found && (found.claim === null || !claimIsFresh(found.claim, this.now(), this.settings.fillWaitSeconds))) return undefined;
