@@ -10,10 +10,22 @@
 // in there (its egress selector's `cluster` connection, as konnectivity is in managed clusters).
 // LISTEN `tcp:0.0.0.0:PORT` is meant for inside such a namespace only (every address of the node).
 //
+//   node forward.js --pace BYTES_PER_S LISTEN=TARGET ...
+//
+// caps the bytes relayed from the targets to the clients at BYTES_PER_S in all (one token bucket for
+// every connection of the process, as they would share one link): a tunnel of a known rate between a
+// proxy and its upstream, which loopback otherwise is not. Still a real TCP relay: every byte passes
+// unchanged and in order, only later. Client-to-target bytes are not paced.
+//
 // Prints "ready" once every listener is bound.
 
 import { connect, createServer, type Socket } from 'node:net';
 import { rmSync } from 'node:fs';
+import { performance } from 'node:perf_hooks';
+import { TokenBucket } from './pacing.js';
+
+/** What a paced relay lets pass at once after an idle spell: a HEAD's or a token's answer, not a layer. */
+const PACE_BURST_BYTES = 64 * 1024;
 
 type Endpoint = { readonly kind: 'tcp'; readonly host: string; readonly port: number } | { readonly kind: 'unix'; readonly path: string };
 
@@ -67,8 +79,45 @@ function dial(target: Endpoint): Socket {
   return target.kind === 'unix' ? connect(target.path) : connect(target.port, target.host);
 }
 
-function relay(client: Socket, target: Endpoint): void {
-  splice(client, dial(target));
+function relay(client: Socket, target: Endpoint, pace: TokenBucket | undefined): void {
+  if (pace) pacedSplice(client, dial(target), pace);
+  else splice(client, dial(target));
+}
+
+/** splice(), with what the target sends held back by `pace`: the target is paused while a chunk waits
+ * for its turn (so its own sends block once the socket buffers are full, as on a slow link). The
+ * target's end reaches the client after the last chunk; its failing cuts the client at once. */
+function pacedSplice(client: Socket, upstream: Socket, pace: TokenBucket): void {
+  client.pipe(upstream);
+  let waiting = 0;
+  let ended = false;
+  const close = () => {
+    client.destroy();
+    upstream.destroy();
+  };
+  upstream.on('data', (chunk: Buffer) => {
+    waiting++;
+    upstream.pause();
+    setTimeout(() => {
+      waiting--;
+      if (client.destroyed) return;
+      const more = client.write(chunk);
+      if (ended) {
+        if (waiting === 0) client.end();
+      } else if (more) upstream.resume();
+      else client.once('drain', () => upstream.resume());
+    }, pace.reserve(chunk.length));
+  });
+  upstream.once('end', () => {
+    ended = true;
+    if (waiting === 0) client.end();
+  });
+  upstream.once('error', close);
+  upstream.once('close', () => {
+    if (!ended) close();
+  });
+  client.once('error', close);
+  client.once('close', close);
 }
 
 /** Pipes two sockets into each other; either one failing or closing closes both. */
@@ -84,14 +133,22 @@ function splice(client: Socket, upstream: Socket): void {
   upstream.once('close', close);
 }
 
-async function main(pairs: string[]): Promise<void> {
-  if (pairs.length === 0) throw new Error('usage: forward LISTEN=TARGET ...');
+async function main(args: string[]): Promise<void> {
+  let pace: TokenBucket | undefined;
+  const pairs = [...args];
+  if (pairs[0] === '--pace') {
+    const rate = Number(pairs[1]);
+    if (!Number.isSafeInteger(rate) || rate <= 0) throw new Error(`--pace: not a whole number of bytes per second: ${pairs[1] ?? ''}`);
+    pace = new TokenBucket(rate, PACE_BURST_BYTES, () => performance.now());
+    pairs.splice(0, 2);
+  }
+  if (pairs.length === 0) throw new Error('usage: forward [--pace BYTES_PER_S] LISTEN=TARGET ...');
   await Promise.all(
     pairs.map((pair) => {
       const [listenText, targetText] = pair.split('=');
       const listenAt = parseEndpoint(listenText ?? '', true);
       const target = targetText === 'connect' ? 'connect' : parseEndpoint(targetText ?? '');
-      const server = createServer((client) => (target === 'connect' ? tunnel(client) : relay(client, target)));
+      const server = createServer((client) => (target === 'connect' ? tunnel(client) : relay(client, target, pace)));
       return new Promise<void>((resolve, reject) => {
         server.once('error', reject);
         if (listenAt.kind === 'unix') {

@@ -3,8 +3,8 @@
 // published with link(2), which fails with EEXIST instead of replacing: the filesystem's own
 // create-if-absent, atomic on NFS too, so readers never see a partly written object and of two
 // nodes publishing the same key exactly one wins. A record is replaced or removed on condition of
-// its version by compare-and-rename (swap): renamed aside, which only one node can do, checked, then
-// replaced by link(2).
+// its version (swap) under a lock file of the key (an exclusive create): checked, then replaced by
+// rename(2) over it, so that the key never goes without an object while it is replaced.
 //
 // Every node can write the directory, so what is found at a key is not trusted to be a file: an
 // object is opened without following a symbolic link and without blocking (O_NOFOLLOW|O_NONBLOCK: a
@@ -14,12 +14,12 @@
 
 import { createHash, randomUUID } from 'node:crypto';
 import { constants, createReadStream, createWriteStream, type BigIntStats } from 'node:fs';
-import { link, lstat, mkdir, open, readdir, readlink, realpath, rename, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { link, lstat, mkdir, open, readdir, readlink, realpath, rename, rmdir, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { checkRecordSize, isCallerAbort, messageOf } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { checkRecordSize, isCallerAbort, messageOf, readRange } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
 const TMP = 'tmp';
@@ -27,9 +27,23 @@ const TMP = 'tmp';
 /** A temp file this old is left by a writer that died (no copy of a blob takes a day). */
 const STALE_TEMP_MS = 24 * 3_600_000;
 
+/** How long a swap waits for another node's swap of the same key, and when a lock counts as left
+ * by a node that died in the middle of one (a swap is a few file operations). */
+const SWAP_LOCK_WAIT_MS = 2_000;
+const SWAP_LOCK_STALE_MS = 30_000;
+
+/** Where a fill publishes the blob's segments while it runs (tier.ts sharedKeys.segment); the fill
+ * removes them once the blob is shared, a filler that died leaves them. */
+const SEGMENTS = 'segments';
+
+/** A segment this old is left by a filler that died (no fill takes a day): removed at open, as a
+ * bucket's lifecycle rule expires them on object storage. */
+const STALE_SEGMENT_MS = 24 * 3_600_000;
+
 export async function openFilesystemStore(path: string, now = Date.now()): Promise<SharedStore> {
   await guard(`preparing ${path}`, () => mkdir(join(path, TMP), { recursive: true }));
   await removeStaleTemps(join(path, TMP), now);
+  await removeStaleSegments(join(path, SEGMENTS), now);
   // Where the directory really is (the configured path may itself be a link, as a mount often is).
   return new FilesystemStore(await guard(`resolving ${path}`, () => realpath(path)));
 }
@@ -43,6 +57,30 @@ async function removeStaleTemps(dir: string, now: number): Promise<void> {
   for (const name of names) {
     const info = await missingAsUndefined(lstat(join(dir, name))).catch(() => undefined);
     if (info && now - info.mtimeMs > STALE_TEMP_MS) await unlink(join(dir, name)).catch(() => undefined);
+  }
+}
+
+/**
+ * Removes segment files (segments/<alg>/<hex>/<offset>) not modified for STALE_SEGMENT_MS, and the
+ * directories left empty and as old (a fill's directory stays when its segments are removed one by
+ * one). Only regular files and directories are touched, and a symbolic link is not followed. Two
+ * nodes sweeping at once tolerate each other's removals; a directory a fill is writing into again
+ * is not empty (rmdir fails, nothing lost) or new (publish makes it again).
+ */
+async function removeStaleSegments(dir: string, now: number): Promise<void> {
+  const entries = await missingAsUndefined(readdir(dir, { withFileTypes: true })).catch(() => undefined);
+  for (const entry of entries ?? []) {
+    const path = join(dir, entry.name);
+    // Judged before its contents are swept (which sets a directory's modification time to now): a
+    // directory nothing was added to or removed from for a day.
+    const info = await missingAsUndefined(lstat(path)).catch(() => undefined);
+    const stale = info !== undefined && now - info.mtimeMs > STALE_SEGMENT_MS;
+    if (info?.isDirectory()) {
+      await removeStaleSegments(path, now);
+      if (stale) await rmdir(path).catch(() => undefined);
+    } else if (info?.isFile() && stale) {
+      await unlink(path).catch(() => undefined);
+    }
   }
 }
 
@@ -76,6 +114,19 @@ class FilesystemStore implements SharedStore {
         const copied = (await stat(temp)).size;
         if (copied !== size) throw new SharedStoreError('error', `${file} has ${copied} bytes, expected ${size}`);
       }, signal);
+      return (await this.publish(key, temp)) ? 'created' : 'exists';
+    } finally {
+      await unlink(temp).catch(() => undefined);
+    }
+  }
+
+  async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    // Read before the staged file is made: a bad range or an unreadable local file is not the store's failure.
+    const body = await readRange(key, range, signal);
+    const temp = this.tempPath();
+    try {
+      await guard(`copying a range for ${key}`, () => writeFile(temp, body, { flag: 'wx', flush: true, signal }), signal);
+      signal?.throwIfAborted();
       return (await this.publish(key, temp)) ? 'created' : 'exists';
     } finally {
       await unlink(temp).catch(() => undefined);
@@ -192,57 +243,76 @@ class FilesystemStore implements SharedStore {
   private async publish(key: string, temp: string): Promise<boolean> {
     const target = this.path(key);
     return guard(`publishing ${key}`, async () => {
-      await mkdir(dirname(target), { recursive: true });
-      await this.checkDirectory(key, dirname(target));
-      try {
-        await link(temp, target);
-        return true;
-      } catch (error) {
-        if (codeOf(error) !== 'EEXIST') throw error;
-        // NFS may retransmit a LINK whose first answer was lost and report EEXIST for its own
-        // success (open(2)'s advice): a second link to the temp file means the key is ours.
-        return (await stat(temp)).nlink === 2;
+      for (let attempt = 1; ; attempt++) {
+        await mkdir(dirname(target), { recursive: true });
+        await this.checkDirectory(key, dirname(target));
+        try {
+          await link(temp, target);
+          return true;
+        } catch (error) {
+          // The directory was removed between mkdir and link (an empty segments directory, swept
+          // by a node starting up): made again, once.
+          if (codeOf(error) === 'ENOENT' && attempt === 1) continue;
+          if (codeOf(error) !== 'EEXIST') throw error;
+          // NFS may retransmit a LINK whose first answer was lost and report EEXIST for its own
+          // success (open(2)'s advice): a second link to the temp file means the key is ours.
+          return (await stat(temp)).nlink === 2;
+        }
       }
     });
   }
 
   /**
-   * Compare-and-swap by rename: the object at `key` is renamed aside (of several nodes renaming it,
-   * exactly one moves it), and is then checked to be `version`; if it is not (it was replaced since
-   * it was read), it is put back with link(2) and nothing else happens (false). If it is, `temp` is
-   * published in its place with link(2), which fails when another node created the key in between
-   * (false: that node's object stands); without `temp`, the object is removed (true).
+   * Compare-and-swap under a lock: of several nodes swapping `key`, one at a time holds its lock
+   * file (an exclusive create in tmp/), checks that the object at the key is still `version`, and
+   * only then replaces it by rename(2) over it, or removes it (without `temp`); false when it is
+   * another version (nothing changed). The key is never without an object while a record is
+   * replaced: a create-if-absent by another node in that moment would otherwise win a claim being
+   * rewritten (a fill's announcement), and a reader would find it gone.
    */
   private async swap(key: string, version: string, temp?: string): Promise<boolean> {
     const path = this.path(key);
     return guard(`replacing ${key}`, async () => {
-      // Not through a directory that leads elsewhere; and a version that is not there any more (by
-      // inode and modification time) is not moved at all, which keeps the moment without an
-      // object at the key to the rare race.
+      // Not through a directory that leads elsewhere.
       if ((await missingAsUndefined(realpath(dirname(path)))) !== dirname(path)) return false;
       const info = await missingAsUndefined(lstat(path, { bigint: true }));
       if (!info?.isFile() || !version.startsWith(`${identityOf(info)}:`)) return false;
-      const aside = this.tempPath();
+      const unlock = await this.lock(key);
+      if (!unlock) return false;
       try {
-        await rename(path, aside);
-      } catch (error) {
-        if (codeOf(error) === 'ENOENT') return false;
-        throw error;
-      }
-      try {
-        if ((await this.versionAt(aside)) !== version) {
-          // Another node's object, moved by mistake: back where it was, unless a node created the
-          // key meanwhile (EEXIST: that one stands).
-          await link(aside, path).catch((error: unknown) => {
-            if (codeOf(error) !== 'EEXIST') throw error;
-          });
-          return false;
-        }
-        return temp === undefined ? true : await this.publish(key, temp);
+        if ((await this.versionAt(path)) !== version) return false;
+        if (temp === undefined) await unlink(path);
+        else await rename(temp, path);
+        return true;
       } finally {
-        await unlink(aside).catch(() => undefined);
+        await unlock();
       }
     });
+  }
+
+  /**
+   * The lock of a key's swap: an exclusive create of `tmp/swap-<hash of the key>` (atomic on NFS
+   * too), waited for up to SWAP_LOCK_WAIT_MS; a lock older than SWAP_LOCK_STALE_MS was left by a
+   * node that died mid-swap and is broken. Undefined when it could not be had in time.
+   */
+  private async lock(key: string): Promise<(() => Promise<void>) | undefined> {
+    const lockPath = join(this.root, TMP, `swap-${createHash('sha256').update(key).digest('hex')}`);
+    const deadline = Date.now() + SWAP_LOCK_WAIT_MS;
+    for (;;) {
+      try {
+        await writeFile(lockPath, '', { flag: 'wx' });
+        return () => unlink(lockPath).catch(() => undefined);
+      } catch (error) {
+        if (codeOf(error) !== 'EEXIST') throw error;
+      }
+      const held = await missingAsUndefined(lstat(lockPath));
+      if (held && Date.now() - held.mtimeMs > SWAP_LOCK_STALE_MS) {
+        await unlink(lockPath).catch(() => undefined);
+        continue;
+      }
+      if (Date.now() >= deadline) return undefined;
+      await new Promise((resolve) => setTimeout(resolve, 10 + Math.random() * 20));
+    }
   }
 
   /** The version of the record file at `path` (in the staging area), as readVersioned gives it. */
