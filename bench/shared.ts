@@ -270,20 +270,20 @@ async function segmentsIn(store: SharedStore, digest: string): Promise<number> {
 /**
  * Waits until the shared store has each blob whole (the filler uploads after the fill, and with
  * streamFills after its segments), then until the fills' segment objects are gone (the filler
- * removes them after the upload); answers how many of the last blob's are left after
- * SEGMENTS_GONE_WAIT_MS (0 when all went).
+ * removes them after the upload). Answers when the blobs were there (performance.now()) and how
+ * many of the last blob's segments were left after SEGMENTS_GONE_WAIT_MS (0 when all went).
  */
-async function waitShared(store: SharedStore, digests: readonly string[]): Promise<number> {
+async function waitShared(store: SharedStore, digests: readonly string[]): Promise<{ presentAt: number; segmentsLeft: number }> {
+  let presentAt: number;
   for (const deadline = Date.now() + UPLOAD_WAIT_MS; ; await new Promise((r) => setTimeout(r, 200))) {
     const present = await Promise.all(digests.map((d) => store.stat(sharedKeys.blob(d))));
+    presentAt = performance.now();
     if (present.every((o) => o !== undefined)) break;
     if (Date.now() > deadline) throw new Error(`the shared store did not have ${digests.filter((_, i) => present[i] === undefined).join(', ')} within ${UPLOAD_WAIT_MS / 1000} s of the pull`);
   }
-  let left = 0;
   for (const deadline = Date.now() + SEGMENTS_GONE_WAIT_MS; ; await new Promise((r) => setTimeout(r, 200))) {
     const counts = await Promise.all(digests.map((d) => segmentsIn(store, d)));
-    left = counts.at(-1) ?? 0;
-    if (counts.every((n) => n === 0) || Date.now() > deadline) return left;
+    if (counts.every((n) => n === 0) || Date.now() > deadline) return { presentAt, segmentsLeft: counts.at(-1) ?? 0 };
   }
 }
 
@@ -428,8 +428,9 @@ export async function runSharedBench(options: SharedBenchOptions): Promise<Share
         await watching;
         clients.forEach((c, i) => checked(`the client of node-${i + 1} (${row.id})`, c));
         // The filler's work ends after the last client's: the final blob's upload and the segments' removal.
-        const segmentsLeft = store ? await waitShared(store, [digest]) : undefined;
-        marks.inStore ??= store ? elapsed() : undefined;
+        const settledShare = store ? await waitShared(store, [digest]) : undefined;
+        const segmentsLeft = settledShare?.segmentsLeft;
+        if (settledShare) marks.inStore ??= (settledShare.presentAt - began) / 1000;
         const cpuSettled = cpu();
         const upstream = await upstreamSince(registry, digest, logFrom);
         const countersEach = store ? (await Promise.all(nodes.map(nodeCounters))).map((c, i) => countersDelta(c, countersBefore[i] ?? NO_COUNTERS)) : nodes.map(() => NO_COUNTERS);
