@@ -155,6 +155,7 @@ export function valuesSchema(): JsonSchema {
           existingSecret: objectName(true),
           fillWaitSeconds: shared('fillWaitSeconds'),
           timeoutSeconds: shared('timeoutSeconds'),
+          streamFills: shared('streamFills'),
           recordKey: strict({ existingSecret: objectName(true), secretKey: string() }),
           s3: strict({
             bucket: orEmpty(shared('s3', 'bucket')),

@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { bridgingTag, byteRange, evictionPlan, FILL_WAIT_ROUNDS, grownReservation, inodeFloor, inodesLeft, linkIsFresh, mayWaitForFill, parseLink, roomFor, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { bridgingTag, byteRange, claimStreams, parseClaim, evictionPlan, FILL_WAIT_ROUNDS, grownReservation, inodeFloor, inodesLeft, linkIsFresh, mayWaitForFill, parseLink, roomFor, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 import { openRecord, sealRecord } from '../src/cache/shared/records.js';
 import type { ContentFailure } from '../src/content/source.js';
 import { parseByteQuantity, parseInodeFloor } from '../src/rules/quantity.js';
@@ -179,5 +179,53 @@ describe('byteRange', () => {
     for (const header of ['bytes=1000-', 'bytes=5-1', 'bytes=-0', 'bytes=-', 'bytes=0-1,5-6', 'items=0-1', 'bytes=a-b', '']) {
       assert.equal(byteRange(header, 1000), undefined, header);
     }
+  });
+});
+
+describe('claim record v2 (parseClaim)', () => {
+  const origin = 'a'.repeat(64);
+
+  it('reads an old claim (node, at) and a v2 one with its announcement', () => {
+    assert.deepEqual(parseClaim('{"node":"n1","at":5}'), { node: 'n1', at: 5 });
+    assert.deepEqual(parseClaim(JSON.stringify({ node: 'n1', at: 5, size: 1234, origin, stream: 1 })), { node: 'n1', at: 5, size: 1234, origin, stream: 1 });
+    // Unknown fields (a later version's) are not carried over.
+    assert.deepEqual(parseClaim('{"node":"n1","at":5,"later":true}'), { node: 'n1', at: 5 });
+  });
+
+  it('refuses a claim whose fields do not parse, whole', () => {
+    for (const text of [
+      '{"node":"n1"}',
+      '{"at":5}',
+      '{"node":"n1","at":5,"size":-1}',
+      '{"node":"n1","at":5,"size":1.5}',
+      '{"node":"n1","at":5,"size":"12"}',
+      `{"node":"n1","at":5,"size":${2 ** 53}}`,
+      '{"node":"n1","at":5,"origin":"abc"}',
+      `{"node":"n1","at":5,"origin":"${'A'.repeat(64)}"}`,
+      '{"node":"n1","at":5,"stream":true}',
+      '{"node":"n1","at":5,"stream":2}',
+      '[1]',
+      'null',
+      'not json',
+    ]) {
+      assert.equal(parseClaim(text), undefined, text);
+    }
+  });
+
+  it('streams only a claim announced with stream, size and origin', () => {
+    assert.equal(claimStreams({ node: 'n', at: 1 }), false);
+    assert.equal(claimStreams({ node: 'n', at: 1, size: 5, origin }), false);
+    assert.equal(claimStreams({ node: 'n', at: 1, stream: 1, origin }), false);
+    assert.equal(claimStreams({ node: 'n', at: 1, size: 0, origin, stream: 1 }), true);
+  });
+
+  it('a v2 claim sealed with the record key opens only under that key and name', () => {
+    const key = Buffer.alloc(32, 7);
+    const name = 'claims/sha256/' + 'b'.repeat(64);
+    const payload = Buffer.from(JSON.stringify({ node: 'n1', at: 5, size: 10, origin, stream: 1 }));
+    const sealed = sealRecord(key, name, payload);
+    assert.deepEqual(parseClaim(openRecord(key, name, sealed)?.toString('utf8') ?? ''), { node: 'n1', at: 5, size: 10, origin, stream: 1 });
+    assert.equal(openRecord(Buffer.alloc(32, 8), name, sealed), undefined);
+    assert.equal(openRecord(key, name, payload), undefined);
   });
 });

@@ -525,8 +525,8 @@ describe('Helm chart', function () {
       },
       {
         name: 's3-compatible store with the default credential chain (no Secret), a prefix and tuned timings',
-        values: { backend: 's3', fillWaitSeconds: 60, timeoutSeconds: 10, s3: { bucket: 'images', endpoint: 'http://minio.storage:9000', forcePathStyle: true, prefix: 'pullbridge/' } },
-        config: { fillWaitSeconds: 60, timeoutSeconds: 10, s3: { bucket: 'images', region: 'us-east-1', endpoint: 'http://minio.storage:9000', forcePathStyle: true, prefix: 'pullbridge/' } },
+        values: { backend: 's3', fillWaitSeconds: 60, timeoutSeconds: 10, streamFills: false, s3: { bucket: 'images', endpoint: 'http://minio.storage:9000', forcePathStyle: true, prefix: 'pullbridge/' } },
+        config: { fillWaitSeconds: 60, timeoutSeconds: 10, streamFills: false, s3: { bucket: 'images', region: 'us-east-1', endpoint: 'http://minio.storage:9000', forcePathStyle: true, prefix: 'pullbridge/' } },
       },
       {
         name: 'azure, a Kyma DockerRegistry storage Secret (accountName, accountKey)',
@@ -575,7 +575,7 @@ describe('Helm chart', function () {
       it(`${c.name}: config.yaml the proxy accepts, the Secret's keys as files, NODE_NAME, and the apiserver accepts it all`, async () => {
         const rendered = await renderWith(shared(c.values));
         const document = configDocument(rendered);
-        assert.deepEqual(document.cache?.shared, { fillWaitSeconds: 120, timeoutSeconds: 30, ...c.config });
+        assert.deepEqual(document.cache?.shared, { fillWaitSeconds: 120, timeoutSeconds: 30, streamFills: true, ...c.config });
         // The proxy's own validation: chart and proxy agree on every key.
         const result = validateConfig(document);
         assert.ok(result.ok, result.ok ? '' : JSON.stringify(result.errors));

@@ -35,7 +35,7 @@ describe('config validation', () => {
     assert.ok(errors.some((e) => e.startsWith('cache.shared.s3.bucket:')), errors.join('\n'));
     assert.deepEqual(errorsOf('cache: {path: /c, shared: {s3: {bucket: bucket-a}, filesystem: {path: /s}}}').filter((e) => e.startsWith('cache.shared')).length, 1, 'exactly one backend');
     const shared = configFrom('cache: {path: /c, shared: {filesystem: {path: /s}}}').cache?.shared;
-    assert.deepEqual(shared, { filesystem: { path: '/s' }, fillWaitSeconds: 120, timeoutSeconds: 30 });
+    assert.deepEqual(shared, { filesystem: { path: '/s' }, fillWaitSeconds: 120, timeoutSeconds: 30, streamFills: true });
     assert.equal(configFrom('cache: {path: /c, shared: {filesystem: {path: /s}, recordKeyFile: /k/record-key}}').cache?.shared?.recordKeyFile, '/k/record-key');
     assert.ok(errorsOf('cache: {path: /c, shared: {filesystem: {path: /s}, recordKeyFile: record-key}}').some((e) => e === 'cache.shared.recordKeyFile: must be an absolute path'));
   });

@@ -34,7 +34,8 @@
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, utimesSync, watch, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, utimesSync, watch, writeFileSync } from 'node:fs';
+import { open as openFile, type FileHandle } from 'node:fs/promises';
 import { connect, createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -43,7 +44,7 @@ import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, Blo
 import { Registry } from 'prom-client';
 import { parseClaim } from '../src/cache/policy.js';
 import { openSharedStore } from '../src/cache/shared/open.js';
-import { RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedStore, type WriteCondition } from '../src/cache/shared/store.js';
+import { RANGE_UPLOAD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedStore, type WriteCondition } from '../src/cache/shared/store.js';
 import { SharedTier, sharedKeys } from '../src/cache/shared/tier.js';
 import { createLogger } from '../src/log.js';
 import type { SharedConfig } from '../src/rules/config.js';
@@ -51,6 +52,16 @@ import { startAzurite, startFakeGcs, startVersitygw, type AzureServer, type GcsS
 
 const MiB = 1024 * 1024;
 const sha256 = (data: Buffer) => createHash('sha256').update(data).digest('hex');
+
+/** A segment's key as the tier names it: the blob's digest, then the offset as 16 hex digits. */
+const segmentKey = (blob: string, offset: number) => `segments/sha256/${blob}/${offset.toString(16).padStart(16, '0')}`;
+
+/** The handle is still open and reads its file (createFromRange never closes it). */
+async function assertOpen(handle: FileHandle, data: Buffer): Promise<void> {
+  const probe = Buffer.alloc(16);
+  const { bytesRead } = await handle.read(probe, 0, probe.length, 0);
+  assert.deepEqual(probe.subarray(0, bytesRead), data.subarray(0, 16), 'the handle still reads its file');
+}
 
 async function bytesOf(stream: Readable | undefined): Promise<Buffer | undefined> {
   if (!stream) return undefined;
@@ -128,7 +139,7 @@ async function countingRelay(targetPort: number, threshold: number): Promise<{ p
   };
 }
 
-const base = { fillWaitSeconds: 120, timeoutSeconds: 30 } as const;
+const base = { fillWaitSeconds: 120, timeoutSeconds: 30, streamFills: true } as const;
 
 /** A node's shared tier on a store (its own connection to it), on its own clock. */
 function tier(config: SharedConfig, node: string, now: () => number = Date.now, wrap: (store: SharedStore) => SharedStore = (s) => s): SharedTier {
@@ -162,6 +173,9 @@ class Ordered implements SharedStore {
   }
   createFromFile(key: string, file: string, size: number, signal?: AbortSignal) {
     return this.store.createFromFile(key, file, size, signal);
+  }
+  createFromRange(key: string, range: FileRange, signal?: AbortSignal) {
+    return this.store.createFromRange(key, range, signal);
   }
   writeRecord(key: string, body: Buffer, options?: WriteCondition) {
     const written = this.store.writeRecord(key, body, options);
@@ -270,6 +284,126 @@ function conformance(backend: Backend): void {
       await assert.rejects(store.readRecord('records/bounded', 63), RefusedObject);
       await store.writeRecord('records/empty', Buffer.alloc(0));
       assert.deepEqual(await store.readRecord('records/empty'), Buffer.alloc(0));
+    });
+
+    describe('createFromRange', () => {
+      let data: Buffer;
+      let handle: FileHandle;
+      before(async () => {
+        data = randomBytes(5 * MiB + 333);
+        handle = await openFile(file('range-source', data), 'r');
+      });
+      after(async () => handle.close());
+
+      it('creates a range in the middle of a file once, with exactly its bytes; a second create answers exists and changes nothing', async () => {
+        const key = segmentKey('middle', MiB + 5);
+        const range = { handle, start: MiB + 5, end: 3 * MiB + 1000 };
+        assert.equal(await store.createFromRange(key, range), 'created');
+        const expected = data.subarray(range.start, range.end);
+        assert.equal((await store.stat(key))?.size, expected.length);
+        assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(expected));
+        // Other bytes of the same length under the same key: refused, the object keeps the first.
+        assert.equal(await store.createFromRange(key, { handle, start: 0, end: expected.length }), 'exists');
+        assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(expected), 'the object is unchanged');
+        assert.deepEqual((await listAll(store, 'segments/sha256/middle/')).map((l) => [l.key, l.size]), [[key, expected.length]]);
+        await assertOpen(handle, data);
+      });
+
+      it('creates the range at the end of a file, and a 0-byte range as an empty object', async () => {
+        const tail = segmentKey('tail', 4 * MiB);
+        assert.equal(await store.createFromRange(tail, { handle, start: 4 * MiB, end: data.length }), 'created');
+        assert.deepEqual(await bytesOf(await store.read(tail)), data.subarray(4 * MiB));
+        const empty = segmentKey('empty', 7);
+        assert.equal(await store.createFromRange(empty, { handle, start: 7, end: 7 }), 'created');
+        assert.equal((await store.stat(empty))?.size, 0);
+        assert.equal(await store.createFromRange(empty, { handle, start: 9, end: 9 }), 'exists');
+        await assertOpen(handle, data);
+      });
+
+      it('refuses a range over the bound or reversed with RangeError, before anything is written', async () => {
+        const key = segmentKey('refused', 0);
+        // The file is shorter than the bound: the refusal comes from the range, not from the file.
+        await assert.rejects(store.createFromRange(key, { handle, start: 0, end: RANGE_UPLOAD_MAX_BYTES + 1 }), RangeError);
+        await assert.rejects(store.createFromRange(key, { handle, start: 10, end: 9 }), RangeError);
+        await assert.rejects(store.createFromRange(key, { handle, start: -1, end: 9 }), RangeError);
+        assert.equal(await store.stat(key), undefined);
+        await assertOpen(handle, data);
+      });
+
+      it('fails a range past the end of the file without writing anything, and not as a store failure', async () => {
+        const key = segmentKey('short', data.length - 10);
+        await assert.rejects(store.createFromRange(key, { handle, start: data.length - 10, end: data.length + 10 }), (error: unknown) => {
+          assert.ok(!(error instanceof SharedStoreError), String(error));
+          assert.match((error as Error).message, /ends at \d+, before the range's end/);
+          return true;
+        });
+        assert.equal(await store.stat(key), undefined);
+        await assertOpen(handle, data);
+      });
+
+      it('uploads by the handle a file renamed after it was opened', async () => {
+        const own = randomBytes(300_000);
+        const path = file('range-renamed', own);
+        const renamed = await openFile(path, 'r');
+        try {
+          renameSync(path, `${path}.moved`);
+          const key = segmentKey('renamed', 1000);
+          assert.equal(await store.createFromRange(key, { handle: renamed, start: 1000, end: own.length }), 'created');
+          assert.deepEqual(await bytesOf(await store.read(key)), own.subarray(1000));
+          await assertOpen(renamed, own);
+        } finally {
+          await renamed.close();
+        }
+      });
+
+      it('of 8 concurrent creates of one key exactly one is created, and its bytes are stored', async () => {
+        const key = segmentKey('race', 0);
+        const ranges = Array.from({ length: 8 }, (_, i) => ({ handle, start: i * 256 * 1024, end: i * 256 * 1024 + 2 * MiB }));
+        const outcomes = await Promise.all(ranges.map((range) => store.createFromRange(key, range)));
+        assert.equal(outcomes.filter((o) => o === 'created').length, 1, outcomes.join(' '));
+        const winner = ranges[outcomes.indexOf('created')]!;
+        assert.equal(sha256((await bytesOf(await store.read(key)))!), sha256(data.subarray(winner.start, winner.end)));
+      });
+
+      it('rejects with the abort when its signal was aborted, and creates nothing', async () => {
+        const key = segmentKey('aborted-before', 0);
+        const controller = new AbortController();
+        controller.abort();
+        await assert.rejects(store.createFromRange(key, { handle, start: 0, end: MiB }, controller.signal), (error: unknown) => {
+          assert.ok(!(error instanceof SharedStoreError), `the abort, not a store failure: ${String(error)}`);
+          return true;
+        });
+        assert.equal(await store.stat(key), undefined);
+        await assertOpen(handle, data);
+      });
+
+      if (backend.elsewhere) {
+        it('leaves nothing visible when aborted once its bytes are flowing', async () => {
+          const big = randomBytes(RANGE_UPLOAD_MAX_BYTES);
+          const bigHandle = await openFile(file('range-aborted', big), 'r');
+          // Aborted once 1 MiB of the request went through a relay to the server, not after a guessed time.
+          const relay = await countingRelay(Number(new URL(storeEndpoint(backend.config('main/'))).port), MiB);
+          const uploader = await open(backend.elsewhere!(relay.port, 30));
+          const key = segmentKey('aborted', 0);
+          const controller = new AbortController();
+          try {
+            const upload = uploader.createFromRange(key, { handle: bigHandle, start: 0, end: big.length }, controller.signal);
+            upload.catch(() => undefined);
+            await relay.reached;
+            controller.abort();
+            await assert.rejects(upload, (error: unknown) => {
+              assert.ok(!(error instanceof SharedStoreError), `the abort, not a store failure: ${String(error)}`);
+              return true;
+            });
+            await assertOpen(bigHandle, big);
+          } finally {
+            await bigHandle.close();
+            await relay.close();
+          }
+          assert.equal(await store.stat(key), undefined);
+          assert.deepEqual((await listAll(store, 'segments/sha256/aborted/')).map((l) => l.key), []);
+        });
+      }
     });
 
     it('reads a span', async () => {
@@ -499,6 +633,7 @@ function conformance(backend: Backend): void {
     if (backend.elsewhere) {
       it("answers 'timeout' when the store accepts connections and never answers", async () => {
         const hole = await blackHole();
+        const hungHandle = await openFile(file('hung-range', Buffer.alloc(1000)), 'r');
         try {
           const hung = await open(backend.elsewhere!(hole.port, 1));
           for (const [what, operation] of [
@@ -508,6 +643,7 @@ function conformance(backend: Backend): void {
             ['list', () => listAll(hung, 'records/')],
             ['writeRecord', () => hung.writeRecord('records/anything', Buffer.from('x'), { ifAbsent: true })],
             ['createFromFile', () => hung.createFromFile('blobs/sha256/anything', file('hung', Buffer.alloc(1000)), 1000)],
+            ['createFromRange', () => hung.createFromRange(segmentKey('anything', 0), { handle: hungHandle, start: 0, end: 1000 })],
           ] as const) {
             // 'timeout', not a hang (the test's own timeout would end that) nor another failure:
             // timeoutSeconds ended the call.
@@ -515,6 +651,7 @@ function conformance(backend: Backend): void {
           }
         } finally {
           await hole.close();
+          await hungHandle.close();
         }
       });
 
@@ -564,6 +701,48 @@ describe('shared store: filesystem staging', () => {
       assert.deepEqual(await listAll(store, ''), [], 'staging is not listed');
     } finally {
       rmSync(root, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('shared store: filesystem segments', () => {
+  it('removes segments a dead filler left a day ago at open (and their emptied directories), keeps recent ones, follows no link', async () => {
+    const root = mkdtempSync(join(tmpdir(), 'pullbridge-shared-fs-'));
+    const outside = mkdtempSync(join(tmpdir(), 'pullbridge-shared-outside-'));
+    const dayAgo = new Date(Date.now() - 25 * 3_600_000);
+    const old = (path: string) => utimesSync(path, dayAgo, dayAgo);
+    try {
+      const first = await openSharedStore({ ...base, filesystem: { path: root } });
+      const source = join(outside, 'source');
+      writeFileSync(source, randomBytes(4096));
+      const fileHandle = await openFile(source, 'r');
+      try {
+        // A dead filler's chain (old segments in a directory untouched since), a running fill's
+        // chain (recent), and a directory with one of each.
+        for (const [blob, offset] of [['dead', 0], ['dead', 1024], ['live', 0], ['mixed', 0], ['mixed', 1024]] as const) {
+          assert.equal(await first.createFromRange(segmentKey(blob, offset), { handle: fileHandle, start: offset, end: offset + 1024 }), 'created');
+        }
+      } finally {
+        await fileHandle.close();
+      }
+      const segments = join(root, 'segments', 'sha256');
+      for (const name of readdirSync(join(segments, 'dead'))) old(join(segments, 'dead', name));
+      old(join(segments, 'dead'));
+      old(join(segments, 'mixed', '0000000000000000'));
+      // An old file outside the store, behind a symbolic link planted under segments/: not followed.
+      writeFileSync(join(outside, 'victim'), 'not the store\'s');
+      old(join(outside, 'victim'));
+      symlinkSync(outside, join(segments, 'planted'));
+      mkdirSync(join(root, 'segments', 'sha512'));
+
+      const store = await openSharedStore({ ...base, filesystem: { path: root } });
+      assert.deepEqual((await listAll(store, 'segments/')).map((l) => l.key), [segmentKey('live', 0), segmentKey('mixed', 1024)]);
+      assert.deepEqual(readdirSync(segments).sort(), ['live', 'mixed', 'planted'], 'the dead chain\'s directory went with its segments');
+      assert.deepEqual(readdirSync(outside).sort(), ['source', 'victim'], 'nothing outside the store removed');
+      assert.ok(readdirSync(join(root, 'segments')).includes('sha512'), 'a recent empty directory stays');
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+      rmSync(outside, { recursive: true, force: true });
     }
   });
 });

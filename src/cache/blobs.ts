@@ -11,6 +11,9 @@ import { verifiedBody } from '../content/verify.js';
 import type { RuleUpstream } from '../upstream/rule.js';
 import { completeExtent, fileBody } from './filebody.js';
 import { bodyOfReadable } from './shared/bodies.js';
+import { FollowBody } from './shared/follow.js';
+import { SegmentPublisher } from './shared/publish.js';
+import type { SharedClaim } from './policy.js';
 import { BlobFlight } from './flight.js';
 import type { NodeCache } from './nodecache.js';
 import { byteRange } from './policy.js';
@@ -22,6 +25,10 @@ interface SharedSource {
   shared: boolean;
   claimed: boolean;
   failed: boolean;
+  /** This node publishes the fill's segments (it announced it): they are removed once it is shared. */
+  streamed: boolean;
+  /** A follower of another node's fill won its claim at `offset` (FollowBody): set by fill(). */
+  tookOver?: (offset: number, size: number) => void;
 }
 
 export class CachedBlobs {
@@ -124,7 +131,7 @@ export class CachedBlobs {
     if (already?.joinable) return this.join(already, request);
     const ended = cache.fillStarted();
     const origin = { rule: request.rule, repository: request.repository, origin: this.origin(request.rule) };
-    const source: SharedSource = { shared: false, claimed: false, failed: false };
+    const source: SharedSource = { shared: false, claimed: false, failed: false, streamed: false };
     let stopKeepingClaim: () => void = () => undefined;
     const flight: BlobFlight = new BlobFlight(request.digest, origin, new AbortController(), cache.store, async (outcome) => {
       stopKeepingClaim();
@@ -134,7 +141,8 @@ export class CachedBlobs {
       if (outcome.stored) await cache.store.addOrigin(request.digest, origin.origin).then(() => cache.store.link(request.rule, request.repository, request.digest)).catch(() => undefined);
       if (cache.flights.get(request.digest) === flight) cache.flights.delete(request.digest);
       ended();
-      if (outcome.stored && !source.shared) cache.share(request.digest, origin, source.claimed);
+      // A fill this node took over from a stalled filler is shared by this node, as its own.
+      if (outcome.stored && (!source.shared || source.claimed)) cache.share(request.digest, origin, source.claimed, source.streamed);
       else if (source.claimed) await cache.shared?.release(request.digest);
       if (!outcome.stored && outcome.corrupt && source.shared) await cache.removeCorruptShared(request.digest, outcome.reason);
       if (outcome.stored) await cache.evict(0);
@@ -146,18 +154,25 @@ export class CachedBlobs {
     cache.flights.set(request.digest, flight);
     const reading = flight.reader();
     reading.catch(() => undefined);
+    const keepClaim = () => {
+      if (!cache.shared) return;
+      let last = -1;
+      stopKeepingClaim = cache.shared.keepClaim(request.digest, () => {
+        const readable = flight.readable();
+        const moved = readable !== last;
+        last = readable;
+        return moved;
+      });
+    };
+    source.tookOver = (offset, size) => {
+      source.claimed = true;
+      keepClaim();
+      this.publish(flight, source, size, origin.origin, offset);
+    };
     let answer: BlobResult;
     try {
       const shared = await this.fromShared(request, flight.controller.signal, source);
-      if (source.claimed && cache.shared) {
-        let last = -1;
-        stopKeepingClaim = cache.shared.keepClaim(request.digest, () => {
-          const readable = flight.readable();
-          const moved = readable !== last;
-          last = readable;
-          return moved;
-        });
-      }
+      if (source.claimed) keepClaim();
       answer = shared ?? (await this.upstream.blob({ ...request, signal: flight.controller.signal, unverified: true }));
     } catch (error) {
       flight.abandon(error as Error);
@@ -189,6 +204,8 @@ export class CachedBlobs {
       return this.relayInstead(request, answer, source, known ? length : undefined);
     }
     flight.start(fill, answer.body, answer.headers, reservation);
+    // The cluster's filler, with a length to announce: the other nodes stream its fill as it lands.
+    if (source.claimed && !source.shared && known && cache.settings.shared?.streamFills !== false) this.publish(flight, source, length, origin.origin, 0);
     const body = await reading;
     if (request.signal.aborted) {
       body.destroy();
@@ -197,6 +214,24 @@ export class CachedBlobs {
     const outcome = source.shared ? 'shared' : 'miss';
     cache.count('blob', outcome, source.shared && known ? length : 0);
     return { status: 200, digest: request.digest, headers: answer.headers, body, cache: outcome, stored: flight.stored };
+  }
+
+  /**
+   * Announces this node's fill in its claim and publishes its segments from `from` on (the whole
+   * fill, or a takeover's rest). A filler whose fill turned into a relay (no room on its disk)
+   * gives its claim up at once, so that a follower takes the fill over without waiting for a stall.
+   */
+  private publish(flight: BlobFlight, source: SharedSource, size: number, origin: string, from: number): void {
+    const { cache } = this;
+    const { shared } = cache;
+    if (!shared) return;
+    source.streamed = true;
+    cache.publishing(flight.digest, (async () => {
+      if (!(await shared.announce(flight.digest, { size, origin }))) return;
+      const stop = await new SegmentPublisher(flight, shared, flight.digest, from, size, cache.now, cache.logger).done;
+      if (stop === 'relay') await shared.release(flight.digest);
+      else if (stop === 'lost-claim') cache.logger.info({ digest: flight.digest }, 'shared cache tier: another node took this node\'s fill over; its segments are that node\'s now');
+    })());
   }
 
   /** A fill that cannot be stored: the upstream's answer relayed (verified); a shared download is
@@ -226,8 +261,14 @@ export class CachedBlobs {
           return undefined;
         }
         await shared.release(request.digest);
-      } else {
+      } else if (this.cache.settings.shared?.streamFills !== false) {
         // The fill's signal, not this client's: other clients may have joined the wait.
+        const found = await shared.waitForFill(request.digest, signal);
+        if (found === undefined) return undefined;
+        // Another upstream's fill is not followed: this rule fetches from its own, now.
+        if ('claim' in found) return found.claim.origin === this.origin(request.rule) ? this.follow(request, signal, source, found.claim) : undefined;
+        size = found.size;
+      } else {
         size = await shared.waitForBlob(request.digest, signal);
         if (size === undefined) return undefined;
       }
@@ -246,6 +287,35 @@ export class CachedBlobs {
     source.shared = true;
     const headers = { 'content-type': 'application/octet-stream', 'content-length': String(size), 'docker-content-digest': request.digest, etag: `"${request.digest}"` };
     return { status: 200, digest: request.digest, headers, body: bodyOfReadable(stream, () => (source.failed = true)), cache: 'shared' };
+  }
+
+  /**
+   * Another node's streaming fill, followed (shared/follow.ts): once this rule's upstream confirms
+   * the request now (a HEAD with its credentials; a refusal is passed on, and nothing streams), a
+   * body of the claim's size read from the filler's segments, then the shared blob, or the upstream
+   * from where the chain ended (this rule, these credentials) should the store fail or the filler
+   * stall. This node's fill hashes every byte, whatever its source.
+   */
+  private async follow(request: BlobRequest, signal: AbortSignal, source: SharedSource, claim: SharedClaim & { readonly size: number; readonly origin: string }): Promise<BlobResult> {
+    const { cache } = this;
+    const shared = cache.shared;
+    if (!shared) throw new Error('no shared tier to follow');
+    await this.confirmAccess({ ...request, signal }, null);
+    source.shared = true;
+    const { size } = claim;
+    const body = new FollowBody({
+      tier: shared,
+      digest: request.digest,
+      size,
+      origin: claim.origin,
+      now: cache.now,
+      logger: cache.logger,
+      resume: (offset, stop) => this.upstream.blob({ ...request, method: 'GET', signal: AbortSignal.any([signal, stop]), range: `bytes=${offset}-`, unverified: true }),
+      onTakeover: (offset) => source.tookOver?.(offset, size),
+      onStoreFailure: () => (source.failed = true),
+    });
+    const headers = { 'content-type': 'application/octet-stream', 'content-length': String(size), 'docker-content-digest': request.digest, etag: `"${request.digest}"` };
+    return { status: 200, digest: request.digest, headers, body, cache: 'shared' };
   }
 
   /** Another client for a blob being filled: reads the same fill, once this (rule, repository) may. */

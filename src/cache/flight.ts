@@ -253,6 +253,44 @@ export class BlobFlight implements FileExtent {
   }
 
   /**
+   * The fill's file for a publisher of its segments (shared/publish.ts): an open handle (the file
+   * may be renamed into the store meanwhile; the descriptor survives), what of it may be read now
+   * and in the end (up to where a relayed tail starts: the publisher stops there), and the release
+   * (closes the handle). Counts as a reader, as a client does: the fill runs to its end while it
+   * is published, even when every client left (the other nodes want it).
+   */
+  async follow(): Promise<{ readonly handle: FileHandle; readonly extent: FileExtent; readonly release: () => void }> {
+    this.readers++;
+    try {
+      await this.started;
+      const path = this.fill?.path;
+      if (!path) throw new Error('fill not started');
+      const handle = await open(path, 'r').catch(async (error: NodeJS.ErrnoException) => {
+        if (error.code !== 'ENOENT') throw error;
+        const outcome = await this.done;
+        if (!outcome.stored) throw this.failure ?? new Error(outcome.reason);
+        return open(this.store.blobPathOf(this.digest), 'r');
+      });
+      const extent: FileExtent = {
+        readable: () => (this.tail ? this.tail.from : this.readable()),
+        outcome: () => (this.tail ? { error: new Error('the fill relays its tail: not in the file') } : this.outcome()),
+        watch: (listener) => this.watch(listener),
+      };
+      let released = false;
+      const release = () => {
+        if (released) return;
+        released = true;
+        void handle.close().catch(() => undefined);
+        this.leave();
+      };
+      return { handle, extent, release };
+    } catch (error) {
+      this.leave();
+      throw error;
+    }
+  }
+
+  /**
    * The blob from the file, then (should the fill turn into a relay) from the relayed tail. What a
    * reader of a fill reads was just written (it is in the page cache): read in place, without a
    * thread-pool round trip per read.

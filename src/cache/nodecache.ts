@@ -99,6 +99,9 @@ export class NodeCache {
   private readonly uploads = new Set<Promise<void>>();
   /** Digest → until when its fills skip the shared tier (its shared copy failed them). */
   private readonly sharedAvoided = new Map<string, number>();
+  /** Segment publishers of fills in flight (shared/publish.ts), by digest: share() waits for one
+   * before it removes the segments, sharing() and close() wait for them all. */
+  private readonly publishers = new Map<string, Promise<void>>();
   /** `rule\0repository\0digest` this process shared or found shared: not looked at again. */
   private readonly sharedKnown = new Set<string>();
 
@@ -106,7 +109,7 @@ export class NodeCache {
     readonly store: NodeStore,
     settings: CacheConfig,
     registry: Registry,
-    private readonly logger: Logger,
+    readonly logger: Logger,
     readonly now: () => number,
     private readonly hashing: HashThread,
     /** The second tier shared by every node (cache.shared), when configured. */
@@ -162,9 +165,10 @@ export class NodeCache {
    * held against eviction meanwhile), with its link, then ends this node's claim if it `claimed` the
    * fill. In the background: the client has its bytes already.
    */
-  share(digest: string, link: SharedLink, claimed: boolean): void {
+  share(digest: string, link: SharedLink, claimed: boolean, streamed = false): void {
     const { shared } = this;
     if (!shared) return;
+    const publishing = this.publishers.get(digest);
     this.inBackground(digest, link, async () => {
       const lease = this.store.lease(digest);
       const stopKeeping = claimed ? shared.keepClaim(digest, () => true) : undefined;
@@ -176,6 +180,12 @@ export class NodeCache {
         // is checked only when it completes, after every byte went out).
         if (lease && (await shared.blobSize(digest)) === undefined) await shared.uploadBlob(digest, lease.path, lease.size);
         await this.linkShared(shared, digest, link);
+        // The fill's segments go once the whole blob is there (a follower mid-chain reads it from
+        // there on), after the last was published; then the claim.
+        if (streamed) {
+          await publishing;
+          await shared.removeSegments(digest);
+        }
       } finally {
         stopKeeping?.();
         lease?.release();
@@ -221,6 +231,15 @@ export class NodeCache {
     void upload.finally(() => this.uploads.delete(upload));
   }
 
+  /** A segment publisher of a fill in flight: waited for by share(), sharing() and close(). */
+  publishing(digest: string, done: Promise<void>): void {
+    const tracked = done.catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier: publishing segments failed'));
+    this.publishers.set(digest, tracked);
+    void tracked.finally(() => {
+      if (this.publishers.get(digest) === tracked) this.publishers.delete(digest);
+    });
+  }
+
   /** A fill from the shared tier failed: this node fetches that blob from the upstream for a while,
    * so that a bad shared copy or a failing store cannot fail its pulls for good. */
   avoidShared(digest: string): void {
@@ -232,6 +251,7 @@ export class NodeCache {
   async removeCorruptShared(digest: string, reason: string): Promise<void> {
     this.logger.warn({ digest, reason }, 'the shared cache tier holds a corrupt copy: removed; pulls fetch it from the upstream');
     await this.shared?.removeBlob(digest);
+    await this.shared?.removeSegments(digest);
   }
 
   /** Whether fills of this blob skip the shared tier (see sharedFillFailed). */
@@ -519,6 +539,7 @@ export class NodeCache {
   async sharing(): Promise<void> {
     // Fills in flight first: each starts its upload when it is stored and linked.
     await Promise.all([...this.flights.values()].map((flight) => flight.stored));
+    await Promise.all([...this.publishers.values()]);
     await Promise.all([...this.uploads]);
   }
 
@@ -537,6 +558,7 @@ export class NodeCache {
     };
     // Fills first (each may start an upload when stored), then the uploads, in the same bound.
     await waitFor([...this.flights.values()].map((flight) => flight.stored));
+    await waitFor([...this.publishers.values()]);
     await waitFor([...this.uploads]);
     await this.hashing.close();
     await this.shared?.close();

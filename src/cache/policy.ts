@@ -87,20 +87,49 @@ export function parseLink(text: string): string | null {
   return /^[\x20-\x7e]{0,255}$/.test(text) ? text : null;
 }
 
-/** A node's claim to fetch a blob from the upstream for the whole cluster (shared tier). */
+/** A node's claim to fetch a blob from the upstream for the whole cluster (shared tier). Version 2
+ * adds the fill's announcement (docs/design/streaming-rollout.md): old nodes read `node` and `at`
+ * only, and a claim without `stream` is waited for whole, as before. */
 export interface SharedClaim {
   readonly node: string;
   /** When it was made (ms since the epoch). */
   readonly at: number;
+  /** The blob's size, as the upstream announced it (Content-Length). */
+  readonly size?: number;
+  /** The filler's upstream (upstreamOrigin, a sha256 in hex): only a rule of that upstream follows. */
+  readonly origin?: string;
+  /** 1: the filler publishes the blob in segments while it arrives (followers stream from them). */
+  readonly stream?: 1;
 }
 
+/** A claim as stored, or undefined when it is not one: every field present must parse (a claim
+ * with a `size` that is not a safe whole number, an `origin` that is not 64 hex or a `stream` other
+ * than 1 is refused whole, not read in part). */
 export function parseClaim(text: string): SharedClaim | undefined {
+  let value: unknown;
   try {
-    const claim = JSON.parse(text) as Partial<SharedClaim>;
-    return typeof claim.node === 'string' && typeof claim.at === 'number' ? (claim as SharedClaim) : undefined;
+    value = JSON.parse(text);
   } catch {
     return undefined;
   }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) return undefined;
+  const claim = value as Record<string, unknown>;
+  if (typeof claim.node !== 'string' || typeof claim.at !== 'number' || !Number.isFinite(claim.at)) return undefined;
+  if (claim.size !== undefined && !(typeof claim.size === 'number' && Number.isSafeInteger(claim.size) && claim.size >= 0)) return undefined;
+  if (claim.origin !== undefined && !(typeof claim.origin === 'string' && /^[0-9a-f]{64}$/.test(claim.origin))) return undefined;
+  if (claim.stream !== undefined && claim.stream !== 1) return undefined;
+  return {
+    node: claim.node,
+    at: claim.at,
+    ...(claim.size !== undefined ? { size: claim.size as number } : {}),
+    ...(claim.origin !== undefined ? { origin: claim.origin as string } : {}),
+    ...(claim.stream !== undefined ? { stream: 1 as const } : {}),
+  };
+}
+
+/** Whether followers may stream a claim's fill: announced with its size and origin, and `stream`. */
+export function claimStreams(claim: SharedClaim): claim is SharedClaim & { readonly size: number; readonly origin: string; readonly stream: 1 } {
+  return claim.stream === 1 && claim.size !== undefined && claim.origin !== undefined;
 }
 
 /** A claim stands while its filler may still be at work: made or renewed (the filler renews it

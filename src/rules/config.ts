@@ -237,6 +237,10 @@ const sharedSchema = z
      * records (tags, links, claims) are written with an HMAC under it, and only records that carry
      * one are believed. Absent: records are believed as the store holds them (docs/security.md, threat model). */
     recordKeyFile: absolutePath.optional(),
+    /** A node that lost the claim to fetch a blob streams the filler's fill from segment objects it
+     * publishes in the store while the bytes arrive (docs/cache.md, "Streaming fills"); false: it
+     * waits for the whole blob, as before (a store that bills per request steeply). */
+    streamFills: z.boolean().default(true),
   })
   .refine((s) => [s.s3, s.azure, s.gcs, s.filesystem].filter((b) => b !== undefined).length === 1, 'needs exactly one of s3, azure, gcs, filesystem');
 

@@ -204,7 +204,7 @@ cosign-{{ index . 0 }}-{{ index . 1 }}.pub
 {{- $backend := $shared.backend | default "" -}}
 {{- $backends := list "s3" "azure" "gcs" "filesystem" -}}
 {{- range $key, $_ := $shared }}
-{{- if not (has $key (concat $backends (list "backend" "existingSecret" "fillWaitSeconds" "timeoutSeconds" "recordKey"))) }}
+{{- if not (has $key (concat $backends (list "backend" "existingSecret" "fillWaitSeconds" "timeoutSeconds" "streamFills" "recordKey"))) }}
 {{- fail (printf "cache.shared.%s is not a setting of the shared cache tier: the backends are s3, azure, gcs and filesystem, chosen with cache.shared.backend" $key) }}
 {{- end }}
 {{- end }}
@@ -286,6 +286,7 @@ cosign-{{ index . 0 }}-{{ index . 1 }}.pub
 {{- $files := include "pullbridge.sharedFiles" . | fromJson -}}
 fillWaitSeconds: {{ $shared.fillWaitSeconds | default 120 | int }}
 timeoutSeconds: {{ $shared.timeoutSeconds | default 30 | int }}
+streamFills: {{ ne $shared.streamFills false }}
 {{- if ($shared.recordKey | default dict).existingSecret }}
 recordKeyFile: /etc/pullbridge/shared-record-key/record-key
 {{- end }}

@@ -13,8 +13,8 @@ import {
   type StoragePipelineOptions,
 } from '@azure/storage-blob';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readRange, readSecretFile } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type AzureConfig = NonNullable<SharedConfig['azure']>;
 
@@ -92,6 +92,24 @@ class AzureStore implements SharedStore {
       return 'created';
     } catch (error) {
       if (isCallerAbort(error, signal)) throw error;
+      if (isConditionFailure(error)) return 'exists';
+      throw storeError(`upload ${key}`, error, idle.timedOut());
+    } finally {
+      idle.disarm();
+    }
+  }
+
+  async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    const body = await readRange(key, range, signal);
+    // One Put Blob (Put Block + Put Block List would be two requests), under the same deadline as
+    // createFromFile's: it starts over whenever bytes go out.
+    const idle = deadline(this.timeoutMs, signal);
+    try {
+      await this.blob(key).upload(body, body.length, { conditions: { ifNoneMatch: '*' }, abortSignal: idle.signal, onProgress: () => idle.touch() });
+      return 'created';
+    } catch (error) {
+      if (isCallerAbort(error, signal)) throw error;
+      // 409 BlobAlreadyExists for a single Put Blob, 412 for a condition that failed.
       if (isConditionFailure(error)) return 'exists';
       throw storeError(`upload ${key}`, error, idle.timedOut());
     } finally {

@@ -3,7 +3,7 @@
 
 import { readFile } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
-import { RefusedObject, SharedStoreError } from './store.js';
+import { RANGE_UPLOAD_MAX_BYTES, RefusedObject, SharedStoreError, type FileRange } from './store.js';
 
 /** A Secret-mounted value: files written by hand or by `kubectl create secret --from-file` often
  * end in a newline that is not part of the credential. */
@@ -97,4 +97,45 @@ export async function readBounded(what: string, stream: Readable, maxBytes: numb
     stream.destroy();
   }
   return Buffer.concat(chunks, length);
+}
+
+/** Refuses a range createFromRange must not upload (thrown before any I/O): reversed, not whole
+ * numbers, or over RANGE_UPLOAD_MAX_BYTES. */
+export function checkRange(key: string, range: FileRange): void {
+  const { start, end } = range;
+  if (!Number.isSafeInteger(start) || !Number.isSafeInteger(end) || start < 0 || end < start) throw new RangeError(`upload ${key}: the range [${start}, ${end}) is not a byte range`);
+  if (end - start > RANGE_UPLOAD_MAX_BYTES) throw new RangeError(`upload ${key}: the range [${start}, ${end}) has ${end - start} bytes, more than the ${RANGE_UPLOAD_MAX_BYTES} one upload takes`);
+}
+
+/**
+ * The bytes of a range, read from the open handle into one buffer (the handle stays open: it is
+ * the caller's). A local file that cannot be read, or ends before the range does, is a plain Error:
+ * not a failure of the store. One buffer rather than a stream on the descriptor, because
+ * - the body's length is then known to be there before a request starts: a file that ends early
+ *   fails here, never as a request whose declared Content-Length the store waits for until its
+ *   timeout, and never as a short object;
+ * - the SDKs' one retry can send a buffer again (a stream is spent after the first try);
+ * - a segment is at most 8 MiB and a fill uploads one at a time, the size of the parts an S3
+ *   multipart upload already holds in memory; one large read costs less CPU than many small ones.
+ * Reads with pread (positional): the handle's own position is neither used nor moved.
+ */
+export async function readRange(key: string, range: FileRange, signal?: AbortSignal): Promise<Buffer> {
+  checkRange(key, range);
+  signal?.throwIfAborted();
+  const length = range.end - range.start;
+  // allocUnsafe: every byte is overwritten by the read, or the buffer is dropped.
+  const buffer = Buffer.allocUnsafe(length);
+  let filled = 0;
+  while (filled < length) {
+    let bytesRead: number;
+    try {
+      ({ bytesRead } = await range.handle.read(buffer, filled, length - filled, range.start + filled));
+    } catch (error) {
+      throw new Error(`upload ${key}: reading the local file: ${messageOf(error)}`, { cause: error });
+    }
+    if (bytesRead === 0) throw new Error(`upload ${key}: the local file ends at ${range.start + filled}, before the range's end ${range.end}`);
+    filled += bytesRead;
+    signal?.throwIfAborted();
+  }
+  return buffer;
 }

@@ -14,12 +14,12 @@
 
 import { createHash, randomUUID } from 'node:crypto';
 import { constants, createReadStream, createWriteStream, type BigIntStats } from 'node:fs';
-import { link, lstat, mkdir, open, readdir, readlink, realpath, rename, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { link, lstat, mkdir, open, readdir, readlink, realpath, rename, rmdir, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { checkRecordSize, isCallerAbort, messageOf } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { checkRecordSize, isCallerAbort, messageOf, readRange } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
 const TMP = 'tmp';
@@ -27,9 +27,18 @@ const TMP = 'tmp';
 /** A temp file this old is left by a writer that died (no copy of a blob takes a day). */
 const STALE_TEMP_MS = 24 * 3_600_000;
 
+/** Where a fill publishes the blob's segments while it runs (tier.ts sharedKeys.segment); the fill
+ * removes them once the blob is shared, a filler that died leaves them. */
+const SEGMENTS = 'segments';
+
+/** A segment this old is left by a filler that died (no fill takes a day): removed at open, as a
+ * bucket's lifecycle rule expires them on object storage. */
+const STALE_SEGMENT_MS = 24 * 3_600_000;
+
 export async function openFilesystemStore(path: string, now = Date.now()): Promise<SharedStore> {
   await guard(`preparing ${path}`, () => mkdir(join(path, TMP), { recursive: true }));
   await removeStaleTemps(join(path, TMP), now);
+  await removeStaleSegments(join(path, SEGMENTS), now);
   // Where the directory really is (the configured path may itself be a link, as a mount often is).
   return new FilesystemStore(await guard(`resolving ${path}`, () => realpath(path)));
 }
@@ -43,6 +52,30 @@ async function removeStaleTemps(dir: string, now: number): Promise<void> {
   for (const name of names) {
     const info = await missingAsUndefined(lstat(join(dir, name))).catch(() => undefined);
     if (info && now - info.mtimeMs > STALE_TEMP_MS) await unlink(join(dir, name)).catch(() => undefined);
+  }
+}
+
+/**
+ * Removes segment files (segments/<alg>/<hex>/<offset>) not modified for STALE_SEGMENT_MS, and the
+ * directories left empty and as old (a fill's directory stays when its segments are removed one by
+ * one). Only regular files and directories are touched, and a symbolic link is not followed. Two
+ * nodes sweeping at once tolerate each other's removals; a directory a fill is writing into again
+ * is not empty (rmdir fails, nothing lost) or new (publish makes it again).
+ */
+async function removeStaleSegments(dir: string, now: number): Promise<void> {
+  const entries = await missingAsUndefined(readdir(dir, { withFileTypes: true })).catch(() => undefined);
+  for (const entry of entries ?? []) {
+    const path = join(dir, entry.name);
+    // Judged before its contents are swept (which sets a directory's modification time to now): a
+    // directory nothing was added to or removed from for a day.
+    const info = await missingAsUndefined(lstat(path)).catch(() => undefined);
+    const stale = info !== undefined && now - info.mtimeMs > STALE_SEGMENT_MS;
+    if (info?.isDirectory()) {
+      await removeStaleSegments(path, now);
+      if (stale) await rmdir(path).catch(() => undefined);
+    } else if (info?.isFile() && stale) {
+      await unlink(path).catch(() => undefined);
+    }
   }
 }
 
@@ -76,6 +109,19 @@ class FilesystemStore implements SharedStore {
         const copied = (await stat(temp)).size;
         if (copied !== size) throw new SharedStoreError('error', `${file} has ${copied} bytes, expected ${size}`);
       }, signal);
+      return (await this.publish(key, temp)) ? 'created' : 'exists';
+    } finally {
+      await unlink(temp).catch(() => undefined);
+    }
+  }
+
+  async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    // Read before the staged file is made: a bad range or an unreadable local file is not the store's failure.
+    const body = await readRange(key, range, signal);
+    const temp = this.tempPath();
+    try {
+      await guard(`copying a range for ${key}`, () => writeFile(temp, body, { flag: 'wx', flush: true, signal }), signal);
+      signal?.throwIfAborted();
       return (await this.publish(key, temp)) ? 'created' : 'exists';
     } finally {
       await unlink(temp).catch(() => undefined);
@@ -192,16 +238,21 @@ class FilesystemStore implements SharedStore {
   private async publish(key: string, temp: string): Promise<boolean> {
     const target = this.path(key);
     return guard(`publishing ${key}`, async () => {
-      await mkdir(dirname(target), { recursive: true });
-      await this.checkDirectory(key, dirname(target));
-      try {
-        await link(temp, target);
-        return true;
-      } catch (error) {
-        if (codeOf(error) !== 'EEXIST') throw error;
-        // NFS may retransmit a LINK whose first answer was lost and report EEXIST for its own
-        // success (open(2)'s advice): a second link to the temp file means the key is ours.
-        return (await stat(temp)).nlink === 2;
+      for (let attempt = 1; ; attempt++) {
+        await mkdir(dirname(target), { recursive: true });
+        await this.checkDirectory(key, dirname(target));
+        try {
+          await link(temp, target);
+          return true;
+        } catch (error) {
+          // The directory was removed between mkdir and link (an empty segments directory, swept
+          // by a node starting up): made again, once.
+          if (codeOf(error) === 'ENOENT' && attempt === 1) continue;
+          if (codeOf(error) !== 'EEXIST') throw error;
+          // NFS may retransmit a LINK whose first answer was lost and report EEXIST for its own
+          // success (open(2)'s advice): a second link to the temp file means the key is ours.
+          return (await stat(temp)).nlink === 2;
+        }
       }
     });
   }

@@ -4,18 +4,26 @@
 // replaced or removed on condition of its generation (`ifGenerationMatch`).
 
 import { createReadStream } from 'node:fs';
-import { addAbortSignal, Transform, type Readable } from 'node:stream';
+import { addAbortSignal, Readable, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readRange, readSecretFile } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
 
 /** Files above this go up in resumable chunks (a multiple of 256 KiB, as GCS requires); smaller ones
  * in one request, which GCS stores whole or not at all. */
 const CHUNK_SIZE = 8 * 1024 * 1024;
+
+/** What a range upload hands the library at a time (a read stream's chunk size). */
+const PROGRESS_SLICE = 64 * 1024;
+
+/** Views of `buffer`, `size` bytes each (the last one shorter): no copy. */
+function* slices(buffer: Buffer, size: number): Generator<Buffer> {
+  for (let at = 0; at < buffer.length; at += size) yield buffer.subarray(at, at + size);
+}
 
 /**
  * A service account key file's text: the JSON key as Google issues it, or base64 of it, as an SAP
@@ -94,15 +102,28 @@ class GcsStore implements SharedStore {
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    return this.upload(key, createReadStream(file), size > CHUNK_SIZE, signal);
+  }
+
+  async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    const body = await readRange(key, range, signal);
+    // Handed over in slices, so that the deadline starts over as the library takes them (one
+    // 8 MiB chunk would be taken at once and leave the whole upload under one deadline).
+    return this.upload(key, Readable.from(slices(body, PROGRESS_SLICE)), false, signal);
+  }
+
+  /** Uploads `source` as `key` unless an object is there (`ifGenerationMatch=0`): resumable in
+   * chunks, or as one request, which GCS stores whole or not at all. */
+  private async upload(key: string, source: Readable, resumable: boolean, signal?: AbortSignal): Promise<'created' | 'exists'> {
     const upload = this.bucket.file(this.config.prefix + key).createWriteStream({
-      resumable: size > CHUNK_SIZE,
-      chunkSize: size > CHUNK_SIZE ? CHUNK_SIZE : undefined,
+      resumable,
+      chunkSize: resumable ? CHUNK_SIZE : undefined,
       preconditionOpts: { ifGenerationMatch: 0 },
       contentType: 'application/octet-stream',
       timeout: this.timeoutMs > 0 ? this.timeoutMs : undefined,
     });
     // The library's request timeout does not bound an upload waiting for its answer: this deadline
-    // does, starting over whenever the library takes more of the file.
+    // does, starting over whenever the library takes more of the source.
     const idle = deadline(this.timeoutMs, signal);
     const progress = new Transform({
       transform(chunk: Buffer, _encoding, done) {
@@ -111,8 +132,9 @@ class GcsStore implements SharedStore {
       },
     });
     try {
-      // Destroying the upload stream on abort leaves the resumable session unfinalized: no object.
-      await pipeline(createReadStream(file), progress, upload, { signal: idle.signal });
+      // Destroying the upload stream on abort leaves the resumable session unfinalized, and a
+      // single-request upload without its end: no object either way.
+      await pipeline(source, progress, upload, { signal: idle.signal });
       return 'created';
     } catch (error) {
       if (isCallerAbort(error, signal)) throw error;
@@ -120,6 +142,7 @@ class GcsStore implements SharedStore {
       throw storeError(`upload ${key}`, error, idle.timedOut());
     } finally {
       idle.disarm();
+      source.destroy();
     }
   }
 

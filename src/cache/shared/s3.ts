@@ -17,8 +17,8 @@ import {
 } from '@aws-sdk/client-s3';
 import { Upload } from '@aws-sdk/lib-storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readRange, readSecretFile } from './common.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
 
@@ -103,6 +103,23 @@ class S3Store implements SharedStore {
       signal?.removeEventListener('abort', abort);
       // Not read to the end when the upload failed or was aborted: release the file descriptor.
       body.destroy();
+    }
+  }
+
+  async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
+    const body = await readRange(key, range, signal);
+    // One PutObject (a multipart upload's parts would cost three requests for a segment). Bounded as
+    // createFromFile's parts are: by the socket's idle timeout (no progress for timeoutSeconds), not
+    // by one deadline for the whole body.
+    const put = new PutObjectCommand({ ...this.at(key), Body: body, ContentLength: body.length, IfNoneMatch: '*' });
+    try {
+      await this.client.send(put, { abortSignal: signal });
+      return 'created';
+    } catch (error) {
+      if (isCallerAbort(error, signal)) throw error;
+      if (isConditionFailure(error)) return 'exists';
+      if (isCutOff(error) && (await this.stat(key).catch(() => undefined))) return 'exists';
+      throw storeError(`upload ${key}`, error, false);
     }
   }
 

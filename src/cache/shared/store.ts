@@ -3,6 +3,7 @@
 // "records/…"); an adapter puts its configured prefix in front. What the tier stores under them,
 // and why, is ./tier.ts's business.
 
+import type { FileHandle } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 
 /** Why a shared-store call failed, as the cache reports it (status, metrics, one log line per change). */
@@ -42,6 +43,17 @@ export class RefusedObject extends Error {
  * every read stops at this bound, whatever size the object claims or turns out to have. */
 export const RECORD_MAX_BYTES = 4096;
 
+/** Bytes [start, end) of an open local file (end exclusive). */
+export interface FileRange {
+  readonly handle: FileHandle;
+  readonly start: number;
+  readonly end: number;
+}
+
+/** The most createFromRange uploads in one object (a segment is at most 8 MiB): one request's body,
+ * held in memory while it goes out. */
+export const RANGE_UPLOAD_MAX_BYTES = 16 * 1024 * 1024;
+
 export interface SharedObject {
   readonly size: number;
   readonly modified: Date;
@@ -80,6 +92,16 @@ export interface SharedStore {
    * 'exists' (nothing written). Readers never see a part: multipart uploads are completed only at
    * the end, a filesystem object appears by rename. The caller verified the file's digest. */
   createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'>;
+  /** Uploads bytes [start, end) of an open file as `key` in ONE request, unless an object is there
+   * already: 'created', or 'exists' (nothing written). Create-if-absent with the store's own
+   * condition (S3 PutObject `If-None-Match: *`, Azure single Put Blob `If-None-Match: *`, GCS
+   * non-resumable upload with `ifGenerationMatch=0`, filesystem: copy into tmp/ then link(2)).
+   * The handle, not a path: the fill file may be renamed meanwhile; an open descriptor survives.
+   * Never closes the handle. A range over RANGE_UPLOAD_MAX_BYTES or end < start throws RangeError;
+   * a file that ends before `end` (or cannot be read) fails with a plain Error, not a
+   * SharedStoreError (the store is not at fault), before anything is sent. An abort of `signal`
+   * rejects with the abort's error, as the other uploads do. */
+  createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'>;
   /** Writes a small record. With `ifAbsent`, only when no object has the key (the store's own
    * conditional write: S3 `If-None-Match: *`, Azure `If-None-Match: *`, GCS `ifGenerationMatch=0`,
    * an exclusive create on a filesystem); with `ifMatch`, only when the object at the key is still

@@ -17,10 +17,11 @@ import { Counter, Gauge, type Registry } from 'prom-client';
 import { pipeline, Readable, Transform } from 'node:stream';
 import type { Logger } from '../../log.js';
 import type { SharedConfig } from '../../rules/config.js';
-import { CacheKeyError, claimIsFresh, digestKey, mayWaitForFill, parseClaim, parseLink, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
+import { CacheKeyError, claimIsFresh, claimStreams, digestKey, mayWaitForFill, parseClaim, parseLink, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
 import { filesIdentity, readRecordKey, sharedBackend, sharedCredentialFiles } from './open.js';
 import { openRecord, sealRecord } from './records.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type SharedFailure, type SharedStore } from './store.js';
+import { ANNOUNCE_LOOK_MS, parseSegmentOffset, SEGMENT_MAX_BYTES, segmentKeyOffset, STREAM_STALL_MS } from '../streamplan.js';
+import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedStore } from './store.js';
 
 /** After a failure, calls are skipped (answered "absent") this long before the store is tried again. */
 const RETRY_MS = 5_000;
@@ -39,9 +40,9 @@ const TAG_WRITES_MAX = 10_000;
 /** Refused objects this node remembers having logged (each is logged once). */
 const REFUSED_LOGGED_MAX = 1_000;
 
-type SharedOperation = 'stat' | 'read' | 'upload' | 'record-read' | 'record-write' | 'claim' | 'remove';
+type SharedOperation = 'stat' | 'read' | 'upload' | 'segment' | 'record-read' | 'record-write' | 'claim' | 'remove';
 /** Calls that write: a store refusing them (a read-only credential) leaves reads in use. */
-const WRITES: ReadonlySet<SharedOperation> = new Set(['upload', 'record-write', 'claim', 'remove']);
+const WRITES: ReadonlySet<SharedOperation> = new Set(['upload', 'segment', 'record-write', 'claim', 'remove']);
 
 const digestPath = (digest: string) => {
   const { algorithm, hex } = digestKey(digest);
@@ -63,7 +64,25 @@ export const sharedKeys = {
   claim: (digest: string) => `claims/${digestPath(digest)}`,
   /** An empty record: the blob's bytes came from this upstream (upstreamOrigin, a sha256 in hex). */
   origin: (digest: string, origin: string) => `origins/${digestPath(digest)}/${originKey(origin)}`,
+  /** Bytes [offset, offset + its size) of a blob being filled (streamplan.ts): published while the
+   * filler fetches it, read by the nodes that follow its fill, removed once the blob is shared. */
+  segment: (digest: string, offset: number) => `segments/${digestPath(digest)}/${segmentKeyOffset(offset)}`,
+  /** Every segment of a blob: the prefix. */
+  segments: (digest: string) => `segments/${digestPath(digest)}/`,
 };
+
+/** What a filler announces in its claim once the upstream answered (claim record v2). */
+export interface ClaimAnnouncement {
+  readonly size: number;
+  readonly origin: string;
+}
+
+/** A blob's claim as read, with the store's version of it (for a write conditional on it). */
+export interface ClaimState {
+  /** null when unreadable, not authentic, or empty (taken over as a stale one is). */
+  readonly claim: SharedClaim | null;
+  readonly version: string;
+}
 
 export interface SharedStatus {
   readonly kind: SharedStore['kind'];
@@ -77,6 +96,11 @@ export interface SharedStatus {
   readonly since: string;
   readonly blobsRead: number;
   readonly blobsWritten: number;
+  /** Segment objects this node published (as a filler) and read (as a follower). */
+  readonly segmentsWritten: number;
+  readonly segmentsRead: number;
+  /** Fills this node took over from a stalled or dead filler. */
+  readonly takeovers: number;
 }
 
 export class SharedTier {
@@ -86,7 +110,9 @@ export class SharedTier {
   /** Writes refused ('denied') while reads work, and when to try writing again. */
   private writesRefused = false;
   private writeRetryAt = 0;
-  private readonly tally = { blobsRead: 0, blobsWritten: 0 };
+  private readonly tally = { blobsRead: 0, blobsWritten: 0, segmentsWritten: 0, segmentsRead: 0, takeovers: 0 };
+  /** What this node announced in its claims, by digest: kept when keepClaim renews them. */
+  private readonly announced = new Map<string, ClaimAnnouncement>();
   /** What this node last wrote for a tag, so that it does not write on every confirmation. */
   private readonly tagWrites = new Map<string, TagRecord>();
   /** Objects this node refused and said so (once each). */
@@ -95,6 +121,8 @@ export class SharedTier {
   private recordKey: Uint8Array | undefined;
   private readonly requests: Counter<'operation' | 'result'>;
   private readonly bytes: Counter<'direction'>;
+  private readonly segments: Counter<'direction'>;
+  private readonly takeoverCount: Counter;
 
   /** The open store; undefined until it opened (it is opened on first use, and again when the
    * credential files change or after it could not be opened). */
@@ -117,7 +145,9 @@ export class SharedTier {
     this.since = now();
     const tier = this;
     this.requests = new Counter({ name: 'pullbridge_cache_shared_requests_total', help: 'Calls to the shared cache tier by operation and result (ok, absent, failed, skipped while it is down, refused: an object not read as what it should be, or a record not authentic)', labelNames: ['operation', 'result'], registers: [registry] });
-    this.bytes = new Counter({ name: 'pullbridge_cache_shared_bytes_total', help: 'Blob bytes read from (read) and written to (written) the shared cache tier', labelNames: ['direction'], registers: [registry] });
+    this.bytes = new Counter({ name: 'pullbridge_cache_shared_bytes_total', help: 'Blob bytes read from (read) and written to (written) the shared cache tier, segments included', labelNames: ['direction'], registers: [registry] });
+    this.segments = new Counter({ name: 'pullbridge_cache_shared_segments_total', help: 'Segment objects of fills in progress this node wrote (as the filler) and read (following another node\'s fill)', labelNames: ['direction'], registers: [registry] });
+    this.takeoverCount = new Counter({ name: 'pullbridge_cache_shared_takeovers_total', help: 'Fills this node took over from another node whose fill stalled or died', registers: [registry] });
     new Gauge({ name: 'pullbridge_cache_shared_writable', help: '0 while the shared cache tier refuses this node\'s writes (it still reads what others shared)', registers: [registry], collect() { this.set(tier.writesRefused ? 0 : 1); } });
     new Gauge({ name: 'pullbridge_cache_shared_up', help: '1 while the shared cache tier answers; 0 while it fails (pulls go to the upstream)', registers: [registry], collect() { this.set(tier.failure ? 0 : 1); } });
   }
@@ -134,6 +164,11 @@ export class SharedTier {
     };
   }
 
+  /** Whether the tier answers (not failing, nor skipped after a failure). */
+  get up(): boolean {
+    return this.failure === undefined;
+  }
+
   /** A blob's size in the tier; undefined when it is not there (or the tier is down). */
   async blobSize(digest: string): Promise<number | undefined> {
     return this.call('stat', undefined, async (store) => (await store.stat(sharedKeys.blob(digest)))?.size);
@@ -145,8 +180,12 @@ export class SharedTier {
     const stream = await this.call('read', undefined, (store) => store.read(sharedKeys.blob(digest), span, signal));
     if (!stream) return undefined;
     this.tally.blobsRead++;
-    // Counted as it passes, without a 'data' listener (which would start the stream flowing before
-    // its reader attaches, and lose what it read meanwhile).
+    return this.countedRead(stream);
+  }
+
+  /** A download counted as it passes, without a 'data' listener (which would start the stream
+   * flowing before its reader attaches, and lose what it read meanwhile). */
+  private countedRead(stream: Readable): Readable {
     const bytes = this.bytes;
     const counting = new Transform({
       transform(chunk: Buffer, _encoding, done) {
@@ -155,6 +194,59 @@ export class SharedTier {
       },
     });
     return pipeline(stream, counting, () => undefined);
+  }
+
+  /**
+   * Publishes bytes [range.start, range.end) of this node's fill file as the blob's segment at
+   * range.start (one request, create-if-absent): 'created', 'exists' (another writer's segment is
+   * there: nothing written), or undefined when the tier failed or refused (the publisher stops).
+   */
+  async publishSegment(digest: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists' | undefined> {
+    const key = sharedKeys.segment(digest, range.start);
+    const outcome = await this.call('segment', undefined, (store) => store.createFromRange(key, range, signal));
+    if (outcome === 'created') {
+      this.tally.segmentsWritten++;
+      this.segments.inc({ direction: 'written' });
+      this.bytes.inc({ direction: 'written' }, range.end - range.start);
+    }
+    return outcome;
+  }
+
+  /** The size of the blob's segment at `offset`; undefined when there is none (or the tier is down). */
+  async segmentSize(digest: string, offset: number): Promise<number | undefined> {
+    return this.call('stat', undefined, async (store) => (await store.stat(sharedKeys.segment(digest, offset)))?.size);
+  }
+
+  /**
+   * The blob's segment at `offset`, read up to one byte past SEGMENT_MAX_BYTES (so that the reader
+   * can refuse a larger object without reading it all); undefined when it is not there (or the
+   * tier is down). The caller checks its length against SEGMENT_MAX_BYTES and the blob's size;
+   * the bytes are checked with the whole blob's digest.
+   */
+  async readSegment(digest: string, offset: number, signal?: AbortSignal): Promise<Readable | undefined> {
+    const stream = await this.call('read', undefined, (store) => store.read(sharedKeys.segment(digest, offset), { start: 0, end: SEGMENT_MAX_BYTES }, signal));
+    if (!stream) return undefined;
+    this.tally.segmentsRead++;
+    this.segments.inc({ direction: 'read' });
+    return this.countedRead(stream);
+  }
+
+  /** Removes every segment of the blob (its fill is shared whole, or its bytes hashed wrong). */
+  async removeSegments(digest: string): Promise<void> {
+    await this.call('remove', undefined, async (store) => {
+      const keys: string[] = [];
+      for await (const object of store.list(sharedKeys.segments(digest))) {
+        // Only what is a segment by name: nothing else is removed under the prefix's name.
+        if (parseSegmentOffset(object.key.slice(object.key.lastIndexOf('/') + 1)) !== undefined) keys.push(object.key);
+      }
+      for (const key of keys) await store.remove(key);
+      return true;
+    });
+  }
+
+  /** Removes one segment (one that cannot be part of the chain: larger than a segment, or past the end). */
+  async removeSegment(digest: string, offset: number): Promise<void> {
+    await this.call('remove', undefined, (store) => store.remove(sharedKeys.segment(digest, offset)));
   }
 
   /** A small blob (a manifest) whole, up to `maxBytes`; undefined when it is not there, larger, or
@@ -274,7 +366,7 @@ export class SharedTier {
   async claim(digest: string): Promise<'ours' | 'theirs'> {
     const key = sharedKeys.claim(digest);
     for (let attempt = 0; attempt < CLAIM_ATTEMPTS; attempt++) {
-      const created = await this.call('claim', undefined, (store) => store.writeRecord(key, this.claimRecord(key), { ifAbsent: true }));
+      const created = await this.call('claim', undefined, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifAbsent: true }));
       if (created !== false) return 'ours';
       const found = await this.readClaim(digest);
       // Released since (or the tier failed: the next create is skipped and answers 'ours').
@@ -282,9 +374,48 @@ export class SharedTier {
       const { claim, version } = found;
       if (claim && claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return claim.node === this.nodeName ? 'ours' : 'theirs';
       // Stale (its filler died), or unreadable: taken over if it is still the claim read.
-      if (await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key), { ifMatch: version }))) return 'ours';
+      if (await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifMatch: version }))) return 'ours';
     }
     return 'theirs';
+  }
+
+  /**
+   * Announces this node's fill in its claim (claim record v2: size, origin, stream), rewritten on
+   * condition of the version read, so that a claim another node took meanwhile stays its own; the
+   * announcement is kept by keepClaim's renewals. False when the claim is not (or no longer) this
+   * node's, or the tier failed: then nobody follows this fill, and it is shared whole as before.
+   */
+  async announce(digest: string, fields: ClaimAnnouncement): Promise<boolean> {
+    const key = sharedKeys.claim(digest);
+    const found = await this.readClaim(digest);
+    if (found?.claim?.node !== this.nodeName) return false;
+    this.announced.set(digest, fields);
+    const written = await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifMatch: found.version }));
+    if (!written) this.announced.delete(digest);
+    return written;
+  }
+
+  /** The blob's claim as the store holds it now; undefined when there is none (or the tier is down). */
+  claimState(digest: string): Promise<ClaimState | undefined> {
+    return this.readClaim(digest);
+  }
+
+  /**
+   * Takes over another node's fill whose chain stopped growing (or whose claim went away without the
+   * blob): a claim for this node, written on condition that the claim is still `version` as read
+   * (or, 'absent', that there is none), so that of every follower trying, exactly one wins. True
+   * when this node now holds the claim (counted as a takeover); it then announces its own fill.
+   */
+  async takeOver(digest: string, version: string | 'absent'): Promise<boolean> {
+    const key = sharedKeys.claim(digest);
+    this.announced.delete(digest);
+    const condition = version === 'absent' ? { ifAbsent: true } : { ifMatch: version };
+    const won = await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key, digest), condition));
+    if (won) {
+      this.tally.takeovers++;
+      this.takeoverCount.inc();
+    }
+    return won;
   }
 
   /** Removes a blob whose shared copy hashed wrong, so that the next upstream fill shares it again. */
@@ -296,6 +427,7 @@ export class SharedTier {
    * is still the claim read, so that a claim another node took over meanwhile (this one went stale)
    * is left to it, even when it is taken over between the read and the removal. */
   async release(digest: string): Promise<void> {
+    this.announced.delete(digest);
     const found = await this.readClaim(digest);
     if (!found || (found.claim && found.claim.node !== this.nodeName)) return;
     await this.call('claim', undefined, (store) => store.remove(sharedKeys.claim(digest), { ifMatch: found.version }));
@@ -313,7 +445,7 @@ export class SharedTier {
     const renew = async () => {
       const found = await this.readClaim(digest);
       if (found?.claim?.node !== this.nodeName) return;
-      await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key), { ifMatch: found.version }));
+      await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifMatch: found.version }));
     };
     const timer = setInterval(() => {
       if (progressed()) void renew();
@@ -347,15 +479,45 @@ export class SharedTier {
     return undefined;
   }
 
-  /** This node's claim, made now, as written at `key`. */
-  private claimRecord(key: string): Buffer {
-    return sealRecord(this.recordKey, key, Buffer.from(JSON.stringify({ node: this.nodeName, at: this.now() } satisfies SharedClaim)));
+  /**
+   * waitForBlob for a node that streams fills: also answers, as soon as the claim announces a
+   * streaming fill (claim record v2), with that claim, to follow. The claim is looked at every
+   * ANNOUNCE_LOOK_MS while its filler may still be waiting for the upstream's answer (a claim
+   * without `stream` may be an old node's, which never announces), then every WAIT_POLL_MS.
+   */
+  async waitForFill(digest: string, signal: AbortSignal): Promise<{ readonly size: number } | { readonly claim: SharedClaim & { readonly size: number; readonly origin: string; readonly stream: 1 } } | undefined> {
+    const since = this.now();
+    while (!signal.aborted && !this.failure) {
+      if (!mayWaitForFill(since, this.now(), this.settings.fillWaitSeconds)) {
+        this.logger.warn({ digest, waitedSeconds: Math.round((this.now() - since) / 1000) }, 'shared cache tier: another node\'s fill claim outlasted the wait for it; fetching from the upstream');
+        return undefined;
+      }
+      const found = await this.readClaim(digest);
+      if (found?.claim && found.claim.node !== this.nodeName && claimStreams(found.claim) && claimIsFresh(found.claim, this.now(), this.settings.fillWaitSeconds)) return { claim: found.claim };
+      const size = await this.blobSize(digest);
+      if (size !== undefined) return { size };
+      if (found === undefined) {
+        const landed = await this.blobSize(digest);
+        return landed === undefined ? undefined : { size: landed };
+      }
+      const { claim } = found;
+      if (claim === null || !claimIsFresh(claim, this.now(), this.settings.fillWaitSeconds)) return undefined;
+      await new Promise((resolve) => setTimeout(resolve, this.now() - since < STREAM_STALL_MS ? ANNOUNCE_LOOK_MS : WAIT_POLL_MS));
+    }
+    return undefined;
+  }
+
+  /** This node's claim, made now, as written at `key`, with what it announced of its fill. */
+  private claimRecord(key: string, digest: string): Buffer {
+    const announced = this.announced.get(digest);
+    const claim: SharedClaim = announced ? { node: this.nodeName, at: this.now(), size: announced.size, origin: announced.origin, stream: 1 } : { node: this.nodeName, at: this.now() };
+    return sealRecord(this.recordKey, key, Buffer.from(JSON.stringify(claim)));
   }
 
   /** The blob's claim and the store's version of it: undefined when there is none (or the tier is
    * down), claim null when it is unreadable, not authentic, or empty (a GCS removal under way:
    * gcs.ts), all taken over as a stale one is. */
-  private async readClaim(digest: string): Promise<{ claim: SharedClaim | null; version: string } | undefined> {
+  private async readClaim(digest: string): Promise<ClaimState | undefined> {
     const key = sharedKeys.claim(digest);
     const found = await this.call('record-read', undefined, (store) => store.readVersioned(key));
     if (found === undefined) return undefined;

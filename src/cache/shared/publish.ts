@@ -1,0 +1,105 @@
+// The filler's half of a streaming fill (docs/design/streaming-rollout.md): while its fill grows,
+// the bytes are published as segment objects of the shared store, in order, each uploaded straight
+// from the fill file (an open descriptor: the file may be renamed into the node store meanwhile),
+// so that the nodes that lost the claim stream them into their own fills.
+
+import type { Logger } from '../../log.js';
+import type { BlobFlight } from '../flight.js';
+import { CLAIM_LOOK_MS, SEGMENT_MAX_BYTES, SEGMENT_MAX_MS, segmentCut } from '../streamplan.js';
+import type { SharedTier } from './tier.js';
+
+/** Why a publisher stopped before the end of the blob. */
+export type PublishStop = 'relay' | 'failed' | 'store' | 'lost-claim';
+
+export class SegmentPublisher {
+  /** Settles when the publisher stopped: the whole blob published, or why it gave up. */
+  readonly done: Promise<PublishStop | 'complete'>;
+  private stopped = false;
+  private wake: (() => void) | undefined;
+
+  constructor(
+    private readonly flight: BlobFlight,
+    private readonly tier: SharedTier,
+    private readonly digest: string,
+    /** Where the chain continues (0, or a takeover's offset). */
+    from: number,
+    /** The announced size. */
+    private readonly size: number,
+    private readonly now: () => number,
+    private readonly logger: Logger,
+  ) {
+    this.done = this.run(from).catch((error: unknown) => {
+      this.logger.warn({ digest, err: error }, 'shared cache tier: publishing a fill\'s segments failed; the other nodes fetch it otherwise');
+      return 'failed' as const;
+    });
+  }
+
+  /** Stops publishing (at close, or when the caller gives the fill up). */
+  stop(): void {
+    this.stopped = true;
+    this.wake?.();
+  }
+
+  private async run(from: number): Promise<PublishStop | 'complete'> {
+    const { handle, extent, release } = await this.flight.follow();
+    const unwatch = extent.watch(() => this.wake?.());
+    try {
+      let start = from;
+      let segmentSince = this.now();
+      let claimLookedAt = this.now();
+      while (start < this.size) {
+        if (this.stopped) return 'failed';
+        const outcome = extent.outcome();
+        if (this.flight.relaying) return 'relay';
+        if (outcome && 'error' in outcome) return 'failed';
+        if (outcome && outcome.size !== this.size) return 'failed';
+        const elapsed = this.now() - segmentSince;
+        const end = segmentCut({ start, readable: extent.readable(), verified: outcome !== undefined, size: this.size, msSinceStart: elapsed });
+        if (end === undefined) {
+          // Woken by the fill growing, or when the segment is due by time.
+          await this.sleep(Math.max(10, SEGMENT_MAX_MS - elapsed));
+          continue;
+        }
+        const published = await this.tier.publishSegment(this.digest, { handle, start, end });
+        if (published === undefined) return 'store';
+        if (published === 'created') start = end;
+        else {
+          // Another writer's segment is there (a takeover race, a zombie filler): the chain goes on
+          // from its end, one line; an object that cannot be a segment here is replaced.
+          const there = await this.tier.segmentSize(this.digest, start);
+          if (there === undefined) continue; // removed meanwhile: created again
+          if (there === 0 || there > SEGMENT_MAX_BYTES || start + there > this.size) {
+            await this.tier.removeSegment(this.digest, start);
+            continue;
+          }
+          start += there;
+        }
+        segmentSince = this.now();
+        if (this.now() - claimLookedAt >= CLAIM_LOOK_MS && start < this.size) {
+          claimLookedAt = this.now();
+          // A follower took the fill over (this one stalled): its chain, not this one's.
+          const state = await this.tier.claimState(this.digest);
+          if (state?.claim && state.claim.node !== this.tier.nodeName) return 'lost-claim';
+        }
+      }
+      return 'complete';
+    } finally {
+      unwatch();
+      release();
+    }
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done(): void {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.wake = () => {
+        this.wake = undefined;
+        done();
+      };
+    });
+  }
+}
