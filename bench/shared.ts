@@ -257,13 +257,10 @@ async function openBenchStore(shared: NonNullable<PullbridgeOptions['shared']>):
   return openSharedStore(validated.config.cache.shared);
 }
 
-/** Where the blob's segment objects are (`segments/<alg>/<hex>/`, beside `blobs/<alg>/<hex>`). */
-const segmentsPrefix = (digest: string) => `${sharedKeys.blob(digest).replace(/^blobs\//, 'segments/')}/`;
-
 /** Segment objects of the blob in the store. */
 async function segmentsIn(store: SharedStore, digest: string): Promise<number> {
   let count = 0;
-  for await (const _ of store.list(segmentsPrefix(digest))) count++;
+  for await (const _ of store.list(sharedKeys.segments(digest))) count++;
   return count;
 }
 
