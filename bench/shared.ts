@@ -643,7 +643,7 @@ export function formatSharedBench(r: SharedBenchResult): string {
     r.upstreamMbps === undefined
       ? `All ${r.nodes} nodes, the clients, the object store and the upstream share this machine's ${r.cores} cores and its loopback, so the upstream here costs nothing but CPU, and the time ratios say nothing of what the tier saves where the upstream is a tunnel of limited bandwidth (there the tunnel is the bottleneck, and ${r.nodes}× its bytes is ${r.nodes}× its time). No bandwidth cap is applied here (\`--upstream-mbps N\` applies one: its own section).`
       : `What the upstream sends is capped at **${r.upstreamMbps} Mbit/s in all** (an HTB class on the loopback device for the registry's port, in a network namespace of the bench's own), as a tunnel the ${r.nodes} nodes share; the nodes, the clients and the object store share this machine's ${r.cores} cores and talk over the unshaped loopback, as nodes reach an in-cluster store.`,
-    `Every client, in every row, is the same small Node process reading the body and hashing it (sha256) as it arrives, as \`curl | sha256sum\` would: the same client CPU per byte everywhere. Checked on every run: every client (the late node's too) received ${r.sizeMb} MiB hashing to the layer's digest.`,
+    `Every client, in every row, is the same small Node process reading the body and hashing it (sha256) as it arrives: the work \`curl | sha256sum\` does, the same in every row (not the same CPU as curl and sha256sum: compare client CPU within one run, not with runs that used them). Checked on every run: every client (the late node's too) received ${r.sizeMb} MiB hashing to the layer's digest.`,
   ];
   return lines.join('\n');
 }
