@@ -161,6 +161,8 @@ export interface PullbridgeOptions {
   readonly cachePath?: string;
   /** The shared tier (`cache.shared`), with cachePath. */
   readonly shared?: NonNullable<ConfigInput['cache']>['shared'];
+  /** cache.shared.streamFills, with shared; unset: the build's default. */
+  readonly streamFills?: boolean;
   /** NODE_NAME, as the chart sets it: the node a shared-tier claim names. */
   readonly nodeName?: string;
   /** More node flags (e.g. `--cpu-prof`), after PROXY_NODE_FLAGS. */
@@ -175,7 +177,7 @@ export async function startPullbridge(registry: RegistryHandle, options: Pullbri
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-bench-'));
   const port = await freePort();
   // JSON is YAML: the shared tier's settings go in as they are.
-  const cache = options.cachePath === undefined ? '' : `cache: ${JSON.stringify({ path: options.cachePath, maxBytes: '20Gi', ...(options.shared ? { shared: options.shared } : {}) })}\n`;
+  const cache = options.cachePath === undefined ? '' : `cache: ${JSON.stringify({ path: options.cachePath, maxBytes: '20Gi', ...(options.shared ? { shared: { ...options.shared, ...(options.streamFills === undefined ? {} : { streamFills: options.streamFills }) } } : {}) })}\n`;
   writeFileSync(
     join(dir, 'config.yaml'),
     `${cache}registries:\n  - {name: corp, match: [r.example], upstream: "${registry.url}", auth: {mode: anonymous}}\n  - {name: fast, match: [f.example], upstream: "${registry.url}", auth: {mode: anonymous}, verifyBlobDigests: false}\n`,

@@ -3,7 +3,8 @@
 // machine they ran on. `cache --cpu-prof DIR` profiles the proxies of the miss rounds and writes no
 // report section. `shared --upstream-mbps N` caps the upstream at N Mbit/s (a qdisc on the loopback
 // device): the bench then runs itself again in a network namespace of its own, whose loopback
-// device nothing else uses.
+// device nothing else uses. `shared --setups relay,shared-s3,…` runs only the named setups (and one
+// transfer, which the ratios need).
 
 import { spawnSync } from 'node:child_process';
 import { parseArgs } from 'node:util';
@@ -11,7 +12,7 @@ import { formatCacheBench, runCacheBench } from './cache.js';
 import { formatMemoryBench, runMemoryBench } from './memory.js';
 import { formatProxyBench, runProxyBench } from './proxy.js';
 import { writeReportSection } from './report.js';
-import { formatSharedBench, runSharedBench } from './shared.js';
+import { formatSharedBench, runSharedBench, selectRows } from './shared.js';
 import { runUpstreamBench } from './upstream.js';
 import { formatWebhookBench, runWebhookBench } from './webhook.js';
 
@@ -25,6 +26,7 @@ const { values, positionals } = parseArgs({
     nodes: { type: 'string', default: '4' },
     'cpu-prof': { type: 'string' },
     'upstream-mbps': { type: 'string' },
+    setups: { type: 'string' },
   },
   allowPositionals: true,
 });
@@ -59,12 +61,23 @@ for (const name of which) {
     if (!values['cpu-prof']) writeReportSection('bench-cache', 'Benchmark: node cache', `npm run bench -- cache --size-mb ${values['size-mb']} --concurrency ${values.concurrency} --rounds ${values.rounds}`, text);
     process.stdout.write(`${text}\n`);
   } else if (name === 'shared') {
-    const result = await runSharedBench(Number(values['size-mb']), Number(values.nodes), Number(values.rounds), upstreamMbps);
+    const nodes = Number(values.nodes);
+    let rows: ReturnType<typeof selectRows>;
+    try {
+      if (!Number.isInteger(nodes) || nodes < 2) throw new Error(`--nodes: ${values.nodes} is not a whole number of nodes, at least 2`);
+      rows = selectRows(values.setups);
+    } catch (error) {
+      process.stderr.write(`${(error as Error).message}\n`);
+      process.exit(2);
+    }
+    const result = await runSharedBench({ sizeMb: Number(values['size-mb']), nodes, rounds: Number(values.rounds), upstreamMbps, rows });
     const text = formatSharedBench(result);
-    const command = `npm run bench -- shared --size-mb ${values['size-mb']} --nodes ${values.nodes} --rounds ${values.rounds}`;
-    // A throttled run is a section of its own: the loopback run stays beside it.
-    if (upstreamMbps === undefined) writeReportSection('bench-shared', 'Benchmark: shared cache tier', command, text);
-    else writeReportSection('bench-shared-throttled', `Benchmark: shared cache tier, upstream capped at ${upstreamMbps} Mbit/s`, `${command} --upstream-mbps ${upstreamMbps}`, text);
+    const command = `npm run bench -- shared --size-mb ${values['size-mb']} --nodes ${nodes} --rounds ${values.rounds}${values.setups === undefined ? '' : ` --setups ${values.setups}`}`;
+    // One section per node count, loopback and capped apart: each run replaces only its own. (4 nodes
+    // keep the sections' first names.)
+    const section = `bench-shared${nodes === 4 ? '' : `-n${nodes}`}`;
+    if (upstreamMbps === undefined) writeReportSection(section, `Benchmark: shared cache tier, ${nodes} nodes`, command, text);
+    else writeReportSection(`${section}-throttled`, `Benchmark: shared cache tier, ${nodes} nodes, upstream capped at ${upstreamMbps} Mbit/s`, `${command} --upstream-mbps ${upstreamMbps}`, text);
     process.stdout.write(`${text}\n`);
   } else if (name === 'memory') {
     // The default blob size here is the memory run's own (a few pulls, not a throughput run).
