@@ -3,9 +3,11 @@
 //
 // What each emulator could and could not show:
 //   filesystem       link(2) publishing: exactly one of concurrent creates wins, nothing partial is
-//                    ever visible; compare-and-rename: of concurrent conditional writes and removes
-//                    of one version, exactly one succeeds. Shown on the local filesystem, not on
-//                    NFS; no 'denied' or 'unreachable' case (the tests may run as root; no mount).
+//                    ever visible; conditional replace under a link(2) lock: of concurrent
+//                    conditional writes and removes of one version, exactly one succeeds, across
+//                    processes no rewrite is lost and a reader never finds the record missing.
+//                    Shown on the local filesystem, not on NFS (no .nfsXXXX silly renames, no
+//                    ESTALE); no 'denied' or 'unreachable' case (the tests may run as root; no mount).
 //   s3 (versitygw)   If-None-Match: * honoured on PutObject and on CompleteMultipartUpload (8
 //                    racing multipart uploads: one created, seven 412); If-Match honoured on
 //                    PutObject and on DeleteObject (412 for another ETag; a conditional
@@ -810,6 +812,22 @@ describe('shared store: filesystem conditional replace', function () {
     rmSync(lockOf(key));
     assert.equal(await replaced, true);
     assert.deepEqual(await store.readRecord(key), Buffer.from('second'));
+  });
+
+  it('takes no lock through a symbolic link planted as the lock directory: the replace fails, nothing is written outside the store', async () => {
+    const outside = mkdtempSync(join(tmpdir(), 'pullbridge-shared-outside-'));
+    try {
+      const store = await openSharedStore({ ...base, filesystem: { path: root } });
+      const key = 'claims/sha256/planted-locks';
+      await store.writeRecord(key, Buffer.from('first'));
+      const { version } = (await store.readVersioned(key))!;
+      symlinkSync(outside, join(root, 'tmp', 'locks'));
+      await rejectsWith(store.writeRecord(key, Buffer.from('second'), { ifMatch: version }), 'error');
+      assert.deepEqual(readdirSync(outside), [], 'nothing linked outside the store');
+      assert.deepEqual(await store.readRecord(key), Buffer.from('first'));
+    } finally {
+      rmSync(outside, { recursive: true, force: true });
+    }
   });
 });
 

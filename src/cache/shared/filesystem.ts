@@ -377,10 +377,13 @@ class FilesystemStore implements SharedStore {
     const path = join(locks, createHash('sha256').update(key).digest('hex'));
     const started = performance.now();
     let mine = await this.lockFile();
+    let restage = false;
     try {
       for (let delay = 1; ; delay = Math.min(2 * delay, 50)) {
+        if (performance.now() - started > LOCK_WAIT_MS) throw new SharedStoreError('timeout', `replacing ${key}: its lock ${path} stayed taken for ${LOCK_WAIT_MS / 1000} s`);
         // A lock's age is its file's: one written before a long wait would look stale once taken.
-        if (performance.now() - mine.writtenAt > LOCK_STALE_MS / 10) {
+        if (restage || performance.now() - mine.writtenAt > LOCK_STALE_MS / 10) {
+          restage = false;
           await unlink(mine.temp).catch(() => undefined);
           mine = await this.lockFile();
         }
@@ -390,7 +393,11 @@ class FilesystemStore implements SharedStore {
           await link(mine.temp, path);
           return { path, identity: mine.identity };
         } catch (error) {
-          if (codeOf(error) === 'ENOENT') continue; // the lock directory was removed: made again
+          if (codeOf(error) === 'ENOENT') {
+            // The lock directory was removed (made again above), or the staged file was.
+            restage = true;
+            continue;
+          }
           if (codeOf(error) !== 'EEXIST') throw error;
           // NFS may answer a retransmitted LINK that succeeded with EEXIST (see publish).
           if ((await stat(mine.temp)).nlink === 2) return { path, identity: mine.identity };
@@ -403,7 +410,6 @@ class FilesystemStore implements SharedStore {
           await breakLock(join(this.root, TMP), path, held);
           continue;
         }
-        if (performance.now() - started > LOCK_WAIT_MS) throw new SharedStoreError('timeout', `replacing ${key}: its lock ${path} stayed taken for ${LOCK_WAIT_MS / 1000} s`);
         await sleep(delay);
       }
     } finally {
