@@ -3,9 +3,11 @@
 //
 // What each emulator could and could not show:
 //   filesystem       link(2) publishing: exactly one of concurrent creates wins, nothing partial is
-//                    ever visible; compare-and-rename: of concurrent conditional writes and removes
-//                    of one version, exactly one succeeds. Shown on the local filesystem, not on
-//                    NFS; no 'denied' or 'unreachable' case (the tests may run as root; no mount).
+//                    ever visible; conditional replace under a link(2) lock: of concurrent
+//                    conditional writes and removes of one version, exactly one succeeds, across
+//                    processes no rewrite is lost and a reader never finds the record missing.
+//                    Shown on the local filesystem, not on NFS (no .nfsXXXX silly renames, no
+//                    ESTALE); no 'denied' or 'unreachable' case (the tests may run as root; no mount).
 //   s3 (versitygw)   If-None-Match: * honoured on PutObject and on CompleteMultipartUpload (8
 //                    racing multipart uploads: one created, seven 412); If-Match honoured on
 //                    PutObject and on DeleteObject (412 for another ETag; a conditional
@@ -36,6 +38,7 @@
 //   once bytes flow leaves no object on any of them (single requests are all or nothing).
 
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, symlinkSync, utimesSync, watch, writeFileSync } from 'node:fs';
 import { open as openFile, type FileHandle } from 'node:fs/promises';
@@ -689,18 +692,141 @@ function storeEndpoint(config: SharedConfig): string {
 }
 
 describe('shared store: filesystem staging', () => {
-  it('removes temp files a dead writer left a day ago at open, and keeps recent ones', async () => {
+  it('removes temp files and locks a dead writer left a day ago at open, and keeps recent ones', async () => {
     const root = mkdtempSync(join(tmpdir(), 'pullbridge-shared-fs-'));
     try {
       await openSharedStore({ ...base, filesystem: { path: root } });
       writeFileSync(join(root, 'tmp', 'old'), 'partial');
       writeFileSync(join(root, 'tmp', 'recent'), 'partial');
       utimesSync(join(root, 'tmp', 'old'), new Date(Date.now() - 25 * 3_600_000), new Date(Date.now() - 25 * 3_600_000));
+      // Locks of conditional replaces: one a writer that died left a day ago, one just taken.
+      mkdirSync(join(root, 'tmp', 'locks'));
+      writeFileSync(join(root, 'tmp', 'locks', 'old'), 'dead-node 1\n');
+      writeFileSync(join(root, 'tmp', 'locks', 'recent'), 'live-node 2\n');
+      utimesSync(join(root, 'tmp', 'locks', 'old'), new Date(Date.now() - 25 * 3_600_000), new Date(Date.now() - 25 * 3_600_000));
       const store = await openSharedStore({ ...base, filesystem: { path: root } });
-      assert.deepEqual(readdirSync(join(root, 'tmp')), ['recent']);
+      assert.deepEqual(readdirSync(join(root, 'tmp')).sort(), ['locks', 'recent']);
+      assert.deepEqual(readdirSync(join(root, 'tmp', 'locks')), ['recent']);
       assert.deepEqual(await listAll(store, ''), [], 'staging is not listed');
     } finally {
       rmSync(root, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('shared store: filesystem conditional replace', function () {
+  this.timeout(180_000);
+  let root: string;
+  beforeEach(() => {
+    root = mkdtempSync(join(tmpdir(), 'pullbridge-shared-fs-'));
+  });
+  afterEach(() => rmSync(root, { recursive: true, force: true }));
+  const lockOf = (key: string) => join(root, 'tmp', 'locks', sha256(Buffer.from(key)));
+
+  it('a reader sees the record on every read, never an older one, while 3 processes make 240 conditional rewrites of it, and no rewrite is lost', async () => {
+    const store = await openSharedStore({ ...base, filesystem: { path: root } });
+    const key = 'claims/sha256/counted';
+    await store.writeRecord(key, Buffer.from('0'));
+    // Each writer process increments the counter on condition of the version it read, until it
+    // made its share: a lost update (two winners over one version) leaves the counter short.
+    const module = new URL('../src/cache/shared/filesystem.js', import.meta.url).href;
+    const script = `
+      const { openFilesystemStore } = await import(process.argv[1]);
+      const store = await openFilesystemStore(process.argv[2]);
+      const key = process.argv[3];
+      for (let left = Number(process.argv[4]); left > 0; ) {
+        const found = await store.readVersioned(key);
+        if (!found) throw new Error('writer saw no record');
+        const next = String(Number(found.body.toString()) + 1);
+        if (await store.writeRecord(key, Buffer.from(next), { ifMatch: found.version })) left--;
+      }`;
+    const [writers, share] = [3, 80];
+    const exits = Array.from({ length: writers }, () => {
+      const child = spawn(process.execPath, ['--input-type=module', '-e', script, module, root, key, String(share)], { stdio: ['ignore', 'ignore', 'pipe'] });
+      let stderr = '';
+      child.stderr.on('data', (chunk: Buffer) => (stderr += chunk.toString()));
+      return new Promise<string>((resolve) => child.on('exit', (code) => resolve(code === 0 ? '' : `writer exited ${code}: ${stderr}`)));
+    });
+    let running = writers;
+    const done = Promise.all(exits.map((exit) => exit.finally(() => running--)));
+    const problems: string[] = [];
+    const seen = new Set<number>();
+    let [reads, last] = [0, 0];
+    while (running > 0) {
+      reads++;
+      try {
+        const found = await store.readVersioned(key);
+        if (!found) {
+          problems.push(`read ${reads}: no record`);
+          continue;
+        }
+        const value = Number(found.body.toString());
+        if (value < last) problems.push(`read ${reads}: ${value} after ${last}`);
+        last = value;
+        seen.add(value);
+      } catch (error) {
+        problems.push(`read ${reads}: ${String(error)}`);
+      }
+    }
+    assert.deepEqual((await done).filter(Boolean), [], 'every writer finished');
+    assert.deepEqual(problems.slice(0, 10), [], `${problems.length} of ${reads} reads`);
+    assert.equal(Number((await store.readRecord(key))!.toString()), writers * share, 'every rewrite counted once');
+    assert.ok([...seen].some((value) => value > 0 && value < writers * share), `the reads overlapped the rewrites: saw ${[...seen].sort((a, b) => a - b).join(' ')}`);
+    assert.deepEqual(readdirSync(join(root, 'tmp', 'locks')), [], 'every lock dropped');
+  });
+
+  it('breaks a lock a dead writer left, and takes and drops its own', async () => {
+    const store = await openSharedStore({ ...base, filesystem: { path: root } });
+    const key = 'claims/sha256/dead-lock';
+    await store.writeRecord(key, Buffer.from('first'));
+    const { version } = (await store.readVersioned(key))!;
+    mkdirSync(join(root, 'tmp', 'locks'), { recursive: true });
+    writeFileSync(lockOf(key), 'dead-node 4242\n');
+    const minuteAgo = new Date(Date.now() - 60_000);
+    utimesSync(lockOf(key), minuteAgo, minuteAgo);
+    assert.equal(await store.writeRecord(key, Buffer.from('second'), { ifMatch: version }), true);
+    assert.deepEqual(await store.readRecord(key), Buffer.from('second'));
+    assert.deepEqual(readdirSync(join(root, 'tmp', 'locks')), [], 'the dead lock broken, ours dropped');
+    assert.deepEqual(readdirSync(join(root, 'tmp')), ['locks'], 'nothing left in staging');
+  });
+
+  it('waits for a lock another writer holds, without breaking it, and replaces once it is dropped', async () => {
+    const store = await openSharedStore({ ...base, filesystem: { path: root } });
+    const key = 'claims/sha256/held-lock';
+    await store.writeRecord(key, Buffer.from('first'));
+    const { version } = (await store.readVersioned(key))!;
+    mkdirSync(join(root, 'tmp', 'locks'), { recursive: true });
+    writeFileSync(lockOf(key), 'live-node 4242\n');
+    const replaced = store.writeRecord(key, Buffer.from('second'), { ifMatch: version });
+    // The waiting writer's lock file (beside its staged record) is written anew while it waits:
+    // seen twice, the writer has looked at the held lock for a while.
+    const staged = () => readdirSync(join(root, 'tmp')).filter((name) => name !== 'locks');
+    const names = new Set<string>();
+    for (let polls = 0; names.size < 3; polls++) {
+      assert.ok(polls < 3000, `the writer never waited: staged ${[...names].join(' ')}`);
+      for (const name of staged()) names.add(name);
+      await new Promise((resolve) => setTimeout(resolve, 10));
+    }
+    assert.deepEqual(await store.readRecord(key), Buffer.from('first'), 'nothing replaced while the lock is held');
+    assert.equal(readFileSync(lockOf(key), 'utf8'), 'live-node 4242\n', 'the held lock stands');
+    rmSync(lockOf(key));
+    assert.equal(await replaced, true);
+    assert.deepEqual(await store.readRecord(key), Buffer.from('second'));
+  });
+
+  it('takes no lock through a symbolic link planted as the lock directory: the replace fails, nothing is written outside the store', async () => {
+    const outside = mkdtempSync(join(tmpdir(), 'pullbridge-shared-outside-'));
+    try {
+      const store = await openSharedStore({ ...base, filesystem: { path: root } });
+      const key = 'claims/sha256/planted-locks';
+      await store.writeRecord(key, Buffer.from('first'));
+      const { version } = (await store.readVersioned(key))!;
+      symlinkSync(outside, join(root, 'tmp', 'locks'));
+      await rejectsWith(store.writeRecord(key, Buffer.from('second'), { ifMatch: version }), 'error');
+      assert.deepEqual(readdirSync(outside), [], 'nothing linked outside the store');
+      assert.deepEqual(await store.readRecord(key), Buffer.from('first'));
+    } finally {
+      rmSync(outside, { recursive: true, force: true });
     }
   });
 });

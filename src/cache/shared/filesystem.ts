@@ -3,8 +3,11 @@
 // published with link(2), which fails with EEXIST instead of replacing: the filesystem's own
 // create-if-absent, atomic on NFS too, so readers never see a partly written object and of two
 // nodes publishing the same key exactly one wins. A record is replaced or removed on condition of
-// its version (swap) under a lock file of the key (an exclusive create): checked, then replaced by
-// rename(2) over it, so that the key never goes without an object while it is replaced.
+// its version under a per-key lock (tmp/locks/<sha256 of the key>, taken with link(2) as well: one
+// node holds it): the holder checks the version at the key, then replaces it with rename(2), which
+// swaps the file atomically (a reader opens the old or the new one, never nothing), or unlinks it.
+// A lock left by a holder that died is broken after LOCK_STALE_MS by renaming it aside (one breaker
+// moves it). No flock(2): its semantics across NFS clients vary.
 //
 // Every node can write the directory, so what is found at a key is not trusted to be a file: an
 // object is opened without following a symbolic link and without blocking (O_NOFOLLOW|O_NONBLOCK: a
@@ -15,9 +18,12 @@
 import { createHash, randomUUID } from 'node:crypto';
 import { constants, createReadStream, createWriteStream, type BigIntStats } from 'node:fs';
 import { link, lstat, mkdir, open, readdir, readlink, realpath, rename, rmdir, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
+import { performance } from 'node:perf_hooks';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { checkRecordSize, isCallerAbort, messageOf, readRange } from './common.js';
 import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
@@ -27,10 +33,22 @@ const TMP = 'tmp';
 /** A temp file this old is left by a writer that died (no copy of a blob takes a day). */
 const STALE_TEMP_MS = 24 * 3_600_000;
 
-/** How long a swap waits for another node's swap of the same key, and when a lock counts as left
- * by a node that died in the middle of one (a swap is a few file operations). */
-const SWAP_LOCK_WAIT_MS = 2_000;
-const SWAP_LOCK_STALE_MS = 30_000;
+/** Where the per-key locks of conditional replaces are (under the staging area: never listed, swept). */
+const LOCKS = 'locks';
+
+/** A lock held this long belongs to a holder that died: holding it takes a read of a record of at
+ * most 4 KiB and one rename. Its age is judged by the store's own clock (the modification time of a
+ * file the waiter just wrote, against the lock's), not the node's: clocks of nodes differ. */
+export const LOCK_STALE_MS = 10_000;
+
+/** How long a conditional replace waits for a lock another node keeps renewing (it never does: each
+ * holder takes it anew) before failing as 'timeout'. */
+const LOCK_WAIT_MS = 3 * LOCK_STALE_MS;
+
+/** How often an object is opened again when it was replaced between open(2) and the check of its
+ * path: a record rewritten that moment ("<path> (deleted)"; on NFS the client may keep a replaced
+ * file it has open as a hidden .nfsXXXX beside it). */
+const OPEN_ATTEMPTS = 3;
 
 /** Where a fill publishes the blob's segments while it runs (tier.ts sharedKeys.segment); the fill
  * removes them once the blob is shared, a filler that died leaves them. */
@@ -43,6 +61,7 @@ const STALE_SEGMENT_MS = 24 * 3_600_000;
 export async function openFilesystemStore(path: string, now = Date.now()): Promise<SharedStore> {
   await guard(`preparing ${path}`, () => mkdir(join(path, TMP), { recursive: true }));
   await removeStaleTemps(join(path, TMP), now);
+  await removeStaleLocks(join(path, TMP), now);
   await removeStaleSegments(join(path, SEGMENTS), now);
   // Where the directory really is (the configured path may itself be a link, as a mount often is).
   return new FilesystemStore(await guard(`resolving ${path}`, () => realpath(path)));
@@ -56,7 +75,45 @@ async function removeStaleTemps(dir: string, now: number): Promise<void> {
   const names = await guard(`listing ${dir}`, () => readdir(dir));
   for (const name of names) {
     const info = await missingAsUndefined(lstat(join(dir, name))).catch(() => undefined);
-    if (info && now - info.mtimeMs > STALE_TEMP_MS) await unlink(join(dir, name)).catch(() => undefined);
+    if (info && !info.isDirectory() && now - info.mtimeMs > STALE_TEMP_MS) await unlink(join(dir, name)).catch(() => undefined);
+  }
+}
+
+/** Locks as old as a dead writer's temp files: left by holders that died on keys nobody replaced
+ * since (a replace breaks a dead holder's lock itself). Broken as a replace breaks them, not unlinked:
+ * a lock taken anew meanwhile stays. */
+async function removeStaleLocks(tmp: string, now: number): Promise<void> {
+  const locks = join(tmp, LOCKS);
+  const names = await missingAsUndefined(readdir(locks)).catch(() => undefined);
+  for (const name of names ?? []) {
+    const info = await missingAsUndefined(lstat(join(locks, name), { bigint: true })).catch(() => undefined);
+    if (info && now - Number(info.mtimeMs) > STALE_TEMP_MS) await breakLock(tmp, join(locks, name), info).catch(() => undefined);
+  }
+}
+
+/**
+ * Breaks the lock at `lock` judged stale as `judged`: renamed aside (of several nodes breaking it,
+ * one moves it), then removed. When what was moved is not the lock judged (its holder released it
+ * and another node took it since), it is linked back, unless a node took the lock meanwhile.
+ */
+async function breakLock(tmp: string, lock: string, judged: BigIntStats): Promise<void> {
+  const aside = join(tmp, randomUUID());
+  try {
+    await rename(lock, aside);
+  } catch (error) {
+    if (codeOf(error) === 'ENOENT') return;
+    throw error;
+  }
+  try {
+    const moved = await lstat(aside, { bigint: true });
+    if (identityOf(moved) !== identityOf(judged)) {
+      // EEXIST: a node took the lock meanwhile (the holder moved finds its lock gone before it
+      // commits, see FilesystemStore.holds); anything else (a directory cannot be linked): lost.
+      await link(aside, lock).catch(() => undefined);
+    }
+  } finally {
+    // A directory planted at a lock's name is moved aside too, and removed when empty.
+    await unlink(aside).catch(() => rmdir(aside).catch(() => undefined));
   }
 }
 
@@ -156,15 +213,22 @@ class FilesystemStore implements SharedStore {
   }
 
   async readVersioned(key: string, maxBytes = RECORD_MAX_BYTES): Promise<VersionedRecord | undefined> {
-    const opened = await this.openObject(key);
-    if (!opened) return undefined;
-    const { handle, size, identity } = opened;
-    try {
-      checkRecordSize(`read ${key}`, size, maxBytes);
-      const body = await readWhole(`read ${key}`, handle, size, maxBytes);
-      return { body, version: versionOf(identity, body) };
-    } finally {
-      await handle.close().catch(() => undefined);
+    for (let attempt = 1; ; attempt++) {
+      const opened = await this.openObject(key);
+      if (!opened) return undefined;
+      const { handle, size, identity } = opened;
+      try {
+        checkRecordSize(`read ${key}`, size, maxBytes);
+        const body = await readWhole(`read ${key}`, handle, size, maxBytes);
+        return { body, version: versionOf(identity, body) };
+      } catch (error) {
+        // NFS: a file another node replaced after this one opened it may be gone from the server
+        // (ESTALE on read): replaced, look again.
+        if (attempt < OPEN_ATTEMPTS && error instanceof SharedStoreError && codeOf(error.cause) === 'ESTALE') continue;
+        throw error;
+      } finally {
+        await handle.close().catch(() => undefined);
+      }
     }
   }
 
@@ -209,27 +273,38 @@ class FilesystemStore implements SharedStore {
    */
   private async openObject(key: string): Promise<{ handle: FileHandle; size: number; identity: string } | undefined> {
     const path = this.path(key);
-    let handle: FileHandle | undefined;
-    try {
-      handle = await open(path, OPEN_FLAGS);
-    } catch (error) {
-      const code = codeOf(error);
-      if (code === 'ENOENT' || code === 'ENOTDIR') return undefined;
-      if (code === 'ELOOP' || code === 'EISDIR' || code === 'ENXIO') throw new RefusedObject(`read ${key}: not a regular file (${code})`);
-      throw new SharedStoreError(failureOf(error), `read ${key}: ${messageOf(error)}`, { cause: error });
-    }
-    try {
-      const info = await guard(`read ${key}`, () => handle.stat({ bigint: true }));
-      if (!info.isFile()) throw new RefusedObject(`read ${key}: not a regular file`);
-      const opened = await openedPath(handle).catch(() => undefined);
-      // Where /proc is not there to say: the path as resolved now (a race a writer could win, still
-      // refused unless it lands inside the store).
-      const actual = opened ?? (await guard(`read ${key}`, () => realpath(path)));
-      if (actual !== path) throw new RefusedObject(`read ${key}: resolves outside the store's directory`);
-      return { handle, size: Number(info.size), identity: identityOf(info) };
-    } catch (error) {
-      await handle.close().catch(() => undefined);
-      throw error;
+    for (let attempt = 1; ; attempt++) {
+      let handle: FileHandle | undefined;
+      try {
+        handle = await open(path, OPEN_FLAGS);
+      } catch (error) {
+        const code = codeOf(error);
+        if (code === 'ENOENT' || code === 'ENOTDIR') return undefined;
+        if (code === 'ELOOP' || code === 'EISDIR' || code === 'ENXIO') throw new RefusedObject(`read ${key}: not a regular file (${code})`);
+        throw new SharedStoreError(failureOf(error), `read ${key}: ${messageOf(error)}`, { cause: error });
+      }
+      try {
+        const info = await guard(`read ${key}`, () => handle.stat({ bigint: true }));
+        if (!info.isFile()) throw new RefusedObject(`read ${key}: not a regular file`);
+        const opened = await readlink(`/proc/self/fd/${handle.fd}`).catch(() => undefined);
+        if (opened === undefined) {
+          // Where /proc is not there to say: the path as resolved now (a race a writer could win,
+          // still refused unless it lands inside the store).
+          if ((await guard(`read ${key}`, () => realpath(path))) !== path) throw new RefusedObject(`read ${key}: resolves outside the store's directory`);
+        } else if (opened !== path) {
+          // Replaced (or removed) since it was opened, or really elsewhere (a symbolic link above
+          // the key): look again. A file still replaced on the last look was the key's when opened.
+          if (attempt < OPEN_ATTEMPTS) {
+            await handle.close().catch(() => undefined);
+            continue;
+          }
+          if (opened !== `${path} (deleted)`) throw new RefusedObject(`read ${key}: resolves outside the store's directory`);
+        }
+        return { handle, size: Number(info.size), identity: identityOf(info) };
+      } catch (error) {
+        await handle.close().catch(() => undefined);
+        throw error;
+      }
     }
   }
 
@@ -263,56 +338,106 @@ class FilesystemStore implements SharedStore {
   }
 
   /**
-   * Compare-and-swap under a lock: of several nodes swapping `key`, one at a time holds its lock
-   * file (an exclusive create in tmp/), checks that the object at the key is still `version`, and
-   * only then replaces it by rename(2) over it, or removes it (without `temp`); false when it is
-   * another version (nothing changed). The key is never without an object while a record is
-   * replaced: a create-if-absent by another node in that moment would otherwise win a claim being
-   * rewritten (a fill's announcement), and a reader would find it gone.
+   * Compare-and-swap under the key's lock: `temp` replaces the object at `key` with rename(2) (a
+   * reader opens the old file or the new one, never none), or without `temp` the object is removed,
+   * only while it is `version` (false otherwise, nothing changed). Only conditional changes take the
+   * lock: an unconditional write or remove of the same key is last-writer-wins against it (the tier
+   * changes claims only conditionally).
    */
   private async swap(key: string, version: string, temp?: string): Promise<boolean> {
     const path = this.path(key);
     return guard(`replacing ${key}`, async () => {
-      // Not through a directory that leads elsewhere.
+      // Not through a directory that leads elsewhere; and a version that is not there any more (by
+      // inode and modification time: a new version is a new file) is not worth the lock.
       if ((await missingAsUndefined(realpath(dirname(path)))) !== dirname(path)) return false;
       const info = await missingAsUndefined(lstat(path, { bigint: true }));
       if (!info?.isFile() || !version.startsWith(`${identityOf(info)}:`)) return false;
-      const unlock = await this.lock(key);
-      if (!unlock) return false;
+      const lock = await this.lock(key);
       try {
         if ((await this.versionAt(path)) !== version) return false;
-        if (temp === undefined) await unlink(path);
+        // Held past LOCK_STALE_MS (a stalled mount) and broken by another node, which may be
+        // replacing the key now: not ours to change any more.
+        if (!(await this.holds(lock))) throw new SharedStoreError('timeout', `replacing ${key}: held its lock past ${LOCK_STALE_MS / 1000} s, another node broke it`);
+        if (temp === undefined) await missingAsUndefined(unlink(path));
         else await rename(temp, path);
         return true;
       } finally {
-        await unlock();
+        await this.unlock(lock);
       }
     });
   }
 
   /**
-   * The lock of a key's swap: an exclusive create of `tmp/swap-<hash of the key>` (atomic on NFS
-   * too), waited for up to SWAP_LOCK_WAIT_MS; a lock older than SWAP_LOCK_STALE_MS was left by a
-   * node that died mid-swap and is broken. Undefined when it could not be had in time.
+   * Takes the key's lock: link(2) of a fresh file to tmp/locks/<sha256 of the key>, which one node
+   * alone can do. While another node holds it, waits (polling, up to LOCK_WAIT_MS: 'timeout'); a lock
+   * older than LOCK_STALE_MS by the store's clock is a dead holder's and is broken.
    */
-  private async lock(key: string): Promise<(() => Promise<void>) | undefined> {
-    const lockPath = join(this.root, TMP, `swap-${createHash('sha256').update(key).digest('hex')}`);
-    const deadline = Date.now() + SWAP_LOCK_WAIT_MS;
-    for (;;) {
-      try {
-        await writeFile(lockPath, '', { flag: 'wx' });
-        return () => unlink(lockPath).catch(() => undefined);
-      } catch (error) {
-        if (codeOf(error) !== 'EEXIST') throw error;
+  private async lock(key: string): Promise<Lock> {
+    const locks = join(this.root, TMP, LOCKS);
+    const path = join(locks, createHash('sha256').update(key).digest('hex'));
+    const started = performance.now();
+    let mine = await this.lockFile();
+    let restage = false;
+    try {
+      for (let delay = 1; ; delay = Math.min(2 * delay, 50)) {
+        if (performance.now() - started > LOCK_WAIT_MS) throw new SharedStoreError('timeout', `replacing ${key}: its lock ${path} stayed taken for ${LOCK_WAIT_MS / 1000} s`);
+        // A lock's age is its file's: one written before a long wait would look stale once taken.
+        if (restage || performance.now() - mine.writtenAt > LOCK_STALE_MS / 10) {
+          restage = false;
+          await unlink(mine.temp).catch(() => undefined);
+          mine = await this.lockFile();
+        }
+        await mkdir(locks, { recursive: true });
+        if ((await realpath(locks)) !== locks) throw new SharedStoreError('error', `replacing ${key}: ${locks} leads outside the store`);
+        try {
+          await link(mine.temp, path);
+          return { path, identity: mine.identity };
+        } catch (error) {
+          if (codeOf(error) === 'ENOENT') {
+            // The lock directory was removed (made again above), or the staged file was.
+            restage = true;
+            continue;
+          }
+          if (codeOf(error) !== 'EEXIST') throw error;
+          // NFS may answer a retransmitted LINK that succeeded with EEXIST (see publish).
+          if ((await stat(mine.temp)).nlink === 2) return { path, identity: mine.identity };
+        }
+        const held = await missingAsUndefined(lstat(path, { bigint: true }));
+        if (held === undefined) continue; // released meanwhile
+        // The store's clock now: the lock file's time as the store set it, plus the time since.
+        const storeNow = mine.modifiedMs + (performance.now() - mine.writtenAt);
+        if (storeNow - Number(held.mtimeNs / 1_000_000n) > LOCK_STALE_MS) {
+          await breakLock(join(this.root, TMP), path, held);
+          continue;
+        }
+        await sleep(delay);
       }
-      const held = await missingAsUndefined(lstat(lockPath));
-      if (held && Date.now() - held.mtimeMs > SWAP_LOCK_STALE_MS) {
-        await unlink(lockPath).catch(() => undefined);
-        continue;
-      }
-      if (Date.now() >= deadline) return undefined;
-      await new Promise((resolve) => setTimeout(resolve, 10 + Math.random() * 20));
+    } finally {
+      await unlink(mine.temp).catch(() => undefined);
     }
+  }
+
+  /** A fresh file to link as a lock, naming its holder (for an operator looking at a lock that stays). */
+  private async lockFile(): Promise<{ temp: string; identity: string; modifiedMs: number; writtenAt: number }> {
+    const temp = this.tempPath();
+    await writeFile(temp, `${hostname()} ${process.pid}\n`, { flag: 'wx' });
+    const writtenAt = performance.now();
+    const info = await lstat(temp, { bigint: true }).catch(async (error: unknown) => {
+      await unlink(temp).catch(() => undefined);
+      throw error;
+    });
+    return { temp, identity: identityOf(info), modifiedMs: Number(info.mtimeNs / 1_000_000n), writtenAt };
+  }
+
+  /** Whether the lock is still the one this node took (not broken as stale by another node). */
+  private async holds(lock: Lock): Promise<boolean> {
+    const info = await missingAsUndefined(lstat(lock.path, { bigint: true }));
+    return info !== undefined && identityOf(info) === lock.identity;
+  }
+
+  /** Drops the lock, unless another node broke it and holds it now. */
+  private async unlock(lock: Lock): Promise<void> {
+    if (await this.holds(lock).catch(() => false)) await unlink(lock.path).catch(() => undefined);
   }
 
   /** The version of the record file at `path` (in the staging area), as readVersioned gives it. */
@@ -343,10 +468,10 @@ class FilesystemStore implements SharedStore {
   }
 }
 
-/** The path of the file an open handle is (Linux: /proc/self/fd); a file replaced since it was
- * opened (a claim rewritten by rename) is still the one at that path. */
-async function openedPath(handle: FileHandle): Promise<string> {
-  return (await readlink(`/proc/self/fd/${handle.fd}`)).replace(/ \(deleted\)$/, '');
+/** A key's lock as its holder took it: where, and the identity of the file it linked there. */
+interface Lock {
+  readonly path: string;
+  readonly identity: string;
 }
 
 /** A file's identity for a version: its inode and modification time (a record is replaced by

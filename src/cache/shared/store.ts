@@ -106,7 +106,7 @@ export interface SharedStore {
    * conditional write: S3 `If-None-Match: *`, Azure `If-None-Match: *`, GCS `ifGenerationMatch=0`,
    * an exclusive create on a filesystem); with `ifMatch`, only when the object at the key is still
    * the version readVersioned gave (S3 and Azure `If-Match` on its ETag, GCS `ifGenerationMatch` on
-   * its generation, a compare-and-rename on a filesystem): true when written, false when the
+   * its generation, a check and rename(2) under a per-key lock on a filesystem): true when written, false when the
    * condition did not hold (nothing written). */
   writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean>;
   /** A small record's bytes, or undefined when there is none. An object larger than `maxBytes`
