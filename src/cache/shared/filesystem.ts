@@ -182,7 +182,10 @@ class FilesystemStore implements SharedStore {
     const body = await readRange(key, range, signal);
     const temp = this.tempPath();
     try {
-      await guard(`copying a range for ${key}`, () => writeFile(temp, body, { flag: 'wx', flush: true, signal }), signal);
+      // Not synced (unlike a blob or a record): a segment lives for one fill, every reader checks the
+      // whole blob's digest, and on NFS the close already sends it to the server. Syncing each 8 MiB
+      // made the publisher fall behind the fill on a loaded node.
+      await guard(`copying a range for ${key}`, () => writeFile(temp, body, { flag: 'wx', signal }), signal);
       signal?.throwIfAborted();
       return (await this.publish(key, temp)) ? 'created' : 'exists';
     } finally {
