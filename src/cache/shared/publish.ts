@@ -18,7 +18,8 @@ export class SegmentPublisher {
   private wake: (() => void) | undefined;
 
   constructor(
-    private readonly flight: BlobFlight,
+    /** The fill being published: what the publisher reads of it (a BlobFlight). */
+    private readonly flight: Pick<BlobFlight, 'follow' | 'relaying'>,
     private readonly tier: SharedTier,
     private readonly digest: string,
     /** Where the chain continues (0, or a takeover's offset). */
