@@ -90,7 +90,7 @@ describe('streaming fills against a hostile store writer or upstream', function 
     const digest = sha(secret);
     const shared = tempDir('hostile-shared-');
     // What that upstream's filler left when it died at 2 MiB.
-    const segment = join(shared, sharedKeys.segment(digest, 0));
+    const segment = join(shared, sharedKeys.segment(digest, OTHER_ORIGIN, 0));
     mkdirSync(dirname(segment), { recursive: true });
     writeFileSync(segment, secret.subarray(0, 2 * MiB));
     const asked: string[] = [];
@@ -145,7 +145,7 @@ describe('streaming fills against a hostile store writer or upstream', function 
     const registry = new Registry();
     const tier = new SharedTier(() => openSharedStore(config), config, 'node-a', registry, silent, Date.now);
     const digest = `sha256:${'cd'.repeat(32)}`;
-    mkdirSync(join(root, sharedKeys.segment(digest, 0)), { recursive: true });
+    mkdirSync(join(root, sharedKeys.segment(digest, OTHER_ORIGIN, 0)), { recursive: true });
     const file = join(tempDir('hostile-fill-'), 'fill');
     writeFileSync(file, Buffer.alloc(100, 7));
     // The fill, as the publisher reads it: a complete file of 100 bytes.
@@ -156,7 +156,7 @@ describe('streaming fills against a hostile store writer or upstream', function 
         return { handle, extent: { readable: () => 100, outcome: () => ({ size: 100 }), watch: () => () => undefined }, release: () => void handle.close() };
       },
     };
-    const publisher = new SegmentPublisher(flight, tier, digest, 0, 100, Date.now, silent);
+    const publisher = new SegmentPublisher(flight, tier, digest, OTHER_ORIGIN, 0, 100, Date.now, silent);
     let stop: string | undefined;
     void publisher.done.then((why) => (stop = why));
     const rounds = await until(async () => (stop !== undefined || total(await calls(registry), 'segment') > 50 ? total(await calls(registry), 'segment') : undefined));
@@ -199,10 +199,10 @@ describe('streaming fills against a hostile store writer or upstream', function 
       const config = { fillWaitSeconds: 60, timeoutSeconds: 5, streamFills: true, s3: { bucket: s3.bucket, endpoint: s3.endpoint, forcePathStyle: true, region: 'us-east-1', accessKeyFile: s3.accessKeyFile, secretKeyFile: s3.secretKeyFile, prefix: 'c/' } } as unknown as SharedConfig;
       const store = await openSharedStore(config);
       const digest = `sha256:${'ef'.repeat(32)}`;
-      await store.writeRecord(sharedKeys.segment(digest, 0), Buffer.alloc(0), { ifAbsent: true });
+      await store.writeRecord(sharedKeys.segment(digest, OTHER_ORIGIN, 0), Buffer.alloc(0), { ifAbsent: true });
       const tier = new SharedTier(() => openSharedStore(config), config, 'node-f', new Registry(), silent, Date.now);
-      assert.equal(await tier.segmentSize(digest, 0), 0, 'the planted empty segment is there');
-      const stream = await tier.readSegment(digest, 0);
+      assert.equal(await tier.segmentSize(digest, OTHER_ORIGIN, 0), 0, 'the planted empty segment is there');
+      const stream = await tier.readSegment(digest, OTHER_ORIGIN, 0);
       let bytes = 0;
       if (stream) for await (const chunk of stream) bytes += (chunk as Buffer).length;
       assert.deepEqual({ up: tier.up, bytes }, { up: true, bytes: 0 }, 'reading an empty segment took the whole tier down');

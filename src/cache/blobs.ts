@@ -230,7 +230,7 @@ export class CachedBlobs {
     source.streamed = true;
     cache.publishing(flight.digest, (async () => {
       if (!(await shared.announce(flight.digest, { size, origin }))) return;
-      const stop = await new SegmentPublisher(flight, shared, flight.digest, from, size, cache.now, cache.logger).done;
+      const stop = await new SegmentPublisher(flight, shared, flight.digest, origin, from, size, cache.now, cache.logger).done;
       if (stop === 'relay') await shared.release(flight.digest);
       else if (stop === 'lost-claim') cache.logger.info({ digest: flight.digest }, 'shared cache tier: another node took this node\'s fill over; its segments are that node\'s now');
     })());
@@ -262,9 +262,10 @@ export class CachedBlobs {
         size = await shared.blobSize(request.digest);
         if (size === undefined) {
           source.claimed = true;
-          // A filler that died may have left a chain of segments: followed first, then the
-          // upstream from its end (one transfer of what is missing, not of the whole blob).
-          if (this.cache.settings.shared?.streamFills !== false && (await shared.segmentSize(request.digest, 0)) !== undefined) return this.resumeChain(request, signal, source);
+          // A filler of this rule's upstream that died may have left a chain of segments: followed
+          // first, then the upstream from its end (one transfer of what is missing, not of the
+          // whole blob). Another upstream's chain is not looked at (its bytes are not this rule's).
+          if (this.cache.settings.shared?.streamFills !== false && (await shared.segmentSize(request.digest, this.origin(request.rule), 0)) !== undefined) return this.resumeChain(request, signal, source);
           return undefined;
         }
         await shared.release(request.digest);

@@ -21,7 +21,8 @@ export interface FollowOptions {
   readonly digest: string;
   /** The size the filler announced: the fill's Content-Length. */
   readonly size: number;
-  /** This rule's upstream (upstreamOrigin): a claim of another upstream is not followed. */
+  /** This rule's upstream (upstreamOrigin): a claim of another upstream is not followed, and only
+   * this upstream's chain of segments is read. */
   readonly origin: string;
   readonly now: () => number;
   readonly logger: Logger;
@@ -116,7 +117,7 @@ export class FollowBody implements ContentBody {
         if (read.failed) storeFailures++;
         continue;
       }
-      const stream = await tier.readSegment(digest, this.offset, this.signal);
+      const stream = await tier.readSegment(digest, this.options.origin, this.offset, this.signal);
       if (this.destroyed) {
         stream?.destroy();
         return;
@@ -137,7 +138,7 @@ export class FollowBody implements ContentBody {
           // Not a segment of this blob (larger than one, past the end, empty): refused; the rest
           // comes from the upstream, and the object goes (it would stop every follower).
           this.options.logger.warn({ digest, offset: at }, 'shared cache tier: refused a segment larger than a segment or past the blob\'s size; fetching the rest from the upstream');
-          await tier.removeSegment(digest, at);
+          await tier.removeSegment(digest, this.options.origin, at);
           // A filler publishes again from where the refused segment was (its file has those bytes).
           if (this.options.ownClaim) this.options.onTakeover(at);
           return this.fromUpstream('a segment was refused');

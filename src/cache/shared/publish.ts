@@ -22,6 +22,8 @@ export class SegmentPublisher {
     private readonly flight: Pick<BlobFlight, 'follow' | 'relaying'>,
     private readonly tier: SharedTier,
     private readonly digest: string,
+    /** The upstream the fill's bytes come from (upstreamOrigin): its chain is published. */
+    private readonly origin: string,
     /** Where the chain continues (0, or a takeover's offset). */
     from: number,
     /** The announced size. */
@@ -61,16 +63,16 @@ export class SegmentPublisher {
           await this.sleep(Math.max(10, SEGMENT_MAX_MS - elapsed));
           continue;
         }
-        const published = await this.tier.publishSegment(this.digest, { handle, start, end });
+        const published = await this.tier.publishSegment(this.digest, this.origin, { handle, start, end });
         if (published === undefined) return 'store';
         if (published === 'created') start = end;
         else {
           // Another writer's segment is there (a takeover race, a zombie filler): the chain goes on
           // from its end, one line; an object that cannot be a segment here is replaced.
-          const there = await this.tier.segmentSize(this.digest, start);
+          const there = await this.tier.segmentSize(this.digest, this.origin, start);
           if (there === undefined) continue; // removed meanwhile: created again
           if (there === 0 || there > SEGMENT_MAX_BYTES || start + there > this.size) {
-            await this.tier.removeSegment(this.digest, start);
+            await this.tier.removeSegment(this.digest, this.origin, start);
             continue;
           }
           start += there;

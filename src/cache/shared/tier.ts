@@ -66,10 +66,13 @@ export const sharedKeys = {
   claim: (digest: string) => `claims/${digestPath(digest)}`,
   /** An empty record: the blob's bytes came from this upstream (upstreamOrigin, a sha256 in hex). */
   origin: (digest: string, origin: string) => `origins/${digestPath(digest)}/${originKey(origin)}`,
-  /** Bytes [offset, offset + its size) of a blob being filled (streamplan.ts): published while the
-   * filler fetches it, read by the nodes that follow its fill, removed once the blob is shared. */
-  segment: (digest: string, offset: number) => `segments/${digestPath(digest)}/${segmentKeyOffset(offset)}`,
-  /** Every segment of a blob: the prefix. */
+  /** Bytes [offset, offset + its size) of a blob being filled (streamplan.ts) from one upstream
+   * (upstreamOrigin): published while the filler fetches it, read by the nodes that follow its fill,
+   * removed once the blob is shared. A chain is one upstream's: a node reads and continues only its
+   * own rule's upstream's chain, so that bytes another upstream sent never reach a rule whose
+   * upstream merely claims the digest (a HEAD answers 200 for anything). */
+  segment: (digest: string, origin: string, offset: number) => `segments/${digestPath(digest)}/${originKey(origin)}/${segmentKeyOffset(offset)}`,
+  /** Every segment of a blob, of every upstream: the prefix. */
   segments: (digest: string) => `segments/${digestPath(digest)}/`,
 };
 
@@ -203,8 +206,8 @@ export class SharedTier {
    * range.start (one request, create-if-absent): 'created', 'exists' (another writer's segment is
    * there: nothing written), or undefined when the tier failed or refused (the publisher stops).
    */
-  async publishSegment(digest: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists' | undefined> {
-    const key = sharedKeys.segment(digest, range.start);
+  async publishSegment(digest: string, origin: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists' | undefined> {
+    const key = sharedKeys.segment(digest, origin, range.start);
     const outcome = await this.call('segment', undefined, (store) => store.createFromRange(key, range, signal));
     if (outcome === 'created') {
       this.tally.segmentsWritten++;
@@ -214,9 +217,9 @@ export class SharedTier {
     return outcome;
   }
 
-  /** The size of the blob's segment at `offset`; undefined when there is none (or the tier is down). */
-  async segmentSize(digest: string, offset: number): Promise<number | undefined> {
-    return this.call('stat', undefined, async (store) => (await store.stat(sharedKeys.segment(digest, offset)))?.size);
+  /** The size of the blob's segment at `offset` in `origin`'s chain; undefined when there is none (or the tier is down). */
+  async segmentSize(digest: string, origin: string, offset: number): Promise<number | undefined> {
+    return this.call('stat', undefined, async (store) => (await store.stat(sharedKeys.segment(digest, origin, offset)))?.size);
   }
 
   /**
@@ -225,21 +228,24 @@ export class SharedTier {
    * tier is down). The caller checks its length against SEGMENT_MAX_BYTES and the blob's size;
    * the bytes are checked with the whole blob's digest.
    */
-  async readSegment(digest: string, offset: number, signal?: AbortSignal): Promise<Readable | undefined> {
-    const stream = await this.call('read', undefined, (store) => store.read(sharedKeys.segment(digest, offset), { start: 0, end: SEGMENT_MAX_BYTES }, signal));
+  async readSegment(digest: string, origin: string, offset: number, signal?: AbortSignal): Promise<Readable | undefined> {
+    const stream = await this.call('read', undefined, (store) => store.read(sharedKeys.segment(digest, origin, offset), { start: 0, end: SEGMENT_MAX_BYTES }, signal));
     if (!stream) return undefined;
     this.tally.segmentsRead++;
     this.segments.inc({ direction: 'read' });
     return this.countedRead(stream);
   }
 
-  /** Removes every segment of the blob (its fill is shared whole, or its bytes hashed wrong). */
+  /** Removes every segment of the blob, of every upstream's chain (its fill is shared whole, or its
+   * bytes hashed wrong). */
   async removeSegments(digest: string): Promise<void> {
     await this.call('remove', undefined, async (store) => {
       const keys: string[] = [];
-      for await (const object of store.list(sharedKeys.segments(digest))) {
-        // Only what is a segment by name: nothing else is removed under the prefix's name.
-        if (parseSegmentOffset(object.key.slice(object.key.lastIndexOf('/') + 1)) !== undefined) keys.push(object.key);
+      const prefix = sharedKeys.segments(digest);
+      for await (const object of store.list(prefix)) {
+        // Only what is a segment by name (<origin>/<offset>): nothing else is removed under the prefix.
+        const [origin, offset, ...rest] = object.key.slice(prefix.length).split('/');
+        if (rest.length === 0 && origin !== undefined && /^[0-9a-f]{64}$/.test(origin) && offset !== undefined && parseSegmentOffset(offset) !== undefined) keys.push(object.key);
       }
       for (const key of keys) await store.remove(key);
       return true;
@@ -247,8 +253,8 @@ export class SharedTier {
   }
 
   /** Removes one segment (one that cannot be part of the chain: larger than a segment, or past the end). */
-  async removeSegment(digest: string, offset: number): Promise<void> {
-    await this.call('remove', undefined, (store) => store.remove(sharedKeys.segment(digest, offset)));
+  async removeSegment(digest: string, origin: string, offset: number): Promise<void> {
+    await this.call('remove', undefined, (store) => store.remove(sharedKeys.segment(digest, origin, offset)));
   }
 
   /** A small blob (a manifest) whole, up to `maxBytes`; undefined when it is not there, larger, or
