@@ -8,6 +8,13 @@ import type { BlobFlight } from '../flight.js';
 import { CLAIM_LOOK_MS, SEGMENT_MAX_BYTES, SEGMENT_MAX_MS, segmentCut } from '../streamplan.js';
 import type { SharedTier } from './tier.js';
 
+/** How many times in a row a segment key may answer 'exists' to the create and then show no
+ * segment (a directory, a FIFO, a link planted there; or one removed meanwhile) before the
+ * publisher stops: it never loops without progress. */
+const UNREADABLE_SEGMENT_MAX = 2;
+/** The pause before a segment key that showed no segment is created again. */
+const UNREADABLE_SEGMENT_PAUSE_MS = 100;
+
 /** Why a publisher stopped before the end of the blob. */
 export type PublishStop = 'relay' | 'failed' | 'store' | 'lost-claim';
 
@@ -50,6 +57,7 @@ export class SegmentPublisher {
       let start = from;
       let segmentSince = this.now();
       let claimLookedAt = this.now();
+      let unreadable = 0;
       while (start < this.size) {
         if (this.stopped) return 'failed';
         const outcome = extent.outcome();
@@ -70,13 +78,25 @@ export class SegmentPublisher {
           // Another writer's segment is there (a takeover race, a zombie filler): the chain goes on
           // from its end, one line; an object that cannot be a segment here is replaced.
           const there = await this.tier.segmentSize(this.digest, this.origin, start);
-          if (there === undefined) continue; // removed meanwhile: created again
+          if (there === undefined) {
+            // Removed meanwhile (created again, once), or not a segment the store can read (a
+            // directory or a FIFO at the key): the chain cannot go on past it from here.
+            if (++unreadable >= UNREADABLE_SEGMENT_MAX) {
+              this.logger.warn({ digest: this.digest, offset: start }, 'shared cache tier: a segment key holds an object that is not a segment; this fill stops publishing (the other nodes fetch it otherwise)');
+              return 'store';
+            }
+            await this.sleep(UNREADABLE_SEGMENT_PAUSE_MS);
+            continue;
+          }
           if (there === 0 || there > SEGMENT_MAX_BYTES || start + there > this.size) {
             await this.tier.removeSegment(this.digest, this.origin, start);
+            // Bounded as above: an object that stays (its removal refused) stops the publisher.
+            if (++unreadable >= UNREADABLE_SEGMENT_MAX) return 'store';
             continue;
           }
           start += there;
         }
+        unreadable = 0;
         segmentSince = this.now();
         if (this.now() - claimLookedAt >= CLAIM_LOOK_MS && start < this.size) {
           claimLookedAt = this.now();
