@@ -102,9 +102,17 @@ export class FollowBody implements ContentBody {
     let claimNode: string | undefined;
     let blobPresent = false;
     let storeFailures = 0;
+    /** The shared blob's size differs from the size followed (a forged claim, a truncated blob). */
+    let blobMismatch = false;
+    const blobThere = async (): Promise<boolean> => {
+      const found = await tier.blobSize(digest);
+      if (found !== undefined && found !== size) blobMismatch = true;
+      return found !== undefined;
+    };
     while (this.offset < size) {
       if (this.destroyed) return;
       if (!tier.up || storeFailures >= STORE_FAILURES_MAX) return this.fromUpstream('the shared store fails');
+      if (blobMismatch) return this.fromUpstream('the shared blob is not of the size followed');
       if (blobPresent) {
         const stream = await tier.readBlob(digest, { start: this.offset, end: size - 1 }, this.signal);
         if (!stream) {
@@ -114,7 +122,10 @@ export class FollowBody implements ContentBody {
         }
         this.source = 'blob';
         const read = await this.pass(stream, size - this.offset);
-        if (read.failed) storeFailures++;
+        // A read that ended short of the span (the object is shorter than it said, or went away
+        // meanwhile) counts as failing, so that the rest comes from the upstream, not another read.
+        if (read.failed || read.bytes < read.wanted) storeFailures++;
+        else storeFailures = 0;
         continue;
       }
       const stream = await tier.readSegment(digest, this.options.origin, this.offset, this.signal);
@@ -152,7 +163,7 @@ export class FollowBody implements ContentBody {
       }
       // The next segment is overdue (the filler may be done, its segments going once the blob is
       // shared): the blob is looked for at each poll from then on, not only with the claim.
-      if (!blobPresent && now() - lastGrowthAt >= (intervalMs ?? CLAIM_LOOK_MS)) blobPresent = (await tier.blobSize(digest)) !== undefined;
+      if (!blobPresent && now() - lastGrowthAt >= (intervalMs ?? CLAIM_LOOK_MS)) blobPresent = await blobThere();
       const step = followStep({ now: now(), lastGrowthAt, lookedAt, claim: claimSeen, blobPresent, intervalMs });
       switch (step.step) {
         case 'read-segment':
@@ -165,7 +176,7 @@ export class FollowBody implements ContentBody {
           return this.fromUpstream('the claim no longer streams this upstream\'s bytes');
         case 'look-claim': {
           lookedAt = now();
-          blobPresent = (await tier.blobSize(digest)) !== undefined;
+          blobPresent = await blobThere();
           const state = await tier.claimState(digest);
           claimSeen = this.seen(state?.claim ?? undefined);
           const node = state?.claim?.node;
@@ -174,7 +185,7 @@ export class FollowBody implements ContentBody {
           continue;
         }
         case 'take-over': {
-          blobPresent = (await tier.blobSize(digest)) !== undefined;
+          blobPresent = await blobThere();
           if (blobPresent) continue;
           const state = await tier.claimState(digest);
           if (state?.claim && claimNode !== undefined && state.claim.node !== claimNode) {
@@ -190,7 +201,7 @@ export class FollowBody implements ContentBody {
             // Gone, or away for a moment (a filesystem store's claim while it is rewritten): looked
             // at again before this node claims the fill for itself.
             await this.sleep(ANNOUNCE_LOOK_MS);
-            if ((await tier.blobSize(digest)) !== undefined || (await tier.claimState(digest)) !== undefined) {
+            if ((await blobThere()) || (await tier.claimState(digest)) !== undefined) {
               lookedAt = undefined;
               claimSeen = undefined;
               continue;
@@ -225,7 +236,8 @@ export class FollowBody implements ContentBody {
    * Passes a download's bytes on, at most `limit` of them: how many it passed, whether it had more
    * (`oversize`: refused from there), and whether it failed before its end.
    */
-  private async pass(stream: Readable, limit: number): Promise<{ bytes: number; oversize: boolean; failed: boolean }> {
+  private async pass(stream: Readable, limit: number): Promise<{ bytes: number; wanted: number; oversize: boolean; failed: boolean }> {
+    const wanted = limit;
     let bytes = 0;
     try {
       for await (const data of stream) {
@@ -239,14 +251,14 @@ export class FollowBody implements ContentBody {
         }
         if (chunk.length > room) {
           stream.destroy();
-          return { bytes, oversize: true, failed: false };
+          return { bytes, wanted, oversize: true, failed: false };
         }
       }
-      return { bytes, oversize: false, failed: false };
+      return { bytes, wanted, oversize: false, failed: false };
     } catch (error) {
-      if (this.destroyed) return { bytes, oversize: false, failed: true };
+      if (this.destroyed) return { bytes, wanted, oversize: false, failed: true };
       this.options.onStoreFailure?.(error as Error);
-      return { bytes, oversize: false, failed: true };
+      return { bytes, wanted, oversize: false, failed: true };
     }
   }
 
