@@ -13,7 +13,7 @@ import { completeExtent, fileBody } from './filebody.js';
 import { bodyOfReadable } from './shared/bodies.js';
 import { FollowBody } from './shared/follow.js';
 import { SegmentPublisher } from './shared/publish.js';
-import type { SharedClaim } from './policy.js';
+import { EMPTY_BLOB_DIGEST, type SharedClaim } from './policy.js';
 import { BlobFlight } from './flight.js';
 import type { NodeCache } from './nodecache.js';
 import { byteRange } from './policy.js';
@@ -206,8 +206,9 @@ export class CachedBlobs {
       return this.relayInstead(request, answer, source, known ? length : undefined);
     }
     flight.start(fill, answer.body, answer.headers, reservation);
-    // The cluster's filler, with a length to announce: the other nodes stream its fill as it lands.
-    if (source.claimed && !source.shared && known && cache.settings.shared?.streamFills !== false) this.publish(flight, source, length, origin.origin, 0);
+    // The cluster's filler, with a length to announce: the other nodes stream its fill as it lands
+    // (a length of 0 only for the empty blob: followers refuse any other size-0 announcement).
+    if (source.claimed && !source.shared && known && (length > 0 || request.digest === EMPTY_BLOB_DIGEST) && cache.settings.shared?.streamFills !== false) this.publish(flight, source, length, origin.origin, 0);
     const body = await reading;
     if (request.signal.aborted) {
       body.destroy();
@@ -341,7 +342,7 @@ export class CachedBlobs {
     if (!shared) return undefined;
     const head = await this.upstream.blob({ ...request, method: 'HEAD', range: undefined, signal });
     const size = Number(head.headers['content-length']);
-    if (!Number.isSafeInteger(size) || size < 0) return undefined;
+    if (!Number.isSafeInteger(size) || size < 0 || (size === 0 && request.digest !== EMPTY_BLOB_DIGEST)) return undefined;
     source.shared = true;
     // The chain goes once the blob is shared, whether or not this node adds to it.
     source.streamed = true;

@@ -228,7 +228,7 @@ export class FollowBody implements ContentBody {
   private seen(claim: Parameters<typeof claimStreams>[0] | undefined): ClaimSeen {
     if (!claim) return 'gone';
     if (claim.stream === undefined && claim.origin === undefined && claim.size === undefined) return 'streaming';
-    if (!claimStreams(claim) || claim.origin !== this.options.origin || claim.size !== this.options.size) return 'not-streaming';
+    if (!claimStreams(claim, this.options.digest) || claim.origin !== this.options.origin || claim.size !== this.options.size) return 'not-streaming';
     return 'streaming';
   }
 

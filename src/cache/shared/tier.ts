@@ -17,7 +17,7 @@ import { Counter, Gauge, type Registry } from 'prom-client';
 import { pipeline, Readable, Transform } from 'node:stream';
 import type { Logger } from '../../log.js';
 import type { SharedConfig } from '../../rules/config.js';
-import { CacheKeyError, claimIsFresh, claimStreams, digestKey, mayWaitForFill, parseClaim, parseLink, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
+import { CacheKeyError, claimIsFresh, claimRefused, claimStreams, digestKey, mayWaitForFill, parseClaim, parseLink, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
 import { filesIdentity, readRecordKey, sharedBackend, sharedCredentialFiles } from './open.js';
 import { openRecord, sealRecord } from './records.js';
 import { ANNOUNCE_LOOK_MS, parseSegmentOffset, SEGMENT_MAX_BYTES, segmentKeyOffset, STREAM_STALL_MS } from '../streamplan.js';
@@ -511,9 +511,13 @@ export class SharedTier {
         return undefined;
       }
       const found = await this.readClaim(digest);
-      if (found?.claim && found.claim.node !== this.nodeName && claimStreams(found.claim) && claimIsFresh(found.claim, this.now(), this.settings.fillWaitSeconds)) return { claim: found.claim };
+      if (found?.claim && found.claim.node !== this.nodeName && claimStreams(found.claim, digest) && claimIsFresh(found.claim, this.now(), this.settings.fillWaitSeconds)) return { claim: found.claim };
       const size = await this.blobSize(digest);
       if (size !== undefined) return { size };
+      if (found?.claim && claimRefused(found.claim, digest)) {
+        this.logger.warn({ digest, node: found.claim.node, size: found.claim.size }, 'shared cache tier: refused a fill claim announcing a size the blob cannot have; fetching from the upstream');
+        return undefined;
+      }
       if (found === undefined && missedOnce) {
         const landed = await this.blobSize(digest);
         return landed === undefined ? { gone: true } : { size: landed };
