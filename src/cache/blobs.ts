@@ -233,7 +233,9 @@ export class CachedBlobs {
       if (!(await shared.announce(flight.digest, { size, origin }))) return;
       const stop = await new SegmentPublisher(flight, shared, flight.digest, origin, from, size, cache.now, cache.logger).done;
       if (stop === 'relay') await shared.release(flight.digest);
-      else if (stop === 'lost-claim') cache.logger.info({ digest: flight.digest }, 'shared cache tier: another node took this node\'s fill over; its segments are that node\'s now');
+      // Its fill goes on from the upstream (a switch to the taker's chain is not made), and its
+      // share() leaves the chain to the taker.
+      else if (stop === 'lost-claim') cache.logger.info({ digest: flight.digest }, 'shared cache tier: another node took this node\'s fill over; it stops publishing, and the chain is that node\'s now');
     })());
   }
 

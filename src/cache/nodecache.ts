@@ -184,7 +184,10 @@ export class NodeCache {
         // there on), after the last was published; then the claim.
         if (streamed) {
           await publishing;
-          await shared.removeSegments(digest);
+          // A node that took this fill over (this one stalled) is still publishing its chain: left
+          // to it, which removes it once it shared the blob (its followers read on meanwhile).
+          const claim = (await shared.claimState(digest))?.claim;
+          if (!claim || claim.node === shared.nodeName) await shared.removeSegments(digest);
         }
       } finally {
         stopKeeping?.();
