@@ -145,6 +145,8 @@ export class CachedBlobs {
       if (outcome.stored && (!source.shared || source.claimed)) cache.share(request.digest, origin, source.claimed, source.streamed);
       else if (source.claimed) await cache.shared?.release(request.digest);
       if (!outcome.stored && outcome.corrupt && source.shared) await cache.removeCorruptShared(request.digest, outcome.reason);
+      // What this node published of a fill that hashed wrong goes too (not resumed by the next claimant).
+      else if (!outcome.stored && outcome.corrupt && source.streamed) cache.dropSegments(request.digest);
       if (outcome.stored) await cache.evict(0);
       else if (flight.relaying) cache.fillRelayed(request.digest);
       else cache.fillFailed(request.digest, outcome.reason);

@@ -234,6 +234,21 @@ export class NodeCache {
     void upload.finally(() => this.uploads.delete(upload));
   }
 
+  /** Removes the segments a fill of this node published, once its publisher stopped: the fill ended
+   * corrupt (its upstream sent wrong bytes), and the next claimant must not resume that chain. In
+   * the background, waited for at close. */
+  dropSegments(digest: string): void {
+    const { shared } = this;
+    if (!shared) return;
+    const publishing = this.publishers.get(digest);
+    const removal = (async () => {
+      await publishing;
+      await shared.removeSegments(digest);
+    })().catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier: removing a corrupt fill\'s segments failed'));
+    this.uploads.add(removal);
+    void removal.finally(() => this.uploads.delete(removal));
+  }
+
   /** A segment publisher of a fill in flight: waited for by share(), sharing() and close(). */
   publishing(digest: string, done: Promise<void>): void {
     const tracked = done.catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier: publishing segments failed'));
