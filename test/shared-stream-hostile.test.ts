@@ -192,6 +192,26 @@ describe('streaming fills against a hostile store writer or upstream', function 
     assert.ok((reads ?? Infinity) <= 3, `${reads} reads of the shared blob before it went to the upstream`);
   });
 
+  it('stops a publisher whose local fill file fails, without taking the tier down for the other fills', async () => {
+    const root = tempDir('hostile-shared-');
+    const config = { fillWaitSeconds: 120, timeoutSeconds: 30, streamFills: true, filesystem: { path: root } } as unknown as SharedConfig;
+    const tier = new SharedTier(() => openSharedStore(config), config, 'node-c', new Registry(), silent, Date.now);
+    const digest = `sha256:${'9a'.repeat(32)}`;
+    const file = join(tempDir('hostile-fill-'), 'fill');
+    writeFileSync(file, Buffer.alloc(10, 3));
+    // The fill says 100 bytes are readable; its file has 10 (a disk error would do the same).
+    const flight = {
+      relaying: false,
+      async follow() {
+        const handle = await open(file, 'r');
+        return { handle, extent: { readable: () => 100, outcome: () => ({ size: 100 }), watch: () => () => undefined }, release: () => void handle.close() };
+      },
+    };
+    const stop = await new SegmentPublisher(flight, tier, digest, OTHER_ORIGIN, 0, 100, Date.now, silent).done;
+    assert.deepEqual({ stop, up: tier.up }, { stop: 'failed', up: true });
+    await tier.close();
+  });
+
   describe('on an S3 store (versitygw)', () => {
     let s3: S3Server | undefined;
     after(async () => s3?.stop());

@@ -21,7 +21,7 @@ import { CacheKeyError, claimIsFresh, claimRefused, claimStreams, digestKey, may
 import { filesIdentity, readRecordKey, sharedBackend, sharedCredentialFiles } from './open.js';
 import { openRecord, sealRecord } from './records.js';
 import { ANNOUNCE_LOOK_MS, parseSegmentOffset, SEGMENT_MAX_BYTES, segmentKeyOffset, STREAM_STALL_MS } from '../streamplan.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedStore } from './store.js';
+import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedStore } from './store.js';
 
 /** After a failure, calls are skipped (answered "absent") this long before the store is tried again. */
 const RETRY_MS = 5_000;
@@ -650,8 +650,9 @@ export class SharedTier {
       }
       return value;
     } catch (error) {
-      // A refused key is the caller's fault, not the store's: it must not take the tier down.
-      if (error instanceof CacheKeyError) throw error;
+      // A refused key is the caller's fault, and a local file failing an upload is this node's, not
+      // the store's: neither takes the tier down (the caller stops).
+      if (error instanceof CacheKeyError || error instanceof LocalFileError) throw error;
       if (error instanceof RefusedObject) {
         // Not a failure of the store: the object is not one this node reads (the tier stays up).
         this.refused(error, operation);
