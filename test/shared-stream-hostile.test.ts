@@ -17,7 +17,7 @@ import { Registry } from 'prom-client';
 import { openSharedStore } from '../src/cache/shared/open.js';
 import { FollowBody } from '../src/cache/shared/follow.js';
 import { SegmentPublisher } from '../src/cache/shared/publish.js';
-import { SharedTier, sharedKeys } from '../src/cache/shared/tier.js';
+import { SEGMENT_UPLOADS_MAX, SharedTier, sharedKeys } from '../src/cache/shared/tier.js';
 import type { SharedConfig } from '../src/rules/config.js';
 import { createLogger } from '../src/log.js';
 import { upstreamOrigin } from '../src/upstream/rule.js';
@@ -210,6 +210,40 @@ describe('streaming fills against a hostile store writer or upstream', function 
     const stop = await new SegmentPublisher(flight, tier, digest, OTHER_ORIGIN, 0, 100, Date.now, silent).done;
     assert.deepEqual({ stop, up: tier.up }, { stop: 'failed', up: true });
     await tier.close();
+  });
+
+  it('runs at most SEGMENT_UPLOADS_MAX segment uploads at once on a node, however many fills publish', async () => {
+    const root = tempDir('hostile-shared-');
+    const config = { fillWaitSeconds: 120, timeoutSeconds: 30, streamFills: true, filesystem: { path: root } } as unknown as SharedConfig;
+    let running = 0;
+    let most = 0;
+    // The real store, its createFromRange counted while it runs.
+    const counted = async () => {
+      const store = await openSharedStore(config);
+      const create = store.createFromRange.bind(store);
+      store.createFromRange = async (...args) => {
+        most = Math.max(most, ++running);
+        try {
+          return await create(...args);
+        } finally {
+          running--;
+        }
+      };
+      return store;
+    };
+    const tier = new SharedTier(counted, config, 'node-d', new Registry(), silent, Date.now);
+    const file = join(tempDir('hostile-fill-'), 'fill');
+    writeFileSync(file, randomBytes(MiB));
+    const handle = await open(file, 'r');
+    try {
+      const fills = Array.from({ length: 12 }, (_, i) => `sha256:${i.toString(16).padStart(2, '0').repeat(32)}`);
+      const outcomes = await Promise.all(fills.map((digest) => tier.publishSegment(digest, OTHER_ORIGIN, { handle, start: 0, end: MiB })));
+      assert.deepEqual(new Set(outcomes), new Set(['created']));
+      assert.ok(most >= 1 && most <= SEGMENT_UPLOADS_MAX, `${most} segment uploads at once`);
+    } finally {
+      await handle.close();
+      await tier.close();
+    }
   });
 
   describe('on an S3 store (versitygw)', () => {

@@ -39,6 +39,10 @@ const WAIT_POLL_MS = 500;
 const TAG_SHARE_REFRESH_SECONDS = 300;
 /** Tags whose last shared write this node remembers. */
 const TAG_WRITES_MAX = 10_000;
+/** Segment uploads at once on this node, all fills together: each holds its segment (up to 8 MiB)
+ * in memory while it goes out (common.ts readRange), outside the proxy's buffer budget, and fills
+ * per node are not capped. A publisher waits its turn (its next cut is still at most 8 MiB). */
+export const SEGMENT_UPLOADS_MAX = 4;
 /** Refused objects this node remembers having logged (each is logged once). */
 const REFUSED_LOGGED_MAX = 1_000;
 
@@ -122,6 +126,9 @@ export class SharedTier {
   private readonly tagWrites = new Map<string, TagRecord>();
   /** Objects this node refused and said so (once each). */
   private readonly refusedLogged = new Set<string>();
+  /** Segment uploads running (at most SEGMENT_UPLOADS_MAX), and the publishers waiting for one. */
+  private segmentUploads = 0;
+  private readonly segmentWaiting: (() => void)[] = [];
   /** The record key (cache.shared.recordKeyFile), read with the credentials; undefined without one. */
   private recordKey: Uint8Array | undefined;
   private readonly requests: Counter<'operation' | 'result'>;
@@ -208,13 +215,36 @@ export class SharedTier {
    */
   async publishSegment(digest: string, origin: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists' | undefined> {
     const key = sharedKeys.segment(digest, origin, range.start);
-    const outcome = await this.call('segment', undefined, (store) => store.createFromRange(key, range, signal));
+    // Waited for outside call(): the store's deadline is for the upload, not for this node's queue.
+    await this.segmentSlot();
+    let outcome: 'created' | 'exists' | undefined;
+    try {
+      outcome = await this.call('segment', undefined, (store) => store.createFromRange(key, range, signal));
+    } finally {
+      this.segmentSlotDone();
+    }
     if (outcome === 'created') {
       this.tally.segmentsWritten++;
       this.segments.inc({ direction: 'written' });
       this.bytes.inc({ direction: 'written' }, range.end - range.start);
     }
     return outcome;
+  }
+
+  /** One of the node's SEGMENT_UPLOADS_MAX upload slots, once free (in the order asked for). */
+  private async segmentSlot(): Promise<void> {
+    if (this.segmentUploads < SEGMENT_UPLOADS_MAX) {
+      this.segmentUploads++;
+      return;
+    }
+    // The slot is handed over by segmentSlotDone (the count stays).
+    await new Promise<void>((resolve) => this.segmentWaiting.push(resolve));
+  }
+
+  private segmentSlotDone(): void {
+    const next = this.segmentWaiting.shift();
+    if (next) next();
+    else this.segmentUploads--;
   }
 
   /** The size of the blob's segment at `offset` in `origin`'s chain; undefined when there is none (or the tier is down). */
