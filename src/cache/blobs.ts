@@ -231,9 +231,16 @@ export class CachedBlobs {
     const { shared } = cache;
     if (!shared) return;
     source.streamed = true;
+    // A reader of the fill from now, before the announcement's round trips: a filler client leaving
+    // meanwhile must not abort a fill the followers are told to stream.
+    const reading = flight.follow();
+    reading.catch(() => undefined);
     cache.publishing(flight.digest, (async () => {
-      if (!(await shared.announce(flight.digest, { size, origin }))) return;
-      const stop = await new SegmentPublisher(flight, shared, flight.digest, origin, from, size, cache.now, cache.logger).done;
+      if (!(await shared.announce(flight.digest, { size, origin }))) {
+        void reading.then((reader) => reader.release(), () => undefined);
+        return;
+      }
+      const stop = await new SegmentPublisher(flight, shared, flight.digest, origin, from, size, cache.now, cache.logger, reading).done;
       if (stop === 'relay') await shared.release(flight.digest);
       // Its fill goes on from the upstream (a switch to the taker's chain is not made), and its
       // share() leaves the chain to the taker.

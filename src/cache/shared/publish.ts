@@ -37,6 +37,9 @@ export class SegmentPublisher {
     private readonly size: number,
     private readonly now: () => number,
     private readonly logger: Logger,
+    /** The fill's file, taken (flight.follow()) by the caller before it announced the fill, so
+     * that the fill counted this reader from then on; taken here when not given. */
+    private readonly reading?: ReturnType<BlobFlight['follow']>,
   ) {
     this.done = this.run(from).catch((error: unknown) => {
       this.logger.warn({ digest, err: error }, 'shared cache tier: publishing a fill\'s segments failed; the other nodes fetch it otherwise');
@@ -51,7 +54,7 @@ export class SegmentPublisher {
   }
 
   private async run(from: number): Promise<PublishStop | 'complete'> {
-    const { handle, extent, release } = await this.flight.follow();
+    const { handle, extent, release } = await (this.reading ?? this.flight.follow());
     const unwatch = extent.watch(() => this.wake?.());
     try {
       let start = from;
