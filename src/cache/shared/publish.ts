@@ -58,7 +58,8 @@ export class SegmentPublisher {
     const unwatch = extent.watch(() => this.wake?.());
     try {
       let start = from;
-      let segmentSince = this.now();
+      /** When the segment being made got its first readable byte (the 2 s cut counts from there). */
+      let segmentSince: number | undefined;
       let claimLookedAt = this.now();
       let unreadable = 0;
       while (start < this.size) {
@@ -67,11 +68,15 @@ export class SegmentPublisher {
         if (this.flight.relaying) return 'relay';
         if (outcome && 'error' in outcome) return 'failed';
         if (outcome && outcome.size !== this.size) return 'failed';
-        const elapsed = this.now() - segmentSince;
-        const end = segmentCut({ start, readable: extent.readable(), verified: outcome !== undefined, size: this.size, msSinceStart: elapsed });
+        const readable = extent.readable();
+        if (readable > start) segmentSince ??= this.now();
+        const elapsed = segmentSince === undefined ? 0 : this.now() - segmentSince;
+        const end = segmentCut({ start, readable, verified: outcome !== undefined, size: this.size, msSinceStart: elapsed });
         if (end === undefined) {
-          // Woken by the fill growing, or when the segment is due by time.
-          await this.sleep(Math.max(10, SEGMENT_MAX_MS - elapsed));
+          // Woken by the fill growing or ending (or stop()); with bytes waiting, also when the
+          // segment is due by time. Nothing readable: only the fill wakes it (a stalled upstream
+          // costs no polling; the bound only re-checks).
+          await this.sleep(readable > start ? Math.max(10, SEGMENT_MAX_MS - elapsed) : SEGMENT_MAX_MS);
           continue;
         }
         const published = await this.tier.publishSegment(this.digest, this.origin, { handle, start, end });
@@ -100,7 +105,7 @@ export class SegmentPublisher {
           start += there;
         }
         unreadable = 0;
-        segmentSince = this.now();
+        segmentSince = undefined;
         if (this.now() - claimLookedAt >= CLAIM_LOOK_MS && start < this.size) {
           claimLookedAt = this.now();
           // A follower took the fill over (this one stalled): its chain, not this one's.
