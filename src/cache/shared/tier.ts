@@ -431,12 +431,16 @@ export class SharedTier {
    */
   async announce(digest: string, fields: ClaimAnnouncement): Promise<boolean> {
     const key = sharedKeys.claim(digest);
-    const found = await this.readClaim(digest);
-    if (found?.claim?.node !== this.nodeName) return false;
-    this.announced.set(digest, fields);
-    const written = await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifMatch: found.version }));
-    if (!written) this.announced.delete(digest);
-    return written;
+    // Tried again while the claim stays this node's: its own renewal (keepClaim) may have rewritten
+    // it between the read and the conditional write.
+    for (let attempt = 0; attempt < CLAIM_ATTEMPTS && this.up; attempt++) {
+      const found = await this.readClaim(digest);
+      if (found?.claim?.node !== this.nodeName) break;
+      this.announced.set(digest, fields);
+      if (await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifMatch: found.version }))) return true;
+    }
+    this.announced.delete(digest);
+    return false;
   }
 
   /** The blob's claim as the store holds it now; undefined when there is none (or the tier is down). */
