@@ -101,6 +101,8 @@ export class FollowBody implements ContentBody {
     let claimSeen: ClaimSeen | undefined;
     let claimNode: string | undefined;
     let blobPresent = false;
+    /** When the blob was last looked for while the chain was overdue. */
+    let blobLookedAt: number | undefined;
     let storeFailures = 0;
     /** The shared blob's size differs from the size followed (a forged claim, a truncated blob). */
     let blobMismatch = false;
@@ -162,8 +164,13 @@ export class FollowBody implements ContentBody {
         return this.fromUpstream('the chain a previous filler left ends here');
       }
       // The next segment is overdue (the filler may be done, its segments going once the blob is
-      // shared): the blob is looked for at each poll from then on, not only with the claim.
-      if (!blobPresent && now() - lastGrowthAt >= (intervalMs ?? CLAIM_LOOK_MS)) blobPresent = await blobThere();
+      // shared): the blob is looked for from then on, not only with the claim, but at most every
+      // interval between segments (within ANNOUNCE_LOOK_MS..CLAIM_LOOK_MS), not at every poll.
+      const blobLookMs = Math.min(CLAIM_LOOK_MS, Math.max(ANNOUNCE_LOOK_MS, intervalMs ?? CLAIM_LOOK_MS));
+      if (!blobPresent && now() - lastGrowthAt >= (intervalMs ?? CLAIM_LOOK_MS) && (blobLookedAt === undefined || now() - blobLookedAt >= blobLookMs)) {
+        blobLookedAt = now();
+        blobPresent = await blobThere();
+      }
       const step = followStep({ now: now(), lastGrowthAt, lookedAt, claim: claimSeen, blobPresent, intervalMs });
       switch (step.step) {
         case 'read-segment':
