@@ -130,7 +130,20 @@ export class FollowBody implements ContentBody {
         else storeFailures = 0;
         continue;
       }
-      const stream = await tier.readSegment(digest, this.options.origin, this.offset, this.signal);
+      // Looked at before it is read: an object that cannot be the next segment (larger than one,
+      // past the blob's end, empty) is refused before any of its bytes reach the fill, whose
+      // clients would otherwise be cut by the digest check. One more request per segment: the
+      // poll for the next one is this look, not a read.
+      const there = await tier.segmentSize(digest, this.options.origin, this.offset);
+      if (this.destroyed) return;
+      if (there !== undefined && (there === 0 || there > SEGMENT_MAX_BYTES || this.offset + there > size)) {
+        const at = this.offset;
+        this.options.logger.warn({ digest, offset: at, bytes: there }, 'shared cache tier: refused a segment larger than a segment, past the blob\'s size or empty; fetching the rest from the upstream');
+        await tier.removeSegment(digest, this.options.origin, at);
+        if (this.options.ownClaim) this.options.onTakeover(at);
+        return this.fromUpstream('a segment was refused');
+      }
+      const stream = there === undefined ? undefined : await tier.readSegment(digest, this.options.origin, this.offset, this.signal);
       if (this.destroyed) {
         stream?.destroy();
         return;
