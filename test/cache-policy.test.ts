@@ -2,7 +2,7 @@
 
 import assert from 'node:assert/strict';
 import fc from 'fast-check';
-import { bridgingTag, byteRange, claimStreams, parseClaim, evictionPlan, FILL_WAIT_ROUNDS, grownReservation, inodeFloor, inodesLeft, linkIsFresh, mayWaitForFill, parseLink, roomFor, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
+import { bridgingTag, byteRange, claimRefused, claimStreams, EMPTY_BLOB_DIGEST, parseClaim, evictionPlan, FILL_WAIT_ROUNDS, grownReservation, inodeFloor, inodesLeft, linkIsFresh, mayWaitForFill, parseLink, roomFor, SHARED_CLOCK_SKEW_MS, staleEligible, tagFallback, tagIsFresh, upstreamFailureOf, type StoredBlob, type TagRecord } from '../src/cache/policy.js';
 import { openRecord, sealRecord } from '../src/cache/shared/records.js';
 import type { ContentFailure } from '../src/content/source.js';
 import { parseByteQuantity, parseInodeFloor } from '../src/rules/quantity.js';
@@ -213,10 +213,20 @@ describe('claim record v2 (parseClaim)', () => {
   });
 
   it('streams only a claim announced with stream, size and origin', () => {
-    assert.equal(claimStreams({ node: 'n', at: 1 }), false);
-    assert.equal(claimStreams({ node: 'n', at: 1, size: 5, origin }), false);
-    assert.equal(claimStreams({ node: 'n', at: 1, stream: 1, origin }), false);
-    assert.equal(claimStreams({ node: 'n', at: 1, size: 0, origin, stream: 1 }), true);
+    const digest = 'sha256:' + 'b'.repeat(64);
+    assert.equal(claimStreams({ node: 'n', at: 1 }, digest), false);
+    assert.equal(claimStreams({ node: 'n', at: 1, size: 5, origin }, digest), false);
+    assert.equal(claimStreams({ node: 'n', at: 1, stream: 1, origin }, digest), false);
+    assert.equal(claimStreams({ node: 'n', at: 1, size: 5, origin, stream: 1 }, digest), true);
+  });
+
+  it('refuses a claim announcing size 0 unless its digest is the empty blob\'s', () => {
+    const announced = { node: 'n', at: 1, size: 0, origin, stream: 1 as const };
+    assert.equal(claimStreams(announced, 'sha256:' + 'b'.repeat(64)), false);
+    assert.equal(claimRefused(announced, 'sha256:' + 'b'.repeat(64)), true);
+    assert.equal(claimStreams(announced, EMPTY_BLOB_DIGEST), true);
+    assert.equal(claimRefused(announced, EMPTY_BLOB_DIGEST), false);
+    assert.equal(claimRefused({ node: 'n', at: 1 }, 'sha256:' + 'b'.repeat(64)), false, 'a bare claim is waited for');
   });
 
   it('a v2 claim sealed with the record key opens only under that key and name', () => {

@@ -13,7 +13,7 @@ import { completeExtent, fileBody } from './filebody.js';
 import { bodyOfReadable } from './shared/bodies.js';
 import { FollowBody } from './shared/follow.js';
 import { SegmentPublisher } from './shared/publish.js';
-import type { SharedClaim } from './policy.js';
+import { EMPTY_BLOB_DIGEST, type SharedClaim } from './policy.js';
 import { BlobFlight } from './flight.js';
 import type { NodeCache } from './nodecache.js';
 import { byteRange } from './policy.js';
@@ -146,6 +146,8 @@ export class CachedBlobs {
       if (outcome.stored && (!source.shared || source.claimed)) cache.share(request.digest, origin, source.claimed, source.streamed);
       else if (source.claimed) await cache.shared?.release(request.digest);
       if (!outcome.stored && outcome.corrupt && source.shared) await cache.removeCorruptShared(request.digest, outcome.reason);
+      // What this node published of a fill that hashed wrong goes too (not resumed by the next claimant).
+      else if (!outcome.stored && outcome.corrupt && source.streamed) cache.dropSegments(request.digest);
       if (outcome.stored) await cache.evict(0);
       else if (flight.relaying) cache.fillRelayed(request.digest);
       else cache.fillFailed(request.digest, outcome.reason);
@@ -207,8 +209,9 @@ export class CachedBlobs {
       return this.relayInstead(request, answer, source, known ? length : undefined);
     }
     flight.start(fill, answer.body, answer.headers, reservation);
-    // The cluster's filler, with a length to announce: the other nodes stream its fill as it lands.
-    if (source.claimed && !source.shared && known && cache.settings.shared?.streamFills !== false) this.publish(flight, source, length, origin.origin, 0);
+    // The cluster's filler, with a length to announce: the other nodes stream its fill as it lands
+    // (a length of 0 only for the empty blob: followers refuse any other size-0 announcement).
+    if (source.claimed && !source.shared && known && (length > 0 || request.digest === EMPTY_BLOB_DIGEST) && cache.settings.shared?.streamFills !== false) this.publish(flight, source, length, origin.origin, 0);
     const body = await reading;
     if (request.signal.aborted) {
       body.destroy();
@@ -229,11 +232,20 @@ export class CachedBlobs {
     const { shared } = cache;
     if (!shared) return;
     source.streamed = true;
+    // A reader of the fill from now, before the announcement's round trips: a filler client leaving
+    // meanwhile must not abort a fill the followers are told to stream.
+    const reading = flight.follow();
+    reading.catch(() => undefined);
     cache.publishing(flight.digest, (async () => {
-      if (!(await shared.announce(flight.digest, { size, origin }))) return;
-      const stop = await new SegmentPublisher(flight, shared, flight.digest, from, size, cache.now, cache.logger).done;
+      if (!(await shared.announce(flight.digest, { size, origin }))) {
+        void reading.then((reader) => reader.release(), () => undefined);
+        return;
+      }
+      const stop = await new SegmentPublisher(flight, shared, flight.digest, origin, from, size, cache.now, cache.logger, reading).done;
       if (stop === 'relay') await shared.release(flight.digest);
-      else if (stop === 'lost-claim') cache.logger.info({ digest: flight.digest }, 'shared cache tier: another node took this node\'s fill over; its segments are that node\'s now');
+      // Its fill goes on from the upstream (a switch to the taker's chain is not made), and its
+      // share() leaves the chain to the taker.
+      else if (stop === 'lost-claim') cache.logger.info({ digest: flight.digest }, 'shared cache tier: another node took this node\'s fill over; it stops publishing, and the chain is that node\'s now');
     })());
   }
 
@@ -263,9 +275,10 @@ export class CachedBlobs {
         size = await shared.blobSize(request.digest);
         if (size === undefined) {
           source.claimed = true;
-          // A filler that died may have left a chain of segments: followed first, then the
-          // upstream from its end (one transfer of what is missing, not of the whole blob).
-          if (this.cache.settings.shared?.streamFills !== false && (await shared.segmentSize(request.digest, 0)) !== undefined) return this.resumeChain(request, signal, source);
+          // A filler of this rule's upstream that died may have left a chain of segments: followed
+          // first, then the upstream from its end (one transfer of what is missing, not of the
+          // whole blob). Another upstream's chain is not looked at (its bytes are not this rule's).
+          if (this.cache.settings.shared?.streamFills !== false && (await shared.segmentSize(request.digest, this.origin(request.rule), 0)) !== undefined) return this.resumeChain(request, signal, source);
           return undefined;
         }
         await shared.release(request.digest);
@@ -341,7 +354,7 @@ export class CachedBlobs {
     if (!shared) return undefined;
     const head = await this.upstream.blob({ ...request, method: 'HEAD', range: undefined, signal });
     const size = Number(head.headers['content-length']);
-    if (!Number.isSafeInteger(size) || size < 0) return undefined;
+    if (!Number.isSafeInteger(size) || size < 0 || (size === 0 && request.digest !== EMPTY_BLOB_DIGEST)) return undefined;
     source.shared = true;
     // The chain goes once the blob is shared, whether or not this node adds to it.
     source.streamed = true;

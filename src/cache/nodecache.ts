@@ -184,7 +184,10 @@ export class NodeCache {
         // there on), after the last was published; then the claim.
         if (streamed) {
           await publishing;
-          await shared.removeSegments(digest);
+          // A node that took this fill over (this one stalled) is still publishing its chain: left
+          // to it, which removes it once it shared the blob (its followers read on meanwhile).
+          const claim = (await shared.claimState(digest))?.claim;
+          if (!claim || claim.node === shared.nodeName) await shared.removeSegments(digest);
         }
       } finally {
         stopKeeping?.();
@@ -229,6 +232,21 @@ export class NodeCache {
     const upload = write().catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier upload failed'));
     this.uploads.add(upload);
     void upload.finally(() => this.uploads.delete(upload));
+  }
+
+  /** Removes the segments a fill of this node published, once its publisher stopped: the fill ended
+   * corrupt (its upstream sent wrong bytes), and the next claimant must not resume that chain. In
+   * the background, waited for at close. */
+  dropSegments(digest: string): void {
+    const { shared } = this;
+    if (!shared) return;
+    const publishing = this.publishers.get(digest);
+    const removal = (async () => {
+      await publishing;
+      await shared.removeSegments(digest);
+    })().catch((error: unknown) => this.logger.warn({ digest, err: error }, 'shared cache tier: removing a corrupt fill\'s segments failed'));
+    this.uploads.add(removal);
+    void removal.finally(() => this.uploads.delete(removal));
   }
 
   /** A segment publisher of a fill in flight: waited for by share(), sharing() and close(). */

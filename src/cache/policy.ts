@@ -127,9 +127,20 @@ export function parseClaim(text: string): SharedClaim | undefined {
   };
 }
 
-/** Whether followers may stream a claim's fill: announced with its size and origin, and `stream`. */
-export function claimStreams(claim: SharedClaim): claim is SharedClaim & { readonly size: number; readonly origin: string; readonly stream: 1 } {
-  return claim.stream === 1 && claim.size !== undefined && claim.origin !== undefined;
+/** The digest of the empty blob: the only one whose size is 0. */
+export const EMPTY_BLOB_DIGEST = 'sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855';
+
+/** Whether followers may stream a claim's fill of `digest`: announced with its size and origin,
+ * and `stream`. A size of 0 only for the empty blob: a forged size-0 claim would end every
+ * follower's fill at once, hashing wrong (which removes the shared copy). */
+export function claimStreams(claim: SharedClaim, digest: string): claim is SharedClaim & { readonly size: number; readonly origin: string; readonly stream: 1 } {
+  return claim.stream === 1 && claim.size !== undefined && claim.origin !== undefined && (claim.size > 0 || digest === EMPTY_BLOB_DIGEST);
+}
+
+/** Whether a claim announces a fill that cannot be followed (a size no blob of the digest has):
+ * its followers fetch from the upstream at once rather than wait for it. */
+export function claimRefused(claim: SharedClaim, digest: string): boolean {
+  return claim.stream === 1 && claim.size !== undefined && claim.origin !== undefined && !claimStreams(claim, digest);
 }
 
 /** A claim stands while its filler may still be at work: made or renewed (the filler renews it

@@ -3,7 +3,7 @@
 // staged), so an upload in progress is never visible and of several nodes one wins. A record is
 // replaced or removed on condition of its ETag (`If-Match`).
 
-import { addAbortSignal, type Readable } from 'node:stream';
+import { addAbortSignal, Readable } from 'node:stream';
 import {
   AnonymousCredential,
   BlobServiceClient,
@@ -70,8 +70,16 @@ class AzureStore implements SharedStore {
   async read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
     const offset = span?.start ?? 0;
     const count = span ? span.end - span.start + 1 : undefined;
-    const got = await this.call(`read ${key}`, (abortSignal) => this.blob(key).download(offset, count, { abortSignal, maxRetryRequests: 1 }), signal);
-    const body = got?.readableStreamBody as Readable | undefined;
+    const body = await this.call(`read ${key}`, async (abortSignal) => {
+      try {
+        return (await this.blob(key).download(offset, count, { abortSignal, maxRetryRequests: 1 })).readableStreamBody as Readable | undefined;
+      } catch (error) {
+        // A span past the blob's end (an empty blob read from 0): no bytes, as a file read there
+        // gives, for the caller to refuse; not a failure of the store.
+        if (error instanceof RestError && error.statusCode === 416) return Readable.from([]);
+        throw error;
+      }
+    }, signal);
     return body && signal ? addAbortSignal(signal, body) : body;
   }
 

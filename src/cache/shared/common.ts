@@ -3,7 +3,7 @@
 
 import { readFile } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
-import { RANGE_UPLOAD_MAX_BYTES, RefusedObject, SharedStoreError, type FileRange } from './store.js';
+import { LocalFileError, RANGE_UPLOAD_MAX_BYTES, RefusedObject, SharedStoreError, type FileRange } from './store.js';
 
 /** A Secret-mounted value: files written by hand or by `kubectl create secret --from-file` often
  * end in a newline that is not part of the credential. */
@@ -131,9 +131,9 @@ export async function readRange(key: string, range: FileRange, signal?: AbortSig
     try {
       ({ bytesRead } = await range.handle.read(buffer, filled, length - filled, range.start + filled));
     } catch (error) {
-      throw new Error(`upload ${key}: reading the local file: ${messageOf(error)}`, { cause: error });
+      throw new LocalFileError(`upload ${key}: reading the local file: ${messageOf(error)}`, { cause: error });
     }
-    if (bytesRead === 0) throw new Error(`upload ${key}: the local file ends at ${range.start + filled}, before the range's end ${range.end}`);
+    if (bytesRead === 0) throw new LocalFileError(`upload ${key}: the local file ends at ${range.start + filled}, before the range's end ${range.end}`);
     filled += bytesRead;
     signal?.throwIfAborted();
   }

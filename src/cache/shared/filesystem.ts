@@ -118,7 +118,7 @@ async function breakLock(tmp: string, lock: string, judged: BigIntStats): Promis
 }
 
 /**
- * Removes segment files (segments/<alg>/<hex>/<offset>) not modified for STALE_SEGMENT_MS, and the
+ * Removes segment files (segments/<alg>/<hex>/<origin>/<offset>) not modified for STALE_SEGMENT_MS, and the
  * directories left empty and as old (a fill's directory stays when its segments are removed one by
  * one). Only regular files and directories are touched, and a symbolic link is not followed. Two
  * nodes sweeping at once tolerate each other's removals; a directory a fill is writing into again

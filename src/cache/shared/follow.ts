@@ -21,7 +21,8 @@ export interface FollowOptions {
   readonly digest: string;
   /** The size the filler announced: the fill's Content-Length. */
   readonly size: number;
-  /** This rule's upstream (upstreamOrigin): a claim of another upstream is not followed. */
+  /** This rule's upstream (upstreamOrigin): a claim of another upstream is not followed, and only
+   * this upstream's chain of segments is read. */
   readonly origin: string;
   readonly now: () => number;
   readonly logger: Logger;
@@ -100,10 +101,20 @@ export class FollowBody implements ContentBody {
     let claimSeen: ClaimSeen | undefined;
     let claimNode: string | undefined;
     let blobPresent = false;
+    /** When the blob was last looked for while the chain was overdue. */
+    let blobLookedAt: number | undefined;
     let storeFailures = 0;
+    /** The shared blob's size differs from the size followed (a forged claim, a truncated blob). */
+    let blobMismatch = false;
+    const blobThere = async (): Promise<boolean> => {
+      const found = await tier.blobSize(digest);
+      if (found !== undefined && found !== size) blobMismatch = true;
+      return found !== undefined;
+    };
     while (this.offset < size) {
       if (this.destroyed) return;
       if (!tier.up || storeFailures >= STORE_FAILURES_MAX) return this.fromUpstream('the shared store fails');
+      if (blobMismatch) return this.fromUpstream('the shared blob is not of the size followed');
       if (blobPresent) {
         const stream = await tier.readBlob(digest, { start: this.offset, end: size - 1 }, this.signal);
         if (!stream) {
@@ -113,10 +124,26 @@ export class FollowBody implements ContentBody {
         }
         this.source = 'blob';
         const read = await this.pass(stream, size - this.offset);
-        if (read.failed) storeFailures++;
+        // A read that ended short of the span (the object is shorter than it said, or went away
+        // meanwhile) counts as failing, so that the rest comes from the upstream, not another read.
+        if (read.failed || read.bytes < read.wanted) storeFailures++;
+        else storeFailures = 0;
         continue;
       }
-      const stream = await tier.readSegment(digest, this.offset, this.signal);
+      // Looked at before it is read: an object that cannot be the next segment (larger than one,
+      // past the blob's end, empty) is refused before any of its bytes reach the fill, whose
+      // clients would otherwise be cut by the digest check. One more request per segment: the
+      // poll for the next one is this look, not a read.
+      const there = await tier.segmentSize(digest, this.options.origin, this.offset);
+      if (this.destroyed) return;
+      if (there !== undefined && (there === 0 || there > SEGMENT_MAX_BYTES || this.offset + there > size)) {
+        const at = this.offset;
+        this.options.logger.warn({ digest, offset: at, bytes: there }, 'shared cache tier: refused a segment larger than a segment, past the blob\'s size or empty; fetching the rest from the upstream');
+        await tier.removeSegment(digest, this.options.origin, at);
+        if (this.options.ownClaim) this.options.onTakeover(at);
+        return this.fromUpstream('a segment was refused');
+      }
+      const stream = there === undefined ? undefined : await tier.readSegment(digest, this.options.origin, this.offset, this.signal);
       if (this.destroyed) {
         stream?.destroy();
         return;
@@ -137,7 +164,7 @@ export class FollowBody implements ContentBody {
           // Not a segment of this blob (larger than one, past the end, empty): refused; the rest
           // comes from the upstream, and the object goes (it would stop every follower).
           this.options.logger.warn({ digest, offset: at }, 'shared cache tier: refused a segment larger than a segment or past the blob\'s size; fetching the rest from the upstream');
-          await tier.removeSegment(digest, at);
+          await tier.removeSegment(digest, this.options.origin, at);
           // A filler publishes again from where the refused segment was (its file has those bytes).
           if (this.options.ownClaim) this.options.onTakeover(at);
           return this.fromUpstream('a segment was refused');
@@ -150,8 +177,13 @@ export class FollowBody implements ContentBody {
         return this.fromUpstream('the chain a previous filler left ends here');
       }
       // The next segment is overdue (the filler may be done, its segments going once the blob is
-      // shared): the blob is looked for at each poll from then on, not only with the claim.
-      if (!blobPresent && now() - lastGrowthAt >= (intervalMs ?? CLAIM_LOOK_MS)) blobPresent = (await tier.blobSize(digest)) !== undefined;
+      // shared): the blob is looked for from then on, not only with the claim, but at most every
+      // interval between segments (within ANNOUNCE_LOOK_MS..CLAIM_LOOK_MS), not at every poll.
+      const blobLookMs = Math.min(CLAIM_LOOK_MS, Math.max(ANNOUNCE_LOOK_MS, intervalMs ?? CLAIM_LOOK_MS));
+      if (!blobPresent && now() - lastGrowthAt >= (intervalMs ?? CLAIM_LOOK_MS) && (blobLookedAt === undefined || now() - blobLookedAt >= blobLookMs)) {
+        blobLookedAt = now();
+        blobPresent = await blobThere();
+      }
       const step = followStep({ now: now(), lastGrowthAt, lookedAt, claim: claimSeen, blobPresent, intervalMs });
       switch (step.step) {
         case 'read-segment':
@@ -164,7 +196,7 @@ export class FollowBody implements ContentBody {
           return this.fromUpstream('the claim no longer streams this upstream\'s bytes');
         case 'look-claim': {
           lookedAt = now();
-          blobPresent = (await tier.blobSize(digest)) !== undefined;
+          blobPresent = await blobThere();
           const state = await tier.claimState(digest);
           claimSeen = this.seen(state?.claim ?? undefined);
           const node = state?.claim?.node;
@@ -173,7 +205,7 @@ export class FollowBody implements ContentBody {
           continue;
         }
         case 'take-over': {
-          blobPresent = (await tier.blobSize(digest)) !== undefined;
+          blobPresent = await blobThere();
           if (blobPresent) continue;
           const state = await tier.claimState(digest);
           if (state?.claim && claimNode !== undefined && state.claim.node !== claimNode) {
@@ -189,7 +221,7 @@ export class FollowBody implements ContentBody {
             // Gone, or away for a moment (a filesystem store's claim while it is rewritten): looked
             // at again before this node claims the fill for itself.
             await this.sleep(ANNOUNCE_LOOK_MS);
-            if ((await tier.blobSize(digest)) !== undefined || (await tier.claimState(digest)) !== undefined) {
+            if ((await blobThere()) || (await tier.claimState(digest)) !== undefined) {
               lookedAt = undefined;
               claimSeen = undefined;
               continue;
@@ -216,7 +248,7 @@ export class FollowBody implements ContentBody {
   private seen(claim: Parameters<typeof claimStreams>[0] | undefined): ClaimSeen {
     if (!claim) return 'gone';
     if (claim.stream === undefined && claim.origin === undefined && claim.size === undefined) return 'streaming';
-    if (!claimStreams(claim) || claim.origin !== this.options.origin || claim.size !== this.options.size) return 'not-streaming';
+    if (!claimStreams(claim, this.options.digest) || claim.origin !== this.options.origin || claim.size !== this.options.size) return 'not-streaming';
     return 'streaming';
   }
 
@@ -224,7 +256,8 @@ export class FollowBody implements ContentBody {
    * Passes a download's bytes on, at most `limit` of them: how many it passed, whether it had more
    * (`oversize`: refused from there), and whether it failed before its end.
    */
-  private async pass(stream: Readable, limit: number): Promise<{ bytes: number; oversize: boolean; failed: boolean }> {
+  private async pass(stream: Readable, limit: number): Promise<{ bytes: number; wanted: number; oversize: boolean; failed: boolean }> {
+    const wanted = limit;
     let bytes = 0;
     try {
       for await (const data of stream) {
@@ -238,14 +271,14 @@ export class FollowBody implements ContentBody {
         }
         if (chunk.length > room) {
           stream.destroy();
-          return { bytes, oversize: true, failed: false };
+          return { bytes, wanted, oversize: true, failed: false };
         }
       }
-      return { bytes, oversize: false, failed: false };
+      return { bytes, wanted, oversize: false, failed: false };
     } catch (error) {
-      if (this.destroyed) return { bytes, oversize: false, failed: true };
+      if (this.destroyed) return { bytes, wanted, oversize: false, failed: true };
       this.options.onStoreFailure?.(error as Error);
-      return { bytes, oversize: false, failed: true };
+      return { bytes, wanted, oversize: false, failed: true };
     }
   }
 

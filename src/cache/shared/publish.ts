@@ -8,6 +8,13 @@ import type { BlobFlight } from '../flight.js';
 import { CLAIM_LOOK_MS, SEGMENT_MAX_BYTES, SEGMENT_MAX_MS, segmentCut } from '../streamplan.js';
 import type { SharedTier } from './tier.js';
 
+/** How many times in a row a segment key may answer 'exists' to the create and then show no
+ * segment (a directory, a FIFO, a link planted there; or one removed meanwhile) before the
+ * publisher stops: it never loops without progress. */
+const UNREADABLE_SEGMENT_MAX = 2;
+/** The pause before a segment key that showed no segment is created again. */
+const UNREADABLE_SEGMENT_PAUSE_MS = 100;
+
 /** Why a publisher stopped before the end of the blob. */
 export type PublishStop = 'relay' | 'failed' | 'store' | 'lost-claim';
 
@@ -18,15 +25,21 @@ export class SegmentPublisher {
   private wake: (() => void) | undefined;
 
   constructor(
-    private readonly flight: BlobFlight,
+    /** The fill being published: what the publisher reads of it (a BlobFlight). */
+    private readonly flight: Pick<BlobFlight, 'follow' | 'relaying'>,
     private readonly tier: SharedTier,
     private readonly digest: string,
+    /** The upstream the fill's bytes come from (upstreamOrigin): its chain is published. */
+    private readonly origin: string,
     /** Where the chain continues (0, or a takeover's offset). */
     from: number,
     /** The announced size. */
     private readonly size: number,
     private readonly now: () => number,
     private readonly logger: Logger,
+    /** The fill's file, taken (flight.follow()) by the caller before it announced the fill, so
+     * that the fill counted this reader from then on; taken here when not given. */
+    private readonly reading?: ReturnType<BlobFlight['follow']>,
   ) {
     this.done = this.run(from).catch((error: unknown) => {
       this.logger.warn({ digest, err: error }, 'shared cache tier: publishing a fill\'s segments failed; the other nodes fetch it otherwise');
@@ -41,40 +54,58 @@ export class SegmentPublisher {
   }
 
   private async run(from: number): Promise<PublishStop | 'complete'> {
-    const { handle, extent, release } = await this.flight.follow();
+    const { handle, extent, release } = await (this.reading ?? this.flight.follow());
     const unwatch = extent.watch(() => this.wake?.());
     try {
       let start = from;
-      let segmentSince = this.now();
+      /** When the segment being made got its first readable byte (the 2 s cut counts from there). */
+      let segmentSince: number | undefined;
       let claimLookedAt = this.now();
+      let unreadable = 0;
       while (start < this.size) {
         if (this.stopped) return 'failed';
         const outcome = extent.outcome();
         if (this.flight.relaying) return 'relay';
         if (outcome && 'error' in outcome) return 'failed';
         if (outcome && outcome.size !== this.size) return 'failed';
-        const elapsed = this.now() - segmentSince;
-        const end = segmentCut({ start, readable: extent.readable(), verified: outcome !== undefined, size: this.size, msSinceStart: elapsed });
+        const readable = extent.readable();
+        if (readable > start) segmentSince ??= this.now();
+        const elapsed = segmentSince === undefined ? 0 : this.now() - segmentSince;
+        const end = segmentCut({ start, readable, verified: outcome !== undefined, size: this.size, msSinceStart: elapsed });
         if (end === undefined) {
-          // Woken by the fill growing, or when the segment is due by time.
-          await this.sleep(Math.max(10, SEGMENT_MAX_MS - elapsed));
+          // Woken by the fill growing or ending (or stop()); with bytes waiting, also when the
+          // segment is due by time. Nothing readable: only the fill wakes it (a stalled upstream
+          // costs no polling; the bound only re-checks).
+          await this.sleep(readable > start ? Math.max(10, SEGMENT_MAX_MS - elapsed) : SEGMENT_MAX_MS);
           continue;
         }
-        const published = await this.tier.publishSegment(this.digest, { handle, start, end });
+        const published = await this.tier.publishSegment(this.digest, this.origin, { handle, start, end });
         if (published === undefined) return 'store';
         if (published === 'created') start = end;
         else {
           // Another writer's segment is there (a takeover race, a zombie filler): the chain goes on
           // from its end, one line; an object that cannot be a segment here is replaced.
-          const there = await this.tier.segmentSize(this.digest, start);
-          if (there === undefined) continue; // removed meanwhile: created again
+          const there = await this.tier.segmentSize(this.digest, this.origin, start);
+          if (there === undefined) {
+            // Removed meanwhile (created again, once), or not a segment the store can read (a
+            // directory or a FIFO at the key): the chain cannot go on past it from here.
+            if (++unreadable >= UNREADABLE_SEGMENT_MAX) {
+              this.logger.warn({ digest: this.digest, offset: start }, 'shared cache tier: a segment key holds an object that is not a segment; this fill stops publishing (the other nodes fetch it otherwise)');
+              return 'store';
+            }
+            await this.sleep(UNREADABLE_SEGMENT_PAUSE_MS);
+            continue;
+          }
           if (there === 0 || there > SEGMENT_MAX_BYTES || start + there > this.size) {
-            await this.tier.removeSegment(this.digest, start);
+            await this.tier.removeSegment(this.digest, this.origin, start);
+            // Bounded as above: an object that stays (its removal refused) stops the publisher.
+            if (++unreadable >= UNREADABLE_SEGMENT_MAX) return 'store';
             continue;
           }
           start += there;
         }
-        segmentSince = this.now();
+        unreadable = 0;
+        segmentSince = undefined;
         if (this.now() - claimLookedAt >= CLAIM_LOOK_MS && start < this.size) {
           claimLookedAt = this.now();
           // A follower took the fill over (this one stalled): its chain, not this one's.

@@ -4,7 +4,7 @@
 // record is replaced or removed on condition of its ETag (`If-Match` on PutObject and DeleteObject).
 
 import { createReadStream } from 'node:fs';
-import { addAbortSignal, type Readable } from 'node:stream';
+import { addAbortSignal, Readable } from 'node:stream';
 import {
   DeleteObjectCommand,
   GetObjectCommand,
@@ -73,8 +73,16 @@ class S3Store implements SharedStore {
     // The deadline covers the answer's headers; the body is bounded by the socket's idle timeout,
     // since a large blob may take longer than one request's deadline to stream.
     const range = span && `bytes=${span.start}-${span.end}`;
-    const got = await this.call(`read ${key}`, (abortSignal) => this.client.send(new GetObjectCommand({ ...this.at(key), Range: range }), { abortSignal }), signal);
-    const body = got?.Body as Readable | undefined;
+    const body = await this.call(`read ${key}`, async (abortSignal) => {
+      try {
+        return (await this.client.send(new GetObjectCommand({ ...this.at(key), Range: range }), { abortSignal })).Body as Readable | undefined;
+      } catch (error) {
+        // A span past the object's end (an empty object read from 0): no bytes, as a file read
+        // there gives, for the caller to refuse; not a failure of the store.
+        if (statusOf(error) === 416) return Readable.from([]);
+        throw error;
+      }
+    }, signal);
     return body && signal ? addAbortSignal(signal, body) : body;
   }
 

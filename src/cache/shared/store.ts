@@ -32,6 +32,15 @@ export class SharedStoreError extends Error {
  * than the bound, or (filesystem) anything but a regular file under the store's own directory (a
  * symbolic link, a FIFO, a device). Written by whoever can write the bucket: refused, not followed,
  * and not a failure of the store (the tier stays up; the object counts as absent). */
+/** The local file an upload reads from failed (not the store): the upload's caller stops, the tier
+ * stays up. */
+export class LocalFileError extends Error {
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
+    this.name = 'LocalFileError';
+  }
+}
+
 export class RefusedObject extends Error {
   constructor(message: string) {
     super(message);

@@ -17,11 +17,11 @@ import { Counter, Gauge, type Registry } from 'prom-client';
 import { pipeline, Readable, Transform } from 'node:stream';
 import type { Logger } from '../../log.js';
 import type { SharedConfig } from '../../rules/config.js';
-import { CacheKeyError, claimIsFresh, claimStreams, digestKey, mayWaitForFill, parseClaim, parseLink, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
+import { CacheKeyError, claimIsFresh, claimRefused, claimStreams, digestKey, mayWaitForFill, parseClaim, parseLink, parseTagRecord, repositoryKey, shouldShareTag, tagKey, type SharedClaim, type TagRecord } from '../policy.js';
 import { filesIdentity, readRecordKey, sharedBackend, sharedCredentialFiles } from './open.js';
 import { openRecord, sealRecord } from './records.js';
 import { ANNOUNCE_LOOK_MS, parseSegmentOffset, SEGMENT_MAX_BYTES, segmentKeyOffset, STREAM_STALL_MS } from '../streamplan.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedStore } from './store.js';
+import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedStore } from './store.js';
 
 /** After a failure, calls are skipped (answered "absent") this long before the store is tried again. */
 const RETRY_MS = 5_000;
@@ -39,6 +39,10 @@ const WAIT_POLL_MS = 500;
 const TAG_SHARE_REFRESH_SECONDS = 300;
 /** Tags whose last shared write this node remembers. */
 const TAG_WRITES_MAX = 10_000;
+/** Segment uploads at once on this node, all fills together: each holds its segment (up to 8 MiB)
+ * in memory while it goes out (common.ts readRange), outside the proxy's buffer budget, and fills
+ * per node are not capped. A publisher waits its turn (its next cut is still at most 8 MiB). */
+export const SEGMENT_UPLOADS_MAX = 4;
 /** Refused objects this node remembers having logged (each is logged once). */
 const REFUSED_LOGGED_MAX = 1_000;
 
@@ -66,10 +70,13 @@ export const sharedKeys = {
   claim: (digest: string) => `claims/${digestPath(digest)}`,
   /** An empty record: the blob's bytes came from this upstream (upstreamOrigin, a sha256 in hex). */
   origin: (digest: string, origin: string) => `origins/${digestPath(digest)}/${originKey(origin)}`,
-  /** Bytes [offset, offset + its size) of a blob being filled (streamplan.ts): published while the
-   * filler fetches it, read by the nodes that follow its fill, removed once the blob is shared. */
-  segment: (digest: string, offset: number) => `segments/${digestPath(digest)}/${segmentKeyOffset(offset)}`,
-  /** Every segment of a blob: the prefix. */
+  /** Bytes [offset, offset + its size) of a blob being filled (streamplan.ts) from one upstream
+   * (upstreamOrigin): published while the filler fetches it, read by the nodes that follow its fill,
+   * removed once the blob is shared. A chain is one upstream's: a node reads and continues only its
+   * own rule's upstream's chain, so that bytes another upstream sent never reach a rule whose
+   * upstream merely claims the digest (a HEAD answers 200 for anything). */
+  segment: (digest: string, origin: string, offset: number) => `segments/${digestPath(digest)}/${originKey(origin)}/${segmentKeyOffset(offset)}`,
+  /** Every segment of a blob, of every upstream: the prefix. */
   segments: (digest: string) => `segments/${digestPath(digest)}/`,
 };
 
@@ -119,6 +126,9 @@ export class SharedTier {
   private readonly tagWrites = new Map<string, TagRecord>();
   /** Objects this node refused and said so (once each). */
   private readonly refusedLogged = new Set<string>();
+  /** Segment uploads running (at most SEGMENT_UPLOADS_MAX), and the publishers waiting for one. */
+  private segmentUploads = 0;
+  private readonly segmentWaiting: (() => void)[] = [];
   /** The record key (cache.shared.recordKeyFile), read with the credentials; undefined without one. */
   private recordKey: Uint8Array | undefined;
   private readonly requests: Counter<'operation' | 'result'>;
@@ -203,9 +213,16 @@ export class SharedTier {
    * range.start (one request, create-if-absent): 'created', 'exists' (another writer's segment is
    * there: nothing written), or undefined when the tier failed or refused (the publisher stops).
    */
-  async publishSegment(digest: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists' | undefined> {
-    const key = sharedKeys.segment(digest, range.start);
-    const outcome = await this.call('segment', undefined, (store) => store.createFromRange(key, range, signal));
+  async publishSegment(digest: string, origin: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists' | undefined> {
+    const key = sharedKeys.segment(digest, origin, range.start);
+    // Waited for outside call(): the store's deadline is for the upload, not for this node's queue.
+    await this.segmentSlot();
+    let outcome: 'created' | 'exists' | undefined;
+    try {
+      outcome = await this.call('segment', undefined, (store) => store.createFromRange(key, range, signal));
+    } finally {
+      this.segmentSlotDone();
+    }
     if (outcome === 'created') {
       this.tally.segmentsWritten++;
       this.segments.inc({ direction: 'written' });
@@ -214,9 +231,25 @@ export class SharedTier {
     return outcome;
   }
 
-  /** The size of the blob's segment at `offset`; undefined when there is none (or the tier is down). */
-  async segmentSize(digest: string, offset: number): Promise<number | undefined> {
-    return this.call('stat', undefined, async (store) => (await store.stat(sharedKeys.segment(digest, offset)))?.size);
+  /** One of the node's SEGMENT_UPLOADS_MAX upload slots, once free (in the order asked for). */
+  private async segmentSlot(): Promise<void> {
+    if (this.segmentUploads < SEGMENT_UPLOADS_MAX) {
+      this.segmentUploads++;
+      return;
+    }
+    // The slot is handed over by segmentSlotDone (the count stays).
+    await new Promise<void>((resolve) => this.segmentWaiting.push(resolve));
+  }
+
+  private segmentSlotDone(): void {
+    const next = this.segmentWaiting.shift();
+    if (next) next();
+    else this.segmentUploads--;
+  }
+
+  /** The size of the blob's segment at `offset` in `origin`'s chain; undefined when there is none (or the tier is down). */
+  async segmentSize(digest: string, origin: string, offset: number): Promise<number | undefined> {
+    return this.call('stat', undefined, async (store) => (await store.stat(sharedKeys.segment(digest, origin, offset)))?.size);
   }
 
   /**
@@ -225,21 +258,24 @@ export class SharedTier {
    * tier is down). The caller checks its length against SEGMENT_MAX_BYTES and the blob's size;
    * the bytes are checked with the whole blob's digest.
    */
-  async readSegment(digest: string, offset: number, signal?: AbortSignal): Promise<Readable | undefined> {
-    const stream = await this.call('read', undefined, (store) => store.read(sharedKeys.segment(digest, offset), { start: 0, end: SEGMENT_MAX_BYTES }, signal));
+  async readSegment(digest: string, origin: string, offset: number, signal?: AbortSignal): Promise<Readable | undefined> {
+    const stream = await this.call('read', undefined, (store) => store.read(sharedKeys.segment(digest, origin, offset), { start: 0, end: SEGMENT_MAX_BYTES }, signal));
     if (!stream) return undefined;
     this.tally.segmentsRead++;
     this.segments.inc({ direction: 'read' });
     return this.countedRead(stream);
   }
 
-  /** Removes every segment of the blob (its fill is shared whole, or its bytes hashed wrong). */
+  /** Removes every segment of the blob, of every upstream's chain (its fill is shared whole, or its
+   * bytes hashed wrong). */
   async removeSegments(digest: string): Promise<void> {
     await this.call('remove', undefined, async (store) => {
       const keys: string[] = [];
-      for await (const object of store.list(sharedKeys.segments(digest))) {
-        // Only what is a segment by name: nothing else is removed under the prefix's name.
-        if (parseSegmentOffset(object.key.slice(object.key.lastIndexOf('/') + 1)) !== undefined) keys.push(object.key);
+      const prefix = sharedKeys.segments(digest);
+      for await (const object of store.list(prefix)) {
+        // Only what is a segment by name (<origin>/<offset>): nothing else is removed under the prefix.
+        const [origin, offset, ...rest] = object.key.slice(prefix.length).split('/');
+        if (rest.length === 0 && origin !== undefined && /^[0-9a-f]{64}$/.test(origin) && offset !== undefined && parseSegmentOffset(offset) !== undefined) keys.push(object.key);
       }
       for (const key of keys) await store.remove(key);
       return true;
@@ -247,8 +283,8 @@ export class SharedTier {
   }
 
   /** Removes one segment (one that cannot be part of the chain: larger than a segment, or past the end). */
-  async removeSegment(digest: string, offset: number): Promise<void> {
-    await this.call('remove', undefined, (store) => store.remove(sharedKeys.segment(digest, offset)));
+  async removeSegment(digest: string, origin: string, offset: number): Promise<void> {
+    await this.call('remove', undefined, (store) => store.remove(sharedKeys.segment(digest, origin, offset)));
   }
 
   /** A small blob (a manifest) whole, up to `maxBytes`; undefined when it is not there, larger, or
@@ -395,12 +431,16 @@ export class SharedTier {
    */
   async announce(digest: string, fields: ClaimAnnouncement): Promise<boolean> {
     const key = sharedKeys.claim(digest);
-    const found = await this.readClaim(digest);
-    if (found?.claim?.node !== this.nodeName) return false;
-    this.announced.set(digest, fields);
-    const written = await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifMatch: found.version }));
-    if (!written) this.announced.delete(digest);
-    return written;
+    // Tried again while the claim stays this node's: its own renewal (keepClaim) may have rewritten
+    // it between the read and the conditional write.
+    for (let attempt = 0; attempt < CLAIM_ATTEMPTS && this.up; attempt++) {
+      const found = await this.readClaim(digest);
+      if (found?.claim?.node !== this.nodeName) break;
+      this.announced.set(digest, fields);
+      if (await this.call('claim', false, (store) => store.writeRecord(key, this.claimRecord(key, digest), { ifMatch: found.version }))) return true;
+    }
+    this.announced.delete(digest);
+    return false;
   }
 
   /** The blob's claim as the store holds it now; undefined when there is none (or the tier is down). */
@@ -505,9 +545,13 @@ export class SharedTier {
         return undefined;
       }
       const found = await this.readClaim(digest);
-      if (found?.claim && found.claim.node !== this.nodeName && claimStreams(found.claim) && claimIsFresh(found.claim, this.now(), this.settings.fillWaitSeconds)) return { claim: found.claim };
+      if (found?.claim && found.claim.node !== this.nodeName && claimStreams(found.claim, digest) && claimIsFresh(found.claim, this.now(), this.settings.fillWaitSeconds)) return { claim: found.claim };
       const size = await this.blobSize(digest);
       if (size !== undefined) return { size };
+      if (found?.claim && claimRefused(found.claim, digest)) {
+        this.logger.warn({ digest, node: found.claim.node, size: found.claim.size }, 'shared cache tier: refused a fill claim announcing a size the blob cannot have; fetching from the upstream');
+        return undefined;
+      }
       if (found === undefined && missedOnce) {
         const landed = await this.blobSize(digest);
         return landed === undefined ? { gone: true } : { size: landed };
@@ -640,8 +684,9 @@ export class SharedTier {
       }
       return value;
     } catch (error) {
-      // A refused key is the caller's fault, not the store's: it must not take the tier down.
-      if (error instanceof CacheKeyError) throw error;
+      // A refused key is the caller's fault, and a local file failing an upload is this node's, not
+      // the store's: neither takes the tier down (the caller stops).
+      if (error instanceof CacheKeyError || error instanceof LocalFileError) throw error;
       if (error instanceof RefusedObject) {
         // Not a failure of the store: the object is not one this node reads (the tier stays up).
         this.refused(error, operation);
