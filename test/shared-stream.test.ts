@@ -115,9 +115,11 @@ const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 const sha = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
 const hexOf = (digest: string) => digest.slice('sha256:'.length);
 /** The contract's segment keys, spelled out here (not taken from src) so that the layout is asserted:
- * `segments/<alg>/<hex>/<offset as 16 lower-case hex digits>`. */
+ * `segments/<alg>/<hex>/<origin>/<offset as 16 lower-case hex digits>`. */
 const segmentPrefix = (digest: string) => `segments/sha256/${hexOf(digest)}/`;
-const segmentKey = (digest: string, offset: number) => `${segmentPrefix(digest)}${offset.toString(16).padStart(16, '0')}`;
+const segmentKey = (digest: string, origin: string, offset: number) => `${segmentPrefix(digest)}${origin}/${offset.toString(16).padStart(16, '0')}`;
+/** The origin of a rule on `upstream` (no forward proxy): whose chain a segment is. */
+const originOf = (upstream: string) => upstreamOrigin({ upstream, forwardProxy: undefined });
 
 /** Polls `check` every `everyMs` until it answers something other than undefined; throws `what` after `timeoutMs`. */
 async function until<T>(what: string, check: () => Promise<T | undefined> | T | undefined, timeoutMs = 30_000, everyMs = 200): Promise<T> {
@@ -315,7 +317,7 @@ function watchSegments(store: SharedStore, digest: string, everyMs = 200): Segme
       const now = new Map<number, number>();
       try {
         for await (const object of store.list(segmentPrefix(digest))) {
-          const offset = parseInt(object.key.slice(segmentPrefix(digest).length), 16);
+          const offset = parseInt(object.key.slice(object.key.lastIndexOf('/') + 1), 16);
           if (Number.isSafeInteger(offset)) now.set(offset, object.size);
         }
         current = now;
@@ -640,7 +642,7 @@ for (const backend of backends) {
         const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-planted-'));
         cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
         writeFileSync(join(scratch, 'wrong'), randomBytes(4 * MiB));
-        assert.equal(await adapter.createFromFile(segmentKey(digest, 0), join(scratch, 'wrong'), 4 * MiB), 'created');
+        assert.equal(await adapter.createFromFile(segmentKey(digest, originOf(tunnel.url), 0), join(scratch, 'wrong'), 4 * MiB), 'created');
         const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
         const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
         const report = clients.map(describeClient).join('\n');
@@ -669,7 +671,7 @@ for (const backend of backends) {
         const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-left-'));
         cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
         writeFileSync(join(scratch, 'left'), blob.subarray(0, left));
-        assert.equal(await adapter.createFromFile(segmentKey(digest, 0), join(scratch, 'left'), left), 'created');
+        assert.equal(await adapter.createFromFile(segmentKey(digest, originOf(tunnel.url), 0), join(scratch, 'left'), left), 'created');
         const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
         const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
         const report = clients.map(describeClient).join('\n');
@@ -689,7 +691,7 @@ for (const backend of backends) {
         const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-oversize-'));
         cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
         writeFileSync(join(scratch, 'oversize'), randomBytes(9 * MiB));
-        assert.equal(await adapter.createFromFile(segmentKey(digest, 0), join(scratch, 'oversize'), 9 * MiB), 'created');
+        assert.equal(await adapter.createFromFile(segmentKey(digest, originOf(tunnel.url), 0), join(scratch, 'oversize'), 9 * MiB), 'created');
         const { filling, following } = await pullAll(adapter, digest, filler, [follower]);
         const clients = await Promise.all([filling.done, ...following.map((f) => f.done)]);
         const report = clients.map(describeClient).join('\n');
