@@ -12,6 +12,9 @@ import type { SharedTier } from './tier.js';
  * segment (a directory, a FIFO, a link planted there; or one removed meanwhile) before the
  * publisher stops: it never loops without progress. */
 const UNREADABLE_SEGMENT_MAX = 2;
+/** Segment uploads one publisher has started and not seen answered: the next segments go up while
+ * one is still on its way (bounded node-wide by the tier's upload slots). */
+const PUBLISH_AHEAD = 3;
 /** The pause before a segment key that showed no segment is created again. */
 const UNREADABLE_SEGMENT_PAUSE_MS = 100;
 
@@ -54,11 +57,20 @@ export class SegmentPublisher {
   }
 
   private async run(from: number): Promise<PublishStop | 'complete'> {
-    const { handle, extent, release } = await (this.reading ?? this.flight.follow());
+    const { handle, extent, release } = await this.flight.follow();
     const unwatch = extent.watch(() => this.wake?.());
+    // Uploads started and not yet answered, oldest first: up to PUBLISH_AHEAD at a time, because one
+    // segment's upload (a PUT, a synced file) takes longer than the tunnel takes to bring it on a
+    // loaded node, and a publisher that does one at a time falls behind the fill it publishes.
+    const inFlight: Array<{ readonly start: number; readonly end: number; readonly outcome: Promise<'created' | 'exists' | undefined> }> = [];
+    const drain = async () => {
+      while (inFlight.length > 0) await inFlight.shift()?.outcome;
+    };
     try {
+      /** Where the published chain is known to reach. */
       let start = from;
-      /** When the segment being made got its first readable byte (the 2 s cut counts from there). */
+      /** Where the next upload starts (start, plus what is in flight). */
+      let next = from;
       let segmentSince: number | undefined;
       let claimLookedAt = this.now();
       let unreadable = 0;
@@ -69,22 +81,33 @@ export class SegmentPublisher {
         if (outcome && 'error' in outcome) return 'failed';
         if (outcome && outcome.size !== this.size) return 'failed';
         const readable = extent.readable();
-        if (readable > start) segmentSince ??= this.now();
+        // The 2 s cut counts from the segment's first readable byte, not from when the last was cut.
+        if (segmentSince === undefined && readable > next) segmentSince = this.now();
         const elapsed = segmentSince === undefined ? 0 : this.now() - segmentSince;
-        const end = segmentCut({ start, readable, verified: outcome !== undefined, size: this.size, msSinceStart: elapsed });
-        if (end === undefined) {
-          // Woken by the fill growing or ending (or stop()); with bytes waiting, also when the
-          // segment is due by time. Nothing readable: only the fill wakes it (a stalled upstream
-          // costs no polling; the bound only re-checks).
-          await this.sleep(readable > start ? Math.max(10, SEGMENT_MAX_MS - elapsed) : SEGMENT_MAX_MS);
+        const end = next < this.size && inFlight.length < PUBLISH_AHEAD ? segmentCut({ start: next, readable, verified: outcome !== undefined, size: this.size, msSinceStart: elapsed }) : undefined;
+        if (end !== undefined) {
+          inFlight.push({ start: next, end, outcome: this.tier.publishSegment(this.digest, this.origin, { handle, start: next, end }) });
+          next = end;
+          segmentSince = undefined;
           continue;
         }
-        const published = await this.tier.publishSegment(this.digest, this.origin, { handle, start, end });
+        const oldest = inFlight[0];
+        if (oldest === undefined) {
+          // Nothing to upload yet: woken by the fill growing, or when the segment is due by time.
+          await this.sleep(segmentSince === undefined ? SEGMENT_MAX_MS : Math.max(10, SEGMENT_MAX_MS - elapsed));
+          continue;
+        }
+        const published = await oldest.outcome;
+        inFlight.shift();
         if (published === undefined) return 'store';
-        if (published === 'created') start = end;
+        if (published === 'created') start = oldest.end;
         else {
           // Another writer's segment is there (a takeover race, a zombie filler): the chain goes on
-          // from its end, one line; an object that cannot be a segment here is replaced.
+          // from its end, one line; an object that cannot be a segment here is replaced. What this
+          // publisher sent past it may not line up with that chain: finished first, then redone
+          // from the chain's end (objects off the chain are removed with the rest at the end).
+          await drain();
+          next = start;
           const there = await this.tier.segmentSize(this.digest, this.origin, start);
           if (there === undefined) {
             // Removed meanwhile (created again, once), or not a segment the store can read (a
@@ -103,9 +126,9 @@ export class SegmentPublisher {
             continue;
           }
           start += there;
+          next = start;
         }
         unreadable = 0;
-        segmentSince = undefined;
         if (this.now() - claimLookedAt >= CLAIM_LOOK_MS && start < this.size) {
           claimLookedAt = this.now();
           // A follower took the fill over (this one stalled): its chain, not this one's.
@@ -115,6 +138,8 @@ export class SegmentPublisher {
       }
       return 'complete';
     } finally {
+      // The file is released only once no upload reads it.
+      await drain().catch(() => undefined);
       unwatch();
       release();
     }
