@@ -99,9 +99,7 @@ class AzureStore implements SharedStore {
       });
       return 'created';
     } catch (error) {
-      if (isCallerAbort(error, signal)) throw error;
-      if (isConditionFailure(error)) return 'exists';
-      throw storeError(`upload ${key}`, error, idle.timedOut());
+      return createFailed(key, error, signal, idle.timedOut());
     } finally {
       idle.disarm();
     }
@@ -116,10 +114,7 @@ class AzureStore implements SharedStore {
       await this.blob(key).upload(body, body.length, { conditions: { ifNoneMatch: '*' }, abortSignal: idle.signal, onProgress: () => idle.touch() });
       return 'created';
     } catch (error) {
-      if (isCallerAbort(error, signal)) throw error;
-      // 409 BlobAlreadyExists for a single Put Blob, 412 for a condition that failed.
-      if (isConditionFailure(error)) return 'exists';
-      throw storeError(`upload ${key}`, error, idle.timedOut());
+      return createFailed(key, error, signal, idle.timedOut());
     } finally {
       idle.disarm();
     }
@@ -239,4 +234,13 @@ function failureOf(error: unknown, timedOut: boolean): SharedFailure {
 
 function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
   return new SharedStoreError(failureOf(error, timedOut), `${what}: ${messageOf(error)}`, { cause: error });
+}
+
+/** Why a create-if-absent did not answer 'created': 'exists' when the key was taken (409
+ * BlobAlreadyExists for a single Put Blob, 412 for a condition that failed), else thrown, the
+ * caller's abort as it is. */
+function createFailed(key: string, error: unknown, signal: AbortSignal | undefined, timedOut: boolean): 'exists' {
+  if (isCallerAbort(error, signal)) throw error;
+  if (isConditionFailure(error)) return 'exists';
+  throw storeError(`upload ${key}`, error, timedOut);
 }

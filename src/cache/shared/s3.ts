@@ -103,15 +103,21 @@ class S3Store implements SharedStore {
       await upload.done();
       return 'created';
     } catch (error) {
-      if (isCallerAbort(error, signal)) throw error;
-      if (isConditionFailure(error)) return 'exists';
-      if (isCutOff(error) && (await this.stat(key).catch(() => undefined))) return 'exists';
-      throw storeError(`upload ${key}`, error, false);
+      return this.createFailed(key, error, signal);
     } finally {
       signal?.removeEventListener('abort', abort);
       // Not read to the end when the upload failed or was aborted: release the file descriptor.
       body.destroy();
     }
+  }
+
+  /** Why a create-if-absent did not answer 'created': 'exists' when the key was taken (or a create
+   * the store cut off did land), else thrown, the caller's abort as it is. */
+  private async createFailed(key: string, error: unknown, signal: AbortSignal | undefined): Promise<'exists'> {
+    if (isCallerAbort(error, signal)) throw error;
+    if (isConditionFailure(error)) return 'exists';
+    if (isCutOff(error) && (await this.stat(key).catch(() => undefined))) return 'exists';
+    throw storeError(`upload ${key}`, error, false);
   }
 
   async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
@@ -124,10 +130,7 @@ class S3Store implements SharedStore {
       await this.client.send(put, { abortSignal: signal });
       return 'created';
     } catch (error) {
-      if (isCallerAbort(error, signal)) throw error;
-      if (isConditionFailure(error)) return 'exists';
-      if (isCutOff(error) && (await this.stat(key).catch(() => undefined))) return 'exists';
-      throw storeError(`upload ${key}`, error, false);
+      return this.createFailed(key, error, signal);
     }
   }
 
