@@ -152,8 +152,10 @@ http {
   );
   // One worker: pullbridge is one process on one core too.
   const proc = startProcess('nginx', ['-c', join(dir, 'nginx.conf'), '-p', dir]);
+  // Stopping it removes its directory: its cache holds a copy of every blob it served.
+  const running: Proc = { child: proc.child, output: proc.output, stop: () => proc.stop().then(() => rmSync(dir, { recursive: true, force: true })) };
   await waitForPort(port);
-  return { port, proc };
+  return { port, proc: running };
 }
 
 export interface PullbridgeOptions {

@@ -1,7 +1,7 @@
 // containerd, the puller kubelet uses, run as a private daemon in a temp dir; driven with `ctr`.
 
 import { spawn } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runAsync, startProcess, type Proc } from './procs.js';
@@ -51,6 +51,7 @@ export async function startContainerd(): Promise<Containerd> {
     } catch (error) {
       if (Date.now() > deadline) {
         await proc.stop();
+        rmSync(dir, { recursive: true, force: true });
         throw new Error(`containerd did not start: ${(error as Error).message}\n${proc.output()}`);
       }
       await new Promise((r) => setTimeout(r, 200));
@@ -88,6 +89,9 @@ export async function startContainerd(): Promise<Containerd> {
       const all = [...(await digests())];
       if (all.length > 0) await ctr('content', 'rm', ...all);
     },
-    stop: () => proc.stop(),
+    async stop() {
+      await proc.stop();
+      rmSync(dir, { recursive: true, force: true });
+    },
   };
 }
