@@ -212,6 +212,37 @@ describe('streaming fills against a hostile store writer or upstream', function 
     await tier.close();
   });
 
+  it('publishes through the fill reader its caller took, and closes it once: the fill\'s file is opened once, and the blob\'s segments are the file\'s bytes', async () => {
+    const root = tempDir('hostile-shared-');
+    const config = { fillWaitSeconds: 120, timeoutSeconds: 30, streamFills: true, filesystem: { path: root } } as unknown as SharedConfig;
+    const tier = new SharedTier(() => openSharedStore(config), config, 'node-e', new Registry(), silent, Date.now);
+    const digest = `sha256:${'5e'.repeat(32)}`;
+    const file = join(tempDir('hostile-fill-'), 'fill');
+    const bytes = randomBytes(100);
+    writeFileSync(file, bytes);
+    let opened = 0;
+    let closed = 0;
+    const flight = {
+      relaying: false,
+      async follow() {
+        opened++;
+        const handle = await open(file, 'r');
+        return { handle, extent: { readable: () => 100, outcome: () => ({ size: 100 }), watch: () => () => undefined }, release: () => void handle.close().then(() => closed++) };
+      },
+    };
+    // The caller takes the reader before it announces the fill (blobs.ts), and hands it over.
+    const reading = flight.follow();
+    const stop = await new SegmentPublisher(flight, tier, digest, OTHER_ORIGIN, 0, 100, Date.now, silent, reading).done;
+    assert.equal(stop, 'complete');
+    await until(async () => (closed > 0 ? closed : undefined));
+    assert.deepEqual({ opened, closed }, { opened: 1, closed: 1 }, 'a reader opened and never closed is left to the garbage collector, a fatal error on Node.js 26');
+    const store = await openSharedStore(config);
+    const segment = await store.readRecord(sharedKeys.segment(digest, OTHER_ORIGIN, 0));
+    assert.ok(segment && Buffer.compare(segment, bytes) === 0, 'the segment holds the fill\'s bytes');
+    await store.close();
+    await tier.close();
+  });
+
   it('runs at most SEGMENT_UPLOADS_MAX segment uploads at once on a node, however many fills publish', async () => {
     const root = tempDir('hostile-shared-');
     const config = { fillWaitSeconds: 120, timeoutSeconds: 30, streamFills: true, filesystem: { path: root } } as unknown as SharedConfig;

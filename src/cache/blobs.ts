@@ -237,7 +237,12 @@ export class CachedBlobs {
     const reading = flight.follow();
     reading.catch(() => undefined);
     cache.publishing(flight.digest, (async () => {
-      if (!(await shared.announce(flight.digest, { size, origin }))) {
+      // Not announced (refused, or the store failed): the reader taken for the publisher is given back.
+      const announced = await shared.announce(flight.digest, { size, origin }).catch((error: unknown) => {
+        void reading.then((reader) => reader.release(), () => undefined);
+        throw error;
+      });
+      if (!announced) {
         void reading.then((reader) => reader.release(), () => undefined);
         return;
       }

@@ -57,7 +57,7 @@ export class SegmentPublisher {
   }
 
   private async run(from: number): Promise<PublishStop | 'complete'> {
-    const { handle, extent, release } = await this.flight.follow();
+    const { handle, extent, release } = await (this.reading ?? this.flight.follow());
     const unwatch = extent.watch(() => this.wake?.());
     // Uploads started and not yet answered, oldest first: up to PUBLISH_AHEAD at a time, because one
     // segment's upload (a PUT, a synced file) takes longer than the tunnel takes to bring it on a
