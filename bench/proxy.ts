@@ -80,6 +80,11 @@ export function curl(url: string): Promise<{ bytes: number; seconds: number }> {
   });
 }
 
+/** `proc`, whose stop also removes `dir`. */
+function removingDir(proc: Proc, dir: string): Proc {
+  return { child: proc.child, output: proc.output, stop: () => proc.stop().then(() => rmSync(dir, { recursive: true, force: true })) };
+}
+
 export async function startNginx(registryPort: number): Promise<{ port: number; proc: Proc }> {
   const dir = mkdtempSync(join(tmpdir(), 'pullbridge-nginx-'));
   // nginx's worker drops to an unprivileged user when started as root; it must reach its temp files.
@@ -152,10 +157,9 @@ http {
   );
   // One worker: pullbridge is one process on one core too.
   const proc = startProcess('nginx', ['-c', join(dir, 'nginx.conf'), '-p', dir]);
-  // Stopping it removes its directory: its cache holds a copy of every blob it served.
-  const running: Proc = { child: proc.child, output: proc.output, stop: () => proc.stop().then(() => rmSync(dir, { recursive: true, force: true })) };
   await waitForPort(port);
-  return { port, proc: running };
+  // Stopping it removes its directory: its cache holds a copy of every blob it served.
+  return { port, proc: removingDir(proc, dir) };
 }
 
 export interface PullbridgeOptions {
@@ -188,7 +192,7 @@ export async function startPullbridge(registry: RegistryHandle, options: Pullbri
   // Run as deployed: PROXY_NODE_FLAGS and MALLOC_ARENA_MAX are what the image sets for the proxy.
   const proc = startProcess(process.execPath, [...PROXY_NODE_FLAGS, ...(options.nodeFlags ?? []), cli, 'proxy', '--config', join(dir, 'config.yaml'), '--port', String(port), '--host', '127.0.0.1'], { PULLBRIDGE_LOG_LEVEL: 'warn', MALLOC_ARENA_MAX: '2', ...(options.nodeName ? { NODE_NAME: options.nodeName } : {}) });
   // Stopping it removes its config directory too.
-  const running: Proc = { child: proc.child, output: proc.output, stop: () => proc.stop().then(() => rmSync(dir, { recursive: true, force: true })) };
+  const running = removingDir(proc, dir);
   try {
     await waitForPort(port);
   } catch (error) {

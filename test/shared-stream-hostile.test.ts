@@ -39,6 +39,23 @@ async function calls(registry: Registry): Promise<Record<string, number>> {
 const total = (counts: Record<string, number>, operation: string) => Object.entries(counts).filter(([key]) => key.startsWith(`${operation}/`)).reduce((sum, [, n]) => sum + n, 0);
 
 /** Polls `check` until it answers, at most `rounds` times 20 ms apart (bounded by rounds, not time). */
+/**
+ * A fill as the segment publisher reads it (flight.follow()): `file`, said to be complete at `size`
+ * bytes (what the file really holds is the test's), with the handles opened and closed counted.
+ */
+function completeFill(file: string, size: number) {
+  const handles = { opened: 0, closed: 0 };
+  const flight = {
+    relaying: false,
+    async follow() {
+      handles.opened++;
+      const handle = await open(file, 'r');
+      return { handle, extent: { readable: () => size, outcome: () => ({ size }), watch: () => () => undefined }, release: () => void handle.close().then(() => handles.closed++) };
+    },
+  };
+  return { flight, handles };
+}
+
 async function until<T>(check: () => Promise<T | undefined>, rounds = 1000): Promise<T | undefined> {
   for (let i = 0; i < rounds; i++) {
     const value = await check();
@@ -149,13 +166,7 @@ describe('streaming fills against a hostile store writer or upstream', function 
     const file = join(tempDir('hostile-fill-'), 'fill');
     writeFileSync(file, Buffer.alloc(100, 7));
     // The fill, as the publisher reads it: a complete file of 100 bytes.
-    const flight = {
-      relaying: false,
-      async follow() {
-        const handle = await open(file, 'r');
-        return { handle, extent: { readable: () => 100, outcome: () => ({ size: 100 }), watch: () => () => undefined }, release: () => void handle.close() };
-      },
-    };
+    const { flight } = completeFill(file, 100);
     const publisher = new SegmentPublisher(flight, tier, digest, OTHER_ORIGIN, 0, 100, Date.now, silent);
     let stop: string | undefined;
     void publisher.done.then((why) => (stop = why));
@@ -200,13 +211,7 @@ describe('streaming fills against a hostile store writer or upstream', function 
     const file = join(tempDir('hostile-fill-'), 'fill');
     writeFileSync(file, Buffer.alloc(10, 3));
     // The fill says 100 bytes are readable; its file has 10 (a disk error would do the same).
-    const flight = {
-      relaying: false,
-      async follow() {
-        const handle = await open(file, 'r');
-        return { handle, extent: { readable: () => 100, outcome: () => ({ size: 100 }), watch: () => () => undefined }, release: () => void handle.close() };
-      },
-    };
+    const { flight } = completeFill(file, 100);
     const stop = await new SegmentPublisher(flight, tier, digest, OTHER_ORIGIN, 0, 100, Date.now, silent).done;
     assert.deepEqual({ stop, up: tier.up }, { stop: 'failed', up: true });
     await tier.close();
@@ -220,22 +225,13 @@ describe('streaming fills against a hostile store writer or upstream', function 
     const file = join(tempDir('hostile-fill-'), 'fill');
     const bytes = randomBytes(100);
     writeFileSync(file, bytes);
-    let opened = 0;
-    let closed = 0;
-    const flight = {
-      relaying: false,
-      async follow() {
-        opened++;
-        const handle = await open(file, 'r');
-        return { handle, extent: { readable: () => 100, outcome: () => ({ size: 100 }), watch: () => () => undefined }, release: () => void handle.close().then(() => closed++) };
-      },
-    };
+    const { flight, handles } = completeFill(file, 100);
     // The caller takes the reader before it announces the fill (blobs.ts), and hands it over.
     const reading = flight.follow();
     const stop = await new SegmentPublisher(flight, tier, digest, OTHER_ORIGIN, 0, 100, Date.now, silent, reading).done;
     assert.equal(stop, 'complete');
-    await until(async () => (closed > 0 ? closed : undefined));
-    assert.deepEqual({ opened, closed }, { opened: 1, closed: 1 }, 'a reader opened and never closed is left to the garbage collector, a fatal error on Node.js 26');
+    await until(async () => (handles.closed > 0 ? handles.closed : undefined));
+    assert.deepEqual(handles, { opened: 1, closed: 1 }, 'a reader opened and never closed is left to the garbage collector, a fatal error on Node.js 26');
     const store = await openSharedStore(config);
     const segment = await store.readRecord(sharedKeys.segment(digest, OTHER_ORIGIN, 0));
     assert.ok(segment && Buffer.compare(segment, bytes) === 0, 'the segment holds the fill\'s bytes');

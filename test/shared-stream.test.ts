@@ -592,13 +592,8 @@ for (const backend of backends) {
       // still referenced; one dropped without close is caught by the publisher's own test, as the
       // garbage collector may close it first here).
       for (const node of nodes) {
-        const deadline = Date.now() + 30_000;
-        let open = node.openCacheFiles();
-        while (open.length > 0 && Date.now() < deadline) {
-          await new Promise((resolve) => setTimeout(resolve, 200));
-          open = node.openCacheFiles();
-        }
-        assert.deepEqual(open, [], `${node.name} still holds files of its cache open 30 s after its last client`);
+        const closed = await until(`${node.name} closing its cache files`, () => (node.openCacheFiles().length === 0 ? true : undefined), 30_000, 200).catch(() => false);
+        assert.ok(closed, `${node.name} still holds files of its cache open 30 s after its last client: ${node.openCacheFiles().join(', ')}`);
       }
     });
 

@@ -237,15 +237,14 @@ export class CachedBlobs {
     const reading = flight.follow();
     reading.catch(() => undefined);
     cache.publishing(flight.digest, (async () => {
-      // Not announced (refused, or the store failed): the reader taken for the publisher is given back.
-      const announced = await shared.announce(flight.digest, { size, origin }).catch((error: unknown) => {
-        void reading.then((reader) => reader.release(), () => undefined);
-        throw error;
-      });
-      if (!announced) {
-        void reading.then((reader) => reader.release(), () => undefined);
-        return;
+      let announced = false;
+      try {
+        announced = await shared.announce(flight.digest, { size, origin });
+      } finally {
+        // Not announced (refused, or the store failed): the reader taken for the publisher is given back.
+        if (!announced) void reading.then((reader) => reader.release(), () => undefined);
       }
+      if (!announced) return;
       const stop = await new SegmentPublisher(flight, shared, flight.digest, origin, from, size, cache.now, cache.logger, reading).done;
       if (stop === 'relay') await shared.release(flight.digest);
       // Its fill goes on from the upstream (a switch to the taker's chain is not made), and its
