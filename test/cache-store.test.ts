@@ -7,7 +7,7 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFil
 import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { HashThread, inlineHash } from '../src/cache/hasher.js';
+import { inlineHash } from '../src/cache/hasher.js';
 import { sharedKeys } from '../src/cache/shared/tier.js';
 import { NodeStore } from '../src/cache/store.js';
 
@@ -47,31 +47,26 @@ describe('node store', () => {
     assert.deepEqual(readdirSync(join(root, 'blobs')), []);
   });
 
-  it('hashes on a thread of its own just as inline: large fills stored, a wrong one refused, several at once kept apart', async () => {
-    const thread = new HashThread();
-    try {
-      const store = await NodeStore.open(root, Date.now, thread.factory);
-      const good = randomBytes(5 * 1024 * 1024 + 17);
-      const other = randomBytes(3 * 1024 * 1024);
-      const fills = await Promise.all([store.startFill(digestOf(good)), store.startFill(digestOf(other)), store.startFill(digestOf(Buffer.from('expected')))]);
-      // Interleaved appends, as concurrent fills do.
-      for (let i = 0; i < good.length; i += 131_072) {
-        await fills[0]!.append(good.subarray(i, i + 131_072));
-        if (i < other.length) await fills[1]!.append(other.subarray(i, i + 131_072));
-      }
-      await fills[2]!.append(randomBytes(2 * 1024 * 1024));
-      const verified: string[] = [];
-      fills[0]!.once('verified', () => verified.push('good'));
-      const outcomes = await Promise.all(fills.map((f) => f.finish()));
-      assert.deepEqual(outcomes.slice(0, 2), [{ stored: true }, { stored: true }]);
-      assert.equal(outcomes[2]?.stored, false);
-      assert.match(outcomes[2]?.stored === false ? outcomes[2].reason : '', /content hashes to sha256:/);
-      assert.deepEqual(verified, ['good']);
-      assert.ok(readFileSync(store.blobPathOf(digestOf(good))).equals(good));
-      assert.deepEqual(readdirSync(join(root, 'tmp')), []);
-    } finally {
-      await thread.close();
+  it('hashes fills written at once apart: large fills stored, a wrong one refused', async () => {
+    const store = await NodeStore.open(root);
+    const good = randomBytes(5 * 1024 * 1024 + 17);
+    const other = randomBytes(3 * 1024 * 1024);
+    const fills = await Promise.all([store.startFill(digestOf(good)), store.startFill(digestOf(other)), store.startFill(digestOf(Buffer.from('expected')))]);
+    // Interleaved appends, as concurrent fills do.
+    for (let i = 0; i < good.length; i += 131_072) {
+      await fills[0]!.append(good.subarray(i, i + 131_072));
+      if (i < other.length) await fills[1]!.append(other.subarray(i, i + 131_072));
     }
+    await fills[2]!.append(randomBytes(2 * 1024 * 1024));
+    const verified: string[] = [];
+    fills[0]!.once('verified', () => verified.push('good'));
+    const outcomes = await Promise.all(fills.map((f) => f.finish()));
+    assert.deepEqual(outcomes.slice(0, 2), [{ stored: true }, { stored: true }]);
+    assert.equal(outcomes[2]?.stored, false);
+    assert.match(outcomes[2]?.stored === false ? outcomes[2].reason : '', /content hashes to sha256:/);
+    assert.deepEqual(verified, ['good']);
+    assert.ok(readFileSync(store.blobPathOf(digestOf(good))).equals(good));
+    assert.deepEqual(readdirSync(join(root, 'tmp')), []);
   });
 
   it('leaves nothing servable after a cut or a crash mid-fill; the next open removes the partial file', async () => {

@@ -10,7 +10,6 @@ import type { CacheConfig } from '../rules/config.js';
 import { ContentError, type CacheOutcome } from '../content/source.js';
 import type { UpstreamCredentials } from '../upstream/authorizer.js';
 import type { BlobFlight } from './flight.js';
-import { HashThread } from './hasher.js';
 import { evictionPlan, grownReservation, inodeFloor, inodesLeft, linkIsFresh, METADATA_ENTRY_BYTES, roomFor, staleEligible, upstreamFailureOf, type DiskRoom } from './policy.js';
 import { openSharedStore } from './shared/open.js';
 import { SharedTier } from './shared/tier.js';
@@ -111,7 +110,6 @@ export class NodeCache {
     registry: Registry,
     readonly logger: Logger,
     readonly now: () => number,
-    private readonly hashing: HashThread,
     /** The second tier shared by every node (cache.shared), when configured. */
     readonly shared: SharedTier | undefined,
   ) {
@@ -138,15 +136,14 @@ export class NodeCache {
    * see NodeStore.open) and evicts down to the limits.
    */
   static async open(settings: CacheConfig, registry: Registry, logger: Logger, now: () => number = Date.now, options: NodeCacheOptions = {}): Promise<NodeCache> {
-    const hashing = new HashThread();
-    const store = await NodeStore.open(settings.path, now, hashing.factory, options);
+    const store = await NodeStore.open(settings.path, now, undefined, options);
     let shared: SharedTier | undefined;
     if (settings.shared) {
       const config = settings.shared;
       // Opened on first use, so that a store or credential file not there yet never stops the proxy.
       shared = new SharedTier(() => openSharedStore(config), config, options.nodeName ?? hostname(), registry, logger, now);
     }
-    const cache = new NodeCache(store, settings, registry, logger, now, hashing, shared);
+    const cache = new NodeCache(store, settings, registry, logger, now, shared);
     await cache.evict(0);
     const usage = store.usage();
     logger.info({ path: settings.path, bytes: usage.bytes, entries: usage.blobs, maxBytes: settings.maxBytes }, 'node cache opened');
@@ -563,7 +560,7 @@ export class NodeCache {
 
   /**
    * Lets fills in flight be stored (a blob whose clients already have it is still being flushed
-   * and renamed), waiting at most `waitMs`, then stops the hashing thread.
+   * and renamed), waiting at most `waitMs`.
    */
   async close(waitMs = 0): Promise<void> {
     const deadline = Date.now() + waitMs;
@@ -578,7 +575,6 @@ export class NodeCache {
     await waitFor([...this.flights.values()].map((flight) => flight.stored));
     await waitFor([...this.publishers.values()]);
     await waitFor([...this.uploads]);
-    await this.hashing.close();
     await this.shared?.close();
   }
 

@@ -100,7 +100,14 @@ export class BlobFill extends EventEmitter {
     if (this.settled) throw new Error('fill already finished');
     let total = 0;
     for (const chunk of chunks) total += chunk.length;
-    let done = (await this.file.writev(chunks, this.written)).bytesWritten;
+    const writing = this.file.writev(chunks, this.written);
+    // Hashed while the thread pool writes them.
+    let hashed = this.written;
+    for (const chunk of chunks) {
+      hashed += chunk.length;
+      this.hash.update(chunk, hashed);
+    }
+    let done = (await writing).bytesWritten;
     // A short writev (rare: a signal, a full disk) continues with plain writes of what is left.
     let offset = 0;
     for (const chunk of chunks) {
@@ -116,13 +123,7 @@ export class BlobFill extends EventEmitter {
       }
       offset = end;
     }
-    const before = this.written;
     this.written += total;
-    offset = before;
-    for (const chunk of chunks) {
-      offset += chunk.length;
-      this.hash.update(chunk, offset);
-    }
     this.emit('progress', this.written);
   }
 
@@ -179,7 +180,7 @@ export class NodeStore {
 
   /**
    * Opens (creating) the store: removes fills a crash or restart left behind, indexes the blobs.
-   * `hash`: how fills are hashed (inline by default; the proxy hashes on a thread of its own).
+   * `hash`: how fills are hashed.
    * `removePartialFills: false` leaves tmp/ alone, for a process that shares the store with a running
    * proxy (`pullbridge warm`): what is there may be that proxy's fills in progress.
    */
