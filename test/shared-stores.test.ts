@@ -47,10 +47,11 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type { Readable } from 'node:stream';
 import { AccountSASPermissions, AccountSASResourceTypes, AccountSASServices, BlobServiceClient, generateAccountSASQueryParameters, StorageSharedKeyCredential } from '@azure/storage-blob';
+import { ListMultipartUploadsCommand, S3Client } from '@aws-sdk/client-s3';
 import { Registry } from 'prom-client';
 import { parseClaim } from '../src/cache/policy.js';
 import { openSharedStore } from '../src/cache/shared/open.js';
-import { RANGE_UPLOAD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedStore, type WriteCondition } from '../src/cache/shared/store.js';
+import { LocalFileError, RANGE_UPLOAD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedStore, type WriteCondition } from '../src/cache/shared/store.js';
 import { SharedTier, sharedKeys } from '../src/cache/shared/tier.js';
 import { createLogger } from '../src/log.js';
 import type { SharedConfig } from '../src/rules/config.js';
@@ -953,3 +954,46 @@ describe('shared store: filesystem segments', () => {
     stop: async () => server?.stop(),
   });
 }
+
+// The S3 store's own multipart upload (parts read into reused buffers): what a failed or refused one
+// leaves on the store, seen with the store's own ListMultipartUploads.
+describe('shared store: s3 (versitygw) multipart uploads leave no parts behind', function () {
+  let server: S3Server;
+  let store: SharedStore;
+  let client: S3Client;
+  let dir: string;
+  before(async () => {
+    server = await startVersitygw();
+    dir = mkdtempSync(join(tmpdir(), 'pullbridge-s3-multipart-'));
+    const config = { bucket: server.bucket, region: 'us-east-1', endpoint: server.endpoint, forcePathStyle: true, prefix: 'mp/', accessKeyFile: server.accessKeyFile, secretKeyFile: server.secretKeyFile };
+    store = await openSharedStore({ ...base, s3: config });
+    const credentials = { accessKeyId: readFileSync(server.accessKeyFile, 'utf8').trim(), secretAccessKey: readFileSync(server.secretKeyFile, 'utf8').trim() };
+    client = new S3Client({ region: 'us-east-1', endpoint: server.endpoint, forcePathStyle: true, credentials });
+  });
+  after(async () => {
+    client?.destroy();
+    await store?.close();
+    await server?.stop();
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const uploadsInProgress = async () => (await client.send(new ListMultipartUploadsCommand({ Bucket: server.bucket }))).Uploads ?? [];
+
+  it('a file that ends before the size given: a local file error, no object, no upload left in progress', async () => {
+    const path = join(dir, 'short');
+    writeFileSync(path, randomBytes(20 * MiB));
+    await assert.rejects(store.createFromFile('blobs/sha256/short', path, 30 * MiB), (error: Error) => error instanceof LocalFileError && /ends at/.test(error.message));
+    assert.equal(await store.stat('blobs/sha256/short'), undefined);
+    assert.deepEqual(await uploadsInProgress(), []);
+  });
+
+  it('a create on a key taken meanwhile: exists, the object keeps its bytes, no upload left in progress', async () => {
+    const first = randomBytes(17 * MiB + 5);
+    const second = randomBytes(17 * MiB + 5);
+    writeFileSync(join(dir, 'first'), first);
+    writeFileSync(join(dir, 'second'), second);
+    assert.equal(await store.createFromFile('blobs/sha256/taken', join(dir, 'first'), first.length), 'created');
+    assert.equal(await store.createFromFile('blobs/sha256/taken', join(dir, 'second'), second.length), 'exists');
+    assert.equal(sha256((await bytesOf(await store.read('blobs/sha256/taken')))!), sha256(first));
+    assert.deepEqual(await uploadsInProgress(), []);
+  });
+});

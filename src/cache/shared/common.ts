@@ -121,10 +121,15 @@ export function checkRange(key: string, range: FileRange): void {
  */
 export async function readRange(key: string, range: FileRange, signal?: AbortSignal): Promise<Buffer> {
   checkRange(key, range);
+  return readFileRange(key, range, signal);
+}
+
+/** readRange without its size bound: for a caller that bounds the range itself (an upload's parts). */
+export async function readFileRange(key: string, range: FileRange, signal?: AbortSignal): Promise<Buffer> {
   signal?.throwIfAborted();
   const length = range.end - range.start;
   // allocUnsafe: every byte is overwritten by the read, or the buffer is dropped.
-  const buffer = Buffer.allocUnsafe(length);
+  const buffer = range.scratch !== undefined && range.scratch.length >= length ? range.scratch.subarray(0, length) : Buffer.allocUnsafe(length);
   let filled = 0;
   while (filled < length) {
     let bytesRead: number;

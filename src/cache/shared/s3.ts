@@ -3,9 +3,12 @@
 // several nodes uploading the same blob exactly one writes it and the rest learn it is there; a
 // record is replaced or removed on condition of its ETag (`If-Match` on PutObject and DeleteObject).
 
-import { createReadStream } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import { addAbortSignal, Readable } from 'node:stream';
 import {
+  AbortMultipartUploadCommand,
+  CompleteMultipartUploadCommand,
+  CreateMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
   HeadObjectCommand,
@@ -13,18 +16,21 @@ import {
   PutObjectCommand,
   S3Client,
   S3ServiceException,
+  UploadPartCommand,
+  type CompletedPart,
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
-import { Upload } from '@aws-sdk/lib-storage';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readRange, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
+import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
 
 /** Parts of 8 MiB (S3's minimum is 5 MiB), larger for files that would need over 10,000 parts. */
 const MIN_PART_SIZE = 8 * 1024 * 1024;
 const MAX_PARTS = 10_000;
+/** Parts of one blob uploaded at once (each holds its part in memory while it goes out). */
+const PART_UPLOADS = 4;
 
 export async function openS3Store(config: S3Config, timeoutSeconds: number): Promise<SharedStore> {
   const timeoutMs = timeoutSeconds * 1000;
@@ -49,8 +55,28 @@ export async function openS3Store(config: S3Config, timeoutSeconds: number): Pro
     });
     clientConfig.credentials = { accessKeyId, secretAccessKey };
   }
-  return new S3Store(new S3Client(clientConfig), config, timeoutMs);
+  const client = new S3Client(clientConfig);
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      const request = args.request as { headers?: Record<string, string> } | undefined;
+      if (request?.headers && UNSIGNED_PAYLOAD_COMMANDS.has(context.commandName ?? '')) request.headers['x-amz-content-sha256'] = 'UNSIGNED-PAYLOAD';
+      return next(args);
+    },
+    { step: 'build', name: 'pullbridgeUnsignedPayload' },
+  );
+  return new S3Store(client, config, timeoutMs);
 }
+
+/**
+ * Commands whose bodies are sent unsigned (`x-amz-content-sha256: UNSIGNED-PAYLOAD`, which the
+ * signer takes as given): the parts of a blob's multipart upload. Signing a body hashes it (sha256)
+ * once more on this node and again on the store, on top of the hash that verifies the blob. The
+ * signature still covers the method, key, headers and conditions. A part cut short is never seen:
+ * the upload is completed only after every part was answered, and aborted otherwise. A PutObject
+ * (a segment, a record) stays signed: a store may keep a body cut short as an object (versitygw does)
+ * unless the payload's hash tells it the body is incomplete.
+ */
+const UNSIGNED_PAYLOAD_COMMANDS = new Set(['UploadPartCommand']);
 
 class S3Store implements SharedStore {
   readonly kind = 's3';
@@ -87,27 +113,94 @@ class S3Store implements SharedStore {
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
-    const body = createReadStream(file);
-    const upload = new Upload({
-      client: this.client,
-      params: { ...this.at(key), Body: body, ContentLength: size, IfNoneMatch: '*' },
-      partSize: Math.max(MIN_PART_SIZE, Math.ceil(size / MAX_PARTS)),
-      queueSize: 4,
-      // A failed or aborted multipart upload is aborted on the store: no parts left behind.
-      leavePartsOnError: false,
-    });
-    const abort = () => void upload.abort();
-    signal?.addEventListener('abort', abort, { once: true });
+    signal?.throwIfAborted();
+    const partSize = Math.max(MIN_PART_SIZE, Math.ceil(size / MAX_PARTS));
+    let handle: FileHandle;
     try {
-      if (signal?.aborted) throw signal.reason;
-      await upload.done();
+      handle = await open(file, 'r');
+    } catch (error) {
+      throw new LocalFileError(`upload ${key}: opening ${file}: ${messageOf(error)}`, { cause: error });
+    }
+    try {
+      if (size <= partSize) {
+        const body = await readFileRange(key, { handle, start: 0, end: size }, signal);
+        return await this.putIfAbsent(key, body, signal);
+      }
+      return await this.multipartIfAbsent(key, handle, size, partSize, signal);
+    } finally {
+      await handle.close().catch(() => undefined);
+    }
+  }
+
+  /** One PutObject of a body in memory, only if no object has the key. */
+  private async putIfAbsent(key: string, body: Buffer, signal: AbortSignal | undefined): Promise<'created' | 'exists'> {
+    // Bounded by the socket's idle timeout (no progress for timeoutSeconds), not by one deadline for
+    // the whole body.
+    const put = new PutObjectCommand({ ...this.at(key), Body: body, ContentLength: body.length, IfNoneMatch: '*' });
+    try {
+      await this.client.send(put, { abortSignal: signal });
       return 'created';
     } catch (error) {
       return this.createFailed(key, error, signal);
+    }
+  }
+
+  /**
+   * A multipart upload of the file's first `size` bytes, completed only if no object has the key
+   * (`If-None-Match: *` on the completion), aborted on the store when it fails: no parts left behind.
+   * PART_UPLOADS parts go up at once, each read into a buffer of its own that is reused for the next
+   * part (a fresh buffer per part, or the SDK's upload helper joining 64 KiB reads into each part,
+   * kept the collector busy: ~100 full collections per GiB on a filler).
+   */
+  private async multipartIfAbsent(key: string, handle: FileHandle, size: number, partSize: number, signal: AbortSignal | undefined): Promise<'created' | 'exists'> {
+    let uploadId: string | undefined;
+    try {
+      ({ UploadId: uploadId } = await this.client.send(new CreateMultipartUploadCommand(this.at(key)), { abortSignal: signal }));
+      if (!uploadId) throw new Error('the store answered the multipart upload with no upload id');
+      const id = uploadId;
+      const count = Math.ceil(size / partSize);
+      const parts: CompletedPart[] = new Array<CompletedPart>(count);
+      let next = 0;
+      let failed = false;
+      const uploader = async () => {
+        const scratch = Buffer.allocUnsafeSlow(partSize);
+        while (next < count && !failed) {
+          const index = next++;
+          const start = index * partSize;
+          const body = await readFileRange(key, { handle, start, end: Math.min(size, start + partSize), scratch }, signal);
+          const answer = await this.client.send(new UploadPartCommand({ ...this.at(key), UploadId: id, PartNumber: index + 1, Body: body, ContentLength: body.length }), { abortSignal: signal });
+          parts[index] = { PartNumber: index + 1, ETag: answer.ETag };
+        }
+      };
+      // The first failure stops the others from starting parts; all are waited for before the
+      // upload is aborted, so that no part lands after the abort.
+      const uploads = Array.from({ length: Math.min(PART_UPLOADS, count) }, () =>
+        uploader().catch((error: unknown) => {
+          failed = true;
+          throw error;
+        }),
+      );
+      const settled = await Promise.allSettled(uploads);
+      const rejected = settled.find((result): result is PromiseRejectedResult => result.status === 'rejected');
+      if (rejected) throw rejected.reason;
+      await this.client.send(new CompleteMultipartUploadCommand({ ...this.at(key), UploadId: id, MultipartUpload: { Parts: parts }, IfNoneMatch: '*' }), { abortSignal: signal });
+      return 'created';
+    } catch (error) {
+      if (uploadId !== undefined) await this.abortMultipart(key, uploadId);
+      if (error instanceof LocalFileError) throw error;
+      return this.createFailed(key, error, signal);
+    }
+  }
+
+  /** Aborts a multipart upload on the store (its parts are removed), best effort, within the store's deadline. */
+  private async abortMultipart(key: string, uploadId: string): Promise<void> {
+    const limit = deadline(this.timeoutMs);
+    try {
+      await this.client.send(new AbortMultipartUploadCommand({ ...this.at(key), UploadId: uploadId }), { abortSignal: limit.signal });
+    } catch {
+      // Left to the bucket's rule for incomplete multipart uploads (docs/cache.md).
     } finally {
-      signal?.removeEventListener('abort', abort);
-      // Not read to the end when the upload failed or was aborted: release the file descriptor.
-      body.destroy();
+      limit.disarm();
     }
   }
 
@@ -121,17 +214,8 @@ class S3Store implements SharedStore {
   }
 
   async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
-    const body = await readRange(key, range, signal);
-    // One PutObject (a multipart upload's parts would cost three requests for a segment). Bounded as
-    // createFromFile's parts are: by the socket's idle timeout (no progress for timeoutSeconds), not
-    // by one deadline for the whole body.
-    const put = new PutObjectCommand({ ...this.at(key), Body: body, ContentLength: body.length, IfNoneMatch: '*' });
-    try {
-      await this.client.send(put, { abortSignal: signal });
-      return 'created';
-    } catch (error) {
-      return this.createFailed(key, error, signal);
-    }
+    // One PutObject (a multipart upload's parts would cost three requests for a segment).
+    return this.putIfAbsent(key, await readRange(key, range, signal), signal);
   }
 
   async writeRecord(key: string, body: Buffer, options?: WriteCondition): Promise<boolean> {

@@ -57,6 +57,9 @@ export interface FileRange {
   readonly handle: FileHandle;
   readonly start: number;
   readonly end: number;
+  /** Memory the range may be read into (at least end - start bytes), the caller's to reuse once the
+   * call has settled: a publisher's segments reuse a few buffers instead of allocating 8 MiB each. */
+  readonly scratch?: Buffer;
 }
 
 /** The most createFromRange uploads in one object (a segment is at most 8 MiB): one request's body,
