@@ -997,3 +997,40 @@ describe('shared store: s3 (versitygw) multipart uploads leave no parts behind',
     assert.deepEqual(await uploadsInProgress(), []);
   });
 });
+
+// The filesystem store copies a blob through one buffer (its thread-pool jobs stay short): a local
+// file that does not have the size it was given is the caller's failure, and nothing is published.
+describe('shared store: filesystem, a blob copied from a local file of the wrong size', function () {
+  let dir: string;
+  let store: SharedStore;
+  before(async () => {
+    dir = mkdtempSync(join(tmpdir(), 'pullbridge-fs-copy-'));
+    mkdirSync(join(dir, 'store'));
+    store = await openSharedStore({ ...base, filesystem: { path: join(dir, 'store') } });
+  });
+  after(async () => {
+    await store?.close();
+    rmSync(dir, { recursive: true, force: true });
+  });
+
+  for (const [how, actual, given] of [
+    ['shorter', 3 * MiB + 1, 5 * MiB],
+    ['longer', 5 * MiB, 3 * MiB + 1],
+  ] as const) {
+    it(`a file ${how} than the size given: a local file error, no object, nothing staged`, async () => {
+      const path = join(dir, how);
+      writeFileSync(path, randomBytes(actual));
+      await assert.rejects(store.createFromFile(`blobs/sha256/${how}`, path, given), (error: Error) => error instanceof LocalFileError && error.message.includes(`blobs/sha256/${how}`));
+      assert.equal(await store.stat(`blobs/sha256/${how}`), undefined);
+      assert.deepEqual(readdirSync(join(dir, 'store', 'tmp')), []);
+    });
+  }
+
+  it('copies a file of exactly the size given, byte for byte, across several of its buffers', async () => {
+    const data = randomBytes(3 * MiB + 12_345);
+    writeFileSync(join(dir, 'exact'), data);
+    assert.equal(await store.createFromFile('blobs/sha256/exact', join(dir, 'exact'), data.length), 'created');
+    assert.equal(sha256((await bytesOf(await store.read('blobs/sha256/exact')))!), sha256(data));
+    assert.deepEqual(readdirSync(join(dir, 'store', 'tmp')), []);
+  });
+});

@@ -17,14 +17,14 @@
 
 import { createHash, randomUUID } from 'node:crypto';
 import { constants, type BigIntStats } from 'node:fs';
-import { copyFile, link, lstat, mkdir, open, readdir, readlink, realpath, rename, rmdir, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
+import { link, lstat, mkdir, open, readdir, readlink, realpath, rename, rmdir, stat, unlink, writeFile, type FileHandle } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { dirname, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { checkRecordSize, isCallerAbort, messageOf, readRange } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
 const TMP = 'tmp';
@@ -67,6 +67,9 @@ export async function openFilesystemStore(path: string, now = Date.now()): Promi
 }
 
 /** Opened for reading without following a final symbolic link, and without blocking on a FIFO. */
+/** Bytes per read and write when a blob is copied into the store (copyInto). */
+const COPY_CHUNK_BYTES = 1024 * 1024;
+
 const OPEN_FLAGS = constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK;
 
 /** Every node sweeps at open; two sweeping at once both tolerate the other's removals. */
@@ -165,22 +168,12 @@ class FilesystemStore implements SharedStore {
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
     const temp = this.tempPath();
     try {
-      await guard(`copying ${file} for ${key}`, async () => {
-        // Copied by the kernel (copy_file_range, or a clone where the filesystem has them), then
-        // synced: no byte of the blob passes through this process (a stream pipeline cost a read,
-        // a write and a buffer per 64 KiB).
-        signal?.throwIfAborted();
-        await copyFile(file, temp, constants.COPYFILE_EXCL | constants.COPYFILE_FICLONE);
-        signal?.throwIfAborted();
-        const written = await open(temp, 'r+');
-        try {
-          await written.sync();
-        } finally {
-          await written.close();
-        }
-        const copied = (await stat(temp)).size;
-        if (copied !== size) throw new SharedStoreError('error', `${file} has ${copied} bytes, expected ${size}`);
-      }, signal);
+      const source = await openLocal(key, file);
+      try {
+        await guard(`copying ${file} for ${key}`, () => copyInto(key, source, temp, size, signal), signal);
+      } finally {
+        await source.close().catch(() => undefined);
+      }
       return (await this.publish(key, temp)) ? 'created' : 'exists';
     } finally {
       await unlink(temp).catch(() => undefined);
@@ -546,11 +539,55 @@ function failureOf(error: unknown): SharedFailure {
   }
 }
 
+/** A local file to upload, opened; failing to open it is not the store's failure (LocalFileError). */
+async function openLocal(key: string, file: string): Promise<FileHandle> {
+  try {
+    return await open(file, 'r');
+  } catch (error) {
+    throw new LocalFileError(`upload ${key}: opening ${file}: ${messageOf(error)}`, { cause: error });
+  }
+}
+
+/**
+ * Copies `size` bytes of `source` into a new file `temp` (exclusive create: never through a link
+ * planted at its name) and syncs it. Through one buffer of COPY_CHUNK_BYTES, each read and write a
+ * thread-pool job of its own: one copyFile call (the kernel's copy, no byte in this process) would
+ * hold one of Node's four file-system threads for the whole blob, minutes for a large one onto NFS,
+ * while every other file operation of the proxy waits behind it; it also copies the file's mode,
+ * which some mounts refuse. The source is read positionally up to `size` + 1 bytes: a local file
+ * shorter or longer than `size` is a LocalFileError, not the store's failure.
+ */
+async function copyInto(key: string, source: FileHandle, temp: string, size: number, signal?: AbortSignal): Promise<void> {
+  const target = await open(temp, 'wx');
+  try {
+    const buffer = Buffer.allocUnsafe(Math.min(COPY_CHUNK_BYTES, size + 1));
+    let position = 0;
+    while (position <= size) {
+      signal?.throwIfAborted();
+      let bytesRead: number;
+      try {
+        ({ bytesRead } = await source.read(buffer, 0, Math.min(buffer.length, size + 1 - position), position));
+      } catch (error) {
+        throw new LocalFileError(`upload ${key}: reading the local file: ${messageOf(error)}`, { cause: error });
+      }
+      if (bytesRead === 0) break;
+      if (position + bytesRead > size) throw new LocalFileError(`upload ${key}: the local file has more than the ${size} bytes expected`);
+      for (let written = 0; written < bytesRead; ) written += (await target.write(buffer, written, bytesRead - written, position + written)).bytesWritten;
+      position += bytesRead;
+    }
+    if (position !== size) throw new LocalFileError(`upload ${key}: the local file ends at ${position}, before the ${size} bytes expected`);
+    await target.sync();
+  } finally {
+    await target.close();
+  }
+}
+
 async function guard<T>(what: string, operation: () => Promise<T>, signal?: AbortSignal): Promise<T> {
   try {
     return await operation();
   } catch (error) {
-    if (error instanceof SharedStoreError || isCallerAbort(error, signal)) throw error;
+    // A local file's failure is the caller's, not the store's.
+    if (error instanceof SharedStoreError || error instanceof LocalFileError || isCallerAbort(error, signal)) throw error;
     throw new SharedStoreError(failureOf(error), `${what}: ${messageOf(error)}`, { cause: error });
   }
 }

@@ -169,6 +169,8 @@ class S3Store implements SharedStore {
           const start = index * partSize;
           const body = await readFileRange(key, { handle, start, end: Math.min(size, start + partSize), scratch }, signal);
           const answer = await this.client.send(new UploadPartCommand({ ...this.at(key), UploadId: id, PartNumber: index + 1, Body: body, ContentLength: body.length }), { abortSignal: signal });
+          // Without the part's ETag the completion cannot name it: failed now, not after every part went up.
+          if (!answer.ETag) throw new Error(`the store answered part ${index + 1} with no ETag`);
           parts[index] = { PartNumber: index + 1, ETag: answer.ETag };
         }
       };
@@ -181,8 +183,9 @@ class S3Store implements SharedStore {
         }),
       );
       const settled = await Promise.allSettled(uploads);
-      const rejected = settled.find((result): result is PromiseRejectedResult => result.status === 'rejected');
-      if (rejected) throw rejected.reason;
+      const rejections = settled.flatMap((result) => (result.status === 'rejected' ? [result.reason as unknown] : []));
+      // The local file's failure first: it is not the store's (the tier stays up).
+      if (rejections.length > 0) throw rejections.find((reason) => reason instanceof LocalFileError) ?? rejections[0];
       await this.client.send(new CompleteMultipartUploadCommand({ ...this.at(key), UploadId: id, MultipartUpload: { Parts: parts }, IfNoneMatch: '*' }), { abortSignal: signal });
       return 'created';
     } catch (error) {

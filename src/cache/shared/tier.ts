@@ -134,7 +134,8 @@ export class SharedTier {
   private readonly segmentWaiting: (() => void)[] = [];
   /** Segment buffers (SEGMENT_MAX_BYTES each) not in use, reused by the next uploads: with a fresh
    * 8 MiB buffer per segment, each outlived the young generation's collections and the filler ran
-   * ~100 full collections per GiB. At most SEGMENT_UPLOADS_MAX exist, in use or here. */
+   * ~100 full collections per GiB. At most SEGMENT_UPLOADS_MAX are here or in running uploads; one
+   * whose upload timed out stays with the store's client until its socket ends (as any body would). */
   private readonly segmentBuffers: Buffer[] = [];
   private segmentBuffersTimer: NodeJS.Timeout | undefined;
   /** The record key (cache.shared.recordKeyFile), read with the credentials; undefined without one. */
@@ -230,9 +231,10 @@ export class SharedTier {
     try {
       outcome = await this.call('segment', undefined, (store) => store.createFromRange(key, { ...range, scratch }, signal));
     } finally {
-      // Reused only after an upload that was answered: one that failed (a deadline) may still be
-      // reading its body in the store's client.
-      if (outcome !== undefined) this.segmentBuffers.push(scratch);
+      // Reused only after an upload that created its object, so the store read the whole body: one
+      // that failed (a deadline) may still be reading it in the store's client, and an 'exists' may
+      // be answered before the body was sent.
+      if (outcome === 'created') this.segmentBuffers.push(scratch);
       this.segmentSlotDone();
     }
     if (outcome === 'created') {
