@@ -820,7 +820,9 @@ for (const backend of backends) {
         await sleep(STREAM_STALL_MS + 2_000);
         assert.equal(client.record.bytes, 0, `no byte while the old node fills: ${describeClient(client.record)}`);
         assert.deepEqual(await blobGets(upstream, digest), [], 'the follower did not go to the upstream');
-        // The old node's fill lands: the blob and the record of its upstream, then its claim goes.
+        // The old node's fill lands as a node shares one (nodecache.ts share()): the record of its
+        // upstream, then the blob, then its claim goes (the blob first left a moment in which the
+        // waiting node found a blob of no known upstream and fetched its own).
         const scratch = mkdtempSync(join(tmpdir(), 'pullbridge-stream-old-'));
         cleanups.push(async () => rmSync(scratch, { recursive: true, force: true }));
         writeFileSync(join(scratch, 'blob'), blob);
@@ -828,8 +830,8 @@ for (const backend of backends) {
         assert.ok(validated.ok);
         const rule = validated.config.registries[0];
         assert.ok(rule);
-        assert.equal(await adapter.createFromFile(sharedKeys.blob(digest), join(scratch, 'blob'), blob.length), 'created');
         assert.equal(await adapter.writeRecord(sharedKeys.origin(digest, upstreamOrigin(rule)), Buffer.alloc(0)), true);
+        assert.equal(await adapter.createFromFile(sharedKeys.blob(digest), join(scratch, 'blob'), blob.length), 'created');
         await adapter.remove(sharedKeys.claim(digest));
         const done = await client.done;
       reportClients('old claim', [done]);
