@@ -1,7 +1,7 @@
 // What every object-storage adapter needs the same way: credentials read from mounted files, a
 // deadline per request joined with the caller's abort, and network failures told apart from answers.
 
-import { readFile } from 'node:fs/promises';
+import { open, readFile, type FileHandle } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
 import { LocalFileError, RANGE_UPLOAD_MAX_BYTES, RefusedObject, SharedStoreError, type FileRange } from './store.js';
 
@@ -97,6 +97,15 @@ export async function readBounded(what: string, stream: Readable, maxBytes: numb
     stream.destroy();
   }
   return Buffer.concat(chunks, length);
+}
+
+/** A local file to upload, opened for reading; failing to open it is not the store's failure (LocalFileError). */
+export async function openLocal(key: string, file: string): Promise<FileHandle> {
+  try {
+    return await open(file, 'r');
+  } catch (error) {
+    throw new LocalFileError(`upload ${key}: opening ${file}: ${messageOf(error)}`, { cause: error });
+  }
 }
 
 /** Refuses a range createFromRange must not upload (thrown before any I/O): reversed, not whole

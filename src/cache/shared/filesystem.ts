@@ -23,7 +23,7 @@ import { dirname, join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { addAbortSignal, type Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { checkRecordSize, isCallerAbort, messageOf, readRange } from './common.js';
+import { checkRecordSize, isCallerAbort, messageOf, openLocal, readRange } from './common.js';
 import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 /** Where writes are staged; on the same filesystem as the objects so that link(2) can publish them. */
@@ -66,10 +66,10 @@ export async function openFilesystemStore(path: string, now = Date.now()): Promi
   return new FilesystemStore(await guard(`resolving ${path}`, () => realpath(path)));
 }
 
-/** Opened for reading without following a final symbolic link, and without blocking on a FIFO. */
 /** Bytes per read and write when a blob is copied into the store (copyInto). */
 const COPY_CHUNK_BYTES = 1024 * 1024;
 
+/** Opened for reading without following a final symbolic link, and without blocking on a FIFO. */
 const OPEN_FLAGS = constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK;
 
 /** Every node sweeps at open; two sweeping at once both tolerate the other's removals. */
@@ -536,15 +536,6 @@ function failureOf(error: unknown): SharedFailure {
       return 'timeout';
     default:
       return 'error';
-  }
-}
-
-/** A local file to upload, opened; failing to open it is not the store's failure (LocalFileError). */
-async function openLocal(key: string, file: string): Promise<FileHandle> {
-  try {
-    return await open(file, 'r');
-  } catch (error) {
-    throw new LocalFileError(`upload ${key}: opening ${file}: ${messageOf(error)}`, { cause: error });
   }
 }
 

@@ -3,7 +3,7 @@
 // several nodes uploading the same blob exactly one writes it and the rest learn it is there; a
 // record is replaced or removed on condition of its ETag (`If-Match` on PutObject and DeleteObject).
 
-import { open, type FileHandle } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { addAbortSignal, Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
@@ -21,7 +21,7 @@ import {
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
 import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
@@ -115,12 +115,7 @@ class S3Store implements SharedStore {
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
     signal?.throwIfAborted();
     const partSize = Math.max(MIN_PART_SIZE, Math.ceil(size / MAX_PARTS));
-    let handle: FileHandle;
-    try {
-      handle = await open(file, 'r');
-    } catch (error) {
-      throw new LocalFileError(`upload ${key}: opening ${file}: ${messageOf(error)}`, { cause: error });
-    }
+    const handle = await openLocal(key, file);
     try {
       if (size <= partSize) {
         const body = await readFileRange(key, { handle, start: 0, end: size }, signal);
