@@ -7,7 +7,6 @@ import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, writeFil
 import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { inlineHash } from '../src/cache/hasher.js';
 import { sharedKeys } from '../src/cache/shared/tier.js';
 import { NodeStore } from '../src/cache/store.js';
 
@@ -91,7 +90,7 @@ describe('node store', () => {
     const proxy = await NodeStore.open(root);
     const fill = await proxy.startFill(digestOf(data));
     await fill.append(data.subarray(0, 50_000));
-    const warm = await NodeStore.open(root, Date.now, inlineHash, { removePartialFills: false });
+    const warm = await NodeStore.open(root, Date.now, { removePartialFills: false });
     assert.equal(readdirSync(join(root, 'tmp')).length, 1);
     await fill.append(data.subarray(50_000));
     assert.deepEqual(await fill.finish(), { stored: true });

@@ -136,7 +136,7 @@ export class NodeCache {
    * see NodeStore.open) and evicts down to the limits.
    */
   static async open(settings: CacheConfig, registry: Registry, logger: Logger, now: () => number = Date.now, options: NodeCacheOptions = {}): Promise<NodeCache> {
-    const store = await NodeStore.open(settings.path, now, undefined, options);
+    const store = await NodeStore.open(settings.path, now, options);
     let shared: SharedTier | undefined;
     if (settings.shared) {
       const config = settings.shared;
