@@ -44,6 +44,7 @@ import { startVersitygw, type S3Server } from '../test/support/objectstores.js';
 import { run, type Proc } from '../test/support/procs.js';
 import { startRegistry, type RegistryHandle } from '../test/support/registry.js';
 import { flushDisk, median, storedPath } from './cache.js';
+import { reportedKib } from './pageframes.js';
 import { cpuSeconds, curl, pushBlob, startPullbridge, type PullbridgeOptions } from './proxy.js';
 import { streamClient, type StreamClientResult } from './streamclient.js';
 
@@ -161,6 +162,8 @@ export interface SharedRow {
   readonly saturation: number;
   /** Median over the rounds: one more fresh node pulling the layer from the shared tier with the upstream killed, seconds. */
   readonly afterOutageSeconds: number | undefined;
+  /** Median over the rounds: MiB the guest reported free to its host during the pulls (pageframes.ts). */
+  readonly reportedMib: number | undefined;
 }
 
 export interface SharedBenchResult {
@@ -197,6 +200,8 @@ interface RoundResult {
   readonly cpu: RoleCpu;
   readonly saturation: number;
   readonly afterOutageSeconds: number | undefined;
+  /** KiB the guest reported free to its host during the pulls (pageframes.ts); undefined where it does not report. */
+  readonly reportedKib: number | undefined;
 }
 
 interface Node {
@@ -355,6 +360,7 @@ export async function runSharedBench(options: SharedBenchOptions): Promise<Share
         cpu,
         saturation: saturationOf(cpu.total, wallSeconds),
         afterOutageSeconds: undefined,
+        reportedKib: undefined,
       };
     };
 
@@ -402,6 +408,7 @@ export async function runSharedBench(options: SharedBenchOptions): Promise<Share
         const countersBefore = store ? await Promise.all(nodes.map(nodeCounters)) : nodes.map(() => NO_COUNTERS);
         const logFrom = (await registry.requests()).length;
         flushDisk();
+        const reportedBefore = reportedKib();
 
         const pids = { nodes: nodes.map((n) => n.proc.child.pid ?? 0), store: s3?.pid, upstream: registry.process.child.pid ?? 0 };
         const cpu = () => ({ nodes: pids.nodes.map(cpuSeconds), store: pids.store === undefined ? undefined : cpuSeconds(pids.store), upstream: cpuSeconds(pids.upstream) });
@@ -429,6 +436,7 @@ export async function runSharedBench(options: SharedBenchOptions): Promise<Share
         const segmentsLeft = settledShare?.segmentsLeft;
         if (settledShare) marks.inStore ??= (settledShare.presentAt - began) / 1000;
         const cpuSettled = cpu();
+        const reportedAfter = reportedKib();
         const upstream = await upstreamSince(registry, digest, logFrom);
         const countersEach = store ? (await Promise.all(nodes.map(nodeCounters))).map((c, i) => countersDelta(c, countersBefore[i] ?? NO_COUNTERS)) : nodes.map(() => NO_COUNTERS);
 
@@ -484,6 +492,7 @@ export async function runSharedBench(options: SharedBenchOptions): Promise<Share
           cpu: roles,
           saturation: saturationOf(sum(atDone.nodes) + (atDone.store ?? 0) + atDone.upstream + clientCpu, wallSeconds),
           afterOutageSeconds,
+          reportedKib: reportedBefore === undefined || reportedAfter === undefined ? undefined : reportedAfter - reportedBefore,
         };
         return result;
       } finally {
@@ -529,7 +538,8 @@ function roundLine(row: RowSpec, r: RoundResult, size: number): string {
     `stored ${o(r.storedSeconds)} s, in the shared store ${o(r.inStoreSeconds)} s, ` +
     `filler wrote ${o(r.fillerWritten === undefined ? undefined : r.fillerWritten / size)}×, followers read ${o(r.followersRead === undefined ? undefined : r.followersRead / size)}×, segments ${r.shared.segmentsWritten}/${r.shared.segmentsRead}, takeovers ${r.shared.takeovers}, segments left ${r.segmentsLeft ?? '–'}, ` +
     `CPU s filler ${o(r.cpu.filler, 1)} other ${o(r.cpu.otherNode, 1)} store ${o(r.cpu.store, 1)} upstream ${r.cpu.upstream.toFixed(1)} clients ${r.cpu.clients.toFixed(1)}, saturation ${r.saturation.toFixed(2)}` +
-    (r.afterOutageSeconds === undefined ? '' : `, upstream down: ${r.afterOutageSeconds.toFixed(2)} s`)
+    (r.afterOutageSeconds === undefined ? '' : `, upstream down: ${r.afterOutageSeconds.toFixed(2)} s`) +
+    (r.reportedKib === undefined ? '' : `, memory reported to the host ${(r.reportedKib / 1024).toFixed(0)} MiB`)
   );
 }
 
@@ -574,6 +584,7 @@ function summarize(row: RowSpec, r: readonly RoundResult[]): SharedRow {
     },
     saturation: m((x) => x.saturation),
     afterOutageSeconds: some((x) => x.afterOutageSeconds),
+    reportedMib: some((x) => (x.reportedKib === undefined ? undefined : x.reportedKib / 1024)),
   };
 }
 
@@ -644,6 +655,15 @@ export function formatSharedBench(r: SharedBenchResult): string {
       ? `All ${r.nodes} nodes, the clients, the object store and the upstream share this machine's ${r.cores} cores and its loopback, so the upstream here costs nothing but CPU, and the time ratios say nothing of what the tier saves where the upstream is a tunnel of limited bandwidth (there the tunnel is the bottleneck, and ${r.nodes}× its bytes is ${r.nodes}× its time). No bandwidth cap is applied here (\`--upstream-mbps N\` applies one: its own section).`
       : `What the upstream sends is capped at **${r.upstreamMbps} Mbit/s in all** (an HTB class on the loopback device for the registry's port, in a network namespace of the bench's own), as a tunnel the ${r.nodes} nodes share; the nodes, the clients and the object store share this machine's ${r.cores} cores and talk over the unshaped loopback, as nodes reach an in-cluster store.`,
     `Every client, in every row, is the same small Node process reading the body and hashing it (sha256) as it arrives: the work \`curl | sha256sum\` does, the same in every row (not the same CPU as curl and sha256sum: compare client CPU within one run, not with runs that used them). Checked on every run: every client (the late node's too) received ${r.sizeMb} MiB hashing to the layer's digest.`,
+
+    ...pageFramesLines(r),
   ];
   return lines.join('\n');
+}
+
+/** What the guest handed back to its host while the pulls ran (pageframes.ts), where it reports that. */
+function pageFramesLines(r: SharedBenchResult): string[] {
+  const reported = r.rows.filter((row) => row.reportedMib !== undefined).map((row) => `${row.id} ${row.reportedMib!.toFixed(0)}`);
+  if (reported.length === 0) return [];
+  return [`Memory the guest reported free to its host during the pulls, MiB (median of the rounds): ${reported.join(', ')}. Page-cache writes into frames handed back cost about 2.5 CPU-s per GiB more on this VM (bench/pageframes.ts): a node's CPU figures move with it.`];
 }
