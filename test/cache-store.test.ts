@@ -250,4 +250,62 @@ describe('a fill in flight (BlobFlight)', () => {
     assert.deepEqual(await flight.done, { stored: true });
     assert.ok(readFileSync(store.blobPathOf(digestOf(data))).equals(data));
   });
+  it('gives a reader that caught up each chunk as it arrives, before it is in the file, held through the upstream; the last byte only once verified', async () => {
+    // A scripted body, to push chunks one at a time and look between them (a registry cannot be
+    // paused mid-body on demand).
+    const { BlobFlight } = await import('../src/cache/flight.js');
+    const root = mkdtempSync(join(tmpdir(), 'pullbridge-flight-'));
+    const store = await NodeStore.open(root);
+    const run = async (data: Buffer, digest: string) => {
+      const chunks = Array.from({ length: Math.ceil(data.length / 65_536) }, (_, i) => data.subarray(i * 65_536, (i + 1) * 65_536));
+      let sink: { data(c: Buffer): boolean; end(): void; error(e: Error): void } | undefined;
+      let holds = 0;
+      const body = { attach: (s: typeof sink) => void (sink = s), resume: () => undefined, destroy: () => undefined, hold: () => (holds++, () => undefined) };
+      const flight = new BlobFlight(digest, { rule: 'r', repository: 'a' }, new AbortController(), store);
+      const reading = flight.reader();
+      const fill = await store.startFill(digest);
+      flight.start(fill, body, { 'content-length': String(data.length) });
+      const reader = await reading;
+      const received: Buffer[] = [];
+      let got = 0;
+      let heldByReader = 0;
+      const outcome = new Promise<Error | undefined>((resolve) =>
+        reader.attach({
+          data: (c) => {
+            received.push(Buffer.from(c));
+            got += c.length;
+            const release = reader.hold(c); // as a client write does
+            heldByReader++;
+            release();
+            return true;
+          },
+          end: () => resolve(undefined),
+          error: resolve,
+        }),
+      );
+      // Each chunk reaches the reader in the call that delivers it: from memory, not read back.
+      for (const [i, chunk] of chunks.entries()) {
+        const before = got;
+        sink!.data(chunk);
+        const expected = i === chunks.length - 1 ? chunk.length - 1 : chunk.length; // the blob's last byte waits
+        assert.equal(got - before, expected, `chunk ${i}: delivered at once`);
+      }
+      assert.ok(fill.written < data.length, 'the reader was ahead of the file');
+      assert.equal(got, data.length - 1, 'all but the last byte before the end');
+      assert.equal(holds - chunks.length, heldByReader, 'every chunk the reader had was held through the upstream body');
+      sink!.end();
+      return { error: await outcome, received: Buffer.concat(received), done: await flight.done };
+    };
+    const data = randomBytes(5 * 65_536 + 123);
+    const good = await run(data, digestOf(data));
+    assert.equal(good.error, undefined);
+    assert.ok(good.received.equals(data));
+    assert.deepEqual(good.done, { stored: true });
+    // The same bytes announced under another digest: the reader never gets the last byte.
+    const other = randomBytes(data.length);
+    const bad = await run(data, digestOf(other));
+    assert.match(bad.error?.message ?? '', /hashes to/);
+    assert.equal(bad.received.length, data.length - 1);
+    assert.equal(bad.done.stored, false);
+  });
 });

@@ -1,6 +1,8 @@
 // A ContentBody read from a file of the node store: a stored blob (or a range of it), or a blob
 // still being filled, followed as it grows. Reads go into a few buffers of this body's own, reused:
 // a chunk's buffer is read into again only once nothing holds it (a client write in progress).
+// A reader that caught up with a growing file takes what follows from memory (FileExtent.live) as
+// it arrives, rather than reading it back once written: the same bytes, without the read's copy.
 
 import { readSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
@@ -13,8 +15,16 @@ export interface FileExtent {
   readable(): number;
   /** Undefined while the file grows; then its final size, or why it will never be complete. */
   outcome(): { readonly size: number } | { readonly error: Error } | undefined;
-  /** Calls `listener` when `readable` or `outcome` change; returns the unsubscribe. */
+  /** Calls `listener` when `readable`, `outcome` or `live` change; returns the unsubscribe. */
   watch(listener: () => void): () => void;
+  /**
+   * Bytes at `from`, past what the file holds yet, that a reader may have now (a view of a chunk on
+   * its way into the file, valid during the call); undefined when there are none. Followed only by
+   * reads on the event loop (`syncReads`), as a growing file is.
+   */
+  live?(from: number): Buffer | undefined;
+  /** Keeps the memory under a view `live` gave from reuse until the returned function is called. */
+  holdLive?(view: Buffer): () => void;
 }
 
 /** A file that no longer changes. */
@@ -80,6 +90,8 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
   // Thread-pool reads: up to READS_AHEAD in flight, delivered in order; `asked`: where the next starts.
   const reads: Array<{ slot: Slot; bytes: number; result?: number; error?: Error }> = [];
   let asked = range.start;
+  // Views `live` gave and not yet dropped by the consumer: their holds are the extent's.
+  const liveViews = new WeakSet<Buffer>();
 
   const finish = (error?: Error) => {
     if (finished) return;
@@ -127,7 +139,16 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
       if (!sink || finished || paused || reading) return;
       const bytes = readable(position);
       if (bytes === 'done') return finish();
-      if (bytes === 'wait') return;
+      if (bytes === 'wait') {
+        // Caught up with the file: what follows, from memory as it arrives.
+        const view = range.end === undefined ? extent.live?.(position) : undefined;
+        if (!view || view.length === 0) return;
+        liveViews.add(view);
+        position += view.length;
+        turn += view.length;
+        if (!sink.data(view)) paused = true;
+        continue;
+      }
       const slot = freeSlot();
       if (!slot) return; // every buffer is being written: woken by a release
       if (turn >= SYNC_TURN_BYTES) {
@@ -210,6 +231,7 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
       finish(reason ?? new Error('cached body discarded'));
     },
     hold(chunk) {
+      if (liveViews.has(chunk)) return extent.holdLive?.(chunk) ?? (() => undefined);
       const slot = slots.find((s) => s.buffer.buffer === chunk.buffer && s.buffer.byteOffset === chunk.byteOffset);
       if (!slot) return () => undefined;
       slot.holds++;

@@ -2,9 +2,10 @@
 // reading the growing file (single flight: one upstream transfer however many clients ask).
 //
 // The upstream body is written to the store's temporary file as fast as the upstream sends it;
-// readers follow the file at their own pace. The last byte is held back from readers until the
-// whole blob hashed to its digest, so a cut or corrupt transfer never reaches a client as a
-// complete body. The fill goes on while anyone reads; when the last reader leaves before the end,
+// readers follow the file at their own pace, and a reader that caught up takes the chunks still on
+// their way into the file from memory (no read-back). The last byte is held back from readers
+// until the whole blob hashed to its digest, so a cut or corrupt transfer never reaches a client
+// as a complete body. The fill goes on while anyone reads; when the last reader leaves before the end,
 // the upstream transfer is stopped and nothing is stored.
 //
 // A fill writes within the room it reserved on the cache disk (its Content-Length, or in steps as
@@ -38,6 +39,14 @@ export class BlobFlight implements FileExtent {
   private failure: Error | undefined;
   private lease: BlobLease | null = null;
   private readonly listeners = new Set<() => void>();
+  /** Readers, told of each chunk received (the publisher is not: it reads only the file). */
+  private readonly liveListeners = new Set<() => void>();
+  /** The blob's size, from the upstream's Content-Length; undefined when it sent none. */
+  private size: number | undefined;
+  /** Chunks received and not yet written (held until written), in order: what a caught-up reader takes. */
+  private unwritten: Array<{ readonly start: number; readonly chunk: Buffer }> = [];
+  /** Bytes received from the upstream. */
+  private received = 0;
   private fill: BlobFill | undefined;
   private upstream: ContentBody | undefined;
   /** Set once the fill stopped storing for lack of room: the rest of the blob, relayed. */
@@ -100,6 +109,8 @@ export class BlobFlight implements FileExtent {
     this.fill = fill;
     this.upstream = body;
     this.headers = headers;
+    const length = Number(headers['content-length']);
+    this.size = Number.isSafeInteger(length) && length > 0 ? length : undefined;
     void this.done.then(() => reservation.release());
     this.markStarted();
     fill.once('verified', () => {
@@ -132,6 +143,8 @@ export class BlobFlight implements FileExtent {
       };
       writing = write().then(
         () => {
+          // Written: readers take these from the file now (before the holds go).
+          while (this.unwritten.length > 0 && this.unwritten[0]!.start + this.unwritten[0]!.chunk.length <= fill.written) this.unwritten.shift();
           for (const release of held) release();
           writing = undefined;
           if (this.tail) return;
@@ -155,6 +168,7 @@ export class BlobFlight implements FileExtent {
     const relay = (batch: readonly Buffer[]): void => {
       const tail = new RelayTail(fill.written, fill.path, this.digest, this.cursors, () => body.resume());
       this.tail = tail;
+      this.unwritten = [];
       let more = true;
       for (const chunk of [...batch, ...waiting]) more = tail.push(chunk);
       for (const release of releases.splice(0)) release();
@@ -187,8 +201,11 @@ export class BlobFlight implements FileExtent {
         releases.push(body.hold(chunk));
         waiting.push(chunk);
         waitingBytes += chunk.length;
+        if (this.size !== undefined && !this.failure) this.unwritten.push({ start: this.received, chunk });
+        this.received += chunk.length;
         writeWaiting();
         if (waitingBytes > WRITE_QUEUE_BYTES) paused = true;
+        for (const listener of [...this.liveListeners]) listener();
         return !paused;
       },
       end: () => {
@@ -205,11 +222,32 @@ export class BlobFlight implements FileExtent {
     this.fail(error);
   }
 
-  /** Bytes received so far that readers may have (the last is held back until verified). */
+  /** Bytes in the file that readers may have (the blob's last byte is held back until verified). */
   readable(): number {
     if (this.tail) return this.tail.end;
-    if (this.verified) return this.fill?.written ?? 0;
-    return Math.max(0, (this.fill?.written ?? 0) - 1);
+    const written = this.fill?.written ?? 0;
+    if (this.verified) return written;
+    return Math.max(0, Math.min(written, (this.size ?? written) - 1));
+  }
+
+  /**
+   * Received bytes at `from`, not in the file yet, that readers may have: a view of the chunk being
+   * written (valid during the call; `holdLive` for longer). Up to the blob's last byte, which comes
+   * from the file once verified; none without a Content-Length (the last byte is not known then).
+   */
+  live(from: number): Buffer | undefined {
+    if (this.tail || this.failure || this.size === undefined || from < (this.fill?.written ?? 0)) return undefined;
+    const limit = Math.min(this.received, this.size - 1);
+    if (from >= limit) return undefined;
+    for (const { start, chunk } of this.unwritten) {
+      if (from >= start && from < start + chunk.length) return chunk.subarray(from - start, Math.min(chunk.length, limit - start));
+    }
+    return undefined;
+  }
+
+  /** Keeps the upstream's buffer under a view `live` gave from reuse until released. */
+  holdLive(view: Buffer): () => void {
+    return this.upstream?.hold(view) ?? (() => undefined);
   }
 
   outcome(): { size: number } | { error: Error } | undefined {
@@ -302,7 +340,16 @@ export class BlobFlight implements FileExtent {
     const inFile: FileExtent = {
       readable: () => (this.tail ? this.tail.from : this.readable()),
       outcome: () => (this.tail ? { size: this.tail.from } : this.outcome()),
-      watch: (listener) => this.watch(listener),
+      watch: (listener) => {
+        const unwatch = this.watch(listener);
+        this.liveListeners.add(listener);
+        return () => {
+          unwatch();
+          this.liveListeners.delete(listener);
+        };
+      },
+      live: (from) => this.live(from),
+      holdLive: (view) => this.holdLive(view),
     };
     let closed = false;
     const close = () => {
@@ -323,7 +370,8 @@ export class BlobFlight implements FileExtent {
           },
           end: () => {
             const { tail } = this;
-            if (tail && !onTail && cursor.position === tail.from) {
+            // A reader may be past the tail's start: it had chunks of the batch that found no room from memory.
+            if (tail && !onTail && cursor.position >= tail.from) {
               onTail = true;
               current = tail.body(cursor, close);
               current.attach(counted);
