@@ -8,9 +8,44 @@ import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { sharedKeys } from '../src/cache/shared/tier.js';
-import { NodeStore } from '../src/cache/store.js';
+import { NodeStore, type DiskReservation } from '../src/cache/store.js';
+import type { BodySink } from '../src/upstream/body.js';
 
 const digestOf = (data: Buffer) => `sha256:${createHash('sha256').update(data).digest('hex')}`;
+
+/**
+ * A scripted upstream body whose chunks are views into buffers it overwrites as soon as nothing
+ * holds them, as the proxy's pooled socket reads do (a registry cannot be made to pace a body on
+ * demand, nor to show what a reader kept past its hold).
+ */
+function reusingBody() {
+  const pool: Array<{ bytes: Buffer; holds: number }> = [];
+  let sink: BodySink | undefined;
+  return {
+    attach: (s: BodySink) => void (sink = s),
+    resume: () => undefined,
+    destroy: () => undefined,
+    hold(view: Buffer) {
+      const buffer = pool.find((p) => p.bytes.buffer === view.buffer);
+      if (!buffer) return () => undefined;
+      buffer.holds++;
+      let released = false;
+      return () => {
+        if (released) return;
+        released = true;
+        buffer.holds--;
+      };
+    },
+    send(chunk: Buffer): boolean {
+      let buffer = pool.find((p) => p.holds === 0);
+      if (!buffer) pool.push((buffer = { bytes: Buffer.allocUnsafeSlow(65_536), holds: 0 }));
+      buffer.bytes.fill(0xee);
+      chunk.copy(buffer.bytes);
+      return sink!.data(buffer.bytes.subarray(0, chunk.length));
+    },
+    end: () => sink!.end(),
+  };
+}
 
 describe('node store', () => {
   let root: string;
@@ -283,16 +318,20 @@ describe('a fill in flight (BlobFlight)', () => {
           error: resolve,
         }),
       );
-      // Each chunk reaches the reader in the call that delivers it: from memory, not read back.
-      for (const [i, chunk] of chunks.entries()) {
+      // Each chunk of 64 KiB reaches the reader in the call that delivers it: from memory, not read
+      // back. The last, short one (123 bytes) waits for the file, as small chunks do.
+      const full = chunks.length - 1;
+      for (const [i, chunk] of chunks.slice(0, full).entries()) {
         const before = got;
         sink!.data(chunk);
-        const expected = i === chunks.length - 1 ? chunk.length - 1 : chunk.length; // the blob's last byte waits
-        assert.equal(got - before, expected, `chunk ${i}: delivered at once`);
+        assert.equal(got - before, chunk.length, `chunk ${i}: delivered at once`);
       }
-      assert.ok(fill.written < data.length, 'the reader was ahead of the file');
+      assert.ok(fill.written < full * 65_536, 'the reader was ahead of the file');
+      assert.equal(holds - full, heldByReader, 'every chunk the reader had was held through the upstream body');
+      sink!.data(chunks[full]!);
+      assert.equal(got, full * 65_536, 'the short last chunk is not delivered from memory');
+      await new Promise((resolve) => setTimeout(resolve, 200)); // its write lands
       assert.equal(got, data.length - 1, 'all but the last byte before the end');
-      assert.equal(holds - chunks.length, heldByReader, 'every chunk the reader had was held through the upstream body');
       sink!.end();
       return { error: await outcome, received: Buffer.concat(received), done: await flight.done };
     };
@@ -307,5 +346,91 @@ describe('a fill in flight (BlobFlight)', () => {
     assert.match(bad.error?.message ?? '', /hashes to/);
     assert.equal(bad.received.length, data.length - 1);
     assert.equal(bad.done.stored, false);
+  });
+  it('keeps a view a caught-up reader took from memory intact until the client released it, however the upstream reuses its buffers', async () => {
+    const { BlobFlight } = await import('../src/cache/flight.js');
+    const store = await NodeStore.open(mkdtempSync(join(tmpdir(), 'pullbridge-flight-')));
+    const data = randomBytes(40 * 65_536 + 77);
+    const body = reusingBody();
+    const flight = new BlobFlight(digestOf(data), { rule: 'r', repository: 'a' }, new AbortController(), store);
+    const reading = flight.reader();
+    flight.start(await store.startFill(digestOf(data)), body, { 'content-length': String(data.length) });
+    const reader = await reading;
+    const parts: Array<Promise<Buffer>> = [];
+    const ended = new Promise<Error | undefined>((resolve) =>
+      reader.attach({
+        data(chunk) {
+          // A client write that completes only once the fill is done: the view must survive until then.
+          const release = reader.hold(chunk);
+          parts.push(
+            flight.done.then(() => {
+              const copy = Buffer.from(chunk);
+              release();
+              return copy;
+            }),
+          );
+          return true;
+        },
+        end: () => resolve(undefined),
+        error: resolve,
+      }),
+    );
+    for (let i = 0; i < data.length; i += 65_536) {
+      body.send(data.subarray(i, i + 65_536));
+      if (i % 262_144 === 0) await new Promise((resolve) => setImmediate(resolve));
+    }
+    body.end();
+    assert.equal(await ended, undefined);
+    assert.ok(Buffer.concat(await Promise.all(parts)).equals(data));
+  });
+
+  it('hands a reader that was ahead of the file over to the relayed tail when the disk has no room, without losing a byte', async () => {
+    const { BlobFlight } = await import('../src/cache/flight.js');
+    const store = await NodeStore.open(mkdtempSync(join(tmpdir(), 'pullbridge-flight-')));
+    const data = randomBytes(12 * 65_536 + 5);
+    const body = reusingBody();
+    // Room for the first chunk only: the fill turns into a relay while the reader has more from memory.
+    const room: DiskReservation = { bytes: 65_536, wrote: () => undefined, grow: () => Promise.resolve(false), release: () => undefined };
+    const flight = new BlobFlight(digestOf(data), { rule: 'r', repository: 'a' }, new AbortController(), store);
+    const reading = flight.reader();
+    flight.start(await store.startFill(digestOf(data)), body, { 'content-length': String(data.length) }, room);
+    const reader = await reading;
+    const received: Buffer[] = [];
+    const ended = new Promise<Error | undefined>((resolve) =>
+      reader.attach({ data: (chunk) => (received.push(Buffer.from(chunk)), true), end: () => resolve(undefined), error: resolve }),
+    );
+    for (let i = 0; i < data.length; i += 65_536) body.send(data.subarray(i, i + 65_536));
+    body.end();
+    assert.equal(await ended, undefined);
+    assert.equal(flight.relaying, true);
+    assert.ok(Buffer.concat(received).equals(data));
+  });
+
+  it('fails a fill whose upstream sends more or fewer bytes than its Content-Length, the reader never getting the length announced', async () => {
+    const { BlobFlight } = await import('../src/cache/flight.js');
+    const store = await NodeStore.open(mkdtempSync(join(tmpdir(), 'pullbridge-flight-')));
+    const run = async (sent: Buffer, announced: number, digest: string) => {
+      const body = reusingBody();
+      const flight = new BlobFlight(digest, { rule: 'r', repository: 'a' }, new AbortController(), store);
+      const reading = flight.reader();
+      flight.start(await store.startFill(digest), body, { 'content-length': String(announced) });
+      const reader = await reading;
+      let got = 0;
+      const ended = new Promise<Error | undefined>((resolve) => reader.attach({ data: (chunk) => ((got += chunk.length), true), end: () => resolve(undefined), error: resolve }));
+      for (let i = 0; i < sent.length; i += 65_536) body.send(sent.subarray(i, i + 65_536));
+      body.end();
+      return { error: await ended, got, done: await flight.done };
+    };
+    const data = randomBytes(3 * 65_536);
+    // Longer than announced, the announced length hashing right: refused at the first byte too many.
+    const longer = await run(Buffer.concat([data, randomBytes(10)]), data.length, digestOf(data));
+    assert.match(longer.error?.message ?? '', /more than its Content-Length/);
+    assert.ok(longer.got < data.length, `got ${longer.got} bytes`);
+    assert.equal(longer.done.stored, false);
+    // Shorter than announced, what came hashing right: not a complete blob either.
+    const shorter = await run(data, data.length + 10, digestOf(data));
+    assert.match(shorter.error?.message ?? '', /ended at 196608 of its Content-Length of 196618/);
+    assert.ok(shorter.got < data.length + 10);
+    assert.equal(shorter.done.stored, false);
   });
 });
