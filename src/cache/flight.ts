@@ -216,10 +216,12 @@ export class BlobFlight implements FileExtent {
         releases.push(body.hold(chunk));
         waiting.push(chunk);
         waitingBytes += chunk.length;
-        if (this.size !== undefined) this.unwritten.push({ start, chunk });
+        // Only a chunk a reader may take from memory is kept for it, and wakes the readers.
+        const live = this.size !== undefined && chunk.length >= LIVE_MIN_BYTES;
+        if (live) this.unwritten.push({ start, chunk });
         writeWaiting();
         if (waitingBytes > WRITE_QUEUE_BYTES) paused = true;
-        for (const listener of [...this.liveListeners]) listener();
+        if (live) for (const listener of [...this.liveListeners]) listener();
         return !paused;
       },
       end: () => {
