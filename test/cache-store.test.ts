@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { sharedKeys } from '../src/cache/shared/tier.js';
 import { NodeStore, type DiskReservation } from '../src/cache/store.js';
 import type { BodySink } from '../src/upstream/body.js';
+import { once } from '../src/once.js';
 
 const digestOf = (data: Buffer) => `sha256:${createHash('sha256').update(data).digest('hex')}`;
 
@@ -29,12 +30,7 @@ function reusingBody() {
       const buffer = pool.find((p) => p.bytes.buffer === view.buffer);
       if (!buffer) return () => undefined;
       buffer.holds++;
-      let released = false;
-      return () => {
-        if (released) return;
-        released = true;
-        buffer.holds--;
-      };
+      return once(() => buffer.holds--);
     },
     send(chunk: Buffer): boolean {
       let buffer = pool.find((p) => p.holds === 0);

@@ -8,6 +8,7 @@ import { readSync } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import type { BodySink } from '../upstream/body.js';
 import type { ContentBody } from '../content/source.js';
+import { once } from '../once.js';
 
 /** What a reader may read of a file, now and in the end. */
 export interface FileExtent {
@@ -235,13 +236,10 @@ export function fileBody(file: FileHandle, extent: FileExtent, range: { start: n
       const slot = slots.find((s) => s.buffer.buffer === chunk.buffer && s.buffer.byteOffset === chunk.byteOffset);
       if (!slot) return () => undefined;
       slot.holds++;
-      let released = false;
-      return () => {
-        if (released) return;
-        released = true;
+      return once(() => {
         slot.holds--;
         pump();
-      };
+      });
     },
   };
 }

@@ -19,6 +19,7 @@ import type { BodySink } from '../upstream/body.js';
 import { fileBody, type FileExtent } from './filebody.js';
 import { RelayTail, type TailCursor } from './relaytail.js';
 import type { BlobFill, BlobLease, DiskReservation, FillOutcome, NodeStore } from './store.js';
+import { once } from '../once.js';
 
 /** Bytes received from the upstream and not yet written to the file before the upstream is paused. */
 const WRITE_QUEUE_BYTES = 1024 * 1024;
@@ -334,13 +335,10 @@ export class BlobFlight implements FileExtent {
         outcome: () => (this.tail ? { error: new Error('the fill relays its tail: not in the file') } : this.outcome()),
         watch: (listener) => this.watch(listener),
       };
-      let released = false;
-      const release = () => {
-        if (released) return;
-        released = true;
+      const release = once(() => {
         void handle.close().catch(() => undefined);
         this.leave();
-      };
+      });
       return { handle, extent, release };
     } catch (error) {
       this.leave();

@@ -25,6 +25,7 @@ import { appendFile, mkdir, open, readdir, readFile, rename, rm, rmdir, stat, st
 import { dirname, join, relative, sep } from 'node:path';
 import { digestError } from '../reference/reference.js';
 import { digestKey, parseTagRecord, repositoryKey, tagKey, type StoredBlob, type TagRecord } from './policy.js';
+import { once } from '../once.js';
 
 interface Entry {
   size: number;
@@ -295,15 +296,10 @@ export class NodeStore {
     entry.lastUsed = this.now();
     // Persisted lazily as the mtime, so that LRU order survives a restart.
     void utimes(this.blobPathOf(digest), new Date(), new Date(entry.lastUsed)).catch(() => undefined);
-    let released = false;
     return {
       path: this.blobPathOf(digest),
       size: entry.size,
-      release: () => {
-        if (released) return;
-        released = true;
-        entry.readers--;
-      },
+      release: once(() => entry.readers--),
     };
   }
 

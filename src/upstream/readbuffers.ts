@@ -15,6 +15,7 @@
 // will ever see, which is what Node does anyway.
 
 import type { Readable } from 'node:stream';
+import { once } from '../once.js';
 
 export const READ_BUFFER_BYTES = 128 * 1024;
 /**
@@ -59,12 +60,7 @@ export function holdView(view: Uint8Array): () => void {
   const buffer = managed.get(view.buffer);
   if (!buffer) return noop;
   buffer.holds++;
-  let released = false;
-  return () => {
-    if (released) return;
-    released = true;
-    buffer.holds--;
-  };
+  return once(() => buffer.holds--);
 }
 
 function noop(): void {}
