@@ -40,6 +40,8 @@ function reusingBody() {
       return sink!.data(buffer.bytes.subarray(0, chunk.length));
     },
     end: () => sink!.end(),
+    /** Holds on its buffers not released yet. */
+    held: () => pool.reduce((sum, p) => sum + p.holds, 0),
   };
 }
 
@@ -428,5 +430,32 @@ describe('a fill in flight (BlobFlight)', () => {
     assert.match(shorter.error?.message ?? '', /ended at 196608 of its Content-Length of 196618/);
     assert.ok(shorter.got < data.length + 10);
     assert.equal(shorter.done.stored, false);
+  });
+
+  it('lets go of every chunk still waiting for the disk when a write fails (a full disk): the upstream\'s buffers are not held for good', async () => {
+    const { BlobFlight } = await import('../src/cache/flight.js');
+    const store = await NodeStore.open(mkdtempSync(join(tmpdir(), 'pullbridge-flight-')));
+    const data = randomBytes(10 * 65_536);
+    const body = reusingBody();
+    const flight = new BlobFlight(digestOf(data), { rule: 'r', repository: 'a' }, new AbortController(), store);
+    const reading = flight.reader();
+    const fill = await store.startFill(digestOf(data));
+    // The second write fails as a full disk does, while the chunks after it wait for it.
+    const appendv = fill.appendv.bind(fill);
+    let writes = 0;
+    fill.appendv = async (chunks) => {
+      if (++writes === 1) return appendv(chunks);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+      throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
+    };
+    flight.start(fill, body, { 'content-length': String(data.length) });
+    const reader = await reading;
+    const ended = new Promise<Error | undefined>((resolve) => reader.attach({ data: () => true, end: () => resolve(undefined), error: resolve }));
+    body.send(data.subarray(0, 65_536));
+    await new Promise((resolve) => setTimeout(resolve, 20)); // the first write lands
+    for (let i = 65_536; i < data.length; i += 65_536) body.send(data.subarray(i, i + 65_536));
+    assert.match((await ended)?.message ?? '', /ENOSPC/);
+    assert.equal((await flight.done).stored, false);
+    assert.equal(body.held(), 0, 'buffers of the upstream still held after the fill failed');
   });
 });

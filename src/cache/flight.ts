@@ -166,8 +166,13 @@ export class BlobFlight implements FileExtent {
           }
         },
         (error: Error) => {
-          for (const release of held) release();
           this.fail(error);
+          for (const release of held) release();
+          // Nothing more is written: the chunks waiting for this write are let go too (else their
+          // buffers, the upstream's pooled reads, stay held for good).
+          for (const release of releases.splice(0)) release();
+          waiting = [];
+          waitingBytes = 0;
         },
       );
     };
