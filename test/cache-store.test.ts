@@ -458,4 +458,50 @@ describe('a fill in flight (BlobFlight)', () => {
     assert.equal((await flight.done).stored, false);
     assert.equal(body.held(), 0, 'buffers of the upstream still held after the fill failed');
   });
+
+  it('takes no hold on a chunk from memory for a client whose connection is already gone (Node drops that write and never calls back)', async () => {
+    const { BlobFlight } = await import('../src/cache/flight.js');
+    const { streamBody } = await import('../src/proxy/stream.js');
+    const { createServer, get } = await import('node:http');
+    const store = await NodeStore.open(mkdtempSync(join(tmpdir(), 'pullbridge-flight-')));
+    const data = randomBytes(8 * 65_536);
+    const body = reusingBody();
+    const flight = new BlobFlight(digestOf(data), { rule: 'r', repository: 'a' }, new AbortController(), store);
+    const reading = flight.reader();
+    flight.start(await store.startFill(digestOf(data)), body, { 'content-length': String(data.length) });
+    const reader = await reading;
+    let response: import('node:http').ServerResponse | undefined;
+    let streamed: Promise<Error | undefined> | undefined;
+    const server = createServer((_req, res) => {
+      response = res;
+      res.writeHead(200, { 'content-length': String(data.length) });
+      res.flushHeaders();
+      streamed = streamBody(reader, res, { onBytes: () => undefined });
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    try {
+      let got = 0;
+      await new Promise<void>((resolve) => {
+        get({ host: '127.0.0.1', port: (server.address() as import('node:net').AddressInfo).port, path: '/' }, (res) => {
+          res.on('data', (chunk: Buffer) => (got += chunk.length));
+          res.on('error', () => undefined);
+          res.on('close', () => undefined);
+          resolve();
+        }).on('error', () => undefined);
+      });
+      body.send(data.subarray(0, 65_536));
+      while (got < 65_536) await new Promise((resolve) => setTimeout(resolve, 5));
+      await new Promise((resolve) => setTimeout(resolve, 50)); // drained: the reader takes the next chunk at once
+      // The client's connection breaks (a reset) and, before its 'close' is emitted, the next chunk comes.
+      response!.socket!.destroy();
+      body.send(data.subarray(65_536, 2 * 65_536));
+      assert.match((await streamed)?.message ?? '', /client went away/);
+      assert.equal((await flight.done).stored, false);
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.equal(body.held(), 0, 'a buffer of the upstream held for good by a write Node dropped');
+    } finally {
+      server.closeAllConnections();
+      server.close();
+    }
+  });
 });

@@ -40,6 +40,10 @@ export function streamBody(body: ContentBody, res: ServerResponse, options: Stre
   let takenWhileWaiting = 0;
 
   const write = (chunk: Buffer): boolean => {
+    // A write to a connection already destroyed (a reset, before its 'close' is emitted) is dropped
+    // by Node without ever calling back: held, its buffer (a pooled socket read) would stay held for
+    // good. Not written: 'close' follows and ends the stream.
+    if (res.destroyed || res.socket?.destroyed) return false;
     options.onBytes(chunk.length);
     const release = body.hold(chunk);
     const more = res.write(chunk, () => {
