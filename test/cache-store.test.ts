@@ -504,4 +504,32 @@ describe('a fill in flight (BlobFlight)', () => {
       server.close();
     }
   });
+
+  it('pauses an upstream that sends a body in tiny chunks while the disk is slow, before a million of them wait (held) for the write', async () => {
+    // A chunked body of 1-byte chunks: each is its own view, hold and queue entry, and the queue's
+    // bound in bytes (1 MiB) allowed a million of them (hundreds of MB) per fill.
+    const { BlobFlight } = await import('../src/cache/flight.js');
+    const store = await NodeStore.open(mkdtempSync(join(tmpdir(), 'pullbridge-flight-')));
+    const data = randomBytes(1_100_000);
+    let sink: BodySink | undefined;
+    let holds = 0;
+    const body = { attach: (s: BodySink) => void (sink = s), resume: () => undefined, destroy: () => undefined, hold: () => (holds++, () => void holds--) };
+    const flight = new BlobFlight(digestOf(data), { rule: 'r', repository: 'a' }, new AbortController(), store);
+    const reading = flight.reader();
+    const fill = await store.startFill(digestOf(data));
+    const appendv = fill.appendv.bind(fill);
+    fill.appendv = async (chunks) => {
+      await new Promise((resolve) => setTimeout(resolve, 100)); // a slow disk
+      return appendv(chunks);
+    };
+    flight.start(fill, body, { 'content-length': String(data.length) });
+    const reader = await reading;
+    const ended = new Promise<Error | undefined>((resolve) => reader.attach({ data: () => true, end: () => resolve(undefined), error: resolve }));
+    let sent = 0;
+    while (sent < data.length && sink!.data(data.subarray(sent, sent + 1))) sent++;
+    const held = holds;
+    reader.destroy(new Error('done looking'));
+    assert.ok(await ended);
+    assert.ok(held <= 4096, `${held} chunks of one byte held for the disk before the upstream was paused`);
+  });
 });

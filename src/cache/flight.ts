@@ -24,6 +24,12 @@ import { once } from '../once.js';
 /** Bytes received from the upstream and not yet written to the file before the upstream is paused. */
 const WRITE_QUEUE_BYTES = 1024 * 1024;
 /**
+ * Chunks received and not yet written before the upstream is paused, whatever their size: a body in
+ * tiny chunks (a chunked encoding of 1-byte chunks) would otherwise queue a view and a hold per byte,
+ * a million of them within WRITE_QUEUE_BYTES. Reads of a socket (up to 128 KiB) never come near it.
+ */
+const WRITE_QUEUE_CHUNKS = 1024;
+/**
  * The least a reader takes from memory in one piece. Smaller chunks (a capped tunnel's socket reads,
  * a store download's) wait for the file, where one read takes what accumulated: delivered one by
  * one they cost a client write each (measured: 8 nodes behind a 500 Mbit/s cap spent more CPU,
@@ -160,7 +166,7 @@ export class BlobFlight implements FileExtent {
           if (waiting.length > 0) writeWaiting();
           else if (ended) return finish();
           // Last: resuming may deliver more data, and the end, at once.
-          if (paused && waitingBytes <= WRITE_QUEUE_BYTES / 2) {
+          if (paused && waitingBytes <= WRITE_QUEUE_BYTES / 2 && waiting.length <= WRITE_QUEUE_CHUNKS / 2) {
             paused = false;
             body.resume();
           }
@@ -226,7 +232,7 @@ export class BlobFlight implements FileExtent {
         const live = this.size !== undefined && chunk.length >= LIVE_MIN_BYTES;
         if (live) this.unwritten.push({ start, chunk });
         writeWaiting();
-        if (waitingBytes > WRITE_QUEUE_BYTES) paused = true;
+        if (waitingBytes > WRITE_QUEUE_BYTES || waiting.length > WRITE_QUEUE_CHUNKS) paused = true;
         if (live) for (const listener of [...this.liveListeners]) listener();
         return !paused;
       },
