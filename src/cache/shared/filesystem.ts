@@ -68,6 +68,12 @@ export async function openFilesystemStore(path: string, now = Date.now()): Promi
 
 /** Bytes per read and write when a blob is copied into the store (copyInto). */
 const COPY_CHUNK_BYTES = 1024 * 1024;
+/**
+ * Bytes per read of a download (a follower's segment, a blob), not the stream default of 64 KiB:
+ * each read is a thread-pool round trip, and each chunk a write into the reader's fill and one to
+ * its client.
+ */
+const READ_CHUNK_BYTES = 512 * 1024;
 
 /** Opened for reading without following a final symbolic link, and without blocking on a FIFO. */
 const OPEN_FLAGS = constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK;
@@ -161,7 +167,7 @@ class FilesystemStore implements SharedStore {
     // Opened here rather than by the stream so that a missing file is an answer, not a stream error.
     const opened = await this.openObject(key);
     if (!opened) return undefined;
-    const stream = opened.handle.createReadStream({ start: span?.start, end: span?.end, autoClose: true });
+    const stream = opened.handle.createReadStream({ start: span?.start, end: span?.end, autoClose: true, highWaterMark: READ_CHUNK_BYTES });
     return signal ? addAbortSignal(signal, stream) : stream;
   }
 
