@@ -132,3 +132,17 @@ export function socketReadOptions(): SocketReadOptions {
     },
   };
 }
+
+/**
+ * `onread` for a socket whose body chunks their reader may keep (a shared store's download, kept
+ * in a fill's write queue): each read into a fresh buffer, as Node's default does, but of up to
+ * `bytes` rather than 64 KiB, so that a large body arrives in fewer, larger chunks.
+ */
+export function largeReadOptions(bytes: number): SocketReadOptions {
+  return {
+    buffer: () => Buffer.allocUnsafeSlow(bytes),
+    callback(this: Readable, read: number, buffer: Uint8Array): boolean {
+      return this.push(Buffer.from(buffer.buffer, buffer.byteOffset, read));
+    },
+  };
+}

@@ -4,6 +4,7 @@
 // record is replaced or removed on condition of its ETag (`If-Match` on PutObject and DeleteObject).
 
 import type { FileHandle } from 'node:fs/promises';
+import { Agent as HttpAgent, type AgentOptions } from 'node:http';
 import { addAbortSignal, Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
@@ -21,6 +22,7 @@ import {
   type S3ClientConfig,
 } from '@aws-sdk/client-s3';
 import type { SharedConfig } from '../../rules/config.js';
+import { largeReadOptions, type SocketReadOptions } from '../../upstream/readbuffers.js';
 import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
 import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
@@ -31,6 +33,17 @@ const MIN_PART_SIZE = 8 * 1024 * 1024;
 const MAX_PARTS = 10_000;
 /** Parts of one blob uploaded at once (each holds its part in memory while it goes out). */
 const PART_UPLOADS = 4;
+/**
+ * Bytes per socket read from a store on plain HTTP (Node's default: 64 KiB). A follower's segment
+ * downloads then reach its fill in chunks of up to this size: each chunk costs a fill write and a
+ * client write. Over TLS the chunks are TLS records (16 KiB) whatever the read.
+ */
+const STORE_READ_BYTES = 512 * 1024;
+/** Connections kept per store (the SDK's own default). */
+const STORE_SOCKETS = 50;
+
+// An Agent hands its options to net.createConnection, onread included (which its type omits).
+const storeAgentOptions: AgentOptions & { readonly onread: SocketReadOptions } = { keepAlive: true, maxSockets: STORE_SOCKETS, onread: largeReadOptions(STORE_READ_BYTES) };
 
 export async function openS3Store(config: S3Config, timeoutSeconds: number): Promise<SharedStore> {
   const timeoutMs = timeoutSeconds * 1000;
@@ -42,7 +55,11 @@ export async function openS3Store(config: S3Config, timeoutSeconds: number): Pro
     // without the shared tier) rather than hold a pull through the SDK's backoff.
     maxAttempts: 2,
     // Idle and connect deadlines; a whole request's deadline is the abort signal of each call.
-    requestHandler: { connectionTimeout: timeoutMs, socketTimeout: timeoutMs },
+    requestHandler: {
+      connectionTimeout: timeoutMs,
+      socketTimeout: timeoutMs,
+      httpAgent: new HttpAgent(storeAgentOptions),
+    },
     // Checksums only where the API requires them: S3-compatible stores differ in which of the
     // newer checksum headers they accept, and the tier verifies digests itself.
     requestChecksumCalculation: 'WHEN_REQUIRED',
