@@ -10,6 +10,8 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
+import { setFlagsFromString } from 'node:v8';
+import { runInNewContext } from 'node:vm';
 import { join } from 'node:path';
 import { validateConfig } from '../src/rules/config.js';
 import { namespaceToken, opsToken } from '../src/rules/credentials.js';
@@ -386,6 +388,28 @@ describe('admission resolver: the proxy tier answers admission through the rules
       for (const socket of held) socket.destroy();
       await new Promise((resolve) => stalledProxy?.close(resolve));
     }
+  });
+
+  it('a question to a stalled proxy still ends at its deadline when the garbage collector runs meanwhile (Node 20 collected the deadline\'s timer signal)', async () => {
+    // gc() for this test: Node 20 collects an AbortSignal.timeout held only by AbortSignal.any()
+    // (nodejs/node#57736), and the question then waited on the stalled proxy for good.
+    setFlagsFromString('--expose_gc');
+    const collect = runInNewContext('gc') as () => void;
+    const stalledUrl = `http://127.0.0.1:${(stalled.address() as net.AddressInfo).port}`;
+    const view = new ProxyTierView({ endpoints: () => [stalledUrl], token: () => opsToken(key, 'resolver'), namespaceAuthorization: () => 'Basic eDp4', deadlineMs: 1_000 });
+    views.push(view);
+    const question = view.probeAnonymous({ rule: 'corp', repository: 'public/app', reference: '1' }, signal());
+    let settled = false;
+    void question.finally(() => (settled = true));
+    // Bounded: 200 collections, 50 ms apart, well past the 1 s deadline.
+    for (let i = 0; i < 200 && !settled; i++) {
+      collect();
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    assert.ok(settled, 'the question never ended: its deadline did not fire');
+    const answer = await question;
+    assert.equal(answer.kind, 'failed');
+    assert.match((answer as { error: string }).error, /no answer in time/);
   });
 
   it('the webhook counts its questions to the proxy tier: latency by kind and outcome, and failovers (trial 22)', async () => {

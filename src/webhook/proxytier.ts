@@ -209,55 +209,63 @@ export class ProxyTierView implements RegistryView {
    */
   private async ask<T extends { readonly kind: string }>(kind: ProxyAttempt['kind'], target: RegistryTarget, method: 'GET' | 'HEAD', path: string, headers: Record<string, string>, signal: AbortSignal, interpret: (reply: Reply) => Promise<Outcome<T>>): Promise<T | { kind: 'failed'; error: string }> {
     const end = Date.now() + this.deadlineMs;
-    const deadline = AbortSignal.any([signal, AbortSignal.timeout(this.deadlineMs)]);
-    for (const [endpoint, until] of this.coolingUntil) if (until <= Date.now()) this.coolingUntil.delete(endpoint);
-    const order = orderAfterCooldown(rendezvousOrder(`${target.rule}/${target.repository}`, this.options.endpoints()), this.coolingUntil, Date.now());
-    if (order.length === 0) return failed('no proxy to ask: none is known yet (discovery) or configured (--resolver-url)');
-    const reasons: string[] = [];
-    for (let i = 0; i < order.length && !deadline.aborted; i++) {
-      const base = order[i] ?? '';
-      const started = Date.now();
-      const cooling = (this.coolingUntil.get(base) ?? 0) > started;
-      const share = attemptShareMs(end - started, order.length - i, cooling);
-      const attempt = order.length - i > 1 ? AbortSignal.any([deadline, AbortSignal.timeout(share)]) : deadline;
-      const report = (outcome: ProxyAttempt['outcome']) => this.options.onAttempt?.({ kind, outcome, seconds: (Date.now() - started) / 1000 });
-      try {
-        const reply = await request(`${base}${path}`, { method, headers: { ...headers, authorization: `Bearer ${this.options.token()}` }, signal: attempt, dispatcher: this.dispatcher });
-        this.coolingUntil.delete(base);
-        if (reply.statusCode === 503 || reply.statusCode === 429) {
-          reasons.push(`${base}: ${errorText(await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES), reply.statusCode)}`);
-          report('unavailable');
-          continue;
-        }
-        if (refusedToken(reply)) {
-          // The operations port refused the token itself (a proxy with other broker keys): not an answer about the image.
-          reasons.push(`${base}: ${errorText(await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES), reply.statusCode)} (do the proxy and the webhook hold the same broker key?)`);
-          report('unavailable');
-          continue;
-        }
-        const outcome = await interpret(reply);
-        report('answered');
-        if ('answer' in outcome) return outcome.answer;
-        reasons.push(`${base}: ${outcome.next}`);
-      } catch (error) {
-        const cause = (error as { cause?: { code?: string } }).cause?.code ?? (error as { code?: string }).code;
-        if (signal.aborted) {
-          reasons.push(`${base}: the admission gave up`);
-          report('gave-up');
-        } else if (attempt.aborted) {
-          // Its time share ran out: stalled (or too slow to be asked first for a while).
-          this.coolingUntil.set(base, Date.now() + PROXY_COOLDOWN_MS);
-          reasons.push(`${base}: no answer in time`);
-          report('stalled');
-        } else {
-          if (cause !== undefined && UNREACHABLE_CODES.has(cause)) this.coolingUntil.set(base, Date.now() + PROXY_COOLDOWN_MS);
-          reasons.push(`${base}: ${cause ?? (error as Error).message}`);
-          report('unreachable');
+    const overall = timeoutSignal(this.deadlineMs);
+    const deadline = AbortSignal.any([signal, overall.signal]);
+    try {
+      for (const [endpoint, until] of this.coolingUntil) if (until <= Date.now()) this.coolingUntil.delete(endpoint);
+      const order = orderAfterCooldown(rendezvousOrder(`${target.rule}/${target.repository}`, this.options.endpoints()), this.coolingUntil, Date.now());
+      if (order.length === 0) return failed('no proxy to ask: none is known yet (discovery) or configured (--resolver-url)');
+      const reasons: string[] = [];
+      for (let i = 0; i < order.length && !deadline.aborted; i++) {
+        const base = order[i] ?? '';
+        const started = Date.now();
+        const cooling = (this.coolingUntil.get(base) ?? 0) > started;
+        const share = attemptShareMs(end - started, order.length - i, cooling);
+        const shareTimer = order.length - i > 1 ? timeoutSignal(share) : undefined;
+        const attempt = shareTimer ? AbortSignal.any([deadline, shareTimer.signal]) : deadline;
+        const report = (outcome: ProxyAttempt['outcome']) => this.options.onAttempt?.({ kind, outcome, seconds: (Date.now() - started) / 1000 });
+        try {
+          const reply = await request(`${base}${path}`, { method, headers: { ...headers, authorization: `Bearer ${this.options.token()}` }, signal: attempt, dispatcher: this.dispatcher });
+          this.coolingUntil.delete(base);
+          if (reply.statusCode === 503 || reply.statusCode === 429) {
+            reasons.push(`${base}: ${errorText(await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES), reply.statusCode)}`);
+            report('unavailable');
+            continue;
+          }
+          if (refusedToken(reply)) {
+            // The operations port refused the token itself (a proxy with other broker keys): not an answer about the image.
+            reasons.push(`${base}: ${errorText(await readBounded(reply, SMALL_ANSWER_LIMIT_BYTES), reply.statusCode)} (do the proxy and the webhook hold the same broker key?)`);
+            report('unavailable');
+            continue;
+          }
+          const outcome = await interpret(reply);
+          report('answered');
+          if ('answer' in outcome) return outcome.answer;
+          reasons.push(`${base}: ${outcome.next}`);
+        } catch (error) {
+          const cause = (error as { cause?: { code?: string } }).cause?.code ?? (error as { code?: string }).code;
+          if (signal.aborted) {
+            reasons.push(`${base}: the admission gave up`);
+            report('gave-up');
+          } else if (attempt.aborted) {
+            // Its time share ran out: stalled (or too slow to be asked first for a while).
+            this.coolingUntil.set(base, Date.now() + PROXY_COOLDOWN_MS);
+            reasons.push(`${base}: no answer in time`);
+            report('stalled');
+          } else {
+            if (cause !== undefined && UNREACHABLE_CODES.has(cause)) this.coolingUntil.set(base, Date.now() + PROXY_COOLDOWN_MS);
+            reasons.push(`${base}: ${cause ?? (error as Error).message}`);
+            report('unreachable');
+          }
+        } finally {
+          shareTimer?.clear();
         }
       }
+      if (deadline.aborted && reasons.length < order.length) reasons.push(`no answer within ${this.deadlineMs} ms`);
+      return failed(reasons.join('; '));
+    } finally {
+      overall.clear();
     }
-    if (deadline.aborted && reasons.length < order.length) reasons.push(`no answer within ${this.deadlineMs} ms`);
-    return failed(reasons.join('; '));
   }
 }
 
@@ -276,4 +284,16 @@ function refusedToken(reply: Reply): boolean {
 function refusedOrFailed(status: number, body: Buffer | null): { kind: 'refused'; status: number; error: string } | { kind: 'failed'; error: string } {
   const error = errorText(body, status);
   return status >= 500 ? failed(error) : { kind: 'refused', status, error };
+}
+
+/**
+ * A signal that aborts after `ms`, held by its own timer until `clear`. Not AbortSignal.timeout:
+ * inside AbortSignal.any() nothing else holds that signal, and Node 20 may collect it before it
+ * fires (nodejs/node#57736), leaving a request to a stalled proxy without a deadline.
+ */
+function timeoutSignal(ms: number): { readonly signal: AbortSignal; readonly clear: () => void } {
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(new DOMException(`no answer within ${ms} ms`, 'TimeoutError')), ms);
+  timer.unref();
+  return { signal: controller.signal, clear: () => clearTimeout(timer) };
 }
