@@ -40,10 +40,6 @@ export function streamBody(body: ContentBody, res: ServerResponse, options: Stre
   let takenWhileWaiting = 0;
 
   const write = (chunk: Buffer): boolean => {
-    // A write to a connection already destroyed (a reset, before its 'close' is emitted) is dropped
-    // by Node without ever calling back: held, its buffer (a pooled socket read) would stay held for
-    // good. Not written: 'close' follows and ends the stream.
-    if (res.destroyed || res.socket?.destroyed) return false;
     options.onBytes(chunk.length);
     const release = body.hold(chunk);
     const more = res.write(chunk, () => {
@@ -96,7 +92,15 @@ export function streamBody(body: ContentBody, res: ServerResponse, options: Stre
     res.once('close', onClose);
     body.attach({
       data(chunk) {
-        return settled ? true : write(chunk);
+        if (settled) return true;
+        // A write to a connection already destroyed (a reset, before its 'close' is emitted, or
+        // before this stream listened for it) is dropped by Node without ever calling back: held,
+        // its buffer (a pooled socket read) would stay held for good. The stream ends here instead.
+        if (res.destroyed || res.socket?.destroyed) {
+          settle(new Error('client went away'));
+          return true;
+        }
+        return write(chunk);
       },
       end() {
         if (!settled) res.end(() => settle());
