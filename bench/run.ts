@@ -73,11 +73,11 @@ for (const name of which) {
     const result = await runSharedBench({ sizeMb: Number(values['size-mb']), nodes, rounds: Number(values.rounds), upstreamMbps, rows });
     const text = formatSharedBench(result);
     const command = `npm run bench -- shared --size-mb ${values['size-mb']} --nodes ${nodes} --rounds ${values.rounds}${values.setups === undefined ? '' : ` --setups ${values.setups}`}`;
-    // One section per node count, loopback and capped apart: each run replaces only its own. (4 nodes
+    // One section per node count and cap, loopback apart: each run replaces only its own. (4 nodes
     // keep the sections' first names.)
     const section = `bench-shared${nodes === 4 ? '' : `-n${nodes}`}`;
     if (upstreamMbps === undefined) writeReportSection(section, `Benchmark: shared cache tier, ${nodes} nodes`, command, text);
-    else writeReportSection(`${section}-throttled`, `Benchmark: shared cache tier, ${nodes} nodes, upstream capped at ${upstreamMbps} Mbit/s`, `${command} --upstream-mbps ${upstreamMbps}`, text);
+    else writeReportSection(`${section}-throttled-${upstreamMbps}`, `Benchmark: shared cache tier, ${nodes} nodes, upstream capped at ${upstreamMbps} Mbit/s`, `${command} --upstream-mbps ${upstreamMbps}`, text);
     process.stdout.write(`${text}\n`);
   } else if (name === 'memory') {
     // The default blob size here is the memory run's own (a few pulls, not a throughput run).
