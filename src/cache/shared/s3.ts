@@ -5,7 +5,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { Agent as HttpAgent, type AgentOptions } from 'node:http';
-import { addAbortSignal, Readable } from 'node:stream';
+import { addAbortSignal, Readable, Transform } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
@@ -41,6 +41,14 @@ const PART_UPLOADS = 4;
 const STORE_READ_BYTES = 512 * 1024;
 /** Connections kept per store (the SDK's own default). */
 const STORE_SOCKETS = 50;
+/**
+ * The most of one answer's body the SDK may read into memory to parse it: an error document, a
+ * listing page (1,000 keys, a few hundred KiB), a multipart upload's answers. The SDK collects such
+ * a body whole before it parses it, however long the store makes it; past this the answer fails
+ * (the store is failing) instead of the node's memory. A download's body is streamed to the caller,
+ * which bounds it itself (records) or verifies it (blobs, segments), and is not counted here.
+ */
+const PARSED_ANSWER_MAX_BYTES = 4 * 1024 * 1024;
 
 // An Agent hands its options to net.createConnection, onread included (which its type omits).
 const storeAgentOptions: AgentOptions & { readonly onread: SocketReadOptions } = { keepAlive: true, maxSockets: STORE_SOCKETS, onread: largeReadOptions(STORE_READ_BYTES) };
@@ -81,7 +89,41 @@ export async function openS3Store(config: S3Config, timeoutSeconds: number): Pro
     },
     { step: 'build', name: 'pullbridgeUnsignedPayload' },
   );
+  // Beneath the deserializer (deserialize step, low priority): sees the answer before it is parsed.
+  client.middlewareStack.add(
+    (next, context) => async (args) => {
+      const result = await next(args);
+      const response = result.response as { statusCode?: number; headers?: Record<string, string | undefined>; body?: unknown };
+      // A HEAD's answer has no body, whatever length it announces (the object's).
+      const unparsed = context.commandName === 'HeadObjectCommand' || (context.commandName === 'GetObjectCommand' && (response.statusCode ?? 0) < 300);
+      if (!unparsed && response.body instanceof Readable) response.body = boundedAnswer(response.body, response.headers?.['content-length']);
+      return result;
+    },
+    { step: 'deserialize', priority: 'low', name: 'pullbridgeBoundedAnswers' },
+  );
   return new S3Store(client, config, timeoutMs);
+}
+
+/** An answer's body that fails once it announces or passes PARSED_ANSWER_MAX_BYTES; the download
+ * is destroyed then, so that the store stops sending. */
+function boundedAnswer(body: Readable, contentLength: string | undefined): Readable {
+  const tooLong = () => new Error(`the store's answer is longer than the ${PARSED_ANSWER_MAX_BYTES} bytes an answer to parse may have`);
+  let length = 0;
+  const bounded = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      length += chunk.length;
+      if (length > PARSED_ANSWER_MAX_BYTES) done(tooLong());
+      else done(null, chunk);
+    },
+  });
+  bounded.once('error', () => body.destroy());
+  body.once('error', (error) => bounded.destroy(error));
+  if (Number(contentLength) > PARSED_ANSWER_MAX_BYTES) {
+    body.destroy();
+    bounded.destroy(tooLong());
+    return bounded;
+  }
+  return body.pipe(bounded);
 }
 
 /**
