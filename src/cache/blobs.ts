@@ -300,6 +300,10 @@ export class CachedBlobs {
       }
     }
     if (size === undefined) return undefined;
+    // The object's size as the store states it is the fill's Content-Length: an empty one is not a
+    // blob whose digest is not the empty blob's (a fill of 0 bytes would fail on its first byte,
+    // before the client has an answer); it is fetched from the upstream.
+    if (size === 0 && request.digest !== EMPTY_BLOB_DIGEST) return undefined;
     const origin = this.origin(request.rule);
     const linked = (await shared.readLink(request.rule, request.repository, request.digest, origin)) !== null;
     // Only the upstream the shared bytes came from may confirm them; else they are fetched through this rule.
@@ -309,7 +313,9 @@ export class CachedBlobs {
     // Under the fill's signal, not the first client's: its leaving must not fail the others.
     await this.confirmAccess({ ...request, signal }, linked ? { mediaType: '', confirmedAt: 0 } : null);
     if (!linked) await shared.writeLink(request.rule, request.repository, request.digest);
-    const stream = await shared.readBlob(request.digest, undefined, signal);
+    // Only the size stated: a download longer than that (the object replaced meanwhile, a store
+    // whose stat and read disagree) would fail the fill on its first chunk past it, as an error.
+    const stream = await shared.readBlob(request.digest, size > 0 ? { start: 0, end: size - 1 } : undefined, signal);
     if (!stream) return undefined;
     source.shared = true;
     const headers = { 'content-type': 'application/octet-stream', 'content-length': String(size), 'docker-content-digest': request.digest, etag: `"${request.digest}"` };

@@ -1,0 +1,116 @@
+// A node taking a blob from an S3 tier whose stated size (HEAD) disagrees with the object: the size
+// is the fill's Content-Length, so an empty size for a blob that is not empty must send the pull to
+// the upstream, and a smaller one must not turn the download into an internal error. Real proxies
+// in-process and versitygw, behind a scripted front that rewrites the HEAD answers of blob keys.
+
+import assert from 'node:assert/strict';
+import http from 'node:http';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, rmSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { openSharedStore } from '../src/cache/shared/open.js';
+import { sharedKeys } from '../src/cache/shared/tier.js';
+import type { SharedConfig } from '../src/rules/config.js';
+import { startVersitygw, type S3Server } from './support/objectstores.js';
+import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+
+const sha = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
+
+describe('a node reading a shared blob whose stated size lies (versitygw behind a rewriting front)', function () {
+  this.timeout(120_000);
+  const blob = randomBytes(3 * 1024 * 1024 + 17);
+  const digest = sha(blob);
+  let s3: S3Server;
+  const servers: http.Server[] = [];
+  const proxies: ProxyUnderTest[] = [];
+  const dirs: string[] = [];
+  /** The Content-Length the front states for a blob key's HEAD; undefined: the store's own. */
+  let statedSize: number | undefined;
+  let upstream = '';
+  let front = '';
+
+  const serve = async (handler: http.RequestListener): Promise<string> => {
+    const server = http.createServer(handler);
+    servers.push(server);
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  };
+  const shared = (): SharedConfig => ({ timeoutSeconds: 5, fillWaitSeconds: 10, streamFills: true, s3: { bucket: s3.bucket, endpoint: front, forcePathStyle: true, region: 'us-east-1', prefix: '', accessKeyFile: s3.accessKeyFile, secretKeyFile: s3.secretKeyFile } }) as unknown as SharedConfig;
+  const node = async (): Promise<ProxyUnderTest> => {
+    const dir = mkdtempSync(join(tmpdir(), 'pullbridge-stat-lies-'));
+    dirs.push(dir);
+    const proxy = await startProxy({ cache: { path: join(dir, 'store'), shared: shared() }, registries: [{ name: 'corp', match: ['registry.corp.example'], upstream }] } as never);
+    proxies.push(proxy);
+    return proxy;
+  };
+  const get = (proxy: ProxyUnderTest): Promise<{ status: number; complete: boolean; body: Buffer }> =>
+    new Promise((resolve) => {
+      const chunks: Buffer[] = [];
+      const req = http.get(`${proxy.url}/v2/corp/team/app/blobs/${digest}`, { headers: { authorization: proxy.authorization('shop') } }, (res) => {
+        const done = () => resolve({ status: res.statusCode ?? 0, complete: res.complete, body: Buffer.concat(chunks) });
+        res.on('data', (chunk: Buffer) => chunks.push(chunk));
+        res.on('end', done);
+        res.on('error', done);
+        res.on('aborted', done);
+      });
+      req.on('error', () => resolve({ status: 0, complete: false, body: Buffer.concat(chunks) }));
+    });
+
+  before(async () => {
+    s3 = await startVersitygw();
+    const store = new URL(s3.endpoint);
+    front = await serve((req, res) => {
+      const forward = http.request({ host: store.hostname, port: store.port, method: req.method, path: req.url, headers: req.headers }, (answer) => {
+        const headers = { ...answer.headers };
+        if (req.method === 'HEAD' && req.url?.includes('/blobs/') && statedSize !== undefined && answer.statusCode === 200) headers['content-length'] = String(statedSize);
+        res.writeHead(answer.statusCode ?? 502, headers);
+        answer.pipe(res);
+      });
+      forward.on('error', () => res.destroy());
+      req.pipe(forward);
+    });
+    upstream = await serve((req, res) => {
+      if (req.url === '/v2/') return void res.writeHead(200).end('{}');
+      if (req.url !== `/v2/team/app/blobs/${digest}`) return void res.writeHead(404, { 'content-type': 'application/json' }).end('{"errors":[{"code":"BLOB_UNKNOWN"}]}');
+      const range = /^bytes=(\d+)-$/.exec(req.headers.range ?? '');
+      const body = range ? blob.subarray(Number(range[1])) : blob;
+      res.writeHead(range ? 206 : 200, { 'content-length': String(body.length), 'docker-content-digest': digest, ...(range ? { 'content-range': `bytes ${range[1]}-${blob.length - 1}/${blob.length}` } : {}) });
+      res.end(req.method === 'HEAD' ? undefined : body);
+    });
+    // One node fills the tier from the upstream.
+    const filler = await node();
+    const first = await get(filler);
+    assert.deepEqual({ status: first.status, complete: first.complete, digest: sha(first.body) }, { status: 200, complete: true, digest });
+    const direct = await openSharedStore({ ...shared(), s3: { ...shared().s3, endpoint: s3.endpoint } } as SharedConfig);
+    try {
+      for (let round = 0; round < 300 && (await direct.stat(sharedKeys.blob(digest))) === undefined; round++) await new Promise((resolve) => setTimeout(resolve, 50));
+      assert.equal((await direct.stat(sharedKeys.blob(digest)))?.size, blob.length, 'the filler did not share the blob');
+    } finally {
+      await direct.close();
+    }
+  });
+  after(async () => {
+    for (const proxy of proxies) await proxy.close();
+    for (const server of servers) {
+      server.closeAllConnections();
+      await new Promise((resolve) => server.close(resolve));
+    }
+    await s3?.stop();
+    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('fetches from the upstream a blob the store states as empty: the client gets it whole', async () => {
+    statedSize = 0;
+    const answer = await get(await node());
+    assert.deepEqual({ status: answer.status, complete: answer.complete, digest: sha(answer.body) }, { status: 200, complete: true, digest });
+  });
+
+  it('reads no more than the stated size of a blob stated smaller: the client is cut, never answered an internal error', async () => {
+    statedSize = 5;
+    const answer = await get(await node());
+    assert.deepEqual({ status: answer.status, complete: answer.complete }, { status: 200, complete: false });
+    assert.ok(answer.body.length < 5);
+  });
+});
