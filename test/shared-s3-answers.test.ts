@@ -1,6 +1,7 @@
 // The S3 adapter against a store whose answers are longer than any answer it parses (a listing page,
 // an error document): a scripted S3 endpoint on loopback. The SDK reads such a body whole before
-// parsing it; the adapter must fail the call early instead of taking all of it into memory.
+// parsing it; the adapter must fail the call early instead of taking all of it into memory. And the
+// tier against a store whose downloads drip: they fail instead of holding their fill for as long.
 
 import assert from 'node:assert/strict';
 import http from 'node:http';
@@ -8,8 +9,13 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Registry } from 'prom-client';
 import { openS3Store } from '../src/cache/shared/s3.js';
+import { openSharedStore } from '../src/cache/shared/open.js';
 import { SharedStoreError, type SharedStore } from '../src/cache/shared/store.js';
+import { SharedTier } from '../src/cache/shared/tier.js';
+import type { SharedConfig } from '../src/rules/config.js';
+import { createLogger } from '../src/log.js';
 
 const MiB = 1024 * 1024;
 /** What the scripted store sends per answer: far more than an answer to parse may have. */
@@ -24,6 +30,7 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
   let sent = 0;
   let status = 200;
   let withLength = false;
+  let config: SharedConfig;
 
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), 'pullbridge-s3-answers-'));
@@ -31,6 +38,22 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
     writeFileSync(join(dir, 'secret'), 'secret-of-the-example');
     server = http.createServer((req, res) => {
       req.resume();
+      if (req.method === 'GET' && req.url?.includes('/blobs/')) {
+        // A download that announces 1 MiB and sends a byte every 100 ms: never idle for long.
+        res.writeHead(200, { 'content-length': String(MiB), 'content-type': 'application/octet-stream' });
+        let dripped = 0;
+        const timer = setInterval(() => {
+          if (res.destroyed || dripped >= 600) {
+            clearInterval(timer);
+            res.destroy();
+            return;
+          }
+          dripped++;
+          res.write(Buffer.from('x'));
+        }, 100);
+        res.on('close', () => clearInterval(timer));
+        return;
+      }
       if (req.method === 'HEAD') {
         // An object of ANSWER_BYTES: its length announced, no body (as a HEAD is answered).
         res.writeHead(200, { 'content-length': String(ANSWER_BYTES), 'last-modified': new Date().toUTCString() });
@@ -52,6 +75,7 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+    config = { timeoutSeconds: 2, fillWaitSeconds: 60, streamFills: true, s3: { bucket: 'images', region: 'us-east-1', endpoint, forcePathStyle: true, prefix: '', accessKeyFile: join(dir, 'access'), secretKeyFile: join(dir, 'secret') } } as unknown as SharedConfig;
     store = await openS3Store({ bucket: 'images', region: 'us-east-1', endpoint, forcePathStyle: true, prefix: '', accessKeyFile: join(dir, 'access'), secretKeyFile: join(dir, 'secret') }, 30);
   });
   after(async () => {
@@ -91,5 +115,31 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
     withLength = false;
     await assert.rejects(store.writeRecord('claims/x', Buffer.from('{}')), SharedStoreError);
     assert.ok(sent < 64 * MiB, `the store sent ${sent} bytes`);
+  });
+
+  it('fails a download that drips (a byte per 100 ms) once it brought too little over timeoutSeconds of its reader waiting', async () => {
+    const tier = new SharedTier(() => openSharedStore(config), config, 'node-d', new Registry(), createLogger({ level: 'silent' }), Date.now);
+    try {
+      const stream = await tier.readBlob(`sha256:${'d'.repeat(64)}`);
+      assert.ok(stream, 'the store answered no download');
+      const started = Date.now();
+      let bytes = 0;
+      // Bounded: the server stops after 60 s of dripping; the tier must give up well before.
+      const outcome = await (async () => {
+        try {
+          for await (const chunk of stream.iterator({ destroyOnReturn: true })) {
+            bytes += (chunk as Buffer).length;
+            if (Date.now() - started > 15_000) return 'still reading';
+          }
+          return 'ended';
+        } catch {
+          return 'failed';
+        }
+      })();
+      assert.equal(outcome, 'failed', `after ${Date.now() - started} ms and ${bytes} bytes`);
+      assert.ok(Date.now() - started < 10_000, `failed only after ${Date.now() - started} ms`);
+    } finally {
+      await tier.close();
+    }
   });
 });

@@ -46,6 +46,16 @@ export const SEGMENT_UPLOADS_MAX = 4;
 /** How long the buffers of segment uploads are kept after the last one (for the next segment of a
  * fill in progress), before they are let go. */
 const SEGMENT_BUFFERS_KEEP_MS = 10_000;
+/**
+ * A download from the store fails when, over timeoutSeconds of its reader waiting for it (nothing
+ * buffered), it brought fewer bytes than this. The socket's idle timeout alone does not end a
+ * download that drips (a byte a second is never idle), and a fill whose bytes come from the store
+ * would hold its clients as long as the store keeps dripping; failed, the fill goes on from the
+ * upstream (a follower) or fails and avoids the tier (a shared blob). A reader that does not read
+ * (its clients are slow) is not the store's slowness and is not counted.
+ */
+export const STORE_READ_MIN_BYTES = 64 * 1024;
+const STORE_READ_TICK_MS = 1_000;
 /** Refused objects this node remembers having logged (each is logged once). */
 const REFUSED_LOGGED_MAX = 1_000;
 
@@ -208,13 +218,35 @@ export class SharedTier {
    * flowing before its reader attaches, and lose what it read meanwhile). */
   private countedRead(stream: Readable): Readable {
     const bytes = this.bytes;
+    let received = 0;
     const counting = new Transform({
       transform(chunk: Buffer, _encoding, done) {
         bytes.inc({ direction: 'read' }, chunk.length);
+        received += chunk.length;
         done(null, chunk);
       },
     });
-    return pipeline(stream, counting, () => undefined);
+    const piped = pipeline(stream, counting, () => undefined);
+    const windowTicks = Math.ceil((this.settings.timeoutSeconds * 1000) / STORE_READ_TICK_MS);
+    if (windowTicks <= 0) return piped; // timeoutSeconds 0: no deadline
+    // Ticks at which the reader had taken everything and waited, and the bytes that came meanwhile.
+    let waitedTicks = 0;
+    let waitedBytes = 0;
+    let seen = 0;
+    const tick = setInterval(() => {
+      const came = received - seen;
+      seen = received;
+      if (counting.readableLength > 0) return;
+      waitedTicks++;
+      waitedBytes += came;
+      if (waitedTicks < windowTicks) return;
+      if (waitedBytes < STORE_READ_MIN_BYTES) counting.destroy(new Error(`the shared store sent ${waitedBytes} bytes in ${this.settings.timeoutSeconds} s of a download, fewer than ${STORE_READ_MIN_BYTES}`));
+      waitedTicks = 0;
+      waitedBytes = 0;
+    }, STORE_READ_TICK_MS);
+    tick.unref();
+    counting.once('close', () => clearInterval(tick));
+    return piped;
   }
 
   /**
