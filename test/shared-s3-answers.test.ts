@@ -13,7 +13,7 @@ import { Registry } from 'prom-client';
 import { openS3Store } from '../src/cache/shared/s3.js';
 import { openSharedStore } from '../src/cache/shared/open.js';
 import { SharedStoreError, type SharedStore } from '../src/cache/shared/store.js';
-import { SharedTier } from '../src/cache/shared/tier.js';
+import { LIST_OBJECTS_MAX, SharedTier } from '../src/cache/shared/tier.js';
 import type { SharedConfig } from '../src/rules/config.js';
 import { createLogger } from '../src/log.js';
 
@@ -31,6 +31,9 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
   let status = 200;
   let withLength = false;
   let config: SharedConfig;
+  /** Listings answered with a page of 1,000 segment keys and a new continuation token, for ever. */
+  let endlessListing = false;
+  let pages = 0;
 
   before(async () => {
     dir = mkdtempSync(join(tmpdir(), 'pullbridge-s3-answers-'));
@@ -38,6 +41,13 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
     writeFileSync(join(dir, 'secret'), 'secret-of-the-example');
     server = http.createServer((req, res) => {
       req.resume();
+      if (endlessListing && req.method === 'GET' && req.url?.includes('list-type=2')) {
+        pages++;
+        const prefix = decodeURIComponent(/prefix=([^&]*)/.exec(req.url)?.[1] ?? '');
+        const keys = Array.from({ length: 1000 }, (_, i) => `<Contents><Key>${prefix}${'ab'.repeat(32)}/${(pages * 1000 + i).toString(16).padStart(16, '0')}</Key><Size>1</Size></Contents>`).join('');
+        res.writeHead(200, { 'content-type': 'application/xml' });
+        return void res.end(`<?xml version="1.0" encoding="UTF-8"?><ListBucketResult><Name>images</Name><Prefix>${prefix}</Prefix><KeyCount>1000</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated><NextContinuationToken>t${pages}</NextContinuationToken>${keys}</ListBucketResult>`);
+      }
       if (req.method === 'GET' && req.url?.includes('/blobs/')) {
         // A download that announces 1 MiB and sends a byte every 100 ms: never idle for long.
         res.writeHead(200, { 'content-length': String(MiB), 'content-type': 'application/octet-stream' });
@@ -139,6 +149,25 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
       assert.equal(outcome, 'failed', `after ${Date.now() - started} ms and ${bytes} bytes`);
       assert.ok(Date.now() - started < 10_000, `failed only after ${Date.now() - started} ms`);
     } finally {
+      await tier.close();
+    }
+  });
+
+  it('stops listing a store whose listing pages never end, after LIST_OBJECTS_MAX objects', async () => {
+    endlessListing = true;
+    const tier = new SharedTier(() => openSharedStore(config), config, 'node-l', new Registry(), createLogger({ level: 'silent' }), Date.now);
+    try {
+      await tier.removeSegments(`sha256:${'e'.repeat(64)}`);
+      // The call answers at its deadline; the listing must stop too, not go on behind it.
+      let last = -1;
+      for (let round = 0; round < 50 && pages !== last; round++) {
+        last = pages;
+        await new Promise((resolve) => setTimeout(resolve, 300));
+      }
+      assert.equal(pages, last, `still listing after ${pages} pages`);
+      assert.ok(pages <= LIST_OBJECTS_MAX / 1000 + 1, `${pages} pages listed`);
+    } finally {
+      endlessListing = false;
       await tier.close();
     }
   });

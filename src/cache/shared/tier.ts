@@ -21,7 +21,7 @@ import { CacheKeyError, claimIsFresh, claimRefused, claimStreams, digestKey, may
 import { filesIdentity, readRecordKey, sharedBackend, sharedCredentialFiles } from './open.js';
 import { openRecord, sealRecord } from './records.js';
 import { ANNOUNCE_LOOK_MS, parseSegmentOffset, SEGMENT_MAX_BYTES, segmentKeyOffset, STREAM_STALL_MS } from '../streamplan.js';
-import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedStore } from './store.js';
+import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedStore } from './store.js';
 
 /** After a failure, calls are skipped (answered "absent") this long before the store is tried again. */
 const RETRY_MS = 5_000;
@@ -56,6 +56,24 @@ const SEGMENT_BUFFERS_KEEP_MS = 10_000;
  */
 export const STORE_READ_MIN_BYTES = 64 * 1024;
 const STORE_READ_TICK_MS = 1_000;
+/**
+ * The most objects one listing is read for (a hundred S3 pages): more segments than a blob's fill
+ * makes (8 MiB or 2 s each: 800 GB, or 55 hours of one fill), more links and tag records than a
+ * repository has. A store's listing is paged by tokens the store hands out; one that hands out new
+ * ones without end (and objects with them) would otherwise be listed for ever, and a removal of
+ * segments, which collects the keys before it removes them, would grow without bound. The call's
+ * deadline does not end it: the listing goes on after the deadline answered the caller.
+ */
+export const LIST_OBJECTS_MAX = 100_000;
+
+/** A listing that fails past LIST_OBJECTS_MAX objects (the store failing: the tier is down for a while). */
+async function* listed(store: SharedStore, prefix: string): AsyncIterable<SharedListing> {
+  let count = 0;
+  for await (const object of store.list(prefix)) {
+    if (++count > LIST_OBJECTS_MAX) throw new SharedStoreError('error', `list ${prefix}: more than ${LIST_OBJECTS_MAX} objects`);
+    yield object;
+  }
+}
 /** Refused objects this node remembers having logged (each is logged once). */
 const REFUSED_LOGGED_MAX = 1_000;
 
@@ -321,7 +339,7 @@ export class SharedTier {
     await this.call('remove', undefined, async (store) => {
       const keys: string[] = [];
       const prefix = sharedKeys.segments(digest);
-      for await (const object of store.list(prefix)) {
+      for await (const object of listed(store, prefix)) {
         // Only what is a segment by name (<origin>/<offset>): nothing else is removed under the prefix.
         const [origin, offset, ...rest] = object.key.slice(prefix.length).split('/');
         if (rest.length === 0 && origin !== undefined && /^[0-9a-f]{64}$/.test(origin) && offset !== undefined && parseSegmentOffset(offset) !== undefined) keys.push(object.key);
@@ -393,8 +411,8 @@ export class SharedTier {
     return this.call('remove', false, async (store) => {
       const base = repositoryPath(rule, repository);
       if (digest !== undefined) await store.remove(sharedKeys.link(rule, repository, digest));
-      else for await (const link of store.list(`${base}/_links/`)) await store.remove(link.key);
-      for await (const tag of store.list(`${base}/_tags/`)) {
+      else for await (const link of listed(store, `${base}/_links/`)) await store.remove(link.key);
+      for await (const tag of listed(store, `${base}/_tags/`)) {
         if (digest !== undefined) {
           // A record this node refuses to read (too large, not a file) names no digest it believes: left.
           const body = await store.readRecord(tag.key, RECORD_MAX_BYTES).catch((error: unknown) => {
