@@ -76,11 +76,19 @@ export class CachedBlobs {
     return true;
   }
 
-  /** NodeCache.confirmAccess for a blob, with a HEAD through the request's rule. */
-  private confirmAccess(request: BlobRequest, link: LinkState | null): Promise<void> {
+  /** NodeCache.confirmAccess for a blob, with a HEAD through the request's rule: the length that
+   * HEAD stated, when it was asked and stated one. */
+  private async confirmAccess(request: BlobRequest, link: LinkState | null): Promise<number | undefined> {
     const passthrough = this.rules.get(request.rule)?.rule.auth.mode === 'passthrough';
     const check = { rule: request.rule, repository: request.repository, digest: request.digest, credentials: request.credentials, signal: request.signal, passthrough, kind: 'blob' as const, link };
-    return this.cache.confirmAccess(check, () => this.upstream.blob({ ...request, method: 'HEAD', range: undefined }));
+    let stated: number | undefined;
+    await this.cache.confirmAccess(check, async () => {
+      const head = await this.upstream.blob({ ...request, method: 'HEAD', range: undefined });
+      const length = Number(head.headers['content-length']);
+      if (head.status === 200 && Number.isSafeInteger(length) && length >= 0) stated = length;
+      return head;
+    });
+    return stated;
   }
 
   /** A link that counts as confirmed now (a shared one, or a fill of this (rule, repository)). */
@@ -311,7 +319,13 @@ export class CachedBlobs {
     // A link in the tier says another node fetched it through this rule, not when the upstream last
     // confirmed it: the upstream is asked now (a refusal is passed on; an outage is bridged).
     // Under the fill's signal, not the first client's: its leaving must not fail the others.
-    await this.confirmAccess({ ...request, signal }, linked ? { mediaType: '', confirmedAt: 0 } : null);
+    const stated = await this.confirmAccess({ ...request, signal }, linked ? { mediaType: '', confirmedAt: 0 } : null);
+    // The tier's size is only the store's word; the upstream's, when it gave one, is the blob's: an
+    // object of another size is not the blob (fetched from the upstream rather than cut at its end).
+    if (stated !== undefined && stated !== size) {
+      this.cache.logger.warn({ digest: request.digest, size, upstreamSize: stated }, 'shared cache tier: the shared blob is not of the size the upstream states; fetching from the upstream');
+      return undefined;
+    }
     if (!linked) await shared.writeLink(request.rule, request.repository, request.digest);
     // Only the size stated: a download longer than that (the object replaced meanwhile, a store
     // whose stat and read disagree) would fail the fill on its first chunk past it, as an error.
@@ -329,11 +343,17 @@ export class CachedBlobs {
    * from where the chain ended (this rule, these credentials) should the store fail or the filler
    * stall. This node's fill hashes every byte, whatever its source.
    */
-  private async follow(request: BlobRequest, signal: AbortSignal, source: SharedSource, claim: SharedClaim & { readonly size: number; readonly origin: string }): Promise<BlobResult> {
+  private async follow(request: BlobRequest, signal: AbortSignal, source: SharedSource, claim: SharedClaim & { readonly size: number; readonly origin: string }): Promise<BlobResult | undefined> {
     const { cache } = this;
     const shared = cache.shared;
     if (!shared) throw new Error('no shared tier to follow');
-    await this.confirmAccess({ ...request, signal }, null);
+    const stated = await this.confirmAccess({ ...request, signal }, null);
+    // A claim's size is the Content-Length its followers answer with: one the upstream contradicts
+    // (a forged or corrupt claim) is not followed, or every follower's client would be cut at its end.
+    if (stated !== undefined && stated !== claim.size) {
+      cache.logger.warn({ digest: request.digest, size: claim.size, upstreamSize: stated, node: claim.node }, 'shared cache tier: a fill claim announces a size the upstream does not state; fetching from the upstream');
+      return undefined;
+    }
     source.shared = true;
     const { size } = claim;
     const body = new FollowBody({
