@@ -85,7 +85,7 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
-    config = { timeoutSeconds: 2, fillWaitSeconds: 60, streamFills: true, s3: { bucket: 'images', region: 'us-east-1', endpoint, forcePathStyle: true, prefix: '', accessKeyFile: join(dir, 'access'), secretKeyFile: join(dir, 'secret') } } as unknown as SharedConfig;
+    config = { timeoutSeconds: 2, fillWaitSeconds: 60, streamFills: true, s3: { bucket: 'images', region: 'us-east-1', endpoint, forcePathStyle: true, prefix: '', accessKeyFile: join(dir, 'access'), secretKeyFile: join(dir, 'secret') } };
     store = await openS3Store({ bucket: 'images', region: 'us-east-1', endpoint, forcePathStyle: true, prefix: '', accessKeyFile: join(dir, 'access'), secretKeyFile: join(dir, 'secret') }, 30);
   });
   after(async () => {

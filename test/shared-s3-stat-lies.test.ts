@@ -15,7 +15,7 @@ import { openSharedStore } from '../src/cache/shared/open.js';
 import { sharedKeys } from '../src/cache/shared/tier.js';
 import type { SharedConfig } from '../src/rules/config.js';
 import { startVersitygw, type S3Server } from './support/objectstores.js';
-import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+import { getAsShop, startProxy, type ProxyUnderTest } from './support/proxy.js';
 
 const sha = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
 
@@ -44,26 +44,15 @@ describe('a node reading a shared blob whose stated size lies (versitygw behind 
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
   };
-  const shared = (): SharedConfig => ({ timeoutSeconds: 5, fillWaitSeconds: 10, streamFills: true, s3: { bucket: s3.bucket, endpoint: front, forcePathStyle: true, region: 'us-east-1', prefix: '', accessKeyFile: s3.accessKeyFile, secretKeyFile: s3.secretKeyFile } }) as unknown as SharedConfig;
+  const shared = (endpoint = front): SharedConfig => ({ timeoutSeconds: 5, fillWaitSeconds: 10, streamFills: true, s3: { bucket: s3.bucket, endpoint, forcePathStyle: true, region: 'us-east-1', prefix: '', accessKeyFile: s3.accessKeyFile, secretKeyFile: s3.secretKeyFile } });
   const node = async (nodeName?: string): Promise<ProxyUnderTest> => {
     const dir = mkdtempSync(join(tmpdir(), 'pullbridge-stat-lies-'));
     dirs.push(dir);
-    const proxy = await startProxy({ cache: { path: join(dir, 'store'), shared: shared() }, registries: [{ name: 'corp', match: ['registry.corp.example'], upstream }] } as never, {}, {}, {}, nodeName ? { nodeName } : {});
+    const proxy = await startProxy({ cache: { path: join(dir, 'store'), shared: shared() }, registries: [{ name: 'corp', match: ['registry.corp.example'], upstream }] }, {}, {}, {}, nodeName ? { nodeName } : {});
     proxies.push(proxy);
     return proxy;
   };
-  const get = (proxy: ProxyUnderTest, of = digest): Promise<{ status: number; complete: boolean; body: Buffer }> =>
-    new Promise((resolve) => {
-      const chunks: Buffer[] = [];
-      const req = http.get(`${proxy.url}/v2/corp/team/app/blobs/${of}`, { headers: { authorization: proxy.authorization('shop') } }, (res) => {
-        const done = () => resolve({ status: res.statusCode ?? 0, complete: res.complete, body: Buffer.concat(chunks) });
-        res.on('data', (chunk: Buffer) => chunks.push(chunk));
-        res.on('end', done);
-        res.on('error', done);
-        res.on('aborted', done);
-      });
-      req.on('error', () => resolve({ status: 0, complete: false, body: Buffer.concat(chunks) }));
-    });
+  const get = (proxy: ProxyUnderTest, of = digest) => getAsShop(proxy, `/v2/corp/team/app/blobs/${of}`);
 
   before(async () => {
     s3 = await startVersitygw();
@@ -115,7 +104,7 @@ describe('a node reading a shared blob whose stated size lies (versitygw behind 
     const filler = await node();
     const first = await get(filler);
     assert.deepEqual({ status: first.status, complete: first.complete, digest: sha(first.body) }, { status: 200, complete: true, digest });
-    const direct = await openSharedStore({ ...shared(), s3: { ...shared().s3, endpoint: s3.endpoint } } as SharedConfig);
+    const direct = await openSharedStore(shared(s3.endpoint));
     try {
       for (let round = 0; round < 300 && (await direct.stat(sharedKeys.blob(digest))) === undefined; round++) await new Promise((resolve) => setTimeout(resolve, 50));
       assert.equal((await direct.stat(sharedKeys.blob(digest)))?.size, blob.length, 'the filler did not share the blob');

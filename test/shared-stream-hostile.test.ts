@@ -22,7 +22,7 @@ import type { SharedConfig } from '../src/rules/config.js';
 import { createLogger } from '../src/log.js';
 import { upstreamOrigin } from '../src/upstream/rule.js';
 import { startVersitygw, type S3Server } from './support/objectstores.js';
-import { startProxy, type ProxyUnderTest } from './support/proxy.js';
+import { getAsShop, startProxy, type ProxyUnderTest } from './support/proxy.js';
 
 const MiB = 1024 * 1024;
 const sha = (bytes: Buffer) => `sha256:${createHash('sha256').update(bytes).digest('hex')}`;
@@ -65,20 +65,6 @@ async function until<T>(check: () => Promise<T | undefined>, rounds = 1000): Pro
   return undefined;
 }
 
-/** A GET of the blob through the proxy: status, completeness and bytes. */
-function get(node: ProxyUnderTest, path: string): Promise<{ status: number; complete: boolean; body: Buffer }> {
-  return new Promise((resolve) => {
-    const chunks: Buffer[] = [];
-    const req = http.get(`${node.url}${path}`, { headers: { authorization: node.authorization('shop') } }, (res) => {
-      const done = () => resolve({ status: res.statusCode ?? 0, complete: res.complete, body: Buffer.concat(chunks) });
-      res.on('data', (chunk: Buffer) => chunks.push(chunk));
-      res.on('end', done);
-      res.on('error', done);
-      res.on('aborted', done);
-    });
-    req.on('error', () => resolve({ status: 0, complete: false, body: Buffer.concat(chunks) }));
-  });
-}
 
 describe('streaming fills against a hostile store writer or upstream', function () {
   this.timeout(60_000);
@@ -126,7 +112,7 @@ describe('streaming fills against a hostile store writer or upstream', function 
       {}, {}, {}, { nodeName: 'node-x' },
     );
     proxies.push(node);
-    const received = (await get(node, `/v2/evil/team/app/blobs/${digest}`)).body;
+    const received = (await getAsShop(node, `/v2/evil/team/app/blobs/${digest}`)).body;
     const leaked = received.length > 0 && received.equals(secret.subarray(0, received.length));
     assert.equal(leaked, false, `the client of the hostile upstream's rule received ${received.length} bytes of the other upstream's layer (upstream asked: ${asked.join(' | ')})`);
   });
@@ -152,7 +138,7 @@ describe('streaming fills against a hostile store writer or upstream', function 
       {}, {}, {}, { nodeName: 'node-f' },
     );
     proxies.push(node);
-    const got = await get(node, `/v2/corp/team/app/blobs/${digest}`);
+    const got = await getAsShop(node, `/v2/corp/team/app/blobs/${digest}`);
     assert.deepEqual({ status: got.status, complete: got.complete, digest: sha(got.body) }, { status: 200, complete: true, digest });
   });
 

@@ -1,6 +1,7 @@
 // The proxy under test, in-process on loopback, with a broker key in a temp file.
 
 import { randomBytes } from 'node:crypto';
+import http from 'node:http';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -113,4 +114,20 @@ export async function runProxyUnderTest(config: Omit<ConfigInput, 'broker'>, key
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+/** A GET through a proxy as the namespace `shop`: its status, whether the body came whole, and the
+ * bytes that came (a cut or reset answer resolves with what arrived, not an error). */
+export function getAsShop(proxy: ProxyUnderTest, path: string): Promise<{ status: number; complete: boolean; body: Buffer }> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    const req = http.get(`${proxy.url}${path}`, { headers: { authorization: proxy.authorization('shop') } }, (res) => {
+      const done = () => resolve({ status: res.statusCode ?? 0, complete: res.complete, body: Buffer.concat(chunks) });
+      res.on('data', (chunk: Buffer) => chunks.push(chunk));
+      res.on('end', done);
+      res.on('error', done);
+      res.on('aborted', done);
+    });
+    req.on('error', () => resolve({ status: 0, complete: false, body: Buffer.concat(chunks) }));
+  });
 }
