@@ -13,7 +13,7 @@ import {
   type StoragePipelineOptions,
 } from '@azure/storage-blob';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readRange, readSecretFile } from './common.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readAnswer, readBounded, readRange, readSecretFile } from './common.js';
 import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type AzureConfig = NonNullable<SharedConfig['azure']>;
@@ -35,9 +35,48 @@ export async function openAzureStore(config: AzureConfig, timeoutSeconds: number
   };
   const service =
     'sasToken' in credentials
-      ? new BlobServiceClient(`${endpoint}?${credentials.sasToken}`, new AnonymousCredential(), options)
-      : new BlobServiceClient(endpoint, new StorageSharedKeyCredential(credentials.accountName, credentials.accountKey), options);
+      ? new BoundedBlobServiceClient(`${endpoint}?${credentials.sasToken}`, new AnonymousCredential(), options)
+      : new BoundedBlobServiceClient(endpoint, new StorageSharedKeyCredential(credentials.accountName, credentials.accountKey), options);
   return new AzureStore(service.getContainerClient(config.container), config, endpoint, timeoutMs);
+}
+
+/**
+ * A BlobServiceClient whose answers to parse are bounded (PARSED_ANSWER_MAX_BYTES): the SDK's HTTP
+ * client reads the body of every answer it does not stream (an error document, a listing page, an
+ * upload's answer) whole into one string before it is parsed, however long the store makes it; a
+ * 500 of 512 MiB ends the process (a string that long cannot be made, and it is thrown outside any
+ * promise). A policy nearest the HTTP client (after Sign, beneath Retry and the deserializer) has
+ * every answer streamed and reads those the SDK would have read itself, within the bound. Downloads
+ * (the statuses the operation streams) pass as they were. The container and blob clients made from
+ * this one share its pipeline, so the policy is added once.
+ */
+class BoundedBlobServiceClient extends BlobServiceClient {
+  constructor(url: string, credential: AnonymousCredential | StorageSharedKeyCredential, options: StoragePipelineOptions) {
+    super(url, credential, options);
+    this.storageClientContext.pipeline.addPolicy(
+      {
+        name: 'pullbridgeBoundedAnswers',
+        async sendRequest(request, next) {
+          const streamed = request.streamResponseStatusCodes;
+          // Infinity: the HTTP client's way of saying "stream the body of any status".
+          request.streamResponseStatusCodes = new Set([Number.POSITIVE_INFINITY]);
+          let response: Awaited<ReturnType<typeof next>>;
+          try {
+            response = await next(request);
+          } finally {
+            // A retry passes here again, and sets it again.
+            request.streamResponseStatusCodes = streamed;
+          }
+          const body = response.readableStreamBody as Readable | undefined;
+          if (!body || streamed?.has(response.status) || streamed?.has(Number.POSITIVE_INFINITY)) return response;
+          response.readableStreamBody = undefined;
+          response.bodyAsText = (await readAnswer(body, response.headers.get('content-length'))).toString('utf8');
+          return response;
+        },
+      },
+      { afterPhase: 'Sign' },
+    );
+  }
 }
 
 type Credentials = { accountName: string; accountKey: string } | { accountName: string; sasToken: string };

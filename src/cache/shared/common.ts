@@ -11,6 +11,39 @@ export async function readSecretFile(path: string): Promise<string> {
   return (await readFile(path, 'utf8')).replace(/\r?\n$/, '');
 }
 
+/**
+ * The most of one answer's body an SDK may read into memory to parse it: an error document, a
+ * listing page (1,000 keys, a few hundred KiB), a multipart upload's answers. The SDKs collect such
+ * a body whole before they parse it, however long the store makes it; past this the answer fails
+ * (the store is failing) instead of the node's memory. A download's body is streamed to the caller,
+ * which bounds it itself (records) or verifies it (blobs, segments), and is not counted here.
+ */
+export const PARSED_ANSWER_MAX_BYTES = 4 * 1024 * 1024;
+
+/** The error of an answer longer than PARSED_ANSWER_MAX_BYTES: a plain Error, a failure of the store. */
+export function answerTooLong(): Error {
+  return new Error(`the store's answer is longer than the ${PARSED_ANSWER_MAX_BYTES} bytes an answer to parse may have`);
+}
+
+/** An answer's body read whole for an SDK to parse, failing (answerTooLong) once it announces or
+ * passes PARSED_ANSWER_MAX_BYTES; the download is destroyed then, so that the store stops sending. */
+export async function readAnswer(body: Readable, contentLength: string | undefined): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let length = 0;
+  try {
+    if (Number(contentLength) > PARSED_ANSWER_MAX_BYTES) throw answerTooLong();
+    for await (const chunk of body) {
+      const bytes = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk as Uint8Array);
+      length += bytes.length;
+      if (length > PARSED_ANSWER_MAX_BYTES) throw answerTooLong();
+      chunks.push(bytes);
+    }
+  } finally {
+    body.destroy();
+  }
+  return Buffer.concat(chunks, length);
+}
+
 /** A per-request deadline joined with the caller's abort signal; `timedOut` tells afterwards which
  * of the two fired, since both surface from the SDKs as the same abort error. `disarm` ends both
  * once the answer is in (a read's body is tied to the caller's signal on its own: the deadline

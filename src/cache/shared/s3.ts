@@ -23,7 +23,7 @@ import {
 } from '@aws-sdk/client-s3';
 import type { SharedConfig } from '../../rules/config.js';
 import { largeReadOptions, type SocketReadOptions } from '../../upstream/readbuffers.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
+import { answerTooLong, checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, PARSED_ANSWER_MAX_BYTES, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
 import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
@@ -41,14 +41,6 @@ const PART_UPLOADS = 4;
 const STORE_READ_BYTES = 512 * 1024;
 /** Connections kept per store (the SDK's own default). */
 const STORE_SOCKETS = 50;
-/**
- * The most of one answer's body the SDK may read into memory to parse it: an error document, a
- * listing page (1,000 keys, a few hundred KiB), a multipart upload's answers. The SDK collects such
- * a body whole before it parses it, however long the store makes it; past this the answer fails
- * (the store is failing) instead of the node's memory. A download's body is streamed to the caller,
- * which bounds it itself (records) or verifies it (blobs, segments), and is not counted here.
- */
-const PARSED_ANSWER_MAX_BYTES = 4 * 1024 * 1024;
 
 // An Agent hands its options to net.createConnection, onread included (which its type omits).
 const storeAgentOptions: AgentOptions & { readonly onread: SocketReadOptions } = { keepAlive: true, maxSockets: STORE_SOCKETS, onread: largeReadOptions(STORE_READ_BYTES) };
@@ -107,12 +99,11 @@ export async function openS3Store(config: S3Config, timeoutSeconds: number): Pro
 /** An answer's body that fails once it announces or passes PARSED_ANSWER_MAX_BYTES; the download
  * is destroyed then, so that the store stops sending. */
 function boundedAnswer(body: Readable, contentLength: string | undefined): Readable {
-  const tooLong = () => new Error(`the store's answer is longer than the ${PARSED_ANSWER_MAX_BYTES} bytes an answer to parse may have`);
   let length = 0;
   const bounded = new Transform({
     transform(chunk: Buffer, _encoding, done) {
       length += chunk.length;
-      if (length > PARSED_ANSWER_MAX_BYTES) done(tooLong());
+      if (length > PARSED_ANSWER_MAX_BYTES) done(answerTooLong());
       else done(null, chunk);
     },
   });
@@ -120,7 +111,7 @@ function boundedAnswer(body: Readable, contentLength: string | undefined): Reada
   body.once('error', (error) => bounded.destroy(error));
   if (Number(contentLength) > PARSED_ANSWER_MAX_BYTES) {
     body.destroy();
-    bounded.destroy(tooLong());
+    bounded.destroy(answerTooLong());
     return bounded;
   }
   return body.pipe(bounded);
