@@ -16,6 +16,7 @@ import { SharedStoreError, type SharedStore } from '../src/cache/shared/store.js
 import { LIST_OBJECTS_MAX, SharedTier } from '../src/cache/shared/tier.js';
 import type { SharedConfig } from '../src/rules/config.js';
 import { createLogger } from '../src/log.js';
+import { writeRepeated } from './support/http.js';
 
 const MiB = 1024 * 1024;
 /** What the scripted store sends per answer: far more than an answer to parse may have. */
@@ -70,18 +71,7 @@ describe('the S3 adapter against a store sending answers too long to parse (scri
         return void res.end();
       }
       res.writeHead(status, { 'content-type': 'application/xml', ...(withLength ? { 'content-length': String(ANSWER_BYTES) } : {}) });
-      const chunk = Buffer.alloc(MiB, 0x20);
-      let written = 0;
-      const write = () => {
-        while (written < ANSWER_BYTES && !res.destroyed) {
-          written += chunk.length;
-          sent += chunk.length;
-          if (!res.write(chunk)) return void res.once('drain', write);
-        }
-        if (!res.destroyed) res.end();
-      };
-      res.on('close', () => undefined);
-      write();
+      writeRepeated(res, Buffer.alloc(MiB, 0x20), ANSWER_BYTES / MiB, (bytes) => (sent += bytes));
     });
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
     const endpoint = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;

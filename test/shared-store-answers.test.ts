@@ -15,6 +15,7 @@ import { openAzureStore } from '../src/cache/shared/azure.js';
 import { PARSED_ANSWER_MAX_BYTES } from '../src/cache/shared/common.js';
 import { SharedStoreError, type SharedStore } from '../src/cache/shared/store.js';
 import { startAzurite, type AzureServer } from './support/objectstores.js';
+import { writeRepeated } from './support/http.js';
 
 const MiB = 1024 * 1024;
 /** What the front sends per rewritten answer: far more than an answer to parse may have. */
@@ -40,19 +41,8 @@ async function startFront(port: number, rewrite: () => Rewrite | undefined): Pro
       req.resume();
       res.writeHead(answer.status, { 'content-type': 'application/xml', ...(answer.withLength ? { 'content-length': String(ANSWER_BYTES) } : {}) });
       const head = Buffer.from(answer.head ?? '');
-      const filler = Buffer.alloc(MiB, 0x20);
-      res.write(head);
-      let written = head.length;
-      sent += head.length;
-      const write = () => {
-        while (written < ANSWER_BYTES && !res.destroyed) {
-          written += filler.length;
-          sent += filler.length;
-          if (!res.write(filler)) return void res.once('drain', write);
-        }
-        if (!res.destroyed) res.end();
-      };
-      write();
+      res.write(head, (error) => error || (sent += head.length));
+      writeRepeated(res, Buffer.alloc(MiB, 0x20), ANSWER_BYTES / MiB, (bytes) => (sent += bytes));
       return;
     }
     const forwarded = http.request({ host: '127.0.0.1', port, method: req.method, path: req.url, headers: req.headers }, (answer) => {

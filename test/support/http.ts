@@ -40,18 +40,19 @@ export function leavingRequest(url: string, path: string, options: { headers?: R
 }
 
 /**
- * Writes `chunk` `times` times, waiting for 'drain' when the stream asks, then ends it.
- * `onFlushed` is called as each write leaves the stream's buffer.
+ * Writes `chunk` `times` times, waiting for 'drain' when the stream asks, then ends it; stops
+ * once the stream is destroyed (its reader went away). `onFlushed` is called as each write leaves
+ * the stream's buffer.
  */
 export function writeRepeated(out: Writable, chunk: Buffer, times: number, onFlushed?: (bytes: number) => void): void {
   let written = 0;
   const next = () => {
-    while (written < times) {
+    while (written < times && !out.destroyed) {
       written++;
-      const more = onFlushed ? out.write(chunk, () => onFlushed(chunk.length)) : out.write(chunk);
+      const more = onFlushed ? out.write(chunk, (error) => error || onFlushed(chunk.length)) : out.write(chunk);
       if (!more) return void out.once('drain', next);
     }
-    out.end();
+    if (!out.destroyed) out.end();
   };
   next();
 }
