@@ -11,7 +11,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { listen, type RunningServer } from '../src/shell/serve.js';
 import { startCli } from './support/cli.js';
-import { leavingRequest, rawRequest, slowUpstream, type RawResponse } from './support/http.js';
+import { leavingRequest, rawRequest, mostAtOnce, slowUpstream, type RawResponse } from './support/http.js';
 import { buildImage, type TestImage } from './support/oci.js';
 import { freePort } from './support/procs.js';
 import { startProxy, type ProxyUnderTest } from './support/proxy.js';
@@ -203,7 +203,8 @@ describe('proxy memory under many buffered manifests at once (the pullbridge pro
     // A registry that takes about two seconds to send each manifest (docker-registry cannot be made
     // slow), so that all 60 are held by the proxy at the same time.
     const manifest = paddedManifest(3.5 * 1024 * 1024);
-    const slow = await slowUpstream(manifest, { chunkBytes: 256 * 1024, intervalMs: 150, announceLength: true, contentType: OCI_MANIFEST });
+    const whole: Array<{ from: number; to: number }> = [];
+    const slow = await slowUpstream(manifest, { chunkBytes: 256 * 1024, intervalMs: 150, announceLength: true, contentType: OCI_MANIFEST, whole });
     const dir = mkdtempSync(join(tmpdir(), 'pullbridge-buffered-'));
     const port = await freePort();
     writeFileSync(join(dir, 'config.json'), JSON.stringify({ registries: [{ name: 'corp', match: ['corp.example'], upstream: slow.url, auth: { mode: 'anonymous' } }] }));
@@ -222,8 +223,12 @@ describe('proxy memory under many buffered manifests at once (the pullbridge pro
       clearInterval(sampler);
       const grown = peak - baseline;
       // 16 MiB per client: at most 4 of these per source at once; the others are told to come back.
-      const served = statuses.filter((s) => s === 200).length;
-      assert.ok(served >= 3 && served <= 12, `${served} served at once: ${statuses.join(',')}`);
+      // Counted at the registry, as manifests sent whole at the same moment (a fetch refused for
+      // the budget is cut at its start): a request that reaches the proxy after the first ones were
+      // served (a loaded machine) is rightly served too, and is not "at once".
+      const atOnce = mostAtOnce(whole);
+      assert.ok(atOnce >= 3 && atOnce <= 12, `${atOnce} manifests fetched whole at once: ${statuses.join(',')}`);
+      assert.ok(statuses.filter((s) => s === 200).length >= 3, statuses.join(','));
       assert.ok(statuses.every((s) => s === 200 || s === 429), statuses.join(','));
       // (Without the budget: +288 MiB.)
       assert.ok(grown < 150 * 1024 * 1024, `peak RSS grew by ${(grown / 1048576).toFixed(1)} MiB with 60 manifests of 3.5 MiB asked at once`);

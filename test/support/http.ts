@@ -65,6 +65,13 @@ export interface SlowUpstreamOptions {
   readonly contentType: string;
   /** Close the connection once this many bytes were sent (a body cut mid-transfer). */
   readonly cutAfterBytes?: number;
+  /** Gets, for each answer sent whole, when it began and ended (performance.now()). */
+  readonly whole?: Array<{ readonly from: number; readonly to: number }>;
+}
+
+/** The most of `spans` that overlap at one moment. */
+export function mostAtOnce(spans: ReadonlyArray<{ readonly from: number; readonly to: number }>): number {
+  return Math.max(0, ...spans.map((s) => spans.filter((o) => o.from <= s.from && s.from < o.to).length));
 }
 
 /**
@@ -76,6 +83,7 @@ export function slowUpstream(body: Buffer, options: SlowUpstreamOptions): Promis
   const end = Math.min(body.length, options.cutAfterBytes ?? body.length);
   return listen(
     (_req, res) => {
+      const from = performance.now();
       res.writeHead(200, { 'content-type': options.contentType, ...(options.announceLength ? { 'content-length': body.length } : {}) });
       let sent = 0;
       const timer = setInterval(() => {
@@ -83,7 +91,7 @@ export function slowUpstream(body: Buffer, options: SlowUpstreamOptions): Promis
         sent += chunk.length;
         if (sent < end) return void res.write(chunk);
         clearInterval(timer);
-        if (end === body.length) res.end(chunk);
+        if (end === body.length) res.end(chunk, () => options.whole?.push({ from, to: performance.now() }));
         else res.write(chunk, () => res.destroy());
       }, options.intervalMs);
       res.on('close', () => clearInterval(timer));
