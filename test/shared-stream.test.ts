@@ -152,10 +152,14 @@ interface ClientRecord {
   /** The response ended as HTTP says it should (every announced byte, no cut). */
   complete: boolean;
   error: string | undefined;
+  /** An error answer's body (its start), and the node's warnings and errors meanwhile: what a failed assertion shows. */
+  errorBody: string;
+  nodeLog: string;
 }
 
 function streamGet(node: StreamNode, digest: string, rule = 'corp'): { record: ClientRecord; done: Promise<ClientRecord> } {
-  const record: ClientRecord = { node: node.name, startedAt: performance.now(), status: 0, contentLength: undefined, chunks: [], bytes: 0, digest: '', complete: false, error: undefined };
+  const record: ClientRecord = { node: node.name, startedAt: performance.now(), status: 0, contentLength: undefined, chunks: [], bytes: 0, digest: '', complete: false, error: undefined, errorBody: '', nodeLog: '' };
+  const logFrom = node.records.length;
   const hash = createHash('sha256');
   const done = new Promise<ClientRecord>((resolve) => {
     let settled = false;
@@ -164,6 +168,9 @@ function streamGet(node: StreamNode, digest: string, rule = 'corp'): { record: C
       settled = true;
       record.error = error;
       record.digest = `sha256:${hash.digest('hex')}`;
+      if (record.status !== 200 || error !== undefined) {
+        record.nodeLog = node.records.slice(logFrom).filter((r) => typeof r.level === 'number' && r.level >= 40).map((r) => JSON.stringify(r)).join('\n');
+      }
       resolve(record);
     };
     const request = http.get(`${node.url}/v2/${rule}/${REPOSITORY}/blobs/${digest}`, { agent: false }, (response) => {
@@ -174,6 +181,7 @@ function streamGet(node: StreamNode, digest: string, rule = 'corp'): { record: C
         record.chunks.push({ at: performance.now(), bytes: chunk.length });
         record.bytes += chunk.length;
         hash.update(chunk);
+        if (record.status !== 200 && record.errorBody.length < 512) record.errorBody += chunk.toString('utf8');
       });
       response.once('end', () => {
         record.complete = response.complete && (record.contentLength === undefined || record.bytes === record.contentLength);
@@ -208,7 +216,7 @@ const reportClients = (title: string, clients: readonly ClientRecord[]) => {
 const reportLine = (text: string) => {
   if (process.env.STREAM_TEST_REPORT === '1') process.stdout.write(`        ${text}\n`);
 };
-const describeClient = (r: ClientRecord) => `${r.node}: status ${r.status}, ${r.bytes}/${r.contentLength ?? '?'} bytes, complete ${r.complete}${r.error ? ` (${r.error})` : ''}, first byte after ${Math.round(firstByteAt(r) - r.startedAt)} ms, longest gap ${Math.round(longestGap(r))} ms`;
+const describeClient = (r: ClientRecord) => `${r.node}: status ${r.status}, ${r.bytes}/${r.contentLength ?? '?'} bytes, complete ${r.complete}${r.error ? ` (${r.error})` : ''}, first byte after ${Math.round(firstByteAt(r) - r.startedAt)} ms, longest gap ${Math.round(longestGap(r))} ms${r.errorBody ? `; body ${r.errorBody.slice(0, 512)}` : ''}${r.nodeLog ? `; its log:\n${r.nodeLog}` : ''}`;
 
 // ---------------------------------------------------------------------------------------------
 // Nodes: `pullbridge proxy` processes.

@@ -3,7 +3,22 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createServer, connect } from 'node:net';
 
+/** Ports handed out in this run. The kernel may give a port it just gave (and that was closed)
+ * again: two nodes started at once then race for one port, and the loser's port answers with the
+ * winner's server. No port is handed out twice in a run. */
+const handedOut = new Set<number>();
+
 export async function freePort(): Promise<number> {
+  for (let attempt = 0; attempt < 1000; attempt++) {
+    const port = await unusedPort();
+    if (handedOut.has(port)) continue;
+    handedOut.add(port);
+    return port;
+  }
+  throw new Error('no free loopback port that this run has not handed out already in 1000 tries');
+}
+
+function unusedPort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const server = createServer();
     server.once('error', reject);
