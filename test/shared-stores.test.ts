@@ -22,9 +22,9 @@
 //                    Delete Blob. Checks Shared Key signatures (wrong key => 403 => 'denied');
 //                    account SAS tokens accepted. Not shown: Entra ID, the service's own clean-up
 //                    of uncommitted blocks (Azure drops them after a week).
-//   gcs (fake-gcs-server)  ifGenerationMatch=0 honoured on single-request uploads and when a
-//                    resumable upload is finalized (8 racing resumable uploads: one created, seven
-//                    412); ifGenerationMatch=N honoured on uploads but NOT on a delete (v1.56.1
+//   gcs (fake-gcs-server)  ifGenerationMatch=0 honoured on single-request uploads, the only kind
+//                    the adapter makes (8 racing uploads of a file: one created, seven 412);
+//                    ifGenerationMatch=N honoured on uploads but NOT on a delete (v1.56.1
 //                    deletes any generation): the adapter's conditional remove is a conditional
 //                    overwrite with an empty object, then a delete. Checks no credentials at all:
 //                    no 'denied' case. Answers a missing bucket like a missing object (404 "Not
@@ -32,7 +32,7 @@
 //                    bucket in its message, which the adapter uses. Not shown: authentication
 //                    (service account key, workload identity).
 //   All: 'unreachable' is a stopped server's refused connection, 'timeout' a listener that never
-//   answers, each within seconds (one retry). TLS endpoints are not exercised. createFromRange (a
+//   answers, each within seconds (the S3 and Azure SDKs retry once; the GCS adapter does not). TLS endpoints are not exercised. createFromRange (a
 //   segment) is one create-if-absent request on each: single PutObject, single Put Blob, GCS
 //   single-request upload (each refused when the key is taken, 8 racing: one created); its abort
 //   once bytes flow leaves no object on any of them (single requests are all or nothing).

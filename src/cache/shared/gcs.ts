@@ -1,23 +1,27 @@
-// The shared tier on Google Cloud Storage. Creates are conditional on there being no live object
-// (`ifGenerationMatch=0`); large files go up as resumable uploads, which GCS finalizes only with the
-// last chunk, so an object is never visible in part and of several nodes one wins. A record is
+// The shared tier on Google Cloud Storage, over its JSON API. Creates are conditional on there being
+// no live object (`ifGenerationMatch=0`); every upload is one request, which GCS stores whole or not
+// at all, so an object is never visible in part and of several nodes one wins. A record is
 // replaced or removed on condition of its generation (`ifGenerationMatch`).
+//
+// The requests are the adapter's own (undici), with google-auth-library for the credentials only:
+// the client library reads every answer it parses whole, however long the store makes it, and
+// takes no bound; here an answer to parse is read up to PARSED_ANSWER_MAX_BYTES (common.ts), and a
+// download is streamed to the caller.
 
 import { createReadStream } from 'node:fs';
-import { addAbortSignal, Readable, Transform } from 'node:stream';
-import { pipeline } from 'node:stream/promises';
-import { ApiError, Storage, type Bucket, type StorageOptions } from '@google-cloud/storage';
+import { Readable, Transform } from 'node:stream';
+import type { JWTInput } from 'google-auth-library';
+import { Agent, request, type Dispatcher } from 'undici';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readBounded, readRange, readSecretFile } from './common.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readAnswer, readBounded, readRange, readSecretFile } from './common.js';
 import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
 
-/** Files above this go up in resumable chunks (a multiple of 256 KiB, as GCS requires); smaller ones
- * in one request, which GCS stores whole or not at all. */
-const CHUNK_SIZE = 8 * 1024 * 1024;
+const DEFAULT_ENDPOINT = 'https://storage.googleapis.com';
+const SCOPE = 'https://www.googleapis.com/auth/devstorage.read_write';
 
-/** What a range upload hands the library at a time (a read stream's chunk size). */
+/** What an upload of a buffer hands the connection at a time. */
 const PROGRESS_SLICE = 64 * 1024;
 
 /** Views of `buffer`, `size` bytes each (the last one shorter): no copy. */
@@ -25,11 +29,14 @@ function* slices(buffer: Buffer, size: number): Generator<Buffer> {
   for (let at = 0; at < buffer.length; at += size) yield buffer.subarray(at, at + size);
 }
 
+/** Connections kept per store: followers read segments while fills upload theirs. */
+const CONNECTIONS = 50;
+
 /**
  * A service account key file's text: the JSON key as Google issues it, or base64 of it, as an SAP
  * BTP Object Store binding carries it (`base64EncodedPrivateKeyData`). Returns the parsed key.
  */
-export function parseGcsKey(text: string): NonNullable<StorageOptions['credentials']> {
+export function parseGcsKey(text: string): JWTInput {
   let json = text.trim();
   if (!json.startsWith('{')) {
     const compact = json.replace(/\s+/g, '');
@@ -44,46 +51,81 @@ export function parseGcsKey(text: string): NonNullable<StorageOptions['credentia
     throw new Error(`holds no valid JSON: ${messageOf(error)}`, { cause: error });
   }
   if (typeof key !== 'object' || key === null || Array.isArray(key)) throw new Error('holds JSON that is not a key object');
-  return key as NonNullable<StorageOptions['credentials']>;
+  return key as JWTInput;
 }
+
+/** The Authorization header of a request to `url`, or none (an emulator). */
+type Authorize = (url: string) => Promise<Record<string, string>>;
 
 export async function openGcsStore(config: GcsConfig, timeoutSeconds: number): Promise<SharedStore> {
   // Read once at open, as the other stores' credential files are: a missing or unreadable file is
   // reported here, not at the first request.
-  let credentials: StorageOptions['credentials'];
+  let credentials: JWTInput | undefined;
   if (config.keyFile) {
-    const text = await readSecretFile(config.keyFile).catch((error: unknown) => {
+    const keyFile = config.keyFile;
+    const text = await readSecretFile(keyFile).catch((error: unknown) => {
       throw new SharedStoreError('denied', `reading the GCS key file: ${messageOf(error)}`, { cause: error });
     });
     try {
       credentials = parseGcsKey(text);
     } catch (error) {
-      throw new SharedStoreError('denied', `the GCS key file ${config.keyFile} ${messageOf(error)}`, { cause: error });
+      throw new SharedStoreError('denied', `the GCS key file ${keyFile} ${messageOf(error)}`, { cause: error });
     }
   }
-  const options: StorageOptions = {
-    ...(credentials ? { credentials } : {}),
-    apiEndpoint: config.endpoint,
-    // A custom endpoint is an emulator unless a key file is given (a private endpoint of the real
-    // service): the library skips authentication at custom endpoints unless told otherwise.
-    useAuthWithCustomEndpoint: config.endpoint !== undefined && config.keyFile !== undefined,
-    // One retry, soon: a store that is down should fail the request quickly. Conditional creates
-    // count as idempotent, so they are retried too (a lost answer then reads as 'exists').
-    retryOptions: { autoRetry: true, maxRetries: 1, retryDelayMultiplier: 2, maxRetryDelay: 2, totalTimeout: Math.max(timeoutSeconds, 1) },
-  };
-  return new GcsStore(new Storage(options).bucket(config.bucket), config, timeoutSeconds * 1000);
+  // A custom endpoint without a key file is an emulator: no credentials. Otherwise the key file's,
+  // or the node's (Workload Identity, the metadata server).
+  let authorize: Authorize = async () => ({});
+  if (credentials || config.endpoint === undefined) {
+    // Loaded only when used: an emulator needs none of it.
+    const { GoogleAuth } = await import('google-auth-library');
+    const auth = new GoogleAuth({ ...(credentials ? { credentials } : {}), scopes: [SCOPE] });
+    authorize = async (url) => {
+      const headers: Record<string, string> = {};
+      (await auth.getRequestHeaders(url)).forEach((value, name) => (headers[name] = value));
+      return headers;
+    };
+  }
+  return new GcsStore(config, authorize, timeoutSeconds * 1000);
+}
+
+/** An answer other than the one asked for: its status, and the store's message when it sent one. */
+class GcsAnswer extends Error {
+  constructor(
+    readonly status: number,
+    /** The store's own message (its error document's), or ''. */
+    readonly storeMessage: string,
+    message: string,
+  ) {
+    super(message);
+    this.name = 'GcsAnswer';
+  }
+}
+
+interface Call {
+  readonly method: 'GET' | 'POST' | 'DELETE';
+  /** Path and query after the endpoint. */
+  readonly path: string;
+  readonly headers?: Record<string, string>;
+  readonly body?: Buffer | Readable;
+  readonly signal?: AbortSignal;
 }
 
 class GcsStore implements SharedStore {
   readonly kind = 'gcs';
   readonly location: string;
+  private readonly endpoint: string;
+  private readonly agent: Agent;
 
   constructor(
-    private readonly bucket: Bucket,
     private readonly config: GcsConfig,
+    private readonly authorize: Authorize,
     private readonly timeoutMs: number,
   ) {
     this.location = `gs://${config.bucket}/${config.prefix}${config.endpoint ? ` at ${config.endpoint}` : ''}`;
+    this.endpoint = (config.endpoint ?? DEFAULT_ENDPOINT).replace(/\/+$/, '');
+    // No idle timeout on a body: a follower's client may hold a download back for as long as it
+    // reads slowly; the tier bounds a store that stops sending itself (SharedTier's drip check).
+    this.agent = new Agent({ connections: CONNECTIONS, bodyTimeout: 0, headersTimeout: 0 });
   }
 
   async stat(key: string): Promise<SharedObject | undefined> {
@@ -92,60 +134,35 @@ class GcsStore implements SharedStore {
   }
 
   async read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
-    // The library requests lazily, on the first read, and reports a missing object as a stream
-    // error; asking for the metadata first answers "missing" up front, and pinning its generation
-    // keeps the bytes those of the object it describes.
+    // The metadata first: its generation pins the bytes to those of the object it describes.
     const meta = await this.metadata(key);
     if (!meta) return undefined;
     // A span past the object's end (an empty object read from 0) would fail as a 416: no bytes, as
     // a file read there gives, for the caller to refuse; not a failure of the store.
     if (span && span.start >= meta.size) return Readable.from([]);
-    const stream = this.bucket.file(this.config.prefix + key, { generation: meta.generation }).createReadStream({ start: span?.start, end: span?.end });
-    return signal ? addAbortSignal(signal, stream) : stream;
+    const headers = span ? { range: `bytes=${span.start}-${span.end}` } : undefined;
+    const what = `read ${key}`;
+    // The deadline covers the answer; the caller's signal, the body too.
+    const answer = await this.guard(what, (limit) => this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${meta.generation}`, ...(headers ? { headers } : {}), signal: signal ? AbortSignal.any([limit, signal]) : limit }, [200, 206], true), signal);
+    return answer?.body;
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
-    return this.upload(key, createReadStream(file), size > CHUNK_SIZE, signal);
+    return this.upload(key, createReadStream(file), size, signal);
   }
 
   async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
     const body = await readRange(key, range, signal);
-    // Handed over in slices, so that the deadline starts over as the library takes them (one
-    // 8 MiB chunk would be taken at once and leave the whole upload under one deadline).
-    return this.upload(key, Readable.from(slices(body, PROGRESS_SLICE)), false, signal);
+    return this.upload(key, body, body.length, signal);
   }
 
-  /** Uploads `source` as `key` unless an object is there (`ifGenerationMatch=0`): resumable in
-   * chunks, or as one request, which GCS stores whole or not at all. */
-  private async upload(key: string, source: Readable, resumable: boolean, signal?: AbortSignal): Promise<'created' | 'exists'> {
-    const upload = this.bucket.file(this.config.prefix + key).createWriteStream({
-      resumable,
-      chunkSize: resumable ? CHUNK_SIZE : undefined,
-      preconditionOpts: { ifGenerationMatch: 0 },
-      contentType: 'application/octet-stream',
-      timeout: this.timeoutMs > 0 ? this.timeoutMs : undefined,
-    });
-    // The library's request timeout does not bound an upload waiting for its answer: this deadline
-    // does, starting over whenever the library takes more of the source.
-    const idle = deadline(this.timeoutMs, signal);
-    const progress = new Transform({
-      transform(chunk: Buffer, _encoding, done) {
-        idle.touch();
-        done(null, chunk);
-      },
-    });
+  /** Uploads `body` as `key` unless an object is there (`ifGenerationMatch=0`). */
+  private async upload(key: string, body: Readable | Buffer, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
     try {
-      // Destroying the upload stream on abort leaves the resumable session unfinalized, and a
-      // single-request upload without its end: no object either way.
-      await pipeline(source, progress, upload, { signal: idle.signal });
-      return 'created';
-    } catch (error) {
-      if (isCallerAbort(error, signal)) throw error;
-      if (statusOf(error) === 412) return 'exists';
-      throw storeError(`upload ${key}`, error, idle.timedOut());
+      const written = await this.put(`upload ${key}`, key, body, size, '0', signal);
+      return written === false ? 'exists' : 'created';
     } finally {
-      idle.disarm();
-      source.destroy();
+      if (body instanceof Readable) body.destroy();
     }
   }
 
@@ -162,16 +179,19 @@ class GcsStore implements SharedStore {
     // more than the bound at most (a larger object that replaced it is refused, not read).
     const meta = await this.metadata(key);
     if (!meta) return undefined;
-    const version = String(meta.generation);
     checkRecordSize(`read ${key}`, meta.size, maxBytes);
-    if (meta.size === 0) return { body: Buffer.alloc(0), version };
-    const body = await this.call(`read ${key}`, () => readBounded(`read ${key}`, this.bucket.file(this.config.prefix + key, { generation: meta.generation }).createReadStream({ start: 0, end: maxBytes, validation: false }), maxBytes));
-    return body && { body, version };
+    if (meta.size === 0) return { body: Buffer.alloc(0), version: meta.generation };
+    const what = `read ${key}`;
+    const body = await this.guard(what, async (signal) => {
+      const answer = await this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${meta.generation}`, headers: { range: `bytes=0-${maxBytes}` }, signal }, [200, 206], true);
+      return answer && readBounded(what, answer.body, maxBytes);
+    });
+    return body && { body, version: meta.generation };
   }
 
   async remove(key: string, options?: { readonly ifMatch?: string }): Promise<boolean> {
     if (options?.ifMatch === undefined) {
-      await this.call(`remove ${key}`, () => this.bucket.file(this.config.prefix + key).delete({ ignoreNotFound: true }));
+      await this.guard(`remove ${key}`, (signal) => this.send(`remove ${key}`, { method: 'DELETE', path: this.objectPath(key), signal }, [200, 204], true));
       return true;
     }
     // GCS honours ifGenerationMatch on a delete, fake-gcs-server v1.56 does not (it deletes any
@@ -180,82 +200,200 @@ class GcsStore implements SharedStore {
     // empty record where the removed one was; the tier reads an empty claim as none.
     const generation = await this.save(key, Buffer.alloc(0), options);
     if (generation === false) return false;
-    await this.call(`remove ${key}`, () => this.bucket.file(this.config.prefix + key).delete({ ifGenerationMatch: generation, ignoreNotFound: true }), true).catch((error: unknown) => {
+    if (generation === undefined) return true;
+    try {
+      await this.guard(`remove ${key}`, (signal) => this.send(`remove ${key}`, { method: 'DELETE', path: `${this.objectPath(key)}?ifGenerationMatch=${generation}`, signal }, [200, 204], true));
+    } catch (error) {
       // Replaced since (a claim taken over): not this removal's to delete.
       if (!(error instanceof SharedStoreError && statusOf(error.cause) === 412)) throw error;
-    });
+    }
     return true;
   }
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
     let pageToken: string | undefined;
     do {
-      const token = pageToken;
-      const page = await this.call(`list ${prefix}`, () => this.bucket.getFiles({ prefix: this.config.prefix + prefix, autoPaginate: false, maxResults: 1000, pageToken: token }));
-      for (const file of page?.[0] ?? []) {
-        yield { key: file.name.slice(this.config.prefix.length), size: Number(file.metadata.size ?? 0), modified: new Date(file.metadata.updated ?? 0) };
+      const query = new URLSearchParams({ prefix: this.config.prefix + prefix, maxResults: '1000', fields: 'items(name,size,updated),nextPageToken' });
+      if (pageToken) query.set('pageToken', pageToken);
+      const what = `list ${prefix}`;
+      const page = await this.guard(what, (signal) => this.json(what, { method: 'GET', path: `${this.bucketPath()}/o?${query}`, signal }, [200]));
+      const listing = page === undefined ? undefined : pageOf(page);
+      for (const item of listing?.items ?? []) {
+        if (!item.name.startsWith(this.config.prefix)) continue;
+        yield { key: item.name.slice(this.config.prefix.length), size: item.size, modified: item.updated };
       }
-      pageToken = page?.[1]?.pageToken;
+      pageToken = listing?.nextPageToken;
     } while (pageToken);
   }
 
   async close(): Promise<void> {
-    // The library keeps no connections of its own beyond the process's shared agents.
+    await this.agent.close().catch(() => undefined);
   }
 
   /** One record written whole, under its condition: the generation written (undefined when the
    * answer named none), or false when the condition did not hold (412; 404 for a generation gone). */
-  private async save(key: string, body: Buffer, options?: WriteCondition): Promise<number | undefined | false> {
-    const ifGenerationMatch = options?.ifAbsent ? 0 : options?.ifMatch !== undefined ? Number(options.ifMatch) : undefined;
-    if (ifGenerationMatch !== undefined && !Number.isSafeInteger(ifGenerationMatch)) return false;
-    const file = this.bucket.file(this.config.prefix + key);
-    const preconditionOpts = ifGenerationMatch === undefined ? undefined : { ifGenerationMatch };
+  private async save(key: string, body: Buffer, options?: WriteCondition): Promise<string | undefined | false> {
+    const ifGenerationMatch = options?.ifAbsent ? '0' : options?.ifMatch;
+    if (ifGenerationMatch !== undefined && !/^\d+$/.test(ifGenerationMatch)) return false;
+    return this.put(`write ${key}`, key, body, body.length, ifGenerationMatch);
+  }
+
+  /**
+   * One upload request (`uploadType=media`), under `ifGenerationMatch` when given: the generation
+   * written, or false when the condition did not hold. The deadline starts over whenever the store
+   * takes more of the body, so it bounds a stall, not a large upload.
+   */
+  private async put(what: string, key: string, body: Readable | Buffer, size: number, ifGenerationMatch: string | undefined, signal?: AbortSignal): Promise<string | undefined | false> {
+    const query = new URLSearchParams({ uploadType: 'media', name: this.config.prefix + key });
+    if (ifGenerationMatch !== undefined) query.set('ifGenerationMatch', ifGenerationMatch);
+    const idle = deadline(this.timeoutMs, signal);
+    // Handed over in slices, so that the deadline starts over as the store takes them (one 8 MiB
+    // segment would be taken at once and leave the whole upload under one deadline).
+    const source = body instanceof Readable ? body.pipe(progress(() => idle.touch())) : body.length > PROGRESS_SLICE ? Readable.from(slices(body, PROGRESS_SLICE)).pipe(progress(() => idle.touch())) : body;
     try {
-      await this.call(`write ${key}`, () => file.save(body, { resumable: false, preconditionOpts, contentType: 'application/octet-stream' }), true);
+      const written = await this.json(what, {
+        method: 'POST',
+        path: `/upload/storage/v1/b/${encodeURIComponent(this.config.bucket)}/o?${query}`,
+        headers: { 'content-type': 'application/octet-stream', 'content-length': String(size) },
+        body: source,
+        signal: idle.signal,
+      }, [200]);
+      const generation = written && typeof written === 'object' ? (written as { generation?: unknown }).generation : undefined;
+      return typeof generation === 'string' && /^\d+$/.test(generation) ? generation : undefined;
     } catch (error) {
-      const status = error instanceof SharedStoreError ? statusOf(error.cause) : undefined;
-      if (ifGenerationMatch !== undefined && (status === 412 || (status === 404 && options?.ifMatch !== undefined && !isMissingBucket(error)))) return false;
+      if (isCallerAbort(error, signal)) throw error;
+      const status = statusOf(error);
+      // A condition that did not hold: 412; on a generation that is gone, 404 (not the bucket's).
+      if (ifGenerationMatch !== undefined && (status === 412 || (status === 404 && ifGenerationMatch !== '0' && !isMissingBucket(error)))) return false;
+      throw storeError(what, error, idle.timedOut());
+    } finally {
+      idle.disarm();
+      if (source instanceof Readable) source.destroy();
+    }
+  }
+
+  private async metadata(key: string): Promise<{ size: number; modified: Date; generation: string } | undefined> {
+    const what = `stat ${key}`;
+    const meta = await this.guard(what, (signal) => this.json(what, { method: 'GET', path: `${this.objectPath(key)}?fields=size,updated,generation`, signal }, [200], true));
+    if (meta === undefined) return undefined;
+    const parsed = objectOf(meta);
+    if (!parsed) throw new SharedStoreError('error', `${what}: the store's answer describes no object (size, updated, generation)`);
+    return parsed;
+  }
+
+  /** A call under the store's deadline, its failures as SharedStoreError (a missing object is the
+   * call's undefined, from `send`). */
+  private async guard<T>(what: string, call: (signal: AbortSignal) => Promise<T>, caller?: AbortSignal): Promise<T> {
+    const limit = deadline(this.timeoutMs);
+    try {
+      return await call(limit.signal);
+    } catch (error) {
+      if (error instanceof SharedStoreError || error instanceof RefusedObject || isCallerAbort(error, caller)) throw error;
+      throw storeError(what, error, limit.timedOut());
+    } finally {
+      limit.disarm();
+    }
+  }
+
+  /** A request whose answer is a JSON document, read up to PARSED_ANSWER_MAX_BYTES. */
+  private async json(what: string, call: Call, ok: readonly number[], missingIsUndefined = false): Promise<unknown> {
+    const answer = await this.send(what, call, ok, missingIsUndefined);
+    if (!answer) return undefined;
+    const text = (await readAnswer(answer.body, answer.headers['content-length'])).toString('utf8');
+    if (text === '') return {};
+    try {
+      return JSON.parse(text) as unknown;
+    } catch (error) {
+      throw new Error(`the store's answer is not JSON: ${messageOf(error)}`, { cause: error });
+    }
+  }
+
+  /**
+   * One request: the answer when its status is one of `ok`; undefined for a missing object when
+   * `missingIsUndefined` (a 404 that is not the bucket's); any other answer thrown as GcsAnswer with
+   * the store's message (its error document read up to the bound).
+   */
+  private async send(what: string, call: Call, ok: readonly number[], missingIsUndefined = false): Promise<{ body: Readable; headers: Record<string, string | undefined> } | undefined> {
+    const url = `${this.endpoint}${call.path}`;
+    const headers = { ...(await this.authorize(url)), ...call.headers };
+    let answer: Dispatcher.ResponseData;
+    try {
+      answer = await request(url, { dispatcher: this.agent, method: call.method, headers, ...(call.body !== undefined ? { body: call.body } : {}), ...(call.signal ? { signal: call.signal } : {}) });
+    } catch (error) {
+      if (call.signal?.aborted && !(error instanceof SharedStoreError)) throw call.signal.reason instanceof Error ? call.signal.reason : error;
       throw error;
     }
-    const generation = Number(file.metadata.generation);
-    return Number.isSafeInteger(generation) ? generation : undefined;
+    const answerHeaders = Object.fromEntries(Object.entries(answer.headers).map(([name, value]) => [name, Array.isArray(value) ? value.join(', ') : value]));
+    if (ok.includes(answer.statusCode)) return { body: answer.body, headers: answerHeaders };
+    const text = await readAnswer(answer.body, answerHeaders['content-length']).then((bytes) => bytes.toString('utf8'), () => '');
+    const message = storeMessage(text);
+    const failure = new GcsAnswer(answer.statusCode, message, `${what}: the store answered ${answer.statusCode}${message ? `: ${message}` : ''}`);
+    if (missingIsUndefined && answer.statusCode === 404 && !isMissingBucket(failure)) return undefined;
+    throw failure;
   }
 
-  private async metadata(key: string): Promise<{ size: number; modified: Date; generation: number } | undefined> {
-    const got = await this.call(`stat ${key}`, () => this.bucket.file(this.config.prefix + key).getMetadata());
-    if (!got) return undefined;
-    const [meta] = got;
-    return { size: Number(meta.size ?? 0), modified: new Date(meta.updated ?? 0), generation: Number(meta.generation) };
+  private bucketPath(): string {
+    return `/storage/v1/b/${encodeURIComponent(this.config.bucket)}`;
   }
 
-  /** One request under the store's deadline: a missing object is undefined, every failure a
-   * SharedStoreError (for a write, a 404 too: a missing bucket). The library's calls take no
-   * abort signal, so the deadline stops the wait for the answer (the request ends with its socket). */
-  private async call<T>(what: string, request: () => Promise<T>, write = false): Promise<T | undefined> {
-    let timer: NodeJS.Timeout | undefined;
-    const expired = new Promise<never>((_, reject) => {
-      if (this.timeoutMs > 0) timer = setTimeout(() => reject(new SharedStoreError('timeout', `${what}: no answer within ${this.timeoutMs} ms`)), this.timeoutMs);
-    });
-    try {
-      return await Promise.race([request(), expired]);
-    } catch (error) {
-      if ((error instanceof SharedStoreError && error.failure === 'timeout') || error instanceof RefusedObject) throw error;
-      if (!write && statusOf(error) === 404 && !isMissingBucket(error)) return undefined;
-      throw storeError(what, error, false);
-    } finally {
-      clearTimeout(timer);
-    }
+  private objectPath(key: string): string {
+    return `${this.bucketPath()}/o/${encodeURIComponent(this.config.prefix + key)}`;
   }
 }
 
+/** Passes chunks on, calling `onChunk` for each (an upload's progress). */
+function progress(onChunk: () => void): Transform {
+  return new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      onChunk();
+      done(null, chunk);
+    },
+  });
+}
+
+/** The message of a JSON API error document (`{"error": {"message": …}}`), or ''. */
+function storeMessage(text: string): string {
+  try {
+    const message = (JSON.parse(text) as { error?: { message?: unknown } }).error?.message;
+    if (typeof message === 'string') return message.slice(0, 300);
+  } catch {
+    // Not a JSON error document: the status says it.
+  }
+  return '';
+}
+
+/** An object's metadata as the JSON API gives it (size and generation as decimal strings). */
+function objectOf(value: unknown): { size: number; modified: Date; generation: string } | undefined {
+  if (typeof value !== 'object' || value === null) return undefined;
+  const { size, updated, generation } = value as { size?: unknown; updated?: unknown; generation?: unknown };
+  const bytes = Number(size);
+  if (typeof size !== 'string' || !Number.isSafeInteger(bytes) || bytes < 0) return undefined;
+  if (typeof generation !== 'string' || !/^\d+$/.test(generation)) return undefined;
+  const modified = new Date(typeof updated === 'string' ? updated : 0);
+  return { size: bytes, modified: Number.isNaN(modified.getTime()) ? new Date(0) : modified, generation };
+}
+
+/** A listing page: its objects (those without a usable name or size left out) and the next page's token. */
+function pageOf(value: unknown): { items: Array<{ name: string; size: number; updated: Date }>; nextPageToken: string | undefined } {
+  const { items, nextPageToken } = (typeof value === 'object' && value !== null ? value : {}) as { items?: unknown; nextPageToken?: unknown };
+  const objects: Array<{ name: string; size: number; updated: Date }> = [];
+  for (const item of Array.isArray(items) ? items : []) {
+    const { name, size, updated } = (typeof item === 'object' && item !== null ? item : {}) as { name?: unknown; size?: unknown; updated?: unknown };
+    const bytes = Number(size);
+    if (typeof name !== 'string' || !Number.isSafeInteger(bytes) || bytes < 0) continue;
+    const modified = new Date(typeof updated === 'string' ? updated : 0);
+    objects.push({ name, size: bytes, updated: Number.isNaN(modified.getTime()) ? new Date(0) : modified });
+  }
+  return { items: objects, nextPageToken: typeof nextPageToken === 'string' && nextPageToken !== '' ? nextPageToken : undefined };
+}
+
 function statusOf(error: unknown): number | undefined {
-  const code = error instanceof ApiError ? error.code : (error as { code?: unknown } | undefined)?.code;
-  return typeof code === 'number' ? code : undefined;
+  return error instanceof GcsAnswer ? error.status : undefined;
 }
 
 /** GCS answers 404 for a missing bucket too; that is a configuration error, not a missing object. */
 function isMissingBucket(error: unknown): boolean {
-  return error instanceof Error && /bucket/i.test(error.message) && !/object/i.test(error.message);
+  return error instanceof GcsAnswer && /bucket/i.test(error.storeMessage) && !/object/i.test(error.storeMessage);
 }
 
 function failureOf(error: unknown, timedOut: boolean): SharedFailure {
@@ -268,5 +406,6 @@ function failureOf(error: unknown, timedOut: boolean): SharedFailure {
 }
 
 function storeError(what: string, error: unknown, timedOut: boolean): SharedStoreError {
-  return new SharedStoreError(failureOf(error, timedOut), `${what}: ${messageOf(error)}`, { cause: error });
+  const message = messageOf(error);
+  return new SharedStoreError(failureOf(error, timedOut), message.startsWith(what) ? message : `${what}: ${message}`, { cause: error });
 }
