@@ -11,7 +11,9 @@
 //   s3 (versitygw)   If-None-Match: * honoured on PutObject and on CompleteMultipartUpload (8
 //                    racing multipart uploads: one created, seven 412); If-Match honoured on
 //                    PutObject and on DeleteObject (412 for another ETag; a conditional
-//                    DeleteObject of a missing key answers 204). Checks SigV4 signatures (wrong
+//                    DeleteObject of a missing key answers 204), but a conditional DeleteObject is
+//                    not atomic with a conditional PutObject of the same version (both may
+//                    succeed), so only writes are raced there. Checks SigV4 signatures (wrong
 //                    secret => 403 SignatureDoesNotMatch => 'denied'). Quirk: a conditional PUT of
 //                    a taken key may be answered before its body is read and the connection
 //                    closed, so the client sees ECONNRESET, not 412; the adapter then looks the key
@@ -225,6 +227,9 @@ interface Backend {
   missingBucketConfig?(): SharedConfig;
   /** The server answers a read in a missing bucket as it answers a missing object. */
   readsMissingBucketAsMissingKey?: boolean;
+  /** The server's conditional delete is not atomic with its conditional writes (a removal and a
+   * write, each on condition of one version, may both succeed): the race asserted is the writes'. */
+  deleteRacesWrites?: boolean;
   /** The same store at a loopback port with nothing behind it, or a server that never answers. */
   elsewhere?(port: number, timeoutSeconds: number): SharedConfig;
   stop(): Promise<void>;
@@ -517,13 +522,14 @@ function conformance(backend: Backend): void {
       assert.equal(await store.readRecord(key), undefined);
     });
 
-    it('of 8 concurrent writes and a removal on condition of one version exactly one succeeds', async () => {
+    it(`of 8 concurrent writes${backend.deleteRacesWrites ? '' : ' and a removal'} on condition of one version exactly one succeeds`, async () => {
       for (let round = 0; round < 5; round++) {
         const key = `records/swap-${round}`;
         await store.writeRecord(key, Buffer.from(`base ${round}`));
         const { version } = (await store.readVersioned(key))!;
         const bodies = Array.from({ length: 8 }, (_, i) => Buffer.from(`writer ${i} of round ${round}`));
-        const outcomes = await Promise.all([...bodies.map((body) => store.writeRecord(key, body, { ifMatch: version })), store.remove(key, { ifMatch: version })]);
+        const removal = backend.deleteRacesWrites ? [] : [store.remove(key, { ifMatch: version })];
+        const outcomes = await Promise.all([...bodies.map((body) => store.writeRecord(key, body, { ifMatch: version })), ...removal]);
         assert.equal(outcomes.filter(Boolean).length, 1, `round ${round}: ${outcomes.join(' ')}`);
         const winner = outcomes.indexOf(true);
         assert.deepEqual(await store.readRecord(key), winner < 8 ? bodies[winner] : undefined, `round ${round}`);
@@ -891,6 +897,10 @@ describe('shared store: filesystem segments', () => {
     start: async () => {
       server = await startVersitygw();
     },
+    // Its DeleteObject evaluates If-Match on the file it stats, then removes it, holding nothing a
+    // concurrent PutObject waits on (backend/posix/posix.go, v1.8.0): a removal and a write of one
+    // version both succeeded in 2 of 15 runs. Amazon S3 evaluates the condition atomically.
+    deleteRacesWrites: true,
     config: (prefix) => ({ ...base, s3: s3(prefix, server!.endpoint, server!.secretKeyFile) }),
     deniedConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, server!.wrongSecretKeyFile) }),
     missingCredentialFileConfig: () => ({ ...base, s3: s3('main/', server!.endpoint, '/nonexistent/secret') }),
