@@ -5,7 +5,7 @@
 
 import type { FileHandle } from 'node:fs/promises';
 import { Agent as HttpAgent, type AgentOptions } from 'node:http';
-import { addAbortSignal, Readable, Transform } from 'node:stream';
+import { addAbortSignal, Readable } from 'node:stream';
 import {
   AbortMultipartUploadCommand,
   CompleteMultipartUploadCommand,
@@ -23,7 +23,7 @@ import {
 } from '@aws-sdk/client-s3';
 import type { SharedConfig } from '../../rules/config.js';
 import { largeReadOptions, type SocketReadOptions } from '../../upstream/readbuffers.js';
-import { answerTooLong, checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, PARSED_ANSWER_MAX_BYTES, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, readAnswer, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
 import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
@@ -88,33 +88,13 @@ export async function openS3Store(config: S3Config, timeoutSeconds: number): Pro
       const response = result.response as { statusCode?: number; headers?: Record<string, string | undefined>; body?: unknown };
       // A HEAD's answer has no body, whatever length it announces (the object's).
       const unparsed = context.commandName === 'HeadObjectCommand' || (context.commandName === 'GetObjectCommand' && (response.statusCode ?? 0) < 300);
-      if (!unparsed && response.body instanceof Readable) response.body = boundedAnswer(response.body, response.headers?.['content-length']);
+      // Read here, up to the bound, and handed to the deserializer whole (it would read it whole).
+      if (!unparsed && response.body instanceof Readable) response.body = Readable.from([await readAnswer(response.body, response.headers?.['content-length'])], { objectMode: false });
       return result;
     },
     { step: 'deserialize', priority: 'low', name: 'pullbridgeBoundedAnswers' },
   );
   return new S3Store(client, config, timeoutMs);
-}
-
-/** An answer's body that fails once it announces or passes PARSED_ANSWER_MAX_BYTES; the download
- * is destroyed then, so that the store stops sending. */
-function boundedAnswer(body: Readable, contentLength: string | undefined): Readable {
-  let length = 0;
-  const bounded = new Transform({
-    transform(chunk: Buffer, _encoding, done) {
-      length += chunk.length;
-      if (length > PARSED_ANSWER_MAX_BYTES) done(answerTooLong());
-      else done(null, chunk);
-    },
-  });
-  bounded.once('error', () => body.destroy());
-  body.once('error', (error) => bounded.destroy(error));
-  if (Number(contentLength) > PARSED_ANSWER_MAX_BYTES) {
-    body.destroy();
-    bounded.destroy(answerTooLong());
-    return bounded;
-  }
-  return body.pipe(bounded);
 }
 
 /**
