@@ -27,11 +27,42 @@ export interface LoggerOptions {
   readonly destination?: DestinationStream;
 }
 
+/** Levels at which an error's stack is written: an operator's log says what failed, in one line
+ * per cause; the stack is for someone debugging, who turns the level down. */
+const STACK_LEVELS = new Set(['debug', 'trace']);
+
+/** The most causes an error record follows (SDK errors wrap the socket's, some twice). */
+const CAUSES_MAX = 5;
+
+/**
+ * An error as a log record's `err`: its type, message and code, and its causes' messages; the stack
+ * only when `withStack`. Only these fields: an SDK's error may carry the request it failed (its
+ * headers among them) in other properties, which a generic serializer would write out.
+ */
+export function errorRecord(error: unknown, withStack: boolean): Record<string, unknown> {
+  if (!(error instanceof Error)) return { message: String(error) };
+  const code = (error as { code?: unknown }).code;
+  const causes: string[] = [];
+  for (let cause = error.cause, depth = 0; cause !== undefined && depth < CAUSES_MAX; cause = cause instanceof Error ? cause.cause : undefined, depth++) {
+    causes.push(cause instanceof Error ? `${cause.name}: ${cause.message}` : String(cause));
+  }
+  return {
+    type: error.name,
+    message: error.message,
+    ...(typeof code === 'string' || typeof code === 'number' ? { code } : {}),
+    ...(causes.length > 0 ? { causes } : {}),
+    ...(withStack && error.stack !== undefined ? { stack: error.stack } : {}),
+  };
+}
+
 export function createLogger(options: LoggerOptions = {}): Logger {
+  const level = options.level ?? process.env.PULLBRIDGE_LOG_LEVEL ?? 'info';
+  const withStack = STACK_LEVELS.has(level);
   return pino(
     {
-      level: options.level ?? process.env.PULLBRIDGE_LOG_LEVEL ?? 'info',
+      level,
       ...(options.name !== undefined ? { name: options.name } : {}),
+      serializers: { err: (error: unknown) => errorRecord(error, withStack) },
       redact: { paths: [...REDACTED_PATHS], censor: '[REDACTED]' },
       timestamp: pino.stdTimeFunctions.isoTime,
       base: undefined,
