@@ -13,7 +13,7 @@ import {
   type StoragePipelineOptions,
 } from '@azure/storage-blob';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readAnswer, readBounded, readRange, readSecretFile } from './common.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, PageTokens, readAnswer, readBounded, readRange, readSecretFile } from './common.js';
 import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type AzureConfig = NonNullable<SharedConfig['azure']>;
@@ -208,6 +208,7 @@ class AzureStore implements SharedStore {
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
     let continuationToken: string | undefined;
+    const tokens = new PageTokens();
     do {
       // A pager per page, so that each page's request has its own deadline.
       const token = continuationToken;
@@ -218,7 +219,11 @@ class AzureStore implements SharedStore {
       for (const item of page?.segment.blobItems ?? []) {
         yield { key: item.name.slice(this.config.prefix.length), size: item.properties.contentLength ?? 0, modified: item.properties.lastModified };
       }
-      continuationToken = page?.continuationToken || undefined;
+      try {
+        continuationToken = tokens.next(page?.continuationToken, page?.segment.blobItems.length ?? 0);
+      } catch (error) {
+        throw new SharedStoreError('error', `list ${prefix}: ${messageOf(error)}`, { cause: error });
+      }
     } while (continuationToken);
   }
 

@@ -44,6 +44,29 @@ export async function readAnswer(body: Readable, contentLength: string | undefin
   return Buffer.concat(chunks, length);
 }
 
+/** Pages in a row that bring no object before a listing is given up (a store may page past
+ * objects it filters; not this many). */
+export const EMPTY_PAGES_MAX = 100;
+
+/**
+ * The next page's token of a listing, checked: a store that hands back a token it gave before, or
+ * keeps paging without objects, would keep a listing going for good (the tier's bound counts
+ * objects, and such pages bring none). Throws a plain Error (a failure of the store).
+ */
+export class PageTokens {
+  private readonly seen = new Set<string>();
+  private emptyPages = 0;
+
+  next(token: string | undefined, objects: number): string | undefined {
+    if (token === undefined || token === '') return undefined;
+    if (this.seen.has(token)) throw new Error('the store listed a page it had listed before (its next-page token repeats)');
+    this.seen.add(token);
+    this.emptyPages = objects === 0 ? this.emptyPages + 1 : 0;
+    if (this.emptyPages >= EMPTY_PAGES_MAX) throw new Error(`the store listed ${EMPTY_PAGES_MAX} pages in a row without an object`);
+    return token;
+  }
+}
+
 /** A per-request deadline joined with the caller's abort signal; `timedOut` tells afterwards which
  * of the two fired, since both surface from the SDKs as the same abort error. `disarm` ends both
  * once the answer is in (a read's body is tied to the caller's signal on its own: the deadline

@@ -8,13 +8,12 @@
 // takes no bound; here an answer to parse is read up to PARSED_ANSWER_MAX_BYTES (common.ts), and a
 // download is streamed to the caller.
 
-import { createReadStream } from 'node:fs';
 import { Readable, Transform } from 'node:stream';
 import type { JWTInput } from 'google-auth-library';
 import { Agent, request, type Dispatcher } from 'undici';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, readAnswer, readBounded, readRange, readSecretFile } from './common.js';
-import { RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, PageTokens, readAnswer, readBounded, readRange, readSecretFile } from './common.js';
+import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
 
@@ -28,9 +27,6 @@ const PROGRESS_SLICE = 64 * 1024;
 function* slices(buffer: Buffer, size: number): Generator<Buffer> {
   for (let at = 0; at < buffer.length; at += size) yield buffer.subarray(at, at + size);
 }
-
-/** Connections kept per store: followers read segments while fills upload theirs. */
-const CONNECTIONS = 50;
 
 /**
  * A service account key file's text: the JSON key as Google issues it, or base64 of it, as an SAP
@@ -125,7 +121,9 @@ class GcsStore implements SharedStore {
     this.endpoint = (config.endpoint ?? DEFAULT_ENDPOINT).replace(/\/+$/, '');
     // No idle timeout on a body: a follower's client may hold a download back for as long as it
     // reads slowly; the tier bounds a store that stops sending itself (SharedTier's drip check).
-    this.agent = new Agent({ connections: CONNECTIONS, bodyTimeout: 0, headersTimeout: 0 });
+    // No cap on connections either (as Node's own agents): downloads held open by slow clients
+    // must not leave a stat or a claim write queued behind them.
+    this.agent = new Agent({ bodyTimeout: 0, headersTimeout: 0 });
   }
 
   async stat(key: string): Promise<SharedObject | undefined> {
@@ -135,20 +133,34 @@ class GcsStore implements SharedStore {
 
   async read(key: string, span?: ByteSpan, signal?: AbortSignal): Promise<Readable | undefined> {
     // The metadata first: its generation pins the bytes to those of the object it describes.
-    const meta = await this.metadata(key);
+    const meta = await this.metadata(key, signal);
     if (!meta) return undefined;
     // A span past the object's end (an empty object read from 0) would fail as a 416: no bytes, as
     // a file read there gives, for the caller to refuse; not a failure of the store.
     if (span && span.start >= meta.size) return Readable.from([]);
-    const headers = span ? { range: `bytes=${span.start}-${span.end}` } : undefined;
+    const start = span?.start ?? 0;
+    const end = Math.min(span?.end ?? meta.size - 1, meta.size - 1);
     const what = `read ${key}`;
     // The deadline covers the answer; the caller's signal, the body too.
-    const answer = await this.guard(what, (limit) => this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${meta.generation}`, ...(headers ? { headers } : {}), signal: signal ? AbortSignal.any([limit, signal]) : limit }, [200, 206], true), signal);
-    return answer?.body;
+    const answer = await this.guard(what, async (limit) => {
+      const got = await this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${meta.generation}`, ...(span ? { headers: { range: `bytes=${start}-${end}` } } : {}), signal: signal ? AbortSignal.any([limit, signal]) : limit }, [200, 206], true);
+      if (got && !answersRange(got.status, got.headers['content-range'], start, end)) {
+        discard(got.body);
+        throw new Error(`the store answered ${got.status}${got.headers['content-range'] ? ` with ${got.headers['content-range']}` : ''} to a read of bytes ${start}-${end}`);
+      }
+      return got;
+    }, signal);
+    // Exactly the bytes asked for: a body longer or shorter than that is the store's failure.
+    return answer && exactly(answer.body, end - start + 1, what);
   }
 
   async createFromFile(key: string, file: string, size: number, signal?: AbortSignal): Promise<'created' | 'exists'> {
-    return this.upload(key, createReadStream(file), size, signal);
+    const handle = await openLocal(key, file);
+    try {
+      return await this.upload(key, localBytes(handle.createReadStream({ autoClose: false }), size, `upload ${key}: ${file}`), size, signal);
+    } finally {
+      await handle.close().catch(() => undefined);
+    }
   }
 
   async createFromRange(key: string, range: FileRange, signal?: AbortSignal): Promise<'created' | 'exists'> {
@@ -183,7 +195,12 @@ class GcsStore implements SharedStore {
     if (meta.size === 0) return { body: Buffer.alloc(0), version: meta.generation };
     const what = `read ${key}`;
     const body = await this.guard(what, async (signal) => {
-      const answer = await this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${meta.generation}`, headers: { range: `bytes=0-${maxBytes}` }, signal }, [200, 206], true);
+      const last = Math.min(maxBytes, meta.size - 1);
+      const answer = await this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${meta.generation}`, headers: { range: `bytes=0-${last}` }, signal }, [200, 206], true);
+      if (answer && !answersRange(answer.status, answer.headers['content-range'], 0, last)) {
+        discard(answer.body);
+        throw new Error(`the store answered ${answer.status}${answer.headers['content-range'] ? ` with ${answer.headers['content-range']}` : ''} to a read of bytes 0-${last}`);
+      }
       return answer && readBounded(what, answer.body, maxBytes);
     });
     return body && { body, version: meta.generation };
@@ -198,9 +215,15 @@ class GcsStore implements SharedStore {
     // generation): the condition is put on an overwrite with an empty object, which it honours, and
     // that object is then deleted on condition of its own generation. Until then a reader finds an
     // empty record where the removed one was; the tier reads an empty claim as none.
-    const generation = await this.save(key, Buffer.alloc(0), options);
+    let generation = await this.save(key, Buffer.alloc(0), options);
     if (generation === false) return false;
-    if (generation === undefined) return true;
+    if (generation === undefined) {
+      // The answer named no generation: the empty object's, read back (another one there now was
+      // written since, and is not this removal's).
+      const now = await this.metadata(key);
+      if (!now || now.size !== 0) return true;
+      generation = now.generation;
+    }
     try {
       await this.guard(`remove ${key}`, (signal) => this.send(`remove ${key}`, { method: 'DELETE', path: `${this.objectPath(key)}?ifGenerationMatch=${generation}`, signal }, [200, 204], true));
     } catch (error) {
@@ -212,6 +235,7 @@ class GcsStore implements SharedStore {
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
     let pageToken: string | undefined;
+    const tokens = new PageTokens();
     do {
       const query = new URLSearchParams({ prefix: this.config.prefix + prefix, maxResults: '1000', fields: 'items(name,size,updated),nextPageToken' });
       if (pageToken) query.set('pageToken', pageToken);
@@ -222,7 +246,11 @@ class GcsStore implements SharedStore {
         if (!item.name.startsWith(this.config.prefix)) continue;
         yield { key: item.name.slice(this.config.prefix.length), size: item.size, modified: item.updated };
       }
-      pageToken = listing?.nextPageToken;
+      try {
+        pageToken = tokens.next(listing?.nextPageToken, listing?.items.length ?? 0);
+      } catch (error) {
+        throw new SharedStoreError('error', `list ${prefix}: ${messageOf(error)}`, { cause: error });
+      }
     } while (pageToken);
   }
 
@@ -249,7 +277,8 @@ class GcsStore implements SharedStore {
     const idle = deadline(this.timeoutMs, signal);
     // Handed over in slices, so that the deadline starts over as the store takes them (one 8 MiB
     // segment would be taken at once and leave the whole upload under one deadline).
-    const source = body instanceof Readable ? body.pipe(progress(() => idle.touch())) : body.length > PROGRESS_SLICE ? Readable.from(slices(body, PROGRESS_SLICE)).pipe(progress(() => idle.touch())) : body;
+    const touch = () => idle.touch();
+    const source = body instanceof Readable ? withProgress(body, touch) : body.length > PROGRESS_SLICE ? withProgress(Readable.from(slices(body, PROGRESS_SLICE)), touch) : body;
     try {
       const written = await this.json(what, {
         method: 'POST',
@@ -262,6 +291,8 @@ class GcsStore implements SharedStore {
       return typeof generation === 'string' && /^\d+$/.test(generation) ? generation : undefined;
     } catch (error) {
       if (isCallerAbort(error, signal)) throw error;
+      const local = localFailureIn(error);
+      if (local) throw local;
       const status = statusOf(error);
       // A condition that did not hold: 412; on a generation that is gone, 404 (not the bucket's).
       if (ifGenerationMatch !== undefined && (status === 412 || (status === 404 && ifGenerationMatch !== '0' && !isMissingBucket(error)))) return false;
@@ -272,9 +303,9 @@ class GcsStore implements SharedStore {
     }
   }
 
-  private async metadata(key: string): Promise<{ size: number; modified: Date; generation: string } | undefined> {
+  private async metadata(key: string, caller?: AbortSignal): Promise<{ size: number; modified: Date; generation: string } | undefined> {
     const what = `stat ${key}`;
-    const meta = await this.guard(what, (signal) => this.json(what, { method: 'GET', path: `${this.objectPath(key)}?fields=size,updated,generation`, signal }, [200], true));
+    const meta = await this.guard(what, (limit) => this.json(what, { method: 'GET', path: `${this.objectPath(key)}?fields=size,updated,generation`, signal: caller ? AbortSignal.any([limit, caller]) : limit }, [200], true), caller);
     if (meta === undefined) return undefined;
     const parsed = objectOf(meta);
     if (!parsed) throw new SharedStoreError('error', `${what}: the store's answer describes no object (size, updated, generation)`);
@@ -313,18 +344,18 @@ class GcsStore implements SharedStore {
    * `missingIsUndefined` (a 404 that is not the bucket's); any other answer thrown as GcsAnswer with
    * the store's message (its error document read up to the bound).
    */
-  private async send(what: string, call: Call, ok: readonly number[], missingIsUndefined = false): Promise<{ body: Readable; headers: Record<string, string | undefined> } | undefined> {
+  private async send(what: string, call: Call, ok: readonly number[], missingIsUndefined = false): Promise<{ status: number; body: Readable; headers: Record<string, string | undefined> } | undefined> {
     const url = `${this.endpoint}${call.path}`;
     const headers = { ...(await this.authorize(url)), ...call.headers };
     let answer: Dispatcher.ResponseData;
     try {
-      answer = await request(url, { dispatcher: this.agent, method: call.method, headers, ...(call.body !== undefined ? { body: call.body } : {}), ...(call.signal ? { signal: call.signal } : {}) });
+      answer = await untilAborted(request(url, { dispatcher: this.agent, method: call.method, headers, ...(call.body !== undefined ? { body: call.body } : {}), ...(call.signal ? { signal: call.signal } : {}) }), call.signal);
     } catch (error) {
       if (call.signal?.aborted && !(error instanceof SharedStoreError)) throw call.signal.reason instanceof Error ? call.signal.reason : error;
       throw error;
     }
     const answerHeaders = Object.fromEntries(Object.entries(answer.headers).map(([name, value]) => [name, Array.isArray(value) ? value.join(', ') : value]));
-    if (ok.includes(answer.statusCode)) return { body: answer.body, headers: answerHeaders };
+    if (ok.includes(answer.statusCode)) return { status: answer.statusCode, body: answer.body, headers: answerHeaders };
     const text = await readAnswer(answer.body, answerHeaders['content-length']).then((bytes) => bytes.toString('utf8'), () => '');
     const message = storeMessage(text);
     const failure = new GcsAnswer(answer.statusCode, message, `${what}: the store answered ${answer.statusCode}${message ? `: ${message}` : ''}`);
@@ -341,14 +372,103 @@ class GcsStore implements SharedStore {
   }
 }
 
-/** Passes chunks on, calling `onChunk` for each (an upload's progress). */
-function progress(onChunk: () => void): Transform {
-  return new Transform({
+/**
+ * The answer, or the signal's abort as soon as it comes: undici does not end a request still
+ * waiting for a connection when its signal aborts, so a deadline would not bound that wait. An
+ * answer that comes after the abort is discarded.
+ */
+function untilAborted(answer: Promise<Dispatcher.ResponseData>, signal: AbortSignal | undefined): Promise<Dispatcher.ResponseData> {
+  if (!signal) return answer;
+  return new Promise((resolve, reject) => {
+    const abort = () => {
+      reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
+      answer.then((late) => discard(late.body), () => undefined);
+    };
+    if (signal.aborted) return abort();
+    signal.addEventListener('abort', abort, { once: true });
+    answer.then(
+      (got) => {
+        signal.removeEventListener('abort', abort);
+        if (signal.aborted) discard(got.body);
+        else resolve(got);
+      },
+      (error: unknown) => {
+        signal.removeEventListener('abort', abort);
+        reject(error);
+      },
+    );
+  });
+}
+
+/** An answer's body not to be read: destroyed, and the abort error undici's body then emits ignored. */
+function discard(body: Readable): void {
+  body.on('error', () => undefined);
+  body.destroy();
+}
+
+/** Whether an answer is the range [start, end] asked for: a 206 whose Content-Range names it, or a
+ * 200 (the whole object) when the range starts at 0 (its length is checked as it streams). */
+function answersRange(status: number, contentRange: string | undefined, start: number, end: number): boolean {
+  if (status === 200) return start === 0;
+  const m = /^bytes (\d+)-(\d+)\/(?:\d+|\*)$/.exec(contentRange ?? '');
+  return m !== null && Number(m[1]) === start && Number(m[2]) === end;
+}
+
+/** `body`, failing once it brings more than `length` bytes or ends before them. */
+function exactly(body: Readable, length: number, what: string): Readable {
+  let count = 0;
+  const checked = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      count += chunk.length;
+      if (count > length) done(new SharedStoreError('error', `${what}: the store sent more than the ${length} bytes asked for`));
+      else done(null, chunk);
+    },
+    flush(done) {
+      done(count < length ? new SharedStoreError('error', `${what}: the store's answer ended after ${count} of the ${length} bytes asked for`) : null);
+    },
+  });
+  return piped(body, checked);
+}
+
+/** A local file's stream for an upload of `size` bytes: a read that fails, or a file longer or
+ * shorter than `size`, fails as a LocalFileError (not the store's failure). */
+function localBytes(file: Readable, size: number, what: string): Readable {
+  let count = 0;
+  const counted = new Transform({
+    transform(chunk: Buffer, _encoding, done) {
+      count += chunk.length;
+      if (count > size) done(new LocalFileError(`${what}: the local file is longer than ${size} bytes`));
+      else done(null, chunk);
+    },
+    flush(done) {
+      done(count < size ? new LocalFileError(`${what}: the local file ends at ${count}, before ${size} bytes`) : null);
+    },
+  });
+  file.on('error', (error) => counted.destroy(new LocalFileError(`${what}: reading the local file: ${messageOf(error)}`, { cause: error })));
+  return piped(file, counted);
+}
+
+/** The LocalFileError an upload failed with, where the HTTP client wrapped it. */
+function localFailureIn(error: unknown): LocalFileError | undefined {
+  for (let e: unknown = error, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) if (e instanceof LocalFileError) return e;
+  return undefined;
+}
+
+/** `body`, calling `onChunk` as each chunk is taken (an upload's progress); its errors passed on. */
+function withProgress(body: Readable, onChunk: () => void): Readable {
+  return piped(body, new Transform({
     transform(chunk: Buffer, _encoding, done) {
       onChunk();
       done(null, chunk);
     },
-  });
+  }));
+}
+
+/** `source` piped into `into`, which fails with the source's error; destroying `into` destroys the source. */
+function piped(source: Readable, into: Transform): Transform {
+  source.on('error', (error) => into.destroy(error));
+  into.once('close', () => source.destroy());
+  return source.pipe(into);
 }
 
 /** The message of a JSON API error document (`{"error": {"message": …}}`), or ''. */

@@ -23,7 +23,7 @@ import {
 } from '@aws-sdk/client-s3';
 import type { SharedConfig } from '../../rules/config.js';
 import { largeReadOptions, type SocketReadOptions } from '../../upstream/readbuffers.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, readAnswer, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
+import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, PageTokens, readAnswer, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
 import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
@@ -294,6 +294,7 @@ class S3Store implements SharedStore {
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
     let token: string | undefined;
+    const tokens = new PageTokens();
     do {
       const page = await this.call(`list ${prefix}`, (abortSignal) =>
         this.client.send(new ListObjectsV2Command({ Bucket: this.config.bucket, Prefix: this.config.prefix + prefix, ContinuationToken: token }), { abortSignal }),
@@ -302,7 +303,11 @@ class S3Store implements SharedStore {
         if (object.Key === undefined) continue;
         yield { key: object.Key.slice(this.config.prefix.length), size: object.Size ?? 0, modified: object.LastModified ?? new Date(0) };
       }
-      token = page?.IsTruncated ? page.NextContinuationToken : undefined;
+      try {
+        token = tokens.next(page?.IsTruncated ? page.NextContinuationToken : undefined, page?.Contents?.length ?? 0);
+      } catch (error) {
+        throw new SharedStoreError('error', `list ${prefix}: ${messageOf(error)}`, { cause: error });
+      }
     } while (token);
   }
 
