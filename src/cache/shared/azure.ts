@@ -208,7 +208,7 @@ class AzureStore implements SharedStore {
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
     let continuationToken: string | undefined;
-    const tokens = new PageTokens();
+    const tokens = new PageTokens(`list ${prefix}`);
     do {
       // A pager per page, so that each page's request has its own deadline.
       const token = continuationToken;
@@ -219,11 +219,7 @@ class AzureStore implements SharedStore {
       for (const item of page?.segment.blobItems ?? []) {
         yield { key: item.name.slice(this.config.prefix.length), size: item.properties.contentLength ?? 0, modified: item.properties.lastModified };
       }
-      try {
-        continuationToken = tokens.next(page?.continuationToken, page?.segment.blobItems.length ?? 0);
-      } catch (error) {
-        throw new SharedStoreError('error', `list ${prefix}: ${messageOf(error)}`, { cause: error });
-      }
+      continuationToken = tokens.next(page?.continuationToken, page?.segment.blobItems.length ?? 0);
     } while (continuationToken);
   }
 

@@ -51,18 +51,21 @@ export const EMPTY_PAGES_MAX = 100;
 /**
  * The next page's token of a listing, checked: a store that hands back a token it gave before, or
  * keeps paging without objects, would keep a listing going for good (the tier's bound counts
- * objects, and such pages bring none). Throws a plain Error (a failure of the store).
+ * objects, and such pages bring none). Throws a SharedStoreError ('error').
  */
 export class PageTokens {
   private readonly seen = new Set<string>();
   private emptyPages = 0;
 
+  /** `what`: the listing, as its failures name it (`list <prefix>`). */
+  constructor(private readonly what: string) {}
+
   next(token: string | undefined, objects: number): string | undefined {
     if (token === undefined || token === '') return undefined;
-    if (this.seen.has(token)) throw new Error('the store listed a page it had listed before (its next-page token repeats)');
+    if (this.seen.has(token)) throw new SharedStoreError('error', `${this.what}: the store listed a page it had listed before (its next-page token repeats)`);
     this.seen.add(token);
     this.emptyPages = objects === 0 ? this.emptyPages + 1 : 0;
-    if (this.emptyPages >= EMPTY_PAGES_MAX) throw new Error(`the store listed ${EMPTY_PAGES_MAX} pages in a row without an object`);
+    if (this.emptyPages >= EMPTY_PAGES_MAX) throw new SharedStoreError('error', `${this.what}: the store listed ${EMPTY_PAGES_MAX} pages in a row without an object`);
     return token;
   }
 }
@@ -109,9 +112,14 @@ export function deadline(timeoutMs: number, caller?: AbortSignal): Deadline {
 const UNREACHABLE = new Set(['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'ECONNRESET', 'EHOSTUNREACH', 'ENETUNREACH', 'EPIPE', 'ERR_SSL_WRONG_VERSION_NUMBER', 'UND_ERR_SOCKET']);
 const TIMED_OUT = new Set(['ETIMEDOUT', 'ESOCKETTIMEDOUT', 'TimeoutError', 'RequestTimeout', 'UND_ERR_CONNECT_TIMEOUT']);
 
-/** The network-level failure in an error or its causes (SDKs wrap the socket's error, some twice). */
+/** An error and its causes, five deep at most (SDKs and HTTP clients wrap the socket's error, some twice). */
+export function* errorChain(error: unknown): Generator<Error> {
+  for (let e: unknown = error, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) yield e;
+}
+
+/** The network-level failure in an error or its causes. */
 export function networkFailure(error: unknown): 'unreachable' | 'timeout' | undefined {
-  for (let e: unknown = error, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+  for (const e of errorChain(error)) {
     const code = (e as { code?: unknown }).code;
     const names = [typeof code === 'string' ? code : '', e.name];
     // AggregateError: a dual-stack connect that failed on every address.

@@ -12,7 +12,7 @@ import { Readable, Transform } from 'node:stream';
 import type { JWTInput } from 'google-auth-library';
 import { Agent, request, type Dispatcher } from 'undici';
 import type { SharedConfig } from '../../rules/config.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, PageTokens, readAnswer, readBounded, readRange, readSecretFile } from './common.js';
+import { checkRecordSize, deadline, errorChain, isCallerAbort, messageOf, networkFailure, openLocal, PageTokens, readAnswer, readBounded, readRange, readSecretFile } from './common.js';
 import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type GcsConfig = NonNullable<SharedConfig['gcs']>;
@@ -142,14 +142,7 @@ class GcsStore implements SharedStore {
     const end = Math.min(span?.end ?? meta.size - 1, meta.size - 1);
     const what = `read ${key}`;
     // The deadline covers the answer; the caller's signal, the body too.
-    const answer = await this.guard(what, async (limit) => {
-      const got = await this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${meta.generation}`, ...(span ? { headers: { range: `bytes=${start}-${end}` } } : {}), signal: signal ? AbortSignal.any([limit, signal]) : limit }, [200, 206], true);
-      if (got && !answersRange(got.status, got.headers['content-range'], start, end)) {
-        discard(got.body);
-        throw new Error(`the store answered ${got.status}${got.headers['content-range'] ? ` with ${got.headers['content-range']}` : ''} to a read of bytes ${start}-${end}`);
-      }
-      return got;
-    }, signal);
+    const answer = await this.guard(what, (limit) => this.download(what, key, meta.generation, { start, end }, span !== undefined, signal ? AbortSignal.any([limit, signal]) : limit), signal);
     // Exactly the bytes asked for: a body longer or shorter than that is the store's failure.
     return answer && exactly(answer.body, end - start + 1, what);
   }
@@ -195,12 +188,7 @@ class GcsStore implements SharedStore {
     if (meta.size === 0) return { body: Buffer.alloc(0), version: meta.generation };
     const what = `read ${key}`;
     const body = await this.guard(what, async (signal) => {
-      const last = Math.min(maxBytes, meta.size - 1);
-      const answer = await this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${meta.generation}`, headers: { range: `bytes=0-${last}` }, signal }, [200, 206], true);
-      if (answer && !answersRange(answer.status, answer.headers['content-range'], 0, last)) {
-        discard(answer.body);
-        throw new Error(`the store answered ${answer.status}${answer.headers['content-range'] ? ` with ${answer.headers['content-range']}` : ''} to a read of bytes 0-${last}`);
-      }
+      const answer = await this.download(what, key, meta.generation, { start: 0, end: Math.min(maxBytes, meta.size - 1) }, true, signal);
       return answer && readBounded(what, answer.body, maxBytes);
     });
     return body && { body, version: meta.generation };
@@ -235,7 +223,7 @@ class GcsStore implements SharedStore {
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
     let pageToken: string | undefined;
-    const tokens = new PageTokens();
+    const tokens = new PageTokens(`list ${prefix}`);
     do {
       const query = new URLSearchParams({ prefix: this.config.prefix + prefix, maxResults: '1000', fields: 'items(name,size,updated),nextPageToken' });
       if (pageToken) query.set('pageToken', pageToken);
@@ -246,11 +234,7 @@ class GcsStore implements SharedStore {
         if (!item.name.startsWith(this.config.prefix)) continue;
         yield { key: item.name.slice(this.config.prefix.length), size: item.size, modified: item.updated };
       }
-      try {
-        pageToken = tokens.next(listing?.nextPageToken, listing?.items.length ?? 0);
-      } catch (error) {
-        throw new SharedStoreError('error', `list ${prefix}: ${messageOf(error)}`, { cause: error });
-      }
+      pageToken = tokens.next(listing?.nextPageToken, listing?.items.length ?? 0);
     } while (pageToken);
   }
 
@@ -303,6 +287,20 @@ class GcsStore implements SharedStore {
     }
   }
 
+  /**
+   * A download of the object's generation, asking for `span` as a Range when `ranged` (else the
+   * whole object, which `span` then covers): the answer must be that span, a 206 naming it or a 200
+   * for a span from byte 0. Undefined when the object is gone.
+   */
+  private async download(what: string, key: string, generation: string, span: ByteSpan, ranged: boolean, signal: AbortSignal): Promise<{ body: Readable } | undefined> {
+    const answer = await this.send(what, { method: 'GET', path: `${this.objectPath(key)}?alt=media&generation=${generation}`, ...(ranged ? { headers: { range: `bytes=${span.start}-${span.end}` } } : {}), signal }, [200, 206], true);
+    if (answer && !answersRange(answer.status, answer.headers['content-range'], span.start, span.end)) {
+      discard(answer.body);
+      throw new Error(`the store answered ${answer.status}${answer.headers['content-range'] ? ` with ${answer.headers['content-range']}` : ''} to a read of bytes ${span.start}-${span.end}`);
+    }
+    return answer;
+  }
+
   private async metadata(key: string, caller?: AbortSignal): Promise<{ size: number; modified: Date; generation: string } | undefined> {
     const what = `stat ${key}`;
     const meta = await this.guard(what, (limit) => this.json(what, { method: 'GET', path: `${this.objectPath(key)}?fields=size,updated,generation`, signal: caller ? AbortSignal.any([limit, caller]) : limit }, [200], true), caller);
@@ -347,13 +345,8 @@ class GcsStore implements SharedStore {
   private async send(what: string, call: Call, ok: readonly number[], missingIsUndefined = false): Promise<{ status: number; body: Readable; headers: Record<string, string | undefined> } | undefined> {
     const url = `${this.endpoint}${call.path}`;
     const headers = { ...(await this.authorize(url)), ...call.headers };
-    let answer: Dispatcher.ResponseData;
-    try {
-      answer = await untilAborted(request(url, { dispatcher: this.agent, method: call.method, headers, ...(call.body !== undefined ? { body: call.body } : {}), ...(call.signal ? { signal: call.signal } : {}) }), call.signal);
-    } catch (error) {
-      if (call.signal?.aborted && !(error instanceof SharedStoreError)) throw call.signal.reason instanceof Error ? call.signal.reason : error;
-      throw error;
-    }
+    // An abort rejects with the signal's reason (untilAborted), not the HTTP client's error.
+    const answer = await untilAborted(request(url, { dispatcher: this.agent, method: call.method, headers, ...(call.body !== undefined ? { body: call.body } : {}), ...(call.signal ? { signal: call.signal } : {}) }), call.signal);
     const answerHeaders = Object.fromEntries(Object.entries(answer.headers).map(([name, value]) => [name, Array.isArray(value) ? value.join(', ') : value]));
     if (ok.includes(answer.statusCode)) return { status: answer.statusCode, body: answer.body, headers: answerHeaders };
     const text = await readAnswer(answer.body, answerHeaders['content-length']).then((bytes) => bytes.toString('utf8'), () => '');
@@ -416,41 +409,39 @@ function answersRange(status: number, contentRange: string | undefined, start: n
 
 /** `body`, failing once it brings more than `length` bytes or ends before them. */
 function exactly(body: Readable, length: number, what: string): Readable {
-  let count = 0;
-  const checked = new Transform({
-    transform(chunk: Buffer, _encoding, done) {
-      count += chunk.length;
-      if (count > length) done(new SharedStoreError('error', `${what}: the store sent more than the ${length} bytes asked for`));
-      else done(null, chunk);
-    },
-    flush(done) {
-      done(count < length ? new SharedStoreError('error', `${what}: the store's answer ended after ${count} of the ${length} bytes asked for`) : null);
-    },
-  });
-  return piped(body, checked);
+  return ofLength(body, length, (count) =>
+    new SharedStoreError('error', count > length ? `${what}: the store sent more than the ${length} bytes asked for` : `${what}: the store's answer ended after ${count} of the ${length} bytes asked for`),
+  );
 }
 
 /** A local file's stream for an upload of `size` bytes: a read that fails, or a file longer or
  * shorter than `size`, fails as a LocalFileError (not the store's failure). */
 function localBytes(file: Readable, size: number, what: string): Readable {
+  const counted = ofLength(file, size, (count) => new LocalFileError(count > size ? `${what}: the local file is longer than ${size} bytes` : `${what}: the local file ends at ${count}, before ${size} bytes`));
+  // Ahead of the listener that passes the error on as it is: a read that fails is the node's failure.
+  file.prependListener('error', (error) => counted.destroy(new LocalFileError(`${what}: reading the local file: ${messageOf(error)}`, { cause: error })));
+  return counted;
+}
+
+/** `source` passed on while it brings at most `length` bytes and then ends; past that, or at an
+ * end before it, the stream fails with `failure(bytes seen)`. */
+function ofLength(source: Readable, length: number, failure: (count: number) => Error): Transform {
   let count = 0;
-  const counted = new Transform({
+  return piped(source, new Transform({
     transform(chunk: Buffer, _encoding, done) {
       count += chunk.length;
-      if (count > size) done(new LocalFileError(`${what}: the local file is longer than ${size} bytes`));
+      if (count > length) done(failure(count));
       else done(null, chunk);
     },
     flush(done) {
-      done(count < size ? new LocalFileError(`${what}: the local file ends at ${count}, before ${size} bytes`) : null);
+      done(count < length ? failure(count) : null);
     },
-  });
-  file.on('error', (error) => counted.destroy(new LocalFileError(`${what}: reading the local file: ${messageOf(error)}`, { cause: error })));
-  return piped(file, counted);
+  }));
 }
 
 /** The LocalFileError an upload failed with, where the HTTP client wrapped it. */
 function localFailureIn(error: unknown): LocalFileError | undefined {
-  for (let e: unknown = error, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) if (e instanceof LocalFileError) return e;
+  for (const e of errorChain(error)) if (e instanceof LocalFileError) return e;
   return undefined;
 }
 

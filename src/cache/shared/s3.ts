@@ -23,7 +23,7 @@ import {
 } from '@aws-sdk/client-s3';
 import type { SharedConfig } from '../../rules/config.js';
 import { largeReadOptions, type SocketReadOptions } from '../../upstream/readbuffers.js';
-import { checkRecordSize, deadline, isCallerAbort, messageOf, networkFailure, openLocal, PageTokens, readAnswer, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
+import { checkRecordSize, deadline, errorChain, isCallerAbort, messageOf, networkFailure, openLocal, PageTokens, readAnswer, readBounded, readFileRange, readRange, readSecretFile } from './common.js';
 import { LocalFileError, RECORD_MAX_BYTES, RefusedObject, SharedStoreError, type ByteSpan, type FileRange, type SharedFailure, type SharedListing, type SharedObject, type SharedStore, type VersionedRecord, type WriteCondition } from './store.js';
 
 type S3Config = NonNullable<SharedConfig['s3']>;
@@ -294,7 +294,7 @@ class S3Store implements SharedStore {
 
   async *list(prefix: string): AsyncIterable<SharedListing> {
     let token: string | undefined;
-    const tokens = new PageTokens();
+    const tokens = new PageTokens(`list ${prefix}`);
     do {
       const page = await this.call(`list ${prefix}`, (abortSignal) =>
         this.client.send(new ListObjectsV2Command({ Bucket: this.config.bucket, Prefix: this.config.prefix + prefix, ContinuationToken: token }), { abortSignal }),
@@ -303,11 +303,7 @@ class S3Store implements SharedStore {
         if (object.Key === undefined) continue;
         yield { key: object.Key.slice(this.config.prefix.length), size: object.Size ?? 0, modified: object.LastModified ?? new Date(0) };
       }
-      try {
-        token = tokens.next(page?.IsTruncated ? page.NextContinuationToken : undefined, page?.Contents?.length ?? 0);
-      } catch (error) {
-        throw new SharedStoreError('error', `list ${prefix}: ${messageOf(error)}`, { cause: error });
-      }
+      token = tokens.next(page?.IsTruncated ? page.NextContinuationToken : undefined, page?.Contents?.length ?? 0);
     } while (token);
   }
 
@@ -358,7 +354,7 @@ function isConditionFailure(error: unknown): boolean {
  * condition failed (or, rarely, that this very upload landed and its answer was lost: either way the
  * key holds the verified content). */
 function isCutOff(error: unknown): boolean {
-  for (let e: unknown = error, depth = 0; e instanceof Error && depth < 5; e = e.cause, depth++) {
+  for (const e of errorChain(error)) {
     const code = (e as { code?: unknown }).code;
     if (code === 'ECONNRESET' || code === 'EPIPE') return true;
   }
